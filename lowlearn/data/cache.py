@@ -1,0 +1,197 @@
+"""Downloaded files: where they live, how they arrive, how they are checked.
+
+Every downloaded file is a :class:`Resource` with its sha256. :func:`fetch` finds it
+under the data root (``root=`` argument, else ``$LOWLEARN_DATA``, else
+``~/.cache/lowlearn``), downloads it when missing, and verifies it:
+
+* a download is written to a temporary file beside its target and renamed into
+  place only once its checksum matches, so an interrupted or corrupted download
+  never leaves a file that looks valid;
+* a file already on disk with the wrong checksum is reported, never overwritten:
+  it may be something the user put there;
+* without a network, a missing file is one :class:`DatasetNotFoundError` that names
+  the file, the URL to get it from and the path to put it at.
+
+:func:`safe_extract` unpacks zip and tar archives and refuses members that would
+land outside the destination (absolute paths, ``..``, links).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+ENV_VAR = "LOWLEARN_DATA"
+_CHUNK = 1 << 20
+
+
+class DataError(RuntimeError):
+    """Base class of the errors raised by :mod:`lowlearn.data`."""
+
+
+class DatasetNotFoundError(DataError, FileNotFoundError):
+    """A data file is missing and cannot be downloaded."""
+
+
+class ChecksumError(DataError):
+    """A data file's sha256 does not match the published one."""
+
+
+class UnsafeArchiveError(DataError):
+    """An archive member would be written outside the extraction folder."""
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A file that lowlearn downloads.
+
+    Attributes:
+        filename: name of the file on disk.
+        urls: where to download it from, tried in order (mirrors).
+        sha256: hex digest of the file's bytes.
+        subdir: folder under the data root that holds it (e.g. ``"omniglot"``).
+    """
+
+    filename: str
+    urls: tuple[str, ...]
+    sha256: str
+    subdir: str
+
+    def path(self, root: str | os.PathLike | None = None) -> Path:
+        """Where the file lives under ``root`` (see :func:`data_root`)."""
+        return data_root(root) / self.subdir / self.filename
+
+
+def data_root(root: str | os.PathLike | None = None) -> Path:
+    """The folder that holds downloaded data.
+
+    ``root`` if given, else ``$LOWLEARN_DATA``, else ``~/.cache/lowlearn``.
+    """
+    if root is None:
+        root = os.environ.get(ENV_VAR) or Path.home() / ".cache" / "lowlearn"
+    return Path(root).expanduser()
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex sha256 digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch(resource: Resource, root: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """Return the verified local path of ``resource``, downloading it if needed.
+
+    Args:
+        resource: the file to get.
+        root: data root (see :func:`data_root`).
+        download: if ``False``, never touch the network.
+
+    Raises:
+        ChecksumError: the file on disk, or the downloaded one, has the wrong sha256.
+        DatasetNotFoundError: the file is missing and could not be downloaded.
+    """
+    path = resource.path(root)
+    if path.is_file():
+        actual = sha256_of(path)
+        if actual != resource.sha256:
+            raise ChecksumError(
+                f"{path} is corrupted or not the expected file: its sha256 is {actual}, "
+                f"expected {resource.sha256}. lowlearn does not overwrite files it did not "
+                f"write: delete or move it, then run again to download {resource.urls[0]}"
+            )
+        return path
+    failures = []
+    if download:
+        for url in resource.urls:
+            try:
+                _download(url, path, resource.sha256)
+                return path
+            except (urllib.error.URLError, OSError) as err:
+                failures.append(f"{url}: {err}")
+    reason = "downloading is switched off (download=False)" if not download else (
+        "the download failed (" + "; ".join(failures) + ")")
+    raise DatasetNotFoundError(
+        f"{resource.filename} is not at {path} and {reason}. "
+        f"Download it from {resource.urls[0]} and save it as {path} "
+        f"(or point {ENV_VAR} or root= at a folder that holds {resource.subdir}/{resource.filename})."
+    )
+
+
+def _download(url: str, path: Path, sha256: str) -> None:
+    """Stream ``url`` into a temporary file beside ``path``; rename it into place if its sha256 matches."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    request = urllib.request.Request(url, headers={"User-Agent": "lowlearn"})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=60) as response:
+            for chunk in iter(lambda: response.read(_CHUNK), b""):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise ChecksumError(
+                f"the download of {url} has sha256 {digest.hexdigest()}, expected {sha256}; "
+                f"nothing was saved. Try again later, or download it by hand to {path}"
+            )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _check_member(name: str, dest: Path) -> None:
+    """Refuse an archive member name that is absolute or escapes ``dest``."""
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if pure.is_absolute() or ".." in pure.parts or (pure.parts and pure.parts[0].endswith(":")):
+        raise UnsafeArchiveError(f"refusing to extract {name!r}: it would be written outside {dest}")
+
+
+def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Extract a zip or tar archive into ``dest`` and return ``dest``.
+
+    Every member is checked before anything is written: absolute paths, ``..``
+    components, and (in tar archives) links and device files are refused with
+    :class:`UnsafeArchiveError`. The archive is unpacked into a temporary folder
+    that is renamed to ``dest`` at the end, so ``dest`` either holds the whole
+    archive or does not exist. If ``dest`` already exists it is returned as is.
+    """
+    archive, dest = Path(archive), Path(dest)
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                for info in zf.infolist():
+                    _check_member(info.filename, dest)
+                zf.extractall(tmp)
+        elif tarfile.is_tarfile(archive):
+            with tarfile.open(archive) as tf:
+                members = tf.getmembers()
+                for member in members:
+                    _check_member(member.name, dest)
+                    if not (member.isfile() or member.isdir()):
+                        raise UnsafeArchiveError(
+                            f"refusing to extract {member.name!r}: only plain files and folders are allowed")
+                # The checks above suffice; the "data" filter (Python >= 3.10.12) adds a second guard.
+                kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                tf.extractall(tmp, members=members, **kwargs)
+        else:
+            raise DataError(f"{archive} is neither a zip nor a tar archive")
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return dest
