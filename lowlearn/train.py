@@ -1,0 +1,356 @@
+"""A small, explicit training loop: :func:`fit`, :func:`evaluate` and checkpoints.
+
+The loop is what a reader would write by hand, plus the things that are easy to
+get wrong:
+
+* the data are moved to the device once and batched by index, so a GPU never
+  waits on a Python data loader;
+* the loss is accumulated on the device and read back only every ``log_every``
+  steps, so the hot loop has no host synchronisation;
+* a NaN or infinite loss stops training with an error naming the first bad step;
+* callbacks are plain callables run after every ``optimizer.step()`` (a sparsifier,
+  a rank truncation, a learning-rate scheduler, a logger); raising
+  :class:`StopTraining` in one ends training early;
+* the same seed gives the same history on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+from tqdm.auto import tqdm
+
+Data = TensorDataset | tuple[Tensor, Tensor]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+class StopTraining(Exception):
+    """Raise from a callback to end :func:`fit` early (the history is kept)."""
+
+
+def default_device() -> torch.device:
+    """The CUDA device when one is available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) random number generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainState:
+    """What a callback sees after each optimizer step.
+
+    Attributes:
+        step: optimizer steps taken so far (1 after the first step).
+        epoch: the current pass over the data, from 0.
+        loss: the last batch's loss, a 0-d tensor still on the device (call
+            ``.item()`` only when you need the number: it waits for the device).
+        model: the model being trained.
+        optimizer: its optimizer.
+    """
+
+    step: int
+    epoch: int
+    loss: Tensor
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+@dataclass
+class History:
+    """What :func:`fit` records.
+
+    Attributes:
+        steps: the step at the end of each logging interval.
+        loss: mean training loss over each logging interval.
+        eval_steps: the steps at which ``eval_data`` was evaluated.
+        eval: the metrics of each evaluation (``{"loss": ..., "accuracy": ...}``).
+        seconds: wall-clock time of the whole run, evaluations included.
+        train_seconds: wall-clock time spent in training steps only.
+    """
+
+    steps: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    train_seconds: float = 0.0
+
+    def metric(self, name: str) -> list[float]:
+        """One evaluation metric over time, e.g. ``history.metric("accuracy")``."""
+        return [e[name] for e in self.eval]
+
+    def to_dict(self) -> dict:
+        """Plain lists and numbers, e.g. to store in a checkpoint's ``extra``."""
+        return {"steps": self.steps, "loss": self.loss, "eval_steps": self.eval_steps,
+                "eval": self.eval, "seconds": self.seconds, "train_seconds": self.train_seconds}
+
+
+def _as_tensors(data: Data, device: torch.device) -> tuple[Tensor, Tensor]:
+    x, y = data.tensors if isinstance(data, TensorDataset) else data
+    if len(x) != len(y):
+        raise ValueError(f"inputs and targets differ in length: {len(x)} vs {len(y)}")
+    if len(x) == 0:
+        raise ValueError("the data are empty")
+    return x.to(device), y.to(device)
+
+
+def _autocast(device: torch.device, bf16: bool):
+    if bf16 and device.type != "cuda":
+        raise ValueError(f"bf16 autocast is supported on CUDA only; the device is {device}. "
+                         "Pass bf16=torch.cuda.is_available() to use it where it helps.")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fit(
+    model: nn.Module,
+    data: Data,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int | None = None,
+    steps: int | None = None,
+    batch_size: int = 64,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    callbacks: Sequence[Callable[[TrainState], object]] = (),
+    eval_data: Data | None = None,
+    eval_every: int | None = None,
+    log_every: int = 50,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    bf16: bool = False,
+    batch_transform: Callable[[Tensor], Tensor] | None = None,
+    progress: bool | None = None,
+) -> History:
+    """Train ``model`` on ``data`` with mini-batch ``optimizer`` steps.
+
+    Args:
+        model: the network; it is moved to ``device``.
+        data: training inputs and targets, a ``TensorDataset`` or ``(x, y)``.
+        optimizer: built on ``model.parameters()`` (before or after the move).
+        epochs: passes over the data. Give exactly one of ``epochs`` and ``steps``.
+        steps: optimizer steps.
+        batch_size: examples per step; the last batch of an epoch may be smaller.
+        loss_fn: ``loss_fn(model(x), y)`` is minimised.
+        callbacks: called as ``callback(state)`` after every optimizer step.
+        eval_data: evaluated with :func:`evaluate` every ``eval_every`` steps and
+            at the end.
+        eval_every: steps between evaluations (default: once per epoch).
+        log_every: steps between reads of the training loss (each read waits for
+            the device, and checks that the loss is finite).
+        device: default :func:`default_device`.
+        seed: seeds the global generators and the batch order.
+        bf16: run forward passes under bfloat16 autocast (CUDA only).
+        batch_transform: applied to each input batch on the device (e.g. data
+            augmentation).
+        progress: show a progress bar; ``None`` shows it only on a terminal.
+
+    Returns:
+        The :class:`History` of the run.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN or infinite; the message names the
+            first such step.
+    """
+    if (epochs is None) == (steps is None):
+        raise ValueError("give exactly one of epochs= and steps=")
+    if (epochs if epochs is not None else steps) < 1:
+        raise ValueError(f"epochs/steps must be at least 1, got {epochs if epochs is not None else steps}")
+    if batch_size < 1 or log_every < 1 or (eval_every is not None and eval_every < 1):
+        raise ValueError("batch_size, log_every and eval_every must be at least 1")
+
+    device = torch.device(device) if device is not None else default_device()
+    seed_everything(seed)
+    order = torch.Generator().manual_seed(seed)
+    model.to(device)
+    x, y = _as_tensors(data, device)
+    n = len(x)
+    batches_per_epoch = math.ceil(n / batch_size)
+    total = steps if steps is not None else epochs * batches_per_epoch
+    eval_every = eval_every or batches_per_epoch
+
+    history = History()
+    running = torch.zeros((), device=device)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    since_log = 0
+    start = time.perf_counter()
+    eval_time = 0.0
+
+    def log(step: int) -> None:
+        nonlocal running, since_log
+        mean_loss, bad = torch.stack([running / max(since_log, 1), first_bad.to(running.dtype)]).tolist()
+        if bad >= 0:
+            raise NonFiniteLossError(
+                f"the training loss became NaN or infinite at step {int(bad)} "
+                f"(epoch {(int(bad) - 1) // batches_per_epoch}); lower the learning rate, "
+                "check the inputs for NaNs, or clip gradients")
+        history.steps.append(step)
+        history.loss.append(mean_loss)
+        bar.set_postfix(loss=f"{mean_loss:.4f}")
+        running = torch.zeros((), device=device)
+        since_log = 0
+
+    def run_eval(step: int) -> None:
+        nonlocal eval_time
+        t0 = time.perf_counter()
+        history.eval_steps.append(step)
+        history.eval.append(evaluate(model, eval_data, loss_fn=loss_fn, device=device, bf16=bf16))
+        model.train()
+        eval_time += time.perf_counter() - t0
+
+    model.train()
+    step = 0
+    bar = tqdm(total=total, disable=None if progress is None else not progress, leave=False)
+    try:
+        for epoch in range(math.ceil(total / batches_per_epoch)):
+            perm = torch.randperm(n, generator=order).to(device, non_blocking=True)
+            for idx in perm.split(batch_size):
+                xb, yb = x[idx], y[idx]
+                if batch_transform is not None:
+                    xb = batch_transform(xb)
+                with _autocast(device, bf16):
+                    loss = loss_fn(model(xb), yb)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                loss = loss.detach().float()
+                running += loss
+                since_log += 1
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+                bar.update()
+                state = TrainState(step=step, epoch=epoch, loss=loss, model=model, optimizer=optimizer)
+                try:
+                    for callback in callbacks:
+                        callback(state)
+                except StopTraining:
+                    total = step
+                if step % log_every == 0 or step == total:
+                    log(step)
+                if eval_data is not None and (step % eval_every == 0 or step == total):
+                    run_eval(step)
+                if step == total:
+                    break
+            if step == total:
+                break
+    finally:
+        bar.close()
+    _sync(device)
+    history.seconds = time.perf_counter() - start
+    history.train_seconds = history.seconds - eval_time
+    return history
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: Data,
+    *,
+    batch_size: int = 1000,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    device: torch.device | str | None = None,
+    bf16: bool = False,
+) -> dict[str, float]:
+    """Mean loss and accuracy of ``model`` on ``data``, in eval mode.
+
+    Accuracy is reported for integer class targets; for other targets (e.g.
+    regression) only the loss is returned. The model's train/eval mode is restored.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    was_training = model.training
+    model.eval()
+    x, y = _as_tensors(data, device)
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    classify = not torch.is_floating_point(y)
+    try:
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+            with _autocast(device, bf16):
+                out = model(xb)
+            total_loss += loss_fn(out.float(), yb) * len(xb)
+            if classify:
+                correct += (out.argmax(-1) == yb).sum()
+    finally:
+        model.train(was_training)
+    metrics = {"loss": total_loss.item() / len(x)}
+    if classify:
+        metrics["accuracy"] = correct.item() / len(x)
+    return metrics
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    overwrite: bool = False,
+    **extra,
+) -> Path:
+    """Save the model's and optimizer's ``state_dict`` (and ``extra`` values) to ``path``.
+
+    The file is written to a temporary name and renamed into place, so a crash
+    never leaves a half-written checkpoint. An existing file is never replaced
+    unless ``overwrite=True``. ``extra`` values must be tensors, numbers, strings,
+    or lists/dicts of them (what :func:`load_checkpoint` can read back with
+    ``weights_only=True``), e.g. ``history=history.to_dict()``.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it, or choose another path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"model": model.state_dict(), "extra": extra}
+    if optimizer is not None:
+        payload["optimizer"] = optimizer.state_dict()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    map_location: torch.device | str | None = None,
+) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and ``optimizer``).
+
+    The file is read with ``torch.load(weights_only=True)``: it cannot run code.
+    Returns the ``extra`` values that were saved with it.
+    """
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    model.load_state_dict(payload["model"])
+    if optimizer is not None:
+        if "optimizer" not in payload:
+            raise KeyError(f"{path} holds no optimizer state; load it without optimizer=")
+        optimizer.load_state_dict(payload["optimizer"])
+    return payload["extra"]

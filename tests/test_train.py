@@ -1,0 +1,144 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lowlearn.train import (History, NonFiniteLossError, StopTraining, evaluate, fit,
+                            load_checkpoint, save_checkpoint, seed_everything)
+
+
+def toy_data(n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    return x, y
+
+
+def make(seed=0):
+    seed_everything(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def test_fit_learns_and_records_history():
+    model, opt = make()
+    data = toy_data()
+    hist = fit(model, data, opt, epochs=5, batch_size=32, eval_data=data, log_every=4, device="cpu")
+    assert isinstance(hist, History)
+    assert hist.steps == list(range(4, 41, 4))       # 5 epochs x 8 batches, logged every 4
+    assert hist.eval_steps == [8, 16, 24, 32, 40]    # once per epoch by default
+    assert hist.metric("accuracy")[-1] > 0.9
+    assert hist.loss[-1] < hist.loss[0]
+    assert 0 < hist.train_seconds <= hist.seconds
+
+
+def test_fit_steps_counts_optimizer_steps_and_last_partial_batch():
+    model, opt = make()
+    calls = []
+    fit(model, toy_data(n=100), opt, steps=7, batch_size=30, device="cpu",
+        callbacks=[lambda s: calls.append((s.step, s.epoch))])
+    # 100 examples in batches of 30: 4 batches per epoch (the last one has 10).
+    assert calls == [(1, 0), (2, 0), (3, 0), (4, 0), (5, 1), (6, 1), (7, 1)]
+
+
+def test_same_seed_same_history_on_cpu():
+    runs = []
+    for _ in range(2):
+        model, opt = make(seed=3)
+        hist = fit(model, toy_data(), opt, epochs=2, batch_size=16, log_every=1, seed=5, device="cpu")
+        runs.append((hist.loss, [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(a, b)
+    model, opt = make(seed=3)
+    other = fit(model, toy_data(), opt, epochs=2, batch_size=16, log_every=1, seed=6, device="cpu")
+    assert other.loss != runs[0][0]  # the seed changes the batch order
+
+
+def test_nonfinite_loss_names_the_step():
+    model, opt = make()
+    x, y = toy_data(n=64)
+    x[40] = float("nan")  # lands in some batch of the first epoch
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    bad_step = (perm == 40).nonzero().item() // 8 + 1
+    with pytest.raises(NonFiniteLossError, match=f"at step {bad_step} "):
+        fit(model, (x, y), opt, epochs=3, batch_size=8, log_every=100, device="cpu")
+
+
+def test_stop_training_from_a_callback_keeps_history():
+    model, opt = make()
+
+    def stop_at_3(state):
+        if state.step == 3:
+            raise StopTraining
+
+    hist = fit(model, toy_data(), opt, epochs=10, batch_size=32, callbacks=[stop_at_3],
+               eval_data=toy_data(64, seed=1), device="cpu")
+    assert hist.steps == [3] and hist.eval_steps == [3]
+
+
+def test_bad_arguments():
+    model, opt = make()
+    with pytest.raises(ValueError, match="exactly one"):
+        fit(model, toy_data(), opt, device="cpu")
+    with pytest.raises(ValueError, match="exactly one"):
+        fit(model, toy_data(), opt, epochs=1, steps=1, device="cpu")
+    with pytest.raises(ValueError, match="differ in length"):
+        fit(model, (torch.zeros(3, 8), torch.zeros(2).long()), opt, epochs=1, device="cpu")
+    with pytest.raises(ValueError, match="CUDA only"):
+        fit(model, toy_data(), opt, epochs=1, bf16=True, device="cpu")
+
+
+def test_evaluate_restores_mode_and_matches_manual():
+    model, _ = make()
+    x, y = toy_data()
+    model.train()
+    metrics = evaluate(model, (x, y), batch_size=50, device="cpu")
+    assert model.training
+    with torch.no_grad():
+        out = model(x)
+    assert metrics["accuracy"] == pytest.approx((out.argmax(1) == y).float().mean().item())
+    assert metrics["loss"] == pytest.approx(nn.functional.cross_entropy(out, y).item(), rel=1e-5)
+    reg = evaluate(nn.Linear(8, 1), (x, torch.zeros(len(x), 1)), loss_fn=nn.functional.mse_loss, device="cpu")
+    assert set(reg) == {"loss"}
+
+
+def test_checkpoint_round_trip_resumes_identically(tmp_path):
+    data = toy_data()
+    model, opt = make()
+    fit(model, data, opt, epochs=1, batch_size=32, device="cpu")
+    hist = History(steps=[1], loss=[0.5])
+    path = save_checkpoint(tmp_path / "ck.pt", model, opt, history=hist.to_dict(), note="run 1")
+
+    model2, opt2 = make(seed=99)
+    extra = load_checkpoint(path, model2, opt2)
+    assert extra == {"history": hist.to_dict(), "note": "run 1"}
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    # Momentum buffers came back too: continuing gives the same weights.
+    fit(model, data, opt, epochs=1, batch_size=32, seed=1, device="cpu")
+    fit(model2, data, opt2, epochs=1, batch_size=32, seed=1, device="cpu")
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_never_overwrites_and_is_weights_only(tmp_path):
+    model, opt = make()
+    path = save_checkpoint(tmp_path / "ck.pt", model)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_checkpoint(path, model)
+    assert path.read_bytes() == before
+    save_checkpoint(path, model, overwrite=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+    with pytest.raises(KeyError, match="no optimizer state"):
+        load_checkpoint(path, model, opt)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"model": model.state_dict(), "extra": {"x": Evil()}}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        load_checkpoint(tmp_path / "evil.pt", model)
