@@ -1,0 +1,29 @@
+"""Datasets, downloads and task samplers.
+
+* Embedded, offline: :func:`load_digits`, :func:`load_mnist5k`, :func:`load_mnist1d`.
+* Downloaded into ``$LOWLEARN_DATA`` (default ``~/.cache/lowlearn``), sha256-checked:
+  :func:`load_mnist`, :func:`load_cifar10`, :func:`load_omniglot`,
+  :func:`load_omniglot_runs`.
+* Few-shot learning: :class:`EpisodeSampler` (N-way K-shot episodes over any
+  class-indexed tensor), :class:`SinusoidTasks` and :class:`GPCurves`.
+"""
+
+from .cache import (ChecksumError, DataError, DatasetNotFoundError, Resource, UnsafeArchiveError,
+                    data_root, fetch, safe_extract)
+from .cifar import (CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, augment_cifar, load_cifar10,
+                    normalize_cifar)
+from .embedded import load_digits, load_mnist1d, load_mnist5k
+from .episodes import Episode, EpisodeSampler, group_by_class
+from .mnist import load_mnist, read_idx
+from .omniglot import Omniglot, OneShotRun, load_omniglot, load_omniglot_runs
+from .splits import Splits
+from .tasks import Curves, GPCurves, RegressionBatch, SinusoidTasks, context_target_split
+
+__all__ = [
+    "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "ChecksumError", "Curves", "DataError",
+    "DatasetNotFoundError", "Episode", "EpisodeSampler", "GPCurves", "Omniglot", "OneShotRun",
+    "RegressionBatch", "Resource", "SinusoidTasks", "Splits", "UnsafeArchiveError",
+    "augment_cifar", "context_target_split", "data_root", "fetch", "group_by_class",
+    "load_cifar10", "load_digits", "load_mnist", "load_mnist1d", "load_mnist5k", "load_omniglot",
+    "load_omniglot_runs", "normalize_cifar", "read_idx", "safe_extract",
+]

@@ -111,14 +111,18 @@ def fetch(resource: Resource, root: str | os.PathLike | None = None, download: b
                 f"write: delete or move it, then run again to download {resource.urls[0]}"
             )
         return path
-    failures = []
+    failures, corrupted = [], []
     if download:
-        for url in resource.urls:
+        for url in resource.urls:  # a mirror that fails or serves a wrong file: try the next
             try:
                 _download(url, path, resource.sha256)
                 return path
+            except ChecksumError as err:
+                corrupted.append(str(err))
             except (urllib.error.URLError, OSError) as err:
                 failures.append(f"{url}: {err}")
+        if corrupted:
+            raise ChecksumError("no mirror served the expected file: " + "; ".join(corrupted + failures))
     reason = "downloading is switched off (download=False)" if not download else (
         "the download failed (" + "; ".join(failures) + ")")
     raise DatasetNotFoundError(
@@ -150,11 +154,20 @@ def _download(url: str, path: Path, sha256: str) -> None:
             os.unlink(tmp)
 
 
-def _check_member(name: str, dest: Path) -> None:
-    """Refuse an archive member name that is absolute or escapes ``dest``."""
+def check_member_name(name: str, archive: str | os.PathLike) -> None:
+    """Refuse an archive member name that is absolute or contains ``..``.
+
+    Such a name would land outside the folder it is extracted to ("zip slip"); a
+    genuine dataset archive never holds one.
+
+    Raises:
+        UnsafeArchiveError: naming the archive and the member.
+    """
     pure = PurePosixPath(name.replace("\\", "/"))
     if pure.is_absolute() or ".." in pure.parts or (pure.parts and pure.parts[0].endswith(":")):
-        raise UnsafeArchiveError(f"refusing to extract {name!r}: it would be written outside {dest}")
+        raise UnsafeArchiveError(
+            f"{archive} holds the unsafe member name {name!r} (absolute or with '..'), so it is not "
+            f"a genuine archive and nothing was extracted from it: delete it and download it again")
 
 
 def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
@@ -175,13 +188,13 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
                 for info in zf.infolist():
-                    _check_member(info.filename, dest)
+                    check_member_name(info.filename, archive)
                 zf.extractall(tmp)
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tf:
                 members = tf.getmembers()
                 for member in members:
-                    _check_member(member.name, dest)
+                    check_member_name(member.name, archive)
                     if not (member.isfile() or member.isdir()):
                         raise UnsafeArchiveError(
                             f"refusing to extract {member.name!r}: only plain files and folders are allowed")

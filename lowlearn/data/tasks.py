@@ -1,0 +1,224 @@
+"""Synthetic task distributions for meta-learning regression.
+
+* :class:`SinusoidTasks`: the sine-wave regression tasks of MAML (Finn, Abbeel
+  and Levine, 2017, "Model-agnostic meta-learning for fast adaptation of deep
+  networks", ICML, section 5.1).
+* :class:`GPCurves`: functions drawn from a Gaussian process, the 1-D regression
+  tasks of Conditional Neural Processes (Garnelo et al., 2018, "Conditional
+  neural processes", ICML, section 4.1).
+
+Every sampler takes an optional ``torch.Generator`` (for reproducible tasks)
+and ``device``, and draws whole batches of tasks with tensor operations.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+Range = tuple[float, float]
+
+
+class RegressionBatch(NamedTuple):
+    """A batch of ``B`` regression tasks with ``K`` support and ``Q`` query points each.
+
+    Attributes:
+        support_x, support_y: float32 ``(B, K, 1)``.
+        query_x, query_y: float32 ``(B, Q, 1)``.
+        amplitude, phase: float32 ``(B,)``, the parameters of each task's sine wave.
+    """
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+    amplitude: Tensor
+    phase: Tensor
+
+
+class Curves(NamedTuple):
+    """A batch of ``B`` functions observed at ``P`` points each.
+
+    Attributes:
+        x: float32 ``(B, P, 1)`` inputs.
+        y: float32 ``(B, P, 1)`` outputs.
+    """
+
+    x: Tensor
+    y: Tensor
+
+
+class SinusoidTasks:
+    """Sine waves ``y = amplitude * sin(x - phase)`` with random amplitude and phase.
+
+    The defaults are MAML's (Finn et al., 2017, section 5.1): amplitude uniform in
+    [0.1, 5.0], phase uniform in [0, pi], inputs uniform in [-5, 5]. The sign of
+    the phase follows the MAML code, ``amp * sin(x - phase)``; with a phase
+    range of width pi, either sign gives an equally hard family of tasks.
+
+    Args:
+        amplitude, phase, x_range: ``(low, high)`` ranges, each sampled uniformly.
+    """
+
+    def __init__(self, amplitude: Range = (0.1, 5.0), phase: Range = (0.0, math.pi),
+                 x_range: Range = (-5.0, 5.0)):
+        self.amplitude = _check_range("amplitude", amplitude)
+        self.phase = _check_range("phase", phase)
+        self.x_range = _check_range("x_range", x_range)
+
+    def sample(self, batch: int, shots: int, queries: int, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None) -> RegressionBatch:
+        """``batch`` tasks, each with ``shots`` support and ``queries`` query points.
+
+        Support and query inputs are independent uniform draws from ``x_range``.
+        ``device`` defaults to the generator's device.
+        """
+        _check_count("batch", batch, 1)
+        _check_count("shots", shots, 1)
+        _check_count("queries", queries, 0)
+        device = _device(generator, device)
+        amplitude = _uniform((batch,), self.amplitude, generator, device)
+        phase = _uniform((batch,), self.phase, generator, device)
+        x = _uniform((batch, shots + queries, 1), self.x_range, generator, device)
+        y = self.curve(amplitude, phase, x)
+        return RegressionBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:], amplitude, phase)
+
+    @staticmethod
+    def curve(amplitude: Tensor | float, phase: Tensor | float, x: Tensor) -> Tensor:
+        """The true functions, e.g. to plot them.
+
+        Args:
+            amplitude, phase: ``(B,)`` tensors or floats (one task).
+            x: ``(B, P, 1)``, or ``(P, 1)`` shared by all tasks.
+
+        Returns:
+            ``(B, P, 1)`` values ``amplitude * sin(x - phase)`` (``B = 1`` for floats).
+        """
+        amplitude = torch.as_tensor(amplitude, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
+        phase = torch.as_tensor(phase, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
+        return amplitude * torch.sin(x - phase)
+
+
+class GPCurves:
+    """Functions drawn from a Gaussian process with a squared-exponential kernel.
+
+    ``k(x, x') = scale**2 * exp(-(x - x')**2 / (2 * length_scale**2))``, plus
+    ``noise**2`` on the diagonal: observation noise, which also keeps the
+    Cholesky factorisation stable when two inputs nearly coincide. The defaults
+    are those of Conditional Neural Processes (Garnelo et al., 2018, section 4.1:
+    length scale 0.4, scale 1.0, inputs in [-2, 2]) and of its reference code
+    (noise 0.02).
+
+    Args:
+        length_scale: how far apart two inputs must be for their outputs to decorrelate.
+        scale: standard deviation of the function values.
+        noise: standard deviation of the observation noise, > 0.
+        x_range: ``(low, high)`` range of the inputs, sampled uniformly.
+    """
+
+    def __init__(self, length_scale: float = 0.4, scale: float = 1.0, noise: float = 0.02,
+                 x_range: Range = (-2.0, 2.0)):
+        for name, value in (("length_scale", length_scale), ("scale", scale), ("noise", noise)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0; got {value}")
+        self.length_scale, self.scale, self.noise = length_scale, scale, noise
+        self.x_range = _check_range("x_range", x_range)
+
+    def kernel(self, x: Tensor) -> Tensor:
+        """Covariance ``(B, P, P)`` of the observations at inputs ``x`` ``(B, P, 1)``, noise included."""
+        squared_distance = (x - x.transpose(-1, -2)) ** 2
+        covariance = self.scale ** 2 * torch.exp(-squared_distance / (2 * self.length_scale ** 2))
+        return covariance + self.noise ** 2 * torch.eye(x.shape[-2], dtype=x.dtype, device=x.device)
+
+    def sample(self, batch: int, num_points: int | None = None, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None, x: Tensor | None = None) -> Curves:
+        """``batch`` curves, each observed at ``num_points`` inputs.
+
+        The inputs are drawn uniformly from ``x_range``, or given as ``x`` of
+        shape ``(P, 1)`` (shared by all curves) or ``(B, P, 1)``; give exactly
+        one of ``num_points`` and ``x``. Outputs are ``L @ z`` with ``L L^T``
+        the kernel matrix (batched Cholesky) and ``z`` standard normal, computed
+        in float64 (float32 on Apple's MPS, which has no float64) and returned
+        as float32. ``device`` defaults to the generator's device, or ``x``'s.
+        """
+        _check_count("batch", batch, 1)
+        if (num_points is None) == (x is None):
+            raise ValueError("give exactly one of num_points (random inputs) and x (given inputs)")
+        if x is None:
+            _check_count("num_points", num_points, 1)
+            device = _device(generator, device)
+            x = _uniform((batch, num_points, 1), self.x_range, generator, device)
+        else:
+            x = self._given_inputs(x, batch, device)
+        precise = torch.float32 if x.device.type == "mps" else torch.float64
+        cholesky = torch.linalg.cholesky(self.kernel(x.to(precise)))
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=precise)
+        return Curves(x, (cholesky @ z).float())
+
+    @staticmethod
+    def _given_inputs(x: Tensor, batch: int, device: torch.device | str | None) -> Tensor:
+        """Inputs ``(P, 1)`` or ``(B, P, 1)`` as a new float32 tensor ``(batch, P, 1)`` on ``device``."""
+        if x.dim() == 2:
+            x = x.expand(batch, *x.shape)
+        if x.dim() != 3 or x.shape[0] != batch or x.shape[-1] != 1:
+            raise ValueError(f"x must have shape (P, 1) or (batch={batch}, P, 1); got {tuple(x.shape)}")
+        return x.to(device=device, dtype=torch.float32, copy=True)
+
+
+def context_target_split(curves: Curves, num_context: int,
+                         generator: torch.Generator | None = None) -> tuple[Curves, Curves]:
+    """Split curves into a random context set and the target set, as in CNP training.
+
+    Garnelo et al. (2018) train by conditioning on a random subset of each curve's
+    points (the *context*) and predicting *all* of its points (the *target*),
+    so the target includes the context.
+
+    Args:
+        curves: ``(B, P, 1)`` curves.
+        num_context: context points per curve, ``1 <= num_context <= P``.
+        generator: for a reproducible choice of context points.
+
+    Returns:
+        ``(context, target)``: ``context`` holds, for each curve independently, the
+        first ``num_context`` points of a random permutation (``(B, num_context, 1)``);
+        ``target`` is ``curves`` itself.
+    """
+    batch, points = curves.x.shape[:2]
+    _check_count("num_context", num_context, 1)
+    if num_context > points:
+        raise ValueError(f"num_context must be <= the {points} points of each curve; got {num_context}")
+    keys = torch.rand(batch, points, generator=generator, device=curves.x.device)
+    chosen = keys.argsort(dim=1)[:, :num_context]
+    rows = torch.arange(batch, device=curves.x.device)[:, None]
+    return Curves(curves.x[rows, chosen], curves.y[rows, chosen]), curves
+
+
+def _check_range(name: str, bounds: Range) -> Range:
+    """``(low, high)`` as floats, or a ValueError unless low < high."""
+    low, high = (float(b) for b in bounds)
+    if not low < high:
+        raise ValueError(f"{name} must be a range (low, high) with low < high; got {tuple(bounds)}")
+    return low, high
+
+
+def _check_count(name: str, value: int, minimum: int) -> None:
+    if not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+
+
+def _device(generator: torch.Generator | None, device: torch.device | str | None) -> torch.device | None:
+    """``device`` if given, else the generator's device, else ``None`` (torch's default device)."""
+    if device is not None:
+        return torch.device(device)
+    return generator.device if generator is not None else None
+
+
+def _uniform(shape: tuple[int, ...], bounds: Range, generator: torch.Generator | None,
+             device: torch.device | None) -> Tensor:
+    """float32 tensor of ``shape``, uniform in ``[low, high)``."""
+    low, high = bounds
+    return low + (high - low) * torch.rand(shape, generator=generator, device=device)

@@ -1,0 +1,193 @@
+"""Tests of lowlearn.data.cache, offline: downloads come from file:// URLs."""
+
+import hashlib
+import io
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from lowlearn.data.cache import (
+    ENV_VAR,
+    ChecksumError,
+    DatasetNotFoundError,
+    Resource,
+    UnsafeArchiveError,
+    data_root,
+    fetch,
+    safe_extract,
+    sha256_of,
+)
+
+CONTENT = b"lowlearn test payload\n" * 100
+
+
+def _resource(*urls: str, content: bytes = CONTENT) -> Resource:
+    return Resource("payload.bin", tuple(urls), hashlib.sha256(content).hexdigest(), "sub")
+
+
+def _source(tmp_path: Path, content: bytes = CONTENT) -> str:
+    """A file:// URL serving ``content``."""
+    src = tmp_path / "server" / "payload.bin"
+    src.parent.mkdir()
+    src.write_bytes(content)
+    return src.as_uri()
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_sha256_of(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(CONTENT)
+    assert sha256_of(path) == hashlib.sha256(CONTENT).hexdigest()
+
+
+def test_fetch_returns_present_verified_file(tmp_path):
+    resource = _resource("https://example.invalid/payload.bin")
+    path = tmp_path / "sub" / "payload.bin"
+    path.parent.mkdir()
+    path.write_bytes(CONTENT)
+    assert fetch(resource, root=tmp_path, download=False) == path
+
+
+def test_fetch_wrong_checksum_keeps_file(tmp_path):
+    resource = _resource("https://example.invalid/payload.bin")
+    path = tmp_path / "sub" / "payload.bin"
+    path.parent.mkdir()
+    path.write_bytes(b"something the user put there")
+    with pytest.raises(ChecksumError, match="sha256"):
+        fetch(resource, root=tmp_path)
+    assert path.read_bytes() == b"something the user put there"
+
+
+def test_fetch_missing_without_download_names_file_url_and_path(tmp_path):
+    url = "https://example.invalid/payload.bin"
+    with pytest.raises(DatasetNotFoundError) as info:
+        fetch(_resource(url), root=tmp_path, download=False)
+    message = str(info.value)
+    assert "payload.bin" in message and url in message
+    assert str(tmp_path / "sub" / "payload.bin") in message
+    assert isinstance(info.value, FileNotFoundError)
+
+
+def test_fetch_downloads_from_file_url(tmp_path):
+    root = tmp_path / "data"
+    path = fetch(_resource(_source(tmp_path)), root=root)
+    assert path == root / "sub" / "payload.bin"
+    assert path.read_bytes() == CONTENT
+    assert _leftovers(path.parent) == ["payload.bin"]
+
+
+def test_fetch_falls_back_to_next_mirror(tmp_path):
+    dead = (tmp_path / "nowhere" / "payload.bin").as_uri()
+    path = fetch(_resource(dead, _source(tmp_path)), root=tmp_path / "data")
+    assert path.read_bytes() == CONTENT
+
+
+def test_fetch_skips_a_mirror_that_serves_a_wrong_file(tmp_path):
+    bad = tmp_path / "bad" / "payload.bin"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not the payload")
+    path = fetch(_resource(bad.as_uri(), _source(tmp_path)), root=tmp_path / "data")
+    assert path.read_bytes() == CONTENT
+
+
+def test_fetch_download_with_wrong_checksum_leaves_nothing(tmp_path):
+    root = tmp_path / "data"
+    resource = _resource(_source(tmp_path), content=b"other bytes")
+    with pytest.raises(ChecksumError):
+        fetch(resource, root=root)
+    assert _leftovers(root / "sub") == []
+
+
+def test_fetch_failed_download_reports_every_mirror(tmp_path):
+    urls = [(tmp_path / name / "payload.bin").as_uri() for name in ("a", "b")]
+    with pytest.raises(DatasetNotFoundError) as info:
+        fetch(_resource(*urls), root=tmp_path / "data")
+    assert all(url in str(info.value) for url in urls)
+
+
+def test_data_root_selection(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "env"))
+    assert data_root() == tmp_path / "env"
+    assert data_root(tmp_path / "arg") == tmp_path / "arg"
+    assert _resource("u").path() == tmp_path / "env" / "sub" / "payload.bin"
+    monkeypatch.delenv(ENV_VAR)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data_root() == tmp_path / "home" / ".cache" / "lowlearn"
+
+
+def test_fetch_uses_env_root(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "env"))
+    path = fetch(_resource(_source(tmp_path)))
+    assert path == tmp_path / "env" / "sub" / "payload.bin" and path.is_file()
+
+
+# --- safe_extract ---------------------------------------------------------------
+
+
+def _zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(zipfile.ZipInfo(name), data)
+    return path
+
+
+def _tar_gz(path: Path, members: list[tarfile.TarInfo], data: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as tf:
+        for info in members:
+            payload = data.get(info.name)
+            if payload is not None:
+                info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload) if payload is not None else None)
+    return path
+
+
+@pytest.fixture
+def archives(tmp_path):
+    folder = tmp_path / "archives"
+    folder.mkdir()
+    return folder
+
+
+def test_safe_extract_zip(tmp_path, archives):
+    archive = _zip(archives / "a.zip", {"top/a.txt": b"a", "top/sub/b.txt": b"b"})
+    dest = safe_extract(archive, tmp_path / "out" / "dest")
+    assert (dest / "top" / "a.txt").read_bytes() == b"a"
+    assert (dest / "top" / "sub" / "b.txt").read_bytes() == b"b"
+    assert _leftovers(dest.parent) == ["dest"]
+
+
+def test_safe_extract_tar_gz(tmp_path, archives):
+    folder = tarfile.TarInfo("top")
+    folder.type = tarfile.DIRTYPE
+    archive = _tar_gz(archives / "a.tar.gz", [folder, tarfile.TarInfo("top/a.txt")], {"top/a.txt": b"a"})
+    dest = safe_extract(archive, tmp_path / "out" / "dest")
+    assert (dest / "top" / "a.txt").read_bytes() == b"a"
+    assert _leftovers(dest.parent) == ["dest"]
+
+
+def _symlink_info() -> tarfile.TarInfo:
+    link = tarfile.TarInfo("top/link")
+    link.type = tarfile.SYMTYPE
+    link.linkname = "/etc/passwd"
+    return link
+
+
+@pytest.mark.parametrize("make_archive", [
+    lambda folder: _zip(folder / "dotdot.zip", {"ok.txt": b"ok", "../evil": b"evil"}),
+    lambda folder: _zip(folder / "absolute.zip", {"ok.txt": b"ok", "/evil": b"evil"}),
+    lambda folder: _tar_gz(folder / "dotdot.tar.gz", [tarfile.TarInfo("ok.txt"), tarfile.TarInfo("../evil")],
+                           {"ok.txt": b"ok", "../evil": b"evil"}),
+    lambda folder: _tar_gz(folder / "symlink.tar.gz", [tarfile.TarInfo("ok.txt"), _symlink_info()],
+                           {"ok.txt": b"ok"}),
+], ids=["zip-dotdot", "zip-absolute", "tar-dotdot", "tar-symlink"])
+def test_safe_extract_refuses_unsafe_members_and_writes_nothing(tmp_path, archives, make_archive):
+    archive = make_archive(archives)
+    out = tmp_path / "out"
+    with pytest.raises(UnsafeArchiveError):
+        safe_extract(archive, out / "dest")
+    assert _leftovers(out) == []  # neither dest, nor its temporary folder, nor out/evil

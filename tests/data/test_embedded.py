@@ -1,0 +1,96 @@
+"""Tests of lowlearn.data.embedded: the datasets that ship inside installed packages."""
+
+import hashlib
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from lowlearn.data.embedded import load_digits, load_mnist1d, load_mnist5k
+from lowlearn.data.splits import Splits
+
+
+@pytest.fixture(scope="module")
+def mnist5k() -> Splits:
+    return load_mnist5k()
+
+
+def check_part(part, n, shape, low=0.0, high=1.0):
+    x, y = part.tensors
+    assert x.shape == (n, *shape) and x.dtype == torch.float32
+    assert y.shape == (n,) and y.dtype == torch.int64
+    assert y.min() >= 0 and y.max() <= 9
+    if low is not None:
+        assert x.min() >= low and x.max() <= high
+
+
+def row_hashes(x: torch.Tensor) -> set[str]:
+    return {hashlib.sha256(row.numpy().tobytes()).hexdigest() for row in x.reshape(len(x), -1)}
+
+
+def test_digits():
+    splits = load_digits()
+    check_part(splits.train, 1797 - 360, (1, 8, 8))
+    check_part(splits.test, 360, (1, 8, 8))
+    assert splits.train.tensors[0].max() == 1
+    assert torch.bincount(splits.test.tensors[1], minlength=10).min() >= 20  # ~36 per class
+    again = load_digits(test_size=100, seed=0)
+    assert len(again.test) == 100
+    assert torch.equal(load_digits().test.tensors[0], splits.test.tensors[0])
+    assert not torch.equal(load_digits(seed=1).test.tensors[0], splits.test.tensors[0])
+
+
+def test_mnist5k(mnist5k):
+    check_part(mnist5k.train, 4000, (1, 28, 28))
+    check_part(mnist5k.test, 1000, (1, 28, 28))
+    x_test, y_test = mnist5k.test.tensors
+    assert x_test.max() == 1 and x_test.min() == 0
+    assert torch.bincount(y_test, minlength=10).min() >= 50  # all classes: the shuffle worked
+    assert row_hashes(mnist5k.train.tensors[0]).isdisjoint(row_hashes(x_test))
+
+
+def test_mnist5k_deterministic(mnist5k):
+    again = load_mnist5k(test_size=500, seed=0)
+    assert len(again.train) == 4500 and len(again.test) == 500
+    # The same permutation: the smaller test set is the end of the larger one.
+    assert torch.equal(again.test.tensors[0], mnist5k.test.tensors[0][-500:])
+    assert torch.equal(again.train.tensors[1][:4000], mnist5k.train.tensors[1])
+
+
+@pytest.mark.parametrize("load, test_size", [(load_mnist5k, 0), (load_mnist5k, 5000), (load_mnist5k, -3),
+                                             (load_digits, 1797), (load_digits, 0)])
+def test_bad_test_size(load, test_size):
+    with pytest.raises(ValueError, match="test_size"):
+        load(test_size=test_size)
+
+
+def test_mnist1d():
+    splits = load_mnist1d()
+    check_part(splits.train, 4000, (1, 40), low=None)
+    check_part(splits.test, 1000, (1, 40), low=None)
+    x = torch.cat([splits.train.tensors[0], splits.test.tensors[0]])
+    assert abs(x.mean()) < 1e-3 and abs(x.std() - 1) < 1e-3  # standardized by mnist1d
+    assert torch.bincount(splits.test.tensors[1], minlength=10).min() >= 50
+
+
+def test_mnist1d_deterministic_and_keeps_global_rng():
+    random.seed(123)
+    np.random.seed(123)
+    expected = (random.random(), np.random.rand())
+    random.seed(123)
+    np.random.seed(123)
+    first = load_mnist1d(num_samples=200, train_split=0.75, seed=3)
+    assert (random.random(), np.random.rand()) == expected
+    assert len(first.train) == 150 and len(first.test) == 50
+    second = load_mnist1d(num_samples=200, train_split=0.75, seed=3)
+    assert torch.equal(first.train.tensors[0], second.train.tensors[0])
+    other_seed = load_mnist1d(num_samples=200, train_split=0.75, seed=4)
+    assert not torch.equal(first.train.tensors[0], other_seed.train.tensors[0])
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_samples=5), dict(train_split=1.0), dict(train_split=0),
+                                    dict(num_samples=10, train_split=0.05)])
+def test_mnist1d_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        load_mnist1d(**kwargs)

@@ -1,0 +1,107 @@
+"""N-way K-shot episode sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowlearn.data.episodes import Episode, EpisodeSampler, group_by_class
+from lowlearn.data.omniglot import Omniglot
+
+CLASSES, EXAMPLES = 12, 9
+
+
+def _ids() -> torch.Tensor:
+    """``(C, M, 2)`` data whose example ``[c, m]`` is ``(c, m)``: every example is identifiable."""
+    c, m = torch.meshgrid(torch.arange(CLASSES), torch.arange(EXAMPLES), indexing="ij")
+    return torch.stack([c, m], dim=-1)
+
+
+def test_group_by_class_truncates_to_the_smallest_class():
+    y = torch.tensor([2, 0, 1, 0, 2, 1, 0, 2, 2])
+    x = torch.arange(9) * 10
+    grouped = group_by_class(x, y)
+    assert grouped.tolist() == [[10, 30], [20, 50], [0, 40]]
+
+
+def test_group_by_class_errors():
+    with pytest.raises(ValueError, match=r"classes \[1\] have no examples"):
+        group_by_class(torch.zeros(3), torch.tensor([0, 2, 2]))
+    with pytest.raises(ValueError, match="integer labels"):
+        group_by_class(torch.zeros(3), torch.zeros(3))
+
+
+def test_single_episode():
+    sampler = EpisodeSampler(_ids(), ways=5, shots=2, queries=3)
+    episode = sampler.sample()
+    assert isinstance(episode, Episode)
+    assert episode.support_x.shape == (10, 2) and episode.query_x.shape == (15, 2)
+    assert episode.support_y.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert episode.query_y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+    assert episode.classes.shape == (5,) and episode.classes.unique().numel() == 5
+    # Each example's class is the class chosen for its label.
+    assert torch.equal(episode.support_x[:, 0], episode.classes[episode.support_y])
+    assert torch.equal(episode.query_x[:, 0], episode.classes[episode.query_y])
+
+
+def test_batched_episodes_are_valid():
+    batch, ways, shots, queries = 64, 5, 3, 4
+    episode = EpisodeSampler(_ids(), ways, shots, queries, seed=3).sample(batch=batch)
+    assert episode.support_x.shape == (batch, ways * shots, 2)
+    assert episode.query_x.shape == (batch, ways * queries, 2)
+    assert episode.support_y.shape == (batch, ways * shots) and episode.query_y.shape == (batch, ways * queries)
+    assert episode.classes.shape == (batch, ways)
+    assert torch.equal(episode.support_y, torch.arange(ways).repeat_interleave(shots).expand(batch, -1))
+    assert all(row.unique().numel() == ways for row in episode.classes)
+    rows = torch.arange(batch)[:, None]
+    assert torch.equal(episode.support_x[..., 0], episode.classes[rows, episode.support_y])
+    assert torch.equal(episode.query_x[..., 0], episode.classes[rows, episode.query_y])
+    # Within each class of each episode, the shots + queries examples are distinct.
+    examples = torch.cat([episode.support_x[..., 1].view(batch, ways, shots),
+                          episode.query_x[..., 1].view(batch, ways, queries)], dim=2)
+    assert (examples.sort(dim=2).values.diff(dim=2) > 0).all()
+    # Over many episodes, every class and every example gets drawn.
+    assert episode.classes.unique().numel() == CLASSES
+    assert examples.unique().numel() == EXAMPLES
+
+
+def test_seeds():
+    def draw(seed):
+        return EpisodeSampler(_ids(), ways=3, shots=1, queries=2, seed=seed).sample(batch=4)
+
+    assert all(torch.equal(a, b) for a, b in zip(draw(0), draw(0)))
+    assert not torch.equal(draw(0).support_x, draw(1).support_x)
+
+
+def test_iteration_and_omniglot_input():
+    images = torch.rand(6, 20, 1, 5, 5)
+    data = Omniglot.from_characters(images, [f"A/character{i:02d}" for i in range(6)])
+    sampler = EpisodeSampler(data, ways=2, shots=1, queries=1)
+    stream = iter(sampler)
+    first, second = next(stream), next(stream)
+    assert first.support_x.shape == (2, 1, 5, 5)
+    drawings = images[first.classes[0]]  # the support example of label 0 is one of them
+    assert (drawings == first.support_x[0]).flatten(1).all(1).any()
+    assert not all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ways=13, shots=1, queries=1), "only 12 classes"),
+    (dict(ways=2, shots=5, queries=5), r"each class has 9 examples, so shots \+ queries must be <= 9"),
+    (dict(ways=0, shots=1, queries=1), "ways and shots must be at least 1"),
+    (dict(ways=2, shots=0, queries=1), "ways and shots must be at least 1"),
+    (dict(ways=2, shots=1, queries=-1), "queries must be at least 0"),
+])
+def test_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EpisodeSampler(_ids(), **kwargs)
+
+
+def test_data_must_be_class_indexed():
+    with pytest.raises(ValueError, match="group_by_class"):
+        EpisodeSampler(torch.arange(10), ways=2, shots=1, queries=1)
+
+
+def test_batch_must_be_positive():
+    with pytest.raises(ValueError, match="batch"):
+        EpisodeSampler(_ids(), ways=2, shots=1, queries=1).sample(batch=0)

@@ -1,0 +1,127 @@
+"""Tests of lowlearn.data.mnist on tiny IDX files written here."""
+
+import dataclasses
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lowlearn.data import mnist
+from lowlearn.data.cache import DataError, DatasetNotFoundError, sha256_of
+from lowlearn.data.mnist import MNIST_RESOURCES, load_mnist, read_idx
+
+IDX_CODES = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B,
+             np.int32: 0x0C, np.float32: 0x0D, np.float64: 0x0E}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """``array`` in the IDX format: 0, 0, type code, ndim, big-endian uint32 dims, big-endian data."""
+    header = struct.pack(">BBBB", 0, 0, IDX_CODES[array.dtype.type], array.ndim)
+    dims = struct.pack(f">{array.ndim}I", *array.shape)
+    return header + dims + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool) -> Path:
+    data = idx_bytes(array)
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return path
+
+
+@pytest.mark.parametrize("dtype", list(IDX_CODES))
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "gzip"])
+def test_read_idx_round_trip(tmp_path, dtype, compress):
+    array = (np.arange(2 * 3 * 5) - 7).reshape(2, 3, 5).astype(dtype)
+    tensor = read_idx(write_idx(tmp_path / "a.idx", array, compress))
+    assert tensor.dtype == torch.from_numpy(array).dtype
+    assert np.array_equal(tensor.numpy(), array)
+
+
+def test_read_idx_known_bytes(tmp_path):
+    path = tmp_path / "a.idx"
+    path.write_bytes(bytes.fromhex("0000 0B 01 00000002 0102 fffe"))
+    assert read_idx(path).tolist() == [0x0102, -2]
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "gzip"])
+def test_read_idx_truncated(tmp_path, compress):
+    data = idx_bytes(np.zeros((4, 3), np.uint8))[:-1]
+    path = tmp_path / "a.idx"
+    path.write_bytes(gzip.compress(data) if compress else data)
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(path)
+
+
+def test_read_idx_truncated_header(tmp_path):
+    path = tmp_path / "a.idx"
+    path.write_bytes(idx_bytes(np.zeros((4, 3), np.uint8))[:6])
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize("start", ["0100 08 01", "0000 07 01", "00"])
+def test_read_idx_bad_magic(tmp_path, start):
+    path = tmp_path / "a.idx"
+    path.write_bytes(bytes.fromhex(start) + bytes(8))
+    with pytest.raises(DataError, match="not an IDX file"):
+        read_idx(path)
+
+
+def test_read_idx_damaged_gzip(tmp_path):
+    path = tmp_path / "a.idx.gz"
+    path.write_bytes(gzip.compress(idx_bytes(np.zeros(8, np.uint8)))[:-6])
+    with pytest.raises(DataError, match="gzip"):
+        read_idx(path)
+
+
+def test_resources_order_and_mirrors():
+    names = [r.filename for r in MNIST_RESOURCES]
+    assert names == ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                     "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    for resource in MNIST_RESOURCES:
+        assert resource.subdir == "mnist" and len(resource.sha256) == 64
+        assert resource.urls == (f"https://ossci-datasets.s3.amazonaws.com/mnist/{resource.filename}",
+                                 f"https://storage.googleapis.com/cvdf-datasets/mnist/{resource.filename}")
+
+
+def fake_mnist(root: Path, monkeypatch, n_train=6, n_test=4, n_test_labels=None) -> list[np.ndarray]:
+    """Write four tiny gzipped IDX files under ``root/mnist`` and make MNIST_RESOURCES accept them."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+              rng.integers(0, 10, n_train, dtype=np.uint8),
+              rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+              rng.integers(0, 10, n_test if n_test_labels is None else n_test_labels, dtype=np.uint8)]
+    arrays[0][0, 0, 0], arrays[0][0, 0, 1] = 0, 255
+    (root / "mnist").mkdir(parents=True)
+    resources = []
+    for resource, array in zip(MNIST_RESOURCES, arrays):
+        path = write_idx(resource.path(root), array, compress=True)
+        resources.append(dataclasses.replace(resource, sha256=sha256_of(path)))
+    monkeypatch.setattr(mnist, "MNIST_RESOURCES", tuple(resources))
+    return arrays
+
+
+def test_load_mnist(tmp_path, monkeypatch):
+    images, labels, test_images, test_labels = fake_mnist(tmp_path, monkeypatch)
+    train, test = load_mnist(root=tmp_path, download=False)
+    x, y = train.tensors
+    assert x.shape == (6, 1, 28, 28) and x.dtype == torch.float32
+    assert y.shape == (6,) and y.dtype == torch.int64
+    assert x.min() == 0 and x.max() == 1
+    assert torch.equal(x[:, 0] * 255, torch.from_numpy(images).float())
+    assert torch.equal(y, torch.from_numpy(labels).long())
+    assert test.tensors[0].shape == (4, 1, 28, 28)
+    assert torch.equal(test.tensors[1], torch.from_numpy(test_labels).long())
+
+
+def test_load_mnist_count_mismatch(tmp_path, monkeypatch):
+    fake_mnist(tmp_path, monkeypatch, n_test_labels=3)
+    with pytest.raises(DataError, match="same N"):
+        load_mnist(root=tmp_path, download=False)
+
+
+def test_load_mnist_missing_offline(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="train-images-idx3-ubyte.gz"):
+        load_mnist(root=tmp_path, download=False)

@@ -1,0 +1,211 @@
+"""Omniglot loading: the real small sets when present, generated archives otherwise."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lowlearn.data import omniglot
+from lowlearn.data.cache import ENV_VAR, ChecksumError, DataError, Resource, UnsafeArchiveError
+from lowlearn.data.omniglot import Omniglot, load_omniglot, load_omniglot_runs
+
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+needs_real_data = pytest.mark.skipif(
+    not (SHARED_DATA / "omniglot" / "images_background_small1.zip").is_file()
+    or not (SHARED_DATA / "omniglot" / "images_background_small2.zip").is_file(),
+    reason=f"the Omniglot small sets are not in {SHARED_DATA / 'omniglot'}")
+
+
+# ---------------------------------------------------------------- real data
+
+@pytest.fixture(scope="module")
+def small1() -> Omniglot:
+    return load_omniglot("small1", root=SHARED_DATA, download=False)
+
+
+@needs_real_data
+def test_small1_shape_and_ink(small1):
+    assert small1.images.shape == (136, 20, 1, 28, 28)
+    assert small1.images.dtype == torch.float32
+    assert small1.num_characters == len(small1.characters) == 136
+    assert 0.0 <= small1.images.min() and small1.images.max() <= 1.0
+    assert small1.images.mean() < 0.3  # ink on a mostly empty page
+    assert small1.alphabets == sorted(set(small1.alphabets)) and len(small1.alphabets) == 5
+    assert all(small1.characters[c].startswith(small1.alphabets[a] + "/character")
+               for c, a in enumerate(small1.alphabet_index.tolist()))
+
+
+@needs_real_data
+def test_returned_tensors_are_independent_of_the_cache():
+    load_omniglot("small1", root=SHARED_DATA, download=False).images.fill_(7.0)
+    assert load_omniglot("small1", root=SHARED_DATA, download=False).images.max() <= 1.0
+
+
+@needs_real_data
+def test_sets_are_merged_by_character_name():
+    small2 = load_omniglot("small2", root=SHARED_DATA, download=False)
+    assert small2.num_characters == 156
+    both = load_omniglot(["small1", "small2"], root=SHARED_DATA, download=False)
+    assert both.num_characters == len(set(both.characters)) == 242
+    extra = small2.without(["Greek", "Latin"])
+    assert extra.num_characters == 106 and len(extra.alphabets) == 3
+    assert extra.images.shape == (106, 20, 1, 28, 28)
+
+
+@needs_real_data
+def test_original_size_and_env_var(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, str(SHARED_DATA))
+    original = load_omniglot("small1", image_size=None, download=False)
+    assert original.images.shape == (136, 20, 1, 105, 105)
+    assert ((original.images == 0) | (original.images == 1)).all()  # the files are 1-bit
+
+
+@needs_real_data
+def test_rotations(small1):
+    rotated = small1.with_rotations()
+    c = small1.num_characters
+    assert rotated.num_characters == 4 * c
+    assert rotated.characters[c] == small1.characters[0] + "/rot90"
+    image = small1.images[0, 3, 0]
+    counterclockwise = torch.from_numpy(np.rot90(image.numpy()).copy())
+    assert torch.equal(rotated.images[c, 3, 0], counterclockwise)
+    assert torch.equal(rotated.images[0], small1.images[0])
+    assert torch.equal(rotated.alphabet_index, small1.alphabet_index.repeat(4))
+    with pytest.raises(ValueError, match="once"):
+        rotated.with_rotations()
+
+
+# ---------------------------------------------------------------- generated archives
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _install(monkeypatch, root: Path, key: str, members: dict[str, bytes]) -> None:
+    """Write ``members`` as a zip under ``root/omniglot`` and make it OMNIGLOT_RESOURCES[key]."""
+    path = root / "omniglot" / f"{key}-test.zip"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    resource = Resource(path.name, ("https://example.invalid/" + path.name,), sha, "omniglot")
+    monkeypatch.setitem(omniglot.OMNIGLOT_RESOURCES, key, resource)
+
+
+def _grey(value: int) -> np.ndarray:
+    """A 4x4 image whose top-left pixel is ``value`` on white."""
+    pixels = np.full((4, 4), 255)
+    pixels[0, 0] = value
+    return pixels
+
+
+def _tiny_set(drawers: int = 20) -> dict[str, bytes]:
+    """2 alphabets x 2 characters x ``drawers`` drawings; pixel (0, 0) encodes the drawing."""
+    members = {}
+    for a, alphabet in enumerate(["Beta", "Alpha"]):
+        for c in (1, 2):
+            for d in range(drawers):
+                value = 10 * d + 5 * c + a  # distinct grey levels < 255
+                members[f"tiny/{alphabet}/character{c:02d}/{c:02d}{a:02d}_{d + 1:02d}.png"] = _png(_grey(value))
+    return members
+
+
+def test_parsing_and_exact_ink(tmp_path, monkeypatch):
+    _install(monkeypatch, tmp_path, "small1", _tiny_set())
+    data = load_omniglot("small1", root=tmp_path, image_size=None, download=False)
+    assert data.characters == ["Alpha/character01", "Alpha/character02", "Beta/character01", "Beta/character02"]
+    assert data.alphabets == ["Alpha", "Beta"]
+    assert data.alphabet_index.tolist() == [0, 0, 1, 1]
+    assert data.images.shape == (4, 20, 1, 4, 4)
+    values = torch.tensor([[10 * d + 5 * c + a for d in range(20)] for a in (1, 0) for c in (1, 2)])
+    assert torch.equal(data.images[:, :, 0, 0, 0], (255 - values).float() / 255)
+    assert torch.equal(data.images[:, :, 0, 1:, :], torch.zeros(4, 20, 3, 4))
+    assert data.subset("Beta").characters == ["Beta/character01", "Beta/character02"]
+    assert data.subset("Beta").alphabet_index.tolist() == [0, 0]
+    assert load_omniglot("small1", root=tmp_path, image_size=2, download=False).images.shape == (4, 20, 1, 2, 2)
+
+
+def test_unknown_names_are_refused(tmp_path, monkeypatch):
+    _install(monkeypatch, tmp_path, "small1", _tiny_set())
+    data = load_omniglot("small1", root=tmp_path, image_size=None, download=False)
+    with pytest.raises(ValueError, match=r"unknown alphabet.*'Gamma'.*\['Alpha', 'Beta'\]"):
+        data.without(["Gamma"])
+    with pytest.raises(ValueError, match="runs"):
+        load_omniglot("runs", root=tmp_path)
+    with pytest.raises(ValueError, match="image_size"):
+        load_omniglot("small1", root=tmp_path, image_size=0, download=False)
+
+
+def test_unsafe_member_is_refused(tmp_path, monkeypatch):
+    _install(monkeypatch, tmp_path, "small1", {**_tiny_set(), "../evil.png": _png(_grey(0))})
+    with pytest.raises(UnsafeArchiveError, match=r"\.\./evil\.png"):
+        load_omniglot("small1", root=tmp_path, download=False)
+
+
+def test_missing_drawing_is_an_error(tmp_path, monkeypatch):
+    members = _tiny_set()
+    del members["tiny/Alpha/character02/0201_20.png"]
+    _install(monkeypatch, tmp_path, "small1", members)
+    with pytest.raises(DataError, match="Alpha/character02 has 19 drawings, expected 20"):
+        load_omniglot("small1", root=tmp_path, download=False)
+
+
+def test_checksum_mismatch_is_an_error(tmp_path, monkeypatch):
+    _install(monkeypatch, tmp_path, "small1", _tiny_set())
+    resource = omniglot.OMNIGLOT_RESOURCES["small1"]
+    monkeypatch.setitem(omniglot.OMNIGLOT_RESOURCES, "small1",
+                        Resource(resource.filename, resource.urls, "0" * 64, resource.subdir))
+    with pytest.raises(ChecksumError):
+        load_omniglot("small1", root=tmp_path, download=False)
+
+
+# ---------------------------------------------------------------- one-shot runs
+
+def _tiny_runs(runs: int = 20) -> tuple[dict[str, bytes], list[list[int]]]:
+    """``runs`` runs of 20 classes; test item i belongs to a permuted class; pixel (0, 0) encodes the class."""
+    generator = torch.Generator().manual_seed(0)
+    members, truth = {}, []
+    for r in range(1, runs + 1):
+        labels = torch.randperm(20, generator=generator).tolist()
+        truth.append(labels)
+        lines = []
+        for i in range(20):
+            members[f"run{r:02d}/training/class{i + 1:02d}.png"] = _png(_grey(i))
+            members[f"run{r:02d}/test/item{i + 1:02d}.png"] = _png(_grey(labels[i]))
+            lines.append(f"run{r:02d}/test/item{i + 1:02d}.png run{r:02d}/training/class{labels[i] + 1:02d}.png")
+        members[f"run{r:02d}/class_labels.txt"] = ("\n".join(lines) + "\n").encode()
+    return members, truth
+
+
+def test_runs(tmp_path, monkeypatch):
+    members, truth = _tiny_runs()
+    _install(monkeypatch, tmp_path, "runs", members)
+    runs = load_omniglot_runs(root=tmp_path, image_size=None, download=False)
+    assert len(runs) == 20
+    for run, labels in zip(runs, truth):
+        assert run.support.shape == run.query.shape == (20, 1, 4, 4)
+        assert torch.equal(run.support_labels, torch.arange(20))
+        assert run.query_labels.tolist() == labels
+        assert torch.equal(run.query[:, 0, 0, 0], run.support[run.query_labels, 0, 0, 0])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda text: text.split("\n", 1)[1], "has 19 lines, expected 20"),
+    (lambda text: text.replace("training/class", "training/klass", 1), "does not name"),
+])
+def test_malformed_class_labels(tmp_path, monkeypatch, edit, message):
+    members, _ = _tiny_runs(runs=2)
+    members["run02/class_labels.txt"] = edit(members["run02/class_labels.txt"].decode()).encode()
+    _install(monkeypatch, tmp_path, "runs", members)
+    with pytest.raises(DataError, match=f"run02/class_labels.txt.*{message}"):
+        load_omniglot_runs(root=tmp_path, download=False)

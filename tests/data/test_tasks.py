@@ -1,0 +1,83 @@
+"""Synthetic regression task distributions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lowlearn.data.tasks import Curves, GPCurves, SinusoidTasks, context_target_split
+
+
+def test_sinusoid_shapes_ranges_and_values():
+    tasks = SinusoidTasks()
+    batch = tasks.sample(256, shots=5, queries=7, generator=torch.Generator().manual_seed(0))
+    assert batch.support_x.shape == batch.support_y.shape == (256, 5, 1)
+    assert batch.query_x.shape == batch.query_y.shape == (256, 7, 1)
+    assert batch.amplitude.shape == batch.phase.shape == (256,)
+    assert all(t.dtype == torch.float32 for t in batch)
+    assert ((0.1 <= batch.amplitude) & (batch.amplitude <= 5.0)).all()
+    assert ((0.0 <= batch.phase) & (batch.phase <= math.pi)).all()
+    x = torch.cat([batch.support_x, batch.query_x], dim=1)
+    assert ((-5.0 <= x) & (x <= 5.0)).all()
+    amplitude, phase = batch.amplitude[:, None, None], batch.phase[:, None, None]
+    assert torch.equal(batch.support_y, amplitude * torch.sin(batch.support_x - phase))
+    assert torch.equal(batch.query_y, amplitude * torch.sin(batch.query_x - phase))
+
+
+def test_sinusoid_curve_and_reproducibility():
+    grid = torch.linspace(-5, 5, 11)[:, None]
+    assert torch.allclose(SinusoidTasks.curve(2.0, 0.5, grid), (2.0 * torch.sin(grid - 0.5))[None])
+    a = SinusoidTasks().sample(3, 2, 2, generator=torch.Generator().manual_seed(1))
+    b = SinusoidTasks().sample(3, 2, 2, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert SinusoidTasks.curve(a.amplitude, a.phase, grid).shape == (3, 11, 1)
+
+
+def test_sinusoid_validation():
+    with pytest.raises(ValueError, match="amplitude must be a range"):
+        SinusoidTasks(amplitude=(5.0, 0.1))
+    with pytest.raises(ValueError, match="shots must be an int >= 1"):
+        SinusoidTasks().sample(2, shots=0, queries=3)
+
+
+def test_gp_shapes_and_range():
+    curves = GPCurves().sample(8, 30, generator=torch.Generator().manual_seed(0))
+    assert isinstance(curves, Curves)
+    assert curves.x.shape == curves.y.shape == (8, 30, 1)
+    assert curves.x.dtype == curves.y.dtype == torch.float32
+    assert ((-2.0 <= curves.x) & (curves.x <= 2.0)).all()
+
+
+def test_gp_covariance_matches_the_kernel():
+    gp = GPCurves(length_scale=0.4, scale=1.5)
+    x = torch.tensor([[-1.0], [-0.8], [0.0], [0.3], [1.5]])
+    y = gp.sample(4000, x=x, generator=torch.Generator().manual_seed(0)).y[..., 0].double()  # (4000, 5)
+    empirical = y.T @ y / y.shape[0]  # the process has mean zero
+    expected = gp.kernel(x.double()[None])[0]
+    assert expected[0, 1] > 1.5 and expected[0, 4] < 1e-3  # both near and far pairs are checked
+    assert torch.allclose(empirical, expected, atol=0.1 * gp.scale ** 2)
+
+
+def test_gp_validation():
+    with pytest.raises(ValueError, match="length_scale must be > 0"):
+        GPCurves(length_scale=0.0)
+    with pytest.raises(ValueError, match="x_range"):
+        GPCurves(x_range=(1.0, 1.0))
+    with pytest.raises(ValueError, match="exactly one"):
+        GPCurves().sample(2)
+
+
+def test_context_is_a_subset_of_the_target():
+    generator = torch.Generator().manual_seed(0)
+    curves = GPCurves().sample(16, 20, generator=generator)
+    context, target = context_target_split(curves, 6, generator=generator)
+    assert context.x.shape == context.y.shape == (16, 6, 1)
+    assert target is curves
+    # Match every context point to the target point with the same x: it has the same y.
+    match = (context.x == target.x.transpose(1, 2))  # (B, 6, 20)
+    assert (match.sum(-1) == 1).all()
+    assert torch.equal(context.y[..., 0], (match * target.y.transpose(1, 2)).sum(-1))
+    with pytest.raises(ValueError, match="num_context must be <= the 20 points"):
+        context_target_split(curves, 21)
