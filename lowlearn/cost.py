@@ -1,0 +1,291 @@
+"""What a model costs: parameters, arithmetic and training memory.
+
+* :func:`count_parameters`: how many numbers the model stores.
+* :func:`count_flops` and :func:`training_flops`: how much arithmetic one example
+  costs, for inference and for one training step.
+* :func:`training_memory`: how many bytes one training step keeps alive, split
+  into parameters, gradients, optimizer state and saved activations.
+
+All counts are of the dense model: a weight that a mask sets to zero still
+counts. The sparse costs of a pruned model follow from these by the density of
+each layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+_MIB = 2**20
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of scalar parameters of ``model``, each shared parameter counted once.
+
+    Args:
+        model: the model.
+        trainable_only: count only parameters with ``requires_grad``.
+    """
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Multiply-accumulate operations (MACs) of one forward pass, per example.
+
+    Attributes:
+        total: MACs of all counted layers.
+        per_layer: MACs of each layer, keyed by its qualified module name (as in
+            ``model.named_modules()``; ``""`` is the model itself).
+    """
+
+    total: int
+    per_layer: dict[str, int]
+
+    @property
+    def macs(self) -> int:
+        """Same as :attr:`total`: the count is in multiply-accumulates."""
+        return self.total
+
+    def table(self) -> str:
+        """The per-layer counts as a text table, with each layer's share of the total."""
+        rows = [(name or "(model)", f"{macs:,}", f"{macs / max(self.total, 1):.1%}")
+                for name, macs in self.per_layer.items()]
+        rows.append(("total", f"{self.total:,}", "100.0%"))
+        name_width = max(len("layer"), *(len(row[0]) for row in rows))
+        macs_width = max(len("MACs"), *(len(row[1]) for row in rows))
+        lines = [f"{'layer':<{name_width}}  {'MACs':>{macs_width}}   share"]
+        lines += [f"{name:<{name_width}}  {macs:>{macs_width}}  {share:>6}"
+                  for name, macs, share in rows]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every module in eval mode, then give each its own mode back."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
+    """Dense multiply-accumulates per example of every ``nn.Linear`` and ``nn.Conv2d``.
+
+    One multiply-accumulate (MAC), ``a += w * x``, counts as one operation. This is
+    what He et al. (2016) report as "FLOPs (multiply-adds)" and what most pruning
+    papers call FLOPs. Other papers count the multiply and the add separately,
+    i.e. ``2 × MACs``: Evci et al. (2020), "Rigging the lottery: making all tickets
+    winners" (RigL, ICML), counts this way (8.2e9 FLOPs for a dense ResNet-50), so
+    double these numbers before comparing with its tables; ratios between models
+    are the same in both conventions.
+
+    A convolution costs ``output elements × (in_channels / groups) × kh × kw``; a
+    linear layer ``out_features × in_features`` for every row it is applied to
+    (one row per example for a ``(B, F)`` input, ``T`` rows for ``(B, T, F)``).
+    Bias additions, normalization, activations, pooling and functional operations
+    outside these layers are not counted. A layer called twice is counted twice.
+
+    The count runs ``model`` once on ``example_input`` with forward hooks, in eval
+    mode and without gradients, and divides by the batch size. Afterwards the hooks
+    are gone and every module is back in its own training or eval mode, even when
+    the forward pass raises.
+
+    Args:
+        model: the model.
+        example_input: a batch ``(B, ...)`` the model accepts, on the model's device.
+
+    Returns:
+        The total and per-layer MACs of one example.
+    """
+    if example_input.dim() == 0 or example_input.shape[0] == 0:
+        raise ValueError(
+            "example_input must be a non-empty batch (B, ...), "
+            f"got shape {tuple(example_input.shape)}"
+        )
+    batch_size = example_input.shape[0]
+    per_layer: dict[str, int] = {}
+
+    def make_hook(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            # weight[0] holds one output unit's inputs: in_features, or
+            # in_channels / groups × kh × kw.
+            macs = output.numel() * module.weight[0].numel() // batch_size
+            per_layer[name] = per_layer.get(name, 0) + macs
+        return hook
+
+    handles = [
+        module.register_forward_hook(make_hook(name))
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Conv2d))
+    ]
+    try:
+        with _eval_mode(model), torch.no_grad():
+            model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return FlopCount(total=sum(per_layer.values()), per_layer=per_layer)
+
+
+def training_flops(flop_count: FlopCount) -> int:
+    """MACs of one training step per example: three times the forward pass.
+
+    The backward pass of a linear or convolutional layer costs about twice its
+    forward pass: one product like the forward for the gradient with respect to
+    its input, one for the gradient with respect to its weights. This is the
+    convention of Evci et al. (2020), "Rigging the lottery" (RigL, ICML), which
+    takes a training step to cost ``3 ×`` the forward FLOPs (the first layer needs
+    no input gradient, a saving this estimate ignores).
+
+    Args:
+        flop_count: the forward cost from :func:`count_flops`.
+
+    Returns:
+        ``3 * flop_count.total``, in the same unit (MACs per example).
+    """
+    return 3 * flop_count.total
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Bytes that one training step keeps alive, from :func:`training_memory`.
+
+    Attributes:
+        parameters: all parameters of the model.
+        gradients: one gradient per parameter with ``requires_grad``, same dtype.
+        optimizer_state: every tensor in ``optimizer.state`` (e.g. SGD momentum,
+            Adam's two moments and step counters).
+        activations: tensors saved during the forward pass for the backward pass
+            (the input batch included, parameters and buffers excluded).
+        cuda_peak: peak bytes allocated on the model's CUDA device during one
+            forward and backward pass (everything on that device, not only this
+            model), or ``None`` when not measured.
+    """
+
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    cuda_peak: int | None = None
+
+    @property
+    def total(self) -> int:
+        """Sum of parameters, gradients, optimizer state and activations."""
+        return self.parameters + self.gradients + self.optimizer_state + self.activations
+
+    def __str__(self) -> str:
+        rows = [
+            ("parameters", self.parameters),
+            ("gradients", self.gradients),
+            ("optimizer state", self.optimizer_state),
+            ("activations", self.activations),
+            ("total", self.total),
+        ]
+        if self.cuda_peak is not None:
+            rows.append(("measured CUDA peak", self.cuda_peak))
+        return "\n".join(f"{name:<18} {size / _MIB:10.2f} MiB" for name, size in rows)
+
+
+@contextmanager
+def _buffers_restored(model: nn.Module) -> Iterator[None]:
+    """Give every buffer its value back afterwards (a batch norm in training mode
+    updates its running statistics on every forward pass)."""
+    saved = [(buffer, buffer.clone()) for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def training_memory(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    measure_cuda: bool = False,
+) -> MemoryReport:
+    """Bytes of the four things a training step holds in memory.
+
+    Parameters, gradients and optimizer state are summed from the tensors' sizes.
+    Activations are measured: one forward pass of ``loss_fn(model(inputs),
+    targets)`` runs under :func:`torch.autograd.graph.saved_tensors_hooks`, which
+    sees every tensor that autograd saves for the backward pass. Each storage is
+    counted once (a ReLU output saved by the ReLU and by the next layer is one
+    tensor), whole (a saved view keeps its whole storage alive), and not at all
+    when it belongs to a parameter or buffer of the model, which already exists.
+
+    The forward pass runs in the mode the model is in (call ``model.train()``
+    first to measure training) and with gradients enabled. Nothing is changed:
+    no ``.grad`` is written, the optimizer is not stepped, and buffers such as
+    batch-norm running statistics get their values back. Dropout does draw from
+    the random number generator.
+
+    Not counted: temporaries freed during the pass, the autograd graph's own
+    bookkeeping, tensors a custom ``autograd.Function`` keeps as plain attributes
+    instead of through ``save_for_backward``, and the allocator's overhead. Use
+    ``measure_cuda=True`` on a GPU for the real peak.
+
+    Args:
+        model: the model, with its parameters on one device.
+        optimizer: the optimizer of the model; its state is read (Adam's moments
+            exist only after its first step).
+        batch: ``(inputs, targets)`` on the model's device.
+        loss_fn: ``loss_fn(model(inputs), targets)`` is the scalar loss.
+        measure_cuda: also measure :attr:`MemoryReport.cuda_peak`: reset the
+            device's peak statistics, run the forward pass and a backward pass
+            with :func:`torch.autograd.grad` (so ``.grad`` stays untouched), and
+            read ``torch.cuda.max_memory_allocated``. Needs a model on CUDA.
+
+    Raises:
+        ValueError: ``measure_cuda`` for a model that is not on a CUDA device.
+    """
+    inputs, targets = batch
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    device = params[0].device if params else inputs.device
+    if measure_cuda and device.type != "cuda":
+        raise ValueError(f"measure_cuda=True needs a model on a CUDA device, not on {device}")
+
+    model_storages = {t.untyped_storage().data_ptr() for t in (*params, *model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in model_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    if measure_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    with _buffers_restored(model), torch.enable_grad():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = loss_fn(model(inputs), targets)
+        if measure_cuda:
+            torch.autograd.grad(loss, trainable, allow_unused=True)
+    cuda_peak = torch.cuda.max_memory_allocated(device) if measure_cuda else None
+
+    return MemoryReport(
+        parameters=sum(p.nbytes for p in params),
+        gradients=sum(p.nbytes for p in trainable),
+        optimizer_state=sum(
+            value.nbytes
+            for state in optimizer.state.values()
+            for value in state.values()
+            if isinstance(value, torch.Tensor)
+        ),
+        activations=sum(saved.values()),
+        cuda_peak=cuda_peak,
+    )

@@ -1,0 +1,274 @@
+"""Parameter, FLOP and memory counts against numbers worked out by hand."""
+
+import pytest
+import torch
+from torch import nn
+
+from lowlearn.cost import (
+    FlopCount,
+    MemoryReport,
+    count_flops,
+    count_parameters,
+    training_flops,
+    training_memory,
+)
+from lowlearn.models import MLP, Conv4, LeNet5, ResNet20
+
+
+def no_hooks_left(model):
+    return all(not m._forward_hooks for m in model.modules())
+
+
+# ---- count_parameters -------------------------------------------------------
+
+
+def test_count_parameters_counts_shared_parameters_once():
+    layer = nn.Linear(3, 4)
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(4, 4), layer)  # layer used twice
+    assert count_parameters(model) == (3 * 4 + 4) + (4 * 4 + 4)
+
+
+def test_count_parameters_trainable_only():
+    model = MLP(hidden=(5,))
+    model[1].requires_grad_(False)
+    assert count_parameters(model) == (784 * 5 + 5) + (5 * 10 + 10)
+    assert count_parameters(model, trainable_only=True) == 5 * 10 + 10
+
+
+# ---- count_flops ------------------------------------------------------------
+
+
+def test_flops_lenet_300_100():
+    flops = count_flops(MLP(), torch.randn(1, 1, 28, 28))
+    assert flops.total == flops.macs == 784 * 300 + 300 * 100 + 100 * 10 == 266_200
+    assert flops.per_layer == {"1": 784 * 300, "3": 300 * 100, "5": 100 * 10}
+
+
+def test_flops_lenet5_by_hand():
+    flops = count_flops(LeNet5(), torch.randn(1, 1, 28, 28))
+    conv1 = 6 * 28 * 28 * (1 * 5 * 5)  # padded: 28×28 outputs
+    conv2 = 16 * 10 * 10 * (6 * 5 * 5)
+    fcs = 400 * 120 + 120 * 84 + 84 * 10
+    assert flops.per_layer["features.0"] == conv1 == 117_600
+    assert flops.per_layer["features.3"] == conv2 == 240_000
+    assert flops.total == conv1 + conv2 + fcs
+
+
+def test_flops_caffe_lenet5_by_hand():
+    caffe = LeNet5(channels=(20, 50), hidden=(500,), padding=0)
+    flops = count_flops(caffe, torch.randn(1, 1, 28, 28))
+    conv1 = 20 * 24 * 24 * 25
+    conv2 = 50 * 8 * 8 * (20 * 25)
+    assert flops.total == conv1 + conv2 + 800 * 500 + 500 * 10 == 2_293_000
+
+
+def test_flops_grouped_strided_conv():
+    layer = nn.Conv2d(8, 12, kernel_size=3, stride=2, padding=1, groups=4)
+    flops = count_flops(layer, torch.randn(2, 8, 16, 16))
+    # output 12×8×8; each output element sums (8 / 4) × 3 × 3 products
+    assert flops.total == 12 * 8 * 8 * 2 * 3 * 3
+    assert flops.per_layer == {"": flops.total}
+
+
+def test_flops_linear_on_sequence_counts_every_row():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    flops = count_flops(model, torch.randn(3, 7, 16))
+    assert flops.total == 7 * (16 * 32 + 32 * 4)
+
+
+def test_flops_layer_called_twice_counts_twice():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(5, 5)
+
+        def forward(self, x):
+            return self.layer(self.layer(x))
+
+    assert count_flops(Twice(), torch.randn(2, 5)).per_layer == {"layer": 2 * 25}
+
+
+def test_flops_do_not_depend_on_batch_size():
+    model = Conv4()
+    one = count_flops(model, torch.randn(1, 1, 28, 28))
+    many = count_flops(model, torch.randn(5, 1, 28, 28))
+    assert one == many
+    convs = 64 * 28 * 28 * 9 + 64 * 14 * 14 * 64 * 9 + 64 * 7 * 7 * 64 * 9 + 64 * 3 * 3 * 64 * 9
+    assert one.total == convs + 64 * 5
+
+
+def test_flops_restore_each_module_mode_and_remove_hooks():
+    model = ResNet20()
+    model.train()
+    model.features[0].eval()  # a mixed state must come back as it was
+    modes = [m.training for m in model.modules()]
+    count_flops(model, torch.randn(1, 3, 32, 32))
+    assert [m.training for m in model.modules()] == modes
+    assert no_hooks_left(model)
+
+
+def test_flops_run_in_eval_mode_without_grad():
+    seen = []
+    model = nn.Sequential(nn.Linear(3, 3))
+    model.register_forward_hook(lambda m, i, o: seen.append((m.training, o.requires_grad)))
+    count_flops(model, torch.randn(2, 3))
+    assert seen == [(False, False)]
+
+
+def test_flops_clean_up_after_an_error():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(5, 5))  # shapes do not chain
+    with pytest.raises(RuntimeError):
+        count_flops(model, torch.randn(2, 4))
+    assert no_hooks_left(model)
+    assert model.training
+
+
+def test_flops_reject_an_empty_batch():
+    with pytest.raises(ValueError, match="batch"):
+        count_flops(MLP(), torch.randn(0, 784))
+
+
+def test_training_flops_is_three_forward_passes():
+    flops = count_flops(MLP(), torch.randn(1, 784))
+    assert training_flops(flops) == 3 * 266_200
+
+
+def test_flop_table_lists_layers_and_total():
+    table = str(FlopCount(total=300, per_layer={"a": 100, "b.c": 200}))
+    lines = table.splitlines()
+    assert lines[0].split() == ["layer", "MACs", "share"]
+    assert lines[1].split() == ["a", "100", "33.3%"]
+    assert lines[2].split() == ["b.c", "200", "66.7%"]
+    assert lines[3].split() == ["total", "300", "100.0%"]
+
+
+# ---- training_memory --------------------------------------------------------
+
+
+def sum_loss(output, target):
+    """A loss that saves nothing for backward, so only the model's tensors count."""
+    return output.sum()
+
+
+def param_bytes(model):
+    return 4 * count_parameters(model)  # float32
+
+
+def test_memory_of_parameters_and_gradients():
+    model = MLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    report = training_memory(model, optimizer, (torch.randn(8, 784), None), sum_loss)
+    assert report.parameters == 4 * 266_610
+    assert report.gradients == report.parameters
+    assert report.optimizer_state == 0
+
+
+def test_gradients_only_for_trainable_parameters():
+    model = MLP(hidden=(5,))
+    model[1].requires_grad_(False)
+    report = training_memory(model, torch.optim.SGD(model[3].parameters(), lr=0.1),
+                             (torch.randn(2, 784), None), sum_loss)
+    assert report.parameters == param_bytes(model)
+    assert report.gradients == 4 * (5 * 10 + 10)
+
+
+def test_exact_activation_bytes_of_a_small_mlp():
+    batch = 8
+    model = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    report = training_memory(model, optimizer, (torch.randn(batch, 784), None), sum_loss)
+    # saved: the input (for the first weight's gradient) and the ReLU output (for the
+    # ReLU's backward and the second weight's gradient: one tensor, counted once).
+    # The weights are saved too but are parameters, so they are not counted.
+    assert report.activations == 4 * batch * (784 + 300)
+    assert report.total == (report.parameters + report.gradients + report.optimizer_state
+                            + report.activations)
+
+
+def test_activations_include_what_the_loss_saves():
+    batch = 4
+    model = nn.Linear(784, 300)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    report = training_memory(model, optimizer, (torch.randn(batch, 784), None),
+                             lambda out, _: (out * out).sum())
+    # the input, plus the linear output saved (once) by the product
+    assert report.activations == 4 * batch * (784 + 300)
+
+
+def optimizer_after_one_step(model, optimizer):
+    model(torch.randn(2, 784)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return optimizer
+
+
+def test_sgd_momentum_state_equals_parameters():
+    model = MLP()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer = optimizer_after_one_step(model, sgd)
+    report = training_memory(model, optimizer, (torch.randn(2, 784), None), sum_loss)
+    assert report.optimizer_state == param_bytes(model)
+
+
+def test_adam_state_is_two_moments_and_a_step_counter():
+    model = MLP()
+    optimizer = optimizer_after_one_step(model, torch.optim.Adam(model.parameters()))
+    report = training_memory(model, optimizer, (torch.randn(2, 784), None), sum_loss)
+    n_tensors = len(list(model.parameters()))  # 6: three weights, three biases
+    # exp_avg and exp_avg_sq per parameter, plus a float32 scalar "step" per tensor
+    assert report.optimizer_state == 2 * param_bytes(model) + 4 * n_tensors
+
+
+def test_memory_changes_nothing():
+    torch.manual_seed(0)
+    model = Conv4().train()
+    batch = (torch.randn(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    model_before = {k: v.clone() for k, v in model.state_dict().items()}
+    momenta_before = [s["momentum_buffer"].clone() for s in optimizer.state.values()]
+
+    report = training_memory(model, optimizer, batch, nn.functional.cross_entropy)
+
+    model_after = model.state_dict()
+    # parameters and batch-norm running statistics
+    assert all(torch.equal(model_before[k], model_after[k]) for k in model_before)
+    momenta_after = [s["momentum_buffer"] for s in optimizer.state.values()]
+    assert all(torch.equal(a, b) for a, b in zip(momenta_before, momenta_after))
+    assert all(p.grad is None for p in model.parameters())
+    assert report.activations > 4 * 4 * 28 * 28
+    assert report.cuda_peak is None
+
+
+def test_memory_measures_with_grad_even_under_no_grad():
+    model = nn.Linear(10, 10)
+    with torch.no_grad():
+        report = training_memory(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                 (torch.randn(3, 10), None), sum_loss)
+    assert report.activations == 4 * 3 * 10
+
+
+def test_measure_cuda_needs_a_cuda_model():
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="CUDA"):
+        training_memory(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                        (torch.randn(1, 2), None), sum_loss, measure_cuda=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_measure_cuda_reports_a_peak():
+    model = MLP().cuda()
+    batch = (torch.randn(64, 784, device="cuda"), None)
+    report = training_memory(model, torch.optim.SGD(model.parameters(), lr=0.1), batch, sum_loss,
+                             measure_cuda=True)
+    assert report.cuda_peak >= report.parameters + report.gradients + report.activations
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_memory_report_str_in_mib():
+    report = MemoryReport(parameters=2**20, gradients=2**20, optimizer_state=0, activations=2**19)
+    lines = str(report).splitlines()
+    assert lines[0].split() == ["parameters", "1.00", "MiB"]
+    assert lines[-1].split() == ["total", "2.50", "MiB"]

@@ -1,0 +1,177 @@
+"""Shapes and exact parameter counts of the course's architectures."""
+
+import pytest
+import torch
+from torch import nn
+
+from lowlearn.cost import count_parameters
+from lowlearn.models import MLP, VGG, CifarResNet, Conv4, LeNet5, ResNet20
+
+
+def linear(n_in, n_out):
+    """Parameters of a linear layer with bias."""
+    return n_in * n_out + n_out
+
+
+def conv(c_in, c_out, k, bias=True):
+    """Parameters of a k×k convolution."""
+    return c_in * c_out * k * k + (c_out if bias else 0)
+
+
+def bn(c):
+    """Parameters of a batch norm (weight and bias)."""
+    return 2 * c
+
+
+@pytest.mark.parametrize(
+    "model, x, out_shape",
+    [
+        (MLP(), torch.randn(4, 1, 28, 28), (4, 10)),
+        (MLP(), torch.randn(4, 784), (4, 10)),
+        (LeNet5(), torch.randn(4, 1, 28, 28), (4, 10)),
+        (LeNet5(channels=(20, 50), hidden=(500,), padding=0), torch.randn(4, 1, 28, 28), (4, 10)),
+        (LeNet5(in_channels=3, image_size=32, padding=0), torch.randn(4, 3, 32, 32), (4, 10)),
+        (Conv4(), torch.randn(4, 1, 28, 28), (4, 5)),
+        (Conv4(in_channels=3, image_size=84), torch.randn(4, 3, 84, 84), (4, 5)),
+        (Conv4(num_classes=None), torch.randn(4, 1, 28, 28), (4, 64)),
+        (Conv4(3, num_classes=None, image_size=84), torch.randn(2, 3, 84, 84), (2, 1600)),
+        (VGG(), torch.randn(2, 3, 32, 32), (2, 10)),
+        (VGG(depth=16, width=0.25, num_classes=100), torch.randn(2, 3, 32, 32), (2, 100)),
+        (ResNet20(), torch.randn(2, 3, 32, 32), (2, 10)),
+        (CifarResNet(depth=8, width=4), torch.randn(2, 3, 32, 32), (2, 10)),
+    ],
+)
+def test_output_shapes(model, x, out_shape):
+    assert model(x).shape == out_shape
+
+
+def test_mlp_is_lenet_300_100():
+    model = MLP()
+    assert [m.weight.shape for m in model if isinstance(m, nn.Linear)] == [
+        (300, 784), (100, 300), (10, 100)
+    ]
+    assert count_parameters(model) == 784 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10 == 266_610
+
+
+def test_mlp_without_hidden_layers_is_logistic_regression():
+    model = MLP(hidden=())
+    assert [type(m) for m in model] == [nn.Flatten, nn.Linear]
+    assert count_parameters(model) == linear(784, 10)
+
+
+def test_mlp_activation_is_configurable():
+    assert sum(isinstance(m, nn.Tanh) for m in MLP(activation=nn.Tanh)) == 2
+
+
+def test_lenet5_parameter_counts():
+    # 28 -conv(pad 2)-> 28 -pool-> 14 -conv-> 10 -pool-> 5
+    classic = (conv(1, 6, 5) + conv(6, 16, 5)
+               + linear(16 * 5 * 5, 120) + linear(120, 84) + linear(84, 10))
+    assert classic == 61_706
+    assert count_parameters(LeNet5()) == classic
+    # Caffe variant: 28 -conv-> 24 -pool-> 12 -conv-> 8 -pool-> 4
+    caffe = conv(1, 20, 5) + conv(20, 50, 5) + linear(50 * 4 * 4, 500) + linear(500, 10)
+    assert caffe == 431_080
+    assert count_parameters(LeNet5(channels=(20, 50), hidden=(500,), padding=0)) == caffe
+
+
+def test_lenet5_rejects_too_small_images():
+    with pytest.raises(ValueError, match="too small"):
+        LeNet5(image_size=12, padding=0)
+
+
+def test_conv4_structure_and_parameter_count():
+    model = Conv4()
+    assert model.feature_dim == 64 and isinstance(model.head, nn.Linear)
+    trunk = conv(1, 64, 3, bias=False) + 3 * conv(64, 64, 3, bias=False) + 4 * bn(64)
+    assert count_parameters(model.features) == trunk
+    assert count_parameters(model) == trunk + linear(64, 5) == 112_005
+    assert Conv4(in_channels=3, image_size=84).feature_dim == 64 * 5 * 5
+    assert count_parameters(Conv4(num_classes=None)) == trunk
+
+
+def test_conv4_without_running_stats_is_transductive():
+    torch.manual_seed(0)
+    model = Conv4(running_stats=False)
+    assert not any("running" in name for name, _ in model.named_buffers())
+    assert list(model.buffers()) == []
+    x = torch.randn(6, 1, 28, 28)
+    train_out = model.train()(x)
+    eval_out = model.eval()(x)
+    torch.testing.assert_close(train_out, eval_out)
+
+
+def test_conv4_with_running_stats_has_buffers():
+    names = [name for name, _ in Conv4().named_buffers()]
+    assert sum(name.endswith("running_mean") for name in names) == 4
+
+
+def test_conv4_rejects_too_small_images():
+    with pytest.raises(ValueError, match="16"):
+        Conv4(image_size=15)
+
+
+def test_vgg11_parameter_count():
+    convs = (conv(3, 64, 3, False) + conv(64, 128, 3, False) + conv(128, 256, 3, False)
+             + conv(256, 256, 3, False) + conv(256, 512, 3, False) + 3 * conv(512, 512, 3, False))
+    bns = bn(64) + bn(128) + 2 * bn(256) + 4 * bn(512)
+    assert count_parameters(VGG(11)) == convs + bns + linear(512, 10) == 9_228_362
+
+
+@pytest.mark.parametrize("depth, n_convs", [(11, 8), (13, 10), (16, 13), (19, 16)])
+def test_vgg_depth_counts_weight_layers(depth, n_convs):
+    model = VGG(depth, width=0.125)
+    assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == n_convs
+    assert sum(isinstance(m, nn.Linear) for m in model.modules()) == 1
+
+
+def test_vgg_width_keeps_at_least_one_channel():
+    model = VGG(width=0.001)
+    assert all(m.out_channels == 1 for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("kwargs", [{"depth": 12}, {"width": 0}])
+def test_vgg_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        VGG(**kwargs)
+
+
+def test_resnet20_parameter_count():
+    stem = conv(3, 16, 3, False) + bn(16)
+
+    def block(c_in, c_out):
+        return conv(c_in, c_out, 3, False) + conv(c_out, c_out, 3, False) + 2 * bn(c_out)
+
+    stages = (3 * block(16, 16) + block(16, 32) + 2 * block(32, 32)
+              + block(32, 64) + 2 * block(64, 64))
+    expected = stem + stages + linear(64, 10)
+    assert expected == 269_722
+    assert count_parameters(ResNet20()) == expected
+    assert count_parameters(CifarResNet(depth=20)) == expected
+
+
+def test_resnet_depth_is_6n_plus_2():
+    convs = [m for m in CifarResNet(depth=32, width=4).modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) + 1 == 32  # + the linear layer
+    with pytest.raises(ValueError, match="6n"):
+        CifarResNet(depth=21)
+
+
+def test_resnet_option_a_shortcut_is_parameter_free():
+    model = ResNet20()
+    weights = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(weights) == 19 + 1  # 19 convolutions, no projection shortcuts
+    block = model.features[6]  # first block of stage 2: 16 -> 32 channels, stride 2
+    x = torch.randn(2, 16, 32, 32)
+    shortcut = block.shortcut(x)
+    assert shortcut.shape == (2, 32, 16, 16)
+    torch.testing.assert_close(shortcut[:, :16], x[:, :, ::2, ::2])
+    assert shortcut[:, 16:].abs().sum() == 0
+
+
+def test_resnet_convolutions_have_kaiming_init():
+    torch.manual_seed(0)
+    conv_layer = ResNet20().features[10].conv1  # 64 -> 64, 3×3: fan_in 576
+    expected_std = (2 / (64 * 9)) ** 0.5
+    assert conv_layer.weight.std().item() == pytest.approx(expected_std, rel=0.05)
