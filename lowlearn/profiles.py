@@ -34,18 +34,25 @@ class BudgetSizes:
     Attributes:
         dataset: ``"mnist5k"`` (embedded, offline) or ``"mnist"`` (downloaded).
         train_limit: keep only this many training examples (``None``: all).
-        epochs: passes over the training set.
+        epochs: passes over the training set (the data-size sweep trains for the
+            same number of steps).
         batch_size: examples per optimizer step.
+        lr: SGD learning rate.
         widths: multipliers of the hidden widths (300, 100) for the size sweep.
+        data_sizes: training-set sizes for the data sweep.
         seeds: independent runs per configuration (for error bars).
+        min_accuracy: the test accuracy the chapter asserts LeNet-300-100 reaches.
     """
 
     dataset: str
     train_limit: int | None
     epochs: int
     batch_size: int
+    lr: float
     widths: tuple[float, ...]
+    data_sizes: tuple[int, ...]
     seeds: int
+    min_accuracy: float
 
 
 @dataclass(frozen=True)
@@ -59,18 +66,20 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         name="smoke",
-        budget=BudgetSizes(dataset="mnist5k", train_limit=1000, epochs=1, batch_size=100,
-                           widths=(0.25, 1.0), seeds=1),
+        budget=BudgetSizes(dataset="mnist5k", train_limit=1000, epochs=2, batch_size=60, lr=0.1,
+                           widths=(0.25, 1.0), data_sizes=(250, 1000), seeds=2, min_accuracy=0.6),
     ),
     "cpu": Profile(
         name="cpu",
-        budget=BudgetSizes(dataset="mnist5k", train_limit=None, epochs=20, batch_size=60,
-                           widths=(0.125, 0.25, 0.5, 1.0, 2.0), seeds=3),
+        budget=BudgetSizes(dataset="mnist5k", train_limit=None, epochs=20, batch_size=60, lr=0.1,
+                           widths=(1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0),
+                           data_sizes=(125, 250, 500, 1000, 2000, 4000), seeds=3, min_accuracy=0.93),
     ),
     "gpu": Profile(
         name="gpu",
-        budget=BudgetSizes(dataset="mnist", train_limit=None, epochs=20, batch_size=60,
-                           widths=(0.125, 0.25, 0.5, 1.0, 2.0), seeds=5),
+        budget=BudgetSizes(dataset="mnist", train_limit=None, epochs=20, batch_size=60, lr=0.1,
+                           widths=(1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0),
+                           data_sizes=(250, 1000, 4000, 15000, 60000), seeds=5, min_accuracy=0.975),
     ),
 }
 
@@ -101,3 +110,16 @@ def get_profile(name: str | None = None) -> Profile:
             f"(set {ENV_VAR}={sorted(PROFILES)[0]} for example, or unset it for the default)"
         )
     return PROFILES[key]
+
+
+def banner(profile: Profile | None = None) -> str:
+    """One line that says which profile and device make a chapter's results.
+
+    Chapters print it first, so every printed number can be traced to its setting.
+    """
+    profile = profile or get_profile()
+    if torch.cuda.is_available():
+        device = f"cuda ({torch.cuda.get_device_name()})"
+    else:
+        device = f"cpu ({torch.get_num_threads()} threads)"
+    return f"profile: {profile.name} | device: {device} | torch {torch.__version__}"

@@ -1,0 +1,52 @@
+"""Figures that several chapters share.
+
+Every function draws on a given matplotlib ``Axes`` (or a new one) and returns it, so
+chapters can arrange panels freely.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+
+from .train import History
+
+
+def _axes(ax: Axes | None) -> Axes:
+    return ax if ax is not None else plt.subplots(figsize=(5, 3.5))[1]
+
+
+def mean_and_spread(runs: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation over runs (axis 0) of equally long result lists.
+
+    The standard deviation uses ``ddof=1`` (the sample estimate); one run gives 0.
+    """
+    arr = np.asarray(runs, dtype=float)
+    std = arr.std(axis=0, ddof=1) if len(arr) > 1 else np.zeros(arr.shape[1:])
+    return arr.mean(axis=0), std
+
+
+def errorbar_curve(x: Sequence[float], runs: Sequence[Sequence[float]], *, label: str | None = None,
+                   ax: Axes | None = None, **kwargs) -> Axes:
+    """Plot the mean over ``runs`` (one list per seed, aligned with ``x``) with ±1 std bars."""
+    ax = _axes(ax)
+    mean, std = mean_and_spread(runs)
+    ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=label, **kwargs)
+    return ax
+
+
+def plot_history(history: History, *, metric: str = "accuracy", label: str | None = None,
+                 axes: Sequence[Axes] | None = None) -> Sequence[Axes]:
+    """Training loss (left) and an evaluation metric (right) against optimizer steps."""
+    if axes is None:
+        axes = plt.subplots(1, 2, figsize=(10, 3.5))[1]
+    loss_ax, metric_ax = axes
+    loss_ax.plot(history.steps, history.loss, label=label)
+    loss_ax.set(xlabel="optimizer step", ylabel="training loss", yscale="log")
+    if history.eval:
+        metric_ax.plot(history.eval_steps, history.metric(metric), marker=".", label=label)
+        metric_ax.set(xlabel="optimizer step", ylabel=f"test {metric}")
+    return axes
