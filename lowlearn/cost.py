@@ -48,7 +48,7 @@ class FlopCount:
 
     @property
     def macs(self) -> int:
-        """Same as :attr:`total`: the count is in multiply-accumulates."""
+        """Same as ``total``: the count is in multiply-accumulates."""
         return self.total
 
     def table(self) -> str:
@@ -224,8 +224,10 @@ def training_memory(
     targets)`` runs under :func:`torch.autograd.graph.saved_tensors_hooks`, which
     sees every tensor that autograd saves for the backward pass. Each storage is
     counted once (a ReLU output saved by the ReLU and by the next layer is one
-    tensor), whole (a saved view keeps its whole storage alive), and not at all
-    when it belongs to a parameter or buffer of the model, which already exists.
+    tensor), over the span of elements the saved tensors reach (a batch that is a
+    slice of a larger dataset tensor counts as the batch, not the dataset), and
+    not at all when it belongs to a parameter or buffer of the model, which
+    already exists.
 
     The forward pass runs in the mode the model is in (call ``model.train()``
     first to measure training) and with gradients enabled. Nothing is changed:
@@ -244,7 +246,7 @@ def training_memory(
             exist only after its first step).
         batch: ``(inputs, targets)`` on the model's device.
         loss_fn: ``loss_fn(model(inputs), targets)`` is the scalar loss.
-        measure_cuda: also measure :attr:`MemoryReport.cuda_peak`: reset the
+        measure_cuda: also measure ``MemoryReport.cuda_peak``: reset the
             device's peak statistics, run the forward pass and a backward pass
             with :func:`torch.autograd.grad` (so ``.grad`` stays untouched), and
             read ``torch.cuda.max_memory_allocated``. Needs a model on CUDA.
@@ -260,12 +262,16 @@ def training_memory(
         raise ValueError(f"measure_cuda=True needs a model on a CUDA device, not on {device}")
 
     model_storages = {t.untyped_storage().data_ptr() for t in (*params, *model.buffers())}
-    saved: dict[int, int] = {}
+    spans: dict[int, tuple[int, int]] = {}  # storage -> (first, last + 1) byte the saved views reach
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in model_storages:
-            saved[storage.data_ptr()] = storage.nbytes()
+        key = tensor.untyped_storage().data_ptr()
+        if key not in model_storages and tensor.numel() > 0:
+            first = tensor.storage_offset()
+            last = first + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+            start, end = first * tensor.element_size(), (last + 1) * tensor.element_size()
+            old_start, old_end = spans.get(key, (start, end))
+            spans[key] = (min(start, old_start), max(end, old_end))
         return tensor
 
     if measure_cuda:
@@ -286,6 +292,6 @@ def training_memory(
             for value in state.values()
             if isinstance(value, torch.Tensor)
         ),
-        activations=sum(saved.values()),
+        activations=sum(end - start for start, end in spans.values()),
         cuda_peak=cuda_peak,
     )

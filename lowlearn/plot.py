@@ -11,6 +11,7 @@ from typing import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.ticker import NullFormatter
 
 from .train import History
 
@@ -30,11 +31,17 @@ def mean_and_spread(runs: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.nda
 
 
 def errorbar_curve(x: Sequence[float], runs: Sequence[Sequence[float]], *, label: str | None = None,
-                   ax: Axes | None = None, **kwargs) -> Axes:
-    """Plot the mean over ``runs`` (one list per seed, aligned with ``x``) with ±1 std bars."""
+                   logx: bool = False, ax: Axes | None = None, **kwargs) -> Axes:
+    """Plot the mean over ``runs`` (one list per seed, aligned with ``x``) with ±1 std bars.
+
+    ``logx`` puts ``x`` on a logarithmic axis labelled at powers of ten only.
+    """
     ax = _axes(ax)
     mean, std = mean_and_spread(runs)
     ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=label, **kwargs)
+    if logx:
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
     return ax
 
 

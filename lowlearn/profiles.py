@@ -38,6 +38,7 @@ class BudgetSizes:
             same number of steps).
         batch_size: examples per optimizer step.
         lr: SGD learning rate.
+        momentum: SGD momentum.
         widths: multipliers of the hidden widths (300, 100) for the size sweep.
         data_sizes: training-set sizes for the data sweep.
         seeds: independent runs per configuration (for error bars).
@@ -49,6 +50,7 @@ class BudgetSizes:
     epochs: int
     batch_size: int
     lr: float
+    momentum: float
     widths: tuple[float, ...]
     data_sizes: tuple[int, ...]
     seeds: int
@@ -66,18 +68,18 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         name="smoke",
-        budget=BudgetSizes(dataset="mnist5k", train_limit=1000, epochs=2, batch_size=60, lr=0.1,
+        budget=BudgetSizes(dataset="mnist5k", train_limit=1000, epochs=3, batch_size=60, lr=0.05, momentum=0.9,
                            widths=(0.25, 1.0), data_sizes=(250, 1000), seeds=2, min_accuracy=0.6),
     ),
     "cpu": Profile(
         name="cpu",
-        budget=BudgetSizes(dataset="mnist5k", train_limit=None, epochs=20, batch_size=60, lr=0.1,
+        budget=BudgetSizes(dataset="mnist5k", train_limit=None, epochs=30, batch_size=60, lr=0.05, momentum=0.9,
                            widths=(1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0),
-                           data_sizes=(125, 250, 500, 1000, 2000, 4000), seeds=3, min_accuracy=0.93),
+                           data_sizes=(125, 250, 500, 1000, 2000, 4000), seeds=5, min_accuracy=0.92),
     ),
     "gpu": Profile(
         name="gpu",
-        budget=BudgetSizes(dataset="mnist", train_limit=None, epochs=20, batch_size=60, lr=0.1,
+        budget=BudgetSizes(dataset="mnist", train_limit=None, epochs=20, batch_size=60, lr=0.05, momentum=0.9,
                            widths=(1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0),
                            data_sizes=(250, 1000, 4000, 15000, 60000), seeds=5, min_accuracy=0.975),
     ),

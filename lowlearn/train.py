@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 Data = TensorDataset | tuple[Tensor, Tensor]
 

@@ -185,6 +185,15 @@ def test_exact_activation_bytes_of_a_small_mlp():
                             + report.activations)
 
 
+def test_a_batch_sliced_from_a_dataset_counts_as_the_batch():
+    dataset = torch.randn(1000, 784)
+    model = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sliced = training_memory(model, optimizer, (dataset[100:108], None), sum_loss)
+    copied = training_memory(model, optimizer, (dataset[100:108].clone(), None), sum_loss)
+    assert sliced.activations == copied.activations == 4 * 8 * (784 + 300)
+
+
 def test_activations_include_what_the_loss_saves():
     batch = 4
     model = nn.Linear(784, 300)

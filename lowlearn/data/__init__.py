@@ -1,11 +1,15 @@
 """Datasets, downloads and task samplers.
 
-* Embedded, offline: :func:`load_digits`, :func:`load_mnist5k`, :func:`load_mnist1d`.
+* Embedded, offline: :func:`~lowlearn.data.embedded.load_digits`,
+  :func:`~lowlearn.data.embedded.load_mnist5k`, :func:`~lowlearn.data.embedded.load_mnist1d`.
 * Downloaded into ``$LOWLEARN_DATA`` (default ``~/.cache/lowlearn``), sha256-checked:
-  :func:`load_mnist`, :func:`load_cifar10`, :func:`load_omniglot`,
-  :func:`load_omniglot_runs`.
-* Few-shot learning: :class:`EpisodeSampler` (N-way K-shot episodes over any
-  class-indexed tensor), :class:`SinusoidTasks` and :class:`GPCurves`.
+  :func:`~lowlearn.data.mnist.load_mnist`, :func:`~lowlearn.data.cifar.load_cifar10`,
+  :func:`~lowlearn.data.omniglot.load_omniglot`, :func:`~lowlearn.data.omniglot.load_omniglot_runs`.
+* Few-shot learning: :class:`~lowlearn.data.episodes.EpisodeSampler` (N-way K-shot
+  episodes over any class-indexed tensor), :class:`~lowlearn.data.tasks.SinusoidTasks`
+  and :class:`~lowlearn.data.tasks.GPCurves`.
+
+Every name is importable from ``lowlearn.data`` directly.
 """
 
 from .cache import (ChecksumError, DataError, DatasetNotFoundError, Resource, UnsafeArchiveError,

@@ -32,8 +32,9 @@ CIFAR10_RESOURCE = Resource(
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
 
-#: Per-channel (R, G, B) mean and standard deviation of the training images in [0, 1].
+#: Per-channel (R, G, B) mean of the training images in [0, 1].
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+#: Per-channel (R, G, B) standard deviation of the training images in [0, 1].
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 _BATCH_DIR = "cifar-10-batches-py"
@@ -106,7 +107,7 @@ def load_cifar10(root: str | os.PathLike | None = None, download: bool = True) -
         download: whether to download the archive (163 MiB) if it is missing.
 
     Returns:
-        :class:`Splits` with ``x`` float32 ``(N, 3, 32, 32)`` in ``[0, 1]`` (channels
+        :class:`~lowlearn.data.splits.Splits` with ``x`` float32 ``(N, 3, 32, 32)`` in ``[0, 1]`` (channels
         R, G, B) and ``y`` int64 ``(N,)`` in ``0..9`` (see :data:`CIFAR10_CLASSES`).
     """
     path = fetch(CIFAR10_RESOURCE, root, download)

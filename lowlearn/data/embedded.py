@@ -34,7 +34,7 @@ def load_digits(test_size: int = 360, seed: int = 0) -> Splits:
         seed: seed of the shuffle (``numpy.random.default_rng(seed).permutation``).
 
     Returns:
-        :class:`Splits` with ``x`` float32 ``(N, 1, 8, 8)`` in ``[0, 1]`` (the
+        :class:`~lowlearn.data.splits.Splits` with ``x`` float32 ``(N, 1, 8, 8)`` in ``[0, 1]`` (the
         0..16 pixel counts divided by 16) and ``y`` int64 ``(N,)`` in ``0..9``.
     """
     _check_test_size(test_size, _DIGITS_SIZE)
@@ -57,7 +57,7 @@ def load_mnist5k(test_size: int = 1000, seed: int = 0) -> Splits:
         seed: seed of the shuffle (``numpy.random.default_rng(seed).permutation``).
 
     Returns:
-        :class:`Splits` with ``x`` float32 ``(N, 1, 28, 28)`` in ``[0, 1]`` and
+        :class:`~lowlearn.data.splits.Splits` with ``x`` float32 ``(N, 1, 28, 28)`` in ``[0, 1]`` and
         ``y`` int64 ``(N,)`` in ``0..9``.
     """
     _check_test_size(test_size, _MNIST5K_SIZE)
@@ -83,7 +83,7 @@ def load_mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 
         seed: seed of the generator.
 
     Returns:
-        :class:`Splits` with ``x`` float32 ``(N, 1, 40)`` and ``y`` int64 ``(N,)`` in ``0..9``.
+        :class:`~lowlearn.data.splits.Splits` with ``x`` float32 ``(N, 1, 40)`` and ``y`` int64 ``(N,)`` in ``0..9``.
     """
     if num_samples < 10:
         raise ValueError(f"num_samples={num_samples} is too small: MNIST-1D needs at least one "

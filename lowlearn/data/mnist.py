@@ -112,7 +112,7 @@ def load_mnist(root: str | os.PathLike | None = None, download: bool = True) -> 
         download: whether to download missing files.
 
     Returns:
-        :class:`Splits` with ``x`` float32 ``(N, 1, 28, 28)`` in ``[0, 1]`` and
+        :class:`~lowlearn.data.splits.Splits` with ``x`` float32 ``(N, 1, 28, 28)`` in ``[0, 1]`` and
         ``y`` int64 ``(N,)`` in ``0..9``.
     """
     train_images, train_labels, test_images, test_labels = (

@@ -40,10 +40,10 @@ from torch import Tensor
 from lowlearn.data.cache import DataError, Resource, check_member_name, fetch
 
 DRAWERS = 20
-"""Drawings per character: each was drawn once by each of 20 people."""
+"""Number of drawings of each character (one by each of 20 people)."""
 
 RUN_WAYS = 20
-"""Classes per one-shot run of Lake et al. (2015): 20-way, one shot."""
+"""Number of classes in each 20-way one-shot run of Lake et al. (2015)."""
 
 ORIGINAL_SIZE = 105
 """Side of the original Omniglot images, in pixels."""

@@ -27,9 +27,12 @@ class RegressionBatch(NamedTuple):
     """A batch of ``B`` regression tasks with ``K`` support and ``Q`` query points each.
 
     Attributes:
-        support_x, support_y: float32 ``(B, K, 1)``.
-        query_x, query_y: float32 ``(B, Q, 1)``.
-        amplitude, phase: float32 ``(B,)``, the parameters of each task's sine wave.
+        support_x: float32 ``(B, K, 1)`` support inputs.
+        support_y: float32 ``(B, K, 1)`` support targets.
+        query_x: float32 ``(B, Q, 1)`` query inputs.
+        query_y: float32 ``(B, Q, 1)`` query targets.
+        amplitude: float32 ``(B,)``, each task's sine amplitude.
+        phase: float32 ``(B,)``, each task's sine phase.
     """
 
     support_x: Tensor

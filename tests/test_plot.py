@@ -1,0 +1,26 @@
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+
+from lowlearn import plot
+from lowlearn.train import History
+
+
+def test_mean_and_spread_uses_the_sample_std():
+    mean, std = plot.mean_and_spread([[1.0, 2.0], [3.0, 2.0]])
+    assert mean.tolist() == [2.0, 2.0]
+    assert std == pytest.approx([np.sqrt(2.0), 0.0])
+    _, single = plot.mean_and_spread([[5.0, 6.0]])
+    assert single.tolist() == [0.0, 0.0]
+
+
+def test_figures_draw_their_data():
+    ax = plot.errorbar_curve([1, 10, 100], [[0.5, 0.6, 0.7], [0.7, 0.6, 0.5]], logx=True)
+    assert ax.get_xscale() == "log"
+    hist = History(steps=[1, 2], loss=[1.0, 0.5], eval_steps=[2], eval=[{"accuracy": 0.9}])
+    loss_ax, acc_ax = plot.plot_history(hist)
+    assert loss_ax.lines[0].get_ydata().tolist() == [1.0, 0.5]
+    assert acc_ax.lines[0].get_ydata().tolist() == [0.9]
