@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from lowlearn import profiles
 from lowlearn.profiles import PROFILES, get_profile
 
 
@@ -30,7 +29,10 @@ def test_unknown_profile_is_a_clear_error(monkeypatch):
 
 def test_profiles_grow_from_smoke_to_gpu():
     s, c, g = (PROFILES[n].budget for n in ("smoke", "cpu", "gpu"))
-    assert s.epochs <= c.epochs <= g.epochs
+    train_size = {"mnist5k": 4000, "mnist": 60000}
+    seen = [b.epochs * (b.train_limit or train_size[b.dataset]) for b in (s, c, g)]
+    assert seen == sorted(seen)  # examples seen per run
     assert s.seeds <= c.seeds <= g.seeds
-    assert s.train_limit is not None and c.train_limit is None
-    assert profiles.PROFILES["gpu"].budget.dataset == "mnist"
+    assert s.dataset == c.dataset == "mnist5k" and g.dataset == "mnist"  # smoke and cpu stay offline
+    for b in (s, c, g):
+        assert 1.0 in b.widths and max(b.data_sizes) <= (b.train_limit or train_size[b.dataset])
