@@ -60,6 +60,22 @@ def test_sets_are_merged_by_character_name():
 
 
 @needs_real_data
+def test_meta_train_and_meta_test_splits_share_no_character(small1):
+    """small1 for meta-training, small2 without its Greek and Latin for meta-testing."""
+    test_set = load_omniglot("small2", root=SHARED_DATA, download=False).without(["Greek", "Latin"])
+    assert not set(small1.characters) & set(test_set.characters)
+    assert not set(small1.alphabets) & set(test_set.alphabets)
+
+    def fingerprints(images):
+        return {hashlib.sha256(drawing.numpy().tobytes()).hexdigest() for drawing in images.flatten(0, 1)}
+
+    assert not fingerprints(small1.images) & fingerprints(test_set.images)
+    # Greek and Latin are in both small sets: leaving them in would leak test classes.
+    small2 = load_omniglot("small2", root=SHARED_DATA, download=False)
+    assert fingerprints(small1.subset("Greek").images) == fingerprints(small2.subset("Greek").images)
+
+
+@needs_real_data
 def test_original_size_and_env_var(monkeypatch):
     monkeypatch.setenv(ENV_VAR, str(SHARED_DATA))
     original = load_omniglot("small1", image_size=None, download=False)
