@@ -1,0 +1,211 @@
+"""Masks as parametrizations: the one representation of sparsity in lowlearn.
+
+A pruned or sparsely trained layer keeps its dense weight tensor ``θ`` and a
+binary mask ``m`` of the same shape; the layer computes with ``θ ⊙ m``. The mask is
+a :class:`Mask` module registered with :func:`torch.nn.utils.parametrize.register_parametrization`,
+so that
+
+* ``layer.weight`` *is* the masked weight, for every caller (forward passes,
+  scores, plots) without hooks or monkeypatching;
+* the mask is a buffer: it lives in ``state_dict``, moves with ``.to(device)``,
+  survives ``copy.deepcopy`` and works under :func:`torch.func.functional_call`;
+* gradients reach the raw weight ``layer.parametrizations.weight.original`` only
+  where the mask is one.
+
+lowlearn also keeps the raw weight itself at exactly zero wherever the mask is
+zero, and the optimizer's per-weight state there (SGD momentum, Adam's moments)
+too: :func:`set_masks` zeroes both whenever a mask changes. From then on the
+zeros stay exact, because the gradient there is zero (and a weight decay of zero
+is zero). A layer's pruned weights are therefore zero in every view of the model.
+
+The life cycle, after PyTorch's own sparsifier (``torch.ao.pruning``): attach
+(:func:`attach_masks`), update (:func:`set_masks`, usually through the pruning and
+sparse-training routines), inspect (:func:`masks_of`, :func:`density`,
+:func:`layer_densities`), and make permanent (:func:`squash`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+PRUNABLE = (nn.Linear, nn.Conv2d)
+
+
+class Mask(nn.Module):
+    """Parametrization ``θ ↦ θ ⊙ m`` with a buffer ``mask`` (``m``) of zeros and ones.
+
+    The buffer holds 0.0/1.0 in the weight's floating dtype rather than booleans: a
+    product of two tensors of one dtype is what the hardware does fastest, and a
+    boolean mask would be converted on every forward pass. It follows the model
+    through ``.to(dtype)`` like any floating buffer.
+
+    Args:
+        mask: boolean, ``True`` where the weight is kept.
+        dtype: the weight's dtype.
+    """
+
+    def __init__(self, mask: Tensor, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if mask.dtype != torch.bool:
+            raise TypeError(f"a mask must be a boolean tensor (True = keep), got dtype {mask.dtype}")
+        self.register_buffer("mask", mask.detach().to(dtype=dtype))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight * self.mask
+
+    def extra_repr(self) -> str:
+        return f"density={self.mask.count_nonzero().item() / self.mask.numel():.4f}"
+
+
+def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers whose weights lowlearn masks by default: every ``nn.Linear`` and ``nn.Conv2d``.
+
+    Returns ``{qualified name: module}`` in ``model.named_modules()`` order. Biases,
+    batch norms and other layers stay dense.
+    """
+    return {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE)}
+
+
+def _mask_module(layer: nn.Module, param: str = "weight") -> Mask | None:
+    if not parametrize.is_parametrized(layer, param):
+        return None
+    found = [p for p in layer.parametrizations[param] if isinstance(p, Mask)]
+    return found[0] if found else None
+
+
+def masked_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{qualified name: module}`` of the layers whose weight carries a :class:`Mask`."""
+    return {name: m for name, m in model.named_modules() if _mask_module(m) is not None}
+
+
+def raw_weight(layer: nn.Module) -> Tensor:
+    """The trainable weight under a layer's parametrizations (``θ``), or the plain weight."""
+    if parametrize.is_parametrized(layer, "weight"):
+        return layer.parametrizations.weight.original
+    return layer.weight
+
+
+def _resolve(model: nn.Module, layers: Iterable[str] | None) -> dict[str, nn.Module]:
+    if layers is None:
+        return prunable_layers(model)
+    modules = dict(model.named_modules())
+    chosen = {}
+    for name in layers:
+        if name not in modules:
+            known = ", ".join(prunable_layers(model)) or "none"
+            raise KeyError(f"the model has no layer {name!r}; its Linear/Conv2d layers are: {known}")
+        if not isinstance(getattr(modules[name], "weight", None), Tensor):
+            raise ValueError(f"layer {name!r} ({type(modules[name]).__name__}) has no weight to mask")
+        chosen[name] = modules[name]
+    return chosen
+
+
+def attach_masks(model: nn.Module, layers: Iterable[str] | None = None) -> dict[str, Tensor]:
+    """Give every chosen layer's weight an all-ones :class:`Mask`, and return the masks.
+
+    Args:
+        model: the model; changed in place.
+        layers: qualified module names (as in ``model.named_modules()``); default:
+            :func:`prunable_layers`. Layers that already carry a mask keep it.
+
+    Returns:
+        ``{name: boolean mask}`` of every masked layer (see :func:`masks_of`).
+
+    Raises:
+        KeyError: a name that is not a module of the model.
+    """
+    for name, layer in _resolve(model, layers).items():
+        if _mask_module(layer) is None:
+            keep_all = torch.ones_like(layer.weight, dtype=torch.bool)
+            parametrize.register_parametrization(layer, "weight", Mask(keep_all, layer.weight.dtype))
+    return masks_of(model)
+
+
+def masks_of(model: nn.Module) -> dict[str, Tensor]:
+    """``{layer name: boolean mask}`` of every masked layer (``True`` = kept).
+
+    The masks are copies: change a model's masks with :func:`set_masks`.
+    """
+    return {name: _mask_module(layer).mask != 0 for name, layer in masked_layers(model).items()}
+
+
+def set_masks(
+    model: nn.Module,
+    masks: Mapping[str, Tensor],
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
+    """Replace the masks of some layers, and zero what the new masks remove.
+
+    For every ``name → mask`` the layer's mask buffer is overwritten in place, the
+    raw weight ``θ`` is set to zero where the mask is zero, and so is every tensor
+    of the optimizer's state for ``θ`` that has ``θ``'s shape (SGD's momentum
+    buffer, Adam's first and second moments, ...). Positions where the mask turns
+    from zero to one therefore start at weight zero with fresh optimizer state.
+
+    Raises:
+        KeyError: ``name`` is not a masked layer (call :func:`attach_masks` first).
+        ValueError: a mask of the wrong shape.
+        TypeError: a mask that is not boolean.
+    """
+    layers = masked_layers(model)
+    for name, mask in masks.items():
+        if name not in layers:
+            known = ", ".join(layers) or "none (call attach_masks first)"
+            raise KeyError(f"{name!r} is not a masked layer of the model; masked layers: {known}")
+        buffer = _mask_module(layers[name]).mask
+        if mask.dtype != torch.bool:
+            raise TypeError(f"the mask for {name!r} must be boolean (True = keep), got dtype {mask.dtype}")
+        if mask.shape != buffer.shape:
+            raise ValueError(f"the mask for {name!r} has shape {tuple(mask.shape)}, "
+                             f"but the layer's weight has shape {tuple(buffer.shape)}")
+        buffer.copy_(mask)
+        theta = raw_weight(layers[name])
+        with torch.no_grad():
+            theta.mul_(buffer)
+        if optimizer is not None:
+            zero_optimizer_state(optimizer, theta, buffer)
+
+
+def zero_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, keep: Tensor) -> None:
+    """Zero the optimizer's per-element state of ``param`` wherever ``keep`` is ``False``.
+
+    Every state tensor with ``param``'s shape is treated as per-element (momentum,
+    moments, accumulators); scalars such as Adam's step count are left alone.
+    """
+    for value in optimizer.state.get(param, {}).values():
+        if isinstance(value, Tensor) and value.shape == param.shape:
+            value.mul_(keep.to(value.dtype))
+
+
+def density(model: nn.Module) -> float:
+    """Fraction of weights kept, over all masked layers together (1.0 with no masks)."""
+    masks = list(masks_of(model).values())
+    if not masks:
+        return 1.0
+    kept = torch.stack([m.count_nonzero() for m in masks]).sum()
+    return kept.item() / sum(m.numel() for m in masks)
+
+
+def layer_densities(model: nn.Module) -> dict[str, float]:
+    """``{layer name: fraction of its weights kept}`` for every masked layer."""
+    masks = masks_of(model)
+    if not masks:
+        return {}
+    kept = torch.stack([m.count_nonzero() for m in masks.values()]).tolist()
+    return {name: k / m.numel() for (name, m), k in zip(masks.items(), kept)}
+
+
+def squash(model: nn.Module) -> nn.Module:
+    """Make the masks permanent: every masked weight becomes a plain parameter ``θ ⊙ m``.
+
+    Other parametrizations of a layer (e.g. Powerpropagation) are folded in as well,
+    since PyTorch removes a parameter's parametrizations together. The model's
+    outputs do not change. Returns the model.
+    """
+    for layer in masked_layers(model).values():
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    return model

@@ -1,0 +1,119 @@
+"""Pruning: keep the highest-scoring weights of each layer, or of the whole model.
+
+:func:`prune` is the one routine every pruning method of lowlearn ends in. A method
+only supplies *scores* (a tensor per layer, higher = more important: see
+:mod:`lowlearn.sparse.scores`) and a *target density* (fraction of weights kept,
+globally or per layer: see :mod:`lowlearn.sparse.density`); :func:`prune` picks the
+weights with ``topk``, so every layer keeps exactly ``round(density · n)`` weights,
+and installs the new masks with :func:`~lowlearn.sparse.mask.set_masks`. Weights
+that are already pruned stay pruned: masks only shrink.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .mask import attach_masks, masked_layers, masks_of, set_masks
+
+
+def check_density(value: float, what: str = "density") -> float:
+    """Return ``value`` if it is a density in (0, 1], else raise a ValueError that says so."""
+    if not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{what} must be in (0, 1] (the fraction of weights kept), got {value!r}; "
+                         "for a sparsity s (fraction removed) pass 1 - s")
+    return float(value)
+
+
+def kept_count(density: float, numel: int) -> int:
+    """Weights a layer of ``numel`` weights keeps at ``density``: ``round(density · numel)``, at least 1."""
+    return max(1, round(density * numel))
+
+
+def _alive_scores(scores: Tensor, mask: Tensor, name: str) -> Tensor:
+    if scores.shape != mask.shape:
+        raise ValueError(f"the scores for {name!r} have shape {tuple(scores.shape)}, "
+                         f"but the layer's weight has shape {tuple(mask.shape)}")
+    if torch.isnan(scores).any():
+        raise ValueError(f"the scores for {name!r} contain NaN")
+    # Pruned weights can never win a place back.
+    return scores.detach().float().masked_fill(~mask, float("-inf"))
+
+
+def _top(scores: Tensor, k: int) -> Tensor:
+    """Boolean tensor of ``scores``' shape, ``True`` at its ``k`` largest entries."""
+    keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    keep[scores.flatten().topk(k, sorted=False).indices] = True
+    return keep.view_as(scores)
+
+
+def prune(
+    model: nn.Module,
+    scores: Mapping[str, Tensor],
+    density: float | Mapping[str, float],
+    *,
+    scope: str = "layer",
+    optimizer: torch.optim.Optimizer | None = None,
+) -> dict[str, Tensor]:
+    """Keep the highest-scoring weights and mask the rest.
+
+    Args:
+        model: the model; layers named in ``scores`` get a mask if they have none.
+        scores: ``{layer name: scores}`` of the weight's shape; higher = keep.
+        density: the fraction of weights to keep: one number, or ``{layer name:
+            density}`` for layer-wise allocations (e.g. from
+            :func:`lowlearn.sparse.density.erk`).
+        scope: ``"layer"`` keeps ``round(d_l · n_l)`` weights in every layer;
+            ``"global"`` ranks all layers' scores together and keeps
+            ``round(d · Σ n_l)`` weights overall (``density`` must be one number),
+            so layers with larger scores keep more.
+        optimizer: its state for the pruned weights is zeroed too.
+
+    Returns:
+        The new ``{layer name: boolean mask}``.
+
+    Raises:
+        ValueError: a density outside (0, 1], a density above what a layer (or the
+            model) still keeps (pruning cannot bring weights back), scores of the
+            wrong shape or with NaN, or an unknown ``scope``.
+        KeyError: a layer name that is not in the model.
+    """
+    attach_masks(model, [name for name in scores if name not in masked_layers(model)])
+    current = masks_of(model)
+    unknown = set(scores) - set(current)
+    if unknown:
+        raise KeyError(f"no masked layers named {sorted(unknown)}")
+    alive = {name: _alive_scores(s, current[name], name) for name, s in scores.items()}
+
+    if scope == "layer":
+        densities = density if isinstance(density, Mapping) else dict.fromkeys(alive, density)
+        missing = set(alive) - set(densities)
+        if missing:
+            raise KeyError(f"no density given for layers {sorted(missing)}")
+        new = {}
+        for name, s in alive.items():
+            k = kept_count(check_density(densities[name], f"density of {name!r}"), s.numel())
+            remaining = int(current[name].count_nonzero())
+            if k > remaining:
+                raise ValueError(f"layer {name!r} keeps {remaining} weights, so it cannot be pruned to "
+                                 f"{k} ({densities[name]:.4g} of {s.numel()}): masks only shrink")
+            new[name] = _top(s, k)
+    elif scope == "global":
+        if isinstance(density, Mapping):
+            raise ValueError("scope='global' takes one density for the whole model, not one per layer")
+        flat = torch.cat([s.flatten() for s in alive.values()])
+        k = kept_count(check_density(density), flat.numel())
+        remaining = sum(int(current[name].count_nonzero()) for name in alive)
+        if k > remaining:
+            raise ValueError(f"the layers keep {remaining} weights, so they cannot be pruned to {k} "
+                             f"({density:.4g} of {flat.numel()}): masks only shrink")
+        keep = _top(flat, k)
+        sizes = [s.numel() for s in alive.values()]
+        new = {name: part.view_as(s) for (name, s), part in zip(alive.items(), keep.split(sizes))}
+    else:
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+
+    set_masks(model, new, optimizer)
+    return new
