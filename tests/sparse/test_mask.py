@@ -1,0 +1,149 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from lowlearn.models import MLP, Conv4
+from lowlearn.sparse.mask import (Mask, attach_masks, density, layer_densities, masked_layers, masks_of,
+                                  prunable_layers, raw_weight, set_masks, squash)
+from lowlearn.train import fit, seed_everything
+
+
+def random_masks(model, keep=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.rand(layer.weight.shape, generator=g) < keep for name, layer in masked_layers(model).items()}
+
+
+def masked_mlp(keep=0.3, seed=0):
+    seed_everything(seed)
+    model = MLP(hidden=(32, 16))
+    attach_masks(model)
+    set_masks(model, random_masks(model, keep, seed))
+    return model
+
+
+def test_default_layers_are_linear_and_conv_weights_only():
+    model = Conv4(num_classes=5)
+    assert list(attach_masks(model)) == list(prunable_layers(model)) == [
+        "features.0", "features.4", "features.8", "features.12", "head"]
+    for layer in masked_layers(model).values():
+        assert not hasattr(layer, "parametrizations") or "bias" not in layer.parametrizations
+    assert all(not hasattr(m, "parametrizations") for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert density(model) == 1.0
+
+
+def test_masked_weight_is_weight_times_mask_and_raw_weight_is_zeroed():
+    model = masked_mlp()
+    for name, layer in masked_layers(model).items():
+        mask = masks_of(model)[name]
+        assert mask.dtype == torch.bool
+        assert torch.equal(layer.weight, raw_weight(layer) * mask)
+        assert (raw_weight(layer)[~mask] == 0).all()
+
+
+def test_density_is_exact():
+    model = MLP(hidden=(10,))
+    attach_masks(model)
+    masks = {name: torch.zeros_like(m) for name, m in masks_of(model).items()}
+    masks["1"].view(-1)[:785] = True   # 785 of 7840
+    masks["3"].view(-1)[:50] = True    # 50 of 100
+    set_masks(model, masks)
+    assert layer_densities(model) == {"1": 785 / 7840, "3": 0.5}
+    assert density(model) == (785 + 50) / (7840 + 100)
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3),
+    lambda p: torch.optim.AdamW(p, lr=1e-2),
+], ids=["sgd-momentum", "adam", "adamw"])
+def test_pruned_weights_and_optimizer_state_stay_exactly_zero(make_optimizer):
+    model = MLP(hidden=(32, 16))
+    attach_masks(model)
+    optimizer = make_optimizer(model.parameters())
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 784, generator=g), torch.randint(0, 10, (256,), generator=g)
+    fit(model, (x, y), optimizer, steps=5, batch_size=32, device="cpu")   # dense: state exists everywhere
+    masks = random_masks(model)
+    set_masks(model, masks, optimizer)
+    fit(model, (x, y), optimizer, steps=200, batch_size=32, device="cpu", seed=1)
+    for name, layer in masked_layers(model).items():
+        theta = raw_weight(layer)
+        assert (theta[~masks[name]] == 0).all()
+        assert (theta[masks[name]] != 0).any()
+        state = optimizer.state[theta]
+        per_weight = [v for v in state.values() if torch.is_tensor(v) and v.shape == theta.shape]
+        assert per_weight, "the optimizer keeps per-weight state"
+        for value in per_weight:
+            assert (value[~masks[name]] == 0).all()
+        assert (theta.grad[~masks[name]] == 0).all()
+
+
+def test_deepcopy_and_state_dict_round_trip(tmp_path):
+    model = masked_mlp()
+    twin = copy.deepcopy(model)
+    x = torch.randn(4, 784)
+    assert torch.equal(twin(x), model(x))
+    for a, b in zip(masks_of(twin).values(), masks_of(model).values()):
+        assert torch.equal(a, b)
+    set_masks(twin, {"1": torch.zeros_like(masks_of(twin)["1"])})
+    assert masks_of(model)["1"].any(), "the copy has its own mask buffers"
+
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    fresh = MLP(hidden=(32, 16))
+    attach_masks(fresh)
+    fresh.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
+    assert torch.equal(fresh(x), model(x))
+    assert layer_densities(fresh) == layer_densities(model)
+
+
+def test_functional_call_sees_the_mask():
+    model = masked_mlp()
+    x = torch.randn(4, 784)
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    assert torch.equal(functional_call(model, {**params, **buffers}, (x,)), model(x))
+    # A mask passed functionally is really used: with the first layer fully masked,
+    # the output no longer depends on the input.
+    key = "1.parametrizations.weight.0.mask"
+    blocked = {**params, **buffers, key: torch.zeros_like(buffers[key])}
+    out = functional_call(model, blocked, (x,))
+    assert torch.equal(out, functional_call(model, blocked, (torch.randn(4, 784),)))
+    assert not torch.equal(out, model(x))
+
+
+def test_squash_keeps_outputs_and_removes_masks():
+    model = masked_mlp()
+    x = torch.randn(8, 784)
+    before = model(x)
+    squash(model)
+    assert masks_of(model) == {} and density(model) == 1.0
+    assert torch.equal(model(x), before)
+    assert isinstance(model[1].weight, nn.Parameter)
+
+
+def test_mask_follows_dtype_and_device_moves():
+    model = masked_mlp()
+    model.double()
+    assert next(iter(masked_layers(model).values())).parametrizations.weight[0].mask.dtype == torch.float64
+    assert model(torch.randn(2, 784, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_bad_input():
+    model = MLP(hidden=(8,))
+    with pytest.raises(KeyError, match="no layer 'fc9'.*1, 3"):
+        attach_masks(model, ["fc9"])
+    with pytest.raises(ValueError, match="has no weight"):
+        attach_masks(model, ["2"])  # the ReLU
+    with pytest.raises(KeyError, match="not a masked layer.*attach_masks first"):
+        set_masks(model, {"1": torch.ones(8, 784, dtype=torch.bool)})
+    attach_masks(model)
+    with pytest.raises(ValueError, match=r"shape \(784, 8\).*\(8, 784\)"):
+        set_masks(model, {"1": torch.ones(784, 8, dtype=torch.bool)})
+    with pytest.raises(TypeError, match="boolean"):
+        set_masks(model, {"1": torch.ones(8, 784)})
+    with pytest.raises(TypeError, match="boolean"):
+        Mask(torch.ones(3))

@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+from lowlearn.models import MLP, LeNet5
+from lowlearn.sparse.mask import attach_masks, density, layer_densities, masks_of
+from lowlearn.sparse.prune import check_density, kept_count, prune
+from lowlearn.sparse.scores import magnitude, random
+
+
+def test_layer_scope_keeps_the_largest_magnitudes_exactly():
+    torch.manual_seed(0)
+    model = MLP(hidden=(20, 10))
+    weights = {name: layer.weight.detach().clone() for name, layer in
+               [("1", model[1]), ("3", model[3]), ("5", model[5])]}
+    masks = prune(model, magnitude(model), 0.3)
+    for name, w in weights.items():
+        k = kept_count(0.3, w.numel())
+        assert masks[name].sum() == k
+        threshold = w.abs().flatten().sort(descending=True).values[k - 1]
+        assert (w.abs()[masks[name]] >= threshold).all()
+        assert (w.abs()[~masks[name]] <= threshold).all()
+
+
+def test_global_scope_ranks_layers_together():
+    model = MLP(hidden=(4,), in_features=4, out_features=2)
+    with torch.no_grad():
+        model[1].weight.copy_(torch.arange(16.).view(4, 4) + 100)  # all larger than the next layer
+        model[3].weight.copy_(torch.arange(8.).view(2, 4))
+    masks = prune(model, magnitude(model), 0.5, scope="global")  # keep 12 of 24
+    assert masks["1"].sum() == 12 and masks["3"].sum() == 0
+    assert density(model) == 0.5
+
+
+def test_per_layer_densities_and_masks_only_shrink():
+    model = LeNet5()
+    target = {"features.0": 0.9, "features.3": 0.5, "classifier.1": 0.2, "classifier.3": 0.3, "classifier.5": 1.0}
+    first = prune(model, random(model, torch.Generator().manual_seed(0)), target)
+    for name, d in target.items():
+        assert first[name].sum() == kept_count(d, first[name].numel())
+    second = prune(model, random(model, torch.Generator().manual_seed(1)), 0.1, scope="global")
+    for name in first:
+        assert not (second[name] & ~first[name]).any(), "a pruned weight came back"
+    assert abs(density(model) - 0.1) * sum(m.numel() for m in second.values()) <= 1
+
+
+def test_pruned_scores_never_win_even_when_large():
+    model = MLP(hidden=(10,), in_features=10, out_features=2)
+    prune(model, magnitude(model), 0.5)
+    huge = {name: torch.full(m.shape, 1e9) * ~m + torch.rand(m.shape) for name, m in masks_of(model).items()}
+    before = masks_of(model)
+    after = prune(model, huge, 0.25)
+    for name in before:
+        assert not (after[name] & ~before[name]).any()
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, float("nan"), "0.5"])
+def test_density_outside_unit_interval_is_an_error(bad):
+    model = MLP(hidden=(8,))
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        prune(model, magnitude(model), bad)
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        check_density(bad)
+
+
+def test_other_bad_input():
+    model = MLP(hidden=(8,))
+    scores = magnitude(model)
+    prune(model, scores, 0.5)
+    with pytest.raises(ValueError, match="masks only shrink"):
+        prune(model, magnitude(model), 0.8)
+    with pytest.raises(ValueError, match="masks only shrink"):
+        prune(model, magnitude(model), 0.8, scope="global")
+    with pytest.raises(ValueError, match="scope must be"):
+        prune(model, magnitude(model), 0.1, scope="row")
+    with pytest.raises(ValueError, match="one density"):
+        prune(model, magnitude(model), {"1": 0.1, "3": 0.1}, scope="global")
+    with pytest.raises(KeyError, match="no density given"):
+        prune(model, magnitude(model), {"1": 0.1})
+    with pytest.raises(ValueError, match="shape"):
+        prune(model, {"1": torch.rand(3, 3)}, 0.1)
+    with pytest.raises(ValueError, match="NaN"):
+        prune(model, {"1": torch.full((8, 784), float("nan"))}, 0.1)
+    with pytest.raises(KeyError, match="no layer 'fc'"):
+        prune(model, {"fc": torch.rand(8, 784)}, 0.1)
+
+
+def test_optimizer_state_of_pruned_weights_is_zeroed():
+    model = MLP(hidden=(8,))
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 784)).sum().backward()
+    optimizer.step()
+    attach_masks(model)
+    # attaching a parametrization keeps the same raw parameter object, and its state
+    theta = model[1].parametrizations.weight.original
+    assert theta in optimizer.state
+    masks = prune(model, magnitude(model), 0.25, optimizer=optimizer)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert (optimizer.state[theta][key][~masks["1"]] == 0).all()
+        assert (optimizer.state[theta][key][masks["1"]] != 0).any()
+    assert layer_densities(model)["1"] == 0.25
