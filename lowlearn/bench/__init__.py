@@ -1,0 +1,13 @@
+"""Performance comparisons against peers, run as ``python -m lowlearn.bench NAME``.
+
+Every benchmark measures lowlearn and its peer in the same run, interleaved, and
+prints ratios, so that numbers from different machines stay comparable. Unit tests
+never time anything; claims about speed live here.
+
+Benchmarks:
+
+``masks``
+    One training step of a masked LeNet-300-100 (:mod:`lowlearn.sparse.mask`) and of
+    the same model pruned with ``torch.nn.utils.prune``, each as a ratio to the dense
+    model.
+"""

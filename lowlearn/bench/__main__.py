@@ -1,0 +1,18 @@
+"""``python -m lowlearn.bench NAME [options]``: run one benchmark (see :mod:`lowlearn.bench`)."""
+
+import sys
+
+from . import masks
+
+BENCHMARKS = {"masks": masks.main}
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] not in BENCHMARKS:
+        names = ", ".join(BENCHMARKS)
+        sys.exit(f"usage: python -m lowlearn.bench NAME [options], with NAME one of: {names}")
+    BENCHMARKS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

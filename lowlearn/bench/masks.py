@@ -1,0 +1,82 @@
+"""Training-step time of masked layers against dense and against ``torch.nn.utils.prune``.
+
+All three models are LeNet-300-100 with identical weights; the two sparse ones keep
+the same random ``density`` of every layer's weights. lowlearn's masks are
+parametrizations (:mod:`lowlearn.sparse.mask`); ``torch.nn.utils.prune`` recomputes
+``weight = weight_orig * weight_mask`` in a forward pre-hook. A training step is
+forward, cross-entropy, backward and an SGD-with-momentum step on a fixed batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import prune as torch_prune
+
+from lowlearn.models import MLP
+from lowlearn.sparse.mask import attach_masks, prunable_layers, set_masks
+from lowlearn.train import default_device
+
+from .timing import interleaved_medians
+
+
+def _train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def build_models(density: float, device: torch.device, seed: int = 0) -> dict[str, torch.nn.Module]:
+    """Dense, lowlearn-masked and ``torch.nn.utils.prune``-masked copies of one LeNet-300-100."""
+    torch.manual_seed(seed)
+    dense = MLP().to(device)
+    generator = torch.Generator().manual_seed(seed)
+    keep = {name: (torch.rand(layer.weight.shape, generator=generator) < density).to(device)
+            for name, layer in prunable_layers(dense).items()}
+
+    masked = copy.deepcopy(dense)
+    attach_masks(masked)
+    set_masks(masked, keep)
+
+    pruned = copy.deepcopy(dense)
+    for name, layer in prunable_layers(pruned).items():
+        torch_prune.custom_from_mask(layer, "weight", keep[name])
+    return {"dense": dense, "lowlearn masks": masked, "torch.nn.utils.prune": pruned}
+
+
+def run(density: float = 0.1, batch_size: int = 60, iterations: int = 200, repeats: int = 7,
+        warmup: int = 20, device: str | None = None) -> dict[str, float]:
+    """Time the three models; return median seconds per training step by name."""
+    device = torch.device(device) if device else default_device()
+    models = build_models(density, device)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(batch_size, 784, generator=generator).to(device)
+    y = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
+    steps = {name: _train_step(model, x, y) for name, model in models.items()}
+    return interleaved_medians(steps, device=device, iterations=iterations, repeats=repeats, warmup=warmup)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lowlearn.bench masks", description=__doc__)
+    parser.add_argument("--density", type=float, default=0.1, help="fraction of weights kept (default 0.1)")
+    parser.add_argument("--batch-size", type=int, default=60)
+    parser.add_argument("--iterations", type=int, default=200, help="training steps per timed block")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved timed blocks per model")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    args = parser.parse_args(argv)
+    times = run(args.density, args.batch_size, args.iterations, args.repeats, device=args.device)
+    device = args.device or default_device()
+    print(f"LeNet-300-100 training step, batch {args.batch_size}, density {args.density}, device {device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"median of {args.repeats} interleaved blocks of {args.iterations} steps")
+    print(f"{'model':<22} {'ms/step':>9} {'vs dense':>9}")
+    for name, seconds in times.items():
+        print(f"{name:<22} {seconds * 1e3:9.3f} {seconds / times['dense']:8.3f}x")

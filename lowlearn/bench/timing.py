@@ -1,0 +1,43 @@
+"""Timing helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(
+    steps: Mapping[str, Callable[[], None]],
+    *,
+    device: torch.device,
+    iterations: int,
+    repeats: int,
+    warmup: int,
+) -> dict[str, float]:
+    """Median seconds per call of each step function, timed in interleaved rounds.
+
+    Each of ``repeats`` rounds times ``iterations`` calls of every function in
+    turn, so slow drifts of the machine (clock, other load) hit all of them alike.
+    The device is synchronised before and after each timed block, never inside it.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(iterations):
+                step()
+            _sync(device)
+            samples[name].append((time.perf_counter() - start) / iterations)
+    return {name: statistics.median(values) for name, values in samples.items()}

@@ -1,0 +1,30 @@
+import torch
+
+from lowlearn.bench import masks
+from lowlearn.bench.__main__ import main as bench_main
+
+
+def test_the_three_models_compute_the_same_function():
+    models = masks.build_models(density=0.2, device=torch.device("cpu"))
+    x = torch.randn(5, 784)
+    dense_out = models["dense"](x)
+    assert torch.allclose(models["lowlearn masks"](x), models["torch.nn.utils.prune"](x), atol=1e-6)
+    assert not torch.allclose(models["lowlearn masks"](x), dense_out)
+
+
+def test_masks_benchmark_prints_a_ratio_per_model(capsys):
+    masks.main(["--iterations", "2", "--repeats", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    for name in ("dense", "lowlearn masks", "torch.nn.utils.prune"):
+        line = next(l for l in out.splitlines() if l.startswith(name))
+        assert line.rstrip().endswith("x")
+    assert "1.000x" in next(l for l in out.splitlines() if l.startswith("dense"))
+
+
+def test_unknown_benchmark_is_a_usage_error(capsys):
+    try:
+        bench_main(["nope"])
+    except SystemExit as exit_:
+        assert "masks" in str(exit_.code)
+    else:
+        raise AssertionError("expected a usage error")
