@@ -10,8 +10,9 @@ logits ``(B, num_classes)``; :class:`MLP` also accepts flat ``(B, in_features)``
   pruning, lottery tickets, low-rank training.
 * :class:`Conv4`: Omniglot ``(B, 1, 28, 28)`` and mini-ImageNet
   ``(B, 3, 84, 84)``; few-shot learning (Matching Networks, MAML, ProtoNets).
-* :class:`VGG` and :class:`CifarResNet` (:class:`ResNet20`): CIFAR-10
-  ``(B, 3, 32, 32)``; pruning at scale.
+* :class:`ConvNet` (Conv-2/4/6), :class:`VGG` and :class:`CifarResNet`
+  (:class:`ResNet20`): CIFAR-10 ``(B, 3, 32, 32)``; lottery tickets and pruning at
+  scale.
 
 A convolution that feeds a batch norm has no bias here (``bias=False``): the batch
 norm subtracts the per-channel mean, which cancels any bias, so the bias would be a
@@ -286,6 +287,52 @@ class VGG(nn.Module):
         self.classifier = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)
         )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class ConvNet(nn.Module):
+    """Conv-2, Conv-4 and Conv-6: the CIFAR-10 networks of the lottery-ticket paper.
+
+    Frankle & Carbin (2019), "The lottery ticket hypothesis: finding sparse,
+    trainable neural networks" (ICLR), Figure 2, scaled-down VGG networks: pairs of
+    3×3 convolutions (padding 1, ReLU) with 64, 128 and 256 channels, each pair
+    followed by 2×2 max pooling, then fully connected layers 256 → 256 → 10 with
+    ReLU. ``depth`` counts the convolutions (2, 4 or 6); there is no batch norm.
+    Conv-2 has 4,301,642 parameters, Conv-4 2,425,930 and Conv-6 2,262,602 for
+    32×32 inputs (the paper rounds to 4.3M, 2.4M and 1.7M; its Conv-6 figure
+    appears to count differently).
+
+    Attributes:
+        features: the convolutions, ReLUs and poolings.
+        classifier: an :class:`MLP` on the flattened features.
+
+    Args:
+        depth: 2, 4 or 6.
+        num_classes: number of outputs.
+        in_channels: channels of the input images.
+        image_size: height and width of the (square) input images.
+
+    Shapes:
+        input ``(B, in_channels, image_size, image_size)``; output ``(B, num_classes)``.
+    """
+
+    def __init__(self, depth: int = 2, num_classes: int = 10, in_channels: int = 3,
+                 image_size: int = 32) -> None:
+        super().__init__()
+        if depth not in (2, 4, 6):
+            raise ValueError(f"ConvNet depth must be 2, 4 or 6 (Conv-2/4/6), got {depth}")
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for out_channels in (64, 128, 256)[: depth // 2]:
+            layers += [nn.Conv2d(channels, out_channels, 3, padding=1), nn.ReLU(),
+                       nn.Conv2d(out_channels, out_channels, 3, padding=1), nn.ReLU(),
+                       nn.MaxPool2d(2)]
+            channels = out_channels
+        size = image_size // 2 ** (depth // 2)
+        self.features = nn.Sequential(*layers)
+        self.classifier = MLP(channels * size * size, (256, 256), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

@@ -175,3 +175,15 @@ def test_resnet_convolutions_have_kaiming_init():
     conv_layer = ResNet20().features[10].conv1  # 64 -> 64, 3×3: fan_in 576
     expected_std = (2 / (64 * 9)) ** 0.5
     assert conv_layer.weight.std().item() == pytest.approx(expected_std, rel=0.05)
+
+
+def test_convnet_conv2_parameters_by_hand_and_shapes():
+    from lowlearn.models import ConvNet
+
+    conv = (3 * 9 * 64 + 64) + (64 * 9 * 64 + 64)
+    fc = (16 * 16 * 64 * 256 + 256) + (256 * 256 + 256) + (256 * 10 + 10)
+    assert count_parameters(ConvNet(2)) == conv + fc == 4_301_642
+    for depth in (2, 4, 6):
+        assert ConvNet(depth)(torch.zeros(3, 3, 32, 32)).shape == (3, 10)
+    with pytest.raises(ValueError, match="2, 4 or 6"):
+        ConvNet(3)
