@@ -1,0 +1,127 @@
+"""The arithmetic cost of sparse networks, as Evci et al. (2020) count it.
+
+Evci, Gale, Menick, Castro & Elsen (2020), "Rigging the lottery: making all
+tickets winners" (RigL, ICML), compare sparse training methods by their FLOPs
+(the ResNet-50 table, and the appendix that explains the counts). With ``F_l`` the dense cost of layer ``l`` for one
+example (:func:`lowlearn.cost.count_flops`) and ``d_l`` its density:
+
+* inference ``f_S = Σ_l d_l · F_l``; a layer without a density counts dense;
+* static sparse training (fixed mask: SET's and RigL's steps between mask
+  updates, a lottery ticket's retraining) costs ``3 · f_S`` per example: the
+  forward pass, and the two backward products (for the activations and for the
+  weights), all sparse (:func:`lowlearn.cost.training_flops` for the dense case);
+* dense-to-sparse pruning costs the average of ``3 · f_S(d_t)`` over the training
+  steps ``t``, as the density ``d_t`` falls.
+
+Units: multiply-accumulates (MACs) per example, as in :mod:`lowlearn.cost`; one
+``a += w · x`` is one operation. RigL counts the multiply and the add apart, so
+its tables are ``2 ×`` these numbers; ratios to the dense model
+(``relative_to_dense=True``), which is how RigL reports training FLOPs, are the
+same in both conventions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..cost import FlopCount, count_flops, training_flops
+from .mask import layer_densities
+
+Densities = float | Mapping[str, float]
+
+
+def _check_densities(flop_count: FlopCount, densities: Densities) -> Mapping[str, float]:
+    if not isinstance(densities, Mapping):
+        densities = dict.fromkeys(flop_count.per_layer, densities)
+    unknown = set(densities) - set(flop_count.per_layer)
+    if unknown:
+        raise KeyError(f"no FLOPs counted for layers {sorted(unknown)}; the counted layers are: "
+                       f"{', '.join(flop_count.per_layer) or 'none'}")
+    for name, d in densities.items():
+        if not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0:
+            raise ValueError(f"the density of {name!r} must be in [0, 1] (the fraction of weights kept), got {d!r}")
+    return densities
+
+
+def sparse_inference_flops(flop_count: FlopCount, densities: Densities, *,
+                           relative_to_dense: bool = False) -> float:
+    """``f_S = Σ_l d_l · F_l``: MACs of one sparse forward pass per example.
+
+    Args:
+        flop_count: the dense costs ``F_l`` from :func:`lowlearn.cost.count_flops`.
+        densities: ``{layer name: d_l}`` (e.g. :func:`~lowlearn.sparse.mask.layer_densities`),
+            or one density for every counted layer. Layers not named count dense.
+        relative_to_dense: return ``f_S / f_D`` instead, with ``f_D`` the dense total.
+
+    Raises:
+        KeyError: a layer that ``flop_count`` does not count.
+        ValueError: a density outside [0, 1].
+    """
+    densities = _check_densities(flop_count, densities)
+    sparse = sum(densities.get(name, 1.0) * macs for name, macs in flop_count.per_layer.items())
+    return sparse / flop_count.total if relative_to_dense else sparse
+
+
+def sparse_training_flops(flop_count: FlopCount, densities: Densities, *,
+                          relative_to_dense: bool = False) -> float:
+    """``3 · f_S``: MACs of one static sparse training step per example (as RigL counts SET and static sparse training).
+
+    Arguments as for :func:`sparse_inference_flops`; relative to dense training
+    (``3 · f_D``) the ratio equals the inference ratio.
+    """
+    sparse = 3 * sparse_inference_flops(flop_count, densities)
+    return sparse / training_flops(flop_count) if relative_to_dense else sparse
+
+
+def pruning_training_flops(
+    flop_count: FlopCount,
+    density_schedule: Sequence[Densities],
+    steps: Sequence[int] | None = None,
+    *,
+    relative_to_dense: bool = False,
+) -> float:
+    """Mean MACs per example of a training step while pruning from dense to sparse.
+
+    ``Σ_t s_t · 3 f_S(d_t) / Σ_t s_t``: the densities ``d_t`` of a pruning run
+    (e.g. gradual magnitude pruning, Zhu & Gupta 2018, "To prune, or not to
+    prune", ICLR workshop), each held for ``s_t`` steps, weigh the static cost at
+    that density; RigL counts its pruning baselines this way. A
+    constant schedule costs what :func:`sparse_training_flops` gives.
+
+    Args:
+        flop_count: the dense costs from :func:`lowlearn.cost.count_flops`.
+        density_schedule: the densities of each step, or of each segment of
+            ``steps`` steps: a ``{layer name: d}`` (``{}`` = dense) or one
+            number per entry.
+        steps: how many steps each entry lasts; default one each.
+        relative_to_dense: divide by the cost of dense training, ``3 · f_D``.
+
+    Raises:
+        ValueError: an empty schedule, ``steps`` of another length, or a
+            negative or all-zero ``steps``.
+    """
+    if len(density_schedule) == 0:
+        raise ValueError("the density schedule is empty")
+    steps = [1] * len(density_schedule) if steps is None else list(steps)
+    if len(steps) != len(density_schedule) or any(s < 0 for s in steps) or sum(steps) == 0:
+        raise ValueError(f"steps must give a non-negative length to each of the {len(density_schedule)} "
+                         f"schedule entries, not all zero; got {steps}")
+    total = sum(s * sparse_training_flops(flop_count, d) for s, d in zip(steps, density_schedule))
+    mean = total / sum(steps)
+    return mean / training_flops(flop_count) if relative_to_dense else mean
+
+
+def model_sparse_flops(model: nn.Module, example_input: torch.Tensor, *,
+                       relative_to_dense: bool = False) -> float:
+    """:func:`sparse_inference_flops` of a masked model at its current masks.
+
+    The dense costs come from :func:`lowlearn.cost.count_flops` on
+    ``example_input`` (a batch on the model's device), the densities from
+    :func:`~lowlearn.sparse.mask.layer_densities`; layers without masks count
+    dense. Multiply by 3 (:func:`sparse_training_flops`) for a training step.
+    """
+    return sparse_inference_flops(count_flops(model, example_input), layer_densities(model),
+                                  relative_to_dense=relative_to_dense)

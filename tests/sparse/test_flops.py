@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from lowlearn.cost import count_flops, training_flops
+from lowlearn.models import MLP, LeNet5
+from lowlearn.sparse.flops import (model_sparse_flops, pruning_training_flops, sparse_inference_flops,
+                                   sparse_training_flops)
+from lowlearn.sparse.mask import attach_masks, masks_of
+from lowlearn.sparse.prune import kept_count, prune
+from lowlearn.sparse.scores import magnitude
+
+# LeNet-300-100: 784·300 + 300·100 + 100·10 multiply-accumulates per example.
+DENSE = {"1": 235_200, "3": 30_000, "5": 1_000}
+DENSITIES = {"1": 0.1, "3": 0.2, "5": 0.5}
+SPARSE = 23_520 + 6_000 + 500
+
+
+@pytest.fixture
+def lenet():
+    return count_flops(MLP(), torch.zeros(2, 1, 28, 28))
+
+
+def test_dense_count_of_lenet_300_100(lenet):
+    assert lenet.per_layer == DENSE and lenet.total == 266_200
+
+
+def test_inference_and_training_flops_by_hand(lenet):
+    assert sparse_inference_flops(lenet, DENSITIES) == pytest.approx(SPARSE)
+    assert sparse_training_flops(lenet, DENSITIES) == pytest.approx(3 * SPARSE)
+    assert sparse_inference_flops(lenet, DENSITIES, relative_to_dense=True) == pytest.approx(SPARSE / 266_200)
+    assert sparse_training_flops(lenet, DENSITIES, relative_to_dense=True) == pytest.approx(SPARSE / 266_200)
+
+
+def test_layers_without_a_density_count_dense_and_one_number_means_every_layer(lenet):
+    assert sparse_inference_flops(lenet, {"1": 0.1}) == pytest.approx(23_520 + 30_000 + 1_000)
+    assert sparse_inference_flops(lenet, 0.25) == pytest.approx(266_200 / 4)
+    assert sparse_inference_flops(lenet, {}) == lenet.total
+
+
+def test_a_model_at_density_one_costs_the_dense_count():
+    model, x = LeNet5(), torch.zeros(3, 1, 28, 28)
+    attach_masks(model)
+    dense = count_flops(model, x)
+    assert model_sparse_flops(model, x) == dense.total
+    assert model_sparse_flops(model, x, relative_to_dense=True) == 1.0
+    assert sparse_training_flops(dense, {name: 1.0 for name in dense.per_layer}) == training_flops(dense)
+
+
+def test_pruned_models_cost_their_kept_weights_times_the_positions_they_slide_over():
+    torch.manual_seed(0)
+    model = MLP()
+    prune(model, magnitude(model), DENSITIES)
+    assert model_sparse_flops(model, torch.zeros(1, 784)) == pytest.approx(SPARSE)
+
+    conv, x = LeNet5(), torch.zeros(2, 1, 28, 28)
+    prune(conv, magnitude(conv), {"features.0": 0.5, "features.3": 0.3, "classifier.1": 0.1,
+                                  "classifier.3": 0.2, "classifier.5": 0.7})
+    dense = count_flops(conv, x).per_layer
+    layers = dict(conv.named_modules())
+    # Each kept weight is used once per output position: F_l / n_l times.
+    expected = sum(int(m.sum()) * dense[name] // layers[name].weight.numel() for name, m in masks_of(conv).items())
+    assert model_sparse_flops(conv, x) == pytest.approx(expected)
+    assert int(masks_of(conv)["features.3"].sum()) == kept_count(0.3, 16 * 6 * 25)
+
+
+def test_pruning_with_a_constant_schedule_costs_static_sparse_training(lenet):
+    static = sparse_training_flops(lenet, DENSITIES)
+    assert pruning_training_flops(lenet, [DENSITIES] * 7) == pytest.approx(static)
+    assert pruning_training_flops(lenet, [DENSITIES, DENSITIES], steps=[10, 30]) == pytest.approx(static)
+
+
+def test_pruning_averages_the_schedule_over_steps(lenet):
+    # 1 dense step, then 3 steps with the first layer at half density.
+    half = 3 * (117_600 + 30_000 + 1_000)
+    expected = (3 * 266_200 * 1 + half * 3) / 4
+    assert pruning_training_flops(lenet, [{}, {"1": 0.5}], steps=[1, 3]) == pytest.approx(expected)
+    per_step = [{}] + [{"1": 0.5}] * 3
+    assert pruning_training_flops(lenet, per_step) == pytest.approx(expected)
+    assert pruning_training_flops(lenet, per_step, relative_to_dense=True) == pytest.approx(expected / (3 * 266_200))
+
+
+def test_errors_name_the_problem(lenet):
+    with pytest.raises(KeyError, match="no FLOPs counted"):
+        sparse_inference_flops(lenet, {"7": 0.5})
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        sparse_inference_flops(lenet, {"1": 1.5})
+    with pytest.raises(ValueError, match="empty"):
+        pruning_training_flops(lenet, [])
+    with pytest.raises(ValueError, match="steps"):
+        pruning_training_flops(lenet, [0.5, 0.1], steps=[3])

@@ -1,0 +1,376 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lowlearn.models import MLP
+from lowlearn.sparse.lottery import (EarlyBird, Snapshot, constant_init, iterative_magnitude_pruning,
+                                     mask_distance, mask_overlap, random_mask, random_reinit, reshuffle, rewind,
+                                     train_control)
+from lowlearn.sparse.mask import attach_masks, masked_layers, masks_of, prunable_layers, raw_weight, set_masks
+from lowlearn.sparse.prune import kept_count
+from lowlearn.train import TrainState, fit, seed_everything
+
+# A small synthetic task: 4 classes, linear in 20 features.
+_g = torch.Generator().manual_seed(0)
+X = torch.randn(320, 20, generator=_g)
+Y = (X @ torch.randn(20, 4, generator=_g)).argmax(1)
+TRAIN, TEST = (X[:256], Y[:256]), (X[256:], Y[256:])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: a second intra-op thread only adds synchronisation (and stalls on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mlp(seed=0):
+    seed_everything(seed)
+    return MLP(in_features=20, hidden=(32, 16), out_features=4)
+
+
+def bn_net(seed=0):
+    seed_everything(seed)
+    return nn.Sequential(nn.Linear(20, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def optimizer_for(kind, model):
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    if kind == "adam":
+        return torch.optim.Adam(model.parameters(), lr=1e-2)
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def make_train(steps=20, kind="sgd", log=None, extra_first=()):
+    """train(model, callbacks) for IMP; ``log`` gets the model's state before and after each run, and its optimizer."""
+
+    def train(model, callbacks):
+        entry = {"start": {k: v.clone() for k, v in model.state_dict().items()}, "masks": masks_of(model)}
+        optimizer = optimizer_for(kind, model)
+        extra = list(extra_first) if log is not None and not log else []
+        history = fit(model, TRAIN, optimizer, steps=steps, batch_size=32, callbacks=[*callbacks, *extra],
+                      eval_data=TEST, eval_every=5, device="cpu", progress=False)
+        if log is not None:
+            log.append({**entry, "end": {k: v.clone() for k, v in model.state_dict().items()}, "optimizer": optimizer})
+        return history
+
+    return train
+
+
+def sizes(model):
+    return {name: layer.weight.numel() for name, layer in masked_layers(model).items()}
+
+
+def test_densities_follow_the_schedule_and_masks_only_shrink():
+    model = mlp()
+    lottery = iterative_magnitude_pruning(model, make_train(), rounds=3, prune_fraction=0.2, output_fraction=0.1)
+    n = sizes(model)
+    assert [t.index for t in lottery.rounds] == [0, 1, 2, 3]
+    for r, ticket in enumerate(lottery.rounds):
+        for name, mask in ticket.masks.items():
+            p = 0.1 if name == "5" else 0.2
+            assert int(mask.sum()) == kept_count((1 - p) ** r, n[name])
+            assert ticket.layer_densities[name] == int(mask.sum()) / n[name]
+            assert mask.device.type == "cpu" and mask.dtype == torch.bool
+        assert ticket.density == sum(int(m.sum()) for m in ticket.masks.values()) / sum(n.values())
+    for before, after in zip(lottery.rounds, lottery.rounds[1:]):
+        for name in before.masks:
+            assert not (after.masks[name] & ~before.masks[name]).any(), "a pruned weight came back"
+        assert after.density < before.density
+
+
+def test_each_round_prunes_the_smallest_surviving_magnitudes():
+    log = []
+    lottery = iterative_magnitude_pruning(mlp(), make_train(log=log), rounds=2, prune_fraction=0.5)
+    for r in range(2):
+        for name, survivors in lottery.rounds[r].masks.items():
+            trained = log[r]["end"][f"{name}.parametrizations.weight.original"].abs()
+            kept = lottery.rounds[r + 1].masks[name]
+            assert trained[kept].min() >= trained[survivors & ~kept].max()
+
+
+def test_reset_restores_the_initialisation_exactly():
+    log = []
+    model = bn_net()
+    attach_masks(model)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    lottery = iterative_magnitude_pruning(model, make_train(log=log), rounds=2, prune_fraction=0.3)
+    assert lottery.rewind_step == 0
+    for r in (1, 2):
+        start, masks = log[r]["start"], lottery.rounds[r].masks
+        for name, mask in masks.items():
+            raw = start[f"{name}.parametrizations.weight.original"]
+            original = init[f"{name}.parametrizations.weight.original"]
+            assert torch.equal(raw[mask], original[mask])
+            assert (raw[~mask] == 0).all()
+            assert torch.equal(start[f"{name}.bias"], init[f"{name}.bias"])
+        for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked", "1.weight", "1.bias"):
+            assert torch.equal(start[key], init[key]), key
+    assert not torch.equal(log[0]["end"]["1.running_mean"], init["1.running_mean"])
+
+
+def test_rewinding_restores_the_step_k_snapshot_not_the_initialisation():
+    log, reference = [], Snapshot(5)
+    model = bn_net()
+    attach_masks(model)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    lottery = iterative_magnitude_pruning(model, make_train(log=log, extra_first=[reference]), rounds=2,
+                                          prune_fraction=0.3, rewind_step=5)
+    assert lottery.rewind_step == 5
+    assert lottery.rewind_state.keys() == reference.state.keys()
+    assert all(torch.equal(lottery.rewind_state[k], reference.state[k]) for k in reference.state)
+    first = "0.parametrizations.weight.original"
+    assert not torch.equal(reference.state[first], init[first])
+    assert reference.state["1.num_batches_tracked"] == 5
+    for r in (1, 2):
+        start = log[r]["start"]
+        for name, mask in lottery.rounds[r].masks.items():
+            raw = start[f"{name}.parametrizations.weight.original"]
+            assert torch.equal(raw[mask], reference.state[f"{name}.parametrizations.weight.original"][mask])
+            assert (raw[~mask] == 0).all()
+        for key in ("0.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"):
+            assert torch.equal(start[key], reference.state[key]), key
+
+
+def test_round_records_the_last_evaluation_and_the_early_stopping_step():
+    lottery = iterative_magnitude_pruning(mlp(), make_train(), rounds=1, prune_fraction=0.2)
+    for ticket in lottery.rounds:
+        history = ticket.history
+        assert history.eval_steps == [5, 10, 15, 20]
+        assert ticket.eval == history.eval[-1] and set(ticket.eval) == {"loss", "accuracy"}
+        losses = history.metric("loss")
+        assert ticket.early_stop_step == history.eval_steps[losses.index(min(losses))]
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
+def test_pruned_weights_and_their_optimizer_state_stay_exactly_zero(kind):
+    log = []
+    model = mlp()
+    lottery = iterative_magnitude_pruning(model, make_train(steps=30, kind=kind, log=log), rounds=2,
+                                          prune_fraction=0.4)
+    for r in (1, 2):  # each trained 30 steps after a pruning
+        optimizer, masks, end = log[r]["optimizer"], lottery.rounds[r].masks, log[r]["end"]
+        params = model.state_dict(keep_vars=True)  # the optimizer keys its state by parameter
+        for name in masks:
+            key, pruned = f"{name}.parametrizations.weight.original", ~masks[name]
+            assert (end[key][pruned] == 0).all()
+            moments = [v for v in optimizer.state[params[key]].values() if v.shape == pruned.shape]
+            assert moments, "the optimizer kept no per-weight state"
+            for value in moments:
+                assert (value[pruned] == 0).all()
+                assert value[~pruned].abs().sum() > 0
+
+
+def test_global_scope_prunes_hidden_layers_together_and_the_output_layer_alone():
+    model = mlp()
+    lottery = iterative_magnitude_pruning(model, make_train(), rounds=2, prune_fraction=0.2,
+                                          output_fraction=0.1, scope="global")
+    n = sizes(model)
+    for r, ticket in enumerate(lottery.rounds):
+        hidden = int(ticket.masks["1"].sum()) + int(ticket.masks["3"].sum())
+        assert hidden == kept_count(0.8 ** r, n["1"] + n["3"])
+        assert int(ticket.masks["5"].sum()) == kept_count(0.9 ** r, n["5"])
+
+
+def test_per_layer_fractions():
+    model = mlp()
+    fractions = {"1": 0.5, "3": 0.2, "5": 0.0}
+    lottery = iterative_magnitude_pruning(model, make_train(), rounds=2, prune_fraction=fractions)
+    n = sizes(model)
+    for name, p in fractions.items():
+        assert int(lottery.rounds[2].masks[name].sum()) == kept_count((1 - p) ** 2, n[name])
+
+
+def test_procedure_errors():
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        iterative_magnitude_pruning(mlp(), make_train(), 1, 1.0)
+    with pytest.raises(ValueError, match="one prune_fraction"):
+        iterative_magnitude_pruning(mlp(), make_train(), 1, {"1": 0.2, "3": 0.2, "5": 0.1}, scope="global")
+    with pytest.raises(KeyError, match="missing"):
+        iterative_magnitude_pruning(mlp(), make_train(), 1, {"1": 0.2})
+    with pytest.raises(RuntimeError, match="rewind step 50"):
+        iterative_magnitude_pruning(mlp(), make_train(steps=20), 1, 0.2, rewind_step=50)
+    with pytest.raises(TypeError, match="History"):
+        iterative_magnitude_pruning(mlp(), lambda model, callbacks: None, 1, 0.2)
+
+
+def test_a_step_zero_snapshot_must_be_captured_before_training():
+    model = mlp()
+    with pytest.raises(RuntimeError, match="capture"):
+        fit(model, TRAIN, torch.optim.SGD(model.parameters(), lr=0.1), steps=2, callbacks=[Snapshot(0)],
+            device="cpu", progress=False)
+
+
+# --- controls ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def drawn():
+    """A lottery of three rounds at 50% per round, and a copy of the model carrying its sparsest ticket."""
+    model = mlp()
+    lottery = iterative_magnitude_pruning(model, make_train(steps=10), rounds=2, prune_fraction=0.5)
+    return model, lottery
+
+
+def ticket_net(drawn, r=2):
+    model, lottery = drawn
+    net = copy.deepcopy(model)
+    set_masks(net, lottery.rounds[r].masks)
+    rewind(net, lottery.rewind_state)
+    return net, lottery.rounds[r].masks, lottery.rewind_state
+
+
+def initial(state, name):
+    return state[f"{name}.parametrizations.weight.original"]
+
+
+def assert_counts_kept(net, masks):
+    for name, mask in masks_of(net).items():
+        assert int(mask.sum()) == int(masks[name].sum())
+        assert (raw_weight(masked_layers(net)[name])[~mask] == 0).all()
+
+
+def test_random_reinit_keeps_the_mask_and_draws_fresh_default_weights(drawn):
+    net, masks, state = ticket_net(drawn)
+    rng = torch.get_rng_state()
+    random_reinit(net, seed=3)
+    assert torch.equal(torch.get_rng_state(), rng), "the global generator was disturbed"
+    assert_counts_kept(net, masks)
+    assert all(torch.equal(m, masks[name]) for name, m in masks_of(net).items())
+    for name, layer in masked_layers(net).items():
+        w, bound = raw_weight(layer)[masks[name]], layer.in_features ** -0.5
+        assert (w != 0).all() and (w.abs() <= bound).all()  # nn.Linear's default: U(-1/√fan_in, 1/√fan_in)
+        assert not torch.equal(w, initial(state, name)[masks[name]])
+        assert not torch.equal(layer.bias, state[f"{name}.bias"])
+    again, _, _ = ticket_net(drawn)
+    random_reinit(again, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+
+
+def test_random_reinit_resets_batch_norm_and_writes_the_raw_weight():
+    net = bn_net()
+    attach_masks(net)
+    fit(net, TRAIN, torch.optim.SGD(net.parameters(), lr=0.1), steps=5, device="cpu", progress=False)
+    set_masks(net, {name: torch.rand(m.shape) < 0.5 for name, m in masks_of(net).items()})
+    random_reinit(net, seed=0)
+    assert (net[1].running_mean == 0).all() and (net[1].running_var == 1).all()
+    assert net[1].num_batches_tracked == 0 and (net[1].weight == 1).all()
+    assert_counts_kept(net, masks_of(net))
+    assert (raw_weight(net[0])[masks_of(net)["0"]] != 0).all()
+
+
+def test_reshuffle_permutes_each_layers_kept_initial_values(drawn):
+    net, masks, state = ticket_net(drawn)
+    reshuffle(net, state, seed=1)
+    assert_counts_kept(net, masks)
+    for name, layer in masked_layers(net).items():
+        mine, theirs = raw_weight(layer)[masks[name]], initial(state, name)[masks[name]]
+        assert torch.equal(mine.sort().values, theirs.sort().values)
+        assert not torch.equal(mine, theirs)
+
+
+def test_constant_init_keeps_signs_with_the_layer_std(drawn):
+    net, masks, state = ticket_net(drawn)
+    constant_init(net, state)
+    assert_counts_kept(net, masks)
+    for name, layer in masked_layers(net).items():
+        theta0 = initial(state, name)
+        sigma = theta0.std(correction=0)
+        kept = raw_weight(layer)[masks[name]]
+        assert torch.allclose(kept.abs(), sigma.expand_as(kept), rtol=0, atol=0)
+        assert torch.equal(kept.sign(), theta0[masks[name]].sign())
+
+
+def test_random_mask_has_the_tickets_counts_and_the_original_initialisation(drawn):
+    net, masks, state = ticket_net(drawn)
+    random_mask(net, state, seed=0)
+    new = masks_of(net)
+    for name, layer in masked_layers(net).items():
+        assert int(new[name].sum()) == int(masks[name].sum())
+        assert not torch.equal(new[name], masks[name])
+        raw = raw_weight(layer)
+        assert torch.equal(raw[new[name]], initial(state, name)[new[name]])
+        assert (raw[~new[name]] == 0).all()
+
+
+@pytest.mark.parametrize("control", [None, "reinit", "reshuffle", "constant", "random_mask"])
+def test_train_control_trains_at_the_tickets_per_layer_counts(drawn, control):
+    model, lottery = drawn
+    fresh = mlp(seed=7)  # no masks: train_control attaches them to its copy
+    result = train_control(fresh, lottery, 2, make_train(steps=5), control, seed=1)
+    ticket = lottery.rounds[2]
+    assert result.index == 2 and not masked_layers(fresh)
+    assert result.layer_densities == ticket.layer_densities and result.density == ticket.density
+    same = all(torch.equal(result.masks[n], ticket.masks[n]) for n in ticket.masks)
+    assert same == (control != "random_mask")
+
+
+def test_train_control_of_the_ticket_itself_reproduces_its_round(drawn):
+    model, lottery = drawn
+    result = train_control(model, lottery, lottery.rounds[1], make_train(steps=10))
+    assert result.history.eval == lottery.rounds[1].history.eval
+
+
+def test_unknown_control_is_an_error(drawn):
+    model, lottery = drawn
+    with pytest.raises(ValueError, match="control must be one of"):
+        train_control(model, lottery, 0, make_train(), "shuffle")
+
+
+# --- mask comparisons and early-bird tickets -----------------------------------------------------------
+
+
+def test_mask_overlap_and_distance_by_hand():
+    a = {"x": torch.tensor([1, 1, 0, 0], dtype=torch.bool), "y": torch.tensor([[1, 0], [0, 0]], dtype=torch.bool)}
+    b = {"x": torch.tensor([1, 0, 1, 0], dtype=torch.bool), "y": torch.tensor([[1, 0], [0, 1]], dtype=torch.bool)}
+    # intersection 1 + 1, union 3 + 2, 8 weights in all
+    assert mask_overlap(a, b) == pytest.approx(2 / 5)
+    assert mask_distance(a, b) == pytest.approx(3 / 8)
+    assert mask_overlap(a, a) == 1.0 and mask_distance(a, a) == 0.0
+    with pytest.raises(KeyError):
+        mask_overlap(a, {"x": b["x"]})
+
+
+def step(model, k):
+    return TrainState(step=k, epoch=0, loss=torch.zeros(()), model=model, optimizer=None)
+
+
+def set_weight(model, rows):
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor(rows, dtype=torch.float))
+
+
+def test_early_bird_distances_by_hand():
+    model = MLP(in_features=4, hidden=(), out_features=2)  # one 2×4 layer, named "1"
+    bird = EarlyBird(0.5, every=2, window=2, threshold=0.2)
+    set_weight(model, [[-8, 7, 6, 5], [4, 3, 2, 1]])
+    bird(step(model, 1))  # not a multiple of every: nothing happens
+    assert bird._previous is None
+    bird(step(model, 2))  # keeps the first row
+    assert torch.equal(bird.would_keep(model)["1"], torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool))
+    set_weight(model, [[-8, 7, 6, 4], [-5, 3, 2, 1]])  # the 5 and the 4 swap places: 2 of 8 weights change
+    bird(step(model, 4))
+    bird(step(model, 6))
+    assert bird.distances == [0.25, 0.0] and bird.found_at is None  # max of the window is 0.25 ≥ 0.2
+    bird(step(model, 8))
+    assert bird.distances == [0.25, 0.0, 0.0] and bird.found_at == 8
+    assert torch.equal(bird.mask["1"], torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool))
+    assert not masked_layers(model), "EarlyBird must not prune"
+
+
+def test_early_bird_stops_training_when_the_mask_settles():
+    model = mlp()
+    every = 256 // 32
+    bird = EarlyBird(0.3, every=every, window=3, threshold=0.05, stop=True)
+    history = fit(model, TRAIN, torch.optim.SGD(model.parameters(), lr=0.02), epochs=50, batch_size=32,
+                  callbacks=[bird], device="cpu", progress=False)
+    assert bird.found_at is not None and history.steps[-1] == bird.found_at < 50 * every
+    assert len(bird.distances) == bird.found_at // every - 1
+    assert max(bird.distances[-3:]) < 0.05 <= max(bird.distances[:-3], default=1.0)
+    n = {name: layer.weight.numel() for name, layer in prunable_layers(model).items()}
+    assert {name: int(m.sum()) for name, m in bird.mask.items()} == {k: kept_count(0.3, v) for k, v in n.items()}
