@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .train import eval_mode
+
 _MIB = 2**20
 
 
@@ -65,18 +67,6 @@ class FlopCount:
 
     def __str__(self) -> str:
         return self.table()
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every module in eval mode, then give each its own mode back."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
@@ -130,7 +120,7 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
         if isinstance(module, (nn.Linear, nn.Conv2d))
     ]
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example_input)
     finally:
         for handle in handles:

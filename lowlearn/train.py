@@ -21,6 +21,8 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -46,6 +48,18 @@ class StopTraining(Exception):
 def default_device() -> torch.device:
     """The CUDA device when one is available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every module of ``model`` in eval mode, then give each its own mode back."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def seed_everything(seed: int) -> None:
@@ -280,21 +294,17 @@ def evaluate(
     regression) only the loss is returned. The model's train/eval mode is restored.
     """
     device = torch.device(device) if device is not None else default_device()
-    was_training = model.training
-    model.eval()
     x, y = _as_tensors(data, device)
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     classify = not torch.is_floating_point(y)
-    try:
+    with eval_mode(model):
         for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
             with _autocast(device, bf16):
                 out = model(xb)
             total_loss += loss_fn(out.float(), yb) * len(xb)
             if classify:
                 correct += (out.argmax(-1) == yb).sum()
-    finally:
-        model.train(was_training)
     metrics = {"loss": total_loss.item() / len(x)}
     if classify:
         metrics["accuracy"] = correct.item() / len(x)

@@ -142,3 +142,11 @@ def test_checkpoint_never_overwrites_and_is_weights_only(tmp_path):
     torch.save({"model": model.state_dict(), "extra": {"x": Evil()}}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match="[Ww]eights only"):
         load_checkpoint(tmp_path / "evil.pt", model)
+
+
+def test_evaluate_restores_each_module_mode():
+    model, _ = make()
+    model.train()
+    model[1].eval()  # a frozen submodule stays frozen
+    evaluate(model, toy_data(), device="cpu")
+    assert model.training and not model[1].training and model[2].training

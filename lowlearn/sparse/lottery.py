@@ -45,7 +45,7 @@ masks::
 
 Early-bird tickets (You et al. 2020, "Drawing early-bird tickets: towards more
 efficient training of deep networks", ICLR): the mask that pruning *would* give
-stops changing early in training. :class:`EarlyBird` watches it during :func:`fit`.
+stops changing early in training. :class:`EarlyBird` watches it during :func:`~lowlearn.train.fit`.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from torch.nn.utils import parametrize
 
 from ..train import History, StopTraining, TrainState
 from .mask import attach_masks, density, layer_densities, masked_layers, masks_of, raw_weight, set_masks
-from .prune import _alive_scores, _top, check_density, kept_count, prune
+from .prune import alive_scores, top_k_mask, check_density, kept_count, prune
 from .scores import magnitude, random
 
 Train = Callable[[nn.Module, list], History]
@@ -105,7 +105,7 @@ class Snapshot:
 
 
 def rewind(model: nn.Module, weights: Mapping[str, Tensor]) -> None:
-    """Load ``weights`` (a ``state_dict``, e.g. :attr:`Snapshot.state`) but keep the model's masks.
+    """Load ``weights`` (a ``state_dict``, e.g. ``Snapshot.state``) but keep the model's masks.
 
     Every parameter and buffer (biases, batch-norm statistics) takes its value
     from ``weights``; then the current masks are installed again with
@@ -389,7 +389,7 @@ def random_mask(model: nn.Module, rewind_weights: Mapping[str, Tensor], seed: in
     current = masks_of(model)
     generator = torch.Generator(device=raw_weight(next(iter(layers.values()))).device).manual_seed(seed)
     counts = torch.stack([m.count_nonzero() for m in current.values()]).tolist()
-    new = {name: _top(s, k) for (name, s), k in zip(random(model, generator).items(), counts)}
+    new = {name: top_k_mask(s, k) for (name, s), k in zip(random(model, generator).items(), counts)}
     for name, layer in layers.items():
         raw_weight(layer).copy_(_rewind_weight(rewind_weights, name, raw_weight(layer)))
     set_masks(model, new)
@@ -547,8 +547,8 @@ class EarlyBird:
         keep = {}
         for name, s in self.scores(model).items():
             if name in current:
-                s = _alive_scores(s, current[name], name)
-            keep[name] = _top(s, kept_count(self.density, s.numel()))
+                s = alive_scores(s, current[name], name)
+            keep[name] = top_k_mask(s, kept_count(self.density, s.numel()))
         return keep
 
     def __call__(self, state: TrainState) -> None:

@@ -2,7 +2,8 @@
 
 A pruned or sparsely trained layer keeps its dense weight tensor ``θ`` and a
 binary mask ``m`` of the same shape; the layer computes with ``θ ⊙ m``. The mask is
-a :class:`Mask` module registered with :func:`torch.nn.utils.parametrize.register_parametrization`,
+a :class:`Mask` module registered with :func:`lowlearn.reparam.register` (PyTorch's
+:func:`~torch.nn.utils.parametrize.register_parametrization`, safe under ``copy.deepcopy``),
 so that
 
 * ``layer.weight`` *is* the masked weight, for every caller (forward passes,
@@ -31,6 +32,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+
+from ..reparam import register, remove
 
 PRUNABLE = (nn.Linear, nn.Conv2d)
 
@@ -70,7 +73,8 @@ def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE)}
 
 
-def _mask_module(layer: nn.Module, param: str = "weight") -> Mask | None:
+def find_mask(layer: nn.Module, param: str = "weight") -> Mask | None:
+    """The :class:`Mask` parametrization of ``layer.<param>``, or ``None``."""
     if not parametrize.is_parametrized(layer, param):
         return None
     found = [p for p in layer.parametrizations[param] if isinstance(p, Mask)]
@@ -79,7 +83,7 @@ def _mask_module(layer: nn.Module, param: str = "weight") -> Mask | None:
 
 def masked_layers(model: nn.Module) -> dict[str, nn.Module]:
     """``{qualified name: module}`` of the layers whose weight carries a :class:`Mask`."""
-    return {name: m for name, m in model.named_modules() if _mask_module(m) is not None}
+    return {name: m for name, m in model.named_modules() if find_mask(m) is not None}
 
 
 def raw_weight(layer: nn.Module) -> Tensor:
@@ -89,7 +93,13 @@ def raw_weight(layer: nn.Module) -> Tensor:
     return layer.weight
 
 
-def _resolve(model: nn.Module, layers: Iterable[str] | None) -> dict[str, nn.Module]:
+def resolve_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, nn.Module]:
+    """``{name: module}`` for the given qualified names (default: :func:`prunable_layers`).
+
+    Raises:
+        KeyError: a name that is not a module of the model, listing its prunable layers.
+        ValueError: a module without a weight tensor.
+    """
     if layers is None:
         return prunable_layers(model)
     modules = dict(model.named_modules())
@@ -118,10 +128,10 @@ def attach_masks(model: nn.Module, layers: Iterable[str] | None = None) -> dict[
     Raises:
         KeyError: a name that is not a module of the model.
     """
-    for name, layer in _resolve(model, layers).items():
-        if _mask_module(layer) is None:
+    for name, layer in resolve_layers(model, layers).items():
+        if find_mask(layer) is None:
             keep_all = torch.ones_like(layer.weight, dtype=torch.bool)
-            parametrize.register_parametrization(layer, "weight", Mask(keep_all, layer.weight.dtype))
+            register(layer, "weight", Mask(keep_all, layer.weight.dtype))
     return masks_of(model)
 
 
@@ -130,7 +140,7 @@ def masks_of(model: nn.Module) -> dict[str, Tensor]:
 
     The masks are copies: change a model's masks with :func:`set_masks`.
     """
-    return {name: _mask_module(layer).mask != 0 for name, layer in masked_layers(model).items()}
+    return {name: find_mask(layer).mask != 0 for name, layer in masked_layers(model).items()}
 
 
 def set_masks(
@@ -156,7 +166,7 @@ def set_masks(
         if name not in layers:
             known = ", ".join(layers) or "none (call attach_masks first)"
             raise KeyError(f"{name!r} is not a masked layer of the model; masked layers: {known}")
-        buffer = _mask_module(layers[name]).mask
+        buffer = find_mask(layers[name]).mask
         if mask.dtype != torch.bool:
             raise TypeError(f"the mask for {name!r} must be boolean (True = keep), got dtype {mask.dtype}")
         if mask.shape != buffer.shape:
@@ -202,10 +212,13 @@ def layer_densities(model: nn.Module) -> dict[str, float]:
 def squash(model: nn.Module) -> nn.Module:
     """Make the masks permanent: every masked weight becomes a plain parameter ``θ ⊙ m``.
 
-    Other parametrizations of a layer (e.g. Powerpropagation) are folded in as well,
-    since PyTorch removes a parameter's parametrizations together. The model's
-    outputs do not change. Returns the model.
+    Masked biases (from :func:`lowlearn.sparse.structured.prune_channels`) become
+    plain parameters too. Other parametrizations of a layer (e.g. Powerpropagation)
+    are folded in as well, since PyTorch removes a parameter's parametrizations
+    together. The model's outputs do not change. Returns the model.
     """
-    for layer in masked_layers(model).values():
-        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    for layer in list(model.modules()):
+        for param in ("weight", "bias"):
+            if find_mask(layer, param) is not None:
+                remove(layer, param)
     return model

@@ -3,7 +3,7 @@
 :func:`prune` is the one routine every pruning method of lowlearn ends in. A method
 only supplies *scores* (a tensor per layer, higher = more important: see
 :mod:`lowlearn.sparse.scores`) and a *target density* (fraction of weights kept,
-globally or per layer: see :mod:`lowlearn.sparse.density`); :func:`prune` picks the
+globally or per layer: see :mod:`lowlearn.sparse.allocation`); :func:`prune` picks the
 weights with ``topk``, so every layer keeps exactly ``round(density · n)`` weights,
 and installs the new masks with :func:`~lowlearn.sparse.mask.set_masks`. Weights
 that are already pruned stay pruned: masks only shrink.
@@ -32,7 +32,8 @@ def kept_count(density: float, numel: int) -> int:
     return max(1, round(density * numel))
 
 
-def _alive_scores(scores: Tensor, mask: Tensor, name: str) -> Tensor:
+def alive_scores(scores: Tensor, mask: Tensor, name: str) -> Tensor:
+    """``scores`` as float with ``-inf`` where ``mask`` is ``False``; checks shape and NaN (errors name the layer)."""
     if scores.shape != mask.shape:
         raise ValueError(f"the scores for {name!r} have shape {tuple(scores.shape)}, "
                          f"but the layer's weight has shape {tuple(mask.shape)}")
@@ -42,7 +43,7 @@ def _alive_scores(scores: Tensor, mask: Tensor, name: str) -> Tensor:
     return scores.detach().float().masked_fill(~mask, float("-inf"))
 
 
-def _top(scores: Tensor, k: int) -> Tensor:
+def top_k_mask(scores: Tensor, k: int) -> Tensor:
     """Boolean tensor of ``scores``' shape, ``True`` at its ``k`` largest entries."""
     keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     keep[scores.flatten().topk(k, sorted=False).indices] = True
@@ -64,7 +65,7 @@ def prune(
         scores: ``{layer name: scores}`` of the weight's shape; higher = keep.
         density: the fraction of weights to keep: one number, or ``{layer name:
             density}`` for layer-wise allocations (e.g. from
-            :func:`lowlearn.sparse.density.erk`).
+            :func:`lowlearn.sparse.allocation.erk`).
         scope: ``"layer"`` keeps ``round(d_l · n_l)`` weights in every layer;
             ``"global"`` ranks all layers' scores together and keeps
             ``round(d · Σ n_l)`` weights overall (``density`` must be one number),
@@ -85,7 +86,7 @@ def prune(
     unknown = set(scores) - set(current)
     if unknown:
         raise KeyError(f"no masked layers named {sorted(unknown)}")
-    alive = {name: _alive_scores(s, current[name], name) for name, s in scores.items()}
+    alive = {name: alive_scores(s, current[name], name) for name, s in scores.items()}
 
     if scope == "layer":
         densities = density if isinstance(density, Mapping) else dict.fromkeys(alive, density)
@@ -99,7 +100,7 @@ def prune(
             if k > remaining:
                 raise ValueError(f"layer {name!r} keeps {remaining} weights, so it cannot be pruned to "
                                  f"{k} ({densities[name]:.4g} of {s.numel()}): masks only shrink")
-            new[name] = _top(s, k)
+            new[name] = top_k_mask(s, k)
     elif scope == "global":
         if isinstance(density, Mapping):
             raise ValueError("scope='global' takes one density for the whole model, not one per layer")
@@ -109,7 +110,7 @@ def prune(
         if k > remaining:
             raise ValueError(f"the layers keep {remaining} weights, so they cannot be pruned to {k} "
                              f"({density:.4g} of {flat.numel()}): masks only shrink")
-        keep = _top(flat, k)
+        keep = top_k_mask(flat, k)
         sizes = [s.numel() for s in alive.values()]
         new = {name: part.view_as(s) for (name, s), part in zip(alive.items(), keep.split(sizes))}
     else:

@@ -4,22 +4,45 @@ Every score is a plain function of a model (and, for data-dependent scores, a
 batch) that returns ``{layer name: tensor of the weight's shape}``, ready for
 :func:`lowlearn.sparse.prune.prune`. Scores are computed on the *effective* weight
 ``layer.weight``: the masked weight, and the exponentiated one under
-Powerpropagation.
+Powerpropagation. A pruned weight is zero there, so every score below except
+:func:`random` is zero (or, for :class:`MovementScores`, unchanged) at pruned weights.
 
 The layers scored are the masked layers of the model, or, in a model without
 masks, every ``nn.Linear`` and ``nn.Conv2d`` (:func:`~lowlearn.sparse.mask.prunable_layers`).
+
+* :func:`magnitude` and :func:`random`: data-oblivious.
+* :func:`snip`: connection sensitivity ``|w ⊙ ∂L/∂w|`` on one batch (Lee et al. 2019).
+* :func:`obd`: Optimal Brain Damage saliency ``½ h_ii w_i²`` (LeCun et al. 1990), with
+  the Hessian diagonal estimated by Hutchinson's method.
+* :class:`MovementScores`: a training callback accumulating ``−Σ_t w ⊙ ∂L/∂w``
+  (Sanh et al. 2020).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from .mask import masked_layers, prunable_layers
+from ..train import eval_mode
+from .mask import resolve_layers, masked_layers, prunable_layers, raw_weight
+
+Batch = tuple[Tensor, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def scored_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The layers a score covers: the masked layers, or every prunable layer if none is masked."""
+def scored_layers(model: nn.Module, layers: Iterable[str] | None = None) -> dict[str, nn.Module]:
+    """The layers a score covers: the masked layers, or every prunable layer if none is masked.
+
+    ``layers`` (qualified module names) chooses the layers instead; an unknown name
+    raises a KeyError that lists the model's layers.
+    """
+    if layers is not None:
+        return resolve_layers(model, layers)
     return masked_layers(model) or prunable_layers(model)
 
 
@@ -39,3 +62,159 @@ def random(model: nn.Module, generator: torch.Generator | None = None) -> dict[s
     """
     return {name: torch.rand(layer.weight.shape, generator=generator, device=layer.weight.device)
             for name, layer in scored_layers(model).items()}
+
+
+@contextmanager
+def _effective_weights(model: nn.Module) -> Iterator[dict[str, Tensor]]:
+    """Yield ``{name: effective weight w}`` of the scored layers, the very tensors the
+    model's forward passes use inside the block, so that ``torch.autograd.grad(loss, w)``
+    is ``∂L/∂w``.
+
+    Under a parametrization ``layer.weight`` is recomputed at every access;
+    :func:`torch.nn.utils.parametrize.cached` computes it once for the whole block.
+    The model runs in eval mode (no dropout noise; batch norm uses, and does not
+    update, its running statistics), with gradients enabled; every module's mode is
+    restored afterwards.
+    """
+    with eval_mode(model), torch.enable_grad(), parametrize.cached():
+        yield {name: layer.weight for name, layer in scored_layers(model).items()}
+
+
+def snip(model: nn.Module, batch: Batch, loss_fn: LossFn = F.cross_entropy) -> dict[str, Tensor]:
+    """Connection sensitivity ``|g ⊙ w|``, ``g = ∂L/∂w``, on one batch.
+
+    Lee, Ajanthan & Torr (2019), "SNIP: single-shot network pruning based on
+    connection sensitivity" (ICLR), eqs. 5–6: with an indicator ``c_j`` of each
+    connection, ``w ↦ c ⊙ w``, the sensitivity is ``|∂L/∂c_j|`` at ``c = 1``, which is
+    ``|g_j w_j|``. The paper normalises by ``Σ_k |g_k w_k|``; that changes no ranking,
+    so it is left out. Pruned weights (``w_j = 0``) score zero.
+
+    The gradient is taken with respect to the effective weights with
+    :func:`torch.autograd.grad`: no parameter's ``.grad`` is touched, no weight or
+    buffer changes, and the model runs in eval mode (its modes are restored).
+
+    Args:
+        model: the network, at the weights to score (SNIP: at initialisation).
+        batch: ``(x, y)`` on the model's device.
+        loss_fn: ``L = loss_fn(model(x), y)``.
+
+    Returns:
+        ``{layer name: |g ⊙ w|}`` for the scored layers.
+    """
+    x, y = batch
+    with _effective_weights(model) as weights:
+        grads = torch.autograd.grad(loss_fn(model(x), y), list(weights.values()))
+    return {name: (g * w).abs().detach() for (name, w), g in zip(weights.items(), grads)}
+
+
+def obd(
+    model: nn.Module,
+    batch: Batch,
+    loss_fn: LossFn = F.cross_entropy,
+    *,
+    samples: int = 100,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """Optimal Brain Damage saliency ``½ h_ii w_i²``, Hessian diagonal by Hutchinson's estimator.
+
+    LeCun, Denker & Solla (1990), "Optimal Brain Damage" (NeurIPS): near a
+    minimum, deleting weight ``w_i`` raises the loss by about ``s_i = ½ h_ii w_i²``,
+    ``h_ii = ∂²L/∂w_i²``. The paper approximates ``h_ii`` by a positive
+    Gauss-Newton-like back-propagation; here ``diag(H)`` of the loss on ``batch`` is
+    estimated without bias by the method of Bekas, Kokiopoulou & Saad (2007), "An
+    estimator for the diagonal of a matrix" (Applied Numerical Mathematics 57),
+    after Hutchinson (1990):
+
+        diag(H) ≈ (1/S) Σ_s z_s ⊙ (H z_s),   z_s with independent ±1 entries,
+
+    ``S = samples``, each ``H z`` a Hessian-vector product by double back-propagation
+    (about the cost of three backward passes) over the weights of all scored layers
+    together. The estimate of ``h_ii`` has variance ``(1/S) Σ_{j≠i} H_ij²``: exact for
+    any ``S`` when ``H`` is diagonal, and with standard error falling as ``1/√S``
+    otherwise. Away from a minimum ``h_ii`` (and so ``s_i``) may be negative.
+
+    Biases and other parameters are held fixed (they get no ``z``). No ``.grad``,
+    weight or buffer changes, and the model runs in eval mode (modes restored).
+
+    Args:
+        model: the network.
+        batch: ``(x, y)`` on the model's device.
+        loss_fn: ``L = loss_fn(model(x), y)``; must be twice differentiable.
+        samples: ``S``, the number of Rademacher vectors.
+        generator: on the model's device, for reproducible ``z``.
+
+    Returns:
+        ``{layer name: ½ ĥ_ii w_i²}`` for the scored layers.
+    """
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive integer (Rademacher vectors), got {samples!r}")
+    x, y = batch
+    with _effective_weights(model) as weights:
+        ws = list(weights.values())
+        grads = torch.autograd.grad(loss_fn(model(x), y), ws, create_graph=True)
+        diag = [torch.zeros_like(w) for w in ws]
+        for _ in range(samples):
+            zs = [torch.randint(0, 2, w.shape, generator=generator, device=w.device, dtype=w.dtype) * 2 - 1
+                  for w in ws]
+            hzs = torch.autograd.grad(grads, ws, grad_outputs=zs, retain_graph=True, materialize_grads=True)
+            for d, z, hz in zip(diag, zs, hzs):
+                d.addcmul_(z, hz)
+    return {name: d.div_(2 * samples).mul_(w.detach().square())
+            for (name, w), d in zip(weights.items(), diag)}
+
+
+class MovementScores:
+    """Movement-pruning scores, accumulated during training: a callback for :func:`lowlearn.train.fit`.
+
+    Sanh, Wolf & Rush (2020), "Movement pruning: adaptive sparsity by fine-tuning"
+    (NeurIPS), section 3, with score learning rate ``α_S = 1``: after training steps
+    ``t = 0, 1, ...``
+
+        S = − Σ_t  w^(t) ⊙ ∂L/∂w^(t),
+
+    positive for weights moving away from zero, negative for weights moving toward it.
+    Each call (after an optimizer step) adds ``−θ ⊙ ∂L/∂θ`` of the layer's *raw* weight
+    ``θ`` (:func:`~lowlearn.sparse.mask.raw_weight`), with its ``.grad`` from that step
+    and ``θ`` *as it was when that gradient was taken* (before the step: a copy is
+    kept from the previous call, or from construction). Under a mask,
+    ``w = θ ⊙ m`` and ``∂L/∂θ = m ⊙ ∂L/∂w``, so with ``m² = m`` the increment is
+    exactly ``−w ⊙ ∂L/∂w``; pruned weights (``θ = 0``) add nothing. Under another
+    parametrization (e.g. Powerpropagation) it is the movement score of ``θ``.
+
+    ``state`` (fit's :class:`~lowlearn.train.TrainState`) is not read: the layers are
+    fixed at construction. Everything stays on the device: a call does no host
+    synchronisation. Memory: two
+    tensors of each scored weight's size (the scores and the copy of ``θ``). Put
+    this callback after any callback that changes weights, so that the copy is what
+    the next forward pass uses. A layer with no gradient in a step adds nothing.
+
+    Args:
+        model: the network, before training starts; the layers are the scored
+            layers at construction (masked layers, else every Linear/Conv2d). The
+            model may be moved to another device afterwards (as :func:`~lowlearn.train.fit` does).
+
+    Example:
+        ``movement = MovementScores(model); fit(model, data, opt, callbacks=[movement])``,
+        then ``prune(model, movement.scores(), 0.1)``.
+    """
+
+    def __init__(self, model: nn.Module):
+        self._layers = scored_layers(model)
+        with torch.no_grad():
+            self._before = {name: raw_weight(layer).detach().clone() for name, layer in self._layers.items()}
+        self._scores = {name: torch.zeros_like(w) for name, w in self._before.items()}
+
+    @torch.no_grad()
+    def __call__(self, state: object) -> None:
+        for name, layer in self._layers.items():
+            theta = raw_weight(layer)
+            if self._before[name].device != theta.device:   # the model was moved since the last call
+                self._before[name] = self._before[name].to(theta.device)
+                self._scores[name] = self._scores[name].to(theta.device)
+            if theta.grad is not None:
+                self._scores[name].addcmul_(self._before[name], theta.grad, value=-1)
+            self._before[name].copy_(theta)
+
+    def scores(self) -> dict[str, Tensor]:
+        """``{layer name: S}`` so far (copies)."""
+        return {name: s.clone() for name, s in self._scores.items()}

@@ -1,0 +1,141 @@
+"""Pruning schedules: iterative (prune, retrain, repeat) and gradual (prune while training).
+
+* :func:`geometric_densities`: the densities of iterative magnitude pruning, which
+  removes the same fraction ``p`` of the surviving weights every round (Han et al.
+  2015; Frankle & Carbin 2019, "The lottery ticket hypothesis", ICLR).
+* :func:`cubic_density` and :class:`GradualPruning`: the gradual schedule of Zhu &
+  Gupta (2017), applied every few steps during :func:`lowlearn.train.fit`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from torch import Tensor, nn
+
+from .prune import check_density, prune
+from .scores import magnitude
+
+Allocation = Callable[[nn.Module, float], Mapping[str, float]]
+
+
+def geometric_densities(final_density: float, rounds: int) -> list[float]:
+    """Densities after each of ``rounds`` rounds that each remove a fraction ``p`` of the survivors.
+
+    ``d_r = (1 − p)^r`` for ``r = 1, ..., R`` with ``(1 − p)^R = final_density``, i.e.
+    ``p = 1 − final_density^(1/R)`` and ``d_r = final_density^(r/R)``. The last entry
+    is ``final_density`` exactly. For example ``geometric_densities(0.2**3, 3)`` is
+    ``[0.2, 0.04, 0.008]`` up to rounding (Frankle & Carbin prune ``p = 20%`` per
+    round: ``geometric_densities(0.8**R, R)``).
+
+    Raises:
+        ValueError: ``final_density`` outside (0, 1] or ``rounds`` not a positive integer.
+    """
+    final_density = check_density(final_density, "final_density")
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    return [final_density ** (r / rounds) for r in range(1, rounds)] + [final_density]
+
+
+def cubic_density(
+    step: int,
+    final_density: float,
+    begin: int,
+    end: int,
+    initial_density: float = 1.0,
+) -> float:
+    """Density at ``step`` of the gradual pruning schedule of Zhu & Gupta (2017).
+
+    Zhu & Gupta (2017), "To prune, or not to prune: exploring the efficacy of pruning
+    for model compression" (arXiv:1710.01878), eq. 1, in sparsities ``s = 1 − d``:
+
+        s_t = s_f + (s_i − s_f) · (1 − (t − t_0) / (n Δt))³,
+
+    with ``t = step``, ``t_0 = begin``, ``t_0 + n Δt = end``, ``s_i = 1 − initial_density``,
+    ``s_f = 1 − final_density``. Before ``begin`` the density is ``initial_density``,
+    from ``end`` on it is ``final_density``; in between it falls fast at first and
+    slowly near the end, when fewer weights are left to remove.
+
+    Raises:
+        ValueError: a density outside (0, 1], ``final_density > initial_density``, or
+            ``end < begin``.
+    """
+    final_density = check_density(final_density, "final_density")
+    initial_density = check_density(initial_density, "initial_density")
+    if final_density > initial_density:
+        raise ValueError(f"final_density ({final_density}) must not exceed initial_density "
+                         f"({initial_density}): pruning only removes weights")
+    if end < begin:
+        raise ValueError(f"end ({end}) must not come before begin ({begin})")
+    if step <= begin:
+        return initial_density
+    if step >= end:
+        return final_density
+    s_i, s_f = 1.0 - initial_density, 1.0 - final_density
+    return 1.0 - (s_f + (s_i - s_f) * (1.0 - (step - begin) / (end - begin)) ** 3)
+
+
+class GradualPruning:
+    """Prune during training along :func:`cubic_density`: a callback for :func:`lowlearn.train.fit`.
+
+    At steps ``begin, begin + every, begin + 2·every, ...`` up to ``end``, and at
+    ``end`` itself, the model is pruned with :func:`~lowlearn.sparse.prune.prune` to
+    ``cubic_density(step, final_density, begin, end, initial_density)`` by
+    ``score(model)``; the optimizer's state of the removed weights is zeroed
+    (``state.optimizer``). Masks only shrink, and at step ``end`` the model keeps
+    exactly what :func:`~lowlearn.sparse.prune.prune` keeps at ``final_density``. ``end`` must not exceed the
+    number of training steps for that last pruning to happen. On other steps the
+    callback compares two integers: no device work and no host synchronisation.
+    (A pruning step reads the mask counts back, once per step.)
+
+    Args:
+        final_density: ``d_f = 1 − s_f``.
+        begin: ``t_0``, the first pruning step.
+        end: ``t_0 + n Δt``, the last pruning step.
+        every: ``Δt``, steps between prunings (Zhu & Gupta use 100 to 1000).
+        score: ``score(model) → {layer name: scores}``, default :func:`~lowlearn.sparse.scores.magnitude`;
+            for data-dependent scores pass a closure, e.g.
+            ``lambda model: snip(model, batch)``, or ``lambda model: movement.scores()``.
+        scope: ``"layer"`` or ``"global"`` (see :func:`~lowlearn.sparse.prune.prune`).
+        allocation: ``allocation(model, density) → {layer name: density}``, e.g.
+            :func:`~lowlearn.sparse.allocation.erk`; layer scope only.
+        initial_density: ``d_i = 1 − s_i``.
+
+    Raises:
+        ValueError: bad densities or steps (see :func:`cubic_density`), ``every < 1``,
+            or an ``allocation`` with ``scope="global"``.
+    """
+
+    def __init__(
+        self,
+        final_density: float,
+        begin: int,
+        end: int,
+        every: int = 100,
+        *,
+        score: Callable[[nn.Module], Mapping[str, Tensor]] = magnitude,
+        scope: str = "layer",
+        allocation: Allocation | None = None,
+        initial_density: float = 1.0,
+    ):
+        cubic_density(begin, final_density, begin, end, initial_density)   # validates the arguments
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive integer (steps between prunings), got {every!r}")
+        if scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+        if allocation is not None and scope != "layer":
+            raise ValueError("an allocation gives one density per layer: use it with scope='layer'")
+        self.final_density, self.initial_density = final_density, initial_density
+        self.begin, self.end, self.every = begin, end, every
+        self.score, self.scope, self.allocation = score, scope, allocation
+
+    def prunes_at(self, step: int) -> bool:
+        """Whether the model is pruned after optimizer step ``step``."""
+        return self.begin <= step <= self.end and ((step - self.begin) % self.every == 0 or step == self.end)
+
+    def __call__(self, state) -> None:
+        if not self.prunes_at(state.step):
+            return
+        d = cubic_density(state.step, self.final_density, self.begin, self.end, self.initial_density)
+        target = d if self.allocation is None else self.allocation(state.model, d)
+        prune(state.model, self.score(state.model), target, scope=self.scope, optimizer=state.optimizer)

@@ -1,0 +1,163 @@
+import functools
+
+import pytest
+import torch
+
+from lowlearn.models import MLP
+from lowlearn.sparse.allocation import erk, uniform
+from lowlearn.sparse.mask import density, masks_of
+from lowlearn.sparse.prune import kept_count
+from lowlearn.sparse.schedule import GradualPruning, cubic_density, geometric_densities
+from lowlearn.sparse.scores import magnitude
+from lowlearn.train import fit
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The nets are tiny: on a busy machine, handing their ops to threads costs more than the arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_geometric_densities():
+    assert geometric_densities(0.5, 1) == [0.5]
+    assert geometric_densities(0.008, 3) == pytest.approx([0.2, 0.04, 0.008])
+    d = geometric_densities(0.8 ** 5, 5)   # Frankle & Carbin: 20% of the survivors per round
+    assert d == pytest.approx([0.8, 0.64, 0.512, 0.4096, 0.32768])
+    assert d[-1] == 0.8 ** 5
+    ratios = [b / a for a, b in zip([1.0] + d, d)]
+    assert ratios == pytest.approx([0.8] * 5)
+    assert geometric_densities(0.1, 7)[-1] == 0.1
+
+
+def test_geometric_bad_input():
+    for bad in (0, 1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"final_density must be in \(0, 1\]"):
+            geometric_densities(bad, 3)
+    for bad in (0, -2, 2.0):
+        with pytest.raises(ValueError, match="rounds must be a positive integer"):
+            geometric_densities(0.5, bad)
+
+
+def test_cubic_density_at_hand_picked_points():
+    # s_i = 0, s_f = 0.9, t0 = 0, nΔt = 100: s_50 = 0.9 + (0 - 0.9)(1 - 0.5)³ = 0.7875.
+    assert cubic_density(50, 0.1, 0, 100) == pytest.approx(1 - 0.7875)
+    # t = 25: s = 0.9 - 0.9 · 0.75³ = 0.5203125.
+    assert cubic_density(25, 0.1, 0, 100) == pytest.approx(1 - 0.5203125)
+    # s_i = 0.5, s_f = 0.9, t0 = 100, nΔt = 200, t = 200: s = 0.9 - 0.4 · 0.5³ = 0.85.
+    assert cubic_density(200, 0.1, 100, 300, initial_density=0.5) == pytest.approx(0.15)
+    # Endpoints and outside.
+    assert cubic_density(0, 0.1, 0, 100) == 1.0 and cubic_density(-5, 0.1, 0, 100) == 1.0
+    assert cubic_density(100, 0.1, 0, 100) == 0.1 and cubic_density(1000, 0.1, 0, 100) == 0.1
+    assert cubic_density(9, 0.1, 10, 10, 0.7) == 0.7 and cubic_density(10, 0.1, 10, 10, 0.7) == 0.7
+    assert cubic_density(11, 0.1, 10, 10, 0.7) == 0.1
+
+
+def test_cubic_density_is_monotone_and_fast_at_first():
+    d = [cubic_density(t, 0.05, 10, 110) for t in range(0, 130)]
+    drops = [a - b for a, b in zip(d, d[1:])]
+    assert all(x >= 0 for x in drops)
+    assert all(a >= b for a, b in zip(drops[10:109], drops[11:110]))   # concave in sparsity: drops shrink
+    assert d[10] == 1.0 and d[110] == 0.05
+
+
+def test_cubic_density_bad_input():
+    with pytest.raises(ValueError, match="must not exceed initial_density"):
+        cubic_density(5, 0.5, 0, 10, initial_density=0.3)
+    with pytest.raises(ValueError, match="end .* must not come before begin"):
+        cubic_density(5, 0.5, 10, 0)
+    for bad in (0, 1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"\(0, 1\]"):
+            cubic_density(5, bad, 0, 10)
+        with pytest.raises(ValueError, match=r"\(0, 1\]"):
+            cubic_density(5, 0.1, 0, 10, initial_density=bad)
+
+
+def tiny_data(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 12, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+class Recorder:
+    """Records the masks after every step (put it after GradualPruning)."""
+
+    def __init__(self):
+        self.masks = {}
+
+    def __call__(self, state):
+        self.masks[state.step] = masks_of(state.model)
+
+
+@pytest.mark.parametrize("scope,allocation,final", [
+    ("layer", None, 0.3), ("global", None, 0.3), ("layer", erk, 0.3),
+    ("layer", functools.partial(uniform, dense_first=True), 0.7)])   # the first layer has 192 of 344
+def test_gradual_pruning_in_fit(scope, allocation, final):
+    torch.manual_seed(0)
+    model = MLP(in_features=12, hidden=(16, 8), out_features=3)
+    sizes = {"1": 12 * 16, "3": 16 * 8, "5": 8 * 3}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruning = GradualPruning(final, begin=4, end=20, every=5, scope=scope, allocation=allocation)
+    record = Recorder()
+    fit(model, tiny_data(), optimizer, steps=26, batch_size=16, callbacks=[pruning, record], device="cpu")
+    prune_steps = [4, 9, 14, 19, 20]
+    assert [t for t in range(1, 27) if pruning.prunes_at(t)] == prune_steps
+    assert all(record.masks[t] == {} for t in range(1, 4))   # no masks before the first pruning
+
+    def kept(masks):
+        return {name: int(m.sum()) for name, m in masks.items()}
+
+    for t in range(4, 27):
+        d = cubic_density(t, final, 4, 20)
+        counts = kept(record.masks[t])
+        if t in prune_steps and scope == "global":
+            assert sum(counts.values()) == kept_count(d, sum(sizes.values()))
+        elif t in prune_steps:
+            targets = dict.fromkeys(sizes, d) if allocation is None else allocation(model, d)
+            assert counts == {name: kept_count(targets[name], n) for name, n in sizes.items()}
+        if t > 4:
+            for name, mask in record.masks[t].items():
+                assert not (mask & ~record.masks[t - 1][name]).any(), "masks only shrink"
+                if t not in prune_steps:
+                    assert torch.equal(mask, record.masks[t - 1][name]), "no pruning between pruning steps"
+    assert abs(density(model) - final) <= 3 / sum(sizes.values())
+    for name, layer in [("1", model[1]), ("3", model[3]), ("5", model[5])]:
+        theta = layer.parametrizations.weight.original
+        assert (theta[~record.masks[26][name]] == 0).all()
+        assert (optimizer.state[theta]["momentum_buffer"][~record.masks[26][name]] == 0).all()
+
+
+def test_gradual_pruning_reaches_exactly_what_prune_keeps():
+    torch.manual_seed(0)
+    model = MLP(in_features=12, hidden=(16,), out_features=3)
+    fit(model, tiny_data(), torch.optim.SGD(model.parameters(), lr=0.05), steps=12, batch_size=16,
+        callbacks=[GradualPruning(0.1, begin=2, end=10, every=4)], device="cpu")
+    assert {name: int(m.sum()) for name, m in masks_of(model).items()} == {
+        "1": kept_count(0.1, 12 * 16), "3": kept_count(0.1, 16 * 3)}
+
+
+def test_gradual_pruning_with_a_custom_score():
+    calls = []
+
+    def score(model):
+        calls.append(1)
+        return magnitude(model)
+
+    model = MLP(in_features=12, hidden=(16,), out_features=3)
+    fit(model, tiny_data(), torch.optim.SGD(model.parameters(), lr=0.05), steps=5, batch_size=16,
+        callbacks=[GradualPruning(0.5, begin=1, end=5, every=2, score=score)], device="cpu")
+    assert len(calls) == 3   # steps 1, 3, 5
+
+
+def test_gradual_pruning_bad_input():
+    with pytest.raises(ValueError, match="every must be a positive integer"):
+        GradualPruning(0.1, 0, 10, every=0)
+    with pytest.raises(ValueError, match="scope must be"):
+        GradualPruning(0.1, 0, 10, scope="model")
+    with pytest.raises(ValueError, match="use it with scope='layer'"):
+        GradualPruning(0.1, 0, 10, scope="global", allocation=erk)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        GradualPruning(0, 0, 10)
+    with pytest.raises(ValueError, match="must not come before"):
+        GradualPruning(0.1, 10, 0)

@@ -1,0 +1,204 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from lowlearn.models import MLP, Conv4
+from lowlearn.sparse.mask import attach_masks, masks_of, raw_weight, set_masks, squash
+from lowlearn.sparse.prune import prune
+from lowlearn.sparse.scores import MovementScores, magnitude, obd, random, scored_layers, snip
+from lowlearn.train import TrainState, fit
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The nets are tiny: on a busy machine, handing their ops to threads costs more than the arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def two_layer(seed=0, keep=0.6):
+    """Linear(3→4), ReLU, Linear(4→2), the first layer masked at random."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    attach_masks(model)
+    g = torch.Generator().manual_seed(seed)
+    set_masks(model, {"0": torch.rand(4, 3, generator=g) < keep, "2": torch.ones(2, 4, dtype=torch.bool)})
+    return model
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_untouched(model, before):
+    assert all(p.grad is None for p in model.parameters())
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+
+
+def test_scored_layers():
+    model = MLP(hidden=(8,))
+    assert list(scored_layers(model)) == ["1", "3"]
+    assert list(scored_layers(model, ["3"])) == ["3"]
+    attach_masks(model, ["1"])
+    assert list(scored_layers(model)) == ["1"]
+    with pytest.raises(KeyError, match="no layer 'fc'"):
+        scored_layers(model, ["fc"])
+
+
+def test_snip_equals_the_analytic_gradient():
+    model = two_layer()
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    W1, b1 = model[0].weight.detach(), model[0].bias.detach()   # W1 = θ1 ⊙ m1
+    W2, b2 = model[2].weight.detach(), model[2].bias.detach()
+    # L = mean((out - y)²) over 5·2 entries, out = relu(x W1ᵀ + b1) W2ᵀ + b2.
+    z = x @ W1.T + b1
+    h = z.clamp(min=0)
+    out = h @ W2.T + b2
+    d_out = 2 * (out - y) / out.numel()
+    g2 = d_out.T @ h
+    d_z = (d_out @ W2) * (z > 0)
+    g1 = d_z.T @ x
+    before = snapshot(model)
+    scores = snip(model, (x, y), F.mse_loss)
+    torch.testing.assert_close(scores["0"], (g1 * W1).abs(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(scores["2"], (g2 * W2).abs(), rtol=1e-6, atol=1e-7)
+    assert (scores["0"][~masks_of(model)["0"]] == 0).all()
+    assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_snip_on_a_conv_net_matches_plain_autograd_and_changes_nothing(training):
+    torch.manual_seed(0)
+    model = Conv4(num_classes=3, hidden=4, image_size=16)
+    prune(model, random(model, torch.Generator().manual_seed(1)), 0.5)
+    fit(model, (torch.randn(16, 1, 16, 16), torch.randint(0, 3, (16,))),
+        torch.optim.SGD(model.parameters(), lr=0.01), steps=2, batch_size=8, device="cpu")   # BN stats ≠ init
+    model.zero_grad(set_to_none=True)
+    model.train(training)
+    x, y = torch.randn(6, 1, 16, 16), torch.randint(0, 3, (6,))
+    before = snapshot(model)
+    scores = snip(model, (x, y))
+    assert_untouched(model, before)
+    assert all(m.training == training for m in model.modules())
+    # Reference: plain autograd on the squashed model (plain parameters w = θ ⊙ m), in eval mode.
+    layers = list(scored_layers(model))
+    squash(model).eval()
+    F.cross_entropy(model(x), y).backward()
+    modules = dict(model.named_modules())
+    assert list(scores) == layers
+    for name in layers:
+        w = modules[name].weight
+        torch.testing.assert_close(scores[name], (w.grad * w).abs())
+
+
+def test_obd_exact_for_a_diagonal_hessian_with_one_sample():
+    # One-hot inputs: out[b, k] = W[k, b], so L = Σ (W[k, b] - y[b, k])⁴ is separable,
+    # H is diagonal with h = 12 (W - yᵀ)², and the saliency is ½ h W².
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2, bias=False))
+    x, y = torch.eye(3), torch.randn(3, 2)
+    scores = obd(model, (x, y), lambda out, t: ((out - t) ** 4).sum(), samples=1)
+    W = model[0].weight.detach()
+    torch.testing.assert_close(scores["0"], 0.5 * 12 * (W - y.T) ** 2 * W ** 2)
+
+
+def exact_hessian(model, x, y, names):
+    """Hessian of the cross-entropy in the named layers' weights, as one matrix."""
+    weights = tuple(dict(model.named_parameters())[f"{n}.weight"].detach() for n in names)
+
+    def loss(*ws):
+        return F.cross_entropy(functional_call(model, {f"{n}.weight": w for n, w in zip(names, ws)}, (x,)), y)
+
+    blocks = torch.autograd.functional.hessian(loss, weights)
+    sizes = [w.numel() for w in weights]
+    return torch.cat([torch.cat([blocks[i][j].reshape(sizes[i], sizes[j]) for j in range(len(names))], 1)
+                      for i in range(len(names))], 0), weights
+
+
+def test_obd_matches_the_exact_hessian_diagonal_within_its_standard_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    attach_masks(model)
+    set_masks(model, {"0": torch.rand(4, 3) < 0.7, "2": torch.ones(3, 4, dtype=torch.bool)})
+    x, y = torch.randn(7, 3), torch.randint(0, 3, (7,))
+    samples = 1000
+    before = snapshot(model)
+    scores = obd(model, (x, y), samples=samples, generator=torch.Generator().manual_seed(0))
+    assert_untouched(model, before)
+    pruned = ~masks_of(model)["0"]
+    H, weights = exact_hessian(squash(model), x, y, ["0", "2"])   # in the effective weights θ ⊙ m
+    diag = H.diagonal()
+    stderr = ((H ** 2).sum(1) - diag ** 2).div(samples).sqrt()   # √(Σ_{j≠i} H_ij² / S)
+    w2 = torch.cat([w.flatten() for w in weights]) ** 2
+    estimate = torch.cat([scores["0"].flatten(), scores["2"].flatten()])
+    error = (estimate - 0.5 * diag * w2).abs()
+    assert (error <= 5 * 0.5 * stderr * w2 + 1e-7).all()
+    assert pruned.any() and (scores["0"][pruned] == 0).all()
+    assert (stderr > 0).all()   # the Hessian is not diagonal: the test is statistical
+
+
+def test_obd_generator_reproducible_and_bad_samples():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    batch = torch.randn(5, 3), torch.randint(0, 3, (5,))
+    a = obd(model, batch, samples=3, generator=torch.Generator().manual_seed(1))
+    b = obd(model, batch, samples=3, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="samples must be a positive integer"):
+            obd(model, batch, samples=bad)
+
+
+def test_movement_scores_equal_a_hand_loop():
+    model = two_layer(seed=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    movement = MovementScores(model)
+    g = torch.Generator().manual_seed(0)
+    expected = {"0": torch.zeros(4, 3), "2": torch.zeros(2, 4)}
+    for step in range(1, 6):
+        x, y = torch.randn(8, 3, generator=g), torch.randint(0, 2, (8,), generator=g)
+        # Reference: S -= w ⊙ ∂L/∂w at the effective weights of this step, by hand.
+        W1 = model[0].weight.detach().clone().requires_grad_()
+        W2 = model[2].weight.detach().clone().requires_grad_()
+        out = (x @ W1.T + model[0].bias.detach()).clamp(min=0) @ W2.T + model[2].bias.detach()
+        g1, g2 = torch.autograd.grad(F.cross_entropy(out, y), (W1, W2))
+        expected["0"] -= W1.detach() * g1
+        expected["2"] -= W2.detach() * g2
+        # The model's own step, then the callback as fit calls it.
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        movement(TrainState(step=step, epoch=0, loss=torch.zeros(()), model=model, optimizer=optimizer))
+    scores = movement.scores()
+    for name in expected:
+        torch.testing.assert_close(scores[name], expected[name])
+    assert (scores["0"][~masks_of(model)["0"]] == 0).all()
+    scores["0"].add_(1)   # a copy
+    assert not torch.equal(movement.scores()["0"], scores["0"])
+
+
+def test_movement_scores_in_fit_then_prune():
+    torch.manual_seed(0)
+    model = MLP(in_features=10, hidden=(16,), out_features=3)
+    movement = MovementScores(model)
+    data = torch.randn(64, 10), torch.randint(0, 3, (64,))
+    fit(model, data, torch.optim.SGD(model.parameters(), lr=0.1), steps=10, batch_size=16,
+        callbacks=[movement], device="cpu")
+    scores = movement.scores()
+    assert list(scores) == ["1", "3"] and all(s.abs().sum() > 0 for s in scores.values())
+    masks = prune(model, scores, 0.25)
+    for name, s in scores.items():
+        kept = s[masks[name]]
+        assert kept.min() >= s[~masks[name]].max()
+    assert raw_weight(model[1]).shape == (16, 10)
+
+
+def test_magnitude_unchanged():
+    model = two_layer()
+    assert torch.equal(magnitude(model)["0"], model[0].weight.abs())

@@ -1,0 +1,49 @@
+import copy
+
+import torch
+from torch import nn
+
+from lowlearn.reparam import register, remove
+from lowlearn.sparse.mask import Mask, attach_masks, masks_of, squash
+from lowlearn.models import MLP
+
+
+class Double(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+def test_a_deep_copy_gets_its_own_class():
+    layer = nn.Linear(3, 2)
+    register(layer, "weight", Double())
+    twin = copy.deepcopy(layer)
+    assert type(twin) is not type(layer) and type(twin).__name__ == type(layer).__name__
+    assert torch.equal(twin.weight, layer.weight)
+    remove(twin, "weight")                        # would break `layer` with a shared class
+    register(twin, "bias", Double())              # would add a property to `layer`'s class
+    x = torch.randn(4, 3)
+    assert torch.allclose(layer(x), x @ (2 * layer.parametrizations.weight.original).T + layer.bias)
+    assert "bias" not in type(layer).__dict__ and "bias" not in layer.parametrizations
+    assert isinstance(layer.bias, nn.Parameter)
+
+
+def test_squash_of_a_copy_leaves_the_original_masked():
+    model = MLP(hidden=(8,))
+    attach_masks(model)
+    x = torch.randn(2, 784)
+    out = model(x)
+    squash(copy.deepcopy(model))
+    assert torch.equal(model(x), out)
+    assert list(masks_of(model)) == ["1", "3"]
+    copy_of_copy = copy.deepcopy(copy.deepcopy(model))
+    squash(copy_of_copy)
+    assert torch.equal(copy_of_copy(x), out) and list(masks_of(model)) == ["1", "3"]
+
+
+def test_remove_keeps_the_parametrized_value():
+    layer = nn.Linear(3, 2)
+    register(layer, "weight", Mask(torch.tensor([[True, False, True], [False, True, True]])))
+    value = layer.weight.detach().clone()
+    remove(layer, "weight")
+    assert type(layer) is nn.Linear and isinstance(layer.weight, nn.Parameter)
+    assert torch.equal(layer.weight, value)
