@@ -58,11 +58,81 @@ class BudgetSizes:
 
 
 @dataclass(frozen=True)
+class PruningSizes:
+    """Sizes for the chapter "Pruning" (LeNet-300-100 and LeNet5 on MNIST, Conv-2/4 on CIFAR-10).
+
+    Attributes:
+        dataset: ``"mnist5k"`` or ``"mnist"``.
+        train_limit: keep only this many training examples (``None``: all).
+        epochs: dense training before pruning (and training after pruning at init).
+        finetune_epochs: retraining after each pruning step.
+        batch_size: examples per optimizer step.
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+        sparsities: fractions of weights removed, for the accuracy-vs-sparsity curves.
+        seeds: independent runs per point (for error bars).
+        iterative_rounds: pruning rounds of iterative pruning.
+        score_batch: examples in the batch that SNIP and OBD score on.
+        obd_samples: Hutchinson samples of the OBD Hessian-diagonal estimate.
+        cifar_epochs: training of Conv-2/4 on CIFAR-10 (0: skip, as offline profiles do).
+    """
+
+    dataset: str
+    train_limit: int | None
+    epochs: int
+    finetune_epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    sparsities: tuple[float, ...]
+    seeds: int
+    iterative_rounds: int
+    score_batch: int
+    obd_samples: int
+    cifar_epochs: int
+
+
+@dataclass(frozen=True)
+class LotterySizes:
+    """Sizes for the chapter "The lottery ticket hypothesis" (LeNet-300-100, MNIST-1D).
+
+    Attributes:
+        dataset: ``"mnist5k"`` or ``"mnist"``.
+        train_limit: keep only this many training examples (``None``: all).
+        steps: optimizer steps per training run (the paper: 50,000).
+        eval_every: steps between test evaluations (for the early-stopping iteration).
+        batch_size: examples per step (the paper: 60).
+        lr: Adam learning rate (the paper: 1.2e-3).
+        rounds: IMP rounds; LeNet-300-100 keeps 0.8**rounds of its hidden weights.
+        seeds: independent IMP runs (for error bars).
+        controls: the controls trained at every round's density.
+        mnist1d_samples: size of the generated MNIST-1D dataset.
+        mnist1d_steps: optimizer steps per MNIST-1D training run.
+        mnist1d_rounds: IMP rounds on MNIST-1D.
+    """
+
+    dataset: str
+    train_limit: int | None
+    steps: int
+    eval_every: int
+    batch_size: int
+    lr: float
+    rounds: int
+    seeds: int
+    controls: tuple[str, ...]
+    mnist1d_samples: int
+    mnist1d_steps: int
+    mnist1d_rounds: int
+
+
+@dataclass(frozen=True)
 class Profile:
     """All experiment sizes of one profile, one field per chapter."""
 
     name: str
     budget: BudgetSizes
+    pruning: PruningSizes
+    lottery: LotterySizes
 
 
 PROFILES: dict[str, Profile] = {
@@ -70,18 +140,36 @@ PROFILES: dict[str, Profile] = {
         name="smoke",
         budget=BudgetSizes(dataset="mnist5k", train_limit=1000, epochs=3, batch_size=60, lr=0.05, momentum=0.9,
                            widths=(0.25, 1.0), data_sizes=(250, 1000), seeds=2, min_accuracy=0.6),
+        pruning=PruningSizes(dataset="mnist5k", train_limit=1000, epochs=2, finetune_epochs=1, batch_size=60,
+                             lr=0.05, momentum=0.9, sparsities=(0.5, 0.95), seeds=1, iterative_rounds=2,
+                             score_batch=100, obd_samples=4, cifar_epochs=0),
+        lottery=LotterySizes(dataset="mnist5k", train_limit=1000, steps=60, eval_every=20, batch_size=60,
+                             lr=1.2e-3, rounds=2, seeds=1, controls=("reinit",), mnist1d_samples=1000,
+                             mnist1d_steps=60, mnist1d_rounds=2),
     ),
     "cpu": Profile(
         name="cpu",
         budget=BudgetSizes(dataset="mnist5k", train_limit=None, epochs=30, batch_size=60, lr=0.05, momentum=0.9,
                            widths=(1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0),
                            data_sizes=(125, 250, 500, 1000, 2000, 4000), seeds=5, min_accuracy=0.92),
+        pruning=PruningSizes(dataset="mnist5k", train_limit=None, epochs=20, finetune_epochs=10, batch_size=60,
+                             lr=0.05, momentum=0.9, sparsities=(0.5, 0.8, 0.9, 0.95, 0.98, 0.99), seeds=3,
+                             iterative_rounds=5, score_batch=500, obd_samples=32, cifar_epochs=0),
+        lottery=LotterySizes(dataset="mnist5k", train_limit=None, steps=1500, eval_every=100, batch_size=60,
+                             lr=1.2e-3, rounds=11, seeds=2, controls=("reinit", "reshuffle", "constant", "random_mask"),
+                             mnist1d_samples=5000, mnist1d_steps=1500, mnist1d_rounds=11),
     ),
     "gpu": Profile(
         name="gpu",
         budget=BudgetSizes(dataset="mnist", train_limit=None, epochs=20, batch_size=60, lr=0.05, momentum=0.9,
                            widths=(1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0),
                            data_sizes=(250, 1000, 4000, 15000, 60000), seeds=5, min_accuracy=0.975),
+        pruning=PruningSizes(dataset="mnist", train_limit=None, epochs=20, finetune_epochs=10, batch_size=60,
+                             lr=0.05, momentum=0.9, sparsities=(0.5, 0.8, 0.9, 0.95, 0.98, 0.99), seeds=3,
+                             iterative_rounds=5, score_batch=1000, obd_samples=64, cifar_epochs=20),
+        lottery=LotterySizes(dataset="mnist", train_limit=None, steps=15000, eval_every=500, batch_size=60,
+                             lr=1.2e-3, rounds=15, seeds=2, controls=("reinit", "reshuffle", "constant", "random_mask"),
+                             mnist1d_samples=10000, mnist1d_steps=5000, mnist1d_rounds=15),
     ),
 }
 
