@@ -155,16 +155,16 @@ PROFILES: dict[str, Profile] = {
         pruning=PruningSizes(dataset="mnist5k", train_limit=None, epochs=20, finetune_epochs=10, batch_size=60,
                              lr=0.05, momentum=0.9, sparsities=(0.5, 0.8, 0.9, 0.95, 0.98, 0.99), seeds=3,
                              iterative_rounds=5, score_batch=500, obd_samples=32, cifar_epochs=0),
-        lottery=LotterySizes(dataset="mnist5k", train_limit=None, steps=1500, eval_every=100, batch_size=60,
-                             lr=1.2e-3, rounds=11, seeds=2, controls=("reinit", "reshuffle", "constant", "random_mask"),
-                             mnist1d_samples=5000, mnist1d_steps=1500, mnist1d_rounds=11),
+        lottery=LotterySizes(dataset="mnist5k", train_limit=None, steps=600, eval_every=50, batch_size=60,
+                             lr=1.2e-3, rounds=14, seeds=2, controls=("reinit", "reshuffle", "constant", "random_mask"),
+                             mnist1d_samples=5000, mnist1d_steps=1000, mnist1d_rounds=12),
     ),
     "gpu": Profile(
         name="gpu",
         budget=BudgetSizes(dataset="mnist", train_limit=None, epochs=20, batch_size=60, lr=0.05, momentum=0.9,
                            widths=(1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0),
                            data_sizes=(250, 1000, 4000, 15000, 60000), seeds=5, min_accuracy=0.975),
-        pruning=PruningSizes(dataset="mnist", train_limit=None, epochs=20, finetune_epochs=10, batch_size=60,
+        pruning=PruningSizes(dataset="mnist", train_limit=None, epochs=20, finetune_epochs=5, batch_size=60,
                              lr=0.05, momentum=0.9, sparsities=(0.5, 0.8, 0.9, 0.95, 0.98, 0.99), seeds=3,
                              iterative_rounds=5, score_batch=1000, obd_samples=64, cifar_epochs=20),
         lottery=LotterySizes(dataset="mnist", train_limit=None, steps=15000, eval_every=500, batch_size=60,
@@ -211,5 +211,6 @@ def banner(profile: Profile | None = None) -> str:
     if torch.cuda.is_available():
         device = f"cuda ({torch.cuda.get_device_name()})"
     else:
-        device = f"cpu ({torch.get_num_threads()} threads)"
+        threads = torch.get_num_threads()
+        device = f"cpu ({threads} thread{'' if threads == 1 else 's'})"
     return f"profile: {profile.name} | device: {device} | torch {torch.__version__}"
