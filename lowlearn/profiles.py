@@ -167,7 +167,7 @@ PROFILES: dict[str, Profile] = {
         pruning=PruningSizes(dataset="mnist", train_limit=None, epochs=20, finetune_epochs=5, batch_size=60,
                              lr=0.05, momentum=0.9, sparsities=(0.5, 0.8, 0.9, 0.95, 0.98, 0.99), seeds=3,
                              iterative_rounds=5, score_batch=1000, obd_samples=64, cifar_epochs=20),
-        lottery=LotterySizes(dataset="mnist", train_limit=None, steps=15000, eval_every=500, batch_size=60,
+        lottery=LotterySizes(dataset="mnist", train_limit=None, steps=5000, eval_every=250, batch_size=60,
                              lr=1.2e-3, rounds=15, seeds=2, controls=("reinit", "reshuffle", "constant", "random_mask"),
                              mnist1d_samples=10000, mnist1d_steps=5000, mnist1d_rounds=15),
     ),
