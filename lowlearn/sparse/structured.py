@@ -20,7 +20,6 @@ from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from ..reparam import register
 from .mask import (PRUNABLE, Mask, find_mask, attach_masks, masked_layers, masks_of, prunable_layers,

@@ -19,15 +19,6 @@ Y = (X @ torch.randn(20, 4, generator=_g)).argmax(1)
 TRAIN, TEST = (X[:256], Y[:256]), (X[256:], Y[256:])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second intra-op thread only adds synchronisation (and stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mlp(seed=0):
     seed_everything(seed)
     return MLP(in_features=20, hidden=(32, 16), out_features=4)

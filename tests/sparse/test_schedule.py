@@ -12,15 +12,6 @@ from lowlearn.sparse.scores import magnitude
 from lowlearn.train import fit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The nets are tiny: on a busy machine, handing their ops to threads costs more than the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_geometric_densities():
     assert geometric_densities(0.5, 1) == [0.5]
     assert geometric_densities(0.008, 3) == pytest.approx([0.2, 0.04, 0.008])

@@ -11,15 +11,6 @@ from lowlearn.sparse.scores import MovementScores, magnitude, obd, random, score
 from lowlearn.train import TrainState, fit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The nets are tiny: on a busy machine, handing their ops to threads costs more than the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def two_layer(seed=0, keep=0.6):
     """Linear(3→4), ReLU, Linear(4→2), the first layer masked at random."""
     torch.manual_seed(seed)
