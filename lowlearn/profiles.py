@@ -126,6 +126,47 @@ class LotterySizes:
 
 
 @dataclass(frozen=True)
+class DSTSizes:
+    """Sizes for the chapter "Dynamic sparse training" (LeNet-300-100 on MNIST, ResNet-20 on CIFAR-10).
+
+    Attributes:
+        dataset: ``"mnist5k"`` or ``"mnist"``.
+        train_limit: keep only this many training examples (``None``: all).
+        epochs: training epochs of every run (dense and sparse alike).
+        batch_size: examples per optimizer step.
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+        sparsities: fractions of weights removed (the RigL tables: 0.8, 0.9, 0.95).
+        seeds: independent runs per configuration (for error bars).
+        every: ``ΔT``, steps between mask updates (RigL: 100).
+        drop_fraction: ``α``, the initial fraction replaced per update (RigL: 0.3).
+        end_fraction: ``T_end`` as a fraction of training (RigL: 0.75).
+        topkast_backward: Top-KAST's backward density as a multiple of its forward density.
+        topkast_penalty: coefficient of Top-KAST's exploration penalty in the loss.
+        widths: width multipliers of the "bigger sparse network" experiment.
+        cifar_epochs: ResNet-20 training on CIFAR-10 (0: skip, as the offline profiles do).
+        cifar_seeds: independent CIFAR-10 runs per configuration.
+    """
+
+    dataset: str
+    train_limit: int | None
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    sparsities: tuple[float, ...]
+    seeds: int
+    every: int
+    drop_fraction: float
+    end_fraction: float
+    topkast_backward: float
+    topkast_penalty: float
+    widths: tuple[float, ...]
+    cifar_epochs: int
+    cifar_seeds: int
+
+
+@dataclass(frozen=True)
 class Profile:
     """All experiment sizes of one profile, one field per chapter."""
 
@@ -133,6 +174,7 @@ class Profile:
     budget: BudgetSizes
     pruning: PruningSizes
     lottery: LotterySizes
+    dst: DSTSizes
 
 
 PROFILES: dict[str, Profile] = {
@@ -146,6 +188,10 @@ PROFILES: dict[str, Profile] = {
         lottery=LotterySizes(dataset="mnist5k", train_limit=1000, steps=60, eval_every=20, batch_size=60,
                              lr=1.2e-3, rounds=2, seeds=1, controls=("reinit",), mnist1d_samples=1000,
                              mnist1d_steps=60, mnist1d_rounds=2),
+        dst=DSTSizes(dataset="mnist5k", train_limit=1000, epochs=2, batch_size=60, lr=0.05, momentum=0.9,
+                     sparsities=(0.8, 0.9), seeds=1, every=5, drop_fraction=0.3, end_fraction=0.75,
+                     topkast_backward=2.0, topkast_penalty=1e-5, widths=(1.0, 2.0), cifar_epochs=0,
+                     cifar_seeds=1),
     ),
     "cpu": Profile(
         name="cpu",
@@ -158,6 +204,10 @@ PROFILES: dict[str, Profile] = {
         lottery=LotterySizes(dataset="mnist5k", train_limit=None, steps=600, eval_every=50, batch_size=60,
                              lr=1.2e-3, rounds=14, seeds=2, controls=("reinit", "reshuffle", "constant", "random_mask"),
                              mnist1d_samples=5000, mnist1d_steps=1000, mnist1d_rounds=12),
+        dst=DSTSizes(dataset="mnist5k", train_limit=None, epochs=20, batch_size=60, lr=0.05, momentum=0.9,
+                     sparsities=(0.8, 0.9, 0.95), seeds=3, every=50, drop_fraction=0.3, end_fraction=0.75,
+                     topkast_backward=2.0, topkast_penalty=1e-5, widths=(1.0, 2.0, 4.0), cifar_epochs=0,
+                     cifar_seeds=1),
     ),
     "gpu": Profile(
         name="gpu",
@@ -170,6 +220,10 @@ PROFILES: dict[str, Profile] = {
         lottery=LotterySizes(dataset="mnist", train_limit=None, steps=5000, eval_every=250, batch_size=60,
                              lr=1.2e-3, rounds=15, seeds=2, controls=("reinit", "reshuffle", "constant", "random_mask"),
                              mnist1d_samples=10000, mnist1d_steps=5000, mnist1d_rounds=15),
+        dst=DSTSizes(dataset="mnist", train_limit=None, epochs=10, batch_size=60, lr=0.05, momentum=0.9,
+                     sparsities=(0.8, 0.9, 0.95), seeds=3, every=100, drop_fraction=0.3, end_fraction=0.75,
+                     topkast_backward=2.0, topkast_penalty=1e-5, widths=(1.0, 2.0, 4.0), cifar_epochs=10,
+                     cifar_seeds=2),
     ),
 }
 

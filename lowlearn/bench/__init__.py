@@ -10,4 +10,10 @@ Benchmarks:
     One training step of a masked LeNet-300-100 (:mod:`lowlearn.sparse.mask`) and of
     the same model pruned with ``torch.nn.utils.prune``, each as a ratio to the dense
     model.
+
+``dst``
+    One training step (amortised over the mask updates) of static sparse training,
+    SET, RigL, SNFS and Top-KAST (:mod:`lowlearn.sparse.dst`,
+    :mod:`lowlearn.sparse.topkast`), each as a ratio to the dense model and to the
+    static mask.
 """

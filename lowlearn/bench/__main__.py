@@ -2,9 +2,9 @@
 
 import sys
 
-from . import masks
+from . import dst, masks
 
-BENCHMARKS = {"masks": masks.main}
+BENCHMARKS = {"masks": masks.main, "dst": dst.main}
 
 
 def main(argv: list[str]) -> None:

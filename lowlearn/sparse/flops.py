@@ -11,7 +11,10 @@ example (:func:`lowlearn.cost.count_flops`) and ``d_l`` its density:
   forward pass, and the two backward products (for the activations and for the
   weights), all sparse (:func:`lowlearn.cost.training_flops` for the dense case);
 * dense-to-sparse pruning costs the average of ``3 · f_S(d_t)`` over the training
-  steps ``t``, as the density ``d_t`` falls.
+  steps ``t``, as the density ``d_t`` falls;
+* dynamic sparse training (:func:`dst_training_flops`) adds what each method's
+  mask updates cost: RigL a dense weight gradient every ``ΔT`` steps, SNFS one
+  every step, Top-KAST a backward pass over its larger set ``B``.
 
 Units: multiply-accumulates (MACs) per example, as in :mod:`lowlearn.cost`; one
 ``a += w · x`` is one operation. RigL counts the multiply and the add apart, so
@@ -125,3 +128,67 @@ def model_sparse_flops(model: nn.Module, example_input: torch.Tensor, *,
     """
     return sparse_inference_flops(count_flops(model, example_input), layer_densities(model),
                                   relative_to_dense=relative_to_dense)
+
+
+DST_METHODS = ("dense", "static", "set", "rigl", "snfs", "topkast")
+
+
+def dst_training_flops(
+    flop_count: FlopCount,
+    densities: Densities,
+    method: str,
+    *,
+    every: int = 100,
+    backward_densities: Densities | None = None,
+    relative_to_dense: bool = False,
+) -> float:
+    """MACs per example of one training step of a dynamic sparse training method, averaged over steps.
+
+    With ``f_S`` the sparse forward cost (:func:`sparse_inference_flops` at
+    ``densities``) and ``f_D`` the dense one, a training step is a forward pass, the
+    gradient with respect to the activations and the gradient with respect to the
+    weights (Evci et al. 2020, appendix H):
+
+    * ``"dense"``: ``3 f_D``;
+    * ``"static"`` and ``"set"``: ``3 f_S`` (SET's random growth costs no FLOPs);
+    * ``"rigl"``: ``(3 f_S ΔT + 2 f_S + f_D) / (ΔT + 1)``: every ``ΔT`` steps
+      (``every``) one step computes the weight gradient densely, to grow by it;
+    * ``"snfs"``: ``2 f_S + f_D``: the momentum needs the dense weight gradient at
+      every step (Dettmers & Zettlemoyer 2019);
+    * ``"topkast"``: ``2 f_A + f_B``: forward and activation gradient with the
+      forward set ``A`` (``densities``), weight gradient over the backward set ``B``
+      (``backward_densities``; Jayakumar et al. 2020).
+
+    The costs of sorting (``topk``) and of the element-wise updates are left out,
+    as in the papers; they do not grow with the batch.
+
+    Args:
+        flop_count: dense costs from :func:`lowlearn.cost.count_flops`.
+        densities: ``{layer: d_l}`` or one density (the forward densities for Top-KAST).
+        method: one of ``"dense"``, ``"static"``, ``"set"``, ``"rigl"``, ``"snfs"``, ``"topkast"``.
+        every: RigL's ``ΔT``.
+        backward_densities: Top-KAST's ``B`` densities (required for it).
+        relative_to_dense: divide by dense training, ``3 f_D``.
+
+    Raises:
+        ValueError: an unknown method, ``every < 1``, or Top-KAST without ``backward_densities``.
+    """
+    if method not in DST_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(DST_METHODS)}")
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"every (ΔT) must be a positive integer, got {every!r}")
+    f_d = flop_count.total
+    f_s = sparse_inference_flops(flop_count, densities)
+    if method == "dense":
+        macs = 3 * f_d
+    elif method in ("static", "set"):
+        macs = 3 * f_s
+    elif method == "rigl":
+        macs = (3 * f_s * every + 2 * f_s + f_d) / (every + 1)
+    elif method == "snfs":
+        macs = 2 * f_s + f_d
+    else:
+        if backward_densities is None:
+            raise ValueError("Top-KAST's cost needs backward_densities (the densities of the backward set B)")
+        macs = 2 * f_s + sparse_inference_flops(flop_count, backward_densities)
+    return macs / training_flops(flop_count) if relative_to_dense else macs

@@ -1,14 +1,17 @@
-"""Pruning schedules: iterative (prune, retrain, repeat) and gradual (prune while training).
+"""Schedules: iterative and gradual pruning, and the mask updates of dynamic sparse training.
 
 * :func:`geometric_densities`: the densities of iterative magnitude pruning, which
   removes the same fraction ``p`` of the surviving weights every round (Han et al.
   2015; Frankle & Carbin 2019, "The lottery ticket hypothesis", ICLR).
 * :func:`cubic_density` and :class:`GradualPruning`: the gradual schedule of Zhu &
   Gupta (2017), applied every few steps during :func:`lowlearn.train.fit`.
+* :class:`UpdateSchedule`: when dynamic sparse training drops and regrows weights,
+  and what fraction (RigL's cosine decay; Evci et al. 2020).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 from torch import Tensor, nn
@@ -139,3 +142,50 @@ class GradualPruning:
         d = cubic_density(state.step, self.final_density, self.begin, self.end, self.initial_density)
         target = d if self.allocation is None else self.allocation(state.model, d)
         prune(state.model, self.score(state.model), target, scope=self.scope, optimizer=state.optimizer)
+
+
+class UpdateSchedule:
+    """When dynamic sparse training changes its masks, and how much: RigL's cosine schedule.
+
+    Evci et al. (2020), "Rigging the lottery: making all tickets winners" (ICML),
+    eq. 1: the masks change after every ``ΔT`` optimizer steps until ``T_end``, each
+    time dropping (and regrowing) a fraction
+
+        f(t) = α/2 · (1 + cos(π t / T_end))
+
+    of every layer's active weights: ``α`` at the start, falling to 0 at ``T_end``.
+    The paper's defaults are ``ΔT = 100``, ``α = 0.3`` and ``T_end = ¾`` of training.
+    With ``cosine=False`` the fraction stays ``α`` (SET's constant rate; Mocanu et
+    al. 2018).
+
+    Args:
+        end: ``T_end``, the last step that may update the masks.
+        every: ``ΔT``, optimizer steps between mask updates.
+        drop_fraction: ``α``, in [0, 1).
+        cosine: decay the fraction with the cosine above.
+
+    Raises:
+        ValueError: ``every`` or ``end`` not a positive integer, or ``α`` outside [0, 1).
+    """
+
+    def __init__(self, end: int, every: int = 100, drop_fraction: float = 0.3, cosine: bool = True):
+        for name, value in (("every", every), ("end", end)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer number of steps, got {value!r}")
+        if not isinstance(drop_fraction, (int, float)) or not 0.0 <= drop_fraction < 1.0:
+            raise ValueError(f"drop_fraction (α) must be in [0, 1), got {drop_fraction!r}")
+        self.every, self.end, self.drop_fraction, self.cosine = every, end, float(drop_fraction), cosine
+
+    def __repr__(self) -> str:
+        return (f"UpdateSchedule(end={self.end}, every={self.every}, drop_fraction={self.drop_fraction}, "
+                f"cosine={self.cosine})")
+
+    def updates_at(self, step: int) -> bool:
+        """Whether the masks change after optimizer step ``step`` (``1 ≤ step ≤ T_end``, a multiple of ``ΔT``)."""
+        return 1 <= step <= self.end and step % self.every == 0
+
+    def fraction(self, step: int) -> float:
+        """``f(step)``: the fraction of each layer's active weights replaced at ``step``."""
+        if not self.cosine:
+            return self.drop_fraction
+        return self.drop_fraction / 2 * (1 + math.cos(math.pi * min(step, self.end) / self.end))

@@ -3,8 +3,8 @@ import torch
 
 from lowlearn.cost import count_flops, training_flops
 from lowlearn.models import MLP, LeNet5
-from lowlearn.sparse.flops import (model_sparse_flops, pruning_training_flops, sparse_inference_flops,
-                                   sparse_training_flops)
+from lowlearn.sparse.flops import (dst_training_flops, model_sparse_flops, pruning_training_flops,
+                                   sparse_inference_flops, sparse_training_flops)
 from lowlearn.sparse.mask import attach_masks, masks_of
 from lowlearn.sparse.prune import kept_count, prune
 from lowlearn.sparse.scores import magnitude
@@ -88,3 +88,30 @@ def test_errors_name_the_problem(lenet):
         pruning_training_flops(lenet, [])
     with pytest.raises(ValueError, match="steps"):
         pruning_training_flops(lenet, [0.5, 0.1], steps=[3])
+
+
+def test_dst_training_flops_by_hand(lenet):
+    dense = 266_200
+    assert dst_training_flops(lenet, DENSITIES, "dense") == 3 * dense
+    assert dst_training_flops(lenet, DENSITIES, "static") == pytest.approx(3 * SPARSE)
+    assert dst_training_flops(lenet, DENSITIES, "set") == pytest.approx(3 * SPARSE)
+    # RigL: (3 f_S ΔT + 2 f_S + f_D) / (ΔT + 1).
+    rigl = (3 * SPARSE * 100 + 2 * SPARSE + dense) / 101
+    assert dst_training_flops(lenet, DENSITIES, "rigl") == pytest.approx(rigl)
+    assert dst_training_flops(lenet, DENSITIES, "rigl", relative_to_dense=True) == pytest.approx(rigl / (3 * dense))
+    assert dst_training_flops(lenet, DENSITIES, "rigl", every=1) == pytest.approx((5 * SPARSE + dense) / 2)
+    # RigL's dense gradient adds little at ΔT = 100, SNFS's (every step) adds a dense third.
+    assert 3 * SPARSE < rigl < 1.03 * 3 * SPARSE
+    assert dst_training_flops(lenet, DENSITIES, "snfs") == pytest.approx(2 * SPARSE + dense)
+    backward = {"1": 0.2, "3": 0.4, "5": 1.0}
+    assert dst_training_flops(lenet, DENSITIES, "topkast", backward_densities=backward) == pytest.approx(
+        2 * SPARSE + 47_040 + 12_000 + 1_000)
+
+
+def test_dst_training_flops_bad_input(lenet):
+    with pytest.raises(ValueError, match="unknown method 'prune'"):
+        dst_training_flops(lenet, 0.1, "prune")
+    with pytest.raises(ValueError, match="every"):
+        dst_training_flops(lenet, 0.1, "rigl", every=0)
+    with pytest.raises(ValueError, match="backward_densities"):
+        dst_training_flops(lenet, 0.1, "topkast")

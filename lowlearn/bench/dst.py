@@ -1,0 +1,96 @@
+"""Training-step time of dynamic sparse training, against dense and against a static mask.
+
+Every model is LeNet-300-100 from the same initialisation; the sparse ones keep
+``density`` of its weights (ERK). A step is forward, cross-entropy, backward, an
+SGD-with-momentum step and the sparsifier's ``step()``, so a timed block of
+``iterations`` steps (a multiple of ``ΔT``) contains its share of mask updates: the
+per-step times are the amortised costs. The drop fraction is held at ``α`` (no
+cosine decay) so that every update does the same amount of work.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from lowlearn.models import MLP
+from lowlearn.sparse.dst import SET, SNFS, RigL, StaticSparse
+from lowlearn.sparse.topkast import TopKAST
+from lowlearn.train import default_device
+
+from .timing import interleaved_medians
+
+METHODS = ("dense", "static", "SET", "RigL", "SNFS", "Top-KAST")
+NEVER_ENDS = 10**12   # T_end so late that the cosine stays at α during the benchmark
+
+
+def _sparsifier(method: str, model, optimizer, density: float, every: int):
+    schedule = {"end": NEVER_ENDS, "every": every}
+    if method == "static":
+        return StaticSparse(model, optimizer, density)
+    if method == "SET":
+        return SET(model, optimizer, density, **schedule)
+    if method == "RigL":
+        return RigL(model, optimizer, density, **schedule)
+    if method == "SNFS":
+        return SNFS(model, optimizer, density, **schedule)
+    if method == "Top-KAST":
+        return TopKAST(model, optimizer, density, min(1.0, 2 * density), every=every, distribution="erk")
+    return None
+
+
+def build_steps(density: float, batch_size: int, every: int, device: torch.device) -> dict[str, tuple]:
+    """``{method: (training-step function, its model)}``, each with its own model, optimizer and sparsifier."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(batch_size, 784, generator=generator).to(device)
+    y = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
+    steps = {}
+    for method in METHODS:
+        torch.manual_seed(0)
+        model = MLP().to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        sparsifier = _sparsifier(method, model, optimizer, density, every)
+
+        def step(model=model, optimizer=optimizer, sparsifier=sparsifier) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            if isinstance(sparsifier, TopKAST):
+                loss = loss + 1e-5 * sparsifier.penalty()
+            loss.backward()
+            optimizer.step()
+            if sparsifier is not None:
+                sparsifier.step()
+
+        steps[method] = (step, model)
+    return steps
+
+
+def run(density: float = 0.1, batch_size: int = 128, every: int = 100, updates: int = 2, repeats: int = 5,
+        device: str | None = None) -> dict[str, float]:
+    """Median seconds per training step (amortised over ``updates`` mask updates per block) by method."""
+    device = torch.device(device) if device else default_device()
+    steps = {method: step for method, (step, _) in build_steps(density, batch_size, every, device).items()}
+    return interleaved_medians(steps, device=device, iterations=updates * every, repeats=repeats, warmup=every)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lowlearn.bench dst", description=__doc__)
+    parser.add_argument("--density", type=float, default=0.1, help="fraction of weights kept (default 0.1)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--every", type=int, default=100, help="ΔT, steps between mask updates (default 100)")
+    parser.add_argument("--updates", type=int, default=2, help="mask updates per timed block (default 2)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed blocks per method")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    args = parser.parse_args(argv)
+    times = run(args.density, args.batch_size, args.every, args.updates, args.repeats, args.device)
+    device = args.device or default_device()
+    print(f"LeNet-300-100 training step, batch {args.batch_size}, density {args.density} (ERK), ΔT = {args.every}, "
+          f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"median of {args.repeats} interleaved blocks of {args.updates * args.every} steps "
+          f"({args.updates} mask updates each)")
+    print(f"{'method':<10} {'ms/step':>9} {'vs dense':>9} {'vs static':>10}")
+    for name, seconds in times.items():
+        print(f"{name:<10} {seconds * 1e3:9.3f} {seconds / times['dense']:8.3f}x {seconds / times['static']:9.3f}x")
+    print(f"goal: RigL / static <= 1.05 at ΔT = 100: {times['RigL'] / times['static']:.3f}")

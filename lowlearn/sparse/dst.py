@@ -1,0 +1,465 @@
+"""Dynamic sparse training: sparse from the first step to the last.
+
+Pruning a trained network (:mod:`lowlearn.sparse.prune`) pays for a dense training
+run first. Sparse-to-sparse training keeps the network at its target density
+throughout, and lets the *connectivity* change while the weights train: every
+``ΔT`` steps each layer drops some active weights and grows as many new ones
+(:func:`~lowlearn.sparse.update.drop_and_grow`), on the schedule of
+:class:`~lowlearn.sparse.schedule.UpdateSchedule`.
+
+========================  =====================  ===================================
+method                    drop                   grow
+========================  =====================  ===================================
+:class:`StaticSparse`     never                  never
+:class:`SET`              smallest ``|θ|``       at random
+:class:`RigL`             smallest ``|θ|``       largest dense ``|∂L/∂w|``
+:class:`SNFS`             smallest ``|θ|``       largest ``|momentum of ∂L/∂w|``,
+                                                 layers sharing the growth by
+                                                 their mean momentum
+========================  =====================  ===================================
+
+Top-KAST, which selects its sets by magnitude instead of dropping and growing, is in
+:mod:`lowlearn.sparse.topkast`.
+
+Use a sparsifier like a learning-rate scheduler::
+
+    sparsifier = RigL(model, optimizer, density=0.1, end=int(0.75 * steps))
+    for x, y in batches:
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+        sparsifier.step()
+
+or pass it to :func:`lowlearn.train.fit` as a callback. It works with any
+``torch.optim`` optimizer, and its :meth:`~Sparsifier.state_dict` (step count,
+random generator, SNFS's momentum) together with the model's and the optimizer's
+lets training resume exactly from a checkpoint.
+
+The initial masks are random at the layer-wise densities of an allocation
+(:mod:`lowlearn.sparse.allocation`: ``"erk"``, ``"er"`` or ``"uniform"``), as in
+Evci et al. (2020). Masked weights and their optimizer state stay exactly zero
+(:mod:`lowlearn.sparse.mask`); dropped weights are zeroed, grown ones start at zero
+with zero optimizer state.
+
+The dense gradient ``∂L/∂w`` of the masked weight ``w = θ ⊙ m`` is what backward
+computes anyway before multiplying by ``m``; RigL and SNFS read it with a hook on
+the :class:`~lowlearn.sparse.mask.Mask` parametrization, RigL only on the steps that
+update the masks, so that the other steps run exactly as static sparse training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .allocation import erdos_renyi, erk, uniform
+from .mask import attach_masks, find_mask, masked_layers, masks_of, raw_weight, set_masks, zero_optimizer_state
+from .prune import check_density, kept_count, top_k_mask
+from .schedule import UpdateSchedule
+from .update import drop_and_grow
+
+Distribution = str | Callable[[nn.Module, float], Mapping[str, float]] | Mapping[str, float]
+
+DISTRIBUTIONS = {"erk": erk, "er": erdos_renyi, "uniform": uniform}
+
+
+def layer_densities_for(model: nn.Module, density: float, distribution: Distribution,
+                        layers: list[str] | None = None) -> dict[str, float]:
+    """``{layer name: density}`` of ``distribution`` at global ``density``.
+
+    ``distribution`` is ``"erk"``, ``"er"``, ``"uniform"``, a function
+    ``(model, density) → {name: density}``, or such a mapping itself.
+
+    Raises:
+        ValueError: an unknown name, or a density outside (0, 1].
+    """
+    check_density(density)
+    if isinstance(distribution, Mapping):
+        return {name: check_density(d, f"density of {name!r}") for name, d in distribution.items()}
+    if isinstance(distribution, str):
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}, "
+                             "or pass a function (model, density) -> {layer: density}")
+        return DISTRIBUTIONS[distribution](model, density, layers=layers)
+    return dict(distribution(model, density))
+
+
+def _device(layers: Mapping[str, nn.Module]) -> torch.device:
+    return raw_weight(next(iter(layers.values()))).device
+
+
+class Sparsifier:
+    """What every sparse-training method shares: the model's layers, a step count, a generator, checkpoints.
+
+    Subclasses implement :meth:`_after_step`. Call :meth:`step` once after every
+    ``optimizer.step()``, or pass the sparsifier to :func:`lowlearn.train.fit` as a
+    callback.
+
+    Attributes:
+        model: the model, changed in place.
+        optimizer: its optimizer; the state of masked weights is kept at zero.
+        steps: optimizer steps seen so far.
+        generator: the random generator of the method (on the weights' device).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, seed: int = 0):
+        self.model, self.optimizer, self.steps = model, optimizer, 0
+        self.generator = torch.Generator(device=_device(self.layers())).manual_seed(seed)
+
+    def layers(self) -> dict[str, nn.Module]:
+        """``{name: layer}`` of the layers this sparsifier trains sparsely."""
+        return masked_layers(self.model)
+
+    def step(self) -> None:
+        """Advance one optimizer step; update the masks when the schedule says so."""
+        self.steps += 1
+        self._after_step()
+
+    def __call__(self, state: object) -> None:
+        """Callback form for :func:`lowlearn.train.fit` (the state is not needed)."""
+        self.step()
+
+    def _after_step(self) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Step count and generator state (the masks are in the model's ``state_dict``)."""
+        return {"steps": self.steps, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict` (load the model's and optimizer's state too)."""
+        self.steps = int(state["steps"])
+        self.generator.set_state(state["generator"])
+
+
+class DynamicSparsity(Sparsifier):
+    """Sparse training by drop and grow: the shared engine of :class:`SET`, :class:`RigL` and :class:`SNFS`.
+
+    A subclass supplies :meth:`drop_scores` and :meth:`grow_scores` (and may
+    override :meth:`grow_counts` to move weights between layers); this class masks
+    the model at ``density`` with random initial masks, runs the schedule, applies
+    :func:`~lowlearn.sparse.update.drop_and_grow` to every layer, zeroes dropped
+    weights and resets grown ones, with their optimizer state.
+
+    Args:
+        model: the model; every ``nn.Linear``/``nn.Conv2d`` weight (or ``layers``)
+            gets a random mask. Its biases and norm layers stay dense.
+        optimizer: any ``torch.optim`` optimizer over the model's parameters.
+        density: the global fraction of weights kept, in (0, 1] (sparsity ``1 − d``).
+        end: ``T_end``, the last step that changes the masks (RigL: ¾ of training).
+        every: ``ΔT``, steps between mask updates (RigL: 100).
+        drop_fraction: ``α``, the fraction of active weights replaced at the first
+            update, decaying with a cosine to 0 at ``T_end`` (RigL: 0.3).
+        distribution: layer-wise densities: ``"erk"`` (default), ``"er"``,
+            ``"uniform"``, a function or a mapping (see :func:`layer_densities_for`).
+        layers: qualified names of the layers to sparsify (default: every
+            Linear/Conv2d).
+        regrow_dropped: may a weight dropped in an update be grown back in the same
+            update (see :mod:`lowlearn.sparse.update`)? Default: no.
+        seed: seeds the initial masks and any random growth.
+
+    Raises:
+        ValueError: a density outside (0, 1], a bad schedule or distribution.
+    """
+
+    #: when the dense gradient ``∂L/∂w`` is read: ``"never"``, ``"update"`` (steps that
+    #: update the masks) or ``"always"``.
+    dense_gradient = "never"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        density: float,
+        *,
+        end: int | None = None,
+        every: int = 100,
+        drop_fraction: float = 0.3,
+        distribution: Distribution = "erk",
+        layers: list[str] | None = None,
+        regrow_dropped: bool = False,
+        seed: int = 0,
+    ):
+        check_density(density)
+        self.schedule = None if end is None else UpdateSchedule(end, every, drop_fraction)
+        attach_masks(model, layers)
+        super().__init__(model, optimizer, seed)
+        self.density, self.regrow_dropped = density, regrow_dropped
+        self.densities = layer_densities_for(model, density, distribution, list(self.layers()))
+        self.active: dict[str, int] = {}
+        initial = {}
+        for name, layer in self.layers().items():
+            weight = raw_weight(layer)
+            self.active[name] = kept_count(self.densities[name], weight.numel())
+            noise = torch.rand(weight.shape, generator=self.generator, device=weight.device)
+            initial[name] = top_k_mask(noise, self.active[name])
+        set_masks(model, initial, optimizer)
+        self._grads: dict[str, Tensor] = {}
+        self._hooks: list = []
+        self._arm()
+
+    # ----------------------------------------------------------------- the method's part
+    def drop_scores(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``{name: scores}``; the lowest-scoring active weights are dropped. Default: ``|θ|``."""
+        return {name: raw_weight(layer).detach().abs() for name, layer in self.layers().items()}
+
+    def grow_scores(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``{name: scores}``; the highest-scoring inactive weights are grown."""
+        raise NotImplementedError
+
+    def grow_counts(self, dropped: Mapping[str, int], masks: Mapping[str, Tensor]) -> dict[str, int]:
+        """How many weights each layer grows, given how many it dropped. Default: as many (exact layer density)."""
+        return dict(dropped)
+
+    # ----------------------------------------------------------------- the engine
+    def _after_step(self) -> None:
+        if self.dense_gradient == "always":
+            self._observe_gradients()
+        if self.schedule is not None and self.schedule.updates_at(self.steps):
+            self.update(self.schedule.fraction(self.steps))
+        self._grads.clear()
+        self._arm()
+
+    def _observe_gradients(self) -> None:
+        """Called after every step when ``dense_gradient == "always"`` (SNFS's momentum)."""
+
+    def update(self, fraction: float) -> dict[str, Tensor]:
+        """Drop ``fraction`` of every layer's active weights (rounded down) and grow as many; return the grown sets.
+
+        The schedule calls this; call it yourself for a one-off update.
+        """
+        masks = masks_of(self.model)
+        layers = self.layers()
+        dropped = {name: self.drop_count(name, raw_weight(layer).numel(), fraction) for name, layer in layers.items()}
+        counts = self.grow_counts(dropped, masks)
+        drop, grow = self.drop_scores(masks), self.grow_scores(masks)
+        new, grown = {}, {}
+        for name in layers:
+            new[name], grown[name] = drop_and_grow(masks[name], drop[name], grow[name], dropped[name], counts[name],
+                                                   regrow_dropped=self.regrow_dropped, active=self.active[name])
+            self.active[name] += counts[name] - dropped[name]
+        set_masks(self.model, new, self.optimizer)
+        with torch.no_grad():
+            for name, layer in layers.items():
+                weight, fresh = raw_weight(layer), ~grown[name]
+                weight.mul_(fresh)
+                if self.optimizer is not None:
+                    zero_optimizer_state(self.optimizer, weight, fresh)
+        return grown
+
+    def drop_count(self, name: str, size: int, fraction: float) -> int:
+        """Weights layer ``name`` (of ``size`` weights) drops at ``fraction``: ``⌊fraction · active⌋``.
+
+        Without ``regrow_dropped`` a layer can regrow only its inactive weights, so
+        it drops no more than it has (``size − active``) to keep its density.
+        """
+        n = math.floor(fraction * self.active[name])
+        return n if self.regrow_dropped else min(n, size - self.active[name])
+
+    # ----------------------------------------------------------------- dense gradients
+    def _needs_gradient(self, step: int) -> bool:
+        if self.dense_gradient == "always":
+            return True
+        return self.dense_gradient == "update" and self.schedule is not None and self.schedule.updates_at(step)
+
+    def _arm(self) -> None:
+        """Hook the masks' outputs if the next step needs ``∂L/∂w``; unhook them otherwise."""
+        wanted = self._needs_gradient(self.steps + 1)
+        if wanted == bool(self._hooks):
+            return
+        if not wanted:
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks = []
+            return
+        for name, layer in self.layers().items():
+            self._hooks.append(find_mask(layer).register_forward_hook(self._capture_hook(name)))
+
+    def _capture_hook(self, name: str):
+        def store(grad: Tensor) -> None:
+            self._grads[name] = grad if name not in self._grads else self._grads[name] + grad
+
+        def hook(module: nn.Module, inputs: tuple, weight: Tensor) -> None:
+            if weight.requires_grad:
+                weight.register_hook(store)
+
+        return hook
+
+    def dense_gradients(self) -> dict[str, Tensor]:
+        """``{name: ∂L/∂w}`` of the step just taken (summed over its backward passes).
+
+        Raises:
+            RuntimeError: no gradient was seen, e.g. ``step()`` was not called once per
+                optimizer step after a backward pass through the model.
+        """
+        missing = [name for name in self.layers() if name not in self._grads]
+        if missing:
+            raise RuntimeError(
+                f"{type(self).__name__} needs the dense gradient of this step, but saw none for {missing}: "
+                "call sparsifier.step() exactly once after every optimizer.step(), each after a backward "
+                "pass through the model (a checkpoint restored mid-run resumes correctly too)")
+        return dict(self._grads)
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """Steps, generator, and the active counts (the masks are in the model's ``state_dict``)."""
+        return {**super().state_dict(), "active": dict(self.active)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict`; load the model's state (masks) too."""
+        super().load_state_dict(state)
+        self.active = dict(state["active"])
+        self._grads.clear()
+        self._arm()
+
+
+class StaticSparse(DynamicSparsity):
+    """Static sparse training: a random mask at the allocation's densities, never changed.
+
+    The baseline of every dynamic method (Evci et al. 2020, "Static" in their tables;
+    with ``distribution="er"`` it is the random Erdős–Rényi network of Mocanu et al.
+    2018 without evolution). Arguments as for :class:`DynamicSparsity`; no schedule.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, density: float, *,
+                 distribution: Distribution = "erk", layers: list[str] | None = None, seed: int = 0):
+        super().__init__(model, optimizer, density, distribution=distribution, layers=layers, seed=seed)
+
+    def grow_scores(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        raise RuntimeError("static sparse training never changes its masks")
+
+
+class SET(DynamicSparsity):
+    """Sparse Evolutionary Training: drop the smallest weights, grow at random.
+
+    Mocanu, Mocanu, Stone, Nguyen, Gibescu & Liotta (2018), "Scalable training of
+    artificial neural networks with adaptive sparse connectivity inspired by network
+    science" (Nature Communications). The paper removes a fraction ``ζ`` (0.3) of
+    the smallest weights after every epoch; here ``ζ`` is ``drop_fraction`` on the
+    :class:`~lowlearn.sparse.schedule.UpdateSchedule`, which decays it with a cosine as
+    Evci et al. (2020) do for their SET runs. Grown weights start at zero (the
+    paper draws them at random). Arguments as for :class:`DynamicSparsity`.
+    """
+
+    def grow_scores(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {name: torch.rand(mask.shape, generator=self.generator, device=mask.device)
+                for name, mask in masks.items()}
+
+
+class RigL(DynamicSparsity):
+    """Rigged Lottery: drop the smallest weights, grow where the dense gradient is largest.
+
+    Evci, Gale, Menick, Castro & Elsen (2020), "Rigging the lottery: making all tickets
+    winners" (ICML), Algorithm 1: at every ``ΔT``-th step up to ``T_end``, each layer
+    drops the ``f(t) · |active|`` active weights of smallest ``|θ|`` and grows the same
+    number of inactive weights with the largest ``|∂L/∂w|``, the gradient of the
+    step's mini-batch loss with respect to the *masked* weight, i.e. what the
+    gradient would be if the connection existed. New weights start at zero, so
+    growth leaves the network's function unchanged.
+
+    The gradient is read only on update steps (a hook on the mask's output); the
+    other ``ΔT − 1`` steps run as plain static sparse training. Arguments as for
+    :class:`DynamicSparsity`.
+    """
+
+    dense_gradient = "update"
+
+    def grow_scores(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {name: grad.abs() for name, grad in self.dense_gradients().items()}
+
+
+class SNFS(DynamicSparsity):
+    """Sparse momentum (Sparse Networks From Scratch): grow by momentum, shared out across layers.
+
+    Dettmers & Zettlemoyer (2019), "Sparse networks from scratch: faster training
+    without losing performance" (arXiv:1907.04840), Algorithm 1. Every step the
+    dense gradient updates an exponentially smoothed momentum
+    ``M_t = β M_{t−1} + ∂L/∂w`` (``beta``, the paper's SGD momentum 0.9). At an
+    update each layer drops the ``f(t) · |active|`` weights of smallest ``|θ|`` (the
+    paper's prune rate ``p``, decayed with a cosine); the total ``K`` removed is then
+    *redistributed*: layer ``l`` regrows a share of ``K`` proportional to the mean
+    ``|M|`` of its active weights (the paper's ``m_l``), at its inactive weights of
+    largest ``|M|``. A layer that cannot take its share (it would become dense) passes
+    the rest to the others. Layer densities therefore drift towards the layers whose
+    weights the loss still pushes on, while the global density stays exact.
+
+    Since the momentum needs ``∂L/∂w`` of every step, SNFS computes a dense weight
+    gradient at every step (see :func:`lowlearn.sparse.flops.dst_training_flops`).
+
+    Args:
+        beta: momentum coefficient ``β`` of ``M``.
+        other arguments: as for :class:`DynamicSparsity` (the initial densities
+            come from ``distribution``; the paper starts uniform).
+    """
+
+    dense_gradient = "always"
+
+    def __init__(self, *args, beta: float = 0.9, **kwargs):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+        self.beta = beta
+        self.momentum: dict[str, Tensor] = {}
+        super().__init__(*args, **kwargs)
+
+    def _observe_gradients(self) -> None:
+        for name, grad in self.dense_gradients().items():
+            if name in self.momentum:
+                self.momentum[name].mul_(self.beta).add_(grad)
+            else:
+                self.momentum[name] = grad.detach().clone()
+
+    def grow_scores(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {name: m.abs() for name, m in self.momentum.items()}
+
+    def drop_count(self, name: str, size: int, fraction: float) -> int:
+        """``⌊fraction · active⌋``: the growth goes wherever :func:`share` puts it."""
+        return math.floor(fraction * self.active[name])
+
+    def grow_counts(self, dropped: Mapping[str, int], masks: Mapping[str, Tensor]) -> dict[str, int]:
+        means = torch.stack([self.momentum[name].abs()[mask].mean() if self.active[name] else
+                             self.momentum[name].new_zeros(()) for name, mask in masks.items()]).tolist()
+        capacity = {}
+        for name, mask in masks.items():
+            left = self.active[name] - dropped[name]
+            capacity[name] = mask.numel() - left - (0 if self.regrow_dropped else dropped[name])
+        return share(sum(dropped.values()), dict(zip(masks, means)), capacity)
+
+    def state_dict(self) -> dict:
+        """As :meth:`DynamicSparsity.state_dict`, with the momentum ``M``."""
+        return {**super().state_dict(), "momentum": {name: m.clone() for name, m in self.momentum.items()}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        super().load_state_dict(state)
+        self.momentum = {name: m.clone() for name, m in state["momentum"].items()}
+
+
+def share(total: int, weights: Mapping[str, float], capacity: Mapping[str, int]) -> dict[str, int]:
+    """Split ``total`` items among names in proportion to ``weights``, no name above its ``capacity``.
+
+    Integer shares by largest remainders, so they sum to ``total`` exactly; what a
+    full name cannot take goes to the others, again in proportion (equally where all
+    weights are zero).
+
+    Raises:
+        ValueError: ``total`` exceeds the summed capacity, or a negative weight.
+    """
+    if total > sum(capacity.values()):
+        raise ValueError(f"cannot place {total} weights: the layers have room for {sum(capacity.values())}; "
+                         "lower the density or the drop fraction")
+    if any(w < 0 or math.isnan(w) for w in weights.values()):
+        raise ValueError(f"weights must be non-negative numbers, got {dict(weights)}")
+    result = dict.fromkeys(weights, 0)
+    while (remaining := total - sum(result.values())) > 0:
+        open_ = [name for name in weights if result[name] < capacity[name]]
+        norm = sum(weights[name] for name in open_)
+        quota = {name: remaining * (weights[name] / norm if norm > 0 else 1 / len(open_)) for name in open_}
+        floors = {name: math.floor(q) for name, q in quota.items()}
+        by_remainder = sorted(open_, key=lambda name: floors[name] - quota[name])
+        for name in by_remainder[:remaining - sum(floors.values())]:
+            floors[name] += 1
+        for name in open_:
+            result[name] += min(floors[name], capacity[name] - result[name])
+    return result

@@ -1,0 +1,189 @@
+"""Top-KAST: sparse forward pass, slightly less sparse backward pass.
+
+Jayakumar, Pascanu, Rae, Osindero & Elsen (2020), "Top-KAST: Top-K always sparse
+training" (NeurIPS). The dense parameters ``θ`` are kept, but no step ever uses all
+of them:
+
+* the forward pass uses the set ``A`` of the ``D`` largest-magnitude weights of
+  each layer (``forward_density`` ``D``): ``w = θ ⊙ 1_A``;
+* the backward pass updates the larger set ``B ⊇ A`` of the ``D + M`` largest
+  (``backward_density`` ``D + M``): ``∂L/∂θ = ∂L/∂w ⊙ 1_B``, so weights just
+  outside ``A`` keep learning and can earn their way in;
+* weights outside ``B`` are frozen (no gradient, their optimizer state zeroed):
+  they keep their values and can re-enter when others shrink past them;
+* an *exploration penalty* keeps the sets from freezing: ``|θ_i|`` for ``i ∈ A``,
+  ``|θ_i| / D`` for ``i ∈ B \\ A`` (:meth:`TopKAST.penalty`; add it to the loss), so a
+  weight that only the backward pass uses must be worth ``1/D`` times more to
+  stay.
+
+The sets are chosen by ``topk`` of ``|θ|``, not by dropping and growing (the
+sets follow the weights, whatever moved them), so Top-KAST does not use
+:func:`~lowlearn.sparse.update.drop_and_grow`; it shares the step counting and
+checkpointing of :class:`~lowlearn.sparse.dst.Sparsifier`. Refreshing the sets every
+step costs a ``topk`` over every layer; ``every`` refreshes them less often.
+
+``A`` is the layer's :class:`~lowlearn.sparse.mask.Mask` (:class:`TopKASTMask` is one),
+so :func:`~lowlearn.sparse.mask.masks_of`, :func:`~lowlearn.sparse.mask.density` and
+:func:`~lowlearn.sparse.mask.squash` see the forward network. Unlike the other
+methods the weights outside ``A`` are not zero, and do not become zero: use the
+penalty rather than the optimizer's weight decay, which would shrink the frozen
+weights too (a non-zero weight decay is refused).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..reparam import register
+from .dst import Distribution, Sparsifier, layer_densities_for
+from .mask import Mask, find_mask, raw_weight, resolve_layers, zero_optimizer_state
+from .prune import check_density, kept_count, top_k_mask
+
+
+class _SplitMask(torch.autograd.Function):
+    """``w = θ ⊙ a`` forward; ``∂L/∂θ = ∂L/∂w ⊙ b`` backward."""
+
+    @staticmethod
+    def forward(weight: Tensor, forward_mask: Tensor, backward_mask: Tensor) -> Tensor:
+        return weight * forward_mask
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (backward_mask,) = ctx.saved_tensors
+        return grad * backward_mask, None, None
+
+
+class TopKASTMask(Mask):
+    """A :class:`~lowlearn.sparse.mask.Mask` whose gradient passes through a larger mask.
+
+    ``mask`` is the forward set ``A``, ``backward_mask`` the backward set ``B ⊇ A``
+    (both 0/1 in the weight's dtype, like :class:`~lowlearn.sparse.mask.Mask`).
+    """
+
+    def __init__(self, forward_mask: Tensor, backward_mask: Tensor, dtype: torch.dtype = torch.float32):
+        super().__init__(forward_mask, dtype)
+        self.register_buffer("backward_mask", backward_mask.detach().to(dtype=dtype))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return _SplitMask.apply(weight, self.mask, self.backward_mask)
+
+    def extra_repr(self) -> str:
+        backward = self.backward_mask.count_nonzero().item() / self.backward_mask.numel()
+        return f"{super().extra_repr()}, backward_density={backward:.4f}"
+
+
+class TopKAST(Sparsifier):
+    """Top-K Always Sparse Training (Jayakumar et al. 2020): see the module docstring.
+
+    Args:
+        model: the model; every ``nn.Linear``/``nn.Conv2d`` weight (or ``layers``)
+            gets a :class:`TopKASTMask`. Its biases and norm layers stay dense.
+        optimizer: any ``torch.optim`` optimizer, with weight decay 0.
+        forward_density: ``D``, the global fraction of weights in ``A``.
+        backward_density: ``D + M``, the global fraction in ``B`` (at least ``D``).
+        every: steps between refreshes of ``A`` and ``B``.
+        end: the last step that refreshes them (default: never stop).
+        distribution: layer-wise densities of both sets (see
+            :func:`~lowlearn.sparse.dst.layer_densities_for`); default ``"uniform"``,
+            as in the paper.
+        layers: qualified names of the layers to sparsify.
+        seed: seeds the generator (Top-KAST itself draws nothing at random).
+
+    Raises:
+        ValueError: densities outside (0, 1] or ``backward_density < forward_density``,
+            ``every < 1``, a layer that already has a mask, or an optimizer with weight
+            decay on a sparsified weight.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        forward_density: float,
+        backward_density: float,
+        *,
+        every: int = 100,
+        end: int | None = None,
+        distribution: Distribution = "uniform",
+        layers: list[str] | None = None,
+        seed: int = 0,
+    ):
+        check_density(forward_density, "forward_density")
+        check_density(backward_density, "backward_density")
+        if backward_density < forward_density:
+            raise ValueError(f"backward_density ({backward_density}) must be at least forward_density "
+                             f"({forward_density}): the backward set B contains the forward set A")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive integer number of steps, got {every!r}")
+        chosen = resolve_layers(model, layers)
+        for name, layer in chosen.items():
+            if find_mask(layer) is not None:
+                raise ValueError(f"layer {name!r} already has a mask; Top-KAST needs an unmasked model")
+        if optimizer is not None:
+            weights = {id(raw_weight(layer)) for layer in chosen.values()}
+            for group in optimizer.param_groups:
+                if group.get("weight_decay", 0) and any(id(p) in weights for p in group["params"]):
+                    raise ValueError("Top-KAST keeps the weights outside B frozen, but the optimizer's weight decay "
+                                     f"({group['weight_decay']}) would shrink them: set weight_decay=0 and add "
+                                     "sparsifier.penalty() to the loss instead")
+        names = list(chosen)
+        self.forward_densities = layer_densities_for(model, forward_density, distribution, names)
+        self.backward_densities = layer_densities_for(model, backward_density, distribution, names)
+        for name, layer in chosen.items():
+            shape, dtype = layer.weight.shape, layer.weight.dtype
+            keep = torch.ones(shape, dtype=torch.bool, device=layer.weight.device)
+            register(layer, "weight", TopKASTMask(keep, keep, dtype))
+        super().__init__(model, optimizer, seed)
+        self.forward_density, self.backward_density = forward_density, backward_density
+        self.every, self.end = every, end
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Choose ``A`` and ``B`` anew: the top ``D`` and ``D + M`` of every layer's ``|θ|``.
+
+        The optimizer state outside ``B`` is zeroed, so frozen weights stay where they are.
+        """
+        with torch.no_grad():
+            for name, layer in self.layers().items():
+                theta, mask = raw_weight(layer), find_mask(layer)
+                magnitude = theta.abs()
+                k_forward = kept_count(self.forward_densities[name], theta.numel())
+                k_backward = max(k_forward, kept_count(self.backward_densities[name], theta.numel()))
+                backward = top_k_mask(magnitude, k_backward)
+                # A ⊆ B: the top-k_forward of |θ| restricted to B are the top-k_forward overall.
+                forward = top_k_mask(magnitude.masked_fill(~backward, -1.0), k_forward)
+                mask.mask.copy_(forward)
+                mask.backward_mask.copy_(backward)
+                if self.optimizer is not None:
+                    zero_optimizer_state(self.optimizer, theta, backward)
+
+    def _after_step(self) -> None:
+        if self.steps % self.every == 0 and (self.end is None or self.steps <= self.end):
+            self.refresh()
+
+    def penalty(self, p: int = 1) -> Tensor:
+        """The exploration penalty ``Σ_{i∈A} |θ_i|^p + Σ_{i∈B\\A} |θ_i|^p / D``.
+
+        Add it to the loss, times a small coefficient. ``D`` is each layer's forward
+        density. ``p=1`` is the penalty as the paper writes it; ``p=2`` its squared
+        (weight-decay) form. Outside ``B`` the penalty is zero, like the gradient.
+        """
+        if p not in (1, 2):
+            raise ValueError(f"p must be 1 or 2, got {p!r}")
+        total = None
+        for name, layer in self.layers().items():
+            theta, mask = raw_weight(layer), find_mask(layer)
+            size = theta.abs() if p == 1 else theta.square()
+            scale = mask.mask + (mask.backward_mask - mask.mask) / self.forward_densities[name]
+            term = (size * scale).sum()
+            total = term if total is None else total + term
+        return total
+
+    def backward_masks(self) -> dict[str, Tensor]:
+        """``{name: boolean B}`` (the forward sets are :func:`~lowlearn.sparse.mask.masks_of`)."""
+        return {name: find_mask(layer).backward_mask != 0 for name, layer in self.layers().items()}

@@ -1,0 +1,322 @@
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowlearn.models import MLP
+from lowlearn.sparse.allocation import erk, uniform
+from lowlearn.sparse.dst import SET, SNFS, RigL, StaticSparse, layer_densities_for, share
+from lowlearn.sparse.mask import density, find_mask, masks_of, prunable_layers, raw_weight
+from lowlearn.sparse.prune import kept_count
+from lowlearn.train import fit
+
+METHODS = {"static": StaticSparse, "set": SET, "rigl": RigL, "snfs": SNFS}
+
+
+def small_mlp(seed=0):
+    torch.manual_seed(seed)
+    return MLP(in_features=20, hidden=(16, 12), out_features=4)
+
+
+def batches(n=60, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 20, generator=generator), torch.randint(0, 4, (8,), generator=generator))
+            for _ in range(n)]
+
+
+def make(method, model, optimizer, density=0.3, **kwargs):
+    if method == "static":
+        return StaticSparse(model, optimizer, density, seed=kwargs.get("seed", 0))
+    kwargs = {"end": 30, "every": 5, **kwargs}
+    return METHODS[method](model, optimizer, density, **kwargs)
+
+
+def train(model, optimizer, sparsifier, data, check=None):
+    for x, y in data:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        sparsifier.step()
+        if check is not None:
+            check()
+
+
+def counts(model):
+    return {name: int(m.sum()) for name, m in masks_of(model).items()}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("distribution", ["erk", "uniform"])
+def test_density_is_exact_after_every_step(method, distribution):
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = make(method, model, optimizer, distribution=distribution)
+    expected = {name: kept_count(d, raw_weight(layer).numel())
+                for (name, layer), d in zip(prunable_layers(model).items(), sparsifier.densities.values())}
+    total = sum(expected.values())
+    assert counts(model) == expected == sparsifier.active
+
+    def check():
+        now = counts(model)
+        assert now == sparsifier.active
+        assert sum(now.values()) == total            # the global density never moves
+        if method != "snfs":                          # SNFS moves weights between layers
+            assert now == expected
+
+    train(model, optimizer, sparsifier, batches(), check)
+
+
+def test_initial_densities_follow_the_distribution():
+    model = MLP()
+    RigL(model, None, 0.1, end=10)
+    target = erk(MLP(), 0.1)
+    for name, m in masks_of(model).items():
+        assert int(m.sum()) == kept_count(target[name], m.numel())
+    model = MLP()
+    StaticSparse(model, None, 0.2, distribution="uniform")
+    assert all(abs(int(m.sum()) - 0.2 * m.numel()) <= 0.5 for m in masks_of(model).values())
+    assert layer_densities_for(MLP(), 0.2, {"1": 0.5, "3": 1.0}) == {"1": 0.5, "3": 1.0}
+    assert layer_densities_for(MLP(), 0.2, lambda model, d: uniform(model, d)) == uniform(MLP(), 0.2)
+
+
+@pytest.mark.parametrize("method", ["set", "rigl", "snfs"])
+def test_masks_change_and_drop_and_grow_sets_are_disjoint(method):
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = make(method, model, optimizer, end=1000, every=6)
+    update, seen = sparsifier.update, []
+
+    def recorded_update(fraction):
+        before = masks_of(model)
+        grown = update(fraction)
+        seen.append((before, grown, masks_of(model)))
+        return grown
+
+    sparsifier.update = recorded_update
+    train(model, optimizer, sparsifier, batches(12))
+    assert len(seen) == 2
+    for before, grown, after in seen:
+        for name in before:
+            dropped = before[name] & ~after[name]
+            assert int(dropped.sum()) > 0, name
+            assert not (grown[name] & before[name]).any()       # grown weights were inactive
+            assert not (dropped & after[name]).any()             # dropped weights stay out this update
+            assert torch.equal(grown[name], after[name] & ~before[name])
+
+
+@pytest.mark.parametrize("method", ["set", "rigl", "snfs"])
+@pytest.mark.parametrize("make_optimizer", [
+    lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    lambda params: torch.optim.Adam(params, lr=0.01, weight_decay=1e-3),
+])
+def test_grown_weights_and_their_optimizer_state_start_at_zero(method, make_optimizer):
+    model = small_mlp()
+    optimizer = make_optimizer(model.parameters())
+    sparsifier = make(method, model, optimizer)
+    seen = []
+
+    def check():
+        masks = masks_of(model)
+        for name, layer in prunable_layers(model).items():
+            theta, off = raw_weight(layer), ~masks[name]
+            assert (theta[off] == 0).all()
+            for value in optimizer.state[theta].values():
+                if value.shape == theta.shape:
+                    assert (value[off] == 0).all()
+        if sparsifier.schedule.updates_at(sparsifier.steps):
+            seen.append(sparsifier.steps)
+
+    # Catch the grown sets of every update by wrapping the engine's entry point.
+    update = sparsifier.update
+
+    def checked_update(fraction):
+        grown = update(fraction)
+        for name, layer in prunable_layers(model).items():
+            theta = raw_weight(layer)
+            assert (theta[grown[name]] == 0).all()
+            for value in optimizer.state[theta].values():
+                if value.shape == theta.shape:
+                    assert (value[grown[name]] == 0).all()
+        assert fraction == 0 or any(g.any() for g in grown.values())
+        return grown
+
+    sparsifier.update = checked_update
+    train(model, optimizer, sparsifier, batches(), check)
+    assert seen == [5, 10, 15, 20, 25, 30]
+
+
+@pytest.mark.parametrize("method", ["set", "rigl", "snfs"])
+def test_no_update_after_end(method):
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = make(method, model, optimizer, end=20, every=5)
+    data = batches(40)
+    train(model, optimizer, sparsifier, data[:20])
+    at_end = masks_of(model)
+    train(model, optimizer, sparsifier, data[20:])
+    assert all(torch.equal(at_end[n], m) for n, m in masks_of(model).items())
+    assert sparsifier.steps == 40
+
+
+def test_static_masks_never_change():
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = StaticSparse(model, optimizer, 0.3)
+    start = masks_of(model)
+    train(model, optimizer, sparsifier, batches(30))
+    assert all(torch.equal(start[n], m) for n, m in masks_of(model).items())
+    assert sparsifier.schedule is None
+
+
+def test_rigl_grows_exactly_the_top_gradient_inactive_weights():
+    # One linear layer; the gradient of the masked weight comes from autograd on a plain copy.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)   # lr 0: the weights stay put
+    # end = 2: the update at step 1 replaces f(1) = 0.5/2 · (1 + cos(π/2)) = 0.25 of the 12 active weights.
+    sparsifier = RigL(model, optimizer, 0.4, end=2, every=1, drop_fraction=0.5, distribution="uniform")
+    mask = masks_of(model)["0"]
+    theta = raw_weight(model[0]).detach().clone()
+    assert int(mask.sum()) == 12
+    x, y = torch.randn(7, 6), torch.randint(0, 5, (7,))
+    w = (theta * mask).requires_grad_()
+    F.cross_entropy(F.linear(x, w, model[0].bias), y).backward()
+
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    assert torch.equal(raw_weight(model[0]).grad, w.grad * mask)   # what the optimizer sees is masked
+    optimizer.step()
+    sparsifier.step()
+
+    drop = theta.abs().masked_fill(~mask, float("inf")).flatten().topk(3, largest=False).indices
+    grow = w.grad.abs().masked_fill(mask, -1.0).flatten().topk(3).indices
+    expected = mask.flatten().clone()
+    expected[drop] = False
+    expected[grow] = True
+    assert torch.equal(masks_of(model)["0"].flatten(), expected)
+
+
+def test_dense_gradients_are_read_only_on_update_steps():
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = make("rigl", model, optimizer, every=5, end=30)
+    hooked = []
+
+    def check():
+        hooked.append(any(find_mask(layer)._forward_hooks for layer in prunable_layers(model).values()))
+
+    train(model, optimizer, sparsifier, batches(12), check)
+    # After step t the hooks are armed iff step t + 1 updates the masks.
+    assert [t for t, armed in enumerate(hooked, start=1) if armed] == [4, 9]
+
+
+def test_rigl_without_a_backward_pass_says_what_to_do():
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = make("rigl", model, optimizer, every=1, end=10)
+    with pytest.raises(RuntimeError, match="call sparsifier.step\\(\\) exactly once after every optimizer.step"):
+        sparsifier.step()
+
+
+@pytest.mark.parametrize("method", ["set", "rigl", "snfs"])
+@pytest.mark.parametrize("optimizer_class", ["sgd", "adam"])
+def test_resuming_from_a_checkpoint_is_bit_exact(method, optimizer_class):
+    def build(seed):
+        model = small_mlp(seed)
+        if optimizer_class == "sgd":
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        else:
+            optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        return model, optimizer, make(method, model, optimizer, end=40, every=4, seed=seed)
+
+    data = batches(50)
+    model, optimizer, sparsifier = build(0)
+    train(model, optimizer, sparsifier, data)
+
+    model2, optimizer2, sparsifier2 = build(0)
+    train(model2, optimizer2, sparsifier2, data[:23])          # step 24 updates the masks
+    buffer = io.BytesIO()
+    torch.save({"model": model2.state_dict(), "optimizer": optimizer2.state_dict(),
+                "sparsifier": sparsifier2.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model3, optimizer3, sparsifier3 = build(5)                # another initialisation, then overwritten
+    model3.load_state_dict(saved["model"])
+    optimizer3.load_state_dict(saved["optimizer"])
+    sparsifier3.load_state_dict(saved["sparsifier"])
+    train(model3, optimizer3, sparsifier3, data[23:])
+
+    for (name, a), b in zip(model.state_dict().items(), model3.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert sparsifier3.active == sparsifier.active
+
+
+def test_fit_drives_a_sparsifier_as_a_callback():
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = make("rigl", model, optimizer, end=30, every=5)
+    x = torch.randn(64, 20)
+    y = torch.randint(0, 4, (64,))
+    start = masks_of(model)
+    fit(model, (x, y), optimizer, steps=20, batch_size=8, callbacks=[sparsifier], device="cpu")
+    assert sparsifier.steps == 20
+    assert any(not torch.equal(start[n], m) for n, m in masks_of(model).items())
+    assert density(model) == pytest.approx(sum(sparsifier.active.values()) / sum(m.numel() for m in start.values()))
+
+
+def test_snfs_shares_growth_by_mean_momentum():
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = make("snfs", model, optimizer, end=1000, every=1000)
+    train(model, optimizer, sparsifier, batches(3))
+    # Hand-made momentum: layer "1" gets all of it.
+    for name, m in sparsifier.momentum.items():
+        m.zero_()
+        if name == "1":
+            m.fill_(1.0)
+    before = dict(sparsifier.active)
+    sparsifier.update(0.2)
+    dropped = {name: int(0.2 * k) for name, k in before.items()}
+    assert sparsifier.active["1"] == before["1"] - dropped["1"] + sum(dropped.values())
+    assert sparsifier.active["3"] == before["3"] - dropped["3"]
+    assert sum(sparsifier.active.values()) == sum(before.values())
+
+
+def test_share_by_hand():
+    assert share(10, {"a": 1.0, "b": 1.0}, {"a": 100, "b": 100}) == {"a": 5, "b": 5}
+    assert share(10, {"a": 3.0, "b": 1.0}, {"a": 100, "b": 100}) in ({"a": 8, "b": 2}, {"a": 7, "b": 3})
+    assert share(10, {"a": 3.0, "b": 1.0}, {"a": 4, "b": 100}) == {"a": 4, "b": 6}     # a is full
+    assert share(7, {"a": 0.0, "b": 0.0, "c": 0.0}, {"a": 1, "b": 5, "c": 5}) in (
+        {"a": 1, "b": 3, "c": 3}, {"a": 1, "b": 4, "c": 2}, {"a": 1, "b": 2, "c": 4})
+    assert share(0, {"a": 1.0}, {"a": 0}) == {"a": 0}
+    for total in range(0, 30):
+        result = share(total, {"a": 0.7, "b": 0.2, "c": 0.1}, {"a": 10, "b": 10, "c": 10})
+        assert sum(result.values()) == total and all(v <= 10 for v in result.values())
+    with pytest.raises(ValueError, match="room for 3"):
+        share(4, {"a": 1.0}, {"a": 3})
+
+
+def test_bad_input():
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+            RigL(small_mlp(), None, bad, end=10)
+    with pytest.raises(ValueError, match="unknown distribution 'erdos'"):
+        StaticSparse(small_mlp(), None, 0.5, distribution="erdos")
+    with pytest.raises(ValueError, match="drop_fraction"):
+        SET(small_mlp(), None, 0.5, end=10, drop_fraction=1.2)
+    with pytest.raises(ValueError, match="beta must be in"):
+        SNFS(small_mlp(), None, 0.5, end=10, beta=1.0)
+
+
+def test_deepcopy_of_a_sparse_model_is_independent():
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = make("set", model, optimizer)
+    train(model, optimizer, sparsifier, batches(12))
+    frozen = copy.deepcopy(model)
+    saved = masks_of(frozen)
+    train(model, optimizer, sparsifier, batches(10, seed=3))
+    assert all(torch.equal(saved[n], m) for n, m in masks_of(frozen).items())

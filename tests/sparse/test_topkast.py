@@ -1,0 +1,143 @@
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowlearn.models import MLP
+from lowlearn.sparse.mask import density, masks_of, prunable_layers, raw_weight, squash
+from lowlearn.sparse.prune import kept_count, top_k_mask
+from lowlearn.sparse.topkast import TopKAST
+
+
+def small_mlp(seed=0):
+    torch.manual_seed(seed)
+    return MLP(in_features=20, hidden=(16, 12), out_features=4)
+
+
+def batch(seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 20, generator=generator), torch.randint(0, 4, (8,), generator=generator)
+
+
+def test_sets_are_the_top_magnitudes_and_nested():
+    model = small_mlp()
+    theta = {name: raw_weight(layer).detach().clone() for name, layer in prunable_layers(model).items()}
+    sparsifier = TopKAST(model, None, 0.2, 0.5)
+    forward, backward = masks_of(model), sparsifier.backward_masks()
+    for name, w in theta.items():
+        assert torch.equal(forward[name], top_k_mask(w.abs(), kept_count(0.2, w.numel())))
+        assert torch.equal(backward[name], top_k_mask(w.abs(), kept_count(0.5, w.numel())))
+        assert not (forward[name] & ~backward[name]).any()
+    assert density(model) == pytest.approx(0.2, abs=0.01)
+
+
+def test_forward_uses_only_a_while_gradients_reach_b():
+    model = small_mlp()
+    sparsifier = TopKAST(model, None, 0.2, 0.5)
+    forward, backward = masks_of(model), sparsifier.backward_masks()
+    # Reference: a plain network holding θ ⊙ 1_A.
+    plain = small_mlp()
+    with torch.no_grad():
+        for name, layer in prunable_layers(plain).items():
+            layer.weight.copy_(raw_weight(prunable_layers(model)[name]) * forward[name])
+    x, y = batch()
+    out = model(x)
+    assert torch.equal(out, plain(x))
+    F.cross_entropy(out, y).backward()
+    F.cross_entropy(plain(x), y).backward()
+    for name, layer in prunable_layers(model).items():
+        grad = raw_weight(layer).grad
+        dense_grad = prunable_layers(plain)[name].weight.grad      # ∂L/∂w at every position
+        assert torch.allclose(grad, dense_grad * backward[name])
+        assert (grad[~backward[name]] == 0).all()
+        outside_a = backward[name] & ~forward[name]
+        assert grad[outside_a].abs().sum() > 0                    # B \ A learns without being used
+
+
+def test_training_keeps_frozen_weights_and_exact_forward_density():
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = TopKAST(model, optimizer, 0.2, 0.4, every=3)
+    x, y = batch()
+    changed = 0
+    for step in range(1, 13):
+        frozen = {name: (raw_weight(layer).detach().clone(), ~sparsifier.backward_masks()[name])
+                  for name, layer in prunable_layers(model).items()}
+        before = masks_of(model)
+        optimizer.zero_grad()
+        (F.cross_entropy(model(x), y) + 1e-3 * sparsifier.penalty()).backward()
+        optimizer.step()
+        for name, layer in prunable_layers(model).items():
+            theta, outside = frozen[name]
+            assert torch.equal(raw_weight(layer).detach()[outside], theta[outside])   # outside B: untouched
+        sparsifier.step()
+        after = masks_of(model)
+        for name, m in after.items():
+            assert int(m.sum()) == kept_count(0.2, m.numel())
+        changed += sum(int((before[n] ^ after[n]).sum()) for n in after)
+        if step % 3:                                             # the sets move only at refreshes
+            assert all(torch.equal(before[n], after[n]) for n in after)
+    assert changed > 0                                           # the sets follow the weights
+
+
+def test_penalty_by_hand():
+    model = small_mlp()
+    sparsifier = TopKAST(model, None, 0.25, 0.5, distribution="uniform")
+    forward, backward = masks_of(model), sparsifier.backward_masks()
+    expected = 0.0
+    for name, layer in prunable_layers(model).items():
+        theta = raw_weight(layer).detach()
+        expected += theta[forward[name]].abs().sum() + theta[backward[name] & ~forward[name]].abs().sum() / 0.25
+    assert sparsifier.penalty().item() == pytest.approx(expected.item(), rel=1e-6)
+    squared = sum((raw_weight(layer).detach()[forward[name]] ** 2).sum()
+                  + (raw_weight(layer).detach()[backward[name] & ~forward[name]] ** 2).sum() / 0.25
+                  for name, layer in prunable_layers(model).items())
+    assert sparsifier.penalty(p=2).item() == pytest.approx(squared.item(), rel=1e-6)
+    # Its gradient is zero outside B.
+    sparsifier.penalty().backward()
+    for name, layer in prunable_layers(model).items():
+        assert (raw_weight(layer).grad[~backward[name]] == 0).all()
+
+
+def test_checkpoint_round_trip_and_squash():
+    model = small_mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    sparsifier = TopKAST(model, optimizer, 0.3, 0.6, every=2)
+    x, y = batch()
+    for _ in range(5):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        sparsifier.step()
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "sparsifier": sparsifier.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    other = small_mlp(3)
+    restored = TopKAST(other, None, 0.3, 0.6, every=2)
+    other.load_state_dict(saved["model"])
+    restored.load_state_dict(saved["sparsifier"])
+    assert restored.steps == 5
+    assert torch.equal(other(x), model(x))
+    assert all(torch.equal(a, b) for a, b in zip(restored.backward_masks().values(),
+                                                 sparsifier.backward_masks().values()))
+    plain = squash(copy.deepcopy(model))
+    assert torch.equal(plain(x), model(x))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="backward_density .* must be at least forward_density"):
+        TopKAST(small_mlp(), None, 0.5, 0.2)
+    with pytest.raises(ValueError, match=r"forward_density must be in \(0, 1\]"):
+        TopKAST(small_mlp(), None, 0.0, 0.2)
+    model = small_mlp()
+    with pytest.raises(ValueError, match="weight_decay=0"):
+        TopKAST(model, torch.optim.AdamW(model.parameters()), 0.2, 0.4)
+    model = small_mlp()
+    TopKAST(model, None, 0.2, 0.4)
+    with pytest.raises(ValueError, match="already has a mask"):
+        TopKAST(model, None, 0.2, 0.4)
+    with pytest.raises(ValueError, match="p must be 1 or 2"):
+        TopKAST(small_mlp(), None, 0.2, 0.4).penalty(p=3)
