@@ -9,6 +9,9 @@ change the original's class too, and the original would lose its ``weight``.
 
 :func:`register` and :func:`remove` wrap PyTorch's functions and make every deep
 copy of a module they touched take its own class, so the two never share one.
+:class:`OutputGradients` reads the gradient of a parametrization's output (the
+effective weight), which dynamic sparse training and Powerpropagation's
+optimiser-aware update need.
 """
 
 from __future__ import annotations
@@ -38,3 +41,56 @@ def register(module: nn.Module, tensor_name: str, parametrization: nn.Module) ->
 def remove(module: nn.Module, tensor_name: str) -> None:
     """Remove the parametrizations of ``module.<tensor_name>``, keeping its current value as a plain parameter."""
     parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+
+
+class OutputGradients:
+    """Read ``∂L/∂(output)`` of chosen parametrization modules, e.g. the dense gradient of a masked weight.
+
+    A parametrization's output is the tensor the layer computes with (the masked
+    weight ``w = θ ⊙ m``, the exponentiated weight ``θ = Ψ(φ)``); backward computes
+    its gradient before the chain rule takes it back to the raw parameter. While
+    :meth:`start` is in effect, a forward hook on every module marks that output, and
+    backward stores its gradient in :attr:`grads` (summed over several backward
+    passes). Forward passes without gradients (evaluation) are ignored.
+
+    Args:
+        modules: ``{name: parametrization module}``.
+
+    Attributes:
+        grads: ``{name: ∂L/∂output}`` seen since the last :meth:`clear`.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.modules = modules
+        self.grads: dict = {}
+        self._handles: list = []
+
+    @property
+    def active(self) -> bool:
+        """Whether gradients are being recorded."""
+        return bool(self._handles)
+
+    def start(self) -> None:
+        """Record from the next forward pass on (no effect if already recording)."""
+        if not self._handles:
+            self._handles = [module.register_forward_hook(self._hook(name)) for name, module in self.modules.items()]
+
+    def stop(self) -> None:
+        """Stop recording; the gradients already stored stay in :attr:`grads`."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def clear(self) -> None:
+        """Forget the stored gradients."""
+        self.grads = {}
+
+    def _hook(self, name: str):
+        def store(grad):
+            self.grads[name] = grad if name not in self.grads else self.grads[name] + grad
+
+        def hook(module: nn.Module, inputs: tuple, output) -> None:
+            if output.requires_grad and not output.is_leaf:   # a leaf would keep the hook for good
+                output.register_hook(store)
+
+        return hook

@@ -3,7 +3,7 @@ import copy
 import torch
 from torch import nn
 
-from lowlearn.reparam import register, remove
+from lowlearn.reparam import OutputGradients, register, remove
 from lowlearn.sparse.mask import Mask, attach_masks, masks_of, squash
 from lowlearn.models import MLP
 
@@ -47,3 +47,26 @@ def test_remove_keeps_the_parametrized_value():
     remove(layer, "weight")
     assert type(layer) is nn.Linear and isinstance(layer.weight, nn.Parameter)
     assert torch.equal(layer.weight, value)
+
+
+def test_output_gradients_are_the_gradients_of_the_effective_weight():
+    layer = nn.Linear(3, 2)
+    mask = Mask(torch.tensor([[True, False, True], [False, True, True]]))
+    register(layer, "weight", mask)
+    recorder = OutputGradients({"w": mask})
+    x = torch.randn(5, 3)
+    layer(x).sum().backward()
+    assert recorder.grads == {} and not recorder.active            # nothing before start()
+    recorder.start()
+    with torch.no_grad():
+        layer(x)                                                    # no gradient: ignored
+    layer(x).sum().backward()
+    expected = torch.ones(5, 2).T @ x                               # ∂(Σ xWᵀ)/∂W, at every position
+    assert torch.allclose(recorder.grads["w"], expected)
+    assert torch.allclose(layer.parametrizations.weight.original.grad, 2 * expected * mask.mask)
+    layer(x).sum().backward()                                       # a second backward adds up
+    assert torch.allclose(recorder.grads["w"], 2 * expected)
+    recorder.clear()
+    recorder.stop()
+    layer(x).sum().backward()
+    assert recorder.grads == {} and not recorder.active and not mask._forward_hooks

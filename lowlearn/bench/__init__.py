@@ -16,4 +16,9 @@ Benchmarks:
     SET, RigL, SNFS and Top-KAST (:mod:`lowlearn.sparse.dst`,
     :mod:`lowlearn.sparse.topkast`), each as a ratio to the dense model and to the
     static mask.
+
+``powerprop``
+    One training step with Powerpropagation (:mod:`lowlearn.powerprop`), with SGD and
+    with the optimiser-aware Adam, each as a ratio to the same network and optimizer
+    without it.
 """

@@ -2,9 +2,9 @@
 
 import sys
 
-from . import dst, masks
+from . import dst, masks, powerprop
 
-BENCHMARKS = {"masks": masks.main, "dst": dst.main}
+BENCHMARKS = {"masks": masks.main, "dst": dst.main, "powerprop": powerprop.main}
 
 
 def main(argv: list[str]) -> None:

@@ -12,6 +12,7 @@
 * :mod:`~lowlearn.sparse.update`: drop and grow, the mask update of dynamic sparse training.
 * :mod:`~lowlearn.sparse.dst`: dynamic sparse training (static, SET, RigL, SNFS).
 * :mod:`~lowlearn.sparse.topkast`: Top-KAST.
+* :mod:`~lowlearn.sparse.packnet`: continual learning, each task owning a sparse subset of the weights.
 * :mod:`~lowlearn.sparse.flops`: the FLOPs of sparse models.
 
 The submodules are the public interface; the most used names are re-exported here.

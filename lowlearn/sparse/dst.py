@@ -55,6 +55,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..reparam import OutputGradients
 from .allocation import erdos_renyi, erk, uniform
 from .mask import attach_masks, find_mask, masked_layers, masks_of, raw_weight, set_masks, zero_optimizer_state
 from .prune import check_density, kept_count, top_k_mask
@@ -197,8 +198,7 @@ class DynamicSparsity(Sparsifier):
             noise = torch.rand(weight.shape, generator=self.generator, device=weight.device)
             initial[name] = top_k_mask(noise, self.active[name])
         set_masks(model, initial, optimizer)
-        self._grads: dict[str, Tensor] = {}
-        self._hooks: list = []
+        self._gradients = OutputGradients({name: find_mask(layer) for name, layer in self.layers().items()})
         self._arm()
 
     # ----------------------------------------------------------------- the method's part
@@ -220,7 +220,7 @@ class DynamicSparsity(Sparsifier):
             self._observe_gradients()
         if self.schedule is not None and self.schedule.updates_at(self.steps):
             self.update(self.schedule.fraction(self.steps))
-        self._grads.clear()
+        self._gradients.clear()
         self._arm()
 
     def _observe_gradients(self) -> None:
@@ -266,27 +266,11 @@ class DynamicSparsity(Sparsifier):
         return self.dense_gradient == "update" and self.schedule is not None and self.schedule.updates_at(step)
 
     def _arm(self) -> None:
-        """Hook the masks' outputs if the next step needs ``∂L/∂w``; unhook them otherwise."""
-        wanted = self._needs_gradient(self.steps + 1)
-        if wanted == bool(self._hooks):
-            return
-        if not wanted:
-            for hook in self._hooks:
-                hook.remove()
-            self._hooks = []
-            return
-        for name, layer in self.layers().items():
-            self._hooks.append(find_mask(layer).register_forward_hook(self._capture_hook(name)))
-
-    def _capture_hook(self, name: str):
-        def store(grad: Tensor) -> None:
-            self._grads[name] = grad if name not in self._grads else self._grads[name] + grad
-
-        def hook(module: nn.Module, inputs: tuple, weight: Tensor) -> None:
-            if weight.requires_grad:
-                weight.register_hook(store)
-
-        return hook
+        """Record ``∂L/∂w`` during the next step if it needs it; stop recording otherwise."""
+        if self._needs_gradient(self.steps + 1):
+            self._gradients.start()
+        else:
+            self._gradients.stop()
 
     def dense_gradients(self) -> dict[str, Tensor]:
         """``{name: ∂L/∂w}`` of the step just taken (summed over its backward passes).
@@ -295,13 +279,13 @@ class DynamicSparsity(Sparsifier):
             RuntimeError: no gradient was seen, e.g. ``step()`` was not called once per
                 optimizer step after a backward pass through the model.
         """
-        missing = [name for name in self.layers() if name not in self._grads]
+        missing = [name for name in self.layers() if name not in self._gradients.grads]
         if missing:
             raise RuntimeError(
                 f"{type(self).__name__} needs the dense gradient of this step, but saw none for {missing}: "
                 "call sparsifier.step() exactly once after every optimizer.step(), each after a backward "
                 "pass through the model (a checkpoint restored mid-run resumes correctly too)")
-        return dict(self._grads)
+        return dict(self._gradients.grads)
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -312,7 +296,7 @@ class DynamicSparsity(Sparsifier):
         """Restore :meth:`state_dict`; load the model's state (masks) too."""
         super().load_state_dict(state)
         self.active = dict(state["active"])
-        self._grads.clear()
+        self._gradients.clear()
         self._arm()
 
 

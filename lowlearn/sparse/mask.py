@@ -64,6 +64,53 @@ class Mask(nn.Module):
         return f"density={self.mask.count_nonzero().item() / self.mask.numel():.4f}"
 
 
+class _SplitMaskFunction(torch.autograd.Function):
+    """``w = θ ⊙ a`` forward; ``∂L/∂θ = ∂L/∂w ⊙ b`` backward."""
+
+    @staticmethod
+    def forward(weight: Tensor, forward_mask: Tensor, backward_mask: Tensor) -> Tensor:
+        return weight * forward_mask
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (backward_mask,) = ctx.saved_tensors
+        return grad * backward_mask, None, None
+
+
+class SplitMask(Mask):
+    """A :class:`Mask` whose gradient passes through a second mask: ``w = θ ⊙ a``, ``∂L/∂θ = ∂L/∂w ⊙ b``.
+
+    ``mask`` (``a``) chooses the weights the forward pass uses, ``backward_mask``
+    (``b``) the weights that learn. Top-KAST uses ``b ⊇ a``
+    (:mod:`lowlearn.sparse.topkast`: weights just outside the forward set keep
+    learning); continual learning uses ``b ⊆ a`` (:mod:`lowlearn.sparse.packnet`:
+    earlier tasks' weights are used but frozen). Unlike a plain :class:`Mask`, the
+    raw weight is *not* kept at zero outside ``a``.
+
+    Args:
+        forward_mask: boolean ``a``.
+        backward_mask: boolean ``b``.
+        dtype: the weight's dtype.
+    """
+
+    def __init__(self, forward_mask: Tensor, backward_mask: Tensor, dtype: torch.dtype = torch.float32):
+        super().__init__(forward_mask, dtype)
+        if backward_mask.dtype != torch.bool or backward_mask.shape != forward_mask.shape:
+            raise ValueError("the backward mask must be boolean with the forward mask's shape")
+        self.register_buffer("backward_mask", backward_mask.detach().to(dtype=dtype))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return _SplitMaskFunction.apply(weight, self.mask, self.backward_mask)
+
+    def extra_repr(self) -> str:
+        backward = self.backward_mask.count_nonzero().item() / self.backward_mask.numel()
+        return f"{super().extra_repr()}, backward_density={backward:.4f}"
+
+
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers whose weights lowlearn masks by default: every ``nn.Linear`` and ``nn.Conv2d``.
 
@@ -189,6 +236,20 @@ def zero_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, keep: 
     for value in optimizer.state.get(param, {}).values():
         if isinstance(value, Tensor) and value.shape == param.shape:
             value.mul_(keep.to(value.dtype))
+
+
+def refuse_weight_decay(optimizer: torch.optim.Optimizer, params: Iterable[Tensor], reason: str) -> None:
+    """Raise a ValueError if ``optimizer`` applies weight decay to any of ``params``.
+
+    Methods that keep weights frozen by giving them a zero gradient (Top-KAST,
+    PackNet) cannot allow it: weight decay shrinks a weight whatever its gradient.
+    ``reason`` says why in the message.
+    """
+    ids = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        if group.get("weight_decay", 0) and any(id(p) in ids for p in group["params"]):
+            raise ValueError(f"{reason}, but the optimizer's weight decay ({group['weight_decay']}) would shrink "
+                             "frozen weights too: build it with weight_decay=0")
 
 
 def density(model: nn.Module) -> float:

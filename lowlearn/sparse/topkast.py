@@ -22,7 +22,7 @@ sets follow the weights, whatever moved them), so Top-KAST does not use
 checkpointing of :class:`~lowlearn.sparse.dst.Sparsifier`. Refreshing the sets every
 step costs a ``topk`` over every layer; ``every`` refreshes them less often.
 
-``A`` is the layer's :class:`~lowlearn.sparse.mask.Mask` (:class:`TopKASTMask` is one),
+``A`` is the layer's :class:`~lowlearn.sparse.mask.Mask` (a :class:`~lowlearn.sparse.mask.SplitMask`),
 so :func:`~lowlearn.sparse.mask.masks_of`, :func:`~lowlearn.sparse.mask.density` and
 :func:`~lowlearn.sparse.mask.squash` see the forward network. Unlike the other
 methods the weights outside ``A`` are not zero, and do not become zero: use the
@@ -37,44 +37,8 @@ from torch import Tensor, nn
 
 from ..reparam import register
 from .dst import Distribution, Sparsifier, layer_densities_for
-from .mask import Mask, find_mask, raw_weight, resolve_layers, zero_optimizer_state
+from .mask import SplitMask, find_mask, raw_weight, refuse_weight_decay, resolve_layers, zero_optimizer_state
 from .prune import check_density, kept_count, top_k_mask
-
-
-class _SplitMask(torch.autograd.Function):
-    """``w = θ ⊙ a`` forward; ``∂L/∂θ = ∂L/∂w ⊙ b`` backward."""
-
-    @staticmethod
-    def forward(weight: Tensor, forward_mask: Tensor, backward_mask: Tensor) -> Tensor:
-        return weight * forward_mask
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(inputs[2])
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (backward_mask,) = ctx.saved_tensors
-        return grad * backward_mask, None, None
-
-
-class TopKASTMask(Mask):
-    """A :class:`~lowlearn.sparse.mask.Mask` whose gradient passes through a larger mask.
-
-    ``mask`` is the forward set ``A``, ``backward_mask`` the backward set ``B ⊇ A``
-    (both 0/1 in the weight's dtype, like :class:`~lowlearn.sparse.mask.Mask`).
-    """
-
-    def __init__(self, forward_mask: Tensor, backward_mask: Tensor, dtype: torch.dtype = torch.float32):
-        super().__init__(forward_mask, dtype)
-        self.register_buffer("backward_mask", backward_mask.detach().to(dtype=dtype))
-
-    def forward(self, weight: Tensor) -> Tensor:
-        return _SplitMask.apply(weight, self.mask, self.backward_mask)
-
-    def extra_repr(self) -> str:
-        backward = self.backward_mask.count_nonzero().item() / self.backward_mask.numel()
-        return f"{super().extra_repr()}, backward_density={backward:.4f}"
 
 
 class TopKAST(Sparsifier):
@@ -82,7 +46,7 @@ class TopKAST(Sparsifier):
 
     Args:
         model: the model; every ``nn.Linear``/``nn.Conv2d`` weight (or ``layers``)
-            gets a :class:`TopKASTMask`. Its biases and norm layers stay dense.
+            gets a :class:`~lowlearn.sparse.mask.SplitMask`. Its biases and norm layers stay dense.
         optimizer: any ``torch.optim`` optimizer, with weight decay 0.
         forward_density: ``D``, the global fraction of weights in ``A``.
         backward_density: ``D + M``, the global fraction in ``B`` (at least ``D``).
@@ -125,19 +89,16 @@ class TopKAST(Sparsifier):
             if find_mask(layer) is not None:
                 raise ValueError(f"layer {name!r} already has a mask; Top-KAST needs an unmasked model")
         if optimizer is not None:
-            weights = {id(raw_weight(layer)) for layer in chosen.values()}
-            for group in optimizer.param_groups:
-                if group.get("weight_decay", 0) and any(id(p) in weights for p in group["params"]):
-                    raise ValueError("Top-KAST keeps the weights outside B frozen, but the optimizer's weight decay "
-                                     f"({group['weight_decay']}) would shrink them: set weight_decay=0 and add "
-                                     "sparsifier.penalty() to the loss instead")
+            refuse_weight_decay(optimizer, [raw_weight(layer) for layer in chosen.values()],
+                                "Top-KAST keeps the weights outside B frozen (add sparsifier.penalty() to the loss "
+                                "instead)")
         names = list(chosen)
         self.forward_densities = layer_densities_for(model, forward_density, distribution, names)
         self.backward_densities = layer_densities_for(model, backward_density, distribution, names)
         for name, layer in chosen.items():
             shape, dtype = layer.weight.shape, layer.weight.dtype
             keep = torch.ones(shape, dtype=torch.bool, device=layer.weight.device)
-            register(layer, "weight", TopKASTMask(keep, keep, dtype))
+            register(layer, "weight", SplitMask(keep, keep, dtype))
         super().__init__(model, optimizer, seed)
         self.forward_density, self.backward_density = forward_density, backward_density
         self.every, self.end = every, end

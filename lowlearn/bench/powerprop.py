@@ -1,0 +1,81 @@
+"""Training-step time with Powerpropagation, against the same network without it.
+
+LeNet-300-100 with identical initial function; a step is forward, cross-entropy,
+backward and an optimizer step on a fixed batch. Powerprop adds a power of every
+weight in the forward pass and a multiplication in the backward pass; the
+optimiser-aware update (:class:`lowlearn.powerprop.PowerPropOptimizer`) adds a few
+element-wise passes over the weights per step. Each is compared with its own
+baseline: SGD with plain SGD, the optimiser-aware Adam with plain Adam.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from lowlearn.models import MLP
+from lowlearn.powerprop import PowerPropOptimizer, powerprop
+from lowlearn.train import default_device
+
+from .timing import interleaved_medians
+
+CASES = ("SGD", "Powerprop, SGD", "Adam", "Powerprop, optimiser-aware Adam")
+BASELINE = {"Powerprop, SGD": "SGD", "Powerprop, optimiser-aware Adam": "Adam"}
+
+
+def build_steps(alpha: float, batch_size: int, device: torch.device) -> dict[str, tuple]:
+    """``{case: (training-step function, its model)}``."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(batch_size, 784, generator=generator).to(device)
+    y = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
+    steps = {}
+    for case in CASES:
+        torch.manual_seed(0)
+        model = MLP().to(device)
+        if case.startswith("Powerprop"):
+            powerprop(model, alpha)
+        if "Adam" in case:
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+            if case.startswith("Powerprop"):
+                optimizer = PowerPropOptimizer(optimizer, model)
+        else:
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+        def step(model=model, optimizer=optimizer) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+        steps[case] = (step, model)
+    return steps
+
+
+def run(alpha: float = 3.0, batch_size: int = 60, iterations: int = 200, repeats: int = 7,
+        device: str | None = None) -> dict[str, float]:
+    """Median seconds per training step by case."""
+    device = torch.device(device) if device else default_device()
+    steps = {case: step for case, (step, _) in build_steps(alpha, batch_size, device).items()}
+    return interleaved_medians(steps, device=device, iterations=iterations, repeats=repeats, warmup=20)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lowlearn.bench powerprop", description=__doc__)
+    parser.add_argument("--alpha", type=float, default=3.0)
+    parser.add_argument("--batch-size", type=int, default=60)
+    parser.add_argument("--iterations", type=int, default=200, help="training steps per timed block")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved timed blocks per case")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    args = parser.parse_args(argv)
+    times = run(args.alpha, args.batch_size, args.iterations, args.repeats, args.device)
+    device = args.device or default_device()
+    print(f"LeNet-300-100 training step, batch {args.batch_size}, alpha {args.alpha:g}, device {device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"median of {args.repeats} interleaved blocks of {args.iterations} steps")
+    print(f"{'case':<34} {'ms/step':>9} {'vs baseline':>12}")
+    for case, seconds in times.items():
+        ratio = seconds / times[BASELINE.get(case, case)]
+        print(f"{case:<34} {seconds * 1e3:9.3f} {ratio:11.3f}x")
+    worst = max(times[case] / times[base] for case, base in BASELINE.items())
+    print(f"goal: Powerprop / baseline <= 1.15: {worst:.3f}")

@@ -1,0 +1,239 @@
+"""Powerpropagation: a reparameterisation that makes networks sparse by themselves.
+
+Schwarz, Jayakumar, Pascanu, Latham & Teh (2021), "Powerpropagation: a sparsity
+inducing weight reparameterisation" (NeurIPS). Every weight ``θ`` of a layer is
+written as a function of a new parameter ``φ``:
+
+    θ = Ψ(φ) = φ · |φ|^(α−1),        α ≥ 1,
+
+and the network is trained on ``φ``. By the chain rule
+
+    ∂L/∂φ = ∂L/∂θ · α |φ|^(α−1),
+
+so a weight's gradient is scaled by its own magnitude: large weights learn fast, small
+ones barely move ("rich get richer"), zero is a critical point, and weights rarely
+cross zero. Training therefore leaves many weights near zero, and magnitude pruning
+removes them at little cost. ``α = 1`` is the ordinary network.
+
+* :class:`PowerProp`: the parametrization (``torch.nn.utils.parametrize``), whose
+  ``right_inverse`` ``φ = sign(θ) |θ|^(1/α)`` turns the usual initialisation of ``θ``
+  into ``φ``, so the network computes the same function at initialisation.
+* :func:`powerprop`: apply it to a model's layers in one call.
+* :class:`PowerPropOptimizer`: the optimiser-aware update of the paper, for any
+  ``torch.optim`` optimizer.
+
+Powerprop composes with :mod:`lowlearn.sparse`: apply it *before* masking, so that
+the mask comes last, ``w = Ψ(φ) ⊙ m``, and every score sees the effective weight.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .reparam import OutputGradients, register
+from .sparse.mask import resolve_layers
+
+
+def check_alpha(alpha: float) -> float:
+    """Return ``alpha`` as a float if it is a finite number ≥ 1, else raise a ValueError that says so."""
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 1:
+        raise ValueError(f"alpha must be a finite number >= 1 (1 is the ordinary network; the paper uses "
+                         f"2 to 5), got {alpha!r}")
+    return float(alpha)
+
+
+def _magnitude_power(phi: Tensor, exponent: float) -> Tensor:
+    """``|φ|^exponent`` in as few passes as the exponent allows (no ``abs`` for even integers)."""
+    if exponent == 1.0:
+        return phi.abs()
+    if exponent == 2.0:
+        return phi.square()
+    if exponent.is_integer() and exponent % 2 == 0:
+        return phi.pow(int(exponent))
+    return phi.abs().pow_(exponent)
+
+
+class _Power(torch.autograd.Function):
+    """``θ = φ |φ|^(α−1)`` with the gradient ``α |φ|^(α−1)`` written out.
+
+    Autograd's own derivative of ``φ · |φ|^(α−1)`` goes through ``|φ|^(α−2)``, which is
+    infinite at ``φ = 0`` for ``1 < α < 2`` and turns masked (zero) weights into NaN
+    gradients; the closed form has no such term. The forward's ``|φ|^(α−1)`` is kept
+    for the backward, which is then one fused multiply.
+    """
+
+    @staticmethod
+    def forward(phi: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+        power = _magnitude_power(phi, alpha - 1)
+        return phi * power, power
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.alpha = inputs[1]
+        ctx.save_for_backward(output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _):
+        (power,) = ctx.saved_tensors
+        return torch.addcmul(grad.new_zeros(()), grad, power, value=ctx.alpha), None
+
+
+class PowerProp(nn.Module):
+    """Parametrization ``θ = Ψ(φ) = φ · |φ|^(α−1)`` (Schwarz et al. 2021, eq. 1).
+
+    Registered on a weight (see :func:`powerprop`), the weight's trainable tensor
+    becomes ``φ`` and the layer computes with ``θ``. ``right_inverse`` maps a weight
+    to ``φ = sign(θ) |θ|^(1/α)``, which PyTorch applies at registration: the layer's
+    current (initialised) weights are kept, up to floating-point rounding.
+
+    Args:
+        alpha: ``α ≥ 1``; ``1`` leaves the weight exactly as it was.
+
+    Raises:
+        ValueError: ``alpha`` below 1, or not finite.
+    """
+
+    def __init__(self, alpha: float):
+        super().__init__()
+        self.alpha = check_alpha(alpha)
+
+    def forward(self, phi: Tensor) -> Tensor:
+        if self.alpha == 1.0:
+            return phi.view_as(phi)   # the same values and gradient; a view, so that hooks see a new tensor
+        return _Power.apply(phi, self.alpha)[0]
+
+    def right_inverse(self, theta: Tensor) -> Tensor:
+        if self.alpha == 1.0:
+            return theta
+        return theta.sign() * theta.abs().pow(1.0 / self.alpha)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha:g}"
+
+
+def powerprop(model: nn.Module, alpha: float, layers: Iterable[str] | None = None) -> nn.Module:
+    """Reparameterise the weights of ``layers`` (default: every Linear/Conv2d) with :class:`PowerProp`.
+
+    Biases and normalisation layers stay as they are, as in the paper. The model
+    computes the same function afterwards (up to rounding). Masks go on afterwards
+    (:func:`lowlearn.sparse.mask.attach_masks`), so that they act on ``θ``. Returns
+    the model, changed in place.
+
+    Raises:
+        ValueError: a bad ``alpha``, or a chosen weight that already carries a
+            parametrization (e.g. a mask): Powerprop must come first.
+        KeyError: an unknown layer name.
+    """
+    alpha = check_alpha(alpha)
+    for name, layer in resolve_layers(model, layers).items():
+        if parametrize.is_parametrized(layer, "weight"):
+            raise ValueError(f"layer {name!r} already has a parametrization (e.g. a mask); apply powerprop() "
+                             "before masking, so that the mask acts on the effective weight")
+        register(layer, "weight", PowerProp(alpha))
+    return model
+
+
+def powerprop_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: layer}`` of the layers whose weight is reparameterised by :class:`PowerProp`."""
+    return {name: layer for name, layer in model.named_modules()
+            if parametrize.is_parametrized(layer, "weight")
+            and any(isinstance(p, PowerProp) for p in layer.parametrizations.weight)}
+
+
+def _powerprop_of(layer: nn.Module) -> PowerProp:
+    return next(p for p in layer.parametrizations.weight if isinstance(p, PowerProp))
+
+
+class PowerPropOptimizer:
+    """The optimiser-aware update: the optimizer acts on ``θ``, and its step is mapped back to ``φ``.
+
+    Schwarz et al. (2021), section 3: "pretend that the exponentiated parameters are
+    the de-facto parameters", i.e.
+
+        Δφ = optim(∂L/∂Ψ(φ)) · α |φ|^(α−1).
+
+    For each reparameterised weight, :meth:`step` hands the wrapped optimizer the
+    effective weight ``θ = Ψ(φ)`` and its gradient ``∂L/∂θ`` (read during backward
+    with :class:`~lowlearn.reparam.OutputGradients`), lets it take its usual step
+    ``θ → θ + Δθ`` (with its own state: momentum, Adam's moments, weight decay on
+    ``θ``), and sets ``φ ← φ + Δθ · α |φ|^(α−1)``. Other parameters (biases) take the
+    plain step.
+
+    Why: Adam divides each gradient by a running estimate of its magnitude. On ``φ``
+    directly that normalisation cancels the factor ``α |φ|^(α−1)``: a small weight,
+    whose gradient is tiny, gets as large a step as a big one, and the rich-get-richer
+    effect is lost. Here Adam normalises ``∂L/∂θ``, and the factor is applied after.
+    With plain SGD (no momentum, no weight decay) both updates are the same.
+
+    Use it like the optimizer it wraps (``zero_grad``, ``step``, ``state_dict``; give
+    a learning-rate scheduler the wrapped ``.optimizer``). Build it *after*
+    :func:`powerprop` and any masks, around an optimizer over ``model.parameters()``.
+
+    Args:
+        optimizer: any ``torch.optim`` optimizer over the model's parameters.
+        model: the model with :class:`PowerProp` layers.
+
+    Raises:
+        ValueError: the model has no Powerprop layer.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module):
+        self.optimizer = optimizer
+        self.layers = powerprop_layers(model)
+        if not self.layers:
+            raise ValueError("the model has no Powerprop layer: call lowlearn.powerprop.powerprop(model, alpha) first")
+        self._theta_grads = OutputGradients({name: _powerprop_of(layer) for name, layer in self.layers.items()})
+        self._theta_grads.start()
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._theta_grads.clear()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One optimiser-aware step (see the class docstring).
+
+        Raises:
+            RuntimeError: no ``∂L/∂θ`` was seen for a layer that has a gradient
+                (no backward pass since :meth:`zero_grad`).
+        """
+        swapped = []
+        for name, layer in self.layers.items():
+            phi = layer.parametrizations.weight.original
+            if phi.grad is None:
+                continue
+            if name not in self._theta_grads.grads:
+                raise RuntimeError(f"no gradient of the effective weight of {name!r} was seen: call zero_grad(), "
+                                   "then forward and backward, then step()")
+            alpha = _powerprop_of(layer).alpha
+            old = phi.detach().clone()
+            power = _magnitude_power(old, alpha - 1)              # |φ|^(α−1)
+            phi.mul_(power)                                       # the parameter holds θ = φ |φ|^(α−1) ...
+            swapped.append((phi, old, power, alpha, phi.grad))
+            phi.grad = self._theta_grads.grads[name]              # ... and its gradient ∂L/∂θ
+        self.optimizer.step()
+        for phi, old, power, alpha, grad in swapped:
+            phi.addcmul_(old, power, value=-1.0)                  # Δθ = θ_new − θ, as the optimizer computed it
+            torch.addcmul(old, phi, power, value=alpha, out=phi)  # φ ← φ + Δθ · α |φ|^(α−1)
+            phi.grad = grad
+        self._theta_grads.clear()
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.optimizer.load_state_dict(state)

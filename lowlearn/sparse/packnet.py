@@ -1,0 +1,180 @@
+"""Continual learning by packing tasks into one network: each task owns a sparse subset of the weights.
+
+Mallya & Lazebnik (2018), "PackNet: adding multiple tasks to a single network by
+iterative pruning" (CVPR). Tasks arrive one after another; the network must not
+forget the earlier ones. PackNet gives every task its own weights:
+
+1. **train** task ``t`` on the *free* weights, with the weights of tasks ``1..t−1``
+   used in the forward pass but frozen (:meth:`PackNet.start_task`);
+2. **assign** the largest-magnitude free weights (a fraction of each layer) to task
+   ``t``; the other free weights leave the network and are re-initialised for the
+   next task (:meth:`PackNet.assign`); optionally retrain task ``t``'s weights alone;
+3. **evaluate** task ``s`` with the weights of tasks ``1..s`` only
+   (:meth:`PackNet.use_task`), exactly the network that task ``s`` was trained with.
+
+Earlier tasks are therefore never forgotten, and the network holds as many tasks
+as its weights allow. A method that leaves fewer weights doing the work, such as
+Powerpropagation (:mod:`lowlearn.powerprop`), loses less at step 2 and so packs tasks
+with less capacity: this is the paper's second use of Powerprop (Schwarz et al.
+2021, section 5).
+
+The masks are :class:`~lowlearn.sparse.mask.SplitMask` parametrizations (forward:
+the weights in use; backward: the weights that learn). The other parameters
+(biases, norm layers) learn with the first task only and are frozen afterwards, as
+in PackNet. The optimizer must not use weight decay, which would move frozen
+weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from ..reparam import register
+from .mask import SplitMask, find_mask, raw_weight, refuse_weight_decay, resolve_layers, zero_optimizer_state
+from .prune import check_density, top_k_mask
+
+FREE = 0
+
+
+class PackNet:
+    """Weights owned by tasks: see the module docstring.
+
+    Args:
+        model: the model; every ``nn.Linear``/``nn.Conv2d`` weight (or ``layers``)
+            gets a :class:`~lowlearn.sparse.mask.SplitMask`. Apply
+            :func:`lowlearn.powerprop.powerprop` before, if wanted.
+        layers: qualified names of the layers to share among tasks.
+        seed: seeds the re-initialisation of released weights.
+
+    Attributes:
+        owner: ``{name: int tensor}``, the task (1, 2, ...) owning each weight, 0 if free.
+        tasks: the number of tasks assigned so far.
+
+    Raises:
+        ValueError: a chosen layer that already has a mask.
+    """
+
+    def __init__(self, model: nn.Module, layers: Iterable[str] | None = None, seed: int = 0):
+        self.model, self.tasks = model, 0
+        self.layers = resolve_layers(model, layers)
+        for name, layer in self.layers.items():
+            if find_mask(layer) is not None:
+                raise ValueError(f"layer {name!r} already has a mask; PackNet needs an unmasked model")
+            keep = torch.ones_like(layer.weight, dtype=torch.bool)
+            register(layer, "weight", SplitMask(keep, keep, layer.weight.dtype))
+        self.owner = {name: torch.zeros_like(layer.weight, dtype=torch.int16) for name, layer in self.layers.items()}
+        self.generator = torch.Generator(device=raw_weight(next(iter(self.layers.values()))).device)
+        self.generator.manual_seed(seed)
+
+    def _set(self, forward: Mapping[str, Tensor], backward: Mapping[str, Tensor]) -> None:
+        for name, layer in self.layers.items():
+            mask = find_mask(layer)
+            mask.mask.copy_(forward[name])
+            mask.backward_mask.copy_(backward[name])
+
+    def free_fraction(self) -> dict[str, float]:
+        """``{name: fraction of the layer's weights not yet owned by a task}``."""
+        return {name: (owner == FREE).float().mean().item() for name, owner in self.owner.items()}
+
+    def start_task(self, optimizer: torch.optim.Optimizer | None = None) -> int:
+        """Train task ``tasks + 1`` next: all weights in the forward pass, only the free ones learn.
+
+        From the second task on, every parameter outside the shared layers' weights
+        (biases, norm layers) is frozen (``requires_grad = False``), and the
+        optimizer's state of the frozen weights is zeroed. Returns the task's number.
+
+        Raises:
+            ValueError: no free weights are left, or the optimizer has weight decay.
+        """
+        if optimizer is not None:
+            refuse_weight_decay(optimizer, self.model.parameters(),
+                                "PackNet keeps the earlier tasks' weights frozen")
+        if not any((owner == FREE).any() for owner in self.owner.values()):
+            raise ValueError(f"the network is full: all its weights belong to the {self.tasks} tasks so far")
+        free = {name: owner == FREE for name, owner in self.owner.items()}
+        self._set({name: torch.ones_like(f) for name, f in free.items()}, free)
+        if self.tasks >= 1:
+            shared = {id(raw_weight(layer)) for layer in self.layers.values()}
+            for param in self.model.parameters():
+                if id(param) not in shared:
+                    param.requires_grad_(False)
+        if optimizer is not None:
+            for name, layer in self.layers.items():
+                zero_optimizer_state(optimizer, raw_weight(layer), free[name])
+        return self.tasks + 1
+
+    @torch.no_grad()
+    def assign(self, fraction: float, optimizer: torch.optim.Optimizer | None = None) -> int:
+        """Give the new task the ``fraction`` largest free weights of each layer; release the rest.
+
+        ``fraction`` is a share of each layer's *total* size (e.g. ``0.1`` for ten
+        equal tasks); a layer with fewer free weights gives all it has. The released
+        free weights are re-drawn from PyTorch's default initialisation of the layer
+        (uniform in ``±1/√fan_in``), mapped to the raw parameter through the layer's
+        parametrizations, and their optimizer state is zeroed. Afterwards the network
+        computes with tasks ``1..t`` and only task ``t``'s weights learn (for an
+        optional retraining). Returns the task's number ``t``.
+
+        Raises:
+            ValueError: ``fraction`` outside (0, 1].
+        """
+        check_density(fraction, "fraction")
+        task = self.tasks + 1
+        for name, layer in self.layers.items():
+            owner, theta = self.owner[name], layer.weight.detach()
+            free = owner == FREE
+            k = min(round(fraction * owner.numel()), int(free.sum()))
+            if k:
+                chosen = top_k_mask(theta.abs().masked_fill(~free, -1.0), k)
+                owner[chosen] = task
+            released = owner == FREE
+            self._reinitialise(layer, released)
+            if optimizer is not None:
+                zero_optimizer_state(optimizer, raw_weight(layer), ~released)
+        self.tasks = task
+        self._set({name: (owner != FREE) for name, owner in self.owner.items()},
+                  {name: owner == task for name, owner in self.owner.items()})
+        return task
+
+    def _reinitialise(self, layer: nn.Module, where: Tensor) -> None:
+        raw = raw_weight(layer)
+        bound = 1.0 / raw[0].numel() ** 0.5
+        fresh = torch.empty_like(raw).uniform_(-bound, bound, generator=self.generator)
+        for parametrization in reversed(list(layer.parametrizations.weight)):
+            if hasattr(parametrization, "right_inverse"):
+                fresh = parametrization.right_inverse(fresh)
+        raw.copy_(torch.where(where, fresh, raw))
+
+    @contextmanager
+    def use_task(self, task: int) -> Iterator[None]:
+        """Inside the block the network computes task ``task`` (weights of tasks ``1..task``); nothing learns.
+
+        Raises:
+            ValueError: a task that has not been assigned.
+        """
+        if not 1 <= task <= self.tasks:
+            raise ValueError(f"task must be one of the {self.tasks} assigned tasks (1..{self.tasks}), got {task}")
+        saved = {name: (find_mask(layer).mask.clone(), find_mask(layer).backward_mask.clone())
+                 for name, layer in self.layers.items()}
+        self._set({name: (owner != FREE) & (owner <= task) for name, owner in self.owner.items()},
+                  {name: torch.zeros_like(owner, dtype=torch.bool) for name, owner in self.owner.items()})
+        try:
+            yield
+        finally:
+            for name, layer in self.layers.items():
+                find_mask(layer).mask.copy_(saved[name][0])
+                find_mask(layer).backward_mask.copy_(saved[name][1])
+
+    def state_dict(self) -> dict:
+        """Owners, task count and generator (weights and masks are in the model's ``state_dict``)."""
+        return {"owner": {name: o.clone() for name, o in self.owner.items()}, "tasks": self.tasks,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.owner = {name: o.clone() for name, o in state["owner"].items()}
+        self.tasks = int(state["tasks"])
+        self.generator.set_state(state["generator"])

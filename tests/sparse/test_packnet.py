@@ -1,0 +1,122 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowlearn.models import MLP
+from lowlearn.powerprop import powerprop
+from lowlearn.sparse.mask import masks_of, prunable_layers, raw_weight
+from lowlearn.sparse.packnet import PackNet
+
+
+def small_mlp(seed=0):
+    torch.manual_seed(seed)
+    return MLP(in_features=20, hidden=(16, 12), out_features=4)
+
+
+def task_data(task, n=64):
+    generator = torch.Generator().manual_seed(task)
+    return torch.randn(n, 20, generator=generator), torch.randint(0, 4, (n,), generator=generator)
+
+
+def train(model, data, steps=20, lr=0.1):
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+    x, y = data
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("alpha", [None, 3])
+def test_earlier_tasks_are_never_forgotten(alpha):
+    model = small_mlp()
+    if alpha:
+        powerprop(model, alpha)
+    packnet = PackNet(model)
+    outputs = {}
+    for task in (1, 2, 3):
+        assert packnet.start_task() == task
+        train(model, task_data(task))
+        assert packnet.assign(0.25) == task
+        train(model, task_data(task), steps=5, lr=0.01)          # retrain task t's weights alone
+        with packnet.use_task(task):
+            outputs[task] = model(task_data(task)[0]).detach()
+    for task, expected in outputs.items():                          # after all three tasks
+        with packnet.use_task(task):
+            assert torch.equal(model(task_data(task)[0]), expected), task
+
+
+def test_ownership_and_masks():
+    model = small_mlp()
+    packnet = PackNet(model)
+    packnet.start_task()
+    train(model, task_data(1))
+    trained = {name: raw_weight(layer).detach().clone() for name, layer in prunable_layers(model).items()}
+    packnet.assign(0.3)
+    for name, owner in packnet.owner.items():
+        assert int((owner == 1).sum()) == round(0.3 * owner.numel())
+        # Task 1 owns its layer's largest weights; the forward pass now uses only them.
+        assert trained[name].abs()[owner == 1].min() >= trained[name].abs()[owner == 0].max()
+        assert torch.equal(masks_of(model)[name], owner == 1)
+    assert packnet.free_fraction() == pytest.approx({name: 0.7 for name in packnet.owner}, abs=0.01)
+    packnet.start_task()
+    train(model, task_data(2))
+    packnet.assign(0.9)                                              # more than is free: all of it
+    assert all((owner != 0).all() for owner in packnet.owner.values())
+    with pytest.raises(ValueError, match="the network is full"):
+        packnet.start_task()
+
+
+def test_only_free_weights_learn_and_biases_freeze_after_the_first_task():
+    model = small_mlp()
+    packnet = PackNet(model)
+    packnet.start_task()
+    train(model, task_data(1))
+    packnet.assign(0.4)
+    frozen = {name: raw_weight(layer).detach().clone() for name, layer in prunable_layers(model).items()}
+    biases = {name: layer.bias.detach().clone() for name, layer in prunable_layers(model).items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    packnet.start_task(optimizer)
+    x, y = task_data(2)
+    for _ in range(5):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    for name, layer in prunable_layers(model).items():
+        owned = packnet.owner[name] == 1
+        assert torch.equal(raw_weight(layer).detach()[owned], frozen[name][owned])
+        assert not torch.equal(raw_weight(layer).detach()[~owned], frozen[name][~owned])
+        assert torch.equal(layer.bias.detach(), biases[name]) and not layer.bias.requires_grad
+
+
+def test_released_weights_are_reinitialised_so_powerprop_can_train_them():
+    model = powerprop(small_mlp(), 3)
+    packnet = PackNet(model, seed=4)
+    packnet.start_task()
+    train(model, task_data(1))
+    packnet.assign(0.2)
+    for name, layer in prunable_layers(model).items():
+        free = packnet.owner[name] == 0
+        phi = raw_weight(layer).detach()
+        theta = phi * phi.abs() ** 2
+        bound = 1 / phi.shape[1] ** 0.5
+        assert (theta[free].abs() <= bound + 1e-6).all() and (theta[free] != 0).all()
+
+
+def test_bad_input_and_state_dict():
+    model = small_mlp()
+    packnet = PackNet(model)
+    with pytest.raises(ValueError, match="task must be one of the 0 assigned tasks"):
+        with packnet.use_task(1):
+            pass
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
+        packnet.assign(0.0)
+    with pytest.raises(ValueError, match="weight_decay=0"):
+        packnet.start_task(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-4))
+    with pytest.raises(ValueError, match="already has a mask"):
+        PackNet(model)
+    packnet.start_task()
+    packnet.assign(0.5)
+    other = PackNet(small_mlp(3))
+    other.load_state_dict(packnet.state_dict())
+    assert other.tasks == 1 and all(torch.equal(other.owner[n], o) for n, o in packnet.owner.items())

@@ -1,0 +1,223 @@
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowlearn.models import MLP, LeNet5
+from lowlearn.powerprop import PowerProp, PowerPropOptimizer, powerprop, powerprop_layers
+from lowlearn.sparse.mask import attach_masks, masks_of, prunable_layers, raw_weight, squash
+from lowlearn.sparse.prune import kept_count, prune
+from lowlearn.sparse.scores import magnitude
+from lowlearn.sparse.topkast import TopKAST
+
+
+def small_mlp(seed=0):
+    torch.manual_seed(seed)
+    return MLP(in_features=20, hidden=(16, 12), out_features=4)
+
+
+def batch(seed=1, n=8):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 20, generator=generator), torch.randint(0, 4, (n,), generator=generator)
+
+
+def test_alpha_one_is_exactly_the_baseline():
+    base = small_mlp()
+    model = powerprop(copy.deepcopy(base), 1)
+    x, y = batch()
+    assert torch.equal(model(x), base(x))
+    F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(base(x), y).backward()
+    for (name, layer), plain in zip(prunable_layers(model).items(), prunable_layers(base).values()):
+        assert torch.equal(raw_weight(layer).grad, plain.weight.grad), name
+        assert torch.equal(layer.bias.grad, plain.bias.grad)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2, 3, 5])
+def test_initialisation_keeps_the_baseline_function(alpha):
+    torch.manual_seed(0)
+    base = LeNet5()
+    model = powerprop(copy.deepcopy(base), alpha)
+    x = torch.randn(3, 1, 28, 28)
+    # θ = Ψ(Ψ⁻¹(θ₀)) up to float32 rounding of the two powers.
+    assert torch.allclose(model(x), base(x), rtol=1e-5, atol=1e-6)
+    for layer, plain in zip(prunable_layers(model).values(), prunable_layers(base).values()):
+        assert torch.allclose(layer.weight, plain.weight, rtol=1e-5, atol=1e-7)
+        phi = raw_weight(layer)
+        assert torch.allclose(phi, plain.weight.sign() * plain.weight.abs() ** (1 / alpha), rtol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2, 3, 4])
+def test_gradient_is_scaled_by_alpha_phi_to_the_alpha_minus_one(alpha):
+    model = powerprop(small_mlp(), alpha)
+    x, y = batch()
+    effective = {name: layer.weight for name, layer in prunable_layers(model).items()}
+    # ∂L/∂θ from a plain network holding the same effective weights.
+    plain = small_mlp()
+    with torch.no_grad():
+        for name, layer in prunable_layers(plain).items():
+            layer.weight.copy_(effective[name])
+    F.cross_entropy(plain(x), y).backward()
+    F.cross_entropy(model(x), y).backward()
+    for name, layer in prunable_layers(model).items():
+        phi = raw_weight(layer)
+        expected = prunable_layers(plain)[name].weight.grad * alpha * phi.detach().abs() ** (alpha - 1)
+        assert torch.allclose(phi.grad, expected, rtol=1e-5, atol=1e-8), name
+
+
+def test_zero_is_a_critical_point_without_nan():
+    layer = torch.nn.Linear(3, 2)
+    powerprop(torch.nn.Sequential(layer), 1.5)
+    with torch.no_grad():
+        raw_weight(layer).zero_()
+    layer(torch.randn(4, 3)).sum().backward()
+    assert torch.equal(raw_weight(layer).grad, torch.zeros(2, 3))   # autograd's own pow rule gives NaN here
+
+
+def test_bad_alpha_and_order():
+    for bad in (0.5, 0, -2, float("nan"), float("inf"), "2"):
+        with pytest.raises(ValueError, match="alpha must be a finite number >= 1"):
+            PowerProp(bad)
+    model = small_mlp()
+    attach_masks(model)
+    with pytest.raises(ValueError, match="apply powerprop\\(\\) before masking"):
+        powerprop(model, 2)
+    with pytest.raises(ValueError, match="no Powerprop layer"):
+        PowerPropOptimizer(torch.optim.SGD(small_mlp().parameters(), lr=0.1), small_mlp())
+
+
+def test_the_optimiser_aware_update_is_an_adam_step_on_theta_mapped_back():
+    alpha, lr = 3.0, 0.01
+    model = powerprop(small_mlp(), alpha)
+    optimizer = PowerPropOptimizer(torch.optim.Adam(model.parameters(), lr=lr), model)
+    layer = prunable_layers(model)["1"]
+    phi0 = raw_weight(layer).detach().clone()
+    theta0 = phi0 * phi0.abs() ** (alpha - 1)
+    x, y = batch()
+
+    # ∂L/∂θ by autograd on a plain copy holding θ₀.
+    plain = small_mlp()
+    with torch.no_grad():
+        for name, plain_layer in prunable_layers(plain).items():
+            plain_layer.weight.copy_(prunable_layers(model)[name].weight)
+    F.cross_entropy(plain(x), y).backward()
+    g = prunable_layers(plain)["1"].weight.grad
+
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    # Adam's first step by hand: m = (1−β₁)g, v = (1−β₂)g², m̂ = g, v̂ = g², Δθ = −lr · m̂ / (√v̂ + ε).
+    delta_theta = -lr * g / (g.abs() + 1e-8)
+    expected = phi0 + delta_theta * alpha * phi0.abs() ** (alpha - 1)
+    assert torch.allclose(raw_weight(layer), expected, rtol=1e-5, atol=1e-9)
+    # The biases take the plain Adam step.
+    assert not torch.equal(layer.bias, prunable_layers(small_mlp())["1"].bias)
+
+
+def test_plain_sgd_and_the_optimiser_aware_sgd_agree():
+    model_a = powerprop(small_mlp(), 2)
+    model_b = copy.deepcopy(model_a)
+    plain = torch.optim.SGD(model_a.parameters(), lr=0.1)
+    aware = PowerPropOptimizer(torch.optim.SGD(model_b.parameters(), lr=0.1), model_b)
+    for seed in range(3):
+        x, y = batch(seed)
+        for model, optimizer in ((model_a, plain), (model_b, aware)):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_plain_adam_on_phi_weakens_rich_get_richer():
+    # Two weights, one large and one small, with the same gradient ∂L/∂θ = 1.
+    alpha, lr = 2.0, 1e-3
+    effective = {}
+    for aware in (False, True):
+        layer = torch.nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor([[1.0, 0.01]]))
+        model = powerprop(torch.nn.Sequential(layer), alpha)
+        inner = torch.optim.Adam(model.parameters(), lr=lr)
+        optimizer = PowerPropOptimizer(inner, model) if aware else inner
+        before = layer.weight.detach().clone()
+        optimizer.zero_grad()
+        layer(torch.ones(1, 2)).sum().backward()          # ∂L/∂θ = (1, 1)
+        optimizer.step()
+        effective[aware] = (before - layer.weight.detach()).flatten()
+    # φ = (1, 0.1). Plain Adam normalises ∂L/∂φ = α|φ|^(α−1) away: both φ move by lr, so θ moves by
+    # α|φ|^(α−1) · lr: 0.2 lr for the small weight, 2 lr for the large one (ratio 0.1).
+    ratio_plain = (effective[False][1] / effective[False][0]).item()
+    # Optimiser-aware: Adam normalises ∂L/∂θ (step lr for both), then α|φ|^(α−1) multiplies φ's step, so
+    # θ moves by (α|φ|^(α−1))² · lr, as under SGD: the small weight moves 0.1² = 0.01 as much.
+    ratio_aware = (effective[True][1] / effective[True][0]).item()
+    assert ratio_plain == pytest.approx(0.1, rel=0.02)
+    assert ratio_aware == pytest.approx(0.01, rel=0.05)
+    assert ratio_aware < ratio_plain / 5
+
+
+def test_masks_compose_and_pruned_weights_stay_zero():
+    model = powerprop(small_mlp(), 2)
+    attach_masks(model)
+    optimizer = PowerPropOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), model)
+    # Scores see the effective weight θ; global pruning keeps exactly round(0.3·N) of them.
+    scores = magnitude(model)
+    for name, layer in prunable_layers(model).items():
+        phi = raw_weight(layer).detach()
+        assert torch.allclose(scores[name], (phi * phi.abs()).abs())
+    prune(model, scores, 0.3, scope="global", optimizer=optimizer)
+    n = sum(m.numel() for m in masks_of(model).values())
+    assert sum(int(m.sum()) for m in masks_of(model).values()) == kept_count(0.3, n)
+    for seed in range(5):
+        x, y = batch(seed)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        masks = masks_of(model)
+        for name, layer in prunable_layers(model).items():
+            phi = raw_weight(layer)
+            assert (phi[~masks[name]] == 0).all() and (layer.weight[~masks[name]] == 0).all()
+            for state in optimizer.state[phi].values():
+                if state.shape == phi.shape:
+                    assert (state[~masks[name]] == 0).all()
+    # Iterative pruning on top, then squash: the function is kept.
+    prune(model, magnitude(model), 0.1, scope="layer", optimizer=optimizer)
+    x, _ = batch(9)
+    out = model(x)
+    assert torch.allclose(squash(copy.deepcopy(model))(x), out)
+
+
+def test_topkast_on_powerprop_selects_by_effective_magnitude():
+    model = powerprop(small_mlp(), 3)
+    sparsifier = TopKAST(model, None, 0.2, 0.4)
+    for name, layer in prunable_layers(model).items():
+        forward = masks_of(model)[name]
+        theta = layer.parametrizations.weight[0](raw_weight(layer)).detach()   # Ψ(φ), before the mask
+        k = int(forward.sum())
+        assert k == kept_count(0.2, forward.numel())
+        assert theta.abs()[forward].min() >= theta.abs()[~forward].max()
+    assert list(powerprop_layers(model)) == list(prunable_layers(model))
+    x, y = batch()
+    (F.cross_entropy(model(x), y) + 1e-3 * sparsifier.penalty()).backward()
+    assert all(math.isfinite(raw_weight(layer).grad.abs().sum().item()) for layer in prunable_layers(model).values())
+
+
+def test_state_dict_round_trip():
+    model = powerprop(small_mlp(), 2)
+    optimizer = PowerPropOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), model)
+    x, y = batch()
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    other = powerprop(small_mlp(7), 2)
+    other.load_state_dict(model.state_dict())
+    other_optimizer = PowerPropOptimizer(torch.optim.Adam(other.parameters(), lr=0.01), other)
+    other_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))   # a loaded state aliases its source
+    assert torch.equal(other(x), model(x))
+    for opt, net in ((optimizer, model), (other_optimizer, other)):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    assert torch.equal(other(x), model(x))
