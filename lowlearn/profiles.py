@@ -167,6 +167,53 @@ class DSTSizes:
 
 
 @dataclass(frozen=True)
+class PowerpropSizes:
+    """Sizes for the chapter "Powerpropagation" (LeNet-300-100 on MNIST, continual learning).
+
+    Attributes:
+        dataset: ``"mnist5k"`` or ``"mnist"``.
+        train_limit: keep only this many training examples (``None``: all).
+        epochs: training epochs of every run (SGD, as in the paper's MNIST notebook).
+        batch_size: examples per optimizer step (the notebook: 60).
+        lr: SGD learning rate (the notebook: 0.1, no momentum).
+        alphas: the exponents ``α`` compared (1 = no Powerprop).
+        seeds: independent runs per configuration (for error bars).
+        prune_points: geometric densities from 1% to 100% in the one-shot pruning curves.
+        adam_lr: learning rate of the plain-Adam vs optimiser-aware-Adam experiment.
+        sparsities: sparsities of the iterative-pruning and Top-KAST comparisons.
+        iterative_rounds: pruning rounds of iterative pruning.
+        finetune_epochs: retraining after each pruning round.
+        topkast_backward: Top-KAST's backward density as a multiple of its forward density.
+        topkast_penalty: coefficient of Top-KAST's exploration penalty.
+        cl_tasks: permuted-MNIST tasks of the continual-learning experiment.
+        cl_fraction: fraction of each layer's weights a task keeps.
+        cl_epochs: training epochs per task.
+        cl_retrain_epochs: retraining of a task's own weights after they are assigned.
+        cl_alpha: the Powerprop exponent of the continual-learning experiment.
+    """
+
+    dataset: str
+    train_limit: int | None
+    epochs: int
+    batch_size: int
+    lr: float
+    alphas: tuple[float, ...]
+    seeds: int
+    prune_points: int
+    adam_lr: float
+    sparsities: tuple[float, ...]
+    iterative_rounds: int
+    finetune_epochs: int
+    topkast_backward: float
+    topkast_penalty: float
+    cl_tasks: int
+    cl_fraction: float
+    cl_epochs: int
+    cl_retrain_epochs: int
+    cl_alpha: float
+
+
+@dataclass(frozen=True)
 class Profile:
     """All experiment sizes of one profile, one field per chapter."""
 
@@ -175,6 +222,7 @@ class Profile:
     pruning: PruningSizes
     lottery: LotterySizes
     dst: DSTSizes
+    powerprop: PowerpropSizes
 
 
 PROFILES: dict[str, Profile] = {
@@ -192,6 +240,11 @@ PROFILES: dict[str, Profile] = {
                      sparsities=(0.8, 0.9), seeds=1, every=5, drop_fraction=0.3, end_fraction=0.75,
                      topkast_backward=2.0, topkast_penalty=1e-5, widths=(1.0, 2.0), cifar_epochs=0,
                      cifar_seeds=1),
+        powerprop=PowerpropSizes(dataset="mnist5k", train_limit=1000, epochs=2, batch_size=60, lr=0.1,
+                                 alphas=(1.0, 3.0), seeds=1, prune_points=5, adam_lr=1e-3, sparsities=(0.9,),
+                                 iterative_rounds=2, finetune_epochs=1, topkast_backward=2.0,
+                                 topkast_penalty=1e-5, cl_tasks=2, cl_fraction=0.1, cl_epochs=1,
+                                 cl_retrain_epochs=1, cl_alpha=3.0),
     ),
     "cpu": Profile(
         name="cpu",
@@ -208,6 +261,11 @@ PROFILES: dict[str, Profile] = {
                      sparsities=(0.8, 0.9, 0.95), seeds=3, every=50, drop_fraction=0.3, end_fraction=0.75,
                      topkast_backward=2.0, topkast_penalty=1e-5, widths=(1.0, 2.0, 4.0), cifar_epochs=0,
                      cifar_seeds=1),
+        powerprop=PowerpropSizes(dataset="mnist5k", train_limit=None, epochs=20, batch_size=60, lr=0.1,
+                                 alphas=(1.0, 2.0, 3.0, 4.0, 5.0), seeds=3, prune_points=20, adam_lr=1e-3,
+                                 sparsities=(0.8, 0.9, 0.95), iterative_rounds=3, finetune_epochs=3,
+                                 topkast_backward=2.0, topkast_penalty=1e-5, cl_tasks=5, cl_fraction=0.02,
+                                 cl_epochs=5, cl_retrain_epochs=1, cl_alpha=3.0),
     ),
     "gpu": Profile(
         name="gpu",
@@ -224,6 +282,11 @@ PROFILES: dict[str, Profile] = {
                      sparsities=(0.8, 0.9, 0.95), seeds=3, every=100, drop_fraction=0.3, end_fraction=0.75,
                      topkast_backward=2.0, topkast_penalty=1e-5, widths=(1.0, 2.0, 4.0), cifar_epochs=10,
                      cifar_seeds=2),
+        powerprop=PowerpropSizes(dataset="mnist", train_limit=None, epochs=10, batch_size=60, lr=0.1,
+                                 alphas=(1.0, 2.0, 3.0, 4.0, 5.0), seeds=3, prune_points=20, adam_lr=1e-3,
+                                 sparsities=(0.8, 0.9, 0.95), iterative_rounds=3, finetune_epochs=2,
+                                 topkast_backward=2.0, topkast_penalty=1e-5, cl_tasks=10, cl_fraction=0.02,
+                                 cl_epochs=3, cl_retrain_epochs=1, cl_alpha=3.0),
     ),
 }
 
