@@ -85,6 +85,9 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
     (one row per example for a ``(B, F)`` input, ``T`` rows for ``(B, T, F)``).
     Bias additions, normalization, activations, pooling and functional operations
     outside these layers are not counted. A layer called twice is counted twice.
+    A module with a method ``count_macs(output) -> int`` (the MACs of the batch that
+    produced ``output``) is counted by it: the low-rank layers of
+    :mod:`lowlearn.lowrank` count ``r(n + m) + r²`` per output position.
 
     The count runs ``model`` once on ``example_input`` with forward hooks, in eval
     mode and without gradients, and divides by the batch size. Afterwards the hooks
@@ -108,16 +111,19 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
 
     def make_hook(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            # weight[0] holds one output unit's inputs: in_features, or
-            # in_channels / groups × kh × kw.
-            macs = output.numel() * module.weight[0].numel() // batch_size
+            if hasattr(module, "count_macs"):
+                macs = module.count_macs(output) // batch_size
+            else:
+                # weight[0] holds one output unit's inputs: in_features, or
+                # in_channels / groups × kh × kw.
+                macs = output.numel() * module.weight[0].numel() // batch_size
             per_layer[name] = per_layer.get(name, 0) + macs
         return hook
 
     handles = [
         module.register_forward_hook(make_hook(name))
         for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, nn.Conv2d))
+        if isinstance(module, (nn.Linear, nn.Conv2d)) or hasattr(module, "count_macs")
     ]
     try:
         with eval_mode(model), torch.no_grad():

@@ -164,7 +164,9 @@ def fit(
     Args:
         model: the network; it is moved to ``device``.
         data: training inputs and targets, a ``TensorDataset`` or ``(x, y)``.
-        optimizer: built on ``model.parameters()`` (before or after the move).
+        optimizer: built on ``model.parameters()`` (before or after the move). An
+            optimizer with ``needs_closure = True`` (:class:`lowlearn.lowrank.DLRT`)
+            gets ``step(closure)``, the closure recomputing the batch's loss.
         epochs: passes over the data. Give exactly one of ``epochs`` and ``steps``.
         steps: optimizer steps.
         batch_size: examples per step; the last batch of an epoch may be smaller.
@@ -245,11 +247,18 @@ def fit(
                 xb, yb = x[idx], y[idx]
                 if batch_transform is not None:
                     xb = batch_transform(xb)
-                with _autocast(device, bf16):
-                    loss = loss_fn(model(xb), yb)
+
+                def batch_loss(xb=xb, yb=yb) -> Tensor:
+                    with _autocast(device, bf16):
+                        return loss_fn(model(xb), yb)
+
+                loss = batch_loss()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
+                if getattr(optimizer, "needs_closure", False):
+                    optimizer.step(batch_loss)    # a second pass on the batch, e.g. DLRT's S-step
+                else:
+                    optimizer.step()
                 step += 1
                 loss = loss.detach().float()
                 running += loss

@@ -94,7 +94,6 @@ def test_the_optimiser_aware_update_is_an_adam_step_on_theta_mapped_back():
     optimizer = PowerPropOptimizer(torch.optim.Adam(model.parameters(), lr=lr), model)
     layer = prunable_layers(model)["1"]
     phi0 = raw_weight(layer).detach().clone()
-    theta0 = phi0 * phi0.abs() ** (alpha - 1)
     x, y = batch()
 
     # ∂L/∂θ by autograd on a plain copy holding θ₀.

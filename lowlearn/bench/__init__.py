@@ -21,4 +21,9 @@ Benchmarks:
     One training step with Powerpropagation (:mod:`lowlearn.powerprop`), with SGD and
     with the optimiser-aware Adam, each as a ratio to the same network and optimizer
     without it.
+
+``lowrank``
+    One training step of a network whose hidden layers DLRT holds at a fixed rank
+    (:mod:`lowlearn.lowrank`), against the dense network: time and memory, as the
+    width grows.
 """

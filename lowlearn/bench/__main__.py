@@ -2,9 +2,9 @@
 
 import sys
 
-from . import dst, masks, powerprop
+from . import dst, lowrank, masks, powerprop
 
-BENCHMARKS = {"masks": masks.main, "dst": dst.main, "powerprop": powerprop.main}
+BENCHMARKS = {"masks": masks.main, "dst": dst.main, "powerprop": powerprop.main, "lowrank": lowrank.main}
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,108 @@
+"""Training-step time and memory of DLRT against the dense network, as the width grows.
+
+The network is ``w → w → w → 10`` (two hidden layers of width ``w``, ReLU); DLRT
+holds the two ``w × w`` hidden layers at a fixed rank ``r`` (the fixed-rank
+integrator of :class:`lowlearn.lowrank.DLRT`: its K/L pass, its S-step pass and the
+QR factorisations), the dense network is trained with plain SGD. Time is the
+median per step of interleaved blocks. Memory is what a step holds: parameters,
+gradients, optimizer state and the activations saved for backward
+(:func:`lowlearn.cost.training_memory`); on CUDA also the measured peak of the whole
+step (``torch.cuda.max_memory_allocated``), which includes DLRT's temporaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowlearn.cost import training_memory
+from lowlearn.lowrank import DLRT, to_low_rank
+from lowlearn.train import default_device
+
+from .timing import interleaved_medians
+
+
+def build(width: int, rank: int | None, device: torch.device):
+    """``(model, optimizer)``: dense with SGD (``rank=None``), or low-rank with fixed-rank DLRT."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                          nn.Linear(width, 10)).to(device)
+    if rank is None:
+        return model, torch.optim.SGD(model.parameters(), lr=0.01)
+    to_low_rank(model, ["0", "2"], rank=rank)
+    return model, DLRT(model, lr=0.01)
+
+
+def _step(model, optimizer, x, y):
+    def step() -> None:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if isinstance(optimizer, DLRT):
+            optimizer.step(lambda: F.cross_entropy(model(x), y))
+        else:
+            optimizer.step()
+    return step
+
+
+def _cuda_peak(step, device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def run(widths=(512, 1024, 2048, 4096), rank: int = 32, batch_size: int = 128, iterations: int = 3,
+        repeats: int = 3, device: str | None = None) -> list[dict]:
+    """One row per width: seconds per step and bytes, dense and DLRT."""
+    device = torch.device(device) if device else default_device()
+    rows = []
+    for width in widths:
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randn(batch_size, width, generator=generator).to(device)
+        y = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
+        built = {"dense": build(width, None, device), "dlrt": build(width, rank, device)}
+        steps = {name: _step(model, opt, x, y) for name, (model, opt) in built.items()}
+        times = interleaved_medians(steps, device=device, iterations=iterations, repeats=repeats, warmup=1)
+        row = {"width": width}
+        for name, (model, opt) in built.items():
+            dense_opt = opt.optimizer if isinstance(opt, DLRT) else opt
+            memory = training_memory(model, dense_opt, (x, y), F.cross_entropy)
+            row[name] = {"seconds": times[name], "bytes": memory.total, "cuda_peak": _cuda_peak(steps[name], device)}
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lowlearn.bench lowrank", description=__doc__)
+    parser.add_argument("--widths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--iterations", type=int, default=3, help="training steps per timed block")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed blocks per model")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    args = parser.parse_args(argv)
+    rows = run(tuple(args.widths), args.rank, args.batch_size, args.iterations, args.repeats, args.device)
+    device = args.device or default_device()
+    print(f"w → w → w → 10, two hidden layers at fixed rank {args.rank} (DLRT) vs dense SGD, batch {args.batch_size}, "
+          f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"time: median of {args.repeats} interleaved blocks of {args.iterations} steps; memory: parameters, "
+          "gradients, optimizer state and saved activations" + ("; CUDA peak of one step" if rows and
+                                                                    rows[0]["dense"]["cuda_peak"] else ""))
+    print(f"{'width':>6} {'dense ms':>9} {'DLRT ms':>9} {'time':>7} {'dense MiB':>10} {'DLRT MiB':>9} {'memory':>7}")
+    for row in rows:
+        d, r = row["dense"], row["dlrt"]
+        print(f"{row['width']:>6} {d['seconds'] * 1e3:9.2f} {r['seconds'] * 1e3:9.2f} "
+              f"{r['seconds'] / d['seconds']:6.2f}x {d['bytes'] / 2**20:10.2f} {r['bytes'] / 2**20:9.2f} "
+              f"{r['bytes'] / d['bytes']:6.2f}x" + (f"  (CUDA peak {r['cuda_peak'] / d['cuda_peak']:.2f}x)"
+                                                    if d["cuda_peak"] else ""))
+    wide = [row for row in rows if row["width"] >= 1024]
+    met = all(row["dlrt"]["seconds"] < row["dense"]["seconds"] and row["dlrt"]["bytes"] < row["dense"]["bytes"]
+              for row in wide)
+    print(f"goal: DLRT below dense time and memory from width 1024 at rank <= 64: {'met' if met else 'not met'}")

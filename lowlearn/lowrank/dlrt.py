@@ -1,0 +1,173 @@
+"""DLRT: dynamical low-rank training, with a rank that adapts during training.
+
+Schotthöfer, Zangrando, Kusch, Ceruti & Tudisco (2022), "Low-rank lottery tickets:
+finding efficient low-rank neural networks via matrix differential equations"
+(NeurIPS), Algorithm 1. Training follows the gradient flow ``Ẇ = −∇_W L`` restricted to
+the manifold of rank-``r`` matrices ``W = U S Vᵀ``. Projecting a full gradient step
+onto that manifold would need the dense ``∇_W L``; the *basis-update & Galerkin*
+integrator (Ceruti, Kusch & Lubich 2022) needs only three thin gradients, one step
+of size ``λ`` (``lr``) each:
+
+1. **K-step** (new column space): ``K = U S``, ``K¹ = K − λ ∇_K L(K Vᵀ)``;
+   **L-step** (new row space): ``L = V Sᵀ``, ``L¹ = L − λ ∇_L L(U Lᵀ)``. Both
+   gradients come from one backward pass (:mod:`lowlearn.lowrank.layers`).
+2. **Basis augmentation**: ``Û = orth([K¹, U])``, ``V̂ = orth([L¹, V])`` (QR), rank up
+   to ``2r``; ``M = Ûᵀ U``, ``N = V̂ᵀ V``, and the layer becomes ``Û (M S Nᵀ) V̂ᵀ``, the
+   same matrix in the larger basis.
+3. **S-step** (Galerkin): a second forward and backward pass on the same batch gives
+   ``∇_S L`` in the new basis; ``S¹ = S̃ − λ ∇_S L``.
+4. **Truncation**: ``S¹ = P Σ Qᵀ`` (SVD of the small ``2r × 2r`` core); keep the
+   smallest ``r₁`` with ``‖σ_{r₁+1:}‖ ≤ ϑ ‖σ‖`` (``tol``), within ``[r_min, r_max]``;
+   ``U ← Û P_{:, :r₁}``, ``V ← V̂ Q_{:, :r₁}``, ``S ← Σ_{:r₁}``.
+
+With ``tol=None`` the rank stays fixed: ``Û = orth(K¹)``, ``V̂ = orth(L¹)`` and no
+truncation (the fixed-rank integrator of the same paper). No ``n × m`` matrix is
+formed at any point: every product involves a thin factor.
+
+The other parameters (biases, norm layers, dense layers) are trained by a torch
+``optimizer`` of your choice, with the gradients of the second pass. Use
+:class:`DLRT` like an optimizer that needs a closure::
+
+    dlrt = DLRT(model, lr=0.1, tol=0.2)
+    for x, y in batches:
+        dlrt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        dlrt.step(lambda: loss_fn(model(x), y))   # the second (S-step) pass
+
+:func:`lowlearn.train.fit` does this by itself (it passes the closure).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .layers import check_tolerance, dense_parameters, low_rank_layers, truncation_rank
+
+
+class DLRT:
+    """The rank-adaptive (or fixed-rank) DLRT integrator for a model's low-rank layers.
+
+    Args:
+        model: a model with :class:`~lowlearn.lowrank.layers.LowRankLinear` /
+            :class:`~lowlearn.lowrank.layers.LowRankConv2d` layers (see
+            :func:`~lowlearn.lowrank.layers.to_low_rank`), maybe mixed with dense ones.
+        lr: ``λ``, the step size of the K-, L- and S-steps.
+        tol: ``ϑ``, the relative truncation tolerance in [0, 1); ``None`` trains at fixed rank.
+        r_min: the smallest rank a layer is truncated to.
+        r_max: the largest (default: each layer's own ``r_max``).
+        optimizer: trains the other parameters (default: SGD with learning rate ``lr``
+            on :func:`~lowlearn.lowrank.layers.dense_parameters`, if there are any).
+
+    Raises:
+        ValueError: no low-rank layer, ``ϑ`` outside [0, 1), ``lr ≤ 0``, or ``r_min < 1``.
+    """
+
+    #: :func:`lowlearn.train.fit` passes a closure to :meth:`step` for optimizers that say so.
+    needs_closure = True
+
+    def __init__(self, model: nn.Module, lr: float, *, tol: float | None = None, r_min: int = 1,
+                 r_max: int | None = None, optimizer: torch.optim.Optimizer | None = None):
+        if not low_rank_layers(model):
+            raise ValueError("the model has no low-rank layer: convert some with lowlearn.lowrank.to_low_rank")
+        if not isinstance(lr, (int, float)) or lr <= 0:
+            raise ValueError(f"lr must be a positive step size, got {lr!r}")
+        if not isinstance(r_min, int) or r_min < 1:
+            raise ValueError(f"r_min must be a positive integer, got {r_min!r}")
+        self.model, self.lr, self.r_min, self.r_max = model, float(lr), r_min, r_max
+        self.tol = None if tol is None else check_tolerance(tol)
+        if optimizer is None and dense_parameters(model):
+            optimizer = torch.optim.SGD(dense_parameters(model), lr=lr)
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The dense optimizer's parameter groups (for learning-rate schedulers)."""
+        return self.optimizer.param_groups if self.optimizer is not None else []
+
+    @property
+    def state(self):
+        return self.optimizer.state if self.optimizer is not None else {}
+
+    def ranks(self) -> dict[str, int]:
+        """``{layer name: current rank}``."""
+        return {name: layer.rank for name, layer in low_rank_layers(self.model).items()}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of the factors and of the dense parameters."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+        for layer in low_rank_layers(self.model).values():
+            for param in (layer.U, layer.S, layer.V):
+                param.grad = None
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:
+        """One DLRT step: K- and L-steps from the gradients already computed, then the S-step.
+
+        Args:
+            closure: recomputes the loss on the *same* batch and returns it (without
+                calling ``backward``, which :meth:`step` does); it runs once, for the
+                S-step.
+
+        Returns:
+            The loss of the S-step pass.
+
+        Raises:
+            RuntimeError: a low-rank layer without gradients (no backward pass first).
+        """
+        layers = low_rank_layers(self.model)
+        for name, layer in layers.items():
+            if layer.U.grad is None or layer.V.grad is None:
+                raise RuntimeError(f"low-rank layer {name!r} has no gradient: run forward and backward on a "
+                                   "batch before DLRT.step(closure)")
+            self._basis_update(layer)
+        self.zero_grad()
+        for layer in layers.values():
+            layer.kl_gradients = False
+        try:
+            with torch.enable_grad():
+                loss = closure()
+                loss.backward()
+        finally:
+            for layer in layers.values():
+                layer.kl_gradients = True
+        if self.optimizer is not None:
+            self.optimizer.step()
+        for layer in layers.values():
+            if layer.S.grad is not None:
+                self._galerkin_and_truncate(layer)
+        return loss.detach()
+
+    def _basis_update(self, layer) -> None:
+        U, S, V = layer.U, layer.S, layer.V
+        K = U @ S - self.lr * U.grad
+        L = V @ S.T - self.lr * V.grad
+        if self.tol is None:
+            U_hat, V_hat = torch.linalg.qr(K).Q, torch.linalg.qr(L).Q
+        else:
+            U_hat = torch.linalg.qr(torch.cat([K, U], dim=1)).Q
+            V_hat = torch.linalg.qr(torch.cat([L, V], dim=1)).Q
+        M, N = U_hat.T @ U, V_hat.T @ V
+        layer.set_factors(U_hat, M @ S @ N.T, V_hat)
+
+    def _galerkin_and_truncate(self, layer) -> None:
+        S = layer.S - self.lr * layer.S.grad
+        if self.tol is None:
+            layer.set_factors(layer.U, S, layer.V)
+            return
+        P, sigma, Qh = torch.linalg.svd(S, full_matrices=False)
+        r_max = min(layer.r_max, self.r_max or layer.r_max, sigma.numel())
+        r = min(max(truncation_rank(sigma, self.tol), self.r_min), r_max)
+        layer.set_factors(layer.U @ P[:, :r], torch.diag(sigma[:r]), layer.V @ Qh[:r].T)
+
+    def state_dict(self) -> dict:
+        """The dense optimizer's state (the factors and ranks are in the model's ``state_dict``)."""
+        return {"optimizer": self.optimizer.state_dict() if self.optimizer is not None else None}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,386 @@
+"""Low-rank layers: ``W = U S Vᵀ`` with orthonormal ``U`` and ``V``, never formed densely.
+
+A dense layer stores ``W ∈ ℝ^{n×m}`` (``n`` outputs, ``m`` inputs): ``n·m`` numbers.
+A rank-``r`` layer stores ``U ∈ ℝ^{n×r}``, ``S ∈ ℝ^{r×r}`` and ``V ∈ ℝ^{m×r}``:
+``r(n + m) + r²`` numbers, and applies them one after the other,
+
+    y = x Wᵀ + b = ((x V) Sᵀ) Uᵀ + b,
+
+``r(n + m) + r²`` multiply-accumulates per example instead of ``n·m``. A
+convolution's weight ``(n, c, k_h, k_w)`` is the matrix ``n × m`` with ``m = c·k_h·k_w``
+(Schotthöfer et al. 2022, section 4): ``V`` holds ``r`` filters, applied as a
+convolution with ``r`` output channels, and ``U S`` mixes them into ``n`` channels
+like a 1×1 convolution.
+
+:class:`LowRankLinear` and :class:`LowRankConv2d` hold ``U``, ``S`` and ``V`` as
+parameters whose *shapes change* when the rank does; they are trained by the
+dynamical low-rank integrator :class:`lowlearn.lowrank.dlrt.DLRT`, not by a torch
+optimizer. Their backward pass gives, in one pass, the three gradients the
+integrator needs (Schotthöfer et al. 2022, Algorithm 1):
+
+* ``U.grad`` ← ``∇_K L = ∂L/∂W · V``, the gradient of the K-step (``K = U S``);
+* ``V.grad`` ← ``∇_L L = (∂L/∂W)ᵀ · U``, the gradient of the L-step (``L = V Sᵀ``);
+* ``S.grad`` ← ``∂L/∂S = Uᵀ · ∂L/∂W · V``,
+
+each computed from the layer's input and output gradient without forming
+``∂L/∂W``. (So ``U.grad`` and ``V.grad`` are *not* ``∂L/∂U`` and ``∂L/∂V``: give a torch
+optimizer only :func:`dense_parameters`.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def check_rank(rank: int, n: int, m: int, what: str = "rank") -> int:
+    """Return ``rank`` if it is an integer in [1, min(n, m)], else raise a ValueError that says so."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= min(n, m):
+        raise ValueError(f"{what} must be an integer from 1 to min(n, m) = {min(n, m)} for a {n}×{m} weight, "
+                         f"got {rank!r}")
+    return rank
+
+
+def check_tolerance(tol: float) -> float:
+    """Return ``tol`` if it is a relative tolerance in [0, 1), else raise a ValueError that says so."""
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not 0.0 <= tol < 1.0:
+        raise ValueError(f"the relative tolerance ϑ must be in [0, 1) (0 keeps every singular value), got {tol!r}")
+    return float(tol)
+
+
+def truncation_rank(singular_values: Tensor, tol: float) -> int:
+    """The smallest ``r`` with ``‖σ_{r+1:}‖ ≤ ϑ ‖σ‖`` (at least 1).
+
+    ``singular_values`` in decreasing order; ``tol`` is the relative tolerance ``ϑ``
+    (Schotthöfer et al. 2022, Algorithm 1, "truncation"). ``ϑ = 0`` keeps every
+    singular value that is not exactly zero.
+    """
+    tol = check_tolerance(tol)
+    sigma = singular_values.detach().double()
+    # tail[r] = ‖σ_r, σ_{r+1}, ...‖ (0-based): the error of keeping the first r values.
+    tail = sigma.flip(0).square().cumsum(0).flip(0).sqrt()
+    tail = torch.cat([tail, tail.new_zeros(1)])
+    threshold = tol * tail[0]
+    return max(1, int((tail > threshold).sum()))
+
+
+class _LowRankLinearFunction(torch.autograd.Function):
+    """``y = ((x V) Sᵀ) Uᵀ``; backward gives ``∂L/∂x`` and the integrator's ``∇_K``, ``∂L/∂S``, ``∇_L``.
+
+    ``kl=False`` (the S-step pass, where ``S`` may be rectangular) skips ``∇_K`` and ``∇_L``.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, U: Tensor, S: Tensor, V: Tensor, kl: bool) -> Tensor:
+        return (x @ V) @ S.T @ U.T
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, U, S, V, ctx.kl = inputs
+        ctx.save_for_backward(x, U, S, V)
+
+    @staticmethod
+    def backward(ctx, delta: Tensor):
+        x, U, S, V = ctx.saved_tensors
+        rows_x, rows_d = x.reshape(-1, x.shape[-1]), delta.reshape(-1, delta.shape[-1])
+        a = rows_x @ V                                   # x V        (B × r_v)
+        c = rows_d @ U                                   # δ U        (B × r_u)
+        grad_x = ((c @ S) @ V.T).view_as(x)              # δ W = δ U S Vᵀ
+        grad_S = c.T @ a                                 # ∂L/∂S = Uᵀ δᵀ x V
+        if not ctx.kl:
+            return grad_x, None, grad_S, None, None
+        grad_K = rows_d.T @ a                            # ∇_K = δᵀ x V
+        grad_L = rows_x.T @ c                            # ∇_L = xᵀ δ U
+        return grad_x, grad_K, grad_S, grad_L, None
+
+
+class _LowRankConvFunction(torch.autograd.Function):
+    """The convolution ``V`` (``r_v`` filters), then the channel mixing ``U S``; backward as for the linear case."""
+
+    @staticmethod
+    def forward(x: Tensor, U: Tensor, S: Tensor, V: Tensor, kl: bool, kernel: tuple, conv: dict) -> Tensor:
+        filters = V.T.reshape(V.shape[1], *kernel)
+        a = F.conv2d(x, filters, **conv)
+        return torch.einsum("brhw,nr->bnhw", a, U @ S)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, U, S, V, ctx.kl, ctx.kernel, ctx.conv = inputs
+        ctx.save_for_backward(x, U, S, V)
+
+    @staticmethod
+    def backward(ctx, delta: Tensor):
+        x, U, S, V = ctx.saved_tensors
+        filters = V.T.reshape(V.shape[1], *ctx.kernel)
+        a = F.conv2d(x, filters, **ctx.conv)                                  # (B, r_v, H, W)
+        c = torch.einsum("bnhw,nr->brhw", delta, U)                           # δ U
+        grad_a = torch.einsum("brhw,rs->bshw", c, S)
+        grad_x = torch.nn.grad.conv2d_input(x.shape, filters, grad_a, **ctx.conv)
+        grad_S = torch.einsum("brhw,bshw->rs", c, a)
+        if not ctx.kl:
+            return grad_x, None, grad_S, None, None, None, None
+        grad_K = torch.einsum("bnhw,brhw->nr", delta, a)
+        grad_L = torch.nn.grad.conv2d_weight(x, (U.shape[1], *ctx.kernel), c, **ctx.conv)
+        return grad_x, grad_K, grad_S, grad_L.reshape(U.shape[1], -1).T, None, None, None
+
+
+class _LowRank(nn.Module):
+    """What the low-rank layers share: the factors, their conversion and their checkpoints."""
+
+    #: compute ``∇_K`` and ``∇_L`` in backward (the DLRT integrator turns it off for its S-step pass)
+    kl_gradients = True
+
+    def _init_factors(self, weight: Tensor, rank: int | None, tol: float | None, r_max: int | None) -> None:
+        n, m = weight.shape[0], weight[0].numel()
+        if (rank is None) == (tol is None):
+            raise ValueError("give exactly one of rank= and tol= (a fixed rank, or a relative tolerance ϑ)")
+        self.r_max = check_rank(r_max if r_max is not None else min(n, m), n, m, "r_max")
+        U, sigma, Vh = torch.linalg.svd(weight.detach().reshape(n, m).double(), full_matrices=False)
+        r = check_rank(rank, n, m) if rank is not None else truncation_rank(sigma, tol)
+        r = min(r, self.r_max)
+        dtype = weight.dtype
+        self.U = nn.Parameter(U[:, :r].to(dtype).contiguous())
+        self.S = nn.Parameter(torch.diag(sigma[:r]).to(dtype))
+        self.V = nn.Parameter(Vh[:r].T.to(dtype).contiguous())
+
+    @property
+    def rank(self) -> int:
+        """The current rank (``S`` is ``rank × rank`` between training steps)."""
+        return min(self.S.shape)
+
+    @property
+    def dense_shape(self) -> tuple[int, int]:
+        """``(n, m)`` of the weight as a matrix."""
+        return self.U.shape[0], self.V.shape[0]
+
+    def matrix(self) -> Tensor:
+        """``U S Vᵀ`` as a dense ``n × m`` matrix (for conversion and tests; training never forms it)."""
+        return self.U @ self.S @ self.V.T
+
+    def set_factors(self, U: Tensor, S: Tensor, V: Tensor) -> None:
+        """Replace the factors by new parameters (shapes may change; autograd caches a
+        parameter's shape, so a shape change needs a new parameter, not new ``.data``)."""
+        dtype = self.U.dtype
+        for name, value in (("U", U), ("S", S), ("V", V)):
+            setattr(self, name, nn.Parameter(value.detach().to(dtype).contiguous()))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint may hold another rank: take its shapes before loading the values.
+        shapes = {name: state_dict[prefix + name].shape for name in ("U", "S", "V") if prefix + name in state_dict}
+        if len(shapes) == 3:
+            self.set_factors(*(self.U.new_empty(shapes[name]) for name in ("U", "S", "V")))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def count_macs(self, output: Tensor) -> int:
+        """Multiply-accumulates that produced ``output``: ``r_v·m + r_u·r_v + n·r_u`` per output position.
+
+        (``x V``, then ``Sᵀ``, then ``Uᵀ``; for a convolution, ``x V`` is the
+        convolution with ``r_v`` filters of ``m`` weights each.) Used by
+        :func:`lowlearn.cost.count_flops`.
+        """
+        n, m = self.dense_shape
+        r_u, r_v = self.S.shape
+        positions = output.numel() // n
+        return positions * (r_v * m + r_u * r_v + n * r_u)
+
+    def extra_repr(self) -> str:
+        n, m = self.dense_shape
+        return f"{m} -> {n}, rank={self.rank}, r_max={self.r_max}, bias={self.bias is not None}"
+
+
+class LowRankLinear(_LowRank):
+    """``y = x (U S Vᵀ)ᵀ + b``: a linear layer of rank ``r``.
+
+    Build it from a dense layer with :meth:`from_linear`, or from scratch (the
+    truncated SVD of PyTorch's default initialisation of a ``nn.Linear``).
+
+    Args:
+        in_features: ``m``.
+        out_features: ``n``.
+        rank: the initial rank ``r`` (give this or ``tol``).
+        tol: keep the singular values of the initial weight that the relative
+            tolerance ``ϑ`` implies (see :func:`truncation_rank`).
+        r_max: the largest rank the integrator may reach (default ``min(n, m)``).
+        bias: learn an additive bias (a dense parameter).
+
+    Raises:
+        ValueError: a rank outside [1, min(n, m)], ``ϑ`` outside [0, 1), or both or
+            neither of ``rank`` and ``tol``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int | None = None, *, tol: float | None = None,
+                 r_max: int | None = None, bias: bool = True, _weight: Tensor | None = None,
+                 _bias: Tensor | None = None):
+        super().__init__()
+        if _weight is None:
+            dense = nn.Linear(in_features, out_features, bias=bias)
+            _weight, _bias = dense.weight, dense.bias
+        self._init_factors(_weight, rank, tol, r_max)
+        self.bias = nn.Parameter(_bias.detach().clone()) if bias else None
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, rank: int | None = None, *, tol: float | None = None,
+                    r_max: int | None = None) -> LowRankLinear:
+        """The truncated SVD of ``layer``'s weight, at ``rank`` or at tolerance ``tol``; the bias is copied."""
+        return cls(layer.in_features, layer.out_features, rank, tol=tol, r_max=r_max, bias=layer.bias is not None,
+                   _weight=layer.weight, _bias=layer.bias)
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` with weight ``U S Vᵀ`` (and the same bias)."""
+        n, m = self.dense_shape
+        layer = nn.Linear(m, n, bias=self.bias is not None, device=self.U.device, dtype=self.U.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(self.matrix())
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = _LowRankLinearFunction.apply(x, self.U, self.S, self.V, self.kl_gradients)
+        return y if self.bias is None else y + self.bias
+
+
+class LowRankConv2d(_LowRank):
+    """A convolution of rank ``r``: ``r`` filters (``V``), then the 1×1 channel mixing ``U S``.
+
+    Built from an ``nn.Conv2d`` (without groups) by :meth:`from_conv`; the weight
+    ``(n, c, k_h, k_w)`` is the ``n × (c·k_h·k_w)`` matrix ``U S Vᵀ``.
+
+    Args:
+        conv: the dense convolution whose shape, stride, padding and dilation it takes.
+        rank, tol, r_max: as for :class:`LowRankLinear`.
+
+    Raises:
+        ValueError: a grouped convolution, or bad rank arguments.
+    """
+
+    def __init__(self, conv: nn.Conv2d, rank: int | None = None, *, tol: float | None = None,
+                 r_max: int | None = None):
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ValueError("only ungrouped convolutions with zero padding have a low-rank version here")
+        self.kernel = (conv.in_channels, *conv.kernel_size)
+        self.conv = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation}
+        self._init_factors(conv.weight, rank, tol, r_max)
+        self.bias = nn.Parameter(conv.bias.detach().clone()) if conv.bias is not None else None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, rank: int | None = None, *, tol: float | None = None,
+                  r_max: int | None = None) -> LowRankConv2d:
+        """The truncated SVD of ``conv``'s weight as a matrix; the bias is copied."""
+        return cls(conv, rank, tol=tol, r_max=r_max)
+
+    def to_dense(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` with weight ``U S Vᵀ`` reshaped (and the same bias)."""
+        c, kh, kw = self.kernel
+        layer = nn.Conv2d(c, self.U.shape[0], (kh, kw), bias=self.bias is not None, device=self.U.device,
+                          dtype=self.U.dtype, **self.conv)
+        with torch.no_grad():
+            layer.weight.copy_(self.matrix().reshape(layer.weight.shape))
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = _LowRankConvFunction.apply(x, self.U, self.S, self.V, self.kl_gradients, self.kernel, self.conv)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+
+LOW_RANK = (LowRankLinear, LowRankConv2d)
+
+
+def low_rank_layers(model: nn.Module) -> dict[str, _LowRank]:
+    """``{qualified name: layer}`` of the model's low-rank layers."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LOW_RANK)}
+
+
+def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters a torch optimizer should train: all but the low-rank factors (biases included)."""
+    factors = {id(p) for layer in low_rank_layers(model).values() for p in (layer.U, layer.S, layer.V)}
+    return [p for p in model.parameters() if id(p) not in factors]
+
+
+def to_low_rank(model: nn.Module, layers: Iterable[str], rank: int | None = None, *, tol: float | None = None,
+                r_max: int | None = None) -> nn.Module:
+    """Replace the named ``nn.Linear``/``nn.Conv2d`` modules by their truncated SVDs, in place; return the model.
+
+    Args:
+        model: the model.
+        layers: qualified module names (e.g. ``["1", "3"]`` for the hidden layers of
+            :class:`lowlearn.models.MLP`); keep the output layer dense, as
+            Schotthöfer et al. (2022) do, by leaving it out.
+        rank, tol, r_max: as for :class:`LowRankLinear` (``r_max`` is capped at each
+            layer's ``min(n, m)``).
+
+    Raises:
+        KeyError: a name that is not a Linear or Conv2d module of the model.
+    """
+    modules = dict(model.named_modules())
+    for name in layers:
+        layer = modules.get(name)
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            raise KeyError(f"{name!r} is not a Linear or Conv2d module of the model")
+        n, m = layer.weight.shape[0], layer.weight[0].numel()
+        cap = None if r_max is None else min(r_max, n, m)
+        r = None if rank is None else min(rank, n, m)
+        if isinstance(layer, nn.Linear):
+            new = LowRankLinear.from_linear(layer, r, tol=tol, r_max=cap)
+        else:
+            new = LowRankConv2d(layer, r, tol=tol, r_max=cap)
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, new)
+    return model
+
+
+def to_dense(model: nn.Module) -> nn.Module:
+    """Replace every low-rank layer by the dense layer it computes, in place; return the model."""
+    modules = dict(model.named_modules())
+    for name, layer in low_rank_layers(model).items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, layer.to_dense())
+    return model
+
+
+def count_low_rank_parameters(layer: _LowRank, rank: int | None = None) -> int:
+    """``r(n + m) + r²`` (+ the bias): numbers a rank-``r`` layer stores (default: its current rank)."""
+    n, m = layer.dense_shape
+    r = layer.rank if rank is None else rank
+    return r * (n + m) + r * r + (layer.bias.numel() if layer.bias is not None else 0)
+
+
+def dense_parameter_count(layer: _LowRank) -> int:
+    """``n·m`` (+ the bias): numbers the dense layer would store."""
+    n, m = layer.dense_shape
+    return n * m + (layer.bias.numel() if layer.bias is not None else 0)
+
+
+def compression(model: nn.Module) -> dict[str, float]:
+    """Weights stored by the model, at evaluation and during DLRT training, against its dense version.
+
+    Counts weight matrices only (no biases), as Schotthöfer et al. (2022) do in their
+    tables: a dense ``nn.Linear``/``nn.Conv2d`` counts ``n·m``; a low-rank layer of rank
+    ``r`` counts ``r(n + m) + r²`` at evaluation, and during training what an
+    integrator step holds at once: the augmented factors ``Û, V̂`` and ``S̃`` of rank
+    ``2r`` plus ``K`` and ``L``, i.e. ``2r(n + m) + 4r² + r(n + m)``. The compression
+    rate ("c.r.") is ``1 − stored / dense``.
+
+    Returns:
+        ``{"dense": n_dense, "eval": n_eval, "train": n_train, "cr_eval": ..., "cr_train": ...}``.
+    """
+    dense = evaluation = training = 0
+    for module in model.modules():
+        if isinstance(module, LOW_RANK):
+            n, m = module.dense_shape
+            r = module.rank
+            dense += n * m
+            evaluation += r * (n + m) + r * r
+            training += 3 * r * (n + m) + 4 * r * r
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            dense += module.weight.numel()
+            evaluation += module.weight.numel()
+            training += module.weight.numel()
+    return {"dense": dense, "eval": evaluation, "train": training,
+            "cr_eval": 1 - evaluation / dense, "cr_train": 1 - training / dense}

@@ -1,0 +1,21 @@
+import torch
+
+from lowlearn.bench import lowrank as bench
+from lowlearn.lowrank import low_rank_layers
+
+
+def test_dense_and_dlrt_networks():
+    dense, _ = bench.build(64, None, torch.device("cpu"))
+    model, dlrt = bench.build(64, 8, torch.device("cpu"))
+    assert not low_rank_layers(dense)
+    assert {name: layer.rank for name, layer in low_rank_layers(model).items()} == {"0": 8, "2": 8}
+    assert dlrt.tol is None                                            # the fixed-rank integrator
+
+
+def test_lowrank_benchmark_prints_ratios(capsys):
+    bench.main(["--widths", "32", "64", "--rank", "4", "--iterations", "1", "--repeats", "1", "--batch-size", "8",
+                "--device", "cpu"])
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.strip().startswith(("32 ", "64 "))]
+    assert len(lines) == 2 and all(line.count("x") == 2 for line in lines)
+    assert "goal: DLRT below dense time and memory from width 1024" in out

@@ -1,0 +1,102 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowlearn.lowrank import DLRT, LowRankLinear, low_rank_layers, to_low_rank
+from lowlearn.models import MLP
+from lowlearn.train import fit
+
+
+def teacher_data(rank, n=24, m=32, samples=256, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    W = torch.randn(n, rank, generator=generator) @ torch.randn(rank, m, generator=generator) / rank ** 0.5
+    x = torch.randn(samples, m, generator=generator)
+    return x, x @ W.T, W
+
+
+def regression_steps(layer_model, dlrt, x, y, steps):
+    losses = []
+    for _ in range(steps):
+        dlrt.zero_grad()
+        loss = F.mse_loss(layer_model(x), y)
+        loss.backward()
+        dlrt.step(lambda: F.mse_loss(layer_model(x), y))
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("tol", [None, 0.05])
+def test_factors_stay_orthonormal_and_the_loss_falls(tol):
+    torch.manual_seed(0)
+    x, y, _ = teacher_data(4)
+    model = nn.Sequential(LowRankLinear(32, 24, 6, bias=False))
+    dlrt = DLRT(model, lr=1.0, tol=tol)
+    losses = regression_steps(model, dlrt, x, y, 300)
+    layer = model[0]
+    eye = torch.eye(layer.rank)
+    assert torch.linalg.matrix_norm(layer.U.T @ layer.U - eye) < 1e-4
+    assert torch.linalg.matrix_norm(layer.V.T @ layer.V - eye) < 1e-4
+    assert losses[-1] < 0.05 * losses[0]
+    if tol is None:
+        assert layer.rank == 6
+
+
+def test_rank_grows_to_what_a_teacher_needs():
+    torch.manual_seed(0)
+    x, y, W = teacher_data(5)
+    model = nn.Sequential(LowRankLinear(32, 24, 1, bias=False))
+    dlrt = DLRT(model, lr=1.0, tol=0.02)
+    regression_steps(model, dlrt, x, y, 600)
+    assert model[0].rank == 5
+    assert torch.linalg.matrix_norm(model[0].matrix() - W) < 0.05 * torch.linalg.matrix_norm(W)
+
+
+def test_rank_shrinks_when_the_teacher_needs_less():
+    torch.manual_seed(0)
+    x, y, _ = teacher_data(3)
+    model = nn.Sequential(LowRankLinear(32, 24, 16, bias=False))
+    dlrt = DLRT(model, lr=1.0, tol=0.02)
+    regression_steps(model, dlrt, x, y, 600)
+    assert model[0].rank == 3
+
+
+def test_rank_bounds():
+    x, y, _ = teacher_data(6)
+    for r_min, r_max, expected in ((8, None, 8), (1, 4, 4)):
+        torch.manual_seed(0)
+        model = nn.Sequential(LowRankLinear(32, 24, 2, bias=False))
+        dlrt = DLRT(model, lr=1.0, tol=0.02, r_min=r_min, r_max=r_max)
+        regression_steps(model, dlrt, x, y, 200)
+        assert model[0].rank == expected
+
+
+def test_fit_trains_a_mixed_model_with_dlrt():
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 20, generator=generator)
+    y = (x[:, :2].sum(1) > 0).long() + 2 * (x[:, 2] > 0).long()
+    model = to_low_rank(MLP(in_features=20, hidden=(32, 32), out_features=4), ["1", "3"], rank=4)
+    dlrt = DLRT(model, lr=0.1, tol=0.1, optimizer=torch.optim.SGD(
+        [p for n, p in model.named_parameters() if n.startswith("5") or n.endswith("bias")], lr=0.1, momentum=0.9))
+    bias_before = model[1].bias.detach().clone()
+    history = fit(model, (x, y), dlrt, epochs=30, batch_size=32, log_every=8)
+    assert history.loss[-1] < 0.5 * history.loss[0]
+    assert not torch.equal(model[1].bias, bias_before)                   # the dense optimizer ran
+    assert set(dlrt.ranks()) == {"1", "3"} and all(r >= 1 for r in dlrt.ranks().values())
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="no low-rank layer"):
+        DLRT(MLP(), lr=0.1)
+    model = to_low_rank(MLP(hidden=(8,)), ["1"], rank=2)
+    with pytest.raises(ValueError, match=r"ϑ must be in \[0, 1\)"):
+        DLRT(model, lr=0.1, tol=1.5)
+    with pytest.raises(ValueError, match="lr must be a positive"):
+        DLRT(model, lr=0.0)
+    with pytest.raises(ValueError, match="r_min must be a positive integer"):
+        DLRT(model, lr=0.1, r_min=0)
+    dlrt = DLRT(model, lr=0.1)
+    with pytest.raises(RuntimeError, match="has no gradient: run forward and backward"):
+        dlrt.step(lambda: model(torch.randn(2, 784)).sum())
+    assert low_rank_layers(model)["1"].rank == 2

@@ -1,0 +1,153 @@
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from lowlearn.cost import count_flops
+from lowlearn.lowrank import (LowRankConv2d, LowRankLinear, compression, count_low_rank_parameters,
+                              dense_parameter_count, dense_parameters, low_rank_layers, to_dense, to_low_rank,
+                              truncation_rank)
+from lowlearn.models import MLP, LeNet5
+
+
+def matrix_with_singular_values(sigma, n, m, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    Q1 = torch.linalg.qr(torch.randn(n, len(sigma), generator=generator, dtype=torch.float64)).Q
+    Q2 = torch.linalg.qr(torch.randn(m, len(sigma), generator=generator, dtype=torch.float64)).Q
+    return Q1 @ torch.diag(torch.tensor(sigma, dtype=torch.float64)) @ Q2.T
+
+
+def test_truncation_rank_by_hand():
+    sigma = torch.tensor([4.0, 3.0, 2.0, 1.0])          # ‖σ‖ = √30 ≈ 5.477
+    assert truncation_rank(sigma, 0.2) == 3              # tail ‖(1)‖ = 1 ≤ 1.095 < ‖(2, 1)‖ = 2.236
+    assert truncation_rank(sigma, 0.5) == 2              # ‖(2, 1)‖ = 2.236 ≤ 2.739 < ‖(3, 2, 1)‖ = 3.742
+    assert truncation_rank(sigma, 0.0) == 4
+    assert truncation_rank(torch.tensor([4.0, 3.0, 0.0]), 0.0) == 2
+    assert truncation_rank(sigma, 0.99) == 1
+
+
+def test_from_linear_keeps_the_rank_the_tolerance_implies():
+    weight = matrix_with_singular_values([5.0, 4.0, 3.0, 0.5, 0.1], 12, 9)
+    dense = nn.Linear(9, 12).double()
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+    # ‖σ‖ = √50.26 ≈ 7.09; ϑ = 0.1: tail ‖(0.5, 0.1)‖ = 0.51 ≤ 0.709 < ‖(3, 0.5, 0.1)‖.
+    layer = LowRankLinear.from_linear(dense, tol=0.1)
+    assert layer.rank == 3
+    assert torch.allclose(torch.diag(layer.S), torch.tensor([5.0, 4.0, 3.0], dtype=torch.float64))
+    # Eckart–Young: the error of the best rank-3 approximation is the discarded tail.
+    error = torch.linalg.matrix_norm(layer.matrix() - weight)
+    assert error.item() == pytest.approx((0.5 ** 2 + 0.1 ** 2) ** 0.5, rel=1e-9)
+    assert LowRankLinear.from_linear(dense, tol=0.0).rank == 9      # rounding leaves no exact zeros
+    assert LowRankLinear.from_linear(dense, 2).rank == 2
+
+
+def test_factors_are_orthonormal_and_forward_equals_the_dense_layer():
+    torch.manual_seed(0)
+    linear = LowRankLinear(20, 15, 6)
+    eye = torch.eye(6)
+    assert torch.allclose(linear.U.T @ linear.U, eye, atol=1e-5)
+    assert torch.allclose(linear.V.T @ linear.V, eye, atol=1e-5)
+    x = torch.randn(4, 20)
+    assert torch.allclose(linear(x), linear.to_dense()(x), atol=1e-6)
+    x3 = torch.randn(2, 3, 20)                                          # extra leading dimensions
+    assert torch.allclose(linear(x3), linear.to_dense()(x3), atol=1e-6)
+    conv = LowRankConv2d(nn.Conv2d(3, 8, 3, stride=2, padding=1, dilation=1), 4)
+    x = torch.randn(2, 3, 9, 9)
+    assert torch.allclose(conv(x), conv.to_dense()(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_one_backward_gives_the_k_l_and_s_gradients(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = LowRankLinear(7, 5, 3).double(), torch.randn(4, 7, dtype=torch.float64)
+    else:
+        layer = LowRankConv2d(nn.Conv2d(3, 6, 3, padding=1, stride=2), 2).double()
+        x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    x.requires_grad_()
+    U, S, V = (p.detach() for p in (layer.U, layer.S, layer.V))
+    W = (U @ S @ V.T).requires_grad_()
+    dense = layer.to_dense()
+    if kind == "linear":
+        y = nn.functional.linear(x, W, layer.bias)
+    else:
+        y = nn.functional.conv2d(x, W.reshape(dense.weight.shape), layer.bias, **layer.conv)
+    g = torch.randn_like(y)
+    grad_x, grad_W = torch.autograd.grad(y, (x, W), g)
+    layer(x).backward(g)
+    assert torch.allclose(x.grad, grad_x)
+    assert torch.allclose(layer.U.grad, grad_W @ V)              # ∇_K = ∂L/∂W V
+    assert torch.allclose(layer.V.grad, grad_W.T @ U)            # ∇_L = (∂L/∂W)ᵀ U
+    assert torch.allclose(layer.S.grad, U.T @ grad_W @ V)        # ∂L/∂S
+
+
+def test_model_conversion_round_trip_and_costs():
+    torch.manual_seed(0)
+    model = LeNet5(channels=(20, 50), hidden=(500,), padding=0)
+    names = ["features.0", "features.3", "classifier.1"]
+    x = torch.randn(3, 1, 28, 28)
+    dense_flops = count_flops(model, x)
+    to_low_rank(model, names, rank=10)
+    assert list(low_rank_layers(model)) == names
+    ranks = {name: layer.rank for name, layer in low_rank_layers(model).items()}
+    assert ranks == {"features.0": 10, "features.3": 10, "classifier.1": 10}
+    layer = low_rank_layers(model)["classifier.1"]
+    assert count_low_rank_parameters(layer) == 10 * (500 + 800) + 100 + 500
+    assert dense_parameter_count(layer) == 500 * 800 + 500
+    flops = count_flops(model, x)
+    assert flops.per_layer["classifier.1"] == 10 * 800 + 100 + 500 * 10
+    assert flops.per_layer["features.3"] == 8 * 8 * (10 * 500 + 100 + 50 * 10)
+    assert flops.per_layer["classifier.3"] == dense_flops.per_layer["classifier.3"]
+    factors = {id(p) for layer in low_rank_layers(model).values() for p in (layer.U, layer.S, layer.V)}
+    assert factors.isdisjoint(id(p) for p in dense_parameters(model))
+    assert len(dense_parameters(model)) == 3 + 2                  # the low-rank layers' biases, the dense layer's two
+    out = model(x)
+    to_dense(model)
+    assert not low_rank_layers(model) and torch.allclose(model(x), out, atol=1e-5)
+
+
+def test_state_dict_round_trip_keeps_ranks_and_factors():
+    torch.manual_seed(0)
+    model = to_low_rank(MLP(hidden=(30, 20)), ["1", "3"], rank=4)
+    low_rank_layers(model)["1"].set_factors(*(torch.randn(s) for s in ((30, 7), (7, 7), (784, 7))))
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    other = to_low_rank(MLP(hidden=(30, 20)), ["1", "3"], rank=2)
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    assert {name: layer.rank for name, layer in low_rank_layers(other).items()} == {"1": 7, "3": 4}
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+    x = torch.randn(2, 784)
+    assert torch.equal(model(x), other(x))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match=r"ϑ must be in \[0, 1\)"):
+        LowRankLinear(5, 4, tol=1.0)
+    with pytest.raises(ValueError, match=r"ϑ must be in \[0, 1\)"):
+        truncation_rank(torch.ones(3), -0.1)
+    for bad in (0, 5, 2.0):
+        with pytest.raises(ValueError, match=r"rank must be an integer from 1 to min\(n, m\) = 4"):
+            LowRankLinear(5, 4, bad)
+    with pytest.raises(ValueError, match="exactly one of rank= and tol="):
+        LowRankLinear(5, 4)
+    with pytest.raises(ValueError, match="exactly one of rank= and tol="):
+        LowRankLinear(5, 4, 2, tol=0.1)
+    with pytest.raises(ValueError, match="ungrouped"):
+        LowRankConv2d(nn.Conv2d(4, 4, 3, groups=2), 2)
+    with pytest.raises(KeyError, match="not a Linear or Conv2d"):
+        to_low_rank(MLP(), ["0"], rank=2)
+
+
+def test_compression_by_hand():
+    model = to_low_rank(MLP(hidden=(100,)), ["1"], rank=5)            # 784 → 100 (rank 5) → 10 (dense)
+    counts = compression(model)
+    dense = 784 * 100 + 100 * 10
+    assert counts["dense"] == dense
+    assert counts["eval"] == 5 * (784 + 100) + 25 + 1000
+    assert counts["train"] == 3 * 5 * (784 + 100) + 4 * 25 + 1000
+    assert counts["cr_eval"] == pytest.approx(1 - counts["eval"] / dense)
+    assert counts["cr_train"] == pytest.approx(1 - counts["train"] / dense)
