@@ -1,0 +1,103 @@
+"""The functional core of optimisation-based meta-learning: parameters as dicts, inner loops as code.
+
+A model's parameters are a ``{name: tensor}`` dict, and
+:func:`torch.func.functional_call` runs the model with any such dict. An inner loop
+then produces *new* tensors from the old ones, ``θ' = θ − α ∇_θ L_support(θ)``, and
+autograd can differentiate a query loss at ``θ'`` back to the initial ``θ``: through
+the gradient itself (second order, ``create_graph=True``) or, detaching it, only
+through the identity path (first order).
+
+Memory grows with the inner steps (each keeps its graph for the outer backward
+pass) and with nothing else: the meta-learners of :mod:`lowlearn.meta.maml` back-
+propagate each task's query loss before they adapt to the next task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+Params = dict[str, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def parameters_of(model: nn.Module) -> Params:
+    """``{name: parameter}`` of the model: the very parameters, so that gradients reach them."""
+    return dict(model.named_parameters())
+
+
+def run(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    """``model(x)`` computed with ``params`` in place of the model's parameters (buffers are the model's own)."""
+    return functional_call(model, ({**dict(model.named_buffers()), **params},), (x,))
+
+
+def inner_loop(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    loss_fn: LossFn,
+    steps: int,
+    lr: float | Mapping[str, Tensor],
+    *,
+    first_order: bool = False,
+    adapt: Iterable[str] | None = None,
+) -> Params:
+    """``steps`` steps of gradient descent on ``loss_fn(model(x), y)``, differentiable in the initial ``params``.
+
+    ``θ_{k+1} = θ_k − α ⊙ ∇_θ L(θ_k)`` for the parameters named in ``adapt`` (default:
+    all); the others are used as they are (ANIL adapts only the head).
+
+    Args:
+        model: the network (its own parameters are not used unless passed in ``params``).
+        params: the initial parameters ``θ_0``.
+        x, y: the support set.
+        loss_fn: the task loss.
+        steps: inner steps (0 returns ``params`` unchanged).
+        lr: ``α``, one number, or a tensor per adapted parameter (Meta-SGD's learned rates).
+        first_order: detach the inner gradients (first-order MAML): the result depends on
+            ``θ_0`` only through the identity, and no second-order graph is kept.
+        adapt: names of the parameters that adapt.
+
+    Returns:
+        The adapted parameters ``θ_steps`` (all of them, adapted or not).
+    """
+    params = dict(params)
+    names = list(params) if adapt is None else list(adapt)
+    for _ in range(steps):
+        loss = loss_fn(run(model, params, x), y)
+        grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not first_order)
+        for name, grad in zip(names, grads):
+            step = lr[name] * grad if isinstance(lr, Mapping) else lr * grad
+            params[name] = params[name] - step
+    return params
+
+
+def check_task(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> None:
+    """Raise a ValueError naming the problem if a task's tensors do not fit together.
+
+    Inputs and targets must agree in length, and support and query examples in shape.
+    """
+    if support_x.shape[0] != support_y.shape[0]:
+        raise ValueError(f"the support set has {support_x.shape[0]} inputs but {support_y.shape[0]} targets")
+    if query_x.shape[0] != query_y.shape[0]:
+        raise ValueError(f"the query set has {query_x.shape[0]} inputs but {query_y.shape[0]} targets")
+    if support_x.shape[1:] != query_x.shape[1:]:
+        raise ValueError(f"support inputs have shape {tuple(support_x.shape[1:])} per example but query inputs "
+                         f"{tuple(query_x.shape[1:])}: they must be the same task")
+    if support_y.shape[1:] != query_y.shape[1:]:
+        raise ValueError(f"support targets have shape {tuple(support_y.shape[1:])} per example but query targets "
+                         f"{tuple(query_y.shape[1:])}")
+
+
+def check_labels(labels: Tensor, ways: int) -> None:
+    """Raise a ValueError if integer ``labels`` fall outside ``0 .. ways − 1`` (one read of the device)."""
+    if labels.dtype.is_floating_point or labels.numel() == 0:
+        return
+    low, high = torch.stack([labels.min(), labels.max()]).tolist()
+    if low < 0 or high >= ways:
+        raise ValueError(f"labels must be in 0 .. {ways - 1} for a {ways}-way model, got labels from {low} to {high}; "
+                         "relabel each episode's classes 0 .. N-1")

@@ -1,0 +1,241 @@
+"""Learning an initialisation: MAML, first-order MAML, ANIL, Meta-SGD and Reptile.
+
+Finn, Abbeel & Levine (2017), "Model-agnostic meta-learning for fast adaptation of
+deep networks" (ICML). Each task ``T_j`` adapts the shared initialisation ``θ`` (the
+seeds' ``η``) by a few gradient steps on its support set,
+
+    θ'_j = θ − α ∇_θ L_{T_j}^{support}(θ)        (repeated ``inner_steps`` times),
+
+and ``θ`` is meta-trained so that the *adapted* parameters do well on the query set:
+
+    min_θ Σ_j L_{T_j}^{query}(θ'_j).
+
+The meta-gradient goes through the inner update, ``∂θ'/∂θ = I − α ∇²L``: a
+Hessian–vector product per step (autograd's double backward). Variants:
+
+* ``first_order=True``: drop ``∇²L`` (first-order MAML, Finn et al. section 5.2):
+  the meta-gradient is the query gradient at ``θ'``.
+* :class:`ANIL` (Raghu et al. 2020, "Rapid learning or feature reuse?"): only the
+  head adapts; the body is meta-learned but fixed within a task.
+* :class:`MetaSGD` (Li et al. 2017, "Meta-SGD: learning to learn quickly for few-shot
+  learning"): the inner learning rate is a learned tensor ``α`` per parameter,
+  ``θ' = θ − α ⊙ ∇L``, meta-trained with ``θ``.
+* :class:`Reptile` (Nichol, Achiam & Schulman 2018, "On first-order meta-learning
+  algorithms"): no query loss and no meta-gradient; move ``θ`` towards the weights
+  each task reaches, ``θ ← θ + ε · mean_j (θ̃_j − θ)``.
+
+Tasks come in batches with a leading task dimension, such as
+:class:`lowlearn.data.episodes.Episode` or :class:`lowlearn.data.tasks.RegressionBatch`
+(``support_x``, ``support_y``, ``query_x``, ``query_y``). :meth:`MAML.meta_step`
+back-propagates each task's query loss before adapting to the next one, so memory
+does not grow with the number of tasks.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import LossFn, Params, check_labels, check_task, inner_loop, parameters_of, run
+
+
+class TaskBatch(Protocol):
+    """Tasks stacked along a leading dimension: ``support_x, support_y, query_x, query_y``."""
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """Names of the parameters of the model's last ``nn.Linear`` (its head), e.g. for ANIL."""
+    heads = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not heads:
+        raise ValueError("the model has no nn.Linear layer to use as the head")
+    prefix = heads[-1] + "." if heads[-1] else ""
+    return [prefix + name for name, _ in dict(model.named_modules())[heads[-1]].named_parameters()]
+
+
+class MAML(nn.Module):
+    """Model-agnostic meta-learning (see the module docstring for the variants).
+
+    Args:
+        model: the learner ``f_θ``; its parameters are the meta-learned ``θ``. For
+            few-shot classification use batch norm without running statistics
+            (:class:`lowlearn.models.Conv4` with ``running_stats=False``):
+            transductive batch norm, each set normalised by its own statistics.
+        inner_lr: ``α``, the inner learning rate (Finn et al.: 0.4 for Omniglot,
+            0.01 for sinusoids); the initial value of the learned rates with ``learn_lr``.
+        inner_steps: gradient steps on each support set during meta-training.
+        first_order: first-order MAML (no second derivatives).
+        adapt: names of the parameters that adapt in the inner loop (default: all).
+        learn_lr: learn a rate per parameter element (Meta-SGD).
+        loss_fn: the task loss (cross-entropy; ``F.mse_loss`` for regression).
+
+    Raises:
+        ValueError: a negative ``inner_steps``, or zero inner steps with second order
+            (there would be nothing to differentiate through), or an unknown name in ``adapt``.
+    """
+
+    def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int = 1, *, first_order: bool = False,
+                 adapt: list[str] | None = None, learn_lr: bool = False, loss_fn: LossFn = F.cross_entropy):
+        super().__init__()
+        if not isinstance(inner_steps, int) or inner_steps < 0:
+            raise ValueError(f"inner_steps must be a non-negative integer, got {inner_steps!r}")
+        if inner_steps == 0 and not first_order:
+            raise ValueError("second-order MAML with 0 inner steps has no inner update to differentiate through: "
+                             "use inner_steps >= 1 (or first_order=True to train the initialisation directly)")
+        self.model, self.inner_lr, self.inner_steps = model, inner_lr, inner_steps
+        self.first_order, self.loss_fn = first_order, loss_fn
+        names = list(parameters_of(model))
+        self.adapt_names = names if adapt is None else list(adapt)
+        unknown = set(self.adapt_names) - set(names)
+        if unknown:
+            raise ValueError(f"unknown parameters in adapt: {sorted(unknown)}; the model has {names}")
+        params = parameters_of(model)
+        self.lrs = nn.ParameterList([nn.Parameter(torch.full_like(params[n], inner_lr)) for n in self.adapt_names]
+                                    if learn_lr else [])
+
+    def learning_rates(self) -> float | dict[str, Tensor]:
+        """``α``: the number, or ``{name: learned rate tensor}`` (Meta-SGD)."""
+        if not len(self.lrs):
+            return self.inner_lr
+        return dict(zip(self.adapt_names, self.lrs))
+
+    def adapt(self, x: Tensor, y: Tensor, steps: int | None = None, *, first_order: bool | None = None) -> Params:
+        """The parameters adapted to one task's support set ``(x, y)`` (default: the meta-training steps)."""
+        return inner_loop(self.model, parameters_of(self.model), x, y, self.loss_fn,
+                          self.inner_steps if steps is None else steps, self.learning_rates(),
+                          first_order=self.first_order if first_order is None else first_order,
+                          adapt=self.adapt_names)
+
+    def forward(self, x: Tensor, params: Params | None = None) -> Tensor:
+        """The learner's output with ``params`` (default: the meta-learned initialisation)."""
+        return self.model(x) if params is None else run(self.model, params, x)
+
+    def meta_backward(self, tasks: TaskBatch) -> dict[str, Tensor]:
+        """Accumulate the meta-gradient of the mean query loss over ``tasks`` into ``.grad``.
+
+        Each task is adapted, its query loss divided by the number of tasks is
+        back-propagated, and its graph freed before the next task.
+
+        Returns:
+            ``{"loss": mean query loss, "accuracy": mean query accuracy}`` (0-d
+            tensors on the device; accuracy only for integer labels).
+
+        Raises:
+            ValueError: tasks whose tensors do not fit together, or labels outside the
+                model's ``0 .. N−1``.
+        """
+        count = tasks.support_x.shape[0]
+        total, correct = 0.0, 0.0
+        for j in range(count):
+            check_task(tasks.support_x[j], tasks.support_y[j], tasks.query_x[j], tasks.query_y[j])
+            params = self.adapt(tasks.support_x[j], tasks.support_y[j])
+            out = run(self.model, params, tasks.query_x[j])
+            if j == 0:
+                check_labels(torch.cat([tasks.support_y.flatten(), tasks.query_y.flatten()]), out.shape[-1])
+            loss = self.loss_fn(out, tasks.query_y[j])
+            (loss / count).backward()
+            total = total + loss.detach()
+            if not tasks.query_y.dtype.is_floating_point:
+                correct = correct + (out.argmax(-1) == tasks.query_y[j]).float().mean().detach()
+        stats = {"loss": total / count}
+        if not tasks.query_y.dtype.is_floating_point:
+            stats["accuracy"] = correct / count
+        return stats
+
+    def meta_step(self, tasks: TaskBatch, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+        """One meta-training step: zero the gradients, :meth:`meta_backward`, ``optimizer.step()``."""
+        optimizer.zero_grad(set_to_none=True)
+        stats = self.meta_backward(tasks)
+        optimizer.step()
+        return stats
+
+    def evaluate(self, tasks: TaskBatch, steps: int | None = None) -> dict[str, Tensor]:
+        """Adapt to every task (``steps`` inner steps, default the meta-training ones) and score the query sets.
+
+        No meta-gradient is kept. Returns ``{"loss": ..., "accuracy": ...}`` averaged
+        over tasks, and ``"per_task_loss"``.
+        """
+        losses, accuracies = [], []
+        for j in range(tasks.support_x.shape[0]):
+            with torch.enable_grad():
+                params = self.adapt(tasks.support_x[j], tasks.support_y[j], steps, first_order=True)
+            with torch.no_grad():
+                out = run(self.model, {n: p.detach() for n, p in params.items()}, tasks.query_x[j])
+                losses.append(self.loss_fn(out, tasks.query_y[j]))
+                if not tasks.query_y.dtype.is_floating_point:
+                    accuracies.append((out.argmax(-1) == tasks.query_y[j]).float().mean())
+        per_task = torch.stack(losses)
+        stats = {"loss": per_task.mean(), "per_task_loss": per_task}
+        if accuracies:
+            stats["accuracy"] = torch.stack(accuracies).mean()
+        return stats
+
+
+class ANIL(MAML):
+    """Almost No Inner Loop (Raghu et al. 2020): MAML that adapts only the head (:func:`head_names`).
+
+    Arguments as for :class:`MAML`, without ``adapt``.
+    """
+
+    def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int = 1, **kwargs):
+        super().__init__(model, inner_lr, inner_steps, adapt=head_names(model), **kwargs)
+
+
+class MetaSGD(MAML):
+    """Meta-SGD (Li et al. 2017): MAML with a learned inner learning rate per parameter element.
+
+    The rates start at ``inner_lr`` and are meta-trained with the initialisation
+    (give the meta-optimizer ``metasgd.parameters()``). Arguments as for :class:`MAML`.
+    """
+
+    def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int = 1, **kwargs):
+        super().__init__(model, inner_lr, inner_steps, learn_lr=True, **kwargs)
+
+
+class Reptile:
+    """Reptile (Nichol, Achiam & Schulman 2018), batched form (their Algorithm 2).
+
+    For each task, ``inner_steps`` steps of SGD (rate ``inner_lr``) from ``θ`` give
+    ``θ̃_j``; then ``θ ← θ + ε · mean_j (θ̃_j − θ)`` with ``ε = outer_lr``. No second
+    derivatives and no query set: Reptile trains on the support set only (pass the
+    task's whole data as support).
+
+    Args:
+        model: the learner; its parameters are updated in place by :meth:`meta_step`.
+        inner_lr, inner_steps: the task-level SGD.
+        outer_lr: ``ε``.
+        loss_fn: the task loss.
+    """
+
+    def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int, outer_lr: float,
+                 loss_fn: LossFn = F.cross_entropy):
+        if not isinstance(inner_steps, int) or inner_steps < 1:
+            raise ValueError(f"Reptile needs at least one inner step, got {inner_steps!r}")
+        self.model, self.inner_lr, self.inner_steps = model, inner_lr, inner_steps
+        self.outer_lr, self.loss_fn = outer_lr, loss_fn
+
+    def meta_step(self, tasks: TaskBatch) -> dict[str, Tensor]:
+        """One Reptile update from a batch of tasks; returns ``{"loss": mean support loss before adapting}``."""
+        theta = {name: p.detach() for name, p in parameters_of(self.model).items()}
+        direction = {name: torch.zeros_like(p) for name, p in theta.items()}
+        count = tasks.support_x.shape[0]
+        losses = []
+        for j in range(count):
+            start = {name: p.clone().requires_grad_() for name, p in theta.items()}
+            with torch.enable_grad():
+                losses.append(self.loss_fn(run(self.model, start, tasks.support_x[j]), tasks.support_y[j]).detach())
+                adapted = inner_loop(self.model, start, tasks.support_x[j], tasks.support_y[j], self.loss_fn,
+                                     self.inner_steps, self.inner_lr, first_order=True)
+            for name in direction:
+                direction[name] += adapted[name].detach() - theta[name]
+        with torch.no_grad():
+            for name, param in parameters_of(self.model).items():
+                param.add_(direction[name], alpha=self.outer_lr / count)
+        return {"loss": torch.stack(losses).mean()}

@@ -1,0 +1,168 @@
+import copy
+
+import higher
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowlearn.data.episodes import Episode
+from lowlearn.data.tasks import RegressionBatch, SinusoidTasks
+from lowlearn.meta import ANIL, MAML, MetaSGD, Reptile, head_names
+from lowlearn.models import MLP, Conv4
+
+
+def episodes(tasks=3, ways=3, shots=2, queries=3, size=16, seed=0, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    labels = lambda k: torch.arange(ways).repeat_interleave(k).repeat(tasks, 1)   # noqa: E731
+    return Episode(torch.randn(tasks, ways * shots, 1, size, size, generator=generator, dtype=dtype), labels(shots),
+                   torch.randn(tasks, ways * queries, 1, size, size, generator=generator, dtype=dtype), labels(queries),
+                   torch.zeros(tasks, ways, dtype=torch.long))
+
+
+def regression(tasks=3, seed=0):
+    batch = SinusoidTasks().sample(tasks, 5, 7, generator=torch.Generator().manual_seed(seed))
+    return RegressionBatch(*(t.double() for t in batch))
+
+
+def higher_meta_gradient(model, tasks, inner_lr, steps, loss_fn, first_order=False):
+    """The reference: the same meta-gradient computed with higher's differentiable SGD."""
+    model.zero_grad()
+    inner = torch.optim.SGD(model.parameters(), lr=inner_lr)
+    count = tasks.support_x.shape[0]
+    for j in range(count):
+        with higher.innerloop_ctx(model, inner, copy_initial_weights=False,
+                                  track_higher_grads=not first_order) as (fmodel, diffopt):
+            for _ in range(steps):
+                diffopt.step(loss_fn(fmodel(tasks.support_x[j]), tasks.support_y[j]))
+            (loss_fn(fmodel(tasks.query_x[j]), tasks.query_y[j]) / count).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+@pytest.mark.parametrize("kind", ["mlp", "conv4"])
+def test_maml_meta_gradient_equals_higher(kind, steps):
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model, tasks, loss_fn, lr = MLP(1, (40, 40), 1).double(), regression(), F.mse_loss, 0.01
+    else:
+        model, tasks, loss_fn, lr = Conv4(1, 3, hidden=8, image_size=16, running_stats=False).double(), episodes(), \
+            F.cross_entropy, 0.4
+    reference = higher_meta_gradient(copy.deepcopy(model), tasks, lr, steps, loss_fn)
+    maml = MAML(model, lr, steps, loss_fn=loss_fn)
+    maml.meta_backward(tasks)
+    for (name, p), ref in zip(model.named_parameters(), reference):
+        assert torch.allclose(p.grad, ref, rtol=1e-8, atol=1e-12), name
+        assert ref.abs().sum() > 0
+
+
+def test_first_order_is_the_query_gradient_at_the_adapted_weights():
+    torch.manual_seed(0)
+    model = MLP(1, (20,), 1).double()
+    tasks = regression(2)
+    maml = MAML(model, 0.05, 3, first_order=True, loss_fn=F.mse_loss)
+    maml.meta_backward(tasks)
+    expected = [torch.zeros_like(p) for p in model.parameters()]
+    for j in range(2):
+        adapted = copy.deepcopy(model)
+        opt = torch.optim.SGD(adapted.parameters(), lr=0.05)
+        for _ in range(3):
+            opt.zero_grad()
+            F.mse_loss(adapted(tasks.support_x[j]), tasks.support_y[j]).backward()
+            opt.step()
+        adapted.zero_grad()
+        F.mse_loss(adapted(tasks.query_x[j]), tasks.query_y[j]).backward()
+        for e, p in zip(expected, adapted.parameters()):
+            e += p.grad / 2
+    for p, e in zip(model.parameters(), expected):
+        assert torch.allclose(p.grad, e, rtol=1e-10)
+    # ... and differs from the second-order meta-gradient.
+    second = MAML(copy.deepcopy(model), 0.05, 3, loss_fn=F.mse_loss)
+    second.model.zero_grad()
+    second.meta_backward(tasks)
+    assert not all(torch.allclose(a.grad, b.grad) for a, b in zip(model.parameters(), second.model.parameters()))
+
+
+def test_anil_adapts_only_the_head_and_matches_higher_on_it():
+    torch.manual_seed(0)
+    model = Conv4(1, 3, hidden=8, image_size=16, running_stats=False).double()
+    assert head_names(model) == ["head.weight", "head.bias"]
+    anil = ANIL(model, 0.4, 2)
+    tasks = episodes()
+    params = anil.adapt(tasks.support_x[0], tasks.support_y[0])
+    for name, p in model.named_parameters():
+        assert (params[name] is p) == (not name.startswith("head"))
+    anil.meta_backward(tasks)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_meta_sgd_learning_rates_receive_gradients_and_are_used():
+    torch.manual_seed(0)
+    model = MLP(1, (20,), 1).double()
+    metasgd = MetaSGD(model, 0.01, 1, loss_fn=F.mse_loss)
+    assert len(list(metasgd.parameters())) == 2 * len(list(model.parameters()))
+    tasks = regression()
+    metasgd.meta_backward(tasks)
+    for rate in metasgd.lrs:
+        assert rate.grad is not None and rate.grad.abs().sum() > 0
+    # With every rate equal to α, Meta-SGD's adaptation is MAML's.
+    maml = MAML(model, 0.01, 1, loss_fn=F.mse_loss)
+    a = metasgd.adapt(tasks.support_x[0], tasks.support_y[0])
+    b = maml.adapt(tasks.support_x[0], tasks.support_y[0])
+    assert all(torch.allclose(a[n], b[n]) for n in a)
+
+
+def test_reptile_update_on_quadratics_equals_its_definition():
+    # Task j: L_j(θ) = ½‖θ − c_j‖² (the "model" returns θ; the loss ignores its input).
+    class Point(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.theta = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+
+        def forward(self, x):
+            return self.theta.expand(x.shape[0], 3)
+
+    centres = torch.tensor([[0.0, 0.0, 0.0], [2.0, 1.0, -1.0]], dtype=torch.float64)
+    loss_fn = lambda out, c: 0.5 * ((out[0] - c[0]) ** 2).sum()            # noqa: E731
+    tasks = RegressionBatch(torch.zeros(2, 1, 1), centres[:, None, :], torch.zeros(2, 1, 1), centres[:, None, :],
+                            torch.zeros(2), torch.zeros(2))
+    model = Point()
+    theta = model.theta.detach().clone()
+    alpha, k, eps = 0.1, 4, 0.5
+    Reptile(model, alpha, k, eps, loss_fn).meta_step(tasks)
+    # k SGD steps on ½‖θ − c‖²: θ̃ = c + (1 − α)^k (θ − c).
+    adapted = centres + (1 - alpha) ** k * (theta - centres)
+    expected = theta + eps * (adapted - theta).mean(0)
+    assert torch.allclose(model.theta, expected, rtol=1e-12)
+
+
+def test_meta_training_lowers_the_query_loss():
+    torch.manual_seed(0)
+    model = MLP(1, (40, 40), 1)
+    maml = MAML(model, 0.01, 1, loss_fn=F.mse_loss)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sampler, generator = SinusoidTasks(), torch.Generator().manual_seed(0)
+    test = sampler.sample(50, 10, 10, generator=torch.Generator().manual_seed(99))
+    before = maml.evaluate(test, steps=5)["loss"].item()
+    for _ in range(400):
+        maml.meta_step(sampler.sample(10, 10, 10, generator=generator), optimizer)
+    after = maml.evaluate(test, steps=5)["loss"].item()
+    assert after < 0.75 * before
+
+
+def test_bad_input():
+    model = MLP(1, (8,), 3)
+    with pytest.raises(ValueError, match="0 inner steps has no inner update"):
+        MAML(model, 0.1, 0)
+    MAML(model, 0.1, 0, first_order=True)
+    with pytest.raises(ValueError, match="unknown parameters in adapt"):
+        MAML(model, 0.1, 1, adapt=["nope"])
+    maml = MAML(Conv4(1, 3, hidden=4, image_size=16, running_stats=False), 0.4, 1)
+    tasks = episodes(dtype=torch.float32)
+    bad = tasks._replace(query_y=tasks.query_y + 3)
+    with pytest.raises(ValueError, match=r"labels must be in 0 .. 2 for a 3-way model"):
+        maml.meta_backward(bad)
+    with pytest.raises(ValueError, match="support set has 6 inputs but 5 targets"):
+        maml.meta_backward(tasks._replace(support_y=tasks.support_y[:, :5]))
+    with pytest.raises(ValueError, match="must be the same task"):
+        maml.meta_backward(tasks._replace(query_x=tasks.query_x[..., :8, :8]))
