@@ -52,7 +52,7 @@ def _nm_top(scores: Tensor, n: int, m: int, what: str = "the weight") -> Tensor:
 
 @torch.no_grad()
 def nm_mask(weight: Tensor, n: int = 2, m: int = 4) -> Tensor:
-    """N:M mask: in every group of ``m`` consecutive weights along the reduction dimension keep the ``n`` largest ``|w|``.
+    """N:M mask: in every group of ``m`` consecutive weights along the reduction dimension, the ``n`` largest ``|w|``.
 
     Mishra et al. (2021), "Accelerating sparse deep neural networks"
     (arXiv:2104.08378): the 2:4 pattern of NVIDIA's sparse tensor cores. The

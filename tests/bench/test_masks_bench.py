@@ -16,9 +16,9 @@ def test_masks_benchmark_prints_a_ratio_per_model(capsys):
     masks.main(["--iterations", "2", "--repeats", "1", "--device", "cpu"])
     out = capsys.readouterr().out
     for name in ("dense", "lowlearn masks", "torch.nn.utils.prune"):
-        line = next(l for l in out.splitlines() if l.startswith(name))
+        line = next(row for row in out.splitlines() if row.startswith(name))
         assert line.rstrip().endswith("x")
-    assert "1.000x" in next(l for l in out.splitlines() if l.startswith("dense"))
+    assert "1.000x" in next(row for row in out.splitlines() if row.startswith("dense"))
 
 
 def test_unknown_benchmark_is_a_usage_error(capsys):

@@ -1,0 +1,138 @@
+"""Learning the update rule: a coordinate-wise LSTM optimiser trained by gradient descent.
+
+Andrychowicz, Denil, Gómez, Hoffman, Pfau, Schaul, Shillingford & de Freitas (2016),
+"Learning to learn by gradient descent by gradient descent" (NeurIPS). The update of
+an optimisee's parameters ``θ`` is the output of a recurrent network ``m_φ``:
+
+    θ_{t+1} = θ_t + g_t,    [g_t, h_{t+1}] = m_φ(∇f(θ_t), h_t),
+
+and ``φ`` is trained to minimise the loss along the trajectory,
+``L(φ) = E_f [Σ_{t=1}^{T} w_t f(θ_t)]`` (here ``w_t = 1``), by backpropagation through
+the unrolled optimisation, truncated every ``unroll`` steps. As in the paper:
+
+* the LSTM is **coordinate-wise**: every coordinate of ``θ`` is a row of one batch,
+  with its own hidden state and the same weights ``φ``, so one small network
+  optimises any number of parameters, and the update does not depend on the order
+  of the coordinates;
+* two LSTM layers of 20 units; the gradient enters preprocessed as
+  ``(log|∇|/p, sign ∇)`` (clamped for tiny gradients; the paper's appendix A);
+* the second derivatives ``∂∇f/∂φ`` are dropped: gradients enter as constants.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+State = list[tuple[Tensor, Tensor]]
+Objective = Callable[[Tensor], Tensor]
+
+
+def preprocess_gradient(grad: Tensor, p: float = 10.0) -> Tensor:
+    """``(n,)`` gradients to ``(n, 2)`` inputs: ``(log|g|/p, sign g)`` if ``|g| ≥ e^{−p}``, else ``(−1, e^p g)``."""
+    big = grad.abs() >= math.exp(-p)
+    first = torch.where(big, grad.abs().clamp_min(1e-38).log() / p, torch.full_like(grad, -1.0))
+    second = torch.where(big, grad.sign(), math.exp(p) * grad)
+    return torch.stack([first, second], dim=-1)
+
+
+class LSTMOptimizer(nn.Module):
+    """The coordinate-wise LSTM optimiser ``m_φ``.
+
+    Args:
+        hidden: units per LSTM layer (the paper: 20).
+        layers: stacked LSTM layers (the paper: 2).
+        output_scale: the LSTM's output times this is the update (the paper: 0.1).
+        preprocess: feed ``(log|∇|/p, sign ∇)`` instead of the raw gradient.
+    """
+
+    def __init__(self, hidden: int = 20, layers: int = 2, output_scale: float = 0.1, preprocess: bool = True):
+        super().__init__()
+        self.preprocess, self.output_scale = preprocess, output_scale
+        sizes = [2 if preprocess else 1] + [hidden] * layers
+        self.cells = nn.ModuleList([nn.LSTMCell(a, b) for a, b in zip(sizes, sizes[1:])])
+        self.out = nn.Linear(hidden, 1)
+
+    def initial_state(self, n: int, like: Tensor) -> State:
+        """Zero hidden and cell states for ``n`` coordinates, with ``like``'s dtype and device."""
+        return [(like.new_zeros(n, cell.hidden_size), like.new_zeros(n, cell.hidden_size)) for cell in self.cells]
+
+    def forward(self, grad: Tensor, state: State) -> tuple[Tensor, State]:
+        """The update ``g_t`` (same shape as the flat ``grad``) and the next state."""
+        inputs = preprocess_gradient(grad) if self.preprocess else grad.unsqueeze(-1)
+        new_state = []
+        for cell, (h, c) in zip(self.cells, state):
+            h, c = cell(inputs, (h, c))
+            new_state.append((h, c))
+            inputs = h
+        return self.out(inputs).squeeze(-1) * self.output_scale, new_state
+
+
+def unroll(optimizer: LSTMOptimizer, objective: Objective, theta: Tensor, state: State,
+           steps: int) -> tuple[Tensor, Tensor, State]:
+    """``steps`` updates of ``theta`` by ``optimizer``: ``(Σ_t f(θ_t), θ_T, state)``, differentiable in ``φ``."""
+    total = theta.new_zeros(())
+    for _ in range(steps):
+        with torch.enable_grad():
+            point = theta.detach().requires_grad_()
+            grad = torch.autograd.grad(objective(point), point)[0]
+        update, state = optimizer(grad, state)
+        theta = theta + update
+        total = total + objective(theta)
+    return total, theta, state
+
+
+def meta_train(optimizer: LSTMOptimizer, make_problem: Callable[[], tuple[Objective, Tensor]],
+               meta_optimizer: torch.optim.Optimizer, *, problems: int, horizon: int, truncation: int) -> list[float]:
+    """Meta-train ``optimizer`` by truncated backpropagation through unrolled optimisations.
+
+    For each of ``problems`` fresh problems ``(f, θ_0) = make_problem()``, run
+    ``horizon`` steps in segments of ``truncation``: after each segment, back-propagate
+    the segment's summed loss into ``φ``, step ``meta_optimizer``, and carry ``θ`` and
+    the LSTM state on, detached.
+
+    Returns:
+        The mean ``f(θ_t)`` over each problem's trajectory (to watch meta-training progress).
+    """
+    if horizon % truncation:
+        raise ValueError(f"horizon ({horizon}) must be a multiple of truncation ({truncation})")
+    history = []
+    for _ in range(problems):
+        objective, theta = make_problem()
+        state = optimizer.initial_state(theta.numel(), theta)
+        total = 0.0
+        for _ in range(horizon // truncation):
+            loss, theta, state = unroll(optimizer, objective, theta, state, truncation)
+            meta_optimizer.zero_grad()
+            (loss / truncation).backward()
+            meta_optimizer.step()
+            theta = theta.detach()
+            state = [(h.detach(), c.detach()) for h, c in state]
+            total += loss.item()
+        history.append(total / horizon)
+    return history
+
+
+@torch.no_grad()
+def optimize(optimizer: LSTMOptimizer, objective: Objective, theta: Tensor, steps: int) -> list[float]:
+    """Run the learned optimiser for ``steps`` steps (no meta-gradient); return ``f(θ_t)`` for ``t = 0..steps``."""
+    state = optimizer.initial_state(theta.numel(), theta)
+    losses = [objective(theta).item()]
+    for _ in range(steps):
+        with torch.enable_grad():
+            point = theta.detach().requires_grad_()
+            grad = torch.autograd.grad(objective(point), point)[0]
+        update, state = optimizer(grad, state)
+        theta = theta + update
+        losses.append(objective(theta).item())
+    return losses
+
+
+def quadratic(dim: int = 10, generator: torch.Generator | None = None) -> tuple[Objective, Tensor]:
+    """A random quadratic ``f(θ) = ‖Wθ − y‖²`` with ``W, y, θ_0`` standard normal (the paper's section 3.1)."""
+    W = torch.randn(dim, dim, generator=generator)
+    y = torch.randn(dim, generator=generator)
+    return (lambda theta: (W @ theta - y).square().sum()), torch.randn(dim, generator=generator)

@@ -1,0 +1,45 @@
+import math
+
+import torch
+
+from lowlearn.meta.learned_optimizer import LSTMOptimizer, meta_train, optimize, preprocess_gradient, quadratic
+
+
+def test_preprocessing_by_hand():
+    g = torch.tensor([1.0, -math.e ** 2, 1e-6, -2e-5])
+    out = preprocess_gradient(g, p=10.0)
+    assert torch.allclose(out[0], torch.tensor([0.0, 1.0]))
+    assert torch.allclose(out[1], torch.tensor([0.2, -1.0]))
+    # |g| < e^-10 ≈ 4.5e-5: (−1, e^10 g).
+    assert torch.allclose(out[2], torch.tensor([-1.0, math.exp(10) * 1e-6]), rtol=1e-5)
+    assert torch.allclose(out[3], torch.tensor([-1.0, -math.exp(10) * 2e-5]), rtol=1e-5)
+
+
+def test_the_lstm_is_coordinate_wise():
+    torch.manual_seed(0)
+    net = LSTMOptimizer()
+    grad = torch.randn(7)
+    update, state = net(grad, net.initial_state(7, grad))
+    perm = torch.randperm(7)
+    p_update, p_state = net(grad[perm], net.initial_state(7, grad))
+    assert torch.allclose(p_update, update[perm])
+    # The same function for every coordinate: one coordinate alone gets the same update.
+    single, _ = net(grad[3:4], net.initial_state(1, grad))
+    assert torch.allclose(single, update[3:4])
+    assert all(torch.allclose(a[perm], b) for (a, _), (b, _) in zip(state, p_state))
+
+
+def test_meta_training_lowers_the_loss_on_quadratics():
+    torch.manual_seed(0)
+    net = LSTMOptimizer()
+    test_problems = [quadratic(generator=torch.Generator().manual_seed(1000 + i)) for i in range(10)]
+
+    def mean_loss():
+        return sum(sum(optimize(net, f, theta, 20)[1:]) / 20 for f, theta in test_problems) / len(test_problems)
+
+    before = mean_loss()
+    generator = torch.Generator().manual_seed(0)
+    meta_train(net, lambda: quadratic(generator=generator), torch.optim.Adam(net.parameters(), lr=0.01),
+               problems=60, horizon=20, truncation=20)
+    after = mean_loss()
+    assert after < 0.5 * before
