@@ -26,4 +26,8 @@ Benchmarks:
     One training step of a network whose hidden layers DLRT holds at a fixed rank
     (:mod:`lowlearn.lowrank`), against the dense network: time and memory, as the
     width grows.
+
+``maml``
+    Meta-training throughput and peak memory of :class:`lowlearn.meta.MAML` against
+    ``higher`` on the Omniglot workload of the MAML paper.
 """

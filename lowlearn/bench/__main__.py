@@ -2,9 +2,10 @@
 
 import sys
 
-from . import dst, lowrank, masks, powerprop
+from . import dst, lowrank, maml, masks, powerprop
 
-BENCHMARKS = {"masks": masks.main, "dst": dst.main, "powerprop": powerprop.main, "lowrank": lowrank.main}
+BENCHMARKS = {"masks": masks.main, "dst": dst.main, "powerprop": powerprop.main, "lowrank": lowrank.main,
+              "maml": maml.main}
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,112 @@
+"""Meta-training throughput and peak memory of lowlearn's MAML against ``higher``.
+
+The workload of Finn et al. (2017) on Omniglot: Conv4 (64 channels, transductive
+batch norm) on 28×28 images, 5-way 1-shot with 15 queries per class, 5 inner SGD
+steps (α = 0.4), second order, a meta-batch of 32 tasks, Adam on the
+initialisation. Both implementations get the same model, tasks and meta-optimizer;
+``higher`` runs its differentiable SGD in ``innerloop_ctx``, as in its MAML example.
+Throughput is tasks per second, timed in interleaved blocks. Peak memory is
+measured on CUDA, as ``torch.cuda.max_memory_allocated`` during one meta-step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import higher
+import torch
+import torch.nn.functional as F
+
+from lowlearn.data.episodes import Episode
+from lowlearn.meta import MAML
+from lowlearn.models import Conv4
+from lowlearn.train import default_device
+
+from .timing import interleaved_medians
+
+IMPLEMENTATIONS = ("lowlearn", "higher")
+
+
+def make_tasks(tasks: int, ways: int, shots: int, queries: int, device: torch.device) -> Episode:
+    """Random images in the episode layout (the speed does not depend on what they show)."""
+    generator = torch.Generator().manual_seed(0)
+    labels = lambda k: torch.arange(ways).repeat_interleave(k).repeat(tasks, 1)   # noqa: E731
+    batch = Episode(torch.randn(tasks, ways * shots, 1, 28, 28, generator=generator), labels(shots),
+                    torch.randn(tasks, ways * queries, 1, 28, 28, generator=generator), labels(queries),
+                    torch.zeros(tasks, ways, dtype=torch.long))
+    return Episode(*(t.to(device) for t in batch))
+
+
+def make_step(name: str, model: torch.nn.Module, tasks: Episode, steps: int, inner_lr: float):
+    """One meta-training step of ``name`` on ``tasks``."""
+    meta_optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if name == "lowlearn":
+        maml = MAML(model, inner_lr, steps)
+        return lambda: maml.meta_step(tasks, meta_optimizer)
+    inner = torch.optim.SGD(model.parameters(), lr=inner_lr)
+
+    def step() -> None:
+        meta_optimizer.zero_grad()
+        count = tasks.support_x.shape[0]
+        for j in range(count):
+            with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmodel, diffopt):
+                for _ in range(steps):
+                    diffopt.step(F.cross_entropy(fmodel(tasks.support_x[j]), tasks.support_y[j]))
+                (F.cross_entropy(fmodel(tasks.query_x[j]), tasks.query_y[j]) / count).backward()
+        meta_optimizer.step()
+    return step
+
+
+def _build(args, device):
+    torch.manual_seed(0)
+    model = Conv4(1, args.ways, running_stats=False).to(device)
+    tasks = make_tasks(args.tasks, args.ways, args.shots, args.queries, device)
+    return model, tasks
+
+
+def cuda_peak_memory(name: str, args, device: torch.device) -> int:
+    """Bytes one meta-step of ``name`` allocates at its peak, beyond what was allocated before it (CUDA)."""
+    model, tasks = _build(args, device)
+    step = make_step(name, model, tasks, args.steps, args.inner_lr)
+    step()                                              # the optimizer's state exists from now on
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lowlearn.bench maml", description=__doc__)
+    parser.add_argument("--tasks", type=int, default=32)
+    parser.add_argument("--ways", type=int, default=5)
+    parser.add_argument("--shots", type=int, default=1)
+    parser.add_argument("--queries", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=5, help="inner steps")
+    parser.add_argument("--inner-lr", type=float, default=0.4)
+    parser.add_argument("--iterations", type=int, default=2, help="meta-steps per timed block")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device) if args.device else default_device()
+    model, tasks = _build(args, device)
+    steps = {name: make_step(name, copy.deepcopy(model), tasks, args.steps, args.inner_lr)
+             for name in IMPLEMENTATIONS}
+    times = interleaved_medians(steps, device=device, iterations=args.iterations, repeats=args.repeats, warmup=1)
+    memory = {name: cuda_peak_memory(name, args, device) for name in IMPLEMENTATIONS} if device.type == "cuda" else {}
+    print(f"MAML meta-training, Conv4, {args.ways}-way {args.shots}-shot, {args.queries} queries, {args.steps} inner "
+          f"steps, {args.tasks} tasks per meta-step, device {device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads")
+    print(f"{'implementation':<15} {'tasks/s':>9} {'vs higher':>10} {'peak MiB':>9} {'vs higher':>10}")
+    for name in IMPLEMENTATIONS:
+        rate = args.tasks / times[name]
+        line = f"{name:<15} {rate:9.2f} {times['higher'] / times[name]:9.2f}x"
+        if memory:
+            line += f" {memory[name] / 2**20:9.1f} {memory[name] / max(memory['higher'], 1):9.2f}x"
+        print(line)
+    if not memory:
+        print("peak memory: measured on CUDA only (the CPU allocator keeps no peak statistics)")
+    goal = 3.0 if device.type == "cuda" else 1.0
+    print(f"goal: throughput >= {goal:g}x higher's on {device.type}: {times['higher'] / times['lowlearn']:.2f}x")
