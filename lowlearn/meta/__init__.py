@@ -8,6 +8,7 @@
 
 from .functional import inner_loop, parameters_of, run
 from .learned_optimizer import LSTMOptimizer
-from .maml import ANIL, MAML, MetaSGD, Reptile, head_names
+from .maml import ANIL, MAML, MetaSGD, Reptile, adapt_and_evaluate, head_names
 
-__all__ = ["ANIL", "LSTMOptimizer", "MAML", "MetaSGD", "Reptile", "head_names", "inner_loop", "parameters_of", "run"]
+__all__ = ["ANIL", "LSTMOptimizer", "MAML", "MetaSGD", "Reptile", "adapt_and_evaluate", "head_names", "inner_loop",
+           "parameters_of", "run"]

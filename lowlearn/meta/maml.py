@@ -159,23 +159,40 @@ class MAML(nn.Module):
     def evaluate(self, tasks: TaskBatch, steps: int | None = None) -> dict[str, Tensor]:
         """Adapt to every task (``steps`` inner steps, default the meta-training ones) and score the query sets.
 
-        No meta-gradient is kept. Returns ``{"loss": ..., "accuracy": ...}`` averaged
-        over tasks, and ``"per_task_loss"``.
+        See :func:`adapt_and_evaluate`.
         """
-        losses, accuracies = [], []
-        for j in range(tasks.support_x.shape[0]):
-            with torch.enable_grad():
-                params = self.adapt(tasks.support_x[j], tasks.support_y[j], steps, first_order=True)
-            with torch.no_grad():
-                out = run(self.model, {n: p.detach() for n, p in params.items()}, tasks.query_x[j])
-                losses.append(self.loss_fn(out, tasks.query_y[j]))
-                if not tasks.query_y.dtype.is_floating_point:
-                    accuracies.append((out.argmax(-1) == tasks.query_y[j]).float().mean())
-        per_task = torch.stack(losses)
-        stats = {"loss": per_task.mean(), "per_task_loss": per_task}
-        if accuracies:
-            stats["accuracy"] = torch.stack(accuracies).mean()
-        return stats
+        return adapt_and_evaluate(self.model, tasks, self.loss_fn, self.inner_steps if steps is None else steps,
+                                  self.learning_rates(), adapt=self.adapt_names)
+
+
+def adapt_and_evaluate(model: nn.Module, tasks: TaskBatch, loss_fn: LossFn, steps: int,
+                       lr: float | dict[str, Tensor], adapt: list[str] | None = None) -> dict[str, Tensor]:
+    """Fine-tune ``model`` on each task's support set by ``steps`` SGD steps, then score its query set.
+
+    The meta-test protocol of every method here (and, with the initialisation of a
+    model trained on all tasks at once, of the "pre-trained" baseline of Finn et al.).
+    The model itself is not changed and no meta-gradient is kept.
+
+    Returns:
+        ``{"loss": mean query loss, "per_task_loss": (tasks,), "accuracy": mean query
+        accuracy}`` (accuracy for integer labels only).
+    """
+    losses, accuracies = [], []
+    start = {name: p.detach().requires_grad_() for name, p in parameters_of(model).items()}
+    for j in range(tasks.support_x.shape[0]):
+        with torch.enable_grad():
+            params = inner_loop(model, start, tasks.support_x[j], tasks.support_y[j], loss_fn, steps, lr,
+                                first_order=True, adapt=adapt)
+        with torch.no_grad():
+            out = run(model, {n: p.detach() for n, p in params.items()}, tasks.query_x[j])
+            losses.append(loss_fn(out, tasks.query_y[j]))
+            if not tasks.query_y.dtype.is_floating_point:
+                accuracies.append((out.argmax(-1) == tasks.query_y[j]).float().mean())
+    per_task = torch.stack(losses)
+    stats = {"loss": per_task.mean(), "per_task_loss": per_task}
+    if accuracies:
+        stats["accuracy"] = torch.stack(accuracies).mean()
+    return stats
 
 
 class ANIL(MAML):
@@ -220,6 +237,11 @@ class Reptile:
             raise ValueError(f"Reptile needs at least one inner step, got {inner_steps!r}")
         self.model, self.inner_lr, self.inner_steps = model, inner_lr, inner_steps
         self.outer_lr, self.loss_fn = outer_lr, loss_fn
+
+    def evaluate(self, tasks: TaskBatch, steps: int | None = None) -> dict[str, Tensor]:
+        """Fine-tune on each support set (``steps`` SGD steps, default ``inner_steps``), score the query sets."""
+        return adapt_and_evaluate(self.model, tasks, self.loss_fn, self.inner_steps if steps is None else steps,
+                                  self.inner_lr)
 
     def meta_step(self, tasks: TaskBatch) -> dict[str, Tensor]:
         """One Reptile update from a batch of tasks; returns ``{"loss": mean support loss before adapting}``."""

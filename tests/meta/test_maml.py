@@ -166,3 +166,21 @@ def test_bad_input():
         maml.meta_backward(tasks._replace(support_y=tasks.support_y[:, :5]))
     with pytest.raises(ValueError, match="must be the same task"):
         maml.meta_backward(tasks._replace(query_x=tasks.query_x[..., :8, :8]))
+
+
+def test_adapt_and_evaluate_matches_plain_fine_tuning_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = MLP(1, (20,), 1).double()
+    tasks = regression(2)
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = Reptile(model, 0.05, 3, 1.0, F.mse_loss).evaluate(tasks)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    for j in range(2):
+        tuned = copy.deepcopy(model)
+        opt = torch.optim.SGD(tuned.parameters(), lr=0.05)
+        for _ in range(3):
+            opt.zero_grad()
+            F.mse_loss(tuned(tasks.support_x[j]), tasks.support_y[j]).backward()
+            opt.step()
+        with torch.no_grad():
+            assert torch.allclose(stats["per_task_loss"][j], F.mse_loss(tuned(tasks.query_x[j]), tasks.query_y[j]))
