@@ -25,7 +25,9 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 State = list[tuple[Tensor, Tensor]]
 Objective = Callable[[Tensor], Tensor]
@@ -136,3 +138,25 @@ def quadratic(dim: int = 10, generator: torch.Generator | None = None) -> tuple[
     W = torch.randn(dim, dim, generator=generator)
     y = torch.randn(dim, generator=generator)
     return (lambda theta: (W @ theta - y).square().sum()), torch.randn(dim, generator=generator)
+
+
+def network_problem(model: nn.Module, x: Tensor, y: Tensor, *,
+                    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy, batch_size: int = 128,
+                    generator: torch.Generator | None = None) -> tuple[Objective, Tensor]:
+    """Training ``model`` on ``(x, y)`` as a problem for a learned optimiser (the paper's MNIST experiment).
+
+    Returns ``(f, θ_0)``: ``θ_0`` is the model's parameters flattened into one vector,
+    and ``f(θ)`` the loss of the model with parameters ``θ`` on a fresh random
+    mini-batch of ``batch_size`` examples at every call (drawn with ``generator``).
+    """
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def objective(flat: Tensor) -> Tensor:
+        params = {name: part.view(shape) for name, part, shape in zip(names, flat.split(sizes), shapes)}
+        index = torch.randint(len(x), (batch_size,), generator=generator, device=x.device)
+        return loss_fn(functional_call(model, params, (x[index],)), y[index])
+
+    return objective, theta

@@ -43,3 +43,22 @@ def test_meta_training_lowers_the_loss_on_quadratics():
                problems=60, horizon=20, truncation=20)
     after = mean_loss()
     assert after < 0.5 * before
+
+
+def test_network_problem_is_the_model_loss_of_its_flat_parameters():
+    import torch.nn.functional as F
+
+    from lowlearn.meta.learned_optimizer import network_problem
+    from lowlearn.models import MLP
+
+    torch.manual_seed(0)
+    model = MLP(8, (5,), 3)
+    x, y = torch.randn(40, 8), torch.randint(0, 3, (40,))
+    objective, theta = network_problem(model, x, y, batch_size=16, generator=torch.Generator().manual_seed(0))
+    assert theta.numel() == sum(p.numel() for p in model.parameters())
+    # f(θ_0) is the model's own loss on the mini-batch the generator draws.
+    index = torch.randint(40, (16,), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(objective(theta), F.cross_entropy(model(x[index]), y[index]))
+    net = LSTMOptimizer()
+    losses = optimize(net, objective, theta, 5)
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
