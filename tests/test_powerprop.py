@@ -220,3 +220,15 @@ def test_state_dict_round_trip():
         F.cross_entropy(net(x), y).backward()
         opt.step()
     assert torch.equal(other(x), model(x))
+
+
+def test_topkast_penalises_the_effective_weight_under_powerprop():
+    model = powerprop(small_mlp(), 3)
+    sparsifier = TopKAST(model, None, 0.25, 0.5)
+    expected = 0.0
+    for name, layer in prunable_layers(model).items():
+        phi = raw_weight(layer).detach()
+        theta = phi * phi.abs() ** 2
+        forward, backward = masks_of(model)[name], sparsifier.backward_masks()[name]
+        expected += theta[forward].abs().sum() + theta[backward & ~forward].abs().sum() / 0.25
+    assert sparsifier.penalty().item() == pytest.approx(expected.item(), rel=1e-5)

@@ -32,6 +32,8 @@ weights too (a non-zero weight decay is refused).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
@@ -52,7 +54,7 @@ class TopKAST(Sparsifier):
         backward_density: ``D + M``, the global fraction in ``B`` (at least ``D``).
         every: steps between refreshes of ``A`` and ``B``.
         end: the last step that refreshes them (default: never stop).
-        distribution: layer-wise densities of both sets (see
+        distribution: layer-wise densities of both sets, a name or a function (see
             :func:`~lowlearn.sparse.dst.layer_densities_for`); default ``"uniform"``,
             as in the paper.
         layers: qualified names of the layers to sparsify.
@@ -92,6 +94,9 @@ class TopKAST(Sparsifier):
             refuse_weight_decay(optimizer, [raw_weight(layer) for layer in chosen.values()],
                                 "Top-KAST keeps the weights outside B frozen (add sparsifier.penalty() to the loss "
                                 "instead)")
+        if isinstance(distribution, Mapping):
+            raise ValueError("Top-KAST needs the layer-wise densities of two sets, A and B: pass a distribution "
+                             "name or a function (model, density) -> {layer: density}, not one mapping")
         names = list(chosen)
         self.forward_densities = layer_densities_for(model, forward_density, distribution, names)
         self.backward_densities = layer_densities_for(model, backward_density, distribution, names)
@@ -104,6 +109,17 @@ class TopKAST(Sparsifier):
         self.every, self.end = every, end
         self.refresh()
 
+    @staticmethod
+    def dense_weight(layer: nn.Module) -> Tensor:
+        """The layer's weight ``θ`` before the Top-KAST mask: the raw weight through any earlier
+        parametrization (e.g. Powerpropagation's ``θ = φ|φ|^(α−1)``), differentiable."""
+        weight = raw_weight(layer)
+        for parametrization in layer.parametrizations.weight:
+            if isinstance(parametrization, SplitMask):
+                return weight
+            weight = parametrization(weight)
+        return weight
+
     def refresh(self) -> None:
         """Choose ``A`` and ``B`` anew: the top ``D`` and ``D + M`` of every layer's ``|θ|``.
 
@@ -112,7 +128,7 @@ class TopKAST(Sparsifier):
         with torch.no_grad():
             for name, layer in self.layers().items():
                 theta, mask = raw_weight(layer), find_mask(layer)
-                magnitude = theta.abs()
+                magnitude = self.dense_weight(layer).abs()
                 k_forward = kept_count(self.forward_densities[name], theta.numel())
                 k_backward = max(k_forward, kept_count(self.backward_densities[name], theta.numel()))
                 backward = top_k_mask(magnitude, k_backward)
@@ -131,14 +147,15 @@ class TopKAST(Sparsifier):
         """The exploration penalty ``Σ_{i∈A} |θ_i|^p + Σ_{i∈B\\A} |θ_i|^p / D``.
 
         Add it to the loss, times a small coefficient. ``D`` is each layer's forward
-        density. ``p=1`` is the penalty as the paper writes it; ``p=2`` its squared
-        (weight-decay) form. Outside ``B`` the penalty is zero, like the gradient.
+        density; ``θ`` is :meth:`dense_weight` (under Powerpropagation the effective
+        weight, not ``φ``). ``p=1`` is the penalty as the paper writes it; ``p=2`` its
+        squared (weight-decay) form. Outside ``B`` the penalty is zero, like the gradient.
         """
         if p not in (1, 2):
             raise ValueError(f"p must be 1 or 2, got {p!r}")
         total = None
         for name, layer in self.layers().items():
-            theta, mask = raw_weight(layer), find_mask(layer)
+            theta, mask = self.dense_weight(layer), find_mask(layer)
             size = theta.abs() if p == 1 else theta.square()
             scale = mask.mask + (mask.backward_mask - mask.mask) / self.forward_densities[name]
             term = (size * scale).sum()

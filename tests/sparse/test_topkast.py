@@ -141,3 +141,8 @@ def test_bad_input():
         TopKAST(model, None, 0.2, 0.4)
     with pytest.raises(ValueError, match="p must be 1 or 2"):
         TopKAST(small_mlp(), None, 0.2, 0.4).penalty(p=3)
+
+
+def test_one_mapping_cannot_give_two_sets():
+    with pytest.raises(ValueError, match="densities of two sets"):
+        TopKAST(small_mlp(), None, 0.2, 0.4, distribution={"1": 0.2, "3": 0.2, "5": 0.2})
