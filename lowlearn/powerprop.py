@@ -4,11 +4,11 @@ Schwarz, Jayakumar, Pascanu, Latham & Teh (2021), "Powerpropagation: a sparsity
 inducing weight reparameterisation" (NeurIPS). Every weight ``θ`` of a layer is
 written as a function of a new parameter ``φ``:
 
-    θ = Ψ(φ) = φ · |φ|^(α−1),        α ≥ 1,
+    ``θ = Ψ(φ) = φ · |φ|^(α−1),    α ≥ 1,``
 
 and the network is trained on ``φ``. By the chain rule
 
-    ∂L/∂φ = ∂L/∂θ · α |φ|^(α−1),
+    ``∂L/∂φ = ∂L/∂θ · α |φ|^(α−1),``
 
 so a weight's gradient is scaled by its own magnitude: large weights learn fast, small
 ones barely move ("rich get richer"), zero is a critical point, and weights rarely
@@ -156,7 +156,7 @@ class PowerPropOptimizer:
     Schwarz et al. (2021), section 3: "pretend that the exponentiated parameters are
     the de-facto parameters", i.e.
 
-        Δφ = optim(∂L/∂Ψ(φ)) · α |φ|^(α−1).
+        ``Δφ = optim(∂L/∂Ψ(φ)) · α |φ|^(α−1).``
 
     For each reparameterised weight, :meth:`step` hands the wrapped optimizer the
     effective weight ``θ = Ψ(φ)`` and its gradient ``∂L/∂θ`` (read during backward
@@ -193,13 +193,16 @@ class PowerPropOptimizer:
 
     @property
     def param_groups(self) -> list[dict]:
+        """The wrapped optimizer's parameter groups."""
         return self.optimizer.param_groups
 
     @property
     def state(self):
+        """The wrapped optimizer's per-parameter state (its moments track ``θ``'s gradients)."""
         return self.optimizer.state
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients, and the ``∂L/∂θ`` read in the last backward pass."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._theta_grads.clear()
 
@@ -233,7 +236,9 @@ class PowerPropOptimizer:
         self._theta_grads.clear()
 
     def state_dict(self) -> dict:
+        """The wrapped optimizer's ``state_dict``."""
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state: Mapping) -> None:
+        """Load the wrapped optimizer's state."""
         self.optimizer.load_state_dict(state)

@@ -214,6 +214,55 @@ class PowerpropSizes:
 
 
 @dataclass(frozen=True)
+class LowRankSizes:
+    """Sizes for the chapter "Low-rank training" (DLRT on an MLP and on LeNet5, MNIST).
+
+    Attributes:
+        dataset: ``"mnist5k"`` or ``"mnist"``.
+        train_limit: keep only this many training examples (``None``: all).
+        epochs: training epochs of every LeNet5 run from scratch (dense and DLRT alike).
+        batch_size: examples per optimizer step.
+        lr: ``λ``, the step size of SGD (dense runs) and of DLRT's K-, L- and S-steps.
+        init_rank: the rank at which DLRT's LeNet5 layers start (capped at each layer's
+            ``min(n, m)``); the tolerance ``ϑ`` adapts it from there.
+        tols: the tolerances ``ϑ`` of the LeNet5 table (the paper: 0.09 to 0.45; must hold 0.2).
+        seeds: independent LeNet5 runs per configuration (for error bars).
+        mlp_hidden: hidden widths of the fully connected network (all hidden layers low rank).
+        mlp_epochs: training epochs of every fully connected run.
+        mlp_init_rank: the rank at which the fully connected network's DLRT layers start.
+        mlp_low_start: a small initial rank, to see whether DLRT's rank grows from below.
+        mlp_tols: the tolerances ``ϑ`` of the fully connected experiment.
+        mlp_seeds: independent fully connected runs per configuration (for error bars).
+        baseline_tols: the ``ϑ`` whose DLRT ranks the baselines (SVD truncation of the dense
+            LeNet5, with and without fine-tuning; fixed rank from scratch) use.
+        finetune_epochs: fixed-rank DLRT fine-tuning after SVD truncation.
+        finetune_lr: the step size of that fine-tuning (smaller than ``lr``: the truncated network
+            is already trained).
+        bench_widths: widths of ``python -m lowlearn.bench lowrank`` shown in the chapter
+            (``()``: skip it).
+    """
+
+    dataset: str
+    train_limit: int | None
+    epochs: int
+    batch_size: int
+    lr: float
+    init_rank: int
+    tols: tuple[float, ...]
+    seeds: int
+    mlp_hidden: tuple[int, ...]
+    mlp_epochs: int
+    mlp_init_rank: int
+    mlp_low_start: int
+    mlp_tols: tuple[float, ...]
+    mlp_seeds: int
+    baseline_tols: tuple[float, ...]
+    finetune_epochs: int
+    finetune_lr: float
+    bench_widths: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Profile:
     """All experiment sizes of one profile, one field per chapter."""
 
@@ -223,6 +272,7 @@ class Profile:
     lottery: LotterySizes
     dst: DSTSizes
     powerprop: PowerpropSizes
+    lowrank: LowRankSizes
 
 
 PROFILES: dict[str, Profile] = {
@@ -245,6 +295,10 @@ PROFILES: dict[str, Profile] = {
                                  iterative_rounds=2, finetune_epochs=1, topkast_backward=2.0,
                                  topkast_penalty=1e-5, cl_tasks=2, cl_fraction=0.1, cl_epochs=1,
                                  cl_retrain_epochs=1, cl_alpha=3.0),
+        lowrank=LowRankSizes(dataset="mnist5k", train_limit=500, epochs=1, batch_size=64, lr=0.2, init_rank=8,
+                             tols=(0.2, 0.45), seeds=1, mlp_hidden=(500, 500), mlp_epochs=1, mlp_init_rank=16,
+                             mlp_low_start=4, mlp_tols=(0.2,), mlp_seeds=1, baseline_tols=(0.2,), finetune_epochs=1,
+                             finetune_lr=0.05, bench_widths=()),
     ),
     "cpu": Profile(
         name="cpu",
@@ -266,6 +320,11 @@ PROFILES: dict[str, Profile] = {
                                  sparsities=(0.8, 0.9, 0.95), iterative_rounds=3, finetune_epochs=3,
                                  topkast_backward=2.0, topkast_penalty=1e-5, cl_tasks=5, cl_fraction=0.02,
                                  cl_epochs=5, cl_retrain_epochs=1, cl_alpha=3.0),
+        lowrank=LowRankSizes(dataset="mnist5k", train_limit=None, epochs=8, batch_size=64, lr=0.2, init_rank=32,
+                             tols=(0.09, 0.15, 0.2, 0.3, 0.4, 0.45), seeds=1, mlp_hidden=(500, 500), mlp_epochs=12,
+                             mlp_init_rank=64, mlp_low_start=8, mlp_tols=(0.1, 0.2), mlp_seeds=2,
+                             baseline_tols=(0.2, 0.45), finetune_epochs=2, finetune_lr=0.05,
+                             bench_widths=(256, 512, 1024, 2048)),
     ),
     "gpu": Profile(
         name="gpu",
@@ -287,6 +346,12 @@ PROFILES: dict[str, Profile] = {
                                  sparsities=(0.8, 0.9, 0.95), iterative_rounds=3, finetune_epochs=2,
                                  topkast_backward=2.0, topkast_penalty=1e-5, cl_tasks=10, cl_fraction=0.02,
                                  cl_epochs=3, cl_retrain_epochs=1, cl_alpha=3.0),
+        lowrank=LowRankSizes(dataset="mnist", train_limit=None, epochs=10, batch_size=64, lr=0.2, init_rank=64,
+                             tols=(0.09, 0.11, 0.13, 0.15, 0.2, 0.3, 0.4, 0.45), seeds=1,
+                             mlp_hidden=(500, 500), mlp_epochs=10,
+                             mlp_init_rank=64, mlp_low_start=8, mlp_tols=(0.1, 0.2), mlp_seeds=2,
+                             baseline_tols=(0.2, 0.45), finetune_epochs=2, finetune_lr=0.05,
+                             bench_widths=(512, 1024, 2048, 4096)),
     ),
 }
 

@@ -50,7 +50,7 @@ class OutputGradients:
     weight ``w = θ ⊙ m``, the exponentiated weight ``θ = Ψ(φ)``); backward computes
     its gradient before the chain rule takes it back to the raw parameter. While
     :meth:`start` is in effect, a forward hook on every module marks that output, and
-    backward stores its gradient in :attr:`grads` (summed over several backward
+    backward stores its gradient in ``grads`` (summed over several backward
     passes). Forward passes without gradients (evaluation) are ignored.
 
     Args:
@@ -76,7 +76,7 @@ class OutputGradients:
             self._handles = [module.register_forward_hook(self._hook(name)) for name, module in self.modules.items()]
 
     def stop(self) -> None:
-        """Stop recording; the gradients already stored stay in :attr:`grads`."""
+        """Stop recording; the gradients already stored stay in ``grads``."""
         for handle in self._handles:
             handle.remove()
         self._handles = []

@@ -165,7 +165,7 @@ def fit(
         model: the network; it is moved to ``device``.
         data: training inputs and targets, a ``TensorDataset`` or ``(x, y)``.
         optimizer: built on ``model.parameters()`` (before or after the move). An
-            optimizer with ``needs_closure = True`` (:class:`lowlearn.lowrank.DLRT`)
+            optimizer with ``needs_closure = True`` (:class:`lowlearn.lowrank.dlrt.DLRT`)
             gets ``step(closure)``, the closure recomputing the batch's loss.
         epochs: passes over the data. Give exactly one of ``epochs`` and ``steps``.
         steps: optimizer steps.

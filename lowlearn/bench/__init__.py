@@ -28,6 +28,6 @@ Benchmarks:
     width grows.
 
 ``maml``
-    Meta-training throughput and peak memory of :class:`lowlearn.meta.MAML` against
+    Meta-training throughput and peak memory of :class:`lowlearn.meta.maml.MAML` against
     ``higher`` on the Omniglot workload of the MAML paper.
 """

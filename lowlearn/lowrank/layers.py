@@ -127,8 +127,11 @@ class _LowRankConvFunction(torch.autograd.Function):
         return grad_x, grad_K, grad_S, grad_L.reshape(U.shape[1], -1).T, None, None, None
 
 
-class _LowRank(nn.Module):
-    """What the low-rank layers share: the factors, their conversion and their checkpoints."""
+class LowRankLayer(nn.Module):
+    """What the low-rank layers share: the factors ``U``, ``S``, ``V``, their conversion and checkpoints.
+
+    Use :class:`LowRankLinear` or :class:`LowRankConv2d`.
+    """
 
     #: compute ``∇_K`` and ``∇_L`` in backward (the DLRT integrator turns it off for its S-step pass)
     kl_gradients = True
@@ -191,7 +194,7 @@ class _LowRank(nn.Module):
         return f"{m} -> {n}, rank={self.rank}, r_max={self.r_max}, bias={self.bias is not None}"
 
 
-class LowRankLinear(_LowRank):
+class LowRankLinear(LowRankLayer):
     """``y = x (U S Vᵀ)ᵀ + b``: a linear layer of rank ``r``.
 
     Build it from a dense layer with :meth:`from_linear`, or from scratch (the
@@ -243,7 +246,7 @@ class LowRankLinear(_LowRank):
         return y if self.bias is None else y + self.bias
 
 
-class LowRankConv2d(_LowRank):
+class LowRankConv2d(LowRankLayer):
     """A convolution of rank ``r``: ``r`` filters (``V``), then the 1×1 channel mixing ``U S``.
 
     Built from an ``nn.Conv2d`` (without groups) by :meth:`from_conv`; the weight
@@ -289,12 +292,11 @@ class LowRankConv2d(_LowRank):
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
 
-LOW_RANK = (LowRankLinear, LowRankConv2d)
 
 
-def low_rank_layers(model: nn.Module) -> dict[str, _LowRank]:
+def low_rank_layers(model: nn.Module) -> dict[str, LowRankLayer]:
     """``{qualified name: layer}`` of the model's low-rank layers."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LOW_RANK)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, LowRankLayer)}
 
 
 def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -344,14 +346,14 @@ def to_dense(model: nn.Module) -> nn.Module:
     return model
 
 
-def count_low_rank_parameters(layer: _LowRank, rank: int | None = None) -> int:
+def count_low_rank_parameters(layer: LowRankLayer, rank: int | None = None) -> int:
     """``r(n + m) + r²`` (+ the bias): numbers a rank-``r`` layer stores (default: its current rank)."""
     n, m = layer.dense_shape
     r = layer.rank if rank is None else rank
     return r * (n + m) + r * r + (layer.bias.numel() if layer.bias is not None else 0)
 
 
-def dense_parameter_count(layer: _LowRank) -> int:
+def dense_parameter_count(layer: LowRankLayer) -> int:
     """``n·m`` (+ the bias): numbers the dense layer would store."""
     n, m = layer.dense_shape
     return n * m + (layer.bias.numel() if layer.bias is not None else 0)
@@ -372,7 +374,7 @@ def compression(model: nn.Module) -> dict[str, float]:
     """
     dense = evaluation = training = 0
     for module in model.modules():
-        if isinstance(module, LOW_RANK):
+        if isinstance(module, LowRankLayer):
             n, m = module.dense_shape
             r = module.rank
             dense += n * m

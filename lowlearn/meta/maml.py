@@ -174,8 +174,8 @@ def adapt_and_evaluate(model: nn.Module, tasks: TaskBatch, loss_fn: LossFn, step
     The model itself is not changed and no meta-gradient is kept.
 
     Returns:
-        ``{"loss": mean query loss, "per_task_loss": (tasks,), "accuracy": mean query
-        accuracy}`` (accuracy for integer labels only).
+        ``{"loss": ..., "per_task_loss": ..., "accuracy": ...}``: the mean query loss,
+        each task's query loss, and the mean query accuracy (integer labels only).
     """
     losses, accuracies = [], []
     start = {name: p.detach().requires_grad_() for name, p in parameters_of(model).items()}

@@ -95,7 +95,7 @@ def _device(layers: Mapping[str, nn.Module]) -> torch.device:
 class Sparsifier:
     """What every sparse-training method shares: the model's layers, a step count, a generator, checkpoints.
 
-    Subclasses implement :meth:`_after_step`. Call :meth:`step` once after every
+    Subclasses implement ``_after_step``. Call :meth:`step` once after every
     ``optimizer.step()``, or pass the sparsifier to :func:`lowlearn.train.fit` as a
     callback.
 
@@ -373,10 +373,9 @@ class SNFS(DynamicSparsity):
     Since the momentum needs ``∂L/∂w`` of every step, SNFS computes a dense weight
     gradient at every step (see :func:`lowlearn.sparse.flops.dst_training_flops`).
 
-    Args:
-        beta: momentum coefficient ``β`` of ``M``.
-        other arguments: as for :class:`DynamicSparsity` (the initial densities
-            come from ``distribution``; the paper starts uniform).
+    ``beta`` is the momentum coefficient ``β`` of ``M``; the other arguments are those
+    of :class:`DynamicSparsity` (the initial densities come from ``distribution``; the
+    paper starts uniform).
     """
 
     dense_gradient = "always"
