@@ -1,0 +1,91 @@
+"""The CUDA path of every training method: the same step on CPU and on a GPU gives the same result.
+
+Skipped without a CUDA device. Run on a GPU machine with ``pytest tests/test_cuda.py``.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowlearn.data.tasks import SinusoidTasks
+from lowlearn.lowrank import DLRT, low_rank_layers, to_low_rank
+from lowlearn.meta import MAML
+from lowlearn.models import MLP
+from lowlearn.powerprop import PowerPropOptimizer, powerprop
+from lowlearn.sparse.dst import SNFS, RigL
+from lowlearn.sparse.mask import masks_of
+from lowlearn.sparse.topkast import TopKAST
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def batches(n=12):
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(16, 20, generator=generator), torch.randint(0, 4, (16,), generator=generator))
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("method", ["rigl", "snfs", "topkast"])
+def test_sparse_training_keeps_exact_densities_on_cuda(method):
+    torch.manual_seed(0)
+    model = MLP(20, (32, 16), 4).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if method == "topkast":
+        sparsifier = TopKAST(model, optimizer, 0.3, 0.6, every=3)
+    else:
+        sparsifier = {"rigl": RigL, "snfs": SNFS}[method](model, optimizer, 0.3, end=10, every=3)
+    before = {name: int(m.sum()) for name, m in masks_of(model).items()}
+    for x, y in batches():
+        optimizer.zero_grad()
+        F.cross_entropy(model(x.cuda()), y.cuda()).backward()
+        optimizer.step()
+        sparsifier.step()
+    after = {name: int(m.sum()) for name, m in masks_of(model).items()}
+    assert sum(after.values()) == sum(before.values())
+    assert all(m.device.type == "cuda" for m in masks_of(model).values())
+
+
+def test_powerprop_and_the_optimiser_aware_step_agree_with_cpu():
+    torch.manual_seed(0)
+    cpu = powerprop(MLP(20, (32,), 4), 3)
+    gpu = copy.deepcopy(cpu).cuda()
+    for model in (cpu, gpu):
+        device = next(model.parameters()).device
+        optimizer = PowerPropOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3), model)
+        for x, y in batches(3):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            optimizer.step()
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        assert torch.allclose(a, b.cpu(), atol=1e-5)
+
+
+def test_dlrt_on_cuda_matches_cpu():
+    torch.manual_seed(0)
+    cpu = to_low_rank(MLP(20, (32,), 4), ["1"], rank=4)
+    gpu = copy.deepcopy(cpu).cuda()
+    for model in (cpu, gpu):
+        device = next(model.parameters()).device
+        dlrt = DLRT(model, lr=0.1, tol=0.1)
+        for x, y in batches(3):
+            x, y = x.to(device), y.to(device)
+            dlrt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            dlrt.step(lambda: F.cross_entropy(model(x), y))
+    assert low_rank_layers(cpu)["1"].rank == low_rank_layers(gpu)["1"].rank
+    x = batches(1)[0][0]
+    assert torch.allclose(cpu(x), gpu(x.cuda()).cpu(), atol=1e-4)
+
+
+def test_maml_meta_gradient_on_cuda_matches_cpu():
+    torch.manual_seed(0)
+    cpu = MLP(1, (40, 40), 1).double()
+    gpu = copy.deepcopy(cpu).cuda()
+    tasks = SinusoidTasks().sample(4, 5, 5, generator=torch.Generator().manual_seed(0))
+    for model in (cpu, gpu):
+        device = next(model.parameters()).device
+        MAML(model, 0.01, 2, loss_fn=F.mse_loss).meta_backward(type(tasks)(*(t.double().to(device) for t in tasks)))
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        assert torch.allclose(a.grad, b.grad.cpu(), rtol=1e-8)
