@@ -20,6 +20,12 @@ of size ``λ`` (``lr``) each:
    smallest ``r₁`` with ``‖σ_{r₁+1:}‖ ≤ ϑ ‖σ‖`` (``tol``), within ``[r_min, r_max]``;
    ``U ← Û P_{:, :r₁}``, ``V ← V̂ Q_{:, :r₁}``, ``S ← Σ_{:r₁}``.
 
+The rank adapts both ways, but not symmetrically: a new direction enters the
+augmented basis with a singular value of the size of one gradient step, so it
+survives the truncation only if ``ϑ‖σ‖`` is smaller than that, or once it has grown
+over several steps. In practice the rank mostly falls from where it starts: start
+at a rank at least as large as the one you expect.
+
 With ``tol=None`` the rank stays fixed: ``Û = orth(K¹)``, ``V̂ = orth(L¹)`` and no
 truncation (the fixed-rank integrator of the same paper). No ``n × m`` matrix is
 formed at any point: every product involves a thin factor.

@@ -29,7 +29,7 @@ optimizer only :func:`dense_parameters`.)
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +88,7 @@ class _LowRankLinearFunction(torch.autograd.Function):
         rows_x, rows_d = x.reshape(-1, x.shape[-1]), delta.reshape(-1, delta.shape[-1])
         a = rows_x @ V                                   # x V        (B × r_v)
         c = rows_d @ U                                   # δ U        (B × r_u)
-        grad_x = ((c @ S) @ V.T).view_as(x)              # δ W = δ U S Vᵀ
+        grad_x = ((c @ S) @ V.T).view_as(x) if ctx.needs_input_grad[0] else None   # δ W = δ U S Vᵀ
         grad_S = c.T @ a                                 # ∂L/∂S = Uᵀ δᵀ x V
         if not ctx.kl:
             return grad_x, None, grad_S, None, None
@@ -101,24 +101,26 @@ class _LowRankConvFunction(torch.autograd.Function):
     """The convolution ``V`` (``r_v`` filters), then the channel mixing ``U S``; backward as for the linear case."""
 
     @staticmethod
-    def forward(x: Tensor, U: Tensor, S: Tensor, V: Tensor, kl: bool, kernel: tuple, conv: dict) -> Tensor:
+    def forward(x: Tensor, U: Tensor, S: Tensor, V: Tensor, kl: bool, kernel: tuple, conv: dict):
         filters = V.T.reshape(V.shape[1], *kernel)
-        a = F.conv2d(x, filters, **conv)
-        return torch.einsum("brhw,nr->bnhw", a, U @ S)
+        a = F.conv2d(x, filters, **conv)                                      # (B, r_v, H, W)
+        return torch.einsum("brhw,nr->bnhw", a, U @ S), a
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, U, S, V, ctx.kl, ctx.kernel, ctx.conv = inputs
-        ctx.save_for_backward(x, U, S, V)
+        ctx.save_for_backward(x, U, S, V, output[1])       # the r_v thin feature maps, not recomputed
+        ctx.mark_non_differentiable(output[1])
 
     @staticmethod
-    def backward(ctx, delta: Tensor):
-        x, U, S, V = ctx.saved_tensors
+    def backward(ctx, delta: Tensor, _):
+        x, U, S, V, a = ctx.saved_tensors
         filters = V.T.reshape(V.shape[1], *ctx.kernel)
-        a = F.conv2d(x, filters, **ctx.conv)                                  # (B, r_v, H, W)
         c = torch.einsum("bnhw,nr->brhw", delta, U)                           # δ U
-        grad_a = torch.einsum("brhw,rs->bshw", c, S)
-        grad_x = torch.nn.grad.conv2d_input(x.shape, filters, grad_a, **ctx.conv)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.einsum("brhw,rs->bshw", c, S)
+            grad_x = torch.nn.grad.conv2d_input(x.shape, filters, grad_a, **ctx.conv)
         grad_S = torch.einsum("brhw,bshw->rs", c, a)
         if not ctx.kl:
             return grad_x, None, grad_S, None, None, None, None
@@ -288,7 +290,7 @@ class LowRankConv2d(LowRankLayer):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        y = _LowRankConvFunction.apply(x, self.U, self.S, self.V, self.kl_gradients, self.kernel, self.conv)
+        y = _LowRankConvFunction.apply(x, self.U, self.S, self.V, self.kl_gradients, self.kernel, self.conv)[0]
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
 
@@ -305,8 +307,8 @@ def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in factors]
 
 
-def to_low_rank(model: nn.Module, layers: Iterable[str], rank: int | None = None, *, tol: float | None = None,
-                r_max: int | None = None) -> nn.Module:
+def to_low_rank(model: nn.Module, layers: Iterable[str], rank: int | Mapping[str, int] | None = None, *,
+                tol: float | None = None, r_max: int | None = None) -> nn.Module:
     """Replace the named ``nn.Linear``/``nn.Conv2d`` modules by their truncated SVDs, in place; return the model.
 
     Args:
@@ -314,7 +316,9 @@ def to_low_rank(model: nn.Module, layers: Iterable[str], rank: int | None = None
         layers: qualified module names (e.g. ``["1", "3"]`` for the hidden layers of
             :class:`lowlearn.models.MLP`); keep the output layer dense, as
             Schotthöfer et al. (2022) do, by leaving it out.
-        rank, tol, r_max: as for :class:`LowRankLinear` (``r_max`` is capped at each
+        rank: one rank for every layer, or ``{name: rank}`` (each capped at the layer's
+            ``min(n, m)``).
+        tol, r_max: as for :class:`LowRankLinear` (``r_max`` is capped at each
             layer's ``min(n, m)``).
 
     Raises:
@@ -327,7 +331,8 @@ def to_low_rank(model: nn.Module, layers: Iterable[str], rank: int | None = None
             raise KeyError(f"{name!r} is not a Linear or Conv2d module of the model")
         n, m = layer.weight.shape[0], layer.weight[0].numel()
         cap = None if r_max is None else min(r_max, n, m)
-        r = None if rank is None else min(rank, n, m)
+        r = rank[name] if isinstance(rank, Mapping) else rank
+        r = None if r is None else min(r, n, m)
         if isinstance(layer, nn.Linear):
             new = LowRankLinear.from_linear(layer, r, tol=tol, r_max=cap)
         else:
@@ -366,8 +371,9 @@ def compression(model: nn.Module) -> dict[str, float]:
     tables: a dense ``nn.Linear``/``nn.Conv2d`` counts ``n·m``; a low-rank layer of rank
     ``r`` counts ``r(n + m) + r²`` at evaluation, and during training what an
     integrator step holds at once: the augmented factors ``Û, V̂`` and ``S̃`` of rank
-    ``2r`` plus ``K`` and ``L``, i.e. ``2r(n + m) + 4r² + r(n + m)``. The compression
-    rate ("c.r.") is ``1 − stored / dense``.
+    ``2r`` plus ``K`` and ``L``, i.e. ``2r(n + m) + 4r² + r(n + m)`` (the rank-adaptive
+    integrator; the fixed-rank one holds less). The compression rate ("c.r.") is
+    ``1 − stored / dense``.
 
     Returns:
         ``{"dense": n_dense, "eval": n_eval, "train": n_train, "cr_eval": ..., "cr_train": ...}``.

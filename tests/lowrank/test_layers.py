@@ -151,3 +151,14 @@ def test_compression_by_hand():
     assert counts["train"] == 3 * 5 * (784 + 100) + 4 * 25 + 1000
     assert counts["cr_eval"] == pytest.approx(1 - counts["eval"] / dense)
     assert counts["cr_train"] == pytest.approx(1 - counts["train"] / dense)
+
+
+def test_per_layer_ranks_and_input_gradients_only_when_needed():
+    torch.manual_seed(0)
+    model = to_low_rank(LeNet5(channels=(20, 50), hidden=(500,), padding=0), ["features.0", "classifier.1"],
+                        rank={"features.0": 3, "classifier.1": 7})
+    assert {name: layer.rank for name, layer in low_rank_layers(model).items()} == {"features.0": 3,
+                                                                                    "classifier.1": 7}
+    x = torch.randn(2, 1, 28, 28)                       # no gradient needed for the input
+    model(x).sum().backward()
+    assert all(p.grad is not None for layer in low_rank_layers(model).values() for p in (layer.U, layer.S, layer.V))
