@@ -64,7 +64,7 @@ class _Power(torch.autograd.Function):
     Autograd's own derivative of ``φ · |φ|^(α−1)`` goes through ``|φ|^(α−2)``, which is
     infinite at ``φ = 0`` for ``1 < α < 2`` and turns masked (zero) weights into NaN
     gradients; the closed form has no such term. The forward's ``|φ|^(α−1)`` is kept
-    for the backward, which is then one fused multiply.
+    for the backward, which then only multiplies.
     """
 
     @staticmethod
@@ -81,7 +81,7 @@ class _Power(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor, _):
         (power,) = ctx.saved_tensors
-        return torch.addcmul(grad.new_zeros(()), grad, power, value=ctx.alpha), None
+        return grad.mul(power).mul_(ctx.alpha), None
 
 
 class PowerProp(nn.Module):
