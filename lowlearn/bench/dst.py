@@ -20,7 +20,7 @@ from lowlearn.sparse.dst import SET, SNFS, RigL, StaticSparse
 from lowlearn.sparse.topkast import TopKAST
 from lowlearn.train import default_device
 
-from .timing import interleaved_medians
+from .timing import fixed_batch, interleaved_medians
 
 METHODS = ("dense", "static", "SET", "RigL", "SNFS", "Top-KAST")
 NEVER_ENDS = 10**12   # T_end so late that the cosine stays at α during the benchmark
@@ -43,9 +43,7 @@ def _sparsifier(method: str, model, optimizer, density: float, every: int):
 
 def build_steps(density: float, batch_size: int, every: int, device: torch.device) -> dict[str, tuple]:
     """``{method: (training-step function, its model)}``, each with its own model, optimizer and sparsifier."""
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(batch_size, 784, generator=generator).to(device)
-    y = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
+    x, y = fixed_batch(batch_size, 784, device)
     steps = {}
     for method in METHODS:
         torch.manual_seed(0)

@@ -22,7 +22,7 @@ from lowlearn.cost import training_memory
 from lowlearn.lowrank import DLRT, to_low_rank
 from lowlearn.train import default_device
 
-from .timing import interleaved_medians
+from .timing import fixed_batch, interleaved_medians
 
 
 def build(width: int, rank: int | None, device: torch.device):
@@ -64,9 +64,7 @@ def run(widths=(512, 1024, 2048, 4096), rank: int = 32, batch_size: int = 128, i
     device = torch.device(device) if device else default_device()
     rows = []
     for width in widths:
-        generator = torch.Generator().manual_seed(1)
-        x = torch.randn(batch_size, width, generator=generator).to(device)
-        y = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
+        x, y = fixed_batch(batch_size, width, device)
         built = {"dense": build(width, None, device), "dlrt": build(width, rank, device)}
         steps = {name: _step(model, opt, x, y) for name, (model, opt) in built.items()}
         times = interleaved_medians(steps, device=device, iterations=iterations, repeats=repeats, warmup=1)

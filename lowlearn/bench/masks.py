@@ -20,7 +20,7 @@ from lowlearn.models import MLP
 from lowlearn.sparse.mask import attach_masks, prunable_layers, set_masks
 from lowlearn.train import default_device
 
-from .timing import interleaved_medians
+from .timing import fixed_batch, interleaved_medians
 
 
 def _train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
@@ -57,9 +57,7 @@ def run(density: float = 0.1, batch_size: int = 60, iterations: int = 200, repea
     """Time the three models; return median seconds per training step by name."""
     device = torch.device(device) if device else default_device()
     models = build_models(density, device)
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(batch_size, 784, generator=generator).to(device)
-    y = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
+    x, y = fixed_batch(batch_size, 784, device)
     steps = {name: _train_step(model, x, y) for name, model in models.items()}
     return interleaved_medians(steps, device=device, iterations=iterations, repeats=repeats, warmup=warmup)
 

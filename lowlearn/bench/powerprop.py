@@ -19,7 +19,7 @@ from lowlearn.models import MLP
 from lowlearn.powerprop import PowerPropOptimizer, powerprop
 from lowlearn.train import default_device
 
-from .timing import interleaved_medians
+from .timing import fixed_batch, interleaved_medians
 
 CASES = ("SGD", "Powerprop, SGD", "Adam", "Powerprop, optimiser-aware Adam")
 BASELINE = {"Powerprop, SGD": "SGD", "Powerprop, optimiser-aware Adam": "Adam"}
@@ -27,9 +27,7 @@ BASELINE = {"Powerprop, SGD": "SGD", "Powerprop, optimiser-aware Adam": "Adam"}
 
 def build_steps(alpha: float, batch_size: int, device: torch.device) -> dict[str, tuple]:
     """``{case: (training-step function, its model)}``."""
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(batch_size, 784, generator=generator).to(device)
-    y = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
+    x, y = fixed_batch(batch_size, 784, device)
     steps = {}
     for case in CASES:
         torch.manual_seed(0)

@@ -41,3 +41,12 @@ def interleaved_medians(
             _sync(device)
             samples[name].append((time.perf_counter() - start) / iterations)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def fixed_batch(batch_size: int, features: int, device: torch.device, classes: int = 10,
+                seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reproducible random classification batch ``(x, y)`` on ``device``: timing does not depend on the data."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, features, generator=generator)
+    y = torch.randint(0, classes, (batch_size,), generator=generator)
+    return x.to(device), y.to(device)

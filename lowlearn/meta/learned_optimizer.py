@@ -73,15 +73,19 @@ class LSTMOptimizer(nn.Module):
         return self.out(inputs).squeeze(-1) * self.output_scale, new_state
 
 
+def gradient(objective: Objective, theta: Tensor) -> Tensor:
+    """``∇f(θ)`` as a constant: the optimiser's input, with no path back to ``φ`` (the paper's simplification)."""
+    with torch.enable_grad():
+        point = theta.detach().requires_grad_()
+        return torch.autograd.grad(objective(point), point)[0]
+
+
 def unroll(optimizer: LSTMOptimizer, objective: Objective, theta: Tensor, state: State,
            steps: int) -> tuple[Tensor, Tensor, State]:
     """``steps`` updates of ``theta`` by ``optimizer``: ``(Σ_t f(θ_t), θ_T, state)``, differentiable in ``φ``."""
     total = theta.new_zeros(())
     for _ in range(steps):
-        with torch.enable_grad():
-            point = theta.detach().requires_grad_()
-            grad = torch.autograd.grad(objective(point), point)[0]
-        update, state = optimizer(grad, state)
+        update, state = optimizer(gradient(objective, theta), state)
         theta = theta + update
         total = total + objective(theta)
     return total, theta, state
@@ -124,10 +128,7 @@ def optimize(optimizer: LSTMOptimizer, objective: Objective, theta: Tensor, step
     state = optimizer.initial_state(theta.numel(), theta)
     losses = [objective(theta).item()]
     for _ in range(steps):
-        with torch.enable_grad():
-            point = theta.detach().requires_grad_()
-            grad = torch.autograd.grad(objective(point), point)[0]
-        update, state = optimizer(grad, state)
+        update, state = optimizer(gradient(objective, theta), state)
         theta = theta + update
         losses.append(objective(theta).item())
     return losses

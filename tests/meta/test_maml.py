@@ -25,6 +25,17 @@ def regression(tasks=3, seed=0):
     return RegressionBatch(*(t.double() for t in batch))
 
 
+def fine_tuned(model, x, y, lr, steps):
+    """A copy of ``model`` after ``steps`` plain SGD steps on ``(x, y)``."""
+    tuned = copy.deepcopy(model)
+    opt = torch.optim.SGD(tuned.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.mse_loss(tuned(x), y).backward()
+        opt.step()
+    return tuned
+
+
 def higher_meta_gradient(model, tasks, inner_lr, steps, loss_fn, first_order=False):
     """The reference: the same meta-gradient computed with higher's differentiable SGD."""
     model.zero_grad()
@@ -64,12 +75,7 @@ def test_first_order_is_the_query_gradient_at_the_adapted_weights():
     maml.meta_backward(tasks)
     expected = [torch.zeros_like(p) for p in model.parameters()]
     for j in range(2):
-        adapted = copy.deepcopy(model)
-        opt = torch.optim.SGD(adapted.parameters(), lr=0.05)
-        for _ in range(3):
-            opt.zero_grad()
-            F.mse_loss(adapted(tasks.support_x[j]), tasks.support_y[j]).backward()
-            opt.step()
+        adapted = fine_tuned(model, tasks.support_x[j], tasks.support_y[j], 0.05, 3)
         adapted.zero_grad()
         F.mse_loss(adapted(tasks.query_x[j]), tasks.query_y[j]).backward()
         for e, p in zip(expected, adapted.parameters()):
@@ -176,11 +182,6 @@ def test_adapt_and_evaluate_matches_plain_fine_tuning_and_leaves_the_model_alone
     stats = Reptile(model, 0.05, 3, 1.0, F.mse_loss).evaluate(tasks)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     for j in range(2):
-        tuned = copy.deepcopy(model)
-        opt = torch.optim.SGD(tuned.parameters(), lr=0.05)
-        for _ in range(3):
-            opt.zero_grad()
-            F.mse_loss(tuned(tasks.support_x[j]), tasks.support_y[j]).backward()
-            opt.step()
+        tuned = fine_tuned(model, tasks.support_x[j], tasks.support_y[j], 0.05, 3)
         with torch.no_grad():
             assert torch.allclose(stats["per_task_loss"][j], F.mse_loss(tuned(tasks.query_x[j]), tasks.query_y[j]))
