@@ -263,6 +263,41 @@ class LowRankSizes:
 
 
 @dataclass(frozen=True)
+class MetaSizes:
+    """Sizes for the chapter "Learning to learn" (MAML on the sinusoid regression tasks).
+
+    Attributes:
+        sinusoid_meta_steps: meta-training steps of MAML (Finn et al. 2017: 70,000).
+        sinusoid_meta_batch: tasks per meta-step (the paper: 25).
+        sinusoid_shots: ``K``, support points per task, in meta-training and meta-test (the paper: 5 and 10).
+        sinusoid_queries: query points per task during meta-training.
+        inner_lr: ``α``, the step size of the inner SGD steps, in meta-training and when
+            adapting at meta-test (the paper: 0.01).
+        inner_steps: inner steps during meta-training (the paper: 1).
+        meta_lr: ``β``, the Adam learning rate of the meta-update (and of the pre-training baseline).
+        eval_steps: the numbers of adaptation steps at which the test tasks are scored.
+        test_tasks: meta-test tasks (never seen in training), scored for every method.
+        test_queries: query points per test task.
+        pretrain_steps: Adam steps of the "pre-trained on all tasks" baseline, on
+            batches of ``sinusoid_meta_batch * (sinusoid_shots + sinusoid_queries)`` pooled points.
+        seeds: independent meta-training runs (and pre-training runs), for error bars across seeds.
+    """
+
+    sinusoid_meta_steps: int
+    sinusoid_meta_batch: int
+    sinusoid_shots: int
+    sinusoid_queries: int
+    inner_lr: float
+    inner_steps: int
+    meta_lr: float
+    eval_steps: tuple[int, ...]
+    test_tasks: int
+    test_queries: int
+    pretrain_steps: int
+    seeds: int
+
+
+@dataclass(frozen=True)
 class Profile:
     """All experiment sizes of one profile, one field per chapter."""
 
@@ -273,6 +308,7 @@ class Profile:
     dst: DSTSizes
     powerprop: PowerpropSizes
     lowrank: LowRankSizes
+    meta: MetaSizes
 
 
 PROFILES: dict[str, Profile] = {
@@ -299,6 +335,9 @@ PROFILES: dict[str, Profile] = {
                              tols=(0.2, 0.45), seeds=1, mlp_hidden=(500, 500), mlp_epochs=1, mlp_init_rank=16,
                              mlp_low_start=4, mlp_tols=(0.2,), mlp_seeds=1, baseline_tols=(0.2,), finetune_epochs=1,
                              finetune_lr=0.05, bench_widths=()),
+        meta=MetaSizes(sinusoid_meta_steps=30, sinusoid_meta_batch=5, sinusoid_shots=5, sinusoid_queries=5,
+                       inner_lr=0.01, inner_steps=1, meta_lr=1e-3, eval_steps=(0, 1, 5, 10), test_tasks=10,
+                       test_queries=20, pretrain_steps=30, seeds=1),
     ),
     "cpu": Profile(
         name="cpu",
@@ -325,6 +364,9 @@ PROFILES: dict[str, Profile] = {
                              mlp_init_rank=64, mlp_low_start=8, mlp_tols=(0.1, 0.2), mlp_seeds=2,
                              baseline_tols=(0.2, 0.45), finetune_epochs=2, finetune_lr=0.05,
                              bench_widths=(256, 512, 1024, 2048)),
+        meta=MetaSizes(sinusoid_meta_steps=6000, sinusoid_meta_batch=25, sinusoid_shots=5, sinusoid_queries=5,
+                       inner_lr=0.01, inner_steps=1, meta_lr=1e-3, eval_steps=(0, 1, 2, 3, 4, 5, 7, 10),
+                       test_tasks=200, test_queries=50, pretrain_steps=6000, seeds=1),
     ),
     "gpu": Profile(
         name="gpu",
@@ -352,6 +394,9 @@ PROFILES: dict[str, Profile] = {
                              mlp_init_rank=64, mlp_low_start=8, mlp_tols=(0.1, 0.2), mlp_seeds=2,
                              baseline_tols=(0.2, 0.45), finetune_epochs=2, finetune_lr=0.05,
                              bench_widths=(512, 1024, 2048, 4096)),
+        meta=MetaSizes(sinusoid_meta_steps=15000, sinusoid_meta_batch=25, sinusoid_shots=5, sinusoid_queries=5,
+                       inner_lr=0.01, inner_steps=1, meta_lr=1e-3, eval_steps=(0, 1, 2, 3, 4, 5, 7, 10),
+                       test_tasks=600, test_queries=50, pretrain_steps=15000, seeds=2),
     ),
 }
 

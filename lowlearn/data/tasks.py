@@ -63,6 +63,10 @@ class SinusoidTasks:
     the phase follows the MAML code, ``amp * sin(x - phase)``; with a phase
     range of width pi, either sign gives an equally hard family of tasks.
 
+    The *mean* task is not zero: with phases covering half a period,
+    ``E[amp · sin(x − phase)] = −(2/π) E[amp] cos x ≈ −1.62 cos x`` for the default
+    ranges. A network trained on all tasks pooled learns about this curve.
+
     Args:
         amplitude, phase, x_range: ``(low, high)`` ranges, each sampled uniformly.
     """
