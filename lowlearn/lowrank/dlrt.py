@@ -65,6 +65,9 @@ class DLRT:
         tol: ``ϑ``, the relative truncation tolerance in [0, 1); ``None`` trains at fixed rank.
         r_min: the smallest rank a layer is truncated to.
         r_max: the largest (default: each layer's own ``r_max``).
+        betas: ``(β₁, β₂)`` for Adam-style steps of the factors (see :meth:`direction`);
+            ``None`` (default) takes plain gradient steps, the integrator of the paper.
+        eps: Adam's ``ε``.
         optimizer: trains the other parameters (default: SGD with learning rate ``lr``
             on :func:`~lowlearn.lowrank.layers.dense_parameters`, if there are any).
 
@@ -76,15 +79,20 @@ class DLRT:
     needs_closure = True
 
     def __init__(self, model: nn.Module, lr: float, *, tol: float | None = None, r_min: int = 1,
-                 r_max: int | None = None, optimizer: torch.optim.Optimizer | None = None):
+                 r_max: int | None = None, betas: tuple[float, float] | None = None, eps: float = 1e-8,
+                 optimizer: torch.optim.Optimizer | None = None):
         if not low_rank_layers(model):
             raise ValueError("the model has no low-rank layer: convert some with lowlearn.lowrank.to_low_rank")
         if not isinstance(lr, (int, float)) or lr <= 0:
             raise ValueError(f"lr must be a positive step size, got {lr!r}")
         if not isinstance(r_min, int) or r_min < 1:
             raise ValueError(f"r_min must be a positive integer, got {r_min!r}")
+        if betas is not None and not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         self.model, self.lr, self.r_min, self.r_max = model, float(lr), r_min, r_max
         self.tol = None if tol is None else check_tolerance(tol)
+        self.betas, self.eps = betas, eps
+        self.moments: dict[str, dict] = {}
         if optimizer is None and dense_parameters(model):
             optimizer = torch.optim.SGD(dense_parameters(model), lr=lr)
         self.optimizer = optimizer
@@ -126,11 +134,13 @@ class DLRT:
             RuntimeError: a low-rank layer without gradients (no backward pass first).
         """
         layers = low_rank_layers(self.model)
+        start = {}
         for name, layer in layers.items():
             if layer.U.grad is None or layer.V.grad is None:
                 raise RuntimeError(f"low-rank layer {name!r} has no gradient: run forward and backward on a "
                                    "batch before DLRT.step(closure)")
-            self._basis_update(layer)
+            start[name] = (layer.U.detach(), layer.V.detach())
+            self._basis_update(name, layer)
         self.zero_grad()
         for layer in layers.values():
             layer.kl_gradients = False
@@ -143,37 +153,84 @@ class DLRT:
                 layer.kl_gradients = True
         if self.optimizer is not None:
             self.optimizer.step()
-        for layer in layers.values():
+        for name, layer in layers.items():
             if layer.S.grad is not None:
-                self._galerkin_and_truncate(layer)
+                self._galerkin_and_truncate(name, layer)
+            if name in self.moments:                      # K's columns follow V, L's follow U
+                U0, V0 = start[name]
+                self._rotate(name, "K", None, V0.T @ layer.V)
+                self._rotate(name, "L", None, U0.T @ layer.U)
         return loss.detach()
 
-    def _basis_update(self, layer) -> None:
+    def direction(self, name: str, key: str, grad: Tensor) -> Tensor:
+        """The step direction for one factor gradient: ``grad`` itself, or Adam's ``m̂ / (√v̂ + ε)``.
+
+        With ``betas``, each layer keeps Adam's first and second moments for its K-, L-
+        and S-gradients (Kingma & Ba 2015), bias-corrected by the layer's step count.
+        The moments are coordinates in the layer's bases, which change at every step:
+        after each step they are carried into the new bases by the change-of-basis
+        matrices (``m ← Cᵀ m D``; the second moments by the squared entries of ``C`` and
+        ``D``, an approximation that keeps them non-negative). (The authors' code runs a
+        torch optimizer on the factors and leaves its moments in the old coordinates.)
+        Normalised steps give weak directions as large a step as strong ones, so at the
+        same ``ϑ`` more of them survive the truncation: expect higher ranks than with
+        plain steps.
+        """
+        if self.betas is None:
+            return grad
+        beta1, beta2 = self.betas
+        state = self.moments.setdefault(name, {"step": 0})
+        if key == "K":
+            state["step"] += 1
+        m, v = state.get(key, (torch.zeros_like(grad), torch.zeros_like(grad)))
+        m = beta1 * m + (1 - beta1) * grad
+        v = beta2 * v + (1 - beta2) * grad.square()
+        state[key] = (m, v)
+        t = state["step"]
+        return (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + self.eps)
+
+    def _rotate(self, name: str, key: str, left: Tensor | None, right: Tensor | None) -> None:
+        """Carry the moments of ``key`` into new bases: ``m ← leftᵀ m right`` (``None``: unchanged side)."""
+        if key not in self.moments.get(name, {}):
+            return
+        m, v = self.moments[name][key]
+        if left is not None:
+            m, v = left.T @ m, left.square().T @ v
+        if right is not None:
+            m, v = m @ right, v @ right.square()
+        self.moments[name][key] = (m, v)
+
+    def _basis_update(self, name: str, layer) -> None:
         U, S, V = layer.U, layer.S, layer.V
-        K = U @ S - self.lr * U.grad
-        L = V @ S.T - self.lr * V.grad
+        K = U @ S - self.lr * self.direction(name, "K", U.grad)
+        L = V @ S.T - self.lr * self.direction(name, "L", V.grad)
         if self.tol is None:
             U_hat, V_hat = torch.linalg.qr(K).Q, torch.linalg.qr(L).Q
         else:
             U_hat = torch.linalg.qr(torch.cat([K, U], dim=1)).Q
             V_hat = torch.linalg.qr(torch.cat([L, V], dim=1)).Q
         M, N = U_hat.T @ U, V_hat.T @ V
+        self._rotate(name, "S", M.T, N.T)                 # S's moments into the augmented bases
         layer.set_factors(U_hat, M @ S @ N.T, V_hat)
 
-    def _galerkin_and_truncate(self, layer) -> None:
-        S = layer.S - self.lr * layer.S.grad
+    def _galerkin_and_truncate(self, name: str, layer) -> None:
+        S = layer.S - self.lr * self.direction(name, "S", layer.S.grad)
         if self.tol is None:
             layer.set_factors(layer.U, S, layer.V)
             return
         P, sigma, Qh = torch.linalg.svd(S, full_matrices=False)
         r_max = min(layer.r_max, self.r_max or layer.r_max, sigma.numel())
         r = min(max(truncation_rank(sigma, self.tol), self.r_min), r_max)
+        self._rotate(name, "S", P[:, :r], Qh[:r].T)
         layer.set_factors(layer.U @ P[:, :r], torch.diag(sigma[:r]), layer.V @ Qh[:r].T)
 
     def state_dict(self) -> dict:
-        """The dense optimizer's state (the factors and ranks are in the model's ``state_dict``)."""
-        return {"optimizer": self.optimizer.state_dict() if self.optimizer is not None else None}
+        """The dense optimizer's state and the factors' Adam moments (the factors are in the model's)."""
+        return {"optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "moments": {name: dict(state) for name, state in self.moments.items()}}
 
     def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict`."""
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+        self.moments = {name: dict(moments) for name, moments in state.get("moments", {}).items()}

@@ -1,3 +1,5 @@
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,3 +102,47 @@ def test_bad_input():
     with pytest.raises(RuntimeError, match="has no gradient: run forward and backward"):
         dlrt.step(lambda: model(torch.randn(2, 784)).sum())
     assert low_rank_layers(model)["1"].rank == 2
+
+
+def test_adam_style_steps_train_and_keep_the_factors_orthonormal():
+    torch.manual_seed(0)
+    x, y, _ = teacher_data(4)
+    model = nn.Sequential(LowRankLinear(32, 24, 8, bias=False))
+    dlrt = DLRT(model, lr=0.05, tol=0.02, betas=(0.9, 0.999))
+    losses = regression_steps(model, dlrt, x, y, 300)
+    layer = model[0]
+    eye = torch.eye(layer.rank)
+    assert torch.linalg.matrix_norm(layer.U.T @ layer.U - eye) < 1e-4
+    assert losses[-1] < 0.05 * losses[0]
+    # Normalised steps give weak directions the same size as strong ones, so more of them
+    # survive the truncation than with plain steps; never fewer than the teacher needs.
+    r = layer.rank
+    assert r >= 4
+    state = dlrt.moments["0"]
+    assert state["step"] == 300
+    assert state["K"][0].shape == (24, r) and state["L"][0].shape == (32, r) and state["S"][0].shape == (r, r)
+
+
+def test_adam_direction_and_the_change_of_basis_of_its_moments():
+    model = to_low_rank(MLP(hidden=(8,)), ["1"], rank=2)
+    dlrt = DLRT(model, lr=0.1, betas=(0.9, 0.999))
+    g = torch.tensor([[0.5, -2.0], [1e-3, 4.0]])
+    # First step: m̂ = g, v̂ = g², so the direction is g / (|g| + ε), about sign(g).
+    assert torch.allclose(dlrt.direction("1", "K", g), g.sign(), atol=1e-4)
+    assert dlrt.moments["1"]["step"] == 1
+    # Rotating the moments to other coordinates and back restores the first moment.
+    Q = torch.linalg.qr(torch.randn(2, 2)).Q
+    m = dlrt.moments["1"]["K"][0].clone()
+    dlrt._rotate("1", "K", Q, Q)
+    dlrt._rotate("1", "K", Q.T, Q.T)
+    assert torch.allclose(dlrt.moments["1"]["K"][0], m, atol=1e-6)
+    assert (dlrt.moments["1"]["K"][1] >= 0).all()
+    buffer = io.BytesIO()
+    torch.save(dlrt.state_dict(), buffer)
+    buffer.seek(0)
+    restored = DLRT(model, lr=0.1, betas=(0.9, 0.999))
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert restored.moments["1"]["step"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(restored.moments["1"]["K"], dlrt.moments["1"]["K"]))
+    with pytest.raises(ValueError, match="betas must be two numbers"):
+        DLRT(model, lr=0.1, betas=(0.9, 1.0))
