@@ -100,10 +100,9 @@ class TopKAST(Sparsifier):
         names = list(chosen)
         self.forward_densities = layer_densities_for(model, forward_density, distribution, names)
         self.backward_densities = layer_densities_for(model, backward_density, distribution, names)
-        for name, layer in chosen.items():
-            shape, dtype = layer.weight.shape, layer.weight.dtype
-            keep = torch.ones(shape, dtype=torch.bool, device=layer.weight.device)
-            register(layer, "weight", SplitMask(keep, keep, dtype))
+        for layer in chosen.values():
+            keep = torch.ones_like(layer.weight, dtype=torch.bool)
+            register(layer, "weight", SplitMask(keep, keep, layer.weight.dtype))
         super().__init__(model, optimizer, seed)
         self.forward_density, self.backward_density = forward_density, backward_density
         self.every, self.end = every, end
