@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from lowlearn.models import MLP
 from lowlearn.sparse.dst import SET, SNFS, RigL, StaticSparse
 from lowlearn.sparse.topkast import TopKAST
-from lowlearn.train import default_device
 
-from .timing import fixed_batch, interleaved_medians
+from .timing import add_device_argument, environment, fixed_batch, interleaved_medians, resolve_device
 
 METHODS = ("dense", "static", "SET", "RigL", "SNFS", "Top-KAST")
 NEVER_ENDS = 10**12   # T_end so late that the cosine stays at α during the benchmark
@@ -68,7 +67,7 @@ def build_steps(density: float, batch_size: int, every: int, device: torch.devic
 def run(density: float = 0.1, batch_size: int = 128, every: int = 100, updates: int = 2, repeats: int = 5,
         device: str | None = None) -> dict[str, float]:
     """Median seconds per training step (amortised over ``updates`` mask updates per block) by method."""
-    device = torch.device(device) if device else default_device()
+    device = resolve_device(device)
     steps = {method: step for method, (step, _) in build_steps(density, batch_size, every, device).items()}
     return interleaved_medians(steps, device=device, iterations=updates * every, repeats=repeats, warmup=every)
 
@@ -80,12 +79,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--every", type=int, default=100, help="ΔT, steps between mask updates (default 100)")
     parser.add_argument("--updates", type=int, default=2, help="mask updates per timed block (default 2)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timed blocks per method")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     times = run(args.density, args.batch_size, args.every, args.updates, args.repeats, args.device)
-    device = args.device or default_device()
     print(f"LeNet-300-100 training step, batch {args.batch_size}, density {args.density} (ERK), ΔT = {args.every}, "
-          f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+          f"{environment(args.device)}")
     print(f"median of {args.repeats} interleaved blocks of {args.updates * args.every} steps "
           f"({args.updates} mask updates each)")
     print(f"{'method':<10} {'ms/step':>9} {'vs dense':>9} {'vs static':>10}")

@@ -20,9 +20,8 @@ from torch import nn
 
 from lowlearn.cost import training_memory
 from lowlearn.lowrank import DLRT, to_low_rank
-from lowlearn.train import default_device
 
-from .timing import fixed_batch, interleaved_medians
+from .timing import add_device_argument, environment, fixed_batch, interleaved_medians, resolve_device
 
 
 def build(width: int, rank: int | None, device: torch.device):
@@ -61,7 +60,7 @@ def _cuda_peak(step, device: torch.device) -> int | None:
 def run(widths=(512, 1024, 2048, 4096), rank: int = 32, batch_size: int = 128, iterations: int = 3,
         repeats: int = 3, device: str | None = None) -> list[dict]:
     """One row per width: seconds per step and bytes, dense and DLRT."""
-    device = torch.device(device) if device else default_device()
+    device = resolve_device(device)
     rows = []
     for width in widths:
         x, y = fixed_batch(batch_size, width, device)
@@ -84,12 +83,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--iterations", type=int, default=3, help="training steps per timed block")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed blocks per model")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     rows = run(tuple(args.widths), args.rank, args.batch_size, args.iterations, args.repeats, args.device)
-    device = args.device or default_device()
     print(f"w → w → w → 10, two hidden layers at fixed rank {args.rank} (DLRT) vs dense SGD, batch {args.batch_size}, "
-          f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+          f"{environment(args.device)}")
     print(f"time: median of {args.repeats} interleaved blocks of {args.iterations} steps; memory: parameters, "
           "gradients, optimizer state and saved activations" + ("; CUDA peak of one step" if rows and
                                                                     rows[0]["dense"]["cuda_peak"] else ""))

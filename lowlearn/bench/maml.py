@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from lowlearn.data.episodes import Episode
 from lowlearn.meta import MAML
 from lowlearn.models import Conv4
-from lowlearn.train import default_device
 
-from .timing import interleaved_medians
+from .timing import add_device_argument, environment, interleaved_medians, resolve_device
 
 IMPLEMENTATIONS = ("lowlearn", "higher")
 
@@ -88,17 +87,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inner-lr", type=float, default=0.4)
     parser.add_argument("--iterations", type=int, default=2, help="meta-steps per timed block")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
-    device = torch.device(args.device) if args.device else default_device()
+    device = resolve_device(args.device)
     model, tasks = _build(args, device)
     steps = {name: make_step(name, copy.deepcopy(model), tasks, args.steps, args.inner_lr)
              for name in IMPLEMENTATIONS}
     times = interleaved_medians(steps, device=device, iterations=args.iterations, repeats=args.repeats, warmup=1)
     memory = {name: cuda_peak_memory(name, args, device) for name in IMPLEMENTATIONS} if device.type == "cuda" else {}
     print(f"MAML meta-training, Conv4, {args.ways}-way {args.shots}-shot, {args.queries} queries, {args.steps} inner "
-          f"steps, {args.tasks} tasks per meta-step, device {device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads")
+          f"steps, {args.tasks} tasks per meta-step, {environment(device)}")
     print(f"{'implementation':<15} {'tasks/s':>9} {'vs higher':>10} {'peak MiB':>9} {'vs higher':>10}")
     for name in IMPLEMENTATIONS:
         rate = args.tasks / times[name]

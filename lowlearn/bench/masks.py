@@ -18,9 +18,8 @@ from torch.nn.utils import prune as torch_prune
 
 from lowlearn.models import MLP
 from lowlearn.sparse.mask import attach_masks, prunable_layers, set_masks
-from lowlearn.train import default_device
 
-from .timing import fixed_batch, interleaved_medians
+from .timing import add_device_argument, environment, fixed_batch, interleaved_medians, resolve_device
 
 
 def _train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
@@ -55,7 +54,7 @@ def build_models(density: float, device: torch.device, seed: int = 0) -> dict[st
 def run(density: float = 0.1, batch_size: int = 60, iterations: int = 200, repeats: int = 7,
         warmup: int = 20, device: str | None = None) -> dict[str, float]:
     """Time the three models; return median seconds per training step by name."""
-    device = torch.device(device) if device else default_device()
+    device = resolve_device(device)
     models = build_models(density, device)
     x, y = fixed_batch(batch_size, 784, device)
     steps = {name: _train_step(model, x, y) for name, model in models.items()}
@@ -68,12 +67,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=60)
     parser.add_argument("--iterations", type=int, default=200, help="training steps per timed block")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timed blocks per model")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     times = run(args.density, args.batch_size, args.iterations, args.repeats, device=args.device)
-    device = args.device or default_device()
-    print(f"LeNet-300-100 training step, batch {args.batch_size}, density {args.density}, device {device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"LeNet-300-100 training step, batch {args.batch_size}, density {args.density}, "
+          f"{environment(args.device)}")
     print(f"median of {args.repeats} interleaved blocks of {args.iterations} steps")
     print(f"{'model':<22} {'ms/step':>9} {'vs dense':>9}")
     for name, seconds in times.items():

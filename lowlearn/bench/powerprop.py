@@ -17,9 +17,8 @@ import torch.nn.functional as F
 
 from lowlearn.models import MLP
 from lowlearn.powerprop import PowerPropOptimizer, powerprop
-from lowlearn.train import default_device
 
-from .timing import fixed_batch, interleaved_medians
+from .timing import add_device_argument, environment, fixed_batch, interleaved_medians, resolve_device
 
 CASES = ("SGD", "Powerprop, SGD", "Adam", "Powerprop, optimiser-aware Adam")
 BASELINE = {"Powerprop, SGD": "SGD", "Powerprop, optimiser-aware Adam": "Adam"}
@@ -53,7 +52,7 @@ def build_steps(alpha: float, batch_size: int, device: torch.device) -> dict[str
 def run(alpha: float = 3.0, batch_size: int = 60, iterations: int = 200, repeats: int = 7,
         device: str | None = None) -> dict[str, float]:
     """Median seconds per training step by case."""
-    device = torch.device(device) if device else default_device()
+    device = resolve_device(device)
     steps = {case: step for case, (step, _) in build_steps(alpha, batch_size, device).items()}
     return interleaved_medians(steps, device=device, iterations=iterations, repeats=repeats, warmup=20)
 
@@ -64,12 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=60)
     parser.add_argument("--iterations", type=int, default=200, help="training steps per timed block")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timed blocks per case")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     times = run(args.alpha, args.batch_size, args.iterations, args.repeats, args.device)
-    device = args.device or default_device()
-    print(f"LeNet-300-100 training step, batch {args.batch_size}, alpha {args.alpha:g}, device {device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"LeNet-300-100 training step, batch {args.batch_size}, alpha {args.alpha:g}, {environment(args.device)}")
     print(f"median of {args.repeats} interleaved blocks of {args.iterations} steps")
     print(f"{'case':<34} {'ms/step':>9} {'vs baseline':>12}")
     for case, seconds in times.items():

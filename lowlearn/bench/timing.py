@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable, Mapping
 
 import torch
+
+from lowlearn.train import default_device
 
 
 def _sync(device: torch.device) -> None:
@@ -50,3 +53,18 @@ def fixed_batch(batch_size: int, features: int, device: torch.device, classes: i
     x = torch.randn(batch_size, features, generator=generator)
     y = torch.randint(0, classes, (batch_size,), generator=generator)
     return x.to(device), y.to(device)
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--device`` option every benchmark takes."""
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or :func:`lowlearn.train.default_device` when it is ``None``."""
+    return torch.device(device) if device else default_device()
+
+
+def environment(device: str | torch.device | None) -> str:
+    """What the timings depend on: ``"device ..., torch ..., N CPU threads"``."""
+    return f"device {resolve_device(device)}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
