@@ -50,6 +50,7 @@ update the masks, so that the other steps run exactly as static sparse training.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 
 import torch
@@ -92,7 +93,7 @@ def _device(layers: Mapping[str, nn.Module]) -> torch.device:
     return raw_weight(next(iter(layers.values()))).device
 
 
-class Sparsifier:
+class Sparsifier(ABC):
     """What every sparse-training method shares: the model's layers, a step count, a generator, checkpoints.
 
     Subclasses implement ``_after_step``. Call :meth:`step` once after every
@@ -123,8 +124,9 @@ class Sparsifier:
         """Callback form for :func:`lowlearn.train.fit` (the state is not needed)."""
         self.step()
 
+    @abstractmethod
     def _after_step(self) -> None:
-        raise NotImplementedError
+        """What the method does after optimizer step ``self.steps``."""
 
     def state_dict(self) -> dict:
         """Step count and generator state (the masks are in the model's ``state_dict``)."""
@@ -206,9 +208,9 @@ class DynamicSparsity(Sparsifier):
         """``{name: scores}``; the lowest-scoring active weights are dropped. Default: ``|θ|``."""
         return {name: raw_weight(layer).detach().abs() for name, layer in self.layers().items()}
 
+    @abstractmethod
     def grow_scores(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``{name: scores}``; the highest-scoring inactive weights are grown."""
-        raise NotImplementedError
 
     def grow_counts(self, dropped: Mapping[str, int], masks: Mapping[str, Tensor]) -> dict[str, int]:
         """How many weights each layer grows, given how many it dropped. Default: as many (exact layer density)."""
