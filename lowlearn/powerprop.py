@@ -188,7 +188,8 @@ class PowerPropOptimizer:
         self.layers = powerprop_layers(model)
         if not self.layers:
             raise ValueError("the model has no Powerprop layer: call lowlearn.powerprop.powerprop(model, alpha) first")
-        self._theta_grads = OutputGradients({name: _powerprop_of(layer) for name, layer in self.layers.items()})
+        self._powers = {name: _powerprop_of(layer) for name, layer in self.layers.items()}
+        self._theta_grads = OutputGradients(self._powers)
         self._theta_grads.start()
 
     @property
@@ -222,7 +223,7 @@ class PowerPropOptimizer:
             if name not in self._theta_grads.grads:
                 raise RuntimeError(f"no gradient of the effective weight of {name!r} was seen: call zero_grad(), "
                                    "then forward and backward, then step()")
-            alpha = _powerprop_of(layer).alpha
+            alpha = self._powers[name].alpha
             old = phi.detach().clone()
             power = _magnitude_power(old, alpha - 1)              # |φ|^(α−1)
             phi.mul_(power)                                       # the parameter holds θ = φ |φ|^(α−1) ...

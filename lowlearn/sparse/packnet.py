@@ -158,16 +158,14 @@ class PackNet:
         """
         if not 1 <= task <= self.tasks:
             raise ValueError(f"task must be one of the {self.tasks} assigned tasks (1..{self.tasks}), got {task}")
-        saved = {name: (find_mask(layer).mask.clone(), find_mask(layer).backward_mask.clone())
-                 for name, layer in self.layers.items()}
+        forward = {name: find_mask(layer).mask != 0 for name, layer in self.layers.items()}
+        backward = {name: find_mask(layer).backward_mask != 0 for name, layer in self.layers.items()}
         self._set({name: (owner != FREE) & (owner <= task) for name, owner in self.owner.items()},
                   {name: torch.zeros_like(owner, dtype=torch.bool) for name, owner in self.owner.items()})
         try:
             yield
         finally:
-            for name, layer in self.layers.items():
-                find_mask(layer).mask.copy_(saved[name][0])
-                find_mask(layer).backward_mask.copy_(saved[name][1])
+            self._set(forward, backward)
 
     def state_dict(self) -> dict:
         """Owners, task count and generator (weights and masks are in the model's ``state_dict``)."""
