@@ -1,0 +1,149 @@
+"""The chapters' headline results, kept per experiment profile so that later chapters can read them.
+
+A chapter calls :func:`record` once it has measured something worth comparing across the
+course (a test accuracy at some sparsity, a speed-up, a memory ratio), and the closing
+chapter reads every record back with :func:`load` to put the methods side by side. Each
+profile has its own file, ``<directory>/<profile>.json``, so a smoke run never mixes with
+the numbers of a cpu or gpu run. The directory is ``$LOWLEARN_RESULTS`` if set, else
+``results`` under the current directory (a chapter runs in ``book/``, so its results land
+in ``book/results``).
+
+Recording the same ``(chapter, key)`` again replaces that one entry (a chapter that runs
+again refreshes its numbers) and keeps every other entry. The file is replaced atomically,
+and a file that cannot be read is reported, never written over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .profiles import get_profile
+
+ENV_VAR = "LOWLEARN_RESULTS"
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """One measured number.
+
+    Attributes:
+        value: the number.
+        ci: half-width of its 95% interval over seeds or episodes (``None`` for a single run).
+        unit: what it counts, such as ``"% accuracy"`` or ``"x dense"``.
+        label: one line that says what was measured and in which setting.
+        recorded: when it was recorded (ISO 8601, UTC).
+        device: the device and torch version that measured it.
+    """
+
+    value: float
+    ci: float | None = None
+    unit: str = ""
+    label: str = ""
+    recorded: str = ""
+    device: str = ""
+
+    def __str__(self) -> str:
+        spread = "" if self.ci is None else f" ± {self.ci:.3g}"
+        unit = f" {self.unit}" if self.unit else ""
+        return f"{self.value:.4g}{spread}{unit}"
+
+
+def results_path(profile: str | None = None, directory: str | os.PathLike | None = None) -> Path:
+    """The file that holds ``profile``'s results (default: the current profile, see :mod:`lowlearn.profiles`)."""
+    name = get_profile(profile).name
+    folder = Path(directory if directory is not None else os.environ.get(ENV_VAR) or "results")
+    return folder / f"{name}.json"
+
+
+def _read(path: Path) -> dict[str, dict[str, dict]]:
+    if not path.exists():
+        return {}
+    try:
+        stored = json.loads(path.read_text())
+        chapters = stored["results"]
+        if not all(isinstance(entries, dict) for entries in chapters.values()):
+            raise TypeError("every chapter must map to a dictionary of results")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"cannot read the results file {path} ({error}); it was left untouched. Move it away "
+            f"(or point {ENV_VAR} to another folder) and run the chapters again to record new results"
+        ) from error
+    return chapters
+
+
+def _check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"the {kind} of a result must be a non-empty string, got {name!r}")
+    return name
+
+
+def _finite(kind: str, number: float | None) -> float | None:
+    if number is None:
+        return None
+    number = float(number)
+    if not math.isfinite(number):
+        raise ValueError(f"a result's {kind} must be a finite number, got {number}")
+    return number
+
+
+def record(chapter: str, key: str, value: float, *, ci: float | None = None, unit: str = "", label: str = "",
+           profile: str | None = None, directory: str | os.PathLike | None = None) -> Result:
+    """Store ``value`` as ``chapter``'s result ``key`` in the profile's results file, and return it.
+
+    Args:
+        chapter: the chapter's file name without extension, such as ``"pruning"``.
+        key: a short stable name for the result, such as ``"snip_error_98"``.
+        value: the measured number (a float, or a one-element tensor).
+        ci: half-width of its 95% interval, if it has one.
+        unit: what the number counts.
+        label: one line that says what was measured.
+        profile: the profile whose file to write (default: the current one).
+        directory: the folder of the results files (default: see the module docstring).
+
+    Raises:
+        ValueError: an empty chapter or key, a value or interval that is not finite, or an
+            existing results file that cannot be read (it is left as it is).
+    """
+    chapter, key = _check_name("chapter", chapter), _check_name("key", key)
+    value = _finite("value", value.item() if isinstance(value, torch.Tensor) else value)
+    ci = _finite("interval", ci.item() if isinstance(ci, torch.Tensor) else ci)
+    if torch.cuda.is_available():
+        device = f"cuda ({torch.cuda.get_device_name()}), torch {torch.__version__}"
+    else:
+        device = f"cpu, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    result = Result(value=value, ci=ci, unit=unit, label=label, device=device,
+                    recorded=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+    path = results_path(profile, directory)
+    chapters = _read(path)
+    chapters.setdefault(chapter, {})[key] = dataclasses.asdict(result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"profile": get_profile(profile).name, "results": chapters}, indent=1, sort_keys=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+        handle.write(text + "\n")
+    os.replace(handle.name, path)
+    return result
+
+
+def load(profile: str | None = None, directory: str | os.PathLike | None = None) -> dict[str, dict[str, Result]]:
+    """Every recorded result of ``profile``: ``{chapter: {key: Result}}`` (empty if nothing was recorded).
+
+    Raises:
+        ValueError: the results file exists but cannot be read.
+    """
+    path = results_path(profile, directory)
+    chapters = _read(path)
+    try:
+        return {chapter: {key: Result(**entry) for key, entry in entries.items()}
+                for chapter, entries in chapters.items()}
+    except TypeError as error:
+        raise ValueError(f"the results file {path} holds an entry that is not a result ({error}); "
+                         f"move it away and run the chapters again") from error

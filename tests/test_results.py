@@ -1,0 +1,70 @@
+import json
+import math
+
+import pytest
+import torch
+
+from lowlearn import results
+
+
+def test_record_then_load_round_trips(tmp_path):
+    stored = results.record("pruning", "snip_error_98", torch.tensor(2.4), ci=0.3, unit="% error",
+                            label="LeNet-300-100, 98% sparse", profile="cpu", directory=tmp_path)
+    loaded = results.load("cpu", directory=tmp_path)
+    assert loaded == {"pruning": {"snip_error_98": stored}}
+    assert stored.value == pytest.approx(2.4) and stored.ci == 0.3 and stored.unit == "% error"
+    assert stored.recorded and "torch" in stored.device
+    assert str(stored) == "2.4 ± 0.3 % error"
+
+
+def test_profiles_are_kept_apart(tmp_path):
+    results.record("pruning", "dense_error", 1.7, profile="cpu", directory=tmp_path)
+    results.record("pruning", "dense_error", 9.9, profile="smoke", directory=tmp_path)
+    assert results.load("cpu", directory=tmp_path)["pruning"]["dense_error"].value == 1.7
+    assert results.load("smoke", directory=tmp_path)["pruning"]["dense_error"].value == 9.9
+    assert results.load("gpu", directory=tmp_path) == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu.json", "smoke.json"]   # no temporary files left
+
+
+def test_recording_again_replaces_only_that_entry(tmp_path):
+    results.record("pruning", "a", 1.0, profile="cpu", directory=tmp_path)
+    results.record("pruning", "b", 2.0, profile="cpu", directory=tmp_path)
+    results.record("growing", "c", 3.0, profile="cpu", directory=tmp_path)
+    results.record("pruning", "a", 4.0, profile="cpu", directory=tmp_path)
+    loaded = results.load("cpu", directory=tmp_path)
+    assert {chapter: {key: r.value for key, r in entries.items()} for chapter, entries in loaded.items()} == {
+        "pruning": {"a": 4.0, "b": 2.0}, "growing": {"c": 3.0}}
+
+
+def test_directory_from_the_environment_and_the_current_profile(tmp_path, monkeypatch):
+    monkeypatch.setenv(results.ENV_VAR, str(tmp_path / "store"))
+    monkeypatch.setenv("LOWLEARN_PROFILE", "smoke")
+    results.record("growing", "gradmax_ratio", 1.5)
+    assert results.results_path() == tmp_path / "store" / "smoke.json"
+    assert json.loads(results.results_path().read_text())["profile"] == "smoke"
+    assert results.load()["growing"]["gradmax_ratio"].value == 1.5
+
+
+@pytest.mark.parametrize("chapter, key, value, ci, message", [
+    ("", "k", 1.0, None, "chapter"),
+    ("c", " ", 1.0, None, "key"),
+    ("c", "k", math.nan, None, "finite"),
+    ("c", "k", 1.0, math.inf, "finite"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, chapter, key, value, ci, message):
+    with pytest.raises(ValueError, match=message):
+        results.record(chapter, key, value, ci=ci, profile="cpu", directory=tmp_path)
+    assert not (tmp_path / "cpu.json").exists()
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"results": [1, 2]}', '{"other": {}}',
+                                     '{"results": {"pruning": {"k": {"value": 1, "colour": "red"}}}}'])
+def test_an_unreadable_file_is_reported_and_never_overwritten(tmp_path, content):
+    path = tmp_path / "cpu.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="(?i)move it away"):
+        results.load("cpu", directory=tmp_path)
+    if "colour" not in content:        # a file whose structure is wrong cannot take a new entry either
+        with pytest.raises(ValueError, match="left untouched"):
+            results.record("pruning", "k", 1.0, profile="cpu", directory=tmp_path)
+    assert path.read_text() == content
