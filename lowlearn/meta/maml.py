@@ -33,6 +33,7 @@ does not grow with the number of tasks.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 import torch
@@ -180,6 +181,8 @@ def adapt_and_evaluate(model: nn.Module, tasks: TaskBatch, loss_fn: LossFn, step
     """
     losses, accuracies = [], []
     start = {name: p.detach().requires_grad_() for name, p in parameters_of(model).items()}
+    if isinstance(lr, Mapping):        # Meta-SGD's learned rates: no graph through them at test time
+        lr = {name: rate.detach() for name, rate in lr.items()}
     for j in range(tasks.support_x.shape[0]):
         with torch.enable_grad():
             params = inner_loop(model, start, tasks.support_x[j], tasks.support_y[j], loss_fn, steps, lr,

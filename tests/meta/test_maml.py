@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowlearn.cost import saved_tensor_bytes
 from lowlearn.data.episodes import Episode
 from lowlearn.data.tasks import RegressionBatch, SinusoidTasks
 from lowlearn.meta import ANIL, MAML, MetaSGD, Reptile, head_names
@@ -116,6 +117,22 @@ def test_meta_sgd_learning_rates_receive_gradients_and_are_used():
     a = metasgd.adapt(tasks.support_x[0], tasks.support_y[0])
     b = maml.adapt(tasks.support_x[0], tasks.support_y[0])
     assert all(torch.allclose(a[n], b[n]) for n in a)
+
+
+def test_meta_sgd_evaluation_keeps_no_graph_through_the_learned_rates():
+    torch.manual_seed(0)
+    model = MLP(1, (20,), 1).double()
+    metasgd = MetaSGD(model, 0.01, 3, loss_fn=F.mse_loss)
+    maml = MAML(model, 0.01, 3, loss_fn=F.mse_loss)      # the same rates, as plain numbers
+    tasks = regression()
+    peaks = []
+    for learner in (metasgd, maml):
+        with saved_tensor_bytes(exclude=[*metasgd.parameters(), *tasks]) as saved:
+            stats = learner.evaluate(tasks)
+        peaks.append(saved.peak)
+    assert peaks[0] == peaks[1]
+    assert torch.allclose(stats["per_task_loss"], metasgd.evaluate(tasks)["per_task_loss"])
+    assert all(rate.grad is None for rate in metasgd.lrs)
 
 
 def test_reptile_update_on_quadratics_equals_its_definition():
