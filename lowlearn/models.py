@@ -13,6 +13,10 @@ logits ``(B, num_classes)``; :class:`MLP` also accepts flat ``(B, in_features)``
 * :class:`ConvNet` (Conv-2/4/6), :class:`VGG` and :class:`CifarResNet`
   (:class:`ResNet20`): CIFAR-10 ``(B, 3, 32, 32)``; lottery tickets and pruning at
   scale.
+* :class:`SmallCNN` with :class:`DepthwiseSeparableConv2d` (MobileNet),
+  :class:`Bottleneck` (ResNet) or :class:`InvertedResidual` (MobileNetV2) blocks:
+  MNIST ``(B, 1, 28, 28)``; hand-designed efficient architectures against learned
+  sparsity.
 
 A convolution that feeds a batch norm has no bias here (``bias=False``): the batch
 norm subtracts the per-channel mean, which cancels any bias, so the bias would be a
@@ -21,6 +25,7 @@ parameter that does nothing.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
@@ -460,3 +465,283 @@ class ResNet20(CifarResNet):
 
     def __init__(self, num_classes: int = 10, width: int = 16, in_channels: int = 3) -> None:
         super().__init__(20, num_classes, width, in_channels)
+
+
+def _same_padding(kernel_size: int) -> int:
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd number (for 'same' padding), got {kernel_size}")
+    return kernel_size // 2
+
+
+def _check_channels(**channels: int) -> None:
+    for name, value in channels.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class DepthwiseSeparableConv2d(nn.Sequential):
+    """A k×k convolution factored into a depthwise and a pointwise convolution (MobileNet v1).
+
+    Howard et al. (2017), "MobileNets: efficient convolutional neural networks for
+    mobile vision applications" (arXiv:1704.04861), section 3.1: a standard
+    convolution filters and combines channels in one step, at a cost of
+    ``D_K² · M · N · D_F²`` multiply-adds (``M`` input and ``N`` output channels,
+    ``D_K × D_K`` kernel, ``D_F × D_F`` output). The depthwise separable
+    convolution splits the two:
+
+    * **depthwise**: one ``D_K × D_K`` filter per input channel
+      (``nn.Conv2d(M, M, D_K, groups=M)``), ``D_K² · M · D_F²`` multiply-adds;
+    * **pointwise**: a 1×1 convolution that mixes the channels, ``M · N · D_F²``.
+
+    Together they cost ``D_K² · M · D_F² + M · N · D_F²``, a fraction
+    ``1/N + 1/D_K²`` of the standard convolution (eq. 5), and have
+    ``D_K² · M + M · N`` weights instead of ``D_K² · M · N``.
+
+    With ``norm=True`` (default) this is the MobileNet block of the paper's Figure 3:
+    depthwise → BatchNorm2d → ReLU → pointwise → BatchNorm2d → ReLU, a drop-in
+    replacement for "3×3 convolution → BatchNorm2d → ReLU". With ``norm=False`` it
+    is the bare factorisation, depthwise → pointwise, a drop-in replacement for a
+    single ``nn.Conv2d``; Chollet (2017), "Xception: deep learning with depthwise
+    separable convolutions" (CVPR), found no nonlinearity between the two to work
+    best. The depthwise convolution never has a bias: a batch norm would cancel it,
+    and without one it would pass linearly through the pointwise convolution, which
+    has a bias of its own.
+
+    The layers are ``depthwise``, then (with ``norm``) ``bn1``, ``relu1``, then
+    ``pointwise`` and (with ``norm``) ``bn2``, ``relu2``: attributes, and the order
+    of the ``nn.Sequential``.
+
+    Args:
+        in_channels: ``M``.
+        out_channels: ``N``.
+        kernel_size: ``D_K``, odd; the padding is ``D_K // 2`` (the output has the
+            input's size at stride 1).
+        stride: stride of the depthwise convolution.
+        norm: batch norms and ReLUs after each convolution (MobileNet), or none.
+        bias: give the pointwise convolution a bias (only without ``norm``).
+
+    Shapes:
+        input ``(B, M, H, W)``; output ``(B, N, ⌈H/stride⌉, ⌈W/stride⌉)``.
+
+    Raises:
+        ValueError: a channel count below 1, an even or non-positive kernel size,
+            a stride below 1, or ``bias`` together with ``norm``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 norm: bool = True, bias: bool = False) -> None:
+        _check_channels(in_channels=in_channels, out_channels=out_channels, stride=stride)
+        padding = _same_padding(kernel_size)
+        if bias and norm:
+            raise ValueError("bias=True needs norm=False: the batch norm after the pointwise convolution "
+                             "would cancel the bias")
+        layers: dict[str, nn.Module] = {
+            "depthwise": nn.Conv2d(in_channels, in_channels, kernel_size, stride=stride, padding=padding,
+                                   groups=in_channels, bias=False)}
+        if norm:
+            layers |= {"bn1": nn.BatchNorm2d(in_channels), "relu1": nn.ReLU()}
+        layers["pointwise"] = nn.Conv2d(in_channels, out_channels, 1, bias=bias)
+        if norm:
+            layers |= {"bn2": nn.BatchNorm2d(out_channels), "relu2": nn.ReLU()}
+        super().__init__(OrderedDict(layers))
+
+
+class Bottleneck(nn.Module):
+    """The bottleneck block of deep ResNets: 1×1 reduce → k×k → 1×1 expand.
+
+    He et al. (2016), "Deep residual learning for image recognition" (CVPR),
+    section 4.1 and Figure 5 (right): a 1×1 convolution reduces the ``in_channels``
+    to ``mid = out_channels // reduction`` channels (the paper: ``reduction`` 4), a
+    k×k convolution works in that narrow space, and a 1×1 convolution expands to
+    ``out_channels``. Each convolution is followed by a batch norm, the first two by
+    a ReLU; the last ReLU comes after the shortcut is added. The expensive k×k
+    convolution then costs ``k² · mid²`` weights per output position instead of
+    ``k² · in_channels · out_channels``.
+
+    The identity shortcut is added when it fits (``stride == 1`` and
+    ``in_channels == out_channels``); a block that changes the shape has no shortcut
+    here (He et al. use a 1×1 projection there, which this block leaves out to stay
+    cheap; set ``residual=False`` to drop the shortcut everywhere).
+
+    Attributes:
+        branch: the three convolutions with their batch norms and the inner ReLUs.
+        residual: whether the identity shortcut is added.
+
+    Args:
+        in_channels: channels of the input.
+        out_channels: channels of the output.
+        reduction: ``out_channels / mid``; ``mid`` is at least 1.
+        kernel_size: of the middle convolution, odd (padding ``k // 2``).
+        stride: of the middle convolution.
+        residual: add the identity shortcut where the shapes allow it.
+
+    Shapes:
+        input ``(B, in_channels, H, W)``; output ``(B, out_channels, ⌈H/stride⌉, ⌈W/stride⌉)``.
+
+    Raises:
+        ValueError: a channel count, ``reduction`` or stride below 1, or a bad kernel size.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, reduction: int = 4, kernel_size: int = 3,
+                 stride: int = 1, residual: bool = True) -> None:
+        super().__init__()
+        _check_channels(in_channels=in_channels, out_channels=out_channels, reduction=reduction, stride=stride)
+        padding = _same_padding(kernel_size)
+        mid = max(1, out_channels // reduction)
+        self.branch = nn.Sequential(
+            nn.Conv2d(in_channels, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
+            nn.Conv2d(mid, mid, kernel_size, stride=stride, padding=padding, bias=False), nn.BatchNorm2d(mid),
+            nn.ReLU(),
+            nn.Conv2d(mid, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
+        )
+        self.residual = residual and stride == 1 and in_channels == out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.branch(x)
+        return F.relu(out + x if self.residual else out)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's inverted residual with a linear bottleneck: 1×1 expand → depthwise k×k → 1×1 project.
+
+    Sandler et al. (2018), "MobileNetV2: inverted residuals and linear bottlenecks"
+    (CVPR), Table 1: a 1×1 convolution expands the ``in_channels`` by the factor
+    ``t`` (``expansion``; the paper: 6), a depthwise k×k convolution filters in the
+    wide space, and a 1×1 convolution projects to ``out_channels``, with a batch norm
+    after each convolution and ReLU6 after the first two only: the projection is
+    *linear*, because a ReLU in the narrow bottleneck destroys information (section
+    3.2). The shortcut connects the narrow ends ("inverted" compared with
+    :class:`Bottleneck`) and is added when ``stride == 1`` and
+    ``in_channels == out_channels``, as in the paper. With ``expansion=1`` the
+    expanding convolution is left out (the paper's first block).
+
+    Attributes:
+        branch: the convolutions, batch norms and ReLU6s.
+        residual: whether the identity shortcut is added.
+
+    Args:
+        in_channels: channels of the input.
+        out_channels: channels of the output.
+        expansion: ``t``, the width of the hidden layer in multiples of ``in_channels``.
+        kernel_size: of the depthwise convolution, odd (padding ``k // 2``).
+        stride: of the depthwise convolution.
+
+    Shapes:
+        input ``(B, in_channels, H, W)``; output ``(B, out_channels, ⌈H/stride⌉, ⌈W/stride⌉)``.
+
+    Raises:
+        ValueError: a channel count, ``expansion`` or stride below 1, or a bad kernel size.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, expansion: int = 6, kernel_size: int = 3,
+                 stride: int = 1) -> None:
+        super().__init__()
+        _check_channels(in_channels=in_channels, out_channels=out_channels, expansion=expansion, stride=stride)
+        padding = _same_padding(kernel_size)
+        hidden = in_channels * expansion
+        layers: list[nn.Module] = []
+        if expansion != 1:
+            layers += [nn.Conv2d(in_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
+        layers += [
+            nn.Conv2d(hidden, hidden, kernel_size, stride=stride, padding=padding, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
+        ]
+        self.branch = nn.Sequential(*layers)
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.branch(x)
+        return out + x if self.residual else out
+
+
+BLOCKS = ("standard", "separable", "bottleneck", "inverted")
+"""The block types of :class:`SmallCNN`."""
+
+
+class SmallCNN(nn.Module):
+    """A small convolutional network whose blocks are standard, depthwise separable or bottleneck convolutions.
+
+    The network of the closing chapter's comparison of hand-designed efficient
+    architectures with learned sparsity. A stem (3×3 convolution with stride
+    ``stem_stride`` → BatchNorm2d → ReLU, ``channels[0]`` channels, standard in every
+    variant, as the strided first layer of MobileNet v1 and v2 is), then one block for
+    each further entry of ``channels``, the second and later ones after a 2×2 max
+    pooling, then global average pooling and a linear classifier. The block is
+    chosen by ``block``:
+
+    * ``"standard"``: 3×3 convolution → BatchNorm2d → ReLU;
+    * ``"separable"``: :class:`DepthwiseSeparableConv2d` (MobileNet v1, Howard et
+      al. 2017);
+    * ``"bottleneck"``: :class:`Bottleneck` (ResNet, He et al. 2016) with
+      ``reduction``;
+    * ``"inverted"``: :class:`InvertedResidual` (MobileNetV2, Sandler et al. 2018)
+      with ``expansion``; as in MobileNetV2, no nonlinearity follows the block (its
+      output is the linear bottleneck).
+
+    ``width`` is MobileNet's width multiplier ``α``: every channel count becomes
+    ``max(1, round(α · c))``, which scales the parameters and multiply-adds by about
+    ``α²``. With ``channels=(16, 32, 64, 128)``, the default stride 2 and 28×28
+    MNIST digits, the three blocks run at 14×14, 7×7 and 3×3.
+
+    Attributes:
+        features: the stem, poolings and blocks.
+        classifier: global average pooling, flattening and ``nn.Linear``.
+        channels: the channel counts after the width multiplier.
+
+    Args:
+        block: one of :data:`BLOCKS`.
+        channels: output channels of the stem and of each block.
+        in_channels: channels of the input images.
+        num_classes: number of outputs.
+        width: the width multiplier ``α > 0``.
+        expansion: ``t`` of the inverted residual blocks.
+        reduction: channel reduction of the bottleneck blocks.
+        stem_stride: stride of the stem convolution.
+        image_size: height and width of the (square) input images.
+
+    Shapes:
+        input ``(B, in_channels, image_size, image_size)``; output ``(B, num_classes)``.
+
+    Raises:
+        ValueError: an unknown block, no channels or a channel count below 1, a
+            non-positive width, a stem stride below 1, or images too small for the
+            poolings.
+    """
+
+    def __init__(self, block: str = "standard", channels: Sequence[int] = (16, 32, 64, 128), in_channels: int = 1,
+                 num_classes: int = 10, width: float = 1.0, expansion: int = 2, reduction: int = 4,
+                 stem_stride: int = 2, image_size: int = 28) -> None:
+        super().__init__()
+        if block not in BLOCKS:
+            raise ValueError(f"unknown block {block!r}; choose one of {', '.join(BLOCKS)}")
+        if len(channels) == 0 or any(not isinstance(c, int) or c < 1 for c in channels):
+            raise ValueError(f"channels must be one or more positive integers, got {tuple(channels)!r}")
+        if not width > 0:
+            raise ValueError(f"the width multiplier must be positive, got {width}")
+        _check_channels(stem_stride=stem_stride)
+        size = (image_size - 1) // stem_stride + 1
+        if size // 2 ** max(len(channels) - 2, 0) < 1:
+            raise ValueError(f"image_size={image_size} is too small for a stem of stride {stem_stride} and "
+                             f"{max(len(channels) - 2, 0)} 2×2 poolings")
+        self.channels = tuple(max(1, round(c * width)) for c in channels)
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, self.channels[0], 3, stride=stem_stride, padding=1, bias=False),
+            nn.BatchNorm2d(self.channels[0]), nn.ReLU()]
+        for i, (c_in, c_out) in enumerate(zip(self.channels[:-1], self.channels[1:])):
+            if i > 0:
+                layers.append(nn.MaxPool2d(2))
+            if block == "standard":
+                layers += _conv_bn_relu(c_in, c_out)
+            elif block == "separable":
+                layers.append(DepthwiseSeparableConv2d(c_in, c_out))
+            elif block == "bottleneck":
+                layers.append(Bottleneck(c_in, c_out, reduction=reduction))
+            else:
+                layers.append(InvertedResidual(c_in, c_out, expansion=expansion))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                        nn.Linear(self.channels[-1], num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))

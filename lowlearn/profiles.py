@@ -533,6 +533,58 @@ class GrowingSizes:
 
 
 @dataclass(frozen=True)
+class LookingForwardSizes:
+    """Sizes for the chapter "Looking forward" (hand-designed efficient CNNs against learned sparsity, MNIST).
+
+    Every network is a :class:`lowlearn.models.SmallCNN`; the sparse ones are its
+    standard version at the parameter count of the depthwise separable one.
+
+    Attributes:
+        dataset: ``"mnist5k"`` or ``"mnist"``.
+        train_limit: keep only this many training examples (``None``: all).
+        channels: channels of the stem and of each block of :class:`~lowlearn.models.SmallCNN`.
+        blocks: the hand-designed blocks compared with the standard 3×3 convolution
+            (``"separable"``: MobileNet v1, required; ``"bottleneck"``: ResNet; ``"inverted"``: MobileNetV2).
+        expansion: ``t`` of the inverted residual blocks (MobileNetV2: 6).
+        reduction: channel reduction of the bottleneck blocks (ResNet: 4).
+        epochs: training epochs of every run (dense, sparse and hand-designed alike).
+        batch_size: examples per optimizer step.
+        lr: SGD learning rate at the start, annealed to 0 with a cosine over the run.
+        momentum: SGD momentum (Nesterov).
+        seeds: independent runs per network (for the 95% intervals).
+        every: ``ΔT`` of RigL, steps between mask updates.
+        drop_fraction: ``α`` of RigL, the fraction replaced at the first update.
+        end_fraction: the last mask update of RigL, and the last pruning of gradual
+            magnitude pruning, as a fraction of training.
+        prune_begin_fraction: gradual magnitude pruning starts at this fraction of training.
+        prune_every: steps between two prunings of gradual magnitude pruning.
+        timing_batch: test images per timed forward pass.
+        timing_repeats: interleaved timing rounds (the median is shown).
+        min_accuracy: the test accuracy the chapter asserts the standard CNN reaches.
+    """
+
+    dataset: str
+    train_limit: int | None
+    channels: tuple[int, ...]
+    blocks: tuple[str, ...]
+    expansion: int
+    reduction: int
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    seeds: int
+    every: int
+    drop_fraction: float
+    end_fraction: float
+    prune_begin_fraction: float
+    prune_every: int
+    timing_batch: int
+    timing_repeats: int
+    min_accuracy: float
+
+
+@dataclass(frozen=True)
 class Profile:
     """All experiment sizes of one profile, one field per chapter."""
 
@@ -547,6 +599,7 @@ class Profile:
     meta: MetaSizes
     black_box: BlackBoxSizes
     growing: GrowingSizes
+    looking_forward: LookingForwardSizes
 
 
 PROFILES: dict[str, Profile] = {
@@ -601,6 +654,12 @@ PROFILES: dict[str, Profile] = {
                              dataset="mnist5k", train_limit=500, mnist_start=4, mnist_target=12, mnist_k=4,
                              mnist_every=5, epochs=2, batch_size=60, lr=0.05, momentum=0.9, gradmax_batch=100,
                              seeds=1),
+        looking_forward=LookingForwardSizes(dataset="mnist5k", train_limit=1000, channels=(8, 16, 32, 64),
+                                            blocks=("separable", "bottleneck", "inverted"), expansion=2,
+                                            reduction=4, epochs=2, batch_size=32, lr=0.05, momentum=0.9, seeds=2,
+                                            every=2, drop_fraction=0.3, end_fraction=0.75,
+                                            prune_begin_fraction=0.1, prune_every=1, timing_batch=32,
+                                            timing_repeats=2, min_accuracy=0.5),
     ),
     "cpu": Profile(
         name="cpu",
@@ -657,6 +716,12 @@ PROFILES: dict[str, Profile] = {
                              dataset="mnist5k", train_limit=None, mnist_start=8, mnist_target=64, mnist_k=8,
                              mnist_every=60, epochs=20, batch_size=60, lr=0.05, momentum=0.9, gradmax_batch=500,
                              seeds=3),
+        looking_forward=LookingForwardSizes(dataset="mnist5k", train_limit=None, channels=(16, 32, 64, 128),
+                                            blocks=("separable", "bottleneck", "inverted"), expansion=2,
+                                            reduction=4, epochs=6, batch_size=64, lr=0.1, momentum=0.9, seeds=3,
+                                            every=50, drop_fraction=0.3, end_fraction=0.75,
+                                            prune_begin_fraction=0.1, prune_every=10, timing_batch=256,
+                                            timing_repeats=5, min_accuracy=0.95),
     ),
     "gpu": Profile(
         name="gpu",
@@ -716,6 +781,12 @@ PROFILES: dict[str, Profile] = {
                              dataset="mnist", train_limit=None, mnist_start=8, mnist_target=128, mnist_k=10,
                              mnist_every=300, epochs=10, batch_size=60, lr=0.05, momentum=0.9,
                              gradmax_batch=1000, seeds=3),
+        looking_forward=LookingForwardSizes(dataset="mnist", train_limit=None, channels=(32, 64, 128, 256),
+                                            blocks=("separable", "bottleneck", "inverted"), expansion=2,
+                                            reduction=4, epochs=10, batch_size=128, lr=0.1, momentum=0.9, seeds=3,
+                                            every=100, drop_fraction=0.3, end_fraction=0.75,
+                                            prune_begin_fraction=0.1, prune_every=50, timing_batch=256,
+                                            timing_repeats=7, min_accuracy=0.98),
     ),
 }
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from lowlearn.cost import count_parameters
-from lowlearn.models import MLP, VGG, CifarResNet, Conv4, LeNet5, ResNet20
+from lowlearn.cost import count_flops, count_parameters
+from lowlearn.models import (BLOCKS, MLP, VGG, Bottleneck, CifarResNet, Conv4, DepthwiseSeparableConv2d,
+                             InvertedResidual, LeNet5, ResNet20, SmallCNN)
 
 
 def linear(n_in, n_out):
@@ -187,3 +188,132 @@ def test_convnet_conv2_parameters_by_hand_and_shapes():
         assert ConvNet(depth)(torch.zeros(3, 3, 32, 32)).shape == (3, 10)
     with pytest.raises(ValueError, match="2, 4 or 6"):
         ConvNet(3)
+
+
+# --- Efficient blocks: MobileNet's depthwise separable convolution, bottlenecks, SmallCNN ---
+
+@pytest.mark.parametrize("m, n, k, d_f, stride", [(16, 32, 3, 14, 1), (8, 24, 5, 7, 1), (3, 5, 3, 5, 2)])
+def test_depthwise_separable_cost_is_the_mobilenet_formula(m, n, k, d_f, stride):
+    # Howard et al. (2017), eq. (4): D_K²·M·D_F² + M·N·D_F² multiply-adds, D_F the output size.
+    block = DepthwiseSeparableConv2d(m, n, kernel_size=k, stride=stride)
+    x = torch.randn(2, m, d_f * stride, d_f * stride)
+    assert block(x).shape == (2, n, d_f, d_f)
+    flops = count_flops(block, x)
+    assert flops.per_layer == {"depthwise": k * k * m * d_f * d_f, "pointwise": m * n * d_f * d_f}
+    assert flops.total == k * k * m * d_f ** 2 + m * n * d_f ** 2
+    standard = count_flops(nn.Conv2d(m, n, k, stride=stride, padding=k // 2), x).total
+    assert standard == k * k * m * n * d_f ** 2
+    assert flops.total / standard == pytest.approx(1 / n + 1 / k ** 2)      # eq. (5)
+
+
+def test_depthwise_separable_parameters_and_layers():
+    block = DepthwiseSeparableConv2d(16, 32)
+    assert [name for name, _ in block.named_children()] == ["depthwise", "bn1", "relu1", "pointwise", "bn2", "relu2"]
+    assert block.depthwise.groups == 16 and block.depthwise.bias is None and block.pointwise.bias is None
+    assert count_parameters(block) == 9 * 16 + bn(16) + 16 * 32 + bn(32)
+    bare = DepthwiseSeparableConv2d(16, 32, norm=False, bias=True)
+    assert [name for name, _ in bare.named_children()] == ["depthwise", "pointwise"]
+    assert count_parameters(bare) == 9 * 16 + conv(16, 32, 1)
+
+
+def test_bare_depthwise_separable_is_a_rank_structured_convolution():
+    # Without norm it is linear: the same as one k×k convolution whose weight is the product of the two.
+    torch.manual_seed(0)
+    block = DepthwiseSeparableConv2d(4, 6, norm=False)
+    full = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    with torch.no_grad():
+        # W[n, m, i, j] = P[n, m] · D[m, i, j]
+        full.weight.copy_(block.pointwise.weight[:, :, 0, 0, None, None] * block.depthwise.weight[:, 0][None])
+    x = torch.randn(3, 4, 9, 9)
+    torch.testing.assert_close(block(x), full(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bottleneck_parameters_shapes_and_shortcut():
+    block = Bottleneck(16, 32, reduction=4)            # mid = 8; shapes differ: no shortcut
+    assert count_parameters(block) == (conv(16, 8, 1, False) + bn(8) + conv(8, 8, 3, False) + bn(8)
+                                       + conv(8, 32, 1, False) + bn(32))
+    assert not block.residual and block(torch.randn(2, 16, 7, 7)).shape == (2, 32, 7, 7)
+    same = Bottleneck(32, 32)
+    assert same.residual
+    with torch.no_grad():                               # a zero branch leaves relu(x): the identity shortcut
+        same.branch[-1].weight.zero_()
+    x = torch.randn(2, 32, 5, 5)
+    torch.testing.assert_close(same.eval()(x), torch.relu(x))
+    assert Bottleneck(32, 32, stride=2)(torch.randn(1, 32, 8, 8)).shape == (1, 32, 4, 4)
+    assert not Bottleneck(32, 32, residual=False).residual
+
+
+def test_inverted_residual_parameters_shapes_and_shortcut():
+    block = InvertedResidual(16, 24, expansion=6)       # hidden 96
+    assert count_parameters(block) == (conv(16, 96, 1, False) + bn(96) + 9 * 96 + bn(96)
+                                       + conv(96, 24, 1, False) + bn(24))
+    assert not block.residual and block(torch.randn(2, 16, 7, 7)).shape == (2, 24, 7, 7)
+    assert not any(isinstance(m, (nn.ReLU, nn.ReLU6)) for m in list(block.branch)[-2:])   # linear bottleneck
+    no_expand = InvertedResidual(16, 16, expansion=1)
+    assert no_expand.residual and len([m for m in no_expand.modules() if isinstance(m, nn.Conv2d)]) == 2
+    with torch.no_grad():
+        no_expand.branch[-1].weight.zero_()
+        no_expand.branch[-1].bias.zero_()
+    x = torch.randn(2, 16, 5, 5)
+    torch.testing.assert_close(no_expand.eval()(x), x)
+    assert InvertedResidual(16, 16, stride=2)(torch.randn(1, 16, 8, 8)).shape == (1, 16, 4, 4)
+
+
+def test_small_cnn_parameter_counts_by_hand():
+    # stem (stride 2): 28 -> 14; blocks at 14, 7 and 3 (after 2×2 poolings); global average pooling.
+    stem = conv(1, 16, 3, False) + bn(16)
+    head = linear(128, 10)
+    pairs = [(16, 32), (32, 64), (64, 128)]
+    standard = sum(conv(a, b, 3, False) + bn(b) for a, b in pairs)
+    separable = sum(9 * a + bn(a) + a * b + bn(b) for a, b in pairs)
+    bottleneck = sum(a * (b // 4) + bn(b // 4) + conv(b // 4, b // 4, 3, False) + bn(b // 4) + (b // 4) * b + bn(b)
+                     for a, b in pairs)
+    inverted = sum(a * 2 * a + bn(2 * a) + 9 * 2 * a + bn(2 * a) + 2 * a * b + bn(b) for a, b in pairs)
+    expected = {"standard": standard, "separable": separable, "bottleneck": bottleneck, "inverted": inverted}
+    for block in BLOCKS:
+        model = SmallCNN(block, channels=(16, 32, 64, 128))
+        assert count_parameters(model) == stem + expected[block] + head, block
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert count_parameters(SmallCNN("standard", channels=(16, 32, 64, 128))) == 98_682
+
+
+def test_small_cnn_flops_of_separable_blocks():
+    model = SmallCNN("separable", channels=(16, 32, 64, 128))
+    flops = count_flops(model, torch.zeros(1, 1, 28, 28))
+    blocks = sum(9 * a * d * d + a * b * d * d for (a, b), d in zip([(16, 32), (32, 64), (64, 128)], (14, 7, 3)))
+    assert flops.total == 9 * 16 * 14 * 14 + blocks + 128 * 10
+
+
+def test_small_cnn_width_multiplier_and_options():
+    model = SmallCNN(channels=(16, 32), width=0.5, in_channels=3, num_classes=7, stem_stride=1, image_size=32)
+    assert model.channels == (8, 16)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert SmallCNN(channels=(16, 32), width=0.01).channels == (1, 1)
+    assert SmallCNN(channels=(8,))(torch.randn(1, 1, 28, 28)).shape == (1, 10)     # the stem alone
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: SmallCNN("mobilenet"), "unknown block"),
+    (lambda: SmallCNN(channels=()), "channels"),
+    (lambda: SmallCNN(channels=(16, 0)), "channels"),
+    (lambda: SmallCNN(width=0), "width"),
+    (lambda: SmallCNN(channels=(8, 8, 8, 8, 8, 8), image_size=28), "too small"),
+    (lambda: SmallCNN(stem_stride=0), "stem_stride"),
+    (lambda: DepthwiseSeparableConv2d(16, 32, kernel_size=2), "odd"),
+    (lambda: DepthwiseSeparableConv2d(0, 32), "in_channels"),
+    (lambda: DepthwiseSeparableConv2d(16, 32, stride=0), "stride"),
+    (lambda: DepthwiseSeparableConv2d(16, 32, bias=True), "bias"),
+    (lambda: Bottleneck(16, 32, reduction=0), "reduction"),
+    (lambda: InvertedResidual(16, 32, expansion=0), "expansion"),
+    (lambda: InvertedResidual(16, 32, kernel_size=4), "odd"),
+])
+def test_efficient_blocks_reject_bad_arguments(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_blocks_reject_inputs_with_the_wrong_channels():
+    with pytest.raises(RuntimeError):
+        DepthwiseSeparableConv2d(16, 32)(torch.randn(1, 8, 7, 7))
+    with pytest.raises(RuntimeError):
+        SmallCNN("separable")(torch.randn(1, 3, 28, 28))

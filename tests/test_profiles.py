@@ -36,3 +36,19 @@ def test_profiles_grow_from_smoke_to_gpu():
     assert s.dataset == c.dataset == "mnist5k" and g.dataset == "mnist"  # smoke and cpu stay offline
     for b in (s, c, g):
         assert 1.0 in b.widths and max(b.data_sizes) <= (b.train_limit or train_size[b.dataset])
+
+
+def test_looking_forward_sizes():
+    from lowlearn.models import BLOCKS, SmallCNN
+
+    s, c, g = (PROFILES[n].looking_forward for n in ("smoke", "cpu", "gpu"))
+    train_size = {"mnist5k": 4000, "mnist": 60000}
+    seen = [p.epochs * (p.train_limit or train_size[p.dataset]) for p in (s, c, g)]
+    assert seen == sorted(seen)
+    assert s.dataset == c.dataset == "mnist5k" and g.dataset == "mnist"      # smoke and cpu stay offline
+    assert c.seeds >= 3 and g.seeds >= 3 and s.seeds >= 2                     # 95% intervals over seeds
+    for p in (s, c, g):
+        assert "separable" in p.blocks and set(p.blocks) <= set(BLOCKS) - {"standard"}
+        assert 0 < p.prune_begin_fraction < p.end_fraction <= 1 and 0 < p.drop_fraction < 1
+        for block in ("standard", *p.blocks):          # every network of the chapter can be built
+            SmallCNN(block, channels=p.channels, expansion=p.expansion, reduction=p.reduction)
