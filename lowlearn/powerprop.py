@@ -47,41 +47,58 @@ def check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
-def _magnitude_power(phi: Tensor, exponent: float) -> Tensor:
-    """``|φ|^exponent`` in as few passes as the exponent allows (no ``abs`` for even integers)."""
+def _magnitude_power(phi: Tensor, exponent: float, out: Tensor | None = None) -> Tensor:
+    """``|φ|^exponent`` written into ``out`` (default: a new tensor), in as few passes as the exponent allows."""
     if exponent == 1.0:
-        return phi.abs()
-    if exponent == 2.0:
-        return phi.square()
-    if exponent.is_integer() and exponent % 2 == 0:
-        return phi.pow(int(exponent))
-    return phi.abs().pow_(exponent)
+        return torch.abs(phi, out=out)
+    if exponent.is_integer() and exponent % 2 == 0:        # no abs for even integers; φ·φ for 2
+        return torch.pow(phi, int(exponent), out=out)
+    return torch.abs(phi, out=out).pow_(exponent)
+
+
+def _power(phi: Tensor, alpha: float, out: Tensor | None = None) -> Tensor:
+    """``Ψ(φ) = φ |φ|^(α−1)`` written into ``out`` (default: a new tensor).
+
+    For an odd integer ``α`` that is ``φ^α``, one pass (``φ·φ·φ`` for ``α = 3``, the
+    same rounding as ``φ · φ²``); otherwise ``|φ|^(α−1)``, then a multiplication in place.
+    """
+    if alpha % 2 == 1:
+        return torch.pow(phi, alpha, out=out)
+    return _magnitude_power(phi, alpha - 1, out).mul_(phi)
 
 
 class _Power(torch.autograd.Function):
-    """``θ = φ |φ|^(α−1)`` with the gradient ``α |φ|^(α−1)`` written out.
+    """``θ = Ψ(φ)`` (:func:`_power`) with the gradient ``∂L/∂φ = α |φ|^(α−1) ∂L/∂θ`` written out.
 
     Autograd's own derivative of ``φ · |φ|^(α−1)`` goes through ``|φ|^(α−2)``, which is
     infinite at ``φ = 0`` for ``1 < α < 2`` and turns masked (zero) weights into NaN
-    gradients; the closed form has no such term. The forward's ``|φ|^(α−1)`` is kept
-    for the backward, which then only multiplies.
+    gradients; the closed form has no such term.
+
+    Only ``φ`` is saved (the parameter itself: no memory), and the backward recomputes
+    ``|φ|^(α−1)`` into the one new tensor it returns (for ``α = 3``, ``3 ∂L/∂θ φ`` times
+    ``φ``: two passes). Keeping ``|φ|^(α−1)`` from the forward pass instead takes about
+    as many passes over the weight, since the forward must then compute it apart from
+    ``θ``, plus a weight-sized tensor held from forward to backward and one more fresh
+    allocation per step. The backward is made of differentiable operations on ``φ``,
+    so second-order gradients are right too.
+
+    Written in the combined ``forward(ctx, ...)`` form: with ``setup_context``,
+    ``apply`` binds the arguments with ``inspect.signature`` on every call, which
+    costs more than the rest of the forward of a small layer.
     """
 
     @staticmethod
-    def forward(phi: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-        power = _magnitude_power(phi, alpha - 1)
-        return phi * power, power
+    def forward(ctx, phi: Tensor, alpha: float) -> Tensor:
+        ctx.alpha = alpha
+        ctx.save_for_backward(phi)
+        return _power(phi, alpha)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.alpha = inputs[1]
-        ctx.save_for_backward(output[1])
-        ctx.mark_non_differentiable(output[1])
-
-    @staticmethod
-    def backward(ctx, grad: Tensor, _):
-        (power,) = ctx.saved_tensors
-        return grad.mul(power).mul_(ctx.alpha), None
+    def backward(ctx, grad: Tensor):
+        (phi,) = ctx.saved_tensors
+        if ctx.alpha == 3.0:   # (3 · ∂L/∂θ · φ) · φ: two passes, not three
+            return torch.addcmul(grad.new_zeros(()), grad, phi, value=3.0).mul_(phi), None
+        return _magnitude_power(phi, ctx.alpha - 1).mul_(grad).mul_(ctx.alpha), None
 
 
 class PowerProp(nn.Module):
@@ -106,7 +123,7 @@ class PowerProp(nn.Module):
     def forward(self, phi: Tensor) -> Tensor:
         if self.alpha == 1.0:
             return phi.view_as(phi)   # the same values and gradient; a view, so that hooks see a new tensor
-        return _Power.apply(phi, self.alpha)[0]
+        return _Power.apply(phi, self.alpha)
 
     def right_inverse(self, theta: Tensor) -> Tensor:
         if self.alpha == 1.0:
@@ -171,6 +188,11 @@ class PowerPropOptimizer:
     effect is lost. Here Adam normalises ``∂L/∂θ``, and the factor is applied after.
     With plain SGD (no momentum, no weight decay) both updates are the same.
 
+    The step keeps two tensors the size of each Powerprop weight between calls (for
+    ``φ`` and ``|φ|^(α−1)``), so that it allocates no weight-sized memory: glibc's
+    allocator hands freed memory back to the system, and a large tensor allocated
+    afresh then costs a page fault per 4 KiB, more than the passes over it.
+
     Use it like the optimizer it wraps (``zero_grad``, ``step``, ``state_dict``; give
     a learning-rate scheduler the wrapped ``.optimizer``). Build it *after*
     :func:`powerprop` and any masks, around an optimizer over ``model.parameters()``.
@@ -188,9 +210,13 @@ class PowerPropOptimizer:
         self.layers = powerprop_layers(model)
         if not self.layers:
             raise ValueError("the model has no Powerprop layer: call lowlearn.powerprop.powerprop(model, alpha) first")
-        self._powers = {name: _powerprop_of(layer) for name, layer in self.layers.items()}
-        self._theta_grads = OutputGradients(self._powers)
+        powers = {name: _powerprop_of(layer) for name, layer in self.layers.items()}
+        # (name, φ, α) of each layer: φ is the parameter object the wrapped optimizer holds too.
+        self._weights = [(name, layer.parametrizations.weight.original, powers[name].alpha)
+                         for name, layer in self.layers.items()]
+        self._theta_grads = OutputGradients(powers)
         self._theta_grads.start()
+        self._scratch: dict[str, tuple[Tensor, Tensor]] = {}
 
     @property
     def param_groups(self) -> list[dict]:
@@ -216,25 +242,32 @@ class PowerPropOptimizer:
                 (no backward pass since :meth:`zero_grad`).
         """
         swapped = []
-        for name, layer in self.layers.items():
-            phi = layer.parametrizations.weight.original
+        for name, phi, alpha in self._weights:
             if phi.grad is None:
                 continue
-            if name not in self._theta_grads.grads:
+            theta_grad = self._theta_grads.grads.get(name)
+            if theta_grad is None:
                 raise RuntimeError(f"no gradient of the effective weight of {name!r} was seen: call zero_grad(), "
                                    "then forward and backward, then step()")
-            alpha = self._powers[name].alpha
-            old = phi.detach().clone()
-            power = _magnitude_power(old, alpha - 1)              # |φ|^(α−1)
-            phi.mul_(power)                                       # the parameter holds θ = φ |φ|^(α−1) ...
+            old, power = self._scratch_like(name, phi)
+            old.copy_(phi)
+            _power(old, alpha, out=phi)                           # the parameter holds θ = φ |φ|^(α−1) ...
             swapped.append((phi, old, power, alpha, phi.grad))
-            phi.grad = self._theta_grads.grads[name]              # ... and its gradient ∂L/∂θ
+            phi.grad = theta_grad                                 # ... and its gradient ∂L/∂θ
         self.optimizer.step()
         for phi, old, power, alpha, grad in swapped:
+            _magnitude_power(old, alpha - 1, out=power)           # |φ|^(α−1)
             phi.addcmul_(old, power, value=-1.0)                  # Δθ = θ_new − θ, as the optimizer computed it
             torch.addcmul(old, phi, power, value=alpha, out=phi)  # φ ← φ + Δθ · α |φ|^(α−1)
             phi.grad = grad
         self._theta_grads.clear()
+
+    def _scratch_like(self, name: str, phi: Tensor) -> tuple[Tensor, Tensor]:
+        """The step's two tensors like ``φ`` (made anew if ``φ`` has moved to another dtype or device)."""
+        scratch = self._scratch.get(name)
+        if scratch is None or scratch[0].dtype != phi.dtype or scratch[0].device != phi.device:
+            scratch = self._scratch[name] = (torch.empty_like(phi), torch.empty_like(phi))
+        return scratch
 
     def state_dict(self) -> dict:
         """The wrapped optimizer's ``state_dict``."""

@@ -9,6 +9,8 @@ change the original's class too, and the original would lose its ``weight``.
 
 :func:`register` and :func:`remove` wrap PyTorch's functions and make every deep
 copy of a module they touched take its own class, so the two never share one.
+:func:`register` also gives the class a leaner property for the parametrized tensor
+(see :func:`_lean_property`): a training step reads it once per layer.
 :class:`OutputGradients` reads the gradient of a parametrization's output (the
 effective weight), which dynamic sparse training and Powerpropagation's
 optimiser-aware update need.
@@ -32,10 +34,36 @@ def _deepcopy_with_own_class(self: nn.Module, memo: dict) -> nn.Module:
     return replica
 
 
+def _lean_property(tensor_name: str, pytorch_property: property) -> property:
+    """PyTorch's property for a parametrized tensor, computed with less Python overhead.
+
+    PyTorch's getter calls the ``ParametrizationList`` as a module, whose ``forward``
+    indexes it and ends the chain on an ``AttributeError``: about 10 µs per read, as
+    long as the forward pass of a small layer. This getter calls the same
+    parametrizations (as modules, so their hooks run) on the same original tensor, in
+    the same order. Inside :func:`torch.nn.utils.parametrize.cached`, and for a
+    parametrization with several original tensors, it leaves the work to PyTorch's.
+    """
+    def get(module: nn.Module):
+        chain = module._modules["parametrizations"][tensor_name]
+        if parametrize._cache_enabled or not chain.is_tensor:
+            return pytorch_property.fget(module)
+        value = chain.original
+        for parametrization in chain:
+            value = parametrization(value)
+        return value
+
+    return property(get, pytorch_property.fset)
+
+
 def register(module: nn.Module, tensor_name: str, parametrization: nn.Module) -> None:
-    """:func:`torch.nn.utils.parametrize.register_parametrization`, safe under ``copy.deepcopy``."""
+    """:func:`torch.nn.utils.parametrize.register_parametrization`, safe under ``copy.deepcopy``, with a lean getter."""
+    first = not parametrize.is_parametrized(module, tensor_name)
     parametrize.register_parametrization(module, tensor_name, parametrization)
-    type(module).__deepcopy__ = _deepcopy_with_own_class
+    cls = type(module)
+    if first:
+        setattr(cls, tensor_name, _lean_property(tensor_name, cls.__dict__[tensor_name]))
+    cls.__deepcopy__ = _deepcopy_with_own_class
 
 
 def remove(module: nn.Module, tensor_name: str) -> None:

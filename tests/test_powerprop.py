@@ -67,6 +67,30 @@ def test_gradient_is_scaled_by_alpha_phi_to_the_alpha_minus_one(alpha):
         assert torch.allclose(phi.grad, expected, rtol=1e-5, atol=1e-8), name
 
 
+@pytest.mark.parametrize("alpha", [1.5, 2, 2.5, 3, 4, 5])
+def test_the_fast_paths_equal_the_general_formula(alpha):
+    # Ψ is computed as φ^α for odd integer α (φ·φ·φ for 3), without abs for even α − 1, and its gradient
+    # α|φ|^(α−1) ∂L/∂θ from φ in the backward pass: all against φ|φ|^(α−1) by autograd, in float64.
+    generator = torch.Generator().manual_seed(0)
+    phi = torch.randn(30, 20, dtype=torch.float64, generator=generator)
+    phi[0, :5] = 0.0
+    upstream = torch.randn(30, 20, dtype=torch.float64, generator=generator)
+    fast, general = phi.clone().requires_grad_(), phi.clone().requires_grad_()
+    theta = PowerProp(alpha)(fast)
+    reference = general * general.abs() ** (alpha - 1)
+    if alpha == 3:
+        assert torch.equal(theta, reference)
+    assert torch.allclose(theta, reference, rtol=1e-14, atol=0)
+    (theta * upstream).sum().backward()
+    (reference * upstream).sum().backward()
+    nonzero = phi != 0                                   # autograd's own rule is NaN at 0 for α < 2
+    assert torch.allclose(fast.grad[nonzero], general.grad[nonzero], rtol=1e-14, atol=0)
+    assert torch.equal(fast.grad[~nonzero], torch.zeros_like(fast.grad[~nonzero]))
+    # The backward is differentiable: second-order gradients are right too (away from 0 for α < 2).
+    away = (phi[1:6, :4] + 0.5 * phi[1:6, :4].sign()).requires_grad_()
+    assert torch.autograd.gradgradcheck(PowerProp(alpha), (away,))
+
+
 def test_zero_is_a_critical_point_without_nan():
     layer = torch.nn.Linear(3, 2)
     powerprop(torch.nn.Sequential(layer), 1.5)
@@ -115,8 +139,9 @@ def test_the_optimiser_aware_update_is_an_adam_step_on_theta_mapped_back():
     assert not torch.equal(layer.bias, prunable_layers(small_mlp())["1"].bias)
 
 
-def test_plain_sgd_and_the_optimiser_aware_sgd_agree():
-    model_a = powerprop(small_mlp(), 2)
+@pytest.mark.parametrize("alpha", [2, 2.5, 3])
+def test_plain_sgd_and_the_optimiser_aware_sgd_agree(alpha):
+    model_a = powerprop(small_mlp(), alpha)
     model_b = copy.deepcopy(model_a)
     plain = torch.optim.SGD(model_a.parameters(), lr=0.1)
     aware = PowerPropOptimizer(torch.optim.SGD(model_b.parameters(), lr=0.1), model_b)
@@ -126,8 +151,29 @@ def test_plain_sgd_and_the_optimiser_aware_sgd_agree():
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
+        # The aware step hands the parameters their own gradients ∂L/∂φ back.
+        for a, b in zip(model_a.parameters(), model_b.parameters()):
+            assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-8)
     for a, b in zip(model_a.parameters(), model_b.parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_the_aware_step_follows_the_model_to_another_dtype():
+    model_a = powerprop(small_mlp(), 3)
+    model_b = copy.deepcopy(model_a)
+    plain = torch.optim.SGD(model_a.parameters(), lr=0.1)
+    aware = PowerPropOptimizer(torch.optim.SGD(model_b.parameters(), lr=0.1), model_b)
+    for step in range(2):
+        if step == 1:                       # after a float32 step: float64, from the same weights
+            model_a.double(), model_b.double()
+            model_b.load_state_dict(model_a.state_dict())
+        x, y = batch(step)
+        for model, optimizer in ((model_a, plain), (model_b, aware)):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x.to(next(model.parameters()).dtype)), y).backward()
+            optimizer.step()
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert b.dtype == torch.float64 and torch.allclose(a, b, rtol=1e-12, atol=0)
 
 
 def test_plain_adam_on_phi_weakens_rich_get_richer():

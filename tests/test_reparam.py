@@ -2,6 +2,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lowlearn.reparam import OutputGradients, register, remove
 from lowlearn.sparse.mask import Mask, attach_masks, masks_of, squash
@@ -25,6 +26,26 @@ def test_a_deep_copy_gets_its_own_class():
     assert torch.allclose(layer(x), x @ (2 * layer.parametrizations.weight.original).T + layer.bias)
     assert "bias" not in type(layer).__dict__ and "bias" not in layer.parametrizations
     assert isinstance(layer.bias, nn.Parameter)
+
+
+def test_the_parametrized_tensor_is_the_chain_of_parametrizations_with_their_hooks_and_caching():
+    layer = nn.Linear(3, 2)
+    mask = Mask(torch.tensor([[True, False, True], [False, True, True]]))
+    register(layer, "weight", Double())
+    register(layer, "weight", mask)
+    calls = []
+    mask.register_forward_hook(lambda module, inputs, output: calls.append(output))
+    weight = layer.weight
+    assert torch.equal(weight, 2 * layer.parametrizations.weight.original * mask.mask)
+    assert calls == [weight]
+    assert layer.weight is not weight                                # computed afresh on each read ...
+    with parametrize.cached():
+        assert layer.weight is layer.weight                          # ... but once inside cached()
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.parametrizations.weight.original.add_(1.0)
+    assert torch.equal(twin.weight, 2 * twin.parametrizations.weight.original * mask.mask)
+    assert torch.equal(layer.weight, weight)
 
 
 def test_squash_of_a_copy_leaves_the_original_masked():
