@@ -10,7 +10,7 @@ change the original's class too, and the original would lose its ``weight``.
 :func:`register` and :func:`remove` wrap PyTorch's functions and make every deep
 copy of a module they touched take its own class, so the two never share one.
 :func:`register` also gives the class a leaner property for the parametrized tensor
-(see :func:`_lean_property`): a training step reads it once per layer.
+(see ``_lean_property``): a training step reads it once per layer.
 :class:`OutputGradients` reads the gradient of a parametrization's output (the
 effective weight), which dynamic sparse training and Powerpropagation's
 optimiser-aware update need.
