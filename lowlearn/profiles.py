@@ -819,15 +819,18 @@ def get_profile(name: str | None = None) -> Profile:
     return PROFILES[key]
 
 
+def device_description() -> str:
+    """The device that makes the results: ``"cuda (<GPU name>)"`` or ``"cpu (<n> threads)"``."""
+    if torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name()})"
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'' if threads == 1 else 's'})"
+
+
 def banner(profile: Profile | None = None) -> str:
     """One line that says which profile and device make a chapter's results.
 
     Chapters print it first, so every printed number can be traced to its setting.
     """
     profile = profile or get_profile()
-    if torch.cuda.is_available():
-        device = f"cuda ({torch.cuda.get_device_name()})"
-    else:
-        threads = torch.get_num_threads()
-        device = f"cpu ({threads} thread{'' if threads == 1 else 's'})"
-    return f"profile: {profile.name} | device: {device} | torch {torch.__version__}"
+    return f"profile: {profile.name} | device: {device_description()} | torch {torch.__version__}"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .profiles import get_profile
+from .profiles import device_description, get_profile
 
 ENV_VAR = "LOWLEARN_RESULTS"
 
@@ -115,18 +115,16 @@ def record(chapter: str, key: str, value: float, *, ci: float | None = None, uni
     chapter, key = _check_name("chapter", chapter), _check_name("key", key)
     value = _finite("value", value.item() if isinstance(value, torch.Tensor) else value)
     ci = _finite("interval", ci.item() if isinstance(ci, torch.Tensor) else ci)
-    if torch.cuda.is_available():
-        device = f"cuda ({torch.cuda.get_device_name()}), torch {torch.__version__}"
-    else:
-        device = f"cpu, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    result = Result(value=value, ci=ci, unit=unit, label=label, device=device,
+    result = Result(value=value, ci=ci, unit=unit, label=label,
+                    device=f"{device_description()}, torch {torch.__version__}",
                     recorded=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
-    path = results_path(profile, directory)
+    name = get_profile(profile).name
+    path = results_path(name, directory)
     chapters = _read(path)
     chapters.setdefault(chapter, {})[key] = dataclasses.asdict(result)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({"profile": get_profile(profile).name, "results": chapters}, indent=1, sort_keys=True)
+    text = json.dumps({"profile": name, "results": chapters}, indent=1, sort_keys=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
         handle.write(text + "\n")
     os.replace(handle.name, path)
