@@ -379,7 +379,8 @@ class BlackBoxSizes:
         train_shots: support examples per class in training episodes (Snell et al.: as at test).
         train_queries: query examples per class in training episodes (Snell et al.: 5).
         meta_steps: meta-training steps (one episode each) of ProtoNet and Matching Networks.
-        lr: Adam's learning rate, constant (Snell et al.: 0.001, halved every 2,000 episodes).
+        lr: Adam's initial learning rate, annealed to zero over the meta-steps by a cosine (Snell et al.:
+            0.001, halved every 2,000 episodes).
         augment: random affine distortion of every training image (:func:`lowlearn.data.augment.random_affine`).
         refine_steps: ProtoNet's transductive soft k-means steps at test time (Ren et al. 2018).
         test_shift: pixels of the shifted copies averaged at test time (0: none; see
@@ -705,11 +706,11 @@ PROFILES: dict[str, Profile] = {
         black_box=BlackBoxSizes(image_size=28, hidden=64, rotations=True, within_alphabet=False, train_ways=20,
                                 train_shots=1, train_queries=5, meta_steps=1400, lr=1e-3, augment=False,
                                 refine_steps=1, test_shift=1,
-                                matching_scale=10.0, test_episodes=600, maml_inner_lr=0.1,
+                                matching_scale=10.0, test_episodes=250, maml_inner_lr=0.1,
                                 maml_inner_steps=5, maml_first_order=False, maml_meta_batch=4, maml_queries=1,
                                 maml_steps=100, maml_test_steps=10,
-                                maml_test_episodes=100, cnp_hidden=128, cnp_lr=1e-3, cnp_steps=10000, cnp_batch=32,
-                                cnp_points=50, cnp_context=(1, 30), cnp_test_curves=200, cnp_seeds=2, image_steps=5000,
+                                maml_test_episodes=60, cnp_hidden=128, cnp_lr=1e-3, cnp_steps=10000, cnp_batch=32,
+                                cnp_points=50, cnp_context=(1, 30), cnp_test_curves=200, cnp_seeds=2, image_steps=12000,
                                 image_batch=16, image_context=200, image_targets=200),
         growing=GrowingSizes(teacher_inputs=10, teacher_hidden=10, teacher_outputs=10, student_hidden=5,
                              teacher_samples=1000, st_lr=0.1, st_every=200, st_final_steps=500, st_seeds=10,

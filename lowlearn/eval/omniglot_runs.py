@@ -75,7 +75,10 @@ def make_learner(method: str, sizes: BlackBoxSizes) -> nn.Module:
 
 def train(learner: nn.Module, method: str, data: Omniglot, sizes: BlackBoxSizes, device: torch.device,
           seed: int = 0) -> list[float]:
-    """Meta-train ``learner`` on ``data`` with the profile's recipe; returns the logged losses."""
+    """Meta-train ``learner`` on ``data`` with the profile's recipe; returns the logged losses.
+
+    Adam's learning rate starts at ``sizes.lr`` and follows a cosine to zero over the meta-steps.
+    """
     seed_everything(seed)
     learner.to(device).train()
     if sizes.rotations:
@@ -89,11 +92,12 @@ def train(learner: nn.Module, method: str, data: Omniglot, sizes: BlackBoxSizes,
         steps = sizes.meta_steps
     sampler = EpisodeSampler(data.images.to(device), ways, shots, queries, seed=seed, groups=groups)
     optimizer = torch.optim.Adam(learner.parameters(), lr=sizes.lr)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
     transform = None
     if sizes.augment:
         generator = torch.Generator(device=device).manual_seed(seed)
         transform = lambda images: random_affine(images, generator)   # noqa: E731
-    return meta_train(learner, sampler, optimizer, steps, batch=batch, transform=transform)
+    return meta_train(learner, sampler, optimizer, steps, batch=batch, transform=transform, scheduler=cosine)
 
 
 def predict(learner: nn.Module, support: Tensor, support_labels: Tensor, query: Tensor,
