@@ -1,5 +1,6 @@
 """``python -m lowlearn.eval omniglot-runs``: scoring the runs, held-out episodes, checkpoints."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,20 @@ def test_heldout_evaluation_and_checkpoints_that_are_never_overwritten(method, t
     loaded = capsys.readouterr().out
     assert "loaded" in loaded and "meta-trained" not in loaded
     assert trained.splitlines()[-1] == loaded.splitlines()[-1]     # the same learner scores the same episodes
+
+
+@needs_real_data
+def test_the_same_seed_gives_the_same_learner_and_error(capsys):
+    common = ["--profile", "smoke", "--data", str(SHARED_DATA), "--background", "small1", "--test", "heldout",
+              "--episodes", "4", "--device", "cpu"]
+    outputs = []
+    for seed in ("3", "3", "4"):
+        torch.manual_seed(int(seed) + len(outputs))      # whatever the caller's random state
+        omniglot_runs.main(common + ["--seed", seed])
+        out = capsys.readouterr().out
+        outputs.append((re.search(r"final loss (\S+),", out).group(1), out.splitlines()[-1]))   # not the timing
+    assert outputs[0] == outputs[1]
+    assert outputs[0] != outputs[2]
 
 
 @needs_real_data

@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         sizes = dataclasses.replace(sizes, meta_steps=args.steps, maml_steps=args.steps)
     device = torch.device(args.device) if args.device else default_device()
     print(banner(profile))
+    seed_everything(args.seed)                   # --seed fixes the initialisation as well as the episodes
     learner = make_learner(args.method, sizes).to(device)
     data = background(args.background, sizes.image_size, args.data)
     runs = None
