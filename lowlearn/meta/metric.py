@@ -184,12 +184,21 @@ class EpisodicLearner(nn.Module, ABC):
         return support_x, support_y, query_x, query_y, ways
 
     def _logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, ways: int) -> Tensor:
-        """Logits ``(B, Q, N)`` of checked, batched episodes; all images go through the embedding at once."""
-        tasks, shots = support_y.shape
+        """Logits ``(B, Q, N)`` of checked, batched episodes."""
+        support, query = self.embed_episodes(support_x, query_x)
+        return self.scores(support, support_y, query, ways)
+
+    def embed_episodes(self, support_x: Tensor, query_x: Tensor) -> tuple[Tensor, Tensor]:
+        """Support and query embeddings ``(B, S, D)`` and ``(B, Q, D)`` of ``(B, S, ...)`` and ``(B, Q, ...)`` inputs.
+
+        All images go through the embedding in one pass. With :meth:`scores`, this lets
+        several scoring rules share one embedding of the same episodes.
+        """
+        tasks, shots = support_x.shape[:2]
         embedded = self.embed(torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)]))
         support = embedded[:tasks * shots].unflatten(0, (tasks, shots))
         query = embedded[tasks * shots:].unflatten(0, (tasks, query_x.shape[1]))
-        return self.scores(support, support_y, query, ways)
+        return support, query
 
     def embed(self, x: Tensor) -> Tensor:
         """``(n, D)`` embeddings of ``(n, ...)`` inputs, averaged over shifted copies when ``test_shift`` says so."""

@@ -103,6 +103,18 @@ def test_a_batch_of_episodes_equals_each_episode_alone(learner):
         torch.testing.assert_close(batched[j], model(episodes.support_x[j], episodes.support_y[j], episodes.query_x[j]))
 
 
+def test_embedded_episodes_are_each_image_embedded_alone_and_score_like_forward():
+    model = ProtoNet(conv_embedding(), test_shift=1).eval()
+    episodes = image_episodes(tasks=2)
+    with torch.no_grad():
+        support, query = model.embed_episodes(episodes.support_x, episodes.query_x)
+        assert support.shape == (2, 6, 8) and query.shape == (2, 6, 8)
+        torch.testing.assert_close(support[1, 4], model.embed(episodes.support_x[1, 4:5])[0])
+        torch.testing.assert_close(query[0, 2], model.embed(episodes.query_x[0, 2:3])[0])
+        torch.testing.assert_close(model.scores(support, episodes.support_y, query, 3),
+                                   model(episodes.support_x, episodes.support_y, episodes.query_x))
+
+
 def test_meta_training_learns_an_embedding_that_separates_unseen_classes():
     """Classes are Gaussian clusters along 2 informative of 20 noisy dimensions; the embedding must find them."""
     torch.manual_seed(0)
