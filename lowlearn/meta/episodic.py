@@ -6,8 +6,8 @@ tasks, and takes one meta-step on them. :func:`meta_train` is that loop for any
 learner of :mod:`lowlearn.meta` (:class:`~lowlearn.meta.metric.ProtoNet`,
 :class:`~lowlearn.meta.metric.MatchingNet`, :class:`~lowlearn.meta.maml.MAML` and
 its variants); :func:`episode_accuracies` scores a learner on fixed test
-episodes and :func:`mean_and_ci` summarises them with a 95% confidence interval,
-the way few-shot papers report accuracy.
+episodes, and :func:`lowlearn.stats.mean_and_ci` summarises the scores with a 95%
+confidence interval, the way few-shot papers report accuracy.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import math
 from collections.abc import Callable
 from typing import Protocol
 
-import scipy.stats
 import torch
 from torch import Tensor
 
@@ -84,18 +83,3 @@ def episode_accuracies(evaluate: Callable[[Episode], Tensor], sampler: EpisodeSa
     """
     chunks = [evaluate(sampler.sample(min(batch, episodes - start))) for start in range(0, episodes, batch)]
     return torch.cat(chunks)
-
-
-def mean_and_ci(values: Tensor) -> tuple[float, float]:
-    """Mean and half-width of the 95% confidence interval of the mean, ``t · s / √n``.
-
-    ``s`` is the sample standard deviation of the ``n`` values and ``t`` the 97.5%
-    quantile of Student's t distribution with ``n − 1`` degrees of freedom: 1.98 for
-    100 episodes, 1.96 in the limit, but 4.30 for three seeds, where the normal
-    quantile would make the interval less than half as wide as it should be.
-    """
-    values = values.double().flatten()
-    if values.numel() < 2:
-        raise ValueError("a confidence interval needs at least two values")
-    n = values.numel()
-    return values.mean().item(), float(scipy.stats.t.ppf(0.975, n - 1)) * values.std().item() / math.sqrt(n)

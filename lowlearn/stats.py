@@ -1,0 +1,63 @@
+"""Summaries of repeated measurements: the mean and its 95% confidence interval.
+
+The chapters report every number that varies between runs (seeds, test episodes,
+test tasks) as ``mean ± half-width of the 95% interval of the mean``, the way
+few-shot and pruning papers do. :func:`mean_and_ci` is that computation;
+:func:`summarize` is the same for results that may come from a single run (a
+profile with one seed), where no interval exists.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.stats
+import torch
+from numpy.typing import ArrayLike
+
+
+def _as_float64(values: ArrayLike | torch.Tensor, scale: float) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+    return scale * torch.as_tensor(np.asarray(values, dtype=np.float64)).flatten()
+
+
+def mean_and_ci(values: ArrayLike | torch.Tensor) -> tuple[float, float]:
+    """Mean and half-width of the 95% confidence interval of the mean, ``t · s / √n``.
+
+    ``s`` is the sample standard deviation of the ``n`` values and ``t`` the 97.5%
+    quantile of Student's t distribution with ``n − 1`` degrees of freedom: 1.98 for
+    100 episodes, 1.96 in the limit, but 4.30 for three seeds, where the normal
+    quantile would make the interval less than half as wide as it should be.
+
+    Args:
+        values: the measurements (a tensor, array or list of numbers), flattened.
+
+    Raises:
+        ValueError: fewer than two values (use :func:`summarize` where one run is possible).
+    """
+    values = _as_float64(values, 1.0)
+    n = values.numel()
+    if n < 2:
+        raise ValueError(f"a confidence interval needs at least two values, got {n}; "
+                         "summarize() gives the mean alone for a single run")
+    return values.mean().item(), float(scipy.stats.t.ppf(0.975, n - 1)) * values.std().item() / math.sqrt(n)
+
+
+def summarize(values: ArrayLike | torch.Tensor, scale: float = 1.0) -> tuple[float, float | None]:
+    """``(mean, half-width of the 95% interval)`` of ``scale · values``, the interval ``None`` for one value.
+
+    For results over seeds, where a small profile may run one seed: the mean is
+    still reported, and :func:`lowlearn.results.record` stores it without an
+    interval. ``scale`` converts units on the way, e.g. ``100`` for accuracies in %.
+
+    Raises:
+        ValueError: no values at all.
+    """
+    values = _as_float64(values, scale)
+    if values.numel() == 0:
+        raise ValueError("summarize() needs at least one value")
+    if values.numel() == 1:
+        return values.item(), None
+    return mean_and_ci(values)

@@ -1,0 +1,39 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lowlearn.stats import mean_and_ci, summarize
+
+
+def test_mean_and_ci_uses_students_t_quantile():
+    values = torch.tensor([1.0, 2.0, 6.0])
+    mean, ci = mean_and_ci(values)
+    s = math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2)
+    assert mean == pytest.approx(3.0)
+    assert ci == pytest.approx(4.302653 * s / math.sqrt(3), rel=1e-6)      # t_{0.975, 2}
+    many = torch.arange(10_000.0) % 7
+    assert mean_and_ci(many)[1] == pytest.approx(1.96 * many.std().item() / 100, rel=1e-3)
+
+
+def test_mean_and_ci_takes_lists_arrays_and_tensors_alike():
+    values = [0.25, 0.5, 1.0, 0.125]
+    expected = mean_and_ci(torch.tensor(values, dtype=torch.float64))
+    assert mean_and_ci(values) == expected
+    assert mean_and_ci(np.array(values, dtype=np.float32)) == pytest.approx(expected, rel=1e-7)
+    assert mean_and_ci(np.array(values).reshape(2, 2)) == expected          # flattened
+
+
+def test_mean_and_ci_needs_two_values():
+    with pytest.raises(ValueError, match="at least two values, got 1"):
+        mean_and_ci(torch.tensor([1.0]))
+
+
+def test_summarize_scales_and_gives_no_interval_for_one_value():
+    mean, ci = summarize([0.9, 0.95, 0.92], scale=100)
+    assert (mean, ci) == pytest.approx(mean_and_ci([90.0, 95.0, 92.0]))
+    assert summarize([0.9], scale=100) == (pytest.approx(90.0), None)
+    assert summarize(torch.tensor([[0.5]])) == (0.5, None)
+    with pytest.raises(ValueError, match="at least one value"):
+        summarize([])
