@@ -22,6 +22,12 @@ Benchmarks:
     with the optimiser-aware Adam, each as a ratio to the same network and optimizer
     without it.
 
+``allocator``
+    One training step of the dense, masked and Powerprop LeNet-300-100, each model in
+    a process of its own, with glibc's default allocator settings and with freed memory
+    retained (:mod:`lowlearn.allocator`): the cost of the page faults that a
+    parametrization's extra tensors can cause on a CPU.
+
 ``lowrank``
     One training step of a network whose hidden layers DLRT holds at a fixed rank
     (:mod:`lowlearn.lowrank`), against the dense network: time and memory, as the

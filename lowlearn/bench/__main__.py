@@ -2,10 +2,10 @@
 
 import sys
 
-from . import dst, lowrank, maml, masks, powerprop, report, sparse
+from . import allocator, dst, lowrank, maml, masks, powerprop, report, sparse
 
-BENCHMARKS = {"masks": masks.main, "dst": dst.main, "powerprop": powerprop.main, "lowrank": lowrank.main,
-              "maml": maml.main, "sparse": sparse.main, "all": report.main}
+BENCHMARKS = {"masks": masks.main, "dst": dst.main, "powerprop": powerprop.main, "allocator": allocator.main,
+              "lowrank": lowrank.main, "maml": maml.main, "sparse": sparse.main, "all": report.main}
 
 
 def main(argv: list[str]) -> None:

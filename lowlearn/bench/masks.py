@@ -5,12 +5,18 @@ the same random ``density`` of every layer's weights. lowlearn's masks are
 parametrizations (:mod:`lowlearn.sparse.mask`); ``torch.nn.utils.prune`` recomputes
 ``weight = weight_orig * weight_mask`` in a forward pre-hook. A training step is
 forward, cross-entropy, backward and an SGD-with-momentum step on a fixed batch.
+
+The page faults per step are printed beside the times: a parametrization's extra
+weight-sized tensors can make the allocator hand memory back to the system and fault
+it in again (:mod:`lowlearn.allocator`; ``python -m lowlearn.bench allocator``
+measures that cost, one model per process).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +25,12 @@ from torch.nn.utils import prune as torch_prune
 from lowlearn.models import MLP
 from lowlearn.sparse.mask import attach_masks, prunable_layers, set_masks
 
-from .timing import add_device_argument, environment, fixed_batch, interleaved_medians, resolve_device
+from .timing import (add_device_argument, environment, faults_per_call, fixed_batch, interleaved_medians,
+                     resolve_device)
 
 
-def _train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """The training-step function of ``model`` on the batch ``(x, y)``, with its own SGD-with-momentum optimizer."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step() -> None:
@@ -51,13 +59,17 @@ def build_models(density: float, device: torch.device, seed: int = 0) -> dict[st
     return {"dense": dense, "lowlearn masks": masked, "torch.nn.utils.prune": pruned}
 
 
+def build_steps(density: float, batch_size: int, device: torch.device) -> dict[str, Callable[[], None]]:
+    """``{model name: its training-step function}`` on one fixed batch."""
+    x, y = fixed_batch(batch_size, 784, device)
+    return {name: train_step(model, x, y) for name, model in build_models(density, device).items()}
+
+
 def run(density: float = 0.1, batch_size: int = 60, iterations: int = 200, repeats: int = 7,
         warmup: int = 20, device: str | None = None) -> dict[str, float]:
     """Time the three models; return median seconds per training step by name."""
     device = resolve_device(device)
-    models = build_models(density, device)
-    x, y = fixed_batch(batch_size, 784, device)
-    steps = {name: _train_step(model, x, y) for name, model in models.items()}
+    steps = build_steps(density, batch_size, device)
     return interleaved_medians(steps, device=device, iterations=iterations, repeats=repeats, warmup=warmup)
 
 
@@ -69,10 +81,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timed blocks per model")
     add_device_argument(parser)
     args = parser.parse_args(argv)
-    times = run(args.density, args.batch_size, args.iterations, args.repeats, device=args.device)
-    print(f"LeNet-300-100 training step, batch {args.batch_size}, density {args.density}, "
-          f"{environment(args.device)}")
+    device = resolve_device(args.device)
+    steps = build_steps(args.density, args.batch_size, device)
+    times = interleaved_medians(steps, device=device, iterations=args.iterations, repeats=args.repeats, warmup=20)
+    faults = faults_per_call(steps, args.iterations)
+    print(f"LeNet-300-100 training step, batch {args.batch_size}, density {args.density}, {environment(device)}")
     print(f"median of {args.repeats} interleaved blocks of {args.iterations} steps")
-    print(f"{'model':<22} {'ms/step':>9} {'vs dense':>9}")
+    print(f"{'model':<22} {'ms/step':>9} {'vs dense':>9} {'page faults/step':>17}")
     for name, seconds in times.items():
-        print(f"{name:<22} {seconds * 1e3:9.3f} {seconds / times['dense']:8.3f}x")
+        fault = "n/a" if faults[name] is None else f"{faults[name]:.1f}"
+        print(f"{name:<22} {seconds * 1e3:9.3f} {seconds / times['dense']:8.3f}x {fault:>17}")
+    print(f"goal: lowlearn masks / dense <= 1.10: {times['lowlearn masks'] / times['dense']:.3f}")

@@ -6,6 +6,9 @@ weight in the forward pass and a multiplication in the backward pass; the
 optimiser-aware update (:class:`lowlearn.powerprop.PowerPropOptimizer`) adds a few
 element-wise passes over the weights per step. Each is compared with its own
 baseline: SGD with plain SGD, the optimiser-aware Adam with plain Adam.
+
+The page faults per step are printed beside the times (see ``masks``, and
+``python -m lowlearn.bench allocator`` for their cost in a process that trains one model).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import torch.nn.functional as F
 from lowlearn.models import MLP
 from lowlearn.powerprop import PowerPropOptimizer, powerprop
 
-from .timing import add_device_argument, environment, fixed_batch, interleaved_medians, resolve_device
+from .timing import (add_device_argument, environment, faults_per_call, fixed_batch, interleaved_medians,
+                     resolve_device)
 
 CASES = ("SGD", "Powerprop, SGD", "Adam", "Powerprop, optimiser-aware Adam")
 BASELINE = {"Powerprop, SGD": "SGD", "Powerprop, optimiser-aware Adam": "Adam"}
@@ -65,12 +69,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timed blocks per case")
     add_device_argument(parser)
     args = parser.parse_args(argv)
-    times = run(args.alpha, args.batch_size, args.iterations, args.repeats, args.device)
-    print(f"LeNet-300-100 training step, batch {args.batch_size}, alpha {args.alpha:g}, {environment(args.device)}")
+    device = resolve_device(args.device)
+    steps = {case: step for case, (step, _) in build_steps(args.alpha, args.batch_size, device).items()}
+    times = interleaved_medians(steps, device=device, iterations=args.iterations, repeats=args.repeats, warmup=20)
+    faults = faults_per_call(steps, args.iterations)
+    print(f"LeNet-300-100 training step, batch {args.batch_size}, alpha {args.alpha:g}, {environment(device)}")
     print(f"median of {args.repeats} interleaved blocks of {args.iterations} steps")
-    print(f"{'case':<34} {'ms/step':>9} {'vs baseline':>12}")
+    print(f"{'case':<34} {'ms/step':>9} {'vs baseline':>12} {'page faults/step':>17}")
     for case, seconds in times.items():
         ratio = seconds / times[BASELINE.get(case, case)]
-        print(f"{case:<34} {seconds * 1e3:9.3f} {ratio:11.3f}x")
+        fault = "n/a" if faults[case] is None else f"{faults[case]:.1f}"
+        print(f"{case:<34} {seconds * 1e3:9.3f} {ratio:11.3f}x {fault:>17}")
     worst = max(times[case] / times[base] for case, base in BASELINE.items())
     print(f"goal: Powerprop / baseline <= 1.15: {worst:.3f}")

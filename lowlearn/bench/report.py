@@ -20,17 +20,20 @@ from pathlib import Path
 
 import torch
 
-from . import dst, lowrank, maml, masks, powerprop, sparse
+from lowlearn.allocator import has_glibc
+
+from . import allocator, dst, lowrank, maml, masks, powerprop, sparse
 from .timing import add_device_argument, machine, resolve_device
 
 FIELDS = ("benchmark", "case", "reference", "metric", "ratio", "goal", "met")
 """The keys of every row (``goal`` is a string such as ``"<= 1.10"`` or ``None``; ``met`` a bool or ``None``)."""
 
-FULL = {"masks": {}, "dst": {}, "powerprop": {}, "lowrank": {}, "maml": {}, "sparse": {}}
+FULL = {"masks": {}, "dst": {}, "powerprop": {}, "allocator": {}, "lowrank": {}, "maml": {}, "sparse": {}}
 QUICK = {
     "masks": {"batch_size": 8, "iterations": 2, "repeats": 1},
     "dst": {"batch_size": 8, "every": 2, "updates": 1, "repeats": 1},
     "powerprop": {"batch_size": 8, "iterations": 2, "repeats": 1},
+    "allocator": {"rounds": 1, "batch_size": 8, "iterations": 2, "repeats": 1, "warmup": 1},
     "lowrank": {"widths": (32,), "rank": 4, "batch_size": 8, "iterations": 1, "repeats": 1},
     "maml": {"tasks": 2, "queries": 1, "steps": 1, "iterations": 1, "repeats": 1},
     "sparse": {"features": 64, "batch_size": 4, "densities": (0.5, 0.05), "iterations": 1, "repeats": 1},
@@ -66,6 +69,11 @@ def collect(sizes: dict[str, dict], device: torch.device) -> list[dict]:
                        {"RigL": 1.05})
     times = powerprop.run(device=device, **sizes["powerprop"])
     rows += _time_rows("powerprop", times, powerprop.BASELINE, dict.fromkeys(powerprop.BASELINE, 1.15))
+    if device.type == "cpu" and has_glibc():
+        for model, by_setting in allocator.run(**sizes["allocator"]).items():
+            default, retained = (by_setting[setting]["seconds"] for setting in allocator.SETTINGS)
+            rows.append(_row("allocator", f"{model}, freed memory retained", f"{model}, glibc defaults",
+                             "time per step", retained / default))
     for row in lowrank.run(device=device, **sizes["lowrank"]):
         goal = 1.0 if row["width"] >= 1024 else None
         case = f"DLRT, width {row['width']}"
@@ -94,6 +102,8 @@ def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"Benchmarks on {env['device']} ({env['device_name']}), torch {env['torch']}, "
              f"Python {env['python']}, {env['threads']} CPU threads{' (quick sizes)' if report['quick'] else ''}."]
+    if env.get("allocator"):
+        lines.append(f"Allocator: {env['allocator']}.")
     if report.get("note"):
         lines.append(f"Note: {report['note']}")
     lines += ["", "| benchmark | case | against | metric | ratio | goal | met |", "|---|---|---|---|---:|---|---|"]

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from lowlearn import allocator
 from lowlearn.train import default_device
 
 
@@ -47,6 +48,22 @@ def interleaved_medians(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def faults_per_call(steps: Mapping[str, Callable[[], None]], calls: int) -> dict[str, float | None]:
+    """Minor page faults per call of each step function (``None`` where the system does not count them).
+
+    A fault is the first touch of a page the process got from the system: memory
+    that the allocator had returned and must map again (see :mod:`lowlearn.allocator`).
+    """
+    faults = {}
+    for name, step in steps.items():
+        start = allocator.minor_page_faults()
+        for _ in range(calls):
+            step()
+        end = allocator.minor_page_faults()
+        faults[name] = None if start is None else (end - start) / calls
+    return faults
+
+
 def fixed_batch(batch_size: int, features: int, device: torch.device, classes: int = 10,
                 seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """A reproducible random classification batch ``(x, y)`` on ``device``: timing does not depend on the data."""
@@ -67,11 +84,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def machine(device: str | torch.device | None) -> dict:
-    """What the timings depend on: device (and its name), torch and Python versions, CPU threads."""
+    """What the timings depend on: device (and its name), torch and Python versions, CPU threads, allocator."""
     device = resolve_device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {"device": str(device), "device_name": name, "torch": torch.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads()}
+            "python": platform.python_version(), "threads": torch.get_num_threads(), "allocator": allocator.describe()}
 
 
 def environment(device: str | torch.device | None) -> str:

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from lowlearn.allocator import has_glibc
 from lowlearn.bench import report
 
 
@@ -9,15 +10,16 @@ def test_the_quick_report_has_every_benchmark_and_the_fields_the_book_reads(tmp_
     report.main(["--quick", "--out", str(tmp_path), "--device", "cpu", "--note", "a toy run"])
     data = json.loads((tmp_path / "benchmarks.json").read_text())
     assert data["quick"] is True and data["note"] == "a toy run"
-    assert {"device", "device_name", "torch", "python", "threads"} <= data["environment"].keys()
-    assert {row["benchmark"] for row in data["rows"]} == {"masks", "dst", "powerprop", "lowrank", "maml", "sparse"}
+    assert {"device", "device_name", "torch", "python", "threads", "allocator"} <= data["environment"].keys()
+    expected = {"masks", "dst", "powerprop", "lowrank", "maml", "sparse"} | ({"allocator"} if has_glibc() else set())
+    assert {row["benchmark"] for row in data["rows"]} == expected
     for row in data["rows"]:
         assert set(report.FIELDS) <= row.keys() and row["ratio"] > 0
         assert (row["goal"] is None) == (row["met"] is None)
     csr = next(row for row in data["rows"] if row["case"] == "csr, density 0.05")
     assert csr["goal"] == ">= 3" and csr["ideal"] == 20
     table = (tmp_path / "benchmarks.md").read_text()
-    assert "Note: a toy run" in table
+    assert "Note: a toy run" in table and f"Allocator: {data['environment']['allocator']}." in table
     assert table.count("\n| ") == len(data["rows"]) + 1 and table in capsys.readouterr().out
 
 

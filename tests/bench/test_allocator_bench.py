@@ -1,0 +1,21 @@
+import pytest
+
+from lowlearn.allocator import has_glibc
+from lowlearn.bench import allocator as bench
+
+pytestmark = pytest.mark.skipif(not has_glibc(), reason="compares glibc's allocator settings")
+
+
+def test_each_model_trains_in_a_process_of_its_own_under_both_settings(capsys):
+    bench.main(["--rounds", "1", "--batch-size", "4", "--iterations", "2", "--repeats", "1", "--warmup", "20"])
+    out = capsys.readouterr().out
+    for model in bench.MODELS:
+        default_ms, default_faults, retained_ms, retained_faults, ratio = out.split(model)[1].split("\n")[0].split()
+        assert float(default_ms) > 0 and float(retained_ms) > 0 and ratio.endswith("x")
+        assert float(retained_faults) <= 20        # freed memory retained: no weight-sized tensor refaulted
+    assert "glibc defaults: masks / dense" in out and "freed memory retained: masks / dense" in out
+
+
+def test_a_worker_in_this_process_reports_time_and_faults():
+    result = bench.worker("dense", retain=False, batch_size=4, iterations=2, repeats=1, warmup=1)
+    assert result["seconds"] > 0 and result["faults"] >= 0
