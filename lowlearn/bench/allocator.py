@@ -2,13 +2,14 @@
 
 A training process trains one model, and how often its steps page-fault depends on
 what that process allocated before (see :mod:`lowlearn.allocator`), so every
-measurement here runs in a process of its own: it builds one LeNet-300-100 (dense,
-masked at density 0.1 as in ``masks``, or with Powerpropagation as in
-``powerprop``), calls :func:`lowlearn.allocator.retain_freed_memory` or not, warms
-up, and times blocks of training steps. The rounds alternate the two settings and
-the models, so that slow drifts of the machine hit them alike. Printed per model:
-the median time per step under each setting, their ratio, and the page faults per
-step. CPU only (the CUDA allocator caches its memory itself), Linux with glibc only.
+measurement here runs in a process of its own: it calls
+:func:`lowlearn.allocator.retain_freed_memory` or not, builds the models of ``masks``
+(density 0.1) or of ``powerprop``, trains one of them (dense, masked, or Powerprop
+with SGD), warms up, and times blocks of its training steps. The rounds alternate
+the two settings and the models, so that slow drifts of the machine hit them alike.
+Printed per model: the median time per step under each setting, their ratio, and the
+page faults per step. CPU only (the CUDA allocator caches its memory itself), Linux
+with glibc only.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def worker(model: str, retain: bool, batch_size: int, iterations: int, repeats: 
 
 
 def _in_new_process(model: str, retain: bool, threads: int, **sizes) -> dict:
-    code = ("import json, sys, torch; from lowlearn.bench.allocator import worker; "
+    code = ("import json, torch; from lowlearn.bench.allocator import worker; "
             f"torch.set_num_threads({threads}); "
             f"print(json.dumps(worker({model!r}, {retain}, **{sizes!r})))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
