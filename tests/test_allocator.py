@@ -1,58 +1,17 @@
 import mmap
-import platform
-import subprocess
-import sys
 
 import pytest
 
-from lowlearn.allocator import MAX_MMAP_THRESHOLD, minor_page_faults, retain_freed_memory
-
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-
-# A masked LeNet-300-100 training step (SGD with momentum, batch 60), the workload of
-# `python -m lowlearn.bench masks`; prints the minor page faults per step.
-STEPS = """
-import sys
-import torch
-import torch.nn.functional as F
-from lowlearn.allocator import minor_page_faults, retain_freed_memory
-from lowlearn.models import MLP
-from lowlearn.sparse.mask import attach_masks
-
-torch.set_num_threads(1)
-if sys.argv[1] == "retain":
-    assert retain_freed_memory()
-torch.manual_seed(0)
-model = MLP()
-attach_masks(model)
-optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-x, y = torch.randn(60, 784), torch.randint(0, 10, (60,))
+from lowlearn.allocator import MAX_MMAP_THRESHOLD, has_glibc, minor_page_faults, retain_freed_memory
+from lowlearn.bench.allocator import in_new_process
 
 
-def step():
-    optimizer.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-    optimizer.step()
-
-
-for _ in range(20):
-    step()
-start = minor_page_faults()
-for _ in range(50):
-    step()
-print((minor_page_faults() - start) / 50)
-"""
-
-
-def _faults_per_step(mode: str) -> float:
-    done = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return float(done.stdout)
-
-
-@pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")
+@pytest.mark.skipif(not has_glibc(), reason="glibc's allocator only")
 def test_retained_memory_stops_the_page_faults_of_a_masked_training_step():
-    default, retained = _faults_per_step("default"), _faults_per_step("retain")
+    # The masked LeNet-300-100 of `python -m lowlearn.bench masks`, batch 60, each setting in a fresh process.
+    sizes = {"batch_size": 60, "iterations": 50, "repeats": 1, "warmup": 100}    # the benchmark's warm-up
+    default, retained = (in_new_process("lowlearn masks", retain, threads=1, **sizes)["faults"]
+                         for retain in (False, True))
     print(f"minor page faults per step: {default:.1f} with glibc's defaults, {retained:.1f} retained")
     assert retained <= 20, (default, retained)     # one 940 KB weight-sized tensor refaulted would be ~230
 

@@ -57,7 +57,12 @@ def worker(model: str, retain: bool, batch_size: int, iterations: int, repeats: 
             "faults": (allocator.minor_page_faults() - start_faults) / (repeats * iterations)}
 
 
-def _in_new_process(model: str, retain: bool, threads: int, **sizes) -> dict:
+def in_new_process(model: str, retain: bool, threads: int, **sizes) -> dict:
+    """:func:`worker` run in a fresh Python process with ``threads`` CPU threads; its result.
+
+    Raises:
+        RuntimeError: the process failed (its error output is in the message).
+    """
     code = ("import json, torch; from lowlearn.bench.allocator import worker; "
             f"torch.set_num_threads({threads}); "
             f"print(json.dumps(worker({model!r}, {retain}, **{sizes!r})))")
@@ -83,7 +88,7 @@ def run(rounds: int = 3, batch_size: int = 60, iterations: int = 200, repeats: i
         order = SETTINGS if round_ % 2 == 0 else SETTINGS[::-1]
         for setting in order:
             for model in MODELS:
-                samples[model][setting].append(_in_new_process(model, setting != SETTINGS[0], threads, **sizes))
+                samples[model][setting].append(in_new_process(model, setting != SETTINGS[0], threads, **sizes))
     return {model: {setting: {"seconds": statistics.median(r["seconds"] for r in runs),
                               "faults": statistics.median(r["faults"] for r in runs)}
                     for setting, runs in by_setting.items()}

@@ -33,9 +33,9 @@ from lowlearn.data.cache import DatasetNotFoundError
 from lowlearn.data.omniglot import RUN_WAYS, Omniglot, OneShotRun, load_omniglot, load_omniglot_runs
 from lowlearn.meta import MAML, MatchingNet, ProtoNet
 from lowlearn.meta.episodic import episode_accuracies, meta_train
-from lowlearn.stats import mean_and_ci
 from lowlearn.models import Conv4
 from lowlearn.profiles import BlackBoxSizes, banner, get_profile
+from lowlearn.stats import mean_and_ci
 from lowlearn.train import default_device, load_checkpoint, save_checkpoint, seed_everything
 
 METHODS = ("protonet", "matching", "maml")
