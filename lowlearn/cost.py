@@ -163,7 +163,8 @@ class MemoryReport:
         parameters: all parameters of the model.
         gradients: one gradient per parameter with ``requires_grad``, same dtype.
         optimizer_state: every tensor in ``optimizer.state`` (e.g. SGD momentum,
-            Adam's two moments and step counters).
+            Adam's two moments and step counters), and in the state of an optimizer
+            that ``optimizer`` holds as ``.optimizer`` (e.g. DLRT's for dense parameters).
         activations: tensors saved during the forward pass for the backward pass
             (the input batch included, parameters and buffers excluded).
         cuda_peak: peak bytes allocated on the model's CUDA device during one
@@ -284,15 +285,23 @@ def training_memory(
     return MemoryReport(
         parameters=sum(p.nbytes for p in params),
         gradients=sum(p.nbytes for p in trainable),
-        optimizer_state=sum(
-            value.nbytes
-            for state in optimizer.state.values()
-            for value in state.values()
-            if isinstance(value, torch.Tensor)
-        ),
+        optimizer_state=_state_bytes(optimizer),
         activations=sum(end - start for start, end in spans.values()),
         cuda_peak=cuda_peak,
     )
+
+
+def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors in ``optimizer.state`` and in the state of an optimizer it holds as ``.optimizer``.
+
+    (DLRT's optimizer of the dense parameters; :class:`~lowlearn.powerprop.PowerPropOptimizer`
+    shows the state of the optimizer it wraps as its own.) Each tensor counts once.
+    """
+    tensors = {}
+    for holder in (optimizer, getattr(optimizer, "optimizer", None)):
+        for state in getattr(holder, "state", {}).values():
+            tensors.update((id(value), value) for value in state.values() if isinstance(value, torch.Tensor))
+    return sum(value.nbytes for value in tensors.values())
 
 
 class SavedTensors:

@@ -30,22 +30,26 @@ With ``tol=None`` the rank stays fixed: ``Û = orth(K¹)``, ``V̂ = orth(L¹)`` 
 truncation (the fixed-rank integrator of the same paper). No ``n × m`` matrix is
 formed at any point: every product involves a thin factor.
 
-The other parameters (biases, norm layers, dense layers) are trained by a torch
-``optimizer`` of your choice, with the gradients of the second pass. Use
-:class:`DLRT` like an optimizer that needs a closure::
+The other parameters (biases, norm layers, dense layers) take plain gradient steps
+of the same size ``λ``, or the steps of a torch ``optimizer`` of your choice, with the
+gradients of the second pass. :class:`DLRT` is a ``torch.optim.Optimizer`` that needs
+a closure::
 
     dlrt = DLRT(model, lr=0.1, tol=0.2)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(dlrt, steps)   # schedules λ
     for x, y in batches:
         dlrt.zero_grad()
         loss = loss_fn(model(x), y)
         loss.backward()
         dlrt.step(lambda: loss_fn(model(x), y))   # the second (S-step) pass
+        cosine.step()
 
 :func:`lowlearn.train.fit` does this by itself (it passes the closure).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 
 import torch
@@ -55,8 +59,19 @@ from ..distributed import average_across_processes
 from .layers import check_tolerance, dense_parameters, low_rank_layers, truncation_rank
 
 
-class DLRT:
+class DLRT(torch.optim.Optimizer):
     """The rank-adaptive (or fixed-rank) DLRT integrator for a model's low-rank layers.
+
+    A ``torch.optim.Optimizer``: ``param_groups[0]`` holds the factors ``U, S, V`` of
+    every low-rank layer, and its ``"lr"`` is ``λ``; without an ``optimizer`` argument,
+    ``param_groups[1]`` holds the other parameters, which take the plain gradient step
+    ``p ← p − lr·∇_p L`` (``torch.optim.SGD`` without momentum). Learning-rate schedulers
+    therefore work on DLRT as on any optimizer, and schedule both groups. An
+    ``optimizer`` you pass keeps its own parameter groups: give it a scheduler of its own.
+
+    ``state[layer name]`` holds the Adam-style moments of that layer's factor gradients
+    (with ``betas``): ``"step"`` and, for ``"K"``, ``"L"`` and ``"S"``, the first and second
+    moments stacked in one tensor.
 
     Args:
         model: a model with :class:`~lowlearn.lowrank.layers.LowRankLinear` /
@@ -69,8 +84,8 @@ class DLRT:
         betas: ``(β₁, β₂)`` for Adam-style steps of the factors (see :meth:`direction`);
             ``None`` (default) takes plain gradient steps, the integrator of the paper.
         eps: Adam's ``ε``.
-        optimizer: trains the other parameters (default: SGD with learning rate ``lr``
-            on :func:`~lowlearn.lowrank.layers.dense_parameters`, if there are any).
+        optimizer: trains the other parameters instead of the plain gradient steps
+            (build it on :func:`~lowlearn.lowrank.layers.dense_parameters`).
 
     Raises:
         ValueError: no low-rank layer, ``ϑ`` outside [0, 1), ``lr ≤ 0``, or ``r_min < 1``.
@@ -93,22 +108,19 @@ class DLRT:
             raise ValueError(f"r_min must be a positive integer, got {r_min!r}")
         if betas is not None and not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        self.model, self.lr, self.r_min, self.r_max = model, float(lr), r_min, r_max
+        groups = [{"params": _factors(model)}]
+        if optimizer is None and dense_parameters(model):
+            groups.append({"params": dense_parameters(model)})
+        super().__init__(groups, {"lr": float(lr)})
+        self.model, self.r_min, self.r_max = model, r_min, r_max
         self.tol = None if tol is None else check_tolerance(tol)
         self.betas, self.eps = betas, eps
-        self.moments: dict[str, dict] = {}
-        if optimizer is None and dense_parameters(model):
-            optimizer = torch.optim.SGD(dense_parameters(model), lr=lr)
         self.optimizer = optimizer
 
     @property
-    def param_groups(self) -> list[dict]:
-        """The dense optimizer's parameter groups (for learning-rate schedulers)."""
-        return self.optimizer.param_groups if self.optimizer is not None else []
-
-    @property
-    def state(self):
-        return self.optimizer.state if self.optimizer is not None else {}
+    def lr(self) -> float:
+        """``λ``: the learning rate of the factors' parameter group (what a scheduler sets)."""
+        return self.param_groups[0]["lr"]
 
     def ranks(self) -> dict[str, int]:
         """``{layer name: current rank}``."""
@@ -118,9 +130,8 @@ class DLRT:
         """Clear the gradients of the factors and of the dense parameters."""
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=set_to_none)
-        for layer in low_rank_layers(self.model).values():
-            for param in (layer.U, layer.S, layer.V):
-                param.grad = None
+        self.param_groups[0]["params"] = _factors(self.model)   # the layers' current factors
+        super().zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor]) -> Tensor:
@@ -157,17 +168,23 @@ class DLRT:
         finally:
             for layer in layers.values():
                 layer.kl_gradients = True
-        dense = [] if self.optimizer is None else [p for group in self.optimizer.param_groups for p in group["params"]]
+        dense_groups = self.param_groups[1:] + (self.optimizer.param_groups if self.optimizer is not None else [])
+        dense = [p for group in dense_groups for p in group["params"]]
         average_across_processes([layer.S.grad for layer in layers.values()] + [p.grad for p in dense])
         if self.optimizer is not None:
             self.optimizer.step()
+        for group in self.param_groups[1:]:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
         for name, layer in layers.items():
             if layer.S.grad is not None:
                 self._galerkin_and_truncate(name, layer)
-            if name in self.moments:                      # K's columns follow V, L's follow U
+            if name in self.state:                        # K's columns follow V, L's follow U
                 U0, V0 = start[name]
                 self._rotate(name, "K", None, V0.T @ layer.V)
                 self._rotate(name, "L", None, U0.T @ layer.U)
+        self.param_groups[0]["params"] = _factors(self.model)
         return loss.detach()
 
     def direction(self, name: str, key: str, grad: Tensor) -> Tensor:
@@ -187,26 +204,26 @@ class DLRT:
         if self.betas is None:
             return grad
         beta1, beta2 = self.betas
-        state = self.moments.setdefault(name, {"step": 0})
+        state = self.state[name]
         if key == "K":
-            state["step"] += 1
-        m, v = state.get(key, (torch.zeros_like(grad), torch.zeros_like(grad)))
+            state["step"] = state.get("step", 0) + 1
+        m, v = state[key] if key in state else (torch.zeros_like(grad), torch.zeros_like(grad))
         m = beta1 * m + (1 - beta1) * grad
         v = beta2 * v + (1 - beta2) * grad.square()
-        state[key] = (m, v)
+        state[key] = torch.stack([m, v])
         t = state["step"]
         return (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + self.eps)
 
     def _rotate(self, name: str, key: str, left: Tensor | None, right: Tensor | None) -> None:
         """Carry the moments of ``key`` into new bases: ``m ← leftᵀ m right`` (``None``: unchanged side)."""
-        if key not in self.moments.get(name, {}):
+        if key not in self.state.get(name, {}):
             return
-        m, v = self.moments[name][key]
+        m, v = self.state[name][key]
         if left is not None:
             m, v = left.T @ m, left.square().T @ v
         if right is not None:
             m, v = m @ right, v @ right.square()
-        self.moments[name][key] = (m, v)
+        self.state[name][key] = torch.stack([m, v])
 
     def _basis_update(self, name: str, layer) -> None:
         U, S, V = layer.U, layer.S, layer.V
@@ -233,12 +250,37 @@ class DLRT:
         layer.set_factors(layer.U @ P[:, :r], torch.diag(sigma[:r]), layer.V @ Qh[:r].T)
 
     def state_dict(self) -> dict:
-        """The dense optimizer's state and the factors' Adam moments (the factors are in the model's)."""
-        return {"optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-                "moments": {name: dict(state) for name, state in self.moments.items()}}
+        """The groups' learning rates (as a scheduler left them), the factors' moments and the ``optimizer``'s state.
+
+        The factors themselves are in the model's ``state_dict``.
+        """
+        return {"param_groups": [{key: value for key, value in group.items() if key != "params"}
+                                 for group in self.param_groups],
+                "state": {name: dict(state) for name, state in self.state.items()},
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None}
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict` (also one in the ``{"optimizer", "moments"}`` format of earlier versions).
+
+        Raises:
+            ValueError: a state with another number of parameter groups (one saved
+                with an ``optimizer`` argument, loaded without one, or the reverse).
+        """
+        groups = state.get("param_groups", [])
+        if groups and len(groups) != len(self.param_groups):
+            raise ValueError(f"the state has {len(groups)} parameter groups and this DLRT {len(self.param_groups)}: "
+                             "build it with the same optimizer argument (none, or an optimizer of the dense "
+                             "parameters) as the DLRT that saved it")
+        for group, saved in zip(self.param_groups, groups):
+            group.update(saved)
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
-        self.moments = {name: dict(moments) for name, moments in state.get("moments", {}).items()}
+        moments = state.get("state", state.get("moments", {}))
+        self.state = defaultdict(dict, {name: {key: value if key == "step" else torch.stack(tuple(value))
+                                               for key, value in layer.items()}
+                                        for name, layer in moments.items()})
+
+
+def _factors(model: nn.Module) -> list[nn.Parameter]:
+    """``[U, S, V]`` of every low-rank layer of ``model``, in module order."""
+    return [p for layer in low_rank_layers(model).values() for p in (layer.U, layer.S, layer.V)]

@@ -14,9 +14,10 @@ like a 1×1 convolution.
 
 :class:`LowRankLinear` and :class:`LowRankConv2d` hold ``U``, ``S`` and ``V`` as
 parameters whose *shapes change* when the rank does; they are trained by the
-dynamical low-rank integrator :class:`lowlearn.lowrank.dlrt.DLRT`, not by a torch
-optimizer. Their backward pass gives, in one pass, the three gradients the
-integrator needs (Schotthöfer et al. 2022, Algorithm 1):
+dynamical low-rank integrator :class:`lowlearn.lowrank.dlrt.DLRT`, not by torch's
+SGD or Adam: ``U.grad`` and ``V.grad`` are not ``∂L/∂U`` and ``∂L/∂V``. Their
+backward pass gives, in one pass, the three gradients the integrator needs
+(Schotthöfer et al. 2022, Algorithm 1):
 
 * ``U.grad`` ← ``∇_K L = ∂L/∂W · V``, the gradient of the K-step (``K = U S``);
 * ``V.grad`` ← ``∇_L L = (∂L/∂W)ᵀ · U``, the gradient of the L-step (``L = V Sᵀ``);

@@ -1,3 +1,4 @@
+import copy
 import io
 
 import pytest
@@ -5,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowlearn.lowrank import DLRT, LowRankLinear, low_rank_layers, to_low_rank
+from lowlearn.cost import training_memory
+from lowlearn.lowrank import DLRT, LowRankLinear, dense_parameters, low_rank_layers, to_low_rank
 from lowlearn.models import MLP
 from lowlearn.train import fit
 
@@ -111,7 +113,7 @@ def test_adam_style_steps_train_and_keep_the_factors_orthonormal():
     # survive the truncation than with plain steps; never fewer than the teacher needs.
     r = layer.rank
     assert r >= 4
-    state = dlrt.moments["0"]
+    state = dlrt.state["0"]
     assert state["step"] == 300
     assert state["K"][0].shape == (24, r) and state["L"][0].shape == (32, r) and state["S"][0].shape == (r, r)
 
@@ -122,20 +124,82 @@ def test_adam_direction_and_the_change_of_basis_of_its_moments():
     g = torch.tensor([[0.5, -2.0], [1e-3, 4.0]])
     # First step: m̂ = g, v̂ = g², so the direction is g / (|g| + ε), about sign(g).
     assert torch.allclose(dlrt.direction("1", "K", g), g.sign(), atol=1e-4)
-    assert dlrt.moments["1"]["step"] == 1
+    assert dlrt.state["1"]["step"] == 1
     # Rotating the moments to other coordinates and back restores the first moment.
     Q = torch.linalg.qr(torch.randn(2, 2)).Q
-    m = dlrt.moments["1"]["K"][0].clone()
+    m = dlrt.state["1"]["K"][0].clone()
     dlrt._rotate("1", "K", Q, Q)
     dlrt._rotate("1", "K", Q.T, Q.T)
-    assert torch.allclose(dlrt.moments["1"]["K"][0], m, atol=1e-6)
-    assert (dlrt.moments["1"]["K"][1] >= 0).all()
+    assert torch.allclose(dlrt.state["1"]["K"][0], m, atol=1e-6)
+    assert (dlrt.state["1"]["K"][1] >= 0).all()
     buffer = io.BytesIO()
     torch.save(dlrt.state_dict(), buffer)
     buffer.seek(0)
     restored = DLRT(model, lr=0.1, betas=(0.9, 0.999))
     restored.load_state_dict(torch.load(buffer, weights_only=True))
-    assert restored.moments["1"]["step"] == 1
-    assert all(torch.equal(a, b) for a, b in zip(restored.moments["1"]["K"], dlrt.moments["1"]["K"]))
+    assert restored.state["1"]["step"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(restored.state["1"]["K"], dlrt.state["1"]["K"]))
     with pytest.raises(ValueError, match="betas must be two numbers"):
         DLRT(model, lr=0.1, betas=(0.9, 1.0))
+
+
+def test_dlrt_is_a_torch_optimizer_whose_schedulers_set_every_step_size():
+    # A scheduler that halves the learning rate at once gives the trajectory of DLRT built with half of it,
+    # for the factors (λ) and for the dense parameters (the biases and the dense output layer) alike.
+    torch.manual_seed(0)
+    base = to_low_rank(MLP(in_features=20, hidden=(32, 32), out_features=4), ["1", "3"], rank=6)
+    x, y = torch.randn(64, 20), torch.randint(0, 4, (64,))
+    halved, reference = copy.deepcopy(base), copy.deepcopy(base)
+    dlrt = DLRT(halved, lr=0.2, tol=0.1)
+    assert isinstance(dlrt, torch.optim.Optimizer) and len(dlrt.param_groups) == 2
+    scheduler = torch.optim.lr_scheduler.LambdaLR(dlrt, lambda step: 0.5)
+    assert dlrt.lr == 0.1 and [g["lr"] for g in dlrt.param_groups] == [0.1, 0.1]
+    plain = DLRT(reference, lr=0.1, tol=0.1)
+    for model, optimizer in ((halved, dlrt), (reference, plain)):
+        for _ in range(5):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step(lambda: F.cross_entropy(model(x), y))
+    assert scheduler.get_last_lr() == [0.1, 0.1]
+    assert all(torch.equal(a, b) for a, b in zip(halved.state_dict().values(), reference.state_dict().values()))
+    # The factors' group follows the layers' current factors, whose shapes change with the rank.
+    assert [p.shape for p in dlrt.param_groups[0]["params"]] == [p.shape for n, p in halved.named_parameters()
+                                                                 if n.split(".")[-1] in ("U", "S", "V")]
+
+
+def test_state_dict_keeps_scheduled_learning_rates_and_moments():
+    model = to_low_rank(MLP(hidden=(8,)), ["1"], rank=2)
+    dlrt = DLRT(model, lr=0.1, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.StepLR(dlrt, step_size=1, gamma=0.1)
+    dlrt.zero_grad()
+    F.cross_entropy(model(torch.randn(4, 784)), torch.tensor([0, 1, 2, 3])).backward()
+    dlrt.step(lambda: F.cross_entropy(model(torch.randn(4, 784)), torch.tensor([0, 1, 2, 3])))
+    scheduler.step()
+    buffer = io.BytesIO()
+    torch.save(dlrt.state_dict(), buffer)
+    buffer.seek(0)
+    restored = DLRT(model, lr=0.1, betas=(0.9, 0.999))
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert restored.lr == pytest.approx(0.01) and restored.param_groups[1]["lr"] == pytest.approx(0.01)
+    assert restored.state["1"]["step"] == 1 and torch.equal(restored.state["1"]["S"], dlrt.state["1"]["S"])
+    # The format of earlier versions: no learning rates, the moments as (m, v) pairs.
+    old = {"optimizer": None, "moments": {"1": {"step": 1, "K": tuple(dlrt.state["1"]["K"])}}}
+    restored.load_state_dict(old)
+    assert torch.equal(restored.state["1"]["K"], dlrt.state["1"]["K"])
+    with_optimizer = DLRT(model, lr=0.1, optimizer=torch.optim.SGD(dense_parameters(model), lr=0.1))
+    with pytest.raises(ValueError, match="2 parameter groups and this DLRT 1"):
+        with_optimizer.load_state_dict(dlrt.state_dict())
+
+
+def test_training_memory_counts_the_factor_moments_and_the_dense_optimizer():
+    model = to_low_rank(MLP(hidden=(8,)), ["1"], rank=2)
+    batch = (torch.randn(4, 784), torch.tensor([0, 1, 2, 3]))
+    dense = torch.optim.Adam(dense_parameters(model), lr=0.1)
+    dlrt = DLRT(model, lr=0.1, betas=(0.9, 0.999), optimizer=dense)
+    dlrt.zero_grad()
+    F.cross_entropy(model(batch[0]), batch[1]).backward()
+    dlrt.step(lambda: F.cross_entropy(model(batch[0]), batch[1]))
+    moments = sum(t.nbytes for layer in dlrt.state.values() for t in layer.values() if torch.is_tensor(t))
+    adam = sum(t.nbytes for s in dense.state.values() for t in s.values())
+    assert moments == 2 * 4 * (784 * 2 + 8 * 2 + 2 * 2) and adam > 0
+    assert training_memory(model, dlrt, batch, F.cross_entropy).optimizer_state == moments + adam
