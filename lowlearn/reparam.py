@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 
@@ -64,6 +64,22 @@ def register(module: nn.Module, tensor_name: str, parametrization: nn.Module) ->
     if first:
         setattr(cls, tensor_name, _lean_property(tensor_name, cls.__dict__[tensor_name]))
     cls.__deepcopy__ = _deepcopy_with_own_class
+
+
+def raw_value(module: nn.Module, tensor_name: str, value: Tensor) -> Tensor:
+    """The raw (original) tensor under which ``module.<tensor_name>`` would compute ``value``.
+
+    Applies the ``right_inverse`` of every parametrization of the tensor, last first,
+    and skips those without one (a mask's: the raw weight keeps the value, and the
+    mask zeroes it where it applies). E.g. Powerprop's ``φ = sign(θ)|θ|^(1/α)`` for an
+    effective weight ``θ``. A tensor without parametrizations is its own raw value.
+    """
+    if not parametrize.is_parametrized(module, tensor_name):
+        return value
+    for parametrization in reversed(list(module.parametrizations[tensor_name])):
+        if hasattr(parametrization, "right_inverse"):
+            value = parametrization.right_inverse(value)
+    return value
 
 
 def remove(module: nn.Module, tensor_name: str) -> None:

@@ -72,6 +72,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def generator_on(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """``generator`` if it draws on ``device``; otherwise a new generator there, seeded by a draw from ``generator``.
+
+    For methods that make their generator with the model and draw later, after
+    the model may have moved (:func:`fit` moves it to ``device``): a CPU generator
+    cannot draw on a GPU. The draws stay reproducible for the same moves.
+    """
+    device = torch.device(device)
+    if generator.device.type == device.type and generator.device.index in (None, device.index):
+        return generator
+    seed = int(torch.randint(2**62, (), generator=generator, device=generator.device))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 @dataclass
 class TrainState:
     """What a callback sees after each optimizer step.

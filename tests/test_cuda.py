@@ -14,9 +14,11 @@ from lowlearn.lowrank import DLRT, low_rank_layers, to_low_rank
 from lowlearn.meta import MAML
 from lowlearn.models import MLP
 from lowlearn.powerprop import PowerPropOptimizer, powerprop
-from lowlearn.sparse.dst import SNFS, RigL
+from lowlearn.sparse.dst import SET, SNFS, RigL
 from lowlearn.sparse.mask import masks_of
+from lowlearn.sparse.packnet import PackNet
 from lowlearn.sparse.topkast import TopKAST
+from lowlearn.train import fit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -44,6 +46,24 @@ def test_sparse_training_keeps_exact_densities_on_cuda(method):
         sparsifier.step()
     after = {name: int(m.sum()) for name, m in masks_of(model).items()}
     assert sum(after.values()) == sum(before.values())
+    assert all(m.device.type == "cuda" for m in masks_of(model).values())
+
+
+@pytest.mark.parametrize("method", ["set", "packnet"])
+def test_methods_built_on_the_cpu_draw_on_the_gpu_after_the_model_moves(method):
+    # fit() moves the model to the GPU after the method made its generator with the model on the CPU.
+    torch.manual_seed(0)
+    model = MLP(20, (32, 16), 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    method = SET(model, optimizer, 0.3, end=10, every=3) if method == "set" else PackNet(model)
+    if isinstance(method, PackNet):
+        method.start_task(optimizer)
+    history = fit(model, batches()[0], optimizer, steps=6, batch_size=8, device="cuda",
+                  callbacks=[method] if isinstance(method, SET) else [], progress=False)
+    if isinstance(method, PackNet):
+        method.assign(0.5, optimizer)                               # re-initialises the released weights
+        method.start_task(optimizer)
+    assert method.generator.device.type == "cuda" and len(history.loss) > 0
     assert all(m.device.type == "cuda" for m in masks_of(model).values())
 
 

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from ..distributed import average_across_processes
 from ..reparam import OutputGradients
+from ..train import generator_on
 from .allocation import erdos_renyi, erk, uniform
 from .mask import attach_masks, find_mask, masked_layers, masks_of, raw_weight, set_masks, zero_optimizer_state
 from .prune import check_density, kept_count, top_k_mask
@@ -74,20 +75,29 @@ def layer_densities_for(model: nn.Module, density: float, distribution: Distribu
     """``{layer name: density}`` of ``distribution`` at global ``density``.
 
     ``distribution`` is ``"erk"``, ``"er"``, ``"uniform"``, a function
-    ``(model, density) → {name: density}``, or such a mapping itself.
+    ``(model, density) → {name: density}``, or such a mapping itself. A function or a
+    mapping sets every layer's density as it says: the global density is then theirs
+    (a function receives ``density`` and may aim at it; a mapping ignores it).
 
     Raises:
-        ValueError: an unknown name, or a density outside (0, 1].
+        ValueError: an unknown distribution name, a density outside (0, 1], or (given
+            ``layers``) a function's or mapping's result that leaves out one of
+            ``layers`` or names another layer.
     """
     check_density(density)
-    if isinstance(distribution, Mapping):
-        return {name: check_density(d, f"density of {name!r}") for name, d in distribution.items()}
     if isinstance(distribution, str):
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}, "
                              "or pass a function (model, density) -> {layer: density}")
         return DISTRIBUTIONS[distribution](model, density, layers=layers)
-    return dict(distribution(model, density))
+    given = dict(distribution if isinstance(distribution, Mapping) else distribution(model, density))
+    if layers is not None and set(given) != set(layers):
+        problems = [f"{what} {names}" for what, names in (("missing", sorted(set(layers) - set(given))),
+                                                           ("not sparse layers:", sorted(set(given) - set(layers))))
+                    if names]
+        raise ValueError(f"the layer densities must name exactly the sparse layers {list(layers)}; "
+                         + ", ".join(problems))
+    return {name: check_density(d, f"density of {name!r}") for name, d in given.items()}
 
 
 def _device(layers: Mapping[str, nn.Module]) -> torch.device:
@@ -105,7 +115,8 @@ class Sparsifier(ABC):
         model: the model, changed in place.
         optimizer: its optimizer; the state of masked weights is kept at zero.
         steps: optimizer steps seen so far.
-        generator: the random generator of the method (on the weights' device).
+        generator: the random generator of the method (on the weights' device; a new one,
+            seeded from it, if the model has moved when the method next draws).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, seed: int = 0):
@@ -334,6 +345,7 @@ class SET(DynamicSparsity):
     """
 
     def grow_scores(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        self.generator = generator_on(self.generator, _device(self.layers()))   # the model may have moved
         return {name: torch.rand(mask.shape, generator=self.generator, device=mask.device)
                 for name, mask in masks.items()}
 

@@ -58,8 +58,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..reparam import raw_value
 from ..train import History, StopTraining, TrainState
-from .mask import attach_masks, density, layer_densities, masked_layers, masks_of, raw_weight, set_masks
+from .mask import Mask, attach_masks, density, layer_densities, masked_layers, masks_of, raw_weight, set_masks
 from .prune import alive_scores, top_k_mask, check_density, kept_count, prune
 from .scores import magnitude, random
 
@@ -303,6 +304,14 @@ def _rewind_weight(weights: Mapping[str, Tensor], name: str, like: Tensor) -> Te
     return weights[key].to(like.device)
 
 
+def _unmasked_weight(layer: nn.Module, raw: Tensor) -> Tensor:
+    """The weight that ``layer``'s parametrizations other than its mask compute from the raw weight ``raw``."""
+    for parametrization in layer.parametrizations.weight:
+        if not isinstance(parametrization, Mask):
+            raw = parametrization(raw)
+    return raw
+
+
 @torch.no_grad()
 def random_reinit(model: nn.Module, seed: int = 0) -> None:
     """Control: keep the masks, draw a fresh initialisation (Frankle & Carbin 2019, "random reinitialization").
@@ -316,7 +325,8 @@ def random_reinit(model: nn.Module, seed: int = 0) -> None:
     A masked layer's initialiser writes in place into ``layer.weight``, which is
     computed from the raw weight ``θ``: under :func:`torch.nn.utils.parametrize.cached`
     that computed tensor is one object, so the fresh values are read back from it
-    and copied into ``θ``.
+    and mapped to the raw weight (:func:`lowlearn.reparam.raw_value`: under Powerprop,
+    ``φ = sign(θ)|θ|^(1/α)``, so that the layer computes the fresh draw).
     """
     with torch.random.fork_rng(), parametrize.cached():
         torch.manual_seed(seed)
@@ -326,7 +336,7 @@ def random_reinit(model: nn.Module, seed: int = 0) -> None:
             module.reset_parameters()
             if parametrize.is_parametrized(module):
                 for name, chain in module.parametrizations.items():
-                    chain.original.copy_(getattr(module, name))
+                    chain.original.copy_(raw_value(module, name, getattr(module, name)))
     set_masks(model, masks_of(model))
 
 
@@ -361,13 +371,15 @@ def constant_init(model: nn.Module, rewind_weights: Mapping[str, Tensor]) -> Non
     initialisation: here the population standard deviation of all of the layer's
     rewind weights (kept and pruned). Zhou et al. report that the signs are
     enough to match the ticket. Only the masked layers' raw weights change: call
-    :func:`rewind` first for the rest.
+    :func:`rewind` first for the rest. Under another reparameterisation (Powerprop),
+    ``θ_0`` and ``σ_l`` are those of the effective initial weights, and the raw weights
+    are set so that the layer computes ``sign(θ_0) · σ_l``.
     """
     masks = masks_of(model)
     for name, layer in masked_layers(model).items():
-        theta = raw_weight(layer)
-        initial = _rewind_weight(rewind_weights, name, theta)
-        theta.copy_(initial.sign() * initial.std(correction=0) * masks[name])
+        raw = raw_weight(layer)
+        initial = _unmasked_weight(layer, _rewind_weight(rewind_weights, name, raw))
+        raw.copy_(raw_value(layer, "weight", initial.sign() * initial.std(correction=0)) * masks[name])
 
 
 @torch.no_grad()

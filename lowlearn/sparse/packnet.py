@@ -20,9 +20,9 @@ with less capacity: this is the paper's second use of Powerprop (Schwarz et al.
 
 The masks are :class:`~lowlearn.sparse.mask.SplitMask` parametrizations (forward:
 the weights in use; backward: the weights that learn). The other parameters
-(biases, norm layers) learn with the first task only and are frozen afterwards, as
-in PackNet. The optimizer must not use weight decay, which would move frozen
-weights.
+(biases, norm layers, and batch norm's running statistics) learn with the first
+task only and are frozen afterwards, as in PackNet. The optimizer must not use
+weight decay, which would move frozen weights.
 """
 
 from __future__ import annotations
@@ -33,11 +33,17 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..reparam import register
+from ..reparam import raw_value, register
+from ..train import generator_on
 from .mask import SplitMask, find_mask, raw_weight, refuse_weight_decay, resolve_layers, zero_optimizer_state
 from .prune import check_density, top_k_mask
 
 FREE = 0
+
+
+def _first_task_statistics(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: normalise with the running statistics and leave them as they are."""
+    module.training = False
 
 
 class PackNet:
@@ -85,7 +91,11 @@ class PackNet:
 
         From the second task on, every parameter outside the shared layers' weights
         (biases, norm layers) is frozen (``requires_grad = False``), and the
-        optimizer's state of the frozen weights is zeroed. Returns the task's number.
+        optimizer's state of the frozen weights is zeroed. Norm layers with running
+        statistics (batch norm) then always run in evaluation mode, so that they keep
+        normalising with the first task's statistics, as PackNet's code does: in
+        training mode they would replace them with the later tasks'. Returns the
+        task's number.
 
         Raises:
             ValueError: no free weights are left, or the optimizer has weight decay.
@@ -102,6 +112,10 @@ class PackNet:
             for param in self.model.parameters():
                 if id(param) not in shared:
                     param.requires_grad_(False)
+            for module in self.model.modules():
+                if (isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+                        and _first_task_statistics not in module._forward_pre_hooks.values()):
+                    module.register_forward_pre_hook(_first_task_statistics)
         if optimizer is not None:
             for name, layer in self.layers.items():
                 zero_optimizer_state(optimizer, raw_weight(layer), free[name])
@@ -143,11 +157,9 @@ class PackNet:
     def _reinitialise(self, layer: nn.Module, where: Tensor) -> None:
         raw = raw_weight(layer)
         bound = 1.0 / raw[0].numel() ** 0.5
+        self.generator = generator_on(self.generator, raw.device)      # the model may have moved
         fresh = torch.empty_like(raw).uniform_(-bound, bound, generator=self.generator)
-        for parametrization in reversed(list(layer.parametrizations.weight)):
-            if hasattr(parametrization, "right_inverse"):
-                fresh = parametrization.right_inverse(fresh)
-        raw.copy_(torch.where(where, fresh, raw))
+        raw.copy_(torch.where(where, raw_value(layer, "weight", fresh), raw))
 
     @contextmanager
     def use_task(self, task: int) -> Iterator[None]:

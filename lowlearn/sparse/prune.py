@@ -11,6 +11,7 @@ that are already pruned stay pruned: masks only shrink.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 
 import torch
@@ -20,8 +21,11 @@ from .mask import attach_masks, masked_layers, masks_of, set_masks
 
 
 def check_density(value: float, what: str = "density") -> float:
-    """Return ``value`` if it is a density in (0, 1], else raise a ValueError that says so."""
-    if not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+    """Return ``value`` as a float if it is a real number in (0, 1], else raise a ValueError that says so.
+
+    NumPy scalars count as numbers; ``bool`` and tensors do not (pass ``float(t)``).
+    """
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0.0 < value <= 1.0:
         raise ValueError(f"{what} must be in (0, 1] (the fraction of weights kept), got {value!r}; "
                          "for a sparsity s (fraction removed) pass 1 - s")
     return float(value)
@@ -39,8 +43,10 @@ def alive_scores(scores: Tensor, mask: Tensor, name: str) -> Tensor:
                          f"but the layer's weight has shape {tuple(mask.shape)}")
     if torch.isnan(scores).any():
         raise ValueError(f"the scores for {name!r} contain NaN")
-    # Pruned weights can never win a place back.
-    return scores.detach().float().masked_fill(~mask, float("-inf"))
+    # Pruned weights can never win a place back: a kept weight scored -inf (the log of a zero
+    # magnitude) becomes the lowest finite float, above every pruned one.
+    scores = scores.detach().float().clamp_min(torch.finfo(torch.float32).min)
+    return scores.masked_fill(~mask, float("-inf"))
 
 
 def top_k_mask(scores: Tensor, k: int) -> Tensor:

@@ -70,10 +70,10 @@ def cubic_density(
                          f"({initial_density}): pruning only removes weights")
     if end < begin:
         raise ValueError(f"end ({end}) must not come before begin ({begin})")
+    if step >= end:                 # first: with begin == end, the schedule is one pruning step at end
+        return final_density
     if step <= begin:
         return initial_density
-    if step >= end:
-        return final_density
     s_i, s_f = 1.0 - initial_density, 1.0 - final_density
     return 1.0 - (s_f + (s_i - s_f) * (1.0 - (step - begin) / (end - begin)) ** 3)
 

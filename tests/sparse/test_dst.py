@@ -309,6 +309,12 @@ def test_bad_input():
         SET(small_mlp(), None, 0.5, end=10, drop_fraction=1.2)
     with pytest.raises(ValueError, match="beta must be in"):
         SNFS(small_mlp(), None, 0.5, end=10, beta=1.0)
+    with pytest.raises(ValueError, match=r"sparse layers \['1', '3', '5'\]; missing \['5'\]"):
+        RigL(small_mlp(), None, 0.5, end=10, distribution={"1": 0.5, "3": 0.5})
+    with pytest.raises(ValueError, match=r"not sparse layers: \['fc9'\]"):
+        RigL(small_mlp(), None, 0.5, end=10, distribution={"1": 0.5, "3": 0.5, "5": 0.5, "fc9": 0.5})
+    with pytest.raises(ValueError, match=r"density of '1' must be in \(0, 1\]"):
+        RigL(small_mlp(), None, 0.5, end=10, distribution=lambda model, d: {"1": 1.5, "3": d, "5": d})
 
 
 def test_deepcopy_of_a_sparse_model_is_independent():

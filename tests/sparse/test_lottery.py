@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from lowlearn.models import MLP
+from lowlearn.powerprop import powerprop
 from lowlearn.sparse.lottery import (EarlyBird, Snapshot, constant_init, iterative_magnitude_pruning,
                                      mask_distance, mask_overlap, random_mask, random_reinit, reshuffle, rewind,
                                      train_control)
@@ -365,3 +366,29 @@ def test_early_bird_stops_training_when_the_mask_settles():
     assert max(bird.distances[-3:]) < 0.05 <= max(bird.distances[:-3], default=1.0)
     n = {name: layer.weight.numel() for name, layer in prunable_layers(model).items()}
     assert {name: int(m.sum()) for name, m in bird.mask.items()} == {k: kept_count(0.3, v) for k, v in n.items()}
+
+
+def test_reinit_and_constant_controls_act_on_the_effective_weights_under_powerprop(drawn):
+    # Under Powerprop the raw weight is φ and the layer computes θ = φ|φ|^(α−1): the controls set θ, not φ.
+    def powerprop_ticket(seed):
+        net = mlp(seed)
+        powerprop(net, 3.0)
+        attach_masks(net)
+        set_masks(net, masks_of(drawn[0]))
+        return net
+
+    net, plain = powerprop_ticket(0), mlp(0)
+    attach_masks(plain)
+    set_masks(plain, masks_of(drawn[0]))
+    random_reinit(net, seed=3)
+    random_reinit(plain, seed=3)
+    for name, layer in masked_layers(net).items():
+        assert torch.allclose(layer.weight, masked_layers(plain)[name].weight, rtol=1e-5, atol=1e-8)
+    state = copy.deepcopy(powerprop_ticket(1).state_dict())
+    constant_init(net, state)
+    for name, layer in masked_layers(net).items():
+        keep = masks_of(net)[name]
+        theta0 = state[f"{name}.parametrizations.weight.original"] ** 3        # Ψ(φ_0) for α = 3
+        kept = layer.weight[keep]
+        assert torch.allclose(kept.abs(), theta0.std(correction=0).expand_as(kept), rtol=1e-5)
+        assert torch.equal(kept.sign(), theta0[keep].sign())

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lowlearn.models import MLP
 from lowlearn.powerprop import powerprop
@@ -44,6 +45,28 @@ def test_earlier_tasks_are_never_forgotten(alpha):
     for task, expected in outputs.items():                          # after all three tasks
         with packnet.use_task(task):
             assert torch.equal(model(task_data(task)[0]), expected), task
+
+
+def test_batch_norm_keeps_the_first_tasks_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+    packnet = PackNet(model)
+    packnet.start_task()
+    train(model, task_data(1))
+    packnet.assign(0.5)
+    statistics = model[1].running_mean.clone(), model[1].running_var.clone()
+    model.eval()
+    with packnet.use_task(1), torch.no_grad():
+        expected = model(task_data(1)[0])
+    packnet.start_task()
+    model.train()
+    x, y = task_data(2)
+    train(model, (3 * x + 2, y))                                   # other input statistics
+    packnet.assign(0.5)
+    assert torch.equal(model[1].running_mean, statistics[0]) and torch.equal(model[1].running_var, statistics[1])
+    model.eval()
+    with packnet.use_task(1), torch.no_grad():
+        assert torch.equal(model(task_data(1)[0]), expected)
 
 
 def test_ownership_and_masks():

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -51,6 +52,25 @@ def test_pruned_scores_never_win_even_when_large():
     after = prune(model, huge, 0.25)
     for name in before:
         assert not (after[name] & ~before[name]).any()
+
+
+def test_pruned_weights_stay_pruned_when_kept_weights_score_minus_infinity():
+    # Log-magnitude scores are -inf at a kept weight that is exactly zero: it still ranks above every pruned one.
+    model = MLP(hidden=(10,), in_features=10, out_features=2)
+    prune(model, {"1": -torch.arange(100.0).view(10, 10), "3": torch.rand(2, 10)}, 0.5)
+    before = masks_of(model)
+    with torch.no_grad():
+        model[1].parametrizations.weight.original[:5] = 0          # rows 0..4 are the kept half of layer "1"
+    after = prune(model, {name: w.abs().log() for name, w in magnitude(model).items()}, 0.4)
+    for name in before:
+        assert not (after[name] & ~before[name]).any()
+    assert int(after["1"].sum()) == 40
+
+
+def test_density_may_be_a_numpy_scalar_but_not_a_bool():
+    assert check_density(np.float32(0.5)) == 0.5 and isinstance(check_density(np.float64(0.25)), float)
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        check_density(True)
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, float("nan"), "0.5"])
