@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .train import eval_mode
+from .train import buffers_restored, eval_mode
 
 _MIB = 2**20
 
@@ -196,19 +196,6 @@ class MemoryReport:
         return "\n".join(f"{name:<18} {size / _MIB:10.2f} MiB" for name, size in rows)
 
 
-@contextmanager
-def _buffers_restored(model: nn.Module) -> Iterator[None]:
-    """Give every buffer its value back afterwards (a batch norm in training mode
-    updates its running statistics on every forward pass)."""
-    saved = [(buffer, buffer.clone()) for buffer in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
-
-
 def training_memory(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -275,7 +262,7 @@ def training_memory(
 
     if measure_cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    with _buffers_restored(model), torch.enable_grad():
+    with buffers_restored(model), torch.enable_grad():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             loss = loss_fn(model(inputs), targets)
         if measure_cuda:

@@ -65,6 +65,22 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+@contextmanager
+def buffers_restored(model: nn.Module) -> Iterator[None]:
+    """Give every buffer of ``model`` its value back afterwards.
+
+    A batch norm in training mode updates its running statistics on every forward
+    pass; code that only measures or evaluates should leave no trace in them.
+    """
+    saved = [(buffer, buffer.clone()) for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's (CPU and CUDA) random number generators."""
     random.seed(seed)

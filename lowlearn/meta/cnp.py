@@ -88,8 +88,14 @@ class CNP(nn.Module):
         return Normal(mean, self.min_std + (1 - self.min_std) * F.softplus(raw_std))
 
     def loss(self, context_x: Tensor, context_y: Tensor, target_x: Tensor, target_y: Tensor) -> Tensor:
-        """``−mean log N(y_T; μ_T, σ_T²)`` over targets, outputs and functions: the training objective."""
+        """``−mean log N(y_T; μ_T, σ_T²)`` over targets, outputs and functions: the training objective.
+
+        Raises:
+            ValueError: an empty context or target set, or shapes that do not fit.
+        """
         if target_y.shape[:-1] != target_x.shape[:-1] or target_y.shape[-1] != self.y_dim:
             raise ValueError(f"target_y {tuple(target_y.shape)} must be (B, m, {self.y_dim}) like target_x "
                              f"{tuple(target_x.shape)}")
+        if target_x.shape[-2] == 0:
+            raise ValueError("the target set is empty: the loss is a mean over target points, so give at least one")
         return -self(context_x, context_y, target_x).log_prob(target_y).mean()

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..train import buffers_restored
 from .functional import LossFn, Params, check_labels, check_task, inner_loop, parameters_of, run
 
 
@@ -133,13 +134,11 @@ class MAML(nn.Module):
                 model's ``0 .. N−1``.
         """
         count = tasks.support_x.shape[0]
+        check_tasks(self.model, parameters_of(self.model), tasks)
         total, correct = 0.0, 0.0
         for j in range(count):
-            check_task(tasks.support_x[j], tasks.support_y[j], tasks.query_x[j], tasks.query_y[j])
             params = self.adapt(tasks.support_x[j], tasks.support_y[j])
             out = run(self.model, params, tasks.query_x[j])
-            if j == 0:
-                check_labels(torch.cat([tasks.support_y.flatten(), tasks.query_y.flatten()]), out.shape[-1])
             loss = self.loss_fn(out, tasks.query_y[j])
             (loss / count).backward()
             total = total + loss.detach()
@@ -166,13 +165,35 @@ class MAML(nn.Module):
                                   self.learning_rates(), adapt=self.adapt_names)
 
 
+def check_tasks(model: nn.Module, params: Params, tasks: TaskBatch) -> None:
+    """Raise a ValueError before any loss uses ``tasks`` if they do not fit together or the model.
+
+    Every task must pass :func:`~lowlearn.meta.functional.check_task`, and integer
+    labels must be classes of the model: ``0 .. N−1``, where ``N`` is the size of the
+    model's output on the first query set (one forward pass with ``params``, without
+    gradients, the model's buffers left as they were). One read of the device.
+    """
+    for j in range(tasks.support_x.shape[0]):
+        check_task(tasks.support_x[j], tasks.support_y[j], tasks.query_x[j], tasks.query_y[j])
+    if tasks.support_y.dtype.is_floating_point:
+        return
+    with torch.no_grad(), buffers_restored(model):
+        ways = run(model, params, tasks.query_x[0]).shape[-1]
+    check_labels(torch.cat([tasks.support_y.flatten(), tasks.query_y.flatten()]), ways)
+
+
 def adapt_and_evaluate(model: nn.Module, tasks: TaskBatch, loss_fn: LossFn, steps: int,
                        lr: float | dict[str, Tensor], adapt: list[str] | None = None) -> dict[str, Tensor]:
     """Fine-tune ``model`` on each task's support set by ``steps`` SGD steps, then score its query set.
 
     The meta-test protocol of every method here (and, with the initialisation of a
     model trained on all tasks at once, of the "pre-trained" baseline of Finn et al.).
-    The model itself is not changed and no meta-gradient is kept.
+    The model itself is not changed (its parameters, and its buffers: a batch norm's
+    running statistics are restored afterwards) and no meta-gradient is kept. The
+    caller picks train or eval mode.
+
+    Raises:
+        ValueError: tasks that fail :func:`check_tasks`.
 
     Returns:
         ``{"loss": ..., "per_task_loss": ..., "accuracy": ..., "per_task_accuracy": ...}``:
@@ -181,17 +202,19 @@ def adapt_and_evaluate(model: nn.Module, tasks: TaskBatch, loss_fn: LossFn, step
     """
     losses, accuracies = [], []
     start = {name: p.detach().requires_grad_() for name, p in parameters_of(model).items()}
+    check_tasks(model, start, tasks)
     if isinstance(lr, Mapping):        # Meta-SGD's learned rates: no graph through them at test time
         lr = {name: rate.detach() for name, rate in lr.items()}
-    for j in range(tasks.support_x.shape[0]):
-        with torch.enable_grad():
-            params = inner_loop(model, start, tasks.support_x[j], tasks.support_y[j], loss_fn, steps, lr,
-                                first_order=True, adapt=adapt)
-        with torch.no_grad():
-            out = run(model, {n: p.detach() for n, p in params.items()}, tasks.query_x[j])
-            losses.append(loss_fn(out, tasks.query_y[j]))
-            if not tasks.query_y.dtype.is_floating_point:
-                accuracies.append((out.argmax(-1) == tasks.query_y[j]).float().mean())
+    with buffers_restored(model):
+        for j in range(tasks.support_x.shape[0]):
+            with torch.enable_grad():
+                params = inner_loop(model, start, tasks.support_x[j], tasks.support_y[j], loss_fn, steps, lr,
+                                    first_order=True, adapt=adapt)
+            with torch.no_grad():
+                out = run(model, {n: p.detach() for n, p in params.items()}, tasks.query_x[j])
+                losses.append(loss_fn(out, tasks.query_y[j]))
+                if not tasks.query_y.dtype.is_floating_point:
+                    accuracies.append((out.argmax(-1) == tasks.query_y[j]).float().mean())
     per_task = torch.stack(losses)
     stats = {"loss": per_task.mean(), "per_task_loss": per_task}
     if accuracies:
@@ -248,8 +271,14 @@ class Reptile:
         return adapt_and_evaluate(self.model, tasks, self.loss_fn, self.inner_steps if steps is None else steps,
                                   self.inner_lr)
 
-    def meta_step(self, tasks: TaskBatch) -> dict[str, Tensor]:
-        """One Reptile update from a batch of tasks; returns ``{"loss": mean support loss before adapting}``."""
+    def meta_step(self, tasks: TaskBatch, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Tensor]:
+        """One Reptile update from a batch of tasks; returns ``{"loss": mean support loss before adapting}``.
+
+        Without ``optimizer``: ``θ ← θ + ε · mean_j (θ̃_j − θ)``. With one (over the
+        model's parameters, e.g. from :func:`lowlearn.meta.episodic.meta_train`), its step
+        takes ``θ − mean_j θ̃_j`` as the gradient: plain SGD at rate ``ε`` is the same
+        update, and Nichol et al. use Adam this way; ``outer_lr`` is then unused.
+        """
         theta = {name: p.detach() for name, p in parameters_of(self.model).items()}
         direction = {name: torch.zeros_like(p) for name, p in theta.items()}
         count = tasks.support_x.shape[0]
@@ -262,7 +291,13 @@ class Reptile:
                                      self.inner_steps, self.inner_lr, first_order=True)
             for name in direction:
                 direction[name] += adapted[name].detach() - theta[name]
-        with torch.no_grad():
+        if optimizer is None:
+            with torch.no_grad():
+                for name, param in parameters_of(self.model).items():
+                    param.add_(direction[name], alpha=self.outer_lr / count)
+        else:
+            optimizer.zero_grad(set_to_none=True)
             for name, param in parameters_of(self.model).items():
-                param.add_(direction[name], alpha=self.outer_lr / count)
+                param.grad = direction[name].div_(-count)
+            optimizer.step()
         return {"loss": torch.stack(losses).mean()}

@@ -146,10 +146,16 @@ class EpisodicLearner(nn.Module, ABC):
         Returns:
             ``{"loss", "accuracy", "per_task_accuracy"}``: the loss and the accuracy averaged
             over all queries, and each episode's accuracy ``(B,)``.
+
+        Raises:
+            ValueError: as :meth:`forward`, or episodes without query examples.
         """
         ways = tasks.classes.shape[-1] if hasattr(tasks, "classes") else None
         support_x, support_y, query_x, query_y, ways = self._checked(tasks.support_x, tasks.support_y,
                                                                      tasks.query_x, tasks.query_y, ways)
+        if query_x.shape[1] == 0:
+            raise ValueError("the episodes have no query examples: the loss scores the queries, so sample episodes "
+                             "with queries >= 1")
         logits = self._logits(support_x, support_y, query_x, ways)
         loss = F.cross_entropy(logits.flatten(0, -2), query_y.flatten())
         per_task = (logits.argmax(-1) == query_y).float().mean(-1).detach()

@@ -61,5 +61,7 @@ def test_bad_input_is_a_clear_error():
         cnp(torch.zeros(2, 4, 1), torch.zeros(2, 4, 1), torch.zeros(3, 3, 1))
     with pytest.raises(ValueError, match="target_y"):
         cnp.loss(torch.zeros(2, 4, 1), torch.zeros(2, 4, 1), torch.zeros(2, 3, 1), torch.zeros(2, 5, 1))
+    with pytest.raises(ValueError, match="target set is empty"):
+        cnp.loss(torch.zeros(2, 4, 1), torch.zeros(2, 4, 1), torch.zeros(2, 0, 1), torch.zeros(2, 0, 1))
     with pytest.raises(ValueError, match="min_std"):
         CNP(min_std=1.0)

@@ -10,6 +10,7 @@ from lowlearn.cost import saved_tensor_bytes
 from lowlearn.data.episodes import Episode
 from lowlearn.data.tasks import RegressionBatch, SinusoidTasks
 from lowlearn.meta import ANIL, MAML, MetaSGD, Reptile, head_names
+from lowlearn.meta.episodic import meta_train
 from lowlearn.models import MLP, Conv4
 
 
@@ -189,6 +190,16 @@ def test_bad_input():
         maml.meta_backward(tasks._replace(support_y=tasks.support_y[:, :5]))
     with pytest.raises(ValueError, match="must be the same task"):
         maml.meta_backward(tasks._replace(query_x=tasks.query_x[..., :8, :8]))
+    # Support labels are checked before the inner loop uses them, at meta-training and at evaluation;
+    # -100 is cross_entropy's ignore_index, which would drop the example without a word.
+    for support_y in (tasks.support_y + 3, tasks.support_y.masked_fill(tasks.support_y == 0, -100)):
+        for call in (maml.meta_backward, maml.evaluate):
+            with pytest.raises(ValueError, match=r"labels must be in 0 .. 2 for a 3-way model"):
+                call(tasks._replace(support_y=support_y))
+    no_queries = tasks._replace(query_x=tasks.query_x[:, :0], query_y=tasks.query_y[:, :0])
+    for call in (maml.meta_backward, maml.evaluate):
+        with pytest.raises(ValueError, match="query set is empty"):
+            call(no_queries)
 
 
 def test_adapt_and_evaluate_matches_plain_fine_tuning_and_leaves_the_model_alone():
@@ -202,6 +213,39 @@ def test_adapt_and_evaluate_matches_plain_fine_tuning_and_leaves_the_model_alone
         tuned = fine_tuned(model, tasks.support_x[j], tasks.support_y[j], 0.05, 3)
         with torch.no_grad():
             assert torch.allclose(stats["per_task_loss"][j], F.mse_loss(tuned(tasks.query_x[j]), tasks.query_y[j]))
+
+
+def test_adapt_and_evaluate_leaves_batch_norm_statistics_alone():
+    torch.manual_seed(0)
+    model = Conv4(1, 3, hidden=4, image_size=16)                 # with running statistics, in training mode
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    MAML(model, 0.1).evaluate(episodes(dtype=torch.float32), steps=2)
+    assert all(torch.equal(b, buffers[name]) for name, b in model.named_buffers())
+
+
+class _Tasks:
+    """A sampler of sinusoid tasks in float64 for meta_train."""
+
+    def __init__(self, sinusoids):
+        self.sinusoids, self.generator = sinusoids, torch.Generator().manual_seed(0)
+
+    def sample(self, batch):
+        return RegressionBatch(*(t.double() for t in self.sinusoids.sample(batch, 5, 5, generator=self.generator)))
+
+
+def test_reptile_in_meta_train_with_sgd_takes_its_own_update():
+    # With an optimizer, Reptile hands it θ − mean θ̃ as the gradient: SGD at rate ε is the update of the paper.
+    torch.manual_seed(0)
+    model = MLP(1, (16,), 1).double()
+    tasks = regression(3)
+    reference = copy.deepcopy(model)
+    Reptile(reference, 0.05, 3, 0.5, F.mse_loss).meta_step(tasks)
+    stats = Reptile(model, 0.05, 3, 0.5, F.mse_loss).meta_step(tasks, torch.optim.SGD(model.parameters(), lr=0.5))
+    assert all(torch.allclose(a, b, rtol=1e-12) for a, b in zip(model.parameters(), reference.parameters()))
+    sampler = SinusoidTasks()
+    losses = meta_train(Reptile(model, 0.05, 3, 0.5, F.mse_loss), _Tasks(sampler), torch.optim.Adam(
+        model.parameters(), lr=1e-3), steps=4, log_every=2)
+    assert len(losses) == 2 and stats["loss"] > 0
 
 
 def test_adapt_and_evaluate_reports_each_tasks_accuracy():

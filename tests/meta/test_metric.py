@@ -164,6 +164,8 @@ def test_bad_episodes_are_clear_errors(learner):
         model(x, torch.tensor([0, 1, 2]), torch.randn(3, 5))
     with pytest.raises(ValueError, match="integer class labels"):
         model(x, torch.tensor([0.0, 1.0, 2.0]), x)
+    with pytest.raises(ValueError, match="no query examples"):
+        model.loss(Episode(x, torch.tensor([0, 1, 2]), x[:0], torch.tensor([], dtype=torch.long), torch.zeros(3)))
 
 
 def test_soft_k_means_refinement_equals_ren_et_al_eq_4():
