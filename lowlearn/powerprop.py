@@ -24,6 +24,8 @@ removes them at little cost. ``α = 1`` is the ordinary network.
 
 Powerprop composes with :mod:`lowlearn.sparse`: apply it *before* masking, so that
 the mask comes last, ``w = Ψ(φ) ⊙ m``, and every score sees the effective weight.
+Pruning and Top-KAST suit it; methods that grow connections from zero (SET, RigL,
+SNFS) do not, since ``φ = 0`` is a critical point and a grown weight would stay there.
 """
 
 from __future__ import annotations

@@ -39,7 +39,10 @@ The initial masks are random at the layer-wise densities of an allocation
 (:mod:`lowlearn.sparse.allocation`: ``"erk"``, ``"er"`` or ``"uniform"``), as in
 Evci et al. (2020). Masked weights and their optimizer state stay exactly zero
 (:mod:`lowlearn.sparse.mask`); dropped weights are zeroed, grown ones start at zero
-with zero optimizer state.
+with zero optimizer state. Under Powerpropagation (:mod:`lowlearn.powerprop`) a weight
+at ``φ = 0`` has zero gradient (``∂L/∂φ = α|φ|^(α−1) ∂L/∂θ``), so a grown weight
+never learns: combine Powerprop with Top-KAST (:mod:`lowlearn.sparse.topkast`), whose
+weights keep their values outside the forward set, rather than with these methods.
 
 The dense gradient ``∂L/∂w`` of the masked weight ``w = θ ⊙ m`` is what backward
 computes anyway before multiplying by ``m``; RigL and SNFS read it with a hook on
