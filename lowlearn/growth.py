@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .sparse.export import chain
+from .train import buffers_restored
 
 STRATEGIES = ("random", "split", "gradmax")
 _BETWEEN = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.Identity, nn.Dropout, nn.MaxPool2d,
@@ -88,7 +89,10 @@ def width(model: nn.Sequential, layer: int) -> int:
 
 def _batch_signals(model: nn.Module, grown: nn.Module, consumer: nn.Module, batch: tuple[Tensor, Tensor],
                    loss_fn: LossFn) -> tuple[Tensor, Tensor]:
-    """``(x, δ)``: the grown layer's input and ``∂L/∂`` the next layer's output, on ``batch``."""
+    """``(x, δ)``: the grown layer's input and ``∂L/∂`` the next layer's output, on ``batch``.
+
+    The model's buffers (batch-norm statistics) are left as they were.
+    """
     seen: dict[str, Tensor] = {}
 
     def keep_input(module, inputs, output):
@@ -99,7 +103,7 @@ def _batch_signals(model: nn.Module, grown: nn.Module, consumer: nn.Module, batc
 
     handles = [grown.register_forward_hook(keep_input), consumer.register_forward_hook(keep_error)]
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), buffers_restored(model):
             loss = loss_fn(model(batch[0]), batch[1])
             torch.autograd.grad(loss, consumer.weight)
     finally:

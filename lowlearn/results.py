@@ -20,11 +20,11 @@ import datetime
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_file
 from .profiles import device_description, get_profile
 
 ENV_VAR = "LOWLEARN_RESULTS"
@@ -123,11 +123,9 @@ def record(chapter: str, key: str, value: float, *, ci: float | None = None, uni
     path = results_path(name, directory)
     chapters = _read(path)
     chapters.setdefault(chapter, {})[key] = dataclasses.asdict(result)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"profile": name, "results": chapters}, indent=1, sort_keys=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+    with atomic_file(path, overwrite=True, text=True) as handle:
         handle.write(text + "\n")
-    os.replace(handle.name, path)
     return result
 
 

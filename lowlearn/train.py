@@ -16,10 +16,11 @@ get wrong:
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import pickle
 import random
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
+from .atomic import atomic_file
 from .distributed import world
 
 Data = TensorDataset | tuple[Tensor, Tensor]
@@ -384,28 +386,39 @@ def save_checkpoint(
 ) -> Path:
     """Save the model's and optimizer's ``state_dict`` (and ``extra`` values) to ``path``.
 
-    The file is written to a temporary name and renamed into place, so a crash
-    never leaves a half-written checkpoint. An existing file is never replaced
-    unless ``overwrite=True``. ``extra`` values must be tensors, numbers, strings,
-    or lists/dicts of them (what :func:`load_checkpoint` can read back with
-    ``weights_only=True``), e.g. ``history=history.to_dict()``.
+    The file is written to a temporary name and published when complete
+    (:func:`lowlearn.atomic.atomic_file`), so a crash never leaves a half-written
+    checkpoint, and an existing file is never replaced unless ``overwrite=True``.
+    ``extra`` values must be tensors, numbers, strings, or lists/dicts of them (what
+    :func:`load_checkpoint` can read back with ``weights_only=True``), e.g.
+    ``history=history.to_dict()``.
+
+    Raises:
+        FileExistsError: ``path`` exists (or appears while writing) and ``overwrite`` is ``False``.
+        TypeError: an ``extra`` value that ``weights_only=True`` could not load (e.g. a
+            NumPy number: pass ``float(x)``), found before anything is written.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it, or choose another path")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    for key, value in extra.items():
+        _check_loadable(key, value)
     payload = {"model": model.state_dict(), "extra": extra}
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    with atomic_file(path, overwrite=overwrite) as f:
+        torch.save(payload, f)
+    return Path(path)
+
+
+def _check_loadable(key: str, value: object) -> None:
+    """Raise a TypeError naming ``key`` unless ``torch.load(weights_only=True)`` reads ``value`` back."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        torch.load(buffer, weights_only=True)
+    except pickle.UnpicklingError:
+        raise TypeError(f"the extra value {key}={value!r} ({type(value).__name__}) could not be loaded back with "
+                        "weights_only=True; save tensors, numbers, strings, or lists and dicts of them "
+                        "(e.g. float(x) for a NumPy number)") from None
 
 
 def load_checkpoint(

@@ -44,6 +44,16 @@ def test_the_function_is_unchanged_at_growth(strategy, kind):
     torch.testing.assert_close(model(data[0]), before, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_gradmax_leaves_batch_norm_statistics_alone(closed_form):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh(),
+                          nn.Linear(6, 3)).double()
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    gradmax_directions(model, 1, 2, batch(), closed_form=closed_form, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(b, buffers[name]) for name, b in model.named_buffers())
+
+
 def test_gradmax_closed_form_beats_every_random_candidate_and_equals_its_singular_values():
     data = batch()
     reference = mlp()

@@ -29,6 +29,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from ..atomic import atomic_file, new_file_mode
+
 ENV_VAR = "LOWLEARN_DATA"
 _CHUNK = 1 << 20
 
@@ -134,24 +136,17 @@ def fetch(resource: Resource, root: str | os.PathLike | None = None, download: b
 
 def _download(url: str, path: Path, sha256: str) -> None:
     """Stream ``url`` into a temporary file beside ``path``; rename it into place if its sha256 matches."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     request = urllib.request.Request(url, headers={"User-Agent": "lowlearn"})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=60) as response:
-            for chunk in iter(lambda: response.read(_CHUNK), b""):
-                digest.update(chunk)
-                out.write(chunk)
+    with atomic_file(path, overwrite=True) as out, urllib.request.urlopen(request, timeout=60) as response:
+        for chunk in iter(lambda: response.read(_CHUNK), b""):
+            digest.update(chunk)
+            out.write(chunk)
         if digest.hexdigest() != sha256:
             raise ChecksumError(
                 f"the download of {url} has sha256 {digest.hexdigest()}, expected {sha256}; "
                 f"nothing was saved. Try again later, or download it by hand to {path}"
             )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def check_member_name(name: str, archive: str | os.PathLike) -> None:
@@ -203,6 +198,7 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
                 tf.extractall(tmp, members=members, **kwargs)
         else:
             raise DataError(f"{archive} is neither a zip nor a tar archive")
+        os.chmod(tmp, new_file_mode(directory=True))       # mkdtemp's folder is private to its owner
         os.replace(tmp, dest)
     finally:
         if tmp.exists():

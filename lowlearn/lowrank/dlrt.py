@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import average_across_processes
+from ..train import NonFiniteLossError
 from .layers import check_tolerance, dense_parameters, low_rank_layers, truncation_rank
 
 
@@ -88,7 +89,8 @@ class DLRT(torch.optim.Optimizer):
             (build it on :func:`~lowlearn.lowrank.layers.dense_parameters`).
 
     Raises:
-        ValueError: no low-rank layer, ``ϑ`` outside [0, 1), ``lr ≤ 0``, or ``r_min < 1``.
+        ValueError: no low-rank layer, ``ϑ`` outside [0, 1), ``lr ≤ 0``, ``r_min < 1``, or
+            ``r_max < r_min``.
     """
 
     #: :func:`lowlearn.train.fit` passes a closure to :meth:`step` for optimizers that say so.
@@ -106,6 +108,8 @@ class DLRT(torch.optim.Optimizer):
             raise ValueError(f"lr must be a positive step size, got {lr!r}")
         if not isinstance(r_min, int) or r_min < 1:
             raise ValueError(f"r_min must be a positive integer, got {r_min!r}")
+        if r_max is not None and (not isinstance(r_max, int) or r_max < r_min):
+            raise ValueError(f"r_max must be None or an integer >= r_min ({r_min}), got {r_max!r}")
         if betas is not None and not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         groups = [{"params": _factors(model)}]
@@ -147,6 +151,8 @@ class DLRT(torch.optim.Optimizer):
 
         Raises:
             RuntimeError: a low-rank layer without gradients (no backward pass first).
+            lowlearn.train.NonFiniteLossError: the truncation met a core that is not
+                finite (where the SVD notices: on the CPU).
         """
         layers = low_rank_layers(self.model)
         start = {}
@@ -243,8 +249,12 @@ class DLRT(torch.optim.Optimizer):
         if self.tol is None:
             layer.set_factors(layer.U, S, layer.V)
             return
-        P, sigma, Qh = torch.linalg.svd(S, full_matrices=False)
-        r_max = min(layer.r_max, self.r_max or layer.r_max, sigma.numel())
+        try:
+            P, sigma, Qh = torch.linalg.svd(S, full_matrices=False)
+        except torch.linalg.LinAlgError as error:        # NaN or infinite entries: training diverged
+            raise NonFiniteLossError(f"the S-step core of layer {name!r} is not finite, so the loss or the "
+                                     "gradients diverged: lower lr") from error
+        r_max = min(layer.r_max, layer.r_max if self.r_max is None else self.r_max, sigma.numel())
         r = min(max(truncation_rank(sigma, self.tol), self.r_min), r_max)
         self._rotate(name, "S", P[:, :r], Qh[:r].T)
         layer.set_factors(layer.U @ P[:, :r], torch.diag(sigma[:r]), layer.V @ Qh[:r].T)

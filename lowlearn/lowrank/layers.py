@@ -86,10 +86,12 @@ class _LowRankLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, delta: Tensor):
         x, U, S, V = ctx.saved_tensors
-        rows_x, rows_d = x.reshape(-1, x.shape[-1]), delta.reshape(-1, delta.shape[-1])
+        # In the factors' dtype: under autocast the input and δ may be bfloat16, the factors float32.
+        rows_x = x.reshape(-1, x.shape[-1]).to(U.dtype)
+        rows_d = delta.reshape(-1, delta.shape[-1]).to(U.dtype)
         a = rows_x @ V                                   # x V        (B × r_v)
         c = rows_d @ U                                   # δ U        (B × r_u)
-        grad_x = ((c @ S) @ V.T).view_as(x) if ctx.needs_input_grad[0] else None   # δ W = δ U S Vᵀ
+        grad_x = ((c @ S) @ V.T).view_as(x).to(x.dtype) if ctx.needs_input_grad[0] else None   # δ W = δ U S Vᵀ
         grad_S = c.T @ a                                 # ∂L/∂S = Uᵀ δᵀ x V
         if not ctx.kl:
             return grad_x, None, grad_S, None, None
@@ -116,18 +118,38 @@ class _LowRankConvFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, delta: Tensor, _):
         x, U, S, V, a = ctx.saved_tensors
+        # In the factors' dtype: under autocast x, a and δ may be bfloat16, the factors float32.
+        x_dtype, (x, a, delta) = x.dtype, (t.to(U.dtype) for t in (x, a, delta))
         filters = V.T.reshape(V.shape[1], *ctx.kernel)
         c = torch.einsum("bnhw,nr->brhw", delta, U)                           # δ U
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_a = torch.einsum("brhw,rs->bshw", c, S)
-            grad_x = torch.nn.grad.conv2d_input(x.shape, filters, grad_a, **ctx.conv)
+            grad_x = torch.nn.grad.conv2d_input(x.shape, filters, grad_a, **ctx.conv).to(x_dtype)
         grad_S = torch.einsum("brhw,bshw->rs", c, a)
         if not ctx.kl:
             return grad_x, None, grad_S, None, None, None, None
         grad_K = torch.einsum("bnhw,brhw->nr", delta, a)
         grad_L = torch.nn.grad.conv2d_weight(x, (U.shape[1], *ctx.kernel), c, **ctx.conv)
         return grad_x, grad_K, grad_S, grad_L.reshape(U.shape[1], -1).T, None, None, None
+
+
+def _integer_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """``conv.padding`` in pixels (the backward's ``conv2d_input``/``conv2d_weight`` take no ``"same"``/``"valid"``).
+
+    Raises:
+        ValueError: ``padding="same"`` that would pad one side more than the other (an even
+            effective kernel), which one padding per dimension cannot express.
+    """
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding != "same":
+        return conv.padding
+    spans = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    if any(span % 2 for span in spans):
+        raise ValueError(f"padding='same' with kernel {conv.kernel_size} and dilation {conv.dilation} pads one side "
+                         "more than the other; give the convolution integer padding")
+    return tuple(span // 2 for span in spans)
 
 
 class LowRankLayer(nn.Module):
@@ -269,7 +291,7 @@ class LowRankConv2d(LowRankLayer):
         if conv.groups != 1 or conv.padding_mode != "zeros":
             raise ValueError("only ungrouped convolutions with zero padding have a low-rank version here")
         self.kernel = (conv.in_channels, *conv.kernel_size)
-        self.conv = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation}
+        self.conv = {"stride": conv.stride, "padding": _integer_padding(conv), "dilation": conv.dilation}
         self._init_factors(conv.weight, rank, tol, r_max)
         self.bias = nn.Parameter(conv.bias.detach().clone()) if conv.bias is not None else None
 

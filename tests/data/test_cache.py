@@ -2,12 +2,14 @@
 
 import hashlib
 import io
+import stat
 import tarfile
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from lowlearn.atomic import new_file_mode
 from lowlearn.data.cache import (
     ENV_VAR,
     ChecksumError,
@@ -159,6 +161,7 @@ def test_safe_extract_zip(tmp_path, archives):
     assert (dest / "top" / "a.txt").read_bytes() == b"a"
     assert (dest / "top" / "sub" / "b.txt").read_bytes() == b"b"
     assert _leftovers(dest.parent) == ["dest"]
+    assert stat.S_IMODE(dest.stat().st_mode) == new_file_mode(directory=True)   # not mkdtemp's 0o700
 
 
 def test_safe_extract_tar_gz(tmp_path, archives):

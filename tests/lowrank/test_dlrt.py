@@ -9,7 +9,7 @@ from torch import nn
 from lowlearn.cost import training_memory
 from lowlearn.lowrank import DLRT, LowRankLinear, dense_parameters, low_rank_layers, to_low_rank
 from lowlearn.models import MLP
-from lowlearn.train import fit
+from lowlearn.train import NonFiniteLossError, fit
 
 
 def teacher_data(rank, n=24, m=32, samples=256, seed=0):
@@ -93,10 +93,22 @@ def test_bad_input():
         DLRT(model, lr=0.0)
     with pytest.raises(ValueError, match="r_min must be a positive integer"):
         DLRT(model, lr=0.1, r_min=0)
+    for r_max in (0, -1, 1.5):
+        with pytest.raises(ValueError, match=r"r_max must be None or an integer >= r_min \(1\)"):
+            DLRT(model, lr=0.1, r_max=r_max)
+    with pytest.raises(ValueError, match=r">= r_min \(3\), got 2"):
+        DLRT(model, lr=0.1, r_min=3, r_max=2)
     dlrt = DLRT(model, lr=0.1)
     with pytest.raises(RuntimeError, match="has no gradient: run forward and backward"):
         dlrt.step(lambda: model(torch.randn(2, 784)).sum())
     assert low_rank_layers(model)["1"].rank == 2
+
+
+def test_a_diverged_rank_adaptive_step_is_a_non_finite_loss_error():
+    x, y, _ = teacher_data(4)
+    model = nn.Sequential(LowRankLinear(32, 24, 6, bias=False))
+    with pytest.raises(NonFiniteLossError, match="S-step core of layer '0' is not finite"):
+        regression_steps(model, DLRT(model, lr=1.0, tol=0.1), x * float("nan"), y, 1)
 
 
 def test_adam_style_steps_train_and_keep_the_factors_orthonormal():

@@ -83,6 +83,28 @@ def test_one_backward_gives_the_k_l_and_s_gradients(kind):
     assert torch.allclose(layer.S.grad, U.T @ grad_W @ V)        # ∂L/∂S
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_backward_under_bfloat16_autocast(kind):
+    # The forward pass may run in bfloat16 while the factors stay float32: the backward pass works in the
+    # factors' dtype, and the gradients agree with those of the float32 pass to bfloat16's precision.
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = LowRankLinear(16, 12, 4), torch.randn(8, 16)
+    else:
+        layer, x = LowRankConv2d(nn.Conv2d(3, 6, 3, padding=1), 2), torch.randn(2, 3, 6, 6)
+    x.requires_grad_()
+    layer(x).square().sum().backward()
+    reference = [t.grad.clone() for t in (x, layer.U, layer.S, layer.V)]
+    for t in (x, layer.U, layer.S, layer.V):
+        t.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x.to(torch.bfloat16))
+    out.float().square().sum().backward()
+    for t, expected in zip((x, layer.U, layer.S, layer.V), reference):
+        assert t.grad.dtype == torch.float32
+        assert torch.allclose(t.grad, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
+
+
 def test_model_conversion_round_trip_and_costs():
     torch.manual_seed(0)
     model = LeNet5(channels=(20, 50), hidden=(500,), padding=0)
@@ -122,6 +144,21 @@ def test_state_dict_round_trip_keeps_ranks_and_factors():
         assert torch.equal(a, b), name
     x = torch.randn(2, 784)
     assert torch.equal(model(x), other(x))
+
+
+@pytest.mark.parametrize("padding, pixels", [("same", (1, 2)), ("valid", (0, 0))])
+def test_string_padding_becomes_pixels(padding, pixels):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, (3, 5), padding=padding)
+    layer = LowRankConv2d(conv, 3)
+    assert layer.conv["padding"] == pixels
+    x = torch.randn(2, 3, 7, 7, requires_grad=True)
+    out = layer(x)
+    assert out.shape == conv(x).shape
+    out.sum().backward()                                          # the backward takes integer padding only
+    assert x.grad.shape == x.shape and layer.U.grad is not None
+    with pytest.raises(ValueError, match="pads one side more than the other"):
+        LowRankConv2d(nn.Conv2d(3, 4, 2, padding="same"), 1)
 
 
 def test_bad_input():
