@@ -192,13 +192,13 @@ def adapt_and_evaluate(model: nn.Module, tasks: TaskBatch, loss_fn: LossFn, step
     running statistics are restored afterwards) and no meta-gradient is kept. The
     caller picks train or eval mode.
 
-    Raises:
-        ValueError: tasks that fail :func:`check_tasks`.
-
     Returns:
         ``{"loss": ..., "per_task_loss": ..., "accuracy": ..., "per_task_accuracy": ...}``:
         the mean query loss, each task's query loss, and the mean and each task's query
         accuracy (integer labels only; per task, for confidence intervals over tasks).
+
+    Raises:
+        ValueError: tasks that fail :func:`check_tasks`.
     """
     losses, accuracies = [], []
     start = {name: p.detach().requires_grad_() for name, p in parameters_of(model).items()}
