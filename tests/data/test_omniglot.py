@@ -215,6 +215,17 @@ def test_runs(tmp_path, monkeypatch):
         assert torch.equal(run.query[:, 0, 0, 0], run.support[run.query_labels, 0, 0, 0])
 
 
+@pytest.mark.skipif(not (SHARED_DATA / "omniglot" / "all_runs.zip").is_file(),
+                    reason=f"the official runs (all_runs.zip) are not in {SHARED_DATA / 'omniglot'}")
+def test_the_official_runs():
+    # Lake et al.'s archive: run01/class_labels.txt begins "run01/test/item01.png run01/training/class08.png",
+    # then class09 and class02; run20's begins with class16, class04 and class17.
+    runs = load_omniglot_runs(root=SHARED_DATA, image_size=None, download=False)
+    assert len(runs) == 20 and runs[0].support.shape == runs[0].query.shape == (20, 1, 105, 105)
+    assert runs[0].query_labels[:3].tolist() == [7, 8, 1] and runs[19].query_labels[:3].tolist() == [15, 3, 16]
+    assert all(sorted(run.query_labels.tolist()) == list(range(20)) for run in runs)   # one test item per class
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda text: text.split("\n", 1)[1], "has 19 lines, expected 20"),
     (lambda text: text.replace("training/class", "training/klass", 1), "does not name"),
