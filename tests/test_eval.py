@@ -84,6 +84,26 @@ def test_the_same_seed_gives_the_same_learner_and_error(capsys):
 
 
 @needs_real_data
+def test_test_time_rotations_are_for_metric_learners(monkeypatch, capsys):
+    seen = []
+    scored = omniglot_runs.heldout_errors
+
+    def heldout_errors(learner, *args):
+        seen.append(learner.test_rotations)
+        return scored(learner, *args)
+
+    monkeypatch.setattr(omniglot_runs, "heldout_errors", heldout_errors)
+    common = ["--profile", "smoke", "--data", str(SHARED_DATA), "--background", "small1", "--test", "heldout",
+              "--episodes", "2", "--steps", "1", "--device", "cpu"]
+    omniglot_runs.main(common + ["--test-rotations"])
+    omniglot_runs.main(common)
+    assert seen == [True, False] and "error" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        omniglot_runs.main(common + ["--method", "maml", "--test-rotations"])
+    assert "not maml" in capsys.readouterr().err
+
+
+@needs_real_data
 def test_heldout_needs_alphabets_the_background_lacks():
     with pytest.raises(ValueError, match="none is held out"):
         omniglot_runs.main(["--profile", "smoke", "--data", str(SHARED_DATA), "--background", "small1,small2",

@@ -13,7 +13,9 @@ download (meta-train on ``small1``; Greek and Latin are in both small sets).
 
 The sizes (episode design, steps, learning rate, augmentation) are the
 ``black_box`` sizes of the experiment profile (:mod:`lowlearn.profiles`); the
-options override the most common ones.
+options override the most common ones. ``--test-rotations`` adds the rotation
+ensemble of :class:`~lowlearn.meta.metric.EpisodicLearner` to a metric learner's
+test-time views (four times the test cost).
 """
 
 from __future__ import annotations
@@ -169,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
                         "replaced)")
     parser.add_argument("--profile", help="experiment profile for the sizes (default: $LOWLEARN_PROFILE or by device)")
     parser.add_argument("--steps", type=int, help="override the profile's meta-training steps")
+    parser.add_argument("--test-rotations", action="store_true",
+                        help="protonet and matching: also compare the images in their four 90° rotations at test "
+                             "time, an ensemble of four comparisons (four times the test cost)")
     parser.add_argument("--episodes", type=int, default=400, help="held-out episodes (with --test heldout)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
@@ -185,6 +190,10 @@ def main(argv: list[str] | None = None) -> None:
     print(banner(profile))
     seed_everything(args.seed)                   # --seed fixes the initialisation as well as the episodes
     learner = make_learner(args.method, sizes).to(device)
+    if args.test_rotations:
+        if args.method == "maml":
+            parser.error("--test-rotations is for the metric learners (protonet, matching), not maml")
+        learner.test_rotations = True
     data = background(args.background, sizes.image_size, args.data)
     runs = None
     if args.test == "runs":

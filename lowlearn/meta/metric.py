@@ -107,13 +107,19 @@ class EpisodicLearner(nn.Module, ABC):
             itself and four copies shifted by this many pixels
             (:func:`lowlearn.data.augment.shifted_copies`; test-time augmentation,
             for images only); 0 embeds the image alone. Training is unaffected.
+        test_rotations: in evaluation mode, embed each square image in its four 90°
+            rotations too and put the four embeddings side by side, scaled by ½, so
+            that a squared distance is the mean of the four rotated frames' (an
+            ensemble of four comparisons at four times the cost). For an embedding
+            meta-trained with rotated classes (Omniglot's rotations, which make a
+            rotated character a new class), each frame is a comparison it has learned.
     """
 
-    def __init__(self, embedding: nn.Module, test_shift: int = 0):
+    def __init__(self, embedding: nn.Module, test_shift: int = 0, test_rotations: bool = False):
         super().__init__()
         if not isinstance(test_shift, int) or test_shift < 0:
             raise ValueError(f"test_shift must be a non-negative number of pixels; got {test_shift!r}")
-        self.embedding, self.test_shift = embedding, test_shift
+        self.embedding, self.test_shift, self.test_rotations = embedding, test_shift, bool(test_rotations)
 
     @abstractmethod
     def scores(self, support: Tensor, support_y: Tensor, query: Tensor, ways: int) -> Tensor:
@@ -207,8 +213,27 @@ class EpisodicLearner(nn.Module, ABC):
         return support, query
 
     def embed(self, x: Tensor) -> Tensor:
-        """``(n, D)`` embeddings of ``(n, ...)`` inputs, averaged over shifted copies when ``test_shift`` says so."""
-        if self.training or not self.test_shift:
+        """``(n, D)`` embeddings of ``(n, ...)`` inputs, with the test-time views that the options ask for.
+
+        Evaluation mode only: averaged over shifted copies with ``test_shift``; with
+        ``test_rotations``, ``D`` is four times the embedding's size.
+
+        Raises:
+            ValueError: ``test_rotations`` for images that are not square.
+        """
+        if self.training or not (self.test_shift or self.test_rotations):
+            return self.embedding(x).flatten(1)
+        if not self.test_rotations:
+            return self._mean_over_shifts(x)
+        if x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"test_rotations needs square images, got {x.shape[-2]}x{x.shape[-1]}")
+        # One rotation per pass, so that memory is that of the shifted copies alone; × ½ makes the
+        # squared distance between two concatenations the mean of the four frames' squared distances.
+        return torch.cat([self._mean_over_shifts(torch.rot90(x, r, dims=(-2, -1))) for r in range(4)], -1) / 2
+
+    def _mean_over_shifts(self, x: Tensor) -> Tensor:
+        """``(n, D)``: the embedding, averaged over the shifted copies if ``test_shift``."""
+        if not self.test_shift:
             return self.embedding(x).flatten(1)
         views = shifted_copies(x, self.test_shift)                              # (5, n, ...)
         return self.embedding(views.flatten(0, 1)).flatten(1).unflatten(0, views.shape[:2]).mean(0)
@@ -236,11 +261,12 @@ class ProtoNet(EpisodicLearner):
         embedding: ``f_φ`` (Snell et al.: the four-block Conv4 without a head,
             64-dimensional on 28×28 Omniglot).
         refine_steps: soft k-means steps on the query set (0: the original ProtoNet).
-        test_shift: test-time shifted copies (see :class:`EpisodicLearner`).
+        test_shift, test_rotations: test-time views (see :class:`EpisodicLearner`).
     """
 
-    def __init__(self, embedding: nn.Module, refine_steps: int = 0, test_shift: int = 0):
-        super().__init__(embedding, test_shift)
+    def __init__(self, embedding: nn.Module, refine_steps: int = 0, test_shift: int = 0,
+                 test_rotations: bool = False):
+        super().__init__(embedding, test_shift, test_rotations)
         if not isinstance(refine_steps, int) or refine_steps < 0:
             raise ValueError(f"refine_steps must be a non-negative integer; got {refine_steps!r}")
         self.refine_steps = refine_steps
@@ -267,11 +293,12 @@ class MatchingNet(EpisodicLearner):
         scale: multiplies the cosine similarities before the softmax (1 in the
             paper; a larger value sharpens the attention, which the cosine's
             range [−1, 1] otherwise keeps flat).
-        test_shift: test-time shifted copies (see :class:`EpisodicLearner`).
+        test_shift, test_rotations: test-time views (see :class:`EpisodicLearner`).
     """
 
-    def __init__(self, embedding: nn.Module, scale: float = 1.0, test_shift: int = 0):
-        super().__init__(embedding, test_shift)
+    def __init__(self, embedding: nn.Module, scale: float = 1.0, test_shift: int = 0,
+                 test_rotations: bool = False):
+        super().__init__(embedding, test_shift, test_rotations)
         if not scale > 0:
             raise ValueError(f"scale must be > 0; got {scale}")
         self.scale = scale

@@ -196,3 +196,26 @@ def test_test_time_shifts_average_the_embeddings_of_shifted_copies_in_evaluation
     torch.testing.assert_close(model.train()(sx, sy, qx), -torch.cdist(qx.flatten(1), sx.flatten(1)) ** 2)
     with pytest.raises(ValueError, match="test_shift"):
         MatchingNet(nn.Flatten(), test_shift=-1)
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_test_time_rotations_average_the_squared_distances_of_the_four_rotated_frames(shift):
+    from lowlearn.data.augment import shifted_copies
+
+    torch.manual_seed(0)
+    episode = image_episodes(tasks=1, ways=3, shots=1, queries=2, size=6)
+    sx, sy, qx = episode.support_x[0], episode.support_y[0], episode.query_x[0]
+    embedding = nn.Sequential(nn.Flatten(), nn.Linear(36, 5)).double()     # not equivariant to rotations
+    model = ProtoNet(embedding, test_shift=shift, test_rotations=True)
+
+    def f(x):                                                     # the embedding, averaged over the shifts
+        return embedding(shifted_copies(x, shift).flatten(0, 1)).unflatten(0, (5, len(x))).mean(0) if shift \
+            else embedding(x)
+
+    frames = [torch.cdist(f(torch.rot90(qx, r, dims=(-2, -1))), f(torch.rot90(sx, r, dims=(-2, -1)))) ** 2
+              for r in range(4)]
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(sx, sy, qx), -torch.stack(frames).mean(0))
+        torch.testing.assert_close(model.train()(sx, sy, qx), -torch.cdist(embedding(qx), embedding(sx)) ** 2)
+    with pytest.raises(ValueError, match="square images, got 6x5"):
+        model.eval().embed(torch.zeros(2, 1, 6, 5))
