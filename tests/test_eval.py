@@ -89,15 +89,15 @@ def test_test_time_rotations_are_for_metric_learners(monkeypatch, capsys):
     scored = omniglot_runs.heldout_errors
 
     def heldout_errors(learner, *args):
-        seen.append(learner.test_rotations)
+        seen.append((learner.test_rotations, learner.test_shift))
         return scored(learner, *args)
 
     monkeypatch.setattr(omniglot_runs, "heldout_errors", heldout_errors)
     common = ["--profile", "smoke", "--data", str(SHARED_DATA), "--background", "small1", "--test", "heldout",
               "--episodes", "2", "--steps", "1", "--device", "cpu"]
-    omniglot_runs.main(common + ["--test-rotations"])
-    omniglot_runs.main(common)
-    assert seen == [True, False] and "error" in capsys.readouterr().out
+    omniglot_runs.main(common + ["--test-rotations", "--test-shift", "2"])
+    omniglot_runs.main(common + ["--test-shift", "0"])
+    assert seen == [(True, 2), (False, 0)] and "error" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         omniglot_runs.main(common + ["--method", "maml", "--test-rotations"])
     assert "not maml" in capsys.readouterr().err

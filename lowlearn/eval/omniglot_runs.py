@@ -13,9 +13,9 @@ download (meta-train on ``small1``; Greek and Latin are in both small sets).
 
 The sizes (episode design, steps, learning rate, augmentation) are the
 ``black_box`` sizes of the experiment profile (:mod:`lowlearn.profiles`); the
-options override the most common ones. ``--test-rotations`` adds the rotation
-ensemble of :class:`~lowlearn.meta.metric.EpisodicLearner` to a metric learner's
-test-time views (four times the test cost).
+options override the most common ones. ``--test-shift`` and ``--test-rotations``
+choose a metric learner's test-time views (:class:`~lowlearn.meta.metric.EpisodicLearner`);
+they apply to a loaded checkpoint too, since they change no weight.
 """
 
 from __future__ import annotations
@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
                         "replaced)")
     parser.add_argument("--profile", help="experiment profile for the sizes (default: $LOWLEARN_PROFILE or by device)")
     parser.add_argument("--steps", type=int, help="override the profile's meta-training steps")
+    parser.add_argument("--test-shift", type=int, help="override the profile's test-time shift in pixels (0: none)")
     parser.add_argument("--test-rotations", action="store_true",
                         help="protonet and matching: also compare the images in their four 90° rotations at test "
                              "time, an ensemble of four comparisons (four times the test cost)")
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     sizes = profile.black_box
     if args.steps is not None:
         sizes = dataclasses.replace(sizes, meta_steps=args.steps, maml_steps=args.steps)
+    if args.test_shift is not None:
+        sizes = dataclasses.replace(sizes, test_shift=args.test_shift)
     device = torch.device(args.device) if args.device else default_device()
     print(banner(profile))
     seed_everything(args.seed)                   # --seed fixes the initialisation as well as the episodes
