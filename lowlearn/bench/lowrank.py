@@ -105,6 +105,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.rank > 64 or not wide:
         verdict = "not measured (it needs a width >= 1024 and a rank <= 64)"
     else:
-        verdict = "met" if all(row["dlrt"]["seconds"] <= row["dense"]["seconds"]
-                               and row["dlrt"]["bytes"] <= row["dense"]["bytes"] for row in wide) else "not met"
-    print(f"goal: DLRT at most dense time and memory from width 1024 at rank <= 64: {verdict}")
+        verdict = "met" if all(row["dlrt"]["seconds"] < row["dense"]["seconds"]
+                               and row["dlrt"]["bytes"] < row["dense"]["bytes"] for row in wide) else "not met"
+    print(f"goal: DLRT below dense time and memory from width 1024 at rank <= 64: {verdict}")
