@@ -1,7 +1,9 @@
 """Training-step time of masked layers against dense and against ``torch.nn.utils.prune``.
 
-All three models are LeNet-300-100 with identical weights; the two sparse ones keep
-the same random ``density`` of every layer's weights. lowlearn's masks are
+All the models are LeNet-300-100 with identical weights; the two sparse ones keep
+the same random ``density`` of every layer's weights. A second copy of the dense
+model, timed like the others, shows how far apart the measurement puts two equal
+models: the ratios below mean little within that distance of 1. lowlearn's masks are
 parametrizations (:mod:`lowlearn.sparse.mask`); ``torch.nn.utils.prune`` recomputes
 ``weight = weight_orig * weight_mask`` in a forward pre-hook. A training step is
 forward, cross-entropy, backward and an SGD-with-momentum step on a fixed batch.
@@ -42,7 +44,7 @@ def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Call
 
 
 def build_models(density: float, device: torch.device, seed: int = 0) -> dict[str, torch.nn.Module]:
-    """Dense, lowlearn-masked and ``torch.nn.utils.prune``-masked copies of one LeNet-300-100."""
+    """Dense (twice), lowlearn-masked and ``torch.nn.utils.prune``-masked copies of one LeNet-300-100."""
     torch.manual_seed(seed)
     dense = MLP().to(device)
     generator = torch.Generator().manual_seed(seed)
@@ -56,7 +58,8 @@ def build_models(density: float, device: torch.device, seed: int = 0) -> dict[st
     pruned = copy.deepcopy(dense)
     for name, layer in prunable_layers(pruned).items():
         torch_prune.custom_from_mask(layer, "weight", keep[name])
-    return {"dense": dense, "lowlearn masks": masked, "torch.nn.utils.prune": pruned}
+    return {"dense": dense, "dense (copy)": copy.deepcopy(dense), "lowlearn masks": masked,
+            "torch.nn.utils.prune": pruned}
 
 
 def build_steps(density: float, batch_size: int, device: torch.device) -> dict[str, Callable[[], None]]:
@@ -65,9 +68,9 @@ def build_steps(density: float, batch_size: int, device: torch.device) -> dict[s
     return {name: train_step(model, x, y) for name, model in build_models(density, device).items()}
 
 
-def run(density: float = 0.1, batch_size: int = 60, iterations: int = 200, repeats: int = 7,
+def run(density: float = 0.1, batch_size: int = 60, iterations: int = 20, repeats: int = 70,
         warmup: int = 20, device: str | None = None) -> dict[str, float]:
-    """Time the three models; return median seconds per training step by name."""
+    """Time the models; return median seconds per training step by name."""
     device = resolve_device(device)
     steps = build_steps(density, batch_size, device)
     return interleaved_medians(steps, device=device, iterations=iterations, repeats=repeats, warmup=warmup)
@@ -77,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lowlearn.bench masks", description=__doc__)
     parser.add_argument("--density", type=float, default=0.1, help="fraction of weights kept (default 0.1)")
     parser.add_argument("--batch-size", type=int, default=60)
-    parser.add_argument("--iterations", type=int, default=200, help="training steps per timed block")
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved timed blocks per model")
+    parser.add_argument("--iterations", type=int, default=20, help="training steps per timed block")
+    parser.add_argument("--repeats", type=int, default=70, help="interleaved timed blocks per model")
     add_device_argument(parser)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     times = interleaved_medians(steps, device=device, iterations=args.iterations, repeats=args.repeats, warmup=20)
     faults = faults_per_call(steps, args.iterations)
     print(f"LeNet-300-100 training step, batch {args.batch_size}, density {args.density}, {environment(device)}")
-    print(f"median of {args.repeats} interleaved blocks of {args.iterations} steps")
+    print(f"median of {args.repeats} interleaved blocks of {args.iterations} steps, in shuffled order")
     print(f"{'model':<22} {'ms/step':>9} {'vs dense':>9} {'page faults/step':>17}")
     for name, seconds in times.items():
         fault = "n/a" if faults[name] is None else f"{faults[name]:.1f}"

@@ -53,7 +53,7 @@ def build_steps(alpha: float, batch_size: int, device: torch.device) -> dict[str
     return steps
 
 
-def run(alpha: float = 3.0, batch_size: int = 60, iterations: int = 200, repeats: int = 7,
+def run(alpha: float = 3.0, batch_size: int = 60, iterations: int = 20, repeats: int = 70,
         device: str | None = None) -> dict[str, float]:
     """Median seconds per training step by case."""
     device = resolve_device(device)
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lowlearn.bench powerprop", description=__doc__)
     parser.add_argument("--alpha", type=float, default=3.0)
     parser.add_argument("--batch-size", type=int, default=60)
-    parser.add_argument("--iterations", type=int, default=200, help="training steps per timed block")
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved timed blocks per case")
+    parser.add_argument("--iterations", type=int, default=20, help="training steps per timed block")
+    parser.add_argument("--repeats", type=int, default=70, help="interleaved timed blocks per case")
     add_device_argument(parser)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     times = interleaved_medians(steps, device=device, iterations=args.iterations, repeats=args.repeats, warmup=20)
     faults = faults_per_call(steps, args.iterations)
     print(f"LeNet-300-100 training step, batch {args.batch_size}, alpha {args.alpha:g}, {environment(device)}")
-    print(f"median of {args.repeats} interleaved blocks of {args.iterations} steps")
+    print(f"median of {args.repeats} interleaved blocks of {args.iterations} steps, in shuffled order")
     print(f"{'case':<34} {'ms/step':>9} {'vs baseline':>12} {'page faults/step':>17}")
     for case, seconds in times.items():
         ratio = seconds / times[BASELINE.get(case, case)]

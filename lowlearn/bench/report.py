@@ -60,8 +60,8 @@ def collect(sizes: dict[str, dict], device: torch.device) -> list[dict]:
     """Run every benchmark with ``sizes[name]`` as keyword arguments; the rows of all of them."""
     rows = []
     times = masks.run(device=device, **sizes["masks"])
-    rows += _time_rows("masks", times, {"lowlearn masks": "dense", "torch.nn.utils.prune": "dense"},
-                       {"lowlearn masks": 1.10})
+    rows += _time_rows("masks", times, {"dense (copy)": "dense", "lowlearn masks": "dense",
+                                        "torch.nn.utils.prune": "dense"}, {"lowlearn masks": 1.10})
     rows.append(_row("masks", "lowlearn masks", "torch.nn.utils.prune", "time per step",
                      times["lowlearn masks"] / times["torch.nn.utils.prune"], 1.0))
     times = dst.run(device=device, **sizes["dst"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -26,19 +27,30 @@ def interleaved_medians(
     iterations: int,
     repeats: int,
     warmup: int,
+    seed: int = 0,
 ) -> dict[str, float]:
-    """Median seconds per call of each step function, timed in interleaved rounds.
+    """Median seconds per call of each step function, timed in interleaved rounds in shuffled order.
 
-    Each of ``repeats`` rounds times ``iterations`` calls of every function in
-    turn, so slow drifts of the machine (clock, other load) hit all of them alike.
-    The device is synchronised before and after each timed block, never inside it.
+    Each of ``repeats`` rounds times ``iterations`` calls of every function, so slow
+    drifts of the machine (clock, other load) hit all of them alike. The order
+    within a round is drawn anew every round (from ``seed``, so a run can be
+    repeated): a fixed order favours some places in it, through what ran just
+    before (the caches, the allocator's free lists): timing a network against a
+    copy of itself on a 2-core CPU, a fixed order put the copy 4-9% behind in three
+    runs of three. Many short rounds mix better than a few long ones. What noise is
+    left shows in the ``dense (copy)`` row of ``masks``. The device is synchronised
+    before and after each timed block, never inside it.
     """
     for step in steps.values():
         for _ in range(warmup):
             step()
+    order = list(steps)
+    shuffle = random.Random(seed).shuffle
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        for name, step in steps.items():
+        shuffle(order)
+        for name in order:
+            step = steps[name]
             _sync(device)
             start = time.perf_counter()
             for _ in range(iterations):

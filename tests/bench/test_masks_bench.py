@@ -4,10 +4,12 @@ from lowlearn.bench import masks
 from lowlearn.bench.__main__ import main as bench_main
 
 
-def test_the_three_models_compute_the_same_function():
+def test_the_sparse_models_compute_the_same_function_and_the_copy_the_dense_one():
     models = masks.build_models(density=0.2, device=torch.device("cpu"))
     x = torch.randn(5, 784)
     dense_out = models["dense"](x)
+    assert torch.equal(models["dense (copy)"](x), dense_out)
+    assert models["dense (copy)"][1].weight is not models["dense"][1].weight
     assert torch.allclose(models["lowlearn masks"](x), models["torch.nn.utils.prune"](x), atol=1e-6)
     assert not torch.allclose(models["lowlearn masks"](x), dense_out)
 
@@ -16,7 +18,7 @@ def test_masks_benchmark_prints_a_ratio_and_the_page_faults_per_model(capsys):
     masks.main(["--iterations", "2", "--repeats", "1", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "page faults/step" in out
-    for name in ("dense", "lowlearn masks", "torch.nn.utils.prune"):
+    for name in ("dense", "dense (copy)", "lowlearn masks", "torch.nn.utils.prune"):
         line = next(row for row in out.splitlines() if row.startswith(name))
         ratio, faults = line.split()[-2:]
         assert ratio.endswith("x") and (faults == "n/a" or float(faults) >= 0)

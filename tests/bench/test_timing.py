@@ -1,6 +1,7 @@
 import mmap
 
 import pytest
+import torch
 
 from lowlearn import allocator
 from lowlearn.bench import timing
@@ -18,3 +19,21 @@ def test_faults_per_call_counts_the_pages_a_step_maps_afresh():
 
     faults = timing.faults_per_call({"nothing": lambda: None, "64 MiB": touch_fresh_pages}, calls=2)
     assert faults["nothing"] < 1 and faults["64 MiB"] >= 32    # 16,384 pages of 4 KiB, or 32 of 2 MiB
+
+
+def test_interleaved_rounds_time_every_step_alike_in_an_order_shuffled_per_round():
+    def run(seed):
+        calls = []
+        steps = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+        times = timing.interleaved_medians(steps, device=torch.device("cpu"), iterations=3, repeats=12, warmup=2,
+                                           seed=seed)
+        return times, calls
+
+    times, calls = run(seed=0)
+    assert set(times) == set("abcd") and all(seconds >= 0 for seconds in times.values())
+    assert calls[:8] == list("aabbccdd")                                      # the warm-up, in the given order
+    rounds = ["".join(calls[8 + 12 * r:8 + 12 * (r + 1):3]) for r in range(12)]
+    assert all(sorted(order) == list("abcd") for order in rounds)            # each step once per round ...
+    assert all(calls[8 + 3 * i:8 + 3 * (i + 1)] == [calls[8 + 3 * i]] * 3 for i in range(48))   # ... in one block
+    assert len(set(rounds)) > 1 and {order[0] for order in rounds} == set("abcd")             # places vary
+    assert run(seed=0)[1] == calls and run(seed=1)[1] != calls                 # and follow the seed
