@@ -69,11 +69,18 @@ def build_steps(density: float, batch_size: int, device: torch.device) -> dict[s
 
 
 def run(density: float = 0.1, batch_size: int = 60, iterations: int = 20, repeats: int = 70,
-        warmup: int = 20, device: str | None = None) -> dict[str, float]:
-    """Time the models; return median seconds per training step by name."""
+        warmup: int = 20, device: str | None = None) -> dict[str, dict]:
+    """Time the models, then count their page faults over one more block of steps.
+
+    Returns:
+        ``{"seconds": {name: median seconds per training step}, "faults": {name: page
+        faults per step, or None where the system does not count them}}``.
+    """
     device = resolve_device(device)
     steps = build_steps(density, batch_size, device)
-    return interleaved_medians(steps, device=device, iterations=iterations, repeats=repeats, warmup=warmup)
+    return {"seconds": interleaved_medians(steps, device=device, iterations=iterations, repeats=repeats,
+                                           warmup=warmup),
+            "faults": faults_per_call(steps, iterations)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,9 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     add_device_argument(parser)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    steps = build_steps(args.density, args.batch_size, device)
-    times = interleaved_medians(steps, device=device, iterations=args.iterations, repeats=args.repeats, warmup=20)
-    faults = faults_per_call(steps, args.iterations)
+    result = run(args.density, args.batch_size, args.iterations, args.repeats, device=device)
+    times, faults = result["seconds"], result["faults"]
     print(f"LeNet-300-100 training step, batch {args.batch_size}, density {args.density}, {environment(device)}")
     print(f"median of {args.repeats} interleaved blocks of {args.iterations} steps, in shuffled order")
     print(f"{'model':<22} {'ms/step':>9} {'vs dense':>9} {'page faults/step':>17}")

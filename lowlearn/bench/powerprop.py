@@ -54,11 +54,17 @@ def build_steps(alpha: float, batch_size: int, device: torch.device) -> dict[str
 
 
 def run(alpha: float = 3.0, batch_size: int = 60, iterations: int = 20, repeats: int = 70,
-        device: str | None = None) -> dict[str, float]:
-    """Median seconds per training step by case."""
+        device: str | None = None) -> dict[str, dict]:
+    """Time the cases, then count their page faults over one more block of steps.
+
+    Returns:
+        ``{"seconds": {case: median seconds per training step}, "faults": {case: page
+        faults per step, or None where the system does not count them}}``.
+    """
     device = resolve_device(device)
     steps = {case: step for case, (step, _) in build_steps(alpha, batch_size, device).items()}
-    return interleaved_medians(steps, device=device, iterations=iterations, repeats=repeats, warmup=20)
+    return {"seconds": interleaved_medians(steps, device=device, iterations=iterations, repeats=repeats, warmup=20),
+            "faults": faults_per_call(steps, iterations)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,9 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     add_device_argument(parser)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    steps = {case: step for case, (step, _) in build_steps(args.alpha, args.batch_size, device).items()}
-    times = interleaved_medians(steps, device=device, iterations=args.iterations, repeats=args.repeats, warmup=20)
-    faults = faults_per_call(steps, args.iterations)
+    result = run(args.alpha, args.batch_size, args.iterations, args.repeats, device)
+    times, faults = result["seconds"], result["faults"]
     print(f"LeNet-300-100 training step, batch {args.batch_size}, alpha {args.alpha:g}, {environment(device)}")
     print(f"median of {args.repeats} interleaved blocks of {args.iterations} steps, in shuffled order")
     print(f"{'case':<34} {'ms/step':>9} {'vs baseline':>12} {'page faults/step':>17}")

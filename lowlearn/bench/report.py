@@ -59,7 +59,7 @@ def _time_rows(benchmark: str, times: dict[str, float], references: dict[str, st
 def collect(sizes: dict[str, dict], device: torch.device) -> list[dict]:
     """Run every benchmark with ``sizes[name]`` as keyword arguments; the rows of all of them."""
     rows = []
-    times = masks.run(device=device, **sizes["masks"])
+    times = masks.run(device=device, **sizes["masks"])["seconds"]
     rows += _time_rows("masks", times, {"dense (copy)": "dense", "lowlearn masks": "dense",
                                         "torch.nn.utils.prune": "dense"}, {"lowlearn masks": 1.10})
     rows.append(_row("masks", "lowlearn masks", "torch.nn.utils.prune", "time per step",
@@ -67,7 +67,7 @@ def collect(sizes: dict[str, dict], device: torch.device) -> list[dict]:
     times = dst.run(device=device, **sizes["dst"])
     rows += _time_rows("dst", times, {"static": "dense"} | {name: "static" for name in dst.METHODS[2:]},
                        {"RigL": 1.05})
-    times = powerprop.run(device=device, **sizes["powerprop"])
+    times = powerprop.run(device=device, **sizes["powerprop"])["seconds"]
     rows += _time_rows("powerprop", times, powerprop.BASELINE, dict.fromkeys(powerprop.BASELINE, 1.15))
     if device.type == "cpu" and has_glibc():
         for model, by_setting in allocator.run(**sizes["allocator"]).items():

@@ -32,3 +32,10 @@ def test_unknown_benchmark_is_a_usage_error(capsys):
         assert "masks" in str(exit_.code)
     else:
         raise AssertionError("expected a usage error")
+
+
+def test_run_gives_the_times_and_the_page_faults_of_the_same_steps():
+    result = masks.run(batch_size=4, iterations=1, repeats=1, warmup=0, device="cpu")
+    names = {"dense", "dense (copy)", "lowlearn masks", "torch.nn.utils.prune"}
+    assert set(result["seconds"]) == set(result["faults"]) == names
+    assert all(seconds > 0 for seconds in result["seconds"].values())
