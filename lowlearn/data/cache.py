@@ -19,6 +19,7 @@ land outside the destination (absolute paths, ``..``, links).
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tarfile
@@ -121,7 +122,7 @@ def fetch(resource: Resource, root: str | os.PathLike | None = None, download: b
                 return path
             except ChecksumError as err:
                 corrupted.append(str(err))
-            except (urllib.error.URLError, OSError) as err:
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as err:   # cut-off responses too
                 failures.append(f"{url}: {err}")
         if corrupted:
             raise ChecksumError("no mirror served the expected file: " + "; ".join(corrupted + failures))

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .splits import Splits, make_splits
+from .splits import Splits, check_count, make_splits
 
 _DIGITS_SIZE = 1797
 _MNIST5K_SIZE = 5000
@@ -120,8 +120,12 @@ def _global_rng_preserved() -> Iterator[None]:
 
 
 def _check_test_size(test_size: int, n: int) -> None:
-    """Refuse a ``test_size`` that would leave the train or the test part of ``n`` examples empty."""
-    if not 0 < test_size < n:
+    """Refuse a ``test_size`` that is not a count, or would leave the train or the test part of ``n`` examples empty."""
+    if isinstance(test_size, float) and 0 < test_size < 1:
+        raise ValueError(f"test_size is a number of examples, not a fraction: for {test_size:g} of the "
+                         f"{n} examples, pass test_size={round(test_size * n)}")
+    check_count("test_size", test_size, 1)
+    if not test_size < n:
         raise ValueError(f"test_size={test_size} must be between 1 and {n - 1}: "
                          f"the dataset has {n} examples and both parts must be non-empty")
 

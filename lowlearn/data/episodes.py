@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from lowlearn.data.omniglot import Omniglot
+from lowlearn.data.splits import check_count
 
 
 def group_by_class(x: Tensor, y: Tensor) -> Tensor:
@@ -183,10 +184,9 @@ def _check_episode(data: Tensor, ways: int, shots: int, queries: int) -> None:
         raise ValueError(f"data must be class-indexed, of shape (classes, examples, ...); got shape "
                          f"{tuple(data.shape)}. Use group_by_class(x, y) to arrange a flat dataset")
     classes, examples = data.shape[:2]
-    if ways < 1 or shots < 1:
-        raise ValueError(f"ways and shots must be at least 1; got ways={ways}, shots={shots}")
-    if queries < 0:
-        raise ValueError(f"queries must be at least 0; got {queries}")
+    check_count("ways", ways, 1)
+    check_count("shots", shots, 1)
+    check_count("queries", queries, 0)
     if ways > classes:
         raise ValueError(f"ways={ways}, but the data hold only {classes} classes: use ways <= {classes}")
     if shots + queries > examples:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -27,6 +28,12 @@ def make_splits(x_train: torch.Tensor, y_train: torch.Tensor,
         ValueError: inputs and labels of a part have different lengths.
     """
     return Splits(_dataset("train", x_train, y_train), _dataset("test", x_test, y_test))
+
+
+def check_count(name: str, value: int, minimum: int) -> None:
+    """Raise a ValueError unless ``value`` is an integer of at least ``minimum`` (a number of examples, tasks, ...)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
 
 
 def _dataset(part: str, x: torch.Tensor, y: torch.Tensor) -> TensorDataset:

@@ -14,11 +14,12 @@ and ``device``, and draws whole batches of tasks with tensor operations.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from .splits import check_count
 
 Range = tuple[float, float]
 
@@ -84,9 +85,9 @@ class SinusoidTasks:
         Support and query inputs are independent uniform draws from ``x_range``.
         ``device`` defaults to the generator's device.
         """
-        _check_count("batch", batch, 1)
-        _check_count("shots", shots, 1)
-        _check_count("queries", queries, 0)
+        check_count("batch", batch, 1)
+        check_count("shots", shots, 1)
+        check_count("queries", queries, 0)
         device = _device(generator, device)
         amplitude = _uniform((batch,), self.amplitude, generator, device)
         phase = _uniform((batch,), self.phase, generator, device)
@@ -152,11 +153,11 @@ class GPCurves:
         in float64 (float32 on Apple's MPS, which has no float64) and returned
         as float32. ``device`` defaults to the generator's device, or ``x``'s.
         """
-        _check_count("batch", batch, 1)
+        check_count("batch", batch, 1)
         if (num_points is None) == (x is None):
             raise ValueError("give exactly one of num_points (random inputs) and x (given inputs)")
         if x is None:
-            _check_count("num_points", num_points, 1)
+            check_count("num_points", num_points, 1)
             device = _device(generator, device)
             x = _uniform((batch, num_points, 1), self.x_range, generator, device)
         else:
@@ -195,7 +196,7 @@ def context_target_split(curves: Curves, num_context: int,
         ``target`` is ``curves`` itself.
     """
     batch, points = curves.x.shape[:2]
-    _check_count("num_context", num_context, 1)
+    check_count("num_context", num_context, 1)
     if num_context > points:
         raise ValueError(f"num_context must be <= the {points} points of each curve; got {num_context}")
     keys = torch.rand(batch, points, generator=generator, device=curves.x.device)
@@ -210,11 +211,6 @@ def _check_range(name: str, bounds: Range) -> Range:
     if not low < high:
         raise ValueError(f"{name} must be a range (low, high) with low < high; got {tuple(bounds)}")
     return low, high
-
-
-def _check_count(name: str, value: int, minimum: int) -> None:
-    if not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
 
 
 def _device(generator: torch.Generator | None, device: torch.device | str | None) -> torch.device | None:

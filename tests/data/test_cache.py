@@ -1,7 +1,9 @@
 """Tests of lowlearn.data.cache, offline: downloads come from file:// URLs."""
 
 import hashlib
+import http.client
 import io
+import urllib.request
 import stat
 import tarfile
 import zipfile
@@ -87,6 +89,20 @@ def test_fetch_falls_back_to_next_mirror(tmp_path):
     dead = (tmp_path / "nowhere" / "payload.bin").as_uri()
     path = fetch(_resource(dead, _source(tmp_path)), root=tmp_path / "data")
     assert path.read_bytes() == CONTENT
+
+
+def test_fetch_falls_back_when_a_mirror_cuts_the_response_short(tmp_path, monkeypatch):
+    class CutShort(io.BytesIO):
+        def read(self, size=-1):
+            raise http.client.IncompleteRead(b"partial", 100)
+
+    real_urlopen = urllib.request.urlopen
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout: (
+        CutShort() if request.full_url.startswith("http://broken.invalid") else real_urlopen(request, timeout=timeout)))
+    path = fetch(_resource("http://broken.invalid/payload.bin", _source(tmp_path)), root=tmp_path / "data")
+    assert path.read_bytes() == CONTENT and _leftovers(path.parent) == ["payload.bin"]
+    with pytest.raises(DatasetNotFoundError, match="IncompleteRead"):
+        fetch(_resource("http://broken.invalid/payload.bin"), root=tmp_path / "other")
 
 
 def test_fetch_skips_a_mirror_that_serves_a_wrong_file(tmp_path):

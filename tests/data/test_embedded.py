@@ -65,6 +65,14 @@ def test_bad_test_size(load, test_size):
         load(test_size=test_size)
 
 
+@pytest.mark.parametrize("load, n", [(load_mnist5k, 5000), (load_digits, 1797)])
+def test_a_fractional_test_size_is_refused_with_the_count_to_use(load, n):
+    with pytest.raises(ValueError, match=f"not a fraction: .* pass test_size={round(0.2 * n)}"):
+        load(test_size=0.2)
+    with pytest.raises(ValueError, match="test_size must be an int >= 1; got 1000.0"):
+        load(test_size=1000.0)
+
+
 def test_mnist1d():
     splits = load_mnist1d()
     check_part(splits.train, 4000, (1, 40), low=None)

@@ -88,9 +88,12 @@ def test_iteration_and_omniglot_input():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(ways=13, shots=1, queries=1), "only 12 classes"),
     (dict(ways=2, shots=5, queries=5), r"each class has 9 examples, so shots \+ queries must be <= 9"),
-    (dict(ways=0, shots=1, queries=1), "ways and shots must be at least 1"),
-    (dict(ways=2, shots=0, queries=1), "ways and shots must be at least 1"),
-    (dict(ways=2, shots=1, queries=-1), "queries must be at least 0"),
+    (dict(ways=0, shots=1, queries=1), "ways must be an int >= 1"),
+    (dict(ways=2, shots=0, queries=1), "shots must be an int >= 1"),
+    (dict(ways=2, shots=1, queries=-1), "queries must be an int >= 0"),
+    (dict(ways=2.5, shots=1, queries=1), "ways must be an int >= 1; got 2.5"),
+    (dict(ways=2, shots=1.0, queries=1), "shots must be an int >= 1; got 1.0"),
+    (dict(ways=2, shots=1, queries=2.0), "queries must be an int >= 0; got 2.0"),
 ])
 def test_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
