@@ -22,7 +22,7 @@ import os
 import pickle
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -421,19 +421,34 @@ def _check_loadable(key: str, value: object) -> None:
                         "(e.g. float(x) for a NumPy number)") from None
 
 
+_MISSING = object()
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     *,
     map_location: torch.device | str | None = None,
+    expect: Mapping[str, object] | None = None,
 ) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and ``optimizer``).
 
     The file is read with ``torch.load(weights_only=True)``: it cannot run code.
     Returns the ``extra`` values that were saved with it.
+
+    Args:
+        expect: extra values the checkpoint must have been saved with (e.g.
+            ``{"method": "protonet"}``), checked before anything is loaded.
+
+    Raises:
+        ValueError: an ``expect`` value that the checkpoint lacks or holds differently.
     """
     payload = torch.load(path, map_location=map_location, weights_only=True)
+    saved = payload["extra"]
+    if expect and any(saved.get(key, _MISSING) != value for key, value in expect.items()):
+        found = {key: saved.get(key, "(not saved)") for key in expect}
+        raise ValueError(f"{path} was saved with {found}, not {dict(expect)}")
     model.load_state_dict(payload["model"])
     if optimizer is not None:
         if "optimizer" not in payload:

@@ -104,10 +104,43 @@ def test_test_time_rotations_are_for_metric_learners(monkeypatch, capsys):
 
 
 @needs_real_data
-def test_heldout_needs_alphabets_the_background_lacks():
-    with pytest.raises(ValueError, match="none is held out"):
+def test_heldout_needs_alphabets_the_background_lacks_and_says_so_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit):
         omniglot_runs.main(["--profile", "smoke", "--data", str(SHARED_DATA), "--background", "small1,small2",
-                            "--test", "heldout", "--steps", "1"])
+                            "--test", "heldout", "--steps", "1", "--save", str(tmp_path / "learner.pt")])
+    captured = capsys.readouterr()
+    assert "none is held out" in captured.err and "meta-trained" not in captured.out
+    assert not (tmp_path / "learner.pt").exists()
+    with pytest.raises(ValueError, match="none is held out"):
+        omniglot_runs.held_out(omniglot_runs.background("small1,small2", 28, str(SHARED_DATA)), 28, str(SHARED_DATA))
+
+
+@pytest.mark.parametrize("option, message", [(["--steps", "-1"], "--steps must be at least 0"),
+                                             (["--episodes", "0"], "--episodes must be at least 1")])
+def test_negative_steps_and_no_episodes_are_usage_errors(option, message, capsys):
+    with pytest.raises(SystemExit):
+        omniglot_runs.main(["--profile", "smoke", "--test", "heldout"] + option)
+    assert message in capsys.readouterr().err
+
+
+@needs_real_data
+def test_zero_steps_score_the_untrained_learner(capsys):
+    omniglot_runs.main(["--profile", "smoke", "--data", str(SHARED_DATA), "--background", "small1", "--test",
+                        "heldout", "--steps", "0", "--episodes", "2", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "no training steps" in out and "2 episodes: error" in out
+
+
+@needs_real_data
+def test_a_checkpoint_of_another_method_or_profile_is_refused(tmp_path, capsys):
+    checkpoint = tmp_path / "protonet.pt"
+    common = ["--data", str(SHARED_DATA), "--background", "small1", "--test", "heldout", "--episodes", "2",
+              "--device", "cpu"]
+    omniglot_runs.main(common + ["--profile", "smoke", "--steps", "1", "--save", str(checkpoint)])
+    for other in (["--profile", "smoke", "--method", "matching"], ["--profile", "cpu"]):
+        with pytest.raises(SystemExit, match="saved with {'method': 'protonet', 'profile': 'smoke'}"):
+            omniglot_runs.main(common + other + ["--checkpoint", str(checkpoint)])
+    assert "loaded" not in capsys.readouterr().out
 
 
 @needs_real_data

@@ -149,3 +149,16 @@ def test_evaluate_restores_each_module_mode():
     model[1].eval()  # a frozen submodule stays frozen
     evaluate(model, toy_data(), device="cpu")
     assert model.training and not model[1].training and model[2].training
+
+
+def test_checkpoint_expectations_are_checked_before_anything_is_loaded(tmp_path):
+    model, _ = make()
+    path = save_checkpoint(tmp_path / "ck.pt", model, method="protonet", profile="cpu")
+    other, _ = make(seed=99)
+    before = [p.clone() for p in other.parameters()]
+    for expect in ({"method": "matching"}, {"method": "protonet", "profile": "gpu"}, {"seed": 0}):
+        with pytest.raises(ValueError, match="was saved with"):
+            load_checkpoint(path, other, expect=expect)
+        assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))
+    assert load_checkpoint(path, other, expect={"method": "protonet", "profile": "cpu"})["method"] == "protonet"
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))

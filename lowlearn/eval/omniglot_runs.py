@@ -132,6 +132,20 @@ def run_errors(learner: nn.Module, runs: list[OneShotRun], sizes: BlackBoxSizes,
     return torch.stack(errors).cpu()
 
 
+def held_out(trained_on: Omniglot, image_size: int, root: str | None = None) -> Omniglot:
+    """The ``small2`` alphabets that ``trained_on`` lacks.
+
+    Raises:
+        ValueError: the background set holds every ``small2`` alphabet.
+    """
+    small2 = load_omniglot("small2", root=root, image_size=image_size)
+    unseen = sorted(set(small2.alphabets) - set(trained_on.alphabets))
+    if not unseen:
+        raise ValueError("the background set holds every small2 alphabet, so none is held out: use --background "
+                         "small1 with --test heldout")
+    return small2.subset(unseen)
+
+
 def heldout_errors(learner: nn.Module, trained_on: Omniglot, sizes: BlackBoxSizes, device: torch.device,
                    episodes: int, root: str | None = None) -> Tensor:
     """Error rate (%) on run-like episodes from the ``small2`` alphabets that ``trained_on`` lacks.
@@ -139,12 +153,7 @@ def heldout_errors(learner: nn.Module, trained_on: Omniglot, sizes: BlackBoxSize
     Raises:
         ValueError: the background set holds every ``small2`` alphabet.
     """
-    small2 = load_omniglot("small2", root=root, image_size=sizes.image_size)
-    unseen = sorted(set(small2.alphabets) - set(trained_on.alphabets))
-    if not unseen:
-        raise ValueError("the background set holds every small2 alphabet, so none is held out: use --background "
-                         "small1 with --test heldout")
-    test = small2.subset(unseen)
+    test = held_out(trained_on, sizes.image_size, root)
     sampler = EpisodeSampler(test.images.to(device), RUN_WAYS, 1, 1, seed=1234,
                              groups=test.alphabet_index.to(device))
     learner.eval()
@@ -180,6 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--data", help="data root (default: $LOWLEARN_DATA or ~/.cache/lowlearn)")
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 0:
+        parser.error(f"--steps must be at least 0 (0 scores the untrained learner), got {args.steps}")
+    if args.episodes < 1:
+        parser.error(f"--episodes must be at least 1, got {args.episodes}")
     if args.save is not None and args.save.exists():
         parser.error(f"{args.save} exists; choose another --save path (a saved learner is never overwritten)")
 
@@ -199,6 +212,11 @@ def main(argv: list[str] | None = None) -> None:
         learner.test_rotations = True
     data = background(args.background, sizes.image_size, args.data)
     runs = None
+    if args.test == "heldout":
+        try:
+            held_out(data, sizes.image_size, args.data)          # before any training: is anything held out?
+        except ValueError as error:
+            parser.error(str(error))
     if args.test == "runs":
         try:
             runs = load_omniglot_runs(root=args.data, image_size=sizes.image_size)
@@ -206,13 +224,18 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"{error}\nWithout the runs, evaluate on held-out alphabets instead: --background small1 "
                      "--test heldout")
     if args.checkpoint is not None:
-        load_checkpoint(args.checkpoint, learner, map_location=device)
+        try:
+            load_checkpoint(args.checkpoint, learner, map_location=device,
+                            expect={"method": args.method, "profile": profile.name})
+        except ValueError as error:
+            sys.exit(f"{error}: run with the --method and --profile it was saved with, or train anew")
         print(f"loaded {args.method} from {args.checkpoint}")
     else:
         start = time.perf_counter()
         losses = train(learner, args.method, data, sizes, device, args.seed)
+        final = f"final loss {losses[-1]:.3f}" if losses else "no training steps"
         print(f"meta-trained {args.method} on {args.background} ({data.num_characters} characters): "
-              f"final loss {losses[-1]:.3f}, {time.perf_counter() - start:.0f} s")
+              f"{final}, {time.perf_counter() - start:.0f} s")
         if args.save is not None:
             save_checkpoint(args.save, learner, method=args.method, profile=profile.name)
             print(f"saved to {args.save}")
