@@ -13,7 +13,9 @@ parameter gradients is made identical on every process:
   every process holds the same masks;
 * DLRT (:mod:`lowlearn.lowrank.dlrt`) averages the gradients of its factors
   itself, since DistributedDataParallel cannot follow parameters whose shapes
-  change with the rank.
+  change with the rank;
+* Powerpropagation's optimiser-aware update (:class:`~lowlearn.powerprop.PowerPropOptimizer`)
+  averages the gradients of the effective weights ``θ`` it steps on.
 
 DistributedDataParallel holds the parameters it was given, so give a model its
 masks before training (the sparsifiers attach them when they are built; before a

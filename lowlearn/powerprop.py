@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .distributed import average_across_processes
 from .reparam import OutputGradients, register
 from .sparse.mask import resolve_layers
 
@@ -239,18 +240,29 @@ class PowerPropOptimizer:
     def step(self) -> None:
         """One optimiser-aware step (see the class docstring).
 
+        In data-parallel training the ``∂L/∂θ`` are averaged over the processes first,
+        as ``DistributedDataParallel`` averages the gradients of ``φ``, so that every
+        process takes the same step.
+
         Raises:
-            RuntimeError: no ``∂L/∂θ`` was seen for a layer that has a gradient
-                (no backward pass since :meth:`zero_grad`).
+            RuntimeError: a layer has a nonzero gradient but no ``∂L/∂θ`` was seen for
+                it (the backward pass ran before this wrapper was built).
         """
+        grads = self._theta_grads.grads
+        average_across_processes(grads[name] for name in sorted(grads))
         swapped = []
         for name, phi, alpha in self._weights:
             if phi.grad is None:
                 continue
-            theta_grad = self._theta_grads.grads.get(name)
+            theta_grad = grads.get(name)
             if theta_grad is None:
-                raise RuntimeError(f"no gradient of the effective weight of {name!r} was seen: call zero_grad(), "
-                                   "then forward and backward, then step()")
+                # A zero gradient (zero_grad(set_to_none=False)) of a layer that took no part in the
+                # loss: ∂L/∂θ = 0 too. Anything else came from a backward pass this wrapper did not see.
+                if phi.grad.any():
+                    raise RuntimeError(f"no gradient of the effective weight of {name!r} was seen: build the "
+                                       "PowerPropOptimizer before the forward pass, then zero_grad(), forward, "
+                                       "backward and step()")
+                theta_grad = torch.zeros_like(phi)
             old, power = self._scratch_like(name, phi)
             old.copy_(phi)
             _power(old, alpha, out=phi)                           # the parameter holds θ = φ |φ|^(α−1) ...

@@ -17,10 +17,11 @@ from lowlearn.distributed import average_across_processes, world
 from lowlearn.lowrank import DLRT, to_low_rank
 from lowlearn.lowrank.layers import dense_parameters
 from lowlearn.models import MLP
+from lowlearn.powerprop import PowerPropOptimizer, powerprop
 from lowlearn.sparse import SET, SNFS, GradualPruning, RigL, StaticSparse, TopKAST, attach_masks
 from lowlearn.train import fit
 
-METHODS = ("static", "set", "rigl", "snfs", "topkast", "gradual", "dlrt")
+METHODS = ("static", "set", "rigl", "snfs", "topkast", "gradual", "dlrt", "powerprop")
 STEPS = 12
 
 
@@ -31,6 +32,9 @@ def train(method: str) -> dict:
     if method == "dlrt":
         to_low_rank(model, ["1", "3"], tol=0.3)
         optimizer = DLRT(model, lr=0.1, tol=0.3, optimizer=torch.optim.SGD(dense_parameters(model), lr=0.1))
+    elif method == "powerprop":     # the optimiser-aware Adam reads ∂L/∂θ itself: it must average it too
+        powerprop(model, 3)
+        optimizer = PowerPropOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), model)
     else:
         if method == "gradual":
             attach_masks(model)      # before DistributedDataParallel takes the parameters (see fit)

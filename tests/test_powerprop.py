@@ -176,6 +176,35 @@ def test_the_aware_step_follows_the_model_to_another_dtype():
         assert b.dtype == torch.float64 and torch.allclose(a, b, rtol=1e-12, atol=0)
 
 
+def test_a_layer_that_sat_out_a_pass_takes_a_zero_gradient_step_after_zero_grad_without_none():
+    torch.manual_seed(0)
+    model = powerprop(torch.nn.ModuleDict({"trunk": torch.nn.Linear(20, 8), "a": torch.nn.Linear(8, 4),
+                                           "b": torch.nn.Linear(8, 4)}), 3)
+    reference = copy.deepcopy(model)
+    x, y = batch()
+    for net, explicit_zero in ((model, False), (reference, True)):
+        aware = PowerPropOptimizer(torch.optim.Adam(net.parameters(), lr=0.01), net)
+        for head in ("a", "b", "b"):                 # head a sits out the last two passes ...
+            aware.zero_grad(set_to_none=False)
+            features = net["trunk"](x).relu()
+            loss = F.cross_entropy(net[head](features), y)
+            if explicit_zero and head == "b":        # ... or, for the reference, takes part with weight 0
+                loss = loss + 0 * net["a"](features).sum()
+            loss.backward()
+            aware.step()
+    for (name, value), expected in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(value, expected), name
+
+
+def test_a_gradient_the_wrapper_did_not_see_is_an_error():
+    model = powerprop(small_mlp(), 3)
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()                     # before the wrapper exists
+    aware = PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    with pytest.raises(RuntimeError, match="build the PowerPropOptimizer before the forward pass"):
+        aware.step()
+
+
 def test_plain_adam_on_phi_weakens_rich_get_richer():
     # Two weights, one large and one small, with the same gradient ∂L/∂θ = 1.
     alpha, lr = 2.0, 1e-3
