@@ -109,12 +109,17 @@ def record(chapter: str, key: str, value: float, *, ci: float | None = None, uni
         directory: the folder of the results files (default: see the module docstring).
 
     Raises:
-        ValueError: an empty chapter or key, a value or interval that is not finite, or an
-            existing results file that cannot be read (it is left as it is).
+        ValueError: an empty chapter or key, a value that is not a finite number, an interval that
+            is negative or not finite, or an existing results file that cannot be read (it is left
+            as it is).
     """
     chapter, key = _check_name("chapter", chapter), _check_name("key", key)
+    if value is None or isinstance(value, bool):
+        raise ValueError(f"a result's value must be a number, got {value!r}")
     value = _finite("value", value.item() if isinstance(value, torch.Tensor) else value)
     ci = _finite("interval", ci.item() if isinstance(ci, torch.Tensor) else ci)
+    if ci is not None and ci < 0:
+        raise ValueError(f"a result's interval is a half-width and cannot be negative, got {ci}")
     result = Result(value=value, ci=ci, unit=unit, label=label,
                     device=f"{device_description()}, torch {torch.__version__}",
                     recorded=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))

@@ -18,8 +18,12 @@ from numpy.typing import ArrayLike
 
 
 def _as_float64(values: ArrayLike | torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · values`` as a flat float64 CPU tensor: from any tensor dtype (bfloat16 too, which NumPy lacks),
+    or from an array or a list of numbers or of one-element tensors."""
     if isinstance(values, torch.Tensor):
-        values = values.detach().cpu()
+        values = values.detach().to("cpu", torch.float64)
+    elif isinstance(values, (list, tuple)):
+        values = [v.detach().item() if isinstance(v, torch.Tensor) else v for v in values]
     return scale * torch.as_tensor(np.asarray(values, dtype=np.float64)).flatten()
 
 

@@ -50,6 +50,9 @@ def test_directory_from_the_environment_and_the_current_profile(tmp_path, monkey
     ("c", " ", 1.0, None, "key"),
     ("c", "k", math.nan, None, "finite"),
     ("c", "k", 1.0, math.inf, "finite"),
+    ("c", "k", None, None, "must be a number, got None"),
+    ("c", "k", True, None, "must be a number, got True"),
+    ("c", "k", 1.0, -0.5, "cannot be negative"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, chapter, key, value, ci, message):
     with pytest.raises(ValueError, match=message):

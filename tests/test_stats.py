@@ -23,6 +23,8 @@ def test_mean_and_ci_takes_lists_arrays_and_tensors_alike():
     assert mean_and_ci(values) == expected
     assert mean_and_ci(np.array(values, dtype=np.float32)) == pytest.approx(expected, rel=1e-7)
     assert mean_and_ci(np.array(values).reshape(2, 2)) == expected          # flattened
+    assert mean_and_ci(torch.tensor(values, dtype=torch.bfloat16)) == expected  # these are exact in bfloat16
+    assert mean_and_ci([torch.tensor(v, requires_grad=True) for v in values]) == expected
 
 
 def test_mean_and_ci_needs_two_values():
