@@ -42,6 +42,7 @@ between them.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -171,6 +172,11 @@ def _subspace_iteration(model: nn.Sequential, layer: int, k: int, batch: tuple[T
     return torch.linalg.qr(directions.T)[0].T.reshape(k, *shape).contiguous()
 
 
+def _check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+
+
 def grow(model: nn.Sequential, layer: int, k: int, strategy: str = "gradmax", *,
          batch: tuple[Tensor, Tensor] | None = None, loss_fn: LossFn = F.cross_entropy,
          optimizer: torch.optim.Optimizer | None = None, max_width: int | None = None, scale: float = 1.0,
@@ -204,8 +210,7 @@ def grow(model: nn.Sequential, layer: int, k: int, strategy: str = "gradmax", *,
     """
     if not isinstance(k, int) or k <= 0:
         raise ValueError(f"k must be a positive number of units; got {k!r}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+    _check_strategy(strategy)
     grown, consumer = layer_pair(model, layer)
     old = grown.weight.shape[0]
     if max_width is not None and old + k > max_width:
@@ -306,12 +311,26 @@ class GrowthSchedule:
         strategy: as for :func:`grow`.
         batch: ``batch() → (inputs, targets)``, called at each growth for GradMax.
         **options: passed on to :func:`grow` (``loss_fn``, ``scale``, ``epsilon``, ``generator`` ...).
+
+    Raises:
+        ValueError: ``k``, ``every`` or ``target`` not a positive integer, an unknown
+            strategy, GradMax without ``batch``.
+        TypeError: an option that :func:`grow` does not take, or one the schedule sets
+            itself (``max_width`` is ``target``, ``optimizer`` the training loop's).
     """
 
     def __init__(self, layer: int, k: int, every: int, target: int, strategy: str = "gradmax", *,
                  batch: Callable[[], tuple[Tensor, Tensor]] | None = None, **options):
-        if not isinstance(k, int) or k <= 0 or not isinstance(every, int) or every <= 0:
-            raise ValueError(f"k and every must be positive integers; got k={k!r}, every={every!r}")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (k, every, target)):
+            raise ValueError(f"k, every and target must be positive integers; got k={k!r}, every={every!r}, "
+                             f"target={target!r}")
+        _check_strategy(strategy)
+        allowed = set(inspect.signature(grow).parameters) - {"model", "layer", "k", "strategy", "batch", "optimizer",
+                                                             "max_width"}
+        wrong = sorted(options.keys() - allowed)
+        if wrong:
+            raise TypeError(f"GrowthSchedule cannot pass {wrong} on to grow(): its options are {sorted(allowed)} "
+                            "(the schedule sets the others itself; max_width is target)")
         if strategy == "gradmax" and batch is None:
             raise ValueError("GradMax needs batch=, a function that returns a batch (inputs, targets)")
         self.layer, self.k, self.every, self.target = layer, k, every, target

@@ -321,6 +321,10 @@ class ConvNet(nn.Module):
 
     Shapes:
         input ``(B, in_channels, image_size, image_size)``; output ``(B, num_classes)``.
+
+    Raises:
+        ValueError: a ``depth`` other than 2, 4 or 6, or an ``image_size`` below
+            ``2^(depth/2)``, so that the poolings leave no pixel.
     """
 
     def __init__(self, depth: int = 2, num_classes: int = 10, in_channels: int = 3,
@@ -328,14 +332,18 @@ class ConvNet(nn.Module):
         super().__init__()
         if depth not in (2, 4, 6):
             raise ValueError(f"ConvNet depth must be 2, 4 or 6 (Conv-2/4/6), got {depth}")
+        poolings = depth // 2
+        if image_size < 2 ** poolings:
+            raise ValueError(f"image_size={image_size} is too small for Conv-{depth}: {poolings} 2×2 poolings "
+                             f"need images of at least {2 ** poolings}×{2 ** poolings} pixels")
         layers: list[nn.Module] = []
         channels = in_channels
-        for out_channels in (64, 128, 256)[: depth // 2]:
+        for out_channels in (64, 128, 256)[:poolings]:
             layers += [nn.Conv2d(channels, out_channels, 3, padding=1), nn.ReLU(),
                        nn.Conv2d(out_channels, out_channels, 3, padding=1), nn.ReLU(),
                        nn.MaxPool2d(2)]
             channels = out_channels
-        size = image_size // 2 ** (depth // 2)
+        size = image_size // 2 ** poolings
         self.features = nn.Sequential(*layers)
         self.classifier = MLP(channels * size * size, (256, 256), num_classes)
 

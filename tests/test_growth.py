@@ -135,6 +135,20 @@ def test_a_schedule_grows_to_the_target_width_during_fit():
     assert width(model, 0) == 11 and schedule.grown_at == [4, 8]
 
 
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(strategy="rnadom"), ValueError, "unknown strategy 'rnadom'"),
+    (dict(strategy="random", max_width=64), TypeError, r"cannot pass \['max_width'\]"),
+    (dict(strategy="random", epsilonn=0.1), TypeError, r"cannot pass \['epsilonn'\] on to grow\(\): its options are "
+                                                       r"\['epsilon', 'generator', 'loss_fn', 'noise', 'scale'\]"),
+    (dict(strategy="random", target=0), ValueError, "must be positive integers; .*target=0"),
+    (dict(strategy="random", every=True), ValueError, "every=True"),
+])
+def test_a_schedule_checks_its_arguments_when_it_is_built(kwargs, error, message):
+    arguments = dict(layer=0, k=3, every=4, target=11) | kwargs
+    with pytest.raises(error, match=message):
+        GrowthSchedule(**arguments)
+
+
 def test_bad_growth_is_a_clear_error():
     model, data = mlp(), batch()
     with pytest.raises(ValueError, match="positive number of units"):

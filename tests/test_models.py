@@ -188,6 +188,10 @@ def test_convnet_conv2_parameters_by_hand_and_shapes():
         assert ConvNet(depth)(torch.zeros(3, 3, 32, 32)).shape == (3, 10)
     with pytest.raises(ValueError, match="2, 4 or 6"):
         ConvNet(3)
+    assert ConvNet(6, image_size=8)(torch.zeros(2, 3, 8, 8)).shape == (2, 10)     # the smallest Conv-6 input
+    with pytest.raises(ValueError, match="image_size=4 is too small for Conv-6: 3 2×2 poolings need images of at "
+                                         "least 8×8"):
+        ConvNet(6, image_size=4)
 
 
 # --- Efficient blocks: MobileNet's depthwise separable convolution, bottlenecks, SmallCNN ---
