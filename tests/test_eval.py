@@ -86,13 +86,13 @@ def test_the_same_seed_gives_the_same_learner_and_error(capsys):
 @needs_real_data
 def test_test_time_rotations_are_for_metric_learners(monkeypatch, capsys):
     seen = []
-    scored = omniglot_runs.heldout_errors
+    scored = omniglot_runs.episode_errors
 
-    def heldout_errors(learner, *args):
+    def episode_errors(learner, *args):
         seen.append((learner.test_rotations, learner.test_shift))
         return scored(learner, *args)
 
-    monkeypatch.setattr(omniglot_runs, "heldout_errors", heldout_errors)
+    monkeypatch.setattr(omniglot_runs, "episode_errors", episode_errors)
     common = ["--profile", "smoke", "--data", str(SHARED_DATA), "--background", "small1", "--test", "heldout",
               "--episodes", "2", "--steps", "1", "--device", "cpu"]
     omniglot_runs.main(common + ["--test-rotations", "--test-shift", "2"])

@@ -153,7 +153,12 @@ def heldout_errors(learner: nn.Module, trained_on: Omniglot, sizes: BlackBoxSize
     Raises:
         ValueError: the background set holds every ``small2`` alphabet.
     """
-    test = held_out(trained_on, sizes.image_size, root)
+    return episode_errors(learner, held_out(trained_on, sizes.image_size, root), sizes, device, episodes)
+
+
+def episode_errors(learner: nn.Module, test: Omniglot, sizes: BlackBoxSizes, device: torch.device,
+                   episodes: int) -> Tensor:
+    """Error rate (%) on ``episodes`` run-like episodes of ``test``: 20-way one-shot, within one alphabet."""
     sampler = EpisodeSampler(test.images.to(device), RUN_WAYS, 1, 1, seed=1234,
                              groups=test.alphabet_index.to(device))
     learner.eval()
@@ -211,10 +216,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--test-rotations is for the metric learners (protonet, matching), not maml")
         learner.test_rotations = True
     data = background(args.background, sizes.image_size, args.data)
-    runs = None
+    runs = test = None
     if args.test == "heldout":
         try:
-            held_out(data, sizes.image_size, args.data)          # before any training: is anything held out?
+            test = held_out(data, sizes.image_size, args.data)   # before any training: is anything held out?
         except ValueError as error:
             parser.error(str(error))
     if args.test == "runs":
@@ -251,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, error in PUBLISHED[key]:
                 print(f"  {name:38s} {key + ' background':20s} {error:5.1f}")
     else:
-        errors = heldout_errors(learner, data, sizes, device, args.episodes, args.data)
+        errors = episode_errors(learner, test, sizes, device, args.episodes)
         mean, ci = mean_and_ci(errors)
         print(f"\nheld-out small2 alphabets, 20-way one-shot within one alphabet, {args.episodes} episodes: "
               f"error {mean:.1f} ± {ci:.1f}%  (accuracy {100 - mean:.1f}%)")
