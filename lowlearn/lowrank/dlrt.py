@@ -113,8 +113,8 @@ class DLRT(torch.optim.Optimizer):
         if betas is not None and not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         groups = [{"params": _factors(model)}]
-        if optimizer is None and dense_parameters(model):
-            groups.append({"params": dense_parameters(model)})
+        if optimizer is None and (dense := dense_parameters(model)):
+            groups.append({"params": dense})
         super().__init__(groups, {"lr": float(lr)})
         self.model, self.r_min, self.r_max = model, r_min, r_max
         self.tol = None if tol is None else check_tolerance(tol)
