@@ -82,12 +82,12 @@ def collect(sizes: dict[str, dict], device: torch.device) -> list[dict]:
         rows.append(_row("lowrank", case, "dense", "training memory", row["dlrt"]["bytes"] / row["dense"]["bytes"],
                          goal))
     result = maml.run(device=device, **sizes["maml"])
-    seconds = result["seconds"]
-    rows.append(_row("maml", "lowlearn MAML", "higher", "throughput", seconds["higher"] / seconds["lowlearn"],
-                     3.0 if device.type == "cuda" else 1.0, higher_is_better=True))
-    if result["peak_bytes"]:
-        peak = result["peak_bytes"]
-        rows.append(_row("maml", "lowlearn MAML", "higher", "peak memory", peak["lowlearn"] / max(peak["higher"], 1)))
+    seconds, peak = result["seconds"], result["peak_bytes"]
+    for name, case in (("lowlearn", "lowlearn MAML"), ("lowlearn batched", "lowlearn MAML, all tasks at once")):
+        rows.append(_row("maml", case, "higher", "throughput", seconds["higher"] / seconds[name],
+                         3.0 if device.type == "cuda" else 1.0, higher_is_better=True))
+        if peak:
+            rows.append(_row("maml", case, "higher", "peak memory", peak[name] / max(peak["higher"], 1)))
     for row in sparse.run(device=device, **sizes["sparse"]):
         cpu_goal = 3.0 if row["format"] == "csr" and row["density"] == 0.05 and device.type == "cpu" else None
         gpu_goal = 1.2 if row["format"].startswith("2:4") else None

@@ -28,12 +28,16 @@ Tasks come in batches with a leading task dimension, such as
 :class:`lowlearn.data.episodes.Episode` or :class:`lowlearn.data.tasks.RegressionBatch`
 (``support_x``, ``support_y``, ``query_x``, ``query_y``). :meth:`MAML.meta_step`
 back-propagates each task's query loss before adapting to the next one, so memory
-does not grow with the number of tasks.
+does not grow with the number of tasks. With ``tasks_at_once=T`` it adapts ``T``
+tasks together instead, each layer of all ``T`` networks one kernel
+(:mod:`lowlearn.meta.batched`): fewer, larger kernels for a GPU, for ``T`` times
+the memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -41,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..train import buffers_restored
+from .batched import summed_over_tasks, task_batched
 from .functional import LossFn, Params, check_labels, check_task, inner_loop, parameters_of, run
 
 
@@ -76,23 +81,37 @@ class MAML(nn.Module):
         first_order: first-order MAML (no second derivatives).
         adapt: names of the parameters that adapt in the inner loop (default: all).
         learn_lr: learn a rate per parameter element (Meta-SGD).
-        loss_fn: the task loss (cross-entropy; ``F.mse_loss`` for regression).
+        loss_fn: the task loss (cross-entropy; ``F.mse_loss`` for regression); with
+            ``tasks_at_once > 1`` it must average over its examples (see
+            :func:`~lowlearn.meta.batched.summed_over_tasks`).
+        tasks_at_once: tasks adapted together in meta-training and evaluation. 1 (the
+            default) adapts one task after another and works with any model; more runs
+            them through :func:`~lowlearn.meta.batched.task_batched` (Conv2d, Linear and
+            batch norm without running statistics), with the same results, fewer
+            kernel launches and memory for that many tasks.
 
     Raises:
         ValueError: a negative ``inner_steps``, or zero inner steps with second order
-            (there would be nothing to differentiate through), or an unknown name in ``adapt``.
+            (there would be nothing to differentiate through), an unknown name in
+            ``adapt``, ``tasks_at_once`` below 1, or a model with layers that cannot
+            run task-batched when ``tasks_at_once > 1``.
     """
 
     def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int = 1, *, first_order: bool = False,
-                 adapt: list[str] | None = None, learn_lr: bool = False, loss_fn: LossFn = F.cross_entropy):
+                 adapt: list[str] | None = None, learn_lr: bool = False, loss_fn: LossFn = F.cross_entropy,
+                 tasks_at_once: int = 1):
         super().__init__()
         if not isinstance(inner_steps, int) or inner_steps < 0:
             raise ValueError(f"inner_steps must be a non-negative integer, got {inner_steps!r}")
+        if not isinstance(tasks_at_once, int) or tasks_at_once < 1:
+            raise ValueError(f"tasks_at_once must be a positive integer, got {tasks_at_once!r}")
+        if tasks_at_once > 1:
+            task_batched(model)                     # raises now if a layer has no task-batched form
         if inner_steps == 0 and not first_order:
             raise ValueError("second-order MAML with 0 inner steps has no inner update to differentiate through: "
                              "use inner_steps >= 1 (or first_order=True to train the initialisation directly)")
         self.model, self.inner_lr, self.inner_steps = model, inner_lr, inner_steps
-        self.first_order, self.loss_fn = first_order, loss_fn
+        self.first_order, self.loss_fn, self.tasks_at_once = first_order, loss_fn, tasks_at_once
         names = list(parameters_of(model))
         self.adapt_names = names if adapt is None else list(adapt)
         unknown = set(self.adapt_names) - set(names)
@@ -134,16 +153,20 @@ class MAML(nn.Module):
                 model's ``0 .. N−1``.
         """
         count = tasks.support_x.shape[0]
-        check_tasks(self.model, parameters_of(self.model), tasks)
+        params = parameters_of(self.model)
+        check_tasks(self.model, params, tasks)
         total, correct = 0.0, 0.0
-        for j in range(count):
-            params = self.adapt(tasks.support_x[j], tasks.support_y[j])
-            out = run(self.model, params, tasks.query_x[j])
-            loss = self.loss_fn(out, tasks.query_y[j])
+        loss_fn = summed_over_tasks(self.loss_fn)
+        for forward, adapted, query_x, query_y in adapted_tasks(self.model, params, tasks, self.loss_fn,
+                                                                self.inner_steps, self.learning_rates(),
+                                                                first_order=self.first_order, adapt=self.adapt_names,
+                                                                tasks_at_once=self.tasks_at_once):
+            out = forward(adapted, query_x)
+            loss = loss_fn(out, query_y)
             (loss / count).backward()
             total = total + loss.detach()
-            if not tasks.query_y.dtype.is_floating_point:
-                correct = correct + (out.argmax(-1) == tasks.query_y[j]).float().mean().detach()
+            if not query_y.dtype.is_floating_point:
+                correct = correct + (out.argmax(-1) == query_y).float().mean(-1).sum().detach()
         stats = {"loss": total / count}
         if not tasks.query_y.dtype.is_floating_point:
             stats["accuracy"] = correct / count
@@ -162,7 +185,7 @@ class MAML(nn.Module):
         See :func:`adapt_and_evaluate`.
         """
         return adapt_and_evaluate(self.model, tasks, self.loss_fn, self.inner_steps if steps is None else steps,
-                                  self.learning_rates(), adapt=self.adapt_names)
+                                  self.learning_rates(), adapt=self.adapt_names, tasks_at_once=self.tasks_at_once)
 
 
 def check_tasks(model: nn.Module, params: Params, tasks: TaskBatch) -> None:
@@ -182,15 +205,54 @@ def check_tasks(model: nn.Module, params: Params, tasks: TaskBatch) -> None:
     check_labels(torch.cat([tasks.support_y.flatten(), tasks.query_y.flatten()]), ways)
 
 
+Forward = Callable[[Params, Tensor], Tensor]
+
+
+def adapted_tasks(model: nn.Module, params: Params, tasks: TaskBatch, loss_fn: LossFn, steps: int,
+                  lr: float | Mapping[str, Tensor], *, first_order: bool, adapt: list[str] | None = None,
+                  tasks_at_once: int = 1) -> Iterator[tuple[Forward, Params, Tensor, Tensor]]:
+    """Adapt ``params`` to the tasks' support sets, ``tasks_at_once`` tasks at a time, and yield each group.
+
+    Each group comes as ``(forward, adapted, query_x, query_y)``: the group's query
+    inputs and targets ``(T, Q, ...)`` and a ``forward(adapted, x)`` that maps inputs
+    ``(T, B, ...)`` to outputs ``(T, B, ...)``, task ``t`` with its own adapted
+    parameters. With ``tasks_at_once=1`` each task runs through ``model`` itself
+    (``T = 1``); with more, through :func:`~lowlearn.meta.batched.task_batched`. A group
+    is adapted when the caller asks for it, so a caller that back-propagates each
+    group's loss before the next keeps one group's graph at a time.
+    """
+    count = tasks.support_x.shape[0]
+    names = list(params) if adapt is None else list(adapt)
+    if tasks_at_once == 1:
+        def forward(adapted: Params, x: Tensor) -> Tensor:
+            return run(model, adapted, x[0]).unsqueeze(0)
+
+        for j in range(count):
+            adapted = inner_loop(model, params, tasks.support_x[j], tasks.support_y[j], loss_fn, steps, lr,
+                                 first_order=first_order, adapt=names)
+            yield forward, adapted, tasks.query_x[j:j + 1], tasks.query_y[j:j + 1]
+        return
+    batched, summed = task_batched(model), summed_over_tasks(loss_fn)
+    for start in range(0, count, tasks_at_once):
+        part = slice(start, start + tasks_at_once)
+        size = tasks.support_x[part].shape[0]
+        stacked = {name: p.expand(size, *p.shape) if name in names else p for name, p in params.items()}
+        adapted = inner_loop(batched, stacked, tasks.support_x[part], tasks.support_y[part], summed, steps, lr,
+                             first_order=first_order, adapt=names)
+        yield partial(run, batched), adapted, tasks.query_x[part], tasks.query_y[part]
+
+
 def adapt_and_evaluate(model: nn.Module, tasks: TaskBatch, loss_fn: LossFn, steps: int,
-                       lr: float | dict[str, Tensor], adapt: list[str] | None = None) -> dict[str, Tensor]:
+                       lr: float | dict[str, Tensor], adapt: list[str] | None = None,
+                       tasks_at_once: int = 1) -> dict[str, Tensor]:
     """Fine-tune ``model`` on each task's support set by ``steps`` SGD steps, then score its query set.
 
     The meta-test protocol of every method here (and, with the initialisation of a
     model trained on all tasks at once, of the "pre-trained" baseline of Finn et al.).
     The model itself is not changed (its parameters, and its buffers: a batch norm's
     running statistics are restored afterwards) and no meta-gradient is kept. The
-    caller picks train or eval mode.
+    caller picks train or eval mode. ``tasks_at_once`` tasks are adapted together
+    (see :class:`MAML`).
 
     Returns:
         ``{"loss": ..., "per_task_loss": ..., "accuracy": ..., "per_task_accuracy": ...}``:
@@ -205,20 +267,19 @@ def adapt_and_evaluate(model: nn.Module, tasks: TaskBatch, loss_fn: LossFn, step
     check_tasks(model, start, tasks)
     if isinstance(lr, Mapping):        # Meta-SGD's learned rates: no graph through them at test time
         lr = {name: rate.detach() for name, rate in lr.items()}
-    with buffers_restored(model):
-        for j in range(tasks.support_x.shape[0]):
-            with torch.enable_grad():
-                params = inner_loop(model, start, tasks.support_x[j], tasks.support_y[j], loss_fn, steps, lr,
-                                    first_order=True, adapt=adapt)
+    with buffers_restored(model), torch.enable_grad():
+        for forward, adapted, query_x, query_y in adapted_tasks(model, start, tasks, loss_fn, steps, lr,
+                                                                first_order=True, adapt=adapt,
+                                                                tasks_at_once=tasks_at_once):
             with torch.no_grad():
-                out = run(model, {n: p.detach() for n, p in params.items()}, tasks.query_x[j])
-                losses.append(loss_fn(out, tasks.query_y[j]))
-                if not tasks.query_y.dtype.is_floating_point:
-                    accuracies.append((out.argmax(-1) == tasks.query_y[j]).float().mean())
+                out = forward({name: p.detach() for name, p in adapted.items()}, query_x)
+                losses += [loss_fn(task_out, task_y) for task_out, task_y in zip(out, query_y)]
+                if not query_y.dtype.is_floating_point:
+                    accuracies.append((out.argmax(-1) == query_y).float().mean(-1))
     per_task = torch.stack(losses)
     stats = {"loss": per_task.mean(), "per_task_loss": per_task}
     if accuracies:
-        stats["per_task_accuracy"] = torch.stack(accuracies)
+        stats["per_task_accuracy"] = torch.cat(accuracies)
         stats["accuracy"] = stats["per_task_accuracy"].mean()
     return stats
 

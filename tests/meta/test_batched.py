@@ -1,0 +1,142 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowlearn.data.episodes import Episode
+from lowlearn.data.tasks import RegressionBatch, SinusoidTasks
+from lowlearn.meta import ANIL, MAML, MetaSGD, adapt_and_evaluate, parameters_of, run
+from lowlearn.meta.batched import summed_over_tasks, task_batched
+from lowlearn.models import MLP, Conv4, LeNet5
+from lowlearn.sparse import attach_masks
+
+
+def episodes(tasks=5, ways=3, shots=2, queries=3, size=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    labels = lambda k: torch.arange(ways).repeat_interleave(k).repeat(tasks, 1)   # noqa: E731
+    return Episode(torch.randn(tasks, ways * shots, 1, size, size, generator=generator, dtype=torch.float64),
+                   labels(shots),
+                   torch.randn(tasks, ways * queries, 1, size, size, generator=generator, dtype=torch.float64),
+                   labels(queries), torch.zeros(tasks, ways, dtype=torch.long))
+
+
+def regression(tasks=5, seed=0):
+    batch = SinusoidTasks().sample(tasks, 5, 7, generator=torch.Generator().manual_seed(seed))
+    return RegressionBatch(*(t.double() for t in batch))
+
+
+def problem(kind):
+    """A float64 model, its tasks, loss and inner learning rate."""
+    torch.manual_seed(0)
+    if kind == "mlp":
+        return MLP(1, (40, 40), 1).double(), regression(), F.mse_loss, 0.01
+    return Conv4(1, 3, hidden=8, image_size=16, running_stats=False).double(), episodes(), F.cross_entropy, 0.4
+
+
+@pytest.mark.parametrize("kind", ["conv4", "mlp", "mlp-images", "lenet5"])
+def test_each_task_of_a_batched_run_equals_the_model_run_with_that_tasks_parameters(kind):
+    torch.manual_seed(0)
+    model, shape = {"conv4": (Conv4(1, 5, hidden=8, image_size=16, running_stats=False), (1, 16, 16)),
+                    "mlp": (MLP(1, (40, 40), 1), (1,)),
+                    "mlp-images": (MLP(784, (20,), 5), (1, 28, 28)),
+                    "lenet5": (LeNet5(), (1, 28, 28))}[kind]
+    model = model.double()
+    tasks, batch = 3, 4
+    shared = next(iter(parameters_of(model)))                      # one parameter without a task dimension
+    params = {name: p if name == shared else p + 0.1 * torch.randn(tasks, *p.shape, dtype=p.dtype)
+              for name, p in parameters_of(model).items()}
+    x = torch.randn(tasks, batch, *shape, dtype=torch.float64)
+    out = run(task_batched(model), params, x)
+    for t in range(tasks):
+        own = {name: p if name == shared else p[t] for name, p in params.items()}
+        assert torch.allclose(out[t], run(model, own, x[t]), rtol=0, atol=1e-12)
+
+
+def test_the_batched_copy_shares_the_parameters_and_leaves_the_model_alone():
+    model = Conv4(1, 5, hidden=8, image_size=16, running_stats=False)
+    x = torch.randn(6, 1, 16, 16)
+    before, state = model(x), copy.deepcopy(model.state_dict())
+    batched = task_batched(model)
+    assert dict(batched.named_parameters()) == dict(model.named_parameters())
+    assert torch.equal(batched(x[None])[0], before)                 # its own parameters: shared by every task
+    assert type(model) is Conv4 and torch.equal(model(x), before)
+    assert model.state_dict().keys() == state.keys()
+    maml = MAML(model, 0.4, 1, tasks_at_once=4)
+    assert maml.state_dict().keys() == MAML(model, 0.4, 1).state_dict().keys()
+
+
+def test_summed_over_tasks_is_the_sum_of_each_tasks_mean_loss():
+    out, y = torch.randn(3, 7, 5, dtype=torch.float64), torch.randint(0, 5, (3, 7))
+    expected = sum(F.cross_entropy(out[t], y[t]) for t in range(3))
+    assert torch.allclose(summed_over_tasks(F.cross_entropy)(out, y), expected, rtol=1e-14)
+
+
+def learner(variant, model, lr, steps, loss_fn, tasks_at_once):
+    if variant == "anil":
+        return ANIL(model, lr, steps, loss_fn=loss_fn, tasks_at_once=tasks_at_once)
+    if variant == "metasgd":
+        return MetaSGD(model, lr, steps, loss_fn=loss_fn, tasks_at_once=tasks_at_once)
+    return MAML(model, lr, steps, first_order=variant == "first-order", loss_fn=loss_fn, tasks_at_once=tasks_at_once)
+
+
+@pytest.mark.parametrize("tasks_at_once", [2, 5])
+@pytest.mark.parametrize("variant", ["maml", "first-order", "anil", "metasgd"])
+@pytest.mark.parametrize("steps", [1, 5])
+@pytest.mark.parametrize("kind", ["mlp", "conv4"])
+def test_batched_meta_gradient_equals_the_per_task_loop(kind, steps, variant, tasks_at_once):
+    """In float64, for batch norm too: groups of 2 (2 + 2 + 1 tasks) and all 5 at once."""
+    model, tasks, loss_fn, lr = problem(kind)
+    results = []
+    for at_once in (1, tasks_at_once):
+        meta = learner(variant, copy.deepcopy(model), lr, steps, loss_fn, at_once)
+        stats = meta.meta_backward(tasks)
+        results.append((stats, {name: p.grad for name, p in meta.named_parameters()}))
+    (loop_stats, loop_grads), (stats, grads) = results
+    assert loop_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        if grad is None:                                   # a parameter the loss does not reach (ANIL's none)
+            assert loop_grads[name] is None, name
+            continue
+        assert torch.allclose(grad, loop_grads[name], rtol=1e-10, atol=1e-14), name
+        assert loop_grads[name].abs().sum() > 0, name
+    for key, value in loop_stats.items():
+        assert torch.allclose(stats[key], value, rtol=1e-12), key
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv4"])
+def test_batched_adapt_and_evaluate_equals_the_per_task_loop(kind):
+    model, tasks, loss_fn, lr = problem(kind)
+    loop = adapt_and_evaluate(model, tasks, loss_fn, 3, lr)
+    batched = adapt_and_evaluate(model, tasks, loss_fn, 3, lr, tasks_at_once=2)
+    assert loop.keys() == batched.keys()
+    for key, value in loop.items():
+        assert value.shape == batched[key].shape and torch.allclose(batched[key], value, rtol=1e-12), key
+    assert MAML(model, lr, 3, loss_fn=loss_fn, tasks_at_once=4).evaluate(tasks)["per_task_loss"].shape == (5,)
+
+
+@pytest.mark.parametrize("model, problem_text", [
+    (Conv4(1, 5, hidden=8, image_size=16), "running statistics"),
+    (nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), "LayerNorm"),
+    (nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), "ungrouped"),
+])
+def test_layers_without_a_batched_form_are_refused_when_the_learner_is_built(model, problem_text):
+    with pytest.raises(ValueError, match=problem_text):
+        MAML(model, 0.1, 1, tasks_at_once=2)
+    MAML(model, 0.1, 1)                                    # one task at a time takes any model
+
+
+def test_masked_layers_are_refused_rather_than_run_with_a_frozen_mask():
+    model = MLP(4, (8,), 2)
+    attach_masks(model)
+    with pytest.raises(ValueError, match="parametrized"):
+        task_batched(model)
+
+
+def test_bad_tasks_at_once_and_unflattened_linear_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="tasks_at_once"):
+        MAML(MLP(1, (4,), 1), 0.1, 1, tasks_at_once=0)
+    batched = task_batched(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="flatten"):
+        batched(torch.randn(2, 4, 5, 3))
