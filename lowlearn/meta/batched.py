@@ -47,7 +47,7 @@ def unpack(x: Tensor, tasks: int) -> Tensor:
 
 
 def flat_per_task(value: Tensor | None, tasks: int, dims: int) -> Tensor | None:
-    """A shared (``dims`` dimensions) or per-task (``dims + 1``) ``value`` for all tasks, the task dimension flattened."""
+    """A shared (``dims`` dimensions) or per-task (``dims + 1``) ``value`` for all tasks, task dimension flattened."""
     if value is None:
         return None
     return (value if value.dim() == dims + 1 else value.expand(tasks, *value.shape)).flatten(0, 1)
