@@ -305,6 +305,9 @@ class MetaSizes:
             600); an N-way K-shot setting uses ``5 / (N K)`` times as many (at least 10): adapting to
             its larger support set costs that much more.
         omniglot_meta_lr: ``β``, the Adam rate of the meta-update (the paper: 0.001).
+        omniglot_tasks_at_once: tasks that MAML and its variants adapt together
+            (:class:`lowlearn.meta.MAML`'s ``tasks_at_once``): the same results, fewer and
+            larger kernels (for a GPU), memory for that many tasks.
         variant_meta_steps: meta-steps of first-order MAML, ANIL, Meta-SGD and Reptile on
             5-way 1-shot (best equal to MAML's 5-way 1-shot steps, whose run is then reused).
         reptile_inner_steps: Reptile's SGD steps per task (Nichol et al.: 5 to 10, with Adam).
@@ -350,6 +353,7 @@ class MetaSizes:
     omniglot_test_queries: int
     omniglot_test_episodes: int
     omniglot_meta_lr: float
+    omniglot_tasks_at_once: int
     variant_meta_steps: int
     reptile_inner_steps: int
     reptile_outer_lr: float
@@ -637,7 +641,8 @@ PROFILES: dict[str, Profile] = {
                        omniglot_settings=((5, 1), (5, 5), (20, 1), (20, 5)), omniglot_meta_steps=(3, 2, 2, 2),
                        omniglot_meta_batch=(2, 2), omniglot_inner_lr=(0.4, 0.1), omniglot_inner_steps=(1, 2),
                        omniglot_test_steps=3, omniglot_queries=2, omniglot_test_queries=2, omniglot_test_episodes=6,
-                       omniglot_meta_lr=1e-3, variant_meta_steps=3, reptile_inner_steps=2, reptile_outer_lr=1.0,
+                       omniglot_meta_lr=1e-3, omniglot_tasks_at_once=2, variant_meta_steps=3, reptile_inner_steps=2,
+                       reptile_outer_lr=1.0,
                        pretrain_epochs=1, sweep_inner_lrs=(0.1, 0.4), sweep_meta_steps=2, cost_inner_steps=(1, 2),
                        cost_repeats=1, l2l_quadratic_problems=4, l2l_mnist_problems=1, l2l_horizon=20,
                        l2l_truncation=10, l2l_test_problems=2, l2l_lrs=(0.01, 0.1)),
@@ -698,7 +703,8 @@ PROFILES: dict[str, Profile] = {
                        omniglot_settings=((5, 1), (5, 5), (20, 1), (20, 5)), omniglot_meta_steps=(300, 150, 100, 50),
                        omniglot_meta_batch=(8, 4), omniglot_inner_lr=(0.4, 0.1), omniglot_inner_steps=(1, 1),
                        omniglot_test_steps=10, omniglot_queries=5, omniglot_test_queries=10,
-                       omniglot_test_episodes=100, omniglot_meta_lr=1e-3, variant_meta_steps=300,
+                       omniglot_test_episodes=100, omniglot_meta_lr=1e-3, omniglot_tasks_at_once=1,
+                       variant_meta_steps=300,
                        reptile_inner_steps=5, reptile_outer_lr=1.0, pretrain_epochs=3,
                        sweep_inner_lrs=(0.04, 0.4, 2.0), sweep_meta_steps=40, cost_inner_steps=(1, 2, 5, 10),
                        cost_repeats=1, l2l_quadratic_problems=200, l2l_mnist_problems=10, l2l_horizon=100,
@@ -762,7 +768,8 @@ PROFILES: dict[str, Profile] = {
                        omniglot_meta_steps=(2000, 1500, 1000, 800),
                        omniglot_meta_batch=(32, 16), omniglot_inner_lr=(0.4, 0.1), omniglot_inner_steps=(1, 5),
                        omniglot_test_steps=10, omniglot_queries=5, omniglot_test_queries=10,
-                       omniglot_test_episodes=600, omniglot_meta_lr=1e-3, variant_meta_steps=2000,
+                       omniglot_test_episodes=600, omniglot_meta_lr=1e-3, omniglot_tasks_at_once=32,
+                       variant_meta_steps=2000,
                        reptile_inner_steps=5, reptile_outer_lr=1.0, pretrain_epochs=10,
                        sweep_inner_lrs=(0.04, 0.1, 0.4, 1.0, 2.0), sweep_meta_steps=500,
                        cost_inner_steps=(1, 2, 5, 10, 20), cost_repeats=5, l2l_quadratic_problems=1000,

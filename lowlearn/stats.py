@@ -4,7 +4,8 @@ The chapters report every number that varies between runs (seeds, test episodes,
 test tasks) as ``mean ± half-width of the 95% interval of the mean``, the way
 few-shot and pruning papers do. :func:`mean_and_ci` is that computation;
 :func:`summarize` is the same for results that may come from a single run (a
-profile with one seed), where no interval exists.
+profile with one seed), where no interval exists; :func:`curve_mean_and_ci` is it
+for every point of a curve measured in several runs (an error band).
 """
 
 from __future__ import annotations
@@ -41,12 +42,29 @@ def mean_and_ci(values: ArrayLike | torch.Tensor) -> tuple[float, float]:
     Raises:
         ValueError: fewer than two values (use :func:`summarize` where one run is possible).
     """
-    values = _as_float64(values, 1.0)
-    n = values.numel()
+    mean, half = curve_mean_and_ci(_as_float64(values, 1.0)[:, None])
+    return mean.item(), half.item()
+
+
+def curve_mean_and_ci(runs: ArrayLike | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`mean_and_ci` of every column of ``runs`` ``(n, points)``: a curve's mean and its 95% band.
+
+    Row ``i`` is run ``i`` (a seed, a test problem) measured at the same ``points``
+    (training steps, sparsities); the band is ``mean ± half`` at every point.
+
+    Raises:
+        ValueError: ``runs`` is not two-dimensional, or has fewer than two rows.
+    """
+    runs = runs.detach().to("cpu", torch.float64) if isinstance(runs, torch.Tensor) else \
+        torch.as_tensor(np.asarray(runs, dtype=np.float64))
+    if runs.dim() != 2:
+        raise ValueError(f"runs must be (runs, points), got shape {tuple(runs.shape)}")
+    n = runs.shape[0]
     if n < 2:
         raise ValueError(f"a confidence interval needs at least two values, got {n}; "
                          "summarize() gives the mean alone for a single run")
-    return values.mean().item(), float(scipy.stats.t.ppf(0.975, n - 1)) * values.std().item() / math.sqrt(n)
+    half = float(scipy.stats.t.ppf(0.975, n - 1)) * runs.std(0) / math.sqrt(n)
+    return runs.mean(0).numpy(), half.numpy()
 
 
 def summarize(values: ArrayLike | torch.Tensor, scale: float = 1.0) -> tuple[float, float | None]:

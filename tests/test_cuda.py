@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lowlearn.bench.maml import make_tasks
 from lowlearn.data.tasks import SinusoidTasks
 from lowlearn.lowrank import DLRT, low_rank_layers, to_low_rank
 from lowlearn.meta import MAML
-from lowlearn.models import MLP
+from lowlearn.models import MLP, Conv4
 from lowlearn.powerprop import PowerPropOptimizer, powerprop
 from lowlearn.sparse.dst import SET, SNFS, RigL
 from lowlearn.sparse.mask import masks_of
@@ -110,6 +111,19 @@ def test_maml_meta_gradient_on_cuda_matches_cpu():
     for a, b in zip(cpu.parameters(), gpu.parameters()):
         assert torch.allclose(a.grad, b.grad.cpu(), rtol=1e-8)
 
+
+
+def test_task_batched_maml_on_cuda_matches_the_cpu_loop():
+    """Grouped convolutions and per-task batch norm in cuDNN: the meta-gradient of the CPU's per-task loop."""
+    torch.manual_seed(0)
+    cpu = Conv4(1, 5, hidden=16, running_stats=False).double()
+    gpu = copy.deepcopy(cpu).cuda()
+    tasks = make_tasks(6, 5, 1, 3, torch.device("cpu"))
+    tasks = tasks._replace(support_x=tasks.support_x.double(), query_x=tasks.query_x.double())
+    MAML(cpu, 0.4, 2).meta_backward(tasks)
+    MAML(gpu, 0.4, 2, tasks_at_once=4).meta_backward(type(tasks)(*(t.cuda() for t in tasks)))
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        assert torch.allclose(a.grad, b.grad.cpu(), rtol=1e-7, atol=1e-10)
 
 def test_csr_export_on_cuda_matches_the_masked_model():
     from lowlearn.sparse import prune, scores

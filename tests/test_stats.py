@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowlearn.stats import mean_and_ci, summarize
+from lowlearn.stats import curve_mean_and_ci, mean_and_ci, summarize
 
 
 def test_mean_and_ci_uses_students_t_quantile():
@@ -39,3 +39,15 @@ def test_summarize_scales_and_gives_no_interval_for_one_value():
     assert summarize(torch.tensor([[0.5]])) == (0.5, None)
     with pytest.raises(ValueError, match="at least one value"):
         summarize([])
+
+
+def test_curve_mean_and_ci_is_mean_and_ci_at_every_point():
+    runs = np.array([[1.0, 10.0, 0.5], [2.0, 14.0, 0.5], [4.0, 9.0, 0.75]])
+    mean, half = curve_mean_and_ci(runs)
+    for point in range(3):
+        assert (mean[point], half[point]) == pytest.approx(mean_and_ci(runs[:, point]), rel=1e-12)
+    assert half[0] == pytest.approx(4.303 * np.std(runs[:, 0], ddof=1) / np.sqrt(3), rel=1e-3)
+    with pytest.raises(ValueError, match="at least two"):
+        curve_mean_and_ci(runs[:1])
+    with pytest.raises(ValueError, match="runs, points"):
+        curve_mean_and_ci(runs[0])

@@ -2,6 +2,7 @@
 
 * :mod:`~lowlearn.meta.functional`: parameters as dicts and differentiable inner loops.
 * :mod:`~lowlearn.meta.maml`: MAML, first-order MAML, ANIL, Meta-SGD and Reptile.
+* :mod:`~lowlearn.meta.batched`: many tasks' networks run as one (MAML's ``tasks_at_once``).
 * :mod:`~lowlearn.meta.learned_optimizer`: the coordinate-wise LSTM optimiser
   ("learning to learn by gradient descent by gradient descent").
 * :mod:`~lowlearn.meta.metric`: Prototypical Networks and Matching Networks.
