@@ -61,7 +61,7 @@ def _cuda_peak(step, device: torch.device) -> int | None:
 
 
 def run(widths=(512, 1024, 2048, 4096), rank: int = 32, batch_size: int = 128, iterations: int = 3,
-        repeats: int = 3, device: str | None = None) -> list[dict]:
+        repeats: int = 15, device: str | None = None) -> list[dict]:
     """One row per width: seconds per step and bytes, dense and DLRT."""
     device = resolve_device(device)
     rows = []
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--iterations", type=int, default=3, help="training steps per timed block")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed blocks per model")
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved timed blocks per model")
     add_device_argument(parser)
     args = parser.parse_args(argv)
     rows = run(tuple(args.widths), args.rank, args.batch_size, args.iterations, args.repeats, args.device)
