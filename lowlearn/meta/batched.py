@@ -119,11 +119,11 @@ def _convert(module: nn.Module) -> nn.Module:
     if parametrize.is_parametrized(module):
         raise ValueError(f"{type(module).__name__} is parametrized (masks, Powerprop, ...): its weights are computed, "
                          "and task-batched runs take the parameters themselves; remove the parametrization first")
-    if isinstance(module, nn.Conv2d):
+    if type(module) is nn.Conv2d:            # exact types: a subclass may compute something else in forward
         return TaskConv2d(module)
-    if isinstance(module, nn.Linear):
+    if type(module) is nn.Linear:
         return TaskLinear(module)
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+    if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d):
         return TaskBatchNorm(module)
     own = [name for name, _ in module.named_parameters(recurse=False)] + \
           [name for name, _ in module.named_buffers(recurse=False)]

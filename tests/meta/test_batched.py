@@ -116,10 +116,18 @@ def test_batched_adapt_and_evaluate_equals_the_per_task_loop(kind):
     assert MAML(model, lr, 3, loss_fn=loss_fn, tasks_at_once=4).evaluate(tasks)["per_task_loss"].shape == (5,)
 
 
+class ScaledLinear(nn.Linear):
+    """A subclass whose forward is not nn.Linear's: it must not be run as a plain linear layer."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
 @pytest.mark.parametrize("model, problem_text", [
     (Conv4(1, 5, hidden=8, image_size=16), "running statistics"),
     (nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), "LayerNorm"),
     (nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), "ungrouped"),
+    (nn.Sequential(ScaledLinear(4, 4)), "ScaledLinear holds"),
 ])
 def test_layers_without_a_batched_form_are_refused_when_the_learner_is_built(model, problem_text):
     with pytest.raises(ValueError, match=problem_text):
