@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowlearn.bench.maml import make_tasks
+from lowlearn.data.episodes import random_episodes
 from lowlearn.data.tasks import SinusoidTasks
 from lowlearn.lowrank import DLRT, low_rank_layers, to_low_rank
 from lowlearn.meta import MAML
@@ -118,8 +118,7 @@ def test_task_batched_maml_on_cuda_matches_the_cpu_loop():
     torch.manual_seed(0)
     cpu = Conv4(1, 5, hidden=16, running_stats=False).double()
     gpu = copy.deepcopy(cpu).cuda()
-    tasks = make_tasks(6, 5, 1, 3, torch.device("cpu"))
-    tasks = tasks._replace(support_x=tasks.support_x.double(), query_x=tasks.query_x.double())
+    tasks = random_episodes(6, 5, 1, 3, dtype=torch.float64)
     MAML(cpu, 0.4, 2).meta_backward(tasks)
     MAML(gpu, 0.4, 2, tasks_at_once=4).meta_backward(type(tasks)(*(t.cuda() for t in tasks)))
     for a, b in zip(cpu.parameters(), gpu.parameters()):

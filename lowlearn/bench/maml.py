@@ -21,23 +21,13 @@ import higher
 import torch
 import torch.nn.functional as F
 
-from lowlearn.data.episodes import Episode
+from lowlearn.data.episodes import Episode, random_episodes
 from lowlearn.meta import MAML
 from lowlearn.models import Conv4
 
 from .timing import add_device_argument, environment, interleaved_medians, resolve_device
 
 IMPLEMENTATIONS = ("lowlearn", "lowlearn batched", "higher")
-
-
-def make_tasks(tasks: int, ways: int, shots: int, queries: int, device: torch.device) -> Episode:
-    """Random images in the episode layout (the speed does not depend on what they show)."""
-    generator = torch.Generator().manual_seed(0)
-    labels = lambda k: torch.arange(ways).repeat_interleave(k).repeat(tasks, 1)   # noqa: E731
-    batch = Episode(torch.randn(tasks, ways * shots, 1, 28, 28, generator=generator), labels(shots),
-                    torch.randn(tasks, ways * queries, 1, 28, 28, generator=generator), labels(queries),
-                    torch.zeros(tasks, ways, dtype=torch.long))
-    return Episode(*(t.to(device) for t in batch))
 
 
 def make_step(name: str, model: torch.nn.Module, tasks: Episode, steps: int, inner_lr: float):
@@ -82,7 +72,7 @@ def run(tasks: int = 32, ways: int = 5, shots: int = 1, queries: int = 15, steps
     device = resolve_device(device)
     torch.manual_seed(0)
     model = Conv4(1, ways, running_stats=False).to(device)
-    batch = make_tasks(tasks, ways, shots, queries, device)
+    batch = random_episodes(tasks, ways, shots, queries, device=device)
 
     def fresh_steps() -> dict:
         return {name: make_step(name, copy.deepcopy(model), batch, steps, inner_lr) for name in IMPLEMENTATIONS}

@@ -17,7 +17,7 @@ from .cache import (ChecksumError, DataError, DatasetNotFoundError, Resource, Un
 from .cifar import (CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, augment_cifar, load_cifar10,
                     normalize_cifar)
 from .embedded import load_digits, load_mnist1d, load_mnist5k
-from .episodes import Episode, EpisodeSampler, group_by_class
+from .episodes import Episode, EpisodeSampler, group_by_class, random_episodes
 from .mnist import load_mnist, read_idx
 from .omniglot import Omniglot, OneShotRun, load_omniglot, load_omniglot_runs
 from .splits import Splits
@@ -29,5 +29,5 @@ __all__ = [
     "RegressionBatch", "Resource", "SinusoidTasks", "Splits", "UnsafeArchiveError",
     "augment_cifar", "context_target_split", "data_root", "fetch", "group_by_class",
     "load_cifar10", "load_digits", "load_mnist", "load_mnist1d", "load_mnist5k", "load_omniglot",
-    "load_omniglot_runs", "normalize_cifar", "read_idx", "safe_extract",
+    "load_omniglot_runs", "normalize_cifar", "random_episodes", "read_idx", "safe_extract",
 ]

@@ -77,6 +77,27 @@ class Episode(NamedTuple):
     classes: Tensor
 
 
+
+def random_episodes(tasks: int, ways: int, shots: int, queries: int, image_size: int = 28, *, seed: int = 0,
+                    dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Episode:
+    """A batch of ``tasks`` episodes of random one-channel images, in the layout of :class:`Episode`.
+
+    For benchmarks and tests, where what the images show does not matter: a step's
+    speed does not depend on it, and a test compares two computations on the same
+    input. Images are standard normal (from ``seed``), ``(tasks, N*K, 1, size, size)``
+    and ``(tasks, N*Q, 1, size, size)``; labels are class-major ``0 .. N-1``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def labels(per_class: int) -> Tensor:
+        return torch.arange(ways).repeat_interleave(per_class).repeat(tasks, 1)
+
+    def images(per_class: int) -> Tensor:
+        return torch.randn(tasks, ways * per_class, 1, image_size, image_size, generator=generator, dtype=dtype)
+
+    classes = torch.arange(ways).repeat(tasks, 1)
+    return Episode(*(t.to(device) for t in (images(shots), labels(shots), images(queries), labels(queries), classes)))
+
 class EpisodeSampler:
     """Sample N-way K-shot episodes from a class-indexed tensor.
 

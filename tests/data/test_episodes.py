@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowlearn.data.episodes import Episode, EpisodeSampler, group_by_class
+from lowlearn.data.episodes import Episode, EpisodeSampler, group_by_class, random_episodes
 from lowlearn.data.omniglot import Omniglot
 
 CLASSES, EXAMPLES = 12, 9
@@ -127,3 +127,14 @@ def test_groups_that_cannot_give_an_episode_are_clear_errors():
         EpisodeSampler(_ids(), ways=5, shots=1, queries=1, groups=torch.arange(CLASSES) % 3)
     with pytest.raises(ValueError, match="one group per class"):
         EpisodeSampler(_ids(), ways=2, shots=1, queries=1, groups=torch.zeros(5, dtype=torch.long))
+
+
+def test_random_episodes_have_the_episode_layout_and_repeat_with_their_seed():
+    batch = random_episodes(4, 5, 2, 3, image_size=12, seed=7, dtype=torch.float64)
+    assert batch.support_x.shape == (4, 10, 1, 12, 12) and batch.query_x.shape == (4, 15, 1, 12, 12)
+    assert batch.support_x.dtype == torch.float64 and batch.support_y.dtype == torch.long
+    assert torch.equal(batch.support_y[0], torch.arange(5).repeat_interleave(2))
+    assert torch.equal(batch.query_y[3], torch.arange(5).repeat_interleave(3))
+    again = random_episodes(4, 5, 2, 3, image_size=12, seed=7, dtype=torch.float64)
+    other = random_episodes(4, 5, 2, 3, image_size=12, seed=8, dtype=torch.float64)
+    assert torch.equal(again.query_x, batch.query_x) and not torch.equal(other.query_x, batch.query_x)

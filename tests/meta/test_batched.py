@@ -5,21 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowlearn.data.episodes import Episode
+from lowlearn.data.episodes import random_episodes
 from lowlearn.data.tasks import RegressionBatch, SinusoidTasks
 from lowlearn.meta import ANIL, MAML, MetaSGD, adapt_and_evaluate, parameters_of, run
 from lowlearn.meta.batched import summed_over_tasks, task_batched
 from lowlearn.models import MLP, Conv4, LeNet5
 from lowlearn.sparse import attach_masks
-
-
-def episodes(tasks=5, ways=3, shots=2, queries=3, size=16, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    labels = lambda k: torch.arange(ways).repeat_interleave(k).repeat(tasks, 1)   # noqa: E731
-    return Episode(torch.randn(tasks, ways * shots, 1, size, size, generator=generator, dtype=torch.float64),
-                   labels(shots),
-                   torch.randn(tasks, ways * queries, 1, size, size, generator=generator, dtype=torch.float64),
-                   labels(queries), torch.zeros(tasks, ways, dtype=torch.long))
 
 
 def regression(tasks=5, seed=0):
@@ -32,7 +23,8 @@ def problem(kind):
     torch.manual_seed(0)
     if kind == "mlp":
         return MLP(1, (40, 40), 1).double(), regression(), F.mse_loss, 0.01
-    return Conv4(1, 3, hidden=8, image_size=16, running_stats=False).double(), episodes(), F.cross_entropy, 0.4
+    tasks = random_episodes(5, 3, 2, 3, image_size=16, dtype=torch.float64)
+    return Conv4(1, 3, hidden=8, image_size=16, running_stats=False).double(), tasks, F.cross_entropy, 0.4
 
 
 @pytest.mark.parametrize("kind", ["conv4", "mlp", "mlp-images", "lenet5"])

@@ -7,19 +7,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowlearn.cost import saved_tensor_bytes
-from lowlearn.data.episodes import Episode
+from lowlearn.data.episodes import random_episodes
 from lowlearn.data.tasks import RegressionBatch, SinusoidTasks
 from lowlearn.meta import ANIL, MAML, MetaSGD, Reptile, head_names
 from lowlearn.meta.episodic import meta_train
 from lowlearn.models import MLP, Conv4
 
 
-def episodes(tasks=3, ways=3, shots=2, queries=3, size=16, seed=0, dtype=torch.float64):
-    generator = torch.Generator().manual_seed(seed)
-    labels = lambda k: torch.arange(ways).repeat_interleave(k).repeat(tasks, 1)   # noqa: E731
-    return Episode(torch.randn(tasks, ways * shots, 1, size, size, generator=generator, dtype=dtype), labels(shots),
-                   torch.randn(tasks, ways * queries, 1, size, size, generator=generator, dtype=dtype), labels(queries),
-                   torch.zeros(tasks, ways, dtype=torch.long))
+def episodes(tasks=3, dtype=torch.float64):
+    """3-way 2-shot episodes of random 16×16 images, 3 queries per class."""
+    return random_episodes(tasks, 3, 2, 3, image_size=16, dtype=dtype)
 
 
 def regression(tasks=3, seed=0):

@@ -2,19 +2,14 @@ import pytest
 import torch
 from torch import nn
 
-from lowlearn.data.episodes import Episode
+from lowlearn.data.episodes import Episode, random_episodes
 from lowlearn.meta import LSTMOptimizer, MatchingNet, ProtoNet
 from lowlearn.meta.metric import class_means, squared_distances
 from lowlearn.models import Conv4
 
 
-def image_episodes(tasks=2, ways=3, shots=2, queries=2, size=16, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    labels = lambda k: torch.arange(ways).repeat_interleave(k).repeat(tasks, 1)   # noqa: E731
-    return Episode(torch.randn(tasks, ways * shots, 1, size, size, generator=generator, dtype=torch.float64),
-                   labels(shots),
-                   torch.randn(tasks, ways * queries, 1, size, size, generator=generator, dtype=torch.float64),
-                   labels(queries), torch.zeros(tasks, ways, dtype=torch.long))
+def image_episodes(tasks=2, ways=3, shots=2, queries=2, size=16):
+    return random_episodes(tasks, ways, shots, queries, image_size=size, dtype=torch.float64)
 
 
 def conv_embedding(seed=0):
