@@ -395,6 +395,8 @@ class BlackBoxSizes:
         maml_inner_steps: MAML's inner steps in meta-training (Finn et al.: 5 for 20-way).
         maml_first_order: first-order MAML instead of second order (Finn et al.: second order).
         maml_meta_batch: tasks per MAML meta-step (the paper: 16 for 20-way).
+        maml_tasks_at_once: tasks MAML adapts together (``MAML(tasks_at_once=...)``: the
+            same meta-gradient, fewer and larger kernels, memory for that many tasks).
         maml_queries: query examples per class in MAML's training episodes.
         maml_steps: MAML meta-steps.
         maml_test_steps: MAML's adaptation steps at test time (the paper: 10).
@@ -434,6 +436,7 @@ class BlackBoxSizes:
     maml_inner_steps: int
     maml_first_order: bool
     maml_meta_batch: int
+    maml_tasks_at_once: int
     maml_queries: int
     maml_steps: int
     maml_test_steps: int
@@ -650,7 +653,8 @@ PROFILES: dict[str, Profile] = {
                                 train_shots=1, train_queries=2, meta_steps=10, lr=1e-3, augment=True, refine_steps=1,
                                 test_shift=1,
                                 matching_scale=10.0, test_episodes=20, maml_inner_lr=0.1, maml_inner_steps=1,
-                                maml_first_order=True, maml_meta_batch=2, maml_queries=1, maml_steps=5,
+                                maml_first_order=True, maml_meta_batch=2, maml_tasks_at_once=2, maml_queries=1,
+                                maml_steps=5,
                                 maml_test_steps=2,
                                 maml_test_episodes=4, cnp_hidden=16, cnp_lr=1e-3, cnp_steps=20, cnp_batch=4,
                                 cnp_points=20, cnp_context=(1, 10), cnp_test_curves=8, cnp_seeds=1, image_steps=10,
@@ -713,7 +717,8 @@ PROFILES: dict[str, Profile] = {
                                 train_shots=1, train_queries=5, meta_steps=1400, lr=1e-3, augment=False,
                                 refine_steps=1, test_shift=1,
                                 matching_scale=10.0, test_episodes=250, maml_inner_lr=0.1,
-                                maml_inner_steps=5, maml_first_order=False, maml_meta_batch=4, maml_queries=1,
+                                maml_inner_steps=5, maml_first_order=False, maml_meta_batch=4, maml_tasks_at_once=1,
+                                maml_queries=1,
                                 maml_steps=100, maml_test_steps=10,
                                 maml_test_episodes=60, cnp_hidden=128, cnp_lr=1e-3, cnp_steps=10000, cnp_batch=32,
                                 cnp_points=50, cnp_context=(1, 30), cnp_test_curves=200, cnp_seeds=2, image_steps=12000,
@@ -779,7 +784,8 @@ PROFILES: dict[str, Profile] = {
                                 train_shots=1, train_queries=5, meta_steps=20000, lr=1e-3, augment=False,
                                 refine_steps=1, test_shift=1,
                                 matching_scale=10.0, test_episodes=2000, maml_inner_lr=0.1,
-                                maml_inner_steps=5, maml_first_order=False, maml_meta_batch=16, maml_queries=1,
+                                maml_inner_steps=5, maml_first_order=False, maml_meta_batch=16, maml_tasks_at_once=16,
+                                maml_queries=1,
                                 maml_steps=10000, maml_test_steps=10,
                                 maml_test_episodes=600, cnp_hidden=128, cnp_lr=1e-4, cnp_steps=100000, cnp_batch=64,
                                 cnp_points=100, cnp_context=(1, 50), cnp_test_curves=1000, cnp_seeds=5,

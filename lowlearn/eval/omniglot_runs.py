@@ -72,7 +72,8 @@ def make_learner(method: str, sizes: BlackBoxSizes) -> nn.Module:
                            scale=sizes.matching_scale, test_shift=sizes.test_shift)
     if method == "maml":
         model = Conv4(num_classes=RUN_WAYS, hidden=sizes.hidden, image_size=sizes.image_size, running_stats=False)
-        return MAML(model, sizes.maml_inner_lr, sizes.maml_inner_steps, first_order=sizes.maml_first_order)
+        return MAML(model, sizes.maml_inner_lr, sizes.maml_inner_steps, first_order=sizes.maml_first_order,
+                    tasks_at_once=sizes.maml_tasks_at_once)
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
