@@ -27,13 +27,18 @@ def problem(kind):
     return Conv4(1, 3, hidden=8, image_size=16, running_stats=False).double(), tasks, F.cross_entropy, 0.4
 
 
-@pytest.mark.parametrize("kind", ["conv4", "mlp", "mlp-images", "lenet5"])
+@pytest.mark.parametrize("kind", ["conv4", "mlp", "mlp-images", "lenet5", "norms"])
 def test_each_task_of_a_batched_run_equals_the_model_run_with_that_tasks_parameters(kind):
     torch.manual_seed(0)
+    norms = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=2, dilation=2),
+                          nn.BatchNorm2d(4, affine=False, track_running_stats=False), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 5 * 5, 6, bias=False), nn.BatchNorm1d(6, track_running_stats=False),
+                          nn.Tanh(), nn.Linear(6, 2))
     model, shape = {"conv4": (Conv4(1, 5, hidden=8, image_size=16, running_stats=False), (1, 16, 16)),
                     "mlp": (MLP(1, (40, 40), 1), (1,)),
                     "mlp-images": (MLP(784, (20,), 5), (1, 28, 28)),
-                    "lenet5": (LeNet5(), (1, 28, 28))}[kind]
+                    "lenet5": (LeNet5(), (1, 28, 28)),
+                    "norms": (norms, (1, 10, 10))}[kind]
     model = model.double()
     tasks, batch = 3, 4
     shared = next(iter(parameters_of(model)))                      # one parameter without a task dimension
