@@ -284,7 +284,6 @@ def test_memory_report_str_in_mib():
     assert lines[-1].split() == ["total", "2.50", "MiB"]
 
 
-
 # ---- saved_tensor_bytes -----------------------------------------------------
 
 

@@ -112,7 +112,6 @@ def test_maml_meta_gradient_on_cuda_matches_cpu():
         assert torch.allclose(a.grad, b.grad.cpu(), rtol=1e-8)
 
 
-
 def test_task_batched_maml_on_cuda_matches_the_cpu_loop():
     """Grouped convolutions and per-task batch norm in cuDNN: the meta-gradient of the CPU's per-task loop."""
     torch.manual_seed(0)
@@ -123,6 +122,7 @@ def test_task_batched_maml_on_cuda_matches_the_cpu_loop():
     MAML(gpu, 0.4, 2, tasks_at_once=4).meta_backward(type(tasks)(*(t.cuda() for t in tasks)))
     for a, b in zip(cpu.parameters(), gpu.parameters()):
         assert torch.allclose(a.grad, b.grad.cpu(), rtol=1e-7, atol=1e-10)
+
 
 def test_csr_export_on_cuda_matches_the_masked_model():
     from lowlearn.sparse import prune, scores

@@ -8,7 +8,6 @@ from lowlearn.models import MLP
 from lowlearn.train import fit
 
 
-
 def mlp(seed=0):
     torch.manual_seed(seed)
     return MLP(10, (6, 5), 3, activation=nn.Tanh).double()

@@ -77,7 +77,6 @@ class Episode(NamedTuple):
     classes: Tensor
 
 
-
 def random_episodes(tasks: int, ways: int, shots: int, queries: int, image_size: int = 28, *, seed: int = 0,
                     dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Episode:
     """A batch of ``tasks`` episodes of random one-channel images, in the layout of :class:`Episode`.
@@ -97,6 +96,7 @@ def random_episodes(tasks: int, ways: int, shots: int, queries: int, image_size:
 
     classes = torch.arange(ways).repeat(tasks, 1)
     return Episode(*(t.to(device) for t in (images(shots), labels(shots), images(queries), labels(queries), classes)))
+
 
 class EpisodeSampler:
     """Sample N-way K-shot episodes from a class-indexed tensor.

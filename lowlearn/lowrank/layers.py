@@ -317,8 +317,6 @@ class LowRankConv2d(LowRankLayer):
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
 
-
-
 def low_rank_layers(model: nn.Module) -> dict[str, LowRankLayer]:
     """``{qualified name: layer}`` of the model's low-rank layers."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LowRankLayer)}

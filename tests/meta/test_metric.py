@@ -118,6 +118,7 @@ def test_meta_training_learns_an_embedding_that_separates_unseen_classes():
     def episodes(batch, ways=5, shots=1, queries=5):
         centres = torch.zeros(batch, ways, 20)
         centres[..., :2] = 3 * torch.randn(batch, ways, 2, generator=generator)
+
         def draw(k):
             noise = torch.randn(batch, ways, k, 20, generator=generator)
             noise[..., 2:] *= 3.0
