@@ -306,7 +306,7 @@ class MetaSizes:
             its larger support set costs that much more.
         omniglot_meta_lr: ``β``, the Adam rate of the meta-update (the paper: 0.001).
         omniglot_tasks_at_once: tasks that MAML and its variants adapt together
-            (:class:`lowlearn.meta.MAML`'s ``tasks_at_once``): the same results, fewer and
+            (:class:`lowlearn.meta.maml.MAML`'s ``tasks_at_once``): the same results, fewer and
             larger kernels (for a GPU), memory for that many tasks.
         variant_meta_steps: meta-steps of first-order MAML, ANIL, Meta-SGD and Reptile on
             5-way 1-shot (best equal to MAML's 5-way 1-shot steps, whose run is then reused).
