@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.splits import check_count
 from ..train import buffers_restored
 from .batched import summed_over_tasks, task_batched
 from .functional import LossFn, Params, check_labels, check_task, inner_loop, parameters_of, run
@@ -103,8 +104,7 @@ class MAML(nn.Module):
         super().__init__()
         if not isinstance(inner_steps, int) or inner_steps < 0:
             raise ValueError(f"inner_steps must be a non-negative integer, got {inner_steps!r}")
-        if not isinstance(tasks_at_once, int) or tasks_at_once < 1:
-            raise ValueError(f"tasks_at_once must be a positive integer, got {tasks_at_once!r}")
+        check_count("tasks_at_once", tasks_at_once, 1)
         if tasks_at_once > 1:
             task_batched(model)                     # raises now if a layer has no task-batched form
         if inner_steps == 0 and not first_order:

@@ -142,6 +142,8 @@ def test_masked_layers_are_refused_rather_than_run_with_a_frozen_mask():
 def test_bad_tasks_at_once_and_unflattened_linear_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="tasks_at_once"):
         MAML(MLP(1, (4,), 1), 0.1, 1, tasks_at_once=0)
+    with pytest.raises(ValueError, match="tasks_at_once"):
+        MAML(MLP(1, (4,), 1), 0.1, 1, tasks_at_once=True)            # a flag, not a count
     batched = task_batched(nn.Linear(3, 2))
     with pytest.raises(ValueError, match="flatten"):
         batched(torch.randn(2, 4, 5, 3))
