@@ -305,7 +305,7 @@ class MetaSizes:
             600); an N-way K-shot setting uses ``5 / (N K)`` times as many (at least 10): adapting to
             its larger support set costs that much more.
         omniglot_meta_lr: ``β``, the Adam rate of the meta-update (the paper: 0.001).
-        omniglot_tasks_at_once: tasks that MAML and its variants adapt together
+        omniglot_tasks_at_once: tasks that MAML, its variants and Reptile adapt together
             (:class:`lowlearn.meta.maml.MAML`'s ``tasks_at_once``): the same results, fewer and
             larger kernels (for a GPU), memory for that many tasks.
         variant_meta_steps: meta-steps of first-order MAML, ANIL, Meta-SGD and Reptile on

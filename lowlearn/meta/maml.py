@@ -157,11 +157,11 @@ class MAML(nn.Module):
         check_tasks(self.model, params, tasks)
         total, correct = 0.0, 0.0
         loss_fn = summed_over_tasks(self.loss_fn)
-        for forward, adapted, query_x, query_y in adapted_tasks(self.model, params, tasks, self.loss_fn,
-                                                                self.inner_steps, self.learning_rates(),
-                                                                first_order=self.first_order, adapt=self.adapt_names,
-                                                                tasks_at_once=self.tasks_at_once):
-            out = forward(adapted, query_x)
+        for part, forward, adapted in adapted_tasks(self.model, params, tasks, self.loss_fn, self.inner_steps,
+                                                    self.learning_rates(), first_order=self.first_order,
+                                                    adapt=self.adapt_names, tasks_at_once=self.tasks_at_once):
+            query_y = tasks.query_y[part]
+            out = forward(adapted, tasks.query_x[part])
             loss = loss_fn(out, query_y)
             (loss / count).backward()
             total = total + loss.detach()
@@ -191,13 +191,18 @@ class MAML(nn.Module):
 def check_tasks(model: nn.Module, params: Params, tasks: TaskBatch) -> None:
     """Raise a ValueError before any loss uses ``tasks`` if they do not fit together or the model.
 
-    Every task must pass :func:`~lowlearn.meta.functional.check_task`, and integer
-    labels must be classes of the model: ``0 .. N−1``, where ``N`` is the size of the
-    model's output on the first query set (one forward pass with ``params``, without
-    gradients, the model's buffers left as they were). One read of the device.
+    The four tensors must hold the same number of tasks (at least one), every task
+    must pass :func:`~lowlearn.meta.functional.check_task` (stacked tasks share their
+    shapes, so the first stands for all), and integer labels must be classes of the
+    model: ``0 .. N−1``, where ``N`` is the size of the model's output on the first
+    query set (one forward pass with ``params``, without gradients, the model's
+    buffers left as they were). One read of the device.
     """
-    for j in range(tasks.support_x.shape[0]):
-        check_task(tasks.support_x[j], tasks.support_y[j], tasks.query_x[j], tasks.query_y[j])
+    counts = {name: getattr(tasks, name).shape[0] for name in ("support_x", "support_y", "query_x", "query_y")}
+    if len(set(counts.values())) != 1 or not counts["support_x"]:
+        raise ValueError(f"the tasks' tensors must stack the same number of tasks (at least one) along their first "
+                         f"dimension, got {counts}")
+    check_task(tasks.support_x[0], tasks.support_y[0], tasks.query_x[0], tasks.query_y[0])
     if tasks.support_y.dtype.is_floating_point:
         return
     with torch.no_grad(), buffers_restored(model):
@@ -210,16 +215,17 @@ Forward = Callable[[Params, Tensor], Tensor]
 
 def adapted_tasks(model: nn.Module, params: Params, tasks: TaskBatch, loss_fn: LossFn, steps: int,
                   lr: float | Mapping[str, Tensor], *, first_order: bool, adapt: list[str] | None = None,
-                  tasks_at_once: int = 1) -> Iterator[tuple[Forward, Params, Tensor, Tensor]]:
+                  tasks_at_once: int = 1) -> Iterator[tuple[slice, Forward, Params]]:
     """Adapt ``params`` to the tasks' support sets, ``tasks_at_once`` tasks at a time, and yield each group.
 
-    Each group comes as ``(forward, adapted, query_x, query_y)``: the group's query
-    inputs and targets ``(T, Q, ...)`` and a ``forward(adapted, x)`` that maps inputs
-    ``(T, B, ...)`` to outputs ``(T, B, ...)``, task ``t`` with its own adapted
-    parameters. With ``tasks_at_once=1`` each task runs through ``model`` itself
-    (``T = 1``); with more, through :func:`~lowlearn.meta.batched.task_batched`. A group
-    is adapted when the caller asks for it, so a caller that back-propagates each
-    group's loss before the next keeps one group's graph at a time.
+    Each group comes as ``(part, forward, adapted)``: the slice of ``tasks`` it holds
+    (``T`` tasks), and a ``forward(params, x)`` that maps inputs ``(T, B, ...)`` to
+    outputs ``(T, B, ...)``, task ``t`` with its own parameters in ``adapted``
+    (``forward`` also takes ``params`` themselves, shared by the ``T`` tasks). With
+    ``tasks_at_once=1`` each task runs through ``model`` itself (``T = 1``); with more,
+    through :func:`~lowlearn.meta.batched.task_batched`. A group is adapted when the
+    caller asks for it, so a caller that back-propagates each group's loss before the
+    next keeps one group's graph at a time.
     """
     count = tasks.support_x.shape[0]
     names = list(params) if adapt is None else list(adapt)
@@ -230,7 +236,7 @@ def adapted_tasks(model: nn.Module, params: Params, tasks: TaskBatch, loss_fn: L
         for j in range(count):
             adapted = inner_loop(model, params, tasks.support_x[j], tasks.support_y[j], loss_fn, steps, lr,
                                  first_order=first_order, adapt=names)
-            yield forward, adapted, tasks.query_x[j:j + 1], tasks.query_y[j:j + 1]
+            yield slice(j, j + 1), forward, adapted
         return
     batched, summed = task_batched(model), summed_over_tasks(loss_fn)
     for start in range(0, count, tasks_at_once):
@@ -239,7 +245,7 @@ def adapted_tasks(model: nn.Module, params: Params, tasks: TaskBatch, loss_fn: L
         stacked = {name: p.expand(size, *p.shape) if name in names else p for name, p in params.items()}
         adapted = inner_loop(batched, stacked, tasks.support_x[part], tasks.support_y[part], summed, steps, lr,
                              first_order=first_order, adapt=names)
-        yield partial(run, batched), adapted, tasks.query_x[part], tasks.query_y[part]
+        yield part, partial(run, batched), adapted
 
 
 def adapt_and_evaluate(model: nn.Module, tasks: TaskBatch, loss_fn: LossFn, steps: int,
@@ -268,11 +274,11 @@ def adapt_and_evaluate(model: nn.Module, tasks: TaskBatch, loss_fn: LossFn, step
     if isinstance(lr, Mapping):        # Meta-SGD's learned rates: no graph through them at test time
         lr = {name: rate.detach() for name, rate in lr.items()}
     with buffers_restored(model), torch.enable_grad():
-        for forward, adapted, query_x, query_y in adapted_tasks(model, start, tasks, loss_fn, steps, lr,
-                                                                first_order=True, adapt=adapt,
-                                                                tasks_at_once=tasks_at_once):
+        for part, forward, adapted in adapted_tasks(model, start, tasks, loss_fn, steps, lr, first_order=True,
+                                                    adapt=adapt, tasks_at_once=tasks_at_once):
+            query_y = tasks.query_y[part]
             with torch.no_grad():
-                out = forward({name: p.detach() for name, p in adapted.items()}, query_x)
+                out = forward({name: p.detach() for name, p in adapted.items()}, tasks.query_x[part])
                 losses += [loss_fn(task_out, task_y) for task_out, task_y in zip(out, query_y)]
                 if not query_y.dtype.is_floating_point:
                     accuracies.append((out.argmax(-1) == query_y).float().mean(-1))
@@ -318,19 +324,23 @@ class Reptile:
         inner_lr, inner_steps: the task-level SGD.
         outer_lr: ``ε``.
         loss_fn: the task loss.
+        tasks_at_once: tasks adapted together, as for :class:`MAML`.
     """
 
     def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int, outer_lr: float,
-                 loss_fn: LossFn = F.cross_entropy):
+                 loss_fn: LossFn = F.cross_entropy, tasks_at_once: int = 1):
         if not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(f"Reptile needs at least one inner step, got {inner_steps!r}")
+        check_count("tasks_at_once", tasks_at_once, 1)
+        if tasks_at_once > 1:
+            task_batched(model)                     # raises now if a layer has no task-batched form
         self.model, self.inner_lr, self.inner_steps = model, inner_lr, inner_steps
-        self.outer_lr, self.loss_fn = outer_lr, loss_fn
+        self.outer_lr, self.loss_fn, self.tasks_at_once = outer_lr, loss_fn, tasks_at_once
 
     def evaluate(self, tasks: TaskBatch, steps: int | None = None) -> dict[str, Tensor]:
         """Fine-tune on each support set (``steps`` SGD steps, default ``inner_steps``), score the query sets."""
         return adapt_and_evaluate(self.model, tasks, self.loss_fn, self.inner_steps if steps is None else steps,
-                                  self.inner_lr)
+                                  self.inner_lr, tasks_at_once=self.tasks_at_once)
 
     def meta_step(self, tasks: TaskBatch, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Tensor]:
         """One Reptile update from a batch of tasks; returns ``{"loss": mean support loss before adapting}``.
@@ -341,17 +351,19 @@ class Reptile:
         update, and Nichol et al. use Adam this way; ``outer_lr`` is then unused.
         """
         theta = {name: p.detach() for name, p in parameters_of(self.model).items()}
+        start = {name: p.detach().requires_grad_() for name, p in theta.items()}
         direction = {name: torch.zeros_like(p) for name, p in theta.items()}
         count = tasks.support_x.shape[0]
         losses = []
-        for j in range(count):
-            start = {name: p.clone().requires_grad_() for name, p in theta.items()}
-            with torch.enable_grad():
-                losses.append(self.loss_fn(run(self.model, start, tasks.support_x[j]), tasks.support_y[j]).detach())
-                adapted = inner_loop(self.model, start, tasks.support_x[j], tasks.support_y[j], self.loss_fn,
-                                     self.inner_steps, self.inner_lr, first_order=True)
-            for name in direction:
-                direction[name] += adapted[name].detach() - theta[name]
+        with torch.enable_grad():
+            for part, forward, adapted in adapted_tasks(self.model, start, tasks, self.loss_fn, self.inner_steps,
+                                                        self.inner_lr, first_order=True,
+                                                        tasks_at_once=self.tasks_at_once):
+                with torch.no_grad():
+                    out = forward(theta, tasks.support_x[part])
+                    losses += [self.loss_fn(task_out, task_y) for task_out, task_y in zip(out, tasks.support_y[part])]
+                    for name, total in direction.items():     # Σ over the group's tasks of θ̃_j − θ
+                        total += (adapted[name] - theta[name]).reshape(-1, *total.shape).sum(0)
         if optimizer is None:
             with torch.no_grad():
                 for name, param in parameters_of(self.model).items():

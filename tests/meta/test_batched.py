@@ -7,7 +7,7 @@ from torch import nn
 
 from lowlearn.data.episodes import random_episodes
 from lowlearn.data.tasks import RegressionBatch, SinusoidTasks
-from lowlearn.meta import ANIL, MAML, MetaSGD, adapt_and_evaluate, parameters_of, run
+from lowlearn.meta import ANIL, MAML, MetaSGD, Reptile, adapt_and_evaluate, parameters_of, run
 from lowlearn.meta.batched import summed_over_tasks, task_batched
 from lowlearn.models import MLP, Conv4, LeNet5
 from lowlearn.sparse import attach_masks
@@ -113,6 +113,26 @@ def test_batched_adapt_and_evaluate_equals_the_per_task_loop(kind):
     assert MAML(model, lr, 3, loss_fn=loss_fn, tasks_at_once=4).evaluate(tasks)["per_task_loss"].shape == (5,)
 
 
+@pytest.mark.parametrize("tasks_at_once", [2, 5])
+@pytest.mark.parametrize("kind", ["mlp", "conv4"])
+def test_batched_reptile_update_equals_the_per_task_loop(kind, tasks_at_once):
+    model, tasks, loss_fn, lr = problem(kind)
+    start = copy.deepcopy(model)
+    results = []
+    for at_once in (1, tasks_at_once):
+        reptile = Reptile(copy.deepcopy(model), lr, 3, 0.5, loss_fn, tasks_at_once=at_once)
+        stats = reptile.meta_step(tasks)
+        results.append((stats["loss"], dict(reptile.model.named_parameters())))
+    (loop_loss, loop_params), (loss, params) = results
+    for name, param in params.items():
+        assert torch.allclose(param, loop_params[name], rtol=1e-10, atol=1e-14), name
+        assert not torch.equal(loop_params[name], dict(start.named_parameters())[name]), name   # it moved
+    assert torch.allclose(loss, loop_loss, rtol=1e-12)
+    loop = Reptile(model, lr, 3, 0.5, loss_fn).evaluate(tasks)
+    batched = Reptile(model, lr, 3, 0.5, loss_fn, tasks_at_once=tasks_at_once).evaluate(tasks)
+    assert torch.allclose(batched["per_task_loss"], loop["per_task_loss"], rtol=1e-12)
+
+
 class ScaledLinear(nn.Linear):
     """A subclass whose forward is not nn.Linear's: it must not be run as a plain linear layer."""
 
@@ -144,6 +164,10 @@ def test_bad_tasks_at_once_and_unflattened_linear_inputs_are_clear_errors():
         MAML(MLP(1, (4,), 1), 0.1, 1, tasks_at_once=0)
     with pytest.raises(ValueError, match="tasks_at_once"):
         MAML(MLP(1, (4,), 1), 0.1, 1, tasks_at_once=True)            # a flag, not a count
+    with pytest.raises(ValueError, match="tasks_at_once"):
+        Reptile(MLP(1, (4,), 1), 0.1, 1, 0.5, tasks_at_once=0)
+    with pytest.raises(ValueError, match="running statistics"):
+        Reptile(Conv4(1, 5, hidden=8, image_size=16), 0.1, 1, 0.5, tasks_at_once=2)
     batched = task_batched(nn.Linear(3, 2))
     with pytest.raises(ValueError, match="flatten"):
         batched(torch.randn(2, 4, 5, 3))

@@ -193,6 +193,11 @@ def test_bad_input():
         for call in (maml.meta_backward, maml.evaluate):
             with pytest.raises(ValueError, match=r"labels must be in 0 .. 2 for a 3-way model"):
                 call(tasks._replace(support_y=support_y))
+    no_tasks = tasks._replace(support_x=tasks.support_x[:0], support_y=tasks.support_y[:0],
+                              query_x=tasks.query_x[:0], query_y=tasks.query_y[:0])
+    for bad_count in (tasks._replace(query_y=tasks.query_y[:1]), no_tasks):
+        with pytest.raises(ValueError, match="same number of tasks"):
+            maml.meta_backward(bad_count)
     no_queries = tasks._replace(query_x=tasks.query_x[:, :0], query_y=tasks.query_y[:, :0])
     for call in (maml.meta_backward, maml.evaluate):
         with pytest.raises(ValueError, match="query set is empty"):
