@@ -124,6 +124,14 @@ def test_task_batched_maml_on_cuda_matches_the_cpu_loop():
         assert torch.allclose(a.grad, b.grad.cpu(), rtol=1e-7, atol=1e-10)
 
 
+def test_cuda_peak_bytes_counts_what_a_step_allocates_and_frees():
+    from lowlearn.bench.timing import cuda_peak_bytes
+
+    _held = torch.zeros(2**20, device="cuda")                         # allocated before: not counted
+    peak = cuda_peak_bytes(lambda: torch.ones(2**20, device="cuda").sum(), torch.device("cuda"))
+    assert 4 * 2**20 <= peak < 5 * 2**20
+
+
 def test_csr_export_on_cuda_matches_the_masked_model():
     from lowlearn.sparse import prune, scores
     from lowlearn.sparse.export import CSRLinear, export

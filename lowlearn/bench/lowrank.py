@@ -22,7 +22,8 @@ from torch import nn
 from lowlearn.cost import training_memory
 from lowlearn.lowrank import DLRT, to_low_rank
 
-from .timing import add_device_argument, environment, fixed_batch, interleaved_medians, resolve_device
+from .timing import (add_device_argument, cuda_peak_bytes, environment, fixed_batch, interleaved_medians,
+                     resolve_device)
 
 
 def build(width: int, rank: int | None, device: torch.device):
@@ -48,18 +49,6 @@ def _step(model, optimizer, x, y):
     return step
 
 
-def _cuda_peak(step, device: torch.device) -> int | None:
-    """Bytes one step allocates at its peak beyond what was allocated before it (CUDA), else ``None``."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    step()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
-
-
 def run(widths=(512, 1024, 2048, 4096), rank: int = 32, batch_size: int = 128, iterations: int = 3,
         repeats: int = 15, device: str | None = None) -> list[dict]:
     """One row per width: seconds per step and bytes, dense and DLRT."""
@@ -73,7 +62,8 @@ def run(widths=(512, 1024, 2048, 4096), rank: int = 32, batch_size: int = 128, i
         row = {"width": width}
         for name, (model, opt) in built.items():
             memory = training_memory(model, opt, (x, y), F.cross_entropy)
-            row[name] = {"seconds": times[name], "bytes": memory.total, "cuda_peak": _cuda_peak(steps[name], device)}
+            row[name] = {"seconds": times[name], "bytes": memory.total,
+                         "cuda_peak": cuda_peak_bytes(steps[name], device)}
         rows.append(row)
     return rows
 

@@ -25,7 +25,7 @@ from lowlearn.data.episodes import Episode, random_episodes
 from lowlearn.meta import MAML
 from lowlearn.models import Conv4
 
-from .timing import add_device_argument, environment, interleaved_medians, resolve_device
+from .timing import add_device_argument, cuda_peak_bytes, environment, interleaved_medians, resolve_device
 
 IMPLEMENTATIONS = ("lowlearn", "lowlearn batched", "higher")
 
@@ -51,21 +51,6 @@ def make_step(name: str, model: torch.nn.Module, tasks: Episode, steps: int, inn
     return step
 
 
-def cuda_peak_memory(step, device: torch.device) -> int:
-    """Bytes one meta-step allocates at its peak, beyond what was allocated before it (CUDA).
-
-    ``step`` should be fresh (its own model copy and meta-optimizer): its first call
-    creates the optimizer's state, the second is measured.
-    """
-    step()                                              # the optimizer's state exists from now on
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    step()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
-
-
 def run(tasks: int = 32, ways: int = 5, shots: int = 1, queries: int = 15, steps: int = 5, inner_lr: float = 0.4,
         iterations: int = 2, repeats: int = 3, device: str | None = None) -> dict:
     """``{"seconds": {implementation: per meta-step}, "peak_bytes": {...} (CUDA only, else empty)}``."""
@@ -80,7 +65,9 @@ def run(tasks: int = 32, ways: int = 5, shots: int = 1, queries: int = 15, steps
     seconds = interleaved_medians(fresh_steps(), device=device, iterations=iterations, repeats=repeats, warmup=1)
     memory = {}
     if device.type == "cuda":
-        memory = {name: cuda_peak_memory(step, device) for name, step in fresh_steps().items()}
+        for name, step in fresh_steps().items():
+            step()                                      # the fresh optimizer's state exists from now on
+            memory[name] = cuda_peak_bytes(step, device)
     return {"seconds": seconds, "peak_bytes": memory}
 
 

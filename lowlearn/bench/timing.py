@@ -76,6 +76,22 @@ def faults_per_call(steps: Mapping[str, Callable[[], None]], calls: int) -> dict
     return faults
 
 
+def cuda_peak_bytes(step: Callable[[], None], device: torch.device) -> int | None:
+    """Bytes one call of ``step`` allocates at its peak beyond what was allocated before it (CUDA), else ``None``.
+
+    Call it once the step's lazily created state (an optimizer's moments) exists: after
+    timing it, or after one call of its own.
+    """
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
 def fixed_batch(batch_size: int, features: int, device: torch.device, classes: int = 10,
                 seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """A reproducible random classification batch ``(x, y)`` on ``device``: timing does not depend on the data."""

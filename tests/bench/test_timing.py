@@ -37,3 +37,8 @@ def test_interleaved_rounds_time_every_step_alike_in_an_order_shuffled_per_round
     assert all(calls[8 + 3 * i:8 + 3 * (i + 1)] == [calls[8 + 3 * i]] * 3 for i in range(48))   # ... in one block
     assert len(set(rounds)) > 1 and {order[0] for order in rounds} == set("abcd")             # places vary
     assert run(seed=0)[1] == calls and run(seed=1)[1] != calls                 # and follow the seed
+
+
+def test_cuda_peak_bytes_is_none_off_cuda_and_leaves_the_step_uncalled():
+    calls = []
+    assert timing.cuda_peak_bytes(lambda: calls.append(1), torch.device("cpu")) is None and not calls
