@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Normal
 
+from ..data.splits import check_count
+
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
     """Linear layers of the given widths with ReLU between them (none after the last)."""
@@ -49,11 +51,17 @@ class CNP(nn.Module):
     Shapes:
         ``context_x (B, n, x_dim)``, ``context_y (B, n, y_dim)``, ``target_x (B, m, x_dim)``,
         or the same without the batch dimension ``B``.
+
+    Raises:
+        ValueError: a size below 1 (``x_dim``, ``y_dim``, ``hidden``, the layer counts),
+            or ``min_std`` outside ``[0, 1)``.
     """
 
     def __init__(self, x_dim: int = 1, y_dim: int = 1, hidden: int = 128, encoder_layers: int = 3,
                  decoder_layers: int = 3, min_std: float = 0.1):
         super().__init__()
+        for name, value in (("x_dim", x_dim), ("y_dim", y_dim), ("hidden", hidden)):
+            check_count(name, value, 1)
         if encoder_layers < 1 or decoder_layers < 1:
             raise ValueError(f"the encoder and decoder need at least one layer each; got {encoder_layers} and "
                              f"{decoder_layers}")
@@ -69,17 +77,18 @@ class CNP(nn.Module):
         Raises:
             ValueError: an empty context set, or shapes that do not fit.
         """
-        if context_x.shape[-2] == 0:
-            raise ValueError("the context set is empty: a CNP needs at least one (x, y) pair to condition on")
-        if context_x.shape[:-1] != context_y.shape[:-1] or context_x.shape[-1] != self.x_dim \
+        if context_x.dim() < 2 or context_x.shape[:-1] != context_y.shape[:-1] or context_x.shape[-1] != self.x_dim \
                 or context_y.shape[-1] != self.y_dim:
             raise ValueError(f"context_x {tuple(context_x.shape)} and context_y {tuple(context_y.shape)} must be "
-                             f"(B, n, {self.x_dim}) and (B, n, {self.y_dim})")
+                             f"(B, n, {self.x_dim}) and (B, n, {self.y_dim}), or (n, {self.x_dim}) and "
+                             f"(n, {self.y_dim})")
+        if context_x.shape[-2] == 0:
+            raise ValueError("the context set is empty: a CNP needs at least one (x, y) pair to condition on")
         return self.encoder(torch.cat([context_x, context_y], dim=-1)).mean(dim=-2)
 
     def forward(self, context_x: Tensor, context_y: Tensor, target_x: Tensor) -> Normal:
         """The predictive distribution ``N(μ_T, σ_T²)`` at the targets, one independent Gaussian per output."""
-        if target_x.shape[-1] != self.x_dim or target_x.shape[:-2] != context_x.shape[:-2]:
+        if target_x.dim() < 2 or target_x.shape[-1] != self.x_dim or target_x.shape[:-2] != context_x.shape[:-2]:
             raise ValueError(f"target_x {tuple(target_x.shape)} must be (B, m, {self.x_dim}) with the batch of "
                              f"context_x {tuple(context_x.shape)}")
         r = self.represent(context_x, context_y)
@@ -93,7 +102,7 @@ class CNP(nn.Module):
         Raises:
             ValueError: an empty context or target set, or shapes that do not fit.
         """
-        if target_y.shape[:-1] != target_x.shape[:-1] or target_y.shape[-1] != self.y_dim:
+        if target_x.dim() < 2 or target_y.shape[:-1] != target_x.shape[:-1] or target_y.shape[-1] != self.y_dim:
             raise ValueError(f"target_y {tuple(target_y.shape)} must be (B, m, {self.y_dim}) like target_x "
                              f"{tuple(target_x.shape)}")
         if target_x.shape[-2] == 0:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from lowlearn.data.episodes import Episode, EpisodeSampler
+from lowlearn.data.splits import check_count
 
 
 class MetaLearner(Protocol):
@@ -80,6 +81,11 @@ def episode_accuracies(evaluate: Callable[[Episode], Tensor], sampler: EpisodeSa
         sampler: draws the test episodes (seed it for the same episodes in every comparison).
         episodes: how many.
         batch: episodes per call of ``evaluate``.
+
+    Raises:
+        ValueError: ``episodes`` or ``batch`` below 1.
     """
+    check_count("episodes", episodes, 1)
+    check_count("batch", batch, 1)
     chunks = [evaluate(sampler.sample(min(batch, episodes - start))) for start in range(0, episodes, batch)]
     return torch.cat(chunks)

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..data.splits import check_count
+
 State = list[tuple[Tensor, Tensor]]
 Objective = Callable[[Tensor], Tensor]
 
@@ -63,14 +65,18 @@ class LSTMOptimizer(nn.Module):
         return [(like.new_zeros(n, cell.hidden_size), like.new_zeros(n, cell.hidden_size)) for cell in self.cells]
 
     def forward(self, grad: Tensor, state: State) -> tuple[Tensor, State]:
-        """The update ``g_t`` (same shape as the flat ``grad``) and the next state."""
-        inputs = preprocess_gradient(grad) if self.preprocess else grad.unsqueeze(-1)
+        """The update ``g_t`` (``grad``'s shape, one coordinate per element) and the next state.
+
+        ``state`` holds one row per element of ``grad`` (:meth:`initial_state` of ``grad.numel()``).
+        """
+        flat = grad.reshape(-1)
+        inputs = preprocess_gradient(flat) if self.preprocess else flat.unsqueeze(-1)
         new_state = []
         for cell, (h, c) in zip(self.cells, state):
             h, c = cell(inputs, (h, c))
             new_state.append((h, c))
             inputs = h
-        return self.out(inputs).squeeze(-1) * self.output_scale, new_state
+        return (self.out(inputs).squeeze(-1) * self.output_scale).view_as(grad), new_state
 
 
 def gradient(objective: Objective, theta: Tensor) -> Tensor:
@@ -102,7 +108,14 @@ def meta_train(optimizer: LSTMOptimizer, make_problem: Callable[[], tuple[Object
 
     Returns:
         The mean ``f(θ_t)`` over each problem's trajectory (to watch meta-training progress).
+
+    Raises:
+        ValueError: ``problems`` below 0, ``horizon`` or ``truncation`` below 1, or a
+            ``horizon`` that is not a multiple of ``truncation``.
     """
+    check_count("problems", problems, 0)
+    check_count("horizon", horizon, 1)
+    check_count("truncation", truncation, 1)
     if horizon % truncation:
         raise ValueError(f"horizon ({horizon}) must be a multiple of truncation ({truncation})")
     history = []

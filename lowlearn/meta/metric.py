@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.augment import shifted_copies
+from ..data.splits import check_count
 from .maml import TaskBatch
 
 
@@ -40,8 +41,7 @@ def check_episode_labels(support_y: Tensor, query_y: Tensor | None, ways: int) -
 
     Query labels, if given, must be classes of the support set. One read of the device.
     """
-    if support_y.dtype.is_floating_point or (query_y is not None and query_y.dtype.is_floating_point):
-        raise ValueError("metric-based learners classify: support_y and query_y must be integer class labels")
+    _check_label_dtype(support_y, query_y)
     if support_y.dim() == 0 or support_y.numel() == 0:
         raise ValueError("the support set is empty: every class needs at least one support example")
     labels = support_y.reshape(-1, support_y.shape[-1])
@@ -61,6 +61,14 @@ def check_episode_labels(support_y: Tensor, query_y: Tensor | None, ways: int) -
     if queries and (query_range[0] < 0 or query_range[1] >= ways):
         raise ValueError(f"query labels from {query_range[0]} to {query_range[1]} include a class that is not in "
                          f"the support set (classes 0 .. {ways - 1}): every query class needs support examples")
+
+
+def _check_label_dtype(*labels: Tensor | None) -> None:
+    """Raise a ValueError unless every tensor of ``labels`` (``None`` skipped) holds integers (not booleans)."""
+    for y in labels:
+        if y is not None and (y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool):
+            raise ValueError(f"metric-based learners classify: support_y and query_y must be integer class labels, "
+                             f"got {y.dtype}")
 
 
 def _ways(support_y: Tensor) -> int:
@@ -130,7 +138,7 @@ class EpisodicLearner(nn.Module, ABC):
 
         Args:
             support_x: ``(S, ...)`` one episode's support inputs, or ``(B, S, ...)`` for ``B`` episodes.
-            support_y: int64 ``(S,)`` or ``(B, S)`` labels in ``0 .. N−1``, every class present.
+            support_y: integer ``(S,)`` or ``(B, S)`` labels in ``0 .. N−1``, every class present.
             query_x: ``(Q, ...)`` or ``(B, Q, ...)`` query inputs.
             ways: ``N`` (default: one more than the largest support label).
 
@@ -191,7 +199,11 @@ class EpisodicLearner(nn.Module, ABC):
         if query_y is not None and query_y.shape != query_x.shape[:2]:
             raise ValueError(f"query_y {tuple(query_y.shape)} must have one label per query input "
                              f"{tuple(query_x.shape[:2])}")
-        ways = _ways(support_y) if ways is None else ways
+        _check_label_dtype(support_y, query_y)
+        support_y, query_y = support_y.long(), None if query_y is None else query_y.long()
+        if ways is None:
+            ways = _ways(support_y)
+        check_count("ways", ways, 1)
         check_episode_labels(support_y, query_y, ways)
         return support_x, support_y, query_x, query_y, ways
 
@@ -219,10 +231,14 @@ class EpisodicLearner(nn.Module, ABC):
         ``test_rotations``, ``D`` is four times the embedding's size.
 
         Raises:
-            ValueError: ``test_rotations`` for images that are not square.
+            ValueError: ``test_shift`` or ``test_rotations`` for inputs that are not images
+                (fewer than three dimensions), or ``test_rotations`` for images that are not square.
         """
         if self.training:
             return self.embedding(x).flatten(1)
+        if (self.test_shift or self.test_rotations) and x.dim() < 3:
+            raise ValueError(f"test_shift and test_rotations shift and rotate images, (n, [C,] H, W); got inputs of "
+                             f"shape {tuple(x.shape)}: leave them at 0 and False for other inputs")
         if not self.test_rotations:
             return self._mean_over_shifts(x)
         if x.shape[-1] != x.shape[-2]:

@@ -65,3 +65,11 @@ def test_bad_input_is_a_clear_error():
         cnp.loss(torch.zeros(2, 4, 1), torch.zeros(2, 4, 1), torch.zeros(2, 0, 1), torch.zeros(2, 0, 1))
     with pytest.raises(ValueError, match="min_std"):
         CNP(min_std=1.0)
+    with pytest.raises(ValueError, match="context_x"):                # 1-D: one x per row, but no feature axis
+        cnp(torch.zeros(4), torch.zeros(4, 1), torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="target_x"):
+        cnp(torch.zeros(4, 1), torch.zeros(4, 1), torch.zeros(3))
+    with pytest.raises(ValueError, match="target_y"):
+        cnp.loss(torch.zeros(4, 1), torch.zeros(4, 1), torch.zeros(3), torch.zeros(3))
+    with pytest.raises(ValueError, match="hidden"):
+        CNP(hidden=0)

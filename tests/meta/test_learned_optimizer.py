@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from lowlearn.meta.learned_optimizer import LSTMOptimizer, meta_train, optimize, preprocess_gradient, quadratic
@@ -62,3 +63,24 @@ def test_network_problem_is_the_model_loss_of_its_flat_parameters():
     net = LSTMOptimizer()
     losses = optimize(net, objective, theta, 5)
     assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
+
+
+def test_a_parameter_of_any_shape_is_updated_coordinate_by_coordinate():
+    torch.manual_seed(0)
+    net = LSTMOptimizer()
+    grad = torch.randn(3, 4)
+    update, _ = net(grad, net.initial_state(12, grad))
+    flat, _ = net(grad.flatten(), net.initial_state(12, grad))
+    assert update.shape == (3, 4) and torch.equal(update, flat.view(3, 4))
+    losses = optimize(net, lambda theta: theta.square().sum(), torch.ones(2, 3), steps=2)
+    assert len(losses) == 3
+
+
+@pytest.mark.parametrize("counts, name", [((1, 5, 0), "truncation"), ((1, 5, -2), "truncation"),
+                                          ((1, 0, 1), "horizon"), ((-1, 5, 5), "problems")])
+def test_meta_train_refuses_counts_that_would_train_nothing(counts, name):
+    net = LSTMOptimizer()
+    problems, horizon, truncation = counts
+    with pytest.raises(ValueError, match=name):
+        meta_train(net, quadratic, torch.optim.Adam(net.parameters()), problems=problems, horizon=horizon,
+                   truncation=truncation)

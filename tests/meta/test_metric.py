@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from lowlearn.data.episodes import Episode, random_episodes
+from lowlearn.data.episodes import Episode, EpisodeSampler, random_episodes
 from lowlearn.meta import LSTMOptimizer, MatchingNet, ProtoNet
+from lowlearn.meta.episodic import episode_accuracies
 from lowlearn.meta.metric import class_means, squared_distances
 from lowlearn.models import Conv4
 
@@ -162,6 +163,31 @@ def test_bad_episodes_are_clear_errors(learner):
         model(x, torch.tensor([0.0, 1.0, 2.0]), x)
     with pytest.raises(ValueError, match="no query examples"):
         model.loss(Episode(x, torch.tensor([0, 1, 2]), x[:0], torch.tensor([], dtype=torch.long), torch.zeros(3)))
+    with pytest.raises(ValueError, match="integer class labels, got torch.bool"):
+        model(x, torch.tensor([True, False, True]), x)
+    with pytest.raises(ValueError, match="ways must be an int >= 1"):
+        model(x, torch.tensor([0, 1, 2]), x, ways=0)
+
+
+@pytest.mark.parametrize("learner", [ProtoNet, MatchingNet])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8])
+def test_labels_of_any_integer_type_give_the_int64_results(learner, dtype):
+    model = learner(nn.Identity())
+    episode = Episode(torch.randn(2, 4, 3), torch.tensor([[0, 1, 2, 1], [2, 0, 1, 0]]), torch.randn(2, 5, 3),
+                      torch.tensor([[0, 1, 2, 0, 1], [2, 2, 1, 0, 0]]), torch.zeros(2, 3))
+    narrow = episode._replace(support_y=episode.support_y.to(dtype), query_y=episode.query_y.to(dtype))
+    torch.testing.assert_close(model(narrow.support_x, narrow.support_y, narrow.query_x),
+                               model(episode.support_x, episode.support_y, episode.query_x))
+    torch.testing.assert_close(model.loss(narrow)["loss"], model.loss(episode)["loss"])
+
+
+@pytest.mark.parametrize("options", [{"test_shift": 1}, {"test_rotations": True}])
+def test_test_time_views_refuse_inputs_that_are_not_images(options):
+    # Shifting the last two dimensions of (n, D) inputs would mix one example's features into its neighbour's.
+    model = ProtoNet(nn.Identity(), **options).eval()
+    x = torch.randn(4, 4)
+    with pytest.raises(ValueError, match="not images|shift and rotate images"):
+        model(x, torch.tensor([0, 1, 2, 3]), x)
 
 
 def test_soft_k_means_refinement_equals_ren_et_al_eq_4():
@@ -215,3 +241,18 @@ def test_test_time_rotations_average_the_squared_distances_of_the_four_rotated_f
         torch.testing.assert_close(model.train()(sx, sy, qx), -torch.cdist(embedding(qx), embedding(sx)) ** 2)
     with pytest.raises(ValueError, match="square images, got 6x5"):
         model.eval().embed(torch.zeros(2, 1, 6, 5))
+
+
+def test_episode_accuracies_scores_every_episode_in_batches_and_checks_its_counts():
+    sampler = lambda: EpisodeSampler(torch.randn(6, 4, 2), 3, 1, 1, seed=0)       # noqa: E731
+    sizes = []
+
+    def evaluate(tasks):
+        sizes.append(tasks.support_x.shape[0])
+        return torch.arange(tasks.support_x.shape[0], dtype=torch.float32)
+
+    assert episode_accuracies(evaluate, sampler(), 7, batch=3).tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert sizes == [3, 3, 1]
+    for episodes, batch in ((0, 3), (-2, 3), (5, 0)):
+        with pytest.raises(ValueError, match="episodes|batch"):
+            episode_accuracies(evaluate, sampler(), episodes, batch=batch)
