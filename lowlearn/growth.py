@@ -62,8 +62,8 @@ def layer_pair(model: nn.Sequential, layer: int) -> tuple[nn.Module, nn.Module]:
     """The layer at position ``layer`` among the model's Linear/Conv2d layers, and the next one.
 
     Raises:
-        ValueError: no next layer, layers of different kinds, or something between
-            them that growth cannot see through.
+        ValueError: no next layer, layers of different kinds, grouped convolutions, or
+            something between them that growth cannot see through.
     """
     if not isinstance(model, nn.Sequential):
         raise ValueError(f"growth needs an nn.Sequential (a chain of layers); got {type(model).__name__}")
@@ -76,6 +76,10 @@ def layer_pair(model: nn.Sequential, layer: int) -> tuple[nn.Module, nn.Module]:
     if type(grown) is not type(consumer):
         raise ValueError(f"growth supports Linear→Linear and Conv2d→Conv2d pairs; got {type(grown).__name__}→"
                          f"{type(consumer).__name__}")
+    grouped = [type(m).__name__ for m in (grown, consumer) if getattr(m, "groups", 1) != 1]
+    if grouped:
+        raise ValueError(f"cannot grow grouped convolutions ({grouped} with groups > 1): a new channel would "
+                         "have to join one group of each; grow between ungrouped layers")
     odd = [type(m).__name__ for m in leaves[first + 1:second] if not isinstance(m, _BETWEEN)]
     if odd:
         raise ValueError(f"cannot grow through {odd}: only activations, dropout and pooling may sit between the "

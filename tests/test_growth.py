@@ -164,6 +164,10 @@ def test_bad_growth_is_a_clear_error():
         grow(cnn(), 1, 1, "random")
     with pytest.raises(ValueError, match="at most 3 orthogonal"):
         gradmax_directions(model, 1, 6, data)
+    grouped = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2))
+    for strategy in ("random", "split"):
+        with pytest.raises(ValueError, match="grouped convolutions"):
+            grow(grouped, 0, 1, strategy)
 
 
 @pytest.mark.parametrize("strategy", ["random", "gradmax"])

@@ -63,7 +63,7 @@ from ..distributed import average_across_processes
 from ..reparam import OutputGradients
 from ..train import generator_on
 from .allocation import erdos_renyi, erk, uniform
-from .mask import attach_masks, find_mask, masked_layers, masks_of, raw_weight, set_masks, zero_optimizer_state
+from .mask import attach_masks, find_mask, raw_weight, resolve_layers, set_masks, zero_optimizer_state
 from .prune import check_density, kept_count, top_k_mask
 from .schedule import UpdateSchedule
 from .update import drop_and_grow
@@ -122,13 +122,19 @@ class Sparsifier(ABC):
             seeded from it, if the model has moved when the method next draws).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, seed: int = 0):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, layers: Mapping[str, nn.Module],
+                 seed: int = 0):
         self.model, self.optimizer, self.steps = model, optimizer, 0
-        self.generator = torch.Generator(device=_device(self.layers())).manual_seed(seed)
+        self._layers = dict(layers)
+        self.generator = torch.Generator(device=_device(self._layers)).manual_seed(seed)
 
     def layers(self) -> dict[str, nn.Module]:
-        """``{name: layer}`` of the layers this sparsifier trains sparsely."""
-        return masked_layers(self.model)
+        """``{name: layer}`` of the layers this sparsifier trains sparsely (others, even masked, are left alone)."""
+        return dict(self._layers)
+
+    def masks(self) -> dict[str, Tensor]:
+        """``{name: boolean mask}`` of :meth:`layers` (copies, as :func:`~lowlearn.sparse.mask.masks_of`)."""
+        return {name: find_mask(layer).mask != 0 for name, layer in self._layers.items()}
 
     def step(self) -> None:
         """Advance one optimizer step; update the masks when the schedule says so."""
@@ -203,10 +209,11 @@ class DynamicSparsity(Sparsifier):
     ):
         check_density(density)
         self.schedule = None if end is None else UpdateSchedule(end, every, drop_fraction)
-        attach_masks(model, layers)
-        super().__init__(model, optimizer, seed)
+        chosen = resolve_layers(model, layers)
+        self.densities = layer_densities_for(model, density, distribution, list(chosen))   # checked before masking
+        attach_masks(model, list(chosen))
+        super().__init__(model, optimizer, chosen, seed)
         self.density, self.regrow_dropped = density, regrow_dropped
-        self.densities = layer_densities_for(model, density, distribution, list(self.layers()))
         self.active: dict[str, int] = {}
         initial = {}
         for name, layer in self.layers().items():
@@ -248,9 +255,11 @@ class DynamicSparsity(Sparsifier):
     def update(self, fraction: float) -> dict[str, Tensor]:
         """Drop ``fraction`` of every layer's active weights (rounded down) and grow as many; return the grown sets.
 
-        The schedule calls this; call it yourself for a one-off update.
+        The schedule calls this. A one-off update by hand suits methods whose growth
+        needs no gradient of the current step (SET, SNFS); RigL's needs the dense
+        gradient, which only the steps its schedule updates at record.
         """
-        masks = masks_of(self.model)
+        masks = self.masks()
         layers = self.layers()
         dropped = {name: self.drop_count(name, raw_weight(layer).numel(), fraction) for name, layer in layers.items()}
         counts = self.grow_counts(dropped, masks)
@@ -303,7 +312,8 @@ class DynamicSparsity(Sparsifier):
             raise RuntimeError(
                 f"{type(self).__name__} needs the dense gradient of this step, but saw none for {missing}: "
                 "call sparsifier.step() exactly once after every optimizer.step(), each after a backward "
-                "pass through the model (a checkpoint restored mid-run resumes correctly too)")
+                "pass through the model (a checkpoint restored mid-run resumes correctly too). The gradient is "
+                "recorded only for the steps the schedule updates at, so update() by hand cannot use it")
         return dict(self._gradients.grads)
 
     # ----------------------------------------------------------------- checkpoints
@@ -406,6 +416,13 @@ class SNFS(DynamicSparsity):
         self.beta = beta
         self.momentum: dict[str, Tensor] = {}
         super().__init__(*args, **kwargs)
+        active, size = sum(self.active.values()), sum(raw_weight(layer).numel() for layer in self.layers().values())
+        if self.schedule is not None and not self.regrow_dropped \
+                and math.floor(self.schedule.drop_fraction * active) > size - active:
+            raise ValueError(f"SNFS at density {self.density} drops up to {self.schedule.drop_fraction} of its "
+                             f"{active} active weights at an update, more than the {size - active} inactive ones "
+                             "it can regrow into: lower drop_fraction to at most (1 - density) / density, or the "
+                             "density")
 
     def _observe_gradients(self) -> None:
         for name, grad in self.dense_gradients().items():

@@ -103,7 +103,7 @@ class TopKAST(Sparsifier):
         for layer in chosen.values():
             keep = torch.ones_like(layer.weight, dtype=torch.bool)
             register(layer, "weight", SplitMask(keep, keep, layer.weight.dtype))
-        super().__init__(model, optimizer, seed)
+        super().__init__(model, optimizer, chosen, seed)
         self.forward_density, self.backward_density = forward_density, backward_density
         self.every, self.end = every, end
         self.refresh()

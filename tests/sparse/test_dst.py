@@ -315,6 +315,44 @@ def test_bad_input():
         RigL(small_mlp(), None, 0.5, end=10, distribution={"1": 0.5, "3": 0.5, "5": 0.5, "fc9": 0.5})
     with pytest.raises(ValueError, match=r"density of '1' must be in \(0, 1\]"):
         RigL(small_mlp(), None, 0.5, end=10, distribution=lambda model, d: {"1": 1.5, "3": d, "5": d})
+    model = small_mlp()
+    for bad in ({"distribution": "ekr"}, {"drop_fraction": 1.5}, {"layers": ["1", "fc9"]}):
+        with pytest.raises((ValueError, KeyError)):
+            RigL(model, None, 0.5, end=10, **bad)
+        assert not masks_of(model), bad                          # a refused sparsifier leaves the model as it was
+    with pytest.raises(ValueError, match=r"lower drop_fraction to at most \(1 - density\) / density"):
+        SNFS(small_mlp(), None, 0.8, end=10, distribution="uniform")    # 0.3 · 0.8 of the weights > 0.2 free
+    SNFS(small_mlp(), None, 0.8, end=10, distribution="uniform", drop_fraction=0.25)
+    SNFS(small_mlp(), None, 0.8, end=10, distribution="uniform", regrow_dropped=True)
+
+
+@pytest.mark.parametrize("method", ["set", "rigl", "snfs"])
+def test_a_sparsifier_leaves_the_masks_of_layers_it_was_not_given_alone(method):
+    from lowlearn.sparse import prune, scores
+
+    model = small_mlp()
+    prune(model, {"5": scores.magnitude(model)["5"]}, 0.5)               # a layer pruned before sparse training
+    pruned = masks_of(model)["5"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = make(method, model, optimizer, layers=["1", "3"])
+    assert list(sparsifier.layers()) == list(sparsifier.masks()) == ["1", "3"]
+    train(model, optimizer, sparsifier, batches(20))
+    assert torch.equal(masks_of(model)["5"], pruned)
+
+
+def test_update_by_hand_says_why_rigl_cannot_grow_without_a_recorded_gradient():
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = make("rigl", model, optimizer)
+    train(model, optimizer, sparsifier, batches(2))
+    with pytest.raises(RuntimeError, match="update\\(\\) by hand cannot use it"):
+        sparsifier.update(0.3)
+    set_model = small_mlp()
+    set_optimizer = torch.optim.SGD(set_model.parameters(), lr=0.1)
+    set_sparsifier = make("set", set_model, set_optimizer)
+    before = masks_of(set_model)
+    set_sparsifier.update(0.3)                                        # SET grows at random: any time will do
+    assert any(not torch.equal(before[name], mask) for name, mask in masks_of(set_model).items())
 
 
 def test_deepcopy_of_a_sparse_model_is_independent():

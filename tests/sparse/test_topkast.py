@@ -146,3 +146,20 @@ def test_bad_input():
 def test_one_mapping_cannot_give_two_sets():
     with pytest.raises(ValueError, match="densities of two sets"):
         TopKAST(small_mlp(), None, 0.2, 0.4, distribution={"1": 0.2, "3": 0.2, "5": 0.2})
+
+
+def test_top_kast_on_chosen_layers_leaves_an_earlier_mask_alone():
+    from lowlearn.sparse import prune, scores
+
+    model = small_mlp()
+    prune(model, {"5": scores.magnitude(model)["5"]}, 0.5)
+    pruned = masks_of(model)["5"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = TopKAST(model, optimizer, 0.2, 0.4, every=2, layers=["1", "3"])
+    assert list(sparsifier.backward_masks()) == ["1", "3"]
+    for _ in range(4):
+        optimizer.zero_grad()
+        (model(torch.randn(8, 20)).square().mean() + 1e-3 * sparsifier.penalty()).backward()
+        optimizer.step()
+        sparsifier.step()
+    assert torch.equal(masks_of(model)["5"], pruned)
