@@ -49,6 +49,7 @@ a closure::
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 
@@ -80,8 +81,8 @@ class DLRT(torch.optim.Optimizer):
             :func:`~lowlearn.lowrank.layers.to_low_rank`), maybe mixed with dense ones.
         lr: ``λ``, the step size of the K-, L- and S-steps.
         tol: ``ϑ``, the relative truncation tolerance in [0, 1); ``None`` trains at fixed rank.
-        r_min: the smallest rank a layer is truncated to.
-        r_max: the largest (default: each layer's own ``r_max``).
+        r_min: the smallest rank a layer is truncated to (with ``tol``).
+        r_max: the largest (with ``tol``; default: each layer's own ``r_max``).
         betas: ``(β₁, β₂)`` for Adam-style steps of the factors (see :meth:`direction`);
             ``None`` (default) takes plain gradient steps, the integrator of the paper.
         eps: Adam's ``ε``.
@@ -89,8 +90,10 @@ class DLRT(torch.optim.Optimizer):
             (build it on :func:`~lowlearn.lowrank.layers.dense_parameters`).
 
     Raises:
-        ValueError: no low-rank layer, ``ϑ`` outside [0, 1), ``lr ≤ 0``, ``r_min < 1``, or
-            ``r_max < r_min``.
+        ValueError: no low-rank layer, ``ϑ`` outside [0, 1), an ``lr`` that is not a
+            positive finite number, ``r_min < 1``, ``r_max < r_min``, ``r_max`` without
+            ``tol`` (a fixed-rank run truncates nothing), ``betas`` that are not two
+            numbers in [0, 1), or a negative ``eps``.
     """
 
     #: :func:`lowlearn.train.fit` passes a closure to :meth:`step` for optimizers that say so.
@@ -104,14 +107,19 @@ class DLRT(torch.optim.Optimizer):
                  optimizer: torch.optim.Optimizer | None = None):
         if not low_rank_layers(model):
             raise ValueError("the model has no low-rank layer: convert some with lowlearn.lowrank.to_low_rank")
-        if not isinstance(lr, (int, float)) or lr <= 0:
-            raise ValueError(f"lr must be a positive step size, got {lr!r}")
+        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"lr must be a positive, finite step size, got {lr!r}")
         if not isinstance(r_min, int) or r_min < 1:
             raise ValueError(f"r_min must be a positive integer, got {r_min!r}")
         if r_max is not None and (not isinstance(r_max, int) or r_max < r_min):
             raise ValueError(f"r_max must be None or an integer >= r_min ({r_min}), got {r_max!r}")
-        if betas is not None and not all(0.0 <= b < 1.0 for b in betas):
+        if r_max is not None and tol is None:
+            raise ValueError("r_max bounds the ranks that the truncation with tol= keeps; with tol=None the ranks "
+                             "stay as the layers have them (set them with to_low_rank's rank=)")
+        if betas is not None and (len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if not isinstance(eps, (int, float)) or not 0.0 <= eps < math.inf:
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         groups = [{"params": _factors(model)}]
         if optimizer is None and (dense := dense_parameters(model)):
             groups.append({"params": dense})
@@ -286,9 +294,11 @@ class DLRT(torch.optim.Optimizer):
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         moments = state.get("state", state.get("moments", {}))
-        self.state = defaultdict(dict, {name: {key: value if key == "step" else torch.stack(tuple(value))
-                                               for key, value in layer.items()}
-                                        for name, layer in moments.items()})
+        layers = low_rank_layers(self.model)            # the moments go where their layer's factors are
+        self.state = defaultdict(dict, {
+            name: {key: value if key == "step" else torch.stack(tuple(value)).to(layers[name].U)
+                   for key, value in layer.items()}
+            for name, layer in moments.items()})
 
 
 def _factors(model: nn.Module) -> list[nn.Parameter]:

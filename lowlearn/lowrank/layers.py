@@ -195,12 +195,23 @@ class LowRankLayer(nn.Module):
         for name, value in (("U", U), ("S", S), ("V", V)):
             setattr(self, name, nn.Parameter(value.detach().to(dtype).contiguous()))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A checkpoint may hold another rank: take its shapes before loading the values.
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A checkpoint may hold another rank: take its shapes before loading the values, if they are factors
+        # of this layer's n × m weight; otherwise keep the factors, and the load reports the mismatch.
         shapes = {name: state_dict[prefix + name].shape for name in ("U", "S", "V") if prefix + name in state_dict}
         if len(shapes) == 3:
-            self.set_factors(*(self.U.new_empty(shapes[name]) for name in ("U", "S", "V")))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            (n, m), (U, S, V) = self.dense_shape, (shapes["U"], shapes["S"], shapes["V"])
+            if len(U) != 2 or len(V) != 2 or (U[0], V[0]) != (n, m) or tuple(S) != (U[1], V[1]):
+                error_msgs.append(f"the factors U {tuple(U)}, S {tuple(S)}, V {tuple(V)} in the checkpoint are not "
+                                  f"those of a {n}×{m} weight (U: (n, r), S: (r, r), V: (m, r)); it was saved from "
+                                  "another layer")
+            elif min(S) > self.r_max:
+                error_msgs.append(f"the checkpoint's rank {min(S)} is above this layer's r_max = {self.r_max}")
+            else:
+                self.set_factors(*(self.U.new_empty(shapes[name]) for name in ("U", "S", "V")))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def count_macs(self, output: Tensor) -> int:
         """Multiply-accumulates that produced ``output``: ``r_v·m + r_u·r_v + n·r_u`` per output position.
@@ -313,6 +324,8 @@ class LowRankConv2d(LowRankLayer):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:                                  # one unbatched image (C, H, W), as nn.Conv2d takes it
+            return self(x.unsqueeze(0)).squeeze(0)
         y = _LowRankConvFunction.apply(x, self.U, self.S, self.V, self.kl_gradients, self.kernel, self.conv)[0]
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
@@ -343,13 +356,17 @@ def to_low_rank(model: nn.Module, layers: Iterable[str], rank: int | Mapping[str
             layer's ``min(n, m)``).
 
     Raises:
-        KeyError: a name that is not a Linear or Conv2d module of the model.
+        KeyError: a name that is not an ``nn.Linear`` or ``nn.Conv2d`` module of the model
+            (a subclass is refused too: its owner may read ``.weight``, which a
+            low-rank layer does not have).
     """
     modules = dict(model.named_modules())
     for name in layers:
         layer = modules.get(name)
-        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
-            raise KeyError(f"{name!r} is not a Linear or Conv2d module of the model")
+        if type(layer) not in (nn.Linear, nn.Conv2d):
+            kind = "not a module of the model" if layer is None else f"a {type(layer).__name__}"
+            raise KeyError(f"{name!r} is {kind}; to_low_rank converts nn.Linear and nn.Conv2d modules (not their "
+                           "subclasses, such as attention's projections, whose owners read .weight)")
         n, m = layer.weight.shape[0], layer.weight[0].numel()
         cap = None if r_max is None else min(r_max, n, m)
         r = rank[name] if isinstance(rank, Mapping) else rank
@@ -391,9 +408,11 @@ def compression(model: nn.Module) -> dict[str, float]:
     Counts weight matrices only (no biases), as Schotthöfer et al. (2022) do in their
     tables: a dense ``nn.Linear``/``nn.Conv2d`` counts ``n·m``; a low-rank layer of rank
     ``r`` counts ``r(n + m) + r²`` at evaluation, and during training what an
-    integrator step holds at once: the augmented factors ``Û, V̂`` and ``S̃`` of rank
-    ``2r`` plus ``K`` and ``L``, i.e. ``2r(n + m) + 4r² + r(n + m)`` (the rank-adaptive
-    integrator; the fixed-rank one holds less). The compression rate ("c.r.") is
+    integrator step holds at once: the augmented factors ``Û (n × a)``, ``V̂ (m × b)``
+    and ``S̃ (a × b)``, with ``a = min(2r, n)`` and ``b = min(2r, m)``, plus ``K`` and
+    ``L``, i.e. ``a·n + b·m + a·b + r(n + m)`` (``2r(n + m) + 4r² + r(n + m)`` when
+    ``2r`` fits; the rank-adaptive integrator; the fixed-rank one holds less). The
+    compression rate ("c.r.") is
     ``1 − stored / dense``.
 
     Returns:
@@ -406,7 +425,8 @@ def compression(model: nn.Module) -> dict[str, float]:
             r = module.rank
             dense += n * m
             evaluation += r * (n + m) + r * r
-            training += 3 * r * (n + m) + 4 * r * r
+            a, b = min(2 * r, n), min(2 * r, m)              # the augmented bases' columns
+            training += a * n + b * m + a * b + r * (n + m)
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
             dense += module.weight.numel()
             evaluation += module.weight.numel()

@@ -89,15 +89,23 @@ def test_bad_input():
     model = to_low_rank(MLP(hidden=(8,)), ["1"], rank=2)
     with pytest.raises(ValueError, match=r"ϑ must be in \[0, 1\)"):
         DLRT(model, lr=0.1, tol=1.5)
-    with pytest.raises(ValueError, match="lr must be a positive"):
-        DLRT(model, lr=0.0)
+    for lr in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lr must be a positive, finite"):
+            DLRT(model, lr=lr)
+    for betas in ((0.9,), (0.9, 0.99, 0.5), (0.9, 1.0)):
+        with pytest.raises(ValueError, match="betas must be two numbers"):
+            DLRT(model, lr=0.1, betas=betas)
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        DLRT(model, lr=0.1, eps=-1.0)
+    with pytest.raises(ValueError, match="with tol=None the ranks stay"):
+        DLRT(model, lr=0.1, r_max=2)
     with pytest.raises(ValueError, match="r_min must be a positive integer"):
         DLRT(model, lr=0.1, r_min=0)
     for r_max in (0, -1, 1.5):
         with pytest.raises(ValueError, match=r"r_max must be None or an integer >= r_min \(1\)"):
-            DLRT(model, lr=0.1, r_max=r_max)
+            DLRT(model, lr=0.1, tol=0.1, r_max=r_max)
     with pytest.raises(ValueError, match=r">= r_min \(3\), got 2"):
-        DLRT(model, lr=0.1, r_min=3, r_max=2)
+        DLRT(model, lr=0.1, tol=0.1, r_min=3, r_max=2)
     dlrt = DLRT(model, lr=0.1)
     with pytest.raises(RuntimeError, match="has no gradient: run forward and backward"):
         dlrt.step(lambda: model(torch.randn(2, 784)).sum())
@@ -198,6 +206,10 @@ def test_state_dict_keeps_scheduled_learning_rates_and_moments():
     old = {"optimizer": None, "moments": {"1": {"step": 1, "K": tuple(dlrt.state["1"]["K"])}}}
     restored.load_state_dict(old)
     assert torch.equal(restored.state["1"]["K"], dlrt.state["1"]["K"])
+    # Moments saved on one device go to the layer's: saved in float64 here, loaded into float32 factors.
+    restored.load_state_dict({**dlrt.state_dict(), "state": {"1": {key: value if key == "step" else value.double()
+                                                                   for key, value in dlrt.state["1"].items()}}})
+    assert restored.state["1"]["S"].dtype == torch.float32
     with_optimizer = DLRT(model, lr=0.1, optimizer=torch.optim.SGD(dense_parameters(model), lr=0.1))
     with pytest.raises(ValueError, match="2 parameter groups and this DLRT 1"):
         with_optimizer.load_state_dict(dlrt.state_dict())

@@ -146,6 +146,33 @@ def test_state_dict_round_trip_keeps_ranks_and_factors():
     assert torch.equal(model(x), other(x))
 
 
+def test_a_checkpoint_of_another_layer_is_refused_and_the_factors_keep_their_shapes():
+    torch.manual_seed(0)
+    layer = LowRankLinear(8, 20, 2, r_max=4)
+    before = {name: p.detach().clone() for name, p in layer.state_dict().items()}
+    wrong_width = LowRankLinear(6, 20, 2).state_dict()
+    too_high = LowRankLinear(8, 20, 6).state_dict()
+    misfit = {**layer.state_dict(), "S": torch.randn(2, 3)}
+    for state, message in ((wrong_width, "not those of a 20×8 weight"), (too_high, "rank 6 is above"),
+                           (misfit, "not those of a 20×8 weight")):
+        with pytest.raises(RuntimeError, match=message):
+            layer.load_state_dict(state)
+        # The factors keep their shapes (as in any torch load, tensors that fit are still copied) and still work.
+        assert all(getattr(layer, name).shape == before[name].shape for name in ("U", "S", "V"))
+        assert layer(torch.randn(2, 8)).shape == (2, 20)
+    layer.load_state_dict(LowRankLinear(8, 20, 3).state_dict())       # another rank of the same weight: fine
+    assert layer.rank == 3
+
+
+def test_an_unbatched_image_goes_through_a_low_rank_convolution_as_through_nn_conv2d():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    layer = LowRankConv2d(conv, 3)
+    x = torch.randn(3, 6, 6)
+    assert layer(x).shape == conv(x).shape == (4, 6, 6)
+    torch.testing.assert_close(layer(x), layer(x.unsqueeze(0))[0])
+
+
 @pytest.mark.parametrize("padding, pixels", [("same", (1, 2)), ("valid", (0, 0))])
 def test_string_padding_becomes_pixels(padding, pixels):
     torch.manual_seed(0)
@@ -175,8 +202,13 @@ def test_bad_input():
         LowRankLinear(5, 4, 2, tol=0.1)
     with pytest.raises(ValueError, match="ungrouped"):
         LowRankConv2d(nn.Conv2d(4, 4, 3, groups=2), 2)
-    with pytest.raises(KeyError, match="not a Linear or Conv2d"):
+    with pytest.raises(KeyError, match="'0' is a Flatten"):
         to_low_rank(MLP(), ["0"], rank=2)
+    with pytest.raises(KeyError, match="not a module of the model"):
+        to_low_rank(MLP(), ["9"], rank=2)
+    attention = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    with pytest.raises(KeyError, match="NonDynamicallyQuantizableLinear"):     # its owner reads .weight
+        to_low_rank(attention, ["self_attn.out_proj"], rank=2)
 
 
 def test_compression_by_hand():
@@ -188,6 +220,10 @@ def test_compression_by_hand():
     assert counts["train"] == 3 * 5 * (784 + 100) + 4 * 25 + 1000
     assert counts["cr_eval"] == pytest.approx(1 - counts["eval"] / dense)
     assert counts["cr_train"] == pytest.approx(1 - counts["train"] / dense)
+    # 2r above a side: the augmented bases have min(2r, n) and min(2r, m) columns.
+    narrow = to_low_rank(nn.Sequential(nn.Linear(6, 20, bias=False)), ["0"], rank=6)
+    a, b = min(12, 20), min(12, 6)
+    assert compression(narrow)["train"] == a * 20 + b * 6 + a * b + 6 * (20 + 6) == 504
 
 
 def test_per_layer_ranks_and_input_gradients_only_when_needed():
