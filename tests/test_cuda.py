@@ -64,6 +64,9 @@ def test_methods_built_on_the_cpu_draw_on_the_gpu_after_the_model_moves(method):
     if isinstance(method, PackNet):
         method.assign(0.5, optimizer)                               # re-initialises the released weights
         method.start_task(optimizer)
+        with method.use_task(1):
+            model(batches()[0][0].cuda())
+        assert all(owner.device.type == "cuda" for owner in method.owner.values())   # the owners followed
     assert method.generator.device.type == "cuda" and len(history.loss) > 0
     assert all(m.device.type == "cuda" for m in masks_of(model).values())
 

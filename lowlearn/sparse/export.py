@@ -40,13 +40,34 @@ from .mask import squash
 FORMATS = ("csr", "2:4", "dense")
 
 
-def _to_csr(matrix: Tensor) -> Tensor:
-    with warnings.catch_warnings():          # "sparse CSR support is in beta state"
-        warnings.simplefilter("ignore", UserWarning)
-        return matrix.detach().to_sparse_csr()
+class _CSRWeight(nn.Module):
+    """A layer whose weight matrix is kept in CSR: three plain buffers, the sparse tensor built from them.
+
+    The buffers (``crow_indices``, ``col_indices``, ``values``) are ordinary dense
+    tensors, so the layer survives ``copy.deepcopy`` (torch cannot copy a sparse CSR
+    tensor's storage), ``state_dict`` and ``.to()`` like any module; :attr:`weight`
+    wraps them without copying.
+    """
+
+    def _store(self, matrix: Tensor, bias: Tensor | None) -> None:
+        with warnings.catch_warnings():          # "sparse CSR support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            csr = matrix.detach().to_sparse_csr()
+        self.shape = tuple(matrix.shape)
+        self.register_buffer("crow_indices", csr.crow_indices().clone())
+        self.register_buffer("col_indices", csr.col_indices().clone())
+        self.register_buffer("values", csr.values().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @property
+    def weight(self) -> Tensor:
+        """The weight matrix as a sparse CSR tensor."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values, self.shape)
 
 
-class CSRLinear(nn.Module):
+class CSRLinear(_CSRWeight):
     """``y = x Wᵀ + b`` with ``W`` stored in CSR: ``W @ xᵀ`` skips the zeros.
 
     Args:
@@ -56,8 +77,7 @@ class CSRLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", _to_csr(linear.weight))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self._store(linear.weight, linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -67,10 +87,10 @@ class CSRLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.weight._nnz()}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.values.numel()}"
 
 
-class CSRConv2d(nn.Module):
+class CSRConv2d(_CSRWeight):
     """A convolution as a CSR matrix times the unfolded input (im2col).
 
     The ``(n, c·k_h·k_w)`` weight matrix multiplies the ``(c·k_h·k_w, B·L)`` patches
@@ -82,13 +102,12 @@ class CSRConv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
-        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError("CSRConv2d supports convolutions with groups=1, zero padding and numeric padding; "
-                             f"got groups={conv.groups}, padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
+        reason = csr_unavailable(conv)
+        if reason is not None:
+            raise ValueError(reason)
         self.out_channels, self.kernel_size = conv.out_channels, conv.kernel_size
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        self.register_buffer("weight", _to_csr(conv.weight.flatten(1)))
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
+        self._store(conv.weight.flatten(1), conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, _, height, width = x.shape
@@ -102,6 +121,14 @@ class CSRConv2d(nn.Module):
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1)
         return out.reshape(batch, self.out_channels, out_h, out_w)
+
+
+def csr_unavailable(conv: nn.Conv2d) -> str | None:
+    """Why :class:`CSRConv2d` cannot take a convolution, or ``None`` if it can."""
+    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return ("CSRConv2d supports convolutions with groups=1, zero padding and numeric padding; got "
+                f"groups={conv.groups}, padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
+    return None
 
 
 class SemiStructuredLinear(nn.Module):
@@ -130,8 +157,7 @@ def semi_structured_unavailable(layer: nn.Linear) -> str | None:
         return "2:4 sparse kernels need an NVIDIA GPU of compute capability 8.0 (Ampere) or later"
     if weight.dtype not in (torch.float16, torch.bfloat16):
         return f"2:4 sparse kernels need fp16 or bf16 weights; convert the model with .half() (got {weight.dtype})"
-    groups = weight.detach().reshape(weight.shape[0], -1, 4).ne(0).sum(-1)
-    if weight.shape[1] % 4 or bool((groups > 2).any()):
+    if weight.shape[1] % 4 or bool((weight.detach().reshape(weight.shape[0], -1, 4).ne(0).sum(-1) > 2).any()):
         return "the weight is not 2:4 sparse along its input dimension; prune it with prune_nm(model, 2, 4) first"
     return None
 
@@ -166,9 +192,10 @@ def export(model: nn.Module, format: str = "csr", *, min_sparsity: float = 0.0) 
             and possibly low-rank layers; not changed.
         format: ``"csr"``: Linear and Conv2d layers to :class:`CSRLinear` /
             :class:`CSRConv2d`; ``"2:4"``: Linear layers to
-            :class:`SemiStructuredLinear` where the GPU supports it (a warning names
-            each layer that stays dense, and why); ``"dense"``: masks squashed only.
-            Low-rank layers become two thin layers in every format.
+            :class:`SemiStructuredLinear` where the GPU supports it; ``"dense"``: masks
+            squashed only. A layer the format cannot take (a grouped convolution for
+            CSR, a shape torch's 2:4 kernels refuse) stays dense, and a warning names it
+            and says why. Low-rank layers become two thin layers in every format.
         min_sparsity: convert only layers with at least this fraction of zeros
             (CSR is slower than dense for mostly dense weights); others stay dense.
 
@@ -179,14 +206,18 @@ def export(model: nn.Module, format: str = "csr", *, min_sparsity: float = 0.0) 
         raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
     if not 0 <= min_sparsity <= 1:
         raise ValueError(f"min_sparsity must be in [0, 1]; got {min_sparsity}")
-    exported = squash(copy.deepcopy(model)).eval()
+    exported = squash(copy.deepcopy(model))
     for name, layer in list(exported.named_modules()):
         replacement = _exported_layer(name, layer, format, min_sparsity)
-        if replacement is not None:
-            exported.set_submodule(name, replacement)
+        if replacement is None:
+            continue
+        if not name:                                   # the model is itself one layer
+            exported = replacement
+            break
+        exported.set_submodule(name, replacement)
     for param in exported.parameters():
         param.requires_grad_(False)
-    return exported
+    return exported.eval()
 
 
 def _exported_layer(name: str, layer: nn.Module, format: str, min_sparsity: float) -> nn.Module | None:
@@ -199,12 +230,19 @@ def _exported_layer(name: str, layer: nn.Module, format: str, min_sparsity: floa
     if sparsity < min_sparsity:
         return None
     if format == "csr":
-        return CSRLinear(layer) if isinstance(layer, nn.Linear) else CSRConv2d(layer)
-    if isinstance(layer, nn.Linear):
+        reason = None if isinstance(layer, nn.Linear) else csr_unavailable(layer)
+        if reason is None:
+            return CSRLinear(layer) if isinstance(layer, nn.Linear) else CSRConv2d(layer)
+    elif isinstance(layer, nn.Linear):
         reason = semi_structured_unavailable(layer)
         if reason is None:
-            return SemiStructuredLinear(layer)
-        warnings.warn(f"layer {name!r} stays dense: {reason}", stacklevel=3)
+            try:
+                return SemiStructuredLinear(layer)
+            except (RuntimeError, ValueError) as error:   # e.g. a shape the sparse kernels do not tile
+                reason = f"torch's 2:4 kernels refuse it: {error}"
+    else:
+        return None
+    warnings.warn(f"layer {name!r} stays dense: {reason}", stacklevel=3)
     return None
 
 
@@ -241,8 +279,9 @@ def compact(model: nn.Sequential) -> nn.Sequential:
 
     Raises:
         ValueError: another kind of layer between two prunable ones, or a
-            non-zero constant feeding a padded convolution (zero padding would
-            make it position-dependent, so it cannot be folded exactly).
+            non-zero constant feeding a padded convolution or passing a padded
+            average pooling that counts the padding (either makes it
+            position-dependent, so it cannot be folded exactly).
     """
     if not isinstance(model, nn.Sequential):
         raise ValueError(f"compact needs an nn.Sequential (a chain of layers); got {type(model).__name__}")
@@ -278,6 +317,11 @@ def _cut_units(producer: nn.Module, between: list[nn.Module], consumer: nn.Modul
             if isinstance(consumer, nn.Conv2d) and consumer.padding not in ("valid", (0, 0)):
                 raise ValueError("a removed channel feeds a non-zero constant into a padded convolution; "
                                  "compact cannot fold it exactly (mask the batch norm's shift, or keep the channel)")
+            if any(isinstance(layer, nn.AvgPool2d) and layer.padding not in (0, (0, 0)) and layer.count_include_pad
+                   for layer in between):
+                raise ValueError("a removed channel's non-zero constant passes a padded AvgPool2d that averages the "
+                                 "zero padding in (count_include_pad=True), so it is not constant near the border; "
+                                 "compact cannot fold it exactly (use count_include_pad=False, or keep the channel)")
             if consumer.bias is None:
                 consumer.bias = nn.Parameter(consumer.weight.new_zeros(consumer.weight.shape[0]))
             contribution = consumer.weight.flatten(2).sum(-1) if isinstance(consumer, nn.Conv2d) else consumer.weight

@@ -182,6 +182,20 @@ def attach_masks(model: nn.Module, layers: Iterable[str] | None = None) -> dict[
     return masks_of(model)
 
 
+def masks_or_ones(model: nn.Module, layers: Iterable[str]) -> dict[str, Tensor]:
+    """``{name: boolean mask}`` of ``layers``: a masked layer's mask, all ``True`` for one without.
+
+    Nothing is attached: pruning routines check their input on these masks first and
+    change the model only once the input is known to be good.
+
+    Raises:
+        KeyError: a name that is not a module of the model.
+    """
+    return {name: find_mask(layer).mask != 0 if find_mask(layer) is not None
+            else torch.ones_like(layer.weight, dtype=torch.bool)
+            for name, layer in resolve_layers(model, layers).items()}
+
+
 def masks_of(model: nn.Module) -> dict[str, Tensor]:
     """``{layer name: boolean mask}`` of every masked layer (``True`` = kept).
 

@@ -76,6 +76,11 @@ class PackNet:
         self.generator = torch.Generator(device=raw_weight(next(iter(self.layers.values()))).device)
         self.generator.manual_seed(seed)
 
+    def _follow_model(self) -> None:
+        """Move each layer's owners to the device of its weight (the model may have moved since)."""
+        for name, layer in self.layers.items():
+            self.owner[name] = self.owner[name].to(raw_weight(layer).device)
+
     def _set(self, forward: Mapping[str, Tensor], backward: Mapping[str, Tensor]) -> None:
         for name, layer in self.layers.items():
             mask = find_mask(layer)
@@ -84,6 +89,7 @@ class PackNet:
 
     def free_fraction(self) -> dict[str, float]:
         """``{name: fraction of the layer's weights not yet owned by a task}``."""
+        self._follow_model()
         return {name: (owner == FREE).float().mean().item() for name, owner in self.owner.items()}
 
     def start_task(self, optimizer: torch.optim.Optimizer | None = None) -> int:
@@ -100,6 +106,7 @@ class PackNet:
         Raises:
             ValueError: no free weights are left, or the optimizer has weight decay.
         """
+        self._follow_model()
         if optimizer is not None:
             refuse_weight_decay(optimizer, self.model.parameters(),
                                 "PackNet keeps the earlier tasks' weights frozen")
@@ -136,6 +143,7 @@ class PackNet:
         Raises:
             ValueError: ``fraction`` outside (0, 1].
         """
+        self._follow_model()
         check_density(fraction, "fraction")
         task = self.tasks + 1
         for name, layer in self.layers.items():
@@ -168,6 +176,7 @@ class PackNet:
         Raises:
             ValueError: a task that has not been assigned.
         """
+        self._follow_model()
         if not 1 <= task <= self.tasks:
             raise ValueError(f"task must be one of the {self.tasks} assigned tasks (1..{self.tasks}), got {task}")
         forward = {name: find_mask(layer).mask != 0 for name, layer in self.layers.items()}

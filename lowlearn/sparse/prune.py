@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .mask import attach_masks, masked_layers, masks_of, set_masks
+from .mask import attach_masks, masks_or_ones, set_masks
 
 
 def check_density(value: float, what: str = "density") -> float:
@@ -87,11 +87,7 @@ def prune(
             wrong shape or with NaN, or an unknown ``scope``.
         KeyError: a layer name that is not in the model.
     """
-    attach_masks(model, [name for name in scores if name not in masked_layers(model)])
-    current = masks_of(model)
-    unknown = set(scores) - set(current)
-    if unknown:
-        raise KeyError(f"no masked layers named {sorted(unknown)}")
+    current = masks_or_ones(model, scores)               # the model is changed only once the input is checked
     alive = {name: alive_scores(s, current[name], name) for name, s in scores.items()}
 
     if scope == "layer":
@@ -122,5 +118,6 @@ def prune(
     else:
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
 
+    attach_masks(model, new)
     set_masks(model, new, optimizer)
     return new

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from ..reparam import register
-from .mask import (PRUNABLE, Mask, find_mask, attach_masks, masked_layers, masks_of, prunable_layers,
-                   set_masks, zero_optimizer_state)
+from .mask import (PRUNABLE, Mask, attach_masks, find_mask, masks_or_ones, prunable_layers, set_masks,
+                   zero_optimizer_state)
 from .prune import alive_scores, top_k_mask, check_density, kept_count
 from .scores import magnitude, scored_layers
 
@@ -110,10 +110,10 @@ def prune_nm(
     _check_nm(n, m)
     if scores is None:
         scores = magnitude(model)
-    attach_masks(model, [name for name in scores if name not in masked_layers(model)])
-    current = masks_of(model)
+    current = masks_or_ones(model, scores)               # the model is changed only once the input is checked
     new = {name: _nm_top(alive_scores(s, current[name], name), n, m, f"layer {name!r}") & current[name]
            for name, s in scores.items()}
+    attach_masks(model, new)
     set_masks(model, new, optimizer)
     return new
 
@@ -225,8 +225,7 @@ def prune_channels(
     for name in chosen:
         check_density(densities[name], f"density of {name!r}")
     scores = channel_scores(model, norm, chosen)
-    attach_masks(model, [name for name in chosen if name not in masked_layers(model)])
-    current = masks_of(model)
+    current = masks_or_ones(model, chosen)               # the model is changed only once the input is checked
     units, new = {}, {}
     for name in chosen:
         mask = current[name]
@@ -238,6 +237,7 @@ def prune_channels(
                              f"({densities[name]:.4g} of {alive.numel()}): units cannot be revived")
         units[name] = top_k_mask(scores[name].masked_fill(~alive, float("-inf")), k)
         new[name] = mask & units[name].view(-1, *[1] * (mask.dim() - 1))
+    attach_masks(model, new)
     for name, layer in chosen.items():
         _mask_bias(layer, units[name], optimizer)
     set_masks(model, new, optimizer)

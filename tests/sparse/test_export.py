@@ -1,3 +1,4 @@
+import copy
 import warnings
 
 import pytest
@@ -123,6 +124,64 @@ def test_compact_refuses_what_it_cannot_fold_exactly():
         compact(model)
     with pytest.raises(ValueError, match="nn.Sequential"):
         compact(nn.Linear(2, 2))
+
+
+def test_compact_refuses_a_padded_average_pooling_that_counts_the_padding():
+    def cnn(count_include_pad):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                              nn.AvgPool2d(3, 1, padding=1, count_include_pad=count_include_pad), nn.Conv2d(8, 4, 3))
+        with torch.no_grad():
+            model[1].bias.fill_(0.5)                # removed channels then output relu(β): a constant to fold
+        return model.eval()
+
+    x = torch.randn(2, 3, 10, 10)
+    for count_include_pad in (True, False):
+        model = cnn(count_include_pad)
+        prune_channels(model, 0.5)
+        if count_include_pad:
+            with pytest.raises(ValueError, match="count_include_pad"):
+                compact(model)
+        else:
+            torch.testing.assert_close(compact(model)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_csr_models_deep_copy_and_move_like_any_module():
+    exported = export(pruned_mlp(), "csr")
+    twin = copy.deepcopy(exported)
+    x = torch.randn(3, 20)
+    torch.testing.assert_close(twin(x), exported(x))
+    assert twin[1].values.data_ptr() != exported[1].values.data_ptr()
+    torch.testing.assert_close(exported.double()(x.double()), twin(x).double(), rtol=1e-5, atol=1e-6)
+
+
+def test_export_keeps_what_a_format_cannot_take_dense_with_a_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding="same"))
+    prune(model, scores.magnitude(model), 0.3)
+    with pytest.warns(UserWarning) as caught:
+        exported = export(model, "csr")
+    assert [str(w.message)[:45] for w in caught] == ["layer '0' stays dense: CSRConv2d supports con",
+                                                     "layer '1' stays dense: CSRConv2d supports con"]
+    assert isinstance(exported[0], nn.Conv2d) and isinstance(exported[1], nn.Conv2d)
+    x = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(exported(x), model(x))
+    with pytest.raises(ValueError, match="groups=2"):
+        CSRConv2d(model[0])
+    # 2:4 off the GPU, whatever the shape: a warning, not a crash (a reduction dimension of 10 is not in fours)
+    odd = nn.Linear(10, 5)
+    with pytest.warns(UserWarning, match="stays dense"):
+        export(nn.Sequential(odd), "2:4")
+
+
+def test_a_model_that_is_one_layer_is_exported_whole():
+    torch.manual_seed(0)
+    layer = nn.Linear(20, 8)
+    prune(layer, {"": layer.weight.detach().abs()}, 0.2)
+    exported = export(layer, "csr")
+    assert isinstance(exported, CSRLinear) and not exported.training
+    x = torch.randn(3, 20)
+    torch.testing.assert_close(exported(x), layer(x))
 
 
 def test_unknown_format_is_a_clear_error():

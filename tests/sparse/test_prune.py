@@ -6,6 +6,7 @@ from lowlearn.models import MLP, LeNet5
 from lowlearn.sparse.mask import attach_masks, density, layer_densities, masks_of
 from lowlearn.sparse.prune import check_density, kept_count, prune
 from lowlearn.sparse.scores import magnitude, random
+from lowlearn.sparse.structured import prune_channels, prune_nm
 
 
 def test_layer_scope_keeps_the_largest_magnitudes_exactly():
@@ -102,6 +103,22 @@ def test_other_bad_input():
         prune(model, {"1": torch.full((8, 784), float("nan"))}, 0.1)
     with pytest.raises(KeyError, match="no layer 'fc'"):
         prune(model, {"fc": torch.rand(8, 784)}, 0.1)
+
+
+@pytest.mark.parametrize("call", [
+    lambda model: prune(model, magnitude(model), 1.5),
+    lambda model: prune(model, {"1": torch.rand(3, 3)}, 0.1),
+    lambda model: prune(model, {"1": torch.rand(8, 784), "fc": torch.rand(8, 784)}, 0.1),
+    lambda model: prune(model, magnitude(model), 0.1, scope="row"),
+    lambda model: prune_nm(model, 2, 4, {"1": torch.rand(8, 784), "3": torch.rand(10, 6)}),
+    lambda model: prune_channels(model, {"1": 0.5}, layers=["1", "3"]),
+])
+def test_refused_pruning_leaves_the_model_unmasked(call):
+    model = MLP(hidden=(8, 6))
+    keys = list(model.state_dict())
+    with pytest.raises((ValueError, KeyError)):
+        call(model)
+    assert list(model.state_dict()) == keys and not masks_of(model)
 
 
 def test_optimizer_state_of_pruned_weights_is_zeroed():
