@@ -42,6 +42,8 @@ _M_TRIM_THRESHOLD = -1   # glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
 MAX_MMAP_THRESHOLD = 32 * 1024 * 1024
 """glibc's largest mmap threshold on 64-bit systems (``HEAP_MAX_SIZE / 2``); larger values are refused."""
+MAX_INT = 2**31 - 1
+"""The largest value ``mallopt`` takes (a C ``int``): ctypes would pass a larger one truncated."""
 
 _retained: dict[str, int] = {}   # the thresholds set by retain_freed_memory (glibc cannot be asked for them)
 
@@ -70,11 +72,15 @@ def retain_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = MAX
         Windows, musl), in which case nothing changed.
 
     Raises:
-        ValueError: a threshold that is not a positive integer, or ``mmap_threshold`` above 32 MiB.
+        ValueError: a threshold that is not a positive integer, ``trim_threshold`` above
+            2 GiB − 1 (a C ``int``), or ``mmap_threshold`` above 32 MiB.
     """
     for name, value in (("trim_threshold", trim_threshold), ("mmap_threshold", mmap_threshold)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive number of bytes, got {value!r}")
+    if trim_threshold > MAX_INT:
+        raise ValueError(f"trim_threshold can be at most {MAX_INT} bytes (2 GiB − 1: glibc's mallopt takes a C int), "
+                         f"got {trim_threshold}")
     if mmap_threshold > MAX_MMAP_THRESHOLD:
         raise ValueError(f"mmap_threshold can be at most {MAX_MMAP_THRESHOLD} bytes (32 MiB, glibc's limit), "
                          f"got {mmap_threshold}")

@@ -47,7 +47,15 @@ def errorbar_curve(x: Sequence[float], runs: Sequence[Sequence[float]], *, label
 
 def plot_history(history: History, *, metric: str = "accuracy", label: str | None = None,
                  axes: Sequence[Axes] | None = None) -> Sequence[Axes]:
-    """Training loss (left) and an evaluation metric (right) against optimizer steps."""
+    """Training loss (left) and an evaluation metric (right) against optimizer steps.
+
+    Raises:
+        ValueError: a ``metric`` that the evaluations do not hold (a regression's hold
+            only ``"loss"``), before anything is drawn.
+    """
+    if history.eval and metric not in history.eval[0]:
+        raise ValueError(f"the history's evaluations hold {sorted(history.eval[0])}, not {metric!r}: pass one of "
+                         "them as metric=")
     if axes is None:
         axes = plt.subplots(1, 2, figsize=(10, 3.5))[1]
     loss_ax, metric_ax = axes

@@ -9,18 +9,27 @@ the numbers of a cpu or gpu run. The directory is ``$LOWLEARN_RESULTS`` if set, 
 in ``book/results``).
 
 Recording the same ``(chapter, key)`` again replaces that one entry (a chapter that runs
-again refreshes its numbers) and keeps every other entry. The file is replaced atomically,
-and a file that cannot be read is reported, never written over.
+again refreshes its numbers) and keeps every other entry, also when several processes
+record at once (they take turns, by a lock on the folder). The file is replaced
+atomically, and a file that cannot be read is reported, never written over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import math
+import numbers
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:                              # Windows: no flock; concurrent records are not locked there
+    fcntl = None
 
 import torch
 
@@ -85,13 +94,34 @@ def _check_name(kind: str, name: str) -> str:
     return name
 
 
-def _finite(kind: str, number: float | None) -> float | None:
+def _finite(kind: str, number: object) -> float | None:
+    """``number`` as a float (a real number, or a one-element tensor or array), or a ValueError; ``None`` passes."""
     if number is None:
         return None
-    number = float(number)
-    if not math.isfinite(number):
-        raise ValueError(f"a result's {kind} must be a finite number, got {number}")
-    return number
+    if hasattr(number, "item") and not isinstance(number, numbers.Real):      # a tensor or a NumPy array
+        count = number.numel() if isinstance(number, torch.Tensor) else getattr(number, "size", None)
+        if count != 1:
+            raise ValueError(f"a result's {kind} must be one number, got a {type(number).__name__} of {count} values")
+        number = number.item()
+    if isinstance(number, bool) or not isinstance(number, numbers.Real) or not math.isfinite(number):
+        raise ValueError(f"a result's {kind} must be a finite number, got {number!r}")
+    return float(number)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (where the system has ``flock``), so that read-modify-write
+    cycles of two processes or threads recording at once do not lose each other's entries."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)                     # closing the descriptor releases the lock
 
 
 def record(chapter: str, key: str, value: float, *, ci: float | None = None, unit: str = "", label: str = "",
@@ -114,10 +144,9 @@ def record(chapter: str, key: str, value: float, *, ci: float | None = None, uni
             as it is).
     """
     chapter, key = _check_name("chapter", chapter), _check_name("key", key)
-    if value is None or isinstance(value, bool):
-        raise ValueError(f"a result's value must be a number, got {value!r}")
-    value = _finite("value", value.item() if isinstance(value, torch.Tensor) else value)
-    ci = _finite("interval", ci.item() if isinstance(ci, torch.Tensor) else ci)
+    if value is None:
+        raise ValueError("a result's value must be a number, got None")
+    value, ci = _finite("value", value), _finite("interval", ci)
     if ci is not None and ci < 0:
         raise ValueError(f"a result's interval is a half-width and cannot be negative, got {ci}")
     result = Result(value=value, ci=ci, unit=unit, label=label,
@@ -126,11 +155,12 @@ def record(chapter: str, key: str, value: float, *, ci: float | None = None, uni
 
     name = get_profile(profile).name
     path = results_path(name, directory)
-    chapters = _read(path)
-    chapters.setdefault(chapter, {})[key] = dataclasses.asdict(result)
-    text = json.dumps({"profile": name, "results": chapters}, indent=1, sort_keys=True)
-    with atomic_file(path, overwrite=True, text=True) as handle:
-        handle.write(text + "\n")
+    with _locked(path.parent):
+        chapters = _read(path)
+        chapters.setdefault(chapter, {})[key] = dataclasses.asdict(result)
+        text = json.dumps({"profile": name, "results": chapters}, indent=1, sort_keys=True)
+        with atomic_file(path, overwrite=True, text=True) as handle:
+            handle.write(text + "\n")
     return result
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 import os
 import pickle
 import random
@@ -154,13 +155,24 @@ class History:
                 "eval": self.eval, "seconds": self.seconds, "train_seconds": self.train_seconds}
 
 
-def _as_tensors(data: Data, device: torch.device) -> tuple[Tensor, Tensor]:
+def _pair(data: Data) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` of ``data``, or a ValueError if they differ in length or are empty."""
     x, y = data.tensors if isinstance(data, TensorDataset) else data
     if len(x) != len(y):
         raise ValueError(f"inputs and targets differ in length: {len(x)} vs {len(y)}")
     if len(x) == 0:
         raise ValueError("the data are empty")
+    return x, y
+
+
+def _as_tensors(data: Data, device: torch.device) -> tuple[Tensor, Tensor]:
+    x, y = _pair(data)
     return x.to(device), y.to(device)
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -236,10 +248,12 @@ def fit(
     """
     if (epochs is None) == (steps is None):
         raise ValueError("give exactly one of epochs= and steps=")
-    if (epochs if epochs is not None else steps) < 1:
-        raise ValueError(f"epochs/steps must be at least 1, got {epochs if epochs is not None else steps}")
-    if batch_size < 1 or log_every < 1 or (eval_every is not None and eval_every < 1):
-        raise ValueError("batch_size, log_every and eval_every must be at least 1")
+    for name, value in (("epochs", epochs), ("steps", steps), ("batch_size", batch_size), ("log_every", log_every),
+                        ("eval_every", eval_every)):
+        if value is not None:
+            _check_positive_int(name, value)
+    if eval_data is not None:
+        _pair(eval_data)                  # checked now, not after the first steps have changed the model
 
     device = torch.device(device) if device is not None else default_device()
     seed_everything(seed)
@@ -316,7 +330,7 @@ def fit(
                 else:
                     optimizer.step()
                 step += 1
-                loss = loss.detach().float()
+                loss = loss.detach().float() / scale             # this process's own share's mean loss
                 running += loss
                 since_log += 1
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
@@ -395,30 +409,36 @@ def save_checkpoint(
 
     Raises:
         FileExistsError: ``path`` exists (or appears while writing) and ``overwrite`` is ``False``.
-        TypeError: an ``extra`` value that ``weights_only=True`` could not load (e.g. a
-            NumPy number: pass ``float(x)``), found before anything is written.
+        TypeError: an ``extra`` value, or something in the model's or optimizer's state
+            (e.g. a learning rate that is a NumPy number), that ``weights_only=True``
+            could not load, found before anything is written.
     """
     for key, value in extra.items():
-        _check_loadable(key, value)
+        _loadable_bytes(value, f"the extra value {key}={value!r} ({type(value).__name__})")
     payload = {"model": model.state_dict(), "extra": extra}
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
+    data = _loadable_bytes(payload, "the model's or the optimizer's state_dict")
     with atomic_file(path, overwrite=overwrite) as f:
-        torch.save(payload, f)
+        f.write(data)
     return Path(path)
 
 
-def _check_loadable(key: str, value: object) -> None:
-    """Raise a TypeError naming ``key`` unless ``torch.load(weights_only=True)`` reads ``value`` back."""
+def _loadable_bytes(value: object, what: str) -> bytes:
+    """``value`` serialised by ``torch.save``, once ``torch.load(weights_only=True)`` has read it back.
+
+    Raises:
+        TypeError: naming ``what``, if it cannot be read back so.
+    """
     buffer = io.BytesIO()
     torch.save(value, buffer)
-    buffer.seek(0)
     try:
-        torch.load(buffer, weights_only=True)
-    except pickle.UnpicklingError:
-        raise TypeError(f"the extra value {key}={value!r} ({type(value).__name__}) could not be loaded back with "
-                        "weights_only=True; save tensors, numbers, strings, or lists and dicts of them "
-                        "(e.g. float(x) for a NumPy number)") from None
+        torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        culprit = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), "")
+        raise TypeError(f"{what} could not be loaded back with weights_only=True; save tensors, numbers, strings, "
+                        f"or lists and dicts of them (e.g. float(x) for a NumPy number). {culprit}") from None
+    return buffer.getvalue()
 
 
 _MISSING = object()
@@ -429,7 +449,7 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     *,
-    map_location: torch.device | str | None = None,
+    map_location: torch.device | str | None = "cpu",
     expect: Mapping[str, object] | None = None,
 ) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and ``optimizer``).
@@ -438,20 +458,30 @@ def load_checkpoint(
     Returns the ``extra`` values that were saved with it.
 
     Args:
+        map_location: where the file's tensors are read to before they are copied into
+            the model and optimizer, which keep their own devices. The default,
+            ``"cpu"``, reads a checkpoint saved on a GPU on a machine without one.
         expect: extra values the checkpoint must have been saved with (e.g.
             ``{"method": "protonet"}``), checked before anything is loaded.
 
     Raises:
-        ValueError: an ``expect`` value that the checkpoint lacks or holds differently.
+        ValueError: a file that :func:`save_checkpoint` did not write (e.g. a plain
+            ``state_dict``), an ``expect`` value that the checkpoint lacks or holds
+            differently, or an ``optimizer`` for a checkpoint saved without one; all
+            found before anything is loaded.
     """
     payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or not {"model", "extra"} <= payload.keys():
+        raise ValueError(f"{path} is not a checkpoint written by lowlearn.train.save_checkpoint (a dict with 'model' "
+                         "and 'extra'); for a plain state_dict use model.load_state_dict(torch.load(path, "
+                         "weights_only=True))")
     saved = payload["extra"]
     if expect and any(saved.get(key, _MISSING) != value for key, value in expect.items()):
         found = {key: saved.get(key, "(not saved)") for key in expect}
         raise ValueError(f"{path} was saved with {found}, not {dict(expect)}")
+    if optimizer is not None and "optimizer" not in payload:
+        raise ValueError(f"{path} holds no optimizer state; load it without optimizer=")
     model.load_state_dict(payload["model"])
     if optimizer is not None:
-        if "optimizer" not in payload:
-            raise KeyError(f"{path} holds no optimizer state; load it without optimizer=")
         optimizer.load_state_dict(payload["optimizer"])
     return payload["extra"]

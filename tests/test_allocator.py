@@ -28,7 +28,8 @@ def test_minor_page_faults_count_first_touches():
 
 
 @pytest.mark.parametrize("kwargs", [dict(trim_threshold=0), dict(trim_threshold=1.5), dict(mmap_threshold=-1),
-                                    dict(mmap_threshold=True), dict(mmap_threshold=MAX_MMAP_THRESHOLD + 1)])
+                                    dict(mmap_threshold=True), dict(mmap_threshold=MAX_MMAP_THRESHOLD + 1),
+                                    dict(trim_threshold=4 * 2**30)])         # would reach glibc truncated to 0
 def test_bad_thresholds_are_refused(kwargs):
     with pytest.raises(ValueError, match="threshold"):
         retain_freed_memory(**kwargs)

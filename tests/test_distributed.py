@@ -68,6 +68,14 @@ def worker(rank: int, processes: int, folder: str) -> None:
             assert "every batch needs at least 2 examples" in str(error)
         else:
             raise AssertionError("a batch smaller than the number of processes must be refused")
+        # The logged loss is this process's own share's mean loss (shares of 3 and 2 from a batch of 5).
+        x, y = torch.randn(5, 20, generator=torch.Generator().manual_seed(7)), torch.tensor([0, 1, 2, 3, 0])
+        history = fit(model, (x, y), torch.optim.SGD(model.parameters(), lr=0.0), steps=1, batch_size=5,
+                      device="cpu", progress=False, seed=3)
+        share = torch.randperm(5, generator=torch.Generator().manual_seed(3)).tensor_split(processes)[rank]
+        with torch.no_grad():
+            own = torch.nn.functional.cross_entropy(model(x[share]), y[share]).item()
+        assert abs(history.loss[0] - own) < 1e-6, (history.loss[0], own)
         torch.save({method: train(method) for method in METHODS}, f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -24,3 +24,11 @@ def test_figures_draw_their_data():
     loss_ax, acc_ax = plot.plot_history(hist)
     assert loss_ax.lines[0].get_ydata().tolist() == [1.0, 0.5]
     assert acc_ax.lines[0].get_ydata().tolist() == [0.9]
+
+
+def test_a_metric_the_evaluations_lack_is_refused_before_drawing():
+    regression = History(steps=[1], loss=[1.0], eval_steps=[1], eval=[{"loss": 0.4}])
+    with pytest.raises(ValueError, match=r"hold \['loss'\], not 'accuracy'"):
+        plot.plot_history(regression)
+    loss_ax, metric_ax = plot.plot_history(regression, metric="loss")
+    assert metric_ax.lines[0].get_ydata().tolist() == [0.4]

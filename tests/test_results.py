@@ -1,6 +1,8 @@
 import json
 import math
+import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,7 +53,11 @@ def test_directory_from_the_environment_and_the_current_profile(tmp_path, monkey
     ("c", "k", math.nan, None, "finite"),
     ("c", "k", 1.0, math.inf, "finite"),
     ("c", "k", None, None, "must be a number, got None"),
-    ("c", "k", True, None, "must be a number, got True"),
+    ("c", "k", True, None, "must be a finite number, got True"),
+    ("c", "k", "0.9", None, "must be a finite number, got '0.9'"),
+    ("c", "k", [0.9], None, "must be a finite number"),
+    ("c", "k", torch.tensor([0.9, 0.8]), None, "one number, got a Tensor of 2 values"),
+    ("c", "k", np.array([0.9, 0.8]), None, "one number, got a ndarray of 2 values"),
     ("c", "k", 1.0, -0.5, "cannot be negative"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, chapter, key, value, ci, message):
@@ -71,3 +77,22 @@ def test_an_unreadable_file_is_reported_and_never_overwritten(tmp_path, content)
         with pytest.raises(ValueError, match="left untouched"):
             results.record("pruning", "k", 1.0, profile="cpu", directory=tmp_path)
     assert path.read_text() == content
+
+
+def test_numpy_numbers_and_one_element_arrays_are_numbers(tmp_path):
+    for value in (np.float32(0.5), np.array(0.5), np.array([0.5]), torch.tensor([0.5]), 1):
+        assert results.record("c", "k", value, ci=np.float64(0.1), profile="cpu", directory=tmp_path).value == \
+            pytest.approx(float(np.asarray(value).item()))
+
+
+def test_processes_recording_at_once_keep_every_entry(tmp_path):
+    def record_many(prefix):
+        for i in range(25):
+            results.record("c", f"{prefix}{i}", float(i), profile="cpu", directory=tmp_path)
+
+    threads = [threading.Thread(target=record_many, args=(prefix,)) for prefix in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results.load("cpu", directory=tmp_path)["c"]) == 50

@@ -87,6 +87,15 @@ def test_bad_arguments():
         fit(model, (torch.zeros(3, 8), torch.zeros(2).long()), opt, epochs=1, device="cpu")
     with pytest.raises(ValueError, match="CUDA only"):
         fit(model, toy_data(), opt, epochs=1, bf16=True, device="cpu")
+    for name, bad in (("epochs", 1.5), ("steps", 2.5), ("steps", True), ("batch_size", 0), ("log_every", 2.0),
+                      ("eval_every", 0)):
+        kwargs = {"epochs": 1, name: bad} if name not in ("epochs", "steps") else {name: bad}
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+            fit(model, toy_data(), opt, device="cpu", **kwargs)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="differ in length"):               # checked before the first step
+        fit(model, toy_data(), opt, steps=5, eval_data=(torch.zeros(3, 8), torch.zeros(2).long()), device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_evaluate_restores_mode_and_matches_manual():
@@ -131,8 +140,14 @@ def test_checkpoint_never_overwrites_and_is_weights_only(tmp_path):
     assert path.read_bytes() == before
     save_checkpoint(path, model, overwrite=True)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
-    with pytest.raises(KeyError, match="no optimizer state"):
-        load_checkpoint(path, model, opt)
+    other, _ = make(seed=99)
+    before = [p.clone() for p in other.parameters()]
+    with pytest.raises(ValueError, match="no optimizer state"):
+        load_checkpoint(path, other, opt)
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="not a checkpoint written by lowlearn.train.save_checkpoint"):
+        load_checkpoint(tmp_path / "plain.pt", other)
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))     # refused before loading
 
     class Evil:
         def __reduce__(self):
@@ -162,3 +177,30 @@ def test_checkpoint_expectations_are_checked_before_anything_is_loaded(tmp_path)
         assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))
     assert load_checkpoint(path, other, expect={"method": "protonet", "profile": "cpu"})["method"] == "protonet"
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
+
+
+def test_a_state_that_weights_only_cannot_read_back_is_refused_before_writing(tmp_path):
+    import numpy as np
+
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=np.float64(0.01))      # a NumPy number in the state
+    with pytest.raises(TypeError, match="optimizer's state_dict could not be loaded back.*numpy"):
+        save_checkpoint(tmp_path / "ck.pt", model, optimizer)
+    with pytest.raises(TypeError, match="the extra value note="):
+        save_checkpoint(tmp_path / "ck.pt", model, note=np.float64(1.0))
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_checkpoint_is_read_to_the_cpu_by_default(tmp_path, monkeypatch):
+    model, opt = make()
+    path = save_checkpoint(tmp_path / "ck.pt", model, opt)
+    seen = {}
+    real_load = torch.load
+
+    def load(*args, **kwargs):
+        seen.update(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    load_checkpoint(path, model, opt)
+    assert seen["map_location"] == "cpu" and seen["weights_only"] is True
