@@ -335,7 +335,9 @@ class _Held:
     __slots__ = ("tensor", "report", "key", "nbytes")
 
     def __init__(self, tensor: torch.Tensor, report: SavedTensors | None, key: int, nbytes: int) -> None:
-        self.tensor, self.report, self.key, self.nbytes = tensor, report, key, nbytes
+        # detached: a saved output would otherwise hold its own grad_fn, a cycle no collector frees (autograd
+        # attaches the right grad_fn again when it unpacks the tensor)
+        self.tensor, self.report, self.key, self.nbytes = tensor.detach(), report, key, nbytes
         if report is not None:
             report._hold(key, nbytes)
 

@@ -1,5 +1,7 @@
 """Parameter, FLOP and memory counts against numbers worked out by hand."""
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -333,3 +335,26 @@ def test_saved_tensor_bytes_grows_with_second_order_inner_steps_only():
     assert second[0] < second[1] < second[2]          # every inner step keeps its graph
     assert first[0] == first[1] == first[2]           # first order frees each inner step's graph
     assert all(s > f for s, f in zip(second, first))
+
+
+def test_measuring_saved_tensors_frees_them_with_their_graph_and_keeps_second_derivatives():
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    w1, w2, x = torch.randn(40, 1, requires_grad=True), torch.randn(1, 40, requires_grad=True), torch.randn(5, 1)
+    with saved_tensor_bytes() as saved:
+        hidden = torch.relu(x @ w1.T)                        # ReLU saves its own output
+        alive = weakref.ref(hidden)
+        torch.autograd.grad((hidden @ w2.T).sum(), [w2])     # frees the graph; the body's backward never runs
+        del hidden
+    gc.collect()
+    assert alive() is None and saved.bytes == 0
+
+    def second_order(measure):
+        w = torch.randn(3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
+        with saved_tensor_bytes() if measure else contextlib.nullcontext():
+            (g,) = torch.autograd.grad(torch.tanh(w @ w).sum(), w, create_graph=True)   # tanh saves its output
+            return torch.autograd.grad(g.square().sum(), w)[0]
+
+    assert torch.equal(second_order(True), second_order(False))

@@ -108,6 +108,13 @@ class TaskBatchNorm(nn.Module):
                             training=True, eps=self.eps)
 
 
+#: parameter-free layers that act on each feature alone, or on each channel's own map, so packed tasks never meet
+PER_FEATURE = (nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+               nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
+               nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+               nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+
+
 class _TaskBatchedRoot:
     """Mixed into the copied root module: packs the tasks before its ``forward`` and unpacks after."""
 
@@ -131,8 +138,14 @@ def _convert(module: nn.Module) -> nn.Module:
         raise ValueError(f"{type(module).__name__} holds {own} and has no task-batched form; supported: Conv2d, "
                          "Linear and batch norm without running statistics, in containers and parameter-free "
                          "layers (activations, pooling, flatten)")
-    if not module._modules:
-        return module                                                   # parameter-free: shared as it is
+    if not module._modules:                                             # a parameter-free layer, shared as it is
+        flattens_examples = type(module) is nn.Flatten and (module.start_dim, module.end_dim) == (1, -1)
+        if type(module) not in PER_FEATURE and not flattens_examples:
+            raise ValueError(f"{module} has no task-batched form: on packed tasks (B, T·C, ...) it could mix the "
+                             "tasks' features (a softmax or a norm over the features would); supported "
+                             "parameter-free layers act element-wise or per channel (activations, dropout, "
+                             "pooling) or are Flatten(start_dim=1)")
+        return module
     clone = copy.copy(module)
     clone._modules = {name: None if child is None else _convert(child) for name, child in module._modules.items()}
     return clone
@@ -155,9 +168,11 @@ def task_batched(model: nn.Module) -> nn.Module:
     such as a mean over channels, would mix the tasks.
 
     Raises:
-        ValueError: a layer with parameters or buffers that has no task-batched form
+        ValueError: a layer that has no task-batched form: with parameters or buffers
             (batch norm with running statistics, layer norm, grouped convolutions,
-            parametrized layers such as masks, ...).
+            parametrized layers such as masks, ...), or parameter-free but not known to
+            keep the tasks apart (softmax over the features, group norm without affine
+            parameters, ...; see :data:`PER_FEATURE`).
     """
     batched = _convert(model)
     if batched is model:

@@ -59,6 +59,11 @@ class TaskBatch(Protocol):
     query_y: Tensor
 
 
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the model's parameters that require gradients (a frozen body's are left out)."""
+    return [name for name, p in parameters_of(model).items() if p.requires_grad]
+
+
 def head_names(model: nn.Module) -> list[str]:
     """Names of the parameters of the model's last ``nn.Linear`` (its head), e.g. for ANIL."""
     heads = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
@@ -80,7 +85,8 @@ class MAML(nn.Module):
             0.01 for sinusoids); the initial value of the learned rates with ``learn_lr``.
         inner_steps: gradient steps on each support set during meta-training.
         first_order: first-order MAML (no second derivatives).
-        adapt: names of the parameters that adapt in the inner loop (default: all).
+        adapt: names of the parameters that adapt in the inner loop (default: all that
+            require gradients; frozen ones are used as they are).
         learn_lr: learn a rate per parameter element (Meta-SGD).
         loss_fn: the task loss (cross-entropy; ``F.mse_loss`` for regression); with
             ``tasks_at_once > 1`` it must average over its examples (see
@@ -113,10 +119,14 @@ class MAML(nn.Module):
         self.model, self.inner_lr, self.inner_steps = model, inner_lr, inner_steps
         self.first_order, self.loss_fn, self.tasks_at_once = first_order, loss_fn, tasks_at_once
         names = list(parameters_of(model))
-        self.adapt_names = names if adapt is None else list(adapt)
+        self.adapt_names = trainable_names(model) if adapt is None else list(adapt)
         unknown = set(self.adapt_names) - set(names)
         if unknown:
             raise ValueError(f"unknown parameters in adapt: {sorted(unknown)}; the model has {names}")
+        frozen = [name for name in self.adapt_names if name not in trainable_names(model)]
+        if frozen:
+            raise ValueError(f"adapt names frozen parameters (requires_grad=False): {frozen}; unfreeze them, or "
+                             "leave them out of adapt")
         params = parameters_of(model)
         self.lrs = nn.ParameterList([nn.Parameter(torch.full_like(params[n], inner_lr)) for n in self.adapt_names]
                                     if learn_lr else [])
@@ -129,10 +139,11 @@ class MAML(nn.Module):
 
     def adapt(self, x: Tensor, y: Tensor, steps: int | None = None, *, first_order: bool | None = None) -> Params:
         """The parameters adapted to one task's support set ``(x, y)`` (default: the meta-training steps)."""
-        return inner_loop(self.model, parameters_of(self.model), x, y, self.loss_fn,
-                          self.inner_steps if steps is None else steps, self.learning_rates(),
-                          first_order=self.first_order if first_order is None else first_order,
-                          adapt=self.adapt_names)
+        with torch.enable_grad():                  # the inner steps need gradients, also under torch.no_grad()
+            return inner_loop(self.model, parameters_of(self.model), x, y, self.loss_fn,
+                              self.inner_steps if steps is None else steps, self.learning_rates(),
+                              first_order=self.first_order if first_order is None else first_order,
+                              adapt=self.adapt_names)
 
     def forward(self, x: Tensor, params: Params | None = None) -> Tensor:
         """The learner's output with ``params`` (default: the meta-learned initialisation)."""
@@ -154,7 +165,7 @@ class MAML(nn.Module):
         """
         count = tasks.support_x.shape[0]
         params = parameters_of(self.model)
-        check_tasks(self.model, params, tasks)
+        check_tasks(self.model, params, tasks, adapts=self.inner_steps > 0)
         total, correct = 0.0, 0.0
         loss_fn = summed_over_tasks(self.loss_fn)
         for part, forward, adapted in adapted_tasks(self.model, params, tasks, self.loss_fn, self.inner_steps,
@@ -188,7 +199,7 @@ class MAML(nn.Module):
                                   self.learning_rates(), adapt=self.adapt_names, tasks_at_once=self.tasks_at_once)
 
 
-def check_tasks(model: nn.Module, params: Params, tasks: TaskBatch) -> None:
+def check_tasks(model: nn.Module, params: Params, tasks: TaskBatch, *, adapts: bool = True) -> None:
     """Raise a ValueError before any loss uses ``tasks`` if they do not fit together or the model.
 
     The four tensors must hold the same number of tasks (at least one), every task
@@ -196,13 +207,17 @@ def check_tasks(model: nn.Module, params: Params, tasks: TaskBatch) -> None:
     shapes, so the first stands for all), and integer labels must be classes of the
     model: ``0 .. N−1``, where ``N`` is the size of the model's output on the first
     query set (one forward pass with ``params``, without gradients, the model's
-    buffers left as they were). One read of the device.
+    buffers left as they were). One read of the device. With ``adapts`` (inner steps to
+    come), the support sets must not be empty.
     """
     counts = {name: getattr(tasks, name).shape[0] for name in ("support_x", "support_y", "query_x", "query_y")}
     if len(set(counts.values())) != 1 or not counts["support_x"]:
         raise ValueError(f"the tasks' tensors must stack the same number of tasks (at least one) along their first "
                          f"dimension, got {counts}")
     check_task(tasks.support_x[0], tasks.support_y[0], tasks.query_x[0], tasks.query_y[0])
+    if adapts and tasks.support_x.shape[1] == 0:
+        raise ValueError("the support sets are empty, so the inner loop has nothing to adapt to (its loss would be "
+                         "NaN, its gradient zero): sample tasks with shots >= 1")
     if tasks.support_y.dtype.is_floating_point:
         return
     with torch.no_grad(), buffers_restored(model):
@@ -270,7 +285,7 @@ def adapt_and_evaluate(model: nn.Module, tasks: TaskBatch, loss_fn: LossFn, step
     """
     losses, accuracies = [], []
     start = {name: p.detach().requires_grad_() for name, p in parameters_of(model).items()}
-    check_tasks(model, start, tasks)
+    check_tasks(model, start, tasks, adapts=steps > 0)
     if isinstance(lr, Mapping):        # Meta-SGD's learned rates: no graph through them at test time
         lr = {name: rate.detach() for name, rate in lr.items()}
     with buffers_restored(model), torch.enable_grad():
@@ -340,7 +355,7 @@ class Reptile:
     def evaluate(self, tasks: TaskBatch, steps: int | None = None) -> dict[str, Tensor]:
         """Fine-tune on each support set (``steps`` SGD steps, default ``inner_steps``), score the query sets."""
         return adapt_and_evaluate(self.model, tasks, self.loss_fn, self.inner_steps if steps is None else steps,
-                                  self.inner_lr, tasks_at_once=self.tasks_at_once)
+                                  self.inner_lr, adapt=trainable_names(self.model), tasks_at_once=self.tasks_at_once)
 
     def meta_step(self, tasks: TaskBatch, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Tensor]:
         """One Reptile update from a batch of tasks; returns ``{"loss": mean support loss before adapting}``.
@@ -351,26 +366,28 @@ class Reptile:
         update, and Nichol et al. use Adam this way; ``outer_lr`` is then unused.
         """
         theta = {name: p.detach() for name, p in parameters_of(self.model).items()}
-        start = {name: p.detach().requires_grad_() for name, p in theta.items()}
-        direction = {name: torch.zeros_like(p) for name, p in theta.items()}
+        trainable = trainable_names(self.model)                  # frozen parameters are used as they are
+        start = {name: p.detach().requires_grad_(name in trainable) for name, p in theta.items()}
+        direction = {name: torch.zeros_like(theta[name]) for name in trainable}
         count = tasks.support_x.shape[0]
         losses = []
         with torch.enable_grad():
             for part, forward, adapted in adapted_tasks(self.model, start, tasks, self.loss_fn, self.inner_steps,
-                                                        self.inner_lr, first_order=True,
+                                                        self.inner_lr, first_order=True, adapt=trainable,
                                                         tasks_at_once=self.tasks_at_once):
                 with torch.no_grad():
                     out = forward(theta, tasks.support_x[part])
                     losses += [self.loss_fn(task_out, task_y) for task_out, task_y in zip(out, tasks.support_y[part])]
                     for name, total in direction.items():     # Σ over the group's tasks of θ̃_j − θ
                         total += (adapted[name] - theta[name]).reshape(-1, *total.shape).sum(0)
+        params = parameters_of(self.model)
         if optimizer is None:
             with torch.no_grad():
-                for name, param in parameters_of(self.model).items():
-                    param.add_(direction[name], alpha=self.outer_lr / count)
+                for name, total in direction.items():
+                    params[name].add_(total, alpha=self.outer_lr / count)
         else:
             optimizer.zero_grad(set_to_none=True)
-            for name, param in parameters_of(self.model).items():
-                param.grad = direction[name].div_(-count)
+            for name, total in direction.items():
+                params[name].grad = total.div_(-count)
             optimizer.step()
         return {"loss": torch.stack(losses).mean()}

@@ -145,6 +145,12 @@ class ScaledLinear(nn.Linear):
     (nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), "LayerNorm"),
     (nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), "ungrouped"),
     (nn.Sequential(ScaledLinear(4, 4)), "ScaledLinear holds"),
+    # parameter-free, but mixing the features of one example, hence the packed tasks' (a loss after
+    # LogSoftmax differed from the loop's by 1.4 before these were refused):
+    (nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(dim=1)), "LogSoftmax"),
+    (nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4, affine=False)), "GroupNorm"),
+    (nn.Sequential(nn.Conv2d(1, 4, 3), nn.LocalResponseNorm(2)), "LocalResponseNorm"),
+    (nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(start_dim=2)), "Flatten"),
 ])
 def test_layers_without_a_batched_form_are_refused_when_the_learner_is_built(model, problem_text):
     with pytest.raises(ValueError, match=problem_text):

@@ -198,6 +198,10 @@ def test_bad_input():
     for bad_count in (tasks._replace(query_y=tasks.query_y[:1]), no_tasks):
         with pytest.raises(ValueError, match="same number of tasks"):
             maml.meta_backward(bad_count)
+    no_support = tasks._replace(support_x=tasks.support_x[:, :0], support_y=tasks.support_y[:, :0])
+    for call in (maml.meta_backward, maml.evaluate):
+        with pytest.raises(ValueError, match="support sets are empty"):
+            call(no_support)
     no_queries = tasks._replace(query_x=tasks.query_x[:, :0], query_y=tasks.query_y[:, :0])
     for call in (maml.meta_backward, maml.evaluate):
         with pytest.raises(ValueError, match="query set is empty"):
@@ -261,3 +265,32 @@ def test_adapt_and_evaluate_reports_each_tasks_accuracy():
     one = type(tasks)(*(field[2:3] for field in tasks))
     assert torch.equal(MAML(model, 0.1).evaluate(one, steps=2)["per_task_accuracy"], per_task[2:3])
     assert "per_task_accuracy" not in MAML(MLP(1, (8,), 1).double(), 0.01, loss_fn=F.mse_loss).evaluate(regression(2))
+
+
+def test_frozen_parameters_are_used_but_neither_adapted_nor_meta_trained():
+    torch.manual_seed(0)
+    model = MLP(1, (8, 8), 1).double()
+    for p in model[1].parameters():                                     # a frozen first layer
+        p.requires_grad_(False)
+    frozen = [p.clone() for p in model[1].parameters()]
+    tasks = regression(3)
+    maml = MAML(model, 0.01, 2, loss_fn=F.mse_loss)
+    assert maml.adapt_names == ["3.weight", "3.bias", "5.weight", "5.bias"]
+    maml.meta_backward(tasks)
+    assert all(p.grad is None for p in model[1].parameters()) and model[3].weight.grad is not None
+    Reptile(model, 0.05, 3, 0.5, F.mse_loss).meta_step(tasks)
+    Reptile(model, 0.05, 3, 0.5, F.mse_loss, tasks_at_once=3).meta_step(tasks)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, model[1].parameters()))
+    with pytest.raises(ValueError, match=r"adapt names frozen parameters .*\['1.weight'\]"):
+        MAML(model, 0.01, 1, adapt=["1.weight", "3.weight"])
+
+
+def test_adapt_works_under_no_grad():
+    torch.manual_seed(0)
+    model = MLP(1, (8,), 1).double()
+    maml = MAML(model, 0.01, 2, loss_fn=F.mse_loss)
+    tasks = regression(1)
+    expected = maml.adapt(tasks.support_x[0], tasks.support_y[0], first_order=True)
+    with torch.no_grad():
+        adapted = maml.adapt(tasks.support_x[0], tasks.support_y[0], first_order=True)
+    assert all(torch.equal(adapted[name].detach(), expected[name].detach()) for name in expected)
