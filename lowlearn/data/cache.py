@@ -101,25 +101,25 @@ def fetch(resource: Resource, root: str | os.PathLike | None = None, download: b
         download: if ``False``, never touch the network.
 
     Raises:
-        ChecksumError: the file on disk, or the downloaded one, has the wrong sha256.
+        ChecksumError: the file on disk (also one that appeared there during the
+            download), or the downloaded one, has the wrong sha256.
+        DataError: something other than a file is at the path (a folder, a broken link).
         DatasetNotFoundError: the file is missing and could not be downloaded.
     """
     path = resource.path(root)
     if path.is_file():
-        actual = sha256_of(path)
-        if actual != resource.sha256:
-            raise ChecksumError(
-                f"{path} is corrupted or not the expected file: its sha256 is {actual}, "
-                f"expected {resource.sha256}. lowlearn does not overwrite files it did not "
-                f"write: delete or move it, then run again to download {resource.urls[0]}"
-            )
-        return path
+        return _verified(path, resource)
+    if path.exists() or path.is_symlink():
+        raise DataError(f"{path} exists but is not a file (a folder, or a link to something missing); lowlearn does "
+                        f"not replace it: move it, then run again to download {resource.urls[0]}")
     failures, corrupted = [], []
     if download:
         for url in resource.urls:  # a mirror that fails or serves a wrong file: try the next
             try:
                 _download(url, path, resource.sha256)
                 return path
+            except FileExistsError:                   # someone put a file there meanwhile: it is kept
+                return _verified(path, resource)
             except ChecksumError as err:
                 corrupted.append(str(err))
             except (urllib.error.URLError, http.client.HTTPException, OSError) as err:   # cut-off responses too
@@ -135,11 +135,27 @@ def fetch(resource: Resource, root: str | os.PathLike | None = None, download: b
     )
 
 
+def _verified(path: Path, resource: Resource) -> Path:
+    """``path`` if its sha256 is the resource's, else a ChecksumError (the file is left as it is)."""
+    actual = sha256_of(path)
+    if actual != resource.sha256:
+        raise ChecksumError(
+            f"{path} is corrupted or not the expected file: its sha256 is {actual}, "
+            f"expected {resource.sha256}. lowlearn does not overwrite files it did not "
+            f"write: delete or move it, then run again to download {resource.urls[0]}"
+        )
+    return path
+
+
 def _download(url: str, path: Path, sha256: str) -> None:
-    """Stream ``url`` into a temporary file beside ``path``; rename it into place if its sha256 matches."""
+    """Stream ``url`` into a temporary file beside ``path``; publish it there if its sha256 matches.
+
+    Raises:
+        FileExistsError: something appeared at ``path`` during the download; it is kept.
+    """
     digest = hashlib.sha256()
     request = urllib.request.Request(url, headers={"User-Agent": "lowlearn"})
-    with atomic_file(path, overwrite=True) as out, urllib.request.urlopen(request, timeout=60) as response:
+    with atomic_file(path, overwrite=False) as out, urllib.request.urlopen(request, timeout=60) as response:
         for chunk in iter(lambda: response.read(_CHUNK), b""):
             digest.update(chunk)
             out.write(chunk)

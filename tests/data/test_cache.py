@@ -15,6 +15,7 @@ from lowlearn.atomic import new_file_mode
 from lowlearn.data.cache import (
     ENV_VAR,
     ChecksumError,
+    DataError,
     DatasetNotFoundError,
     Resource,
     UnsafeArchiveError,
@@ -83,6 +84,35 @@ def test_fetch_downloads_from_file_url(tmp_path):
     assert path == root / "sub" / "payload.bin"
     assert path.read_bytes() == CONTENT
     assert _leftovers(path.parent) == ["payload.bin"]
+
+
+def test_fetch_never_replaces_what_is_at_the_path(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    target = root / "sub" / "payload.bin"
+    target.parent.mkdir(parents=True)
+    target.symlink_to(tmp_path / "unmounted" / "payload.bin")            # a link to something missing
+    with pytest.raises(DataError, match="exists but is not a file"):
+        fetch(_resource(_source(tmp_path)), root=root)
+    assert target.is_symlink()
+    target.unlink()
+    # A file put there while the download runs is kept: returned if it is the right one, reported if not.
+    real_urlopen = urllib.request.urlopen
+    for placed, outcome in ((CONTENT, None), (b"the user's own file", ChecksumError)):
+        def urlopen(request, timeout, placed=placed):
+            response = real_urlopen(request, timeout=timeout)
+            target.write_bytes(placed)
+            return response
+
+        monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+        mirror = tmp_path / f"mirror{len(placed)}"
+        mirror.mkdir()
+        if outcome is None:
+            assert fetch(_resource(_source(mirror)), root=root).read_bytes() == placed
+        else:
+            with pytest.raises(ChecksumError, match="does not overwrite"):
+                fetch(_resource(_source(mirror)), root=root)
+        assert target.read_bytes() == placed and _leftovers(target.parent) == ["payload.bin"]
+        target.unlink()
 
 
 def test_fetch_falls_back_to_next_mirror(tmp_path):

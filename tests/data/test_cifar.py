@@ -97,6 +97,14 @@ def test_read_cifar_batch_rejects_non_batches(obj):
         read_cifar_batch(io.BytesIO(pickle.dumps(obj)))
 
 
+def test_read_cifar_batch_reports_an_absurd_array_as_a_data_error():
+    # Only allowed names (numpy's _reconstruct and ndarray), asking for a (2**28, 2**28) array.
+    crafted = (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ\x00\x00\x00\x10J\x00\x00\x00\x10"
+               b"\x86U\x01b\x87R.")
+    with pytest.raises(DataError, match="cannot unpickle a CIFAR batch"):
+        read_cifar_batch(io.BytesIO(crafted))
+
+
 def test_read_cifar_batch_rejects_garbage():
     with pytest.raises(DataError):
         read_cifar_batch(io.BytesIO(b"not a pickle"))
