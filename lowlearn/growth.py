@@ -48,6 +48,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .sparse.export import chain
 from .train import buffers_restored
@@ -73,6 +74,10 @@ def layer_pair(model: nn.Sequential, layer: int) -> tuple[nn.Module, nn.Module]:
         raise ValueError(f"layer must index a hidden Linear/Conv2d layer, 0 .. {len(positions) - 2}; got {layer}")
     first, second = positions[layer], positions[layer + 1]
     grown, consumer = leaves[first], leaves[second]
+    parametrized = [i for i, m in zip((layer, layer + 1), (grown, consumer)) if parametrize.is_parametrized(m)]
+    if parametrized:
+        raise ValueError(f"cannot grow between parametrized layers (layers {parametrized} carry masks or Powerprop): "
+                         "growth edits the weight tensors themselves; grow first, then mask or reparameterise")
     if type(grown) is not type(consumer):
         raise ValueError(f"growth supports Linear→Linear and Conv2d→Conv2d pairs; got {type(grown).__name__}→"
                          f"{type(consumer).__name__}")
@@ -158,6 +163,10 @@ def _subspace_iteration(model: nn.Sequential, layer: int, k: int, batch: tuple[T
     """Top-``k`` right singular subspace of ``A: U ↦ ∂L/∂W_new`` by ``U ← orth(AᵀA U)`` (autograd double backward)."""
     probe = copy.deepcopy(model)
     grown, consumer = layer_pair(probe, layer)
+    size = consumer.weight[:, 0].numel()
+    if k > size:
+        raise ValueError(f"GradMax finds at most {size} orthogonal outgoing directions here (a unit's outgoing "
+                         f"weights, {tuple(consumer.weight[:, 0].shape)}); got k={k}")
     old = grown.weight.shape[0]
     _add_units(grown, consumer, grown.weight.new_zeros((k, *grown.weight.shape[1:])), None,
                consumer.weight.new_zeros((consumer.weight.shape[0], k, *consumer.weight.shape[2:])))

@@ -31,6 +31,7 @@ SNFS) do not, since ``φ = 0`` is a critical point and a grown weight would stay
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -44,7 +45,7 @@ from .sparse.mask import resolve_layers
 
 def check_alpha(alpha: float) -> float:
     """Return ``alpha`` as a float if it is a finite number ≥ 1, else raise a ValueError that says so."""
-    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 1:
+    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha < 1:
         raise ValueError(f"alpha must be a finite number >= 1 (1 is the ordinary network; the paper uses "
                          f"2 to 5), got {alpha!r}")
     return float(alpha)
@@ -203,13 +204,20 @@ class PowerPropOptimizer:
     Args:
         optimizer: any ``torch.optim`` optimizer over the model's parameters.
         model: the model with :class:`PowerProp` layers.
+        max_grad_norm: clip the gradients the step uses (``∂L/∂θ`` of the Powerprop
+            weights, the plain gradients of the others) to this total 2-norm, as
+            ``torch.nn.utils.clip_grad_norm_`` does for a plain optimizer. Clipping
+            ``model.parameters()`` yourself would not work: it changes ``φ``'s
+            gradients, which the step replaces by ``∂L/∂θ``.
 
     Raises:
-        ValueError: the model has no Powerprop layer.
+        ValueError: the model has no Powerprop layer, or ``max_grad_norm`` is not positive.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module):
-        self.optimizer = optimizer
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *, max_grad_norm: float | None = None):
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+        self.optimizer, self.max_grad_norm = optimizer, max_grad_norm
         self.layers = powerprop_layers(model)
         if not self.layers:
             raise ValueError("the model has no Powerprop layer: call lowlearn.powerprop.powerprop(model, alpha) first")
@@ -250,6 +258,8 @@ class PowerPropOptimizer:
         """
         grads = self._theta_grads.grads
         average_across_processes(grads[name] for name in sorted(grads))
+        if self.max_grad_norm is not None:
+            self._clip(grads)
         swapped = []
         for name, phi, alpha in self._weights:
             if phi.grad is None:
@@ -275,6 +285,15 @@ class PowerPropOptimizer:
             torch.addcmul(old, phi, power, value=alpha, out=phi)  # φ ← φ + Δθ · α |φ|^(α−1)
             phi.grad = grad
         self._theta_grads.clear()
+
+    def _clip(self, grads: dict[str, Tensor]) -> None:
+        """Scale ``∂L/∂θ`` and the other parameters' gradients down to a total norm of ``max_grad_norm``."""
+        phis = {id(phi) for _, phi, _ in self._weights}
+        tensors = list(grads.values()) + [p.grad for group in self.optimizer.param_groups for p in group["params"]
+                                          if p.grad is not None and id(p) not in phis]
+        if tensors:
+            total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+            torch._foreach_mul_(tensors, torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0))
 
     def _scratch_like(self, name: str, phi: Tensor) -> tuple[Tensor, Tensor]:
         """The step's two tensors like ``φ`` (made anew if ``φ`` has moved to another dtype or device)."""

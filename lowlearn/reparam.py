@@ -134,6 +134,8 @@ class OutputGradients:
             self.grads[name] = grad if name not in self.grads else self.grads[name] + grad
 
         def hook(module: nn.Module, inputs: tuple, output) -> None:
+            if module is not self.modules[name]:              # a deep copy of the module took the hook along
+                return
             if output.requires_grad and not output.is_leaf:   # a leaf would keep the hook for good
                 output.register_hook(store)
 

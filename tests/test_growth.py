@@ -164,6 +164,15 @@ def test_bad_growth_is_a_clear_error():
         grow(cnn(), 1, 1, "random")
     with pytest.raises(ValueError, match="at most 3 orthogonal"):
         gradmax_directions(model, 1, 6, data)
+    from lowlearn.sparse.mask import attach_masks
+
+    masked = mlp()
+    attach_masks(masked)
+    with pytest.raises(ValueError, match="parametrized layers"):
+        grow(masked, 0, 1, "random")
+    with pytest.raises(ValueError, match="at most 1 orthogonal"):     # a 1×1 convolution: one outgoing weight
+        gradmax_directions(nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Conv2d(3, 1, 1), nn.Flatten()), 0, 2,
+                           (torch.randn(4, 2, 6, 6), torch.randn(4, 16)), loss_fn=F.mse_loss, closed_form=False)
     grouped = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2))
     for strategy in ("random", "split"):
         with pytest.raises(ValueError, match="grouped convolutions"):

@@ -1,6 +1,7 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,10 +101,34 @@ def test_zero_is_a_critical_point_without_nan():
     assert torch.equal(raw_weight(layer).grad, torch.zeros(2, 3))   # autograd's own pow rule gives NaN here
 
 
+def test_clipping_scales_the_gradients_the_aware_step_uses():
+    model = powerprop(small_mlp(), 3)
+    x, y = batch()
+    plain = copy.deepcopy(model)                          # a plain network with weights θ: its gradients are ∂L/∂θ
+    for layer in powerprop_layers(plain).values():
+        torch.nn.utils.parametrize.remove_parametrizations(layer, "weight")
+    F.cross_entropy(plain(x), y).backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in plain.parameters()]))
+    max_norm = 0.1 * norm.item()
+    scale = max_norm / (norm.item() + 1e-6)
+    clipped, scaled = copy.deepcopy(model), copy.deepcopy(model)
+    # With plain SGD, clipping by a factor c is a step with the learning rate times c.
+    for net, lr, limit in ((clipped, 0.5, max_norm), (scaled, 0.5 * scale, None)):
+        optimizer = PowerPropOptimizer(torch.optim.SGD(net.parameters(), lr=lr), net, max_grad_norm=limit)
+        optimizer.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    for a, b, start in zip(clipped.parameters(), scaled.parameters(), model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7) and not torch.equal(a, start)
+    with pytest.raises(ValueError, match="max_grad_norm must be a positive number"):
+        PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, max_grad_norm=0)
+
+
 def test_bad_alpha_and_order():
-    for bad in (0.5, 0, -2, float("nan"), float("inf"), "2"):
+    for bad in (0.5, 0, -2, float("nan"), float("inf"), "2", True):
         with pytest.raises(ValueError, match="alpha must be a finite number >= 1"):
             PowerProp(bad)
+    assert PowerProp(np.int64(2)).alpha == 2.0
     model = small_mlp()
     attach_masks(model)
     with pytest.raises(ValueError, match="apply powerprop\\(\\) before masking"):

@@ -91,3 +91,17 @@ def test_output_gradients_are_the_gradients_of_the_effective_weight():
     recorder.stop()
     layer(x).sum().backward()
     assert recorder.grads == {} and not recorder.active and not mask._forward_hooks
+
+
+def test_a_deep_copy_does_not_record_into_the_original():
+    layer = nn.Linear(3, 2)
+    mask = Mask(torch.ones(2, 3, dtype=torch.bool))
+    register(layer, "weight", mask)
+    recorder = OutputGradients({"w": mask})
+    recorder.start()
+    twin = copy.deepcopy(layer)                                     # takes the forward hook along
+    twin(torch.randn(5, 3)).sum().backward()
+    assert recorder.grads == {}
+    x = torch.randn(5, 3)
+    layer(x).sum().backward()
+    assert torch.allclose(recorder.grads["w"], torch.ones(5, 2).T @ x)

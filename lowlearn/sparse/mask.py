@@ -149,6 +149,8 @@ def resolve_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, 
     """
     if layers is None:
         return prunable_layers(model)
+    if isinstance(layers, str):
+        raise ValueError(f"layers must be a list of layer names, not one string ({layers!r}): pass [{layers!r}]")
     modules = dict(model.named_modules())
     chosen = {}
     for name in layers:
@@ -221,6 +223,7 @@ def set_masks(
         KeyError: ``name`` is not a masked layer (call :func:`attach_masks` first).
         ValueError: a mask of the wrong shape.
         TypeError: a mask that is not boolean.
+        All are raised before any mask changes.
     """
     layers = masked_layers(model)
     for name, mask in masks.items():
@@ -233,6 +236,8 @@ def set_masks(
         if mask.shape != buffer.shape:
             raise ValueError(f"the mask for {name!r} has shape {tuple(mask.shape)}, "
                              f"but the layer's weight has shape {tuple(buffer.shape)}")
+    for name, mask in masks.items():
+        buffer = find_mask(layers[name]).mask
         buffer.copy_(mask)
         theta = raw_weight(layers[name])
         with torch.no_grad():

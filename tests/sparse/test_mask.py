@@ -146,3 +146,10 @@ def test_bad_input():
         set_masks(model, {"1": torch.ones(8, 784)})
     with pytest.raises(TypeError, match="boolean"):
         Mask(torch.ones(3))
+    with pytest.raises(ValueError, match=r"not one string \('13'\)"):            # it would mask '1' and '3'
+        attach_masks(MLP(hidden=(8, 6)), "13")
+    # A bad entry is found before any mask changes: layer '1' keeps its mask and weights.
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match="shape"):
+        set_masks(model, {"1": torch.zeros(8, 784, dtype=torch.bool), "3": torch.ones(3, dtype=torch.bool)})
+    assert all(torch.equal(p, before[name]) for name, p in model.state_dict().items())
