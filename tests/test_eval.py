@@ -115,9 +115,15 @@ def test_heldout_needs_alphabets_the_background_lacks_and_says_so_before_trainin
         omniglot_runs.held_out(omniglot_runs.background("small1,small2", 28, str(SHARED_DATA)), 28, str(SHARED_DATA))
 
 
-@pytest.mark.parametrize("option, message", [(["--steps", "-1"], "--steps must be at least 0"),
-                                             (["--episodes", "0"], "--episodes must be at least 1")])
-def test_negative_steps_and_no_episodes_are_usage_errors(option, message, capsys):
+@pytest.mark.parametrize("option, message", [
+    (["--steps", "-1"], "argument --steps: expected an integer >= 0, got -1"),
+    (["--episodes", "0"], "argument --episodes: expected an integer >= 1, got 0"),
+    (["--test-shift", "-3"], "argument --test-shift: expected an integer >= 0, got -3"),
+    (["--device", "foo"], "argument --device: unknown device 'foo'"),
+    (["--checkpoint", "a.pt", "--save", "b.pt"], "with --checkpoint nothing is trained"),
+    (["--save", "/proc/version/learner.pt"], "cannot save to /proc/version/learner.pt"),
+])
+def test_bad_options_are_usage_errors_before_anything_runs(option, message, capsys):
     with pytest.raises(SystemExit):
         omniglot_runs.main(["--profile", "smoke", "--test", "heldout"] + option)
     assert message in capsys.readouterr().err
@@ -132,14 +138,20 @@ def test_zero_steps_score_the_untrained_learner(capsys):
 
 
 @needs_real_data
-def test_a_checkpoint_of_another_method_or_profile_is_refused(tmp_path, capsys):
+def test_a_checkpoint_of_another_method_background_or_profile_is_refused(tmp_path, capsys, monkeypatch):
     checkpoint = tmp_path / "protonet.pt"
     common = ["--data", str(SHARED_DATA), "--background", "small1", "--test", "heldout", "--episodes", "2",
               "--device", "cpu"]
     omniglot_runs.main(common + ["--profile", "smoke", "--steps", "1", "--save", str(checkpoint)])
+    saved = "saved with {'method': 'protonet', 'background': 'small1', 'profile': 'smoke'}"
     for other in (["--profile", "smoke", "--method", "matching"], ["--profile", "cpu"]):
-        with pytest.raises(SystemExit, match="saved with {'method': 'protonet', 'profile': 'smoke'}"):
+        with pytest.raises(SystemExit, match=saved):
             omniglot_runs.main(common + other + ["--checkpoint", str(checkpoint)])
+    # Scoring the runs as if the learner had seen only small2: refused, it was trained on small1.
+    monkeypatch.setattr(omniglot_runs, "load_omniglot_runs", lambda root, image_size: synthetic_runs(20))
+    with pytest.raises(SystemExit, match=saved):
+        omniglot_runs.main(["--data", str(SHARED_DATA), "--background", "small2", "--device", "cpu", "--profile",
+                            "smoke", "--checkpoint", str(checkpoint)])
     assert "loaded" not in capsys.readouterr().out
 
 

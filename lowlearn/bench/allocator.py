@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from lowlearn import allocator
+from lowlearn import allocator, cli
 
 from . import masks, powerprop
 from .timing import fixed_batch
@@ -97,11 +97,11 @@ def run(rounds: int = 3, batch_size: int = 60, iterations: int = 200, repeats: i
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lowlearn.bench allocator", description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3, help="processes per model and setting")
-    parser.add_argument("--batch-size", type=int, default=60)
-    parser.add_argument("--iterations", type=int, default=200, help="training steps per timed block")
-    parser.add_argument("--repeats", type=int, default=5, help="timed blocks per process")
-    parser.add_argument("--warmup", type=int, default=100, help="untimed steps per process")
+    parser.add_argument("--rounds", type=cli.positive_int, default=3, help="processes per model and setting")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=60)
+    parser.add_argument("--iterations", type=cli.positive_int, default=200, help="training steps per timed block")
+    parser.add_argument("--repeats", type=cli.positive_int, default=5, help="timed blocks per process")
+    parser.add_argument("--warmup", type=cli.natural_int, default=100, help="untimed steps per process")
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
     results = run(args.rounds, args.batch_size, args.iterations, args.repeats, args.warmup, threads)

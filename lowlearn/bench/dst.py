@@ -15,6 +15,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from lowlearn import cli
 from lowlearn.models import MLP
 from lowlearn.sparse.dst import SET, SNFS, RigL, StaticSparse
 from lowlearn.sparse.topkast import TopKAST
@@ -74,11 +75,12 @@ def run(density: float = 0.1, batch_size: int = 128, every: int = 100, updates: 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lowlearn.bench dst", description=__doc__)
-    parser.add_argument("--density", type=float, default=0.1, help="fraction of weights kept (default 0.1)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--every", type=int, default=100, help="ΔT, steps between mask updates (default 100)")
-    parser.add_argument("--updates", type=int, default=2, help="mask updates per timed block (default 2)")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed blocks per method")
+    parser.add_argument("--density", type=cli.fraction, default=0.1, help="fraction of weights kept (default 0.1)")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=128)
+    parser.add_argument("--every", type=cli.positive_int, default=100,
+                        help="ΔT, steps between mask updates (default 100)")
+    parser.add_argument("--updates", type=cli.positive_int, default=2, help="mask updates per timed block (default 2)")
+    parser.add_argument("--repeats", type=cli.positive_int, default=5, help="interleaved timed blocks per method")
     add_device_argument(parser)
     args = parser.parse_args(argv)
     times = run(args.density, args.batch_size, args.every, args.updates, args.repeats, args.device)

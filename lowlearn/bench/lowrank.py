@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowlearn import cli
 from lowlearn.cost import training_memory
 from lowlearn.lowrank import DLRT, to_low_rank
 
@@ -70,11 +71,11 @@ def run(widths=(512, 1024, 2048, 4096), rank: int = 32, batch_size: int = 128, i
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lowlearn.bench lowrank", description=__doc__)
-    parser.add_argument("--widths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--iterations", type=int, default=3, help="training steps per timed block")
-    parser.add_argument("--repeats", type=int, default=15, help="interleaved timed blocks per model")
+    parser.add_argument("--widths", type=cli.positive_int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--rank", type=cli.positive_int, default=32)
+    parser.add_argument("--batch-size", type=cli.positive_int, default=128)
+    parser.add_argument("--iterations", type=cli.positive_int, default=3, help="training steps per timed block")
+    parser.add_argument("--repeats", type=cli.positive_int, default=15, help="interleaved timed blocks per model")
     add_device_argument(parser)
     args = parser.parse_args(argv)
     rows = run(tuple(args.widths), args.rank, args.batch_size, args.iterations, args.repeats, args.device)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import copy
 
-import higher
 import torch
 import torch.nn.functional as F
 
+from lowlearn import cli
 from lowlearn.data.episodes import Episode, random_episodes
 from lowlearn.meta import MAML
 from lowlearn.models import Conv4
@@ -37,6 +37,10 @@ def make_step(name: str, model: torch.nn.Module, tasks: Episode, steps: int, inn
         at_once = tasks.support_x.shape[0] if name == "lowlearn batched" else 1
         maml = MAML(model, inner_lr, steps, tasks_at_once=at_once)
         return lambda: maml.meta_step(tasks, meta_optimizer)
+    try:
+        import higher                                  # the peer: needed for this benchmark only
+    except ImportError:
+        raise SystemExit("the maml benchmark times lowlearn against higher: pip install higher") from None
     inner = torch.optim.SGD(model.parameters(), lr=inner_lr)
 
     def step() -> None:
@@ -73,14 +77,14 @@ def run(tasks: int = 32, ways: int = 5, shots: int = 1, queries: int = 15, steps
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lowlearn.bench maml", description=__doc__)
-    parser.add_argument("--tasks", type=int, default=32)
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--queries", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=5, help="inner steps")
+    parser.add_argument("--tasks", type=cli.positive_int, default=32)
+    parser.add_argument("--ways", type=cli.positive_int, default=5)
+    parser.add_argument("--shots", type=cli.positive_int, default=1)
+    parser.add_argument("--queries", type=cli.positive_int, default=15)
+    parser.add_argument("--steps", type=cli.positive_int, default=5, help="inner steps")
     parser.add_argument("--inner-lr", type=float, default=0.4)
-    parser.add_argument("--iterations", type=int, default=2, help="meta-steps per timed block")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--iterations", type=cli.positive_int, default=2, help="meta-steps per timed block")
+    parser.add_argument("--repeats", type=cli.positive_int, default=3)
     add_device_argument(parser)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import prune as torch_prune
 
+from lowlearn import cli
 from lowlearn.models import MLP
 from lowlearn.sparse.mask import attach_masks, prunable_layers, set_masks
 
@@ -85,10 +86,10 @@ def run(density: float = 0.1, batch_size: int = 60, iterations: int = 20, repeat
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lowlearn.bench masks", description=__doc__)
-    parser.add_argument("--density", type=float, default=0.1, help="fraction of weights kept (default 0.1)")
-    parser.add_argument("--batch-size", type=int, default=60)
-    parser.add_argument("--iterations", type=int, default=20, help="training steps per timed block")
-    parser.add_argument("--repeats", type=int, default=70, help="interleaved timed blocks per model")
+    parser.add_argument("--density", type=cli.fraction, default=0.1, help="fraction of weights kept (default 0.1)")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=60)
+    parser.add_argument("--iterations", type=cli.positive_int, default=20, help="training steps per timed block")
+    parser.add_argument("--repeats", type=cli.positive_int, default=70, help="interleaved timed blocks per model")
     add_device_argument(parser)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)

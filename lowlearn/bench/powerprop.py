@@ -18,8 +18,9 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from lowlearn import cli
 from lowlearn.models import MLP
-from lowlearn.powerprop import PowerPropOptimizer, powerprop
+from lowlearn.powerprop import PowerPropOptimizer, check_alpha, powerprop
 
 from .timing import (add_device_argument, environment, faults_per_call, fixed_batch, interleaved_medians,
                      resolve_device)
@@ -70,11 +71,15 @@ def run(alpha: float = 3.0, batch_size: int = 60, iterations: int = 20, repeats:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lowlearn.bench powerprop", description=__doc__)
     parser.add_argument("--alpha", type=float, default=3.0)
-    parser.add_argument("--batch-size", type=int, default=60)
-    parser.add_argument("--iterations", type=int, default=20, help="training steps per timed block")
-    parser.add_argument("--repeats", type=int, default=70, help="interleaved timed blocks per case")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=60)
+    parser.add_argument("--iterations", type=cli.positive_int, default=20, help="training steps per timed block")
+    parser.add_argument("--repeats", type=cli.positive_int, default=70, help="interleaved timed blocks per case")
     add_device_argument(parser)
     args = parser.parse_args(argv)
+    try:
+        check_alpha(args.alpha)
+    except ValueError as error:
+        parser.error(f"--alpha: {error}")
     device = resolve_device(args.device)
     result = run(args.alpha, args.batch_size, args.iterations, args.repeats, device)
     times, faults = result["seconds"], result["faults"]

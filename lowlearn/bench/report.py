@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lowlearn.allocator import has_glibc
+from lowlearn.atomic import atomic_file
 
 from . import allocator, dst, lowrank, maml, masks, powerprop, sparse
 from .timing import add_device_argument, machine, resolve_device
@@ -122,14 +123,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--note", default="", help="what else to know about the run (e.g. other load on the machine)")
     args = parser.parse_args(argv)
     paths = [args.out / "benchmarks.json", args.out / "benchmarks.md"]
-    existing = [str(path) for path in paths if path.exists()]
+    existing = [str(path) for path in paths if path.exists() or path.is_symlink()]
     if existing:
         sys.exit(f"{', '.join(existing)} exist: choose another --out folder (a report is never overwritten)")
+    try:                                               # before the benchmarks run, not after
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        sys.exit(f"cannot use {args.out} as the report folder: {error}")
     device = resolve_device(args.device)
     report = {"environment": machine(device), "quick": args.quick, "note": args.note,
               "rows": collect(QUICK if args.quick else FULL, device)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    paths[0].write_text(json.dumps(report, indent=1) + "\n")
-    paths[1].write_text(markdown(report))
     print(markdown(report))
+    try:
+        for path, text in ((paths[0], json.dumps(report, indent=1) + "\n"), (paths[1], markdown(report))):
+            with atomic_file(path, overwrite=False, text=True) as handle:     # a file that appeared meanwhile stays
+                handle.write(text)
+    except FileExistsError as error:
+        sys.exit(f"{error}; the report is printed above")
     print(f"written: {paths[0]} and {paths[1]}")

@@ -26,9 +26,11 @@ import copy
 import torch
 from torch import nn
 
+from lowlearn import cli
 from lowlearn.lowrank import LowRankLinear
 from lowlearn.sparse import prune, prune_channels, prune_nm, scores
 from lowlearn.sparse.export import compact, export, semi_structured_unavailable
+from lowlearn.sparse.prune import kept_count
 
 from .timing import add_device_argument, environment, interleaved_medians, resolve_device
 
@@ -46,7 +48,7 @@ def _variants(dense: nn.Sequential, density: float) -> dict[str, tuple[nn.Module
     rank = max(1, round(density * features / 2))
     low_rank = nn.Sequential(LowRankLinear.from_linear(dense[0], rank=rank))
     return {"csr": (export(unstructured, "csr"), 1 / density),
-            "channels": (compact(channels)[:1], features / round(density * features)),
+            "channels": (compact(channels)[:1], features / kept_count(density, features)),
             "low rank": (export(low_rank, "dense"), features / (2 * rank))}
 
 
@@ -89,15 +91,16 @@ def _two_four(dense: nn.Sequential, x: torch.Tensor, iterations: int, repeats: i
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lowlearn.bench sparse", description=__doc__)
-    parser.add_argument("--features", type=int, default=4096)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--densities", default=",".join(map(str, DENSITIES)), help="comma-separated")
-    parser.add_argument("--iterations", type=int, default=5, help="calls per timed block")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed blocks per variant")
+    parser.add_argument("--features", type=cli.positive_int, default=4096)
+    parser.add_argument("--batch-size", type=cli.positive_int, default=64)
+    parser.add_argument("--densities", type=cli.fractions, default=DENSITIES,
+                        help="comma-separated, each in (0, 1]")
+    parser.add_argument("--iterations", type=cli.positive_int, default=5, help="calls per timed block")
+    parser.add_argument("--repeats", type=cli.positive_int, default=5, help="interleaved timed blocks per variant")
     add_device_argument(parser)
     args = parser.parse_args(argv)
-    densities = tuple(float(d) for d in args.densities.split(","))
-    rows = run(args.features, args.batch_size, densities, args.iterations, args.repeats, device=args.device)
+    rows = run(args.features, args.batch_size, tuple(args.densities), args.iterations, args.repeats,
+               device=args.device)
     print(f"Linear {args.features}x{args.features}, batch {args.batch_size}, inference, {environment(args.device)}")
     print(f"median of {args.repeats} interleaved blocks of {args.iterations} calls; speed-up = dense time / time")
     print(f"{'format':<12} {'density':>8} {'ms':>9} {'dense ms':>9} {'ideal':>7} {'speed-up':>9}")

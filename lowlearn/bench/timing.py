@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from lowlearn import allocator
+from lowlearn import allocator, cli
 from lowlearn.train import default_device
 
 
@@ -103,7 +103,7 @@ def fixed_batch(batch_size: int, features: int, device: torch.device, classes: i
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """The ``--device`` option every benchmark takes."""
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--device", type=cli.device, default=None, help="default: cuda if available, else cpu")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

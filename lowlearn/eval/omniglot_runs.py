@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lowlearn import cli
 from lowlearn.data.augment import random_affine
 from lowlearn.data.episodes import EpisodeSampler
 from lowlearn.data.cache import DatasetNotFoundError
@@ -181,26 +183,34 @@ def main(argv: list[str] | None = None) -> None:
                         help="the 20 official runs (downloaded when online), or run-like episodes from the small2 "
                              "alphabets the background lacks")
     parser.add_argument("--checkpoint", type=Path, help="load the meta-trained learner from this file and skip "
-                        "training (it must have been saved with the same method and profile)")
+                        "training (it must have been saved with the same method, background and profile)")
     parser.add_argument("--save", type=Path, help="save the meta-trained learner here (an existing file is never "
                         "replaced)")
     parser.add_argument("--profile", help="experiment profile for the sizes (default: $LOWLEARN_PROFILE or by device)")
-    parser.add_argument("--steps", type=int, help="override the profile's meta-training steps")
-    parser.add_argument("--test-shift", type=int, help="override the profile's test-time shift in pixels (0: none)")
+    parser.add_argument("--steps", type=cli.natural_int, help="override the profile's meta-training steps (0 scores "
+                        "the untrained learner)")
+    parser.add_argument("--test-shift", type=cli.natural_int,
+                        help="override the profile's test-time shift in pixels (0: none)")
     parser.add_argument("--test-rotations", action="store_true",
                         help="protonet and matching: also compare the images in their four 90° rotations at test "
                              "time, an ensemble of four comparisons (four times the test cost)")
-    parser.add_argument("--episodes", type=int, default=400, help="held-out episodes (with --test heldout)")
+    parser.add_argument("--episodes", type=cli.positive_int, default=400,
+                        help="held-out episodes (with --test heldout)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--device", type=cli.device, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--data", help="data root (default: $LOWLEARN_DATA or ~/.cache/lowlearn)")
     args = parser.parse_args(argv)
-    if args.steps is not None and args.steps < 0:
-        parser.error(f"--steps must be at least 0 (0 scores the untrained learner), got {args.steps}")
-    if args.episodes < 1:
-        parser.error(f"--episodes must be at least 1, got {args.episodes}")
-    if args.save is not None and args.save.exists():
-        parser.error(f"{args.save} exists; choose another --save path (a saved learner is never overwritten)")
+    if args.save is not None:
+        if args.checkpoint is not None:
+            parser.error("--save is for a learner trained here; with --checkpoint nothing is trained")
+        if args.save.exists() or args.save.is_symlink():
+            parser.error(f"{args.save} exists; choose another --save path (a saved learner is never overwritten)")
+        try:                                             # found out now, not after the training
+            args.save.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            parser.error(f"cannot save to {args.save}: {error}")
+        if not os.access(args.save.parent, os.W_OK):
+            parser.error(f"cannot save to {args.save}: its folder is not writable")
 
     profile = get_profile(args.profile)
     sizes = profile.black_box
@@ -208,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         sizes = dataclasses.replace(sizes, meta_steps=args.steps, maml_steps=args.steps)
     if args.test_shift is not None:
         sizes = dataclasses.replace(sizes, test_shift=args.test_shift)
-    device = torch.device(args.device) if args.device else default_device()
+    device = args.device or default_device()
     print(banner(profile))
     seed_everything(args.seed)                   # --seed fixes the initialisation as well as the episodes
     learner = make_learner(args.method, sizes).to(device)
@@ -232,9 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.checkpoint is not None:
         try:
             load_checkpoint(args.checkpoint, learner, map_location=device,
-                            expect={"method": args.method, "profile": profile.name})
+                            expect={"method": args.method, "background": args.background, "profile": profile.name})
         except ValueError as error:
-            sys.exit(f"{error}: run with the --method and --profile it was saved with, or train anew")
+            sys.exit(f"{error}: run with the --method, --background and --profile it was saved with, or train "
+                     "anew (a held-out or published-table comparison is only fair for the background it learned)")
         print(f"loaded {args.method} from {args.checkpoint}")
     else:
         start = time.perf_counter()
@@ -243,8 +254,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"meta-trained {args.method} on {args.background} ({data.num_characters} characters): "
               f"{final}, {time.perf_counter() - start:.0f} s")
         if args.save is not None:
-            save_checkpoint(args.save, learner, method=args.method, profile=profile.name)
-            print(f"saved to {args.save}")
+            try:
+                save_checkpoint(args.save, learner, method=args.method, background=args.background,
+                                profile=profile.name)
+                print(f"saved to {args.save}")
+            except OSError as error:                     # e.g. a file put there meanwhile: it is kept
+                print(f"not saved: {error}; the evaluation goes on", file=sys.stderr)
 
     if runs is not None:
         errors = run_errors(learner, runs, sizes, device)

@@ -1,0 +1,58 @@
+"""Argument types for lowlearn's command lines (``python -m lowlearn.bench``, ``python -m lowlearn.eval``).
+
+Each is an ``argparse`` ``type=``: a bad value becomes the usual usage message that
+names the option and says what it takes, before anything runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1."""
+    return _int_at_least(text, 1)
+
+
+def natural_int(text: str) -> int:
+    """An integer of at least 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in (0, 1], such as a density."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
+
+
+def fractions(text: str) -> tuple[float, ...]:
+    """Comma-separated numbers in (0, 1], such as ``0.5,0.1``."""
+    return tuple(fraction(part) for part in text.split(","))
+
+
+def device(text: str) -> torch.device:
+    """A torch device that this machine has (``cpu``, ``cuda``, ``cuda:1``, ...)."""
+    try:
+        value = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; e.g. cpu or cuda") from None
+    if value.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} was asked for, but CUDA is not available here; use cpu")
+    return value

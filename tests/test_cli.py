@@ -1,0 +1,59 @@
+import argparse
+
+import pytest
+import torch
+
+from lowlearn import cli
+from lowlearn.bench import masks, powerprop, report, sparse
+
+
+def test_argument_types_take_good_values_and_explain_bad_ones():
+    assert cli.positive_int("3") == 3 and cli.natural_int("0") == 0
+    assert cli.fraction("1") == 1.0 and cli.fractions("0.5,0.1") == (0.5, 0.1)
+    assert cli.device("cpu") == torch.device("cpu")
+    for parse, text, message in ((cli.positive_int, "0", ">= 1"), (cli.positive_int, "2.5", "an integer"),
+                                 (cli.natural_int, "-1", ">= 0"), (cli.fraction, "0", r"\(0, 1\]"),
+                                 (cli.fraction, "x", r"\(0, 1\]"), (cli.fractions, "0.5,1.5", r"\(0, 1\]"),
+                                 (cli.device, "foo", "unknown device")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            parse(text)
+    if not torch.cuda.is_available():
+        with pytest.raises(argparse.ArgumentTypeError, match="CUDA is not available"):
+            cli.device("cuda")
+
+
+@pytest.mark.parametrize("main, options, message", [
+    (masks.main, ["--iterations", "0"], "argument --iterations: expected an integer >= 1"),
+    (masks.main, ["--repeats", "-2"], "argument --repeats: expected an integer >= 1"),
+    (masks.main, ["--density", "0"], r"argument --density: expected a number in (0, 1]"),
+    (masks.main, ["--device", "foo"], "argument --device: unknown device"),
+    (sparse.main, ["--densities", "0.5,x"], "argument --densities"),
+    (powerprop.main, ["--alpha", "0.5"], "--alpha: alpha must be a finite number >= 1"),
+])
+def test_benchmarks_refuse_bad_options_before_timing_anything(main, options, message, capsys):
+    with pytest.raises(SystemExit):
+        main(options)
+    assert message in capsys.readouterr().err
+
+
+def test_the_report_folder_is_checked_before_the_benchmarks_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "collect", lambda sizes, device: pytest.fail("the benchmarks ran"))
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    with pytest.raises(SystemExit, match="cannot use .*notes.txt as the report folder"):
+        report.main(["--out", str(taken), "--device", "cpu"])
+    assert taken.read_text() == "mine"
+
+
+def test_a_report_file_that_appears_while_the_benchmarks_run_is_kept(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "reports"
+
+    def collect(sizes, device):
+        out.mkdir(exist_ok=True)
+        (out / "benchmarks.md").write_text("the user's own report")
+        return []
+
+    monkeypatch.setattr(report, "collect", collect)
+    with pytest.raises(SystemExit, match="benchmarks.md"):
+        report.main(["--out", str(out), "--device", "cpu", "--quick"])
+    assert (out / "benchmarks.md").read_text() == "the user's own report"
