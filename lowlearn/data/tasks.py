@@ -69,13 +69,14 @@ class SinusoidTasks:
     ranges. A network trained on all tasks pooled learns about this curve.
 
     Args:
-        amplitude, phase, x_range: ``(low, high)`` ranges, each sampled uniformly.
+        amplitude, phase, x_range: ``(low, high)`` ranges, each sampled uniformly; an
+            amplitude or phase range with ``low == high`` is that fixed value.
     """
 
     def __init__(self, amplitude: Range = (0.1, 5.0), phase: Range = (0.0, math.pi),
                  x_range: Range = (-5.0, 5.0)):
-        self.amplitude = _check_range("amplitude", amplitude)
-        self.phase = _check_range("phase", phase)
+        self.amplitude = _check_range("amplitude", amplitude, fixed_ok=True)
+        self.phase = _check_range("phase", phase, fixed_ok=True)
         self.x_range = _check_range("x_range", x_range)
 
     def sample(self, batch: int, shots: int, queries: int, generator: torch.Generator | None = None,
@@ -205,11 +206,12 @@ def context_target_split(curves: Curves, num_context: int,
     return Curves(curves.x[rows, chosen], curves.y[rows, chosen]), curves
 
 
-def _check_range(name: str, bounds: Range) -> Range:
-    """``(low, high)`` as floats, or a ValueError unless low < high."""
+def _check_range(name: str, bounds: Range, *, fixed_ok: bool = False) -> Range:
+    """``(low, high)`` as floats, or a ValueError unless low < high (or, with ``fixed_ok``, low == high)."""
     low, high = (float(b) for b in bounds)
-    if not low < high:
-        raise ValueError(f"{name} must be a range (low, high) with low < high; got {tuple(bounds)}")
+    if not (low < high or (fixed_ok and low == high)):
+        allowed = "low <= high (equal for a fixed value)" if fixed_ok else "low < high"
+        raise ValueError(f"{name} must be a range (low, high) with {allowed}; got {tuple(bounds)}")
     return low, high
 
 

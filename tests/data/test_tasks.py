@@ -38,6 +38,10 @@ def test_sinusoid_curve_and_reproducibility():
 def test_sinusoid_validation():
     with pytest.raises(ValueError, match="amplitude must be a range"):
         SinusoidTasks(amplitude=(5.0, 0.1))
+    with pytest.raises(ValueError, match="x_range must be a range .* low < high"):
+        SinusoidTasks(x_range=(1.0, 1.0))
+    fixed = SinusoidTasks(phase=(0, 0)).sample(4, 3, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fixed.phase, torch.zeros(4))                   # a fixed phase, as the chapter's exercise asks
     with pytest.raises(ValueError, match="shots must be an int >= 1"):
         SinusoidTasks().sample(2, shots=0, queries=3)
 
