@@ -172,7 +172,7 @@ def task_batched(model: nn.Module) -> nn.Module:
             (batch norm with running statistics, layer norm, grouped convolutions,
             parametrized layers such as masks, ...), or parameter-free but not known to
             keep the tasks apart (softmax over the features, group norm without affine
-            parameters, ...; see :data:`PER_FEATURE`).
+            parameters, ...; the layers known to keep them apart are in ``PER_FEATURE``).
     """
     batched = _convert(model)
     if batched is model:

@@ -218,12 +218,12 @@ def set_masks(
     of the optimizer's state for ``θ`` that has ``θ``'s shape (SGD's momentum
     buffer, Adam's first and second moments, ...). Positions where the mask turns
     from zero to one therefore start at weight zero with fresh optimizer state.
+    Every mask is checked before any changes, so a refused call changes nothing.
 
     Raises:
         KeyError: ``name`` is not a masked layer (call :func:`attach_masks` first).
         ValueError: a mask of the wrong shape.
         TypeError: a mask that is not boolean.
-        All are raised before any mask changes.
     """
     layers = masked_layers(model)
     for name, mask in masks.items():
