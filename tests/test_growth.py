@@ -114,6 +114,8 @@ def test_the_optimizer_state_grows_with_the_weights(make):
     params = dict(model.named_parameters())
     assert {id(p) for group in optimizer.param_groups for p in group["params"]} == {id(p) for p in params.values()}
     for name, param in params.items():
+        kept_keys = {key for key, value in optimizer.state[param].items() if torch.is_tensor(value) and value.dim()}
+        assert kept_keys == set(old_state[name]) and kept_keys, name        # the state is kept, not dropped
         for key, value in optimizer.state[param].items():
             if torch.is_tensor(value) and value.dim():
                 assert value.shape == param.shape

@@ -20,6 +20,10 @@ def test_mean_and_spread_uses_the_sample_std():
 def test_figures_draw_their_data():
     ax = plot.errorbar_curve([1, 10, 100], [[0.5, 0.6, 0.7], [0.7, 0.6, 0.5]], logx=True)
     assert ax.get_xscale() == "log"
+    assert ax.lines[0].get_xdata().tolist() == [1, 10, 100]
+    assert ax.lines[0].get_ydata() == pytest.approx([0.6, 0.6, 0.6])                  # the mean over runs
+    bars = ax.containers[0].lines[2][0].get_segments()                                # the error bars: ± std
+    assert [segment[1, 1] - segment[0, 1] for segment in bars] == pytest.approx([2 * 0.02 ** 0.5, 0.0, 2 * 0.02 ** 0.5])
     hist = History(steps=[1, 2], loss=[1.0, 0.5], eval_steps=[2], eval=[{"accuracy": 0.9}])
     loss_ax, acc_ax = plot.plot_history(hist)
     assert loss_ax.lines[0].get_ydata().tolist() == [1.0, 0.5]

@@ -19,3 +19,16 @@ def test_each_model_trains_in_a_process_of_its_own_under_both_settings(capsys):
 def test_a_worker_in_this_process_reports_time_and_faults():
     result = bench.worker("dense", retain=False, batch_size=4, iterations=2, repeats=1, warmup=1)
     assert result["seconds"] > 0 and result["faults"] >= 0
+
+
+def test_every_model_runs_once_per_round_under_each_setting(monkeypatch):
+    calls = []
+
+    def in_new_process(model, retain, threads, **sizes):
+        calls.append((model, retain))
+        return {"seconds": 1.0, "faults": 0.0}
+
+    monkeypatch.setattr(bench, "in_new_process", in_new_process)
+    bench.run(rounds=2, batch_size=4, iterations=1, repeats=1, warmup=1)
+    assert sorted(calls) == sorted((model, retain) for model in bench.MODELS for retain in (False, True)
+                                   for _ in range(2))

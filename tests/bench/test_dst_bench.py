@@ -1,19 +1,29 @@
+import copy
+
 import torch
 
 from lowlearn.bench import dst
-from lowlearn.sparse.mask import density
+from lowlearn.sparse.mask import density, masks_of
 
 
 def test_every_method_trains_its_own_model():
     steps = dst.build_steps(density=0.2, batch_size=4, every=2, device=torch.device("cpu"))
     assert list(steps) == list(dst.METHODS)
+    models = {name: model for name, (_, model) in steps.items()}
+    assert len({id(model) for model in models.values()}) == len(models)
+    start = {name: copy.deepcopy(model.state_dict()) for name, model in models.items()}
+    masks = {name: masks_of(model) for name, model in models.items()}
     for step, _ in steps.values():
         for _ in range(3):
             step()
-    models = {name: model for name, (_, model) in steps.items()}
     assert density(models["dense"]) == 1.0
-    for name in dst.METHODS[1:]:
-        assert abs(density(models[name]) - 0.2) < 0.01, name
+    for name, model in models.items():
+        assert any(not torch.equal(value, start[name][key]) for key, value in model.state_dict().items()), name
+        if name == "dense":
+            continue
+        assert abs(density(model) - 0.2) < 0.01, name
+        changed = any(not torch.equal(mask, masks[name][layer]) for layer, mask in masks_of(model).items())
+        assert changed == (name != "static"), name                  # an update at step 2 for the dynamic ones
 
 
 def test_dst_benchmark_prints_ratios_to_dense_and_static(capsys):

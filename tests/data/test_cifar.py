@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lowlearn.data import cifar
-from lowlearn.data.cache import DataError, sha256_of
+from lowlearn.data.cache import ChecksumError, DataError, sha256_of
 from lowlearn.data.cifar import (
     CIFAR10_CLASSES,
     CIFAR10_MEAN,
@@ -135,6 +135,16 @@ def fake_cifar(root: Path, monkeypatch, names=BATCH_NAMES) -> dict[str, tuple[np
     verified = dataclasses.replace(cifar.CIFAR10_RESOURCE, sha256=sha256_of(path))
     monkeypatch.setattr(cifar, "CIFAR10_RESOURCE", verified)
     return batches
+
+
+def test_load_cifar10_refuses_an_archive_with_the_wrong_checksum(tmp_path, monkeypatch):
+    fake_cifar(tmp_path, monkeypatch)
+    path = cifar.CIFAR10_RESOURCE.path(tmp_path)
+    before = path.read_bytes()
+    monkeypatch.setattr(cifar, "CIFAR10_RESOURCE", dataclasses.replace(cifar.CIFAR10_RESOURCE, sha256="0" * 64))
+    with pytest.raises(ChecksumError):
+        load_cifar10(root=tmp_path, download=False)
+    assert path.read_bytes() == before
 
 
 def test_load_cifar10(tmp_path, monkeypatch):

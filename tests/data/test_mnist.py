@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lowlearn.data import mnist
-from lowlearn.data.cache import DataError, DatasetNotFoundError, sha256_of
+from lowlearn.data.cache import ChecksumError, DataError, DatasetNotFoundError, sha256_of
 from lowlearn.data.mnist import MNIST_RESOURCES, load_mnist, read_idx
 
 IDX_CODES = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B,
@@ -101,6 +101,17 @@ def fake_mnist(root: Path, monkeypatch, n_train=6, n_test=4, n_test_labels=None)
         resources.append(dataclasses.replace(resource, sha256=sha256_of(path)))
     monkeypatch.setattr(mnist, "MNIST_RESOURCES", tuple(resources))
     return arrays
+
+
+def test_load_mnist_refuses_a_file_with_the_wrong_checksum(tmp_path, monkeypatch):
+    fake_mnist(tmp_path, monkeypatch)
+    first = mnist.MNIST_RESOURCES[0]
+    before = first.path(tmp_path).read_bytes()
+    monkeypatch.setattr(mnist, "MNIST_RESOURCES", (dataclasses.replace(first, sha256="0" * 64),
+                                                   *mnist.MNIST_RESOURCES[1:]))
+    with pytest.raises(ChecksumError):
+        load_mnist(root=tmp_path, download=False)
+    assert first.path(tmp_path).read_bytes() == before
 
 
 def test_load_mnist(tmp_path, monkeypatch):

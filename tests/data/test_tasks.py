@@ -60,6 +60,8 @@ def test_gp_covariance_matches_the_kernel():
     y = gp.sample(4000, x=x, generator=torch.Generator().manual_seed(0)).y[..., 0].double()  # (4000, 5)
     empirical = y.T @ y / y.shape[0]  # the process has mean zero
     expected = gp.kernel(x.double()[None])[0]
+    by_hand = 1.5 ** 2 * torch.exp(-(x.double() - x.double().T) ** 2 / (2 * 0.4 ** 2)) + gp.noise ** 2 * torch.eye(5)
+    assert torch.allclose(expected, by_hand.double(), rtol=1e-12)   # the squared-exponential kernel, written out
     assert expected[0, 1] > 1.5 and expected[0, 4] < 1e-3  # both near and far pairs are checked
     assert torch.allclose(empirical, expected, atol=0.1 * gp.scale ** 2)
 

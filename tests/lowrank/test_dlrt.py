@@ -227,3 +227,52 @@ def test_training_memory_counts_the_factor_moments_and_the_dense_optimizer():
     adam = sum(t.nbytes for s in dense.state.values() for t in s.values())
     assert moments == 2 * 4 * (784 * 2 + 8 * 2 + 2 * 2) and adam > 0
     assert training_memory(model, dlrt, batch, F.cross_entropy).optimizer_state == moments + adam
+
+
+def _dense_gradient(W, x, y):
+    """∂L/∂W of the mean-squared error of x Wᵀ against y, by autograd on a dense W."""
+    W = W.detach().requires_grad_()
+    return torch.autograd.grad(F.mse_loss(x @ W.T, y), W)[0]
+
+
+@pytest.mark.parametrize("tol", [None, 0.3])
+def test_one_step_is_the_k_l_and_s_steps_of_the_paper(tol):
+    """Schotthöfer et al. (2022), Algorithm 1, written out with a dense ∂L/∂W in float64."""
+    torch.manual_seed(0)
+    layer = LowRankLinear(7, 6, 2, bias=False).double()
+    model = nn.Sequential(layer)
+    x, y = torch.randn(16, 7, dtype=torch.float64), torch.randn(16, 6, dtype=torch.float64)
+    lr = 0.5
+    U, S, V = (t.detach().clone() for t in (layer.U, layer.S, layer.V))
+    G = _dense_gradient(U @ S @ V.T, x, y)
+    K1, L1 = U @ S - lr * G @ V, V @ S.T - lr * G.T @ U                     # K- and L-steps
+    if tol is None:
+        U1, V1 = torch.linalg.qr(K1).Q, torch.linalg.qr(L1).Q
+    else:                                                                     # augmented bases, rank 2r
+        U1, V1 = torch.linalg.qr(torch.cat([K1, U], 1)).Q, torch.linalg.qr(torch.cat([L1, V], 1)).Q
+    S_tilde = (U1.T @ U) @ S @ (V1.T @ V).T                                   # S̃ = M S Nᵀ
+    S1 = S_tilde - lr * U1.T @ _dense_gradient(U1 @ S_tilde @ V1.T, x, y) @ V1   # S-step
+    expected = U1 @ S1 @ V1.T
+    if tol is not None:                                                       # truncation
+        P, sigma, Qh = torch.linalg.svd(S1)
+        r = max(1, int((sigma.flip(0).square().cumsum(0).flip(0).sqrt() > tol * sigma.norm()).sum()))
+        expected = U1 @ P[:, :r] @ torch.diag(sigma[:r]) @ Qh[:r] @ V1.T
+        assert 0 < r < S1.shape[0]                                            # the truncation did something
+    dlrt = DLRT(model, lr=lr, tol=tol)
+    regression_steps(model, dlrt, x, y, 1)
+    assert torch.allclose(layer.matrix(), expected, rtol=1e-10, atol=1e-12)
+    assert layer.rank == (2 if tol is None else r)
+
+
+def test_dense_parameters_take_the_plain_gradient_step_of_the_s_step_pass():
+    torch.manual_seed(0)
+    model = to_low_rank(MLP(in_features=10, hidden=(8,), out_features=3), ["1"], rank=2).double()
+    x, y = torch.randn(12, 10, dtype=torch.float64), torch.randint(0, 3, (12,))
+    dense = dense_parameters(model)
+    before = [p.detach().clone() for p in dense]
+    dlrt = DLRT(model, lr=0.3)
+    dlrt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    dlrt.step(lambda: F.cross_entropy(model(x), y))
+    for p, start in zip(dense, before):                   # p.grad: the gradient of the S-step pass
+        assert p.grad.abs().sum() > 0 and torch.allclose(p, start - 0.3 * p.grad, rtol=1e-12, atol=1e-14)

@@ -233,5 +233,18 @@ def test_per_layer_ranks_and_input_gradients_only_when_needed():
     assert {name: layer.rank for name, layer in low_rank_layers(model).items()} == {"features.0": 3,
                                                                                     "classifier.1": 7}
     x = torch.randn(2, 1, 28, 28)                       # no gradient needed for the input
-    model(x).sum().backward()
+    real_conv2d_input = torch.nn.grad.conv2d_input
+
+    def conv2d_input(*args, **kwargs):                  # the first layer's input gradient: never needed here
+        raise AssertionError("computed the gradient of an input that needs none")
+
+    torch.nn.grad.conv2d_input = conv2d_input
+    try:
+        model(x).sum().backward()
+    finally:
+        torch.nn.grad.conv2d_input = real_conv2d_input
     assert all(p.grad is not None for layer in low_rank_layers(model).values() for p in (layer.U, layer.S, layer.V))
+    model.zero_grad()
+    x.requires_grad_()                                  # ... and computed when it is
+    model(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -24,6 +24,15 @@ def test_the_representation_is_the_mean_of_the_encoded_pairs_and_the_std_is_boun
     torch.testing.assert_close(cnp.represent(cx, cy), expected)
     prediction = cnp(cx, cy, tx)
     assert prediction.mean.shape == (6, 3) and (prediction.stddev >= 0.2).all()
+    # σ = σ_min + (1 − σ_min) softplus(raw), raw the decoder's second half; a very negative raw gives σ_min.
+    r = cnp.represent(cx, cy).expand(6, -1)
+    raw = cnp.decoder(torch.cat([r, tx], -1))[:, 3:]
+    torch.testing.assert_close(prediction.stddev, 0.2 + 0.8 * torch.nn.functional.softplus(raw))
+    with torch.no_grad():
+        last = cnp.decoder[-1]
+        last.weight[3:].zero_()
+        last.bias[3:].fill_(-1e3)
+    assert torch.equal(cnp(cx, cy, tx).stddev, torch.full((6, 3), 0.2))
 
 
 def test_training_on_gp_curves_raises_the_likelihood_and_the_std_shrinks_at_the_context():

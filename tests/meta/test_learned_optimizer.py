@@ -28,6 +28,15 @@ def test_the_lstm_is_coordinate_wise():
     single, _ = net(grad[3:4], net.initial_state(1, grad))
     assert torch.allclose(single, update[3:4])
     assert all(torch.allclose(a[perm], b) for (a, _), (b, _) in zip(state, p_state))
+    # ... also later, through the hidden state each coordinate carries on: no coordinate sees another's.
+    states = {"all": net.initial_state(7, grad), "permuted": net.initial_state(7, grad),
+              "alone": net.initial_state(1, grad)}
+    for _ in range(3):
+        grad = torch.randn(7)
+        update, states["all"] = net(grad, states["all"])
+        p_update, states["permuted"] = net(grad[perm], states["permuted"])
+        single, states["alone"] = net(grad[3:4], states["alone"])
+        assert torch.allclose(p_update, update[perm], atol=1e-7) and torch.allclose(single, update[3:4], atol=1e-7)
 
 
 def test_meta_training_lowers_the_loss_on_quadratics():

@@ -9,7 +9,7 @@ from torch import nn
 from lowlearn.cost import saved_tensor_bytes
 from lowlearn.data.episodes import random_episodes
 from lowlearn.data.tasks import RegressionBatch, SinusoidTasks
-from lowlearn.meta import ANIL, MAML, MetaSGD, Reptile, head_names
+from lowlearn.meta import ANIL, MAML, MetaSGD, Reptile, head_names, run
 from lowlearn.meta.episodic import meta_train
 from lowlearn.models import MLP, Conv4
 
@@ -35,10 +35,10 @@ def fine_tuned(model, x, y, lr, steps):
     return tuned
 
 
-def higher_meta_gradient(model, tasks, inner_lr, steps, loss_fn, first_order=False):
-    """The reference: the same meta-gradient computed with higher's differentiable SGD."""
+def higher_meta_gradient(model, tasks, inner_lr, steps, loss_fn, first_order=False, adapted=None):
+    """The reference: the same meta-gradient computed with higher's differentiable SGD (over ``adapted`` only)."""
     model.zero_grad()
-    inner = torch.optim.SGD(model.parameters(), lr=inner_lr)
+    inner = torch.optim.SGD(model.parameters() if adapted is None else adapted(model), lr=inner_lr)
     count = tasks.support_x.shape[0]
     for j in range(count):
         with higher.innerloop_ctx(model, inner, copy_initial_weights=False,
@@ -97,8 +97,12 @@ def test_anil_adapts_only_the_head_and_matches_higher_on_it():
     params = anil.adapt(tasks.support_x[0], tasks.support_y[0])
     for name, p in model.named_parameters():
         assert (params[name] is p) == (not name.startswith("head"))
+    reference = higher_meta_gradient(copy.deepcopy(model), tasks, 0.4, 2, F.cross_entropy,
+                                     adapted=lambda m: m.head.parameters())
     anil.meta_backward(tasks)
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    for (name, p), ref in zip(model.named_parameters(), reference):      # second order through the head's steps
+        assert torch.allclose(p.grad, ref, rtol=1e-8, atol=1e-12), name
+        assert ref.abs().sum() > 0, name
 
 
 def test_meta_sgd_learning_rates_receive_gradients_and_are_used():
@@ -115,6 +119,28 @@ def test_meta_sgd_learning_rates_receive_gradients_and_are_used():
     a = metasgd.adapt(tasks.support_x[0], tasks.support_y[0])
     b = maml.adapt(tasks.support_x[0], tasks.support_y[0])
     assert all(torch.allclose(a[n], b[n]) for n in a)
+    # Rates that differ per element: θ' = θ − α ⊙ ∇L_support, and ∂L_query/∂α = −∇L_query(θ') ⊙ ∇L_support(θ).
+    with torch.no_grad():
+        for rate in metasgd.lrs:
+            rate.uniform_(0.005, 0.02, generator=torch.Generator().manual_seed(1))
+    metasgd.zero_grad()
+    metasgd.meta_backward(tasks)
+    params = dict(model.named_parameters())
+    expected = {name: torch.zeros_like(p) for name, p in params.items()}
+    rates = dict(zip(metasgd.adapt_names, metasgd.lrs))
+    for j in range(3):
+        support = torch.autograd.grad(F.mse_loss(run(model, params, tasks.support_x[j]), tasks.support_y[j]),
+                                      list(params.values()))
+        adapted = {name: (p - rates[name] * g).detach().requires_grad_()
+                   for (name, p), g in zip(params.items(), support)}
+        assert all(torch.allclose(metasgd.adapt(tasks.support_x[j], tasks.support_y[j])[name], adapted[name])
+                   for name in adapted)
+        query = torch.autograd.grad(F.mse_loss(run(model, adapted, tasks.query_x[j]), tasks.query_y[j]),
+                                    list(adapted.values()))
+        for (name, g_s), g_q in zip(zip(params, support), query):
+            expected[name] -= g_q * g_s / 3
+    for name, rate in rates.items():
+        assert torch.allclose(rate.grad, expected[name], rtol=1e-8, atol=1e-14), name
 
 
 def test_meta_sgd_evaluation_keeps_no_graph_through_the_learned_rates():

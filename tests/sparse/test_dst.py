@@ -153,12 +153,19 @@ def test_no_update_after_end(method):
     model = small_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sparsifier = make(method, model, optimizer, end=20, every=5)
+    update, calls = sparsifier.update, []
+
+    def recorded_update(fraction):
+        calls.append(sparsifier.steps)
+        return update(fraction)
+
+    sparsifier.update = recorded_update
     data = batches(40)
     train(model, optimizer, sparsifier, data[:20])
     at_end = masks_of(model)
     train(model, optimizer, sparsifier, data[20:])
     assert all(torch.equal(at_end[n], m) for n, m in masks_of(model).items())
-    assert sparsifier.steps == 40
+    assert sparsifier.steps == 40 and calls == [5, 10, 15, 20]      # every ΔT up to T_end, none after it
 
 
 def test_static_masks_never_change():
@@ -283,6 +290,33 @@ def test_snfs_shares_growth_by_mean_momentum():
     assert sparsifier.active["1"] == before["1"] - dropped["1"] + sum(dropped.values())
     assert sparsifier.active["3"] == before["3"] - dropped["3"]
     assert sum(sparsifier.active.values()) == sum(before.values())
+
+
+def test_snfs_momentum_is_the_smoothed_dense_gradient_and_growth_takes_its_largest_inactive_entries():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)             # lr 0: the weights stay put
+    sparsifier = SNFS(model, optimizer, 0.4, end=1000, every=1000, distribution="uniform", beta=0.7)
+    mask = masks_of(model)["0"]
+    theta = raw_weight(model[0]).detach().clone()
+    expected = torch.zeros_like(theta)
+    for step in range(3):                                               # M_t = β M_{t−1} + ∂L/∂w
+        x, y = torch.randn(7, 6), torch.randint(0, 5, (7,))
+        w = (theta * mask).requires_grad_()
+        F.cross_entropy(F.linear(x, w, model[0].bias), y).backward()
+        expected = 0.7 * expected + w.grad
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        sparsifier.step()
+    assert torch.allclose(sparsifier.momentum["0"], expected, rtol=1e-6, atol=1e-8)
+    sparsifier.update(0.25)                                             # one layer: it regrows all it dropped
+    drop = theta.abs().masked_fill(~mask, float("inf")).flatten().topk(3, largest=False).indices
+    grow = expected.abs().masked_fill(mask, -1.0).flatten().topk(3).indices
+    kept = mask.flatten().clone()
+    kept[drop] = False
+    kept[grow] = True
+    assert torch.equal(masks_of(model)["0"].flatten(), kept)
 
 
 def test_share_by_hand():

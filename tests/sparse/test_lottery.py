@@ -294,12 +294,26 @@ def test_random_mask_has_the_tickets_counts_and_the_original_initialisation(draw
 def test_train_control_trains_at_the_tickets_per_layer_counts(drawn, control):
     model, lottery = drawn
     fresh = mlp(seed=7)  # no masks: train_control attaches them to its copy
-    result = train_control(fresh, lottery, 2, make_train(steps=5), control, seed=1)
+    log = []
+    result = train_control(fresh, lottery, 2, make_train(steps=5, log=log), control, seed=1)
     ticket = lottery.rounds[2]
     assert result.index == 2 and not masked_layers(fresh)
     assert result.layer_densities == ticket.layer_densities and result.density == ticket.density
     same = all(torch.equal(result.masks[n], ticket.masks[n]) for n in ticket.masks)
     assert same == (control != "random_mask")
+    # It trained the control's own start: the ticket, changed by the control function with the same seed.
+    expected, _, state = ticket_net(drawn)
+    changes = {"reinit": lambda: random_reinit(expected, 1), "reshuffle": lambda: reshuffle(expected, state, 1),
+               "constant": lambda: constant_init(expected, state),
+               "random_mask": lambda: random_mask(expected, state, 1)}
+    if control is not None:
+        changes[control]()
+    start = log[0]["start"]
+    assert all(torch.equal(start[key], value) for key, value in expected.state_dict().items())
+    kept = log[0]["masks"]                   # the initial values at the kept weights: changed by the first three
+    moved = any(not torch.equal(start[f"{name}.parametrizations.weight.original"][mask], initial(state, name)[mask])
+                for name, mask in kept.items())
+    assert moved == (control in ("reinit", "reshuffle", "constant"))
 
 
 def test_train_control_of_the_ticket_itself_reproduces_its_round(drawn):

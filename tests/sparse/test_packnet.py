@@ -117,6 +117,7 @@ def test_released_weights_are_reinitialised_so_powerprop_can_train_them():
     packnet = PackNet(model, seed=4)
     packnet.start_task()
     train(model, task_data(1))
+    trained = {name: raw_weight(layer).detach().clone() for name, layer in prunable_layers(model).items()}
     packnet.assign(0.2)
     for name, layer in prunable_layers(model).items():
         free = packnet.owner[name] == 0
@@ -124,6 +125,8 @@ def test_released_weights_are_reinitialised_so_powerprop_can_train_them():
         theta = phi * phi.abs() ** 2
         bound = 1 / phi.shape[1] ** 0.5
         assert (theta[free].abs() <= bound + 1e-6).all() and (theta[free] != 0).all()
+        assert (phi[free] != trained[name][free]).all()                   # drawn afresh, not the trained values
+        assert torch.equal(phi[~free], trained[name][~free])
 
 
 def test_bad_input_and_state_dict():
@@ -143,3 +146,27 @@ def test_bad_input_and_state_dict():
     other = PackNet(small_mlp(3))
     other.load_state_dict(packnet.state_dict())
     assert other.tasks == 1 and all(torch.equal(other.owner[n], o) for n, o in packnet.owner.items())
+
+
+def test_one_momentum_optimizer_across_tasks_never_moves_an_earlier_tasks_weights():
+    # The momentum of task 1's training would keep moving its weights in task 2: start_task and assign zero it.
+    model = small_mlp()
+    packnet = PackNet(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    packnet.start_task(optimizer)
+    x, y = task_data(1)
+    for _ in range(10):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    packnet.assign(0.4, optimizer)
+    frozen = {name: raw_weight(layer).detach().clone() for name, layer in prunable_layers(model).items()}
+    packnet.start_task(optimizer)
+    x, y = task_data(2)
+    for _ in range(5):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    for name, layer in prunable_layers(model).items():
+        owned = packnet.owner[name] == 1
+        assert torch.equal(raw_weight(layer).detach()[owned], frozen[name][owned]), name
