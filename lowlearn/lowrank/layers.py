@@ -167,8 +167,9 @@ class LowRankLayer(nn.Module):
             raise ValueError("give exactly one of rank= and tol= (a fixed rank, or a relative tolerance ϑ)")
         self.r_max = check_rank(r_max if r_max is not None else min(n, m), n, m, "r_max")
         U, sigma, Vh = torch.linalg.svd(weight.detach().reshape(n, m).double(), full_matrices=False)
-        r = check_rank(rank, n, m) if rank is not None else truncation_rank(sigma, tol)
-        r = min(r, self.r_max)
+        if rank is not None and check_rank(rank, n, m) > self.r_max:
+            raise ValueError(f"rank {rank} is above r_max = {self.r_max}: give a rank of at most r_max")
+        r = rank if rank is not None else min(truncation_rank(sigma, tol), self.r_max)   # ϑ's rank, capped
         dtype = weight.dtype
         self.U = nn.Parameter(U[:, :r].to(dtype).contiguous())
         self.S = nn.Parameter(torch.diag(sigma[:r]).to(dtype))
@@ -246,8 +247,8 @@ class LowRankLinear(LowRankLayer):
         bias: learn an additive bias (a dense parameter).
 
     Raises:
-        ValueError: a rank outside [1, min(n, m)], ``ϑ`` outside [0, 1), or both or
-            neither of ``rank`` and ``tol``.
+        ValueError: a rank outside [1, min(n, m)] or above ``r_max``, ``ϑ`` outside
+            [0, 1), or both or neither of ``rank`` and ``tol``.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int | None = None, *, tol: float | None = None,

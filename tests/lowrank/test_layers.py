@@ -196,6 +196,9 @@ def test_bad_input():
     for bad in (0, 5, 2.0):
         with pytest.raises(ValueError, match=r"rank must be an integer from 1 to min\(n, m\) = 4"):
             LowRankLinear(5, 4, bad)
+    with pytest.raises(ValueError, match="rank 3 is above r_max = 2"):
+        LowRankLinear(5, 4, 3, r_max=2)
+    assert LowRankLinear(5, 4, tol=0.0, r_max=2).rank == 2             # a tolerance's rank is capped at r_max
     with pytest.raises(ValueError, match="exactly one of rank= and tol="):
         LowRankLinear(5, 4)
     with pytest.raises(ValueError, match="exactly one of rank= and tol="):
