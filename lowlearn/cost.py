@@ -279,16 +279,29 @@ def training_memory(
 
 
 def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the tensors in ``optimizer.state`` and in the state of an optimizer it holds as ``.optimizer``.
+    """Bytes of the tensors in ``optimizer.state`` (also inside lists and dicts) and in the state of an
+    optimizer it holds as ``.optimizer``.
 
     (DLRT's optimizer of the dense parameters; :class:`~lowlearn.powerprop.PowerPropOptimizer`
     shows the state of the optimizer it wraps as its own.) Each tensor counts once.
     """
     tensors = {}
     for holder in (optimizer, getattr(optimizer, "optimizer", None)):
-        for state in getattr(holder, "state", {}).values():
-            tensors.update((id(value), value) for value in state.values() if isinstance(value, torch.Tensor))
+        for state in getattr(holder, "state", {}).values():      # leaves: also tensors in lists (L-BFGS' history)
+            tensors.update((id(tensor), tensor) for tensor in _tensors_in(state))
     return sum(value.nbytes for value in tensors.values())
+
+
+def _tensors_in(value: object) -> Iterator[torch.Tensor]:
+    """The tensors in ``value``, a tensor or dicts, lists and tuples of them (other values skipped)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_in(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors_in(item)
 
 
 class SavedTensors:
@@ -298,7 +311,8 @@ class SavedTensors:
         bytes: bytes of the distinct storages saved inside the block that are still held
             by a graph now (a backward pass that frees its graph lowers it again).
         peak: the largest ``bytes`` seen so far.
-        tensors: how many times a tensor was saved (a storage saved twice counts twice).
+        tensors: how many times a tensor whose storage is not excluded was saved (a
+            storage saved twice counts twice).
     """
 
     def __init__(self) -> None:

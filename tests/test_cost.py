@@ -231,6 +231,31 @@ def test_adam_state_is_two_moments_and_a_step_counter():
     assert report.optimizer_state == 2 * param_bytes(model) + 4 * n_tensors
 
 
+def test_optimizer_state_in_lists_counts_too():
+    # L-BFGS keeps its history as lists of tensors in its state.
+    model = nn.Linear(10, 2)
+    x, y = torch.randn(8, 10), torch.randint(0, 2, (8,))
+    optimizer = torch.optim.LBFGS(model.parameters(), history_size=3)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        optimizer.step(closure)
+    expected = set()
+    for state in optimizer.state.values():
+        for value in state.values():
+            for tensor in value if isinstance(value, list) else [value]:
+                if isinstance(tensor, torch.Tensor):
+                    expected.add((id(tensor), tensor.nbytes))
+    assert any(isinstance(v, list) and v for state in optimizer.state.values() for v in state.values())
+    report = training_memory(model, optimizer, (x, y), nn.functional.cross_entropy)
+    assert report.optimizer_state == sum(nbytes for _, nbytes in expected) > 0
+
+
 def test_memory_changes_nothing():
     torch.manual_seed(0)
     model = Conv4().train()

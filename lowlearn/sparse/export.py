@@ -65,6 +65,11 @@ class _CSRWeight(nn.Module):
         return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values, self.shape,
                                        check_invariants=False)
 
+    def count_macs(self, output: Tensor) -> int:
+        """Multiply-accumulates that produced ``output``: one per stored weight and output position
+        (:func:`lowlearn.cost.count_flops`)."""
+        return self.values.numel() * (output.numel() // self.shape[0])
+
 
 class CSRLinear(_CSRWeight):
     """``y = x Wᵀ + b`` with ``W`` stored in CSR: ``W @ xᵀ`` skips the zeros.
@@ -140,11 +145,16 @@ class SemiStructuredLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
+        self.in_features = linear.in_features
         self.register_buffer("weight", torch.sparse.to_sparse_semi_structured(linear.weight.detach()))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    def count_macs(self, output: Tensor) -> int:
+        """Multiply-accumulates that produced ``output``: half the dense layer's (two of every four weights)."""
+        return output.numel() * self.in_features // 2
 
 
 def semi_structured_unavailable(layer: nn.Linear) -> str | None:

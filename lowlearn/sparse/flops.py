@@ -125,6 +125,11 @@ def model_sparse_flops(model: nn.Module, example_input: torch.Tensor, *,
     ``example_input`` (a batch on the model's device), the densities from
     :func:`~lowlearn.sparse.mask.layer_densities`; layers without masks count
     dense. Multiply by 3 (:func:`sparse_training_flops`) for a training step.
+
+    Raises:
+        KeyError: a masked layer whose FLOPs :func:`~lowlearn.cost.count_flops` does not
+            count (it counts ``nn.Linear``, ``nn.Conv2d`` and layers with ``count_macs``
+            that the example runs through).
     """
     return sparse_inference_flops(count_flops(model, example_input), layer_densities(model),
                                   relative_to_dense=relative_to_dense)

@@ -190,3 +190,19 @@ def test_unknown_format_is_a_clear_error():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         export(pruned_mlp(), "csr")                 # no beta-state warning leaks out
+
+
+def test_an_exported_model_counts_the_macs_of_its_stored_weights():
+    from lowlearn.cost import count_flops
+    from lowlearn.sparse.flops import model_sparse_flops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    prune(model, scores.magnitude(model), 0.2)
+    x = torch.randn(2, 3, 6, 6)
+    exported = export(model, "csr")
+    assert isinstance(exported[0], CSRConv2d) and isinstance(exported[3], CSRLinear)
+    kept = {name: int(layer.weight.count_nonzero()) for name, layer in (("0", model[0]), ("3", model[3]))}
+    count = count_flops(exported, x)
+    assert count.per_layer == {"0": kept["0"] * 6 * 6, "3": kept["3"]}
+    assert count.total == model_sparse_flops(model, x)
