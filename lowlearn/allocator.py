@@ -21,10 +21,10 @@ counted about 100 faults per step for a masked and for a Powerprop LeNet-300-100
 :func:`retain_freed_memory` fixes both thresholds for the process (glibc's
 ``mallopt``), so freed blocks stay in the heap and are reused, and the faults stop.
 Whether that makes training faster depends on the machine and the model, and the
-same benchmark times each model under both settings: for the course's CPU report
-(``reports/cpu``, one thread) the masked and the Powerprop networks' steps took
-11% and 9% less time with freed memory retained, and the dense one's 9% more.
-Measure before adopting it. The price is that the process keeps
+same benchmark times each model under both settings (the course's CPU report,
+``reports/cpu``, has its rows: on one thread there, retaining freed memory made the
+masked and the Powerprop networks' steps faster and the dense one's slower, by
+amounts that vary from run to run). Measure before adopting it. The price is that the process keeps
 up to ``trim_threshold`` bytes of freed memory instead of returning it. PyTorch's
 performance tuning guide recommends another allocator (jemalloc or tcmalloc, through
 ``LD_PRELOAD``) for the same reason; glibc's environment variables

@@ -4,10 +4,13 @@ Every chapter runs in three sizes, chosen by the environment variable
 ``LOWLEARN_PROFILE``:
 
 ``smoke``
-    Seconds per chapter. Continuous integration and ``pytest --nbval-lax`` use it:
-    the same code path as the real experiments, on tiny sizes.
+    Seconds per chapter. Continuous integration uses it (``.ci/run`` sets
+    ``LOWLEARN_PROFILE=smoke`` for ``pytest --nbval-lax``): the same code path as the
+    real experiments, on tiny sizes.
 ``cpu``
-    Minutes per chapter on a laptop CPU, with offline data (MNIST-5k, digits).
+    Minutes per chapter on a laptop CPU, with small data: MNIST-5k and MNIST-1D
+    (shipped in Python packages) and Omniglot's small background sets (downloaded
+    once, a few MB).
     The default when no CUDA device is present.
 ``gpu``
     The full experiments (MNIST, CIFAR-10, Omniglot at paper scale), minutes per

@@ -7,6 +7,7 @@
   ("learning to learn by gradient descent by gradient descent").
 * :mod:`~lowlearn.meta.metric`: Prototypical Networks and Matching Networks.
 * :mod:`~lowlearn.meta.cnp`: Conditional Neural Processes.
+* :mod:`~lowlearn.meta.episodic`: meta-training loops and per-episode evaluation.
 """
 
 from .cnp import CNP

@@ -14,6 +14,7 @@
 * :mod:`~lowlearn.sparse.topkast`: Top-KAST.
 * :mod:`~lowlearn.sparse.packnet`: continual learning, each task owning a sparse subset of the weights.
 * :mod:`~lowlearn.sparse.flops`: the FLOPs of sparse models.
+* :mod:`~lowlearn.sparse.export`: sparse execution for inference (CSR, 2:4, compacted channels).
 
 The submodules are the public interface; the most used names are re-exported here.
 """
