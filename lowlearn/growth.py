@@ -221,7 +221,7 @@ def grow(model: nn.Sequential, layer: int, k: int, strategy: str = "gradmax", *,
             GradMax without a batch, splitting more units than the layer has, or a
             pair of layers growth does not support.
     """
-    if not isinstance(k, int) or k <= 0:
+    if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
         raise ValueError(f"k must be a positive number of units; got {k!r}")
     _check_strategy(strategy)
     grown, consumer = layer_pair(model, layer)

@@ -85,9 +85,12 @@ def buffers_restored(model: nn.Module) -> Iterator[None]:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's (CPU and CUDA) random number generators."""
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) random number generators.
+
+    NumPy takes seeds in ``0 .. 2**32 − 1`` only; it gets ``seed`` modulo ``2**32``.
+    """
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
@@ -296,6 +299,7 @@ def fit(
 
     def run_eval(step: int) -> None:
         nonlocal eval_time
+        _sync(device)                   # the training steps queued on a GPU count as training, not evaluation
         t0 = time.perf_counter()
         history.eval_steps.append(step)
         history.eval.append(evaluate(model, eval_data, loss_fn=loss_fn, device=device, bf16=bf16))
@@ -369,8 +373,11 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean loss and accuracy of ``model`` on ``data``, in eval mode.
 
-    Accuracy is reported for integer class targets; for other targets (e.g.
-    regression) only the loss is returned. The model's train/eval mode is restored.
+    Accuracy is reported for integer class targets, as the fraction of target entries
+    predicted right: the class dimension is 1 where the outputs have the targets' shape
+    with it inserted there (``F.cross_entropy``'s layout, e.g. ``(N, C, L)`` for ``(N, L)``),
+    else the last. For other targets (e.g. regression) only the loss is returned. The
+    model's train/eval mode is restored.
     """
     device = torch.device(device) if device is not None else default_device()
     x, y = _as_tensors(data, device)
@@ -383,10 +390,11 @@ def evaluate(
                 out = model(xb)
             total_loss += loss_fn(out.float(), yb) * len(xb)
             if classify:
-                correct += (out.argmax(-1) == yb).sum()
+                classes = 1 if out.dim() > 2 and out.shape[2:] == yb.shape[1:] else -1
+                correct += (out.argmax(classes).reshape(yb.shape) == yb).sum()
     metrics = {"loss": total_loss.item() / len(x)}
     if classify:
-        metrics["accuracy"] = correct.item() / len(x)
+        metrics["accuracy"] = correct.item() / y.numel()
     return metrics
 
 

@@ -152,8 +152,9 @@ def test_a_schedule_checks_its_arguments_when_it_is_built(kwargs, error, message
 
 def test_bad_growth_is_a_clear_error():
     model, data = mlp(), batch()
-    with pytest.raises(ValueError, match="positive number of units"):
-        grow(model, 0, 0, "random")
+    for bad in (0, True):
+        with pytest.raises(ValueError, match="positive number of units"):
+            grow(model, 0, bad, "random")
     with pytest.raises(ValueError, match="max_width=7"):
         grow(model, 0, 2, "random", max_width=7)
     with pytest.raises(ValueError, match="needs a batch"):

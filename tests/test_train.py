@@ -98,6 +98,32 @@ def test_bad_arguments():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_accuracy_counts_every_target_entry_in_either_class_layout():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5)                                          # 4 sequences of 3 positions, 5 classes
+
+    class PerPosition(nn.Module):                                     # logits (N, T, C), or (N, C, T)
+        def __init__(self, classes_first):
+            super().__init__()
+            self.classes_first = classes_first
+
+        def forward(self, inputs):
+            return inputs.transpose(1, 2) if self.classes_first else inputs
+
+    y = x.argmax(-1)
+    y[0, 0] = (y[0, 0] + 1) % 5                                       # one of the 12 entries wrong
+    flat = lambda out, target: nn.functional.cross_entropy(out.flatten(0, 1), target.flatten())   # noqa: E731
+    assert evaluate(PerPosition(False), (x, y), loss_fn=flat, device="cpu")["accuracy"] == 11 / 12
+    assert evaluate(PerPosition(True), (x, y), device="cpu")["accuracy"] == 11 / 12     # cross_entropy's (N, C, T)
+
+
+def test_seeds_outside_numpys_range_work():
+    from lowlearn.train import seed_everything
+
+    for seed in (-1, 2**32 + 5):
+        seed_everything(seed)
+
+
 def test_evaluate_restores_mode_and_matches_manual():
     model, _ = make()
     x, y = toy_data()

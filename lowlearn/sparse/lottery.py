@@ -554,13 +554,18 @@ class EarlyBird:
         self._previous: dict[str, Tensor] | None = None
 
     def would_keep(self, model: nn.Module) -> dict[str, Tensor]:
-        """The masks pruning ``model`` to ``density`` by ``scores`` would install now."""
+        """The masks pruning ``model`` to ``density`` by ``scores`` would install now.
+
+        A layer already sparser than ``density`` keeps its surviving weights (masks only shrink).
+        """
         current = masks_of(model)
         keep = {}
         for name, s in self.scores(model).items():
+            k = kept_count(self.density, s.numel())
             if name in current:
                 s = alive_scores(s, current[name], name)
-            keep[name] = top_k_mask(s, kept_count(self.density, s.numel()))
+                k = min(k, int(current[name].sum()))
+            keep[name] = top_k_mask(s, k)
         return keep
 
     def __call__(self, state: TrainState) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 
 from torch import Tensor, nn
 
+from .mask import masks_or_ones
 from .prune import check_density, prune
 from .scores import magnitude
 
@@ -104,9 +105,14 @@ class GradualPruning:
             :func:`~lowlearn.sparse.allocation.erk`; layer scope only.
         initial_density: ``d_i = 1 − s_i``.
 
+    A layer (with ``scope="global"``: the scored layers together) already sparser than
+    the schedule asks is not pruned further at that step: masks only shrink, so a model
+    pruned before, or a run resumed with a fresh step count, goes on from its density.
+
     Raises:
-        ValueError: bad densities or steps (see :func:`cubic_density`), ``every < 1``,
-            or an ``allocation`` with ``scope="global"``.
+        ValueError: bad densities or steps (see :func:`cubic_density`), ``begin`` or
+            ``end`` not an integer, ``every < 1``, or an ``allocation`` with
+            ``scope="global"``.
     """
 
     def __init__(
@@ -121,8 +127,11 @@ class GradualPruning:
         allocation: Allocation | None = None,
         initial_density: float = 1.0,
     ):
+        for name, value in (("begin", begin), ("end", end)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer optimizer step, got {value!r}")
         cubic_density(begin, final_density, begin, end, initial_density)   # validates the arguments
-        if not isinstance(every, int) or every < 1:
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be a positive integer (steps between prunings), got {every!r}")
         if scope not in ("layer", "global"):
             raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
@@ -140,8 +149,15 @@ class GradualPruning:
         if not self.prunes_at(state.step):
             return
         d = cubic_density(state.step, self.final_density, self.begin, self.end, self.initial_density)
-        target = d if self.allocation is None else self.allocation(state.model, d)
-        prune(state.model, self.score(state.model), target, scope=self.scope, optimizer=state.optimizer)
+        scores = self.score(state.model)
+        current = {name: mask.float().mean().item() for name, mask in masks_or_ones(state.model, scores).items()}
+        if self.scope == "global":                   # masks only shrink: never ask for more than is left
+            sizes = {name: s.numel() for name, s in scores.items()}
+            target = min(d, sum(current[name] * size for name, size in sizes.items()) / sum(sizes.values()))
+        else:
+            wanted = dict.fromkeys(scores, d) if self.allocation is None else self.allocation(state.model, d)
+            target = {name: min(density, current.get(name, 1.0)) for name, density in wanted.items()}
+        prune(state.model, scores, target, scope=self.scope, optimizer=state.optimizer)
 
 
 class UpdateSchedule:

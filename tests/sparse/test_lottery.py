@@ -10,7 +10,8 @@ from lowlearn.sparse.lottery import (EarlyBird, Snapshot, constant_init, iterati
                                      mask_distance, mask_overlap, random_mask, random_reinit, reshuffle, rewind,
                                      train_control)
 from lowlearn.sparse.mask import attach_masks, masked_layers, masks_of, prunable_layers, raw_weight, set_masks
-from lowlearn.sparse.prune import kept_count
+from lowlearn.sparse.prune import kept_count, prune
+from lowlearn.sparse.scores import magnitude
 from lowlearn.train import TrainState, fit, seed_everything
 
 # A small synthetic task: 4 classes, linear in 20 features.
@@ -406,3 +407,12 @@ def test_reinit_and_constant_controls_act_on_the_effective_weights_under_powerpr
         kept = layer.weight[keep]
         assert torch.allclose(kept.abs(), theta0.std(correction=0).expand_as(kept), rtol=1e-5)
         assert torch.equal(kept.sign(), theta0[keep].sign())
+
+
+def test_early_bird_on_a_model_sparser_than_its_density_keeps_only_surviving_weights():
+    model = mlp()
+    prune(model, magnitude(model), 0.3)
+    current = masks_of(model)
+    keep = EarlyBird(0.5, every=1).would_keep(model)
+    for name, mask in keep.items():
+        assert torch.equal(mask, current[name]), name              # masks only shrink: no pruned weight comes back

@@ -153,3 +153,29 @@ def test_gradual_pruning_bad_input():
         GradualPruning(0, 0, 10)
     with pytest.raises(ValueError, match="must not come before"):
         GradualPruning(0.1, 10, 0)
+    with pytest.raises(ValueError, match="begin must be an integer"):
+        GradualPruning(0.1, 0.5, 10, every=2)                     # it would prune only once, at the end
+    with pytest.raises(ValueError, match="every must be a positive integer"):
+        GradualPruning(0.1, 0, 10, every=True)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_gradual_pruning_goes_on_from_a_model_already_sparser_than_its_schedule(scope):
+    # A model pruned before (or a run resumed with a fresh step count): masks only shrink, so the schedule
+    # prunes a layer only once it asks for less than the layer keeps, and ends at the final density.
+    torch.manual_seed(0)
+    model = MLP(in_features=12, hidden=(16,), out_features=3)
+    data = (torch.randn(96, 12), torch.randint(0, 3, (96,)))
+    schedule = GradualPruning(0.1, begin=0, end=20, every=5, scope=scope)
+    fit(model, data, torch.optim.SGD(model.parameters(), lr=0.05), steps=12, batch_size=16, callbacks=[schedule],
+        device="cpu", progress=False)
+    halfway = masks_of(model)
+    assert 0.1 < density(model) < 1.0
+    fit(model, data, torch.optim.SGD(model.parameters(), lr=0.05), steps=20, batch_size=16, callbacks=[schedule],
+        device="cpu", progress=False)
+    assert all((mask <= halfway[name]).all() for name, mask in masks_of(model).items())      # only shrank
+    sizes = {name: mask.numel() for name, mask in masks_of(model).items()}
+    if scope == "layer":
+        assert all(int(mask.sum()) == kept_count(0.1, sizes[name]) for name, mask in masks_of(model).items())
+    else:
+        assert sum(int(mask.sum()) for mask in masks_of(model).values()) == kept_count(0.1, sum(sizes.values()))
