@@ -153,14 +153,18 @@ class History:
         return [e[name] for e in self.eval]
 
     def to_dict(self) -> dict:
-        """Plain lists and numbers, e.g. to store in a checkpoint's ``extra``."""
-        return {"steps": self.steps, "loss": self.loss, "eval_steps": self.eval_steps,
-                "eval": self.eval, "seconds": self.seconds, "train_seconds": self.train_seconds}
+        """Plain lists and numbers (copies), e.g. to store in a checkpoint's ``extra``."""
+        return {"steps": list(self.steps), "loss": list(self.loss), "eval_steps": list(self.eval_steps),
+                "eval": [dict(e) for e in self.eval], "seconds": self.seconds, "train_seconds": self.train_seconds}
 
 
 def _pair(data: Data) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` of ``data``, or a ValueError if they differ in length or are empty."""
-    x, y = data.tensors if isinstance(data, TensorDataset) else data
+    """``(x, y)`` of ``data``, or a ValueError if it is not a pair, or they differ in length or are empty."""
+    pair = data.tensors if isinstance(data, TensorDataset) else data
+    if len(pair) != 2:
+        raise ValueError(f"the data must be a pair (inputs, targets) or a TensorDataset of two tensors; got "
+                         f"{len(pair)} tensors")
+    x, y = pair
     if len(x) != len(y):
         raise ValueError(f"inputs and targets differ in length: {len(x)} vs {len(y)}")
     if len(x) == 0:

@@ -2,6 +2,7 @@
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from lowlearn.train import (History, NonFiniteLossError, StopTraining, evaluate, fit,
                             load_checkpoint, save_checkpoint, seed_everything)
@@ -85,6 +86,9 @@ def test_bad_arguments():
         fit(model, toy_data(), opt, epochs=1, steps=1, device="cpu")
     with pytest.raises(ValueError, match="differ in length"):
         fit(model, (torch.zeros(3, 8), torch.zeros(2).long()), opt, epochs=1, device="cpu")
+    with pytest.raises(ValueError, match="a TensorDataset of two tensors; got 3"):
+        fit(model, TensorDataset(torch.zeros(3, 8), torch.zeros(3).long(), torch.zeros(3)), opt, epochs=1,
+            device="cpu")
     with pytest.raises(ValueError, match="CUDA only"):
         fit(model, toy_data(), opt, epochs=1, bf16=True, device="cpu")
     for name, bad in (("epochs", 1.5), ("steps", 2.5), ("steps", True), ("batch_size", 0), ("log_every", 2.0),
@@ -136,6 +140,14 @@ def test_evaluate_restores_mode_and_matches_manual():
     assert metrics["loss"] == pytest.approx(nn.functional.cross_entropy(out, y).item(), rel=1e-5)
     reg = evaluate(nn.Linear(8, 1), (x, torch.zeros(len(x), 1)), loss_fn=nn.functional.mse_loss, device="cpu")
     assert set(reg) == {"loss"}
+
+
+def test_history_to_dict_is_a_copy():
+    history = History(steps=[1], loss=[0.5], eval_steps=[1], eval=[{"accuracy": 0.9}])
+    saved = history.to_dict()
+    saved["loss"].append(0.1)
+    saved["eval"][0]["accuracy"] = 0.0
+    assert history.loss == [0.5] and history.eval == [{"accuracy": 0.9}]
 
 
 def test_checkpoint_round_trip_resumes_identically(tmp_path):
