@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import math
-import numbers
 import os
 import pickle
 import random
@@ -38,6 +37,7 @@ from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 from .atomic import atomic_file
+from .data.splits import check_count
 from .distributed import world
 
 Data = TensorDataset | tuple[Tensor, Tensor]
@@ -177,11 +177,6 @@ def _as_tensors(data: Data, device: torch.device) -> tuple[Tensor, Tensor]:
     return x.to(device), y.to(device)
 
 
-def _check_positive_int(name: str, value: object) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
 def _autocast(device: torch.device, bf16: bool):
     if bf16 and device.type != "cuda":
         raise ValueError(f"bf16 autocast is supported on CUDA only; the device is {device}. "
@@ -258,7 +253,7 @@ def fit(
     for name, value in (("epochs", epochs), ("steps", steps), ("batch_size", batch_size), ("log_every", log_every),
                         ("eval_every", eval_every)):
         if value is not None:
-            _check_positive_int(name, value)
+            check_count(name, value, 1)
     if eval_data is not None:
         _pair(eval_data)                  # checked now, not after the first steps have changed the model
 

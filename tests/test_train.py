@@ -94,7 +94,7 @@ def test_bad_arguments():
     for name, bad in (("epochs", 1.5), ("steps", 2.5), ("steps", True), ("batch_size", 0), ("log_every", 2.0),
                       ("eval_every", 0)):
         kwargs = {"epochs": 1, name: bad} if name not in ("epochs", "steps") else {name: bad}
-        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+        with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
             fit(model, toy_data(), opt, device="cpu", **kwargs)
     before = [p.clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="differ in length"):               # checked before the first step

@@ -193,9 +193,11 @@ def masks_or_ones(model: nn.Module, layers: Iterable[str]) -> dict[str, Tensor]:
     Raises:
         KeyError: a name that is not a module of the model.
     """
-    return {name: find_mask(layer).mask != 0 if find_mask(layer) is not None
-            else torch.ones_like(layer.weight, dtype=torch.bool)
-            for name, layer in resolve_layers(model, layers).items()}
+    masks = {}
+    for name, layer in resolve_layers(model, layers).items():
+        mask = find_mask(layer)
+        masks[name] = torch.ones_like(layer.weight, dtype=torch.bool) if mask is None else mask.mask != 0
+    return masks
 
 
 def masks_of(model: nn.Module) -> dict[str, Tensor]:

@@ -150,13 +150,14 @@ class GradualPruning:
             return
         d = cubic_density(state.step, self.final_density, self.begin, self.end, self.initial_density)
         scores = self.score(state.model)
-        current = {name: mask.float().mean().item() for name, mask in masks_or_ones(state.model, scores).items()}
-        if self.scope == "global":                   # masks only shrink: never ask for more than is left
-            sizes = {name: s.numel() for name, s in scores.items()}
-            target = min(d, sum(current[name] * size for name, size in sizes.items()) / sum(sizes.values()))
+        # Masks only shrink: never ask a layer (or, global, the layers together) for more than it keeps.
+        left = {name: int(mask.sum()) for name, mask in masks_or_ones(state.model, scores).items()}
+        if self.scope == "global":
+            target = min(d, sum(left.values()) / sum(s.numel() for s in scores.values()))
         else:
             wanted = dict.fromkeys(scores, d) if self.allocation is None else self.allocation(state.model, d)
-            target = {name: min(density, current.get(name, 1.0)) for name, density in wanted.items()}
+            target = {name: min(density, left[name] / scores[name].numel()) if name in left else density
+                      for name, density in wanted.items()}
         prune(state.model, scores, target, scope=self.scope, optimizer=state.optimizer)
 
 
