@@ -68,10 +68,12 @@ def make_learner(method: str, sizes: BlackBoxSizes) -> nn.Module:
     """A fresh learner: a Conv4 embedding for the metric learners, a 20-way Conv4 classifier for MAML."""
     if method == "protonet":
         return ProtoNet(Conv4(num_classes=None, hidden=sizes.hidden, image_size=sizes.image_size),
-                        refine_steps=sizes.refine_steps, test_shift=sizes.test_shift)
+                        refine_steps=sizes.refine_steps, test_shift=sizes.test_shift,
+                        eval_batch_size=sizes.eval_batch_size)
     if method == "matching":
         return MatchingNet(Conv4(num_classes=None, hidden=sizes.hidden, image_size=sizes.image_size),
-                           scale=sizes.matching_scale, test_shift=sizes.test_shift)
+                           scale=sizes.matching_scale, test_shift=sizes.test_shift,
+                           eval_batch_size=sizes.eval_batch_size)
     if method == "maml":
         model = Conv4(num_classes=RUN_WAYS, hidden=sizes.hidden, image_size=sizes.image_size, running_stats=False)
         return MAML(model, sizes.maml_inner_lr, sizes.maml_inner_steps, first_order=sizes.maml_first_order,

@@ -220,6 +220,34 @@ def test_test_time_shifts_average_the_embeddings_of_shifted_copies_in_evaluation
         MatchingNet(nn.Flatten(), test_shift=-1)
 
 
+@pytest.mark.parametrize("learner", [ProtoNet, MatchingNet])
+@pytest.mark.parametrize("options", [{}, {"test_shift": 1}, {"test_shift": 1, "test_rotations": True}])
+def test_eval_batch_size_embeds_in_passes_of_that_many_images_with_the_same_results(learner, options):
+    episodes = image_episodes(tasks=2, ways=3, shots=2, queries=2)          # 24 images
+    whole = learner(conv_embedding(), **options).eval()
+    in_passes = learner(conv_embedding(), **options, eval_batch_size=7).eval()
+    sizes = []
+    in_passes.embedding.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    with torch.no_grad():
+        expected = whole(episodes.support_x, episodes.support_y, episodes.query_x)
+        torch.testing.assert_close(in_passes(episodes.support_x, episodes.support_y, episodes.query_x), expected)
+    views = 24 * (5 if options.get("test_shift") else 1)
+    per_frame = [7] * (views // 7) + ([views % 7] if views % 7 else [])
+    assert sizes == per_frame * (4 if options.get("test_rotations") else 1)
+
+    sizes.clear()
+    in_passes.train()(episodes.support_x, episodes.support_y, episodes.query_x)
+    assert sizes == [24]                           # training: one pass, its batch norm sees the whole batch
+
+
+def test_eval_batch_size_is_refused_where_it_would_change_the_embeddings():
+    with pytest.raises(ValueError, match="eval_batch_size"):
+        ProtoNet(nn.Flatten(), eval_batch_size=0)
+    with pytest.raises(ValueError, match=r"batch norm 'features.1' .*track_running_stats=False"):
+        MatchingNet(Conv4(num_classes=None, hidden=4, image_size=16, running_stats=False), eval_batch_size=8)
+    ProtoNet(Conv4(num_classes=None, hidden=4, image_size=16, running_stats=False))     # one pass: allowed
+
+
 @pytest.mark.parametrize("shift", [0, 1])
 def test_test_time_rotations_average_the_squared_distances_of_the_four_rotated_frames(shift):
     from lowlearn.data.augment import shifted_copies
