@@ -245,6 +245,10 @@ def fit(
         The :class:`History` of the run.
 
     Raises:
+        ValueError: both or neither of ``epochs`` and ``steps``, a count that is not a
+            positive integer, data that are not an ``(inputs, targets)`` pair of one
+            length, ``eval_every`` without ``eval_data``, or ``bf16`` off CUDA; all before the
+            first step.
         NonFiniteLossError: the loss became NaN or infinite; the message names the
             first such step.
     """
@@ -256,6 +260,8 @@ def fit(
             check_count(name, value, 1)
     if eval_data is not None:
         _pair(eval_data)                  # checked now, not after the first steps have changed the model
+    elif eval_every is not None:
+        raise ValueError("eval_every needs eval_data: pass the data to evaluate on, or leave eval_every out")
 
     device = torch.device(device) if device is not None else default_device()
     seed_everything(seed)

@@ -96,6 +96,8 @@ def test_bad_arguments():
         kwargs = {"epochs": 1, name: bad} if name not in ("epochs", "steps") else {name: bad}
         with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
             fit(model, toy_data(), opt, device="cpu", **kwargs)
+    with pytest.raises(ValueError, match="eval_every needs eval_data"):
+        fit(model, toy_data(), opt, epochs=1, eval_every=5, device="cpu")
     before = [p.clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="differ in length"):               # checked before the first step
         fit(model, toy_data(), opt, steps=5, eval_data=(torch.zeros(3, 8), torch.zeros(2).long()), device="cpu")
