@@ -58,7 +58,9 @@ def test_density_is_exact():
     lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3),
     lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3),
     lambda p: torch.optim.AdamW(p, lr=1e-2),
-], ids=["sgd-momentum", "adam", "adamw"])
+    lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3, fused=True),       # one kernel per step
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3, fused=True),
+], ids=["sgd-momentum", "adam", "adamw", "adam-fused", "sgd-momentum-fused"])
 def test_pruned_weights_and_optimizer_state_stay_exactly_zero(make_optimizer):
     model = MLP(hidden=(32, 16))
     attach_masks(model)
