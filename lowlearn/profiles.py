@@ -392,6 +392,8 @@ class BlackBoxSizes:
         refine_steps: ProtoNet's transductive soft k-means steps at test time (Ren et al. 2018).
         test_shift: pixels of the shifted copies averaged at test time (0: none; see
             :class:`lowlearn.meta.metric.EpisodicLearner`).
+        test_rotations: also compare the images in their four 90° rotations at test time, an ensemble
+            of four comparisons (see :class:`lowlearn.meta.metric.EpisodicLearner`).
         eval_batch_size: images per pass of the metric learners' embedding at test time (``None``:
             all of an evaluation batch at once, best on a GPU; on a CPU, 64 runs several times faster).
         matching_scale: Matching Networks' multiplier of the cosine similarities.
@@ -435,6 +437,7 @@ class BlackBoxSizes:
     augment: bool
     refine_steps: int
     test_shift: int
+    test_rotations: bool
     eval_batch_size: int | None
     matching_scale: float
     test_episodes: int
@@ -657,7 +660,7 @@ PROFILES: dict[str, Profile] = {
                        l2l_truncation=10, l2l_test_problems=2, l2l_lrs=(0.01, 0.1)),
         black_box=BlackBoxSizes(image_size=28, hidden=16, rotations=True, within_alphabet=True, train_ways=10,
                                 train_shots=1, train_queries=2, meta_steps=10, lr=1e-3, augment=True, refine_steps=1,
-                                test_shift=1, eval_batch_size=16,
+                                test_shift=1, test_rotations=True, eval_batch_size=16,
                                 matching_scale=10.0, test_episodes=20, maml_inner_lr=0.1, maml_inner_steps=1,
                                 maml_first_order=True, maml_meta_batch=2, maml_tasks_at_once=2, maml_queries=1,
                                 maml_steps=5,
@@ -720,8 +723,8 @@ PROFILES: dict[str, Profile] = {
                        cost_repeats=1, l2l_quadratic_problems=200, l2l_mnist_problems=10, l2l_horizon=100,
                        l2l_truncation=20, l2l_test_problems=10, l2l_lrs=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0)),
         black_box=BlackBoxSizes(image_size=28, hidden=64, rotations=True, within_alphabet=False, train_ways=20,
-                                train_shots=1, train_queries=5, meta_steps=1400, lr=1e-3, augment=False,
-                                refine_steps=1, test_shift=1, eval_batch_size=64,
+                                train_shots=1, train_queries=5, meta_steps=2500, lr=1e-3, augment=False,
+                                refine_steps=2, test_shift=0, test_rotations=True, eval_batch_size=64,
                                 matching_scale=10.0, test_episodes=250, maml_inner_lr=0.1,
                                 maml_inner_steps=5, maml_first_order=False, maml_meta_batch=4, maml_tasks_at_once=1,
                                 maml_queries=1,
@@ -788,7 +791,7 @@ PROFILES: dict[str, Profile] = {
                        l2l_lrs=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0)),
         black_box=BlackBoxSizes(image_size=28, hidden=64, rotations=True, within_alphabet=False, train_ways=60,
                                 train_shots=1, train_queries=5, meta_steps=20000, lr=1e-3, augment=False,
-                                refine_steps=1, test_shift=1, eval_batch_size=None,
+                                refine_steps=1, test_shift=1, test_rotations=False, eval_batch_size=None,
                                 matching_scale=10.0, test_episodes=2000, maml_inner_lr=0.1,
                                 maml_inner_steps=5, maml_first_order=False, maml_meta_batch=16, maml_tasks_at_once=16,
                                 maml_queries=1,

@@ -84,23 +84,29 @@ def test_the_same_seed_gives_the_same_learner_and_error(capsys):
 
 
 @needs_real_data
-def test_test_time_rotations_are_for_metric_learners(monkeypatch, capsys):
+def test_test_time_views_override_the_profile_for_the_learners_that_have_them(monkeypatch, capsys):
     seen = []
     scored = omniglot_runs.episode_errors
 
     def episode_errors(learner, *args):
-        seen.append((learner.test_rotations, learner.test_shift))
+        seen.append((learner.test_rotations, learner.test_shift, getattr(learner, "refine_steps", None)))
         return scored(learner, *args)
 
     monkeypatch.setattr(omniglot_runs, "episode_errors", episode_errors)
     common = ["--profile", "smoke", "--data", str(SHARED_DATA), "--background", "small1", "--test", "heldout",
               "--episodes", "2", "--steps", "1", "--device", "cpu"]
-    omniglot_runs.main(common + ["--test-rotations", "--test-shift", "2"])
-    omniglot_runs.main(common + ["--test-shift", "0"])
-    assert seen == [(True, 2), (False, 0)] and "error" in capsys.readouterr().out
+    omniglot_runs.main(common + ["--test-rotations", "--test-shift", "2", "--refine-steps", "3"])
+    omniglot_runs.main(common + ["--no-test-rotations", "--test-shift", "0", "--refine-steps", "0"])
+    omniglot_runs.main(common)                                    # the profile's views
+    smoke = get_profile("smoke").black_box
+    assert seen == [(True, 2, 3), (False, 0, 0), (smoke.test_rotations, smoke.test_shift, smoke.refine_steps)]
+    assert "error" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         omniglot_runs.main(common + ["--method", "maml", "--test-rotations"])
     assert "not maml" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        omniglot_runs.main(common + ["--method", "matching", "--refine-steps", "1"])
+    assert "for protonet" in capsys.readouterr().err
 
 
 @needs_real_data

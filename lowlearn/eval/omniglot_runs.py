@@ -14,8 +14,9 @@ download (meta-train on ``small1``; Greek and Latin are in both small sets).
 The sizes (episode design, steps, learning rate, augmentation) are the
 ``black_box`` sizes of the experiment profile (:mod:`lowlearn.profiles`); the
 options override the most common ones. ``--test-shift`` and ``--test-rotations``
-choose a metric learner's test-time views (:class:`~lowlearn.meta.metric.EpisodicLearner`);
-they apply to a loaded checkpoint too, since they change no weight.
+choose a metric learner's test-time views (:class:`~lowlearn.meta.metric.EpisodicLearner`),
+``--refine-steps`` ProtoNet's soft k-means steps; they apply to a loaded checkpoint too,
+since they change no weight.
 """
 
 from __future__ import annotations
@@ -69,11 +70,11 @@ def make_learner(method: str, sizes: BlackBoxSizes) -> nn.Module:
     if method == "protonet":
         return ProtoNet(Conv4(num_classes=None, hidden=sizes.hidden, image_size=sizes.image_size),
                         refine_steps=sizes.refine_steps, test_shift=sizes.test_shift,
-                        eval_batch_size=sizes.eval_batch_size)
+                        test_rotations=sizes.test_rotations, eval_batch_size=sizes.eval_batch_size)
     if method == "matching":
         return MatchingNet(Conv4(num_classes=None, hidden=sizes.hidden, image_size=sizes.image_size),
                            scale=sizes.matching_scale, test_shift=sizes.test_shift,
-                           eval_batch_size=sizes.eval_batch_size)
+                           test_rotations=sizes.test_rotations, eval_batch_size=sizes.eval_batch_size)
     if method == "maml":
         model = Conv4(num_classes=RUN_WAYS, hidden=sizes.hidden, image_size=sizes.image_size, running_stats=False)
         return MAML(model, sizes.maml_inner_lr, sizes.maml_inner_steps, first_order=sizes.maml_first_order,
@@ -193,9 +194,12 @@ def main(argv: list[str] | None = None) -> None:
                         "the untrained learner)")
     parser.add_argument("--test-shift", type=cli.natural_int,
                         help="override the profile's test-time shift in pixels (0: none)")
-    parser.add_argument("--test-rotations", action="store_true",
+    parser.add_argument("--refine-steps", type=cli.natural_int,
+                        help="protonet: override the profile's soft k-means steps at test time (0: none)")
+    parser.add_argument("--test-rotations", action=argparse.BooleanOptionalAction,
                         help="protonet and matching: also compare the images in their four 90° rotations at test "
-                             "time, an ensemble of four comparisons (four times the test cost)")
+                             "time, an ensemble of four comparisons (four times the cost of one view; default: "
+                             "the profile's)")
     parser.add_argument("--episodes", type=cli.positive_int, default=400,
                         help="held-out episodes (with --test heldout)")
     parser.add_argument("--seed", type=int, default=0)
@@ -220,14 +224,18 @@ def main(argv: list[str] | None = None) -> None:
         sizes = dataclasses.replace(sizes, meta_steps=args.steps, maml_steps=args.steps)
     if args.test_shift is not None:
         sizes = dataclasses.replace(sizes, test_shift=args.test_shift)
+    if args.refine_steps is not None:
+        if args.method != "protonet":
+            parser.error("--refine-steps is for protonet, the learner that refines its prototypes")
+        sizes = dataclasses.replace(sizes, refine_steps=args.refine_steps)
+    if args.test_rotations is not None:
+        if args.method == "maml":
+            parser.error("--test-rotations is for the metric learners (protonet, matching), not maml")
+        sizes = dataclasses.replace(sizes, test_rotations=args.test_rotations)
     device = args.device or default_device()
     print(banner(profile))
     seed_everything(args.seed)                   # --seed fixes the initialisation as well as the episodes
     learner = make_learner(args.method, sizes).to(device)
-    if args.test_rotations:
-        if args.method == "maml":
-            parser.error("--test-rotations is for the metric learners (protonet, matching), not maml")
-        learner.test_rotations = True
     data = background(args.background, sizes.image_size, args.data)
     runs = test = None
     if args.test == "heldout":
