@@ -389,7 +389,8 @@ class BlackBoxSizes:
         lr: Adam's initial learning rate, annealed to zero over the meta-steps by a cosine (Snell et al.:
             0.001, halved every 2,000 episodes).
         augment: random affine distortion of every training image (:func:`lowlearn.data.augment.random_affine`).
-        refine_steps: ProtoNet's transductive soft k-means steps at test time (Ren et al. 2018).
+        refine_steps: ProtoNet's transductive soft k-means steps (Ren et al. 2018), in every forward pass,
+            training included.
         test_shift: pixels of the shifted copies averaged at test time (0: none; see
             :class:`lowlearn.meta.metric.EpisodicLearner`).
         test_rotations: also compare the images in their four 90° rotations at test time, an ensemble

@@ -15,8 +15,8 @@ The sizes (episode design, steps, learning rate, augmentation) are the
 ``black_box`` sizes of the experiment profile (:mod:`lowlearn.profiles`); the
 options override the most common ones. ``--test-shift`` and ``--test-rotations``
 choose a metric learner's test-time views (:class:`~lowlearn.meta.metric.EpisodicLearner`),
-``--refine-steps`` ProtoNet's soft k-means steps; they apply to a loaded checkpoint too,
-since they change no weight.
+``--refine-steps`` ProtoNet's soft k-means steps (taken in training too); they apply to a
+loaded checkpoint as well, since they change no weight.
 """
 
 from __future__ import annotations
@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-shift", type=cli.natural_int,
                         help="override the profile's test-time shift in pixels (0: none)")
     parser.add_argument("--refine-steps", type=cli.natural_int,
-                        help="protonet: override the profile's soft k-means steps at test time (0: none)")
+                        help="protonet: override the profile's soft k-means steps, taken in training and at test "
+                             "time (0: none)")
     parser.add_argument("--test-rotations", action=argparse.BooleanOptionalAction,
                         help="protonet and matching: also compare the images in their four 90° rotations at test "
                              "time, an ensemble of four comparisons (four times the cost of one view; default: "
