@@ -38,6 +38,13 @@ from ..reparam import register, remove
 PRUNABLE = (nn.Linear, nn.Conv2d)
 
 
+def _check_shape(mask: Tensor, weight: Tensor) -> None:
+    """Refuse a mask that would broadcast against a weight of another shape instead of matching it."""
+    if mask.shape != weight.shape:
+        raise ValueError(f"a mask of shape {tuple(mask.shape)} cannot mask a weight of shape {tuple(weight.shape)}: "
+                         "build the mask with the weight's shape (e.g. torch.ones_like(weight, dtype=torch.bool))")
+
+
 class Mask(nn.Module):
     """Parametrization ``θ ↦ θ ⊙ m`` with a buffer ``mask`` (``m``) of zeros and ones.
 
@@ -58,6 +65,7 @@ class Mask(nn.Module):
         self.register_buffer("mask", mask.detach().to(dtype=dtype))
 
     def forward(self, weight: Tensor) -> Tensor:
+        _check_shape(self.mask, weight)
         return weight * self.mask
 
     def extra_repr(self) -> str:
@@ -106,6 +114,7 @@ class SplitMask(Mask):
         self.register_buffer("backward_mask", backward_mask.detach().to(dtype=dtype))
 
     def forward(self, weight: Tensor) -> Tensor:
+        _check_shape(self.mask, weight)
         return _SplitMaskFunction.apply(weight, self.mask, self.backward_mask)
 
     def extra_repr(self) -> str:

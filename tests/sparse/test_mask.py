@@ -6,7 +6,8 @@ from torch import nn
 from torch.func import functional_call
 
 from lowlearn.models import MLP, Conv4
-from lowlearn.sparse.mask import (Mask, attach_masks, density, layer_densities, masked_layers, masks_of,
+from lowlearn.reparam import register
+from lowlearn.sparse.mask import (Mask, SplitMask, attach_masks, density, layer_densities, masked_layers, masks_of,
                                   prunable_layers, raw_weight, set_masks, squash)
 from lowlearn.train import fit, seed_everything
 
@@ -172,6 +173,10 @@ def test_bad_input():
         set_masks(model, {"1": torch.ones(8, 784)})
     with pytest.raises(TypeError, match="boolean"):
         Mask(torch.ones(3))
+    for broadcastable in (Mask(torch.ones(1, 784, dtype=torch.bool)),                     # a mask per input
+                          SplitMask(*[torch.ones(8, 1, dtype=torch.bool)] * 2)):          # a mask per output
+        with pytest.raises(ValueError, match=r"shape \(\d+, \d+\) cannot mask a weight of shape \(8, 784\)"):
+            register(MLP(hidden=(8,))[1], "weight", broadcastable)
     with pytest.raises(ValueError, match=r"not one string \('13'\)"):            # it would mask '1' and '3'
         attach_masks(MLP(hidden=(8, 6)), "13")
     # A bad entry is found before any mask changes: layer '1' keeps its mask and weights.
