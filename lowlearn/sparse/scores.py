@@ -75,7 +75,10 @@ def _effective_weights(model: nn.Module) -> Iterator[dict[str, Tensor]]:
     :func:`torch.nn.utils.parametrize.cached` computes it once for the whole block.
     The model runs in eval mode (no dropout noise; batch norm uses, and does not
     update, its running statistics), with gradients enabled; every module's mode is
-    restored afterwards.
+    restored afterwards. Tanaka et al.'s code for pruning at initialisation (SynFlow,
+    NeurIPS 2020) scores in eval mode too. At initialisation the running statistics
+    are mean 0 and variance 1, so batch norm is then close to the identity, and the
+    scores are nearly those of the network without it.
     """
     with eval_mode(model), torch.enable_grad(), parametrize.cached():
         yield {name: layer.weight for name, layer in scored_layers(model).items()}
