@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data.splits import check_count
+
 
 class MLP(nn.Sequential):
     """Fully connected network; LeNet-300-100 by default.
@@ -483,8 +485,7 @@ def _same_padding(kernel_size: int) -> int:
 
 def _check_channels(**channels: int) -> None:
     for name, value in channels.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_count(name, value, 1)
 
 
 class DepthwiseSeparableConv2d(nn.Sequential):
@@ -723,8 +724,9 @@ class SmallCNN(nn.Module):
         super().__init__()
         if block not in BLOCKS:
             raise ValueError(f"unknown block {block!r}; choose one of {', '.join(BLOCKS)}")
-        if len(channels) == 0 or any(not isinstance(c, int) or c < 1 for c in channels):
-            raise ValueError(f"channels must be one or more positive integers, got {tuple(channels)!r}")
+        if len(channels) == 0:
+            raise ValueError("channels must name at least one stage's width, got none")
+        _check_channels(**{f"channels[{i}]": c for i, c in enumerate(channels)})
         if not width > 0:
             raise ValueError(f"the width multiplier must be positive, got {width}")
         _check_channels(stem_stride=stem_stride)

@@ -299,7 +299,8 @@ def test_small_cnn_width_multiplier_and_options():
 @pytest.mark.parametrize("make, message", [
     (lambda: SmallCNN("mobilenet"), "unknown block"),
     (lambda: SmallCNN(channels=()), "channels"),
-    (lambda: SmallCNN(channels=(16, 0)), "channels"),
+    (lambda: SmallCNN(channels=(16, 0)), r"channels\[1\] must be an int >= 1; got 0"),
+    (lambda: SmallCNN(channels=(16, True)), r"channels\[1\] must be an int"),
     (lambda: SmallCNN(width=0), "width"),
     (lambda: SmallCNN(channels=(8, 8, 8, 8, 8, 8), image_size=28), "too small"),
     (lambda: SmallCNN(stem_stride=0), "stem_stride"),

@@ -58,6 +58,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..data.splits import check_count
 from ..distributed import average_across_processes
 from ..train import NonFiniteLossError, buffers_restored
 from .layers import check_tolerance, dense_parameters, low_rank_layers, truncation_rank
@@ -111,10 +112,9 @@ class DLRT(torch.optim.Optimizer):
             raise ValueError("the model has no low-rank layer: convert some with lowlearn.lowrank.to_low_rank")
         if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"lr must be a positive, finite step size, got {lr!r}")
-        if not isinstance(r_min, int) or r_min < 1:
-            raise ValueError(f"r_min must be a positive integer, got {r_min!r}")
-        if r_max is not None and (not isinstance(r_max, int) or r_max < r_min):
-            raise ValueError(f"r_max must be None or an integer >= r_min ({r_min}), got {r_max!r}")
+        check_count("r_min", r_min, 1)
+        if r_max is not None:
+            check_count("r_max (None or at least r_min)", r_max, r_min)
         if r_max is not None and tol is None:
             raise ValueError("r_max bounds the ranks that the truncation with tol= keeps; with tol=None the ranks "
                              "stay as the layers have them (set them with to_low_rank's rank=)")

@@ -108,8 +108,7 @@ class MAML(nn.Module):
                  adapt: list[str] | None = None, learn_lr: bool = False, loss_fn: LossFn = F.cross_entropy,
                  tasks_at_once: int = 1):
         super().__init__()
-        if not isinstance(inner_steps, int) or inner_steps < 0:
-            raise ValueError(f"inner_steps must be a non-negative integer, got {inner_steps!r}")
+        check_count("inner_steps", inner_steps, 0)
         check_count("tasks_at_once", tasks_at_once, 1)
         if tasks_at_once > 1:
             task_batched(model)                     # raises now if a layer has no task-batched form
@@ -344,8 +343,7 @@ class Reptile:
 
     def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int, outer_lr: float,
                  loss_fn: LossFn = F.cross_entropy, tasks_at_once: int = 1):
-        if not isinstance(inner_steps, int) or inner_steps < 1:
-            raise ValueError(f"Reptile needs at least one inner step, got {inner_steps!r}")
+        check_count("inner_steps (Reptile needs at least one)", inner_steps, 1)
         check_count("tasks_at_once", tasks_at_once, 1)
         if tasks_at_once > 1:
             task_batched(model)                     # raises now if a layer has no task-batched form

@@ -137,8 +137,7 @@ class EpisodicLearner(nn.Module, ABC):
     def __init__(self, embedding: nn.Module, test_shift: int = 0, test_rotations: bool = False,
                  eval_batch_size: int | None = None):
         super().__init__()
-        if not isinstance(test_shift, int) or test_shift < 0:
-            raise ValueError(f"test_shift must be a non-negative number of pixels; got {test_shift!r}")
+        check_count("test_shift (pixels)", test_shift, 0)
         if eval_batch_size is not None:
             check_count("eval_batch_size", eval_batch_size, 1)
             batch_statistics = [name for name, m in embedding.named_modules()
@@ -311,8 +310,7 @@ class ProtoNet(EpisodicLearner):
     def __init__(self, embedding: nn.Module, refine_steps: int = 0, test_shift: int = 0,
                  test_rotations: bool = False, eval_batch_size: int | None = None):
         super().__init__(embedding, test_shift, test_rotations, eval_batch_size)
-        if not isinstance(refine_steps, int) or refine_steps < 0:
-            raise ValueError(f"refine_steps must be a non-negative integer; got {refine_steps!r}")
+        check_count("refine_steps", refine_steps, 0)
         self.refine_steps = refine_steps
 
     def scores(self, support: Tensor, support_y: Tensor, query: Tensor, ways: int) -> Tensor:

@@ -99,12 +99,12 @@ def test_bad_input():
         DLRT(model, lr=0.1, eps=-1.0)
     with pytest.raises(ValueError, match="with tol=None the ranks stay"):
         DLRT(model, lr=0.1, r_max=2)
-    with pytest.raises(ValueError, match="r_min must be a positive integer"):
+    with pytest.raises(ValueError, match="r_min must be an int >= 1"):
         DLRT(model, lr=0.1, r_min=0)
     for r_max in (0, -1, 1.5):
-        with pytest.raises(ValueError, match=r"r_max must be None or an integer >= r_min \(1\)"):
+        with pytest.raises(ValueError, match=r"r_max \(None or at least r_min\) must be an int >= 1"):
             DLRT(model, lr=0.1, tol=0.1, r_max=r_max)
-    with pytest.raises(ValueError, match=r">= r_min \(3\), got 2"):
+    with pytest.raises(ValueError, match=r"at least r_min\) must be an int >= 3; got 2"):
         DLRT(model, lr=0.1, tol=0.1, r_min=3, r_max=2)
     dlrt = DLRT(model, lr=0.1)
     with pytest.raises(RuntimeError, match="has no gradient: run forward and backward"):

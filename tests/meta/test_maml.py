@@ -278,6 +278,11 @@ def test_reptile_in_meta_train_with_sgd_takes_its_own_update():
     losses = meta_train(Reptile(model, 0.05, 3, 0.5, F.mse_loss), _Tasks(sampler), torch.optim.Adam(
         model.parameters(), lr=1e-3), steps=4, log_every=2)
     assert len(losses) == 2 and stats["loss"] > 0
+    with pytest.raises(ValueError, match=r"inner_steps \(Reptile needs at least one\) must be an int >= 1; got 0"):
+        Reptile(model, 0.05, 0, 0.5, F.mse_loss)
+    for bad in (-1, True, 2.0):
+        with pytest.raises(ValueError, match="inner_steps must be an int >= 0"):
+            MAML(model, 0.05, bad)
     for kwargs, name in ((dict(steps=-1), "steps"), (dict(steps=4, batch=0), "batch"),
                          (dict(steps=4, log_every=True), "log_every")):
         with pytest.raises(ValueError, match=f"{name} must be an int"):

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -202,8 +203,12 @@ def test_soft_k_means_refinement_equals_ren_et_al_eq_4():
         prototypes = torch.stack([(support[labels == k].sum(0) + (z[:, k:k + 1] * query).sum(0))
                                   / ((labels == k).sum() + z[:, k].sum()) for k in range(3)])
     torch.testing.assert_close(logits, -torch.cdist(query, prototypes) ** 2)
-    with pytest.raises(ValueError, match="refine_steps"):
-        ProtoNet(nn.Identity(), refine_steps=-1)
+    for bad in (-1, True, 1.0):
+        with pytest.raises(ValueError, match="refine_steps must be an int >= 0"):
+            ProtoNet(nn.Identity(), refine_steps=bad)
+        with pytest.raises(ValueError, match=r"test_shift \(pixels\) must be an int >= 0"):
+            ProtoNet(nn.Identity(), test_shift=bad)
+    assert ProtoNet(nn.Identity(), refine_steps=np.int64(2), test_shift=np.int64(1)).refine_steps == 2
 
 
 def test_test_time_shifts_average_the_embeddings_of_shifted_copies_in_evaluation_only():
