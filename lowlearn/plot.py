@@ -34,14 +34,34 @@ def errorbar_curve(x: Sequence[float], runs: Sequence[Sequence[float]], *, label
                    logx: bool = False, ax: Axes | None = None, **kwargs) -> Axes:
     """Plot the mean over ``runs`` (one list per seed, aligned with ``x``) with ±1 std bars.
 
-    ``logx`` puts ``x`` on a logarithmic axis labelled at powers of ten only.
+    A single run is drawn without bars: it shows no spread. ``logx`` puts ``x`` on a
+    logarithmic axis labelled at powers of ten only.
     """
     ax = _axes(ax)
     mean, std = mean_and_spread(runs)
-    ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=label, **kwargs)
+    ax.errorbar(x, mean, yerr=std if len(runs) > 1 else None, marker="o", capsize=3, label=label, **kwargs)
     if logx:
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
+    return ax
+
+
+def density_axis(ax: Axes, kept: Sequence[float], *, percent: bool = False, label: str = "weights kept") -> Axes:
+    """Put the fraction of weights kept on the x axis: a log scale, dense on the left, sparse on the right.
+
+    Args:
+        ax: the axes.
+        kept: the densities to label, fractions in (0, 1] (percentages with ``percent=True``);
+            the axis spans them with a margin on both sides.
+        percent: whether the plotted x values are percentages.
+        label: the axis label, before "(log scale; sparsity grows →)".
+    """
+    to_percent = 1 if percent else 100
+    ax.set_xscale("log")
+    ax.set_xticks(kept, labels=[f"{to_percent * k:.3g}%" for k in kept])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(max(kept) * 1.3, min(kept) / 1.3)
+    ax.set_xlabel(f"{label} (log scale; sparsity grows →)")
     return ax
 
 

@@ -30,6 +30,24 @@ def test_figures_draw_their_data():
     assert acc_ax.lines[0].get_ydata().tolist() == [0.9]
 
 
+def test_one_run_has_no_error_bars():
+    ax = plot.errorbar_curve([1, 2], [[0.5, 0.6]])
+    assert ax.lines[0].get_ydata().tolist() == [0.5, 0.6]
+    assert not ax.containers[0].has_yerr
+
+
+def test_density_axis_runs_from_dense_to_sparse():
+    ax = plot.density_axis(plot.errorbar_curve([0.5, 0.1, 0.01], [[0.9, 0.8, 0.5]]), [0.5, 0.1, 0.01])
+    assert ax.get_xscale() == "log"
+    left, right = ax.get_xlim()
+    assert left == pytest.approx(0.5 * 1.3) and right == pytest.approx(0.01 / 1.3)        # sparse on the right
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["50%", "10%", "1%"]
+    assert ax.get_xlabel() == "weights kept (log scale; sparsity grows →)"
+    percent = plot.density_axis(plot.errorbar_curve([100, 4.5], [[0.9, 0.8]]), [100, 4.5], percent=True,
+                                label="weights remaining")
+    assert [t.get_text() for t in percent.get_xticklabels()] == ["100%", "4.5%"]
+
+
 def test_a_metric_the_evaluations_lack_is_refused_before_drawing():
     regression = History(steps=[1], loss=[1.0], eval_steps=[1], eval=[{"loss": 0.4}])
     with pytest.raises(ValueError, match=r"hold \['loss'\], not 'accuracy'"):

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from .cache import DataError, Resource, fetch
-from .splits import Splits, make_splits
+from .embedded import load_mnist5k
+from .splits import Splits, check_count, make_splits
 
 _MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -128,3 +129,34 @@ def _read_part(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, torc
                         f"{labels_path} labels of shape {tuple(labels.shape)}; expected uint8 (N, H, W) "
                         "and (N,) with the same N. Delete the files and download them again")
     return images.unsqueeze(1).float().div_(255), labels.long()
+
+
+MNIST_VARIANTS = ("mnist", "mnist5k")
+"""The names :func:`load_mnist_variant` takes (the profiles' ``dataset`` field)."""
+
+
+def load_mnist_variant(name: str, train_limit: int | None = None, root: str | os.PathLike | None = None) -> Splits:
+    """MNIST as a profile names it, with only the first ``train_limit`` training examples.
+
+    The chapters' profiles (:mod:`lowlearn.profiles`) say which MNIST to train on and
+    how much of it, in their ``dataset`` and ``train_limit`` fields; this is the loader
+    they share.
+
+    Args:
+        name: ``"mnist"`` (:func:`load_mnist`: 60,000 + 10,000 digits, downloaded) or
+            ``"mnist5k"`` (:func:`~lowlearn.data.embedded.load_mnist5k`: 4,000 + 1,000, offline).
+        train_limit: training examples kept (``None``: all); the test part is whole.
+        root: data root for ``"mnist"`` (see :func:`~lowlearn.data.cache.data_root`).
+
+    Raises:
+        ValueError: an unknown ``name``, or a ``train_limit`` below 1.
+    """
+    if name not in MNIST_VARIANTS:
+        raise ValueError(f"unknown MNIST variant {name!r}; choose one of {', '.join(MNIST_VARIANTS)}")
+    if train_limit is not None:
+        check_count("train_limit", train_limit, 1)
+    splits = load_mnist(root) if name == "mnist" else load_mnist5k()
+    if train_limit is None:
+        return splits
+    (x_train, y_train), (x_test, y_test) = splits.train.tensors, splits.test.tensors
+    return make_splits(x_train[:train_limit], y_train[:train_limit], x_test, y_test)

@@ -27,7 +27,7 @@ from .lottery import EarlyBird, iterative_magnitude_pruning, train_control
 from .mask import (Mask, attach_masks, density, layer_densities, masked_layers, masks_of, prunable_layers,
                    set_masks, squash)
 from .prune import prune
-from .schedule import GradualPruning, UpdateSchedule, cubic_density, geometric_densities
+from .schedule import GradualPruning, UpdateSchedule, cubic_density, geometric_densities, iterative_pruning
 from .structured import nm_mask, prune_channels, prune_nm
 from .topkast import TopKAST
 from .update import drop_and_grow
@@ -35,7 +35,7 @@ from .update import drop_and_grow
 __all__ = [
     "SET", "SNFS", "EarlyBird", "GradualPruning", "Mask", "RigL", "StaticSparse", "TopKAST", "UpdateSchedule",
     "allocation", "attach_masks", "cubic_density", "density", "drop_and_grow", "dst_training_flops",
-    "geometric_densities", "iterative_magnitude_pruning", "layer_densities", "masked_layers",
+    "geometric_densities", "iterative_magnitude_pruning", "iterative_pruning", "layer_densities", "masked_layers",
     "masks_of", "model_sparse_flops", "nm_mask", "prunable_layers", "prune", "prune_channels",
     "prune_nm", "scores", "set_masks", "sparse_inference_flops", "sparse_training_flops", "squash",
     "train_control",

@@ -3,6 +3,7 @@
 * :func:`geometric_densities`: the densities of iterative magnitude pruning, which
   removes the same fraction ``p`` of the surviving weights every round (Han et al.
   2015; Frankle & Carbin 2019, "The lottery ticket hypothesis", ICLR).
+* :func:`iterative_pruning`: Han et al.'s prune-and-fine-tune rounds along those densities.
 * :func:`cubic_density` and :class:`GradualPruning`: the gradual schedule of Zhu &
   Gupta (2017), applied every few steps during :func:`lowlearn.train.fit`.
 * :class:`UpdateSchedule`: when dynamic sparse training drops and regrows weights,
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 from torch import Tensor, nn
 
@@ -22,6 +24,7 @@ from .prune import check_density, prune
 from .scores import magnitude
 
 Allocation = Callable[[nn.Module, float], Mapping[str, float]]
+T = TypeVar("T")
 
 
 def geometric_densities(final_density: float, rounds: int) -> list[float]:
@@ -39,6 +42,55 @@ def geometric_densities(final_density: float, rounds: int) -> list[float]:
     final_density = check_density(final_density, "final_density")
     check_count("rounds", rounds, 1)
     return [final_density ** (r / rounds) for r in range(1, rounds)] + [final_density]
+
+
+def iterative_pruning(
+    model: nn.Module,
+    final_density: float,
+    rounds: int,
+    fine_tune: Callable[[nn.Module, int], T],
+    *,
+    score: Callable[[nn.Module], Mapping[str, Tensor]] = magnitude,
+    scope: str = "global",
+    allocation: Allocation | None = None,
+) -> T:
+    """Prune and fine-tune in ``rounds`` rounds, each removing the same fraction of the survivors.
+
+    Han, Pool, Tran & Dally (2015), "Learning both weights and connections for
+    efficient neural networks" (NeurIPS): prune the trained network a little, retrain
+    the survivors, and repeat. Round ``r = 1, ..., R`` prunes the model with
+    :func:`~lowlearn.sparse.prune.prune` to ``d_r = final_density^(r/R)``
+    (:func:`geometric_densities`) by ``score(model)``, then calls ``fine_tune(model, r)``,
+    which trains the model in place. The weights carry over from round to round;
+    :func:`~lowlearn.sparse.lottery.iterative_magnitude_pruning` instead rewinds them
+    every round (lottery tickets). Masks only shrink, and after the last round the
+    model keeps exactly what ``prune`` keeps at ``final_density``.
+
+    Args:
+        model: the trained network; pruned in place (masks are attached if it has none).
+        final_density: ``d_R``, the fraction of weights kept at the end.
+        rounds: ``R``.
+        fine_tune: ``fine_tune(model, r)`` trains the pruned model after round ``r``
+            (give it a fresh optimizer, or zero the pruned weights' state: see
+            :func:`~lowlearn.sparse.mask.set_masks`); what it returns after the last round is returned.
+        score: ``score(model) → {layer name: scores}``, default magnitude.
+        scope: ``"layer"`` or ``"global"`` (see :func:`~lowlearn.sparse.prune.prune`).
+        allocation: ``allocation(model, d_r) → {layer name: density}`` for each round
+            (e.g. :func:`~lowlearn.sparse.allocation.erk`); layer scope only.
+
+    Raises:
+        ValueError: ``final_density`` outside (0, 1], ``rounds`` below 1, an unknown
+            ``scope``, or an ``allocation`` with ``scope="global"``; before anything is pruned.
+    """
+    densities = geometric_densities(final_density, rounds)
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    if allocation is not None and scope != "layer":
+        raise ValueError("an allocation gives one density per layer: use it with scope='layer'")
+    for r, d_r in enumerate(densities, start=1):
+        prune(model, score(model), d_r if allocation is None else allocation(model, d_r), scope=scope)
+        result = fine_tune(model, r)
+    return result
 
 
 def cubic_density(

@@ -136,3 +136,17 @@ def test_load_mnist_count_mismatch(tmp_path, monkeypatch):
 def test_load_mnist_missing_offline(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="train-images-idx3-ubyte.gz"):
         load_mnist(root=tmp_path, download=False)
+
+
+def test_load_mnist_variant_by_a_profiles_name(tmp_path, monkeypatch):
+    images, labels, test_images, _ = fake_mnist(tmp_path, monkeypatch)
+    full = mnist.load_mnist_variant("mnist", root=tmp_path)
+    assert torch.equal(full.train.tensors[1], torch.from_numpy(labels).long())
+    cut = mnist.load_mnist_variant("mnist", train_limit=4, root=tmp_path)
+    assert torch.equal(cut.train.tensors[0], full.train.tensors[0][:4]) and len(cut.test) == len(test_images)
+    small = mnist.load_mnist_variant("mnist5k", train_limit=100)
+    assert len(small.train) == 100 and len(small.test) == 1000
+    with pytest.raises(ValueError, match="unknown MNIST variant 'mnist60k'; choose one of mnist, mnist5k"):
+        mnist.load_mnist_variant("mnist60k")
+    with pytest.raises(ValueError, match="train_limit must be an int >= 1"):
+        mnist.load_mnist_variant("mnist5k", train_limit=0)

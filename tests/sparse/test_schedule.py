@@ -1,3 +1,4 @@
+import copy
 import functools
 
 import numpy as np
@@ -7,8 +8,8 @@ import torch
 from lowlearn.models import MLP
 from lowlearn.sparse.allocation import erk, uniform
 from lowlearn.sparse.mask import density, masks_of
-from lowlearn.sparse.prune import kept_count
-from lowlearn.sparse.schedule import GradualPruning, cubic_density, geometric_densities
+from lowlearn.sparse.prune import kept_count, prune
+from lowlearn.sparse.schedule import GradualPruning, cubic_density, geometric_densities, iterative_pruning
 from lowlearn.sparse.scores import magnitude
 from lowlearn.train import fit
 
@@ -32,6 +33,52 @@ def test_geometric_bad_input():
         with pytest.raises(ValueError, match="rounds must be an int >= 1"):
             geometric_densities(0.5, bad)
     assert geometric_densities(0.5, np.int64(2)) == geometric_densities(0.5, 2)   # NumPy integers are counts
+
+
+def _fine_tune(model, r, log):
+    """One SGD step on a fixed batch (so that the next round's magnitudes change), and a log of the round."""
+    g = torch.Generator().manual_seed(r)
+    x, y = torch.randn(8, 784, generator=g), torch.randint(0, 10, (8,), generator=g)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    log.append((r, {name: m.clone() for name, m in masks_of(model).items()}))
+    return f"round {r}"
+
+
+def test_iterative_pruning_equals_the_loop_of_prune_and_fine_tune():
+    torch.manual_seed(0)
+    model = MLP(hidden=(32, 16))
+    reference = copy.deepcopy(model)
+    log, reference_log = [], []
+    assert iterative_pruning(model, 0.05, 3, functools.partial(_fine_tune, log=log)) == "round 3"
+    for r, d in enumerate(geometric_densities(0.05, 3), start=1):          # written out
+        prune(reference, magnitude(reference), d, scope="global")
+        _fine_tune(reference, r, reference_log)
+    assert [r for r, _ in log] == [1, 2, 3]
+    for (_, masks), (_, expected) in zip(log, reference_log):
+        assert all(torch.equal(masks[name], expected[name]) for name in expected)
+    total = sum(m.numel() for m in log[0][1].values())
+    assert [sum(int(m.sum()) for m in masks.values()) for _, masks in log] == [
+        kept_count(d, total) for d in geometric_densities(0.05, 3)]
+    for (_, before), (_, after) in zip(log, log[1:]):                      # masks only shrink
+        assert all(not (after[name] & ~before[name]).any() for name in after)
+    assert torch.allclose(model(torch.ones(2, 784)), reference(torch.ones(2, 784)))
+
+
+def test_iterative_pruning_with_a_layer_wise_allocation_and_bad_input():
+    model = MLP(hidden=(32, 16))
+    log = []
+    iterative_pruning(model, 0.1, 2, functools.partial(_fine_tune, log=log), scope="layer", allocation=erk)
+    final = log[-1][1]
+    expected = erk(model, 0.1)
+    assert all(int(final[name].sum()) == kept_count(d, final[name].numel()) for name, d in expected.items())
+    with pytest.raises(ValueError, match="use it with scope='layer'"):
+        iterative_pruning(MLP(), 0.1, 2, lambda m, r: None, allocation=erk)
+    with pytest.raises(ValueError, match="scope must be 'layer' or 'global'"):
+        iterative_pruning(MLP(), 0.1, 2, lambda m, r: None, scope="model")
+    with pytest.raises(ValueError, match="rounds must be an int >= 1"):
+        iterative_pruning(MLP(), 0.1, 0, lambda m, r: None)
 
 
 def test_cubic_density_at_hand_picked_points():
