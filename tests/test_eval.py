@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lowlearn.data.cache import DatasetNotFoundError
+from lowlearn.data.episodes import Episode
 from lowlearn.data.omniglot import OneShotRun
 from lowlearn.eval import omniglot_runs
 from lowlearn.meta import ProtoNet
@@ -47,6 +48,11 @@ def test_maml_predicts_only_the_classes_of_an_episode_with_fewer_than_20_ways():
     labels = torch.arange(5).repeat(2)
     predicted = omniglot_runs.predict(maml.eval(), images[:5], labels[:5], images[5:], sizes)
     assert predicted.shape == (5,) and int(predicted.max()) < 5
+    # task_accuracies scores a batch of episodes one by one with predict
+    support, query = images[:5].expand(2, -1, -1, -1, -1), images[5:].expand(2, -1, -1, -1, -1)
+    right_and_wrong = torch.stack([predicted, (predicted + 1) % 5])
+    tasks = Episode(support, labels[:5].expand(2, 5), query, right_and_wrong, torch.arange(5).expand(2, 5))
+    assert omniglot_runs.task_accuracies(maml, tasks, sizes).tolist() == [1.0, 0.0]
 
 
 @pytest.mark.parametrize("method", ["protonet", "matching"])

@@ -164,9 +164,48 @@ class GPCurves:
         else:
             x = self._given_inputs(x, batch, device)
         precise = torch.float32 if x.device.type == "mps" else torch.float64
-        cholesky = torch.linalg.cholesky(self.kernel(x.to(precise)))
+        cholesky, _ = torch.linalg.cholesky_ex(self.kernel(x.to(precise)))   # positive definite: noise > 0
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=precise)
         return Curves(x, (cholesky @ z).float())
+
+    def posterior(self, context_x: Tensor, context_y: Tensor, target_x: Tensor) -> tuple[Tensor, Tensor]:
+        """The exact predictive mean and standard deviation of new observations at ``target_x``.
+
+        Rasmussen & Williams (2006), "Gaussian processes for machine learning", eqs.
+        2.23–2.24, with ``K`` the kernel of the context inputs (noise included), ``k_*`` the
+        covariances between context and target inputs and ``k_**`` a target's variance
+        (noise included: the prediction is of an observation, like the curves'):
+
+            μ_* = k_*ᵀ K⁻¹ y,    σ_*² = k_** − k_*ᵀ K⁻¹ k_*.
+
+        Computed in float64 with one Cholesky factorisation per curve; returned as float32.
+
+        Args:
+            context_x, context_y: ``(B, n, 1)``, the observed points of each curve.
+            target_x: ``(B, m, 1)``.
+
+        Returns:
+            ``(mean, std)``, each ``(B, m, 1)``.
+        """
+        n = context_x.shape[-2]
+        k = self.kernel(torch.cat([context_x, target_x], -2).double())
+        k_cc, k_ct = k[..., :n, :n], k[..., :n, n:]
+        cholesky, _ = torch.linalg.cholesky_ex(k_cc)
+        half = torch.linalg.solve_triangular(cholesky, k_ct, upper=False)          # L⁻¹ k_*
+        weights = torch.linalg.solve_triangular(cholesky, context_y.double(), upper=False)   # L⁻¹ y
+        mean = half.transpose(-1, -2) @ weights
+        variance = k[..., n:, n:].diagonal(dim1=-2, dim2=-1) - half.square().sum(-2)
+        return mean.float(), variance.clamp_min(0).sqrt().unsqueeze(-1).float()
+
+    def mahalanobis(self, curves: Curves) -> Tensor:
+        """``yᵀ K⁻¹ y`` of each curve ``(B,)``: chi-squared with ``P`` degrees of freedom for curves of this GP.
+
+        ``K`` is the kernel of the curve's ``P`` inputs (noise included). Curves drawn
+        from a GP with another kernel give other values: a test of whether a task
+        comes from this prior. Computed in float64.
+        """
+        cholesky, _ = torch.linalg.cholesky_ex(self.kernel(curves.x.double()))
+        return torch.linalg.solve_triangular(cholesky, curves.y.double(), upper=False).square().sum(dim=(-2, -1))
 
     @staticmethod
     def _given_inputs(x: Tensor, batch: int, device: torch.device | str | None) -> Tensor:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from lowlearn import cli
 from lowlearn.data.augment import random_affine
-from lowlearn.data.episodes import EpisodeSampler
+from lowlearn.data.episodes import Episode, EpisodeSampler
 from lowlearn.data.cache import DatasetNotFoundError
 from lowlearn.data.omniglot import RUN_WAYS, Omniglot, OneShotRun, load_omniglot, load_omniglot_runs
 from lowlearn.meta import MAML, MatchingNet, ProtoNet
@@ -167,19 +167,20 @@ def heldout_errors(learner: nn.Module, trained_on: Omniglot, sizes: BlackBoxSize
     return episode_errors(learner, held_out(trained_on, sizes.image_size, root), sizes, device, episodes)
 
 
+def task_accuracies(learner: nn.Module, tasks: Episode, sizes: BlackBoxSizes) -> Tensor:
+    """Query accuracy ``(B,)`` of each of a batch of episodes, by :func:`predict` (one episode at a time)."""
+    return torch.stack([(predict(learner, sx, sy, qx, sizes) == qy).float().mean()
+                        for sx, sy, qx, qy in zip(tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)])
+
+
 def episode_errors(learner: nn.Module, test: Omniglot, sizes: BlackBoxSizes, device: torch.device,
                    episodes: int) -> Tensor:
     """Error rate (%) on ``episodes`` run-like episodes of ``test``: 20-way one-shot, within one alphabet."""
     sampler = EpisodeSampler(test.images.to(device), RUN_WAYS, 1, 1, seed=1234,
                              groups=test.alphabet_index.to(device))
     learner.eval()
-
-    def accuracy(tasks):
-        return torch.stack([(predict(learner, sx, sy, qx, sizes) == qy).float().mean()
-                            for sx, sy, qx, qy in zip(tasks.support_x, tasks.support_y, tasks.query_x,
-                                                      tasks.query_y)])
-
-    return 100 * (1 - episode_accuracies(accuracy, sampler, episodes)).cpu()
+    return 100 * (1 - episode_accuracies(lambda tasks: task_accuracies(learner, tasks, sizes), sampler,
+                                         episodes)).cpu()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,11 +10,11 @@
 * :mod:`~lowlearn.meta.episodic`: meta-training loops and per-episode evaluation.
 """
 
-from .cnp import CNP
+from .cnp import CNP, fit_cnp
 from .functional import inner_loop, parameters_of, run
 from .learned_optimizer import LSTMOptimizer
 from .maml import ANIL, MAML, MetaSGD, Reptile, adapt_and_evaluate, head_names
 from .metric import MatchingNet, ProtoNet
 
 __all__ = ["ANIL", "CNP", "LSTMOptimizer", "MAML", "MatchingNet", "MetaSGD", "ProtoNet", "Reptile",
-           "adapt_and_evaluate", "head_names", "inner_loop", "parameters_of", "run"]
+           "adapt_and_evaluate", "fit_cnp", "head_names", "inner_loop", "parameters_of", "run"]

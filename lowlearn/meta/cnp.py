@@ -20,6 +20,9 @@ code, ``σ = σ_min + (1 − σ_min)·softplus(·)`` keeps it away from zero.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -92,7 +95,8 @@ class CNP(nn.Module):
         r = self.represent(context_x, context_y)
         r = r.unsqueeze(-2).expand(*target_x.shape[:-1], r.shape[-1])
         mean, raw_std = self.decoder(torch.cat([r, target_x], dim=-1)).split(self.y_dim, dim=-1)
-        return Normal(mean, self.min_std + (1 - self.min_std) * F.softplus(raw_std))
+        # σ ≥ σ_min > 0 by construction: Normal's checks of its arguments would read them back from the device.
+        return Normal(mean, self.min_std + (1 - self.min_std) * F.softplus(raw_std), validate_args=False)
 
     def loss(self, context_x: Tensor, context_y: Tensor, target_x: Tensor, target_y: Tensor) -> Tensor:
         """``−mean log N(y_T; μ_T, σ_T²)`` over targets, outputs and functions: the training objective.
@@ -106,3 +110,40 @@ class CNP(nn.Module):
         if target_x.shape[-2] == 0:
             raise ValueError("the target set is empty: the loss is a mean over target points, so give at least one")
         return -self(context_x, context_y, target_x).log_prob(target_y).mean()
+
+
+ContextAndTargets = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def fit_cnp(model: CNP, sample: Callable[[], ContextAndTargets], optimizer: torch.optim.Optimizer,
+            steps: int) -> list[float]:
+    """Train a CNP for ``steps`` Adam (or other) steps on freshly sampled functions.
+
+    Each step draws ``(context_x, context_y, target_x, target_y)`` from ``sample()``
+    (a batch of functions, split at random into a context and a target set that
+    includes it, as Garnelo et al. train; see
+    :func:`lowlearn.data.tasks.context_target_split`) and takes one step on
+    :meth:`CNP.loss`. The model is left in training mode.
+
+    Returns:
+        The loss of every step, read from the device once, at the end.
+
+    Raises:
+        ValueError: ``steps`` below 0.
+        FloatingPointError: the loss became NaN or infinite (checked at the end).
+    """
+    check_count("steps", steps, 0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model.loss(*sample())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    history = torch.stack(losses).tolist() if losses else []
+    bad = next((step for step, value in enumerate(history, start=1) if not math.isfinite(value)), None)
+    if bad is not None:
+        raise FloatingPointError(f"the CNP's training loss became {history[bad - 1]} at step {bad}; lower the "
+                                 "learning rate")
+    return history

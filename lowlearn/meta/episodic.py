@@ -31,7 +31,8 @@ class MetaLearner(Protocol):
 
 def meta_train(learner: MetaLearner, sampler: EpisodeSampler, optimizer: torch.optim.Optimizer, steps: int, *,
                batch: int = 1, transform: Callable[[Tensor], Tensor] | None = None,
-               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, log_every: int = 50) -> list[float]:
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, log_every: int = 50,
+               record: str = "loss") -> list[float]:
     """Meta-train ``learner`` for ``steps`` meta-steps of ``batch`` episodes each.
 
     Args:
@@ -42,14 +43,17 @@ def meta_train(learner: MetaLearner, sampler: EpisodeSampler, optimizer: torch.o
         batch: episodes per meta-step (the meta-batch).
         transform: applied to the support and query inputs of every batch (data augmentation).
         scheduler: stepped after every meta-step.
-        log_every: meta-steps between reads of the loss (each read waits for the device).
+        log_every: meta-steps between reads of the recorded statistic (each read waits for the device).
+        record: the statistic of ``meta_step`` to record, ``"loss"`` or another it reports
+            (e.g. ``"accuracy"`` for MAML and the metric learners).
 
     Returns:
-        The training loss every ``log_every`` steps (mean of the steps since the last read).
+        The recorded statistic every ``log_every`` steps (mean of the steps since the last read).
 
     Raises:
         ValueError: ``steps`` below 0, or ``batch`` or ``log_every`` below 1.
-        FloatingPointError: the loss became NaN or infinite.
+        KeyError: ``record`` is not a statistic the learner's ``meta_step`` reports (found at the first step).
+        FloatingPointError: the recorded statistic became NaN or infinite.
     """
     check_count("steps", steps, 0)
     check_count("batch", batch, 1)
@@ -59,15 +63,19 @@ def meta_train(learner: MetaLearner, sampler: EpisodeSampler, optimizer: torch.o
         tasks = sampler.sample(batch)
         if transform is not None:
             tasks = tasks._replace(support_x=transform(tasks.support_x), query_x=transform(tasks.query_x))
-        loss = learner.meta_step(tasks, optimizer)["loss"]
-        running = loss if running is None else running + loss
+        stats = learner.meta_step(tasks, optimizer)
+        if record not in stats:
+            raise KeyError(f"{type(learner).__name__}.meta_step reports {sorted(stats)}, not {record!r}: pass one of "
+                           "them as record=")
+        value = stats[record].detach()
+        running = value if running is None else running + value
         if scheduler is not None:
             scheduler.step()
         if step % log_every == 0 or step == steps:
             mean = float(running) / (step - log_every * len(losses))
             if not math.isfinite(mean):
-                raise FloatingPointError(f"the meta-training loss became {mean} by step {step}; lower the learning "
-                                         "rate")
+                raise FloatingPointError(f"the meta-training {record} became {mean} by step {step}; lower the "
+                                         "learning rate")
             losses.append(mean)
             running = None
     return losses

@@ -66,6 +66,40 @@ def test_gp_covariance_matches_the_kernel():
     assert torch.allclose(empirical, expected, atol=0.1 * gp.scale ** 2)
 
 
+def test_gp_posterior_is_the_textbook_formula():
+    gp = GPCurves(length_scale=0.5, scale=1.3, noise=0.1)
+    curves = gp.sample(3, 7, generator=torch.Generator().manual_seed(0))
+    cx, cy, tx = curves.x[:, :4], curves.y[:, :4], curves.x[:, 4:]
+    mean, std = gp.posterior(cx, cy, tx)
+    assert mean.shape == std.shape == (3, 3, 1) and mean.dtype == torch.float32
+    k = gp.kernel(curves.x.double())                       # Rasmussen & Williams eqs. 2.23-2.24, with an inverse
+    inverse = torch.linalg.inv(k[:, :4, :4])
+    expected_mean = k[:, 4:, :4] @ inverse @ cy.double()
+    expected_var = k[:, 4:, 4:].diagonal(dim1=-2, dim2=-1) - (k[:, 4:, :4] @ inverse @ k[:, :4, 4:]).diagonal(
+        dim1=-2, dim2=-1)
+    torch.testing.assert_close(mean, expected_mean.float())
+    torch.testing.assert_close(std, expected_var.sqrt().unsqueeze(-1).float())
+    # One context point, by hand: μ = k(x*, x) y / (s² + σ²), σ*² = s² + σ² − k(x*, x)² / (s² + σ²).
+    x, y, t = torch.tensor([[[0.0]]]), torch.tensor([[[2.0]]]), torch.tensor([[[0.5]]])
+    cov, var = 1.3 ** 2 * math.exp(-0.25 / (2 * 0.25)), 1.3 ** 2 + 0.1 ** 2
+    mean, std = gp.posterior(x, y, t)
+    assert mean.item() == pytest.approx(cov * 2.0 / var, rel=1e-6)
+    assert std.item() == pytest.approx(math.sqrt(var - cov ** 2 / var), rel=1e-6)
+
+
+def test_gp_mahalanobis_is_chi_squared_for_its_own_curves():
+    gp = GPCurves()
+    curves = gp.sample(2000, 10, generator=torch.Generator().manual_seed(0))
+    distances = gp.mahalanobis(curves)
+    one = curves.y[0].double()
+    assert distances[0].item() == pytest.approx((one.T @ torch.linalg.inv(gp.kernel(curves.x[:1].double())[0]) @ one)
+                                                .item(), rel=1e-9)
+    assert distances.mean().item() == pytest.approx(10, abs=0.3)               # E[χ²_10] = 10, std of the mean 0.1
+    assert distances.var().item() == pytest.approx(20, rel=0.15)               # Var[χ²_10] = 20
+    rough = GPCurves(length_scale=0.1).sample(500, 10, generator=torch.Generator().manual_seed(1))
+    assert gp.mahalanobis(rough).mean() > 30                                    # another prior's curves stand out
+
+
 def test_gp_validation():
     with pytest.raises(ValueError, match="length_scale must be > 0"):
         GPCurves(length_scale=0.0)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lowlearn.data.tasks import GPCurves, context_target_split
-from lowlearn.meta import CNP
+from lowlearn.meta import CNP, fit_cnp
 
 
 def test_predictions_are_invariant_to_the_order_of_the_context_set():
@@ -35,20 +35,42 @@ def test_the_representation_is_the_mean_of_the_encoded_pairs_and_the_std_is_boun
     assert torch.equal(cnp(cx, cy, tx).stddev, torch.full((6, 3), 0.2))
 
 
+def _split(curves, n, generator):
+    context, target = context_target_split(curves, n, generator=generator)
+    return context.x, context.y, target.x, target.y
+
+
+def test_fit_cnp_is_the_written_out_training_loop():
+    torch.manual_seed(0)
+    cnp, reference = CNP(hidden=16), CNP(hidden=16)
+    reference.load_state_dict(cnp.state_dict())
+    generators = [torch.Generator().manual_seed(1) for _ in range(2)]
+    losses = fit_cnp(cnp, lambda: _split(GPCurves().sample(4, 10, generator=generators[0]), 3, generators[0]),
+                     torch.optim.Adam(cnp.parameters(), lr=1e-2), 5)
+    optimizer, expected = torch.optim.Adam(reference.parameters(), lr=1e-2), []
+    for _ in range(5):
+        loss = reference.loss(*_split(GPCurves().sample(4, 10, generator=generators[1]), 3, generators[1]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        expected.append(loss.item())
+    assert losses == expected and cnp.training
+    assert all(torch.equal(a, b) for a, b in zip(cnp.parameters(), reference.parameters()))
+    assert fit_cnp(cnp, None, optimizer, 0) == []
+    nan = torch.full((2, 3, 1), float("nan"))
+    with pytest.raises(FloatingPointError, match="became nan at step 1"):
+        fit_cnp(cnp, lambda: (nan, nan, nan, nan), torch.optim.SGD(cnp.parameters(), lr=0.1), 2)
+    with pytest.raises(ValueError, match="steps must be an int >= 0"):
+        fit_cnp(cnp, None, optimizer, -1)
+
+
 def test_training_on_gp_curves_raises_the_likelihood_and_the_std_shrinks_at_the_context():
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     curves = GPCurves()
     cnp = CNP(hidden=64)
-    optimizer = torch.optim.Adam(cnp.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(1000):
-        context, target = context_target_split(curves.sample(32, 30, generator=generator), 8, generator=generator)
-        loss = cnp.loss(context.x, context.y, target.x, target.y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit_cnp(cnp, lambda: _split(curves.sample(32, 30, generator=generator), 8, generator),
+                     torch.optim.Adam(cnp.parameters(), lr=1e-3), 1000)
     assert sum(losses[-50:]) / 50 < sum(losses[:50]) / 50 - 0.2, (losses[:5], losses[-5:])
     # Context points only in [-2, -1]: the prediction is surer there than in [1, 2], where no point is.
     context_x = -2 + torch.rand(64, 6, 1, generator=generator)

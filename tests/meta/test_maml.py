@@ -302,6 +302,27 @@ def test_adapt_and_evaluate_reports_each_tasks_accuracy():
     assert "per_task_accuracy" not in MAML(MLP(1, (8,), 1).double(), 0.01, loss_fn=F.mse_loss).evaluate(regression(2))
 
 
+class _Episodes:
+    """A sampler of the fixed episodes for meta_train."""
+
+    def sample(self, batch):
+        return episodes(tasks=batch, dtype=torch.float32)
+
+
+def test_meta_train_records_the_statistic_asked_for():
+    torch.manual_seed(0)
+    model = Conv4(1, 3, hidden=4, image_size=16, running_stats=False)
+    reference = copy.deepcopy(model)
+    accuracies = meta_train(MAML(model, 0.1), _Episodes(), torch.optim.Adam(model.parameters(), lr=1e-3), 4,
+                            batch=2, log_every=2, record="accuracy")
+    maml, optimizer, expected = MAML(reference, 0.1), torch.optim.Adam(reference.parameters(), lr=1e-3), []
+    for _ in range(4):                                                    # written out
+        expected.append(maml.meta_step(episodes(tasks=2, dtype=torch.float32), optimizer)["accuracy"].item())
+    assert accuracies == pytest.approx([sum(expected[:2]) / 2, sum(expected[2:]) / 2])
+    with pytest.raises(KeyError, match=r"Reptile.meta_step reports \['loss'\], not 'accuracy'"):
+        meta_train(Reptile(model, 0.05, 1, 0.5), _Episodes(), None, 1, record="accuracy")
+
+
 def test_frozen_parameters_are_used_but_neither_adapted_nor_meta_trained():
     torch.manual_seed(0)
     model = MLP(1, (8, 8), 1).double()
