@@ -300,13 +300,14 @@ class MetaSizes:
         omniglot_meta_batch: tasks per meta-step for 5-way and for 20-way (the paper: 32 and 16).
         omniglot_inner_lr: ``α`` for 5-way and 20-way (the paper: 0.4 and 0.1).
         omniglot_inner_steps: inner steps in meta-training for 5-way and 20-way (the paper: 1 and 5).
-        omniglot_test_steps: adaptation steps at meta-test (the paper: 10).
+        omniglot_test_steps: adaptation steps at meta-test (Finn et al.'s code: 10; their appendix
+            gives 3 for 5-way and 5 for 20-way).
         omniglot_queries: query examples per class in meta-training (the paper: ``K``; the cost of
             a meta-step grows with it).
         omniglot_test_queries: query examples per class of a meta-test episode.
         omniglot_test_episodes: meta-test episodes of 5-way 1-shot, for the 95% intervals (the paper:
-            600); an N-way K-shot setting uses ``5 / (N K)`` times as many (at least 10): adapting to
-            its larger support set costs that much more.
+            600); an N-way K-shot setting uses ``5 / (N K)`` times as many (at least 10, see
+            :meth:`test_episodes`): adapting to its larger support set costs that much more.
         omniglot_meta_lr: ``β``, the Adam rate of the meta-update (the paper: 0.001).
         omniglot_tasks_at_once: tasks that MAML, its variants and Reptile adapt together
             (:class:`lowlearn.meta.maml.MAML`'s ``tasks_at_once``): the same results, fewer and
@@ -372,6 +373,14 @@ class MetaSizes:
     l2l_test_problems: int
     l2l_lrs: tuple[float, ...]
 
+    def test_episodes(self, ways: int, shots: int) -> int:
+        """Meta-test episodes of an N-way K-shot setting: ``5 / (N K)`` times ``omniglot_test_episodes``, at least 10.
+
+        (All of ``omniglot_test_episodes`` where that is fewer than 10.)
+        """
+        base = self.omniglot_test_episodes
+        return max(min(10, base), base * 5 // (ways * shots))
+
 
 @dataclass(frozen=True)
 class BlackBoxSizes:
@@ -410,7 +419,8 @@ class BlackBoxSizes:
             same meta-gradient, fewer and larger kernels, memory for that many tasks).
         maml_queries: query examples per class in MAML's training episodes.
         maml_steps: MAML meta-steps.
-        maml_test_steps: MAML's adaptation steps at test time (the paper: 10).
+        maml_test_steps: MAML's adaptation steps at test time (Finn et al.'s code: 10; their appendix
+            gives 5 for 20-way).
         maml_test_episodes: MAML's meta-test episodes per setting (it adapts by gradient steps on each,
             so it gets fewer than ``test_episodes``; the papers: 600 or more).
         cnp_hidden: width of the CNP's layers and of its representation ``r`` (Garnelo et al.: 128).
@@ -726,7 +736,7 @@ PROFILES: dict[str, Profile] = {
                        reptile_inner_steps=5, reptile_outer_lr=1.0, pretrain_epochs=3,
                        sweep_inner_lrs=(0.04, 0.4, 2.0), sweep_meta_steps=40, cost_inner_steps=(1, 2, 5, 10),
                        cost_repeats=3, l2l_quadratic_problems=200, l2l_mnist_problems=10, l2l_horizon=100,
-                       l2l_truncation=20, l2l_test_problems=10, l2l_lrs=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0)),
+                       l2l_truncation=20, l2l_test_problems=10, l2l_lrs=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)),
         black_box=BlackBoxSizes(image_size=28, hidden=64, rotations=True, within_alphabet=False, train_ways=20,
                                 train_shots=1, train_queries=5, meta_steps=2500, lr=1e-3, augment=False,
                                 refine_steps=2, test_shift=0, test_rotations=True, eval_batch_size=64,
@@ -794,7 +804,7 @@ PROFILES: dict[str, Profile] = {
                        sweep_inner_lrs=(0.04, 0.1, 0.4, 1.0, 2.0), sweep_meta_steps=500,
                        cost_inner_steps=(1, 2, 5, 10, 20), cost_repeats=5, l2l_quadratic_problems=1000,
                        l2l_mnist_problems=100, l2l_horizon=100, l2l_truncation=20, l2l_test_problems=20,
-                       l2l_lrs=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0)),
+                       l2l_lrs=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)),
         black_box=BlackBoxSizes(image_size=28, hidden=64, rotations=True, within_alphabet=False, train_ways=60,
                                 train_shots=1, train_queries=5, meta_steps=20000, lr=1e-3, augment=False,
                                 refine_steps=1, test_shift=1, test_rotations=False, eval_batch_size=None,

@@ -52,3 +52,10 @@ def test_looking_forward_sizes():
         assert 0 < p.prune_begin_fraction < p.end_fraction <= 1 and 0 < p.drop_fraction < 1
         for block in ("standard", *p.blocks):          # every network of the chapter can be built
             SmallCNN(block, channels=p.channels, expansion=p.expansion, reduction=p.reduction)
+
+
+def test_meta_test_episodes_shrink_with_the_support_set():
+    cpu = PROFILES["cpu"].meta                                            # 100 episodes of 5-way 1-shot
+    assert [cpu.test_episodes(n, k) for n, k in ((5, 1), (5, 5), (20, 1), (20, 5))] == [100, 20, 25, 10]
+    smoke = PROFILES["smoke"].meta                                        # fewer than 10: all of them
+    assert smoke.test_episodes(20, 5) == smoke.omniglot_test_episodes

@@ -14,6 +14,7 @@ and ``device``, and draws whole batches of tasks with tensor operations.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -56,6 +57,21 @@ class Curves(NamedTuple):
     y: Tensor
 
 
+@dataclass(frozen=True)
+class TaskSampler:
+    """Draws batches of regression tasks of one shape (see :meth:`SinusoidTasks.sampler`)."""
+
+    tasks: SinusoidTasks
+    shots: int
+    queries: int
+    generator: torch.Generator | None = None
+    device: torch.device | str | None = None
+
+    def sample(self, batch: int) -> RegressionBatch:
+        """``batch`` tasks of ``shots`` support and ``queries`` query points."""
+        return self.tasks.sample(batch, self.shots, self.queries, self.generator, self.device)
+
+
 class SinusoidTasks:
     """Sine waves ``y = amplitude * sin(x - phase)`` with random amplitude and phase.
 
@@ -95,6 +111,15 @@ class SinusoidTasks:
         x = _uniform((batch, shots + queries, 1), self.x_range, generator, device)
         y = self.curve(amplitude, phase, x)
         return RegressionBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:], amplitude, phase)
+
+    def sampler(self, shots: int, queries: int, generator: torch.Generator | None = None,
+                device: torch.device | str | None = None) -> TaskSampler:
+        """A sampler of tasks of one shape: ``sampler.sample(batch)`` is ``self.sample(batch, shots, queries, ...)``.
+
+        It has the interface of :class:`~lowlearn.data.episodes.EpisodeSampler` that
+        :func:`lowlearn.meta.episodic.meta_train` draws its batches from.
+        """
+        return TaskSampler(self, shots, queries, generator, device)
 
     @staticmethod
     def curve(amplitude: Tensor | float, phase: Tensor | float, x: Tensor) -> Tensor:

@@ -35,6 +35,12 @@ def test_sinusoid_curve_and_reproducibility():
     assert SinusoidTasks.curve(a.amplitude, a.phase, grid).shape == (3, 11, 1)
 
 
+def test_a_sinusoid_sampler_draws_tasks_of_one_shape():
+    sampler = SinusoidTasks().sampler(3, 4, generator=torch.Generator().manual_seed(5))
+    expected = SinusoidTasks().sample(2, 3, 4, generator=torch.Generator().manual_seed(5))
+    assert all(torch.equal(a, b) for a, b in zip(sampler.sample(2), expected))
+
+
 def test_sinusoid_validation():
     with pytest.raises(ValueError, match="amplitude must be a range"):
         SinusoidTasks(amplitude=(5.0, 0.1))
