@@ -111,19 +111,30 @@ def generator_on(generator: torch.Generator, device: torch.device) -> torch.Gene
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def restore_generator(generator: torch.Generator, state: Tensor) -> None:
-    """Set ``generator`` to a ``state`` saved by ``get_state()``; a state of another kind of device seeds it instead.
+def restore_generator(generator: torch.Generator, state: Tensor,
+                      device: torch.device | str | None = None) -> torch.Generator:
+    """The generator that continues from a ``state`` saved by ``get_state()`` of a generator on ``device``.
 
-    CPU and CUDA generators use different algorithms, with states of different sizes,
-    so a run resumed on another kind of device cannot continue the same random
-    sequence. The generator is then seeded from the state's bytes: the resumed draws
-    stay reproducible, though not those of the uninterrupted run.
+    CPU and CUDA generators use different algorithms, with states of different sizes.
+    A state saved on CUDA, restored on a machine with a GPU, continues on a new CUDA
+    generator: a method rebuilt with a CPU generator (as it is before :func:`fit`
+    moves the model) then draws exactly what the uninterrupted run drew. Where the
+    saved kind of device is missing (or ``device`` is unknown), a state of the other
+    kind seeds ``generator`` from its bytes instead: the resumed draws stay
+    reproducible, though not those of the uninterrupted run. Otherwise ``generator``
+    is set to the state and returned.
     """
     state = state.to(device="cpu", dtype=torch.uint8)
-    if state.numel() == generator.get_state().numel():
-        generator.set_state(state)
-    else:
-        generator.manual_seed(zlib.crc32(state.numpy().tobytes()))
+    saved = None if device is None else torch.device(device)
+    target = generator
+    if saved is not None and saved.type == "cuda" and generator.device.type != "cuda" and torch.cuda.is_available():
+        index = saved.index if (saved.index or 0) < torch.cuda.device_count() else 0
+        target = torch.Generator(device=torch.device("cuda", index or 0))
+    if state.numel() == target.get_state().numel():
+        target.set_state(state)
+        return target
+    generator.manual_seed(zlib.crc32(state.numpy().tobytes()))
+    return generator
 
 
 @dataclass

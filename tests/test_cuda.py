@@ -71,12 +71,43 @@ def test_methods_built_on_the_cpu_draw_on_the_gpu_after_the_model_moves(method):
     assert all(m.device.type == "cuda" for m in masks_of(model).values())
 
 
+def test_a_cuda_generator_state_continues_on_a_new_cuda_generator():
+    from lowlearn.train import restore_generator
+
+    cuda = torch.Generator(device="cuda").manual_seed(3)
+    torch.rand(5, generator=cuda, device="cuda")
+    state = cuda.get_state()
+    expected = torch.rand(4, generator=cuda, device="cuda")
+    restored = restore_generator(torch.Generator(), state, "cuda:0")       # a method rebuilt with a CPU generator
+    assert restored.device.type == "cuda" and torch.equal(torch.rand(4, generator=restored, device="cuda"), expected)
+    cpu = torch.Generator()
+    assert restore_generator(cpu, state) is cpu                              # device unknown: seeded
+
+
+def test_snfs_resumed_from_a_checkpoint_read_to_the_cpu_trains_on_the_gpu():
+    torch.manual_seed(0)
+    model = MLP(20, (32, 16), 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    snfs = SNFS(model, optimizer, 0.3, end=10, every=3)
+    fit(model, batches()[0], optimizer, steps=2, batch_size=8, device="cuda", callbacks=[snfs], progress=False)
+    read_to_cpu = {"steps": snfs.state_dict()["steps"], "generator": snfs.state_dict()["generator"],
+                   "generator_device": snfs.state_dict()["generator_device"],
+                   "momentum": {name: m.cpu() for name, m in snfs.momentum.items()}}
+    resumed = SNFS(model, optimizer, 0.3, end=10, every=3)
+    resumed.load_state_dict(read_to_cpu)
+    assert all(m.device.type == "cuda" for m in resumed.momentum.values())
+    fit(model, batches()[0], optimizer, steps=4, batch_size=8, device="cuda", callbacks=[resumed], progress=False,
+        start_step=2)                                                        # an update at step 3 uses the momentum
+
+
 def test_a_sparsifier_saved_on_the_gpu_resumes_on_the_cpu():
-    # CUDA's generator state cannot be set on a CPU generator: loading seeds it, reproducibly.
+    # CUDA's generator state cannot be set on a CPU generator: without a GPU (as here, where the saved
+    # device is left out), loading seeds it, reproducibly.
     torch.manual_seed(0)
     model = MLP(20, (32, 16), 4).cuda()
     saved = SET(model, torch.optim.SGD(model.parameters(), lr=0.1), 0.3, end=10, every=3).state_dict()
     assert saved["generator"].numel() != torch.Generator().get_state().numel()
+    del saved["generator_device"]
     draws = []
     for _ in range(2):
         cpu_model = MLP(20, (32, 16), 4)

@@ -5,7 +5,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lowlearn.train import (History, NonFiniteLossError, StopTraining, evaluate, fit,
-                            load_checkpoint, save_checkpoint, seed_everything)
+                            load_checkpoint, restore_generator, save_checkpoint, seed_everything)
 
 
 def toy_data(n=256, seed=0):
@@ -304,3 +304,16 @@ def test_a_checkpoint_is_read_to_the_cpu_by_default(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", load)
     load_checkpoint(path, model, opt)
     assert seen["map_location"] == "cpu" and seen["weights_only"] is True
+
+
+def test_restore_generator_continues_a_state_of_its_kind_and_seeds_from_another():
+    source = torch.Generator().manual_seed(5)
+    torch.rand(3, generator=source)
+    state, expected = source.get_state(), torch.rand(4, generator=source)
+    for device in (None, "cpu"):
+        target = torch.Generator()
+        assert restore_generator(target, state, device) is target and torch.equal(torch.rand(4, generator=target),
+                                                                                  expected)
+    cuda_state = torch.arange(16, dtype=torch.uint8)                   # the size of a CUDA generator's state
+    seeded = [torch.rand(2, generator=restore_generator(torch.Generator(), cuda_state, None)) for _ in range(2)]
+    assert torch.equal(*seeded)                               # no GPU to continue it on: seeded, reproducibly

@@ -151,16 +151,18 @@ class Sparsifier(ABC):
 
     def state_dict(self) -> dict:
         """Step count and generator state (the masks are in the model's ``state_dict``)."""
-        return {"steps": self.steps, "generator": self.generator.get_state()}
+        return {"steps": self.steps, "generator": self.generator.get_state(),
+                "generator_device": str(self.generator.device)}
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore :meth:`state_dict` (load the model's and optimizer's state too).
 
-        A generator state saved on another kind of device (CPU or CUDA) seeds the
-        generator instead (:func:`lowlearn.train.restore_generator`).
+        A generator state saved on CUDA continues on a CUDA generator where there is a
+        GPU, and seeds the generator where there is none
+        (:func:`lowlearn.train.restore_generator`).
         """
         self.steps = int(state["steps"])
-        restore_generator(self.generator, state["generator"])
+        self.generator = restore_generator(self.generator, state["generator"], state.get("generator_device"))
 
 
 class DynamicSparsity(Sparsifier):
@@ -474,8 +476,10 @@ class SNFS(DynamicSparsity):
         return {**super().state_dict(), "momentum": {name: m.clone() for name, m in self.momentum.items()}}
 
     def load_state_dict(self, state: Mapping) -> None:
+        """As :meth:`DynamicSparsity.load_state_dict`; the momentum goes to its layer's device."""
         super().load_state_dict(state)
-        self.momentum = {name: m.clone() for name, m in state["momentum"].items()}
+        devices = {name: raw_weight(layer).device for name, layer in self.layers().items()}
+        self.momentum = {name: m.to(devices[name], copy=True) for name, m in state["momentum"].items()}
 
 
 def share(total: int, weights: Mapping[str, float], capacity: Mapping[str, int]) -> dict[str, int]:

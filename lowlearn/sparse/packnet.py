@@ -191,9 +191,9 @@ class PackNet:
     def state_dict(self) -> dict:
         """Owners, task count and generator (weights and masks are in the model's ``state_dict``)."""
         return {"owner": {name: o.clone() for name, o in self.owner.items()}, "tasks": self.tasks,
-                "generator": self.generator.get_state()}
+                "generator": self.generator.get_state(), "generator_device": str(self.generator.device)}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.owner = {name: o.clone() for name, o in state["owner"].items()}
         self.tasks = int(state["tasks"])
-        restore_generator(self.generator, state["generator"])
+        self.generator = restore_generator(self.generator, state["generator"], state.get("generator_device"))
