@@ -54,7 +54,7 @@ from torch.nn.utils import parametrize
 
 from .data.splits import check_count
 from .sparse.export import chain
-from .train import buffers_restored
+from .train import buffers_restored, generator_on
 
 STRATEGIES = ("random", "split", "gradmax")
 _BETWEEN = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.Identity, nn.Dropout, nn.MaxPool2d,
@@ -139,7 +139,8 @@ def gradmax_directions(model: nn.Sequential, layer: int, k: int, batch: tuple[Te
             pairs only), or subspace iteration on ``U ↦ ∂L/∂W_new`` (any pair).
             Default: the closed form where there is one.
         iterations: subspace iterations.
-        generator: the iteration's random start.
+        generator: the iteration's random start (one on another device than the model
+            seeds one on the model's device: :func:`lowlearn.train.generator_on`).
 
     Returns:
         ``(k, *shape)``: the new units' outgoing weights, one per row, flattened
@@ -147,6 +148,8 @@ def gradmax_directions(model: nn.Sequential, layer: int, k: int, batch: tuple[Te
         like ``consumer.weight[:, i]`` (``(n_{l+1},)`` or ``(n_{l+1}, k_h, k_w)``).
     """
     grown, consumer = layer_pair(model, layer)
+    if generator is not None:
+        generator = generator_on(generator, grown.weight.device)
     if closed_form is None:
         closed_form = isinstance(grown, nn.Linear)
     if closed_form:
@@ -214,7 +217,9 @@ def grow(model: nn.Sequential, layer: int, k: int, strategy: str = "gradmax", *,
         epsilon: standard deviation of random incoming weights of new units
             (random and GradMax; 0 keeps the function exactly).
         noise: splitting's symmetry-breaking ``η``, uniform in ``±noise``.
-        generator: for the random choices.
+        generator: for the random choices (one on another device than the model, e.g.
+            made before :func:`lowlearn.train.fit` moved the model to a GPU, seeds one on
+            the model's device: :func:`lowlearn.train.generator_on`).
 
     Returns:
         The indices of the new units in the grown layer.
@@ -232,6 +237,8 @@ def grow(model: nn.Sequential, layer: int, k: int, strategy: str = "gradmax", *,
         raise ValueError(f"layer {layer} has {old} units: growing {k} more would pass max_width={max_width}")
     weight, out = grown.weight.detach(), consumer.weight.detach()
     device, dtype = weight.device, weight.dtype
+    if generator is not None:
+        generator = generator_on(generator, device)
 
     def randn(*shape: int) -> Tensor:
         return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
