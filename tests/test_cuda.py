@@ -226,14 +226,16 @@ def test_two_four_export_runs_on_sparse_tensor_cores_where_available():
 
 
 def test_growth_with_a_cpu_generator_grows_a_model_on_the_gpu():
-    from lowlearn.growth import grow, layer_pair
+    from lowlearn.growth import gradmax_directions, grow, layer_pair
 
     torch.manual_seed(0)
     model = MLP(20, (8,), 4).cuda()
     x, y = (t.cuda() for t in batches()[0])
     before = model(x)
-    grow(model, 0, 3, "gradmax", batch=(x, y), closed_form=False, iterations=3,
-         generator=torch.Generator().manual_seed(0))                      # made before the model moved
+    grow(model, 0, 3, "random", epsilon=0.0, generator=torch.Generator().manual_seed(0))   # made before the move
     grow(model, 0, 2, "split", generator=torch.Generator().manual_seed(0))
     assert layer_pair(model, 0)[0].weight.shape[0] == 13
+    directions = gradmax_directions(model, 0, 2, (x, y), closed_form=False, iterations=3,
+                                    generator=torch.Generator().manual_seed(0))
+    assert directions.device.type == "cuda" and directions.shape == (2, 4)
     assert torch.allclose(model(x), before, atol=1e-5)                    # growth keeps the function
