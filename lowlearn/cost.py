@@ -103,10 +103,10 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
     Returns:
         The total and per-layer MACs of one example.
     """
-    if example_input.dim() == 0 or example_input.shape[0] == 0:
+    if example_input.dim() < 2 or example_input.shape[0] == 0:
         raise ValueError(
-            "example_input must be a non-empty batch (B, ...), "
-            f"got shape {tuple(example_input.shape)}"
+            "example_input must be a non-empty batch (B, ...) with a batch dimension (a single example x is "
+            f"x.unsqueeze(0)), got shape {tuple(example_input.shape)}"
         )
     batch_size = example_input.shape[0]
     per_layer: dict[str, int] = {}
@@ -169,7 +169,8 @@ class MemoryReport:
             (the input batch included, parameters and buffers excluded).
         cuda_peak: peak bytes allocated on the model's CUDA device during one
             forward and backward pass (everything on that device, not only this
-            model), or ``None`` when not measured.
+            model, except the copies of the buffers that the measurement keeps to
+            restore them), or ``None`` when not measured.
     """
 
     parameters: int
@@ -260,14 +261,16 @@ def training_memory(
             spans[key] = (min(start, old_start), max(end, old_end))
         return tensor
 
-    if measure_cuda:
-        torch.cuda.reset_peak_memory_stats(device)
+    cuda_peak = None
     with buffers_restored(model), torch.enable_grad():
+        if measure_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             loss = loss_fn(model(inputs), targets)
         if measure_cuda:
             torch.autograd.grad(loss, trainable, allow_unused=True)
-    cuda_peak = torch.cuda.max_memory_allocated(device) if measure_cuda else None
+            # less the copies of the buffers that buffers_restored keeps, which a training step does not make
+            cuda_peak = torch.cuda.max_memory_allocated(device) - sum(b.nbytes for b in model.buffers())
 
     return MemoryReport(
         parameters=sum(p.nbytes for p in params),

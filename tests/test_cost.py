@@ -126,9 +126,11 @@ def test_flops_clean_up_after_an_error():
     assert model.training
 
 
-def test_flops_reject_an_empty_batch():
+def test_flops_reject_an_empty_batch_and_an_input_without_a_batch_dimension():
     with pytest.raises(ValueError, match="batch"):
         count_flops(MLP(), torch.randn(0, 784))
+    with pytest.raises(ValueError, match=r"a single example x is x.unsqueeze\(0\)\), got shape \(784,\)"):
+        count_flops(nn.Linear(784, 10), torch.randn(784))         # would count 10 MACs instead of 7,840
 
 
 def test_training_flops_is_three_forward_passes():

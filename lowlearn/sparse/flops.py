@@ -121,20 +121,28 @@ def pruning_training_flops(
 
 def model_sparse_flops(model: nn.Module, example_input: torch.Tensor, *,
                        relative_to_dense: bool = False) -> float:
-    """:func:`sparse_inference_flops` of a masked model at its current masks.
+    """:func:`sparse_inference_flops` of a sparse model: its masks, or the zeros of its weights.
 
     The dense costs come from :func:`lowlearn.cost.count_flops` on
-    ``example_input`` (a batch on the model's device), the densities from
-    :func:`~lowlearn.sparse.mask.layer_densities`; layers without masks count
-    dense. Multiply by 3 (:func:`sparse_training_flops`) for a training step.
+    ``example_input`` (a batch on the model's device). A masked layer's density is
+    its mask's (:func:`~lowlearn.sparse.mask.layer_densities`); any other counted
+    layer with a ``weight`` counts its nonzero weights, so a model whose masks were
+    made permanent (:func:`~lowlearn.sparse.mask.squash`) or pruned with
+    ``torch.nn.utils.prune`` costs what its zeros save. Multiply by 3
+    (:func:`sparse_training_flops`) for a training step.
 
     Raises:
         KeyError: a masked layer whose FLOPs :func:`~lowlearn.cost.count_flops` does not
             count (it counts ``nn.Linear``, ``nn.Conv2d`` and layers with ``count_macs``
             that the example runs through).
     """
-    return sparse_inference_flops(count_flops(model, example_input), layer_densities(model),
-                                  relative_to_dense=relative_to_dense)
+    flop_count, densities = count_flops(model, example_input), layer_densities(model)
+    modules = dict(model.named_modules())
+    for name in flop_count.per_layer.keys() - densities.keys():
+        weight = getattr(modules[name], "weight", None)
+        if isinstance(weight, torch.Tensor):
+            densities[name] = int(weight.count_nonzero()) / weight.numel()
+    return sparse_inference_flops(flop_count, densities, relative_to_dense=relative_to_dense)
 
 
 DST_METHODS = ("dense", "static", "set", "rigl", "snfs", "topkast")
@@ -178,7 +186,8 @@ def dst_training_flops(
         relative_to_dense: divide by dense training, ``3 f_D``.
 
     Raises:
-        ValueError: an unknown method, ``every < 1``, or Top-KAST without ``backward_densities``.
+        ValueError: an unknown method, ``every < 1``, or Top-KAST without ``backward_densities``
+            or with a backward density below the forward one.
     """
     if method not in DST_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(DST_METHODS)}")
@@ -196,5 +205,10 @@ def dst_training_flops(
     else:
         if backward_densities is None:
             raise ValueError("Top-KAST's cost needs backward_densities (the densities of the backward set B)")
-        macs = 2 * f_s + sparse_inference_flops(flop_count, backward_densities)
+        forward, backward = _check_densities(flop_count, densities), _check_densities(flop_count, backward_densities)
+        thinner = [name for name in flop_count.per_layer if backward.get(name, 1.0) < forward.get(name, 1.0)]
+        if thinner:
+            raise ValueError(f"Top-KAST's backward set B contains its forward set A, so a layer's backward density "
+                             f"is at least its forward density; not so for {thinner}")
+        macs = 2 * f_s + sparse_inference_flops(flop_count, backward)
     return macs / training_flops(flop_count) if relative_to_dense else macs

@@ -1,12 +1,13 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.utils.prune
 
 from lowlearn.cost import count_flops, training_flops
 from lowlearn.models import MLP, LeNet5
 from lowlearn.sparse.flops import (dst_training_flops, model_sparse_flops, pruning_training_flops,
                                    sparse_inference_flops, sparse_training_flops)
-from lowlearn.sparse.mask import attach_masks, masks_of
+from lowlearn.sparse.mask import attach_masks, masks_of, squash
 from lowlearn.sparse.prune import kept_count, prune
 from lowlearn.sparse.scores import magnitude
 
@@ -65,6 +66,22 @@ def test_pruned_models_cost_their_kept_weights_times_the_positions_they_slide_ov
     assert int(masks_of(conv)["features.3"].sum()) == kept_count(0.3, 16 * 6 * 25)
 
 
+def test_squashed_and_torch_pruned_models_cost_their_nonzero_weights():
+    torch.manual_seed(0)
+    model, x = MLP(), torch.zeros(1, 784)
+    prune(model, magnitude(model), DENSITIES)
+    masked = model_sparse_flops(model, x)
+    keep = {name: m.clone() for name, m in masks_of(model).items()}
+    squash(model)                                                       # the masks made permanent: zeros remain
+    assert model_sparse_flops(model, x) == pytest.approx(masked)
+    torch_pruned = MLP()
+    for name, layer in torch_pruned.named_modules():
+        if name in keep:
+            torch.nn.utils.prune.custom_from_mask(layer, "weight", keep[name])
+    assert model_sparse_flops(torch_pruned, x) == pytest.approx(masked)
+    assert model_sparse_flops(MLP(), x, relative_to_dense=True) == 1.0   # trained weights have no exact zeros
+
+
 def test_pruning_with_a_constant_schedule_costs_static_sparse_training(lenet):
     static = sparse_training_flops(lenet, DENSITIES)
     assert pruning_training_flops(lenet, [DENSITIES] * 7) == pytest.approx(static)
@@ -119,3 +136,5 @@ def test_dst_training_flops_bad_input(lenet):
         dst_training_flops(lenet, 0.1, "rigl", every=0)
     with pytest.raises(ValueError, match="backward_densities"):
         dst_training_flops(lenet, 0.1, "topkast")
+    with pytest.raises(ValueError, match=r"at least its forward density; not so for \['1', '3', '5'\]"):
+        dst_training_flops(lenet, 0.5, "topkast", backward_densities=0.1)
