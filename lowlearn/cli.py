@@ -7,6 +7,7 @@ names the option and says what it takes, before anything runs.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 
@@ -19,6 +20,11 @@ def positive_int(text: str) -> int:
 def natural_int(text: str) -> int:
     """An integer of at least 0."""
     return _int_at_least(text, 0)
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """The argument type of an integer of at least ``minimum``."""
+    return lambda text: _int_at_least(text, minimum)
 
 
 def _int_at_least(text: str, minimum: int) -> int:
@@ -48,11 +54,16 @@ def fractions(text: str) -> tuple[float, ...]:
 
 
 def device(text: str) -> torch.device:
-    """A torch device that this machine has (``cpu``, ``cuda``, ``cuda:1``, ...)."""
+    """A torch device that this machine has: ``cpu``, or ``cuda`` / ``cuda:N`` with a GPU ``N`` there."""
     try:
         value = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"unknown device {text!r}; e.g. cpu or cuda") from None
+    if value.type not in ("cpu", "cuda") or (value.type == "cpu" and value.index not in (None, 0)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device lowlearn runs on here; use cpu or cuda")
     if value.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text!r} was asked for, but CUDA is not available here; use cpu")
+    if value.type == "cuda" and (value.index or 0) >= torch.cuda.device_count():
+        last = torch.cuda.device_count() - 1
+        raise argparse.ArgumentTypeError(f"{text!r} was asked for, but this machine's GPUs are cuda:0 to cuda:{last}")
     return value

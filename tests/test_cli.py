@@ -14,7 +14,9 @@ def test_argument_types_take_good_values_and_explain_bad_ones():
     for parse, text, message in ((cli.positive_int, "0", ">= 1"), (cli.positive_int, "2.5", "an integer"),
                                  (cli.natural_int, "-1", ">= 0"), (cli.fraction, "0", r"\(0, 1\]"),
                                  (cli.fraction, "x", r"\(0, 1\]"), (cli.fractions, "0.5,1.5", r"\(0, 1\]"),
-                                 (cli.device, "foo", "unknown device")):
+                                 (cli.device, "foo", "unknown device"), (cli.int_at_least(2), "1", ">= 2"),
+                                 (cli.device, "meta", "not a device lowlearn runs on"),
+                                 (cli.device, "cpu:3", "not a device lowlearn runs on")):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             parse(text)
     if not torch.cuda.is_available():

@@ -150,7 +150,9 @@ def test_heldout_needs_alphabets_the_background_lacks_and_says_so_before_trainin
 
 @pytest.mark.parametrize("option, message", [
     (["--steps", "-1"], "argument --steps: expected an integer >= 0, got -1"),
-    (["--episodes", "0"], "argument --episodes: expected an integer >= 1, got 0"),
+    (["--episodes", "1"], "argument --episodes: expected an integer >= 2, got 1"),
+    (["--method", "maml", "--test-shift", "1"], "--test-shift is for the metric learners"),
+    (["--device", "meta"], "argument --device: 'meta' is not a device lowlearn runs on here"),
     (["--test-shift", "-3"], "argument --test-shift: expected an integer >= 0, got -3"),
     (["--device", "foo"], "argument --device: unknown device 'foo'"),
     (["--checkpoint", "a.pt", "--save", "b.pt"], "with --checkpoint nothing is trained"),
@@ -208,6 +210,34 @@ def test_missing_runs_offline_say_what_to_do(monkeypatch):
     monkeypatch.setattr(omniglot_runs, "background", lambda name, size, root: None)
     with pytest.raises(SystemExit, match="--test heldout"):
         omniglot_runs.main(["--profile", "smoke"])
+
+
+def test_episodes_with_the_runs_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        omniglot_runs.main(["--profile", "smoke", "--episodes", "50"])
+    assert "use it with --test heldout" in capsys.readouterr().err
+
+
+def test_missing_background_data_and_a_damaged_checkpoint_are_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="omniglot"):
+        omniglot_runs.main(["--profile", "smoke", "--test", "heldout", "--data", str(tmp_path / "empty")])
+    damaged = tmp_path / "learner.pt"
+    damaged.write_bytes(b"not a checkpoint")
+    monkeypatched = ["--profile", "smoke", "--test", "heldout", "--checkpoint", str(damaged)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(omniglot_runs, "background", lambda name, size, root: None)
+        patch.setattr(omniglot_runs, "held_out", lambda data, size, root: None)
+        with pytest.raises(SystemExit, match="could not be read as a lowlearn checkpoint"):
+            omniglot_runs.main(monkeypatched)
+
+
+def test_the_eval_entry_point_lists_its_tasks(capsys):
+    from lowlearn.eval.__main__ import main
+
+    main(["--help"])
+    assert "omniglot-runs" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown task 'omniglot_runs'"):
+        main(["omniglot_runs"])
 
 
 def test_unknown_background_is_a_clear_error():

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -207,8 +208,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="protonet and matching: also compare the images in their four 90° rotations at test "
                              "time, an ensemble of four comparisons (four times the cost of one view; default: "
                              "the profile's)")
-    parser.add_argument("--episodes", type=cli.positive_int, default=400,
-                        help="held-out episodes (with --test heldout)")
+    parser.add_argument("--episodes", type=cli.int_at_least(2),
+                        help="held-out episodes (with --test heldout; default 400; at least 2, for an interval)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", type=cli.device, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--data", help="data root (default: $LOWLEARN_DATA or ~/.cache/lowlearn)")
@@ -238,7 +239,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps is not None:
         sizes = dataclasses.replace(sizes, meta_steps=args.steps, maml_steps=args.steps)
     if args.test_shift is not None:
+        if args.method == "maml":
+            parser.error("--test-shift is for the metric learners (protonet, matching), not maml")
         sizes = dataclasses.replace(sizes, test_shift=args.test_shift)
+    if args.test == "runs" and args.episodes is not None:
+        parser.error("--episodes counts held-out episodes: use it with --test heldout (the runs are 20)")
+    episodes = 400 if args.episodes is None else args.episodes
     if args.refine_steps is not None:
         if args.method != "protonet":
             parser.error("--refine-steps is for protonet, the learner that refines its prototypes")
@@ -251,7 +257,10 @@ def main(argv: list[str] | None = None) -> None:
     print(banner(profile))
     seed_everything(args.seed)                   # --seed fixes the initialisation as well as the episodes
     learner = make_learner(args.method, sizes).to(device)
-    data = background(args.background, sizes.image_size, args.data)
+    try:
+        data = background(args.background, sizes.image_size, args.data)
+    except DatasetNotFoundError as error:
+        sys.exit(str(error))
     runs = test = None
     if args.test == "heldout":
         try:
@@ -272,6 +281,9 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as error:
             sys.exit(f"{error}: run with the --method, --background and --profile it was saved with, or train "
                      "anew (a held-out or published-table comparison is only fair for the background it learned)")
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+            sys.exit(f"--checkpoint {args.checkpoint} could not be read as a lowlearn checkpoint "
+                     f"({type(error).__name__}); it may be damaged or not a checkpoint: train anew with --save")
         trained = f" ({extra['steps']} training steps)" if "steps" in extra else ""
         print(f"loaded {args.method} from {args.checkpoint}{trained}")
     else:
@@ -293,14 +305,14 @@ def main(argv: list[str] | None = None) -> None:
         errors = run_errors(learner, runs, sizes, device)
         mean, ci = mean_and_ci(errors)
         print(f"\n20 one-shot runs of Lake et al. (2015), error rate (%), {args.method} on {args.background}: "
-              f"{mean:.1f} ± {ci:.1f}")
+              f"{mean:.1f} ± {ci:.1f} (95% interval over the 20 runs)")
         print("  per run: " + " ".join(f"{e:.0f}" for e in errors.tolist()))
         print("\npublished error rates (%) on the same runs, Lake et al. (2015):")
         for key in ("full", "small1", "small2"):
             for name, error in PUBLISHED[key]:
                 print(f"  {name:38s} {key + ' background':20s} {error:5.1f}")
     else:
-        errors = episode_errors(learner, test, sizes, device, args.episodes)
+        errors = episode_errors(learner, test, sizes, device, episodes)
         mean, ci = mean_and_ci(errors)
-        print(f"\nheld-out small2 alphabets, 20-way one-shot within one alphabet, {args.episodes} episodes: "
-              f"error {mean:.1f} ± {ci:.1f}%  (accuracy {100 - mean:.1f}%)")
+        print(f"\nheld-out small2 alphabets, 20-way one-shot within one alphabet, {episodes} episodes: "
+              f"error {mean:.1f} ± {ci:.1f}% (95% interval over the episodes; accuracy {100 - mean:.1f}%)")
