@@ -859,10 +859,17 @@ def get_profile(name: str | None = None) -> Profile:
     return PROFILES[key]
 
 
-def device_description() -> str:
-    """The device that makes the results: ``"cuda (<GPU name>)"`` or ``"cpu (<n> threads)"``."""
-    if torch.cuda.is_available():
-        return f"cuda ({torch.cuda.get_device_name()})"
+def device_description(device: torch.device | str | None = None) -> str:
+    """The device that makes the results: ``"cuda (<GPU name>)"`` or ``"cpu (<n> threads)"``.
+
+    ``device`` defaults to the machine's default device (CUDA where there is a GPU).
+    """
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
+                                                                          else "cpu")
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type != "cpu":
+        return device.type
     threads = torch.get_num_threads()
     return f"cpu ({threads} thread{'' if threads == 1 else 's'})"
 

@@ -72,9 +72,10 @@ def results_path(profile: str | None = None, directory: str | os.PathLike | None
     return folder / f"{name}.json"
 
 
-def _read(path: Path) -> dict[str, dict[str, dict]]:
+def _read(path: Path) -> dict:
+    """The stored file: ``{"results": {chapter: {key: entry}}, ...}``; anything else in it is kept as it is."""
     if not path.exists():
-        return {}
+        return {"results": {}}
     try:
         stored = json.loads(path.read_text())
         chapters = stored["results"]
@@ -85,7 +86,7 @@ def _read(path: Path) -> dict[str, dict[str, dict]]:
             f"cannot read the results file {path} ({error}); it was left untouched. Move it away "
             f"(or point {ENV_VAR} to another folder) and run the chapters again to record new results"
         ) from error
-    return chapters
+    return stored
 
 
 def _check_name(kind: str, name: str) -> str:
@@ -103,7 +104,11 @@ def _finite(kind: str, number: object) -> float | None:
         if count != 1:
             raise ValueError(f"a result's {kind} must be one number, got a {type(number).__name__} of {count} values")
         number = number.item()
-    if isinstance(number, bool) or not isinstance(number, numbers.Real) or not math.isfinite(number):
+    try:
+        finite = not isinstance(number, bool) and isinstance(number, numbers.Real) and math.isfinite(number)
+    except OverflowError:                        # an integer too large for a float
+        finite = False
+    if not finite:
         raise ValueError(f"a result's {kind} must be a finite number, got {number!r}")
     return float(number)
 
@@ -112,6 +117,8 @@ def _finite(kind: str, number: object) -> float | None:
 def _locked(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (where the system has ``flock``), so that read-modify-write
     cycles of two processes or threads recording at once do not lose each other's entries."""
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"the results folder {folder} is a file; point {ENV_VAR} (or directory=) to a folder")
     folder.mkdir(parents=True, exist_ok=True)
     if fcntl is None:
         yield
@@ -125,7 +132,8 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 def record(chapter: str, key: str, value: float, *, ci: float | None = None, unit: str = "", label: str = "",
-           profile: str | None = None, directory: str | os.PathLike | None = None) -> Result:
+           profile: str | None = None, directory: str | os.PathLike | None = None,
+           device: torch.device | str | None = None) -> Result:
     """Store ``value`` as ``chapter``'s result ``key`` in the profile's results file, and return it.
 
     Args:
@@ -137,6 +145,8 @@ def record(chapter: str, key: str, value: float, *, ci: float | None = None, uni
         label: one line that says what was measured.
         profile: the profile whose file to write (default: the current one).
         directory: the folder of the results files (default: see the module docstring).
+        device: the device that measured the value (default: the machine's default device);
+            give it for a measurement made elsewhere, such as a CPU timing on a machine with a GPU.
 
     Raises:
         ValueError: an empty chapter or key, a value that is not a finite number, an interval that
@@ -150,15 +160,15 @@ def record(chapter: str, key: str, value: float, *, ci: float | None = None, uni
     if ci is not None and ci < 0:
         raise ValueError(f"a result's interval is a half-width and cannot be negative, got {ci}")
     result = Result(value=value, ci=ci, unit=unit, label=label,
-                    device=f"{device_description()}, torch {torch.__version__}",
+                    device=f"{device_description(device)}, torch {torch.__version__}",
                     recorded=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
     name = get_profile(profile).name
     path = results_path(name, directory)
     with _locked(path.parent):
-        chapters = _read(path)
-        chapters.setdefault(chapter, {})[key] = dataclasses.asdict(result)
-        text = json.dumps({"profile": name, "results": chapters}, indent=1, sort_keys=True)
+        stored = _read(path)
+        stored["results"].setdefault(chapter, {})[key] = dataclasses.asdict(result)
+        text = json.dumps({**stored, "profile": name}, indent=1, sort_keys=True)
         with atomic_file(path, overwrite=True, text=True) as handle:
             handle.write(text + "\n")
     return result
@@ -171,10 +181,14 @@ def load(profile: str | None = None, directory: str | os.PathLike | None = None)
         ValueError: the results file exists but cannot be read.
     """
     path = results_path(profile, directory)
-    chapters = _read(path)
+    chapters = _read(path)["results"]
     try:
-        return {chapter: {key: Result(**entry) for key, entry in entries.items()}
-                for chapter, entries in chapters.items()}
-    except TypeError as error:
+        loaded = {chapter: {key: Result(**entry) for key, entry in entries.items()}
+                  for chapter, entries in chapters.items()}
+        for result in (result for entries in loaded.values() for result in entries.values()):
+            _finite("value", result.value)
+            _finite("interval", result.ci)
+    except (TypeError, ValueError) as error:
         raise ValueError(f"the results file {path} holds an entry that is not a result ({error}); "
                          f"move it away and run the chapters again") from error
+    return loaded

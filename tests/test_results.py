@@ -96,3 +96,31 @@ def test_processes_recording_at_once_keep_every_entry(tmp_path):
     for thread in threads:
         thread.join()
     assert len(results.load("cpu", directory=tmp_path)["c"]) == 50
+
+
+def test_what_else_the_file_holds_is_kept(tmp_path):
+    results.record("pruning", "a", 1.0, profile="smoke", directory=tmp_path)
+    path = results.results_path("smoke", tmp_path)
+    stored = json.loads(path.read_text())
+    path.write_text(json.dumps({**stored, "notes": "my run on the lab machine"}))
+    results.record("pruning", "b", 2.0, profile="smoke", directory=tmp_path)
+    assert json.loads(path.read_text())["notes"] == "my run on the lab machine"
+
+
+def test_a_result_names_the_device_that_measured_it(tmp_path):
+    result = results.record("looking_forward", "t", 1.0, profile="smoke", directory=tmp_path, device="cpu")
+    assert result.device.startswith("cpu (")
+
+
+def test_a_folder_that_is_a_file_and_entries_that_are_not_numbers_are_clear_errors(tmp_path):
+    blocker = tmp_path / "results"
+    blocker.write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        results.record("pruning", "a", 1.0, profile="smoke", directory=blocker)
+    with pytest.raises(ValueError, match="must be a finite number"):
+        results.record("pruning", "a", 10**400, profile="smoke", directory=tmp_path)
+    path = results.results_path("smoke", tmp_path)
+    for value in ('"0.9"', "NaN"):
+        path.write_text('{"profile": "smoke", "results": {"pruning": {"a": {"value": %s}}}}' % value)
+        with pytest.raises(ValueError, match="holds an entry that is not a result"):
+            results.load("smoke", tmp_path)
