@@ -116,9 +116,10 @@ def restore_generator(generator: torch.Generator, state: Tensor,
     """The generator that continues from a ``state`` saved by ``get_state()`` of a generator on ``device``.
 
     CPU and CUDA generators use different algorithms, with states of different sizes.
-    A state saved on CUDA, restored on a machine with a GPU, continues on a new CUDA
-    generator: a method rebuilt with a CPU generator (as it is before :func:`fit`
-    moves the model) then draws exactly what the uninterrupted run drew. Where the
+    A state saved on another kind of device than ``generator``'s continues on a new
+    generator of the saved kind where this machine has one: a method rebuilt with a
+    CPU generator (as it is before :func:`fit` moves the model) then draws exactly
+    what the uninterrupted run drew on the GPU, and the other way round. Where the
     saved kind of device is missing (or ``device`` is unknown), a state of the other
     kind seeds ``generator`` from its bytes instead: the resumed draws stay
     reproducible, though not those of the uninterrupted run. Otherwise ``generator``
@@ -127,9 +128,12 @@ def restore_generator(generator: torch.Generator, state: Tensor,
     state = state.to(device="cpu", dtype=torch.uint8)
     saved = None if device is None else torch.device(device)
     target = generator
-    if saved is not None and saved.type == "cuda" and generator.device.type != "cuda" and torch.cuda.is_available():
-        index = saved.index if (saved.index or 0) < torch.cuda.device_count() else 0
-        target = torch.Generator(device=torch.device("cuda", index or 0))
+    if saved is not None and saved.type != generator.device.type:
+        if saved.type == "cpu":
+            target = torch.Generator()
+        elif saved.type == "cuda" and torch.cuda.is_available():
+            index = saved.index if (saved.index or 0) < torch.cuda.device_count() else 0
+            target = torch.Generator(device=torch.device("cuda", index or 0))
     if state.numel() == target.get_state().numel():
         target.set_state(state)
         return target
@@ -315,6 +319,8 @@ def fit(
     order = torch.Generator().manual_seed(seed)
     model.to(device)
     x, y = _as_tensors(data, device)
+    if eval_data is not None:
+        eval_data = _as_tensors(eval_data, device)    # moved once, not at every evaluation
     n = len(x)
     batches_per_epoch = math.ceil(n / batch_size)
     rank, processes = world()

@@ -82,6 +82,10 @@ def test_a_cuda_generator_state_continues_on_a_new_cuda_generator():
     assert restored.device.type == "cuda" and torch.equal(torch.rand(4, generator=restored, device="cuda"), expected)
     cpu = torch.Generator()
     assert restore_generator(cpu, state) is cpu                              # device unknown: seeded
+    source = torch.Generator().manual_seed(4)
+    expected = torch.rand(3, generator=torch.Generator().manual_seed(4))
+    back = restore_generator(torch.Generator(device="cuda"), source.get_state(), "cpu")   # and the other way
+    assert back.device.type == "cpu" and torch.equal(torch.rand(3, generator=back), expected)
 
 
 def test_snfs_resumed_from_a_checkpoint_read_to_the_cpu_trains_on_the_gpu():
@@ -239,3 +243,21 @@ def test_growth_with_a_cpu_generator_grows_a_model_on_the_gpu():
                                     generator=torch.Generator().manual_seed(0))
     assert directions.device.type == "cuda" and directions.shape == (2, 4)
     assert torch.allclose(model(x), before, atol=1e-5)                    # growth keeps the function
+
+
+def test_fit_moves_the_evaluation_data_to_the_gpu_once(monkeypatch):
+    import lowlearn.train as train_module
+
+    seen = []
+    real = train_module.evaluate
+
+    def recording(model, data, **options):
+        seen.append(tuple((id(t), t.device.type) for t in data))
+        return real(model, data, **options)
+
+    monkeypatch.setattr(train_module, "evaluate", recording)
+    x, y = batches()[0]
+    model = MLP(20, (8,), 4)
+    fit(model, (x, y), torch.optim.SGD(model.parameters(), lr=0.1), steps=3, batch_size=8, eval_data=(x, y),
+        eval_every=1, device="cuda", progress=False)
+    assert len(seen) == 3 and len(set(seen)) == 1 and seen[0][0][1] == "cuda"   # moved once, before training

@@ -317,3 +317,4 @@ def test_restore_generator_continues_a_state_of_its_kind_and_seeds_from_another(
     cuda_state = torch.arange(16, dtype=torch.uint8)                   # the size of a CUDA generator's state
     seeded = [torch.rand(2, generator=restore_generator(torch.Generator(), cuda_state, None)) for _ in range(2)]
     assert torch.equal(*seeded)                               # no GPU to continue it on: seeded, reproducibly
+

@@ -53,12 +53,12 @@ def meta_train(learner: MetaLearner, sampler: EpisodeSampler, optimizer: torch.o
     Raises:
         ValueError: ``steps`` below 0, or ``batch`` or ``log_every`` below 1.
         KeyError: ``record`` is not a statistic the learner's ``meta_step`` reports (found at the first step).
-        FloatingPointError: the recorded statistic became NaN or infinite.
+        FloatingPointError: the loss became NaN or infinite (checked whatever is recorded).
     """
     check_count("steps", steps, 0)
     check_count("batch", batch, 1)
     check_count("log_every", log_every, 1)
-    losses, running = [], None
+    recorded, running = [], None
     for step in range(1, steps + 1):
         tasks = sampler.sample(batch)
         if transform is not None:
@@ -67,18 +67,18 @@ def meta_train(learner: MetaLearner, sampler: EpisodeSampler, optimizer: torch.o
         if record not in stats:
             raise KeyError(f"{type(learner).__name__}.meta_step reports {sorted(stats)}, not {record!r}: pass one of "
                            "them as record=")
-        value = stats[record].detach()
-        running = value if running is None else running + value
+        values = torch.stack([stats["loss"].detach(), stats[record].detach().to(stats["loss"].dtype)])
+        running = values if running is None else running + values
         if scheduler is not None:
             scheduler.step()
         if step % log_every == 0 or step == steps:
-            mean = float(running) / (step - log_every * len(losses))
-            if not math.isfinite(mean):
-                raise FloatingPointError(f"the meta-training {record} became {mean} by step {step}; lower the "
+            loss, mean = (running / (step - log_every * len(recorded))).tolist()      # one read of the device
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the meta-training loss became {loss} by step {step}; lower the "
                                          "learning rate")
-            losses.append(mean)
+            recorded.append(mean)
             running = None
-    return losses
+    return recorded
 
 
 def episode_accuracies(evaluate: Callable[[Episode], Tensor], sampler: EpisodeSampler, episodes: int,

@@ -322,6 +322,13 @@ def test_meta_train_records_the_statistic_asked_for():
     with pytest.raises(KeyError, match=r"Reptile.meta_step reports \['loss'\], not 'accuracy'"):
         meta_train(Reptile(model, 0.05, 1, 0.5), _Episodes(), None, 1, record="accuracy")
 
+    class Diverged:                                       # a NaN loss is caught whatever is recorded
+        def meta_step(self, tasks, optimizer):
+            return {"loss": torch.tensor(float("nan")), "accuracy": torch.tensor(0.2)}
+
+    with pytest.raises(FloatingPointError, match="loss became nan by step 2"):
+        meta_train(Diverged(), _Episodes(), None, 3, log_every=2, record="accuracy")
+
 
 def test_frozen_parameters_are_used_but_neither_adapted_nor_meta_trained():
     torch.manual_seed(0)
