@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -24,7 +24,6 @@ from .prune import check_density, prune
 from .scores import magnitude
 
 Allocation = Callable[[nn.Module, float], Mapping[str, float]]
-T = TypeVar("T")
 
 
 def geometric_densities(final_density: float, rounds: int) -> list[float]:
@@ -48,12 +47,12 @@ def iterative_pruning(
     model: nn.Module,
     final_density: float,
     rounds: int,
-    fine_tune: Callable[[nn.Module, int], T],
+    fine_tune: Callable[[nn.Module, int], Any],
     *,
     score: Callable[[nn.Module], Mapping[str, Tensor]] = magnitude,
     scope: str = "global",
     allocation: Allocation | None = None,
-) -> T:
+) -> Any:
     """Prune and fine-tune in ``rounds`` rounds, each removing the same fraction of the survivors.
 
     Han, Pool, Tran & Dally (2015), "Learning both weights and connections for
