@@ -92,6 +92,9 @@ def _read(path: Path) -> dict:
 def _check_name(kind: str, name: str) -> str:
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"the {kind} of a result must be a non-empty string, got {name!r}")
+    if name != name.strip():
+        raise ValueError(f"the {kind} of a result must not start or end with spaces (it would be another {kind}), "
+                         f"got {name!r}")
     return name
 
 

@@ -50,6 +50,7 @@ def test_directory_from_the_environment_and_the_current_profile(tmp_path, monkey
 @pytest.mark.parametrize("chapter, key, value, ci, message", [
     ("", "k", 1.0, None, "chapter"),
     ("c", " ", 1.0, None, "key"),
+    ("pruning ", "k", 1.0, None, "must not start or end with spaces"),
     ("c", "k", math.nan, None, "finite"),
     ("c", "k", 1.0, math.inf, "finite"),
     ("c", "k", None, None, "must be a number, got None"),
