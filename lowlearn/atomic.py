@@ -84,9 +84,10 @@ def atomic_file(path: str | os.PathLike, *, overwrite: bool, text: bool = False)
         NotADirectoryError: a file stands where ``path``'s folder should be.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists and is left as it is; pass overwrite=True to replace it, or choose "
-                              "another path")
+    if os.path.lexists(path) and not overwrite:
+        dangling = " (a link whose target is missing)" if not path.exists() else ""
+        raise FileExistsError(f"{path} exists{dangling} and is left as it is; pass overwrite=True to replace it, or "
+                              "choose another path")
     if overwrite:
         path = Path(os.path.realpath(path))
     _ensure_folder(path.parent)
@@ -117,6 +118,6 @@ def _publish_new(tmp: Path, path: Path) -> None:
         raise FileExistsError(f"{path} was created by someone else while this file was written; it is left as it "
                               "is, and nothing was saved: choose another path") from None
     except OSError:                                   # no hard links here: the check-then-rename of old
-        if path.exists():
+        if os.path.lexists(path):
             raise FileExistsError(f"{path} exists and is left as it is; nothing was saved") from None
         os.replace(tmp, path)

@@ -112,3 +112,12 @@ def _umask():
     os.umask(umask)
     return umask
 
+
+
+def test_a_link_to_a_missing_file_counts_as_an_existing_file(tmp_path):
+    link = tmp_path / "result.json"
+    link.symlink_to(tmp_path / "gone.json")
+    with pytest.raises(FileExistsError, match="a link whose target is missing"):
+        with atomic_file(link, overwrite=False) as handle:
+            handle.write(b"new")
+    assert link.is_symlink() and not (tmp_path / "gone.json").exists()        # the link is left as it was
