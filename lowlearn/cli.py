@@ -54,11 +54,13 @@ def fractions(text: str) -> tuple[float, ...]:
 
 
 def device(text: str) -> torch.device:
-    """A torch device that this machine has: ``cpu``, or ``cuda`` / ``cuda:N`` with a GPU ``N`` there."""
+    """A torch device that this machine has: ``cpu``, ``cuda`` / ``cuda:N`` with a GPU ``N`` there, or ``mps``."""
     try:
         value = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"unknown device {text!r}; e.g. cpu or cuda") from None
+    if value.type == "mps" and torch.backends.mps.is_available():
+        return value
     if value.type not in ("cpu", "cuda") or (value.type == "cpu" and value.index not in (None, 0)):
         raise argparse.ArgumentTypeError(f"{text!r} is not a device lowlearn runs on here; use cpu or cuda")
     if value.type == "cuda" and not torch.cuda.is_available():
