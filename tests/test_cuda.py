@@ -261,3 +261,12 @@ def test_fit_moves_the_evaluation_data_to_the_gpu_once(monkeypatch):
     fit(model, (x, y), torch.optim.SGD(model.parameters(), lr=0.1), steps=3, batch_size=8, eval_data=(x, y),
         eval_every=1, device="cuda", progress=False)
     assert len(seen) == 3 and len(set(seen)) == 1 and seen[0][0][1] == "cuda"   # moved once, before training
+
+
+def test_random_quadratics_are_drawn_on_the_generators_device():
+    from lowlearn.meta.learned_optimizer import quadratic
+
+    f, theta = quadratic(generator=torch.Generator(device="cuda").manual_seed(0))
+    assert theta.device.type == "cuda" and f(theta).device.type == "cuda"
+    f, theta = quadratic(device="cuda")
+    assert f(theta).device.type == "cuda"

@@ -168,11 +168,17 @@ def optimize(optimizer: LSTMOptimizer, objective: Objective, theta: Tensor, step
     return torch.stack(losses).tolist()
 
 
-def quadratic(dim: int = 10, generator: torch.Generator | None = None) -> tuple[Objective, Tensor]:
-    """A random quadratic ``f(θ) = ‖Wθ − y‖²`` with ``W, y, θ_0`` standard normal (the paper's section 3.1)."""
-    W = torch.randn(dim, dim, generator=generator)
-    y = torch.randn(dim, generator=generator)
-    return (lambda theta: (W @ theta - y).square().sum()), torch.randn(dim, generator=generator)
+def quadratic(dim: int = 10, generator: torch.Generator | None = None,
+              device: torch.device | str | None = None) -> tuple[Objective, Tensor]:
+    """A random quadratic ``f(θ) = ‖Wθ − y‖²`` with ``W, y, θ_0`` standard normal (the paper's section 3.1).
+
+    Drawn on ``device``: by default the generator's, else the CPU.
+    """
+    if device is None and generator is not None:
+        device = generator.device
+    W = torch.randn(dim, dim, generator=generator, device=device)
+    y = torch.randn(dim, generator=generator, device=device)
+    return (lambda theta: (W @ theta - y).square().sum()), torch.randn(dim, generator=generator, device=device)
 
 
 def network_problem(model: nn.Module, x: Tensor, y: Tensor, *,
