@@ -117,7 +117,7 @@ ContextAndTargets = tuple[Tensor, Tensor, Tensor, Tensor]
 
 def fit_cnp(model: CNP, sample: Callable[[], ContextAndTargets], optimizer: torch.optim.Optimizer,
             steps: int) -> list[float]:
-    """Train a CNP for ``steps`` Adam (or other) steps on freshly sampled functions.
+    """Train a CNP for ``steps`` optimizer steps on freshly sampled functions.
 
     Each step draws ``(context_x, context_y, target_x, target_y)`` from ``sample()``
     (a batch of functions, split at random into a context and a target set that
