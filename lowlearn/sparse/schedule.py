@@ -43,6 +43,14 @@ def geometric_densities(final_density: float, rounds: int) -> list[float]:
     return [final_density ** (r / rounds) for r in range(1, rounds)] + [final_density]
 
 
+def _check_scope(scope: str, allocation: Allocation | None) -> None:
+    """Raise a ValueError for an unknown ``scope``, or an ``allocation`` with ``scope="global"``."""
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    if allocation is not None and scope != "layer":
+        raise ValueError("an allocation gives one density per layer: use it with scope='layer'")
+
+
 def iterative_pruning(
     model: nn.Module,
     final_density: float,
@@ -82,10 +90,7 @@ def iterative_pruning(
             ``scope``, or an ``allocation`` with ``scope="global"``; before anything is pruned.
     """
     densities = geometric_densities(final_density, rounds)
-    if scope not in ("layer", "global"):
-        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-    if allocation is not None and scope != "layer":
-        raise ValueError("an allocation gives one density per layer: use it with scope='layer'")
+    _check_scope(scope, allocation)
     for r, d_r in enumerate(densities, start=1):
         prune(model, score(model), d_r if allocation is None else allocation(model, d_r), scope=scope)
         result = fine_tune(model, r)
@@ -182,10 +187,7 @@ class GradualPruning:
         check_count("end (an optimizer step)", end, 0)
         cubic_density(begin, final_density, begin, end, initial_density)   # validates the arguments
         check_count("every (steps between prunings)", every, 1)
-        if scope not in ("layer", "global"):
-            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-        if allocation is not None and scope != "layer":
-            raise ValueError("an allocation gives one density per layer: use it with scope='layer'")
+        _check_scope(scope, allocation)
         self.final_density, self.initial_density = final_density, initial_density
         self.begin, self.end, self.every = begin, end, every
         self.score, self.scope, self.allocation = score, scope, allocation
