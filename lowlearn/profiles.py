@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .train import default_device
+
 ENV_VAR = "LOWLEARN_PROFILE"
 
 
@@ -862,10 +864,9 @@ def get_profile(name: str | None = None) -> Profile:
 def device_description(device: torch.device | str | None = None) -> str:
     """The device that makes the results: ``"cuda (<GPU name>)"`` or ``"cpu (<n> threads)"``.
 
-    ``device`` defaults to the machine's default device (CUDA where there is a GPU).
+    ``device`` defaults to the machine's default device (:func:`lowlearn.train.default_device`).
     """
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
-                                                                          else "cpu")
+    device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     if device.type != "cpu":
