@@ -92,9 +92,12 @@ class CNP(nn.Module):
         if target_x.dim() < 2 or target_x.shape[-1] != self.x_dim or target_x.shape[:-2] != context_x.shape[:-2]:
             raise ValueError(f"target_x {tuple(target_x.shape)} must be (B, m, {self.x_dim}) with the batch of "
                              f"context_x {tuple(context_x.shape)}")
-        r = self.represent(context_x, context_y)
-        r = r.unsqueeze(-2).expand(*target_x.shape[:-1], r.shape[-1])
-        mean, raw_std = self.decoder(torch.cat([r, target_x], dim=-1)).split(self.y_dim, dim=-1)
+        # The decoder's first layer acts on [r, x_T]: W [r; x_T] + b = (W_r r + b) + W_x x_T, so its product
+        # with r is taken once per function rather than once per target, and [r, x_T] is never materialised.
+        first = self.decoder[0]
+        w_r, w_x = first.weight.split([first.in_features - self.x_dim, self.x_dim], dim=-1)
+        hidden = F.linear(self.represent(context_x, context_y), w_r, first.bias).unsqueeze(-2) + F.linear(target_x, w_x)
+        mean, raw_std = self.decoder[1:](hidden).split(self.y_dim, dim=-1)
         # σ ≥ σ_min > 0 by construction: Normal's checks of its arguments would read them back from the device.
         return Normal(mean, self.min_std + (1 - self.min_std) * F.softplus(raw_std), validate_args=False)
 

@@ -35,6 +35,26 @@ def test_the_representation_is_the_mean_of_the_encoded_pairs_and_the_std_is_boun
     assert torch.equal(cnp(cx, cy, tx).stddev, torch.full((6, 3), 0.2))
 
 
+@pytest.mark.parametrize("decoder_layers", [1, 2, 3])
+def test_the_decoder_equals_its_layers_on_the_concatenated_representation_and_targets(decoder_layers):
+    """The first layer's product with r is taken once per function: the same outputs and gradients as g([r, x_T])."""
+    torch.manual_seed(0)
+    cnp = CNP(x_dim=2, y_dim=1, hidden=8, decoder_layers=decoder_layers).double()
+    cx, cy, tx, ty = (torch.randn(3, n, d, dtype=torch.float64) for n, d in ((4, 2), (4, 1), (5, 2), (5, 1)))
+    prediction = cnp(cx, cy, tx)
+    loss = -prediction.log_prob(ty).mean()
+    grads = torch.autograd.grad(loss, list(cnp.parameters()))
+
+    r = cnp.represent(cx, cy).unsqueeze(1).expand(3, 5, 8)
+    mean, raw = cnp.decoder(torch.cat([r, tx], -1)).split(1, dim=-1)
+    std = 0.1 + 0.9 * torch.nn.functional.softplus(raw)
+    torch.testing.assert_close(prediction.mean, mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(prediction.stddev, std, rtol=1e-12, atol=1e-12)
+    reference = torch.autograd.grad(-torch.distributions.Normal(mean, std).log_prob(ty).mean(), list(cnp.parameters()))
+    for grad, expected in zip(grads, reference):
+        torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+
+
 def _split(curves, n, generator):
     context, target = context_target_split(curves, n, generator=generator)
     return context.x, context.y, target.x, target.y
