@@ -88,6 +88,11 @@ def make_learner(method: str, sizes: BlackBoxSizes) -> nn.Module:
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
+def meta_steps(method: str, sizes: BlackBoxSizes) -> int:
+    """The meta-training steps of ``method`` in ``sizes``: ``maml_steps`` for MAML, ``meta_steps`` for the others."""
+    return sizes.maml_steps if method == "maml" else sizes.meta_steps
+
+
 def train(learner: nn.Module, method: str, data: Omniglot, sizes: BlackBoxSizes, device: torch.device,
           seed: int = 0) -> list[float]:
     """Meta-train ``learner`` on ``data`` with the profile's recipe; returns the logged losses.
@@ -101,10 +106,9 @@ def train(learner: nn.Module, method: str, data: Omniglot, sizes: BlackBoxSizes,
     groups = data.alphabet_index.to(device) if sizes.within_alphabet else None
     if method == "maml":
         ways, shots, queries, batch = RUN_WAYS, 1, sizes.maml_queries, sizes.maml_meta_batch
-        steps = sizes.maml_steps
     else:
         ways, shots, queries, batch = sizes.train_ways, sizes.train_shots, sizes.train_queries, 1
-        steps = sizes.meta_steps
+    steps = meta_steps(method, sizes)
     sampler = EpisodeSampler(data.images.to(device), ways, shots, queries, seed=seed, groups=groups)
     optimizer = torch.optim.Adam(learner.parameters(), lr=sizes.lr)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
@@ -296,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 save_checkpoint(args.save, learner, method=args.method, background=args.background,
                                 profile=profile.name,
-                                steps=sizes.maml_steps if args.method == "maml" else sizes.meta_steps)
+                                steps=meta_steps(args.method, sizes))
                 print(f"saved to {args.save}")
             except OSError as error:                     # e.g. a file put there meanwhile: it is kept
                 print(f"not saved: {error}; the evaluation goes on", file=sys.stderr)
