@@ -132,8 +132,8 @@ def restore_generator(generator: torch.Generator, state: Tensor,
         if saved.type == "cpu":
             target = torch.Generator()
         elif saved.type == "cuda" and torch.cuda.is_available():
-            index = saved.index if (saved.index or 0) < torch.cuda.device_count() else 0
-            target = torch.Generator(device=torch.device("cuda", index or 0))
+            index = saved.index or 0
+            target = torch.Generator(device=torch.device("cuda", index if index < torch.cuda.device_count() else 0))
     if state.numel() == target.get_state().numel():
         target.set_state(state)
         return target

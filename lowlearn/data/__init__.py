@@ -25,8 +25,8 @@ from .splits import Splits
 from .tasks import Curves, GPCurves, RegressionBatch, SinusoidTasks, context_target_split
 
 __all__ = [
-    "CIFAR10_CLASSES", "CIFAR10_MEAN", "MNIST_VARIANTS", "CIFAR10_STD", "ChecksumError", "Curves", "DataError",
-    "DatasetNotFoundError", "Episode", "EpisodeSampler", "GPCurves", "Omniglot", "OneShotRun",
+    "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "ChecksumError", "Curves", "DataError",
+    "DatasetNotFoundError", "Episode", "EpisodeSampler", "GPCurves", "MNIST_VARIANTS", "Omniglot", "OneShotRun",
     "RegressionBatch", "Resource", "SinusoidTasks", "Splits", "UnsafeArchiveError",
     "augment_cifar", "context_target_split", "data_root", "fetch", "group_by_class",
     "load_cifar10", "load_digits", "load_mnist", "load_mnist1d", "load_mnist5k", "load_mnist_variant", "load_omniglot",
