@@ -20,7 +20,8 @@ from lowlearn.models import MLP
 from lowlearn.sparse.dst import SET, SNFS, RigL, StaticSparse
 from lowlearn.sparse.topkast import TopKAST
 
-from .timing import add_device_argument, environment, fixed_batch, interleaved_medians, resolve_device
+from .timing import (add_device_argument, environment, fixed_batch, interleaved_rounds, medians, paired_ratio,
+                     resolve_device)
 
 METHODS = ("dense", "static", "SET", "RigL", "SNFS", "Top-KAST")
 NEVER_ENDS = 10**12   # T_end so late that the cosine stays at α during the benchmark
@@ -66,11 +67,14 @@ def build_steps(density: float, batch_size: int, every: int, device: torch.devic
 
 
 def run(density: float = 0.1, batch_size: int = 128, every: int = 100, updates: int = 2, repeats: int = 5,
-        device: str | None = None) -> dict[str, float]:
-    """Median seconds per training step (amortised over ``updates`` mask updates per block) by method."""
+        device: str | None = None) -> dict[str, list[float]]:
+    """Seconds per training step (amortised over ``updates`` mask updates per block) by method, in each round.
+
+    The rounds of :func:`~lowlearn.bench.timing.interleaved_rounds`.
+    """
     device = resolve_device(device)
     steps = {method: step for method, (step, _) in build_steps(density, batch_size, every, device).items()}
-    return interleaved_medians(steps, device=device, iterations=updates * every, repeats=repeats, warmup=every)
+    return interleaved_rounds(steps, device=device, iterations=updates * every, repeats=repeats, warmup=every)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,13 +87,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=cli.positive_int, default=5, help="interleaved timed blocks per method")
     add_device_argument(parser)
     args = parser.parse_args(argv)
-    times = run(args.density, args.batch_size, args.every, args.updates, args.repeats, args.device)
+    rounds = run(args.density, args.batch_size, args.every, args.updates, args.repeats, args.device)
     print(f"LeNet-300-100 training step, batch {args.batch_size}, density {args.density} (ERK), ΔT = {args.every}, "
           f"{environment(args.device)}")
     print(f"median of {args.repeats} interleaved blocks of {args.updates * args.every} steps "
-          f"({args.updates} mask updates each)")
+          f"({args.updates} mask updates each); a ratio is the median of the blocks' ratios")
     print(f"{'method':<10} {'ms/step':>9} {'vs dense':>9} {'vs static':>10}")
-    for name, seconds in times.items():
-        print(f"{name:<10} {seconds * 1e3:9.3f} {seconds / times['dense']:8.3f}x {seconds / times['static']:9.3f}x")
-    print(f"goal: RigL / static <= 1.05 (at ΔT = 100; this run: ΔT = {args.every}): "
-          f"{times['RigL'] / times['static']:.3f}")
+    for name, seconds in medians(rounds).items():
+        print(f"{name:<10} {seconds * 1e3:9.3f} {paired_ratio(rounds, name, 'dense').median:8.3f}x "
+              f"{paired_ratio(rounds, name, 'static').median:9.3f}x")
+    ratio = paired_ratio(rounds, "RigL", "static")
+    print(f"goal: RigL / static <= 1.05 (at ΔT = 100; this run: ΔT = {args.every}): {ratio.median:.3f} "
+          f"(middle half {ratio.low:.3f}-{ratio.high:.3f})")

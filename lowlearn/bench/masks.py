@@ -28,8 +28,8 @@ from lowlearn import cli
 from lowlearn.models import MLP
 from lowlearn.sparse.mask import attach_masks, prunable_layers, set_masks
 
-from .timing import (add_device_argument, environment, faults_per_call, fixed_batch, interleaved_medians,
-                     resolve_device)
+from .timing import (add_device_argument, environment, faults_per_call, fixed_batch, interleaved_rounds, medians,
+                     paired_ratio, resolve_device)
 
 
 def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -74,14 +74,14 @@ def run(density: float = 0.1, batch_size: int = 60, iterations: int = 20, repeat
     """Time the models, then count their page faults over one more block of steps.
 
     Returns:
-        ``{"seconds": {name: median seconds per training step}, "faults": {name: page
-        faults per step, or None where the system does not count them}}``.
+        ``{"rounds": {name: seconds per training step in each interleaved round}
+        (:func:`~lowlearn.bench.timing.interleaved_rounds`), "seconds": {name: their median},
+        "faults": {name: page faults per step, or None where the system does not count them}}``.
     """
     device = resolve_device(device)
     steps = build_steps(density, batch_size, device)
-    return {"seconds": interleaved_medians(steps, device=device, iterations=iterations, repeats=repeats,
-                                           warmup=warmup),
-            "faults": faults_per_call(steps, iterations)}
+    rounds = interleaved_rounds(steps, device=device, iterations=iterations, repeats=repeats, warmup=warmup)
+    return {"rounds": rounds, "seconds": medians(rounds), "faults": faults_per_call(steps, iterations)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,11 +94,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     result = run(args.density, args.batch_size, args.iterations, args.repeats, device=device)
-    times, faults = result["seconds"], result["faults"]
+    rounds, times, faults = result["rounds"], result["seconds"], result["faults"]
     print(f"LeNet-300-100 training step, batch {args.batch_size}, density {args.density}, {environment(device)}")
-    print(f"median of {args.repeats} interleaved blocks of {args.iterations} steps, in shuffled order")
-    print(f"{'model':<22} {'ms/step':>9} {'vs dense':>9} {'page faults/step':>17}")
+    print(f"median of {args.repeats} interleaved blocks of {args.iterations} steps, in shuffled order; the ratio to "
+          "dense is the median of the blocks' ratios, beside their middle half")
+    print(f"{'model':<22} {'ms/step':>9} {'vs dense':>9} {'middle half':>13} {'page faults/step':>17}")
     for name, seconds in times.items():
+        ratio = paired_ratio(rounds, name, "dense")
         fault = "n/a" if faults[name] is None else f"{faults[name]:.1f}"
-        print(f"{name:<22} {seconds * 1e3:9.3f} {seconds / times['dense']:8.3f}x {fault:>17}")
-    print(f"goal: lowlearn masks / dense <= 1.10: {times['lowlearn masks'] / times['dense']:.3f}")
+        print(f"{name:<22} {seconds * 1e3:9.3f} {ratio.median:8.3f}x {ratio.low:6.3f}-{ratio.high:.3f} {fault:>17}")
+    ratio = paired_ratio(rounds, "lowlearn masks", "dense")
+    print(f"goal: lowlearn masks / dense <= 1.10: {ratio.median:.3f} (middle half {ratio.low:.3f}-{ratio.high:.3f})")

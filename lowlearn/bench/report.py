@@ -24,10 +24,12 @@ from lowlearn.allocator import has_glibc
 from lowlearn.atomic import atomic_file
 
 from . import allocator, dst, lowrank, maml, masks, powerprop, sparse
-from .timing import add_device_argument, machine, resolve_device
+from .timing import add_device_argument, machine, paired_ratio, resolve_device
 
-FIELDS = ("benchmark", "case", "reference", "metric", "ratio", "goal", "met")
-"""The keys of every row (``goal`` is a string such as ``"<= 1.10"`` or ``None``; ``met`` a bool or ``None``)."""
+FIELDS = ("benchmark", "case", "reference", "metric", "ratio", "spread", "goal", "met")
+"""The keys of every row: ``spread`` is ``[low, high]``, the middle half of the per-round ratios
+(:func:`~lowlearn.bench.timing.paired_ratio`) where the benchmark keeps its rounds, else ``None``;
+``goal`` a string such as ``"<= 1.10"`` or ``None``; ``met`` a bool or ``None``."""
 
 FULL = {"masks": {}, "dst": {}, "powerprop": {}, "allocator": {}, "lowrank": {}, "maml": {}, "sparse": {}}
 QUICK = {
@@ -42,34 +44,37 @@ QUICK = {
 
 
 def _row(benchmark: str, case: str, reference: str, metric: str, ratio: float, goal: float | None = None,
-         higher_is_better: bool = False) -> dict:
+         higher_is_better: bool = False, spread: tuple[float, float] | None = None) -> dict:
     met = None if goal is None else (ratio >= goal if higher_is_better else ratio <= goal)
     bound = None if goal is None else f"{'>=' if higher_is_better else '<='} {goal:g}"
     return {"benchmark": benchmark, "case": case, "reference": reference, "metric": metric, "ratio": ratio,
-            "goal": bound, "met": met}
+            "spread": None if spread is None else list(spread), "goal": bound, "met": met}
 
 
-def _time_rows(benchmark: str, times: dict[str, float], references: dict[str, str],
+def _time_rows(benchmark: str, rounds: dict[str, list[float]], references: dict[str, str],
                goals: dict[str, float] | None = None) -> list[dict]:
-    """Rows ``time(case) / time(reference)`` for each ``case: reference``."""
+    """Rows ``time(case) / time(reference)`` for each ``case: reference``, from the rounds that timed both."""
     goals = goals or {}
-    return [_row(benchmark, case, reference, "time per step", times[case] / times[reference], goals.get(case))
-            for case, reference in references.items()]
+    rows = []
+    for case, reference in references.items():
+        ratio = paired_ratio(rounds, case, reference)
+        rows.append(_row(benchmark, case, reference, "time per step", ratio.median, goals.get(case),
+                         spread=(ratio.low, ratio.high)))
+    return rows
 
 
 def collect(sizes: dict[str, dict], device: torch.device) -> list[dict]:
     """Run every benchmark with ``sizes[name]`` as keyword arguments; the rows of all of them."""
     rows = []
-    times = masks.run(device=device, **sizes["masks"])["seconds"]
-    rows += _time_rows("masks", times, {"dense (copy)": "dense", "lowlearn masks": "dense",
-                                        "torch.nn.utils.prune": "dense"}, {"lowlearn masks": 1.10})
-    rows.append(_row("masks", "lowlearn masks", "torch.nn.utils.prune", "time per step",
-                     times["lowlearn masks"] / times["torch.nn.utils.prune"], 1.0))
-    times = dst.run(device=device, **sizes["dst"])
-    rows += _time_rows("dst", times, {"static": "dense"} | {name: "static" for name in dst.METHODS[2:]},
+    rounds = masks.run(device=device, **sizes["masks"])["rounds"]
+    rows += _time_rows("masks", rounds, {"dense (copy)": "dense", "lowlearn masks": "dense",
+                                         "torch.nn.utils.prune": "dense"}, {"lowlearn masks": 1.10})
+    rows += _time_rows("masks", rounds, {"lowlearn masks": "torch.nn.utils.prune"}, {"lowlearn masks": 1.0})
+    rounds = dst.run(device=device, **sizes["dst"])
+    rows += _time_rows("dst", rounds, {"static": "dense"} | {name: "static" for name in dst.METHODS[2:]},
                        {"RigL": 1.05})
-    times = powerprop.run(device=device, **sizes["powerprop"])["seconds"]
-    rows += _time_rows("powerprop", times, powerprop.BASELINE, dict.fromkeys(powerprop.BASELINE, 1.15))
+    rounds = powerprop.run(device=device, **sizes["powerprop"])["rounds"]
+    rows += _time_rows("powerprop", rounds, powerprop.BASELINE, dict.fromkeys(powerprop.BASELINE, 1.15))
     if device.type == "cpu" and has_glibc():
         for model, by_setting in allocator.run(**sizes["allocator"]).items():
             default, retained = (by_setting[setting]["seconds"] for setting in allocator.SETTINGS)
@@ -107,11 +112,15 @@ def markdown(report: dict) -> str:
         lines.append(f"Allocator: {env['allocator']}.")
     if report.get("note"):
         lines.append(f"Note: {report['note']}")
-    lines += ["", "| benchmark | case | against | metric | ratio | goal | met |", "|---|---|---|---|---:|---|---|"]
+    lines += ["", "A time ratio is the median of the ratios measured in each interleaved round; *middle half* is the "
+              "range of the middle half of those ratios.", "",
+              "| benchmark | case | against | metric | ratio | middle half | goal | met |",
+              "|---|---|---|---|---:|---|---|---|"]
     for row in report["rows"]:
         met = "" if row["met"] is None else ("yes" if row["met"] else "no")
+        spread = "" if row["spread"] is None else f"{row['spread'][0]:.2f}-{row['spread'][1]:.2f}"
         lines.append(f"| {row['benchmark']} | {row['case']} | {row['reference']} | {row['metric']} | "
-                     f"{row['ratio']:.2f}x | {row['goal'] or ''} | {met} |")
+                     f"{row['ratio']:.2f}x | {spread} | {row['goal'] or ''} | {met} |")
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import torch
 
@@ -20,7 +21,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(
+def interleaved_rounds(
     steps: Mapping[str, Callable[[], None]],
     *,
     device: torch.device,
@@ -28,18 +29,21 @@ def interleaved_medians(
     repeats: int,
     warmup: int,
     seed: int = 0,
-) -> dict[str, float]:
-    """Median seconds per call of each step function, timed in interleaved rounds in shuffled order.
+) -> dict[str, list[float]]:
+    """Seconds per call of each step function in each of ``repeats`` interleaved rounds, in shuffled order.
 
-    Each of ``repeats`` rounds times ``iterations`` calls of every function, so slow
-    drifts of the machine (clock, other load) hit all of them alike. The order
-    within a round is drawn anew every round (from ``seed``, so a run can be
-    repeated): a fixed order favours some places in it, through what ran just
-    before (the caches, the allocator's free lists): timing a network against a
-    copy of itself on a 2-core CPU, a fixed order put the copy 4-9% behind in three
-    runs of three. Many short rounds mix better than a few long ones. What noise is
-    left shows in the ``dense (copy)`` row of ``masks``. The device is synchronised
-    before and after each timed block, never inside it.
+    Each round times ``iterations`` calls of every function, so slow drifts of the
+    machine (clock, other load) hit all of them alike. The order within a round is
+    drawn anew every round (from ``seed``, so a run can be repeated): a fixed order
+    favours some places in it, through what ran just before (the caches, the
+    allocator's free lists): timing a network against a copy of itself on a 2-core
+    CPU, a fixed order put the copy 4-9% behind in three runs of three. Many short
+    rounds mix better than a few long ones. What noise is left shows in the
+    ``dense (copy)`` row of ``masks`` and in the spread of :func:`paired_ratio`. The
+    device is synchronised before and after each timed block, never inside it.
+
+    Returns:
+        ``{name: [seconds per call in round 1, round 2, ...]}``.
     """
     for step in steps.values():
         for _ in range(warmup):
@@ -57,7 +61,40 @@ def interleaved_medians(
                 step()
             _sync(device)
             samples[name].append((time.perf_counter() - start) / iterations)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def interleaved_medians(steps: Mapping[str, Callable[[], None]], **options) -> dict[str, float]:
+    """Median seconds per call of each step function over the rounds of :func:`interleaved_rounds` (same options)."""
+    return medians(interleaved_rounds(steps, **options))
+
+
+def medians(rounds: Mapping[str, list[float]]) -> dict[str, float]:
+    """The median of each function's seconds per call over the rounds."""
+    return {name: statistics.median(values) for name, values in rounds.items()}
+
+
+class Ratio(NamedTuple):
+    """A time ratio: the median and the quartiles of its values over the rounds."""
+
+    median: float
+    low: float
+    high: float
+
+
+def paired_ratio(rounds: Mapping[str, list[float]], case: str, reference: str) -> Ratio:
+    """``time(case) / time(reference)`` in each round of :func:`interleaved_rounds`: its median and quartiles.
+
+    The two were timed in the same round, moments apart, so a slow phase of the
+    machine slows both and cancels from their ratio. The quartiles (the middle half
+    of the rounds' ratios) show how far one round's ratio wanders: a goal within
+    them is neither clearly met nor clearly missed.
+    """
+    ratios = [c / r for c, r in zip(rounds[case], rounds[reference], strict=True)]
+    if len(ratios) == 1:
+        return Ratio(ratios[0], ratios[0], ratios[0])
+    low, median, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    return Ratio(median, low, high)
 
 
 def faults_per_call(steps: Mapping[str, Callable[[], None]], calls: int) -> dict[str, float | None]:

@@ -19,5 +19,5 @@ def test_powerprop_benchmark_prints_ratios(capsys):
     out = capsys.readouterr().out
     for case in bench.CASES:
         line = next(line for line in out.splitlines() if line.startswith(case + " "))
-        assert line.split()[-2].endswith("x")
+        assert line.split()[-3].endswith("x")
     assert "goal: Powerprop / baseline <= 1.15" in out

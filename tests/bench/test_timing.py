@@ -25,18 +25,36 @@ def test_interleaved_rounds_time_every_step_alike_in_an_order_shuffled_per_round
     def run(seed):
         calls = []
         steps = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
-        times = timing.interleaved_medians(steps, device=torch.device("cpu"), iterations=3, repeats=12, warmup=2,
-                                           seed=seed)
+        times = timing.interleaved_rounds(steps, device=torch.device("cpu"), iterations=3, repeats=12, warmup=2,
+                                          seed=seed)
         return times, calls
 
     times, calls = run(seed=0)
-    assert set(times) == set("abcd") and all(seconds >= 0 for seconds in times.values())
+    assert set(times) == set("abcd") and all(len(seconds) == 12 and min(seconds) >= 0 for seconds in times.values())
     assert calls[:8] == list("aabbccdd")                                      # the warm-up, in the given order
     rounds = ["".join(calls[8 + 12 * r:8 + 12 * (r + 1):3]) for r in range(12)]
     assert all(sorted(order) == list("abcd") for order in rounds)            # each step once per round ...
     assert all(calls[8 + 3 * i:8 + 3 * (i + 1)] == [calls[8 + 3 * i]] * 3 for i in range(48))   # ... in one block
     assert len(set(rounds)) > 1 and {order[0] for order in rounds} == set("abcd")             # places vary
     assert run(seed=0)[1] == calls and run(seed=1)[1] != calls                 # and follow the seed
+
+
+def test_interleaved_medians_are_the_medians_of_the_rounds():
+    steps = {"a": lambda: None, "b": lambda: sum(range(1000))}
+    options = {"device": torch.device("cpu"), "iterations": 2, "repeats": 5, "warmup": 0}
+    assert set(timing.interleaved_medians(steps, **options)) == {"a", "b"}
+    assert timing.medians({"a": [3.0, 1.0, 2.0], "b": [4.0, 1.0, 2.0, 3.0]}) == {"a": 2.0, "b": 2.5}
+
+
+def test_paired_ratio_takes_each_round_s_ratio_then_their_median_and_quartiles():
+    # Round r: case 10*(r+1) over reference 10, ratios 1..5 by hand; a slow round (the fourth)
+    # slows both and keeps its ratio.
+    rounds = {"case": [10.0, 20.0, 30.0, 80.0, 50.0], "reference": [10.0, 10.0, 10.0, 20.0, 10.0]}
+    assert timing.paired_ratio(rounds, "case", "reference") == timing.Ratio(3.0, 2.0, 4.0)
+    assert timing.paired_ratio(rounds, "reference", "reference") == timing.Ratio(1.0, 1.0, 1.0)
+    assert timing.paired_ratio({"a": [3.0], "b": [2.0]}, "a", "b") == timing.Ratio(1.5, 1.5, 1.5)
+    with pytest.raises(ValueError):                                           # rounds that do not pair up
+        timing.paired_ratio({"a": [1.0, 2.0], "b": [1.0]}, "a", "b")
 
 
 def test_cuda_peak_bytes_is_none_off_cuda_and_leaves_the_step_uncalled():
