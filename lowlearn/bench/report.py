@@ -27,9 +27,9 @@ from . import allocator, dst, lowrank, maml, masks, powerprop, sparse
 from .timing import add_device_argument, machine, paired_ratio, resolve_device
 
 FIELDS = ("benchmark", "case", "reference", "metric", "ratio", "spread", "goal", "met")
-"""The keys of every row: ``spread`` is ``[low, high]``, the middle half of the per-round ratios
+"""The keys of every row. ``spread`` is ``[low, high]``, the middle half of the per-round ratios
 (:func:`~lowlearn.bench.timing.paired_ratio`) where the benchmark keeps its rounds, else ``None``;
-``goal`` a string such as ``"<= 1.10"`` or ``None``; ``met`` a bool or ``None``."""
+``goal`` is a string such as ``"<= 1.10"`` or ``None``; ``met`` a bool or ``None``."""
 
 FULL = {"masks": {}, "dst": {}, "powerprop": {}, "allocator": {}, "lowrank": {}, "maml": {}, "sparse": {}}
 QUICK = {
