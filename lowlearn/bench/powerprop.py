@@ -93,4 +93,4 @@ def main(argv: list[str] | None = None) -> None:
         fault = "n/a" if faults[case] is None else f"{faults[case]:.1f}"
         print(f"{case:<34} {seconds * 1e3:9.3f} {ratio.median:11.3f}x {ratio.low:6.3f}-{ratio.high:.3f} {fault:>17}")
     worst = max((paired_ratio(rounds, case, base) for case, base in BASELINE.items()), key=lambda r: r.median)
-    print(f"goal: Powerprop / baseline <= 1.15: {worst.median:.3f} (middle half {worst.low:.3f}-{worst.high:.3f})")
+    print(f"goal: Powerprop / baseline <= 1.15: {worst}")

@@ -81,6 +81,9 @@ class Ratio(NamedTuple):
     low: float
     high: float
 
+    def __str__(self) -> str:
+        return f"{self.median:.3f} (middle half {self.low:.3f}-{self.high:.3f})"
+
 
 def paired_ratio(rounds: Mapping[str, list[float]], case: str, reference: str) -> Ratio:
     """``time(case) / time(reference)`` in each round of :func:`interleaved_rounds`: its median and quartiles.
