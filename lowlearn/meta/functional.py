@@ -97,6 +97,21 @@ def check_task(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: T
                          f"{tuple(query_y.shape[1:])}")
 
 
+def values_are_free_to_read(tensor: Tensor) -> bool:
+    """Whether checking ``tensor``'s values costs no wait: it is on the CPU.
+
+    Reading a value from an accelerator makes the host wait until every queued kernel
+    has run, so that the next step cannot be queued while this one runs. The learners
+    therefore check label values on the CPU only. On an accelerator they are left
+    unchecked, as PyTorch's own losses leave them: a label out of range fails in the
+    device's index check (``one_hot``, ``cross_entropy``) or, if it is −100
+    (``cross_entropy``'s ``ignore_index``), drops its example, and a class without support
+    examples gives a NaN loss. The episode samplers of :mod:`lowlearn.data.episodes`
+    make their labels valid by construction.
+    """
+    return tensor.device.type == "cpu"
+
+
 def check_labels(labels: Tensor, ways: int) -> None:
     """Raise a ValueError if integer ``labels`` fall outside ``0 .. ways − 1`` (one read of the device)."""
     if labels.dtype.is_floating_point or labels.numel() == 0:

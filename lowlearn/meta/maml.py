@@ -47,7 +47,8 @@ from torch import Tensor, nn
 from ..data.splits import check_count
 from ..train import buffers_restored
 from .batched import summed_over_tasks, task_batched
-from .functional import LossFn, Params, check_labels, check_task, inner_loop, parameters_of, run
+from .functional import (LossFn, Params, check_labels, check_task, inner_loop, parameters_of, run,
+                         values_are_free_to_read)
 
 
 class TaskBatch(Protocol):
@@ -206,8 +207,9 @@ def check_tasks(model: nn.Module, params: Params, tasks: TaskBatch, *, adapts: b
     shapes, so the first stands for all), and integer labels must be classes of the
     model: ``0 .. N−1``, where ``N`` is the size of the model's output on the first
     query set (one forward pass with ``params``, without gradients, the model's
-    buffers left as they were). One read of the device. With ``adapts`` (inner steps to
-    come), the support sets must not be empty.
+    buffers left as they were). The labels are checked on the CPU only
+    (:func:`~lowlearn.meta.functional.values_are_free_to_read`). With ``adapts`` (inner
+    steps to come), the support sets must not be empty.
     """
     counts = {name: getattr(tasks, name).shape[0] for name in ("support_x", "support_y", "query_x", "query_y")}
     if len(set(counts.values())) != 1 or not counts["support_x"]:
@@ -217,7 +219,7 @@ def check_tasks(model: nn.Module, params: Params, tasks: TaskBatch, *, adapts: b
     if adapts and tasks.support_x.shape[1] == 0:
         raise ValueError("the support sets are empty, so the inner loop has nothing to adapt to (its loss would be "
                          "NaN, its gradient zero): sample tasks with shots >= 1")
-    if tasks.support_y.dtype.is_floating_point:
+    if tasks.support_y.dtype.is_floating_point or not values_are_free_to_read(tasks.support_y):
         return
     with torch.no_grad(), buffers_restored(model):
         ways = run(model, params, tasks.query_x[0]).shape[-1]

@@ -33,17 +33,22 @@ from torch import Tensor, nn
 
 from ..data.augment import shifted_copies
 from ..data.splits import check_count
+from .functional import values_are_free_to_read
 from .maml import TaskBatch
 
 
 def check_episode_labels(support_y: Tensor, query_y: Tensor | None, ways: int) -> None:
     """Raise a ValueError naming the problem unless every class ``0 .. ways−1`` has support examples.
 
-    Query labels, if given, must be classes of the support set. One read of the device.
+    Query labels, if given, must be classes of the support set. The values are checked
+    on the CPU only (:func:`~lowlearn.meta.functional.values_are_free_to_read`), with one
+    read; dtypes and sizes everywhere.
     """
     _check_label_dtype(support_y, query_y)
     if support_y.dim() == 0 or support_y.numel() == 0:
         raise ValueError("the support set is empty: every class needs at least one support example")
+    if not values_are_free_to_read(support_y):
+        return
     labels = support_y.reshape(-1, support_y.shape[-1])
     counts = F.one_hot(labels.clamp(0, ways - 1), ways).sum(1)               # (tasks, ways)
     stats = [labels.min(), labels.max(), counts.min()]

@@ -11,6 +11,8 @@ from lowlearn.data.episodes import random_episodes
 from lowlearn.data.tasks import RegressionBatch, SinusoidTasks
 from lowlearn.meta import ANIL, MAML, MetaSGD, Reptile, head_names, run
 from lowlearn.meta.episodic import meta_train
+from lowlearn.meta.functional import parameters_of
+from lowlearn.meta.maml import check_tasks
 from lowlearn.models import MLP, Conv4
 
 
@@ -232,6 +234,20 @@ def test_bad_input():
     for call in (maml.meta_backward, maml.evaluate):
         with pytest.raises(ValueError, match="query set is empty"):
             call(no_queries)
+
+
+def test_label_values_are_read_only_on_the_cpu():
+    # On an accelerator, reading labels would make every meta-step wait for the device. Tensors on the meta
+    # device have no values: reading them, or running the model on them, raises.
+    maml = MAML(Conv4(1, 3, hidden=4, image_size=16, running_stats=False), 0.4, 1)
+    tasks = episodes(dtype=torch.float32)
+    bad = tasks._replace(query_y=tasks.query_y + 3)
+    with pytest.raises(ValueError, match="labels must be in"):
+        check_tasks(maml.model, parameters_of(maml.model), bad)
+    on_meta = bad._replace(**{name: getattr(bad, name).to("meta") for name in bad._fields})
+    check_tasks(maml.model, parameters_of(maml.model), on_meta)
+    with pytest.raises(ValueError, match="support set has 6 inputs but 5 targets"):       # shapes are still checked
+        check_tasks(maml.model, parameters_of(maml.model), on_meta._replace(support_y=on_meta.support_y[:, :5]))
 
 
 def test_adapt_and_evaluate_matches_plain_fine_tuning_and_leaves_the_model_alone():

@@ -6,7 +6,7 @@ from torch import nn
 from lowlearn.data.episodes import Episode, EpisodeSampler, random_episodes
 from lowlearn.meta import LSTMOptimizer, MatchingNet, ProtoNet
 from lowlearn.meta.episodic import episode_accuracies
-from lowlearn.meta.metric import class_means, squared_distances
+from lowlearn.meta.metric import check_episode_labels, class_means, squared_distances
 from lowlearn.models import Conv4
 
 
@@ -168,6 +168,17 @@ def test_bad_episodes_are_clear_errors(learner):
         model(x, torch.tensor([True, False, True]), x)
     with pytest.raises(ValueError, match="ways must be an int >= 1"):
         model(x, torch.tensor([0, 1, 2]), x, ways=0)
+
+
+def test_label_values_are_read_only_on_the_cpu():
+    # On an accelerator, reading labels would make every meta-step wait for the device. Tensors on the meta
+    # device have no values: reading them raises.
+    support_y, query_y = torch.tensor([[0, 0, 2]]), torch.tensor([[0, 1, 2]])
+    with pytest.raises(ValueError, match="has no support example"):
+        check_episode_labels(support_y, query_y, 3)
+    check_episode_labels(support_y.to("meta"), query_y.to("meta"), 3)
+    with pytest.raises(ValueError, match="integer class labels"):                        # dtypes are still checked
+        check_episode_labels(support_y.float().to("meta"), None, 3)
 
 
 @pytest.mark.parametrize("learner", [ProtoNet, MatchingNet])
