@@ -4,7 +4,8 @@ The network is ``w → w → w → 10`` (two hidden layers of width ``w``, ReLU)
 holds the two ``w × w`` hidden layers at a fixed rank ``r`` (the fixed-rank
 integrator of :class:`lowlearn.lowrank.DLRT`: its K/L pass, its S-step pass and the
 QR factorisations), the dense network is trained with plain SGD. Time is the
-median per step of interleaved blocks. Memory is what a step holds: parameters,
+median per step of interleaved blocks, and the time ratio the median of the blocks'
+ratios (:func:`~lowlearn.bench.timing.paired_ratio`). Memory is what a step holds: parameters,
 gradients, optimizer state and the activations saved for backward
 (:func:`lowlearn.cost.training_memory`); on CUDA also the measured peak of one step
 beyond what was allocated before it (``torch.cuda.max_memory_allocated``: the step's
@@ -23,8 +24,8 @@ from lowlearn import cli
 from lowlearn.cost import training_memory
 from lowlearn.lowrank import DLRT, to_low_rank
 
-from .timing import (add_device_argument, cuda_peak_bytes, environment, fixed_batch, interleaved_medians,
-                     resolve_device)
+from .timing import (add_device_argument, cuda_peak_bytes, environment, fixed_batch, interleaved_rounds, medians,
+                     paired_ratio, resolve_device)
 
 
 def build(width: int, rank: int | None, device: torch.device):
@@ -52,15 +53,16 @@ def _step(model, optimizer, x, y):
 
 def run(widths=(512, 1024, 2048, 4096), rank: int = 32, batch_size: int = 128, iterations: int = 3,
         repeats: int = 15, device: str | None = None) -> list[dict]:
-    """One row per width: seconds per step and bytes, dense and DLRT."""
+    """One row per width: seconds per step and bytes, dense and DLRT, and the time ratio DLRT / dense (a ``Ratio``)."""
     device = resolve_device(device)
     rows = []
     for width in widths:
         x, y = fixed_batch(batch_size, width, device)
         built = {"dense": build(width, None, device), "dlrt": build(width, rank, device)}
         steps = {name: _step(model, opt, x, y) for name, (model, opt) in built.items()}
-        times = interleaved_medians(steps, device=device, iterations=iterations, repeats=repeats, warmup=1)
-        row = {"width": width}
+        rounds = interleaved_rounds(steps, device=device, iterations=iterations, repeats=repeats, warmup=1)
+        times = medians(rounds)
+        row = {"width": width, "time_ratio": paired_ratio(rounds, "dlrt", "dense")}
         for name, (model, opt) in built.items():
             memory = training_memory(model, opt, (x, y), F.cross_entropy)
             model.zero_grad(set_to_none=True)        # the step's gradients count in its peak, not in the base
@@ -82,21 +84,24 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(tuple(args.widths), args.rank, args.batch_size, args.iterations, args.repeats, args.device)
     print(f"w → w → w → 10, two hidden layers at fixed rank {args.rank} (DLRT) vs dense SGD, batch {args.batch_size}, "
           f"{environment(args.device)}")
-    print(f"time: median of {args.repeats} interleaved blocks of {args.iterations} steps; memory: parameters, "
+    print(f"time: median of {args.repeats} interleaved blocks of {args.iterations} steps, and of the blocks' ratios "
+          "beside their middle half; memory: parameters, "
           "gradients, optimizer state and saved activations" + ("; CUDA peak of one step beyond what was allocated "
                                                                 "before it" if rows and
                                                                     rows[0]["dense"]["cuda_peak"] else ""))
-    print(f"{'width':>6} {'dense ms':>9} {'DLRT ms':>9} {'time':>7} {'dense MiB':>10} {'DLRT MiB':>9} {'memory':>7}")
+    print(f"{'width':>6} {'dense ms':>9} {'DLRT ms':>9} {'time':>7} {'middle half':>12} {'dense MiB':>10} "
+          f"{'DLRT MiB':>9} {'memory':>7}")
     for row in rows:
-        d, r = row["dense"], row["dlrt"]
-        print(f"{row['width']:>6} {d['seconds'] * 1e3:9.2f} {r['seconds'] * 1e3:9.2f} "
-              f"{r['seconds'] / d['seconds']:6.2f}x {d['bytes'] / 2**20:10.2f} {r['bytes'] / 2**20:9.2f} "
+        d, r, time = row["dense"], row["dlrt"], row["time_ratio"]
+        spread = f"{time.low:.2f}-{time.high:.2f}"
+        print(f"{row['width']:>6} {d['seconds'] * 1e3:9.2f} {r['seconds'] * 1e3:9.2f} {time.median:6.2f}x "
+              f"{spread:>12} {d['bytes'] / 2**20:10.2f} {r['bytes'] / 2**20:9.2f} "
               f"{r['bytes'] / d['bytes']:6.2f}x" + (f"  (CUDA peak {r['cuda_peak'] / d['cuda_peak']:.2f}x)"
                                                     if d["cuda_peak"] else ""))
     wide = [row for row in rows if row["width"] >= 1024]
     if args.rank > 64 or not wide:
         verdict = "not measured (it needs a width >= 1024 and a rank <= 64)"
     else:
-        verdict = "met" if all(row["dlrt"]["seconds"] < row["dense"]["seconds"]
-                               and row["dlrt"]["bytes"] < row["dense"]["bytes"] for row in wide) else "not met"
+        verdict = "met" if all(row["time_ratio"].median < 1 and row["dlrt"]["bytes"] < row["dense"]["bytes"]
+                               for row in wide) else "not met"
     print(f"goal: DLRT below dense time and memory from width 1024 at rank <= 64: {verdict}")

@@ -8,7 +8,9 @@ lowlearn's MAML adapting one task after another, the same adapting all tasks at
 once (``tasks_at_once``, one grouped kernel per layer for the whole meta-batch), and
 ``higher``, which runs its differentiable SGD in ``innerloop_ctx`` as in its MAML
 example.
-Throughput is tasks per second, timed in interleaved blocks. Peak memory is
+Throughput is tasks per second, timed in interleaved blocks; its ratio to
+``higher``'s is the median of the blocks' ratios
+(:func:`~lowlearn.bench.timing.paired_ratio`). Peak memory is
 measured on CUDA, as ``torch.cuda.max_memory_allocated`` during one meta-step.
 """
 
@@ -25,7 +27,8 @@ from lowlearn.data.episodes import Episode, random_episodes
 from lowlearn.meta import MAML
 from lowlearn.models import Conv4
 
-from .timing import add_device_argument, cuda_peak_bytes, environment, interleaved_medians, resolve_device
+from .timing import (add_device_argument, cuda_peak_bytes, environment, interleaved_rounds, medians, paired_ratio,
+                     resolve_device)
 
 IMPLEMENTATIONS = ("lowlearn", "lowlearn batched", "higher")
 
@@ -57,7 +60,8 @@ def make_step(name: str, model: torch.nn.Module, tasks: Episode, steps: int, inn
 
 def run(tasks: int = 32, ways: int = 5, shots: int = 1, queries: int = 15, steps: int = 5, inner_lr: float = 0.4,
         iterations: int = 2, repeats: int = 3, device: str | None = None) -> dict:
-    """``{"seconds": {implementation: per meta-step}, "peak_bytes": {...} (CUDA only, else empty)}``."""
+    """``{"rounds": {implementation: seconds per meta-step in each interleaved round}, "seconds": their medians,
+    "peak_bytes": {...} (CUDA only, else empty)}``."""
     device = resolve_device(device)
     torch.manual_seed(0)
     model = Conv4(1, ways, running_stats=False).to(device)
@@ -66,13 +70,13 @@ def run(tasks: int = 32, ways: int = 5, shots: int = 1, queries: int = 15, steps
     def fresh_steps() -> dict:
         return {name: make_step(name, copy.deepcopy(model), batch, steps, inner_lr) for name in IMPLEMENTATIONS}
 
-    seconds = interleaved_medians(fresh_steps(), device=device, iterations=iterations, repeats=repeats, warmup=1)
+    rounds = interleaved_rounds(fresh_steps(), device=device, iterations=iterations, repeats=repeats, warmup=1)
     memory = {}
     if device.type == "cuda":
         for name, step in fresh_steps().items():
             step()                                      # the fresh optimizer's state exists from now on
             memory[name] = cuda_peak_bytes(step, device)
-    return {"seconds": seconds, "peak_bytes": memory}
+    return {"rounds": rounds, "seconds": medians(rounds), "peak_bytes": memory}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,17 +95,23 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args.tasks, args.ways, args.shots, args.queries, args.steps, args.inner_lr, args.iterations,
                  args.repeats, device)
     times, memory = result["seconds"], result["peak_bytes"]
+    speedups = {name: paired_ratio(result["rounds"], "higher", name) for name in IMPLEMENTATIONS}
     print(f"MAML meta-training, Conv4, {args.ways}-way {args.shots}-shot, {args.queries} queries, {args.steps} inner "
           f"steps, {args.tasks} tasks per meta-step, {environment(device)}")
-    print(f"{'implementation':<17} {'tasks/s':>9} {'vs higher':>10} {'peak MiB':>9} {'vs higher':>10}")
+    print(f"median of {args.repeats} interleaved blocks of {args.iterations} meta-steps; the throughput ratio is the "
+          "median of the blocks' ratios, beside their middle half")
+    print(f"{'implementation':<17} {'tasks/s':>9} {'vs higher':>10} {'middle half':>12} {'peak MiB':>9} "
+          f"{'vs higher':>10}")
     for name in IMPLEMENTATIONS:
-        rate = args.tasks / times[name]
-        line = f"{name:<17} {rate:9.2f} {times['higher'] / times[name]:9.2f}x"
+        rate, speedup = args.tasks / times[name], speedups[name]
+        spread = f"{speedup.low:.2f}-{speedup.high:.2f}"
+        line = f"{name:<17} {rate:9.2f} {speedup.median:9.2f}x {spread:>12}"
         if memory:
             line += f" {memory[name] / 2**20:9.1f} {memory[name] / max(memory['higher'], 1):9.2f}x"
         print(line)
     if not memory:
         print("peak memory: measured on CUDA only (the CPU allocator keeps no peak statistics)")
     goal = 3.0 if device.type == "cuda" else 1.0
-    best = max(times["higher"] / times[name] for name in IMPLEMENTATIONS if name.startswith("lowlearn"))
-    print(f"goal: throughput >= {goal:g}x higher's on {device.type}: {best:.2f}x (the faster lowlearn row)")
+    best = max((speedups[name] for name in IMPLEMENTATIONS if name.startswith("lowlearn")), key=lambda r: r.median)
+    print(f"goal: throughput >= {goal:g}x higher's on {device.type}: {best.median:.2f}x (middle half "
+          f"{best.low:.2f}-{best.high:.2f}; the faster lowlearn row)")

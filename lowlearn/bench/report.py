@@ -83,22 +83,23 @@ def collect(sizes: dict[str, dict], device: torch.device) -> list[dict]:
     for row in lowrank.run(device=device, **sizes["lowrank"]):
         goal = 1.0 if row["width"] >= 1024 else None
         case = f"DLRT, width {row['width']}"
-        rows.append(_row("lowrank", case, "dense", "time per step",
-                         row["dlrt"]["seconds"] / row["dense"]["seconds"], goal))
+        time = row["time_ratio"]
+        rows.append(_row("lowrank", case, "dense", "time per step", time.median, goal, spread=(time.low, time.high)))
         rows.append(_row("lowrank", case, "dense", "training memory", row["dlrt"]["bytes"] / row["dense"]["bytes"],
                          goal))
     result = maml.run(device=device, **sizes["maml"])
-    seconds, peak = result["seconds"], result["peak_bytes"]
+    peak = result["peak_bytes"]
     for name, case in (("lowlearn", "lowlearn MAML"), ("lowlearn batched", "lowlearn MAML, all tasks at once")):
-        rows.append(_row("maml", case, "higher", "throughput", seconds["higher"] / seconds[name],
-                         3.0 if device.type == "cuda" else 1.0, higher_is_better=True))
+        speedup = paired_ratio(result["rounds"], "higher", name)             # time(higher) / time(lowlearn)
+        rows.append(_row("maml", case, "higher", "throughput", speedup.median, 3.0 if device.type == "cuda" else 1.0,
+                         higher_is_better=True, spread=(speedup.low, speedup.high)))
         if peak:
             rows.append(_row("maml", case, "higher", "peak memory", peak[name] / max(peak["higher"], 1)))
     for row in sparse.run(device=device, **sizes["sparse"]):
         cpu_goal = 3.0 if row["format"] == "csr" and row["density"] == 0.05 and device.type == "cpu" else None
         gpu_goal = 1.2 if row["format"].startswith("2:4") else None
         rows.append(_row("sparse", f"{row['format']}, density {row['density']:g}", "dense", "speed-up",
-                         row["speedup"], cpu_goal or gpu_goal, higher_is_better=True)
+                         row["speedup"], cpu_goal or gpu_goal, higher_is_better=True, spread=row["spread"])
                     | {"ideal": row["ideal_speedup"]})
     return rows
 
@@ -112,8 +113,8 @@ def markdown(report: dict) -> str:
         lines.append(f"Allocator: {env['allocator']}.")
     if report.get("note"):
         lines.append(f"Note: {report['note']}")
-    lines += ["", "A time ratio is the median of the ratios measured in each interleaved round; *middle half* is the "
-              "range of the middle half of those ratios.", "",
+    lines += ["", "A ratio of times (a throughput or a speed-up is one too, inverted) is the median of the ratios "
+              "measured in each interleaved round; *middle half* is the range of the middle half of those ratios.", "",
               "| benchmark | case | against | metric | ratio | middle half | goal | met |",
               "|---|---|---|---|---:|---|---|---|"]
     for row in report["rows"]:

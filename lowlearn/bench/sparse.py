@@ -15,7 +15,8 @@ same interleaved rounds:
   dense layer in fp16, at ``d = 0.5``.
 
 Each row gives the ideal speed-up (the ratio of multiply-accumulates) beside the
-measured one.
+measured one: the median over the rounds of dense time / time within a round,
+with the middle half of those ratios (:func:`~lowlearn.bench.timing.paired_ratio`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from lowlearn.sparse import prune, prune_channels, prune_nm, scores
 from lowlearn.sparse.export import compact, export, semi_structured_unavailable
 from lowlearn.sparse.prune import kept_count
 
-from .timing import add_device_argument, environment, interleaved_medians, resolve_device
+from .timing import add_device_argument, environment, interleaved_rounds, medians, paired_ratio, resolve_device
 
 DENSITIES = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
 
@@ -65,13 +66,17 @@ def run(features: int = 4096, batch_size: int = 64, densities: tuple[float, ...]
             variants = _variants(dense, density)
             steps = {"dense": lambda: dense(x)}
             steps |= {name: (lambda m=model: m(x)) for name, (model, _) in variants.items()}
-            times = interleaved_medians(steps, device=device, iterations=iterations, repeats=repeats, warmup=warmup)
-            for name, (_, ideal) in variants.items():
-                rows.append({"format": name, "density": density, "ideal_speedup": ideal,
-                             "speedup": times["dense"] / times[name], "ms": times[name] * 1e3,
-                             "dense_ms": times["dense"] * 1e3})
+            rounds = interleaved_rounds(steps, device=device, iterations=iterations, repeats=repeats, warmup=warmup)
+            rows += [_row(name, density, ideal, rounds) for name, (_, ideal) in variants.items()]
         rows += _two_four(dense, x, iterations, repeats, warmup, device)
     return rows
+
+
+def _row(name: str, density: float, ideal: float, rounds: dict[str, list[float]]) -> dict:
+    """The row of variant ``name``: its speed-up over ``"dense"`` in the same rounds, with the middle half."""
+    times, speedup = medians(rounds), paired_ratio(rounds, "dense", name)
+    return {"format": name, "density": density, "ideal_speedup": ideal, "speedup": speedup.median,
+            "spread": [speedup.low, speedup.high], "ms": times[name] * 1e3, "dense_ms": times["dense"] * 1e3}
 
 
 def _two_four(dense: nn.Sequential, x: torch.Tensor, iterations: int, repeats: int, warmup: int,
@@ -83,10 +88,9 @@ def _two_four(dense: nn.Sequential, x: torch.Tensor, iterations: int, repeats: i
     if semi_structured_unavailable(sparse[0]) is not None:
         return []
     exported, xh = export(sparse, "2:4"), x.half()
-    times = interleaved_medians({"dense": lambda: half(xh), "2:4": lambda: exported(xh)}, device=device,
+    rounds = interleaved_rounds({"dense": lambda: half(xh), "2:4 (fp16)": lambda: exported(xh)}, device=device,
                                 iterations=iterations, repeats=repeats, warmup=warmup)
-    return [{"format": "2:4 (fp16)", "density": 0.5, "ideal_speedup": 2.0, "speedup": times["dense"] / times["2:4"],
-             "ms": times["2:4"] * 1e3, "dense_ms": times["dense"] * 1e3}]
+    return [_row("2:4 (fp16)", 0.5, 2.0, rounds)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,18 +106,24 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(args.features, args.batch_size, tuple(args.densities), args.iterations, args.repeats,
                device=args.device)
     print(f"Linear {args.features}x{args.features}, batch {args.batch_size}, inference, {environment(args.device)}")
-    print(f"median of {args.repeats} interleaved blocks of {args.iterations} calls; speed-up = dense time / time")
-    print(f"{'format':<12} {'density':>8} {'ms':>9} {'dense ms':>9} {'ideal':>7} {'speed-up':>9}")
+    print(f"median of {args.repeats} interleaved blocks of {args.iterations} calls; speed-up = dense time / time in "
+          "each block: their median, beside their middle half")
+    print(f"{'format':<12} {'density':>8} {'ms':>9} {'dense ms':>9} {'ideal':>7} {'speed-up':>9} {'middle half':>12}")
     for row in rows:
+        spread = "{:.2f}-{:.2f}".format(*row["spread"])
         print(f"{row['format']:<12} {row['density']:8.3f} {row['ms']:9.3f} {row['dense_ms']:9.3f} "
-              f"{row['ideal_speedup']:6.1f}x {row['speedup']:8.2f}x")
+              f"{row['ideal_speedup']:6.1f}x {row['speedup']:8.2f}x {spread:>12}")
     goal = next((row for row in rows if row["format"] == "csr" and row["density"] == 0.05), None)
     if goal is not None and resolve_device(args.device).type == "cpu":
         verdict = "met" if goal["speedup"] >= 3 else "not met"
-        print(f"goal: CSR at 95% sparsity >= 3x dense on CPU: {goal['speedup']:.2f}x, {verdict}")
+        print(f"goal: CSR at 95% sparsity >= 3x dense on CPU: {_with_spread(goal)}, {verdict}")
     two_four = [row for row in rows if row["format"].startswith("2:4")]
     if not two_four:
         print("2:4: not measured (needs a CUDA GPU with 2:4 sparse kernels)")
     for row in two_four:
         verdict = "met" if row["speedup"] >= 1.2 else "not met"
-        print(f"goal: {row['format']} >= 1.2x dense on a GPU: {row['speedup']:.2f}x, {verdict}")
+        print(f"goal: {row['format']} >= 1.2x dense on a GPU: {_with_spread(row)}, {verdict}")
+
+
+def _with_spread(row: dict) -> str:
+    return f"{row['speedup']:.2f}x (middle half {row['spread'][0]:.2f}-{row['spread'][1]:.2f})"

@@ -18,5 +18,6 @@ def test_lowrank_benchmark_prints_ratios(capsys):
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.strip().startswith(("32 ", "64 "))]
     assert len(lines) == 2 and all(line.count("x") == 2 for line in lines)
+    assert "middle half" in out
     # No width reached 1024, so the goal is not judged (an empty sweep once read "met").
     assert "goal: DLRT below dense time and memory from width 1024 at rank <= 64: not measured" in out

@@ -3,6 +3,7 @@ import copy
 import torch
 
 from lowlearn.bench import maml as bench
+from lowlearn.bench.timing import medians
 from lowlearn.data.episodes import random_episodes
 from lowlearn.models import Conv4
 
@@ -17,6 +18,13 @@ def test_every_implementation_takes_the_same_meta_step():
     for name in ("lowlearn", "lowlearn batched"):
         for a, b in zip(models[name].parameters(), models["higher"].parameters()):
             assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), name
+
+
+def test_the_run_keeps_its_rounds():
+    result = bench.run(tasks=2, queries=1, steps=1, iterations=1, repeats=2, device="cpu")
+    assert all(len(seconds) == 2 for seconds in result["rounds"].values())
+    assert set(result["rounds"]) == set(bench.IMPLEMENTATIONS)
+    assert result["seconds"] == medians(result["rounds"]) and result["peak_bytes"] == {}
 
 
 def test_maml_benchmark_prints_throughput(capsys):

@@ -26,3 +26,11 @@ def test_sparse_benchmark_prints_the_table_and_the_goal(capsys):
     rows = [line for line in out.splitlines() if line.startswith(("csr ", "channels ", "low rank "))]
     assert len(rows) == 6 and all(line.count("x") == 2 for line in rows)
     assert "goal: CSR at 95% sparsity >= 3x dense on CPU" in out and "2:4: not measured" in out
+
+
+def test_a_speed_up_is_the_median_of_the_rounds_ratios():
+    # Per-round speed-ups dense / csr: 2, 4, 3; their median 3 and inclusive quartiles 2.5 and 3.5. The ratio of
+    # the medians (4 / 1) would differ.
+    row = bench._row("csr", 0.1, 10.0, {"dense": [2.0, 4.0, 6.0], "csr": [1.0, 1.0, 2.0]})
+    assert row["speedup"] == 3.0 and row["spread"] == [2.5, 3.5]
+    assert row["ms"] == 1e3 and row["dense_ms"] == 4e3 and row["ideal_speedup"] == 10.0
