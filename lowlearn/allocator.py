@@ -23,7 +23,7 @@ counted about 100 faults per step for a masked and for a Powerprop LeNet-300-100
 Whether that makes training faster depends on the machine and the model, and the
 same benchmark times each model under both settings (the course's CPU report,
 ``reports/cpu``, has its rows: on one thread of a quiet machine there, retaining freed
-memory changed the dense, masked and Powerprop steps' times by 4% or less, within what
+memory changed the dense, masked and Powerprop steps' times by 5% or less, within what
 repeated runs vary; an earlier report from the same machine had the masked and Powerprop
 steps about a tenth faster with it). Measure before adopting it. The price is that the process keeps
 up to ``trim_threshold`` bytes of freed memory instead of returning it. PyTorch's
