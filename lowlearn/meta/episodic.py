@@ -75,7 +75,8 @@ def meta_train(learner: MetaLearner, sampler: EpisodeSampler, optimizer: torch.o
             loss, mean = (running / (step - log_every * len(recorded))).tolist()      # one read of the device
             if not math.isfinite(loss):
                 raise FloatingPointError(f"the meta-training loss became {loss} by step {step}; lower the "
-                                         "learning rate")
+                                         "learning rate, or check the episodes: a class without support examples "
+                                         "gives NaN (labels on an accelerator are not checked)")
             recorded.append(mean)
             running = None
     return recorded

@@ -342,7 +342,7 @@ def test_meta_train_records_the_statistic_asked_for():
         def meta_step(self, tasks, optimizer):
             return {"loss": torch.tensor(float("nan")), "accuracy": torch.tensor(0.2)}
 
-    with pytest.raises(FloatingPointError, match="loss became nan by step 2"):
+    with pytest.raises(FloatingPointError, match="loss became nan by step 2; lower the learning rate, or check the ep"):
         meta_train(Diverged(), _Episodes(), None, 3, log_every=2, record="accuracy")
 
 
