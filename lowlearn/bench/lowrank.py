@@ -25,7 +25,7 @@ from lowlearn.cost import training_memory
 from lowlearn.lowrank import DLRT, to_low_rank
 
 from .timing import (add_device_argument, cuda_peak_bytes, environment, fixed_batch, interleaved_rounds, medians,
-                     paired_ratio, resolve_device)
+                     middle_half, paired_ratio, resolve_device)
 
 
 def build(width: int, rank: int | None, device: torch.device):
@@ -93,9 +93,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{'DLRT MiB':>9} {'memory':>7}")
     for row in rows:
         d, r, time = row["dense"], row["dlrt"], row["time_ratio"]
-        spread = f"{time.low:.2f}-{time.high:.2f}"
         print(f"{row['width']:>6} {d['seconds'] * 1e3:9.2f} {r['seconds'] * 1e3:9.2f} {time.median:6.2f}x "
-              f"{spread:>12} {d['bytes'] / 2**20:10.2f} {r['bytes'] / 2**20:9.2f} "
+              f"{middle_half(time.low, time.high):>12} {d['bytes'] / 2**20:10.2f} {r['bytes'] / 2**20:9.2f} "
               f"{r['bytes'] / d['bytes']:6.2f}x" + (f"  (CUDA peak {r['cuda_peak'] / d['cuda_peak']:.2f}x)"
                                                     if d["cuda_peak"] else ""))
     wide = [row for row in rows if row["width"] >= 1024]

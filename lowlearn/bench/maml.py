@@ -27,8 +27,8 @@ from lowlearn.data.episodes import Episode, random_episodes
 from lowlearn.meta import MAML
 from lowlearn.models import Conv4
 
-from .timing import (add_device_argument, cuda_peak_bytes, environment, interleaved_rounds, medians, paired_ratio,
-                     resolve_device)
+from .timing import (add_device_argument, cuda_peak_bytes, environment, interleaved_rounds, medians, middle_half,
+                     paired_ratio, resolve_device)
 
 IMPLEMENTATIONS = ("lowlearn", "lowlearn batched", "higher")
 
@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{'vs higher':>10}")
     for name in IMPLEMENTATIONS:
         rate, speedup = args.tasks / times[name], speedups[name]
-        spread = f"{speedup.low:.2f}-{speedup.high:.2f}"
-        line = f"{name:<17} {rate:9.2f} {speedup.median:9.2f}x {spread:>12}"
+        line = f"{name:<17} {rate:9.2f} {speedup.median:9.2f}x {middle_half(speedup.low, speedup.high):>12}"
         if memory:
             line += f" {memory[name] / 2**20:9.1f} {memory[name] / max(memory['higher'], 1):9.2f}x"
         print(line)
@@ -114,4 +113,4 @@ def main(argv: list[str] | None = None) -> None:
     goal = 3.0 if device.type == "cuda" else 1.0
     best = max((speedups[name] for name in IMPLEMENTATIONS if name.startswith("lowlearn")), key=lambda r: r.median)
     print(f"goal: throughput >= {goal:g}x higher's on {device.type}: {best.median:.2f}x (middle half "
-          f"{best.low:.2f}-{best.high:.2f}; the faster lowlearn row)")
+          f"{middle_half(best.low, best.high)}; the faster lowlearn row)")

@@ -29,7 +29,7 @@ from lowlearn.models import MLP
 from lowlearn.sparse.mask import attach_masks, prunable_layers, set_masks
 
 from .timing import (add_device_argument, environment, faults_per_call, fixed_batch, interleaved_rounds, medians,
-                     paired_ratio, resolve_device)
+                     middle_half, paired_ratio, resolve_device)
 
 
 def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, seconds in times.items():
         ratio = paired_ratio(rounds, name, "dense")
         fault = "n/a" if faults[name] is None else f"{faults[name]:.1f}"
-        print(f"{name:<22} {seconds * 1e3:9.3f} {ratio.median:8.3f}x {ratio.low:6.3f}-{ratio.high:.3f} {fault:>17}")
+        print(f"{name:<22} {seconds * 1e3:9.3f} {ratio.median:8.3f}x "
+              f"{middle_half(ratio.low, ratio.high, 3):>13} {fault:>17}")
     ratio = paired_ratio(rounds, "lowlearn masks", "dense")
     print(f"goal: lowlearn masks / dense <= 1.10: {ratio}")

@@ -24,7 +24,7 @@ from lowlearn.allocator import has_glibc
 from lowlearn.atomic import atomic_file
 
 from . import allocator, dst, lowrank, maml, masks, powerprop, sparse
-from .timing import add_device_argument, machine, paired_ratio, resolve_device
+from .timing import add_device_argument, machine, middle_half, paired_ratio, resolve_device
 
 FIELDS = ("benchmark", "case", "reference", "metric", "ratio", "spread", "goal", "met")
 """The keys of every row. ``spread`` is ``[low, high]``, the middle half of the per-round ratios
@@ -119,7 +119,7 @@ def markdown(report: dict) -> str:
               "|---|---|---|---|---:|---|---|---|"]
     for row in report["rows"]:
         met = "" if row["met"] is None else ("yes" if row["met"] else "no")
-        spread = "" if row["spread"] is None else f"{row['spread'][0]:.2f}-{row['spread'][1]:.2f}"
+        spread = "" if row["spread"] is None else middle_half(*row["spread"])
         lines.append(f"| {row['benchmark']} | {row['case']} | {row['reference']} | {row['metric']} | "
                      f"{row['ratio']:.2f}x | {spread} | {row['goal'] or ''} | {met} |")
     return "\n".join(lines) + "\n"

@@ -33,7 +33,8 @@ from lowlearn.sparse import prune, prune_channels, prune_nm, scores
 from lowlearn.sparse.export import compact, export, semi_structured_unavailable
 from lowlearn.sparse.prune import kept_count
 
-from .timing import add_device_argument, environment, interleaved_rounds, medians, paired_ratio, resolve_device
+from .timing import (add_device_argument, environment, interleaved_rounds, medians, middle_half, paired_ratio,
+                     resolve_device)
 
 DENSITIES = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
 
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
           "each block: their median, beside their middle half")
     print(f"{'format':<12} {'density':>8} {'ms':>9} {'dense ms':>9} {'ideal':>7} {'speed-up':>9} {'middle half':>12}")
     for row in rows:
-        spread = "{:.2f}-{:.2f}".format(*row["spread"])
+        spread = middle_half(*row["spread"])
         print(f"{row['format']:<12} {row['density']:8.3f} {row['ms']:9.3f} {row['dense_ms']:9.3f} "
               f"{row['ideal_speedup']:6.1f}x {row['speedup']:8.2f}x {spread:>12}")
     goal = next((row for row in rows if row["format"] == "csr" and row["density"] == 0.05), None)
@@ -126,4 +127,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _with_spread(row: dict) -> str:
-    return f"{row['speedup']:.2f}x (middle half {row['spread'][0]:.2f}-{row['spread'][1]:.2f})"
+    return f"{row['speedup']:.2f}x (middle half {middle_half(*row['spread'])})"

@@ -74,6 +74,11 @@ def medians(rounds: Mapping[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in rounds.items()}
 
 
+def middle_half(low: float, high: float, digits: int = 2) -> str:
+    """``"low-high"``, the middle half of a ratio's values over the rounds, as the tables print it."""
+    return f"{low:.{digits}f}-{high:.{digits}f}"
+
+
 class Ratio(NamedTuple):
     """A time ratio: the median and the quartiles of its values over the rounds."""
 
@@ -82,7 +87,7 @@ class Ratio(NamedTuple):
     high: float
 
     def __str__(self) -> str:
-        return f"{self.median:.3f} (middle half {self.low:.3f}-{self.high:.3f})"
+        return f"{self.median:.3f} (middle half {middle_half(self.low, self.high, 3)})"
 
 
 def paired_ratio(rounds: Mapping[str, list[float]], case: str, reference: str) -> Ratio:

@@ -52,6 +52,7 @@ def test_paired_ratio_takes_each_round_s_ratio_then_their_median_and_quartiles()
     rounds = {"case": [10.0, 20.0, 30.0, 80.0, 50.0], "reference": [10.0, 10.0, 10.0, 20.0, 10.0]}
     assert timing.paired_ratio(rounds, "case", "reference") == timing.Ratio(3.0, 2.0, 4.0)
     assert str(timing.Ratio(3.0, 2.0, 4.0)) == "3.000 (middle half 2.000-4.000)"        # as the goal lines print it
+    assert timing.middle_half(1.234, 5.678) == "1.23-5.68"                              # as the tables print it
     assert timing.paired_ratio(rounds, "reference", "reference") == timing.Ratio(1.0, 1.0, 1.0)
     assert timing.paired_ratio({"a": [3.0], "b": [2.0]}, "a", "b") == timing.Ratio(1.5, 1.5, 1.5)
     with pytest.raises(ValueError):                                           # rounds that do not pair up
