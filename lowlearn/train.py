@@ -24,6 +24,7 @@ import os
 import pickle
 import random
 import time
+import warnings
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -523,6 +524,15 @@ def _loadable_bytes(value: object, what: str) -> bytes:
 _MISSING = object()
 
 
+def _shape_only_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are on the meta device: their shapes without memory."""
+    memo = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        empty = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -563,10 +573,14 @@ def load_checkpoint(
         raise ValueError(f"{path} was saved with {found}, not {dict(expect)}")
     if optimizer is not None and "optimizer" not in payload:
         raise ValueError(f"{path} holds no optimizer state; load it without optimizer=")
-    # load_state_dict copies tensor by tensor and reports mismatches at the end; a copy of the model takes
-    # the first try, and the optimizer checks its groups before it changes anything, so a refused
-    # checkpoint leaves both as they were.
-    copy.deepcopy(model).load_state_dict(payload["model"])
+    # load_state_dict copies tensor by tensor and reports mismatches at the end; a storage-free copy of the
+    # model takes the first try, and the optimizer checks its groups before it changes anything, so a
+    # refused checkpoint leaves both as they were.
+    # (assign=True would be quieter, but torch records it in the state dict's own metadata, so the real load
+    # below would assign too.)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".* to a meta parameter .* is a no-op")
+        _shape_only_copy(model).load_state_dict(payload["model"])
     if optimizer is not None:
         optimizer.load_state_dict(payload["optimizer"])
     model.load_state_dict(payload["model"])

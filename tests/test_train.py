@@ -249,6 +249,33 @@ def test_a_checkpoint_that_does_not_fit_leaves_the_model_and_optimizer_as_they_w
     assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))
 
 
+def test_a_checkpoint_is_tried_on_a_copy_without_memory_then_loaded(tmp_path, monkeypatch):
+    import lowlearn.train as train
+    from lowlearn.lowrank import LowRankLinear
+
+    tried, shape_only_copy = [], train._shape_only_copy
+
+    def kept_copy(model):
+        tried.append(shape_only_copy(model))
+        return tried[-1]
+
+    monkeypatch.setattr(train, "_shape_only_copy", kept_copy)
+    tied = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4))
+    tied[2].weight = tied[0].weight
+    tied[2].weight.requires_grad_(False)
+    load_checkpoint(save_checkpoint(tmp_path / "tied.pt", tied), tied)
+    shadow = tried[-1]
+    assert all(t.is_meta for t in [*shadow.parameters(), *shadow.buffers()])
+    assert shadow[2].weight is shadow[0].weight and not shadow[0].weight.requires_grad
+    assert all(not t.is_meta for t in [*tied.parameters(), *tied.buffers()])      # the model keeps its own
+    # A low-rank layer takes the checkpoint's rank: the copy runs the layer's own loading code.
+    torch.manual_seed(0)
+    saved = nn.Sequential(LowRankLinear(8, 6, rank=2, r_max=4))
+    resumed = nn.Sequential(LowRankLinear(8, 6, rank=4, r_max=4))
+    load_checkpoint(save_checkpoint(tmp_path / "rank.pt", saved), resumed)
+    assert resumed[0].rank == 2 and torch.equal(resumed[0].matrix(), saved[0].matrix())
+
+
 def test_evaluate_runs_on_the_models_device_by_default(monkeypatch):
     import lowlearn.train as train
 
