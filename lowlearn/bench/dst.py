@@ -66,7 +66,7 @@ def build_steps(density: float, batch_size: int, every: int, device: torch.devic
     return steps
 
 
-def run(density: float = 0.1, batch_size: int = 128, every: int = 100, updates: int = 2, repeats: int = 5,
+def run(density: float = 0.1, batch_size: int = 128, every: int = 100, updates: int = 2, repeats: int = 15,
         device: str | None = None) -> dict[str, list[float]]:
     """Seconds per training step (amortised over ``updates`` mask updates per block) by method, in each round.
 
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--every", type=cli.positive_int, default=100,
                         help="ΔT, steps between mask updates (default 100)")
     parser.add_argument("--updates", type=cli.positive_int, default=2, help="mask updates per timed block (default 2)")
-    parser.add_argument("--repeats", type=cli.positive_int, default=5, help="interleaved timed blocks per method")
+    parser.add_argument("--repeats", type=cli.positive_int, default=15,
+                        help="interleaved timed blocks per method (default 15)")
     add_device_argument(parser)
     args = parser.parse_args(argv)
     rounds = run(args.density, args.batch_size, args.every, args.updates, args.repeats, args.device)
