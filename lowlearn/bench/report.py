@@ -24,7 +24,7 @@ from lowlearn.allocator import has_glibc
 from lowlearn.atomic import atomic_file
 
 from . import allocator, dst, lowrank, maml, masks, powerprop, sparse
-from .timing import add_device_argument, machine, middle_half, paired_ratio, resolve_device
+from .timing import Ratio, add_device_argument, machine, middle_half, paired_ratio, resolve_device
 
 FIELDS = ("benchmark", "case", "reference", "metric", "ratio", "spread", "goal", "met")
 """The keys of every row. ``spread`` is ``[low, high]``, the middle half of the per-round ratios
@@ -43,8 +43,11 @@ QUICK = {
 }
 
 
-def _row(benchmark: str, case: str, reference: str, metric: str, ratio: float, goal: float | None = None,
+def _row(benchmark: str, case: str, reference: str, metric: str, ratio: float | Ratio, goal: float | None = None,
          higher_is_better: bool = False, spread: tuple[float, float] | None = None) -> dict:
+    """One row; a :class:`~lowlearn.bench.timing.Ratio` brings its own spread, a plain number takes ``spread``."""
+    if isinstance(ratio, Ratio):
+        ratio, spread = ratio.median, (ratio.low, ratio.high)
     met = None if goal is None else (ratio >= goal if higher_is_better else ratio <= goal)
     bound = None if goal is None else f"{'>=' if higher_is_better else '<='} {goal:g}"
     return {"benchmark": benchmark, "case": case, "reference": reference, "metric": metric, "ratio": ratio,
@@ -58,8 +61,7 @@ def _time_rows(benchmark: str, rounds: dict[str, list[float]], references: dict[
     rows = []
     for case, reference in references.items():
         ratio = paired_ratio(rounds, case, reference)
-        rows.append(_row(benchmark, case, reference, "time per step", ratio.median, goals.get(case),
-                         spread=(ratio.low, ratio.high)))
+        rows.append(_row(benchmark, case, reference, "time per step", ratio, goals.get(case)))
     return rows
 
 
@@ -83,16 +85,15 @@ def collect(sizes: dict[str, dict], device: torch.device) -> list[dict]:
     for row in lowrank.run(device=device, **sizes["lowrank"]):
         goal = 1.0 if row["width"] >= 1024 else None
         case = f"DLRT, width {row['width']}"
-        time = row["time_ratio"]
-        rows.append(_row("lowrank", case, "dense", "time per step", time.median, goal, spread=(time.low, time.high)))
+        rows.append(_row("lowrank", case, "dense", "time per step", row["time_ratio"], goal))
         rows.append(_row("lowrank", case, "dense", "training memory", row["dlrt"]["bytes"] / row["dense"]["bytes"],
                          goal))
     result = maml.run(device=device, **sizes["maml"])
     peak = result["peak_bytes"]
     for name, case in (("lowlearn", "lowlearn MAML"), ("lowlearn batched", "lowlearn MAML, all tasks at once")):
         speedup = paired_ratio(result["rounds"], "higher", name)             # time(higher) / time(lowlearn)
-        rows.append(_row("maml", case, "higher", "throughput", speedup.median, 3.0 if device.type == "cuda" else 1.0,
-                         higher_is_better=True, spread=(speedup.low, speedup.high)))
+        rows.append(_row("maml", case, "higher", "throughput", speedup, 3.0 if device.type == "cuda" else 1.0,
+                         higher_is_better=True))
         if peak:
             rows.append(_row("maml", case, "higher", "peak memory", peak[name] / max(peak["higher"], 1)))
     for row in sparse.run(device=device, **sizes["sparse"]):
