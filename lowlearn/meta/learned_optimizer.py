@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..data.splits import check_count
+from ..train import generator_on
 
 State = list[tuple[Tensor, Tensor]]
 Objective = Callable[[Tensor], Tensor]
@@ -188,8 +189,12 @@ def network_problem(model: nn.Module, x: Tensor, y: Tensor, *,
 
     Returns ``(f, θ_0)``: ``θ_0`` is the model's parameters flattened into one vector,
     and ``f(θ)`` the loss of the model with parameters ``θ`` on a fresh random
-    mini-batch of ``batch_size`` examples at every call (drawn with ``generator``).
+    mini-batch of ``batch_size`` examples at every call (drawn with ``generator``, or
+    with a generator on ``x``'s device that it seeds, if it draws elsewhere:
+    :func:`lowlearn.train.generator_on`).
     """
+    if generator is not None:
+        generator = generator_on(generator, x.device)
     names = [name for name, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
     sizes = [p.numel() for p in model.parameters()]

@@ -74,6 +74,20 @@ def test_network_problem_is_the_model_loss_of_its_flat_parameters():
     assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_network_problem_on_a_gpu_draws_its_batches_there_from_a_cpu_generator():
+    from lowlearn.meta.learned_optimizer import network_problem
+    from lowlearn.models import MLP
+
+    model = MLP(8, (5,), 3).cuda()
+    x, y = torch.randn(40, 8, device="cuda"), torch.randint(0, 3, (40,), device="cuda")
+    losses = []
+    for _ in range(2):                                         # the same seed, the same batches
+        objective, theta = network_problem(model, x, y, batch_size=16, generator=torch.Generator().manual_seed(0))
+        losses.append(objective(theta))
+    assert losses[0].is_cuda and torch.equal(*losses)
+
+
 def test_a_parameter_of_any_shape_is_updated_coordinate_by_coordinate():
     torch.manual_seed(0)
     net = LSTMOptimizer()
