@@ -128,8 +128,10 @@ def model_sparse_flops(model: nn.Module, example_input: torch.Tensor, *,
     its mask's (:func:`~lowlearn.sparse.mask.layer_densities`); any other counted
     layer with a ``weight`` counts its nonzero weights, so a model whose masks were
     made permanent (:func:`~lowlearn.sparse.mask.squash`) or pruned with
-    ``torch.nn.utils.prune`` costs what its zeros save. Multiply by 3
-    (:func:`sparse_training_flops`) for a training step.
+    ``torch.nn.utils.prune`` costs what its zeros save. A layer that counts its own
+    MACs (``count_macs``, e.g. the exported layers of :mod:`lowlearn.sparse.export`)
+    is taken at its count. Multiply by 3 (:func:`sparse_training_flops`) for a
+    training step.
 
     Raises:
         KeyError: a masked layer whose FLOPs :func:`~lowlearn.cost.count_flops` does not
@@ -140,7 +142,7 @@ def model_sparse_flops(model: nn.Module, example_input: torch.Tensor, *,
     modules = dict(model.named_modules())
     for name in flop_count.per_layer.keys() - densities.keys():
         weight = getattr(modules[name], "weight", None)
-        if isinstance(weight, torch.Tensor):
+        if isinstance(weight, torch.Tensor) and not hasattr(modules[name], "count_macs"):
             densities[name] = int(weight.count_nonzero()) / weight.numel()
     return sparse_inference_flops(flop_count, densities, relative_to_dense=relative_to_dense)
 

@@ -211,4 +211,4 @@ def test_an_exported_model_counts_the_macs_of_its_stored_weights():
     kept = {name: int(layer.weight.count_nonzero()) for name, layer in (("0", model[0]), ("3", model[3]))}
     count = count_flops(exported, x)
     assert count.per_layer == {"0": kept["0"] * 6 * 6, "3": kept["3"]}
-    assert count.total == model_sparse_flops(model, x)
+    assert count.total == model_sparse_flops(model, x) == model_sparse_flops(exported, x)
