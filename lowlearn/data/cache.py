@@ -18,14 +18,17 @@ land outside the destination (absolute paths, ``..``, links).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.client
+import lzma
 import os
 import shutil
 import tarfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -182,13 +185,22 @@ def check_member_name(name: str, archive: str | os.PathLike) -> None:
 
 
 def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """Extract a zip or tar archive into ``dest`` and return ``dest``.
+    """Extract a tar or zip archive into ``dest`` and return ``dest``.
 
     Every member is checked before anything is written: absolute paths, ``..``
     components, and (in tar archives) links and device files are refused with
     :class:`UnsafeArchiveError`. The archive is unpacked into a temporary folder
     that is renamed to ``dest`` at the end, so ``dest`` either holds the whole
-    archive or does not exist. If ``dest`` already exists it is returned as is.
+    archive or does not exist. If ``dest`` already exists (also when another process
+    has just extracted it) it is returned as is.
+
+    Only a zip archive checks its members' contents (CRC-32); a tar archive with a
+    damaged byte unpacks without complaint. :func:`fetch` an archive, which checks its
+    sha256, before extracting it.
+
+    Raises:
+        UnsafeArchiveError: a member that would land outside ``dest``, or a link or device file.
+        DataError: a file that is not a tar or zip archive, or one that is damaged (e.g. cut off).
     """
     archive, dest = Path(archive), Path(dest)
     if dest.exists():
@@ -196,26 +208,43 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = new_sibling_folder(dest)
     try:
-        if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zf:
-                for info in zf.infolist():
-                    check_member_name(info.filename, archive)
-                zf.extractall(tmp)
-        elif tarfile.is_tarfile(archive):
-            with tarfile.open(archive) as tf:
-                members = tf.getmembers()
-                for member in members:
-                    check_member_name(member.name, archive)
-                    if not (member.isfile() or member.isdir()):
-                        raise UnsafeArchiveError(
-                            f"refusing to extract {member.name!r}: only plain files and folders are allowed")
-                # The checks above suffice; the "data" filter (Python >= 3.10.12) adds a second guard.
-                kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-                tf.extractall(tmp, members=members, **kwargs)
-        else:
-            raise DataError(f"{archive} is neither a zip nor a tar archive")
-        os.replace(tmp, dest)
+        try:
+            _extract(archive, tmp)
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as error:
+            raise DataError(f"{archive} is damaged ({type(error).__name__}: {error}), so nothing was extracted from "
+                            "it: delete it and download it again") from error
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not dest.is_dir():
+                raise                     # else another process extracted the archive meanwhile: theirs is kept
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return dest
+
+
+def _extract(archive: Path, folder: Path) -> None:
+    """Check every member of ``archive``, then unpack it into ``folder`` (see :func:`safe_extract`)."""
+    # Tar first: a tar whose last member is a zip file also passes zipfile.is_zipfile, which looks for a
+    # zip's end record in the last 64 KiB; a zip never passes for a tar.
+    if tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tf:
+            members = tf.getmembers()
+            for member in members:
+                check_member_name(member.name, archive)
+                if not (member.isfile() or member.isdir()):
+                    raise UnsafeArchiveError(
+                        f"{archive} holds {member.name!r}, a link or device file, and nothing was extracted from it: "
+                        "only plain files and folders are, since a link can point outside the folder")
+            # The checks above suffice; the "data" filter (Python >= 3.10.12) adds a second guard.
+            kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tf.extractall(folder, members=members, **kwargs)
+    elif zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                check_member_name(info.filename, archive)
+            zf.extractall(folder)
+    else:
+        raise DataError(f"{archive} is neither a tar nor a zip archive, or is cut off before its end (an interrupted "
+                        "download?): delete it and download it again")

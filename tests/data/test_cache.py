@@ -242,6 +242,79 @@ def test_safe_extract_refuses_unsafe_members_and_writes_nothing(tmp_path, archiv
     assert _leftovers(out) == []  # neither dest, nor its temporary folder, nor out/evil
 
 
+def test_a_tar_whose_last_member_is_a_zip_is_extracted_as_a_tar(tmp_path, archives):
+    inner = _zip(archives / "inner.zip", {"inner_only.txt": b"inner"}).read_bytes()
+    archive = archives / "a.tar"
+    with tarfile.open(archive, "w") as tf:         # uncompressed: the zip's end record is the file's last bytes
+        for name, data in {"top/a.txt": b"a", "top/extras.zip": inner}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    assert zipfile.is_zipfile(archive)
+    dest = safe_extract(archive, tmp_path / "out" / "dest")
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*")) == ["top", "top/a.txt", "top/extras.zip"]
+    assert (dest / "top" / "extras.zip").read_bytes() == inner
+
+
+def _cut(path: Path) -> Path:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def _flip_last_payload_byte(path: Path, payload: bytes) -> Path:
+    data = path.read_bytes()
+    at = data.index(payload) + len(payload) - 1
+    path.write_bytes(data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:])
+    return path
+
+
+_PAYLOAD = bytes(range(256)) * 64
+
+
+@pytest.mark.parametrize("make_archive", [
+    lambda folder: _cut(_tar_gz(folder / "a.tar.gz", [tarfile.TarInfo("a.bin")], {"a.bin": _PAYLOAD})),
+    lambda folder: _cut(_zip(folder / "a.zip", {"a.bin": _PAYLOAD})),
+    lambda folder: _flip_last_payload_byte(_zip(folder / "a.zip", {"a.bin": _PAYLOAD}), _PAYLOAD),
+    lambda folder: (folder / "a.txt").write_bytes(b"not an archive") and folder / "a.txt",
+], ids=["tar.gz-cut", "zip-cut", "zip-damaged-byte", "not-an-archive"])
+def test_a_damaged_archive_is_a_data_error_and_writes_nothing(tmp_path, archives, make_archive):
+    archive = make_archive(archives)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=f"{archive.name} .*download it again"):
+        safe_extract(archive, out / "dest")
+    assert _leftovers(out) == []
+
+
+def test_a_cut_tar_is_a_data_error(tmp_path, archives):
+    archive = archives / "a.tar"
+    with tarfile.open(archive, "w") as tf:
+        info = tarfile.TarInfo("a.bin")
+        info.size = len(_PAYLOAD)
+        tf.addfile(info, io.BytesIO(_PAYLOAD))
+    archive.write_bytes(archive.read_bytes()[: 512 + len(_PAYLOAD) // 2])     # the header and half the payload
+    with pytest.raises(DataError, match="damaged .*download it again"):
+        safe_extract(archive, tmp_path / "out" / "dest")
+    assert _leftovers(tmp_path / "out") == []
+
+
+def test_an_archive_extracted_meanwhile_by_another_process_is_kept(tmp_path, archives, monkeypatch):
+    from lowlearn.data import cache
+
+    archive = _zip(archives / "a.zip", {"a.txt": b"ours"})
+    dest = tmp_path / "out" / "dest"
+    extract = cache._extract
+
+    def racing(archive, folder):
+        extract(archive, folder)
+        dest.mkdir()
+        (dest / "a.txt").write_bytes(b"theirs")
+
+    monkeypatch.setattr(cache, "_extract", racing)
+    assert safe_extract(archive, dest) == dest
+    assert (dest / "a.txt").read_bytes() == b"theirs"
+    assert _leftovers(dest.parent) == ["dest"]
+
+
 def _umask():
     umask = os.umask(0)
     os.umask(umask)
