@@ -67,6 +67,7 @@ def test_a_replaced_file_keeps_its_permissions_and_a_link_its_target(tmp_path):
     private.write_text("old")
     private.chmod(0o600)
     with atomic_file(private, overwrite=True, text=True) as handle:
+        assert mode(handle.name) == 0o600                     # from before the new content is written
         handle.write("new")
     assert private.read_text() == "new" and mode(private) == 0o600
     link = tmp_path / "link.json"
