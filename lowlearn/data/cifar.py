@@ -93,9 +93,9 @@ def _batch_arrays(batch: object) -> tuple[np.ndarray, list[int]]:
     labels = batch.get(b"labels") if isinstance(batch, dict) else None
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] == (_PIXELS,)
             and isinstance(labels, list) and len(labels) == len(data)
-            and all(isinstance(label, int) for label in labels)):
+            and all(isinstance(label, int) and 0 <= label < len(CIFAR10_CLASSES) for label in labels)):
         raise DataError("not a CIFAR batch: expected a dict with b'data', a uint8 array (N, 3072), "
-                        "and b'labels', a list of N ints")
+                        f"and b'labels', a list of N ints from 0 to {len(CIFAR10_CLASSES) - 1}")
     return data, labels
 
 

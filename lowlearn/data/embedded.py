@@ -14,6 +14,7 @@ and labels as int64, and is deterministic for a given ``seed``.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import random
 from collections.abc import Iterator
 
@@ -85,11 +86,9 @@ def load_mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 
     Returns:
         :class:`~lowlearn.data.splits.Splits` with ``x`` float32 ``(N, 1, 40)`` and ``y`` int64 ``(N,)`` in ``0..9``.
     """
-    if num_samples < 10:
-        raise ValueError(f"num_samples={num_samples} is too small: MNIST-1D needs at least one "
-                         "example per class, so pass num_samples >= 10")
-    if not 0 < train_split < 1:
-        raise ValueError(f"train_split={train_split} must be a fraction strictly between 0 and 1")
+    check_count("num_samples (at least one example of each of the 10 classes)", num_samples, 10)
+    if not (isinstance(train_split, numbers.Real) and 0 < train_split < 1):
+        raise ValueError(f"train_split={train_split!r} must be a fraction strictly between 0 and 1")
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()

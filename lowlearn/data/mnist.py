@@ -145,7 +145,8 @@ def load_mnist_variant(name: str, train_limit: int | None = None, root: str | os
     Args:
         name: ``"mnist"`` (:func:`load_mnist`: 60,000 + 10,000 digits, downloaded) or
             ``"mnist5k"`` (:func:`~lowlearn.data.embedded.load_mnist5k`: 4,000 + 1,000, offline).
-        train_limit: training examples kept (``None``: all); the test part is whole.
+        train_limit: at most this many training examples are kept (all of them where there are
+            fewer, and with ``None``); the test part is whole.
         root: data root for ``"mnist"`` (see :func:`~lowlearn.data.cache.data_root`).
 
     Raises:

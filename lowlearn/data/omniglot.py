@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import io
+import numbers
 import os
 import zipfile
 from collections import defaultdict
@@ -265,12 +266,13 @@ def load_omniglot_runs(root: str | os.PathLike | None = None, image_size: int | 
 
 
 def _check_size(image_size: int | None) -> int | None:
-    """``image_size`` unchanged, or a ValueError unless it is None or a positive int."""
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                   or image_size < 1):
+    """``image_size`` as an int (or None), or a ValueError unless it is None or a positive integer."""
+    if image_size is None:
+        return None
+    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, or None for the original "
                          f"{ORIGINAL_SIZE}x{ORIGINAL_SIZE}; got {image_size!r}")
-    return image_size
+    return int(image_size)
 
 
 def _read_archive(resource: Resource, root: str | os.PathLike | None, image_size: int | None,

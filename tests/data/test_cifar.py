@@ -91,7 +91,10 @@ def test_read_cifar_batch_refuses_malicious_pickle(tmp_path, function):
 
 
 @pytest.mark.parametrize("obj", [[1, 2], {b"data": np.zeros((2, 5), np.uint8), b"labels": [0, 1]},
-                                 {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}])
+                                 {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]},
+                                 {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, -3]},
+                                 {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]},
+                                 {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 2**70]}])
 def test_read_cifar_batch_rejects_non_batches(obj):
     with pytest.raises(DataError, match="not a CIFAR batch"):
         read_cifar_batch(io.BytesIO(pickle.dumps(obj)))

@@ -97,8 +97,15 @@ def test_mnist1d_deterministic_and_keeps_global_rng():
     assert not torch.equal(first.train.tensors[0], other_seed.train.tensors[0])
 
 
-@pytest.mark.parametrize("kwargs", [dict(num_samples=5), dict(train_split=1.0), dict(train_split=0),
-                                    dict(num_samples=10, train_split=0.05)])
-def test_mnist1d_bad_arguments(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_samples=5), "num_samples .*10 classes.* >= 10; got 5"),
+    (dict(num_samples=100.5), "num_samples .* must be an int"),
+    (dict(num_samples="100"), "num_samples .* must be an int"),
+    (dict(train_split=1.0), "strictly between 0 and 1"),
+    (dict(train_split=0), "strictly between 0 and 1"),
+    (dict(train_split="0.5"), "train_split='0.5' must be a fraction"),
+    (dict(num_samples=10, train_split=0.05), "leaves the train or the test set empty"),
+])
+def test_mnist1d_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         load_mnist1d(**kwargs)

@@ -149,6 +149,7 @@ def test_parsing_and_exact_ink(tmp_path, monkeypatch):
     assert data.subset("Beta").characters == ["Beta/character01", "Beta/character02"]
     assert data.subset("Beta").alphabet_index.tolist() == [0, 0]
     assert load_omniglot("small1", root=tmp_path, image_size=2, download=False).images.shape == (4, 20, 1, 2, 2)
+    assert load_omniglot("small1", root=tmp_path, image_size=np.int64(2), download=False).images.shape[-1] == 2
 
 
 def test_unknown_names_are_refused(tmp_path, monkeypatch):
