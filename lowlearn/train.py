@@ -51,6 +51,10 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
+class CheckpointError(ValueError):
+    """A file that is not a readable checkpoint of :func:`save_checkpoint` (damaged, cut off, or something else)."""
+
+
 class StopTraining(Exception):
     """Raise from a callback to end :func:`fit` early (the history is kept)."""
 
@@ -103,10 +107,11 @@ def generator_on(generator: torch.Generator, device: torch.device) -> torch.Gene
 
     For methods that make their generator with the model and draw later, after
     the model may have moved (:func:`fit` moves it to ``device``): a CPU generator
-    cannot draw on a GPU. The draws stay reproducible for the same moves.
+    cannot draw on a GPU. The draws stay reproducible for the same moves. A device
+    without an index (``"cuda"``) is any device of its type.
     """
-    device = torch.device(device)
-    if generator.device.type == device.type and generator.device.index in (None, device.index):
+    device, index = torch.device(device), generator.device.index
+    if generator.device.type == device.type and (index == device.index or None in (index, device.index)):
         return generator
     seed = int(torch.randint(2**62, (), generator=generator, device=generator.device))
     return torch.Generator(device=device).manual_seed(seed)
@@ -223,6 +228,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def state_to_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Move each tensor of the optimizer's state (momentum, Adam's moments) to its parameter's device.
+
+    ``Module.to`` moves a model's parameters in place and leaves the optimizer's state
+    where it was: a checkpoint loaded on the CPU (:func:`load_checkpoint`) and then
+    trained on a GPU would mix devices in the first step. :func:`fit` calls this when
+    it moves the model. The optimizer's own ``load_state_dict`` does the moving, with
+    PyTorch's rules for what stays on the CPU (Adam's step count, unless ``capturable``
+    or ``fused``); wrappers such as :class:`~lowlearn.powerprop.PowerPropOptimizer`
+    and :class:`~lowlearn.lowrank.DLRT` pass it on to the optimizers they hold.
+    """
+    optimizer.load_state_dict(optimizer.state_dict())
+
+
 def fit(
     model: nn.Module,
     data: Data,
@@ -248,7 +267,8 @@ def fit(
     Args:
         model: the network; it is moved to ``device``.
         data: training inputs and targets, a ``TensorDataset`` or ``(x, y)``.
-        optimizer: built on ``model.parameters()`` (before or after the move). An
+        optimizer: built on ``model.parameters()`` (before or after the move; a state
+            it loaded before moves too, see :func:`state_to_parameters`). An
             optimizer with ``needs_closure = True`` (:class:`lowlearn.lowrank.dlrt.DLRT`)
             gets ``step(closure)``, the closure recomputing the batch's loss.
         epochs: passes over the data. Give exactly one of ``epochs`` and ``steps``.
@@ -318,7 +338,10 @@ def fit(
     if start_step == 0:
         seed_everything(seed)
     order = torch.Generator().manual_seed(seed)
+    devices = [p.device for p in model.parameters()]
     model.to(device)
+    if any(p.device != before for p, before in zip(model.parameters(), devices)) and hasattr(optimizer, "state_dict"):
+        state_to_parameters(optimizer)
     x, y = _as_tensors(data, device)
     if eval_data is not None:
         eval_data = _as_tensors(eval_data, device)    # moved once, not at every evaluation
@@ -511,14 +534,22 @@ def _loadable_bytes(value: object, what: str) -> bytes:
         TypeError: naming ``what``, if it cannot be read back so.
     """
     buffer = io.BytesIO()
-    torch.save(value, buffer)
+    try:
+        torch.save(value, buffer)
+    except (pickle.PicklingError, AttributeError, TypeError) as error:      # e.g. a lambda, a local class, a lock
+        raise TypeError(f"{what} cannot be saved ({error}); save tensors, numbers, strings, or lists and dicts "
+                        "of them") from None
     try:
         torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        culprit = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), "")
         raise TypeError(f"{what} could not be loaded back with weights_only=True; save tensors, numbers, strings, "
-                        f"or lists and dicts of them (e.g. float(x) for a NumPy number). {culprit}") from None
+                        f"or lists and dicts of them (e.g. float(x) for a NumPy number). {_culprit(error)}") from None
     return buffer.getvalue()
+
+
+def _culprit(error: Exception) -> str:
+    """The line of a ``weights_only`` unpickling error that names what it refused ("Unsupported global: ...")."""
+    return next((line.strip() for line in str(error).splitlines() if "Unsupported" in line), "")
 
 
 _MISSING = object()
@@ -531,6 +562,26 @@ def _shape_only_copy(model: nn.Module) -> nn.Module:
         empty = torch.empty_like(tensor, device="meta")
         memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
     return copy.deepcopy(model, memo)
+
+
+def _read_checkpoint(path: str | os.PathLike, map_location: torch.device | str | None) -> object:
+    """``torch.load(path, weights_only=True)``; a file it cannot read is a :class:`CheckpointError`.
+
+    A missing file, a folder or a file without read permission keep their own ``OSError``.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except (OSError, EOFError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as error:
+        if "Unsupported global" in _culprit(error):        # a pickled object other than tensors and plain values
+            raise CheckpointError(f"{path} is not a checkpoint that save_checkpoint wrote: torch.load(weights_only="
+                                  f"True) refuses what it holds ({_culprit(error)}). If you trust where it came from, "
+                                  "torch.load(weights_only=False) reads it, but unpickling can run code") from None
+        # torch reports a cut-off or foreign file in each of these ways
+        detail = _culprit(error) or next(iter(str(error).splitlines()), "")
+        raise CheckpointError(f"{path} is damaged or cut off, or is not a file that torch.save wrote "
+                              f"({type(error).__name__}: {detail}); save the checkpoint again, or train anew") from None
 
 
 def load_checkpoint(
@@ -554,19 +605,21 @@ def load_checkpoint(
             ``{"method": "protonet"}``), checked before anything is loaded.
 
     Raises:
-        ValueError: a file that :func:`save_checkpoint` did not write (e.g. a plain
-            ``state_dict``), an ``expect`` value that the checkpoint lacks or holds
-            differently, or an ``optimizer`` for a checkpoint saved without one; all
-            found before anything is loaded.
+        CheckpointError: a file that :func:`save_checkpoint` did not write (e.g. a
+            plain ``state_dict``, a file with objects ``weights_only=True`` refuses), or
+            one that is damaged or cut off; a :class:`ValueError`.
+        ValueError: an ``expect`` value that the checkpoint lacks or holds
+            differently, or an ``optimizer`` for a checkpoint saved without one; these
+            and the errors above all found before anything is loaded.
         RuntimeError, ValueError: a state that does not fit the model (other keys or
             shapes) or the optimizer (other parameter groups); the model and the
             optimizer are left as they were.
     """
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    payload = _read_checkpoint(path, map_location)
     if not isinstance(payload, dict) or not {"model", "extra"} <= payload.keys():
-        raise ValueError(f"{path} is not a checkpoint written by lowlearn.train.save_checkpoint (a dict with 'model' "
-                         "and 'extra'); for a plain state_dict use model.load_state_dict(torch.load(path, "
-                         "weights_only=True))")
+        raise CheckpointError(f"{path} is not a checkpoint written by lowlearn.train.save_checkpoint (a dict with "
+                              "'model' and 'extra'); for a plain state_dict use model.load_state_dict(torch.load(path, "
+                              "weights_only=True))")
     saved = payload["extra"]
     if expect and any(saved.get(key, _MISSING) != value for key, value in expect.items()):
         found = {key: saved.get(key, "(not saved)") for key in expect}

@@ -19,7 +19,7 @@ from lowlearn.sparse.dst import SET, SNFS, RigL
 from lowlearn.sparse.mask import masks_of
 from lowlearn.sparse.packnet import PackNet
 from lowlearn.sparse.topkast import TopKAST
-from lowlearn.train import fit
+from lowlearn.train import fit, load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -102,6 +102,26 @@ def test_snfs_resumed_from_a_checkpoint_read_to_the_cpu_trains_on_the_gpu():
     assert all(m.device.type == "cuda" for m in resumed.momentum.values())
     fit(model, batches()[0], optimizer, steps=4, batch_size=8, device="cuda", callbacks=[resumed], progress=False,
         start_step=2)                                                        # an update at step 3 uses the momentum
+
+
+@pytest.mark.parametrize("make_optimizer", [lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+                                            lambda ps: torch.optim.Adam(ps, lr=0.01)], ids=["sgd", "adam"])
+def test_a_checkpoint_loaded_on_the_cpu_resumes_training_on_the_gpu(tmp_path, make_optimizer):
+    x, y = batches()[0]
+    torch.manual_seed(0)
+    model = MLP(20, (32, 16), 4)
+    optimizer = make_optimizer(model.parameters())
+    fit(model, (x, y), optimizer, steps=2, batch_size=8, device="cuda", progress=False)
+    path = save_checkpoint(tmp_path / "ck.pt", model, optimizer)
+    resumed = MLP(20, (32, 16), 4)                       # a new process: the model is built on the CPU
+    resumed_optimizer = make_optimizer(resumed.parameters())
+    load_checkpoint(path, resumed, resumed_optimizer)
+    fit(model, (x, y), optimizer, steps=4, batch_size=8, device="cuda", progress=False, start_step=2)
+    fit(resumed, (x, y), resumed_optimizer, steps=4, batch_size=8, device="cuda", progress=False, start_step=2)
+    assert all(value.device.type == "cuda" for state in resumed_optimizer.state.values()
+               for key, value in state.items() if key != "step")
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b)
 
 
 def test_a_sparsifier_saved_on_the_gpu_resumes_on_the_cpu():

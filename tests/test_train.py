@@ -4,8 +4,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lowlearn.train import (History, NonFiniteLossError, StopTraining, evaluate, fit,
-                            load_checkpoint, restore_generator, save_checkpoint, seed_everything)
+from lowlearn.train import (CheckpointError, History, NonFiniteLossError, StopTraining, evaluate, fit,
+                            load_checkpoint, restore_generator, save_checkpoint, seed_everything,
+                            state_to_parameters)
 
 
 def toy_data(n=256, seed=0):
@@ -229,8 +230,55 @@ def test_checkpoint_never_overwrites_and_is_weights_only(tmp_path):
             return (print, ("pwned",))
 
     torch.save({"model": model.state_dict(), "extra": {"x": Evil()}}, tmp_path / "evil.pt")
-    with pytest.raises(Exception, match="[Ww]eights only"):
+    with pytest.raises(CheckpointError, match="refuses what it holds .*Unsupported global: GLOBAL print"):
         load_checkpoint(tmp_path / "evil.pt", model)
+
+
+def test_a_damaged_checkpoint_is_a_checkpoint_error_and_changes_nothing(tmp_path):
+    model, opt = make()
+    fit(model, toy_data(), opt, steps=2, batch_size=32, device="cpu")
+    whole = save_checkpoint(tmp_path / "ck.pt", model, opt).read_bytes()
+    other, other_opt = make(seed=99)
+    before = [p.clone() for p in other.parameters()]
+    cut = tmp_path / "cut.pt"
+    for fraction in (0.0, 0.05, 0.3, 0.6, 0.95):                 # torch reports these in three different ways
+        cut.write_bytes(whole[: int(len(whole) * fraction)])
+        with pytest.raises(CheckpointError, match="cut.pt is damaged or cut off"):
+            load_checkpoint(cut, other, other_opt)
+    (tmp_path / "notes.txt").write_text("hello world\n")
+    with pytest.raises(CheckpointError, match="is damaged or cut off, or is not a file that torch.save wrote"):
+        load_checkpoint(tmp_path / "notes.txt", other)
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters())) and not other_opt.state
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt", other)
+
+
+def test_an_extra_value_that_cannot_be_pickled_is_a_type_error_and_nothing_is_written(tmp_path):
+    model, _ = make()
+    with pytest.raises(TypeError, match="the extra value hook=.* cannot be saved"):
+        save_checkpoint(tmp_path / "ck.pt", model, hook=lambda: None)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("make_optimizer", [lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+                                            lambda ps: torch.optim.Adam(ps, lr=0.1)], ids=["sgd", "adam"])
+def test_an_optimizer_state_follows_its_parameters_to_another_device(make_optimizer):
+    # Module.to moves a parameter in place, and its state stays behind, to another device as to another
+    # dtype. A CPU has no second device for parameters moved in place (to "meta" they are replaced), so
+    # the dtype shows it here; tests/test_cuda.py resumes a checkpoint on a GPU.
+    model = nn.Linear(4, 3)
+    optimizer = make_optimizer(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    model.double()
+    assert all(value.dtype == torch.float32 for state in optimizer.state.values() for value in state.values())
+    state_to_parameters(optimizer)
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            assert value.dtype == (torch.float32 if key == "step" else torch.float64)   # Adam's step count stays
+    empty = make_optimizer(nn.Linear(4, 3).parameters())
+    state_to_parameters(empty)
+    assert not empty.state
 
 
 def test_a_checkpoint_that_does_not_fit_leaves_the_model_and_optimizer_as_they_were(tmp_path):
@@ -331,6 +379,18 @@ def test_a_checkpoint_is_read_to_the_cpu_by_default(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", load)
     load_checkpoint(path, model, opt)
     assert seen["map_location"] == "cpu" and seen["weights_only"] is True
+
+
+def test_generator_on_keeps_a_generator_that_draws_on_the_device():
+    from types import SimpleNamespace
+
+    from lowlearn.train import generator_on
+
+    cpu = torch.Generator().manual_seed(0)
+    assert generator_on(cpu, "cpu") is cpu and generator_on(cpu, torch.device("cpu")) is cpu
+    # A CUDA generator reports its index; a device named without one is any device of its type.
+    first_gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    assert generator_on(first_gpu, "cuda") is first_gpu and generator_on(first_gpu, "cuda:0") is first_gpu
 
 
 def test_restore_generator_continues_a_state_of_its_kind_and_seeds_from_another():

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ from lowlearn.meta.episodic import episode_accuracies, meta_train
 from lowlearn.models import Conv4
 from lowlearn.profiles import BlackBoxSizes, banner, get_profile
 from lowlearn.stats import mean_and_ci
-from lowlearn.train import default_device, load_checkpoint, save_checkpoint, seed_everything
+from lowlearn.train import CheckpointError, default_device, load_checkpoint, save_checkpoint, seed_everything
 
 METHODS = ("protonet", "matching", "maml")
 
@@ -282,12 +281,14 @@ def main(argv: list[str] | None = None) -> None:
             extra = load_checkpoint(args.checkpoint, learner, map_location=device,
                                     expect={"method": args.method, "background": args.background,
                                             "profile": profile.name})
+        except CheckpointError as error:
+            sys.exit(f"--checkpoint: {error}. To train anew, leave out --checkpoint (and keep the learner with --save)")
         except ValueError as error:
             sys.exit(f"{error}: run with the --method, --background and --profile it was saved with, or train "
                      "anew (a held-out or published-table comparison is only fair for the background it learned)")
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-            sys.exit(f"--checkpoint {args.checkpoint} could not be read as a lowlearn checkpoint "
-                     f"({type(error).__name__}); it may be damaged or not a checkpoint: train anew with --save")
+        except RuntimeError as error:
+            sys.exit(f"--checkpoint {args.checkpoint} does not fit the {args.method} learner built here ({error}): "
+                     "run with the options it was saved with, or train anew with --save")
         trained = f" ({extra['steps']} training steps)" if "steps" in extra else ""
         print(f"loaded {args.method} from {args.checkpoint}{trained}")
     else:
