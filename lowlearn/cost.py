@@ -239,12 +239,16 @@ def training_memory(
             read ``torch.cuda.max_memory_allocated``. Needs a model on CUDA.
 
     Raises:
-        ValueError: ``measure_cuda`` for a model that is not on a CUDA device.
+        ValueError: inputs on another device than the model, or ``measure_cuda`` for a
+            model that is not on a CUDA device.
     """
     inputs, targets = batch
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     device = params[0].device if params else inputs.device
+    if inputs.device != device:
+        raise ValueError(f"the batch is on {inputs.device} and the model on {device}: move the batch to the model's "
+                         "device first, e.g. tuple(t.to(device) for t in batch)")
     if measure_cuda and device.type != "cuda":
         raise ValueError(f"measure_cuda=True needs a model on a CUDA device, not on {device}")
 

@@ -1,5 +1,7 @@
 """The book's chapters and configuration agree with each other and with the library."""
 
+import ast
+import builtins
 import json
 from pathlib import Path
 
@@ -47,6 +49,53 @@ def test_chapter_is_committed_with_outputs_and_prints_its_profile(chapter):
     assert all(c.get("outputs") or i == 0 for i, c in enumerate(cells[:3])), "run the chapter before committing"
     text = "".join("".join(o.get("text", "")) for c in cells for o in c.get("outputs", []))
     assert "profile: " in text and "device: " in text, "print lowlearn.profiles.banner() first"
+
+
+def unbound_names(chapter):
+    """``{name: line}`` of the names a chapter's code reads but never binds (an import, an assignment, a def, ...).
+
+    Each cell is parsed on its own, with IPython's magic and shell lines as ``pass``.
+    The order of the cells is not followed: this finds a name that is missing, not one
+    used before it is defined.
+    """
+    def plain(line):
+        stripped = line.lstrip()
+        return line[: len(line) - len(stripped)] + "pass" if stripped.startswith(("%", "!")) else line
+
+    bound, read = set(dir(builtins)) | {"display", "get_ipython"}, {}   # IPython's own names too
+    for cell in code_cells(chapter):
+        for node in ast.walk(ast.parse("\n".join(map(plain, "".join(cell["source"]).splitlines())))):
+            if isinstance(node, ast.Name):
+                if isinstance(node.ctx, ast.Load):
+                    read.setdefault(node.id, node.lineno)
+                else:
+                    bound.add(node.id)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                bound.add(node.name)
+            elif isinstance(node, ast.arg):
+                bound.add(node.arg)
+            elif isinstance(node, ast.alias):
+                bound.add((node.asname or node.name).split(".")[0])
+            elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
+                bound.add(node.name)
+    return {name: line for name, line in read.items() if name not in bound}
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.name)
+def test_every_name_a_chapter_reads_is_defined_in_it(chapter):
+    # The smoke test executes only the cells of the smoke profile: the gpu profile's sections (CIFAR-10,
+    # full MNIST) would otherwise first fail on a reader's GPU, after their training runs.
+    assert unbound_names(chapter) == {}
+
+
+def test_unbound_names_finds_a_name_no_cell_defines(tmp_path):
+    cells = [{"cell_type": "code", "source": ["import numpy as np\n", "%matplotlib inline\n", "if True:\n",
+                                               "    !ls\n", "def f(a, *, b=1):\n", "    return np.sum(a) + b\n"]},
+             {"cell_type": "code", "source": ["try:\n", "    f(x)\n", "except ValueError as error:\n",
+                                               "    print(error, density_axis(f))\n"]}]
+    chapter = tmp_path / "chapter.ipynb"
+    chapter.write_text(json.dumps({"cells": cells}))
+    assert set(unbound_names(chapter)) == {"x", "density_axis"}
 
 
 def test_failing_cells_fail_the_build():

@@ -289,6 +289,12 @@ def test_memory_measures_with_grad_even_under_no_grad():
     assert report.activations == 4 * 3 * 10
 
 
+def test_memory_of_a_batch_on_another_device_than_the_model_is_a_clear_error():
+    model = nn.Linear(2, 2, device="meta")                 # a device other than the batch's, on any machine
+    with pytest.raises(ValueError, match="the batch is on cpu and the model on meta: move the batch"):
+        training_memory(model, torch.optim.SGD(model.parameters(), lr=0.1), (torch.randn(1, 2), None), sum_loss)
+
+
 def test_measure_cuda_needs_a_cuda_model():
     model = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="CUDA"):
