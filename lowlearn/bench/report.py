@@ -29,7 +29,7 @@ from .timing import Ratio, add_device_argument, machine, middle_half, paired_rat
 FIELDS = ("benchmark", "case", "reference", "metric", "ratio", "spread", "goal", "met")
 """The keys of every row. ``spread`` is ``[low, high]``, the middle half of the per-round ratios
 (:func:`~lowlearn.bench.timing.paired_ratio`) where the benchmark keeps its rounds, else ``None``;
-``goal`` is a string such as ``"<= 1.10"`` or ``None``; ``met`` a bool or ``None``."""
+``goal`` is a string such as ``"<= 1.10"`` or ``None``; ``met`` is :func:`verdict`'s."""
 
 FULL = {"masks": {}, "dst": {}, "powerprop": {}, "allocator": {}, "lowrank": {}, "maml": {}, "sparse": {}}
 QUICK = {
@@ -43,15 +43,29 @@ QUICK = {
 }
 
 
+def verdict(ratio: float, spread: tuple[float, float] | None, goal: float | None,
+            higher_is_better: bool = False) -> str | None:
+    """Whether ``ratio`` meets ``goal``: ``"yes"``, ``"no"``, ``"unclear"``, or ``None`` without a goal.
+
+    With a ``spread`` (the middle half of the per-round ratios) the whole middle half
+    must meet the goal for a "yes", or miss it for a "no"; a goal inside it is neither
+    clearly met nor clearly missed (:func:`~lowlearn.bench.timing.paired_ratio`).
+    """
+    if goal is None:
+        return None
+    meets = [value >= goal if higher_is_better else value <= goal for value in (spread or (ratio,))]
+    return "yes" if all(meets) else "no" if not any(meets) else "unclear"
+
+
 def _row(benchmark: str, case: str, reference: str, metric: str, ratio: float | Ratio, goal: float | None = None,
          higher_is_better: bool = False, spread: tuple[float, float] | None = None) -> dict:
     """One row; a :class:`~lowlearn.bench.timing.Ratio` brings its own spread, a plain number takes ``spread``."""
     if isinstance(ratio, Ratio):
         ratio, spread = ratio.median, (ratio.low, ratio.high)
-    met = None if goal is None else (ratio >= goal if higher_is_better else ratio <= goal)
     bound = None if goal is None else f"{'>=' if higher_is_better else '<='} {goal:g}"
     return {"benchmark": benchmark, "case": case, "reference": reference, "metric": metric, "ratio": ratio,
-            "spread": None if spread is None else list(spread), "goal": bound, "met": met}
+            "spread": None if spread is None else list(spread), "goal": bound,
+            "met": verdict(ratio, spread, goal, higher_is_better)}
 
 
 def _time_rows(benchmark: str, rounds: dict[str, list[float]], references: dict[str, str],
@@ -119,10 +133,9 @@ def markdown(report: dict) -> str:
               "| benchmark | case | against | metric | ratio | middle half | goal | met |",
               "|---|---|---|---|---:|---|---|---|"]
     for row in report["rows"]:
-        met = "" if row["met"] is None else ("yes" if row["met"] else "no")
         spread = "" if row["spread"] is None else middle_half(*row["spread"])
         lines.append(f"| {row['benchmark']} | {row['case']} | {row['reference']} | {row['metric']} | "
-                     f"{row['ratio']:.2f}x | {spread} | {row['goal'] or ''} | {met} |")
+                     f"{row['ratio']:.2f}x | {spread} | {row['goal'] or ''} | {row['met'] or ''} |")
     return "\n".join(lines) + "\n"
 
 

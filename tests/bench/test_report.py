@@ -15,7 +15,7 @@ def test_the_quick_report_has_every_benchmark_and_the_fields_the_book_reads(tmp_
     assert {row["benchmark"] for row in data["rows"]} == expected
     for row in data["rows"]:
         assert set(report.FIELDS) <= row.keys() and row["ratio"] > 0
-        assert (row["goal"] is None) == (row["met"] is None)
+        assert (row["goal"] is None) == (row["met"] is None) and row["met"] in (None, "yes", "no", "unclear")
         # Every ratio of times taken in the same rounds has its spread; memory is measured once, and the
         # allocator benchmark times its settings in separate processes.
         if row["benchmark"] != "allocator" and "memory" not in row["metric"]:
@@ -28,6 +28,17 @@ def test_the_quick_report_has_every_benchmark_and_the_fields_the_book_reads(tmp_
     table = (tmp_path / "benchmarks.md").read_text()
     assert "Note: a toy run" in table and f"Allocator: {data['environment']['allocator']}." in table
     assert table.count("\n| ") == len(data["rows"]) + 1 and table in capsys.readouterr().out
+
+
+def test_a_goal_inside_the_middle_half_is_neither_met_nor_missed():
+    assert report.verdict(1.04, (1.00, 1.10), 1.05) == "unclear"
+    assert report.verdict(1.04, (1.00, 1.05), 1.05) == "yes"
+    assert report.verdict(1.16, (1.14, 1.19), 1.10) == "no"
+    assert report.verdict(3.48, (3.35, 3.52), 3.0, higher_is_better=True) == "yes"
+    assert report.verdict(3.1, (2.9, 3.2), 3.0, higher_is_better=True) == "unclear"
+    assert report.verdict(0.5, (0.4, 0.6), 1.0, higher_is_better=True) == "no"
+    assert report.verdict(0.15, None, 1.0) == "yes" and report.verdict(1.2, None, 1.0) == "no"   # measured once
+    assert report.verdict(1.2, (1.1, 1.3), None) is None
 
 
 def test_an_existing_report_is_never_overwritten(tmp_path):
