@@ -89,7 +89,9 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
     outside these layers are not counted. A layer called twice is counted twice.
     A module with a method ``count_macs(output) -> int`` (the MACs of the batch that
     produced ``output``) is counted by it: the low-rank layers of
-    :mod:`lowlearn.lowrank` count ``r(n + m) + r²`` per output position.
+    :mod:`lowlearn.lowrank` count ``r(n + m) + r²`` per row (``LowRankLinear``) and
+    ``r(n + m)`` per output position (``LowRankConv2d``, which mixes ``U S`` into one
+    weight first).
 
     The count runs ``model`` once on ``example_input`` with forward hooks, in eval
     mode and without gradients, and divides by the batch size. Afterwards the hooks

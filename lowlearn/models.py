@@ -159,9 +159,11 @@ class Conv4(nn.Module):
     """The four-block convolutional backbone of few-shot learning.
 
     Vinyals et al. (2016), "Matching networks for one shot learning" (NeurIPS);
-    used unchanged by Finn et al. (2017), "Model-agnostic meta-learning for fast
-    adaptation of deep networks" (ICML, MAML) and Snell et al. (2017),
-    "Prototypical networks for few-shot learning" (NeurIPS). Four blocks of
+    used unchanged by Snell et al. (2017), "Prototypical networks for few-shot
+    learning" (NeurIPS), and by Finn et al. (2017), "Model-agnostic meta-learning
+    for fast adaptation of deep networks" (ICML, MAML), with two changes: strided
+    convolutions instead of max pooling on Omniglot, and 32 channels on
+    mini-ImageNet. Four blocks of
     [3×3 convolution (padding 1) → BatchNorm2d → ReLU → 2×2 max pooling], then a
     linear classifier. Each block halves the image (rounding down): 28→14→7→3→1
     for Omniglot gives ``hidden`` = 64 features, 84→42→21→10→5 for mini-ImageNet

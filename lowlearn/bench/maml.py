@@ -1,9 +1,12 @@
 """Meta-training throughput and peak memory of lowlearn's MAML against ``higher``.
 
-The workload of Finn et al. (2017) on Omniglot: Conv4 (64 channels, transductive
-batch norm) on 28×28 images, 5-way 1-shot with 15 queries per class, 5 inner SGD
-steps (α = 0.4), second order, a meta-batch of 32 tasks, Adam on the
-initialisation. Every implementation gets the same model, tasks and meta-optimizer:
+A MAML workload on Omniglot's shapes, after Finn et al. (2017): Conv4 (64 channels,
+transductive batch norm) on 28×28 images, 5-way 1-shot, second order, a meta-batch
+of 32 tasks and α = 0.4 (their 5-way Omniglot settings), Adam on the initialisation;
+but 5 inner SGD steps and 15 queries per class, where they meta-trained 5-way
+Omniglot with one step (five for 20-way Omniglot and for mini-ImageNet) and kept 15
+queries per class for mini-ImageNet. More inner steps weigh the differentiable inner
+loop, which is what the implementations differ in. Every implementation gets the same model, tasks and meta-optimizer:
 lowlearn's MAML adapting one task after another, the same adapting all tasks at
 once (``tasks_at_once``, one grouped kernel per layer for the whole meta-batch), and
 ``higher``, which runs its differentiable SGD in ``innerloop_ctx`` as in its MAML
