@@ -6,11 +6,11 @@ of 32 tasks and α = 0.4 (their 5-way Omniglot settings), Adam on the initialisa
 but 5 inner SGD steps and 15 queries per class, where they meta-trained 5-way
 Omniglot with one step (five for 20-way Omniglot and for mini-ImageNet) and kept 15
 queries per class for mini-ImageNet. More inner steps weigh the differentiable inner
-loop, which is what the implementations differ in. Every implementation gets the same model, tasks and meta-optimizer:
-lowlearn's MAML adapting one task after another, the same adapting all tasks at
-once (``tasks_at_once``, one grouped kernel per layer for the whole meta-batch), and
-``higher``, which runs its differentiable SGD in ``innerloop_ctx`` as in its MAML
-example.
+loop, which is what the implementations differ in. Every implementation gets the
+same model, tasks and meta-optimizer: lowlearn's MAML adapting one task after
+another, the same adapting all tasks at once (``tasks_at_once``, one grouped kernel
+per layer for the whole meta-batch), and ``higher``, which runs its differentiable
+SGD in ``innerloop_ctx`` as in its MAML example.
 Throughput is tasks per second, timed in interleaved blocks; its ratio to
 ``higher``'s is the median of the blocks' ratios
 (:func:`~lowlearn.bench.timing.paired_ratio`). Peak memory is
