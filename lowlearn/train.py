@@ -237,7 +237,7 @@ def state_to_parameters(optimizer: torch.optim.Optimizer) -> None:
     it moves the model. The optimizer's own ``load_state_dict`` does the moving, with
     PyTorch's rules for what stays on the CPU (Adam's step count, unless ``capturable``
     or ``fused``); wrappers such as :class:`~lowlearn.powerprop.PowerPropOptimizer`
-    and :class:`~lowlearn.lowrank.DLRT` pass it on to the optimizers they hold.
+    and :class:`~lowlearn.lowrank.dlrt.DLRT` pass it on to the optimizers they hold.
     """
     optimizer.load_state_dict(optimizer.state_dict())
 
