@@ -184,8 +184,9 @@ def _zip(path: Path, members: dict[str, bytes]) -> Path:
     return path
 
 
-def _tar_gz(path: Path, members: list[tarfile.TarInfo], data: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w:gz") as tf:
+def _tar(path: Path, members: list[tarfile.TarInfo], data: dict[str, bytes], mode: str = "w:gz") -> Path:
+    """A tar archive of ``members``, gzipped unless ``mode`` says otherwise; a file member's bytes from ``data``."""
+    with tarfile.open(path, mode) as tf:
         for info in members:
             payload = data.get(info.name)
             if payload is not None:
@@ -210,10 +211,10 @@ def test_safe_extract_zip(tmp_path, archives):
     assert stat.S_IMODE(dest.stat().st_mode) == 0o777 & ~_umask()                  # not a private 0o700
 
 
-def test_safe_extract_tar_gz(tmp_path, archives):
+def test_safe_extract_tar(tmp_path, archives):
     folder = tarfile.TarInfo("top")
     folder.type = tarfile.DIRTYPE
-    archive = _tar_gz(archives / "a.tar.gz", [folder, tarfile.TarInfo("top/a.txt")], {"top/a.txt": b"a"})
+    archive = _tar(archives / "a.tar.gz", [folder, tarfile.TarInfo("top/a.txt")], {"top/a.txt": b"a"})
     dest = safe_extract(archive, tmp_path / "out" / "dest")
     assert (dest / "top" / "a.txt").read_bytes() == b"a"
     assert _leftovers(dest.parent) == ["dest"]
@@ -229,9 +230,9 @@ def _symlink_info() -> tarfile.TarInfo:
 @pytest.mark.parametrize("make_archive", [
     lambda folder: _zip(folder / "dotdot.zip", {"ok.txt": b"ok", "../evil": b"evil"}),
     lambda folder: _zip(folder / "absolute.zip", {"ok.txt": b"ok", "/evil": b"evil"}),
-    lambda folder: _tar_gz(folder / "dotdot.tar.gz", [tarfile.TarInfo("ok.txt"), tarfile.TarInfo("../evil")],
+    lambda folder: _tar(folder / "dotdot.tar.gz", [tarfile.TarInfo("ok.txt"), tarfile.TarInfo("../evil")],
                            {"ok.txt": b"ok", "../evil": b"evil"}),
-    lambda folder: _tar_gz(folder / "symlink.tar.gz", [tarfile.TarInfo("ok.txt"), _symlink_info()],
+    lambda folder: _tar(folder / "symlink.tar.gz", [tarfile.TarInfo("ok.txt"), _symlink_info()],
                            {"ok.txt": b"ok"}),
 ], ids=["zip-dotdot", "zip-absolute", "tar-dotdot", "tar-symlink"])
 def test_safe_extract_refuses_unsafe_members_and_writes_nothing(tmp_path, archives, make_archive):
@@ -244,13 +245,9 @@ def test_safe_extract_refuses_unsafe_members_and_writes_nothing(tmp_path, archiv
 
 def test_a_tar_whose_last_member_is_a_zip_is_extracted_as_a_tar(tmp_path, archives):
     inner = _zip(archives / "inner.zip", {"inner_only.txt": b"inner"}).read_bytes()
-    archive = archives / "a.tar"
-    with tarfile.open(archive, "w") as tf:         # uncompressed: the zip's end record is the file's last bytes
-        for name, data in {"top/a.txt": b"a", "top/extras.zip": inner}.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    assert zipfile.is_zipfile(archive)
+    members = {"top/a.txt": b"a", "top/extras.zip": inner}
+    archive = _tar(archives / "a.tar", [tarfile.TarInfo(name) for name in members], members, mode="w")
+    assert zipfile.is_zipfile(archive)            # uncompressed: the zip's end record is near the file's end
     dest = safe_extract(archive, tmp_path / "out" / "dest")
     assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*")) == ["top", "top/a.txt", "top/extras.zip"]
     assert (dest / "top" / "extras.zip").read_bytes() == inner
@@ -272,7 +269,7 @@ _PAYLOAD = bytes(range(256)) * 64
 
 
 @pytest.mark.parametrize("make_archive", [
-    lambda folder: _cut(_tar_gz(folder / "a.tar.gz", [tarfile.TarInfo("a.bin")], {"a.bin": _PAYLOAD})),
+    lambda folder: _cut(_tar(folder / "a.tar.gz", [tarfile.TarInfo("a.bin")], {"a.bin": _PAYLOAD})),
     lambda folder: _cut(_zip(folder / "a.zip", {"a.bin": _PAYLOAD})),
     lambda folder: _flip_last_payload_byte(_zip(folder / "a.zip", {"a.bin": _PAYLOAD}), _PAYLOAD),
     lambda folder: (folder / "a.txt").write_bytes(b"not an archive") and folder / "a.txt",
@@ -286,11 +283,7 @@ def test_a_damaged_archive_is_a_data_error_and_writes_nothing(tmp_path, archives
 
 
 def test_a_cut_tar_is_a_data_error(tmp_path, archives):
-    archive = archives / "a.tar"
-    with tarfile.open(archive, "w") as tf:
-        info = tarfile.TarInfo("a.bin")
-        info.size = len(_PAYLOAD)
-        tf.addfile(info, io.BytesIO(_PAYLOAD))
+    archive = _tar(archives / "a.tar", [tarfile.TarInfo("a.bin")], {"a.bin": _PAYLOAD}, mode="w")
     archive.write_bytes(archive.read_bytes()[: 512 + len(_PAYLOAD) // 2])     # the header and half the payload
     with pytest.raises(DataError, match="damaged .*download it again"):
         safe_extract(archive, tmp_path / "out" / "dest")
