@@ -574,12 +574,13 @@ def _read_checkpoint(path: str | os.PathLike, map_location: torch.device | str |
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except (OSError, EOFError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as error:
-        if "Unsupported global" in _culprit(error):        # a pickled object other than tensors and plain values
+        culprit = _culprit(error)
+        if "Unsupported global" in culprit:                # a pickled object other than tensors and plain values
             raise CheckpointError(f"{path} is not a checkpoint that save_checkpoint wrote: torch.load(weights_only="
-                                  f"True) refuses what it holds ({_culprit(error)}). If you trust where it came from, "
+                                  f"True) refuses what it holds ({culprit}). If you trust where it came from, "
                                   "torch.load(weights_only=False) reads it, but unpickling can run code") from None
         # torch reports a cut-off or foreign file in each of these ways
-        detail = _culprit(error) or next(iter(str(error).splitlines()), "")
+        detail = culprit or next(iter(str(error).splitlines()), "")
         raise CheckpointError(f"{path} is damaged or cut off, or is not a file that torch.save wrote "
                               f"({type(error).__name__}: {detail}); save the checkpoint again, or train anew") from None
 
