@@ -1,22 +1,26 @@
 import argparse
+import sys
 
 import pytest
 import torch
 
+from lowlearn import allocator as system_allocator
 from lowlearn import cli
-from lowlearn.bench import masks, powerprop, report, sparse
+from lowlearn.bench import allocator, dst, lowrank, maml, masks, powerprop, report, sparse
 
 
 def test_argument_types_take_good_values_and_explain_bad_ones():
     assert cli.positive_int("3") == 3 and cli.natural_int("0") == 0
-    assert cli.fraction("1") == 1.0 and cli.fractions("0.5,0.1") == (0.5, 0.1)
+    assert cli.fraction("1") == 1.0 and cli.fractions("0.5,0.1") == (0.5, 0.1) and cli.positive_number("0.4") == 0.4
     assert cli.device("cpu") == torch.device("cpu")
     for parse, text, message in ((cli.positive_int, "0", ">= 1"), (cli.positive_int, "2.5", "an integer"),
                                  (cli.natural_int, "-1", ">= 0"), (cli.fraction, "0", r"\(0, 1\]"),
                                  (cli.fraction, "x", r"\(0, 1\]"), (cli.fractions, "0.5,1.5", r"\(0, 1\]"),
                                  (cli.device, "foo", "unknown device"), (cli.int_at_least(2), "1", ">= 2"),
                                  (cli.device, "meta", "not a device lowlearn runs on"),
-                                 (cli.device, "cpu:3", "not a device lowlearn runs on")):
+                                 (cli.device, "cpu:3", "not a device lowlearn runs on"),
+                                 (cli.positive_number, "0", "> 0"), (cli.positive_number, "nan", "finite"),
+                                 (cli.positive_number, "inf", "finite"), (cli.positive_number, "x", "> 0")):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             parse(text)
     if not torch.cuda.is_available():
@@ -31,6 +35,9 @@ def test_argument_types_take_good_values_and_explain_bad_ones():
     (masks.main, ["--device", "foo"], "argument --device: unknown device"),
     (sparse.main, ["--densities", "0.5,x"], "argument --densities"),
     (powerprop.main, ["--alpha", "0.5"], "--alpha: alpha must be a finite number >= 1"),
+    (maml.main, ["--inner-lr", "nan"], "argument --inner-lr: expected a finite number > 0"),
+    (lowrank.main, ["--widths", "16", "--rank", "32"], "--rank 32 is above the width 16"),
+    (dst.main, ["--density", "0.9", "--repeats", "1", "--every", "2"], "--density 0.9: SNFS at density 0.9"),
 ])
 def test_benchmarks_refuse_bad_options_before_timing_anything(main, options, message, capsys):
     with pytest.raises(SystemExit):
@@ -59,3 +66,17 @@ def test_a_report_file_that_appears_while_the_benchmarks_run_is_kept(tmp_path, m
     with pytest.raises(SystemExit, match="benchmarks.md"):
         report.main(["--out", str(out), "--device", "cpu", "--quick"])
     assert (out / "benchmarks.md").read_text() == "the user's own report"
+
+
+def test_the_allocator_benchmark_without_glibc_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setattr(system_allocator, "has_glibc", lambda: False)
+    with pytest.raises(SystemExit):
+        allocator.main([])
+    assert "it needs Linux with glibc" in capsys.readouterr().err
+
+
+def test_a_missing_peer_ends_the_report_before_any_benchmark_runs(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "higher", None)                  # import higher fails, as where it is missing
+    monkeypatch.setattr(report, "collect", lambda sizes, device: pytest.fail("the benchmarks ran"))
+    with pytest.raises(SystemExit, match="pip install higher"):
+        report.main(["--out", str(tmp_path / "reports"), "--device", "cpu", "--quick"])

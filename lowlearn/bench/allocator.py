@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=cli.positive_int, default=5, help="timed blocks per process")
     parser.add_argument("--warmup", type=cli.natural_int, default=100, help="untimed steps per process")
     args = parser.parse_args(argv)
+    if not allocator.has_glibc():
+        parser.error("this benchmark compares glibc's allocator settings: it needs Linux with glibc")
     threads = torch.get_num_threads()
     results = run(args.rounds, args.batch_size, args.iterations, args.repeats, args.warmup, threads)
     print(f"LeNet-300-100 training step, batch {args.batch_size}, one model per process, cpu, torch "

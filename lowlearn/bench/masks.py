@@ -28,8 +28,8 @@ from lowlearn import cli
 from lowlearn.models import MLP
 from lowlearn.sparse.mask import attach_masks, prunable_layers, set_masks
 
-from .timing import (add_device_argument, environment, faults_per_call, fixed_batch, interleaved_rounds, medians,
-                     middle_half, paired_ratio, resolve_device)
+from .timing import (add_device_argument, environment, faults_per_call, fixed_batch, interleaved_rounds, judged,
+                     medians, middle_half, paired_ratio, resolve_device)
 
 
 def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -105,4 +105,4 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:<22} {seconds * 1e3:9.3f} {ratio.median:8.3f}x "
               f"{middle_half(ratio.low, ratio.high, 3):>13} {fault:>17}")
     ratio = paired_ratio(rounds, "lowlearn masks", "dense")
-    print(f"goal: lowlearn masks / dense <= 1.10: {ratio}")
+    print(f"goal: lowlearn masks / dense <= 1.10: {judged(ratio, 1.10)}")

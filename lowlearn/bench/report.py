@@ -24,12 +24,13 @@ from lowlearn.allocator import has_glibc
 from lowlearn.atomic import atomic_file
 
 from . import allocator, dst, lowrank, maml, masks, powerprop, sparse
-from .timing import Ratio, add_device_argument, machine, middle_half, paired_ratio, resolve_device
+from .timing import Ratio, add_device_argument, machine, middle_half, paired_ratio, resolve_device, verdict
 
 FIELDS = ("benchmark", "case", "reference", "metric", "ratio", "spread", "goal", "met")
 """The keys of every row. ``spread`` is ``[low, high]``, the middle half of the per-round ratios
 (:func:`~lowlearn.bench.timing.paired_ratio`) where the benchmark keeps its rounds, else ``None``;
-``goal`` is a string such as ``"<= 1.10"`` or ``None``; ``met`` is :func:`verdict`'s (``None`` in a
+``goal`` is a string such as ``"<= 1.10"`` or ``None``; ``met`` is
+:func:`~lowlearn.bench.timing.verdict`'s (``None`` in a
 ``--quick`` report)."""
 
 FULL = {"masks": {}, "dst": {}, "powerprop": {}, "allocator": {}, "lowrank": {}, "maml": {}, "sparse": {}}
@@ -42,20 +43,6 @@ QUICK = {
     "maml": {"tasks": 2, "queries": 1, "steps": 1, "iterations": 1, "repeats": 1},
     "sparse": {"features": 64, "batch_size": 4, "densities": (0.5, 0.05), "iterations": 1, "repeats": 1},
 }
-
-
-def verdict(ratio: float, spread: tuple[float, float] | None, goal: float | None,
-            higher_is_better: bool = False) -> str | None:
-    """Whether ``ratio`` meets ``goal``: ``"yes"``, ``"no"``, ``"unclear"``, or ``None`` without a goal.
-
-    With a ``spread`` (the middle half of the per-round ratios) the whole middle half
-    must meet the goal for a "yes", or miss it for a "no"; a goal inside it is neither
-    clearly met nor clearly missed (:func:`~lowlearn.bench.timing.paired_ratio`).
-    """
-    if goal is None:
-        return None
-    meets = [value >= goal if higher_is_better else value <= goal for value in (spread or (ratio,))]
-    return "yes" if all(meets) else "no" if not any(meets) else "unclear"
 
 
 def _row(benchmark: str, case: str, reference: str, metric: str, ratio: float | Ratio, goal: float | None = None,
@@ -123,7 +110,8 @@ def collect(sizes: dict[str, dict], device: torch.device) -> list[dict]:
 def markdown(report: dict) -> str:
     """The report as a Markdown table with the environment above it."""
     env = report["environment"]
-    lines = [f"Benchmarks on {env['device']} ({env['device_name']}), torch {env['torch']}, "
+    code = f"lowlearn {env['lowlearn']}, " if env.get("lowlearn") else ""        # older reports did not record it
+    lines = [f"Benchmarks on {env['device']} ({env['device_name']}), {code}torch {env['torch']}, "
              f"Python {env['python']}, {env['threads']} CPU threads{' (quick sizes)' if report['quick'] else ''}."]
     if env.get("allocator"):
         lines.append(f"Allocator: {env['allocator']}.")
@@ -162,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         sys.exit(f"cannot use {args.out} as the report folder: {error}")
+    maml.import_higher()                               # the peer of a late benchmark: missing, it would end the run
     device = resolve_device(args.device)
     rows = collect(QUICK if args.quick else FULL, device)
     if args.quick:                                     # toy sizes say nothing about the goals

@@ -6,19 +6,25 @@ import argparse
 import platform
 import random
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+import lowlearn
 from lowlearn import allocator, cli
 from lowlearn.train import default_device
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read after it measures the work, not its launch."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def interleaved_rounds(
@@ -90,6 +96,29 @@ class Ratio(NamedTuple):
         return f"{self.median:.3f} (middle half {middle_half(self.low, self.high, 3)})"
 
 
+def verdict(ratio: float, spread: tuple[float, float] | None, goal: float | None,
+            higher_is_better: bool = False) -> str | None:
+    """Whether ``ratio`` meets ``goal``: ``"yes"``, ``"no"``, ``"unclear"``, or ``None`` without a goal.
+
+    With a ``spread`` (the middle half of the per-round ratios, :func:`paired_ratio`)
+    the whole middle half must meet the goal for a "yes", or miss it for a "no"; a
+    goal inside it is neither clearly met nor clearly missed.
+    """
+    if goal is None:
+        return None
+    meets = [value >= goal if higher_is_better else value <= goal for value in (spread or (ratio,))]
+    return "yes" if all(meets) else "no" if not any(meets) else "unclear"
+
+
+VERDICT_WORDS = {"yes": "met", "no": "not met", "unclear": "unclear (the goal lies within the middle half)"}
+"""How the benchmarks' goal lines print a :func:`verdict`."""
+
+
+def judged(ratio: Ratio, goal: float, higher_is_better: bool = False) -> str:
+    """``ratio`` with its middle half and its :func:`verdict` against ``goal``, as a goal line prints them."""
+    return f"{ratio}, {VERDICT_WORDS[verdict(ratio.median, (ratio.low, ratio.high), goal, higher_is_better)]}"
+
+
 def paired_ratio(rounds: Mapping[str, list[float]], case: str, reference: str) -> Ratio:
     """``time(case) / time(reference)`` in each round of :func:`interleaved_rounds`: its median and quartiles.
 
@@ -157,11 +186,42 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def machine(device: str | torch.device | None) -> dict:
-    """What the timings depend on: device (and its name), torch and Python versions, CPU threads, allocator."""
+    """What the timings depend on: device (and its name), the code (lowlearn's version and commit), torch and
+    Python versions, CPU threads, allocator."""
     device = resolve_device(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return {"device": str(device), "device_name": name, "torch": torch.__version__,
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {"device": str(device), "device_name": name, "lowlearn": _code_version(), "torch": torch.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(), "allocator": allocator.describe()}
+
+
+def _cpu_name() -> str:
+    """The CPU's model name from Linux's ``/proc/cpuinfo``, else what :mod:`platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _code_version() -> str:
+    """lowlearn's version, and the commit of the source checkout it runs from (``git describe --dirty``), if any.
+
+    Only a checkout counts (the folder above the package holds lowlearn's
+    ``pyproject.toml``), not a git repository that an installed copy happens to sit in.
+    """
+    version = lowlearn.__version__
+    root = Path(lowlearn.__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        return version
+    try:
+        done = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):                 # no git, or it hung
+        return version
+    commit = done.stdout.strip()
+    return f"{version} ({commit})" if done.returncode == 0 and commit else version
 
 
 def environment(device: str | torch.device | None) -> str:

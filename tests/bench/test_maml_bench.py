@@ -31,4 +31,6 @@ def test_maml_benchmark_prints_throughput(capsys):
     bench.main(["--tasks", "2", "--queries", "2", "--steps", "1", "--iterations", "1", "--repeats", "1",
                 "--device", "cpu"])
     out = capsys.readouterr().out
-    assert out.count("x") >= 3 and "lowlearn batched" in out and "goal: throughput >= 1x higher's on cpu" in out
+    assert out.count("x") >= 3 and "lowlearn batched" in out
+    for name in ("lowlearn", "lowlearn batched"):                  # each judged on its own, not the better of the two
+        assert f"goal: {name} throughput >= 1x higher's on cpu: " in out

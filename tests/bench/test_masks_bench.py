@@ -24,6 +24,8 @@ def test_masks_benchmark_prints_a_ratio_and_the_page_faults_per_model(capsys):
         low, high = map(float, spread.split("-"))
         assert ratio.endswith("x") and low <= high and (faults == "n/a" or float(faults) >= 0)
     assert "1.000x" in next(row for row in out.splitlines() if row.startswith("dense"))
+    goal = next(row for row in out.splitlines() if row.startswith("goal: lowlearn masks / dense <= 1.10: "))
+    assert goal.endswith(("met", "unclear (the goal lies within the middle half)"))
 
 
 def test_unknown_benchmark_is_a_usage_error(capsys):

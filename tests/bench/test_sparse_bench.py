@@ -1,7 +1,11 @@
+import warnings
+
+import pytest
 import torch
 from torch import nn
 
 from lowlearn.bench import sparse as bench
+from lowlearn.bench.timing import Ratio
 from lowlearn.sparse.export import CSRLinear
 
 
@@ -34,3 +38,32 @@ def test_a_speed_up_is_the_median_of_the_rounds_ratios():
     row = bench._row("csr", 0.1, 10.0, {"dense": [2.0, 4.0, 6.0], "csr": [1.0, 1.0, 2.0]})
     assert row["speedup"] == 3.0 and row["spread"] == [2.5, 3.5]
     assert row["ms"] == 1e3 and row["dense_ms"] == 4e3 and row["ideal_speedup"] == 10.0
+
+
+def test_a_feature_count_the_2_4_kernels_cannot_take_is_left_out_not_a_crash(capsys):
+    bench.main(["--features", "30", "--batch-size", "2", "--densities", "0.5", "--iterations", "1", "--repeats", "1",
+                "--device", "cpu"])
+    assert "2:4: not measured" in capsys.readouterr().out
+
+
+def test_a_layer_that_export_keeps_dense_is_not_timed_as_2_4(monkeypatch):
+    # On a GPU whose 2:4 kernels refuse the shape, export() warns and keeps the dense layer: that is no 2:4 row.
+    # Nothing reaches the device: the fallback is caught before any timing.
+    monkeypatch.setattr(bench, "semi_structured_unavailable", lambda layer: None)
+    monkeypatch.setattr(bench, "export", lambda model, format: model)
+    dense = nn.Sequential(nn.Linear(64, 64)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert bench._two_four(dense, torch.randn(2, 64), 1, 1, 0, torch.device("cuda")) == []
+
+
+@pytest.mark.parametrize("speedup, spread, verdict", [
+    (3.1, [2.9, 3.2], "unclear (the goal lies within the middle half)"), (3.5, [3.3, 3.6], "met"),
+    (2.0, [1.9, 2.2], "not met")])
+def test_the_goal_line_judges_the_whole_middle_half(monkeypatch, capsys, speedup, spread, verdict):
+    row = {"format": "csr", "density": 0.05, "ms": 1.0, "dense_ms": 3.1, "ideal_speedup": 20.0, "speedup": speedup,
+           "spread": spread}
+    monkeypatch.setattr(bench, "run", lambda *args, **kwargs: [row])
+    bench.main(["--device", "cpu"])
+    assert f"goal: CSR at 95% sparsity >= 3x dense on CPU: {Ratio(speedup, *spread)}, {verdict}\n" in \
+        capsys.readouterr().out

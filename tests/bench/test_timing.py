@@ -59,6 +59,24 @@ def test_paired_ratio_takes_each_round_s_ratio_then_their_median_and_quartiles()
         timing.paired_ratio({"a": [1.0, 2.0], "b": [1.0]}, "a", "b")
 
 
+def test_a_goal_inside_the_middle_half_is_neither_met_nor_missed():
+    assert timing.verdict(1.04, (1.00, 1.10), 1.05) == "unclear"
+    assert timing.verdict(1.04, (1.00, 1.05), 1.05) == "yes"
+    assert timing.verdict(1.16, (1.14, 1.19), 1.10) == "no"
+    assert timing.verdict(3.48, (3.35, 3.52), 3.0, higher_is_better=True) == "yes"
+    assert timing.verdict(3.1, (2.9, 3.2), 3.0, higher_is_better=True) == "unclear"
+    assert timing.verdict(0.5, (0.4, 0.6), 1.0, higher_is_better=True) == "no"
+    assert timing.verdict(0.15, None, 1.0) == "yes" and timing.verdict(1.2, None, 1.0) == "no"   # measured once
+    assert timing.verdict(1.2, (1.1, 1.3), None) is None
+
+
+def test_a_goal_line_gives_the_ratio_its_middle_half_and_the_verdict():
+    assert timing.judged(timing.Ratio(1.16, 1.14, 1.19), 1.10) == "1.160 (middle half 1.140-1.190), not met"
+    assert timing.judged(timing.Ratio(1.04, 1.00, 1.05), 1.05) == "1.040 (middle half 1.000-1.050), met"
+    assert timing.judged(timing.Ratio(3.1, 2.9, 3.2), 3.0, higher_is_better=True).endswith(
+        "unclear (the goal lies within the middle half)")
+
+
 def test_cuda_peak_bytes_is_none_off_cuda_and_leaves_the_step_uncalled():
     calls = []
     assert timing.cuda_peak_bytes(lambda: calls.append(1), torch.device("cpu")) is None and not calls
