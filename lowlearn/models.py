@@ -68,6 +68,8 @@ class MLP(nn.Sequential):
         out_features: int = 10,
         activation: Callable[[], nn.Module] = nn.ReLU,
     ) -> None:
+        _check_channels(in_features=in_features, out_features=out_features,
+                        **{f"hidden[{i}]": width for i, width in enumerate(hidden)})
         widths = (in_features, *hidden, out_features)
         layers: list[nn.Module] = [nn.Flatten()]
         for n_in, n_out in zip(widths[:-2], widths[1:-1]):
@@ -126,6 +128,10 @@ class LeNet5(nn.Module):
     ) -> None:
         super().__init__()
         c1, c2 = channels
+        _check_channels(in_channels=in_channels, num_classes=num_classes, image_size=image_size,
+                        **{"channels[0]": c1, "channels[1]": c2},
+                        **{f"hidden[{i}]": width for i, width in enumerate(hidden)})
+        check_count("padding", padding, 0)
         size = ((image_size + 2 * padding - 4) // 2 - 4) // 2
         if size < 1:
             raise ValueError(
@@ -208,6 +214,8 @@ class Conv4(nn.Module):
         running_stats: bool = True,
     ) -> None:
         super().__init__()
+        _check_channels(in_channels=in_channels, hidden=hidden, image_size=image_size,
+                        **({} if num_classes is None else {"num_classes": num_classes}))
         size = image_size // 16
         if size < 1:
             raise ValueError(
@@ -252,9 +260,10 @@ class VGG(nn.Module):
     single linear layer, so VGG-11 has 8 convolutions and 1 linear layer
     (9,228,362 parameters at ``width=1``).
 
-    Five poolings take a 32×32 image to 1×1; a global average pooling then
-    flattens it. At 32×32 this is the same as flattening, and it lets larger
-    images through unchanged.
+    Four 2×2 max poolings take a 32×32 image to 2×2, and the fifth pooling
+    averages what is left, as in the CIFAR-10 VGG of Frankle & Carbin ("4×512,
+    avg-pool") and of open_lth: here a global average pooling, the same at 32×32,
+    which lets larger images through too.
 
     Attributes:
         features: the convolution, batch norm, ReLU and pooling layers.
@@ -281,11 +290,12 @@ class VGG(nn.Module):
         super().__init__()
         if depth not in _VGG_CONFIGS:
             raise ValueError(f"VGG depth must be one of {sorted(_VGG_CONFIGS)}, got {depth}")
+        _check_channels(num_classes=num_classes, in_channels=in_channels)
         if width <= 0:
             raise ValueError(f"VGG width must be positive, got {width}")
         layers: list[nn.Module] = []
         channels = in_channels
-        for item in _VGG_CONFIGS[depth]:
+        for item in _VGG_CONFIGS[depth][:-1]:          # the last pooling is the classifier's average
             if item == "M":
                 layers.append(nn.MaxPool2d(2))
             else:
@@ -336,6 +346,7 @@ class ConvNet(nn.Module):
         super().__init__()
         if depth not in (2, 4, 6):
             raise ValueError(f"ConvNet depth must be 2, 4 or 6 (Conv-2/4/6), got {depth}")
+        _check_channels(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
         poolings = depth // 2
         if image_size < 2 ** poolings:
             raise ValueError(f"image_size={image_size} is too small for Conv-{depth}: {poolings} 2×2 poolings "
@@ -434,8 +445,7 @@ class CifarResNet(nn.Module):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"CifarResNet depth must be 6n + 2 (20, 32, 44, 56, 110), got {depth}")
-        if width < 1:
-            raise ValueError(f"CifarResNet width must be at least 1, got {width}")
+        _check_channels(num_classes=num_classes, width=width, in_channels=in_channels)
         blocks_per_stage = (depth - 2) // 6
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False),

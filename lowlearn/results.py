@@ -77,7 +77,7 @@ def _read(path: Path) -> dict:
     if not path.exists():
         return {"results": {}}
     try:
-        stored = json.loads(path.read_text())
+        stored = json.loads(path.read_text(encoding="utf-8"))
         chapters = stored["results"]
         if not all(isinstance(entries, dict) for entries in chapters.values()):
             raise TypeError("every chapter must map to a dictionary of results")

@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -281,13 +282,15 @@ def fit(
         callbacks: called as ``callback(state)`` after every optimizer step, in order.
             One that raises :class:`StopTraining` ends training after this step; the
             callbacks after it still see the step (a sparsifier keeps its step count).
+            In a process group it must do so on every process, at the same step.
         eval_data: evaluated with :func:`evaluate` every ``eval_every`` steps and
             at the end.
         eval_every: steps between evaluations (default: once per epoch).
         log_every: steps between reads of the training loss (each read waits for
             the device, and checks that the loss is finite).
         device: default :func:`default_device`.
-        seed: seeds the global generators and the batch order.
+        seed: seeds the global generators (with ``seed + rank`` on the process of
+            that rank in a process group) and the batch order.
         bf16: run forward passes under bfloat16 autocast (CUDA only).
         batch_transform: applied to each input batch on the device (e.g. data
             augmentation).
@@ -299,7 +302,10 @@ def fit(
             global generators are seeded only when ``start_step`` is 0; for the same
             random draws in the model (dropout) and in ``batch_transform`` as well,
             save ``torch.get_rng_state()`` with the checkpoint and restore it before
-            resuming (``torch.cuda.get_rng_state_all()`` on GPUs).
+            resuming (``torch.cuda.get_rng_state_all()`` on GPUs). The first logged
+            loss of a resumed run averages only the steps after ``start_step``, so it
+            differs from the uninterrupted run's where ``start_step`` is not a
+            multiple of ``log_every``; the later ones are the same.
 
     In a ``torch.distributed`` process group (see :mod:`lowlearn.distributed`),
     every process draws the same batches and trains on its share of each
@@ -311,9 +317,13 @@ def fit(
     normalises each process's share by the share's own statistics and keeps the
     running statistics of process 0 (``DistributedDataParallel``'s behaviour; on
     GPUs, ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` normalises by the whole
-    batch), and dropout and ``batch_transform`` draw on each process's own generator.
-    The logged loss is each process's own share. Attach masks before calling ``fit``
-    (see :mod:`lowlearn.distributed`).
+    batch), and dropout and ``batch_transform`` draw on each process's own generator
+    (seeded with ``seed + rank``). The logged loss is each process's own share; a NaN
+    or infinite loss on any process stops them all at the same read of the loss.
+    Attach masks before calling ``fit`` (see :mod:`lowlearn.distributed`).
+
+    ``fit`` puts the model in training mode (``model.train()``) before the first
+    step; evaluations during training restore every module's mode after them.
 
     Returns:
         The :class:`History` of the run.
@@ -341,9 +351,10 @@ def fit(
         raise ValueError("eval_every needs eval_data: pass the data to evaluate on, or leave eval_every out")
 
     device = torch.device(device) if device is not None else default_device()
+    rank, processes = world()
     if start_step == 0:
-        seed_everything(seed)
-    order = torch.Generator().manual_seed(seed)
+        seed_everything(seed + rank)             # each process its own draws (dropout, batch_transform) ...
+    order = torch.Generator().manual_seed(seed)  # ... and all the same batches
     devices = [p.device for p in model.parameters()]
     model.to(device)
     if any(p.device != before for p, before in zip(model.parameters(), devices)) and hasattr(optimizer, "state_dict"):
@@ -353,7 +364,6 @@ def fit(
         eval_data = _as_tensors(eval_data, device)    # moved once, not at every evaluation
     n = len(x)
     batches_per_epoch = math.ceil(n / batch_size)
-    rank, processes = world()
     if processes > 1 and min(batch_size, n % batch_size or batch_size) < processes:
         raise ValueError(f"with {processes} processes every batch needs at least {processes} examples, but batches "
                          f"of {batch_size} from {n} examples leave {n % batch_size or batch_size} for the last one: "
@@ -378,7 +388,13 @@ def fit(
 
     def log(step: int) -> None:
         nonlocal running, since_log
-        mean_loss, bad = torch.stack([running / max(since_log, 1), first_bad.to(running.dtype)]).tolist()
+        bad_step = first_bad
+        if processes > 1:      # all stop at the first bad step of any process, or none does: one process alone
+            never = torch.iinfo(torch.long).max                       # would leave the others waiting for it
+            bad_step = torch.where(first_bad < 0, never, first_bad)
+            dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+            bad_step = torch.where(bad_step == never, -1, bad_step)
+        mean_loss, bad = torch.stack([running / max(since_log, 1), bad_step.to(running.dtype)]).tolist()
         if bad >= 0:
             raise NonFiniteLossError(
                 f"the training loss became NaN or infinite at step {int(bad)} "
@@ -395,8 +411,7 @@ def fit(
         _sync(device)                   # the training steps queued on a GPU count as training, not evaluation
         t0 = time.perf_counter()
         history.eval_steps.append(step)
-        history.eval.append(evaluate(model, eval_data, loss_fn=loss_fn, device=device, bf16=bf16))
-        model.train()
+        history.eval.append(evaluate(model, eval_data, loss_fn=loss_fn, device=device, bf16=bf16))   # modes restored
         eval_time += time.perf_counter() - t0
 
     model.train()
@@ -480,6 +495,7 @@ def evaluate(
     the model is not moved (default: the device of the model's first parameter or
     buffer, :func:`default_device` for a model without any).
     """
+    check_count("batch_size", batch_size, 1)
     if device is None:
         tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
         device = tensor.device if tensor is not None else default_device()
@@ -576,22 +592,34 @@ def _shape_only_copy(model: nn.Module) -> nn.Module:
 def _read_checkpoint(path: str | os.PathLike, map_location: torch.device | str | None) -> object:
     """``torch.load(path, weights_only=True)``; a file it cannot read is a :class:`CheckpointError`.
 
-    A missing file, a folder or a file without read permission keep their own ``OSError``.
+    A missing file, a folder or a file without read permission keep their own ``OSError``,
+    and running out of memory its ``torch.OutOfMemoryError``; a checkpoint whose tensors
+    are mapped to a device this machine lacks is a RuntimeError that says so.
     """
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
+    except (FileNotFoundError, IsADirectoryError, PermissionError, torch.OutOfMemoryError):
         raise
-    except (OSError, EOFError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as error:
+    except RuntimeError as error:
+        if "deserialize object on" not in str(error):         # torch's words for a device that is not here
+            raise CheckpointError(_damaged(path, error)) from None
+        raise RuntimeError(f"{path} holds tensors saved on a device this machine does not have "
+                           f"({next(iter(str(error).splitlines()), '')}); load it with map_location='cpu' "
+                           "(load_checkpoint's default) or a device that is here") from None
+    except (OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as error:
         culprit = _culprit(error)
         if "Unsupported global" in culprit:                # a pickled object other than tensors and plain values
             raise CheckpointError(f"{path} is not a checkpoint that save_checkpoint wrote: torch.load(weights_only="
                                   f"True) refuses what it holds ({culprit}). If you trust where it came from, "
                                   "torch.load(weights_only=False) reads it, but unpickling can run code") from None
-        # torch reports a cut-off or foreign file in each of these ways
-        detail = culprit or next(iter(str(error).splitlines()), "")
-        raise CheckpointError(f"{path} is damaged or cut off, or is not a file that torch.save wrote "
-                              f"({type(error).__name__}: {detail}); save the checkpoint again, or train anew") from None
+        raise CheckpointError(_damaged(path, error)) from None
+
+
+def _damaged(path: str | os.PathLike, error: Exception) -> str:
+    """The message for a file that torch reports as cut off or foreign, in one of the ways it does."""
+    detail = _culprit(error) or next(iter(str(error).splitlines()), "")
+    return (f"{path} is damaged or cut off, or is not a file that torch.save wrote ({type(error).__name__}: "
+            f"{detail}); save the checkpoint again, or train anew")
 
 
 def load_checkpoint(

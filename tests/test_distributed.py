@@ -21,7 +21,7 @@ from lowlearn.lowrank.layers import dense_parameters
 from lowlearn.models import MLP
 from lowlearn.powerprop import PowerPropOptimizer, powerprop
 from lowlearn.sparse import SET, SNFS, GradualPruning, RigL, StaticSparse, TopKAST, attach_masks
-from lowlearn.train import fit
+from lowlearn.train import NonFiniteLossError, fit
 
 METHODS = ("static", "set", "rigl", "snfs", "topkast", "gradual", "dlrt", "powerprop")
 STEPS = 12
@@ -86,6 +86,28 @@ def worker(rank: int, processes: int, folder: str) -> None:
             assert "grow in a single process" in str(error), error
         else:
             raise AssertionError("growth during data-parallel training must be refused")
+        # A NaN or infinite loss on one process stops every process at the same step (alone, it would leave the
+        # other waiting in the next step's all-reduce).
+        def nan_on_the_second(outputs, targets):
+            return torch.nn.functional.cross_entropy(outputs, targets) * (float("nan") if rank == 1 else 1.0)
+
+        try:
+            model = MLP(20, (8,), 4)
+            fit(model, (x, y), torch.optim.SGD(model.parameters(), lr=0.1), steps=1, batch_size=5,
+                loss_fn=nan_on_the_second, device="cpu", progress=False)
+        except NonFiniteLossError as error:
+            assert "at step 1" in str(error), error
+        else:
+            raise AssertionError(f"process {rank} did not stop at the other process's NaN loss")
+        # Each process draws its own dropout masks (the generators are seeded with seed + rank) on the same batches.
+        dropout = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.Dropout(0.5), torch.nn.Linear(64, 4))
+        kept = []
+        dropout[1].register_forward_hook(lambda module, inputs, output: kept.append((output != 0).float()))
+        fit(dropout, (x[:4], y[:4]), torch.optim.SGD(dropout.parameters(), lr=0.0), steps=1, batch_size=4,
+            device="cpu", progress=False)
+        both = [torch.empty_like(kept[0]) for _ in range(processes)]
+        dist.all_gather(both, kept[0])
+        assert not torch.equal(both[0], both[1]), "the processes drew the same dropout masks"
         # DLRT averages its own gradients, so fit broadcasts the first process's weights, of the same shapes only.
         model = to_low_rank(MLP(20, (8,), 4), ["1"], rank=2 + rank)
         try:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lowlearn.cost import count_flops, count_parameters
-from lowlearn.models import (BLOCKS, MLP, VGG, Bottleneck, CifarResNet, Conv4, DepthwiseSeparableConv2d,
+from lowlearn.models import (BLOCKS, MLP, VGG, Bottleneck, CifarResNet, Conv4, ConvNet, DepthwiseSeparableConv2d,
                              InvertedResidual, LeNet5, ResNet20, SmallCNN)
 
 
@@ -124,6 +124,16 @@ def test_vgg_depth_counts_weight_layers(depth, n_convs):
     model = VGG(depth, width=0.125)
     assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == n_convs
     assert sum(isinstance(m, nn.Linear) for m in model.modules()) == 1
+
+
+def test_vgg_averages_its_last_feature_map_where_imagenet_vgg_max_pools():
+    model = VGG(11, width=0.125).eval()
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 4
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        last = model.features(x)
+        assert last.shape[-2:] == (2, 2)
+        torch.testing.assert_close(model(x), model.classifier[2](last.mean((2, 3))))
 
 
 def test_vgg_width_keeps_at_least_one_channel():
@@ -313,6 +323,22 @@ def test_small_cnn_width_multiplier_and_options():
     (lambda: InvertedResidual(16, 32, kernel_size=4), "odd"),
 ])
 def test_efficient_blocks_reject_bad_arguments(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: MLP(out_features=0), r"out_features must be an int >= 1; got 0"),
+    (lambda: MLP(hidden=(300, 0)), r"hidden\[1\] must be an int >= 1"),
+    (lambda: LeNet5(channels=(6, 0)), r"channels\[1\] must be an int >= 1"),
+    (lambda: LeNet5(padding=-1), "padding must be an int >= 0"),
+    (lambda: Conv4(hidden=0), "hidden must be an int >= 1"),
+    (lambda: Conv4(image_size=28.0), "image_size must be an int >= 1; got 28.0"),
+    (lambda: ConvNet(num_classes=0), "num_classes must be an int >= 1"),
+    (lambda: VGG(in_channels=0), "in_channels must be an int >= 1"),
+    (lambda: CifarResNet(width=0), "width must be an int >= 1"),
+])
+def test_networks_reject_sizes_that_build_nothing(make, message):
     with pytest.raises(ValueError, match=message):
         make()
 

@@ -1,5 +1,8 @@
 import json
 import math
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -106,6 +109,21 @@ def test_what_else_the_file_holds_is_kept(tmp_path):
     path.write_text(json.dumps({**stored, "notes": "my run on the lab machine"}))
     results.record("pruning", "b", 2.0, profile="smoke", directory=tmp_path)
     assert json.loads(path.read_text())["notes"] == "my run on the lab machine"
+
+
+def test_the_file_is_read_as_the_utf_8_it_is_written_in_whatever_the_locale(tmp_path):
+    # Python reads text in the locale's encoding unless told: under LANG=C (ASCII) a note in UTF-8 was refused.
+    code = ("import json, sys; from lowlearn import results; directory = sys.argv[1]; "
+            "results.record('pruning', 'a', 1.0, profile='smoke', directory=directory); "
+            "path = results.results_path('smoke', directory); stored = json.loads(path.read_bytes()); "
+            "path.write_bytes(json.dumps({**stored, 'notes': 'Lauf von J\\u00fcrgen'}, ensure_ascii=False).encode()); "
+            "results.record('pruning', 'b', 2.0, profile='smoke', directory=directory); "
+            "print(json.loads(path.read_bytes())['notes'])")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().strip() == "Lauf von J\u00fcrgen"
 
 
 def test_a_result_names_the_device_that_measured_it(tmp_path):

@@ -137,14 +137,23 @@ def test_seeds_outside_numpys_range_work():
         seed_everything(seed)
 
 
+def noisy_model(seed=0):
+    """A model whose outputs depend on its mode: batch norm and dropout."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 2))
+
+
 def test_evaluate_restores_mode_and_matches_manual():
-    model, _ = make()
+    model = noisy_model()
     x, y = toy_data()
     model.train()
     metrics = evaluate(model, (x, y), batch_size=50, device="cpu")
     assert model.training
     with torch.no_grad():
-        out = model(x)
+        model.eval()
+        out = model(x)                                                     # the running statistics, no dropout
+        model.train()
+        assert not torch.equal(model(x), out)                              # which training mode would not use
     assert metrics["accuracy"] == pytest.approx((out.argmax(1) == y).float().mean().item())
     assert metrics["loss"] == pytest.approx(nn.functional.cross_entropy(out, y).item(), rel=1e-5)
     reg = evaluate(nn.Linear(8, 1), (x, torch.zeros(len(x), 1)), loss_fn=nn.functional.mse_loss, device="cpu")
@@ -322,6 +331,41 @@ def test_a_checkpoint_is_tried_on_a_copy_without_memory_then_loaded(tmp_path, mo
     resumed = nn.Sequential(LowRankLinear(8, 6, rank=4, r_max=4))
     load_checkpoint(save_checkpoint(tmp_path / "rank.pt", saved), resumed)
     assert resumed[0].rank == 2 and torch.equal(resumed[0].matrix(), saved[0].matrix())
+
+
+def test_fit_trains_in_training_mode_also_after_each_evaluation():
+    model = noisy_model()
+    modes = []
+    fit(model, toy_data(64), torch.optim.SGD(model.parameters(), lr=0.1), steps=4, batch_size=16, eval_every=1,
+        eval_data=toy_data(32, seed=1), device="cpu", callbacks=[lambda state: modes.append(model[3].training)])
+    assert modes == [True] * 4
+
+
+def test_fit_seed_fixes_the_random_draws_whatever_the_generators_held_before():
+    runs = []
+    for before in (1, 2):
+        model = noisy_model()
+        torch.manual_seed(before)
+        fit(model, toy_data(64), torch.optim.SGD(model.parameters(), lr=0.1), steps=4, batch_size=16, device="cpu",
+            seed=7, batch_transform=lambda xb: xb + 0.1 * torch.randn_like(xb))
+        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_evaluate_refuses_a_batch_size_below_one():
+    model, _ = make()
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            evaluate(model, toy_data(16), batch_size=bad, device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_checkpoint_mapped_to_a_device_that_is_not_here_is_not_called_damaged(tmp_path):
+    model, _ = make()
+    path = save_checkpoint(tmp_path / "good.pt", model)
+    with pytest.raises(RuntimeError, match="device this machine does not have.*map_location='cpu'") as error:
+        load_checkpoint(path, make()[0], map_location="cuda")
+    assert not isinstance(error.value, CheckpointError) and path.exists()
 
 
 def test_evaluate_runs_on_the_models_device_by_default(monkeypatch):

@@ -10,7 +10,8 @@ def test_the_quick_report_has_every_benchmark_and_the_fields_the_book_reads(tmp_
     report.main(["--quick", "--out", str(tmp_path), "--device", "cpu", "--note", "a toy run"])
     data = json.loads((tmp_path / "benchmarks.json").read_text())
     assert data["quick"] is True and data["note"] == "a toy run"
-    assert {"device", "device_name", "lowlearn", "torch", "python", "threads", "allocator"} <= data["environment"].keys()
+    fields = {"device", "device_name", "lowlearn", "torch", "python", "threads", "allocator"}
+    assert fields <= data["environment"].keys()
     assert f"lowlearn {data['environment']['lowlearn']}, torch" in (tmp_path / "benchmarks.md").read_text()
     expected = {"masks", "dst", "powerprop", "lowrank", "maml", "sparse"} | ({"allocator"} if has_glibc() else set())
     assert {row["benchmark"] for row in data["rows"]} == expected
