@@ -29,6 +29,7 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -135,6 +136,28 @@ def fetch(resource: Resource, root: str | os.PathLike | None = None, download: b
         f"Download it from {resource.urls[0]} and save it as {path} "
         f"(or point {ENV_VAR} or root= at a folder that holds {resource.subdir}/{resource.filename})."
     )
+
+
+def fetch_all(resources: Sequence[Resource], root: str | os.PathLike | None = None,
+              download: bool = True) -> list[Path]:
+    """:func:`fetch` every resource; the verified local paths, in order.
+
+    Raises:
+        DatasetNotFoundError: one for all the missing files, naming each with where
+            to get it and where to put it (rather than one file per run).
+        ChecksumError, DataError: as :func:`fetch`, for the first file that has them.
+    """
+    paths, missing = [], []
+    for resource in resources:
+        try:
+            paths.append(fetch(resource, root, download))
+        except DatasetNotFoundError as error:
+            missing.append(str(error))
+    if len(missing) == 1:
+        raise DatasetNotFoundError(missing[0])
+    if missing:
+        raise DatasetNotFoundError(f"{len(missing)} files are missing:\n" + "\n".join(f"- {m}" for m in missing))
+    return paths
 
 
 def _verified(path: Path, resource: Resource) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import DataError, Resource, fetch
+from .cache import DataError, Resource, fetch_all
 from .embedded import load_mnist5k
 from .splits import Splits, check_count, make_splits
 
@@ -116,8 +116,7 @@ def load_mnist(root: str | os.PathLike | None = None, download: bool = True) -> 
         :class:`~lowlearn.data.splits.Splits` with ``x`` float32 ``(N, 1, 28, 28)`` in ``[0, 1]`` and
         ``y`` int64 ``(N,)`` in ``0..9``.
     """
-    train_images, train_labels, test_images, test_labels = (
-        fetch(resource, root, download) for resource in MNIST_RESOURCES)
+    train_images, train_labels, test_images, test_labels = fetch_all(MNIST_RESOURCES, root, download)
     return make_splits(*_read_part(train_images, train_labels), *_read_part(test_images, test_labels))
 
 

@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from lowlearn.data.cache import DataError, Resource, check_member_name, fetch
+from lowlearn.data.cache import DataError, Resource, check_member_name, fetch, fetch_all
 
 DRAWERS = 20
 """Number of drawings of each character (one by each of 20 people)."""
@@ -221,9 +221,11 @@ def load_omniglot(sets: str | Iterable[str] = "small1", root: str | os.PathLike 
     unknown = [key for key in keys if key not in _CHARACTER_SETS]
     if not keys or unknown:
         raise ValueError(f"sets must be one or more of {list(_CHARACTER_SETS)}; got {sets!r}")
+    size = _check_size(image_size)                 # before anything is downloaded
+    resources = [OMNIGLOT_RESOURCES[key] for key in keys]
     drawings: dict[str, Tensor] = {}
-    for key in keys:
-        names, ink = _character_set(OMNIGLOT_RESOURCES[key], root, image_size, download)
+    for resource, path in zip(resources, fetch_all(resources, root, download)):
+        names, ink = _character_set(path.resolve(), resource.sha256, size)
         for name, character in zip(names, ink):
             drawings.setdefault(name, character)
     characters = sorted(drawings)
@@ -248,7 +250,10 @@ def load_omniglot_runs(root: str | os.PathLike | None = None, image_size: int | 
         DataError: the archive does not have the layout of ``all_runs.zip``, or a
             ``class_labels.txt`` is malformed.
     """
-    path, members, ink = _read_archive(OMNIGLOT_RESOURCES["runs"], root, image_size, download)
+    size = _check_size(image_size)
+    resource = OMNIGLOT_RESOURCES["runs"]
+    path = fetch(resource, root, download).resolve()
+    members, ink = _decode_archive(path, resource.sha256, size)
     position = {name: i for i, name in enumerate(members)}
     runs = sorted({name.split("/")[0] for name in members})
     with zipfile.ZipFile(path) as archive:
@@ -275,18 +280,9 @@ def _check_size(image_size: int | None) -> int | None:
     return int(image_size)
 
 
-def _read_archive(resource: Resource, root: str | os.PathLike | None, image_size: int | None,
-                  download: bool) -> tuple[Path, tuple[str, ...], Tensor]:
-    """Fetch and verify an archive; return its path, PNG member names and uint8 ink ``(images, S, S)``."""
-    size = _check_size(image_size)
-    path = fetch(resource, root, download).resolve()
-    return (path, *_decode_archive(path, resource.sha256, size))
-
-
-def _character_set(resource: Resource, root: str | os.PathLike | None, image_size: int | None,
-                   download: bool) -> tuple[list[str], Tensor]:
-    """Names ``"Alphabet/characterNN"`` and uint8 ink ``(characters, 20, S, S)`` of one image archive."""
-    path, members, ink = _read_archive(resource, root, image_size, download)
+def _character_set(path: Path, sha256: str, image_size: int | None) -> tuple[list[str], Tensor]:
+    """Names ``"Alphabet/characterNN"`` and uint8 ink ``(characters, 20, S, S)`` of one verified image archive."""
+    members, ink = _decode_archive(path, sha256, image_size)
     drawings: dict[str, list[int]] = defaultdict(list)
     for i, member in enumerate(members):
         parts = member.split("/")

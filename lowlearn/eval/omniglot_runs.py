@@ -165,6 +165,9 @@ def heldout_errors(learner: nn.Module, trained_on: Omniglot, sizes: BlackBoxSize
                    episodes: int, root: str | None = None) -> Tensor:
     """Error rate (%) on run-like episodes from the ``small2`` alphabets that ``trained_on`` lacks.
 
+    The episodes come from those of them that hold a 20-way episode (:func:`run_alphabets`):
+    with ``small1`` as background, Japanese (katakana) and Sanskrit, not Tagalog (17 characters).
+
     Raises:
         ValueError: the background set holds every ``small2`` alphabet.
     """
@@ -177,9 +180,18 @@ def task_accuracies(learner: nn.Module, tasks: Episode, sizes: BlackBoxSizes) ->
                         for sx, sy, qx, qy in zip(tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)])
 
 
+def run_alphabets(test: Omniglot) -> list[str]:
+    """The alphabets of ``test`` that hold a run-like episode: those with at least 20 characters."""
+    counts = torch.bincount(test.alphabet_index, minlength=len(test.alphabets)).tolist()
+    return [name for name, count in zip(test.alphabets, counts) if count >= RUN_WAYS]
+
+
 def episode_errors(learner: nn.Module, test: Omniglot, sizes: BlackBoxSizes, device: torch.device,
                    episodes: int) -> Tensor:
-    """Error rate (%) on ``episodes`` run-like episodes of ``test``: 20-way one-shot, within one alphabet."""
+    """Error rate (%) on ``episodes`` run-like episodes of ``test``: 20-way one-shot, within one alphabet.
+
+    Only the alphabets with at least 20 characters can give an episode (:func:`run_alphabets`).
+    """
     sampler = EpisodeSampler(test.images.to(device), RUN_WAYS, 1, 1, seed=1234,
                              groups=test.alphabet_index.to(device))
     learner.eval()
@@ -319,5 +331,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         errors = episode_errors(learner, test, sizes, device, episodes)
         mean, ci = mean_and_ci(errors)
+        used = run_alphabets(test)
+        fewer = [name for name in test.alphabets if name not in used]
         print(f"\nheld-out small2 alphabets, 20-way one-shot within one alphabet, {episodes} episodes: "
               f"error {mean:.1f} ± {ci:.1f}% (95% interval over the episodes; accuracy {100 - mean:.1f}%)")
+        verb = "has" if len(fewer) == 1 else "have"
+        print(f"  episodes from {', '.join(used)}" + (f"; {', '.join(fewer)} {verb} fewer than {RUN_WAYS} characters"
+                                                     if fewer else ""))

@@ -133,9 +133,12 @@ def test_load_mnist_count_mismatch(tmp_path, monkeypatch):
         load_mnist(root=tmp_path, download=False)
 
 
-def test_load_mnist_missing_offline(tmp_path):
-    with pytest.raises(DatasetNotFoundError, match="train-images-idx3-ubyte.gz"):
+def test_load_mnist_missing_offline_names_every_missing_file(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="4 files are missing") as error:
         load_mnist(root=tmp_path, download=False)
+    for resource in mnist.MNIST_RESOURCES:
+        assert f"{resource.filename} is not at {resource.path(tmp_path)}" in str(error.value)
+        assert resource.urls[0] in str(error.value)
 
 
 def test_load_mnist_variant_by_a_profiles_name(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from lowlearn.data import omniglot
-from lowlearn.data.cache import ENV_VAR, ChecksumError, DataError, Resource, UnsafeArchiveError
+from lowlearn.data.cache import ENV_VAR, ChecksumError, DataError, DatasetNotFoundError, Resource, UnsafeArchiveError
 from lowlearn.data.omniglot import Omniglot, load_omniglot, load_omniglot_runs
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -54,6 +54,12 @@ def test_sets_are_merged_by_character_name():
     assert small2.num_characters == 156
     both = load_omniglot(["small1", "small2"], root=SHARED_DATA, download=False)
     assert both.num_characters == len(set(both.characters)) == 242
+    small1 = load_omniglot("small1", root=SHARED_DATA, download=False)
+    for part in (small1, small2):                  # every character keeps its own drawings
+        own = dict(zip(part.characters, part.images))
+        for name, images in zip(both.characters, both.images):
+            if name in own:
+                assert torch.equal(images, own[name]), name
     extra = small2.without(["Greek", "Latin"])
     assert extra.num_characters == 106 and len(extra.alphabets) == 3
     assert extra.images.shape == (106, 20, 1, 28, 28)
@@ -237,3 +243,10 @@ def test_malformed_class_labels(tmp_path, monkeypatch, edit, message):
     _install(monkeypatch, tmp_path, "runs", members)
     with pytest.raises(DataError, match=f"run02/class_labels.txt.*{message}"):
         load_omniglot_runs(root=tmp_path, download=False)
+
+
+def test_every_missing_set_is_named_in_one_error(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="2 files are missing") as error:
+        load_omniglot(["small1", "small2"], root=tmp_path, download=False)
+    for name in ("images_background_small1.zip", "images_background_small2.zip"):
+        assert f"{name} is not at {tmp_path / 'omniglot' / name}" in str(error.value)
