@@ -651,7 +651,8 @@ def load_checkpoint(
             and the errors above all found before anything is loaded.
         RuntimeError, ValueError: a state that does not fit the model (other keys or
             shapes) or the optimizer (other parameter groups); the model and the
-            optimizer are left as they were.
+            optimizer are left as they were. A RuntimeError too for a ``map_location``
+            (or a saved device, with ``map_location=None``) that this machine lacks.
     """
     payload = _read_checkpoint(path, map_location)
     if not isinstance(payload, dict) or not {"model", "extra"} <= payload.keys():

@@ -24,9 +24,8 @@ from lowlearn import cli
 from lowlearn.cost import training_memory
 from lowlearn.lowrank import DLRT, to_low_rank
 
-from . import timing
-from .timing import (add_device_argument, cuda_peak_bytes, environment, fixed_batch, interleaved_rounds, medians,
-                     middle_half, paired_ratio, resolve_device)
+from .timing import (VERDICT_WORDS, add_device_argument, cuda_peak_bytes, environment, fixed_batch,
+                     interleaved_rounds, medians, middle_half, paired_ratio, resolve_device, verdict)
 
 
 def build(width: int, rank: int | None, device: torch.device):
@@ -102,12 +101,12 @@ def main(argv: list[str] | None = None) -> None:
                                                     if d["cuda_peak"] else ""))
     wide = [row for row in rows if row["width"] >= 1024]
     if args.rank > 64 or not wide:
-        verdict = "not measured (it needs a width >= 1024 and a rank <= 64)"
+        result = "not measured (it needs a width >= 1024 and a rank <= 64)"
     else:
         verdicts = set()
         for row in wide:
             time = row["time_ratio"]
-            verdicts |= {timing.verdict(time.median, (time.low, time.high), 1.0),
-                         timing.verdict(row["dlrt"]["bytes"] / row["dense"]["bytes"], None, 1.0)}
-        verdict = timing.VERDICT_WORDS["no" if "no" in verdicts else "unclear" if "unclear" in verdicts else "yes"]
-    print(f"goal: DLRT below dense time and memory from width 1024 at rank <= 64: {verdict}")
+            verdicts |= {verdict(time.median, (time.low, time.high), 1.0),
+                         verdict(row["dlrt"]["bytes"] / row["dense"]["bytes"], None, 1.0)}
+        result = VERDICT_WORDS["no" if "no" in verdicts else "unclear" if "unclear" in verdicts else "yes"]
+    print(f"goal: DLRT below dense time and memory from width 1024 at rank <= 64: {result}")

@@ -30,8 +30,7 @@ FIELDS = ("benchmark", "case", "reference", "metric", "ratio", "spread", "goal",
 """The keys of every row. ``spread`` is ``[low, high]``, the middle half of the per-round ratios
 (:func:`~lowlearn.bench.timing.paired_ratio`) where the benchmark keeps its rounds, else ``None``;
 ``goal`` is a string such as ``"<= 1.10"`` or ``None``; ``met`` is
-:func:`~lowlearn.bench.timing.verdict`'s (``None`` in a
-``--quick`` report)."""
+:func:`~lowlearn.bench.timing.verdict`'s (``None`` in a ``--quick`` report)."""
 
 FULL = {"masks": {}, "dst": {}, "powerprop": {}, "allocator": {}, "lowrank": {}, "maml": {}, "sparse": {}}
 QUICK = {
