@@ -181,9 +181,9 @@ def task_accuracies(learner: nn.Module, tasks: Episode, sizes: BlackBoxSizes) ->
 
 
 def run_alphabets(test: Omniglot) -> list[str]:
-    """The alphabets of ``test`` that hold a run-like episode: those with at least 20 characters."""
-    counts = torch.bincount(test.alphabet_index, minlength=len(test.alphabets)).tolist()
-    return [name for name, count in zip(test.alphabets, counts) if count >= RUN_WAYS]
+    """The alphabets of ``test`` that hold a run-like episode (at least 20 characters), as the sampler chooses them."""
+    eligible = EpisodeSampler(test, RUN_WAYS, 1, 1, groups=test.alphabet_index).eligible
+    return [test.alphabets[i] for i in eligible.tolist()]
 
 
 def episode_errors(learner: nn.Module, test: Omniglot, sizes: BlackBoxSizes, device: torch.device,

@@ -47,6 +47,11 @@ def scored_layers(model: nn.Module, layers: Iterable[str] | None = None) -> dict
     return masked_layers(model) or prunable_layers(model)
 
 
+def _on_the_layers_device(generator: torch.Generator | None, layers: dict[str, nn.Module]) -> torch.Generator | None:
+    """``generator``, or one seeded from it on the layers' device where it draws elsewhere (:func:`generator_on`)."""
+    return generator_on(generator, weights_device(layers)) if layers else generator
+
+
 @torch.no_grad()
 def magnitude(model: nn.Module) -> dict[str, Tensor]:
     """``|w|``: the data-oblivious criterion of Han et al. (2015), "Learning both weights
@@ -63,7 +68,7 @@ def random(model: nn.Module, generator: torch.Generator | None = None) -> dict[s
     model seeds one on the model's device (:func:`lowlearn.train.generator_on`).
     """
     layers = scored_layers(model)
-    generator = generator_on(generator, weights_device(layers)) if layers else generator
+    generator = _on_the_layers_device(generator, layers)
     return {name: torch.rand(layer.weight.shape, generator=generator, device=layer.weight.device)
             for name, layer in layers.items()}
 
@@ -156,8 +161,7 @@ def obd(
     """
     check_count("samples (Rademacher vectors)", samples, 1)
     x, y = batch
-    layers = scored_layers(model)
-    generator = generator_on(generator, weights_device(layers)) if layers else generator
+    generator = _on_the_layers_device(generator, scored_layers(model))
     with _effective_weights(model) as weights:
         ws = list(weights.values())
         grads = torch.autograd.grad(loss_fn(model(x), y), ws, create_graph=True)
