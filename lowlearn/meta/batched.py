@@ -13,8 +13,9 @@ kernels then dominate. :func:`task_batched` runs all ``T`` networks as one:
 * batch norm without running statistics (MAML's transductive batch norm) needs
   nothing new: normalising each of the ``T·C`` channels over the batch is
   normalising each task's channels by that task's own statistics;
-* ReLU, pooling and ``flatten(1)`` act per channel or keep the task-major order,
-  so the model's own ``forward`` runs unchanged on the packed tensor.
+* ReLU and ``flatten(1)`` act per feature or keep the task-major order, and pooling
+  acts per channel on inputs with a channel dimension (:class:`TaskPool` refuses
+  others), so the model's own ``forward`` runs unchanged on the packed tensor.
 
 This is written out with ordinary operations, so autograd's second derivatives are
 those of the per-task loop; ``torch.func.vmap`` is not used (on torch 2.13 its
@@ -108,11 +109,35 @@ class TaskBatchNorm(nn.Module):
                             training=True, eps=self.eps)
 
 
-#: parameter-free layers that act on each feature alone, or on each channel's own map, so packed tasks never meet
+#: parameter-free layers that act on each feature alone, so packed tasks never meet
 PER_FEATURE = (nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
                nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
-               nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
-               nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+               nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+
+#: pooling layers and the number of spatial dimensions they pool: per channel, given (batch, channels, *spatial)
+POOLS = {nn.MaxPool1d: 1, nn.AvgPool1d: 1, nn.AdaptiveMaxPool1d: 1, nn.AdaptiveAvgPool1d: 1,
+         nn.MaxPool2d: 2, nn.AvgPool2d: 2, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveAvgPool2d: 2}
+
+
+class TaskPool(nn.Module):
+    """A pooling layer on packed tasks, which refuses an input it would pool across channels.
+
+    A pool acts on each channel's own map when its input has a batch and a channel
+    dimension. Given one dimension fewer, PyTorch reads the input as one unbatched
+    example, and the pool slides along the packed channels, where the tasks sit
+    side by side: ``MaxPool1d`` after a ``Linear`` (``(B, T·F)``) would mix the tasks.
+    """
+
+    def __init__(self, pool: nn.Module) -> None:
+        super().__init__()
+        self.pool, self.spatial = pool, POOLS[type(pool)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != self.spatial + 2:
+            raise ValueError(f"{self.pool} got an input of shape {tuple(x.shape)} on packed tasks: task-batched "
+                             f"pooling needs (batch, channels, {self.spatial} spatial dimensions), since without "
+                             "a channel dimension it would pool across the tasks' features")
+        return self.pool(x)
 
 
 class _TaskBatchedRoot:
@@ -138,6 +163,8 @@ def _convert(module: nn.Module) -> nn.Module:
         raise ValueError(f"{type(module).__name__} holds {own} and has no task-batched form; supported: Conv2d, "
                          "Linear and batch norm without running statistics, in containers and parameter-free "
                          "layers (activations, pooling, flatten)")
+    if type(module) in POOLS:
+        return TaskPool(module)
     if not module._modules:                                             # a parameter-free layer, shared as it is
         flattens_examples = type(module) is nn.Flatten and (module.start_dim, module.end_dim) == (1, -1)
         if type(module) not in PER_FEATURE and not flattens_examples:
@@ -172,7 +199,7 @@ def task_batched(model: nn.Module) -> nn.Module:
             (batch norm with running statistics, layer norm, grouped convolutions,
             parametrized layers such as masks, ...), or parameter-free but not known to
             keep the tasks apart (softmax over the features, group norm without affine
-            parameters, ...; the layers known to keep them apart are in ``PER_FEATURE``).
+            parameters, ...; the layers known to keep them apart are in ``PER_FEATURE`` and ``POOLS``).
     """
     batched = _convert(model)
     if batched is model:

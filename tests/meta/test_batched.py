@@ -27,7 +27,7 @@ def problem(kind):
     return Conv4(1, 3, hidden=8, image_size=16, running_stats=False).double(), tasks, F.cross_entropy, 0.4
 
 
-@pytest.mark.parametrize("kind", ["conv4", "mlp", "mlp-images", "lenet5", "norms"])
+@pytest.mark.parametrize("kind", ["conv4", "mlp", "mlp-images", "lenet5", "norms", "pools"])
 def test_each_task_of_a_batched_run_equals_the_model_run_with_that_tasks_parameters(kind):
     torch.manual_seed(0)
     norms = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=2, dilation=2),
@@ -38,7 +38,9 @@ def test_each_task_of_a_batched_run_equals_the_model_run_with_that_tasks_paramet
                     "mlp": (MLP(1, (40, 40), 1), (1,)),
                     "mlp-images": (MLP(784, (20,), 5), (1, 28, 28)),
                     "lenet5": (LeNet5(), (1, 28, 28)),
-                    "norms": (norms, (1, 10, 10))}[kind]
+                    "norms": (norms, (1, 10, 10)),
+                    "pools": (nn.Sequential(nn.AvgPool1d(2), nn.MaxPool1d(3, stride=1, padding=1), nn.Flatten(),
+                                            nn.Linear(2 * 3, 3)), (2, 6))}[kind]
     model = model.double()
     tasks, batch = 3, 4
     shared = next(iter(parameters_of(model)))                      # one parameter without a task dimension
@@ -156,6 +158,16 @@ def test_layers_without_a_batched_form_are_refused_when_the_learner_is_built(mod
     with pytest.raises(ValueError, match=problem_text):
         MAML(model, 0.1, 1, tasks_at_once=2)
     MAML(model, 0.1, 1)                                    # one task at a time takes any model
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool1d(3, stride=1, padding=1), nn.AvgPool1d(3, stride=1, padding=1),
+                                  nn.AdaptiveAvgPool1d(2)])
+def test_pooling_without_a_channel_dimension_is_refused_rather_than_run_across_the_tasks(pool):
+    # on (batch, tasks·features) PyTorch reads one unbatched example and pools along the packed features:
+    # the tasks' features would meet in one window (a max differed from the loop's by 0.47 before this was refused)
+    model = nn.Sequential(nn.Linear(4, 6), pool)
+    with pytest.raises(ValueError, match="channel dimension"):
+        task_batched(model)(torch.randn(3, 5, 4))
 
 
 def test_masked_layers_are_refused_rather_than_run_with_a_frozen_mask():
