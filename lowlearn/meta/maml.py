@@ -65,6 +65,28 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [name for name, p in parameters_of(model).items() if p.requires_grad]
 
 
+def adapted_names(model: nn.Module, adapt: list[str] | None, steps: int) -> list[str]:
+    """The names of the parameters an inner loop of ``steps`` steps adapts: ``adapt``, by default the trainable ones.
+
+    Raises:
+        ValueError: ``adapt`` names a parameter the model lacks or a frozen one
+            (``requires_grad=False``), or nothing would adapt in ``steps >= 1`` steps.
+    """
+    names, trainable = list(parameters_of(model)), trainable_names(model)
+    adapt = trainable if adapt is None else list(adapt)
+    unknown = set(adapt) - set(names)
+    if unknown:
+        raise ValueError(f"unknown parameters in adapt: {sorted(unknown)}; the model has {names}")
+    frozen = [name for name in adapt if name not in trainable]
+    if frozen:
+        raise ValueError(f"adapt names frozen parameters (requires_grad=False): {frozen}; unfreeze them, or "
+                         "leave them out of adapt")
+    if steps and not adapt:
+        raise ValueError("nothing adapts in the inner loop: adapt is empty (or every parameter is frozen); name "
+                         "the parameters that adapt, or use inner_steps=0")
+    return adapt
+
+
 def head_names(model: nn.Module) -> list[str]:
     """Names of the parameters of the model's last ``nn.Linear`` (its head), e.g. for ANIL."""
     heads = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
@@ -119,18 +141,7 @@ class MAML(nn.Module):
                              "use inner_steps >= 1 (or first_order=True to train the initialisation directly)")
         self.model, self.inner_lr, self.inner_steps = model, inner_lr, inner_steps
         self.first_order, self.loss_fn, self.tasks_at_once = first_order, loss_fn, tasks_at_once
-        names = list(parameters_of(model))
-        self.adapt_names = trainable_names(model) if adapt is None else list(adapt)
-        unknown = set(self.adapt_names) - set(names)
-        if unknown:
-            raise ValueError(f"unknown parameters in adapt: {sorted(unknown)}; the model has {names}")
-        frozen = [name for name in self.adapt_names if name not in trainable_names(model)]
-        if frozen:
-            raise ValueError(f"adapt names frozen parameters (requires_grad=False): {frozen}; unfreeze them, or "
-                             "leave them out of adapt")
-        if inner_steps and not self.adapt_names:
-            raise ValueError("nothing adapts in the inner loop: adapt is empty (or every parameter is frozen); name "
-                             "the parameters that adapt, or use inner_steps=0")
+        self.adapt_names = adapted_names(model, adapt, inner_steps)
         params = parameters_of(model)
         self.lrs = nn.ParameterList([nn.Parameter(torch.full_like(params[n], inner_lr)) for n in self.adapt_names]
                                     if learn_lr else [])
@@ -296,7 +307,9 @@ def adapt_and_evaluate(model: nn.Module, tasks: TaskBatch, loss_fn: LossFn, step
     model trained on all tasks at once, of the "pre-trained" baseline of Finn et al.).
     The model itself is not changed (its parameters, and its buffers: a batch norm's
     running statistics are restored afterwards) and no meta-gradient is kept. The
-    caller picks train or eval mode. ``tasks_at_once`` tasks are adapted together
+    caller picks train or eval mode. The parameters named in ``adapt`` are fine-tuned,
+    by default those that require gradients: frozen ones are used as they are, as in
+    :class:`MAML` and :class:`Reptile`. ``tasks_at_once`` tasks are adapted together
     (see :class:`MAML`).
 
     Returns:
@@ -305,10 +318,12 @@ def adapt_and_evaluate(model: nn.Module, tasks: TaskBatch, loss_fn: LossFn, step
         accuracy (integer labels only; per task, for confidence intervals over tasks).
 
     Raises:
-        ValueError: tasks that fail :func:`check_tasks`.
+        ValueError: tasks that fail :func:`check_tasks`, or an ``adapt`` that
+            :func:`adapted_names` refuses.
     """
     losses, accuracies = [], []
-    start = {name: p.detach().requires_grad_() for name, p in parameters_of(model).items()}
+    adapt = adapted_names(model, adapt, steps)
+    start = {name: p.detach().requires_grad_(name in adapt) for name, p in parameters_of(model).items()}
     check_tasks(model, start, tasks, adapts=steps > 0)
     if isinstance(lr, Mapping):        # Meta-SGD's learned rates: no graph through them at test time
         lr = {name: rate.detach() for name, rate in lr.items()}
@@ -378,7 +393,7 @@ class Reptile:
     def evaluate(self, tasks: TaskBatch, steps: int | None = None) -> dict[str, Tensor]:
         """Fine-tune on each support set (``steps`` SGD steps, default ``inner_steps``), score the query sets."""
         return adapt_and_evaluate(self.model, tasks, self.loss_fn, self.inner_steps if steps is None else steps,
-                                  self.inner_lr, adapt=trainable_names(self.model), tasks_at_once=self.tasks_at_once)
+                                  self.inner_lr, tasks_at_once=self.tasks_at_once)
 
     def meta_step(self, tasks: TaskBatch, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Tensor]:
         """One Reptile update from a batch of tasks; returns ``{"loss": mean support loss before adapting}``.
@@ -386,7 +401,8 @@ class Reptile:
         Without ``optimizer``: ``θ ← θ + ε · mean_j (θ̃_j − θ)``. With one (over the
         model's parameters, e.g. from :func:`lowlearn.meta.episodic.meta_train`), its step
         takes ``θ − mean_j θ̃_j`` as the gradient: plain SGD at rate ``ε`` is the same
-        update, and Nichol et al. use Adam this way; ``outer_lr`` is then unused.
+        update (Nichol et al. suggest Adam as another choice; their experiments
+        interpolate, as without an optimizer); ``outer_lr`` is then unused.
         """
         theta = {name: p.detach() for name, p in parameters_of(self.model).items()}
         trainable = trainable_names(self.model)                  # frozen parameters are used as they are

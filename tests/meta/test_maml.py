@@ -9,7 +9,7 @@ from torch import nn
 from lowlearn.cost import saved_tensor_bytes
 from lowlearn.data.episodes import random_episodes
 from lowlearn.data.tasks import RegressionBatch, SinusoidTasks
-from lowlearn.meta import ANIL, MAML, MetaSGD, Reptile, head_names, run
+from lowlearn.meta import ANIL, MAML, MetaSGD, Reptile, adapt_and_evaluate, head_names, run
 from lowlearn.meta.episodic import meta_train
 from lowlearn.meta.functional import parameters_of
 from lowlearn.meta.maml import check_tasks
@@ -373,8 +373,12 @@ def test_frozen_parameters_are_used_but_neither_adapted_nor_meta_trained():
     Reptile(model, 0.05, 3, 0.5, F.mse_loss).meta_step(tasks)
     Reptile(model, 0.05, 3, 0.5, F.mse_loss, tasks_at_once=3).meta_step(tasks)
     assert all(torch.equal(a, b) for a, b in zip(frozen, model[1].parameters()))
+    by_default = adapt_and_evaluate(model, tasks, F.mse_loss, 3, 0.05)["per_task_loss"]   # frozen: not fine-tuned
+    assert torch.equal(by_default, Reptile(model, 0.05, 3, 0.5, F.mse_loss).evaluate(tasks)["per_task_loss"])
     with pytest.raises(ValueError, match=r"adapt names frozen parameters .*\['1.weight'\]"):
         MAML(model, 0.01, 1, adapt=["1.weight", "3.weight"])
+    with pytest.raises(ValueError, match=r"adapt names frozen parameters .*\['1.weight'\]"):
+        adapt_and_evaluate(model, tasks, F.mse_loss, 3, 0.05, adapt=["1.weight", "3.weight"])
 
 
 def test_an_empty_adapt_list_is_refused_when_there_are_inner_steps():
@@ -385,6 +389,8 @@ def test_an_empty_adapt_list_is_refused_when_there_are_inner_steps():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="nothing adapts in the inner loop"):
         MAML(model, 0.01, 1)
+    with pytest.raises(ValueError, match="nothing adapts in the inner loop"):
+        adapt_and_evaluate(model, regression(2), F.mse_loss, 1, 0.01)
     MAML(model, 0.01, 0, first_order=True, adapt=[])             # no inner steps: nothing needs to adapt
 
 
