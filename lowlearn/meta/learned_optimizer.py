@@ -92,25 +92,27 @@ def loss_and_gradient(objective: Objective, theta: Tensor) -> tuple[Tensor, Tens
         return value.detach(), torch.autograd.grad(value, point)[0]
 
 
-def unroll(optimizer: LSTMOptimizer, objective: Objective, theta: Tensor, state: State,
-           steps: int) -> tuple[Tensor, Tensor, State]:
-    """``steps`` updates of ``theta``: ``(Σ_{t=1}^{steps} f(θ_t), θ_T, state)``, differentiable in ``φ``.
+def unroll(optimizer: LSTMOptimizer, objective: Objective, theta: Tensor, state: State, steps: int,
+           grad: Tensor | None = None) -> tuple[Tensor, Tensor, State, Tensor]:
+    """``steps`` updates of ``theta``: ``(Σ_{t=1}^{steps} f(θ_t), θ_T, state, ∇_T)``, the sum differentiable in ``φ``.
 
     Each ``f(θ_t)`` is evaluated once: the meta-loss term and the gradient ``∇_t`` fed to
     the next update come from the same evaluation (the same mini-batch of a stochastic
-    ``f``), as in the paper's computational graph. ``∇_0`` comes from an evaluation of its
-    own, since ``f(θ_0)`` does not depend on ``φ`` here.
+    ``f``), as in the paper's computational graph. ``grad`` is ``∇_0``, the gradient at
+    ``theta`` that a previous segment returned; without it ``∇_0`` comes from an
+    evaluation of its own (``f(θ_0)`` does not depend on ``φ``). ``∇_T``, a constant,
+    continues a truncated unroll from ``θ_T``.
     """
     total = theta.new_zeros(())
-    _, grad = loss_and_gradient(objective, theta)
-    for step in range(steps):
+    if grad is None:
+        _, grad = loss_and_gradient(objective, theta)
+    for _ in range(steps):
         update, state = optimizer(grad, state)
         theta = theta + update
         value = objective(theta)
         total = total + value
-        if step + 1 < steps:    # ∇_t as a constant; θ_t's graph stays for the meta-gradient
-            grad = torch.autograd.grad(value, theta, retain_graph=True)[0]
-    return total, theta, state
+        grad = torch.autograd.grad(value, theta, retain_graph=True)[0]   # a constant; θ_t's graph stays
+    return total, theta, state, grad
 
 
 def meta_train(optimizer: LSTMOptimizer, make_problem: Callable[[], tuple[Objective, Tensor]],
@@ -119,8 +121,8 @@ def meta_train(optimizer: LSTMOptimizer, make_problem: Callable[[], tuple[Object
 
     For each of ``problems`` fresh problems ``(f, θ_0) = make_problem()``, run
     ``horizon`` steps in segments of ``truncation``: after each segment, back-propagate
-    the segment's summed loss into ``φ``, step ``meta_optimizer``, and carry ``θ`` and
-    the LSTM state on, detached.
+    the segment's summed loss into ``φ``, step ``meta_optimizer``, and carry ``θ``, the
+    LSTM state and the last gradient on, detached (:func:`unroll`).
 
     Returns:
         The mean ``f(θ_t)`` over each problem's trajectory (to watch meta-training progress).
@@ -138,9 +140,9 @@ def meta_train(optimizer: LSTMOptimizer, make_problem: Callable[[], tuple[Object
     for _ in range(problems):
         objective, theta = make_problem()
         state = optimizer.initial_state(theta.numel(), theta)
-        total = theta.new_zeros(())
+        total, grad = theta.new_zeros(()), None
         for _ in range(horizon // truncation):
-            loss, theta, state = unroll(optimizer, objective, theta, state, truncation)
+            loss, theta, state, grad = unroll(optimizer, objective, theta, state, truncation, grad)
             meta_optimizer.zero_grad()
             (loss / truncation).backward()
             meta_optimizer.step()

@@ -126,9 +126,9 @@ def test_each_unrolled_step_evaluates_f_once_and_feeds_that_evaluations_gradient
     net = LSTMOptimizer()
     theta0 = torch.randn(4, generator=generator)
     steps = 3
-    total, theta, _ = unroll(net, objective, theta0, net.initial_state(4, theta0), steps)
+    total, theta, state, last = unroll(net, objective, theta0, net.initial_state(4, theta0), steps)
     assert len(calls) == steps + 1
-    meta_gradient = torch.autograd.grad(total, list(net.parameters()))
+    meta_gradient = torch.autograd.grad(total, list(net.parameters()), retain_graph=True)
 
     # The paper's graph by hand: ∇_t is the gradient of the same f_t whose value enters the meta-loss.
     def f(k, theta):
@@ -146,3 +146,8 @@ def test_each_unrolled_step_evaluates_f_once_and_feeds_that_evaluations_gradient
     assert torch.allclose(total, expected)
     for got, want in zip(meta_gradient, torch.autograd.grad(expected, list(net.parameters()))):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+
+    # The next truncated segment starts from θ_T with ∇_T of that same evaluation, not a fresh one.
+    assert torch.allclose(last, grad)
+    unroll(net, objective, theta.detach(), state, 1, last)
+    assert len(calls) == steps + 2
