@@ -30,9 +30,19 @@ def make_splits(x_train: torch.Tensor, y_train: torch.Tensor,
     return Splits(_dataset("train", x_train, y_train), _dataset("test", x_test, y_test))
 
 
+def is_real(value: object) -> bool:
+    """Whether ``value`` is a real number: a Python or NumPy int or float, not a bool (nor a tensor)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_integer(value: object) -> bool:
+    """Whether ``value`` is an integer: a Python or NumPy int, not a bool (nor a tensor)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_count(name: str, value: int, minimum: int) -> None:
     """Raise a ValueError unless ``value`` is an integer of at least ``minimum`` (a number of examples, tasks, ...)."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+    if not is_integer(value) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
 
 

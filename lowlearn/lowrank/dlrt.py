@@ -58,7 +58,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..data.splits import check_count
+from ..data.splits import check_count, is_real
 from ..distributed import average_across_processes
 from ..train import NonFiniteLossError, buffers_restored
 from .layers import check_tolerance, dense_parameters, low_rank_layers, truncation_rank
@@ -110,17 +110,17 @@ class DLRT(torch.optim.Optimizer):
                  optimizer: torch.optim.Optimizer | None = None):
         if not low_rank_layers(model):
             raise ValueError("the model has no low-rank layer: convert some with lowlearn.lowrank.to_low_rank")
-        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        if not is_real(lr) or not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"lr must be a positive, finite step size, got {lr!r}")
         check_count("r_min", r_min, 1)
         if r_max is not None:
             check_count("r_max (None or at least r_min)", r_max, r_min)
-        if r_max is not None and tol is None:
-            raise ValueError("r_max bounds the ranks that the truncation with tol= keeps; with tol=None the ranks "
-                             "stay as the layers have them (set them with to_low_rank's rank=)")
+        if (r_max is not None or r_min != 1) and tol is None:
+            raise ValueError("r_min and r_max bound the ranks that the truncation with tol= keeps; with tol=None the "
+                             "ranks stay as the layers have them (set them with to_low_rank's rank=)")
         if betas is not None and (len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        if not isinstance(eps, (int, float)) or not 0.0 <= eps < math.inf:
+        if not is_real(eps) or not 0.0 <= eps < math.inf:
             raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         groups = [{"params": _factors(model)}]
         if optimizer is None and (dense := dense_parameters(model)):

@@ -36,18 +36,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.splits import is_integer, is_real
+
 
 def check_rank(rank: int, n: int, m: int, what: str = "rank") -> int:
     """Return ``rank`` if it is an integer in [1, min(n, m)], else raise a ValueError that says so."""
-    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= min(n, m):
+    if not is_integer(rank) or not 1 <= rank <= min(n, m):
         raise ValueError(f"{what} must be an integer from 1 to min(n, m) = {min(n, m)} for a {n}×{m} weight, "
                          f"got {rank!r}")
-    return rank
+    return int(rank)
 
 
 def check_tolerance(tol: float) -> float:
     """Return ``tol`` if it is a relative tolerance in [0, 1), else raise a ValueError that says so."""
-    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not 0.0 <= tol < 1.0:
+    if not is_real(tol) or not 0.0 <= tol < 1.0:
         raise ValueError(f"the relative tolerance ϑ must be in [0, 1) (0 keeps every singular value), got {tol!r}")
     return float(tol)
 
@@ -368,9 +370,12 @@ def to_low_rank(model: nn.Module, layers: Iterable[str], rank: int | Mapping[str
     Raises:
         KeyError: a name that is not an ``nn.Linear`` or ``nn.Conv2d`` module of the model
             (a subclass is refused too: its owner may read ``.weight``, which a
-            low-rank layer does not have), or ``""``, the model itself.
+            low-rank layer does not have), or ``""``, the model itself; a ``rank``
+            mapping without one of ``layers``.
     """
-    modules = dict(model.named_modules())
+    modules, layers = dict(model.named_modules()), list(layers)
+    if isinstance(rank, Mapping) and (missing := [name for name in layers if name not in rank]):
+        raise KeyError(f"rank gives no rank for layers {missing}: name every layer of layers in it")
     for name in layers:
         layer = modules.get(name)
         if name == "":

@@ -25,14 +25,13 @@ same in both conventions.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..cost import FlopCount, count_flops, training_flops
-from ..data.splits import check_count
+from ..data.splits import check_count, is_real
 from .mask import layer_densities
 
 Densities = float | Mapping[str, float]
@@ -46,7 +45,7 @@ def _check_densities(flop_count: FlopCount, densities: Densities) -> Mapping[str
         raise KeyError(f"no FLOPs counted for layers {sorted(unknown)}; the counted layers are: "
                        f"{', '.join(flop_count.per_layer) or 'none'}")
     for name, d in densities.items():
-        if not isinstance(d, numbers.Real) or isinstance(d, bool) or not 0.0 <= d <= 1.0:
+        if not is_real(d) or not 0.0 <= d <= 1.0:
             raise ValueError(f"the density of {name!r} must be in [0, 1] (the fraction of weights kept), got {d!r}")
     return densities
 

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..data.splits import check_count
+from ..data.splits import check_count, is_real
 from ..reparam import raw_value
 from ..train import History, StopTraining, TrainState
 from .mask import (Mask, attach_masks, density, layer_densities, masked_layers, masks_of, raw_weight, set_masks,
@@ -180,7 +180,7 @@ def _record(index: int, model: nn.Module, history: History) -> TicketRound:
 
 
 def _check_fraction(value: float, what: str) -> float:
-    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+    if not is_real(value) or not 0.0 <= value < 1.0:
         raise ValueError(f"{what} must be in [0, 1) (the fraction of surviving weights pruned per round), "
                          f"got {value!r}")
     return float(value)

@@ -11,12 +11,12 @@ that are already pruned stay pruned: masks only shrink.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
+from ..data.splits import is_real
 from .mask import attach_masks, masks_or_ones, set_masks
 
 
@@ -25,7 +25,7 @@ def check_density(value: float, what: str = "density") -> float:
 
     NumPy scalars count as numbers; ``bool`` and tensors do not (pass ``float(t)``).
     """
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0.0 < value <= 1.0:
+    if not is_real(value) or not 0.0 < value <= 1.0:
         raise ValueError(f"{what} must be in (0, 1] (the fraction of weights kept), got {value!r}; "
                          "for a sparsity s (fraction removed) pass 1 - s")
     return float(value)
@@ -37,7 +37,10 @@ def kept_count(density: float, numel: int) -> int:
 
 
 def alive_scores(scores: Tensor, mask: Tensor, name: str) -> Tensor:
-    """``scores`` as float with ``-inf`` where ``mask`` is ``False``; checks shape and NaN (errors name the layer)."""
+    """``scores`` as float (float32 at least, float64 kept) with ``-inf`` where ``mask`` is ``False``.
+
+    Checks shape and NaN (errors name the layer).
+    """
     if scores.shape != mask.shape:
         raise ValueError(f"the scores for {name!r} have shape {tuple(scores.shape)}, "
                          f"but the layer's weight has shape {tuple(mask.shape)}")
@@ -45,7 +48,8 @@ def alive_scores(scores: Tensor, mask: Tensor, name: str) -> Tensor:
         raise ValueError(f"the scores for {name!r} contain NaN")
     # Pruned weights can never win a place back: a kept weight scored -inf (the log of a zero
     # magnitude) becomes the lowest finite float, above every pruned one.
-    scores = scores.detach().float().clamp_min(torch.finfo(torch.float32).min)
+    dtype = torch.promote_types(scores.dtype, torch.float32)     # float64 scores keep their precision
+    scores = scores.detach().to(dtype).clamp_min(torch.finfo(dtype).min)
     return scores.masked_fill(~mask, float("-inf"))
 
 
@@ -82,11 +86,14 @@ def prune(
         The new ``{layer name: boolean mask}``.
 
     Raises:
-        ValueError: a density outside (0, 1], a density above what a layer (or the
-            model) still keeps (pruning cannot bring weights back), scores of the
-            wrong shape or with NaN, or an unknown ``scope``.
+        ValueError: no scores, a density outside (0, 1], a density above what a layer
+            (or the model) still keeps (pruning cannot bring weights back), scores of
+            the wrong shape or with NaN, or an unknown ``scope``.
         KeyError: a layer name that is not in the model.
     """
+    if not scores:
+        raise ValueError("no scores, so no layer to prune: pass {layer name: scores}, e.g. "
+                         "lowlearn.sparse.scores.magnitude(model)")
     current = masks_or_ones(model, scores)               # the model is changed only once the input is checked
     alive = {name: alive_scores(s, current[name], name) for name, s in scores.items()}
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..data.splits import check_count
+from ..data.splits import check_count, is_real
 from .mask import masks_or_ones
 from .prune import check_density, prune
 from .scores import magnitude
@@ -244,7 +244,7 @@ class UpdateSchedule:
         if every > end:
             raise ValueError(f"every={every} steps between updates is more than end={end}, the last step that may "
                              "update: the masks would never change; lower every or raise end")
-        if not isinstance(drop_fraction, (int, float)) or not 0.0 <= drop_fraction < 1.0:
+        if not is_real(drop_fraction) or not 0.0 <= drop_fraction < 1.0:
             raise ValueError(f"drop_fraction (α) must be in [0, 1), got {drop_fraction!r}")
         self.every, self.end, self.drop_fraction, self.cosine = every, end, float(drop_fraction), cosine
 

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..data.splits import is_integer, is_real
 from ..reparam import register
 from .mask import (PRUNABLE, Mask, attach_masks, find_mask, masks_or_ones, prunable_layers, set_masks,
                    zero_optimizer_state)
@@ -29,7 +30,7 @@ from .scores import magnitude, scored_layers
 
 
 def _check_nm(n: int, m: int) -> None:
-    if not (isinstance(n, int) and isinstance(m, int)) or not 1 <= n <= m:
+    if not (is_integer(n) and is_integer(m)) or not 1 <= n <= m:
         raise ValueError(f"N:M sparsity keeps n of every m weights, so it needs integers 1 <= n <= m; "
                          f"got n={n!r}, m={m!r} (e.g. n=2, m=4)")
 
@@ -150,7 +151,7 @@ def channel_scores(model: nn.Module, norm: float = 1, layers: Iterable[str] | No
     Returns:
         ``{layer name: tensor (n_out,)}``.
     """
-    if not isinstance(norm, (int, float)) or not norm > 0:
+    if not is_real(norm) or not norm > 0:
         raise ValueError(f"norm is the p of a p-norm and must be positive (1 or 2), got {norm!r}")
     return {name: torch.linalg.vector_norm(layer.weight.flatten(1), ord=norm, dim=1)
             for name, layer in scored_layers(model, layers).items()}

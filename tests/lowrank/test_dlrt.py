@@ -1,6 +1,7 @@
 import copy
 import io
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,6 +100,11 @@ def test_bad_input():
         DLRT(model, lr=0.1, eps=-1.0)
     with pytest.raises(ValueError, match="with tol=None the ranks stay"):
         DLRT(model, lr=0.1, r_max=2)
+    with pytest.raises(ValueError, match="with tol=None the ranks stay"):
+        DLRT(model, lr=0.1, r_min=2)
+    with pytest.raises(ValueError, match="lr must be a positive, finite"):
+        DLRT(model, lr=True)
+    assert DLRT(model, lr=np.float32(0.1), eps=np.float64(1e-8)).defaults["lr"] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="r_min must be an int >= 1"):
         DLRT(model, lr=0.1, r_min=0)
     for r_max in (0, -1, 1.5):

@@ -1,5 +1,6 @@
 import io
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -216,6 +217,12 @@ def test_bad_input():
         to_low_rank(nn.Linear(5, 4), [""], rank=2)
     with pytest.raises(TypeError, match=r"itself a LowRankLinear.*use model.to_dense\(\)"):
         to_dense(LowRankLinear(5, 4, 2))
+    model = MLP(hidden=(8, 6))
+    with pytest.raises(KeyError, match=r"no rank for layers \['3'\]"):
+        to_low_rank(model, ["1", "3"], rank={"1": 2})
+    assert not low_rank_layers(model)                                   # refused before any layer changed
+    assert LowRankLinear(5, 4, np.int64(2), r_max=np.int64(3)).rank == 2
+    assert LowRankLinear(5, 4, tol=np.float32(0.5)).rank >= 1
 
 
 def test_compression_by_hand():

@@ -68,6 +68,29 @@ def test_pruned_weights_stay_pruned_when_kept_weights_score_minus_infinity():
     assert int(after["1"].sum()) == 40
 
 
+def test_float64_scores_are_ranked_in_float64():
+    # Scores 1 + k·1e-12 are equal in float32: ranked there, the layer kept the lowest half.
+    model = torch.nn.Sequential(torch.nn.Linear(8, 1))
+    scores = {"0": 1 + 1e-12 * torch.arange(7, -1, -1, dtype=torch.float64).view(1, 8)}
+    assert prune(model, scores, 0.5)["0"].tolist() == [[True] * 4 + [False] * 4]
+    model = torch.nn.Sequential(torch.nn.Linear(8, 1))
+    huge = {"0": torch.tensor([[1e300, 1e300, 1e39, 1e39, 1.0, 1.0, 2.0, 2.0]], dtype=torch.float64)}
+    assert prune(model, huge, 0.25)["0"].tolist() == [[True, True] + [False] * 6]   # not inf (a tie) in float32
+
+
+def test_numbers_may_be_numpy_scalars_wherever_a_number_is_taken():
+    from lowlearn.sparse.lottery import _layer_fractions
+    from lowlearn.sparse.schedule import UpdateSchedule
+    from lowlearn.sparse.structured import channel_scores, nm_mask
+
+    assert _layer_fractions(["1", "3"], np.float32(0.5), np.float64(0.25)) == {"1": 0.5, "3": 0.25}
+    assert UpdateSchedule(100, 10, np.float32(0.5)).drop_fraction == 0.5
+    assert nm_mask(torch.arange(8.0).view(2, 4), np.int64(2), np.int64(4)).sum() == 4
+    assert set(channel_scores(MLP(hidden=(8,)), norm=np.int64(2))) == {"1", "3"}
+    with pytest.raises(ValueError, match="integers 1 <= n <= m"):
+        nm_mask(torch.arange(8.0).view(2, 4), True, 4)
+
+
 def test_density_may_be_a_numpy_scalar_but_not_a_bool():
     assert check_density(np.float32(0.5)) == 0.5 and isinstance(check_density(np.float64(0.25)), float)
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
@@ -103,6 +126,9 @@ def test_other_bad_input():
         prune(model, {"1": torch.full((8, 784), float("nan"))}, 0.1)
     with pytest.raises(KeyError, match="no layer 'fc'"):
         prune(model, {"fc": torch.rand(8, 784)}, 0.1)
+    for scope in ("layer", "global"):
+        with pytest.raises(ValueError, match="no scores, so no layer to prune"):
+            prune(model, {}, 0.1, scope=scope)
 
 
 @pytest.mark.parametrize("call", [
