@@ -11,7 +11,7 @@ growth:
   (incoming weights and bias copied) and their outgoing weights ``u`` shared as
   ``(½ + η)u`` and ``(½ − η)u`` with a small random ``η`` that breaks the symmetry
   (splitting, as in Net2Net, Chen, Goodfellow & Shlens 2016, and Firefly, Wu et
-  al. 2021): two equal activations times weights that sum to ``u``.
+  al. 2020): two equal activations times weights that sum to ``u``.
 * ``"gradmax"``: GradMax (Evci et al. 2022, "GradMax: growing neural networks using
   gradient information", ICLR). Zero incoming weights ``W_new``, and outgoing
   weights ``U_new`` that maximise the gradient of the loss with respect to
@@ -209,7 +209,8 @@ def grow(model: nn.Sequential, layer: int, k: int, strategy: str = "gradmax", *,
         strategy: ``"random"``, ``"split"`` or ``"gradmax"``.
         batch: ``(inputs, targets)``, needed by GradMax.
         loss_fn: the loss GradMax maximises the gradient of.
-        optimizer: the model's optimizer: its per-parameter state (momentum, Adam's
+        optimizer: the model's optimizer: the grown parameters replace the old ones in
+            it (those it holds), and their per-parameter state (momentum, Adam's
             moments) is extended for the new weights with the values a new parameter
             starts from (zeros for these).
         max_width: refuse to grow beyond this many units.
@@ -227,8 +228,10 @@ def grow(model: nn.Sequential, layer: int, k: int, strategy: str = "gradmax", *,
 
     Raises:
         ValueError: ``k <= 0``, growth past ``max_width``, an unknown strategy,
-            GradMax without a batch, splitting more units than the layer has, or a
-            pair of layers growth does not support.
+            GradMax without a batch, splitting more units than the layer has, a
+            pair of layers growth does not support, or optimizer state growth cannot
+            extend (not shaped like its parameter, such as Adafactor's); the model is
+            then left as it was.
     """
     check_count("k (units to grow)", k, 1)
     _check_strategy(strategy)
@@ -267,6 +270,8 @@ def grow(model: nn.Sequential, layer: int, k: int, strategy: str = "gradmax", *,
             raise ValueError("GradMax needs a batch (inputs, targets) to measure the gradient on")
         directions = gradmax_directions(model, layer, k, batch, loss_fn, generator=generator)
         outgoing = _as_columns(directions.reshape(k, -1), out) * target
+    if optimizer is not None:
+        _check_state_layouts(optimizer, [grown.weight, grown.bias, consumer.weight])
     params = _add_units(grown, consumer, incoming, bias, outgoing)
     if optimizer is not None:
         for old_param, new_param, dim in params:
@@ -305,14 +310,34 @@ def _add_units(grown: nn.Module, consumer: nn.Module, incoming: Tensor, bias: Te
     return changes
 
 
+def _check_state_layouts(optimizer: torch.optim.Optimizer, params: list[nn.Parameter | None]) -> None:
+    """Refuse, before anything grows, per-parameter state that :func:`_extend_state` cannot extend.
+
+    It extends state shaped like its parameter (SGD's momentum, Adam's moments) and
+    keeps numbers and scalar tensors (Adam's step count); other shapes, such as
+    Adafactor's factored moments, it does not know how to grow.
+    """
+    for param in params:
+        for key, value in optimizer.state.get(param, {}).items() if param is not None else ():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                raise ValueError(f"{type(optimizer).__name__} keeps state {key!r} of shape {tuple(value.shape)} for a "
+                                 f"parameter of shape {tuple(param.shape)}, which grow cannot extend (it extends "
+                                 "state shaped like the parameter, as SGD's and Adam's); grow without optimizer= "
+                                 "and build a new optimizer for the grown model")
+
+
 def _extend_state(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, dim: int) -> None:
     """Swap ``old`` for ``new`` in the optimizer; extend its per-weight state along ``dim`` for the new weights.
 
     The new weights get the state that a new parameter gets from the optimizer's
     first step with a zero gradient: zeros for SGD's momentum and Adam's moments,
     Adagrad's ``initial_accumulator_value``, Rprop's learning rate as the step size.
+    A parameter the optimizer does not hold (one it was not given to train) stays
+    out of it.
     """
-    group = next(group for group in optimizer.param_groups if any(p is old for p in group["params"]))
+    group = next((group for group in optimizer.param_groups if any(p is old for p in group["params"])), None)
+    if group is None:
+        return
     group["params"] = [new if p is old else p for p in group["params"]]
     state = optimizer.state.pop(old, None)
     if state is None:

@@ -221,6 +221,28 @@ def test_a_layer_can_grow_by_more_units_than_it_has(strategy, kind):
     torch.testing.assert_close(model(data[0]), before, rtol=1e-12, atol=1e-12)
 
 
+def test_an_optimizer_over_some_parameters_keeps_training_those_after_growth():
+    model, data = mlp(), batch()
+    optimizer = torch.optim.SGD(model[-1].parameters(), lr=0.1, momentum=0.9)     # the head alone
+    F.cross_entropy(model(data[0]), data[1]).backward()
+    optimizer.step()
+    grow(model, 1, 2, "random", optimizer=optimizer)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for p in model[-1].parameters()}                    # the grown head, not the layer
+    assert optimizer.state[model[-1].weight]["momentum_buffer"].shape == model[-1].weight.shape
+
+
+def test_optimizer_state_growth_cannot_extend_is_refused_before_the_model_changes():
+    model, data = mlp(), batch()
+    optimizer = torch.optim.Adafactor(model.parameters(), lr=0.01)          # factored second moments
+    F.cross_entropy(model(data[0]), data[1]).backward()
+    optimizer.step()
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="Adafactor keeps state 'row_var' of shape"):
+        grow(model, 1, 2, "random", optimizer=optimizer)
+    assert {name: p.shape for name, p in model.named_parameters()} == shapes
+
+
 def test_splitting_more_units_than_the_layer_has_is_a_clear_error():
     torch.manual_seed(0)
     model = MLP(10, (2, 5), 3, activation=nn.Tanh)
