@@ -178,7 +178,8 @@ class DynamicSparsity(Sparsifier):
             gets a random mask. Its biases and norm layers stay dense.
         optimizer: any ``torch.optim`` optimizer over the model's parameters.
         density: the global fraction of weights kept, in (0, 1] (sparsity ``1 − d``).
-        end: ``T_end``, the last step that changes the masks (RigL: ¾ of training);
+        end: ``T_end``, the last step that may update the masks (RigL: ¾ of training;
+            the cosine reaches 0 there, so the last change is at the update before it);
             ``None``: no schedule, the masks change only when :meth:`update` is called
             (SET and SNFS; RigL needs a schedule).
         every: ``ΔT``, steps between mask updates (RigL: 100).
@@ -311,15 +312,18 @@ class DynamicSparsity(Sparsifier):
         """``{name: ∂L/∂w}`` of the step just taken (summed over its backward passes).
 
         Raises:
-            RuntimeError: no gradient was seen, e.g. ``step()`` was not called once per
-                optimizer step after a backward pass through the model.
+            RuntimeError: no gradient was seen for a layer: it took no part in the loss,
+                or ``step()`` was not called once per optimizer step after a backward pass
+                through the model.
         """
         missing = [name for name in self.layers() if name not in self._gradients.grads]
         if missing:
             raise RuntimeError(
                 f"{type(self).__name__} needs the dense gradient of this step, but saw none for {missing}: "
-                "call sparsifier.step() exactly once after every optimizer.step(), each after a backward "
-                "pass through the model (a checkpoint restored mid-run resumes correctly too). The gradient is "
+                "every sparsified layer must take part in the loss of an update step (leave out of layers= "
+                "one that may sit a step out), and sparsifier.step() must be called exactly once after every "
+                "optimizer.step(), each after a backward pass through the model (a checkpoint restored mid-run "
+                "resumes correctly too). The gradient is "
                 "recorded only for the steps the schedule updates at, so update() by hand cannot use it")
         return dict(self._gradients.grads)
 
@@ -506,8 +510,8 @@ def share(total: int, weights: Mapping[str, float], capacity: Mapping[str, int])
     if total > sum(capacity.values()):
         raise ValueError(f"cannot place {total} weights: the layers have room for {sum(capacity.values())}; "
                          "lower the density or the drop fraction")
-    if any(w < 0 or math.isnan(w) for w in weights.values()):
-        raise ValueError(f"weights must be non-negative numbers, got {dict(weights)}")
+    if any(not 0 <= w < math.inf for w in weights.values()):        # NaN fails both comparisons
+        raise ValueError(f"weights must be non-negative finite numbers, got {dict(weights)}")
     result = dict.fromkeys(weights, 0)
     while (remaining := total - sum(result.values())) > 0:
         open_ = [name for name in weights if result[name] < capacity[name]]

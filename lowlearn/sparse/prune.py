@@ -36,6 +36,17 @@ def kept_count(density: float, numel: int) -> int:
     return max(1, round(density * numel))
 
 
+def finite_scores(scores: Tensor) -> Tensor:
+    """``scores``, detached, as float (float32 at least, float64 kept), with ``±inf`` clamped to the finite range.
+
+    An infinite score then still ranks above (or below) every finite one, but never
+    ties with the ``±inf`` that the ranking routines write over the entries they exclude.
+    """
+    dtype = torch.promote_types(scores.dtype, torch.float32)     # float64 scores keep their precision
+    info = torch.finfo(dtype)
+    return scores.detach().to(dtype).clamp(info.min, info.max)
+
+
 def alive_scores(scores: Tensor, mask: Tensor, name: str) -> Tensor:
     """``scores`` as float (float32 at least, float64 kept) with ``-inf`` where ``mask`` is ``False``.
 
@@ -48,9 +59,7 @@ def alive_scores(scores: Tensor, mask: Tensor, name: str) -> Tensor:
         raise ValueError(f"the scores for {name!r} contain NaN")
     # Pruned weights can never win a place back: a kept weight scored -inf (the log of a zero
     # magnitude) becomes the lowest finite float, above every pruned one.
-    dtype = torch.promote_types(scores.dtype, torch.float32)     # float64 scores keep their precision
-    scores = scores.detach().to(dtype).clamp_min(torch.finfo(dtype).min)
-    return scores.masked_fill(~mask, float("-inf"))
+    return finite_scores(scores).masked_fill(~mask, float("-inf"))
 
 
 def top_k_mask(scores: Tensor, k: int) -> Tensor:

@@ -169,7 +169,8 @@ class GradualPruning:
     Raises:
         ValueError: bad densities or steps (see :func:`cubic_density`), ``begin`` or
             ``end`` not an integer, ``every < 1``, or an ``allocation`` with
-            ``scope="global"``.
+            ``scope="global"``; at the first pruning step, a ``final_density`` the
+            ``allocation`` refuses (rather than later in training, when it is reached).
     """
 
     def __init__(
@@ -200,6 +201,8 @@ class GradualPruning:
     def __call__(self, state) -> None:
         if not self.prunes_at(state.step):
             return
+        if self.allocation is not None and state.step == self.begin:
+            self.allocation(state.model, self.final_density)   # a final density it cannot allocate fails now
         d = cubic_density(state.step, self.final_density, self.begin, self.end, self.initial_density)
         scores = self.score(state.model)
         # Masks only shrink: never ask a layer (or, global, the layers together) for more than it keeps.

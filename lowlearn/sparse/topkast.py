@@ -63,7 +63,7 @@ class TopKAST(Sparsifier):
 
     Raises:
         ValueError: densities outside (0, 1] or ``backward_density < forward_density``,
-            ``every < 1``, a layer that already has a mask, or an optimizer with weight
+            ``every < 1`` or ``end < 1``, a layer that already has a mask, or an optimizer with weight
             decay on a sparsified weight.
     """
 
@@ -86,6 +86,8 @@ class TopKAST(Sparsifier):
             raise ValueError(f"backward_density ({backward_density}) must be at least forward_density "
                              f"({forward_density}): the backward set B contains the forward set A")
         check_count("every (steps between refreshes of the sets)", every, 1)
+        if end is not None:
+            check_count("end (the last step that refreshes the sets, or None)", end, 1)
         chosen = resolve_layers(model, layers)
         for name, layer in chosen.items():
             if find_mask(layer) is not None:

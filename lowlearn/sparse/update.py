@@ -33,6 +33,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .prune import finite_scores
+
 
 def drop_and_grow(
     mask: Tensor,
@@ -86,11 +88,11 @@ def drop_and_grow(
     before = mask.flatten()
     kept = before.clone()
     if n_drop:
-        lowest = drop_scores.detach().flatten().float().masked_fill(~before, float("inf"))
+        lowest = finite_scores(drop_scores).flatten().masked_fill(~before, float("inf"))
         kept[lowest.topk(n_drop, largest=False, sorted=False).indices] = False
     new = kept.clone()
     if n_grow:
         taken = kept if regrow_dropped else before
-        best = grow_scores.detach().flatten().float().masked_fill(taken, float("-inf"))
+        best = finite_scores(grow_scores).flatten().masked_fill(taken, float("-inf"))
         new[best.topk(n_grow, sorted=False).indices] = True
     return new.view_as(mask), (new & ~before).view_as(mask)

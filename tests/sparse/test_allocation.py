@@ -6,7 +6,7 @@ from torch import nn
 
 from lowlearn.models import MLP, Conv4, LeNet5
 from lowlearn.sparse.allocation import erdos_renyi, erk, uniform
-from lowlearn.sparse.mask import attach_masks, density, masks_of
+from lowlearn.sparse.mask import attach_masks, density, masks_of, prunable_layers
 from lowlearn.sparse.prune import prune
 from lowlearn.sparse.scores import magnitude
 
@@ -41,7 +41,8 @@ def test_erk_by_hand_cap_and_redistribute():
     # Again without fc2: ε = (36 - 6) / (11 + 7) = 5/3; conv 11/54 · 5/3 = 55/162, fc1 7/12 · 5/3 = 35/36 ≤ 1.
     got = erk(small_net(), 0.5)
     assert got == pytest.approx({"0": 55 / 162, "2": 35 / 36, "3": 1.0}, rel=1e-12)
-    assert 55 / 162 * 54 + 35 / 36 * 12 + 6 == pytest.approx(36)
+    sizes = {name: layer.weight.numel() for name, layer in prunable_layers(small_net()).items()}
+    assert sum(got[name] * sizes[name] for name in got) == pytest.approx(0.5 * sum(sizes.values()), rel=1e-12)
 
 
 def test_erk_by_hand_two_layers_capped_at_once():

@@ -1,5 +1,6 @@
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -92,18 +93,18 @@ def test_masks_change_and_drop_and_grow_sets_are_disjoint(method):
     def recorded_update(fraction):
         before = masks_of(model)
         grown = update(fraction)
-        seen.append((before, grown, masks_of(model)))
+        seen.append((fraction, before, grown, masks_of(model)))
         return grown
 
     sparsifier.update = recorded_update
     train(model, optimizer, sparsifier, batches(12))
     assert len(seen) == 2
-    for before, grown, after in seen:
+    for fraction, before, grown, after in seen:
         for name in before:
             dropped = before[name] & ~after[name]
-            assert int(dropped.sum()) > 0, name
+            # all ⌊f·active⌋ scheduled drops left the network: none was grown back in the same update
+            assert int(dropped.sum()) == math.floor(fraction * int(before[name].sum())) > 0, name
             assert not (grown[name] & before[name]).any()       # grown weights were inactive
-            assert not (dropped & after[name]).any()             # dropped weights stay out this update
             assert torch.equal(grown[name], after[name] & ~before[name])
 
 
@@ -222,7 +223,19 @@ def test_rigl_without_a_backward_pass_says_what_to_do():
     model = small_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     sparsifier = make("rigl", model, optimizer, every=1, end=10)
-    with pytest.raises(RuntimeError, match="call sparsifier.step\\(\\) exactly once after every optimizer.step"):
+    with pytest.raises(RuntimeError, match="sparsifier.step\\(\\) must be called exactly once after every optimi"):
+        sparsifier.step()
+
+
+def test_rigl_names_a_layer_that_sat_out_the_loss_of_an_update_step():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"body": torch.nn.Linear(6, 8), "a": torch.nn.Linear(8, 2), "b": torch.nn.Linear(8, 2)})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = make("rigl", model, optimizer, every=1, end=10)
+    optimizer.zero_grad()
+    model["a"](model["body"](torch.randn(4, 6))).sum().backward()        # head "b" takes no part
+    optimizer.step()
+    with pytest.raises(RuntimeError, match=r"saw none for \['b'\]: every sparsified layer must take part in the loss"):
         sparsifier.step()
 
 
@@ -359,6 +372,9 @@ def test_share_by_hand():
         assert sum(result.values()) == total and all(v <= 10 for v in result.values())
     with pytest.raises(ValueError, match="room for 3"):
         share(4, {"a": 1.0}, {"a": 3})
+    for bad in (-1.0, float("nan"), float("inf")):      # inf: an overflowed float16 momentum sum
+        with pytest.raises(ValueError, match="non-negative finite numbers"):
+            share(4, {"a": 1.0, "b": bad}, {"a": 3, "b": 3})
 
 
 def test_snfs_shares_growth_in_a_half_precision_model_whose_momentum_sums_overflow():

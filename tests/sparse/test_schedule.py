@@ -208,6 +208,18 @@ def test_gradual_pruning_bad_input():
         GradualPruning(0.1, 0, 10, every=True)
 
 
+def test_a_final_density_the_allocation_cannot_reach_fails_at_the_first_pruning_step():
+    # a dense first layer holds 192 of the 344 weights: 30% overall cannot be allocated
+    torch.manual_seed(0)
+    model = MLP(in_features=12, hidden=(16, 8), out_features=3)
+    pruning = GradualPruning(0.3, begin=2, end=20, every=2, allocation=functools.partial(uniform, dense_first=True))
+    steps = []
+    with pytest.raises(ValueError, match="first layer"):
+        fit(model, tiny_data(), torch.optim.SGD(model.parameters(), lr=0.05), steps=30, batch_size=16,
+            callbacks=[lambda state: steps.append(state.step), pruning], device="cpu")
+    assert steps[-1] == 2 and not masks_of(model)                   # before anything was pruned
+
+
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_gradual_pruning_goes_on_from_a_model_already_sparser_than_its_schedule(scope):
     # A model pruned before (or a run resumed with a fresh step count): masks only shrink, so the schedule

@@ -190,6 +190,10 @@ def test_movement_scores_in_fit_then_prune():
     assert raw_weight(model[1]).shape == (16, 10)
 
 
-def test_magnitude_unchanged():
+def test_magnitude_is_that_of_the_weight_the_layer_computes_with():
     model = two_layer()
-    assert torch.equal(magnitude(model)["0"], model[0].weight.abs())
+    with torch.no_grad():
+        raw_weight(model[0]).add_(1.0)                   # nonzero under the mask too: the raw weight differs
+    scores = magnitude(model)["0"]
+    assert torch.equal(scores, (raw_weight(model[0]) * masks_of(model)["0"]).abs())
+    assert (scores[~masks_of(model)["0"]] == 0).all() and (raw_weight(model[0]) != 0).all()

@@ -155,6 +155,9 @@ def test_bad_input():
         TopKAST(model, None, 0.2, 0.4)
     with pytest.raises(ValueError, match="p must be 1 or 2"):
         TopKAST(small_mlp(), None, 0.2, 0.4).penalty(p=3)
+    for end in (0, -5, 2.5):                   # a set that is never refreshed, or no step at all
+        with pytest.raises(ValueError, match=r"end \(the last step that refreshes the sets, or None\) must be"):
+            TopKAST(small_mlp(), None, 0.2, 0.4, end=end)
 
 
 def test_one_mapping_cannot_give_two_sets():

@@ -38,6 +38,20 @@ def test_drop_and_grow_keeps_the_count_and_the_sets_disjoint():
             assert grow[grown].min() >= grow[~mask & ~new].max()
 
 
+def test_infinite_scores_keep_the_counts_exact():
+    # an active weight scored +inf tied with the +inf written over the inactive ones, so a "drop" could land on
+    # an inactive weight (3 active after the update instead of 2); likewise -inf on the grow side
+    inf = float("inf")
+    mask = torch.tensor([True, True, False, False])
+    new, grown = drop_and_grow(mask, torch.tensor([inf, inf, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0, 2.0]), 1)
+    assert int(new.sum()) == 2 and int((mask & ~new).sum()) == 1 and grown.tolist() == [False, False, False, True]
+    new, grown = drop_and_grow(mask, torch.tensor([1.0, 2.0, 0.0, 0.0]), torch.tensor([5.0, 5.0, -inf, -inf]), 1)
+    assert new.tolist() == [False, True, True, False] or new.tolist() == [False, True, False, True]
+    assert int(grown.sum()) == 1 and not (grown & mask).any()
+    scores = torch.tensor([1 + 1e-12, 1.0, 0.0, 0.0], dtype=torch.float64)      # float64 ranked in float64
+    assert drop_and_grow(mask, scores, torch.zeros(4), 1, 0)[0].tolist() == [True, False, False, False]
+
+
 def test_unequal_counts_change_the_density():
     mask = torch.tensor([True, True, False, False, False])
     new, grown = drop_and_grow(mask, torch.arange(5.0), torch.arange(5.0), 1, 3)
