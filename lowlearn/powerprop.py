@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .data.splits import is_real
 from .distributed import average_across_processes
 from .reparam import OutputGradients, register
 from .sparse.mask import resolve_layers
@@ -46,7 +46,7 @@ from .sparse.mask import resolve_layers
 
 def check_alpha(alpha: float) -> float:
     """Return ``alpha`` as a float if it is a finite number ≥ 1, else raise a ValueError that says so."""
-    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha < 1:
+    if not is_real(alpha) or not math.isfinite(alpha) or alpha < 1:
         raise ValueError(f"alpha must be a finite number >= 1 (1 is the ordinary network; the paper uses "
                          f"2 to 5), got {alpha!r}")
     return float(alpha)
@@ -242,7 +242,7 @@ class PowerPropOptimizer:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *, max_grad_norm: float | None = None):
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+        if max_grad_norm is not None and not (is_real(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
         self.optimizer, self.max_grad_norm = optimizer, max_grad_norm
         self.layers = powerprop_layers(model)
@@ -299,15 +299,16 @@ class PowerPropOptimizer:
                                        "PowerPropOptimizer before the forward pass, then zero_grad(), forward, "
                                        "backward and step()")
                 theta_grad = torch.zeros_like(phi)
-            old, power = self._scratch_like(name, phi)
+            old, theta = self._scratch_like(name, phi)
             old.copy_(phi)
-            _power(old, alpha, out=phi)                           # the parameter holds θ = φ |φ|^(α−1) ...
-            swapped.append((phi, old, power, alpha, phi.grad))
+            _power(old, alpha, out=theta)
+            phi.copy_(theta)                                      # the parameter holds θ = φ |φ|^(α−1) ...
+            swapped.append((phi, old, theta, alpha, phi.grad))
             phi.grad = theta_grad                                 # ... and its gradient ∂L/∂θ
         self.optimizer.step()
-        for phi, old, power, alpha, grad in swapped:
-            _magnitude_power(old, alpha - 1, out=power)           # |φ|^(α−1)
-            phi.addcmul_(old, power, value=-1.0)                  # Δθ = θ_new − θ, as the optimizer computed it
+        for phi, old, theta, alpha, grad in swapped:
+            phi.sub_(theta)            # Δθ = θ_new − θ exactly: 0 wherever the optimizer left θ alone (frozen weights)
+            power = _magnitude_power(old, alpha - 1, out=theta)   # |φ|^(α−1)
             torch.addcmul(old, phi, power, value=alpha, out=phi)  # φ ← φ + Δθ · α |φ|^(α−1)
             phi.grad = grad
         self._theta_grads.clear()

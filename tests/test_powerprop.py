@@ -191,6 +191,25 @@ def test_the_optimiser_aware_update_is_an_adam_step_on_theta_mapped_back():
     assert torch.allclose(layer.bias, b0 - lr * g_bias / (g_bias.abs() + 1e-8), rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("alpha", [2, 2.5, 3, 5])
+def test_a_step_that_leaves_theta_alone_leaves_phi_exactly_alone(alpha):
+    # Δθ must be θ_new − θ exactly: recomputing θ afterwards with other rounding (a fused multiply-add)
+    # moved about one weight in ten of a frozen layer by an ulp per step before.
+    torch.manual_seed(0)
+    model = powerprop(small_mlp(), alpha)
+    with torch.no_grad():
+        for layer in prunable_layers(model).values():
+            raw_weight(layer).uniform_(0.5, 1.5)                    # where α|φ|^(α−1) amplifies rounding most
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model)
+    x, y = batch()
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 @pytest.mark.parametrize("alpha", [2, 2.5, 3])
 def test_plain_sgd_and_the_optimiser_aware_sgd_agree(alpha):
     model_a = powerprop(small_mlp(), alpha)

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowlearn.models import MLP
-from lowlearn.powerprop import powerprop
+from lowlearn.powerprop import PowerPropOptimizer, powerprop
 from lowlearn.sparse.mask import masks_of, prunable_layers, raw_weight
 from lowlearn.sparse.packnet import PackNet
 
@@ -32,8 +32,15 @@ def train(model, data, steps=20, lr=0.1):
                data, steps)
 
 
-@pytest.mark.parametrize("alpha", [None, 3])
-def test_earlier_tasks_are_never_forgotten(alpha):
+def train_aware(model, data, steps=20, lr=0.01):
+    """Adam through the optimiser-aware update of Powerprop."""
+    optimizer = PowerPropOptimizer(torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr),
+                                   model)
+    take_steps(model, optimizer, data, steps)
+
+
+@pytest.mark.parametrize("alpha, trainer", [(None, train), (3, train), (3, train_aware), (5, train_aware)])
+def test_earlier_tasks_are_never_forgotten(alpha, trainer):
     model = small_mlp()
     if alpha:
         powerprop(model, alpha)
@@ -41,9 +48,9 @@ def test_earlier_tasks_are_never_forgotten(alpha):
     outputs = {}
     for task in (1, 2, 3):
         assert packnet.start_task() == task
-        train(model, task_data(task))
+        trainer(model, task_data(task))
         assert packnet.assign(0.25) == task
-        train(model, task_data(task), steps=5, lr=0.01)          # retrain task t's weights alone
+        trainer(model, task_data(task), steps=5, lr=0.01)          # retrain task t's weights alone
         with packnet.use_task(task):
             outputs[task] = model(task_data(task)[0]).detach()
     for task, expected in outputs.items():                          # after all three tasks
