@@ -289,6 +289,9 @@ class LowRankConv2d(LowRankLayer):
     Built from an ``nn.Conv2d`` (without groups) by :meth:`from_conv`; the weight
     ``(n, c, k_h, k_w)`` is the ``n × (c·k_h·k_w)`` matrix ``U S Vᵀ``.
 
+    Its output has ``nn.Conv2d``'s shape but channels-last strides (the channel
+    mixing is an ``einsum``): flatten it with ``reshape`` or ``flatten``, not ``view``.
+
     Args:
         conv: the dense convolution whose shape, stride, padding and dilation it takes.
         rank, tol, r_max: as for :class:`LowRankLinear`.
