@@ -146,6 +146,14 @@ def test_clipping_scales_the_gradients_the_aware_step_uses():
         optimizer.step()
     for a, b, start in zip(clipped.parameters(), scaled.parameters(), model.parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7) and not torch.equal(a, start)
+    # A limit above the norm changes nothing: clipping never scales gradients up.
+    loose, free = copy.deepcopy(model), copy.deepcopy(model)
+    for net, limit in ((loose, 10 * norm.item()), (free, None)):
+        optimizer = PowerPropOptimizer(torch.optim.SGD(net.parameters(), lr=0.5), net, max_grad_norm=limit)
+        optimizer.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-8) for a, b in zip(loose.parameters(), free.parameters()))
     with pytest.raises(ValueError, match="max_grad_norm must be a positive number"):
         PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, max_grad_norm=0)
 

@@ -55,6 +55,24 @@ def test_meta_training_lowers_the_loss_on_quadratics():
     assert after < 0.5 * before
 
 
+def test_truncated_meta_training_carries_theta_and_the_last_gradient_across_segments():
+    # horizon = 3 truncations: θ_0's gradient once, then one evaluation per step, none repeated at a boundary
+    torch.manual_seed(0)
+    net, calls = LSTMOptimizer(), []
+    f, theta0 = quadratic(generator=torch.Generator().manual_seed(0))
+
+    def counted(theta):
+        calls.append(theta.detach().clone())
+        return f(theta)
+
+    history = meta_train(net, lambda: (counted, theta0), torch.optim.SGD(net.parameters(), lr=0.0),
+                         problems=1, horizon=6, truncation=2)
+    assert len(calls) == 6 + 1
+    # with a meta learning rate of 0 the segments continue one trajectory: the unbroken run's values
+    expected = optimize(net, f, theta0, 6)[1:]
+    assert history[0] == pytest.approx(sum(expected) / 6, rel=1e-5)
+
+
 def test_network_problem_is_the_model_loss_of_its_flat_parameters():
     import torch.nn.functional as F
 

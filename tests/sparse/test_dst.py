@@ -367,6 +367,9 @@ def test_share_by_hand():
     assert share(7, {"a": 0.0, "b": 0.0, "c": 0.0}, {"a": 1, "b": 5, "c": 5}) in (
         {"a": 1, "b": 3, "c": 3}, {"a": 1, "b": 4, "c": 2}, {"a": 1, "b": 2, "c": 4})
     assert share(0, {"a": 1.0}, {"a": 0}) == {"a": 0}
+    # quotas 10/3 and 20/3: floors 3 and 6, the one left over goes to the larger remainder (2/3, b)
+    assert share(10, {"a": 1.0, "b": 2.0}, {"a": 100, "b": 100}) == {"a": 3, "b": 7}
+    assert share(10, {"a": 2.0, "b": 1.0}, {"a": 100, "b": 100}) == {"a": 7, "b": 3}
     for total in range(0, 30):
         result = share(total, {"a": 0.7, "b": 0.2, "c": 0.1}, {"a": 10, "b": 10, "c": 10})
         assert sum(result.values()) == total and all(v <= 10 for v in result.values())

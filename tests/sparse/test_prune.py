@@ -23,6 +23,11 @@ def test_layer_scope_keeps_the_largest_magnitudes_exactly():
         assert (w.abs()[~masks[name]] <= threshold).all()
 
 
+def test_kept_count_by_hand():
+    assert kept_count(0.37, 10) == 4 and kept_count(0.35, 10) == 4 and kept_count(0.34, 10) == 3     # rounded
+    assert kept_count(1e-4, 10) == 1 and kept_count(1.0, 7) == 7                  # at least one, at most all
+
+
 def test_global_scope_ranks_layers_together():
     model = MLP(hidden=(4,), in_features=4, out_features=2)
     with torch.no_grad():
