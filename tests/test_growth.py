@@ -243,6 +243,39 @@ def test_optimizer_state_growth_cannot_extend_is_refused_before_the_model_change
     assert {name: p.shape for name, p in model.named_parameters()} == shapes
 
 
+def test_split_copies_the_units_with_the_largest_outgoing_weights_and_shares_them_around_a_half():
+    model = mlp()
+    grown, consumer = layer_pair(model, 0)
+    before_in, before_out = grown.weight.detach().clone(), consumer.weight.detach().clone()
+    largest = before_out.norm(dim=0).topk(2).indices
+    grow(model, 0, 2, "split", noise=0.1, generator=torch.Generator().manual_seed(0))
+    grown, consumer = layer_pair(model, 0)
+    assert torch.equal(grown.weight[6:], before_in[largest])
+    share = consumer.weight[:, 6:] / before_out[:, largest]              # (½ + η) per new unit, |η| ≤ noise
+    assert torch.allclose(share, share[0].expand_as(share)) and ((share[0] - 0.5).abs() <= 0.1).all()
+    assert torch.allclose(consumer.weight[:, largest] + consumer.weight[:, 6:], before_out[:, largest])
+    etas = []
+    for seed in range(5):                                                     # every unit split, 30 draws of η
+        model = mlp()
+        out = layer_pair(model, 0)[1].weight.detach().clone()
+        grow(model, 0, 6, "split", noise=0.1, generator=torch.Generator().manual_seed(seed))
+        etas.append(layer_pair(model, 0)[1].weight[0, 6:] / out[0, out.norm(dim=0).topk(6).indices] - 0.5)
+    eta = torch.cat(etas)
+    assert eta.min() < 0 < eta.max() and (eta.abs() <= 0.1).all()            # uniform in ±noise: both signs
+
+
+@pytest.mark.parametrize("strategy", ["random", "gradmax"])
+def test_scale_sets_the_norm_of_the_new_outgoing_weights(strategy):
+    norms = {}
+    for scale in (1.0, 2.0):
+        model = mlp()
+        mean_norm = layer_pair(model, 0)[1].weight.norm(dim=0).mean()
+        grow(model, 0, 2, strategy, batch=batch(), scale=scale, generator=torch.Generator().manual_seed(0))
+        norms[scale] = layer_pair(model, 0)[1].weight[:, 6:].norm(dim=0)
+        assert torch.allclose(norms[scale], scale * mean_norm)
+    assert torch.allclose(norms[2.0], 2 * norms[1.0])
+
+
 def test_splitting_more_units_than_the_layer_has_is_a_clear_error():
     torch.manual_seed(0)
     model = MLP(10, (2, 5), 3, activation=nn.Tanh)

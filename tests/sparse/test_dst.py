@@ -301,6 +301,14 @@ def test_snfs_shares_growth_by_mean_momentum():
     assert sparsifier.active["1"] == before["1"] - dropped["1"] + sum(dropped.values())
     assert sparsifier.active["3"] == before["3"] - dropped["3"]
     assert sum(sparsifier.active.values()) == sum(before.values())
+    # m_l is the mean over the layer's *active* weights: momentum at inactive ones does not draw growth.
+    masks = masks_of(model)
+    for name, m in sparsifier.momentum.items():
+        m.copy_(torch.where(masks[name], 1.0, 0.0) if name == "1" else torch.where(masks[name], 0.0, 100.0))
+    before = dict(sparsifier.active)
+    sparsifier.update(0.2)
+    dropped = {name: int(0.2 * k) for name, k in before.items()}
+    assert sparsifier.active["1"] == before["1"] - dropped["1"] + sum(dropped.values())
 
 
 def test_snfs_momentum_is_the_smoothed_dense_gradient_and_growth_takes_its_largest_inactive_entries():

@@ -370,6 +370,17 @@ def test_early_bird_distances_by_hand():
     assert not masked_layers(model), "EarlyBird must not prune"
 
 
+def test_early_bird_waits_for_a_full_window():
+    model = MLP(in_features=4, hidden=(), out_features=2)
+    bird = EarlyBird(0.5, every=1, window=2, threshold=0.2)
+    set_weight(model, [[-8, 7, 6, 5], [4, 3, 2, 1]])
+    bird(step(model, 1))
+    bird(step(model, 2))                                   # the mask did not change: one distance, 0
+    assert bird.distances == [0.0] and bird.found_at is None
+    bird(step(model, 3))
+    assert bird.distances == [0.0, 0.0] and bird.found_at == 3
+
+
 def test_early_bird_stops_training_when_the_mask_settles():
     model = mlp()
     every = 256 // 32
