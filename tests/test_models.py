@@ -186,6 +186,19 @@ def test_resnet_convolutions_have_kaiming_init():
     conv_layer = ResNet20().features[10].conv1  # 64 -> 64, 3×3: fan_in 576
     expected_std = (2 / (64 * 9)) ** 0.5
     assert conv_layer.weight.std().item() == pytest.approx(expected_std, rel=0.05)
+    conv_layer = ResNet20().features[6].conv1   # 16 -> 32: fan_in 144, not fan_out 288
+    assert conv_layer.weight.std().item() == pytest.approx((2 / (16 * 9)) ** 0.5, rel=0.05)
+
+
+def test_a_residual_block_adds_its_shortcut():
+    # y = relu(F(x) + shortcut(x)): with the last batch norm's scale at zero, F(x) = 0 and y = relu(shortcut(x))
+    torch.manual_seed(0)
+    for block in (ResNet20().features[3], ResNet20().features[6]):     # identity and zero-padded shortcuts
+        with torch.no_grad():
+            block.bn2.weight.zero_()
+        x = torch.randn(2, block.conv1.in_channels, 8, 8)
+        torch.testing.assert_close(block(x), torch.relu(block.shortcut(x)))
+        assert block(x).abs().sum() > 0
 
 
 def test_convnet_conv2_parameters_by_hand_and_shapes():

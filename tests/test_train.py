@@ -333,8 +333,18 @@ def test_a_checkpoint_is_tried_on_a_copy_without_memory_then_loaded(tmp_path, mo
     assert resumed[0].rank == 2 and torch.equal(resumed[0].matrix(), saved[0].matrix())
 
 
+def test_the_logged_loss_is_the_mean_over_each_logging_interval():
+    model, opt = make()
+    losses = []
+    hist = fit(model, toy_data(), opt, steps=12, batch_size=32, log_every=4, device="cpu",
+               callbacks=[lambda state: losses.append(state.loss.item())])
+    expected = [sum(losses[i:i + 4]) / 4 for i in range(0, 12, 4)]
+    assert hist.steps == [4, 8, 12] and hist.loss == pytest.approx(expected, rel=1e-6)
+
+
 def test_fit_trains_in_training_mode_also_after_each_evaluation():
     model = noisy_model()
+    model.eval()                                                    # fit puts it in training mode itself
     modes = []
     fit(model, toy_data(64), torch.optim.SGD(model.parameters(), lr=0.1), steps=4, batch_size=16, eval_every=1,
         eval_data=toy_data(32, seed=1), device="cpu", callbacks=[lambda state: modes.append(model[3].training)])
