@@ -104,6 +104,9 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
 
     Returns:
         The total and per-layer MACs of one example.
+
+    Raises:
+        ValueError: an ``example_input`` without a batch dimension, or an empty batch.
     """
     if example_input.dim() < 2 or example_input.shape[0] == 0:
         raise ValueError(

@@ -147,6 +147,10 @@ def gradmax_directions(model: nn.Sequential, layer: int, k: int, batch: tuple[Te
         ``(k, *shape)``: the new units' outgoing weights, one per row, flattened
         columns of unit Frobenius norm that are orthogonal to each other, shaped
         like ``consumer.weight[:, i]`` (``(n_{l+1},)`` or ``(n_{l+1}, k_h, k_w)``).
+
+    Raises:
+        ValueError: ``closed_form=True`` for a convolution, more directions ``k`` than
+            the outgoing weights have dimensions, or a pair :func:`layer_pair` refuses.
     """
     grown, consumer = layer_pair(model, layer)
     generator = generator_on(generator, grown.weight.device)

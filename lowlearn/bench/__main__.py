@@ -8,10 +8,16 @@ BENCHMARKS = {"masks": masks.main, "dst": dst.main, "powerprop": powerprop.main,
               "lowrank": lowrank.main, "maml": maml.main, "sparse": sparse.main, "all": report.main}
 
 
+USAGE = (f"usage: python -m lowlearn.bench NAME [options], with NAME one of: {', '.join(BENCHMARKS)}\n"
+         "(python -m lowlearn.bench NAME --help lists a benchmark's options)")
+
+
 def main(argv: list[str]) -> None:
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
     if not argv or argv[0] not in BENCHMARKS:
-        names = ", ".join(BENCHMARKS)
-        sys.exit(f"usage: python -m lowlearn.bench NAME [options], with NAME one of: {names}")
+        sys.exit(USAGE)
     BENCHMARKS[argv[0]](argv[1:])
 
 

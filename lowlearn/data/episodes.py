@@ -138,7 +138,11 @@ class EpisodeSampler:
             self.eligible = _eligible_groups(self.groups, self.data.shape[0], ways)
 
     def sample(self, batch: int | None = None) -> Episode:
-        """One episode, or ``batch`` episodes stacked along a new leading dimension."""
+        """One episode, or ``batch`` episodes stacked along a new leading dimension.
+
+        Raises:
+            ValueError: a ``batch`` below 1.
+        """
         if batch is not None and batch < 1:
             raise ValueError(f"batch must be None (one episode) or at least 1; got {batch}")
         episodes = 1 if batch is None else batch

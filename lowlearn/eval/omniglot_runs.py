@@ -202,8 +202,8 @@ def episode_errors(learner: nn.Module, test: Omniglot, sizes: BlackBoxSizes, dev
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lowlearn.eval omniglot-runs", description=__doc__.split("\n")[0])
     parser.add_argument("--method", choices=METHODS, default="protonet")
-    parser.add_argument("--background", choices=list(BACKGROUNDS), default="small1,small2",
-                        help="the characters to meta-train on (default: small1,small2)")
+    parser.add_argument("--background", choices=list(BACKGROUNDS), default="small1,small2", metavar="SET",
+                        help=f"the characters to meta-train on: {' | '.join(BACKGROUNDS)} (default: small1,small2)")
     parser.add_argument("--test", choices=("runs", "heldout"), default="runs",
                         help="the 20 official runs (downloaded when online), or run-like episodes from the small2 "
                              "alphabets the background lacks")

@@ -210,6 +210,9 @@ def export(model: nn.Module, format: str = "csr", *, min_sparsity: float = 0.0) 
 
     Returns:
         The new model, in evaluation mode.
+
+    Raises:
+        ValueError: an unknown ``format``, or a ``min_sparsity`` outside [0, 1].
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")

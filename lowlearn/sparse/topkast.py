@@ -152,6 +152,9 @@ class TopKAST(Sparsifier):
         weight, not ``φ``). ``p=1`` is the penalty as the paper writes it; ``p=2`` its
         squared (weight-decay) form. Outside ``B`` the penalty is zero, like the gradient.
         It is summed in float32 for a half-precision model, whose sum would overflow.
+
+        Raises:
+            ValueError: ``p`` other than 1 or 2.
         """
         if p not in (1, 2):
             raise ValueError(f"p must be 1 or 2, got {p!r}")

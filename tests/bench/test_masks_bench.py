@@ -28,6 +28,11 @@ def test_masks_benchmark_prints_a_ratio_and_the_page_faults_per_model(capsys, ju
     judged_as_printed(goal, 1.10)
 
 
+def test_help_lists_the_benchmarks_and_exits_normally(capsys):
+    bench_main(["--help"])
+    assert "with NAME one of: masks, dst, powerprop" in capsys.readouterr().out
+
+
 def test_unknown_benchmark_is_a_usage_error(capsys):
     try:
         bench_main(["nope"])
