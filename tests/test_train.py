@@ -333,6 +333,23 @@ def test_a_checkpoint_is_tried_on_a_copy_without_memory_then_loaded(tmp_path, mo
     assert resumed[0].rank == 2 and torch.equal(resumed[0].matrix(), saved[0].matrix())
 
 
+def test_train_seconds_leave_out_the_evaluations(monkeypatch):
+    import time
+
+    import lowlearn.train as train_module
+
+    evaluate = train_module.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(0.1)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", slow_evaluate)
+    model, opt = make()
+    hist = fit(model, toy_data(), opt, steps=4, batch_size=32, eval_data=toy_data(), eval_every=1, device="cpu")
+    assert len(hist.eval) == 4 and hist.seconds - hist.train_seconds >= 0.4      # four evaluations of 0.1 s or more
+
+
 def test_the_logged_loss_is_the_mean_over_each_logging_interval():
     model, opt = make()
     losses = []
