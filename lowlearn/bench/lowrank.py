@@ -2,7 +2,7 @@
 
 The network is ``w → w → w → 10`` (two hidden layers of width ``w``, ReLU); DLRT
 holds the two ``w × w`` hidden layers at a fixed rank ``r`` (the fixed-rank
-integrator of :class:`lowlearn.lowrank.DLRT`: its K/L pass, its S-step pass and the
+integrator of :class:`~lowlearn.lowrank.dlrt.DLRT`: its K/L pass, its S-step pass and the
 QR factorisations), the dense network is trained with plain SGD. Time is the
 median per step of interleaved blocks, and the time ratio the median of the blocks'
 ratios (:func:`~lowlearn.bench.timing.paired_ratio`). Memory is what a step holds: parameters,

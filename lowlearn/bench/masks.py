@@ -74,9 +74,10 @@ def run(density: float = 0.1, batch_size: int = 60, iterations: int = 20, repeat
     """Time the models, then count their page faults over one more block of steps.
 
     Returns:
-        ``{"rounds": {name: seconds per training step in each interleaved round}
-        (:func:`~lowlearn.bench.timing.interleaved_rounds`), "seconds": {name: their median},
-        "faults": {name: page faults per step, or None where the system does not count them}}``.
+        A dict with ``"rounds"``: ``{name: seconds per training step in each interleaved
+        round}`` (:func:`~lowlearn.bench.timing.interleaved_rounds`); ``"seconds"``:
+        ``{name: their median}``; ``"faults"``: ``{name: page faults per step}``, None
+        where the system does not count them.
     """
     device = resolve_device(device)
     steps = build_steps(density, batch_size, device)

@@ -59,9 +59,10 @@ def run(alpha: float = 3.0, batch_size: int = 60, iterations: int = 20, repeats:
     """Time the cases, then count their page faults over one more block of steps.
 
     Returns:
-        ``{"rounds": {case: seconds per training step in each interleaved round}
-        (:func:`~lowlearn.bench.timing.interleaved_rounds`), "seconds": {case: their median},
-        "faults": {case: page faults per step, or None where the system does not count them}}``.
+        A dict with ``"rounds"``: ``{case: seconds per training step in each interleaved
+        round}`` (:func:`~lowlearn.bench.timing.interleaved_rounds`); ``"seconds"``:
+        ``{case: their median}``; ``"faults"``: ``{case: page faults per step}``, None
+        where the system does not count them.
     """
     device = resolve_device(device)
     steps = {case: step for case, (step, _) in build_steps(alpha, batch_size, device).items()}
