@@ -321,8 +321,8 @@ def _check_state_layouts(optimizer: torch.optim.Optimizer, params: list[nn.Param
     keeps numbers and scalar tensors (Adam's step count); other shapes, such as
     Adafactor's factored moments, it does not know how to grow.
     """
-    for param in params:
-        for key, value in optimizer.state.get(param, {}).items() if param is not None else ():
+    for param in params:                                   # a missing bias (None) has no state either
+        for key, value in optimizer.state.get(param, {}).items():
             if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
                 raise ValueError(f"{type(optimizer).__name__} keeps state {key!r} of shape {tuple(value.shape)} for a "
                                  f"parameter of shape {tuple(param.shape)}, which grow cannot extend (it extends "
