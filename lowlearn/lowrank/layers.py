@@ -109,7 +109,7 @@ class _LowRankConvFunction(torch.autograd.Function):
     def forward(x: Tensor, U: Tensor, S: Tensor, V: Tensor, kl: bool, kernel: tuple, conv: dict):
         filters = V.T.reshape(V.shape[1], *kernel)
         a = F.conv2d(x, filters, **conv)                                      # (B, r_v, H, W)
-        return torch.einsum("brhw,nr->bnhw", a, U @ S), a
+        return F.conv2d(a, (U @ S)[:, :, None, None]), a                      # U S as 1×1 filters: NCHW out
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -288,9 +288,6 @@ class LowRankConv2d(LowRankLayer):
 
     Built from an ``nn.Conv2d`` (without groups) by :meth:`from_conv`; the weight
     ``(n, c, k_h, k_w)`` is the ``n × (c·k_h·k_w)`` matrix ``U S Vᵀ``.
-
-    Its output has ``nn.Conv2d``'s shape but channels-last strides (the channel
-    mixing is an ``einsum``): flatten it with ``reshape`` or ``flatten``, not ``view``.
 
     Args:
         conv: the dense convolution whose shape, stride, padding and dilation it takes.

@@ -174,6 +174,13 @@ def test_an_unbatched_image_goes_through_a_low_rank_convolution_as_through_nn_co
     torch.testing.assert_close(layer(x), layer(x.unsqueeze(0))[0])
 
 
+def test_a_low_rank_convolution_returns_contiguous_nchw_like_nn_conv2d():
+    # code written for nn.Conv2d views its output (x.view(batch, -1)); a channels-last result cannot be viewed so
+    conv = nn.Conv2d(3, 8, 3)
+    out = LowRankConv2d(conv, 2)(torch.randn(2, 3, 6, 6))
+    assert out.is_contiguous() and out.view(2, -1).shape == (2, 8 * 4 * 4)
+
+
 @pytest.mark.parametrize("padding, pixels", [("same", (1, 2)), ("valid", (0, 0))])
 def test_string_padding_becomes_pixels(padding, pixels):
     torch.manual_seed(0)
