@@ -34,6 +34,7 @@ except ImportError:                              # Windows: no flock; concurrent
 import torch
 
 from .atomic import atomic_file
+from .data.splits import is_real
 from .profiles import device_description, get_profile
 
 ENV_VAR = "LOWLEARN_RESULTS"
@@ -108,7 +109,7 @@ def _finite(kind: str, number: object) -> float | None:
             raise ValueError(f"a result's {kind} must be one number, got a {type(number).__name__} of {count} values")
         number = number.item()
     try:
-        finite = not isinstance(number, bool) and isinstance(number, numbers.Real) and math.isfinite(number)
+        finite = is_real(number) and math.isfinite(number)
     except OverflowError:                        # an integer too large for a float
         finite = False
     if not finite:

@@ -14,14 +14,13 @@ and labels as int64, and is deterministic for a given ``seed``.
 from __future__ import annotations
 
 import contextlib
-import numbers
 import random
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from .splits import Splits, check_count, make_splits
+from .splits import Splits, check_count, is_real, make_splits
 
 _DIGITS_SIZE = 1797
 _MNIST5K_SIZE = 5000
@@ -87,7 +86,7 @@ def load_mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 
         :class:`~lowlearn.data.splits.Splits` with ``x`` float32 ``(N, 1, 40)`` and ``y`` int64 ``(N,)`` in ``0..9``.
     """
     check_count("num_samples (at least one example of each of the 10 classes)", num_samples, 10)
-    if not (isinstance(train_split, numbers.Real) and 0 < train_split < 1):
+    if not (is_real(train_split) and 0 < train_split < 1):
         raise ValueError(f"train_split={train_split!r} must be a fraction strictly between 0 and 1")
     from mnist1d.data import get_dataset_args, make_dataset
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import io
-import numbers
 import os
 import zipfile
 from collections import defaultdict
@@ -39,6 +38,7 @@ from PIL import Image
 from torch import Tensor
 
 from lowlearn.data.cache import DataError, Resource, check_member_name, fetch, fetch_all
+from lowlearn.data.splits import is_integer
 
 DRAWERS = 20
 """Number of drawings of each character (one by each of 20 people)."""
@@ -274,7 +274,7 @@ def _check_size(image_size: int | None) -> int | None:
     """``image_size`` as an int (or None), or a ValueError unless it is None or a positive integer."""
     if image_size is None:
         return None
-    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
+    if not is_integer(image_size) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, or None for the original "
                          f"{ORIGINAL_SIZE}x{ORIGINAL_SIZE}; got {image_size!r}")
     return int(image_size)
