@@ -75,20 +75,19 @@ def _power(phi: Tensor, alpha: float, out: Tensor | None = None) -> Tensor:
 def _times_derivative(upstream: Tensor, phi: Tensor, alpha: float) -> Tensor:
     """``dΨ/dφ · upstream = α |φ|^(α−1) · upstream`` (element-wise), in a new tensor made from ``upstream``.
 
-    For ``α = 3``: ``(3 · upstream · φ) · φ``, two passes. Written in place only into a
-    tensor made from ``upstream``, which :func:`torch.vmap` batches whenever anything is.
+    Made from ``upstream`` (``new_zeros``), so that :func:`torch.vmap` batches it whenever
+    anything is.
     """
-    if alpha == 3.0:
-        return torch.addcmul(upstream.new_zeros(()), upstream, phi, value=3.0).mul_(phi)
     return torch.addcmul(upstream.new_zeros(()), upstream, _magnitude_power(phi, alpha - 1), value=alpha)
 
 
 class _Power(torch.autograd.Function):
     """``θ = Ψ(φ)`` (:func:`_power`) with the gradient ``∂L/∂φ = α |φ|^(α−1) ∂L/∂θ`` written out.
 
-    Autograd's own derivative of ``φ · |φ|^(α−1)`` goes through ``|φ|^(α−2)``, which is
-    infinite at ``φ = 0`` for ``1 < α < 2`` and turns masked (zero) weights into NaN
-    gradients; the closed form has no such term.
+    For every ``α`` but the odd integers (:meth:`PowerProp.forward`). Autograd's own
+    derivative of ``φ · |φ|^(α−1)`` goes through ``|φ|^(α−2)``, which is infinite at
+    ``φ = 0`` for ``1 < α < 2`` and turns masked (zero) weights into NaN gradients, and
+    for even ``α`` it takes several passes more; the closed form has neither problem.
 
     Only ``φ`` is saved (the parameter itself: no memory), and the backward recomputes
     ``|φ|^(α−1)`` (:func:`_times_derivative`). Keeping ``|φ|^(α−1)`` from the forward
@@ -154,6 +153,10 @@ class PowerProp(nn.Module):
     def forward(self, phi: Tensor) -> Tensor:
         if self.alpha == 1.0:
             return phi.view_as(phi)   # the same values and gradient; a view, so that hooks see a new tensor
+        if self.alpha % 2 == 1:
+            # Ψ(φ) = φ^α, and torch's own derivative α φ^(α−1) = α |φ|^(α−1) is the closed form. No Python
+            # runs in its backward pass, which saves more time than its one pass more costs (bench powerprop).
+            return torch.pow(phi, int(self.alpha))
         return _Power.apply(phi, self.alpha)
 
     def right_inverse(self, theta: Tensor) -> Tensor:
