@@ -11,13 +11,13 @@ that are already pruned stay pruned: masks only shrink.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ..data.splits import is_real
-from .mask import attach_masks, masks_or_ones, set_masks
+from .mask import attach_masks, masks_or_ones, resolve_layers, set_masks
 
 
 def check_density(value: float, what: str = "density") -> float:
@@ -29,6 +29,28 @@ def check_density(value: float, what: str = "density") -> float:
         raise ValueError(f"{what} must be in (0, 1] (the fraction of weights kept), got {value!r}; "
                          "for a sparsity s (fraction removed) pass 1 - s")
     return float(value)
+
+
+def target_densities(model: nn.Module, density: float | Mapping[str, float],
+                     layers: Iterable[str]) -> dict[str, float]:
+    """``{layer name: density}`` for ``layers``, from one density or from a mapping that covers them.
+
+    The mapping may name more of the model's layers than ``layers`` (a whole
+    :func:`~lowlearn.sparse.allocation.erk` allocation, say); a name the model lacks
+    is a typo, and an error.
+
+    Raises:
+        KeyError: a layer of ``layers`` without a density, or a name in the mapping
+            that is not a layer of the model.
+        ValueError: a density outside (0, 1].
+    """
+    layers = list(layers)
+    densities = density if isinstance(density, Mapping) else dict.fromkeys(layers, density)
+    missing = set(layers) - set(densities)
+    if missing:
+        raise KeyError(f"no density given for layers {sorted(missing)}")
+    resolve_layers(model, sorted(set(densities) - set(layers)))
+    return {name: check_density(densities[name], f"density of {name!r}") for name in layers}
 
 
 def kept_count(density: float, numel: int) -> int:
@@ -98,7 +120,7 @@ def prune(
         ValueError: no scores, a density outside (0, 1], a density above what a layer
             (or the model) still keeps (pruning cannot bring weights back), scores of
             the wrong shape or with NaN, or an unknown ``scope``.
-        KeyError: a layer name that is not in the model.
+        KeyError: a layer name (of ``scores`` or ``density``) that is not in the model.
     """
     if not scores:
         raise ValueError("no scores, so no layer to prune: pass {layer name: scores}, e.g. "
@@ -107,13 +129,10 @@ def prune(
     alive = {name: alive_scores(s, current[name], name) for name, s in scores.items()}
 
     if scope == "layer":
-        densities = density if isinstance(density, Mapping) else dict.fromkeys(alive, density)
-        missing = set(alive) - set(densities)
-        if missing:
-            raise KeyError(f"no density given for layers {sorted(missing)}")
+        densities = target_densities(model, density, alive)
         new = {}
         for name, s in alive.items():
-            k = kept_count(check_density(densities[name], f"density of {name!r}"), s.numel())
+            k = kept_count(densities[name], s.numel())
             remaining = int(current[name].count_nonzero())
             if k > remaining:
                 raise ValueError(f"layer {name!r} keeps {remaining} weights, so it cannot be pruned to "

@@ -25,7 +25,7 @@ from ..data.splits import is_integer, is_real
 from ..reparam import register
 from .mask import (PRUNABLE, Mask, attach_masks, find_mask, masks_or_ones, prunable_layers, set_masks,
                    zero_optimizer_state)
-from .prune import alive_scores, top_k_mask, check_density, kept_count
+from .prune import alive_scores, kept_count, target_densities, top_k_mask
 from .scores import magnitude, scored_layers
 
 
@@ -216,15 +216,11 @@ def prune_channels(
     Raises:
         ValueError: a density outside (0, 1], above the alive units' share (pruning
             cannot revive units), or a layer that is not Linear/Conv2d.
-        KeyError: a layer name that is not in the model, or no density for a layer.
+        KeyError: a layer name (of ``layers`` or ``density``) that is not in the model, or
+            no density for a layer.
     """
     chosen = _channel_layers(model, layers)
-    densities = density if isinstance(density, Mapping) else dict.fromkeys(chosen, density)
-    missing = set(chosen) - set(densities)
-    if missing:
-        raise KeyError(f"no density given for layers {sorted(missing)}")
-    for name in chosen:
-        check_density(densities[name], f"density of {name!r}")
+    densities = target_densities(model, density, chosen)
     scores = channel_scores(model, norm, chosen)
     current = masks_or_ones(model, chosen)               # the model is changed only once the input is checked
     units, new = {}, {}

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from torch.nn.utils import parametrize
 
 from lowlearn.models import MLP, LeNet5
 from lowlearn.sparse.mask import attach_masks, density, layer_densities, masks_of
@@ -111,6 +112,13 @@ def test_density_outside_unit_interval_is_an_error(bad):
         check_density(bad)
 
 
+def test_a_density_mapping_may_cover_layers_that_are_not_scored():
+    model = MLP(hidden=(8,))
+    masks = prune(model, {"1": magnitude(model)["1"]}, {"1": 0.25, "3": 0.5})     # e.g. a whole erk(model)
+    assert list(masks) == ["1"] and int(masks["1"].sum()) == kept_count(0.25, 8 * 784)
+    assert not parametrize.is_parametrized(model.get_submodule("3"))
+
+
 def test_other_bad_input():
     model = MLP(hidden=(8,))
     scores = magnitude(model)
@@ -125,6 +133,8 @@ def test_other_bad_input():
         prune(model, magnitude(model), {"1": 0.1, "3": 0.1}, scope="global")
     with pytest.raises(KeyError, match="no density given"):
         prune(model, magnitude(model), {"1": 0.1})
+    with pytest.raises(KeyError, match="no layer 'fc'"):               # a typo in a density mapping is an error
+        prune(model, {"1": magnitude(model)["1"]}, {"1": 0.4, "fc": 0.5})
     with pytest.raises(ValueError, match="shape"):
         prune(model, {"1": torch.rand(3, 3)}, 0.1)
     with pytest.raises(ValueError, match="NaN"):

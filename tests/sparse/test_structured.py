@@ -1,6 +1,7 @@
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lowlearn.models import MLP, Conv4, LeNet5
 from lowlearn.sparse.mask import attach_masks, masks_of, raw_weight, set_masks, squash
@@ -202,6 +203,11 @@ def test_prune_channels_bad_input():
         prune_channels(model, 0.5, layers=["fc"])
     with pytest.raises(KeyError, match="no density given for layers"):
         prune_channels(model, {"3": 0.5}, layers=["1", "3"])
+    with pytest.raises(KeyError, match="no layer '4'"):               # a typo, not silently skipped
+        prune_channels(model, {"1": 0.5, "4": 0.5})
+    with pytest.raises(ValueError, match="layer '2' .ReLU. has no weight"):
+        prune_channels(model, {"1": 0.5, "2": 0.5})
+    assert not any(parametrize.is_parametrized(layer) for layer in model)    # the failed calls changed nothing
     with pytest.raises(ValueError, match="is a BatchNorm2d"):
         prune_channels(Conv4(hidden=4), 0.5, layers=["features.1"])
     with pytest.raises(ValueError, match="only Linear/Conv2d layer is its output layer"):
