@@ -83,7 +83,7 @@ def adapted_names(model: nn.Module, adapt: list[str] | None, steps: int) -> list
                          "leave them out of adapt")
     if steps and not adapt:
         raise ValueError("nothing adapts in the inner loop: adapt is empty (or every parameter is frozen); name "
-                         "the parameters that adapt, or use inner_steps=0")
+                         "the parameters that adapt, or unfreeze them (MAML also takes inner_steps=0)")
     return adapt
 
 
@@ -403,9 +403,12 @@ class Reptile:
         takes ``θ − mean_j θ̃_j`` as the gradient: plain SGD at rate ``ε`` is the same
         update (Nichol et al. suggest Adam as another choice; their experiments
         interpolate, as without an optimizer); ``outer_lr`` is then unused.
+
+        Raises:
+            ValueError: every parameter of the model is frozen, so nothing would adapt.
         """
         theta = {name: p.detach() for name, p in parameters_of(self.model).items()}
-        trainable = trainable_names(self.model)                  # frozen parameters are used as they are
+        trainable = adapted_names(self.model, None, self.inner_steps)   # frozen parameters are used as they are
         start = {name: p.detach().requires_grad_(name in trainable) for name, p in theta.items()}
         check_tasks(self.model, start, tasks)
         direction = {name: torch.zeros_like(theta[name]) for name in trainable}

@@ -419,6 +419,9 @@ def test_reptile_checks_its_tasks_and_leaves_only_the_inner_steps_in_the_running
     with pytest.raises(ValueError, match="the support sets are empty"):
         Reptile(model, 0.1, 1, 0.5).meta_step(tasks._replace(support_x=tasks.support_x[:, :0],
                                                              support_y=tasks.support_y[:, :0]))
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="nothing adapts in the inner loop"):     # not a silent no-op
+        Reptile(model, 0.1, 1, 0.5).meta_step(tasks)
 
 
 def test_adapt_works_under_no_grad():
