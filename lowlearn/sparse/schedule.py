@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..data.splits import check_count, is_real
@@ -60,6 +61,7 @@ def iterative_pruning(
     score: Callable[[nn.Module], Mapping[str, Tensor]] = magnitude,
     scope: str = "global",
     allocation: Allocation | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Any:
     """Prune and fine-tune in ``rounds`` rounds, each removing the same fraction of the survivors.
 
@@ -78,12 +80,14 @@ def iterative_pruning(
         final_density: ``d_R``, the fraction of weights kept at the end.
         rounds: ``R``.
         fine_tune: ``fine_tune(model, r)`` trains the pruned model after round ``r``
-            (give it a fresh optimizer, or zero the pruned weights' state: see
-            :func:`~lowlearn.sparse.mask.set_masks`); what it returns after the last round is returned.
+            (with a fresh optimizer, or with the one passed as ``optimizer``); what it
+            returns after the last round is returned.
         score: ``score(model) → {layer name: scores}``, default magnitude.
         scope: ``"layer"`` or ``"global"`` (see :func:`~lowlearn.sparse.prune.prune`).
         allocation: ``allocation(model, d_r) → {layer name: density}`` for each round
             (e.g. :func:`~lowlearn.sparse.allocation.erk`); layer scope only.
+        optimizer: an optimizer that ``fine_tune`` keeps across rounds; its state for
+            the weights each round prunes (momentum, Adam's moments) is zeroed then.
 
     Raises:
         ValueError: ``final_density`` outside (0, 1], ``rounds`` below 1, an unknown
@@ -92,7 +96,8 @@ def iterative_pruning(
     densities = geometric_densities(final_density, rounds)
     _check_scope(scope, allocation)
     for r, d_r in enumerate(densities, start=1):
-        prune(model, score(model), d_r if allocation is None else allocation(model, d_r), scope=scope)
+        prune(model, score(model), d_r if allocation is None else allocation(model, d_r), scope=scope,
+              optimizer=optimizer)
         result = fine_tune(model, r)
     return result
 

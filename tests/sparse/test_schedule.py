@@ -66,6 +66,24 @@ def test_iterative_pruning_equals_the_loop_of_prune_and_fine_tune():
     assert torch.allclose(model(torch.ones(2, 784)), reference(torch.ones(2, 784)))
 
 
+def test_iterative_pruning_zeroes_the_pruned_weights_state_of_an_optimizer_kept_across_rounds():
+    torch.manual_seed(0)
+    model = MLP(hidden=(32, 16))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.randn(8, 784), torch.randint(0, 10, (8,))
+
+    def fine_tune(model, r):
+        for _ in range(3):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        for name, mask in masks_of(model).items():       # round 2 prunes weights whose moments round 1 made
+            state = optimizer.state[model.get_submodule(name).parametrizations.weight.original]
+            assert not state["exp_avg"][~mask].any() and not state["exp_avg_sq"][~mask].any(), (name, r)
+
+    iterative_pruning(model, 0.1, 2, fine_tune, optimizer=optimizer)
+
+
 def test_iterative_pruning_with_a_layer_wise_allocation_and_bad_input():
     model = MLP(hidden=(32, 16))
     log = []
