@@ -65,6 +65,29 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def available_device(device: torch.device | str) -> torch.device:
+    """``device`` as a torch device if this machine has it: ``cpu``, ``cuda`` / ``cuda:N`` with a GPU ``N``, ``mps``.
+
+    Raises:
+        ValueError: a name torch does not know, a device lowlearn does not run on, or
+            one this machine lacks; the message says which devices to use.
+    """
+    try:
+        value = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; e.g. cpu or cuda") from None
+    if value.type == "mps" and torch.backends.mps.is_available():
+        return value
+    if value.type not in ("cpu", "cuda") or (value.type == "cpu" and value.index not in (None, 0)):
+        raise ValueError(f"{str(device)!r} is not a device lowlearn runs on here; use cpu or cuda")
+    if value.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{str(device)!r} was asked for, but CUDA is not available here; use cpu")
+    if value.type == "cuda" and (value.index or 0) >= torch.cuda.device_count():
+        last = torch.cuda.device_count() - 1
+        raise ValueError(f"{str(device)!r} was asked for, but this machine's GPUs are cuda:0 to cuda:{last}")
+    return value
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Put every module of ``model`` in eval mode, then give each its own mode back."""
@@ -202,11 +225,14 @@ class History:
 
 
 def _pair(data: Data) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` of ``data``, or a ValueError if it is not a pair, or they differ in length or are empty."""
+    """``(x, y)`` of ``data``, or a ValueError if it is not a pair of tensors, or they differ in length or are empty."""
     pair = data.tensors if isinstance(data, TensorDataset) else data
-    if len(pair) != 2:
-        raise ValueError(f"the data must be a pair (inputs, targets) or a TensorDataset of two tensors; got "
-                         f"{len(pair)} tensors")
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, Tensor) for t in pair)):
+        kind = type(data).__name__
+        if isinstance(pair, (tuple, list)):
+            kind += f" of {len(pair)}: " + ", ".join(type(t).__name__ for t in pair[:3]) + (", ..." * (len(pair) > 3))
+        raise ValueError(f"the data must be a pair of tensors (inputs, targets) or a TensorDataset of two tensors, "
+                         f"not a {kind}; e.g. stack the examples of a Subset or a DataLoader into two tensors")
     x, y = pair
     if len(x) != len(y):
         raise ValueError(f"inputs and targets differ in length: {len(x)} vs {len(y)}")
@@ -330,9 +356,10 @@ def fit(
 
     Raises:
         ValueError: both or neither of ``epochs`` and ``steps``, a count that is not a
-            positive integer, data that are not an ``(inputs, targets)`` pair of one
-            length, ``eval_every`` without ``eval_data``, a ``start_step`` at or after the
-            end, ``bf16`` off CUDA, or, in a process group, batches smaller than the
+            positive integer, a ``seed`` that is not an integer >= 0, data that are not
+            an ``(inputs, targets)`` pair of tensors of one length, ``eval_every``
+            without ``eval_data``, a ``start_step`` at or after the end, ``bf16`` off
+            CUDA, or, in a process group, batches smaller than the
             number of processes or models of different shapes on the processes; all
             before the first step.
         NonFiniteLossError: the loss became NaN or infinite; the message names the
@@ -345,6 +372,7 @@ def fit(
         if value is not None:
             check_count(name, value, 1)
     check_count("start_step", start_step, 0)
+    check_count("seed", seed, 0)
     if eval_data is not None:
         _pair(eval_data)                  # checked now, not after the first steps have changed the model
     elif eval_every is not None:
@@ -546,10 +574,16 @@ def save_checkpoint(
     payload = {"model": model.state_dict(), "extra": extra}
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
+        payload["optimizer_class"] = _class_name(optimizer)
     data = _loadable_bytes(payload, "the model's or the optimizer's state_dict")
     with atomic_file(path, overwrite=overwrite) as f:
         f.write(data)
     return Path(path)
+
+
+def _class_name(optimizer: object) -> str:
+    """``module.QualifiedName`` of the optimizer's class, which its ``state_dict`` is for."""
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
 
 
 def _loadable_bytes(value: object, what: str) -> bytes:
@@ -647,8 +681,9 @@ def load_checkpoint(
             plain ``state_dict``, a file with objects ``weights_only=True`` refuses), or
             one that is damaged or cut off; a :class:`ValueError`.
         ValueError: an ``expect`` value that the checkpoint lacks or holds
-            differently, or an ``optimizer`` for a checkpoint saved without one; these
-            and the errors above all found before anything is loaded.
+            differently, an ``optimizer`` for a checkpoint saved without one, or one of
+            another class than the checkpoint's (an Adam state in SGD); these and the
+            errors above all found before anything is loaded.
         RuntimeError, ValueError: a state that does not fit the model (other keys or
             shapes) or the optimizer (other parameter groups); the model and the
             optimizer are left as they were. A RuntimeError too for a ``map_location``
@@ -665,6 +700,11 @@ def load_checkpoint(
         raise ValueError(f"{path} was saved with {found}, not {dict(expect)}")
     if optimizer is not None and "optimizer" not in payload:
         raise ValueError(f"{path} holds no optimizer state; load it without optimizer=")
+    saved_class = payload.get("optimizer_class")                      # older checkpoints did not record it
+    if optimizer is not None and saved_class not in (None, _class_name(optimizer)):
+        raise ValueError(f"{path} holds the state of a {saved_class}, which does not fit a {_class_name(optimizer)} "
+                         "(its settings and per-weight state differ): build the optimizer it was saved with, or "
+                         "load the model alone (without optimizer=) and start a new optimizer")
     # load_state_dict copies tensor by tensor and reports mismatches at the end; a storage-free copy of the
     # model takes the first try, and the optimizer checks its groups before it changes anything, so a
     # refused checkpoint leaves both as they were.

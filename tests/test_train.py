@@ -93,9 +93,20 @@ def test_bad_arguments():
         fit(model, toy_data(), opt, epochs=1, steps=1, device="cpu")
     with pytest.raises(ValueError, match="differ in length"):
         fit(model, (torch.zeros(3, 8), torch.zeros(2).long()), opt, epochs=1, device="cpu")
-    with pytest.raises(ValueError, match="a TensorDataset of two tensors; got 3"):
+    with pytest.raises(ValueError, match="a TensorDataset of two tensors, not a TensorDataset of 3: Tensor, Tensor"):
         fit(model, TensorDataset(torch.zeros(3, 8), torch.zeros(3).long(), torch.zeros(3)), opt, epochs=1,
             device="cpu")
+    x, y = toy_data()
+    with pytest.raises(ValueError, match="not a tuple of 2: Tensor, list"):                 # targets as a list
+        fit(model, (x, y.tolist()), opt, epochs=1, device="cpu")
+    loader = torch.utils.data.DataLoader(TensorDataset(x, y), batch_size=len(x) // 2 + 1)   # two batches
+    with pytest.raises(ValueError, match="not a DataLoader; e.g. stack the examples"):
+        fit(model, loader, opt, epochs=1, device="cpu")
+    with pytest.raises(ValueError, match="not a Subset; e.g. stack"):
+        evaluate(model, torch.utils.data.Subset(TensorDataset(x, y), [0, 1]))
+    for seed in (None, 1.5, -1):
+        with pytest.raises(ValueError, match="seed must be an int >= 0"):
+            fit(model, toy_data(), opt, epochs=1, seed=seed, device="cpu")
     with pytest.raises(ValueError, match="CUDA only"):
         fit(model, toy_data(), opt, epochs=1, bf16=True, device="cpu")
     for name, bad in (("epochs", 1.5), ("steps", 2.5), ("steps", True), ("batch_size", 0), ("log_every", 2.0),
@@ -304,6 +315,12 @@ def test_a_checkpoint_that_does_not_fit_leaves_the_model_and_optimizer_as_they_w
     with pytest.raises(ValueError, match="doesn't match the size"):
         load_checkpoint(path, other, fewer)
     assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))
+    adam = torch.optim.Adam(other.parameters(), lr=0.1)                         # another optimizer class
+    with pytest.raises(ValueError, match=r"state of a torch.optim.sgd.SGD, which does not fit a "
+                                         r"torch.optim.adam.Adam"):
+        load_checkpoint(path, other, adam)
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters())) and not adam.state
+    assert adam.param_groups[0]["betas"] == (0.9, 0.999)
 
 
 def test_a_checkpoint_is_tried_on_a_copy_without_memory_then_loaded(tmp_path, monkeypatch):
