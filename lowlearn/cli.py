@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from .train import available_device
+
 
 def positive_int(text: str) -> int:
     """An integer of at least 1."""
@@ -66,18 +68,8 @@ def fractions(text: str) -> tuple[float, ...]:
 
 
 def device(text: str) -> torch.device:
-    """A torch device that this machine has: ``cpu``, ``cuda`` / ``cuda:N`` with a GPU ``N`` there, or ``mps``."""
+    """A torch device that this machine has (:func:`lowlearn.train.available_device`)."""
     try:
-        value = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; e.g. cpu or cuda") from None
-    if value.type == "mps" and torch.backends.mps.is_available():
-        return value
-    if value.type not in ("cpu", "cuda") or (value.type == "cpu" and value.index not in (None, 0)):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device lowlearn runs on here; use cpu or cuda")
-    if value.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r} was asked for, but CUDA is not available here; use cpu")
-    if value.type == "cuda" and (value.index or 0) >= torch.cuda.device_count():
-        last = torch.cuda.device_count() - 1
-        raise argparse.ArgumentTypeError(f"{text!r} was asked for, but this machine's GPUs are cuda:0 to cuda:{last}")
-    return value
+        return available_device(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None

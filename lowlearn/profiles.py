@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .train import default_device
+from .train import available_device, default_device
 
 ENV_VAR = "LOWLEARN_PROFILE"
 
@@ -865,8 +865,11 @@ def device_description(device: torch.device | str | None = None) -> str:
     """The device that makes the results: ``"cuda (<GPU name>)"`` or ``"cpu (<n> threads)"``.
 
     ``device`` defaults to the machine's default device (:func:`lowlearn.train.default_device`).
+
+    Raises:
+        ValueError: a device this machine lacks (:func:`lowlearn.train.available_device`).
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = available_device(device) if device is not None else default_device()
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     if device.type != "cpu":

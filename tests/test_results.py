@@ -129,6 +129,11 @@ def test_the_file_is_read_as_the_utf_8_it_is_written_in_whatever_the_locale(tmp_
 def test_a_result_names_the_device_that_measured_it(tmp_path):
     result = results.record("looking_forward", "t", 1.0, profile="smoke", directory=tmp_path, device="cpu")
     assert result.device.startswith("cpu (")
+    missing = "cuda:99" if torch.cuda.is_available() else "cuda"
+    for device, message in ((missing, "was asked for, but"), ("gpu", "unknown device 'gpu'")):
+        with pytest.raises(ValueError, match=message):
+            results.record("looking_forward", "u", 1.0, profile="smoke", directory=tmp_path, device=device)
+    assert "u" not in results.load(profile="smoke", directory=tmp_path)["looking_forward"]
 
 
 def test_a_folder_that_is_a_file_and_entries_that_are_not_numbers_are_clear_errors(tmp_path):
