@@ -200,7 +200,8 @@ class History:
 
     Attributes:
         steps: the step at the end of each logging interval.
-        loss: mean training loss over each logging interval.
+        loss: mean training loss over each logging interval: the mean of its steps' batch
+            losses (a short last batch of an epoch counts as one step, like a full one).
         eval_steps: the steps at which ``eval_data`` was evaluated.
         eval: the metrics of each evaluation (``{"loss": ..., "accuracy": ...}``).
         seconds: wall-clock time of the whole run, evaluations included.
