@@ -23,6 +23,10 @@ def random_affine(images: Tensor, generator: torch.Generator | None = None, *, r
                   scale: float = 0.1, shear: float = 0.2, shift: float = 0.07) -> Tensor:
     """Each image under its own random rotation, scaling, shear and translation.
 
+    The maps act in :func:`warp`'s normalised coordinates, in which both sides of an
+    image span ``[-1, 1]``: on a square image (Omniglot's) a rotation is a rotation of
+    the pixels, on an ``H ≠ W`` image it also stretches and shears them.
+
     Args:
         images: ``(..., C, H, W)`` float images, any leading dimensions (e.g. a batch of episodes).
         generator: for reproducible distortions; on the images' device.
@@ -77,7 +81,7 @@ def warp(images: Tensor, theta: Tensor) -> Tensor:
 
 
 def shifted_copies(images: Tensor, pixels: int = 1) -> Tensor:
-    """The images and four copies shifted by ``pixels`` left, right, up and down, zero-filled: ``(5, ...)``.
+    """The images and four copies shifted by ``pixels`` right, left, down and up, zero-filled: ``(5, ...)``.
 
     The views of test-time augmentation: a prediction averaged over slightly moved
     copies of an input is less sensitive to where exactly a stroke falls (as

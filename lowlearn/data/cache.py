@@ -253,7 +253,10 @@ def _extract(archive: Path, folder: Path) -> None:
     # zip's end record in the last 64 KiB; a zip never passes for a tar.
     if tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tf:
-            members = tf.getmembers()
+            try:
+                members = tf.getmembers()             # reads (and decompresses) the whole archive
+            except OSError as error:                  # bz2 reports a damaged stream as a plain OSError
+                raise tarfile.ReadError(f"{type(error).__name__}: {error}") from error
             for member in members:
                 check_member_name(member.name, archive)
                 if not (member.isfile() or member.isdir()):

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from lowlearn.data.omniglot import Omniglot
-from lowlearn.data.splits import check_count
+from lowlearn.data.splits import check_count, is_integer
 
 
 def group_by_class(x: Tensor, y: Tensor) -> Tensor:
@@ -113,11 +113,11 @@ class EpisodeSampler:
         queries: query examples per class, ``Q``.
         seed: seed of the sampler's own generator, on ``data``'s device: the same
             seed gives the same episodes.
-        groups: optional int64 ``(C,)``, a group of each class, e.g. an Omniglot
-            dataset's ``alphabet_index``. Each episode then draws all its classes
-            from one group, picked uniformly among the groups with at least
-            ``ways`` classes: the within-alphabet episodes of Lake et al. (2015)'s
-            one-shot runs, harder than episodes that mix alphabets.
+        groups: optional integers ``(C,)`` (a tensor or a list), a group of each
+            class, e.g. an Omniglot dataset's ``alphabet_index``. Each episode then
+            draws all its classes from one group, picked uniformly among the groups
+            with at least ``ways`` classes: the within-alphabet episodes of Lake et
+            al. (2015)'s one-shot runs, harder than episodes that mix alphabets.
 
     Example::
 
@@ -134,7 +134,7 @@ class EpisodeSampler:
         self.generator.manual_seed(seed)
         self.groups, self.eligible = None, None
         if groups is not None:
-            self.groups = groups.to(self.data.device)
+            self.groups = torch.as_tensor(groups).to(self.data.device)      # a list of ints works too
             self.eligible = _eligible_groups(self.groups, self.data.shape[0], ways)
 
     def sample(self, batch: int | None = None) -> Episode:
@@ -143,8 +143,8 @@ class EpisodeSampler:
         Raises:
             ValueError: a ``batch`` below 1.
         """
-        if batch is not None and batch < 1:
-            raise ValueError(f"batch must be None (one episode) or at least 1; got {batch}")
+        if batch is not None and not (is_integer(batch) and batch >= 1):
+            raise ValueError(f"batch must be None (one episode) or an int >= 1; got {batch!r}")
         episodes = 1 if batch is None else batch
         classes = self._draw(episodes, self.data.shape[0], self.ways) if self.groups is None \
             else self._draw_within_groups(episodes)                                         # (B, N)

@@ -169,6 +169,21 @@ class GPCurves:
         covariance = self.scale ** 2 * torch.exp(-squared_distance / (2 * self.length_scale ** 2))
         return covariance + self.noise ** 2 * torch.eye(x.shape[-2], dtype=x.dtype, device=x.device)
 
+    def _cholesky(self, kernel: Tensor) -> Tensor:
+        """Cholesky factors ``L`` of kernel matrices ``(B, P, P)``, or a ValueError where one has none.
+
+        ``cholesky_ex`` leaves a factor that failed partial and says so only in ``info``
+        (read here: one synchronisation); with inputs this close together and this little
+        noise, a kernel matrix is not positive definite in floating point.
+        """
+        cholesky, info = torch.linalg.cholesky_ex(kernel)
+        failed = int(info.count_nonzero())
+        if failed:
+            raise ValueError(f"the kernel matrices of {failed} of {info.numel()} curves are not positive definite in "
+                             f"floating point: noise={self.noise:g} is too small for inputs this close together; "
+                             "raise noise (e.g. to 1e-3) or use fewer inputs, further apart")
+        return cholesky
+
     def sample(self, batch: int, num_points: int | None = None, generator: torch.Generator | None = None,
                device: torch.device | str | None = None, x: Tensor | None = None) -> Curves:
         """``batch`` curves, each observed at ``num_points`` inputs.
@@ -179,6 +194,10 @@ class GPCurves:
         the kernel matrix (batched Cholesky) and ``z`` standard normal, computed
         in float64 (float32 on Apple's MPS, which has no float64) and returned
         as float32. ``device`` defaults to the generator's device, or ``x``'s.
+
+        Raises:
+            ValueError: a kernel matrix that is not positive definite in floating point
+                (``noise`` too small for inputs this close together).
         """
         check_count("batch", batch, 1)
         if (num_points is None) == (x is None):
@@ -190,7 +209,7 @@ class GPCurves:
         else:
             x = self._given_inputs(x, batch, device)
         precise = torch.float32 if x.device.type == "mps" else torch.float64
-        cholesky, _ = torch.linalg.cholesky_ex(self.kernel(x.to(precise)))   # positive definite: noise > 0
+        cholesky = self._cholesky(self.kernel(x.to(precise)))
         z = _draw(torch.randn, x.shape, generator, x.device, precise)
         return Curves(x, (cholesky @ z).float())
 
@@ -212,11 +231,15 @@ class GPCurves:
 
         Returns:
             ``(mean, std)``, each ``(B, m, 1)``.
+
+        Raises:
+            ValueError: a kernel matrix that is not positive definite in floating point
+                (``noise`` too small for inputs this close together).
         """
         n = context_x.shape[-2]
         k = self.kernel(torch.cat([context_x, target_x], -2).double())
         k_cc, k_ct = k[..., :n, :n], k[..., :n, n:]
-        cholesky, _ = torch.linalg.cholesky_ex(k_cc)
+        cholesky = self._cholesky(k_cc)
         half = torch.linalg.solve_triangular(cholesky, k_ct, upper=False)          # L⁻¹ k_*
         weights = torch.linalg.solve_triangular(cholesky, context_y.double(), upper=False)   # L⁻¹ y
         mean = half.transpose(-1, -2) @ weights
@@ -229,8 +252,12 @@ class GPCurves:
         ``K`` is the kernel of the curve's ``P`` inputs (noise included). Curves drawn
         from a GP with another kernel give other values: a test of whether a task
         comes from this prior. Computed in float64.
+
+        Raises:
+            ValueError: a kernel matrix that is not positive definite in floating point
+                (``noise`` too small for inputs this close together).
         """
-        cholesky, _ = torch.linalg.cholesky_ex(self.kernel(curves.x.double()))
+        cholesky = self._cholesky(self.kernel(curves.x.double()))
         return torch.linalg.solve_triangular(cholesky, curves.y.double(), upper=False).square().sum(dim=(-2, -1))
 
     @staticmethod
@@ -273,7 +300,10 @@ def context_target_split(curves: Curves, num_context: int,
 
 def _check_range(name: str, bounds: Range, *, fixed_ok: bool = False) -> Range:
     """``(low, high)`` as floats, or a ValueError unless low < high (or, with ``fixed_ok``, low == high)."""
-    low, high = (float(b) for b in bounds)
+    try:
+        low, high = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a range (low, high) of two numbers; got {bounds!r}") from None
     if not (low < high or (fixed_ok and low == high)):
         allowed = "low <= high (equal for a fixed value)" if fixed_ok else "low < high"
         raise ValueError(f"{name} must be a range (low, high) with {allowed}; got {tuple(bounds)}")

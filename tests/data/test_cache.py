@@ -265,6 +265,13 @@ def _flip_last_payload_byte(path: Path, payload: bytes) -> Path:
     return path
 
 
+def _flip_byte(path: Path, at: int) -> Path:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path
+
+
 _PAYLOAD = bytes(range(256)) * 64
 
 
@@ -273,7 +280,10 @@ _PAYLOAD = bytes(range(256)) * 64
     lambda folder: _cut(_zip(folder / "a.zip", {"a.bin": _PAYLOAD})),
     lambda folder: _flip_last_payload_byte(_zip(folder / "a.zip", {"a.bin": _PAYLOAD}), _PAYLOAD),
     lambda folder: (folder / "a.txt").write_bytes(b"not an archive") and folder / "a.txt",
-], ids=["tar.gz-cut", "zip-cut", "zip-damaged-byte", "not-an-archive"])
+    # The stream's checksum at its end: bz2 reports it as a plain OSError once the whole archive is read.
+    lambda folder: _flip_byte(_tar(folder / "a.tar.bz2", [tarfile.TarInfo("a.bin")], {"a.bin": _PAYLOAD},
+                                   mode="w:bz2"), -3),
+], ids=["tar.gz-cut", "zip-cut", "zip-damaged-byte", "not-an-archive", "tar.bz2-damaged-checksum"])
 def test_a_damaged_archive_is_a_data_error_and_writes_nothing(tmp_path, archives, make_archive):
     archive = make_archive(archives)
     out = tmp_path / "out"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,14 +106,19 @@ def test_data_must_be_class_indexed():
         EpisodeSampler(torch.arange(10), ways=2, shots=1, queries=1)
 
 
-def test_batch_must_be_positive():
-    with pytest.raises(ValueError, match="batch"):
-        EpisodeSampler(_ids(), ways=2, shots=1, queries=1).sample(batch=0)
+def test_batch_must_be_a_positive_int():
+    sampler = EpisodeSampler(_ids(), ways=2, shots=1, queries=1)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=r"batch must be None \(one episode\) or an int >= 1"):
+            sampler.sample(batch=bad)
+    assert sampler.sample(batch=np.int64(2)).classes.shape == (2, 2)
 
 
 def test_episodes_within_groups_take_all_their_classes_from_one_group():
     groups = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2])       # group 0 has only 3 classes
     episode = EpisodeSampler(_ids(), ways=4, shots=1, queries=1, seed=0, groups=groups).sample(batch=200)
+    as_list = EpisodeSampler(_ids(), ways=4, shots=1, queries=1, seed=0, groups=groups.tolist()).sample(batch=200)
+    assert torch.equal(as_list.classes, episode.classes)             # a list of ints is taken as the tensor
     of_episode = groups[episode.classes]                              # (200, 4)
     assert (of_episode == of_episode[:, :1]).all()
     assert set(of_episode[:, 0].tolist()) == {1, 2}                   # group 0 is too small for 4 ways

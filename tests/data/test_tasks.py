@@ -44,6 +44,9 @@ def test_a_sinusoid_sampler_draws_tasks_of_one_shape():
 def test_sinusoid_validation():
     with pytest.raises(ValueError, match="amplitude must be a range"):
         SinusoidTasks(amplitude=(5.0, 0.1))
+    for bad in (5.0, (1, 2, 3), ("a", 2)):                     # one number, three, not numbers
+        with pytest.raises(ValueError, match=r"amplitude must be a range \(low, high\) of two numbers"):
+            SinusoidTasks(amplitude=bad)
     with pytest.raises(ValueError, match="x_range must be a range .* low < high"):
         SinusoidTasks(x_range=(1.0, 1.0))
     fixed = SinusoidTasks(phase=(0, 0)).sample(4, 3, 3, generator=torch.Generator().manual_seed(0))
@@ -113,6 +116,17 @@ def test_gp_validation():
         GPCurves(x_range=(1.0, 1.0))
     with pytest.raises(ValueError, match="exactly one"):
         GPCurves().sample(2)
+    # Almost no noise and 200 inputs in [-2, 2]: the kernel matrices have no Cholesky factor in float64. A
+    # failed factor is partial, and its curves would come out wrong (std near 4, not 1) without an error.
+    tight = GPCurves(noise=1e-9)
+    with pytest.raises(ValueError, match="kernel matrices of 3 of 3 curves are not positive definite"):
+        tight.sample(3, 200, generator=torch.Generator().manual_seed(0))
+    x = torch.linspace(-2, 2, 200)[:, None]
+    curves = GPCurves(noise=1e-3).sample(3, x=x, generator=torch.Generator().manual_seed(0))   # enough noise
+    with pytest.raises(ValueError, match="not positive definite"):
+        tight.posterior(curves.x, curves.y, curves.x[:, :5])
+    with pytest.raises(ValueError, match="not positive definite"):
+        tight.mahalanobis(curves)
 
 
 def test_context_is_a_subset_of_the_target():
