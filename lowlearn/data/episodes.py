@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from lowlearn.data.omniglot import Omniglot
-from lowlearn.data.splits import check_count, is_integer
+from lowlearn.data.splits import check_count
 
 
 def group_by_class(x: Tensor, y: Tensor) -> Tensor:
@@ -141,10 +141,10 @@ class EpisodeSampler:
         """One episode, or ``batch`` episodes stacked along a new leading dimension.
 
         Raises:
-            ValueError: a ``batch`` below 1.
+            ValueError: a ``batch`` that is not an int >= 1 (nor None).
         """
-        if batch is not None and not (is_integer(batch) and batch >= 1):
-            raise ValueError(f"batch must be None (one episode) or an int >= 1; got {batch!r}")
+        if batch is not None:
+            check_count("batch (or None, for one episode)", batch, 1)
         episodes = 1 if batch is None else batch
         classes = self._draw(episodes, self.data.shape[0], self.ways) if self.groups is None \
             else self._draw_within_groups(episodes)                                         # (B, N)

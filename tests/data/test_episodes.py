@@ -109,7 +109,7 @@ def test_data_must_be_class_indexed():
 def test_batch_must_be_a_positive_int():
     sampler = EpisodeSampler(_ids(), ways=2, shots=1, queries=1)
     for bad in (0, 2.5, True):
-        with pytest.raises(ValueError, match=r"batch must be None \(one episode\) or an int >= 1"):
+        with pytest.raises(ValueError, match=r"batch \(or None, for one episode\) must be an int >= 1"):
             sampler.sample(batch=bad)
     assert sampler.sample(batch=np.int64(2)).classes.shape == (2, 2)
 
