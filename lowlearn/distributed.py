@@ -15,7 +15,8 @@ parameter gradients is made identical on every process:
   itself, since DistributedDataParallel cannot follow parameters whose shapes
   change with the rank;
 * Powerpropagation's optimiser-aware update (:class:`~lowlearn.powerprop.PowerPropOptimizer`)
-  averages the gradients of the effective weights ``θ`` it steps on.
+  needs nothing of its own: it gives each ``φ`` the gradient of its effective weight
+  ``θ``, the one it steps on, and ``DistributedDataParallel`` averages that.
 
 DistributedDataParallel holds the parameters it was given, so give a model its
 masks before training (the sparsifiers attach them when they are built; before a

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -39,8 +40,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .data.splits import is_real
-from .distributed import average_across_processes
-from .reparam import OutputGradients, register
+from .reparam import register
 from .sparse.mask import resolve_layers
 
 
@@ -124,9 +124,31 @@ class _Power(torch.autograd.Function):
         return _times_derivative(phi_tangent, phi, ctx.alpha)
 
 
+class _GradientOfTheta(torch.autograd.Function):
+    """``θ`` passed on unchanged, with ``∂L/∂θ`` handed to ``φ`` as its gradient (no chain rule).
+
+    What :class:`PowerPropOptimizer` puts after a Powerprop layer's own forward pass:
+    the update it takes needs ``∂L/∂θ``, and backward then computes nothing more
+    (``α |φ|^(α−1) ∂L/∂θ`` would be thrown away).
+    """
+
+    @staticmethod
+    def forward(phi: Tensor, theta: Tensor) -> Tensor:
+        return theta
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
 # Function.apply binds its arguments to forward's signature on every call when setup_context
 # is defined; inspect.signature returns a precomputed __signature__ at once (5 µs less per layer).
 _Power.forward.__signature__ = inspect.signature(_Power.forward)
+_GradientOfTheta.forward.__signature__ = inspect.signature(_GradientOfTheta.forward)
 
 
 class PowerProp(nn.Module):
@@ -201,6 +223,10 @@ def _powerprop_of(layer: nn.Module) -> PowerProp:
     return next(p for p in layer.parametrizations.weight if isinstance(p, PowerProp))
 
 
+_ROUTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""``{PowerProp module: the hook of the PowerPropOptimizer that routes ∂L/∂θ to its φ}``."""
+
+
 class PowerPropOptimizer:
     """The optimiser-aware update: the optimizer acts on ``θ``, and its step is mapped back to ``φ``.
 
@@ -209,12 +235,18 @@ class PowerPropOptimizer:
 
         ``Δφ = optim(∂L/∂Ψ(φ)) · α |φ|^(α−1).``
 
-    For each reparameterised weight, :meth:`step` hands the wrapped optimizer the
-    effective weight ``θ = Ψ(φ)`` and its gradient ``∂L/∂θ`` (read during backward
-    with :class:`~lowlearn.reparam.OutputGradients`), lets it take its usual step
+    From the wrapper's construction on, backward gives each reparameterised weight's ``φ`` the
+    gradient ``∂L/∂θ`` of its effective weight ``θ = Ψ(φ)``, the gradient the update
+    uses, instead of ``∂L/∂φ`` (a forward hook on the layer's :class:`PowerProp`, for
+    passes that start from the layer's own ``φ``: not a deep copy's, nor
+    :func:`torch.func.functional_call`'s with other tensors). :meth:`step` hands the
+    wrapped optimizer ``θ`` with that gradient, lets it take its usual step
     ``θ → θ + Δθ`` (with its own state: momentum, Adam's moments, weight decay on
     ``θ``), and sets ``φ ← φ + Δθ · α |φ|^(α−1)``. Other parameters (biases) take the
-    plain step.
+    plain step. Since the gradients are ``∂L/∂θ``,
+    ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)`` between backward and
+    :meth:`step` clips them as the update needs, and ``DistributedDataParallel``
+    averages them across processes.
 
     Why: Adam divides each gradient by a running estimate of its magnitude. On ``φ``
     directly that normalisation cancels the factor ``α |φ|^(α−1)``: a small weight,
@@ -229,34 +261,43 @@ class PowerPropOptimizer:
 
     Use it like the optimizer it wraps (``zero_grad``, ``step``, ``state_dict``; give
     a learning-rate scheduler the wrapped ``.optimizer``). Build it *after*
-    :func:`powerprop` and any masks, around an optimizer over ``model.parameters()``.
+    :func:`powerprop` and any masks, around an optimizer over ``model.parameters()``,
+    and train the model with it alone: another optimizer would take ``∂L/∂θ`` for
+    ``∂L/∂φ``. A new wrapper for the same model takes the routing of the gradients
+    over from the previous one.
 
     Args:
         optimizer: any ``torch.optim`` optimizer over the model's parameters.
         model: the model with :class:`PowerProp` layers.
-        max_grad_norm: clip the gradients the step uses (``∂L/∂θ`` of the Powerprop
-            weights, the plain gradients of the others) to this total 2-norm, as
-            ``torch.nn.utils.clip_grad_norm_`` does for a plain optimizer. Clipping
-            ``model.parameters()`` yourself would not work: it changes ``φ``'s
-            gradients, which the step replaces by ``∂L/∂θ``.
 
     Raises:
-        ValueError: the model has no Powerprop layer, or ``max_grad_norm`` is not positive.
+        ValueError: the model has no Powerprop layer.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *, max_grad_norm: float | None = None):
-        if max_grad_norm is not None and not (is_real(max_grad_norm) and max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
-        self.optimizer, self.max_grad_norm = optimizer, max_grad_norm
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module):
+        self.optimizer = optimizer
         self.layers = powerprop_layers(model)
         if not self.layers:
             raise ValueError("the model has no Powerprop layer: call lowlearn.powerprop.powerprop(model, alpha) first")
         # (name, φ, α) of each layer: φ is the parameter object the wrapped optimizer holds too.
         self._weights = [(name, layer.parametrizations.weight.original, _powerprop_of(layer).alpha)
                          for name, layer in self.layers.items()]
-        self._theta_grads = OutputGradients(self.layers, PowerProp)
-        self._theta_grads.start()
+        self._seen: set[str] = set()       # the layers whose ∂L/∂θ this wrapper routed since the last step
+        for (name, phi, _), layer in zip(self._weights, self.layers.values()):
+            module = _powerprop_of(layer)
+            if module in _ROUTERS:         # the layer's previous wrapper stops routing: one wrapper per model
+                _ROUTERS[module].remove()
+            _ROUTERS[module] = module.register_forward_hook(self._theta_gradient_hook(name, phi))
         self._scratch: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def _theta_gradient_hook(self, name: str, phi: Tensor):
+        def hook(module: nn.Module, inputs: tuple, theta: Tensor) -> Tensor | None:
+            if inputs[0] is not phi or not theta.requires_grad:      # a deep copy's pass, or another tensor's
+                return None
+            self._seen.add(name)
+            return _GradientOfTheta.apply(phi, theta.detach())
+
+        return hook
 
     @property
     def param_groups(self) -> list[dict]:
@@ -269,61 +310,37 @@ class PowerPropOptimizer:
         return self.optimizer.state
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients, and the ``∂L/∂θ`` read in the last backward pass."""
+        """Clear the gradients."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
-        self._theta_grads.clear()
 
     @torch.no_grad()
     def step(self) -> None:
         """One optimiser-aware step (see the class docstring).
 
-        In data-parallel training the ``∂L/∂θ`` are averaged over the processes first,
-        as ``DistributedDataParallel`` averages the gradients of ``φ``, so that every
-        process takes the same step.
-
         Raises:
-            RuntimeError: a layer has a nonzero gradient but no ``∂L/∂θ`` was seen for
-                it (the backward pass ran before this wrapper was built).
+            RuntimeError: a layer has a nonzero gradient that did not come through this
+                wrapper (a backward pass of a forward pass before it was built).
         """
-        grads = self._theta_grads.grads
-        average_across_processes(grads[name] for name in sorted(grads))
-        if self.max_grad_norm is not None:
-            self._clip(grads)
         swapped = []
         for name, phi, alpha in self._weights:
             if phi.grad is None:
                 continue
-            theta_grad = grads.get(name)
-            if theta_grad is None:
-                # A zero gradient (zero_grad(set_to_none=False)) of a layer that took no part in the
-                # loss: ∂L/∂θ = 0 too. Anything else came from a backward pass this wrapper did not see.
-                if phi.grad.any():
-                    raise RuntimeError(f"no gradient of the effective weight of {name!r} was seen: build the "
-                                       "PowerPropOptimizer before the forward pass, then zero_grad(), forward, "
-                                       "backward and step()")
-                theta_grad = torch.zeros_like(phi)
+            # A zero gradient (zero_grad(set_to_none=False)) of a layer that took no part in the loss is
+            # ∂L/∂θ = 0 too. Anything else came from a forward pass this wrapper did not see.
+            if name not in self._seen and phi.grad.any():
+                raise RuntimeError(f"the gradient of {name!r} did not come through this PowerPropOptimizer: build "
+                                   "it before the forward pass, then zero_grad(), forward, backward and step()")
             old, theta = self._scratch_like(name, phi)
             old.copy_(phi)
             _power(old, alpha, out=theta)
-            phi.copy_(theta)                                      # the parameter holds θ = φ |φ|^(α−1) ...
-            swapped.append((phi, old, theta, alpha, phi.grad))
-            phi.grad = theta_grad                                 # ... and its gradient ∂L/∂θ
+            phi.copy_(theta)                                      # the parameter holds θ = φ |φ|^(α−1)
+            swapped.append((phi, old, theta, alpha))
         self.optimizer.step()
-        for phi, old, theta, alpha, grad in swapped:
+        for phi, old, theta, alpha in swapped:
             phi.sub_(theta)            # Δθ = θ_new − θ exactly: 0 wherever the optimizer left θ alone (frozen weights)
             power = _magnitude_power(old, alpha - 1, out=theta)   # |φ|^(α−1)
             torch.addcmul(old, phi, power, value=alpha, out=phi)  # φ ← φ + Δθ · α |φ|^(α−1)
-            phi.grad = grad
-        self._theta_grads.clear()
-
-    def _clip(self, grads: dict[str, Tensor]) -> None:
-        """Scale ``∂L/∂θ`` and the other parameters' gradients down to a total norm of ``max_grad_norm``."""
-        phis = {id(phi) for _, phi, _ in self._weights}
-        tensors = list(grads.values()) + [p.grad for group in self.optimizer.param_groups for p in group["params"]
-                                          if p.grad is not None and id(p) not in phis]
-        if tensors:
-            total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
-            torch._foreach_mul_(tensors, torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0))
+        self._seen.clear()
 
     def _scratch_like(self, name: str, phi: Tensor) -> tuple[Tensor, Tensor]:
         """The step's two tensors like ``φ`` (made anew if ``φ`` has moved to another dtype or device)."""

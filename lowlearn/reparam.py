@@ -12,8 +12,8 @@ copy of a module they touched take its own class, so the two never share one.
 :func:`register` also gives the class a leaner property for the parametrized tensor
 (see ``_lean_property``): a training step reads it once per layer.
 :class:`OutputGradients` reads the gradient of a parametrization's output (the
-effective weight), which dynamic sparse training and Powerpropagation's
-optimiser-aware update need.
+effective weight), such as the dense gradient of a masked weight that dynamic sparse
+training grows connections by.
 """
 
 from __future__ import annotations

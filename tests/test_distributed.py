@@ -34,7 +34,7 @@ def train(method: str, seed: int = 0) -> dict:
     if method == "dlrt":
         to_low_rank(model, ["1", "3"], rank=8)      # initial ranks that do not depend on the seed; DLRT adapts them
         optimizer = DLRT(model, lr=0.1, tol=0.3, optimizer=torch.optim.SGD(dense_parameters(model), lr=0.1))
-    elif method == "powerprop":     # the optimiser-aware Adam reads ∂L/∂θ itself: it must average it too
+    elif method == "powerprop":     # the optimiser-aware Adam steps on ∂L/∂θ, which DDP must average
         powerprop(model, 3)
         optimizer = PowerPropOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), model)
     else:

@@ -127,7 +127,7 @@ def test_zero_is_a_critical_point_without_nan():
     assert torch.equal(raw_weight(layer).grad, torch.zeros(2, 3))   # autograd's own pow rule gives NaN here
 
 
-def test_clipping_scales_the_gradients_the_aware_step_uses():
+def test_under_the_wrapper_phi_gets_the_gradient_of_theta_and_the_usual_clipping_scales_the_step():
     model = powerprop(small_mlp(), 3)
     x, y = batch()
     plain = copy.deepcopy(model)                          # a plain network with weights θ: its gradients are ∂L/∂θ
@@ -140,22 +140,26 @@ def test_clipping_scales_the_gradients_the_aware_step_uses():
     clipped, scaled = copy.deepcopy(model), copy.deepcopy(model)
     # With plain SGD, clipping by a factor c is a step with the learning rate times c.
     for net, lr, limit in ((clipped, 0.5, max_norm), (scaled, 0.5 * scale, None)):
-        optimizer = PowerPropOptimizer(torch.optim.SGD(net.parameters(), lr=lr), net, max_grad_norm=limit)
+        optimizer = PowerPropOptimizer(torch.optim.SGD(net.parameters(), lr=lr), net)
         optimizer.zero_grad()
         F.cross_entropy(net(x), y).backward()
+        for p, expected in zip(net.parameters(), plain.parameters()):      # ∂L/∂θ, and the biases' own
+            assert torch.allclose(p.grad, expected.grad, rtol=1e-5, atol=1e-8)
+        if limit is not None:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), limit)
         optimizer.step()
     for a, b, start in zip(clipped.parameters(), scaled.parameters(), model.parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7) and not torch.equal(a, start)
-    # A limit above the norm changes nothing: clipping never scales gradients up.
-    loose, free = copy.deepcopy(model), copy.deepcopy(model)
-    for net, limit in ((loose, 10 * norm.item()), (free, None)):
-        optimizer = PowerPropOptimizer(torch.optim.SGD(net.parameters(), lr=0.5), net, max_grad_norm=limit)
-        optimizer.zero_grad()
+    # Without the wrapper, or in a deep copy of a wrapped model, φ gets its own gradient ∂L/∂φ.
+    copied = copy.deepcopy(clipped)
+    for net in (model, copied):
         F.cross_entropy(net(x), y).backward()
-        optimizer.step()
-    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-8) for a, b in zip(loose.parameters(), free.parameters()))
-    with pytest.raises(ValueError, match="max_grad_norm must be a positive number"):
-        PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, max_grad_norm=0)
+        layer = prunable_layers(net)["1"]
+        theta_grad = prunable_layers(plain)["1"].weight.grad if net is model else None
+        if theta_grad is not None:
+            assert torch.allclose(raw_weight(layer).grad, theta_grad * 3 * raw_weight(layer).detach() ** 2,
+                                  rtol=1e-5, atol=1e-9)
+        assert not torch.equal(raw_weight(layer).grad, raw_weight(prunable_layers(clipped)["1"]).grad)
 
 
 def test_bad_alpha_and_order():
@@ -230,9 +234,6 @@ def test_plain_sgd_and_the_optimiser_aware_sgd_agree(alpha):
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
-        # The aware step hands the parameters their own gradients ∂L/∂φ back.
-        for a, b in zip(model_a.parameters(), model_b.parameters()):
-            assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-8)
     for a, b in zip(model_a.parameters(), model_b.parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
@@ -276,12 +277,32 @@ def test_a_layer_that_sat_out_a_pass_takes_a_zero_gradient_step_after_zero_grad_
 
 
 def test_a_gradient_the_wrapper_did_not_see_is_an_error():
-    model = powerprop(small_mlp(), 3)
     x, y = batch()
-    F.cross_entropy(model(x), y).backward()                     # before the wrapper exists
+    model = powerprop(small_mlp(), 3)
+    F.cross_entropy(model(x), y).backward()                     # before the wrapper exists: ∂L/∂φ
     aware = PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
-    with pytest.raises(RuntimeError, match="build the PowerPropOptimizer before the forward pass"):
+    with pytest.raises(RuntimeError, match="did not come through this PowerPropOptimizer"):
         aware.step()
+    model = powerprop(small_mlp(), 3)
+    loss = F.cross_entropy(model(x), y)                         # a forward pass before the wrapper, ...
+    aware = PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    loss.backward()                                             # ... whose backward gives φ ∂L/∂φ
+    with pytest.raises(RuntimeError, match="did not come through this PowerPropOptimizer"):
+        aware.step()
+
+
+def test_a_new_wrapper_takes_the_routing_over():
+    model = powerprop(small_mlp(), 3)
+    first = PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    second = PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    for layer in powerprop_layers(model).values():
+        assert len(layer.parametrizations.weight[0]._forward_hooks) == 1
+    x, y = batch()
+    second.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    second.step()
+    with pytest.raises(RuntimeError, match="did not come through this PowerPropOptimizer"):
+        first.step()
 
 
 def test_plain_adam_on_phi_weakens_rich_get_richer():

@@ -2,10 +2,12 @@
 
 LeNet-300-100 with identical initial function; a step is forward, cross-entropy,
 backward and an optimizer step on a fixed batch. Powerprop adds a power of every
-weight in the forward pass and a multiplication in the backward pass; the
-optimiser-aware update (:class:`lowlearn.powerprop.PowerPropOptimizer`) adds a few
-element-wise passes over the weights per step. Each is compared with its own
-baseline: SGD with plain SGD, the optimiser-aware Adam with plain Adam.
+weight in the forward pass and its derivative's factor in the backward pass. The
+optimiser-aware update (:class:`lowlearn.powerprop.PowerPropOptimizer`) needs no
+factor in the backward pass (it steps on ``∂L/∂θ``), but its step makes six
+element-wise passes over each weight to map the update back to ``φ``. Each is
+compared with its own baseline: SGD with plain SGD, the optimiser-aware Adam with
+plain Adam.
 
 The page faults per step are printed beside the times (see ``masks``, and
 ``python -m lowlearn.bench allocator`` for their cost in a process that trains one model).
