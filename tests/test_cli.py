@@ -1,4 +1,5 @@
 import argparse
+import subprocess
 import sys
 
 import pytest
@@ -80,3 +81,11 @@ def test_a_missing_peer_ends_the_report_before_any_benchmark_runs(tmp_path, monk
     monkeypatch.setattr(report, "collect", lambda sizes, device: pytest.fail("the benchmarks ran"))
     with pytest.raises(SystemExit, match="pip install higher"):
         report.main(["--out", str(tmp_path / "reports"), "--device", "cpu", "--quick"])
+
+
+@pytest.mark.skipif(not system_allocator.has_glibc(), reason="the allocator's settings are glibc's")
+def test_the_benchmarks_run_with_freed_memory_retained():
+    # The cases of a benchmark share a process; glibc's adaptive thresholds would let one decide another's faults.
+    done = subprocess.run([sys.executable, "-m", "lowlearn.bench", "masks", "--iterations", "1", "--repeats", "1",
+                           "--device", "cpu"], capture_output=True, text=True, check=True)
+    assert "allocator glibc, freed memory retained" in done.stdout.splitlines()[0]

@@ -2,6 +2,8 @@
 
 import sys
 
+from lowlearn.allocator import retain_freed_memory
+
 from . import allocator, dst, lowrank, maml, masks, powerprop, report, sparse
 
 BENCHMARKS = {"masks": masks.main, "dst": dst.main, "powerprop": powerprop.main, "allocator": allocator.main,
@@ -18,6 +20,7 @@ def main(argv: list[str]) -> None:
         return
     if not argv or argv[0] not in BENCHMARKS:
         sys.exit(USAGE)
+    retain_freed_memory()     # the cases share this process: see lowlearn.bench (allocator's workers are their own)
     BENCHMARKS[argv[0]](argv[1:])
 
 

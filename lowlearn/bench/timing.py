@@ -225,6 +225,6 @@ def _code_version() -> str:
 
 
 def environment(device: str | torch.device | None) -> str:
-    """:func:`machine` in one line: ``"device ..., torch ..., N CPU threads"``."""
+    """:func:`machine` in one line: ``"device ..., torch ..., N CPU threads, allocator ..."``."""
     env = machine(device)
-    return f"device {env['device']}, torch {env['torch']}, {env['threads']} CPU threads"
+    return f"device {env['device']}, torch {env['torch']}, {env['threads']} CPU threads, allocator {env['allocator']}"
