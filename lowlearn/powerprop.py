@@ -235,17 +235,17 @@ class PowerPropOptimizer:
 
         ``Δφ = optim(∂L/∂Ψ(φ)) · α |φ|^(α−1).``
 
-    From the wrapper's construction on, backward gives each reparameterised weight's ``φ`` the
-    gradient ``∂L/∂θ`` of its effective weight ``θ = Ψ(φ)``, the gradient the update
-    uses, instead of ``∂L/∂φ`` (a forward hook on the layer's :class:`PowerProp`, for
-    passes that start from the layer's own ``φ``: not a deep copy's, nor
+    From the wrapper's construction on, backward gives each reparameterised weight's
+    ``φ`` the gradient ``∂L/∂θ`` of its effective weight ``θ = Ψ(φ)``, the gradient the
+    update uses, instead of ``∂L/∂φ`` (a forward hook on the layer's :class:`PowerProp`,
+    for passes that start from the layer's own ``φ``: not a deep copy's, nor
     :func:`torch.func.functional_call`'s with other tensors). :meth:`step` hands the
     wrapped optimizer ``θ`` with that gradient, lets it take its usual step
     ``θ → θ + Δθ`` (with its own state: momentum, Adam's moments, weight decay on
     ``θ``), and sets ``φ ← φ + Δθ · α |φ|^(α−1)``. Other parameters (biases) take the
     plain step. Since the gradients are ``∂L/∂θ``,
-    ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)`` between backward and
-    :meth:`step` clips them as the update needs, and ``DistributedDataParallel``
+    ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)`` between backward
+    and :meth:`step` clips them as the update needs, and ``DistributedDataParallel``
     averages them across processes.
 
     Why: Adam divides each gradient by a running estimate of its magnitude. On ``φ``
