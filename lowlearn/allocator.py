@@ -23,9 +23,9 @@ counted about 100 faults per step for a masked and for a Powerprop LeNet-300-100
 Whether that makes training faster depends on the machine and the model, and the
 same benchmark times each model under both settings (the course's CPU report,
 ``reports/cpu``, has its rows). On one thread of one quiet machine it changes from run
-to run: three runs of it had the masked step 0.77×, 1.02× and 0.98× as long with freed
-memory retained, the Powerprop step 0.95×, 0.87× and 1.02×, and the dense step, which
-has no faults to save, 0.98×, 0.95× and 1.01×. Measure before adopting it. The price is that the process keeps
+to run: five runs of it had the masked step 0.77× to 1.02× as long with freed memory
+retained, the Powerprop step 0.68× to 1.02×, and the dense step, which has no faults to
+save, 0.95× to 1.03×. Measure before adopting it. The price is that the process keeps
 up to ``trim_threshold`` bytes of freed memory instead of returning it. PyTorch's
 performance tuning guide recommends another allocator (jemalloc or tcmalloc, through
 ``LD_PRELOAD``) for the same reason; glibc's environment variables
