@@ -7,8 +7,8 @@ never time anything; claims about speed live here.
 On a CPU with glibc, ``python -m lowlearn.bench`` first makes the process keep the
 memory it frees (:func:`lowlearn.allocator.retain_freed_memory`; the environment line
 of every report says so). Interleaving puts all the cases in one process, and glibc
-adapts when it hands freed memory back to the system to what the process allocated
-before: one case's allocations would decide another's page faults. Training
+decides when to hand freed memory back to the system from the blocks the process
+freed before: one case's allocations would decide another's page faults. Training
 LeNet-300-100 with Powerprop and SGD took 0 page faults per step alone, 886 after
 every step of the dense network, and 212 among the four cases of ``powerprop``, and
 its time followed. With the memory kept, each case pays for its own computation

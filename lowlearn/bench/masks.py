@@ -8,10 +8,11 @@ parametrizations (:mod:`lowlearn.sparse.mask`); ``torch.nn.utils.prune`` recompu
 ``weight = weight_orig * weight_mask`` in a forward pre-hook. A training step is
 forward, cross-entropy, backward and an SGD-with-momentum step on a fixed batch.
 
-The page faults per step are printed beside the times: a parametrization's extra
+The page faults per step are printed beside the times. A parametrization's extra
 weight-sized tensors can make the allocator hand memory back to the system and fault
-it in again (:mod:`lowlearn.allocator`; ``python -m lowlearn.bench allocator``
-measures that cost, one model per process).
+it in again (:mod:`lowlearn.allocator`); ``python -m lowlearn.bench`` keeps freed
+memory, so there they stay near zero, and ``python -m lowlearn.bench allocator``
+measures their cost with glibc's defaults, one model per process.
 """
 
 from __future__ import annotations

@@ -9,8 +9,7 @@ element-wise passes over each weight to map the update back to ``φ``. Each is
 compared with its own baseline: SGD with plain SGD, the optimiser-aware Adam with
 plain Adam.
 
-The page faults per step are printed beside the times (see ``masks``, and
-``python -m lowlearn.bench allocator`` for their cost in a process that trains one model).
+The page faults per step are printed beside the times (see ``masks``).
 """
 
 from __future__ import annotations
