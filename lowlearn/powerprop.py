@@ -279,12 +279,11 @@ class PowerPropOptimizer:
         self.layers = powerprop_layers(model)
         if not self.layers:
             raise ValueError("the model has no Powerprop layer: call lowlearn.powerprop.powerprop(model, alpha) first")
-        # (name, φ, α) of each layer: φ is the parameter object the wrapped optimizer holds too.
-        self._weights = [(name, layer.parametrizations.weight.original, _powerprop_of(layer).alpha)
-                         for name, layer in self.layers.items()]
+        self._weights: list[tuple[str, Tensor, float]] = []   # (name, φ, α): the wrapped optimizer holds φ too
         self._seen: set[str] = set()       # the layers whose ∂L/∂θ this wrapper routed since the last step
-        for (name, phi, _), layer in zip(self._weights, self.layers.values()):
-            module = _powerprop_of(layer)
+        for name, layer in self.layers.items():
+            module, phi = _powerprop_of(layer), layer.parametrizations.weight.original
+            self._weights.append((name, phi, module.alpha))
             if module in _ROUTERS:         # the layer's previous wrapper stops routing: one wrapper per model
                 _ROUTERS[module].remove()
             _ROUTERS[module] = module.register_forward_hook(self._theta_gradient_hook(name, phi))
