@@ -150,16 +150,20 @@ def test_under_the_wrapper_phi_gets_the_gradient_of_theta_and_the_usual_clipping
         optimizer.step()
     for a, b, start in zip(clipped.parameters(), scaled.parameters(), model.parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7) and not torch.equal(a, start)
-    # Without the wrapper, or in a deep copy of a wrapped model, φ gets its own gradient ∂L/∂φ.
-    copied = copy.deepcopy(clipped)
-    for net in (model, copied):
+    # Without the wrapper, φ gets its own gradient ∂L/∂φ = α|φ|^(α−1) ∂L/∂θ ...
+    F.cross_entropy(model(x), y).backward()
+    phi = raw_weight(prunable_layers(model)["1"])
+    assert torch.allclose(phi.grad, prunable_layers(plain)["1"].weight.grad * 3 * phi.detach() ** 2,
+                          rtol=1e-5, atol=1e-9)
+    # ... and so does a deep copy of a wrapped model: the gradients of the same model never wrapped.
+    copied, never_wrapped = copy.deepcopy(clipped), powerprop(small_mlp(), 3)
+    never_wrapped.load_state_dict(clipped.state_dict())
+    copied.zero_grad()
+    for net in (copied, never_wrapped):
         F.cross_entropy(net(x), y).backward()
-        layer = prunable_layers(net)["1"]
-        theta_grad = prunable_layers(plain)["1"].weight.grad if net is model else None
-        if theta_grad is not None:
-            assert torch.allclose(raw_weight(layer).grad, theta_grad * 3 * raw_weight(layer).detach() ** 2,
-                                  rtol=1e-5, atol=1e-9)
-        assert not torch.equal(raw_weight(layer).grad, raw_weight(prunable_layers(clipped)["1"]).grad)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(copied.parameters(), never_wrapped.parameters()))
+    copied_phi, clipped_phi = (raw_weight(prunable_layers(net)["1"]) for net in (copied, clipped))
+    assert not torch.equal(copied_phi.grad, clipped_phi.grad)
 
 
 def test_bad_alpha_and_order():
