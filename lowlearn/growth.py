@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .data.splits import check_count
+from .checks import check_count
 from .distributed import world
 from .sparse.export import chain
 from .train import buffers_restored, generator_on

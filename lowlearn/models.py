@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.splits import check_count
+from .checks import check_count
 
 
 class MLP(nn.Sequential):

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .data.splits import is_real
+from .checks import is_real
 from .reparam import register
 from .sparse.mask import resolve_layers
 

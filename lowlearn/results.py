@@ -34,7 +34,7 @@ except ImportError:                              # Windows: no flock; concurrent
 import torch
 
 from .atomic import atomic_file
-from .data.splits import is_real
+from .checks import is_real
 from .profiles import device_description, get_profile
 
 ENV_VAR = "LOWLEARN_RESULTS"

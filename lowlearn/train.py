@@ -42,7 +42,7 @@ from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 from .atomic import atomic_file
-from .data.splits import check_count
+from .checks import check_count
 from .distributed import broadcast_from_the_first_process, world
 
 Data = TensorDataset | tuple[Tensor, Tensor]

@@ -20,7 +20,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .splits import Splits, check_count, is_real, make_splits
+from ..checks import check_count, is_real
+from .splits import Splits, make_splits
 
 _DIGITS_SIZE = 1797
 _MNIST5K_SIZE = 5000

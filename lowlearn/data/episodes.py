@@ -24,8 +24,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lowlearn.checks import check_count
 from lowlearn.data.omniglot import Omniglot
-from lowlearn.data.splits import check_count
 
 
 def group_by_class(x: Tensor, y: Tensor) -> Tensor:

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checks import check_count
 from .cache import DataError, Resource, fetch_all
 from .embedded import load_mnist5k
-from .splits import Splits, check_count, make_splits
+from .splits import Splits, make_splits
 
 _MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",

@@ -37,8 +37,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from lowlearn.checks import is_integer
 from lowlearn.data.cache import DataError, Resource, check_member_name, fetch, fetch_all
-from lowlearn.data.splits import is_integer
 
 DRAWERS = 20
 """Number of drawings of each character (one by each of 20 people)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple
 
 import torch
@@ -28,22 +27,6 @@ def make_splits(x_train: torch.Tensor, y_train: torch.Tensor,
         ValueError: inputs and labels of a part have different lengths.
     """
     return Splits(_dataset("train", x_train, y_train), _dataset("test", x_test, y_test))
-
-
-def is_real(value: object) -> bool:
-    """Whether ``value`` is a real number: a Python or NumPy int or float, not a bool (nor a tensor)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def is_integer(value: object) -> bool:
-    """Whether ``value`` is an integer: a Python or NumPy int, not a bool (nor a tensor)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def check_count(name: str, value: int, minimum: int) -> None:
-    """Raise a ValueError unless ``value`` is an integer of at least ``minimum`` (a number of examples, tasks, ...)."""
-    if not is_integer(value) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
 
 
 def _dataset(part: str, x: torch.Tensor, y: torch.Tensor) -> TensorDataset:

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .splits import check_count
+from ..checks import check_count
 
 Range = tuple[float, float]
 

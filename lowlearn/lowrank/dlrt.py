@@ -58,7 +58,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..data.splits import check_count, is_real
+from ..checks import check_count, is_real
 from ..distributed import average_across_processes
 from ..train import NonFiniteLossError, buffers_restored
 from .layers import check_tolerance, dense_parameters, low_rank_layers, truncation_rank

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.splits import is_integer, is_real
+from ..checks import is_integer, is_real
 
 
 def check_rank(rank: int, n: int, m: int, what: str = "rank") -> int:

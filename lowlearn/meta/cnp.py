@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Normal
 
-from ..data.splits import check_count
+from ..checks import check_count
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:

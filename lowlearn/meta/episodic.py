@@ -19,8 +19,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from lowlearn.checks import check_count
 from lowlearn.data.episodes import Episode, EpisodeSampler
-from lowlearn.data.splits import check_count
 
 
 class MetaLearner(Protocol):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..data.splits import check_count
+from ..checks import check_count
 from ..train import generator_on
 
 State = list[tuple[Tensor, Tensor]]

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.splits import check_count
+from ..checks import check_count
 from ..train import buffers_restored
 from .batched import summed_over_tasks, task_batched
 from .functional import (LossFn, Params, check_labels, check_task, inner_loop, parameters_of, run,

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_count
 from ..data.augment import shifted_copies
-from ..data.splits import check_count
 from .functional import values_are_free_to_read
 from .maml import TaskBatch
 

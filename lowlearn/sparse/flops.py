@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..cost import FlopCount, count_flops, training_flops
-from ..data.splits import check_count, is_real
+from ..checks import check_count, is_real
 from .mask import layer_densities
 
 Densities = float | Mapping[str, float]

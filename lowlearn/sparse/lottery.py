@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..data.splits import check_count, is_real
+from ..checks import check_count, is_real
 from ..reparam import raw_value
 from ..train import History, StopTraining, TrainState
 from .mask import (Mask, attach_masks, density, layer_densities, masked_layers, masks_of, raw_weight, set_masks,

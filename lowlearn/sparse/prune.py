@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..data.splits import is_real
+from ..checks import is_real
 from .mask import attach_masks, masks_or_ones, resolve_layers, set_masks
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data.splits import check_count, is_real
+from ..checks import check_count, is_real
 from .mask import masks_or_ones
 from .prune import check_density, prune
 from .scores import magnitude

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..data.splits import check_count
+from ..checks import check_count
 from ..train import eval_mode, generator_on
 from .mask import resolve_layers, masked_layers, prunable_layers, raw_weight, weights_device
 

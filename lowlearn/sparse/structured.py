@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..data.splits import is_integer, is_real
+from ..checks import is_integer, is_real
 from ..reparam import register
 from .mask import (PRUNABLE, Mask, attach_masks, find_mask, masks_or_ones, prunable_layers, set_masks,
                    zero_optimizer_state)

@@ -37,7 +37,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..data.splits import check_count
+from ..checks import check_count
 from ..reparam import register
 from .dst import Distribution, Sparsifier, layer_densities_for
 from .mask import SplitMask, find_mask, raw_weight, refuse_weight_decay, resolve_layers, zero_optimizer_state

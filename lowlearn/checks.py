@@ -1,0 +1,26 @@
+"""Checks of argument types that every part of lowlearn shares.
+
+NumPy scalars count as numbers, so values read from arrays or configuration files pass;
+``bool`` does not (``True`` is an ``int`` to Python, but never a density or a count), nor does a
+tensor (pass ``float(t)`` or ``int(t)``).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+
+def is_real(value: object) -> bool:
+    """Whether ``value`` is a real number: a Python or NumPy int or float, not a bool (nor a tensor)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_integer(value: object) -> bool:
+    """Whether ``value`` is an integer: a Python or NumPy int, not a bool (nor a tensor)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_count(name: str, value: int, minimum: int) -> None:
+    """Raise a ValueError unless ``value`` is an integer of at least ``minimum`` (a number of examples, tasks, ...)."""
+    if not is_integer(value) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")

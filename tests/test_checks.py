@@ -1,0 +1,40 @@
+"""The shared argument checks: which values count as real numbers, integers and counts."""
+
+import fractions
+
+import numpy as np
+import pytest
+import torch
+
+from lowlearn.checks import check_count, is_integer, is_real
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, float("inf"), np.int64(4), np.float32(0.5), fractions.Fraction(1, 3)])
+def test_real_numbers_include_numpy_scalars(value):
+    assert is_real(value)
+
+
+@pytest.mark.parametrize("value", [True, False, "0.5", None, 1j, torch.tensor(0.5), np.array([0.5])])
+def test_bools_strings_tensors_and_arrays_are_not_real_numbers(value):
+    assert not is_real(value)
+
+
+@pytest.mark.parametrize("value", [0, -3, np.int64(4), np.uint8(7)])
+def test_integers_include_numpy_integers(value):
+    assert is_integer(value)
+
+
+@pytest.mark.parametrize("value", [True, 2.0, np.float64(2.0), "2", torch.tensor(2)])
+def test_bools_floats_strings_and_tensors_are_not_integers(value):
+    assert not is_integer(value)
+
+
+def test_a_count_at_the_minimum_passes():
+    check_count("shots", 1, 1)
+    check_count("shots", np.int64(5), 1)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.0, True, "3"])
+def test_a_count_below_the_minimum_or_not_an_integer_names_itself(value):
+    with pytest.raises(ValueError, match=r"shots must be an int >= 1; got"):
+        check_count("shots", value, 1)
