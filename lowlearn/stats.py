@@ -1,11 +1,13 @@
 """Summaries of repeated measurements: the mean and its 95% confidence interval.
 
-The chapters report every number that varies between runs (seeds, test episodes,
-test tasks) as ``mean ± half-width of the 95% interval of the mean``, the way
-few-shot and pruning papers do. :func:`mean_and_ci` is that computation;
-:func:`summarize` is the same for results that may come from a single run (a
-profile with one seed), where no interval exists; :func:`curve_mean_and_ci` is it
-for every point of a curve measured in several runs (an error band).
+Accuracies over test episodes and test tasks, and every result a chapter records
+(:mod:`lowlearn.results`), are given as ``mean ± half-width of the 95% interval of the
+mean``, the way few-shot papers report them. :func:`mean_and_ci` is that computation;
+:func:`summarize` is the same for results that may come from a single run (a profile
+with one seed), where no interval exists; :func:`curve_mean_and_ci` is it for every
+point of a curve measured in several runs (an error band). Curves and tables over a
+handful of training seeds show instead the spread between seeds, ``mean ± one standard
+deviation`` (:func:`lowlearn.plot.mean_and_spread`), and say so.
 """
 
 from __future__ import annotations
