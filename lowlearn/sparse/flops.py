@@ -30,8 +30,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..cost import FlopCount, count_flops, training_flops
 from ..checks import check_count, is_real
+from ..cost import FlopCount, count_flops, training_flops
 from .mask import layer_densities
 
 Densities = float | Mapping[str, float]
