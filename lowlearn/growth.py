@@ -31,10 +31,11 @@ growth:
 Outgoing weights of new units get, per unit, the mean norm of the existing units'
 outgoing weights (times ``scale``), for random and GradMax alike. The gradient that
 reaches zero incoming weights carries the factor ``f'(0)``: use an activation with
-``f(0) = 0`` and ``f'(0) ≠ 0`` (tanh, or leaky ReLU; PyTorch's ReLU has gradient 0
-at 0, so units with zero incoming weights never start learning under it; grow
-with ``epsilon > 0`` small random incoming weights then, at the price of changing
-the function by ``O(ε)``).
+``f(0) = 0`` and ``f'(0)`` well away from 0, such as tanh (``f'(0) = 1``). PyTorch
+gives leaky ReLU the gradient of its negative slope at 0 (0.01 by default), so new
+units start learning a hundred times more slowly than under tanh, and ReLU the
+gradient 0, so they never start; grow with ``epsilon > 0`` small random incoming
+weights then, at the price of changing the function by ``O(ε)``.
 
 Supported pairs: two Linear layers, or two Conv2d layers, of an ``nn.Sequential``
 (nested ones are read in order), with only activations, dropout and pooling
@@ -243,6 +244,8 @@ def grow(model: nn.Sequential, layer: int, k: int, strategy: str = "gradmax", *,
     old = grown.weight.shape[0]
     if max_width is not None and old + k > max_width:
         raise ValueError(f"layer {layer} has {old} units: growing {k} more would pass max_width={max_width}")
+    if optimizer is not None:                   # before splitting rewrites the consumer's weights in place
+        _check_state_layouts(optimizer, [grown.weight, grown.bias, consumer.weight])
     weight, out = grown.weight.detach(), consumer.weight.detach()
     device, dtype = weight.device, weight.dtype
     generator = generator_on(generator, device)
@@ -274,8 +277,6 @@ def grow(model: nn.Sequential, layer: int, k: int, strategy: str = "gradmax", *,
             raise ValueError("GradMax needs a batch (inputs, targets) to measure the gradient on")
         directions = gradmax_directions(model, layer, k, batch, loss_fn, generator=generator)
         outgoing = _as_columns(directions.reshape(k, -1), out) * target
-    if optimizer is not None:
-        _check_state_layouts(optimizer, [grown.weight, grown.bias, consumer.weight])
     params = _add_units(grown, consumer, incoming, bias, outgoing)
     if optimizer is not None:
         for old_param, new_param, dim in params:

@@ -232,15 +232,17 @@ def test_an_optimizer_over_some_parameters_keeps_training_those_after_growth():
     assert optimizer.state[model[-1].weight]["momentum_buffer"].shape == model[-1].weight.shape
 
 
-def test_optimizer_state_growth_cannot_extend_is_refused_before_the_model_changes():
+@pytest.mark.parametrize("strategy", ["random", "split", "gradmax"])
+def test_optimizer_state_growth_cannot_extend_is_refused_before_the_model_changes(strategy):
     model, data = mlp(), batch()
     optimizer = torch.optim.Adafactor(model.parameters(), lr=0.01)          # factored second moments
     F.cross_entropy(model(data[0]), data[1]).backward()
     optimizer.step()
-    shapes = {name: p.shape for name, p in model.named_parameters()}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
     with pytest.raises(ValueError, match="Adafactor keeps state 'row_var' of shape"):
-        grow(model, 1, 2, "random", optimizer=optimizer)
-    assert {name: p.shape for name, p in model.named_parameters()} == shapes
+        grow(model, 1, 2, strategy, batch=data, optimizer=optimizer)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
 
 
 def test_split_copies_the_units_with_the_largest_outgoing_weights_and_shares_them_around_a_half():
