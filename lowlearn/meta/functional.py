@@ -91,15 +91,17 @@ def check_gradients_allowed() -> None:
                            "for the inner steps)")
 
 
-def check_task(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> None:
+def check_task(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, *,
+               scores_queries: bool = True) -> None:
     """Raise a ValueError naming the problem if a task's tensors do not fit together.
 
-    Inputs and targets must agree in length, the query set must not be empty, and
-    support and query examples must agree in shape.
+    Inputs and targets must agree in length, the query set must not be empty (unless
+    nothing scores it: ``scores_queries=False``, as for Reptile), and support and query
+    examples must agree in shape.
     """
     if support_x.shape[0] != support_y.shape[0]:
         raise ValueError(f"the support set has {support_x.shape[0]} inputs but {support_y.shape[0]} targets")
-    if query_x.shape[0] == 0:
+    if scores_queries and query_x.shape[0] == 0:
         raise ValueError("the query set is empty: the meta-objective and the evaluation score the query examples, "
                          "so sample tasks with queries >= 1")
     if query_x.shape[0] != query_y.shape[0]:

@@ -214,7 +214,8 @@ class MAML(nn.Module):
                                   self.learning_rates(), adapt=self.adapt_names, tasks_at_once=self.tasks_at_once)
 
 
-def check_tasks(model: nn.Module, params: Params, tasks: TaskBatch, *, adapts: bool = True) -> None:
+def check_tasks(model: nn.Module, params: Params, tasks: TaskBatch, *, adapts: bool = True,
+                scores_queries: bool = True) -> None:
     """Raise a ValueError before any loss uses ``tasks`` if they do not fit together or the model.
 
     The four tensors must hold the same number of tasks (at least one), every task
@@ -222,7 +223,8 @@ def check_tasks(model: nn.Module, params: Params, tasks: TaskBatch, *, adapts: b
     shapes, so the first stands for all), and integer labels must be classes of the
     model: ``0 .. N−1``, where ``N`` is the size of the model's output on the first
     query set (one forward pass with ``params``, without gradients, the model's
-    buffers left as they were). The labels are checked on the CPU only
+    buffers left as they were; on the first support set where ``scores_queries`` is
+    false: a learner that uses support sets only, whose query sets may be empty). The labels are checked on the CPU only
     (:func:`~lowlearn.meta.functional.values_are_free_to_read`). Real-valued targets
     must not broadcast the model's output to a larger shape (targets ``(K,)`` against
     outputs ``(K, 1)`` would compare every output with every target); this takes the
@@ -233,29 +235,34 @@ def check_tasks(model: nn.Module, params: Params, tasks: TaskBatch, *, adapts: b
     if len(set(counts.values())) != 1 or not counts["support_x"]:
         raise ValueError(f"the tasks' tensors must stack the same number of tasks (at least one) along their first "
                          f"dimension, got {counts}")
-    check_task(tasks.support_x[0], tasks.support_y[0], tasks.query_x[0], tasks.query_y[0])
+    check_task(tasks.support_x[0], tasks.support_y[0], tasks.query_x[0], tasks.query_y[0],
+               scores_queries=scores_queries)
     if adapts and tasks.support_x.shape[1] == 0:
         raise ValueError("the support sets are empty, so the inner loop has nothing to adapt to (its loss would be "
                          "NaN, its gradient zero): sample tasks with shots >= 1")
     regression = tasks.query_y.dtype.is_floating_point
     if not regression and not values_are_free_to_read(tasks.support_y):
         return
+    probe_x, probe_y = (tasks.query_x, tasks.query_y) if scores_queries else (tasks.support_x, tasks.support_y)
     with torch.no_grad(), buffers_restored(model):
-        out = run(model, params, tasks.query_x[0])
+        out = run(model, params, probe_x[0])
     if regression:
-        _check_targets_fit(out.shape, tasks.query_y.shape[1:])
+        _check_targets_fit(out.shape, probe_y.shape[1:], "query" if scores_queries else "support")
     else:
         check_labels(torch.cat([tasks.support_y.flatten(), tasks.query_y.flatten()]), out.shape[-1])
 
 
-def _check_targets_fit(output: torch.Size, target: torch.Size) -> None:
-    """Raise a ValueError if targets of shape ``target`` would broadcast ``output``-shaped outputs to more."""
+def _check_targets_fit(output: torch.Size, target: torch.Size, part: str) -> None:
+    """Raise a ValueError if targets of shape ``target`` would broadcast ``output``-shaped outputs to more.
+
+    ``part`` names the set, ``"support"`` or ``"query"``, in the message.
+    """
     try:
         shape = torch.broadcast_shapes(output, target)
     except RuntimeError:
         return                                              # the loss function says what does not fit
     if shape != output:
-        raise ValueError(f"the targets of a query set have shape {tuple(target)} but the model's outputs "
+        raise ValueError(f"the targets of a {part} set have shape {tuple(target)} but the model's outputs "
                          f"{tuple(output)}: a loss would broadcast them to {tuple(shape)}, comparing every output "
                          "with every target; give the targets the outputs' shape (e.g. y.unsqueeze(-1))")
 
@@ -371,7 +378,8 @@ class Reptile:
     For each task, ``inner_steps`` steps of SGD (rate ``inner_lr``) from ``θ`` give
     ``θ̃_j``; then ``θ ← θ + ε · mean_j (θ̃_j − θ)`` with ``ε = outer_lr``. No second
     derivatives and no query set: Reptile trains on the support set only (pass the
-    task's whole data as support).
+    task's whole data as support; :meth:`meta_step` accepts empty query sets, such as
+    episodes sampled with ``queries=0``, and :meth:`evaluate` scores the query sets).
 
     Args:
         model: the learner; its parameters are updated in place by :meth:`meta_step`.
@@ -410,7 +418,7 @@ class Reptile:
         theta = {name: p.detach() for name, p in parameters_of(self.model).items()}
         trainable = adapted_names(self.model, None, self.inner_steps)   # frozen parameters are used as they are
         start = {name: p.detach().requires_grad_(name in trainable) for name, p in theta.items()}
-        check_tasks(self.model, start, tasks)
+        check_tasks(self.model, start, tasks, scores_queries=False)
         direction = {name: torch.zeros_like(theta[name]) for name in trainable}
         count = tasks.support_x.shape[0]
         losses = []

@@ -185,6 +185,24 @@ def test_reptile_update_on_quadratics_equals_its_definition():
     assert torch.allclose(model.theta, expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("tasks_at_once", [1, 2])
+def test_reptile_trains_on_tasks_without_query_sets(tasks_at_once):
+    # Reptile uses support sets only, so episodes sampled with queries=0 give the update they give with queries.
+    torch.manual_seed(0)
+    model = Conv4(1, 3, hidden=4, image_size=16, running_stats=False).double()
+    with_queries = episodes()
+    without = with_queries._replace(query_x=with_queries.query_x[:, :0], query_y=with_queries.query_y[:, :0])
+    updated = {}
+    for name, tasks in (("with", with_queries), ("without", without)):
+        learner = copy.deepcopy(model)
+        Reptile(learner, 0.1, 2, 0.5, tasks_at_once=tasks_at_once).meta_step(tasks)
+        updated[name] = list(learner.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(updated["with"], updated["without"]))
+    assert not torch.equal(updated["with"][0], next(model.parameters()))
+    with pytest.raises(ValueError, match="the query set is empty"):              # MAML scores the query sets
+        MAML(model, 0.1, 1).meta_backward(without)
+
+
 def test_meta_training_lowers_the_query_loss():
     torch.manual_seed(0)
     model = MLP(1, (40, 40), 1)
@@ -254,10 +272,13 @@ def test_regression_targets_that_would_broadcast_the_outputs_are_refused():
     maml = MAML(MLP(1, (8,), 1).double(), 0.01, 1, loss_fn=F.mse_loss)
     tasks = regression(2)
     flat = tasks._replace(support_y=tasks.support_y.squeeze(-1), query_y=tasks.query_y.squeeze(-1))
-    for call in (maml.meta_backward, maml.evaluate, Reptile(maml.model, 0.01, 1, 0.5, F.mse_loss).meta_step):
+    for call in (maml.meta_backward, maml.evaluate):
         with pytest.raises(ValueError, match=r"targets of a query set have shape \(7,\) but the model's outputs "
                                              r"\(7, 1\): a loss would broadcast them to \(7, 7\)"):
             call(flat)
+    with pytest.raises(ValueError, match=r"targets of a support set have shape \(5,\) but the model's outputs "
+                                         r"\(5, 1\): a loss would broadcast them to \(5, 5\)"):   # Reptile's only set
+        Reptile(maml.model, 0.01, 1, 0.5, F.mse_loss).meta_step(flat)
     gaussian = MAML(MLP(1, (8,), 2).double(), 0.01, 1, loss_fn=lambda out, y: F.gaussian_nll_loss(
         out[..., :1], y, out[..., 1:].exp()))                        # mean and log-variance: (K, 2) against (K, 1)
     gaussian.meta_backward(tasks)
