@@ -185,6 +185,9 @@ class DynamicSparsity(Sparsifier):
         every: ``ΔT``, steps between mask updates (RigL: 100).
         drop_fraction: ``α``, the fraction of active weights replaced at the first
             update, decaying with a cosine to 0 at ``T_end`` (RigL: 0.3).
+        cosine: decay ``α`` with RigL's cosine (default); ``False`` replaces the
+            fraction ``α`` at every update up to ``T_end``, SET's constant rate ``ζ``
+            (see :class:`~lowlearn.sparse.schedule.UpdateSchedule`).
         distribution: layer-wise densities: ``"erk"`` (default), ``"er"``,
             ``"uniform"``, a function or a mapping (see :func:`layer_densities_for`).
         layers: qualified names of the layers to sparsify (default: every
@@ -210,13 +213,14 @@ class DynamicSparsity(Sparsifier):
         end: int | None = None,
         every: int = 100,
         drop_fraction: float = 0.3,
+        cosine: bool = True,
         distribution: Distribution = "erk",
         layers: list[str] | None = None,
         regrow_dropped: bool = False,
         seed: int = 0,
     ):
         check_density(density)
-        self.schedule = None if end is None else UpdateSchedule(end, every, drop_fraction)
+        self.schedule = None if end is None else UpdateSchedule(end, every, drop_fraction, cosine)
         chosen = resolve_layers(model, layers)
         self.densities = layer_densities_for(model, density, distribution, list(chosen))   # checked before masking
         attach_masks(model, list(chosen))
@@ -364,7 +368,8 @@ class SET(DynamicSparsity):
     science" (Nature Communications). The paper removes a fraction ``ζ`` (0.3) of
     the smallest weights after every epoch; here ``ζ`` is ``drop_fraction`` on the
     :class:`~lowlearn.sparse.schedule.UpdateSchedule`, which decays it with a cosine as
-    Evci et al. (2020) do for their SET runs. Grown weights start at zero (the
+    Evci et al. (2020) do for their SET runs (``cosine=False`` keeps it constant, as
+    the paper does). Grown weights start at zero (the
     paper draws them at random). The dropped weights are the smallest ``|θ|`` of a
     layer, as in Evci et al.'s version; Mocanu et al. drop the fraction ``ζ`` of the
     positive weights and of the negative weights closest to zero, separately. Arguments as for
@@ -387,6 +392,12 @@ class RigL(DynamicSparsity):
     step's mini-batch loss with respect to the *masked* weight, i.e. what the
     gradient would be if the connection existed. New weights start at zero, so
     growth leaves the network's function unchanged.
+
+    Algorithm 1 and the authors' code may grow back a weight in the update that drops
+    it (``regrow_dropped=True``). By default the grow step picks only among the weights
+    that were inactive before the update, so that each update replaces ``f(t) · |active|``
+    connections; a layer denser than ``1 / (1 + f(t))`` then drops only as many weights as
+    it has inactive ones (:meth:`~DynamicSparsity.drop_count`), and grows all of them.
 
     The gradient is read only on update steps (a hook on the mask's output); the
     other ``ΔT − 1`` steps run as plain static sparse training. Arguments as for

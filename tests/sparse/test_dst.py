@@ -147,6 +147,26 @@ def test_grown_weights_and_their_optimizer_state_start_at_zero(method, make_opti
     assert seen == [5, 10, 15, 20, 25, 30]                  # the checks above ran at every scheduled update
 
 
+def test_grown_weights_start_at_zero_even_where_the_raw_weight_was_written_to():
+    # Growth zeroes what it grows instead of relying on the masked-out weights being zero already:
+    # a direct write to the raw weight (or to its momentum) must not come back to life as a grown connection.
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = make("set", model, optimizer)
+    train(model, optimizer, sparsifier, batches(2))
+    with torch.no_grad():
+        for name, layer in prunable_layers(model).items():
+            theta, off = raw_weight(layer), ~masks_of(model)[name]
+            theta[off] = 1.0
+            optimizer.state[theta]["momentum_buffer"][off] = 1.0
+    grown = sparsifier.update(0.3)
+    for name, layer in prunable_layers(model).items():
+        theta = raw_weight(layer)
+        assert grown[name].any()
+        assert (theta[grown[name]] == 0).all()
+        assert (optimizer.state[theta]["momentum_buffer"][grown[name]] == 0).all()
+
+
 @pytest.mark.parametrize("method", ["set", "rigl", "snfs"])
 def test_no_update_after_end(method):
     model = small_mlp()
@@ -283,6 +303,25 @@ def test_fit_drives_a_sparsifier_as_a_callback():
     assert sparsifier.steps == 20
     assert any(not torch.equal(start[n], m) for n, m in masks_of(model).items())
     assert density(model) == pytest.approx(sum(sparsifier.active.values()) / sum(m.numel() for m in start.values()))
+
+
+@pytest.mark.parametrize("cosine", [True, False])
+def test_set_replaces_the_scheduled_fraction_constant_as_in_its_paper_or_decayed(cosine):
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = make("set", model, optimizer, distribution="uniform", drop_fraction=0.3, cosine=cosine)
+    fractions = []
+    update = sparsifier.update
+
+    def recorded(fraction):
+        fractions.append(fraction)
+        return update(fraction)
+
+    sparsifier.update = recorded
+    train(model, optimizer, sparsifier, batches(30))
+    steps = [5, 10, 15, 20, 25, 30]
+    expected = [0.15 * (1 + math.cos(math.pi * t / 30)) for t in steps] if cosine else [0.3] * len(steps)
+    assert fractions == pytest.approx(expected)
 
 
 def test_snfs_shares_growth_by_mean_momentum():
