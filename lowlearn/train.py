@@ -608,8 +608,12 @@ def _loadable_bytes(value: object, what: str) -> bytes:
 
 
 def _culprit(error: Exception) -> str:
-    """The line of a ``weights_only`` unpickling error that names what it refused ("Unsupported global: ...")."""
-    return next((line.strip() for line in str(error).splitlines() if "Unsupported" in line), "")
+    """The line of a ``weights_only`` unpickling error that names what it refused.
+
+    "Unsupported global: GLOBAL print ..." for most objects, "Trying to load unsupported
+    GLOBAL posix.system whose module posix is blocked" for those of modules such as ``os``.
+    """
+    return next((line.strip() for line in str(error).splitlines() if "unsupported" in line.lower()), "")
 
 
 _MISSING = object()
@@ -643,7 +647,7 @@ def _read_checkpoint(path: str | os.PathLike, map_location: torch.device | str |
                            "(load_checkpoint's default) or a device that is here") from None
     except (OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as error:
         culprit = _culprit(error)
-        if "Unsupported global" in culprit:                # a pickled object other than tensors and plain values
+        if "unsupported global" in culprit.lower():        # a pickled object other than tensors and plain values
             raise CheckpointError(f"{path} is not a checkpoint that save_checkpoint wrote: torch.load(weights_only="
                                   f"True) refuses what it holds ({culprit}). If you trust where it came from, "
                                   "torch.load(weights_only=False) reads it, but unpickling can run code") from None
@@ -696,6 +700,9 @@ def load_checkpoint(
                               "'model' and 'extra'); for a plain state_dict use model.load_state_dict(torch.load(path, "
                               "weights_only=True))")
     saved = payload["extra"]
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} is not a checkpoint written by lowlearn.train.save_checkpoint: its 'extra' "
+                              f"is a {type(saved).__name__}, not a dict of the values saved with it")
     if expect and any(saved.get(key, _MISSING) != value for key, value in expect.items()):
         found = {key: saved.get(key, "(not saved)") for key in expect}
         raise ValueError(f"{path} was saved with {found}, not {dict(expect)}")

@@ -1,3 +1,4 @@
+import os
 
 import pytest
 import torch
@@ -249,9 +250,19 @@ def test_checkpoint_never_overwrites_and_is_weights_only(tmp_path):
         def __reduce__(self):
             return (print, ("pwned",))
 
+    class Shell:                                     # torch words its refusal of os's functions differently
+        def __reduce__(self):
+            return (os.system, ("true",))
+
     torch.save({"model": model.state_dict(), "extra": {"x": Evil()}}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="refuses what it holds .*Unsupported global: GLOBAL print"):
         load_checkpoint(tmp_path / "evil.pt", model)
+    torch.save({"model": model.state_dict(), "extra": {"x": Shell()}}, tmp_path / "shell.pt")
+    with pytest.raises(CheckpointError, match=r"refuses what it holds \(Trying to load unsupported GLOBAL \w+\.system"):
+        load_checkpoint(tmp_path / "shell.pt", model)
+    torch.save({"model": model.state_dict(), "extra": ["not", "a", "dict"]}, tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="its 'extra' is a list, not a dict"):
+        load_checkpoint(tmp_path / "list.pt", model, expect={"method": "x"})
 
 
 def test_a_damaged_checkpoint_is_a_checkpoint_error_and_changes_nothing(tmp_path):
