@@ -236,6 +236,10 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as error:
             raise DataError(f"{archive} is damaged ({type(error).__name__}: {error}), so nothing was extracted from "
                             "it: delete it and download it again") from error
+        except (NotADirectoryError, IsADirectoryError) as error:     # members "a" and "a/b", or "a/" and "a"
+            member = os.path.relpath(error.filename, tmp) if error.filename else "?"
+            raise DataError(f"{archive} is damaged: it holds a file and a folder of the same name (at {member}), so "
+                            "nothing was extracted from it: delete it and download it again") from error
         try:
             os.replace(tmp, dest)
         except OSError:

@@ -243,6 +243,30 @@ def test_safe_extract_refuses_unsafe_members_and_writes_nothing(tmp_path, archiv
     assert _leftovers(out) == []  # neither dest, nor its temporary folder, nor out/evil
 
 
+def _folder_info(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+@pytest.mark.parametrize("make_archive", [
+    lambda folder: _zip(folder / "file-then-inside.zip", {"a": b"a", "a/b": b"b"}),
+    lambda folder: _zip(folder / "folder-then-file.zip", {"a/": b"", "a": b"a"}),
+    lambda folder: _tar(folder / "file-then-inside.tar", [tarfile.TarInfo("a"), tarfile.TarInfo("a/b")],
+                        {"a": b"a", "a/b": b"b"}, mode="w"),
+    lambda folder: _tar(folder / "folder-then-file.tar", [_folder_info("a/"), tarfile.TarInfo("a")], {"a": b"a"},
+                        mode="w"),
+], ids=["zip-file-then-inside", "zip-folder-then-file", "tar-file-then-inside", "tar-folder-then-file"])
+def test_an_archive_with_a_file_and_a_folder_of_one_name_is_damaged_and_writes_nothing(tmp_path, archives,
+                                                                                        make_archive):
+    archive = make_archive(archives)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"holds a file and a folder of the same name \(at a.*\), so nothing was "
+                                        "extracted from it: delete it and download it again"):
+        safe_extract(archive, out / "dest")
+    assert _leftovers(out) == []
+
+
 def test_a_tar_whose_last_member_is_a_zip_is_extracted_as_a_tar(tmp_path, archives):
     inner = _zip(archives / "inner.zip", {"inner_only.txt": b"inner"}).read_bytes()
     members = {"top/a.txt": b"a", "top/extras.zip": inner}
