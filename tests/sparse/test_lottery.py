@@ -170,6 +170,27 @@ def test_global_scope_prunes_hidden_layers_together_and_the_output_layer_alone()
         assert int(ticket.masks["5"].sum()) == kept_count(0.9 ** r, n["5"])
 
 
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_a_model_masked_before_imp_is_pruned_from_its_own_densities(scope):
+    # Each round prunes a fraction of what survives, so a model that comes already masked (here to half of
+    # each layer, the output layer to 0.8) keeps start · (1 − p)^r, not (1 − p)^r of every layer.
+    model = mlp()
+    start = {"1": 0.5, "3": 0.5, "5": 0.8}
+    prune(model, magnitude(model), start)
+    lottery = iterative_magnitude_pruning(model, make_train(), rounds=2, prune_fraction=0.2,
+                                          output_fraction=0.1, scope=scope)
+    n = sizes(model)
+    for r, ticket in enumerate(lottery.rounds):
+        if scope == "layer":
+            assert int(ticket.masks["1"].sum()) == kept_count(0.5 * 0.8 ** r, n["1"])
+            assert int(ticket.masks["3"].sum()) == kept_count(0.5 * 0.8 ** r, n["3"])
+        else:
+            hidden = int(ticket.masks["1"].sum()) + int(ticket.masks["3"].sum())
+            pooled = (kept_count(0.5, n["1"]) + kept_count(0.5, n["3"])) / (n["1"] + n["3"])
+            assert hidden == kept_count(pooled * 0.8 ** r, n["1"] + n["3"])
+        assert int(ticket.masks["5"].sum()) == kept_count(0.8 * 0.9 ** r, n["5"])
+
+
 def test_per_layer_fractions():
     model = mlp()
     fractions = {"1": 0.5, "3": 0.2, "5": 0.0}
@@ -259,6 +280,9 @@ def test_random_reinit_resets_batch_norm_and_writes_the_raw_weight():
 
 def test_reshuffle_permutes_each_layers_kept_initial_values(drawn):
     net, masks, state = ticket_net(drawn)
+    with torch.no_grad():                        # weights moved since the rewind: the values come from `state`
+        for layer in masked_layers(net).values():
+            raw_weight(layer).mul_(3.0)
     reshuffle(net, state, seed=1)
     assert_counts_kept(net, masks)
     for name, layer in masked_layers(net).items():
@@ -420,10 +444,16 @@ def test_reinit_and_constant_controls_act_on_the_effective_weights_under_powerpr
         assert torch.equal(kept.sign(), theta0[keep].sign())
 
 
-def test_early_bird_on_a_model_sparser_than_its_density_keeps_only_surviving_weights():
+def negated_magnitude(model):
+    """Scores under which the pruned (zero) weights rank highest, as signed scores (movement) can."""
+    return {name: -scores for name, scores in magnitude(model).items()}
+
+
+@pytest.mark.parametrize("scores", [magnitude, negated_magnitude])
+def test_early_bird_on_a_model_sparser_than_its_density_keeps_only_surviving_weights(scores):
     model = mlp()
     prune(model, magnitude(model), 0.3)
     current = masks_of(model)
-    keep = EarlyBird(0.5, every=1).would_keep(model)
+    keep = EarlyBird(0.5, every=1, scores=scores).would_keep(model)
     for name, mask in keep.items():
         assert torch.equal(mask, current[name]), name              # masks only shrink: no pruned weight comes back
