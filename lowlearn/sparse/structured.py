@@ -5,7 +5,9 @@ patterns map to hardware and dense kernels:
 
 * :func:`nm_mask` / :func:`prune_nm`: N:M fine-grained sparsity, ``N`` of every ``M``
   consecutive weights of the reduction dimension kept (2:4 on NVIDIA Ampere and
-  later GPUs runs its matrix products at up to twice the dense rate).
+  later GPUs runs its matrix products at up to twice the dense rate: a Linear
+  layer's as masked here, a convolution's when its groups run along input channels,
+  which :func:`nm_mask` says how to get).
 * :func:`channel_scores` / :func:`prune_channels`: remove whole output units (rows of
   a Linear weight, filters of a Conv2d), which can later be cut out of the dense
   tensors.
