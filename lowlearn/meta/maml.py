@@ -223,13 +223,14 @@ def check_tasks(model: nn.Module, params: Params, tasks: TaskBatch, *, adapts: b
     shapes, so the first stands for all), and integer labels must be classes of the
     model: ``0 .. N−1``, where ``N`` is the size of the model's output on the first
     query set (one forward pass with ``params``, without gradients, the model's
-    buffers left as they were; on the first support set where ``scores_queries`` is
-    false: a learner that uses support sets only, whose query sets may be empty). The labels are checked on the CPU only
+    buffers left as they were). The labels are checked on the CPU only
     (:func:`~lowlearn.meta.functional.values_are_free_to_read`). Real-valued targets
     must not broadcast the model's output to a larger shape (targets ``(K,)`` against
     outputs ``(K, 1)`` would compare every output with every target); this takes the
     same forward pass, on any device. With ``adapts`` (inner steps to come), the
-    support sets must not be empty.
+    support sets must not be empty. With ``scores_queries=False``, for a learner that
+    uses the support sets only (Reptile), the query sets may be empty, and the first
+    support set takes the first query set's place in the forward pass.
     """
     counts = {name: getattr(tasks, name).shape[0] for name in ("support_x", "support_y", "query_x", "query_y")}
     if len(set(counts.values())) != 1 or not counts["support_x"]:
