@@ -195,6 +195,12 @@ def _tar(path: Path, members: list[tarfile.TarInfo], data: dict[str, bytes], mod
     return path
 
 
+def _folder_info(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
 @pytest.fixture
 def archives(tmp_path):
     folder = tmp_path / "archives"
@@ -212,9 +218,7 @@ def test_safe_extract_zip(tmp_path, archives):
 
 
 def test_safe_extract_tar(tmp_path, archives):
-    folder = tarfile.TarInfo("top")
-    folder.type = tarfile.DIRTYPE
-    archive = _tar(archives / "a.tar.gz", [folder, tarfile.TarInfo("top/a.txt")], {"top/a.txt": b"a"})
+    archive = _tar(archives / "a.tar.gz", [_folder_info("top"), tarfile.TarInfo("top/a.txt")], {"top/a.txt": b"a"})
     dest = safe_extract(archive, tmp_path / "out" / "dest")
     assert (dest / "top" / "a.txt").read_bytes() == b"a"
     assert _leftovers(dest.parent) == ["dest"]
@@ -241,12 +245,6 @@ def test_safe_extract_refuses_unsafe_members_and_writes_nothing(tmp_path, archiv
     with pytest.raises(UnsafeArchiveError):
         safe_extract(archive, out / "dest")
     assert _leftovers(out) == []  # neither dest, nor its temporary folder, nor out/evil
-
-
-def _folder_info(name: str) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = tarfile.DIRTYPE
-    return info
 
 
 @pytest.mark.parametrize("make_archive", [
