@@ -386,7 +386,7 @@ class RigL(DynamicSparsity):
     """Rigged Lottery: drop the smallest weights, grow where the dense gradient is largest.
 
     Evci, Gale, Menick, Castro & Elsen (2020), "Rigging the lottery: making all tickets
-    winners" (ICML), Algorithm 1: at every ``ΔT``-th step up to ``T_end``, each layer
+    winners" (ICML), Algorithm 1: at every ``ΔT``-th step ``t < T_end``, each layer
     drops the ``f(t) · |active|`` active weights of smallest ``|θ|`` and grows the same
     number of inactive weights with the largest ``|∂L/∂w|``, the gradient of the
     step's mini-batch loss with respect to the *masked* weight, i.e. what the

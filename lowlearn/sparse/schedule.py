@@ -233,7 +233,8 @@ class UpdateSchedule:
     of every layer's active weights: ``α`` at the start, falling to 0 at ``T_end``.
     The paper's defaults are ``ΔT = 100``, ``α = 0.3`` and ``T_end = ¾`` of training.
     With ``cosine=False`` the fraction stays ``α`` (SET's constant rate; Mocanu et
-    al. 2018).
+    al. 2018). A step whose fraction is 0 makes no update: under the cosine the
+    masks change while ``t < T_end``, as in the paper's Algorithm 1.
 
     Args:
         end: ``T_end``, the last step that may update the masks.
@@ -242,15 +243,16 @@ class UpdateSchedule:
         cosine: decay the fraction with the cosine above.
 
     Raises:
-        ValueError: ``every`` or ``end`` not a positive integer, ``every > end`` (no
-            update at all), or ``α`` outside [0, 1).
+        ValueError: ``every`` or ``end`` not a positive integer, ``every > end``
+            (``every ≥ end`` with the cosine: no update at all), or ``α`` outside [0, 1).
     """
 
     def __init__(self, end: int, every: int = 100, drop_fraction: float = 0.3, cosine: bool = True):
         check_count("every (steps between updates)", every, 1)
         check_count("end (the last step that may update)", end, 1)
-        if every > end:
-            raise ValueError(f"every={every} steps between updates is more than end={end}, the last step that may "
+        if every > end or (cosine and every == end):
+            limit = "more than" if every > end else "no fewer than, under the cosine whose f(end) = 0,"
+            raise ValueError(f"every={every} steps between updates is {limit} end={end}, the last step that may "
                              "update: the masks would never change; lower every or raise end")
         if not is_real(drop_fraction) or not 0.0 <= drop_fraction < 1.0:
             raise ValueError(f"drop_fraction (α) must be in [0, 1), got {drop_fraction!r}")
@@ -261,8 +263,11 @@ class UpdateSchedule:
                 f"cosine={self.cosine})")
 
     def updates_at(self, step: int) -> bool:
-        """Whether the masks change after optimizer step ``step`` (``1 ≤ step ≤ T_end``, a multiple of ``ΔT``)."""
-        return 1 <= step <= self.end and step % self.every == 0
+        """Whether the masks change after optimizer step ``step``.
+
+        They do at multiples of ``ΔT`` in ``1 ≤ step ≤ T_end`` whose fraction is above 0.
+        """
+        return 1 <= step <= self.end and step % self.every == 0 and self.fraction(step) > 0
 
     def fraction(self, step: int) -> float:
         """``f(step)``: the fraction of each layer's active weights replaced at ``step``."""

@@ -72,7 +72,7 @@ def test_density_is_exact_after_every_step(method, distribution):
 
 def test_initial_densities_follow_the_distribution():
     model = MLP()
-    RigL(model, None, 0.1, end=100)
+    RigL(model, None, 0.1, end=1000)
     target = erk(MLP(), 0.1)
     for name, m in masks_of(model).items():
         assert int(m.sum()) == kept_count(target[name], m.numel())
@@ -139,12 +139,12 @@ def test_grown_weights_and_their_optimizer_state_start_at_zero(method, make_opti
             for value in optimizer.state[theta].values():
                 if value.shape == theta.shape:
                     assert (value[grown[name]] == 0).all()
-        assert fraction == 0 or any(g.any() for g in grown.values())
+        assert any(g.any() for g in grown.values())
         return grown
 
     sparsifier.update = checked_update
     train(model, optimizer, sparsifier, batches(), check)
-    assert seen == [5, 10, 15, 20, 25, 30]                  # the checks above ran at every scheduled update
+    assert seen == [5, 10, 15, 20, 25]                      # the checks above ran at every update (f(T_end) = 0)
 
 
 def test_grown_weights_start_at_zero_even_where_the_raw_weight_was_written_to():
@@ -167,11 +167,11 @@ def test_grown_weights_start_at_zero_even_where_the_raw_weight_was_written_to():
         assert (optimizer.state[theta]["momentum_buffer"][grown[name]] == 0).all()
 
 
-@pytest.mark.parametrize("method", ["set", "rigl", "snfs"])
-def test_no_update_after_end(method):
+@pytest.mark.parametrize("method, cosine", [("set", True), ("rigl", True), ("snfs", True), ("set", False)])
+def test_no_update_after_end(method, cosine):
     model = small_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    sparsifier = make(method, model, optimizer, end=20, every=5)
+    sparsifier = make(method, model, optimizer, end=20, every=5, cosine=cosine)
     update, calls = sparsifier.update, []
 
     def recorded_update(fraction):
@@ -184,7 +184,22 @@ def test_no_update_after_end(method):
     at_end = masks_of(model)
     train(model, optimizer, sparsifier, data[20:])
     assert all(torch.equal(at_end[n], m) for n, m in masks_of(model).items())
-    assert sparsifier.steps == 40 and calls == [5, 10, 15, 20]      # every ΔT up to T_end, none after it
+    # Every ΔT while t < T_end (Algorithm 1 of RigL): the cosine's f(T_end) = 0 would change nothing. A
+    # constant fraction updates at T_end too. None after it.
+    assert sparsifier.steps == 40 and calls == ([5, 10, 15] if cosine else [5, 10, 15, 20])
+
+
+def test_rigl_reads_no_dense_gradient_for_the_empty_update_at_t_end():
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = make("rigl", model, optimizer, every=5, end=10)
+    armed = []
+
+    def check():
+        armed.append(sparsifier._gradients.active)
+
+    train(model, optimizer, sparsifier, batches(12), check)
+    assert [t for t, on in enumerate(armed, start=1) if on] == [4]        # for step 5; step 10 = T_end has f = 0
 
 
 def test_static_masks_never_change():
@@ -319,7 +334,7 @@ def test_set_replaces_the_scheduled_fraction_constant_as_in_its_paper_or_decayed
 
     sparsifier.update = recorded
     train(model, optimizer, sparsifier, batches(30))
-    steps = [5, 10, 15, 20, 25, 30]
+    steps = [5, 10, 15, 20, 25] if cosine else [5, 10, 15, 20, 25, 30]     # f(T_end) = 0 with the cosine
     expected = [0.15 * (1 + math.cos(math.pi * t / 30)) for t in steps] if cosine else [0.3] * len(steps)
     assert fractions == pytest.approx(expected)
 
@@ -327,7 +342,7 @@ def test_set_replaces_the_scheduled_fraction_constant_as_in_its_paper_or_decayed
 def test_snfs_shares_growth_by_mean_momentum():
     model = small_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    sparsifier = make("snfs", model, optimizer, end=1000, every=1000)
+    sparsifier = make("snfs", model, optimizer, end=1000, every=500)
     train(model, optimizer, sparsifier, batches(3))
     # Hand-made momentum: layer "1" gets all of it.
     for name, m in sparsifier.momentum.items():
@@ -354,7 +369,7 @@ def test_snfs_momentum_is_the_smoothed_dense_gradient_and_growth_takes_its_large
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)             # lr 0: the weights stay put
-    sparsifier = SNFS(model, optimizer, 0.4, end=1000, every=1000, distribution="uniform", beta=0.7)
+    sparsifier = SNFS(model, optimizer, 0.4, end=1000, every=500, distribution="uniform", beta=0.7)
     mask = masks_of(model)["0"]
     theta = raw_weight(model[0]).detach().clone()
     expected = torch.zeros_like(theta)
@@ -443,28 +458,28 @@ def test_bad_input():
     SET(small_mlp(), None, 0.5).update(0.3)                   # SET and SNFS may be updated by hand instead
     for bad in (0, 1.5, -0.1):
         with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
-            RigL(small_mlp(), None, bad, end=100)
+            RigL(small_mlp(), None, bad, end=1000)
     with pytest.raises(ValueError, match="unknown distribution 'erdos'"):
         StaticSparse(small_mlp(), None, 0.5, distribution="erdos")
     with pytest.raises(ValueError, match="drop_fraction"):
-        SET(small_mlp(), None, 0.5, end=100, drop_fraction=1.2)
+        SET(small_mlp(), None, 0.5, end=1000, drop_fraction=1.2)
     with pytest.raises(ValueError, match="beta must be in"):
-        SNFS(small_mlp(), None, 0.5, end=100, beta=1.0)
+        SNFS(small_mlp(), None, 0.5, end=1000, beta=1.0)
     with pytest.raises(ValueError, match=r"sparse layers \['1', '3', '5'\]; missing \['5'\]"):
-        RigL(small_mlp(), None, 0.5, end=100, distribution={"1": 0.5, "3": 0.5})
+        RigL(small_mlp(), None, 0.5, end=1000, distribution={"1": 0.5, "3": 0.5})
     with pytest.raises(ValueError, match=r"not sparse layers: \['fc9'\]"):
-        RigL(small_mlp(), None, 0.5, end=100, distribution={"1": 0.5, "3": 0.5, "5": 0.5, "fc9": 0.5})
+        RigL(small_mlp(), None, 0.5, end=1000, distribution={"1": 0.5, "3": 0.5, "5": 0.5, "fc9": 0.5})
     with pytest.raises(ValueError, match=r"density of '1' must be in \(0, 1\]"):
-        RigL(small_mlp(), None, 0.5, end=100, distribution=lambda model, d: {"1": 1.5, "3": d, "5": d})
+        RigL(small_mlp(), None, 0.5, end=1000, distribution=lambda model, d: {"1": 1.5, "3": d, "5": d})
     model = small_mlp()
     for bad in ({"distribution": "ekr"}, {"drop_fraction": 1.5}, {"layers": ["1", "fc9"]}):
         with pytest.raises((ValueError, KeyError)):
-            RigL(model, None, 0.5, end=100, **bad)
+            RigL(model, None, 0.5, end=1000, **bad)
         assert not masks_of(model), bad                          # a refused sparsifier leaves the model as it was
     with pytest.raises(ValueError, match=r"lower drop_fraction to at most \(1 - density\) / density"):
-        SNFS(small_mlp(), None, 0.8, end=100, distribution="uniform")    # 0.3 · 0.8 of the weights > 0.2 free
-    SNFS(small_mlp(), None, 0.8, end=100, distribution="uniform", drop_fraction=0.25)
-    SNFS(small_mlp(), None, 0.8, end=100, distribution="uniform", regrow_dropped=True)
+        SNFS(small_mlp(), None, 0.8, end=1000, distribution="uniform")    # 0.3 · 0.8 of the weights > 0.2 free
+    SNFS(small_mlp(), None, 0.8, end=1000, distribution="uniform", drop_fraction=0.25)
+    SNFS(small_mlp(), None, 0.8, end=1000, distribution="uniform", regrow_dropped=True)
 
 
 @pytest.mark.parametrize("method", ["set", "rigl", "snfs"])

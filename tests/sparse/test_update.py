@@ -104,7 +104,10 @@ def test_update_schedule_cosine_values():
 def test_update_schedule_steps():
     schedule = UpdateSchedule(end=750, every=100)
     assert [t for t in range(0, 2000) if schedule.updates_at(t)] == [100, 200, 300, 400, 500, 600, 700]
-    assert [t for t in range(0, 20) if UpdateSchedule(end=10, every=5).updates_at(t)] == [5, 10]
+    # f(T_end) = 0 under the cosine: no update at T_end (Algorithm 1: t < T_end); a constant fraction updates there.
+    assert [t for t in range(0, 20) if UpdateSchedule(end=10, every=5).updates_at(t)] == [5]
+    assert [t for t in range(0, 20) if UpdateSchedule(end=10, every=5, cosine=False).updates_at(t)] == [5, 10]
+    assert not any(UpdateSchedule(end=10, every=5, drop_fraction=0.0, cosine=False).updates_at(t) for t in range(20))
 
 
 def test_update_schedule_bad_input():
@@ -115,6 +118,10 @@ def test_update_schedule_bad_input():
             UpdateSchedule(end=bad)
     for bad in (-0.1, 1.0, 2):
         with pytest.raises(ValueError, match=r"drop_fraction \(α\) must be in \[0, 1\)"):
-            UpdateSchedule(end=100, drop_fraction=bad)
+            UpdateSchedule(end=1000, drop_fraction=bad)
     with pytest.raises(ValueError, match="every=100 steps between updates is more than end=10.*would never change"):
         UpdateSchedule(end=10)
+    with pytest.raises(ValueError, match="every=10 steps between updates is no fewer than, under the cosine whose "
+                                         r"f\(end\) = 0, end=10.*would never change"):
+        UpdateSchedule(end=10, every=10)
+    assert UpdateSchedule(end=10, every=10, cosine=False).updates_at(10)
