@@ -631,13 +631,14 @@ def _shape_only_copy(model: nn.Module) -> nn.Module:
 def _read_checkpoint(path: str | os.PathLike, map_location: torch.device | str | None) -> object:
     """``torch.load(path, weights_only=True)``; a file it cannot read is a :class:`CheckpointError`.
 
-    A missing file, a folder or a file without read permission keep their own ``OSError``,
-    and running out of memory its ``torch.OutOfMemoryError``; a checkpoint whose tensors
-    are mapped to a device this machine lacks is a RuntimeError that says so.
+    A path that leads to no readable file (missing, a folder, no read permission, a
+    name too long) keeps the ``OSError`` of opening it, and running out of memory its
+    ``torch.OutOfMemoryError``; a checkpoint whose tensors are mapped to a device this
+    machine lacks is a RuntimeError that says so.
     """
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (FileNotFoundError, IsADirectoryError, PermissionError, torch.OutOfMemoryError):
+    except torch.OutOfMemoryError:
         raise
     except RuntimeError as error:
         if "deserialize object on" not in str(error):         # torch's words for a device that is not here
@@ -646,6 +647,8 @@ def _read_checkpoint(path: str | os.PathLike, map_location: torch.device | str |
                            f"({next(iter(str(error).splitlines()), '')}); load it with map_location='cpu' "
                            "(load_checkpoint's default) or a device that is here") from None
     except (OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as error:
+        if isinstance(error, OSError) and error.filename is not None:     # opening the path failed, not reading
+            raise
         culprit = _culprit(error)
         if "unsupported global" in culprit.lower():        # a pickled object other than tensors and plain values
             raise CheckpointError(f"{path} is not a checkpoint that save_checkpoint wrote: torch.load(weights_only="

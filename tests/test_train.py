@@ -280,8 +280,13 @@ def test_a_damaged_checkpoint_is_a_checkpoint_error_and_changes_nothing(tmp_path
     with pytest.raises(CheckpointError, match="is damaged or cut off, or is not a file that torch.save wrote"):
         load_checkpoint(tmp_path / "notes.txt", other)
     assert all(torch.equal(a, b) for a, b in zip(before, other.parameters())) and not other_opt.state
+    # A path that leads to no file keeps the error of opening it: the file is not damaged, the path is wrong.
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt", other)
+    with pytest.raises(NotADirectoryError):
+        load_checkpoint(tmp_path / "notes.txt" / "ck.pt", other)
+    with pytest.raises(OSError, match="File name too long"):
+        load_checkpoint(tmp_path / ("x" * 300 + ".pt"), other)
 
 
 def test_an_extra_value_that_cannot_be_pickled_is_a_type_error_and_nothing_is_written(tmp_path):
