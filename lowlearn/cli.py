@@ -40,6 +40,14 @@ def _int_at_least(text: str, minimum: int) -> int:
     return value
 
 
+def seed(text: str) -> int:
+    """A random seed: an integer from 0 to 2**63 − 1, which Python's, NumPy's and torch's generators all take."""
+    value = _int_at_least(text, 0)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"expected a seed below 2**63, got {value}")
+    return value
+
+
 def positive_number(text: str) -> float:
     """A finite number above 0, such as a learning rate."""
     try:

@@ -8,12 +8,15 @@ import torch
 from lowlearn import allocator as system_allocator
 from lowlearn import cli
 from lowlearn.bench import allocator, dst, lowrank, maml, masks, powerprop, report, sparse
+from lowlearn.train import seed_everything
 
 
 def test_argument_types_take_good_values_and_explain_bad_ones():
     assert cli.positive_int("3") == 3 and cli.natural_int("0") == 0
     assert cli.fraction("1") == 1.0 and cli.fractions("0.5,0.1") == (0.5, 0.1) and cli.positive_number("0.4") == 0.4
     assert cli.device("cpu") == torch.device("cpu")
+    assert cli.seed("0") == 0 and cli.seed(str(2**63 - 1)) == 2**63 - 1
+    seed_everything(cli.seed(str(2**63 - 1)))              # the largest seed that every generator takes
     for parse, text, message in ((cli.positive_int, "0", ">= 1"), (cli.positive_int, "2.5", "an integer"),
                                  (cli.natural_int, "-1", ">= 0"), (cli.fraction, "0", r"\(0, 1\]"),
                                  (cli.fraction, "x", r"\(0, 1\]"), (cli.fractions, "0.5,1.5", r"\(0, 1\]"),
@@ -21,7 +24,8 @@ def test_argument_types_take_good_values_and_explain_bad_ones():
                                  (cli.device, "meta", "not a device lowlearn runs on"),
                                  (cli.device, "cpu:3", "not a device lowlearn runs on"),
                                  (cli.positive_number, "0", "> 0"), (cli.positive_number, "nan", "finite"),
-                                 (cli.positive_number, "inf", "finite"), (cli.positive_number, "x", "> 0")):
+                                 (cli.positive_number, "inf", "finite"), (cli.positive_number, "x", "> 0"),
+                                 (cli.seed, "-1", ">= 0"), (cli.seed, str(2**63), "below 2\\*\\*63")):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             parse(text)
     if not torch.cuda.is_available():

@@ -184,11 +184,60 @@ def test_the_held_out_alphabets_are_the_small2_ones_never_meta_trained_on(monkey
     (["--profile", "bogus"], "unknown experiment profile 'bogus'"),
     (["--checkpoint", "/nonexistent/learner.pt"], "--checkpoint /nonexistent/learner.pt is not a file"),
     (["--checkpoint", "a.pt", "--steps", "5"], "with --checkpoint nothing is trained"),
+    (["--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
+    (["--seed", str(2**64)], f"argument --seed: expected a seed below 2**63, got {2**64}"),
 ])
-def test_bad_options_are_usage_errors_before_anything_runs(option, message, capsys):
+def test_bad_options_are_usage_errors_before_anything_runs(option, message, tmp_path, capsys):
+    save = tmp_path / "new" / "learner.pt"
     with pytest.raises(SystemExit):
-        omniglot_runs.main(["--profile", "smoke", "--test", "heldout"] + option)
+        omniglot_runs.main(["--profile", "smoke", "--test", "heldout"] + option
+                           + ([] if "--save" in option or "--checkpoint" in option else ["--save", str(save)]))
     assert message in capsys.readouterr().err
+    assert not save.parent.exists()                  # a refused command leaves no folder behind
+
+
+@needs_real_data
+def test_a_file_that_appears_at_the_save_path_during_training_is_kept_and_the_learner_saved_beside_it(
+        tmp_path, monkeypatch, capsys):
+    save = tmp_path / "learner.pt"
+    trained = omniglot_runs.train
+
+    def train_while_another_run_saves(*args):
+        losses = trained(*args)
+        save.write_bytes(b"another run's learner")
+        return losses
+
+    monkeypatch.setattr(omniglot_runs, "train", train_while_another_run_saves)
+    omniglot_runs.main(["--profile", "smoke", "--data", str(SHARED_DATA), "--background", "small1", "--test",
+                        "heldout", "--steps", "1", "--episodes", "2", "--device", "cpu", "--save", str(save)])
+    out = capsys.readouterr().out
+    assert f"saved to {tmp_path / 'learner-1.pt'} ({save} appeared during the training and is kept)" in out
+    assert save.read_bytes() == b"another run's learner"
+    omniglot_runs.load_checkpoint(tmp_path / "learner-1.pt", omniglot_runs.make_learner(
+        "protonet", get_profile("smoke").black_box))
+
+
+@needs_real_data
+def test_a_learner_that_could_not_be_saved_fails_the_command_after_the_evaluation(tmp_path, monkeypatch, capsys):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(omniglot_runs, "save_checkpoint", full_disk)
+    with pytest.raises(SystemExit, match="the learner was not saved: .*No space left on device"):
+        omniglot_runs.main(["--profile", "smoke", "--data", str(SHARED_DATA), "--background", "small1", "--test",
+                            "heldout", "--steps", "1", "--episodes", "2", "--device", "cpu", "--save",
+                            str(tmp_path / "learner.pt")])
+    assert "2 episodes: error" in capsys.readouterr().out
+
+
+def test_a_checkpoint_scores_the_runs_without_the_background_set(tmp_path, monkeypatch, capsys):
+    learner = omniglot_runs.make_learner("protonet", get_profile("smoke").black_box)
+    checkpoint = omniglot_runs.save_checkpoint(tmp_path / "learner.pt", learner, method="protonet",
+                                               background="small1,small2", profile="smoke")
+    monkeypatch.setattr(omniglot_runs, "load_omniglot_runs", lambda root, image_size: synthetic_runs(20))
+    omniglot_runs.main(["--profile", "smoke", "--data", str(tmp_path / "empty"), "--device", "cpu",
+                        "--checkpoint", str(checkpoint)])
+    assert "20 one-shot runs of Lake et al. (2015)" in capsys.readouterr().out
 
 
 @needs_real_data

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import sys
 import time
@@ -90,6 +91,20 @@ def make_learner(method: str, sizes: BlackBoxSizes) -> nn.Module:
 def meta_steps(method: str, sizes: BlackBoxSizes) -> int:
     """The meta-training steps of ``method`` in ``sizes``: ``maml_steps`` for MAML, ``meta_steps`` for the others."""
     return sizes.maml_steps if method == "maml" else sizes.meta_steps
+
+
+def save_learner(path: Path, learner: nn.Module, **extra) -> Path:
+    """Save ``learner`` (and ``extra``) to ``path``; returns where it went.
+
+    If a file appeared at ``path`` meanwhile (a second run with the same ``--save``), that
+    file is kept and the learner goes to the first free ``<stem>-<n><suffix>`` beside it.
+    """
+    candidate = path
+    for n in itertools.count(1):
+        try:
+            return save_checkpoint(candidate, learner, **extra)
+        except FileExistsError:
+            candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
 
 
 def train(learner: nn.Module, method: str, data: Omniglot, sizes: BlackBoxSizes, device: torch.device,
@@ -225,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                              "the profile's)")
     parser.add_argument("--episodes", type=cli.int_at_least(2),
                         help="held-out episodes (with --test heldout; default 400; at least 2, for an interval)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=cli.seed, default=0)
     parser.add_argument("--device", type=cli.device, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--data", help="data root (default: $LOWLEARN_DATA or ~/.cache/lowlearn)")
     args = parser.parse_args(argv)
@@ -234,13 +249,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--save is for a learner trained here; with --checkpoint nothing is trained")
         if args.save.exists() or args.save.is_symlink():
             parser.error(f"{args.save} exists; choose another --save path (a saved learner is never overwritten)")
-        try:                                             # found out now, not after the training
-            args.save.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            parser.error(f"cannot save to {args.save}: {error}")
-        if not os.access(args.save.parent, os.W_OK):
-            parser.error(f"cannot save to {args.save}: its folder is not writable")
-
+        folder = next(p for p in args.save.parents if p.exists())      # found out now, creating nothing yet
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            parser.error(f"cannot save to {args.save}: {folder} is " + ("not writable" if folder.is_dir() else
+                                                                         "a file, not a folder"))
     if args.checkpoint is not None:
         if args.steps is not None:
             parser.error("--steps sets the meta-training; with --checkpoint nothing is trained")
@@ -272,11 +284,12 @@ def main(argv: list[str] | None = None) -> None:
     print(banner(profile))
     seed_everything(args.seed)                   # --seed fixes the initialisation as well as the episodes
     learner = make_learner(args.method, sizes).to(device)
-    try:
-        data = background(args.background, sizes.image_size, args.data)
-    except DatasetNotFoundError as error:
-        sys.exit(str(error))
-    runs = test = None
+    data = runs = test = not_saved = None
+    if args.checkpoint is None or args.test == "heldout":      # to train on, or to tell what is held out
+        try:
+            data = background(args.background, sizes.image_size, args.data)
+        except DatasetNotFoundError as error:
+            sys.exit(str(error))
     if args.test == "heldout":
         try:
             test = held_out(data, sizes.image_size, args.data)   # before any training: is anything held out?
@@ -304,6 +317,11 @@ def main(argv: list[str] | None = None) -> None:
         trained = f" ({extra['steps']} training steps)" if "steps" in extra else ""
         print(f"loaded {args.method} from {args.checkpoint}{trained}")
     else:
+        if args.save is not None:                        # before the training, not after it
+            try:
+                args.save.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                parser.error(f"cannot save to {args.save}: {error}")
         start = time.perf_counter()
         losses = train(learner, args.method, data, sizes, device, args.seed)
         final = f"final loss {losses[-1]:.3f}" if losses else "no training steps"
@@ -311,12 +329,13 @@ def main(argv: list[str] | None = None) -> None:
               f"{final}, {time.perf_counter() - start:.0f} s")
         if args.save is not None:
             try:
-                save_checkpoint(args.save, learner, method=args.method, background=args.background,
-                                profile=profile.name,
-                                steps=meta_steps(args.method, sizes))
-                print(f"saved to {args.save}")
-            except OSError as error:                     # e.g. a file put there meanwhile: it is kept
-                print(f"not saved: {error}; the evaluation goes on", file=sys.stderr)
+                saved = save_learner(args.save, learner, method=args.method, background=args.background,
+                                     profile=profile.name, steps=meta_steps(args.method, sizes))
+                kept = "" if saved == args.save else f" ({args.save} appeared during the training and is kept)"
+                print(f"saved to {saved}{kept}")
+            except OSError as error:
+                not_saved = f"the learner was not saved: {error}"
+                print(f"{not_saved}; the evaluation goes on", file=sys.stderr)
 
     if runs is not None:
         errors = run_errors(learner, runs, sizes, device)
@@ -338,3 +357,5 @@ def main(argv: list[str] | None = None) -> None:
         verb = "has" if len(fewer) == 1 else "have"
         print(f"  episodes from {', '.join(used)}" + (f"; {', '.join(fewer)} {verb} fewer than {RUN_WAYS} characters"
                                                      if fewer else ""))
+    if not_saved is not None:
+        sys.exit(f"{not_saved} (the evaluation above ran)")
