@@ -21,8 +21,9 @@ with less capacity: this is the paper's second use of Powerprop (Schwarz et al.
 The masks are :class:`~lowlearn.sparse.mask.SplitMask` parametrizations (forward:
 the weights in use; backward: the weights that learn). The other parameters
 (biases, norm layers, and batch norm's running statistics) learn with the first
-task only and are frozen afterwards, as in PackNet. The optimizer must not use
-weight decay, which would move frozen weights.
+task only and are frozen afterwards, as in PackNet; a task's own parameters, such as
+its output head, learn in that task (``start_task(own=...)``). The optimizer must
+not use weight decay, which would move frozen weights.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from ..reparam import raw_value, register
 from ..train import generator_on, restore_generator
 from .mask import (SplitMask, find_mask, raw_weight, refuse_weight_decay, resolve_layers, weights_device,
                    zero_optimizer_state)
-from .prune import check_density, top_k_mask
+from .prune import check_density, kept_count, top_k_mask
 
 FREE = 0
 
@@ -62,13 +63,17 @@ class PackNet:
         tasks: the number of tasks assigned so far.
         frozen: whether the parameters outside the shared weights are frozen (from
             the second task on).
+        own: qualified names of the parameters of the task being trained alone
+            (``start_task(own=...)``).
+        started: whether :meth:`start_task` began a task that :meth:`assign` has not
+            yet given its weights.
 
     Raises:
         ValueError: a chosen layer that already has a mask.
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[str] | None = None, seed: int = 0):
-        self.model, self.tasks, self.frozen = model, 0, False
+        self.model, self.tasks, self.frozen, self.started, self.own = model, 0, False, False, ()
         self.layers = resolve_layers(model, layers)
         for name, layer in self.layers.items():
             if find_mask(layer) is not None:
@@ -95,7 +100,7 @@ class PackNet:
         self._follow_model()
         return {name: (owner == FREE).float().mean().item() for name, owner in self.owner.items()}
 
-    def start_task(self, optimizer: torch.optim.Optimizer | None = None) -> int:
+    def start_task(self, optimizer: torch.optim.Optimizer | None = None, *, own: Iterable[str] = ()) -> int:
         """Train task ``tasks + 1`` next: all weights in the forward pass, only the free ones learn.
 
         From the second task on, every parameter outside the shared layers' weights
@@ -106,8 +111,16 @@ class PackNet:
         task's statistics, as PackNet's code does: in training mode they would replace
         them with the later tasks'. Returns the task's number.
 
+        Args:
+            optimizer: the optimizer that trains the task, whose state is kept in step.
+            own: names of parameters or modules that belong to this task alone and
+                learn in it whatever its number, such as its output head
+                (``"heads.2"``); they are frozen from the next task on. Leave out
+                the shared layers.
+
         Raises:
-            ValueError: no free weights are left, or the optimizer has weight decay.
+            ValueError: no free weights are left, the optimizer has weight decay, or
+                ``own`` names something the model lacks or a shared layer's weight.
         """
         self._follow_model()
         if optimizer is not None:
@@ -115,6 +128,7 @@ class PackNet:
                                 "PackNet keeps the earlier tasks' weights frozen")
         if not any((owner == FREE).any() for owner in self.owner.values()):
             raise ValueError(f"the network is full: all its weights belong to the {self.tasks} tasks so far")
+        self.own = self._own_parameters(own)
         free = {name: owner == FREE for name, owner in self.owner.items()}
         self._set({name: torch.ones_like(f) for name, f in free.items()}, free)
         if self.tasks >= 1:
@@ -122,17 +136,41 @@ class PackNet:
         if optimizer is not None:
             for name, layer in self.layers.items():
                 zero_optimizer_state(optimizer, raw_weight(layer), free[name])
+        self.started = True
         return self.tasks + 1
 
+    def _own_parameters(self, names: Iterable[str]) -> tuple[str, ...]:
+        """The qualified names of the parameters that ``names`` (parameters or modules) stand for."""
+        if isinstance(names, str):
+            names = (names,)
+        params, modules = dict(self.model.named_parameters()), dict(self.model.named_modules())
+        shared = {id(raw_weight(layer)) for layer in self.layers.values()}
+        own = []
+        for name in names:
+            if name in params:
+                found = [name]
+            elif name in modules:
+                prefix = f"{name}." if name else ""
+                found = [f"{prefix}{p}" for p, _ in modules[name].named_parameters()]
+            else:
+                raise ValueError(f"own={name!r} is neither a parameter nor a module of the model")
+            if any(id(params[p]) in shared for p in found):
+                raise ValueError(f"own={name!r} holds a shared layer's weight, which PackNet divides among the "
+                                 "tasks: name only the task's own parameters, such as its output head")
+            own += found
+        return tuple(own)
+
     def _freeze_the_first_tasks_parameters(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Freeze every parameter outside the shared weights, and batch norm's running statistics.
+        """Freeze every parameter outside the shared weights and :attr:`own`, and batch norm's running statistics.
 
         A frozen parameter loses its gradient and its optimizer state, so that no
         momentum moves it (also with ``zero_grad(set_to_none=False)``).
         """
         shared = {id(raw_weight(layer)) for layer in self.layers.values()}
-        for param in self.model.parameters():
-            if id(param) not in shared:
+        for name, param in self.model.named_parameters():
+            if name in self.own:
+                param.requires_grad_(True)
+            elif id(param) not in shared:
                 param.requires_grad_(False)
                 param.grad = None
                 if optimizer is not None:
@@ -148,7 +186,8 @@ class PackNet:
         """Give the new task the ``fraction`` largest free weights of each layer; release the rest.
 
         ``fraction`` is a share of each layer's *total* size (e.g. ``0.1`` for ten
-        equal tasks); a layer with fewer free weights gives all it has. The released
+        equal tasks), rounded, and at least one weight of a layer that has any free;
+        a layer with fewer free weights gives all it has. The released
         free weights are re-drawn from PyTorch's default initialisation of the layer
         (uniform in ``±1/√fan_in``), mapped to the raw parameter through the layer's
         parametrizations, and their optimizer state is zeroed. Afterwards the network
@@ -157,14 +196,20 @@ class PackNet:
 
         Raises:
             ValueError: ``fraction`` outside (0, 1].
+            RuntimeError: no task was begun with :meth:`start_task`: the weights it would
+                give away were never trained for a new task, and training without it
+                moves the earlier tasks' weights.
         """
         self._follow_model()
         check_density(fraction, "fraction")
+        if not self.started:
+            raise RuntimeError(f"no task to assign: call start_task() before training task {self.tasks + 1}, then "
+                               "assign() its weights (without start_task the earlier tasks' weights learn too)")
         task = self.tasks + 1
         for name, layer in self.layers.items():
             owner, theta = self.owner[name], layer.weight.detach()
             free = owner == FREE
-            k = min(round(fraction * owner.numel()), int(free.sum()))
+            k = min(kept_count(fraction, owner.numel()), int(free.sum()))
             if k:
                 chosen = top_k_mask(theta.abs().masked_fill(~free, -1.0), k)
                 owner[chosen] = task
@@ -172,7 +217,7 @@ class PackNet:
             self._reinitialise(layer, released)
             if optimizer is not None:
                 zero_optimizer_state(optimizer, raw_weight(layer), ~released)
-        self.tasks = task
+        self.tasks, self.started = task, False
         self._set({name: (owner != FREE) for name, owner in self.owner.items()},
                   {name: owner == task for name, owner in self.owner.items()})
         return task
@@ -204,18 +249,19 @@ class PackNet:
             self._set(forward, backward)
 
     def state_dict(self) -> dict:
-        """Owners, task count, whether the first task's parameters are frozen, and the generator.
+        """Owners, task count, the frozen and started flags, the task's own parameters, and the generator.
 
         The weights and masks are in the model's ``state_dict``.
         """
         return {"owner": {name: o.clone() for name, o in self.owner.items()}, "tasks": self.tasks,
-                "frozen": self.frozen, "generator": self.generator.get_state(),
-                "generator_device": str(self.generator.device)}
+                "frozen": self.frozen, "started": self.started, "own": list(self.own),
+                "generator": self.generator.get_state(), "generator_device": str(self.generator.device)}
 
     def load_state_dict(self, state: Mapping) -> None:
         """Continue from :meth:`state_dict`; from the second task on, the model's other parameters are frozen again."""
         self.owner = {name: o.clone() for name, o in state["owner"].items()}
         self.tasks = int(state["tasks"])
+        self.started, self.own = bool(state.get("started", False)), tuple(state.get("own", ()))
         self.generator = restore_generator(self.generator, state["generator"], state.get("generator_device"))
         if state.get("frozen", self.tasks >= 2):
             self._freeze_the_first_tasks_parameters()

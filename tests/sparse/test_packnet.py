@@ -184,3 +184,81 @@ def test_bad_input_and_state_dict():
     assert not other.frozen and all(p.requires_grad for p in other.model.parameters())   # task 1 may still retrain
     assert other.tasks == 1 and all(torch.equal(other.owner[n], o) for n, o in packnet.owner.items())
 
+
+
+class MultiHead(nn.Module):
+    """A trunk shared by the tasks, and one output head per task."""
+
+    def __init__(self, tasks=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Linear(20, 16)
+        self.heads = nn.ModuleList(nn.Linear(16, 4) for _ in range(tasks))
+        self.task = 0
+
+    def forward(self, x):
+        return self.heads[self.task](F.relu(self.trunk(x)))
+
+
+def test_each_task_trains_its_own_head_and_the_earlier_heads_stay_frozen():
+    model = MultiHead()
+    packnet = PackNet(model, layers=["trunk"])
+    heads = []
+    for task in (1, 2, 3):
+        model.task = task - 1
+        packnet.start_task(own=f"heads.{task - 1}")
+        before = [p.detach().clone() for p in model.heads.parameters()]
+        train(model, task_data(task))
+        after = list(model.heads.parameters())
+        for i in range(3):                        # head t learns in task t; the others do not move
+            moved = [not torch.equal(a, b) for a, b in zip(before[2 * i:2 * i + 2], after[2 * i:2 * i + 2])]
+            assert moved == ([True, True] if i == task - 1 else [False, False]), (task, i)
+        packnet.assign(0.3)
+        heads.append(model.heads[task - 1].weight.detach().clone())
+    assert torch.equal(model.heads[0].weight, heads[0]) and torch.equal(model.heads[1].weight, heads[1])
+
+    # Resumed in task 2, head 2 still learns and head 1 stays frozen.
+    model, packnet = MultiHead(), PackNet(MultiHead(), layers=["trunk"])
+    packnet.start_task(own="heads.0")
+    train(packnet.model, task_data(1))
+    packnet.assign(0.3)
+    packnet.start_task(own=["heads.1"])
+    resumed = PackNet(model, layers=["trunk"])
+    model.load_state_dict(packnet.model.state_dict())
+    resumed.load_state_dict(packnet.state_dict())
+    assert resumed.started and resumed.own == ("heads.1.weight", "heads.1.bias")
+    assert [p.requires_grad for p in model.heads.parameters()] == [False, False, True, True, False, False]
+
+
+def test_own_must_name_parameters_of_the_model_outside_the_shared_layers():
+    packnet = PackNet(MultiHead(), layers=["trunk"])
+    with pytest.raises(ValueError, match="own='head.1' is neither a parameter nor a module"):
+        packnet.start_task(own="head.1")
+    with pytest.raises(ValueError, match="own='trunk' holds a shared layer's weight"):
+        packnet.start_task(own="trunk")
+    assert packnet.start_task(own="heads.0.bias") == 1 and packnet.own == ("heads.0.bias",)
+
+
+def test_assign_needs_a_task_begun_by_start_task():
+    model = small_mlp()
+    packnet = PackNet(model)
+    with pytest.raises(RuntimeError, match="call start_task\\(\\) before training task 1"):
+        packnet.assign(0.5)
+    packnet.start_task()
+    packnet.assign(0.5)
+    with pytest.raises(RuntimeError, match="call start_task\\(\\) before training task 2"):
+        packnet.assign(0.5)                       # the weights of task 2 were never trained as task 2's
+    restored = PackNet(small_mlp(1))
+    restored.load_state_dict(packnet.state_dict())
+    assert not restored.started
+    packnet.start_task()
+    restored.load_state_dict(packnet.state_dict())
+    assert restored.started and restored.assign(0.2) == 2
+
+
+def test_every_layer_with_free_weights_gives_the_new_task_at_least_one():
+    model = nn.Sequential(nn.Linear(100, 64), nn.ReLU(), nn.Linear(64, 4))     # round(0.001 · 256) = 0
+    packnet = PackNet(model)
+    packnet.start_task()
+    packnet.assign(0.001)
+    assert {name: int((o == 1).sum()) for name, o in packnet.owner.items()} == {"0": 6, "2": 1}
