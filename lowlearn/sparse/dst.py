@@ -176,7 +176,9 @@ class DynamicSparsity(Sparsifier):
     Args:
         model: the model; every ``nn.Linear``/``nn.Conv2d`` weight (or ``layers``)
             gets a random mask. Its biases and norm layers stay dense.
-        optimizer: any ``torch.optim`` optimizer over the model's parameters.
+        optimizer: any ``torch.optim`` optimizer over the model's parameters. ``None``
+            only for an optimizer without state (SGD without momentum): a grown weight
+            would start from the momentum or moments it had when it was dropped.
         density: the global fraction of weights kept, in (0, 1] (sparsity ``1 − d``).
         end: ``T_end``, the last step that may update the masks (RigL: ¾ of training;
             the cosine reaches 0 there, so the last change is at the update before it);

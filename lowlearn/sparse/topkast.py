@@ -50,7 +50,9 @@ class TopKAST(Sparsifier):
     Args:
         model: the model; every ``nn.Linear``/``nn.Conv2d`` weight (or ``layers``)
             gets a :class:`~lowlearn.sparse.mask.SplitMask`. Its biases and norm layers stay dense.
-        optimizer: any ``torch.optim`` optimizer, with weight decay 0.
+        optimizer: any ``torch.optim`` optimizer, with weight decay 0. ``None`` only for
+            an optimizer without state (SGD without momentum): a weight that leaves ``B``
+            would go on moving by the momentum or moments nobody zeroed.
         forward_density: ``D``, the global fraction of weights in ``A``.
         backward_density: ``D + M``, the global fraction in ``B`` (at least ``D``).
         every: steps between refreshes of ``A`` and ``B``.
