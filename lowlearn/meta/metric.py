@@ -108,8 +108,13 @@ def squared_distances(a: Tensor, b: Tensor) -> Tensor:
     """``‖a_q − b_k‖²`` for every pair: ``(..., Q, D)`` and ``(..., N, D)`` give ``(..., Q, N)``.
 
     Computed as ``‖a‖² − 2 a·b + ‖b‖²`` (one matrix product), clamped at zero
-    against rounding.
+    against rounding, after moving both sets by the mean of ``b``. The distances stay
+    the same, but the terms no longer carry an offset that all the embeddings share
+    (ReLU features are all positive), whose square would swamp the distances in the
+    subtraction, in low precision above all.
     """
+    centre = b.mean(-2, keepdim=True)
+    a, b = a - centre, b - centre
     cross = a @ b.transpose(-1, -2)
     return (a.pow(2).sum(-1, keepdim=True) - 2 * cross + b.pow(2).sum(-1).unsqueeze(-2)).clamp_min(0)
 
@@ -129,10 +134,11 @@ class EpisodicLearner(nn.Module, ABC):
             for images only); 0 embeds the image alone. Training is unaffected.
         test_rotations: in evaluation mode, embed each square image in its four 90°
             rotations too and put the four embeddings side by side, scaled by ½, so
-            that a squared distance is the mean of the four rotated frames' (an
-            ensemble of four comparisons at four times the cost). For an embedding
-            meta-trained with rotated classes (Omniglot's rotations, which make a
-            rotated character a new class), each frame is a comparison it has learned.
+            that a squared distance is the mean of the four rotated frames' (for
+            :class:`ProtoNet`, an ensemble of four comparisons at four times the
+            cost). For an embedding meta-trained with rotated classes (Omniglot's
+            rotations, which make a rotated character a new class), each frame is a
+            comparison it has learned.
         eval_batch_size: in evaluation mode, pass at most this many images through
             the embedding at once (``None``: all of them, shifted copies included,
             in one pass). The embeddings are the same; on a CPU, passes of about 64
@@ -357,7 +363,8 @@ class MatchingNet(EpisodicLearner):
             paper; a larger value sharpens the attention, which the cosine's
             range [−1, 1] otherwise keeps flat).
         test_shift, test_rotations, eval_batch_size: test-time views and passes (see
-            :class:`EpisodicLearner`).
+            :class:`EpisodicLearner`). The cosine of two side-by-side embeddings is not
+            the mean of the four frames' cosines: each frame counts by its norm.
     """
 
     def __init__(self, embedding: nn.Module, scale: float = 1.0, test_shift: int = 0,

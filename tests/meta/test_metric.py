@@ -45,6 +45,16 @@ def test_squared_distances_equal_cdist():
     assert squared_distances(a, a).diagonal(dim1=-2, dim2=-1).abs().max() < 1e-12
 
 
+def test_squared_distances_keep_their_precision_when_the_embeddings_share_an_offset():
+    # Embeddings 0.05 apart around an offset of 100: ‖a‖² ≈ 6.4·10⁵ would swamp distances ≈ 0.01 in float32.
+    generator = torch.Generator().manual_seed(0)
+    b = 100 + 0.05 * torch.randn(5, 64, generator=generator, dtype=torch.float64)
+    a = b.repeat(3, 1) + 0.01 * torch.randn(15, 64, generator=generator, dtype=torch.float64)
+    exact = torch.cdist(a, b) ** 2
+    torch.testing.assert_close(squared_distances(a.float(), b.float()).double(), exact, rtol=1e-3, atol=1e-4)
+    assert torch.equal(squared_distances(a.float(), b.float()).argmin(-1), exact.argmin(-1))
+
+
 def test_matching_net_logits_are_the_log_of_the_attention_weighted_labels():
     generator = torch.Generator().manual_seed(2)
     support, query = torch.randn(5, 3, generator=generator), torch.randn(4, 3, generator=generator)
