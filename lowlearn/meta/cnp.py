@@ -57,7 +57,7 @@ class CNP(nn.Module):
 
     Raises:
         ValueError: a size below 1 (``x_dim``, ``y_dim``, ``hidden``, the layer counts),
-            or ``min_std`` outside ``[0, 1)``.
+            or ``min_std`` outside ``(0, 1)``.
     """
 
     def __init__(self, x_dim: int = 1, y_dim: int = 1, hidden: int = 128, encoder_layers: int = 3,
@@ -66,8 +66,9 @@ class CNP(nn.Module):
         for name, value in (("x_dim", x_dim), ("y_dim", y_dim), ("hidden", hidden), ("encoder_layers", encoder_layers),
                             ("decoder_layers", decoder_layers)):
             check_count(name, value, 1)
-        if not 0 <= min_std < 1:
-            raise ValueError(f"min_std must be in [0, 1); got {min_std}")
+        if not 0 < min_std < 1:
+            raise ValueError(f"min_std must be in (0, 1), above 0 so that σ never rounds to 0 (a NaN loss); got "
+                             f"{min_std}")
         self.x_dim, self.y_dim, self.min_std = x_dim, y_dim, min_std
         self.encoder = _mlp([x_dim + y_dim] + [hidden] * encoder_layers)
         self.decoder = _mlp([hidden + x_dim] + [hidden] * (decoder_layers - 1) + [2 * y_dim])

@@ -116,6 +116,8 @@ def test_bad_input_is_a_clear_error():
         cnp.loss(torch.zeros(2, 4, 1), torch.zeros(2, 4, 1), torch.zeros(2, 0, 1), torch.zeros(2, 0, 1))
     with pytest.raises(ValueError, match="min_std"):
         CNP(min_std=1.0)
+    with pytest.raises(ValueError, match="above 0 so that σ never rounds to 0"):
+        CNP(min_std=0.0)
     with pytest.raises(ValueError, match="context_x"):                # 1-D: one x per row, but no feature axis
         cnp(torch.zeros(4), torch.zeros(4, 1), torch.zeros(3, 1))
     with pytest.raises(ValueError, match="target_x"):
