@@ -3,9 +3,12 @@
 :func:`atomic_file` writes into a temporary file beside the target, flushes it to the
 disk, and publishes it under the target's name only once the writing succeeded: a
 crash, a power loss or an exception leaves the target as it was (or absent), never
-half-written. A new file gets the permissions of any new file (``0o666`` less the
-umask, which the system applies when the temporary file is created); a replaced file
-keeps its own. Checkpoints (:func:`lowlearn.train.save_checkpoint`), results files
+half-written. An exception removes the temporary file; a process killed while it
+writes cannot, and leaves it behind, hidden, as ``.<name>.<8 hex>.part`` beside the
+target (the name cut to 32 characters); it is safe to delete once nothing writes
+there. A new file gets the permissions of any new file (``0o666`` less the umask,
+which the system applies when the temporary file is created); a replaced file keeps
+its own. Checkpoints (:func:`lowlearn.train.save_checkpoint`), results files
 (:mod:`lowlearn.results`) and downloads (:mod:`lowlearn.data.cache`) are written this
 way; :func:`new_sibling_folder` gives archive extraction its temporary folder.
 """
