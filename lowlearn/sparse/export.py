@@ -114,6 +114,8 @@ class CSRConv2d(_CSRWeight):
         self._store(conv.weight.flatten(1), conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:                               # one unbatched image, as nn.Conv2d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         batch, _, height, width = x.shape
         out_h, out_w = (
             (size + 2 * pad - dil * (k - 1) - 1) // s + 1
@@ -219,8 +221,11 @@ def export(model: nn.Module, format: str = "csr", *, min_sparsity: float = 0.0) 
     if not 0 <= min_sparsity <= 1:
         raise ValueError(f"min_sparsity must be in [0, 1]; got {min_sparsity}")
     exported = squash(copy.deepcopy(model))
-    for name, layer in list(exported.named_modules()):
-        replacement = _exported_layer(name, layer, format, min_sparsity)
+    replacements = {}                                  # a module used at several places stays shared
+    for name, layer in list(exported.named_modules(remove_duplicate=False)):
+        if id(layer) not in replacements:
+            replacements[id(layer)] = _exported_layer(name, layer, format, min_sparsity)
+        replacement = replacements[id(layer)]
         if replacement is None:
             continue
         if not name:                                   # the model is itself one layer
@@ -287,13 +292,15 @@ def compact(model: nn.Sequential) -> nn.Sequential:
             such as :class:`lowlearn.models.MLP`; not changed.
 
     Returns:
-        The compact copy, in evaluation mode.
+        The compact copy, in evaluation mode, its parameters as trainable as the
+        model's (to fine-tune it).
 
     Raises:
         ValueError: a grouped convolution, another kind of layer between two
-            prunable ones, or a non-zero constant feeding a padded convolution or passing a padded
-            average pooling that counts the padding (either makes it
-            position-dependent, so it cannot be folded exactly).
+            prunable ones, or a non-zero constant feeding a padded convolution, passing
+            a padded average pooling that counts the padding (either makes it
+            position-dependent, so it cannot be folded exactly) or an average pooling
+            with a ``divisor_override``.
     """
     if not isinstance(model, nn.Sequential):
         raise ValueError(f"compact needs an nn.Sequential (a chain of layers); got {type(model).__name__}")
@@ -320,6 +327,9 @@ def _cut_units(producer: nn.Module, between: list[nn.Module], consumer: nn.Modul
     for layer in between:
         if isinstance(layer, nn.Flatten):
             spread = consumer.weight.shape[1] // weight.shape[0]
+        elif isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.running_mean is None:
+            # Batch statistics: a channel that is constant over the batch normalises to 0, then shifts by β.
+            constant = layer.bias.detach().clone() if layer.affine else torch.zeros_like(constant)
         elif isinstance(layer, _ELEMENTWISE):
             shape = (1, -1, 1, 1) if isinstance(layer, nn.BatchNorm2d) else (1, -1)
             constant = layer(constant.view(shape)).flatten()
@@ -338,8 +348,13 @@ def _cut_units(producer: nn.Module, between: list[nn.Module], consumer: nn.Modul
                 raise ValueError("a removed channel's non-zero constant passes a padded AvgPool2d that averages the "
                                  "zero padding in (count_include_pad=True), so it is not constant near the border; "
                                  "compact cannot fold it exactly (use count_include_pad=False, or keep the channel)")
+            if any(isinstance(layer, nn.AvgPool2d) and layer.divisor_override is not None for layer in between):
+                raise ValueError("a removed channel's non-zero constant passes an AvgPool2d with a divisor_override, "
+                                 "which divides the window's sum by another number than its size, so the constant "
+                                 "changes; compact cannot fold it (keep the channel)")
             if consumer.bias is None:
-                consumer.bias = nn.Parameter(consumer.weight.new_zeros(consumer.weight.shape[0]))
+                consumer.bias = nn.Parameter(consumer.weight.new_zeros(consumer.weight.shape[0]),
+                                             requires_grad=consumer.weight.requires_grad)
             contribution = consumer.weight.flatten(2).sum(-1) if isinstance(consumer, nn.Conv2d) else consumer.weight
             consumer.bias += contribution @ folded
         _slice(producer, keep, dim=0)
@@ -356,7 +371,8 @@ def _slice(layer: nn.Module, keep: Tensor, dim: int) -> None:
         if tensor is None or (dim == 1 and name != "weight"):
             continue
         kept = tensor.detach().index_select(dim, keep.nonzero().squeeze(1)).clone()
-        setattr(layer, name, nn.Parameter(kept, requires_grad=False) if isinstance(tensor, nn.Parameter) else kept)
+        is_parameter = isinstance(tensor, nn.Parameter)
+        setattr(layer, name, nn.Parameter(kept, requires_grad=tensor.requires_grad) if is_parameter else kept)
     count = int(keep.count_nonzero())
     if isinstance(layer, nn.Linear):
         if dim == 0:

@@ -152,6 +152,62 @@ def test_compact_refuses_a_padded_average_pooling_that_counts_the_padding():
             torch.testing.assert_close(compact(model)(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_compact_refuses_an_average_pooling_with_a_divisor_override():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AvgPool2d(2, divisor_override=1),
+                          nn.Conv2d(8, 4, 3)).eval()
+    with torch.no_grad():
+        model[1].bias.fill_(0.5)                    # a removed channel passes 4 · relu(β) on, not relu(β)
+    prune_channels(model, 0.5)
+    with pytest.raises(ValueError, match="divisor_override"):
+        compact(model)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_compact_folds_a_removed_channel_through_a_batch_norm_with_batch_statistics(affine):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=affine, track_running_stats=False), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3))
+    if affine:
+        with torch.no_grad():
+            model[1].bias.uniform_(0.2, 0.8)        # a constant channel normalises to 0 and comes out as β
+    prune_channels(model, 0.5)
+    x = torch.randn(4, 3, 10, 10)
+    small = compact(model)
+    assert small[0].weight.shape[0] == 4 and small[1].num_features == 4
+    torch.testing.assert_close(small(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_compact_keeps_the_parameters_as_trainable_as_they_were():
+    torch.manual_seed(0)
+    model = MLP(in_features=20, hidden=(30, 16), out_features=5)
+    prune_channels(model, 0.5)
+    small = compact(model)
+    assert all(p.requires_grad for p in small.parameters())          # ready to fine-tune
+    model.requires_grad_(False)
+    assert not any(p.requires_grad for p in compact(model).parameters())
+
+
+def test_csr_convolution_takes_an_unbatched_image_as_nn_conv2d_does():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 3, 3, padding=1)
+    prune(conv, {"": conv.weight.detach().abs()}, 0.3)
+    exported = export(conv, "csr")
+    x = torch.randn(4, 5, 5)
+    torch.testing.assert_close(exported(x), conv(x), rtol=1e-5, atol=1e-6)
+
+
+def test_export_keeps_a_module_used_at_two_places_shared():
+    torch.manual_seed(0)
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    prune(model, scores.magnitude(model), 0.2)
+    exported = export(model, "csr")
+    assert isinstance(exported[0], CSRLinear) and exported[2] is exported[0]
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(exported(x), model(x), rtol=1e-5, atol=1e-6)
+
+
 def test_csr_models_deep_copy_and_move_like_any_module():
     exported = export(pruned_mlp(), "csr")
     twin = copy.deepcopy(exported)
