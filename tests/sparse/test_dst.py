@@ -189,19 +189,6 @@ def test_no_update_after_end(method, cosine):
     assert sparsifier.steps == 40 and calls == ([5, 10, 15] if cosine else [5, 10, 15, 20])
 
 
-def test_rigl_reads_no_dense_gradient_for_the_empty_update_at_t_end():
-    model = small_mlp()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    sparsifier = make("rigl", model, optimizer, every=5, end=10)
-    armed = []
-
-    def check():
-        armed.append(sparsifier._gradients.active)
-
-    train(model, optimizer, sparsifier, batches(12), check)
-    assert [t for t, on in enumerate(armed, start=1) if on] == [4]        # for step 5; step 10 = T_end has f = 0
-
-
 def test_static_masks_never_change():
     model = small_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -240,10 +227,11 @@ def test_rigl_grows_exactly_the_top_gradient_inactive_weights():
     assert torch.equal(masks_of(model)["0"].flatten(), expected)
 
 
-def test_dense_gradients_are_read_only_on_update_steps():
+@pytest.mark.parametrize("end, armed", [(30, [4, 9]), (10, [4])])     # f(T_end = 10) = 0: no update at step 10
+def test_dense_gradients_are_read_only_on_update_steps(end, armed):
     model = small_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    sparsifier = make("rigl", model, optimizer, every=5, end=30)
+    sparsifier = make("rigl", model, optimizer, every=5, end=end)
     hooked = []
 
     def check():
@@ -251,7 +239,7 @@ def test_dense_gradients_are_read_only_on_update_steps():
 
     train(model, optimizer, sparsifier, batches(12), check)
     # After step t the hooks are armed iff step t + 1 updates the masks.
-    assert [t for t, armed in enumerate(hooked, start=1) if armed] == [4, 9]
+    assert [t for t, on in enumerate(hooked, start=1) if on] == armed
 
 
 def test_rigl_without_a_backward_pass_says_what_to_do():
