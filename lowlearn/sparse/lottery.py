@@ -29,6 +29,10 @@ control keeps the ticket's per-layer weight counts and changes one thing:
 * :func:`constant_init`: the ticket's mask, every kept weight ``sign(θ_0) · σ_l``;
 * :func:`random_mask`: a random mask with the ticket's per-layer counts, the initialisation ``θ_0``.
 
+With rewinding, ``θ_k`` takes the place of ``θ_0`` in every control. A model that came
+to IMP already masked keeps its own starting mask as the limit of every control: the
+random mask is drawn inside it, and ``σ_l`` is taken over its weights.
+
 Evaluate them with :func:`train_control`, once per IMP round, at that round's
 masks::
 
@@ -189,6 +193,9 @@ def _check_fraction(value: float, what: str) -> float:
 def _layer_fractions(names: list[str], prune_fraction: float | Mapping[str, float],
                      output_fraction: float | None) -> dict[str, float]:
     if isinstance(prune_fraction, Mapping):
+        if output_fraction is not None:
+            raise ValueError(f"prune_fraction names the output layer {names[-1]!r} already: give its fraction "
+                             "there and leave output_fraction out")
         missing, unknown = set(names) - set(prune_fraction), set(prune_fraction) - set(names)
         if missing or unknown:
             raise KeyError(f"prune_fraction must name every masked layer ({', '.join(names)}); "
@@ -251,8 +258,8 @@ def iterative_magnitude_pruning(
 
     Raises:
         ValueError: a fraction outside [0, 1), a negative ``rounds`` or
-            ``rewind_step``, an unknown ``scope``, or ``scope="global"`` with
-            per-layer fractions.
+            ``rewind_step``, an unknown ``scope``, ``scope="global"`` with
+            per-layer fractions, or ``output_fraction`` beside per-layer fractions.
         RuntimeError: round 0 ended before step ``rewind_step``.
     """
     check_count("rounds", rounds, 0)
@@ -295,13 +302,24 @@ def iterative_magnitude_pruning(
     return Lottery(records, snapshot.state, rewind_step)
 
 
-def _rewind_weight(weights: Mapping[str, Tensor], name: str, like: Tensor) -> Tensor:
-    """The raw weight of masked layer ``name`` in the ``state_dict`` ``weights``, on ``like``'s device."""
-    key = f"{name}.parametrizations.weight.original" if name else "parametrizations.weight.original"
+def _rewind_entry(weights: Mapping[str, Tensor], name: str, entry: str, like: Tensor) -> Tensor:
+    """Entry ``parametrizations.weight.<entry>`` of masked layer ``name`` in ``weights``, on ``like``'s device."""
+    key = f"{name}.parametrizations.weight.{entry}" if name else f"parametrizations.weight.{entry}"
     if key not in weights:
         raise KeyError(f"the rewind weights have no {key!r}: pass the state_dict of the masked model "
                        "(e.g. Lottery.rewind_state or Snapshot.state)")
     return weights[key].to(like.device)
+
+
+def _rewind_weight(weights: Mapping[str, Tensor], name: str, like: Tensor) -> Tensor:
+    """The raw weight of masked layer ``name`` in the ``state_dict`` ``weights``, on ``like``'s device."""
+    return _rewind_entry(weights, name, "original", like)
+
+
+def _rewind_mask(weights: Mapping[str, Tensor], name: str, layer: nn.Module) -> Tensor:
+    """The boolean mask of masked layer ``name`` in ``weights``: the weights IMP started from."""
+    index = next(i for i, p in enumerate(layer.parametrizations.weight) if isinstance(p, Mask))
+    return _rewind_entry(weights, name, f"{index}.mask", raw_weight(layer)) != 0
 
 
 def _unmasked_weight(layer: nn.Module, raw: Tensor) -> Tensor:
@@ -368,8 +386,9 @@ def constant_init(model: nn.Module, rewind_weights: Mapping[str, Tensor]) -> Non
     The "constant" mask-1 action of Zhou et al. (2019), "Deconstructing lottery
     tickets" (NeurIPS), keeps only the signs of the initial weights, with one
     magnitude per layer, ``σ_l``, the standard deviation of the layer's
-    initialisation: here the population standard deviation of all of the layer's
-    rewind weights (kept and pruned). Zhou et al. report that the signs are
+    initialisation: here the population standard deviation of the layer's
+    rewind weights, kept and pruned by IMP alike (for a model that came to IMP
+    masked, those inside its starting mask). Zhou et al. report that the signs are
     enough to match the ticket. Only the masked layers' raw weights change: call
     :func:`rewind` first for the rest. Under another reparameterisation (Powerprop),
     ``θ_0`` and ``σ_l`` are those of the effective initial weights, and the raw weights
@@ -379,7 +398,11 @@ def constant_init(model: nn.Module, rewind_weights: Mapping[str, Tensor]) -> Non
     for name, layer in masked_layers(model).items():
         raw = raw_weight(layer)
         initial = _unmasked_weight(layer, _rewind_weight(rewind_weights, name, raw))
-        raw.copy_(raw_value(layer, "weight", initial.sign() * initial.std(correction=0)) * masks[name])
+        start = _rewind_mask(rewind_weights, name, layer).to(initial.dtype)
+        count = start.sum()
+        mean = (initial * start).sum() / count
+        sigma = (((initial - mean) * start).square().sum() / count).sqrt()
+        raw.copy_(raw_value(layer, "weight", initial.sign() * sigma) * masks[name])
 
 
 @torch.no_grad()
@@ -388,9 +411,10 @@ def random_mask(model: nn.Module, rewind_weights: Mapping[str, Tensor], seed: in
 
     Each masked layer keeps the same number of weights as now, at positions drawn
     uniformly without replacement (top-k of :func:`~lowlearn.sparse.scores.random`
-    scores from a generator on the model's device seeded by ``seed``); the kept
-    weights take their values from ``rewind_weights`` (the original
-    initialisation), so only the mask differs from the ticket. The model's masks
+    scores from a generator on the model's device seeded by ``seed``) among the
+    weights of the mask in ``rewind_weights`` (all of them, unless the model came to
+    IMP masked); the kept weights take their values from ``rewind_weights`` (``θ_0``,
+    or ``θ_k`` when rewinding), so only the mask differs from the ticket. The model's masks
     are replaced. Frankle & Carbin's "randomly sampled sparse networks" (2019,
     Figure 1) also draw a new initialisation: follow this with
     :func:`random_reinit` for those.
@@ -401,7 +425,8 @@ def random_mask(model: nn.Module, rewind_weights: Mapping[str, Tensor], seed: in
     current = masks_of(model)
     generator = torch.Generator(device=weights_device(layers)).manual_seed(seed)
     counts = torch.stack([m.count_nonzero() for m in current.values()]).tolist()
-    new = {name: top_k_mask(s, k) for (name, s), k in zip(random(model, generator).items(), counts)}
+    new = {name: top_k_mask(alive_scores(s, _rewind_mask(rewind_weights, name, layers[name]), name), k)
+           for (name, s), k in zip(random(model, generator).items(), counts)}
     for name, layer in layers.items():
         raw_weight(layer).copy_(_rewind_weight(rewind_weights, name, raw_weight(layer)))
     set_masks(model, new)
@@ -441,7 +466,11 @@ def train_control(
     """
     if control is not None and control not in CONTROLS:
         raise ValueError(f"control must be one of {', '.join(map(repr, CONTROLS))} or None, got {control!r}")
-    if isinstance(ticket, int):
+    if not isinstance(ticket, TicketRound):
+        rounds = len(lottery.rounds)
+        if isinstance(ticket, bool) or not isinstance(ticket, int) or not -rounds <= ticket < rounds:
+            raise ValueError(f"ticket must be a TicketRound of the lottery or the index of one of its {rounds} "
+                             f"rounds, got {ticket!r}")
         ticket = lottery.rounds[ticket]
     net = copy.deepcopy(model)
     attach_masks(net, ticket.masks)
@@ -459,11 +488,16 @@ def train_control(
 
 
 def _same_layers(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> None:
+    if not a:
+        raise ValueError("no masks to compare: pass {layer name: boolean mask} dicts, e.g. masks_of(model)")
     if a.keys() != b.keys():
         raise KeyError(f"the masks cover different layers: {sorted(a)} vs {sorted(b)}")
     for name in a:
         if a[name].shape != b[name].shape:
             raise ValueError(f"the masks of {name!r} differ in shape: {tuple(a[name].shape)} vs {tuple(b[name].shape)}")
+        if a[name].dtype != torch.bool or b[name].dtype != torch.bool:
+            raise TypeError(f"the masks of {name!r} must be boolean, got {a[name].dtype} and {b[name].dtype}: "
+                            "pass mask != 0")
 
 
 def _intersection_union(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> tuple[int, int]:
@@ -507,19 +541,21 @@ class EarlyBird:
     ``window`` distances is below ``threshold`` the ticket has emerged: ``found_at``
     and ``mask`` are set, and with ``stop=True`` training ends.
 
-    You et al. prune channels by the batch-norm scales ``γ`` and check once per
-    epoch with a queue of ``l = 5`` distances and ``ε = 0.1``; this callback
-    applies the same test to unstructured masks of any score (magnitude by
-    default). Each check reads a few numbers from the device (the distance, and
-    for a masked model each layer's count of surviving weights and a check of its
-    scores); other steps do no device work. Pass the steps per epoch,
+    You et al. prune channels by the batch-norm scales ``γ``, ranked over the whole
+    network, and check once per epoch with a queue of ``l = 5`` distances and
+    ``ε = 0.1``; this callback applies the same test to layer-wise
+    unstructured masks of any score (magnitude by default). The paper's test, which
+    this one follows, compares consecutive masks; the authors' code instead compares
+    each of the last four masks with the newest. Each check reads a few numbers from
+    the device (the distance, a NaN check of each layer's scores, and for a masked
+    model each layer's count of surviving weights); other steps do no device work. Pass the steps per epoch,
     ``math.ceil(len(train_set) / batch_size)``, as ``every`` to check once per
     epoch, as the paper does.
 
     Args:
         density: ``1 − p``, the fraction of weights the ticket keeps.
         every: steps between checks.
-        threshold: ``ε``.
+        threshold: ``ε``, in (0, 1] (a mask distance is at most 1).
         window: ``l``, how many consecutive distances must all be below ``ε``.
         scores: ``scores(model) -> {layer name: scores}``, higher = keep.
         stop: raise :class:`~lowlearn.train.StopTraining` when the ticket is found.
@@ -545,8 +581,9 @@ class EarlyBird:
     ):
         check_count("every", every, 1)
         check_count("window", window, 1)
-        if not threshold > 0:
-            raise ValueError(f"threshold must be positive, got {threshold!r}")
+        if not is_real(threshold) or not 0 < threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1] (ε, a mask distance: the fraction of all weights that "
+                             f"two masks disagree on), got {threshold!r}")
         self.density = check_density(density)
         self.every, self.threshold, self.window = every, threshold, window
         self.scores, self.stop = scores, stop
@@ -564,10 +601,12 @@ class EarlyBird:
         keep = {}
         for name, s in self.scores(model).items():
             k = kept_count(self.density, s.numel())
-            if name in current:
-                s = alive_scores(s, current[name], name)
-                k = min(k, int(current[name].sum()))
-            keep[name] = top_k_mask(s, k)
+            mask = current.get(name)
+            if mask is None:
+                mask = torch.ones_like(s, dtype=torch.bool)
+            else:
+                k = min(k, int(mask.sum()))
+            keep[name] = top_k_mask(alive_scores(s, mask, name), k)
         return keep
 
     def __call__(self, state: TrainState) -> None:

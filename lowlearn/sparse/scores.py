@@ -30,7 +30,7 @@ from torch.nn.utils import parametrize
 
 from ..checks import check_count
 from ..train import eval_mode, generator_on
-from .mask import resolve_layers, masked_layers, prunable_layers, raw_weight, weights_device
+from .mask import resolve_layers, masked_layers, masks_of, prunable_layers, raw_weight, weights_device
 
 Batch = tuple[Tensor, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -143,7 +143,10 @@ def obd(
     (about the cost of three backward passes) over the weights of all scored layers
     together. The estimate of ``h_ii`` has variance ``(1/S) Σ_{j≠i} H_ij²``: exact for
     any ``S`` when ``H`` is diagonal, and with standard error falling as ``1/√S``
-    otherwise. Away from a minimum ``h_ii`` (and so ``s_i``) may be negative.
+    otherwise. In a masked layer ``z`` is zero at the pruned weights, whose saliency is
+    0 anyway (``w_i = 0``): the sum then runs over surviving weights ``j`` only, which
+    keeps the estimate unbiased and lowers its variance. Away from a minimum ``h_ii``
+    (and so ``s_i``) may be negative.
 
     Biases and other parameters are held fixed (they get no ``z``). No ``.grad``,
     weight or buffer changes, and the model runs in eval mode (modes restored).
@@ -162,13 +165,15 @@ def obd(
     check_count("samples (Rademacher vectors)", samples, 1)
     x, y = batch
     generator = _on_the_layers_device(generator, scored_layers(model))
+    masks = masks_of(model)
     with _effective_weights(model) as weights:
         ws = list(weights.values())
+        kept = [masks[name].to(w.dtype) if name in masks else 1 for name, w in weights.items()]
         grads = torch.autograd.grad(loss_fn(model(x), y), ws, create_graph=True)
         diag = [torch.zeros_like(w) for w in ws]
         for _ in range(samples):
-            zs = [torch.randint(0, 2, w.shape, generator=generator, device=w.device, dtype=w.dtype) * 2 - 1
-                  for w in ws]
+            zs = [(torch.randint(0, 2, w.shape, generator=generator, device=w.device, dtype=w.dtype) * 2 - 1) * m
+                  for w, m in zip(ws, kept)]
             hzs = torch.autograd.grad(grads, ws, grad_outputs=zs, retain_graph=True, materialize_grads=True)
             for d, z, hz in zip(diag, zs, hzs):
                 d.addcmul_(z, hz)

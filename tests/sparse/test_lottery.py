@@ -211,6 +211,8 @@ def test_procedure_errors():
         iterative_magnitude_pruning(mlp(), make_train(steps=20), 1, 0.2, rewind_step=50)
     with pytest.raises(TypeError, match="History"):
         iterative_magnitude_pruning(mlp(), lambda model, callbacks: None, 1, 0.2)
+    with pytest.raises(ValueError, match="leave output_fraction out"):   # the mapping names the output layer
+        iterative_magnitude_pruning(mlp(), make_train(), 1, {"1": 0.2, "3": 0.2, "5": 0.5}, output_fraction=0.1)
 
 
 def test_a_step_zero_snapshot_must_be_captured_before_training():
@@ -347,10 +349,34 @@ def test_train_control_of_the_ticket_itself_reproduces_its_round(drawn):
     assert result.history.eval == lottery.rounds[1].history.eval
 
 
-def test_unknown_control_is_an_error(drawn):
+def test_unknown_control_or_ticket_is_an_error(drawn):
     model, lottery = drawn
     with pytest.raises(ValueError, match="control must be one of"):
         train_control(model, lottery, 0, make_train(), "shuffle")
+    for bad in (3, -4, True, 1.0, "1"):
+        with pytest.raises(ValueError, match="the index of one of its 3 rounds"):
+            train_control(model, lottery, bad, make_train())
+
+
+def test_controls_of_a_model_masked_before_imp_stay_inside_its_starting_mask():
+    # At the rewind point a model pruned before IMP is zero outside its starting mask: the random mask is
+    # drawn inside that mask (no kept weight starts at zero), and σ_l is the spread of the weights it holds.
+    model = mlp()
+    prune(model, magnitude(model), 0.5)
+    start = masks_of(model)
+    lottery = iterative_magnitude_pruning(model, make_train(steps=10), rounds=1, prune_fraction=0.5)
+    net, masks, state = ticket_net((model, lottery), r=1)
+    random_mask(net, state, seed=0)
+    for name, mask in masks_of(net).items():
+        assert int(mask.sum()) == int(masks[name].sum())
+        assert not (mask & ~start[name]).any()
+        assert (raw_weight(masked_layers(net)[name])[mask] != 0).all()
+    net, _, _ = ticket_net((model, lottery), r=1)
+    constant_init(net, state)
+    for name, layer in masked_layers(net).items():
+        sigma = initial(state, name)[start[name]].std(correction=0)
+        kept = raw_weight(layer)[masks[name]]
+        torch.testing.assert_close(kept.abs(), sigma.expand_as(kept))
 
 
 # --- mask comparisons and early-bird tickets -----------------------------------------------------------
@@ -365,6 +391,10 @@ def test_mask_overlap_and_distance_by_hand():
     assert mask_overlap(a, a) == 1.0 and mask_distance(a, a) == 0.0
     with pytest.raises(KeyError):
         mask_overlap(a, {"x": b["x"]})
+    with pytest.raises(ValueError, match="no masks to compare"):
+        mask_distance({}, {})
+    with pytest.raises(TypeError, match="must be boolean"):
+        mask_overlap({"x": torch.ones(3)}, {"x": torch.ones(3)})
 
 
 def step(model, k):
@@ -392,6 +422,16 @@ def test_early_bird_distances_by_hand():
     assert bird.distances == [0.25, 0.0, 0.0] and bird.found_at == 8
     assert torch.equal(bird.mask["1"], torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool))
     assert not masked_layers(model), "EarlyBird must not prune"
+
+
+def test_early_bird_input_errors():
+    for bad in (0, -0.1, 1.5, "0.1", float("nan")):
+        with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
+            EarlyBird(0.5, every=1, threshold=bad)
+    model = MLP(in_features=4, hidden=(), out_features=2)       # unmasked: its scores are checked too
+    set_weight(model, [[float("nan"), 7, 6, 5], [4, 3, 2, 1]])
+    with pytest.raises(ValueError, match="contain NaN"):
+        EarlyBird(0.5, every=1).would_keep(model)
 
 
 def test_early_bird_waits_for_a_full_window():
@@ -440,7 +480,7 @@ def test_reinit_and_constant_controls_act_on_the_effective_weights_under_powerpr
         keep = masks_of(net)[name]
         theta0 = state[f"{name}.parametrizations.weight.original"] ** 3        # Ψ(φ_0) for α = 3
         kept = layer.weight[keep]
-        assert torch.allclose(kept.abs(), theta0.std(correction=0).expand_as(kept), rtol=1e-5)
+        assert torch.allclose(kept.abs(), theta0[keep].std(correction=0).expand_as(kept), rtol=1e-5)  # its mask
         assert torch.equal(kept.sign(), theta0[keep].sign())
 
 

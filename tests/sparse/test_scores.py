@@ -135,6 +135,25 @@ def test_obd_matches_the_exact_hessian_diagonal_within_its_standard_error():
     assert (stderr > 0).all()   # the Hessian is not diagonal: the test is statistical
 
 
+def test_obd_draws_no_probe_at_the_pruned_weights_of_a_masked_layer():
+    # One surviving weight: with z zero at the pruned weights one sample gives its h_ii exactly, although
+    # the cross-entropy's Hessian couples it to them.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4, bias=False))
+    keep = torch.zeros(4, 3, dtype=torch.bool)
+    keep[1, 2] = True
+    attach_masks(model)
+    set_masks(model, {"0": keep})
+    x, y = torch.randn(7, 3), torch.randint(0, 4, (7,))
+    scores = obd(model, (x, y), samples=1, generator=torch.Generator().manual_seed(0))
+    H, (w,) = exact_hessian(squash(model), x, y, ["0"])
+    i = 1 * 3 + 2
+    expected = torch.zeros(12)
+    expected[i] = 0.5 * H[i, i] * w.flatten()[i] ** 2
+    torch.testing.assert_close(scores["0"].flatten(), expected)
+    assert (H[i].abs() > 1e-3).sum() > 1
+
+
 def test_obd_generator_reproducible_and_bad_samples():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
     batch = torch.randn(5, 3), torch.randint(0, 3, (5,))
