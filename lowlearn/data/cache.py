@@ -31,7 +31,7 @@ import zipfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..atomic import atomic_file, new_sibling_folder
 
@@ -62,14 +62,24 @@ class Resource:
     Attributes:
         filename: name of the file on disk.
         urls: where to download it from, tried in order (mirrors).
-        sha256: hex digest of the file's bytes.
+        sha256: hex digest of the file's bytes (64 hex digits, either case; kept in
+            lower case).
         subdir: folder under the data root that holds it (e.g. ``"omniglot"``).
+
+    Raises:
+        ValueError: ``sha256`` is not 64 hex digits.
     """
 
     filename: str
     urls: tuple[str, ...]
     sha256: str
     subdir: str
+
+    def __post_init__(self):
+        digest = self.sha256.lower() if isinstance(self.sha256, str) else self.sha256
+        if not isinstance(digest, str) or len(digest) != 64 or set(digest) - set("0123456789abcdef"):
+            raise ValueError(f"the sha256 of {self.filename} must be 64 hex digits, got {self.sha256!r}")
+        object.__setattr__(self, "sha256", digest)
 
     def path(self, root: str | os.PathLike | None = None) -> Path:
         """Where the file lives under ``root`` (see :func:`data_root`)."""
@@ -106,7 +116,8 @@ def fetch(resource: Resource, root: str | os.PathLike | None = None, download: b
     Raises:
         ChecksumError: the file on disk (also one that appeared there during the
             download), or the downloaded one, has the wrong sha256.
-        DataError: something other than a file is at the path (a folder, a broken link).
+        DataError: something other than a file is at the path (a folder, a broken link),
+            or a file stands where its folder should be.
         DatasetNotFoundError: the file is missing and could not be downloaded.
     """
     path = resource.path(root)
@@ -125,6 +136,8 @@ def fetch(resource: Resource, root: str | os.PathLike | None = None, download: b
                 return _verified(path, resource)
             except ChecksumError as err:
                 corrupted.append(str(err))
+            except NotADirectoryError as err:         # not the network's fault: no mirror can help
+                raise DataError(f"cannot save {resource.filename}: {err}") from err
             except (urllib.error.URLError, http.client.HTTPException, OSError) as err:   # cut-off responses too
                 failures.append(f"{url}: {err}")
         if corrupted:
@@ -175,12 +188,15 @@ def _verified(path: Path, resource: Resource) -> Path:
 def _download(url: str, path: Path, sha256: str) -> None:
     """Stream ``url`` into a temporary file beside ``path``; publish it there if its sha256 matches.
 
+    The connection is opened first: a download that cannot start leaves no folder behind.
+
     Raises:
         FileExistsError: something appeared at ``path`` during the download; it is kept.
+        NotADirectoryError: a file stands where ``path``'s folder should be.
     """
     digest = hashlib.sha256()
     request = urllib.request.Request(url, headers={"User-Agent": "lowlearn"})
-    with atomic_file(path, overwrite=False) as out, urllib.request.urlopen(request, timeout=60) as response:
+    with urllib.request.urlopen(request, timeout=60) as response, atomic_file(path, overwrite=False) as out:
         for chunk in iter(lambda: response.read(_CHUNK), b""):
             digest.update(chunk)
             out.write(chunk)
@@ -192,7 +208,7 @@ def _download(url: str, path: Path, sha256: str) -> None:
 
 
 def check_member_name(name: str, archive: str | os.PathLike) -> None:
-    """Refuse an archive member name that is absolute or contains ``..``.
+    """Refuse an archive member name that is absolute, names a drive (``C:x``) or contains ``..``.
 
     Such a name would land outside the folder it is extracted to ("zip slip"); a
     genuine dataset archive never holds one.
@@ -201,9 +217,9 @@ def check_member_name(name: str, archive: str | os.PathLike) -> None:
         UnsafeArchiveError: naming the archive and the member.
     """
     pure = PurePosixPath(name.replace("\\", "/"))
-    if pure.is_absolute() or ".." in pure.parts or (pure.parts and pure.parts[0].endswith(":")):
+    if pure.is_absolute() or ".." in pure.parts or PureWindowsPath(name).drive:
         raise UnsafeArchiveError(
-            f"{archive} holds the unsafe member name {name!r} (absolute or with '..'), so it is not "
+            f"{archive} holds the unsafe member name {name!r} (absolute, on a drive, or with '..'), so it is not "
             f"a genuine archive and nothing was extracted from it: delete it and download it again")
 
 
@@ -215,7 +231,7 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
     :class:`UnsafeArchiveError`. The archive is unpacked into a temporary folder
     that is renamed to ``dest`` at the end, so ``dest`` either holds the whole
     archive or does not exist. If ``dest`` already exists (also when another process
-    has just extracted it) it is returned as is.
+    has just extracted it) it is returned as is; a file there is an error.
 
     Only a zip archive checks its members' contents (CRC-32); a tar archive with a
     damaged byte unpacks without complaint. :func:`fetch` an archive, which checks its
@@ -223,11 +239,14 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
 
     Raises:
         UnsafeArchiveError: a member that would land outside ``dest``, or a link or device file.
-        DataError: a file that is not a tar or zip archive, or one that is damaged (e.g. cut off).
+        DataError: a file that is not a tar or zip archive, one that is damaged (e.g. cut
+            off), or a file at ``dest``.
     """
     archive, dest = Path(archive), Path(dest)
-    if dest.exists():
+    if dest.is_dir():
         return dest
+    if dest.exists() or dest.is_symlink():
+        raise DataError(f"{dest} exists and is not a folder, so {archive} cannot be extracted there: move it away")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = new_sibling_folder(dest)
     try:

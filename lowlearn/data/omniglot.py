@@ -201,8 +201,10 @@ def load_omniglot(sets: str | Iterable[str] = "small1", root: str | os.PathLike 
         root: data root (see :func:`lowlearn.data.cache.data_root`); the archives
             live in ``<root>/omniglot/``.
         image_size: side ``S`` of the returned images. The 105x105 originals are
-            resized with a Lanczos filter, as the MAML and Prototypical Networks
-            code resizes them to 28x28; ``None`` keeps 105x105.
+            converted to grey and resized with a Lanczos filter, so the images are
+            anti-aliased; the MAML and Prototypical Networks code resizes the 1-bit
+            originals to 28x28, which Pillow does by nearest neighbour, and gets
+            black-and-white images. ``None`` keeps 105x105.
         download: whether a missing archive may be downloaded.
 
     Returns:

@@ -208,7 +208,7 @@ class GPCurves:
             x = _uniform((batch, num_points, 1), self.x_range, generator, device)
         else:
             x = self._given_inputs(x, batch, device)
-        precise = torch.float32 if x.device.type == "mps" else torch.float64
+        precise = _precise(x)
         cholesky = self._cholesky(self.kernel(x.to(precise)))
         z = _draw(torch.randn, x.shape, generator, x.device, precise)
         return Curves(x, (cholesky @ z).float())
@@ -223,7 +223,8 @@ class GPCurves:
 
             μ_* = k_*ᵀ K⁻¹ y,    σ_*² = k_** − k_*ᵀ K⁻¹ k_*.
 
-        Computed in float64 with one Cholesky factorisation per curve; returned as float32.
+        Computed in float64 (float32 on MPS) with one Cholesky factorisation per curve;
+        returned as float32.
 
         Args:
             context_x, context_y: ``(B, n, 1)``, the observed points of each curve.
@@ -237,11 +238,12 @@ class GPCurves:
                 (``noise`` too small for inputs this close together).
         """
         n = context_x.shape[-2]
-        k = self.kernel(torch.cat([context_x, target_x], -2).double())
+        precise = _precise(context_x)
+        k = self.kernel(torch.cat([context_x, target_x], -2).to(precise))
         k_cc, k_ct = k[..., :n, :n], k[..., :n, n:]
         cholesky = self._cholesky(k_cc)
         half = torch.linalg.solve_triangular(cholesky, k_ct, upper=False)          # L⁻¹ k_*
-        weights = torch.linalg.solve_triangular(cholesky, context_y.double(), upper=False)   # L⁻¹ y
+        weights = torch.linalg.solve_triangular(cholesky, context_y.to(precise), upper=False)   # L⁻¹ y
         mean = half.transpose(-1, -2) @ weights
         variance = k[..., n:, n:].diagonal(dim1=-2, dim2=-1) - half.square().sum(-2)
         return mean.float(), variance.clamp_min(0).sqrt().unsqueeze(-1).float()
@@ -251,14 +253,15 @@ class GPCurves:
 
         ``K`` is the kernel of the curve's ``P`` inputs (noise included). Curves drawn
         from a GP with another kernel give other values: a test of whether a task
-        comes from this prior. Computed in float64.
+        comes from this prior. Computed in float64 (float32 on MPS).
 
         Raises:
             ValueError: a kernel matrix that is not positive definite in floating point
                 (``noise`` too small for inputs this close together).
         """
-        cholesky = self._cholesky(self.kernel(curves.x.double()))
-        return torch.linalg.solve_triangular(cholesky, curves.y.double(), upper=False).square().sum(dim=(-2, -1))
+        precise = _precise(curves.x)
+        cholesky = self._cholesky(self.kernel(curves.x.to(precise)))
+        return torch.linalg.solve_triangular(cholesky, curves.y.to(precise), upper=False).square().sum(dim=(-2, -1))
 
     @staticmethod
     def _given_inputs(x: Tensor, batch: int, device: torch.device | str | None) -> Tensor:
@@ -308,6 +311,11 @@ def _check_range(name: str, bounds: Range, *, fixed_ok: bool = False) -> Range:
         allowed = "low <= high (equal for a fixed value)" if fixed_ok else "low < high"
         raise ValueError(f"{name} must be a range (low, high) with {allowed}; got {tuple(bounds)}")
     return low, high
+
+
+def _precise(x: Tensor) -> torch.dtype:
+    """The dtype of the GP's linear algebra for inputs on ``x``'s device: float64, float32 on MPS (no float64)."""
+    return torch.float32 if x.device.type == "mps" else torch.float64
 
 
 def _device(generator: torch.Generator | None, device: torch.device | str | None) -> torch.device | None:

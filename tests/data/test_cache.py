@@ -151,11 +151,31 @@ def test_fetch_download_with_wrong_checksum_leaves_nothing(tmp_path):
     assert _leftovers(root / "sub") == []
 
 
-def test_fetch_failed_download_reports_every_mirror(tmp_path):
+def test_fetch_failed_download_reports_every_mirror_and_leaves_no_folder(tmp_path):
     urls = [(tmp_path / name / "payload.bin").as_uri() for name in ("a", "b")]
     with pytest.raises(DatasetNotFoundError) as info:
         fetch(_resource(*urls), root=tmp_path / "data")
     assert all(url in str(info.value) for url in urls)
+    assert not (tmp_path / "data").exists()
+
+
+def test_fetch_with_a_file_where_the_folder_should_be_says_so_instead_of_blaming_the_download(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "sub").write_bytes(b"a file of the user's")
+    with pytest.raises(DataError, match=r"cannot save payload.bin: .*sub.* is a file, not a folder") as info:
+        fetch(_resource(_source(tmp_path)), root=tmp_path / "data")
+    assert not isinstance(info.value, DatasetNotFoundError)
+    assert (tmp_path / "data" / "sub").read_bytes() == b"a file of the user's"
+
+
+def test_resource_digests_are_hex_and_kept_in_lower_case(tmp_path):
+    digest = hashlib.sha256(CONTENT).hexdigest()
+    resource = Resource("payload.bin", (_source(tmp_path),), digest.upper(), "sub")
+    assert resource.sha256 == digest
+    assert fetch(resource, root=tmp_path / "data").read_bytes() == CONTENT
+    for bad in (digest[:-1], digest[:-1] + "g", None):
+        with pytest.raises(ValueError, match="must be 64 hex digits"):
+            Resource("payload.bin", ("u",), bad, "sub")
 
 
 def test_data_root_selection(tmp_path, monkeypatch):
@@ -217,6 +237,14 @@ def test_safe_extract_zip(tmp_path, archives):
     assert stat.S_IMODE(dest.stat().st_mode) == 0o777 & ~_umask()                  # not a private 0o700
 
 
+def test_safe_extract_onto_a_file_is_an_error(tmp_path, archives):
+    archive = _zip(archives / "a.zip", {"a.txt": b"a"})
+    (tmp_path / "dest").write_bytes(b"mine")
+    with pytest.raises(DataError, match="dest exists and is not a folder"):
+        safe_extract(archive, tmp_path / "dest")
+    assert (tmp_path / "dest").read_bytes() == b"mine"
+
+
 def test_safe_extract_tar(tmp_path, archives):
     archive = _tar(archives / "a.tar.gz", [_folder_info("top"), tarfile.TarInfo("top/a.txt")], {"top/a.txt": b"a"})
     dest = safe_extract(archive, tmp_path / "out" / "dest")
@@ -234,11 +262,12 @@ def _symlink_info() -> tarfile.TarInfo:
 @pytest.mark.parametrize("make_archive", [
     lambda folder: _zip(folder / "dotdot.zip", {"ok.txt": b"ok", "../evil": b"evil"}),
     lambda folder: _zip(folder / "absolute.zip", {"ok.txt": b"ok", "/evil": b"evil"}),
+    lambda folder: _zip(folder / "drive.zip", {"ok.txt": b"ok", "C:evil": b"evil"}),
     lambda folder: _tar(folder / "dotdot.tar.gz", [tarfile.TarInfo("ok.txt"), tarfile.TarInfo("../evil")],
                            {"ok.txt": b"ok", "../evil": b"evil"}),
     lambda folder: _tar(folder / "symlink.tar.gz", [tarfile.TarInfo("ok.txt"), _symlink_info()],
                            {"ok.txt": b"ok"}),
-], ids=["zip-dotdot", "zip-absolute", "tar-dotdot", "tar-symlink"])
+], ids=["zip-dotdot", "zip-absolute", "zip-drive", "tar-dotdot", "tar-symlink"])
 def test_safe_extract_refuses_unsafe_members_and_writes_nothing(tmp_path, archives, make_archive):
     archive = make_archive(archives)
     out = tmp_path / "out"
