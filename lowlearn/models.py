@@ -1,4 +1,4 @@
-"""The architectures of the course, each as its paper describes it.
+"""The architectures of the course, each with its paper's layers.
 
 Every model is an ordinary :class:`torch.nn.Module` built from ``nn.Linear``,
 ``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.ReLU`` and pooling layers, so code that
@@ -21,10 +21,16 @@ logits ``(B, num_classes)``; :class:`MLP` also accepts flat ``(B, in_features)``
 A convolution that feeds a batch norm has no bias here (``bias=False``): the batch
 norm subtracts the per-channel mean, which cancels any bias, so the bias would be a
 parameter that does nothing.
+
+The weights keep PyTorch's default initialisation (uniform in ``±1/√fan_in``) unless a
+class says otherwise (:class:`CifarResNet`: Kaiming normal, as He et al.). The
+papers often drew them differently: Frankle & Carbin's LeNet-300-100 and Conv-2/4/6,
+for one, use Gaussian Glorot weights, about twice as large.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -32,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_count
+from .checks import check_count, is_real
 
 
 class MLP(nn.Sequential):
@@ -89,8 +95,9 @@ class LeNet5(nn.Module):
     28×28 MNIST digit take the same path (28→28→14→10→5, 16·5·5 = 400 features,
     then 120 → 84 → 10: 61,706 parameters).
 
-    ``LeNet5(channels=(20, 50), hidden=(500,), padding=0)`` is the Caffe variant
-    pruned by Han et al. (2015), "Learning both weights and connections for
+    ``LeNet5(channels=(20, 50), hidden=(500,), padding=0)`` has the layer sizes of
+    Caffe's LeNet (which has no ReLU after its convolutions; this class keeps them),
+    the network pruned by Han et al. (2015), "Learning both weights and connections for
     efficient neural networks" (NeurIPS), and trained in low rank by Schotthöfer
     et al. (2022), "Low-rank lottery tickets: finding efficient low-rank neural
     networks via matrix differential equations" (NeurIPS, DLRT). Its convolutions
@@ -291,8 +298,7 @@ class VGG(nn.Module):
         if depth not in _VGG_CONFIGS:
             raise ValueError(f"VGG depth must be one of {sorted(_VGG_CONFIGS)}, got {depth}")
         _check_channels(num_classes=num_classes, in_channels=in_channels)
-        if width <= 0:
-            raise ValueError(f"VGG width must be positive, got {width}")
+        _check_width(width, "VGG")
         layers: list[nn.Module] = []
         channels = in_channels
         for item in _VGG_CONFIGS[depth][:-1]:          # the last pooling is the classifier's average
@@ -500,6 +506,11 @@ def _check_channels(**channels: int) -> None:
         check_count(name, value, 1)
 
 
+def _check_width(width: float, model: str) -> None:
+    if not is_real(width) or not 0 < width < math.inf:
+        raise ValueError(f"the {model} width multiplier must be a positive finite number, got {width!r}")
+
+
 class DepthwiseSeparableConv2d(nn.Sequential):
     """A k×k convolution factored into a depthwise and a pointwise convolution (MobileNet v1).
 
@@ -522,11 +533,11 @@ class DepthwiseSeparableConv2d(nn.Sequential):
     depthwise → BatchNorm2d → ReLU → pointwise → BatchNorm2d → ReLU, a drop-in
     replacement for "3×3 convolution → BatchNorm2d → ReLU". With ``norm=False`` it
     is the bare factorisation, depthwise → pointwise, a drop-in replacement for a
-    single ``nn.Conv2d``; Chollet (2017), "Xception: deep learning with depthwise
-    separable convolutions" (CVPR), found no nonlinearity between the two to work
-    best. The depthwise convolution never has a bias: a batch norm would cancel it,
-    and without one it would pass linearly through the pointwise convolution, which
-    has a bias of its own.
+    single ``nn.Conv2d`` (with ``bias=True`` for one that has a bias); Chollet
+    (2017), "Xception: deep learning with depthwise separable convolutions" (CVPR),
+    found no nonlinearity between the two to work best. The depthwise convolution
+    never has a bias: a batch norm would cancel it, and without one it would pass
+    linearly through the pointwise convolution, which has a bias of its own.
 
     The layers are ``depthwise``, then (with ``norm``) ``bn1``, ``relu1``, then
     ``pointwise`` and (with ``norm``) ``bn2``, ``relu2``: attributes, and the order
@@ -700,6 +711,11 @@ class SmallCNN(nn.Module):
       with ``expansion``; as in MobileNetV2, no nonlinearity follows the block (its
       output is the linear bottleneck).
 
+    A bottleneck or inverted residual block adds its identity shortcut only where its
+    input and output channels agree. With channels that grow at every stage, as the
+    defaults and the closing chapter's do, none does: those networks are stacks of the
+    blocks' factorised branches, without residual connections.
+
     ``width`` is MobileNet's width multiplier ``α``: every channel count becomes
     ``max(1, round(α · c))``, which scales the parameters and multiply-adds by about
     ``α²``. With ``channels=(16, 32, 64, 128)``, the default stride 2 and 28×28
@@ -726,8 +742,8 @@ class SmallCNN(nn.Module):
 
     Raises:
         ValueError: an unknown block, no channels or a channel count below 1, a
-            non-positive width, a stem stride below 1, or images too small for the
-            poolings.
+            width that is not a positive finite number, a stem stride or image size
+            below 1, or images too small for the poolings.
     """
 
     def __init__(self, block: str = "standard", channels: Sequence[int] = (16, 32, 64, 128), in_channels: int = 1,
@@ -739,9 +755,9 @@ class SmallCNN(nn.Module):
         if len(channels) == 0:
             raise ValueError("channels must name at least one stage's width, got none")
         _check_channels(**{f"channels[{i}]": c for i, c in enumerate(channels)})
-        if not width > 0:
-            raise ValueError(f"the width multiplier must be positive, got {width}")
-        _check_channels(stem_stride=stem_stride)
+        _check_width(width, "SmallCNN")
+        _check_channels(in_channels=in_channels, num_classes=num_classes, stem_stride=stem_stride,
+                        image_size=image_size)
         size = (image_size - 1) // stem_stride + 1
         if size // 2 ** max(len(channels) - 2, 0) < 1:
             raise ValueError(f"image_size={image_size} is too small for a stem of stride {stem_stride} and "

@@ -350,6 +350,11 @@ def test_efficient_blocks_reject_bad_arguments(make, message):
     (lambda: ConvNet(num_classes=0), "num_classes must be an int >= 1"),
     (lambda: VGG(in_channels=0), "in_channels must be an int >= 1"),
     (lambda: CifarResNet(width=0), "width must be an int >= 1"),
+    (lambda: SmallCNN(in_channels=0), "in_channels must be an int >= 1"),
+    (lambda: SmallCNN(num_classes=0), "num_classes must be an int >= 1"),
+    (lambda: SmallCNN(image_size=30.5), "image_size must be an int >= 1"),
+    (lambda: SmallCNN(width=float("inf")), "SmallCNN width multiplier must be a positive finite number"),
+    (lambda: VGG(width=float("nan")), "VGG width multiplier must be a positive finite number"),
 ])
 def test_networks_reject_sizes_that_build_nothing(make, message):
     with pytest.raises(ValueError, match=message):

@@ -16,6 +16,7 @@ import torch
 
 import lowlearn
 from lowlearn import allocator, cli
+from lowlearn.checks import check_count
 from lowlearn.train import default_device
 
 
@@ -47,10 +48,18 @@ def interleaved_rounds(
     rounds mix better than a few long ones. What noise is left shows in the
     ``dense (copy)`` row of ``masks`` and in the spread of :func:`paired_ratio`. The
     device is synchronised before and after each timed block, never inside it.
+    Python's garbage collector stays on (unlike :mod:`timeit`'s): the collections a
+    step's objects cause are part of its cost in training too.
 
     Returns:
         ``{name: [seconds per call in round 1, round 2, ...]}``.
+
+    Raises:
+        ValueError: ``iterations`` or ``repeats`` below 1, or ``warmup`` below 0.
     """
+    check_count("iterations", iterations, 1)
+    check_count("repeats", repeats, 1)
+    check_count("warmup", warmup, 0)
     for step in steps.values():
         for _ in range(warmup):
             step()

@@ -44,6 +44,11 @@ def test_interleaved_medians_are_the_medians_of_the_rounds():
     options = {"device": torch.device("cpu"), "iterations": 2, "repeats": 5, "warmup": 0}
     assert set(timing.interleaved_medians(steps, **options)) == {"a", "b"}
     assert timing.medians({"a": [3.0, 1.0, 2.0], "b": [4.0, 1.0, 2.0, 3.0]}) == {"a": 2.0, "b": 2.5}
+    for bad, message in (({"iterations": 0}, "iterations must be an int >= 1"),
+                         ({"repeats": 0}, "repeats must be an int >= 1"),
+                         ({"warmup": -1}, "warmup must be an int >= 0")):
+        with pytest.raises(ValueError, match=message):
+            timing.interleaved_medians(steps, **{**options, **bad})
 
 
 def test_paired_ratio_takes_each_round_s_ratio_then_their_median_and_quartiles():
