@@ -22,11 +22,14 @@ growth:
   orthogonal and of one norm ``c``, ``‖∂L/∂W_new‖_F`` is largest when they are ``c``
   times the top-``k`` left singular vectors of ``M`` (their eq. 6;
   :func:`gradmax_directions`); under a bound on ``‖U_new‖_F`` alone, the maximiser
-  would put all the weight on the first singular vector. Where there is no such
-  closed form (convolutions), ``"gradmax"`` finds the same subspace by subspace
-  iteration on the map ``U ↦ ∂L/∂W_new``, with autograd's double backward
-  (:func:`gradmax_directions` with ``closed_form=False``; the paper's GradMax-Opt
-  maximises the same norm by gradient ascent).
+  would put all the weight on the first singular vector. For convolutions, where
+  the paper builds ``M`` from image patches, ``"gradmax"`` finds the same subspace
+  by subspace iteration on the map ``U ↦ ∂L/∂W_new``, with autograd's double
+  backward (:func:`gradmax_directions` with ``closed_form=False``; the paper's
+  GradMax-Opt maximises the same norm by gradient ascent). The choice does not
+  depend on ``f'(0)``, a constant factor of the map, except when it is 0 (ReLU):
+  then it is made with ``f'(0) = 1``, as the closed form and the authors' code
+  (their "relu1") do.
 
 Outgoing weights of new units get, per unit, the mean norm of the existing units'
 outgoing weights (times ``scale``), for random and GradMax alike. The gradient that
@@ -150,9 +153,12 @@ def gradmax_directions(model: nn.Sequential, layer: int, k: int, batch: tuple[Te
         like ``consumer.weight[:, i]`` (``(n_{l+1},)`` or ``(n_{l+1}, k_h, k_w)``).
 
     Raises:
-        ValueError: ``closed_form=True`` for a convolution, more directions ``k`` than
-            the outgoing weights have dimensions, or a pair :func:`layer_pair` refuses.
+        ValueError: ``k`` or ``iterations`` below 1, ``closed_form=True`` for a
+            convolution, more directions ``k`` than the outgoing weights have
+            dimensions, or a pair :func:`layer_pair` refuses.
     """
+    check_count("k (directions)", k, 1)
+    check_count("iterations", iterations, 1)
     grown, consumer = layer_pair(model, layer)
     generator = generator_on(generator, grown.weight.device)
     if closed_form is None:
@@ -174,6 +180,10 @@ def _subspace_iteration(model: nn.Sequential, layer: int, k: int, batch: tuple[T
     """Top-``k`` right singular subspace of ``A: U ↦ ∂L/∂W_new`` by ``U ← orth(AᵀA U)`` (autograd double backward)."""
     probe = copy.deepcopy(model)
     grown, consumer = layer_pair(probe, layer)
+    leaves = chain(probe)
+    for between in leaves[leaves.index(grown) + 1:leaves.index(consumer)]:
+        if isinstance(between, nn.ReLU):
+            between.register_forward_hook(_gradient_one_at_zero)
     size = consumer.weight[:, 0].numel()
     if k > size:
         raise ValueError(f"GradMax finds at most {size} orthogonal outgoing directions here (a unit's outgoing "
@@ -194,6 +204,11 @@ def _subspace_iteration(model: nn.Sequential, layer: int, k: int, batch: tuple[T
             (ata,) = torch.autograd.grad(grad[old:].square().sum() / 2, consumer.weight)
         directions = ata[:, old:].transpose(0, 1).reshape(k, -1).detach()
     return torch.linalg.qr(directions.T)[0].T.reshape(k, *shape).contiguous()
+
+
+def _gradient_one_at_zero(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+    """A ReLU's output whose gradient is 1: at the new units' zero inputs, ``f'(0) = 1`` instead of 0."""
+    return inputs[0] + (output - inputs[0]).detach()
 
 
 def _check_strategy(strategy: str) -> None:
@@ -235,8 +250,8 @@ def grow(model: nn.Sequential, layer: int, k: int, strategy: str = "gradmax", *,
         ValueError: ``k <= 0``, growth past ``max_width``, an unknown strategy,
             GradMax without a batch, splitting more units than the layer has, a
             pair of layers growth does not support, or optimizer state growth cannot
-            extend (not shaped like its parameter, such as Adafactor's); the model is
-            then left as it was.
+            extend (not shaped like its parameter, such as Adafactor's, or L-BFGS's
+            flattened history); the model is then left as it was.
     """
     check_count("k (units to grow)", k, 1)
     _check_strategy(strategy)
@@ -320,8 +335,14 @@ def _check_state_layouts(optimizer: torch.optim.Optimizer, params: list[nn.Param
 
     It extends state shaped like its parameter (SGD's momentum, Adam's moments) and
     keeps numbers and scalar tensors (Adam's step count); other shapes, such as
-    Adafactor's factored moments, it does not know how to grow.
+    Adafactor's factored moments, it does not know how to grow. An optimizer whose
+    step needs a closure (L-BFGS) keeps a history of all its parameters flattened
+    together, which it cannot grow either.
     """
+    closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise ValueError(f"{type(optimizer).__name__} keeps a history of its parameters flattened together, which "
+                         "grow cannot extend; grow without optimizer= and build a new optimizer for the grown model")
     for param in params:                                   # a missing bias (None) has no state either
         for key, value in optimizer.state.get(param, {}).items():
             if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
@@ -357,11 +378,8 @@ def _extend_state(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.P
 
 def _fresh_state(optimizer: torch.optim.Optimizer, group: dict, like: Tensor) -> dict:
     """The state that ``optimizer``'s class, with ``group``'s settings, gives a parameter like ``like``
-    in a first step with a zero gradient (``{}`` for an optimizer whose step needs a closure)."""
+    in a first step with a zero gradient."""
     cls = type(optimizer)
-    closure = inspect.signature(cls.step).parameters.get("closure")
-    if closure is not None and closure.default is inspect.Parameter.empty:
-        return {}
     probe = like.clone().requires_grad_()
     probe.grad = torch.zeros_like(probe)
     settings = inspect.signature(cls).parameters

@@ -89,6 +89,32 @@ def test_subspace_iteration_finds_the_closed_form_subspace():
     torch.testing.assert_close(iterated.T @ iterated, closed.T @ closed, atol=1e-8, rtol=0)
 
 
+def test_under_relu_gradmax_chooses_its_directions_as_if_the_gradient_at_zero_were_one():
+    # ReLU's gradient at 0 is 0, which would make the map U ↦ ∂L/∂W_new zero; the directions are chosen with
+    # f'(0) = 1. For a Linear pair the subspace iteration then agrees with the closed form, which has no f'(0) ...
+    def directions(model, data):
+        return gradmax_directions(model, 0, 2, data, closed_form=False,
+                                  generator=torch.Generator().manual_seed(0)).reshape(2, -1)
+
+    data = batch()
+    torch.manual_seed(0)
+    model = MLP(10, (6, 5), 3).double()
+    iterated, closed = directions(model, data), gradmax_directions(model, 0, 2, data)
+    torch.testing.assert_close(iterated.T @ iterated, closed.T @ closed, atol=1e-8, rtol=0)
+    # ... and for convolutions whose existing units all have positive inputs, where ReLU is the identity, it
+    # agrees with the same network without the ReLU.
+    data, found = batch((2, 8, 8)), []
+    for activation in (nn.ReLU, nn.Identity):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), activation(), nn.MaxPool2d(2), nn.Conv2d(4, 5, 3),
+                              nn.Tanh(), nn.Flatten(), nn.Linear(5 * 2 * 2, 3)).double()
+        with torch.no_grad():
+            model[0].bias.add_(10)
+        found.append(directions(model, data))
+    relu, identity = found
+    torch.testing.assert_close(relu.T @ relu, identity.T @ identity, atol=1e-8, rtol=0)
+
+
 def test_gradmax_on_convolutions_beats_random_growth():
     data = batch((2, 8, 8))
     model = cnn()
@@ -186,6 +212,11 @@ def test_bad_growth_is_a_clear_error():
         grow(cnn(), 1, 1, "random")
     with pytest.raises(ValueError, match="at most 3 orthogonal"):
         gradmax_directions(model, 1, 6, data)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=r"k \(directions\) must be an int >= 1"):
+            gradmax_directions(model, 1, bad, data)
+    with pytest.raises(ValueError, match="iterations must be an int >= 1"):
+        gradmax_directions(model, 1, 1, data, closed_form=False, iterations=0)
     from lowlearn.sparse.mask import attach_masks
 
     masked = mlp()
@@ -243,6 +274,8 @@ def test_optimizer_state_growth_cannot_extend_is_refused_before_the_model_change
         grow(model, 1, 2, strategy, batch=data, optimizer=optimizer)
     after = dict(model.named_parameters())
     assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
+    with pytest.raises(ValueError, match="LBFGS keeps a history of its parameters flattened together"):
+        grow(model, 1, 2, strategy, batch=data, optimizer=torch.optim.LBFGS(model.parameters()))
 
 
 def test_split_copies_the_units_with_the_largest_outgoing_weights_and_shares_them_around_a_half():

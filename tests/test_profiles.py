@@ -59,3 +59,9 @@ def test_meta_test_episodes_shrink_with_the_support_set():
     assert [cpu.test_episodes(n, k) for n, k in ((5, 1), (5, 5), (20, 1), (20, 5))] == [100, 20, 25, 10]
     smoke = PROFILES["smoke"].meta                                        # fewer than 10: all of them
     assert smoke.test_episodes(20, 5) == smoke.omniglot_test_episodes
+
+
+def test_gradmax_grows_no_more_units_at_a_time_than_it_has_directions_for():
+    # The grown layer feeds the 10 classes of a cross-entropy, whose errors sum to zero: rank M <= 9.
+    for name, profile in PROFILES.items():
+        assert 1 <= profile.growing.mnist_k <= 9, name
