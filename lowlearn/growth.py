@@ -49,7 +49,8 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -59,11 +60,12 @@ from torch.nn.utils import parametrize
 from .checks import check_count
 from .distributed import world
 from .sparse.export import chain
-from .train import buffers_restored, generator_on
+from .train import buffers_restored, eval_mode, generator_on
 
 STRATEGIES = ("random", "split", "gradmax")
 _BETWEEN = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.Identity, nn.Dropout, nn.MaxPool2d,
             nn.AvgPool2d)
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -138,7 +140,8 @@ def gradmax_directions(model: nn.Sequential, layer: int, k: int, batch: tuple[Te
     Args:
         model, layer: the grown layer (see :func:`layer_pair`).
         k: new units.
-        batch: ``(inputs, targets)`` the gradient is measured on.
+        batch: ``(inputs, targets)`` the gradient is measured on, with dropout off
+            (the model's modes are restored).
         loss_fn: the training loss.
         closed_form: the top-``k`` left singular vectors of ``M = Σ δ xᵀ`` (Linear
             pairs only), or subspace iteration on ``U ↦ ∂L/∂W_new`` (any pair).
@@ -163,16 +166,27 @@ def gradmax_directions(model: nn.Sequential, layer: int, k: int, batch: tuple[Te
     generator = generator_on(generator, grown.weight.device)
     if closed_form is None:
         closed_form = isinstance(grown, nn.Linear)
-    if closed_form:
-        if not isinstance(grown, nn.Linear):
-            raise ValueError("GradMax's closed form is for Linear pairs; use closed_form=False for convolutions")
+    if closed_form and not isinstance(grown, nn.Linear):
+        raise ValueError("GradMax's closed form is for Linear pairs; use closed_form=False for convolutions")
+    with _without_dropout(model):
+        if not closed_form:
+            return _subspace_iteration(model, layer, k, batch, loss_fn, iterations, generator)
         x, delta = _batch_signals(model, grown, consumer, batch, loss_fn)
-        m = delta.reshape(-1, delta.shape[-1]).T @ x.reshape(-1, x.shape[-1])          # (n_{l+1}, n_{l-1})
-        if k > m.shape[0]:
-            raise ValueError(f"GradMax finds at most {m.shape[0]} orthogonal outgoing directions here; got k={k}")
-        # Past rank M ≤ min(n_{l+1}, n_{l-1}), the remaining left singular vectors (σ = 0) complete the basis.
-        return torch.linalg.svd(m, full_matrices=k > min(m.shape))[0][:, :k].T.contiguous()
-    return _subspace_iteration(model, layer, k, batch, loss_fn, iterations, generator)
+    m = delta.reshape(-1, delta.shape[-1]).T @ x.reshape(-1, x.shape[-1])              # (n_{l+1}, n_{l-1})
+    if k > m.shape[0]:
+        raise ValueError(f"GradMax finds at most {m.shape[0]} orthogonal outgoing directions here; got k={k}")
+    # Past rank M ≤ min(n_{l+1}, n_{l-1}), the remaining left singular vectors (σ = 0) complete the basis.
+    return torch.linalg.svd(m, full_matrices=k > min(m.shape))[0][:, :k].T.contiguous()
+
+
+@contextmanager
+def _without_dropout(model: nn.Module) -> Iterator[None]:
+    """Dropout in eval mode (restored afterwards): ``M`` is then a function of the batch, not of random masks."""
+    with ExitStack() as stack:
+        for module in model.modules():
+            if isinstance(module, _DROPOUT):
+                stack.enter_context(eval_mode(module))
+        yield
 
 
 def _subspace_iteration(model: nn.Sequential, layer: int, k: int, batch: tuple[Tensor, Tensor], loss_fn: LossFn,

@@ -115,6 +115,24 @@ def test_under_relu_gradmax_chooses_its_directions_as_if_the_gradient_at_zero_we
     torch.testing.assert_close(relu.T @ relu, identity.T @ identity, atol=1e-8, rtol=0)
 
 
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_gradmax_measures_without_dropout_and_leaves_the_model_training(closed_form):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 5), nn.Tanh(),
+                          nn.Linear(5, 3)).double()
+    data = batch()
+
+    def directions():
+        return gradmax_directions(model, 0, 2, data, closed_form=closed_form,
+                                  generator=torch.Generator().manual_seed(0))
+
+    first, second = directions(), directions()
+    assert model.training and model[2].training
+    model.eval()
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, directions(), rtol=0, atol=0)
+
+
 def test_gradmax_on_convolutions_beats_random_growth():
     data = batch((2, 8, 8))
     model = cnn()
