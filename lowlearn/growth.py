@@ -176,7 +176,13 @@ def gradmax_directions(model: nn.Sequential, layer: int, k: int, batch: tuple[Te
     if k > m.shape[0]:
         raise ValueError(f"GradMax finds at most {m.shape[0]} orthogonal outgoing directions here; got k={k}")
     # Past rank M ≤ min(n_{l+1}, n_{l-1}), the remaining left singular vectors (σ = 0) complete the basis.
-    return torch.linalg.svd(m, full_matrices=k > min(m.shape))[0][:, :k].T.contiguous()
+    left = torch.linalg.svd(m.to(_linalg_dtype(m)), full_matrices=k > min(m.shape))[0]
+    return left[:, :k].T.to(m.dtype).contiguous()
+
+
+def _linalg_dtype(x: Tensor) -> torch.dtype:
+    """float32 at least: torch's SVD and QR have no half-precision kernels."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 @contextmanager
@@ -207,7 +213,7 @@ def _subspace_iteration(model: nn.Sequential, layer: int, k: int, batch: tuple[T
                consumer.weight.new_zeros((consumer.weight.shape[0], k, *consumer.weight.shape[2:])))
     shape = consumer.weight[:, 0].shape
     directions = torch.randn(k, shape.numel(), generator=generator, device=grown.weight.device,
-                             dtype=grown.weight.dtype)
+                             dtype=_linalg_dtype(grown.weight))
     for _ in range(iterations):
         directions = torch.linalg.qr(directions.T)[0].T                                 # orthonormal rows
         with torch.no_grad():
@@ -216,8 +222,8 @@ def _subspace_iteration(model: nn.Sequential, layer: int, k: int, batch: tuple[T
             loss = loss_fn(probe(batch[0]), batch[1])
             (grad,) = torch.autograd.grad(loss, grown.weight, create_graph=True)
             (ata,) = torch.autograd.grad(grad[old:].square().sum() / 2, consumer.weight)
-        directions = ata[:, old:].transpose(0, 1).reshape(k, -1).detach()
-    return torch.linalg.qr(directions.T)[0].T.reshape(k, *shape).contiguous()
+        directions = ata[:, old:].transpose(0, 1).reshape(k, -1).detach().to(directions.dtype)
+    return torch.linalg.qr(directions.T)[0].T.reshape(k, *shape).to(grown.weight.dtype).contiguous()
 
 
 def _gradient_one_at_zero(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:

@@ -133,6 +133,18 @@ def test_gradmax_measures_without_dropout_and_leaves_the_model_training(closed_f
     torch.testing.assert_close(first, directions(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_gradmax_grows_a_half_precision_model(kind):
+    model = (mlp() if kind == "linear" else cnn()).to(torch.bfloat16)
+    inputs, targets = batch() if kind == "linear" else batch((2, 8, 8))
+    new = grow(model, 0, 2, "gradmax", batch=(inputs.to(torch.bfloat16), targets),
+               generator=torch.Generator().manual_seed(0))
+    outgoing = layer_pair(model, 0)[1].weight.detach()[:, new].transpose(0, 1).reshape(2, -1).float()
+    assert layer_pair(model, 0)[1].weight.dtype == torch.bfloat16
+    cosine = F.cosine_similarity(outgoing[0], outgoing[1], dim=0)
+    assert abs(cosine) < 0.02                               # orthogonal, to bfloat16's precision
+
+
 def test_gradmax_on_convolutions_beats_random_growth():
     data = batch((2, 8, 8))
     model = cnn()
