@@ -148,6 +148,11 @@ class _TaskBatchedRoot:
 
 
 def _convert(module: nn.Module) -> nn.Module:
+    hooks = [kind for kind, registered in (("forward hooks", module._forward_hooks),
+                                          ("forward pre-hooks", module._forward_pre_hooks)) if registered]
+    if hooks:
+        raise ValueError(f"{type(module).__name__} has {' and '.join(hooks)} (weight_norm and spectral_norm add "
+                         "one), which its task-batched form would not run: remove them, or adapt one task at a time")
     if parametrize.is_parametrized(module):
         raise ValueError(f"{type(module).__name__} is parametrized (masks, Powerprop, ...): its weights are computed, "
                          "and task-batched runs take the parameters themselves; remove the parametrization first")
@@ -199,7 +204,8 @@ def task_batched(model: nn.Module) -> nn.Module:
             (batch norm with running statistics, layer norm, grouped convolutions,
             parametrized layers such as masks, ...), or parameter-free but not known to
             keep the tasks apart (softmax over the features, group norm without affine
-            parameters, ...; the layers known to keep them apart are in ``PER_FEATURE`` and ``POOLS``).
+            parameters, ...; the layers known to keep them apart are in ``PER_FEATURE`` and ``POOLS``),
+            or with forward hooks, which the task-batched form would not run.
     """
     batched = _convert(model)
     if batched is model:

@@ -60,7 +60,8 @@ def inner_loop(
         lr: ``α``, one number, or a tensor per adapted parameter (Meta-SGD's learned rates).
         first_order: detach the inner gradients (first-order MAML): the result depends on
             ``θ_0`` only through the identity, and no second-order graph is kept.
-        adapt: names of the parameters that adapt.
+        adapt: names of the parameters that adapt (default: every one in ``params``;
+            name them when some do not require gradients).
 
     Returns:
         The adapted parameters ``θ_steps`` (all of them, adapted or not).

@@ -8,7 +8,7 @@ seeds' ``η``) by a few gradient steps on its support set,
 
 and ``θ`` is meta-trained so that the *adapted* parameters do well on the query set:
 
-    min_θ Σ_j L_{T_j}^{query}(θ'_j).
+    min_θ mean_j L_{T_j}^{query}(θ'_j).
 
 The meta-gradient goes through the inner update, ``∂θ'/∂θ = I − α ∇²L``: a
 Hessian–vector product per step (autograd's double backward). Variants:
@@ -36,6 +36,7 @@ the memory.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import Protocol
@@ -69,11 +70,15 @@ def adapted_names(model: nn.Module, adapt: list[str] | None, steps: int) -> list
     """The names of the parameters an inner loop of ``steps`` steps adapts: ``adapt``, by default the trainable ones.
 
     Raises:
-        ValueError: ``adapt`` names a parameter the model lacks or a frozen one
-            (``requires_grad=False``), or nothing would adapt in ``steps >= 1`` steps.
+        ValueError: ``adapt`` names a parameter the model lacks, a frozen one
+            (``requires_grad=False``) or one twice, or nothing would adapt in
+            ``steps >= 1`` steps.
     """
     names, trainable = list(parameters_of(model)), trainable_names(model)
     adapt = trainable if adapt is None else list(adapt)
+    repeated = sorted({name for name in adapt if adapt.count(name) > 1})
+    if repeated:
+        raise ValueError(f"adapt names {repeated} more than once; each parameter adapts once per step")
     unknown = set(adapt) - set(names)
     if unknown:
         raise ValueError(f"unknown parameters in adapt: {sorted(unknown)}; the model has {names}")
@@ -88,7 +93,12 @@ def adapted_names(model: nn.Module, adapt: list[str] | None, steps: int) -> list
 
 
 def head_names(model: nn.Module) -> list[str]:
-    """Names of the parameters of the model's last ``nn.Linear`` (its head), e.g. for ANIL."""
+    """Names of the parameters of the ``nn.Linear`` registered last in the model (its head, e.g. for ANIL).
+
+    That is the layer that runs last in a model that registers its layers in the order
+    it applies them, as an ``nn.Sequential`` does; for another, name the head's
+    parameters in ``adapt=`` of :class:`MAML`.
+    """
     heads = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if not heads:
         raise ValueError("the model has no nn.Linear layer to use as the head")
@@ -117,8 +127,9 @@ class MAML(nn.Module):
         tasks_at_once: tasks adapted together in meta-training and evaluation. 1 (the
             default) adapts one task after another and works with any model; more runs
             them through :func:`~lowlearn.meta.batched.task_batched` (Conv2d, Linear and
-            batch norm without running statistics), with the same results, fewer
-            kernel launches and memory for that many tasks.
+            batch norm without running statistics), with the same results (up to
+            rounding; dropout draws other masks), fewer kernel launches and memory for
+            that many tasks. The loss is then checked to average over its examples.
 
     Raises:
         ValueError: a negative ``inner_steps``, or zero inner steps with second order
@@ -296,6 +307,9 @@ def adapted_tasks(model: nn.Module, params: Params, tasks: TaskBatch, loss_fn: L
                                  first_order=first_order, adapt=names)
             yield slice(j, j + 1), forward, adapted
         return
+    x, y = (tasks.support_x[0], tasks.support_y[0]) if tasks.support_x.shape[1] else (tasks.query_x[0],
+                                                                                       tasks.query_y[0])
+    check_mean_loss(model, params, x, y, loss_fn)
     batched, summed = task_batched(model), summed_over_tasks(loss_fn)
     for start in range(0, count, tasks_at_once):
         part = slice(start, start + tasks_at_once)
@@ -304,6 +318,34 @@ def adapted_tasks(model: nn.Module, params: Params, tasks: TaskBatch, loss_fn: L
         adapted = inner_loop(batched, stacked, tasks.support_x[part], tasks.support_y[part], summed, steps, lr,
                              first_order=first_order, adapt=names)
         yield part, partial(run, batched), adapted
+
+
+_AVERAGING_LOSSES: weakref.WeakSet = weakref.WeakSet()      # loss functions found to average over their examples
+
+
+def check_mean_loss(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss_fn: LossFn) -> None:
+    """Raise a ValueError unless ``loss_fn`` averages over its examples, as adapting tasks together needs.
+
+    :func:`~lowlearn.meta.batched.summed_over_tasks` takes the loss over all ``T``
+    tasks' examples at once, times ``T``: a loss that sums them (``reduction="sum"``)
+    would make every inner step ``T`` times larger. A mean does not change when every
+    example is repeated, a sum doubles: this compares the two on ``(x, y)`` (one
+    forward pass without gradients, the model's buffers left as they were), once per
+    loss function, reading one number from the device.
+    """
+    if loss_fn in _AVERAGING_LOSSES:
+        return
+    with torch.no_grad(), buffers_restored(model):
+        out = run(model, params, x)
+        once, twice = loss_fn(out, y), loss_fn(torch.cat([out, out]), torch.cat([y, y]))
+    if not torch.allclose(twice, once, rtol=1e-4, atol=1e-6):
+        raise ValueError(f"with tasks_at_once > 1 the loss must average over its examples (as reduction='mean' "
+                         f"does): repeating every example changed it from {once.item():.4g} to {twice.item():.4g}; "
+                         "pass a mean loss, or tasks_at_once=1")
+    try:
+        _AVERAGING_LOSSES.add(loss_fn)
+    except TypeError:                                   # not weakly referable: checked again next time
+        pass
 
 
 def adapt_and_evaluate(model: nn.Module, tasks: TaskBatch, loss_fn: LossFn, steps: int,
@@ -377,7 +419,9 @@ class Reptile:
     """Reptile (Nichol, Achiam & Schulman 2018), batched form (their Algorithm 2).
 
     For each task, ``inner_steps`` steps of SGD (rate ``inner_lr``) from ``θ`` give
-    ``θ̃_j``; then ``θ ← θ + ε · mean_j (θ̃_j − θ)`` with ``ε = outer_lr``. No second
+    ``θ̃_j`` (full-batch steps on the support set; Nichol et al. take minibatch Adam
+    steps, and with one step Reptile is joint training on the mean support
+    gradient); then ``θ ← θ + ε · mean_j (θ̃_j − θ)`` with ``ε = outer_lr``. No second
     derivatives and no query set: Reptile trains on the support set only (pass the
     task's whole data as support; :meth:`meta_step` accepts empty query sets, such as
     episodes sampled with ``queries=0``, and :meth:`evaluate` scores the query sets).

@@ -170,6 +170,34 @@ def test_pooling_without_a_channel_dimension_is_refused_rather_than_run_across_t
         task_batched(model)(torch.randn(3, 5, 4))
 
 
+def test_layers_with_forward_hooks_are_refused_rather_than_run_without_them():
+    # a hook that doubled a layer's output changed the meta-gradient by half of its norm before this was refused
+    hooked = MLP(4, (8,), 2)
+    hooked[1].register_forward_hook(lambda module, inputs, output: 2 * output)
+    normed = MLP(4, (8,), 2)
+    nn.utils.spectral_norm(normed[1])
+    for model in (hooked, normed):
+        with pytest.raises(ValueError, match="Linear has forward (pre-)?hooks"):
+            MAML(model, 0.1, 1, tasks_at_once=2)
+
+
+@pytest.mark.parametrize("learner", ["maml", "reptile", "evaluate"])
+def test_a_summed_loss_is_refused_when_tasks_run_together(learner):
+    # T tasks together take the mean over all their examples times T: a summed loss would make every
+    # inner step T times larger (the meta-gradient differed from the loop's 170-fold before this was refused)
+    model, tasks, _, lr = problem("conv4")
+    summed = lambda out, y: F.cross_entropy(out, y, reduction="sum")        # noqa: E731
+    runs = {"maml": lambda: MAML(model, lr, 1, loss_fn=summed, tasks_at_once=2).meta_backward(tasks),
+            "reptile": lambda: Reptile(model, lr, 1, 1.0, loss_fn=summed, tasks_at_once=2).meta_step(tasks),
+            "evaluate": lambda: adapt_and_evaluate(model, tasks, summed, 1, lr, tasks_at_once=2)}
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="must average over its examples"):
+        runs[learner]()
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    smoothed = lambda out, y: F.cross_entropy(out, y, label_smoothing=0.1)  # noqa: E731
+    MAML(model, lr, 1, loss_fn=smoothed, tasks_at_once=2).meta_backward(tasks)          # a mean: accepted
+
+
 def test_masked_layers_are_refused_rather_than_run_with_a_frozen_mask():
     model = MLP(4, (8,), 2)
     attach_masks(model)

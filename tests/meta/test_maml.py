@@ -224,6 +224,8 @@ def test_bad_input():
     MAML(model, 0.1, 0, first_order=True)
     with pytest.raises(ValueError, match="unknown parameters in adapt"):
         MAML(model, 0.1, 1, adapt=["nope"])
+    with pytest.raises(ValueError, match=r"adapt names \['3.bias'\] more than once"):
+        MAML(model, 0.1, 1, adapt=["3.bias", "3.bias"])
     maml = MAML(Conv4(1, 3, hidden=4, image_size=16, running_stats=False), 0.4, 1)
     tasks = episodes(dtype=torch.float32)
     bad = tasks._replace(query_y=tasks.query_y + 3)
