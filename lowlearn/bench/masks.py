@@ -108,3 +108,5 @@ def main(argv: list[str] | None = None) -> None:
               f"{middle_half(ratio.low, ratio.high, 3):>13} {fault:>17}")
     ratio = paired_ratio(rounds, "lowlearn masks", "dense")
     print(f"goal: lowlearn masks / dense <= 1.10: {judged(ratio, 1.10)}")
+    ratio = paired_ratio(rounds, "lowlearn masks", "torch.nn.utils.prune")
+    print(f"goal: lowlearn masks / torch.nn.utils.prune <= 1: {judged(ratio, 1.0)}")

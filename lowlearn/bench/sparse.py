@@ -49,7 +49,7 @@ def _variants(dense: nn.Sequential, density: float) -> dict[str, tuple[nn.Module
     prune_channels(channels, density, layers=["0"])
     rank = max(1, round(density * features / 2))
     low_rank = nn.Sequential(LowRankLinear.from_linear(dense[0], rank=rank))
-    return {"csr": (export(unstructured, "csr"), 1 / density),
+    return {"csr": (export(unstructured, "csr"), features**2 / kept_count(density, features**2)),
             "channels": (compact(channels)[:1], features / kept_count(density, features)),
             "low rank": (export(low_rank, "dense"), features / (2 * rank))}
 

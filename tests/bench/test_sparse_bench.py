@@ -21,6 +21,8 @@ def test_each_variant_has_the_density_it_claims():
     assert [layer.weight.shape for layer in low_rank[0]] == [(8, 64), (64, 8)] and ideal == 4
     kept = dense[0].weight.abs().sum(1).topk(16).indices.sort().values       # the 16 rows of largest L1 norm
     assert torch.equal(channels[0].weight, dense[0].weight[kept]) and torch.equal(channels[0].bias, dense[0].bias[kept])
+    csr, ideal = bench._variants(nn.Sequential(nn.Linear(8, 8)).eval(), 0.01)["csr"]
+    assert csr[0].weight._nnz() == 1 and ideal == 64       # 0.01 of 64 weights rounds to 1 kept: 64 times fewer
 
 
 def test_sparse_benchmark_prints_the_table_and_the_goal(capsys):
