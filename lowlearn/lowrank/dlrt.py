@@ -163,7 +163,7 @@ class DLRT(torch.optim.Optimizer):
             RuntimeError: a low-rank layer without gradients (no backward pass first), or
                 one that the closure's loss does not use.
             lowlearn.train.NonFiniteLossError: the truncation met a core that is not
-                finite (where the SVD notices: on the CPU).
+                finite (the fixed-rank version, which does not truncate, does not look).
         """
         layers = low_rank_layers(self.model)
         start = {}
@@ -267,11 +267,12 @@ class DLRT(torch.optim.Optimizer):
             return
         try:
             P, sigma, Qh = torch.linalg.svd(S, full_matrices=False)
-        except torch.linalg.LinAlgError as error:        # NaN or infinite entries: training diverged
+            kept = truncation_rank(sigma, self.tol)
+        except (torch.linalg.LinAlgError, ValueError) as error:   # NaN or infinite entries: training diverged
             raise NonFiniteLossError(f"the S-step core of layer {name!r} is not finite, so the loss or the "
                                      "gradients diverged: lower lr") from error
         r_max = min(layer.r_max, layer.r_max if self.r_max is None else self.r_max, sigma.numel())
-        r = min(max(truncation_rank(sigma, self.tol), self.r_min), r_max)
+        r = min(max(kept, self.r_min), r_max)
         self._rotate(name, "S", P[:, :r], Qh[:r].T)
         layer.set_factors(layer.U @ P[:, :r], torch.diag(sigma[:r]), layer.V @ Qh[:r].T)
 

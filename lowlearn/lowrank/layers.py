@@ -30,6 +30,7 @@ optimizer only :func:`dense_parameters`.)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -57,17 +58,26 @@ def check_tolerance(tol: float) -> float:
 def truncation_rank(singular_values: Tensor, tol: float) -> int:
     """The smallest ``r`` with ``‖σ_{r+1:}‖ ≤ ϑ ‖σ‖`` (at least 1).
 
-    ``singular_values`` in decreasing order; ``tol`` is the relative tolerance ``ϑ``
-    (Schotthöfer et al. 2022, Algorithm 1, "truncation"). ``ϑ = 0`` keeps every
-    singular value that is not exactly zero.
+    ``singular_values`` in decreasing order, as :func:`torch.linalg.svd` returns
+    them; ``tol`` is the relative tolerance ``ϑ`` (Schotthöfer et al. 2022, Algorithm
+    1, "truncation"). ``ϑ = 0`` keeps every singular value that is not exactly zero.
+    Reads two numbers from the device, in one transfer.
+
+    Raises:
+        ValueError: no singular values, or ones that are not finite (on a GPU the SVD
+            of a diverged matrix returns NaN instead of raising).
     """
     tol = check_tolerance(tol)
+    if singular_values.numel() == 0:
+        raise ValueError("no singular values to truncate")
     sigma = singular_values.detach().double()
     # tail[r] = ‖σ_r, σ_{r+1}, ...‖ (0-based): the error of keeping the first r values.
     tail = sigma.flip(0).square().cumsum(0).flip(0).sqrt()
     tail = torch.cat([tail, tail.new_zeros(1)])
-    threshold = tol * tail[0]
-    return max(1, int((tail > threshold).sum()))
+    norm, kept = torch.stack([tail[0], (tail > tol * tail[0]).sum().double()]).tolist()
+    if not math.isfinite(norm):
+        raise ValueError(f"the singular values are not finite (their norm is {norm}): the matrix diverged")
+    return max(1, int(kept))
 
 
 class _LowRankLinearFunction(torch.autograd.Function):

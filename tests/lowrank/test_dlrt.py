@@ -135,6 +135,19 @@ def test_a_diverged_rank_adaptive_step_is_a_non_finite_loss_error():
         regression_steps(model, DLRT(model, lr=1.0, tol=0.1), x * float("nan"), y, 1)
 
 
+def test_a_diverged_core_whose_svd_returns_nan_is_a_non_finite_loss_error(monkeypatch):
+    # On a GPU the SVD of a matrix with NaN entries returns NaN instead of raising, as it does on the CPU.
+    def svd_without_error_check(matrix, full_matrices=True):
+        nan = torch.full(matrix.shape, float("nan"))
+        return nan, torch.full(matrix.shape[-1:], float("nan")), nan
+
+    x, y, _ = teacher_data(4)
+    model = nn.Sequential(LowRankLinear(32, 24, 6, bias=False))
+    monkeypatch.setattr(torch.linalg, "svd", svd_without_error_check)
+    with pytest.raises(NonFiniteLossError, match="S-step core of layer '0' is not finite"):
+        regression_steps(model, DLRT(model, lr=1.0, tol=0.1), x, y, 1)
+
+
 def test_adam_style_steps_train_and_keep_the_factors_orthonormal():
     torch.manual_seed(0)
     x, y, _ = teacher_data(4)

@@ -26,6 +26,11 @@ def test_truncation_rank_by_hand():
     assert truncation_rank(sigma, 0.0) == 4
     assert truncation_rank(torch.tensor([4.0, 3.0, 0.0]), 0.0) == 2
     assert truncation_rank(sigma, 0.99) == 1
+    for diverged in ([float("nan"), 1.0, 0.5], [2.0, 1.0, float("nan")], [float("inf"), 1.0, 0.5]):
+        with pytest.raises(ValueError, match="not finite"):      # (a GPU's SVD returns NaN rather than raising)
+            truncation_rank(torch.tensor(diverged), 0.1)
+    with pytest.raises(ValueError, match="no singular values"):
+        truncation_rank(torch.tensor([]), 0.1)
 
 
 def test_from_linear_keeps_the_rank_the_tolerance_implies():
