@@ -154,7 +154,8 @@ class DLRT(torch.optim.Optimizer):
         Args:
             closure: recomputes the loss on the *same* batch and returns it (without
                 calling ``backward``, which :meth:`step` does); it runs once, for the
-                S-step.
+                S-step. Random layers draw anew in it: with dropout the S-step sees
+                other masks than the K- and L-steps (as in the authors' code).
 
         Returns:
             The loss of the S-step pass.
