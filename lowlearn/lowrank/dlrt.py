@@ -231,6 +231,10 @@ class DLRT(torch.optim.Optimizer):
         if key == "K":
             state["step"] = state.get("step", 0) + 1
         m, v = state[key] if key in state else (torch.zeros_like(grad), torch.zeros_like(grad))
+        if m.shape != grad.shape:
+            raise RuntimeError(f"the {key}-moments of layer {name!r} have shape {tuple(m.shape)} and its gradient "
+                               f"{tuple(grad.shape)}: the optimizer's state was loaded without the model's, which "
+                               "holds the ranks (load both, as lowlearn.train.load_checkpoint does)")
         m = beta1 * m + (1 - beta1) * grad
         v = beta2 * v + (1 - beta2) * grad.square()
         state[key] = torch.stack([m, v])
@@ -290,9 +294,13 @@ class DLRT(torch.optim.Optimizer):
     def load_state_dict(self, state: Mapping) -> None:
         """Restore :meth:`state_dict` (also one in the ``{"optimizer", "moments"}`` format of earlier versions).
 
+        The moments keep the ranks they were saved at: load the model's ``state_dict``
+        as well (before or after; :func:`lowlearn.train.load_checkpoint` does both).
+
         Raises:
             ValueError: a state with another number of parameter groups (one saved
-                with an ``optimizer`` argument, loaded without one, or the reverse).
+                with an ``optimizer`` argument, loaded without one, or the reverse), or
+                moments of a low-rank layer the model lacks.
         """
         groups = state.get("param_groups", [])
         if groups and len(groups) != len(self.param_groups):
@@ -305,6 +313,10 @@ class DLRT(torch.optim.Optimizer):
             self.optimizer.load_state_dict(state["optimizer"])
         moments = state.get("state", state.get("moments", {}))
         layers = low_rank_layers(self.model)            # the moments go where their layer's factors are
+        unknown = sorted(set(moments) - set(layers))
+        if unknown:
+            raise ValueError(f"the state has moments of low-rank layers {unknown}, which the model lacks (it has "
+                             f"{sorted(layers)})")
         self.state = defaultdict(dict, {
             name: {key: value if key == "step" else torch.stack(tuple(value)).to(layers[name].U)
                    for key, value in layer.items()}

@@ -10,7 +10,7 @@ from torch import nn
 from lowlearn.cost import training_memory
 from lowlearn.lowrank import DLRT, LowRankLinear, dense_parameters, low_rank_layers, to_low_rank
 from lowlearn.models import MLP
-from lowlearn.train import NonFiniteLossError, fit
+from lowlearn.train import NonFiniteLossError, fit, load_checkpoint, save_checkpoint
 
 
 def teacher_data(rank, n=24, m=32, samples=256, seed=0):
@@ -170,17 +170,19 @@ def test_adam_style_steps_train_and_keep_the_factors_orthonormal():
 def test_adam_direction_and_the_change_of_basis_of_its_moments():
     model = to_low_rank(MLP(hidden=(8,)), ["1"], rank=2)
     dlrt = DLRT(model, lr=0.1, betas=(0.9, 0.999))
-    g = torch.tensor([[0.5, -2.0], [1e-3, 4.0]])
+    g = torch.zeros(8, 2)                                     # K's gradient has U's shape
+    g[:2] = torch.tensor([[0.5, -2.0], [1e-3, 4.0]])
     # First step: m̂ = g, v̂ = g², so the direction is g / (|g| + ε), about sign(g).
     assert torch.allclose(dlrt.direction("1", "K", g), g.sign(), atol=1e-4)
     assert dlrt.state["1"]["step"] == 1
-    # Rotating the moments: m ← Qᵀ m Q, v ← (Q∘Q)ᵀ v (Q∘Q); rotating back restores the first moment.
-    Q = torch.linalg.qr(torch.randn(2, 2, generator=torch.Generator().manual_seed(0))).Q
+    # Rotating the moments: m ← Pᵀ m Q, v ← (P∘P)ᵀ v (Q∘Q); rotating back restores the first moment.
+    generator = torch.Generator().manual_seed(0)
+    P, Q = (torch.linalg.qr(torch.randn(n, n, generator=generator)).Q for n in (8, 2))
     m, v = (moment.clone() for moment in dlrt.state["1"]["K"])
-    dlrt._rotate("1", "K", Q, Q)
-    assert torch.allclose(dlrt.state["1"]["K"][0], Q.T @ m @ Q, atol=1e-6)
-    assert torch.allclose(dlrt.state["1"]["K"][1], Q.square().T @ v @ Q.square(), atol=1e-6)
-    dlrt._rotate("1", "K", Q.T, Q.T)
+    dlrt._rotate("1", "K", P, Q)
+    assert torch.allclose(dlrt.state["1"]["K"][0], P.T @ m @ Q, atol=1e-6)
+    assert torch.allclose(dlrt.state["1"]["K"][1], P.square().T @ v @ Q.square(), atol=1e-6)
+    dlrt._rotate("1", "K", P.T, Q.T)
     assert torch.allclose(dlrt.state["1"]["K"][0], m, atol=1e-6)
     assert (dlrt.state["1"]["K"][1] >= 0).all()
     buffer = io.BytesIO()
@@ -244,6 +246,41 @@ def test_state_dict_keeps_scheduled_learning_rates_and_moments():
     with_optimizer = DLRT(model, lr=0.1, optimizer=torch.optim.SGD(dense_parameters(model), lr=0.1))
     with pytest.raises(ValueError, match="2 parameter groups and this DLRT 1"):
         with_optimizer.load_state_dict(dlrt.state_dict())
+    with pytest.raises(ValueError, match=r"moments of low-rank layers \['1'\], which the model lacks"):
+        DLRT(to_low_rank(MLP(hidden=(8,)), ["3"], rank=2), lr=0.1, betas=(0.9, 0.999)).load_state_dict(
+            dlrt.state_dict())
+
+
+def test_a_checkpoint_restores_the_ranks_and_moments_and_without_the_model_state_the_step_says_so(tmp_path):
+    # Saved after the ranks fell, loaded into a model built at its starting rank: the optimizer's state
+    # (moments at the saved ranks) and the model's (the factors) go in together and the next steps match.
+    def model_and_dlrt():
+        torch.manual_seed(0)
+        model = to_low_rank(MLP(in_features=20, hidden=(16,), out_features=4), ["1"], rank=8)
+        return model, DLRT(model, lr=0.2, tol=0.5, betas=(0.9, 0.999))
+
+    x, y = torch.randn(32, 20, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 4
+
+    def steps(model, dlrt, n):
+        for _ in range(n):
+            dlrt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            dlrt.step(lambda: F.cross_entropy(model(x), y))
+
+    model, dlrt = model_and_dlrt()
+    steps(model, dlrt, 5)
+    assert dlrt.ranks()["1"] < 8
+    save_checkpoint(tmp_path / "run.pt", model, dlrt)
+    resumed, resumed_dlrt = model_and_dlrt()
+    load_checkpoint(tmp_path / "run.pt", resumed, resumed_dlrt)
+    steps(model, dlrt, 3)
+    steps(resumed, resumed_dlrt, 3)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), model.state_dict().values()))
+    _, orphan = model_and_dlrt()                              # the optimizer's state alone: ranks disagree
+    orphan.load_state_dict(dlrt.state_dict())
+    with pytest.raises(RuntimeError, match=r"K-moments of layer '1' have shape \(16, \d\) and its gradient "
+                                           r"\(16, 8\): the optimizer's state was loaded without the model's"):
+        steps(orphan.model, orphan, 1)
 
 
 def test_training_memory_counts_the_factor_moments_and_the_dense_optimizer():
