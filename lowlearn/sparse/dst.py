@@ -183,7 +183,8 @@ class DynamicSparsity(Sparsifier):
         end: ``T_end``, the last step that may update the masks (RigL: ¾ of training;
             the cosine reaches 0 there, so the last change is at the update before it);
             ``None``: no schedule, the masks change only when :meth:`update` is called
-            (SET and SNFS; RigL needs a schedule).
+            (SET and SNFS; RigL needs a schedule), and ``every``, ``drop_fraction``
+            and ``cosine`` are unused.
         every: ``ΔT``, steps between mask updates (RigL: 100).
         drop_fraction: ``α``, the fraction of active weights replaced at the first
             update, decaying with a cosine to 0 at ``T_end`` (RigL: 0.3).
@@ -224,15 +225,16 @@ class DynamicSparsity(Sparsifier):
         check_density(density)
         self.schedule = None if end is None else UpdateSchedule(end, every, drop_fraction, cosine)
         chosen = resolve_layers(model, layers)
-        self.densities = layer_densities_for(model, density, distribution, list(chosen))   # checked before masking
+        self.densities = layer_densities_for(model, density, distribution, list(chosen))
+        self.density, self.regrow_dropped = density, regrow_dropped
+        sizes = {name: raw_weight(layer).numel() for name, layer in chosen.items()}
+        self.active = {name: kept_count(self.densities[name], size) for name, size in sizes.items()}
+        self._check_capacity(sizes)                                   # all checked before the model changes
         attach_masks(model, list(chosen))
         super().__init__(model, optimizer, chosen, seed)
-        self.density, self.regrow_dropped = density, regrow_dropped
-        self.active: dict[str, int] = {}
         initial = {}
         for name, layer in self.layers().items():
             weight = raw_weight(layer)
-            self.active[name] = kept_count(self.densities[name], weight.numel())
             noise = torch.rand(weight.shape, generator=self.generator, device=weight.device)
             initial[name] = top_k_mask(noise, self.active[name])
         set_masks(model, initial, optimizer)
@@ -291,6 +293,12 @@ class DynamicSparsity(Sparsifier):
                 if self.optimizer is not None:
                     zero_optimizer_state(self.optimizer, weight, fresh)
         return grown
+
+    def _check_capacity(self, sizes: Mapping[str, int]) -> None:
+        """Raise a ValueError if the method cannot work on layers of ``sizes`` weights at ``self.active``.
+
+        Called before the model changes; every layer-wise method can (see :meth:`drop_count`).
+        """
 
     def drop_count(self, name: str, size: int, fraction: float) -> int:
         """Weights layer ``name`` (of ``size`` weights) drops at ``fraction``: ``⌊fraction · active⌋``.
@@ -375,7 +383,7 @@ class SET(DynamicSparsity):
     paper draws them at random). The dropped weights are the smallest ``|θ|`` of a
     layer, as in Evci et al.'s version; Mocanu et al. drop the fraction ``ζ`` of the
     positive weights and of the negative weights closest to zero, separately. Arguments as for
-    :class:`DynamicSparsity`.
+    :class:`DynamicSparsity`; the paper starts from ``distribution="er"``.
     """
 
     def grow_scores(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -438,8 +446,10 @@ class SNFS(DynamicSparsity):
     weights the loss still pushes on, while the global density stays exact.
 
     Since the momentum needs ``∂L/∂w`` of every step, SNFS records the dense weight
-    gradient at every step up to ``T_end`` (the last update; at every step without a
-    schedule), see :func:`lowlearn.sparse.flops.dst_training_flops`.
+    gradient at every step up to ``T_end`` (at every step without a schedule; under
+    the cosine the last update comes at the last multiple of ``ΔT`` before ``T_end``,
+    and the steps after it record a momentum only an :meth:`update` by hand would
+    use), see :func:`lowlearn.sparse.flops.dst_training_flops`.
 
     ``beta`` is the momentum coefficient ``β`` of ``M``; the other arguments are those
     of :class:`DynamicSparsity` (the initial densities come from ``distribution``; the
@@ -454,7 +464,9 @@ class SNFS(DynamicSparsity):
         self.beta = beta
         self.momentum: dict[str, Tensor] = {}
         super().__init__(*args, **kwargs)
-        active, size = sum(self.active.values()), sum(raw_weight(layer).numel() for layer in self.layers().values())
+
+    def _check_capacity(self, sizes: Mapping[str, int]) -> None:
+        active, size = sum(self.active.values()), sum(sizes.values())
         if self.schedule is not None and not self.regrow_dropped \
                 and math.floor(self.schedule.drop_fraction * active) > size - active:
             raise ValueError(f"SNFS at density {self.density} drops up to {self.schedule.drop_fraction} of its "

@@ -239,12 +239,13 @@ class UpdateSchedule:
     Args:
         end: ``T_end``, the last step that may update the masks.
         every: ``ΔT``, optimizer steps between mask updates.
-        drop_fraction: ``α``, in [0, 1).
+        drop_fraction: ``α``, in (0, 1) (with 0 the masks would never change:
+            :class:`~lowlearn.sparse.dst.StaticSparse` trains that way).
         cosine: decay the fraction with the cosine above.
 
     Raises:
         ValueError: ``every`` or ``end`` not a positive integer, ``every > end``
-            (``every ≥ end`` with the cosine: no update at all), or ``α`` outside [0, 1).
+            (``every ≥ end`` with the cosine: no update at all), or ``α`` outside (0, 1).
     """
 
     def __init__(self, end: int, every: int = 100, drop_fraction: float = 0.3, cosine: bool = True):
@@ -254,8 +255,9 @@ class UpdateSchedule:
             limit = "more than" if every > end else "no fewer than, under the cosine whose f(end) = 0,"
             raise ValueError(f"every={every} steps between updates is {limit} end={end}, the last step that may "
                              "update: the masks would never change; lower every or raise end")
-        if not is_real(drop_fraction) or not 0.0 <= drop_fraction < 1.0:
-            raise ValueError(f"drop_fraction (α) must be in [0, 1), got {drop_fraction!r}")
+        if not is_real(drop_fraction) or not 0.0 < drop_fraction < 1.0:
+            raise ValueError(f"drop_fraction (α) must be in (0, 1), got {drop_fraction!r}; with 0 the masks would "
+                             "never change (StaticSparse trains that way)")
         self.every, self.end, self.drop_fraction, self.cosine = every, end, float(drop_fraction), cosine
 
     def __repr__(self) -> str:

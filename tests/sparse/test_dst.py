@@ -465,7 +465,8 @@ def test_bad_input():
             RigL(model, None, 0.5, end=1000, **bad)
         assert not masks_of(model), bad                          # a refused sparsifier leaves the model as it was
     with pytest.raises(ValueError, match=r"lower drop_fraction to at most \(1 - density\) / density"):
-        SNFS(small_mlp(), None, 0.8, end=1000, distribution="uniform")    # 0.3 · 0.8 of the weights > 0.2 free
+        SNFS(model, None, 0.8, end=1000, distribution="uniform")          # 0.3 · 0.8 of the weights > 0.2 free
+    assert not masks_of(model) and not any(module._forward_hooks for module in model.modules())
     SNFS(small_mlp(), None, 0.8, end=1000, distribution="uniform", drop_fraction=0.25)
     SNFS(small_mlp(), None, 0.8, end=1000, distribution="uniform", regrow_dropped=True)
 
