@@ -48,7 +48,7 @@ def interleaved_rounds(
     rounds mix better than a few long ones. What noise is left shows in the
     ``dense (copy)`` row of ``masks`` and in the spread of :func:`paired_ratio`. The
     device is synchronised before and after each timed block, never inside it.
-    Python's garbage collector stays on (unlike :mod:`timeit`'s): the collections a
+    Python's garbage collector stays on (``timeit`` turns it off): the collections a
     step's objects cause are part of its cost in training too.
 
     Returns:

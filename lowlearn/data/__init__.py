@@ -10,7 +10,7 @@
   episodes over any class-indexed tensor), :class:`~lowlearn.data.tasks.SinusoidTasks`
   and :class:`~lowlearn.data.tasks.GPCurves`.
 
-Every name is importable from ``lowlearn.data`` directly.
+Every name above is importable from ``lowlearn.data`` directly.
 """
 
 from .cache import (ChecksumError, DataError, DatasetNotFoundError, Resource, UnsafeArchiveError,
