@@ -307,9 +307,8 @@ def adapted_tasks(model: nn.Module, params: Params, tasks: TaskBatch, loss_fn: L
                                  first_order=first_order, adapt=names)
             yield slice(j, j + 1), forward, adapted
         return
-    x, y = (tasks.support_x[0], tasks.support_y[0]) if tasks.support_x.shape[1] else (tasks.query_x[0],
-                                                                                       tasks.query_y[0])
-    check_mean_loss(model, params, x, y, loss_fn)
+    x, y = (tasks.support_x, tasks.support_y) if tasks.support_x.shape[1] else (tasks.query_x, tasks.query_y)
+    check_mean_loss(model, params, x[0], y[0], loss_fn)
     batched, summed = task_batched(model), summed_over_tasks(loss_fn)
     for start in range(0, count, tasks_at_once):
         part = slice(start, start + tasks_at_once)
@@ -333,8 +332,11 @@ def check_mean_loss(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss
     forward pass without gradients, the model's buffers left as they were), once per
     loss function, reading one number from the device.
     """
-    if loss_fn in _AVERAGING_LOSSES:
-        return
+    try:
+        if loss_fn in _AVERAGING_LOSSES:
+            return
+    except TypeError:                                   # not hashable: not remembered, checked every time
+        pass
     with torch.no_grad(), buffers_restored(model):
         out = run(model, params, x)
         once, twice = loss_fn(out, y), loss_fn(torch.cat([out, out]), torch.cat([y, y]))
@@ -344,7 +346,7 @@ def check_mean_loss(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss
                          "pass a mean loss, or tasks_at_once=1")
     try:
         _AVERAGING_LOSSES.add(loss_fn)
-    except TypeError:                                   # not weakly referable: checked again next time
+    except TypeError:                                   # not weakly referable or not hashable
         pass
 
 

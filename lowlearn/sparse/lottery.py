@@ -414,8 +414,8 @@ def random_mask(model: nn.Module, rewind_weights: Mapping[str, Tensor], seed: in
     scores from a generator on the model's device seeded by ``seed``) among the
     weights of the mask in ``rewind_weights`` (all of them, unless the model came to
     IMP masked); the kept weights take their values from ``rewind_weights`` (``θ_0``,
-    or ``θ_k`` when rewinding), so only the mask differs from the ticket. The model's masks
-    are replaced. Frankle & Carbin's "randomly sampled sparse networks" (2019,
+    or ``θ_k`` when rewinding), so only the mask differs from the ticket. The model's
+    masks are replaced. Frankle & Carbin's "randomly sampled sparse networks" (2019,
     Figure 1) also draw a new initialisation: follow this with
     :func:`random_reinit` for those.
     """
@@ -543,14 +543,14 @@ class EarlyBird:
 
     You et al. prune channels by the batch-norm scales ``γ``, ranked over the whole
     network, and check once per epoch with a queue of ``l = 5`` distances and
-    ``ε = 0.1``; this callback applies the same test to layer-wise
-    unstructured masks of any score (magnitude by default). The paper's test, which
-    this one follows, compares consecutive masks; the authors' code instead compares
-    each of the last four masks with the newest. Each check reads a few numbers from
-    the device (the distance, a NaN check of each layer's scores, and for a masked
-    model each layer's count of surviving weights); other steps do no device work. Pass the steps per epoch,
-    ``math.ceil(len(train_set) / batch_size)``, as ``every`` to check once per
-    epoch, as the paper does.
+    ``ε = 0.1``; this callback applies the same test to layer-wise unstructured
+    masks of any score (magnitude by default). The paper's test, which this one
+    follows, compares consecutive masks; the authors' code instead compares each of
+    the last four masks with the newest. Each check reads a few numbers from the
+    device (the distance, a NaN check of each layer's scores, and for a masked model
+    each layer's count of surviving weights); other steps do no device work. Pass the
+    steps per epoch, ``math.ceil(len(train_set) / batch_size)``, as ``every`` to
+    check once per epoch, as the paper does.
 
     Args:
         density: ``1 − p``, the fraction of weights the ticket keeps.
