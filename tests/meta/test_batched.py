@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -196,6 +197,20 @@ def test_a_summed_loss_is_refused_when_tasks_run_together(learner):
     assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
     smoothed = lambda out, y: F.cross_entropy(out, y, label_smoothing=0.1)  # noqa: E731
     MAML(model, lr, 1, loss_fn=smoothed, tasks_at_once=2).meta_backward(tasks)          # a mean: accepted
+    MAML(model, lr, 1, loss_fn=nn.CrossEntropyLoss(), tasks_at_once=2).meta_backward(tasks)
+    unhashable = Smoothed(0.1)                                                          # checked every time
+    for _ in range(2):
+        MAML(model, lr, 1, loss_fn=unhashable, tasks_at_once=2).meta_backward(tasks)
+
+
+@dataclasses.dataclass
+class Smoothed:
+    """A loss object that cannot be hashed (a dataclass with equality)."""
+
+    smoothing: float
+
+    def __call__(self, out, y):
+        return F.cross_entropy(out, y, label_smoothing=self.smoothing)
 
 
 def test_masked_layers_are_refused_rather_than_run_with_a_frozen_mask():
