@@ -25,7 +25,7 @@ parameter that does nothing.
 The weights keep PyTorch's default initialisation (uniform in ``±1/√fan_in``) unless a
 class says otherwise (:class:`CifarResNet`: Kaiming normal, as He et al.). The
 papers often drew them differently: Frankle & Carbin's LeNet-300-100 and Conv-2/4/6,
-for one, use Gaussian Glorot weights, about twice as large.
+for one, use Gaussian Glorot weights (in LeNet-300-100 about twice as large).
 """
 
 from __future__ import annotations
