@@ -256,7 +256,7 @@ class DynamicSparsity(Sparsifier):
 
     # ----------------------------------------------------------------- the engine
     def _after_step(self) -> None:
-        grads = self._gradients.grads
+        grads = self._recorder().grads
         average_across_processes(grads[name] for name in sorted(grads))     # the same scores on every process
         if self.dense_gradient == "always" and self._needs_gradient(self.steps):
             self._observe_gradients()
@@ -267,6 +267,24 @@ class DynamicSparsity(Sparsifier):
 
     def _observe_gradients(self) -> None:
         """Called after every step until ``T_end`` when ``dense_gradient == "always"`` (SNFS's momentum)."""
+
+    def close(self) -> None:
+        """Take this sparsifier's gradient hooks off the model for good; the masks stay.
+
+        Call it before another sparsifier trains the same model (when the notebook cell
+        that built this one runs again, say): otherwise the hooks of this one go on
+        recording dense gradients that nothing reads. :meth:`step` is then an error.
+        """
+        if self._gradients is not None:
+            self._gradients.stop()
+            self._gradients = None
+
+    def _recorder(self) -> OutputGradients:
+        """The dense-gradient recorder, or a RuntimeError once :meth:`close` took it off."""
+        if self._gradients is None:
+            raise RuntimeError(f"this {type(self).__name__} was closed (close()): build a new one to train "
+                               "sparsely again")
+        return self._gradients
 
     def update(self, fraction: float) -> dict[str, Tensor]:
         """Drop ``fraction`` of every layer's active weights (rounded down) and grow as many; return the grown sets.
@@ -318,9 +336,9 @@ class DynamicSparsity(Sparsifier):
     def _arm(self) -> None:
         """Record ``∂L/∂w`` during the next step if it needs it; stop recording otherwise."""
         if self._needs_gradient(self.steps + 1):
-            self._gradients.start()
+            self._recorder().start()
         else:
-            self._gradients.stop()
+            self._recorder().stop()
 
     def dense_gradients(self) -> dict[str, Tensor]:
         """``{name: ∂L/∂w}`` of the step just taken (summed over its backward passes).
@@ -330,7 +348,8 @@ class DynamicSparsity(Sparsifier):
                 or ``step()`` was not called once per optimizer step after a backward pass
                 through the model.
         """
-        missing = [name for name in self.layers() if name not in self._gradients.grads]
+        grads = self._recorder().grads
+        missing = [name for name in self.layers() if name not in grads]
         if missing:
             raise RuntimeError(
                 f"{type(self).__name__} needs the dense gradient of this step, but saw none for {missing}: "
@@ -339,7 +358,7 @@ class DynamicSparsity(Sparsifier):
                 "optimizer.step(), each after a backward pass through the model (a checkpoint restored mid-run "
                 "resumes correctly too). The gradient is "
                 "recorded only for the steps the schedule updates at, so update() by hand cannot use it")
-        return dict(self._gradients.grads)
+        return dict(grads)
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -350,7 +369,7 @@ class DynamicSparsity(Sparsifier):
         """Restore :meth:`state_dict`; load the model's state (masks) too."""
         super().load_state_dict(state)
         self.active = dict(state["active"])
-        self._gradients.clear()
+        self._recorder().clear()
         self._arm()
 
 

@@ -509,3 +509,20 @@ def test_deepcopy_of_a_sparse_model_is_independent():
     saved = masks_of(frozen)
     train(model, optimizer, sparsifier, batches(10, seed=3))
     assert all(torch.equal(saved[n], m) for n, m in masks_of(frozen).items())
+
+
+@pytest.mark.parametrize("method", ["rigl", "snfs"])                     # SET reads no gradient: no hooks
+def test_a_closed_sparsifier_leaves_no_hook_and_another_takes_the_model_over(method):
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    first = make(method, model, optimizer, every=1)                    # SNFS and RigL record from the start
+    train(model, optimizer, first, batches(3))
+    hooked = [m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert hooked
+    first.close()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    with pytest.raises(RuntimeError, match="was closed"):
+        first.step()
+    second = make(method, model, optimizer, every=1)
+    train(model, optimizer, second, batches(3))
+    assert len([m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks]) == len(hooked)
