@@ -42,13 +42,22 @@ def _lean_property(tensor_name: str, pytorch_property: property) -> property:
     indexes it and ends the chain on an ``AttributeError``: about 10 µs per read, as
     long as the forward pass of a small layer. This getter calls the same
     parametrizations (as modules, so their hooks run) on the same original tensor, in
-    the same order. Inside :func:`torch.nn.utils.parametrize.cached`, and for a
-    parametrization with several original tensors, it leaves the work to PyTorch's.
+    the same order. For a parametrization with several original tensors it calls the
+    ``ParametrizationList`` itself. Inside :func:`torch.nn.utils.parametrize.cached` it
+    caches the value under the module it is read from, as PyTorch does; PyTorch's own
+    getter keys the cache by the module it was registered on, which a deep copy would
+    share.
     """
     def get(module: nn.Module):
         chain = module._modules["parametrizations"][tensor_name]
-        if parametrize._cache_enabled or not chain.is_tensor:
-            return pytorch_property.fget(module)
+        if parametrize._cache_enabled:
+            key = (id(module), tensor_name)
+            value = parametrize._cache.get(key)
+            if value is None:
+                value = parametrize._cache[key] = chain()
+            return value
+        if not chain.is_tensor:
+            return chain()
         value = chain.original
         for parametrization in chain:
             value = parametrization(value)

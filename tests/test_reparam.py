@@ -46,6 +46,21 @@ def test_the_parametrized_tensor_is_the_chain_of_parametrizations_with_their_hoo
         twin.parametrizations.weight.original.add_(1.0)
     assert torch.equal(twin.weight, 2 * twin.parametrizations.weight.original * mask.mask)
     assert torch.equal(layer.weight, weight)
+    with parametrize.cached():                    # each its own cached value, also when read in one block
+        assert torch.equal(twin.weight, 2 * twin.parametrizations.weight.original * mask.mask)
+        assert torch.equal(layer.weight, weight) and twin.weight is not layer.weight
+
+
+def test_a_deep_copy_does_not_keep_its_original_alive():
+    import gc
+    import weakref
+
+    layer = nn.Linear(3, 2)
+    register(layer, "weight", Double())
+    twin, gone = copy.deepcopy(layer), weakref.ref(layer)
+    del layer
+    gc.collect()
+    assert gone() is None and twin.weight.shape == (2, 3)
 
 
 def test_squash_of_a_copy_leaves_the_original_masked():
