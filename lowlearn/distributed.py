@@ -54,21 +54,26 @@ def broadcast_from_the_first_process(tensors: Iterable[Tensor]) -> None:
     must call this with the same tensors in the same order.
 
     Raises:
-        ValueError: on every process, if the processes' tensors differ in shape (a
-            model built differently on each process), before anything is sent.
+        ValueError: on every process, if the processes' tensors differ in shape or
+            dtype (a model built differently on each process), before anything is sent.
     """
     size = world()[1]
     if size == 1:
         return
     tensors = list(tensors)
-    shapes = [tuple(tensor.shape) for tensor in tensors]
+    shapes = [(tuple(tensor.shape), str(tensor.dtype)) for tensor in tensors]
     gathered = [None] * size
     dist.all_gather_object(gathered, shapes)
     other = next((i for i, theirs in enumerate(gathered) if theirs != gathered[0]), None)
     if other is not None:
         differ = [(a, b) for a, b in zip(gathered[0], gathered[other]) if a != b]
-        detail = (f"a tensor of shape {differ[0][0]} on process 0 is {differ[0][1]} on process {other}" if differ
-                  else f"{len(gathered[0])} tensors on process 0, {len(gathered[other])} on process {other}")
+        if not differ:
+            detail = f"{len(gathered[0])} tensors on process 0, {len(gathered[other])} on process {other}"
+        else:
+            (shape, dtype), (their_shape, their_dtype) = differ[0]
+            detail = (f"a tensor of shape {shape} on process 0 is {their_shape} on process {other}"
+                      if shape != their_shape else
+                      f"a tensor of dtype {dtype} on process 0 is {their_dtype} on process {other}")
         raise ValueError(f"the processes built different models ({detail}): build the model the same way on "
                          "every process, e.g. seed every process alike before to_low_rank chooses ranks from "
                          "the weights")
@@ -79,8 +84,19 @@ def broadcast_from_the_first_process(tensors: Iterable[Tensor]) -> None:
 def average_across_processes(tensors: Iterable[Tensor | None]) -> None:
     """Replace each tensor, in place, by its mean over the processes (nothing outside a process group).
 
-    Every process must call this with the same tensors in the same order.
+    Every process must call this with the same tensors in the same order, each one
+    floating point; a ``None`` (a gradient that was not computed) is skipped, and must
+    be ``None`` on every process: the collectives pair the tensors by their order, so
+    one missing on a single process would average the others with the wrong partners.
+
+    Raises:
+        TypeError: a tensor that is not floating point (its mean would not fit it).
     """
+    tensors = list(tensors)
+    integer = [tuple(t.shape) for t in tensors if t is not None and not (t.is_floating_point() or t.is_complex())]
+    if integer:
+        raise TypeError(f"the mean over processes of tensors of shape {integer} would not fit their integer dtype: "
+                        "average floating-point tensors")
     _, size = world()
     if size == 1:
         return

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lowlearn.distributed import average_across_processes, world
+from lowlearn.distributed import average_across_processes, broadcast_from_the_first_process, world
 from lowlearn.growth import GrowthSchedule
 from lowlearn.lowrank import DLRT, to_low_rank
 from lowlearn.lowrank.layers import dense_parameters
@@ -116,6 +116,12 @@ def worker(rank: int, processes: int, folder: str) -> None:
             assert "a tensor of shape (8, 2) on process 0 is (8, 3) on process 1" in str(error), error
         else:
             raise AssertionError("models of different shapes on the processes must be refused")
+        try:
+            broadcast_from_the_first_process([torch.zeros(2, dtype=torch.float32 if rank == 0 else torch.float64)])
+        except ValueError as error:
+            assert "a tensor of dtype torch.float32 on process 0 is torch.float64 on process 1" in str(error), error
+        else:
+            raise AssertionError("tensors of different dtypes on the processes must be refused")
         # Each process builds its model from its own seed: training starts from the first process's weights.
         torch.save({method: train(method, seed=rank) for method in METHODS}, f"{folder}/rank{rank}.pt")
     finally:
@@ -159,3 +165,6 @@ def test_outside_a_process_group_there_is_one_process():
     values = torch.ones(2)
     average_across_processes([values])
     assert torch.equal(values, torch.ones(2))
+    average_across_processes(iter([None, values]))                    # a generator, and a gradient not computed
+    with pytest.raises(TypeError, match=r"shape \[\(3,\)\] would not fit their integer dtype"):
+        average_across_processes([values, torch.arange(3)])
