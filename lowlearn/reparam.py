@@ -117,9 +117,18 @@ class OutputGradients:
 
     Attributes:
         grads: ``{name: ∂L/∂output}`` seen since the last :meth:`clear`.
+
+    Raises:
+        ValueError: a layer without a ``kind`` parametrization on its weight.
     """
 
     def __init__(self, layers: Mapping[str, nn.Module], kind: type[nn.Module]):
+        bare = [name for name, layer in layers.items()
+                if not parametrize.is_parametrized(layer, "weight")
+                or not any(isinstance(p, kind) for p in layer.parametrizations.weight)]
+        if bare:
+            raise ValueError(f"layers {bare} have no {kind.__name__} parametrization on their weight to read the "
+                             "gradient of")
         self.chains = {name: layer.parametrizations.weight for name, layer in layers.items()}
         self.modules = {name: next(p for p in chain if isinstance(p, kind)) for name, chain in self.chains.items()}
         self._raw = {name: chain.original for name, chain in self.chains.items()}

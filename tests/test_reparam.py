@@ -1,5 +1,8 @@
 import copy
+import gc
+import weakref
 
+import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -52,9 +55,6 @@ def test_the_parametrized_tensor_is_the_chain_of_parametrizations_with_their_hoo
 
 
 def test_a_deep_copy_does_not_keep_its_original_alive():
-    import gc
-    import weakref
-
     layer = nn.Linear(3, 2)
     register(layer, "weight", Double())
     twin, gone = copy.deepcopy(layer), weakref.ref(layer)
@@ -137,3 +137,10 @@ def test_passes_that_compute_the_weight_from_other_tensors_are_not_recorded():
     assert recorder.grads == {} and per_example["parametrizations.weight.original"].shape == (5, 2, 3)
     layer(x).sum().backward()                                               # the layer's own pass is recorded
     assert torch.allclose(recorder.grads["w"], torch.ones(5, 2).T @ x)
+
+
+def test_output_gradients_of_a_layer_without_the_parametrization_is_a_clear_error():
+    plain, doubled = nn.Linear(3, 2), nn.Linear(3, 2)
+    register(doubled, "weight", Double())
+    with pytest.raises(ValueError, match=r"layers \['a', 'b'\] have no Mask parametrization"):
+        OutputGradients({"a": plain, "b": doubled}, Mask)
