@@ -273,7 +273,7 @@ class DynamicSparsity(Sparsifier):
 
         Call it before another sparsifier trains the same model (when the notebook cell
         that built this one runs again, say): otherwise the hooks of this one go on
-        recording dense gradients that nothing reads. :meth:`step` is then an error. (A
+        recording dense gradients that nothing reads. ``step()`` is then an error. (A
         deep copy of the model made while this one was recording keeps inert copies of
         the hooks, which record nothing.)
         """
