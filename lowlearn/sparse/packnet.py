@@ -139,12 +139,16 @@ class PackNet:
         self.started = True
         return self.tasks + 1
 
+    def _shared_weight_ids(self) -> set[int]:
+        """The ``id`` of each shared layer's raw weight, the parameters PackNet divides among the tasks."""
+        return {id(raw_weight(layer)) for layer in self.layers.values()}
+
     def _own_parameters(self, names: Iterable[str]) -> tuple[str, ...]:
         """The qualified names of the parameters that ``names`` (parameters or modules) stand for."""
         if isinstance(names, str):
             names = (names,)
         params, modules = dict(self.model.named_parameters()), dict(self.model.named_modules())
-        shared = {id(raw_weight(layer)) for layer in self.layers.values()}
+        shared = self._shared_weight_ids()
         own = []
         for name in names:
             if name in params:
@@ -166,7 +170,7 @@ class PackNet:
         A frozen parameter loses its gradient and its optimizer state, so that no
         momentum moves it (also with ``zero_grad(set_to_none=False)``).
         """
-        shared = {id(raw_weight(layer)) for layer in self.layers.values()}
+        shared = self._shared_weight_ids()
         for name, param in self.model.named_parameters():
             if name in self.own:
                 param.requires_grad_(True)
