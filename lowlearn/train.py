@@ -126,19 +126,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def draws_on(generator: torch.Generator, device: torch.device | str) -> bool:
+    """Whether ``generator`` draws on ``device``; a device without an index (``"cuda"``) is any device of its type."""
+    device, index = torch.device(device), generator.device.index
+    return generator.device.type == device.type and (index == device.index or None in (index, device.index))
+
+
 def generator_on(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
     """``generator`` if it draws on ``device``; otherwise a new generator there, seeded by a draw from ``generator``.
 
     For methods that make their generator with the model and draw later, after
     the model may have moved (:func:`fit` moves it to ``device``): a CPU generator
     cannot draw on a GPU. The draws stay reproducible for the same moves. A device
-    without an index (``"cuda"``) is any device of its type. ``None`` (PyTorch's
+    without an index (``"cuda"``) is any device of its type (:func:`draws_on`). ``None`` (PyTorch's
     default generator of each device) stays ``None``.
     """
     if generator is None:
         return None
-    device, index = torch.device(device), generator.device.index
-    if generator.device.type == device.type and (index == device.index or None in (index, device.index)):
+    if draws_on(generator, device):
         return generator
     seed = int(torch.randint(2**62, (), generator=generator, device=generator.device))
     return torch.Generator(device=device).manual_seed(seed)

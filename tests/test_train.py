@@ -498,6 +498,18 @@ def test_generator_on_keeps_a_generator_that_draws_on_the_device():
     assert generator_on(first_gpu, "cuda") is first_gpu and generator_on(first_gpu, "cuda:0") is first_gpu
 
 
+def test_draws_on_takes_a_device_without_an_index_as_any_device_of_its_type():
+    from types import SimpleNamespace
+
+    from lowlearn.train import draws_on
+
+    # torch.Generator(device="cuda") reports the device "cuda", with no index; tensors report "cuda:0".
+    any_gpu, second_gpu = SimpleNamespace(device=torch.device("cuda")), SimpleNamespace(device=torch.device("cuda", 1))
+    assert draws_on(any_gpu, "cuda:0") and draws_on(any_gpu, torch.device("cuda", 1)) and draws_on(second_gpu, "cuda")
+    assert not draws_on(second_gpu, "cuda:0") and not draws_on(any_gpu, "cpu")
+    assert draws_on(torch.Generator(), "cpu") and not draws_on(torch.Generator(), "cuda")
+
+
 def test_restore_generator_continues_a_state_of_its_kind_and_seeds_from_another():
     source = torch.Generator().manual_seed(5)
     torch.rand(3, generator=source)

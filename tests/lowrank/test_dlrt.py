@@ -78,7 +78,7 @@ def test_fit_trains_a_mixed_model_with_dlrt():
     dlrt = DLRT(model, lr=0.1, tol=0.1, optimizer=torch.optim.SGD(
         [p for n, p in model.named_parameters() if n.startswith("5") or n.endswith("bias")], lr=0.1, momentum=0.9))
     bias_before = model[1].bias.detach().clone()
-    history = fit(model, (x, y), dlrt, epochs=30, batch_size=32, log_every=8)
+    history = fit(model, (x, y), dlrt, epochs=30, batch_size=32, log_every=8, device="cpu")
     assert history.loss[-1] < 0.5 * history.loss[0]
     assert not torch.equal(model[1].bias, bias_before)                   # the dense optimizer ran
     assert set(dlrt.ranks()) == {"1", "3"} and all(r >= 1 for r in dlrt.ranks().values())
