@@ -1,9 +1,11 @@
 import json
 
 import pytest
+import torch
 
 from lowlearn.allocator import has_glibc
 from lowlearn.bench import report
+from lowlearn.bench.timing import Ratio
 
 
 def test_the_quick_report_has_every_benchmark_and_the_fields_the_book_reads(tmp_path, capsys):
@@ -38,3 +40,37 @@ def test_an_existing_report_is_never_overwritten(tmp_path):
     with pytest.raises(SystemExit, match="never overwritten"):
         report.main(["--quick", "--out", str(tmp_path)])
     assert (tmp_path / "benchmarks.md").read_text() == "mine"
+
+
+def test_on_a_gpu_each_goal_is_held_at_the_sizes_that_keep_the_gpu_busy(monkeypatch):
+    # The benchmarks are replaced by canned results: what is tested is which rows carry which goal on CUDA.
+    def rounds(*names):
+        return {name: [1.0, 1.0, 1.0] for name in names}
+
+    monkeypatch.setattr(report.masks, "run", lambda **_: {"rounds": rounds(
+        "dense", "dense (copy)", "lowlearn masks", "torch.nn.utils.prune")})
+    monkeypatch.setattr(report.dst, "run", lambda **_: rounds(*report.dst.METHODS))
+    monkeypatch.setattr(report.powerprop, "run", lambda **_: {"rounds": rounds(
+        *report.powerprop.BASELINE, *report.powerprop.BASELINE.values())})
+    batches = []
+
+    def lowrank(**sizes):
+        batches.append(sizes.get("batch_size"))
+        return [{"width": 1024, "time_ratio": Ratio(0.5, 0.4, 0.6), "dlrt": {"bytes": 1}, "dense": {"bytes": 2}}]
+
+    monkeypatch.setattr(report.lowrank, "run", lowrank)
+    monkeypatch.setattr(report.maml, "run", lambda **_: {"rounds": rounds("higher", "lowlearn", "lowlearn batched"),
+                                                         "peak_bytes": {}})
+    two_four = {"format": "2:4 (fp16)", "density": 0.5, "ideal_speedup": 2.0, "speedup": 1.5, "spread": [1.4, 1.6]}
+    monkeypatch.setattr(report.sparse, "run", lambda **_: [two_four | {"features": 4096, "batch_size": 64},
+                                                           two_four | {"features": 8192, "batch_size": 16384}])
+    rows = report.collect(report.FULL, torch.device("cuda"))
+    goals = {(row["case"], row["metric"]): row["goal"] for row in rows}
+    assert batches == [None, report.LOWRANK_GPU_BATCH]          # the benchmark's own batch, then the GPU's
+    assert goals["DLRT, width 1024", "time per step"] is None
+    assert goals[f"DLRT, width 1024, batch {report.LOWRANK_GPU_BATCH}", "time per step"] == "<= 1"
+    assert goals["lowlearn MAML", "throughput"] is None
+    assert goals["lowlearn MAML, all tasks at once", "throughput"] == ">= 3"
+    assert goals["2:4 (fp16), density 0.5, 4096 features, batch 64", "speed-up"] is None
+    assert goals["2:4 (fp16), density 0.5, 8192 features, batch 16384", "speed-up"] == ">= 1.2"
+    assert not any(row["benchmark"] == "allocator" for row in rows)             # glibc's settings: CPU only

@@ -37,7 +37,7 @@ def test_sparse_benchmark_prints_the_table_and_the_goal(capsys):
 def test_a_speed_up_is_the_median_of_the_rounds_ratios():
     # Per-round speed-ups dense / csr: 2, 4, 3; their median 3 and inclusive quartiles 2.5 and 3.5. The ratio of
     # the medians (4 / 1) would differ.
-    row = bench._row("csr", 0.1, 10.0, {"dense": [2.0, 4.0, 6.0], "csr": [1.0, 1.0, 2.0]})
+    row = bench._row("csr", 0.1, 10.0, {"dense": [2.0, 4.0, 6.0], "csr": [1.0, 1.0, 2.0]}, 64, 8)
     assert row["speedup"] == 3.0 and row["spread"] == [2.5, 3.5]
     assert row["ms"] == 1e3 and row["dense_ms"] == 4e3 and row["ideal_speedup"] == 10.0
 
@@ -63,8 +63,8 @@ def test_a_layer_that_export_keeps_dense_is_not_timed_as_2_4(monkeypatch):
     (3.1, [2.9, 3.2], "unclear (the goal lies within the middle half)"), (3.5, [3.3, 3.6], "met"),
     (2.0, [1.9, 2.2], "not met")])
 def test_the_goal_line_judges_the_whole_middle_half(monkeypatch, capsys, speedup, spread, verdict):
-    row = {"format": "csr", "density": 0.05, "ms": 1.0, "dense_ms": 3.1, "ideal_speedup": 20.0, "speedup": speedup,
-           "spread": spread}
+    row = {"format": "csr", "density": 0.05, "features": 4096, "batch_size": 64, "ms": 1.0, "dense_ms": 3.1,
+           "ideal_speedup": 20.0, "speedup": speedup, "spread": spread}
     monkeypatch.setattr(bench, "run", lambda *args, **kwargs: [row])
     bench.main(["--device", "cpu"])
     assert f"goal: CSR at 95% sparsity >= 3x dense on CPU: {Ratio(speedup, *spread)}, {verdict}\n" in \
