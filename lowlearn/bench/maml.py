@@ -92,6 +92,16 @@ def run(tasks: int = 32, ways: int = 5, shots: int = 1, queries: int = 15, steps
     return {"rounds": rounds, "seconds": medians(rounds), "peak_bytes": memory}
 
 
+def goals(device: torch.device) -> dict[str, float]:
+    """``{implementation: goal}``: the throughput (in multiples of higher's) each lowlearn path is held to.
+
+    On a CPU both paths are held to higher's throughput. On a GPU the batched path is
+    held to 3×; the loop has no goal there, since it launches the same small kernels
+    one task at a time as higher does.
+    """
+    return {"lowlearn batched": 3.0} if device.type == "cuda" else {"lowlearn": 1.0, "lowlearn batched": 1.0}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lowlearn.bench maml", description=__doc__)
     parser.add_argument("--tasks", type=cli.positive_int, default=32)
@@ -123,7 +133,6 @@ def main(argv: list[str] | None = None) -> None:
         print(line)
     if not memory:
         print("peak memory: measured on CUDA only (the CPU allocator keeps no peak statistics)")
-    goal = 3.0 if device.type == "cuda" else 1.0
-    for name in IMPLEMENTATIONS[:2]:
+    for name, goal in goals(device).items():
         print(f"goal: {name} throughput >= {goal:g}x higher's on {device.type}: "
               f"{judged(speedups[name], goal, higher_is_better=True)}")

@@ -34,3 +34,8 @@ def test_maml_benchmark_prints_throughput(capsys):
     assert out.count("x") >= 3 and "lowlearn batched" in out
     for name in ("lowlearn", "lowlearn batched"):                  # each judged on its own, not the better of the two
         assert f"goal: {name} throughput >= 1x higher's on cpu: " in out
+
+
+def test_on_a_gpu_only_the_batched_path_is_held_to_three_times_higher():
+    assert bench.goals(torch.device("cuda")) == {"lowlearn batched": 3.0}
+    assert bench.goals(torch.device("cpu")) == {"lowlearn": 1.0, "lowlearn batched": 1.0}
