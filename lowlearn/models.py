@@ -139,7 +139,8 @@ class LeNet5(nn.Module):
                         **{"channels[0]": c1, "channels[1]": c2},
                         **{f"hidden[{i}]": width for i, width in enumerate(hidden)})
         check_count("padding", padding, 0)
-        size = ((image_size + 2 * padding - 4) // 2 - 4) // 2
+        self.image_size, self.padding = image_size, padding
+        size = self._side(image_size)
         if size < 1:
             raise ValueError(
                 f"image_size={image_size} with padding={padding} is too small for LeNet5: "
@@ -155,7 +156,12 @@ class LeNet5(nn.Module):
         )
         self.classifier = MLP(c2 * size * size, hidden, num_classes)
 
+    def _side(self, side: int) -> int:
+        """The side of the last feature map for an input side: two 5×5 convolutions, each followed by a 2×2 pooling."""
+        return ((side + 2 * self.padding - 4) // 2 - 4) // 2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input_size(self, x, self.image_size, self._side)
         return self.classifier(self.features(x))
 
 
@@ -223,6 +229,7 @@ class Conv4(nn.Module):
         super().__init__()
         _check_channels(in_channels=in_channels, hidden=hidden, image_size=image_size,
                         **({} if num_classes is None else {"num_classes": num_classes}))
+        self.image_size = image_size
         size = image_size // 16
         if size < 1:
             raise ValueError(
@@ -240,6 +247,8 @@ class Conv4(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.head, nn.Identity):            # an embedding (no head) takes any size
+            _check_input_size(self, x, self.image_size, lambda side: side // 16)
         return self.head(self.features(x).flatten(1))
 
 
@@ -364,11 +373,13 @@ class ConvNet(nn.Module):
                        nn.Conv2d(out_channels, out_channels, 3, padding=1), nn.ReLU(),
                        nn.MaxPool2d(2)]
             channels = out_channels
+        self.image_size, self.poolings = image_size, poolings
         size = image_size // 2 ** poolings
         self.features = nn.Sequential(*layers)
         self.classifier = MLP(channels * size * size, (256, 256), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input_size(self, x, self.image_size, lambda side: side // 2 ** self.poolings)
         return self.classifier(self.features(x))
 
 
@@ -499,6 +510,19 @@ def _same_padding(kernel_size: int) -> int:
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd number (for 'same' padding), got {kernel_size}")
     return kernel_size // 2
+
+
+def _check_input_size(model: nn.Module, x: torch.Tensor, image_size: int, side: Callable[[int], int]) -> None:
+    """A clear error for an input whose height or width gives the classifier another number of features.
+
+    ``side`` maps an input side to the side of the last feature map; inputs of any size
+    that gives the same feature map as ``image_size`` pass.
+    """
+    height, width = x.shape[-2:]
+    if side(height) != side(image_size) or side(width) != side(image_size):
+        raise ValueError(f"{type(model).__name__} was built for {image_size}×{image_size} inputs (image_size="
+                         f"{image_size} sizes its classifier), got {height}×{width}: build it with the "
+                         f"image_size of your images")
 
 
 def _check_channels(**channels: int) -> None:

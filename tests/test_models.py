@@ -366,3 +366,21 @@ def test_blocks_reject_inputs_with_the_wrong_channels():
         DepthwiseSeparableConv2d(16, 32)(torch.randn(1, 8, 7, 7))
     with pytest.raises(RuntimeError):
         SmallCNN("separable")(torch.randn(1, 3, 28, 28))
+
+
+@pytest.mark.parametrize("model, good, bad", [
+    (LeNet5(), (28, 28), (32, 32)),
+    (LeNet5(in_channels=3, image_size=32, padding=0), (32, 32), (28, 28)),
+    (Conv4(), (31, 31), (84, 84)),                    # 31 and 28 both leave one pixel after four poolings
+    (ConvNet(4, image_size=32), (32, 33), (32, 28)),
+])
+def test_an_input_of_another_size_than_the_model_was_built_for_gets_a_clear_error(model, good, bad):
+    channels = model.features[0].in_channels
+    model(torch.zeros(2, channels, *good))
+    with pytest.raises(ValueError, match=rf"built for \d+×\d+ inputs .*got {bad[0]}×{bad[1]}: build it with the "
+                                         "image_size of your images"):
+        model(torch.zeros(2, channels, *bad))
+
+
+def test_a_conv4_embedding_takes_any_size():
+    assert Conv4(num_classes=None)(torch.zeros(2, 1, 84, 84)).shape == (2, 64 * 5 * 5)
