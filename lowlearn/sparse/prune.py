@@ -63,10 +63,12 @@ def finite_scores(scores: Tensor) -> Tensor:
 
     An infinite score then still ranks above (or below) every finite one, but never
     ties with the ``±inf`` that the ranking routines write over the entries they exclude.
+    A NaN (a diverged weight or gradient) becomes the lowest finite score: dropped
+    first, grown last (``topk`` would rank it above ``+inf``, and counts would be off).
     """
     dtype = torch.promote_types(scores.dtype, torch.float32)     # float64 scores keep their precision
     info = torch.finfo(dtype)
-    return scores.detach().to(dtype).clamp(info.min, info.max)
+    return torch.nan_to_num(scores.detach().to(dtype), nan=info.min, posinf=info.max, neginf=info.min)
 
 
 def alive_scores(scores: Tensor, mask: Tensor, name: str) -> Tensor:

@@ -52,6 +52,18 @@ def test_infinite_scores_keep_the_counts_exact():
     assert drop_and_grow(mask, scores, torch.zeros(4), 1, 0)[0].tolist() == [True, False, False, False]
 
 
+def test_nan_scores_keep_the_counts_exact_and_rank_lowest():
+    # topk ranks NaN above +inf: an active NaN weight survived while the "drop" landed on an inactive one
+    nan = float("nan")
+    mask = torch.tensor([True, True, True, False, False])
+    new, _ = drop_and_grow(mask, torch.tensor([nan, 1.0, 2.0, 0.0, 0.0]), torch.zeros(5), 1, 0)
+    assert new.tolist() == [False, True, True, False, False]                  # the diverged weight goes first
+    new, _ = drop_and_grow(mask, torch.tensor([nan, nan, nan, 0.0, 0.0]), torch.zeros(5), 3, 0)
+    assert int(new.sum()) == 0
+    new, grown = drop_and_grow(mask, torch.ones(5), torch.tensor([0.0, 0.0, 0.0, nan, 5.0]), 0, 1)
+    assert grown.tolist() == [False, False, False, False, True]                # grown last
+
+
 def test_unequal_counts_change_the_density():
     mask = torch.tensor([True, True, False, False, False])
     new, grown = drop_and_grow(mask, torch.arange(5.0), torch.arange(5.0), 1, 3)
