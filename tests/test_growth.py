@@ -359,3 +359,12 @@ def test_gradmax_gives_k_orthonormal_directions_past_the_rank_of_m():
     before = model(data[0]).detach()
     grow(model, 0, 5, "gradmax", batch=data)
     torch.testing.assert_close(model(data[0]), before, rtol=1e-12, atol=1e-12)
+
+
+def test_a_sequential_with_its_own_forward_is_not_read_as_a_chain_of_layers():
+    class Residual(nn.Sequential):
+        def forward(self, x):
+            return x + super().forward(x)
+
+    with pytest.raises(ValueError, match="whose own forward may not apply its layers in order"):
+        layer_pair(Residual(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)), 0)

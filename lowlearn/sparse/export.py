@@ -268,9 +268,18 @@ _ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sig
 _POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
+def is_chain(module: nn.Module) -> bool:
+    """Whether ``module`` applies its children one after another: an ``nn.Sequential`` with Sequential's ``forward``.
+
+    A subclass with its own ``forward`` (a residual block, say) may combine its
+    children otherwise, so it is not one.
+    """
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
 def chain(module: nn.Module) -> list[nn.Module]:
-    """The layers of a (nested) ``nn.Sequential`` in the order it applies them."""
-    if not isinstance(module, nn.Sequential):
+    """The layers of nested chains (:func:`is_chain`) in the order they apply them; any other module is one layer."""
+    if not is_chain(module):
         return [module]
     return [leaf for child in module for leaf in chain(child)]
 
@@ -289,7 +298,8 @@ def compact(model: nn.Sequential) -> nn.Sequential:
     Args:
         model: an ``nn.Sequential`` (nested ones are read in order) of Linear,
             Conv2d, batch norm, activation, dropout, pooling and flatten layers,
-            such as :class:`lowlearn.models.MLP`; not changed.
+            such as :class:`lowlearn.models.MLP`; not changed. A subclass with its own
+            ``forward`` (a residual block) is a layer compact cannot see through.
 
     Returns:
         The compact copy, in evaluation mode, its parameters as trainable as the
@@ -302,8 +312,10 @@ def compact(model: nn.Sequential) -> nn.Sequential:
             position-dependent, so it cannot be folded exactly) or an average pooling
             with a ``divisor_override``.
     """
-    if not isinstance(model, nn.Sequential):
-        raise ValueError(f"compact needs an nn.Sequential (a chain of layers); got {type(model).__name__}")
+    if not is_chain(model):
+        raise ValueError(f"compact needs an nn.Sequential (a chain of layers); got {type(model).__name__}"
+                         + (", whose own forward may not apply its layers in order" if isinstance(model, nn.Sequential)
+                            else ""))
     grouped = [layer for layer in chain(model) if isinstance(layer, nn.Conv2d) and layer.groups != 1]
     if grouped:
         raise ValueError(f"compact supports convolutions with groups=1 only; the model has {grouped[0]} (cutting "

@@ -132,6 +132,28 @@ def test_compact_refuses_what_it_cannot_fold_exactly():
         compact(grouped)
 
 
+class Residual(nn.Sequential):
+    """``x + body(x)``: a Sequential whose own forward does not apply its layers one after another."""
+
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+def test_compact_takes_a_sequential_with_its_own_forward_as_one_layer_and_refuses_to_cut_through_it():
+    # It was opened as a chain: units cut out of the block's last layer broke the skip connection's sum.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), Residual(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), nn.ReLU(),
+                          nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].weight[:4] *= 1e-3
+        model[1][2].weight[4:] *= 1e-3
+    prune_channels(model, 0.5, layers=["0", "1.2"])
+    with pytest.raises(ValueError, match="cannot see through a Residual"):
+        compact(model)
+    with pytest.raises(ValueError, match="whose own forward may not apply its layers in order"):
+        compact(Residual(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)))
+
+
 def test_compact_refuses_a_padded_average_pooling_that_counts_the_padding():
     def cnn(count_include_pad):
         torch.manual_seed(0)
