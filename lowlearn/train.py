@@ -625,11 +625,20 @@ _MISSING = object()
 
 
 def _shape_only_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose parameters and buffers are on the meta device: their shapes without memory."""
+    """A deep copy of ``model`` whose tensors are on the meta device: their shapes without memory.
+
+    Parameters and buffers, and tensors that modules keep as plain attributes too: one
+    computed in a graph (a cached output, the ``weight`` that ``torch.nn.utils.prune``
+    writes) cannot be deep-copied.
+    """
     memo = {}
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         empty = torch.empty_like(tensor, device="meta")
         memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, Tensor) and id(value) not in memo:
+                memo[id(value)] = torch.empty_like(value.detach(), device="meta")
     return copy.deepcopy(model, memo)
 
 

@@ -419,6 +419,27 @@ def test_evaluate_refuses_a_batch_size_below_one():
             evaluate(model, toy_data(16), batch_size=bad, device="cpu")
 
 
+def test_a_model_that_keeps_computed_tensors_as_attributes_loads_its_checkpoint(tmp_path):
+    # The storage-free copy deep-copied them, and a tensor computed in a graph cannot be deep-copied.
+    from torch.nn.utils import prune
+
+    class KeepsItsOutput(nn.Linear):
+        def forward(self, x):
+            self.last = super().forward(x)
+            return self.last
+
+    pruned = prune.l1_unstructured(nn.Linear(4, 2), "weight", 0.5)    # weight = weight_orig * mask
+    for i, model in enumerate((KeepsItsOutput(4, 2), pruned)):
+        model(torch.randn(3, 4))
+        path = save_checkpoint(tmp_path / f"{i}.pt", model)
+        with torch.no_grad():
+            before = [t.clone() for t in model.state_dict().values()]
+            for t in model.state_dict().values():
+                t.add_(1)
+        load_checkpoint(path, model)
+        assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_checkpoint_mapped_to_a_device_that_is_not_here_is_not_called_damaged(tmp_path):
     model, _ = make()
