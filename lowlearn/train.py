@@ -524,7 +524,9 @@ def evaluate(
     Accuracy is reported for integer class targets, as the fraction of target entries
     predicted right: the class dimension is 1 where the outputs have the targets' shape
     with it inserted there (``F.cross_entropy``'s layout, e.g. ``(N, C, L)`` for ``(N, L)``),
-    else the last. For other targets (e.g. regression) only the loss is returned. The
+    else the last. A model with one output per target (``(N,)`` or ``(N, 1)``) is a
+    binary classifier whose output is a logit: it predicts class 1 where the output is
+    positive. For other targets (e.g. regression) only the loss is returned. The
     model's train/eval mode is restored. ``device`` is where the data go for the passes;
     the model is not moved (default: the device of the model's first parameter or
     buffer, :func:`default_device` for a model without any).
@@ -544,8 +546,12 @@ def evaluate(
                 out = model(xb)
             total_loss += loss_fn(out.float(), yb) * len(xb)
             if classify:
-                classes = 1 if out.dim() > 2 and out.shape[2:] == yb.shape[1:] else -1
-                correct += (out.argmax(classes).reshape(yb.shape) == yb).sum()
+                if out.numel() == yb.numel():          # one logit per target: a binary classifier
+                    predicted = out.reshape(yb.shape) > 0
+                else:
+                    classes = 1 if out.dim() > 2 and out.shape[2:] == yb.shape[1:] else -1
+                    predicted = out.argmax(classes).reshape(yb.shape)
+                correct += (predicted == yb).sum()
     metrics = {"loss": total_loss.item() / len(x)}
     if classify:
         metrics["accuracy"] = correct.item() / y.numel()

@@ -142,6 +142,16 @@ def test_accuracy_counts_every_target_entry_in_either_class_layout():
     assert evaluate(PerPosition(True), (x, y), device="cpu")["accuracy"] == 11 / 12     # cross_entropy's (N, C, T)
 
 
+def test_a_binary_classifier_with_one_logit_per_target_predicts_class_1_where_it_is_positive():
+    # (N, 1) logits were scored by an argmax over one column (always class 0), and (N,) logits failed.
+    x = torch.tensor([[-2.0], [-1.0], [0.5], [3.0]])
+    y = torch.tensor([0, 1, 1, 1])                                     # the second one wrong
+    binary = lambda out, target: nn.functional.binary_cross_entropy_with_logits(                  # noqa: E731
+        out.reshape(target.shape), target.float())
+    for model in (nn.Identity(), nn.Flatten(0)):                       # (N, 1) and (N,) logits
+        assert evaluate(model, (x, y), loss_fn=binary, device="cpu")["accuracy"] == 3 / 4
+
+
 def test_seeds_outside_numpys_range_work():
     from lowlearn.train import seed_everything
 
