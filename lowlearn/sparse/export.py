@@ -129,11 +129,15 @@ class CSRConv2d(_CSRWeight):
         return out.reshape(batch, self.out_channels, out_h, out_w)
 
 
-def csr_unavailable(conv: nn.Conv2d) -> str | None:
-    """Why :class:`CSRConv2d` cannot take a convolution, or ``None`` if it can."""
-    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+def csr_unavailable(layer: nn.Linear | nn.Conv2d) -> str | None:
+    """Why :class:`CSRLinear` or :class:`CSRConv2d` cannot take a layer, or ``None`` if it can."""
+    if layer.weight.dtype in (torch.float16, torch.bfloat16) and layer.weight.device.type == "cpu":
+        return (f"torch's CSR matrix product has no {layer.weight.dtype} kernel on the CPU; export a float32 copy "
+                "(model.float())")
+    if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.padding_mode != "zeros"
+                                         or isinstance(layer.padding, str)):
         return ("CSRConv2d supports convolutions with groups=1, zero padding and numeric padding; got "
-                f"groups={conv.groups}, padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
+                f"groups={layer.groups}, padding={layer.padding!r}, padding_mode={layer.padding_mode!r}")
     return None
 
 
@@ -177,19 +181,21 @@ def _low_rank_factors(layer: LowRankLayer) -> nn.Sequential:
     """``x ↦ (U S)(Vᵀ x)``: a low-rank layer as two plain thin layers (the bias on the second)."""
     us, v = (layer.U @ layer.S).detach(), layer.V.detach()           # (n, r), (m, r)
     (n, m), rank, bias = layer.dense_shape, v.shape[1], layer.bias is not None
+    where = {"device": us.device, "dtype": us.dtype}         # built there: float64 factors stay float64
     if isinstance(layer, LowRankLinear):
-        first, second = nn.Linear(m, rank, bias=False), nn.Linear(rank, n, bias=bias)
+        first, second = nn.Linear(m, rank, bias=False, **where), nn.Linear(rank, n, bias=bias, **where)
         first_weight, second_weight = v.T, us
     else:
         c, kh, kw = layer.kernel
-        first, second = nn.Conv2d(c, rank, (kh, kw), bias=False, **layer.conv), nn.Conv2d(rank, n, 1, bias=bias)
+        first = nn.Conv2d(c, rank, (kh, kw), bias=False, **layer.conv, **where)
+        second = nn.Conv2d(rank, n, 1, bias=bias, **where)
         first_weight, second_weight = v.T.reshape(rank, c, kh, kw), us[:, :, None, None]
     with torch.no_grad():
         first.weight.copy_(first_weight)
         second.weight.copy_(second_weight)
         if bias:
             second.bias.copy_(layer.bias)
-    return nn.Sequential(first, second).to(device=us.device, dtype=us.dtype)
+    return nn.Sequential(first, second)
 
 
 def export(model: nn.Module, format: str = "csr", *, min_sparsity: float = 0.0) -> nn.Module:
@@ -221,10 +227,12 @@ def export(model: nn.Module, format: str = "csr", *, min_sparsity: float = 0.0) 
     if not 0 <= min_sparsity <= 1:
         raise ValueError(f"min_sparsity must be in [0, 1]; got {min_sparsity}")
     exported = squash(copy.deepcopy(model))
+    fused = {name: type(module).__name__ for name, module in exported.named_modules() if isinstance(module, _FUSED)}
     replacements = {}                                  # a module used at several places stays shared
     for name, layer in list(exported.named_modules(remove_duplicate=False)):
         if id(layer) not in replacements:
-            replacements[id(layer)] = _exported_layer(name, layer, format, min_sparsity)
+            inside = next((kind for prefix, kind in fused.items() if name.startswith(prefix + ".")), None)
+            replacements[id(layer)] = _exported_layer(name, layer, format, min_sparsity, inside)
         replacement = replacements[id(layer)]
         if replacement is None:
             continue
@@ -237,8 +245,13 @@ def export(model: nn.Module, format: str = "csr", *, min_sparsity: float = 0.0) 
     return exported.eval()
 
 
-def _exported_layer(name: str, layer: nn.Module, format: str, min_sparsity: float) -> nn.Module | None:
-    """The replacement of one layer, or ``None`` to keep it."""
+_FUSED = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+"""Modules that pass their layers' weights to fused kernels instead of calling the layers."""
+
+
+def _exported_layer(name: str, layer: nn.Module, format: str, min_sparsity: float,
+                    inside: str | None = None) -> nn.Module | None:
+    """The replacement of one layer (part of a module of the class ``inside``, one of ``_FUSED``), or ``None``."""
     if isinstance(layer, LowRankLayer):
         return _low_rank_factors(layer)
     if format == "dense" or not isinstance(layer, (nn.Linear, nn.Conv2d)):
@@ -246,8 +259,10 @@ def _exported_layer(name: str, layer: nn.Module, format: str, min_sparsity: floa
     sparsity = 1 - layer.weight.count_nonzero().item() / layer.weight.numel()
     if sparsity < min_sparsity:
         return None
-    if format == "csr":
-        reason = None if isinstance(layer, nn.Linear) else csr_unavailable(layer)
+    if inside is not None:
+        reason = f"it is part of a {inside}, which passes its weights to fused attention kernels"
+    elif format == "csr":
+        reason = csr_unavailable(layer)
         if reason is None:
             return CSRLinear(layer) if isinstance(layer, nn.Linear) else CSRConv2d(layer)
     elif isinstance(layer, nn.Linear):

@@ -290,3 +290,55 @@ def test_an_exported_model_counts_the_macs_of_its_stored_weights():
     count = count_flops(exported, x)
     assert count.per_layer == {"0": kept["0"] * 6 * 6, "3": kept["3"]}
     assert count.total == model_sparse_flops(model, x) == model_sparse_flops(exported, x)
+
+
+def test_layers_whose_weights_go_to_fused_attention_kernels_stay_dense():
+    # MultiheadAttention passes out_proj.weight to its kernel, and TransformerEncoderLayer's fast path passes
+    # every weight: a CSR weight there made the exported model fail.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), nn.Linear(16, 4))
+    prune(model, scores.magnitude(model), 0.2)
+    x = torch.randn(2, 5, 16)
+    with pytest.warns(UserWarning, match="part of a TransformerEncoderLayer, which passes its weights to fused"):
+        exported = export(model, "csr")
+    assert isinstance(exported[1], CSRLinear) and type(exported[0].linear1) is nn.Linear
+    with torch.no_grad():
+        assert torch.allclose(exported(x), model.eval()(x), atol=1e-5)
+
+
+def test_multihead_attention_keeps_its_output_projection_dense():
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention, self.head = nn.MultiheadAttention(16, 2, batch_first=True), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(self.attention(x, x, x, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    model, x = Attention().eval(), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        for layer in (model.attention.out_proj, model.head):
+            layer.weight.mul_(torch.rand_like(layer.weight) > 0.8)
+    with pytest.warns(UserWarning, match="'attention.out_proj' stays dense: it is part of a MultiheadAttention"):
+        exported = export(model, "csr")
+    assert isinstance(exported.head, CSRLinear)
+    with torch.no_grad():
+        assert torch.allclose(exported(x), model(x), atol=1e-5)
+
+
+def test_half_precision_layers_stay_dense_in_csr_on_the_cpu():
+    model = pruned_mlp().half()
+    with pytest.warns(UserWarning, match="no torch.float16 kernel on the CPU"):
+        exported = export(model, "csr")
+    assert not any(isinstance(layer, CSRLinear) for layer in exported.modules())
+    exported(torch.randn(2, 20).half())
+
+
+def test_low_rank_layers_export_in_their_own_precision():
+    torch.manual_seed(0)
+    model = nn.Sequential(LowRankConv2d(nn.Conv2d(3, 8, 3, padding=1, dtype=torch.float64), rank=4), nn.Flatten(),
+                          LowRankLinear.from_linear(nn.Linear(8 * 25, 6, dtype=torch.float64), rank=3))
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert (export(model, "dense")(x) - model(x)).abs().max() < 1e-12             # was 1e-8: through float32
