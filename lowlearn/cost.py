@@ -15,6 +15,7 @@ each layer.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,7 +87,9 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
     linear layer ``out_features × in_features`` for every row it is applied to
     (one row per example for a ``(B, F)`` input, ``T`` rows for ``(B, T, F)``).
     Bias additions, normalization, activations, pooling and functional operations
-    outside these layers are not counted. A layer called twice is counted twice.
+    outside these layers are not counted. A layer called twice is counted twice; one
+    whose forward does not run (its owner passes its weight to functional code, as
+    ``nn.MultiheadAttention`` does) is not counted, and a warning names it.
     A module with a method ``count_macs(output) -> int`` (the MACs of the batch that
     produced ``output``) is counted by it: the low-rank layers of
     :mod:`lowlearn.lowrank` count ``r(n + m) + r²`` per row (``LowRankLinear``) and
@@ -127,17 +130,20 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
             per_layer[name] = per_layer.get(name, 0) + macs
         return hook
 
-    handles = [
-        module.register_forward_hook(make_hook(name))
-        for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, nn.Conv2d)) or hasattr(module, "count_macs")
-    ]
+    counted = [name for name, module in model.named_modules()
+               if isinstance(module, (nn.Linear, nn.Conv2d)) or hasattr(module, "count_macs")]
+    handles = [model.get_submodule(name).register_forward_hook(make_hook(name)) for name in counted]
     try:
         with eval_mode(model), torch.no_grad():
             model(example_input)
     finally:
         for handle in handles:
             handle.remove()
+    unseen = [name for name in counted if name not in per_layer]
+    if unseen:
+        warnings.warn(f"count_flops did not see the layers {unseen} run, so their MACs are not counted: they are "
+                      "unused, or their owner passes their weights to functional code (nn.MultiheadAttention "
+                      "does, for its projections)", stacklevel=2)
     return FlopCount(total=sum(per_layer.values()), per_layer=per_layer)
 
 

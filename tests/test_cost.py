@@ -402,3 +402,11 @@ def test_measuring_saved_tensors_frees_them_with_their_graph_and_keeps_second_de
             return torch.autograd.grad(g.square().sum(), w)[0]
 
     assert torch.equal(second_order(True), second_order(False))
+
+
+def test_count_flops_names_the_layers_it_did_not_see_run():
+    # MultiheadAttention passes out_proj's weight to functional code: its MACs were left out without a word.
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    with pytest.warns(UserWarning, match=r"did not see the layers \['self_attn.out_proj'\] run"):
+        count = count_flops(layer, torch.randn(2, 5, 16))
+    assert count.total == 5 * 2 * 16 * 32                              # the feed-forward block: 5 tokens, 2 layers
