@@ -308,10 +308,10 @@ class DynamicSparsity(Sparsifier):
         set_masks(self.model, new, self.optimizer)
         with torch.no_grad():
             for name, layer in layers.items():
-                weight, fresh = raw_weight(layer), ~grown[name]
-                weight.mul_(fresh)
+                weight = raw_weight(layer)
+                weight.masked_fill_(grown[name], 0)
                 if self.optimizer is not None:
-                    zero_optimizer_state(self.optimizer, weight, fresh)
+                    zero_optimizer_state(self.optimizer, weight, ~grown[name])
         return grown
 
     def _check_capacity(self, sizes: Mapping[str, int]) -> None:

@@ -259,7 +259,7 @@ def set_masks(
         buffer.copy_(mask)
         theta = raw_weight(layers[name])
         with torch.no_grad():
-            theta.mul_(buffer)
+            theta.masked_fill_(buffer == 0, 0)            # not a product: inf × 0 would be NaN
         if optimizer is not None:
             zero_optimizer_state(optimizer, theta, buffer)
 
@@ -272,7 +272,7 @@ def zero_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, keep: 
     """
     for value in optimizer.state.get(param, {}).values():
         if isinstance(value, Tensor) and value.shape == param.shape:
-            value.mul_(keep.to(value.dtype))
+            value.masked_fill_(keep == 0, 0)
 
 
 def refuse_weight_decay(optimizer: torch.optim.Optimizer, params: Iterable[Tensor], reason: str) -> None:

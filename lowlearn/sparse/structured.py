@@ -176,7 +176,7 @@ def _mask_bias(layer: nn.Module, keep: Tensor, optimizer: torch.optim.Optimizer 
         mask.mask.mul_(keep)
     raw = layer.parametrizations.bias.original
     with torch.no_grad():
-        raw.mul_(mask.mask)
+        raw.masked_fill_(mask.mask == 0, 0)
     if optimizer is not None:
         zero_optimizer_state(optimizer, raw, mask.mask != 0)
 

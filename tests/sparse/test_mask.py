@@ -44,6 +44,22 @@ def test_masked_weight_is_weight_times_mask_and_raw_weight_is_zeroed():
         assert (raw_weight(layer)[~mask] == 0).all()
 
 
+def test_an_infinite_weight_that_is_masked_becomes_zero_not_nan():
+    # θ·m turned an overflowed weight at a pruned position into NaN, and the NaN reached the output.
+    model = nn.Sequential(nn.Linear(3, 2))
+    attach_masks(model)
+    theta = raw_weight(model[0])
+    with torch.no_grad():
+        theta[0, 0] = float("inf")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer.state[theta]["momentum_buffer"] = torch.full_like(theta, float("inf"))
+    keep = torch.ones(2, 3, dtype=torch.bool)
+    keep[0, 0] = False
+    set_masks(model, {"0": keep}, optimizer)
+    assert theta[0, 0] == 0 and optimizer.state[theta]["momentum_buffer"][0, 0] == 0
+    assert torch.isfinite(model(torch.ones(1, 3))).all()
+
+
 def test_density_is_exact():
     model = MLP(hidden=(10,))
     attach_masks(model)
