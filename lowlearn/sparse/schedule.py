@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_count, is_real
+from ..checks import check_count, is_integer, is_real
 from .mask import masks_or_ones
 from .prune import check_density, prune
 from .scores import magnitude
@@ -91,10 +91,13 @@ def iterative_pruning(
 
     Raises:
         ValueError: ``final_density`` outside (0, 1], ``rounds`` below 1, an unknown
-            ``scope``, or an ``allocation`` with ``scope="global"``; before anything is pruned.
+            ``scope``, an ``allocation`` with ``scope="global"``, or one that refuses
+            ``final_density``; before anything is pruned.
     """
     densities = geometric_densities(final_density, rounds)
     _check_scope(scope, allocation)
+    if allocation is not None:
+        allocation(model, final_density)           # one it refuses fails now, not after rounds of fine-tuning
     for r, d_r in enumerate(densities, start=1):
         prune(model, score(model), d_r if allocation is None else allocation(model, d_r), scope=scope,
               optimizer=optimizer)
@@ -122,9 +125,14 @@ def cubic_density(
     slowly near the end, when fewer weights are left to remove.
 
     Raises:
-        ValueError: a density outside (0, 1], ``final_density > initial_density``, or
-            ``end < begin``.
+        ValueError: a density outside (0, 1], ``final_density > initial_density``,
+            a ``step`` that is not an integer, ``begin`` or ``end`` not an integer >= 0,
+            or ``end < begin``.
     """
+    if not is_integer(step):
+        raise ValueError(f"step must be an int; got {step!r}")
+    check_count("begin", begin, 0)
+    check_count("end", end, 0)
     final_density = check_density(final_density, "final_density")
     initial_density = check_density(initial_density, "initial_density")
     if final_density > initial_density:

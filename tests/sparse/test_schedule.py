@@ -99,6 +99,15 @@ def test_iterative_pruning_with_a_layer_wise_allocation_and_bad_input():
         iterative_pruning(MLP(), 0.1, 0, lambda m, r: None)
 
 
+def test_a_final_density_the_allocation_cannot_reach_fails_before_the_first_round():
+    # It failed in the last round, after the others had pruned and fine-tuned the model.
+    model, rounds = MLP(in_features=12, hidden=(16, 8), out_features=3), []
+    with pytest.raises(ValueError, match="first layer"):
+        iterative_pruning(model, 0.3, 3, lambda m, r: rounds.append(r), scope="layer",
+                          allocation=functools.partial(uniform, dense_first=True))
+    assert rounds == [] and not masks_of(model)
+
+
 def test_cubic_density_at_hand_picked_points():
     # s_i = 0, s_f = 0.9, t0 = 0, nΔt = 100: s_50 = 0.9 + (0 - 0.9)(1 - 0.5)³ = 0.7875.
     assert cubic_density(50, 0.1, 0, 100) == pytest.approx(1 - 0.7875)
@@ -127,6 +136,12 @@ def test_cubic_density_bad_input():
         cubic_density(5, 0.5, 0, 10, initial_density=0.3)
     with pytest.raises(ValueError, match="end .* must not come before begin"):
         cubic_density(5, 0.5, 10, 0)
+    for message, args in (("step must be an int;", (float("nan"), 0.1, 0, 10)),
+                          ("step must be an int;", (2.5, 0.1, 0, 10)),
+                          ("begin must be an int >= 0", (5, 0.1, -1, 10)),
+                          ("end must be an int >= 0", (5, 0.1, 0, float("nan")))):
+        with pytest.raises(ValueError, match=message):                  # NaN gave a NaN density
+            cubic_density(*args)
     for bad in (0, 1.5, -0.1, float("nan")):
         with pytest.raises(ValueError, match=r"\(0, 1\]"):
             cubic_density(5, bad, 0, 10)
