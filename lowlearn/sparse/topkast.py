@@ -65,7 +65,7 @@ class TopKAST(Sparsifier):
 
     Raises:
         ValueError: densities outside (0, 1] or ``backward_density < forward_density``,
-            ``every < 1`` or ``end < 1``, a layer that already has a mask, or an optimizer with weight
+            ``every < 1``, ``end < every``, a layer that already has a mask, or an optimizer with weight
             decay on a sparsified weight.
     """
 
@@ -90,6 +90,9 @@ class TopKAST(Sparsifier):
         check_count("every (steps between refreshes of the sets)", every, 1)
         if end is not None:
             check_count("end (the last step that refreshes the sets, or None)", end, 1)
+            if end < every:
+                raise ValueError(f"end ({end}) comes before the first refresh, at step every ({every}): the sets "
+                                 "would never change (static sparsity); raise end or lower every")
         chosen = resolve_layers(model, layers)
         for name, layer in chosen.items():
             if find_mask(layer) is not None:

@@ -158,6 +158,9 @@ def test_bad_input():
     for end in (0, -5, 2.5):                   # a set that is never refreshed, or no step at all
         with pytest.raises(ValueError, match=r"end \(the last step that refreshes the sets, or None\) must be"):
             TopKAST(small_mlp(), None, 0.2, 0.4, end=end)
+    with pytest.raises(ValueError, match=r"end \(5\) comes before the first refresh, at step every \(10\)"):
+        TopKAST(small_mlp(), None, 0.2, 0.4, every=10, end=5)           # was accepted: static sparsity
+    TopKAST(small_mlp(), None, 0.2, 0.4, every=10, end=10)
 
 
 def test_one_mapping_cannot_give_two_sets():
