@@ -322,7 +322,8 @@ def compact(model: nn.Sequential) -> nn.Sequential:
 
     Raises:
         ValueError: a grouped convolution, another kind of layer between two
-            prunable ones, or a non-zero constant feeding a padded convolution, passing
+            prunable ones, a batch norm after a flatten of feature maps, or a non-zero
+            constant feeding a padded convolution, passing
             a padded average pooling that counts the padding (either makes it
             position-dependent, so it cannot be folded exactly) or an average pooling
             with a ``divisor_override``.
@@ -354,6 +355,9 @@ def _cut_units(producer: nn.Module, between: list[nn.Module], consumer: nn.Modul
     for layer in between:
         if isinstance(layer, nn.Flatten):
             spread = consumer.weight.shape[1] // weight.shape[0]
+        elif isinstance(layer, nn.modules.batchnorm._BatchNorm) and spread > 1:
+            raise ValueError(f"compact cannot cut removed channels out of a {type(layer).__name__} after a Flatten "
+                             "of feature maps, which normalises every position of a channel separately")
         elif isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.running_mean is None:
             # Batch statistics: a channel that is constant over the batch normalises to 0, then shifts by β.
             constant = layer.bias.detach().clone() if layer.affine else torch.zeros_like(constant)

@@ -154,6 +154,16 @@ def test_compact_takes_a_sequential_with_its_own_forward_as_one_layer_and_refuse
         compact(Residual(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)))
 
 
+def test_compact_refuses_a_batch_norm_after_a_flatten_of_feature_maps():
+    # It failed inside torch ("running_mean should contain 4 elements not 144").
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.BatchNorm1d(8 * 36), nn.Linear(8 * 36, 2))
+    model(torch.randn(4, 3, 8, 8))
+    prune_channels(model, 0.5, layers=["0"])
+    with pytest.raises(ValueError, match="cannot cut removed channels out of a BatchNorm1d after a Flatten"):
+        compact(model)
+
+
 def test_compact_refuses_a_padded_average_pooling_that_counts_the_padding():
     def cnn(count_include_pad):
         torch.manual_seed(0)
