@@ -25,6 +25,7 @@ same in both conventions.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -104,13 +105,14 @@ def pruning_training_flops(
         relative_to_dense: divide by the cost of dense training, ``3 · f_D``.
 
     Raises:
-        ValueError: an empty schedule, ``steps`` of another length, or a
-            negative or all-zero ``steps``.
+        ValueError: an empty schedule, ``steps`` of another length, or
+            ``steps`` that are negative, not finite or all zero.
     """
     if len(density_schedule) == 0:
         raise ValueError("the density schedule is empty")
     steps = [1] * len(density_schedule) if steps is None else list(steps)
-    if len(steps) != len(density_schedule) or any(s < 0 for s in steps) or sum(steps) == 0:
+    if (len(steps) != len(density_schedule) or not all(is_real(s) and 0 <= s < math.inf for s in steps)
+            or sum(steps) == 0):
         raise ValueError(f"steps must give a non-negative length to each of the {len(density_schedule)} "
                          f"schedule entries, not all zero; got {steps}")
     total = sum(s * sparse_training_flops(flop_count, d) for s, d in zip(steps, density_schedule))
