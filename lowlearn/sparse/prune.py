@@ -4,8 +4,10 @@
 only supplies *scores* (a tensor per layer, higher = more important: see
 :mod:`lowlearn.sparse.scores`) and a *target density* (fraction of weights kept,
 globally or per layer: see :mod:`lowlearn.sparse.allocation`); :func:`prune` picks the
-weights with ``topk``, so every layer keeps exactly ``round(density · n)`` weights
-(at least one), and installs the new masks with :func:`~lowlearn.sparse.mask.set_masks`.
+weights with ``topk``, so the model (global scope) or every layer (layer scope) keeps
+exactly ``round(density · n)`` of its ``n`` weights, at least one (in global scope a
+layer can lose all of its), and installs the new masks with
+:func:`~lowlearn.sparse.mask.set_masks`.
 Weights that are already pruned stay pruned: masks only shrink.
 """
 
