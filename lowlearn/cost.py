@@ -266,17 +266,19 @@ def training_memory(
     if measure_cuda and device.type != "cuda":
         raise ValueError(f"measure_cuda=True needs a model on a CUDA device, not on {device}")
 
-    model_storages = {t.untyped_storage().data_ptr() for t in (*params, *model.buffers())}
+    model_storages = {part.untyped_storage().data_ptr()
+                      for t in (*params, *model.buffers()) for part in _strided_parts(t)}
     spans: dict[int, tuple[int, int]] = {}  # storage -> (first, last + 1) byte the saved views reach
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        key = tensor.untyped_storage().data_ptr()
-        if key not in model_storages and tensor.numel() > 0:
-            first = tensor.storage_offset()
-            last = first + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
-            start, end = first * tensor.element_size(), (last + 1) * tensor.element_size()
-            old_start, old_end = spans.get(key, (start, end))
-            spans[key] = (min(start, old_start), max(end, old_end))
+        for part in _strided_parts(tensor):
+            key = part.untyped_storage().data_ptr()
+            if key not in model_storages and part.numel() > 0:
+                first = part.storage_offset()
+                last = first + sum((size - 1) * stride for size, stride in zip(part.shape, part.stride()))
+                start, end = first * part.element_size(), (last + 1) * part.element_size()
+                old_start, old_end = spans.get(key, (start, end))
+                spans[key] = (min(start, old_start), max(end, old_end))
         return tensor
 
     cuda_peak = None
@@ -367,21 +369,32 @@ class SavedTensors:
         return f"SavedTensors(bytes={self.bytes}, peak={self.peak}, tensors={self.tensors})"
 
 
+def _strided_parts(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The strided tensors that hold ``tensor``'s data: itself, or a sparse tensor's indices and values."""
+    if tensor.layout == torch.strided:
+        return (tensor,)
+    if tensor.layout == torch.sparse_coo:
+        return tensor._indices(), tensor._values()
+    if tensor.layout in (torch.sparse_csr, torch.sparse_bsr):
+        return tensor.crow_indices(), tensor.col_indices(), tensor.values()
+    return tensor.ccol_indices(), tensor.row_indices(), tensor.values()           # CSC, BSC
+
+
 class _Held:
     """A saved tensor as autograd keeps it; tells the report when the graph lets it go."""
 
-    __slots__ = ("tensor", "report", "key", "nbytes")
+    __slots__ = ("tensor", "report", "storages")
 
-    def __init__(self, tensor: torch.Tensor, report: SavedTensors | None, key: int, nbytes: int) -> None:
+    def __init__(self, tensor: torch.Tensor, report: SavedTensors, storages: list[tuple[int, int]]) -> None:
         # detached: a saved output would otherwise hold its own grad_fn, a cycle no collector frees (autograd
         # attaches the right grad_fn again when it unpacks the tensor)
-        self.tensor, self.report, self.key, self.nbytes = tensor.detach(), report, key, nbytes
-        if report is not None:
+        self.tensor, self.report, self.storages = tensor.detach(), report, storages    # (key, bytes) each
+        for key, nbytes in storages:
             report._hold(key, nbytes)
 
     def __del__(self) -> None:
-        if self.report is not None:
-            self.report._release(self.key, self.nbytes)
+        for key, nbytes in self.storages:
+            self.report._release(key, nbytes)
 
 
 @contextmanager
@@ -419,12 +432,12 @@ def saved_tensor_bytes(exclude: Iterable[torch.Tensor] = ()) -> Iterator[SavedTe
         print(saved.mib, "MiB held for backward")
     """
     report = SavedTensors()
-    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    excluded = {part.untyped_storage().data_ptr() for t in exclude for part in _strided_parts(t)}
 
     def pack(tensor: torch.Tensor) -> _Held:
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        return _Held(tensor, None if key in excluded else report, key, storage.nbytes())
+        storages = (part.untyped_storage() for part in _strided_parts(tensor))
+        return _Held(tensor, report, [(storage.data_ptr(), storage.nbytes()) for storage in storages
+                                      if storage.data_ptr() not in excluded])
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda held: held.tensor):
         yield report

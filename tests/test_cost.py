@@ -410,3 +410,23 @@ def test_count_flops_names_the_layers_it_did_not_see_run():
     with pytest.warns(UserWarning, match=r"did not see the layers \['self_attn.out_proj'\] run"):
         count = count_flops(layer, torch.randn(2, 5, 16))
     assert count.total == 5 * 2 * 16 * 32                              # the feed-forward block: 5 tokens, 2 layers
+
+
+def test_saved_sparse_tensors_count_their_indices_and_values():
+    # A sparse tensor has no storage of its own: both measures failed on a graph that saves one.
+    torch.manual_seed(0)
+    adjacency = (torch.rand(20, 20) < 0.2).float().to_sparse()
+    parts = adjacency._indices().nbytes + adjacency._values().nbytes
+    h = torch.randn(20, 3, requires_grad=True)
+    with saved_tensor_bytes() as saved:
+        torch.sparse.mm(adjacency, h)
+    assert saved.peak == parts
+
+    class GraphConvolution(nn.Linear):
+        def forward(self, x):
+            return torch.sparse.mm(adjacency, super().forward(x))
+
+    model = GraphConvolution(8, 3)
+    x, y = torch.randn(20, 8), torch.randint(0, 3, (20,))
+    memory = training_memory(model, torch.optim.SGD(model.parameters(), lr=0.1), (x, y), nn.functional.cross_entropy)
+    assert memory.activations >= parts + x.nbytes
