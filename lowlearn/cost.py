@@ -130,9 +130,9 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
             per_layer[name] = per_layer.get(name, 0) + macs
         return hook
 
-    counted = [name for name, module in model.named_modules()
-               if isinstance(module, (nn.Linear, nn.Conv2d)) or hasattr(module, "count_macs")]
-    handles = [model.get_submodule(name).register_forward_hook(make_hook(name)) for name in counted]
+    counted = {name: module for name, module in model.named_modules()
+               if isinstance(module, (nn.Linear, nn.Conv2d)) or hasattr(module, "count_macs")}
+    handles = [module.register_forward_hook(make_hook(name)) for name, module in counted.items()]
     try:
         with eval_mode(model), torch.no_grad():
             model(example_input)

@@ -59,7 +59,7 @@ from torch.nn.utils import parametrize
 
 from .checks import check_count
 from .distributed import world
-from .sparse.export import chain, is_chain
+from .sparse.export import chain, check_chain
 from .train import buffers_restored, eval_mode, generator_on
 
 STRATEGIES = ("random", "split", "gradmax")
@@ -76,10 +76,7 @@ def layer_pair(model: nn.Sequential, layer: int) -> tuple[nn.Module, nn.Module]:
         ValueError: no next layer, layers of different kinds, grouped convolutions, or
             something between them that growth cannot see through.
     """
-    if not is_chain(model):
-        raise ValueError(f"growth needs an nn.Sequential (a chain of layers); got {type(model).__name__}"
-                         + (", whose own forward may not apply its layers in order" if isinstance(model, nn.Sequential)
-                            else ""))
+    check_chain(model, "growth")
     leaves = chain(model)
     positions = [i for i, m in enumerate(leaves) if isinstance(m, (nn.Linear, nn.Conv2d))]
     if not 0 <= layer < len(positions) - 1:

@@ -292,6 +292,13 @@ def is_chain(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
+def check_chain(model: nn.Module, user: str) -> None:
+    """Raise a ValueError that names ``user`` (``"compact"``) unless ``model`` is a chain (:func:`is_chain`)."""
+    if not is_chain(model):
+        own = ", whose own forward may not apply its layers in order" if isinstance(model, nn.Sequential) else ""
+        raise ValueError(f"{user} needs an nn.Sequential (a chain of layers); got {type(model).__name__}{own}")
+
+
 def chain(module: nn.Module) -> list[nn.Module]:
     """The layers of nested chains (:func:`is_chain`) in the order they apply them; any other module is one layer."""
     if not is_chain(module):
@@ -328,10 +335,7 @@ def compact(model: nn.Sequential) -> nn.Sequential:
             position-dependent, so it cannot be folded exactly) or an average pooling
             with a ``divisor_override``.
     """
-    if not is_chain(model):
-        raise ValueError(f"compact needs an nn.Sequential (a chain of layers); got {type(model).__name__}"
-                         + (", whose own forward may not apply its layers in order" if isinstance(model, nn.Sequential)
-                            else ""))
+    check_chain(model, "compact")
     grouped = [layer for layer in chain(model) if isinstance(layer, nn.Conv2d) and layer.groups != 1]
     if grouped:
         raise ValueError(f"compact supports convolutions with groups=1 only; the model has {grouped[0]} (cutting "
