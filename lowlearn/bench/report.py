@@ -100,15 +100,12 @@ def collect(sizes: dict[str, dict], device: torch.device) -> list[dict]:
                          higher_is_better=True))
         if peak:
             rows.append(_row("maml", case, "higher", "peak memory", peak[name] / max(peak["higher"], 1)))
-    sparse_sizes = sizes["sparse"]
-    for row in sparse.run(device=device, **sparse_sizes):
-        cpu_goal = 3.0 if row["format"] == "csr" and row["density"] == 0.05 and device.type == "cpu" else None
-        large = (row["features"], row["batch_size"]) == sparse_sizes.get("two_four_large", sparse.TWO_FOUR_LARGE)
-        gpu_goal = 1.2 if row["format"].startswith("2:4") and large else None
+    large = sizes["sparse"].get("two_four_large", sparse.TWO_FOUR_LARGE)
+    for row in sparse.run(device=device, **sizes["sparse"]):
         case = f"{row['format']}, density {row['density']:g}"
         if row["format"].startswith("2:4"):
             case += f", {row['features']} features, batch {row['batch_size']}"
-        rows.append(_row("sparse", case, "dense", "speed-up", row["speedup"], cpu_goal or gpu_goal,
+        rows.append(_row("sparse", case, "dense", "speed-up", row["speedup"], sparse.goal(row, device, large),
                          higher_is_better=True, spread=row["spread"]) | {"ideal": row["ideal_speedup"]})
     return rows
 
