@@ -1,5 +1,7 @@
 """Shapes and exact parameter counts of the course's architectures."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -89,6 +91,25 @@ def test_conv4_structure_and_parameter_count():
     assert count_parameters(model) == trunk + linear(64, 5) == 112_005
     assert Conv4(in_channels=3, image_size=84).feature_dim == 64 * 5 * 5
     assert count_parameters(Conv4(num_classes=None)) == trunk
+
+
+def test_conv4_pools_before_the_relu_with_the_papers_values_and_gradients():
+    """Conv4 runs [conv → BN → pool → ReLU]; the papers' [conv → BN → ReLU → pool] gives identical bits."""
+    torch.manual_seed(0)
+    model = Conv4(hidden=8)
+    kinds = [type(m) for m in model.features]
+    assert kinds == [nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ReLU] * 4
+    papers_order = copy.deepcopy(model)
+    papers_order.features = nn.Sequential(*[papers_order.features[i + j] for i in range(0, 16, 4) for j in (0, 1, 3, 2)])
+    x = torch.randn(6, 1, 28, 28)      # after batch norm, about one pooling window in 16 is all negative
+    outputs = []
+    for net in (model, papers_order):
+        out = net(x)
+        out.square().sum().backward()
+        outputs.append((out, [p.grad for p in net.parameters()]))
+    (out, grads), (papers_out, papers_grads) = outputs
+    assert torch.equal(out, papers_out)
+    assert all(torch.equal(g, h) for g, h in zip(grads, papers_grads, strict=True))
 
 
 def test_conv4_without_running_stats_is_transductive():
