@@ -100,7 +100,8 @@ def test_conv4_pools_before_the_relu_with_the_papers_values_and_gradients():
     kinds = [type(m) for m in model.features]
     assert kinds == [nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ReLU] * 4
     papers_order = copy.deepcopy(model)
-    papers_order.features = nn.Sequential(*[papers_order.features[i + j] for i in range(0, 16, 4) for j in (0, 1, 3, 2)])
+    blocks = range(0, 16, 4)
+    papers_order.features = nn.Sequential(*[papers_order.features[i + j] for i in blocks for j in (0, 1, 3, 2)])
     x = torch.randn(6, 1, 28, 28)      # after batch norm, about one pooling window in 16 is all negative
     outputs = []
     for net in (model, papers_order):
