@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checks import is_integer
+
 
 def random_affine(images: Tensor, generator: torch.Generator | None = None, *, rotation: float = 10.0,
                   scale: float = 0.1, shear: float = 0.2, shift: float = 0.07) -> Tensor:
@@ -92,9 +94,9 @@ def shifted_copies(images: Tensor, pixels: int = 1) -> Tensor:
         pixels: the shift, ``0 < pixels < min(H, W)``.
     """
     height, width = images.shape[-2:]
-    if not isinstance(pixels, int) or not 0 < pixels < min(height, width):
+    if not is_integer(pixels) or not 0 < pixels < min(height, width):
         raise ValueError(f"pixels must be an integer in 1 .. {min(height, width) - 1}; got {pixels!r}")
-    p = pixels
+    p = int(pixels)
     padded = F.pad(images, (p, p, p, p))
     views = [(p, p), (p, 0), (p, 2 * p), (0, p), (2 * p, p)]          # (top, left) of each window in the padding
     return torch.stack([padded[..., top:top + height, left:left + width] for top, left in views])

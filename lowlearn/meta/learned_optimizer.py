@@ -70,8 +70,16 @@ class LSTMOptimizer(nn.Module):
         """The update ``g_t`` (``grad``'s shape, one coordinate per element) and the next state.
 
         ``state`` holds one row per element of ``grad`` (:meth:`initial_state` of ``grad.numel()``).
+
+        Raises:
+            ValueError: a ``state`` with another number of layers or of rows.
         """
         flat = grad.reshape(-1)
+        rows = {h.shape[0] for h, _ in state}
+        if len(state) != len(self.cells) or rows != {flat.numel()}:
+            raise ValueError(f"the state holds {len(state)} layer(s) of {sorted(rows)} row(s), but the optimiser has "
+                             f"{len(self.cells)} layer(s) and the gradient {flat.numel()} element(s): start from "
+                             "initial_state(grad.numel(), grad) and pass on the state that each call returns")
         inputs = preprocess_gradient(flat) if self.preprocess else flat.unsqueeze(-1)
         new_state = []
         for cell, (h, c) in zip(self.cells, state):

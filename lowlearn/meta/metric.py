@@ -42,8 +42,8 @@ def check_episode_labels(support_y: Tensor, query_y: Tensor | None, ways: int) -
     """Raise a ValueError naming the problem unless every class ``0 .. ways−1`` has support examples.
 
     Query labels, if given, must be classes of the support set. The values are checked
-    on the CPU only (:func:`~lowlearn.meta.functional.values_are_free_to_read`), with one
-    read; dtypes and sizes everywhere.
+    on the CPU only (:func:`~lowlearn.meta.functional.values_are_free_to_read`), with two
+    reads; dtypes and sizes everywhere.
     """
     _check_label_dtype(support_y, query_y)
     if support_y.dim() == 0 or support_y.numel() == 0:
@@ -51,15 +51,17 @@ def check_episode_labels(support_y: Tensor, query_y: Tensor | None, ways: int) -
     if not values_are_free_to_read(support_y):
         return
     labels = support_y.reshape(-1, support_y.shape[-1])
-    counts = F.one_hot(labels.clamp(0, ways - 1), ways).sum(1)               # (tasks, ways)
-    stats = [labels.min(), labels.max(), counts.min()]
     queries = query_y is not None and query_y.numel() > 0
-    if queries:
-        stats += [query_y.min(), query_y.max()]
-    low, high, fewest, *query_range = torch.stack(stats).tolist()
+    stats = [labels.min(), labels.max()] + ([query_y.min(), query_y.max()] if queries else [])
+    low, high, *query_range = torch.stack(stats).tolist()
     if low < 0 or high >= ways:
         raise ValueError(f"support labels must be in 0 .. {ways - 1} for {ways} ways, got labels from {low} to "
                          f"{high}; relabel each episode's classes 0 .. N-1")
+    if ways > labels.shape[-1]:                         # before counting: a count per class takes memory per class
+        raise ValueError(f"{ways} ways but {labels.shape[-1]} support examples per episode: some class has none; "
+                         "relabel each episode's classes 0 .. N-1 (or pass a smaller number of ways)")
+    counts = F.one_hot(labels, ways).sum(1)                                  # (tasks, ways)
+    fewest = int(counts.min())
     if fewest == 0:
         empty = (counts == 0).nonzero()[0].tolist()
         raise ValueError(f"class {empty[1]} of episode {empty[0]} has no support example: every one of the {ways} "
@@ -84,8 +86,8 @@ def _norms_without_running_statistics(module: nn.Module) -> list[str]:
 
 
 def _ways(support_y: Tensor) -> int:
-    """One more than the largest support label (1 for an empty support set, which the checks then reject)."""
-    return int(support_y.max()) + 1 if support_y.numel() else 1
+    """One more than the largest support label, at least 1 (the checks then refuse negative labels or no labels)."""
+    return max(int(support_y.max()) + 1, 1) if support_y.numel() else 1
 
 
 def class_means(embeddings: Tensor, labels: Tensor, ways: int) -> Tensor:
@@ -163,7 +165,7 @@ class EpisodicLearner(nn.Module, ABC):
                 raise ValueError(f"eval_batch_size would change the embeddings: the batch norm {batch_statistics[0]!r}"
                                  " normalises with the statistics of each pass (track_running_stats=False); "
                                  "leave eval_batch_size at None")
-        self.embedding, self.test_shift, self.test_rotations = embedding, test_shift, bool(test_rotations)
+        self.embedding, self.test_shift, self.test_rotations = embedding, int(test_shift), bool(test_rotations)
         self.eval_batch_size = eval_batch_size
 
     @abstractmethod

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,3 +67,4 @@ def test_shifted_copies_move_the_pixels_and_fill_with_zeros():
     assert views[4].tolist() == [[[4, 5, 6], [7, 8, 9], [0, 0, 0]]]        # moved up
     with pytest.raises(ValueError, match="pixels must be an integer in 1 .. 2"):
         shifted_copies(x, 3)
+    assert torch.equal(shifted_copies(x, np.int64(1)), views)

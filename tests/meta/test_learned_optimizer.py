@@ -39,6 +39,16 @@ def test_the_lstm_is_coordinate_wise():
         assert torch.allclose(p_update, update[perm], atol=1e-7) and torch.allclose(single, update[3:4], atol=1e-7)
 
 
+def test_a_state_that_does_not_fit_the_optimiser_or_the_gradient_is_refused():
+    # zip would pair a one-layer state with the first of two layers and skip the second without a word.
+    net = LSTMOptimizer(layers=2)
+    grad = torch.randn(5)
+    state = net.initial_state(5, grad)
+    for bad in (state[:1], [], net.initial_state(4, grad)):
+        with pytest.raises(ValueError, match="start from initial_state"):
+            net(grad, bad)
+
+
 def test_meta_training_lowers_the_loss_on_quadratics():
     torch.manual_seed(0)
     net = LSTMOptimizer()

@@ -192,6 +192,18 @@ def test_bad_episodes_are_clear_errors(learner):
         model(x, torch.tensor([True, False, True]), x)
     with pytest.raises(ValueError, match="ways must be an int >= 1"):
         model(x, torch.tensor([0, 1, 2]), x, ways=0)
+    with pytest.raises(ValueError, match="support labels must be in 0 .. 0 for 1 ways, got labels from -2 to -1"):
+        model(x[:2], torch.tensor([-2, -1]), x)                 # the ways taken from the labels: not "ways ... 0"
+
+
+@pytest.mark.parametrize("ways", [None, 20_000_000, 2**40])
+def test_more_ways_than_support_examples_is_refused_before_counting_per_class(ways):
+    # A count per class would take memory per class: 2**40 ways could not be counted at all.
+    model = ProtoNet(nn.Flatten())
+    x = torch.randn(3, 2)
+    support_y = torch.tensor([0, 1, 2]) if ways else torch.tensor([0, 1, 20_000_000])
+    with pytest.raises(ValueError, match="ways but 3 support examples per episode: some class has none"):
+        model(x, support_y, x, ways=ways)
 
 
 def test_label_values_are_read_only_on_the_cpu():
@@ -243,7 +255,10 @@ def test_soft_k_means_refinement_equals_ren_et_al_eq_4():
             ProtoNet(nn.Identity(), refine_steps=bad)
         with pytest.raises(ValueError, match=r"test_shift \(pixels\) must be an int >= 0"):
             ProtoNet(nn.Identity(), test_shift=bad)
-    assert ProtoNet(nn.Identity(), refine_steps=np.int64(2), test_shift=np.int64(1)).refine_steps == 2
+    numpy_counts = ProtoNet(nn.Flatten(), refine_steps=np.int64(2), test_shift=np.int64(1))
+    assert numpy_counts.refine_steps == 2
+    x = torch.randn(4, 1, 5, 5)
+    numpy_counts.eval()(x, torch.tensor([0, 1, 2, 3]), x)      # evaluation shifts by a NumPy count too
 
 
 def test_test_time_shifts_average_the_embeddings_of_shifted_copies_in_evaluation_only():
