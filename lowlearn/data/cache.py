@@ -67,7 +67,8 @@ class Resource:
         subdir: folder under the data root that holds it (e.g. ``"omniglot"``).
 
     Raises:
-        ValueError: ``sha256`` is not 64 hex digits.
+        ValueError: ``sha256`` is not 64 hex digits, or ``urls`` is not a non-empty
+            tuple or list of strings.
     """
 
     filename: str
@@ -80,6 +81,11 @@ class Resource:
         if not isinstance(digest, str) or len(digest) != 64 or set(digest) - set("0123456789abcdef"):
             raise ValueError(f"the sha256 of {self.filename} must be 64 hex digits, got {self.sha256!r}")
         object.__setattr__(self, "sha256", digest)
+        urls = self.urls
+        if not isinstance(urls, (tuple, list)) or not urls or not all(isinstance(url, str) for url in urls):
+            raise ValueError(f"the urls of {self.filename} must be a non-empty tuple of strings (mirrors, tried in "
+                             f"order), got {urls!r}: for one URL, write (url,)")
+        object.__setattr__(self, "urls", tuple(urls))
 
     def path(self, root: str | os.PathLike | None = None) -> Path:
         """Where the file lives under ``root`` (see :func:`data_root`)."""
@@ -138,7 +144,8 @@ def fetch(resource: Resource, root: str | os.PathLike | None = None, download: b
                 corrupted.append(str(err))
             except NotADirectoryError as err:         # not the network's fault: no mirror can help
                 raise DataError(f"cannot save {resource.filename}: {err}") from err
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as err:   # cut-off responses too
+            except (urllib.error.URLError, http.client.HTTPException, OSError,   # cut-off responses too
+                    ValueError) as err:                                          # a malformed URL
                 failures.append(f"{url}: {err}")
         if corrupted:
             raise ChecksumError("no mirror served the expected file: " + "; ".join(corrupted + failures))

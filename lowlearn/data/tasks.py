@@ -234,9 +234,16 @@ class GPCurves:
             ``(mean, std)``, each ``(B, m, 1)``.
 
         Raises:
-            ValueError: a kernel matrix that is not positive definite in floating point
-                (``noise`` too small for inputs this close together).
+            ValueError: inputs of other shapes (a ``context_y`` that would broadcast over the
+                curves, or turn the mean into a matrix, included), or a kernel matrix that is
+                not positive definite in floating point (``noise`` too small for inputs this
+                close together).
         """
+        shapes = [tuple(t.shape) for t in (context_x, context_y, target_x)]
+        if (any(len(s) != 3 or s[-1] != 1 for s in shapes) or shapes[0] != shapes[1]
+                or shapes[2][0] != shapes[0][0]):
+            raise ValueError(f"context_x, context_y and target_x must be (B, n, 1), (B, n, 1) and (B, m, 1), got "
+                             f"{', '.join(map(str, shapes))}")
         n = context_x.shape[-2]
         precise = _precise(context_x)
         k = self.kernel(torch.cat([context_x, target_x], -2).to(precise))
@@ -256,9 +263,13 @@ class GPCurves:
         comes from this prior. Computed in float64 (float32 on MPS).
 
         Raises:
-            ValueError: a kernel matrix that is not positive definite in floating point
-                (``noise`` too small for inputs this close together).
+            ValueError: ``curves`` whose inputs and outputs are not both ``(B, P, 1)``, or a
+                kernel matrix that is not positive definite in floating point (``noise`` too
+                small for inputs this close together).
         """
+        if curves.x.dim() != 3 or curves.x.shape[-1] != 1 or curves.y.shape != curves.x.shape:
+            raise ValueError(f"curves must hold inputs and outputs of shape (B, P, 1), got {tuple(curves.x.shape)} "
+                             f"and {tuple(curves.y.shape)}")
         precise = _precise(curves.x)
         cholesky = self._cholesky(self.kernel(curves.x.to(precise)))
         return torch.linalg.solve_triangular(cholesky, curves.y.to(precise), upper=False).square().sum(dim=(-2, -1))

@@ -121,6 +121,11 @@ def test_fetch_falls_back_to_next_mirror(tmp_path):
     assert path.read_bytes() == CONTENT
 
 
+def test_fetch_falls_back_when_a_mirror_url_is_malformed(tmp_path):
+    path = fetch(_resource("not a url", _source(tmp_path)), root=tmp_path / "data")   # urllib: ValueError
+    assert path.read_bytes() == CONTENT
+
+
 def test_fetch_falls_back_when_a_mirror_cuts_the_response_short(tmp_path, monkeypatch):
     class CutShort(io.BytesIO):
         def read(self, size=-1):
@@ -176,6 +181,14 @@ def test_resource_digests_are_hex_and_kept_in_lower_case(tmp_path):
     for bad in (digest[:-1], digest[:-1] + "g", None):
         with pytest.raises(ValueError, match="must be 64 hex digits"):
             Resource("payload.bin", ("u",), bad, "sub")
+
+
+def test_resource_urls_are_a_non_empty_tuple_of_strings():
+    digest = hashlib.sha256(CONTENT).hexdigest()
+    for bad in ((), "https://example.org/payload.bin", ("https://example.org/payload.bin", None)):
+        with pytest.raises(ValueError, match="must be a non-empty tuple of strings"):
+            Resource("payload.bin", bad, digest, "sub")
+    assert Resource("payload.bin", ["u", "v"], digest, "sub").urls == ("u", "v")   # hashable, like the rest
 
 
 def test_data_root_selection(tmp_path, monkeypatch):

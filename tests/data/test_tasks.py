@@ -96,6 +96,16 @@ def test_gp_posterior_is_the_textbook_formula():
     assert std.item() == pytest.approx(math.sqrt(var - cov ** 2 / var), rel=1e-6)
 
 
+def test_gp_posterior_refuses_shapes_that_would_broadcast():
+    gp = GPCurves()
+    curves = gp.sample(4, 6, generator=torch.Generator().manual_seed(0))
+    cx, cy, tx = curves.x[:, :2], curves.y[:, :2], curves.x[:, 2:]
+    # one curve's values for all four, and values without their last dimension (a (4, 2, 4) "mean"):
+    for bad in ((cx, cy[:1], tx), (cx, cy.squeeze(-1), tx), (cx, cy, tx[:1]), (cx[0], cy[0], tx[0])):
+        with pytest.raises(ValueError, match=r"must be \(B, n, 1\), \(B, n, 1\) and \(B, m, 1\)"):
+            gp.posterior(*bad)
+
+
 def test_gp_mahalanobis_is_chi_squared_for_its_own_curves():
     gp = GPCurves()
     curves = gp.sample(2000, 10, generator=torch.Generator().manual_seed(0))
@@ -107,6 +117,8 @@ def test_gp_mahalanobis_is_chi_squared_for_its_own_curves():
     assert distances.var().item() == pytest.approx(20, rel=0.15)               # Var[χ²_10] = 20
     rough = GPCurves(length_scale=0.1).sample(500, 10, generator=torch.Generator().manual_seed(1))
     assert gp.mahalanobis(rough).mean() > 30                                    # another prior's curves stand out
+    with pytest.raises(ValueError, match=r"curves must hold inputs and outputs of shape \(B, P, 1\)"):
+        gp.mahalanobis(Curves(curves.x, curves.y[:1]))                          # would broadcast one curve's values
 
 
 def test_gp_validation():
