@@ -48,6 +48,9 @@ def check_episode_labels(support_y: Tensor, query_y: Tensor | None, ways: int) -
     _check_label_dtype(support_y, query_y)
     if support_y.dim() == 0 or support_y.numel() == 0:
         raise ValueError("the support set is empty: every class needs at least one support example")
+    if ways > support_y.shape[-1]:                      # before counting: a count per class takes memory per class
+        raise ValueError(f"{ways} ways but {support_y.shape[-1]} support examples per episode: some class has none; "
+                         "relabel each episode's classes 0 .. N-1 (or pass a smaller number of ways)")
     if not values_are_free_to_read(support_y):
         return
     labels = support_y.reshape(-1, support_y.shape[-1])
@@ -57,9 +60,6 @@ def check_episode_labels(support_y: Tensor, query_y: Tensor | None, ways: int) -
     if low < 0 or high >= ways:
         raise ValueError(f"support labels must be in 0 .. {ways - 1} for {ways} ways, got labels from {low} to "
                          f"{high}; relabel each episode's classes 0 .. N-1")
-    if ways > labels.shape[-1]:                         # before counting: a count per class takes memory per class
-        raise ValueError(f"{ways} ways but {labels.shape[-1]} support examples per episode: some class has none; "
-                         "relabel each episode's classes 0 .. N-1 (or pass a smaller number of ways)")
     counts = F.one_hot(labels, ways).sum(1)                                  # (tasks, ways)
     fewest = int(counts.min())
     if fewest == 0:
