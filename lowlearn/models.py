@@ -245,8 +245,8 @@ class Conv4(nn.Module):
             )
         blocks: list[nn.Module] = []
         for block_in in (in_channels, hidden, hidden, hidden):
-            blocks += [nn.Conv2d(block_in, hidden, kernel_size=3, padding=1, bias=False),
-                       nn.BatchNorm2d(hidden, track_running_stats=running_stats), nn.MaxPool2d(2), nn.ReLU()]
+            conv, norm, relu = _conv_bn_relu(block_in, hidden, track_running_stats=running_stats)
+            blocks += [conv, norm, nn.MaxPool2d(2), relu]
         self.features = nn.Sequential(*blocks)
         self.feature_dim = hidden * size * size
         self.head = (
