@@ -84,7 +84,8 @@ class DLRT(torch.optim.Optimizer):
             :func:`~lowlearn.lowrank.layers.to_low_rank`), maybe mixed with dense ones.
         lr: ``λ``, the step size of the K-, L- and S-steps.
         tol: ``ϑ``, the relative truncation tolerance in [0, 1); ``None`` trains at fixed rank.
-        r_min: the smallest rank a layer is truncated to (with ``tol``).
+        r_min: the smallest rank a layer is truncated to (with ``tol``; capped at each
+            layer's largest rank, so a small layer may stay below it).
         r_max: the largest (with ``tol``; default: each layer's own ``r_max``).
         betas: ``(β₁, β₂)`` for Adam-style steps of the factors (see :meth:`direction`);
             ``None`` (default) takes plain gradient steps, the integrator of the paper.
@@ -96,7 +97,8 @@ class DLRT(torch.optim.Optimizer):
         ValueError: no low-rank layer, ``ϑ`` outside [0, 1), an ``lr`` that is not a
             positive finite number, ``r_min < 1``, ``r_max < r_min``, ``r_max`` without
             ``tol`` (a fixed-rank run truncates nothing), ``betas`` that are not two
-            numbers in [0, 1), or a negative ``eps``.
+            numbers in [0, 1), a negative ``eps``, or factors in a precision other than
+            float32 and float64.
     """
 
     #: :func:`lowlearn.train.fit` passes a closure to :meth:`step` for optimizers that say so.
@@ -118,8 +120,13 @@ class DLRT(torch.optim.Optimizer):
         if (r_max is not None or r_min != 1) and tol is None:
             raise ValueError("r_min and r_max bound the ranks that the truncation with tol= keeps; with tol=None the "
                              "ranks stay as the layers have them (set them with to_low_rank's rank=)")
-        if betas is not None and (len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas)):
+        if betas is not None and not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                                      and all(is_real(b) and 0.0 <= b < 1.0 for b in betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if low_precision := sorted({str(p.dtype) for p in _factors(model)} - {"torch.float32", "torch.float64"}):
+            raise ValueError(f"the low-rank factors are {', '.join(low_precision)}, for which torch has no QR or SVD: "
+                             "keep the low-rank layers in float32 (torch.autocast runs their products in lower "
+                             "precision)")
         if not is_real(eps) or not 0.0 <= eps < math.inf:
             raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         groups = [{"params": _factors(model)}]
@@ -165,17 +172,53 @@ class DLRT(torch.optim.Optimizer):
                 one that the closure's loss does not use.
             lowlearn.train.NonFiniteLossError: the truncation met a core that is not
                 finite (the fixed-rank version, which does not truncate, does not look).
+
+        Whatever fails after the K- and L-steps (these errors, or the closure's own) leaves
+        the factors and their moments as they were before the step, and no parameter
+        stepped; the gradients of the first pass are gone: run it again.
         """
         layers = low_rank_layers(self.model)
-        start = {}
         for name, layer in layers.items():
             if layer.U.grad is None or layer.V.grad is None:
                 raise RuntimeError(f"low-rank layer {name!r} has no gradient: run forward and backward on a "
                                    "batch before DLRT.step(closure)")
         average_across_processes(grad for layer in layers.values() for grad in (layer.U.grad, layer.V.grad))
+        start = {name: (layer.U.detach(), layer.S.detach(), layer.V.detach()) for name, layer in layers.items()}
+        moments = {name: dict(self.state[name]) for name in layers if name in self.state}  # replaced, never changed
+        try:
+            for name, layer in layers.items():
+                self._basis_update(name, layer)
+            loss = self._s_step_pass(layers, closure)
+            for name, layer in layers.items():
+                self._galerkin_and_truncate(name, layer)
+        except BaseException:         # a failed closure, an interrupt, a diverged core: undo the factors' step
+            for name, layer in layers.items():
+                layer.set_factors(*start[name])
+                self.state.pop(name, None)
+                if name in moments:
+                    self.state[name] = moments[name]
+            self.param_groups[0]["params"] = _factors(self.model)
+            raise
+        if self.optimizer is not None:
+            self.optimizer.step()
+        for group in self.param_groups[1:]:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
         for name, layer in layers.items():
-            start[name] = (layer.U.detach(), layer.V.detach())
-            self._basis_update(name, layer)
+            if name in self.state:                        # K's columns follow V, L's follow U
+                U0, _, V0 = start[name]
+                self._rotate(name, "K", None, V0.T @ layer.V)
+                self._rotate(name, "L", None, U0.T @ layer.U)
+        self.param_groups[0]["params"] = _factors(self.model)
+        return loss.detach()
+
+    def _s_step_pass(self, layers: Mapping[str, nn.Module], closure: Callable[[], Tensor]) -> Tensor:
+        """Run the closure's forward and backward pass in the augmented bases; return its loss.
+
+        Leaves ``∇_S L`` in every layer's ``S.grad`` and the other parameters' gradients,
+        averaged across processes.
+        """
         self.zero_grad()
         for layer in layers.values():
             layer.kl_gradients = False
@@ -189,26 +232,13 @@ class DLRT(torch.optim.Optimizer):
                 layer.kl_gradients = True
         unused = [name for name, layer in layers.items() if layer.S.grad is None]
         if unused:
-            raise RuntimeError(f"the closure's loss does not depend on the low-rank layers {unused}, which are left "
-                               "at their augmented rank without an S-step: the closure must recompute the loss of "
-                               "the first backward pass, through every low-rank layer")
+            raise RuntimeError(f"the closure's loss does not depend on the low-rank layers {unused}, so they have "
+                               "no S-step (the step is undone): the closure must recompute the loss of the first "
+                               "backward pass, through every low-rank layer")
         dense_groups = self.param_groups[1:] + (self.optimizer.param_groups if self.optimizer is not None else [])
         dense = [p for group in dense_groups for p in group["params"]]
         average_across_processes([layer.S.grad for layer in layers.values()] + [p.grad for p in dense])
-        if self.optimizer is not None:
-            self.optimizer.step()
-        for group in self.param_groups[1:]:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.add_(p.grad, alpha=-group["lr"])
-        for name, layer in layers.items():
-            self._galerkin_and_truncate(name, layer)
-            if name in self.state:                        # K's columns follow V, L's follow U
-                U0, V0 = start[name]
-                self._rotate(name, "K", None, V0.T @ layer.V)
-                self._rotate(name, "L", None, U0.T @ layer.U)
-        self.param_groups[0]["params"] = _factors(self.model)
-        return loss.detach()
+        return loss
 
     def direction(self, name: str, key: str, grad: Tensor) -> Tensor:
         """The step direction for one factor gradient: ``grad`` itself, or Adam's ``m̂ / (√v̂ + ε)``.

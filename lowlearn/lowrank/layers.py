@@ -203,10 +203,15 @@ class LowRankLayer(nn.Module):
 
     def set_factors(self, U: Tensor, S: Tensor, V: Tensor) -> None:
         """Replace the factors by new parameters (shapes may change; autograd caches a
-        parameter's shape, so a shape change needs a new parameter, not new ``.data``)."""
-        dtype = self.U.dtype
+        parameter's shape, so a shape change needs a new parameter, not new ``.data``).
+
+        Each new parameter keeps its predecessor's dtype and ``requires_grad`` (a frozen
+        layer stays frozen).
+        """
         for name, value in (("U", U), ("S", S), ("V", V)):
-            setattr(self, name, nn.Parameter(value.detach().to(dtype).contiguous()))
+            old = getattr(self, name)
+            setattr(self, name, nn.Parameter(value.detach().to(old.dtype).contiguous(),
+                                             requires_grad=old.requires_grad))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -215,13 +220,14 @@ class LowRankLayer(nn.Module):
         shapes = {name: state_dict[prefix + name].shape for name in ("U", "S", "V") if prefix + name in state_dict}
         if len(shapes) == 3:
             (n, m), (U, S, V) = self.dense_shape, (shapes["U"], shapes["S"], shapes["V"])
-            if len(U) != 2 or len(V) != 2 or (U[0], V[0]) != (n, m) or tuple(S) != (U[1], V[1]):
+            if len(U) != 2 or len(V) != 2 or (U[0], V[0]) != (n, m) or tuple(S) != (U[1], U[1]) or V[1] != U[1]:
                 error_msgs.append(f"the factors U {tuple(U)}, S {tuple(S)}, V {tuple(V)} in the checkpoint are not "
                                   f"those of a {n}×{m} weight (U: (n, r), S: (r, r), V: (m, r)); it was saved from "
                                   "another layer")
-            elif min(S) > self.r_max:
-                error_msgs.append(f"the checkpoint's rank {min(S)} is above this layer's r_max = {self.r_max}")
-            else:
+            elif not 1 <= S[0] <= self.r_max:
+                error_msgs.append(f"the checkpoint's rank {S[0]} is outside this layer's ranks 1 to r_max = "
+                                  f"{self.r_max}")
+            elif S[0] != self.rank:
                 self.set_factors(*(self.U.new_empty(shapes[name]) for name in ("U", "S", "V")))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -382,7 +388,10 @@ def to_low_rank(model: nn.Module, layers: Iterable[str], rank: int | Mapping[str
             (a subclass is refused too: its owner may read ``.weight``, which a
             low-rank layer does not have), or ``""``, the model itself; a ``rank``
             mapping without one of ``layers``.
+        ValueError: ``layers`` is one string, not a list of names.
     """
+    if isinstance(layers, str):
+        raise ValueError(f"layers must be a list of layer names, not one string ({layers!r}): pass [{layers!r}]")
     modules, layers = dict(model.named_modules()), list(layers)
     if isinstance(rank, Mapping) and (missing := [name for name in layers if name not in rank]):
         raise KeyError(f"rank gives no rank for layers {missing}: name every layer of layers in it")
@@ -425,9 +434,13 @@ def to_dense(model: nn.Module) -> nn.Module:
 
 
 def count_low_rank_parameters(layer: LowRankLayer, rank: int | None = None) -> int:
-    """``r(n + m) + r²`` (+ the bias): numbers a rank-``r`` layer stores (default: its current rank)."""
+    """``r(n + m) + r²`` (+ the bias): numbers a rank-``r`` layer stores (default: its current rank).
+
+    Raises:
+        ValueError: a ``rank`` outside [1, min(n, m)].
+    """
     n, m = layer.dense_shape
-    r = layer.rank if rank is None else rank
+    r = layer.rank if rank is None else check_rank(rank, n, m)
     return r * (n + m) + r * r + (layer.bias.numel() if layer.bias is not None else 0)
 
 
@@ -452,6 +465,9 @@ def compression(model: nn.Module) -> dict[str, float]:
 
     Returns:
         ``{"dense": n_dense, "eval": n_eval, "train": n_train, "cr_eval": ..., "cr_train": ...}``.
+
+    Raises:
+        ValueError: the model has no ``nn.Linear``, ``nn.Conv2d`` or low-rank layer.
     """
     dense = evaluation = training = 0
     for module in model.modules():
@@ -466,5 +482,7 @@ def compression(model: nn.Module) -> dict[str, float]:
             dense += module.weight.numel()
             evaluation += module.weight.numel()
             training += module.weight.numel()
+    if dense == 0:
+        raise ValueError("the model has no nn.Linear, nn.Conv2d or low-rank layer, so it has no weights to compress")
     return {"dense": dense, "eval": evaluation, "train": training,
             "cr_eval": 1 - evaluation / dense, "cr_train": 1 - training / dense}

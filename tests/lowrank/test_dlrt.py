@@ -93,7 +93,7 @@ def test_bad_input():
     for lr in (0.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="lr must be a positive, finite"):
             DLRT(model, lr=lr)
-    for betas in ((0.9,), (0.9, 0.99, 0.5), (0.9, 1.0)):
+    for betas in ((0.9,), (0.9, 0.99, 0.5), (0.9, 1.0), 0.9, ("a", "b"), (0.9, None)):
         with pytest.raises(ValueError, match="betas must be two numbers"):
             DLRT(model, lr=0.1, betas=betas)
     with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
@@ -105,6 +105,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match="lr must be a positive, finite"):
         DLRT(model, lr=True)
     assert DLRT(model, lr=np.float32(0.1), eps=np.float64(1e-8)).defaults["lr"] == pytest.approx(0.1)
+    for dtype in (torch.bfloat16, torch.float16):
+        with pytest.raises(ValueError, match=f"factors are {dtype}, for which torch has no QR or SVD"):
+            DLRT(copy.deepcopy(model).to(dtype), lr=0.1)
     with pytest.raises(ValueError, match="r_min must be an int >= 1"):
         DLRT(model, lr=0.1, r_min=0)
     for r_max in (0, -1, 1.5):
@@ -128,11 +131,59 @@ def test_a_closure_that_leaves_a_low_rank_layer_out_is_refused():
         dlrt.step(lambda: two["a"](x).sum())
 
 
-def test_a_diverged_rank_adaptive_step_is_a_non_finite_loss_error():
+def test_a_diverged_rank_adaptive_step_is_a_non_finite_loss_error_and_is_undone():
     x, y, _ = teacher_data(4)
-    model = nn.Sequential(LowRankLinear(32, 24, 6, bias=False))
+    model = nn.Sequential(LowRankLinear(32, 24, 6, bias=False), nn.Linear(24, 24))
+    before = copy.deepcopy(model.state_dict())
+    dlrt = DLRT(model, lr=1.0, tol=0.1)
     with pytest.raises(NonFiniteLossError, match="S-step core of layer '0' is not finite"):
-        regression_steps(model, DLRT(model, lr=1.0, tol=0.1), x * float("nan"), y, 1)
+        regression_steps(model, dlrt, x * float("nan"), y, 1)
+    for name, value in model.state_dict().items():              # the factors and the dense layer: untouched
+        assert torch.equal(value, before[name]), name
+    regression_steps(model, dlrt, x, y, 2)                        # and the model trains on
+
+
+def _moments(dlrt):
+    return {name: {key: value if key == "step" else value.clone() for key, value in state.items()}
+            for name, state in dlrt.state.items()}
+
+
+@pytest.mark.parametrize("betas", [None, (0.9, 0.99)])
+def test_a_failed_s_step_pass_leaves_the_factors_and_moments_as_they_were(betas):
+    # 2r > n: the augmented core is 3 × 4, which every later backward pass would refuse if it were left in place.
+    torch.manual_seed(0)
+    model = nn.Sequential(LowRankLinear(8, 3, 2), nn.ReLU(), nn.Linear(3, 3))
+    x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+    dlrt = DLRT(model, lr=0.1, tol=0.1, betas=betas)
+    loss = lambda: F.cross_entropy(model(x), y)                   # noqa: E731
+    for _ in range(2):
+        dlrt.zero_grad()
+        loss().backward()
+        dlrt.step(loss)
+    state, moments = copy.deepcopy(model.state_dict()), _moments(dlrt)
+
+    def failing_closure():
+        loss().backward()                                         # half-way through the pass
+        raise KeyboardInterrupt
+
+    dlrt.zero_grad()
+    loss().backward()
+    with pytest.raises(KeyboardInterrupt):
+        dlrt.step(failing_closure)
+    assert model[0].S.shape == state["0.S"].shape and model[0].kl_gradients
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    after = _moments(dlrt)
+    assert after.keys() == moments.keys()
+    for name, saved in moments.items():
+        assert after[name].keys() == saved.keys()
+        for key, value in saved.items():
+            assert (after[name][key] == value) if key == "step" else torch.equal(after[name][key], value)
+    assert [id(p) for p in dlrt.param_groups[0]["params"]] == [id(getattr(model[0], n)) for n in "USV"]
+    dlrt.zero_grad()
+    loss().backward()
+    dlrt.step(loss)                                               # the next step runs
+    assert model[0].S.shape[0] == model[0].S.shape[1]
 
 
 def test_a_diverged_core_whose_svd_returns_nan_is_a_non_finite_loss_error(monkeypatch):

@@ -159,8 +159,8 @@ def test_a_checkpoint_of_another_layer_is_refused_and_the_factors_keep_their_sha
     wrong_width = LowRankLinear(6, 20, 2).state_dict()
     too_high = LowRankLinear(8, 20, 6).state_dict()
     misfit = {**layer.state_dict(), "S": torch.randn(2, 3)}
-    for state, message in ((wrong_width, "not those of a 20×8 weight"), (too_high, "rank 6 is above"),
-                           (misfit, "not those of a 20×8 weight")):
+    for state, message in ((wrong_width, "not those of a 20×8 weight"), (misfit, "not those of a 20×8 weight"),
+                           (too_high, "rank 6 is outside this layer's ranks 1 to r_max = 4")):
         with pytest.raises(RuntimeError, match=message):
             layer.load_state_dict(state)
         # The factors keep their shapes (as in any torch load, tensors that fit are still copied) and still work.
@@ -168,6 +168,31 @@ def test_a_checkpoint_of_another_layer_is_refused_and_the_factors_keep_their_sha
         assert layer(torch.randn(2, 8)).shape == (2, 20)
     layer.load_state_dict(LowRankLinear(8, 20, 3).state_dict())       # another rank of the same weight: fine
     assert layer.rank == 3
+    rank_zero = {"U": torch.zeros(20, 0), "S": torch.zeros(0, 0), "V": torch.zeros(8, 0), "bias": layer.bias}
+    rectangular = {"U": torch.zeros(20, 2), "S": torch.zeros(2, 3), "V": torch.zeros(8, 3), "bias": layer.bias}
+    for state, message in ((rank_zero, "rank 0 is outside this layer's ranks 1 to r_max = 4"),
+                           (rectangular, "not those of a 20×8 weight")):
+        with pytest.raises(RuntimeError, match=message):
+            layer.load_state_dict(state)
+        assert layer.rank == 3
+
+
+def test_loading_a_checkpoint_keeps_frozen_factors_frozen():
+    torch.manual_seed(0)
+    model = to_low_rank(MLP(hidden=(30, 20)), ["1", "3"], rank=4)
+    for p in low_rank_layers(model)["1"].parameters():
+        p.requires_grad_(False)
+    same_rank, higher_rank = (to_low_rank(MLP(hidden=(30, 20)), ["1", "3"], rank=r).state_dict() for r in (4, 6))
+    parameters = [id(p) for p in model.parameters()]
+    model.load_state_dict(same_rank)
+    assert [id(p) for p in model.parameters()] == parameters          # the same rank: loaded in place
+    model.load_state_dict(higher_rank)                                  # new shapes: new parameters, still frozen
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"1.U", "1.S", "1.V", "1.bias"} and low_rank_layers(model)["1"].rank == 6
+    layer = low_rank_layers(model)["3"]
+    layer.S.requires_grad_(False)
+    layer.set_factors(layer.U, layer.S, layer.V)
+    assert (layer.U.requires_grad, layer.S.requires_grad, layer.V.requires_grad) == (True, False, True)
 
 
 def test_an_unbatched_image_goes_through_a_low_rank_convolution_as_through_nn_conv2d():
@@ -222,6 +247,8 @@ def test_bad_input():
         to_low_rank(MLP(), ["0"], rank=2)
     with pytest.raises(KeyError, match="not a module of the model"):
         to_low_rank(MLP(), ["9"], rank=2)
+    with pytest.raises(ValueError, match=r"not one string \('1'\): pass \['1'\]"):
+        to_low_rank(MLP(), "1", rank=2)
     attention = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
     with pytest.raises(KeyError, match="NonDynamicallyQuantizableLinear"):     # its owner reads .weight
         to_low_rank(attention, ["self_attn.out_proj"], rank=2)
@@ -235,6 +262,16 @@ def test_bad_input():
     assert not low_rank_layers(model)                                   # refused before any layer changed
     assert LowRankLinear(5, 4, np.int64(2), r_max=np.int64(3)).rank == 2
     assert LowRankLinear(5, 4, tol=np.float32(0.5)).rank >= 1
+
+
+def test_counts_refuse_ranks_a_layer_cannot_have_and_models_without_weights():
+    layer = LowRankLinear(6, 5, 2)
+    assert count_low_rank_parameters(layer, 5) == 5 * (5 + 6) + 25 + 5
+    for rank in (-1, 0, 6, 2.5):
+        with pytest.raises(ValueError, match=r"rank must be an integer from 1 to min\(n, m\) = 5"):
+            count_low_rank_parameters(layer, rank)
+    with pytest.raises(ValueError, match="has no nn.Linear, nn.Conv2d or low-rank layer"):
+        compression(nn.Sequential(nn.ReLU()))
 
 
 def test_compression_by_hand():
