@@ -51,6 +51,14 @@ def _check_densities(flop_count: FlopCount, densities: Densities) -> Mapping[str
     return densities
 
 
+def _relative(macs: float, dense: float) -> float:
+    """``macs / dense``, refusing a model whose dense count is zero (no layer was counted)."""
+    if dense == 0:
+        raise ValueError("the FLOP count has no counted layer (its dense total is 0), so there is nothing to compare "
+                         "with: count a model with Linear or Conv2d layers, or pass relative_to_dense=False")
+    return macs / dense
+
+
 def sparse_inference_flops(flop_count: FlopCount, densities: Densities, *,
                            relative_to_dense: bool = False) -> float:
     """``f_S = Σ_l d_l · F_l``: MACs of one sparse forward pass per example.
@@ -63,11 +71,11 @@ def sparse_inference_flops(flop_count: FlopCount, densities: Densities, *,
 
     Raises:
         KeyError: a layer that ``flop_count`` does not count.
-        ValueError: a density outside [0, 1].
+        ValueError: a density outside [0, 1], or ``relative_to_dense`` for a count without layers.
     """
     densities = _check_densities(flop_count, densities)
     sparse = sum(densities.get(name, 1.0) * macs for name, macs in flop_count.per_layer.items())
-    return sparse / flop_count.total if relative_to_dense else sparse
+    return _relative(sparse, flop_count.total) if relative_to_dense else sparse
 
 
 def sparse_training_flops(flop_count: FlopCount, densities: Densities, *,
@@ -78,7 +86,7 @@ def sparse_training_flops(flop_count: FlopCount, densities: Densities, *,
     (``3 · f_D``) the ratio equals the inference ratio.
     """
     sparse = 3 * sparse_inference_flops(flop_count, densities)
-    return sparse / training_flops(flop_count) if relative_to_dense else sparse
+    return _relative(sparse, training_flops(flop_count)) if relative_to_dense else sparse
 
 
 def pruning_training_flops(
@@ -117,7 +125,7 @@ def pruning_training_flops(
                          f"schedule entries, not all zero; got {steps}")
     total = sum(s * sparse_training_flops(flop_count, d) for s, d in zip(steps, density_schedule))
     mean = total / sum(steps)
-    return mean / training_flops(flop_count) if relative_to_dense else mean
+    return _relative(mean, training_flops(flop_count)) if relative_to_dense else mean
 
 
 def model_sparse_flops(model: nn.Module, example_input: torch.Tensor, *,
@@ -189,11 +197,15 @@ def dst_training_flops(
         relative_to_dense: divide by dense training, ``3 f_D``.
 
     Raises:
-        ValueError: an unknown method, ``every < 1``, or Top-KAST without ``backward_densities``
-            or with a backward density below the forward one.
+        ValueError: an unknown method, ``every < 1``, Top-KAST without ``backward_densities``
+            or with a backward density below the forward one, ``backward_densities``
+            for another method, or ``relative_to_dense`` for a count without layers.
     """
     if method not in DST_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(DST_METHODS)}")
+    if backward_densities is not None and method != "topkast":
+        raise ValueError(f"backward_densities are the densities of Top-KAST's backward set; {method!r} has none "
+                         "(its weight gradient is as sparse as its forward pass, or dense): leave them out")
     check_count("every (ΔT)", every, 1)
     f_d = flop_count.total
     f_s = sparse_inference_flops(flop_count, densities)
@@ -214,4 +226,4 @@ def dst_training_flops(
             raise ValueError(f"Top-KAST's backward set B contains its forward set A, so a layer's backward density "
                              f"is at least its forward density; not so for {thinner}")
         macs = 2 * f_s + sparse_inference_flops(flop_count, backward)
-    return macs / training_flops(flop_count) if relative_to_dense else macs
+    return _relative(macs, training_flops(flop_count)) if relative_to_dense else macs

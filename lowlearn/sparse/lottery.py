@@ -65,8 +65,8 @@ from torch.nn.utils import parametrize
 from ..checks import check_count, is_real
 from ..reparam import raw_value
 from ..train import History, StopTraining, TrainState
-from .mask import (Mask, attach_masks, density, layer_densities, masked_layers, masks_of, raw_weight, set_masks,
-                   weights_device)
+from .mask import (Mask, all_masks, attach_masks, density, layer_densities, masked_layers, masks_of, raw_weight,
+                   set_masks, weights_device, zero_under_masks)
 from .prune import alive_scores, top_k_mask, check_density, kept_count, prune
 from .scores import magnitude, random
 
@@ -114,15 +114,19 @@ def rewind(model: nn.Module, weights: Mapping[str, Tensor]) -> None:
     """Load ``weights`` (a ``state_dict``, e.g. ``Snapshot.state``) but keep the model's masks.
 
     Every parameter and buffer (biases, batch-norm statistics) takes its value
-    from ``weights``; then the current masks are installed again with
-    :func:`~lowlearn.sparse.mask.set_masks`, so the surviving weights equal their
-    values in ``weights`` and the pruned ones are exactly zero. This is the reset
-    step of IMP. Build a fresh optimizer afterwards: its old state belongs to the
-    weights before the reset.
+    from ``weights``; then every current :class:`~lowlearn.sparse.mask.Mask` (of
+    weights, and of biases that :func:`~lowlearn.sparse.structured.prune_channels`
+    masked) is installed again and the raw values under its zeros are set to zero,
+    so the surviving weights equal their values in ``weights`` and the pruned ones
+    are exactly zero. This is the reset step of IMP. Build a fresh optimizer
+    afterwards: its old state belongs to the weights before the reset.
     """
-    masks = masks_of(model)
+    kept = [(mask, mask.mask.clone()) for _, _, mask in all_masks(model)]
     model.load_state_dict(weights)
-    set_masks(model, masks)
+    with torch.no_grad():
+        for mask, buffer in kept:
+            mask.mask.copy_(buffer)
+    zero_under_masks(model)
 
 
 @dataclass
@@ -259,7 +263,8 @@ def iterative_magnitude_pruning(
     Raises:
         ValueError: a fraction outside [0, 1), a negative ``rounds`` or
             ``rewind_step``, an unknown ``scope``, ``scope="global"`` with
-            per-layer fractions, or ``output_fraction`` beside per-layer fractions.
+            per-layer fractions, ``output_fraction`` beside per-layer fractions, or
+            a model without a layer to prune.
         RuntimeError: round 0 ended before step ``rewind_step``.
     """
     check_count("rounds", rounds, 0)
@@ -271,6 +276,9 @@ def iterative_magnitude_pruning(
     if not masked_layers(model):
         attach_masks(model)
     names = list(masked_layers(model))
+    if not names:
+        raise ValueError("the model has no masked layer and no nn.Linear or nn.Conv2d to mask, so IMP has nothing "
+                         "to prune: attach masks to the layers to prune (lowlearn.sparse.attach_masks(model, layers))")
     fractions = _layer_fractions(names, prune_fraction, output_fraction)
     start = layer_densities(model)
     pooled = [n for n in names if output_fraction is None or n != names[-1]] if scope == "global" else []
@@ -355,7 +363,7 @@ def random_reinit(model: nn.Module, seed: int = 0) -> None:
             if parametrize.is_parametrized(module):
                 for name, chain in module.parametrizations.items():
                     chain.original.copy_(raw_value(module, name, getattr(module, name)))
-    set_masks(model, masks_of(model))
+    zero_under_masks(model)
 
 
 @torch.no_grad()

@@ -139,6 +139,23 @@ def find_mask(layer: nn.Module, param: str = "weight") -> Mask | None:
     return found[0] if found else None
 
 
+def all_masks(model: nn.Module) -> list[tuple[nn.Module, str, Mask]]:
+    """``(module, tensor name, Mask)`` for every :class:`Mask` in the model: of weights, and of masked biases."""
+    return [(module, name, mask) for module in model.modules() if parametrize.is_parametrized(module)
+            for name in module.parametrizations if (mask := find_mask(module, name)) is not None]
+
+
+@torch.no_grad()
+def zero_under_masks(model: nn.Module) -> None:
+    """Set the raw values under every zero of every :class:`Mask` of the model to zero (weights and biases).
+
+    What :func:`set_masks` does for the weights it is given, for a model whose raw
+    values were overwritten (a checkpoint loaded, parameters re-initialised).
+    """
+    for module, name, mask in all_masks(model):
+        module.parametrizations[name].original.masked_fill_(mask.mask == 0, 0)   # not a product: inf × 0 is NaN
+
+
 def masked_layers(model: nn.Module) -> dict[str, nn.Module]:
     """``{qualified name: module}`` of the layers whose weight carries a :class:`Mask`."""
     return {name: m for name, m in model.named_modules() if find_mask(m) is not None}

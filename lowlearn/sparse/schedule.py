@@ -164,7 +164,8 @@ class GradualPruning:
 
     Args:
         final_density: ``d_f = 1 − s_f``.
-        begin: ``t_0``, the first pruning step.
+        begin: ``t_0``, the first pruning step, at least 1 (:func:`~lowlearn.train.fit`
+            calls its callbacks after each optimizer step, the first being step 1).
         end: ``t_0 + n Δt``, the last pruning step.
         every: ``Δt``, steps between prunings (Zhu & Gupta use 100 to 1000).
         score: ``score(model) → {layer name: scores}``, default :func:`~lowlearn.sparse.scores.magnitude`;
@@ -178,10 +179,12 @@ class GradualPruning:
     A layer (with ``scope="global"``: the scored layers together) already sparser than
     the schedule asks is not pruned further at that step: masks only shrink, so a model
     pruned before, or a run resumed with a fresh step count, goes on from its density.
+    A layer that keeps no weight at all (emptied by an earlier global pruning) is left
+    out of layer-wise pruning.
 
     Raises:
         ValueError: bad densities or steps (see :func:`cubic_density`), ``begin`` or
-            ``end`` not an integer, ``every < 1``, or an ``allocation`` with
+            ``end`` not an integer, ``begin < 1``, ``every < 1``, or an ``allocation`` with
             ``scope="global"``; at the first pruning step, a ``final_density`` the
             ``allocation`` refuses (rather than later in training, when it is reached).
     """
@@ -198,7 +201,7 @@ class GradualPruning:
         allocation: Allocation | None = None,
         initial_density: float = 1.0,
     ):
-        check_count("begin (an optimizer step)", begin, 0)
+        check_count("begin (an optimizer step; fit calls its callbacks after steps 1, 2, ...)", begin, 1)
         check_count("end (an optimizer step)", end, 0)
         cubic_density(begin, final_density, begin, end, initial_density)   # validates the arguments
         check_count("every (steps between prunings)", every, 1)
@@ -224,8 +227,9 @@ class GradualPruning:
             target = min(d, sum(left.values()) / sum(s.numel() for s in scores.values()))
         else:
             wanted = dict.fromkeys(scores, d) if self.allocation is None else self.allocation(state.model, d)
+            scores = {name: s for name, s in scores.items() if left[name] > 0}   # an empty layer has nothing to prune
             target = {name: min(density, left[name] / scores[name].numel()) if name in left else density
-                      for name, density in wanted.items()}
+                      for name, density in wanted.items() if left.get(name) != 0}
         prune(state.model, scores, target, scope=self.scope, optimizer=state.optimizer)
 
 

@@ -217,7 +217,8 @@ def prune_channels(
 
     Raises:
         ValueError: a density outside (0, 1], above the alive units' share (pruning
-            cannot revive units), or a layer that is not Linear/Conv2d.
+            cannot revive units), a layer that is not Linear/Conv2d, or a unit whose norm
+            is NaN (a diverged weight).
         KeyError: a layer name (of ``layers`` or ``density``) that is not in the model, or
             no density for a layer.
     """
@@ -234,7 +235,7 @@ def prune_channels(
         if k > remaining:
             raise ValueError(f"layer {name!r} has {remaining} units left, so it cannot keep {k} "
                              f"({densities[name]:.4g} of {alive.numel()}): units cannot be revived")
-        units[name] = top_k_mask(scores[name].masked_fill(~alive, float("-inf")), k)
+        units[name] = top_k_mask(alive_scores(scores[name], alive, name), k)
         new[name] = mask & units[name].view(-1, *[1] * (mask.dim() - 1))
     attach_masks(model, new)
     for name, layer in chosen.items():

@@ -141,3 +141,12 @@ def test_dst_training_flops_bad_input(lenet):
         dst_training_flops(lenet, 0.1, "topkast")
     with pytest.raises(ValueError, match=r"at least its forward density; not so for \['1', '3', '5'\]"):
         dst_training_flops(lenet, 0.5, "topkast", backward_densities=0.1)
+    with pytest.raises(ValueError, match="'rigl' has none"):
+        dst_training_flops(lenet, 0.1, "rigl", backward_densities=0.5)
+    nothing = count_flops(torch.nn.Sequential(torch.nn.ReLU()), torch.randn(1, 4))
+    assert sparse_inference_flops(nothing, 0.5) == 0
+    for relative in (lambda: sparse_inference_flops(nothing, 0.5, relative_to_dense=True),
+                     lambda: sparse_training_flops(nothing, 0.5, relative_to_dense=True),
+                     lambda: dst_training_flops(nothing, 0.5, "set", relative_to_dense=True)):
+        with pytest.raises(ValueError, match="no counted layer"):
+            relative()

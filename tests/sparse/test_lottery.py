@@ -9,9 +9,11 @@ from lowlearn.powerprop import powerprop
 from lowlearn.sparse.lottery import (EarlyBird, Snapshot, constant_init, iterative_magnitude_pruning,
                                      mask_distance, mask_overlap, random_mask, random_reinit, reshuffle, rewind,
                                      train_control)
-from lowlearn.sparse.mask import attach_masks, masked_layers, masks_of, prunable_layers, raw_weight, set_masks
+from lowlearn.sparse.mask import (attach_masks, find_mask, masked_layers, masks_of, prunable_layers, raw_weight,
+                                  set_masks)
 from lowlearn.sparse.prune import kept_count, prune
 from lowlearn.sparse.scores import magnitude
+from lowlearn.sparse.structured import prune_channels
 from lowlearn.train import TrainState, fit, seed_everything
 
 # A small synthetic task: 4 classes, linear in 20 features.
@@ -130,6 +132,24 @@ def test_rewinding_restores_the_step_k_snapshot_not_the_initialisation():
             assert torch.equal(start[key], reference.state[key]), key
 
 
+def test_rewind_keeps_the_bias_masks_of_removed_units():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    prune_channels(model, 0.75)                                         # 6 units: weight and bias masks
+    snapshot = Snapshot(0)
+    snapshot.capture(model)
+    units = prune_channels(model, 0.5)["0"]                             # 4 units, after the snapshot
+    rewind(model, snapshot.state)
+    assert torch.equal(find_mask(model[0], "bias").mask != 0, units)
+    assert (model[0].parametrizations.bias.original[~units] == 0).all()
+    assert (model[0](torch.randn(3, 8))[:, ~units] == 0).all()          # removed units stay silent
+    kept = model[0].parametrizations.bias.original[units]
+    assert torch.equal(kept, snapshot.state["0.parametrizations.bias.original"][units])
+    random_reinit(model, seed=1)                                        # the control zeroes raw biases too
+    assert (model[0].parametrizations.bias.original[~units] == 0).all()
+    assert (model[0].parametrizations.bias.original[units] != 0).all()
+
+
 def test_round_records_the_last_evaluation_and_the_early_stopping_step():
     lottery = iterative_magnitude_pruning(mlp(), make_train(), rounds=1, prune_fraction=0.2)
     for ticket in lottery.rounds:
@@ -213,6 +233,12 @@ def test_procedure_errors():
         iterative_magnitude_pruning(mlp(), lambda model, callbacks: None, 1, 0.2)
     with pytest.raises(ValueError, match="leave output_fraction out"):   # the mapping names the output layer
         iterative_magnitude_pruning(mlp(), make_train(), 1, {"1": 0.2, "3": 0.2, "5": 0.5}, output_fraction=0.1)
+    calls = []
+    for output_fraction in (None, 0.1):
+        with pytest.raises(ValueError, match="no masked layer and no nn.Linear or nn.Conv2d to mask"):
+            iterative_magnitude_pruning(nn.Sequential(nn.Conv1d(2, 2, 3)), lambda *a: calls.append(a), 1, 0.2,
+                                        output_fraction=output_fraction)
+    assert not calls                                                    # refused before any training
 
 
 def test_a_step_zero_snapshot_must_be_captured_before_training():

@@ -226,19 +226,34 @@ def test_gradual_pruning_with_a_custom_score():
 
 def test_gradual_pruning_bad_input():
     with pytest.raises(ValueError, match=r"every \(steps between prunings\) must be an int >= 1"):
-        GradualPruning(0.1, 0, 10, every=0)
+        GradualPruning(0.1, 1, 10, every=0)
     with pytest.raises(ValueError, match="scope must be"):
-        GradualPruning(0.1, 0, 10, scope="model")
+        GradualPruning(0.1, 1, 10, scope="model")
     with pytest.raises(ValueError, match="use it with scope='layer'"):
-        GradualPruning(0.1, 0, 10, scope="global", allocation=erk)
+        GradualPruning(0.1, 1, 10, scope="global", allocation=erk)
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
-        GradualPruning(0, 0, 10)
+        GradualPruning(0, 1, 10)
     with pytest.raises(ValueError, match="must not come before"):
         GradualPruning(0.1, 10, 0)
-    with pytest.raises(ValueError, match=r"begin \(an optimizer step\) must be an int"):
+    with pytest.raises(ValueError, match=r"begin \(an optimizer step;.* must be an int"):
         GradualPruning(0.1, 0.5, 10, every=2)                     # it would prune only once, at the end
     with pytest.raises(ValueError, match=r"every \(steps between prunings\) must be an int >= 1"):
-        GradualPruning(0.1, 0, 10, every=True)
+        GradualPruning(0.1, 1, 10, every=True)
+    with pytest.raises(ValueError, match=r"begin \(an optimizer step; fit calls its callbacks after steps 1, 2"):
+        GradualPruning(0.25, begin=0, end=0)                      # it would never prune: fit never calls at step 0
+
+
+def test_layerwise_gradual_pruning_leaves_out_a_layer_that_global_pruning_emptied():
+    torch.manual_seed(0)
+    model = MLP(in_features=12, hidden=(16,), out_features=3)
+    with torch.no_grad():
+        model[3].weight.mul_(1e-3)                                # the output layer loses every weight globally
+    prune(model, magnitude(model), 16 * 12 / (16 * 12 + 3 * 16), scope="global")
+    assert int(masks_of(model)["3"].sum()) == 0
+    fit(model, tiny_data(), torch.optim.SGD(model.parameters(), lr=0.05), steps=4, batch_size=16,
+        callbacks=[GradualPruning(0.25, begin=2, end=4, every=2)], device="cpu", progress=False)
+    kept = {name: int(mask.sum()) for name, mask in masks_of(model).items()}
+    assert kept == {"1": kept_count(0.25, 16 * 12), "3": 0}
 
 
 def test_a_final_density_the_allocation_cannot_reach_fails_at_the_first_pruning_step():
@@ -260,7 +275,7 @@ def test_gradual_pruning_goes_on_from_a_model_already_sparser_than_its_schedule(
     torch.manual_seed(0)
     model = MLP(in_features=12, hidden=(16,), out_features=3)
     data = (torch.randn(96, 12), torch.randint(0, 3, (96,)))
-    schedule = GradualPruning(0.1, begin=0, end=20, every=5, scope=scope)
+    schedule = GradualPruning(0.1, begin=1, end=20, every=5, scope=scope)
     fit(model, data, torch.optim.SGD(model.parameters(), lr=0.05), steps=12, batch_size=16, callbacks=[schedule],
         device="cpu", progress=False)
     halfway = masks_of(model)

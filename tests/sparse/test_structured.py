@@ -212,3 +212,8 @@ def test_prune_channels_bad_input():
         prune_channels(Conv4(hidden=4), 0.5, layers=["features.1"])
     with pytest.raises(ValueError, match="only Linear/Conv2d layer is its output layer"):
         prune_channels(nn.Sequential(nn.Linear(3, 2)), 0.5)
+    diverged = MLP(in_features=10, hidden=(4,), out_features=3)
+    with torch.no_grad():
+        diverged[1].weight[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="the scores for '1' contain NaN"):     # not kept as the largest norm
+        prune_channels(diverged, 0.5)
