@@ -204,10 +204,12 @@ def powerprop(model: nn.Module, alpha: float, layers: Iterable[str] | None = Non
         KeyError: an unknown layer name.
     """
     alpha = check_alpha(alpha)
-    for name, layer in resolve_layers(model, layers).items():
+    chosen = resolve_layers(model, layers)
+    for name, layer in chosen.items():               # every layer checked first: a refused call changes nothing
         if parametrize.is_parametrized(layer, "weight"):
             raise ValueError(f"layer {name!r} already has a parametrization (e.g. a mask); apply powerprop() "
                              "before masking, so that the mask acts on the effective weight")
+    for layer in chosen.values():
         register(layer, "weight", PowerProp(alpha))
     return model
 
@@ -264,36 +266,54 @@ class PowerPropOptimizer:
     :func:`powerprop` and any masks, around an optimizer over ``model.parameters()``,
     and train the model with it alone: another optimizer would take ``∂L/∂θ`` for
     ``∂L/∂φ``. A new wrapper for the same model takes the routing of the gradients
-    over from the previous one.
+    over from the previous one; :meth:`remove`, or dropping the wrapper, ends it, after
+    which backward gives ``∂L/∂φ`` again (for another optimizer, or for
+    gradient-based scores of ``φ``).
 
     Args:
-        optimizer: any ``torch.optim`` optimizer over the model's parameters.
+        optimizer: a ``torch.optim`` optimizer over the model's parameters that steps
+            without a closure (not L-BFGS, whose closure would evaluate the model while
+            the parameters hold ``θ``).
         model: the model with :class:`PowerProp` layers.
 
     Raises:
-        ValueError: the model has no Powerprop layer.
+        ValueError: the model has no Powerprop layer, or the optimizer is L-BFGS.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module):
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise ValueError("PowerPropOptimizer cannot wrap L-BFGS: its closure would evaluate the model while the "
+                             "parameters hold θ instead of φ; use an optimizer that steps without a closure")
         self.optimizer = optimizer
         self.layers = powerprop_layers(model)
         if not self.layers:
             raise ValueError("the model has no Powerprop layer: call lowlearn.powerprop.powerprop(model, alpha) first")
         self._weights: list[tuple[str, Tensor, float]] = []   # (name, φ, α): the wrapped optimizer holds φ too
         self._seen: set[str] = set()       # the layers whose ∂L/∂θ this wrapper routed since the last step
+        self._hooks = {}                   # {PowerProp module: this wrapper's hook on it}
         for name, layer in self.layers.items():
             module, phi = _powerprop_of(layer), layer.parametrizations.weight.original
             self._weights.append((name, phi, module.alpha))
             if module in _ROUTERS:         # the layer's previous wrapper stops routing: one wrapper per model
                 _ROUTERS[module].remove()
-            _ROUTERS[module] = module.register_forward_hook(self._theta_gradient_hook(name, phi))
+            _ROUTERS[module] = self._hooks[module] = module.register_forward_hook(self._theta_gradient_hook(name, phi))
         self._scratch: dict[str, tuple[Tensor, Tensor]] = {}
 
+    def remove(self) -> None:
+        """Stop routing ``∂L/∂θ`` to the layers' ``φ`` where this wrapper still does: backward gives ``∂L/∂φ`` again."""
+        for module, handle in self._hooks.items():
+            if _ROUTERS.get(module) is handle:           # not taken over by a newer wrapper
+                handle.remove()
+                del _ROUTERS[module]
+
     def _theta_gradient_hook(self, name: str, phi: Tensor):
+        wrapper = weakref.ref(self)            # the hook does not keep a dropped wrapper alive, nor its routing
+
         def hook(module: nn.Module, inputs: tuple, theta: Tensor) -> Tensor | None:
-            if inputs[0] is not phi or not theta.requires_grad:      # a deep copy's pass, or another tensor's
+            # Not for a deep copy's pass, another tensor's, or after the wrapper is gone.
+            if inputs[0] is not phi or not theta.requires_grad or (owner := wrapper()) is None:
                 return None
-            self._seen.add(name)
+            owner._seen.add(name)
             return _GradientOfTheta.apply(phi, theta.detach())
 
         return hook
@@ -334,7 +354,12 @@ class PowerPropOptimizer:
             _power(old, alpha, out=theta)
             phi.copy_(theta)                                      # the parameter holds θ = φ |φ|^(α−1)
             swapped.append((phi, old, theta, alpha))
-        self.optimizer.step()
+        try:
+            self.optimizer.step()
+        except BaseException:
+            for phi, old, _, _ in swapped:                        # the parameters hold φ again, as before the step
+                phi.copy_(old)
+            raise
         for phi, old, theta, alpha in swapped:
             phi.sub_(theta)            # Δθ = θ_new − θ exactly: 0 wherever the optimizer left θ alone (frozen weights)
             power = _magnitude_power(old, alpha - 1, out=theta)   # |φ|^(α−1)

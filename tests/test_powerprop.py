@@ -177,6 +177,14 @@ def test_bad_alpha_and_order():
         powerprop(model, 2)
     with pytest.raises(ValueError, match="no Powerprop layer"):
         PowerPropOptimizer(torch.optim.SGD(small_mlp().parameters(), lr=0.1), small_mlp())
+    model = powerprop(small_mlp(), 2)
+    with pytest.raises(ValueError, match="cannot wrap L-BFGS"):
+        PowerPropOptimizer(torch.optim.LBFGS(model.parameters()), model)
+    model = small_mlp()
+    attach_masks(model, ["3"])
+    with pytest.raises(ValueError, match="layer '3' already has a parametrization"):
+        powerprop(model, 2)
+    assert not powerprop_layers(model)                            # the refused call changed no layer
 
 
 def test_the_optimiser_aware_update_is_an_adam_step_on_theta_mapped_back():
@@ -307,6 +315,42 @@ def test_a_new_wrapper_takes_the_routing_over():
     second.step()
     with pytest.raises(RuntimeError, match="did not come through this PowerPropOptimizer"):
         first.step()
+
+
+def test_removing_or_dropping_the_wrapper_gives_backward_its_own_gradient_again():
+    x, y = batch()
+    model = powerprop(small_mlp(), 3)
+    phi = raw_weight(model[1])
+    plain = torch.autograd.grad(F.cross_entropy(model(x), y), phi)[0]          # ∂L/∂φ
+    first = PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    routed = torch.autograd.grad(F.cross_entropy(model(x), y), phi)[0]         # ∂L/∂θ
+    assert torch.allclose(routed * 3 * phi.detach() ** 2, plain, atol=1e-7)
+    second = PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    first.remove()                                              # taken over: the second wrapper keeps routing
+    assert torch.equal(torch.autograd.grad(F.cross_entropy(model(x), y), phi)[0], routed)
+    second.remove()
+    assert torch.equal(torch.autograd.grad(F.cross_entropy(model(x), y), phi)[0], plain)
+    third = PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    del third                                                   # a dropped wrapper routes nothing
+    assert torch.equal(torch.autograd.grad(F.cross_entropy(model(x), y), phi)[0], plain)
+
+
+class _FailingStep(torch.optim.SGD):
+    def step(self, closure=None):
+        super().step(closure)                                   # the parameters move, then the step fails
+        raise RuntimeError("out of memory in the middle of the step")
+
+
+def test_a_failed_wrapped_step_leaves_phi_as_it_was():
+    x, y = batch()
+    model = powerprop(small_mlp(), 2)
+    aware = PowerPropOptimizer(_FailingStep(model.parameters(), lr=0.1), model)
+    phi = {name: raw_weight(layer).detach().clone() for name, layer in powerprop_layers(model).items()}
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        aware.step()
+    for name, layer in powerprop_layers(model).items():
+        assert torch.equal(raw_weight(layer), phi[name]), name
 
 
 def test_plain_adam_on_phi_weakens_rich_get_richer():

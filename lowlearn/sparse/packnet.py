@@ -12,8 +12,9 @@ forget the earlier ones. PackNet gives every task its own weights:
 3. **evaluate** task ``s`` with the weights of tasks ``1..s`` only
    (:meth:`PackNet.use_task`), exactly the network that task ``s`` was trained with.
 
-Earlier tasks are therefore never forgotten, and the network holds as many tasks
-as its weights allow. A method that leaves fewer weights doing the work, such as
+Earlier tasks are therefore never forgotten (given the optimizer, whose state of
+their weights PackNet zeroes), and the network holds as many tasks as its weights
+allow. A method that leaves fewer weights doing the work, such as
 Powerpropagation (:mod:`lowlearn.powerprop`), loses less at step 2 and so packs tasks
 with less capacity: this is the paper's second use of Powerprop (Schwarz et al.
 2021, section 5).
@@ -34,6 +35,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from ..checks import is_integer
 from ..reparam import raw_value, register
 from ..train import generator_on, restore_generator
 from .mask import (SplitMask, find_mask, raw_weight, refuse_weight_decay, resolve_layers, weights_device,
@@ -69,15 +71,19 @@ class PackNet:
             yet given its weights.
 
     Raises:
-        ValueError: a chosen layer that already has a mask.
+        ValueError: no layer to share, or a chosen layer that already has a mask.
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[str] | None = None, seed: int = 0):
         self.model, self.tasks, self.frozen, self.started, self.own = model, 0, False, False, ()
         self.layers = resolve_layers(model, layers)
-        for name, layer in self.layers.items():
+        if not self.layers:
+            raise ValueError("no layers to share among the tasks: the model has no nn.Linear or nn.Conv2d, or "
+                             "layers is empty")
+        for name, layer in self.layers.items():       # every layer checked first: a refused call changes nothing
             if find_mask(layer) is not None:
                 raise ValueError(f"layer {name!r} already has a mask; PackNet needs an unmasked model")
+        for layer in self.layers.values():
             keep = torch.ones_like(layer.weight, dtype=torch.bool)
             register(layer, "weight", SplitMask(keep, keep, layer.weight.dtype))
         self.owner = {name: torch.zeros_like(layer.weight, dtype=torch.int16) for name, layer in self.layers.items()}
@@ -113,6 +119,9 @@ class PackNet:
 
         Args:
             optimizer: the optimizer that trains the task, whose state is kept in step.
+                Leave it out only for one without per-weight state (plain SGD): an
+                earlier task's momentum or Adam moments would go on moving its frozen
+                weights, and the task would be forgotten.
             own: names of parameters or modules that belong to this task alone and
                 learn in it whatever its number, such as its output head
                 (``"heads.2"``); they are frozen from the next task on. Leave out
@@ -196,7 +205,8 @@ class PackNet:
         (uniform in ``±1/√fan_in``), mapped to the raw parameter through the layer's
         parametrizations, and their optimizer state is zeroed. Afterwards the network
         computes with tasks ``1..t`` and only task ``t``'s weights learn (for an
-        optional retraining). Returns the task's number ``t``.
+        optional retraining). Returns the task's number ``t``. Pass the ``optimizer``
+        that trained the task (see :meth:`start_task`).
 
         Raises:
             ValueError: ``fraction`` outside (0, 1].
@@ -238,10 +248,10 @@ class PackNet:
         """Inside the block the network computes task ``task`` (weights of tasks ``1..task``); nothing learns.
 
         Raises:
-            ValueError: a task that has not been assigned.
+            ValueError: a task that has not been assigned, or one that is not an integer.
         """
         self._follow_model()
-        if not 1 <= task <= self.tasks:
+        if not is_integer(task) or not 1 <= task <= self.tasks:
             raise ValueError(f"task must be one of the {self.tasks} assigned tasks (1..{self.tasks}), got {task}")
         forward = {name: find_mask(layer).mask != 0 for name, layer in self.layers.items()}
         backward = {name: find_mask(layer).backward_mask != 0 for name, layer in self.layers.items()}

@@ -156,7 +156,8 @@ class TopKAST(Sparsifier):
         density; ``θ`` is :meth:`dense_weight` (under Powerpropagation the effective
         weight, not ``φ``). ``p=1`` is the penalty as the paper writes it; ``p=2`` its
         squared (weight-decay) form. Outside ``B`` the penalty is zero, like the gradient.
-        It is summed in float32 for a half-precision model, whose sum would overflow.
+        For a half-precision model it is computed in float32: ``1/D`` and the sum would
+        overflow.
 
         Raises:
             ValueError: ``p`` other than 1 or 2.
@@ -167,8 +168,8 @@ class TopKAST(Sparsifier):
         for name, layer in self.layers().items():
             theta, mask = self.dense_weight(layer), find_mask(layer)
             size = theta.abs() if p == 1 else theta.square()
-            scale = mask.mask + (mask.backward_mask - mask.mask) / self.forward_densities[name]
-            term = (size * scale).sum(dtype=torch.promote_types(theta.dtype, torch.float32))   # fp16 would overflow
+            a, b = (m.to(torch.promote_types(m.dtype, torch.float32)) for m in (mask.mask, mask.backward_mask))
+            term = (size * (a + (b - a) / self.forward_densities[name])).sum()   # float32 at least: fp16 overflows
             total = term if total is None else total + term
         return total
 

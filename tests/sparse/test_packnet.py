@@ -5,7 +5,7 @@ from torch import nn
 
 from lowlearn.models import MLP
 from lowlearn.powerprop import PowerPropOptimizer, powerprop
-from lowlearn.sparse.mask import masks_of, prunable_layers, raw_weight
+from lowlearn.sparse.mask import attach_masks, masked_layers, masks_of, prunable_layers, raw_weight
 from lowlearn.sparse.packnet import PackNet
 
 
@@ -177,8 +177,20 @@ def test_bad_input_and_state_dict():
         packnet.start_task(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-4))
     with pytest.raises(ValueError, match="already has a mask"):
         PackNet(model)
+    for layers, unshared in ((None, nn.Sequential(nn.ReLU())), ([], small_mlp())):
+        with pytest.raises(ValueError, match="no layers to share among the tasks"):
+            PackNet(unshared, layers)
+    partly = small_mlp()
+    attach_masks(partly, ["3"])
+    with pytest.raises(ValueError, match="layer '3' already has a mask"):
+        PackNet(partly)
+    assert set(masked_layers(partly)) == {"3"}                      # the refused call masked no other layer
     packnet.start_task()
     packnet.assign(0.5)
+    for task in (1.5, True, "1"):
+        with pytest.raises(ValueError, match="task must be one of the 1 assigned tasks"):
+            with packnet.use_task(task):
+                pass
     other = PackNet(small_mlp(3))
     other.load_state_dict(packnet.state_dict())
     assert not other.frozen and all(p.requires_grad for p in other.model.parameters())   # task 1 may still retrain

@@ -113,6 +113,11 @@ def test_the_penalty_of_a_half_precision_model_is_summed_without_overflow():
     assert penalty.dtype == torch.float32 and penalty.item() == expected
     double = TopKAST(torch.nn.Sequential(torch.nn.Linear(8, 8)).double(), None, 0.5, 1.0)
     assert double.penalty().dtype == torch.float64                                   # no precision is lost
+    tiny = TopKAST(torch.nn.Sequential(torch.nn.Linear(1000, 100, bias=False)).half(), None, 1e-5, 0.5)
+    weight = tiny.dense_weight(tiny.model[0]).float().abs()      # 1/D = 1e5 is beyond float16 itself
+    a, b = (m.float() for m in (masks_of(tiny.model)["0"], tiny.backward_masks()["0"]))
+    assert tiny.penalty().item() == pytest.approx(((weight * a).sum() + (weight * (b - a)).sum() / 1e-5).item(),
+                                                  rel=1e-5)
 
 
 def test_checkpoint_round_trip_and_squash():
