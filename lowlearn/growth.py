@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -57,15 +58,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .checks import check_count
+from .checks import check_count, is_real
 from .distributed import world
 from .sparse.export import chain, check_chain
 from .train import buffers_restored, eval_mode, generator_on
 
 STRATEGIES = ("random", "split", "gradmax")
-_BETWEEN = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.Identity, nn.Dropout, nn.MaxPool2d,
-            nn.AvgPool2d)
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_BETWEEN = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.Identity, *_DROPOUT, nn.MaxPool2d,
+            nn.AvgPool2d)
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -202,6 +203,7 @@ def _subspace_iteration(model: nn.Sequential, layer: int, k: int, batch: tuple[T
     leaves = chain(probe)
     for between in leaves[leaves.index(grown) + 1:leaves.index(consumer)]:
         if isinstance(between, nn.ReLU):
+            between.inplace = False                # the hook reads the ReLU's input, which in place it overwrites
             between.register_forward_hook(_gradient_one_at_zero)
     size = consumer.weight[:, 0].numel()
     if k > size:
@@ -248,10 +250,14 @@ def grow(model: nn.Sequential, layer: int, k: int, strategy: str = "gradmax", *,
         strategy: ``"random"``, ``"split"`` or ``"gradmax"``.
         batch: ``(inputs, targets)``, needed by GradMax.
         loss_fn: the loss GradMax maximises the gradient of.
-        optimizer: the model's optimizer: the grown parameters replace the old ones in
-            it (those it holds), and their per-parameter state (momentum, Adam's
-            moments) is extended for the new weights with the values a new parameter
-            starts from (zeros for these).
+        optimizer: the model's optimizer (a ``torch.optim`` optimizer, or a wrapper of one
+            with an ``optimizer`` attribute, such as
+            :class:`~lowlearn.powerprop.PowerPropOptimizer`): the grown parameters
+            replace the old ones in it (those it holds), and their per-parameter state
+            (momentum, Adam's moments) is extended for the new weights with the values a
+            new parameter starts from (zeros for these). Adam's step count is one per
+            tensor and is kept, so the new weights' first steps are larger than a new
+            parameter's (:func:`lowlearn.sparse.mask.zero_optimizer_state` says how much).
         max_width: refuse to grow beyond this many units.
         scale: new outgoing weights get ``scale`` times the mean norm of the existing
             units' outgoing weights (random and GradMax).
@@ -268,18 +274,23 @@ def grow(model: nn.Sequential, layer: int, k: int, strategy: str = "gradmax", *,
     Raises:
         ValueError: ``k <= 0``, growth past ``max_width``, an unknown strategy,
             GradMax without a batch, splitting more units than the layer has, a
-            pair of layers growth does not support, or optimizer state growth cannot
-            extend (not shaped like its parameter, such as Adafactor's, or L-BFGS's
+            pair of layers growth does not support, a ``scale``, ``epsilon`` or ``noise``
+            that is negative or not finite, or optimizer state growth cannot extend
+            (not shaped like its parameter, such as Adafactor's, or L-BFGS's
             flattened history); the model is then left as it was.
+        TypeError: an ``optimizer`` that is not a ``torch.optim`` optimizer (nor wraps one).
     """
     check_count("k (units to grow)", k, 1)
     _check_strategy(strategy)
+    _check_options(scale=scale, epsilon=epsilon, noise=noise)
     grown, consumer = layer_pair(model, layer)
     old = grown.weight.shape[0]
     if max_width is not None and old + k > max_width:
         raise ValueError(f"layer {layer} has {old} units: growing {k} more would pass max_width={max_width}")
-    if optimizer is not None:                   # before splitting rewrites the consumer's weights in place
+    if optimizer is not None:                   # before anything changes (splitting rewrites the consumer in place)
+        optimizer = _torch_optimizer(optimizer)
         _check_state_layouts(optimizer, [grown.weight, grown.bias, consumer.weight])
+        fresh = _new_units_states(optimizer, [(grown.weight, 0), (grown.bias, 0), (consumer.weight, 1)], k)
     weight, out = grown.weight.detach(), consumer.weight.detach()
     device, dtype = weight.device, weight.dtype
     generator = generator_on(generator, device)
@@ -314,8 +325,24 @@ def grow(model: nn.Sequential, layer: int, k: int, strategy: str = "gradmax", *,
     params = _add_units(grown, consumer, incoming, bias, outgoing)
     if optimizer is not None:
         for old_param, new_param, dim in params:
-            _extend_state(optimizer, old_param, new_param, dim)
+            _extend_state(optimizer, old_param, new_param, dim, fresh.get(old_param))
     return torch.arange(old, old + k, device=device)
+
+
+def _check_options(**options: float) -> None:
+    """Refuse a growth option (``scale``, ``epsilon``, ``noise``) that is not a finite number ≥ 0."""
+    for name, value in options.items():
+        if not is_real(value) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    """``optimizer`` itself, or the ``torch.optim`` optimizer that a wrapper (``.optimizer``) steps with."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim optimizer (or wrap one as .optimizer), got "
+                        f"{type(optimizer).__name__}")
+    return inner
 
 
 def _as_columns(directions: Tensor, out: Tensor) -> Tensor:
@@ -331,7 +358,9 @@ def _add_units(grown: nn.Module, consumer: nn.Module, incoming: Tensor, bias: Te
 
     def replace(module: nn.Module, name: str, value: Tensor, dim: int) -> None:
         old = getattr(module, name)
-        new = nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
+        layout = torch.channels_last if old.dim() == 4 and old.is_contiguous(memory_format=torch.channels_last) \
+            else torch.contiguous_format           # a channels_last model stays channels_last
+        new = nn.Parameter(value.detach().clone(memory_format=layout), requires_grad=old.requires_grad)
         setattr(module, name, new)
         changes.append((old, new, dim))
 
@@ -371,16 +400,39 @@ def _check_state_layouts(optimizer: torch.optim.Optimizer, params: list[nn.Param
                                  "and build a new optimizer for the grown model")
 
 
-def _extend_state(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, dim: int) -> None:
-    """Swap ``old`` for ``new`` in the optimizer; extend its per-weight state along ``dim`` for the new weights.
+def _group_of(optimizer: torch.optim.Optimizer, param: Tensor | None) -> dict | None:
+    """The parameter group that holds ``param``, or ``None``."""
+    return next((group for group in optimizer.param_groups if any(p is param for p in group["params"])), None)
+
+
+def _new_units_states(optimizer: torch.optim.Optimizer, params: list[tuple[nn.Parameter | None, int]],
+                      k: int) -> dict[nn.Parameter, dict]:
+    """``{param: the state of its k new slices along dim}`` for each ``(param, dim)`` with optimizer state.
 
     The new weights get the state that a new parameter gets from the optimizer's
     first step with a zero gradient: zeros for SGD's momentum and Adam's moments,
     Adagrad's ``initial_accumulator_value``, Rprop's learning rate as the step size.
-    A parameter the optimizer does not hold (one it was not given to train) stays
-    out of it.
+    Computed before the model changes, so an optimizer that cannot be probed so fails
+    while the model is as it was.
     """
-    group = next((group for group in optimizer.param_groups if any(p is old for p in group["params"])), None)
+    states = {}
+    for param, dim in params:
+        group = _group_of(optimizer, param)
+        if group is not None and param in optimizer.state:
+            pad = list(param.shape)
+            pad[dim] = k
+            states[param] = _fresh_state(optimizer, group, param.detach().new_zeros(pad))
+    return states
+
+
+def _extend_state(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, dim: int,
+                  fresh: dict | None) -> None:
+    """Swap ``old`` for ``new`` in the optimizer; extend its per-weight state along ``dim`` by ``fresh``.
+
+    ``fresh`` is :func:`_new_units_states`' entry for ``old``. A parameter the
+    optimizer does not hold (one it was not given to train) stays out of it.
+    """
+    group = _group_of(optimizer, old)
     if group is None:
         return
     group["params"] = [new if p is old else p for p in group["params"]]
@@ -389,7 +441,6 @@ def _extend_state(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.P
         return
     pad = list(old.shape)
     pad[dim] = new.shape[dim] - old.shape[dim]
-    fresh = _fresh_state(optimizer, group, old.new_zeros(pad))
     optimizer.state[new] = {key: torch.cat([value, fresh.get(key, value.new_zeros(pad))], dim=dim)
                             if torch.is_tensor(value) and value.shape == old.shape else value
                             for key, value in state.items()}
@@ -421,7 +472,8 @@ class GrowthSchedule:
 
     Raises:
         ValueError: ``k``, ``every`` or ``target`` not a positive integer, an unknown
-            strategy, GradMax without ``batch``.
+            strategy, GradMax without ``batch``, or a ``scale``, ``epsilon`` or ``noise``
+            that :func:`grow` refuses.
         TypeError: an option that :func:`grow` does not take, or one the schedule sets
             itself (``max_width`` is ``target``, ``optimizer`` the training loop's).
         RuntimeError: at the first growth, in a ``torch.distributed`` process group of
@@ -442,6 +494,7 @@ class GrowthSchedule:
                             "(the schedule sets the others itself; max_width is target)")
         if strategy == "gradmax" and batch is None:
             raise ValueError("GradMax needs batch=, a function that returns a batch (inputs, targets)")
+        _check_options(**{name: options[name] for name in ("scale", "epsilon", "noise") if name in options})
         self.layer, self.k, self.every, self.target = layer, k, every, target
         self.strategy, self.batch, self.options = strategy, batch, options
         self.grown_at: list[int] = []

@@ -43,6 +43,18 @@ def test_the_function_is_unchanged_at_growth(strategy, kind):
     torch.testing.assert_close(model(data[0]), before, rtol=1e-12, atol=1e-12)
 
 
+def test_an_in_place_relu_between_the_layers_gives_the_same_directions():
+    # The probe's hook reads the ReLU's input, which an in-place ReLU overwrites with its output.
+    data, found = batch((2, 8, 8)), []
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(inplace=inplace), nn.Conv2d(4, 5, 3),
+                              nn.Tanh(), nn.Flatten(), nn.Linear(5 * 6 * 6, 3)).double()
+        found.append(gradmax_directions(model, 0, 2, data, generator=torch.Generator().manual_seed(0)))
+        assert model[1].inplace is inplace                        # the model itself is left as it was
+    torch.testing.assert_close(found[1], found[0], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("closed_form", [True, False])
 def test_gradmax_leaves_batch_norm_statistics_alone(closed_form):
     torch.manual_seed(0)
@@ -218,6 +230,8 @@ def test_a_schedule_grows_to_the_target_width_during_fit():
                                                        r"\['epsilon', 'generator', 'loss_fn', 'noise', 'scale'\]"),
     (dict(strategy="random", target=0), ValueError, "target .* must be an int >= 1; got 0"),
     (dict(strategy="random", every=True), ValueError, r"every \(steps between growths\) must be an int >= 1; got True"),
+    (dict(strategy="random", epsilon=float("nan")), ValueError, "epsilon must be a finite number >= 0, got nan"),
+    (dict(strategy="split", noise=-0.1), ValueError, "noise must be a finite number >= 0, got -0.1"),
 ])
 def test_a_schedule_checks_its_arguments_when_it_is_built(kwargs, error, message):
     arguments = dict(layer=0, k=3, every=4, target=11) | kwargs
@@ -260,6 +274,58 @@ def test_bad_growth_is_a_clear_error():
     for strategy in ("random", "split"):
         with pytest.raises(ValueError, match="grouped convolutions"):
             grow(grouped, 0, 1, strategy)
+    for option, bad in (("scale", float("inf")), ("epsilon", float("nan")), ("noise", -1.0), ("epsilon", "0.1")):
+        with pytest.raises(ValueError, match=f"{option} must be a finite number >= 0"):
+            grow(model, 0, 1, "random", **{option: bad})
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim optimizer"):
+        grow(model, 0, 1, "random", optimizer=object())
+    assert width(model, 0) == 6                                           # every refused call changed nothing
+
+
+def test_dropout_of_every_kind_may_sit_between_the_layers():
+    for dropout in (nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Tanh(), dropout(0.5), nn.Conv2d(4, 3, 3), nn.Flatten()).eval()
+        x = torch.randn(2, 2, 7, 7)
+        before = model(x)
+        grow(model, 0, 2, "random")
+        torch.testing.assert_close(model(x), before, atol=1e-6, rtol=0)
+
+
+def test_growth_keeps_a_channels_last_model_channels_last():
+    for strategy in ("random", "split"):
+        model = cnn().to(memory_format=torch.channels_last)
+        grow(model, 0, 2, strategy)
+        assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert model[3].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+class _NeedsMore(torch.optim.SGD):
+    def __init__(self, params, lr, extra):           # a constructor growth cannot call to probe a fresh state
+        super().__init__(params, lr=lr, momentum=0.9)
+
+
+def test_growth_extends_a_wrapped_optimizers_state_and_refuses_one_it_cannot_probe_before_changing_anything():
+    from lowlearn.powerprop import PowerPropOptimizer, powerprop
+
+    model, data = mlp(), batch()
+    powerprop(model, 2, layers=["5"])                                  # only the head is reparameterised
+    optimizer = PowerPropOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), model)
+    F.cross_entropy(model(data[0]), data[1]).backward()
+    optimizer.step()
+    grow(model, 0, 2, "random", optimizer=optimizer)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for p in model.parameters()}
+    assert optimizer.state[model[1].weight]["exp_avg"].shape == (8, 10)
+    model = mlp()
+    optimizer = _NeedsMore(model.parameters(), lr=0.1, extra=1)
+    F.cross_entropy(model(data[0]), data[1]).backward()
+    optimizer.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match="extra"):
+        grow(model, 0, 2, "split", optimizer=optimizer)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert {id(p) for group in optimizer.param_groups for p in group["params"]} == {id(p) for p in model.parameters()}
 
 
 @pytest.mark.parametrize("strategy", ["random", "gradmax"])
