@@ -26,8 +26,20 @@ def _as_float64(values: ArrayLike | torch.Tensor, scale: float) -> torch.Tensor:
     if isinstance(values, torch.Tensor):
         values = values.detach().to("cpu", torch.float64)
     elif isinstance(values, (list, tuple)):
+        if any(isinstance(v, torch.Tensor) and v.numel() != 1 for v in values):
+            raise ValueError("a list of tensors must hold one number per tensor: torch.cat or torch.stack them, "
+                             "or pass the numbers")
         values = [v.detach().item() if isinstance(v, torch.Tensor) else v for v in values]
-    return scale * torch.as_tensor(np.asarray(values, dtype=np.float64)).flatten()
+    return _finite(scale * torch.as_tensor(np.asarray(values, dtype=np.float64)).flatten())
+
+
+def _finite(values: torch.Tensor) -> torch.Tensor:
+    """``values``, or a ValueError if any is NaN or infinite (a diverged run would make the summary meaningless)."""
+    bad = values[~torch.isfinite(values)]
+    if bad.numel():
+        raise ValueError(f"the values include {bad.numel()} that are not finite ({bad[:3].tolist()}...): a run "
+                         "diverged or a measurement failed; summarise the finite runs and say how many failed")
+    return values
 
 
 def mean_and_ci(values: ArrayLike | torch.Tensor) -> tuple[float, float]:
@@ -42,7 +54,8 @@ def mean_and_ci(values: ArrayLike | torch.Tensor) -> tuple[float, float]:
         values: the measurements (a tensor, array or list of numbers), flattened.
 
     Raises:
-        ValueError: fewer than two values (use :func:`summarize` where one run is possible).
+        ValueError: fewer than two values (use :func:`summarize` where one run is possible),
+            or a value that is NaN or infinite.
     """
     mean, half = curve_mean_and_ci(_as_float64(values, 1.0)[:, None])
     return mean.item(), half.item()
@@ -55,12 +68,14 @@ def curve_mean_and_ci(runs: ArrayLike | torch.Tensor) -> tuple[np.ndarray, np.nd
     (training steps, sparsities); the band is ``mean ± half`` at every point.
 
     Raises:
-        ValueError: ``runs`` is not two-dimensional, or has fewer than two rows.
+        ValueError: ``runs`` is not two-dimensional, has fewer than two rows, or holds a
+            value that is NaN or infinite.
     """
     runs = runs.detach().to("cpu", torch.float64) if isinstance(runs, torch.Tensor) else \
         torch.as_tensor(np.asarray(runs, dtype=np.float64))
     if runs.dim() != 2:
         raise ValueError(f"runs must be (runs, points), got shape {tuple(runs.shape)}")
+    _finite(runs)
     n = runs.shape[0]
     if n < 2:
         raise ValueError(f"a confidence interval needs at least two values, got {n}; "
@@ -77,7 +92,7 @@ def summarize(values: ArrayLike | torch.Tensor, scale: float = 1.0) -> tuple[flo
     interval. ``scale`` converts units on the way, e.g. ``100`` for accuracies in %.
 
     Raises:
-        ValueError: no values at all.
+        ValueError: no values at all, or a value that is NaN or infinite.
     """
     values = _as_float64(values, scale)
     if values.numel() == 0:

@@ -26,7 +26,7 @@ import random
 import time
 import warnings
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,14 +105,18 @@ def buffers_restored(model: nn.Module) -> Iterator[None]:
     """Give every buffer of ``model`` its value back afterwards.
 
     A batch norm in training mode updates its running statistics on every forward
-    pass; code that only measures or evaluates should leave no trace in them.
+    pass; code that only measures or evaluates should leave no trace in them. A
+    buffer that the block replaced (``self.count = self.count + 1``) gets its own
+    tensor back, with its old value.
     """
-    saved = [(buffer, buffer.clone()) for buffer in model.buffers()]
+    saved = [(module, name, buffer, buffer.clone()) for module in model.modules()
+             for name, buffer in module.named_buffers(recurse=False)]
     try:
         yield
     finally:
         with torch.no_grad():
-            for buffer, value in saved:
+            for module, name, buffer, value in saved:
+                module._buffers[name] = buffer
                 buffer.copy_(value)
 
 
@@ -240,6 +244,9 @@ def _pair(data: Data) -> tuple[Tensor, Tensor]:
         raise ValueError(f"the data must be a pair of tensors (inputs, targets) or a TensorDataset of two tensors, "
                          f"not a {kind}; e.g. stack the examples of a Subset or a DataLoader into two tensors")
     x, y = pair
+    if x.dim() == 0 or y.dim() == 0:
+        raise ValueError(f"the inputs and targets must have one entry per example along their first dimension, got "
+                         f"shapes {tuple(x.shape)} and {tuple(y.shape)}")
     if len(x) != len(y):
         raise ValueError(f"inputs and targets differ in length: {len(x)} vs {len(y)}")
     if len(x) == 0:
@@ -362,12 +369,14 @@ def fit(
 
     Raises:
         ValueError: both or neither of ``epochs`` and ``steps``, a count that is not a
-            positive integer, a ``seed`` that is not an integer >= 0, data that are not
-            an ``(inputs, targets)`` pair of tensors of one length, ``eval_every``
-            without ``eval_data``, a ``start_step`` at or after the end, ``bf16`` off
-            CUDA, or, in a process group, batches smaller than the
+            positive integer, a ``seed`` that is not an integer in ``[0, 2**64)``, data
+            that are not an ``(inputs, targets)`` pair of tensors of one length,
+            ``eval_every`` without ``eval_data``, a ``start_step`` at or after the end,
+            ``bf16`` off CUDA, or, in a process group, batches smaller than the
             number of processes or models of different shapes on the processes; all
-            before the first step.
+            before the first step, and all but the last two before the generators are
+            seeded or the model moves.
+        TypeError: ``callbacks`` that are not a list of callables.
         NonFiniteLossError: the loss became NaN or infinite; the message names the
             first such step.
     """
@@ -379,13 +388,23 @@ def fit(
             check_count(name, value, 1)
     check_count("start_step", start_step, 0)
     check_count("seed", seed, 0)
+    rank, processes = world()
+    if seed + processes - 1 >= 2**64:
+        raise ValueError(f"seed must be at most {2**64 - processes} (torch's generators take seeds below 2**64, "
+                         f"and the process of rank r is seeded with seed + r), got {seed}")
+    _pair(data)                           # all checked now, before the generators are seeded or the model moves
     if eval_data is not None:
-        _pair(eval_data)                  # checked now, not after the first steps have changed the model
+        _pair(eval_data)
     elif eval_every is not None:
         raise ValueError("eval_every needs eval_data: pass the data to evaluate on, or leave eval_every out")
+    if not isinstance(callbacks, Iterable) or isinstance(callbacks, (str, bytes)):
+        callbacks = [callbacks]
+    callbacks = list(callbacks)
+    if not all(callable(callback) for callback in callbacks):
+        raise TypeError(f"callbacks must be a list of functions callback(state), got {callbacks!r}: pass [callback] "
+                        "for one")
 
     device = torch.device(device) if device is not None else default_device()
-    rank, processes = world()
     if start_step == 0:
         seed_everything(seed + rank)             # each process its own draws (dropout, batch_transform) ...
     order = torch.Generator().manual_seed(seed)  # ... and all the same batches
@@ -428,7 +447,11 @@ def fit(
             bad_step = torch.where(first_bad < 0, never, first_bad)
             dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
             bad_step = torch.where(bad_step == never, -1, bad_step)
-        mean_loss, bad = torch.stack([running / max(since_log, 1), bad_step.to(running.dtype)]).tolist()
+        # One read for both. A float32 holds integers exactly up to 2**24 only: the step goes in two parts.
+        high, low = torch.div(bad_step, 2**24, rounding_mode="floor"), torch.remainder(bad_step, 2**24)
+        mean_loss, high, low = torch.stack([running / max(since_log, 1), high.to(running.dtype),
+                                            low.to(running.dtype)]).tolist()
+        bad = int(high) * 2**24 + int(low)
         if bad >= 0:
             raise NonFiniteLossError(
                 f"the training loss became NaN or infinite at step {int(bad)} "

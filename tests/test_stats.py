@@ -32,6 +32,17 @@ def test_mean_and_ci_needs_two_values():
         mean_and_ci(torch.tensor([1.0]))
 
 
+def test_non_finite_values_are_refused_where_they_enter():
+    for bad in ([1.0, float("nan")], torch.tensor([1.0, float("inf")]), np.array([float("-inf"), 2.0])):
+        for summary in (mean_and_ci, summarize):
+            with pytest.raises(ValueError, match="1 that are not finite"):
+                summary(bad)
+    with pytest.raises(ValueError, match="not finite"):
+        curve_mean_and_ci([[1.0, 2.0], [float("nan"), 3.0]])
+    with pytest.raises(ValueError, match="one number per tensor"):
+        summarize([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])])
+
+
 def test_summarize_scales_and_gives_no_interval_for_one_value():
     mean, ci = summarize([0.9, 0.95, 0.92], scale=100)
     assert (mean, ci) == pytest.approx(mean_and_ci([90.0, 95.0, 92.0]))

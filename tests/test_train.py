@@ -68,6 +68,56 @@ def test_nonfinite_loss_names_the_step():
         fit(model, (x, y), opt, epochs=3, batch_size=8, log_every=100, device="cpu")
 
 
+def test_a_non_finite_loss_past_step_2_to_the_24_is_named_exactly():
+    # The step is read back with the loss, as float32, which holds integers exactly only up to 2**24.
+    model, opt = make()
+    x, y = toy_data(n=4096)
+    x[:] = float("nan")                          # whichever example the step draws; 4096 epochs to skip, not 2**24
+    with pytest.raises(NonFiniteLossError, match=r"at step 16777217 \(epoch 4096\)"):
+        fit(model, (x, y), opt, steps=2**24 + 1, batch_size=1, start_step=2**24, device="cpu", progress=False)
+
+
+def test_fit_checks_everything_before_it_seeds_the_generators_or_moves_the_model():
+    model, opt = make()
+    before = [p.clone() for p in model.parameters()]
+    state = torch.get_rng_state()
+    x, y = toy_data()
+    for data, error, message in (((x, y[:3]), ValueError, "differ in length"),
+                                 ((torch.tensor(1.0), torch.tensor(0)), ValueError, "one entry per example")):
+        with pytest.raises(error, match=message):
+            fit(model, data, opt, epochs=1, seed=123, device="cpu")
+    with pytest.raises(TypeError, match=r"callbacks must be a list of functions callback\(state\)"):
+        fit(model, (x, y), opt, epochs=1, seed=123, callbacks=[print, None], device="cpu")
+    with pytest.raises(ValueError, match=r"seed must be at most 18446744073709551615"):
+        fit(model, (x, y), opt, epochs=1, seed=2**64, device="cpu")
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    calls = []
+    fit(model, (x, y), opt, steps=2, callbacks=lambda state: calls.append(state.step), device="cpu", progress=False)
+    assert calls == [1, 2]                                               # one callback, not in a list: fine
+
+
+def test_buffers_restored_gives_back_a_buffer_the_block_replaced():
+    from lowlearn.train import buffers_restored
+
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("count", torch.zeros(()))
+            self.inner = nn.BatchNorm1d(2)
+
+        def forward(self, x):
+            self.count = self.count + 1                                  # a new tensor, not an in-place update
+            return self.inner(x)
+
+    model = Counter()
+    count = model.count
+    with buffers_restored(model):
+        model(torch.randn(4, 2))
+        assert model.count == 1 and model.inner.num_batches_tracked == 1
+    assert model.count is count and model.count == 0 and model.inner.num_batches_tracked == 0
+
+
 def test_stop_training_from_a_callback_keeps_history():
     model, opt = make()
 
