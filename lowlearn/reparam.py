@@ -158,6 +158,28 @@ class OutputGradients:
         """Forget the stored gradients."""
         self.grads = {}
 
+    def __deepcopy__(self, memo: dict) -> OutputGradients:
+        """A recorder of the copied layers (copied with it, as in a deep copy of a sparsifier and its model).
+
+        The copied layers carry copies of this recorder's hooks, which would feed this
+        one: they are taken off, and the copy records with hooks of its own if this
+        one is recording.
+        """
+        new = copy.copy(self)
+        memo[id(self)] = new
+        new.chains, new.modules, new._raw = (copy.deepcopy(part, memo) for part in (self.chains, self.modules,
+                                                                                     self._raw))
+        new.grads, new._own_pass, new._handles = copy.deepcopy(self.grads, memo), {}, []
+        ids = {handle.id for handle in self._handles}
+        for name, chain in new.chains.items():
+            for module in (chain[0], new.modules[name]):
+                for hooks in (module._forward_pre_hooks, module._forward_hooks):
+                    for key in ids & hooks.keys():
+                        del hooks[key]
+        if self.active:
+            new.start()
+        return new
+
     def _pass_hook(self, name: str):
         def hook(first: nn.Module, inputs: tuple) -> None:    # does this pass start from the layer's raw parameter?
             self._own_pass[name] = first is self.chains[name][0] and inputs[0] is self._raw[name]

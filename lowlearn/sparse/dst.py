@@ -31,7 +31,9 @@ Use a sparsifier like a learning-rate scheduler::
         sparsifier.step()
 
 or pass it to :func:`lowlearn.train.fit` as a callback. It works with any
-``torch.optim`` optimizer, and its :meth:`~Sparsifier.state_dict` (step count,
+``torch.optim`` optimizer (with an element-wise one, such as SGD or Adam, the
+dropped weights stay exactly zero underneath their masks too: see
+:mod:`lowlearn.sparse.mask`), and its :meth:`~Sparsifier.state_dict` (step count,
 random generator, SNFS's momentum) together with the model's and the optimizer's
 lets training resume exactly from a checkpoint.
 
@@ -59,6 +61,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..checks import is_real
 from ..distributed import average_across_processes
 from ..reparam import OutputGradients
 from ..train import generator_on, restore_generator
@@ -200,7 +203,8 @@ class DynamicSparsity(Sparsifier):
         seed: seeds the initial masks and any random growth.
 
     Raises:
-        ValueError: a density outside (0, 1], a bad schedule or distribution.
+        ValueError: a density outside (0, 1], a bad schedule or distribution, or no
+            layer to sparsify.
     """
 
     #: when the dense gradient ``∂L/∂w`` is read: ``"never"``, ``"update"`` (steps that
@@ -225,6 +229,9 @@ class DynamicSparsity(Sparsifier):
         check_density(density)
         self.schedule = None if end is None else UpdateSchedule(end, every, drop_fraction, cosine)
         chosen = resolve_layers(model, layers)
+        if not chosen:
+            raise ValueError("no layers to train sparsely: layers is empty, or the model has no nn.Linear or "
+                             "nn.Conv2d")
         self.densities = layer_densities_for(model, density, distribution, list(chosen))
         self.density, self.regrow_dropped = density, regrow_dropped
         sizes = {name: raw_weight(layer).numel() for name, layer in chosen.items()}
@@ -294,16 +301,24 @@ class DynamicSparsity(Sparsifier):
         The schedule calls this. A one-off update by hand suits methods whose growth
         needs no gradient of the current step (SET, SNFS); RigL's needs the dense
         gradient, which only the steps its schedule updates at record.
+
+        Raises:
+            ValueError: a ``fraction`` outside [0, 1], or an update some layer cannot
+                make; nothing has changed then.
         """
+        if not is_real(fraction) or not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction must be in [0, 1] (the share of each layer's active weights to replace), "
+                             f"got {fraction!r}")
         masks = self.masks()
         layers = self.layers()
         dropped = {name: self.drop_count(name, raw_weight(layer).numel(), fraction) for name, layer in layers.items()}
         counts = self.grow_counts(dropped, masks)
         drop, grow = self.drop_scores(masks), self.grow_scores(masks)
         new, grown = {}, {}
-        for name in layers:
+        for name in layers:                  # every layer's sets first: a refused update changes nothing
             new[name], grown[name] = drop_and_grow(masks[name], drop[name], grow[name], dropped[name], counts[name],
                                                    regrow_dropped=self.regrow_dropped, active=self.active[name])
+        for name in layers:
             self.active[name] += counts[name] - dropped[name]
         set_masks(self.model, new, self.optimizer)
         with torch.no_grad():
@@ -470,7 +485,10 @@ class SNFS(DynamicSparsity):
     gradient at every step up to ``T_end`` (at every step without a schedule; under
     the cosine the last update comes at the last multiple of ``ΔT`` before ``T_end``,
     and the steps after it record a momentum only an :meth:`update` by hand would
-    use), see :func:`lowlearn.sparse.flops.dst_training_flops`.
+    use), see :func:`lowlearn.sparse.flops.dst_training_flops`. A step whose dense
+    gradient of a layer holds a NaN or an infinity (the overflow steps of a
+    ``torch.amp.GradScaler``, which the optimizer skips) leaves that layer's ``M`` as
+    it was.
 
     ``beta`` is the momentum coefficient ``β`` of ``M``; the other arguments are those
     of :class:`DynamicSparsity` (the initial densities come from ``distribution``; the
@@ -497,11 +515,15 @@ class SNFS(DynamicSparsity):
 
     def _observe_gradients(self) -> None:
         for name, grad in self.dense_gradients().items():
+            # A gradient that is not finite (a GradScaler's overflow step, which the optimizer skips) leaves the
+            # momentum as it was: decided on the device, without a host synchronisation.
+            finite = torch.isfinite(grad).all()
+            grad = torch.where(finite, grad.detach(), 0)
             if name in self.momentum:
                 momentum = self.momentum[name] = self.momentum[name].to(grad.device)   # the model may have moved
-                momentum.mul_(self.beta).add_(grad)
+                momentum.mul_(torch.where(finite, self.beta, 1.0)).add_(grad)
             else:
-                self.momentum[name] = grad.detach().clone()
+                self.momentum[name] = grad
 
     def grow_scores(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {name: m.abs() for name, m in self.momentum.items()}

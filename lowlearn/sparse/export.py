@@ -231,7 +231,8 @@ def export(model: nn.Module, format: str = "csr", *, min_sparsity: float = 0.0) 
     replacements = {}                                  # a module used at several places stays shared
     for name, layer in list(exported.named_modules(remove_duplicate=False)):
         if id(layer) not in replacements:
-            inside = next((kind for prefix, kind in fused.items() if name.startswith(prefix + ".")), None)
+            inside = next((kind for prefix, kind in fused.items()          # "" (the model itself) holds all
+                           if prefix == "" or name.startswith(prefix + ".")), None)
             replacements[id(layer)] = _exported_layer(name, layer, format, min_sparsity, inside)
         replacement = replacements[id(layer)]
         if replacement is None:

@@ -17,7 +17,12 @@ lowlearn also keeps the raw weight itself at exactly zero wherever the mask is
 zero, and the optimizer's per-weight state there (SGD momentum, Adam's moments)
 too: :func:`set_masks` zeroes both whenever a mask changes. From then on the
 zeros stay exact, because the gradient there is zero (and a weight decay of zero
-is zero). A layer's pruned weights are therefore zero in every view of the model.
+is zero), under every optimizer whose update of a weight depends on that weight's
+own gradient and state alone (SGD, Adam, AdamW, RMSprop, ...). A layer's pruned
+weights are therefore zero in every view of the model. Optimizers that mix
+weights (L-BFGS's directions, Muon's orthogonalised matrices) move raw weights
+under a zero mask; the masked weight ``θ ⊙ m``, which the layer computes with,
+stays exact.
 
 The life cycle, after PyTorch's own sparsifier (``torch.ao.pruning``): attach
 (:func:`attach_masks`), update (:func:`set_masks`, usually through the pruning and

@@ -469,6 +469,9 @@ def test_bad_input():
     assert not masks_of(model) and not any(module._forward_hooks for module in model.modules())
     SNFS(small_mlp(), None, 0.8, end=1000, distribution="uniform", drop_fraction=0.25)
     SNFS(small_mlp(), None, 0.8, end=1000, distribution="uniform", regrow_dropped=True)
+    for layers, unsparse in (([], small_mlp()), (None, nn.Sequential(nn.ReLU()))):
+        with pytest.raises(ValueError, match="no layers to train sparsely"):
+            SET(unsparse, None, 0.5, layers=layers)
 
 
 @pytest.mark.parametrize("method", ["set", "rigl", "snfs"])
@@ -509,6 +512,58 @@ def test_deepcopy_of_a_sparse_model_is_independent():
     saved = masks_of(frozen)
     train(model, optimizer, sparsifier, batches(10, seed=3))
     assert all(torch.equal(saved[n], m) for n, m in masks_of(frozen).items())
+
+
+@pytest.mark.parametrize("method", ["rigl", "snfs"])
+@pytest.mark.parametrize("when", [0, 4])                     # at construction; a step before RigL's update at 5
+def test_a_deep_copy_of_a_sparsifier_records_its_own_models_gradients(method, when):
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = make(method, model, optimizer)
+    train(model, optimizer, sparsifier, batches(when))
+    twin = copy.deepcopy(sparsifier)
+    assert twin.model is not model and twin.optimizer is not optimizer
+    train(twin.model, twin.optimizer, twin, batches(6, seed=4))           # the copy's update reads its gradients
+    assert not sparsifier._recorder().grads                             # and none went to the original
+    train(model, optimizer, sparsifier, batches(6, seed=4))
+    for name, mask in masks_of(model).items():                          # the same run, the same masks
+        assert torch.equal(mask, masks_of(twin.model)[name])
+
+
+def test_a_non_finite_gradient_leaves_the_snfs_momentum_as_it_was():
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = make("snfs", model, optimizer, end=None)
+    train(model, optimizer, sparsifier, batches(2))
+    before = {name: m.clone() for name, m in sparsifier.momentum.items()}
+    x, y = batches(1)[0]
+    x[0, 0] = float("nan")
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    sparsifier.step()                              # the optimizer skips the step, as a GradScaler does on overflow
+    assert all(torch.equal(m, before[name]) for name, m in sparsifier.momentum.items())
+    sparsifier.update(0.3)                                                # and growth goes on by it
+    train(model, optimizer, sparsifier, batches(1, seed=5))
+    assert all(not torch.equal(m, before[name]) for name, m in sparsifier.momentum.items())
+
+
+class _OverfullSET(SET):
+    def grow_counts(self, dropped, masks):                               # the last layer cannot grow so many
+        return {**dropped, "5": masks["5"].numel()}
+
+
+def test_a_refused_update_changes_no_count_and_no_mask():
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = _OverfullSET(model, optimizer, 0.3, end=30, every=5)
+    active, masks = dict(sparsifier.active), masks_of(model)
+    for fraction in (-0.1, 1.5, float("nan"), "0.3"):
+        with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\]"):
+            sparsifier.update(fraction)
+    with pytest.raises(ValueError):
+        sparsifier.update(0.3)
+    assert sparsifier.active == active == counts(model)
+    assert all(torch.equal(mask, masks[name]) for name, mask in masks_of(model).items())
 
 
 @pytest.mark.parametrize("method", ["rigl", "snfs"])                     # SET reads no gradient: no hooks

@@ -337,6 +337,19 @@ def test_multihead_attention_keeps_its_output_projection_dense():
         assert torch.allclose(exported(x), model(x), atol=1e-5)
 
 
+def test_a_model_that_is_itself_an_attention_module_stays_dense():
+    torch.manual_seed(0)
+    for model, call in ((nn.MultiheadAttention(16, 2, batch_first=True), lambda m, x: m(x, x, x)[0]),
+                        (nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), lambda m, x: m(x))):
+        prune(model, scores.magnitude(model), 0.2)
+        x = torch.randn(2, 5, 16)
+        with pytest.warns(UserWarning, match="stays dense"):
+            exported = export(model, "csr")
+        assert not any(isinstance(layer, CSRLinear) for layer in exported.modules())
+        with torch.no_grad():
+            assert torch.allclose(call(exported, x), call(model.eval(), x), atol=1e-5)
+
+
 def test_half_precision_layers_stay_dense_in_csr_on_the_cpu():
     model = pruned_mlp().half()
     with pytest.warns(UserWarning, match="no torch.float16 kernel on the CPU"):
