@@ -37,7 +37,7 @@ def _finite(values: torch.Tensor) -> torch.Tensor:
     """``values``, or a ValueError if any is NaN or infinite (a diverged run would make the summary meaningless)."""
     bad = values[~torch.isfinite(values)]
     if bad.numel():
-        raise ValueError(f"the values include {bad.numel()} that are not finite ({bad[:3].tolist()}...): a run "
+        raise ValueError(f"the values include {bad.numel()} that are not finite (such as {bad[0].item()}): a run "
                          "diverged or a measurement failed; summarise the finite runs and say how many failed")
     return values
 
