@@ -7,6 +7,7 @@ tensor (pass ``float(t)`` or ``int(t)``).
 
 from __future__ import annotations
 
+import math
 import numbers
 
 
@@ -24,3 +25,10 @@ def check_count(name: str, value: int, minimum: int) -> None:
     """Raise a ValueError unless ``value`` is an integer of at least ``minimum`` (a number of examples, tasks, ...)."""
     if not is_integer(value) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+
+
+def check_rate(name: str, value: float) -> float:
+    """Return ``value`` as a float if it is a positive, finite number (a step size), else raise a ValueError."""
+    if not is_real(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive, finite step size, got {value!r}")
+    return float(value)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowlearn.checks import check_count, is_integer, is_real
+from lowlearn.checks import check_count, check_rate, is_integer, is_real
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, float("inf"), np.int64(4), np.float32(0.5), fractions.Fraction(1, 3)])
@@ -38,3 +38,10 @@ def test_a_count_at_the_minimum_passes():
 def test_a_count_below_the_minimum_or_not_an_integer_names_itself(value):
     with pytest.raises(ValueError, match=r"shots must be an int >= 1; got"):
         check_count("shots", value, 1)
+
+
+def test_a_rate_must_be_a_positive_finite_number():
+    assert check_rate("lr", np.float32(0.5)) == 0.5 and isinstance(check_rate("lr", 1), float)
+    for bad in (0, -1e-3, float("nan"), float("inf"), True, "0.1", torch.tensor(0.1)):
+        with pytest.raises(ValueError, match="lr must be a positive, finite step size"):
+            check_rate("lr", bad)

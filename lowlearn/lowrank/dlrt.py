@@ -58,7 +58,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_count, is_real
+from ..checks import check_count, check_rate, is_real
 from ..distributed import average_across_processes
 from ..train import NonFiniteLossError, buffers_restored
 from .layers import check_tolerance, dense_parameters, low_rank_layers, truncation_rank
@@ -112,8 +112,7 @@ class DLRT(torch.optim.Optimizer):
                  optimizer: torch.optim.Optimizer | None = None):
         if not low_rank_layers(model):
             raise ValueError("the model has no low-rank layer: convert some with lowlearn.lowrank.to_low_rank")
-        if not is_real(lr) or not math.isfinite(lr) or lr <= 0:
-            raise ValueError(f"lr must be a positive, finite step size, got {lr!r}")
+        check_rate("lr", lr)
         check_count("r_min", r_min, 1)
         if r_max is not None:
             check_count("r_max (None or at least r_min)", r_max, r_min)

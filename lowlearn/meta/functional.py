@@ -8,8 +8,9 @@ the gradient itself (second order, ``create_graph=True``) or, detaching it, only
 through the identity path (first order).
 
 Memory grows with the inner steps (each keeps its graph for the outer backward
-pass) and with nothing else: the meta-learners of :mod:`lowlearn.meta.maml` back-
-propagate each task's query loss before they adapt to the next task.
+pass) and with the tasks adapted together (``tasks_at_once``), not with the number
+of tasks: the meta-learners of :mod:`lowlearn.meta.maml` back-propagate each group's
+query loss before they adapt to the next group.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from ..checks import check_count
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -65,14 +68,22 @@ def inner_loop(
 
     Returns:
         The adapted parameters ``θ_steps`` (all of them, adapted or not).
+
+    Raises:
+        ValueError: negative ``steps``, or an adapted parameter that the loss does not
+            use (leave it out of ``adapt``, or freeze it).
     """
+    check_count("steps (inner steps)", steps, 0)
     if steps:
         check_gradients_allowed()
     params = dict(params)
     names = list(params) if adapt is None else list(adapt)
     for _ in range(steps):
         loss = loss_fn(run(model, params, x), y)
-        grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not first_order)
+        grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not first_order, allow_unused=True)
+        if unused := [name for name, grad in zip(names, grads) if grad is None]:
+            raise ValueError(f"the support loss does not use the parameters {unused}, so the inner loop cannot adapt "
+                             "them: leave them out of adapt= (or freeze them, requires_grad_(False))")
         for name, grad in zip(names, grads):
             step = lr[name] * grad if isinstance(lr, Mapping) else lr * grad
             params[name] = params[name] - step

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_count
+from ..checks import check_count, check_rate
 from ..train import buffers_restored
 from .batched import summed_over_tasks, task_batched
 from .functional import (LossFn, Params, check_labels, check_task, inner_loop, parameters_of, run,
@@ -132,7 +132,8 @@ class MAML(nn.Module):
             that many tasks. The loss is then checked to average over its examples.
 
     Raises:
-        ValueError: a negative ``inner_steps``, or zero inner steps with second order
+        ValueError: an ``inner_lr`` that is not a positive, finite number, a negative
+            ``inner_steps``, or zero inner steps with second order
             (there would be nothing to differentiate through), an unknown name in
             ``adapt``, an ``adapt`` with no trainable parameter while there are inner
             steps, ``tasks_at_once`` below 1, or a model with layers that cannot run
@@ -143,6 +144,7 @@ class MAML(nn.Module):
                  adapt: list[str] | None = None, learn_lr: bool = False, loss_fn: LossFn = F.cross_entropy,
                  tasks_at_once: int = 1):
         super().__init__()
+        check_rate("inner_lr", inner_lr)
         check_count("inner_steps", inner_steps, 0)
         check_count("tasks_at_once", tasks_at_once, 1)
         if tasks_at_once > 1:
@@ -164,8 +166,21 @@ class MAML(nn.Module):
         return dict(zip(self.adapt_names, self.lrs))
 
     def adapt(self, x: Tensor, y: Tensor, steps: int | None = None, *, first_order: bool | None = None) -> Params:
-        """The parameters adapted to one task's support set ``(x, y)`` (default: the meta-training steps)."""
-        with torch.enable_grad():                  # the inner steps need gradients, also under torch.no_grad()
+        """The parameters adapted to one task's support set ``(x, y)`` (default: the meta-training steps).
+
+        The model's buffers (batch-norm running statistics) are left as they were.
+
+        Raises:
+            ValueError: inputs and targets of different lengths, an empty support set,
+                or (on the CPU) integer labels outside the model's classes.
+        """
+        if len(x) != len(y) or len(x) == 0:
+            raise ValueError(f"the support set must hold as many targets as inputs, at least one: got {len(x)} "
+                             f"inputs and {len(y)} targets")
+        if not y.dtype.is_floating_point and values_are_free_to_read(y):
+            with torch.no_grad(), buffers_restored(self.model):
+                check_labels(y, self.model(x).shape[-1])
+        with torch.enable_grad(), buffers_restored(self.model):   # the inner steps need gradients, also under no_grad
             return inner_loop(self.model, parameters_of(self.model), x, y, self.loss_fn,
                               self.inner_steps if steps is None else steps, self.learning_rates(),
                               first_order=self.first_order if first_order is None else first_order,
@@ -194,16 +209,17 @@ class MAML(nn.Module):
         check_tasks(self.model, params, tasks, adapts=self.inner_steps > 0)
         total, correct = 0.0, 0.0
         loss_fn = summed_over_tasks(self.loss_fn)
-        for part, forward, adapted in adapted_tasks(self.model, params, tasks, self.loss_fn, self.inner_steps,
-                                                    self.learning_rates(), first_order=self.first_order,
-                                                    adapt=self.adapt_names, tasks_at_once=self.tasks_at_once):
-            query_y = tasks.query_y[part]
-            out = forward(adapted, tasks.query_x[part])
-            loss = loss_fn(out, query_y)
-            (loss / count).backward()
-            total = total + loss.detach()
-            if not query_y.dtype.is_floating_point:
-                correct = correct + (out.argmax(-1) == query_y).float().mean(-1).sum().detach()
+        with torch.enable_grad():                  # a meta-gradient, also when called under torch.no_grad()
+            for part, forward, adapted in adapted_tasks(self.model, params, tasks, self.loss_fn, self.inner_steps,
+                                                        self.learning_rates(), first_order=self.first_order,
+                                                        adapt=self.adapt_names, tasks_at_once=self.tasks_at_once):
+                query_y = tasks.query_y[part]
+                out = forward(adapted, tasks.query_x[part])
+                loss = loss_fn(out, query_y)
+                (loss / count).backward()
+                total = total + loss.detach()
+                if not query_y.dtype.is_floating_point:
+                    correct = correct + (out.argmax(-1) == query_y).float().mean(-1).sum().detach()
         stats = {"loss": total / count}
         if not tasks.query_y.dtype.is_floating_point:
             stats["accuracy"] = correct / count
@@ -243,6 +259,10 @@ def check_tasks(model: nn.Module, params: Params, tasks: TaskBatch, *, adapts: b
     uses the support sets only (Reptile), the query sets may be empty, and the first
     support set takes the first query set's place in the forward pass.
     """
+    flat = [name for name in ("support_x", "support_y", "query_x", "query_y") if getattr(tasks, name).dim() < 2]
+    if flat:
+        raise ValueError(f"{flat} have no task dimension: stack the tasks along dimension 0, (tasks, examples, ...); "
+                         "for one task, x.unsqueeze(0)")
     counts = {name: getattr(tasks, name).shape[0] for name in ("support_x", "support_y", "query_x", "query_y")}
     if len(set(counts.values())) != 1 or not counts["support_x"]:
         raise ValueError(f"the tasks' tensors must stack the same number of tasks (at least one) along their first "
@@ -327,10 +347,13 @@ def check_mean_loss(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss
 
     :func:`~lowlearn.meta.batched.summed_over_tasks` takes the loss over all ``T``
     tasks' examples at once, times ``T``: a loss that sums them (``reduction="sum"``)
-    would make every inner step ``T`` times larger. A mean does not change when every
-    example is repeated, a sum doubles: this compares the two on ``(x, y)`` (one
-    forward pass without gradients, the model's buffers left as they were), once per
-    loss function, reading one number from the device.
+    would make every inner step ``T`` times larger, and a weighted mean (cross-entropy
+    with class ``weight=``) divides by the weights of all ``T`` tasks together. A mean
+    does not change when every example is repeated, a sum doubles; and the mean over
+    two halves of the examples is the mean of the halves' means, which a weighted mean
+    of halves with other labels is not. This compares both on ``(x, y)`` (one forward
+    pass without gradients, the model's buffers left as they were), once per hashable
+    loss function (one that is not hashable at every call), reading the device once.
     """
     try:
         if loss_fn in _AVERAGING_LOSSES:
@@ -340,10 +363,16 @@ def check_mean_loss(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss
     with torch.no_grad(), buffers_restored(model):
         out = run(model, params, x)
         once, twice = loss_fn(out, y), loss_fn(torch.cat([out, out]), torch.cat([y, y]))
-    if not torch.allclose(twice, once, rtol=1e-4, atol=1e-6):
-        raise ValueError(f"with tasks_at_once > 1 the loss must average over its examples (as reduction='mean' "
-                         f"does): repeating every example changed it from {once.item():.4g} to {twice.item():.4g}; "
-                         "pass a mean loss, or tasks_at_once=1")
+        half = len(x) // 2                     # two halves of one size, whose means average to the whole's
+        whole, halves = (loss_fn(out[:2 * half], y[:2 * half]),
+                         (loss_fn(out[:half], y[:half]) + loss_fn(out[half:2 * half], y[half:2 * half])) / 2) \
+            if half else (once, once)
+    once, twice, whole, halves = torch.stack([once, twice, whole, halves]).tolist()
+    if abs(twice - once) > 1e-6 + 1e-4 * abs(once) or abs(halves - whole) > 1e-6 + 1e-4 * abs(whole):
+        raise ValueError(f"with tasks_at_once > 1 the loss must be the plain mean over its examples (as "
+                         f"reduction='mean' without class weights is): repeating every example changed it from "
+                         f"{once:.4g} to {twice:.4g}, and the mean of two halves' losses is {halves:.4g} against "
+                         f"{whole:.4g} for both together; pass a plain mean loss, or tasks_at_once=1")
     try:
         _AVERAGING_LOSSES.add(loss_fn)
     except TypeError:                                   # not weakly referable or not hashable
@@ -438,6 +467,8 @@ class Reptile:
 
     def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int, outer_lr: float,
                  loss_fn: LossFn = F.cross_entropy, tasks_at_once: int = 1):
+        check_rate("inner_lr", inner_lr)
+        check_rate("outer_lr", outer_lr)
         check_count("inner_steps (Reptile needs at least one)", inner_steps, 1)
         check_count("tasks_at_once", tasks_at_once, 1)
         if tasks_at_once > 1:

@@ -192,12 +192,16 @@ def test_a_summed_loss_is_refused_when_tasks_run_together(learner):
             "reptile": lambda: Reptile(model, lr, 1, 1.0, loss_fn=summed, tasks_at_once=2).meta_step(tasks),
             "evaluate": lambda: adapt_and_evaluate(model, tasks, summed, 1, lr, tasks_at_once=2)}
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="must average over its examples"):
+    with pytest.raises(ValueError, match="must be the plain mean over its examples"):
         runs[learner]()
     assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
     smoothed = lambda out, y: F.cross_entropy(out, y, label_smoothing=0.1)  # noqa: E731
     MAML(model, lr, 1, loss_fn=smoothed, tasks_at_once=2).meta_backward(tasks)          # a mean: accepted
     MAML(model, lr, 1, loss_fn=nn.CrossEntropyLoss(), tasks_at_once=2).meta_backward(tasks)
+    # A class-weighted mean divides by the weights of all the tasks together, not task by task.
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="the mean of two halves' losses is"):
+        MAML(model, lr, 1, loss_fn=weighted, tasks_at_once=2).meta_backward(tasks)
     unhashable = Smoothed(0.1)                                                          # checked every time
     for _ in range(2):
         MAML(model, lr, 1, loss_fn=unhashable, tasks_at_once=2).meta_backward(tasks)

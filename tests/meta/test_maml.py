@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowlearn.cost import saved_tensor_bytes
-from lowlearn.data.episodes import random_episodes
+from lowlearn.data.episodes import Episode, random_episodes
 from lowlearn.data.tasks import RegressionBatch, SinusoidTasks
 from lowlearn.meta import ANIL, MAML, MetaSGD, Reptile, adapt_and_evaluate, head_names, run
 from lowlearn.meta.episodic import meta_train
@@ -254,6 +254,63 @@ def test_bad_input():
     for call in (maml.meta_backward, maml.evaluate):
         with pytest.raises(ValueError, match="query set is empty"):
             call(no_queries)
+    one = tasks._replace(**{name: getattr(tasks, name)[0] for name in tasks._fields})    # no task dimension
+    for call in (maml.meta_backward, maml.evaluate):
+        with pytest.raises(ValueError, match="no task dimension: stack the tasks along dimension 0"):
+            call(one)
+    for bad_lr in (0, -0.1, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="inner_lr must be a positive, finite step size"):
+            MAML(model, bad_lr, 1)
+        with pytest.raises(ValueError, match="inner_lr must be a positive, finite step size"):
+            Reptile(model, bad_lr, 1, 1.0)
+        with pytest.raises(ValueError, match="outer_lr must be a positive, finite step size"):
+            Reptile(model, 0.1, 1, bad_lr)
+    for call in (lambda: maml.evaluate(tasks, steps=-1), lambda: maml.adapt(tasks.support_x[0], tasks.support_y[0],
+                                                                            steps=-3)):
+        with pytest.raises(ValueError, match=r"steps \(inner steps\) must be an int >= 0"):
+            call()
+
+
+def test_a_parameter_the_loss_does_not_use_is_named():
+    class WithSpareHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.spare = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.body(x)
+
+    tasks = Episode(torch.randn(2, 6, 4), torch.randint(0, 3, (2, 6)), torch.randn(2, 6, 4),
+                    torch.randint(0, 3, (2, 6)), torch.arange(3).expand(2, 3))
+    for learner in (MAML(WithSpareHead(), 0.1, 1), Reptile(WithSpareHead(), 0.1, 1, 1.0)):
+        step = learner.meta_backward if isinstance(learner, MAML) else learner.meta_step
+        with pytest.raises(ValueError, match=r"does not use the parameters \['spare.weight', 'spare.bias'\]"):
+            step(tasks)
+
+
+def test_adapt_checks_its_support_set_and_leaves_the_running_statistics_alone():
+    torch.manual_seed(0)
+    model = Conv4(1, 3, hidden=4, image_size=16).double()               # with running statistics, in train mode
+    maml, tasks = MAML(model, 0.4, 1), episodes()
+    before = copy.deepcopy(model.state_dict())
+    adapted = maml.adapt(tasks.support_x[0], tasks.support_y[0])
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    assert any(not torch.equal(adapted[name], p) for name, p in parameters_of(model).items())
+    with pytest.raises(ValueError, match="labels must be in 0 .. 2"):
+        maml.adapt(tasks.support_x[0], tasks.support_y[0].masked_fill(tasks.support_y[0] == 0, -100))
+    with pytest.raises(ValueError, match="as many targets as inputs, at least one: got 0 inputs"):
+        maml.adapt(tasks.support_x[0, :0], tasks.support_y[0, :0])
+
+
+def test_a_meta_step_under_no_grad_still_takes_its_meta_gradient():
+    torch.manual_seed(0)
+    model = Conv4(1, 3, hidden=4, image_size=16, running_stats=False).double()
+    maml, tasks = MAML(model, 0.4, 1), episodes()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        maml.meta_step(tasks, optimizer)
+    assert any(not torch.equal(value, before[key]) for key, value in model.state_dict().items())
 
 
 def test_label_values_are_read_only_on_the_cpu():
