@@ -151,6 +151,16 @@ def all_masks(model: nn.Module) -> list[tuple[nn.Module, str, Mask]]:
 
 
 @torch.no_grad()
+def zero_where_masked(raw: Tensor, mask: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Set ``raw`` (a masked tensor's raw value) and the optimizer's state of it to zero where ``mask`` is zero.
+
+    A fill, not a product: an infinite raw value times 0 would be NaN.
+    """
+    raw.masked_fill_(mask == 0, 0)
+    if optimizer is not None:
+        zero_optimizer_state(optimizer, raw, mask)
+
+
 def zero_under_masks(model: nn.Module) -> None:
     """Set the raw values under every zero of every :class:`Mask` of the model to zero (weights and biases).
 
@@ -158,7 +168,7 @@ def zero_under_masks(model: nn.Module) -> None:
     values were overwritten (a checkpoint loaded, parameters re-initialised).
     """
     for module, name, mask in all_masks(model):
-        module.parametrizations[name].original.masked_fill_(mask.mask == 0, 0)   # not a product: inf × 0 is NaN
+        zero_where_masked(module.parametrizations[name].original, mask.mask)
 
 
 def masked_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -280,15 +290,11 @@ def set_masks(
     for name, mask in masks.items():
         buffer = find_mask(layers[name]).mask
         buffer.copy_(mask)
-        theta = raw_weight(layers[name])
-        with torch.no_grad():
-            theta.masked_fill_(buffer == 0, 0)            # not a product: inf × 0 would be NaN
-        if optimizer is not None:
-            zero_optimizer_state(optimizer, theta, buffer)
+        zero_where_masked(raw_weight(layers[name]), buffer, optimizer)
 
 
 def zero_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, keep: Tensor) -> None:
-    """Zero the optimizer's per-element state of ``param`` wherever ``keep`` is ``False``.
+    """Zero the optimizer's per-element state of ``param`` wherever ``keep`` is ``False`` (or 0).
 
     Every state tensor with ``param``'s shape is treated as per-element (momentum,
     moments, accumulators); scalars such as Adam's step count are left alone. That

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..checks import is_integer, is_real
 from ..reparam import register
 from .mask import (PRUNABLE, Mask, attach_masks, find_mask, masks_or_ones, prunable_layers, set_masks,
-                   zero_optimizer_state)
+                   zero_where_masked)
 from .prune import alive_scores, kept_count, target_densities, top_k_mask
 from .scores import magnitude, scored_layers
 
@@ -174,11 +174,7 @@ def _mask_bias(layer: nn.Module, keep: Tensor, optimizer: torch.optim.Optimizer 
         mask = find_mask(layer, "bias")
     else:
         mask.mask.mul_(keep)
-    raw = layer.parametrizations.bias.original
-    with torch.no_grad():
-        raw.masked_fill_(mask.mask == 0, 0)
-    if optimizer is not None:
-        zero_optimizer_state(optimizer, raw, mask.mask != 0)
+    zero_where_masked(layer.parametrizations.bias.original, mask.mask, optimizer)
 
 
 def prune_channels(
