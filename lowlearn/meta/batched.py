@@ -144,7 +144,12 @@ class _TaskBatchedRoot:
     """Mixed into the copied root module: packs the tasks before its ``forward`` and unpacks after."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return unpack(super().forward(pack(x)), x.shape[0])
+        out = super().forward(pack(x))
+        if out.dim() < 2:
+            raise ValueError(f"on packed tasks the model's forward returned shape {tuple(out.shape)}: a task-batched "
+                             "model must return (batch, tasks·features, ...), so its forward may not squeeze or "
+                             "reshape its output (leave that to the loss, or adapt one task at a time)")
+        return unpack(out, x.shape[0])
 
 
 def _convert(module: nn.Module) -> nn.Module:

@@ -129,7 +129,9 @@ class MAML(nn.Module):
             them through :func:`~lowlearn.meta.batched.task_batched` (Conv2d, Linear and
             batch norm without running statistics), with the same results (up to
             rounding; dropout draws other masks), fewer kernel launches and memory for
-            that many tasks. The loss is then checked to average over its examples.
+            that many tasks. The loss is then checked to average over its examples,
+            and the model to give each task the output shape it gives one task alone
+            (a ``forward`` that squeezes its output does not).
 
     Raises:
         ValueError: an ``inner_lr`` that is not a positive, finite number, a negative
@@ -330,6 +332,7 @@ def adapted_tasks(model: nn.Module, params: Params, tasks: TaskBatch, loss_fn: L
     x, y = (tasks.support_x, tasks.support_y) if tasks.support_x.shape[1] else (tasks.query_x, tasks.query_y)
     check_mean_loss(model, params, x[0], y[0], loss_fn)
     batched, summed = task_batched(model), summed_over_tasks(loss_fn)
+    check_task_outputs(model, batched, params, x[:2])
     for start in range(0, count, tasks_at_once):
         part = slice(start, start + tasks_at_once)
         size = tasks.support_x[part].shape[0]
@@ -340,6 +343,30 @@ def adapted_tasks(model: nn.Module, params: Params, tasks: TaskBatch, loss_fn: L
 
 
 _AVERAGING_LOSSES: weakref.WeakSet = weakref.WeakSet()      # loss functions found to average over their examples
+_MATCHING_OUTPUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → input shapes checked
+
+
+def check_task_outputs(model: nn.Module, batched: nn.Module, params: Params, x: Tensor) -> None:
+    """Raise a ValueError unless ``batched`` gives each of the tasks ``x`` the output shape ``model`` gives one.
+
+    A ``forward`` that reshapes its output by the sizes it finds (``out.squeeze(-1)``)
+    sees ``(B, T)`` on packed tasks where a single task gives ``(B, 1)``, keeps it, and
+    each task's output comes back ``(B, 1)`` instead of ``(B,)``: against targets
+    ``(B,)``, a loss such as ``F.mse_loss`` would broadcast to ``(B, B)`` and only
+    warn. This runs both once without gradients (the model's buffers left as they
+    were), once per model and task input shape.
+    """
+    shape = tuple(x.shape[1:])
+    if shape in _MATCHING_OUTPUTS.get(model, ()):
+        return
+    with torch.no_grad(), buffers_restored(model):
+        alone, together = run(model, params, x[0]).shape, run(batched, params, x).shape[1:]
+    if alone != together:
+        raise ValueError(f"run task-batched, the model gives each task an output of shape {tuple(together)}, but "
+                         f"{tuple(alone)} run alone: its forward reshapes the packed tasks' outputs (a squeeze, "
+                         "view or reshape by the sizes it finds would); leave the output's shape to the loss "
+                         "(e.g. squeeze the outputs in loss_fn), or use tasks_at_once=1")
+    _MATCHING_OUTPUTS.setdefault(model, set()).add(shape)
 
 
 def check_mean_loss(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss_fn: LossFn) -> None:

@@ -236,3 +236,29 @@ def test_bad_tasks_at_once_and_unflattened_linear_inputs_are_clear_errors():
     batched = task_batched(nn.Linear(3, 2))
     with pytest.raises(ValueError, match="flatten"):
         batched(torch.randn(2, 4, 5, 3))
+
+
+class Squeezed(nn.Module):
+    """A regression network whose forward squeezes its one output: ``(B,)`` for one task."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = MLP(1, (8,), 1)
+
+    def forward(self, x):
+        return self.body(x).squeeze(-1)
+
+
+@pytest.mark.parametrize("tasks_at_once", [2, 5])
+def test_a_forward_that_reshapes_its_output_by_its_sizes_is_refused_rather_than_broadcast(tasks_at_once):
+    batch = regression(tasks=3)
+    batch = batch._replace(support_y=batch.support_y.squeeze(-1), query_y=batch.query_y.squeeze(-1))
+    torch.manual_seed(0)
+    model = Squeezed().double()
+    maml = MAML(model, 0.01, 1, loss_fn=F.mse_loss, tasks_at_once=tasks_at_once)
+    with pytest.raises(ValueError, match=r"squeeze|shape \(5,\)"):
+        maml.meta_backward(batch)
+    assert all(p.grad is None for p in model.parameters())
+    MAML(model, 0.01, 1, loss_fn=F.mse_loss).meta_backward(batch)       # one task at a time: fine
+    with pytest.raises(ValueError, match="squeeze"):                    # a group of one task alone
+        task_batched(model)(batch.support_x[:1])
