@@ -178,6 +178,7 @@ def test_the_held_out_alphabets_are_the_small2_ones_never_meta_trained_on(monkey
     (["--method", "maml", "--test-shift", "1"], "--test-shift is for the metric learners"),
     (["--device", "meta"], "argument --device: 'meta' is not a device lowlearn runs on here"),
     (["--test-shift", "-3"], "argument --test-shift: expected an integer >= 0, got -3"),
+    (["--test-shift", "28"], "--test-shift 28 is not below the 28-pixel images of profile smoke"),
     (["--device", "foo"], "argument --device: unknown device 'foo'"),
     (["--checkpoint", "a.pt", "--save", "b.pt"], "with --checkpoint nothing is trained"),
     (["--save", "/proc/version/learner.pt"], "cannot save to /proc/version/learner.pt"),
@@ -307,6 +308,27 @@ def test_missing_background_data_and_a_damaged_checkpoint_are_clear_errors(tmp_p
             damaged.write_bytes(content)
             with pytest.raises(SystemExit, match="learner.pt is damaged or cut off.*leave out --checkpoint"):
                 omniglot_runs.main(monkeypatched)
+
+
+def test_missing_or_damaged_archives_end_the_command_with_what_to_do(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    (tmp_path / "omniglot").mkdir()
+    damaged = tmp_path / "omniglot" / "images_background_small1.zip"
+    damaged.write_bytes(b"PK\x03\x04 cut off")
+    common = ["--profile", "smoke", "--data", str(tmp_path), "--device", "cpu"]
+    with pytest.raises(SystemExit, match="images_background_small1.zip is corrupted.*delete or move it"):
+        omniglot_runs.main(common + ["--background", "small1", "--test", "heldout"])
+    assert damaged.read_bytes() == b"PK\x03\x04 cut off"                  # the user's file is left as it is
+    monkeypatch.setattr(omniglot_runs, "background", lambda name, size, root: None)
+    # The background set is there, but the small2 alphabets to hold out are not.
+    with pytest.raises(SystemExit, match="images_background_small2.zip is not at"):
+        omniglot_runs.main(common + ["--background", "small1", "--test", "heldout"])
+    (tmp_path / "omniglot" / "all_runs.zip").write_bytes(b"not the runs")
+    with pytest.raises(SystemExit, match="(?s)all_runs.zip is corrupted.*--test heldout"):
+        omniglot_runs.main(common)
 
 
 def test_the_eval_entry_point_lists_its_tasks(capsys):

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from lowlearn import cli
 from lowlearn.data.augment import random_affine
 from lowlearn.data.episodes import Episode, EpisodeSampler
-from lowlearn.data.cache import DatasetNotFoundError
+from lowlearn.data.cache import DataError
 from lowlearn.data.omniglot import RUN_WAYS, Omniglot, OneShotRun, load_omniglot, load_omniglot_runs
 from lowlearn.meta import MAML, MatchingNet, ProtoNet
 from lowlearn.meta.episodic import episode_accuracies, meta_train
@@ -167,6 +167,7 @@ def held_out(trained_on: Omniglot, image_size: int, root: str | None = None) -> 
 
     Raises:
         ValueError: the background set holds every ``small2`` alphabet.
+        DataError: the ``small2`` archive is missing or damaged (:func:`~lowlearn.data.omniglot.load_omniglot`).
     """
     small2 = load_omniglot("small2", root=root, image_size=image_size)
     unseen = sorted(set(small2.alphabets) - set(trained_on.alphabets))
@@ -268,6 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.test_shift is not None:
         if args.method == "maml":
             parser.error("--test-shift is for the metric learners (protonet, matching), not maml")
+        if args.test_shift >= sizes.image_size:      # found now, not by the evaluation after the training
+            parser.error(f"--test-shift {args.test_shift} is not below the {sizes.image_size}-pixel images of "
+                         f"profile {profile.name}: shift by 0 .. {sizes.image_size - 1} pixels")
         sizes = dataclasses.replace(sizes, test_shift=args.test_shift)
     if args.test == "runs" and args.episodes is not None:
         parser.error("--episodes counts held-out episodes: use it with --test heldout (the runs are 20)")
@@ -288,17 +292,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.checkpoint is None or args.test == "heldout":      # to train on, or to tell what is held out
         try:
             data = background(args.background, sizes.image_size, args.data)
-        except DatasetNotFoundError as error:
+        except DataError as error:                      # missing offline, or damaged
             sys.exit(str(error))
     if args.test == "heldout":
         try:
             test = held_out(data, sizes.image_size, args.data)   # before any training: is anything held out?
         except ValueError as error:
             parser.error(str(error))
+        except DataError as error:
+            sys.exit(str(error))
     if args.test == "runs":
         try:
             runs = load_omniglot_runs(root=args.data, image_size=sizes.image_size)
-        except DatasetNotFoundError as error:
+        except DataError as error:
             sys.exit(f"{error}\nWithout the runs, evaluate on held-out alphabets instead: --background small1 "
                      "--test heldout")
     if args.checkpoint is not None:
