@@ -23,9 +23,18 @@ def _axes(ax: Axes | None) -> Axes:
 def mean_and_spread(runs: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation over runs (axis 0) of equally long result lists.
 
-    The standard deviation uses ``ddof=1`` (the sample estimate); one run gives 0.
+    ``runs`` holds one result per run: a number, or a list of numbers. The standard deviation
+    uses ``ddof=1`` (the sample estimate); one run gives 0.
+
+    Raises:
+        ValueError: no runs, runs of different lengths, or results that are not numbers.
     """
-    arr = np.asarray(runs, dtype=float)
+    try:
+        arr = np.asarray(runs, dtype=float)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"the runs must be equally long lists of numbers, one per run ({error})") from None
+    if arr.ndim == 0 or len(arr) == 0:
+        raise ValueError(f"no runs to average in {runs!r}: pass one result, or one list of results, per run")
     std = arr.std(axis=0, ddof=1) if len(arr) > 1 else np.zeros(arr.shape[1:])
     return arr.mean(axis=0), std
 
@@ -35,11 +44,25 @@ def errorbar_curve(x: Sequence[float], runs: Sequence[Sequence[float]], *, label
     """Plot the mean over ``runs`` (one list per seed, aligned with ``x``) with ±1 std bars.
 
     A single run is drawn without bars: it shows no spread. ``logx`` puts ``x`` on a
-    logarithmic axis labelled at powers of ten only.
+    logarithmic axis labelled at powers of ten only. Other keyword arguments go to
+    :meth:`matplotlib.axes.Axes.errorbar`, and may replace the defaults ``marker="o"`` and ``capsize=3``.
+
+    Raises:
+        ValueError: runs that are not equally long lists aligned with ``x``, or ``logx`` with an
+            ``x`` that is not positive (a log axis cannot show it), before any figure is made.
     """
-    ax = _axes(ax)
     mean, std = mean_and_spread(runs)
-    ax.errorbar(x, mean, yerr=std if len(runs) > 1 else None, marker="o", capsize=3, label=label, **kwargs)
+    if mean.ndim != 1 or len(mean) != len(x):
+        raise ValueError(f"runs must be one list per run, each aligned with the {len(x)} values of x; got runs of "
+                         f"shape {np.shape(runs)} (put a single run in a list: [run])")
+    if logx:
+        not_positive = [value for value in np.asarray(x, dtype=float) if not value > 0]
+        if not_positive:
+            raise ValueError(f"logx=True needs positive x values, and x holds {not_positive[0]:g}: "
+                             "leave such points out, or plot with logx=False")
+    ax = _axes(ax)
+    style = {"marker": "o", "capsize": 3, **kwargs}
+    ax.errorbar(x, mean, yerr=std if len(runs) > 1 else None, label=label, **style)
     if logx:
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -55,7 +78,16 @@ def density_axis(ax: Axes, kept: Sequence[float], *, percent: bool = False, labe
             the axis spans them with a margin on both sides.
         percent: whether the plotted x values are percentages.
         label: the axis label, before "(log scale; sparsity grows →)".
+
+    Raises:
+        ValueError: no densities, or one outside (0, 1] (outside (0, 100] with ``percent=True``),
+            before the axes change.
     """
+    top = 100 if percent else 1
+    values = np.asarray(kept, dtype=float)
+    if values.ndim != 1 or len(values) == 0 or not np.all((values > 0) & (values <= top)):
+        what = "percentages in (0, 100]" if percent else "fractions in (0, 1] (pass percent=True for percentages)"
+        raise ValueError(f"kept must be densities to label on a log axis, {what}; got {kept!r}")
     to_percent = 1 if percent else 100
     ax.set_xscale("log")
     ax.set_xticks(kept, labels=[f"{to_percent * k:.3g}%" for k in kept])
@@ -69,6 +101,9 @@ def plot_history(history: History, *, metric: str = "accuracy", label: str | Non
                  axes: Sequence[Axes] | None = None) -> Sequence[Axes]:
     """Training loss (left) and an evaluation metric (right) against optimizer steps.
 
+    The loss axis is logarithmic when every loss is positive, else linear (a negative
+    log-likelihood can be negative, and a log axis would hide it).
+
     Raises:
         ValueError: a ``metric`` that the evaluations do not hold (a regression's hold
             only ``"loss"``), before anything is drawn.
@@ -80,7 +115,8 @@ def plot_history(history: History, *, metric: str = "accuracy", label: str | Non
         axes = plt.subplots(1, 2, figsize=(10, 3.5))[1]
     loss_ax, metric_ax = axes
     loss_ax.plot(history.steps, history.loss, label=label)
-    loss_ax.set(xlabel="optimizer step", ylabel="training loss", yscale="log")
+    positive = all(loss > 0 for loss in history.loss)
+    loss_ax.set(xlabel="optimizer step", ylabel="training loss", yscale="log" if positive else "linear")
     if history.eval:
         metric_ax.plot(history.eval_steps, history.metric(metric), marker=".", label=label)
         metric_ax.set(xlabel="optimizer step", ylabel=f"test {metric}")

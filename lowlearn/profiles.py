@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_count
 from .train import available_device, default_device
 
 ENV_VAR = "LOWLEARN_PROFILE"
@@ -379,7 +380,12 @@ class MetaSizes:
         """Meta-test episodes of an N-way K-shot setting: ``5 / (N K)`` times ``omniglot_test_episodes``, at least 10.
 
         (All of ``omniglot_test_episodes`` where that is fewer than 10.)
+
+        Raises:
+            ValueError: ``ways`` or ``shots`` is not an int of at least 1.
         """
+        check_count("ways", ways, 1)
+        check_count("shots", shots, 1)
         base = self.omniglot_test_episodes
         return max(min(10, base), base * 5 // (ways * shots))
 
@@ -431,7 +437,7 @@ class BlackBoxSizes:
         cnp_batch: GP curves per training step (the authors' code: 64).
         cnp_points: points per training curve, all of them targets.
         cnp_context: ``(low, high)`` range of the number of context points of a training curve, drawn
-            uniformly per step (the authors' code: 3 to 10, with extra target points).
+            uniformly per step (the authors' code: 3 to 9, and 2 to 9 more points as targets only).
         cnp_test_curves: GP curves per evaluation (for the 95% intervals).
         cnp_seeds: CNPs trained with different seeds in the length-scale experiment.
         image_steps: training steps of the image-completion CNP on MNIST digits.
@@ -847,17 +853,22 @@ def get_profile(name: str | None = None) -> Profile:
             :func:`default_profile_name`.
 
     Raises:
-        ValueError: the name is not a known profile.
+        ValueError: the name (or ``LOWLEARN_PROFILE``) is not a known profile; the
+            message says where the name came from.
+        TypeError: ``name`` is neither a string nor ``None``.
     """
-    if name is None:
+    known = ", ".join(sorted(PROFILES))
+    from_env = name is None
+    if from_env:
         name = os.environ.get(ENV_VAR, "").strip() or default_profile_name()
+    elif not isinstance(name, str):
+        raise TypeError(f"a profile is chosen by its name ({known}), not a {type(name).__name__}")
     key = name.strip().lower()
     if key not in PROFILES:
-        known = ", ".join(sorted(PROFILES))
-        raise ValueError(
-            f"unknown experiment profile {name!r}; choose one of {known} "
-            f"(set {ENV_VAR}={sorted(PROFILES)[0]} for example, or unset it for the default)"
-        )
+        if from_env:
+            raise ValueError(f"unknown experiment profile {name!r} in {ENV_VAR}; set it to one of {known}, "
+                             f"or unset it for the default ({default_profile_name()} on this machine)")
+        raise ValueError(f"unknown experiment profile {name!r}; choose one of {known}")
     return PROFILES[key]
 
 

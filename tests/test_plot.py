@@ -2,11 +2,18 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
 from lowlearn import plot
 from lowlearn.train import History
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
 
 
 def test_mean_and_spread_uses_the_sample_std():
@@ -54,3 +61,47 @@ def test_a_metric_the_evaluations_lack_is_refused_before_drawing():
         plot.plot_history(regression)
     loss_ax, metric_ax = plot.plot_history(regression, metric="loss")
     assert metric_ax.lines[0].get_ydata().tolist() == [0.4]
+
+
+def test_runs_that_do_not_fit_are_refused_before_a_figure_is_made():
+    before = plt.get_fignums()
+    for x, runs, message in (([1, 2], [[1.0, 2.0], [3.0]], "equally long"),     # a run is short
+                             ([1, 2], [], "no runs"),
+                             ([1, 2, 3], [[1.0, 2.0], [3.0, 4.0]], r"aligned with the 3 values of x.*\(2, 2\)"),
+                             ([1, 2, 3], [0.9, 0.8, 0.5], r"\(3,\).*\[run\]")):   # one run, not in a list
+        with pytest.raises(ValueError, match=message):
+            plot.errorbar_curve(x, runs)
+    assert plt.get_fignums() == before                                       # no empty figure left behind
+    with pytest.raises(ValueError, match="no runs"):
+        plot.mean_and_spread([])                                             # not a silent NaN
+
+
+def test_a_log_axis_refuses_x_it_cannot_show():
+    for x in ([0, 10, 100], [-1, 10, 100], [float("nan"), 10, 100]):
+        with pytest.raises(ValueError, match="logx=True needs positive x values"):
+            plot.errorbar_curve(x, [[0.5, 0.6, 0.7]], logx=True)
+    assert plot.errorbar_curve([0, 10, 100], [[0.5, 0.6, 0.7]]).lines[0].get_xdata().tolist() == [0, 10, 100]
+
+
+def test_the_default_marker_and_caps_can_be_replaced():
+    ax = plot.errorbar_curve([1, 2], [[0.5, 0.6], [0.7, 0.8]], marker="s", capsize=0)
+    assert ax.lines[0].get_marker() == "s"
+    assert not ax.containers[0].lines[1]                                     # no caps drawn
+
+
+def test_density_axis_refuses_densities_it_cannot_place():
+    for kept, percent in (([], False), ([0.5, 0.0], False), ([50, 10], False), ([100, 0], True), ([150, 10], True)):
+        _, ax = plt.subplots()
+        with pytest.raises(ValueError, match="kept must be densities"):
+            plot.density_axis(ax, kept, percent=percent)
+        assert ax.get_xscale() == "linear"                                   # the axes are left as they were
+
+
+def test_a_loss_that_is_not_positive_is_plotted_on_a_linear_axis():
+    nll = History(steps=[1, 2, 3], loss=[0.5, -0.2, -1.0], eval_steps=[3], eval=[{"loss": -1.0}])
+    loss_ax, _ = plot.plot_history(nll, metric="loss")
+    assert loss_ax.get_yscale() == "linear"
+    bottom, top = loss_ax.get_ylim()
+    assert bottom < -1.0 and top > 0.5                                       # every loss is in view
+    positive = History(steps=[1, 2], loss=[1.0, 0.5], eval_steps=[2], eval=[{"accuracy": 0.9}])
+    assert plot.plot_history(positive)[0].get_yscale() == "log"

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -65,3 +67,43 @@ def test_gradmax_grows_no_more_units_at_a_time_than_it_has_directions_for():
     # The grown layer feeds the 10 classes of a cross-entropy, whose errors sum to zero: rank M <= 9.
     for name, profile in PROFILES.items():
         assert 1 <= profile.growing.mnist_k <= 9, name
+
+
+def test_an_unknown_name_error_says_where_the_name_came_from(monkeypatch):
+    monkeypatch.delenv("LOWLEARN_PROFILE", raising=False)
+    with pytest.raises(ValueError) as given:                     # an argument, e.g. lowlearn.eval's --profile
+        get_profile("laptop")
+    assert str(given.value) == "unknown experiment profile 'laptop'; choose one of cpu, gpu, smoke"
+    monkeypatch.setenv("LOWLEARN_PROFILE", "laptop")
+    with pytest.raises(ValueError, match=r"'laptop' in LOWLEARN_PROFILE; set it to one of cpu, gpu, smoke, or unset"):
+        get_profile()
+    assert get_profile("smoke").name == "smoke"                   # a name given wins over the variable
+
+
+def test_a_profile_is_chosen_by_its_name():
+    with pytest.raises(TypeError, match=r"by its name \(cpu, gpu, smoke\), not a Profile"):
+        get_profile(PROFILES["cpu"])
+
+
+def test_meta_test_episodes_need_a_real_setting():
+    meta = PROFILES["cpu"].meta
+    for ways, shots in ((0, 1), (5, 0), (-5, 1), (5.0, 1), (True, 1)):
+        with pytest.raises(ValueError, match="must be an int >= 1"):
+            meta.test_episodes(ways, shots)
+
+
+def test_the_sizes_hold_what_their_chapters_index():
+    for name, profile in PROFILES.items():
+        meta, lowrank = profile.meta, profile.lowrank
+        assert len(meta.omniglot_meta_steps) == len(meta.omniglot_settings), name    # zipped in the chapter
+        assert 0.2 in lowrank.tols and set(lowrank.baseline_tols) <= set(lowrank.tols), name
+        assert "reinit" in profile.lottery.controls, name                            # the chapter's claim needs it
+
+
+def test_profiles_cannot_be_changed_in_place():
+    sizes = PROFILES["cpu"].budget
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sizes.epochs = 1
+    for profile in PROFILES.values():                              # every value is immutable: no list to append to
+        for chapter in dataclasses.fields(profile)[1:]:
+            hash(getattr(profile, chapter.name))
