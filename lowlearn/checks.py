@@ -28,7 +28,15 @@ def check_count(name: str, value: int, minimum: int) -> None:
 
 
 def check_rate(name: str, value: float) -> float:
-    """Return ``value`` as a float if it is a positive, finite number (a step size), else raise a ValueError."""
-    if not is_real(value) or not math.isfinite(value) or value <= 0:
+    """Return ``value`` as a float if it is a positive, finite number (a step size), else raise a ValueError.
+
+    Checked after the conversion, so an int or fraction beyond the float range (``10**400``) is refused
+    rather than overflowing, and one that rounds to ``0.0`` is refused too.
+    """
+    try:
+        rate = float(value) if is_real(value) else math.nan
+    except OverflowError:
+        rate = math.inf
+    if not 0 < rate < math.inf:                          # NaN compares False
         raise ValueError(f"{name} must be a positive, finite step size, got {value!r}")
-    return float(value)
+    return rate

@@ -67,7 +67,19 @@ def _lean_property(tensor_name: str, pytorch_property: property) -> property:
 
 
 def register(module: nn.Module, tensor_name: str, parametrization: nn.Module) -> None:
-    """:func:`torch.nn.utils.parametrize.register_parametrization`, safe under ``copy.deepcopy``, with a lean getter."""
+    """:func:`torch.nn.utils.parametrize.register_parametrization`, safe under ``copy.deepcopy``, with a lean getter.
+
+    Raises:
+        TypeError: a ``parametrization`` that is not an ``nn.Module``.
+        ValueError: a tensor the module does not have, or one that is ``None`` (a bias of a
+            layer built with ``bias=False``).
+    """
+    if not isinstance(parametrization, nn.Module):
+        raise TypeError(f"a parametrization must be an nn.Module whose forward computes the tensor from the "
+                        f"original one, got {type(parametrization).__name__}: wrap the function in a module")
+    if tensor_name in (*module._parameters, *module._buffers) and getattr(module, tensor_name) is None:
+        raise ValueError(f"{parametrize.type_before_parametrizations(module).__name__}.{tensor_name} is None (e.g. "
+                         "the bias of a layer built with bias=False): there is no tensor to parametrize")
     first = not parametrize.is_parametrized(module, tensor_name)
     parametrize.register_parametrization(module, tensor_name, parametrization)
     cls = type(module)

@@ -45,3 +45,11 @@ def test_a_rate_must_be_a_positive_finite_number():
     for bad in (0, -1e-3, float("nan"), float("inf"), True, "0.1", torch.tensor(0.1)):
         with pytest.raises(ValueError, match="lr must be a positive, finite step size"):
             check_rate("lr", bad)
+
+
+@pytest.mark.parametrize("value", [10**400, fractions.Fraction(10**400, 3), -(10**400), fractions.Fraction(1, 10**400)],
+                         ids=["10**400", "10**400/3", "-10**400", "1/10**400"])
+def test_a_rate_beyond_the_float_range_is_a_value_error_not_an_overflow_nor_a_zero(value):
+    with pytest.raises(ValueError, match="lr must be a positive, finite step size"):
+        check_rate("lr", value)
+    assert check_rate("lr", 10**308) == 1e308 and check_rate("lr", fractions.Fraction(1, 3)) == 1 / 3

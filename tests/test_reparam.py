@@ -144,3 +144,14 @@ def test_output_gradients_of_a_layer_without_the_parametrization_is_a_clear_erro
     register(doubled, "weight", Double())
     with pytest.raises(ValueError, match=r"layers \['a', 'b'\] have no Mask parametrization"):
         OutputGradients({"a": plain, "b": doubled}, Mask)
+
+
+def test_register_refuses_a_missing_tensor_and_a_parametrization_that_is_not_a_module():
+    conv = nn.Conv2d(1, 2, 3, bias=False)
+    with pytest.raises(ValueError, match=r"Conv2d.bias is None \(e.g. the bias of a layer built with bias=False\)"):
+        register(conv, "bias", Double())
+    with pytest.raises(TypeError, match="a parametrization must be an nn.Module.*got function"):
+        register(conv, "weight", lambda w: 2 * w)
+    with pytest.raises(ValueError, match="does not have a parameter, a buffer, or a parametrized element"):
+        register(conv, "wieght", Double())                                     # PyTorch's own message
+    assert type(conv) is nn.Conv2d and not parametrize.is_parametrized(conv)   # nothing changed

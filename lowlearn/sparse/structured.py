@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..checks import is_integer, is_real
 from ..reparam import register
@@ -75,8 +76,16 @@ def nm_mask(weight: Tensor, n: int = 2, m: int = 4) -> Tensor:
 
     Returns:
         Boolean mask of ``weight``'s shape with exactly ``n`` of every ``m`` set.
+
+    Raises:
+        ValueError: bad ``n``/``m``, a weight of fewer than two dimensions or whose reduction
+            dimension ``m`` does not divide, or a NaN weight (``topk`` would rank it above every
+            other and keep it).
     """
     _check_nm(n, m)
+    if torch.isnan(weight).any():
+        raise ValueError("the weight contains NaN (a diverged weight), which has no magnitude to rank; "
+                         "restore or re-initialise the weight first")
     return _nm_top(weight.abs(), n, m)
 
 
@@ -131,8 +140,8 @@ def _channel_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str,
     chosen = scored_layers(model, layers)
     for name, layer in chosen.items():
         if not isinstance(layer, PRUNABLE):
-            raise ValueError(f"layer {name!r} is a {type(layer).__name__}; channel pruning takes "
-                             "nn.Linear and nn.Conv2d layers")
+            raise ValueError(f"layer {name!r} is a {parametrize.type_before_parametrizations(layer).__name__}; "
+                             "channel pruning takes nn.Linear and nn.Conv2d layers")
     return chosen
 
 
@@ -152,11 +161,23 @@ def channel_scores(model: nn.Module, norm: float = 1, layers: Iterable[str] | No
 
     Returns:
         ``{layer name: tensor (n_out,)}``.
+
+    Raises:
+        ValueError: a ``norm`` that is not positive, a layer without a weight, or one whose
+            weight has no row per output unit (a normalisation layer's ``(n,)`` scale).
+        KeyError: a layer name that is not in the model.
     """
     if not is_real(norm) or not norm > 0:
         raise ValueError(f"norm is the p of a p-norm and must be positive (1 or 2), got {norm!r}")
-    return {name: torch.linalg.vector_norm(layer.weight.flatten(1), ord=norm, dim=1)
-            for name, layer in scored_layers(model, layers).items()}
+    scores = {}
+    for name, layer in scored_layers(model, layers).items():
+        weight = layer.weight
+        if weight.dim() < 2:
+            raise ValueError(f"layer {name!r} ({parametrize.type_before_parametrizations(layer).__name__}) has a "
+                             f"weight of shape {tuple(weight.shape)}, not one row per output unit; channel scores "
+                             "take Linear and Conv2d layers")
+        scores[name] = torch.linalg.vector_norm(weight.flatten(1), ord=norm, dim=1)
+    return scores
 
 
 def _mask_bias(layer: nn.Module, keep: Tensor, optimizer: torch.optim.Optimizer | None) -> None:

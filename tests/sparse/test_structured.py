@@ -56,6 +56,17 @@ def test_nm_bad_input():
         prune_nm(MLP(), 5, 4)
 
 
+def test_nm_mask_refuses_a_nan_weight_rather_than_keeping_it_as_the_largest():
+    w = torch.tensor([[float("nan"), 0.1, 3.0, 2.0]])
+    with pytest.raises(ValueError, match="the weight contains NaN"):
+        nm_mask(w)
+    model = nn.Sequential(nn.Linear(4, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+    with pytest.raises(ValueError, match="the scores for '0' contain NaN"):     # prune_nm refuses it too
+        prune_nm(model)
+
+
 def test_prune_nm_on_a_model_keeps_n_of_every_m_and_zeroes_the_rest():
     torch.manual_seed(0)
     model = MLP(in_features=16, hidden=(8,), out_features=4)
@@ -117,6 +128,17 @@ def test_channel_scores_by_hand():
     for bad in (0, -1, "l1"):
         with pytest.raises(ValueError, match="norm is the p of a p-norm"):
             channel_scores(model, norm=bad)
+
+
+def test_channel_scores_of_a_layer_without_rows_is_a_clear_error():
+    model = Conv4(hidden=4)
+    with pytest.raises(ValueError, match=r"'features.1' \(BatchNorm2d\) has a weight of shape \(4,\), not one row"):
+        channel_scores(model, layers=["features.0", "features.1"])
+    attach_masks(model, ["features.1"])                     # a masked norm layer is named as what it is
+    with pytest.raises(ValueError, match=r"layer 'features.1' \(BatchNorm2d\)"):
+        channel_scores(model)
+    with pytest.raises(ValueError, match="layer 'features.1' is a BatchNorm2d; channel pruning takes"):
+        prune_channels(model, 0.5, layers=["features.1"])
 
 
 def capture(model, names):
