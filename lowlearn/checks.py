@@ -27,16 +27,24 @@ def check_count(name: str, value: int, minimum: int) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
 
 
-def check_rate(name: str, value: float) -> float:
-    """Return ``value`` as a float if it is a positive, finite number (a step size), else raise a ValueError.
+def as_float(value: object) -> float:
+    """``value`` as a float, to check ranges on: NaN if it is not a real number, ±inf beyond the float range.
 
-    Checked after the conversion, so an int or fraction beyond the float range (``10**400``) is refused
-    rather than overflowing, and one that rounds to ``0.0`` is refused too.
+    Range checks made on the float see what the computation will use: an int or
+    fraction too large for a float (``10**400``) is infinite rather than an
+    OverflowError, and one too small (``Fraction(1, 10**400)``) is ``0.0``.
     """
+    if not is_real(value):
+        return math.nan
     try:
-        rate = float(value) if is_real(value) else math.nan
+        return float(value)
     except OverflowError:
-        rate = math.inf
+        return math.inf if value > 0 else -math.inf
+
+
+def check_rate(name: str, value: float) -> float:
+    """Return ``value`` as a float if it is a positive, finite number (a step size), else raise a ValueError."""
+    rate = as_float(value)
     if not 0 < rate < math.inf:                          # NaN compares False
         raise ValueError(f"{name} must be a positive, finite step size, got {value!r}")
     return rate

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .checks import check_count, is_real
+from .checks import as_float, check_count
 from .distributed import world
 from .sparse.export import chain, check_chain
 from .train import buffers_restored, eval_mode, generator_on
@@ -332,7 +332,7 @@ def grow(model: nn.Sequential, layer: int, k: int, strategy: str = "gradmax", *,
 def _check_options(**options: float) -> None:
     """Refuse a growth option (``scale``, ``epsilon``, ``noise``) that is not a finite number ≥ 0."""
     for name, value in options.items():
-        if not is_real(value) or not math.isfinite(value) or value < 0:
+        if not 0 <= as_float(value) < math.inf:                          # NaN compares False
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 

@@ -39,17 +39,18 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .checks import is_real
+from .checks import as_float
 from .reparam import register
 from .sparse.mask import resolve_layers
 
 
 def check_alpha(alpha: float) -> float:
     """Return ``alpha`` as a float if it is a finite number ≥ 1, else raise a ValueError that says so."""
-    if not is_real(alpha) or not math.isfinite(alpha) or alpha < 1:
+    value = as_float(alpha)
+    if not 1 <= value < math.inf:                                        # NaN compares False
         raise ValueError(f"alpha must be a finite number >= 1 (1 is the ordinary network; the paper uses "
                          f"2 to 5), got {alpha!r}")
-    return float(alpha)
+    return value
 
 
 def _magnitude_power(phi: Tensor, exponent: float, out: Tensor | None = None) -> Tensor:

@@ -34,7 +34,7 @@ except ImportError:                              # Windows: no flock; concurrent
 import torch
 
 from .atomic import atomic_file
-from .checks import is_real
+from .checks import as_float
 from .profiles import device_description, get_profile
 
 ENV_VAR = "LOWLEARN_RESULTS"
@@ -108,13 +108,10 @@ def _finite(kind: str, number: object) -> float | None:
         if count != 1:
             raise ValueError(f"a result's {kind} must be one number, got a {type(number).__name__} of {count} values")
         number = number.item()
-    try:
-        finite = is_real(number) and math.isfinite(number)
-    except OverflowError:                        # an integer too large for a float
-        finite = False
-    if not finite:
+    value = as_float(number)
+    if not math.isfinite(value):
         raise ValueError(f"a result's {kind} must be a finite number, got {number!r}")
-    return float(number)
+    return value
 
 
 @contextlib.contextmanager

@@ -1,12 +1,13 @@
 """The shared argument checks: which values count as real numbers, integers and counts."""
 
 import fractions
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from lowlearn.checks import check_count, check_rate, is_integer, is_real
+from lowlearn.checks import as_float, check_count, check_rate, is_integer, is_real
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, float("inf"), np.int64(4), np.float32(0.5), fractions.Fraction(1, 3)])
@@ -53,3 +54,24 @@ def test_a_rate_beyond_the_float_range_is_a_value_error_not_an_overflow_nor_a_ze
     with pytest.raises(ValueError, match="lr must be a positive, finite step size"):
         check_rate("lr", value)
     assert check_rate("lr", 10**308) == 1e308 and check_rate("lr", fractions.Fraction(1, 3)) == 1 / 3
+
+
+def test_as_float_maps_numbers_beyond_the_float_range_to_infinities_and_non_numbers_to_nan():
+    assert as_float(10**400) == math.inf and as_float(-(10**400)) == -math.inf
+    assert as_float(fractions.Fraction(1, 10**400)) == 0.0 and as_float(np.float16(0.5)) == 0.5
+    assert all(math.isnan(as_float(bad)) for bad in (True, "1", torch.tensor(1.0), None))
+
+
+@pytest.mark.parametrize("check", ["alpha", "density", "growth option", "result"])
+def test_range_checks_refuse_numbers_beyond_the_float_range_with_a_value_error(check, tmp_path):
+    from lowlearn.growth import GrowthSchedule
+    from lowlearn.powerprop import check_alpha
+    from lowlearn.results import record
+    from lowlearn.sparse.prune import check_density
+    call, bad = {"alpha": (check_alpha, 10**400),
+                 "density": (check_density, fractions.Fraction(1, 10**400)),      # rounds to a density of 0.0
+                 "growth option": (lambda v: GrowthSchedule(0, 1, 1, 2, "random", scale=v), 10**400),
+                 "result": (lambda v: record("chapter", "key", v, directory=tmp_path), 10**400)}[check]
+    with pytest.raises(ValueError, match="finite|in \\(0, 1\\]"):
+        call(bad)
+    assert not any(tmp_path.iterdir())

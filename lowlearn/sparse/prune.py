@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..checks import is_real
+from ..checks import as_float
 from .mask import attach_masks, masks_or_ones, resolve_layers, set_masks
 
 
@@ -27,10 +27,11 @@ def check_density(value: float, what: str = "density") -> float:
 
     NumPy scalars count as numbers; ``bool`` and tensors do not (pass ``float(t)``).
     """
-    if not is_real(value) or not 0.0 < value <= 1.0:
+    density = as_float(value)
+    if not 0.0 < density <= 1.0:                                         # NaN compares False
         raise ValueError(f"{what} must be in (0, 1] (the fraction of weights kept), got {value!r}; "
                          "for a sparsity s (fraction removed) pass 1 - s")
-    return float(value)
+    return density
 
 
 def target_densities(model: nn.Module, density: float | Mapping[str, float],
