@@ -105,7 +105,10 @@ def raw_value(module: nn.Module, tensor_name: str, value: Tensor) -> Tensor:
 
 
 def remove(module: nn.Module, tensor_name: str) -> None:
-    """Remove the parametrizations of ``module.<tensor_name>``, keeping its current value as a plain parameter."""
+    """Remove the parametrizations of ``module.<tensor_name>``, keeping its current value as a plain tensor.
+
+    A parameter stays a parameter and a buffer a buffer.
+    """
     parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
 
 

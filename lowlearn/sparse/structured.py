@@ -46,8 +46,8 @@ def _nm_top(scores: Tensor, n: int, m: int, what: str = "the weight") -> Tensor:
     rows = scores.reshape(scores.shape[0], -1)
     if rows.shape[1] % m:
         raise ValueError(f"{what} has shape {tuple(scores.shape)}: its reduction dimension of "
-                         f"{rows.shape[1]} weights does not split into groups of m={m}; leave the layer out "
-                         "(pass scores= without it) or choose an m that divides it")
+                         f"{rows.shape[1]} weights does not split into groups of m={m}; choose an m that divides "
+                         "it" + (", or leave the layer out (pass scores= without it)" if what != "the weight" else ""))
     groups = rows.reshape(rows.shape[0], -1, m)
     keep = torch.zeros(groups.shape, dtype=torch.bool, device=scores.device)
     keep.scatter_(-1, groups.topk(n, dim=-1, sorted=False).indices, True)
