@@ -50,7 +50,8 @@ import platform
 _M_TRIM_THRESHOLD = -1   # glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
 MAX_MMAP_THRESHOLD = 32 * 1024 * 1024
-"""glibc's largest mmap threshold on 64-bit systems (``HEAP_MAX_SIZE / 2``); larger values are refused."""
+"""glibc's largest mmap threshold on 64-bit systems (``HEAP_MAX_SIZE / 2``): older versions refuse a larger one
+(and on 32-bit systems one above 16 MiB); 2.36 took any."""
 MAX_INT = 2**31 - 1
 """The largest value ``mallopt`` takes (a C ``int``): ctypes would pass a larger one truncated."""
 
@@ -78,7 +79,7 @@ def retain_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = MAX
 
     Returns:
         ``True`` if glibc took both settings; ``False`` where there is no glibc (macOS,
-        Windows, musl), in which case nothing changed.
+        Windows, musl) or glibc refused ``mmap_threshold``, in which case nothing changed.
 
     Raises:
         ValueError: a threshold that is not a positive integer, ``trim_threshold`` above
@@ -96,7 +97,8 @@ def retain_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = MAX
     if not has_glibc():
         return False
     mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    if not (mallopt(_M_TRIM_THRESHOLD, trim_threshold) and mallopt(_M_MMAP_THRESHOLD, mmap_threshold)):
+    # The mmap threshold first: glibc may refuse it (it always takes a trim threshold), and then nothing is set.
+    if not (mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and mallopt(_M_TRIM_THRESHOLD, trim_threshold)):
         return False
     _retained.update(trim=trim_threshold, mmap=mmap_threshold)
     return True

@@ -2,6 +2,7 @@ import mmap
 
 import pytest
 
+from lowlearn import allocator
 from lowlearn.allocator import MAX_MMAP_THRESHOLD, has_glibc, minor_page_faults, retain_freed_memory
 from lowlearn.bench.allocator import in_new_process
 
@@ -38,3 +39,25 @@ def test_minor_page_faults_count_first_touches():
 def test_bad_thresholds_are_refused(kwargs):
     with pytest.raises(ValueError, match="threshold"):
         retain_freed_memory(**kwargs)
+
+
+def test_a_refused_mmap_threshold_changes_nothing(monkeypatch):
+    # An older glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2 (16 MiB on 32-bit systems) but takes any trim
+    # threshold: setting the trim threshold first would leave it changed while describe() says "glibc defaults".
+    taken = []
+
+    class OlderGlibc:
+        def mallopt(self, option, value):
+            if option == allocator._M_MMAP_THRESHOLD and value > 16 * 2**20:
+                return 0
+            taken.append(option)
+            return 1
+
+    monkeypatch.setattr(allocator, "has_glibc", lambda: True)
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: OlderGlibc())
+    monkeypatch.setattr(allocator, "_retained", {})
+    assert retain_freed_memory() is False
+    assert taken == [] and allocator.describe() == "glibc defaults"
+    assert retain_freed_memory(mmap_threshold=16 * 2**20) is True
+    assert sorted(taken) == sorted([allocator._M_MMAP_THRESHOLD, allocator._M_TRIM_THRESHOLD])
+    assert allocator.describe().startswith("glibc, freed memory retained")

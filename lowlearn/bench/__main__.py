@@ -18,8 +18,10 @@ def main(argv: list[str]) -> None:
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
         return
-    if not argv or argv[0] not in BENCHMARKS:
+    if not argv:
         sys.exit(USAGE)
+    if argv[0] not in BENCHMARKS:
+        sys.exit(f"{argv[0]!r} is not a benchmark\n{USAGE}")
     retain_freed_memory()     # the cases share this process: see lowlearn.bench (allocator's workers are their own)
     BENCHMARKS[argv[0]](argv[1:])
 

@@ -85,9 +85,9 @@ def run(rounds: int = 3, batch_size: int = 60, iterations: int = 200, repeats: i
     sizes = {"batch_size": batch_size, "iterations": iterations, "repeats": repeats, "warmup": warmup}
     samples = {model: {setting: [] for setting in SETTINGS} for model in MODELS}
     for round_ in range(rounds):
-        order = SETTINGS if round_ % 2 == 0 else SETTINGS[::-1]
-        for setting in order:
-            for model in MODELS:
+        forward = round_ % 2 == 0                      # every other round runs the settings and the models backwards
+        for setting in SETTINGS if forward else SETTINGS[::-1]:
+            for model in MODELS if forward else MODELS[::-1]:
                 samples[model][setting].append(in_new_process(model, setting != SETTINGS[0], threads, **sizes))
     return {model: {setting: {"seconds": statistics.median(r["seconds"] for r in runs),
                               "faults": statistics.median(r["faults"] for r in runs)}

@@ -45,13 +45,6 @@ QUICK = {
 }
 
 
-LOWRANK_GPU_BATCH = 4096
-"""On a GPU, DLRT is timed at the CPU's batch of 128 and at this one, where its goal is held. At 128 a
-GPU step of these layers is kernel launches and the latency of four small QR factorisations, not the
-multiply-adds that DLRT saves: measured on an H100, width 4096, the dense step took 1.0 ms and DLRT's
-8.1 ms at batch 128, and 14.1 ms and 6.8 ms at batch 4096."""
-
-
 def _row(benchmark: str, case: str, reference: str, metric: str, ratio: float | Ratio, goal: float | None = None,
          higher_is_better: bool = False, spread: tuple[float, float] | None = None) -> dict:
     """One row; a :class:`~lowlearn.bench.timing.Ratio` brings its own spread, a plain number takes ``spread``."""
@@ -111,14 +104,14 @@ def collect(sizes: dict[str, dict], device: torch.device) -> list[dict]:
 
 
 def _lowrank_rows(sizes: dict, device: torch.device) -> list[dict]:
-    """DLRT against dense, and on a GPU also at ``LOWRANK_GPU_BATCH``, where the goal is then held."""
-    runs = [(sizes, "", device.type != "cuda")]
+    """DLRT against dense, and on a GPU also at :data:`~lowlearn.bench.lowrank.GPU_BATCH`, where the goal is held."""
+    runs = [(sizes, "")]
     if device.type == "cuda":
-        runs.append((sizes | {"batch_size": LOWRANK_GPU_BATCH}, f", batch {LOWRANK_GPU_BATCH}", True))
+        runs.append((sizes | {"batch_size": lowrank.GPU_BATCH}, f", batch {lowrank.GPU_BATCH}"))
     rows = []
-    for run_sizes, suffix, judged in runs:
+    for run_sizes, suffix in runs:
         for row in lowrank.run(device=device, **run_sizes):
-            goal = 1.0 if judged and row["width"] >= 1024 else None
+            goal = lowrank.goal(row, device)
             case = f"DLRT, width {row['width']}{suffix}"
             rows.append(_row("lowrank", case, "dense", "time per step", row["time_ratio"], goal))
             rows.append(_row("lowrank", case, "dense", "training memory",

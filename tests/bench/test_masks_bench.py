@@ -33,11 +33,11 @@ def test_help_lists_the_benchmarks_and_exits_normally(capsys):
     assert "with NAME one of: masks, dst, powerprop" in capsys.readouterr().out
 
 
-def test_unknown_benchmark_is_a_usage_error(capsys):
+def test_unknown_benchmark_is_a_usage_error_that_names_it(capsys):
     try:
         bench_main(["nope"])
     except SystemExit as exit_:
-        assert "masks" in str(exit_.code)
+        assert str(exit_.code).startswith("'nope' is not a benchmark\n") and "masks" in str(exit_.code)
     else:
         raise AssertionError("expected a usage error")
 

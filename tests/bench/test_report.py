@@ -56,7 +56,8 @@ def test_on_a_gpu_each_goal_is_held_at_the_sizes_that_keep_the_gpu_busy(monkeypa
 
     def lowrank(**sizes):
         batches.append(sizes.get("batch_size"))
-        return [{"width": 1024, "time_ratio": Ratio(0.5, 0.4, 0.6), "dlrt": {"bytes": 1}, "dense": {"bytes": 2}}]
+        return [{"width": 1024, "rank": 32, "batch_size": sizes.get("batch_size", 128),
+                 "time_ratio": Ratio(0.5, 0.4, 0.6), "dlrt": {"bytes": 1}, "dense": {"bytes": 2}}]
 
     monkeypatch.setattr(report.lowrank, "run", lowrank)
     monkeypatch.setattr(report.maml, "run", lambda **_: {"rounds": rounds("higher", "lowlearn", "lowlearn batched"),
@@ -66,9 +67,9 @@ def test_on_a_gpu_each_goal_is_held_at_the_sizes_that_keep_the_gpu_busy(monkeypa
                                                            two_four | {"features": 8192, "batch_size": 16384}])
     rows = report.collect(report.FULL, torch.device("cuda"))
     goals = {(row["case"], row["metric"]): row["goal"] for row in rows}
-    assert batches == [None, report.LOWRANK_GPU_BATCH]          # the benchmark's own batch, then the GPU's
+    assert batches == [None, report.lowrank.GPU_BATCH]          # the benchmark's own batch, then the GPU's
     assert goals["DLRT, width 1024", "time per step"] is None
-    assert goals[f"DLRT, width 1024, batch {report.LOWRANK_GPU_BATCH}", "time per step"] == "<= 1"
+    assert goals[f"DLRT, width 1024, batch {report.lowrank.GPU_BATCH}", "time per step"] == "<= 1"
     assert goals["lowlearn MAML", "throughput"] is None
     assert goals["lowlearn MAML, all tasks at once", "throughput"] == ">= 3"
     assert goals["2:4 (fp16), density 0.5, 4096 features, batch 64", "speed-up"] is None
