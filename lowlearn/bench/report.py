@@ -72,13 +72,14 @@ def collect(sizes: dict[str, dict], device: torch.device) -> list[dict]:
     rows = []
     rounds = masks.run(device=device, **sizes["masks"])["rounds"]
     rows += _time_rows("masks", rounds, {"dense (copy)": "dense", "lowlearn masks": "dense",
-                                         "torch.nn.utils.prune": "dense"}, {"lowlearn masks": 1.10})
-    rows += _time_rows("masks", rounds, {"lowlearn masks": "torch.nn.utils.prune"}, {"lowlearn masks": 1.0})
+                                         "torch.nn.utils.prune": "dense"}, {"lowlearn masks": masks.GOALS["dense"]})
+    rows += _time_rows("masks", rounds, {"lowlearn masks": "torch.nn.utils.prune"},
+                       {"lowlearn masks": masks.GOALS["torch.nn.utils.prune"]})
     rounds = dst.run(device=device, **sizes["dst"])
     rows += _time_rows("dst", rounds, {"static": "dense"} | {name: "static" for name in dst.METHODS[2:]},
-                       {"RigL": 1.05})
+                       {"RigL": dst.GOAL} if sizes["dst"].get("every", dst.GOAL_EVERY) == dst.GOAL_EVERY else {})
     rounds = powerprop.run(device=device, **sizes["powerprop"])["rounds"]
-    rows += _time_rows("powerprop", rounds, powerprop.BASELINE, dict.fromkeys(powerprop.BASELINE, 1.15))
+    rows += _time_rows("powerprop", rounds, powerprop.BASELINE, dict.fromkeys(powerprop.BASELINE, powerprop.GOAL))
     if device.type == "cpu" and has_glibc():
         for model, by_setting in allocator.run(**sizes["allocator"]).items():
             default, retained = (by_setting[setting]["seconds"] for setting in allocator.SETTINGS)
