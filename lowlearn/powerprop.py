@@ -341,15 +341,17 @@ class PowerPropOptimizer:
             RuntimeError: a layer has a nonzero gradient that did not come through this
                 wrapper (a backward pass of a forward pass before it was built).
         """
+        # Every layer is checked before any φ is swapped for θ: a refused step changes nothing.
+        for name, phi, _ in self._weights:
+            # A zero gradient (zero_grad(set_to_none=False)) of a layer that took no part in the loss is
+            # ∂L/∂θ = 0 too. Anything else came from a forward pass this wrapper did not see.
+            if phi.grad is not None and name not in self._seen and phi.grad.any():
+                raise RuntimeError(f"the gradient of {name!r} did not come through this PowerPropOptimizer: build "
+                                   "it before the forward pass, then zero_grad(), forward, backward and step()")
         swapped = []
         for name, phi, alpha in self._weights:
             if phi.grad is None:
                 continue
-            # A zero gradient (zero_grad(set_to_none=False)) of a layer that took no part in the loss is
-            # ∂L/∂θ = 0 too. Anything else came from a forward pass this wrapper did not see.
-            if name not in self._seen and phi.grad.any():
-                raise RuntimeError(f"the gradient of {name!r} did not come through this PowerPropOptimizer: build "
-                                   "it before the forward pass, then zero_grad(), forward, backward and step()")
             old, theta = self._scratch_like(name, phi)
             old.copy_(phi)
             _power(old, alpha, out=theta)

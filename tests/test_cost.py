@@ -199,6 +199,25 @@ def test_a_batch_sliced_from_a_dataset_counts_as_the_batch():
     assert sliced.activations == copied.activations == 4 * 8 * (784 + 300)
 
 
+def test_two_saved_views_of_one_tensor_count_the_span_they_reach_together():
+    # The loss saves rows 0–1 and rows 6–7 of the linear output: one storage, counted from row 0 to row 7.
+    batch = 8
+    model = nn.Linear(784, 300)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    report = training_memory(model, optimizer, (torch.randn(batch, 784), None),
+                             lambda out, _: (out[:2] * out[:2]).sum() + (out[6:] * out[6:]).sum())
+    assert report.activations == 4 * batch * 784 + 4 * batch * 300
+
+
+def test_a_strided_saved_view_counts_the_elements_between_its_first_and_last():
+    # The first 10 features of a (8, 784) batch: the view reaches from element 0 to 7 · 784 + 9 of its storage.
+    model = nn.Linear(10, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    wide = torch.randn(8, 784)
+    report = training_memory(model, optimizer, (wide[:, :10], None), sum_loss)
+    assert report.activations == 4 * (7 * 784 + 10)
+
+
 def test_activations_include_what_the_loss_saves():
     batch = 4
     model = nn.Linear(784, 300)
@@ -321,6 +340,11 @@ def test_measure_cuda_reports_a_peak():
                              measure_cuda=True)
     assert report.cuda_peak >= report.parameters + report.gradients + report.activations
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_memory_report_total_is_the_sum_of_its_four_parts():
+    report = MemoryReport(parameters=1, gradients=2, optimizer_state=4, activations=8, cuda_peak=1000)
+    assert report.total == 15                                # the measured CUDA peak is not part of it
 
 
 def test_memory_report_str_in_mib():

@@ -94,6 +94,21 @@ def test_gradmax_closed_form_beats_every_random_candidate_and_equals_its_singula
     assert torch.allclose(directions @ directions.T, torch.eye(k, dtype=torch.float64))
 
 
+def test_gradmax_closed_form_is_the_top_left_singular_subspace_of_m_by_hand():
+    # With a 3-class cross-entropy and k = 2 any M gives the same subspace (δ's rows sum to 0, so 1 is always
+    # M's null direction); here the next layer has 5 outputs, and M = Σ δ xᵀ is written out by hand.
+    data, model, k = batch(), mlp(), 2
+    directions = gradmax_directions(model, 0, k, data)
+    x = data[0]                                                         # the grown layer's (model[1]) input
+    z = model[3](torch.tanh(model[1](x)))                               # the next layer's output
+    z.retain_grad()
+    F.cross_entropy(model[5](torch.tanh(z)), data[1]).backward()
+    left, singular, _ = torch.linalg.svd(z.grad.T @ x)                  # M: (5, 10)
+    assert singular[k - 1] > 1.5 * singular[k]                          # a well-separated top-k subspace
+    torch.testing.assert_close(directions.T @ directions, left[:, :k] @ left[:, :k].T, atol=1e-10, rtol=0)
+    # The first direction is the top singular vector itself (up to sign).
+    assert abs(directions[0] @ left[:, 0]).item() == pytest.approx(1.0, abs=1e-10)
+
 def test_subspace_iteration_finds_the_closed_form_subspace():
     data = batch()
     closed = gradmax_directions(mlp(), 1, 2, data)
@@ -167,6 +182,28 @@ def test_gradmax_on_convolutions_beats_random_growth():
         grow(trial, 0, 2, "random", generator=torch.Generator().manual_seed(seed))
         assert new_unit_gradient_norm(trial, 0, new, data) <= best + 1e-12
 
+
+def test_gradmax_on_convolutions_reaches_the_top_singular_values_of_the_map_to_the_new_gradient():
+    # The map A: outgoing weights u (a (5, 3, 3) filter column) ↦ ∂L/∂W_new (the new unit's (2, 3, 3) incoming
+    # weights) is linear; written out column by column, one basis vector e_i at a time. k orthonormal outgoing
+    # weights times c give at most ‖∂L/∂W_new‖_F = c ‖σ_{:k}(A)‖, reached by A's top-k right singular vectors.
+    data, k = batch((2, 8, 8)), 2
+    model = cnn()
+    target = model[3].weight.detach().transpose(0, 1).reshape(4, -1).norm(dim=1).mean()
+    columns = []
+    for i in range(5 * 3 * 3):
+        trial = cnn()
+        grow(trial, 0, 1, "random")
+        with torch.no_grad():
+            trial[3].weight[:, 4] = torch.eye(45, dtype=torch.float64)[i].reshape(5, 3, 3)
+        (grad,) = torch.autograd.grad(F.cross_entropy(trial(data[0]), data[1]), trial[0].weight)
+        columns.append(grad[4].flatten())
+    _, singular, right = torch.linalg.svd(torch.stack(columns, dim=1))          # A: (18, 45)
+    new = grow(model, 0, k, "gradmax", batch=data, generator=torch.Generator().manual_seed(0))
+    best = new_unit_gradient_norm(model, 0, new, data)
+    assert best == pytest.approx((target * singular[:k].norm()).item(), rel=1e-6)
+    outgoing = model[3].weight.detach()[:, new].transpose(0, 1).reshape(k, -1) / target
+    torch.testing.assert_close(outgoing.T @ outgoing, right[:k].T @ right[:k], atol=1e-6, rtol=0)
 
 def test_new_weights_get_the_state_a_new_parameter_starts_from():
     # Adagrad's sum starts at initial_accumulator_value and Rprop's step sizes at lr, not at zero (a zero step

@@ -303,6 +303,38 @@ def test_a_gradient_the_wrapper_did_not_see_is_an_error():
         aware.step()
 
 
+def test_a_refused_step_changes_no_layer_even_if_an_earlier_layer_was_routed():
+    # The head's gradient came through the wrapper, the trunk's (a pass before it was built) did not: the step
+    # is refused, and the head's φ must not be left holding θ = φ|φ|^(α−1) (nor any other layer's).
+    torch.manual_seed(0)
+    model = powerprop(torch.nn.ModuleDict({"head": torch.nn.Linear(8, 4), "trunk": torch.nn.Linear(20, 8)}), 3)
+    x, y = batch()
+    features = model["trunk"](x).relu()                         # before the wrapper: the trunk's gradient is ∂L/∂φ
+    aware = PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    F.cross_entropy(model["head"](features), y).backward()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="gradient of 'trunk' did not come through"):
+        aware.step()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_each_step_needs_a_gradient_routed_since_the_last_step():
+    x, y = batch()
+    model = powerprop(small_mlp(), 3)
+    aware = PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    aware.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    aware.step()                                                # routed: fine
+    aware.remove()
+    aware.zero_grad()
+    F.cross_entropy(model(x), y).backward()                     # no longer routed: ∂L/∂φ, not ∂L/∂θ
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="did not come through this PowerPropOptimizer"):
+        aware.step()                                            # the first step's routing does not count again
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_a_new_wrapper_takes_the_routing_over():
     model = powerprop(small_mlp(), 3)
     first = PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)

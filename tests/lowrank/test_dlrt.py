@@ -67,6 +67,11 @@ def test_rank_bounds():
         dlrt = DLRT(model, lr=1.0, tol=0.02, r_min=r_min, r_max=r_max)
         regression_steps(model, dlrt, x, y, 200)
         assert model[0].rank == expected
+    # Without DLRT's own r_max, each layer's r_max (to_low_rank's, or LowRankLinear's) bounds its rank.
+    torch.manual_seed(0)
+    model = nn.Sequential(LowRankLinear(32, 24, 2, bias=False, r_max=3))
+    regression_steps(model, DLRT(model, lr=1.0, tol=0.02), x, y, 100)
+    assert model[0].rank == 3
 
 
 def test_fit_trains_a_mixed_model_with_dlrt():
@@ -354,11 +359,19 @@ def _dense_gradient(W, x, y, b=0.0):
     return torch.autograd.grad(F.mse_loss(x @ W.T + b, y), W)[0]
 
 
+@pytest.mark.parametrize("full_core", [False, True])
 @pytest.mark.parametrize("tol", [None, 0.3])
-def test_one_step_is_the_k_l_and_s_steps_of_the_paper(tol):
-    """Schotthöfer et al. (2022), Algorithm 1, written out with a dense ∂L/∂W in float64."""
+def test_one_step_is_the_k_l_and_s_steps_of_the_paper(tol, full_core):
+    """Schotthöfer et al. (2022), Algorithm 1, written out with a dense ∂L/∂W in float64.
+
+    ``full_core``: S is not diagonal, as after any fixed-rank step (K = U S and L = V Sᵀ then differ from
+    U Sᵀ and V S).
+    """
     torch.manual_seed(0)
     layer = LowRankLinear(7, 6, 2, bias=False).double()
+    if full_core:
+        with torch.no_grad():
+            layer.S.copy_(torch.tensor([[1.5, 0.7], [-0.4, 0.9]], dtype=torch.float64))
     model = nn.Sequential(layer)
     x, y = torch.randn(16, 7, dtype=torch.float64), torch.randn(16, 6, dtype=torch.float64)
     lr = 0.5

@@ -33,6 +33,16 @@ def test_truncation_rank_by_hand():
         truncation_rank(torch.tensor([]), 0.1)
 
 
+def test_a_zero_matrix_truncates_to_rank_one_not_zero():
+    assert truncation_rank(torch.zeros(3), 0.2) == 1                   # ‖σ‖ = 0: the rank is at least 1
+    assert truncation_rank(torch.zeros(3), 0.0) == 1
+    dense = nn.Linear(5, 4)
+    with torch.no_grad():
+        dense.weight.zero_()
+    layer = LowRankLinear.from_linear(dense, tol=0.1)
+    assert layer.rank == 1 and torch.equal(layer.matrix(), torch.zeros(4, 5))
+
+
 def test_from_linear_keeps_the_rank_the_tolerance_implies():
     weight = matrix_with_singular_values([5.0, 4.0, 3.0, 0.5, 0.1], 12, 9)
     dense = nn.Linear(9, 12).double()

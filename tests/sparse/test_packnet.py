@@ -163,6 +163,9 @@ def test_released_weights_are_reinitialised_so_powerprop_can_train_them():
         assert (theta[free].abs() <= bound + 1e-6).all() and (theta[free] != 0).all()
         assert (phi[free] != trained[name][free]).all()                   # drawn afresh, not the trained values
         assert torch.equal(phi[~free], trained[name][~free])
+        # θ (not φ) is uniform in ±bound: it fills the range (φ drawn uniform instead would give |θ| ≤ bound³).
+        assert theta[free].abs().max() > 0.8 * bound
+        assert theta[free].abs().mean() == pytest.approx(bound / 2, rel=0.3)
 
 
 def test_bad_input_and_state_dict():
@@ -274,3 +277,68 @@ def test_every_layer_with_free_weights_gives_the_new_task_at_least_one():
     packnet.start_task()
     packnet.assign(0.001)
     assert {name: int((o == 1).sum()) for name, o in packnet.owner.items()} == {"0": 6, "2": 1}
+
+
+def plain_copy(model, weights):
+    """An unmasked copy of the MLP ``model`` whose layers hold ``weights`` (``{name: tensor}``)."""
+    plain = small_mlp()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "parametrizations" not in k}, strict=False)
+    with torch.no_grad():
+        for name, layer in prunable_layers(plain).items():
+            layer.weight.copy_(weights[name])
+    return plain
+
+
+def test_a_task_trains_with_every_weight_in_the_forward_pass_and_only_free_weights_learn():
+    model = small_mlp()
+    packnet = PackNet(model)
+    packnet.start_task()
+    train(model, task_data(1), steps=5)
+    packnet.assign(0.3)
+    packnet.start_task()                                             # task 2: task 1's weights used, frozen
+    raw = {name: raw_weight(layer).detach().clone() for name, layer in prunable_layers(model).items()}
+    plain = plain_copy(model, raw)                                   # the dense network θ
+    x, y = task_data(2)
+    model.zero_grad()
+    out = model(x)
+    assert torch.allclose(out, plain(x), rtol=1e-6, atol=1e-7)
+    F.cross_entropy(out, y).backward()
+    F.cross_entropy(plain(x), y).backward()
+    for name, layer in prunable_layers(model).items():
+        free = packnet.owner[name] == 0
+        expected = prunable_layers(plain)[name].weight.grad * free
+        assert torch.allclose(raw_weight(layer).grad, expected, rtol=1e-5, atol=1e-8), name
+
+
+def test_task_s_computes_with_the_weights_of_tasks_one_to_s():
+    model = small_mlp()
+    packnet = PackNet(model)
+    for task in (1, 2, 3):
+        packnet.start_task()
+        train(model, task_data(task), steps=5)
+        packnet.assign(0.25)
+    x = task_data(1)[0]
+    for task in (1, 2, 3):
+        weights = {name: raw_weight(layer).detach() * ((packnet.owner[name] >= 1) & (packnet.owner[name] <= task))
+                   for name, layer in prunable_layers(model).items()}
+        with packnet.use_task(task), torch.no_grad():
+            assert torch.allclose(model(x), plain_copy(model, weights)(x), rtol=1e-6, atol=1e-7), task
+
+
+def test_assign_zeroes_the_optimizer_state_of_the_released_weights_only():
+    model = small_mlp()
+    packnet = PackNet(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    packnet.start_task(optimizer)
+    take_steps(model, optimizer, task_data(1), 3)
+    buffers = {name: optimizer.state[raw_weight(layer)]["momentum_buffer"].clone()
+               for name, layer in prunable_layers(model).items()}
+    packnet.assign(0.3, optimizer)
+    reinitialised = {name: raw_weight(layer).detach().clone() for name, layer in prunable_layers(model).items()}
+    for name, layer in prunable_layers(model).items():
+        owned = packnet.owner[name] == 1
+        assert torch.equal(optimizer.state[raw_weight(layer)]["momentum_buffer"], buffers[name] * owned), name
+    take_steps(model, optimizer, task_data(1), 3)                   # retraining task 1's weights alone
+    for name, layer in prunable_layers(model).items():
+        released = packnet.owner[name] == 0                         # no stale momentum moves the fresh weights
+        assert torch.equal(raw_weight(layer).detach()[released], reinitialised[name][released]), name

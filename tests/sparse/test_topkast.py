@@ -188,3 +188,63 @@ def test_top_kast_on_chosen_layers_leaves_an_earlier_mask_alone():
         optimizer.step()
         sparsifier.step()
     assert torch.equal(masks_of(model)["5"], pruned)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_forward_set_lies_inside_the_backward_set_even_among_tied_magnitudes(seed):
+    # Weights of two magnitudes only (quantised, or ±c initialisations): top-D and top-(D+M) chosen apart
+    # may break the ties differently, and A must still lie in B, each still a set of the largest |θ|.
+    generator = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(20, 16, bias=False)
+    with torch.no_grad():
+        signs = torch.randint(0, 2, (16, 20), generator=generator) * 2 - 1
+        layer.weight.copy_(signs * torch.randint(1, 3, (16, 20), generator=generator))
+    for forward_density, backward_density in ((0.01, 0.2), (0.01, 0.3), (0.05, 0.5), (0.2, 0.8)):
+        model = copy.deepcopy(torch.nn.Sequential(layer))
+        sparsifier = TopKAST(model, None, forward_density, backward_density)
+        forward, backward = masks_of(model)["0"], sparsifier.backward_masks()["0"]
+        magnitude = layer.weight.detach().abs()
+        assert int(forward.sum()) == kept_count(forward_density, 320)
+        assert int(backward.sum()) == kept_count(backward_density, 320)
+        assert not (forward & ~backward).any(), (forward_density, backward_density)
+        assert magnitude[forward].min() >= magnitude[~forward].max()
+        assert magnitude[backward].min() >= magnitude[~backward].max()
+
+
+def test_a_refresh_keeps_the_optimizer_state_of_the_whole_backward_set():
+    # Only weights outside B are frozen: the momentum of B \ A (which learns) survives a refresh.
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    sparsifier = TopKAST(model, optimizer, 0.2, 0.5, every=1)
+    x, y = batch()
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    buffers = {name: optimizer.state[raw_weight(layer)]["momentum_buffer"].clone()
+               for name, layer in prunable_layers(model).items()}
+    sparsifier.step()                                            # a refresh
+    forward, backward = masks_of(model), sparsifier.backward_masks()
+    for name, layer in prunable_layers(model).items():
+        buffer = optimizer.state[raw_weight(layer)]["momentum_buffer"]
+        assert torch.equal(buffer, buffers[name] * backward[name]), name
+        assert buffer[backward[name] & ~forward[name]].abs().sum() > 0, name
+
+
+def test_the_sets_are_refreshed_every_few_steps_up_to_end_and_then_kept():
+    model = small_mlp()
+    sparsifier = TopKAST(model, None, 0.2, 0.4, every=2, end=4)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(1, 9):
+        with torch.no_grad():                                    # new weights: new top sets, if refreshed
+            for layer in prunable_layers(model).values():
+                raw_weight(layer).copy_(torch.randn(raw_weight(layer).shape, generator=generator))
+        before = (masks_of(model), sparsifier.backward_masks())
+        sparsifier.step()
+        after = (masks_of(model), sparsifier.backward_masks())
+        for name, layer in prunable_layers(model).items():
+            magnitude = raw_weight(layer).detach().abs()
+            if step in (2, 4):                                   # refreshes at every = 2 steps, the last at end = 4
+                assert torch.equal(after[0][name], top_k_mask(magnitude, kept_count(0.2, magnitude.numel())))
+                assert torch.equal(after[1][name], top_k_mask(magnitude, kept_count(0.4, magnitude.numel())))
+            else:
+                assert torch.equal(after[0][name], before[0][name]) and torch.equal(after[1][name], before[1][name])
