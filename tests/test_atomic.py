@@ -114,7 +114,6 @@ def _umask():
     return umask
 
 
-
 def test_a_link_to_a_missing_file_counts_as_an_existing_file(tmp_path):
     link = tmp_path / "result.json"
     link.symlink_to(tmp_path / "gone.json")

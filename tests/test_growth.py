@@ -109,6 +109,7 @@ def test_gradmax_closed_form_is_the_top_left_singular_subspace_of_m_by_hand():
     # The first direction is the top singular vector itself (up to sign).
     assert abs(directions[0] @ left[:, 0]).item() == pytest.approx(1.0, abs=1e-10)
 
+
 def test_subspace_iteration_finds_the_closed_form_subspace():
     data = batch()
     closed = gradmax_directions(mlp(), 1, 2, data)
@@ -204,6 +205,7 @@ def test_gradmax_on_convolutions_reaches_the_top_singular_values_of_the_map_to_t
     assert best == pytest.approx((target * singular[:k].norm()).item(), rel=1e-6)
     outgoing = model[3].weight.detach()[:, new].transpose(0, 1).reshape(k, -1) / target
     torch.testing.assert_close(outgoing.T @ outgoing, right[:k].T @ right[:k], atol=1e-6, rtol=0)
+
 
 def test_new_weights_get_the_state_a_new_parameter_starts_from():
     # Adagrad's sum starts at initial_accumulator_value and Rprop's step sizes at lr, not at zero (a zero step

@@ -128,6 +128,7 @@ def test_uniform_and_dense_first():
         uniform(model, 0.5, dense_first=True)
     with pytest.raises(ValueError, match="first layer"):
         uniform(nn.Sequential(nn.Linear(4, 4)), 0.5, dense_first=True)
+    assert uniform(nn.Sequential(nn.Linear(4, 4)), 1.0, dense_first=True) == {"0": 1.0}   # all of it is dense
 
 
 @pytest.mark.parametrize("allocation", ALLOCATIONS)

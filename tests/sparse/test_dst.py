@@ -10,7 +10,7 @@ from torch import nn
 from lowlearn.models import MLP
 from lowlearn.sparse.allocation import erk, uniform
 from lowlearn.sparse.dst import SET, SNFS, RigL, StaticSparse, layer_densities_for, share
-from lowlearn.sparse.mask import density, find_mask, masks_of, prunable_layers, raw_weight
+from lowlearn.sparse.mask import density, find_mask, masks_of, prunable_layers, raw_weight, set_masks
 from lowlearn.sparse.prune import kept_count
 from lowlearn.train import fit
 
@@ -227,6 +227,94 @@ def test_rigl_grows_exactly_the_top_gradient_inactive_weights():
     assert torch.equal(masks_of(model)["0"].flatten(), expected)
 
 
+def test_the_drop_removes_the_smallest_magnitudes_negative_weights_included():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5))
+    sparsifier = SET(model, None, 0.4, distribution="uniform")          # 12 of 30 active; updated by hand
+    mask = masks_of(model)["0"]
+    values = torch.tensor([-9., 0.5, -0.2, 7., -0.1, 3., -6., 0.3, 5., -4., 2., -8.])   # signs mixed
+    with torch.no_grad():
+        raw_weight(model[0]).zero_().masked_scatter_(mask, values)
+    sparsifier.update(0.25)                                             # drops ⌊0.25 · 12⌋ = 3
+    dropped = mask & ~masks_of(model)["0"]
+    assert torch.equal(values[dropped[mask]], torch.tensor([-0.2, -0.1, 0.3]))   # the 3 smallest |θ|, in order
+
+
+def test_set_grows_uniformly_at_random_among_the_inactive_weights():
+    # A fixed mask, 10 active and 10 inactive weights; each update grows 5 of the 10 inactive ones. Over 100
+    # seeds each inactive weight is grown Binomial(100, 1/2) times: 50 ± 5 (25 and 75 are 5 standard deviations).
+    fixed = torch.arange(20).view(4, 5) % 2 == 0
+    times = torch.zeros(4, 5)
+    for seed in range(100):
+        model = nn.Sequential(nn.Linear(5, 4))
+        sparsifier = SET(model, None, 0.5, distribution="uniform", seed=seed)
+        set_masks(model, {"0": fixed})
+        times += sparsifier.update(0.5)["0"]
+    assert (times[fixed] == 0).all()
+    assert 25 <= times[~fixed].min() and times[~fixed].max() <= 75
+
+
+def test_initial_masks_are_uniformly_random_at_the_layers_count():
+    # 10 of 20 weights at density 0.5: over 100 seeds each weight is kept Binomial(100, 1/2) times, 50 ± 5.
+    times = torch.zeros(4, 5)
+    for seed in range(100):
+        model = nn.Sequential(nn.Linear(5, 4))
+        StaticSparse(model, None, 0.5, distribution="uniform", seed=seed)
+        mask = masks_of(model)["0"]
+        assert int(mask.sum()) == 10
+        times += mask
+    assert 25 <= times.min() and times.max() <= 75
+
+
+def test_snfs_without_the_cosine_grows_at_t_end_by_a_momentum_that_includes_that_steps_gradient():
+    # cosine=False: the update at T_end = 4 replaces 0.3 of the weights, so the momentum must hold the
+    # gradient of step 4: M_4 = β M_3 + ∂L/∂w of step 4, with ∂L/∂w taken on a plain copy of the masked weight.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = SNFS(model, optimizer, 0.4, end=4, every=2, cosine=False, distribution="uniform", beta=0.5)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 6, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(4)]
+    train(model, optimizer, sparsifier, data[:3])
+    m3 = sparsifier.momentum["0"].clone()
+    x, y = data[3]
+    w = (raw_weight(model[0]) * masks_of(model)["0"]).detach().requires_grad_()
+    (g4,) = torch.autograd.grad(F.cross_entropy(F.linear(x, w, model[0].bias), y), w)
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    before = masks_of(model)["0"]
+    sparsifier.step()
+    assert not torch.equal(masks_of(model)["0"], before)               # step 4 updated the masks
+    assert torch.allclose(sparsifier.momentum["0"], 0.5 * m3 + g4, rtol=0, atol=1e-6)
+
+
+def test_rigl_regrowing_dropped_weights_drops_its_full_fraction_even_in_a_dense_layer():
+    # regrow_dropped=True (RigL's code): a layer at density 0.9 (27 of 30) drops ⌊0.25 · 27⌋ = 6 weights of
+    # smallest |θ|, more than its 3 inactive ones, and grows the 6 of largest |∂L/∂w| among the 9 not kept.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    sparsifier = RigL(model, optimizer, 0.9, end=2, every=1, drop_fraction=0.5, distribution="uniform",
+                      regrow_dropped=True)
+    mask = masks_of(model)["0"]
+    theta = raw_weight(model[0]).detach().clone()
+    assert int(mask.sum()) == 27
+    x, y = torch.randn(7, 6), torch.randint(0, 5, (7,))
+    w = (theta * mask).requires_grad_()
+    F.cross_entropy(F.linear(x, w, model[0].bias), y).backward()
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    sparsifier.step()
+
+    kept = mask.flatten().clone()
+    kept[theta.abs().masked_fill(~mask, float("inf")).flatten().topk(6, largest=False).indices] = False
+    expected = kept.clone()
+    expected[w.grad.abs().flatten().masked_fill(kept, -1.0).topk(6).indices] = True
+    assert torch.equal(masks_of(model)["0"].flatten(), expected)
+
+
 @pytest.mark.parametrize("end, armed", [(30, [4, 9]), (10, [4])])     # f(T_end = 10) = 0: no update at step 10
 def test_dense_gradients_are_read_only_on_update_steps(end, armed):
     model = small_mlp()
@@ -351,6 +439,22 @@ def test_snfs_shares_growth_by_mean_momentum():
     sparsifier.update(0.2)
     dropped = {name: int(0.2 * k) for name, k in before.items()}
     assert sparsifier.active["1"] == before["1"] - dropped["1"] + sum(dropped.values())
+
+
+def test_snfs_shares_growth_equally_between_layers_of_equal_mean_momentum_at_different_densities():
+    # |M| = 1 at the active weights of layers "1" and "3" (ERK densities 0.24 and 0.31), 0 elsewhere: both means
+    # over active weights are 1, so the K = 15 + 11 + 6 = 32 weights dropped at f = 0.2 regrow 16 and 16.
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = make("snfs", model, optimizer, end=1000, every=500)
+    train(model, optimizer, sparsifier, batches(3))
+    masks = masks_of(model)
+    for name, m in sparsifier.momentum.items():
+        m.copy_(torch.where(masks[name], 1.0, 0.0) if name != "5" else torch.zeros_like(m))
+    before = dict(sparsifier.active)
+    assert before == {"1": 76, "3": 59, "5": 34}
+    sparsifier.update(0.2)
+    assert sparsifier.active == {"1": 76 - 15 + 16, "3": 59 - 11 + 16, "5": 34 - 6}
 
 
 def test_snfs_momentum_is_the_smoothed_dense_gradient_and_growth_takes_its_largest_inactive_entries():

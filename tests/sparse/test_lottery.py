@@ -343,6 +343,19 @@ def test_random_mask_has_the_tickets_counts_and_the_original_initialisation(draw
         assert (raw[~new[name]] == 0).all()
 
 
+@pytest.mark.parametrize("control", [reshuffle, random_mask])
+def test_reshuffle_and_random_mask_draw_by_their_seed(drawn, control):
+    # Controls are averaged over seeds: the same seed must give the same network, another seed another one.
+    nets = []
+    for seed in (1, 1, 2):
+        net, _, state = ticket_net(drawn)
+        control(net, state, seed=seed)
+        nets.append(net.state_dict())
+    same = [torch.equal(nets[0][k], nets[1][k]) for k in nets[0]]
+    other = [torch.equal(nets[0][k], nets[2][k]) for k in nets[0]]
+    assert all(same) and not all(other)
+
+
 @pytest.mark.parametrize("control", [None, "reinit", "reshuffle", "constant", "random_mask"])
 def test_train_control_trains_at_the_tickets_per_layer_counts(drawn, control):
     model, lottery = drawn
@@ -469,6 +482,12 @@ def test_early_bird_waits_for_a_full_window():
     assert bird.distances == [0.0] and bird.found_at is None
     bird(step(model, 3))
     assert bird.distances == [0.0, 0.0] and bird.found_at == 3
+    found = bird.mask
+    set_weight(model, [[1, 2, 3, 4], [5, 6, 7, 8]])                 # later checks change neither the step nor the mask
+    bird(step(model, 4))
+    bird(step(model, 5))
+    bird(step(model, 6))
+    assert bird.distances == [0.0, 0.0, 1.0, 0.0, 0.0] and bird.found_at == 3 and bird.mask is found
 
 
 def test_early_bird_stops_training_when_the_mask_settles():

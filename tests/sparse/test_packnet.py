@@ -200,7 +200,6 @@ def test_bad_input_and_state_dict():
     assert other.tasks == 1 and all(torch.equal(other.owner[n], o) for n, o in packnet.owner.items())
 
 
-
 class MultiHead(nn.Module):
     """A trunk shared by the tasks, and one output head per task."""
 

@@ -39,6 +39,16 @@ def test_global_scope_ranks_layers_together():
     assert density(model) == 0.5
 
 
+def test_global_scope_ranks_the_raw_scores_whatever_the_layer_sizes():
+    # Layer "1" has 16 weights scored about 3, layer "3" 8 weights scored about 2: the global top 12 of the raw
+    # scores are the 12 largest of layer "1" (a ranking of per-layer normalised scores would keep all of "3").
+    model = MLP(hidden=(4,), in_features=4, out_features=2)
+    scores = {"1": 3.0 + 1e-3 * torch.arange(16.).view(4, 4), "3": 2.0 + 1e-3 * torch.arange(8.).view(2, 4)}
+    masks = prune(model, scores, 0.5, scope="global")                  # keep round(0.5 · 24) = 12
+    assert torch.equal(masks["1"].flatten(), torch.arange(16) >= 4)
+    assert not masks["3"].any()
+
+
 def test_per_layer_densities_and_masks_only_shrink():
     model = LeNet5()
     target = {"features.0": 0.9, "features.3": 0.5, "classifier.1": 0.2, "classifier.3": 0.3, "classifier.5": 1.0}

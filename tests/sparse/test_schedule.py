@@ -66,6 +66,21 @@ def test_iterative_pruning_equals_the_loop_of_prune_and_fine_tune():
     assert torch.allclose(model(torch.ones(2, 784)), reference(torch.ones(2, 784)))
 
 
+def test_iterative_pruning_ranks_by_the_score_it_is_given():
+    # Fixed scores unrelated to the weights: each round keeps the global top-k of them, so after the last round
+    # the model keeps exactly the kept_count(final_density, N) highest scores of all layers together.
+    torch.manual_seed(0)
+    model = MLP(hidden=(8,), in_features=6, out_features=3)
+    g = torch.Generator().manual_seed(1)
+    fixed = {"1": torch.rand(8, 6, generator=g), "3": torch.rand(3, 8, generator=g)}
+    iterative_pruning(model, 0.25, 2, lambda model, r: None, score=lambda model: fixed)
+    flat = torch.cat([fixed["1"].flatten(), fixed["3"].flatten()])
+    expected = torch.zeros(flat.numel(), dtype=torch.bool)
+    expected[flat.sort(descending=True).indices[:kept_count(0.25, flat.numel())]] = True
+    masks = masks_of(model)
+    assert torch.equal(torch.cat([masks["1"].flatten(), masks["3"].flatten()]), expected)
+
+
 def test_iterative_pruning_zeroes_the_pruned_weights_state_of_an_optimizer_kept_across_rounds():
     torch.manual_seed(0)
     model = MLP(hidden=(32, 16))
