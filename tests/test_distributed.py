@@ -88,6 +88,7 @@ def worker(rank: int, processes: int, folder: str) -> None:
             raise AssertionError("growth during data-parallel training must be refused")
         # A NaN or infinite loss on one process stops every process at the same step (alone, it would leave the
         # other waiting in the next step's all-reduce).
+
         def nan_on_the_second(outputs, targets):
             return torch.nn.functional.cross_entropy(outputs, targets) * (float("nan") if rank == 1 else 1.0)
 

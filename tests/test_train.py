@@ -605,4 +605,3 @@ def test_restore_generator_continues_a_state_of_its_kind_and_seeds_from_another(
     assert torch.equal(seeded[0], seeded[1])                  # no GPU to continue it on: seeded, reproducibly,
     assert not torch.equal(seeded[0], seeded[2])              # from the state's bytes,
     assert not torch.equal(seeded[0], torch.rand(2, generator=torch.Generator()))   # not left as it was
-

@@ -7,8 +7,9 @@ an optimisee's parameters ``θ`` is the output of a recurrent network ``m_φ``:
     θ_{t+1} = θ_t + g_t,    [g_t, h_{t+1}] = m_φ(∇f(θ_t), h_t),
 
 and ``φ`` is trained to minimise the loss along the trajectory,
-``L(φ) = E_f [Σ_{t=1}^{T} w_t f(θ_t)]`` (here ``w_t = 1``), by backpropagation through
-the unrolled optimisation, truncated every ``unroll`` steps. As in the paper:
+``L(φ) = E_f [Σ_{t=1}^{T} w_t f(θ_t)]`` (here ``w_t = 1``, each truncated segment's sum divided
+by its length), by backpropagation through the unrolled optimisation, truncated every
+``truncation`` steps. As in the paper:
 
 * the LSTM is **coordinate-wise**: every coordinate of ``θ`` is a row of one batch,
   with its own hidden state and the same weights ``φ``, so one small network
@@ -129,7 +130,9 @@ def meta_train(optimizer: LSTMOptimizer, make_problem: Callable[[], tuple[Object
 
     For each of ``problems`` fresh problems ``(f, θ_0) = make_problem()``, run
     ``horizon`` steps in segments of ``truncation``: after each segment, back-propagate
-    the segment's summed loss into ``φ``, step ``meta_optimizer``, and carry ``θ``, the
+    the segment's mean loss ``Σ f(θ_t) / truncation`` into ``φ`` (a constant factor on the
+    paper's sum: Adam, the paper's meta-optimiser, does not see it; SGD's learning rate absorbs
+    it), step ``meta_optimizer``, and carry ``θ``, the
     LSTM state and the last gradient on, detached (:func:`unroll`).
 
     Returns:

@@ -144,3 +144,20 @@ def test_random_episodes_have_the_episode_layout_and_repeat_with_their_seed():
     again = random_episodes(4, 5, 2, 3, image_size=12, seed=7, dtype=torch.float64)
     other = random_episodes(4, 5, 2, 3, image_size=12, seed=8, dtype=torch.float64)
     assert torch.equal(again.query_x, batch.query_x) and not torch.equal(other.query_x, batch.query_x)
+
+
+def test_labels_classes_and_examples_are_drawn_uniformly_and_independently():
+    # Labels 0 .. N-1 go to the episode's classes in random order, and each class draws its own examples in random
+    # order: no class is tied to a label, no example to the support or the query set, no class to another's draws.
+    batch, ways, shots, queries = 1200, 5, 3, 4
+    episode = EpisodeSampler(_ids(), ways, shots, queries, seed=1).sample(batch=batch)
+    for label in (0, ways - 1):                                          # 100 expected for each class
+        assert (torch.bincount(episode.classes[:, label], minlength=CLASSES) > 50).all()
+    assert (episode.classes.diff(dim=1) > 0).all(1).float().mean() < 0.05      # in increasing order: 1 in 120
+    support = episode.support_x[..., 1].view(batch, ways, shots)
+    query = episode.query_x[..., 1].view(batch, ways, queries)
+    for slot in (support[:, :, 0], query[:, :, -1]):                     # 667 expected for each example
+        assert (torch.bincount(slot.flatten(), minlength=EXAMPLES) > 300).all()
+    # two classes of one episode drawing the very same examples: 1 in 9·8·7·6·5·4·3
+    same = (support[:, 0] == support[:, 1]).all(-1) & (query[:, 0] == query[:, 1]).all(-1)
+    assert same.float().mean() < 0.01

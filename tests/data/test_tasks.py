@@ -153,3 +153,22 @@ def test_context_is_a_subset_of_the_target():
     assert torch.equal(context.y[..., 0], (match * target.y.transpose(1, 2)).sum(-1))
     with pytest.raises(ValueError, match="num_context must be <= the 20 points"):
         context_target_split(curves, 21)
+
+
+def test_sinusoid_parameters_fill_their_ranges_uniformly_and_independently():
+    # Finn et al. section 5.1: amplitude U[0.1, 5], phase U[0, π], x U[-5, 5], drawn anew for every task and point.
+    batch = SinusoidTasks().sample(4000, 5, 5, generator=torch.Generator().manual_seed(0))
+    x = torch.cat([batch.support_x, batch.query_x], dim=1).flatten().double()
+    for values, low, high in ((batch.amplitude.double(), 0.1, 5.0), (batch.phase.double(), 0.0, math.pi),
+                              (x, -5.0, 5.0)):
+        width = high - low
+        assert values.min() < low + 0.01 * width and values.max() > high - 0.01 * width
+        # mean and standard deviation of U[low, high]: (low + high) / 2 and width / √12; 6+ standard errors apart
+        assert values.mean().item() == pytest.approx((low + high) / 2, abs=0.03 * width)
+        assert values.std().item() == pytest.approx(width / math.sqrt(12), rel=0.05)
+    # support and query points are separate draws: no query input repeats a support input
+    assert not (batch.support_x == batch.query_x.transpose(1, 2)).any()
+    # independent of each other and of the task's place in the batch (|r| < 0.06: 4 standard errors)
+    place = torch.arange(4000, dtype=torch.float64)
+    for a, b in ((batch.amplitude, batch.phase), (batch.amplitude, place), (batch.phase, place)):
+        assert torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1].abs() < 0.06

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -128,3 +130,18 @@ def test_bad_input_is_a_clear_error():
         CNP(hidden=0)
     with pytest.raises(ValueError, match="encoder_layers must be an int >= 1"):
         CNP(encoder_layers=0)
+
+
+def test_the_loss_is_the_mean_gaussian_negative_log_likelihood_written_out():
+    # −log N(y; μ, σ²) = ½ log 2π + log σ + (y − μ)² / (2σ²), averaged over functions, targets and outputs.
+    torch.manual_seed(0)
+    cnp = CNP(x_dim=1, y_dim=2, hidden=8).double()
+    generator = torch.Generator().manual_seed(3)
+    cx, cy, tx, ty = (torch.randn(3, n, d, generator=generator, dtype=torch.float64)
+                      for n, d in ((4, 1), (4, 2), (5, 1), (5, 2)))
+    prediction = cnp(cx, cy, tx)
+    mu, sigma = prediction.mean, prediction.stddev
+    assert sigma.log().abs().min() > 0.05                                  # σ away from 1: the log σ term counts
+    nll = 0.5 * math.log(2 * math.pi) + sigma.log() + (ty - mu) ** 2 / (2 * sigma ** 2)
+    assert nll.shape == (3, 5, 2)
+    torch.testing.assert_close(cnp.loss(cx, cy, tx, ty), nll.sum() / nll.numel(), rtol=1e-12, atol=1e-12)

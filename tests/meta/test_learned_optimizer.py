@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -179,3 +180,74 @@ def test_each_unrolled_step_evaluates_f_once_and_feeds_that_evaluations_gradient
     assert torch.allclose(last, grad)
     unroll(net, objective, theta.detach(), state, 1, last)
     assert len(calls) == steps + 2
+
+
+def test_preprocessing_at_the_threshold_e_to_the_minus_p():
+    # e^-10 ≈ 4.54e-5: 1e-4 and 3e-3 lie above it (log-and-sign), 4e-5 below (−1, e^10 g).
+    out = preprocess_gradient(torch.tensor([1e-4, -3e-3, 4e-5], dtype=torch.float64), p=10.0)
+    expected = torch.tensor([[math.log(1e-4) / 10, 1.0], [math.log(3e-3) / 10, -1.0], [-1.0, math.exp(10) * 4e-5]],
+                            dtype=torch.float64)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    # another p moves the threshold and divides the log by p: |g| = 1e-2 ≥ e^-5
+    torch.testing.assert_close(preprocess_gradient(torch.tensor([-1e-2, 1e-3], dtype=torch.float64), p=5.0),
+                               torch.tensor([[math.log(1e-2) / 5, -1.0], [-1.0, math.exp(5) * 1e-3]],
+                                            dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+def reference_updates(net, grads):
+    """The coordinate-wise LSTM written out from its equations, the state carried over the steps.
+
+    Input ``(log|g|/10, sign g)`` (every ``|g| ≥ e^-10`` here); per layer, with PyTorch's gate order ``i, f, g, o``:
+    ``c' = σ(f) c + σ(i) tanh(g)``, ``h' = σ(o) tanh(c')``; the update is ``output_scale · (w·h + b)``, h the last's.
+    """
+    n = grads[0].numel()
+    state = [(grads[0].new_zeros(n, cell.hidden_size), grads[0].new_zeros(n, cell.hidden_size)) for cell in net.cells]
+    updates = []
+    for g in grads:
+        x = torch.stack([g.abs().log() / 10, g.sign()], dim=-1)
+        for layer, cell in enumerate(net.cells):
+            h, c = state[layer]
+            i, f, gate, o = (x @ cell.weight_ih.T + cell.bias_ih + h @ cell.weight_hh.T + cell.bias_hh).chunk(4, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gate)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            state[layer] = (h, c)
+            x = h
+        updates.append(net.output_scale * (x @ net.out.weight.T + net.out.bias).squeeze(-1))
+    return updates
+
+
+def test_the_update_is_the_two_layer_lstm_of_the_preprocessed_gradient_written_out():
+    torch.manual_seed(0)
+    net = LSTMOptimizer(hidden=6, layers=2, output_scale=0.37).double()
+    generator = torch.Generator().manual_seed(2)
+    grads = [torch.randn(5, generator=generator, dtype=torch.float64).sign()
+             * 10 ** (4 * torch.rand(5, generator=generator, dtype=torch.float64) - 3) for _ in range(4)]
+    state, updates = net.initial_state(5, grads[0]), []
+    for g in grads:
+        update, state = net(g, state)
+        updates.append(update)
+    with torch.no_grad():
+        for got, want in zip(updates, reference_updates(net, grads)):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_each_truncated_segment_steps_phi_on_the_segments_mean_loss():
+    # By hand: θ_{t+1} = θ_t + m_φ(∇f(θ_t)), the gradients constants; one SGD step φ ← φ − η ∇_φ (f(θ_1) + f(θ_2)) / 2.
+    torch.manual_seed(0)
+    net = LSTMOptimizer(hidden=8).double()
+    reference = copy.deepcopy(net)
+    generator = torch.Generator().manual_seed(0)
+    W, y, theta0 = (torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in ((4, 4), (4,), (4,)))
+    f = lambda theta: (W @ theta - y).square().sum()                  # noqa: E731
+    meta_train(net, lambda: (f, theta0), torch.optim.SGD(net.parameters(), lr=0.01), problems=1, horizon=2,
+               truncation=2)
+    state, theta, total = reference.initial_state(4, theta0), theta0, 0.0
+    for _ in range(2):
+        point = theta.detach().requires_grad_()
+        update, state = reference(torch.autograd.grad(f(point), point)[0], state)
+        theta = theta + update
+        total = total + f(theta)
+    grads = torch.autograd.grad(total / 2, list(reference.parameters()))
+    for p, q, g in zip(net.parameters(), reference.parameters(), grads):
+        torch.testing.assert_close(p, q - 0.01 * g, rtol=1e-10, atol=1e-12)
+    assert max((p - q).abs().max() for p, q in zip(net.parameters(), reference.parameters())) > 1e-4

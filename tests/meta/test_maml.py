@@ -26,13 +26,13 @@ def regression(tasks=3, seed=0):
     return RegressionBatch(*(t.double() for t in batch))
 
 
-def fine_tuned(model, x, y, lr, steps):
-    """A copy of ``model`` after ``steps`` plain SGD steps on ``(x, y)``."""
+def fine_tuned(model, x, y, lr, steps, loss_fn=F.mse_loss, parameters=None):
+    """A copy of ``model`` after ``steps`` plain SGD steps on ``(x, y)`` (of ``parameters(copy)`` only, if given)."""
     tuned = copy.deepcopy(model)
-    opt = torch.optim.SGD(tuned.parameters(), lr=lr)
+    opt = torch.optim.SGD(tuned.parameters() if parameters is None else parameters(tuned), lr=lr)
     for _ in range(steps):
         opt.zero_grad()
-        F.mse_loss(tuned(x), y).backward()
+        loss_fn(tuned(x), y).backward()
         opt.step()
     return tuned
 
@@ -513,3 +513,77 @@ def test_adapt_works_under_no_grad():
     with torch.no_grad():
         adapted = maml.adapt(tasks.support_x[0], tasks.support_y[0], first_order=True)
     assert all(torch.equal(adapted[name].detach(), expected[name].detach()) for name in expected)
+
+
+def test_meta_backward_reports_the_mean_query_loss_and_accuracy_of_the_adapted_tasks():
+    # By hand: each task's copy fine-tuned by plain SGD on its support set, then scored on its query set.
+    torch.manual_seed(0)
+    model = Conv4(1, 3, hidden=4, image_size=16, running_stats=False).double()
+    tasks = episodes(tasks=4)
+    stats = MAML(copy.deepcopy(model), 0.4, 2).meta_backward(tasks)
+    losses, accuracies = [], []
+    for j in range(4):
+        tuned = fine_tuned(model, tasks.support_x[j], tasks.support_y[j], 0.4, 2, F.cross_entropy)
+        with torch.no_grad():
+            out = tuned(tasks.query_x[j])
+        losses.append(F.cross_entropy(out, tasks.query_y[j]))
+        accuracies.append((out.argmax(-1) == tasks.query_y[j]).double().mean())
+    assert torch.allclose(stats["loss"], torch.stack(losses).mean(), rtol=1e-10)
+    assert torch.allclose(stats["accuracy"].double(), torch.stack(accuracies).mean(), rtol=1e-6)
+    assert stats["accuracy"] > 0
+
+
+def test_anil_adapts_the_last_linear_layer_of_a_deeper_network_and_nothing_else():
+    torch.manual_seed(0)
+    model = MLP(1, (8, 8), 1).double()
+    assert head_names(model) == ["5.weight", "5.bias"]
+    tasks = regression(1)
+    params = ANIL(model, 0.01, 2, loss_fn=F.mse_loss).adapt(tasks.support_x[0], tasks.support_y[0])
+    for name, p in model.named_parameters():
+        assert (params[name] is p) == (not name.startswith("5.")), name
+    tuned = fine_tuned(model, tasks.support_x[0], tasks.support_y[0], 0.01, 2, parameters=lambda m: m[5].parameters())
+    assert torch.allclose(params["5.weight"], tuned[5].weight, rtol=1e-12)
+    assert torch.allclose(params["5.bias"], tuned[5].bias, rtol=1e-12)
+    assert not torch.equal(params["5.weight"], model[5].weight)
+
+
+@pytest.mark.parametrize("tasks_at_once", [1, 3])
+def test_reptile_reports_the_mean_support_loss_before_adapting(tasks_at_once):
+    torch.manual_seed(0)
+    model = MLP(1, (16,), 1).double()
+    tasks = regression(3)
+    with torch.no_grad():
+        expected = torch.stack([F.mse_loss(model(tasks.support_x[j]), tasks.support_y[j]) for j in range(3)]).mean()
+    stats = Reptile(model, 0.05, 3, 0.5, F.mse_loss, tasks_at_once=tasks_at_once).meta_step(tasks)
+    assert torch.allclose(stats["loss"], expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("learner", ["maml", "reptile"])
+def test_evaluate_and_adapt_take_the_number_of_steps_asked_for_not_the_meta_training_ones(learner):
+    torch.manual_seed(0)
+    model = MLP(1, (20,), 1).double()
+    tasks = regression(2)
+    meta = MAML(model, 0.05, 1, loss_fn=F.mse_loss) if learner == "maml" else Reptile(model, 0.05, 1, 0.5, F.mse_loss)
+    stats = meta.evaluate(tasks, steps=4)
+    for j in range(2):
+        tuned = fine_tuned(model, tasks.support_x[j], tasks.support_y[j], 0.05, 4)
+        with torch.no_grad():
+            assert torch.allclose(stats["per_task_loss"][j], F.mse_loss(tuned(tasks.query_x[j]), tasks.query_y[j]))
+    if learner == "maml":
+        adapted = meta.adapt(tasks.support_x[1], tasks.support_y[1], steps=4)
+        assert all(torch.allclose(adapted[name], p, rtol=1e-12) for name, p in tuned.named_parameters())
+
+
+def test_a_label_equal_to_the_number_of_ways_is_refused():
+    # The +3 labels of test_bad_input lie far outside; a label N of an N-way model is the first one out.
+    maml = MAML(Conv4(1, 3, hidden=4, image_size=16, running_stats=False), 0.4, 1)
+    tasks = episodes(dtype=torch.float32)
+    message = r"labels must be in 0 .. 2 for a 3-way model, got labels from 0 to 3"
+    for field in ("support_y", "query_y"):
+        labels = getattr(tasks, field)
+        bad = tasks._replace(**{field: labels.masked_fill(labels == 2, 3)})           # labels 0, 1 and 3
+        for call in (maml.meta_backward, maml.evaluate):
+            with pytest.raises(ValueError, match=message):
+                call(bad)
+    with pytest.raises(ValueError, match=message):
+        maml.adapt(tasks.support_x[0], tasks.support_y[0].masked_fill(tasks.support_y[0] == 2, 3))

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -339,3 +341,28 @@ def test_episode_accuracies_scores_every_episode_in_batches_and_checks_its_count
     for episodes, batch in ((0, 3), (-2, 3), (5, 0)):
         with pytest.raises(ValueError, match="episodes|batch"):
             episode_accuracies(evaluate, sampler(), episodes, batch=batch)
+
+
+def test_protonet_loss_and_accuracies_equal_a_hand_computation_from_the_support_prototypes():
+    # Two 2-way episodes of 2-D points, identity embedding: prototypes from the support set only (Snell et al. eq. 1).
+    support_x = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [0.0, 4.0], [0.0, 2.0]],        # prototypes (1, 0), (0, 3)
+                              [[1.0, 1.0], [1.0, 1.0], [5.0, 5.0], [3.0, 3.0]]],       # prototypes (1, 1), (4, 4)
+                             dtype=torch.float64)
+    query_x = torch.tensor([[[1.0, 1.0], [0.0, 3.0]], [[2.0, 2.0], [4.0, 3.0]]], dtype=torch.float64)
+    episode = Episode(support_x, torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1]]), query_x, torch.tensor([[0, 1], [1, 1]]),
+                      torch.zeros(2, 2))
+    # squared distances of each query to the two prototypes, and its true class
+    queries = [([1, 5], 0), ([10, 0], 1), ([2, 8], 1), ([13, 1], 1)]
+    # −log softmax(−d)_y = d_y + log Σ_k exp(−d_k); episode 0 gets both right, episode 1 one of two (2,2 is nearer 0)
+    expected = sum(d[y] + math.log(sum(math.exp(-dk) for dk in d)) for d, y in queries) / 4
+    stats = ProtoNet(nn.Identity()).loss(episode)
+    assert stats["loss"].item() == pytest.approx(expected, rel=1e-12)
+    assert stats["per_task_accuracy"].tolist() == [1.0, 0.5]
+    assert stats["accuracy"].item() == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("learner", [ProtoNet, MatchingNet])
+def test_a_support_label_equal_to_the_number_of_ways_is_refused(learner):
+    x = torch.randn(3, 2)
+    with pytest.raises(ValueError, match=r"support labels must be in 0 .. 2 for 3 ways, got labels from 0 to 3"):
+        learner(nn.Flatten())(x, torch.tensor([0, 1, 3]), x, ways=3)
