@@ -25,8 +25,10 @@ from .timing import (add_device_argument, environment, fixed_batch, interleaved_
 
 METHODS = ("dense", "static", "SET", "RigL", "SNFS", "Top-KAST")
 NEVER_ENDS = 10**12   # T_end so late that the cosine stays at α during the benchmark
-GOAL, GOAL_EVERY = 1.05, 100
-"""RigL's most time per step, as a multiple of static sparse training's, at an update every ``GOAL_EVERY`` steps."""
+GOAL = 1.05
+"""RigL's most time per step, as a multiple of static sparse training's, at an update every :data:`GOAL_EVERY` steps."""
+GOAL_EVERY = 100
+"""The mask-update interval ΔT at which RigL is held to :data:`GOAL`."""
 
 
 def _sparsifier(method: str, model, optimizer, density: float, every: int):

@@ -12,7 +12,7 @@ beyond what was allocated before it (``torch.cuda.max_memory_allocated``: the st
 activations, gradients and temporaries, DLRT's included; not the other model's memory).
 
 The goal, DLRT below dense in time and in memory, is held from width 1024 at rank
-<= 64, and on a GPU only from a batch of ``GPU_BATCH`` (:func:`goal`).
+<= 64, and on a GPU only from a batch of :data:`GPU_BATCH` (:func:`goal`).
 """
 
 from __future__ import annotations
