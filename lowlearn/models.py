@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_count, is_real
+from .checks import as_float, check_count
 
 
 class MLP(nn.Sequential):
@@ -538,7 +538,7 @@ def _check_channels(**channels: int) -> None:
 
 
 def _check_width(width: float, model: str) -> None:
-    if not is_real(width) or not 0 < width < math.inf:
+    if not 0 < as_float(width) < math.inf:                          # NaN compares False
         raise ValueError(f"the {model} width multiplier must be a positive finite number, got {width!r}")
 
 

@@ -377,6 +377,7 @@ def test_efficient_blocks_reject_bad_arguments(make, message):
     (lambda: SmallCNN(image_size=30.5), "image_size must be an int >= 1"),
     (lambda: SmallCNN(width=float("inf")), "SmallCNN width multiplier must be a positive finite number"),
     (lambda: VGG(width=float("nan")), "VGG width multiplier must be a positive finite number"),
+    (lambda: VGG(width=10**400), "VGG width multiplier must be a positive finite number"),     # beyond a float
 ])
 def test_networks_reject_sizes_that_build_nothing(make, message):
     with pytest.raises(ValueError, match=message):

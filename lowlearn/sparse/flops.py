@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..checks import check_count, is_real
+from ..checks import as_float, check_count, is_real
 from ..cost import FlopCount, count_flops, training_flops
 from .mask import layer_densities
 
@@ -119,7 +119,7 @@ def pruning_training_flops(
     if len(density_schedule) == 0:
         raise ValueError("the density schedule is empty")
     steps = [1] * len(density_schedule) if steps is None else list(steps)
-    if (len(steps) != len(density_schedule) or not all(is_real(s) and 0 <= s < math.inf for s in steps)
+    if (len(steps) != len(density_schedule) or not all(0 <= as_float(s) < math.inf for s in steps)
             or sum(steps) == 0):
         raise ValueError(f"steps must give a non-negative length to each of the {len(density_schedule)} "
                          f"schedule entries, not all zero; got {steps}")

@@ -101,8 +101,9 @@ def test_bad_input():
     for betas in ((0.9,), (0.9, 0.99, 0.5), (0.9, 1.0), 0.9, ("a", "b"), (0.9, None)):
         with pytest.raises(ValueError, match="betas must be two numbers"):
             DLRT(model, lr=0.1, betas=betas)
-    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
-        DLRT(model, lr=0.1, eps=-1.0)
+    for eps in (-1.0, 10**400):                                        # 10**400: beyond a float
+        with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+            DLRT(model, lr=0.1, eps=eps)
     with pytest.raises(ValueError, match="with tol=None the ranks stay"):
         DLRT(model, lr=0.1, r_max=2)
     with pytest.raises(ValueError, match="with tol=None the ranks stay"):

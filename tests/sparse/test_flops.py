@@ -109,7 +109,7 @@ def test_errors_name_the_problem(lenet):
         pruning_training_flops(lenet, [])
     with pytest.raises(ValueError, match="steps"):
         pruning_training_flops(lenet, [0.5, 0.1], steps=[3])
-    for bad in (float("nan"), float("inf"), "3"):                    # NaN gave a NaN cost
+    for bad in (float("nan"), float("inf"), "3", 10**400):           # NaN gave a NaN cost; 10**400 overflows a float
         with pytest.raises(ValueError, match="steps must give a non-negative length"):
             pruning_training_flops(lenet, [0.5, 0.1], steps=[bad, 1])
 
