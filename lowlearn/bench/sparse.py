@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=cli.positive_int, default=5, help="interleaved timed blocks per variant")
     add_device_argument(parser)
     args = parser.parse_args(argv)
-    rows = run(args.features, args.batch_size, tuple(args.densities), args.iterations, args.repeats,
-               device=args.device)
-    print(f"Linear {args.features}x{args.features}, batch {args.batch_size}, inference, {environment(args.device)}")
+    device = resolve_device(args.device)
+    rows = run(args.features, args.batch_size, tuple(args.densities), args.iterations, args.repeats, device=device)
+    print(f"Linear {args.features}x{args.features}, batch {args.batch_size}, inference, {environment(device)}")
     print(f"median of {args.repeats} interleaved blocks of {args.iterations} calls; speed-up = dense time / time in "
           "each block: their median, beside their middle half")
     print(f"{'format':<12} {'density':>8} {'ms':>9} {'dense ms':>9} {'ideal':>7} {'speed-up':>9} {'middle half':>12}")
@@ -144,7 +144,6 @@ def main(argv: list[str] | None = None) -> None:
         size = "" if row["features"] == args.features else f"  ({row['features']} features, batch {row['batch_size']})"
         print(f"{row['format']:<12} {row['density']:8.3f} {row['ms']:9.3f} {row['dense_ms']:9.3f} "
               f"{row['ideal_speedup']:6.1f}x {row['speedup']:8.2f}x {spread:>12}{size}")
-    device = resolve_device(args.device)
     for row in rows:
         target = goal(row, device)
         if target is None:
