@@ -67,7 +67,7 @@ from ..reparam import OutputGradients
 from ..train import generator_on, restore_generator
 from .allocation import erdos_renyi, erk, uniform
 from .mask import (Mask, attach_masks, find_mask, raw_weight, resolve_layers, set_masks, weights_device,
-                   zero_optimizer_state)
+                   zero_where_masked)
 from .prune import check_density, kept_count, top_k_mask
 from .schedule import UpdateSchedule
 from .update import drop_and_grow
@@ -321,12 +321,8 @@ class DynamicSparsity(Sparsifier):
         for name in layers:
             self.active[name] += counts[name] - dropped[name]
         set_masks(self.model, new, self.optimizer)
-        with torch.no_grad():
-            for name, layer in layers.items():
-                weight = raw_weight(layer)
-                weight.masked_fill_(grown[name], 0)
-                if self.optimizer is not None:
-                    zero_optimizer_state(self.optimizer, weight, ~grown[name])
+        for name, layer in layers.items():             # grown weights start at zero, with zeroed state
+            zero_where_masked(raw_weight(layer), ~grown[name], self.optimizer)
         return grown
 
     def _check_capacity(self, sizes: Mapping[str, int]) -> None:
