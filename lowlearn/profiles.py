@@ -890,10 +890,12 @@ def device_description(device: torch.device | str | None = None) -> str:
     return f"cpu ({threads} thread{'' if threads == 1 else 's'})"
 
 
-def banner(profile: Profile | None = None) -> str:
+def banner(profile: Profile | None = None, device: torch.device | str | None = None) -> str:
     """One line that says which profile and device make a chapter's results.
 
     Chapters print it first, so every printed number can be traced to its setting.
+    ``device`` is the one the chapter computes on (default: the machine's default
+    device); a chapter that keeps to the CPU on a machine with a GPU passes it.
     """
     profile = profile or get_profile()
-    return f"profile: {profile.name} | device: {device_description()} | torch {torch.__version__}"
+    return f"profile: {profile.name} | device: {device_description(device)} | torch {torch.__version__}"

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from lowlearn.profiles import PROFILES, get_profile
+from lowlearn.profiles import PROFILES, banner, get_profile
 
 
 def test_names_and_env(monkeypatch):
@@ -21,6 +21,23 @@ def test_default_follows_cuda(monkeypatch):
     assert get_profile().name == "gpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert get_profile().name == "cpu"
+
+
+def test_banner_names_the_profile_the_device_it_is_given_and_torch(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)          # the default device would be a GPU
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    line = banner(get_profile("smoke"), "cpu")
+    assert line == f"profile: smoke | device: cpu (1 thread) | torch {torch.__version__}"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert "device: cpu (2 threads)" in banner(get_profile("cpu"), torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "device: cpu (2 threads)" in banner(get_profile("cpu"))
+
+
+def test_banner_refuses_a_device_the_machine_lacks(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError):
+        banner(get_profile("smoke"), "cuda")
 
 
 def test_unknown_profile_is_a_clear_error(monkeypatch):
