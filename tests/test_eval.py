@@ -139,14 +139,19 @@ def test_test_time_views_override_the_profile_for_the_learners_that_have_them(mo
     assert "for protonet" in capsys.readouterr().err
 
 
-@needs_real_data
-def test_heldout_needs_alphabets_the_background_lacks_and_says_so_before_training(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        omniglot_runs.main(["--profile", "smoke", "--data", str(SHARED_DATA), "--background", "small1,small2",
+@pytest.mark.parametrize("background", ["small2", "small1,small2", "full"])
+def test_heldout_needs_alphabets_the_background_lacks_and_says_so_before_loading_anything(background, tmp_path,
+                                                                                          capsys):
+    with pytest.raises(SystemExit):              # an empty data root: no archive is looked for
+        omniglot_runs.main(["--profile", "smoke", "--data", str(tmp_path / "empty"), "--background", background,
                             "--test", "heldout", "--steps", "1", "--save", str(tmp_path / "learner.pt")])
     captured = capsys.readouterr()
-    assert "none is held out" in captured.err and "meta-trained" not in captured.out
-    assert not (tmp_path / "learner.pt").exists()
+    assert "none is held out: use --background small1" in captured.err and captured.out == ""
+    assert not (tmp_path / "learner.pt").exists() and not (tmp_path / "empty").exists()
+
+
+@needs_real_data
+def test_held_out_refuses_a_background_set_that_holds_every_small2_alphabet():
     with pytest.raises(ValueError, match="none is held out"):
         omniglot_runs.held_out(omniglot_runs.background("small1,small2", 28, str(SHARED_DATA)), 28, str(SHARED_DATA))
 
@@ -298,9 +303,11 @@ def test_missing_background_data_and_a_damaged_checkpoint_are_clear_errors(tmp_p
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(SystemExit, match="omniglot"):
-        omniglot_runs.main(["--profile", "smoke", "--test", "heldout", "--data", str(tmp_path / "empty")])
+        omniglot_runs.main(["--profile", "smoke", "--background", "small1", "--test", "heldout", "--data",
+                            str(tmp_path / "empty")])
     damaged = tmp_path / "learner.pt"
-    monkeypatched = ["--profile", "smoke", "--test", "heldout", "--checkpoint", str(damaged)]
+    monkeypatched = ["--profile", "smoke", "--background", "small1", "--test", "heldout", "--checkpoint",
+                     str(damaged)]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(omniglot_runs, "background", lambda name, size, root: None)
         patch.setattr(omniglot_runs, "held_out", lambda data, size, root: None)

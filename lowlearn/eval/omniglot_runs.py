@@ -9,7 +9,8 @@ and prints its error rate beside the published table (:data:`PUBLISHED`).
 ``--test heldout`` evaluates instead on episodes built like the runs (20-way,
 one shot, one query per class, all classes of one alphabet) from the ``small2``
 alphabets that the background set lacks: a development protocol that needs no
-download (meta-train on ``small1``; Greek and Latin are in both small sets).
+download. Only ``--background small1`` lacks any of them (Greek and Latin are in both
+small sets, and both are parts of the full one); any other is a usage error.
 
 The sizes (episode design, steps, learning rate, augmentation) are the
 ``black_box`` sizes of the experiment profile (:mod:`lowlearn.profiles`); the
@@ -275,6 +276,10 @@ def main(argv: list[str] | None = None) -> None:
         sizes = dataclasses.replace(sizes, test_shift=args.test_shift)
     if args.test == "runs" and args.episodes is not None:
         parser.error("--episodes counts held-out episodes: use it with --test heldout (the runs are 20)")
+    if args.test == "heldout" and args.background != "small1":   # small1 and small2 are parts of the full set
+        parser.error(f"--test heldout evaluates on the small2 alphabets that the background set lacks, and "
+                     f"--background {args.background} holds every one of them, so none is held out: use "
+                     "--background small1")
     episodes = 400 if args.episodes is None else args.episodes
     if args.refine_steps is not None:
         if args.method != "protonet":
@@ -285,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--test-rotations is for the metric learners (protonet, matching), not maml")
         sizes = dataclasses.replace(sizes, test_rotations=args.test_rotations)
     device = args.device or default_device()
-    print(banner(profile))
+    print(banner(profile, device))
     seed_everything(args.seed)                   # --seed fixes the initialisation as well as the episodes
     learner = make_learner(args.method, sizes).to(device)
     data = runs = test = not_saved = None
