@@ -1,5 +1,9 @@
+import errno
 import os
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,11 +40,13 @@ def test_an_error_while_writing_publishes_nothing(tmp_path):
     assert (tmp_path / "a.bin").read_bytes() == b"old" and not leftovers(tmp_path)
 
 
-@pytest.mark.parametrize("hard_links", [True, False])
+@pytest.mark.parametrize("hard_links", [True, PermissionError(errno.EPERM, "no hard links"),
+                                        OSError(errno.EOPNOTSUPP, "operation not supported")],
+                         ids=["hard-links", "eperm", "eopnotsupp"])
 def test_a_file_that_appears_while_writing_is_not_replaced(tmp_path, monkeypatch, hard_links):
-    if not hard_links:
+    if hard_links is not True:
         def no_links(source, target):
-            raise PermissionError("this file system has no hard links")
+            raise hard_links
         monkeypatch.setattr(atomic.os, "link", no_links)
     target = tmp_path / "run.pt"
     with pytest.raises(FileExistsError, match="left as it is"):
@@ -80,10 +86,39 @@ def test_a_replaced_file_keeps_its_permissions_and_a_link_its_target(tmp_path):
 def test_the_data_reaches_the_disk_before_it_is_published(tmp_path, monkeypatch):
     synced = []
     real_fsync = os.fsync
-    monkeypatch.setattr(atomic.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+
+    def fsync(fd):
+        synced.append((os.fstat(fd), (tmp_path / "a.bin").exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
     with atomic_file(tmp_path / "a.bin", overwrite=False) as handle:
-        handle.write(b"x")
-    assert len(synced) == 2                          # the file's contents, then the folder's new entry
+        handle.write(b"x" * 100)
+    # The file's contents (all of them, before it has its name), then the folder's new entry.
+    assert [(stat.S_ISREG(s.st_mode), s.st_size, published) for s, published in synced[:1]] == [(True, 100, False)]
+    assert len(synced) == 2 and synced[1][0].st_ino == tmp_path.stat().st_ino and synced[1][1]
+
+
+def test_a_temporary_name_that_is_taken_is_not_reused(tmp_path, monkeypatch):
+    names = iter(["00000000", "11111111", "00000000", "22222222"])
+    monkeypatch.setattr(atomic.secrets, "token_hex", lambda n: next(names))
+    other = tmp_path / ".a.bin.00000000.part"                # another writer's, or one left by a killed process
+    other.write_bytes(b"another writer's")
+    with atomic_file(tmp_path / "a.bin", overwrite=False) as handle:
+        handle.write(b"mine")
+    assert (tmp_path / "a.bin").read_bytes() == b"mine" and other.read_bytes() == b"another writer's"
+    folder = new_sibling_folder(tmp_path / "a.bin")
+    assert folder.name == ".a.bin.22222222.part" and other.read_bytes() == b"another writer's"
+
+
+def test_text_is_written_as_utf8_whatever_the_locale(tmp_path):
+    script = ("import sys; from lowlearn.atomic import atomic_file\n"
+              "with atomic_file(sys.argv[1], overwrite=False, text=True) as handle:\n"
+              "    handle.write('h\\u00e9llo \\u03b1')\n")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": "", "PYTHONPATH": str(Path(atomic.__file__).parents[1])}
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "a.txt")], env=env, check=True)
+    assert (tmp_path / "a.txt").read_bytes() == "héllo α".encode()
 
 
 def test_a_target_with_the_longest_name_allowed_and_a_file_in_place_of_its_folder(tmp_path):

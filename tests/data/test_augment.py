@@ -50,10 +50,41 @@ def test_each_image_gets_its_own_distortion_reproducibly_and_leading_dimensions_
 
 
 def test_bad_ranges_are_clear_errors():
-    with pytest.raises(ValueError, match="rotation must be >= 0"):
+    with pytest.raises(ValueError, match="rotation must be a finite number >= 0, got -1"):
         random_affine(images(), rotation=-1)
     with pytest.raises(ValueError, match="scale must be below 1"):
         random_affine(images(), scale=1.0)
+    for name, bad in (("rotation", math.nan), ("shear", math.inf), ("shift", 10**400), ("rotation", "10")):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):    # not NaN images
+            random_affine(images(), **{name: bad})
+
+
+def test_each_range_is_drawn_on_both_sides_and_reaches_its_bound():
+    n, generator = 4000, torch.Generator().manual_seed(4)
+    shears = random_affine_matrices(n, generator, rotation=0, scale=0, shear=0.2, shift=0)
+    # A shear alone is [[1, h], [0, 1]]: it moves x by h * y and leaves y alone.
+    torch.testing.assert_close(shears[:, :, [0, 2]], torch.tensor([[1.0, 0.0], [0.0, 0.0]]).expand(n, 2, 2))
+    torch.testing.assert_close(shears[:, 1, 1], torch.ones(n))
+    h = shears[:, 0, 1]
+    assert h.min() < -0.19 and h.max() > 0.19 and h.abs().max() <= 0.2
+    scales = random_affine_matrices(n, generator, rotation=0, scale=0.1, shear=0, shift=0)
+    sx, sy = scales[:, 0, 0], scales[:, 1, 1]
+    assert sx.min() < 0.91 and sx.max() > 1.09 and sy.min() < 0.91 and sy.max() > 1.09
+    assert (sx - sy).abs().max() > 0.1                                  # the two scales are drawn independently
+    assert (scales[:, 0, 1] == 0).all() and (scales[:, 1, 0] == 0).all()
+    shifts = random_affine_matrices(n, generator, rotation=0, scale=0, shear=0, shift=0.07)[:, :, 2]
+    assert shifts.min() < -0.13 and shifts.max() > 0.13 and shifts.abs().max() <= 0.14   # 7% of a side spanning 2
+    angles = random_affine_matrices(n, generator, rotation=10, scale=0, shear=0, shift=0)
+    angles = torch.atan2(angles[:, 1, 0], angles[:, 0, 0])
+    assert angles.min() < -math.radians(9.5) and angles.max() > math.radians(9.5)
+
+
+def test_warp_interpolates_between_pixels_and_keeps_the_images_dtype():
+    x = images(n=2).double()
+    half_pixel = torch.tensor([[[1.0, 0.0, 1 / 12], [0.0, 1.0, 0.0]]], dtype=torch.float64).expand(2, 2, 3)
+    torch.testing.assert_close(warp(x, half_pixel)[..., :-1], (x[..., :-1] + x[..., 1:]) / 2)
+    out = random_affine(x, torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float64 and out.shape == x.shape
 
 
 def test_shifted_copies_move_the_pixels_and_fill_with_zeros():
@@ -65,6 +96,25 @@ def test_shifted_copies_move_the_pixels_and_fill_with_zeros():
     assert views[2].tolist() == [[[2, 3, 0], [5, 6, 0], [8, 9, 0]]]        # moved left
     assert views[3].tolist() == [[[0, 0, 0], [1, 2, 3], [4, 5, 6]]]        # moved down
     assert views[4].tolist() == [[[4, 5, 6], [7, 8, 9], [0, 0, 0]]]        # moved up
-    with pytest.raises(ValueError, match="pixels must be an integer in 1 .. 2"):
-        shifted_copies(x, 3)
+    for bad in (3, 0, 1.5, True):
+        with pytest.raises(ValueError, match="pixels must be an integer in 1 .. 2"):
+            shifted_copies(x, bad)
     assert torch.equal(shifted_copies(x, np.int64(1)), views)
+
+
+def test_shifted_copies_of_a_wide_image():
+    x = torch.arange(1.0, 9.0).view(2, 4)
+    views = shifted_copies(x, 1)
+    assert views.shape == (5, 2, 4)
+    assert views[1].tolist() == [[0, 1, 2, 3], [0, 5, 6, 7]] and views[3].tolist() == [[0, 0, 0, 0], [1, 2, 3, 4]]
+    with pytest.raises(ValueError, match="pixels must be an integer in 1 .. 1"):
+        shifted_copies(x, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_random_affine_on_gpu():
+    x = images().cuda()
+    for generator in (None, torch.Generator(device="cuda").manual_seed(0)):
+        out = random_affine(x, generator)
+        assert out.device == x.device and out.shape == x.shape
+    assert random_affine_matrices(3, torch.Generator(device="cuda").manual_seed(0)).device == x.device

@@ -21,6 +21,7 @@ from lowlearn.data.cache import (
     UnsafeArchiveError,
     data_root,
     fetch,
+    fetch_all,
     safe_extract,
     sha256_of,
 )
@@ -48,6 +49,15 @@ def test_sha256_of(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(CONTENT)
     assert sha256_of(path) == hashlib.sha256(CONTENT).hexdigest()
+    large = bytes(range(256)) * (10 * 1024 + 3)                      # 2.5 MiB: read in several chunks
+    path.write_bytes(large)
+    assert sha256_of(path) == hashlib.sha256(large).hexdigest()
+
+
+def test_the_errors_are_data_errors():
+    for error in (ChecksumError, DatasetNotFoundError, UnsafeArchiveError):
+        assert issubclass(error, DataError)
+    assert issubclass(DatasetNotFoundError, FileNotFoundError)
 
 
 def test_fetch_returns_present_verified_file(tmp_path):
@@ -68,6 +78,17 @@ def test_fetch_wrong_checksum_keeps_file(tmp_path):
     assert path.read_bytes() == b"something the user put there"
 
 
+def test_fetch_wrong_checksum_compares_the_whole_digest(tmp_path):
+    path = tmp_path / "sub" / "payload.bin"
+    path.parent.mkdir()
+    path.write_bytes(CONTENT)
+    digest = hashlib.sha256(CONTENT).hexdigest()
+    last = "0" if digest[-1] != "0" else "1"
+    resource = Resource("payload.bin", ("https://example.invalid/payload.bin",), digest[:-1] + last, "sub")
+    with pytest.raises(ChecksumError, match=f"its sha256 is {digest}"):
+        fetch(resource, root=tmp_path, download=False)
+
+
 def test_fetch_missing_without_download_names_file_url_and_path(tmp_path):
     url = "https://example.invalid/payload.bin"
     with pytest.raises(DatasetNotFoundError) as info:
@@ -75,7 +96,23 @@ def test_fetch_missing_without_download_names_file_url_and_path(tmp_path):
     message = str(info.value)
     assert "payload.bin" in message and url in message
     assert str(tmp_path / "sub" / "payload.bin") in message
+    assert "download=False" in message
     assert isinstance(info.value, FileNotFoundError)
+
+
+def test_fetch_all_offline_never_downloads_and_reports_one_missing_file_as_fetch_does(tmp_path, monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: pytest.fail("tried the network"))
+    present = Resource("present.bin", ("https://example.invalid/present.bin",), hashlib.sha256(CONTENT).hexdigest(),
+                       "sub")
+    present.path(tmp_path).parent.mkdir()
+    present.path(tmp_path).write_bytes(CONTENT)
+    missing = _resource("https://example.invalid/payload.bin")
+    with pytest.raises(DatasetNotFoundError) as single:
+        fetch(missing, root=tmp_path, download=False)
+    with pytest.raises(DatasetNotFoundError) as info:
+        fetch_all([present, missing], root=tmp_path, download=False)
+    assert str(info.value) == str(single.value)
+    assert fetch_all([present], root=tmp_path, download=False) == [present.path(tmp_path)]
 
 
 def test_fetch_downloads_from_file_url(tmp_path):
@@ -148,6 +185,16 @@ def test_fetch_skips_a_mirror_that_serves_a_wrong_file(tmp_path):
     assert path.read_bytes() == CONTENT
 
 
+def test_fetch_reports_a_wrong_file_even_when_another_mirror_is_down(tmp_path):
+    bad = tmp_path / "bad" / "payload.bin"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not the payload")
+    dead = (tmp_path / "nowhere" / "payload.bin").as_uri()
+    with pytest.raises(ChecksumError, match=f"no mirror served the expected file: .*{bad.as_uri()}.*; {dead}"):
+        fetch(_resource(bad.as_uri(), dead), root=tmp_path / "data")
+    assert _leftovers(tmp_path / "data" / "sub") == []
+
+
 def test_fetch_download_with_wrong_checksum_leaves_nothing(tmp_path):
     root = tmp_path / "data"
     resource = _resource(_source(tmp_path), content=b"other bytes")
@@ -199,6 +246,11 @@ def test_data_root_selection(tmp_path, monkeypatch):
     monkeypatch.delenv(ENV_VAR)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert data_root() == tmp_path / "home" / ".cache" / "lowlearn"
+    monkeypatch.setenv(ENV_VAR, "")                                   # set but empty: not the current folder
+    assert data_root() == tmp_path / "home" / ".cache" / "lowlearn"
+    assert data_root("~/data") == tmp_path / "home" / "data"
+    monkeypatch.setenv(ENV_VAR, "~/env")
+    assert data_root() == tmp_path / "home" / "env"
 
 
 def test_fetch_uses_env_root(tmp_path, monkeypatch):
@@ -210,10 +262,10 @@ def test_fetch_uses_env_root(tmp_path, monkeypatch):
 # --- safe_extract ---------------------------------------------------------------
 
 
-def _zip(path: Path, members: dict[str, bytes]) -> Path:
-    with zipfile.ZipFile(path, "w") as zf:
+def _zip(path: Path, members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> Path:
+    with zipfile.ZipFile(path, "w", compression=compression) as zf:
         for name, data in members.items():
-            zf.writestr(zipfile.ZipInfo(name), data)
+            zf.writestr(zipfile.ZipInfo(name), data, compress_type=compression)
     return path
 
 
@@ -256,6 +308,38 @@ def test_safe_extract_onto_a_file_is_an_error(tmp_path, archives):
     with pytest.raises(DataError, match="dest exists and is not a folder"):
         safe_extract(archive, tmp_path / "dest")
     assert (tmp_path / "dest").read_bytes() == b"mine"
+    (tmp_path / "link").symlink_to(tmp_path / "unmounted")            # a link to something missing
+    with pytest.raises(DataError, match="link exists and is not a folder"):
+        safe_extract(archive, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and not (tmp_path / "unmounted").exists()
+
+
+def test_safe_extract_returns_an_existing_folder_as_it_is(tmp_path, archives):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "mine.txt").write_bytes(b"mine")
+    (archives / "a.zip").write_bytes(b"not even an archive")
+    assert safe_extract(archives / "a.zip", dest) == dest
+    assert _leftovers(dest) == ["mine.txt"] and _leftovers(tmp_path) == ["archives", "dest"]
+
+
+def test_safe_extract_creates_the_folders_above_dest(tmp_path, archives):
+    archive = _zip(archives / "a.zip", {"a.txt": b"a"})
+    dest = safe_extract(archive, tmp_path / "x" / "y" / "dest")
+    assert (dest / "a.txt").read_bytes() == b"a"
+
+
+def test_safe_extract_reports_a_failure_to_publish_and_leaves_nothing(tmp_path, archives, monkeypatch):
+    from lowlearn.data import cache
+
+    def refuse(source, target):
+        raise PermissionError(13, "Permission denied", str(target))
+
+    archive = _zip(archives / "a.zip", {"a.txt": b"a"})
+    monkeypatch.setattr(cache.os, "replace", refuse)
+    with pytest.raises(PermissionError):
+        safe_extract(archive, tmp_path / "out" / "dest")
+    assert _leftovers(tmp_path / "out") == []
 
 
 def test_safe_extract_tar(tmp_path, archives):
@@ -272,6 +356,12 @@ def _symlink_info() -> tarfile.TarInfo:
     return link
 
 
+def _special_info(kind: bytes, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo("top/special")
+    info.type, info.linkname = kind, linkname
+    return info
+
+
 @pytest.mark.parametrize("make_archive", [
     lambda folder: _zip(folder / "dotdot.zip", {"ok.txt": b"ok", "../evil": b"evil"}),
     lambda folder: _zip(folder / "absolute.zip", {"ok.txt": b"ok", "/evil": b"evil"}),
@@ -280,11 +370,23 @@ def _symlink_info() -> tarfile.TarInfo:
                            {"ok.txt": b"ok", "../evil": b"evil"}),
     lambda folder: _tar(folder / "symlink.tar.gz", [tarfile.TarInfo("ok.txt"), _symlink_info()],
                            {"ok.txt": b"ok"}),
-], ids=["zip-dotdot", "zip-absolute", "zip-drive", "tar-dotdot", "tar-symlink"])
+    lambda folder: _zip(folder / "backslash.zip", {"ok.txt": b"ok", "top\\..\\..\\evil": b"evil"}),
+    lambda folder: _tar(folder / "hardlink-out.tar.gz", [tarfile.TarInfo("ok.txt"), _special_info(tarfile.LNKTYPE,
+                                                                                                 "/etc/passwd")],
+                        {"ok.txt": b"ok"}),
+    lambda folder: _tar(folder / "hardlink-in.tar.gz", [tarfile.TarInfo("ok.txt"), _special_info(tarfile.LNKTYPE,
+                                                                                                "ok.txt")],
+                        {"ok.txt": b"ok"}),
+    lambda folder: _tar(folder / "device.tar.gz", [tarfile.TarInfo("ok.txt"), _special_info(tarfile.CHRTYPE)],
+                        {"ok.txt": b"ok"}),
+    lambda folder: _tar(folder / "fifo.tar.gz", [tarfile.TarInfo("ok.txt"), _special_info(tarfile.FIFOTYPE)],
+                        {"ok.txt": b"ok"}),
+], ids=["zip-dotdot", "zip-absolute", "zip-drive", "tar-dotdot", "tar-symlink", "zip-backslash-dotdot",
+        "tar-hardlink-outside", "tar-hardlink-inside", "tar-device", "tar-fifo"])
 def test_safe_extract_refuses_unsafe_members_and_writes_nothing(tmp_path, archives, make_archive):
     archive = make_archive(archives)
     out = tmp_path / "out"
-    with pytest.raises(UnsafeArchiveError):
+    with pytest.raises(UnsafeArchiveError, match=archive.name):
         safe_extract(archive, out / "dest")
     assert _leftovers(out) == []  # neither dest, nor its temporary folder, nor out/evil
 
@@ -343,11 +445,14 @@ _PAYLOAD = bytes(range(256)) * 64
     lambda folder: _cut(_tar(folder / "a.tar.gz", [tarfile.TarInfo("a.bin")], {"a.bin": _PAYLOAD})),
     lambda folder: _cut(_zip(folder / "a.zip", {"a.bin": _PAYLOAD})),
     lambda folder: _flip_last_payload_byte(_zip(folder / "a.zip", {"a.bin": _PAYLOAD}), _PAYLOAD),
+    # A damaged deflate stream: zlib reports it before the CRC-32 is checked.
+    lambda folder: _flip_byte(_zip(folder / "a.zip", {"a.bin": _PAYLOAD}, zipfile.ZIP_DEFLATED), 30 + len("a.bin") + 5),
     lambda folder: (folder / "a.txt").write_bytes(b"not an archive") and folder / "a.txt",
     # The stream's checksum at its end: bz2 reports it as a plain OSError once the whole archive is read.
     lambda folder: _flip_byte(_tar(folder / "a.tar.bz2", [tarfile.TarInfo("a.bin")], {"a.bin": _PAYLOAD},
                                    mode="w:bz2"), -3),
-], ids=["tar.gz-cut", "zip-cut", "zip-damaged-byte", "not-an-archive", "tar.bz2-damaged-checksum"])
+], ids=["tar.gz-cut", "zip-cut", "zip-damaged-byte", "zip-damaged-deflate-stream", "not-an-archive",
+        "tar.bz2-damaged-checksum"])
 def test_a_damaged_archive_is_a_data_error_and_writes_nothing(tmp_path, archives, make_archive):
     archive = make_archive(archives)
     out = tmp_path / "out"

@@ -94,7 +94,13 @@ def test_read_cifar_batch_refuses_malicious_pickle(tmp_path, function):
                                  {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]},
                                  {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, -3]},
                                  {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]},
-                                 {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 2**70]}])
+                                 {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 2**70]},
+                                 {b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]},
+                                 {b"data": np.zeros((2, 1, 3072), np.uint8), b"labels": [0, 1]},
+                                 {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1.5]},
+                                 {b"data": np.zeros((2, 3072), np.uint8).tolist(), b"labels": [0, 1]}],
+                         ids=["list", "short-rows", "fewer-labels", "negative-label", "label-10", "huge-label",
+                              "float-pixels", "3d-data", "float-label", "data-as-list"])
 def test_read_cifar_batch_rejects_non_batches(obj):
     with pytest.raises(DataError, match="not a CIFAR batch"):
         read_cifar_batch(io.BytesIO(pickle.dumps(obj)))
@@ -108,9 +114,11 @@ def test_read_cifar_batch_reports_an_absurd_array_as_a_data_error():
         read_cifar_batch(io.BytesIO(crafted))
 
 
-def test_read_cifar_batch_rejects_garbage():
-    with pytest.raises(DataError):
-        read_cifar_batch(io.BytesIO(b"not a pickle"))
+@pytest.mark.parametrize("payload", [b"not a pickle", pickle.dumps({b"data": np.zeros((2, 3072), np.uint8)})[:-40],
+                                     b""], ids=["garbage", "cut-short", "empty"])
+def test_read_cifar_batch_rejects_garbage(payload):
+    with pytest.raises(DataError, match="cannot unpickle a CIFAR batch"):
+        read_cifar_batch(io.BytesIO(payload))
 
 
 # --- load_cifar10 -----------------------------------------------------------------
@@ -176,6 +184,9 @@ def test_constants():
     assert len(CIFAR10_CLASSES) == 10 and CIFAR10_CLASSES[0] == "airplane" and CIFAR10_CLASSES[9] == "truck"
     assert len(CIFAR10_MEAN) == len(CIFAR10_STD) == 3
     assert cifar.CIFAR10_RESOURCE.urls == ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",)
+    # The published per-channel statistics of the 50,000 training images, in the order R, G, B.
+    assert CIFAR10_MEAN == pytest.approx((0.4914, 0.4822, 0.4465), abs=1e-4)
+    assert CIFAR10_STD == pytest.approx((0.2470, 0.2435, 0.2616), abs=1e-4)
 
 
 # --- augment_cifar, normalize_cifar -----------------------------------------------
@@ -203,6 +214,7 @@ def test_augment_cifar_crops_and_flips_each_image():
     used = [t[0] for t in transforms]
     assert {flip for _, _, flip in used} == {False, True}
     assert {dy for dy, _, _ in used} == set(range(9)) and {dx for _, dx, _ in used} == set(range(9))
+    assert len({(dy, dx) for dy, dx, _ in used}) > 30                 # the two offsets are drawn independently
 
 
 def test_augment_cifar_deterministic_with_generator():
@@ -241,7 +253,8 @@ def test_normalize_cifar():
     assert out.shape == x.shape and out.dtype == torch.float64
     assert torch.allclose(out[:, :, 1, 1], torch.tensor([[0.0, 1.0, -2.0]] * 2, dtype=torch.float64))
     assert normalize_cifar(x[0]).shape == (3, 4, 4)
-    with pytest.raises(ValueError, match="RGB"):
-        normalize_cifar(torch.rand(2, 1, 4, 4))
+    for not_rgb in (torch.rand(2, 1, 4, 4), torch.rand(3), torch.rand(3, 4)):
+        with pytest.raises(ValueError, match="RGB"):
+            normalize_cifar(not_rgb)
     with pytest.raises(ValueError, match="float images.*uint8"):      # integer means would round to 0: inf
         normalize_cifar(torch.zeros(2, 3, 4, 4, dtype=torch.uint8))

@@ -58,6 +58,17 @@ def test_mnist5k_deterministic(mnist5k):
     assert torch.equal(again.train.tensors[1][:4000], mnist5k.train.tensors[1])
 
 
+@pytest.mark.parametrize("load", [load_digits, load_mnist5k])
+def test_images_are_upright_and_keep_their_labels(load, mnist5k):
+    """Ones are strokes taller than wide: with the rows and columns (or images and labels) mixed up they are not."""
+    splits = mnist5k if load is load_mnist5k else load()
+    for part in splits:
+        x, y = part.tensors
+        ink = x[y == 1][:, 0] > 0.5
+        rows, columns = ink.any(-1).sum(-1).float().mean(), ink.any(-2).sum(-1).float().mean()
+        assert rows > 1.5 * columns, (rows, columns)
+
+
 @pytest.mark.parametrize("load, test_size", [(load_mnist5k, 0), (load_mnist5k, 5000), (load_mnist5k, -3),
                                              (load_digits, 1797), (load_digits, 0)])
 def test_bad_test_size(load, test_size):
@@ -71,6 +82,8 @@ def test_a_fractional_test_size_is_refused_with_the_count_to_use(load, n):
         load(test_size=0.2)
     with pytest.raises(ValueError, match="test_size must be an int >= 1; got 1000.0"):
         load(test_size=1000.0)
+    with pytest.raises(ValueError, match=f"pass test_size={round(0.7 * n)}"):      # the nearest count
+        load(test_size=0.7)
 
 
 def test_mnist1d():
@@ -95,6 +108,37 @@ def test_mnist1d_deterministic_and_keeps_global_rng():
     assert torch.equal(first.train.tensors[0], second.train.tensors[0])
     other_seed = load_mnist1d(num_samples=200, train_split=0.75, seed=4)
     assert not torch.equal(first.train.tensors[0], other_seed.train.tensors[0])
+
+
+def test_mnist1d_is_the_generators_data_with_its_labels():
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples, args.train_split, args.seed = 200, 0.75, 3
+    data = make_dataset(args)
+    splits = load_mnist1d(num_samples=200, train_split=0.75, seed=3)
+    for part, (x, y) in zip(splits, (("x", "y"), ("x_test", "y_test"))):
+        assert torch.equal(part.tensors[0][:, 0], torch.from_numpy(data[x]).float())
+        assert torch.equal(part.tensors[1], torch.from_numpy(data[y]).long())
+
+
+def test_mnist1d_restores_the_global_random_state_when_the_generator_fails(monkeypatch):
+    import mnist1d.data
+
+    def failing(args):
+        random.seed(0)
+        np.random.seed(0)
+        raise RuntimeError("generator failed")
+
+    monkeypatch.setattr(mnist1d.data, "make_dataset", failing)
+    random.seed(123)
+    np.random.seed(123)
+    expected = (random.random(), np.random.rand())
+    random.seed(123)
+    np.random.seed(123)
+    with pytest.raises(RuntimeError, match="generator failed"):
+        load_mnist1d(num_samples=200)
+    assert (random.random(), np.random.rand()) == expected
 
 
 @pytest.mark.parametrize("kwargs, message", [

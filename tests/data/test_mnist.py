@@ -54,6 +54,13 @@ def test_read_idx_truncated(tmp_path, compress):
         read_idx(path)
 
 
+def test_read_idx_refuses_bytes_beyond_what_its_header_calls_for(tmp_path):
+    path = tmp_path / "a.idx"
+    path.write_bytes(idx_bytes(np.zeros((4, 3), np.uint8)) + b"\x00")
+    with pytest.raises(DataError, match="has 25 bytes but its header .* calls for 24"):
+        read_idx(path)
+
+
 def test_read_idx_truncated_header(tmp_path):
     path = tmp_path / "a.idx"
     path.write_bytes(idx_bytes(np.zeros((4, 3), np.uint8))[:6])
@@ -61,18 +68,22 @@ def test_read_idx_truncated_header(tmp_path):
         read_idx(path)
 
 
-@pytest.mark.parametrize("start", ["0100 08 01", "0000 07 01", "00"])
-def test_read_idx_bad_magic(tmp_path, start):
+@pytest.mark.parametrize("start, padding", [("0100 08 01", 8), ("0000 07 01", 8), ("00", 8), ("0000 08", 0)],
+                         ids=["first-bytes", "type-code", "zeros", "three-bytes"])
+def test_read_idx_bad_magic(tmp_path, start, padding):
     path = tmp_path / "a.idx"
-    path.write_bytes(bytes.fromhex(start) + bytes(8))
+    path.write_bytes(bytes.fromhex(start) + bytes(padding))
     with pytest.raises(DataError, match="not an IDX file"):
         read_idx(path)
 
 
-def test_read_idx_damaged_gzip(tmp_path):
+@pytest.mark.parametrize("damage", [lambda data: data[:-6],
+                                    lambda data: data[:-8] + bytes([data[-8] ^ 0xFF]) + data[-7:]],   # the CRC-32
+                         ids=["cut", "wrong-crc"])
+def test_read_idx_damaged_gzip(tmp_path, damage):
     path = tmp_path / "a.idx.gz"
-    path.write_bytes(gzip.compress(idx_bytes(np.zeros(8, np.uint8)))[:-6])
-    with pytest.raises(DataError, match="gzip"):
+    path.write_bytes(damage(gzip.compress(idx_bytes(np.zeros(8, np.uint8)))))
+    with pytest.raises(DataError, match="damaged gzip"):
         read_idx(path)
 
 
@@ -130,6 +141,21 @@ def test_load_mnist(tmp_path, monkeypatch):
 def test_load_mnist_count_mismatch(tmp_path, monkeypatch):
     fake_mnist(tmp_path, monkeypatch, n_test_labels=3)
     with pytest.raises(DataError, match="same N"):
+        load_mnist(root=tmp_path, download=False)
+
+
+@pytest.mark.parametrize("part, array", [
+    (0, np.zeros((6, 28, 28), np.int16)),                 # not uint8 pixels
+    (0, np.zeros((6, 784), np.uint8)),                    # not (N, H, W)
+    (1, np.zeros((6, 1), np.uint8)),                      # labels not (N,)
+], ids=["int16-images", "flat-images", "2d-labels"])
+def test_load_mnist_refuses_files_of_the_wrong_kind(tmp_path, monkeypatch, part, array):
+    fake_mnist(tmp_path, monkeypatch)
+    path = write_idx(mnist.MNIST_RESOURCES[part].path(tmp_path), array, compress=True)
+    resources = list(mnist.MNIST_RESOURCES)
+    resources[part] = dataclasses.replace(resources[part], sha256=sha256_of(path))
+    monkeypatch.setattr(mnist, "MNIST_RESOURCES", tuple(resources))
+    with pytest.raises(DataError, match=r"expected uint8 \(N, H, W\) and \(N,\) with the same N"):
         load_mnist(root=tmp_path, download=False)
 
 

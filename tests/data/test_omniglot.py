@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -165,8 +166,65 @@ def test_unknown_names_are_refused(tmp_path, monkeypatch):
         data.without(["Gamma"])
     with pytest.raises(ValueError, match="runs"):
         load_omniglot("runs", root=tmp_path)
-    with pytest.raises(ValueError, match="image_size"):
-        load_omniglot("small1", root=tmp_path, image_size=0, download=False)
+    with pytest.raises(ValueError, match=r"sets must be one or more of .*; got \[\]"):
+        load_omniglot([], root=tmp_path)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="image_size"):
+            load_omniglot("small1", root=tmp_path, image_size=bad, download=False)
+    with pytest.raises(ValueError, match="image_size"):                   # before looking for the files
+        load_omniglot("small2", root=tmp_path / "empty", image_size=0, download=False)
+
+
+def test_a_dataset_built_from_names_has_sorted_alphabets_and_checks_its_shapes():
+    data = Omniglot.from_characters(torch.zeros(3, 20, 1, 4, 4), ["Beta/character01", "Alpha/character01",
+                                                                   "Beta/character02"])
+    assert data.alphabets == ["Alpha", "Beta"] and data.alphabet_index.tolist() == [1, 0, 1]
+    assert repr(data) == "Omniglot(characters=3, alphabets=2, drawers=20, image_size=4)"
+    with pytest.raises(ValueError, match=r"got images \(3, 20, 4, 4\), 3 names, 3 alphabet indices"):
+        Omniglot.from_characters(torch.zeros(3, 20, 4, 4), data.characters)
+    with pytest.raises(ValueError, match="got images .*, 2 names, 2 alphabet indices"):
+        Omniglot.from_characters(data.images, data.characters[:2])
+    with pytest.raises(ValueError, match="3 names, 2 alphabet indices"):
+        Omniglot(data.images, data.characters, data.alphabets, data.alphabet_index[:2])
+
+
+def test_merged_sets_are_sorted_by_character_name(tmp_path, monkeypatch):
+    tiny = _tiny_set()
+    _install(monkeypatch, tmp_path, "small1", {k: v for k, v in tiny.items() if "/Beta/" in k})
+    _install(monkeypatch, tmp_path, "small2", {k: v for k, v in tiny.items() if "/Alpha/" in k})
+    both = load_omniglot(["small1", "small2"], root=tmp_path, image_size=None, download=False)
+    assert both.characters == ["Alpha/character01", "Alpha/character02", "Beta/character01", "Beta/character02"]
+    assert both.images[:, 0, 0, 0, 0].mul(255).round().tolist() == [255 - (5 * c + a) for a in (1, 0) for c in (1, 2)]
+
+
+def test_drawers_are_in_file_name_order_whatever_the_order_in_the_archive(tmp_path, monkeypatch):
+    _install(monkeypatch, tmp_path, "small1", dict(reversed(list(_tiny_set().items()))))
+    data = load_omniglot("small1", root=tmp_path, image_size=None, download=False)
+    values = torch.tensor([[10 * d + 5 * c + a for d in range(20)] for a in (1, 0) for c in (1, 2)])
+    assert torch.equal(data.images[:, :, 0, 0, 0], (255 - values).float() / 255)
+
+
+def test_images_are_resized_with_a_lanczos_filter(tmp_path, monkeypatch):
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 4))
+    members = {name: _png(pixels) for name in _tiny_set()}
+    _install(monkeypatch, tmp_path, "small1", members)
+    data = load_omniglot("small1", root=tmp_path, image_size=2, download=False)
+    resized = Image.fromarray(pixels.astype(np.uint8), mode="L").resize((2, 2), resample=Image.Resampling.LANCZOS)
+    expected = torch.from_numpy(255 - np.asarray(resized, dtype=np.float32)) / 255
+    assert torch.equal(data.images[0, 0, 0], expected) and torch.equal(data.images[3, 19, 0], expected)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: {**m, "tiny/Alpha/character01/extra/0101_01.png": m["tiny/Alpha/character01/0101_01.png"]},
+     "holds 'tiny/Alpha/character01/extra/0101_01.png', but an Omniglot image archive holds only"),
+    (lambda m: {**m, "tiny/Alpha/character01/0101_21.png": m["tiny/Alpha/character01/0101_01.png"]},
+     "Alpha/character01 has 21 drawings, expected 20"),
+    (lambda m: {"tiny/readme.txt": b"no images"}, "holds no PNG images"),
+], ids=["too-deep", "21-drawings", "no-png"])
+def test_an_archive_without_omniglots_layout_is_an_error(tmp_path, monkeypatch, edit, message):
+    _install(monkeypatch, tmp_path, "small1", edit(_tiny_set()))
+    with pytest.raises(DataError, match=message):
+        load_omniglot("small1", root=tmp_path, download=False)
 
 
 def test_unsafe_member_is_refused(tmp_path, monkeypatch):
@@ -233,16 +291,49 @@ def test_the_official_runs():
     assert all(sorted(run.query_labels.tolist()) == list(range(20)) for run in runs)   # one test item per class
 
 
+def test_blank_lines_and_windows_line_ends_in_class_labels_are_accepted(tmp_path, monkeypatch):
+    members, truth = _tiny_runs(runs=2)
+    members["run02/class_labels.txt"] = (b"\r\n" + members["run02/class_labels.txt"].replace(b"\n", b"\r\n")
+                                         + b"\r\n")
+    _install(monkeypatch, tmp_path, "runs", members)
+    runs = load_omniglot_runs(root=tmp_path, image_size=None, download=False)
+    assert [run.query_labels.tolist() for run in runs] == truth
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda text: text.split("\n", 1)[1], "has 19 lines, expected 20"),
     (lambda text: text.replace("training/class", "training/klass", 1), "does not name"),
-])
+    (lambda text: text.replace(".png\n", ".png run02/training/class01.png\n", 1), "does not name"),
+    (lambda text: text.replace("item02.png", "item01.png", 1), r"gives no class for \['run02/test/item02.png'\]"),
+], ids=["19-lines", "not-a-training-image", "three-names", "an-item-twice"])
 def test_malformed_class_labels(tmp_path, monkeypatch, edit, message):
     members, _ = _tiny_runs(runs=2)
     members["run02/class_labels.txt"] = edit(members["run02/class_labels.txt"].decode()).encode()
     _install(monkeypatch, tmp_path, "runs", members)
     with pytest.raises(DataError, match=f"run02/class_labels.txt.*{message}"):
         load_omniglot_runs(root=tmp_path, download=False)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: {k: v for k, v in m.items() if k != "run02/test/item07.png"},
+     "run02 has 20 training and 19 test images, expected 20 of each"),
+    (lambda m: {k: v for k, v in m.items() if k != "run02/training/class07.png"},
+     "run02 has 19 training and 20 test images, expected 20 of each"),
+    (lambda m: {k: v for k, v in m.items() if k != "run02/class_labels.txt"}, "has no run02/class_labels.txt"),
+], ids=["missing-test-image", "missing-training-image", "missing-class-labels"])
+def test_an_incomplete_run_is_an_error(tmp_path, monkeypatch, edit, message):
+    members, _ = _tiny_runs(runs=2)
+    _install(monkeypatch, tmp_path, "runs", edit(members))
+    with pytest.raises(DataError, match=message):
+        load_omniglot_runs(root=tmp_path, download=False)
+
+
+@pytest.mark.parametrize("load", [lambda root: load_omniglot("small1", root=root, download=False),
+                                  lambda root: load_omniglot_runs(root=root, download=False)], ids=["sets", "runs"])
+def test_offline_a_missing_archive_is_not_downloaded(tmp_path, monkeypatch, load):
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: pytest.fail("tried the network"))
+    with pytest.raises(DatasetNotFoundError, match=r"download=False.* Download it from https://"):
+        load(tmp_path)
 
 
 def test_every_missing_set_is_named_in_one_error(tmp_path):
