@@ -17,6 +17,26 @@ class Double(nn.Module):
         return 2 * x
 
 
+class Shift(nn.Module):
+    """``θ ↦ θ + 1``, with its inverse."""
+
+    def forward(self, x):
+        return x + 1
+
+    def right_inverse(self, x):
+        return x - 1
+
+
+class Halve(nn.Module):
+    """``θ ↦ θ / 2``, with its inverse."""
+
+    def forward(self, x):
+        return x / 2
+
+    def right_inverse(self, x):
+        return 2 * x
+
+
 def test_a_deep_copy_gets_its_own_class():
     layer = nn.Linear(3, 2)
     register(layer, "weight", Double())
@@ -155,3 +175,164 @@ def test_register_refuses_a_missing_tensor_and_a_parametrization_that_is_not_a_m
     with pytest.raises(ValueError, match="does not have a parameter, a buffer, or a parametrized element"):
         register(conv, "wieght", Double())                                     # PyTorch's own message
     assert type(conv) is nn.Conv2d and not parametrize.is_parametrized(conv)   # nothing changed
+
+
+def test_register_refuses_a_buffer_that_is_none():
+    norm = nn.BatchNorm1d(3, track_running_stats=False)
+    with pytest.raises(ValueError, match=r"BatchNorm1d.running_mean is None"):
+        register(norm, "running_mean", Double())
+    assert type(norm) is nn.BatchNorm1d
+
+
+def test_assigning_a_parametrized_tensor_stores_its_raw_value():
+    layer = nn.Linear(3, 2)
+    register(layer, "weight", Halve())
+    value = torch.arange(6.0).view(2, 3)
+    layer.weight = value
+    assert torch.equal(layer.parametrizations.weight.original, 2 * value) and torch.equal(layer.weight, value)
+
+
+def test_raw_value_inverts_the_parametrizations_last_first_and_skips_those_without_an_inverse():
+    from lowlearn.reparam import raw_value
+
+    layer = nn.Linear(3, 2)
+    register(layer, "weight", Shift())
+    register(layer, "weight", Halve())
+    register(layer, "weight", Mask(torch.ones(2, 3, dtype=torch.bool)))
+    value = torch.tensor([[2.0, 4.0, 6.0], [0.0, -2.0, 1.0]])
+    raw = raw_value(layer, "weight", value)                       # (θ + 1) / 2 = v  ⇔  θ = 2v − 1
+    assert torch.equal(raw, 2 * value - 1)
+    with torch.no_grad():
+        layer.parametrizations.weight.original.copy_(raw)
+    assert torch.equal(layer.weight, value)
+    bias = torch.ones(2)
+    assert raw_value(layer, "bias", bias) is bias                 # the bias is not parametrized
+
+
+def test_a_parametrization_of_several_original_tensors_is_computed_from_all_of_them():
+    class Sum(nn.Module):
+        def forward(self, a, b):
+            return a + b
+
+        def right_inverse(self, w):
+            return w, torch.zeros_like(w)
+
+    layer = nn.Linear(3, 2)
+    weight = layer.weight.detach().clone()
+    register(layer, "weight", Sum())
+    assert torch.equal(layer.weight, weight)
+    with torch.no_grad():
+        layer.parametrizations.weight.original1.fill_(1.0)
+    assert torch.equal(layer.weight, weight + 1)
+
+
+def test_a_deep_copy_of_a_second_parametrized_tensor_caches_its_own_value():
+    layer = nn.Linear(3, 2)
+    register(layer, "weight", Double())
+    register(layer, "bias", Double())
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.parametrizations.bias.original.add_(1.0)
+    with parametrize.cached():
+        assert torch.equal(layer.bias, 2 * layer.parametrizations.bias.original)
+        assert torch.equal(twin.bias, 2 * twin.parametrizations.bias.original)
+
+
+def test_a_deep_copy_of_a_layer_that_refers_to_itself_refers_to_the_copy():
+    layer = nn.Linear(3, 2)
+    register(layer, "weight", Double())
+    object.__setattr__(layer.parametrizations.weight[0], "owner", layer)      # a plain reference, no submodule
+    twin = copy.deepcopy(layer)
+    assert twin.parametrizations.weight[0].owner is twin
+
+
+def test_output_gradients_read_the_first_parametrization_of_the_kind_in_a_chain():
+    # As with Powerprop then a mask: the recorder hooks the mask, the second in the chain.
+    layer = nn.Linear(3, 2)
+    register(layer, "weight", Double())
+    register(layer, "weight", Mask(torch.tensor([[True, False, True], [False, True, True]])))
+    register(layer, "weight", Double())
+    recorder = OutputGradients({"w": layer}, Mask)
+    recorder.start()
+    x = torch.randn(5, 3)
+    layer(x).sum().backward()
+    expected = 2 * torch.ones(5, 2).T @ x                           # ∂L/∂(mask output): through the last doubling
+    assert torch.allclose(recorder.grads["w"], expected)
+
+
+def test_output_gradients_ignore_a_direct_call_of_the_parametrization_after_the_layers_own_pass():
+    layer = nn.Linear(3, 2)
+    register(layer, "weight", Double())
+    register(layer, "weight", Mask(torch.ones(2, 3, dtype=torch.bool)))
+    recorder = OutputGradients({"w": layer}, Mask)
+    recorder.start()
+    x = torch.randn(5, 3)
+    layer(x).sum().backward()
+    recorded = recorder.grads["w"].clone()
+    other = torch.randn(2, 3, requires_grad=True)
+    (layer.parametrizations.weight[1](other * 1.0) * 7).sum().backward()    # not the layer's pass
+    assert torch.equal(recorder.grads["w"], recorded)
+
+
+def test_output_gradients_stop_when_the_parametrization_returns_its_leaf_input():
+    class Same(nn.Module):
+        def forward(self, x):
+            return x
+
+    layer = nn.Linear(3, 2)
+    register(layer, "weight", Same())
+    recorder = OutputGradients({"w": layer}, Same)
+    recorder.start()
+    x = torch.randn(5, 3)
+    layer(x).sum().backward()
+    recorder.stop()
+    before = {name: g.clone() for name, g in recorder.grads.items()}
+    layer(x).sum().backward()                                        # stopped: nothing may be added
+    assert recorder.grads.keys() == before.keys()
+    assert all(torch.equal(recorder.grads[name], before[name]) for name in before)
+
+
+def test_a_deep_copy_of_a_recording_recorder_records_its_own_layers_only():
+    layer = nn.Linear(3, 2)
+    register(layer, "weight", Mask(torch.ones(2, 3, dtype=torch.bool)))
+    recorder = OutputGradients({"w": layer}, Mask)
+    recorder.start()
+    x = torch.randn(5, 3)
+    layer(x).sum().backward()
+    twin_layer, twin = copy.deepcopy((layer, recorder))
+    assert twin.active and twin.chains["w"] is twin_layer.parametrizations.weight
+    twin_layer(2 * x).sum().backward()
+    expected = torch.ones(5, 2).T @ x
+    assert torch.allclose(recorder.grads["w"], expected)                # the original's are its own
+    assert torch.allclose(twin.grads["w"], 3 * expected)               # the copied gradient, plus the copy's pass
+    gone = weakref.ref(recorder)
+    del recorder, layer
+    gc.collect()
+    assert gone() is None                                              # the copy's layer keeps no hook of it
+
+
+def test_a_state_dict_round_trip_through_register_and_remove_keeps_the_values():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2)
+    register(layer, "weight", Mask(torch.tensor([[True, False, True], [False, True, True]])))
+    state = copy.deepcopy(layer.state_dict())
+    assert set(state) == {"bias", "parametrizations.weight.original", "parametrizations.weight.0.mask"}
+    fresh = nn.Linear(3, 2)
+    register(fresh, "weight", Mask(torch.ones(2, 3, dtype=torch.bool)))
+    fresh.load_state_dict(state)
+    x = torch.randn(4, 3)
+    assert torch.equal(fresh(x), layer(x))
+    remove(fresh, "weight")
+    plain = nn.Linear(3, 2)
+    plain.load_state_dict(fresh.state_dict())                       # now an ordinary layer's state
+    assert torch.equal(plain(x), layer(x)) and torch.equal(plain.weight[0, 1], torch.tensor(0.0))
+
+
+def test_remove_keeps_a_buffer_a_buffer():
+    norm = nn.BatchNorm1d(3)
+    with torch.no_grad():
+        norm.running_mean.copy_(torch.tensor([1.0, -2.0, 0.5]))
+    register(norm, "running_mean", Double())
+    remove(norm, "running_mean")
+    assert "running_mean" in norm._buffers and not isinstance(norm.running_mean, nn.Parameter)
+    assert torch.equal(norm.running_mean, torch.tensor([2.0, -4.0, 1.0]))

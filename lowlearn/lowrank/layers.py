@@ -369,9 +369,24 @@ def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in factors]
 
 
+def _replace(model: nn.Module, replacements: Mapping[int, nn.Module]) -> None:
+    """Put ``replacements[id(m)]`` at every place of ``model`` that holds a module ``m`` it names.
+
+    A module used at several places (tied layers) is replaced at each, by the one
+    replacement, so the places stay tied.
+    """
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if name and id(module) in replacements:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, replacements[id(module)])
+
+
 def to_low_rank(model: nn.Module, layers: Iterable[str], rank: int | Mapping[str, int] | None = None, *,
                 tol: float | None = None, r_max: int | None = None) -> nn.Module:
     """Replace the named ``nn.Linear``/``nn.Conv2d`` modules by their truncated SVDs, in place; return the model.
+
+    A module the model uses at several places is replaced at each by one low-rank
+    layer. The model is changed only once every named layer is converted.
 
     Args:
         model: the model.
@@ -388,11 +403,12 @@ def to_low_rank(model: nn.Module, layers: Iterable[str], rank: int | Mapping[str
             (a subclass is refused too: its owner may read ``.weight``, which a
             low-rank layer does not have), or ``""``, the model itself; a ``rank``
             mapping without one of ``layers``.
-        ValueError: ``layers`` is one string, not a list of names.
+        ValueError: ``layers`` is one string, not a list of names, a convolution without
+            a low-rank version (grouped, or not zero-padded), or bad rank arguments.
     """
     if isinstance(layers, str):
         raise ValueError(f"layers must be a list of layer names, not one string ({layers!r}): pass [{layers!r}]")
-    modules, layers = dict(model.named_modules()), list(layers)
+    modules, layers, new_layers = dict(model.named_modules()), list(layers), {}
     if isinstance(rank, Mapping) and (missing := [name for name in layers if name not in rank]):
         raise KeyError(f"rank gives no rank for layers {missing}: name every layer of layers in it")
     for name in layers:
@@ -409,16 +425,17 @@ def to_low_rank(model: nn.Module, layers: Iterable[str], rank: int | Mapping[str
         r = rank[name] if isinstance(rank, Mapping) else rank
         r = None if r is None else min(r, n, m)
         if isinstance(layer, nn.Linear):
-            new = LowRankLinear.from_linear(layer, r, tol=tol, r_max=cap)
+            new_layers[id(layer)] = LowRankLinear.from_linear(layer, r, tol=tol, r_max=cap)
         else:
-            new = LowRankConv2d(layer, r, tol=tol, r_max=cap)
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, new)
+            new_layers[id(layer)] = LowRankConv2d(layer, r, tol=tol, r_max=cap)
+    _replace(model, new_layers)
     return model
 
 
 def to_dense(model: nn.Module) -> nn.Module:
     """Replace every low-rank layer by the dense layer it computes, in place; return the model.
+
+    A low-rank layer the model uses at several places becomes one dense layer at each.
 
     Raises:
         TypeError: ``model`` is itself a low-rank layer (use its ``to_dense()``).
@@ -426,10 +443,7 @@ def to_dense(model: nn.Module) -> nn.Module:
     if isinstance(model, LowRankLayer):
         raise TypeError(f"the model is itself a {type(model).__name__}, which to_dense cannot replace in place: "
                         "use model.to_dense()")
-    modules = dict(model.named_modules())
-    for name, layer in low_rank_layers(model).items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, layer.to_dense())
+    _replace(model, {id(layer): layer.to_dense() for layer in low_rank_layers(model).values()})
     return model
 
 

@@ -329,10 +329,10 @@ def compact(model: nn.Sequential) -> nn.Sequential:
         model's (to fine-tune it).
 
     Raises:
-        ValueError: a grouped convolution, another kind of layer between two
-            prunable ones, a batch norm after a flatten of feature maps, or a non-zero
-            constant feeding a padded convolution, passing
-            a padded average pooling that counts the padding (either makes it
+        ValueError: a grouped convolution, another kind of layer between a layer
+            with removed units and the next prunable one, a batch norm after a flatten
+            of feature maps, or a non-zero constant feeding a padded convolution,
+            passing a padded average pooling that counts the padding (either makes it
             position-dependent, so it cannot be folded exactly) or an average pooling
             with a ``divisor_override``.
     """

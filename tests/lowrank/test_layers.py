@@ -26,6 +26,8 @@ def test_truncation_rank_by_hand():
     assert truncation_rank(sigma, 0.0) == 4
     assert truncation_rank(torch.tensor([4.0, 3.0, 0.0]), 0.0) == 2
     assert truncation_rank(sigma, 0.99) == 1
+    # ‖(3, 2, 2, 2)‖ = √21 ≈ 4.583, ϑ = 0.5: tail ‖(2)‖ = 2 ≤ 2.291 < ‖(2, 2)‖ = 2.828 (sums, not norms, would give 2)
+    assert truncation_rank(torch.tensor([3.0, 2.0, 2.0, 2.0]), 0.5) == 3
     for diverged in ([float("nan"), 1.0, 0.5], [2.0, 1.0, float("nan")], [float("inf"), 1.0, 0.5]):
         with pytest.raises(ValueError, match="not finite"):      # (a GPU's SVD returns NaN rather than raising)
             truncation_rank(torch.tensor(diverged), 0.1)
@@ -321,3 +323,166 @@ def test_per_layer_ranks_and_input_gradients_only_when_needed():
     x.requires_grad_()                                  # ... and computed when it is
     model(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def full_core(layer, seed=0):
+    """Give ``layer`` a full (non-diagonal, non-symmetric) S, as training makes it."""
+    generator = torch.Generator().manual_seed(seed)
+    r = layer.rank
+    layer.set_factors(layer.U, torch.randn(r, r, generator=generator, dtype=layer.S.dtype), layer.V)
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_forward_and_gradients_with_a_full_core_match_the_dense_weight_u_s_vt(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = full_core(LowRankLinear(7, 5, 3).double()), torch.randn(4, 7, dtype=torch.float64)
+    else:
+        layer = full_core(LowRankConv2d(nn.Conv2d(3, 6, 3, padding=1, stride=2), 3).double())
+        x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    x.requires_grad_()
+    U, S, V = (p.detach() for p in (layer.U, layer.S, layer.V))
+    W = (U @ S @ V.T).requires_grad_()                           # by hand, not layer.matrix()
+    if kind == "linear":
+        y = nn.functional.linear(x, W, layer.bias)
+    else:
+        y = nn.functional.conv2d(x, W.reshape(6, 3, 3, 3), layer.bias, **layer.conv)
+    out = layer(x)
+    assert torch.allclose(out, y)
+    assert torch.allclose(layer.matrix(), W) and torch.allclose(layer.to_dense()(x), y)
+    g = torch.randn_like(y)
+    grad_x, grad_W = torch.autograd.grad(y, (x, W), g)
+    out.backward(g)
+    assert torch.allclose(x.grad, grad_x)
+    assert torch.allclose(layer.U.grad, grad_W @ V)
+    assert torch.allclose(layer.V.grad, grad_W.T @ U)
+    assert torch.allclose(layer.S.grad, U.T @ grad_W @ V)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_without_k_and_l_gradients_backward_gives_only_the_s_gradient(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = full_core(LowRankLinear(7, 5, 3).double()), torch.randn(4, 7, dtype=torch.float64)
+    else:
+        layer = full_core(LowRankConv2d(nn.Conv2d(3, 6, 3, padding=1), 3).double())
+        x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    layer.kl_gradients = False
+    layer(x).square().sum().backward()
+    assert layer.U.grad is None and layer.V.grad is None
+    W = layer.matrix().detach().requires_grad_()
+    dense = layer.to_dense()
+    if kind == "linear":
+        y = nn.functional.linear(x, W, layer.bias)
+    else:
+        y = nn.functional.conv2d(x, W.reshape(dense.weight.shape), layer.bias, **layer.conv)
+    (grad_W,) = torch.autograd.grad(y.square().sum(), W)
+    assert torch.allclose(layer.S.grad, layer.U.detach().T @ grad_W @ layer.V.detach())
+
+
+def test_a_dilated_convolution_with_uneven_padding_matches_the_dense_one_and_its_gradients():
+    torch.manual_seed(0)
+    for conv in (nn.Conv2d(3, 4, (3, 5), padding=(1, 3), dilation=(2, 1), stride=(1, 2)),
+                 nn.Conv2d(3, 4, 3, padding="same", dilation=2)):
+        conv = conv.double()
+        layer = LowRankConv2d(conv, 4)                             # full rank: the same weight
+        x = torch.randn(2, 3, 9, 8, dtype=torch.float64, requires_grad=True)
+        out = layer(x)
+        assert torch.allclose(out, conv(x)) and torch.allclose(layer.to_dense()(x), conv(x))
+        W = layer.matrix().detach().requires_grad_()
+        y = nn.functional.conv2d(x, W.reshape(conv.weight.shape), conv.bias, conv.stride, conv.padding, conv.dilation)
+        g = torch.randn_like(y)
+        grad_x, grad_W = torch.autograd.grad(y, (x, W), g)
+        out.backward(g)
+        assert torch.allclose(x.grad, grad_x) and torch.allclose(layer.V.grad, grad_W.T @ layer.U.detach())
+
+
+def test_full_rank_layers_compute_what_the_dense_layers_did_bias_included():
+    torch.manual_seed(0)
+    linear, conv = nn.Linear(6, 4).double(), nn.Conv2d(2, 3, 3, padding=1).double()
+    with torch.no_grad():
+        linear.bias.uniform_(1, 2)
+        conv.bias.uniform_(1, 2)
+    x, image = torch.randn(3, 6, dtype=torch.float64), torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    assert torch.allclose(LowRankLinear.from_linear(linear, 4)(x), linear(x))
+    assert torch.allclose(LowRankConv2d.from_conv(conv, 3)(image), conv(image))
+    with pytest.raises(ValueError, match="zero padding"):
+        LowRankConv2d(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), 2)
+
+
+def test_r_max_must_be_a_rank_the_layer_can_have():
+    for bad in (0, 5, 2.5):
+        with pytest.raises(ValueError, match=r"r_max must be an integer from 1 to min\(n, m\) = 4"):
+            LowRankLinear(5, 4, 2, r_max=bad)
+
+
+def test_to_low_rank_caps_ranks_and_r_max_at_each_layers_size():
+    torch.manual_seed(0)
+    model = to_low_rank(MLP(in_features=12, hidden=(8,), out_features=3), ["1", "3"], rank=50, r_max=100)
+    layers = low_rank_layers(model)
+    assert {name: (layer.rank, layer.r_max) for name, layer in layers.items()} == {"1": (8, 8), "3": (3, 3)}
+
+
+def test_set_factors_keeps_the_dtype_and_rank_is_the_smaller_side_of_s():
+    layer = LowRankLinear(6, 5, 2)
+    U, S, V = (torch.randn(5, 3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64),
+               torch.randn(6, 2, dtype=torch.float64))
+    layer.set_factors(U, S, V)                                    # an augmented, rectangular S, as mid-step
+    assert all(p.dtype == torch.float32 for p in (layer.U, layer.S, layer.V))
+    assert layer.rank == 2 and layer.dense_shape == (5, 6)
+    x = torch.randn(4, 6)
+    assert torch.allclose(layer(x), x @ (U @ S @ V.T).float().T + layer.bias, atol=1e-5)
+
+
+def test_a_checkpoint_whose_v_has_another_rank_than_u_is_refused():
+    layer = LowRankLinear(8, 20, 2)
+    state = {"U": torch.zeros(20, 3), "S": torch.zeros(3, 3), "V": torch.zeros(8, 4), "bias": layer.bias}
+    with pytest.raises(RuntimeError, match="not those of a 20×8 weight"):
+        layer.load_state_dict(state)
+    assert (layer.U.shape, layer.S.shape, layer.V.shape) == ((20, 2), (2, 2), (8, 2))
+
+
+def test_a_low_rank_linear_counts_its_macs_at_every_position_of_a_sequence():
+    layer = LowRankLinear(20, 8, 3)
+    count = count_flops(nn.Sequential(layer), torch.randn(2, 5, 20))
+    assert count.per_layer == {"0": 5 * (3 * 20 + 3 * 3 + 8 * 3)}              # per example: 5 positions
+
+
+def test_a_layer_used_at_two_places_is_converted_at_both_and_stays_shared():
+    torch.manual_seed(0)
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    x = torch.randn(3, 8)
+    to_low_rank(model, ["0"], rank=8)
+    assert isinstance(model[0], LowRankLinear) and model[2] is model[0]
+    torch.testing.assert_close(model(x), shared(torch.relu(shared(x))), rtol=1e-5, atol=1e-5)
+
+
+def test_a_low_rank_layer_used_at_two_places_becomes_one_dense_layer_at_both():
+    torch.manual_seed(0)
+    shared = LowRankLinear(8, 8, 3)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    x = torch.randn(3, 8)
+    out = model(x)
+    to_dense(model)
+    assert type(model[0]) is nn.Linear and model[2] is model[0] and not low_rank_layers(model)
+    torch.testing.assert_close(model(x), out, rtol=1e-5, atol=1e-5)
+
+
+def test_to_low_rank_changes_nothing_when_a_layer_cannot_be_converted():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="ungrouped"):
+        to_low_rank(model, ["0", "2"], rank=1)
+    assert not low_rank_layers(model) and type(model[0]) is nn.Conv2d
+
+
+def test_a_low_rank_layer_owns_its_bias_and_describes_its_shape():
+    linear, conv = nn.Linear(20, 8), nn.Conv2d(3, 4, 3)
+    layers = (LowRankLinear.from_linear(linear, 3), LowRankConv2d(conv, 2))
+    with torch.no_grad():
+        for layer in layers:
+            layer.bias.add_(1.0)                                    # training the copy
+    assert not torch.equal(layers[0].bias, linear.bias) and not torch.equal(layers[1].bias, conv.bias)
+    assert "20 -> 8, rank=3, r_max=8, bias=True" in repr(layers[0])
+    assert "27 -> 4, rank=2, r_max=4, bias=True" in repr(layers[1])

@@ -87,6 +87,19 @@ def test_low_rank_layers_become_two_thin_layers():
     assert (first.weight.shape, second.weight.shape) == ((3, 128), (5, 3))
     assert exported[0][0].weight.shape == (2, 3, 3, 3) and exported[0][1].weight.shape == (8, 2, 1, 1)
     torch.testing.assert_close(exported(x), model(x), rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for p in exported.parameters())          # for inference
+
+
+def test_low_rank_layers_with_a_full_core_export_to_the_same_function():
+    # During training S stops being diagonal: the thin layers must compute (U S)(Vᵀ x), not (U Sᵀ)(Vᵀ x).
+    torch.manual_seed(0)
+    model = nn.Sequential(LowRankConv2d(nn.Conv2d(3, 6, 3, padding=1), rank=3), nn.ReLU(), nn.Flatten(),
+                          LowRankLinear.from_linear(nn.Linear(6 * 4 * 4, 5), rank=3))
+    for layer in (model[0], model[3]):
+        layer.set_factors(layer.U, torch.randn(3, 3), layer.V)
+    x = torch.randn(2, 3, 4, 4)
+    dense = nn.Sequential(model[0].to_dense(), nn.ReLU(), nn.Flatten(), model[3].to_dense())
+    torch.testing.assert_close(export(model, "dense")(x), dense(x), rtol=1e-5, atol=1e-5)
 
 
 def test_compact_cuts_pruned_neurons_out_and_keeps_the_outputs():
@@ -96,6 +109,8 @@ def test_compact_cuts_pruned_neurons_out_and_keeps_the_outputs():
     x = torch.randn(6, 20)
     small = compact(model)
     assert [layer.weight.shape for layer in small if isinstance(layer, nn.Linear)] == [(15, 20), (8, 15), (5, 8)]
+    assert [(layer.in_features, layer.out_features) for layer in small if isinstance(layer, nn.Linear)] == [
+        (20, 15), (15, 8), (8, 5)]
     torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
 
 
@@ -111,7 +126,11 @@ def test_compact_handles_batch_norm_pooling_and_flatten():
     small = compact(model)
     assert small[0].weight.shape[0] == 4 and small[1].num_features == 4 and small[4][0].weight.shape[:2] == (3, 4)
     assert small[6].weight.shape[1] == 3 * 2 * 2
+    assert (small[0].in_channels, small[0].out_channels, small[4][0].in_channels, small[4][0].out_channels) == (
+        3, 4, 4, 3)
+    assert small[6].in_features == 3 * 2 * 2 and small[1].running_mean.shape == small[1].running_var.shape == (4,)
     torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
+    assert hasattr(model[0], "parametrizations") and model[0].weight.shape == (8, 3, 3, 3)   # the original unchanged
 
 
 def test_compact_refuses_what_it_cannot_fold_exactly():
@@ -281,6 +300,9 @@ def test_a_model_that_is_one_layer_is_exported_whole():
 def test_unknown_format_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown format"):
         export(pruned_mlp(), "coo")
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"min_sparsity must be in \[0, 1\]"):
+            export(pruned_mlp(), "csr", min_sparsity=bad)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         export(pruned_mlp(), "csr")                 # no beta-state warning leaks out
@@ -350,12 +372,13 @@ def test_a_model_that_is_itself_an_attention_module_stays_dense():
             assert torch.allclose(call(exported, x), call(model.eval(), x), atol=1e-5)
 
 
-def test_half_precision_layers_stay_dense_in_csr_on_the_cpu():
-    model = pruned_mlp().half()
-    with pytest.warns(UserWarning, match="no torch.float16 kernel on the CPU"):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_layers_stay_dense_in_csr_on_the_cpu(dtype):
+    model = pruned_mlp().to(dtype)
+    with pytest.warns(UserWarning, match=f"no {dtype} kernel on the CPU"):
         exported = export(model, "csr")
     assert not any(isinstance(layer, CSRLinear) for layer in exported.modules())
-    exported(torch.randn(2, 20).half())
+    exported(torch.randn(2, 20, dtype=dtype))
 
 
 def test_low_rank_layers_export_in_their_own_precision():
@@ -365,3 +388,203 @@ def test_low_rank_layers_export_in_their_own_precision():
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     with torch.no_grad():
         assert (export(model, "dense")(x) - model(x)).abs().max() < 1e-12             # was 1e-8: through float32
+
+
+def test_csr_convolution_with_stride_dilation_and_a_rectangular_kernel_matches_the_dense_one():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, (3, 2), stride=(2, 1), padding=(2, 1), dilation=(2, 3))
+    prune(conv, {"": conv.weight.detach().abs()}, 0.4)
+    exported = export(conv, "csr")
+    assert isinstance(exported, CSRConv2d)
+    x = torch.randn(2, 3, 11, 10)
+    # (11 + 2·2 − 2·(3 − 1) − 1) // 2 + 1 = 6 rows, (10 + 2·1 − 3·(2 − 1) − 1) // 1 + 1 = 9 columns
+    assert exported(x).shape == (2, 5, 6, 9)
+    torch.testing.assert_close(exported(x), conv(x), rtol=1e-5, atol=1e-6)
+
+
+def test_convolutions_that_do_not_pad_with_zeros_stay_dense_in_csr():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+    prune(conv, {"": conv.weight.detach().abs()}, 0.3)
+    with pytest.warns(UserWarning, match="padding_mode='reflect'"):
+        exported = export(nn.Sequential(conv), "csr")
+    assert type(exported[0]) is nn.Conv2d
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(exported(x), conv(x))
+    with pytest.raises(ValueError, match="zero padding"):
+        CSRConv2d(exported[0])
+
+
+def test_dense_format_only_squashes_the_masks():
+    model = pruned_mlp()
+    x = torch.randn(4, 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exported = export(model, "dense")
+    linears = [layer for layer in exported if isinstance(layer, nn.Linear)]
+    assert len(linears) == 3 and all(type(layer) is nn.Linear for layer in linears)
+    assert all(torch.equal(a.weight, b.weight) for a, b in zip(linears, (model[1], model[3], model[5])))
+    torch.testing.assert_close(exported(x), model(x))
+
+
+def test_a_layer_whose_name_only_starts_like_an_attention_module_is_exported():
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention, self.attention_head = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.attention_head(self.attention(x, x, x, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    model, x = Attention().eval(), torch.randn(2, 4, 8)
+    with torch.no_grad():
+        model.attention_head.weight.mul_(torch.rand_like(model.attention_head.weight) > 0.5)
+    with pytest.warns(UserWarning) as caught:
+        exported = export(model, "csr")
+    assert [str(w.message).split(":")[0] for w in caught] == ["layer 'attention.out_proj' stays dense"]
+    assert isinstance(exported.attention_head, CSRLinear)
+    with torch.no_grad():
+        assert torch.allclose(exported(x), model(x), atol=1e-5)
+
+
+def test_a_two_four_layer_that_torch_refuses_stays_dense_with_a_warning(monkeypatch):
+    import lowlearn.sparse.export as export_module
+
+    torch.manual_seed(0)
+    model = MLP(in_features=16, hidden=(8,), out_features=4)
+    prune_nm(model, 2, 4)
+    monkeypatch.setattr(export_module, "semi_structured_unavailable", lambda layer: None)   # as if on a GPU
+    with pytest.warns(UserWarning) as caught:
+        exported = export(model, "2:4")
+    assert [str(w.message).split(":")[0] for w in caught] == ["layer '1' stays dense", "layer '3' stays dense"]
+    assert all("torch's 2:4 kernels refuse it" in str(w.message) for w in caught)
+    assert type(exported[1]) is nn.Linear and type(exported[3]) is nn.Linear
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(exported(x), model(x))
+
+
+def test_two_four_kernels_take_only_fp16_or_bf16_two_four_weights_on_an_ampere_gpu(monkeypatch):
+    from types import SimpleNamespace
+
+    from lowlearn.sparse.export import semi_structured_unavailable
+
+    def on_gpu(weight):                               # a weight as a CUDA layer would show it
+        return SimpleNamespace(weight=SimpleNamespace(device=torch.device("cuda", 0), dtype=weight.dtype,
+                                                      shape=weight.shape, detach=lambda: weight))
+
+    capability = [(8, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    two_four = torch.tensor([[1.0, 0.0, -2.0, 0.0, 0.0, 0.0, 3.0, 4.0]] * 2, dtype=torch.float16)
+    assert semi_structured_unavailable(on_gpu(two_four)) is None
+    assert semi_structured_unavailable(on_gpu(two_four.bfloat16())) is None
+    assert "fp16 or bf16" in semi_structured_unavailable(on_gpu(two_four.float()))
+    three = two_four.clone()
+    three[1, 1] = 5.0                                 # three of the first four weights of row 1
+    assert "not 2:4 sparse" in semi_structured_unavailable(on_gpu(three))
+    assert "not 2:4 sparse" in semi_structured_unavailable(on_gpu(two_four[:, :6]))
+    capability[0] = (7, 5)
+    assert "compute capability 8.0" in semi_structured_unavailable(on_gpu(two_four))
+
+
+def test_compact_cuts_only_units_with_no_weight_left():
+    torch.manual_seed(0)
+    model = MLP(in_features=20, hidden=(30, 16), out_features=5)
+    units = prune_channels(model, 0.5)
+    prune(model, scores.magnitude(model), 0.4)        # unstructured zeros inside the kept units
+    alive = [int(layer.weight.ne(0).any(dim=1).sum()) for layer in (model[1], model[3])]
+    assert alive == [int(units["1"].sum()), int(units["3"].sum())] == [15, 8]
+    assert all(bool(layer.weight[units[name]].eq(0).any()) for name, layer in (("1", model[1]), ("3", model[3])))
+    small = compact(model)
+    assert [layer.weight.shape for layer in small if isinstance(layer, nn.Linear)] == [(15, 20), (8, 15), (5, 8)]
+    x = torch.randn(6, 20)
+    torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_compact_folds_the_bias_of_a_unit_without_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    with torch.no_grad():
+        model[0].weight[2] = 0                        # the unit outputs tanh(b₂), whatever the input
+        model[0].bias[2] = 0.7
+    small = compact(model)
+    assert small[0].weight.shape == (5, 4) and small[2].weight.shape == (3, 5)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_compact_passes_over_a_block_it_cannot_see_through_where_no_unit_is_removed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), Residual(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), nn.ReLU(),
+                          nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    prune_channels(model, 0.5, layers=["3"])
+    small = compact(model)
+    assert small[0].weight.shape == (8, 6) and small[3].weight.shape == (4, 8) and small[5].weight.shape == (3, 4)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_bias_compact_adds_to_fold_a_constant_is_as_trainable_as_the_weight():
+    torch.manual_seed(0)
+    for trainable in (True, False):
+        model = nn.Sequential(nn.Linear(4, 6), nn.Sigmoid(), nn.Linear(6, 3, bias=False))
+        prune_channels(model, 0.5, layers=["0"])      # removed units pass sigmoid(0) = 0.5 on
+        model.requires_grad_(trainable)
+        small = compact(model)
+        assert small[2].bias is not None and small[2].bias.requires_grad == trainable
+        x = torch.randn(5, 4)
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_compact_cuts_through_dropout_adaptive_pooling_and_a_later_batch_norm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sigmoid(), nn.Dropout(0.3), nn.BatchNorm2d(8),
+                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(8 * 4, 3))
+    model.train()
+    model(torch.randn(8, 3, 7, 7))                   # non-trivial running statistics
+    model.eval()
+    prune_channels(model, 0.5)                       # removed channels pass bn(sigmoid(0)) on: a constant
+    small = compact(model)
+    assert small[0].weight.shape == (4, 3, 3, 3) and small[3].num_features == 4 and small[6].weight.shape == (3, 16)
+    assert small[3].running_mean.shape == (4,)
+    x = torch.randn(2, 3, 7, 7)
+    torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_compact_cuts_channels_feeding_a_padded_convolution_a_zero():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1, bias=False))
+    prune_channels(model, 0.5)                       # removed channels output relu(0) = 0: nothing to fold
+    small = compact(model)
+    assert small[0].weight.shape == (4, 3, 3, 3) and small[2].weight.shape == (4, 4, 3, 3) and small[2].bias is None
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_compact_folds_a_constant_into_a_convolution_with_valid_padding():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sigmoid(), nn.Conv2d(8, 4, 3, padding="valid"))
+    prune_channels(model, 0.5)                       # removed channels output sigmoid(0) = 0.5 everywhere
+    small = compact(model)
+    assert small[2].weight.shape == (4, 4, 3, 3)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_two_four_layer_counts_half_the_macs_of_the_dense_one(monkeypatch):
+    import lowlearn.sparse.export as export_module
+    from lowlearn.cost import count_flops
+    from lowlearn.sparse.export import SemiStructuredLinear
+    from lowlearn.sparse.flops import model_sparse_flops
+
+    torch.manual_seed(0)
+    model = MLP(in_features=16, hidden=(8,), out_features=4)
+    prune_nm(model, 2, 4)
+    monkeypatch.setattr(export_module, "semi_structured_unavailable", lambda layer: None)   # as if on a GPU,
+    monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", lambda weight: weight)  # with a dense stand-in
+    exported = export(model, "2:4")
+    assert isinstance(exported[1], SemiStructuredLinear) and isinstance(exported[3], SemiStructuredLinear)
+    x = torch.randn(3, 16)
+    assert count_flops(exported, x).per_layer == {"1": 16 * 8 // 2, "3": 8 * 4 // 2}
+    assert model_sparse_flops(exported, x) == model_sparse_flops(model, x) == (16 * 8 + 8 * 4) // 2
+    torch.testing.assert_close(exported(x), model(x))

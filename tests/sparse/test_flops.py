@@ -150,3 +150,57 @@ def test_dst_training_flops_bad_input(lenet):
                      lambda: dst_training_flops(nothing, 0.5, "set", relative_to_dense=True)):
         with pytest.raises(ValueError, match="no counted layer"):
             relative()
+
+
+def test_a_layer_at_density_zero_costs_nothing(lenet):
+    assert sparse_inference_flops(lenet, {"1": 0.0}) == 30_000 + 1_000
+    assert sparse_inference_flops(lenet, 0.0) == 0
+
+
+def test_pruning_schedule_steps_may_be_zero_but_not_negative_nor_all_zero(lenet):
+    assert pruning_training_flops(lenet, [{}, {"1": 0.5}], steps=[0, 2]) == pytest.approx(3 * (117_600 + 31_000))
+    for bad in ([-1, 2], [0, 0]):
+        with pytest.raises(ValueError, match="steps must give a non-negative length"):
+            pruning_training_flops(lenet, [0.5, 0.1], steps=bad)
+
+
+def test_a_masked_layer_costs_its_mask_density_even_where_a_kept_weight_is_zero():
+    model, x = MLP(), torch.zeros(1, 784)
+    prune(model, magnitude(model), DENSITIES)
+    with torch.no_grad():
+        model[1].parametrizations.weight.original[masks_of(model)["1"]] = 0.0      # kept, but zero for now
+    assert model_sparse_flops(model, x) == pytest.approx(SPARSE)
+
+
+def test_a_single_density_must_be_a_real_number(lenet):
+    for bad in (True, "0.5", 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+            sparse_inference_flops(lenet, bad)
+
+
+def test_top_kast_layers_without_a_forward_density_are_dense_so_their_backward_set_must_be_too(lenet):
+    with pytest.raises(ValueError, match=r"not so for \['3', '5'\]"):
+        dst_training_flops(lenet, {"1": 0.1}, "topkast", backward_densities={"1": 0.2, "3": 0.5, "5": 0.5})
+    assert dst_training_flops(lenet, {"1": 0.1}, "topkast", backward_densities={"1": 0.2}) == pytest.approx(
+        2 * (23_520 + 31_000) + 47_040 + 31_000)
+
+
+@pytest.mark.parametrize("method", ["dense", "static", "set", "rigl", "snfs"])
+def test_every_method_checks_its_densities(lenet, method):
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        dst_training_flops(lenet, {"1": 1.5}, method)
+    with pytest.raises(KeyError, match="no FLOPs counted"):
+        dst_training_flops(lenet, {"7": 0.5}, method)
+
+
+def test_a_strided_padded_convolution_costs_its_kept_weights_times_its_output_positions():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 5 * 5, 2))
+    prune(model, magnitude(model), {"0": 0.25, "2": 0.5})
+    kept = {name: int(m.sum()) for name, m in masks_of(model).items()}
+    assert kept == {"0": 27, "2": 100}
+    # (9 + 2·1 − 3) // 2 + 1 = 5: each kept filter weight is used at 5 × 5 positions
+    x = torch.zeros(2, 3, 9, 9)
+    assert model_sparse_flops(model, x) == pytest.approx(27 * 25 + 100)
+    assert sparse_training_flops(count_flops(model, x), {"0": 0.25, "2": 0.5}) == pytest.approx(3 * (27 * 25 + 100))

@@ -105,6 +105,7 @@ def test_prune_nm_only_the_layers_scored():
     model = LeNet5()   # the first convolution has 1·5·5 = 25 weights per filter: 4 does not divide it
     with pytest.raises(ValueError, match="layer 'features.0'.*groups of m=4.*pass scores= without it"):
         prune_nm(model)
+    assert not masks_of(model)                                    # refused before any layer was masked
     scores = {name: s for name, s in random(model).items() if name != "features.0"}
     with pytest.raises(ValueError, match="layer 'features.3'"):   # 6·5·5 = 150 is not a multiple of 4 either
         prune_nm(model, scores=scores)
@@ -239,3 +240,70 @@ def test_prune_channels_bad_input():
         diverged[1].weight[1, 0] = float("nan")
     with pytest.raises(ValueError, match="the scores for '1' contain NaN"):     # not kept as the largest norm
         prune_channels(diverged, 0.5)
+
+
+def test_channel_scores_read_the_effective_weight():
+    from lowlearn.powerprop import powerprop
+
+    model = nn.Sequential(nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[3.0, -4.0, 1.0, 2.0], [1.0, 1.0, -1.0, 1.0]]))
+    powerprop(model, 2.0)                              # θ = φ|φ|: the raw φ is ±√|θ|
+    attach_masks(model)
+    set_masks(model, {"0": torch.tensor([[True, False, True, False], [True, True, True, True]])})
+    l1, l2 = channel_scores(model)["0"], channel_scores(model, norm=2)["0"]
+    assert l1.tolist() == pytest.approx([4.0, 4.0])                     # |3| + |1|: masked, and θ, not φ
+    assert l2.tolist() == pytest.approx([10 ** 0.5, 2.0])
+
+
+def test_prune_channels_after_unstructured_pruning_keeps_the_pruned_weights_of_kept_units_pruned():
+    torch.manual_seed(0)
+    model = MLP(in_features=10, hidden=(12, 8), out_features=3)
+    prune(model, magnitude(model), 0.5)                # every unit keeps some weights, none keeps all
+    before = {name: m.clone() for name, m in masks_of(model).items()}
+    assert all(m.any(dim=1).all() and not m.all(dim=1).any() for name, m in before.items() if name != "5")
+    norms = {name: (layer.weight * before[name]).abs().sum(dim=1) for name, layer in (("1", model[1]),
+                                                                                      ("3", model[3]))}
+    units = prune_channels(model, 0.5)
+    for name in ("1", "3"):
+        keep = units[name]
+        assert int(keep.sum()) == before[name].shape[0] // 2
+        assert norms[name][keep].min() >= norms[name][~keep].max()
+        assert torch.equal(masks_of(model)[name], before[name] & keep[:, None])
+
+
+def test_prune_channels_refuses_to_keep_one_unit_more_than_are_left():
+    model = MLP(in_features=10, hidden=(8,), out_features=3)
+    prune_channels(model, 0.5)
+    with pytest.raises(ValueError, match="layer '1' has 4 units left, so it cannot keep 5"):
+        prune_channels(model, 5 / 8)
+    assert int(prune_channels(model, 0.5)["1"].sum()) == 4                  # all the units left: fine
+
+
+def test_prune_channels_that_fails_on_a_diverged_weight_leaves_the_model_unmasked():
+    model = MLP(in_features=10, hidden=(4,), out_features=3)
+    with torch.no_grad():
+        model[1].weight[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="contain NaN"):
+        prune_channels(model, 0.5)
+    assert not any(parametrize.is_parametrized(layer) for layer in model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_prune_channels_keeps_the_bias_in_the_model_dtype(dtype):
+    torch.manual_seed(0)
+    model = MLP(in_features=8, hidden=(6,), out_features=3).to(dtype)
+    units = prune_channels(model, 0.5)
+    assert model[1].bias.dtype == dtype and model[1].parametrizations.bias[0].mask.dtype == dtype
+    assert (model[1].bias[~units["1"]] == 0).all()
+    assert model(torch.randn(2, 8, dtype=dtype)).dtype == dtype
+
+
+def test_a_bias_masked_by_channel_pruning_stays_masked_when_the_weights_are_revived():
+    model = MLP(in_features=10, hidden=(8,), out_features=3)
+    first = prune_channels(model, 0.5)
+    set_masks(model, {"1": torch.ones(8, 10, dtype=torch.bool)})          # e.g. regrown by sparse training
+    with torch.no_grad():
+        raw_weight(model[1]).add_(1.0)                                      # every unit alive and large
+    prune_channels(model, 1.0)
+    assert torch.equal(model[1].parametrizations.bias[0].mask.bool(), first["1"])
