@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from ..checks import as_float, check_count, check_rate, is_real
 from ..distributed import average_across_processes
 from ..train import NonFiniteLossError, buffers_restored
-from .layers import check_tolerance, dense_parameters, low_rank_layers, truncation_rank
+from .layers import check_tolerance, dense_parameters, low_rank_layers, truncation_ranks
 
 
 class DLRT(torch.optim.Optimizer):
@@ -188,8 +188,7 @@ class DLRT(torch.optim.Optimizer):
             for name, layer in layers.items():
                 self._basis_update(name, layer)
             loss = self._s_step_pass(layers, closure)
-            for name, layer in layers.items():
-                self._galerkin_and_truncate(name, layer)
+            self._galerkin_and_truncate(layers)
         except BaseException:         # a failed closure, an interrupt, a diverged core: undo the factors' step
             for name, layer in layers.items():
                 layer.set_factors(*start[name])
@@ -294,21 +293,29 @@ class DLRT(torch.optim.Optimizer):
         self._rotate(name, "S", M.T, N.T)                 # S's moments into the augmented bases
         layer.set_factors(U_hat, M @ S @ N.T, V_hat)
 
-    def _galerkin_and_truncate(self, name: str, layer) -> None:
-        S = layer.S - self.lr * self.direction(name, "S", layer.S.grad)
+    def _galerkin_and_truncate(self, layers: Mapping[str, nn.Module]) -> None:
+        """The S-step of every layer, then (with ``tol``) its truncation; the ranks are read in one transfer."""
+        cores = {name: layer.S - self.lr * self.direction(name, "S", layer.S.grad) for name, layer in layers.items()}
         if self.tol is None:
-            layer.set_factors(layer.U, S, layer.V)
+            for name, layer in layers.items():
+                layer.set_factors(layer.U, cores[name], layer.V)
             return
-        try:
-            P, sigma, Qh = torch.linalg.svd(S, full_matrices=False)
-            kept = truncation_rank(sigma, self.tol)
-        except (torch.linalg.LinAlgError, ValueError) as error:   # NaN or infinite entries: training diverged
-            raise NonFiniteLossError(f"the S-step core of layer {name!r} is not finite, so the loss or the "
-                                     "gradients diverged: lower lr") from error
-        r_max = min(layer.r_max, layer.r_max if self.r_max is None else self.r_max, sigma.numel())
-        r = min(max(kept, self.r_min), r_max)
-        self._rotate(name, "S", P[:, :r], Qh[:r].T)
-        layer.set_factors(layer.U @ P[:, :r], torch.diag(sigma[:r]), layer.V @ Qh[:r].T)
+        svds = {}
+        for name, S in cores.items():
+            try:
+                svds[name] = torch.linalg.svd(S, full_matrices=False)
+            except torch.linalg.LinAlgError as error:     # NaN or infinite entries: training diverged
+                raise _diverged([name]) from error
+        ranks = dict(zip(svds, truncation_ranks([sigma for _, sigma, _ in svds.values()], self.tol)))
+        diverged = [name for name, kept in ranks.items() if kept is None]   # a GPU's SVD returns NaN, not an error
+        if diverged:
+            raise _diverged(diverged)
+        for name, layer in layers.items():
+            P, sigma, Qh = svds[name]
+            r_max = min(layer.r_max, layer.r_max if self.r_max is None else self.r_max, sigma.numel())
+            r = min(max(ranks[name], self.r_min), r_max)
+            self._rotate(name, "S", P[:, :r], Qh[:r].T)
+            layer.set_factors(layer.U @ P[:, :r], torch.diag(sigma[:r]), layer.V @ Qh[:r].T)
 
     def state_dict(self) -> dict:
         """The groups' learning rates (as a scheduler left them), the factors' moments and the ``optimizer``'s state.
@@ -350,6 +357,13 @@ class DLRT(torch.optim.Optimizer):
             name: {key: value if key == "step" else torch.stack(tuple(value)).to(layers[name].U)
                    for key, value in layer.items()}
             for name, layer in moments.items()})
+
+
+def _diverged(names: list[str]) -> NonFiniteLossError:
+    """The error for layers whose S-step core is not finite."""
+    which = f"layer {names[0]!r}" if len(names) == 1 else f"layers {names}"
+    return NonFiniteLossError(f"the S-step core of {which} is not finite, so the loss or the gradients diverged: "
+                              "lower lr")
 
 
 def _factors(model: nn.Module) -> list[nn.Parameter]:

@@ -31,7 +31,7 @@ optimizer only :func:`dense_parameters`.)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,17 +67,34 @@ def truncation_rank(singular_values: Tensor, tol: float) -> int:
         ValueError: no singular values, or ones that are not finite (on a GPU the SVD
             of a diverged matrix returns NaN instead of raising).
     """
+    (rank,) = truncation_ranks([singular_values], tol)
+    if rank is None:
+        raise ValueError("the singular values are not finite: the matrix diverged")
+    return rank
+
+
+def truncation_ranks(spectra: Sequence[Tensor], tol: float) -> list[int | None]:
+    """:func:`truncation_rank` of each of several spectra, read from the device in one transfer.
+
+    What :class:`~lowlearn.lowrank.dlrt.DLRT` truncates every layer with: one wait for
+    the device per step, not one per layer.
+
+    Returns:
+        The rank of each spectrum, ``None`` for one whose singular values are not finite.
+
+    Raises:
+        ValueError: a spectrum without singular values.
+    """
     tol = check_tolerance(tol)
-    if singular_values.numel() == 0:
+    if any(sigma.numel() == 0 for sigma in spectra):
         raise ValueError("no singular values to truncate")
-    sigma = singular_values.detach().double()
-    # tail[r] = ‖σ_r, σ_{r+1}, ...‖ (0-based): the error of keeping the first r values.
-    tail = sigma.flip(0).square().cumsum(0).flip(0).sqrt()
-    tail = torch.cat([tail, tail.new_zeros(1)])
-    norm, kept = torch.stack([tail[0], (tail > tol * tail[0]).sum().double()]).tolist()
-    if not math.isfinite(norm):
-        raise ValueError(f"the singular values are not finite (their norm is {norm}): the matrix diverged")
-    return max(1, int(kept))
+    counts = []
+    for sigma in spectra:
+        # tail[r] = ‖σ_r, σ_{r+1}, ...‖ (0-based): the error of keeping the first r values.
+        tail = sigma.detach().double().flip(0).square().cumsum(0).flip(0).sqrt()
+        tail = torch.cat([tail, tail.new_zeros(1)])
+        counts.append(torch.stack([tail[0], (tail > tol * tail[0]).sum().double()]))
+    return [max(1, int(kept)) if math.isfinite(norm) else None for norm, kept in torch.stack(counts).tolist()]
 
 
 class _LowRankLinearFunction(torch.autograd.Function):

@@ -205,6 +205,25 @@ def test_a_diverged_core_whose_svd_returns_nan_is_a_non_finite_loss_error(monkey
         regression_steps(model, DLRT(model, lr=1.0, tol=0.1), x, y, 1)
 
 
+def test_the_error_names_only_the_layers_whose_core_diverged_and_every_layer_is_undone(monkeypatch):
+    svd = torch.linalg.svd
+
+    def nan_for_the_second_layer(matrix, full_matrices=True):     # its augmented core is 2 · 3 = 6 wide
+        if matrix.shape[-1] != 6:
+            return svd(matrix, full_matrices=full_matrices)
+        nan = torch.full(matrix.shape, float("nan"))
+        return nan, torch.full(matrix.shape[-1:], float("nan")), nan
+
+    torch.manual_seed(0)
+    x, y, _ = teacher_data(4)
+    model = nn.Sequential(LowRankLinear(32, 24, 6, bias=False), nn.Tanh(), LowRankLinear(24, 24, 3, bias=False))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    monkeypatch.setattr(torch.linalg, "svd", nan_for_the_second_layer)
+    with pytest.raises(NonFiniteLossError, match=r"S-step core of layer '2' is not finite"):
+        regression_steps(model, DLRT(model, lr=0.1, tol=0.1), x, y, 1)
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
 def test_adam_style_steps_train_and_keep_the_factors_orthonormal():
     torch.manual_seed(0)
     x, y, _ = teacher_data(4)

@@ -9,6 +9,7 @@ from lowlearn.cost import count_flops
 from lowlearn.lowrank import (LowRankConv2d, LowRankLinear, compression, count_low_rank_parameters,
                               dense_parameter_count, dense_parameters, low_rank_layers, to_dense, to_low_rank,
                               truncation_rank)
+from lowlearn.lowrank.layers import truncation_ranks
 from lowlearn.models import MLP, LeNet5
 
 
@@ -33,6 +34,16 @@ def test_truncation_rank_by_hand():
             truncation_rank(torch.tensor(diverged), 0.1)
     with pytest.raises(ValueError, match="no singular values"):
         truncation_rank(torch.tensor([]), 0.1)
+
+
+def test_truncation_ranks_of_several_spectra_are_each_one_s_rank_and_none_where_not_finite():
+    nan, inf = float("nan"), float("inf")
+    spectra = [torch.tensor([4.0, 3.0, 2.0, 1.0]), torch.tensor([3.0, 2.0, 2.0, 2.0]), torch.tensor([nan, 1.0]),
+               torch.tensor([5.0]), torch.tensor([inf, 0.5])]
+    assert truncation_ranks(spectra, 0.5) == [2, 3, None, 1, None]
+    assert truncation_ranks(spectra[:2], 0.2) == [truncation_rank(spectra[0], 0.2), truncation_rank(spectra[1], 0.2)]
+    with pytest.raises(ValueError, match="no singular values"):
+        truncation_ranks([spectra[0], torch.tensor([])], 0.1)
 
 
 def test_a_zero_matrix_truncates_to_rank_one_not_zero():
