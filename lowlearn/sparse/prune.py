@@ -34,6 +34,13 @@ def check_density(value: float, what: str = "density") -> float:
     return density
 
 
+def check_some_layer(layers: Mapping[str, object] | Iterable[str]) -> None:
+    """Raise a ValueError if ``layers`` (scores by layer name, or layer names) names no layer to prune."""
+    if not layers:
+        raise ValueError("no layer to prune: pass scores by layer name, e.g. lowlearn.sparse.scores.magnitude(model) "
+                         "(or layer names), for a model with Linear/Conv2d layers")
+
+
 def target_densities(model: nn.Module, density: float | Mapping[str, float],
                      layers: Iterable[str]) -> dict[str, float]:
     """``{layer name: density}`` for ``layers``, from one density or from a mapping that covers them.
@@ -131,9 +138,7 @@ def prune(
             the wrong shape or with NaN, or an unknown ``scope``.
         KeyError: a layer name (of ``scores`` or ``density``) that is not in the model.
     """
-    if not scores:
-        raise ValueError("no scores, so no layer to prune: pass {layer name: scores}, e.g. "
-                         "lowlearn.sparse.scores.magnitude(model)")
+    check_some_layer(scores)
     current = masks_or_ones(model, scores)               # the model is changed only once the input is checked
     alive = {name: alive_scores(s, current[name], name) for name, s in scores.items()}
 

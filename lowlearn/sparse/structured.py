@@ -28,7 +28,7 @@ from ..checks import is_integer, is_real
 from ..reparam import register
 from .mask import (PRUNABLE, Mask, attach_masks, find_mask, masks_or_ones, prunable_layers, set_masks,
                    zero_where_masked)
-from .prune import alive_scores, kept_count, target_densities, top_k_mask
+from .prune import alive_scores, check_some_layer, kept_count, target_densities, top_k_mask
 from .scores import magnitude, scored_layers
 
 
@@ -115,13 +115,15 @@ def prune_nm(
         The new ``{layer name: boolean mask}``.
 
     Raises:
-        ValueError: bad ``n``/``m``, a layer whose reduction dimension ``m`` does not
-            divide, or scores of the wrong shape or with NaN.
+        ValueError: bad ``n``/``m``, no scores (or a model without Linear/Conv2d
+            layers), a layer whose reduction dimension ``m`` does not divide, or scores
+            of the wrong shape or with NaN.
         KeyError: a layer name that is not in the model.
     """
     _check_nm(n, m)
     if scores is None:
         scores = magnitude(model)
+    check_some_layer(scores)
     current = masks_or_ones(model, scores)               # the model is changed only once the input is checked
     new = {name: _nm_top(alive_scores(s, current[name], name), n, m, f"layer {name!r}") & current[name]
            for name, s in scores.items()}
@@ -138,6 +140,7 @@ def _channel_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str,
                              "leaves alone by default; pass layers=[...] to prune it anyway")
         return chosen
     chosen = scored_layers(model, layers)
+    check_some_layer(chosen)
     for name, layer in chosen.items():
         if not isinstance(layer, PRUNABLE):
             raise ValueError(f"layer {name!r} is a {parametrize.type_before_parametrizations(layer).__name__}; "
@@ -233,9 +236,9 @@ def prune_channels(
         ``{layer name: boolean (n_out,)}``, ``True`` for the units kept.
 
     Raises:
-        ValueError: a density outside (0, 1], above the alive units' share (pruning
-            cannot revive units), a layer that is not Linear/Conv2d, or a unit whose norm
-            is NaN (a diverged weight).
+        ValueError: no layer (``layers=[]``), a density outside (0, 1], above the alive
+            units' share (pruning cannot revive units), a layer that is not Linear/Conv2d,
+            or a unit whose norm is NaN (a diverged weight).
         KeyError: a layer name (of ``layers`` or ``density``) that is not in the model, or
             no density for a layer.
     """

@@ -307,3 +307,16 @@ def test_a_bias_masked_by_channel_pruning_stays_masked_when_the_weights_are_revi
         raw_weight(model[1]).add_(1.0)                                      # every unit alive and large
     prune_channels(model, 1.0)
     assert torch.equal(model[1].parametrizations.bias[0].mask.bool(), first["1"])
+
+
+def test_structured_pruning_of_no_layer_is_refused_and_changes_nothing():
+    model = MLP()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match="no layer to prune"):
+        prune_nm(model, scores={})
+    with pytest.raises(ValueError, match="no layer to prune"):
+        prune_nm(nn.Sequential(nn.ReLU()))                  # the default scores: no Linear/Conv2d layer
+    with pytest.raises(ValueError, match="no layer to prune"):
+        prune_channels(model, 0.5, layers=[])
+    assert not parametrize.is_parametrized(model[1]) and model.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
