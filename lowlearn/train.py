@@ -20,6 +20,7 @@ import copy
 import io
 import itertools
 import math
+import operator
 import os
 import pickle
 import random
@@ -123,8 +124,10 @@ def buffers_restored(model: nn.Module) -> Iterator[None]:
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's (CPU and CUDA) random number generators.
 
-    NumPy takes seeds in ``0 .. 2**32 − 1`` only; it gets ``seed`` modulo ``2**32``.
+    NumPy takes seeds in ``0 .. 2**32 − 1`` only; it gets ``seed`` modulo ``2**32``. A NumPy
+    integer is taken as the Python int it holds (torch and Python's ``random`` refuse it).
     """
+    seed = operator.index(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -388,6 +391,7 @@ def fit(
             check_count(name, value, 1)
     check_count("start_step", start_step, 0)
     check_count("seed", seed, 0)
+    seed = int(seed)                      # a NumPy integer too: torch's generators take Python ints only
     rank, processes = world()
     if seed + processes - 1 >= 2**64:
         raise ValueError(f"seed must be at most {2**64 - processes} (torch's generators take seeds below 2**64, "
@@ -553,6 +557,11 @@ def evaluate(
     model's train/eval mode is restored. ``device`` is where the data go for the passes;
     the model is not moved (default: the device of the model's first parameter or
     buffer, :func:`default_device` for a model without any).
+
+    Raises:
+        ValueError: a ``batch_size`` that is not a positive integer, data that are not a
+            non-empty ``(inputs, targets)`` pair of tensors of one length, ``bf16`` off CUDA, or a
+            ``loss_fn`` that does not return one number per batch (e.g. ``reduction="none"``).
     """
     check_count("batch_size", batch_size, 1)
     if device is None:
@@ -567,7 +576,11 @@ def evaluate(
         for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
             with _autocast(device, bf16):
                 out = model(xb)
-            total_loss += loss_fn(out.float(), yb) * len(xb)
+            loss = loss_fn(out.float(), yb)
+            if loss.dim() != 0:
+                raise ValueError(f"loss_fn must return the batch's mean loss, one number; it returned a tensor of "
+                                 f"shape {tuple(loss.shape)} (reduction='none'?)")
+            total_loss += loss * len(xb)
             if classify:
                 if out.numel() == yb.numel():          # one logit per target: a binary classifier
                     predicted = out.reshape(yb.shape) > 0

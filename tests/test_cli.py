@@ -25,7 +25,9 @@ def test_argument_types_take_good_values_and_explain_bad_ones():
                                  (cli.device, "cpu:3", "not a device lowlearn runs on"),
                                  (cli.positive_number, "0", "> 0"), (cli.positive_number, "nan", "finite"),
                                  (cli.positive_number, "inf", "finite"), (cli.positive_number, "x", "> 0"),
-                                 (cli.seed, "-1", ">= 0"), (cli.seed, str(2**63), "below 2\\*\\*63")):
+                                 (cli.seed, "-1", ">= 0"), (cli.seed, str(2**63), "below 2\\*\\*63"),
+                                 (cli.positive_number, "-1", "> 0"), (cli.fraction, "nan", r"\(0, 1\]"),
+                                 (cli.fractions, "0.5,nan", r"\(0, 1\]")):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             parse(text)
     if not torch.cuda.is_available():

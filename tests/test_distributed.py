@@ -62,6 +62,12 @@ def worker(rank: int, processes: int, folder: str) -> None:
         values = torch.full((3,), float(rank))
         average_across_processes([values])
         assert torch.equal(values, torch.full((3,), 0.5))
+        values = torch.full((3,), float(rank))
+        average_across_processes([None, values])                    # a gradient not computed on any process
+        assert torch.equal(values, torch.full((3,), 0.5))
+        values = torch.full((3,), float(rank))
+        broadcast_from_the_first_process(iter([values]))            # a generator, as model.parameters() gives
+        assert torch.equal(values, torch.zeros(3))
         model = MLP(20, (8,), 4)
         try:
             fit(model, (torch.zeros(5, 20), torch.zeros(5, dtype=torch.long)), torch.optim.SGD(model.parameters()),
@@ -70,6 +76,13 @@ def worker(rank: int, processes: int, folder: str) -> None:
             assert "every batch needs at least 2 examples" in str(error)
         else:
             raise AssertionError("a batch smaller than the number of processes must be refused")
+        try:
+            fit(model, (torch.zeros(5, 20), torch.zeros(5, dtype=torch.long)), torch.optim.SGD(model.parameters()),
+                steps=2, batch_size=4, device="cpu", progress=False)
+        except ValueError as error:
+            assert "leave 1 for the last one" in str(error), error
+        else:
+            raise AssertionError("a last batch smaller than the number of processes must be refused")
         # The logged loss is this process's own share's mean loss (shares of 3 and 2 from a batch of 5).
         x, y = torch.randn(5, 20, generator=torch.Generator().manual_seed(7)), torch.tensor([0, 1, 2, 3, 0])
         history = fit(model, (x, y), torch.optim.SGD(model.parameters(), lr=0.0), steps=1, batch_size=5,
@@ -94,8 +107,8 @@ def worker(rank: int, processes: int, folder: str) -> None:
 
         try:
             model = MLP(20, (8,), 4)
-            fit(model, (x, y), torch.optim.SGD(model.parameters(), lr=0.1), steps=1, batch_size=5,
-                loss_fn=nan_on_the_second, device="cpu", progress=False)
+            fit(model, (x, y), torch.optim.SGD(model.parameters(), lr=0.1), steps=3, batch_size=5,
+                loss_fn=nan_on_the_second, device="cpu", progress=False)      # the first one's NaN from step 2
         except NonFiniteLossError as error:
             assert "at step 1" in str(error), error
         else:
@@ -123,6 +136,28 @@ def worker(rank: int, processes: int, folder: str) -> None:
             assert "a tensor of dtype torch.float32 on process 0 is torch.float64 on process 1" in str(error), error
         else:
             raise AssertionError("tensors of different dtypes on the processes must be refused")
+        try:
+            broadcast_from_the_first_process([torch.zeros(2)] * (1 + rank))
+        except ValueError as error:
+            assert "1 tensors on process 0, 2 on process 1" in str(error), error
+        else:
+            raise AssertionError("different numbers of tensors on the processes must be refused")
+
+        # An optimizer that averages its own gradients: fit starts every process from the first one's buffers too.
+        class Offset(torch.nn.Linear):
+            def __init__(self):
+                super().__init__(20, 4)
+                self.register_buffer("offset", torch.full((4,), float(rank)))
+
+            def forward(self, inputs):
+                return super().forward(inputs) + self.offset
+
+        class Averaging(torch.optim.SGD):
+            averages_gradients = True
+
+        model = Offset()
+        fit(model, (x, y), Averaging(model.parameters(), lr=0.0), steps=1, batch_size=5, device="cpu", progress=False)
+        assert torch.equal(model.offset, torch.zeros(4)), model.offset
         # Each process builds its model from its own seed: training starts from the first process's weights.
         torch.save({method: train(method, seed=rank) for method in METHODS}, f"{folder}/rank{rank}.pt")
     finally:
@@ -169,3 +204,7 @@ def test_outside_a_process_group_there_is_one_process():
     average_across_processes(iter([None, values]))                    # a generator, and a gradient not computed
     with pytest.raises(TypeError, match=r"shape \[\(3,\)\] would not fit their integer dtype"):
         average_across_processes([values, torch.arange(3)])
+    complex_values = torch.ones(2, dtype=torch.complex64)
+    average_across_processes([complex_values])                          # a complex mean fits its dtype
+    broadcast_from_the_first_process([values])
+    assert torch.equal(values, torch.ones(2))

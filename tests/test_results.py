@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,8 +53,10 @@ def test_directory_from_the_environment_and_the_current_profile(tmp_path, monkey
 
 @pytest.mark.parametrize("chapter, key, value, ci, message", [
     ("", "k", 1.0, None, "chapter"),
+    (None, "k", 1.0, None, "chapter of a result must be a non-empty string, got None"),
     ("c", " ", 1.0, None, "key"),
     ("pruning ", "k", 1.0, None, "must not start or end with spaces"),
+    (" pruning", "k", 1.0, None, "must not start or end with spaces"),
     ("c", "k", math.nan, None, "finite"),
     ("c", "k", 1.0, math.inf, "finite"),
     ("c", "k", None, None, "must be a number, got None"),
@@ -61,6 +64,7 @@ def test_directory_from_the_environment_and_the_current_profile(tmp_path, monkey
     ("c", "k", "0.9", None, "must be a finite number, got '0.9'"),
     ("c", "k", [0.9], None, "must be a finite number"),
     ("c", "k", torch.tensor([0.9, 0.8]), None, "one number, got a Tensor of 2 values"),
+    ("c", "k", torch.tensor([]), None, "one number, got a Tensor of 0 values"),
     ("c", "k", np.array([0.9, 0.8]), None, "one number, got a ndarray of 2 values"),
     ("c", "k", 1.0, -0.5, "cannot be negative"),
 ])
@@ -70,7 +74,7 @@ def test_bad_input_is_a_clear_error(tmp_path, chapter, key, value, ci, message):
     assert not (tmp_path / "cpu.json").exists()
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"results": [1, 2]}', '{"other": {}}',
+@pytest.mark.parametrize("content", ["{not json", '{"results": [1, 2]}', '{"other": {}}', '{"results": {"pruning": 5}}',
                                      '{"results": {"pruning": {"k": {"value": 1, "colour": "red"}}}}'])
 def test_an_unreadable_file_is_reported_and_never_overwritten(tmp_path, content):
     path = tmp_path / "cpu.json"
@@ -144,7 +148,58 @@ def test_a_folder_that_is_a_file_and_entries_that_are_not_numbers_are_clear_erro
     with pytest.raises(ValueError, match="must be a finite number"):
         results.record("pruning", "a", 10**400, profile="smoke", directory=tmp_path)
     path = results.results_path("smoke", tmp_path)
-    for value in ('"0.9"', "NaN"):
-        path.write_text('{"profile": "smoke", "results": {"pruning": {"a": {"value": %s}}}}' % value)
+    for entry in ('"value": "0.9"', '"value": NaN', '"value": 0.9, "ci": NaN', '"value": 0.9, "ci": "0.1"'):
+        path.write_text('{"profile": "smoke", "results": {"pruning": {"a": {%s}}}}' % entry)
         with pytest.raises(ValueError, match="holds an entry that is not a result"):
             results.load("smoke", tmp_path)
+
+
+def test_a_result_prints_as_value_plus_minus_interval_and_unit():
+    assert str(results.Result(93.456, ci=0.12345, unit="% accuracy")) == "93.46 ± 0.123 % accuracy"
+    assert str(results.Result(1.5)) == "1.5"                              # no interval, no unit
+    assert str(results.Result(1.5, ci=0.0, unit="x dense")) == "1.5 ± 0 x dense"   # a zero interval is shown
+
+
+def test_an_interval_of_zero_is_recorded(tmp_path):
+    results.record("c", "k", 0.5, ci=0.0, profile="cpu", directory=tmp_path)   # every seed measured the same
+    assert results.load("cpu", directory=tmp_path)["c"]["k"].ci == 0.0
+
+
+def test_the_folder_given_beats_the_environment_and_an_empty_variable_means_the_default(tmp_path, monkeypatch):
+    monkeypatch.setenv(results.ENV_VAR, str(tmp_path / "from_env"))
+    assert results.results_path("cpu", tmp_path / "given") == tmp_path / "given" / "cpu.json"
+    monkeypatch.setenv(results.ENV_VAR, "")
+    monkeypatch.chdir(tmp_path)
+    assert results.results_path("cpu") == Path("results") / "cpu.json"
+
+
+def test_a_result_is_stamped_in_utc_and_filed_under_the_profiles_own_name(tmp_path):
+    import datetime
+
+    result = results.record("c", "k", 1.0, profile=" CPU ", directory=tmp_path)
+    assert datetime.datetime.fromisoformat(result.recorded).utcoffset() == datetime.timedelta(0)
+    assert json.loads((tmp_path / "cpu.json").read_text())["profile"] == "cpu"
+
+
+def test_a_reader_of_the_old_file_sees_it_whole_while_a_record_replaces_it(tmp_path):
+    results.record("c", "a", 1.0, profile="cpu", directory=tmp_path)
+    path = tmp_path / "cpu.json"
+    old = path.read_text()
+    with open(path, encoding="utf-8") as reader:                     # opened before the record
+        results.record("c", "b", 2.0, profile="cpu", directory=tmp_path)
+        assert reader.read() == old
+    assert set(results.load("cpu", directory=tmp_path)["c"]) == {"a", "b"}
+
+
+def test_a_results_folder_that_does_not_exist_yet_is_made_with_its_parents(tmp_path):
+    results.record("c", "k", 1.0, profile="cpu", directory=tmp_path / "a" / "b")
+    assert results.load("cpu", directory=tmp_path / "a" / "b")["c"]["k"].value == 1.0
+
+
+def test_a_folder_where_the_results_file_should_be_is_an_error_not_an_empty_record(tmp_path):
+    (tmp_path / "cpu.json").mkdir()
+    with pytest.raises(IsADirectoryError):
+        results.load("cpu", directory=tmp_path)
+    with pytest.raises(IsADirectoryError):
+        results.record("c", "k", 1.0, profile="cpu", directory=tmp_path)
+    assert (tmp_path / "cpu.json").is_dir()

@@ -62,3 +62,27 @@ def test_curve_mean_and_ci_is_mean_and_ci_at_every_point():
         curve_mean_and_ci(runs[:1])
     with pytest.raises(ValueError, match="runs, points"):
         curve_mean_and_ci(runs[0])
+
+
+def test_a_single_value_that_is_not_finite_is_refused():
+    for bad in ([float("nan")], torch.tensor([float("inf")])):
+        with pytest.raises(ValueError, match="1 that are not finite"):
+            summarize(bad)
+
+
+def test_values_that_require_grad_and_empty_tensors_in_a_list():
+    values = torch.tensor([1.0, 2.0, 6.0], requires_grad=True)
+    assert mean_and_ci(values) == mean_and_ci([1.0, 2.0, 6.0])
+    with pytest.raises(ValueError, match="one number per tensor"):
+        summarize([torch.tensor([]), torch.tensor([1.0])])
+
+
+def test_large_values_are_summarised_in_float64():
+    s = math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)         # of the offsets 1, 2, 4
+    for big in (1e7, 1e8):
+        values = [big + 1, big + 2, big + 4]        # float32 rounds 10**8 + 1, and the sum 3·10**7 + 7
+        mean, half = mean_and_ci(values)
+        assert mean == pytest.approx(big + 7 / 3, rel=1e-13) and half == pytest.approx(4.302653 * s / math.sqrt(3))
+    runs = torch.tensor([1e7 + 1, 1e7 + 2, 1e7 + 4], dtype=torch.float32)[:, None]      # exact in float32
+    mean, half = curve_mean_and_ci(runs)
+    assert mean[0] == pytest.approx(1e7 + 7 / 3, rel=1e-13) and half[0] == pytest.approx(4.302653 * s / math.sqrt(3))

@@ -83,7 +83,8 @@ def test_fit_checks_everything_before_it_seeds_the_generators_or_moves_the_model
     state = torch.get_rng_state()
     x, y = toy_data()
     for data, error, message in (((x, y[:3]), ValueError, "differ in length"),
-                                 ((torch.tensor(1.0), torch.tensor(0)), ValueError, "one entry per example")):
+                                 ((torch.tensor(1.0), torch.tensor(0)), ValueError, "one entry per example"),
+                                 ((x, torch.tensor(0)), ValueError, "one entry per example")):
         with pytest.raises(error, match=message):
             fit(model, data, opt, epochs=1, seed=123, device="cpu")
     with pytest.raises(TypeError, match=r"callbacks must be a list of functions callback\(state\)"):
@@ -167,6 +168,10 @@ def test_bad_arguments():
             fit(model, toy_data(), opt, device="cpu", **kwargs)
     with pytest.raises(ValueError, match="eval_every needs eval_data"):
         fit(model, toy_data(), opt, epochs=1, eval_every=5, device="cpu")
+    with pytest.raises(ValueError, match="start_step must be an int >= 0"):
+        fit(model, toy_data(), opt, steps=5, start_step=-1, device="cpu")
+    with pytest.raises(TypeError, match="callbacks must be a list of functions"):
+        fit(model, toy_data(), opt, steps=5, callbacks=5, device="cpu")
     before = [p.clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="differ in length"):               # checked before the first step
         fit(model, toy_data(), opt, steps=5, eval_data=(torch.zeros(3, 8), torch.zeros(2).long()), device="cpu")
@@ -446,10 +451,10 @@ def test_train_seconds_leave_out_the_evaluations(monkeypatch):
 def test_the_logged_loss_is_the_mean_over_each_logging_interval():
     model, opt = make()
     losses = []
-    hist = fit(model, toy_data(), opt, steps=12, batch_size=32, log_every=4, device="cpu",
+    hist = fit(model, toy_data(), opt, steps=10, batch_size=32, log_every=4, device="cpu",
                callbacks=[lambda state: losses.append(state.loss.item())])
-    expected = [sum(losses[i:i + 4]) / 4 for i in range(0, 12, 4)]
-    assert hist.steps == [4, 8, 12] and hist.loss == pytest.approx(expected, rel=1e-6)
+    expected = [sum(losses[0:4]) / 4, sum(losses[4:8]) / 4, sum(losses[8:10]) / 2]      # the last interval: 2 steps
+    assert hist.steps == [4, 8, 10] and hist.loss == pytest.approx(expected, rel=1e-6)
 
 
 def test_fit_trains_in_training_mode_also_after_each_evaluation():
@@ -535,7 +540,7 @@ def test_checkpoint_expectations_are_checked_before_anything_is_loaded(tmp_path)
         with pytest.raises(ValueError, match="was saved with"):
             load_checkpoint(path, other, expect=expect)
         assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))
-    assert load_checkpoint(path, other, expect={"method": "protonet", "profile": "cpu"})["method"] == "protonet"
+    assert load_checkpoint(path, other, expect={"method": "protonet"}) == {"method": "protonet", "profile": "cpu"}
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
 
 
@@ -605,3 +610,261 @@ def test_restore_generator_continues_a_state_of_its_kind_and_seeds_from_another(
     assert torch.equal(seeded[0], seeded[1])                  # no GPU to continue it on: seeded, reproducibly,
     assert not torch.equal(seeded[0], seeded[2])              # from the state's bytes,
     assert not torch.equal(seeded[0], torch.rand(2, generator=torch.Generator()))   # not left as it was
+
+
+def test_available_device_takes_the_devices_this_machine_has(monkeypatch):
+    from lowlearn.train import available_device
+
+    assert available_device("cpu") == torch.device("cpu") and available_device("cpu:0") == torch.device("cpu:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)                  # as on a machine with two GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert available_device("cuda:1") == torch.device("cuda", 1) and available_device("cuda") == torch.device("cuda")
+    with pytest.raises(ValueError, match=r"'cuda:2' was asked for, but this machine's GPUs are cuda:0 to cuda:1$"):
+        available_device("cuda:2")
+
+
+def test_seed_everything_fixes_pythons_numpys_and_torchs_draws():
+    import random
+
+    import numpy as np
+
+    def draws(seed):
+        seed_everything(seed)
+        return random.random(), np.random.rand(), torch.rand(()).item()
+
+    assert draws(7) == draws(7)
+    assert draws(2**32 + 7)[1] == draws(7)[1]                       # NumPy takes the seed modulo 2**32
+    assert draws(2**31 + 7)[1] != draws(7)[1]
+
+
+def test_a_generator_made_on_another_device_is_seeded_by_the_given_generator_alone(monkeypatch):
+    import lowlearn.train as train
+
+    monkeypatch.setattr(train, "draws_on", lambda generator, device: False)     # as for a CPU generator and a GPU
+    made = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        given = torch.Generator().manual_seed(3)
+        made.append(torch.rand(4, generator=train.generator_on(given, torch.device("cpu"))))
+    assert torch.equal(made[0], made[1])
+
+
+def test_history_round_trips_through_to_dict_and_metric_keeps_every_evaluation():
+    history = History(steps=[2, 4], loss=[0.7, 0.5], eval_steps=[2, 4], eval=[{"accuracy": 0.6}, {"accuracy": 0.8}],
+                      seconds=3.0, train_seconds=2.5)
+    assert History(**history.to_dict()) == history
+    assert history.metric("accuracy") == [0.6, 0.8]
+
+
+def test_empty_data_are_refused_clearly():
+    model, opt = make()
+    empty = (torch.zeros(0, 8), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="the data are empty"):
+        fit(model, empty, opt, steps=1, device="cpu")
+    with pytest.raises(ValueError, match="the data are empty"):
+        evaluate(model, empty, device="cpu")
+
+
+def test_the_largest_seed_torch_takes_is_accepted():
+    model, opt = make()
+    fit(model, toy_data(16), opt, steps=1, seed=2**64 - 1, device="cpu", progress=False)
+
+
+def test_a_non_finite_loss_names_its_epoch():
+    model, opt = make()
+    x, y = toy_data(n=16)
+    x[:] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"at step 1 \(epoch 0\)"):       # one batch per epoch
+        fit(model, (x, y), opt, steps=3, batch_size=16, device="cpu")
+
+
+def test_a_run_interrupted_in_its_first_epoch_resumes_with_the_next_batches():
+    data = toy_data()                                   # 256 examples, batches of 48: 6 per epoch
+
+    def stop_at_3(state):
+        if state.step == 3:
+            raise StopTraining
+
+    model, opt = make()
+    whole = fit(model, data, opt, steps=10, batch_size=48, log_every=1, device="cpu")
+    model, opt = make()
+    fit(model, data, opt, steps=10, batch_size=48, log_every=1, device="cpu", callbacks=[stop_at_3])
+    rest = fit(model, data, opt, steps=10, batch_size=48, log_every=1, device="cpu", start_step=3)
+    assert rest.steps == list(range(4, 11)) and rest.loss == whole.loss[3:]
+
+
+def test_an_optimizer_that_needs_a_closure_gets_one_that_recomputes_the_batch_loss():
+    class ClosureSGD(torch.optim.SGD):
+        needs_closure = True
+
+        def step(self, closure=None):
+            self.recomputed.append(closure().item())
+            return super().step()
+
+    model, _ = make()
+    optimizer = ClosureSGD(model.parameters(), lr=0.1)
+    optimizer.recomputed, losses = [], []
+    fit(model, toy_data(64), optimizer, steps=3, batch_size=16, device="cpu",
+        callbacks=[lambda state: losses.append(state.loss.item())])
+    assert optimizer.recomputed == pytest.approx(losses, rel=1e-6)        # the same batch, before the step
+
+
+def test_batch_transform_feeds_the_model_the_transformed_batch():
+    model, opt = make()
+    x, y = toy_data(64)
+    given, fed = [], []
+    model.register_forward_pre_hook(lambda module, inputs: fed.append(inputs[0]))
+
+    def transform(xb):
+        given.append(xb)
+        return xb.flip(1)
+
+    fit(model, (x, y), opt, steps=3, batch_size=16, device="cpu", batch_transform=transform)
+    assert len(given) == len(fed) == 3
+    for before, after in zip(given, fed):
+        assert torch.equal(after, before.flip(1))
+        assert all((row == x).all(1).any() for row in before)                     # rows of the training inputs
+
+
+def test_a_binary_classifier_with_a_zero_logit_predicts_class_0():
+    x, y = torch.tensor([[0.0], [1.0]]), torch.tensor([0, 1])
+    binary = lambda out, target: nn.functional.binary_cross_entropy_with_logits(out, target[:, None].float())  # noqa: E731
+    assert evaluate(nn.Identity(), (x, y), loss_fn=binary, device="cpu")["accuracy"] == 1.0
+
+
+def test_evaluate_builds_no_autograd_graph():
+    model, _ = make()
+    enabled = []
+    model.register_forward_hook(lambda module, inputs, output: enabled.append(torch.is_grad_enabled()))
+    evaluate(model, toy_data(64), batch_size=16, device="cpu")
+    assert enabled == [False] * 4
+
+
+def test_accuracy_is_reported_for_integer_targets_of_any_integer_dtype():
+    x = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+    y = torch.tensor([0, 1, 1], dtype=torch.int32)
+    as_long = lambda out, target: nn.functional.cross_entropy(out, target.long())       # noqa: E731
+    assert evaluate(nn.Identity(), (x, y), loss_fn=as_long, device="cpu")["accuracy"] == 2 / 3
+
+
+def test_evaluations_during_fit_use_its_loss_function():
+    model, opt = make()
+    data = toy_data(64)
+    doubled = lambda out, target: 2 * nn.functional.cross_entropy(out, target)           # noqa: E731
+    hist = fit(model, data, opt, steps=2, batch_size=32, loss_fn=doubled, eval_data=data, device="cpu")
+    assert hist.eval[-1]["loss"] == pytest.approx(2 * evaluate(model, data, device="cpu")["loss"], rel=1e-6)
+
+
+def test_fit_shows_a_progress_bar_only_when_asked(capsys):
+    for progress in (True, False):
+        model, opt = make()
+        fit(model, toy_data(64), opt, steps=2, batch_size=32, device="cpu", progress=progress)
+        assert bool(capsys.readouterr().err) == progress
+
+
+def test_an_expected_value_of_none_is_not_met_by_a_value_never_saved(tmp_path):
+    model, _ = make()
+    path = save_checkpoint(tmp_path / "ck.pt", model, method="protonet")
+    with pytest.raises(ValueError, match=r"was saved with \{'note': '\(not saved\)'\}"):
+        load_checkpoint(path, model, expect={"note": None})
+
+
+def test_running_out_of_memory_while_loading_is_not_called_a_damaged_file(tmp_path, monkeypatch):
+    model, _ = make()
+    path = save_checkpoint(tmp_path / "ck.pt", model)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        load_checkpoint(path, model)
+
+
+def test_an_extra_value_that_pickle_refuses_with_a_type_error_names_itself(tmp_path):
+    import threading
+
+    model, _ = make()
+    with pytest.raises(TypeError, match="the extra value lock=.* cannot be saved"):
+        save_checkpoint(tmp_path / "ck.pt", model, lock=threading.Lock())
+    assert not list(tmp_path.iterdir())
+
+
+class Fails(nn.Module):
+    """A model whose forward pass raises, after a batch norm in training mode has updated its statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        self.norm(x)
+        raise RuntimeError("the forward pass failed")
+
+
+def test_a_forward_pass_that_raises_leaves_modes_and_buffers_as_they_were():
+    from lowlearn.train import buffers_restored
+
+    model = Fails()
+    with pytest.raises(RuntimeError, match="the forward pass failed"):
+        evaluate(model, toy_data(16), device="cpu")
+    assert model.training and model.norm.training
+    with pytest.raises(RuntimeError, match="the forward pass failed"):
+        with buffers_restored(model):
+            model(toy_data(16)[0])
+    assert torch.equal(model.norm.running_mean, torch.zeros(8)) and model.norm.num_batches_tracked == 0
+
+
+def test_save_checkpoint_returns_the_path_as_a_path(tmp_path):
+    model, _ = make()
+    path = save_checkpoint(str(tmp_path / "ck.pt"), model)
+    assert isinstance(path, type(tmp_path)) and path == tmp_path / "ck.pt"
+
+
+def test_a_file_with_a_model_but_no_extra_is_not_a_checkpoint(tmp_path):
+    model, _ = make()
+    torch.save({"model": model.state_dict()}, tmp_path / "ck.pt")
+    with pytest.raises(CheckpointError, match="not a checkpoint written by lowlearn.train.save_checkpoint"):
+        load_checkpoint(tmp_path / "ck.pt", model)
+
+
+def test_loading_a_checkpoint_raises_no_warnings(tmp_path):
+    import warnings
+
+    model = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4))
+    path = save_checkpoint(tmp_path / "ck.pt", model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_checkpoint(path, model)
+
+
+def test_fit_trains_on_the_device_it_is_given(monkeypatch):
+    import lowlearn.train as train
+
+    monkeypatch.setattr(train, "default_device", lambda: torch.device("meta"))   # as if a GPU were the default
+    model, opt = make()
+    fit(model, toy_data(32), opt, steps=1, batch_size=16, device="cpu")
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_numpy_integer_seeds_are_the_seeds_they_hold():
+    import random
+
+    import numpy as np
+
+    runs = []
+    for seed in (5, np.int64(5)):
+        model, opt = make()
+        runs.append(fit(model, toy_data(64), opt, steps=4, batch_size=16, log_every=1, seed=seed, device="cpu").loss)
+        seed_everything(seed)
+        runs.append((random.random(), np.random.rand(), torch.rand(()).item()))
+    assert runs[0] == runs[2] and runs[1] == runs[3]
+    model, opt = make()
+    fit(model, toy_data(16), opt, steps=1, seed=np.uint64(2**64 - 1), device="cpu", progress=False)
+
+
+def test_evaluate_refuses_a_loss_function_that_returns_a_loss_per_example():
+    model, _ = make()
+    per_example = lambda out, target: nn.functional.cross_entropy(out, target, reduction="none")   # noqa: E731
+    with pytest.raises(ValueError, match=r"loss_fn must return the batch's mean loss.*shape \(16,\)"):
+        evaluate(model, toy_data(16), loss_fn=per_example, device="cpu")
