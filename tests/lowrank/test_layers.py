@@ -344,14 +344,18 @@ def full_core(layer, seed=0):
     return layer
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_forward_and_gradients_with_a_full_core_match_the_dense_weight_u_s_vt(kind):
+def full_core_case(kind, stride=1):
+    """A rank-3 linear (7 → 5) or convolutional (3 → 6 channels) layer with a full core, and an input for it."""
     torch.manual_seed(0)
     if kind == "linear":
-        layer, x = full_core(LowRankLinear(7, 5, 3).double()), torch.randn(4, 7, dtype=torch.float64)
-    else:
-        layer = full_core(LowRankConv2d(nn.Conv2d(3, 6, 3, padding=1, stride=2), 3).double())
-        x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+        return full_core(LowRankLinear(7, 5, 3).double()), torch.randn(4, 7, dtype=torch.float64)
+    layer = full_core(LowRankConv2d(nn.Conv2d(3, 6, 3, padding=1, stride=stride), 3).double())
+    return layer, torch.randn(2, 3, 6, 6, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_forward_and_gradients_with_a_full_core_match_the_dense_weight_u_s_vt(kind):
+    layer, x = full_core_case(kind, stride=2)
     x.requires_grad_()
     U, S, V = (p.detach() for p in (layer.U, layer.S, layer.V))
     W = (U @ S @ V.T).requires_grad_()                           # by hand, not layer.matrix()
@@ -373,12 +377,7 @@ def test_forward_and_gradients_with_a_full_core_match_the_dense_weight_u_s_vt(ki
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_without_k_and_l_gradients_backward_gives_only_the_s_gradient(kind):
-    torch.manual_seed(0)
-    if kind == "linear":
-        layer, x = full_core(LowRankLinear(7, 5, 3).double()), torch.randn(4, 7, dtype=torch.float64)
-    else:
-        layer = full_core(LowRankConv2d(nn.Conv2d(3, 6, 3, padding=1), 3).double())
-        x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    layer, x = full_core_case(kind)
     layer.kl_gradients = False
     layer(x).square().sum().backward()
     assert layer.U.grad is None and layer.V.grad is None
