@@ -407,3 +407,111 @@ def test_an_input_of_another_size_than_the_model_was_built_for_gets_a_clear_erro
 
 def test_a_conv4_embedding_takes_any_size():
     assert Conv4(num_classes=None)(torch.zeros(2, 1, 84, 84)).shape == (2, 64 * 5 * 5)
+
+
+def test_lenet5_layers_are_convolutions_relus_and_max_poolings():
+    kinds = [type(m) for m in LeNet5().features]
+    assert kinds == [nn.Conv2d, nn.ReLU, nn.MaxPool2d] * 2
+    pools = [m for m in LeNet5().features if isinstance(m, nn.MaxPool2d)]
+    assert all(p.kernel_size == 2 and p.stride == 2 for p in pools)
+
+
+def test_conv4_batch_norms_have_pytorch_defaults():
+    norms = [m for m in Conv4().modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 4
+    assert all(n.momentum == 0.1 and n.eps == 1e-5 and n.affine and n.track_running_stats for n in norms)
+
+
+def test_conv4_accepts_the_smallest_images_that_leave_one_pixel():
+    assert Conv4()(torch.zeros(2, 1, 16, 16)).shape == (2, 5)          # 16 -> 8 -> 4 -> 2 -> 1, as 28 does
+
+
+def test_vgg_has_four_max_poolings_and_a_2x2_last_map_at_every_depth():
+    for depth in (11, 13, 16, 19):
+        model = VGG(depth, width=0.125)
+        assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 4, depth
+        assert model.features(torch.zeros(1, 3, 32, 32)).shape[-2:] == (2, 2), depth
+
+
+def vgg_parameters(config):
+    """Parameters of the CIFAR VGG by hand: 3×3 convolutions without bias, batch norms, one 512 → 10 layer."""
+    total, c_in = 0, 3
+    for c_out in config:
+        total += conv(c_in, c_out, 3, False) + bn(c_out)
+        c_in = c_out
+    return total + linear(512, 10)
+
+
+def test_vgg_13_16_19_parameter_counts_follow_table_1_of_the_paper():
+    b = (64, 64, 128, 128, 256, 256, 512, 512, 512, 512)
+    d = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
+    e = (64, 64, 128, 128, 256, 256, 256, 256, 512, 512, 512, 512, 512, 512, 512, 512)
+    assert count_parameters(VGG(13)) == vgg_parameters(b)
+    assert count_parameters(VGG(16)) == vgg_parameters(d)
+    assert count_parameters(VGG(19)) == vgg_parameters(e) == 20_035_018      # Frankle & Carbin: 20.0M
+
+
+def test_width_multipliers_round_to_the_nearest_channel_count():
+    convs = [m.out_channels for m in VGG(11, width=0.7).modules() if isinstance(m, nn.Conv2d)]
+    assert convs == [45, 90, 179, 179, 358, 358, 358, 358]          # 44.8, 89.6, 179.2, 358.4
+    assert SmallCNN(width=0.7).channels == (11, 22, 45, 90)          # 11.2, 22.4, 44.8, 89.6
+
+
+def test_convnet_layers_and_conv4_conv6_parameter_counts():
+    for depth in (2, 4, 6):
+        model = ConvNet(depth)
+        pair = [nn.Conv2d, nn.ReLU, nn.Conv2d, nn.ReLU, nn.MaxPool2d]
+        assert [type(m) for m in model.features] == pair * (depth // 2)
+        assert [type(m) for m in model.classifier][1:] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
+    conv4 = (conv(3, 64, 3) + conv(64, 64, 3) + conv(64, 128, 3) + conv(128, 128, 3)
+             + linear(8 * 8 * 128, 256) + linear(256, 256) + linear(256, 10))
+    conv6 = (conv(3, 64, 3) + conv(64, 64, 3) + conv(64, 128, 3) + conv(128, 128, 3) + conv(128, 256, 3)
+             + conv(256, 256, 3) + linear(4 * 4 * 256, 256) + linear(256, 256) + linear(256, 10))
+    assert count_parameters(ConvNet(4)) == conv4 == 2_425_930
+    assert count_parameters(ConvNet(6)) == conv6 == 2_262_602
+
+
+def test_a_residual_block_computes_relu_of_its_branch_plus_shortcut():
+    torch.manual_seed(0)
+    for block in (ResNet20().features[3].eval(), ResNet20().features[6].eval()):
+        x = torch.randn(2, block.conv1.in_channels, 8, 8)
+        branch = block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(x)))))
+        torch.testing.assert_close(block(x), torch.relu(branch + block.shortcut(x)))
+
+
+def test_resnet_convolutions_are_gaussian_and_the_linear_layer_keeps_the_default_init():
+    torch.manual_seed(0)
+    model = ResNet20()
+    weight = model.features[10].conv1.weight                # 36,864 draws: a Gaussian reaches 4 std, a uniform 1.73
+    assert weight.abs().max().item() > 3 * (2 / (64 * 9)) ** 0.5
+    assert model.classifier[2].weight.abs().max().item() <= 64 ** -0.5            # uniform in ±1/√fan_in
+
+
+def test_resnet_needs_at_least_one_block_per_stage():
+    with pytest.raises(ValueError, match="6n"):
+        CifarResNet(depth=2)
+
+
+def test_a_negative_kernel_size_is_refused():
+    with pytest.raises(ValueError, match="positive odd"):
+        DepthwiseSeparableConv2d(16, 32, kernel_size=-1)
+
+
+def test_efficient_blocks_use_the_papers_nonlinearities():
+    block = DepthwiseSeparableConv2d(4, 8)
+    assert type(block.relu1) is nn.ReLU and type(block.relu2) is nn.ReLU
+    assert [type(m) for m in Bottleneck(16, 32).branch] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU] * 2 + [
+        nn.Conv2d, nn.BatchNorm2d]
+    assert [type(m) for m in InvertedResidual(16, 24).branch] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU6] * 2 + [
+        nn.Conv2d, nn.BatchNorm2d]
+    features = list(SmallCNN("inverted").features)
+    after = [type(features[i + 1]) for i, m in enumerate(features[:-1]) if isinstance(m, InvertedResidual)]
+    assert after == [nn.MaxPool2d, nn.MaxPool2d] and isinstance(features[-1], InvertedResidual)   # no ReLU after
+
+
+def test_small_cnn_accepts_the_smallest_images_its_poolings_allow():
+    # 3 -> stem (stride 2, padding 1) -> 2 -> block -> pooling -> 1 -> block
+    model = SmallCNN(channels=(8, 8, 8), image_size=3)
+    assert model(torch.zeros(2, 1, 3, 3)).shape == (2, 10)
+    with pytest.raises(ValueError, match="too small"):
+        SmallCNN(channels=(8, 8, 8, 8), image_size=3)

@@ -5,6 +5,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+from matplotlib.ticker import NullFormatter
 
 from lowlearn import plot
 from lowlearn.train import History
@@ -105,3 +106,52 @@ def test_a_loss_that_is_not_positive_is_plotted_on_a_linear_axis():
     assert bottom < -1.0 and top > 0.5                                       # every loss is in view
     positive = History(steps=[1, 2], loss=[1.0, 0.5], eval_steps=[2], eval=[{"accuracy": 0.9}])
     assert plot.plot_history(positive)[0].get_yscale() == "log"
+
+
+def test_a_single_number_is_not_a_list_of_runs():
+    with pytest.raises(ValueError, match="no runs"):
+        plot.mean_and_spread(0.5)
+
+
+def test_errorbar_curve_draws_on_the_given_axes_with_its_label_and_default_style():
+    _, given = plt.subplots()
+    ax = plot.errorbar_curve([1, 2], [[0.5, 0.6], [0.7, 0.8]], label="pruned", ax=given)
+    assert ax is given
+    assert ax.get_legend_handles_labels()[1] == ["pruned"]
+    assert ax.lines[0].get_marker() == "o" and ax.containers[0].lines[1]        # caps drawn by default
+    assert ax.get_xscale() == "linear"                                          # a log axis only when asked
+    log = plot.errorbar_curve([1, 10, 1000], [[0.5, 0.6, 0.7]], logx=True)
+    assert isinstance(log.xaxis.get_minor_formatter(), NullFormatter)     # powers of ten labelled only
+
+
+def test_density_axis_spans_unsorted_densities_and_takes_its_label():
+    _, ax = plt.subplots()
+    plot.density_axis(ax, [0.1, 0.5, 0.01], label="weights remaining")
+    assert ax.get_xlim() == pytest.approx((0.5 * 1.3, 0.01 / 1.3))
+    assert ax.get_xlabel() == "weights remaining (log scale; sparsity grows →)"
+    assert isinstance(ax.xaxis.get_minor_formatter(), NullFormatter)      # only the given densities labelled
+    for kept in (0.5, [[0.5, 0.1]]):
+        with pytest.raises(ValueError, match="kept must be densities"):
+            plot.density_axis(ax, kept)
+
+
+def test_plot_history_puts_loss_left_and_metric_right_against_their_steps():
+    hist = History(steps=[1, 2, 3, 4], loss=[1.0, 0.8, 0.6, 0.5], eval_steps=[2, 4],
+                   eval=[{"accuracy": 0.8}, {"accuracy": 0.9}])
+    loss_ax, acc_ax = plot.plot_history(hist, label="dense")
+    assert loss_ax.get_position().x0 < acc_ax.get_position().x0
+    assert abs(loss_ax.get_position().y0 - acc_ax.get_position().y0) < 1e-9
+    assert acc_ax.lines[0].get_xdata().tolist() == [2, 4]
+    assert loss_ax.get_xlabel() == acc_ax.get_xlabel() == "optimizer step"
+    assert loss_ax.get_ylabel() == "training loss" and acc_ax.get_ylabel() == "test accuracy"
+    assert loss_ax.get_legend_handles_labels()[1] == acc_ax.get_legend_handles_labels()[1] == ["dense"]
+
+
+def test_a_loss_of_zero_is_plotted_on_a_linear_axis():
+    zero = History(steps=[1, 2], loss=[1.0, 0.0], eval_steps=[], eval=[])
+    assert plot.plot_history(zero)[0].get_yscale() == "linear"
+
+
+def test_a_history_without_evaluations_leaves_the_metric_axes_empty():
+    loss_ax, metric_ax = plot.plot_history(History(steps=[1, 2], loss=[1.0, 0.5], eval_steps=[], eval=[]))
+    assert len(loss_ax.lines) == 1 and not metric_ax.lines and metric_ax.get_ylabel() == ""

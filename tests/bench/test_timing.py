@@ -1,8 +1,10 @@
 import mmap
+import subprocess
 
 import pytest
 import torch
 
+import lowlearn
 from lowlearn import allocator
 from lowlearn.bench import timing
 
@@ -85,3 +87,123 @@ def test_a_goal_line_gives_the_ratio_its_middle_half_and_the_verdict():
 def test_cuda_peak_bytes_is_none_off_cuda_and_leaves_the_step_uncalled():
     calls = []
     assert timing.cuda_peak_bytes(lambda: calls.append(1), torch.device("cpu")) is None and not calls
+
+
+def test_each_timed_block_is_synchronised_before_and_after_and_gives_seconds_per_call(monkeypatch):
+    events, now = [], [0.0]
+
+    def clock():
+        events.append("clock")
+        return now[0]
+
+    def step(seconds):
+        def run():
+            events.append("step")
+            now[0] += seconds
+        return run
+
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    monkeypatch.setattr(timing, "_sync", lambda device: events.append("sync"))
+    times = timing.interleaved_rounds({"a": step(2.0), "b": step(3.0)}, device=torch.device("cpu"), iterations=4,
+                                      repeats=3, warmup=0)
+    assert times == {"a": [2.0] * 3, "b": [3.0] * 3}
+    assert events == (["sync", "clock"] + ["step"] * 4 + ["sync", "clock"]) * 6
+
+
+def test_the_device_is_synchronised_on_cuda_and_mps(monkeypatch):
+    calls = []
+    monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda device=None: calls.append(("cuda", device)))
+    monkeypatch.setattr(timing.torch.mps, "synchronize", lambda: calls.append(("mps", None)))
+    timing._sync(torch.device("cpu"))
+    timing._sync(torch.device("cuda:1"))
+    timing._sync(torch.device("mps"))
+    assert calls == [("cuda", torch.device("cuda:1")), ("mps", None)]
+
+
+def test_paired_ratio_pairs_the_rounds_and_takes_the_median_of_their_ratios():
+    # ratios 1/3, 1, 3: the rounds are paired as timed, not sorted
+    assert timing.paired_ratio({"a": [1.0, 2.0, 3.0], "b": [3.0, 2.0, 1.0]}, "a", "b") == timing.Ratio(1.0, 2 / 3, 2.0)
+    # ratios 1, 2, 1: their median is 1, while the ratio of the medians would be 2
+    assert timing.paired_ratio({"a": [1.0, 2.0, 3.0], "b": [1.0, 1.0, 3.0]}, "a", "b") == timing.Ratio(1.0, 1.0, 1.5)
+
+
+def test_a_goal_reached_exactly_is_met_in_both_directions():
+    assert timing.verdict(3.1, (3.0, 3.2), 3.0, higher_is_better=True) == "yes"
+    assert timing.verdict(1.0, (0.9, 1.0), 1.0) == "yes"
+    assert timing.verdict(0.0, None, 0.0) == "yes"                           # a goal of 0 is still a goal
+    assert timing.judged(timing.Ratio(3.48, 3.35, 3.52), 3.0, higher_is_better=True).endswith(", met")
+    assert timing.judged(timing.Ratio(0.5, 0.4, 0.6), 1.0, higher_is_better=True).endswith(", not met")
+
+
+def test_faults_per_call_divides_by_the_calls(monkeypatch):
+    counter = [0]
+
+    def fault(pages):
+        def run():
+            counter[0] += pages
+        return run
+
+    monkeypatch.setattr(allocator, "minor_page_faults", lambda: counter[0])
+    assert timing.faults_per_call({"none": fault(0), "ten": fault(10)}, calls=4) == {"none": 0.0, "ten": 10.0}
+    monkeypatch.setattr(allocator, "minor_page_faults", lambda: None)
+    assert timing.faults_per_call({"ten": fault(10)}, calls=4) == {"ten": None}
+
+
+def test_cuda_peak_bytes_is_the_peak_above_what_was_allocated_before(monkeypatch):
+    events = []
+    cuda = timing.torch.cuda
+    monkeypatch.setattr(cuda, "synchronize", lambda device=None: events.append("sync"))
+    monkeypatch.setattr(cuda, "reset_peak_memory_stats", lambda device=None: events.append("reset"))
+    monkeypatch.setattr(cuda, "memory_allocated", lambda device=None: 100)
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda device=None: 250)
+    assert timing.cuda_peak_bytes(lambda: events.append("step"), torch.device("cuda")) == 150
+    assert events == ["sync", "reset", "step", "sync"]
+
+
+def test_fixed_batch_is_reproducible_and_draws_every_class():
+    x, y = timing.fixed_batch(1000, 3, torch.device("cpu"), classes=10)
+    assert x.shape == (1000, 3) and y.shape == (1000,)
+    assert sorted(y.unique().tolist()) == list(range(10))
+    again = timing.fixed_batch(1000, 3, torch.device("cpu"), classes=10)
+    assert torch.equal(x, again[0]) and torch.equal(y, again[1])
+    assert not torch.equal(x, timing.fixed_batch(1000, 3, torch.device("cpu"), seed=2)[0])
+
+
+def test_the_machine_description_names_the_given_device(monkeypatch):
+    assert timing.resolve_device("meta") == torch.device("meta")
+    monkeypatch.setattr(timing.torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    env = timing.machine("cuda")
+    assert env["device"] == "cuda" and env["device_name"] == "Some GPU"
+    assert timing.machine("cpu")["threads"] == torch.get_num_threads()
+    line = timing.environment("cpu")
+    assert line.startswith("device cpu, torch ") and f", {torch.get_num_threads()} CPU threads, allocator " in line
+
+
+def test_the_cpu_name_is_the_model_name_line_of_cpuinfo(monkeypatch):
+    class CpuInfo:
+        def __init__(self, path):
+            pass
+
+        def read_text(self, **_):
+            return "processor\t: 0\nmodel\t\t: 85\nmodel name\t: Some CPU @ 2.00GHz\nflags\t\t: fpu\n"
+
+    monkeypatch.setattr(timing, "Path", CpuInfo)
+    assert timing._cpu_name() == "Some CPU @ 2.00GHz"
+
+
+def test_the_code_version_asks_git_only_in_a_source_checkout(monkeypatch, tmp_path):
+    calls = []
+
+    def git(args, **_):
+        calls.append(args)
+        return subprocess.CompletedProcess(args, 0, stdout="abc1234-dirty\n", stderr="")
+
+    monkeypatch.setattr(timing.subprocess, "run", git)
+    package = tmp_path / "lowlearn"
+    package.mkdir()
+    (tmp_path / ".git").mkdir()                            # an installed copy inside some git repository
+    monkeypatch.setattr(timing.lowlearn, "__file__", str(package / "__init__.py"))
+    assert timing._code_version() == lowlearn.__version__ and calls == []
+    (tmp_path / "pyproject.toml").write_text("")            # a checkout of lowlearn
+    assert timing._code_version() == f"{lowlearn.__version__} (abc1234-dirty)"
+    assert calls[0][:3] == ["git", "-C", str(tmp_path)]

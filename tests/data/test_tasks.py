@@ -172,3 +172,75 @@ def test_sinusoid_parameters_fill_their_ranges_uniformly_and_independently():
     place = torch.arange(4000, dtype=torch.float64)
     for a, b in ((batch.amplitude, batch.phase), (batch.amplitude, place), (batch.phase, place)):
         assert torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1].abs() < 0.06
+
+
+def test_sinusoid_support_and_query_inputs_are_each_uniform_over_the_range():
+    """Neither set is drawn from one end of the range: both have the mean and spread of U[-5, 5]."""
+    batch = SinusoidTasks().sample(2000, 5, 5, generator=torch.Generator().manual_seed(2))
+    for x in (batch.support_x, batch.query_x):
+        assert x.double().mean().item() == pytest.approx(0.0, abs=0.2)
+        assert x.double().std().item() == pytest.approx(10 / math.sqrt(12), rel=0.05)
+
+
+def test_sinusoid_batch_and_query_counts():
+    """A task may have no query points, but a batch needs at least one task."""
+    batch = SinusoidTasks().sample(3, 4, 0, generator=torch.Generator().manual_seed(0))
+    assert batch.support_x.shape == (3, 4, 1) and batch.query_x.shape == batch.query_y.shape == (3, 0, 1)
+    for bad in (dict(batch=0, shots=1, queries=1), dict(batch=2, shots=1, queries=-1)):
+        with pytest.raises(ValueError, match="must be an int >= "):
+            SinusoidTasks().sample(**bad)
+
+
+def test_sinusoid_tasks_follow_the_device_asked_for():
+    """A CPU generator's draws go to the device asked for (here ``meta``, which holds no values)."""
+    batch = SinusoidTasks().sample(2, 3, 4, generator=torch.Generator().manual_seed(0), device="meta")
+    assert all(t.device.type == "meta" for t in batch)
+
+
+def test_gp_sample_inputs_are_validated():
+    gp = GPCurves()
+    x = torch.linspace(-1, 1, 5)[:, None]
+    with pytest.raises(ValueError, match="exactly one"):
+        gp.sample(2, 5, x=x)                                               # both given
+    with pytest.raises(ValueError, match="num_points must be an int >= 1"):
+        gp.sample(2, 0)
+    with pytest.raises(ValueError, match=r"x must have shape \(P, 1\) or \(batch=2, P, 1\)"):
+        gp.sample(2, x=x.expand(3, 5, 1))                                  # three curves' inputs for two curves
+
+
+def test_gp_curves_keep_their_own_copy_of_given_inputs():
+    x = torch.linspace(-1, 1, 5)[None, :, None].repeat(2, 1, 1)
+    curves = GPCurves().sample(2, x=x, generator=torch.Generator().manual_seed(0))
+    x.add_(10.0)                                                           # the caller reuses its tensor
+    assert torch.equal(curves.x[0, :, 0], torch.linspace(-1, 1, 5))
+
+
+def test_gp_mahalanobis_gives_one_number_per_curve():
+    gp = GPCurves()
+    curves = gp.sample(3, 4, generator=torch.Generator().manual_seed(0))
+    distances = gp.mahalanobis(curves)
+    assert distances.shape == (3,)
+    by_hand = [(y.T @ torch.linalg.inv(gp.kernel(x[None].double())[0]) @ y).item()
+               for x, y in zip(curves.x, curves.y.double())]
+    assert distances.tolist() == pytest.approx(by_hand, rel=1e-9)
+
+
+def test_context_sizes_from_one_point_to_all_of_them():
+    curves = GPCurves().sample(4, 6, generator=torch.Generator().manual_seed(0))
+    context, _ = context_target_split(curves, 6, generator=torch.Generator().manual_seed(1))
+    # all the points, each once: the same inputs, in another order
+    assert torch.equal(context.x.sort(1).values, curves.x.sort(1).values)
+    assert torch.equal(context.y.sort(1).values, curves.y.sort(1).values)
+    assert context_target_split(curves, 1)[0].x.shape == (4, 1, 1)
+    with pytest.raises(ValueError, match="num_context must be an int >= 1"):
+        context_target_split(curves, 0)
+
+
+def test_each_curve_gets_its_own_random_context_points():
+    x = torch.arange(10.0)[:, None]                                        # every curve at the same inputs
+    curves = GPCurves().sample(50, x=x, generator=torch.Generator().manual_seed(0))
+    context, _ = context_target_split(curves, 3, generator=torch.Generator().manual_seed(1))
+    chosen = context.x[..., 0].sort(1).values                              # (50, 3) indices of the chosen points
+    assert len({tuple(row.tolist()) for row in chosen}) > 25               # 120 subsets possible
+    counts = torch.bincount(chosen.long().flatten(), minlength=10)
+    assert (counts > 0).all()                                              # every point can be chosen
