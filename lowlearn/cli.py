@@ -1,14 +1,17 @@
 """Argument types for lowlearn's command lines (``python -m lowlearn.bench``, ``python -m lowlearn.eval``).
 
 Each is an ``argparse`` ``type=``: a bad value becomes the usual usage message that
-names the option and says what it takes, before anything runs.
+names the option and says what it takes, before anything runs. :func:`subcommand`
+picks the benchmark or evaluation that a command line names.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -81,3 +84,19 @@ def device(text: str) -> torch.device:
         return available_device(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def subcommand(commands: Mapping[str, Callable[[list[str]], None]], argv: list[str], usage: str,
+               noun: str) -> Callable[[], None] | None:
+    """The command that ``argv`` names, bound to the rest of ``argv``; ``None`` once ``--help`` printed ``usage``.
+
+    A missing or unknown name exits with ``usage`` (``noun`` says what the names are, e.g. "benchmark").
+    """
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return None
+    if not argv:
+        sys.exit(usage)
+    if argv[0] not in commands:
+        sys.exit(f"{argv[0]!r} is not a {noun}\n{usage}")
+    return functools.partial(commands[argv[0]], argv[1:])

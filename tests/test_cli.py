@@ -95,3 +95,18 @@ def test_the_benchmarks_run_with_freed_memory_retained():
     done = subprocess.run([sys.executable, "-m", "lowlearn.bench", "masks", "--iterations", "1", "--repeats", "1",
                            "--device", "cpu"], capture_output=True, text=True, check=True)
     assert "allocator glibc, freed memory retained" in done.stdout.splitlines()[0]
+
+
+def test_subcommand_binds_the_named_command_to_the_rest_of_the_command_line(capsys):
+    calls = []
+    commands = {"one": lambda argv: calls.append(("one", argv)), "two": lambda argv: calls.append(("two", argv))}
+    cli.subcommand(commands, ["two", "--x", "1"], "usage: NAME", "thing")()
+    assert calls == [("two", ["--x", "1"])]
+    for help_ in ("-h", "--help"):
+        assert cli.subcommand(commands, [help_, "one"], "usage: NAME", "thing") is None
+        assert capsys.readouterr().out == "usage: NAME\n"
+    with pytest.raises(SystemExit, match="^usage: NAME$"):
+        cli.subcommand(commands, [], "usage: NAME", "thing")
+    with pytest.raises(SystemExit, match="^'three' is not a thing\nusage: NAME$"):
+        cli.subcommand(commands, ["three"], "usage: NAME", "thing")
+    assert calls == [("two", ["--x", "1"])]                  # nothing else ran

@@ -3,6 +3,7 @@
 import sys
 
 from lowlearn.allocator import retain_freed_memory
+from lowlearn.cli import subcommand
 
 from . import allocator, dst, lowrank, maml, masks, powerprop, report, sparse
 
@@ -15,15 +16,10 @@ USAGE = (f"usage: python -m lowlearn.bench NAME [options], with NAME one of: {',
 
 
 def main(argv: list[str]) -> None:
-    if argv and argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return
-    if not argv:
-        sys.exit(USAGE)
-    if argv[0] not in BENCHMARKS:
-        sys.exit(f"{argv[0]!r} is not a benchmark\n{USAGE}")
-    retain_freed_memory()     # the cases share this process: see lowlearn.bench (allocator's workers are their own)
-    BENCHMARKS[argv[0]](argv[1:])
+    benchmark = subcommand(BENCHMARKS, argv, USAGE, "benchmark")
+    if benchmark is not None:
+        retain_freed_memory()     # the cases share this process: see lowlearn.bench (allocator's workers are their own)
+        benchmark()
 
 
 if __name__ == "__main__":

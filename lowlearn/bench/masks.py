@@ -29,8 +29,8 @@ from lowlearn import cli
 from lowlearn.models import MLP
 from lowlearn.sparse.mask import attach_masks, prunable_layers, set_masks
 
-from .timing import (add_device_argument, environment, faults_per_call, fixed_batch, interleaved_rounds, judged,
-                     medians, middle_half, paired_ratio, resolve_device)
+from .timing import (add_device_argument, environment, fixed_batch, judged, paired_ratio, print_steps, resolve_device,
+                     timed_steps)
 
 GOALS = {"dense": 1.10, "torch.nn.utils.prune": 1.0}
 """The most time per step that lowlearn's masks are held to, as a multiple of each reference's."""
@@ -75,18 +75,10 @@ def build_steps(density: float, batch_size: int, device: torch.device) -> dict[s
 
 def run(density: float = 0.1, batch_size: int = 60, iterations: int = 20, repeats: int = 70,
         warmup: int = 20, device: str | None = None) -> dict[str, dict]:
-    """Time the models, then count their page faults over one more block of steps.
-
-    Returns:
-        A dict with ``"rounds"``: ``{name: seconds per training step in each interleaved
-        round}`` (:func:`~lowlearn.bench.timing.interleaved_rounds`); ``"seconds"``:
-        ``{name: their median}``; ``"faults"``: ``{name: page faults per step}``, None
-        where the system does not count them.
-    """
+    """Time the models, then count their page faults over one more block of steps (:func:`timed_steps`)."""
     device = resolve_device(device)
     steps = build_steps(density, batch_size, device)
-    rounds = interleaved_rounds(steps, device=device, iterations=iterations, repeats=repeats, warmup=warmup)
-    return {"rounds": rounds, "seconds": medians(rounds), "faults": faults_per_call(steps, iterations)}
+    return timed_steps(steps, device=device, iterations=iterations, repeats=repeats, warmup=warmup)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,16 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     result = run(args.density, args.batch_size, args.iterations, args.repeats, device=device)
-    rounds, times, faults = result["rounds"], result["seconds"], result["faults"]
     print(f"LeNet-300-100 training step, batch {args.batch_size}, density {args.density}, {environment(device)}")
     print(f"median of {args.repeats} interleaved blocks of {args.iterations} steps, in shuffled order; the ratio to "
           "dense is the median of the blocks' ratios, beside their middle half")
-    print(f"{'model':<22} {'ms/step':>9} {'vs dense':>9} {'middle half':>13} {'page faults/step':>17}")
-    for name, seconds in times.items():
-        ratio = paired_ratio(rounds, name, "dense")
-        fault = "n/a" if faults[name] is None else f"{faults[name]:.1f}"
-        print(f"{name:<22} {seconds * 1e3:9.3f} {ratio.median:8.3f}x "
-              f"{middle_half(ratio.low, ratio.high, 3):>13} {fault:>17}")
+    print_steps(result, lambda name: "dense", "model", "vs dense")
     for reference, goal in GOALS.items():
-        ratio = paired_ratio(rounds, "lowlearn masks", reference)
+        ratio = paired_ratio(result["rounds"], "lowlearn masks", reference)
         print(f"goal: lowlearn masks / {reference} <= {goal:.2f}: {judged(ratio, goal)}")

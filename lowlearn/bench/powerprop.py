@@ -23,8 +23,8 @@ from lowlearn import cli
 from lowlearn.models import MLP
 from lowlearn.powerprop import PowerPropOptimizer, check_alpha, powerprop
 
-from .timing import (add_device_argument, environment, faults_per_call, fixed_batch, interleaved_rounds, judged,
-                     medians, middle_half, paired_ratio, resolve_device)
+from .timing import (add_device_argument, environment, fixed_batch, judged, paired_ratio, print_steps, resolve_device,
+                     timed_steps)
 
 CASES = ("SGD", "Powerprop, SGD", "Adam", "Powerprop, optimiser-aware Adam")
 BASELINE = {"Powerprop, SGD": "SGD", "Powerprop, optimiser-aware Adam": "Adam"}
@@ -59,18 +59,10 @@ def build_steps(alpha: float, batch_size: int, device: torch.device) -> dict[str
 
 def run(alpha: float = 3.0, batch_size: int = 60, iterations: int = 20, repeats: int = 70,
         device: str | None = None) -> dict[str, dict]:
-    """Time the cases, then count their page faults over one more block of steps.
-
-    Returns:
-        A dict with ``"rounds"``: ``{case: seconds per training step in each interleaved
-        round}`` (:func:`~lowlearn.bench.timing.interleaved_rounds`); ``"seconds"``:
-        ``{case: their median}``; ``"faults"``: ``{case: page faults per step}``, None
-        where the system does not count them.
-    """
+    """Time the cases, then count their page faults over one more block of steps (:func:`timed_steps`)."""
     device = resolve_device(device)
     steps = {case: step for case, (step, _) in build_steps(alpha, batch_size, device).items()}
-    rounds = interleaved_rounds(steps, device=device, iterations=iterations, repeats=repeats, warmup=20)
-    return {"rounds": rounds, "seconds": medians(rounds), "faults": faults_per_call(steps, iterations)}
+    return timed_steps(steps, device=device, iterations=iterations, repeats=repeats, warmup=20)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,15 +79,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--alpha: {error}")
     device = resolve_device(args.device)
     result = run(args.alpha, args.batch_size, args.iterations, args.repeats, device)
-    rounds, times, faults = result["rounds"], result["seconds"], result["faults"]
     print(f"LeNet-300-100 training step, batch {args.batch_size}, alpha {args.alpha:g}, {environment(device)}")
     print(f"median of {args.repeats} interleaved blocks of {args.iterations} steps, in shuffled order; the ratio to "
           "the baseline is the median of the blocks' ratios, beside their middle half")
-    print(f"{'case':<34} {'ms/step':>9} {'vs baseline':>12} {'middle half':>13} {'page faults/step':>17}")
-    for case, seconds in times.items():
-        ratio = paired_ratio(rounds, case, BASELINE.get(case, case))
-        fault = "n/a" if faults[case] is None else f"{faults[case]:.1f}"
-        print(f"{case:<34} {seconds * 1e3:9.3f} {ratio.median:11.3f}x "
-              f"{middle_half(ratio.low, ratio.high, 3):>13} {fault:>17}")
+    print_steps(result, lambda case: BASELINE.get(case, case), "case", "vs baseline")
     for case, base in BASELINE.items():
-        print(f"goal: {case} / {base} <= {GOAL:.2f}: {judged(paired_ratio(rounds, case, base), GOAL)}")
+        ratio = paired_ratio(result["rounds"], case, base)
+        print(f"goal: {case} / {base} <= {GOAL:.2f}: {judged(ratio, GOAL)}")

@@ -159,6 +159,36 @@ def faults_per_call(steps: Mapping[str, Callable[[], None]], calls: int) -> dict
     return faults
 
 
+def timed_steps(steps: Mapping[str, Callable[[], None]], *, device: torch.device, iterations: int, repeats: int,
+                warmup: int) -> dict[str, dict]:
+    """Time the step functions (:func:`interleaved_rounds`), then count their page faults over one more block.
+
+    Returns:
+        ``{"rounds": {name: seconds per call in each round}, "seconds": {name: their median},
+        "faults": {name: page faults per call}}`` (:func:`faults_per_call`: ``None`` where the
+        system does not count them).
+    """
+    rounds = interleaved_rounds(steps, device=device, iterations=iterations, repeats=repeats, warmup=warmup)
+    return {"rounds": rounds, "seconds": medians(rounds), "faults": faults_per_call(steps, iterations)}
+
+
+def print_steps(timed: Mapping[str, dict], reference: Callable[[str], str], name_header: str,
+                ratio_header: str) -> None:
+    """Print :func:`timed_steps`' result: a row a step function with its ms per call, ratio and page faults.
+
+    ``reference(name)`` is the function each one's ratio (:func:`paired_ratio`) is taken
+    against; a function against itself shows 1.
+    """
+    rounds, faults = timed["rounds"], timed["faults"]
+    width = max(len(name_header), *map(len, rounds))
+    print(f"{name_header:<{width}} {'ms/step':>9} {ratio_header:>12} {'middle half':>13} {'page faults/step':>17}")
+    for name, seconds in timed["seconds"].items():
+        ratio = paired_ratio(rounds, name, reference(name))
+        fault = "n/a" if faults[name] is None else f"{faults[name]:.1f}"
+        print(f"{name:<{width}} {seconds * 1e3:9.3f} {ratio.median:11.3f}x "
+              f"{middle_half(ratio.low, ratio.high, 3):>13} {fault:>17}")
+
+
 def cuda_peak_bytes(step: Callable[[], None], device: torch.device) -> int | None:
     """Bytes one call of ``step`` allocates at its peak beyond what was allocated before it (CUDA), else ``None``.
 

@@ -2,6 +2,8 @@
 
 import sys
 
+from lowlearn.cli import subcommand
+
 from . import omniglot_runs
 
 TASKS = {"omniglot-runs": omniglot_runs.main}
@@ -12,14 +14,9 @@ USAGE = (f"usage: python -m lowlearn.eval TASK [options], with TASK one of: {', 
 
 
 def main(argv: list[str]) -> None:
-    if argv and argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return
-    if not argv:
-        sys.exit(USAGE)
-    if argv[0] not in TASKS:
-        sys.exit(f"unknown task {argv[0]!r}\n{USAGE}")
-    TASKS[argv[0]](argv[1:])
+    task = subcommand(TASKS, argv, USAGE, "task")
+    if task is not None:
+        task()
 
 
 if __name__ == "__main__":

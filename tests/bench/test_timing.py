@@ -207,3 +207,34 @@ def test_the_code_version_asks_git_only_in_a_source_checkout(monkeypatch, tmp_pa
     (tmp_path / "pyproject.toml").write_text("")            # a checkout of lowlearn
     assert timing._code_version() == f"{lowlearn.__version__} (abc1234-dirty)"
     assert calls[0][:3] == ["git", "-C", str(tmp_path)]
+
+
+def test_timed_steps_gives_the_rounds_their_medians_and_the_faults_of_one_block_more(monkeypatch):
+    calls = {"a": 0, "b": 0}
+
+    def step(name):
+        def run():
+            calls[name] += 1
+        return run
+
+    steps = {"a": step("a"), "b": step("b")}
+    timed = timing.timed_steps(steps, device=torch.device("cpu"), iterations=3, repeats=5, warmup=2)
+    assert calls == {"a": 2 + 3 * 5 + 3, "b": 2 + 3 * 5 + 3}
+    assert set(timed) == {"rounds", "seconds", "faults"}
+    assert all(len(rounds) == 5 for rounds in timed["rounds"].values())
+    assert timed["seconds"] == timing.medians(timed["rounds"])
+    assert set(timed["faults"]) == {"a", "b"}
+
+
+def test_print_steps_prints_each_ratio_against_the_reference_it_is_given(capsys):
+    timed = {"rounds": {"base": [1.0, 1.0, 1.0], "long name of a case": [1.0, 1.5, 2.0], "other": [3.0, 3.0, 3.0]},
+             "seconds": {"base": 1.0, "long name of a case": 1.5, "other": 3.0},
+             "faults": {"base": 0.0, "long name of a case": 2.5, "other": None}}
+    timing.print_steps(timed, lambda name: "other" if name == "other" else "base", "case", "vs base")
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split() == ["case", "ms/step", "vs", "base", "middle", "half", "page", "faults/step"]
+    assert [row.split() for row in rows] == [["base", "1000.000", "1.000x", "1.000-1.000", "0.0"],
+                                             ["long", "name", "of", "a", "case", "1500.000", "1.500x", "1.250-1.750",
+                                              "2.5"],
+                                             ["other", "3000.000", "1.000x", "1.000-1.000", "n/a"]]
+    assert len({len(line) for line in [header, *rows]}) == 1                # the columns line up
