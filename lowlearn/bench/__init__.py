@@ -18,9 +18,9 @@ defaults is measured by ``allocator``, one model per process.
 Benchmarks:
 
 ``masks``
-    One training step of a masked LeNet-300-100 (:mod:`lowlearn.sparse.mask`) and of
-    the same model pruned with ``torch.nn.utils.prune``, each as a ratio to the dense
-    model.
+    One training step of a masked LeNet-300-100 (:mod:`lowlearn.sparse.mask`), of
+    the same model pruned with ``torch.nn.utils.prune`` and of one whose gradient
+    alone is masked, each as a ratio to the dense model.
 
 ``dst``
     One training step (amortised over the mask updates) of static sparse training,

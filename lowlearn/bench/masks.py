@@ -8,6 +8,16 @@ parametrizations (:mod:`lowlearn.sparse.mask`); ``torch.nn.utils.prune`` recompu
 ``weight = weight_orig * weight_mask`` in a forward pre-hook. A training step is
 forward, cross-entropy, backward and an SGD-with-momentum step on a fixed batch.
 
+A fifth model, ``masked gradient``, masks the way much sparse-training code does: the
+layer computes with its raw weight, zero where pruned, and a hook zeroes the pruned
+entries of each accumulated gradient in place, so no weight-sized product is made in
+either pass. It is the same computation only while nothing else moves those zeros,
+and it shows what that shortcut would save. lowlearn's masks stay exact where it does
+not: gradients taken by ``torch.autograd.grad`` or :mod:`torch.func` (a MAML inner
+loop, per-example gradients) pass no hook and are not masked, ``copy.deepcopy``
+drops the hook, and optimizers that mix weights move the zeros
+(:mod:`lowlearn.sparse.mask`).
+
 The page faults per step are printed beside the times. A parametrization's extra
 weight-sized tensors can make the allocator hand memory back to the system and fault
 it in again (:mod:`lowlearn.allocator`); ``python -m lowlearn.bench`` keeps freed
@@ -19,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 from collections.abc import Callable
 
 import torch
@@ -49,7 +60,8 @@ def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Call
 
 
 def build_models(density: float, device: torch.device, seed: int = 0) -> dict[str, torch.nn.Module]:
-    """Dense (twice), lowlearn-masked and ``torch.nn.utils.prune``-masked copies of one LeNet-300-100."""
+    """Dense (twice), lowlearn-masked, ``torch.nn.utils.prune``-masked and gradient-masked copies of one
+    LeNet-300-100."""
     torch.manual_seed(seed)
     dense = MLP().to(device)
     generator = torch.Generator().manual_seed(seed)
@@ -63,8 +75,20 @@ def build_models(density: float, device: torch.device, seed: int = 0) -> dict[st
     pruned = copy.deepcopy(dense)
     for name, layer in prunable_layers(pruned).items():
         torch_prune.custom_from_mask(layer, "weight", keep[name])
+
+    hooked = copy.deepcopy(dense)
+    for name, layer in prunable_layers(hooked).items():
+        zeros_kept = keep[name].to(layer.weight.dtype)
+        with torch.no_grad():
+            layer.weight.mul_(zeros_kept)
+        layer.weight.register_post_accumulate_grad_hook(functools.partial(_mask_gradient, mask=zeros_kept))
     return {"dense": dense, "dense (copy)": copy.deepcopy(dense), "lowlearn masks": masked,
-            "torch.nn.utils.prune": pruned}
+            "torch.nn.utils.prune": pruned, "masked gradient": hooked}
+
+
+def _mask_gradient(weight: torch.Tensor, mask: torch.Tensor) -> None:
+    """Zero the pruned entries of ``weight``'s accumulated gradient, in place (the ``masked gradient`` model)."""
+    weight.grad.mul_(mask)
 
 
 def build_steps(density: float, batch_size: int, device: torch.device) -> dict[str, Callable[[], None]]:

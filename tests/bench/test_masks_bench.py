@@ -2,6 +2,7 @@ import torch
 
 from lowlearn.bench import masks, timing
 from lowlearn.bench.__main__ import main as bench_main
+from lowlearn.sparse.mask import prunable_layers
 
 
 def test_the_sparse_models_compute_the_same_function_and_the_copy_the_dense_one():
@@ -11,14 +12,30 @@ def test_the_sparse_models_compute_the_same_function_and_the_copy_the_dense_one(
     assert torch.equal(models["dense (copy)"](x), dense_out)
     assert models["dense (copy)"][1].weight is not models["dense"][1].weight
     assert torch.allclose(models["lowlearn masks"](x), models["torch.nn.utils.prune"](x), atol=1e-6)
+    assert torch.equal(models["lowlearn masks"](x), models["masked gradient"](x))
     assert not torch.allclose(models["lowlearn masks"](x), dense_out)
+
+
+def test_the_masked_gradient_model_trains_as_lowlearn_masks_do_while_nothing_else_moves_its_zeros():
+    models = masks.build_models(density=0.2, device=torch.device("cpu"))
+    x, y = timing.fixed_batch(8, 784, torch.device("cpu"))
+    for name in ("lowlearn masks", "masked gradient"):
+        step = masks.train_step(models[name], x, y)
+        for _ in range(5):
+            step()
+    pairs = zip(prunable_layers(models["lowlearn masks"]).values(), prunable_layers(models["masked gradient"]).values(),
+                strict=True)
+    for masked, hooked in pairs:
+        assert torch.equal(masked.weight, hooked.weight)                 # the same bits: w ⊙ m is w here
+        assert (hooked.weight.grad[masked.parametrizations.weight[0].mask == 0] == 0).all()
+    assert not torch.equal(models["masked gradient"][1].weight, models["dense"][1].weight)     # it trained
 
 
 def test_masks_benchmark_prints_a_ratio_and_the_page_faults_per_model(capsys, judged_as_printed):
     masks.main(["--iterations", "2", "--repeats", "1", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "page faults/step" in out
-    for name in ("dense", "dense (copy)", "lowlearn masks", "torch.nn.utils.prune"):
+    for name in ("dense", "dense (copy)", "lowlearn masks", "torch.nn.utils.prune", "masked gradient"):
         line = next(row for row in out.splitlines() if row.startswith(name))
         ratio, spread, faults = line.split()[-3:]
         low, high = map(float, spread.split("-"))
@@ -44,7 +61,7 @@ def test_unknown_benchmark_is_a_usage_error_that_names_it(capsys):
 
 def test_run_gives_the_times_and_the_page_faults_of_the_same_steps():
     result = masks.run(batch_size=4, iterations=1, repeats=3, warmup=0, device="cpu")
-    names = {"dense", "dense (copy)", "lowlearn masks", "torch.nn.utils.prune"}
+    names = {"dense", "dense (copy)", "lowlearn masks", "torch.nn.utils.prune", "masked gradient"}
     assert set(result["rounds"]) == set(result["seconds"]) == set(result["faults"]) == names
     assert all(len(rounds) == 3 and min(rounds) > 0 for rounds in result["rounds"].values())
     assert result["seconds"] == timing.medians(result["rounds"])
