@@ -99,7 +99,11 @@ def build_steps(density: float, batch_size: int, device: torch.device) -> dict[s
 
 def run(density: float = 0.1, batch_size: int = 60, iterations: int = 20, repeats: int = 70,
         warmup: int = 20, device: str | None = None) -> dict[str, dict]:
-    """Time the models, then count their page faults over one more block of steps (:func:`timed_steps`)."""
+    """Time the models, then count their page faults over one more block of steps.
+
+    Returns:
+        :func:`~lowlearn.bench.timing.timed_steps`' result.
+    """
     device = resolve_device(device)
     steps = build_steps(density, batch_size, device)
     return timed_steps(steps, device=device, iterations=iterations, repeats=repeats, warmup=warmup)

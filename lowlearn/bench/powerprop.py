@@ -59,7 +59,11 @@ def build_steps(alpha: float, batch_size: int, device: torch.device) -> dict[str
 
 def run(alpha: float = 3.0, batch_size: int = 60, iterations: int = 20, repeats: int = 70,
         device: str | None = None) -> dict[str, dict]:
-    """Time the cases, then count their page faults over one more block of steps (:func:`timed_steps`)."""
+    """Time the cases, then count their page faults over one more block of steps.
+
+    Returns:
+        :func:`~lowlearn.bench.timing.timed_steps`' result.
+    """
     device = resolve_device(device)
     steps = {case: step for case, (step, _) in build_steps(alpha, batch_size, device).items()}
     return timed_steps(steps, device=device, iterations=iterations, repeats=repeats, warmup=20)

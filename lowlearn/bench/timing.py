@@ -164,9 +164,9 @@ def timed_steps(steps: Mapping[str, Callable[[], None]], *, device: torch.device
     """Time the step functions (:func:`interleaved_rounds`), then count their page faults over one more block.
 
     Returns:
-        ``{"rounds": {name: seconds per call in each round}, "seconds": {name: their median},
-        "faults": {name: page faults per call}}`` (:func:`faults_per_call`: ``None`` where the
-        system does not count them).
+        A dict with ``"rounds"``: ``{name: seconds per call in each round}``; ``"seconds"``:
+        ``{name: their median}``; ``"faults"``: ``{name: page faults per call}``, None where
+        the system does not count them (:func:`faults_per_call`).
     """
     rounds = interleaved_rounds(steps, device=device, iterations=iterations, repeats=repeats, warmup=warmup)
     return {"rounds": rounds, "seconds": medians(rounds), "faults": faults_per_call(steps, iterations)}
