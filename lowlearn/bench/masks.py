@@ -60,8 +60,7 @@ def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Call
 
 
 def build_models(density: float, device: torch.device, seed: int = 0) -> dict[str, torch.nn.Module]:
-    """Dense (twice), lowlearn-masked, ``torch.nn.utils.prune``-masked and gradient-masked copies of one
-    LeNet-300-100."""
+    """Copies of one LeNet-300-100: dense (twice), masked by lowlearn, by ``torch.nn.utils.prune``, by gradient."""
     torch.manual_seed(seed)
     dense = MLP().to(device)
     generator = torch.Generator().manual_seed(seed)
