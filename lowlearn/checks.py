@@ -42,6 +42,14 @@ def as_float(value: object) -> float:
         return math.inf if value > 0 else -math.inf
 
 
+def check_non_negative(name: str, value: float) -> float:
+    """Return ``value`` as a float if it is a finite number >= 0 (a range, an epsilon), else raise a ValueError."""
+    number = as_float(value)
+    if not 0 <= number < math.inf:                       # NaN compares False
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return number
+
+
 def check_rate(name: str, value: float) -> float:
     """Return ``value`` as a float if it is a positive, finite number (a step size), else raise a ValueError."""
     rate = as_float(value)

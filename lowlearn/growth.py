@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -58,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .checks import as_float, check_count
+from .checks import check_count, check_non_negative
 from .distributed import world
 from .sparse.export import chain, check_chain
 from .train import buffers_restored, eval_mode, generator_on
@@ -332,8 +331,7 @@ def grow(model: nn.Sequential, layer: int, k: int, strategy: str = "gradmax", *,
 def _check_options(**options: float) -> None:
     """Refuse a growth option (``scale``, ``epsilon``, ``noise``) that is not a finite number ≥ 0."""
     for name, value in options.items():
-        if not 0 <= as_float(value) < math.inf:                          # NaN compares False
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        check_non_negative(name, value)
 
 
 def _torch_optimizer(optimizer) -> torch.optim.Optimizer:

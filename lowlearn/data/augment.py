@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..checks import as_float, is_integer
+from ..checks import check_non_negative, is_integer
 
 
 def random_affine(images: Tensor, generator: torch.Generator | None = None, *, rotation: float = 10.0,
@@ -57,8 +57,7 @@ def random_affine_matrices(n: int, generator: torch.Generator | None = None, *, 
         ValueError: a range that is not a finite number >= 0, or a ``scale`` of 1 or more.
     """
     for name, value in (("rotation", rotation), ("scale", scale), ("shear", shear), ("shift", shift)):
-        if not 0 <= as_float(value) < math.inf:                      # NaN compares False
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        check_non_negative(name, value)
     if scale >= 1:
         raise ValueError(f"scale must be below 1, or an image could be flipped or collapsed; got {scale}")
     device = generator.device if device is None and generator is not None else device

@@ -51,14 +51,13 @@ a closure::
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from ..checks import as_float, check_count, check_rate, is_real
+from ..checks import check_count, check_non_negative, check_rate, is_real
 from ..distributed import average_across_processes
 from ..train import NonFiniteLossError, buffers_restored
 from .layers import check_tolerance, dense_parameters, low_rank_layers, truncation_ranks
@@ -126,8 +125,7 @@ class DLRT(torch.optim.Optimizer):
             raise ValueError(f"the low-rank factors are {', '.join(low_precision)}, for which torch has no QR or SVD: "
                              "keep the low-rank layers in float32 (torch.autocast runs their products in lower "
                              "precision)")
-        if not 0.0 <= as_float(eps) < math.inf:                      # NaN compares False
-            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        check_non_negative("eps", eps)
         groups = [{"params": _factors(model)}]
         if optimizer is None and (dense := dense_parameters(model)):
             groups.append({"params": dense})
