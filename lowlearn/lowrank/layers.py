@@ -394,8 +394,7 @@ def _replace(model: nn.Module, replacements: Mapping[int, nn.Module]) -> None:
     """
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if name and id(module) in replacements:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, replacements[id(module)])
+            model.set_submodule(name, replacements[id(module)])
 
 
 def to_low_rank(model: nn.Module, layers: Iterable[str], rank: int | Mapping[str, int] | None = None, *,
