@@ -266,13 +266,12 @@ def training_memory(
     if measure_cuda and device.type != "cuda":
         raise ValueError(f"measure_cuda=True needs a model on a CUDA device, not on {device}")
 
-    model_storages = {part.untyped_storage().data_ptr()
-                      for t in (*params, *model.buffers()) for part in _strided_parts(t)}
+    model_storages = {_storage_key(part) for t in (*params, *model.buffers()) for part in _strided_parts(t)}
     spans: dict[int, tuple[int, int]] = {}  # storage -> (first, last + 1) byte the saved views reach
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         for part in _strided_parts(tensor):
-            key = part.untyped_storage().data_ptr()
+            key = _storage_key(part)
             if key not in model_storages and part.numel() > 0:
                 first = part.storage_offset()
                 last = first + sum((size - 1) * stride for size, stride in zip(part.shape, part.stride()))
@@ -345,7 +344,7 @@ class SavedTensors:
         self.bytes = 0
         self.peak = 0
         self.tensors = 0
-        self._live: dict[int, int] = {}   # storage data_ptr -> saved references still held
+        self._live: dict[int, int] = {}   # storage key (_storage_key) -> saved references still held
 
     @property
     def mib(self) -> float:
@@ -353,7 +352,6 @@ class SavedTensors:
         return self.peak / _MIB
 
     def _hold(self, key: int, nbytes: int) -> None:
-        self.tensors += 1
         self._live[key] = self._live.get(key, 0) + 1
         if self._live[key] == 1:
             self.bytes += nbytes
@@ -367,6 +365,16 @@ class SavedTensors:
 
     def __repr__(self) -> str:
         return f"SavedTensors(bytes={self.bytes}, peak={self.peak}, tensors={self.tensors})"
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    """What tells ``tensor``'s storage from every other live one, views of one storage alike.
+
+    The storage object's own handle rather than its ``data_ptr()``: on the ``meta``
+    device (shapes without data, a cheap way to size a large model) every storage's
+    address is 0.
+    """
+    return tensor.untyped_storage()._cdata
 
 
 def _strided_parts(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -389,6 +397,7 @@ class _Held:
         # detached: a saved output would otherwise hold its own grad_fn, a cycle no collector frees (autograd
         # attaches the right grad_fn again when it unpacks the tensor)
         self.tensor, self.report, self.storages = tensor.detach(), report, storages    # (key, bytes) each
+        report.tensors += bool(storages)
         for key, nbytes in storages:
             report._hold(key, nbytes)
 
@@ -403,9 +412,9 @@ def saved_tensor_bytes(exclude: Iterable[torch.Tensor] = ()) -> Iterator[SavedTe
 
     Every tensor an operation saves for its backward pass goes through
     :func:`torch.autograd.graph.saved_tensors_hooks`. This context manager adds up
-    the sizes of their storages, each storage once however often it is saved (keyed by
-    ``untyped_storage().data_ptr()``: a tensor saved by two operations, or two views of
-    one tensor, count once), and subtracts a storage again when no graph holds it any
+    the sizes of their storages, each storage once however often it is saved (a tensor
+    saved by two operations, or two views of one tensor, count once; also on the
+    ``meta`` device, where every storage's address is 0), and subtracts a storage again when no graph holds it any
     more (a backward pass without ``retain_graph`` frees its graph; so does
     :func:`torch.autograd.grad` without ``create_graph``). ``peak`` is then the memory
     the graphs held at most: on any device, the memory that grows with the inner steps
@@ -432,12 +441,12 @@ def saved_tensor_bytes(exclude: Iterable[torch.Tensor] = ()) -> Iterator[SavedTe
         print(saved.mib, "MiB held for backward")
     """
     report = SavedTensors()
-    excluded = {part.untyped_storage().data_ptr() for t in exclude for part in _strided_parts(t)}
+    excluded = {_storage_key(part) for t in exclude for part in _strided_parts(t)}
 
     def pack(tensor: torch.Tensor) -> _Held:
-        storages = (part.untyped_storage() for part in _strided_parts(tensor))
-        return _Held(tensor, report, [(storage.data_ptr(), storage.nbytes()) for storage in storages
-                                      if storage.data_ptr() not in excluded])
+        parts = _strided_parts(tensor)
+        return _Held(tensor, report, [(_storage_key(part), part.untyped_storage().nbytes()) for part in parts
+                                      if _storage_key(part) not in excluded])
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda held: held.tensor):
         yield report
