@@ -123,7 +123,7 @@ def fetch(resource: Resource, root: str | os.PathLike | None = None, download: b
         ChecksumError: the file on disk (also one that appeared there during the
             download), or the downloaded one, has the wrong sha256.
         DataError: something other than a file is at the path (a folder, a broken link),
-            or a file stands where its folder should be.
+            a file stands where its folder should be, or the folder cannot be written.
         DatasetNotFoundError: the file is missing and could not be downloaded.
     """
     path = resource.path(root)
@@ -142,7 +142,7 @@ def fetch(resource: Resource, root: str | os.PathLike | None = None, download: b
                 return _verified(path, resource)
             except ChecksumError as err:
                 corrupted.append(str(err))
-            except NotADirectoryError as err:         # not the network's fault: no mirror can help
+            except (NotADirectoryError, PermissionError) as err:   # not the network's: no mirror can help
                 raise DataError(f"cannot save {resource.filename}: {err}") from err
             except (urllib.error.URLError, http.client.HTTPException, OSError,   # cut-off responses too
                     ValueError) as err:                                          # a malformed URL

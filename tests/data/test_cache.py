@@ -220,6 +220,27 @@ def test_fetch_with_a_file_where_the_folder_should_be_says_so_instead_of_blaming
     assert (tmp_path / "data" / "sub").read_bytes() == b"a file of the user's"
 
 
+def test_fetch_into_a_folder_it_cannot_write_says_so_after_one_mirror(tmp_path, monkeypatch):
+    """A read-only data folder (a shared LOWLEARN_DATA) is no network failure: no other mirror is tried."""
+    root = tmp_path / "data"
+    (root / "sub").mkdir(parents=True)
+    real_open, real_urlopen, opened = os.open, urllib.request.urlopen, []
+
+    def read_only_root(path, flags, *args, **kwargs):         # what a folder without write permission does
+        if str(path).startswith(str(root)) and flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_root)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: opened.append(args) or real_urlopen(
+        *args, **kwargs))
+    source = _source(tmp_path)
+    with pytest.raises(DataError, match="cannot save payload.bin: .*Permission denied") as info:
+        fetch(_resource(source, source), root=root)
+    assert not isinstance(info.value, DatasetNotFoundError)
+    assert len(opened) == 1 and _leftovers(root / "sub") == []
+
+
 def test_resource_digests_are_hex_and_kept_in_lower_case(tmp_path):
     digest = hashlib.sha256(CONTENT).hexdigest()
     resource = Resource("payload.bin", (_source(tmp_path),), digest.upper(), "sub")
