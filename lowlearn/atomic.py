@@ -97,11 +97,11 @@ def atomic_file(path: str | os.PathLike, *, overwrite: bool, text: bool = False)
     flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0)
     fd, tmp = _fresh_sibling(path, lambda name: (os.open(name, flags, 0o666), name))
     try:
-        if overwrite and path.exists():
-            # A replaced file keeps its permissions, set before the first byte: the new content is never
-            # readable by more people than the old.
-            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
         with os.fdopen(fd, "w" if text else "wb", **({"encoding": "utf-8"} if text else {})) as handle:
+            if overwrite and path.exists():
+                # A replaced file keeps its permissions, set before the first byte: the new content is never
+                # readable by more people than the old.
+                os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

@@ -102,5 +102,5 @@ def average_across_processes(tensors: Iterable[Tensor | None]) -> None:
         return
     for tensor in tensors:
         if tensor is not None:
+            tensor.div_(size)       # before the sum, as DistributedDataParallel does: a float16 sum can overflow
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-            tensor.div_(size)

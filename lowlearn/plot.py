@@ -30,7 +30,10 @@ def mean_and_spread(runs: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.nda
         ValueError: no runs, runs of different lengths, or results that are not numbers.
     """
     try:
-        arr = np.asarray(runs, dtype=float)
+        arr = np.asarray(runs)
+        if arr.dtype.kind not in "biuf":          # text such as "0.9" would otherwise be parsed as a number
+            raise TypeError(f"results of type {arr.dtype} are not numbers")
+        arr = arr.astype(float)
     except (TypeError, ValueError) as error:
         raise ValueError(f"the runs must be equally long lists of numbers, one per run ({error})") from None
     if arr.ndim == 0 or len(arr) == 0:

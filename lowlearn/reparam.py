@@ -42,11 +42,11 @@ def _lean_property(tensor_name: str, pytorch_property: property) -> property:
     indexes it and ends the chain on an ``AttributeError``: about 10 µs per read, as
     long as the forward pass of a small layer. This getter calls the same
     parametrizations (as modules, so their hooks run) on the same original tensor, in
-    the same order. For a parametrization with several original tensors it calls the
-    ``ParametrizationList`` itself. Inside :func:`torch.nn.utils.parametrize.cached` it
-    caches the value under the module it is read from, as PyTorch does; PyTorch's own
-    getter keys the cache by the module it was registered on, which a deep copy would
-    share.
+    the same order. For a parametrization with several original tensors, or a
+    ``ParametrizationList`` with hooks of its own, it calls the list itself. Inside
+    :func:`torch.nn.utils.parametrize.cached` it caches the value under the module it
+    is read from, as PyTorch does; PyTorch's own getter keys the cache by the module it
+    was registered on, which a deep copy would share.
     """
     def get(module: nn.Module):
         chain = module._modules["parametrizations"][tensor_name]
@@ -56,7 +56,7 @@ def _lean_property(tensor_name: str, pytorch_property: property) -> property:
             if value is None:
                 value = parametrize._cache[key] = chain()
             return value
-        if not chain.is_tensor:
+        if not chain.is_tensor or chain._forward_hooks or chain._forward_pre_hooks:
             return chain()
         value = chain.original
         for parametrization in chain:

@@ -99,6 +99,25 @@ def _check_name(kind: str, name: str) -> str:
     return name
 
 
+def _check_text(result: Result) -> None:
+    """A ValueError unless every field of ``result`` but its numbers is text."""
+    fields = ("unit", "label", "recorded", "device")
+    not_text = {name: getattr(result, name) for name in fields if not isinstance(getattr(result, name), str)}
+    if not_text:
+        raise ValueError("a result's " + ", ".join(f"{name} must be text, got {value!r}"
+                                                 for name, value in not_text.items()))
+
+
+def _number_and_interval(value: object, ci: object) -> tuple[float, float | None]:
+    """``(value, ci)`` as floats, or a ValueError: a value that is not a finite number, a negative interval."""
+    if value is None:
+        raise ValueError("a result's value must be a number, got None")
+    value, ci = _finite("value", value), _finite("interval", ci)
+    if ci is not None and ci < 0:
+        raise ValueError(f"a result's interval is a half-width and cannot be negative, got {ci}")
+    return value, ci
+
+
 def _finite(kind: str, number: object) -> float | None:
     """``number`` as a float (a real number, or a one-element tensor or array), or a ValueError; ``None`` passes."""
     if number is None:
@@ -151,18 +170,15 @@ def record(chapter: str, key: str, value: float, *, ci: float | None = None, uni
 
     Raises:
         ValueError: an empty chapter or key, a value that is not a finite number, an interval that
-            is negative or not finite, or an existing results file that cannot be read (it is left
-            as it is).
+            is negative or not finite, a unit or label that is not text, or an existing results
+            file that cannot be read (it is left as it is).
     """
     chapter, key = _check_name("chapter", chapter), _check_name("key", key)
-    if value is None:
-        raise ValueError("a result's value must be a number, got None")
-    value, ci = _finite("value", value), _finite("interval", ci)
-    if ci is not None and ci < 0:
-        raise ValueError(f"a result's interval is a half-width and cannot be negative, got {ci}")
+    value, ci = _number_and_interval(value, ci)
     result = Result(value=value, ci=ci, unit=unit, label=label,
                     device=f"{device_description(device)}, torch {torch.__version__}",
                     recorded=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    _check_text(result)
 
     name = get_profile(profile).name
     path = results_path(name, directory)
@@ -187,8 +203,8 @@ def load(profile: str | None = None, directory: str | os.PathLike | None = None)
         loaded = {chapter: {key: Result(**entry) for key, entry in entries.items()}
                   for chapter, entries in chapters.items()}
         for result in (result for entries in loaded.values() for result in entries.values()):
-            _finite("value", result.value)
-            _finite("interval", result.ci)
+            _number_and_interval(result.value, result.ci)
+            _check_text(result)
     except (TypeError, ValueError) as error:
         raise ValueError(f"the results file {path} holds an entry that is not a result ({error}); "
                          f"move it away and run the chapters again") from error

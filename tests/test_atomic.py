@@ -156,3 +156,20 @@ def test_a_link_to_a_missing_file_counts_as_an_existing_file(tmp_path):
         with atomic_file(link, overwrite=False) as handle:
             handle.write(b"new")
     assert link.is_symlink() and not (tmp_path / "gone.json").exists()        # the link is left as it was
+
+
+def test_a_failure_to_copy_the_permissions_closes_the_temporary_files_descriptor(tmp_path, monkeypatch):
+    target = tmp_path / "results.json"
+    target.write_text("old")
+
+    def refuse(path, mode):                       # a file system without Unix permissions
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(atomic.os, "chmod", refuse)
+    before = sorted(os.listdir("/proc/self/fd")) if Path("/proc/self/fd").is_dir() else None
+    with pytest.raises(PermissionError):
+        with atomic_file(target, overwrite=True) as handle:
+            handle.write(b"new")
+    assert target.read_text() == "old" and leftovers(tmp_path) == []
+    if before is not None:
+        assert sorted(os.listdir("/proc/self/fd")) == before

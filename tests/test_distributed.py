@@ -208,3 +208,14 @@ def test_outside_a_process_group_there_is_one_process():
     average_across_processes([complex_values])                          # a complex mean fits its dtype
     broadcast_from_the_first_process([values])
     assert torch.equal(values, torch.ones(2))
+
+
+def test_a_half_precision_mean_whose_sum_would_overflow_is_finite(monkeypatch):
+    # two float16 values of 40,000: the mean fits float16, the sum 80,000 (> 65,504) does not
+    import lowlearn.distributed as distributed
+    mine = torch.full((2,), 40000.0, dtype=torch.float16)
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda tensor, op: tensor.add_(tensor))   # two equal ranks
+    values = mine.clone()
+    average_across_processes([values])
+    assert torch.equal(values, mine)

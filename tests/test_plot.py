@@ -155,3 +155,8 @@ def test_a_loss_of_zero_is_plotted_on_a_linear_axis():
 def test_a_history_without_evaluations_leaves_the_metric_axes_empty():
     loss_ax, metric_ax = plot.plot_history(History(steps=[1, 2], loss=[1.0, 0.5], eval_steps=[], eval=[]))
     assert len(loss_ax.lines) == 1 and not metric_ax.lines and metric_ax.get_ylabel() == ""
+
+
+def test_results_that_are_text_are_refused_even_when_they_read_as_numbers():
+    with pytest.raises(ValueError, match="lists of numbers"):
+        plot.mean_and_spread([["0.9", "0.8"], ["0.7", "0.6"]])

@@ -336,3 +336,17 @@ def test_remove_keeps_a_buffer_a_buffer():
     remove(norm, "running_mean")
     assert "running_mean" in norm._buffers and not isinstance(norm.running_mean, nn.Parameter)
     assert torch.equal(norm.running_mean, torch.tensor([2.0, -4.0, 1.0]))
+
+
+def test_hooks_on_the_parametrization_list_run_on_every_read_as_with_pytorchs_property():
+    lean, plain = nn.Linear(3, 2), nn.Linear(3, 2)
+    register(lean, "weight", Double())
+    parametrize.register_parametrization(plain, "weight", Double())
+    calls = {"lean": 0, "plain": 0}
+    for name, layer in (("lean", lean), ("plain", plain)):
+        layer.parametrizations.weight.register_forward_hook(
+            lambda *args, name=name: calls.__setitem__(name, calls[name] + 1))
+    lean.weight, plain.weight
+    with parametrize.cached():
+        lean.weight, plain.weight
+    assert calls == {"lean": 2, "plain": 2}

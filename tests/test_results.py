@@ -203,3 +203,19 @@ def test_a_folder_where_the_results_file_should_be_is_an_error_not_an_empty_reco
     with pytest.raises(IsADirectoryError):
         results.record("c", "k", 1.0, profile="cpu", directory=tmp_path)
     assert (tmp_path / "cpu.json").is_dir()
+
+
+@pytest.mark.parametrize("entry", ['"value": 1.0, "ci": -2.0', '"value": 1.0, "unit": 5',
+                                   '"value": 1.0, "label": null'])
+def test_load_refuses_an_entry_that_record_refuses(tmp_path, entry):
+    (tmp_path / "cpu.json").write_text('{"profile": "cpu", "results": {"c": {"k": {%s}}}}' % entry)
+    with pytest.raises(ValueError, match="holds an entry that is not a result"):
+        results.load("cpu", directory=tmp_path)
+
+
+def test_a_unit_or_label_that_is_not_text_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="unit must be text, got 5"):
+        results.record("c", "k", 1.0, unit=5, profile="cpu", directory=tmp_path)
+    with pytest.raises(ValueError, match="label must be text, got None"):
+        results.record("c", "k", 1.0, label=None, profile="cpu", directory=tmp_path)
+    assert not (tmp_path / "cpu.json").exists()

@@ -154,10 +154,13 @@ class _TaskBatchedRoot:
 
 def _convert(module: nn.Module) -> nn.Module:
     hooks = [kind for kind, registered in (("forward hooks", module._forward_hooks),
-                                          ("forward pre-hooks", module._forward_pre_hooks)) if registered]
+                                          ("forward pre-hooks", module._forward_pre_hooks),
+                                          ("backward hooks", module._backward_hooks),
+                                          ("backward pre-hooks", module._backward_pre_hooks)) if registered]
     if hooks:
         raise ValueError(f"{type(module).__name__} has {' and '.join(hooks)} (weight_norm and spectral_norm add "
-                         "one), which its task-batched form would not run: remove them, or adapt one task at a time")
+                         "a forward pre-hook), which its task-batched form would not run: remove them, or adapt one "
+                         "task at a time")
     if parametrize.is_parametrized(module):
         raise ValueError(f"{type(module).__name__} is parametrized (masks, Powerprop, ...): its weights are computed, "
                          "and task-batched runs take the parameters themselves; remove the parametrization first")

@@ -182,6 +182,16 @@ def test_layers_with_forward_hooks_are_refused_rather_than_run_without_them():
             MAML(model, 0.1, 1, tasks_at_once=2)
 
 
+def test_layers_with_backward_hooks_are_refused_rather_than_run_without_them():
+    # a hook that scaled a layer's gradient tenfold was dropped, and scaled the loop's meta-gradient only
+    grad_hooked, pre_hooked = MLP(4, (8,), 2), MLP(4, (8,), 2)
+    grad_hooked[1].register_full_backward_hook(lambda module, grad_input, grad_output: (10 * grad_input[0],))
+    pre_hooked[1].register_full_backward_pre_hook(lambda module, grad_output: (10 * grad_output[0],))
+    for model, kind in ((grad_hooked, "backward hooks"), (pre_hooked, "backward pre-hooks")):
+        with pytest.raises(ValueError, match=f"Linear has {kind}"):
+            MAML(model, 0.1, 1, tasks_at_once=2)
+
+
 @pytest.mark.parametrize("learner", ["maml", "reptile", "evaluate"])
 def test_a_summed_loss_is_refused_when_tasks_run_together(learner):
     # T tasks together take the mean over all their examples times T: a summed loss would make every
