@@ -116,14 +116,16 @@ def prune_nm(
 
     Raises:
         ValueError: bad ``n``/``m``, no scores (or a model without Linear/Conv2d
-            layers), a layer whose reduction dimension ``m`` does not divide, or scores
-            of the wrong shape or with NaN.
+            layers), a scored layer that is not an ``nn.Linear`` or ``nn.Conv2d``, a layer
+            whose reduction dimension ``m`` does not divide, or scores of the wrong shape
+            or with NaN.
         KeyError: a layer name that is not in the model.
     """
     _check_nm(n, m)
     if scores is None:
         scores = magnitude(model)
     check_some_layer(scores)
+    _with_known_layout(scored_layers(model, scores), "N:M pruning")
     current = masks_or_ones(model, scores)               # the model is changed only once the input is checked
     new = {name: _nm_top(alive_scores(s, current[name], name), n, m, f"layer {name!r}") & current[name]
            for name, s in scores.items()}
@@ -141,11 +143,20 @@ def _channel_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str,
         return chosen
     chosen = scored_layers(model, layers)
     check_some_layer(chosen)
-    for name, layer in chosen.items():
+    return _with_known_layout(chosen, "channel pruning")
+
+
+def _with_known_layout(layers: dict[str, nn.Module], method: str) -> dict[str, nn.Module]:
+    """``layers``, or a ValueError naming one that is not an ``nn.Linear`` or ``nn.Conv2d``.
+
+    Structured patterns need to know which weight dimension holds the output units and
+    which the inputs; a transposed convolution, for one, has them the other way round.
+    """
+    for name, layer in layers.items():
         if not isinstance(layer, PRUNABLE):
             raise ValueError(f"layer {name!r} is a {parametrize.type_before_parametrizations(layer).__name__}; "
-                             "channel pruning takes nn.Linear and nn.Conv2d layers")
-    return chosen
+                             f"{method} is defined for nn.Linear and nn.Conv2d layers only")
+    return layers
 
 
 @torch.no_grad()
@@ -166,21 +177,14 @@ def channel_scores(model: nn.Module, norm: float = 1, layers: Iterable[str] | No
         ``{layer name: tensor (n_out,)}``.
 
     Raises:
-        ValueError: a ``norm`` that is not positive, a layer without a weight, or one whose
-            weight has no row per output unit (a normalisation layer's ``(n,)`` scale).
+        ValueError: a ``norm`` that is not positive, or a layer that is not an
+            ``nn.Linear`` or ``nn.Conv2d`` (a normalisation layer, a transposed convolution).
         KeyError: a layer name that is not in the model.
     """
     if not is_real(norm) or not norm > 0:
         raise ValueError(f"norm is the p of a p-norm and must be positive (1 or 2), got {norm!r}")
-    scores = {}
-    for name, layer in scored_layers(model, layers).items():
-        weight = layer.weight
-        if weight.dim() < 2:
-            raise ValueError(f"layer {name!r} ({parametrize.type_before_parametrizations(layer).__name__}) has a "
-                             f"weight of shape {tuple(weight.shape)}, not one row per output unit; channel scores "
-                             "take Linear and Conv2d layers")
-        scores[name] = torch.linalg.vector_norm(weight.flatten(1), ord=norm, dim=1)
-    return scores
+    return {name: torch.linalg.vector_norm(layer.weight.flatten(1), ord=norm, dim=1)
+            for name, layer in _with_known_layout(scored_layers(model, layers), "channel scoring").items()}
 
 
 def _mask_bias(layer: nn.Module, keep: Tensor, optimizer: torch.optim.Optimizer | None) -> None:

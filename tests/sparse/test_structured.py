@@ -133,13 +133,25 @@ def test_channel_scores_by_hand():
 
 def test_channel_scores_of_a_layer_without_rows_is_a_clear_error():
     model = Conv4(hidden=4)
-    with pytest.raises(ValueError, match=r"'features.1' \(BatchNorm2d\) has a weight of shape \(4,\), not one row"):
+    with pytest.raises(ValueError, match=r"'features.1' is a BatchNorm2d; channel scoring is defined for nn.Linear"):
         channel_scores(model, layers=["features.0", "features.1"])
     attach_masks(model, ["features.1"])                     # a masked norm layer is named as what it is
-    with pytest.raises(ValueError, match=r"layer 'features.1' \(BatchNorm2d\)"):
+    with pytest.raises(ValueError, match=r"layer 'features.1' is a BatchNorm2d"):
         channel_scores(model)
-    with pytest.raises(ValueError, match="layer 'features.1' is a BatchNorm2d; channel pruning takes"):
+    with pytest.raises(ValueError, match="layer 'features.1' is a BatchNorm2d; channel pruning is defined for"):
         prune_channels(model, 0.5, layers=["features.1"])
+
+
+def test_structured_patterns_refuse_a_transposed_convolution_whose_units_sit_the_other_way_round():
+    # ConvTranspose2d(3, 8, 2) has weights (in=3, out=8, 2, 2): rows are its inputs, and its reduction runs along
+    # dim 0; before this was refused, channel_scores gave 3 "unit" norms and N:M grouped along the outputs
+    model = nn.Sequential(nn.ConvTranspose2d(3, 8, 2), nn.Flatten(), nn.Linear(8 * 25, 4))
+    attach_masks(model, ["0"])
+    with pytest.raises(ValueError, match="layer '0' is a ConvTranspose2d; channel scoring is defined for"):
+        channel_scores(model)
+    with pytest.raises(ValueError, match="layer '0' is a ConvTranspose2d; N:M pruning is defined for"):
+        prune_nm(model)
+    assert masks_of(model)["0"].all()                       # refused before anything changed
 
 
 def capture(model, names):
