@@ -225,6 +225,10 @@ def prune_channels(
     for a removed channel: the shift ``β`` with batch statistics (normalised zeros
     are zero), ``β − γμ/√(σ² + ε)`` with running statistics; lowlearn leaves batch
     norms dense (:func:`~lowlearn.sparse.export.compact` folds the constant away).
+    The bias masks are entries of the ``state_dict`` too: a fresh model takes a
+    channel-pruned model's ``state_dict`` once its own channels are pruned (any
+    density: the loaded masks replace its own), or after
+    :func:`~lowlearn.sparse.mask.squash` of the saved model.
 
     Args:
         model: the model; changed in place.

@@ -332,3 +332,16 @@ def test_structured_pruning_of_no_layer_is_refused_and_changes_nothing():
         prune_channels(model, 0.5, layers=[])
     assert not parametrize.is_parametrized(model[1]) and model.state_dict().keys() == before.keys()
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_a_fresh_model_takes_a_channel_pruned_state_dict_once_its_own_channels_are_pruned():
+    torch.manual_seed(0)
+    pruned, fresh, masked_only, x = MLP(), MLP(), MLP(), torch.randn(3, 784)
+    prune_channels(pruned, 0.25)
+    attach_masks(masked_only)
+    with pytest.raises(RuntimeError, match="parametrizations.bias"):          # the bias masks are missing
+        masked_only.load_state_dict(pruned.state_dict())
+    prune_channels(fresh, 0.5)                                                  # any density: the loaded masks win
+    fresh.load_state_dict(pruned.state_dict())
+    assert torch.equal(fresh(x), pruned(x))
+    assert all(torch.equal(m, masks_of(pruned)[name]) for name, m in masks_of(fresh).items())
