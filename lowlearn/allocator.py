@@ -51,7 +51,7 @@ _M_TRIM_THRESHOLD = -1   # glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
 MAX_MMAP_THRESHOLD = 32 * 1024 * 1024
 """glibc's largest mmap threshold on 64-bit systems (``HEAP_MAX_SIZE / 2``): older versions refuse a larger one
-(and on 32-bit systems one above 16 MiB); 2.36 took any."""
+(and on 32-bit systems one above 512 KiB); 2.36 took any."""
 MAX_INT = 2**31 - 1
 """The largest value ``mallopt`` takes (a C ``int``): ctypes would pass a larger one truncated."""
 

@@ -1,0 +1,100 @@
+"""Numbers that one chapter's prose quotes from another chapter's results or from the benchmark reports.
+
+A chapter that is run again updates book/results/cpu.json and its own prose, but not the sentences of
+other chapters (or of the closing chapter) that quote it; these tests tie such sentences to the recorded
+values, read independently of the chapters' code.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOK = ROOT / "book"
+
+
+def markdown(chapter):
+    cells = json.loads((BOOK / f"{chapter}.ipynb").read_text())["cells"]
+    return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+
+
+def recorded(chapter, key):
+    return json.loads((BOOK / "results" / "cpu.json").read_text())["results"][chapter][key]["value"]
+
+
+def report(device, benchmark, case, metric, reference=None):
+    rows = json.loads((ROOT / "reports" / device / "benchmarks.json").read_text())["rows"]
+    (row,) = [r for r in rows if (r["benchmark"], r["case"], r["metric"]) == (benchmark, case, metric)
+              and reference in (None, r["reference"])]
+    return row["ratio"]
+
+
+def test_budget_chapter_quotes_the_pruning_chapters_iterative_result():
+    """training_on_a_budget: 'iterative magnitude pruning keeps 93.1% with 2% of the weights, about 5,300'."""
+    text = markdown("training_on_a_budget")
+    assert "iterative magnitude pruning keeps 93.1% with 2% of the weights" in text
+    assert round(100 - recorded("pruning", "magnitude (iterative), 98% sparse, test error"), 1) == 93.1
+    assert round(0.02 * 266_200, -2) == 5_300
+
+
+def test_cpu_benchmark_ratios_quoted_in_the_chapters():
+    """low_rank: '0.86× in ... reports/cpu'; optimisation_based: '0.59× ... against 1.00×';
+    looking_forward: 'CSR ... 4.9× at 5% density in the benchmark'."""
+    assert "0.86× in the repository's benchmark report `reports/cpu`" in markdown("low_rank")
+    assert round(report("cpu", "lowrank", "DLRT, width 512", "time per step"), 2) == 0.86
+    text = markdown("optimisation_based")
+    assert "ran at 0.59× the throughput of\n`higher` on one thread of this machine, against 1.00×" in text
+    assert round(report("cpu", "maml", "lowlearn MAML, all tasks at once", "throughput"), 2) == 0.59
+    assert round(report("cpu", "maml", "lowlearn MAML", "throughput"), 2) == 1.00
+    assert "4.9× at 5% density in the benchmark" in markdown("looking_forward")
+    assert round(report("cpu", "sparse", "csr, density 0.05", "speed-up"), 1) == 4.9
+
+
+def test_cuda_benchmark_ratios_quoted_in_the_chapters():
+    """fast_sparse, low_rank and optimisation_based quote reports/cuda (an H100 run)."""
+    cuda = {case: report("cuda", b, case, m, "dense" if b == "masks" else None) for b, case, m in [
+        ("sparse", "2:4 (fp16), density 0.5, 4096 features, batch 64", "speed-up"),
+        ("sparse", "2:4 (fp16), density 0.5, 8192 features, batch 16384", "speed-up"),
+        ("sparse", "csr, density 0.5", "speed-up"), ("sparse", "csr, density 0.01", "speed-up"),
+        ("lowrank", "DLRT, width 1024, batch 4096", "time per step"),
+        ("lowrank", "DLRT, width 2048, batch 4096", "time per step"),
+        ("lowrank", "DLRT, width 4096, batch 4096", "time per step"),
+        ("maml", "lowlearn MAML", "throughput"), ("maml", "lowlearn MAML, all tasks at once", "throughput"),
+        ("masks", "lowlearn masks", "time per step"), ("powerprop", "Powerprop, SGD", "time per step"),
+        ("powerprop", "Powerprop, optimiser-aware Adam", "time per step")]}
+    fast = markdown("fast_sparse")
+    for phrase, case, digits in [
+        ("ran at 0.07× the\n  dense one", "2:4 (fp16), density 0.5, 4096 features, batch 64", 2),
+        ("it ran at 1.31× dense", "2:4 (fp16), density 0.5, 8192 features, batch 16384", 2),
+        ("(0.05× at 50%", "csr, density 0.5", 2), ("0.84× at 1%)", "csr, density 0.01", 2),
+        ("3.85× at width 1024", "DLRT, width 1024, batch 4096", 2),
+        ("1.15× at 2048", "DLRT, width 2048, batch 4096", 2), ("0.37× at 4096", "DLRT, width 4096, batch 4096", 2),
+        ("(1.03×)", "lowlearn MAML", 2),
+        ("**Masks** (1.16×)", "lowlearn masks", 2), ("(1.26× with SGD", "Powerprop, SGD", 2),
+        ("1.55× with Adam)", "Powerprop, optimiser-aware Adam", 2),
+    ]:
+        assert phrase in fast, phrase
+        number = float(phrase.split("×")[0].split("(")[-1].split()[-1].strip("*"))
+        assert round(cuda[case], digits) == number, (phrase, cuda[case])
+    steps = [report("cuda", "lowrank", f"DLRT, width {w}", "time per step") for w in (512, 1024, 2048, 4096)]
+    assert "4.6× to 4.8×" in markdown("low_rank") and round(min(steps), 1) == 4.6 and round(max(steps), 1) == 4.8
+    assert "against 1.03× one\ntask at a time" in markdown("optimisation_based")
+    throughput = report("cuda", "maml", "lowlearn MAML, all tasks at once", "throughput")
+    for chapter in ("fast_sparse", "optimisation_based"):
+        assert f"{throughput:.1f}× the throughput of `higher`" in markdown(chapter), chapter
+
+
+@pytest.mark.parametrize("chapter, phrase, key, value", [
+    ("looking_forward", "97.4 ± 0.1%", "pruned, test accuracy", 97.43),
+    ("looking_forward", "96.3 ± 0.6%", "RigL, test accuracy", 96.27),
+    ("dynamic_sparse_training", "reaches 91.6%, 1.6 points above static", "RigL, 95% sparse, ΔT = 100, test accuracy",
+     91.6),
+    ("powerprop", "averages 89.2% instead of 85.4%", "Powerprop (α = 3), PackNet average over all tasks, test accuracy",
+     89.22),
+    ("black_box", "ProtoNet's error is 26.2 ± 1.6%", "ProtoNet, run-like error", 26.18),
+])
+def test_prose_numbers_match_the_recorded_results(chapter, phrase, key, value):
+    """A sample of the cpu-profile prose numbers against book/results/cpu.json (to the printed digit)."""
+    assert phrase in markdown(chapter)
+    assert abs(recorded(chapter, key) - value) < 0.006
