@@ -1,4 +1,4 @@
-"""Audit of lowlearn.atomic: edge cases of atomic_file that tests/test_atomic.py does not reach."""
+"""Edge cases of lowlearn.atomic.atomic_file: failures, folders, read-only files, long names, links."""
 
 import os
 import stat

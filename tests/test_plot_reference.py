@@ -1,4 +1,4 @@
-"""Audit of lowlearn.plot.mean_and_spread against its docstring and statistics (an independent reference)."""
+"""lowlearn.plot.mean_and_spread against its docstring and statistics (an independent reference)."""
 
 import statistics
 

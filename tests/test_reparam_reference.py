@@ -1,4 +1,4 @@
-"""Audit of lowlearn.reparam: the lean property against PyTorch's own, and OutputGradients against autograd.
+"""lowlearn.reparam: the lean property against PyTorch's own, and OutputGradients against autograd.
 
 The reference for the lean getter is the same layer parametrized with torch.nn.utils.parametrize alone
 (PyTorch's property); the reference for OutputGradients is torch.autograd.grad with respect to an explicitly

@@ -1,4 +1,4 @@
-"""Audit of lowlearn.results: float round trips, corrupted files, and what a record stores."""
+"""lowlearn.results: float round trips, corrupted files, and what a record stores."""
 
 import json
 import struct

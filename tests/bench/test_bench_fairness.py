@@ -1,4 +1,4 @@
-"""Audit tests for lowlearn.bench: the compared cases do the same work, and ratios point the right way.
+"""lowlearn.bench: the compared cases do the same work, and ratios point the right way.
 
 Each test checks the benchmarks against a reference that does not come from the code under test: a
 hand-written SGD-with-momentum step, torch.nn.utils.prune (the peer), Powerprop's identity at α = 1,
