@@ -73,6 +73,9 @@ class TaskConv2d(nn.Module):
             out = F.conv2d(images, self.weight, None, self.stride, self.padding, self.dilation)
             out = out.reshape(batch, -1, *out.shape[2:])
             return out if bias is None else out + bias[:, None, None]
+        if self.weight.shape[0] != tasks:            # a grouped convolution would run, grouping the wrong channels
+            raise ValueError(f"a task-batched Conv2d got weights for {self.weight.shape[0]} tasks and inputs of "
+                             f"{tasks} tasks ({x.shape[1]} packed channels): stack one set of weights per task")
         return F.conv2d(x, self.weight.flatten(0, 1), bias, self.stride, self.padding, self.dilation, groups=tasks)
 
 

@@ -272,3 +272,11 @@ def test_a_forward_that_reshapes_its_output_by_its_sizes_is_refused_rather_than_
     MAML(model, 0.01, 1, loss_fn=F.mse_loss).meta_backward(batch)       # one task at a time: fine
     with pytest.raises(ValueError, match="squeeze"):                    # a group of one task alone
         task_batched(model)(batch.support_x[:1])
+
+
+def test_weights_stacked_for_another_number_of_tasks_are_refused_rather_than_grouped_wrongly():
+    # weights for 3 tasks on inputs of 4: the 3·8 filters ran as 4 groups of 6, and 4 tasks of 6 channels came out
+    model = nn.Sequential(nn.Conv2d(1, 8, 3))
+    params = {name: p.detach().expand(3, *p.shape) for name, p in parameters_of(model).items()}
+    with pytest.raises(ValueError, match="weights for 3 tasks and inputs of 4 tasks"):
+        run(task_batched(model), params, torch.randn(4, 2, 1, 7, 7))
