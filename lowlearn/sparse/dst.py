@@ -58,6 +58,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from fractions import Fraction
 
 import torch
 from torch import Tensor, nn
@@ -488,9 +489,21 @@ class SNFS(DynamicSparsity):
     paper's prune rate ``p``, decayed with a cosine); the total ``K`` removed is then
     *redistributed*: layer ``l`` regrows a share of ``K`` proportional to the mean
     ``|M|`` of its active weights (the paper's ``m_l``), at its inactive weights of
-    largest ``|M|``. A layer that cannot take its share (it would become dense) passes
-    the rest to the others. Layer densities therefore drift towards the layers whose
-    weights the loss still pushes on, while the global density stays exact.
+    largest ``|M|``. A layer that cannot take its share passes the rest to the others,
+    in proportion to their ``m_l`` (:func:`share`). Layer densities therefore drift
+    towards the layers whose weights the loss still pushes on, while the global
+    density stays exact.
+
+    With the default ``regrow_dropped=False`` a layer regrows only at weights that
+    were inactive before the update, so a layer near density 1 hands most of what it
+    drops to the others, however large its momentum; the authors' code
+    (``sparselearning/core.py``) regrows among all zeros after pruning, as
+    ``regrow_dropped=True`` does. Details of that code lowlearn does not follow: it
+    spreads a full layer's surplus equally over all layers, caps a layer's regrowth
+    at 0.99 of its zeros, lowers the prune rate of a layer above 80% density, prunes
+    ``⌈p · n⌉`` once per epoch under a cosine that stops at 0.005, and reads the
+    optimizer.s own momentum buffer (under Adam, its first moment divided by the root
+    momentum of its own.
 
     Since the momentum needs ``∂L/∂w`` of every step, SNFS records the dense weight
     gradient at every step up to ``T_end`` (at every step without a schedule; under
@@ -579,9 +592,12 @@ class SNFS(DynamicSparsity):
 def share(total: int, weights: Mapping[str, float], capacity: Mapping[str, int]) -> dict[str, int]:
     """Split ``total`` items among names in proportion to ``weights``, no name above its ``capacity``.
 
-    Integer shares by largest remainders, so they sum to ``total`` exactly; what a
-    full name cannot take goes to the others, again in proportion (equally where all
-    weights are zero).
+    First the exact shares: in proportion to the weights, a name whose share would
+    exceed its capacity gets its capacity and the rest goes to the others, again in
+    proportion (equally where all their weights are zero). Then one rounding, by
+    largest remainders (ties to the earlier name): the integer shares sum to ``total``
+    exactly, each within one of its exact share, so equal weights get equal shares
+    but for one item.
 
     Raises:
         ValueError: ``total`` exceeds the summed capacity, or a negative weight.
@@ -591,15 +607,16 @@ def share(total: int, weights: Mapping[str, float], capacity: Mapping[str, int])
                          "lower the density or the drop fraction")
     if any(not 0 <= w < math.inf for w in weights.values()):        # NaN fails both comparisons
         raise ValueError(f"weights must be non-negative finite numbers, got {dict(weights)}")
-    result = dict.fromkeys(weights, 0)
-    while (remaining := total - sum(result.values())) > 0:
-        open_ = [name for name in weights if result[name] < capacity[name]]
-        norm = sum(weights[name] for name in open_)
-        quota = {name: remaining * (weights[name] / norm if norm > 0 else 1 / len(open_)) for name in open_}
-        floors = {name: math.floor(q) for name, q in quota.items()}
-        by_remainder = sorted(open_, key=lambda name: floors[name] - quota[name])
-        for name in by_remainder[:remaining - sum(floors.values())]:
-            floors[name] += 1
-        for name in open_:
-            result[name] += min(floors[name], capacity[name] - result[name])
-    return result
+    exact: dict[str, Fraction] = {}
+    while open_ := [name for name in weights if name not in exact]:
+        remaining = Fraction(total) - sum(exact.values())
+        norm = sum(Fraction(weights[name]) for name in open_)
+        quota = {name: remaining * Fraction(weights[name]) / norm if norm > 0 else remaining / len(open_)
+                 for name in open_}
+        full = {name: Fraction(capacity[name]) for name in open_ if quota[name] > capacity[name]}
+        exact.update(full or quota)
+    floors = {name: math.floor(exact[name]) for name in weights}
+    by_remainder = sorted(weights, key=lambda name: floors[name] - exact[name])       # stable: ties keep order
+    for name in by_remainder[:total - sum(floors.values())]:
+        floors[name] += 1
+    return floors

@@ -1,6 +1,8 @@
 import copy
 import io
 import math
+import random
+from fractions import Fraction
 
 import pytest
 import torch
@@ -545,6 +547,36 @@ def test_share_by_hand():
     for bad in (-1.0, float("nan"), float("inf")):      # inf: an overflowed float16 momentum sum
         with pytest.raises(ValueError, match="non-negative finite numbers"):
             share(4, {"a": 1.0, "b": bad}, {"a": 3, "b": 3})
+
+
+def exact_shares(total, weights, capacity):
+    """Water-filling in exact arithmetic: x_n = min(capacity_n, c · w_n) with Σ x_n = total (equal shares of what
+    is left where the open names' weights are all zero)."""
+    fixed = {}
+    while True:
+        open_ = [n for n in weights if n not in fixed]
+        left = total - sum(fixed.values())
+        norm = sum(Fraction(weights[n]) for n in open_)
+        quota = {n: left * Fraction(weights[n]) / norm if norm > 0 else Fraction(left, len(open_)) for n in open_}
+        over = [n for n in open_ if quota[n] > capacity[n]]
+        if not over:
+            return {**fixed, **quota}
+        fixed.update((n, Fraction(capacity[n])) for n in over)
+
+
+def test_share_is_within_one_of_the_exact_proportional_shares():
+    # rounding in every round of the redistribution once gave {"a": 1, "b": 6, "c": 4} for equal weights
+    assert share(11, {"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 1, "b": 30, "c": 30}) == {"a": 1, "b": 5, "c": 5}
+    assert share(3, {"a": 3.0, "b": 1.0, "c": 1.0}, {"a": 1, "b": 30, "c": 30}) == {"a": 1, "b": 1, "c": 1}
+    rng = random.Random(0)
+    for _ in range(2000):
+        names = [str(i) for i in range(rng.randint(1, 5))]
+        weights = {n: rng.choice([0.0, 0.5, 1.0, 2.0, 3.0, 7.0]) for n in names}
+        capacity = {n: rng.randint(0, 30) for n in names}
+        total = rng.randint(0, sum(capacity.values()))
+        got, exact = share(total, weights, capacity), exact_shares(total, weights, capacity)
+        assert sum(got.values()) == total and all(got[n] <= capacity[n] for n in names)
+        assert all(abs(got[n] - exact[n]) < 1 for n in names), (total, weights, capacity, got)
 
 
 def test_snfs_shares_growth_in_a_half_precision_model_whose_momentum_sums_overflow():
