@@ -502,8 +502,8 @@ class SNFS(DynamicSparsity):
     spreads a full layer's surplus equally over all layers, caps a layer's regrowth
     at 0.99 of its zeros, lowers the prune rate of a layer above 80% density, prunes
     ``⌈p · n⌉`` once per epoch under a cosine that stops at 0.005, and reads the
-    optimizer.s own momentum buffer (under Adam, its first moment divided by the root
-    momentum of its own.
+    optimizer's own momentum buffer (under Adam, the first moment over the root of
+    the second) rather than a momentum of its own.
 
     Since the momentum needs ``∂L/∂w`` of every step, SNFS records the dense weight
     gradient at every step up to ``T_end`` (at every step without a schedule; under
