@@ -65,3 +65,9 @@ def test_a_bad_variable_names_itself_and_the_choices(monkeypatch, value):
     with pytest.raises(ValueError, match=rf"unknown experiment profile {value!r} in LOWLEARN_PROFILE; set it to one "
                                          r"of cpu, gpu, smoke, or unset it"):
         get_profile()
+
+
+def test_the_pre_trained_sinusoid_baseline_sees_as_many_tasks_as_maml():
+    """meta_learning: 'pre-trained on as many tasks as MAML sees' needs equal step counts in every profile."""
+    for profile in PROFILES.values():
+        assert profile.meta.pretrain_steps == profile.meta.sinusoid_meta_steps, profile.name
