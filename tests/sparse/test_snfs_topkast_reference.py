@@ -2,9 +2,11 @@
 
 SNFS: the counts of one update as the authors' released code (github.com/TimDettmers/sparse_learning,
 sparselearning/core.py and funcs.py) computes them, in the regime where the paper, that code and
-lowlearn agree (no layer overflows, no dense layer, integer quotas). Top-KAST (Jayakumar et al. 2020):
-the exploration penalty Ω = Σ_{i∈A}|θ_i| + Σ_{i∈B∖A}|θ_i|/D with a *per-layer* D (lowlearn's documented extension to
-non-uniform allocations), and the backward rule Δθ_i = 0 for i ∉ B under Adam across refreshes.
+lowlearn agree (no layer overflows, no dense layer, integer quotas).
+
+Top-KAST (Jayakumar et al. 2020): the exploration penalty Ω = Σ_{i∈A}|θ_i| + Σ_{i∈B∖A}|θ_i|/D with a
+*per-layer* D (lowlearn's documented extension to non-uniform allocations), and the backward rule
+Δθ_i = 0 for i ∉ B under Adam across refreshes.
 """
 
 import pytest
