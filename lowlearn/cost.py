@@ -414,12 +414,13 @@ def saved_tensor_bytes(exclude: Iterable[torch.Tensor] = ()) -> Iterator[SavedTe
     :func:`torch.autograd.graph.saved_tensors_hooks`. This context manager adds up
     the sizes of their storages, each storage once however often it is saved (a tensor
     saved by two operations, or two views of one tensor, count once; also on the
-    ``meta`` device, where every storage's address is 0), and subtracts a storage again when no graph holds it any
-    more (a backward pass without ``retain_graph`` frees its graph; so does
-    :func:`torch.autograd.grad` without ``create_graph``). ``peak`` is then the memory
-    the graphs held at most: on any device, the memory that grows with the inner steps
-    of second-order MAML (Finn et al. 2017), whose meta-gradient needs every inner
-    step's graph and the graph of every inner gradient (``create_graph=True``).
+    ``meta`` device, where every storage's address is 0), and subtracts a storage
+    again when no graph holds it any more (a backward pass without ``retain_graph``
+    frees its graph; so does :func:`torch.autograd.grad` without ``create_graph``).
+    ``peak`` is then the memory the graphs held at most: on any device, the memory
+    that grows with the inner steps of second-order MAML (Finn et al. 2017), whose
+    meta-gradient needs every inner step's graph and the graph of every inner
+    gradient (``create_graph=True``).
 
     Whole storages are counted (a saved slice of a large tensor counts the large
     tensor, which the graph keeps alive). Not counted: tensors saved before the block,
