@@ -1,8 +1,11 @@
 """Data-parallel training across processes, on PyTorch's own engine (``torch.distributed``).
 
 Launch one process per device with ``torchrun --nproc-per-node N script.py``; in
-the script, call ``torch.distributed.init_process_group()`` (backend ``"nccl"`` on
-GPUs, ``"gloo"`` on CPUs) and then train as usual with :func:`lowlearn.train.fit`:
+the script, on GPUs first give each process its own device,
+``torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))`` (otherwise ``"cuda"``
+means GPU 0 in every process, and NCCL refuses two processes on one GPU), then call
+``torch.distributed.init_process_group()`` (backend ``"nccl"`` on GPUs, ``"gloo"``
+on CPUs) and train as usual with :func:`lowlearn.train.fit`:
 it notices the process group, wraps the model in
 :class:`~torch.nn.parallel.DistributedDataParallel`, and gives each process its
 share of every batch. What a method computes from more than the averaged
