@@ -24,7 +24,7 @@ from lowlearn.allocator import has_glibc
 from lowlearn.atomic import atomic_file
 
 from . import allocator, dst, lowrank, maml, masks, powerprop, sparse
-from .timing import Ratio, add_device_argument, machine, middle_half, paired_ratio, resolve_device, verdict
+from .timing import Ratio, add_device_argument, decimals, machine, middle_half, paired_ratio, resolve_device, verdict
 
 FIELDS = ("benchmark", "case", "reference", "metric", "ratio", "spread", "goal", "met")
 """The keys of every row. ``spread`` is ``[low, high]``, the middle half of the per-round ratios
@@ -131,13 +131,16 @@ def markdown(report: dict) -> str:
     if report.get("note"):
         lines.append(f"Note: {report['note']}")
     lines += ["", "A ratio of times (a throughput or a speed-up is one too, inverted) is the median of the ratios "
-              "measured in each interleaved round; *middle half* is the range of the middle half of those ratios.", "",
+              "measured in each interleaved round; *middle half* is the range of the middle half of those ratios. "
+              "A ratio near its goal gets the decimals that tell the two apart.", "",
               "| benchmark | case | against | metric | ratio | middle half | goal | met |",
               "|---|---|---|---|---:|---|---|---|"]
     for row in report["rows"]:
-        spread = "" if row["spread"] is None else middle_half(*row["spread"])
+        values = [row["ratio"], *(row["spread"] or ())]
+        digits = 2 if row["goal"] is None else decimals(values, float(row["goal"].split()[-1]), 2)
+        spread = "" if row["spread"] is None else middle_half(*row["spread"], digits)
         lines.append(f"| {row['benchmark']} | {row['case']} | {row['reference']} | {row['metric']} | "
-                     f"{row['ratio']:.2f}x | {spread} | {row['goal'] or ''} | {_met(report, row)} |")
+                     f"{row['ratio']:.{digits}f}x | {spread} | {row['goal'] or ''} | {_met(report, row)} |")
     return "\n".join(lines) + "\n"
 
 

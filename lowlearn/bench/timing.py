@@ -8,7 +8,7 @@ import random
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -101,8 +101,24 @@ class Ratio(NamedTuple):
     low: float
     high: float
 
+    def shown(self, digits: int = 3) -> str:
+        """``"median (middle half low-high)"`` with ``digits`` decimals, as the goal lines print it."""
+        return f"{self.median:.{digits}f} (middle half {middle_half(self.low, self.high, digits)})"
+
     def __str__(self) -> str:
-        return f"{self.median:.3f} (middle half {middle_half(self.low, self.high, 3)})"
+        return self.shown()
+
+
+def decimals(values: Iterable[float], goal: float, fewest: int) -> int:
+    """The fewest decimals, from ``fewest`` up to 6, that print no value but ``goal`` itself as the goal.
+
+    At three decimals 0.9996 prints as 1.000, beside a goal of >= 1 that it misses;
+    at four it prints as 0.9996.
+    """
+    values, digits = list(values), fewest
+    while digits < 6 and any(value != goal and round(value, digits) == goal for value in values):
+        digits += 1
+    return digits
 
 
 def verdict(ratio: float, spread: tuple[float, float] | None, goal: float | None,
@@ -123,9 +139,28 @@ VERDICT_WORDS = {"yes": "met", "no": "not met", "unclear": "unclear (the goal li
 """How the benchmarks' goal lines print a :func:`verdict`."""
 
 
-def judged(ratio: Ratio, goal: float, higher_is_better: bool = False) -> str:
-    """``ratio`` with its middle half and its :func:`verdict` against ``goal``, as a goal line prints them."""
-    return f"{ratio}, {VERDICT_WORDS[verdict(ratio.median, (ratio.low, ratio.high), goal, higher_is_better)]}"
+def judged(ratio: Ratio, goal: float, higher_is_better: bool = False, not_held: Sequence[str] = ()) -> str:
+    """``ratio`` with its middle half and its :func:`verdict` against ``goal``, as a goal line prints them.
+
+    The numbers get as many decimals as it takes to tell them from the goal
+    (:func:`decimals`). ``not_held`` are the settings of this run that differ from
+    those the goal is held at (:func:`departures`): with any, the ratio is printed
+    with them instead of a verdict, since another workload says nothing about the goal.
+    """
+    if not_held:
+        return f"{ratio}, not judged (this run: {', '.join(not_held)})"
+    shown = ratio.shown(decimals(ratio, goal, 3))
+    return f"{shown}, {VERDICT_WORDS[verdict(ratio.median, (ratio.low, ratio.high), goal, higher_is_better)]}"
+
+
+def departures(settings: Mapping[str, tuple[float, float]]) -> list[str]:
+    """``"name = value"`` for each setting of ``{name: (this run's value, the goal's)}`` where the two differ."""
+    return [f"{name} = {this:g}" for name, (this, held) in settings.items() if this != held]
+
+
+def held_at(settings: Mapping[str, tuple[float, float]]) -> str:
+    """``"name = value, ..."``: the settings a goal is held at, from the same mapping as :func:`departures`."""
+    return ", ".join(f"{name} = {held:g}" for name, (_, held) in settings.items())
 
 
 def paired_ratio(rounds: Mapping[str, list[float]], case: str, reference: str) -> Ratio:
@@ -264,6 +299,7 @@ def _code_version() -> str:
 
 
 def environment(device: str | torch.device | None) -> str:
-    """:func:`machine` in one line: ``"device ..., torch ..., N CPU threads, allocator ..."``."""
+    """:func:`machine` in one line: ``"device D (its name), lowlearn ..., torch ..., N CPU threads, allocator ..."``."""
     env = machine(device)
-    return f"device {env['device']}, torch {env['torch']}, {env['threads']} CPU threads, allocator {env['allocator']}"
+    return (f"device {env['device']} ({env['device_name']}), lowlearn {env['lowlearn']}, torch {env['torch']}, "
+            f"{env['threads']} CPU threads, allocator {env['allocator']}")

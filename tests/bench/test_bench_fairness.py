@@ -185,7 +185,7 @@ def test_the_report_puts_every_ratio_the_right_way_round(monkeypatch):
     monkeypatch.setattr(report.maml, "run", lambda **_: {"rounds": {
         "higher": [6.0, 6.0], "lowlearn": [3.0, 3.0], "lowlearn batched": [2.0, 2.0]}, "peak_bytes": {}})
     monkeypatch.setattr(report.sparse, "run", lambda **_: [{
-        "format": "csr", "density": 0.05, "features": 64, "batch_size": 4, "ideal_speedup": 20.0, "speedup": 4.0,
+        "format": "csr", "density": 0.05, "features": 4096, "batch_size": 64, "ideal_speedup": 20.0, "speedup": 4.0,
         "spread": [3.5, 4.5]}])
     rows = {(row["benchmark"], row["case"], row["reference"], row["metric"]): row
             for row in report.collect(report.FULL, CPU)}

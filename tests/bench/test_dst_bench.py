@@ -32,4 +32,5 @@ def test_dst_benchmark_prints_ratios_to_dense_and_static(capsys):
     for name in dst.METHODS:
         line = next(line for line in out.splitlines() if line.startswith(name + " "))
         assert line.count("x") == 2
-    assert "goal: RigL / static <= 1.05 at ΔT = 100: " in out and "not judged (this run: ΔT = 2)" in out
+    assert "goal: RigL / static <= 1.05 at ΔT = 100, batch = 128, density = 0.1: " in out
+    assert "not judged (this run: ΔT = 2, batch = 4)" in out

@@ -41,8 +41,20 @@ def test_masks_benchmark_prints_a_ratio_and_the_page_faults_per_model(capsys, ju
         low, high = map(float, spread.split("-"))
         assert ratio.endswith("x") and low <= high and (faults == "n/a" or float(faults) >= 0)
     assert "1.000x" in next(row for row in out.splitlines() if row.startswith("dense"))
-    goal = next(row for row in out.splitlines() if row.startswith("goal: lowlearn masks / dense <= 1.10: "))
+    goal = next(row for row in out.splitlines() if row.startswith("goal: lowlearn masks / dense <= 1.10 at "))
+    assert goal.startswith("goal: lowlearn masks / dense <= 1.10 at batch = 60, density = 0.1: ")
     judged_as_printed(goal, 1.10)
+
+
+def test_the_goal_is_not_judged_at_another_batch_or_density(monkeypatch, capsys):
+    names = ("dense", "dense (copy)", "lowlearn masks", "torch.nn.utils.prune", "masked gradient")
+    monkeypatch.setattr(masks, "run", lambda *args, **kwargs: {"rounds": {name: [1.0] for name in names},
+                                                               "seconds": dict.fromkeys(names, 1.0),
+                                                               "faults": dict.fromkeys(names)})
+    masks.main(["--batch-size", "4096", "--density", "0.5", "--device", "cpu"])   # a large batch hides the overhead
+    goals = [line for line in capsys.readouterr().out.splitlines() if line.startswith("goal: ")]
+    assert len(goals) == 2
+    assert all(line.endswith("not judged (this run: batch = 4096, density = 0.5)") for line in goals)
 
 
 def test_help_lists_the_benchmarks_and_exits_normally(capsys):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lowlearn.bench import powerprop as bench
@@ -14,12 +15,28 @@ def test_cases_start_from_the_same_function():
         step()
 
 
-def test_powerprop_benchmark_prints_ratios(capsys, judged_as_printed):
-    bench.main(["--iterations", "2", "--repeats", "1", "--batch-size", "4", "--device", "cpu"])
+def test_powerprop_benchmark_prints_ratios(monkeypatch, capsys, judged_as_printed):
+    run = bench.run
+    monkeypatch.setattr(bench, "run", lambda alpha, batch_size, *args: run(alpha, 4, *args))   # a small batch, quickly
+    bench.main(["--iterations", "2", "--repeats", "1", "--device", "cpu"])
     out = capsys.readouterr().out
     for case in bench.CASES:
         line = next(line for line in out.splitlines() if line.startswith(case + " "))
         assert line.split()[-3].endswith("x")
     for case, base in bench.BASELINE.items():                       # each case judged on its own
-        line = next(line for line in out.splitlines() if line.startswith(f"goal: {case} / {base} <= 1.15: "))
+        line = next(line for line in out.splitlines()
+                    if line.startswith(f"goal: {case} / {base} <= 1.15 at batch = 60, α > 1: "))
         judged_as_printed(line, 1.15)
+
+
+@pytest.mark.parametrize("options, why", [(["--batch-size", "4"], "batch = 4"),
+                                          (["--alpha", "1"], "α = 1, the baseline itself")])
+def test_the_goal_is_not_judged_away_from_its_workload_nor_at_alpha_one(monkeypatch, capsys, options, why):
+    # At α = 1 Powerprop is the identity, so the goal would be met by construction.
+    monkeypatch.setattr(bench, "run", lambda *args: {"rounds": {case: [1.0] for case in bench.CASES},
+                                                     "seconds": dict.fromkeys(bench.CASES, 1.0),
+                                                     "faults": dict.fromkeys(bench.CASES)})
+    bench.main([*options, "--device", "cpu"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("goal: ")]
+    assert len(lines) == 2 and all(line.endswith(f"1.000 (middle half 1.000-1.000), not judged (this run: {why})")
+                                   for line in lines)

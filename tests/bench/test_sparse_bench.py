@@ -67,5 +67,16 @@ def test_the_goal_line_judges_the_whole_middle_half(monkeypatch, capsys, speedup
            "ideal_speedup": 20.0, "speedup": speedup, "spread": spread}
     monkeypatch.setattr(bench, "run", lambda *args, **kwargs: [row])
     bench.main(["--device", "cpu"])
-    assert f"goal: CSR at 95% sparsity >= 3x dense on CPU: {Ratio(speedup, *spread)}, {verdict}\n" in \
-        capsys.readouterr().out
+    assert (f"goal: CSR at 95% sparsity >= 3x dense on CPU at features = 4096, batch = 64: {Ratio(speedup, *spread)}, "
+            f"{verdict}\n") in capsys.readouterr().out
+
+
+def test_the_csr_goal_is_held_at_the_default_layer_and_batch_only(monkeypatch, capsys):
+    row = {"format": "csr", "density": 0.05, "features": 16384, "batch_size": 64, "ms": 1.0, "dense_ms": 5.0,
+           "ideal_speedup": 20.0, "speedup": 5.0, "spread": [4.0, 6.0]}
+    assert bench.goal(row, torch.device("cpu")) is None          # so the report leaves it unjudged as well
+    assert bench.goal(row | {"features": 4096}, torch.device("cpu")) == 3.0
+    monkeypatch.setattr(bench, "run", lambda *args, **kwargs: [row])
+    bench.main(["--features", "16384", "--device", "cpu"])
+    assert ("goal: CSR at 95% sparsity >= 3x dense on CPU at features = 4096, batch = 64: "
+            "5.000 (middle half 4.000-6.000), not judged (this run: features = 16384)\n") in capsys.readouterr().out

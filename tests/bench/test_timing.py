@@ -84,6 +84,25 @@ def test_a_goal_line_gives_the_ratio_its_middle_half_and_the_verdict():
         "unclear (the goal lies within the middle half)")
 
 
+def test_a_goal_line_prints_the_decimals_that_tell_a_ratio_from_its_goal():
+    # At three decimals 0.9996 would print as 1.000 beside ">= 1 ... not met".
+    assert timing.judged(timing.Ratio(0.9996, 0.9995, 0.9998), 1.0, higher_is_better=True) == \
+        "0.9996 (middle half 0.9995-0.9998), not met"
+    assert timing.judged(timing.Ratio(1.10004, 1.09, 1.2), 1.10) == \
+        "1.10004 (middle half 1.09000-1.20000), unclear (the goal lies within the middle half)"
+    assert timing.decimals([1.0, 1.1], 1.0, 3) == 3                       # the goal itself prints as it is
+    assert timing.decimals([1 + 1e-9], 1.0, 3) == 6                       # at most six
+
+
+def test_a_goal_line_away_from_the_goals_workload_gives_no_verdict():
+    settings = {"batch": (128, 60), "density": (0.1, 0.1), "ΔT": (2, 100)}
+    assert timing.departures(settings) == ["batch = 128", "ΔT = 2"]
+    assert timing.held_at(settings) == "batch = 60, density = 0.1, ΔT = 100"
+    assert timing.judged(timing.Ratio(1.2, 1.1, 1.3), 1.5, not_held=timing.departures(settings)) == \
+        "1.200 (middle half 1.100-1.300), not judged (this run: batch = 128, ΔT = 2)"
+    assert timing.departures({"batch": (60, 60)}) == []
+
+
 def test_cuda_peak_bytes_is_none_off_cuda_and_leaves_the_step_uncalled():
     calls = []
     assert timing.cuda_peak_bytes(lambda: calls.append(1), torch.device("cpu")) is None and not calls
@@ -176,7 +195,9 @@ def test_the_machine_description_names_the_given_device(monkeypatch):
     assert env["device"] == "cuda" and env["device_name"] == "Some GPU"
     assert timing.machine("cpu")["threads"] == torch.get_num_threads()
     line = timing.environment("cpu")
-    assert line.startswith("device cpu, torch ") and f", {torch.get_num_threads()} CPU threads, allocator " in line
+    env = timing.machine("cpu")                                   # the model and the commit, as the `all` report has
+    assert line.startswith(f"device cpu ({env['device_name']}), lowlearn {env['lowlearn']}, torch ")
+    assert f", {torch.get_num_threads()} CPU threads, allocator " in line
 
 
 def test_the_cpu_name_is_the_model_name_line_of_cpuinfo(monkeypatch):
