@@ -50,9 +50,15 @@ def check_non_negative(name: str, value: float) -> float:
     return number
 
 
+def check_positive(name: str, value: float, what: str = "number") -> float:
+    """Return ``value`` as a float if it is a positive, finite number (a scale, a noise level), else raise a
+    ValueError that calls it a positive, finite ``what``."""
+    number = as_float(value)
+    if not 0 < number < math.inf:                        # NaN compares False
+        raise ValueError(f"{name} must be a positive, finite {what}, got {value!r}")
+    return number
+
+
 def check_rate(name: str, value: float) -> float:
     """Return ``value`` as a float if it is a positive, finite number (a step size), else raise a ValueError."""
-    rate = as_float(value)
-    if not 0 < rate < math.inf:                          # NaN compares False
-        raise ValueError(f"{name} must be a positive, finite step size, got {value!r}")
-    return rate
+    return check_positive(name, value, "step size")

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lowlearn.checks import as_float, check_count, check_non_negative, check_rate, is_integer, is_real
+from lowlearn.checks import (as_float, check_count, check_non_negative, check_positive, check_rate, is_integer,
+                             is_real)
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, float("inf"), np.int64(4), np.float32(0.5), fractions.Fraction(1, 3)])
@@ -46,6 +47,13 @@ def test_a_rate_must_be_a_positive_finite_number():
     for bad in (0, -1e-3, float("nan"), float("inf"), True, "0.1", torch.tensor(0.1)):
         with pytest.raises(ValueError, match="lr must be a positive, finite step size"):
             check_rate("lr", bad)
+
+
+def test_a_positive_number_must_be_finite_and_above_zero():
+    assert check_positive("noise", np.float32(0.5)) == 0.5 and isinstance(check_positive("noise", 1), float)
+    for bad in (0, -1e-3, float("nan"), float("inf"), 10**400, True, "0.1", torch.tensor(0.1)):
+        with pytest.raises(ValueError, match="^noise must be a positive, finite number, got "):
+            check_positive("noise", bad)
 
 
 def test_a_non_negative_number_must_be_finite_and_at_least_zero():

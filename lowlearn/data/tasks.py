@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..checks import check_count
+from ..checks import check_count, check_positive
 
 Range = tuple[float, float]
 
@@ -157,10 +157,9 @@ class GPCurves:
 
     def __init__(self, length_scale: float = 0.4, scale: float = 1.0, noise: float = 0.02,
                  x_range: Range = (-2.0, 2.0)):
-        for name, value in (("length_scale", length_scale), ("scale", scale), ("noise", noise)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0; got {value}")
-        self.length_scale, self.scale, self.noise = length_scale, scale, noise
+        self.length_scale = check_positive("length_scale", length_scale)
+        self.scale = check_positive("scale", scale)
+        self.noise = check_positive("noise", noise)
         self.x_range = _check_range("x_range", x_range)
 
     def kernel(self, x: Tensor) -> Tensor:
@@ -227,7 +226,8 @@ class GPCurves:
         returned as float32.
 
         Args:
-            context_x, context_y: ``(B, n, 1)``, the observed points of each curve.
+            context_x, context_y: ``(B, n, 1)``, the observed points of each curve (with
+                ``n = 0`` the prediction is the prior: mean 0, std ``sqrt(scale² + noise²)``).
             target_x: ``(B, m, 1)``.
 
         Returns:
@@ -313,11 +313,13 @@ def context_target_split(curves: Curves, num_context: int,
 
 
 def _check_range(name: str, bounds: Range, *, fixed_ok: bool = False) -> Range:
-    """``(low, high)`` as floats, or a ValueError unless low < high (or, with ``fixed_ok``, low == high)."""
+    """``(low, high)`` as finite floats, or a ValueError unless low < high (or, with ``fixed_ok``, low == high)."""
     try:
         low, high = (float(b) for b in bounds)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a range (low, high) of two numbers; got {bounds!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{name} must be a range (low, high) of two finite numbers; got {tuple(bounds)}")
     if not (low < high or (fixed_ok and low == high)):
         allowed = "low <= high (equal for a fixed value)" if fixed_ok else "low < high"
         raise ValueError(f"{name} must be a range (low, high) with {allowed}; got {tuple(bounds)}")

@@ -51,9 +51,10 @@ class LSTMOptimizer(nn.Module):
     Args:
         hidden: units per LSTM layer (the paper: 20).
         layers: stacked LSTM layers (the paper: 2).
-        output_scale: the LSTM's output times this is the update. The authors' released
-            code uses 0.01 (and ``p = 5`` in the preprocessing, where the paper gives 10);
-            the default here, 0.1, is what the optimisation_based chapter meta-trains with.
+        output_scale: the LSTM's output times this is the update. The default coordinate-wise
+            network of the authors' released code (the one its MNIST problem uses) has 0.01
+            (and ``p = 5`` in the preprocessing, where the paper gives 10); the default here,
+            0.1, is what the optimisation_based chapter meta-trains with.
         preprocess: feed ``(log|∇|/p, sign ∇)`` instead of the raw gradient.
     """
 
@@ -185,7 +186,8 @@ def optimize(optimizer: LSTMOptimizer, objective: Objective, theta: Tensor, step
 
 def quadratic(dim: int = 10, generator: torch.Generator | None = None,
               device: torch.device | str | None = None) -> tuple[Objective, Tensor]:
-    """A random quadratic ``f(θ) = ‖Wθ − y‖²`` with ``W, y, θ_0`` standard normal (the paper's section 3.1).
+    """A random quadratic ``f(θ) = ‖Wθ − y‖²`` with ``W, y`` standard normal (the paper's section 3.1: IID
+    Gaussian entries) and a standard normal start ``θ_0`` (the paper does not say how ``θ_0`` is drawn).
 
     Drawn on ``device``: by default the generator's, else the CPU.
     """

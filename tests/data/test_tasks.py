@@ -122,7 +122,7 @@ def test_gp_mahalanobis_is_chi_squared_for_its_own_curves():
 
 
 def test_gp_validation():
-    with pytest.raises(ValueError, match="length_scale must be > 0"):
+    with pytest.raises(ValueError, match="length_scale must be a positive, finite number"):
         GPCurves(length_scale=0.0)
     with pytest.raises(ValueError, match="x_range"):
         GPCurves(x_range=(1.0, 1.0))
