@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -179,6 +180,6 @@ def _csr_goal_case(row: dict, device: torch.device) -> bool:
     return row["format"] == "csr" and row["density"] == CSR_GOAL_DENSITY and device.type == "cpu"
 
 
-def _judged(row: dict, goal: float, not_held: list[str] | None = None) -> str:
+def _judged(row: dict, goal: float, not_held: Sequence[str] = ()) -> str:
     """A row's speed-up, its middle half and its verdict against ``goal``, as a goal line prints them."""
-    return judged(Ratio(row["speedup"], *row["spread"]), goal, higher_is_better=True, not_held=not_held or ())
+    return judged(Ratio(row["speedup"], *row["spread"]), goal, higher_is_better=True, not_held=not_held)
