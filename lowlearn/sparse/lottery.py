@@ -241,8 +241,9 @@ def iterative_magnitude_pruning(
             0 they hold the :class:`Snapshot` of the rewind point), and builds a
             fresh optimizer on ``model.parameters()`` each time, as the paper
             does. Every round gets the same call; the paper's rewinding runs train
-            ``T − k`` steps after rewinding to ``θ_k``, which a closure that counts
-            its calls can do.
+            ``T − k`` steps after rewinding to ``θ_k``, with the learning-rate
+            schedule (a warm-up, say) taken up at step ``k`` too, as Frankle et al.'s
+            code does: a closure that counts its calls can do both.
         rounds: pruning rounds ``n``; ``rounds + 1`` trainings in all.
         prune_fraction: ``p``, the fraction of each layer's *surviving* weights
             pruned per round (0.2 for LeNet-300-100), or ``{layer name: p_l}``
