@@ -44,7 +44,9 @@ SIZE = (4096, 64)
 """``(features, batch size)`` of the default layer and batch, the ones the CSR goal (>= :data:`CSR_GOAL` x dense
 at density :data:`CSR_GOAL_DENSITY` on a CPU) is held at."""
 CSR_GOAL = 3.0
+"""The speed-up over dense that CSR is held to on a CPU, at :data:`CSR_GOAL_DENSITY` and :data:`SIZE`."""
 CSR_GOAL_DENSITY = 0.05
+"""The density (95% sparsity) at which CSR is held to :data:`CSR_GOAL`."""
 TWO_FOUR_LARGE = (8192, 16384)
 """``(features, batch size)`` of the large 2:4 product, the one the goal (>= 1.2x dense) is held to: a
 layer of a large language model and a batch of tokens. (On an H100 with torch 2.11, the 2:4 product of a
