@@ -31,9 +31,9 @@ GOAL = 1.05
 GOAL_EVERY = 100
 """The mask-update interval ΔT at which RigL is held to :data:`GOAL`."""
 BATCH_SIZE = 128
-"""Training examples per step, by default: the batch :data:`GOAL` is held at."""
+"""The default number of training examples per step, and the batch :data:`GOAL` is held at."""
 DENSITY = 0.1
-"""Fraction of the weights kept (ERK), by default: the density :data:`GOAL` is held at."""
+"""The default fraction of the weights kept (ERK), and the density :data:`GOAL` is held at."""
 
 
 def _sparsifier(method: str, model, optimizer, density: float, every: int):

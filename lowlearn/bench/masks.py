@@ -47,9 +47,9 @@ GOALS = {"dense": 1.10, "torch.nn.utils.prune": 1.0}
 """The most time per step that lowlearn's masks are held to, as a multiple of each reference's, at the
 default :data:`BATCH_SIZE` and :data:`DENSITY`."""
 BATCH_SIZE = 60
-"""Training examples per step, by default: the batch the goals are held at."""
+"""The default number of training examples per step, and the batch the goals are held at."""
 DENSITY = 0.1
-"""Fraction of each layer's weights kept, by default: the density the goals are held at."""
+"""The default fraction of each layer's weights kept, and the density the goals are held at."""
 
 
 def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:

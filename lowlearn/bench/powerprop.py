@@ -32,7 +32,7 @@ GOAL = 1.15
 """The most time per step that each Powerprop case is held to, as a multiple of its baseline's, at the
 default :data:`BATCH_SIZE` and any α > 1 (α = 1 is the baseline itself)."""
 BATCH_SIZE = 60
-"""Training examples per step, by default: the batch :data:`GOAL` is held at."""
+"""The default number of training examples per step, and the batch :data:`GOAL` is held at."""
 
 
 def build_steps(alpha: float, batch_size: int, device: torch.device) -> dict[str, tuple]:
