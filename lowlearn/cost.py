@@ -445,9 +445,8 @@ def saved_tensor_bytes(exclude: Iterable[torch.Tensor] = ()) -> Iterator[SavedTe
     excluded = {_storage_key(part) for t in exclude for part in _strided_parts(t)}
 
     def pack(tensor: torch.Tensor) -> _Held:
-        parts = _strided_parts(tensor)
-        return _Held(tensor, report, [(_storage_key(part), part.untyped_storage().nbytes()) for part in parts
-                                      if _storage_key(part) not in excluded])
+        return _Held(tensor, report, [(key, part.untyped_storage().nbytes()) for part in _strided_parts(tensor)
+                                      if (key := _storage_key(part)) not in excluded])
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda held: held.tensor):
         yield report
