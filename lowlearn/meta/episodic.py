@@ -86,12 +86,22 @@ def episode_accuracies(evaluate: Callable[[Episode], Tensor], sampler: EpisodeSa
                        batch: int = 100) -> Tensor:
     """Accuracy of each of ``episodes`` test episodes, ``(episodes,)`` on the sampler's device.
 
+    The learner's mode is the caller's: put it in evaluation mode first (in training
+    mode batch norm normalises each call's episodes together, so the accuracies depend
+    on ``batch``, and it updates its running statistics).
+
+    The episodes are ``sampler.sample(batch)`` calls, then one for the rest. So a sampler
+    with the same seed and the same ``batch`` gives the same episodes, and a count that
+    is a multiple of ``batch`` gives the first episodes of any larger count (the black-box
+    chapter scores MAML on the first of the metric learners' episodes this way). A
+    shorter last call draws differently from the start of a full one.
+
     Args:
         evaluate: maps a batch of episodes to each episode's query accuracy ``(B,)``, e.g.
             ``lambda tasks: protonet.evaluate(tasks)["per_task_accuracy"]``.
         sampler: draws the test episodes (seed it for the same episodes in every comparison).
         episodes: how many.
-        batch: episodes per call of ``evaluate``.
+        batch: episodes per call of ``evaluate`` and of ``sampler.sample``.
 
     Raises:
         ValueError: ``episodes`` or ``batch`` below 1.

@@ -281,13 +281,17 @@ class EpisodicLearner(nn.Module, ABC):
 
         Raises:
             ValueError: ``test_shift`` or ``test_rotations`` for inputs that are not images
-                (fewer than three dimensions), or ``test_rotations`` for images that are not square.
+                (fewer than three dimensions), a ``test_shift`` not below the images' height and
+                width, or ``test_rotations`` for images that are not square.
         """
         if self.training:
             return self.embedding(x).flatten(1)
         if (self.test_shift or self.test_rotations) and x.dim() < 3:
             raise ValueError(f"test_shift and test_rotations shift and rotate images, (n, [C,] H, W); got inputs of "
                              f"shape {tuple(x.shape)}: leave them at 0 and False for other inputs")
+        if self.test_shift >= min(x.shape[-2:]):
+            raise ValueError(f"test_shift={self.test_shift} pixels would shift {x.shape[-2]}x{x.shape[-1]} images "
+                             f"out of view: use a shift below {min(x.shape[-2:])}")
         if not self.test_rotations:
             return self._mean_over_shifts(x)
         if x.shape[-1] != x.shape[-2]:
@@ -318,15 +322,18 @@ class EpisodicLearner(nn.Module, ABC):
 class ProtoNet(EpisodicLearner):
     """Prototypical Networks (Snell et al. 2017): logits ``−‖f_φ(x) − c_k‖²`` to the class means ``c_k``.
 
-    With ``refine_steps > 0`` the prototypes are refined by soft k-means over the
-    query embeddings, as in Ren et al. (2018), "Meta-learning for semi-supervised
-    few-shot classification" (ICLR, their eq. 4): each step weighs every query
-    ``x̃_j`` by its current class probabilities ``z̃_{j,k}`` and recomputes
+    With ``refine_steps > 0`` the prototypes are refined by the soft k-means of Ren et
+    al. (2018), "Meta-learning for semi-supervised few-shot classification" (ICLR):
+    each step weighs every unlabelled example ``x̃_j`` by its current class
+    probabilities ``z̃_{j,k}`` and recomputes
 
         c̃_k = (Σ_i f(x_i)·[y_i = k] + Σ_j z̃_{j,k} f(x̃_j)) / (Σ_i [y_i = k] + Σ_j z̃_{j,k}).
 
-    This is *transductive*: a query's prediction then depends on the other queries
-    of its episode (fair when, as in Omniglot's runs, all of them are given at once).
+    Ren et al. refine with a separate unlabelled set ``R`` and then score the queries;
+    here the queries themselves are the unlabelled examples, in training and in
+    testing. This is *transductive*: a query's prediction depends on the other queries
+    of its episode, and each query helps build the prototypes it is scored against
+    (fair when, as in Omniglot's runs, all the queries are given at once).
 
     Args:
         embedding: ``f_φ`` (Snell et al.: the four-block Conv4 without a head,
