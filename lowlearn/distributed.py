@@ -60,26 +60,12 @@ def broadcast_from_the_first_process(tensors: Iterable[Tensor]) -> None:
         ValueError: on every process, if the processes' tensors differ in shape or
             dtype (a model built differently on each process), before anything is sent.
     """
-    size = world()[1]
-    if size == 1:
+    if world()[1] == 1:
         return
     tensors = list(tensors)
-    shapes = [(tuple(tensor.shape), str(tensor.dtype)) for tensor in tensors]
-    gathered = [None] * size
-    dist.all_gather_object(gathered, shapes)
-    other = next((i for i, theirs in enumerate(gathered) if theirs != gathered[0]), None)
-    if other is not None:
-        differ = [(a, b) for a, b in zip(gathered[0], gathered[other]) if a != b]
-        if not differ:
-            detail = f"{len(gathered[0])} tensors on process 0, {len(gathered[other])} on process {other}"
-        else:
-            (shape, dtype), (their_shape, their_dtype) = differ[0]
-            detail = (f"a tensor of shape {shape} on process 0 is {their_shape} on process {other}"
-                      if shape != their_shape else
-                      f"a tensor of dtype {dtype} on process 0 is {their_dtype} on process {other}")
-        raise ValueError(f"the processes built different models ({detail}): build the model the same way on "
-                         "every process, e.g. seed every process alike before to_low_rank chooses ranks from "
-                         "the weights")
+    _check_alike(tensors, "the processes built different models",
+                 "build the model the same way on every process, e.g. seed every process alike before to_low_rank "
+                 "chooses ranks from the weights")
     for tensor in tensors:
         dist.broadcast(tensor, src=0)
 
@@ -88,12 +74,18 @@ def average_across_processes(tensors: Iterable[Tensor | None]) -> None:
     """Replace each tensor, in place, by its mean over the processes (nothing outside a process group).
 
     Every process must call this with the same tensors in the same order, each one
-    floating point; a ``None`` (a gradient that was not computed) is skipped, and must
-    be ``None`` on every process: the collectives pair the tensors by their order, so
-    one missing on a single process would average the others with the wrong partners.
+    floating point or complex; a ``None`` (a gradient that was not computed) is skipped,
+    and must be ``None`` on every process. The collectives pair the tensors by their
+    order, so this first compares the processes' lists (one small gather, which waits
+    for the device) and refuses lists that differ, rather than average a tensor with
+    the wrong partner.
 
     Raises:
-        TypeError: a tensor that is not floating point (its mean would not fit it).
+        TypeError: a tensor that is neither floating point nor complex (its mean would
+            not fit it).
+        ValueError: on every process, if the processes' lists differ: a tensor ``None``
+            on some processes only (a parameter one process did not use), or of another
+            shape or dtype.
     """
     tensors = list(tensors)
     integer = [tuple(t.shape) for t in tensors if t is not None and not (t.is_floating_point() or t.is_complex())]
@@ -101,9 +93,35 @@ def average_across_processes(tensors: Iterable[Tensor | None]) -> None:
         raise TypeError(f"the mean over processes of tensors of shape {integer} would not fit their integer dtype: "
                         "average floating-point tensors")
     _, size = world()
-    if size == 1:
+    if size == 1 or not tensors:
         return
+    _check_alike(tensors, "the processes hold different tensors to average",
+                 "every process must compute the same gradients; a parameter that a process does not use in its "
+                 "forward pass has no gradient there, so use every parameter on every process")
     for tensor in tensors:
         if tensor is not None:
             tensor.div_(size)       # before the sum, as DistributedDataParallel does: a float16 sum can overflow
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def _check_alike(tensors: list[Tensor | None], problem: str, advice: str) -> None:
+    """Raise ``ValueError`` on every process unless all hold tensors (or ``None``) of the same shapes and dtypes."""
+    mine = [None if tensor is None else (tuple(tensor.shape), str(tensor.dtype)) for tensor in tensors]
+    gathered = [None] * world()[1]
+    dist.all_gather_object(gathered, mine)
+    other = next((i for i, theirs in enumerate(gathered) if theirs != gathered[0]), None)
+    if other is None:
+        return
+    differ = [(i, a, b) for i, (a, b) in enumerate(zip(gathered[0], gathered[other])) if a != b]
+    if not differ:
+        detail = f"{len(gathered[0])} tensors on process 0, {len(gathered[other])} on process {other}"
+    else:
+        i, (first, theirs) = differ[0][0], differ[0][1:]
+        if first is None or theirs is None:
+            missing, present = (0, other) if first is None else (other, 0)
+            detail = f"tensor {i} is None on process {missing} but not on process {present}"
+        elif first[0] != theirs[0]:
+            detail = f"a tensor of shape {first[0]} on process 0 is {theirs[0]} on process {other}"
+        else:
+            detail = f"a tensor of dtype {first[1]} on process 0 is {theirs[1]} on process {other}"
+    raise ValueError(f"{problem} ({detail}): {advice}")

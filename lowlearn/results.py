@@ -10,8 +10,9 @@ in ``book/results``).
 
 Recording the same ``(chapter, key)`` again replaces that one entry (a chapter that runs
 again refreshes its numbers) and keeps every other entry, also when several processes
-record at once (they take turns, by a lock on the folder). The file is replaced
-atomically, and a file that cannot be read is reported, never written over.
+record at once (they take turns, by a lock on the folder of the file, where the system
+has ``flock``: not on Windows). The file is replaced atomically, and a file that cannot
+be read is reported, never written over.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ except ImportError:                              # Windows: no flock; concurrent
 import torch
 
 from .atomic import atomic_file
-from .checks import as_float
+from .checks import as_float, is_real
 from .profiles import device_description, get_profile
 
 ENV_VAR = "LOWLEARN_RESULTS"
@@ -129,7 +130,8 @@ def _finite(kind: str, number: object) -> float | None:
         number = number.item()
     value = as_float(number)
     if not math.isfinite(value):
-        raise ValueError(f"a result's {kind} must be a finite number, got {number!r}")
+        what = "finite number" if is_real(number) else "real number (a float, an int or a tensor)"
+        raise ValueError(f"a result's {kind} must be a {what}, got {number!r}")
     return value
 
 
@@ -172,6 +174,7 @@ def record(chapter: str, key: str, value: float, *, ci: float | None = None, uni
         ValueError: an empty chapter or key, a value that is not a finite number, an interval that
             is negative or not finite, a unit or label that is not text, or an existing results
             file that cannot be read (it is left as it is).
+        NotADirectoryError: the results folder is a file.
     """
     chapter, key = _check_name("chapter", chapter), _check_name("key", key)
     value, ci = _number_and_interval(value, ci)
@@ -181,7 +184,7 @@ def record(chapter: str, key: str, value: float, *, ci: float | None = None, uni
     _check_text(result)
 
     name = get_profile(profile).name
-    path = results_path(name, directory)
+    path = Path(os.path.realpath(results_path(name, directory)))    # through links: lock the folder written to
     with _locked(path.parent):
         stored = _read(path)
         stored["results"].setdefault(chapter, {})[key] = dataclasses.asdict(result)
@@ -200,12 +203,17 @@ def load(profile: str | None = None, directory: str | os.PathLike | None = None)
     path = results_path(profile, directory)
     chapters = _read(path)["results"]
     try:
-        loaded = {chapter: {key: Result(**entry) for key, entry in entries.items()}
+        loaded = {_check_name("chapter", chapter): {_check_name("key", key): _checked(Result(**entry))
+                                                    for key, entry in entries.items()}
                   for chapter, entries in chapters.items()}
-        for result in (result for entries in loaded.values() for result in entries.values()):
-            _number_and_interval(result.value, result.ci)
-            _check_text(result)
     except (TypeError, ValueError) as error:
         raise ValueError(f"the results file {path} holds an entry that is not a result ({error}); "
                          f"move it away and run the chapters again") from error
     return loaded
+
+
+def _checked(result: Result) -> Result:
+    """``result`` with its numbers as floats, or a ValueError for a field that :func:`record` would refuse."""
+    _check_text(result)
+    value, ci = _number_and_interval(result.value, result.ci)
+    return dataclasses.replace(result, value=value, ci=ci)

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import threading
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +61,11 @@ def test_directory_from_the_environment_and_the_current_profile(tmp_path, monkey
     ("c", "k", math.nan, None, "finite"),
     ("c", "k", 1.0, math.inf, "finite"),
     ("c", "k", None, None, "must be a number, got None"),
-    ("c", "k", True, None, "must be a finite number, got True"),
-    ("c", "k", "0.9", None, "must be a finite number, got '0.9'"),
-    ("c", "k", [0.9], None, "must be a finite number"),
+    ("c", "k", True, None, r"must be a real number \(a float, an int or a tensor\), got True"),
+    ("c", "k", "0.9", None, "must be a real number .*, got '0.9'"),
+    ("c", "k", [0.9], None, "must be a real number"),
+    ("c", "k", Decimal("0.1"), None, r"must be a real number .*, got Decimal\('0.1'\)"),
+    ("c", "k", 1.0, math.nan, "interval must be a finite number, got nan"),
     ("c", "k", torch.tensor([0.9, 0.8]), None, "one number, got a Tensor of 2 values"),
     ("c", "k", torch.tensor([]), None, "one number, got a Tensor of 0 values"),
     ("c", "k", np.array([0.9, 0.8]), None, "one number, got a ndarray of 2 values"),
