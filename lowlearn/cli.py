@@ -8,6 +8,7 @@ picks the benchmark or evaluation that a command line names.
 from __future__ import annotations
 
 import argparse
+import decimal
 import functools
 import math
 import sys
@@ -58,7 +59,7 @@ def positive_number(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
     if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {_shown(text, value)}")
     return value
 
 
@@ -69,8 +70,19 @@ def fraction(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
     if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {_shown(text, value)}")
     return value
+
+
+def _shown(text: str, value: float) -> str:
+    """``value`` for a message, with what was typed where a float rounds it to 0 or to infinity."""
+    try:
+        typed = decimal.Decimal(text.strip())
+    except decimal.InvalidOperation:
+        return str(value)
+    if typed.is_finite() and (math.isinf(value) or (value == 0 and typed != 0)):
+        return f"{text.strip()[:20]}{'...' if len(text.strip()) > 20 else ''}, which a float rounds to {value}"
+    return str(value)
 
 
 def fractions(text: str) -> tuple[float, ...]:

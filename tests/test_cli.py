@@ -27,7 +27,10 @@ def test_argument_types_take_good_values_and_explain_bad_ones():
                                  (cli.positive_number, "inf", "finite"), (cli.positive_number, "x", "> 0"),
                                  (cli.seed, "-1", ">= 0"), (cli.seed, str(2**63), "below 2\\*\\*63"),
                                  (cli.positive_number, "-1", "> 0"), (cli.fraction, "nan", r"\(0, 1\]"),
-                                 (cli.fractions, "0.5,nan", r"\(0, 1\]")):
+                                 (cli.fractions, "0.5,nan", r"\(0, 1\]"),
+                                 (cli.positive_number, "1e-400", "got 1e-400, which a float rounds to 0.0"),
+                                 (cli.positive_number, "9" * 400, "got 9{20}[.][.][.], which a float rounds to inf"),
+                                 (cli.fraction, " 1e-999", "got 1e-999, which a float rounds to 0.0")):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             parse(text)
     if not torch.cuda.is_available():

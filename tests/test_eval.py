@@ -246,6 +246,43 @@ def test_a_checkpoint_scores_the_runs_without_the_background_set(tmp_path, monke
     assert "20 one-shot runs of Lake et al. (2015)" in capsys.readouterr().out
 
 
+class FixedAnswers(nn.Module):
+    """A learner that answers exactly ``right[r]`` of the 20 queries of the r-th run right."""
+
+    def __init__(self, right=(), runs=()):
+        super().__init__()
+        self.right, self.labels, self.calls = list(right), [run.query_labels for run in runs], 0
+
+    def forward(self, support, support_labels, query):
+        r, self.calls = self.calls, self.calls + 1
+        answers = self.labels[r].clone()
+        answers[self.right[r]:] = (answers[self.right[r]:] + 1) % 20
+        return nn.functional.one_hot(answers, 20).float()
+
+
+def test_the_command_prints_each_runs_error_their_mean_and_the_t_interval(tmp_path, monkeypatch, capsys):
+    """Per run 100 − 5·(queries right); the mean over the 20 runs, ± t_{0.975, 19} · s / √20 with s the sample
+    standard deviation and t_{0.975, 19} = 2.093024 from a table of Student's t (the normal 1.96 gives 11.7, the
+    population deviation 12.2; the right half-width is 12.5)."""
+    right = [20, 19, 18, 17, 16, 15, 15, 14, 14, 13, 12, 12, 11, 10, 9, 8, 7, 5, 3, 0]
+    runs = synthetic_runs(20)
+    learner = FixedAnswers(right, runs)
+    monkeypatch.setattr(omniglot_runs, "make_learner", lambda method, sizes: learner)
+    monkeypatch.setattr(omniglot_runs, "load_omniglot_runs", lambda root, image_size: runs)
+    checkpoint = omniglot_runs.save_checkpoint(tmp_path / "stub.pt", FixedAnswers(), method="protonet",
+                                               background="small1,small2", profile="smoke")
+    omniglot_runs.main(["--profile", "smoke", "--data", str(tmp_path / "empty"), "--device", "cpu",
+                        "--checkpoint", str(checkpoint)])
+    out = capsys.readouterr().out
+    errors = [100 - 5 * r for r in right]
+    mean = sum(errors) / 20
+    half = 2.093024 * (sum((e - mean) ** 2 for e in errors) / 19) ** 0.5 / 20 ** 0.5
+    assert f"{mean:.1f} ± {half:.1f} (95% interval over the 20 runs)" == "40.5 ± 12.5 (95% interval over the 20 runs)"
+    assert f"{mean:.1f} ± {half:.1f} (95% interval over the 20 runs)" in out
+    assert "per run: " + " ".join(str(e) for e in errors) in out
+    assert learner.calls == 20
+
+
 @needs_real_data
 def test_zero_steps_score_the_untrained_learner(capsys):
     omniglot_runs.main(["--profile", "smoke", "--data", str(SHARED_DATA), "--background", "small1", "--test",

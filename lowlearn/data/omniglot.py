@@ -372,4 +372,7 @@ def _parse_run(run: str, labels: str, members: tuple[str, ...],
     missing = [item for item in query if item not in class_of]
     if missing:
         raise DataError(f"{where} gives no class for {missing}")
+    unmatched = [image for image in support if image not in class_of.values()]
+    if unmatched:
+        raise DataError(f"{where} matches no test image to {unmatched} (a run has one test image per class)")
     return support, query, [support.index(class_of[item]) for item in query]

@@ -57,8 +57,8 @@ PUBLISHED = {
     "small2": [("Bayesian Program Learning (BPL)", 4.0), ("Deep convnet", 22.3)],
 }
 """Error rates (%) on the 20 runs, Lake, Salakhutdinov & Tenenbaum (2015), Science, the one-shot
-classification results of the main text: with the full background set, and with each small
-background set alone."""
+classification results of the paper (main text and supplementary material): with the full
+background set, and with each small background set alone (people have none)."""
 
 
 def background(name: str, image_size: int, root: str | None = None) -> Omniglot:
@@ -357,7 +357,8 @@ def main(argv: list[str] | None = None) -> None:
         print("\npublished error rates (%) on the same runs, Lake et al. (2015):")
         for key in ("full", "small1", "small2"):
             for name, error in PUBLISHED[key]:
-                print(f"  {name:38s} {key + ' background':20s} {error:5.1f}")
+                trained_on = "" if name == "People" else key + " background"
+                print(f"  {name:38s} {trained_on:20s} {error:5.1f}")
     else:
         errors = episode_errors(learner, test, sizes, device, episodes)
         mean, ci = mean_and_ci(errors)

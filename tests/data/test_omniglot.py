@@ -291,6 +291,41 @@ def test_the_official_runs():
     assert all(sorted(run.query_labels.tolist()) == list(range(20)) for run in runs)   # one test item per class
 
 
+def test_the_pairing_follows_the_names_on_each_line_not_the_order_of_the_lines(tmp_path, monkeypatch):
+    """Lake et al.'s demo sorts the test files but takes the answers in line order (right only because every
+    official class_labels.txt lists item01 .. item20 in order); the loader maps by name, whatever the order."""
+    members, truth = _tiny_runs(runs=2)
+    for r, order in ((1, range(19, -1, -1)), (2, [3, 0, 19, 7, 1, 2, *range(4, 7), *range(8, 19)])):
+        lines = members[f"run{r:02d}/class_labels.txt"].decode().splitlines()
+        members[f"run{r:02d}/class_labels.txt"] = "\n".join(lines[j] for j in order).encode()
+    _install(monkeypatch, tmp_path, "runs", members)
+    runs = load_omniglot_runs(root=tmp_path, image_size=None, download=False)
+    assert [run.query_labels.tolist() for run in runs] == truth
+    for run in runs:
+        assert torch.equal(run.query[:, 0, 0, 0], run.support[run.query_labels, 0, 0, 0])
+
+
+def test_a_drawing_reads_the_same_in_the_runs_as_in_a_background_set(tmp_path, monkeypatch):
+    """The same PNG in a background archive and in the runs archive gives the same tensor at 105 px and after the
+    resize to 28 px: the runs are scored with the training data's polarity (ink 1 on black pixels), orientation
+    and filter."""
+    rng = np.random.default_rng(0)
+    page = np.where(rng.random((105, 105)) < 0.1, 0, 255)
+    page[:30, :5] = 0                                              # a bar at the top left: the orientation
+    _install(monkeypatch, tmp_path, "small1", {f"bg/Alpha/character01/0101_{d + 1:02d}.png": _png(page)
+                                               for d in range(20)})
+    runs = {f"run01/{kind}{k + 1:02d}.png": _png(page) for kind in ("training/class", "test/item") for k in range(20)}
+    runs["run01/class_labels.txt"] = "\n".join(f"run01/test/item{k + 1:02d}.png run01/training/class{k + 1:02d}.png"
+                                               for k in range(20)).encode()
+    _install(monkeypatch, tmp_path, "runs", runs)
+    for size in (None, 28):
+        drawn = load_omniglot("small1", root=tmp_path, image_size=size, download=False).images[0, 0]
+        run = load_omniglot_runs(root=tmp_path, image_size=size, download=False)[0]
+        assert torch.equal(run.support[3], drawn) and torch.equal(run.query[7], drawn)
+    original = load_omniglot_runs(root=tmp_path, image_size=None, download=False)[0].support[0, 0]
+    assert torch.equal(original, torch.from_numpy((page == 0).astype(np.float32)))
+
+
 def test_blank_lines_and_windows_line_ends_in_class_labels_are_accepted(tmp_path, monkeypatch):
     members, truth = _tiny_runs(runs=2)
     members["run02/class_labels.txt"] = (b"\r\n" + members["run02/class_labels.txt"].replace(b"\n", b"\r\n")
@@ -305,7 +340,9 @@ def test_blank_lines_and_windows_line_ends_in_class_labels_are_accepted(tmp_path
     (lambda text: text.replace("training/class", "training/klass", 1), "does not name"),
     (lambda text: text.replace(".png\n", ".png run02/training/class01.png\n", 1), "does not name"),
     (lambda text: text.replace("item02.png", "item01.png", 1), r"gives no class for \['run02/test/item02.png'\]"),
-], ids=["19-lines", "not-a-training-image", "three-names", "an-item-twice"])
+    (lambda text: text.replace(text.split()[3], text.split()[1], 1),
+     r"matches no test image to \['run02/training/class\d\d.png'\]"),
+], ids=["19-lines", "not-a-training-image", "three-names", "an-item-twice", "a-class-twice"])
 def test_malformed_class_labels(tmp_path, monkeypatch, edit, message):
     members, _ = _tiny_runs(runs=2)
     members["run02/class_labels.txt"] = edit(members["run02/class_labels.txt"].decode()).encode()
