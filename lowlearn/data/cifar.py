@@ -145,6 +145,11 @@ def augment_cifar(x: torch.Tensor, generator: torch.Generator | None = None) -> 
     direction), and mirror it left-right with probability 1/2. Done for the whole
     batch at once with advanced indexing, on ``x``'s device.
 
+    The padding is zero in the space ``x`` is in: on images normalized first
+    (:func:`normalize_cifar`, as the chapters do) it is the mean colour, as on He et
+    al.'s mean-subtracted images; torchvision's usual recipe crops the raw images,
+    so pads with black.
+
     Args:
         x: images ``(B, C, H, W)``, any floating or integer dtype.
         generator: source of randomness, on the same device as ``x``.

@@ -95,11 +95,14 @@ def load_mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 
     args.num_samples, args.train_split, args.seed = num_samples, train_split, seed
     with _global_rng_preserved():
         data = make_dataset(args)  # 'x', 'x_test': float64 (n, 40); 'y', 'y_test': int (n,)
-    if len(data["y"]) == 0 or len(data["y_test"]) == 0:
+    # mnist1d cuts its shuffled examples at int(n · train_split), one short where the product rounds down
+    # (100 · 0.29 = 28.999...): cut them again at the nearest count.
+    x, y = _mnist1d_tensors(np.concatenate([data["x"], data["x_test"]]), np.concatenate([data["y"], data["y_test"]]))
+    train = round(len(y) * train_split)
+    if not 0 < train < len(y):
         raise ValueError(f"num_samples={num_samples} with train_split={train_split} leaves the "
                          f"train or the test set empty; raise num_samples or move train_split towards 0.5")
-    return make_splits(*_mnist1d_tensors(data["x"], data["y"]),
-                       *_mnist1d_tensors(data["x_test"], data["y_test"]))
+    return make_splits(x[:train], y[:train], x[train:], y[train:])
 
 
 def _mnist1d_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +125,7 @@ def _check_test_size(test_size: int, n: int) -> None:
     """Refuse a ``test_size`` that is not a count, or would leave the train or the test part of ``n`` examples empty."""
     if isinstance(test_size, float) and 0 < test_size < 1:
         raise ValueError(f"test_size is a number of examples, not a fraction: for {test_size:g} of the "
-                         f"{n} examples, pass test_size={round(test_size * n)}")
+                         f"{n} examples, pass test_size={min(max(round(test_size * n), 1), n - 1)}")
     check_count("test_size", test_size, 1)
     if not test_size < n:
         raise ValueError(f"test_size={test_size} must be between 1 and {n - 1}: "

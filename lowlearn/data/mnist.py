@@ -160,4 +160,4 @@ def load_mnist_variant(name: str, train_limit: int | None = None, root: str | os
     if train_limit is None:
         return splits
     (x_train, y_train), (x_test, y_test) = splits.train.tensors, splits.test.tensors
-    return make_splits(x_train[:train_limit], y_train[:train_limit], x_test, y_test)
+    return make_splits(x_train[:train_limit].clone(), y_train[:train_limit].clone(), x_test, y_test)  # frees the rest

