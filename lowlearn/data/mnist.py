@@ -157,7 +157,7 @@ def load_mnist_variant(name: str, train_limit: int | None = None, root: str | os
     if train_limit is not None:
         check_count("train_limit", train_limit, 1)
     splits = load_mnist(root) if name == "mnist" else load_mnist5k()
-    if train_limit is None:
+    if train_limit is None or train_limit >= len(splits.train):
         return splits
     (x_train, y_train), (x_test, y_test) = splits.train.tensors, splits.test.tensors
     return make_splits(x_train[:train_limit].clone(), y_train[:train_limit].clone(), x_test, y_test)  # frees the rest
