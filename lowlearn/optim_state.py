@@ -61,7 +61,11 @@ def reset_optimizer_state(optimizer, param: Tensor, keep: Tensor) -> None:
     Under a steady gradient, its ``k``-th step is ``(1 − β₁^k)/√(1 − β₂^k)`` times
     the learning rate where a fresh Adam's is 1×: with the default betas 3.2× at
     first, up to 6.6× (``k = 12``), and still 1.3× after 1000 steps.
-    ``torch.optim.Adam`` has no per-weight step counts.
+    ``torch.optim.Adam`` has no per-weight step counts. Other per-tensor quantities
+    follow the tensor, not the weight, alike: Adagrad's ``lr_decay``, NAdam's
+    ``mu_product`` and RAdam's rectification; and SGD starts a new momentum buffer at
+    ``g`` but a reset weight's at ``(1 − dampening)·g`` (the same with ``dampening=0``,
+    the default).
     """
     inner = torch_optimizer(optimizer)
     state = inner.state.get(param, {})

@@ -302,13 +302,17 @@ def refuse_weight_decay(optimizer: torch.optim.Optimizer, params: Iterable[Tenso
 
     Methods that keep weights frozen by giving them a zero gradient (Top-KAST,
     PackNet) cannot allow it: weight decay shrinks a weight whatever its gradient.
+    That is ``weight_decay`` in most optimizers, and also ``lambd`` in ASGD's.
     ``reason`` says why in the message.
     """
     ids = {id(p) for p in params}
     for group in optimizer.param_groups:
-        if group.get("weight_decay", 0) and any(id(p) in ids for p in group["params"]):
-            raise ValueError(f"{reason}, but the optimizer's weight decay ({group['weight_decay']}) would shrink "
-                             "frozen weights too: build it with weight_decay=0")
+        if not any(id(p) in ids for p in group["params"]):
+            continue
+        for option in ("weight_decay", "lambd"):
+            if group.get(option, 0):
+                raise ValueError(f"{reason}, but the optimizer's weight decay ({option}={group[option]}) would "
+                                 f"shrink frozen weights too: build it with {option}=0")
 
 
 def density(model: nn.Module) -> float:

@@ -182,7 +182,9 @@ class GradualPruning:
     the schedule asks is not pruned further at that step: masks only shrink, so a model
     pruned before, or a run resumed with a fresh step count, goes on from its density.
     A layer that keeps no weight at all (emptied by an earlier global pruning) is left
-    out of layer-wise pruning.
+    out of layer-wise pruning. To resume from a checkpoint, build the model and call
+    :func:`~lowlearn.sparse.mask.attach_masks` on it before ``load_state_dict``: the
+    saved state holds the masks, which a model without them has no place for.
 
     Raises:
         ValueError: bad densities or steps (see :func:`cubic_density`), ``begin`` or
