@@ -70,22 +70,23 @@ def broadcast_from_the_first_process(tensors: Iterable[Tensor]) -> None:
         dist.broadcast(tensor, src=0)
 
 
-def average_across_processes(tensors: Iterable[Tensor | None]) -> None:
+def average_across_processes(tensors: Iterable[Tensor | None], *, check: bool = True) -> None:
     """Replace each tensor, in place, by its mean over the processes (nothing outside a process group).
 
     Every process must call this with the same tensors in the same order, each one
     floating point or complex; a ``None`` (a gradient that was not computed) is skipped,
     and must be ``None`` on every process. The collectives pair the tensors by their
-    order, so this first compares the processes' lists (one small gather, which waits
-    for the device) and refuses lists that differ, rather than average a tensor with
-    the wrong partner.
+    order, so with ``check`` this first compares the processes' lists and refuses lists
+    that differ, rather than average a tensor with the wrong partner. That comparison
+    is a gather through the host, which waits for the device: a method that averages
+    the same kind of list at every step checks it at its first step only.
 
     Raises:
         TypeError: a tensor that is neither floating point nor complex (its mean would
             not fit it).
-        ValueError: on every process, if the processes' lists differ: a tensor ``None``
-            on some processes only (a parameter one process did not use), or of another
-            shape or dtype.
+        ValueError: with ``check``, on every process, if the processes' lists differ: a
+            tensor ``None`` on some processes only (a parameter one process did not use),
+            or of another shape or dtype.
     """
     tensors = list(tensors)
     integer = [tuple(t.shape) for t in tensors if t is not None and not (t.is_floating_point() or t.is_complex())]
@@ -95,9 +96,10 @@ def average_across_processes(tensors: Iterable[Tensor | None]) -> None:
     _, size = world()
     if size == 1 or not tensors:
         return
-    _check_alike(tensors, "the processes hold different tensors to average",
-                 "every process must compute the same gradients; a parameter that a process does not use in its "
-                 "forward pass has no gradient there, so use every parameter on every process")
+    if check:
+        _check_alike(tensors, "the processes hold different tensors to average",
+                     "every process must compute the same gradients; a parameter that a process does not use in "
+                     "its forward pass has no gradient there, so use every parameter on every process")
     for tensor in tensors:
         if tensor is not None:
             tensor.div_(size)       # before the sum, as DistributedDataParallel does: a float16 sum can overflow

@@ -228,3 +228,44 @@ def test_outside_a_process_group_there_is_one_process():
     average_across_processes([complex_values])                          # a complex mean fits its dtype
     broadcast_from_the_first_process([values])
     assert torch.equal(values, torch.ones(2))
+
+
+def test_methods_compare_the_processes_gradient_lists_at_their_first_average_only(monkeypatch):
+    """The comparison is a gather through the host, which waits for the device: SNFS (which averages its dense
+    gradients at every step) and DLRT (twice a step) make it at their first step, then only all-reduce. The
+    process group is faked: two processes, the gather and the all-reduce counted."""
+    import lowlearn.distributed as distributed
+    gathers = []
+
+    def all_gather_object(output, obj, group=None):
+        gathers.append(len(obj))
+        output[:] = [obj] * len(output)
+
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    monkeypatch.setattr(distributed.dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda tensor, op=None: None)
+    generator = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 20, generator=generator), torch.randint(0, 4, (16,), generator=generator))
+            for _ in range(4)]
+    for method in ("snfs", "dlrt"):
+        torch.manual_seed(0)
+        model = MLP(20, (16,), 4)
+        if method == "dlrt":
+            to_low_rank(model, ["1"], rank=4)
+            optimizer, sparsifier = DLRT(model, lr=0.1, tol=0.3), None
+        else:
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            sparsifier = SNFS(model, optimizer, 0.3, end=100, every=50)
+        per_step = []
+        for x, y in data:
+            before = len(gathers)
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            if sparsifier is None:
+                optimizer.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+            else:
+                optimizer.step()
+                sparsifier.step()
+            per_step.append(len(gathers) - before)
+        assert per_step == ([2, 0, 0, 0] if method == "dlrt" else [1, 0, 0, 0]), (method, per_step)

@@ -142,6 +142,7 @@ class DLRT(torch.optim.Optimizer):
         self.tol = None if tol is None else check_tolerance(tol)
         self.betas, self.eps = betas, eps
         self.optimizer = optimizer
+        self._averaged = False                  # the processes' gradient lists are compared at the first step
 
     @property
     def lr(self) -> float:
@@ -187,7 +188,8 @@ class DLRT(torch.optim.Optimizer):
             if layer.U.grad is None or layer.V.grad is None:
                 raise RuntimeError(f"low-rank layer {name!r} has no gradient: run forward and backward on a "
                                    "batch before DLRT.step(closure)")
-        average_across_processes(grad for layer in layers.values() for grad in (layer.U.grad, layer.V.grad))
+        average_across_processes((grad for layer in layers.values() for grad in (layer.U.grad, layer.V.grad)),
+                                 check=not self._averaged)
         start = {name: (layer.U.detach(), layer.S.detach(), layer.V.detach()) for name, layer in layers.items()}
         moments = {name: dict(self.state[name]) for name in layers if name in self.state}  # replaced, never changed
         try:
@@ -241,7 +243,9 @@ class DLRT(torch.optim.Optimizer):
                                "backward pass, through every low-rank layer")
         dense_groups = self.param_groups[1:] + (self.optimizer.param_groups if self.optimizer is not None else [])
         dense = [p for group in dense_groups for p in group["params"]]
-        average_across_processes([layer.S.grad for layer in layers.values()] + [p.grad for p in dense])
+        average_across_processes([layer.S.grad for layer in layers.values()] + [p.grad for p in dense],
+                                 check=not self._averaged)
+        self._averaged = True
         return loss
 
     def direction(self, name: str, key: str, grad: Tensor) -> Tensor:

@@ -76,8 +76,9 @@ def truncation_rank(singular_values: Tensor, tol: float) -> int:
 def truncation_ranks(spectra: Sequence[Tensor], tol: float) -> list[int | None]:
     """:func:`truncation_rank` of each of several spectra, read from the device in one transfer.
 
-    What :class:`~lowlearn.lowrank.dlrt.DLRT` truncates every layer with: one wait for
-    the device per step, not one per layer.
+    What :class:`~lowlearn.lowrank.dlrt.DLRT` truncates every layer with: one transfer
+    of the ranks per step, not one per layer. (On a GPU each layer's SVD waits for the
+    device as well: ``torch.linalg.svd`` synchronises there.)
 
     Returns:
         The rank of each spectrum, ``None`` for one whose singular values are not finite.

@@ -128,6 +128,7 @@ class Sparsifier(ABC):
                  seed: int = 0):
         self.model, self.optimizer, self.steps = model, optimizer, 0
         self._layers = dict(layers)
+        self._averaged = False                  # the processes' gradient lists are compared at the first average
         self.generator = torch.Generator(device=weights_device(self._layers)).manual_seed(seed)
 
     def layers(self) -> dict[str, nn.Module]:
@@ -267,7 +268,9 @@ class DynamicSparsity(Sparsifier):
     # ----------------------------------------------------------------- the engine
     def _after_step(self) -> None:
         grads = self._recorder().grads
-        average_across_processes(grads[name] for name in sorted(grads))     # the same scores on every process
+        if grads:                                                             # the same scores on every process
+            average_across_processes((grads[name] for name in sorted(grads)), check=not self._averaged)
+            self._averaged = True
         if self.dense_gradient == "always" and self._needs_gradient(self.steps):
             self._observe_gradients()
         if self.schedule is not None and self.schedule.updates_at(self.steps) and self._gradients_usable():
