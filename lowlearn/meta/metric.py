@@ -198,6 +198,10 @@ class EpisodicLearner(nn.Module, ABC):
     def loss(self, tasks: TaskBatch) -> dict[str, Tensor]:
         """Mean query cross-entropy (differentiable) and accuracy over one episode or a batch of them.
 
+        The number of ways ``N`` is the length of the episodes' ``classes``; tasks without
+        that field (MAML's four-field batches) read it from the support labels, as
+        :meth:`forward` does without ``ways``, which waits for an accelerator.
+
         Returns:
             ``{"loss", "accuracy", "per_task_accuracy"}``: the loss and the accuracy averaged
             over all queries, and each episode's accuracy ``(B,)``.
