@@ -21,10 +21,19 @@ def is_integer(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_count(name: str, value: int, minimum: int) -> None:
-    """Raise a ValueError unless ``value`` is an integer of at least ``minimum`` (a number of examples, tasks, ...)."""
+def check_count(name: str, value: int, minimum: int) -> int:
+    """Return ``value`` as a Python int if it is an integer of at least ``minimum`` (a number of examples,
+    tasks, ...), else raise a ValueError. (torch takes only Python ints for sizes and seeds.)"""
     if not is_integer(value) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def check_scalar_loss(loss) -> None:
+    """Raise a ValueError unless the tensor ``loss`` that a ``loss_fn`` returned is one number, the mean loss."""
+    if loss.dim() != 0:
+        raise ValueError(f"loss_fn must return the mean loss, one number; it returned a tensor of shape "
+                         f"{tuple(loss.shape)} (reduction='none'? keep the default, 'mean')")
 
 
 def as_float(value: object) -> float:

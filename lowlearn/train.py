@@ -43,7 +43,7 @@ from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 from .atomic import atomic_file
-from .checks import check_count
+from .checks import check_count, check_scalar_loss
 from .distributed import broadcast_from_the_first_process, world
 
 Data = TensorDataset | tuple[Tensor, Tensor]
@@ -378,20 +378,20 @@ def fit(
             ``bf16`` off CUDA, or, in a process group, batches smaller than the
             number of processes or models of different shapes on the processes; all
             before the first step, and all but the last two before the generators are
-            seeded or the model moves.
+            seeded or the model moves. At the first step: a ``loss_fn`` that does not
+            return one number per batch (e.g. ``reduction="none"``).
         TypeError: ``callbacks`` that are not a list of callables.
         NonFiniteLossError: the loss became NaN or infinite; the message names the
             first such step.
     """
     if (epochs is None) == (steps is None):
         raise ValueError("give exactly one of epochs= and steps=")
-    for name, value in (("epochs", epochs), ("steps", steps), ("batch_size", batch_size), ("log_every", log_every),
-                        ("eval_every", eval_every)):
-        if value is not None:
-            check_count(name, value, 1)
-    check_count("start_step", start_step, 0)
-    check_count("seed", seed, 0)
-    seed = int(seed)                      # a NumPy integer too: torch's generators take Python ints only
+    # as Python ints (a NumPy integer too): torch takes Python ints only for sizes and seeds
+    epochs, steps, batch_size, log_every, eval_every = (
+        None if value is None else check_count(name, value, 1)
+        for name, value in (("epochs", epochs), ("steps", steps), ("batch_size", batch_size),
+                            ("log_every", log_every), ("eval_every", eval_every)))
+    start_step, seed = check_count("start_step", start_step, 0), check_count("seed", seed, 0)
     rank, processes = world()
     if seed + processes - 1 >= 2**64:
         raise ValueError(f"seed must be at most {2**64 - processes} (torch's generators take seeds below 2**64, "
@@ -499,6 +499,7 @@ def fit(
                         return loss if scale == 1 else loss * scale
 
                 loss = batch_loss()
+                check_scalar_loss(loss)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if getattr(optimizer, "needs_closure", False):
@@ -568,7 +569,7 @@ def evaluate(
             non-empty ``(inputs, targets)`` pair of tensors of one length, ``bf16`` off CUDA, or a
             ``loss_fn`` that does not return one number per batch (e.g. ``reduction="none"``).
     """
-    check_count("batch_size", batch_size, 1)
+    batch_size = check_count("batch_size", batch_size, 1)
     if device is None:
         tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
         device = tensor.device if tensor is not None else default_device()
@@ -582,9 +583,7 @@ def evaluate(
             with _autocast(device, bf16):
                 out = model(xb)
             loss = loss_fn(out.float(), yb)
-            if loss.dim() != 0:
-                raise ValueError(f"loss_fn must return the batch's mean loss, one number; it returned a tensor of "
-                                 f"shape {tuple(loss.shape)} (reduction='none'?)")
+            check_scalar_loss(loss)
             total_loss += loss * len(xb)
             if classify:
                 if out.numel() == yb.numel():          # one logit per target: a binary classifier

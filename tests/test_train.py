@@ -876,5 +876,5 @@ def test_numpy_integer_seeds_are_the_seeds_they_hold():
 def test_evaluate_refuses_a_loss_function_that_returns_a_loss_per_example():
     model, _ = make()
     per_example = lambda out, target: nn.functional.cross_entropy(out, target, reduction="none")   # noqa: E731
-    with pytest.raises(ValueError, match=r"loss_fn must return the batch's mean loss.*shape \(16,\)"):
+    with pytest.raises(ValueError, match=r"loss_fn must return the mean loss, one number.*shape \(16,\)"):
         evaluate(model, toy_data(16), loss_fn=per_example, device="cpu")

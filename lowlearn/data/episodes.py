@@ -46,6 +46,9 @@ def group_by_class(x: Tensor, y: Tensor) -> Tensor:
                          f"got x {tuple(x.shape)} and y {tuple(y.shape)} of dtype {y.dtype}")
     if y.numel() == 0 or y.min() < 0:
         raise ValueError("group_by_class needs at least one example and labels in 0 .. C-1")
+    if y.max() >= len(y):                    # before bincount allocates a count for every label up to the largest
+        raise ValueError(f"the largest label is {int(y.max())}, but there are only {len(y)} examples, so some of "
+                         "the classes below it have none; relabel y to 0 .. C-1 without gaps")
     counts = torch.bincount(y)
     smallest = int(counts.min())
     if smallest == 0:
@@ -86,7 +89,7 @@ def random_episodes(tasks: int, ways: int, shots: int, queries: int, image_size:
     input. Images are standard normal (from ``seed``), ``(tasks, N*K, 1, size, size)``
     and ``(tasks, N*Q, 1, size, size)``; labels are class-major ``0 .. N-1``.
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(check_count("seed", seed, 0))
 
     def labels(per_class: int) -> Tensor:
         return torch.arange(ways).repeat_interleave(per_class).repeat(tasks, 1)
@@ -111,8 +114,8 @@ class EpisodeSampler:
         ways: classes per episode, ``N``.
         shots: support examples per class, ``K``.
         queries: query examples per class, ``Q``.
-        seed: seed of the sampler's own generator, on ``data``'s device: the same
-            seed gives the same episodes.
+        seed: seed of the sampler's own generator, on ``data``'s device, an int >= 0:
+            the same seed gives the same episodes.
         groups: optional integers ``(C,)`` (a tensor or a list), a group of each
             class, e.g. an Omniglot dataset's ``alphabet_index``. Each episode then
             draws all its classes from one group, picked uniformly among the groups
@@ -131,7 +134,7 @@ class EpisodeSampler:
         _check_episode(self.data, ways, shots, queries)
         self.ways, self.shots, self.queries = ways, shots, queries
         self.generator = torch.Generator(device=self.data.device)
-        self.generator.manual_seed(seed)
+        self.generator.manual_seed(check_count("seed", seed, 0))
         self.groups, self.eligible = None, None
         if groups is not None:
             self.groups = torch.as_tensor(groups).to(self.data.device)      # a list of ints works too

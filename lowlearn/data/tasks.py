@@ -177,6 +177,9 @@ class GPCurves:
         """
         cholesky, info = torch.linalg.cholesky_ex(kernel)
         failed = int(info.count_nonzero())
+        if failed and not torch.isfinite(kernel).all():
+            raise ValueError("the inputs hold NaN or infinite values, so their kernel matrices are not finite: give "
+                             "finite inputs x")
         if failed:
             raise ValueError(f"the kernel matrices of {failed} of {info.numel()} curves are not positive definite in "
                              f"floating point: noise={self.noise:g} is too small for inputs this close together; "
@@ -301,7 +304,14 @@ def context_target_split(curves: Curves, num_context: int,
         ``(context, target)``: ``context`` holds, for each curve independently, the
         first ``num_context`` points of a random permutation (``(B, num_context, 1)``);
         ``target`` is ``curves`` itself.
+
+    Raises:
+        ValueError: curves that are not ``(B, P, 1)`` (one curve too: give it a batch
+            dimension), or a ``num_context`` that is not a count from 1 to ``P``.
     """
+    if curves.x.dim() != 3 or curves.y.dim() != 3 or curves.x.shape[:2] != curves.y.shape[:2]:
+        raise ValueError(f"context_target_split takes curves of shape (B, P, 1); got x {tuple(curves.x.shape)} and y "
+                         f"{tuple(curves.y.shape)} (for one curve of shape (P, 1), use x.unsqueeze(0))")
     batch, points = curves.x.shape[:2]
     check_count("num_context", num_context, 1)
     if num_context > points:

@@ -63,9 +63,10 @@ class CNP(nn.Module):
     def __init__(self, x_dim: int = 1, y_dim: int = 1, hidden: int = 128, encoder_layers: int = 3,
                  decoder_layers: int = 3, min_std: float = 0.1):
         super().__init__()
-        for name, value in (("x_dim", x_dim), ("y_dim", y_dim), ("hidden", hidden), ("encoder_layers", encoder_layers),
-                            ("decoder_layers", decoder_layers)):
-            check_count(name, value, 1)
+        x_dim, y_dim, hidden, encoder_layers, decoder_layers = (
+            check_count(name, value, 1) for name, value in (("x_dim", x_dim), ("y_dim", y_dim), ("hidden", hidden),
+                                                             ("encoder_layers", encoder_layers),
+                                                             ("decoder_layers", decoder_layers)))
         if not 0 < min_std < 1:
             raise ValueError(f"min_std must be in (0, 1), above 0 so that σ never rounds to 0 (a NaN loss); got "
                              f"{min_std}")

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..checks import check_count
+from ..checks import check_count, check_scalar_loss
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -80,6 +80,7 @@ def inner_loop(
     names = list(params) if adapt is None else list(adapt)
     for _ in range(steps):
         loss = loss_fn(run(model, params, x), y)
+        check_scalar_loss(loss)
         grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not first_order, allow_unused=True)
         if unused := [name for name, grad in zip(names, grads) if grad is None]:
             raise ValueError(f"the support loss does not use the parameters {unused}, so the inner loop cannot adapt "

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..checks import check_count
+from ..checks import check_count, check_positive
 from ..train import generator_on
 
 State = list[tuple[Tensor, Tensor]]
@@ -56,11 +56,16 @@ class LSTMOptimizer(nn.Module):
             (and ``p = 5`` in the preprocessing, where the paper gives 10); the default here,
             0.1, is what the optimisation_based chapter meta-trains with.
         preprocess: feed ``(log|∇|/p, sign ∇)`` instead of the raw gradient.
+
+    Raises:
+        ValueError: a ``hidden`` or ``layers`` below 1, or an ``output_scale`` that is not
+            a positive, finite number.
     """
 
     def __init__(self, hidden: int = 20, layers: int = 2, output_scale: float = 0.1, preprocess: bool = True):
         super().__init__()
-        self.preprocess, self.output_scale = preprocess, output_scale
+        hidden, layers = check_count("hidden", hidden, 1), check_count("layers", layers, 1)
+        self.preprocess, self.output_scale = preprocess, check_positive("output_scale", output_scale)
         sizes = [2 if preprocess else 1] + [hidden] * layers
         self.cells = nn.ModuleList([nn.LSTMCell(a, b) for a, b in zip(sizes, sizes[1:])])
         self.out = nn.Linear(hidden, 1)

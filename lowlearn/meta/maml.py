@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_count, check_rate
+from ..checks import check_count, check_rate, check_scalar_loss
 from ..train import buffers_restored
 from .batched import summed_over_tasks, task_batched
 from .functional import (LossFn, Params, check_labels, check_task, inner_loop, parameters_of, run,
@@ -398,6 +398,7 @@ def check_mean_loss(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss
         whole, halves = (loss_fn(out[:2 * half], y[:2 * half]),
                          (loss_fn(out[:half], y[:half]) + loss_fn(out[half:2 * half], y[half:2 * half])) / 2) \
             if half else (once, once)
+    check_scalar_loss(once)
     once, twice, whole, halves = torch.stack([once, twice, whole, halves]).tolist()
     if abs(twice - once) > 1e-6 + 1e-4 * abs(once) or abs(halves - whole) > 1e-6 + 1e-4 * abs(whole):
         raise ValueError(f"with tasks_at_once > 1 the loss must be the plain mean over its examples (as "
@@ -430,11 +431,18 @@ def adapt_and_evaluate(model: nn.Module, tasks: TaskBatch, loss_fn: LossFn, step
         accuracy (integer labels only; per task, for confidence intervals over tasks).
 
     Raises:
-        ValueError: tasks that fail :func:`check_tasks`, or an ``adapt`` that
-            :func:`adapted_names` refuses.
+        ValueError: tasks that fail :func:`check_tasks`, an ``adapt`` that
+            :func:`adapted_names` refuses, a ``steps`` or ``tasks_at_once`` that is not a
+            count (at least 0 and 1), an ``lr`` that is not a positive, finite number, or
+            a dictionary of rates without one for an adapted parameter.
     """
     losses, accuracies = [], []
+    steps, tasks_at_once = check_count("steps (inner steps)", steps, 0), check_count("tasks_at_once", tasks_at_once, 1)
     adapt = adapted_names(model, adapt, steps)
+    if not isinstance(lr, Mapping):
+        check_rate("lr", lr)
+    elif missing := [name for name in adapt if name not in lr]:
+        raise ValueError(f"lr has no step size for the adapted parameters {missing}: give one for each")
     start = {name: p.detach().requires_grad_(name in adapt) for name, p in parameters_of(model).items()}
     check_tasks(model, start, tasks, adapts=steps > 0)
     if isinstance(lr, Mapping):        # Meta-SGD's learned rates: no graph through them at test time

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_count
+from ..checks import check_count, check_positive
 from ..data.augment import shifted_copies
 from .functional import values_are_free_to_read
 from .maml import TaskBatch
@@ -157,15 +157,15 @@ class EpisodicLearner(nn.Module, ABC):
     def __init__(self, embedding: nn.Module, test_shift: int = 0, test_rotations: bool = False,
                  eval_batch_size: int | None = None):
         super().__init__()
-        check_count("test_shift (pixels)", test_shift, 0)
+        test_shift = check_count("test_shift (pixels)", test_shift, 0)
         if eval_batch_size is not None:
-            check_count("eval_batch_size", eval_batch_size, 1)
+            eval_batch_size = check_count("eval_batch_size", eval_batch_size, 1)
             batch_statistics = _norms_without_running_statistics(embedding)
             if batch_statistics:
                 raise ValueError(f"eval_batch_size would change the embeddings: the batch norm {batch_statistics[0]!r}"
                                  " normalises with the statistics of each pass (track_running_stats=False); "
                                  "leave eval_batch_size at None")
-        self.embedding, self.test_shift, self.test_rotations = embedding, int(test_shift), bool(test_rotations)
+        self.embedding, self.test_shift, self.test_rotations = embedding, test_shift, bool(test_rotations)
         self.eval_batch_size = eval_batch_size
 
     @abstractmethod
@@ -378,14 +378,16 @@ class MatchingNet(EpisodicLearner):
         test_shift, test_rotations, eval_batch_size: test-time views and passes (see
             :class:`EpisodicLearner`). The cosine of two side-by-side embeddings is not
             the mean of the four frames' cosines: each frame counts by its norm.
+
+    Raises:
+        ValueError: a ``scale`` that is not a positive, finite number, or options that
+            :class:`EpisodicLearner` refuses.
     """
 
     def __init__(self, embedding: nn.Module, scale: float = 1.0, test_shift: int = 0,
                  test_rotations: bool = False, eval_batch_size: int | None = None):
         super().__init__(embedding, test_shift, test_rotations, eval_batch_size)
-        if not scale > 0:
-            raise ValueError(f"scale must be > 0; got {scale}")
-        self.scale = scale
+        self.scale = check_positive("scale", scale)
 
     def scores(self, support: Tensor, support_y: Tensor, query: Tensor, ways: int) -> Tensor:
         similarity = self.scale * F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(-1, -2)

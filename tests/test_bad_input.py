@@ -1,0 +1,161 @@
+"""Bad input to lowlearn.meta, lowlearn.data, lowlearn.train and lowlearn.models that torch alone would meet with
+a raw or misleading error, or with none: each gets an error that names the argument and the fix, and NumPy
+integers work as the ints they hold."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowlearn.data import Curves, EpisodeSampler, GPCurves, context_target_split, group_by_class, random_episodes
+from lowlearn.meta import CNP, MAML, LSTMOptimizer, MatchingNet, ProtoNet, Reptile, adapt_and_evaluate
+from lowlearn.meta import inner_loop, parameters_of
+from lowlearn.models import MLP, Conv4, LeNet5
+from lowlearn.train import evaluate, fit
+
+
+def per_example(out, target):
+    return F.cross_entropy(out, target, reduction="none")
+
+
+def tiny_tasks(tasks=2, ways=3, shots=2, queries=2, dim=4):
+    g = torch.Generator().manual_seed(0)
+    labels = lambda k: torch.arange(ways).repeat_interleave(k).repeat(tasks, 1)   # noqa: E731
+    return (torch.randn(tasks, ways * shots, dim, generator=g), labels(shots),
+            torch.randn(tasks, ways * queries, dim, generator=g), labels(queries))
+
+
+def episode(tasks=2):
+    from lowlearn.data import Episode
+    sx, sy, qx, qy = tiny_tasks(tasks)
+    return Episode(sx, sy, qx, qy, torch.arange(3).repeat(tasks, 1))
+
+
+# A loss per example (reduction="none"), which torch meets with "grad can be implicitly created only for scalar
+# outputs" or "stack expects each tensor to be equal size".
+
+def test_fit_refuses_a_loss_per_example_clearly():
+    model = MLP(4, (8,), 3)
+    data = (torch.randn(20, 4), torch.randint(0, 3, (20,)))
+    with pytest.raises(ValueError, match=r"loss_fn must return the mean loss, one number.*shape \(20,\)"):
+        fit(model, data, torch.optim.SGD(model.parameters(), 0.1), steps=1, loss_fn=per_example, device="cpu",
+            progress=False)
+
+
+@pytest.mark.parametrize("tasks_at_once", [1, 2])
+def test_maml_refuses_a_loss_per_example_clearly(tasks_at_once):
+    maml = MAML(MLP(4, (8,), 3), 0.1, 1, loss_fn=per_example, tasks_at_once=tasks_at_once)
+    with pytest.raises(ValueError, match=r"loss_fn must return the mean loss, one number.*reduction='none'"):
+        maml.meta_backward(episode())
+
+
+def test_reptile_and_inner_loop_refuse_a_loss_per_example_clearly():
+    model = MLP(4, (8,), 3)
+    with pytest.raises(ValueError, match=r"loss_fn must return the mean loss, one number.*reduction='none'"):
+        Reptile(model, 0.1, 1, 1.0, loss_fn=per_example).meta_step(episode())
+    sx, sy, _, _ = tiny_tasks()
+    with pytest.raises(ValueError, match=r"loss_fn must return the mean loss, one number.*reduction='none'"):
+        inner_loop(model, parameters_of(model), sx[0], sy[0], per_example, 1, 0.1)
+
+
+# NumPy integers count as numbers (lowlearn.checks), also where torch takes Python ints only.
+
+def test_numpy_batch_sizes_train_and_evaluate_like_the_ints_they_hold():
+    data = (torch.randn(20, 4), torch.randint(0, 3, (20,)))
+    histories = []
+    for batch_size in (5, np.int64(5)):
+        torch.manual_seed(0)
+        model = MLP(4, (8,), 3)
+        histories.append(fit(model, data, torch.optim.SGD(model.parameters(), 0.1), steps=3, batch_size=batch_size,
+                             device="cpu", progress=False).loss)
+        histories.append(evaluate(model, data, batch_size=batch_size // 2)["loss"])
+    assert histories[:2] == histories[2:]
+
+
+def test_a_numpy_eval_batch_size_embeds_like_the_int_it_holds():
+    sx, sy, qx, _ = tiny_tasks(tasks=1)
+    logits = [ProtoNet(nn.Flatten(), eval_batch_size=size).eval()(sx[0], sy[0], qx[0]) for size in (2, np.int64(2))]
+    torch.testing.assert_close(logits[0], logits[1])
+
+
+def test_a_numpy_y_dim_builds_a_working_cnp():
+    out = CNP(y_dim=np.int64(1), hidden=8)(torch.zeros(2, 3, 1), torch.zeros(2, 3, 1), torch.zeros(2, 4, 1))
+    assert out.mean.shape == (2, 4, 1)
+
+
+def test_numpy_seeds_give_the_episodes_of_the_ints_they_hold():
+    """As fit() and seed_everything() do: `for seed in np.arange(5)` is a natural loop."""
+    data = torch.randn(5, 4, 2)
+    a = EpisodeSampler(data, 2, 1, 1, seed=3).sample(4)
+    b = EpisodeSampler(data, 2, 1, 1, seed=np.int64(3)).sample(4)
+    assert torch.equal(a.classes, b.classes) and torch.equal(a.support_x, b.support_x)
+    assert torch.equal(random_episodes(1, 2, 1, 1, seed=1).support_x,
+                       random_episodes(1, 2, 1, 1, seed=np.int64(1)).support_x)
+
+
+# Other inputs whose natural error would mislead.
+
+@pytest.mark.parametrize("model", [Conv4(), LeNet5()])
+def test_flat_inputs_to_a_cnn_are_not_blamed_on_image_size(model):
+    """Not "built for 28×28 inputs, got 2×784: build it with the image_size of your images" (the batch size read
+    as the height): no image_size would fix that."""
+    with pytest.raises(ValueError, match=r"takes images \(B, C, H, W\), got inputs of shape \(2, 784\): reshape "
+                                         r"flat ones, e.g. x.view\(-1, 1, 28, 28\)"):
+        model(torch.zeros(2, 784))
+
+
+@pytest.mark.parametrize("lr", [float("nan"), 0.0, -0.5, True, float("inf")])
+def test_adapt_and_evaluate_refuses_a_learning_rate_that_is_not_a_positive_step(lr):
+    """Unchecked, nan gives NaN losses, 0 no adaptation, a negative rate gradient ascent; MAML and Reptile refuse
+    the same values."""
+    with pytest.raises(ValueError, match="lr must be a positive, finite step size"):
+        adapt_and_evaluate(MLP(4, (8,), 3), episode(), F.cross_entropy, 2, lr)
+
+
+@pytest.mark.parametrize("tasks_at_once", [0, -1, 2.0])
+def test_adapt_and_evaluate_refuses_a_bad_tasks_at_once_by_name(tasks_at_once):
+    with pytest.raises(ValueError, match="tasks_at_once must be an int >= 1"):
+        adapt_and_evaluate(MLP(4, (8,), 3), episode(), F.cross_entropy, 1, 0.1, tasks_at_once=tasks_at_once)
+
+
+def test_context_target_split_refuses_a_curve_without_its_batch_dimension():
+    """Unchecked, a (P, 1) curve is read as P curves of one point: num_context=1 returns the whole curve as the
+    context."""
+    curves = GPCurves().sample(1, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"curves of shape \(B, P, 1\); got x \(6, 1\).*x.unsqueeze\(0\)"):
+        context_target_split(Curves(curves.x[0], curves.y[0]), 1)
+
+
+def test_non_finite_gp_inputs_are_named_not_blamed_on_the_noise():
+    """Not "noise=1 is too small ...; raise noise", which cannot help."""
+    with pytest.raises(ValueError, match="the inputs hold NaN or infinite values"):
+        GPCurves(noise=1.0).sample(1, x=torch.tensor([[0.0], [math.nan]]))
+
+
+def test_group_by_class_refuses_a_label_beyond_the_examples_without_counting_to_it():
+    """Labels 0..C-1, every class present, are all below n: a stray label of 2**62 would make torch.bincount
+    allocate 2**65 bytes, one of 100,000 list 99,998 missing classes."""
+    x = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="the largest label is 4611686018427387904, but there are only 4 examples"):
+        group_by_class(x, torch.tensor([0, 1, 1, 2**62]))
+    with pytest.raises(ValueError) as error:
+        group_by_class(x, torch.tensor([0, 1, 1, 100_000]))
+    assert len(str(error.value)) < 1000
+
+
+@pytest.mark.parametrize("scale", [float("inf"), True, 10**400, "2"])
+def test_matching_net_refuses_a_scale_that_is_not_a_positive_finite_number(scale):
+    """Unchecked, inf gives all-NaN logits, True is taken as 1, 10**400 overflows at forward."""
+    with pytest.raises(ValueError, match="scale must be a positive, finite number"):
+        MatchingNet(nn.Flatten(), scale=scale)
+
+
+@pytest.mark.parametrize("kwargs", [dict(layers=0), dict(hidden=0), dict(output_scale=float("nan"))])
+def test_lstm_optimizer_refuses_sizes_and_scales_that_cannot_optimise(kwargs):
+    """Unchecked, layers=0 fails at forward with "start from initial_state(...)", which the caller did; hidden=0
+    gives zero updates and output_scale=nan NaN updates."""
+    with pytest.raises(ValueError, match="layers must be an int >= 1|hidden must be an int >= 1|output_scale must"):
+        LSTMOptimizer(**kwargs)
