@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
+
+import torch
 
 
 def is_real(value: object) -> bool:
@@ -34,6 +37,29 @@ def check_scalar_loss(loss) -> None:
     if loss.dim() != 0:
         raise ValueError(f"loss_fn must return the mean loss, one number; it returned a tensor of shape "
                          f"{tuple(loss.shape)} (reduction='none'? keep the default, 'mean')")
+
+
+def check_batch(batch: object) -> tuple:
+    """Return ``batch`` if it is a pair ``(inputs, targets)`` of tensors (one batch), else raise a TypeError."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2
+            and all(isinstance(part, torch.Tensor) for part in batch)):
+        raise TypeError(f"batch must be one batch, a pair (inputs, targets) of tensors; got {type(batch).__name__} "
+                        "(from a dataset's tensors x and y, take for example (x[:256], y[:256]))")
+    return tuple(batch)
+
+
+def check_untied(weights: Mapping[str, torch.Tensor]) -> None:
+    """Raise a ValueError if two of the named layers' ``weights`` are one tensor (tied weights).
+
+    A mask, a reparameterisation or a factorisation of each layer would each act on the
+    shared tensor, and disagree about it.
+    """
+    seen: dict[int, str] = {}
+    for name, weight in weights.items():
+        if (first := seen.setdefault(id(weight), name)) != name:
+            raise ValueError(f"layers {first!r} and {name!r} share one weight (tied weights), which a mask, "
+                             "Powerprop or a low-rank factorisation of each would treat twice: leave one of them "
+                             "out of layers=")
 
 
 def as_float(value: object) -> float:

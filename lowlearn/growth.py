@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .checks import check_count, check_non_negative
+from .checks import check_batch, check_count, check_non_negative
 from .distributed import world
 from .optim_state import fresh_state, group_of, torch_optimizer
 from .sparse.export import chain, check_chain
@@ -278,11 +278,14 @@ def grow(model: nn.Sequential, layer: int, k: int, strategy: str = "gradmax", *,
             that is negative or not finite, or optimizer state growth cannot extend
             (not shaped like its parameter, such as Adafactor's, or L-BFGS's
             flattened history); the model is then left as it was.
-        TypeError: an ``optimizer`` that is not a ``torch.optim`` optimizer (nor wraps one).
+        TypeError: an ``optimizer`` that is not a ``torch.optim`` optimizer (nor wraps one), or
+            a ``batch`` that is not a pair of tensors.
     """
     check_count("k (units to grow)", k, 1)
     _check_strategy(strategy)
     _check_options(scale=scale, epsilon=epsilon, noise=noise)
+    if batch is not None:
+        batch = check_batch(batch)
     grown, consumer = layer_pair(model, layer)
     old = grown.weight.shape[0]
     if max_width is not None and old + k > max_width:
@@ -444,7 +447,7 @@ class GrowthSchedule:
         **options: passed on to :func:`grow` (``loss_fn``, ``scale``, ``epsilon``, ``generator`` ...).
 
     Raises:
-        ValueError: ``k``, ``every`` or ``target`` not a positive integer, an unknown
+        ValueError: ``k``, ``every`` or ``target`` not a positive integer, a negative ``layer``, an unknown
             strategy, GradMax without ``batch``, or a ``scale``, ``epsilon`` or ``noise``
             that :func:`grow` refuses.
         TypeError: an option that :func:`grow` does not take, or one the schedule sets
@@ -455,6 +458,7 @@ class GrowthSchedule:
 
     def __init__(self, layer: int, k: int, every: int, target: int, strategy: str = "gradmax", *,
                  batch: Callable[[], tuple[Tensor, Tensor]] | None = None, **options):
+        check_count("layer (counting the Linear/Conv2d layers from 0)", layer, 0)
         for name, value in (("k (units per growth)", k), ("every (steps between growths)", every),
                             ("target (the layer's final width)", target)):
             check_count(name, value, 1)

@@ -279,9 +279,13 @@ class PowerPropOptimizer:
 
     Raises:
         ValueError: the model has no Powerprop layer, or the optimizer is L-BFGS.
+        TypeError: the arguments swapped (the model first).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module):
+        if isinstance(optimizer, nn.Module) or not isinstance(model, nn.Module):
+            raise TypeError(f"PowerPropOptimizer(optimizer, model) takes the optimizer first, then the model; got "
+                            f"{type(optimizer).__name__} and {type(model).__name__}")
         if isinstance(optimizer, torch.optim.LBFGS):
             raise ValueError("PowerPropOptimizer cannot wrap L-BFGS: its closure would evaluate the model while the "
                              "parameters hold θ instead of φ; use an optimizer that steps without a closure")

@@ -1,6 +1,5 @@
-"""Bad input to lowlearn.meta, lowlearn.data, lowlearn.train and lowlearn.models that torch alone would meet with
-a raw or misleading error, or with none: each gets an error that names the argument and the fix, and NumPy
-integers work as the ints they hold."""
+"""Bad input that torch alone would meet with a raw or misleading error, or with none (silently wrong results): each
+gets an error that names the argument and the fix, and NumPy integers work as the ints they hold."""
 
 import math
 
@@ -10,10 +9,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.utils.data import TensorDataset
+
+from lowlearn.cost import count_flops
 from lowlearn.data import Curves, EpisodeSampler, GPCurves, context_target_split, group_by_class, random_episodes
+from lowlearn.growth import GrowthSchedule
+from lowlearn.lowrank import DLRT, to_low_rank
 from lowlearn.meta import CNP, MAML, LSTMOptimizer, MatchingNet, ProtoNet, Reptile, adapt_and_evaluate
 from lowlearn.meta import inner_loop, parameters_of
 from lowlearn.models import MLP, Conv4, LeNet5
+from lowlearn.powerprop import PowerPropOptimizer, powerprop
+from lowlearn.sparse import (SET, SNFS, GradualPruning, RigL, StaticSparse, TopKAST, attach_masks, masks_of, prune,
+                             sparse_inference_flops)
+from lowlearn.sparse.lottery import EarlyBird, iterative_magnitude_pruning, train_control
+from lowlearn.sparse.scores import magnitude, snip
 from lowlearn.train import evaluate, fit
 
 
@@ -159,3 +168,141 @@ def test_lstm_optimizer_refuses_sizes_and_scales_that_cannot_optimise(kwargs):
     gives zero updates and output_scale=nan NaN updates."""
     with pytest.raises(ValueError, match="layers must be an int >= 1|hidden must be an int >= 1|output_scale must"):
         LSTMOptimizer(**kwargs)
+
+
+# Sparsity, Powerprop, low rank and growth.
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def batch(n=6):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def test_powerprop_optimizer_with_the_model_and_the_optimizer_swapped_says_so():
+    """Every other method takes (model, optimizer); swapped, torch says "'SGD' object has no attribute
+    'named_modules'"."""
+    model = powerprop(mlp(), 2.0)
+    with pytest.raises(TypeError, match=r"PowerPropOptimizer\(optimizer, model\) takes the optimizer first"):
+        PowerPropOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_a_score_function_where_scores_are_expected_and_scores_where_a_function_is_are_refused_by_name():
+    """prune takes magnitude(model), GradualPruning and EarlyBird take magnitude; mixed up, the error would come
+    from deep inside, or only at step `begin` of training."""
+    model = mlp()
+    with pytest.raises(TypeError, match="pass scores by layer name, .* not magnitude"):
+        prune(model, magnitude, 0.5)
+    with pytest.raises(TypeError, match="pass scores by layer name, .* not Tensor"):
+        prune(model, model[0].weight.abs(), 0.5)
+    with pytest.raises(TypeError, match="score must be a function score\\(model\\)"):
+        GradualPruning(0.5, 1, 3, 1, score=magnitude(model))
+    with pytest.raises(TypeError, match="scores must be a function scores\\(model\\)"):
+        EarlyBird(0.5, every=1, scores=magnitude(model))
+
+
+def test_snip_given_a_dataset_or_the_inputs_alone_names_the_batch():
+    x, y = batch()
+    for wrong in (TensorDataset(x, y), x):
+        with pytest.raises(TypeError, match="batch must be one batch, a pair \\(inputs, targets\\) of tensors"):
+            snip(mlp(), wrong)
+
+
+def test_numpy_integers_index_a_lottery_round_and_seed_a_sparsifier():
+    """np.argmax over the rounds' accuracies picks a round; `for seed in np.arange(3)` seeds a run."""
+    x, y = batch(8)
+
+    def train(model, callbacks):
+        return fit(model, (x, y), torch.optim.SGD(model.parameters(), lr=0.1), steps=1, batch_size=8,
+                   callbacks=callbacks, progress=False)
+
+    lottery = iterative_magnitude_pruning(mlp(), train, 2, 0.5)
+    assert train_control(mlp(), lottery, np.argmax([0.1, 0.9, 0.2]), train).index == 1
+    a, b = mlp(), mlp()
+    RigL(a, None, 0.25, end=10, every=2, seed=np.int64(3))
+    RigL(b, None, 0.25, end=10, every=2, seed=3)
+    assert all(torch.equal(masks_of(a)[name], masks_of(b)[name]) for name in masks_of(b))
+
+
+def test_a_density_given_as_a_tensor_is_refused_with_the_fix():
+    """Not "must be in (0, 1] ... got tensor(0.5000); for a sparsity s pass 1 - s": 0.5 is in range."""
+    model = mlp()
+    with pytest.raises(ValueError, match=r"density of '0' must be a number, got a tensor .*: pass float\(t\)"):
+        prune(model, magnitude(model), torch.tensor(0.5))
+
+
+def test_dlrt_refuses_an_optimizer_built_before_to_low_rank():
+    """It holds the converted layers' old biases, which would then never train."""
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    to_low_rank(model, ["0"], 3)
+    with pytest.raises(ValueError, match="the optimizer lacks 1 of the model's other parameters"):
+        DLRT(model, 0.1, optimizer=optimizer)
+
+
+def test_snfs_at_density_one_advises_a_fix_that_works():
+    """Not "lower drop_fraction to at most (1 - density) / density", which is 0 there and refused."""
+    with pytest.raises(ValueError, match="at density 1 nothing is inactive: pass regrow_dropped=True, or end=None"):
+        SNFS(mlp(), None, 1.0, end=10, every=2)
+    SNFS(mlp(), None, 1.0, end=10, every=2, regrow_dropped=True)
+    SNFS(mlp(), None, 1.0)
+
+
+def test_density_one_is_dense_training_for_every_sparse_trainer():
+    """The boundary d = 1 of (0, 1]: every mask all True, a SET update (dropping at most the inactive count, 0)
+    changes nothing, and the model computes as the unmasked one."""
+    x, _ = batch()
+    dense = mlp()(x)
+    for build in (lambda m: StaticSparse(m, None, 1.0), lambda m: RigL(m, None, 1.0, end=10, every=2),
+                  lambda m: SET(m, None, 1.0, end=10, every=2), lambda m: TopKAST(m, None, 1.0, 1.0)):
+        model = mlp()
+        sparsifier = build(model)
+        if isinstance(sparsifier, SET):
+            sparsifier.update(0.3)
+        assert all(bool(mask.all()) for mask in masks_of(model).values())
+        torch.testing.assert_close(model(x), dense)
+
+
+def test_sparse_flops_given_a_model_instead_of_a_flop_count_names_count_flops():
+    with pytest.raises(TypeError, match="flop_count must be the dense costs lowlearn.cost.count_flops"):
+        sparse_inference_flops(mlp(), 0.5)
+    assert sparse_inference_flops(count_flops(mlp(), batch()[0]), 0.5) > 0
+
+
+def tied():
+    torch.manual_seed(0)
+    first, second = nn.Linear(8, 8), nn.Linear(8, 8)
+    second.weight = first.weight                              # two modules, one weight tensor
+    return nn.Sequential(first, nn.Tanh(), second)
+
+
+@pytest.mark.parametrize("method", [lambda model: powerprop(model, 2.0),
+                                    lambda model: prune(model, magnitude(model), 0.5),
+                                    lambda model: RigL(model, None, 0.5, end=10, every=2),
+                                    lambda model: to_low_rank(model, ["0", "2"], 3)],
+                         ids=["powerprop", "prune", "rigl", "to_low_rank"])
+def test_tied_weights_are_refused(method):
+    """Unchecked, Powerprop's φ = sign(θ)|θ|^(1/α) is applied twice to the one tensor (the function changes), each
+    layer of a layer-wise pruning computes with the union of both masks' zeros (23% kept where 50% is reported),
+    and to_low_rank unties them."""
+    with pytest.raises(ValueError, match="layers '0' and '2' share one weight"):
+        method(tied())
+
+
+def test_growth_schedule_checks_its_layer_when_built():
+    """Not at the first growth, `every` steps into training."""
+    for layer in (-1, True, "0", 1.5):
+        with pytest.raises(ValueError, match="layer \\(counting the Linear/Conv2d layers from 0\\) must be an int"):
+            GrowthSchedule(layer, 2, 10, 32, "random")
+
+
+@pytest.mark.parametrize("wrap", [attach_masks, lambda model: powerprop(model, 2.0)], ids=["masks", "powerprop"])
+def test_to_low_rank_of_a_parametrized_layer_says_to_convert_first(wrap):
+    """Not "'0' is a ParametrizedLinear; to_low_rank converts nn.Linear ... (not their subclasses ...)"."""
+    model = mlp()
+    wrap(model)
+    with pytest.raises(KeyError, match="carries parametrizations .* convert before masking or Powerprop"):
+        to_low_rank(model, ["0"], 3)

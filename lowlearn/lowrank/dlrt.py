@@ -101,7 +101,7 @@ class DLRT(torch.optim.Optimizer):
             ``r_min`` other than 1 without ``tol`` (a fixed-rank run truncates
             nothing), ``betas`` that are not two numbers in [0, 1), a negative
             ``eps``, factors in a precision other than float32 and float64, or an
-            ``optimizer`` that holds low-rank factors.
+            ``optimizer`` that holds low-rank factors or lacks some of the other parameters.
     """
 
     #: :func:`lowlearn.train.fit` passes a closure to :meth:`step` for optimizers that say so.
@@ -134,6 +134,11 @@ class DLRT(torch.optim.Optimizer):
                                       & {id(p) for group in optimizer.param_groups for p in group["params"]}):
             raise ValueError(f"the optimizer holds {len(held)} low-rank factors, which DLRT steps itself: build it "
                              "on lowlearn.lowrank.dense_parameters(model) (the other parameters)")
+        if optimizer is not None and (missing := {id(p) for p in dense_parameters(model)}
+                                      - {id(p) for group in optimizer.param_groups for p in group["params"]}):
+            raise ValueError(f"the optimizer lacks {len(missing)} of the model's other parameters (built before "
+                             "to_low_rank, it holds the replaced layers' old biases): build it on "
+                             "lowlearn.lowrank.dense_parameters(model) after converting")
         groups = [{"params": _factors(model)}]
         if optimizer is None and (dense := dense_parameters(model)):
             groups.append({"params": dense})

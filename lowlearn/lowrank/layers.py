@@ -36,8 +36,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from ..checks import is_integer, is_real
+from ..checks import check_untied, is_integer, is_real
 
 
 def check_rank(rank: int, n: int, m: int, what: str = "rank") -> int:
@@ -421,11 +422,14 @@ def to_low_rank(model: nn.Module, layers: Iterable[str], rank: int | Mapping[str
             low-rank layer does not have), or ``""``, the model itself; a ``rank``
             mapping without one of ``layers``.
         ValueError: ``layers`` is one string, not a list of names, a convolution without
-            a low-rank version (grouped, or not zero-padded), or bad rank arguments.
+            a low-rank version (grouped, or not zero-padded), two layers that share their
+            weight, or bad rank arguments.
     """
     if isinstance(layers, str):
         raise ValueError(f"layers must be a list of layer names, not one string ({layers!r}): pass [{layers!r}]")
     modules, layers, new_layers = dict(model.named_modules()), list(layers), {}
+    weights = {name: getattr(modules.get(name), "weight", None) for name in layers}
+    check_untied({name: weight for name, weight in weights.items() if isinstance(weight, Tensor)})
     if isinstance(rank, Mapping) and (missing := [name for name in layers if name not in rank]):
         raise KeyError(f"rank gives no rank for layers {missing}: name every layer of layers in it")
     for name in layers:
@@ -433,6 +437,11 @@ def to_low_rank(model: nn.Module, layers: Iterable[str], rank: int | Mapping[str
         if name == "":
             raise KeyError("'' names the model itself, which to_low_rank cannot replace in place: for a single "
                            "layer, use LowRankLinear.from_linear(layer, ...) or LowRankConv2d(layer, ...)")
+        if layer is not None and parametrize.is_parametrized(layer):
+            raise KeyError(f"{name!r} carries parametrizations (masks, Powerprop) of {sorted(layer.parametrizations)}, "
+                           "which its low-rank factors would lose: convert before masking or Powerprop, or make "
+                           "them permanent first (lowlearn.sparse.mask.squash for masks, "
+                           "torch.nn.utils.parametrize.remove_parametrizations otherwise)")
         if type(layer) not in (nn.Linear, nn.Conv2d):
             kind = "not a module of the model" if layer is None else f"a {type(layer).__name__}"
             raise KeyError(f"{name!r} is {kind}; to_low_rank converts nn.Linear and nn.Conv2d modules (not their "

@@ -63,7 +63,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor, nn
 
-from ..checks import is_real
+from ..checks import check_count, is_real
 from ..distributed import average_across_processes
 from ..reparam import OutputGradients
 from ..train import generator_on, restore_generator
@@ -129,7 +129,7 @@ class Sparsifier(ABC):
         self.model, self.optimizer, self.steps = model, optimizer, 0
         self._layers = dict(layers)
         self._averaged = False                  # the processes' gradient lists are compared at the first average
-        self.generator = torch.Generator(device=weights_device(self._layers)).manual_seed(seed)
+        self.generator = torch.Generator(device=weights_device(self._layers)).manual_seed(check_count("seed", seed, 0))
 
     def layers(self) -> dict[str, nn.Module]:
         """``{name: layer}`` of the layers this sparsifier trains sparsely (others, even masked, are left alone)."""
@@ -535,10 +535,11 @@ class SNFS(DynamicSparsity):
         active, size = sum(self.active.values()), sum(sizes.values())
         if self.schedule is not None and not self.regrow_dropped \
                 and math.floor(self.schedule.drop_fraction * active) > size - active:
+            fix = ("lower drop_fraction to at most (1 - density) / density, or the density" if size > active else
+                   "at density 1 nothing is inactive: pass regrow_dropped=True, or end=None for no mask updates")
             raise ValueError(f"SNFS at density {self.density} drops up to {self.schedule.drop_fraction} of its "
                              f"{active} active weights at an update, more than the {size - active} inactive ones "
-                             "it can regrow into: lower drop_fraction to at most (1 - density) / density, or the "
-                             "density")
+                             f"it can regrow into: {fix}")
 
     def _observe_gradients(self) -> None:
         for name, grad in self.dense_gradients().items():

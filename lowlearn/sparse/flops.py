@@ -41,6 +41,9 @@ Densities = float | Mapping[str, float]
 
 
 def _check_densities(flop_count: FlopCount, densities: Densities) -> Mapping[str, float]:
+    if not isinstance(flop_count, FlopCount):
+        raise TypeError(f"flop_count must be the dense costs lowlearn.cost.count_flops(model, example_input), got "
+                        f"{type(flop_count).__name__} (for a masked model, model_sparse_flops counts both)")
     if not isinstance(densities, Mapping):
         densities = dict.fromkeys(flop_count.per_layer, densities)
     unknown = set(densities) - set(flop_count.per_layer)

@@ -62,7 +62,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..checks import check_count, is_real
+from ..checks import check_count, is_integer, is_real
 from ..reparam import raw_value
 from ..train import History, StopTraining, TrainState
 from .mask import (Mask, all_masks, attach_masks, density, layer_densities, masked_layers, masks_of, raw_weight,
@@ -356,7 +356,7 @@ def random_reinit(model: nn.Module, seed: int = 0) -> None:
     ``φ = sign(θ)|θ|^(1/α)``, so that the layer computes the fresh draw).
     """
     with torch.random.fork_rng(), parametrize.cached():
-        torch.manual_seed(seed)
+        torch.manual_seed(check_count("seed", seed, 0))
         for module in model.modules():
             if not callable(getattr(module, "reset_parameters", None)):
                 continue
@@ -379,7 +379,7 @@ def reshuffle(model: nn.Module, rewind_weights: Mapping[str, Tensor], seed: int 
     :func:`train_control` does). Indexing by a mask reads the kept count from the
     device, once per layer.
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(check_count("seed", seed, 0))
     masks = masks_of(model)
     for name, layer in masked_layers(model).items():
         theta, keep = raw_weight(layer), masks[name]
@@ -432,7 +432,7 @@ def random_mask(model: nn.Module, rewind_weights: Mapping[str, Tensor], seed: in
     if not layers:
         return
     current = masks_of(model)
-    generator = torch.Generator(device=weights_device(layers)).manual_seed(seed)
+    generator = torch.Generator(device=weights_device(layers)).manual_seed(check_count("seed", seed, 0))
     counts = torch.stack([m.count_nonzero() for m in current.values()]).tolist()
     new = {name: top_k_mask(alive_scores(s, _rewind_mask(rewind_weights, name, layers[name]), name), k)
            for (name, s), k in zip(random(model, generator).items(), counts)}
@@ -477,10 +477,10 @@ def train_control(
         raise ValueError(f"control must be one of {', '.join(map(repr, CONTROLS))} or None, got {control!r}")
     if not isinstance(ticket, TicketRound):
         rounds = len(lottery.rounds)
-        if isinstance(ticket, bool) or not isinstance(ticket, int) or not -rounds <= ticket < rounds:
+        if not is_integer(ticket) or not -rounds <= ticket < rounds:
             raise ValueError(f"ticket must be a TicketRound of the lottery or the index of one of its {rounds} "
                              f"rounds, got {ticket!r}")
-        ticket = lottery.rounds[ticket]
+        ticket = lottery.rounds[int(ticket)]
     net = copy.deepcopy(model)
     attach_masks(net, ticket.masks)
     set_masks(net, ticket.masks)
@@ -576,6 +576,10 @@ class EarlyBird:
         found_at: the step at which the ticket was found, or ``None``.
         mask: the masks at ``found_at`` (``{layer name: boolean}``, on the
             model's device), ready for :func:`~lowlearn.sparse.mask.set_masks`.
+
+    Raises:
+        ValueError: a bad ``density``, ``every``, ``threshold`` or ``window``.
+        TypeError: ``scores`` that are not a function (scores themselves, say).
     """
 
     def __init__(
@@ -595,6 +599,9 @@ class EarlyBird:
                              f"two masks disagree on), got {threshold!r}")
         self.density = check_density(density)
         self.every, self.threshold, self.window = every, threshold, window
+        if not callable(scores):
+            raise TypeError(f"scores must be a function scores(model) -> {{layer name: scores}}, such as "
+                            f"lowlearn.sparse.scores.magnitude, got {type(scores).__name__}")
         self.scores, self.stop = scores, stop
         self.distances: list[float] = []
         self.found_at: int | None = None

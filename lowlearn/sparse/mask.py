@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..checks import check_untied
 from ..optim_state import reset_optimizer_state
 from ..reparam import register, remove
 
@@ -196,8 +197,14 @@ def resolve_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, 
 
     Raises:
         KeyError: a name that is not a module of the model, listing its prunable layers.
-        ValueError: a module without a weight tensor.
+        ValueError: a module without a weight tensor, or two layers that share their weight.
     """
+    chosen = _named_layers(model, layers)
+    check_untied({name: raw_weight(layer) for name, layer in chosen.items()})
+    return chosen
+
+
+def _named_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, nn.Module]:
     if layers is None:
         return prunable_layers(model)
     if isinstance(layers, str):

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..checks import is_integer
+from ..checks import check_count, is_integer
 from ..optim_state import reset_optimizer_state
 from ..reparam import raw_value, register
 from ..train import generator_on, restore_generator
@@ -88,7 +88,7 @@ class PackNet:
             register(layer, "weight", SplitMask(keep, keep, layer.weight.dtype))
         self.owner = {name: torch.zeros_like(layer.weight, dtype=torch.int16) for name, layer in self.layers.items()}
         self.generator = torch.Generator(device=weights_device(self.layers))
-        self.generator.manual_seed(seed)
+        self.generator.manual_seed(check_count("seed", seed, 0))
 
     def _follow_model(self) -> None:
         """Move each layer's owners to the device of its weight (the model may have moved since)."""

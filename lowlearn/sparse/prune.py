@@ -27,6 +27,8 @@ def check_density(value: float, what: str = "density") -> float:
 
     NumPy scalars count as numbers; ``bool`` and tensors do not (pass ``float(t)``).
     """
+    if isinstance(value, Tensor):
+        raise ValueError(f"{what} must be a number, got a tensor ({value!r}): pass float(t)")
     density = as_float(value)
     if not 0.0 < density <= 1.0:                                         # NaN compares False
         raise ValueError(f"{what} must be in (0, 1] (the fraction of weights kept), got {value!r}; "
@@ -35,7 +37,12 @@ def check_density(value: float, what: str = "density") -> float:
 
 
 def check_some_layer(layers: Mapping[str, object] | Iterable[str]) -> None:
-    """Raise a ValueError if ``layers`` (scores by layer name, or layer names) names no layer to prune."""
+    """Raise a ValueError if ``layers`` (scores by layer name, or layer names) names no layer to prune, and a
+    TypeError for a score function or a tensor in their place."""
+    if callable(layers) or isinstance(layers, Tensor):
+        given = getattr(layers, "__name__", type(layers).__name__)
+        raise TypeError(f"pass scores by layer name, such as lowlearn.sparse.scores.magnitude(model) (a dictionary "
+                        f"{{layer name: scores}}), not {given}")
     if not layers:
         raise ValueError("no layer to prune: pass scores by layer name, e.g. lowlearn.sparse.scores.magnitude(model) "
                          "(or layer names), for a model with Linear/Conv2d layers")
@@ -137,6 +144,7 @@ def prune(
             (or the model) still keeps (pruning cannot bring weights back), scores of
             the wrong shape or with NaN, or an unknown ``scope``.
         KeyError: a layer name (of ``scores`` or ``density``) that is not in the model.
+        TypeError: a score function or one tensor in place of scores by layer name.
     """
     check_some_layer(scores)
     current = masks_or_ones(model, scores)               # the model is changed only once the input is checked

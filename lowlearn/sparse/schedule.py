@@ -191,6 +191,7 @@ class GradualPruning:
             ``end`` not an integer, ``begin < 1``, ``every < 1``, or an ``allocation`` with
             ``scope="global"``; at the first pruning step, a ``final_density`` the
             ``allocation`` refuses (rather than later in training, when it is reached).
+        TypeError: a ``score`` that is not a function (scores themselves, say).
     """
 
     def __init__(
@@ -212,6 +213,9 @@ class GradualPruning:
         _check_scope(scope, allocation)
         self.final_density, self.initial_density = final_density, initial_density
         self.begin, self.end, self.every = begin, end, every
+        if not callable(score):
+            raise TypeError(f"score must be a function score(model) -> {{layer name: scores}}, such as "
+                            f"lowlearn.sparse.scores.magnitude, got {type(score).__name__}")
         self.score, self.scope, self.allocation = score, scope, allocation
 
     def prunes_at(self, step: int) -> bool:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..checks import check_count
+from ..checks import check_batch, check_count
 from ..train import eval_mode, generator_on
 from .mask import resolve_layers, masked_layers, masks_of, prunable_layers, raw_weight, weights_device
 
@@ -115,7 +115,7 @@ def snip(model: nn.Module, batch: Batch, loss_fn: LossFn = F.cross_entropy) -> d
     Returns:
         ``{layer name: |g ⊙ w|}`` for the scored layers.
     """
-    x, y = batch
+    x, y = check_batch(batch)
     with _effective_weights(model) as weights:
         grads = torch.autograd.grad(loss_fn(model(x), y), list(weights.values()), materialize_grads=True)
     return {name: (g * w).abs().detach() for (name, w), g in zip(weights.items(), grads)}
@@ -166,7 +166,7 @@ def obd(
         ``{layer name: ½ ĥ_ii w_i²}`` for the scored layers.
     """
     check_count("samples (Rademacher vectors)", samples, 1)
-    x, y = batch
+    x, y = check_batch(batch)
     generator = _on_the_layers_device(generator, scored_layers(model))
     masks = masks_of(model)
     with _effective_weights(model) as weights:
