@@ -375,11 +375,11 @@ def fit(
             positive integer, a ``seed`` that is not an integer in ``[0, 2**64)``, data
             that are not an ``(inputs, targets)`` pair of tensors of one length,
             ``eval_every`` without ``eval_data``, a ``start_step`` at or after the end,
-            ``bf16`` off CUDA, or, in a process group, batches smaller than the
-            number of processes or models of different shapes on the processes; all
-            before the first step, and all but the last two before the generators are
-            seeded or the model moves. At the first step: a ``loss_fn`` that does not
-            return one number per batch (e.g. ``reduction="none"``).
+            ``bf16`` off CUDA, a ``device`` this machine lacks, or, in a process group,
+            batches smaller than the number of processes or models of different shapes
+            on the processes; all before the first step, and all but the last two
+            before the generators are seeded or the model moves. At the first step: a
+            ``loss_fn`` that does not return one number per batch (e.g. ``reduction="none"``).
         TypeError: ``callbacks`` that are not a list of callables.
         NonFiniteLossError: the loss became NaN or infinite; the message names the
             first such step.
@@ -408,7 +408,7 @@ def fit(
         raise TypeError(f"callbacks must be a list of functions callback(state), got {callbacks!r}: pass [callback] "
                         "for one")
 
-    device = torch.device(device) if device is not None else default_device()
+    device = available_device(device) if device is not None else default_device()
     if start_step == 0:
         seed_everything(seed + rank)             # each process its own draws (dropout, batch_transform) ...
     order = torch.Generator().manual_seed(seed)  # ... and all the same batches
@@ -566,14 +566,15 @@ def evaluate(
 
     Raises:
         ValueError: a ``batch_size`` that is not a positive integer, data that are not a
-            non-empty ``(inputs, targets)`` pair of tensors of one length, ``bf16`` off CUDA, or a
-            ``loss_fn`` that does not return one number per batch (e.g. ``reduction="none"``).
+            non-empty ``(inputs, targets)`` pair of tensors of one length, ``bf16`` off CUDA, a
+            ``device`` this machine lacks, or a ``loss_fn`` that does not return one number
+            per batch (e.g. ``reduction="none"``).
     """
     batch_size = check_count("batch_size", batch_size, 1)
     if device is None:
         tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
         device = tensor.device if tensor is not None else default_device()
-    device = torch.device(device)
+    device = available_device(device)
     x, y = _as_tensors(data, device)
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)

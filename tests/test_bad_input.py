@@ -306,3 +306,15 @@ def test_to_low_rank_of_a_parametrized_layer_says_to_convert_first(wrap):
     wrap(model)
     with pytest.raises(KeyError, match="carries parametrizations .* convert before masking or Powerprop"):
         to_low_rank(model, ["0"], 3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device, message", [("cuda", "CUDA is not available here; use cpu"),
+                                             ("gpu", "unknown device 'gpu'; e.g. cpu or cuda")])
+def test_fit_and_evaluate_name_a_device_the_machine_lacks(device, message):
+    """Not torch's "AssertionError: Torch not compiled with CUDA enabled", or its list of 20 device types."""
+    model, data = MLP(4, (8,), 3), (torch.randn(10, 4), torch.randint(0, 3, (10,)))
+    with pytest.raises(ValueError, match=message):
+        fit(model, data, torch.optim.SGD(model.parameters(), 0.1), steps=1, device=device, progress=False)
+    with pytest.raises(ValueError, match=message):
+        evaluate(model, data, device=device)
