@@ -32,7 +32,7 @@ def check_count(name: str, value: int, minimum: int) -> int:
     return int(value)
 
 
-def check_scalar_loss(loss) -> None:
+def check_scalar_loss(loss: torch.Tensor) -> None:
     """Raise a ValueError unless the tensor ``loss`` that a ``loss_fn`` returned is one number, the mean loss."""
     if loss.dim() != 0:
         raise ValueError(f"loss_fn must return the mean loss, one number; it returned a tensor of shape "

@@ -118,7 +118,7 @@ def _check_alike(tensors: list[Tensor | None], problem: str, advice: str) -> Non
     if not differ:
         detail = f"{len(gathered[0])} tensors on process 0, {len(gathered[other])} on process {other}"
     else:
-        i, (first, theirs) = differ[0][0], differ[0][1:]
+        i, first, theirs = differ[0]
         if first is None or theirs is None:
             missing, present = (0, other) if first is None else (other, 0)
             detail = f"tensor {i} is None on process {missing} but not on process {present}"

@@ -447,9 +447,9 @@ class GrowthSchedule:
         **options: passed on to :func:`grow` (``loss_fn``, ``scale``, ``epsilon``, ``generator`` ...).
 
     Raises:
-        ValueError: ``k``, ``every`` or ``target`` not a positive integer, a negative ``layer``, an unknown
-            strategy, GradMax without ``batch``, or a ``scale``, ``epsilon`` or ``noise``
-            that :func:`grow` refuses.
+        ValueError: ``k``, ``every`` or ``target`` not a positive integer, a ``layer`` that
+            is not an integer >= 0, an unknown strategy, GradMax without ``batch``, or a
+            ``scale``, ``epsilon`` or ``noise`` that :func:`grow` refuses.
         TypeError: an option that :func:`grow` does not take, or one the schedule sets
             itself (``max_width`` is ``target``, ``optimizer`` the training loop's).
         RuntimeError: at the first growth, in a ``torch.distributed`` process group of

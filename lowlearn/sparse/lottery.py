@@ -68,7 +68,7 @@ from ..train import History, StopTraining, TrainState
 from .mask import (Mask, all_masks, attach_masks, density, layer_densities, masked_layers, masks_of, raw_weight,
                    set_masks, weights_device, zero_under_masks)
 from .prune import alive_scores, top_k_mask, check_density, kept_count, prune
-from .scores import magnitude, random
+from .scores import check_score_function, magnitude, random
 
 Train = Callable[[nn.Module, list], History]
 CONTROLS = ("reinit", "reshuffle", "constant", "random_mask")
@@ -597,11 +597,9 @@ class EarlyBird:
         if not is_real(threshold) or not 0 < threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1] (ε, a mask distance: the fraction of all weights that "
                              f"two masks disagree on), got {threshold!r}")
+        check_score_function("scores", scores)
         self.density = check_density(density)
         self.every, self.threshold, self.window = every, threshold, window
-        if not callable(scores):
-            raise TypeError(f"scores must be a function scores(model) -> {{layer name: scores}}, such as "
-                            f"lowlearn.sparse.scores.magnitude, got {type(scores).__name__}")
         self.scores, self.stop = scores, stop
         self.distances: list[float] = []
         self.found_at: int | None = None

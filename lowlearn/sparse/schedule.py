@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..checks import check_count, is_integer, is_real
 from .mask import masks_or_ones
 from .prune import check_density, prune
-from .scores import magnitude
+from .scores import check_score_function, magnitude
 
 Allocation = Callable[[nn.Module, float], Mapping[str, float]]
 
@@ -211,11 +211,9 @@ class GradualPruning:
         cubic_density(begin, final_density, begin, end, initial_density)   # validates the arguments
         check_count("every (steps between prunings)", every, 1)
         _check_scope(scope, allocation)
+        check_score_function("score", score)
         self.final_density, self.initial_density = final_density, initial_density
         self.begin, self.end, self.every = begin, end, every
-        if not callable(score):
-            raise TypeError(f"score must be a function score(model) -> {{layer name: scores}}, such as "
-                            f"lowlearn.sparse.scores.magnitude, got {type(score).__name__}")
         self.score, self.scope, self.allocation = score, scope, allocation
 
     def prunes_at(self, step: int) -> bool:

@@ -52,6 +52,13 @@ def _on_the_layers_device(generator: torch.Generator | None, layers: dict[str, n
     return generator_on(generator, weights_device(layers)) if layers else generator
 
 
+def check_score_function(name: str, score: object) -> None:
+    """Raise a TypeError unless ``score`` is a function ``score(model) -> {layer name: scores}`` (not the scores)."""
+    if not callable(score):
+        raise TypeError(f"{name} must be a function {name}(model) -> {{layer name: scores}}, such as "
+                        f"lowlearn.sparse.scores.magnitude, got {type(score).__name__}")
+
+
 @torch.no_grad()
 def magnitude(model: nn.Module) -> dict[str, Tensor]:
     """``|w|``: the data-oblivious criterion of Han et al. (2015), "Learning both weights
