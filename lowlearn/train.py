@@ -139,6 +139,14 @@ def draws_on(generator: torch.Generator, device: torch.device | str) -> bool:
     return generator.device.type == device.type and (index == device.index or None in (index, device.index))
 
 
+def check_draws_on(generator: torch.Generator | None, device: torch.device | str, what: str) -> None:
+    """Raise a ValueError unless ``generator`` is ``None`` or draws on ``device``, where ``what`` (plural, such as
+    "the images") are."""
+    if generator is not None and not draws_on(generator, device):
+        raise ValueError(f"the generator is on {generator.device} but {what} are on {device}; create it with "
+                         f"torch.Generator(device={str(device)!r})")
+
+
 def generator_on(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
     """``generator`` if it draws on ``device``; otherwise a new generator there, seeded by a draw from ``generator``.
 

@@ -318,3 +318,14 @@ def test_fit_and_evaluate_name_a_device_the_machine_lacks(device, message):
         fit(model, data, torch.optim.SGD(model.parameters(), 0.1), steps=1, device=device, progress=False)
     with pytest.raises(ValueError, match=message):
         evaluate(model, data, device=device)
+
+
+def test_augmentations_name_a_generator_on_another_device_than_the_images():
+    """Images on another device (here meta, standing in for a GPU) than a CPU generator: not torch's raw error."""
+    from lowlearn.data.augment import random_affine
+    from lowlearn.data.cifar import augment_cifar
+    images = torch.zeros(2, 3, 8, 8, device="meta")
+    for augment in (random_affine, augment_cifar):
+        with pytest.raises(ValueError, match=r"the generator is on cpu but the images are on meta; create it with "
+                                             r"torch.Generator\(device='meta'\)"):
+            augment(images, torch.Generator())

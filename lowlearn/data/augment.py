@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..checks import check_non_negative, is_integer
+from ..train import check_draws_on
 
 
 def random_affine(images: Tensor, generator: torch.Generator | None = None, *, rotation: float = 10.0,
@@ -36,7 +37,12 @@ def random_affine(images: Tensor, generator: torch.Generator | None = None, *, r
 
     Returns:
         The images, each warped (:func:`warp`) by its own random matrix, as a new tensor of the same shape.
+
+    Raises:
+        ValueError: a generator on another device than the images, or a range that
+            :func:`random_affine_matrices` refuses.
     """
+    check_draws_on(generator, images.device, "the images")
     flat = images.reshape(-1, *images.shape[-3:])
     theta = random_affine_matrices(flat.shape[0], generator, rotation=rotation, scale=scale, shear=shear,
                                    shift=shift, device=images.device)

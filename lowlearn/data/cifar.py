@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..train import draws_on
+from ..train import check_draws_on
 from .cache import DataError, Resource, fetch
 from .splits import Splits, make_splits
 
@@ -159,9 +159,7 @@ def augment_cifar(x: torch.Tensor, generator: torch.Generator | None = None) -> 
     """
     if x.ndim != 4:
         raise ValueError(f"augment_cifar expects a batch (B, C, H, W), got shape {tuple(x.shape)}")
-    if generator is not None and not draws_on(generator, x.device):
-        raise ValueError(f"the generator is on {generator.device} but the images are on {x.device}; "
-                         f"create it with torch.Generator(device=x.device)")
+    check_draws_on(generator, x.device, "the images")
     batch, channels, height, width = x.shape
     padded = F.pad(x, (_PAD, _PAD, _PAD, _PAD))
     offsets = torch.randint(0, 2 * _PAD + 1, (2, batch, 1), generator=generator, device=x.device)
