@@ -3,20 +3,19 @@
 import re
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from lowlearn.data.cache import DatasetNotFoundError
+from lowlearn.data.cache import DatasetNotFoundError, data_root
 from lowlearn.data.episodes import Episode
 from lowlearn.data.omniglot import OneShotRun
 from lowlearn.eval import omniglot_runs
 from lowlearn.meta import ProtoNet
 from lowlearn.profiles import get_profile
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = data_root()          # $LOWLEARN_DATA, as .ci/run sets it
 needs_real_data = pytest.mark.skipif(not (SHARED_DATA / "omniglot" / "images_background_small2.zip").is_file(),
                                      reason=f"the Omniglot small sets are not in {SHARED_DATA / 'omniglot'}")
 

@@ -164,9 +164,10 @@ def test_vgg_width_keeps_at_least_one_channel():
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
-@pytest.mark.parametrize("kwargs", [{"depth": 12}, {"width": 0}])
-def test_vgg_rejects_bad_arguments(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, message", [({"depth": 12}, r"VGG depth must be one of \[11, 13, 16, 19\], got 12"),
+                                             ({"width": 0}, "width")])
+def test_vgg_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         VGG(**kwargs)
 
 

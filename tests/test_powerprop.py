@@ -487,3 +487,26 @@ def test_topkast_penalises_the_effective_weight_under_powerprop():
         forward, backward = masks_of(model)[name], sparsifier.backward_masks()[name]
         expected += theta[forward].abs().sum() + theta[backward & ~forward].abs().sum() / 0.25
     assert sparsifier.penalty().item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_output_gradients_read_dtheta_of_a_powerprop_weight_at_every_alpha_including_one():
+    """OutputGradients(kind=PowerProp) reads ∂L/∂θ, θ = Ψ(φ), also at α = 1, where Ψ is the identity: the
+    parametrization then hands out a view of φ (a new tensor, which the hook sees), not the leaf φ itself.
+    Reference: ∂L/∂θ by autograd on a plain tensor θ."""
+    from torch import nn
+
+    from lowlearn.reparam import OutputGradients
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for alpha in (1, 2, 1.5):
+        torch.manual_seed(1)
+        layer = powerprop(nn.Sequential(nn.Linear(4, 3)).double(), alpha)[0]
+        recorder = OutputGradients({"w": layer}, PowerProp)
+        recorder.start()
+        layer(x).square().sum().backward()
+        theta = layer.weight.detach().clone().requires_grad_()
+        expected, = torch.autograd.grad(F.linear(x, theta, layer.bias.detach()).square().sum(), theta)
+        assert "w" in recorder.grads, f"alpha={alpha}: no gradient recorded"
+        torch.testing.assert_close(recorder.grads["w"], expected, rtol=1e-12, atol=1e-12)
+    one = powerprop(nn.Sequential(nn.Linear(4, 3)), 1)[0]
+    phi = one.parametrizations.weight.original
+    assert torch.equal(one.weight, phi) and one.weight is not phi and not one.weight.is_leaf

@@ -36,7 +36,7 @@ def test_banner_names_the_profile_the_device_it_is_given_and_torch(monkeypatch):
 
 def test_banner_refuses_a_device_the_machine_lacks(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="'cuda' was asked for, but CUDA is not available here"):
         banner(get_profile("smoke"), "cuda")
 
 

@@ -207,11 +207,21 @@ def test_a_binary_classifier_with_one_logit_per_target_predicts_class_1_where_it
         assert evaluate(model, (x, y), loss_fn=binary, device="cpu")["accuracy"] == 3 / 4
 
 
-def test_seeds_outside_numpys_range_work():
+def test_seeds_outside_numpys_range_fix_the_draws():
+    """A negative seed and one above 2**32 still make Python's, NumPy's and torch's draws repeat."""
+    import random
+
+    import numpy as np
+
     from lowlearn.train import seed_everything
 
-    for seed in (-1, 2**32 + 5):
+    def draws(seed):
         seed_everything(seed)
+        return random.random(), np.random.rand(), torch.rand(()).item()
+
+    for seed in (-1, 2**32 + 5):
+        assert draws(seed) == draws(seed)
+    assert draws(-1) != draws(1)
 
 
 def noisy_model(seed=0):

@@ -171,7 +171,10 @@ def paired_ratio(rounds: Mapping[str, list[float]], case: str, reference: str) -
     of the rounds' ratios) show how far one round's ratio wanders: a goal within
     them is neither clearly met nor clearly missed.
     """
-    ratios = [c / r for c, r in zip(rounds[case], rounds[reference], strict=True)]
+    if len(rounds[case]) != len(rounds[reference]):
+        raise ValueError(f"{case!r} has {len(rounds[case])} rounds and {reference!r} {len(rounds[reference])}: a ratio "
+                         "pairs the rounds of one run of interleaved_rounds")
+    ratios = [c / r for c, r in zip(rounds[case], rounds[reference])]
     if len(ratios) == 1:
         return Ratio(ratios[0], ratios[0], ratios[0])
     low, median, high = statistics.quantiles(ratios, n=4, method="inclusive")

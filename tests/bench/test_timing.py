@@ -62,7 +62,7 @@ def test_paired_ratio_takes_each_round_s_ratio_then_their_median_and_quartiles()
     assert timing.middle_half(1.234, 5.678) == "1.23-5.68"                              # as the tables print it
     assert timing.paired_ratio(rounds, "reference", "reference") == timing.Ratio(1.0, 1.0, 1.0)
     assert timing.paired_ratio({"a": [3.0], "b": [2.0]}, "a", "b") == timing.Ratio(1.5, 1.5, 1.5)
-    with pytest.raises(ValueError):                                           # rounds that do not pair up
+    with pytest.raises(ValueError, match="'a' has 2 rounds and 'b' 1"):          # rounds that do not pair up
         timing.paired_ratio({"a": [1.0, 2.0], "b": [1.0]}, "a", "b")
 
 

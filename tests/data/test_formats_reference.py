@@ -24,12 +24,12 @@ import torch
 from PIL import Image
 
 from lowlearn.data import cifar, mnist, omniglot
-from lowlearn.data.cache import Resource, sha256_of
+from lowlearn.data.cache import Resource, data_root, sha256_of
 from lowlearn.data.mnist import load_mnist, read_idx
 from lowlearn.data.omniglot import Omniglot, load_omniglot
 from lowlearn.data.tasks import SinusoidTasks
 
-SMALL1 = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "omniglot" / "images_background_small1.zip"
+SMALL1 = data_root() / "omniglot" / "images_background_small1.zip"        # $LOWLEARN_DATA, as .ci/run sets it
 
 
 # ------------------------------------------------------------------ MNIST (IDX)

@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 
 from lowlearn.data import omniglot
-from lowlearn.data.cache import ENV_VAR, ChecksumError, DataError, DatasetNotFoundError, Resource, UnsafeArchiveError
+from lowlearn.data.cache import (ENV_VAR, ChecksumError, DataError, DatasetNotFoundError, Resource, UnsafeArchiveError,
+                                 data_root)
 from lowlearn.data.omniglot import Omniglot, load_omniglot, load_omniglot_runs
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SHARED_DATA = data_root()          # $LOWLEARN_DATA, as .ci/run sets it
 needs_real_data = pytest.mark.skipif(
     not (SHARED_DATA / "omniglot" / "images_background_small1.zip").is_file()
     or not (SHARED_DATA / "omniglot" / "images_background_small2.zip").is_file(),

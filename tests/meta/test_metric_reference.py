@@ -359,3 +359,15 @@ def test_a_test_shift_as_large_as_the_images_is_an_error_that_names_test_shift()
     episode = random_episodes(1, 2, 1, 1, image_size=6)
     with pytest.raises(ValueError, match="test_shift=6 pixels would shift 6x6 images out of view: use a shift below 6"):
         model(episode.support_x, episode.support_y, episode.query_x)
+
+
+def test_squared_distances_are_never_negative_even_where_rounding_would_make_them_so():
+    """‖a − b‖² ≥ 0 for every pair, as the docstring's clamp at zero promises: float32 embeddings with coinciding
+    rows, where ‖a‖² − 2a·b + ‖b‖² rounds below zero. Reference: float64 cdist², within float32 rounding."""
+    from lowlearn.meta.metric import squared_distances
+    generator = torch.Generator().manual_seed(0)
+    b = 3 + torch.randn(2, 5, 64, generator=generator)          # prototypes with a shared offset (ReLU-like)
+    a = torch.cat([b, b + 1e-3 * torch.randn(2, 5, 64, generator=generator)], dim=1)   # queries on and near them
+    d = squared_distances(a, b)
+    assert (d >= 0).all()
+    torch.testing.assert_close(d.double(), torch.cdist(a.double(), b.double()) ** 2, rtol=1e-4, atol=1e-4)

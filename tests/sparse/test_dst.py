@@ -609,8 +609,10 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"density of '1' must be in \(0, 1\]"):
         RigL(small_mlp(), None, 0.5, end=1000, distribution=lambda model, d: {"1": 1.5, "3": d, "5": d})
     model = small_mlp()
-    for bad in ({"distribution": "ekr"}, {"drop_fraction": 1.5}, {"layers": ["1", "fc9"]}):
-        with pytest.raises((ValueError, KeyError)):
+    for bad, error, message in (({"distribution": "ekr"}, ValueError, "unknown distribution 'ekr'"),
+                                ({"drop_fraction": 1.5}, ValueError, r"drop_fraction \(α\) must be in \(0, 1\)"),
+                                ({"layers": ["1", "fc9"]}, KeyError, "the model has no layer 'fc9'")):
+        with pytest.raises(error, match=message):
             RigL(model, None, 0.5, end=1000, **bad)
         assert not masks_of(model), bad                          # a refused sparsifier leaves the model as it was
     with pytest.raises(ValueError, match=r"lower drop_fraction to at most \(1 - density\) / density"):
@@ -726,7 +728,7 @@ def test_a_refused_update_changes_no_count_and_no_mask():
     for fraction in (-0.1, 1.5, float("nan"), "0.3"):
         with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\]"):
             sparsifier.update(fraction)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot grow 48 weights: only 14 of 48 can be grown"):
         sparsifier.update(0.3)
     assert sparsifier.active == active == counts(model)
     assert all(torch.equal(mask, masks[name]) for name, mask in masks_of(model).items())

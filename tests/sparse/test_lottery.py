@@ -428,7 +428,7 @@ def test_mask_overlap_and_distance_by_hand():
     assert mask_overlap(a, b) == pytest.approx(2 / 5)
     assert mask_distance(a, b) == pytest.approx(3 / 8)
     assert mask_overlap(a, a) == 1.0 and mask_distance(a, a) == 0.0
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="the masks cover different layers"):
         mask_overlap(a, {"x": b["x"]})
     with pytest.raises(ValueError, match="no masks to compare"):
         mask_distance({}, {})

@@ -186,3 +186,14 @@ def test_optimizer_state_of_pruned_weights_is_zeroed():
         assert (optimizer.state[theta][key][~masks["1"]] == 0).all()
         assert (optimizer.state[theta][key][masks["1"]] != 0).any()
     assert layer_densities(model)["1"] == 0.25
+
+
+def test_global_pruning_to_the_density_the_model_already_has_is_allowed_and_changes_nothing():
+    """Masks only shrink, but pruning to exactly the weights still kept is no growth: accepted, masks unchanged
+    (as with scope='layer')."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    first = prune(model, magnitude(model), 0.4, scope="global")
+    again = prune(model, magnitude(model), 0.4, scope="global")
+    assert first.keys() == again.keys() and all(torch.equal(first[name], again[name]) for name in first)
+    assert sum(int(m.sum()) for m in masks_of(model).values()) == round(0.4 * (6 * 5 + 5 * 3))
