@@ -15,9 +15,9 @@ from lowlearn.eval import omniglot_runs
 from lowlearn.meta import ProtoNet
 from lowlearn.profiles import get_profile
 
-SHARED_DATA = data_root()          # $LOWLEARN_DATA, as .ci/run sets it
-needs_real_data = pytest.mark.skipif(not (SHARED_DATA / "omniglot" / "images_background_small2.zip").is_file(),
-                                     reason=f"the Omniglot small sets are not in {SHARED_DATA / 'omniglot'}")
+DATA = data_root()          # $LOWLEARN_DATA, as .ci/run sets it
+needs_real_data = pytest.mark.skipif(not (DATA / "omniglot" / "images_background_small2.zip").is_file(),
+                                     reason=f"the Omniglot small sets are not in {DATA / 'omniglot'}")
 
 
 def synthetic_runs(count=2, size=28, seed=0):
@@ -79,7 +79,7 @@ def test_a_channels_last_embedding_computes_the_same_function(method):
 @pytest.mark.parametrize("method", omniglot_runs.METHODS)
 def test_heldout_evaluation_and_checkpoints_that_are_never_overwritten(method, tmp_path, capsys):
     checkpoint = tmp_path / "learner.pt"
-    common = ["--profile", "smoke", "--method", method, "--data", str(SHARED_DATA), "--background", "small1",
+    common = ["--profile", "smoke", "--method", method, "--data", str(DATA), "--background", "small1",
               "--test", "heldout", "--episodes", "4", "--device", "cpu"]
     omniglot_runs.main(common + ["--save", str(checkpoint)])
     trained = capsys.readouterr().out
@@ -100,7 +100,7 @@ def test_heldout_evaluation_and_checkpoints_that_are_never_overwritten(method, t
 
 @needs_real_data
 def test_the_same_seed_gives_the_same_learner_and_error(capsys):
-    common = ["--profile", "smoke", "--data", str(SHARED_DATA), "--background", "small1", "--test", "heldout",
+    common = ["--profile", "smoke", "--data", str(DATA), "--background", "small1", "--test", "heldout",
               "--episodes", "4", "--device", "cpu"]
     outputs = []
     for seed in ("3", "3", "4"):
@@ -122,7 +122,7 @@ def test_test_time_views_override_the_profile_for_the_learners_that_have_them(mo
         return scored(learner, *args)
 
     monkeypatch.setattr(omniglot_runs, "episode_errors", episode_errors)
-    common = ["--profile", "smoke", "--data", str(SHARED_DATA), "--background", "small1", "--test", "heldout",
+    common = ["--profile", "smoke", "--data", str(DATA), "--background", "small1", "--test", "heldout",
               "--episodes", "2", "--steps", "1", "--device", "cpu"]
     omniglot_runs.main(common + ["--test-rotations", "--test-shift", "2", "--refine-steps", "3"])
     omniglot_runs.main(common + ["--no-test-rotations", "--test-shift", "0", "--refine-steps", "0"])
@@ -152,13 +152,13 @@ def test_heldout_needs_alphabets_the_background_lacks_and_says_so_before_loading
 @needs_real_data
 def test_held_out_refuses_a_background_set_that_holds_every_small2_alphabet():
     with pytest.raises(ValueError, match="none is held out"):
-        omniglot_runs.held_out(omniglot_runs.background("small1,small2", 28, str(SHARED_DATA)), 28, str(SHARED_DATA))
+        omniglot_runs.held_out(omniglot_runs.background("small1,small2", 28, str(DATA)), 28, str(DATA))
 
 
 @needs_real_data
 def test_the_held_out_alphabets_are_the_small2_ones_never_meta_trained_on(monkeypatch):
-    small1 = omniglot_runs.background("small1", 28, str(SHARED_DATA))
-    test = omniglot_runs.held_out(small1, 28, str(SHARED_DATA))
+    small1 = omniglot_runs.background("small1", 28, str(DATA))
+    test = omniglot_runs.held_out(small1, 28, str(DATA))
     assert test.alphabets == ["Japanese_(katakana)", "Sanskrit", "Tagalog"] and test.num_characters == 106
     assert not set(test.alphabets) & set(small1.alphabets) and not set(test.characters) & set(small1.characters)
     assert omniglot_runs.run_alphabets(test) == ["Japanese_(katakana)", "Sanskrit"]      # Tagalog: 17 characters
@@ -213,7 +213,7 @@ def test_a_file_that_appears_at_the_save_path_during_training_is_kept_and_the_le
         return losses
 
     monkeypatch.setattr(omniglot_runs, "train", train_while_another_run_saves)
-    omniglot_runs.main(["--profile", "smoke", "--data", str(SHARED_DATA), "--background", "small1", "--test",
+    omniglot_runs.main(["--profile", "smoke", "--data", str(DATA), "--background", "small1", "--test",
                         "heldout", "--steps", "1", "--episodes", "2", "--device", "cpu", "--save", str(save)])
     out = capsys.readouterr().out
     assert f"saved to {tmp_path / 'learner-1.pt'} ({save} appeared during the training and is kept)" in out
@@ -229,7 +229,7 @@ def test_a_learner_that_could_not_be_saved_fails_the_command_after_the_evaluatio
 
     monkeypatch.setattr(omniglot_runs, "save_checkpoint", full_disk)
     with pytest.raises(SystemExit, match="the learner was not saved: .*No space left on device"):
-        omniglot_runs.main(["--profile", "smoke", "--data", str(SHARED_DATA), "--background", "small1", "--test",
+        omniglot_runs.main(["--profile", "smoke", "--data", str(DATA), "--background", "small1", "--test",
                             "heldout", "--steps", "1", "--episodes", "2", "--device", "cpu", "--save",
                             str(tmp_path / "learner.pt")])
     assert "2 episodes: error" in capsys.readouterr().out
@@ -284,7 +284,7 @@ def test_the_command_prints_each_runs_error_their_mean_and_the_t_interval(tmp_pa
 
 @needs_real_data
 def test_zero_steps_score_the_untrained_learner(capsys):
-    omniglot_runs.main(["--profile", "smoke", "--data", str(SHARED_DATA), "--background", "small1", "--test",
+    omniglot_runs.main(["--profile", "smoke", "--data", str(DATA), "--background", "small1", "--test",
                         "heldout", "--steps", "0", "--episodes", "2", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "no training steps" in out and "2 episodes: error" in out
@@ -293,7 +293,7 @@ def test_zero_steps_score_the_untrained_learner(capsys):
 @needs_real_data
 def test_a_checkpoint_of_another_method_background_or_profile_is_refused(tmp_path, capsys, monkeypatch):
     checkpoint = tmp_path / "protonet.pt"
-    common = ["--data", str(SHARED_DATA), "--background", "small1", "--test", "heldout", "--episodes", "2",
+    common = ["--data", str(DATA), "--background", "small1", "--test", "heldout", "--episodes", "2",
               "--device", "cpu"]
     omniglot_runs.main(common + ["--profile", "smoke", "--steps", "1", "--save", str(checkpoint)])
     saved = "saved with {'method': 'protonet', 'background': 'small1', 'profile': 'smoke'}"
@@ -303,7 +303,7 @@ def test_a_checkpoint_of_another_method_background_or_profile_is_refused(tmp_pat
     # Scoring the runs as if the learner had seen only small2: refused, it was trained on small1.
     monkeypatch.setattr(omniglot_runs, "load_omniglot_runs", lambda root, image_size: synthetic_runs(20))
     with pytest.raises(SystemExit, match=saved):
-        omniglot_runs.main(["--data", str(SHARED_DATA), "--background", "small2", "--device", "cpu", "--profile",
+        omniglot_runs.main(["--data", str(DATA), "--background", "small2", "--device", "cpu", "--profile",
                             "smoke", "--checkpoint", str(checkpoint)])
     assert "loaded" not in capsys.readouterr().out
 
@@ -311,7 +311,7 @@ def test_a_checkpoint_of_another_method_background_or_profile_is_refused(tmp_pat
 @needs_real_data
 def test_the_runs_are_scored_beside_the_published_table(monkeypatch, capsys):
     monkeypatch.setattr(omniglot_runs, "load_omniglot_runs", lambda root, image_size: synthetic_runs(20))
-    omniglot_runs.main(["--profile", "smoke", "--data", str(SHARED_DATA), "--background", "small1", "--steps", "2"])
+    omniglot_runs.main(["--profile", "smoke", "--data", str(DATA), "--background", "small1", "--steps", "2"])
     out = capsys.readouterr().out
     assert "20 one-shot runs of Lake et al. (2015)" in out
     assert "Siamese convnet (Koch et al. 2015)" in out and "small2 background" in out

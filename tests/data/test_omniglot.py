@@ -18,18 +18,18 @@ from lowlearn.data.cache import (ENV_VAR, ChecksumError, DataError, DatasetNotFo
                                  data_root)
 from lowlearn.data.omniglot import Omniglot, load_omniglot, load_omniglot_runs
 
-SHARED_DATA = data_root()          # $LOWLEARN_DATA, as .ci/run sets it
+DATA = data_root()          # $LOWLEARN_DATA, as .ci/run sets it
 needs_real_data = pytest.mark.skipif(
-    not (SHARED_DATA / "omniglot" / "images_background_small1.zip").is_file()
-    or not (SHARED_DATA / "omniglot" / "images_background_small2.zip").is_file(),
-    reason=f"the Omniglot small sets are not in {SHARED_DATA / 'omniglot'}")
+    not (DATA / "omniglot" / "images_background_small1.zip").is_file()
+    or not (DATA / "omniglot" / "images_background_small2.zip").is_file(),
+    reason=f"the Omniglot small sets are not in {DATA / 'omniglot'}")
 
 
 # ---------------------------------------------------------------- real data
 
 @pytest.fixture(scope="module")
 def small1() -> Omniglot:
-    return load_omniglot("small1", root=SHARED_DATA, download=False)
+    return load_omniglot("small1", root=DATA, download=False)
 
 
 @needs_real_data
@@ -46,17 +46,17 @@ def test_small1_shape_and_ink(small1):
 
 @needs_real_data
 def test_returned_tensors_are_independent_of_the_cache():
-    load_omniglot("small1", root=SHARED_DATA, download=False).images.fill_(7.0)
-    assert load_omniglot("small1", root=SHARED_DATA, download=False).images.max() <= 1.0
+    load_omniglot("small1", root=DATA, download=False).images.fill_(7.0)
+    assert load_omniglot("small1", root=DATA, download=False).images.max() <= 1.0
 
 
 @needs_real_data
 def test_sets_are_merged_by_character_name():
-    small2 = load_omniglot("small2", root=SHARED_DATA, download=False)
+    small2 = load_omniglot("small2", root=DATA, download=False)
     assert small2.num_characters == 156
-    both = load_omniglot(["small1", "small2"], root=SHARED_DATA, download=False)
+    both = load_omniglot(["small1", "small2"], root=DATA, download=False)
     assert both.num_characters == len(set(both.characters)) == 242
-    small1 = load_omniglot("small1", root=SHARED_DATA, download=False)
+    small1 = load_omniglot("small1", root=DATA, download=False)
     for part in (small1, small2):                  # every character keeps its own drawings
         own = dict(zip(part.characters, part.images))
         for name, images in zip(both.characters, both.images):
@@ -70,7 +70,7 @@ def test_sets_are_merged_by_character_name():
 @needs_real_data
 def test_meta_train_and_meta_test_splits_share_no_character(small1):
     """small1 for meta-training, small2 without its Greek and Latin for meta-testing."""
-    test_set = load_omniglot("small2", root=SHARED_DATA, download=False).without(["Greek", "Latin"])
+    test_set = load_omniglot("small2", root=DATA, download=False).without(["Greek", "Latin"])
     assert not set(small1.characters) & set(test_set.characters)
     assert not set(small1.alphabets) & set(test_set.alphabets)
 
@@ -79,13 +79,13 @@ def test_meta_train_and_meta_test_splits_share_no_character(small1):
 
     assert not fingerprints(small1.images) & fingerprints(test_set.images)
     # Greek and Latin are in both small sets: leaving them in would leak test classes.
-    small2 = load_omniglot("small2", root=SHARED_DATA, download=False)
+    small2 = load_omniglot("small2", root=DATA, download=False)
     assert fingerprints(small1.subset("Greek").images) == fingerprints(small2.subset("Greek").images)
 
 
 @needs_real_data
 def test_original_size_and_env_var(monkeypatch):
-    monkeypatch.setenv(ENV_VAR, str(SHARED_DATA))
+    monkeypatch.setenv(ENV_VAR, str(DATA))
     original = load_omniglot("small1", image_size=None, download=False)
     assert original.images.shape == (136, 20, 1, 105, 105)
     assert ((original.images == 0) | (original.images == 1)).all()  # the files are 1-bit
@@ -281,12 +281,12 @@ def test_runs(tmp_path, monkeypatch):
         assert torch.equal(run.query[:, 0, 0, 0], run.support[run.query_labels, 0, 0, 0])
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "omniglot" / "all_runs.zip").is_file(),
-                    reason=f"the official runs (all_runs.zip) are not in {SHARED_DATA / 'omniglot'}")
+@pytest.mark.skipif(not (DATA / "omniglot" / "all_runs.zip").is_file(),
+                    reason=f"the official runs (all_runs.zip) are not in {DATA / 'omniglot'}")
 def test_the_official_runs():
     # Lake et al.'s archive: run01/class_labels.txt begins "run01/test/item01.png run01/training/class08.png",
     # then class09 and class02; run20's begins with class16, class04 and class17.
-    runs = load_omniglot_runs(root=SHARED_DATA, image_size=None, download=False)
+    runs = load_omniglot_runs(root=DATA, image_size=None, download=False)
     assert len(runs) == 20 and runs[0].support.shape == runs[0].query.shape == (20, 1, 105, 105)
     assert runs[0].query_labels[:3].tolist() == [7, 8, 1] and runs[19].query_labels[:3].tolist() == [15, 3, 16]
     assert all(sorted(run.query_labels.tolist()) == list(range(20)) for run in runs)   # one test item per class
