@@ -130,12 +130,11 @@ class DLRT(torch.optim.Optimizer):
                              "keep the low-rank layers in float32 (torch.autocast runs their products in lower "
                              "precision)")
         check_non_negative("eps", eps)
-        if optimizer is not None and (held := {id(p) for p in _factors(model)}
-                                      & {id(p) for group in optimizer.param_groups for p in group["params"]}):
+        optimized = set() if optimizer is None else {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if held := {id(p) for p in _factors(model)} & optimized:
             raise ValueError(f"the optimizer holds {len(held)} low-rank factors, which DLRT steps itself: build it "
                              "on lowlearn.lowrank.dense_parameters(model) (the other parameters)")
-        if optimizer is not None and (missing := {id(p) for p in dense_parameters(model)}
-                                      - {id(p) for group in optimizer.param_groups for p in group["params"]}):
+        if optimizer is not None and (missing := {id(p) for p in dense_parameters(model)} - optimized):
             raise ValueError(f"the optimizer lacks {len(missing)} of the model's other parameters (built before "
                              "to_low_rank, it holds the replaced layers' old biases): build it on "
                              "lowlearn.lowrank.dense_parameters(model) after converting")

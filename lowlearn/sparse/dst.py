@@ -128,7 +128,6 @@ class Sparsifier(ABC):
                  seed: int = 0):
         self.model, self.optimizer, self.steps = model, optimizer, 0
         self._layers = dict(layers)
-        self._averaged = False                  # the processes' gradient lists are compared at the first average
         self.generator = torch.Generator(device=weights_device(self._layers)).manual_seed(check_count("seed", seed, 0))
 
     def layers(self) -> dict[str, nn.Module]:
@@ -243,6 +242,7 @@ class DynamicSparsity(Sparsifier):
         self._check_capacity(sizes)                                   # all checked before the model changes
         attach_masks(model, list(chosen))
         super().__init__(model, optimizer, chosen, seed)
+        self._averaged = False                  # the processes' gradient lists are compared at the first average
         initial = {}
         for name, layer in self.layers().items():
             weight = raw_weight(layer)
