@@ -35,7 +35,9 @@ or pass it to :func:`lowlearn.train.fit` as a callback. It works with any
 dropped weights stay exactly zero underneath their masks too: see
 :mod:`lowlearn.sparse.mask`), and its :meth:`~Sparsifier.state_dict` (step count,
 random generator, SNFS's momentum) together with the model's and the optimizer's
-lets training resume exactly from a checkpoint.
+lets training resume exactly from a checkpoint: build the model, the optimizer and
+the sparsifier, then load the three states. (A sparsifier built on a model that
+already has masks, loaded or pruned, replaces them with its own random ones.)
 
 The initial masks are random at the layer-wise densities of an allocation
 (:mod:`lowlearn.sparse.allocation`: ``"erk"``, ``"er"`` or ``"uniform"``), as in
@@ -180,7 +182,9 @@ class DynamicSparsity(Sparsifier):
 
     Args:
         model: the model; every ``nn.Linear``/``nn.Conv2d`` weight (or ``layers``)
-            gets a random mask. Its biases and norm layers stay dense.
+            gets a random mask, in place of any mask it has (an earlier pruning's,
+            or that of a sparsifier this one takes over from). Its biases and norm
+            layers stay dense.
         optimizer: any ``torch.optim`` optimizer over the model's parameters. ``None``
             only for an optimizer without state (SGD without momentum): a grown weight
             would start from the momentum or moments it had when it was dropped.

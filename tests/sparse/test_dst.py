@@ -13,7 +13,8 @@ from lowlearn.models import MLP
 from lowlearn.sparse.allocation import erk, uniform
 from lowlearn.sparse.dst import SET, SNFS, RigL, StaticSparse, layer_densities_for, share
 from lowlearn.sparse.mask import density, find_mask, masks_of, prunable_layers, raw_weight, set_masks
-from lowlearn.sparse.prune import kept_count
+from lowlearn.sparse.prune import kept_count, prune
+from lowlearn.sparse.scores import magnitude
 from lowlearn.train import fit
 
 METHODS = {"static": StaticSparse, "set": SET, "rigl": RigL, "snfs": SNFS}
@@ -732,6 +733,15 @@ def test_a_refused_update_changes_no_count_and_no_mask():
         sparsifier.update(0.3)
     assert sparsifier.active == active == counts(model)
     assert all(torch.equal(mask, masks[name]) for name, mask in masks_of(model).items())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_pruned_model_gets_the_same_random_masks_as_an_unpruned_one(method):
+    pruned, fresh = small_mlp(), small_mlp()
+    prune(pruned, magnitude(pruned), 0.5)
+    make(method, pruned, None)
+    make(method, fresh, None)
+    assert all(torch.equal(mask, masks_of(fresh)[name]) for name, mask in masks_of(pruned).items())
 
 
 @pytest.mark.parametrize("method", ["rigl", "snfs"])                     # SET reads no gradient: no hooks
