@@ -57,8 +57,9 @@ PUBLISHED = {
     "small2": [("Bayesian Program Learning (BPL)", 4.0), ("Deep convnet", 22.3)],
 }
 """Error rates (%) on the 20 runs, Lake, Salakhutdinov & Tenenbaum (2015), Science, the one-shot
-classification results of the paper (main text and supplementary material): with the full
-background set, and with each small background set alone (people have none)."""
+classification results in the paper's main text: with the full background set, and with each
+small background set alone (people have none). The paper does not name the two small sets; its
+first and second numbers are paired with ``small1`` and ``small2`` in the dataset's order."""
 
 
 def background(name: str, image_size: int, root: str | None = None) -> Omniglot:
