@@ -146,3 +146,17 @@ def test_bad_layers(allocation):
         allocation(nn.Sequential(nn.ReLU()), 0.5)
     with pytest.raises(ValueError, match="weight of shape"):
         allocation(Conv4(), 0.5, layers=["features.1"])   # a batch norm
+
+
+def test_dense_first_keeps_the_first_layer_dense_when_it_is_not_the_largest():
+    """Hand computation of uniform(dense_first=True) on a model whose *second* layer is the larger one.
+
+    MLP(4 → 20 → 10): layer "1" has 80 weights, layer "3" 200, N = 280. At d = 0.5 the model keeps 140;
+    the first layer keeps its 80, so the other keeps d' = (140 − 80) / 200 = 0.3 (RigL's dense first layer is
+    the input layer, in named_modules order, not the largest one). At d = 0.6: (168 − 80) / 200 = 0.44.
+    """
+    model = MLP(in_features=4, hidden=(20,), out_features=10)
+    assert uniform(model, 0.5, dense_first=True) == pytest.approx({"1": 1.0, "3": 0.3})
+    assert uniform(model, 0.6, dense_first=True) == pytest.approx({"1": 1.0, "3": 0.44})
+    with pytest.raises(ValueError, match="first layer '1' alone has 80"):
+        uniform(model, 80 / 280, dense_first=True)              # the budget is exactly the first layer

@@ -542,3 +542,21 @@ def test_early_bird_on_a_model_sparser_than_its_density_keeps_only_surviving_wei
     keep = EarlyBird(0.5, every=1, scores=scores).would_keep(model)
     for name, mask in keep.items():
         assert torch.equal(mask, current[name]), name              # masks only shrink: no pruned weight comes back
+
+
+def test_early_bird_needs_every_distance_strictly_below_the_threshold():
+    """You et al. (2020, §3) and the docstring: the ticket emerges when the largest recent distance is *below* ε.
+
+    One 2×4 layer at density 0.5: swapping the 4th and 5th largest magnitudes changes 2 of 8 mask entries,
+    a normalised Hamming distance of exactly 2/8 = 0.25 (hand count). With ε = 0.25 and a window of 1 that
+    distance must not trigger; the next, unchanged check (distance 0) does.
+    """
+    model = MLP(in_features=4, hidden=(), out_features=2)
+    bird = EarlyBird(0.5, every=1, window=1, threshold=0.25)
+    set_weight(model, [[-8, 7, 6, 5], [4, 3, 2, 1]])
+    bird(step(model, 1))
+    set_weight(model, [[-8, 7, 6, 4], [-5, 3, 2, 1]])
+    bird(step(model, 2))
+    assert bird.distances == [0.25] and bird.found_at is None       # 0.25 is not below 0.25
+    bird(step(model, 3))
+    assert bird.distances == [0.25, 0.0] and bird.found_at == 3

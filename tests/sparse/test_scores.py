@@ -5,6 +5,7 @@ from torch import nn
 from torch.func import functional_call
 
 from lowlearn.models import MLP, Conv4
+from lowlearn.powerprop import powerprop
 from lowlearn.sparse.mask import attach_masks, masks_of, raw_weight, set_masks, squash
 from lowlearn.sparse.prune import prune
 from lowlearn.sparse.scores import MovementScores, magnitude, obd, random, scored_layers, snip
@@ -247,3 +248,32 @@ def test_obd_of_a_loss_linear_in_the_weights_is_zero():
     x, y = torch.randn(5, 4), torch.randn(5, 3)
     scores = obd(model, (x, y), lambda out, target: (out * target).sum(), samples=3)
     assert torch.equal(scores["0"], torch.zeros(3, 4))
+
+
+def test_movement_scores_use_the_raw_weight_from_the_very_first_step_under_powerprop():
+    """Hand loop of the documented increment −θ ⊙ ∂L/∂θ on the raw (Powerprop φ) weight, θ taken before each step.
+
+    Under Powerprop (α = 2) the layer computes w = φ|φ| ≠ φ, so the copy taken at construction must be of the raw
+    φ, like the copies taken at later calls; the reference records φ before each SGD step and its .grad after
+    backward, independently of the callback.
+    """
+    torch.manual_seed(0)
+    model = powerprop(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), 2.0)
+    phis = {name: raw_weight(model[int(name)]) for name in ("0", "2")}
+    assert not torch.allclose(model[0].weight, phis["0"])          # effective and raw weights differ
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    movement = MovementScores(model)
+    expected = {name: torch.zeros_like(p) for name, p in phis.items()}
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 4):
+        x, y = torch.randn(8, 3, generator=g), torch.randint(0, 2, (8,), generator=g)
+        before = {name: p.detach().clone() for name, p in phis.items()}
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        for name, p in phis.items():
+            expected[name] -= before[name] * p.grad
+        optimizer.step()
+        movement(TrainState(step=step, epoch=0, loss=torch.zeros(()), model=model, optimizer=optimizer))
+    scores = movement.scores()
+    for name in expected:
+        torch.testing.assert_close(scores[name], expected[name], rtol=1e-6, atol=1e-7)
