@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -484,3 +486,59 @@ def test_one_stateful_optimizer_across_all_tasks_never_moves_an_earlier_tasks_we
             for n in NAMES:
                 owned = (packnet.owner[n] >= 1) & (packnet.owner[n] <= earlier)
                 assert torch.equal(raw_weight(layers[n]).detach()[owned], snapshots[earlier][n][owned]), (task, n)
+
+
+def test_released_conv_weights_are_redrawn_in_pytorchs_default_range_of_the_full_fan_in():
+    """PackNet.assign re-draws released weights "from PyTorch's default initialisation of the layer (uniform in
+    ±1/√fan_in)". For a Conv2d, fan_in = in_channels·k_h·k_w (torch.nn.init._calculate_fan_in_and_fan_out, and
+    nn.Conv2d.reset_parameters' bias bound), not in_channels: with 4 input channels and a 3×3 kernel the bound
+    is 1/6, not 1/2. Reference: torch's own fan-in computation on a fresh layer of that shape."""
+    torch.manual_seed(1)      # not PackNet's seed: with both 0 the re-draw repeats the conv's own init exactly
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+    packnet = PackNet(model, seed=0)
+    conv = model[0]
+    before = raw_weight(conv).detach().clone()
+    packnet.start_task()
+    packnet.assign(0.2)
+    fan_in, _ = nn.init._calculate_fan_in_and_fan_out(torch.empty(8, 4, 3, 3))
+    bound = 1 / math.sqrt(fan_in)
+    assert fan_in == 36
+    released = packnet.owner["0"] == 0
+    fresh = raw_weight(conv).detach()[released]
+    assert (fresh != before[released]).all()               # really re-drawn
+    assert released.sum() == 288 - round(0.2 * 288)
+    assert (fresh.abs() <= bound + 1e-7).all()
+    assert fresh.abs().max() > 0.9 * bound                # the draw fills the range (230 uniform draws)
+    assert abs(fresh.abs().mean().item() - bound / 2) < 0.1 * bound
+
+
+def test_inside_use_task_no_shared_weight_gets_a_gradient_and_a_step_moves_none():
+    """PackNet.use_task: "the network computes task s (weights of tasks 1..s); nothing learns". Reference by
+    hand: every shared raw weight's gradient is exactly zero inside the block, for the latest task as for an
+    earlier one, so an SGD step with momentum taken there leaves every shared weight bit-for-bit as it was
+    (e.g. a loss evaluated with gradients, or a fine-tuning step by mistake, must not move task s's own weights)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    packnet = PackNet(model)
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 6, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+    for _ in range(2):
+        packnet.start_task()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        packnet.assign(0.3)
+    shared = {name: raw_weight(layer) for name, layer in prunable_layers(model).items()}
+    for task in (1, 2):
+        before = {name: w.detach().clone() for name, w in shared.items()}
+        optimizer = torch.optim.SGD(shared.values(), lr=0.5, momentum=0.9)
+        with packnet.use_task(task):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            for name, w in shared.items():
+                assert w.grad is not None and torch.count_nonzero(w.grad) == 0, (task, name)
+            optimizer.step()
+        for name, w in shared.items():
+            assert torch.equal(w.detach(), before[name]), (task, name)
