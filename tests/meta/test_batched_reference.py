@@ -178,3 +178,22 @@ def test_layers_without_a_task_batched_form_are_refused_by_name(layer, problem_t
     """Layers that would mix or misread the packed tasks are refused when the batched copy is made."""
     with pytest.raises(ValueError, match=problem_text):
         task_batched(nn.Sequential(layer))
+
+
+def test_task_batched_batch_norm_uses_the_layers_own_eps():
+    """Reference: the unchanged model run once per task with that task's parameters (functional_call), stacked.
+
+    With ``eps=0.5`` on inputs of variance about 1 the epsilon changes the normalisation by tens of percent, so a
+    task-batched batch norm that used the default 1e-5 would disagree with the loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3, eps=0.5, track_running_stats=False), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(3 * 4 * 4, 6), nn.BatchNorm1d(6, eps=0.5, track_running_stats=False),
+                          nn.Linear(6, 2)).double()
+    tasks = 2
+    g = torch.Generator().manual_seed(1)
+    params = {name: p.detach() + 0.3 * torch.randn(tasks, *p.shape, generator=g, dtype=p.dtype)
+              for name, p in model.named_parameters()}
+    x = torch.randn(tasks, 5, 1, 6, 6, generator=g, dtype=torch.float64)
+    expected = torch.stack([functional_call(model, {n: p[t] for n, p in params.items()}, (x[t],))
+                            for t in range(tasks)])
+    torch.testing.assert_close(functional_call(task_batched(model), params, (x,)), expected, rtol=1e-10, atol=1e-12)

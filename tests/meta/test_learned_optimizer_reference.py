@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowlearn.meta import CNP
-from lowlearn.meta.learned_optimizer import LSTMOptimizer, meta_train, unroll
+from lowlearn.meta.learned_optimizer import LSTMOptimizer, meta_train, quadratic, unroll
 
 
 def test_cnp_layers_follow_the_reference_notebook_structure():
@@ -172,3 +172,16 @@ def test_truncated_meta_training_over_two_segments_equals_the_written_out_proced
         torch.testing.assert_close(p, want[name], rtol=1e-10, atol=1e-12)
     assert history == [pytest.approx(sum(losses) / 4, rel=1e-10)]
     assert max((p - q).abs().max() for p, q in zip(net.parameters(), initial.parameters())) > 1e-4   # φ moved
+
+
+def test_quadratic_is_the_squared_norm_of_its_documented_draws():
+    """Reference: the docstring (Andrychowicz et al. section 3.1): ``f(θ) = ‖Wθ − y‖²`` (a sum of squares, not a
+    mean), with ``W``, ``y`` and then ``θ_0`` drawn standard normal from the generator in that order."""
+    dim = 7
+    f, theta0 = quadratic(dim, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    W, y, start = torch.randn(dim, dim, generator=g), torch.randn(dim, generator=g), torch.randn(dim, generator=g)
+    torch.testing.assert_close(theta0, start)
+    point = torch.linspace(-1, 1, dim)
+    expected = sum((sum(W[i, j] * point[j] for j in range(dim)) - y[i]) ** 2 for i in range(dim))
+    torch.testing.assert_close(f(point), expected, rtol=1e-5, atol=1e-5)

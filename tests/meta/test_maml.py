@@ -614,3 +614,33 @@ def test_transductive_batch_norm_in_evaluation_mode_batched_equals_the_loop_and_
         MAML(learner, 0.4, 2, tasks_at_once=tasks_at_once).meta_backward(tasks)
         for p, expected in zip(learner.parameters(), reference):
             torch.testing.assert_close(p.grad, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_maml_adapt_is_differentiable_to_second_order_in_the_initialisation_as_the_book_says():
+    """Reference: on linear regression ``f(x) = wᵀx`` with MSE, ``θ' = θ − α (H_s θ − b_s)`` with ``H = (2/n) XᵀX`` and
+    ``b = (2/n) Xᵀy``, so ``∂L_q(θ')/∂θ = (I − α H_s)ᵀ (H_q θ' − b_q)`` (Finn et al.'s meta-gradient).
+
+    ``MAML.adapt`` of a second-order learner (``first_order=False``, default ``first_order=None``) must keep that
+    graph (book/meta_learning.ipynb: "θ' = θ − α ∇L_support(θ), differentiable in θ"); ``first_order=True`` on the
+    call must drop the Hessian term, leaving ``H_q θ' − b_q``.
+    """
+    g = torch.Generator().manual_seed(0)
+    d, alpha = 4, 0.1
+    sx, sy = torch.randn(6, d, generator=g, dtype=torch.float64), torch.randn(6, 1, generator=g, dtype=torch.float64)
+    qx, qy = torch.randn(5, d, generator=g, dtype=torch.float64), torch.randn(5, 1, generator=g, dtype=torch.float64)
+    torch.manual_seed(1)
+    net = nn.Linear(d, 1, bias=False).double()
+    w = net.weight.detach()[0].clone()
+    h_s, b_s = 2 / 6 * sx.T @ sx, 2 / 6 * sx.T @ sy[:, 0]
+    h_q, b_q = 2 / 5 * qx.T @ qx, 2 / 5 * qx.T @ qy[:, 0]
+    adapted_w = w - alpha * (h_s @ w - b_s)
+    first = h_q @ adapted_w - b_q
+    second = (torch.eye(d, dtype=torch.float64) - alpha * h_s).T @ first
+
+    maml = MAML(net, alpha, 1, loss_fn=F.mse_loss)
+    for kwargs, expected in (({}, second), ({"first_order": True}, first)):
+        adapted = maml.adapt(sx, sy, **kwargs)
+        torch.testing.assert_close(adapted["weight"].detach()[0], adapted_w, rtol=1e-12, atol=1e-12)
+        (grad,) = torch.autograd.grad(F.mse_loss(run(net, adapted, qx), qy), net.weight)
+        torch.testing.assert_close(grad[0], expected, rtol=1e-10, atol=1e-12)
+    assert (second - first).norm() > 0.1 * first.norm()        # the two orders differ here by far more than round-off
