@@ -173,3 +173,14 @@ def test_a_failure_to_copy_the_permissions_closes_the_temporary_files_descriptor
     assert target.read_text() == "old" and leftovers(tmp_path) == []
     if before is not None:
         assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+def test_overwrite_has_no_default(tmp_path):
+    """``overwrite`` must be given: a call that forgets it is a TypeError and leaves the user's file as it was."""
+    path = tmp_path / "users_file.txt"
+    path.write_text("the user's data")
+    with pytest.raises(TypeError, match="overwrite"):
+        with atomic_file(path) as handle:
+            handle.write(b"lowlearn's data")
+    assert path.read_text() == "the user's data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["users_file.txt"]

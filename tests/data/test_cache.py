@@ -203,6 +203,17 @@ def test_fetch_download_with_wrong_checksum_leaves_nothing(tmp_path):
     assert _leftovers(root / "sub") == []
 
 
+def test_fetch_download_compares_the_whole_digest(tmp_path):
+    """A downloaded file whose sha256 differs from the expected one in its last hex digit only is refused."""
+    root = tmp_path / "data"
+    digest = hashlib.sha256(CONTENT).hexdigest()
+    near = digest[:-1] + ("0" if digest[-1] != "0" else "1")
+    resource = Resource("payload.bin", (_source(tmp_path),), near, "sub")
+    with pytest.raises(ChecksumError, match=f"has sha256 {digest}, expected {near}"):
+        fetch(resource, root=root)
+    assert _leftovers(root / "sub") == []
+
+
 def test_fetch_failed_download_reports_every_mirror_and_leaves_no_folder(tmp_path):
     urls = [(tmp_path / name / "payload.bin").as_uri() for name in ("a", "b")]
     with pytest.raises(DatasetNotFoundError) as info:
