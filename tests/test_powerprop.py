@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from lowlearn.models import MLP, LeNet5
 from lowlearn.powerprop import PowerProp, PowerPropOptimizer, powerprop, powerprop_layers
@@ -510,3 +511,55 @@ def test_output_gradients_read_dtheta_of_a_powerprop_weight_at_every_alpha_inclu
     one = powerprop(nn.Sequential(nn.Linear(4, 3)), 1)[0]
     phi = one.parametrizations.weight.original
     assert torch.equal(one.weight, phi) and one.weight is not phi and not one.weight.is_leaf
+
+
+def plain_theta_gradients(model, x, y):
+    """∂L/∂θ of every Powerprop layer, by autograd on a plain copy whose weights are θ (parametrizations removed)."""
+    plain = copy.deepcopy(model)
+    for layer in powerprop_layers(plain).values():
+        torch.nn.utils.parametrize.remove_parametrizations(layer, "weight")
+    F.cross_entropy(plain(x), y).backward()
+    return {name: layer.weight.grad for name, layer in prunable_layers(plain).items()}
+
+
+def test_with_a_live_wrapper_functional_call_with_other_tensors_gets_the_chain_rule_gradient_of_those_tensors():
+    """While a PowerPropOptimizer routes ∂L/∂θ to the model's own φ, a torch.func.functional_call pass with *other*
+    tensors φ' (MAML's inner loop) must be left alone (class docstring): its gradient is the chain rule's
+    ∂L/∂φ' = α|φ'|^(α−1) ∂L/∂θ (paper, eq. 2), by hand from a plain network holding θ, and the model's φ gets none."""
+    alpha = 3
+    model = powerprop(small_mlp(), alpha)
+    wrapper = PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    x, y = batch()
+    params = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters()}
+    loss = F.cross_entropy(functional_call(model, params, (x,)), y)
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    expected = plain_theta_gradients(model, x, y)
+    for name in prunable_layers(model):
+        key = f"{name}.parametrizations.weight.original"
+        phi = params[key].detach()
+        assert torch.allclose(grads[key], alpha * phi.abs() ** (alpha - 1) * expected[name], rtol=1e-5, atol=1e-9)
+    assert all(p.grad is None for p in model.parameters())
+    assert wrapper.layers                                     # the wrapper is alive (and routing) throughout
+
+
+def test_with_a_live_wrapper_a_deep_copy_gets_its_own_chain_rule_gradient_and_the_original_none():
+    """A deep copy of a model whose PowerPropOptimizer is alive carries a copy of the routing hook; its passes must
+    not be routed (class docstring: "not a deep copy's"), so the copy's φ gets ∂L/∂φ = α|φ|^(α−1) ∂L/∂θ (by hand,
+    from a plain network holding θ) and the wrapped model's φ no gradient at all."""
+    alpha = 2.5
+    model = powerprop(small_mlp(), alpha)
+    wrapper = PowerPropOptimizer(torch.optim.Adam(model.parameters(), lr=0.1), model)
+    x, y = batch()
+    copied = copy.deepcopy(model)
+    F.cross_entropy(copied(x), y).backward()
+    expected = plain_theta_gradients(model, x, y)
+    for name, layer in prunable_layers(copied).items():
+        phi = raw_weight(layer)
+        assert torch.allclose(phi.grad, alpha * phi.detach().abs() ** (alpha - 1) * expected[name],
+                              rtol=1e-5, atol=1e-9)
+    assert all(p.grad is None for p in model.parameters())
+    # ... and the wrapped model itself is still routed: its φ gets ∂L/∂θ.
+    F.cross_entropy(model(x), y).backward()
+    for name, layer in prunable_layers(model).items():
+        assert torch.allclose(raw_weight(layer).grad, expected[name], rtol=1e-5, atol=1e-9)
+    assert wrapper.layers

@@ -9,6 +9,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
+from lowlearn.powerprop import PowerProp
 from lowlearn.reparam import OutputGradients, register, remove
 from lowlearn.sparse.mask import Mask, attach_masks, masks_of, squash
 from lowlearn.models import MLP
@@ -473,3 +474,20 @@ def test_output_gradients_equal_autograd_for_a_conv_whose_weight_is_read_twice()
     recorder.clear()
     loss(conv).backward()
     torch.testing.assert_close(conv.parametrizations.weight.original.grad, recorder.grads["c"] * mask)
+
+
+def test_inside_cached_a_layers_weight_and_bias_each_keep_their_own_value():
+    """Two parametrized tensors of one module (weight: Powerprop, bias: doubling) read inside
+    torch.nn.utils.parametrize.cached(): each is cached under its own name, as PyTorch's own getter does.
+    Reference: θ = φ|φ|^(α−1) and 2·b by hand, and the layer's output x θᵀ + 2b."""
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2)
+    register(layer, "weight", PowerProp(3))
+    register(layer, "bias", Double())
+    phi, b = layer.parametrizations.weight.original.detach(), layer.parametrizations.bias.original.detach()
+    x = torch.randn(5, 3)
+    expected = x @ (phi ** 3).T + 2 * b
+    with parametrize.cached():
+        assert torch.allclose(layer.weight, phi ** 3) and torch.equal(layer.bias, 2 * b)
+        assert torch.allclose(layer(x), expected, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(layer(x), expected, rtol=1e-6, atol=1e-7)

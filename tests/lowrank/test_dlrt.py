@@ -452,3 +452,26 @@ def test_batch_norm_statistics_take_one_update_per_step():
     reference(x)                                            # one training-mode pass with the same weights
     for name, buffer in model[1].named_buffers():
         assert torch.equal(buffer, dict(reference[1].named_buffers())[name]), name
+
+
+def test_r_min_above_a_layers_r_max_keeps_the_best_approximation_at_the_layers_r_max():
+    """A layer whose own r_max (2) is below DLRT's r_min (3) stays at r_max (DLRT docstring: "a layer whose largest
+    rank is smaller stays below it"), and what it keeps is the Eckart–Young best rank-2 approximation of the
+    untruncated step. Reference: the same step taken on a twin layer with r_max = min(n, m) and tol = 0 (which keeps
+    the whole augmented rank-4 matrix W₁), then the truncated SVD of W₁ at rank 2 by hand."""
+    generator = torch.Generator().manual_seed(0)
+    W = torch.randn(24, 4, generator=generator, dtype=torch.float64) @ torch.randn(4, 32, generator=generator,
+                                                                                   dtype=torch.float64)
+    x = torch.randn(128, 32, generator=generator, dtype=torch.float64)
+    y = x @ W.T
+    torch.manual_seed(0)
+    capped = nn.Sequential(LowRankLinear(32, 24, 2, bias=False, r_max=2).double())
+    free = copy.deepcopy(capped)
+    free[0].r_max = 24
+    regression_steps(capped, DLRT(capped, lr=0.1, tol=0.02, r_min=3), x, y, 1)
+    regression_steps(free, DLRT(free, lr=0.1, tol=0.0), x, y, 1)
+    assert free[0].rank == 4                                 # the augmented basis: 2r columns, nothing truncated
+    assert capped[0].rank == 2 == capped[0].r_max            # never above the layer's own r_max
+    P, sigma, Qh = torch.linalg.svd(free[0].matrix().detach())
+    best = P[:, :2] @ torch.diag(sigma[:2]) @ Qh[:2]
+    assert torch.allclose(capped[0].matrix().detach(), best, rtol=1e-9, atol=1e-10)
