@@ -1,5 +1,7 @@
 """``python -m lowlearn.eval omniglot-runs``: scoring the runs, held-out episodes, checkpoints."""
 
+import dataclasses
+import math
 import re
 import urllib.error
 import urllib.request
@@ -10,7 +12,7 @@ from torch import nn
 
 from lowlearn.data.cache import DatasetNotFoundError, data_root
 from lowlearn.data.episodes import Episode
-from lowlearn.data.omniglot import OneShotRun
+from lowlearn.data.omniglot import Omniglot, OneShotRun
 from lowlearn.eval import omniglot_runs
 from lowlearn.meta import ProtoNet
 from lowlearn.profiles import get_profile
@@ -386,3 +388,124 @@ def test_the_eval_entry_point_lists_its_tasks(capsys):
 def test_unknown_background_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown background"):
         omniglot_runs.background("small3", 28)
+
+
+def test_maml_on_a_smaller_episode_can_answer_its_last_class():
+    """On a 5-way episode MAML chooses among classes 0..4 (docstring of predict), the last included.
+    Reference by hand: a zero head weight and bias 100 on class 4, 200 on classes 5..19 (the episode lacks them)
+    and 0 on 0..3; two inner steps of lr 0.1 move a bias by at most 0.2, so every query must be answered 4."""
+    sizes = get_profile("smoke").black_box
+    torch.manual_seed(0)
+    maml = omniglot_runs.make_learner("maml", sizes).eval()
+    with torch.no_grad():
+        maml.model.head.weight.zero_()
+        maml.model.head.bias.copy_(torch.tensor([0.0] * 4 + [100.0] + [200.0] * 15))
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(10, 1, 28, 28, generator=generator)
+    labels = torch.arange(5)
+    predicted = omniglot_runs.predict(maml, images[:5], labels, images[5:], sizes)
+    assert predicted.tolist() == [4] * 5
+
+
+def test_maml_adapts_for_the_profiles_test_steps_not_its_training_steps():
+    """predict adapts with ``sizes.maml_test_steps`` (Finn et al.'s code: 10 at test time against 5 in training).
+    Reference: the prediction equals the argmax of the model run on the parameters of
+    ``adapt(steps=maml_test_steps)``, and adapt is asked for exactly those steps."""
+    sizes = dataclasses.replace(get_profile("smoke").black_box, maml_inner_steps=1, maml_test_steps=3)
+    torch.manual_seed(0)
+    maml = omniglot_runs.make_learner("maml", sizes).eval()
+    generator = torch.Generator().manual_seed(2)
+    images = torch.rand(40, 1, 28, 28, generator=generator)
+    labels = torch.arange(20)
+    asked = []
+    adapt = maml.adapt
+
+    def spy(*args, steps, **kwargs):
+        asked.append(steps)
+        return adapt(*args, steps=steps, **kwargs)
+
+    maml.adapt = spy
+    predicted = omniglot_runs.predict(maml, images[:20], labels, images[20:], sizes)
+    assert asked == [3]
+    with torch.enable_grad():
+        params = adapt(images[:20], labels, steps=3, first_order=True)
+    with torch.no_grad():
+        expected = maml(images[20:], {n: p.detach() for n, p in params.items()}).argmax(-1)
+    assert torch.equal(predicted, expected)
+
+
+def _toy_omniglot(alphabets=2, characters=6, size=28):
+    """Characters whose every drawing has one inked pixel in the top-left corner: a rotation moves it."""
+    images = torch.zeros(alphabets * characters, 20, 1, size, size)
+    images[..., 0, 0] = 1.0
+    names = [f"A{a}/character{c:02d}" for a in range(alphabets) for c in range(characters)]
+    return Omniglot.from_characters(images, names)
+
+
+class _Recorder:
+    """Stands in for a learner's meta_step: keeps the episodes and the learning rate of every step."""
+
+    def __init__(self):
+        self.tasks, self.lrs = [], []
+
+    def __call__(self, tasks, optimizer):
+        self.tasks.append(tasks)
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()                  # no gradients: changes nothing, keeps the scheduler's order warning away
+        return {"loss": torch.tensor(1.0)}
+
+
+def _train(sizes, data):
+    learner = omniglot_runs.make_learner("protonet", sizes)
+    recorder = _Recorder()
+    learner.meta_step = recorder
+    omniglot_runs.train(learner, "protonet", data, sizes, torch.device("cpu"))
+    return recorder
+
+
+def test_training_episodes_are_within_one_alphabet_and_include_rotated_characters():
+    """BlackBoxSizes: ``rotations`` adds each character rotated by 90/180/270 degrees as new classes, and
+    ``within_alphabet`` draws every training episode's classes from one alphabet. Reference: the episodes'
+    original classes (Episode.classes) index the rotation-major dataset of 4 x 12 characters, two alphabets of 6."""
+    data = _toy_omniglot()
+    sizes = dataclasses.replace(get_profile("smoke").black_box, rotations=True, within_alphabet=True, augment=False,
+                                train_ways=5, train_shots=1, train_queries=1, meta_steps=6)
+    recorder = _train(sizes, data)
+    assert len(recorder.tasks) == 6
+    classes = torch.cat([t.classes.reshape(-1, 5) for t in recorder.tasks])       # (episodes, ways)
+    alphabet = (classes % 12) // 6
+    assert (alphabet == alphabet[:, :1]).all()                                    # one alphabet per episode
+    assert (classes >= 12).any()                                                  # rotated characters are drawn
+    # and the rotated classes really are the rotated drawings: their ink left the top-left corner
+    for t in recorder.tasks:
+        rotated = t.classes.reshape(-1) >= 12                          # one support image per class
+        corner = t.support_x.reshape(-1, 28, 28)[:, 0, 0]
+        assert torch.equal(corner == 1.0, ~rotated)
+
+
+def test_without_rotations_or_alphabets_training_sees_the_plain_characters_from_every_alphabet():
+    """The same recipe with ``rotations=False, within_alphabet=False``: only the 12 plain characters, and (over
+    20 seeded episodes of 5 of 12 classes) some episode mixes the two alphabets."""
+    data = _toy_omniglot()
+    sizes = dataclasses.replace(get_profile("smoke").black_box, rotations=False, within_alphabet=False,
+                                augment=False, train_ways=5, train_shots=1, train_queries=1, meta_steps=20)
+    recorder = _train(sizes, data)
+    classes = torch.cat([t.classes.reshape(-1, 5) for t in recorder.tasks])
+    assert int(classes.max()) < 12
+    alphabet = classes // 6
+    assert (alphabet != alphabet[:, :1]).any()
+
+
+def test_the_training_learning_rate_follows_a_cosine_to_zero_over_the_meta_steps():
+    """train's docstring: Adam's learning rate starts at ``sizes.lr`` and follows a cosine to zero over the
+    meta-steps. Reference: step t (0-based) runs at lr · (1 + cos(π t / T)) / 2, T = meta_steps, and the
+    scheduler ends at 0."""
+    data = _toy_omniglot()
+    steps = 8
+    sizes = dataclasses.replace(get_profile("smoke").black_box, rotations=False, within_alphabet=False,
+                                augment=False, train_ways=5, train_shots=1, train_queries=1, meta_steps=steps)
+    recorder = _train(sizes, data)
+    expected = [sizes.lr * (1 + math.cos(math.pi * t / steps)) / 2 for t in range(steps)]
+    assert recorder.lrs == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    # the last step runs at lr (1 + cos(7π/8)) / 2, a small fraction of lr, on its way to 0
+    assert recorder.lrs[-1] < 0.04 * sizes.lr

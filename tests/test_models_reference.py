@@ -59,3 +59,15 @@ def test_lenet5_and_conv_nets_layer_shapes_follow_the_papers():
     shapes = [tuple(m.weight.shape) for m in ConvNet(6).modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     assert shapes == [(64, 3, 3, 3), (64, 64, 3, 3), (128, 64, 3, 3), (128, 128, 3, 3), (256, 128, 3, 3),
                       (256, 256, 3, 3), (256, 4 * 4 * 256), (256, 256), (10, 256)]
+
+
+def test_cifar_resnet_stages_run_at_32_16_and_8_pixels():
+    """He et al. (2016), section 4.2: "feature maps of sizes {32, 16, 8}", with 16, 32 and 64 filters; only the
+    first blocks of stages 2 and 3 subsample (a stride in stage 1 would keep the parameter count and output shape)."""
+    net = CifarResNet(20).eval()
+    shapes = []
+    for block in net.features[3:]:                       # after the first convolution, batch norm and ReLU
+        block.register_forward_hook(lambda module, inputs, out: shapes.append(tuple(out.shape[1:])))
+    with torch.no_grad():
+        net(torch.zeros(2, 3, 32, 32))
+    assert shapes == [(16, 32, 32)] * 3 + [(32, 16, 16)] * 3 + [(64, 8, 8)] * 3

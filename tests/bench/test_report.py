@@ -43,16 +43,24 @@ def test_an_existing_report_is_never_overwritten(tmp_path):
     assert (tmp_path / "benchmarks.md").read_text() == "mine"
 
 
-def test_on_a_gpu_each_goal_is_held_at_the_sizes_that_keep_the_gpu_busy(monkeypatch):
-    # The benchmarks are replaced by canned results: what is tested is which rows carry which goal on CUDA.
-    def rounds(*names):
-        return {name: [1.0, 1.0, 1.0] for name in names}
+def rounds(*names):
+    return {name: [1.0, 1.0, 1.0] for name in names}
 
+
+def use_canned_results(monkeypatch, *, lowrank=lambda **_: [], maml=None, sparse=lambda **_: []):
+    """Replace every benchmark's run by canned results: what is tested is how the report reads them."""
     monkeypatch.setattr(report.masks, "run", lambda **_: {"rounds": rounds(
         "dense", "dense (copy)", "lowlearn masks", "torch.nn.utils.prune")})
     monkeypatch.setattr(report.dst, "run", lambda **_: rounds(*report.dst.METHODS))
     monkeypatch.setattr(report.powerprop, "run", lambda **_: {"rounds": rounds(
         *report.powerprop.BASELINE, *report.powerprop.BASELINE.values())})
+    monkeypatch.setattr(report.lowrank, "run", lowrank)
+    maml_rounds = rounds("higher", "lowlearn", "lowlearn batched") if maml is None else maml
+    monkeypatch.setattr(report.maml, "run", lambda **_: {"rounds": maml_rounds, "peak_bytes": {}})
+    monkeypatch.setattr(report.sparse, "run", sparse)
+
+
+def test_on_a_gpu_each_goal_is_held_at_the_sizes_that_keep_the_gpu_busy(monkeypatch):
     batches = []
 
     def lowrank(**sizes):
@@ -60,12 +68,10 @@ def test_on_a_gpu_each_goal_is_held_at_the_sizes_that_keep_the_gpu_busy(monkeypa
         return [{"width": 1024, "rank": 32, "batch_size": sizes.get("batch_size", 128),
                  "time_ratio": Ratio(0.5, 0.4, 0.6), "dlrt": {"bytes": 1}, "dense": {"bytes": 2}}]
 
-    monkeypatch.setattr(report.lowrank, "run", lowrank)
-    monkeypatch.setattr(report.maml, "run", lambda **_: {"rounds": rounds("higher", "lowlearn", "lowlearn batched"),
-                                                         "peak_bytes": {}})
     two_four = {"format": "2:4 (fp16)", "density": 0.5, "ideal_speedup": 2.0, "speedup": 1.5, "spread": [1.4, 1.6]}
-    monkeypatch.setattr(report.sparse, "run", lambda **_: [two_four | {"features": 4096, "batch_size": 64},
-                                                           two_four | {"features": 8192, "batch_size": 16384}])
+    use_canned_results(monkeypatch, lowrank=lowrank,
+                       sparse=lambda **_: [two_four | {"features": 4096, "batch_size": 64},
+                                           two_four | {"features": 8192, "batch_size": 16384}])
     rows = report.collect(report.FULL, torch.device("cuda"))
     goals = {(row["case"], row["metric"]): row["goal"] for row in rows}
     assert batches == [None, report.lowrank.GPU_BATCH]          # the benchmark's own batch, then the GPU's
@@ -83,9 +89,31 @@ def test_the_table_prints_the_decimals_that_tell_a_ratio_from_its_goal():
            "goal": "<= 1.1"}
     environment = {"device": "cpu", "device_name": "Some CPU", "torch": "2.13.0", "python": "3.11", "threads": 1}
     rows = [row | {"ratio": 1.104, "spread": [1.101, 1.108], "met": "no"},          # 1.10x beside "no" would puzzle
+            row | {"ratio": 1.2, "spread": [1.101, 1.3], "met": "unclear"},           # one end would print as 1.10
             row | {"ratio": 1.2, "spread": [1.1, 1.3], "met": "unclear"},             # the goal itself prints as 1.10
             row | {"ratio": 1.096, "spread": None, "goal": None, "met": None}]       # no goal: two decimals
     table = report.markdown({"environment": environment, "quick": False, "rows": rows}).splitlines()
-    assert "| 1.104x | 1.101-1.108 | <= 1.1 | no |" in table[-3]
+    assert "| 1.104x | 1.101-1.108 | <= 1.1 | no |" in table[-4]
+    assert "| 1.200x | 1.101-1.300 | <= 1.1 | unclear |" in table[-3]
     assert "| 1.20x | 1.10-1.30 | <= 1.1 | unclear |" in table[-2]
     assert "| 1.10x |  |  |  |" in table[-1]
+
+
+def test_throughput_and_allocator_rows_put_lowlearn_over_its_reference(monkeypatch):
+    """By hand: higher takes 2, 4 and 6 s where lowlearn takes 1 s, so lowlearn's throughput is 2, 4 and 6 times
+    higher's (median 4, quartiles 3 and 5); batched lowlearn at 4 s: 0.5, 1 and 1.5. The allocator row is a time
+    per step with memory retained over glibc's defaults: 1.5 s against 2 s is 0.75."""
+    use_canned_results(monkeypatch, maml={"higher": [2.0, 4.0, 6.0], "lowlearn": [1.0, 1.0, 1.0],
+                                          "lowlearn batched": [4.0, 4.0, 4.0]})
+    monkeypatch.setattr(report, "has_glibc", lambda: True)
+    monkeypatch.setattr(report.allocator, "run", lambda **_: {"toy": {
+        setting: {"seconds": seconds} for setting, seconds in zip(report.allocator.SETTINGS, (2.0, 1.5))}})
+    rows = report.collect(report.FULL, torch.device("cpu"))
+    maml = {row["case"]: row for row in rows if row["benchmark"] == "maml"}
+    assert maml["lowlearn MAML"]["metric"] == "throughput"
+    assert [maml["lowlearn MAML"]["ratio"], *maml["lowlearn MAML"]["spread"]] == pytest.approx([4.0, 3.0, 5.0])
+    batched = maml["lowlearn MAML, all tasks at once"]
+    assert [batched["ratio"], *batched["spread"]] == pytest.approx([1.0, 0.75, 1.25])
+    (row,) = [row for row in rows if row["benchmark"] == "allocator"]
+    assert row["case"] == "toy, freed memory retained" and row["reference"] == "toy, glibc defaults"
+    assert row["ratio"] == pytest.approx(0.75)
