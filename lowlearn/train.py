@@ -124,8 +124,10 @@ def buffers_restored(model: nn.Module) -> Iterator[None]:
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's (CPU and CUDA) random number generators.
 
-    NumPy takes seeds in ``0 .. 2**32 − 1`` only; it gets ``seed`` modulo ``2**32``. A NumPy
-    integer is taken as the Python int it holds (torch and Python's ``random`` refuse it).
+    NumPy takes seeds in ``0 .. 2**32 − 1`` only; it gets ``seed`` modulo ``2**32``. torch's CPU
+    generator (a Mersenne twister) keeps only the low 32 bits of any seed, so seeds ``2**32``
+    apart draw alike there: for runs that differ, use seeds below ``2**32``. A NumPy integer is
+    taken as the Python int it holds (torch and Python's ``random`` refuse it).
     """
     seed = operator.index(seed)
     random.seed(seed)

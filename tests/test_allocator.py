@@ -1,9 +1,10 @@
+import ctypes
 import mmap
 
 import pytest
 
 from lowlearn import allocator
-from lowlearn.allocator import MAX_MMAP_THRESHOLD, has_glibc, minor_page_faults, retain_freed_memory
+from lowlearn.allocator import MAX_INT, MAX_MMAP_THRESHOLD, has_glibc, minor_page_faults, retain_freed_memory
 from lowlearn.bench.allocator import in_new_process
 
 
@@ -61,3 +62,41 @@ def test_a_refused_mmap_threshold_changes_nothing(monkeypatch):
     assert retain_freed_memory(mmap_threshold=16 * 2**20) is True
     assert sorted(taken) == sorted([allocator._M_MMAP_THRESHOLD, allocator._M_TRIM_THRESHOLD])
     assert allocator.describe().startswith("glibc, freed memory retained")
+
+
+@pytest.fixture
+def recording_glibc(monkeypatch):
+    """A glibc whose mallopt records what it is given and takes everything; nothing reaches the real allocator."""
+    taken = {}
+
+    class Glibc:
+        def mallopt(self, option, value):
+            taken[option] = value
+            return 1
+
+    monkeypatch.setattr(allocator, "has_glibc", lambda: True)
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: Glibc())
+    monkeypatch.setattr(allocator, "_retained", {})
+    return taken
+
+
+def test_the_largest_trim_threshold_is_the_largest_c_int(recording_glibc):
+    """mallopt takes a C int: 2**31 - 1 at most (ctypes: 2**31 wraps to a negative threshold)."""
+    largest = 2 ** (8 * ctypes.sizeof(ctypes.c_int) - 1) - 1
+    assert ctypes.c_int(largest).value == largest and ctypes.c_int(largest + 1).value < 0
+    assert MAX_INT == largest
+    assert retain_freed_memory(trim_threshold=largest) is True
+    assert recording_glibc[allocator._M_TRIM_THRESHOLD] == largest
+    recording_glibc.clear()
+    with pytest.raises(ValueError, match="trim_threshold can be at most"):
+        retain_freed_memory(trim_threshold=largest + 1)
+    assert recording_glibc == {}
+
+
+@pytest.mark.skipif(ctypes.sizeof(ctypes.c_long) != 8, reason="glibc's limit on 64-bit systems")
+def test_the_largest_mmap_threshold_is_glibcs_32_mib(recording_glibc):
+    """glibc's malloc.c: DEFAULT_MMAP_THRESHOLD_MAX = 4 * 1024 * 1024 * sizeof(long), 32 MiB with 8-byte longs."""
+    glibc_max = 4 * 1024 * 1024 * ctypes.sizeof(ctypes.c_long)
+    assert MAX_MMAP_THRESHOLD == glibc_max
+    assert retain_freed_memory(mmap_threshold=glibc_max) is True
+    assert recording_glibc[allocator._M_MMAP_THRESHOLD] == glibc_max

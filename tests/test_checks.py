@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lowlearn.checks import (as_float, check_count, check_non_negative, check_positive, check_rate, is_integer,
-                             is_real)
+from lowlearn.checks import (as_float, check_batch, check_count, check_non_negative, check_positive, check_rate,
+                             is_integer, is_real)
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, float("inf"), np.int64(4), np.float32(0.5), fractions.Fraction(1, 3)])
@@ -91,3 +91,14 @@ def test_range_checks_refuse_numbers_beyond_the_float_range_with_a_value_error(c
     with pytest.raises(ValueError, match="finite|in \\(0, 1\\]"):
         call(bad)
     assert not any(tmp_path.iterdir())
+
+
+def test_one_batch_is_exactly_a_pair_of_tensors():
+    """A triple (inputs, targets, weights) is refused, not cut to its first two: the weights would be dropped."""
+    x, y, w = torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), torch.ones(4)
+    for good in ((x, y), [x, y]):
+        got = check_batch(good)
+        assert isinstance(got, tuple) and len(got) == 2 and got[0] is x and got[1] is y
+    for bad in ((x, y, w), [x, y, w], (x,)):
+        with pytest.raises(TypeError, match=r"batch must be one batch, a pair \(inputs, targets\) of tensors"):
+            check_batch(bad)

@@ -1,4 +1,5 @@
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -625,11 +626,29 @@ def test_restore_generator_continues_a_state_of_its_kind_and_seeds_from_another(
         assert restore_generator(target, state, device) is target and torch.equal(torch.rand(4, generator=target),
                                                                                   expected)
     cuda_state = torch.arange(16, dtype=torch.uint8)                   # the size of a CUDA generator's state
-    seeded = [torch.rand(2, generator=restore_generator(torch.Generator(), state, None))
-              for state in (cuda_state, cuda_state, cuda_state.flip(0))]
+    seeded = [torch.rand(2, generator=restore_generator(torch.Generator(), state, device))
+              for state, device in ((cuda_state, None), (cuda_state, "cuda"), (cuda_state.flip(0), "cuda"))]
     assert torch.equal(seeded[0], seeded[1])                  # no GPU to continue it on: seeded, reproducibly,
     assert not torch.equal(seeded[0], seeded[2])              # from the state's bytes,
     assert not torch.equal(seeded[0], torch.rand(2, generator=torch.Generator()))   # not left as it was
+
+
+def test_a_cpu_state_for_a_gpu_generator_continues_on_a_new_cpu_generator():
+    source = torch.Generator().manual_seed(11)
+    torch.rand(5, generator=source)
+    state, expected = source.get_state(), torch.rand(6, generator=source)
+    gpu_generator = SimpleNamespace(device=torch.device("cuda", 0))     # a stand-in: only its device is read
+    restored = restore_generator(gpu_generator, state, "cpu")
+    assert isinstance(restored, torch.Generator) and restored.device.type == "cpu"
+    assert torch.equal(torch.rand(6, generator=restored), expected)
+
+
+def test_default_device_is_cuda_exactly_when_cuda_is_available(monkeypatch):
+    from lowlearn.train import default_device
+
+    for available, device in ((True, "cuda"), (False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        assert default_device() == torch.device(device)
 
 
 def test_available_device_takes_the_devices_this_machine_has(monkeypatch):
@@ -652,8 +671,12 @@ def test_seed_everything_fixes_pythons_numpys_and_torchs_draws():
         seed_everything(seed)
         return random.random(), np.random.rand(), torch.rand(()).item()
 
-    assert draws(7) == draws(7)
-    assert draws(2**32 + 7)[1] == draws(7)[1]                       # NumPy takes the seed modulo 2**32
+    for seed in (7, 2**32 + 7, 2**63 - 1):                           # as seeding each library directly
+        random.seed(seed), np.random.seed(seed % 2**32), torch.manual_seed(seed)
+        expected = random.random(), np.random.rand(), torch.rand(()).item()
+        assert draws(seed) == expected
+    assert draws(2**32 + 7)[1] == draws(7)[1]                       # NumPy takes the seed modulo 2**32,
+    assert draws(2**32 + 7)[0] != draws(7)[0]                       # Python the whole seed
     assert draws(2**31 + 7)[1] != draws(7)[1]
 
 
