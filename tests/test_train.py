@@ -1,3 +1,4 @@
+import contextlib
 import os
 from types import SimpleNamespace
 
@@ -911,3 +912,51 @@ def test_evaluate_refuses_a_loss_function_that_returns_a_loss_per_example():
     per_example = lambda out, target: nn.functional.cross_entropy(out, target, reduction="none")   # noqa: E731
     with pytest.raises(ValueError, match=r"loss_fn must return the mean loss, one number.*shape \(16,\)"):
         evaluate(model, toy_data(16), loss_fn=per_example, device="cpu")
+
+
+def test_fit_evaluates_under_the_same_bf16_flag_it_trains_with(monkeypatch):
+    """fit's docstring: bf16 runs the forward passes under bfloat16 autocast, and the evaluations during training
+    are evaluate(..., bf16=bf16). bf16 is CUDA-only, so on the CPU a recording stand-in replaces train._autocast;
+    every forward pass, training and evaluation, must ask for the flag fit was given."""
+    import lowlearn.train as train
+
+    asked = []
+
+    def recording_autocast(device, bf16):
+        asked.append(bf16)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(train, "_autocast", recording_autocast)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    history = fit(model, (x, y), opt, steps=2, batch_size=10, eval_data=(x, y), eval_every=1, bf16=True,
+                        device="cpu", progress=False)
+    assert history.eval_steps == [1, 2]
+    assert len(asked) == 2 + 2 and all(asked)     # two training steps, two evaluations of one batch each
+
+
+def test_the_last_partial_batch_takes_a_full_step_on_its_own_mean_loss():
+    """Reference: a hand-written SGD loop over the batches of torch.randperm(n, generator seeded with ``seed``)
+    split into batches of batch_size, each step on the mean loss of its batch. With 10 examples in batches of 4
+    the last batch holds 2 examples, and its step must be a full step on those 2 examples' mean loss."""
+    torch.manual_seed(0)
+    x, y = torch.randn(10, 3), torch.randn(10, 2)
+    start = nn.Linear(3, 2)
+    model = nn.Linear(3, 2)
+    model.load_state_dict(start.state_dict())
+    history = fit(model, (x, y), torch.optim.SGD(model.parameters(), lr=0.3), epochs=1, batch_size=4,
+                        loss_fn=nn.functional.mse_loss, log_every=1, seed=5, device="cpu", progress=False)
+    w, b = start.weight.detach().clone(), start.bias.detach().clone()
+    losses = []
+    for idx in torch.randperm(10, generator=torch.Generator().manual_seed(5)).split(4):
+        w.requires_grad_(True), b.requires_grad_(True)
+        loss = ((x[idx] @ w.T + b - y[idx]) ** 2).mean()
+        gw, gb = torch.autograd.grad(loss, (w, b))
+        w, b = (w - 0.3 * gw).detach(), (b - 0.3 * gb).detach()
+        losses.append(loss.item())
+    assert history.steps == [1, 2, 3]
+    assert len(history.loss) == 3 and all(abs(a - r) < 1e-5 for a, r in zip(history.loss, losses))
+    torch.testing.assert_close(model.weight.detach(), w, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model.bias.detach(), b, rtol=1e-6, atol=1e-6)

@@ -118,3 +118,17 @@ def test_random_affine_on_gpu():
         out = random_affine(x, generator)
         assert out.device == x.device and out.shape == x.shape
     assert random_affine_matrices(3, torch.Generator(device="cuda").manual_seed(0)).device == x.device
+
+
+def test_the_two_components_of_the_shift_are_drawn_independently():
+    """random_affine_matrices' docstring: 'each component of t uniform in ±shift times the image side'.
+    With the other ranges 0 the linear part is the identity and t = 2·(u_x, u_y)·shift; over 4000 draws the two
+    components have sample correlation near 0 (|r| < 0.1; a shared draw gives r = 1) and fill the square, so
+    the two differ in most matrices."""
+    theta = random_affine_matrices(4000, torch.Generator().manual_seed(0), rotation=0, scale=0, shear=0, shift=0.1)
+    assert torch.equal(theta[:, :, :2], torch.eye(2).expand(4000, 2, 2))
+    tx, ty = theta[:, 0, 2].double(), theta[:, 1, 2].double()
+    r = torch.corrcoef(torch.stack([tx, ty]))[0, 1]
+    assert abs(r) < 0.1
+    assert (tx - ty).abs().gt(0.01).float().mean() > 0.9
+    assert tx.abs().max() <= 0.2 and ty.abs().max() <= 0.2

@@ -161,3 +161,30 @@ def test_labels_classes_and_examples_are_drawn_uniformly_and_independently():
     # two classes of one episode drawing the very same examples: 1 in 9·8·7·6·5·4·3
     same = (support[:, 0] == support[:, 1]).all(-1) & (query[:, 0] == query[:, 1]).all(-1)
     assert same.float().mean() < 0.01
+
+
+def test_zero_queries_give_an_empty_query_set_of_the_episode_layout():
+    """queries=0 is allowed (check_count(..., 0)): the query set is then empty, (B, 0, *shape) and (B, 0),
+    and the support set is the first ``shots`` examples of each picked class (reference: the layout of Episode)."""
+    data = torch.arange(5 * 4 * 2, dtype=torch.float32).reshape(5, 4, 2)
+    sampler = EpisodeSampler(data, ways=3, shots=2, queries=0, seed=1)
+    episode = sampler.sample(batch=2)
+    assert episode.query_x.shape == (2, 0, 2) and episode.query_y.shape == (2, 0)
+    assert episode.support_x.shape == (2, 6, 2)
+    one = EpisodeSampler(data, ways=3, shots=4, queries=0, seed=1).sample()      # shots = the whole class
+    assert one.query_x.shape == (0, 2) and one.query_y.shape == (0,)
+    for label, cls in enumerate(one.classes.tolist()):                            # each class's 4 examples, all of them
+        got = one.support_x[4 * label:4 * label + 4]
+        assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, data[cls].tolist()))
+
+
+def test_random_episodes_draw_support_then_query_images_from_one_generator():
+    """Reference: the docstring's recipe, one torch.Generator seeded with ``seed`` drawing the support images
+    (tasks, N*K, 1, s, s) and then the query images (tasks, N*Q, 1, s, s): so with K = Q the query images are
+    new draws, not a copy of the support images."""
+    episode = random_episodes(2, 3, 2, 2, image_size=5, seed=4)
+    generator = torch.Generator().manual_seed(4)
+    support = torch.randn(2, 6, 1, 5, 5, generator=generator)
+    query = torch.randn(2, 6, 1, 5, 5, generator=generator)
+    assert torch.equal(episode.support_x, support) and torch.equal(episode.query_x, query)
+    assert not torch.equal(episode.support_x, episode.query_x)
