@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowlearn.growth import grow, layer_pair
+from lowlearn.growth import gradmax_directions, grow, layer_pair
 from lowlearn.models import MLP
 
 
@@ -150,3 +150,65 @@ def test_after_growth_adam_steps_old_weights_as_if_nothing_grew_and_new_ones_fro
     assert not torch.equal(g_in, torch.zeros_like(g_in))                   # the new incoming weights learn
     torch.testing.assert_close(g_out, torch.zeros_like(g_out))             # outgoing: zero gradient (h_new = 0)
     torch.testing.assert_close(consumer.weight.detach()[:, new], start_out, rtol=0, atol=0)
+
+
+def conv_pair(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Conv2d(4, 5, 3),
+                         nn.Tanh(), nn.Flatten(), nn.Linear(5 * 2 * 2, 3)).double()
+
+
+def conv_batch(n=16, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 2, 8, 8, generator=generator, dtype=torch.float64),
+            torch.randint(0, 3, (n,), generator=generator))
+
+
+def gradient_map(model, batch):
+    """A (18 × 45): one new filter's outgoing weights u (5·3·3) ↦ ∂L/∂(its incoming weights) (2·3·3), column by column.
+
+    Built by hand: the first conv gets one extra, all-zero filter (bias 0), the second conv one extra input
+    channel whose weights are the basis vector e_j; autograd gives the new filter's gradient.
+    """
+    first, second = model[0], model[3]
+    columns = []
+    for j in range(5 * 3 * 3):
+        w_new = torch.zeros(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+        u = torch.zeros(5 * 3 * 3, dtype=torch.float64)
+        u[j] = 1.0
+        h = F.conv2d(batch[0], torch.cat([first.weight.detach(), w_new]),
+                     torch.cat([first.bias.detach(), torch.zeros(1, dtype=torch.float64)]), padding=1)
+        h = F.max_pool2d(torch.tanh(h), 2)
+        z = F.conv2d(h, torch.cat([second.weight.detach(), u.reshape(5, 1, 3, 3)], dim=1), second.bias.detach())
+        loss = F.cross_entropy(model[6](torch.tanh(z).flatten(1)), batch[1])
+        columns.append(torch.autograd.grad(loss, w_new)[0].flatten())
+    return torch.stack(columns, dim=1)
+
+
+@pytest.mark.parametrize("iterations", [1, 3, 50])
+def test_convolutional_gradmax_directions_are_orthonormal_after_any_number_of_iterations(iterations):
+    """gradmax_directions(closed_form=False) promises rows of unit norm, orthogonal to each other.
+
+    Reference: the Gram matrix of the returned (k, 45) directions is the identity (the docstring's contract),
+    whatever the number of subspace iterations, also a single one.
+    """
+    directions = gradmax_directions(conv_pair(), 0, 3, conv_batch(), closed_form=False, iterations=iterations,
+                                    generator=torch.Generator().manual_seed(0)).reshape(3, -1)
+    torch.testing.assert_close(directions @ directions.T, torch.eye(3, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_convolutional_gradmax_finds_the_top_eigenvectors_of_the_explicit_map():
+    """The directions span the top-k eigenspace of AᵀA, A the map built column by column by hand (no probe model).
+
+    Reference: torch.linalg.eigh of the explicit 45 × 45 matrix AᵀA; the k directions' projector equals the
+    projector on its top-k eigenvectors, and the directions are orthonormal.
+    """
+    model, images, k = conv_pair(), conv_batch(), 2
+    A = gradient_map(model, images)
+    values, vectors = torch.linalg.eigh(A.T @ A)                        # ascending
+    assert values[-k] > 1.5 * values[-k - 1]                            # a well-separated top-k subspace
+    top = vectors[:, -k:]
+    directions = gradmax_directions(model, 0, k, images, closed_form=False,
+                                    generator=torch.Generator().manual_seed(0)).reshape(k, -1)
+    torch.testing.assert_close(directions.T @ directions, top @ top.T, atol=1e-8, rtol=0)
+    torch.testing.assert_close(directions @ directions.T, torch.eye(k, dtype=torch.float64), atol=1e-12, rtol=0)

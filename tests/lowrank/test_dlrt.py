@@ -475,3 +475,101 @@ def test_r_min_above_a_layers_r_max_keeps_the_best_approximation_at_the_layers_r
     P, sigma, Qh = torch.linalg.svd(free[0].matrix().detach())
     best = P[:, :2] @ torch.diag(sigma[:2]) @ Qh[:2]
     assert torch.allclose(capped[0].matrix().detach(), best, rtol=1e-9, atol=1e-10)
+
+
+def test_the_dense_group_steps_with_its_own_learning_rate_not_the_factors():
+    """param_groups[1] (biases, dense layers) takes p ← p − lr₁·∇_p L with ITS lr, not the factors' λ.
+
+    Reference: the fixed-rank step of the paper by hand (K-, L-step, QR, Galerkin S̃), then the bias gradient of
+    the S-step pass and the plain step with the dense group's learning rate (set apart from λ, as a scheduler
+    with one lambda per group, or a user, does). The factors' step uses λ alone.
+    """
+    torch.manual_seed(0)
+    layer = LowRankLinear(7, 6, 2).double()
+    model = nn.Sequential(layer)
+    x, y = torch.randn(16, 7, dtype=torch.float64), torch.randn(16, 6, dtype=torch.float64)
+    lr, lr_dense = 0.5, 0.125
+    U, S, V, b = (t.detach().clone() for t in (layer.U, layer.S, layer.V, layer.bias))
+    G = _dense_gradient(U @ S @ V.T, x, y, b)
+    U1, V1 = torch.linalg.qr(U @ S - lr * G @ V).Q, torch.linalg.qr(V @ S.T - lr * G.T @ U).Q   # K- and L-steps
+    S_tilde = (U1.T @ U) @ S @ (V1.T @ V).T
+    bias = b.clone().requires_grad_()
+    g_bias = torch.autograd.grad(F.mse_loss(x @ (U1 @ S_tilde @ V1.T).T + bias, y), bias)[0]   # the S-step pass
+
+    dlrt = DLRT(model, lr=lr)
+    dlrt.param_groups[1]["lr"] = lr_dense
+    dlrt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    dlrt.step(lambda: F.mse_loss(model(x), y))
+    torch.testing.assert_close(layer.bias.detach(), b - lr_dense * g_bias, rtol=1e-10, atol=1e-12)
+
+
+def test_a_scheduler_with_one_lambda_per_group_scales_the_dense_step_alone():
+    """LambdaLR with [1, ½]: the factors follow λ as before, the dense parameters move exactly half as far.
+
+    Reference: the same model trained one step with both groups at λ; the S-step pass (and so the dense
+    gradients) does not depend on the dense group's learning rate, so Δb and ΔW_dense halve exactly and the
+    factors are bit-identical.
+    """
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(LowRankLinear(12, 8, 3), nn.Tanh(), nn.Linear(8, 4)).double()
+
+    x = torch.randn(32, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.randint(0, 4, (32,), generator=torch.Generator().manual_seed(2))
+    moved = []
+    for halve in (False, True):
+        model = build()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        dlrt = DLRT(model, lr=0.3, tol=0.1)
+        if halve:
+            torch.optim.lr_scheduler.LambdaLR(dlrt, [lambda step: 1.0, lambda step: 0.5])
+        assert dlrt.lr == 0.3
+        dlrt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        dlrt.step(lambda: F.cross_entropy(model(x), y))
+        moved.append({n: p.detach() - before[n] if n in ("0.bias", "2.weight", "2.bias") else p.detach().clone()
+                      for n, p in model.named_parameters()})
+    full, half = moved
+    for name in ("0.bias", "2.weight", "2.bias"):
+        assert full[name].abs().max() > 1e-4
+        torch.testing.assert_close(half[name], full[name] / 2, rtol=1e-12, atol=1e-15)
+    for name in ("0.U", "0.S", "0.V"):
+        assert torch.equal(half[name], full[name])
+
+
+def test_resuming_restores_the_dense_optimizers_momentum():
+    """DLRT(optimizer=SGD with momentum): a run stopped after 2 steps and resumed from the model's and DLRT's
+    state_dicts takes the same 3rd step as the uninterrupted run.
+
+    Reference: the uninterrupted run itself (bit-identical parameters after step 3), and the momentum buffers
+    of the dense optimizer equal to the saved ones right after loading.
+    """
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(LowRankLinear(12, 8, 3), nn.Tanh(), nn.Linear(8, 4)).double()
+        sgd = torch.optim.SGD(dense_parameters(model), lr=0.2, momentum=0.9)
+        return model, DLRT(model, lr=0.3, tol=0.1, optimizer=sgd)
+
+    x = torch.randn(32, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.randint(0, 4, (32,), generator=torch.Generator().manual_seed(2))
+
+    def step(model, dlrt):
+        dlrt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        dlrt.step(lambda: F.cross_entropy(model(x), y))
+
+    model, dlrt = build()
+    for _ in range(2):
+        step(model, dlrt)
+    saved_model, saved_dlrt = copy.deepcopy(model.state_dict()), copy.deepcopy(dlrt.state_dict())
+    resumed, resumed_dlrt = build()
+    resumed.load_state_dict(saved_model)
+    resumed_dlrt.load_state_dict(saved_dlrt)
+    for p, q in zip(dense_parameters(model), dense_parameters(resumed)):
+        momentum = dlrt.optimizer.state[p]["momentum_buffer"]
+        assert torch.equal(momentum, resumed_dlrt.optimizer.state[q]["momentum_buffer"])
+    step(model, dlrt)
+    step(resumed, resumed_dlrt)
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
