@@ -184,3 +184,20 @@ def test_overwrite_has_no_default(tmp_path):
             handle.write(b"lowlearn's data")
     assert path.read_text() == "the user's data"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["users_file.txt"]
+
+
+def test_a_link_that_appears_while_writing_without_hard_links_is_not_replaced(tmp_path, monkeypatch):
+    """atomic_file(overwrite=False) on a file system without hard links: a link (here one to a missing file)
+    that another process puts at the path meanwhile exists (os.path.lexists), so it is kept and nothing is saved,
+    as the docstring promises for anything at the path."""
+    def no_links(source, target):
+        raise PermissionError(errno.EPERM, "no hard links")
+
+    monkeypatch.setattr(atomic.os, "link", no_links)
+    target = tmp_path / "run.pt"
+    with pytest.raises(FileExistsError, match="left as it is"):
+        with atomic_file(target, overwrite=False) as handle:
+            handle.write(b"mine")
+            target.symlink_to(tmp_path / "elsewhere" / "run.pt")      # a dangling link appears
+    assert target.is_symlink() and os.readlink(target) == str(tmp_path / "elsewhere" / "run.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]

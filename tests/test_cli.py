@@ -113,3 +113,13 @@ def test_subcommand_binds_the_named_command_to_the_rest_of_the_command_line(caps
     with pytest.raises(SystemExit, match="^'three' is not a thing\nusage: NAME$"):
         cli.subcommand(commands, ["three"], "usage: NAME", "thing")
     assert calls == [("two", ["--x", "1"])]                  # nothing else ran
+
+
+@pytest.mark.parametrize("kind", [cli.positive_int, cli.natural_int, cli.seed, cli.int_at_least(2)])
+def test_integers_are_read_in_decimal_only(kind):
+    """Command-line integers are decimal (Python's int(text), base 10): "010" is ten, and "0x10" or "0b11" are
+    refused rather than read as 16 or 3."""
+    assert kind("010") == 10 and kind("12") == 12
+    for text in ("0x10", "0b11", "0o7"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected an integer"):
+            kind(text)

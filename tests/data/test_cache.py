@@ -523,3 +523,64 @@ def _umask():
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+def _missing(name: str) -> Resource:
+    return Resource(name, (f"https://example.invalid/{name}",), "0" * 64, "sub")
+
+
+def test_fetch_all_names_every_missing_file_in_one_error(tmp_path, monkeypatch):
+    """fetch_all's docstring: one DatasetNotFoundError for *all* the missing files, each named with its URL and
+    path (reference: the three resources given, the first of which is missing, and a present one in between)."""
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: pytest.fail("tried the network"))
+    present = Resource("present.bin", ("https://example.invalid/present.bin",), hashlib.sha256(b"x").hexdigest(),
+                       "sub")
+    present.path(tmp_path).parent.mkdir()
+    present.path(tmp_path).write_bytes(b"x")
+    with pytest.raises(DatasetNotFoundError) as info:
+        fetch_all([_missing("a.bin"), present, _missing("b.bin")], root=tmp_path, download=False)
+    message = str(info.value)
+    assert message.startswith("2 files are missing:")
+    for name in ("a.bin", "b.bin"):
+        assert f"https://example.invalid/{name}" in message and str(tmp_path / "sub" / name) in message
+    assert "present.bin" not in message
+
+
+@pytest.mark.skipif(not hasattr(tarfile, "data_filter"), reason="tarfile has no extraction filters")
+def test_a_tar_member_is_extracted_without_setuid_and_without_write_for_others(tmp_path):
+    """The "data" filter that safe_extract passes (tarfile docs, "Extraction filters": it clears the setuid,
+    setgid and sticky bits and the group and other write bits): a member stored with mode 0o6777 is unpacked
+    as 0o755, not as a set-user-ID file that anyone may rewrite."""
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, "w") as tf:
+        info = tarfile.TarInfo("tool")
+        info.size, info.mode = 3, 0o6777
+        tf.addfile(info, io.BytesIO(b"abc"))
+    dest = safe_extract(archive, tmp_path / "out")
+    assert (dest / "tool").read_bytes() == b"abc"
+    assert stat.S_IMODE((dest / "tool").stat().st_mode) == 0o755
+
+
+def test_a_file_that_appears_at_dest_during_extraction_is_an_error_and_is_kept(tmp_path, monkeypatch):
+    """safe_extract publishes its folder by renaming it to dest; if another process puts a *file* at dest meanwhile,
+    the rename fails (a folder cannot replace a file: ENOTDIR) and, dest not being a folder, that is an error, not
+    a success that returns a file as the extracted folder (docstring: "a file there is an error"). The file is kept
+    and the temporary folder removed."""
+    from lowlearn.data import cache
+
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("x.txt", b"x")
+    dest = tmp_path / "out"
+    real_replace = os.replace
+
+    def racing_replace(source, target):
+        if os.fspath(target) == os.fspath(dest):
+            dest.write_bytes(b"someone else's")          # another process writes a file there first
+        return real_replace(source, target)
+
+    monkeypatch.setattr(cache.os, "replace", racing_replace)
+    with pytest.raises(OSError):
+        safe_extract(archive, dest)
+    assert dest.read_bytes() == b"someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip", "out"]

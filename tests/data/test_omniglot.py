@@ -205,8 +205,9 @@ def test_drawers_are_in_file_name_order_whatever_the_order_in_the_archive(tmp_pa
     assert torch.equal(data.images[:, :, 0, 0, 0], (255 - values).float() / 255)
 
 
-def test_images_are_resized_with_a_lanczos_filter(tmp_path, monkeypatch):
-    pixels = np.random.default_rng(0).integers(0, 256, (4, 4))
+@pytest.mark.parametrize("side", [4, 8])        # 8 to 2: one Lanczos pass, no box-averaging first (reducing_gap)
+def test_images_are_resized_with_a_lanczos_filter(tmp_path, monkeypatch, side):
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side))
     members = {name: _png(pixels) for name in _tiny_set()}
     _install(monkeypatch, tmp_path, "small1", members)
     data = load_omniglot("small1", root=tmp_path, image_size=2, download=False)
