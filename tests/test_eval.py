@@ -509,3 +509,42 @@ def test_the_training_learning_rate_follows_a_cosine_to_zero_over_the_meta_steps
     assert recorder.lrs == pytest.approx(expected, rel=1e-9, abs=1e-15)
     # the last step runs at lr (1 + cos(7π/8)) / 2, a small fraction of lr, on its way to 0
     assert recorder.lrs[-1] < 0.04 * sizes.lr
+
+
+def test_run_errors_score_the_learner_in_evaluation_mode():
+    """Reference: a ProtoNet on flattened pixels through a dropout layer classifies each query (an exact copy of
+    its class's drawing) without error only when the dropout is off, i.e. in evaluation mode."""
+    generator = torch.Generator().manual_seed(0)
+    runs = []
+    for _ in range(2):
+        support = torch.rand(20, 1, 28, 28, generator=generator)
+        labels = torch.randperm(20, generator=generator)
+        runs.append(OneShotRun(support, torch.arange(20), support[labels].clone(), labels))
+    learner = ProtoNet(nn.Sequential(nn.Flatten(), nn.Dropout(0.9))).train()
+    torch.manual_seed(0)
+    errors = omniglot_runs.run_errors(learner, runs, get_profile("smoke").black_box, torch.device("cpu"))
+    assert errors.tolist() == [0.0, 0.0]
+    assert not learner.training
+
+
+def test_training_draws_its_episodes_with_the_runs_seed(monkeypatch):
+    """Reference: ``main``'s comment "--seed fixes the initialisation as well as the episodes": the episode
+    sampler of ``train`` is seeded with the seed it is given (recorded by a stand-in sampler), so two seeds give
+    two different episode streams."""
+    from types import SimpleNamespace
+
+    seeds = []
+
+    class Recorder:
+        def __init__(self, *args, seed=None, **kwargs):
+            seeds.append(seed)
+
+    monkeypatch.setattr(omniglot_runs, "EpisodeSampler", Recorder)
+    monkeypatch.setattr(omniglot_runs, "meta_train", lambda *args, **kwargs: [])
+    sizes = dataclasses.replace(get_profile("smoke").black_box, rotations=False, within_alphabet=False,
+                                augment=False)
+    data = SimpleNamespace(images=torch.zeros(4, 1, 28, 28), alphabet_index=torch.zeros(4, dtype=torch.long))
+    for seed in (0, 3, 7):
+        omniglot_runs.train(omniglot_runs.make_learner("protonet", sizes), "protonet", data, sizes,
+                            torch.device("cpu"), seed=seed)
+    assert seeds == [0, 3, 7]

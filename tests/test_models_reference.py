@@ -4,10 +4,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lowlearn.cost import count_parameters
-from lowlearn.models import MLP, CifarResNet, ConvNet, LeNet5
+from lowlearn.models import (MLP, VGG, Bottleneck, CifarResNet, ConvNet, Conv4, DepthwiseSeparableConv2d, LeNet5,
+                             SmallCNN)
 
 
 def cifar_resnet_parameters(depth, width=16, classes=10):
@@ -71,3 +73,86 @@ def test_cifar_resnet_stages_run_at_32_16_and_8_pixels():
     with torch.no_grad():
         net(torch.zeros(2, 3, 32, 32))
     assert shapes == [(16, 32, 32)] * 3 + [(32, 16, 16)] * 3 + [(64, 8, 8)] * 3
+
+
+# Simonyan & Zisserman (2015), Table 1: convolutions per stage (stages at 32, 16, 8, 4, 2 pixels for CIFAR-10,
+# channels 64, 128, 256, 512, 512), configurations A (11), B (13), D (16) and E (19).
+TABLE_1 = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}
+
+
+def test_vgg_convolutions_run_at_the_stage_sizes_of_table_1():
+    """Reference: Table 1 of the VGG paper, written out as convolutions per stage; each convolution's
+    (input channels, output channels, input side) is recorded by hooks on a 32×32 forward pass."""
+    for depth, per_stage in TABLE_1.items():
+        model = VGG(depth, width=1 / 16).eval()
+        seen = []
+        for module in model.features:
+            if isinstance(module, nn.Conv2d):
+                module.register_forward_hook(
+                    lambda m, inputs, out: seen.append((m.in_channels, m.out_channels, inputs[0].shape[-1])))
+        model(torch.zeros(1, 3, 32, 32))
+        expected, channels = [], 3
+        for count, width, side in zip(per_stage, (4, 8, 16, 32, 32), (32, 16, 8, 4, 2)):
+            for _ in range(count):
+                expected.append((channels, width, side))
+                channels = width
+        assert seen == expected, depth
+
+
+def test_conv4_without_running_stats_keeps_the_batch_norms_learnable_scale_and_shift():
+    """Reference: the docstring, ``running_stats=False`` only changes ``track_running_stats``: the same
+    parameters (γ = 1, β = 0 per channel, adapted by MAML) and no running buffers."""
+    plain, transductive = Conv4(), Conv4(running_stats=False)
+    assert ([(n, p.shape) for n, p in transductive.named_parameters()]
+            == [(n, p.shape) for n, p in plain.named_parameters()])
+    norms = [m for m in transductive.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 4
+    for norm in norms:
+        assert torch.equal(norm.weight, torch.ones(64)) and torch.equal(norm.bias, torch.zeros(64))
+        assert norm.running_mean is None and norm.running_var is None
+
+
+def test_cifar_resnet_batch_norms_start_at_weight_one_and_bias_zero():
+    """Reference: the CifarResNet docstring ("Batch norms start at weight 1, bias 0"), PyTorch's default,
+    not a zero-initialised last batch norm per block (Goyal et al.) nor a random scale."""
+    model = CifarResNet(20)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 1 + 2 * 9
+    for norm in norms:
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+        assert torch.equal(norm.bias, torch.zeros_like(norm.bias))
+
+
+def test_a_strided_bottleneck_strides_its_middle_convolution():
+    """Reference: a hand computation of the branch with F.conv2d / F.batch_norm (training-mode statistics),
+    the stride on the k×k convolution (docstring: "stride: of the middle convolution"), the 1×1 convolutions
+    unstrided."""
+    torch.manual_seed(0)
+    block = Bottleneck(8, 16, reduction=4, stride=2)
+    c1, b1, _, c2, b2, _, c3, b3 = block.branch
+    x = torch.randn(2, 8, 9, 9)
+
+    def bn(t, norm):
+        return F.batch_norm(t, None, None, norm.weight, norm.bias, training=True, eps=norm.eps)
+
+    h = F.relu(bn(F.conv2d(x, c1.weight), b1))
+    assert h.shape[-1] == 9                                   # the reduction runs at full resolution
+    h = F.relu(bn(F.conv2d(h, c2.weight, stride=2, padding=1), b2))
+    expected = F.relu(bn(F.conv2d(h, c3.weight), b3))
+    assert torch.allclose(block(x), expected, atol=1e-5)
+
+
+def test_small_cnn_stem_is_convolution_batch_norm_relu():
+    """Reference: the docstring's stem (3×3 convolution → BatchNorm2d → ReLU), computed by hand: the first block
+    receives relu(bn(conv(x))), hence non-negative inputs."""
+    torch.manual_seed(0)
+    model = SmallCNN("separable", channels=(4, 6, 8))
+    first = next(m for m in model.modules() if isinstance(m, DepthwiseSeparableConv2d))
+    received = []
+    first.register_forward_pre_hook(lambda m, inputs: received.append(inputs[0]))
+    x = torch.randn(3, 1, 28, 28)
+    model(x)
+    conv, norm = model.features[0], model.features[1]
+    expected = F.relu(F.batch_norm(F.conv2d(x, conv.weight, stride=2, padding=1), None, None, norm.weight,
+                                   norm.bias, training=True, eps=norm.eps))
+    assert torch.allclose(received[0], expected, atol=1e-5)

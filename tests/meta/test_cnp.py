@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from lowlearn.data.tasks import GPCurves, context_target_split
 from lowlearn.meta import CNP, fit_cnp
@@ -145,3 +146,17 @@ def test_the_loss_is_the_mean_gaussian_negative_log_likelihood_written_out():
     nll = 0.5 * math.log(2 * math.pi) + sigma.log() + (ty - mu) ** 2 / (2 * sigma ** 2)
     assert nll.shape == (3, 5, 2)
     torch.testing.assert_close(cnp.loss(cx, cy, tx, ty), nll.sum() / nll.numel(), rtol=1e-12, atol=1e-12)
+
+
+def test_cnp_has_the_documented_number_of_linear_layers_and_widths():
+    """Reference: the docstring, ``encoder_layers`` / ``decoder_layers`` count the linear layers of h and g:
+    h = [x+y → H → … → H], g = [H+x → H → … → 2y], ReLU between layers only; parameters counted by hand."""
+    def shapes(layers):
+        return [(m.in_features, m.out_features) for m in layers if isinstance(m, nn.Linear)]
+
+    for enc, dec in ((3, 3), (1, 1), (2, 4)):
+        model = CNP(x_dim=2, y_dim=3, hidden=5, encoder_layers=enc, decoder_layers=dec)
+        assert shapes(model.encoder) == [(5, 5)] + [(5, 5)] * (enc - 1)
+        assert shapes(model.decoder) == ([(7, 6)] if dec == 1 else [(7, 5)] + [(5, 5)] * (dec - 2) + [(5, 6)])
+        by_hand = (5 * 5 + 5) * enc + ((7 * 6 + 6) if dec == 1 else (7 * 5 + 5) + (5 * 5 + 5) * (dec - 2) + 5 * 6 + 6)
+        assert sum(p.numel() for p in model.parameters()) == by_hand
