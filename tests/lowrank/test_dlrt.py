@@ -419,8 +419,10 @@ def test_one_step_is_the_k_l_and_s_steps_of_the_paper(tol, full_core):
     assert layer.rank == (2 if tol is None else r)
 
 
-def test_dense_parameters_take_the_plain_gradient_step_of_the_s_step_pass():
-    """The bias steps by its gradient in the S-step's pass (weights U₁ S̃ V₁ᵀ), not the first pass's, nor both."""
+@pytest.mark.parametrize("lr_dense", [None, 0.125])
+def test_dense_parameters_take_the_plain_gradient_step_of_the_s_step_pass(lr_dense):
+    """The bias steps by its gradient in the S-step's pass (weights U₁ S̃ V₁ᵀ), not the first pass's, nor both,
+    at its own group's learning rate (set apart from the factors' λ, as a scheduler per group would)."""
     torch.manual_seed(0)
     layer = LowRankLinear(7, 6, 2).double()
     model = nn.Sequential(layer)
@@ -434,8 +436,11 @@ def test_dense_parameters_take_the_plain_gradient_step_of_the_s_step_pass():
     g_bias = torch.autograd.grad(F.mse_loss(x @ (U1 @ S_tilde @ V1.T).T + bias, y), bias)[0]   # the S-step pass
     first = torch.autograd.grad(F.mse_loss(x @ (U @ S @ V.T).T + bias, y), bias)[0]             # the first pass
     assert not torch.allclose(g_bias, first)                            # the two passes' gradients differ
-    regression_steps(model, DLRT(model, lr=lr), x, y, 1)
-    torch.testing.assert_close(layer.bias.detach(), b - lr * g_bias, rtol=1e-10, atol=1e-12)
+    dlrt = DLRT(model, lr=lr)
+    if lr_dense is not None:
+        dlrt.param_groups[1]["lr"] = lr_dense
+    regression_steps(model, dlrt, x, y, 1)
+    torch.testing.assert_close(layer.bias.detach(), b - (lr_dense or lr) * g_bias, rtol=1e-10, atol=1e-12)
 
 
 def test_batch_norm_statistics_take_one_update_per_step():
@@ -475,33 +480,6 @@ def test_r_min_above_a_layers_r_max_keeps_the_best_approximation_at_the_layers_r
     P, sigma, Qh = torch.linalg.svd(free[0].matrix().detach())
     best = P[:, :2] @ torch.diag(sigma[:2]) @ Qh[:2]
     assert torch.allclose(capped[0].matrix().detach(), best, rtol=1e-9, atol=1e-10)
-
-
-def test_the_dense_group_steps_with_its_own_learning_rate_not_the_factors():
-    """param_groups[1] (biases, dense layers) takes p ← p − lr₁·∇_p L with ITS lr, not the factors' λ.
-
-    Reference: the fixed-rank step of the paper by hand (K-, L-step, QR, Galerkin S̃), then the bias gradient of
-    the S-step pass and the plain step with the dense group's learning rate (set apart from λ, as a scheduler
-    with one lambda per group, or a user, does). The factors' step uses λ alone.
-    """
-    torch.manual_seed(0)
-    layer = LowRankLinear(7, 6, 2).double()
-    model = nn.Sequential(layer)
-    x, y = torch.randn(16, 7, dtype=torch.float64), torch.randn(16, 6, dtype=torch.float64)
-    lr, lr_dense = 0.5, 0.125
-    U, S, V, b = (t.detach().clone() for t in (layer.U, layer.S, layer.V, layer.bias))
-    G = _dense_gradient(U @ S @ V.T, x, y, b)
-    U1, V1 = torch.linalg.qr(U @ S - lr * G @ V).Q, torch.linalg.qr(V @ S.T - lr * G.T @ U).Q   # K- and L-steps
-    S_tilde = (U1.T @ U) @ S @ (V1.T @ V).T
-    bias = b.clone().requires_grad_()
-    g_bias = torch.autograd.grad(F.mse_loss(x @ (U1 @ S_tilde @ V1.T).T + bias, y), bias)[0]   # the S-step pass
-
-    dlrt = DLRT(model, lr=lr)
-    dlrt.param_groups[1]["lr"] = lr_dense
-    dlrt.zero_grad()
-    F.mse_loss(model(x), y).backward()
-    dlrt.step(lambda: F.mse_loss(model(x), y))
-    torch.testing.assert_close(layer.bias.detach(), b - lr_dense * g_bias, rtol=1e-10, atol=1e-12)
 
 
 def test_a_scheduler_with_one_lambda_per_group_scales_the_dense_step_alone():
