@@ -9,12 +9,12 @@ from lowlearn.powerprop import powerprop
 from lowlearn.sparse.lottery import (EarlyBird, Snapshot, constant_init, iterative_magnitude_pruning,
                                      mask_distance, mask_overlap, random_mask, random_reinit, reshuffle, rewind,
                                      train_control)
-from lowlearn.sparse.mask import (attach_masks, find_mask, masked_layers, masks_of, prunable_layers, raw_weight,
-                                  set_masks)
+from lowlearn.sparse.mask import (attach_masks, density, find_mask, masked_layers, masks_of, prunable_layers,
+                                  raw_weight, set_masks)
 from lowlearn.sparse.prune import kept_count, prune
 from lowlearn.sparse.scores import magnitude
 from lowlearn.sparse.structured import prune_channels
-from lowlearn.train import TrainState, fit, seed_everything
+from lowlearn.train import History, TrainState, fit, seed_everything
 
 # A small synthetic task: 4 classes, linear in 20 features.
 _g = torch.Generator().manual_seed(0)
@@ -560,3 +560,93 @@ def test_early_bird_needs_every_distance_strictly_below_the_threshold():
     assert bird.distances == [0.25] and bird.found_at is None       # 0.25 is not below 0.25
     bird(step(model, 3))
     assert bird.distances == [0.25, 0.0] and bird.found_at == 3
+
+
+def test_mask_overlap_of_masks_that_both_keep_nothing_is_one():
+    """Reference: the docstring's convention for the Jaccard index 0/0 ("1 when both keep nothing"):
+    two equal masks, even empty ones, overlap fully, and their distance is 0; a non-empty mask
+    against an empty one overlaps 0 (intersection 0 of a union of 2)."""
+    empty = {"a": torch.zeros(2, 3, dtype=torch.bool), "b": torch.zeros(4, dtype=torch.bool)}
+    assert mask_overlap(empty, empty) == 1.0
+    assert mask_distance(empty, empty) == 0.0
+    some = {"a": torch.zeros(2, 3, dtype=torch.bool), "b": torch.tensor([True, False, True, False])}
+    assert mask_overlap(empty, some) == 0.0
+    assert mask_distance(empty, some) == 2 / 10
+
+
+def test_ticket_round_records_the_last_evaluation_and_the_step_of_the_lowest_loss():
+    """Reference: TicketRound's docstring, by hand on a scripted History: ``eval`` is the *last*
+    evaluation of the run, ``early_stop_step`` the eval step of the lowest loss (here neither the
+    first nor the last), for every IMP round and for a control."""
+
+    evals = [{"loss": 0.5, "accuracy": 0.1}, {"loss": 0.2, "accuracy": 0.3}, {"loss": 0.9, "accuracy": 0.2}]
+
+    def train(model, callbacks):
+        return History(steps=[10, 20, 30], loss=[1.0, 0.8, 0.7], eval_steps=[10, 20, 30],
+                       eval=[dict(e) for e in evals])
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    lottery = iterative_magnitude_pruning(model, train, rounds=2, prune_fraction=0.5)
+    for ticket in lottery.rounds:
+        assert ticket.eval == evals[-1]
+        assert ticket.early_stop_step == 20
+    torch.manual_seed(1)
+    control = train_control(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), lottery, 1, train, "reinit")
+    assert control.eval == evals[-1] and control.early_stop_step == 20 and control.index == 1
+
+
+def test_imp_ends_at_the_last_recorded_round_without_pruning_after_it():
+    """Reference: iterative_magnitude_pruning's docstring ("unless it is the last round, prune ... the
+    model ends trained at the sparsest mask"): after the run the model's masks are exactly those of the
+    last TicketRound, its density that round's, and its weights those the last training left (no
+    pruning or rewinding after the last round). rounds=0 (density 1): one dense training, nothing pruned."""
+
+    def train(model, callbacks):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.25)          # "training": a visible change the model must end with
+        return History()
+
+    for rounds in (0, 2):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+        lottery = iterative_magnitude_pruning(model, train, rounds=rounds, prune_fraction=0.5)
+        last = lottery.rounds[-1]
+        assert len(lottery.rounds) == rounds + 1
+        assert {n: m.cpu() for n, m in masks_of(model).items()}.keys() == last.masks.keys()
+        for name, mask in masks_of(model).items():
+            assert torch.equal(mask.cpu(), last.masks[name])
+        assert density(model) == last.density == (1.0 if rounds == 0 else last.density)
+        # the trained weights: rewind value + 0.25 at every kept weight
+        start = lottery.rewind_state
+        for name in ("0", "2"):
+            raw = start[f"{name}.parametrizations.weight.original"]
+            keep = last.masks[name]
+            w = model.get_submodule(name).weight.detach()
+            assert torch.equal(w, torch.where(keep, raw + 0.25, torch.zeros_like(raw)))
+
+
+def test_early_bird_mask_is_the_mask_of_the_step_it_was_found_at():
+    """Reference: EarlyBird's docstring (``mask``: "the masks at found_at"), by hand: scripted scores
+    move one kept weight per check by a small distance (2/8 < ε = 0.5, window 1), so the ticket is
+    found at the second check, step 2·every, and its mask is the top-k of that step's scores, which
+    differs from the first check's mask."""
+
+    script = [torch.tensor([[4.0, 3.0, 2.0, 1.0], [0.5, 0.4, 0.3, 0.2]]),      # keeps positions 0, 1
+              torch.tensor([[4.0, 1.0, 2.0, 3.0], [0.5, 0.4, 0.3, 0.2]])]      # keeps positions 0, 3
+    calls = []
+
+    def scores(model):
+        calls.append(1)
+        return {"w": script[len(calls) - 1]}
+
+    bird = EarlyBird(0.25, every=3, threshold=0.5, window=1, scores=scores)
+    model = nn.Linear(4, 2)
+    for step in range(1, 7):
+        bird(TrainState(step=step, epoch=0, loss=torch.tensor(0.0), model=model, optimizer=None))
+    assert bird.distances == [2 / 8]
+    assert bird.found_at == 6
+    expected = torch.zeros(2, 4, dtype=torch.bool)
+    expected[0, 0] = expected[0, 3] = True
+    assert torch.equal(bird.mask["w"], expected)

@@ -4,6 +4,7 @@ import functools
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from lowlearn.models import MLP
 from lowlearn.sparse.allocation import erk, uniform
@@ -303,3 +304,20 @@ def test_gradual_pruning_goes_on_from_a_model_already_sparser_than_its_schedule(
         assert all(int(mask.sum()) == kept_count(0.1, sizes[name]) for name, mask in masks_of(model).items())
     else:
         assert sum(int(mask.sum()) for mask in masks_of(model).values()) == kept_count(0.1, sum(sizes.values()))
+
+
+def test_iterative_pruning_with_an_allocation_allocates_each_rounds_density():
+    """Reference: Han et al.'s loop written out, as the docstring states it: round r prunes layer l to
+    ``allocation(model, d_r)[l]`` with ``d_r = final^(r/R)`` (not the final density from round 1), so
+    after round r layer l keeps exactly ``kept_count(erk(model, d_r)[l], n_l)`` weights."""
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+    counts = []
+    iterative_pruning(model, 0.2, 3, lambda m, r: counts.append({n: int(k.sum()) for n, k in masks_of(m).items()}),
+                      scope="layer", allocation=erk)
+    assert len(counts) == 3
+    for after, d_r in zip(counts, geometric_densities(0.2, 3)):
+        wanted = erk(model, d_r)
+        expected = {n: kept_count(wanted[n], model.get_submodule(n).weight.numel()) for n in wanted}
+        assert after == expected
