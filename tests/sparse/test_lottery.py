@@ -578,7 +578,6 @@ def test_ticket_round_records_the_last_evaluation_and_the_step_of_the_lowest_los
     """Reference: TicketRound's docstring, by hand on a scripted History: ``eval`` is the *last*
     evaluation of the run, ``early_stop_step`` the eval step of the lowest loss (here neither the
     first nor the last), for every IMP round and for a control."""
-
     evals = [{"loss": 0.5, "accuracy": 0.1}, {"loss": 0.2, "accuracy": 0.3}, {"loss": 0.9, "accuracy": 0.2}]
 
     def train(model, callbacks):
@@ -601,7 +600,6 @@ def test_imp_ends_at_the_last_recorded_round_without_pruning_after_it():
     model ends trained at the sparsest mask"): after the run the model's masks are exactly those of the
     last TicketRound, its density that round's, and its weights those the last training left (no
     pruning or rewinding after the last round). rounds=0 (density 1): one dense training, nothing pruned."""
-
     def train(model, callbacks):
         with torch.no_grad():
             for p in model.parameters():
@@ -632,7 +630,6 @@ def test_early_bird_mask_is_the_mask_of_the_step_it_was_found_at():
     move one kept weight per check by a small distance (2/8 < ε = 0.5, window 1), so the ticket is
     found at the second check, step 2·every, and its mask is the top-k of that step's scores, which
     differs from the first check's mask."""
-
     script = [torch.tensor([[4.0, 3.0, 2.0, 1.0], [0.5, 0.4, 0.3, 0.2]]),      # keeps positions 0, 1
               torch.tensor([[4.0, 1.0, 2.0, 3.0], [0.5, 0.4, 0.3, 0.2]])]      # keeps positions 0, 3
     calls = []

@@ -310,7 +310,6 @@ def test_iterative_pruning_with_an_allocation_allocates_each_rounds_density():
     """Reference: Han et al.'s loop written out, as the docstring states it: round r prunes layer l to
     ``allocation(model, d_r)[l]`` with ``d_r = final^(r/R)`` (not the final density from round 1), so
     after round r layer l keeps exactly ``kept_count(erk(model, d_r)[l], n_l)`` weights."""
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
     counts = []
