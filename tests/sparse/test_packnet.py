@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -7,7 +8,7 @@ from torch import nn
 
 from lowlearn.models import MLP
 from lowlearn.powerprop import PowerPropOptimizer, powerprop
-from lowlearn.sparse.mask import attach_masks, masked_layers, masks_of, prunable_layers, raw_weight
+from lowlearn.sparse.mask import attach_masks, find_mask, masked_layers, masks_of, prunable_layers, raw_weight
 from lowlearn.sparse.packnet import PackNet
 
 
@@ -542,3 +543,107 @@ def test_inside_use_task_no_shared_weight_gets_a_gradient_and_a_step_moves_none(
             optimizer.step()
         for name, w in shared.items():
             assert torch.equal(w.detach(), before[name]), (task, name)
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def test_from_the_second_task_batch_norm_normalises_with_the_first_tasks_running_statistics_in_training():
+    """Reference: the evaluation-mode output (running statistics), as in PackNet's code, which keeps batch norm
+    in eval mode from the second task on. Merely freezing the running statistics (momentum 0) would leave
+    training mode normalising with each batch's own statistics, so task 2 would train a different network
+    from the one use_task(2) evaluates."""
+    model = bn_model()
+    packnet = PackNet(model)
+    packnet.start_task()
+    train(model.train(), task_data(1))
+    packnet.assign(0.5)
+    packnet.start_task()
+    x = 3 * task_data(2)[0] + 2                                          # other input statistics
+    with torch.no_grad():
+        in_training = model.train()(x)
+        in_eval = model.eval()(x)
+    torch.testing.assert_close(in_training, in_eval, rtol=0, atol=0)
+
+
+def test_use_task_restores_the_training_masks_after_an_exception_and_when_nested():
+    """Reference: the forward and backward masks as they were before the block (a context manager must restore
+    them on the way out, however it leaves), also for use_task(1) nested inside use_task(2)."""
+    model = bn_model()
+    packnet = PackNet(model)
+    for task in (1, 2):
+        packnet.start_task()
+        train(model.train(), task_data(task))
+        packnet.assign(0.3)
+    packnet.start_task()                                                 # training task 3
+
+    def masks():
+        return {name: (find_mask(layer).mask.clone(), find_mask(layer).backward_mask.clone())
+                for name, layer in packnet.layers.items()}
+
+    before = masks()
+    with pytest.raises(KeyError):
+        with packnet.use_task(1):
+            raise KeyError("evaluation failed")
+    after = masks()
+    for name in before:
+        assert torch.equal(before[name][0], after[name][0]) and torch.equal(before[name][1], after[name][1]), name
+    with packnet.use_task(2):
+        outer = masks()
+        with packnet.use_task(1):
+            pass
+        inner_after = masks()
+    for name in outer:
+        assert torch.equal(outer[name][0], inner_after[name][0]), name
+        assert torch.equal(outer[name][1], inner_after[name][1]), name
+
+
+def test_a_packnet_state_dict_is_a_snapshot_and_loading_it_leaves_it_unchanged():
+    """Reference: a deep copy of the state dict when it was made. assign() writes the owners in place, so a
+    state dict that shared them would change with the next task; and a PackNet that loaded it and goes on
+    must not write into it, so the same in-memory checkpoint can be loaded twice with the same result."""
+    model = bn_model()
+    packnet = PackNet(model)
+    packnet.start_task()
+    train(model.train(), task_data(1))
+    packnet.assign(0.3)
+    state, model_state = packnet.state_dict(), copy.deepcopy(model.state_dict())
+    snapshot = copy.deepcopy(state)
+    packnet.start_task()
+    packnet.assign(0.3)
+    for name, o in snapshot["owner"].items():
+        assert torch.equal(state["owner"][name], o), name                # saving took a copy
+    owners = []
+    for _ in range(2):
+        other = bn_model()
+        resumed = PackNet(other)
+        other.load_state_dict(model_state)
+        resumed.load_state_dict(state)
+        resumed.start_task()
+        resumed.assign(0.3)
+        owners.append({name: o.clone() for name, o in resumed.owner.items()})
+        for name, o in snapshot["owner"].items():
+            assert torch.equal(state["owner"][name], o), name            # loading took a copy
+    for name in owners[0]:
+        assert torch.equal(owners[0][name], owners[1][name]), name
+        assert int((owners[0][name] == 2).sum()) > 0
+
+
+def test_a_layer_with_fewer_free_weights_than_the_fraction_gives_all_it_has_and_keeps_earlier_owners():
+    """Reference (assign's docstring): "a layer with fewer free weights gives all it has". Task 1 takes
+    round(0.7·n) weights of each layer; task 2 asks for 0.7·n again, more than the 0.3·n left, and must get
+    exactly the free ones, never a weight of task 1."""
+    model = bn_model()
+    packnet = PackNet(model)
+    packnet.start_task()
+    train(model.train(), task_data(1))
+    packnet.assign(0.7)
+    first = {name: o.clone() for name, o in packnet.owner.items()}
+    packnet.start_task()
+    train(model, task_data(2))
+    packnet.assign(0.7)
+    for name, owner in packnet.owner.items():
+        assert torch.equal(owner[first[name] == 1], torch.ones_like(owner[first[name] == 1])), name
+        assert bool((owner[first[name] == 0] == 2).all()), name
