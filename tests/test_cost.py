@@ -4,6 +4,7 @@ import contextlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lowlearn.cost import (
@@ -15,6 +16,7 @@ from lowlearn.cost import (
     saved_tensor_bytes,
     training_memory,
 )
+from lowlearn.lowrank import DLRT, dense_parameters, to_low_rank
 from lowlearn.models import MLP, Conv4, LeNet5, ResNet20
 
 
@@ -454,3 +456,25 @@ def test_saved_sparse_tensors_count_their_indices_and_values():
     x, y = torch.randn(20, 8), torch.randint(0, 3, (20,))
     memory = training_memory(model, torch.optim.SGD(model.parameters(), lr=0.1), (x, y), nn.functional.cross_entropy)
     assert memory.activations >= parts + x.nbytes
+
+
+def test_training_memory_counts_the_state_of_dlrts_dense_optimizer():
+    """Reference: the MemoryReport docstring (state of an optimizer held as ``.optimizer`` counts), by hand:
+    DLRT's own state tensors plus Adam's two moments (each the size of its parameter) and its scalar step per
+    dense parameter."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    to_low_rank(model, ["0"], rank=2)
+    dense = list(dense_parameters(model))
+    adam = torch.optim.Adam(dense, lr=1e-3)
+    opt = DLRT(model, lr=0.01, optimizer=adam)
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step(lambda: F.cross_entropy(model(x), y))
+    assert all(p in adam.state for p in dense)
+    dlrt_bytes = sum(t.nbytes for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    adam_bytes = sum(2 * p.nbytes + adam.state[p]["step"].nbytes for p in dense)
+    assert adam_bytes > 0
+    report = training_memory(model, opt, (x, y), F.cross_entropy)
+    assert report.optimizer_state == dlrt_bytes + adam_bytes

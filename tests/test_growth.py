@@ -473,3 +473,53 @@ def test_a_sequential_with_its_own_forward_is_not_read_as_a_chain_of_layers():
 
     with pytest.raises(ValueError, match="whose own forward may not apply its layers in order"):
         layer_pair(Residual(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)), 0)
+
+
+def test_growth_keeps_frozen_parameters_frozen():
+    """Reference: a grown parameter is the old one with more rows/columns, so it keeps the old one's
+    ``requires_grad`` (a frozen bias or consumer stays frozen; a trainable weight stays trainable)."""
+    torch.manual_seed(0)
+    for strategy in ("random", "split"):
+        model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        model[0].bias.requires_grad_(False)
+        model[2].weight.requires_grad_(False)
+        grow(model, 0, 2, strategy, generator=torch.Generator().manual_seed(1))
+        assert model[0].weight.shape == (5, 4) and model[2].weight.shape == (2, 5)
+        assert model[0].weight.requires_grad
+        assert not model[0].bias.requires_grad
+        assert not model[2].weight.requires_grad
+
+
+def test_random_growth_draws_incoming_weights_of_both_signs_with_standard_deviation_epsilon():
+    """Reference: the grow docstring, ``epsilon`` is the standard deviation of the new units' random incoming
+    weights (zero-mean normal): over 64 × 50 draws, the mean is near 0, both signs occur about equally and the
+    standard deviation is near ε."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(50, 3), nn.ReLU(), nn.Linear(3, 2))
+    new = grow(model, 0, 64, "random", epsilon=0.1, generator=torch.Generator().manual_seed(3))
+    incoming = model[0].weight.detach()[new]
+    assert abs(incoming.mean().item()) < 0.01
+    assert 0.45 < (incoming > 0).float().mean().item() < 0.55
+    assert abs(incoming.std().item() - 0.1) < 0.01
+
+
+def test_new_units_take_the_fresh_state_of_their_own_param_group():
+    """Reference: torch's Adagrad starts a parameter's ``sum`` at its group's ``initial_accumulator_value``
+    (a zero gradient adds 0²), so after growth the new rows of the grown layer (group with 0.5) hold 0.5 and
+    the consumer's new columns (group with 0.25) hold 0.25, while the old entries keep their values."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    opt = torch.optim.Adagrad([{"params": model[2].parameters(), "initial_accumulator_value": 0.25},
+                               {"params": model[0].parameters(), "initial_accumulator_value": 0.5}], lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    old_w0 = opt.state[model[0].weight]["sum"].clone()
+    old_w2 = opt.state[model[2].weight]["sum"].clone()
+    new = grow(model, 0, 2, "random", optimizer=opt, generator=torch.Generator().manual_seed(0))
+    w0, b0, w2 = model[0].weight, model[0].bias, model[2].weight
+    assert torch.equal(opt.state[w0]["sum"][:3], old_w0)
+    assert torch.equal(opt.state[w0]["sum"][new], torch.full((2, 4), 0.5))
+    assert torch.equal(opt.state[b0]["sum"][new], torch.full((2,), 0.5))
+    assert torch.equal(opt.state[w2]["sum"][:, :3], old_w2)
+    assert torch.equal(opt.state[w2]["sum"][:, new], torch.full((2, 2), 0.25))

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.utils.prune
 
-from lowlearn.cost import count_flops, training_flops
+from lowlearn.cost import FlopCount, count_flops, training_flops
 from lowlearn.models import MLP, LeNet5
 from lowlearn.sparse.flops import (dst_training_flops, model_sparse_flops, pruning_training_flops,
                                    sparse_inference_flops, sparse_training_flops)
@@ -204,3 +204,14 @@ def test_a_strided_padded_convolution_costs_its_kept_weights_times_its_output_po
     x = torch.zeros(2, 3, 9, 9)
     assert model_sparse_flops(model, x) == pytest.approx(27 * 25 + 100)
     assert sparse_training_flops(count_flops(model, x), {"0": 0.25, "2": 0.5}) == pytest.approx(3 * (27 * 25 + 100))
+
+
+def test_topkast_backward_set_counts_dense_where_backward_densities_leave_a_layer_out():
+    """Reference: the docstring's ``2 f_A + f_B`` with layers not named in a densities mapping counting dense,
+    by hand: F = {a: 100, b: 40}; A = {a: .1, b: .5}; B names only a (.3), so b is dense in B.
+    f_A = 10 + 20 = 30, f_B = 30 + 40 = 70, cost = 2·30 + 70 = 130 (not 2·30 + 30 + 20 = 110)."""
+    count = FlopCount(total=140, per_layer={"a": 100, "b": 40})
+    macs = dst_training_flops(count, {"a": 0.1, "b": 0.5}, "topkast", backward_densities={"a": 0.3})
+    assert macs == 2 * (0.1 * 100 + 0.5 * 40) + (0.3 * 100 + 1.0 * 40)
+    assert dst_training_flops(count, {"a": 0.1, "b": 0.5}, "topkast", backward_densities={"a": 0.3},
+                              relative_to_dense=True) == macs / (3 * 140)
