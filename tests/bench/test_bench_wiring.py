@@ -15,6 +15,7 @@ from torch import nn
 from lowlearn.allocator import has_glibc
 from lowlearn.bench import allocator as alloc_bench
 from lowlearn.bench import dst, lowrank, masks, powerprop, sparse, timing
+from lowlearn.bench.timing import Ratio
 from lowlearn.bench import maml as maml_bench
 from lowlearn.powerprop import powerprop_layers
 from lowlearn.sparse.mask import masks_of, prunable_layers
@@ -311,3 +312,112 @@ def test_allocator_worker_reports_time_and_faults_per_step(monkeypatch):
     monkeypatch.setattr(alloc_bench.allocator, "minor_page_faults", lambda: faults[0])
     result = alloc_bench.worker("dense", retain=False, batch_size=4, iterations=5, repeats=2, warmup=4)
     assert result == {"seconds": 0.5, "faults": 3.0}
+
+
+def test_maml_peak_memory_is_measured_after_the_optimizer_state_exists(monkeypatch):
+    """Reference: cuda_peak_bytes' contract ('call it once the step's lazily created state exists'). Canned steps
+    allocate 100 bytes of state on their first call and 10 bytes of temporaries on every call: the peak of each
+    implementation must be 10, taken on a fresh step (not the one timed) after one call of its own."""
+    made = []
+
+    def make_step(name, model, tasks, steps, inner_lr):
+        calls = []
+
+        def step():
+            calls.append(name)
+            return (100 if len(calls) == 1 else 0) + 10
+
+        made.append((name, calls))
+        return step
+
+    class Model(nn.Linear):
+        def to(self, *args, **kwargs):                              # stays on the CPU
+            return self
+
+    monkeypatch.setattr(maml_bench, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(maml_bench, "Conv4", lambda *args, **kwargs: Model(1, 1))
+    monkeypatch.setattr(maml_bench, "random_episodes", lambda *args, **kwargs: None)
+    monkeypatch.setattr(maml_bench, "make_step", make_step)
+    monkeypatch.setattr(maml_bench, "interleaved_rounds", lambda steps, **_: {name: [1.0] for name in steps})
+    monkeypatch.setattr(maml_bench, "cuda_peak_bytes", lambda step, device: step())
+    result = maml_bench.run(tasks=2, iterations=1, repeats=1)
+    assert result["peak_bytes"] == dict.fromkeys(maml_bench.IMPLEMENTATIONS, 10)
+    assert len(made) == 2 * len(maml_bench.IMPLEMENTATIONS)   # a fresh set of steps for the memory
+    assert all(calls == [] for _, calls in made[:3])   # (the timed ones were never called here)
+
+
+def test_sparse_2_4_availability_is_asked_of_the_pruned_fp16_layer(monkeypatch):
+    """Reference: semi_structured_unavailable's own rules, minus the CUDA checks (fp16 weights, at most 2 of
+    every 4 inputs nonzero). The layer _two_four asks about must be the 2:4-pruned fp16 copy, so that a row
+    comes out; the dense fp16 layer is never 2:4 sparse."""
+    asked = []
+
+    def unavailable(layer):
+        asked.append(layer.weight.detach().clone())
+        weight = layer.weight.detach()
+        if weight.dtype != torch.float16:
+            return "fp16 needed"
+        return "not 2:4" if bool((weight.reshape(weight.shape[0], -1, 4).ne(0).sum(-1) > 2).any()) else None
+
+    monkeypatch.setattr(sparse, "semi_structured_unavailable", unavailable)
+    monkeypatch.setattr(sparse, "export", lambda model, format: model)
+    monkeypatch.setattr(sparse, "SemiStructuredLinear", nn.Linear)
+    monkeypatch.setattr(sparse, "interleaved_rounds", lambda steps, **_: {name: [1.0] for name in steps})
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(8, 8)).eval()
+    rows = sparse._two_four(dense, torch.randn(2, 8), 1, 1, 0, torch.device("cuda"))
+    assert [row["format"] for row in rows] == ["2:4 (fp16)"]
+    (weight,) = asked
+    assert weight.dtype == torch.float16 and int(weight.ne(0).sum()) == 8 * 8 // 2
+
+
+def test_the_csr_goal_is_not_held_at_another_batch_of_the_default_layer():
+    """Reference: SIZE's docstring, the goal is held at (4096 features, batch 64): a batch of 128 on the
+    4096-feature layer has no goal, in the report (sparse.goal) as in the goal line."""
+    row = {"format": "csr", "density": sparse.CSR_GOAL_DENSITY, "features": 4096, "batch_size": 128}
+    assert sparse.goal(row, torch.device("cpu")) is None
+    assert sparse.goal(row | {"batch_size": 64}, torch.device("cpu")) == sparse.CSR_GOAL
+
+
+def test_lowrank_refuses_a_rank_above_the_narrowest_width(monkeypatch, capsys):
+    """Reference: a w x w layer has rank at most w, so the rank must fit the smallest of --widths, not only the
+    largest. The benchmark must stop with a usage error before running anything."""
+    monkeypatch.setattr(lowrank, "run", lambda *args, **kwargs: pytest.fail("ran with an impossible rank"))
+    with pytest.raises(SystemExit) as exit_:
+        lowrank.main(["--widths", "16", "64", "--rank", "32", "--device", "cpu"])
+    assert exit_.value.code == 2
+    assert "--rank 32 is above the width 16" in capsys.readouterr().err
+
+
+def test_dst_describes_the_device_it_ran_on_not_the_default_one(monkeypatch, capsys):
+    """Reference: the --device given. With the default device pretended to be 'meta', a run on --device cpu must
+    print 'device cpu (' in its environment line."""
+    monkeypatch.setattr(timing, "default_device", lambda: torch.device("meta"))
+    monkeypatch.setattr(dst, "run", lambda *args, **kwargs: {name: [1.0] for name in dst.METHODS})
+    dst.main(["--device", "cpu"])
+    header = capsys.readouterr().out.splitlines()[0]
+    assert ", device cpu (" in header and "device meta" not in header
+
+
+def test_faults_per_call_counts_each_step_from_its_own_start(monkeypatch):
+    """Hand count: with a fault counter that step 'a' raises by 3 and step 'b' by 5 per call, 2 calls each give
+    3 and 5 faults per call: each step's count starts where the previous step's ended, not at the first one's."""
+    counter = [1000]
+
+    def stepping(pages):
+        def step():
+            counter[0] += pages
+
+        return step
+
+    monkeypatch.setattr(timing.allocator, "minor_page_faults", lambda: counter[0])
+    assert timing.faults_per_call({"a": stepping(3), "b": stepping(5), "c": stepping(0)}, 2) == {
+        "a": 3.0, "b": 5.0, "c": 0.0}
+
+
+def test_a_goal_line_adds_decimals_when_only_an_end_of_the_middle_half_would_print_as_the_goal():
+    """Hand computation: 0.9996 prints as 1.000 at 3 decimals, beside a goal of 1 it does not reach; the line
+    needs 4 decimals for every number, though the median 1.02 alone would need only 3."""
+    assert timing.judged(Ratio(1.02, 0.9996, 1.05), 1.0) == (
+        "1.0200 (middle half 0.9996-1.0500), unclear (the goal lies within the middle half)")
+    assert timing.judged(Ratio(1.02, 1.01, 1.05), 1.0, higher_is_better=True) == "1.020 (middle half 1.010-1.050), met"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lowlearn.allocator import has_glibc
-from lowlearn.bench import report
+from lowlearn.bench import dst, report
 from lowlearn.bench.timing import Ratio
 
 
@@ -117,3 +117,18 @@ def test_throughput_and_allocator_rows_put_lowlearn_over_its_reference(monkeypat
     (row,) = [row for row in rows if row["benchmark"] == "allocator"]
     assert row["case"] == "toy, freed memory retained" and row["reference"] == "toy, glibc defaults"
     assert row["ratio"] == pytest.approx(0.75)
+
+
+def test_report_holds_rigl_to_its_goal_only_at_the_goals_update_interval(monkeypatch):
+    """Reference: dst.GOAL is documented as RigL's goal 'at an update every GOAL_EVERY steps'. The full sizes
+    (ΔT = GOAL_EVERY) give the RigL row the goal '<= 1.05'; another ΔT (the quick sizes' 2) gives it none."""
+    use_canned_results(monkeypatch)
+    monkeypatch.setattr(report, "has_glibc", lambda: False)
+
+    def rigl(rows):
+        return next(row for row in rows if row["benchmark"] == "dst" and row["case"] == "RigL")
+
+    assert rigl(report.collect(report.FULL, torch.device("cpu")))["goal"] == f"<= {dst.GOAL:g}"
+    assert rigl(report.collect(report.QUICK, torch.device("cpu")))["goal"] is None
+    other = report.FULL | {"dst": {"every": dst.GOAL_EVERY + 1}}
+    assert rigl(report.collect(other, torch.device("cpu")))["goal"] is None
