@@ -160,3 +160,13 @@ def test_a_history_without_evaluations_leaves_the_metric_axes_empty():
 def test_results_that_are_text_are_refused_even_when_they_read_as_numbers():
     with pytest.raises(ValueError, match="lists of numbers"):
         plot.mean_and_spread([["0.9", "0.8"], ["0.7", "0.6"]])
+
+
+def test_the_metric_axis_is_labelled_with_the_metric_plotted():
+    """Reference: the docstring, the right panel shows the evaluation ``metric``; a regression
+    plotted with metric="loss" must not be labelled "test accuracy"."""
+    regression = History(steps=[1, 2], loss=[1.0, 0.5], eval_steps=[2], eval=[{"loss": 0.4, "accuracy": 0.9}])
+    loss_ax, metric_ax = plot.plot_history(regression, metric="loss")
+    assert metric_ax.get_ylabel() == "test loss"
+    assert loss_ax.get_ylabel() == "training loss" and loss_ax.get_xlabel() == "optimizer step"
+    plt.close("all")

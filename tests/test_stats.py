@@ -86,3 +86,17 @@ def test_large_values_are_summarised_in_float64():
     runs = torch.tensor([1e7 + 1, 1e7 + 2, 1e7 + 4], dtype=torch.float32)[:, None]      # exact in float32
     mean, half = curve_mean_and_ci(runs)
     assert mean[0] == pytest.approx(1e7 + 7 / 3, rel=1e-13) and half[0] == pytest.approx(4.302653 * s / math.sqrt(3))
+
+
+def test_a_float64_tensor_is_summarised_in_float64():
+    """Reference: hand computation in float64. A float64 tensor of accuracies near 1e8 (or a per-episode
+    float64 tensor) must not be rounded to float32 on the way: 1e8 + 1 is not a float32, so the
+    mean 1e8 + 7/3 and the half-width t(0.975, 2)·s/√3 of the offsets 1, 2, 4 would be lost."""
+    s = math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
+    values = torch.tensor([1e8 + 1, 1e8 + 2, 1e8 + 4], dtype=torch.float64)
+    mean, half = mean_and_ci(values)
+    assert mean == pytest.approx(1e8 + 7 / 3, rel=1e-13)
+    assert half == pytest.approx(4.302653 * s / math.sqrt(3), rel=1e-6)
+    mean, half = summarize(values)
+    assert mean == pytest.approx(1e8 + 7 / 3, rel=1e-13)
+    assert half == pytest.approx(4.302653 * s / math.sqrt(3), rel=1e-6)
