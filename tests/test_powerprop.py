@@ -563,3 +563,115 @@ def test_with_a_live_wrapper_a_deep_copy_gets_its_own_chain_rule_gradient_and_th
     for name, layer in prunable_layers(model).items():
         assert torch.allclose(raw_weight(layer).grad, expected[name], rtol=1e-5, atol=1e-9)
     assert wrapper.layers
+
+
+def small_batch(n=8, features=6, classes=3, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, features, generator=generator), torch.randint(0, classes, (n,), generator=generator)
+
+
+def test_zero_grad_sets_gradients_to_none_by_default_so_a_layer_that_sits_out_is_not_decayed():
+    """Reference: torch.optim's own default, ``zero_grad(set_to_none=True)``: a parameter that takes no part in the
+    next loss has no gradient, and SGD with momentum and weight decay skips it, so its φ stays exactly as it was."""
+    torch.manual_seed(0)
+    model = powerprop(torch.nn.ModuleDict({"trunk": torch.nn.Linear(6, 5), "a": torch.nn.Linear(5, 3),
+                                           "b": torch.nn.Linear(5, 3)}), 2)
+    aware = PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1), model)
+    x, y = small_batch()
+    for head in ("a", "b"):                     # head a takes part in the first pass only
+        aware.zero_grad()
+        if head == "b":
+            assert all(p.grad is None for p in model.parameters())          # torch's default: None, not zeros
+            before = {k: v.clone() for k, v in model["a"].state_dict().items()}
+        F.cross_entropy(model[head](model["trunk"](x).relu()), y).backward()
+        aware.step()
+    for name, value in model["a"].state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_removing_a_taken_over_wrapper_does_not_keep_the_newer_ones_routing_alive():
+    """Reference: the class docstring ("a new wrapper ... takes the routing over; remove() ... ends it, after which
+    backward gives ∂L/∂φ again") and autograd's chain rule ∂L/∂φ = α|φ|^(α−1) ∂L/∂θ of the bare model. An old
+    wrapper's remove() after a take-over must leave the registry to the newer one, so that a third wrapper takes the
+    routing from the second and its remove() ends all routing, while the second wrapper is still alive."""
+    torch.manual_seed(0)
+    model = powerprop(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)), 3)
+    x, y = small_batch()
+    phi = raw_weight(model[2])
+    plain = torch.autograd.grad(F.cross_entropy(model(x), y), phi)[0]                       # ∂L/∂φ
+    first = PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    second = PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    first.remove()
+    third = PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    for layer in powerprop_layers(model).values():
+        assert len(layer.parametrizations.weight[0]._forward_hooks) == 1                     # only third's hook
+    third.remove()
+    assert torch.equal(torch.autograd.grad(F.cross_entropy(model(x), y), phi)[0], plain)
+    assert second is not None                                                                # still alive here
+
+
+def test_two_layers_of_the_same_shape_each_take_their_own_aware_adam_step():
+    """Reference: a plain torch.optim.Adam on a separate copy of each θ = φ|φ|^(α−1) with the gradient ∂L/∂θ (from
+    autograd on an un-reparameterised copy of the model), mapped back as φ ← φ + Δθ · α|φ|^(α−1) (paper, section 3).
+    Two Powerprop weights of the same shape must not share the step's working tensors."""
+    torch.manual_seed(0)
+    alpha = 2.0
+    base = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.Tanh(), torch.nn.Linear(4, 4, bias=False))
+    x, y = small_batch(features=4, classes=4)
+    model = powerprop(copy.deepcopy(base), alpha)
+    phis = [raw_weight(model[i]).detach().clone() for i in (0, 2)]
+    thetas = [torch.nn.Parameter(p * p.abs() ** (alpha - 1)) for p in phis]
+    plain = copy.deepcopy(base)
+    with torch.no_grad():
+        plain[0].weight.copy_(thetas[0])
+        plain[2].weight.copy_(thetas[1])
+    F.cross_entropy(plain(x), y).backward()
+    for theta, layer in zip(thetas, (plain[0], plain[2])):
+        theta.grad = layer.weight.grad.clone()
+    hand = torch.optim.Adam(thetas, lr=0.05)
+    before = [t.detach().clone() for t in thetas]
+    hand.step()
+    expected = [p + (t.detach() - b) * alpha * p.abs() ** (alpha - 1) for p, t, b in zip(phis, thetas, before)]
+
+    aware = PowerPropOptimizer(torch.optim.Adam(model.parameters(), lr=0.05), model)
+    aware.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    aware.step()
+    for i, e in zip((0, 2), expected):
+        assert torch.allclose(raw_weight(model[i]), e, atol=1e-6), i
+    assert len(aware.scratch_tensors()) == 4                     # two working tensors per Powerprop weight
+
+
+def test_learning_rates_set_through_the_wrappers_param_groups_drive_the_step_of_each_group():
+    """Reference: hand SGD with momentum μ and weight decay λ on θ, ``b ← μ b + g + λ θ``, ``Δθ = −lr · b``, mapped
+    back as φ ← φ + Δθ · α|φ|^(α−1), and the plain SGD step on the bias; the weight and the bias sit in two parameter
+    groups whose learning rates are changed through ``PowerPropOptimizer.param_groups`` (the wrapped optimizer's own
+    groups, as the property's docstring says) between the two steps."""
+    torch.manual_seed(0)
+    alpha, mu, lam = 3.0, 0.9, 0.05
+    layer = torch.nn.Linear(3, 2)
+    model = powerprop(torch.nn.Sequential(layer), alpha)
+    x = torch.randn(5, 3)
+    phi, bias = raw_weight(layer), layer.bias
+    sgd = torch.optim.SGD([{"params": [phi], "lr": 0.1}, {"params": [bias], "lr": 0.2}], lr=0.1, momentum=mu,
+                          weight_decay=lam)
+    aware = PowerPropOptimizer(sgd, model)
+    p, b = phi.detach().clone(), bias.detach().clone()
+    buf_t = buf_b = None
+    for lrs in ((0.1, 0.2), (0.03, 0.5)):
+        for group, lr in zip(aware.param_groups, lrs):
+            group["lr"] = lr
+        theta = p * p.abs() ** (alpha - 1)
+        # loss = sum((x θᵀ + b)²): ∂L/∂θ = 2 (xθᵀ+b)ᵀ x, ∂L/∂b = 2 Σ (xθᵀ+b)
+        out = x @ theta.T + b
+        g_t, g_b = 2 * out.T @ x, 2 * out.sum(0)
+        d_t, d_b = g_t + lam * theta, g_b + lam * b
+        buf_t = d_t if buf_t is None else mu * buf_t + d_t
+        buf_b = d_b if buf_b is None else mu * buf_b + d_b
+        p = p + (-lrs[0] * buf_t) * alpha * p.abs() ** (alpha - 1)
+        b = b - lrs[1] * buf_b
+        aware.zero_grad()
+        (model(x) ** 2).sum().backward()
+        aware.step()
+        assert torch.allclose(phi, p, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(bias, b, atol=1e-5, rtol=1e-5)
