@@ -1,5 +1,6 @@
 import ctypes
 import mmap
+from types import SimpleNamespace
 
 import pytest
 
@@ -42,21 +43,25 @@ def test_bad_thresholds_are_refused(kwargs):
         retain_freed_memory(**kwargs)
 
 
+def install_glibc(monkeypatch, mallopt):
+    """Stand in for glibc with ``mallopt(option, value) -> 1 taken, 0 refused``; nothing reaches the real allocator."""
+    monkeypatch.setattr(allocator, "has_glibc", lambda: True)
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: SimpleNamespace(mallopt=mallopt))
+    monkeypatch.setattr(allocator, "_retained", {})
+
+
 def test_a_refused_mmap_threshold_changes_nothing(monkeypatch):
     # An older glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2 (16 MiB on 32-bit systems) but takes any trim
     # threshold: setting the trim threshold first would leave it changed while describe() says "glibc defaults".
     taken = []
 
-    class OlderGlibc:
-        def mallopt(self, option, value):
-            if option == allocator._M_MMAP_THRESHOLD and value > 16 * 2**20:
-                return 0
-            taken.append(option)
-            return 1
+    def older_mallopt(option, value):
+        if option == allocator._M_MMAP_THRESHOLD and value > 16 * 2**20:
+            return 0
+        taken.append(option)
+        return 1
 
-    monkeypatch.setattr(allocator, "has_glibc", lambda: True)
-    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: OlderGlibc())
-    monkeypatch.setattr(allocator, "_retained", {})
+    install_glibc(monkeypatch, older_mallopt)
     assert retain_freed_memory() is False
     assert taken == [] and allocator.describe() == "glibc defaults"
     assert retain_freed_memory(mmap_threshold=16 * 2**20) is True
@@ -66,17 +71,14 @@ def test_a_refused_mmap_threshold_changes_nothing(monkeypatch):
 
 @pytest.fixture
 def recording_glibc(monkeypatch):
-    """A glibc whose mallopt records what it is given and takes everything; nothing reaches the real allocator."""
+    """A glibc whose mallopt records what it is given and takes everything."""
     taken = {}
 
-    class Glibc:
-        def mallopt(self, option, value):
-            taken[option] = value
-            return 1
+    def mallopt(option, value):
+        taken[option] = value
+        return 1
 
-    monkeypatch.setattr(allocator, "has_glibc", lambda: True)
-    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: Glibc())
-    monkeypatch.setattr(allocator, "_retained", {})
+    install_glibc(monkeypatch, mallopt)
     return taken
 
 

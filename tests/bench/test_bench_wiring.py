@@ -23,6 +23,23 @@ from lowlearn.sparse.mask import masks_of, prunable_layers
 CPU = torch.device("cpu")
 
 
+def one_round(steps, **options):
+    """A stand-in for ``interleaved_rounds``: one round of 1 s for every step, none of them run."""
+    return {name: [1.0] for name in steps}
+
+
+def outputs_of_the_timed_steps(monkeypatch, module):
+    """Make ``module``'s ``interleaved_rounds`` call each step once; returns ``{name: its output}``, filled then."""
+    outputs = {}
+
+    def run_once(steps, **options):
+        outputs.update({name: step() for name, step in steps.items()})
+        return one_round(steps)
+
+    monkeypatch.setattr(module, "interleaved_rounds", run_once)
+    return outputs
+
+
 def _goal_lines(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("goal: ")]
 
@@ -130,11 +147,11 @@ def test_dst_run_times_blocks_of_updates_times_every_steps(monkeypatch):
     after a warm-up of whole intervals."""
     seen = {}
 
-    def fake(steps, **options):
+    def recording(steps, **options):
         seen.update(options)
-        return {name: [1.0] for name in steps}
+        return one_round(steps)
 
-    monkeypatch.setattr(dst, "interleaved_rounds", fake)
+    monkeypatch.setattr(dst, "interleaved_rounds", recording)
     dst.run(density=0.2, batch_size=4, every=2, updates=3, repeats=1, device="cpu")
     assert seen["iterations"] == 6 and seen["warmup"] % 2 == 0
 
@@ -235,13 +252,7 @@ def test_maml_run_gives_every_implementation_its_own_copy_of_one_model(monkeypat
 def test_sparse_run_times_each_variant_on_its_own_model(monkeypatch):
     """Outputs of the timed step functions against torch alone: 'csr' is the layer with its d·n² largest |w|
     kept, 'channels' has d·n outputs, 'low rank' is the best rank-(d·n/2) approximation (torch.linalg.svd)."""
-    outputs = {}
-
-    def fake(steps, **options):
-        outputs.update({name: step() for name, step in steps.items()})
-        return {name: [1.0] for name in steps}
-
-    monkeypatch.setattr(sparse, "interleaved_rounds", fake)
+    outputs = outputs_of_the_timed_steps(monkeypatch, sparse)
     n, d = 16, 0.25
     sparse.run(features=n, batch_size=3, densities=(d,), iterations=1, repeats=1, warmup=0, device="cpu",
                two_four_large=None)
@@ -263,13 +274,7 @@ def test_sparse_run_times_each_variant_on_its_own_model(monkeypatch):
 def test_sparse_2_4_is_timed_against_the_dense_layer_in_fp16_on_the_same_batch(monkeypatch):
     """Reference: x.half() @ w.half().T + b.half(): the 2:4 row compares fp16 with fp16 (the module docstring:
     'against the dense layer in fp16'), not with the fp32 layer."""
-    outputs = {}
-
-    def fake(steps, **options):
-        outputs.update({name: step() for name, step in steps.items()})
-        return {name: [1.0] for name in steps}
-
-    monkeypatch.setattr(sparse, "interleaved_rounds", fake)
+    outputs = outputs_of_the_timed_steps(monkeypatch, sparse)
     monkeypatch.setattr(sparse, "semi_structured_unavailable", lambda layer: None)
     monkeypatch.setattr(sparse, "export", lambda model, format: model)
     monkeypatch.setattr(sparse, "SemiStructuredLinear", nn.Linear)
@@ -338,7 +343,7 @@ def test_maml_peak_memory_is_measured_after_the_optimizer_state_exists(monkeypat
     monkeypatch.setattr(maml_bench, "Conv4", lambda *args, **kwargs: Model(1, 1))
     monkeypatch.setattr(maml_bench, "random_episodes", lambda *args, **kwargs: None)
     monkeypatch.setattr(maml_bench, "make_step", make_step)
-    monkeypatch.setattr(maml_bench, "interleaved_rounds", lambda steps, **_: {name: [1.0] for name in steps})
+    monkeypatch.setattr(maml_bench, "interleaved_rounds", one_round)
     monkeypatch.setattr(maml_bench, "cuda_peak_bytes", lambda step, device: step())
     result = maml_bench.run(tasks=2, iterations=1, repeats=1)
     assert result["peak_bytes"] == dict.fromkeys(maml_bench.IMPLEMENTATIONS, 10)
@@ -362,7 +367,7 @@ def test_sparse_2_4_availability_is_asked_of_the_pruned_fp16_layer(monkeypatch):
     monkeypatch.setattr(sparse, "semi_structured_unavailable", unavailable)
     monkeypatch.setattr(sparse, "export", lambda model, format: model)
     monkeypatch.setattr(sparse, "SemiStructuredLinear", nn.Linear)
-    monkeypatch.setattr(sparse, "interleaved_rounds", lambda steps, **_: {name: [1.0] for name in steps})
+    monkeypatch.setattr(sparse, "interleaved_rounds", one_round)
     torch.manual_seed(0)
     dense = nn.Sequential(nn.Linear(8, 8)).eval()
     rows = sparse._two_four(dense, torch.randn(2, 8), 1, 1, 0, torch.device("cuda"))

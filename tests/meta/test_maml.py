@@ -644,3 +644,19 @@ def test_maml_adapt_is_differentiable_to_second_order_in_the_initialisation_as_t
         (grad,) = torch.autograd.grad(F.mse_loss(run(net, adapted, qx), qy), net.weight)
         torch.testing.assert_close(grad[0], expected, rtol=1e-10, atol=1e-12)
     assert (second - first).norm() > 0.1 * first.norm()        # the two orders differ here by far more than round-off
+
+
+def test_tasks_at_once_with_dropout_in_evaluation_mode_equals_plain_fine_tuning():
+    """MAML's docstring allows dropout with tasks_at_once > 1 ("dropout draws other masks"). In evaluation mode
+    dropout is the identity, so evaluate with 3 tasks at once over 4 tasks (a last group of one) equals, task by
+    task, plain SGD on a copy of the model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 1)).double().eval()
+    tasks = regression(tasks=4)
+    got = MAML(model, 0.2, 2, loss_fn=F.mse_loss, tasks_at_once=3).evaluate(tasks)["per_task_loss"]
+    want = []
+    for j in range(4):
+        tuned = fine_tuned(model, tasks.support_x[j], tasks.support_y[j], 0.2, 2)
+        with torch.no_grad():
+            want.append(F.mse_loss(tuned(tasks.query_x[j]), tasks.query_y[j]))
+    torch.testing.assert_close(got, torch.stack(want))
