@@ -20,13 +20,14 @@ def teacher_data(rank, n=24, m=32, samples=256, seed=0):
     return x, x @ W.T, W
 
 
-def regression_steps(layer_model, dlrt, x, y, steps):
+def dlrt_steps(model, dlrt, x, y, steps, loss_fn=F.mse_loss):
+    """``steps`` DLRT steps on the batch ``(x, y)``; returns the loss of each step's first pass."""
     losses = []
     for _ in range(steps):
         dlrt.zero_grad()
-        loss = F.mse_loss(layer_model(x), y)
+        loss = loss_fn(model(x), y)
         loss.backward()
-        dlrt.step(lambda: F.mse_loss(layer_model(x), y))
+        dlrt.step(lambda: loss_fn(model(x), y))
         losses.append(loss.item())
     return losses
 
@@ -37,7 +38,7 @@ def test_factors_stay_orthonormal_and_the_loss_falls(tol):
     x, y, _ = teacher_data(4)
     model = nn.Sequential(LowRankLinear(32, 24, 6, bias=False))
     dlrt = DLRT(model, lr=1.0, tol=tol)
-    losses = regression_steps(model, dlrt, x, y, 300)
+    losses = dlrt_steps(model, dlrt, x, y, 300)
     layer = model[0]
     eye = torch.eye(layer.rank)
     assert torch.linalg.matrix_norm(layer.U.T @ layer.U - eye) < 1e-4
@@ -54,7 +55,7 @@ def test_rank_adapts_to_what_a_teacher_needs(teacher_rank, start_rank):
     x, y, W = teacher_data(teacher_rank)
     model = nn.Sequential(LowRankLinear(32, 24, start_rank, bias=False))
     dlrt = DLRT(model, lr=1.0, tol=0.02)
-    regression_steps(model, dlrt, x, y, 600)
+    dlrt_steps(model, dlrt, x, y, 600)
     assert model[0].rank == teacher_rank
     assert torch.linalg.matrix_norm(model[0].matrix() - W) < 0.05 * torch.linalg.matrix_norm(W)
 
@@ -65,12 +66,12 @@ def test_rank_bounds():
         torch.manual_seed(0)
         model = nn.Sequential(LowRankLinear(32, 24, 2, bias=False))
         dlrt = DLRT(model, lr=1.0, tol=0.02, r_min=r_min, r_max=r_max)
-        regression_steps(model, dlrt, x, y, 200)
+        dlrt_steps(model, dlrt, x, y, 200)
         assert model[0].rank == expected
     # Without DLRT's own r_max, each layer's r_max (to_low_rank's, or LowRankLinear's) bounds its rank.
     torch.manual_seed(0)
     model = nn.Sequential(LowRankLinear(32, 24, 2, bias=False, r_max=3))
-    regression_steps(model, DLRT(model, lr=1.0, tol=0.02), x, y, 100)
+    dlrt_steps(model, DLRT(model, lr=1.0, tol=0.02), x, y, 100)
     assert model[0].rank == 3
 
 
@@ -146,10 +147,10 @@ def test_a_diverged_rank_adaptive_step_is_a_non_finite_loss_error_and_is_undone(
     before = copy.deepcopy(model.state_dict())
     dlrt = DLRT(model, lr=1.0, tol=0.1)
     with pytest.raises(NonFiniteLossError, match="S-step core of layer '0' is not finite"):
-        regression_steps(model, dlrt, x * float("nan"), y, 1)
+        dlrt_steps(model, dlrt, x * float("nan"), y, 1)
     for name, value in model.state_dict().items():              # the factors and the dense layer: untouched
         assert torch.equal(value, before[name]), name
-    regression_steps(model, dlrt, x, y, 2)                        # and the model trains on
+    dlrt_steps(model, dlrt, x, y, 2)                        # and the model trains on
 
 
 def _moments(dlrt):
@@ -205,7 +206,7 @@ def test_a_diverged_core_whose_svd_returns_nan_is_a_non_finite_loss_error(monkey
     model = nn.Sequential(LowRankLinear(32, 24, 6, bias=False))
     monkeypatch.setattr(torch.linalg, "svd", svd_without_error_check)
     with pytest.raises(NonFiniteLossError, match="S-step core of layer '0' is not finite"):
-        regression_steps(model, DLRT(model, lr=1.0, tol=0.1), x, y, 1)
+        dlrt_steps(model, DLRT(model, lr=1.0, tol=0.1), x, y, 1)
 
 
 def test_the_error_names_only_the_layers_whose_core_diverged_and_every_layer_is_undone(monkeypatch):
@@ -223,7 +224,7 @@ def test_the_error_names_only_the_layers_whose_core_diverged_and_every_layer_is_
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     monkeypatch.setattr(torch.linalg, "svd", nan_for_the_second_layer)
     with pytest.raises(NonFiniteLossError, match=r"S-step core of layer '2' is not finite"):
-        regression_steps(model, DLRT(model, lr=0.1, tol=0.1), x, y, 1)
+        dlrt_steps(model, DLRT(model, lr=0.1, tol=0.1), x, y, 1)
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
 
 
@@ -232,7 +233,7 @@ def test_adam_style_steps_train_and_keep_the_factors_orthonormal():
     x, y, _ = teacher_data(4)
     model = nn.Sequential(LowRankLinear(32, 24, 8, bias=False))
     dlrt = DLRT(model, lr=0.05, tol=0.02, betas=(0.9, 0.999))
-    losses = regression_steps(model, dlrt, x, y, 300)
+    losses = dlrt_steps(model, dlrt, x, y, 300)
     layer = model[0]
     eye = torch.eye(layer.rank)
     assert torch.linalg.matrix_norm(layer.U.T @ layer.U - eye) < 1e-4
@@ -341,10 +342,7 @@ def test_a_checkpoint_restores_the_ranks_and_moments_and_without_the_model_state
     x, y = torch.randn(32, 20, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 4
 
     def steps(model, dlrt, n):
-        for _ in range(n):
-            dlrt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            dlrt.step(lambda: F.cross_entropy(model(x), y))
+        dlrt_steps(model, dlrt, x, y, n, loss_fn=F.cross_entropy)
 
     model, dlrt = model_and_dlrt()
     steps(model, dlrt, 5)
@@ -414,7 +412,7 @@ def test_one_step_is_the_k_l_and_s_steps_of_the_paper(tol, full_core):
         expected = U1 @ P[:, :r] @ torch.diag(sigma[:r]) @ Qh[:r] @ V1.T
         assert 0 < r < S1.shape[0]                                            # the truncation did something
     dlrt = DLRT(model, lr=lr, tol=tol)
-    regression_steps(model, dlrt, x, y, 1)
+    dlrt_steps(model, dlrt, x, y, 1)
     assert torch.allclose(layer.matrix(), expected, rtol=1e-10, atol=1e-12)
     assert layer.rank == (2 if tol is None else r)
 
@@ -439,7 +437,7 @@ def test_dense_parameters_take_the_plain_gradient_step_of_the_s_step_pass(lr_den
     dlrt = DLRT(model, lr=lr)
     if lr_dense is not None:
         dlrt.param_groups[1]["lr"] = lr_dense
-    regression_steps(model, dlrt, x, y, 1)
+    dlrt_steps(model, dlrt, x, y, 1)
     torch.testing.assert_close(layer.bias.detach(), b - (lr_dense or lr) * g_bias, rtol=1e-10, atol=1e-12)
 
 
@@ -473,8 +471,8 @@ def test_r_min_above_a_layers_r_max_keeps_the_best_approximation_at_the_layers_r
     capped = nn.Sequential(LowRankLinear(32, 24, 2, bias=False, r_max=2).double())
     free = copy.deepcopy(capped)
     free[0].r_max = 24
-    regression_steps(capped, DLRT(capped, lr=0.1, tol=0.02, r_min=3), x, y, 1)
-    regression_steps(free, DLRT(free, lr=0.1, tol=0.0), x, y, 1)
+    dlrt_steps(capped, DLRT(capped, lr=0.1, tol=0.02, r_min=3), x, y, 1)
+    dlrt_steps(free, DLRT(free, lr=0.1, tol=0.0), x, y, 1)
     assert free[0].rank == 4                                 # the augmented basis: 2r columns, nothing truncated
     assert capped[0].rank == 2 == capped[0].r_max            # never above the layer's own r_max
     P, sigma, Qh = torch.linalg.svd(free[0].matrix().detach())
@@ -503,9 +501,7 @@ def test_a_scheduler_with_one_lambda_per_group_scales_the_dense_step_alone():
         if halve:
             torch.optim.lr_scheduler.LambdaLR(dlrt, [lambda step: 1.0, lambda step: 0.5])
         assert dlrt.lr == 0.3
-        dlrt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        dlrt.step(lambda: F.cross_entropy(model(x), y))
+        dlrt_steps(model, dlrt, x, y, 1, loss_fn=F.cross_entropy)
         moved.append({n: p.detach() - before[n] if n in ("0.bias", "2.weight", "2.bias") else p.detach().clone()
                       for n, p in model.named_parameters()})
     full, half = moved
@@ -532,14 +528,11 @@ def test_resuming_restores_the_dense_optimizers_momentum():
     x = torch.randn(32, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     y = torch.randint(0, 4, (32,), generator=torch.Generator().manual_seed(2))
 
-    def step(model, dlrt):
-        dlrt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        dlrt.step(lambda: F.cross_entropy(model(x), y))
+    def step(model, dlrt, n=1):
+        dlrt_steps(model, dlrt, x, y, n, loss_fn=F.cross_entropy)
 
     model, dlrt = build()
-    for _ in range(2):
-        step(model, dlrt)
+    step(model, dlrt, 2)
     saved_model, saved_dlrt = copy.deepcopy(model.state_dict()), copy.deepcopy(dlrt.state_dict())
     resumed, resumed_dlrt = build()
     resumed.load_state_dict(saved_model)
