@@ -5,6 +5,7 @@ import math
 import re
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -531,8 +532,6 @@ def test_training_draws_its_episodes_with_the_runs_seed(monkeypatch):
     """Reference: ``main``'s comment "--seed fixes the initialisation as well as the episodes": the episode
     sampler of ``train`` is seeded with the seed it is given (recorded by a stand-in sampler), so two seeds give
     two different episode streams."""
-    from types import SimpleNamespace
-
     seeds = []
 
     class Recorder:

@@ -75,6 +75,11 @@ def test_cifar_resnet_stages_run_at_32_16_and_8_pixels():
     assert shapes == [(16, 32, 32)] * 3 + [(32, 16, 16)] * 3 + [(64, 8, 8)] * 3
 
 
+def batch_norm_by_hand(t, norm):
+    """``norm`` applied with this batch's statistics (training mode), through the functional form."""
+    return F.batch_norm(t, None, None, norm.weight, norm.bias, training=True, eps=norm.eps)
+
+
 # Simonyan & Zisserman (2015), Table 1: convolutions per stage (stages at 32, 16, 8, 4, 2 pixels for CIFAR-10,
 # channels 64, 128, 256, 512, 512), configurations A (11), B (13), D (16) and E (19).
 TABLE_1 = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}
@@ -131,14 +136,10 @@ def test_a_strided_bottleneck_strides_its_middle_convolution():
     block = Bottleneck(8, 16, reduction=4, stride=2)
     c1, b1, _, c2, b2, _, c3, b3 = block.branch
     x = torch.randn(2, 8, 9, 9)
-
-    def bn(t, norm):
-        return F.batch_norm(t, None, None, norm.weight, norm.bias, training=True, eps=norm.eps)
-
-    h = F.relu(bn(F.conv2d(x, c1.weight), b1))
+    h = F.relu(batch_norm_by_hand(F.conv2d(x, c1.weight), b1))
     assert h.shape[-1] == 9                                   # the reduction runs at full resolution
-    h = F.relu(bn(F.conv2d(h, c2.weight, stride=2, padding=1), b2))
-    expected = F.relu(bn(F.conv2d(h, c3.weight), b3))
+    h = F.relu(batch_norm_by_hand(F.conv2d(h, c2.weight, stride=2, padding=1), b2))
+    expected = F.relu(batch_norm_by_hand(F.conv2d(h, c3.weight), b3))
     assert torch.allclose(block(x), expected, atol=1e-5)
 
 
@@ -153,6 +154,5 @@ def test_small_cnn_stem_is_convolution_batch_norm_relu():
     x = torch.randn(3, 1, 28, 28)
     model(x)
     conv, norm = model.features[0], model.features[1]
-    expected = F.relu(F.batch_norm(F.conv2d(x, conv.weight, stride=2, padding=1), None, None, norm.weight,
-                                   norm.bias, training=True, eps=norm.eps))
+    expected = F.relu(batch_norm_by_hand(F.conv2d(x, conv.weight, stride=2, padding=1), norm))
     assert torch.allclose(received[0], expected, atol=1e-5)

@@ -94,9 +94,7 @@ def test_a_float64_tensor_is_summarised_in_float64():
     mean 1e8 + 7/3 and the half-width t(0.975, 2)·s/√3 of the offsets 1, 2, 4 would be lost."""
     s = math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
     values = torch.tensor([1e8 + 1, 1e8 + 2, 1e8 + 4], dtype=torch.float64)
-    mean, half = mean_and_ci(values)
-    assert mean == pytest.approx(1e8 + 7 / 3, rel=1e-13)
-    assert half == pytest.approx(4.302653 * s / math.sqrt(3), rel=1e-6)
-    mean, half = summarize(values)
-    assert mean == pytest.approx(1e8 + 7 / 3, rel=1e-13)
-    assert half == pytest.approx(4.302653 * s / math.sqrt(3), rel=1e-6)
+    for summary in (mean_and_ci, summarize):
+        mean, half = summary(values)
+        assert mean == pytest.approx(1e8 + 7 / 3, rel=1e-13), summary.__name__
+        assert half == pytest.approx(4.302653 * s / math.sqrt(3), rel=1e-6), summary.__name__

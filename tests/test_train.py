@@ -932,7 +932,7 @@ def test_fit_evaluates_under_the_same_bf16_flag_it_trains_with(monkeypatch):
     x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     history = fit(model, (x, y), opt, steps=2, batch_size=10, eval_data=(x, y), eval_every=1, bf16=True,
-                        device="cpu", progress=False)
+                  device="cpu", progress=False)
     assert history.eval_steps == [1, 2]
     assert len(asked) == 2 + 2 and all(asked)     # two training steps, two evaluations of one batch each
 
@@ -947,7 +947,7 @@ def test_the_last_partial_batch_takes_a_full_step_on_its_own_mean_loss():
     model = nn.Linear(3, 2)
     model.load_state_dict(start.state_dict())
     history = fit(model, (x, y), torch.optim.SGD(model.parameters(), lr=0.3), epochs=1, batch_size=4,
-                        loss_fn=nn.functional.mse_loss, log_every=1, seed=5, device="cpu", progress=False)
+                  loss_fn=nn.functional.mse_loss, log_every=1, seed=5, device="cpu", progress=False)
     w, b = start.weight.detach().clone(), start.bias.detach().clone()
     losses = []
     for idx in torch.randperm(10, generator=torch.Generator().manual_seed(5)).split(4):

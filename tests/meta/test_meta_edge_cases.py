@@ -29,7 +29,7 @@ def linear_tasks(tasks=3, support=5, queries=4, features=3, seed=0):
         return torch.randn(*shape, generator=g, dtype=torch.float64)
 
     return Tasks(draw(tasks, support, features), draw(tasks, support, 1),
-                           draw(tasks, queries, features), draw(tasks, queries, 1))
+                 draw(tasks, queries, features), draw(tasks, queries, 1))
 
 
 def mse_gradient(x, y, w, b):
