@@ -17,6 +17,7 @@ get wrong:
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import itertools
 import math
@@ -133,6 +134,30 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def stream_seed(seed: int, stream: str) -> int:
+    """The seed of the random stream named ``stream`` (a method's draws) under the user's ``seed``.
+
+    ``seed`` hashed with ``stream`` (SHA-256, 63 bits), not ``seed`` itself. A CPU
+    generator seeded with ``seed`` would repeat, number for number, what
+    ``torch.manual_seed(seed)`` (:func:`seed_everything`) drew for the model's initial
+    weights: both are the same Mersenne twister, and ``torch.rand`` and
+    ``nn.init.uniform_`` map its numbers alike. A "random" mask drawn from it keeps
+    the first layer's largest *initial* weights, all of them positive; a "fresh"
+    initialisation repeats the first one. Streams of different names are
+    independent, and each is the same on every run and machine.
+
+    Raises:
+        ValueError: ``seed`` is not a non-negative integer.
+    """
+    digest = hashlib.sha256(f"{stream}/{check_count('seed', seed, 0)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def seeded_generator(seed: int, stream: str, device: torch.device | str | None = None) -> torch.Generator:
+    """A generator on ``device`` (default: the CPU) seeded with :func:`stream_seed` ``(seed, stream)``."""
+    return torch.Generator(device=device or "cpu").manual_seed(stream_seed(seed, stream))
 
 
 def draws_on(generator: torch.Generator, device: torch.device | str) -> bool:

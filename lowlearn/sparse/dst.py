@@ -65,10 +65,10 @@ from fractions import Fraction
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_count, is_real
+from ..checks import is_real
 from ..distributed import average_across_processes
 from ..reparam import OutputGradients
-from ..train import generator_on, restore_generator
+from ..train import generator_on, restore_generator, seeded_generator
 from .allocation import erdos_renyi, erk, uniform
 from .mask import (Mask, attach_masks, find_mask, raw_weight, resolve_layers, set_masks, weights_device,
                    zero_where_masked)
@@ -122,15 +122,16 @@ class Sparsifier(ABC):
         model: the model, changed in place.
         optimizer: its optimizer; the state of masked weights is kept at zero.
         steps: optimizer steps seen so far.
-        generator: the random generator of the method (on the weights' device; a new one,
-            seeded from it, if the model has moved when the method next draws).
+        generator: the random generator of the method, ``seeded_generator(seed, "sparse training")``
+            (:func:`lowlearn.train.seeded_generator`) on the weights' device; a new one, seeded
+            from it, if the model has moved when the method next draws.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, layers: Mapping[str, nn.Module],
                  seed: int = 0):
         self.model, self.optimizer, self.steps = model, optimizer, 0
         self._layers = dict(layers)
-        self.generator = torch.Generator(device=weights_device(self._layers)).manual_seed(check_count("seed", seed, 0))
+        self.generator = seeded_generator(seed, "sparse training", weights_device(self._layers))
 
     def layers(self) -> dict[str, nn.Module]:
         """``{name: layer}`` of the layers this sparsifier trains sparsely (others, even masked, are left alone)."""
@@ -207,7 +208,10 @@ class DynamicSparsity(Sparsifier):
             Linear/Conv2d).
         regrow_dropped: may a weight dropped in an update be grown back in the same
             update (see :mod:`lowlearn.sparse.update`)? Default: no.
-        seed: seeds the initial masks and any random growth.
+        seed: seeds the initial masks and any random growth (one stream for every method:
+            at the same seed, all start from the same masks). Its draws differ from
+            those of ``torch.manual_seed(seed)``, which may have drawn the model's
+            weights (:func:`lowlearn.train.seeded_generator`).
 
     Raises:
         ValueError: a density outside (0, 1], a bad schedule or distribution, or no

@@ -64,7 +64,7 @@ from torch.nn.utils import parametrize
 
 from ..checks import check_count, is_integer, is_real
 from ..reparam import raw_value
-from ..train import History, StopTraining, TrainState
+from ..train import History, StopTraining, TrainState, seeded_generator, stream_seed
 from .mask import (Mask, all_masks, attach_masks, density, layer_densities, masked_layers, masks_of, raw_weight,
                    set_masks, weights_device, zero_under_masks)
 from .prune import alive_scores, top_k_mask, check_density, kept_count, prune
@@ -345,7 +345,9 @@ def random_reinit(model: nn.Module, seed: int = 0) -> None:
 
     Every module with a ``reset_parameters`` method (``nn.Linear``, ``nn.Conv2d``,
     batch norms, ...) gets the values its own default initialiser draws after
-    ``torch.manual_seed(seed)``; the masks are then applied again, so pruned
+    ``torch.manual_seed(stream_seed(seed, "random_reinit"))``
+    (:func:`lowlearn.train.stream_seed`: not the initialisation that
+    ``torch.manual_seed(seed)`` drew); the masks are then applied again, so pruned
     weights stay zero and each layer keeps its count. The global random state is
     restored afterwards.
 
@@ -356,7 +358,7 @@ def random_reinit(model: nn.Module, seed: int = 0) -> None:
     ``φ = sign(θ)|θ|^(1/α)``, so that the layer computes the fresh draw).
     """
     with torch.random.fork_rng(), parametrize.cached():
-        torch.manual_seed(check_count("seed", seed, 0))
+        torch.manual_seed(stream_seed(seed, "random_reinit"))
         for module in model.modules():
             if not callable(getattr(module, "reset_parameters", None)):
                 continue
@@ -373,13 +375,13 @@ def reshuffle(model: nn.Module, rewind_weights: Mapping[str, Tensor], seed: int 
 
     The "reshuffle" mask-1 action of Zhou et al. (2019), "Deconstructing lottery
     tickets" (NeurIPS): within each masked layer ``l`` the values ``θ_0[m_l]`` are permuted uniformly
-    at random (``torch.randperm`` on a CPU generator seeded by ``seed``) and
+    at random (``torch.randperm`` on ``seeded_generator(seed, "reshuffle")``) and
     written back to the kept positions; pruned weights are zero. Only the masked
     layers' raw weights change: call :func:`rewind` first for the rest (as
     :func:`train_control` does). Indexing by a mask reads the kept count from the
     device, once per layer.
     """
-    generator = torch.Generator().manual_seed(check_count("seed", seed, 0))
+    generator = seeded_generator(seed, "reshuffle")
     masks = masks_of(model)
     for name, layer in masked_layers(model).items():
         theta, keep = raw_weight(layer), masks[name]
@@ -420,7 +422,7 @@ def random_mask(model: nn.Module, rewind_weights: Mapping[str, Tensor], seed: in
 
     Each masked layer keeps the same number of weights as now, at positions drawn
     uniformly without replacement (top-k of :func:`~lowlearn.sparse.scores.random`
-    scores from a generator on the model's device seeded by ``seed``) among the
+    scores from ``seeded_generator(seed, "random_mask")`` on the model's device) among the
     weights of the mask in ``rewind_weights`` (all of them, unless the model came to
     IMP masked); the kept weights take their values from ``rewind_weights`` (``θ_0``,
     or ``θ_k`` when rewinding), so only the mask differs from the ticket. The model's
@@ -432,7 +434,7 @@ def random_mask(model: nn.Module, rewind_weights: Mapping[str, Tensor], seed: in
     if not layers:
         return
     current = masks_of(model)
-    generator = torch.Generator(device=weights_device(layers)).manual_seed(check_count("seed", seed, 0))
+    generator = seeded_generator(seed, "random_mask", weights_device(layers))
     counts = torch.stack([m.count_nonzero() for m in current.values()]).tolist()
     new = {name: top_k_mask(alive_scores(s, _rewind_mask(rewind_weights, name, layers[name]), name), k)
            for (name, s), k in zip(random(model, generator).items(), counts)}

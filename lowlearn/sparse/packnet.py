@@ -35,10 +35,10 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_count, is_integer
+from ..checks import is_integer
 from ..optim_state import reset_optimizer_state
 from ..reparam import raw_value, register
-from ..train import generator_on, restore_generator
+from ..train import generator_on, restore_generator, seeded_generator
 from .mask import SplitMask, find_mask, raw_weight, refuse_weight_decay, resolve_layers, weights_device
 from .prune import check_density, kept_count, top_k_mask
 
@@ -58,7 +58,9 @@ class PackNet:
             gets a :class:`~lowlearn.sparse.mask.SplitMask`. Apply
             :func:`lowlearn.powerprop.powerprop` before, if wanted.
         layers: qualified names of the layers to share among tasks.
-        seed: seeds the re-initialisation of released weights.
+        seed: seeds the re-initialisation of released weights (through
+            :func:`lowlearn.train.seeded_generator`, so that it does not repeat the
+            initial weights that ``torch.manual_seed(seed)`` drew).
 
     Attributes:
         owner: ``{name: int tensor}``, the task (1, 2, ...) owning each weight, 0 if free.
@@ -87,8 +89,7 @@ class PackNet:
             keep = torch.ones_like(layer.weight, dtype=torch.bool)
             register(layer, "weight", SplitMask(keep, keep, layer.weight.dtype))
         self.owner = {name: torch.zeros_like(layer.weight, dtype=torch.int16) for name, layer in self.layers.items()}
-        self.generator = torch.Generator(device=weights_device(self.layers))
-        self.generator.manual_seed(check_count("seed", seed, 0))
+        self.generator = seeded_generator(seed, "PackNet", weights_device(self.layers))
 
     def _follow_model(self) -> None:
         """Move each layer's owners to the device of its weight (the model may have moved since)."""

@@ -73,6 +73,10 @@ def random(model: nn.Module, generator: torch.Generator | None = None) -> dict[s
 
     ``generator`` makes the scores reproducible; one on another device than the
     model seeds one on the model's device (:func:`lowlearn.train.generator_on`).
+    Make it with :func:`lowlearn.train.seeded_generator`, not with the seed that
+    drew the model's weights: on a CPU, ``torch.Generator().manual_seed(s)`` repeats
+    the draws of ``torch.manual_seed(s)``, and the first layer's "random" scores
+    would rank its initial weights.
     """
     layers = scored_layers(model)
     generator = _on_the_layers_device(generator, layers)
@@ -167,7 +171,8 @@ def obd(
         loss_fn: ``L = loss_fn(model(x), y)``; must be twice differentiable.
         samples: ``S``, the number of Rademacher vectors.
         generator: for reproducible ``z`` (one on another device than the model seeds
-            one on the model's device: :func:`lowlearn.train.generator_on`).
+            one on the model's device: :func:`lowlearn.train.generator_on`); make it
+            with :func:`lowlearn.train.seeded_generator`, as for :func:`random`.
 
     Returns:
         ``{layer name: ½ ĥ_ii w_i²}`` for the scored layers.

@@ -106,8 +106,9 @@ def check_applied(model, optimizer, before, expected_masks, changed):
 ])
 def test_rigl_update_matches_a_slow_reference_of_algorithm_1(make_optimizer):
     """RigL Algorithm 1 at t = 2ΔT: drop ⌊f(t)·|active|⌋ smallest |θ|, grow as many largest dense |∂L/∂w|;
-    f(t) from eq. 1 computed here; kept weights and their SGD/Adam(AMSGrad) state are left as they were."""
-    model = small_mlp()
+    f(t) from eq. 1 computed here; kept weights and their SGD/Adam(AMSGrad) state are left as they were.
+    Tanh, so that no dead unit ties the gradients at zero and the reference's order is unique."""
+    model = small_mlp(activation=nn.Tanh)
     optimizer = make_optimizer(model.parameters())
     sparsifier = RigL(model, optimizer, 0.3, end=20, every=4, drop_fraction=0.4)
     batches = data(8)
