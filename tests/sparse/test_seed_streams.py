@@ -14,7 +14,7 @@ import torch
 from lowlearn.models import MLP
 from lowlearn.sparse.dst import SET, SNFS, RigL, StaticSparse
 from lowlearn.sparse.lottery import random_mask, random_reinit, reshuffle
-from lowlearn.sparse.mask import attach_masks, masks_of, raw_weight
+from lowlearn.sparse.mask import attach_masks, masks_of, raw_weight, set_masks
 from lowlearn.sparse.packnet import PackNet
 from lowlearn.train import seeded_generator, stream_seed
 
@@ -22,13 +22,15 @@ SEED = 3
 
 
 def model_made_under(seed=SEED):
+    """A small MLP made after ``torch.manual_seed(seed)``, and a copy of its first layer's initial weights."""
     torch.manual_seed(seed)
-    return MLP(in_features=200, hidden=(100,), out_features=10)
+    model = MLP(in_features=200, hidden=(100,), out_features=10)
+    return model, model[1].weight.detach().clone()
 
 
 def test_a_generator_seeded_like_the_model_repeats_its_initial_weights():
     # The hazard itself, on this torch: the reason for stream_seed.
-    first = model_made_under()[1].weight.detach()
+    _, first = model_made_under()
     bound = 200 ** -0.5
     u = torch.rand(first.shape, generator=torch.Generator().manual_seed(SEED))
     assert torch.allclose(first, (2 * u - 1) * bound, atol=1e-7)
@@ -46,23 +48,21 @@ def test_stream_seed_is_the_documented_hash_and_refuses_bad_seeds():
 
 
 def assert_unbiased(kept_initial):
-    """The kept initial weights of a uniform random choice: as many negative as positive, of typical size."""
+    """The kept initial weights of a uniform random choice: about as many negative as positive."""
     positive = (kept_initial > 0).float().mean().item()
     assert 0.4 < positive < 0.6, f"{positive:.1%} of the kept weights are positive"
 
 
 @pytest.mark.parametrize("method, schedule", [(StaticSparse, {}), (SET, {}), (RigL, {"end": 1000}), (SNFS, {})])
 def test_sparse_training_starts_from_masks_independent_of_the_initial_weights(method, schedule):
-    model = model_made_under()
-    initial = model[1].weight.detach().clone()
+    model, initial = model_made_under()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     method(model, optimizer, 0.1, distribution="uniform", seed=SEED, **schedule)
     assert_unbiased(initial[masks_of(model)["1"]])     # (one stream for all: tests/test_chapter_claims.py)
 
 
 def test_packnet_draws_released_weights_afresh():
-    model = model_made_under()
-    initial = model[1].weight.detach().clone()
+    model, initial = model_made_under()
     packnet = PackNet(model, seed=SEED)
     packnet.start_task()
     packnet.assign(0.1)                               # untrained: the released weights still hold their start
@@ -72,23 +72,22 @@ def test_packnet_draws_released_weights_afresh():
 
 
 def test_random_reinit_draws_another_initialisation_than_the_seed_the_model_was_made_with():
-    model = model_made_under()
-    initial = model[1].weight.detach().clone()
+    model, initial = model_made_under()
     attach_masks(model)
     random_reinit(model, seed=SEED)
     assert (raw_weight(model[1]).detach() != initial).float().mean() > 0.99
 
 
 def test_random_mask_and_reshuffle_choose_independently_of_the_initial_weights():
-    model = model_made_under()
-    initial = model[1].weight.detach().clone()
+    model, initial = model_made_under()
     attach_masks(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        model[1].parametrizations.weight[0].mask[:, 100:] = 0    # half the layer: the control draws 10,000 of 20,000
+    half = torch.ones_like(initial, dtype=torch.bool)
+    half[:, 100:] = False
+    set_masks(model, {"1": half})                      # half the layer: the control draws 10,000 of 20,000
     random_mask(model, state, seed=SEED)
-    assert_unbiased(initial[masks_of(model)["1"]])
+    kept = masks_of(model)["1"]                        # reshuffle keeps the mask
+    assert_unbiased(initial[kept])
     reshuffle(model, state, seed=SEED)
-    moved = raw_weight(model[1]).detach()[masks_of(model)["1"]]
     # The kept values in a fresh order: as often larger as smaller than the value the position started with.
-    assert_unbiased(moved - initial[masks_of(model)["1"]])
+    assert_unbiased(raw_weight(model[1]).detach()[kept] - initial[kept])
