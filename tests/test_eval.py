@@ -547,3 +547,30 @@ def test_training_draws_its_episodes_with_the_runs_seed(monkeypatch):
         omniglot_runs.train(omniglot_runs.make_learner("protonet", sizes), "protonet", data, sizes,
                             torch.device("cpu"), seed=seed)
     assert seeds == [0, 3, 7]
+
+
+def test_the_augmentation_does_not_repeat_the_episode_samplers_random_numbers(monkeypatch):
+    """With ``augment``, ``train`` distorts the images with a generator of its own stream: seeded with the plain
+    seed, it would draw the very numbers the episode sampler drew to pick the classes (its generator is seeded
+    with the seed), so the first distortions would be fixed by the first episode's classes. Reference: the
+    sampler's own generator, made by a real EpisodeSampler with the same seed."""
+    samplers, generators = [], []
+
+    class KeepSampler(omniglot_runs.EpisodeSampler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            samplers.append(self)
+
+    def first_batch(learner, sampler, optimizer, steps, *, transform, **kwargs):
+        transform(torch.zeros(2, 1, 28, 28))
+        return []
+
+    monkeypatch.setattr(omniglot_runs, "EpisodeSampler", KeepSampler)
+    monkeypatch.setattr(omniglot_runs, "meta_train", first_batch)
+    monkeypatch.setattr(omniglot_runs, "random_affine", lambda images, generator: generators.append(generator))
+    sizes = dataclasses.replace(get_profile("smoke").black_box, rotations=False, within_alphabet=False, augment=True)
+    omniglot_runs.train(omniglot_runs.make_learner("protonet", sizes), "protonet", _toy_omniglot(), sizes,
+                        torch.device("cpu"), seed=3)
+    (sampler,), (generator,) = samplers, generators
+    assert generator is not sampler.generator
+    assert not torch.equal(torch.rand(16, generator=generator), torch.rand(16, generator=sampler.generator))

@@ -43,7 +43,8 @@ from lowlearn.meta.episodic import episode_accuracies, meta_train
 from lowlearn.models import Conv4
 from lowlearn.profiles import BlackBoxSizes, banner, get_profile
 from lowlearn.stats import mean_and_ci
-from lowlearn.train import CheckpointError, default_device, load_checkpoint, save_checkpoint, seed_everything
+from lowlearn.train import (CheckpointError, default_device, load_checkpoint, save_checkpoint, seed_everything,
+                            seeded_generator)
 
 METHODS = ("protonet", "matching", "maml")
 
@@ -130,7 +131,7 @@ def train(learner: nn.Module, method: str, data: Omniglot, sizes: BlackBoxSizes,
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
     transform = None
     if sizes.augment:
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generator = seeded_generator(seed, "augmentation", device)   # not the episodes' numbers again
         transform = lambda images: random_affine(images, generator)   # noqa: E731
     return meta_train(learner, sampler, optimizer, steps, batch=batch, transform=transform, scheduler=cosine)
 
