@@ -184,8 +184,9 @@ class DynamicSparsity(Sparsifier):
     Args:
         model: the model; every ``nn.Linear``/``nn.Conv2d`` weight (or ``layers``)
             gets a random mask, in place of any mask it has (an earlier pruning's,
-            or that of a sparsifier this one takes over from). Its biases and norm
-            layers stay dense.
+            or that of a sparsifier this one takes over from; Top-KAST's and
+            PackNet's split masks are refused: squash them first). Its biases and
+            norm layers stay dense.
         optimizer: any ``torch.optim`` optimizer over the model's parameters. ``None``
             only for an optimizer without state (SGD without momentum): a grown weight
             would start from the momentum or moments it had when it was dropped.
@@ -214,8 +215,8 @@ class DynamicSparsity(Sparsifier):
             weights (:func:`lowlearn.train.seeded_generator`).
 
     Raises:
-        ValueError: a density outside (0, 1], a bad schedule or distribution, or no
-            layer to sparsify.
+        ValueError: a density outside (0, 1], a bad schedule or distribution, no
+            layer to sparsify, or a layer with a split mask.
     """
 
     #: when the dense gradient ``∂L/∂w`` is read: ``"never"``, ``"update"`` (steps that

@@ -193,7 +193,10 @@ def weights_device(layers: Mapping[str, nn.Module]) -> torch.device:
 
 
 def resolve_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, nn.Module]:
-    """``{name: module}`` for the given qualified names (default: :func:`prunable_layers`).
+    """``{name: module}`` for the given qualified names (default: :func:`prunable_layers`), in the model's order.
+
+    The order is that of ``model.named_modules()`` whatever the order of ``layers``, so
+    "the first layer" is the model's (the input layer), not the first name listed.
 
     Raises:
         KeyError: a name that is not a module of the model, listing its prunable layers.
@@ -218,7 +221,8 @@ def _named_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, n
         if not isinstance(getattr(modules[name], "weight", None), Tensor):
             raise ValueError(f"layer {name!r} ({type(modules[name]).__name__}) has no weight to mask")
         chosen[name] = modules[name]
-    return chosen
+    order = {name: index for index, name in enumerate(modules)}
+    return {name: chosen[name] for name in sorted(chosen, key=order.__getitem__)}   # the model's order, not the list's
 
 
 def attach_masks(model: nn.Module, layers: Iterable[str] | None = None) -> dict[str, Tensor]:
@@ -234,12 +238,30 @@ def attach_masks(model: nn.Module, layers: Iterable[str] | None = None) -> dict[
 
     Raises:
         KeyError: a name that is not a module of the model.
+        ValueError: a layer with a :class:`SplitMask` (see :func:`refuse_split_masks`);
+            nothing is attached then.
     """
-    for name, layer in resolve_layers(model, layers).items():
+    chosen = resolve_layers(model, layers)
+    refuse_split_masks(chosen)
+    for layer in chosen.values():
         if find_mask(layer) is None:
             keep_all = torch.ones_like(layer.weight, dtype=torch.bool)
             register(layer, "weight", Mask(keep_all, layer.weight.dtype))
     return masks_of(model)
+
+
+def refuse_split_masks(layers: Mapping[str, nn.Module]) -> None:
+    """Raise a ValueError if a layer's weight carries a :class:`SplitMask` (Top-KAST's or PackNet's).
+
+    Its gradient follows its own backward mask, so a plain mask written into it (a
+    pruning, a dynamic sparsifier taking over) would let weights outside the new mask
+    go on learning: they would no longer stay at zero.
+    """
+    for name, layer in layers.items():
+        if isinstance(find_mask(layer), SplitMask):
+            raise ValueError(f"layer {name!r} has a SplitMask (Top-KAST's or PackNet's), whose gradient follows its "
+                             "own backward mask, not the mask set here: make it permanent first "
+                             "(lowlearn.sparse.squash(model)), or start from an unmasked model")
 
 
 def masks_or_ones(model: nn.Module, layers: Iterable[str]) -> dict[str, Tensor]:
@@ -284,7 +306,8 @@ def set_masks(
 
     Raises:
         KeyError: ``name`` is not a masked layer (call :func:`attach_masks` first).
-        ValueError: a mask of the wrong shape.
+        ValueError: a mask of the wrong shape, or a layer with a :class:`SplitMask`
+            (see :func:`refuse_split_masks`).
         TypeError: a mask that is not boolean.
     """
     layers = masked_layers(model)
@@ -292,6 +315,7 @@ def set_masks(
         if name not in layers:
             known = ", ".join(layers) or "none (call attach_masks first)"
             raise KeyError(f"{name!r} is not a masked layer of the model; masked layers: {known}")
+        refuse_split_masks({name: layers[name]})
         buffer = find_mask(layers[name]).mask
         if mask.dtype != torch.bool:
             raise TypeError(f"the mask for {name!r} must be boolean (True = keep), got dtype {mask.dtype}")

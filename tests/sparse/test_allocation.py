@@ -160,3 +160,11 @@ def test_dense_first_keeps_the_first_layer_dense_when_it_is_not_the_largest():
     assert uniform(model, 0.6, dense_first=True) == pytest.approx({"1": 1.0, "3": 0.44})
     with pytest.raises(ValueError, match="first layer '1' alone has 80"):
         uniform(model, 80 / 280, dense_first=True)              # the budget is exactly the first layer
+    # the layers listed in another order: the first layer is still the model's input layer, "1"
+    assert uniform(model, 0.5, dense_first=True, layers=["3", "1"]) == pytest.approx({"1": 1.0, "3": 0.3})
+
+
+@pytest.mark.parametrize("allocation", ALLOCATIONS)
+def test_the_layers_come_back_in_the_models_order_whatever_the_order_they_are_named_in(allocation):
+    model = small_net()
+    assert list(allocation(model, 0.5, layers=["3", "0", "2"])) == ["0", "2", "3"]

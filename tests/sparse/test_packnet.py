@@ -646,3 +646,20 @@ def test_a_layer_with_fewer_free_weights_than_the_fraction_gives_all_it_has_and_
     for name, owner in packnet.owner.items():
         assert bool((owner[first[name] == 1] == 1).all()), name
         assert bool((owner[first[name] == 0] == 2).all()), name
+
+
+def test_pruning_a_packnet_model_is_refused_since_its_gradients_follow_the_tasks_backward_masks():
+    """PackNet's split masks route gradients by task ownership, not by the forward mask: a pruning would write only
+    the forward mask and leave the pruned weights learning. Refused, with the model and PackNet's owners unchanged."""
+    from lowlearn.sparse import prune
+    from lowlearn.sparse.scores import magnitude
+
+    model = small_mlp()
+    packnet = PackNet(model)
+    packnet.start_task()
+    packnet.assign(0.5)
+    before, owners = copy.deepcopy(model.state_dict()), copy.deepcopy(packnet.owner)
+    with pytest.raises(ValueError, match="SplitMask.*squash"):
+        prune(model, magnitude(model), 0.2)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert all(torch.equal(packnet.owner[k], v) for k, v in owners.items())

@@ -248,3 +248,37 @@ def test_the_sets_are_refreshed_every_few_steps_up_to_end_and_then_kept():
                 assert torch.equal(after[1][name], top_k_mask(magnitude, kept_count(0.4, magnitude.numel())))
             else:
                 assert torch.equal(after[0][name], before[0][name]) and torch.equal(after[1][name], before[1][name])
+
+
+def test_a_split_mask_is_never_overwritten_by_a_plain_one():
+    """A Top-KAST layer's gradient follows its backward set B, not its mask: a pruning or a dynamic sparsifier that
+    wrote only the forward mask would leave weights outside the new mask learning (the raw weight would leave zero
+    under a zero mask), and active weights outside B frozen. Such layers are refused, the model left as it was; once
+    squashed, the model takes plain masks, and pruned weights stay zero through a training step."""
+    from lowlearn.sparse import SET, StaticSparse, prune
+    from lowlearn.sparse.mask import SplitMask, attach_masks, find_mask, set_masks
+    from lowlearn.sparse.scores import magnitude
+
+    model = small_mlp()
+    TopKAST(model, None, 0.2, 0.5)
+    before = copy.deepcopy(model.state_dict())
+    generator = torch.Generator().manual_seed(0)
+    half = {name: mask & (torch.rand(mask.shape, generator=generator) < 0.5) for name, mask in masks_of(model).items()}
+    attempts = [lambda: SET(model, None, 0.3), lambda: StaticSparse(model, None, 0.3),
+                lambda: prune(model, magnitude(model), 0.1), lambda: set_masks(model, half),
+                lambda: attach_masks(model)]
+    for attempt in attempts:
+        with pytest.raises(ValueError, match="SplitMask.*squash"):
+            attempt()
+        state = model.state_dict()
+        assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
+        assert all(isinstance(find_mask(layer), SplitMask) for layer in prunable_layers(model).values())
+
+    squash(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    SET(model, optimizer, 0.3)
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    for name, mask in masks_of(model).items():
+        assert not raw_weight(prunable_layers(model)[name])[~mask].any()
