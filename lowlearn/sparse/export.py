@@ -20,9 +20,10 @@ Low-rank layers (:mod:`lowlearn.lowrank`) already run as two thin matrix
 products; :func:`export` turns them into two plain ``nn.Linear`` (or a
 convolution and a 1×1 convolution).
 
-Every exported model is for inference: its weights are buffers, not parameters,
-and its outputs equal the masked model's up to floating-point rounding (the
-sums run in another order). Export a copy: the model given is not changed.
+Every exported model is for inference: the sparse layers hold their weights as
+buffers, every remaining parameter is frozen (``requires_grad=False``), and its
+outputs equal the masked model's up to floating-point rounding (the sums run in
+another order). Export a copy: the model given is not changed.
 """
 
 from __future__ import annotations
@@ -211,8 +212,8 @@ def export(model: nn.Module, format: str = "csr", *, min_sparsity: float = 0.0) 
             :class:`CSRConv2d`; ``"2:4"``: Linear layers to
             :class:`SemiStructuredLinear` where the GPU supports it; ``"dense"``: masks
             squashed only. A layer the format cannot take (a grouped convolution for
-            CSR, a shape torch's 2:4 kernels refuse) stays dense, and a warning names it
-            and says why. Low-rank layers become two thin layers in every format.
+            CSR, a convolution or a shape torch's 2:4 kernels refuse) stays dense, and a
+            warning names it and says why. Low-rank layers become two thin layers in every format.
         min_sparsity: convert only layers with at least this fraction of zeros
             (CSR is slower than dense for mostly dense weights); others stay dense.
 
@@ -274,7 +275,7 @@ def _exported_layer(name: str, layer: nn.Module, format: str, min_sparsity: floa
             except (RuntimeError, ValueError) as error:   # e.g. a shape the sparse kernels do not tile
                 reason = f"torch's 2:4 kernels refuse it: {error}"
     else:
-        return None
+        reason = "torch's 2:4 kernels take nn.Linear layers only (export it as 'csr')"
     warnings.warn(f"layer {name!r} stays dense: {reason}", stacklevel=3)
     return None
 

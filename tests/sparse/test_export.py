@@ -285,6 +285,12 @@ def test_export_keeps_what_a_format_cannot_take_dense_with_a_warning():
     odd = nn.Linear(10, 5)
     with pytest.warns(UserWarning, match="stays dense"):
         export(nn.Sequential(odd), "2:4")
+    # a convolution with 2:4, on a GPU too: torch's semi-structured kernels take Linear layers only
+    with pytest.warns(UserWarning) as caught:
+        exported = export(nn.Sequential(nn.Conv2d(4, 8, 1)), "2:4")
+    assert [str(w.message) for w in caught] == ["layer '0' stays dense: torch's 2:4 kernels take nn.Linear layers "
+                                                "only (export it as 'csr')"]
+    assert type(exported[0]) is nn.Conv2d
 
 
 def test_a_model_that_is_one_layer_is_exported_whole():
