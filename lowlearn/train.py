@@ -297,10 +297,14 @@ def _as_tensors(data: Data, device: torch.device) -> tuple[Tensor, Tensor]:
     return x.to(device), y.to(device)
 
 
-def _autocast(device: torch.device, bf16: bool):
+def _check_bf16(device: torch.device, bf16: bool) -> None:
     if bf16 and device.type != "cuda":
         raise ValueError(f"bf16 autocast is supported on CUDA only; the device is {device}. "
                          "Pass bf16=torch.cuda.is_available() to use it where it helps.")
+
+
+def _autocast(device: torch.device, bf16: bool):
+    _check_bf16(device, bf16)
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
@@ -431,7 +435,11 @@ def fit(
     if seed + processes - 1 >= 2**64:
         raise ValueError(f"seed must be at most {2**64 - processes} (torch's generators take seeds below 2**64, "
                          f"and the process of rank r is seeded with seed + r), got {seed}")
-    _pair(data)                           # all checked now, before the generators are seeded or the model moves
+    n = len(_pair(data)[0])               # all checked now, before the generators are seeded or the model moves
+    batches_per_epoch = math.ceil(n / batch_size)
+    total = steps if steps is not None else epochs * batches_per_epoch
+    if start_step >= total:
+        raise ValueError(f"start_step={start_step}, but the run ends after step {total}: nothing is left to train")
     if eval_data is not None:
         _pair(eval_data)
     elif eval_every is not None:
@@ -444,6 +452,7 @@ def fit(
                         "for one")
 
     device = available_device(device) if device is not None else default_device()
+    _check_bf16(device, bf16)
     if start_step == 0:
         seed_everything(seed + rank)             # each process its own draws (dropout, batch_transform) ...
     order = torch.Generator().manual_seed(seed)  # ... and all the same batches
@@ -454,8 +463,6 @@ def fit(
     x, y = _as_tensors(data, device)
     if eval_data is not None:
         eval_data = _as_tensors(eval_data, device)    # moved once, not at every evaluation
-    n = len(x)
-    batches_per_epoch = math.ceil(n / batch_size)
     if processes > 1 and min(batch_size, n % batch_size or batch_size) < processes:
         raise ValueError(f"with {processes} processes every batch needs at least {processes} examples, but batches "
                          f"of {batch_size} from {n} examples leave {n % batch_size or batch_size} for the last one: "
@@ -466,9 +473,6 @@ def fit(
     elif processes > 1:                  # the optimizer averages the gradients; the weights start equal here
         with torch.no_grad():
             broadcast_from_the_first_process([*model.parameters(), *model.buffers()])
-    total = steps if steps is not None else epochs * batches_per_epoch
-    if start_step >= total:
-        raise ValueError(f"start_step={start_step}, but the run ends after step {total}: nothing is left to train")
     eval_every = eval_every or batches_per_epoch
 
     history = History()

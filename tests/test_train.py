@@ -180,6 +180,29 @@ def test_bad_arguments():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_bf16_off_cuda_and_a_start_step_past_the_end_are_refused_before_the_generators_are_seeded_or_the_model_moves():
+    """fit's docstring: these errors come before the generators are seeded or the model moves. Reference: the
+    global generator's state, and a model that records every call of its ``to``."""
+    moves = []
+
+    class Recorded(nn.Linear):
+        def to(self, *args, **kwargs):
+            moves.append(args)
+            return super().to(*args, **kwargs)
+
+    model = Recorded(8, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    with pytest.raises(ValueError, match="CUDA only"):
+        fit(model, toy_data(), opt, epochs=1, seed=0, bf16=True, device="cpu")
+    with pytest.raises(ValueError, match="start_step=5, but the run ends after step 5"):
+        fit(model, toy_data(), opt, steps=5, start_step=5, device="cpu")
+    with pytest.raises(ValueError, match="start_step=4, but the run ends after step 4"):   # one epoch of 256 / 64
+        fit(model, toy_data(), opt, epochs=1, batch_size=64, start_step=4, device="cpu")
+    assert torch.equal(torch.random.get_rng_state(), state) and moves == []
+
+
 def test_accuracy_counts_every_target_entry_in_either_class_layout():
     torch.manual_seed(0)
     x = torch.randn(4, 3, 5)                                          # 4 sequences of 3 positions, 5 classes
@@ -927,6 +950,7 @@ def test_fit_evaluates_under_the_same_bf16_flag_it_trains_with(monkeypatch):
         return contextlib.nullcontext()
 
     monkeypatch.setattr(train, "_autocast", recording_autocast)
+    monkeypatch.setattr(train, "_check_bf16", lambda device, bf16: None)
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
