@@ -18,6 +18,7 @@ land outside the destination (absolute paths, ``..``, links).
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import http.client
@@ -123,7 +124,8 @@ def fetch(resource: Resource, root: str | os.PathLike | None = None, download: b
         ChecksumError: the file on disk (also one that appeared there during the
             download), or the downloaded one, has the wrong sha256.
         DataError: something other than a file is at the path (a folder, a broken link),
-            a file stands where its folder should be, or the folder cannot be written.
+            a file stands where its folder should be, or the folder cannot be written
+            (no permission, a read-only file system, a full disk or quota).
         DatasetNotFoundError: the file is missing and could not be downloaded.
     """
     path = resource.path(root)
@@ -142,10 +144,10 @@ def fetch(resource: Resource, root: str | os.PathLike | None = None, download: b
                 return _verified(path, resource)
             except ChecksumError as err:
                 corrupted.append(str(err))
-            except (NotADirectoryError, PermissionError) as err:   # not the network's: no mirror can help
-                raise DataError(f"cannot save {resource.filename}: {err}") from err
             except (urllib.error.URLError, http.client.HTTPException, OSError,   # cut-off responses too
                     ValueError) as err:                                          # a malformed URL
+                if _cannot_write_here(err):                                      # no mirror can help
+                    raise DataError(f"cannot save {resource.filename}: {err}") from err
                 failures.append(f"{url}: {err}")
         if corrupted:
             raise ChecksumError("no mirror served the expected file: " + "; ".join(corrupted + failures))
@@ -190,6 +192,18 @@ def _verified(path: Path, resource: Resource) -> Path:
             f"write: delete or move it, then run again to download {resource.urls[0]}"
         )
     return path
+
+
+_LOCAL_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+"""Errors of the data folder's file system: read-only, full, over quota."""
+
+
+def _cannot_write_here(error: Exception) -> bool:
+    """Whether a failed download failed on this machine's side (the data folder), not the network's."""
+    if isinstance(error, urllib.error.URLError):         # the network's (its reason may be an OSError too)
+        return False
+    return isinstance(error, (NotADirectoryError, PermissionError)) or (
+        isinstance(error, OSError) and error.errno in _LOCAL_ERRNOS)
 
 
 def _download(url: str, path: Path, sha256: str) -> None:
@@ -262,7 +276,7 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as error:
             raise DataError(f"{archive} is damaged ({type(error).__name__}: {error}), so nothing was extracted from "
                             "it: delete it and download it again") from error
-        except (NotADirectoryError, IsADirectoryError) as error:     # members "a" and "a/b", or "a/" and "a"
+        except (NotADirectoryError, IsADirectoryError, FileExistsError) as error:   # "a", "a/b"; "a/", "a"; "a", "a/"
             member = os.path.relpath(error.filename, tmp) if error.filename else "?"
             raise DataError(f"{archive} is damaged: it holds a file and a folder of the same name (at {member}), so "
                             "nothing was extracted from it: delete it and download it again") from error

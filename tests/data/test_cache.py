@@ -1,5 +1,6 @@
 """Tests of lowlearn.data.cache, offline: downloads come from file:// URLs."""
 
+import errno
 import hashlib
 import http.client
 import io
@@ -231,22 +232,26 @@ def test_fetch_with_a_file_where_the_folder_should_be_says_so_instead_of_blaming
     assert (tmp_path / "data" / "sub").read_bytes() == b"a file of the user's"
 
 
-def test_fetch_into_a_folder_it_cannot_write_says_so_after_one_mirror(tmp_path, monkeypatch):
-    """A read-only data folder (a shared LOWLEARN_DATA) is no network failure: no other mirror is tried."""
+@pytest.mark.parametrize("error", [PermissionError(errno.EACCES, "Permission denied"),
+                                   OSError(errno.EROFS, "Read-only file system"),
+                                   OSError(errno.ENOSPC, "No space left on device")])
+def test_fetch_into_a_folder_it_cannot_write_says_so_after_one_mirror(tmp_path, monkeypatch, error):
+    """A data folder without write permission (a shared LOWLEARN_DATA), on a read-only file system or on a full
+    disk is no network failure: no other mirror is tried, and the error says it could not save the file."""
     root = tmp_path / "data"
     (root / "sub").mkdir(parents=True)
     real_open, real_urlopen, opened = os.open, urllib.request.urlopen, []
 
-    def read_only_root(path, flags, *args, **kwargs):         # what a folder without write permission does
+    def read_only_root(path, flags, *args, **kwargs):         # what such a folder does
         if str(path).startswith(str(root)) and flags & os.O_CREAT:
-            raise PermissionError(13, "Permission denied", str(path))
+            raise type(error)(*error.args, str(path))
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", read_only_root)
     monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: opened.append(args) or real_urlopen(
         *args, **kwargs))
     source = _source(tmp_path)
-    with pytest.raises(DataError, match="cannot save payload.bin: .*Permission denied") as info:
+    with pytest.raises(DataError, match=f"cannot save payload.bin: .*{error.strerror}") as info:
         fetch(_resource(source, source), root=root)
     assert not isinstance(info.value, DatasetNotFoundError)
     assert len(opened) == 1 and _leftovers(root / "sub") == []
@@ -426,11 +431,13 @@ def test_safe_extract_refuses_unsafe_members_and_writes_nothing(tmp_path, archiv
 @pytest.mark.parametrize("make_archive", [
     lambda folder: _zip(folder / "file-then-inside.zip", {"a": b"a", "a/b": b"b"}),
     lambda folder: _zip(folder / "folder-then-file.zip", {"a/": b"", "a": b"a"}),
+    lambda folder: _zip(folder / "file-then-folder.zip", {"a": b"a", "a/": b""}),
     lambda folder: _tar(folder / "file-then-inside.tar", [tarfile.TarInfo("a"), tarfile.TarInfo("a/b")],
                         {"a": b"a", "a/b": b"b"}, mode="w"),
     lambda folder: _tar(folder / "folder-then-file.tar", [_folder_info("a/"), tarfile.TarInfo("a")], {"a": b"a"},
                         mode="w"),
-], ids=["zip-file-then-inside", "zip-folder-then-file", "tar-file-then-inside", "tar-folder-then-file"])
+], ids=["zip-file-then-inside", "zip-folder-then-file", "zip-file-then-folder", "tar-file-then-inside",
+        "tar-folder-then-file"])
 def test_an_archive_with_a_file_and_a_folder_of_one_name_is_damaged_and_writes_nothing(tmp_path, archives,
                                                                                         make_archive):
     archive = make_archive(archives)
