@@ -39,10 +39,19 @@ def random_affine(images: Tensor, generator: torch.Generator | None = None, *, r
         The images, each warped (:func:`warp`) by its own random matrix, as a new tensor of the same shape.
 
     Raises:
-        ValueError: a generator on another device than the images, or a range that
+        ValueError: images that are not float or have fewer than three dimensions, a
+            generator on another device than the images, or a range that
             :func:`random_affine_matrices` refuses.
     """
+    if images.dim() < 3:
+        raise ValueError(f"images must be (..., C, H, W), got shape {tuple(images.shape)}: for one-channel images "
+                         "(..., H, W), pass images.unsqueeze(-3)")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be float (interpolation mixes pixel values), got {images.dtype}: pass e.g. "
+                         "images.float() / 255")
     check_draws_on(generator, images.device, "the images")
+    if images.numel() == 0:
+        return images.clone()
     flat = images.reshape(-1, *images.shape[-3:])
     theta = random_affine_matrices(flat.shape[0], generator, rotation=rotation, scale=scale, shear=shear,
                                    shift=shift, device=images.device)

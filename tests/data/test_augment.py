@@ -59,6 +59,16 @@ def test_bad_ranges_are_clear_errors():
             random_affine(images(), **{name: bad})
 
 
+def test_images_that_are_not_float_or_not_images_are_clear_errors_and_an_empty_batch_comes_back_empty():
+    with pytest.raises(ValueError, match=r"\(\.\.\., C, H, W\), got shape \(9, 9\).*unsqueeze\(-3\)"):
+        random_affine(torch.rand(9, 9))
+    with pytest.raises(ValueError, match=r"must be float .*got torch.uint8.*images.float\(\) / 255"):
+        random_affine((images() * 255).to(torch.uint8))
+    empty = torch.zeros(0, 1, 12, 12)
+    out = random_affine(empty)
+    assert out.shape == empty.shape and out is not empty
+
+
 def test_each_range_is_drawn_on_both_sides_and_reaches_its_bound():
     n, generator = 4000, torch.Generator().manual_seed(4)
     shears = random_affine_matrices(n, generator, rotation=0, scale=0, shear=0.2, shift=0)
