@@ -39,12 +39,15 @@ def test_budget_chapter_quotes_the_pruning_chapters_iterative_result():
 
 
 def test_cpu_benchmark_ratios_quoted_in_the_chapters():
-    """low_rank: '0.86× in ... reports/cpu'; optimisation_based: '0.59× ... against 1.00×';
+    """low_rank: '0.86× in ... reports/cpu'; optimisation_based: '0.59× ... the AMD EPYC ... against 1.00×';
     looking_forward: 'CSR ... 4.9× at 5% density in the benchmark'."""
     assert "0.86× in the repository's benchmark report `reports/cpu`" in markdown("low_rank")
     assert round(report("cpu", "lowrank", "DLRT, width 512", "time per step"), 2) == 0.86
     text = markdown("optimisation_based")
-    assert "ran at 0.59× the throughput of\n`higher` on one thread of this machine, against 1.00×" in text
+    assert ("ran at 0.59× the throughput of\n`higher` on one thread of the AMD EPYC processor that made `reports/cpu`, "
+            "against 1.00×") in text
+    environment = json.loads((ROOT / "reports" / "cpu" / "benchmarks.json").read_text())["environment"]
+    assert environment["device_name"] == "AMD EPYC"
     assert round(report("cpu", "maml", "lowlearn MAML, all tasks at once", "throughput"), 2) == 0.59
     assert round(report("cpu", "maml", "lowlearn MAML", "throughput"), 2) == 1.00
     assert "4.9× at 5% density in the benchmark" in markdown("looking_forward")
