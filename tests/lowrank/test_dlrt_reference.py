@@ -241,6 +241,38 @@ def test_adam_first_moments_are_the_projected_moving_average_of_the_dense_gradie
         assert all((state[key][1] >= 0).all() for key in "KLS")
 
 
+def test_adam_in_the_augmented_basis_takes_the_papers_order_k_then_u():
+    """Rank-adaptive DLRT with β₁ = β₂ = 0: the S-step's Adam direction g / (|g| + ε) is taken entry by entry in the
+    augmented basis, so the basis itself matters, not only the space it spans. Reference, by hand, as in Schotthöfer
+    et al. (2022), algorithm 2: Û = qr([K¹, U₀]).Q, V̂ = qr([L¹, V₀]).Q, S̃ = ÛᵀU₀ S₀ V₀ᵀV̂, then
+    S¹ = S̃ − λ·sign-like(Ûᵀ ∇W V̂) at Û S̃ V̂ᵀ; tol = 0 keeps the whole rank-4 core. The order [U₀, K¹] spans the same
+    space and gives a different step (about 5e-4 here)."""
+    torch.manual_seed(0)
+    layer = LowRankLinear(7, 6, 2, bias=False).double()
+    model = nn.Sequential(layer)
+    x, y = torch.randn(10, 7, dtype=torch.float64), torch.randn(10, 6, dtype=torch.float64)
+    U, S, V = (t.detach().clone() for t in (layer.U, layer.S, layer.V))
+
+    def gradient_at(weight):
+        weight = weight.detach().clone().requires_grad_()
+        return torch.autograd.grad(F.mse_loss(x @ weight.T, y), weight)[0]
+
+    lr, eps = 0.01, 1e-8
+    sign_like = lambda g: g / (g.abs() + eps)                                   # noqa: E731
+    G = gradient_at(U @ S @ V.T)
+    K1, L1 = U @ S - lr * sign_like(G @ V), V @ S.T - lr * sign_like(G.T @ U)
+    U_hat = torch.linalg.qr(torch.cat([K1, U], dim=1)).Q
+    V_hat = torch.linalg.qr(torch.cat([L1, V], dim=1)).Q
+    S_tilde = U_hat.T @ U @ S @ V.T @ V_hat
+    S1 = S_tilde - lr * sign_like(U_hat.T @ gradient_at(U_hat @ S_tilde @ V_hat.T) @ V_hat)
+    dlrt = DLRT(model, lr=lr, tol=0.0, betas=(0.0, 0.0), eps=eps)
+    dlrt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    dlrt.step(lambda: F.mse_loss(model(x), y))
+    assert layer.rank == 4
+    torch.testing.assert_close(layer.U @ layer.S @ layer.V.T, U_hat @ S1 @ V_hat.T, rtol=1e-9, atol=1e-12)
+
+
 def test_adam_with_zero_betas_is_a_sign_like_step_in_the_current_bases():
     """β₁ = β₂ = 0: every direction is g / (|g| + ε), whatever the history; the first K-step checked by hand."""
     torch.manual_seed(0)
