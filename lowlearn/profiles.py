@@ -80,6 +80,8 @@ class PruningSizes:
         iterative_rounds: pruning rounds of iterative pruning.
         score_batch: examples in the batch that SNIP and OBD score on.
         obd_samples: Hutchinson samples of the OBD Hessian-diagonal estimate.
+        init_sparsities: the extreme sparsities of pruning at initialisation (layer collapse, SynFlow).
+        synflow_rounds: pruning rounds of SynFlow (Tanaka et al. 2020 use 100).
         cifar_epochs: training of Conv-2/4 on CIFAR-10 (0: skip, as offline profiles do).
     """
 
@@ -95,6 +97,8 @@ class PruningSizes:
     iterative_rounds: int
     score_batch: int
     obd_samples: int
+    init_sparsities: tuple[float, ...]
+    synflow_rounds: int
     cifar_epochs: int
 
 
@@ -650,7 +654,8 @@ PROFILES: dict[str, Profile] = {
                            widths=(0.25, 1.0), data_sizes=(250, 1000), seeds=2, min_accuracy=0.6),
         pruning=PruningSizes(dataset="mnist5k", train_limit=1000, epochs=2, finetune_epochs=1, batch_size=60,
                              lr=0.05, momentum=0.9, sparsities=(0.5, 0.95), seeds=1, iterative_rounds=2,
-                             score_batch=100, obd_samples=4, cifar_epochs=0),
+                             score_batch=100, obd_samples=4, init_sparsities=(0.99, 0.999),
+                             synflow_rounds=10, cifar_epochs=0),
         lottery=LotterySizes(dataset="mnist5k", train_limit=1000, steps=60, eval_every=20, batch_size=60,
                              lr=1.2e-3, rounds=2, seeds=1, controls=("reinit",), mnist1d_samples=1000,
                              mnist1d_steps=60, mnist1d_rounds=2),
@@ -709,7 +714,8 @@ PROFILES: dict[str, Profile] = {
                            data_sizes=(125, 250, 500, 1000, 2000, 4000), seeds=5, min_accuracy=0.92),
         pruning=PruningSizes(dataset="mnist5k", train_limit=None, epochs=20, finetune_epochs=10, batch_size=60,
                              lr=0.05, momentum=0.9, sparsities=(0.5, 0.8, 0.9, 0.95, 0.98, 0.99), seeds=3,
-                             iterative_rounds=5, score_batch=500, obd_samples=32, cifar_epochs=0),
+                             iterative_rounds=5, score_batch=500, obd_samples=32,
+                             init_sparsities=(0.99, 0.997, 0.999), synflow_rounds=100, cifar_epochs=0),
         lottery=LotterySizes(dataset="mnist5k", train_limit=None, steps=600, eval_every=50, batch_size=60,
                              lr=1.2e-3, rounds=14, seeds=2, controls=("reinit", "reshuffle", "constant", "random_mask"),
                              mnist1d_samples=5000, mnist1d_steps=1000, mnist1d_rounds=12),
@@ -774,7 +780,8 @@ PROFILES: dict[str, Profile] = {
                            data_sizes=(250, 1000, 4000, 15000, 60000), seeds=5, min_accuracy=0.975),
         pruning=PruningSizes(dataset="mnist", train_limit=None, epochs=20, finetune_epochs=5, batch_size=60,
                              lr=0.05, momentum=0.9, sparsities=(0.5, 0.8, 0.9, 0.95, 0.98, 0.99), seeds=3,
-                             iterative_rounds=5, score_batch=1000, obd_samples=64, cifar_epochs=20),
+                             iterative_rounds=5, score_batch=1000, obd_samples=64,
+                             init_sparsities=(0.99, 0.997, 0.999), synflow_rounds=100, cifar_epochs=20),
         lottery=LotterySizes(dataset="mnist", train_limit=None, steps=5000, eval_every=250, batch_size=60,
                              lr=1.2e-3, rounds=15, seeds=2, controls=("reinit", "reshuffle", "constant", "random_mask"),
                              mnist1d_samples=10000, mnist1d_steps=5000, mnist1d_rounds=15),

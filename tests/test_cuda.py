@@ -305,6 +305,18 @@ def test_random_and_obd_scores_take_a_cpu_generator_for_a_model_on_the_gpu():
         assert all(torch.equal(first[name], second[name]) for name in first)     # reproducible
 
 
+def test_synflow_scores_on_the_gpu_match_the_cpu():
+    from lowlearn.sparse.scores import synflow
+
+    torch.manual_seed(0)
+    model = Conv4(num_classes=5, hidden=8)
+    expected = synflow(model, (1, 28, 28))
+    scores = synflow(model.cuda(), (1, 28, 28))
+    for name in expected:
+        assert scores[name].device.type == "cuda"
+        torch.testing.assert_close(scores[name].cpu(), expected[name], rtol=1e-9, atol=0)
+
+
 def test_tasks_drawn_with_a_cpu_generator_are_the_same_on_the_gpu():
     from lowlearn.data.tasks import GPCurves, context_target_split
 

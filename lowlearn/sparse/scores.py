@@ -11,6 +11,8 @@ The layers scored are the masked layers of the model, or, in a model without
 masks, every ``nn.Linear`` and ``nn.Conv2d`` (:func:`~lowlearn.sparse.mask.prunable_layers`).
 
 * :func:`magnitude` and :func:`random`: data-oblivious.
+* :func:`synflow`: synaptic flow ``|w ⊙ ∂R/∂w|`` of the network's absolute values on an
+  input of ones, data-free (Tanaka et al. 2020).
 * :func:`snip`: connection sensitivity ``|w ⊙ ∂L/∂w|`` on one batch (Lee et al. 2019).
 * :func:`obd`: Optimal Brain Damage saliency ``½ h_ii w_i²`` (LeCun et al. 1990), with
   the Hessian diagonal estimated by Hutchinson's method.
@@ -20,7 +22,9 @@ masks, every ``nn.Linear`` and ``nn.Conv2d`` (:func:`~lowlearn.sparse.mask.pruna
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import copy
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -101,6 +105,67 @@ def _effective_weights(model: nn.Module) -> Iterator[dict[str, Tensor]]:
     """
     with eval_mode(model), torch.enable_grad(), parametrize.cached():
         yield {name: layer.weight for name, layer in scored_layers(model).items()}
+
+
+def synflow(model: nn.Module, input_shape: Sequence[int], *, dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
+    """Synaptic flow ``S = |∂R/∂w ⊙ w|``: a saliency that needs no data.
+
+    Tanaka, Kunin, Yamins & Ganguli (2020), "Pruning neural networks without any data
+    by iteratively conserving synaptic flow" (NeurIPS), Algorithm 1. Every weight
+    ``θ^[l]`` is replaced by its absolute value and one input of ones ``𝟙`` is fed
+    through; the sum of the outputs is the synaptic flow
+
+        R = 𝟙ᵀ (∏_l |θ^[l]|) 𝟙,
+
+    and each weight scores ``∂R/∂θ ⊙ θ``. In a ReLU network the absolute values make
+    every unit active, so ``R`` sums the products of weights along all paths from input
+    to output, and a weight scores the flow through it. Without biases, every layer's
+    scores sum to ``R`` (the paper's Theorem 2, network-wise conservation), so a layer
+    with few weights gets high scores. Pruning globally in small enough steps by such
+    a positive, conserved score, rescored after each step, keeps every layer until the
+    network is down to its last paths from input to output (their Theorem 3, maximal
+    critical compression); one-shot criteria at initialisation can instead remove a
+    whole layer first ("layer collapse"). Tanaka et al. prune in 100 rounds with no data and no
+    training between them, the density following ``d^(r/100)``; in lowlearn that is
+    :func:`~lowlearn.sparse.schedule.iterative_pruning` with this score::
+
+        iterative_pruning(model, d, 100, lambda model, r: None,
+                          score=lambda model: synflow(model, (1, 28, 28)))
+
+    As in the authors' code, *every* floating parameter and buffer is replaced by its
+    absolute value (biases, batch-norm scales, shifts and running statistics too),
+    and the model runs in eval mode. The computation runs on a copy of the model in
+    ``dtype`` (float64 by default: ``R`` is a product over all layers and can overflow
+    float32 in deep networks; the authors' code works in float32). The model itself is
+    left unchanged: no weight, buffer, ``.grad`` or mode. Pruned weights score zero.
+
+    Args:
+        model: the network to score (Tanaka et al.: at initialisation).
+        input_shape: the shape of one input, without the batch dimension (e.g.
+            ``(1, 28, 28)``); the input is one example of ones of this shape.
+        dtype: the floating dtype of the computation and of the scores.
+
+    Returns:
+        ``{layer name: |∂R/∂w ⊙ w|}`` for the scored layers, in ``dtype``.
+    """
+    shape = tuple(input_shape)
+    if not shape or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
+        raise ValueError(f"input_shape must be the shape of one input, positive integers without the batch "
+                         f"dimension (e.g. (1, 28, 28) for MNIST images), got {input_shape!r}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating dtype such as torch.float64, got {dtype}")
+    if not scored_layers(model):
+        return {}
+    net = copy.deepcopy(model).to(dtype)
+    with torch.no_grad():
+        for tensor in itertools.chain(net.parameters(), net.buffers()):
+            if tensor.is_floating_point():
+                tensor.abs_()
+    ones = torch.ones((1, *shape), dtype=dtype, device=weights_device(scored_layers(net)))
+    with _effective_weights(net) as weights:
+        flow = net(ones).sum()
+        grads = torch.autograd.grad(flow, list(weights.values()), materialize_grads=True)
+    return {name: (g * w).abs().detach() for (name, w), g in zip(weights.items(), grads)}
 
 
 def snip(model: nn.Module, batch: Batch, loss_fn: LossFn = F.cross_entropy) -> dict[str, Tensor]:
