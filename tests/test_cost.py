@@ -147,6 +147,8 @@ def test_flop_table_lists_layers_and_total():
     assert lines[1].split() == ["a", "100", "33.3%"]
     assert lines[2].split() == ["b.c", "200", "66.7%"]
     assert lines[3].split() == ["total", "300", "100.0%"]
+    count = count_flops(nn.Linear(3, 2), torch.randn(1, 3))     # a model that is one layer has the row ""
+    assert count.per_layer == {"": 6} and "(model)" in count.table()
 
 
 # ---- training_memory --------------------------------------------------------
@@ -373,6 +375,25 @@ def test_saved_tensor_bytes_by_hand():
     assert torch.allclose(w.grad, x.T @ (2 * r * (h > 0)))   # the saved tensors came back unchanged
 
 
+def test_saved_tensor_bytes_peak_is_the_largest_total_not_the_last():
+    big = torch.randn(1000, requires_grad=True)
+    small = torch.randn(10, requires_grad=True)
+    with saved_tensor_bytes(exclude=[big, small]) as saved:
+        big.exp().sum().backward()               # exp saves its output, 4,000 bytes, freed by the backward pass
+        assert saved.bytes == 0 and saved.mib == 4000 / 2**20
+        loss = small.exp().sum()                 # 40 bytes
+    assert saved.bytes == 40 and saved.peak == 4000
+    del loss
+
+
+def test_saved_tensor_bytes_does_not_count_saves_of_excluded_tensors():
+    x = torch.randn(10, requires_grad=True)
+    with saved_tensor_bytes(exclude=[x]) as saved:
+        loss = x.sin().sum()                     # sin saves its input: x itself, excluded
+    assert saved.tensors == 0 and saved.bytes == saved.peak == 0
+    del loss
+
+
 def test_saved_tensor_bytes_counts_a_storage_once_in_full():
     big = torch.randn(10, 8, dtype=torch.float64)
     w = torch.randn(8, requires_grad=True)
@@ -456,6 +477,22 @@ def test_saved_sparse_tensors_count_their_indices_and_values():
     x, y = torch.randn(20, 8), torch.randint(0, 3, (20,))
     memory = training_memory(model, torch.optim.SGD(model.parameters(), lr=0.1), (x, y), nn.functional.cross_entropy)
     assert memory.activations >= parts + x.nbytes
+
+
+def test_a_saved_csr_tensor_counts_its_row_pointers_columns_and_values():
+    a = torch.sparse_csr_tensor(torch.tensor([0, 1, 2, 3, 4]), torch.tensor([0, 1, 2, 3]), torch.ones(4), (4, 4))
+    w = torch.randn(4, 5, requires_grad=True)
+    with saved_tensor_bytes(exclude=[w]) as saved:
+        out = a @ w
+    assert saved.peak == 5 * 8 + 4 * 8 + 4 * 4       # crow (n + 1) and col (nnz) int64, values (nnz) float32
+    del out
+
+
+def test_an_empty_saved_tensor_counts_nothing():
+    model = nn.Linear(0, 3)
+    x, y = torch.randn(4, 0), torch.zeros(4, 3)
+    memory = training_memory(model, torch.optim.SGD(model.parameters(), lr=0.1), (x, y), lambda o, t: (o * t).sum())
+    assert memory.activations == 4 * 3 * 4       # mul saves t for o's gradient; the empty x adds no bytes
 
 
 def test_training_memory_counts_the_state_of_dlrts_dense_optimizer():

@@ -277,7 +277,23 @@ def test_history_to_dict_is_a_copy():
     saved = history.to_dict()
     saved["loss"].append(0.1)
     saved["eval"][0]["accuracy"] = 0.0
+    saved["steps"].append(2)
+    saved["eval_steps"].append(2)
     assert history.loss == [0.5] and history.eval == [{"accuracy": 0.9}]
+    assert history.steps == [1] and history.eval_steps == [1]
+
+
+def test_a_checkpoint_saved_before_the_optimizer_class_was_recorded_still_loads(tmp_path):
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(3, 2)).sum().backward()
+    opt.step()
+    torch.save({"model": model.state_dict(), "extra": {}, "optimizer": opt.state_dict()}, tmp_path / "old.pt")
+    fresh = nn.Linear(2, 2)
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    assert load_checkpoint(tmp_path / "old.pt", fresh, fresh_opt) == {}
+    assert torch.equal(fresh.weight, model.weight)
+    assert torch.equal(fresh_opt.state[fresh.weight]["momentum_buffer"], opt.state[model.weight]["momentum_buffer"])
 
 
 def test_checkpoint_round_trip_resumes_identically(tmp_path):

@@ -137,6 +137,14 @@ def test_cubic_density_at_hand_picked_points():
     # begin == end: one step to the final density, at end (where GradualPruning prunes last).
     assert cubic_density(9, 0.1, 10, 10, 0.7) == 0.7 and cubic_density(10, 0.1, 10, 10, 0.7) == 0.1
     assert cubic_density(11, 0.1, 10, 10, 0.7) == 0.1
+    # At begin the density is exactly the initial one (not the formula's rounding of it).
+    assert cubic_density(5, 0.1, 5, 10, initial_density=0.3) == 0.3
+
+
+def test_gradual_pruning_prunes_every_100_steps_by_default():
+    schedule = GradualPruning(0.5, begin=1, end=1000)
+    assert schedule.every == 100
+    assert [t for t in range(1, 1001) if schedule.prunes_at(t)] == list(range(1, 1000, 100)) + [1000]
 
 
 def test_cubic_density_is_monotone_and_fast_at_first():

@@ -284,6 +284,21 @@ def test_prune_channels_after_unstructured_pruning_keeps_the_pruned_weights_of_k
         assert torch.equal(masks_of(model)[name], before[name] & keep[:, None])
 
 
+def test_prune_channels_keeps_an_alive_unit_of_zero_norm_over_a_removed_one():
+    # Row 0 is removed (masked, though its raw weights are large), row 1 is alive with all-zero weights: both have
+    # norm 0, and the two survivors must be alive units (row 1 and row 2), so that masks only shrink.
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([9.0, 0.0, 1.0])[:, None].expand(3, 4))
+    removed = torch.ones(3, 4, dtype=torch.bool)
+    removed[0] = False
+    attach_masks(model, ["0"])
+    set_masks(model, {"0": removed})
+    units = prune_channels(model, 2 / 3, layers=["0"])
+    assert units["0"].tolist() == [False, True, True]
+    assert masks_of(model)["0"].any(dim=1).tolist() == [False, True, True]
+
+
 def test_prune_channels_refuses_to_keep_one_unit_more_than_are_left():
     model = MLP(in_features=10, hidden=(8,), out_features=3)
     prune_channels(model, 0.5)

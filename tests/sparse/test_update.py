@@ -99,6 +99,13 @@ def test_drop_and_grow_bad_input():
         drop_and_grow(mask, scores, scores, -1)
 
 
+def test_update_schedule_defaults_are_rigls():
+    # Evci et al. (2020): update every ΔT = 100 steps, drop fraction α = 0.3, cosine decay.
+    schedule = UpdateSchedule(end=750)
+    assert (schedule.every, schedule.drop_fraction, schedule.cosine) == (100, 0.3, True)
+    assert schedule.fraction(0) == 0.3
+
+
 def test_update_schedule_cosine_values():
     schedule = UpdateSchedule(end=750, every=100, drop_fraction=0.3)
     # f(t) = α/2 (1 + cos(π t / T_end)), hand-computed.
