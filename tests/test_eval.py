@@ -574,3 +574,81 @@ def test_the_augmentation_does_not_repeat_the_episode_samplers_random_numbers(mo
     (sampler,), (generator,) = samplers, generators
     assert generator is not sampler.generator
     assert not torch.equal(torch.rand(16, generator=generator), torch.rand(16, generator=sampler.generator))
+
+
+class _AlwaysClassZero(nn.Module):
+    """A stand-in learner that answers class 0 to every query and keeps the sizes of the episodes it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, support, support_labels, query):
+        self.seen.append((support.shape[0], query.shape[0]))
+        return nn.functional.one_hot(torch.zeros(query.shape[0], dtype=torch.long), 20).float()
+
+
+@needs_real_data
+def test_held_out_episode_errors_are_percentages_on_twenty_way_one_shot_episodes_with_one_query_per_class():
+    # episode_errors' docstring: error rate (%) on run-like episodes, 20-way one-shot, one query per class (as
+    # Lake et al.'s runs). Answering class 0 to all 20 queries is right once: 19 / 20 wrong, 95%.
+    test = omniglot_runs.load_omniglot("small2", root=str(DATA), image_size=28)
+    learner = _AlwaysClassZero()
+    errors = omniglot_runs.episode_errors(learner, test, get_profile("smoke").black_box, torch.device("cpu"), 3)
+    assert errors.tolist() == pytest.approx([95.0, 95.0, 95.0])
+    assert learner.seen == [(20, 20)] * 3
+
+
+@needs_real_data
+def test_held_out_evaluation_scores_400_episodes_unless_told_otherwise(monkeypatch, capsys):
+    # --episodes' help: "default 400"
+    asked = []
+
+    def episode_errors(learner, test, sizes, device, episodes):
+        asked.append(episodes)
+        return torch.tensor([10.0, 20.0])
+
+    monkeypatch.setattr(omniglot_runs, "episode_errors", episode_errors)
+    omniglot_runs.main(["--profile", "smoke", "--data", str(DATA), "--background", "small1", "--test", "heldout",
+                        "--steps", "0", "--device", "cpu"])
+    assert asked == [400]
+    assert "400 episodes" in capsys.readouterr().out
+
+
+def test_the_published_table_is_lake_et_als():
+    # Lake, Salakhutdinov & Tenenbaum (2015), Science, one-shot classification error rates (%) on the 20 runs: with
+    # the full background set people 4.5, BPL 3.3, Koch et al.'s Siamese convnet 8.0, deep convnet 13.5,
+    # hierarchical deep 34.8; with one small background set BPL 4.3 and 4.0, deep convnet 24.0 and 22.3 (the
+    # black-box chapter quotes them: "22–24%", "13.5%", "8.0%", "3.3–4.3%", "4.5%")
+    assert omniglot_runs.PUBLISHED == {
+        "full": [("People", 4.5), ("Bayesian Program Learning (BPL)", 3.3),
+                 ("Siamese convnet (Koch et al. 2015)", 8.0), ("Deep convnet", 13.5), ("Hierarchical deep", 34.8)],
+        "small1": [("Bayesian Program Learning (BPL)", 4.3), ("Deep convnet", 24.0)],
+        "small2": [("Bayesian Program Learning (BPL)", 4.0), ("Deep convnet", 22.3)],
+    }
+
+
+def test_maml_trains_on_its_own_meta_batch_of_twenty_way_one_shot_episodes(monkeypatch):
+    # train: MAML's episodes are 20-way (its head's classes) one-shot with sizes.maml_queries queries per class,
+    # sizes.maml_meta_batch of them per meta-step; here both differ from the metric learners' sizes and from 1
+    samplers, batches = [], []
+
+    def recording_sampler(images, ways, shots, queries, **kwargs):
+        samplers.append((ways, shots, queries))
+
+    def recording_meta_train(learner, sampler, optimizer, steps, *, batch, **kwargs):
+        batches.append(batch)
+        return []
+
+    monkeypatch.setattr(omniglot_runs, "EpisodeSampler", recording_sampler)
+    monkeypatch.setattr(omniglot_runs, "meta_train", recording_meta_train)
+    sizes = dataclasses.replace(get_profile("smoke").black_box, rotations=False, within_alphabet=False,
+                                augment=False, maml_meta_batch=3, maml_queries=4)
+    omniglot_runs.train(omniglot_runs.make_learner("maml", sizes), "maml", _toy_omniglot(), sizes,
+                        torch.device("cpu"))
+    assert samplers == [(20, 1, 4)] and batches == [3]
+
+
+def test_the_matching_network_takes_the_profiles_scale():
+    sizes = dataclasses.replace(get_profile("smoke").black_box, matching_scale=3.0)
+    assert omniglot_runs.make_learner("matching", sizes).scale == 3.0

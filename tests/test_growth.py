@@ -523,3 +523,44 @@ def test_new_units_take_the_fresh_state_of_their_own_param_group():
     assert torch.equal(opt.state[b0]["sum"][new], torch.full((2,), 0.5))
     assert torch.equal(opt.state[w2]["sum"][:, :3], old_w2)
     assert torch.equal(opt.state[w2]["sum"][:, new], torch.full((2, 2), 0.25))
+
+
+def test_growing_through_a_layer_growth_cannot_see_through_is_refused_and_changes_nothing():
+    # module docstring: only activations, dropout and pooling may sit between the grown layer and the next; a batch
+    # norm right after the grown layer has one statistic per unit, which growth does not extend
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"cannot grow through \['BatchNorm1d'\]"):
+        grow(model, 0, 2, "random")
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
+    assert (model[0].out_features, model[3].in_features) == (8, 8)
+
+
+class RowNormSGD(torch.optim.SGD):
+    """SGD that also keeps each matrix's row norms: per-parameter state of another shape than the parameter."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() == 2:
+                    self.state[p]["row_norm"] = p.norm(dim=1)
+        return loss
+
+
+def test_one_dimensional_state_of_a_matrix_is_refused_before_the_model_changes():
+    # grow's docstring: optimizer state not shaped like its parameter cannot be extended (a 1-D tensor is state
+    # too, only scalar tensors such as Adam's step count are kept as they are); the model is then left as it was
+    model, data = mlp(), batch()
+    optimizer = RowNormSGD(model.parameters(), lr=0.1)
+    F.cross_entropy(model(data[0]), data[1]).backward()
+    optimizer.step()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"RowNormSGD keeps state 'row_norm' of shape \(6,\) for a parameter of "
+                                         r"shape \(6, 10\)"):
+        grow(model, 0, 2, "random", optimizer=optimizer)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)

@@ -244,3 +244,19 @@ def test_each_curve_gets_its_own_random_context_points():
     assert len({tuple(row.tolist()) for row in chosen}) > 25               # 120 subsets possible
     counts = torch.bincount(chosen.long().flatten(), minlength=10)
     assert (counts > 0).all()                                              # every point can be chosen
+
+
+def test_one_curve_without_a_cholesky_factor_among_several_is_refused():
+    # Curve 0: 200 inputs in [-2, 2] (its kernel matrix has no Cholesky factor with noise 1e-9, as in
+    # test_gp_validation); curve 1: inputs 10 apart, an almost diagonal kernel matrix that factors.
+    # One failed curve is as wrong as all of them, so it must be an error too, naming 1 of the 2.
+    x = torch.stack([torch.linspace(-2, 2, 200), torch.arange(200) * 10.0])[..., None]
+    with pytest.raises(ValueError, match="the kernel matrices of 1 of 2 curves are not positive definite"):
+        GPCurves(noise=1e-9).sample(2, x=x, generator=torch.Generator().manual_seed(0))
+
+
+def test_gp_defaults_are_those_of_conditional_neural_processes():
+    # Garnelo et al. 2018 (CNP), section 4.1: length scale 0.4, scale 1.0, inputs uniform in [-2, 2];
+    # their reference code (GPCurvesReader): l1_scale=0.4, sigma_scale=1.0, noise sigma_noise=2e-2.
+    gp = GPCurves()
+    assert (gp.length_scale, gp.scale, gp.noise, gp.x_range) == (0.4, 1.0, 0.02, (-2.0, 2.0))

@@ -280,3 +280,47 @@ def test_weights_stacked_for_another_number_of_tasks_are_refused_rather_than_gro
     params = {name: p.detach().expand(3, *p.shape) for name, p in parameters_of(model).items()}
     with pytest.raises(ValueError, match="weights for 3 tasks and inputs of 4 tasks"):
         run(task_batched(model), params, torch.randn(4, 2, 1, 7, 7))
+
+
+class ScaledConv2d(nn.Conv2d):
+    """A convolution subclass whose forward is not nn.Conv2d's: it must not be run as a plain convolution."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_a_conv_subclass_with_its_own_forward_is_refused():
+    # task_batched converts exact types only: run as TaskConv2d, the doubling in forward would be lost
+    with pytest.raises(ValueError, match=r"ScaledConv2d holds \['weight', 'bias'\] and has no task-batched form"):
+        task_batched(nn.Sequential(ScaledConv2d(1, 2, 3)))
+
+
+def test_a_parameter_free_leaf_model_is_copied_and_the_users_layer_left_as_it_is():
+    # task_batched docstring: it "leaves model itself unchanged"; a ReLU is shared as it is inside a container,
+    # so as the root it must be copied before the copy's class becomes the task-batched one
+    relu = nn.ReLU()
+    x = torch.randn(4, 5)
+    batched = task_batched(relu)
+    assert torch.equal(relu(x), x.clamp(min=0))                  # still takes a plain batch (B, features)
+    assert batched is not relu and type(relu) is nn.ReLU
+    tasks = torch.randn(3, 4, 5)
+    assert torch.equal(batched(tasks), tasks.clamp(min=0))       # the copy takes (T, B, features)
+
+
+class Normalised(nn.Module):
+    """A block holding a buffer of its own beside a convolution child."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(1))
+        self.conv = nn.Conv2d(1, 2, 3)
+
+    def forward(self, x):
+        return self.conv(x - self.mean)
+
+
+def test_a_container_holding_a_buffer_of_its_own_is_refused_by_the_buffers_name():
+    # task_batched docstring: a layer with buffers and no task-batched form is refused; a container's own buffer
+    # counts too, though its child (a Conv2d) has a task-batched form
+    with pytest.raises(ValueError, match=r"Normalised holds \['mean'\] and has no task-batched form"):
+        task_batched(nn.Sequential(Normalised()))

@@ -636,3 +636,19 @@ def test_compact_refuses_a_shared_layer_another_batch_norm_and_a_partial_flatten
     prune_channels(model, 0.5, layers=["0"])
     with pytest.raises(ValueError, match=r"Flatten\(\) of all but the batch dimension only"):
         compact(model)
+
+
+def test_compact_folds_no_constant_through_a_batch_norm_with_batch_statistics_and_no_affine_shift():
+    # compact's docstring: a unit whose weights are all zero is removed and its constant output folded into the next
+    # bias. Here the constant is the bias 0.5; a batch norm with batch statistics normalises a channel constant over
+    # the batch to 0 and, without affine parameters, adds no shift, so nothing may be folded (not 0.5 passed on).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False, track_running_stats=False), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3))
+    with torch.no_grad():
+        model[0].weight[:4] = 0
+        model[0].bias[:4] = 0.5
+    x = torch.randn(4, 3, 10, 10)
+    small = compact(model)
+    assert small[0].weight.shape[0] == 4 and small[3].weight.shape[1] == 4
+    torch.testing.assert_close(small(x), model.eval()(x), rtol=1e-5, atol=1e-5)
