@@ -113,7 +113,7 @@ def synflow(model: nn.Module, input_shape: Sequence[int], *, dtype: torch.dtype 
     Tanaka, Kunin, Yamins & Ganguli (2020), "Pruning neural networks without any data
     by iteratively conserving synaptic flow" (NeurIPS), Algorithm 1. Every weight
     ``θ^[l]`` is replaced by its absolute value and one input of ones ``𝟙`` is fed
-    through; the sum of the outputs is the synaptic flow
+    through; the sum of the outputs is the synaptic flow::
 
         R = 𝟙ᵀ (∏_l |θ^[l]|) 𝟙,
 
