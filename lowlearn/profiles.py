@@ -82,6 +82,7 @@ class PruningSizes:
         obd_samples: Hutchinson samples of the OBD Hessian-diagonal estimate.
         init_sparsities: the extreme sparsities of pruning at initialisation (layer collapse, SynFlow).
         synflow_rounds: pruning rounds of SynFlow (Tanaka et al. 2020 use 100).
+        init_epochs: training of the networks pruned at those sparsities.
         cifar_epochs: training of Conv-2/4 on CIFAR-10 (0: skip, as offline profiles do).
     """
 
@@ -99,6 +100,7 @@ class PruningSizes:
     obd_samples: int
     init_sparsities: tuple[float, ...]
     synflow_rounds: int
+    init_epochs: int
     cifar_epochs: int
 
 
@@ -655,7 +657,7 @@ PROFILES: dict[str, Profile] = {
         pruning=PruningSizes(dataset="mnist5k", train_limit=1000, epochs=2, finetune_epochs=1, batch_size=60,
                              lr=0.05, momentum=0.9, sparsities=(0.5, 0.95), seeds=1, iterative_rounds=2,
                              score_batch=100, obd_samples=4, init_sparsities=(0.99, 0.999),
-                             synflow_rounds=10, cifar_epochs=0),
+                             synflow_rounds=10, init_epochs=2, cifar_epochs=0),
         lottery=LotterySizes(dataset="mnist5k", train_limit=1000, steps=60, eval_every=20, batch_size=60,
                              lr=1.2e-3, rounds=2, seeds=1, controls=("reinit",), mnist1d_samples=1000,
                              mnist1d_steps=60, mnist1d_rounds=2),
@@ -715,7 +717,8 @@ PROFILES: dict[str, Profile] = {
         pruning=PruningSizes(dataset="mnist5k", train_limit=None, epochs=20, finetune_epochs=10, batch_size=60,
                              lr=0.05, momentum=0.9, sparsities=(0.5, 0.8, 0.9, 0.95, 0.98, 0.99), seeds=3,
                              iterative_rounds=5, score_batch=500, obd_samples=32,
-                             init_sparsities=(0.99, 0.997, 0.999), synflow_rounds=100, cifar_epochs=0),
+                             init_sparsities=(0.99, 0.997, 0.999), synflow_rounds=100, init_epochs=20,
+                             cifar_epochs=0),
         lottery=LotterySizes(dataset="mnist5k", train_limit=None, steps=600, eval_every=50, batch_size=60,
                              lr=1.2e-3, rounds=14, seeds=2, controls=("reinit", "reshuffle", "constant", "random_mask"),
                              mnist1d_samples=5000, mnist1d_steps=1000, mnist1d_rounds=12),
@@ -781,7 +784,8 @@ PROFILES: dict[str, Profile] = {
         pruning=PruningSizes(dataset="mnist", train_limit=None, epochs=20, finetune_epochs=5, batch_size=60,
                              lr=0.05, momentum=0.9, sparsities=(0.5, 0.8, 0.9, 0.95, 0.98, 0.99), seeds=3,
                              iterative_rounds=5, score_batch=1000, obd_samples=64,
-                             init_sparsities=(0.99, 0.997, 0.999), synflow_rounds=100, cifar_epochs=20),
+                             init_sparsities=(0.99, 0.997, 0.999), synflow_rounds=100, init_epochs=5,
+                             cifar_epochs=20),
         lottery=LotterySizes(dataset="mnist", train_limit=None, steps=5000, eval_every=250, batch_size=60,
                              lr=1.2e-3, rounds=15, seeds=2, controls=("reinit", "reshuffle", "constant", "random_mask"),
                              mnist1d_samples=10000, mnist1d_steps=5000, mnist1d_rounds=15),
