@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..checks import check_batch, check_count
+from ..checks import check_batch, check_count, is_integer
 from ..train import eval_mode, generator_on
 from .mask import resolve_layers, masked_layers, masks_of, prunable_layers, raw_weight, weights_device
 
@@ -149,19 +149,20 @@ def synflow(model: nn.Module, input_shape: Sequence[int], *, dtype: torch.dtype 
         ``{layer name: |∂R/∂w ⊙ w|}`` for the scored layers, in ``dtype``.
     """
     shape = tuple(input_shape)
-    if not shape or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
+    if not shape or not all(is_integer(n) and n > 0 for n in shape):
         raise ValueError(f"input_shape must be the shape of one input, positive integers without the batch "
                          f"dimension (e.g. (1, 28, 28) for MNIST images), got {input_shape!r}")
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype such as torch.float64, got {dtype}")
-    if not scored_layers(model):
+    layers = scored_layers(model)
+    if not layers:
         return {}
     net = copy.deepcopy(model).to(dtype)
     with torch.no_grad():
         for tensor in itertools.chain(net.parameters(), net.buffers()):
             if tensor.is_floating_point():
                 tensor.abs_()
-    ones = torch.ones((1, *shape), dtype=dtype, device=weights_device(scored_layers(net)))
+    ones = torch.ones((1, *map(int, shape)), dtype=dtype, device=weights_device(layers))
     with _effective_weights(net) as weights:
         flow = net(ones).sum()
         grads = torch.autograd.grad(flow, list(weights.values()), materialize_grads=True)
