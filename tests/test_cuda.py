@@ -317,6 +317,21 @@ def test_synflow_scores_on_the_gpu_match_the_cpu():
         torch.testing.assert_close(scores[name].cpu(), expected[name], rtol=1e-9, atol=0)
 
 
+def test_grasp_scores_of_a_masked_net_on_the_gpu_match_the_cpu():
+    from lowlearn.sparse import prune
+    from lowlearn.sparse.scores import grasp, magnitude
+
+    torch.manual_seed(0)
+    model = Conv4(num_classes=5, hidden=8).double()
+    prune(model, magnitude(model), 0.5)
+    x, y = torch.randn(10, 1, 28, 28, dtype=torch.float64), torch.arange(10) % 5
+    expected = grasp(model, (x, y))
+    scores = grasp(model.cuda(), (x.cuda(), y.cuda()))
+    for name in expected:
+        assert scores[name].device.type == "cuda"
+        torch.testing.assert_close(scores[name].cpu(), expected[name], rtol=1e-9, atol=1e-18)
+
+
 def test_tasks_drawn_with_a_cpu_generator_are_the_same_on_the_gpu():
     from lowlearn.data.tasks import GPCurves, context_target_split
 

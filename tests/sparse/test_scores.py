@@ -11,7 +11,7 @@ from lowlearn.powerprop import powerprop
 from lowlearn.sparse.mask import attach_masks, masks_of, raw_weight, set_masks, squash
 from lowlearn.sparse.prune import prune
 from lowlearn.sparse.schedule import iterative_pruning
-from lowlearn.sparse.scores import MovementScores, magnitude, obd, random, scored_layers, snip, synflow
+from lowlearn.sparse.scores import MovementScores, grasp, magnitude, obd, random, scored_layers, snip, synflow
 from lowlearn.train import TrainState, fit
 
 
@@ -397,3 +397,136 @@ def test_an_input_shape_that_is_not_one_inputs_shape_is_refused(shape):
 def test_an_integer_dtype_is_refused():
     with pytest.raises(TypeError, match="floating dtype"):
         synflow(MLP(hidden=(4,)), (784,), dtype=torch.int64)
+
+
+def masked_mlp(seed):
+    """A float64 MLP 5→6→4→3 with tanh (smooth, so every Hessian entry is defined), the first layer masked."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    attach_masks(model)
+    set_masks(model, {"0": torch.rand(6, 5, generator=torch.Generator().manual_seed(seed)) < 0.7})
+    return model
+
+
+def squared_gradient_norm(model, batch, temperature):
+    """‖m ⊙ ∂L/∂w‖² over the effective weights of the scored layers: the gradient the surviving weights train on."""
+    weights = {name: layer.weight.detach().clone().requires_grad_() for name, layer in scored_layers(model).items()}
+    masks = masks_of(model)
+
+    def loss(*ws):
+        params = {f"{name}.weight": w for name, w in zip(weights, ws)}
+        plain = squash(copy.deepcopy(model))
+        return F.cross_entropy(functional_call(plain, params, batch[0]) / temperature, batch[1])
+
+    grads = torch.autograd.functional.jacobian(loss, tuple(weights.values()))
+    return sum(((g * masks[name]) if name in masks else g).square().sum() for name, g in zip(weights, grads))
+
+
+def test_grasp_equals_w_times_the_full_hessian_times_the_trained_gradient():
+    """Reference: the Hessian of L over all scored weights, built entry by entry with torch.autograd.functional."""
+    model = masked_mlp(0)
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(7, 5, generator=generator, dtype=torch.float64), torch.randint(0, 3, (7,), generator=generator)
+    names = list(scored_layers(model))
+    shapes = [scored_layers(model)[name].weight.shape for name in names]
+    sizes = [shape.numel() for shape in shapes]
+    plain = squash(copy.deepcopy(model)).eval()
+    w0 = torch.cat([plain.get_submodule(name).weight.detach().flatten() for name in names])
+
+    def loss(flat):
+        params = {f"{name}.weight": part.view(shape) for name, part, shape in zip(names, flat.split(sizes), shapes)}
+        return F.cross_entropy(functional_call(plain, params, x) / 4.0, y)
+
+    g = torch.autograd.functional.jacobian(loss, w0)
+    H = torch.autograd.functional.hessian(loss, w0)
+    m = torch.cat([masks_of(model).get(name, torch.ones(shape, dtype=torch.bool)).flatten().double()
+                   for name, shape in zip(names, shapes)])
+    expected = dict(zip(names, (w0 * (H @ (m * g))).split(sizes)))
+    before = snapshot(model)
+    scores = grasp(model, (x, y), temperature=4.0)
+    assert_untouched(model, before)
+    assert list(scores) == names
+    for name, shape in zip(names, shapes):
+        torch.testing.assert_close(scores[name], expected[name].view(shape), rtol=1e-10, atol=1e-14, msg=name)
+    pruned = ~masks_of(model)["0"]
+    assert pruned.any() and (scores["0"][pruned] == 0).all()
+    assert (scores["2"] < 0).any() and (scores["2"] > 0).any()                 # signed, unlike SNIP's
+
+
+def test_a_high_grasp_score_marks_a_weight_whose_removal_shrinks_the_gradient():
+    """The first-order reading: taking a fraction ε of weight i away changes ‖g‖² by −2ε·score_i + O(ε²)."""
+    model = masked_mlp(1)
+    generator = torch.Generator().manual_seed(2)
+    batch = torch.randn(9, 5, generator=generator, dtype=torch.float64), torch.randint(0, 3, (9,), generator=generator)
+    scores = grasp(model, batch, temperature=2.0)
+    base = squared_gradient_norm(model, batch, 2.0)
+    eps = 1e-5
+    for name, index in [("2", (1, 3)), ("4", (2, 0)), ("0", tuple(masks_of(model)["0"].nonzero()[0].tolist()))]:
+        layer = scored_layers(model)[name]
+        with torch.no_grad():
+            raw_weight(layer)[index] *= 1 - eps
+        changed = squared_gradient_norm(model, batch, 2.0)
+        with torch.no_grad():
+            raw_weight(layer)[index] /= 1 - eps
+        torch.testing.assert_close((changed - base) / eps, -2 * scores[name][index], rtol=1e-3, atol=1e-9, msg=name)
+
+
+def authors_grasp(model, x, y, temperature):
+    """The procedure of Wang et al.'s code (pruner/GraSP.py, reinit=False) on an unmasked network: g summed over
+    two halves of the batch without a graph, then z = Σ g.data ⊙ ∂L_half/∂w with a graph, z.backward() per half,
+    and the score −θ ⊙ θ.grad. Eval mode here, as lowlearn scores (the authors' code runs in training mode)."""
+    net = copy.deepcopy(model).eval()
+    weights = [layer.weight for layer in scored_layers(net).values()]
+    halves = [(x[:len(x) // 2], y[:len(x) // 2]), (x[len(x) // 2:], y[len(x) // 2:])]
+    grad_w = [torch.zeros_like(w) for w in weights]
+    for xs, ys in halves:
+        for acc, g in zip(grad_w, torch.autograd.grad(F.cross_entropy(net(xs) / temperature, ys), weights)):
+            acc += g
+    for xs, ys in halves:
+        grad_f = torch.autograd.grad(F.cross_entropy(net(xs) / temperature, ys), weights, create_graph=True)
+        sum((g.data * f).sum() for g, f in zip(grad_w, grad_f)).backward()
+    return {name: -w.data * w.grad for name, w in zip(scored_layers(net), weights)}
+
+
+def test_grasp_on_a_conv_net_keeps_what_the_authors_procedure_keeps():
+    torch.manual_seed(3)
+    model = Conv4(num_classes=3, hidden=4, image_size=16).double()
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(12, 1, 16, 16, generator=generator, dtype=torch.float64)
+    y = torch.arange(12) % 3
+    theirs = authors_grasp(model, x, y, 200.0)
+    scores = grasp(model, (x, y))                                        # T = 200 by default, as theirs
+    assert model.training and scores.keys() == theirs.keys()
+    for name in scores:
+        # two halves of equal size: their Hg is (H₁ + H₂)(g₁ + g₂) = 4 Hg, and their score is −w ⊙ Hg
+        torch.testing.assert_close(-4 * scores[name], theirs[name], rtol=1e-9, atol=1e-20, msg=name)
+    # Their keep mask: normalised scores at or below the k-th largest, k the number removed (density 0.2).
+    flat = torch.cat([s.flatten() for s in theirs.values()])
+    threshold = flat.topk(int(len(flat) * 0.8)).values[-1]
+    prune(model, scores, 0.2, scope="global")
+    for name, mask in masks_of(model).items():
+        assert torch.equal(mask, theirs[name] < threshold), name
+
+
+def test_grasp_scores_powerprop_layers_on_their_effective_weights():
+    torch.manual_seed(5)
+    plain = MLP(12, (10, 8), 3)
+    reparametrised = powerprop(copy.deepcopy(plain), alpha=3.0)
+    batch = torch.randn(6, 12), torch.randint(0, 3, (6,))
+    expected = grasp(plain, batch)
+    scores = grasp(reparametrised, batch)
+    for name in expected:
+        torch.testing.assert_close(scores[name], expected[name], rtol=1e-4, atol=1e-12, msg=name)
+
+
+def test_grasp_of_a_loss_linear_in_the_weights_is_zero():
+    model = nn.Sequential(nn.Linear(4, 3))
+    x, y = torch.randn(5, 4), torch.randn(5, 3)
+    scores = grasp(model, (x, y), lambda out, target: (out * target).sum())
+    assert torch.equal(scores["0"], torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("temperature", [0, -1.0, float("nan"), float("inf"), True])
+def test_a_temperature_that_is_not_positive_and_finite_is_refused(temperature):
+    with pytest.raises(ValueError, match="temperature must be a positive, finite number"):
+        grasp(MLP(hidden=(4,)), (torch.randn(2, 784), torch.tensor([0, 1])), temperature=temperature)
