@@ -78,7 +78,7 @@ class PruningSizes:
         sparsities: fractions of weights removed, for the accuracy-vs-sparsity curves.
         seeds: independent runs per point (for error bars).
         iterative_rounds: pruning rounds of iterative pruning.
-        score_batch: examples in the batch that SNIP and OBD score on.
+        score_batch: examples in the batch that SNIP, GraSP and OBD score on.
         obd_samples: Hutchinson samples of the OBD Hessian-diagonal estimate.
         init_sparsities: the extreme sparsities of pruning at initialisation (layer collapse, SynFlow).
         synflow_rounds: pruning rounds of SynFlow (Tanaka et al. 2020 use 100).

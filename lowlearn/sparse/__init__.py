@@ -4,7 +4,7 @@
 * :mod:`~lowlearn.sparse.allocation`: how a global density is shared among layers
   (uniform, Erdős–Rényi, ERK).
 * :mod:`~lowlearn.sparse.scores`: which weights matter (magnitude, random, SNIP,
-  SynFlow, movement, Optimal Brain Damage).
+  GraSP, SynFlow, movement, Optimal Brain Damage).
 * :mod:`~lowlearn.sparse.prune`: keep the best-scoring weights (layer-wise or global).
 * :mod:`~lowlearn.sparse.schedule`: iterative and gradual pruning.
 * :mod:`~lowlearn.sparse.structured`: N:M and channel (neuron) pruning.
