@@ -500,7 +500,8 @@ def test_grasp_on_a_conv_net_keeps_what_the_authors_procedure_keeps():
     for name in scores:
         # two halves of equal size: their Hg is (H₁ + H₂)(g₁ + g₂) = 4 Hg, and their score is −w ⊙ Hg
         torch.testing.assert_close(-4 * scores[name], theirs[name], rtol=1e-9, atol=1e-20, msg=name)
-    # Their keep mask: normalised scores at or below the k-th largest, k the number removed (density 0.2).
+    # Their keep mask at density 0.2: the scores below the k-th largest, k the number removed. (Their code keeps
+    # `score <= k-th largest`, that weight too: one more than the density asks; lowlearn keeps exactly round(d·n).)
     flat = torch.cat([s.flatten() for s in theirs.values()])
     threshold = flat.topk(int(len(flat) * 0.8)).values[-1]
     prune(model, scores, 0.2, scope="global")
