@@ -109,6 +109,21 @@ def _effective_weights(model: nn.Module) -> Iterator[dict[str, Tensor]]:
         yield {name: layer.weight for name, layer in scored_layers(model).items()}
 
 
+def _hessian_times(grads: Sequence[Tensor], weights: Sequence[Tensor]) -> Callable[[list[Tensor]], list[Tensor]] | None:
+    """``v ↦ H v`` over ``weights``, by double back-propagation through ``grads = ∂L/∂w`` (taken with
+    ``create_graph=True``); ``None`` when no gradient depends on the weights (``H = 0``).
+
+    A gradient that does not depend on the weights (a loss linear in them, a layer it skips) adds no
+    curvature and is left out. The graph is kept, so the product can be taken again with other ``v``.
+    """
+    curved = [i for i, g in enumerate(grads) if g.requires_grad]
+    if not curved:
+        return None
+    return lambda vectors: list(torch.autograd.grad([grads[i] for i in curved], weights,
+                                                    grad_outputs=[vectors[i] for i in curved], retain_graph=True,
+                                                    materialize_grads=True))
+
+
 def synflow(model: nn.Module, input_shape: Sequence[int], *, dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
     """Synaptic flow ``S = |∂R/∂w ⊙ w|``: a saliency that needs no data.
 
@@ -254,13 +269,11 @@ def grasp(model: nn.Module, batch: Batch, loss_fn: LossFn = F.cross_entropy, *,
         ws = list(weights.values())
         grads = torch.autograd.grad(loss_fn(model(x) / temperature, y), ws, create_graph=True,
                                     materialize_grads=True)
-        # A gradient that does not depend on the weights (a loss linear in them, a layer it skips) adds no curvature.
-        curved = [i for i, g in enumerate(grads) if g.requires_grad]
-        hg = [torch.zeros_like(w) for w in ws]
-        if curved:
-            trained = [(g * masks[name] if name in masks else g).detach() for name, g in zip(weights, grads)]
-            hg = torch.autograd.grad([grads[i] for i in curved], ws, grad_outputs=[trained[i] for i in curved],
-                                     materialize_grads=True)
+        hessian_times = _hessian_times(grads, ws)
+        if hessian_times is None:
+            hg = [torch.zeros_like(w) for w in ws]
+        else:
+            hg = hessian_times([(g * masks[name] if name in masks else g).detach() for name, g in zip(weights, grads)])
     return {name: (w * h).detach() for (name, w), h in zip(weights.items(), hg)}
 
 
@@ -318,14 +331,11 @@ def obd(
         kept = [masks[name].to(w.dtype) if name in masks else 1 for name, w in weights.items()]
         grads = torch.autograd.grad(loss_fn(model(x), y), ws, create_graph=True, materialize_grads=True)
         diag = [torch.zeros_like(w) for w in ws]
-        # A gradient that does not depend on the weights (a loss linear in them, a layer it skips) adds no curvature.
-        curved = [i for i, g in enumerate(grads) if g.requires_grad]
-        for _ in range(samples if curved else 0):
+        hessian_times = _hessian_times(grads, ws)
+        for _ in range(0 if hessian_times is None else samples):
             zs = [(torch.randint(0, 2, w.shape, generator=generator, device=w.device, dtype=w.dtype) * 2 - 1) * m
                   for w, m in zip(ws, kept)]
-            hzs = torch.autograd.grad([grads[i] for i in curved], ws, grad_outputs=[zs[i] for i in curved],
-                                      retain_graph=True, materialize_grads=True)
-            for d, z, hz in zip(diag, zs, hzs):
+            for d, z, hz in zip(diag, zs, hessian_times(zs)):
                 d.addcmul_(z, hz)
     return {name: d.div_(2 * samples).mul_(w.detach().square())
             for (name, w), d in zip(weights.items(), diag)}
