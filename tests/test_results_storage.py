@@ -80,9 +80,10 @@ def test_a_record_through_a_link_replaces_the_linked_file_and_keeps_the_link(tmp
 fork = pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
 
 
+# The children name their device: a forked child cannot ask a GPU its name once the parent has used CUDA.
 def _record_many(directory, prefix, count):
     for i in range(count):
-        results.record("c", f"{prefix}{i}", float(i), ci=0.0, profile="cpu", directory=directory)
+        results.record("c", f"{prefix}{i}", float(i), ci=0.0, profile="cpu", directory=directory, device="cpu")
 
 
 @fork
@@ -106,7 +107,7 @@ def _killed_while_publishing(directory):
         os._exit(3)
 
     os.fsync = die
-    results.record("c", "lost", 9.0, profile="cpu", directory=directory)
+    results.record("c", "lost", 9.0, profile="cpu", directory=directory, device="cpu")
 
 
 @fork

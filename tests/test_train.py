@@ -657,7 +657,8 @@ def test_draws_on_takes_a_device_without_an_index_as_any_device_of_its_type():
     assert draws_on(torch.Generator(), "cpu") and not draws_on(torch.Generator(), "cuda")
 
 
-def test_restore_generator_continues_a_state_of_its_kind_and_seeds_from_another():
+def test_restore_generator_continues_a_state_of_its_kind_and_seeds_from_another(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # the machine without a GPU (test_cuda: with)
     source = torch.Generator().manual_seed(5)
     torch.rand(3, generator=source)
     state, expected = source.get_state(), torch.rand(4, generator=source)
