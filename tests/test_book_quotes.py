@@ -88,6 +88,25 @@ def test_cuda_benchmark_ratios_quoted_in_the_chapters():
         assert f"{throughput:.1f}× the throughput of `higher`" in markdown(chapter), chapter
 
 
+def test_cuda_graph_ratios_quoted_in_fast_sparse_are_those_of_the_committed_benchmark_output():
+    """fast_sparse quotes reports/cuda/masks.txt and powerprop.txt, the H100's output of the two benchmarks."""
+    def goal_ratio(name, case):
+        lines = (ROOT / "reports" / "cuda" / f"{name}.txt").read_text().splitlines()
+        return next(line for line in lines if line.startswith(f"goal: {case} <= ")).split(": ")[2].split()[0]
+
+    text = markdown("fast_sparse")
+    graph = ", CUDA graph"
+    for phrase, name, case in [
+        ("masks cost 1.069× dense", "masks", f"lowlearn masks{graph} / dense{graph}"),
+        ("`torch.nn.utils.prune` (0.999×)", "masks", f"lowlearn masks{graph} / torch.nn.utils.prune{graph}"),
+        ("Powerprop costs 1.153× with SGD", "powerprop", f"Powerprop, SGD{graph} / SGD{graph}"),
+        ("and 1.154× with the\n  optimiser-aware Adam", "powerprop",
+         f"Powerprop, optimiser-aware Adam{graph} / Adam{graph}"),
+    ]:
+        assert phrase in text, phrase
+        assert phrase.split("×")[0].split()[-1].strip("(") == goal_ratio(name, case), phrase
+
+
 @pytest.mark.parametrize("chapter, phrase, key, value", [
     ("looking_forward", "97.4 ± 0.1%", "pruned, test accuracy", 97.43),
     ("looking_forward", "97.0 ± 0.9%", "RigL, test accuracy", 97.03),

@@ -4,6 +4,7 @@ Skipped without a CUDA device. Run on a GPU machine with ``pytest tests/test_cud
 """
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -345,3 +346,55 @@ def test_tasks_drawn_with_a_cpu_generator_are_the_same_on_the_gpu():
     for on_cpu, on_gpu in zip(draws("cpu"), draws("cuda")):
         assert on_gpu.device.type == "cuda"
         torch.testing.assert_close(on_gpu.cpu(), on_cpu)
+
+
+@pytest.mark.parametrize("method", ["masks", "powerprop"])
+def test_a_training_step_captured_in_a_cuda_graph_trains_as_the_eager_step_does(method):
+    # The benchmarks time masked and Powerprop steps as CUDA graphs: their replays must be the same training,
+    # with a change of the mask buffer in place seen by the replays, and pruned weights staying zero. Only the
+    # replay is kept (cuda_graphed's result must hold the model, optimizer and batch the graph writes and reads).
+    from lowlearn.bench.timing import cuda_graphed
+    from lowlearn.sparse.mask import attach_masks, set_masks
+
+    x, y = (t.cuda() for t in batches(1)[0])
+    models = []
+
+    def make_step():
+        torch.manual_seed(0)
+        model = MLP(20, (32, 16), 4).cuda()
+        if method == "powerprop":
+            powerprop(model, 3.0)
+        attach_masks(model)
+        set_masks(model, {name: torch.rand(m.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+                          for name, m in masks_of(model).items()})
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01, capturable=True)
+        if method == "powerprop":
+            optimizer = PowerPropOptimizer(optimizer, model)
+        models.append(weakref.ref(model))
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+        return step
+
+    eager_step, replay = make_step(), cuda_graphed(make_step, torch.device("cuda"), warmup=3)
+    garbage = [torch.full((4096,), 7.0, device="cuda") for _ in range(64)]    # reuses any memory freed meanwhile
+    for _ in range(3):                                      # the graph's warm-up steps
+        eager_step()
+    for round_ in range(2):
+        for _ in range(5):
+            eager_step()
+            replay()
+        for model in (ref() for ref in models):
+            for layer in (m for m in model.modules() if hasattr(m, "parametrizations") and round_ == 0):
+                layer.parametrizations.weight[-1].mask[:, 0] = 0                # prune more, in place
+    torch.cuda.synchronize()
+    assert all(t.eq(7.0).all() for t in garbage)
+    eager, replayed = (dict(ref().named_parameters()) for ref in models)
+    for name in eager:
+        assert torch.allclose(eager[name], replayed[name], rtol=1e-5, atol=1e-6), name
+    for layer in (m for m in models[1]().modules() if hasattr(m, "parametrizations")):
+        pruned = layer.parametrizations.weight[-1].mask == 0
+        assert pruned[:, 0].all() and (layer.weight[pruned] == 0).all()

@@ -20,7 +20,8 @@ Benchmarks:
 ``masks``
     One training step of a masked LeNet-300-100 (:mod:`lowlearn.sparse.mask`), of
     the same model pruned with ``torch.nn.utils.prune`` and of one whose gradient
-    alone is masked, each as a ratio to the dense model.
+    alone is masked, each as a ratio to the dense model (on a GPU also with each step
+    captured in a CUDA graph).
 
 ``dst``
     One training step (amortised over the mask updates) of static sparse training,
@@ -31,7 +32,7 @@ Benchmarks:
 ``powerprop``
     One training step with Powerpropagation (:mod:`lowlearn.powerprop`), with SGD and
     with the optimiser-aware Adam, each as a ratio to the same network and optimizer
-    without it.
+    without it (on a GPU also with each step captured in a CUDA graph).
 
 ``allocator``
     One training step of the dense, masked and Powerprop LeNet-300-100, each model in

@@ -9,6 +9,11 @@ element-wise passes over each weight to map the update back to ``φ``. Each is
 compared with its own baseline: SGD with plain SGD, the optimiser-aware Adam with
 plain Adam.
 
+On a CUDA device every case is also timed with its step captured in a CUDA graph
+(``"<case>, CUDA graph"``, against its baseline's graph, Adam with
+``capturable=True``), which measures the work on the GPU rather than the host's
+launches (see ``masks``); the goal is judged for both.
+
 The page faults per step are printed beside the times (see ``masks``).
 """
 
@@ -23,8 +28,8 @@ from lowlearn import cli
 from lowlearn.models import MLP
 from lowlearn.powerprop import PowerPropOptimizer, check_alpha, powerprop
 
-from .timing import (add_device_argument, departures, environment, fixed_batch, held_at, judged, paired_ratio,
-                     print_steps, resolve_device, timed_steps)
+from .timing import (GRAPH, add_device_argument, cuda_graphed, departures, environment, fixed_batch, held_at, judged,
+                     paired_ratio, print_steps, resolve_device, timed_steps)
 
 CASES = ("SGD", "Powerprop, SGD", "Adam", "Powerprop, optimiser-aware Adam")
 BASELINE = {"Powerprop, SGD": "SGD", "Powerprop, optimiser-aware Adam": "Adam"}
@@ -35,8 +40,8 @@ BATCH_SIZE = 60
 """The default number of training examples per step, and the batch :data:`GOAL` is held at."""
 
 
-def build_steps(alpha: float, batch_size: int, device: torch.device) -> dict[str, tuple]:
-    """``{case: (training-step function, its model)}``."""
+def build_steps(alpha: float, batch_size: int, device: torch.device, capturable: bool = False) -> dict[str, tuple]:
+    """``{case: (training-step function, its model)}``; ``capturable`` builds Adam for a CUDA graph."""
     x, y = fixed_batch(batch_size, 784, device)
     steps = {}
     for case in CASES:
@@ -45,7 +50,7 @@ def build_steps(alpha: float, batch_size: int, device: torch.device) -> dict[str
         if case.startswith("Powerprop"):
             powerprop(model, alpha)
         if "Adam" in case:
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=capturable)
             if case.startswith("Powerprop"):
                 optimizer = PowerPropOptimizer(optimizer, model)
         else:
@@ -69,7 +74,18 @@ def run(alpha: float = 3.0, batch_size: int = BATCH_SIZE, iterations: int = 20, 
     """
     device = resolve_device(device)
     steps = {case: step for case, (step, _) in build_steps(alpha, batch_size, device).items()}
+    if device.type == "cuda":                 # the same cases again, each step captured in a CUDA graph
+        steps |= {case + GRAPH: cuda_graphed(lambda case=case: build_steps(alpha, batch_size, device,
+                                                                           capturable=True)[case][0], device)
+                  for case in CASES}
     return timed_steps(steps, device=device, iterations=iterations, repeats=repeats, warmup=20)
+
+
+def baseline(case: str) -> str:
+    """The case that ``case`` is measured against: its :data:`BASELINE`, captured in a CUDA graph if it is."""
+    graphed = case.endswith(GRAPH)
+    plain = case.removesuffix(GRAPH)
+    return BASELINE.get(plain, plain) + (GRAPH if graphed else "")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,10 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"LeNet-300-100 training step, batch {args.batch_size}, alpha {args.alpha:g}, {environment(device)}")
     print(f"median of {args.repeats} interleaved blocks of {args.iterations} steps, in shuffled order; the ratio to "
           "the baseline is the median of the blocks' ratios, beside their middle half")
-    print_steps(result, lambda case: BASELINE.get(case, case), "case", "vs baseline")
+    print_steps(result, baseline, "case", "vs baseline")
     settings = {"batch": (args.batch_size, BATCH_SIZE)}
     not_held = departures(settings) + (["α = 1, the baseline itself"] if args.alpha == 1 else [])
-    for case, base in BASELINE.items():
+    for case in [case for case in result["rounds"] if case.removesuffix(GRAPH) in BASELINE]:
+        base = baseline(case)
         ratio = paired_ratio(result["rounds"], case, base)
         print(f"goal: {case} / {base} <= {GOAL:.2f} at {held_at(settings)}, α > 1: "
               f"{judged(ratio, GOAL, not_held=not_held)}")

@@ -24,7 +24,8 @@ from lowlearn.allocator import has_glibc
 from lowlearn.atomic import atomic_file
 
 from . import allocator, dst, lowrank, maml, masks, powerprop, sparse
-from .timing import Ratio, add_device_argument, decimals, machine, middle_half, paired_ratio, resolve_device, verdict
+from .timing import (GRAPH, Ratio, add_device_argument, decimals, machine, middle_half, paired_ratio, resolve_device,
+                     verdict)
 
 FIELDS = ("benchmark", "case", "reference", "metric", "ratio", "spread", "goal", "met")
 """The keys of every row. ``spread`` is ``[low, high]``, the middle half of the per-round ratios
@@ -71,15 +72,18 @@ def collect(sizes: dict[str, dict], device: torch.device) -> list[dict]:
     """Run every benchmark with ``sizes[name]`` as keyword arguments; the rows of all of them."""
     rows = []
     rounds = masks.run(device=device, **sizes["masks"])["rounds"]
-    rows += _time_rows("masks", rounds, {"dense (copy)": "dense", "lowlearn masks": "dense",
-                                         "torch.nn.utils.prune": "dense"}, {"lowlearn masks": masks.GOALS["dense"]})
-    rows += _time_rows("masks", rounds, {"lowlearn masks": "torch.nn.utils.prune"},
-                       {"lowlearn masks": masks.GOALS["torch.nn.utils.prune"]})
+    for suffix in [suffix for suffix in ("", GRAPH) if "dense" + suffix in rounds]:     # the graphs on a GPU
+        case, dense, prune = (name + suffix for name in ("lowlearn masks", "dense", "torch.nn.utils.prune"))
+        rows += _time_rows("masks", rounds, {"dense (copy)" + suffix: dense, case: dense, prune: dense},
+                           {case: masks.GOALS["dense"]})
+        rows += _time_rows("masks", rounds, {case: prune}, {case: masks.GOALS["torch.nn.utils.prune"]})
     rounds = dst.run(device=device, **sizes["dst"])
     rows += _time_rows("dst", rounds, {"static": "dense"} | {name: "static" for name in dst.METHODS[2:]},
                        {"RigL": dst.GOAL} if sizes["dst"].get("every", dst.GOAL_EVERY) == dst.GOAL_EVERY else {})
     rounds = powerprop.run(device=device, **sizes["powerprop"])["rounds"]
-    rows += _time_rows("powerprop", rounds, powerprop.BASELINE, dict.fromkeys(powerprop.BASELINE, powerprop.GOAL))
+    cases = [case for case in rounds if case.removesuffix(GRAPH) in powerprop.BASELINE]
+    rows += _time_rows("powerprop", rounds, {case: powerprop.baseline(case) for case in cases},
+                       dict.fromkeys(cases, powerprop.GOAL))
     if device.type == "cpu" and has_glibc():
         for model, by_setting in allocator.run(**sizes["allocator"]).items():
             default, retained = (by_setting[setting]["seconds"] for setting in allocator.SETTINGS)

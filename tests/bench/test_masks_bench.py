@@ -57,6 +57,24 @@ def test_the_goal_is_not_judged_at_another_batch_or_density(monkeypatch, capsys)
     assert all(line.endswith("not judged (this run: batch = 4096, density = 0.5)") for line in goals)
 
 
+def test_graphed_models_are_measured_against_the_graphed_dense_model(monkeypatch, capsys):
+    names = ("dense", "dense (copy)", "lowlearn masks", "torch.nn.utils.prune", "masked gradient")
+    names += tuple(name + masks.GRAPH for name in names)
+    times = dict.fromkeys(names, 1.0) | {"dense" + masks.GRAPH: 0.5, "lowlearn masks" + masks.GRAPH: 0.55}
+    monkeypatch.setattr(masks, "run", lambda *args, **kwargs: {"rounds": {name: [times[name]] for name in names},
+                                                               "seconds": times, "faults": dict.fromkeys(names)})
+    masks.main(["--device", "cpu"])
+    out = capsys.readouterr().out.splitlines()
+    assert [masks.reference(name) for name in names] == ["dense"] * 5 + ["dense, CUDA graph"] * 5
+    assert next(line for line in out if line.startswith("lowlearn masks, CUDA graph ")).split()[-3] == "1.100x"
+    goals = [line.split(":")[1].strip() for line in out if line.startswith("goal: ")]
+    assert goals == ["lowlearn masks / dense <= 1.10 at batch = 60, density = 0.1",
+                     "lowlearn masks / torch.nn.utils.prune <= 1.00 at batch = 60, density = 0.1",
+                     "lowlearn masks, CUDA graph / dense, CUDA graph <= 1.10 at batch = 60, density = 0.1",
+                     "lowlearn masks, CUDA graph / torch.nn.utils.prune, CUDA graph <= 1.00 at batch = 60, "
+                     "density = 0.1"]
+
+
 def test_help_lists_the_benchmarks_and_exits_normally(capsys):
     bench_main(["--help"])
     assert "with NAME one of: masks, dst, powerprop" in capsys.readouterr().out

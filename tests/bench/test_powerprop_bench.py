@@ -40,3 +40,18 @@ def test_the_goal_is_not_judged_away_from_its_workload_nor_at_alpha_one(monkeypa
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("goal: ")]
     assert len(lines) == 2 and all(line.endswith(f"1.000 (middle half 1.000-1.000), not judged (this run: {why})")
                                    for line in lines)
+
+
+def test_graphed_cases_are_judged_against_their_graphed_baselines(monkeypatch, capsys):
+    cases = [*bench.CASES, *(case + bench.GRAPH for case in bench.CASES)]
+    assert [bench.baseline(case) for case in cases[4:]] == [
+        "SGD, CUDA graph", "SGD, CUDA graph", "Adam, CUDA graph", "Adam, CUDA graph"]
+    monkeypatch.setattr(bench, "run", lambda *args: {"rounds": {case: [1.0] for case in cases},
+                                                     "seconds": dict.fromkeys(cases, 1.0),
+                                                     "faults": dict.fromkeys(cases)})
+    bench.main(["--device", "cpu"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("goal: ")]
+    assert [line.split(" <= ")[0] for line in lines] == [
+        "goal: Powerprop, SGD / SGD", "goal: Powerprop, optimiser-aware Adam / Adam",
+        "goal: Powerprop, SGD, CUDA graph / SGD, CUDA graph",
+        "goal: Powerprop, optimiser-aware Adam, CUDA graph / Adam, CUDA graph"]

@@ -84,6 +84,29 @@ def test_on_a_gpu_each_goal_is_held_at_the_sizes_that_keep_the_gpu_busy(monkeypa
     assert not any(row["benchmark"] == "allocator" for row in rows)             # glibc's settings: CPU only
 
 
+def test_on_a_gpu_masks_and_powerprop_are_also_judged_captured_in_cuda_graphs(monkeypatch):
+    use_canned_results(monkeypatch)
+    graph = report.GRAPH
+    masks_rounds = rounds("dense", "dense (copy)", "lowlearn masks", "torch.nn.utils.prune")
+    masks_rounds |= {name + graph: [2.0, 2.0, 2.0] for name in masks_rounds}
+    masks_rounds["lowlearn masks" + graph] = [2.1, 2.2, 2.3]
+    monkeypatch.setattr(report.masks, "run", lambda **_: {"rounds": masks_rounds})
+    cases = [*report.powerprop.BASELINE, *report.powerprop.BASELINE.values()]
+    monkeypatch.setattr(report.powerprop, "run", lambda **_: {"rounds": rounds(*cases, *(c + graph for c in cases))})
+    rows = {(row["benchmark"], row["case"], row["reference"]): row for row in report.collect(report.FULL,
+                                                                                           torch.device("cuda"))}
+    graphed = rows["masks", "lowlearn masks" + graph, "dense" + graph]
+    assert graphed["ratio"] == pytest.approx(1.1) and graphed["spread"] == pytest.approx([1.075, 1.125])
+    assert (graphed["goal"], graphed["met"]) == ("<= 1.1", "unclear")
+    assert rows["masks", "lowlearn masks" + graph, "torch.nn.utils.prune" + graph]["goal"] == "<= 1"
+    assert rows["masks", "dense (copy)" + graph, "dense" + graph]["goal"] is None
+    assert rows["masks", "lowlearn masks", "dense"]["ratio"] == 1.0        # the eager rows are kept as they were
+    for case, base in report.powerprop.BASELINE.items():
+        for suffix in ("", graph):
+            assert rows["powerprop", case + suffix, base + suffix]["goal"] == "<= 1.15"
+    assert len([key for key in rows if key[0] == "powerprop"]) == 4
+
+
 def test_the_table_prints_the_decimals_that_tell_a_ratio_from_its_goal():
     row = {"benchmark": "masks", "case": "lowlearn masks", "reference": "dense", "metric": "time per step",
            "goal": "<= 1.1"}

@@ -259,3 +259,10 @@ def test_print_steps_prints_each_ratio_against_the_reference_it_is_given(capsys)
                                               "2.5"],
                                              ["other", "3000.000", "1.000x", "1.000-1.000", "n/a"]]
     assert len({len(line) for line in [header, *rows]}) == 1                # the columns line up
+
+
+def test_cuda_graphs_are_refused_off_cuda_before_the_step_runs():
+    calls = []
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device, got cpu"):
+        timing.cuda_graphed(lambda: calls.append(1), torch.device("cpu"))
+    assert calls == []
