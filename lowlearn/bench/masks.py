@@ -48,7 +48,7 @@ from lowlearn.models import MLP
 from lowlearn.sparse.mask import attach_masks, prunable_layers, set_masks
 
 from .timing import (GRAPH, add_device_argument, cuda_graphed, departures, environment, fixed_batch, held_at, judged,
-                     paired_ratio, print_steps, resolve_device, timed_steps)
+                     paired_ratio, print_steps, resolve_device, timed_steps, variants)
 
 GOALS = {"dense": 1.10, "torch.nn.utils.prune": 1.0}
 """The most time per step that lowlearn's masks are held to, as a multiple of each reference's, at the
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
           "dense is the median of the blocks' ratios, beside their middle half")
     print_steps(result, reference, "model", "vs dense")
     settings = {"batch": (args.batch_size, BATCH_SIZE), "density": (args.density, DENSITY)}
-    for suffix in [suffix for suffix in ("", GRAPH) if "lowlearn masks" + suffix in result["rounds"]]:
+    for suffix in variants(result["rounds"], "lowlearn masks"):
         for peer, goal in GOALS.items():
             ratio = paired_ratio(result["rounds"], "lowlearn masks" + suffix, peer + suffix)
             print(f"goal: lowlearn masks{suffix} / {peer}{suffix} <= {goal:.2f} at {held_at(settings)}: "

@@ -20,6 +20,7 @@ The page faults per step are printed beside the times (see ``masks``).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from lowlearn.models import MLP
 from lowlearn.powerprop import PowerPropOptimizer, check_alpha, powerprop
 
 from .timing import (GRAPH, add_device_argument, cuda_graphed, departures, environment, fixed_batch, held_at, judged,
-                     paired_ratio, print_steps, resolve_device, timed_steps)
+                     paired_ratio, print_steps, resolve_device, timed_steps, variants)
 
 CASES = ("SGD", "Powerprop, SGD", "Adam", "Powerprop, optimiser-aware Adam")
 BASELINE = {"Powerprop, SGD": "SGD", "Powerprop, optimiser-aware Adam": "Adam"}
@@ -40,29 +41,33 @@ BATCH_SIZE = 60
 """The default number of training examples per step, and the batch :data:`GOAL` is held at."""
 
 
-def build_steps(alpha: float, batch_size: int, device: torch.device, capturable: bool = False) -> dict[str, tuple]:
-    """``{case: (training-step function, its model)}``; ``capturable`` builds Adam for a CUDA graph."""
+def build_steps(alpha: float, batch_size: int, device: torch.device) -> dict[str, tuple]:
+    """``{case: (training-step function, its model)}``."""
     x, y = fixed_batch(batch_size, 784, device)
-    steps = {}
-    for case in CASES:
-        torch.manual_seed(0)
-        model = MLP().to(device)
+    return {case: build_case(case, alpha, x, y) for case in CASES}
+
+
+def build_case(case: str, alpha: float, x: torch.Tensor, y: torch.Tensor,
+               capturable: bool = False) -> tuple[Callable[[], None], torch.nn.Module]:
+    """``case``'s (training-step function, its model) on the batch ``(x, y)``; ``capturable`` builds Adam for a
+    CUDA graph."""
+    torch.manual_seed(0)
+    model = MLP().to(x.device)
+    if case.startswith("Powerprop"):
+        powerprop(model, alpha)
+    if "Adam" in case:
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=capturable)
         if case.startswith("Powerprop"):
-            powerprop(model, alpha)
-        if "Adam" in case:
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=capturable)
-            if case.startswith("Powerprop"):
-                optimizer = PowerPropOptimizer(optimizer, model)
-        else:
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            optimizer = PowerPropOptimizer(optimizer, model)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
-        def step(model=model, optimizer=optimizer) -> None:
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
 
-        steps[case] = (step, model)
-    return steps
+    return step, model
 
 
 def run(alpha: float = 3.0, batch_size: int = BATCH_SIZE, iterations: int = 20, repeats: int = 70,
@@ -75,9 +80,9 @@ def run(alpha: float = 3.0, batch_size: int = BATCH_SIZE, iterations: int = 20, 
     device = resolve_device(device)
     steps = {case: step for case, (step, _) in build_steps(alpha, batch_size, device).items()}
     if device.type == "cuda":                 # the same cases again, each step captured in a CUDA graph
-        steps |= {case + GRAPH: cuda_graphed(lambda case=case: build_steps(alpha, batch_size, device,
-                                                                           capturable=True)[case][0], device)
-                  for case in CASES}
+        x, y = fixed_batch(batch_size, 784, device)
+        steps |= {case + GRAPH: cuda_graphed(lambda case=case: build_case(case, alpha, x, y, capturable=True)[0],
+                                             device) for case in CASES}
     return timed_steps(steps, device=device, iterations=iterations, repeats=repeats, warmup=20)
 
 
@@ -86,6 +91,11 @@ def baseline(case: str) -> str:
     graphed = case.endswith(GRAPH)
     plain = case.removesuffix(GRAPH)
     return BASELINE.get(plain, plain) + (GRAPH if graphed else "")
+
+
+def judged_cases(rounds: Mapping[str, list[float]]) -> list[str]:
+    """The cases of ``rounds`` that :data:`GOAL` is held to: each of :data:`BASELINE`, eager and, on a GPU, graphed."""
+    return [case + suffix for suffix in variants(rounds, "SGD") for case in BASELINE]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     print_steps(result, baseline, "case", "vs baseline")
     settings = {"batch": (args.batch_size, BATCH_SIZE)}
     not_held = departures(settings) + (["α = 1, the baseline itself"] if args.alpha == 1 else [])
-    for case in [case for case in result["rounds"] if case.removesuffix(GRAPH) in BASELINE]:
+    for case in judged_cases(result["rounds"]):
         base = baseline(case)
         ratio = paired_ratio(result["rounds"], case, base)
         print(f"goal: {case} / {base} <= {GOAL:.2f} at {held_at(settings)}, α > 1: "

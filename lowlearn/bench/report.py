@@ -24,7 +24,7 @@ from lowlearn.allocator import has_glibc
 from lowlearn.atomic import atomic_file
 
 from . import allocator, dst, lowrank, maml, masks, powerprop, sparse
-from .timing import (GRAPH, Ratio, add_device_argument, decimals, machine, middle_half, paired_ratio, resolve_device,
+from .timing import (Ratio, add_device_argument, decimals, machine, middle_half, paired_ratio, resolve_device, variants,
                      verdict)
 
 FIELDS = ("benchmark", "case", "reference", "metric", "ratio", "spread", "goal", "met")
@@ -72,7 +72,7 @@ def collect(sizes: dict[str, dict], device: torch.device) -> list[dict]:
     """Run every benchmark with ``sizes[name]`` as keyword arguments; the rows of all of them."""
     rows = []
     rounds = masks.run(device=device, **sizes["masks"])["rounds"]
-    for suffix in [suffix for suffix in ("", GRAPH) if "dense" + suffix in rounds]:     # the graphs on a GPU
+    for suffix in variants(rounds, "dense"):                                            # the graphs on a GPU
         case, dense, prune = (name + suffix for name in ("lowlearn masks", "dense", "torch.nn.utils.prune"))
         rows += _time_rows("masks", rounds, {"dense (copy)" + suffix: dense, case: dense, prune: dense},
                            {case: masks.GOALS["dense"]})
@@ -81,7 +81,7 @@ def collect(sizes: dict[str, dict], device: torch.device) -> list[dict]:
     rows += _time_rows("dst", rounds, {"static": "dense"} | {name: "static" for name in dst.METHODS[2:]},
                        {"RigL": dst.GOAL} if sizes["dst"].get("every", dst.GOAL_EVERY) == dst.GOAL_EVERY else {})
     rounds = powerprop.run(device=device, **sizes["powerprop"])["rounds"]
-    cases = [case for case in rounds if case.removesuffix(GRAPH) in powerprop.BASELINE]
+    cases = powerprop.judged_cases(rounds)
     rows += _time_rows("powerprop", rounds, {case: powerprop.baseline(case) for case in cases},
                        dict.fromkeys(cases, powerprop.GOAL))
     if device.type == "cpu" and has_glibc():

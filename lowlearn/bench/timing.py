@@ -238,6 +238,11 @@ def cuda_graphed(make_step: Callable[[], Callable[[], None]], device: torch.devi
     return _Replay(graph, step)
 
 
+def variants(rounds: Mapping[str, list[float]], name: str) -> list[str]:
+    """The suffixes (``""``, :data:`GRAPH`) with which ``name`` was timed: its eager step and, on a GPU, its graph."""
+    return [suffix for suffix in ("", GRAPH) if name + suffix in rounds]
+
+
 class _Replay:
     """A captured step's replay (:func:`cuda_graphed`); it keeps the step alive, and with it the graph's tensors."""
 

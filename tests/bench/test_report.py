@@ -5,7 +5,7 @@ import torch
 
 from lowlearn.allocator import has_glibc
 from lowlearn.bench import dst, report
-from lowlearn.bench.timing import Ratio
+from lowlearn.bench.timing import GRAPH, Ratio
 
 
 def test_the_quick_report_has_every_benchmark_and_the_fields_the_book_reads(tmp_path, capsys):
@@ -86,7 +86,7 @@ def test_on_a_gpu_each_goal_is_held_at_the_sizes_that_keep_the_gpu_busy(monkeypa
 
 def test_on_a_gpu_masks_and_powerprop_are_also_judged_captured_in_cuda_graphs(monkeypatch):
     use_canned_results(monkeypatch)
-    graph = report.GRAPH
+    graph = GRAPH
     masks_rounds = rounds("dense", "dense (copy)", "lowlearn masks", "torch.nn.utils.prune")
     masks_rounds |= {name + graph: [2.0, 2.0, 2.0] for name in masks_rounds}
     masks_rounds["lowlearn masks" + graph] = [2.1, 2.2, 2.3]
