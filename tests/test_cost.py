@@ -500,6 +500,16 @@ def test_a_saved_csr_tensor_counts_its_row_pointers_columns_and_values():
     del out
 
 
+def test_a_saved_csc_tensor_counts_its_column_pointers_rows_and_values():
+    a = torch.sparse_csc_tensor(torch.tensor([0, 1, 2, 3, 4]), torch.tensor([0, 1, 2, 3]), torch.ones(4), (4, 4))
+    w = torch.randn(4, 5, requires_grad=True)
+    with saved_tensor_bytes(exclude=[w]) as saved:
+        out = a @ w
+    assert saved.peak == 5 * 8 + 4 * 8 + 4 * 4       # ccol (n + 1) and row (nnz) int64, values (nnz) float32
+    assert repr(saved) == "SavedTensors(bytes=88, peak=88, tensors=1)"
+    del out
+
+
 def test_an_empty_saved_tensor_counts_nothing():
     model = nn.Linear(0, 3)
     x, y = torch.randn(4, 0), torch.zeros(4, 3)

@@ -391,6 +391,11 @@ def test_unknown_background_is_a_clear_error():
         omniglot_runs.background("small3", 28)
 
 
+def test_unknown_method_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown method 'protonets'; choose one of protonet, matching, maml"):
+        omniglot_runs.make_learner("protonets", get_profile("smoke").black_box)
+
+
 def test_maml_on_a_smaller_episode_can_answer_its_last_class():
     """On a 5-way episode MAML chooses among classes 0..4 (docstring of predict), the last included.
     Reference by hand: a zero head weight and bias 100 on class 4, 200 on classes 5..19 (the episode lacks them)

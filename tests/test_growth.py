@@ -271,6 +271,7 @@ def test_a_schedule_grows_to_the_target_width_during_fit():
     (dict(strategy="random", every=True), ValueError, r"every \(steps between growths\) must be an int >= 1; got True"),
     (dict(strategy="random", epsilon=float("nan")), ValueError, "epsilon must be a finite number >= 0, got nan"),
     (dict(strategy="split", noise=-0.1), ValueError, "noise must be a finite number >= 0, got -0.1"),
+    (dict(), ValueError, r"GradMax needs batch=, a function that returns a batch \(inputs, targets\)"),
 ])
 def test_a_schedule_checks_its_arguments_when_it_is_built(kwargs, error, message):
     arguments = dict(layer=0, k=3, every=4, target=11) | kwargs
@@ -300,6 +301,8 @@ def test_bad_growth_is_a_clear_error():
             gradmax_directions(model, 1, bad, data)
     with pytest.raises(ValueError, match="iterations must be an int >= 1"):
         gradmax_directions(model, 1, 1, data, closed_form=False, iterations=0)
+    with pytest.raises(ValueError, match="closed form is for Linear pairs; use closed_form=False for convolutions"):
+        gradmax_directions(cnn(), 0, 1, batch((2, 8, 8)), closed_form=True)
     from lowlearn.sparse.mask import attach_masks
 
     masked = mlp()

@@ -726,3 +726,7 @@ def test_learning_rates_set_through_the_wrappers_param_groups_drive_the_step_of_
         aware.step()
         assert torch.allclose(phi, p, atol=1e-5, rtol=1e-5)
         assert torch.allclose(bias, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_printed_model_shows_each_layers_alpha():
+    assert "(0): PowerProp(alpha=2.5)" in repr(powerprop(MLP(4, (3,), 2), 2.5))

@@ -251,3 +251,9 @@ def test_each_truncated_segment_steps_phi_on_the_segments_mean_loss():
     for p, q, g in zip(net.parameters(), reference.parameters(), grads):
         torch.testing.assert_close(p, q - 0.01 * g, rtol=1e-10, atol=1e-12)
     assert max((p - q).abs().max() for p, q in zip(net.parameters(), reference.parameters())) > 1e-4
+
+
+def test_meta_training_refuses_a_horizon_that_the_truncation_does_not_divide():
+    with pytest.raises(ValueError, match=r"horizon \(20\) must be a multiple of truncation \(6\)"):
+        meta_train(LSTMOptimizer(), quadratic, torch.optim.Adam(LSTMOptimizer().parameters()), problems=1,
+                   horizon=20, truncation=6)

@@ -235,6 +235,10 @@ def test_bad_input():
         maml.meta_backward(tasks._replace(support_y=tasks.support_y[:, :5]))
     with pytest.raises(ValueError, match="must be the same task"):
         maml.meta_backward(tasks._replace(query_x=tasks.query_x[..., :8, :8]))
+    with pytest.raises(ValueError, match="query set has 6 inputs but 5 targets"):
+        maml.meta_backward(tasks._replace(query_y=tasks.query_y[:, :5]))
+    with pytest.raises(ValueError, match=r"support targets have shape \(\) per example but query targets \(2,\)"):
+        maml.meta_backward(tasks._replace(query_y=tasks.query_y.unsqueeze(-1).expand(-1, -1, 2)))
     # Support labels are checked before the inner loop uses them, at meta-training and at evaluation;
     # -100 is cross_entropy's ignore_index, which would drop the example without a word.
     for support_y in (tasks.support_y + 3, tasks.support_y.masked_fill(tasks.support_y == 0, -100)):
@@ -660,3 +664,17 @@ def test_tasks_at_once_with_dropout_in_evaluation_mode_equals_plain_fine_tuning(
         with torch.no_grad():
             want.append(F.mse_loss(tuned(tasks.query_x[j]), tasks.query_y[j]))
     torch.testing.assert_close(got, torch.stack(want))
+
+
+def test_anil_refuses_a_model_without_a_linear_head():
+    with pytest.raises(ValueError, match="the model has no nn.Linear layer to use as the head"):
+        ANIL(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), 0.4, 1)
+
+
+def test_a_dictionary_of_rates_must_give_every_adapted_parameter_one():
+    model = MLP(1, (8,), 1).double()
+    rates = {"1.weight": torch.tensor(0.1), "1.bias": torch.tensor(0.1), "3.weight": torch.tensor(0.1)}
+    with pytest.raises(ValueError, match=r"lr has no step size for the adapted parameters \['3.bias'\]"):
+        adapt_and_evaluate(model, regression(2), F.mse_loss, 1, rates)
+    rates["3.bias"] = torch.tensor(0.1)
+    assert adapt_and_evaluate(model, regression(2), F.mse_loss, 1, rates)["loss"].isfinite()

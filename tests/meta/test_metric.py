@@ -366,3 +366,17 @@ def test_a_support_label_equal_to_the_number_of_ways_is_refused(learner):
     x = torch.randn(3, 2)
     with pytest.raises(ValueError, match=r"support labels must be in 0 .. 2 for 3 ways, got labels from 0 to 3"):
         learner(nn.Flatten())(x, torch.tensor([0, 1, 3]), x, ways=3)
+
+
+def test_metric_learners_name_the_shapes_that_do_not_fit():
+    model = ProtoNet(nn.Linear(4, 3))
+    support_x, support_y, query_x = torch.randn(2, 6, 4), torch.arange(3).repeat(2, 2), torch.randn(2, 5, 4)
+    model(support_x, support_y, query_x)                                          # two episodes at once fit
+    with pytest.raises(ValueError, match=r"support_x \(2, 6, 4\) and support_y \(2, 5\) must be \(S, \.\.\.\)"):
+        model(support_x, support_y[:, :5], query_x)
+    with pytest.raises(ValueError, match=r"query_x \(1, 5, 4\) does not fit support_x \(2, 6, 4\)"):
+        model(support_x, support_y, query_x[:1])
+    with pytest.raises(ValueError, match=r"query_x \(2, 5, 5\) does not fit support_x \(2, 6, 4\)"):
+        model(support_x, support_y, torch.randn(2, 5, 5))
+    with pytest.raises(ValueError, match=r"query_y \(2, 4\) must have one label per query input \(2, 5\)"):
+        model.loss(Episode(support_x, support_y, query_x, torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 3)))

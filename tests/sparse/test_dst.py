@@ -759,3 +759,12 @@ def test_a_closed_sparsifier_leaves_no_hook_and_another_takes_the_model_over(met
     second = make(method, model, optimizer, every=1)
     train(model, optimizer, second, batches(3))
     assert len([m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks]) == len(hooked)
+
+
+def test_static_sparse_training_refuses_an_update_by_hand():
+    model = MLP(8, (16,), 4)
+    static = StaticSparse(model, None, 0.5)
+    before = masks_of(model)
+    with pytest.raises(RuntimeError, match="static sparse training never changes its masks"):
+        static.update(0.3)
+    assert all(torch.equal(before[name], mask) for name, mask in masks_of(model).items())

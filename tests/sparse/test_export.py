@@ -652,3 +652,10 @@ def test_compact_folds_no_constant_through_a_batch_norm_with_batch_statistics_an
     small = compact(model)
     assert small[0].weight.shape[0] == 4 and small[3].weight.shape[1] == 4
     torch.testing.assert_close(small(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_printed_csr_layer_shows_its_shape_and_stored_weights():
+    linear = nn.Linear(4, 3)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 2, 0, 3], [0, 0, 0, 0]]))
+    assert repr(CSRLinear(linear)) == "CSRLinear(in_features=4, out_features=3, nnz=3)"

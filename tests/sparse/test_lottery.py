@@ -434,6 +434,26 @@ def test_mask_overlap_and_distance_by_hand():
         mask_distance({}, {})
     with pytest.raises(TypeError, match="must be boolean"):
         mask_overlap({"x": torch.ones(3)}, {"x": torch.ones(3)})
+    with pytest.raises(ValueError, match=r"the masks of 'x' differ in shape: \(4,\) vs \(2, 2\)"):
+        mask_distance(a, {**b, "x": b["y"]})
+
+
+def test_global_scope_refuses_a_fraction_per_layer():
+    with pytest.raises(ValueError, match="scope='global' prunes one fraction of all layers together"):
+        iterative_magnitude_pruning(mlp(), make_train(), rounds=1, prune_fraction={"1": 0.2, "3": 0.2, "5": 0.2},
+                                    scope="global")
+
+
+@pytest.mark.parametrize("control", [reshuffle, constant_init, random_mask])
+def test_controls_name_the_entry_missing_from_their_rewind_weights(control):
+    model = mlp()
+    attach_masks(model)
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith("1.")}
+    before = copy.deepcopy(model.state_dict())
+    missing = r"no '1\.parametrizations\.weight\.(original|0\.mask)': pass the state_dict of the masked model"
+    with pytest.raises(KeyError, match=missing):
+        control(model, weights)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def step(model, k):

@@ -200,3 +200,16 @@ def test_bad_input():
     with pytest.raises(ValueError, match="shape"):
         set_masks(model, {"1": torch.zeros(8, 784, dtype=torch.bool), "3": torch.ones(3, dtype=torch.bool)})
     assert all(torch.equal(p, before[name]) for name, p in model.state_dict().items())
+
+
+@pytest.mark.parametrize("backward", [torch.ones(3, 4), torch.ones(4, 3, dtype=torch.bool)],
+                         ids=["not boolean", "another shape"])
+def test_split_mask_refuses_a_backward_mask_that_does_not_match_the_forward_mask(backward):
+    with pytest.raises(ValueError, match="backward mask must be boolean with the forward mask's shape"):
+        SplitMask(torch.ones(3, 4, dtype=torch.bool), backward)
+
+
+def test_mask_reprs_show_the_densities():
+    keep = torch.tensor([[True, False, False, False]])
+    assert repr(Mask(keep)) == "Mask(density=0.2500)"
+    assert repr(SplitMask(keep, torch.ones_like(keep))) == "SplitMask(density=0.2500, backward_density=1.0000)"
