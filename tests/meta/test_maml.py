@@ -235,7 +235,7 @@ def test_bad_input():
         maml.meta_backward(tasks._replace(support_y=tasks.support_y[:, :5]))
     with pytest.raises(ValueError, match="must be the same task"):
         maml.meta_backward(tasks._replace(query_x=tasks.query_x[..., :8, :8]))
-    with pytest.raises(ValueError, match="query set has 6 inputs but 5 targets"):
+    with pytest.raises(ValueError, match="query set has 9 inputs but 5 targets"):
         maml.meta_backward(tasks._replace(query_y=tasks.query_y[:, :5]))
     with pytest.raises(ValueError, match=r"support targets have shape \(\) per example but query targets \(2,\)"):
         maml.meta_backward(tasks._replace(query_y=tasks.query_y.unsqueeze(-1).expand(-1, -1, 2)))
