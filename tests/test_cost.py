@@ -491,21 +491,14 @@ def test_saved_sparse_tensors_count_their_indices_and_values():
     assert memory.activations >= parts + x.nbytes
 
 
-def test_a_saved_csr_tensor_counts_its_row_pointers_columns_and_values():
-    a = torch.sparse_csr_tensor(torch.tensor([0, 1, 2, 3, 4]), torch.tensor([0, 1, 2, 3]), torch.ones(4), (4, 4))
+@pytest.mark.parametrize("compressed", [torch.sparse_csr_tensor, torch.sparse_csc_tensor], ids=["CSR", "CSC"])
+def test_a_saved_compressed_tensor_counts_its_pointers_indices_and_values(compressed):
+    a = compressed(torch.tensor([0, 1, 2, 3, 4]), torch.tensor([0, 1, 2, 3]), torch.ones(4), (4, 4))
     w = torch.randn(4, 5, requires_grad=True)
     with saved_tensor_bytes(exclude=[w]) as saved:
         out = a @ w
-    assert saved.peak == 5 * 8 + 4 * 8 + 4 * 4       # crow (n + 1) and col (nnz) int64, values (nnz) float32
-    del out
-
-
-def test_a_saved_csc_tensor_counts_its_column_pointers_rows_and_values():
-    a = torch.sparse_csc_tensor(torch.tensor([0, 1, 2, 3, 4]), torch.tensor([0, 1, 2, 3]), torch.ones(4), (4, 4))
-    w = torch.randn(4, 5, requires_grad=True)
-    with saved_tensor_bytes(exclude=[w]) as saved:
-        out = a @ w
-    assert saved.peak == 5 * 8 + 4 * 8 + 4 * 4       # ccol (n + 1) and row (nnz) int64, values (nnz) float32
+    # the pointers (n + 1) and the indices (nnz) in int64, the values (nnz) in float32
+    assert saved.peak == 5 * 8 + 4 * 8 + 4 * 4
     assert repr(saved) == "SavedTensors(bytes=88, peak=88, tensors=1)"
     del out
 
