@@ -33,11 +33,10 @@ SETTINGS = ("glibc defaults", "freed memory retained")
 
 
 def _step(model: str, batch_size: int):
-    device = torch.device("cpu")
+    x, y = fixed_batch(batch_size, 784, torch.device("cpu"))
     if model == "Powerprop, SGD":
-        return powerprop.build_steps(3.0, batch_size, device)[model][0]
-    x, y = fixed_batch(batch_size, 784, device)
-    return masks.train_step(masks.build_models(0.1, device)[model], x, y)
+        return powerprop.build_case(model, 3.0, x, y)[0]
+    return masks.train_step(masks.build_model(model, 0.1, x.device), x, y)
 
 
 def worker(model: str, retain: bool, batch_size: int, iterations: int, repeats: int, warmup: int) -> dict:

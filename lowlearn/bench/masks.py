@@ -35,7 +35,6 @@ measures their cost with glibc's defaults, one model per process.
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 from collections.abc import Callable
 
@@ -71,30 +70,48 @@ def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Call
     return step
 
 
-def build_models(density: float, device: torch.device, seed: int = 0) -> dict[str, torch.nn.Module]:
-    """Copies of one LeNet-300-100: dense (twice), masked by lowlearn, by ``torch.nn.utils.prune``, by gradient."""
+MODELS = ("dense", "dense (copy)", "lowlearn masks", "torch.nn.utils.prune", "masked gradient")
+"""The models timed, in the order they are built and printed."""
+
+
+def build_model(name: str, density: float, device: torch.device, seed: int = 0) -> torch.nn.Module:
+    """Model ``name`` of :data:`MODELS`: LeNet-300-100 initialised from ``seed``, the same for every name.
+
+    The three sparse ones keep the same random ``density`` of every layer's weights
+    (drawn from ``seed`` too): lowlearn's masks, ``torch.nn.utils.prune``, and the raw
+    weight zeroed where pruned with a hook that masks its gradient (``masked gradient``).
+
+    Raises:
+        ValueError: a name not in :data:`MODELS`.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; the models are: {', '.join(MODELS)}")
     torch.manual_seed(seed)
-    dense = MLP().to(device)
+    model = MLP().to(device)
+    if name in ("dense", "dense (copy)"):
+        return model
     generator = torch.Generator().manual_seed(seed)
-    keep = {name: (torch.rand(layer.weight.shape, generator=generator) < density).to(device)
-            for name, layer in prunable_layers(dense).items()}
+    keep = {layer_name: (torch.rand(layer.weight.shape, generator=generator) < density).to(device)
+            for layer_name, layer in prunable_layers(model).items()}
+    if name == "lowlearn masks":
+        attach_masks(model)
+        set_masks(model, keep)
+    elif name == "torch.nn.utils.prune":
+        for layer_name, layer in prunable_layers(model).items():
+            torch_prune.custom_from_mask(layer, "weight", keep[layer_name])
+    else:
+        for layer_name, layer in prunable_layers(model).items():
+            zeros_kept = keep[layer_name].to(layer.weight.dtype)
+            with torch.no_grad():
+                layer.weight.mul_(zeros_kept)
+            layer.weight.register_post_accumulate_grad_hook(functools.partial(_mask_gradient, mask=zeros_kept))
+    return model
 
-    masked = copy.deepcopy(dense)
-    attach_masks(masked)
-    set_masks(masked, keep)
 
-    pruned = copy.deepcopy(dense)
-    for name, layer in prunable_layers(pruned).items():
-        torch_prune.custom_from_mask(layer, "weight", keep[name])
-
-    hooked = copy.deepcopy(dense)
-    for name, layer in prunable_layers(hooked).items():
-        zeros_kept = keep[name].to(layer.weight.dtype)
-        with torch.no_grad():
-            layer.weight.mul_(zeros_kept)
-        layer.weight.register_post_accumulate_grad_hook(functools.partial(_mask_gradient, mask=zeros_kept))
-    return {"dense": dense, "dense (copy)": copy.deepcopy(dense), "lowlearn masks": masked,
-            "torch.nn.utils.prune": pruned, "masked gradient": hooked}
+def build_models(density: float, device: torch.device, seed: int = 0) -> dict[str, torch.nn.Module]:
+    """``{name: model}`` for every name of :data:`MODELS` (:func:`build_model`): dense (twice), masked by lowlearn,
+    by ``torch.nn.utils.prune``, by gradient."""
+    return {name: build_model(name, density, device, seed) for name in MODELS}
 
 
 def _mask_gradient(weight: torch.Tensor, mask: torch.Tensor) -> None:
@@ -111,7 +128,7 @@ def build_steps(density: float, batch_size: int, device: torch.device) -> dict[s
     x, y = fixed_batch(batch_size, 784, device)
     steps = {name: train_step(model, x, y) for name, model in build_models(density, device).items()}
     if device.type == "cuda":
-        steps |= {name + GRAPH: cuda_graphed(lambda name=name: train_step(build_models(density, device)[name], x, y),
+        steps |= {name + GRAPH: cuda_graphed(lambda name=name: train_step(build_model(name, density, device), x, y),
                                              device) for name in steps}
     return steps
 

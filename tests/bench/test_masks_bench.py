@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lowlearn.bench import masks, timing
@@ -95,3 +96,12 @@ def test_run_gives_the_times_and_the_page_faults_of_the_same_steps():
     assert set(result["rounds"]) == set(result["seconds"]) == set(result["faults"]) == names
     assert all(len(rounds) == 3 and min(rounds) > 0 for rounds in result["rounds"].values())
     assert result["seconds"] == timing.medians(result["rounds"])
+
+
+def test_one_model_is_built_as_among_all_of_them_and_an_unknown_name_is_refused():
+    models = masks.build_models(density=0.2, device=torch.device("cpu"))
+    x = torch.randn(5, 784)
+    for name in masks.MODELS:
+        assert torch.equal(masks.build_model(name, 0.2, torch.device("cpu"))(x), models[name](x))
+    with pytest.raises(ValueError, match="unknown model 'masked'; the models are: dense, dense \\(copy\\), "):
+        masks.build_model("masked", 0.2, torch.device("cpu"))
