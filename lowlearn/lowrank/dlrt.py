@@ -67,11 +67,14 @@ class DLRT(torch.optim.Optimizer):
     """The rank-adaptive (or fixed-rank) DLRT integrator for a model's low-rank layers.
 
     A ``torch.optim.Optimizer``: ``param_groups[0]`` holds the factors ``U, S, V`` of
-    every low-rank layer, and its ``"lr"`` is ``λ``; without an ``optimizer`` argument,
+    every low-rank layer that trains, and its ``"lr"`` is ``λ``; without an ``optimizer`` argument,
     ``param_groups[1]`` holds the other parameters, which take the plain gradient step
     ``p ← p − lr·∇_p L`` (``torch.optim.SGD`` without momentum). Learning-rate schedulers
     therefore work on DLRT as on any optimizer, and schedule both groups. An
     ``optimizer`` you pass keeps its own parameter groups: give it a scheduler of its own.
+
+    A frozen low-rank layer (``requires_grad`` off for its three factors, e.g. by
+    ``layer.requires_grad_(False)``) is left as it is, at its rank; the others train.
 
     ``state[layer name]`` holds the Adam-style moments of that layer's factor gradients
     (with ``betas``): ``"step"`` and, for ``"K"``, ``"L"`` and ``"S"``, the first and second
@@ -138,7 +141,8 @@ class DLRT(torch.optim.Optimizer):
             raise ValueError(f"the optimizer lacks {len(missing)} of the model's other parameters (built before "
                              "to_low_rank, it holds the replaced layers' old biases): build it on "
                              "lowlearn.lowrank.dense_parameters(model) after converting")
-        groups = [{"params": _factors(model)}]
+        _trained_layers(model)                  # raises now if a layer is frozen in part
+        groups = [{"params": _factors(model, trained_only=True)}]
         if optimizer is None and (dense := dense_parameters(model)):
             groups.append({"params": dense})
         super().__init__(groups, {"lr": float(lr)})
@@ -161,7 +165,7 @@ class DLRT(torch.optim.Optimizer):
         """Clear the gradients of the factors and of the dense parameters."""
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=set_to_none)
-        self.param_groups[0]["params"] = _factors(self.model)   # the layers' current factors
+        self.param_groups[0]["params"] = _factors(self.model, trained_only=True)   # the layers' current factors
         super().zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
@@ -178,8 +182,9 @@ class DLRT(torch.optim.Optimizer):
             The loss of the S-step pass.
 
         Raises:
-            RuntimeError: a low-rank layer without gradients (no backward pass first), or
-                one that the closure's loss does not use.
+            RuntimeError: a low-rank layer that trains without gradients (no backward pass
+                first), or one that the closure's loss does not use.
+            ValueError: a low-rank layer with some of its factors frozen and others not.
             lowlearn.train.NonFiniteLossError: the truncation met a core that is not
                 finite (the fixed-rank version, which does not truncate, does not look).
 
@@ -187,7 +192,7 @@ class DLRT(torch.optim.Optimizer):
         the factors and their moments as they were before the step, and no parameter
         stepped; the gradients of the first pass are gone: run it again.
         """
-        layers = low_rank_layers(self.model)
+        layers = _trained_layers(self.model)
         for name, layer in layers.items():
             if layer.U.grad is None or layer.V.grad is None:
                 raise RuntimeError(f"low-rank layer {name!r} has no gradient: run forward and backward on a "
@@ -207,7 +212,7 @@ class DLRT(torch.optim.Optimizer):
                 self.state.pop(name, None)
                 if name in moments:
                     self.state[name] = moments[name]
-            self.param_groups[0]["params"] = _factors(self.model)
+            self.param_groups[0]["params"] = _factors(self.model, trained_only=True)
             raise
         if self.optimizer is not None:
             self.optimizer.step()
@@ -220,7 +225,7 @@ class DLRT(torch.optim.Optimizer):
                 U0, _, V0 = start[name]
                 self._rotate(name, "K", None, V0.T @ layer.V)
                 self._rotate(name, "L", None, U0.T @ layer.U)
-        self.param_groups[0]["params"] = _factors(self.model)
+        self.param_groups[0]["params"] = _factors(self.model, trained_only=True)
         return loss.detach()
 
     def _s_step_pass(self, layers: Mapping[str, nn.Module], closure: Callable[[], Tensor]) -> Tensor:
@@ -380,6 +385,27 @@ def _diverged(names: list[str]) -> NonFiniteLossError:
                               "lower lr")
 
 
-def _factors(model: nn.Module) -> list[nn.Parameter]:
-    """``[U, S, V]`` of every low-rank layer of ``model``, in module order."""
-    return [p for layer in low_rank_layers(model).values() for p in (layer.U, layer.S, layer.V)]
+def _trained_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: layer}`` of the low-rank layers of ``model`` that DLRT steps: those whose factors require gradients.
+
+    Raises:
+        ValueError: a layer with some of its factors ``U, S, V`` frozen and others not
+            (the K-, L- and S-steps change all three together).
+    """
+    layers = {}
+    for name, layer in low_rank_layers(model).items():
+        trains = {factor.requires_grad for factor in (layer.U, layer.S, layer.V)}
+        if len(trains) > 1:
+            raise ValueError(f"low-rank layer {name!r} has some of its factors U, S, V frozen and the others not, but "
+                             "DLRT's steps change all three together: freeze the layer, "
+                             "layer.requires_grad_(False), or none of it")
+        if trains == {True}:
+            layers[name] = layer
+    return layers
+
+
+def _factors(model: nn.Module, trained_only: bool = False) -> list[nn.Parameter]:
+    """``[U, S, V]`` of every low-rank layer of ``model`` (``trained_only``: of :func:`trained_layers`), in module
+    order."""
+    layers = _trained_layers(model) if trained_only else low_rank_layers(model)
+    return [p for layer in layers.values() for p in (layer.U, layer.S, layer.V)]

@@ -141,6 +141,38 @@ def test_a_closure_that_leaves_a_low_rank_layer_out_is_refused():
         dlrt.step(lambda: two["a"](x).sum())
 
 
+@pytest.mark.parametrize("betas", [None, (0.9, 0.999)])
+def test_a_frozen_low_rank_layer_stays_as_it_is_and_the_others_train_as_beside_a_fixed_dense_layer(betas):
+    # Reference: the frozen layer replaced by a frozen dense copy of itself, which DLRT does not see at all.
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 8), torch.randn(32, 3)
+    model = nn.Sequential(LowRankLinear(8, 6, 3), nn.Tanh(), LowRankLinear(6, 3, 2))
+    model[0].requires_grad_(False)
+    reference = copy.deepcopy(model)
+    reference[0] = reference[0].to_dense().requires_grad_(False)
+    frozen = [factor.clone() for factor in (model[0].U, model[0].S, model[0].V)]
+    dlrt_steps(model, DLRT(model, lr=0.1, tol=0.1, betas=betas), x, y, 5)
+    dlrt_steps(reference, DLRT(reference, lr=0.1, tol=0.1, betas=betas), x, y, 5)
+    for before, after in zip(frozen, (model[0].U, model[0].S, model[0].V)):
+        assert torch.equal(before, after) and not after.requires_grad
+    assert model[2].rank == reference[2].rank
+    torch.testing.assert_close(model[2].matrix(), reference[2].matrix())
+    torch.testing.assert_close(model[2].bias, reference[2].bias)
+
+
+def test_a_low_rank_layer_frozen_in_part_is_refused():
+    model = nn.Sequential(LowRankLinear(8, 6, 3), nn.Tanh(), LowRankLinear(6, 3, 2))
+    model[0].S.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"'0' has some of its factors U, S, V frozen .*layer.requires_grad_\(False\)"):
+        DLRT(model, lr=0.1)
+    model[0].S.requires_grad_(True)
+    dlrt = DLRT(model, lr=0.1)
+    model[0].U.requires_grad_(False)                 # frozen in part after the optimizer was built
+    F.mse_loss(model(torch.randn(4, 8)), torch.randn(4, 3)).backward()
+    with pytest.raises(ValueError, match="layer '0' has some of its factors"):
+        dlrt.step(lambda: model(torch.randn(4, 8)).sum())
+
+
 def test_a_diverged_rank_adaptive_step_is_a_non_finite_loss_error_and_is_undone():
     x, y, _ = teacher_data(4)
     model = nn.Sequential(LowRankLinear(32, 24, 6, bias=False), nn.Linear(24, 24))
