@@ -110,16 +110,20 @@ def buffers_restored(model: nn.Module) -> Iterator[None]:
     pass; code that only measures or evaluates should leave no trace in them. A
     buffer that the block replaced (``self.count = self.count + 1``) gets its own
     tensor back, with its old value.
+
+    The values are written back as batch norm writes its running statistics: unseen
+    by autograd (no version bump). A graph made in the block that saved a buffer, such
+    as the second-order inner loop that :meth:`lowlearn.meta.MAML.adapt` returns, can
+    then still be differentiated after it.
     """
     saved = [(module, name, buffer, buffer.clone()) for module in model.modules()
              for name, buffer in module.named_buffers(recurse=False)]
     try:
         yield
     finally:
-        with torch.no_grad():
-            for module, name, buffer, value in saved:
-                module._buffers[name] = buffer
-                buffer.copy_(value)
+        for module, name, buffer, value in saved:
+            module._buffers[name] = buffer
+            buffer.data.copy_(value)
 
 
 def seed_everything(seed: int) -> None:

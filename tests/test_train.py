@@ -121,6 +121,22 @@ def test_buffers_restored_gives_back_a_buffer_the_block_replaced():
     assert model.count is count and model.count == 0 and model.inner.num_batches_tracked == 0
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_a_graph_made_in_buffers_restored_can_be_differentiated_after_it(training):
+    from lowlearn.train import buffers_restored
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(3).train(training)
+    norm(torch.randn(8, 3) * 2 + 1)                                      # running statistics away from (0, 1)
+    x = torch.randn(5, 3, requires_grad=True)
+    (expected,) = torch.autograd.grad(norm(x).pow(2).sum(), x)
+    mean, var = norm.running_mean.clone(), norm.running_var.clone()
+    with buffers_restored(norm):
+        loss = norm(x).pow(2).sum()
+    (grad,) = torch.autograd.grad(loss, x)                               # no "modified by an inplace operation"
+    torch.testing.assert_close(grad, expected)
+    assert torch.equal(norm.running_mean, mean) and torch.equal(norm.running_var, var)
+
+
 def test_stop_training_from_a_callback_keeps_history():
     model, opt = make()
 

@@ -650,6 +650,24 @@ def test_maml_adapt_is_differentiable_to_second_order_in_the_initialisation_as_t
     assert (second - first).norm() > 0.1 * first.norm()        # the two orders differ here by far more than round-off
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_maml_adapt_with_running_batch_norm_statistics_is_differentiable_and_equals_higher(training):
+    # adapt gives the running statistics back after its inner loop, whose graph saved them: differentiating that
+    # graph afterwards must still work, and give the meta-gradient (reference: higher).
+    torch.manual_seed(0)
+    model = Conv4(1, 3, hidden=4, image_size=16).double().train(training)
+    model(torch.randn(8, 1, 16, 16, dtype=torch.float64))           # running statistics away from their start
+    tasks = episodes(tasks=1)
+    reference = higher_meta_gradient(copy.deepcopy(model), tasks, 0.4, 2, F.cross_entropy)
+    statistics = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    adapted = MAML(model, 0.4, 2).adapt(tasks.support_x[0], tasks.support_y[0])
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, statistics[name]), name
+    F.cross_entropy(run(model, adapted, tasks.query_x[0]), tasks.query_y[0]).backward()
+    for (name, p), ref in zip(model.named_parameters(), reference):
+        torch.testing.assert_close(p.grad, ref, rtol=1e-8, atol=1e-12, msg=name)
+
+
 def test_tasks_at_once_with_dropout_in_evaluation_mode_equals_plain_fine_tuning():
     """MAML's docstring allows dropout with tasks_at_once > 1 ("dropout draws other masks"). In evaluation mode
     dropout is the identity, so evaluate with 3 tasks at once over 4 tasks (a last group of one) equals, task by
