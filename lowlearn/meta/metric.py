@@ -265,8 +265,9 @@ class EpisodicLearner(nn.Module, ABC):
         mode, batch norm then normalises with the statistics of the whole batch of
         episodes, as for one larger batch. In evaluation mode, an embedding whose batch
         norm has no running statistics embeds each episode in a pass of its own, its
-        support and query images together (transductive batch norm, as in Finn et al.'s
-        MAML code), so that no episode's statistics reach another's predictions.
+        support and query images together (transductive batch norm; Snell et al.'s code
+        embeds an episode's images in one pass too), so that no episode's statistics
+        reach another's predictions.
         """
         if not self.training and len(support_x) > 1 and _norms_without_running_statistics(self.embedding):
             embedded = [self.embed_episodes(s, q) for s, q in zip(support_x.split(1), query_x.split(1))]
