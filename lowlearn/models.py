@@ -487,6 +487,15 @@ class CifarResNet(nn.Module):
         self.classifier = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)
         )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw the convolutions' weights afresh, Kaiming-normal (the rest keep theirs).
+
+        Called by the constructor, and by :func:`lowlearn.sparse.lottery.random_reinit`
+        after each layer's own ``reset_parameters``, so that its fresh draw comes from
+        the distribution of the network's initialisation.
+        """
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")

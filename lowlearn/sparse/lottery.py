@@ -55,7 +55,7 @@ stops changing early in training. :class:`EarlyBird` watches it during :func:`~l
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -343,13 +343,18 @@ def _unmasked_weight(layer: nn.Module, raw: Tensor) -> Tensor:
 def random_reinit(model: nn.Module, seed: int = 0) -> None:
     """Control: keep the masks, draw a fresh initialisation (Frankle & Carbin 2019, "random reinitialization").
 
-    Every module with a ``reset_parameters`` method (``nn.Linear``, ``nn.Conv2d``,
-    batch norms, ...) gets the values its own default initialiser draws after
-    ``torch.manual_seed(stream_seed(seed, "random_reinit"))``
+    The fresh weights ``θ'₀`` must come from the distribution of the initialisation
+    ``θ₀``. Every module with a ``reset_parameters`` method (``nn.Linear``, ``nn.Conv2d``,
+    batch norms, ...; or ``_reset_parameters``, as ``nn.MultiheadAttention`` has) calls
+    it after ``torch.manual_seed(stream_seed(seed, "random_reinit"))``
     (:func:`lowlearn.train.stream_seed`: not the initialisation that
-    ``torch.manual_seed(seed)`` drew); the masks are then applied again, so pruned
-    weights stay zero and each layer keeps its count. The global random state is
-    restored afterwards.
+    ``torch.manual_seed(seed)`` drew), each module after its submodules: a model that
+    initialises its layers its own way (:class:`lowlearn.models.CifarResNet`'s
+    Kaiming-normal convolutions) draws them that way again in its own
+    ``reset_parameters``, which runs last. Give a model of yours with a custom
+    initialisation such a method, or its layers get their defaults. The masks are
+    then applied again, so pruned weights stay zero and each layer keeps its count.
+    The global random state is restored afterwards.
 
     A masked layer's initialiser writes in place into ``layer.weight``, which is
     computed from the raw weight ``θ``: under :func:`torch.nn.utils.parametrize.cached`
@@ -357,16 +362,28 @@ def random_reinit(model: nn.Module, seed: int = 0) -> None:
     and mapped to the raw weight (:func:`lowlearn.reparam.raw_value`: under Powerprop,
     ``φ = sign(θ)|θ|^(1/α)``, so that the layer computes the fresh draw).
     """
+    modules = list(_submodules_first(model, set()))
     with torch.random.fork_rng(), parametrize.cached():
         torch.manual_seed(stream_seed(seed, "random_reinit"))
-        for module in model.modules():
-            if not callable(getattr(module, "reset_parameters", None)):
-                continue
-            module.reset_parameters()
+        for module in modules:
+            reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
+            if callable(reset):
+                reset()
+        for module in modules:        # a parent's initialiser may have written into its layers' weights too
             if parametrize.is_parametrized(module):
                 for name, chain in module.parametrizations.items():
                     chain.original.copy_(raw_value(module, name, getattr(module, name)))
     zero_under_masks(model)
+
+
+def _submodules_first(module: nn.Module, seen: set[int]) -> Iterator[nn.Module]:
+    """``module`` and its submodules, each once, every one after its own submodules (depth first, in order)."""
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    for child in module.children():
+        yield from _submodules_first(child, seen)
+    yield module
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowlearn.models import MLP
+from lowlearn.models import MLP, ResNet20
 from lowlearn.powerprop import powerprop
 from lowlearn.sparse.lottery import (EarlyBird, Snapshot, constant_init, iterative_magnitude_pruning,
                                      mask_distance, mask_overlap, random_mask, random_reinit, reshuffle, rewind,
@@ -304,6 +304,33 @@ def test_random_reinit_resets_batch_norm_and_writes_the_raw_weight():
     assert net[1].num_batches_tracked == 0 and (net[1].weight == 1).all()
     assert_counts_kept(net, masks_of(net))
     assert (raw_weight(net[0])[masks_of(net)["0"]] != 0).all()
+
+
+def test_random_reinit_draws_from_the_distribution_of_a_models_own_initialisation():
+    # ResNet-20 draws its convolutions Kaiming-normal, std sqrt(2 / fan_in), not from nn.Conv2d's default
+    # U(±1/sqrt(fan_in)) (std sqrt(1 / (3 fan_in)), 2.45 times smaller): the control must draw them the same way.
+    torch.manual_seed(0)
+    net = ResNet20()
+    attach_masks(net)
+    set_masks(net, {name: torch.rand(m.shape) < 0.5 for name, m in masks_of(net).items()})
+    before = {name: raw_weight(layer).detach().clone() for name, layer in masked_layers(net).items()}
+    random_reinit(net, seed=1)
+    convolutions = [name for name, layer in masked_layers(net).items() if isinstance(layer, nn.Conv2d)]
+    assert len(convolutions) == 19
+    scaled = torch.cat([raw_weight(masked_layers(net)[name])[masks_of(net)[name]].flatten()
+                        / (2 / masked_layers(net)[name].weight[0].numel()) ** 0.5 for name in convolutions])
+    assert abs(scaled.std().item() - 1) < 0.02 and abs(scaled.mean().item()) < 0.02   # 0.13M standard normals
+    assert scaled.abs().max() > 3.5                                     # normal tails: no uniform draw reaches 3.5
+    assert not any(torch.equal(raw_weight(masked_layers(net)[name]), before[name]) for name in convolutions)
+
+
+def test_random_reinit_redraws_a_layer_with_only_a_private_reset():
+    # nn.MultiheadAttention initialises in _reset_parameters (no public reset_parameters).
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(8, 2)
+    before = attention.in_proj_weight.detach().clone()
+    random_reinit(attention, seed=1)
+    assert not torch.equal(attention.in_proj_weight, before)
 
 
 def test_reshuffle_permutes_each_layers_kept_initial_values(drawn):
