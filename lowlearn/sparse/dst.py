@@ -339,11 +339,17 @@ class DynamicSparsity(Sparsifier):
         layers = self.layers()
         dropped = {name: self.drop_count(name, raw_weight(layer).numel(), fraction) for name, layer in layers.items()}
         counts = self.grow_counts(dropped, masks)
+        drawn_from = self.generator.get_state()        # scores may draw (SET's random growth)
         drop, grow = self.drop_scores(masks), self.grow_scores(masks)
         new, grown = {}, {}
-        for name in layers:                  # every layer's sets first: a refused update changes nothing
-            new[name], grown[name] = drop_and_grow(masks[name], drop[name], grow[name], dropped[name], counts[name],
-                                                   regrow_dropped=self.regrow_dropped, active=self.active[name])
+        try:
+            for name in layers:              # every layer's sets first: a refused update changes nothing
+                new[name], grown[name] = drop_and_grow(masks[name], drop[name], grow[name], dropped[name],
+                                                       counts[name], regrow_dropped=self.regrow_dropped,
+                                                       active=self.active[name])
+        except ValueError:
+            self.generator.set_state(drawn_from)      # nor the random stream
+            raise
         for name in layers:
             self.active[name] += counts[name] - dropped[name]
         set_masks(self.model, new, self.optimizer)
@@ -565,7 +571,7 @@ class SNFS(DynamicSparsity):
             grad = torch.where(finite, grad.detach(), 0)
             if name in self.momentum:
                 momentum = self.momentum[name] = self.momentum[name].to(grad.device)   # the model may have moved
-                momentum.mul_(torch.where(finite, self.beta, 1.0)).add_(grad)
+                momentum.copy_(torch.where(finite, momentum * self.beta + grad, momentum))   # β in its dtype
             else:
                 self.momentum[name] = grad
 
@@ -589,9 +595,13 @@ class SNFS(DynamicSparsity):
 
     def grow_counts(self, dropped: Mapping[str, int], masks: Mapping[str, Tensor]) -> dict[str, int]:
         # The mean |M| over each layer's active weights (the paper's m_l), read from the device at once; summed
-        # in float32, since a half-precision sum overflows.
-        means = torch.stack([torch.where(mask, self.momentum[name].abs(), 0).sum(dtype=torch.float32)
-                             / max(self.active[name], 1) for name, mask in masks.items()]).tolist()
+        # in float32 at least, since a half-precision sum overflows.
+        means = []
+        for name, mask in masks.items():
+            momentum = self.momentum[name]
+            total = torch.where(mask, momentum.abs(), 0).sum(dtype=torch.promote_types(momentum.dtype, torch.float32))
+            means.append(total / max(self.active[name], 1))
+        means = torch.stack(means).tolist()
         capacity = {}
         for name, mask in masks.items():
             left = self.active[name] - dropped[name]

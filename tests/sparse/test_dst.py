@@ -500,6 +500,25 @@ def test_snfs_momentum_is_the_smoothed_dense_gradient_and_growth_takes_its_large
     assert torch.equal(masks_of(model)["0"].flatten(), kept)
 
 
+def test_snfs_momentum_of_a_float64_model_is_the_float64_recurrence():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5)).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)             # lr 0: the weights stay put
+    sparsifier = SNFS(model, optimizer, 0.4, end=1000, every=500, distribution="uniform", beta=0.9)
+    weight, expected = model[0].weight.detach().clone(), 0
+    for _ in range(20):
+        x, y = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 5, (7,))
+        w = weight.clone().requires_grad_()                              # the dense gradient, at the masked weight
+        F.cross_entropy(F.linear(x, w, model[0].bias), y).backward()
+        expected = 0.9 * expected + w.grad                              # M_t = β M_{t−1} + ∂L/∂w, β = 0.9 in float64
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        sparsifier.step()
+    assert sparsifier.momentum["0"].dtype == torch.float64
+    torch.testing.assert_close(sparsifier.momentum["0"], expected, rtol=1e-13, atol=1e-15)   # float32 β: off by 1e-6
+
+
 def test_snfs_records_gradients_until_its_last_update_and_needs_a_step_before_one():
     model = small_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -725,14 +744,15 @@ def test_a_refused_update_changes_no_count_and_no_mask():
     model = small_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     sparsifier = _OverfullSET(model, optimizer, 0.3, end=30, every=5)
-    active, masks = dict(sparsifier.active), masks_of(model)
+    active, masks, drawn_from = dict(sparsifier.active), masks_of(model), sparsifier.generator.get_state()
     for fraction in (-0.1, 1.5, float("nan"), "0.3"):
         with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\]"):
             sparsifier.update(fraction)
     with pytest.raises(ValueError, match="cannot grow 48 weights: only 14 of 48 can be grown"):
-        sparsifier.update(0.3)
+        sparsifier.update(0.3)                                           # after SET drew its random growth scores
     assert sparsifier.active == active == counts(model)
     assert all(torch.equal(mask, masks[name]) for name, mask in masks_of(model).items())
+    assert torch.equal(sparsifier.generator.get_state(), drawn_from)      # the next update draws what it would have
 
 
 @pytest.mark.parametrize("method", METHODS)
