@@ -113,7 +113,7 @@ def buffers_restored(model: nn.Module) -> Iterator[None]:
 
     The values are written back as batch norm writes its running statistics: unseen
     by autograd (no version bump). A graph made in the block that saved a buffer, such
-    as the second-order inner loop that :meth:`lowlearn.meta.MAML.adapt` returns, can
+    as the second-order inner loop that :meth:`lowlearn.meta.maml.MAML.adapt` returns, can
     then still be differentiated after it.
     """
     saved = [(module, name, buffer, buffer.clone()) for module in model.modules()
