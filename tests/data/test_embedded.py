@@ -76,6 +76,13 @@ def test_bad_test_size(load, test_size):
         load(test_size=test_size)
 
 
+@pytest.mark.parametrize("load", [load_digits, load_mnist5k])
+@pytest.mark.parametrize("seed", [-1, 1.5, True, None])
+def test_a_seed_that_is_not_a_count_is_refused(load, seed):
+    with pytest.raises(ValueError, match=f"seed must be an int >= 0; got {seed!r}"):
+        load(seed=seed)
+
+
 @pytest.mark.parametrize("load, n", [(load_mnist5k, 5000), (load_digits, 1797)])
 def test_a_fractional_test_size_is_refused_with_the_count_to_use(load, n):
     with pytest.raises(ValueError, match=f"not a fraction: .* pass test_size={round(0.2 * n)}"):
@@ -152,6 +159,9 @@ def test_mnist1d_restores_the_global_random_state_when_the_generator_fails(monke
     (dict(train_split=0), "strictly between 0 and 1"),
     (dict(train_split="0.5"), "train_split='0.5' must be a fraction"),
     (dict(num_samples=10, train_split=0.05), "leaves the train or the test set empty"),
+    (dict(seed=-1), "seed must be an int >= 0; got -1"),
+    (dict(seed=2.0), "seed must be an int >= 0; got 2.0"),
+    (dict(seed=2**32), r"seed must be below 2\*\*32 .*; got 4294967296"),
 ])
 def test_mnist1d_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
