@@ -17,6 +17,7 @@ be read is reported, never written over.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -84,18 +85,27 @@ def _read(path: Path) -> tuple[dict, dict[str, dict[str, Result]]]:
     if not path.exists():
         return {"results": {}}, {}
     try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
+        # A repeated key would lose all its entries but the last at the next record.
+        stored = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
         chapters = stored["results"]
         if not all(isinstance(entries, dict) for entries in chapters.values()):
             raise TypeError("every chapter must map to a dictionary of results")
         loaded = {chapter: {key: _entry(chapter, key, entry) for key, entry in entries.items()}
                   for chapter, entries in chapters.items()}
+        json.dumps(stored, allow_nan=False)     # as record() writes it back: NaN elsewhere would stop every record
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(
             f"cannot read the results file {path} ({error}); it was left untouched. Move it away "
             f"(or point {ENV_VAR} to another folder) and run the chapters again to record new results"
         ) from error
     return stored, loaded
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = collections.Counter(key for key, _ in pairs)
+    if repeated := [key for key, count in keys.items() if count > 1]:
+        raise ValueError(f"it holds the keys {repeated} more than once in one object")
+    return dict(pairs)
 
 
 def _entry(chapter: str, key: str, entry: object) -> Result:

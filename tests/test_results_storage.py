@@ -38,9 +38,11 @@ def test_the_stored_file_is_strict_json_and_names_its_profile(tmp_path):
 
 DAMAGED = [b"", b"\xff\xfe\x00garbage", b"null", b"[1, 2]", b'{"results": null}', b'{"results": {"c": {"k": [1, 2]}}}',
            b'{"results": {"c": {"k": 0.5}}}', b'{"results": {"c": {"k": {"value": Infinity}}}}',
-           b'{"results": {"c": {"k": {"value": 1.0, "colour": "red"}}}}', b'{"results": {" c": {"k": {"value": 1.0}}}}']
+           b'{"results": {"c": {"k": {"value": 1.0, "colour": "red"}}}}', b'{"results": {" c": {"k": {"value": 1.0}}}}',
+           b'{"results": {}, "notes": NaN}',
+           b'{"results": {"c": {"a": {"value": 1.0}}, "c": {"b": {"value": 2.0}}}}']
 DAMAGE = ["empty", "not-utf8", "null", "list", "results-null", "entry-list", "entry-number", "infinite",
-          "unknown-field", "spaced-chapter"]
+          "unknown-field", "spaced-chapter", "nan-outside-the-results", "repeated-chapter"]
 
 
 @pytest.mark.parametrize("content", DAMAGED, ids=DAMAGE)
