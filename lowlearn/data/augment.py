@@ -109,7 +109,12 @@ def shifted_copies(images: Tensor, pixels: int = 1) -> Tensor:
     Args:
         images: ``(..., H, W)``.
         pixels: the shift, ``0 < pixels < min(H, W)``.
+
+    Raises:
+        ValueError: ``images`` with fewer than two dimensions, or a shift outside that range.
     """
+    if images.dim() < 2:
+        raise ValueError(f"images must be (..., H, W), got shape {tuple(images.shape)}: pass images, not a vector")
     height, width = images.shape[-2:]
     if not is_integer(pixels) or not 0 < pixels < min(height, width):
         raise ValueError(f"pixels must be an integer in 1 .. {min(height, width) - 1}; got {pixels!r}")

@@ -110,6 +110,8 @@ def test_shifted_copies_move_the_pixels_and_fill_with_zeros():
         with pytest.raises(ValueError, match="pixels must be an integer in 1 .. 2"):
             shifted_copies(x, bad)
     assert torch.equal(shifted_copies(x, np.int64(1)), views)
+    with pytest.raises(ValueError, match=r"images must be \(\.\.\., H, W\), got shape \(9,\)"):
+        shifted_copies(x.flatten(), 1)
 
 
 def test_shifted_copies_of_a_wide_image():
