@@ -39,9 +39,13 @@ def group_of(optimizer: torch.optim.Optimizer, param: Tensor | None) -> dict | N
 
 def fresh_state(optimizer: torch.optim.Optimizer, group: dict, like: Tensor) -> dict:
     """The state that ``optimizer``'s class, with ``group``'s settings, gives a parameter like ``like``
-    in a first step with a zero gradient."""
+    in a first step with a zero gradient.
+
+    The parameter is zero in that step, so that weight decay adds nothing to the gradient:
+    the state does not depend on the weight's value.
+    """
     cls = type(optimizer)
-    probe = like.detach().clone().requires_grad_()
+    probe = torch.zeros_like(like, requires_grad=True)
     probe.grad = torch.zeros_like(probe)
     if isinstance(optimizer, torch.optim.SparseAdam):   # takes sparse gradients only (nn.Embedding(sparse=True))
         probe.grad = probe.grad.to_sparse()

@@ -29,6 +29,10 @@ KEEP = torch.arange(12).view(4, 3) % 2 == 0
     (torch.optim.Adam, {"lr": 0.1}, "exp_avg_sq", 0.0),
     (torch.optim.Rprop, {"lr": 0.01}, "step_size", 0.01),                  # Rprop's step sizes start at lr
     (torch.optim.Adagrad, {"lr": 0.1, "initial_accumulator_value": 0.5}, "sum", 0.5),
+    # Weight decay adds λθ to a gradient: a reset weight's state must not take it from the weight's value.
+    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.1}, "momentum_buffer", 0.0),
+    (torch.optim.Adam, {"lr": 0.1, "weight_decay": 0.1}, "exp_avg", 0.0),
+    (torch.optim.Adagrad, {"lr": 0.1, "weight_decay": 0.1}, "sum", 0.0),
 ])
 def test_reset_weights_get_the_state_a_new_parameter_starts_from_and_the_others_keep_theirs(
         optimizer_class, settings, key, start):
