@@ -400,7 +400,8 @@ def fit(
     ``DistributedDataParallel``): the steps are those of one process on the whole
     batch, up to rounding, for models without batch norm or random draws. Batch norm
     normalises each process's share by the share's own statistics and keeps the
-    running statistics of process 0 (``DistributedDataParallel``'s behaviour; on
+    running statistics of process 0, which every process evaluates with and ends with
+    (``DistributedDataParallel``'s behaviour; on
     GPUs, ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` normalises by the whole
     batch), and dropout and ``batch_transform`` draw on each process's own generator
     (seeded with ``seed + rank``). The logged loss is each process's own share; a NaN
@@ -510,9 +511,17 @@ def fit(
         running = torch.zeros((), device=device)
         since_log = 0
 
+    def first_process_buffers() -> None:
+        """Give every process the buffers of process 0: each updated its batch norms' running statistics on its
+        own share (DistributedDataParallel hands process 0's out only at the start of each forward pass)."""
+        if processes > 1:
+            with torch.no_grad():
+                broadcast_from_the_first_process(list(model.buffers()))
+
     def run_eval(step: int) -> None:
         nonlocal eval_time
         _sync(device)                   # the training steps queued on a GPU count as training, not evaluation
+        first_process_buffers()         # every process evaluates the same model
         t0 = time.perf_counter()
         history.eval_steps.append(step)
         history.eval.append(evaluate(model, eval_data, loss_fn=loss_fn, device=device, bf16=bf16))   # modes restored
@@ -574,6 +583,7 @@ def fit(
                 break
     finally:
         bar.close()
+    first_process_buffers()
     _sync(device)
     history.seconds = time.perf_counter() - start
     history.train_seconds = history.seconds - eval_time
@@ -619,16 +629,16 @@ def evaluate(
         device = tensor.device if tensor is not None else default_device()
     device = available_device(device)
     x, y = _as_tensors(data, device)
-    total_loss = torch.zeros((), device=device)
+    total_loss: Tensor | float = 0.0          # in the loss's dtype: float32, or float64 for a float64 model
     correct = torch.zeros((), device=device, dtype=torch.long)
     classify = not torch.is_floating_point(y)
     with eval_mode(model):
         for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
             with _autocast(device, bf16):
                 out = model(xb)
-            loss = loss_fn(out.float(), yb)
+            loss = loss_fn(out.to(torch.promote_types(out.dtype, torch.float32)), yb)   # half and bf16 in float32
             check_scalar_loss(loss)
-            total_loss += loss * len(xb)
+            total_loss = total_loss + loss * len(xb)
             if classify:
                 if out.numel() == yb.numel():          # one logit per target: a binary classifier
                     predicted = out.reshape(yb.shape) > 0

@@ -178,6 +178,18 @@ def worker(rank: int, processes: int, folder: str) -> None:
         model = Offset()
         fit(model, (x, y), Averaging(model.parameters(), lr=0.0), steps=1, batch_size=5, device="cpu", progress=False)
         assert torch.equal(model.offset, torch.zeros(4)), model.offset
+        # Each process updates its batch norms' running statistics on its own share: fit evaluates, and ends, with
+        # the first process's, on every process.
+        x8, y8 = torch.randn(8, 20, generator=torch.Generator().manual_seed(8)), torch.arange(8) % 4
+        norm = torch.nn.Sequential(torch.nn.Linear(20, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 4))
+        history = fit(norm, (x8, y8), torch.optim.SGD(norm.parameters(), lr=0.1), steps=3, batch_size=4,
+                      eval_data=(x8, y8), eval_every=2, device="cpu", progress=False)
+        statistics = [torch.empty(2, 8) for _ in range(processes)]
+        dist.all_gather(statistics, torch.stack([norm[1].running_mean, norm[1].running_var]))
+        assert torch.equal(statistics[0], statistics[1]), statistics
+        evaluations = [None] * processes
+        dist.all_gather_object(evaluations, history.eval)
+        assert evaluations[0] == evaluations[1] and len(evaluations[0]) == 2, evaluations
         # Each process builds its model from its own seed: training starts from the first process's weights.
         torch.save({method: train(method, seed=rank) for method in METHODS}, f"{folder}/rank{rank}.pt")
     finally:

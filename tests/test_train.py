@@ -544,6 +544,17 @@ def test_fit_seed_fixes_the_random_draws_whatever_the_generators_held_before():
     assert torch.equal(runs[0], runs[1])
 
 
+def test_evaluate_keeps_a_float64_models_precision():
+    # Losses near 1e8 in float32 keep 7 digits: the float64 model's mean loss must keep its 16.
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1).double()
+    x, y = torch.randn(300, 8, dtype=torch.float64) * 1e4, torch.randn(300, 1, dtype=torch.float64)
+    with torch.no_grad():
+        expected = nn.functional.mse_loss(model(x), y).item()
+    got = evaluate(model, (x, y), batch_size=70, loss_fn=nn.functional.mse_loss, device="cpu")["loss"]
+    assert got == pytest.approx(expected, rel=1e-13)
+
+
 def test_evaluate_refuses_a_batch_size_below_one():
     model, _ = make()
     for bad in (0, -1, 2.5):
