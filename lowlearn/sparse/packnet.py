@@ -45,6 +45,11 @@ from .prune import check_density, kept_count, top_k_mask
 FREE = 0
 
 
+def _module_of(parameter: str) -> str:
+    """The qualified name of the module that holds the parameter named ``parameter``."""
+    return parameter.rpartition(".")[0]
+
+
 def _first_task_statistics(module: nn.Module, args: tuple) -> None:
     """Forward pre-hook: normalise with the running statistics and leave them as they are."""
     module.training = False
@@ -69,6 +74,9 @@ class PackNet:
             the second task on).
         own: qualified names of the parameters of the task being trained alone
             (``start_task(own=...)``).
+        own_modules: qualified names of the modules that hold them (those named in
+            ``own=``, and each own parameter's module): their batch norms learn
+            their running statistics in the task.
         started: whether :meth:`start_task` began a task that :meth:`assign` has not
             yet given its weights.
 
@@ -77,7 +85,9 @@ class PackNet:
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[str] | None = None, seed: int = 0):
-        self.model, self.tasks, self.frozen, self.started, self.own = model, 0, False, False, ()
+        self.model, self.tasks, self.frozen, self.started = model, 0, False, False
+        self.own: tuple[str, ...] = ()
+        self.own_modules: tuple[str, ...] = ()
         self.layers = resolve_layers(model, layers)
         if not self.layers:
             raise ValueError("no layers to share among the tasks: the model has no nn.Linear or nn.Conv2d, or "
@@ -117,7 +127,8 @@ class PackNet:
         layers with running statistics (batch norm) then always run in evaluation
         mode, so that they keep normalising with the first task's statistics, as
         PackNet's code does: in training mode they would replace them with the later
-        tasks'. Returns the task's number.
+        tasks'. Only the batch norms of the task's ``own`` modules learn theirs, in
+        the task. Returns the task's number.
 
         Args:
             optimizer: the optimizer that trains the task, whose state is kept in step.
@@ -139,7 +150,7 @@ class PackNet:
                                 "PackNet keeps the earlier tasks' weights frozen")
         if not any((owner == FREE).any() for owner in self.owner.values()):
             raise ValueError(f"the network is full: all its weights belong to the {self.tasks} tasks so far")
-        self.own = self._own_parameters(own)
+        self.own, self.own_modules = self._own_parameters(own)
         free = {name: owner == FREE for name, owner in self.owner.items()}
         self._set({name: torch.ones_like(f) for name, f in free.items()}, free)
         if self.tasks >= 1:
@@ -154,17 +165,20 @@ class PackNet:
         """The ``id`` of each shared layer's raw weight, the parameters PackNet divides among the tasks."""
         return {id(raw_weight(layer)) for layer in self.layers.values()}
 
-    def _own_parameters(self, names: Iterable[str]) -> tuple[str, ...]:
-        """The qualified names of the parameters that ``names`` (parameters or modules) stand for."""
+    def _own_parameters(self, names: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The qualified names of the parameters that ``names`` (parameters or modules) stand for, and of the modules
+        that hold them."""
         if isinstance(names, str):
             names = (names,)
         params, modules = dict(self.model.named_parameters()), dict(self.model.named_modules())
         shared = self._shared_weight_ids()
-        own = []
+        own, holders = [], []
         for name in names:
             if name in params:
                 found = [name]
+                holders.append(_module_of(name))
             elif name in modules:
+                holders.append(name)
                 prefix = f"{name}." if name else ""
                 found = [f"{prefix}{p}" for p, _ in modules[name].named_parameters()]
             else:
@@ -173,10 +187,11 @@ class PackNet:
                 raise ValueError(f"own={name!r} holds a shared layer's weight, which PackNet divides among the "
                                  "tasks: name only the task's own parameters, such as its output head")
             own += found
-        return tuple(own)
+        return tuple(own), tuple(holders)
 
     def _freeze_the_first_tasks_parameters(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Freeze every parameter outside the shared weights and :attr:`own`, and batch norm's running statistics.
+        """Freeze every parameter outside the shared weights and :attr:`own`, and the running statistics of the batch
+        norms outside :attr:`own_modules`.
 
         A frozen parameter loses its gradient and its optimizer state, so that no
         momentum moves it (also with ``zero_grad(set_to_none=False)``).
@@ -190,9 +205,14 @@ class PackNet:
                 param.grad = None
                 if optimizer is not None:
                     optimizer.state.pop(param, None)
-        for module in self.model.modules():
-            if (isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
-                    and _first_task_statistics not in module._forward_pre_hooks.values()):
+        for name, module in self.model.named_modules():
+            if not (isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats):
+                continue
+            hooks = [key for key, hook in module._forward_pre_hooks.items() if hook is _first_task_statistics]
+            if any(name == own or name.startswith(f"{own}.") for own in self.own_modules):
+                for key in hooks:       # it learns in this task; registered without kwargs, only this dict holds it
+                    del module._forward_pre_hooks[key]
+            elif not hooks:
                 module.register_forward_pre_hook(_first_task_statistics)
         self.frozen = True
 
@@ -274,6 +294,7 @@ class PackNet:
         """
         return {"owner": {name: o.clone() for name, o in self.owner.items()}, "tasks": self.tasks,
                 "frozen": self.frozen, "started": self.started, "own": list(self.own),
+                "own_modules": list(self.own_modules),
                 "generator": self.generator.get_state(), "generator_device": str(self.generator.device)}
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -281,6 +302,7 @@ class PackNet:
         self.owner = {name: o.clone() for name, o in state["owner"].items()}
         self.tasks = int(state["tasks"])
         self.started, self.own = bool(state.get("started", False)), tuple(state.get("own", ()))
+        self.own_modules = tuple(state.get("own_modules", dict.fromkeys(map(_module_of, self.own))))
         self.generator = restore_generator(self.generator, state["generator"], state.get("generator_device"))
         if state.get("frozen", self.tasks >= 2):
             self._freeze_the_first_tasks_parameters()

@@ -247,6 +247,48 @@ def test_each_task_trains_its_own_head_and_the_earlier_heads_stay_frozen():
     assert [p.requires_grad for p in model.heads.parameters()] == [False, False, True, True, False, False]
 
 
+class NormedHeads(nn.Module):
+    """A shared trunk with a batch norm, and one head per task with batch norms of its own (one without affine)."""
+
+    def __init__(self, tasks=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(20, 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8), nn.BatchNorm1d(8, affine=False),
+                                                 nn.Linear(8, 4)) for _ in range(tasks))
+        self.task = 0
+
+    def forward(self, x):
+        return self.heads[self.task](self.trunk(x))
+
+
+def test_the_batch_norms_of_a_tasks_own_modules_learn_their_statistics_in_that_task_only():
+    model = NormedHeads()
+    packnet = PackNet(model, layers=["trunk.0"])
+
+    def statistics():
+        return {name: buffer.clone() for name, buffer in model.named_buffers()}
+
+    for task in (1, 2, 3):
+        model.task = task - 1
+        packnet.start_task(own=f"heads.{task - 1}")
+        before = statistics()
+        train(model, task_data(task), steps=5)
+        moved = {name for name, buffer in statistics().items() if not torch.equal(buffer, before[name])}
+        learning = {f"heads.{task - 1}.{i}.{b}" for i in (1, 2) for b in ("running_mean", "running_var",
+                                                                             "num_batches_tracked")}
+        trunk = {f"trunk.1.{b}" for b in ("running_mean", "running_var", "num_batches_tracked")}
+        assert moved == (learning | trunk if task == 1 else learning), (task, sorted(moved))
+        packnet.assign(0.3)
+    resumed = PackNet(NormedHeads(), layers=["trunk.0"])
+    resumed.load_state_dict(packnet.state_dict())
+    assert resumed.own_modules == packnet.own_modules == ("heads.2",)
+    state = packnet.state_dict()
+    del state["own_modules"]                        # a state saved before they were recorded: the own parameters'
+    resumed.load_state_dict(state)
+    assert resumed.own_modules == ("heads.2.0", "heads.2.1", "heads.2.3")
+
+
 def test_own_must_name_parameters_of_the_model_outside_the_shared_layers():
     packnet = PackNet(MultiHead(), layers=["trunk"])
     with pytest.raises(ValueError, match="own='head.1' is neither a parameter nor a module"):
