@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,12 @@ def run(tasks: int = WORKLOAD["tasks"], ways: int = WORKLOAD["ways"], shots: int
     return {"rounds": rounds, "seconds": medians(rounds), "peak_bytes": memory}
 
 
+def goal_settings(sizes: Mapping[str, object]) -> dict[str, tuple[float, float]]:
+    """``{setting: (the value in ``sizes``, the goals')}`` for :func:`~lowlearn.bench.timing.departures`: the goals
+    are held at :data:`WORKLOAD` (``sizes`` as :func:`run` takes them; missing: the defaults)."""
+    return {key: (sizes.get(key, held), held) for key, held in WORKLOAD.items()}
+
+
 def goals(device: torch.device) -> dict[str, float]:
     """``{implementation: goal}``: the throughput (in multiples of higher's) each lowlearn path is held to.
 
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         print(line)
     if not memory:
         print("peak memory: measured on CUDA only (the CPU allocator keeps no peak statistics)")
-    settings = {key: (getattr(args, key), held) for key, held in WORKLOAD.items()}
+    settings = goal_settings(vars(args))
     for name, goal in goals(device).items():
         print(f"goal: {name} throughput >= {goal:g}x higher's on {device.type} at {held_at(settings)}: "
               f"{judged(speedups[name], goal, higher_is_better=True, not_held=departures(settings))}")

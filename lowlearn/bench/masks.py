@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,13 @@ BATCH_SIZE = 60
 """The default number of training examples per step, and the batch the goals are held at."""
 DENSITY = 0.1
 """The default fraction of each layer's weights kept, and the density the goals are held at."""
+
+
+def goal_settings(sizes: Mapping[str, object]) -> dict[str, tuple[float, float]]:
+    """``{setting: (the value in ``sizes``, the goals')}`` for :func:`~lowlearn.bench.timing.departures`: the goals
+    are held at :data:`BATCH_SIZE` and :data:`DENSITY` (``sizes`` as :func:`run` takes them; missing: the defaults)."""
+    return {"batch": (sizes.get("batch_size", BATCH_SIZE), BATCH_SIZE),
+            "density": (sizes.get("density", DENSITY), DENSITY)}
 
 
 def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"median of {args.repeats} interleaved blocks of {args.iterations} steps, in shuffled order; the ratio to "
           "dense is the median of the blocks' ratios, beside their middle half")
     print_steps(result, reference, "model", "vs dense")
-    settings = {"batch": (args.batch_size, BATCH_SIZE), "density": (args.density, DENSITY)}
+    settings = goal_settings(vars(args))
     for suffix in variants(result["rounds"], "lowlearn masks"):
         for peer, goal in GOALS.items():
             ratio = paired_ratio(result["rounds"], "lowlearn masks" + suffix, peer + suffix)

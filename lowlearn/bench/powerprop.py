@@ -41,6 +41,17 @@ BATCH_SIZE = 60
 """The default number of training examples per step, and the batch :data:`GOAL` is held at."""
 
 
+def goal_settings(sizes: Mapping[str, object]) -> dict[str, tuple[float, float]]:
+    """``{setting: (the value in ``sizes``, the goal's)}`` for :func:`~lowlearn.bench.timing.departures`: the goal is
+    held at :data:`BATCH_SIZE` (``sizes`` as :func:`run` takes them), and any α > 1."""
+    return {"batch": (sizes.get("batch_size", BATCH_SIZE), BATCH_SIZE)}
+
+
+def departures_from_the_goal(sizes: Mapping[str, object]) -> list[str]:
+    """What in ``sizes`` the goal is not held at: :func:`goal_settings`' departures, and α = 1 (the baseline)."""
+    return departures(goal_settings(sizes)) + (["α = 1, the baseline itself"] if sizes.get("alpha") == 1 else [])
+
+
 def build_steps(alpha: float, batch_size: int, device: torch.device) -> dict[str, tuple]:
     """``{case: (training-step function, its model)}``."""
     x, y = fixed_batch(batch_size, 784, device)
@@ -116,8 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"median of {args.repeats} interleaved blocks of {args.iterations} steps, in shuffled order; the ratio to "
           "the baseline is the median of the blocks' ratios, beside their middle half")
     print_steps(result, baseline, "case", "vs baseline")
-    settings = {"batch": (args.batch_size, BATCH_SIZE)}
-    not_held = departures(settings) + (["α = 1, the baseline itself"] if args.alpha == 1 else [])
+    settings = goal_settings(vars(args))
+    not_held = departures_from_the_goal(vars(args))
     for case in judged_cases(result["rounds"]):
         base = baseline(case)
         ratio = paired_ratio(result["rounds"], case, base)

@@ -24,14 +24,15 @@ from lowlearn.allocator import has_glibc
 from lowlearn.atomic import atomic_file
 
 from . import allocator, dst, lowrank, maml, masks, powerprop, sparse
-from .timing import (Ratio, add_device_argument, decimals, machine, middle_half, paired_ratio, resolve_device, variants,
-                     verdict)
+from .timing import (Ratio, add_device_argument, decimals, departures, machine, middle_half, paired_ratio,
+                     resolve_device, variants, verdict)
 
 FIELDS = ("benchmark", "case", "reference", "metric", "ratio", "spread", "goal", "met")
 """The keys of every row. ``spread`` is ``[low, high]``, the middle half of the per-round ratios
 (:func:`~lowlearn.bench.timing.paired_ratio`) where the benchmark keeps its rounds, else ``None``;
 ``goal`` is a string such as ``"<= 1.10"`` or ``None``; ``met`` is
-:func:`~lowlearn.bench.timing.verdict`'s (``None`` in a ``--quick`` report)."""
+:func:`~lowlearn.bench.timing.verdict`'s (``None`` where the sizes are not those the goal is held at, as in
+a ``--quick`` report)."""
 
 FULL = {"masks": {}, "dst": {}, "powerprop": {}, "allocator": {}, "lowrank": {}, "maml": {}, "sparse": {}}
 QUICK = {
@@ -47,43 +48,47 @@ QUICK = {
 
 
 def _row(benchmark: str, case: str, reference: str, metric: str, ratio: float | Ratio, goal: float | None = None,
-         higher_is_better: bool = False, spread: tuple[float, float] | None = None) -> dict:
-    """One row; a :class:`~lowlearn.bench.timing.Ratio` brings its own spread, a plain number takes ``spread``."""
+         higher_is_better: bool = False, spread: tuple[float, float] | None = None, held: bool = True) -> dict:
+    """One row; a :class:`~lowlearn.bench.timing.Ratio` brings its own spread, a plain number takes ``spread``.
+    Not ``held`` at the goal's sizes, the row shows its goal but no verdict."""
     if isinstance(ratio, Ratio):
         ratio, spread = ratio.median, (ratio.low, ratio.high)
     bound = None if goal is None else f"{'>=' if higher_is_better else '<='} {goal:g}"
     return {"benchmark": benchmark, "case": case, "reference": reference, "metric": metric, "ratio": ratio,
             "spread": None if spread is None else list(spread), "goal": bound,
-            "met": verdict(ratio, spread, goal, higher_is_better)}
+            "met": verdict(ratio, spread, goal, higher_is_better) if held else None}
 
 
 def _time_rows(benchmark: str, rounds: dict[str, list[float]], references: dict[str, str],
-               goals: dict[str, float] | None = None) -> list[dict]:
+               goals: dict[str, float] | None = None, held: bool = True) -> list[dict]:
     """Rows ``time(case) / time(reference)`` for each ``case: reference``, from the rounds that timed both."""
     goals = goals or {}
     rows = []
     for case, reference in references.items():
         ratio = paired_ratio(rounds, case, reference)
-        rows.append(_row(benchmark, case, reference, "time per step", ratio, goals.get(case)))
+        rows.append(_row(benchmark, case, reference, "time per step", ratio, goals.get(case), held=held))
     return rows
 
 
 def collect(sizes: dict[str, dict], device: torch.device) -> list[dict]:
     """Run every benchmark with ``sizes[name]`` as keyword arguments; the rows of all of them."""
     rows = []
+    # A goal is judged only at the sizes it is held at, as each benchmark's own command does.
     rounds = masks.run(device=device, **sizes["masks"])["rounds"]
+    held = not departures(masks.goal_settings(sizes["masks"]))
     for suffix in variants(rounds, "dense"):                                            # the graphs on a GPU
         case, dense, prune = (name + suffix for name in ("lowlearn masks", "dense", "torch.nn.utils.prune"))
         rows += _time_rows("masks", rounds, {"dense (copy)" + suffix: dense, case: dense, prune: dense},
-                           {case: masks.GOALS["dense"]})
-        rows += _time_rows("masks", rounds, {case: prune}, {case: masks.GOALS["torch.nn.utils.prune"]})
+                           {case: masks.GOALS["dense"]}, held)
+        rows += _time_rows("masks", rounds, {case: prune}, {case: masks.GOALS["torch.nn.utils.prune"]}, held)
     rounds = dst.run(device=device, **sizes["dst"])
     rows += _time_rows("dst", rounds, {"static": "dense"} | {name: "static" for name in dst.METHODS[2:]},
-                       {"RigL": dst.GOAL} if sizes["dst"].get("every", dst.GOAL_EVERY) == dst.GOAL_EVERY else {})
+                       {"RigL": dst.GOAL} if sizes["dst"].get("every", dst.GOAL_EVERY) == dst.GOAL_EVERY else {},
+                       not departures(dst.goal_settings(sizes["dst"])))
     rounds = powerprop.run(device=device, **sizes["powerprop"])["rounds"]
     cases = powerprop.judged_cases(rounds)
     rows += _time_rows("powerprop", rounds, {case: powerprop.baseline(case) for case in cases},
-                       dict.fromkeys(cases, powerprop.GOAL))
+                       dict.fromkeys(cases, powerprop.GOAL), not powerprop.departures_from_the_goal(sizes["powerprop"]))
     if device.type == "cpu" and has_glibc():
         for model, by_setting in allocator.run(**sizes["allocator"]).items():
             default, retained = (by_setting[setting]["seconds"] for setting in allocator.SETTINGS)
@@ -92,10 +97,11 @@ def collect(sizes: dict[str, dict], device: torch.device) -> list[dict]:
     rows += _lowrank_rows(sizes["lowrank"], device)
     result = maml.run(device=device, **sizes["maml"])
     peak = result["peak_bytes"]
+    held = not departures(maml.goal_settings(sizes["maml"]))
     for name, case in (("lowlearn", "lowlearn MAML"), ("lowlearn batched", "lowlearn MAML, all tasks at once")):
         speedup = paired_ratio(result["rounds"], "higher", name)             # time(higher) / time(lowlearn)
         rows.append(_row("maml", case, "higher", "throughput", speedup, maml.goals(device).get(name),
-                         higher_is_better=True))
+                         higher_is_better=True, held=held))
         if peak:
             rows.append(_row("maml", case, "higher", "peak memory", peak[name] / max(peak["higher"], 1)))
     large = sizes["sparse"].get("two_four_large", sparse.TWO_FOUR_LARGE)

@@ -142,6 +142,24 @@ def test_throughput_and_allocator_rows_put_lowlearn_over_its_reference(monkeypat
     assert row["ratio"] == pytest.approx(0.75)
 
 
+@pytest.mark.parametrize("benchmark, sizes", [
+    ("masks", {"batch_size": 4096}), ("masks", {"density": 0.5}),
+    ("dst", {"batch_size": 8}), ("dst", {"density": 0.5}),
+    ("powerprop", {"batch_size": 8}), ("powerprop", {"alpha": 1.0}),       # α = 1 is the baseline itself
+    ("maml", {"tasks": 2}), ("maml", {"steps": 1}),
+])
+def test_a_goal_is_judged_only_at_the_sizes_it_is_held_at(monkeypatch, benchmark, sizes):
+    use_canned_results(monkeypatch)
+    monkeypatch.setattr(report, "has_glibc", lambda: False)
+
+    def verdicts(rows):
+        return [row["met"] for row in rows if row["benchmark"] == benchmark and row["goal"] is not None]
+
+    assert all(verdicts(report.collect(report.FULL, torch.device("cpu"))))   # the held sizes: judged
+    shown = verdicts(report.collect(report.FULL | {benchmark: sizes}, torch.device("cpu")))
+    assert shown and all(met is None for met in shown)                       # the goal shown, not judged
+
+
 def test_report_holds_rigl_to_its_goal_only_at_the_goals_update_interval(monkeypatch):
     """Reference: dst.GOAL is documented as RigL's goal 'at an update every GOAL_EVERY steps'. The full sizes
     (ΔT = GOAL_EVERY) give the RigL row the goal '<= 1.05'; another ΔT (the quick sizes' 2) gives it none."""
