@@ -41,16 +41,20 @@ def fresh_state(optimizer: torch.optim.Optimizer, group: dict, like: Tensor) -> 
     """The state that ``optimizer``'s class, with ``group``'s settings, gives a parameter like ``like``
     in a first step with a zero gradient.
 
-    The parameter is zero in that step, so that weight decay adds nothing to the gradient:
-    the state does not depend on the weight's value.
+    The step runs without weight decay, which would add ``λθ`` to the zero gradient: a
+    reset weight's momentum and moments do not depend on its value. (State that is
+    meant to, such as ASGD's average of the weight, still starts from it.)
     """
     cls = type(optimizer)
-    probe = torch.zeros_like(like, requires_grad=True)
+    probe = like.detach().clone().requires_grad_()
     probe.grad = torch.zeros_like(probe)
     if isinstance(optimizer, torch.optim.SparseAdam):   # takes sparse gradients only (nn.Embedding(sparse=True))
         probe.grad = probe.grad.to_sparse()
     settings = inspect.signature(cls).parameters
-    fresh = cls([probe], **{key: value for key, value in group.items() if key in settings and key != "params"})
+    options = {key: value for key, value in group.items() if key in settings and key != "params"}
+    if "weight_decay" in options:
+        options["weight_decay"] = 0.0
+    fresh = cls([probe], **options)
     fresh.step()
     return fresh.state[probe]
 
