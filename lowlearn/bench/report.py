@@ -83,8 +83,7 @@ def collect(sizes: dict[str, dict], device: torch.device) -> list[dict]:
         rows += _time_rows("masks", rounds, {case: prune}, {case: masks.GOALS["torch.nn.utils.prune"]}, held)
     rounds = dst.run(device=device, **sizes["dst"])
     rows += _time_rows("dst", rounds, {"static": "dense"} | {name: "static" for name in dst.METHODS[2:]},
-                       {"RigL": dst.GOAL} if sizes["dst"].get("every", dst.GOAL_EVERY) == dst.GOAL_EVERY else {},
-                       not departures(dst.goal_settings(sizes["dst"])))
+                       {"RigL": dst.GOAL}, not departures(dst.goal_settings(sizes["dst"])))
     rounds = powerprop.run(device=device, **sizes["powerprop"])["rounds"]
     cases = powerprop.judged_cases(rounds)
     rows += _time_rows("powerprop", rounds, {case: powerprop.baseline(case) for case in cases},

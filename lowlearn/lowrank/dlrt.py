@@ -67,8 +67,8 @@ class DLRT(torch.optim.Optimizer):
     """The rank-adaptive (or fixed-rank) DLRT integrator for a model's low-rank layers.
 
     A ``torch.optim.Optimizer``: ``param_groups[0]`` holds the factors ``U, S, V`` of
-    every low-rank layer that trains, and its ``"lr"`` is ``λ``; without an ``optimizer`` argument,
-    ``param_groups[1]`` holds the other parameters, which take the plain gradient step
+    every low-rank layer that trains, and its ``"lr"`` is ``λ``; without an ``optimizer``
+    argument, ``param_groups[1]`` holds the other parameters, which take the plain gradient step
     ``p ← p − lr·∇_p L`` (``torch.optim.SGD`` without momentum). Learning-rate schedulers
     therefore work on DLRT as on any optimizer, and schedule both groups. An
     ``optimizer`` you pass keeps its own parameter groups: give it a scheduler of its own.
@@ -405,7 +405,6 @@ def _trained_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _factors(model: nn.Module, trained_only: bool = False) -> list[nn.Parameter]:
-    """``[U, S, V]`` of every low-rank layer of ``model`` (``trained_only``: of :func:`trained_layers`), in module
-    order."""
+    """``[U, S, V]`` of every low-rank layer of ``model`` (``trained_only``: of those that train), in module order."""
     layers = _trained_layers(model) if trained_only else low_rank_layers(model)
     return [p for layer in layers.values() for p in (layer.U, layer.S, layer.V)]
