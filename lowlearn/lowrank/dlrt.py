@@ -141,8 +141,7 @@ class DLRT(torch.optim.Optimizer):
             raise ValueError(f"the optimizer lacks {len(missing)} of the model's other parameters (built before "
                              "to_low_rank, it holds the replaced layers' old biases): build it on "
                              "lowlearn.lowrank.dense_parameters(model) after converting")
-        _trained_layers(model)                  # raises now if a layer is frozen in part
-        groups = [{"params": _factors(model, trained_only=True)}]
+        groups = [{"params": _factors(model, trained_only=True)}]   # raises now if a layer is frozen in part
         if optimizer is None and (dense := dense_parameters(model)):
             groups.append({"params": dense})
         super().__init__(groups, {"lr": float(lr)})
