@@ -374,8 +374,13 @@ def fit(
         log_every: steps between reads of the training loss (each read waits for
             the device, and checks that the loss is finite).
         device: default :func:`default_device`.
-        seed: seeds the global generators (with ``seed + rank`` on the process of
-            that rank in a process group) and the batch order.
+        seed: the run's random draws, in streams of their own (:func:`stream_seed`),
+            so that none repeats the numbers ``seed_everything(seed)`` drew for the
+            model's initial weights: the batch order from
+            ``seeded_generator(seed, "batch order")``, and the global generators
+            (dropout, ``batch_transform``) seeded with
+            ``seed_everything(stream_seed(seed + rank, "training draws"))``, with the
+            ``rank`` of the process in a process group (0 otherwise).
         bf16: run forward passes under bfloat16 autocast (CUDA only).
         batch_transform: applied to each input batch on the device (e.g. data
             augmentation).
@@ -407,7 +412,7 @@ def fit(
     (``DistributedDataParallel``'s behaviour; on
     GPUs, ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` normalises by the whole
     batch), and dropout and ``batch_transform`` draw on each process's own generator
-    (seeded with ``seed + rank``). The logged loss is each process's own share; a NaN
+    (seeded from ``seed + rank``). The logged loss is each process's own share; a NaN
     or infinite loss on any process stops them all at the same read of the loss.
     Attach masks before calling ``fit`` (see :mod:`lowlearn.distributed`), and let
     every parameter that requires a gradient take part in every step's loss:
@@ -423,7 +428,7 @@ def fit(
 
     Raises:
         ValueError: both or neither of ``epochs`` and ``steps``, a count that is not a
-            positive integer, a ``seed`` that is not an integer in ``[0, 2**64)``, data
+            positive integer, a ``seed`` that is not an integer >= 0, data
             that are not an ``(inputs, targets)`` pair of tensors of one length,
             ``eval_every`` without ``eval_data``, a ``start_step`` at or after the end,
             ``bf16`` off CUDA, a ``device`` this machine lacks, or, in a process group,
@@ -444,9 +449,6 @@ def fit(
                             ("log_every", log_every), ("eval_every", eval_every)))
     start_step, seed = check_count("start_step", start_step, 0), check_count("seed", seed, 0)
     rank, processes = world()
-    if seed + processes - 1 >= 2**64:
-        raise ValueError(f"seed must be at most {2**64 - processes} (torch's generators take seeds below 2**64, "
-                         f"and the process of rank r is seeded with seed + r), got {seed}")
     n = len(_pair(data)[0])               # all checked now, before the generators are seeded or the model moves
     batches_per_epoch = math.ceil(n / batch_size)
     total = steps if steps is not None else epochs * batches_per_epoch
@@ -466,8 +468,8 @@ def fit(
     device = available_device(device) if device is not None else default_device()
     _check_bf16(device, bf16)
     if start_step == 0:
-        seed_everything(seed + rank)             # each process its own draws (dropout, batch_transform) ...
-    order = torch.Generator().manual_seed(seed)  # ... and all the same batches
+        seed_everything(stream_seed(seed + rank, "training draws"))   # each process its own dropout ...
+    order = seeded_generator(seed, "batch order")                        # ... and all the same batches
     devices = [p.device for p in model.parameters()]
     model.to(device)
     if any(p.device != before for p, before in zip(model.parameters(), devices)) and hasattr(optimizer, "state_dict"):

@@ -21,7 +21,7 @@ from lowlearn.lowrank.layers import dense_parameters
 from lowlearn.models import MLP
 from lowlearn.powerprop import PowerPropOptimizer, powerprop
 from lowlearn.sparse import SET, SNFS, GradualPruning, RigL, StaticSparse, TopKAST, attach_masks
-from lowlearn.train import NonFiniteLossError, fit
+from lowlearn.train import NonFiniteLossError, fit, seeded_generator
 
 METHODS = ("static", "set", "rigl", "snfs", "topkast", "gradual", "dlrt", "powerprop")
 STEPS = 12
@@ -119,7 +119,7 @@ def worker(rank: int, processes: int, folder: str) -> None:
         x, y = torch.randn(5, 20, generator=torch.Generator().manual_seed(7)), torch.tensor([0, 1, 2, 3, 0])
         history = fit(model, (x, y), torch.optim.SGD(model.parameters(), lr=0.0), steps=1, batch_size=5,
                       device="cpu", progress=False, seed=3)
-        share = torch.randperm(5, generator=torch.Generator().manual_seed(3)).tensor_split(processes)[rank]
+        share = torch.randperm(5, generator=seeded_generator(3, "batch order")).tensor_split(processes)[rank]
         with torch.no_grad():
             own = torch.nn.functional.cross_entropy(model(x[share]), y[share]).item()
         assert abs(history.loss[0] - own) < 1e-6, (history.loss[0], own)

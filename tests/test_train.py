@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 
 from lowlearn.train import (CheckpointError, History, NonFiniteLossError, StopTraining, evaluate, fit,
                             load_checkpoint, restore_generator, save_checkpoint, seed_everything,
-                            state_to_parameters)
+                            seeded_generator, state_to_parameters, stream_seed)
 
 
 def toy_data(n=256, seed=0):
@@ -64,7 +64,7 @@ def test_nonfinite_loss_names_the_step():
     model, opt = make()
     x, y = toy_data(n=64)
     x[40] = float("nan")  # lands in some batch of the first epoch
-    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    perm = torch.randperm(64, generator=seeded_generator(0, "batch order"))
     bad_step = (perm == 40).nonzero().item() // 8 + 1
     with pytest.raises(NonFiniteLossError, match=f"at step {bad_step} "):
         fit(model, (x, y), opt, epochs=3, batch_size=8, log_every=100, device="cpu")
@@ -91,8 +91,6 @@ def test_fit_checks_everything_before_it_seeds_the_generators_or_moves_the_model
             fit(model, data, opt, epochs=1, seed=123, device="cpu")
     with pytest.raises(TypeError, match=r"callbacks must be a list of functions callback\(state\)"):
         fit(model, (x, y), opt, epochs=1, seed=123, callbacks=[print, None], device="cpu")
-    with pytest.raises(ValueError, match=r"seed must be at most 18446744073709551615"):
-        fit(model, (x, y), opt, epochs=1, seed=2**64, device="cpu")
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     calls = []
@@ -792,9 +790,11 @@ def test_empty_data_are_refused_clearly():
         evaluate(model, empty, device="cpu")
 
 
-def test_the_largest_seed_torch_takes_is_accepted():
-    model, opt = make()
-    fit(model, toy_data(16), opt, steps=1, seed=2**64 - 1, device="cpu", progress=False)
+def test_any_seed_of_at_least_zero_is_accepted_also_beyond_what_torch_takes():
+    """fit hashes its seed into its streams, so a seed of 2**64 or more (torch refuses it) is fine."""
+    for seed in (2**64 - 1, 2**64, 10**30):
+        model, opt = make()
+        fit(model, toy_data(16), opt, steps=1, seed=seed, device="cpu", progress=False)
 
 
 def test_a_non_finite_loss_names_its_epoch():
@@ -1041,7 +1041,7 @@ def test_the_last_partial_batch_takes_a_full_step_on_its_own_mean_loss():
                   loss_fn=nn.functional.mse_loss, log_every=1, seed=5, device="cpu", progress=False)
     w, b = start.weight.detach().clone(), start.bias.detach().clone()
     losses = []
-    for idx in torch.randperm(10, generator=torch.Generator().manual_seed(5)).split(4):
+    for idx in torch.randperm(10, generator=seeded_generator(5, "batch order")).split(4):
         w.requires_grad_(True), b.requires_grad_(True)
         loss = ((x[idx] @ w.T + b - y[idx]) ** 2).mean()
         gw, gb = torch.autograd.grad(loss, (w, b))
@@ -1053,7 +1053,11 @@ def test_the_last_partial_batch_takes_a_full_step_on_its_own_mean_loss():
     torch.testing.assert_close(model.bias.detach(), b, rtol=1e-6, atol=1e-6)
 
 
-def test_fit_seeds_the_global_generators_with_its_seed_as_seed_everything_does():
+def test_fit_draws_from_streams_of_its_own_not_from_the_numbers_that_made_the_weights():
+    """fit seeds the global generators with seed_everything(stream_seed(seed, "training draws")) and orders the
+    batches with seeded_generator(seed, "batch order"). A model built under seed_everything(seed) and trained with
+    the same seed then draws its dropout and batch order from numbers other than those of its initial weights
+    (with seed_everything(seed) and torch.Generator().manual_seed(seed) they were the very same numbers)."""
     import random
 
     import numpy as np
@@ -1066,12 +1070,23 @@ def test_fit_seeds_the_global_generators_with_its_seed_as_seed_everything_does()
         return xb
 
     for seed in (3, 8):
-        model, opt = make()
+        model, opt = make(seed)
         draws.clear()
-        fit(model, toy_data(32), opt, steps=1, batch_size=32, seed=seed, batch_transform=record, device="cpu",
+        x, y = toy_data(32)
+        fit(model, (x, y), opt, steps=1, batch_size=32, seed=seed, batch_transform=record, device="cpu",
             progress=False)
-        seed_everything(seed)
+        seed_everything(stream_seed(seed, "training draws"))
         assert draws == [(random.random(), np.random.rand(), torch.rand(()).item())]
+        seed_everything(seed)
+        assert draws != [(random.random(), np.random.rand(), torch.rand(()).item())]
+
+    order = []
+    x, y = torch.arange(32.0).unsqueeze(1), torch.zeros(32, dtype=torch.long)
+    model = nn.Linear(1, 2)
+    fit(model, (x, y), torch.optim.SGD(model.parameters(), lr=0.0), epochs=1, batch_size=8, seed=3, device="cpu",
+        progress=False, batch_transform=lambda xb: order.append(xb[:, 0].long()) or xb)
+    assert torch.equal(torch.cat(order), torch.randperm(32, generator=seeded_generator(3, "batch order")))
+    assert not torch.equal(torch.cat(order), torch.randperm(32, generator=torch.Generator().manual_seed(3)))
 
 
 def test_evaluate_takes_the_loss_of_a_bfloat16_model_in_float32():

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from lowlearn.checks import check_count
 from lowlearn.data.omniglot import Omniglot
+from lowlearn.train import seeded_generator
 
 
 def group_by_class(x: Tensor, y: Tensor) -> Tensor:
@@ -121,8 +122,10 @@ class EpisodeSampler:
         ways: classes per episode, ``N``.
         shots: support examples per class, ``K``.
         queries: query examples per class, ``Q``.
-        seed: seed of the sampler's own generator, on ``data``'s device, an int >= 0:
-            the same seed gives the same episodes.
+        seed: an int >= 0; the sampler's own generator, on ``data``'s device, is
+            ``seeded_generator(seed, "episodes")`` (:func:`lowlearn.train.seeded_generator`):
+            the same seed gives the same episodes, and they are not drawn from the
+            numbers ``seed_everything(seed)`` drew for a learner's initial weights.
         groups: optional integers ``(C,)`` (a tensor or a list), a group of each
             class, e.g. an Omniglot dataset's ``alphabet_index``. Each episode then
             draws all its classes from one group, picked uniformly among the groups
@@ -140,8 +143,7 @@ class EpisodeSampler:
         self.data = data.images if isinstance(data, Omniglot) else data
         _check_episode(self.data, ways, shots, queries)
         self.ways, self.shots, self.queries = ways, shots, queries
-        self.generator = torch.Generator(device=self.data.device)
-        self.generator.manual_seed(check_count("seed", seed, 0))
+        self.generator = seeded_generator(seed, "episodes", self.data.device)
         self.groups, self.eligible = None, None
         if groups is not None:
             self.groups = torch.as_tensor(groups).to(self.data.device)      # a list of ints works too

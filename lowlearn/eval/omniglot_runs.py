@@ -44,7 +44,7 @@ from lowlearn.models import Conv4
 from lowlearn.profiles import BlackBoxSizes, banner, get_profile
 from lowlearn.stats import mean_and_ci
 from lowlearn.train import (CheckpointError, default_device, load_checkpoint, save_checkpoint, seed_everything,
-                            seeded_generator)
+                            seeded_generator, stream_seed)
 
 METHODS = ("protonet", "matching", "maml")
 
@@ -116,7 +116,7 @@ def train(learner: nn.Module, method: str, data: Omniglot, sizes: BlackBoxSizes,
 
     Adam's learning rate starts at ``sizes.lr`` and follows a cosine to zero over the meta-steps.
     """
-    seed_everything(seed)
+    seed_everything(stream_seed(seed, "meta-training"))   # not the draws that made the learner's weights
     learner.to(device).train()
     if sizes.rotations:
         data = data.with_rotations()

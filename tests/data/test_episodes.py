@@ -8,6 +8,7 @@ import torch
 
 from lowlearn.data.episodes import Episode, EpisodeSampler, group_by_class, random_episodes
 from lowlearn.data.omniglot import Omniglot
+from lowlearn.train import stream_seed
 
 CLASSES, EXAMPLES = 12, 9
 
@@ -272,3 +273,15 @@ def test_random_episodes_refuses_a_count_out_of_range(name, value, minimum):
 def test_random_episodes_takes_numpy_counts():
     episode = random_episodes(np.int64(2), np.int64(3), np.int64(1), np.int64(2), image_size=np.int64(4))
     assert episode.support_x.shape == (2, 3, 1, 4, 4) and episode.query_y.shape == (2, 6)
+
+
+def test_the_sampler_draws_from_its_own_stream_not_from_the_numbers_that_made_a_learners_weights():
+    """seed=s seeds the sampler with stream_seed(s, "episodes"): a learner built under seed_everything(s) and a
+    sampler with seed=s do not share their numbers (torch.Generator().manual_seed(s) repeats torch.manual_seed(s)'s
+    draws on a CPU)."""
+    data = _ids()
+    for seed in (0, 7):
+        sampler = EpisodeSampler(data, ways=2, shots=1, queries=1, seed=seed)
+        assert sampler.generator.initial_seed() == stream_seed(seed, "episodes")
+        same = EpisodeSampler(data, ways=2, shots=1, queries=1, seed=seed).sample(batch=4)
+        assert torch.equal(sampler.sample(batch=4).support_x, same.support_x)
