@@ -115,8 +115,8 @@ def test_cuda_graph_ratios_quoted_in_fast_sparse_are_those_of_the_committed_benc
     ("powerprop", "averages 89.2% instead of 85.4%", "Powerprop (α = 3), PackNet average over all tasks, test accuracy",
      89.19),
     ("black_box", "ProtoNet's error is 26.2 ± 1.6%", "ProtoNet, run-like error", 26.18),
-    ("low_rank", "from scratch\nreaches only 88.4%", "fixed rank from scratch, ranks of ϑ = 0.2, LeNet5, test accuracy",
-     88.4),
+    ("low_rank", "from scratch\nreaches 93.7%", "fixed rank from scratch, ranks of ϑ = 0.2, LeNet5, test accuracy",
+     93.7),
 ])
 def test_prose_numbers_match_the_recorded_results(chapter, phrase, key, value):
     """A sample of the cpu-profile prose numbers against book/results/cpu.json (to the printed digit)."""
