@@ -110,8 +110,8 @@ def test_cuda_graph_ratios_quoted_in_fast_sparse_are_those_of_the_committed_benc
 @pytest.mark.parametrize("chapter, phrase, key, value", [
     ("looking_forward", "97.4 ± 0.1%", "pruned, test accuracy", 97.43),
     ("looking_forward", "97.0 ± 0.9%", "RigL, test accuracy", 97.03),
-    ("dynamic_sparse_training", "reaches 90.5%, 91.1% and 90.9% with", "RigL, 95% sparse, ΔT = 100, test accuracy",
-     90.9),
+    ("dynamic_sparse_training", "reaches 88.8%, 90.9% and 90.7% with", "RigL, 95% sparse, ΔT = 100, test accuracy",
+     90.73),
     ("powerprop", "averages 89.7% instead of 85.0%", "Powerprop (α = 3), PackNet average over all tasks, test accuracy",
      89.69),
     ("black_box", "ProtoNet's error is 26.2 ± 1.6%", "ProtoNet, run-like error", 26.18),
