@@ -70,8 +70,8 @@ from ..distributed import average_across_processes
 from ..reparam import OutputGradients
 from ..train import generator_on, restore_generator, seeded_generator
 from .allocation import erdos_renyi, erk, uniform
-from .mask import (Mask, attach_masks, check_saved_weights, find_mask, raw_weight, resolve_layers, set_masks,
-                   weights_device, zero_where_masked)
+from .mask import (Mask, attach_masks, find_mask, raw_weight, resolve_layers, saved_weights,
+                   set_masks, weights_device, zero_where_masked)
 from .prune import check_density, kept_count, top_k_mask
 from .schedule import UpdateSchedule
 from .update import drop_and_grow
@@ -627,11 +627,10 @@ class SNFS(DynamicSparsity):
         Raises:
             ValueError: a state of other layers, or a momentum of other shapes; nothing is restored then.
         """
-        if state["momentum"]:                      # none before the first step
-            check_saved_weights("SNFS", "momentum", state["momentum"], self.layers())
+        momentum = (saved_weights("SNFS", "momentum", state["momentum"], self.layers())
+                    if state["momentum"] else {})                  # none before the first step
         super().load_state_dict(state)
-        devices = {name: raw_weight(layer).device for name, layer in self.layers().items()}
-        self.momentum = {name: m.to(devices[name], copy=True) for name, m in state["momentum"].items()}
+        self.momentum = momentum
 
 
 def share(total: int, weights: Mapping[str, float], capacity: Mapping[str, int]) -> dict[str, int]:

@@ -192,15 +192,20 @@ def weights_device(layers: Mapping[str, nn.Module]) -> torch.device:
     return raw_weight(next(iter(layers.values()))).device
 
 
-def check_saved_weights(owner: str, part: str, saved: Mapping[str, Tensor], layers: Mapping[str, nn.Module]) -> None:
-    """Raise a ValueError unless ``saved`` (the ``part`` of a loaded state) holds a tensor of each layer's weight
-    shape (:func:`raw_weight`) for exactly ``layers``: else it is the state of an ``owner`` (a method or callback)
-    built on another model."""
+def saved_weights(owner: str, part: str, saved: Mapping[str, Tensor], layers: Mapping[str, nn.Module]
+                  ) -> dict[str, Tensor]:
+    """Copies of ``saved`` (the ``part`` of a loaded state), each on its layer's device.
+
+    Raises:
+        ValueError: ``saved`` does not hold a tensor of each layer's weight shape (:func:`raw_weight`) for
+            exactly ``layers``: it is the state of an ``owner`` (a method or callback) built on another model.
+    """
     shapes = {name: tuple(raw_weight(layer).shape) for name, layer in layers.items()}
     found = {name: tuple(tensor.shape) for name, tensor in saved.items()}
     if found != shapes:
         raise ValueError(f"the state's {part} are of layers {found}, but this {owner} has the layers {shapes}: build "
                          f"it on a model like the one the saved {owner} was built on")
+    return {name: tensor.to(raw_weight(layers[name]).device, copy=True) for name, tensor in saved.items()}
 
 
 def resolve_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, nn.Module]:

@@ -39,7 +39,7 @@ from ..checks import is_integer
 from ..optim_state import reset_optimizer_state
 from ..reparam import raw_value, register
 from ..train import generator_on, restore_generator, seeded_generator
-from .mask import (SplitMask, check_saved_weights, find_mask, raw_weight, refuse_weight_decay, resolve_layers,
+from .mask import (SplitMask, find_mask, raw_weight, refuse_weight_decay, resolve_layers, saved_weights,
                    weights_device)
 from .prune import check_density, kept_count, top_k_mask
 
@@ -305,8 +305,7 @@ class PackNet:
         Raises:
             ValueError: a state of other layers, or of weights of other shapes; nothing is restored then.
         """
-        check_saved_weights("PackNet", "owner", state["owner"], self.layers)
-        self.owner = {name: o.clone() for name, o in state["owner"].items()}
+        self.owner = saved_weights("PackNet", "owner", state["owner"], self.layers)
         self.tasks = int(state["tasks"])
         self.started, self.own = bool(state.get("started", False)), tuple(state.get("own", ()))
         self.own_modules = tuple(state.get("own_modules", dict.fromkeys(map(_module_of, self.own))))

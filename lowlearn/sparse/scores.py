@@ -36,7 +36,7 @@ from torch.nn.utils import parametrize
 
 from ..checks import check_batch, check_count, check_positive, is_integer
 from ..train import eval_mode, generator_on
-from .mask import (check_saved_weights, masked_layers, masks_of, prunable_layers, raw_weight, resolve_layers,
+from .mask import (masked_layers, masks_of, prunable_layers, raw_weight, resolve_layers, saved_weights,
                    weights_device)
 
 Batch = tuple[Tensor, Tensor]
@@ -416,8 +416,5 @@ class MovementScores:
             ValueError: a state of other layers, or of weights of other shapes, than
                 this callback scores (build it on the model the saved one scored).
         """
-        for part in ("scores", "before"):
-            check_saved_weights("MovementScores", part, state[part], self._layers)
-        devices = {name: raw_weight(layer).device for name, layer in self._layers.items()}
-        self._scores = {name: s.to(devices[name], copy=True) for name, s in state["scores"].items()}
-        self._before = {name: b.to(devices[name], copy=True) for name, b in state["before"].items()}
+        self._scores, self._before = (saved_weights("MovementScores", part, state[part], self._layers)
+                                      for part in ("scores", "before"))    # both checked before either is set
