@@ -238,8 +238,8 @@ class GradualPruning:
         scores = self.score(state.model)
         # Masks only shrink: never ask a layer (or, global, the layers together) for more than it keeps.
         left = {name: int(mask.sum()) for name, mask in masks_or_ones(state.model, scores).items()}
-        unmasked = [name for name in scores if find_mask(state.model.get_submodule(name)) is None]
-        if unmasked and world()[1] > 1:
+        if world()[1] > 1 and (unmasked := [name for name in scores
+                                            if find_mask(state.model.get_submodule(name)) is None]):
             raise RuntimeError(f"the layers {unmasked} have no mask, and DistributedDataParallel cannot follow a "
                                "mask attached during training: call lowlearn.sparse.attach_masks(model) before fit")
         if self.scope == "global":
