@@ -22,15 +22,17 @@ from numpy.typing import ArrayLike
 
 def _as_float64(values: ArrayLike | torch.Tensor, scale: float) -> torch.Tensor:
     """``scale · values`` as a flat float64 CPU tensor: from any tensor dtype (bfloat16 too, which NumPy lacks),
-    or from an array or a list of numbers or of one-element tensors."""
+    or from an array, or a list of numbers, tensors or arrays (of one shape, flattened together)."""
     if isinstance(values, torch.Tensor):
-        values = values.detach().to("cpu", torch.float64)
-    elif isinstance(values, (list, tuple)):
-        if any(isinstance(v, torch.Tensor) and v.numel() != 1 for v in values):
-            raise ValueError("a list of tensors must hold one number per tensor: torch.cat or torch.stack them, "
-                             "or pass the numbers")
-        values = [v.detach().item() if isinstance(v, torch.Tensor) else v for v in values]
-    return _finite(scale * torch.as_tensor(np.asarray(values, dtype=np.float64)).flatten())
+        return _finite(scale * values.detach().to("cpu", torch.float64).flatten())
+    if isinstance(values, (list, tuple)):
+        values = [v.detach().to("cpu", torch.float64).numpy() if isinstance(v, torch.Tensor) else v for v in values]
+        shapes = sorted({np.shape(v) for v in values})
+        if len(shapes) > 1:
+            raise ValueError(f"the values' parts have different shapes ({shapes}): concatenate them (torch.cat, "
+                             "np.concatenate) or pass one flat list of numbers")
+    array = np.asarray(values, dtype=np.float64)
+    return _finite(scale * torch.as_tensor(array).flatten())
 
 
 def _finite(values: torch.Tensor) -> torch.Tensor:

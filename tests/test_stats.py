@@ -39,8 +39,6 @@ def test_non_finite_values_are_refused_where_they_enter():
                 summary(bad)
     with pytest.raises(ValueError, match="not finite"):
         curve_mean_and_ci([[1.0, 2.0], [float("nan"), 3.0]])
-    with pytest.raises(ValueError, match="one number per tensor"):
-        summarize([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])])
 
 
 def test_summarize_scales_and_gives_no_interval_for_one_value():
@@ -73,8 +71,24 @@ def test_a_single_value_that_is_not_finite_is_refused():
 def test_values_that_require_grad_and_empty_tensors_in_a_list():
     values = torch.tensor([1.0, 2.0, 6.0], requires_grad=True)
     assert mean_and_ci(values) == mean_and_ci([1.0, 2.0, 6.0])
-    with pytest.raises(ValueError, match="one number per tensor"):
+    with pytest.raises(ValueError, match=r"different shapes \(\[\(0,\), \(1,\)\]\)"):
         summarize([torch.tensor([]), torch.tensor([1.0])])
+
+
+def test_a_list_of_tensors_is_flattened_as_a_list_of_arrays_is():
+    """Reference: the same numbers as one flat list. A list of equal-shaped tensors (per-seed curves, say) and
+    the same list of NumPy arrays give one summary; parts of different shapes are an error, not a guess."""
+    flat = [0.5, 0.75, 0.25, 1.0]
+    parts = [[0.5, 0.75], [0.25, 1.0]]
+    for summary in (mean_and_ci, summarize):
+        expected = summary(flat)
+        assert summary([torch.tensor(p, dtype=torch.bfloat16) for p in parts]) == expected   # exact in bfloat16
+        assert summary([np.array(p) for p in parts]) == expected
+        assert summary(tuple(torch.tensor(p, requires_grad=True) for p in parts)) == expected
+    for ragged, shapes in (([torch.tensor([1.0, 2.0]), torch.tensor([3.0])], r"\(1,\), \(2,\)"),
+                           ([np.ones(2), 3.0], r"\(\), \(2,\)")):
+        with pytest.raises(ValueError, match=f"different shapes \\(\\[{shapes}\\]\\)"):
+            summarize(ragged)
 
 
 def test_large_values_are_summarised_in_float64():
