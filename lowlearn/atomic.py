@@ -3,21 +3,25 @@
 :func:`atomic_file` writes into a temporary file beside the target, flushes it to the
 disk, and publishes it under the target's name only once the writing succeeded: a
 crash, a power loss or an exception leaves the target as it was (or absent), never
-half-written. An exception removes the temporary file; a process killed while it
-writes cannot, and leaves it behind, hidden, as ``.<name>.<8 hex>.part`` beside the
-target (the name cut to 32 characters); it is safe to delete once nothing writes
-there. A new file gets the permissions of any new file (``0o666`` less the umask,
-which the system applies when the temporary file is created); a replaced file keeps
-its own. Checkpoints (:func:`lowlearn.train.save_checkpoint`), results files
-(:mod:`lowlearn.results`) and downloads (:mod:`lowlearn.data.cache`) are written this
-way; :func:`new_sibling_folder` gives archive extraction its temporary folder.
+half-written. The folder's new entry is flushed too, once the file is in place; a
+failure there leaves the file saved and gives a warning, not an error. An exception
+removes the temporary file; a process killed while it writes cannot, and leaves it
+behind, hidden, as ``.<name>.<8 hex>.part`` beside the target (the name cut to 32
+characters); it is safe to delete once nothing writes there. A new file gets the
+permissions of any new file (``0o666`` less the umask, which the system applies when
+the temporary file is created); a replaced file keeps its own. Checkpoints
+(:func:`lowlearn.train.save_checkpoint`), results files (:mod:`lowlearn.results`) and
+downloads (:mod:`lowlearn.data.cache`) are written this way; :func:`new_sibling_folder`
+gives archive extraction its temporary folder.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import stat
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,15 +61,29 @@ def _ensure_folder(folder: Path) -> None:
                                  "files can be saved there") from None
 
 
-def _sync_folder(folder: Path) -> None:
-    """Flush a folder's entries (a new or renamed file) to the disk, where the system allows it."""
+def _sync_folder(folder: Path, published: Path) -> None:
+    """Flush a folder's entries (the file ``published``, new or renamed) to the disk, where the system allows it.
+
+    The file is in place by then, so a failure is not an error of the save: a file system
+    that cannot flush folders (``EINVAL``, ``ENOTSUP``) is skipped, as Windows is, and any
+    other failure is a warning that the file may not survive a power loss.
+    """
     if not hasattr(os, "O_DIRECTORY"):               # Windows: folders cannot be opened
         return
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as error:
+        if error.errno not in _NO_FOLDER_SYNC:
+            warnings.warn(f"{published} is saved, but its folder could not be flushed to the disk ({error}): the "
+                          "file may be lost if the machine loses power before the system writes it out",
+                          RuntimeWarning, stacklevel=4)
+
+
+_NO_FOLDER_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
 @contextmanager
@@ -109,7 +127,7 @@ def atomic_file(path: str | os.PathLike, *, overwrite: bool, text: bool = False)
             os.replace(tmp, path)
         else:
             _publish_new(tmp, path)
-        _sync_folder(path.parent)
+        _sync_folder(path.parent, path)
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)

@@ -1,7 +1,9 @@
 """Edge cases of lowlearn.atomic.atomic_file: failures, folders, read-only files, long names, links."""
 
+import errno
 import os
 import stat
+import warnings
 
 import pytest
 
@@ -92,3 +94,31 @@ def test_a_chain_of_links_into_another_folder_keeps_its_links(tmp_path):
         handle.write("new")
     assert (tmp_path / "front.json").is_symlink() and (tmp_path / "middle.json").is_symlink()
     assert real.read_text() == "new" and not leftovers(tmp_path) and not leftovers(tmp_path / "store")
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.EIO], ids=["unsupported", "failed"])
+def test_a_folder_that_cannot_be_flushed_does_not_turn_a_saved_file_into_an_error(tmp_path, monkeypatch, code):
+    """The folder's fsync comes after the file is published: a file system that cannot flush folders (EINVAL) is
+    skipped silently, any other failure (EIO) is a warning that names the saved file, and in both cases the file
+    is in place with its new content, nothing is left behind, and the caller gets no exception."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    target = tmp_path / "a.json"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for overwrite, text in ((False, "first"), (True, "second")):
+            with atomic_file(target, overwrite=overwrite, text=True) as handle:
+                handle.write(text)
+    assert target.read_text() == "second" and not leftovers(tmp_path)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    if code == errno.EINVAL:
+        assert messages == []
+    else:
+        assert len(messages) == 2 and all(f"{target} is saved" in m and "power" in m for m in messages)
+        assert all(w.filename == __file__ for w in caught)               # pointed at the caller's with-block
