@@ -357,7 +357,10 @@ class PowerPropOptimizer:
             self._weights.append((name, phi, module.alpha))
             if module in _ROUTERS:         # the layer's previous wrapper stops routing: one wrapper per model
                 _ROUTERS[module].remove()
-            _ROUTERS[module] = self._hooks[module] = module.register_forward_hook(self._theta_gradient_hook(name, phi))
+            # First among the module's forward hooks, so that hooks registered earlier (a recorder of θ's
+            # gradient, lowlearn.reparam.OutputGradients) see the θ that backward reaches.
+            _ROUTERS[module] = self._hooks[module] = module.register_forward_hook(self._theta_gradient_hook(name, phi),
+                                                                                   prepend=True)
         self._release = weakref.finalize(self, _stop_routing, self._hooks)   # also when the wrapper is dropped
         self._scratch: dict[str, tuple[Tensor, Tensor]] = {}
 

@@ -783,3 +783,26 @@ def test_a_model_deep_copied_with_its_wrapper_trains_with_the_copied_wrapper_as_
     assert routes_theta_gradients(model) and routes_theta_gradients(copied_model)
     wrapper.remove()                                                   # the copy's routing is its own
     assert not routes_theta_gradients(model) and routes_theta_gradients(copied_model)
+
+
+def test_output_gradients_read_dtheta_whether_started_before_or_after_the_wrapper():
+    """A recorder of ∂L/∂θ (OutputGradients(kind=PowerProp)) whose hook was registered before a PowerPropOptimizer
+    was built sees the θ that backward reaches (the wrapper's hook runs first), as one registered after does.
+    Reference: ∂L/∂θ by autograd on a plain copy of the network holding θ; φ.grad is that gradient too."""
+    from lowlearn.reparam import OutputGradients
+    x, y = batch()
+    for order in ("recorder first", "wrapper first"):
+        model = powerprop(small_mlp(), 3)
+        layers = powerprop_layers(model)
+        recorder = OutputGradients(layers, PowerProp)
+        if order == "recorder first":
+            recorder.start()
+        wrapper = PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+        recorder.start()
+        F.cross_entropy(model(x), y).backward()
+        expected = plain_theta_gradients(model, x, y)
+        assert recorder.grads.keys() == expected.keys(), order
+        for name, layer in layers.items():
+            torch.testing.assert_close(recorder.grads[name], expected[name], msg=order)
+            torch.testing.assert_close(layer.parametrizations.weight.original.grad, expected[name], msg=order)
+        wrapper.remove()
