@@ -74,8 +74,9 @@ def layer_pair(model: nn.Sequential, layer: int) -> tuple[nn.Module, nn.Module]:
     """The layer at position ``layer`` among the model's Linear/Conv2d layers, and the next one.
 
     Raises:
-        ValueError: no next layer, layers of different kinds, grouped convolutions, or
-            something between them that growth cannot see through.
+        ValueError: no next layer, layers of different kinds, a layer used at several
+            places (tied), grouped convolutions, or something between them that growth
+            cannot see through.
     """
     check_chain(model, "growth")
     leaves = chain(model)
@@ -84,6 +85,10 @@ def layer_pair(model: nn.Sequential, layer: int) -> tuple[nn.Module, nn.Module]:
         raise ValueError(f"layer must index a hidden Linear/Conv2d layer, 0 .. {len(positions) - 2}; got {layer}")
     first, second = positions[layer], positions[layer + 1]
     grown, consumer = leaves[first], leaves[second]
+    tied = [i for i, m in zip((layer, layer + 1), (grown, consumer)) if sum(leaf is m for leaf in leaves) > 1]
+    if tied:
+        raise ValueError(f"cannot grow layers used at several places of the chain (layers {tied}): a new unit "
+                         "would change the shapes of every use; give each place its own layer")
     parametrized = [i for i, m in zip((layer, layer + 1), (grown, consumer)) if parametrize.is_parametrized(m)]
     if parametrized:
         raise ValueError(f"cannot grow between parametrized layers (layers {parametrized} carry masks or Powerprop): "

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowlearn.growth import GrowthSchedule, gradmax_directions, grow, layer_pair, width
+from lowlearn.growth import STRATEGIES, GrowthSchedule, gradmax_directions, grow, layer_pair, width
 from lowlearn.models import MLP
 from lowlearn.train import fit
 
@@ -611,3 +611,17 @@ def test_one_dimensional_state_of_a_matrix_is_refused_before_the_model_changes()
         grow(model, 0, 2, "random", optimizer=optimizer)
     after = dict(model.named_parameters())
     assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_layer_used_at_several_places_is_refused_before_anything_changes(strategy):
+    """A Linear used twice in the chain (tied, square) cannot take new units: its other use would get inputs or
+    outputs of the wrong width. Every strategy refuses it, as the grown layer or as the next one, and names it."""
+    torch.manual_seed(0)
+    tied = nn.Linear(6, 6).double()
+    model = nn.Sequential(nn.Linear(10, 6), nn.Tanh(), tied, nn.Tanh(), tied, nn.Tanh(), nn.Linear(6, 3)).double()
+    before = copy.deepcopy(model.state_dict())
+    for layer, named in ((0, r"\[1\]"), (1, r"\[1, 2\]"), (2, r"\[2\]")):
+        with pytest.raises(ValueError, match=f"used at several places of the chain \\(layers {named}\\)"):
+            grow(model, layer, 1, strategy, batch=batch())
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
