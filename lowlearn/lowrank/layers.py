@@ -199,7 +199,10 @@ class LowRankLayer(nn.Module):
     #: compute ``∇_K`` and ``∇_L`` in backward (the DLRT integrator turns it off for its S-step pass)
     kl_gradients = True
 
-    def _init_factors(self, weight: Tensor, rank: int | None, tol: float | None, r_max: int | None) -> None:
+    def _init_from(self, weight: Tensor, bias: Tensor | None, rank: int | None, tol: float | None,
+                   r_max: int | None) -> None:
+        """The factors of the dense ``weight``'s truncated SVD and a copy of ``bias``, each trained where its
+        dense tensor is (``requires_grad``)."""
         n, m = weight.shape[0], weight[0].numel()
         if (rank is None) == (tol is None):
             raise ValueError("give exactly one of rank= and tol= (a fixed rank, or a relative tolerance ϑ)")
@@ -212,6 +215,7 @@ class LowRankLayer(nn.Module):
         self.U = nn.Parameter(U[:, :r].to(dtype).contiguous(), requires_grad=trained)
         self.S = nn.Parameter(torch.diag(sigma[:r]).to(dtype), requires_grad=trained)
         self.V = nn.Parameter(Vh[:r].T.to(dtype).contiguous(), requires_grad=trained)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
 
     @property
     def rank(self) -> int:
@@ -301,8 +305,7 @@ class LowRankLinear(LowRankLayer):
         if _weight is None:
             dense = nn.Linear(in_features, out_features, bias=bias)
             _weight, _bias = dense.weight, dense.bias
-        self._init_factors(_weight, rank, tol, r_max)
-        self.bias = nn.Parameter(_bias.detach().clone(), requires_grad=_bias.requires_grad) if bias else None
+        self._init_from(_weight, _bias if bias else None, rank, tol, r_max)
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, rank: int | None = None, *, tol: float | None = None,
@@ -355,9 +358,7 @@ class LowRankConv2d(LowRankLayer):
             raise ValueError("only ungrouped convolutions with zero padding have a low-rank version here")
         self.kernel = (conv.in_channels, *conv.kernel_size)
         self.conv = {"stride": conv.stride, "padding": integer_padding(conv), "dilation": conv.dilation}
-        self._init_factors(conv.weight, rank, tol, r_max)
-        self.bias = (nn.Parameter(conv.bias.detach().clone(), requires_grad=conv.bias.requires_grad)
-                     if conv.bias is not None else None)
+        self._init_from(conv.weight, conv.bias, rank, tol, r_max)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, rank: int | None = None, *, tol: float | None = None,
