@@ -124,13 +124,14 @@ class _LowRankLinearFunction(torch.autograd.Function):
         # In the factors' dtype: under autocast the input and δ may be bfloat16, the factors float32.
         rows_x = x.reshape(-1, x.shape[-1]).to(U.dtype)
         rows_d = delta.reshape(-1, delta.shape[-1]).to(U.dtype)
-        a = rows_x @ V                                   # x V        (B × r_v)
+        _, need_K, need_S, need_L, _ = ctx.needs_input_grad
+        need_K, need_L = ctx.kl and need_K, ctx.kl and need_L
+        a = rows_x @ V if need_S or need_K else None     # x V        (B × r_v)
         c = rows_d @ U                                   # δ U        (B × r_u)
         grad_x = ((c @ S) @ V.T).view_as(x).to(x.dtype) if ctx.needs_input_grad[0] else None   # δ W = δ U S Vᵀ
-        _, need_K, need_S, need_L, _ = ctx.needs_input_grad
         grad_S = c.T @ a if need_S else None             # ∂L/∂S = Uᵀ δᵀ x V
-        grad_K = rows_d.T @ a if ctx.kl and need_K else None    # ∇_K = δᵀ x V
-        grad_L = rows_x.T @ c if ctx.kl and need_L else None    # ∇_L = xᵀ δ U
+        grad_K = rows_d.T @ a if need_K else None        # ∇_K = δᵀ x V
+        grad_L = rows_x.T @ c if need_L else None        # ∇_L = xᵀ δ U
         return grad_x, grad_K, grad_S, grad_L, None
 
 

@@ -380,6 +380,11 @@ def test_a_frozen_layer_backward_computes_the_input_gradient_alone(kind, monkeyp
         layer(x).square().sum().backward()
     torch.testing.assert_close(x.grad, expected)
     assert frozen_flops.get_total_flops() < trained_flops.get_total_flops()
+    if kind == "linear":
+        # By hand: forward x V, · Sᵀ, · Uᵀ and backward δ U, · S, · Vᵀ are the same three products (B rows
+        # through m, r, r, n), so the frozen layer's forward and backward cost exactly twice its forward; no x V.
+        b, (n, m), r = x.shape[0], layer.dense_shape, layer.rank
+        assert frozen_flops.get_total_flops() == 2 * 2 * b * (m * r + r * r + r * n)
 
 
 def full_core(layer, seed=0):
