@@ -6,6 +6,7 @@ chapters can arrange panels freely.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import matplotlib.pyplot as plt
@@ -92,6 +93,25 @@ def errorbar_curve(x: Sequence[float], runs: Sequence[Sequence[float]], *, label
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
     return ax
+
+
+def kept_per_input(mask: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """How many weights each input of a masked Linear layer keeps, laid out like the input: the mask as an image.
+
+    Args:
+        mask: the layer's mask, ``(out_features, in_features)``.
+        shape: the input's shape, e.g. ``(28, 28)`` for MNIST's pixels; its size is ``in_features``.
+
+    Returns:
+        A float32 CPU tensor of ``shape``: per input, the number of units that keep its weight.
+
+    Raises:
+        ValueError: a mask that is not two-dimensional, or a ``shape`` of another size than its inputs.
+    """
+    if mask.dim() != 2 or math.prod(shape) != mask.shape[1]:
+        raise ValueError(f"a mask of shape {tuple(mask.shape)} does not have one column per input of shape "
+                         f"{tuple(shape)}: give the first Linear layer's (out_features, in_features) mask")
+    return mask.detach().sum(0).reshape(*shape).float().cpu()
 
 
 def density_axis(ax: Axes, kept: Sequence[float], *, percent: bool = False, label: str = "weights kept") -> Axes:

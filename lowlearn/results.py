@@ -1,10 +1,11 @@
 """The chapters' headline results, kept per experiment profile so that later chapters can read them.
 
 A chapter calls :func:`record` once it has measured something worth comparing across the
-course (a test accuracy at some sparsity, a speed-up, a memory ratio), and the closing
-chapter reads every record back with :func:`load` to put the methods side by side. Each
-profile has its own file, ``<directory>/<profile>.json``, so a smoke run never mixes with
-the numbers of a cpu or gpu run. The directory is ``$LOWLEARN_RESULTS`` if set, else
+course (a test accuracy at some sparsity, a speed-up, a memory ratio), or
+:func:`record_mean` for a number measured over several seeds, and the closing chapter
+reads every record back with :func:`load` to put the methods side by side. Each profile
+has its own file, ``<directory>/<profile>.json``, so a smoke run never mixes with the
+numbers of a cpu or gpu run. The directory is ``$LOWLEARN_RESULTS`` if set, else
 ``results`` under the current directory (a chapter runs in ``book/``, so its results land
 in ``book/results``).
 
@@ -38,6 +39,7 @@ import torch
 from .atomic import atomic_file
 from .checks import as_float, is_real
 from .profiles import device_description, get_profile
+from .stats import summarize
 
 ENV_VAR = "LOWLEARN_RESULTS"
 
@@ -219,6 +221,23 @@ def record(chapter: str, key: str, value: float, *, ci: float | None = None, uni
         with atomic_file(path, overwrite=True, text=True) as handle:
             handle.write(text + "\n")
     return result
+
+
+def record_mean(chapter: str, key: str, values: object, *, scale: float = 1.0, unit: str = "", label: str = "",
+                profile: str | None = None, directory: str | os.PathLike | None = None,
+                device: torch.device | str | None = None) -> Result:
+    """:func:`record` the mean of ``scale · values`` (one per seed or run) with its 95% interval, and return it.
+
+    The summary is :func:`lowlearn.stats.summarize`'s: Student's t interval of the mean,
+    none for a single value (a profile with one seed). ``scale`` converts units on the
+    way, e.g. ``100`` for accuracies recorded in %; the other arguments are :func:`record`'s.
+
+    Raises:
+        ValueError: no values, a value that is not finite, or what :func:`record` refuses.
+    """
+    value, ci = summarize(values, scale)
+    return record(chapter, key, value, ci=ci, unit=unit, label=label, profile=profile, directory=directory,
+                  device=device)
 
 
 def load(profile: str | None = None, directory: str | os.PathLike | None = None) -> dict[str, dict[str, Result]]:

@@ -191,3 +191,16 @@ def test_results_that_are_tensors_count_as_their_values_whatever_their_device_or
         plot.mean_and_spread([torch.tensor(0.5, device="meta")])
     mean, _ = plot.mean_and_spread([torch.tensor([0.5, 0.25], dtype=torch.bfloat16)])     # NumPy has no bfloat16
     np.testing.assert_array_equal(mean, [0.5, 0.25])
+
+
+def test_kept_per_input_counts_each_inputs_kept_weights_laid_out_like_the_input():
+    """Reference: by hand on a 3-unit layer over a 2x2 input: input (0, 1) is kept by units 0 and 2, and so on."""
+    mask = torch.tensor([[1, 1, 0, 0],
+                         [0, 0, 0, 1],
+                         [1, 1, 0, 1]], dtype=torch.bool)
+    image = plot.kept_per_input(mask, (2, 2))
+    assert image.dtype == torch.float32 and image.device.type == "cpu"
+    assert torch.equal(image, torch.tensor([[2.0, 2.0], [0.0, 2.0]]))
+    for bad, shape in ((mask, (3, 3)), (mask[0], (2, 2)), (mask[:, :, None], (2, 2))):
+        with pytest.raises(ValueError, match="one column per input"):
+            plot.kept_per_input(bad, shape)

@@ -265,3 +265,20 @@ def test_the_file_is_written_in_a_canonical_layout_whatever_the_order_of_records
     strip_times = lambda text: "\n".join(line for line in text.splitlines() if '"recorded"' not in line)  # noqa: E731
     assert texts[0] == canonical and texts[0].endswith("}\n")
     assert strip_times(texts[0]) == strip_times(texts[1])
+
+
+def test_record_mean_stores_the_mean_and_students_t_interval_of_the_runs(tmp_path):
+    """Reference: by hand, mean 0.93 and t(0.975, 2)·s/√3 of three seeds' accuracies, scaled to %; one run has no
+    interval; a run that diverged is refused before anything is written."""
+    accuracies = [0.92, 0.93, 0.94]
+    s = math.sqrt(((0.92 - 0.93) ** 2 + (0.94 - 0.93) ** 2) / 2)
+    stored = results.record_mean("ch", "acc", accuracies, scale=100, unit="% accuracy", label="3 seeds",
+                                 profile="cpu", directory=tmp_path)
+    assert stored == results.load("cpu", tmp_path)["ch"]["acc"]
+    assert stored.value == pytest.approx(93.0) and stored.ci == pytest.approx(100 * 4.302653 * s / math.sqrt(3))
+    assert (stored.unit, stored.label) == ("% accuracy", "3 seeds")
+    one = results.record_mean("ch", "one", torch.tensor([0.5]), profile="cpu", directory=tmp_path)
+    assert (one.value, one.ci) == (0.5, None)
+    with pytest.raises(ValueError, match="not finite"):
+        results.record_mean("ch", "bad", [0.9, float("nan")], profile="cpu", directory=tmp_path)
+    assert set(results.load("cpu", tmp_path)["ch"]) == {"acc", "one"}

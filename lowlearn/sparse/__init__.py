@@ -24,8 +24,8 @@ from . import scores
 from .dst import SET, SNFS, RigL, StaticSparse
 from .flops import dst_training_flops, model_sparse_flops, sparse_inference_flops, sparse_training_flops
 from .lottery import EarlyBird, iterative_magnitude_pruning, train_control
-from .mask import (Mask, attach_masks, density, layer_densities, masked_layers, masks_of, prunable_layers,
-                   set_masks, squash)
+from .mask import (Mask, attach_masks, density, kept_weights, layer_densities, masked_layers, masks_of,
+                   prunable_layers, set_masks, squash)
 from .prune import prune
 from .schedule import GradualPruning, UpdateSchedule, cubic_density, geometric_densities, iterative_pruning
 from .structured import nm_mask, prune_channels, prune_nm
@@ -33,10 +33,9 @@ from .topkast import TopKAST
 from .update import drop_and_grow
 
 __all__ = [
-    "SET", "SNFS", "EarlyBird", "GradualPruning", "Mask", "RigL", "StaticSparse", "TopKAST", "UpdateSchedule",
+    "EarlyBird", "GradualPruning", "Mask", "RigL", "SET", "SNFS", "StaticSparse", "TopKAST", "UpdateSchedule",
     "allocation", "attach_masks", "cubic_density", "density", "drop_and_grow", "dst_training_flops",
-    "geometric_densities", "iterative_magnitude_pruning", "iterative_pruning", "layer_densities", "masked_layers",
-    "masks_of", "model_sparse_flops", "nm_mask", "prunable_layers", "prune", "prune_channels",
-    "prune_nm", "scores", "set_masks", "sparse_inference_flops", "sparse_training_flops", "squash",
-    "train_control",
+    "geometric_densities", "iterative_magnitude_pruning", "iterative_pruning", "kept_weights", "layer_densities",
+    "masked_layers", "masks_of", "model_sparse_flops", "nm_mask", "prunable_layers", "prune", "prune_channels",
+    "prune_nm", "scores", "set_masks", "sparse_inference_flops", "sparse_training_flops", "squash", "train_control",
 ]

@@ -26,8 +26,8 @@ stays exact.
 
 The life cycle, after PyTorch's own sparsifier (``torch.ao.pruning``): attach
 (:func:`attach_masks`), update (:func:`set_masks`, usually through the pruning and
-sparse-training routines), inspect (:func:`masks_of`, :func:`density`,
-:func:`layer_densities`), and make permanent (:func:`squash`).
+sparse-training routines), inspect (:func:`masks_of`, :func:`kept_weights`,
+:func:`density`, :func:`layer_densities`), and make permanent (:func:`squash`).
 """
 
 from __future__ import annotations
@@ -388,22 +388,27 @@ def refuse_weight_decay(optimizer: torch.optim.Optimizer, params: Iterable[Tenso
                                  f"shrink frozen weights too: build it with {option}=0")
 
 
+def kept_weights(model: nn.Module) -> dict[str, int]:
+    """``{layer name: number of its weights kept}`` for every masked layer (read from the device in one transfer)."""
+    masks = masks_of(model)
+    if not masks:
+        return {}
+    kept = torch.stack([m.count_nonzero() for m in masks.values()]).tolist()
+    return dict(zip(masks, kept))
+
+
 def density(model: nn.Module) -> float:
     """Fraction of weights kept, over all masked layers together (1.0 with no masks)."""
-    masks = list(masks_of(model).values())
+    masks = masks_of(model)
     if not masks:
         return 1.0
-    kept = torch.stack([m.count_nonzero() for m in masks]).sum()
-    return kept.item() / sum(m.numel() for m in masks)
+    return sum(kept_weights(model).values()) / sum(m.numel() for m in masks.values())
 
 
 def layer_densities(model: nn.Module) -> dict[str, float]:
     """``{layer name: fraction of its weights kept}`` for every masked layer."""
     masks = masks_of(model)
-    if not masks:
-        return {}
-    kept = torch.stack([m.count_nonzero() for m in masks.values()]).tolist()
-    return {name: k / m.numel() for (name, m), k in zip(masks.items(), kept)}
+    return {name: k / masks[name].numel() for name, k in kept_weights(model).items()}
 
 
 def squash(model: nn.Module) -> nn.Module:

@@ -7,8 +7,8 @@ from torch.func import functional_call
 
 from lowlearn.models import MLP, Conv4
 from lowlearn.reparam import register
-from lowlearn.sparse.mask import (Mask, SplitMask, attach_masks, density, layer_densities, masked_layers, masks_of,
-                                  prunable_layers, raw_weight, set_masks, squash)
+from lowlearn.sparse.mask import (Mask, SplitMask, attach_masks, density, kept_weights, layer_densities, masked_layers,
+                                  masks_of, prunable_layers, raw_weight, set_masks, squash)
 from lowlearn.train import fit, seed_everything
 
 
@@ -67,8 +67,10 @@ def test_density_is_exact():
     masks["1"].view(-1)[:785] = True   # 785 of 7840
     masks["3"].view(-1)[:50] = True    # 50 of 100
     set_masks(model, masks)
+    assert kept_weights(model) == {"1": 785, "3": 50}
     assert layer_densities(model) == {"1": 785 / 7840, "3": 0.5}
     assert density(model) == (785 + 50) / (7840 + 100)
+    assert kept_weights(MLP(hidden=(10,))) == {}
 
 
 @pytest.mark.parametrize("make_optimizer", [
