@@ -1,7 +1,8 @@
-"""Figures that several chapters share.
+"""Figures that several chapters share, and the numbers they show.
 
-Every function draws on a given matplotlib ``Axes`` (or a new one) and returns it, so
-chapters can arrange panels freely.
+Every function that draws does so on a given matplotlib ``Axes`` (or a new one) and
+returns it, so chapters can arrange panels freely; :func:`mean_and_spread` and
+:func:`kept_per_input` give what is drawn (a curve's spread over seeds, a mask as an image).
 """
 
 from __future__ import annotations
