@@ -61,6 +61,9 @@ def _ensure_folder(folder: Path) -> None:
                                  "files can be saved there") from None
 
 
+_NO_FOLDER_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}   # the file system cannot flush folders
+
+
 def _sync_folder(folder: Path, published: Path) -> None:
     """Flush a folder's entries (the file ``published``, new or renamed) to the disk, where the system allows it.
 
@@ -81,9 +84,6 @@ def _sync_folder(folder: Path, published: Path) -> None:
             warnings.warn(f"{published} is saved, but its folder could not be flushed to the disk ({error}): the "
                           "file may be lost if the machine loses power before the system writes it out",
                           RuntimeWarning, stacklevel=4)
-
-
-_NO_FOLDER_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
 @contextmanager

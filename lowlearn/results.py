@@ -35,6 +35,7 @@ except ImportError:                              # Windows: no flock; concurrent
     fcntl = None
 
 import torch
+from numpy.typing import ArrayLike
 
 from .atomic import atomic_file
 from .checks import as_float, is_real
@@ -223,8 +224,8 @@ def record(chapter: str, key: str, value: float, *, ci: float | None = None, uni
     return result
 
 
-def record_mean(chapter: str, key: str, values: object, *, scale: float = 1.0, unit: str = "", label: str = "",
-                profile: str | None = None, directory: str | os.PathLike | None = None,
+def record_mean(chapter: str, key: str, values: ArrayLike | torch.Tensor, *, scale: float = 1.0, unit: str = "",
+                label: str = "", profile: str | None = None, directory: str | os.PathLike | None = None,
                 device: torch.device | str | None = None) -> Result:
     """:func:`record` the mean of ``scale · values`` (one per seed or run) with its 95% interval, and return it.
 
