@@ -142,7 +142,7 @@ class TicketRound:
         eval: the last evaluation of the run (``{"loss": ..., "accuracy": ...}``),
             ``{}`` if ``train`` evaluated nothing.
         early_stop_step: the step of the lowest evaluation loss, the
-            "early-stopping iteration" of Frankle & Carbin (2019, Figure 3), or
+            "early-stopping iteration" of Frankle & Carbin (2019, §2 and Figure 1), or
             ``None`` without evaluations.
         history: the run's :class:`~lowlearn.train.History`.
     """
