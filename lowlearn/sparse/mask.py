@@ -388,13 +388,16 @@ def refuse_weight_decay(optimizer: torch.optim.Optimizer, params: Iterable[Tenso
                                  f"shrink frozen weights too: build it with {option}=0")
 
 
-def kept_weights(model: nn.Module) -> dict[str, int]:
-    """``{layer name: number of its weights kept}`` for every masked layer (read from the device in one transfer)."""
-    masks = masks_of(model)
+def _kept(masks: Mapping[str, Tensor]) -> dict[str, int]:
+    """``{name: nonzero entries}`` of ``masks``, read from the device in one transfer."""
     if not masks:
         return {}
-    kept = torch.stack([m.count_nonzero() for m in masks.values()]).tolist()
-    return dict(zip(masks, kept))
+    return dict(zip(masks, torch.stack([m.count_nonzero() for m in masks.values()]).tolist()))
+
+
+def kept_weights(model: nn.Module) -> dict[str, int]:
+    """``{layer name: number of its weights kept}`` for every masked layer (read from the device in one transfer)."""
+    return _kept(masks_of(model))
 
 
 def density(model: nn.Module) -> float:
@@ -402,13 +405,13 @@ def density(model: nn.Module) -> float:
     masks = masks_of(model)
     if not masks:
         return 1.0
-    return sum(kept_weights(model).values()) / sum(m.numel() for m in masks.values())
+    return sum(_kept(masks).values()) / sum(m.numel() for m in masks.values())
 
 
 def layer_densities(model: nn.Module) -> dict[str, float]:
     """``{layer name: fraction of its weights kept}`` for every masked layer."""
     masks = masks_of(model)
-    return {name: k / masks[name].numel() for name, k in kept_weights(model).items()}
+    return {name: k / masks[name].numel() for name, k in _kept(masks).items()}
 
 
 def squash(model: nn.Module) -> nn.Module:
