@@ -65,8 +65,8 @@ from torch.nn.utils import parametrize
 from ..checks import check_count, is_integer, is_real
 from ..reparam import raw_value
 from ..train import History, StopTraining, TrainState, seeded_generator, stream_seed
-from .mask import (Mask, all_masks, attach_masks, density, layer_densities, masked_layers, masks_of, raw_weight,
-                   set_masks, weights_device, zero_under_masks)
+from .mask import (Mask, all_masks, attach_masks, density, kept_weights, layer_densities, masked_layers, masks_of,
+                   raw_weight, set_masks, weights_device, zero_under_masks)
 from .prune import alive_scores, top_k_mask, check_density, kept_count, prune
 from .scores import check_score_function, magnitude, random
 
@@ -453,11 +453,10 @@ def random_mask(model: nn.Module, rewind_weights: Mapping[str, Tensor], seed: in
     layers = masked_layers(model)
     if not layers:
         return
-    current = masks_of(model)
     generator = seeded_generator(seed, "random_mask", weights_device(layers))
-    counts = torch.stack([m.count_nonzero() for m in current.values()]).tolist()
-    new = {name: top_k_mask(alive_scores(s, _rewind_mask(rewind_weights, name, layers[name]), name), k)
-           for (name, s), k in zip(random(model, generator).items(), counts)}
+    counts = kept_weights(model)
+    new = {name: top_k_mask(alive_scores(s, _rewind_mask(rewind_weights, name, layers[name]), name), counts[name])
+           for name, s in random(model, generator).items()}
     for name, layer in layers.items():
         raw_weight(layer).copy_(_rewind_weight(rewind_weights, name, raw_weight(layer)))
     set_masks(model, new)
