@@ -141,14 +141,15 @@ def csr_unavailable(layer: nn.Linear | nn.Conv2d) -> str | None:
     if layer.weight.dtype in (torch.float16, torch.bfloat16) and layer.weight.device.type == "cpu":
         return (f"torch's CSR matrix product has no {layer.weight.dtype} kernel on the CPU; export a float32 copy "
                 "(model.float())")
-    if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.padding_mode != "zeros"):
+    if not isinstance(layer, nn.Conv2d):
+        return None
+    if layer.groups != 1 or layer.padding_mode != "zeros":
         return ("CSRConv2d supports convolutions with groups=1 and zero padding; got "
                 f"groups={layer.groups}, padding_mode={layer.padding_mode!r}")
-    if isinstance(layer, nn.Conv2d):
-        try:
-            integer_padding(layer)                  # "same" or "valid" as pixels, if it can be
-        except ValueError as error:
-            return f"CSRConv2d pads both sides alike: {error}"
+    try:
+        integer_padding(layer)                      # "same" or "valid" as pixels, if it can be
+    except ValueError as error:
+        return f"CSRConv2d pads both sides alike: {error}"
     return None
 
 
