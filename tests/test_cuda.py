@@ -17,7 +17,7 @@ from lowlearn.meta import MAML
 from lowlearn.models import MLP, Conv4
 from lowlearn.powerprop import PowerPropOptimizer, powerprop
 from lowlearn.sparse.dst import SET, SNFS, RigL
-from lowlearn.sparse.mask import masks_of
+from lowlearn.sparse.mask import masks_of, nonzero_counts
 from lowlearn.sparse.packnet import PackNet
 from lowlearn.sparse.topkast import TopKAST
 from lowlearn.train import fit, load_checkpoint, save_checkpoint
@@ -398,3 +398,11 @@ def test_a_training_step_captured_in_a_cuda_graph_trains_as_the_eager_step_does(
     for layer in (m for m in models[1]().modules() if hasattr(m, "parametrizations")):
         pruned = layer.parametrizations.weight[-1].mask == 0
         assert pruned[:, 0].all() and (layer.weight[pruned] == 0).all()
+
+
+def test_nonzero_counts_read_masks_split_across_devices():
+    """A model split across devices: one read per device, each count under its own name."""
+    masks = {"gpu": torch.tensor([True, True, False], device="cuda"), "cpu": torch.tensor([False, True]),
+             "gpu2": torch.ones(2, 2, dtype=torch.bool, device="cuda")}
+    assert nonzero_counts(masks) == {"gpu": 2, "cpu": 1, "gpu2": 4}
+    assert list(nonzero_counts(masks)) == ["gpu", "cpu", "gpu2"]

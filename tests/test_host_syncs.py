@@ -37,10 +37,12 @@ def test_ordinary_steps_make_the_host_wait_for_nothing(key):
     assert found == []
 
 
-@pytest.mark.parametrize("key, per_update", [("set", 0), ("topkast", 0), ("rigl", 1), ("snfs", 1)])
+@pytest.mark.parametrize("key, per_update", [("set", 0), ("topkast", 0), ("rigl", 1), ("snfs", 1), ("gradual", 3)])
 def test_mask_updates_read_the_device_at_most_as_documented(key, per_update):
     """SET and Top-KAST update their masks on the device; RigL (finite-gradient check) and SNFS
-    (growth shared among layers on the host) read it once per update, in one transfer."""
+    (growth shared among layers on the host) read it once per update, in one transfer.
+    Gradual pruning reads the layers' kept counts (twice: the schedule's cap, prune's
+    check) and whether any scores are NaN, each one transfer for all three layers."""
     _, steps = steps_of(key)
     assert steps["update"] and set(steps["update"].values()) == {per_update}
 

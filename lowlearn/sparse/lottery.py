@@ -66,7 +66,7 @@ from ..checks import check_count, is_integer, is_real
 from ..reparam import raw_value
 from ..train import History, StopTraining, TrainState, seeded_generator, stream_seed
 from .mask import (Mask, all_masks, attach_masks, density, kept_weights, layer_densities, masked_layers, masks_of,
-                   raw_weight, set_masks, weights_device, zero_under_masks)
+                   nonzero_counts, raw_weight, set_masks, weights_device, zero_under_masks)
 from .prune import alive_scores, top_k_mask, check_density, kept_count, prune
 from .scores import check_score_function, magnitude, random
 
@@ -455,8 +455,9 @@ def random_mask(model: nn.Module, rewind_weights: Mapping[str, Tensor], seed: in
         return
     generator = seeded_generator(seed, "random_mask", weights_device(layers))
     counts = kept_weights(model)
-    new = {name: top_k_mask(alive_scores(s, _rewind_mask(rewind_weights, name, layers[name]), name), counts[name])
-           for name, s in random(model, generator).items()}
+    scores = random(model, generator)
+    alive = alive_scores(scores, {name: _rewind_mask(rewind_weights, name, layers[name]) for name in scores})
+    new = {name: top_k_mask(s, counts[name]) for name, s in alive.items()}
     for name, layer in layers.items():
         raw_weight(layer).copy_(_rewind_weight(rewind_weights, name, raw_weight(layer)))
     set_masks(model, new)
@@ -635,16 +636,12 @@ class EarlyBird:
         A layer already sparser than ``density`` keeps its surviving weights (masks only shrink).
         """
         current = masks_of(model)
-        keep = {}
-        for name, s in self.scores(model).items():
-            k = kept_count(self.density, s.numel())
-            mask = current.get(name)
-            if mask is None:
-                mask = torch.ones_like(s, dtype=torch.bool)
-            else:
-                k = min(k, int(mask.sum()))
-            keep[name] = top_k_mask(alive_scores(s, mask, name), k)
-        return keep
+        left = nonzero_counts(current)
+        scores = self.scores(model)
+        alive = alive_scores(scores, {name: current[name] if name in current else torch.ones_like(s, dtype=torch.bool)
+                                      for name, s in scores.items()})
+        return {name: top_k_mask(s, min(kept_count(self.density, s.numel()), left.get(name, s.numel())))
+                for name, s in alive.items()}
 
     def __call__(self, state: TrainState) -> None:
         if state.step % self.every:

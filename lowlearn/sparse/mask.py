@@ -388,16 +388,25 @@ def refuse_weight_decay(optimizer: torch.optim.Optimizer, params: Iterable[Tenso
                                  f"shrink frozen weights too: build it with {option}=0")
 
 
-def _kept(masks: Mapping[str, Tensor]) -> dict[str, int]:
-    """``{name: nonzero entries}`` of ``masks``, read from the device in one transfer."""
-    if not masks:
-        return {}
-    return dict(zip(masks, torch.stack([m.count_nonzero() for m in masks.values()]).tolist()))
+def read_scalars(values: Mapping[str, Tensor]) -> dict[str, bool | int | float]:
+    """``{name: Python number}`` of one-element tensors of one dtype: one transfer per device that holds some."""
+    by_device: dict[torch.device, dict[str, Tensor]] = {}
+    for name, value in values.items():
+        by_device.setdefault(value.device, {})[name] = value.reshape(())
+    read = {}
+    for on_device in by_device.values():
+        read.update(zip(on_device, torch.stack(list(on_device.values())).tolist()))
+    return {name: read[name] for name in values}
+
+
+def nonzero_counts(masks: Mapping[str, Tensor]) -> dict[str, int]:
+    """``{name: nonzero entries}`` of ``masks``, read as :func:`read_scalars` reads."""
+    return read_scalars({name: mask.count_nonzero() for name, mask in masks.items()})
 
 
 def kept_weights(model: nn.Module) -> dict[str, int]:
-    """``{layer name: number of its weights kept}`` for every masked layer (read from the device in one transfer)."""
-    return _kept(masks_of(model))
+    """``{layer name: number of its weights kept}`` for every masked layer (see :func:`nonzero_counts`)."""
+    return nonzero_counts(masks_of(model))
 
 
 def density(model: nn.Module) -> float:
@@ -405,13 +414,13 @@ def density(model: nn.Module) -> float:
     masks = masks_of(model)
     if not masks:
         return 1.0
-    return sum(_kept(masks).values()) / sum(m.numel() for m in masks.values())
+    return sum(nonzero_counts(masks).values()) / sum(m.numel() for m in masks.values())
 
 
 def layer_densities(model: nn.Module) -> dict[str, float]:
     """``{layer name: fraction of its weights kept}`` for every masked layer."""
     masks = masks_of(model)
-    return {name: k / masks[name].numel() for name, k in _kept(masks).items()}
+    return {name: k / masks[name].numel() for name, k in nonzero_counts(masks).items()}
 
 
 def squash(model: nn.Module) -> nn.Module:

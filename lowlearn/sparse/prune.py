@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import as_float
-from .mask import attach_masks, masks_or_ones, resolve_layers, set_masks
+from .mask import attach_masks, masks_or_ones, nonzero_counts, read_scalars, resolve_layers, set_masks
 
 
 def check_density(value: float, what: str = "density") -> float:
@@ -92,19 +92,22 @@ def finite_scores(scores: Tensor) -> Tensor:
     return torch.nan_to_num(scores.detach().to(dtype), nan=info.min, posinf=info.max, neginf=info.min)
 
 
-def alive_scores(scores: Tensor, mask: Tensor, name: str) -> Tensor:
-    """``scores`` as float (float32 at least, float64 kept) with ``-inf`` where ``mask`` is ``False``.
+def alive_scores(scores: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``{name: scores}`` as float (float32 at least, float64 kept) with ``-inf`` where ``masks[name]`` is ``False``.
 
-    Checks shape and NaN (errors name the layer).
+    Checks every layer's shape, then NaN in all of them with one read of the device
+    (errors name the layers).
     """
-    if scores.shape != mask.shape:
-        raise ValueError(f"the scores for {name!r} have shape {tuple(scores.shape)}, "
-                         f"but the layer's weight has shape {tuple(mask.shape)}")
-    if torch.isnan(scores).any():
-        raise ValueError(f"the scores for {name!r} contain NaN")
+    for name, s in scores.items():
+        if s.shape != masks[name].shape:
+            raise ValueError(f"the scores for {name!r} have shape {tuple(s.shape)}, "
+                             f"but the layer's weight has shape {tuple(masks[name].shape)}")
+    has_nan = read_scalars({name: torch.isnan(s).any() for name, s in scores.items()})
+    if nan := [name for name, found in has_nan.items() if found]:
+        raise ValueError(f"the scores for {', '.join(map(repr, nan))} contain NaN")
     # Pruned weights can never win a place back: a kept weight scored -inf (the log of a zero
     # magnitude) becomes the lowest finite float, above every pruned one.
-    return finite_scores(scores).masked_fill(~mask, float("-inf"))
+    return {name: finite_scores(s).masked_fill(~masks[name], float("-inf")) for name, s in scores.items()}
 
 
 def top_k_mask(scores: Tensor, k: int) -> Tensor:
@@ -148,16 +151,16 @@ def prune(
     """
     check_some_layer(scores)
     current = masks_or_ones(model, scores)               # the model is changed only once the input is checked
-    alive = {name: alive_scores(s, current[name], name) for name, s in scores.items()}
+    alive = alive_scores(scores, current)
+    remaining = nonzero_counts(current)
 
     if scope == "layer":
         densities = target_densities(model, density, alive)
         new = {}
         for name, s in alive.items():
             k = kept_count(densities[name], s.numel())
-            remaining = int(current[name].count_nonzero())
-            if k > remaining:
-                raise ValueError(f"layer {name!r} keeps {remaining} weights, so it cannot be pruned to "
+            if k > remaining[name]:
+                raise ValueError(f"layer {name!r} keeps {remaining[name]} weights, so it cannot be pruned to "
                                  f"{k} ({densities[name]:.4g} of {s.numel()}): masks only shrink")
             new[name] = top_k_mask(s, k)
     elif scope == "global":
@@ -165,9 +168,8 @@ def prune(
             raise ValueError("scope='global' takes one density for the whole model, not one per layer")
         flat = torch.cat([s.flatten() for s in alive.values()])
         k = kept_count(check_density(density), flat.numel())
-        remaining = sum(int(current[name].count_nonzero()) for name in alive)
-        if k > remaining:
-            raise ValueError(f"the layers keep {remaining} weights, so they cannot be pruned to {k} "
+        if k > sum(remaining.values()):
+            raise ValueError(f"the layers keep {sum(remaining.values())} weights, so they cannot be pruned to {k} "
                              f"({density:.4g} of {flat.numel()}): masks only shrink")
         keep = top_k_mask(flat, k)
         sizes = [s.numel() for s in alive.values()]

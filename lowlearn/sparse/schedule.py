@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..checks import check_count, is_integer, is_real
 from ..distributed import world
-from .mask import find_mask, masks_or_ones
+from .mask import find_mask, masks_or_ones, nonzero_counts
 from .prune import check_density, prune
 from .scores import check_score_function, magnitude
 
@@ -164,8 +164,9 @@ class GradualPruning:
     exactly what :func:`~lowlearn.sparse.prune.prune` keeps at ``final_density``. ``end`` must not exceed the
     number of training steps for that last pruning to happen. On other steps the
     callback compares two integers: no device work and no host synchronisation.
-    (A pruning step reads the masks' counts and checks of the scores back from the
-    device, a few numbers per layer.)
+    (A pruning step reads the device three times, each one transfer for all layers:
+    the kept counts, for the schedule and again in :func:`~lowlearn.sparse.prune.prune`,
+    and whether any score is NaN.)
 
     Args:
         final_density: ``d_f = 1 − s_f``.
@@ -237,7 +238,7 @@ class GradualPruning:
         d = cubic_density(state.step, self.final_density, self.begin, self.end, self.initial_density)
         scores = self.score(state.model)
         # Masks only shrink: never ask a layer (or, global, the layers together) for more than it keeps.
-        left = {name: int(mask.sum()) for name, mask in masks_or_ones(state.model, scores).items()}
+        left = nonzero_counts(masks_or_ones(state.model, scores))
         if world()[1] > 1 and (unmasked := [name for name in scores
                                             if find_mask(state.model.get_submodule(name)) is None]):
             raise RuntimeError(f"the layers {unmasked} have no mask, and DistributedDataParallel cannot follow a "

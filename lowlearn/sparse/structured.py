@@ -26,8 +26,8 @@ from torch.nn.utils import parametrize
 
 from ..checks import is_integer, is_real
 from ..reparam import register
-from .mask import (PRUNABLE, Mask, attach_masks, find_mask, masks_or_ones, prunable_layers, set_masks,
-                   zero_where_masked)
+from .mask import (PRUNABLE, Mask, attach_masks, find_mask, masks_or_ones, nonzero_counts, prunable_layers,
+                   set_masks, zero_where_masked)
 from .prune import alive_scores, check_some_layer, kept_count, target_densities, top_k_mask
 from .scores import magnitude, scored_layers
 
@@ -127,8 +127,8 @@ def prune_nm(
     check_some_layer(scores)
     _with_known_layout(scored_layers(model, scores), "N:M pruning")
     current = masks_or_ones(model, scores)               # the model is changed only once the input is checked
-    new = {name: _nm_top(alive_scores(s, current[name], name), n, m, f"layer {name!r}") & current[name]
-           for name, s in scores.items()}
+    new = {name: _nm_top(s, n, m, f"layer {name!r}") & current[name]
+           for name, s in alive_scores(scores, current).items()}
     attach_masks(model, new)
     set_masks(model, new, optimizer)
     return new
@@ -255,17 +255,17 @@ def prune_channels(
     densities = target_densities(model, density, chosen)
     scores = channel_scores(model, norm, chosen)
     current = masks_or_ones(model, chosen)               # the model is changed only once the input is checked
+    alive = {name: current[name].flatten(1).any(dim=1) for name in chosen}
+    remaining = nonzero_counts(alive)
+    unit_scores = alive_scores({name: scores[name] for name in chosen}, alive)
     units, new = {}, {}
     for name in chosen:
-        mask = current[name]
-        alive = mask.flatten(1).any(dim=1)
-        k = kept_count(densities[name], alive.numel())
-        remaining = int(alive.count_nonzero())
-        if k > remaining:
-            raise ValueError(f"layer {name!r} has {remaining} units left, so it cannot keep {k} "
-                             f"({densities[name]:.4g} of {alive.numel()}): units cannot be revived")
-        units[name] = top_k_mask(alive_scores(scores[name], alive, name), k)
-        new[name] = mask & units[name].view(-1, *[1] * (mask.dim() - 1))
+        k = kept_count(densities[name], alive[name].numel())
+        if k > remaining[name]:
+            raise ValueError(f"layer {name!r} has {remaining[name]} units left, so it cannot keep {k} "
+                             f"({densities[name]:.4g} of {alive[name].numel()}): units cannot be revived")
+        units[name] = top_k_mask(unit_scores[name], k)
+        new[name] = current[name] & units[name].view(-1, *[1] * (current[name].dim() - 1))
     attach_masks(model, new)
     for name, layer in chosen.items():
         _mask_bias(layer, units[name], optimizer)

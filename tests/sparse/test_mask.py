@@ -8,7 +8,8 @@ from torch.func import functional_call
 from lowlearn.models import MLP, Conv4
 from lowlearn.reparam import register
 from lowlearn.sparse.mask import (Mask, SplitMask, attach_masks, density, kept_weights, layer_densities, masked_layers,
-                                  masks_of, prunable_layers, raw_weight, set_masks, squash)
+                                  masks_of, nonzero_counts, prunable_layers, raw_weight, read_scalars, set_masks,
+                                  squash)
 from lowlearn.train import fit, seed_everything
 
 
@@ -71,6 +72,16 @@ def test_density_is_exact():
     assert layer_densities(model) == {"1": 785 / 7840, "3": 0.5}
     assert density(model) == (785 + 50) / (7840 + 100)
     assert kept_weights(MLP(hidden=(10,))) == {}
+
+
+def test_nonzero_counts_come_back_in_the_masks_order_with_each_count():
+    masks = {"b": torch.tensor([True, False, True]), "a": torch.zeros(2, 2, dtype=torch.bool),
+             "c": torch.tensor([[1.0, 0.0], [2.0, -1.0]])}
+    counts = nonzero_counts(masks)
+    assert list(counts) == ["b", "a", "c"] and counts == {"b": 2, "a": 0, "c": 3}
+    assert all(type(n) is int for n in counts.values())
+    assert nonzero_counts({}) == {}
+    assert read_scalars({"x": torch.tensor([True]), "y": torch.tensor(False)}) == {"x": True, "y": False}
 
 
 @pytest.mark.parametrize("make_optimizer", [

@@ -149,6 +149,11 @@ def test_other_bad_input():
         prune(model, {"1": torch.rand(3, 3)}, 0.1)
     with pytest.raises(ValueError, match="NaN"):
         prune(model, {"1": torch.full((8, 784), float("nan"))}, 0.1)
+    scores = magnitude(model)
+    for name in scores:
+        scores[name][0, -1] = float("nan")
+    with pytest.raises(ValueError, match=r"the scores for '1', '3' contain NaN"):   # every such layer named
+        prune(model, scores, 0.1)
     with pytest.raises(KeyError, match="no layer 'fc'"):
         prune(model, {"fc": torch.rand(8, 784)}, 0.1)
     for scope in ("layer", "global"):
