@@ -23,9 +23,9 @@ counted about 100 faults per step for a masked and for a Powerprop LeNet-300-100
 Whether that makes training faster depends on the machine and the model, and the
 same benchmark times each model under both settings (the course's CPU report,
 ``reports/cpu``, has its rows). On one thread of one quiet machine it changes from run
-to run: five runs of it had the masked step 0.77× to 1.02× as long with freed memory
-retained, the Powerprop step 0.68× to 1.02×, and the dense step, which has no faults to
-save, 0.95× to 1.03×. Measure before adopting it. Larger activations gain more
+to run: eight runs of it had the masked step 0.77× to 1.02× as long with freed memory
+retained, the Powerprop step 0.53× to 1.02×, and the dense step, which has no faults to
+save, 0.95× to 1.04×. Measure before adopting it. Larger activations gain more
 clearly, and the two Omniglot chapters call it. There, in two runs of each setting, a
 ProtoNet meta-training step (a Conv4 with 64 channels on a 20-way episode of 120
 images, two threads) faulted in 13,000 to 15,000 pages with glibc's defaults and about
