@@ -101,6 +101,34 @@ def test_penalty_by_hand():
         assert (raw_weight(layer).grad[~backward[name]] == 0).all()
 
 
+def penalty_by_hand(sparsifier, density):
+    forward, backward = masks_of(sparsifier.model), sparsifier.backward_masks()
+    return sum(theta[forward[name]].abs().sum() + theta[backward[name] & ~forward[name]].abs().sum() / density
+               for name, theta in ((name, raw_weight(layer).detach()) for name, layer in sparsifier.layers().items()))
+
+
+def test_the_penalty_follows_the_sets_through_refreshes_a_loaded_state_and_a_moved_model():
+    """The penalty's per-weight factors (1, 1/D, 0) are kept between steps; every way the sets change renews them."""
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    sparsifier = TopKAST(model, optimizer, 0.25, 0.5, every=1)
+    saved = copy.deepcopy(model.state_dict())
+    for step in range(4):                                     # lr 0.5: the sets change at every refresh
+        x, y = batch(seed=step)
+        optimizer.zero_grad()
+        (F.cross_entropy(model(x), y) + 1e-3 * sparsifier.penalty()).backward()
+        optimizer.step()
+        sparsifier.step()
+        assert sparsifier.penalty().item() == pytest.approx(penalty_by_hand(sparsifier, 0.25).item(), rel=1e-6)
+    assert not torch.equal(masks_of(model)["1"], top_k_mask(saved["1.parametrizations.weight.original"].abs(),
+                                                            kept_count(0.25, 20 * 16)))
+    model.load_state_dict(saved)                              # the masks of step 0, written in place
+    assert sparsifier.penalty().item() == pytest.approx(penalty_by_hand(sparsifier, 0.25).item(), rel=1e-6)
+    model.double()                                            # new tensors for the weights and the masks
+    assert sparsifier.penalty().dtype == torch.float64
+    assert sparsifier.penalty().item() == pytest.approx(penalty_by_hand(sparsifier, 0.25).item(), rel=1e-12)
+
+
 def test_the_penalty_of_a_half_precision_model_is_summed_without_overflow():
     torch.manual_seed(0)
     layer = torch.nn.Linear(512, 512, bias=False)
