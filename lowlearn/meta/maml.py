@@ -181,11 +181,11 @@ class MAML(nn.Module):
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(f"the support set must hold as many targets as inputs, at least one: got {len(x)} "
                              f"inputs and {len(y)} targets")
+        params = parameters_of(self.model)
         if not y.dtype.is_floating_point and values_are_free_to_read(y):
-            with torch.no_grad(), buffers_restored(self.model):
-                check_labels(y, self.model(x).shape[-1])
+            check_labels(y, output_shape(self.model, params, x)[-1])
         with torch.enable_grad(), buffers_restored(self.model):   # the inner steps need gradients, also under no_grad
-            return inner_loop(self.model, parameters_of(self.model), x, y, self.loss_fn,
+            return inner_loop(self.model, params, x, y, self.loss_fn,
                               self.inner_steps if steps is None else steps, self.learning_rates(),
                               first_order=self.first_order if first_order is None else first_order,
                               adapt=self.adapt_names)
@@ -263,15 +263,15 @@ def check_tasks(model: nn.Module, params: Params, tasks: TaskBatch, *, adapts: b
     must pass :func:`~lowlearn.meta.functional.check_task` (stacked tasks share their
     shapes, so the first stands for all), and integer labels must be classes of the
     model: ``0 .. N−1``, where ``N`` is the size of the model's output on the first
-    query set (one forward pass with ``params``, without gradients, the model's
-    buffers left as they were). The labels are checked on the CPU only
+    query set (:func:`output_shape`: one forward pass with ``params`` the first time
+    these shapes come). The labels are checked on the CPU only
     (:func:`~lowlearn.meta.functional.values_are_free_to_read`). Real-valued targets
     must not broadcast the model's output to a larger shape (targets ``(K,)`` against
-    outputs ``(K, 1)`` would compare every output with every target); this takes the
-    same forward pass, on any device. With ``adapts`` (inner steps to come), the
+    outputs ``(K, 1)`` would compare every output with every target); this uses the
+    same output shape, on any device. With ``adapts`` (inner steps to come), the
     support sets must not be empty. With ``scores_queries=False``, for a learner that
     uses the support sets only (Reptile), the query sets may be empty, and the first
-    support set takes the first query set's place in the forward pass.
+    support set takes the first query set's place.
     """
     flat = [name for name in ("support_x", "support_y", "query_x", "query_y") if getattr(tasks, name).dim() < 2]
     if flat:
@@ -290,12 +290,31 @@ def check_tasks(model: nn.Module, params: Params, tasks: TaskBatch, *, adapts: b
     if not regression and not values_are_free_to_read(tasks.support_y):
         return
     probe_x, probe_y = (tasks.query_x, tasks.query_y) if scores_queries else (tasks.support_x, tasks.support_y)
-    with torch.no_grad(), buffers_restored(model):
-        out = run(model, params, probe_x[0])
+    out = output_shape(model, params, probe_x[0])
     if regression:
-        _check_targets_fit(out.shape, probe_y.shape[1:], "query" if scores_queries else "support")
+        _check_targets_fit(out, probe_y.shape[1:], "query" if scores_queries else "support")
     else:
-        check_labels(torch.cat([tasks.support_y.flatten(), tasks.query_y.flatten()]), out.shape[-1])
+        check_labels(torch.cat([tasks.support_y.flatten(), tasks.query_y.flatten()]), out[-1])
+
+
+_OUTPUT_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → {(input, parameter shapes): output}
+
+
+def output_shape(model: nn.Module, params: Params, x: Tensor) -> torch.Size:
+    """The shape of ``model``'s output on the inputs ``x`` with ``params``, without a pass where it is known.
+
+    One forward pass without gradients (the model's buffers left as they were) the
+    first time; after that the shape is remembered for the model, the shape of ``x``
+    and the names and shapes of ``params`` (a new head with more classes has a new
+    weight shape, so it is run again). A meta-training step checks its labels or
+    targets against this shape, and a step of the same shapes costs no extra pass.
+    """
+    key = (tuple(x.shape), tuple((name, tuple(p.shape)) for name, p in params.items()))
+    known = _OUTPUT_SHAPES.setdefault(model, {})
+    if key not in known:
+        with torch.no_grad(), buffers_restored(model):
+            known[key] = run(model, params, x).shape
+    return known[key]
 
 
 def _check_targets_fit(output: torch.Size, target: torch.Size, part: str) -> None:
@@ -371,8 +390,9 @@ def check_task_outputs(model: nn.Module, batched: nn.Module, params: Params, x: 
     shape = tuple(x.shape[1:])
     if shape in _MATCHING_OUTPUTS.get(model, ()):
         return
+    alone = output_shape(model, params, x[0])
     with torch.no_grad(), buffers_restored(model):
-        alone, together = run(model, params, x[0]).shape, run(batched, params, x).shape[1:]
+        together = run(batched, params, x).shape[1:]
     if alone != together:
         raise ValueError(f"run task-batched, the model gives each task an output of shape {tuple(together)}, but "
                          f"{tuple(alone)} run alone: its forward reshapes the packed tasks' outputs (a squeeze, "

@@ -593,6 +593,32 @@ def test_a_label_equal_to_the_number_of_ways_is_refused():
         maml.adapt(tasks.support_x[0], tasks.support_y[0].masked_fill(tasks.support_y[0] == 2, 3))
 
 
+def test_the_label_check_runs_the_model_once_per_shapes_and_again_for_a_new_head():
+    # The labels are checked against the model's output size, found by one pass without gradients; a later step
+    # of the same shapes runs only its own passes. Replacing the head changes a weight's shape, so the size is
+    # found again, whether the new head has more classes or fewer.
+    model = MLP(4, (8,), 3).double()
+    maml = MAML(model, 0.1, 1)
+    passes = []
+    model.register_forward_hook(lambda *_: passes.append(1))
+    x, y = torch.randn(2, 6, 4, dtype=torch.float64), torch.arange(3).repeat(2, 2)
+    tasks = Episode(x, y, x, y, classes=torch.arange(3).repeat(2, 1))
+    maml.meta_backward(tasks)
+    assert len(passes) == 1 + 2 * 2                         # the check, then per task an inner step and the queries
+    passes.clear()
+    maml.meta_backward(tasks)
+    maml.adapt(x[0], y[0])
+    assert len(passes) == 2 * 2 + 1
+    wider = tasks._replace(query_y=y + 2)                   # labels up to 4
+    with pytest.raises(ValueError, match="labels must be in 0 .. 2 for a 3-way model"):
+        maml.meta_backward(wider)
+    model[-1] = nn.Linear(8, 5).double()
+    maml.meta_backward(wider)
+    model[-1] = nn.Linear(8, 3).double()
+    with pytest.raises(ValueError, match="labels must be in 0 .. 2 for a 3-way model"):
+        maml.meta_backward(wider)
+
+
 def test_maml_with_running_statistics_batch_norm_in_training_mode_equals_higher():
     """Batch norm that tracks running statistics, in training mode: each pass normalises by its own batch, and the
     running statistics that the inner steps update in place must not enter the meta-gradient."""
