@@ -358,8 +358,8 @@ def fit(
         data: training inputs and targets, a ``TensorDataset`` or ``(x, y)``.
         optimizer: built on ``model.parameters()`` (before or after the move; a state
             it loaded before moves too, see :func:`state_to_parameters`). An
-            optimizer with ``needs_closure = True`` (:class:`lowlearn.lowrank.dlrt.DLRT`)
-            gets ``step(closure)``, the closure recomputing the batch's loss.
+            optimizer with ``needs_closure = True`` (:class:`lowlearn.lowrank.dlrt.DLRT` at
+            fixed rank) gets ``step(closure)``, the closure recomputing the batch's loss.
         epochs: passes over the data. Give exactly one of ``epochs`` and ``steps``.
         steps: optimizer steps.
         batch_size: examples per step; the last batch of an epoch may be smaller.
@@ -564,7 +564,7 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if getattr(optimizer, "needs_closure", False):
-                    optimizer.step(batch_loss)    # a second pass on the batch, e.g. DLRT's S-step
+                    optimizer.step(batch_loss)    # a second pass on the batch: fixed-rank DLRT's S-step
                 else:
                     optimizer.step()
                 step += 1

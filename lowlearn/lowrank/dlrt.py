@@ -14,8 +14,15 @@ of size ``λ`` (``lr``) each:
 2. **Basis augmentation**: ``Û = orth([K¹, U])``, ``V̂ = orth([L¹, V])`` (QR), rank up
    to ``2r``; ``M = Ûᵀ U``, ``N = V̂ᵀ V``, and the layer becomes ``Û (M S Nᵀ) V̂ᵀ``, the
    same matrix in the larger basis.
-3. **S-step** (Galerkin): a second forward and backward pass on the same batch gives
-   ``∇_S L`` in the new basis; ``S¹ = S̃ − λ ∇_S L``.
+3. **S-step** (Galerkin): ``S¹ = S̃ − λ ∇_S L(Û S̃ V̂ᵀ)``. The augmented bases contain
+   the old ones, so ``Û S̃ V̂ᵀ = Û Ûᵀ U S Vᵀ V̂ V̂ᵀ = U S Vᵀ``: the network is the one
+   the first pass ran, and ``∇_S L = Ûᵀ (∂L/∂W) V̂`` with that pass's ``∂L/∂W``. Each
+   layer keeps its input ``x`` and output gradient ``δ`` from the backward pass and forms
+   it as ``(δ Û)ᵀ (x V̂)`` (:meth:`~lowlearn.lowrank.layers.LowRankLayer.galerkin_gradient`),
+   without forming ``∂L/∂W`` and without a second pass through the network. The price
+   is memory: from its backward pass to the step, each layer holds ``δ``, the size of
+   its output (its input ``x`` autograd saved already), which
+   :func:`lowlearn.cost.training_memory` does not count.
 4. **Truncation**: ``S¹ = P Σ Qᵀ`` (SVD of the small ``2r × 2r`` core); keep the
    smallest ``r₁`` with ``‖σ_{r₁+1:}‖ ≤ ϑ ‖σ‖`` (``tol``), within ``[r_min, r_max]``;
    ``U ← Û P_{:, :r₁}``, ``V ← V̂ Q_{:, :r₁}``, ``S ← Σ_{:r₁}``.
@@ -27,15 +34,17 @@ over several steps. In practice the rank mostly falls from where it starts: star
 at a rank at least as large as the one you expect.
 
 With ``tol=None`` the rank stays fixed: ``Û = orth(K¹)``, ``V̂ = orth(L¹)`` and no
-truncation (the fixed-rank integrator of the same paper). No ``n × m`` matrix is
-formed at any point: every product involves a thin factor.
+truncation (the fixed-rank integrator of the same paper). The new bases no longer
+contain the old ones, ``Û S̃ V̂ᵀ`` is another network, and the S-step takes a second
+forward and backward pass on the same batch: a closure that recomputes the loss.
+No ``n × m`` matrix is formed at any point: every product involves a thin factor.
 
 The other parameters (biases, norm layers, dense layers) take plain gradient steps
 of the same size ``λ``, or the steps of a torch ``optimizer`` of your choice, with the
-gradients of the second pass. The second pass leaves the model's buffers as the
-first left them, so a batch norm's running statistics take one update per batch, as
-with any other optimizer. :class:`DLRT` is a ``torch.optim.Optimizer`` that needs
-a closure::
+gradients of the S-step's network (the first pass's, with ``tol``). The fixed-rank
+second pass leaves the model's buffers as the first left them, so a batch norm's
+running statistics take one update per batch, as with any other optimizer.
+:class:`DLRT` is a ``torch.optim.Optimizer``::
 
     dlrt = DLRT(model, lr=0.1, tol=0.2)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(dlrt, steps)   # schedules λ
@@ -43,10 +52,11 @@ a closure::
         dlrt.zero_grad()
         loss = loss_fn(model(x), y)
         loss.backward()
-        dlrt.step(lambda: loss_fn(model(x), y))   # the second (S-step) pass
+        dlrt.step()                                # at fixed rank: dlrt.step(lambda: loss_fn(model(x), y))
         cosine.step()
 
-:func:`lowlearn.train.fit` does this by itself (it passes the closure).
+:func:`lowlearn.train.fit` does this by itself (it passes a closure where
+:attr:`DLRT.needs_closure` says so).
 """
 
 from __future__ import annotations
@@ -108,8 +118,8 @@ class DLRT(torch.optim.Optimizer):
             that require gradients.
     """
 
-    #: :func:`lowlearn.train.fit` passes a closure to :meth:`step` for optimizers that say so.
-    needs_closure = True
+    #: :func:`lowlearn.train.fit` passes a closure to :meth:`step` for optimizers that say so: DLRT at fixed rank.
+    needs_closure: bool
     #: DLRT averages its gradients across processes itself (see :mod:`lowlearn.distributed`), so
     #: :func:`lowlearn.train.fit` does not wrap the model in DistributedDataParallel for it.
     averages_gradients = True
@@ -149,6 +159,8 @@ class DLRT(torch.optim.Optimizer):
         super().__init__(groups, {"lr": float(lr)})
         self.model, self.r_min, self.r_max = model, r_min, r_max
         self.tol = None if tol is None else check_tolerance(tol)
+        self.needs_closure = self.tol is None
+        self._keep_signals()
         self.betas, self.eps = betas, eps
         self.optimizer = optimizer
         self._averaged = False                  # the processes' gradient lists are compared at the first step
@@ -163,28 +175,38 @@ class DLRT(torch.optim.Optimizer):
         return {name: layer.rank for name, layer in low_rank_layers(self.model).items()}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients of the factors and of the dense parameters."""
+        """Clear the gradients of the factors and of the dense parameters, and the layers' kept signals."""
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=set_to_none)
         self.param_groups[0]["params"] = _factors(self.model, trained_only=True)   # the layers' current factors
         super().zero_grad(set_to_none=set_to_none)
+        self._keep_signals()
+
+    def _keep_signals(self) -> None:
+        """Clear every low-rank layer's signals, and have it keep the next ones if the S-step uses them (``tol``)."""
+        for layer in low_rank_layers(self.model).values():
+            layer.keeps_signals = self.tol is not None
+            layer.signals.clear()
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One DLRT step: K- and L-steps from the gradients already computed, then the S-step.
 
         Args:
-            closure: recomputes the loss on the *same* batch and returns it (without
-                calling ``backward``, which :meth:`step` does); it runs once, for the
-                S-step. Random layers draw anew in it: with dropout the S-step sees
-                other masks than the K- and L-steps (as in the authors' code).
+            closure: at fixed rank (``tol=None``), recomputes the loss on the *same* batch
+                and returns it (without calling ``backward``, which :meth:`step` does); it
+                runs once, for the S-step's pass. Random layers draw anew in it: with
+                dropout the S-step sees other masks than the K- and L-steps (as in the
+                authors' code). With ``tol`` the S-step needs no pass, and a closure
+                given is not called (so one loop can serve both kinds).
 
         Returns:
-            The loss of the S-step pass.
+            The loss of the S-step's pass at fixed rank; ``None`` with ``tol``.
 
         Raises:
             RuntimeError: a low-rank layer that trains without gradients (no backward pass
-                first), or one that the closure's loss does not use.
+                first), or, at fixed rank, one that the closure's loss does not use.
+            TypeError: no closure at fixed rank.
             ValueError: a low-rank layer with some of its factors frozen and others not.
             lowlearn.train.NonFiniteLossError: the truncation met a core that is not
                 finite (the fixed-rank version, which does not truncate, does not look).
@@ -193,19 +215,27 @@ class DLRT(torch.optim.Optimizer):
         the factors and their moments as they were before the step, and no parameter
         stepped; the gradients of the first pass are gone: run it again.
         """
+        if self.tol is None and closure is None:
+            raise TypeError("fixed-rank DLRT (tol=None) takes its S-step from a second pass on the same batch: "
+                            "pass step(closure), a closure that recomputes the loss, e.g. lambda: "
+                            "loss_fn(model(x), y)")
         layers = _trained_layers(self.model)
         for name, layer in layers.items():
             if layer.U.grad is None or layer.V.grad is None:
                 raise RuntimeError(f"low-rank layer {name!r} has no gradient: run forward and backward on a "
-                                   "batch before DLRT.step(closure)")
+                                   "batch before DLRT.step()")
         average_across_processes((grad for layer in layers.values() for grad in (layer.U.grad, layer.V.grad)),
                                  check=not self._averaged)
         start = {name: (layer.U.detach(), layer.S.detach(), layer.V.detach()) for name, layer in layers.items()}
         moments = {name: dict(self.state[name]) for name in layers if name in self.state}  # replaced, never changed
+        loss = None
         try:
             for name, layer in layers.items():
                 self._basis_update(name, layer)
-            loss = self._s_step_pass(layers, closure)
+            if self.tol is None:
+                loss = self._s_step_pass(layers, closure)
+            else:
+                self._s_step_from_first_pass(layers)
             self._galerkin_and_truncate(layers)
         except BaseException:         # a failed closure, an interrupt, a diverged core: undo the factors' step
             for name, layer in layers.items():
@@ -213,7 +243,7 @@ class DLRT(torch.optim.Optimizer):
                 self.state.pop(name, None)
                 if name in moments:
                     self.state[name] = moments[name]
-            self.param_groups[0]["params"] = _factors(self.model, trained_only=True)
+            self.zero_grad()
             raise
         if self.optimizer is not None:
             self.optimizer.step()
@@ -226,11 +256,12 @@ class DLRT(torch.optim.Optimizer):
                 U0, _, V0 = start[name]
                 self._rotate(name, "K", None, V0.T @ layer.V)
                 self._rotate(name, "L", None, U0.T @ layer.U)
+            layer.signals.clear()                         # the new factors have no gradients yet
         self.param_groups[0]["params"] = _factors(self.model, trained_only=True)
-        return loss.detach()
+        return None if loss is None else loss.detach()
 
     def _s_step_pass(self, layers: Mapping[str, nn.Module], closure: Callable[[], Tensor]) -> Tensor:
-        """Run the closure's forward and backward pass in the augmented bases; return its loss.
+        """Run the closure's forward and backward pass in the new bases (fixed rank); return its loss.
 
         Leaves ``∇_S L`` in every layer's ``S.grad`` and the other parameters' gradients,
         averaged across processes.
@@ -251,12 +282,26 @@ class DLRT(torch.optim.Optimizer):
             raise RuntimeError(f"the closure's loss does not depend on the low-rank layers {unused}, so they have "
                                "no S-step (the step is undone): the closure must recompute the loss of the first "
                                "backward pass, through every low-rank layer")
+        self._average_s_step_gradients(layers)
+        return loss
+
+    def _s_step_from_first_pass(self, layers: Mapping[str, nn.Module]) -> None:
+        """Put ``∇_S L = Ûᵀ (∂L/∂W) V̂`` in every layer's ``S.grad``, from its kept signals (with ``tol``).
+
+        The other parameters keep the first pass's gradients, which are those of the same
+        network; all are averaged across processes.
+        """
+        for layer in layers.values():
+            layer.S.grad = layer.galerkin_gradient()
+        self._average_s_step_gradients(layers)
+
+    def _average_s_step_gradients(self, layers: Mapping[str, nn.Module]) -> None:
+        """Average the S-step's gradients (the cores' and the other parameters') across processes."""
         dense_groups = self.param_groups[1:] + (self.optimizer.param_groups if self.optimizer is not None else [])
         dense = [p for group in dense_groups for p in group["params"]]
         average_across_processes([layer.S.grad for layer in layers.values()] + [p.grad for p in dense],
                                  check=not self._averaged)
         self._averaged = True
-        return loss
 
     def direction(self, name: str, key: str, grad: Tensor) -> Tensor:
         """The step direction for one factor gradient: ``grad`` itself, or Adam's ``m̂ / (√v̂ + ε)``.

@@ -25,7 +25,10 @@ backward pass gives, in one pass, the three gradients the integrator needs
 
 each computed from the layer's input and output gradient without forming
 ``∂L/∂W``. (So ``U.grad`` and ``V.grad`` are *not* ``∂L/∂U`` and ``∂L/∂V``: give a torch
-optimizer only :func:`dense_parameters`.)
+optimizer only :func:`dense_parameters`.) With ``keeps_signals`` on (rank-adaptive DLRT
+turns it on), the layer also keeps that input and output gradient, from which
+:meth:`LowRankLayer.galerkin_gradient` forms ``Ûᵀ (∂L/∂W) V̂`` in the new bases of the
+S-step.
 """
 
 from __future__ import annotations
@@ -102,20 +105,43 @@ def truncation_ranks(spectra: Sequence[Tensor], tol: float) -> list[int | None]:
     return [max(1, int(kept)) if math.isfinite(norm) else None for norm, kept in torch.stack(counts).tolist()]
 
 
+class BackwardSignals(list):
+    """A low-rank layer's ``(input, output gradient)`` pairs, one per backward pass since its gradients were cleared.
+
+    ``∂L/∂W`` is made of them (``Σ δᵀ x`` over the examples, for a linear layer), so
+    :meth:`LowRankLayer.galerkin_gradient` forms ``Ûᵀ (∂L/∂W) V̂`` in any bases from them,
+    without another pass through the network. A copy or a pickle of the layer starts
+    with none: they belong to the batch in training, not to the layer.
+    """
+
+    def __deepcopy__(self, memo) -> BackwardSignals:
+        return type(self)()
+
+    def __reduce__(self):
+        return type(self), ()
+
+
+def _keep(sink: BackwardSignals | None, x: Tensor, delta: Tensor) -> None:
+    """Append the layer's input and output gradient to ``sink``, if there is one (without copies or graphs)."""
+    if sink is not None:
+        sink.append((x.detach(), delta.detach()))
+
+
 class _LowRankLinearFunction(torch.autograd.Function):
     """``y = ((x V) Sᵀ) Uᵀ``; backward gives ``∂L/∂x`` and the integrator's ``∇_K``, ``∂L/∂S``, ``∇_L``.
 
-    ``kl=False`` (the S-step pass, where ``S`` may be rectangular) skips ``∇_K`` and ``∇_L``; a frozen
-    factor gets no gradient, so a frozen layer's backward computes only ``∂L/∂x``.
+    ``kl=False`` (the fixed-rank S-step pass, where ``S`` may be rectangular) skips ``∇_K``
+    and ``∇_L``; a frozen factor gets no gradient, so a frozen layer's backward computes
+    only ``∂L/∂x``. With ``∇_K`` and ``∇_L``, the input and ``δ`` go to ``sink`` (if any).
     """
 
     @staticmethod
-    def forward(x: Tensor, U: Tensor, S: Tensor, V: Tensor, kl: bool) -> Tensor:
+    def forward(x: Tensor, U: Tensor, S: Tensor, V: Tensor, kl: bool, sink: BackwardSignals | None) -> Tensor:
         return (x @ V) @ S.T @ U.T
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, U, S, V, ctx.kl = inputs
+        x, U, S, V, ctx.kl, ctx.sink = inputs
         ctx.save_for_backward(x, U, S, V)
 
     @staticmethod
@@ -124,50 +150,59 @@ class _LowRankLinearFunction(torch.autograd.Function):
         # In the factors' dtype: under autocast the input and δ may be bfloat16, the factors float32.
         rows_x = x.reshape(-1, x.shape[-1]).to(U.dtype)
         rows_d = delta.reshape(-1, delta.shape[-1]).to(U.dtype)
-        _, need_K, need_S, need_L, _ = ctx.needs_input_grad
+        _, need_K, need_S, need_L = ctx.needs_input_grad[:4]
         need_K, need_L = ctx.kl and need_K, ctx.kl and need_L
+        if need_K or need_L:
+            _keep(ctx.sink, x, delta)
         a = rows_x @ V if need_S or need_K else None     # x V        (B × r_v)
         c = rows_d @ U                                   # δ U        (B × r_u)
         grad_x = ((c @ S) @ V.T).view_as(x).to(x.dtype) if ctx.needs_input_grad[0] else None   # δ W = δ U S Vᵀ
         grad_S = c.T @ a if need_S else None             # ∂L/∂S = Uᵀ δᵀ x V
         grad_K = rows_d.T @ a if need_K else None        # ∇_K = δᵀ x V
         grad_L = rows_x.T @ c if need_L else None        # ∇_L = xᵀ δ U
-        return grad_x, grad_K, grad_S, grad_L, None
+        return grad_x, grad_K, grad_S, grad_L, None, None
+
+
+def _filters(V: Tensor, kernel: tuple) -> Tensor:
+    """The columns of ``V`` as ``r_v`` convolution filters ``(r_v, c, k_h, k_w)``."""
+    return V.T.reshape(V.shape[1], *kernel)
 
 
 class _LowRankConvFunction(torch.autograd.Function):
     """The convolution ``V`` (``r_v`` filters), then the channel mixing ``U S``; backward as for the linear case."""
 
     @staticmethod
-    def forward(x: Tensor, U: Tensor, S: Tensor, V: Tensor, kl: bool, kernel: tuple, conv: dict):
-        filters = V.T.reshape(V.shape[1], *kernel)
-        a = F.conv2d(x, filters, **conv)                                      # (B, r_v, H, W)
+    def forward(x: Tensor, U: Tensor, S: Tensor, V: Tensor, kl: bool, sink: BackwardSignals | None, kernel: tuple,
+                conv: dict):
+        a = F.conv2d(x, _filters(V, kernel), **conv)                          # (B, r_v, H, W)
         return F.conv2d(a, (U @ S)[:, :, None, None]), a                      # U S as 1×1 filters: NCHW out
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, U, S, V, ctx.kl, ctx.kernel, ctx.conv = inputs
+        x, U, S, V, ctx.kl, ctx.sink, ctx.kernel, ctx.conv = inputs
         ctx.save_for_backward(x, U, S, V, output[1])       # the r_v thin feature maps, not recomputed
         ctx.mark_non_differentiable(output[1])
 
     @staticmethod
     def backward(ctx, delta: Tensor, _):
         x, U, S, V, a = ctx.saved_tensors
+        _, need_K, need_S, need_L = ctx.needs_input_grad[:4]
+        need_K, need_L = ctx.kl and need_K, ctx.kl and need_L
+        if need_K or need_L:
+            _keep(ctx.sink, x, delta)
         # In the factors' dtype: under autocast x, a and δ may be bfloat16, the factors float32.
         x_dtype, (x, a, delta) = x.dtype, (t.to(U.dtype) for t in (x, a, delta))
-        filters = V.T.reshape(V.shape[1], *ctx.kernel)
         c = torch.einsum("bnhw,nr->brhw", delta, U)                           # δ U
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_a = torch.einsum("brhw,rs->bshw", c, S)
-            grad_x = torch.nn.grad.conv2d_input(x.shape, filters, grad_a, **ctx.conv).to(x_dtype)
-        _, need_K, need_S, need_L = ctx.needs_input_grad[:4]
+            grad_x = torch.nn.grad.conv2d_input(x.shape, _filters(V, ctx.kernel), grad_a, **ctx.conv).to(x_dtype)
         grad_S = torch.einsum("brhw,bshw->rs", c, a) if need_S else None
-        grad_K = torch.einsum("bnhw,brhw->nr", delta, a) if ctx.kl and need_K else None
+        grad_K = torch.einsum("bnhw,brhw->nr", delta, a) if need_K else None
         grad_L = None
-        if ctx.kl and need_L:
+        if need_L:
             grad_L = torch.nn.grad.conv2d_weight(x, (U.shape[1], *ctx.kernel), c, **ctx.conv).reshape(U.shape[1], -1).T
-        return grad_x, grad_K, grad_S, grad_L, None, None, None
+        return grad_x, grad_K, grad_S, grad_L, None, None, None, None
 
 
 def integer_padding(conv: nn.Conv2d) -> tuple[int, int]:
@@ -197,8 +232,10 @@ class LowRankLayer(nn.Module):
     Use :class:`LowRankLinear` or :class:`LowRankConv2d`.
     """
 
-    #: compute ``∇_K`` and ``∇_L`` in backward (the DLRT integrator turns it off for its S-step pass)
+    #: compute ``∇_K`` and ``∇_L`` in backward (fixed-rank DLRT turns it off for its S-step pass)
     kl_gradients = True
+    #: keep each backward pass's input and output gradient in ``signals`` (rank-adaptive DLRT turns it on)
+    keeps_signals = False
 
     def _init_from(self, weight: Tensor, bias: Tensor | None, rank: int | None, tol: float | None,
                    r_max: int | None) -> None:
@@ -217,6 +254,41 @@ class LowRankLayer(nn.Module):
         self.S = nn.Parameter(torch.diag(sigma[:r]).to(dtype), requires_grad=trained)
         self.V = nn.Parameter(Vh[:r].T.to(dtype).contiguous(), requires_grad=trained)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        self.signals = BackwardSignals()
+
+    def _sink(self) -> BackwardSignals | None:
+        """Where the backward pass of this forward pass keeps its signals (``None`` unless ``keeps_signals``).
+
+        The signals follow the factors' gradients: a forward pass finds them cleared
+        when it finds ``U.grad`` cleared (``zero_grad``, or new factors after a DLRT
+        step), and kept, to be added to, where the gradients are accumulating. (A
+        backward pass by :func:`torch.autograd.grad`, which leaves ``.grad`` alone, is
+        kept as well: nothing tells the two apart.)
+        """
+        if not self.keeps_signals:
+            return None
+        if self.U.grad is None:
+            self.signals.clear()
+        return self.signals
+
+    def galerkin_gradient(self) -> Tensor:
+        """``Uᵀ (∂L/∂W) V`` in the current factors, from the backward passes kept in ``signals``.
+
+        ``∂L/∂W`` is the gradient of the dense weight at the point where those passes
+        ran; after DLRT's basis augmentation ``U`` and ``V`` are ``Û`` and ``V̂``, and the
+        network is the same (``Û S̃ V̂ᵀ = U S Vᵀ``), so this is the S-step's ``∇_S L``
+        without a second pass (Schotthöfer et al. 2022, Algorithm 1). It costs what
+        ``∂L/∂S`` costs in backward, in bases of up to ``2r`` columns.
+
+        Raises:
+            RuntimeError: no backward pass was kept (``keeps_signals`` off, or no
+                backward through this layer since its gradients were cleared).
+        """
+        if not self.signals:
+            raise RuntimeError("this low-rank layer kept no backward pass to form Uᵀ (∂L/∂W) V from: run forward "
+                               "and backward with keeps_signals on (rank-adaptive DLRT turns it on)")
+        # _core_gradient(x, δ), of each subclass: Uᵀ (∂L/∂W) V from one pass's input x and output gradient δ.
+        return sum(self._core_gradient(x.to(self.U.dtype), delta.to(self.U.dtype)) for x, delta in self.signals)
 
     @property
     def rank(self) -> int:
@@ -334,8 +406,12 @@ class LowRankLinear(LowRankLayer):
         return positions * (r_v * m + r_u * r_v + n * r_u)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = _LowRankLinearFunction.apply(x, self.U, self.S, self.V, self.kl_gradients)
+        y = _LowRankLinearFunction.apply(x, self.U, self.S, self.V, self.kl_gradients, self._sink())
         return y if self.bias is None else y + self.bias
+
+    def _core_gradient(self, x: Tensor, delta: Tensor) -> Tensor:
+        rows_x, rows_d = x.reshape(-1, x.shape[-1]), delta.reshape(-1, delta.shape[-1])
+        return (rows_d @ self.U).T @ (rows_x @ self.V)              # Uᵀ δᵀ x V
 
 
 class LowRankConv2d(LowRankLayer):
@@ -388,8 +464,13 @@ class LowRankConv2d(LowRankLayer):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 3:                                  # one unbatched image (C, H, W), as nn.Conv2d takes it
             return self(x.unsqueeze(0)).squeeze(0)
-        y = _LowRankConvFunction.apply(x, self.U, self.S, self.V, self.kl_gradients, self.kernel, self.conv)[0]
+        y = _LowRankConvFunction.apply(x, self.U, self.S, self.V, self.kl_gradients, self._sink(), self.kernel,
+                                       self.conv)[0]
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+    def _core_gradient(self, x: Tensor, delta: Tensor) -> Tensor:
+        a = F.conv2d(x, _filters(self.V, self.kernel), **self.conv)           # the V-filtered maps (B, r_v, H, W)
+        return torch.einsum("bnhw,nr,bshw->rs", delta, self.U, a)           # Uᵀ δ · a, summed over positions
 
 
 def low_rank_layers(model: nn.Module) -> dict[str, LowRankLayer]:

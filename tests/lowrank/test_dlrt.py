@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowlearn.cost import training_memory
-from lowlearn.lowrank import DLRT, LowRankLinear, dense_parameters, low_rank_layers, to_low_rank
+from lowlearn.lowrank import DLRT, LowRankLayer, LowRankLinear, dense_parameters, low_rank_layers, to_low_rank
 from lowlearn.models import MLP
 from lowlearn.train import NonFiniteLossError, fit, load_checkpoint, save_checkpoint
 
@@ -138,7 +138,7 @@ def test_a_closure_that_leaves_a_low_rank_layer_out_is_refused():
     torch.manual_seed(0)
     two = nn.ModuleDict({"a": LowRankLinear(6, 6, 2), "b": LowRankLinear(6, 6, 2)})
     x = torch.randn(5, 6)
-    dlrt = DLRT(two, lr=0.1, tol=0.1)
+    dlrt = DLRT(two, lr=0.1)                   # at fixed rank: with tol the S-step needs no closure
     (two["a"](x).sum() + two["b"](x).sum()).backward()
     with pytest.raises(RuntimeError, match=r"does not depend on the low-rank layers \['b'\]"):
         dlrt.step(lambda: two["a"](x).sum())
@@ -209,18 +209,50 @@ def test_a_diverged_rank_adaptive_step_is_a_non_finite_loss_error_and_is_undone(
     dlrt_steps(model, dlrt, x, y, 2)                        # and the model trains on
 
 
+def test_the_kept_signals_follow_the_gradients_and_are_not_copied():
+    """Kept with tol only, cleared by zero_grad, by a forward pass that finds U.grad cleared, and after a step;
+    a deep copy starts without them; a forward pass without backward adds none."""
+    torch.manual_seed(0)
+    model = nn.Sequential(LowRankLinear(8, 6, 2), nn.Tanh(), LowRankLinear(6, 3, 2))
+    x, y = torch.randn(12, 8), torch.randint(0, 3, (12,))
+    loss = lambda: F.cross_entropy(model(x), y)                 # noqa: E731
+    DLRT(model, lr=0.1)
+    loss().backward()
+    assert not model[0].signals                                 # fixed rank keeps none
+    dlrt = DLRT(model, lr=0.1, tol=0.1)
+    dlrt.zero_grad()
+    loss().backward()
+    assert len(model[0].signals) == 1 and not model[0].signals[0][1].requires_grad
+    with torch.no_grad():
+        model(x)
+    assert len(model[0].signals) == 1                           # evaluation leaves them
+    assert not copy.deepcopy(model)[0].signals and len(model[0].signals) == 1
+    loss().backward()                                           # accumulating, as U.grad does
+    assert len(model[0].signals) == 2
+    model.zero_grad()
+    loss().backward()
+    assert len(model[0].signals) == 1
+    dlrt.step()
+    assert not model[0].signals and model[0].U.grad is None
+    loss().backward()
+    dlrt.zero_grad()
+    assert not model[0].signals
+
+
 def _moments(dlrt):
     return {name: {key: value if key == "step" else value.clone() for key, value in state.items()}
             for name, state in dlrt.state.items()}
 
 
+@pytest.mark.parametrize("tol", [None, 0.1])
 @pytest.mark.parametrize("betas", [None, (0.9, 0.99)])
-def test_a_failed_s_step_pass_leaves_the_factors_and_moments_as_they_were(betas):
-    # 2r > n: the augmented core is 3 × 4, which every later backward pass would refuse if it were left in place.
+def test_a_failed_s_step_leaves_the_factors_and_moments_as_they_were(betas, tol, monkeypatch):
+    # With tol, 2r > n: the augmented core is 3 × 4, which every later backward pass would refuse if it were left
+    # in place. The S-step fails half-way through its pass (fixed rank) or while it forms its gradient (tol).
     torch.manual_seed(0)
     model = nn.Sequential(LowRankLinear(8, 3, 2), nn.ReLU(), nn.Linear(3, 3))
     x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
-    dlrt = DLRT(model, lr=0.1, tol=0.1, betas=betas)
+    dlrt = DLRT(model, lr=0.1, tol=tol, betas=betas)
     loss = lambda: F.cross_entropy(model(x), y)                   # noqa: E731
     for _ in range(2):
         dlrt.zero_grad()
@@ -229,16 +261,22 @@ def test_a_failed_s_step_pass_leaves_the_factors_and_moments_as_they_were(betas)
     state, moments = copy.deepcopy(model.state_dict()), _moments(dlrt)
 
     def failing_closure():
-        loss().backward()                                         # half-way through the pass
+        loss().backward()
+        raise KeyboardInterrupt
+
+    def failing_gradient(layer):
         raise KeyboardInterrupt
 
     dlrt.zero_grad()
     loss().backward()
-    with pytest.raises(KeyboardInterrupt):
+    assert bool(model[0].signals) == (tol is not None)
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(LowRankLayer, "galerkin_gradient", failing_gradient)
         dlrt.step(failing_closure)
     assert model[0].S.shape == state["0.S"].shape and model[0].kl_gradients
     for name, value in model.state_dict().items():
         assert torch.equal(value, state[name]), name
+    assert model[0].U.grad is None and model[2].weight.grad is None and not model[0].signals   # run it again
     after = _moments(dlrt)
     assert after.keys() == moments.keys()
     for name, saved in moments.items():

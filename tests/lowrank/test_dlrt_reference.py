@@ -158,15 +158,60 @@ def test_one_step_of_a_conv_then_linear_network_matches_the_projector_form(tol):
 
 
 def test_the_rank_adaptive_s_step_pass_sees_the_weights_of_the_first_pass():
-    """Û S̃ V̂ᵀ = Û Ûᵀ U S Vᵀ V̂ V̂ᵀ = U S Vᵀ, since U and V lie in the augmented bases: the S-step pass computes the
-    same loss as the first (Algorithm 1: S̃ = M S Nᵀ is the old weight); the fixed-rank one does not."""
+    """Û S̃ V̂ᵀ = Û Ûᵀ U S Vᵀ V̂ V̂ᵀ = U S Vᵀ, since U and V lie in the augmented bases (Algorithm 1: S̃ = M S Nᵀ is
+    the old weight), so rank-adaptive DLRT takes ∇_S L from the first pass; at fixed rank the network changes."""
     for tol in (0.1, None):
         model, x, y = two_linear_layers()
-        first, second = run_one_step(model, lambda: F.cross_entropy(model(x), y), 0.7, tol)
+        layers = [model[0], model[2]]
+        dlrt = DLRT(model, lr=0.7, tol=tol)
+        dlrt.zero_grad()
+        first = F.cross_entropy(model(x), y)
+        first.backward()
+        for name, layer in zip(("0", "2"), layers):
+            dlrt._basis_update(name, layer)
+        augmented = F.cross_entropy(model(x), y)
         if tol is None:
-            assert abs(first - second) > 1e-6
+            assert abs(first - augmented) > 1e-6
         else:
-            torch.testing.assert_close(second, first, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(augmented, first, rtol=1e-12, atol=1e-12)
+
+
+def dense_gradient(layer, dense, passes):
+    """∂L/∂W of ``dense`` (a dense copy of ``layer``) by autograd, summed over ``passes``, as ``n × m``."""
+    dense.weight.grad = None
+    for loss_of in passes:
+        loss_of(dense).backward()
+    return dense.weight.grad.reshape(dense.weight.shape[0], -1)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_the_galerkin_gradient_is_the_projected_dense_gradient_of_the_kept_passes(kind):
+    """galerkin_gradient() = U'ᵀ (∂L/∂W) V' for any bases U', V' set after the passes, with ∂L/∂W by autograd on a
+    dense copy: over two accumulated backward passes, one of which uses the layer twice (its two inputs and output
+    gradients are both kept). Under kl_gradients=False (a fixed-rank S-step pass) nothing is kept."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer = LowRankLinear(7, 5, 2).double()
+        x = torch.randn(6, 7, dtype=torch.float64)
+        twice = lambda f: f(torch.tanh(f(x) @ torch.ones(5, 7, dtype=torch.float64) / 5))    # noqa: E731
+    else:
+        layer = LowRankConv2d(nn.Conv2d(3, 4, 3, padding=1, stride=2), 2).double()
+        x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+        twice = lambda f: f(torch.tanh(f(x)).repeat(1, 1, 2, 2)[:, :3, :7, :7])               # noqa: E731
+    dense = layer.to_dense()
+    passes = [lambda f: f(x).square().sum(), lambda f: twice(f).sin().sum()]
+    layer.keeps_signals = True
+    for loss_of in passes:
+        loss_of(layer).backward()
+    assert len(layer.signals) == 3
+    n, m = layer.dense_shape
+    G = dense_gradient(layer, dense, passes)
+    U1, V1 = (torch.linalg.qr(torch.randn(size, 4, dtype=torch.float64)).Q for size in (n, m))
+    layer.set_factors(U1, torch.zeros(4, 4), V1)
+    torch.testing.assert_close(layer.galerkin_gradient(), U1.T @ G @ V1, rtol=1e-10, atol=1e-12)
+    layer.kl_gradients = False
+    passes[0](layer).backward()                                 # U.grad was None: the old signals are cleared
+    assert not layer.signals
 
 
 def test_bases_stay_orthonormal_over_many_rank_adaptive_steps_of_a_conv_network():
@@ -227,7 +272,8 @@ def test_adam_first_moments_are_the_projected_moving_average_of_the_dense_gradie
         captured = {}
         closure = lambda: (captured.setdefault("W", layer.matrix().detach().clone()), loss())[1]   # noqa: E731
         dlrt.step(closure)
-        G_tilde = grad_at(captured["W"])
+        # The S-step's network Û S̃ V̂ᵀ: the closure's at fixed rank; with tol the first pass's (the closure unused).
+        G_tilde = grad_at(captured["W"]) if tol is None else G
         U1, V1 = layer.U.detach(), layer.V.detach()
         PU, PV, PU1, PV1 = (Q @ Q.T for Q in (U, V, U1, V1))
         A_K = (beta1 * A_K + (1 - beta1) * G @ PV) @ PV1
