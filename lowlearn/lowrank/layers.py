@@ -277,8 +277,10 @@ class LowRankLayer(nn.Module):
         ``∂L/∂W`` is the gradient of the dense weight at the point where those passes
         ran; after DLRT's basis augmentation ``U`` and ``V`` are ``Û`` and ``V̂``, and the
         network is the same (``Û S̃ V̂ᵀ = U S Vᵀ``), so this is the S-step's ``∇_S L``
-        without a second pass (Schotthöfer et al. 2022, Algorithm 1). It costs what
-        ``∂L/∂S`` costs in backward, in bases of up to ``2r`` columns.
+        without a second pass (Schotthöfer et al. 2022, Algorithm 1). It costs, per kept
+        pass, the products of the input with ``V`` (for :class:`LowRankConv2d`, a
+        convolution with ``V``'s filters) and of ``δ`` with ``U``, in bases of up to ``2r``
+        columns, and no pass through the rest of the network.
 
         Raises:
             RuntimeError: no backward pass was kept (``keeps_signals`` off, or no
