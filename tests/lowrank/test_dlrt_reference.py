@@ -176,8 +176,8 @@ def test_the_rank_adaptive_s_step_pass_sees_the_weights_of_the_first_pass():
             torch.testing.assert_close(augmented, first, rtol=1e-12, atol=1e-12)
 
 
-def dense_gradient(layer, dense, passes):
-    """∂L/∂W of ``dense`` (a dense copy of ``layer``) by autograd, summed over ``passes``, as ``n × m``."""
+def dense_gradient(dense, passes):
+    """∂L/∂W of the dense layer ``dense`` by autograd, summed over ``passes``, as an ``n × m`` matrix."""
     dense.weight.grad = None
     for loss_of in passes:
         loss_of(dense).backward()
@@ -205,7 +205,7 @@ def test_the_galerkin_gradient_is_the_projected_dense_gradient_of_the_kept_passe
         loss_of(layer).backward()
     assert len(layer.signals) == 3
     n, m = layer.dense_shape
-    G = dense_gradient(layer, dense, passes)
+    G = dense_gradient(dense, passes)
     U1, V1 = (torch.linalg.qr(torch.randn(size, 4, dtype=torch.float64)).Q for size in (n, m))
     layer.set_factors(U1, torch.zeros(4, 4), V1)
     torch.testing.assert_close(layer.galerkin_gradient(), U1.T @ G @ V1, rtol=1e-10, atol=1e-12)
