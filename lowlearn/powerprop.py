@@ -31,7 +31,6 @@ SNFS) do not, since ``φ = 0`` is a critical point and a grown weight would stay
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import weakref
 from collections.abc import Iterable, Mapping
@@ -40,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .autograd import Function
 from .checks import as_float
 from .reparam import register
 from .sparse.mask import resolve_layers
@@ -95,7 +95,7 @@ def _times_derivative(upstream: Tensor, phi: Tensor, alpha: float) -> Tensor:
     return torch.addcmul(upstream.new_zeros(()), upstream, power, value=alpha)
 
 
-class _Power(torch.autograd.Function):
+class _Power(Function):
     """``θ = Ψ(φ)`` (:func:`_power`) with the gradient ``∂L/∂φ = α |φ|^(α−1) ∂L/∂θ`` written out.
 
     For every ``α`` but the odd integers (:meth:`PowerProp.forward`). Autograd's own
@@ -138,7 +138,7 @@ class _Power(torch.autograd.Function):
         return _times_derivative(phi_tangent, phi, ctx.alpha)
 
 
-class _GradientOfTheta(torch.autograd.Function):
+class _GradientOfTheta(Function):
     """``θ`` passed on unchanged, with ``∂L/∂θ`` handed to ``φ`` as its gradient (no chain rule).
 
     What :class:`PowerPropOptimizer` puts after a Powerprop layer's own forward pass:
@@ -157,12 +157,6 @@ class _GradientOfTheta(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         return grad, None
-
-
-# Function.apply binds its arguments to forward's signature on every call when setup_context
-# is defined; inspect.signature returns a precomputed __signature__ at once (5 µs less per layer).
-_Power.forward.__signature__ = inspect.signature(_Power.forward)
-_GradientOfTheta.forward.__signature__ = inspect.signature(_GradientOfTheta.forward)
 
 
 class PowerProp(nn.Module):

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..autograd import Function
 from ..checks import check_untied, is_integer, is_real
 
 
@@ -127,7 +128,7 @@ def _keep(sink: BackwardSignals | None, x: Tensor, delta: Tensor) -> None:
         sink.append((x.detach(), delta.detach()))
 
 
-class _LowRankLinearFunction(torch.autograd.Function):
+class _LowRankLinearFunction(Function):
     """``y = ((x V) Sᵀ) Uᵀ``; backward gives ``∂L/∂x`` and the integrator's ``∇_K``, ``∂L/∂S``, ``∇_L``.
 
     ``kl=False`` (the fixed-rank S-step pass, where ``S`` may be rectangular) skips ``∇_K``
@@ -168,7 +169,7 @@ def _filters(V: Tensor, kernel: tuple) -> Tensor:
     return V.T.reshape(V.shape[1], *kernel)
 
 
-class _LowRankConvFunction(torch.autograd.Function):
+class _LowRankConvFunction(Function):
     """The convolution ``V`` (``r_v`` filters), then the channel mixing ``U S``; backward as for the linear case."""
 
     @staticmethod

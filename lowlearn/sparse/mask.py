@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..autograd import Function
 from ..checks import check_untied
 from ..optim_state import WEIGHT_DECAY_OPTIONS, reset_optimizer_state
 from ..reparam import register, remove
@@ -79,7 +80,7 @@ class Mask(nn.Module):
         return f"density={self.mask.count_nonzero().item() / self.mask.numel():.4f}"
 
 
-class _SplitMaskFunction(torch.autograd.Function):
+class _SplitMaskFunction(Function):
     """``w = θ ⊙ a`` forward; ``∂L/∂θ = ∂L/∂w ⊙ b`` backward."""
 
     generate_vmap_rule = True     # element-wise: torch.func.vmap batches it as it is (per-example gradients)
