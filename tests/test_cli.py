@@ -47,6 +47,7 @@ def test_argument_types_take_good_values_and_explain_bad_ones():
     (powerprop.main, ["--alpha", "0.5"], "--alpha: alpha must be a finite number >= 1"),
     (maml.main, ["--inner-lr", "nan"], "argument --inner-lr: expected a finite number > 0"),
     (lowrank.main, ["--widths", "16", "--rank", "32"], "--rank 32 is above the width 16"),
+    (lowrank.main, ["--tol", "1"], "--tol: the relative tolerance ϑ must be in [0, 1)"),
     (dst.main, ["--density", "0.9", "--repeats", "1", "--every", "2"], "--density 0.9: SNFS at density 0.9"),
 ])
 def test_benchmarks_refuse_bad_options_before_timing_anything(main, options, message, capsys):

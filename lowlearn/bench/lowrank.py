@@ -3,7 +3,12 @@
 The network is ``w → w → w → 10`` (two hidden layers of width ``w``, ReLU); DLRT
 holds the two ``w × w`` hidden layers at a fixed rank ``r`` (the fixed-rank
 integrator of :class:`~lowlearn.lowrank.dlrt.DLRT`: its K/L pass, its S-step pass and the
-QR factorisations), the dense network is trained with plain SGD. Time is the
+QR factorisations), the dense network is trained with plain SGD. With ``--tol ϑ`` DLRT
+is the rank-adaptive integrator instead, started at rank ``r`` and capped there
+(``r_max = r``): one pass, QR factorisations of ``2r`` columns and the SVD of a
+``2r × 2r`` core per layer and step. ``--tol 0`` keeps the rank at ``r`` throughout, so
+that the two integrators are timed at the same rank; a larger ``ϑ`` lets it fall while it is
+timed (the ranks at the end are printed). Time is the
 median per step of interleaved blocks, and the time ratio the median of the blocks'
 ratios (:func:`~lowlearn.bench.timing.paired_ratio`). Memory is what a step holds: parameters,
 gradients, optimizer state and the activations saved for backward
@@ -26,6 +31,7 @@ from torch import nn
 from lowlearn import cli
 from lowlearn.cost import training_memory
 from lowlearn.lowrank import DLRT, to_low_rank
+from lowlearn.lowrank.layers import check_tolerance
 
 from .timing import (VERDICT_WORDS, add_device_argument, cuda_peak_bytes, environment, fixed_batch,
                      interleaved_rounds, medians, middle_half, paired_ratio, resolve_device, verdict)
@@ -36,15 +42,18 @@ launches and the latency of four small QR factorisations, not the multiply-adds 
 H100, width 4096, the dense step took 1.0 ms and DLRT's 8.1 ms at batch 128, and 14.1 ms and 6.8 ms at batch 4096."""
 
 
-def build(width: int, rank: int | None, device: torch.device):
-    """``(model, optimizer)``: dense with SGD (``rank=None``), or low-rank with fixed-rank DLRT."""
+def build(width: int, rank: int | None, device: torch.device, tol: float | None = None):
+    """``(model, optimizer)``: dense with SGD (``rank=None``), or low-rank with DLRT, at fixed rank (``tol=None``)
+    or rank-adaptive with tolerance ``tol`` and ranks at most ``rank``."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
                           nn.Linear(width, 10)).to(device)
     if rank is None:
         return model, torch.optim.SGD(model.parameters(), lr=0.01)
     to_low_rank(model, ["0", "2"], rank=rank)
-    return model, DLRT(model, lr=0.01)
+    if tol is None:
+        return model, DLRT(model, lr=0.01)
+    return model, DLRT(model, lr=0.01, tol=tol, r_max=rank)
 
 
 def _step(model, optimizer, x, y):
@@ -52,7 +61,7 @@ def _step(model, optimizer, x, y):
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
-        if isinstance(optimizer, DLRT):
+        if getattr(optimizer, "needs_closure", False):             # DLRT at fixed rank: the S-step's pass
             optimizer.step(lambda: F.cross_entropy(model(x), y))
         else:
             optimizer.step()
@@ -60,19 +69,19 @@ def _step(model, optimizer, x, y):
 
 
 def run(widths=(512, 1024, 2048, 4096), rank: int = 32, batch_size: int = 128, iterations: int = 3,
-        repeats: int = 15, device: str | None = None) -> list[dict]:
-    """One row per width: its rank and batch size, seconds per step and bytes, dense and DLRT, and the time ratio
-    DLRT / dense (a ``Ratio``)."""
+        repeats: int = 15, device: str | None = None, tol: float | None = None) -> list[dict]:
+    """One row per width: its rank and batch size, seconds per step and bytes, dense and DLRT, the time ratio
+    DLRT / dense (a ``Ratio``), and DLRT's ranks after the timing (``{layer name: rank}``)."""
     device = resolve_device(device)
     rows = []
     for width in widths:
         x, y = fixed_batch(batch_size, width, device)
-        built = {"dense": build(width, None, device), "dlrt": build(width, rank, device)}
+        built = {"dense": build(width, None, device), "dlrt": build(width, rank, device, tol)}
         steps = {name: _step(model, opt, x, y) for name, (model, opt) in built.items()}
         rounds = interleaved_rounds(steps, device=device, iterations=iterations, repeats=repeats, warmup=1)
         times = medians(rounds)
         row = {"width": width, "rank": rank, "batch_size": batch_size,
-               "time_ratio": paired_ratio(rounds, "dlrt", "dense")}
+               "time_ratio": paired_ratio(rounds, "dlrt", "dense"), "ranks": built["dlrt"][1].ranks()}
         for name, (model, opt) in built.items():
             memory = training_memory(model, opt, (x, y), F.cross_entropy)
             model.zero_grad(set_to_none=True)        # the step's gradients count in its peak, not in the base
@@ -98,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lowlearn.bench lowrank", description=__doc__)
     parser.add_argument("--widths", type=cli.positive_int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--rank", type=cli.positive_int, default=32)
+    parser.add_argument("--tol", type=float, default=None,
+                        help="rank-adaptive DLRT with this relative tolerance, in [0, 1), and ranks at most --rank "
+                             "(default: fixed rank)")
     parser.add_argument("--batch-size", type=cli.positive_int, default=128)
     parser.add_argument("--iterations", type=cli.positive_int, default=3, help="training steps per timed block")
     parser.add_argument("--repeats", type=cli.positive_int, default=15, help="interleaved timed blocks per model")
@@ -105,13 +117,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.rank > min(args.widths):
         parser.error(f"--rank {args.rank} is above the width {min(args.widths)}: a w x w layer has rank at most w")
+    if args.tol is not None:
+        try:
+            check_tolerance(args.tol)
+        except ValueError as error:
+            parser.error(f"--tol: {error}")
     device = resolve_device(args.device)
-    rows = run(tuple(args.widths), args.rank, args.batch_size, args.iterations, args.repeats, device)
-    print(f"w → w → w → 10, two hidden layers at fixed rank {args.rank} (DLRT) vs dense SGD, batch {args.batch_size}, "
+    rows = run(tuple(args.widths), args.rank, args.batch_size, args.iterations, args.repeats, device, args.tol)
+    integrator = (f"at fixed rank {args.rank}" if args.tol is None
+                  else f"rank-adaptive (ϑ = {args.tol:g}, rank <= {args.rank})")
+    print(f"w → w → w → 10, two hidden layers {integrator} (DLRT) vs dense SGD, batch {args.batch_size}, "
           f"{environment(device)}")
     print(f"time: median of {args.repeats} interleaved blocks of {args.iterations} steps, and of the blocks' ratios "
           "beside their middle half; memory: parameters, "
-          "gradients, optimizer state and saved activations" + ("; CUDA peak of one step beyond what was allocated "
+          "gradients, optimizer state and saved activations"
+          + ("" if args.tol is None else " (not the output gradients that rank-adaptive DLRT keeps for its S-step)")
+          + ("; CUDA peak of one step beyond what was allocated "
                                                                 "before it" if rows and
                                                                     rows[0]["dense"]["cuda_peak"] else ""))
     print(f"{'width':>6} {'dense ms':>9} {'DLRT ms':>9} {'time':>7} {'middle half':>12} {'dense MiB':>10} "
@@ -121,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{row['width']:>6} {d['seconds'] * 1e3:9.2f} {r['seconds'] * 1e3:9.2f} {time.median:6.2f}x "
               f"{middle_half(time.low, time.high):>12} {d['bytes'] / 2**20:10.2f} {r['bytes'] / 2**20:9.2f} "
               f"{r['bytes'] / d['bytes']:6.2f}x" + (f"  (CUDA peak {r['cuda_peak'] / d['cuda_peak']:.2f}x)"
-                                                    if d["cuda_peak"] else ""))
+                                                    if d["cuda_peak"] else "")
+              + (f"  (ranks {'/'.join(map(str, row['ranks'].values()))} at the end)" if args.tol is not None else ""))
     gpu = f" and batch >= {GPU_BATCH}" if device.type == "cuda" else ""
     held = [row for row in rows if goal(row, device) is not None]
     if not held:

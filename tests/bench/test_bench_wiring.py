@@ -181,6 +181,7 @@ def test_lowrank_time_ratio_is_dlrt_over_dense(monkeypatch):
                         lambda steps, **options: {"dense": [2.0, 2.0, 2.0], "dlrt": [1.0, 1.0, 1.0]})
     (row,) = lowrank.run(widths=(16,), rank=4, batch_size=4, iterations=1, repeats=3, device="cpu")
     assert row["time_ratio"] == timing.Ratio(0.5, 0.5, 0.5)
+    assert row["ranks"] == {"0": 4, "2": 4}                          # fixed rank: as built
 
 
 @pytest.mark.parametrize("width, rank, batch, device, expected", [

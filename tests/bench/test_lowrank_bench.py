@@ -15,6 +15,28 @@ def test_dense_and_dlrt_networks():
     assert dlrt.tol is None                                            # the fixed-rank integrator
 
 
+def test_with_tol_dlrt_is_rank_adaptive_capped_at_the_rank_and_steps_without_a_closure():
+    model, dlrt = bench.build(64, 8, torch.device("cpu"), tol=0.0)
+    assert (dlrt.tol, dlrt.r_max, dlrt.needs_closure) == (0.0, 8, False)
+    x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
+    step = bench._step(model, dlrt, x, y)
+    before = {name: layer.U.detach().clone() for name, layer in low_rank_layers(model).items()}
+    for _ in range(2):
+        step()                          # at ϑ = 0 the augmented rank 16 is truncated to the cap, 8
+    assert dlrt.ranks() == {"0": 8, "2": 8}
+    assert all(not torch.equal(layer.U, before[name]) for name, layer in low_rank_layers(model).items())
+
+
+def test_the_rank_adaptive_benchmark_says_so_and_prints_the_ranks_it_ended_at(capsys):
+    bench.main(["--widths", "32", "--rank", "4", "--tol", "0", "--iterations", "1", "--repeats", "1",
+                "--batch-size", "8", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "two hidden layers rank-adaptive (ϑ = 0, rank <= 4) (DLRT)" in out
+    assert "(not the output gradients that rank-adaptive DLRT keeps for its S-step)" in out
+    (line,) = [line for line in out.splitlines() if line.strip().startswith("32 ")]
+    assert line.endswith("(ranks 4/4 at the end)")
+
+
 def test_lowrank_benchmark_prints_ratios(capsys):
     bench.main(["--widths", "32", "64", "--rank", "4", "--iterations", "1", "--repeats", "1", "--batch-size", "8",
                 "--device", "cpu"])
