@@ -38,6 +38,10 @@ truncation (the fixed-rank integrator of the same paper). The new bases no longe
 contain the old ones, ``Û S̃ V̂ᵀ`` is another network, and the S-step takes a second
 forward and backward pass on the same batch: a closure that recomputes the loss.
 No ``n × m`` matrix is formed at any point: every product involves a thin factor.
+At the same rank the rank-adaptive step is still the dearer one: it saves the second
+pass, but its QR factorisations are of ``n × 2r`` matrices and it adds the SVD of the
+core, and on one CPU thread, at rank 32, these cost more than the pass at every width
+measured, 256 to 4096 (``python -m lowlearn.bench lowrank --tol 0`` holds the rank).
 
 The other parameters (biases, norm layers, dense layers) take plain gradient steps
 of the same size ``λ``, or the steps of a torch ``optimizer`` of your choice, with the
