@@ -128,13 +128,11 @@ def main(argv: list[str] | None = None) -> None:
                   else f"rank-adaptive (ϑ = {args.tol:g}, rank <= {args.rank})")
     print(f"w → w → w → 10, two hidden layers {integrator} (DLRT) vs dense SGD, batch {args.batch_size}, "
           f"{environment(device)}")
+    kept = "" if args.tol is None else " (not the output gradients that rank-adaptive DLRT keeps for its S-step)"
+    measured_peak = bool(rows and rows[0]["dense"]["cuda_peak"])
+    peak = "; CUDA peak of one step beyond what was allocated before it" if measured_peak else ""
     print(f"time: median of {args.repeats} interleaved blocks of {args.iterations} steps, and of the blocks' ratios "
-          "beside their middle half; memory: parameters, "
-          "gradients, optimizer state and saved activations"
-          + ("" if args.tol is None else " (not the output gradients that rank-adaptive DLRT keeps for its S-step)")
-          + ("; CUDA peak of one step beyond what was allocated "
-                                                                "before it" if rows and
-                                                                    rows[0]["dense"]["cuda_peak"] else ""))
+          f"beside their middle half; memory: parameters, gradients, optimizer state and saved activations{kept}{peak}")
     print(f"{'width':>6} {'dense ms':>9} {'DLRT ms':>9} {'time':>7} {'middle half':>12} {'dense MiB':>10} "
           f"{'DLRT MiB':>9} {'memory':>7}")
     for row in rows:
