@@ -122,10 +122,14 @@ class BackwardSignals(list):
         return type(self), ()
 
 
-def _keep(sink: BackwardSignals | None, x: Tensor, delta: Tensor) -> None:
-    """Append the layer's input and output gradient to ``sink``, if there is one (without copies or graphs)."""
-    if sink is not None:
-        sink.append((x.detach(), delta.detach()))
+def _factor_gradients_needed(ctx, x: Tensor, delta: Tensor) -> tuple[bool, bool, bool]:
+    """``(need ∇_K, need ∂L/∂S, need ∇_L)`` of a backward pass; with ``∇_K`` or ``∇_L``, the layer's input and
+    output gradient go to ``ctx.sink``, if there is one (without copies or graphs)."""
+    _, need_K, need_S, need_L = ctx.needs_input_grad[:4]
+    need_K, need_L = ctx.kl and need_K, ctx.kl and need_L
+    if (need_K or need_L) and ctx.sink is not None:
+        ctx.sink.append((x.detach(), delta.detach()))
+    return need_K, need_S, need_L
 
 
 class _LowRankLinearFunction(Function):
@@ -151,10 +155,7 @@ class _LowRankLinearFunction(Function):
         # In the factors' dtype: under autocast the input and δ may be bfloat16, the factors float32.
         rows_x = x.reshape(-1, x.shape[-1]).to(U.dtype)
         rows_d = delta.reshape(-1, delta.shape[-1]).to(U.dtype)
-        _, need_K, need_S, need_L = ctx.needs_input_grad[:4]
-        need_K, need_L = ctx.kl and need_K, ctx.kl and need_L
-        if need_K or need_L:
-            _keep(ctx.sink, x, delta)
+        need_K, need_S, need_L = _factor_gradients_needed(ctx, x, delta)
         a = rows_x @ V if need_S or need_K else None     # x V        (B × r_v)
         c = rows_d @ U                                   # δ U        (B × r_u)
         grad_x = ((c @ S) @ V.T).view_as(x).to(x.dtype) if ctx.needs_input_grad[0] else None   # δ W = δ U S Vᵀ
@@ -187,10 +188,7 @@ class _LowRankConvFunction(Function):
     @staticmethod
     def backward(ctx, delta: Tensor, _):
         x, U, S, V, a = ctx.saved_tensors
-        _, need_K, need_S, need_L = ctx.needs_input_grad[:4]
-        need_K, need_L = ctx.kl and need_K, ctx.kl and need_L
-        if need_K or need_L:
-            _keep(ctx.sink, x, delta)
+        need_K, need_S, need_L = _factor_gradients_needed(ctx, x, delta)
         # In the factors' dtype: under autocast x, a and δ may be bfloat16, the factors float32.
         x_dtype, (x, a, delta) = x.dtype, (t.to(U.dtype) for t in (x, a, delta))
         c = torch.einsum("bnhw,nr->brhw", delta, U)                           # δ U
