@@ -8,10 +8,11 @@
 
 from .dlrt import DLRT
 from .layers import (LowRankConv2d, LowRankLayer, LowRankLinear, compression, count_low_rank_parameters,
-                     dense_parameter_count, dense_parameters, low_rank_layers, to_dense, to_low_rank,
-                     truncation_rank)
+                     dense_parameter_count, dense_parameters, integrator_factors, low_rank_layers, to_dense,
+                     to_low_rank, truncation_rank)
 
 __all__ = [
     "DLRT", "LowRankConv2d", "LowRankLayer", "LowRankLinear", "compression", "count_low_rank_parameters",
-    "dense_parameter_count", "dense_parameters", "low_rank_layers", "to_dense", "to_low_rank", "truncation_rank",
+    "dense_parameter_count", "dense_parameters", "integrator_factors", "low_rank_layers", "to_dense", "to_low_rank",
+    "truncation_rank",
 ]

@@ -479,6 +479,12 @@ def low_rank_layers(model: nn.Module) -> dict[str, LowRankLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LowRankLayer)}
 
 
+def integrator_factors(model: nn.Module) -> set[str]:
+    """The names of the factors ``U`` and ``V`` of the model's low-rank layers: the parameters whose backward
+    gradient is DLRT's ``∇_K`` or ``∇_L``, not their own ``∂L/∂U`` or ``∂L/∂V`` (``S``'s is ``∂L/∂S``)."""
+    return {f"{name}.{factor}" for name, layer in low_rank_layers(model).items() for factor in ("U", "V")}
+
+
 def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters a torch optimizer should train: all but the low-rank factors (biases included)."""
     factors = {id(p) for layer in low_rank_layers(model).values() for p in (layer.U, layer.S, layer.V)}

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..checks import check_count, check_scalar_loss
+from ..checks import check_count, check_rate, check_scalar_loss
+from ..lowrank.layers import integrator_factors
 from ..powerprop import routes_theta_gradients
 
 Params = dict[str, Tensor]
@@ -49,6 +50,7 @@ def inner_loop(
     *,
     first_order: bool = False,
     adapt: Iterable[str] | None = None,
+    losses: list[Tensor] | None = None,
 ) -> Params:
     """``steps`` steps of gradient descent on ``loss_fn(model(x), y)``, differentiable in the initial ``params``.
 
@@ -66,31 +68,44 @@ def inner_loop(
             ``θ_0`` only through the identity, and no second-order graph is kept.
         adapt: names of the parameters that adapt (default: every one in ``params``;
             name them when some do not require gradients).
+        losses: a list to which each step's support loss ``L(θ_k)`` is appended, detached
+            (``steps`` of them; the first is the loss before adapting).
 
     Returns:
         The adapted parameters ``θ_steps`` (all of them, adapted or not).
 
     Raises:
-        ValueError: negative ``steps``, an adapted parameter that does not require gradients
-            or that the loss does not use (leave it out of ``adapt``, or freeze it), or a model
-            whose gradients a live :class:`~lowlearn.powerprop.PowerPropOptimizer` routes.
+        ValueError: negative ``steps``; an ``lr`` that is not a positive, finite number, or a
+            dictionary of rates without one for an adapted parameter; an adapted parameter that
+            does not require gradients or that the loss does not use (leave it out of
+            ``adapt``, or freeze it), or that is the factor ``U`` or ``V`` of a low-rank layer
+            (:func:`~lowlearn.lowrank.layers.integrator_factors`); or a model whose gradients a
+            live :class:`~lowlearn.powerprop.PowerPropOptimizer` routes.
         RuntimeError: gradients turned off (:func:`torch.no_grad`, :func:`torch.inference_mode`).
     """
     check_count("steps (inner steps)", steps, 0)
+    params = dict(params)
+    names = list(params) if adapt is None else list(adapt)
+    check_step_sizes(lr, names)
     if steps:
         check_gradients_allowed()
         if routes_theta_gradients(model):
             raise ValueError("a PowerPropOptimizer routes ∂L/∂θ to the Powerprop weights φ of this model, so the inner "
                              "loop would not get its gradients ∂L/∂φ: meta-train with a plain torch.optim optimizer, "
                              "and call .remove() on the PowerPropOptimizer (or drop it)")
-    params = dict(params)
-    names = list(params) if adapt is None else list(adapt)
-    if steps and (frozen := [name for name in names if not params[name].requires_grad]):
-        raise ValueError(f"the parameters {frozen} do not require gradients, so the inner loop cannot adapt them: "
-                         "name the parameters that adapt in adapt= (or pass ones that require gradients)")
+        if frozen := [name for name in names if not params[name].requires_grad]:
+            raise ValueError(f"the parameters {frozen} do not require gradients, so the inner loop cannot adapt them: "
+                             "name the parameters that adapt in adapt= (or pass ones that require gradients)")
+        if factors := sorted(integrator_factors(model).intersection(names)):
+            raise ValueError(f"the parameters {factors} are factors U, V of low-rank layers, whose backward gives "
+                             "DLRT's gradients, not ∂L/∂U and ∂L/∂V, so gradient steps on them would be wrong: "
+                             "leave them out of adapt= or freeze them (requires_grad_(False)); S and the other "
+                             "parameters adapt correctly")
     for _ in range(steps):
         loss = loss_fn(run(model, params, x), y)
         check_scalar_loss(loss)
+        if losses is not None:
+            losses.append(loss.detach())
         grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not first_order, allow_unused=True)
         if unused := [name for name, grad in zip(names, grads) if grad is None]:
             raise ValueError(f"the support loss does not use the parameters {unused}, so the inner loop cannot adapt "
@@ -99,6 +114,14 @@ def inner_loop(
             step = lr[name] * grad if isinstance(lr, Mapping) else lr * grad
             params[name] = params[name] - step
     return params
+
+
+def check_step_sizes(lr: float | Mapping[str, Tensor], names: Iterable[str]) -> None:
+    """Raise a ValueError unless ``lr`` is a positive, finite number or a mapping with a rate for each of ``names``."""
+    if not isinstance(lr, Mapping):
+        check_rate("lr", lr)
+    elif missing := [name for name in names if name not in lr]:
+        raise ValueError(f"lr has no step size for the adapted parameters {missing}: give one for each")
 
 
 def check_gradients_allowed() -> None:

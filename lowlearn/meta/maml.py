@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from ..checks import check_count, check_rate, check_scalar_loss
 from ..train import buffers_restored
 from .batched import summed_over_tasks, task_batched
-from .functional import (LossFn, Params, check_labels, check_task, inner_loop, parameters_of, run,
+from .functional import (LossFn, Params, check_labels, check_step_sizes, check_task, inner_loop, parameters_of, run,
                          values_are_free_to_read)
 
 
@@ -174,7 +174,9 @@ class MAML(nn.Module):
 
         Raises:
             ValueError: inputs and targets of different lengths, an empty support set,
-                (on the CPU) integer labels outside the model's classes, or a negative ``steps``.
+                (on the CPU) integer labels outside the model's classes, real-valued targets
+                that would broadcast the outputs to a larger shape (see :func:`check_tasks`), or a
+                negative ``steps``.
             RuntimeError: inner steps under :func:`torch.inference_mode`, which forbids their
                 gradients (under :func:`torch.no_grad` they are turned back on).
         """
@@ -182,7 +184,9 @@ class MAML(nn.Module):
             raise ValueError(f"the support set must hold as many targets as inputs, at least one: got {len(x)} "
                              f"inputs and {len(y)} targets")
         params = parameters_of(self.model)
-        if not y.dtype.is_floating_point and values_are_free_to_read(y):
+        if y.dtype.is_floating_point:
+            _check_targets_fit(output_shape(self.model, params, x), y.shape, "support")
+        elif values_are_free_to_read(y):
             check_labels(y, output_shape(self.model, params, x)[-1])
         with torch.enable_grad(), buffers_restored(self.model):   # the inner steps need gradients, also under no_grad
             return inner_loop(self.model, params, x, y, self.loss_fn,
@@ -337,7 +341,8 @@ Forward = Callable[[Params, Tensor], Tensor]
 
 def adapted_tasks(model: nn.Module, params: Params, tasks: TaskBatch, loss_fn: LossFn, steps: int,
                   lr: float | Mapping[str, Tensor], *, first_order: bool, adapt: list[str] | None = None,
-                  tasks_at_once: int = 1) -> Iterator[tuple[slice, Forward, Params]]:
+                  tasks_at_once: int = 1,
+                  losses: list[Tensor] | None = None) -> Iterator[tuple[slice, Forward, Params]]:
     """Adapt ``params`` to the tasks' support sets, ``tasks_at_once`` tasks at a time, and yield each group.
 
     Each group comes as ``(part, forward, adapted)``: the slice of ``tasks`` it holds
@@ -347,7 +352,8 @@ def adapted_tasks(model: nn.Module, params: Params, tasks: TaskBatch, loss_fn: L
     ``tasks_at_once=1`` each task runs through ``model`` itself (``T = 1``); with more,
     through :func:`~lowlearn.meta.batched.task_batched`. A group is adapted when the
     caller asks for it, so a caller that back-propagates each group's loss before the
-    next keeps one group's graph at a time.
+    next keeps one group's graph at a time. ``losses`` is :func:`inner_loop`'s, for every
+    group in turn: ``steps`` losses per group, each the sum of its tasks' support losses.
     """
     count = tasks.support_x.shape[0]
     names = list(params) if adapt is None else list(adapt)
@@ -357,7 +363,7 @@ def adapted_tasks(model: nn.Module, params: Params, tasks: TaskBatch, loss_fn: L
 
         for j in range(count):
             adapted = inner_loop(model, params, tasks.support_x[j], tasks.support_y[j], loss_fn, steps, lr,
-                                 first_order=first_order, adapt=names)
+                                 first_order=first_order, adapt=names, losses=losses)
             yield slice(j, j + 1), forward, adapted
         return
     x, y = (tasks.support_x, tasks.support_y) if tasks.support_x.shape[1] else (tasks.query_x, tasks.query_y)
@@ -369,7 +375,7 @@ def adapted_tasks(model: nn.Module, params: Params, tasks: TaskBatch, loss_fn: L
         size = tasks.support_x[part].shape[0]
         stacked = {name: p.expand(size, *p.shape) if name in names else p for name, p in params.items()}
         adapted = inner_loop(batched, stacked, tasks.support_x[part], tasks.support_y[part], summed, steps, lr,
-                             first_order=first_order, adapt=names)
+                             first_order=first_order, adapt=names, losses=losses)
         yield part, partial(run, batched), adapted
 
 
@@ -469,10 +475,7 @@ def adapt_and_evaluate(model: nn.Module, tasks: TaskBatch, loss_fn: LossFn, step
     losses, accuracies = [], []
     steps, tasks_at_once = check_count("steps (inner steps)", steps, 0), check_count("tasks_at_once", tasks_at_once, 1)
     adapt = adapted_names(model, adapt, steps)
-    if not isinstance(lr, Mapping):
-        check_rate("lr", lr)
-    elif missing := [name for name in adapt if name not in lr]:
-        raise ValueError(f"lr has no step size for the adapted parameters {missing}: give one for each")
+    check_step_sizes(lr, adapt)
     start = {name: p.detach().requires_grad_(name in adapt) for name, p in parameters_of(model).items()}
     check_tasks(model, start, tasks, adapts=steps > 0)
     if isinstance(lr, Mapping):        # Meta-SGD's learned rates: no graph through them at test time
@@ -573,14 +576,12 @@ class Reptile:
         check_tasks(self.model, start, tasks, scores_queries=False)
         direction = {name: torch.zeros_like(theta[name]) for name in trainable}
         count = tasks.support_x.shape[0]
-        losses = []
+        losses = []                # each group's support loss at every inner step, summed over the group's tasks
         with torch.enable_grad():
-            for part, forward, adapted in adapted_tasks(self.model, start, tasks, self.loss_fn, self.inner_steps,
-                                                        self.inner_lr, first_order=True, adapt=trainable,
-                                                        tasks_at_once=self.tasks_at_once):
-                with torch.no_grad(), buffers_restored(self.model):      # a report: no running statistics
-                    out = forward(theta, tasks.support_x[part])
-                    losses += [self.loss_fn(task_out, task_y) for task_out, task_y in zip(out, tasks.support_y[part])]
+            for _, _, adapted in adapted_tasks(self.model, start, tasks, self.loss_fn, self.inner_steps,
+                                               self.inner_lr, first_order=True, adapt=trainable,
+                                               tasks_at_once=self.tasks_at_once, losses=losses):
+                with torch.no_grad():
                     for name, total in direction.items():     # Σ over the group's tasks of θ̃_j − θ
                         total += (adapted[name] - theta[name]).reshape(-1, *total.shape).sum(0)
         params = parameters_of(self.model)
@@ -593,4 +594,4 @@ class Reptile:
             for name, total in direction.items():
                 params[name].grad = total.div_(-count)
             optimizer.step()
-        return {"loss": torch.stack(losses).mean()}
+        return {"loss": torch.stack(losses[::self.inner_steps]).sum() / count}   # each group's first step: at θ

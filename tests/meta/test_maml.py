@@ -11,7 +11,7 @@ from lowlearn.data.episodes import Episode, random_episodes
 from lowlearn.data.tasks import RegressionBatch, SinusoidTasks
 from lowlearn.meta import ANIL, MAML, MetaSGD, Reptile, adapt_and_evaluate, head_names, run
 from lowlearn.meta.episodic import meta_train
-from lowlearn.meta.functional import parameters_of
+from lowlearn.meta.functional import inner_loop, parameters_of
 from lowlearn.meta.maml import check_tasks
 from lowlearn.models import MLP, Conv4
 
@@ -339,9 +339,11 @@ def test_regression_targets_that_would_broadcast_the_outputs_are_refused():
         with pytest.raises(ValueError, match=r"targets of a query set have shape \(7,\) but the model's outputs "
                                              r"\(7, 1\): a loss would broadcast them to \(7, 7\)"):
             call(flat)
-    with pytest.raises(ValueError, match=r"targets of a support set have shape \(5,\) but the model's outputs "
-                                         r"\(5, 1\): a loss would broadcast them to \(5, 5\)"):   # Reptile's only set
-        Reptile(maml.model, 0.01, 1, 0.5, F.mse_loss).meta_step(flat)
+    for call in (lambda: Reptile(maml.model, 0.01, 1, 0.5, F.mse_loss).meta_step(flat),   # Reptile's only set
+                 lambda: maml.adapt(flat.support_x[0], flat.support_y[0])):
+        with pytest.raises(ValueError, match=r"targets of a support set have shape \(5,\) but the model's outputs "
+                                             r"\(5, 1\): a loss would broadcast them to \(5, 5\)"):
+            call()
     gaussian = MAML(MLP(1, (8,), 2).double(), 0.01, 1, loss_fn=lambda out, y: F.gaussian_nll_loss(
         out[..., :1], y, out[..., 1:].exp()))                        # mean and log-variance: (K, 2) against (K, 1)
     gaussian.meta_backward(tasks)
@@ -562,6 +564,26 @@ def test_reptile_reports_the_mean_support_loss_before_adapting(tasks_at_once):
     assert torch.allclose(stats["loss"], expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("tasks_at_once", [1, 3])
+def test_reptile_runs_the_model_once_per_task_and_inner_step(tasks_at_once, monkeypatch):
+    # The reported loss is the inner loop's first: no pass of its own.
+    import lowlearn.meta.functional
+    import lowlearn.meta.maml
+
+    reptile = Reptile(MLP(1, (16,), 1).double(), 0.05, 2, 0.5, F.mse_loss, tasks_at_once=tasks_at_once)
+    reptile.meta_step(regression(3))                  # the first step also runs the shape checks once
+    passes = []
+
+    def counted(model, params, x):
+        passes.append(x.shape)
+        return run(model, params, x)
+
+    for module in (lowlearn.meta.functional, lowlearn.meta.maml):
+        monkeypatch.setattr(module, "run", counted)
+    reptile.meta_step(regression(3, seed=1))
+    assert len(passes) == 3 * 2 // tasks_at_once      # one pass of each group's tasks per inner step
+
+
 @pytest.mark.parametrize("learner", ["maml", "reptile"])
 def test_evaluate_and_adapt_take_the_number_of_steps_asked_for_not_the_meta_training_ones(learner):
     torch.manual_seed(0)
@@ -715,11 +737,54 @@ def test_anil_refuses_a_model_without_a_linear_head():
         ANIL(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), 0.4, 1)
 
 
+def test_the_inner_loop_reports_the_support_loss_before_each_step():
+    torch.manual_seed(0)
+    model = MLP(1, (8,), 1).double()
+    x, y = regression(1).support_x[0], regression(1).support_y[0]
+    losses = []
+    inner_loop(model, parameters_of(model), x, y, F.mse_loss, 3, 0.1, losses=losses)
+    expected = [F.mse_loss(fine_tuned(model, x, y, 0.1, k)(x), y).detach() for k in range(3)]
+    assert len(losses) == 3 and not any(loss.requires_grad for loss in losses)
+    torch.testing.assert_close(torch.stack(losses), torch.stack(expected))
+
+
+def test_the_inner_loop_refuses_low_rank_factors_and_adapts_s_to_second_order():
+    # U.grad and V.grad of a low-rank layer are DLRT's ∇_K and ∇_L, not ∂L/∂U and ∂L/∂V; S's is ∂L/∂S.
+    from lowlearn.lowrank import to_low_rank
+
+    torch.manual_seed(0)
+    model = to_low_rank(MLP(1, (6,), 1).double(), ["1"], rank=1)
+    tasks = regression(1)
+    with pytest.raises(ValueError, match=r"\['1.U', '1.V'\] are factors U, V of low-rank layers"):
+        MAML(model, 0.1, 1, loss_fn=F.mse_loss).adapt(tasks.support_x[0], tasks.support_y[0])
+    for factor in (model[1].U, model[1].V):
+        factor.requires_grad_(False)
+    maml = MAML(model, 0.1, 2, loss_fn=F.mse_loss)
+    stats = maml.meta_backward(tasks)
+
+    def plain(S, b1, w2, b2, x):                    # the same network written with the dense weight U S Vᵀ
+        return F.linear(F.relu(F.linear(x, model[1].U @ S @ model[1].V.T, b1)), w2, b2)
+
+    start = [p.detach().clone().requires_grad_() for p in (model[1].S, model[1].bias, model[3].weight, model[3].bias)]
+    adapted = start
+    for _ in range(2):
+        grads = torch.autograd.grad(F.mse_loss(plain(*adapted, tasks.support_x[0]), tasks.support_y[0]), adapted,
+                                    create_graph=True)
+        adapted = [p - 0.1 * g for p, g in zip(adapted, grads)]
+    query = F.mse_loss(plain(*adapted, tasks.query_x[0]), tasks.query_y[0])
+    torch.testing.assert_close(stats["loss"], query.detach())
+    expected = torch.autograd.grad(query, start)
+    for p, g in zip((model[1].S, model[1].bias, model[3].weight, model[3].bias), expected):
+        torch.testing.assert_close(p.grad, g)
+
+
 def test_a_dictionary_of_rates_must_give_every_adapted_parameter_one():
     model = MLP(1, (8,), 1).double()
     rates = {"1.weight": torch.tensor(0.1), "1.bias": torch.tensor(0.1), "3.weight": torch.tensor(0.1)}
     with pytest.raises(ValueError, match=r"lr has no step size for the adapted parameters \['3.bias'\]"):
         adapt_and_evaluate(model, regression(2), F.mse_loss, 1, rates)
+    with pytest.raises(ValueError, match=r"lr has no step size for the adapted parameters \['3.bias'\]"):
+        inner_loop(model, parameters_of(model), *regression(1)[:2], F.mse_loss, 1, rates)
     rates["3.bias"] = torch.tensor(0.1)
     assert adapt_and_evaluate(model, regression(2), F.mse_loss, 1, rates)["loss"].isfinite()
 
