@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..checks import check_count, check_positive
+from ..lowrank.layers import integrator_factors
 from ..train import generator_on
 
 State = list[tuple[Tensor, Tensor]]
@@ -220,25 +221,35 @@ def network_problem(model: nn.Module, x: Tensor, y: Tensor, *,
                     generator: torch.Generator | None = None) -> tuple[Objective, Tensor]:
     """Training ``model`` on ``(x, y)`` as a problem for a learned optimiser (the paper's MNIST experiment).
 
-    Returns ``(f, θ_0)``: ``θ_0`` is the model's parameters flattened into one vector,
-    and ``f(θ)`` the loss of the model with parameters ``θ`` on a fresh random
-    mini-batch of ``batch_size`` examples at every call (drawn with ``generator``, or
-    with a generator on ``x``'s device that it seeds, if it draws elsewhere:
-    :func:`lowlearn.train.generator_on`).
+    Returns ``(f, θ_0)``: ``θ_0`` is the model's trainable parameters (those that require
+    gradients) flattened into one vector, and ``f(θ)`` the loss of the model with
+    parameters ``θ`` (frozen ones as they are) on a fresh random mini-batch of
+    ``batch_size`` examples at every call (drawn with ``generator``, or with a generator on
+    ``x``'s device that it seeds, if it draws elsewhere: :func:`lowlearn.train.generator_on`).
 
     Raises:
-        ValueError: a ``batch_size`` below 1 (an empty mini-batch's loss is NaN), or ``x`` and ``y``
-            of different lengths or empty.
+        ValueError: a ``batch_size`` below 1 (an empty mini-batch's loss is NaN), ``x`` and ``y``
+            of different lengths or empty, a model without trainable parameters, or one with
+            trainable factors ``U``, ``V`` of low-rank layers, whose backward gives DLRT's
+            gradients (:func:`~lowlearn.lowrank.layers.integrator_factors`).
     """
     batch_size = check_count("batch_size", batch_size, 1)
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"x and y must hold the same examples, at least one: got {len(x)} inputs and {len(y)} "
                          "targets")
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not trained:
+        raise ValueError("every parameter of the model is frozen, so there is nothing to optimise: unfreeze some "
+                         "(requires_grad_(True))")
+    if factors := sorted(integrator_factors(model).intersection(trained)):
+        raise ValueError(f"the parameters {factors} are factors U, V of low-rank layers, whose backward gives DLRT's "
+                         "gradients, not ∂L/∂U and ∂L/∂V: freeze them (requires_grad_(False)) or convert the "
+                         "layers with lowlearn.lowrank.to_dense")
     generator = generator_on(generator, x.device)
-    names = [name for name, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
+    names = list(trained)
+    shapes = [p.shape for p in trained.values()]
+    sizes = [p.numel() for p in trained.values()]
+    theta = torch.cat([p.detach().flatten() for p in trained.values()])
 
     def objective(flat: Tensor) -> Tensor:
         params = {name: part.view(shape) for name, part, shape in zip(names, flat.split(sizes), shapes)}

@@ -104,6 +104,47 @@ def test_network_problem_is_the_model_loss_of_its_flat_parameters():
     assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
 
 
+def test_network_problem_optimises_the_trainable_parameters_and_leaves_frozen_ones_as_they_are():
+    import torch.nn.functional as F
+
+    from lowlearn.meta.learned_optimizer import network_problem
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    model[0].requires_grad_(False)                                   # a frozen body, a trained head
+    body = [p.clone() for p in model[0].parameters()]
+    x, y = torch.randn(40, 8), torch.randint(0, 3, (40,))
+    objective, theta = network_problem(model, x, y, batch_size=16, generator=torch.Generator().manual_seed(0))
+    assert theta.numel() == 16 * 3 + 3
+    assert torch.equal(theta, torch.cat([model[2].weight.flatten(), model[2].bias]))
+    index = torch.randint(40, (16,), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(objective(theta), F.cross_entropy(model(x[index]), y[index]))
+    # Other head weights change the loss as the head alone would; the body is the model's own.
+    head = torch.randn_like(theta)
+    with torch.no_grad():
+        expected = F.cross_entropy(F.linear(torch.tanh(model[0](x[index])), head[:48].view(3, 16), head[48:]), y[index])
+    objective, _ = network_problem(model, x, y, batch_size=16, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(objective(head), expected)
+    optimize(LSTMOptimizer(), objective, theta, 5)
+    assert all(torch.equal(a, b) for a, b in zip(body, model[0].parameters()))
+
+
+def test_network_problem_refuses_a_frozen_model_and_trainable_low_rank_factors():
+    from lowlearn.lowrank import to_low_rank
+    from lowlearn.meta.learned_optimizer import network_problem
+
+    x, y = torch.randn(10, 3), torch.zeros(10, dtype=torch.long)
+    with pytest.raises(ValueError, match="every parameter of the model is frozen"):
+        network_problem(nn.Linear(3, 2).requires_grad_(False), x, y)
+    model = to_low_rank(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), ["0"], rank=2)
+    with pytest.raises(ValueError, match=r"\['0.U', '0.V'\] are factors U, V of low-rank layers"):
+        network_problem(model, x, y)
+    model[0].U.requires_grad_(False)
+    model[0].V.requires_grad_(False)
+    _, theta = network_problem(model, x, y)                      # S, the bias and the dense layer: true gradients
+    assert theta.numel() == 2 * 2 + 4 + 4 * 2 + 2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_network_problem_on_a_gpu_draws_its_batches_there_from_a_cpu_generator():
     from lowlearn.meta.learned_optimizer import network_problem
