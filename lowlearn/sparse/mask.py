@@ -217,13 +217,38 @@ def resolve_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, 
 
     Raises:
         KeyError: a name that is not a module of the model, listing its prunable layers.
-        ValueError: a module without a weight tensor, two layers that share their weight,
-            or a layer whose weight another module of the model uses too.
+        ValueError: a module without a weight tensor, a weight that cannot take a mask
+            (:func:`_check_maskable`), two layers that share their weight, or a layer whose
+            weight another module of the model uses too.
     """
     chosen = _named_layers(model, layers)
+    _check_maskable(chosen)
     check_untied({name: raw_weight(layer) for name, layer in chosen.items()})
     _check_not_shared(model, chosen)
     return chosen
+
+
+def _check_maskable(layers: Mapping[str, nn.Module]) -> None:
+    """Raise a ValueError naming the first of ``layers`` whose weight is not one trainable tensor under a mask.
+
+    Two kinds are refused, before any layer is changed: a weight that a parametrization
+    computes from several tensors (``torch.nn.utils.parametrizations.weight_norm``'s
+    ``g`` and ``v``), which has no one raw weight to zero; and a weight that is a plain
+    attribute recomputed by a forward pre-hook (``torch.nn.utils.prune``, the older
+    ``torch.nn.utils.weight_norm``), which would overwrite the masked weight.
+    """
+    for name, layer in layers.items():
+        if parametrize.is_parametrized(layer, "weight"):
+            if not layer.parametrizations.weight.is_tensor:
+                raise ValueError(f"the weight of layer {name!r} is computed from several tensors by a "
+                                 "parametrization (such as torch.nn.utils.parametrizations.weight_norm), so it has no "
+                                 "one raw weight to mask: remove it (torch.nn.utils.parametrize."
+                                 f"remove_parametrizations), or leave {name!r} out of layers=")
+        elif "weight" not in layer._parameters and "weight" not in layer._buffers:
+            raise ValueError(f"the weight of layer {name!r} is not a parameter but recomputed by a hook (as "
+                             "torch.nn.utils.prune and the older torch.nn.utils.weight_norm do), which would overwrite "
+                             "a mask: remove it first (torch.nn.utils.prune.remove(layer, 'weight'), "
+                             f"torch.nn.utils.remove_weight_norm), or leave {name!r} out of layers=")
 
 
 def _check_not_shared(model: nn.Module, layers: Mapping[str, nn.Module]) -> None:

@@ -105,9 +105,21 @@ def _effective_weights(model: nn.Module) -> Iterator[dict[str, Tensor]]:
     NeurIPS 2020) scores in eval mode too. At initialisation the running statistics
     are mean 0 and variance 1, so batch norm is then close to the identity, and the
     scores are nearly those of the network without it.
+
+    A frozen layer (``requires_grad=False``) is scored too: a weight has a derivative
+    whether or not it is trained. Its raw weight requires gradients inside the block
+    only; ``torch.autograd.grad`` leaves every ``.grad`` as it was.
     """
-    with eval_mode(model), torch.enable_grad(), parametrize.cached():
-        yield {name: layer.weight for name, layer in scored_layers(model).items()}
+    layers = scored_layers(model)
+    frozen = [weight for weight in map(raw_weight, layers.values()) if not weight.requires_grad]
+    try:
+        for weight in frozen:
+            weight.requires_grad_(True)
+        with eval_mode(model), torch.enable_grad(), parametrize.cached():
+            yield {name: layer.weight for name, layer in layers.items()}
+    finally:
+        for weight in frozen:
+            weight.requires_grad_(False)
 
 
 def _hessian_times(grads: Sequence[Tensor], weights: Sequence[Tensor]) -> Callable[[list[Tensor]], list[Tensor]] | None:

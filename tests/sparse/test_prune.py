@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from torch.nn.utils import parametrize
+from torch.nn.utils import prune as torch_prune
 
 from lowlearn.models import MLP, LeNet5
 from lowlearn.sparse.mask import attach_masks, density, layer_densities, masks_of
@@ -202,3 +203,21 @@ def test_global_pruning_to_the_density_the_model_already_has_is_allowed_and_chan
     again = prune(model, magnitude(model), 0.4, scope="global")
     assert first.keys() == again.keys() and all(torch.equal(first[name], again[name]) for name in first)
     assert sum(int(m.sum()) for m in masks_of(model).values()) == round(0.4 * (6 * 5 + 5 * 3))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+@pytest.mark.parametrize("wrap, message", [
+    (lambda layer: torch_prune.random_unstructured(layer, "weight", 0.5), "not a parameter but recomputed by a hook"),
+    (lambda layer: torch.nn.utils.weight_norm(layer), "not a parameter but recomputed by a hook"),
+    (lambda layer: torch.nn.utils.parametrizations.weight_norm(layer), "computed from several tensors"),
+])
+@pytest.mark.parametrize("call", [attach_masks, lambda model: prune(model, magnitude(model), 0.5),
+                                  lambda model: prune_nm(model, 2, 4, magnitude(model))])
+def test_a_weight_that_cannot_take_a_mask_is_refused_before_any_layer_is_masked(wrap, message, call):
+    # The last layer's weight is recomputed by torch's own pruning or weight norm; the first layer must stay unmasked.
+    model = MLP(hidden=(8,))
+    wrap(model[3])
+    keys = list(model.state_dict())
+    with pytest.raises(ValueError, match=rf"the weight of layer '3' is {message}"):
+        call(model)
+    assert list(model.state_dict()) == keys and not masks_of(model)

@@ -584,3 +584,24 @@ def test_grasp_of_a_loss_linear_in_the_weights_is_zero():
 def test_a_temperature_that_is_not_positive_and_finite_is_refused(temperature):
     with pytest.raises(ValueError, match="temperature must be a positive, finite number"):
         grasp(MLP(hidden=(4,)), (torch.randn(2, 784), torch.tensor([0, 1])), temperature=temperature)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_frozen_layer_is_scored_as_if_it_were_trained_and_stays_frozen(masked):
+    # A derivative exists whether or not the weight is trained: a frozen body is scored like a trained one.
+    torch.manual_seed(0)
+    model = MLP(4, (6,), 3).double()
+    if masked:
+        attach_masks(model)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    scorers = {"snip": lambda m: snip(m, (x, y)), "grasp": lambda m: grasp(m, (x, y)),
+               "obd": lambda m: obd(m, (x, y), generator=torch.Generator().manual_seed(0)),
+               "synflow": lambda m: synflow(m, (4,))}
+    trained = {name: score(model) for name, score in scorers.items()}
+    raw_weight(model[1]).requires_grad_(False)
+    for name, score in scorers.items():
+        frozen = score(model)
+        for layer in trained[name]:
+            torch.testing.assert_close(frozen[layer], trained[name][layer], msg=f"{name} {layer}")
+        assert not raw_weight(model[1]).requires_grad and raw_weight(model[3]).requires_grad
+        assert raw_weight(model[1]).grad is None
