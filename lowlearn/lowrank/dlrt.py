@@ -186,10 +186,11 @@ class DLRT(torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
         self._keep_signals()
 
-    def _keep_signals(self) -> None:
-        """Clear every low-rank layer's signals, and have it keep the next ones if the S-step uses them (``tol``)."""
+    def _keep_signals(self, keep: bool = True) -> None:
+        """Clear every low-rank layer's signals, and have it keep the next ones if ``keep`` and the S-step uses them
+        (``tol``)."""
         for layer in low_rank_layers(self.model).values():
-            layer.keeps_signals = self.tol is not None
+            layer.keeps_signals = keep and self.tol is not None
             layer.signals.clear()
 
     @torch.no_grad()
@@ -207,9 +208,14 @@ class DLRT(torch.optim.Optimizer):
         Returns:
             The loss of the S-step's pass at fixed rank; ``None`` with ``tol``.
 
+        With ``tol``, the layers keep their inputs and output gradients for the S-step from
+        :meth:`zero_grad` (or the construction) to this step, and no longer: a model trained
+        on by another optimizer afterwards keeps none.
+
         Raises:
             RuntimeError: a low-rank layer that trains without gradients (no backward pass
-                first), or, at fixed rank, one that the closure's loss does not use.
+                first), with ``tol`` one that kept no backward pass (no :meth:`zero_grad`
+                since the last step), or, at fixed rank, one that the closure's loss does not use.
             TypeError: no closure at fixed rank.
             ValueError: a low-rank layer with some of its factors frozen and others not.
             lowlearn.train.NonFiniteLossError: the truncation met a core that is not
@@ -228,6 +234,10 @@ class DLRT(torch.optim.Optimizer):
             if layer.U.grad is None or layer.V.grad is None:
                 raise RuntimeError(f"low-rank layer {name!r} has no gradient: run forward and backward on a "
                                    "batch before DLRT.step()")
+            if self.tol is not None and not layer.signals:
+                raise RuntimeError(f"low-rank layer {name!r} kept no backward pass for the S-step: rank-adaptive "
+                                   "DLRT keeps them from its zero_grad() to its step(), so call dlrt.zero_grad() "
+                                   "(not model.zero_grad()) before the forward pass")
         average_across_processes((grad for layer in layers.values() for grad in (layer.U.grad, layer.V.grad)),
                                  check=not self._averaged)
         start = {name: (layer.U.detach(), layer.S.detach(), layer.V.detach()) for name, layer in layers.items()}
@@ -260,7 +270,7 @@ class DLRT(torch.optim.Optimizer):
                 U0, _, V0 = start[name]
                 self._rotate(name, "K", None, V0.T @ layer.V)
                 self._rotate(name, "L", None, U0.T @ layer.U)
-            layer.signals.clear()                         # the new factors have no gradients yet
+        self._keep_signals(False)         # until the next zero_grad: another loop's passes would pile up
         self.param_groups[0]["params"] = _factors(self.model, trained_only=True)
         return None if loss is None else loss.detach()
 

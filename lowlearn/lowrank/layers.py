@@ -111,23 +111,29 @@ class BackwardSignals(list):
 
     ``∂L/∂W`` is made of them (``Σ δᵀ x`` over the examples, for a linear layer), so
     :meth:`LowRankLayer.galerkin_gradient` forms ``Ûᵀ (∂L/∂W) V̂`` in any bases from them,
-    without another pass through the network. A copy or a pickle of the layer starts
-    with none: they belong to the batch in training, not to the layer.
+    without another pass through the network. A backward pass adds its pair only while
+    ``keeping`` is on (:attr:`LowRankLayer.keeps_signals`), as it is when the pass runs.
+    A copy or a pickle of the layer starts with none, keeping as the original does: they
+    belong to the batch in training, not to the layer.
     """
 
+    keeping = False
+
     def __deepcopy__(self, memo) -> BackwardSignals:
-        return type(self)()
+        replica = type(self)()
+        replica.keeping = self.keeping
+        return replica
 
     def __reduce__(self):
-        return type(self), ()
+        return type(self), (), {"keeping": self.keeping}
 
 
 def _factor_gradients_needed(ctx, x: Tensor, delta: Tensor) -> tuple[bool, bool, bool]:
     """``(need ∇_K, need ∂L/∂S, need ∇_L)`` of a backward pass; with ``∇_K`` or ``∇_L``, the layer's input and
-    output gradient go to ``ctx.sink``, if there is one (without copies or graphs)."""
+    output gradient go to ``ctx.sink`` if it is keeping them (without copies or graphs)."""
     _, need_K, need_S, need_L = ctx.needs_input_grad[:4]
     need_K, need_L = ctx.kl and need_K, ctx.kl and need_L
-    if (need_K or need_L) and ctx.sink is not None:
+    if (need_K or need_L) and ctx.sink.keeping:
         ctx.sink.append((x.detach(), delta.detach()))
     return need_K, need_S, need_L
 
@@ -137,11 +143,11 @@ class _LowRankLinearFunction(Function):
 
     ``kl=False`` (the fixed-rank S-step pass, where ``S`` may be rectangular) skips ``∇_K``
     and ``∇_L``; a frozen factor gets no gradient, so a frozen layer's backward computes
-    only ``∂L/∂x``. With ``∇_K`` and ``∇_L``, the input and ``δ`` go to ``sink`` (if any).
+    only ``∂L/∂x``. With ``∇_K`` and ``∇_L``, the input and ``δ`` go to ``sink`` if it is keeping them.
     """
 
     @staticmethod
-    def forward(x: Tensor, U: Tensor, S: Tensor, V: Tensor, kl: bool, sink: BackwardSignals | None) -> Tensor:
+    def forward(x: Tensor, U: Tensor, S: Tensor, V: Tensor, kl: bool, sink: BackwardSignals) -> Tensor:
         return (x @ V) @ S.T @ U.T
 
     @staticmethod
@@ -174,7 +180,7 @@ class _LowRankConvFunction(Function):
     """The convolution ``V`` (``r_v`` filters), then the channel mixing ``U S``; backward as for the linear case."""
 
     @staticmethod
-    def forward(x: Tensor, U: Tensor, S: Tensor, V: Tensor, kl: bool, sink: BackwardSignals | None, kernel: tuple,
+    def forward(x: Tensor, U: Tensor, S: Tensor, V: Tensor, kl: bool, sink: BackwardSignals, kernel: tuple,
                 conv: dict):
         a = F.conv2d(x, _filters(V, kernel), **conv)                          # (B, r_v, H, W)
         return F.conv2d(a, (U @ S)[:, :, None, None]), a                      # U S as 1×1 filters: NCHW out
@@ -233,8 +239,6 @@ class LowRankLayer(nn.Module):
 
     #: compute ``∇_K`` and ``∇_L`` in backward (fixed-rank DLRT turns it off for its S-step pass)
     kl_gradients = True
-    #: keep each backward pass's input and output gradient in ``signals`` (rank-adaptive DLRT turns it on)
-    keeps_signals = False
 
     def _init_from(self, weight: Tensor, bias: Tensor | None, rank: int | None, tol: float | None,
                    r_max: int | None) -> None:
@@ -255,8 +259,20 @@ class LowRankLayer(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         self.signals = BackwardSignals()
 
-    def _sink(self) -> BackwardSignals | None:
-        """Where the backward pass of this forward pass keeps its signals (``None`` unless ``keeps_signals``).
+    @property
+    def keeps_signals(self) -> bool:
+        """Whether a backward pass keeps its input and output gradient in ``signals``, read when it runs.
+
+        Rank-adaptive DLRT turns it on from its ``zero_grad`` to its ``step``.
+        """
+        return self.signals.keeping
+
+    @keeps_signals.setter
+    def keeps_signals(self, keep: bool) -> None:
+        self.signals.keeping = bool(keep)
+
+    def _sink(self) -> BackwardSignals:
+        """Where the backward pass of this forward pass keeps its signals, if :attr:`keeps_signals` is on then.
 
         The signals follow the factors' gradients: a forward pass finds them cleared
         when it finds ``U.grad`` cleared (``zero_grad``, or new factors after a DLRT
@@ -264,8 +280,6 @@ class LowRankLayer(nn.Module):
         backward pass by :func:`torch.autograd.grad`, which leaves ``.grad`` alone, is
         kept as well: nothing tells the two apart.)
         """
-        if not self.keeps_signals:
-            return None
         if self.U.grad is None:
             self.signals.clear()
         return self.signals

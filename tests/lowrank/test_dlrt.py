@@ -239,6 +239,26 @@ def test_the_kept_signals_follow_the_gradients_and_are_not_copied():
     assert not model[0].signals
 
 
+def test_after_its_last_step_rank_adaptive_dlrt_has_the_layers_keep_nothing_for_another_optimizer():
+    # Fine-tuning the other parameters with SGD afterwards must not pile up one (x, δ) pair per step.
+    torch.manual_seed(0)
+    model = nn.Sequential(LowRankLinear(8, 6, 2), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(12, 8), torch.randint(0, 3, (12,))
+    dlrt = DLRT(model, lr=0.1, tol=0.1)
+    dlrt_steps(model, dlrt, x, y, 2, F.cross_entropy)
+    sgd = torch.optim.SGD(dense_parameters(model), lr=0.1)
+    for _ in range(3):
+        sgd.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        sgd.step()
+    assert not model[0].signals and not model[0].keeps_signals
+    model.zero_grad()                                       # not the DLRT's: it kept no pass for its S-step
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"layer '0' kept no backward pass for the S-step: .* call dlrt.zero_grad"):
+        dlrt.step()
+    dlrt_steps(model, dlrt, x, y, 1, F.cross_entropy)       # with its zero_grad it trains on
+
+
 def _moments(dlrt):
     return {name: {key: value if key == "step" else value.clone() for key, value in state.items()}
             for name, state in dlrt.state.items()}
