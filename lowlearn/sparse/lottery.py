@@ -429,10 +429,12 @@ def constant_init(model: nn.Module, rewind_weights: Mapping[str, Tensor]) -> Non
     for name, layer in masked_layers(model).items():
         raw = raw_weight(layer)
         initial = _unmasked_weight(layer, _rewind_weight(rewind_weights, name, raw))
-        start = _rewind_mask(rewind_weights, name, layer).to(initial.dtype)
+        # σ_l in float32 at least: a half-precision sum of the count overflows from 65504 weights on.
+        wide = initial.to(torch.promote_types(initial.dtype, torch.float32))
+        start = _rewind_mask(rewind_weights, name, layer).to(wide.dtype)
         count = start.sum()
-        mean = (initial * start).sum() / count
-        sigma = (((initial - mean) * start).square().sum() / count).sqrt()
+        mean = (wide * start).sum() / count
+        sigma = (((wide - mean) * start).square().sum() / count).sqrt().to(initial.dtype)
         raw.copy_(raw_value(layer, "weight", initial.sign() * sigma) * masks[name])
 
 

@@ -365,6 +365,23 @@ def test_constant_init_keeps_signs_with_the_layer_std(drawn):
         assert torch.equal(kept.sign(), theta0[masks[name]].sign())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_constant_init_in_half_precision_takes_the_layer_std_of_a_layer_of_more_than_65504_weights(dtype):
+    # LeNet-300-100's first layer holds 235,200 weights: a float16 count of them overflows to infinity.
+    torch.manual_seed(0)
+    net = MLP().to(dtype)
+    attach_masks(net)
+    state = {key: value.clone() for key, value in net.state_dict().items()}
+    prune(net, magnitude(net), 0.2)
+    masks = masks_of(net)
+    constant_init(net, state)
+    for name, layer in masked_layers(net).items():
+        theta0 = initial(state, name).float()
+        kept = raw_weight(layer)[masks[name]]
+        torch.testing.assert_close(kept.abs(), theta0.std(correction=0).to(dtype).expand_as(kept), rtol=0, atol=0)
+        assert torch.equal(kept.sign(), theta0[masks[name]].sign().to(dtype))
+
+
 def test_random_mask_has_the_tickets_counts_and_the_original_initialisation(drawn):
     net, masks, state = ticket_net(drawn)
     random_mask(net, state, seed=0)
