@@ -65,7 +65,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor, nn
 
-from ..checks import is_real
+from ..checks import check_count, is_real
 from ..distributed import average_across_processes
 from ..reparam import OutputGradients
 from ..train import generator_on, restore_generator, seeded_generator
@@ -227,7 +227,8 @@ class DynamicSparsity(Sparsifier):
 
     Raises:
         ValueError: a density outside (0, 1], a bad schedule or distribution, no
-            layer to sparsify, or a layer with a split mask.
+            layer to sparsify, a frozen layer, a layer with a split mask, or a ``seed`` that
+            is not an int >= 0.
         KeyError: a name in ``layers`` that is not a module of the model.
     """
 
@@ -251,11 +252,16 @@ class DynamicSparsity(Sparsifier):
         seed: int = 0,
     ):
         check_density(density)
+        check_count("seed", seed, 0)
         self.schedule = None if end is None else UpdateSchedule(end, every, drop_fraction, cosine)
         chosen = resolve_layers(model, layers)
         if not chosen:
             raise ValueError("no layers to train sparsely: layers is empty, or the model has no nn.Linear or "
                              "nn.Conv2d")
+        if frozen := [name for name, layer in chosen.items() if not raw_weight(layer).requires_grad]:
+            raise ValueError(f"the layers {frozen} are frozen (requires_grad=False), but {type(self).__name__} moves "
+                             "their connections and grows new ones at zero, which only training can move: leave "
+                             "them out of layers= (they stay dense), or unfreeze them")
         self.densities = layer_densities_for(model, density, distribution, list(chosen))
         self.density, self.regrow_dropped = density, regrow_dropped
         sizes = {name: raw_weight(layer).numel() for name, layer in chosen.items()}

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..checks import is_integer
+from ..checks import check_count, is_integer
 from ..optim_state import reset_optimizer_state
 from ..reparam import raw_value, register
 from ..train import generator_on, restore_generator, seeded_generator
@@ -82,11 +82,13 @@ class PackNet:
             yet given its weights.
 
     Raises:
-        ValueError: no layer to share, or a chosen layer that already has a mask.
+        ValueError: no layer to share, a chosen layer that already has a mask, or a ``seed`` that is not an
+            int >= 0.
         KeyError: a name in ``layers`` that is not a module of the model.
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[str] | None = None, seed: int = 0):
+        check_count("seed", seed, 0)
         self.model, self.tasks, self.frozen, self.started = model, 0, False, False
         self.own: tuple[str, ...] = ()
         self.own_modules: tuple[str, ...] = ()

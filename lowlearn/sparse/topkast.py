@@ -66,8 +66,8 @@ class TopKAST(Sparsifier):
 
     Raises:
         ValueError: densities outside (0, 1] or ``backward_density < forward_density``,
-            ``every < 1``, ``end < every``, a layer that already has a mask, or an optimizer with weight
-            decay on a sparsified weight.
+            ``every < 1``, ``end < every``, a layer that already has a mask, an optimizer with weight
+            decay on a sparsified weight, or a ``seed`` that is not an int >= 0.
         KeyError: a name in ``layers`` that is not a module of the model.
     """
 
@@ -95,6 +95,7 @@ class TopKAST(Sparsifier):
             if end < every:
                 raise ValueError(f"end ({end}) comes before the first refresh, at step every ({every}): the sets "
                                  "would never change (static sparsity); raise end or lower every")
+        check_count("seed", seed, 0)
         chosen = resolve_layers(model, layers)
         for name, layer in chosen.items():
             if find_mask(layer) is not None:

@@ -866,3 +866,24 @@ def test_all_finite_is_false_for_any_nan_or_infinity_and_true_otherwise(dtype):
             broken[where] = bad
             assert not _all_finite(broken).item(), (bad, where)
     assert _all_finite(torch.full((2, 2), torch.finfo(dtype).max, dtype=dtype)).item()
+
+
+@pytest.mark.parametrize("method", [SET, RigL, SNFS, StaticSparse])
+def test_a_frozen_layer_is_refused_by_name_before_the_model_changes(method):
+    # Dropped connections would be regrown at zero, where a frozen layer cannot move them.
+    model = MLP(20, (16,), 4)
+    model[1].requires_grad_(False)
+    keys = list(model.state_dict())
+    schedule = {} if method is StaticSparse else {"end": 100, "every": 10}
+    with pytest.raises(ValueError, match=r"the layers \['1'\] are frozen \(requires_grad=False\)"):
+        method(model, None, 0.5, **schedule)
+    assert list(model.state_dict()) == keys
+    method(model, None, 0.5, layers=["3"], **schedule)        # the frozen layer left out stays dense
+
+
+@pytest.mark.parametrize("seed", [-1, "0", 1.5])
+def test_a_bad_seed_is_refused_before_the_model_changes(seed):
+    model = MLP(20, (16,), 4)
+    with pytest.raises(ValueError, match="seed must be an int >= 0"):
+        RigL(model, None, 0.5, end=100, every=10, seed=seed)
+    assert not masks_of(model)

@@ -714,3 +714,11 @@ def test_pruning_a_packnet_model_is_refused_since_its_gradients_follow_the_tasks
         prune(model, magnitude(model), 0.2)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert all(torch.equal(packnet.owner[k], v) for k, v in owners.items())
+
+
+def test_a_bad_seed_is_refused_before_the_model_changes_so_that_a_retry_works():
+    model = MLP(20, (16,), 4)
+    with pytest.raises(ValueError, match="seed must be an int >= 0"):
+        PackNet(model, seed=-1)
+    assert not any(find_mask(layer) for layer in prunable_layers(model).values())
+    PackNet(model, seed=0)

@@ -314,3 +314,11 @@ def test_a_split_mask_is_never_overwritten_by_a_plain_one():
     optimizer.step()
     for name, mask in masks_of(model).items():
         assert not raw_weight(prunable_layers(model)[name])[~mask].any()
+
+
+def test_a_bad_seed_is_refused_before_the_model_changes_so_that_a_retry_works():
+    model = MLP(20, (16,), 4)
+    with pytest.raises(ValueError, match="seed must be an int >= 0"):
+        TopKAST(model, None, 0.2, 0.4, seed=-1)
+    assert not masks_of(model)
+    TopKAST(model, None, 0.2, 0.4, seed=0)
