@@ -32,7 +32,8 @@ growth:
   (their "relu1") do.
 
 Outgoing weights of new units get, per unit, the mean norm of the existing units'
-outgoing weights (times ``scale``), for random and GradMax alike. The gradient that
+outgoing weights (times ``scale``), for random and GradMax alike; where those are all
+zero, the norm of PyTorch's default initialisation of the next layer. The gradient that
 reaches zero incoming weights carries the factor ``f'(0)``: use an activation with
 ``f(0) = 0`` and ``f'(0)`` well away from 0, such as tanh (``f'(0) = 1``). PyTorch
 gives leaky ReLU the gradient of its negative slope at 0 (0.01 by default), so new
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -274,7 +276,10 @@ def grow(model: nn.Sequential, layer: int, k: int, strategy: str = "gradmax", *,
             parameter's (:func:`lowlearn.optim_state.reset_optimizer_state` says how much).
         max_width: refuse to grow beyond this many units.
         scale: new outgoing weights get ``scale`` times the mean norm of the existing
-            units' outgoing weights (random and GradMax).
+            units' outgoing weights (random and GradMax), or, where those are all zero (a
+            next layer initialised at zero) or there are no units yet, times the norm
+            PyTorch's default initialisation of the next layer gives a unit's outgoing
+            weights: new units with zero weights both ways would never learn.
         epsilon: standard deviation of random incoming weights of new units
             (random and GradMax; 0 keeps the function exactly).
         noise: splitting's symmetry-breaking ``η``, uniform in ``±noise``.
@@ -315,8 +320,12 @@ def grow(model: nn.Sequential, layer: int, k: int, strategy: str = "gradmax", *,
     def randn(*shape: int) -> Tensor:
         return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
 
-    outgoing_norms = out.transpose(0, 1).reshape(old, -1).norm(dim=1)                # one per existing unit
-    target = scale * outgoing_norms.mean()
+    kernel = math.prod(out.shape[2:])                           # 1 for a Linear consumer
+    outgoing_norms = out.transpose(0, 1).reshape(old, out.shape[0] * kernel).norm(dim=1)   # one per existing unit
+    # PyTorch's default initialisation of the consumer, U(±1/√fan_in) after growth: E‖column‖² = size / (3 fan_in).
+    default_norm = (out.shape[0] / (3 * (old + k))) ** 0.5
+    mean_norm = outgoing_norms.mean()                                               # NaN without units
+    target = scale * torch.where(mean_norm > 0, mean_norm, default_norm)
     incoming = epsilon * randn(k, *weight.shape[1:])
     bias = None
     if strategy == "split":
@@ -332,7 +341,7 @@ def grow(model: nn.Sequential, layer: int, k: int, strategy: str = "gradmax", *,
         with torch.no_grad():
             consumer.weight[:, chosen] = out[:, chosen] * (1 - share)
     elif strategy == "random":
-        directions = randn(k, out[:, 0].numel())
+        directions = randn(k, out.shape[0] * kernel)
         outgoing = _as_columns(directions / directions.norm(dim=1, keepdim=True), out) * target
     else:
         if batch is None:

@@ -475,6 +475,27 @@ def test_scale_sets_the_norm_of_the_new_outgoing_weights(strategy):
     assert torch.allclose(norms[2.0], 2 * norms[1.0])
 
 
+@pytest.mark.parametrize("strategy", ["random", "gradmax"])
+@pytest.mark.parametrize("kind", ["zero next layer", "no units yet"])
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op:UserWarning")
+def test_new_units_take_the_default_initialisations_norm_where_no_unit_has_outgoing_weights(strategy, kind):
+    # Zero weights both ways would leave the new units at a saddle: no gradient reaches either side.
+    torch.manual_seed(0)
+    units = 6 if kind == "zero next layer" else 0
+    model = nn.Sequential(nn.Linear(10, units), nn.Tanh(), nn.Linear(units, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    consumer = layer_pair(model, 0)[1]
+    if kind == "zero next layer":
+        nn.init.zeros_(consumer.weight)
+    old = width(model, 0)
+    data = batch()
+    before = model(data[0])
+    new = grow(model, 0, 2, strategy, batch=data, scale=2.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(data[0]), before)                      # the function is unchanged
+    expected = 2.0 * (5 / (3 * (old + 2))) ** 0.5             # U(±1/√fan_in) after growth, 5 outputs per unit
+    torch.testing.assert_close(consumer.weight[:, new].norm(dim=0), torch.full((2,), expected, dtype=torch.float64))
+    assert new_unit_gradient_norm(model, 0, new, data) > 0
+
+
 def test_splitting_more_units_than_the_layer_has_is_a_clear_error():
     torch.manual_seed(0)
     model = MLP(10, (2, 5), 3, activation=nn.Tanh)
