@@ -699,8 +699,12 @@ def save_checkpoint(
 
 
 def _class_name(optimizer: object) -> str:
-    """``module.QualifiedName`` of the optimizer's class, which its ``state_dict`` is for."""
-    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+    """``module.QualifiedName`` of the optimizer's class, which its ``state_dict`` is for, and of the optimizer it wraps
+    (``optimizer.optimizer``: :class:`~lowlearn.lowrank.dlrt.DLRT`'s, :class:`~lowlearn.powerprop.PowerPropOptimizer`'s)
+    if any: ``"<wrapper> around <wrapped>"``."""
+    name = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+    inner = getattr(optimizer, "optimizer", None)
+    return name if inner is None else f"{name} around {_class_name(inner)}"
 
 
 def _loadable_bytes(value: object, what: str) -> bytes:
@@ -834,8 +838,9 @@ def load_checkpoint(
             one that is damaged or cut off; a :class:`ValueError`.
         ValueError: an ``expect`` value that the checkpoint lacks or holds
             differently, an ``optimizer`` for a checkpoint saved without one, or one of
-            another class than the checkpoint's (an Adam state in SGD); these and the
-            errors above all found before anything is loaded.
+            another class than the checkpoint's (an Adam state in SGD, also inside a
+            :class:`~lowlearn.lowrank.dlrt.DLRT` or a :class:`~lowlearn.powerprop.PowerPropOptimizer`);
+            these and the errors above all found before anything is loaded.
         RuntimeError, ValueError: a state that does not fit the model (other keys or
             shapes) or the optimizer (other parameter groups); the model and the
             optimizer are left as they were. A RuntimeError too for a ``map_location``
@@ -856,8 +861,9 @@ def load_checkpoint(
         raise ValueError(f"{path} was saved with {found}, not {dict(expect)}")
     if optimizer is not None and "optimizer" not in payload:
         raise ValueError(f"{path} holds no optimizer state; load it without optimizer=")
-    saved_class = payload.get("optimizer_class")                      # older checkpoints did not record it
-    if optimizer is not None and saved_class not in (None, _class_name(optimizer)):
+    # Older checkpoints recorded no class, or a wrapper's without the optimizer it wraps.
+    saved_class = payload.get("optimizer_class")
+    if optimizer is not None and saved_class not in (None, _class_name(optimizer), _class_name(optimizer).split()[0]):
         raise ValueError(f"{path} holds the state of a {saved_class}, which does not fit a {_class_name(optimizer)} "
                          "(its settings and per-weight state differ): build the optimizer it was saved with, or "
                          "load the model alone (without optimizer=) and start a new optimizer")

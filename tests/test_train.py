@@ -310,6 +310,49 @@ def test_a_checkpoint_saved_before_the_optimizer_class_was_recorded_still_loads(
     assert torch.equal(fresh_opt.state[fresh.weight]["momentum_buffer"], opt.state[model.weight]["momentum_buffer"])
 
 
+def test_a_wrapped_optimizer_is_checked_with_the_optimizer_it_wraps(tmp_path):
+    # DLRT and PowerPropOptimizer carry a torch optimizer's state: Adam's must not land in a wrapped SGD.
+    from lowlearn.lowrank import DLRT, dense_parameters, to_low_rank
+    from lowlearn.powerprop import PowerPropOptimizer, powerprop
+
+    def dlrt(inner):
+        model = to_low_rank(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)), ["0"], rank=2)
+        return model, DLRT(model, lr=0.1, tol=0.1, optimizer=inner(dense_parameters(model)))
+
+    def aware(inner):
+        model = powerprop(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)), 2.0)
+        return model, PowerPropOptimizer(inner(model.parameters()), model)
+
+    adam = lambda params: torch.optim.Adam(params, lr=1e-3)                       # noqa: E731
+    sgd = lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9)            # noqa: E731
+    for build in (dlrt, aware):
+        model, optimizer = build(adam)
+        path = save_checkpoint(tmp_path / f"{build.__name__}.pt", model, optimizer)
+        other, wrapped_sgd = build(sgd)
+        with pytest.raises(ValueError, match=r"around torch.optim.adam.Adam, which does not fit a .* around "
+                                             r"torch.optim.sgd.SGD"):
+            load_checkpoint(path, other, wrapped_sgd)
+        assert wrapped_sgd.optimizer.param_groups[0]["momentum"] == 0.9
+        load_checkpoint(path, *build(adam))
+        # A checkpoint of an earlier version recorded the wrapper's class alone.
+        payload = torch.load(path, weights_only=True)
+        payload["optimizer_class"] = payload["optimizer_class"].split()[0]
+        torch.save(payload, tmp_path / "older.pt")
+        load_checkpoint(tmp_path / "older.pt", *build(adam))
+
+
+def test_a_refused_dlrt_state_changes_nothing():
+    from lowlearn.lowrank import DLRT, to_low_rank
+
+    model = to_low_rank(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)), ["0"], rank=2)
+    state = DLRT(model, lr=0.001, tol=0.1, betas=(0.9, 0.99)).state_dict()
+    state["state"] = {"2": {"step": 1}}                         # moments of a layer this model does not have
+    dlrt = DLRT(model, lr=0.1, tol=0.1, betas=(0.9, 0.99))
+    with pytest.raises(ValueError, match=r"moments of low-rank layers \['2'\], which the model lacks"):
+        dlrt.load_state_dict(state)
+    assert dlrt.lr == 0.1
+
+
 def test_checkpoint_round_trip_resumes_identically(tmp_path):
     data = toy_data()
     model, opt = make()

@@ -415,23 +415,23 @@ class DLRT(torch.optim.Optimizer):
         Raises:
             ValueError: a state with another number of parameter groups (one saved
                 with an ``optimizer`` argument, loaded without one, or the reverse), or
-                moments of a low-rank layer the model lacks.
+                moments of a low-rank layer the model lacks; nothing is loaded then.
         """
         groups = state.get("param_groups", [])
         if groups and len(groups) != len(self.param_groups):
             raise ValueError(f"the state has {len(groups)} parameter groups and this DLRT {len(self.param_groups)}: "
                              "build it with the same optimizer argument (none, or an optimizer of the dense "
                              "parameters) as the DLRT that saved it")
-        for group, saved in zip(self.param_groups, groups):
-            group.update(saved)
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
         moments = state.get("state", state.get("moments", {}))
         layers = low_rank_layers(self.model)            # the moments go where their layer's factors are
         unknown = sorted(set(moments) - set(layers))
         if unknown:
             raise ValueError(f"the state has moments of low-rank layers {unknown}, which the model lacks (it has "
                              f"{sorted(layers)})")
+        if self.optimizer is not None:                  # checks its groups before it changes anything
+            self.optimizer.load_state_dict(state["optimizer"])
+        for group, saved in zip(self.param_groups, groups):
+            group.update(saved)
         self.state = defaultdict(dict, {
             name: {key: value if key == "step" else torch.stack(tuple(value)).to(layers[name].U)
                    for key, value in layer.items()}
