@@ -352,8 +352,9 @@ def adapted_tasks(model: nn.Module, params: Params, tasks: TaskBatch, loss_fn: L
     ``tasks_at_once=1`` each task runs through ``model`` itself (``T = 1``); with more,
     through :func:`~lowlearn.meta.batched.task_batched`. A group is adapted when the
     caller asks for it, so a caller that back-propagates each group's loss before the
-    next keeps one group's graph at a time. ``losses`` is :func:`inner_loop`'s, for every
-    group in turn: ``steps`` losses per group, each the sum of its tasks' support losses.
+    next keeps one group's graph at a time. ``losses`` is
+    :func:`~lowlearn.meta.functional.inner_loop`'s, for every group in turn: ``steps``
+    losses per group, each the sum of its tasks' support losses.
     """
     count = tasks.support_x.shape[0]
     names = list(params) if adapt is None else list(adapt)

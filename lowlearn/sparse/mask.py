@@ -217,9 +217,10 @@ def resolve_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, 
 
     Raises:
         KeyError: a name that is not a module of the model, listing its prunable layers.
-        ValueError: a module without a weight tensor, a weight that cannot take a mask
-            (:func:`_check_maskable`), two layers that share their weight, or a layer whose
-            weight another module of the model uses too.
+        ValueError: a module without a weight tensor, a weight that cannot take a mask (one
+            that a parametrization computes from several tensors, such as weight norm's, or
+            that a hook recomputes, as ``torch.nn.utils.prune`` does), two layers that share
+            their weight, or a layer whose weight another module of the model uses too.
     """
     chosen = _named_layers(model, layers)
     _check_maskable(chosen)
