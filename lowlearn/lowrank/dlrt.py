@@ -48,14 +48,6 @@ of the same size ``λ``, or the steps of a torch ``optimizer`` of your choice, w
 gradients of the S-step's network (the first pass's, with ``tol``). The fixed-rank
 second pass leaves the model's buffers as the first left them, so a batch norm's
 running statistics take one update per batch, as with any other optimizer.
-
-DLRT forms the S-step's gradient itself, from the kept signals with ``tol`` and from its
-second pass at fixed rank (whose gradients the other parameters then take too). What is
-done to ``.grad`` between ``backward`` and :meth:`DLRT.step`, such as
-``torch.nn.utils.clip_grad_norm_`` or a ``torch.amp.GradScaler``'s unscaling, therefore
-reaches the K- and L-steps only, and with ``tol`` a loss scaled for a GradScaler scales
-the S-step by the same factor. Keep steps small by ``lr`` (or ``betas``), and train in
-mixed precision with bfloat16 autocast, which needs no loss scaling.
 :class:`DLRT` is a ``torch.optim.Optimizer``::
 
     dlrt = DLRT(model, lr=0.1, tol=0.2)
@@ -68,7 +60,17 @@ mixed precision with bfloat16 autocast, which needs no loss scaling.
         cosine.step()
 
 :func:`lowlearn.train.fit` does this by itself (it passes a closure where
-:attr:`DLRT.needs_closure` says so).
+:attr:`DLRT.needs_closure` says so). With ``tol`` the layers keep their signals for the
+S-step from ``dlrt.zero_grad()`` to ``dlrt.step()`` only: clear the gradients with the
+DLRT's ``zero_grad``, as above, not the model's.
+
+DLRT forms the S-step's gradient itself, from the kept signals with ``tol`` and from its
+second pass at fixed rank (whose gradients the other parameters then take too). What is
+done to ``.grad`` between ``backward`` and :meth:`DLRT.step`, such as
+``torch.nn.utils.clip_grad_norm_`` or a ``torch.amp.GradScaler``'s unscaling, therefore
+reaches the K- and L-steps only, and with ``tol`` a loss scaled for a GradScaler scales
+the S-step by the same factor. Keep steps small by ``lr`` (or ``betas``), and train in
+mixed precision with bfloat16 autocast, which needs no loss scaling.
 """
 
 from __future__ import annotations
