@@ -55,6 +55,7 @@ stops changing early in training. :class:`EarlyBird` watches it during :func:`~l
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -143,7 +144,7 @@ class TicketRound:
             ``{}`` if ``train`` evaluated nothing.
         early_stop_step: the step of the lowest evaluation loss, the
             "early-stopping iteration" of Frankle & Carbin (2019, §2 and Figure 1), or
-            ``None`` without evaluations.
+            ``None`` without evaluations (NaN losses, of a run that diverged, do not count).
         history: the run's :class:`~lowlearn.train.History`.
     """
 
@@ -176,7 +177,8 @@ def _record(index: int, model: nn.Module, history: History) -> TicketRound:
     if not isinstance(history, History):
         raise TypeError(f"train(model, callbacks) must return the History of fit, got {type(history).__name__}")
     losses = [e["loss"] for e in history.eval]
-    best = min(range(len(losses)), key=losses.__getitem__) if losses else None
+    compared = [i for i, loss in enumerate(losses) if not math.isnan(loss)]   # a NaN compares as neither
+    best = min(compared, key=losses.__getitem__) if compared else None
     return TicketRound(
         index=index,
         density=density(model),

@@ -696,6 +696,19 @@ def test_ticket_round_records_the_last_evaluation_and_the_step_of_the_lowest_los
     assert control.eval == evals[-1] and control.early_stop_step == 20 and control.index == 1
 
 
+@pytest.mark.parametrize("losses, step", [([float("nan"), 0.5, 0.2, 0.9], 30), ([float("nan")] * 2, None)])
+def test_a_nan_evaluation_loss_is_never_the_early_stopping_step(losses, step):
+    # min() keeps a NaN met first, since no comparison with it is true.
+    def train(model, callbacks):
+        steps = [10 * (i + 1) for i in range(len(losses))]
+        return History(steps=steps, loss=[1.0] * len(losses), eval_steps=steps,
+                       eval=[{"loss": loss} for loss in losses])
+
+    lottery = iterative_magnitude_pruning(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), train, rounds=1,
+                                          prune_fraction=0.5)
+    assert lottery.rounds[0].early_stop_step == step
+
+
 def test_imp_ends_at_the_last_recorded_round_without_pruning_after_it():
     """Reference: iterative_magnitude_pruning's docstring ("unless it is the last round, prune ... the
     model ends trained at the sparsest mask"): after the run the model's masks are exactly those of the
