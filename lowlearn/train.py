@@ -861,10 +861,11 @@ def load_checkpoint(
         raise ValueError(f"{path} was saved with {found}, not {dict(expect)}")
     if optimizer is not None and "optimizer" not in payload:
         raise ValueError(f"{path} holds no optimizer state; load it without optimizer=")
-    # Older checkpoints recorded no class, or a wrapper's without the optimizer it wraps.
     saved_class = payload.get("optimizer_class")
-    if optimizer is not None and saved_class not in (None, _class_name(optimizer), _class_name(optimizer).split()[0]):
-        raise ValueError(f"{path} holds the state of a {saved_class}, which does not fit a {_class_name(optimizer)} "
+    current = None if optimizer is None else _class_name(optimizer)
+    # Older checkpoints recorded no class, or a wrapper's without the optimizer it wraps.
+    if current is not None and saved_class not in (None, current, current.split(" around ")[0]):
+        raise ValueError(f"{path} holds the state of a {saved_class}, which does not fit a {current} "
                          "(its settings and per-weight state differ): build the optimizer it was saved with, or "
                          "load the model alone (without optimizer=) and start a new optimizer")
     # load_state_dict copies tensor by tensor and reports mismatches at the end; a storage-free copy of the
