@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..lowrank.layers import LowRankLayer, LowRankLinear, integer_padding
-from .mask import squash
+from .mask import kept_fraction, squash
 
 FORMATS = ("csr", "2:4", "dense")
 
@@ -85,7 +85,7 @@ class CSRLinear(_CSRWeight):
         self._store(linear.weight, linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, self.in_features)
+        flat = x.reshape(x.shape[:-1].numel(), self.in_features)     # also for an input width of 0
         out = (self.weight @ flat.T).T
         if self.bias is not None:
             out = out + self.bias
@@ -269,7 +269,7 @@ def _exported_layer(name: str, layer: nn.Module, format: str, min_sparsity: floa
         return _low_rank_factors(layer)
     if format == "dense" or not isinstance(layer, (nn.Linear, nn.Conv2d)):
         return None
-    sparsity = 1 - layer.weight.count_nonzero().item() / layer.weight.numel()
+    sparsity = 1 - kept_fraction(layer.weight.count_nonzero().item(), layer.weight.numel())
     if sparsity < min_sparsity:
         return None
     if inside is not None:

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..checks import as_float, check_count, is_real
 from ..cost import FlopCount, count_flops, training_flops
-from .mask import layer_densities
+from .mask import kept_fraction, layer_densities
 
 Densities = float | Mapping[str, float]
 
@@ -158,7 +158,7 @@ def model_sparse_flops(model: nn.Module, example_input: torch.Tensor, *,
     for name in flop_count.per_layer.keys() - densities.keys():
         weight = getattr(modules[name], "weight", None)
         if isinstance(weight, torch.Tensor) and not hasattr(modules[name], "count_macs"):
-            densities[name] = int(weight.count_nonzero()) / weight.numel()
+            densities[name] = kept_fraction(int(weight.count_nonzero()), weight.numel())
     return sparse_inference_flops(flop_count, densities, relative_to_dense=relative_to_dense)
 
 

@@ -46,6 +46,11 @@ from ..reparam import register, remove
 PRUNABLE = (nn.Linear, nn.Conv2d)
 
 
+def kept_fraction(kept: int, size: int) -> float:
+    """``kept / size``, with 1.0 for a layer of no weights (nothing of it is pruned)."""
+    return kept / size if size else 1.0
+
+
 def _check_shape(mask: Tensor, weight: Tensor) -> None:
     """Refuse a mask that would broadcast against a weight of another shape instead of matching it."""
     if mask.shape != weight.shape:
@@ -77,7 +82,7 @@ class Mask(nn.Module):
         return weight * self.mask
 
     def extra_repr(self) -> str:
-        return f"density={self.mask.count_nonzero().item() / self.mask.numel():.4f}"
+        return f"density={kept_fraction(self.mask.count_nonzero().item(), self.mask.numel()):.4f}"
 
 
 class _SplitMaskFunction(Function):
@@ -126,7 +131,7 @@ class SplitMask(Mask):
         return _SplitMaskFunction.apply(weight, self.mask, self.backward_mask)
 
     def extra_repr(self) -> str:
-        backward = self.backward_mask.count_nonzero().item() / self.backward_mask.numel()
+        backward = kept_fraction(self.backward_mask.count_nonzero().item(), self.backward_mask.numel())
         return f"{super().extra_repr()}, backward_density={backward:.4f}"
 
 
@@ -437,17 +442,15 @@ def kept_weights(model: nn.Module) -> dict[str, int]:
 
 
 def density(model: nn.Module) -> float:
-    """Fraction of weights kept, over all masked layers together (1.0 with no masks)."""
+    """Fraction of weights kept, over all masked layers together (1.0 with no masks, or none of any size)."""
     masks = masks_of(model)
-    if not masks:
-        return 1.0
-    return sum(nonzero_counts(masks).values()) / sum(m.numel() for m in masks.values())
+    return kept_fraction(sum(nonzero_counts(masks).values()), sum(m.numel() for m in masks.values()))
 
 
 def layer_densities(model: nn.Module) -> dict[str, float]:
     """``{layer name: fraction of its weights kept}`` for every masked layer."""
     masks = masks_of(model)
-    return {name: k / masks[name].numel() for name, k in nonzero_counts(masks).items()}
+    return {name: kept_fraction(k, masks[name].numel()) for name, k in nonzero_counts(masks).items()}
 
 
 def squash(model: nn.Module) -> nn.Module:

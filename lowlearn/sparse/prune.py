@@ -71,12 +71,13 @@ def target_densities(model: nn.Module, density: float | Mapping[str, float],
 
 
 def kept_count(density: float, numel: int) -> int:
-    """Weights a layer of ``numel`` weights keeps at ``density``: ``round(density · numel)``, at least 1.
+    """Weights a layer of ``numel`` weights keeps at ``density``: ``round(density · numel)``, at least 1
+    (0 for a layer of no weights).
 
     Python's ``round``: an exact half goes to the even neighbour (``round(2.5) = 2``), and
     the product is a float (``0.29 · 50`` is just below 14.5, so 14).
     """
-    return max(1, round(density * numel))
+    return min(numel, max(1, round(density * numel)))
 
 
 def finite_scores(scores: Tensor) -> Tensor:

@@ -2,12 +2,16 @@
 
 Each test checks an independent reference: a hand computation or the documented rule, stated in its docstring.
 """
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 from lowlearn.optim_state import reset_optimizer_state
-from lowlearn.sparse.mask import masks_of, refuse_weight_decay
+from lowlearn.sparse.mask import attach_masks, density, layer_densities, masks_of, refuse_weight_decay
+from lowlearn.sparse.export import export
+from lowlearn.sparse.flops import model_sparse_flops
 from lowlearn.sparse.prune import finite_scores, prune
 from lowlearn.sparse.scores import magnitude
 from lowlearn.sparse.update import drop_and_grow
@@ -102,3 +106,34 @@ def test_half_precision_infinite_and_nan_scores_do_not_tie_with_the_largest_and_
     model = nn.Sequential(layer)
     kept = prune(model, {"0": layer.weight.detach().abs()}, 0.5)["0"]
     assert kept.tolist() == [[order[0] == 0, order[1] == 0]]
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_a_layer_of_no_weights_counts_as_fully_kept_and_prunes_to_nothing_without_error(scope):
+    """kept_fraction's rule: a layer of no weights (an input width of 0, as growth from nothing makes) has nothing
+    pruned, so its density is 1.0 and it keeps its 0 weights. By hand: with it beside a 3 × 2 layer pruned to 0.5,
+    the model keeps 3 of 6 weights (0.5), the empty layer reports 1.0 and its repr prints, where 0 / 0 failed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")              # torch: "Initializing zero-element tensors is a no-op"
+        model = nn.Sequential(nn.Linear(0, 3), nn.Linear(3, 2))
+        empty = nn.Sequential(nn.Linear(0, 3))
+    attach_masks(model)
+    assert "density=1.0000" in repr(model[0])
+    prune(model, magnitude(model), 0.5, scope=scope)
+    assert layer_densities(model) == {"0": 1.0, "1": 0.5}
+    assert density(model) == 0.5
+    assert model(torch.zeros(4, 0)).shape == (4, 2)
+    attach_masks(empty)
+    assert density(empty) == 1.0
+
+
+def test_an_unmasked_layer_of_no_weights_is_dense_for_flop_counts_and_exports():
+    """The same rule where the zeros of a weight are read instead of a mask: an empty 0 → 3 layer costs nothing and
+    counts as dense, so the model's FLOPs are the 3 × 2 layer's 6 multiply-adds (3 · 2 = 6 per example, one example)
+    and it exports as a CSR layer of no entries."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = nn.Sequential(nn.Linear(0, 3), nn.ReLU(), nn.Linear(3, 2))
+    assert model_sparse_flops(model, torch.zeros(1, 0)) == 6.0
+    exported = export(model, "csr")
+    assert exported[0].values.numel() == 0 and exported(torch.zeros(4, 0)).shape == (4, 2)
