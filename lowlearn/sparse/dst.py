@@ -147,7 +147,20 @@ class Sparsifier(ABC):
         self._after_step()
 
     def __call__(self, state: object) -> None:
-        """Callback form for :func:`lowlearn.train.fit` (the state is not needed)."""
+        """Callback form for :func:`lowlearn.train.fit`.
+
+        The sparsifier keeps its own step count (a second ``fit`` call, whose steps count
+        from 1 again, goes on with the schedule). A ``fit`` resumed with ``start_step``
+        must find the sparsifier at that step, its :meth:`state_dict` loaded from the
+        checkpoint; one found elsewhere is refused, since its schedule would restart.
+
+        Raises:
+            RuntimeError: ``fit``'s step is neither 1 nor the one after this sparsifier's.
+        """
+        if state.step not in (1, self.steps + 1):
+            raise RuntimeError(f"fit is at step {state.step} but this {type(self).__name__} has seen {self.steps} "
+                               "optimizer steps: to resume a run, load the sparsifier's state_dict saved with the "
+                               "checkpoint (sparsifier.load_state_dict(...)) before calling fit with start_step")
         self.step()
 
     @abstractmethod

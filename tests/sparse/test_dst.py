@@ -399,6 +399,46 @@ def test_resuming_from_a_checkpoint_is_bit_exact(method, optimizer_class):
     assert sparsifier3.active == sparsifier.active
 
 
+@pytest.mark.parametrize("method", ["rigl", "topkast"])
+def test_fit_resumed_needs_the_sparsifiers_state_and_then_ends_as_the_uninterrupted_run(method):
+    """fit's start_step with a sparsifier callback: one left at step 0 would restart its schedule (its mask updates
+    shifted by 12 steps), so it is refused; with its state_dict loaded, the resumed run ends with the uninterrupted
+    run's weights and masks, bit for bit (the reference)."""
+    from lowlearn.sparse.topkast import TopKAST
+    x, y = (torch.cat(t) for t in zip(*batches(8)))
+
+    def build():
+        model = small_mlp(0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if method == "topkast":
+            return model, optimizer, TopKAST(model, optimizer, 0.3, 0.5, every=4)
+        return model, optimizer, make(method, model, optimizer, end=40, every=4)
+
+    def run(model, optimizer, sparsifier, start_step=0):
+        fit(model, (x, y), optimizer, steps=24, batch_size=16, callbacks=[sparsifier], device="cpu", progress=False,
+            start_step=start_step)
+
+    whole = build()
+    run(*whole)
+    cut = build()
+    fit(cut[0], (x, y), cut[1], steps=12, batch_size=16, callbacks=[cut[2]], device="cpu", progress=False)
+    saved = {"model": cut[0].state_dict(), "optimizer": cut[1].state_dict(), "sparsifier": cut[2].state_dict()}
+
+    def restored(parts):      # copies, as from a file: the optimizer would share the saved momentum buffers
+        model, optimizer, sparsifier = build()
+        for part, name in zip((model, optimizer, sparsifier), parts):
+            part.load_state_dict(copy.deepcopy(saved[name]))
+        return model, optimizer, sparsifier
+
+    with pytest.raises(RuntimeError, match=r"fit is at step 13 but this \w+ has seen 0 optimizer steps: to resume"):
+        run(*restored(["model", "optimizer"]), start_step=12)
+    resumed = restored(["model", "optimizer", "sparsifier"])
+    run(*resumed, start_step=12)
+    for (name, a), b in zip(whole[0].state_dict().items(), resumed[0].state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed[2].steps == whole[2].steps == 24
+
+
 @pytest.mark.parametrize("method", ["set", "snfs"])
 def test_the_state_of_a_method_on_other_layers_is_refused_and_nothing_is_restored(method):
     saved = make(method, small_mlp(), None).state_dict()
