@@ -175,10 +175,13 @@ def zero_under_masks(model: nn.Module) -> None:
     """Set the raw values under every zero of every :class:`Mask` of the model to zero (weights and biases).
 
     What :func:`set_masks` does for the weights it is given, for a model whose raw
-    values were overwritten (a checkpoint loaded, parameters re-initialised).
+    values were overwritten (a checkpoint loaded, parameters re-initialised). A
+    :class:`SplitMask`'s raw values are left as they are: they are not kept at zero
+    outside its forward set (Top-KAST's weights there still learn).
     """
     for module, name, mask in all_masks(model):
-        zero_where_masked(module.parametrizations[name].original, mask.mask)
+        if not isinstance(mask, SplitMask):
+            zero_where_masked(module.parametrizations[name].original, mask.mask)
 
 
 def masked_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -322,3 +322,26 @@ def test_a_bad_seed_is_refused_before_the_model_changes_so_that_a_retry_works():
         TopKAST(model, None, 0.2, 0.4, seed=-1)
     assert not masks_of(model)
     TopKAST(model, None, 0.2, 0.4, seed=0)
+
+
+def test_rewinding_a_top_kast_model_keeps_its_raw_weights_outside_the_forward_set():
+    """SplitMask's contract: its raw weights are not kept at zero outside the forward set A (Top-KAST trains them in
+    B \\ A and keeps the rest dense for later refreshes). Reference: after rewind to the saved weights, θ equals the
+    saved raw weights everywhere, while a plainly masked layer beside it is zero under its mask."""
+    from lowlearn.sparse.lottery import rewind
+    from lowlearn.sparse.mask import attach_masks, set_masks
+    model = small_mlp()
+    TopKAST(model, None, 0.2, 0.5, layers=["1", "3"])
+    attach_masks(model, ["5"])
+    keep = torch.rand(4, 12, generator=torch.Generator().manual_seed(0)) < 0.5
+    set_masks(model, {"5": keep})
+    saved = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        for layer in prunable_layers(model).values():
+            raw_weight(layer).add_(1.0)
+    rewind(model, saved)
+    for name in ("1", "3"):
+        raw = raw_weight(prunable_layers(model)[name])
+        assert torch.equal(raw, saved[f"{name}.parametrizations.weight.original"])
+        assert (raw[~masks_of(model)[name]] != 0).any()
+    assert torch.equal(raw_weight(model[5]), saved["5.parametrizations.weight.original"] * keep)
