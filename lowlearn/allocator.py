@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import platform
 
 _M_TRIM_THRESHOLD = -1   # glibc's malloc.h
@@ -104,17 +105,34 @@ def retain_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = MAX
     return True
 
 
+def environment_settings() -> dict[str, str]:
+    """Allocator settings this process took from its environment: glibc's ``MALLOC_*`` variables,
+    ``GLIBC_TUNABLES``, and ``LD_PRELOAD`` (which may load another allocator, e.g. jemalloc).
+
+    Processes started from this one inherit them.
+    """
+    return {name: value for name, value in os.environ.items()
+            if name.startswith("MALLOC_") or name in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+
+
 def describe() -> str:
     """The allocator's settings in words, as benchmark reports print them.
 
-    ``"glibc defaults"``, ``"glibc, freed memory retained (...)"`` or ``"not glibc"``.
+    ``"glibc defaults"``, ``"glibc, freed memory retained (...)"`` or ``"not glibc"``;
+    settings from the environment (:func:`environment_settings`) are named after it
+    (glibc's defaults are then not what runs).
     """
     if not has_glibc():
-        return "not glibc"
-    if not _retained:
-        return "glibc defaults"
-    return (f"glibc, freed memory retained (trim threshold {_retained['trim'] / 2**20:g} MiB, "
-            f"mmap threshold {_retained['mmap'] / 2**20:g} MiB)")
+        words = "not glibc"
+    elif not _retained:
+        words = "glibc defaults"
+    else:
+        words = (f"glibc, freed memory retained (trim threshold {_retained['trim'] / 2**20:g} MiB, "
+                 f"mmap threshold {_retained['mmap'] / 2**20:g} MiB)")
+    if settings := environment_settings():
+        words += ", with " + ", ".join(f"{name}={value}" for name, value in sorted(settings.items()))
+        words += " from the environment"
+    return words
 
 
 def minor_page_faults() -> int | None:

@@ -103,3 +103,22 @@ def test_the_largest_mmap_threshold_is_glibcs_32_mib(recording_glibc):
     assert MAX_MMAP_THRESHOLD == glibc_max
     assert retain_freed_memory(mmap_threshold=glibc_max) is True
     assert recording_glibc[allocator._M_MMAP_THRESHOLD] == glibc_max
+
+
+def test_describe_names_the_allocator_settings_inherited_from_the_environment(monkeypatch):
+    """A process started with glibc's MALLOC_* variables (or another allocator preloaded) does not run glibc's
+    defaults: describe(), which every benchmark report prints, names them; without them it says what it said."""
+    install_glibc(monkeypatch, lambda option, value: 1)
+    for name in list(allocator.environment_settings()):
+        monkeypatch.delenv(name)
+    assert allocator.describe() == "glibc defaults"
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1073741824")
+    monkeypatch.setenv("LD_PRELOAD", "libjemalloc.so.2")
+    assert allocator.environment_settings() == {"MALLOC_TRIM_THRESHOLD_": "1073741824",
+                                                "LD_PRELOAD": "libjemalloc.so.2"}
+    assert allocator.describe() == ("glibc defaults, with LD_PRELOAD=libjemalloc.so.2, "
+                                    "MALLOC_TRIM_THRESHOLD_=1073741824 from the environment")
+    retain_freed_memory()
+    assert allocator.describe().startswith("glibc, freed memory retained (trim threshold 1024 MiB")
+    assert allocator.describe().endswith("with LD_PRELOAD=libjemalloc.so.2, MALLOC_TRIM_THRESHOLD_=1073741824 from "
+                                         "the environment")

@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.__version__}, {threads} CPU threads")
     print(f"median over {args.rounds} processes per model and setting, each the median of {args.repeats} blocks "
           f"of {args.iterations} steps")
+    if allocator.environment_settings():
+        print(f"every process inherits this one's environment ({allocator.describe()}): 'defaults' are glibc's "
+              "defaults as these variables change them; unset them to compare with glibc's own")
     print(f"{'model':<16} {'defaults ms':>12} {'faults':>7} {'retained ms':>12} {'faults':>7} "
           f"{'retained/defaults':>18}")
     for model, by_setting in results.items():

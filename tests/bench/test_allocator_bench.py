@@ -35,3 +35,18 @@ def test_every_model_runs_once_per_round_under_each_setting_in_alternating_order
                                    for _ in range(2))
     first, second = calls[:len(calls) // 2], calls[len(calls) // 2:]
     assert second == first[::-1]
+
+
+def test_the_report_says_when_every_process_inherits_allocator_settings(monkeypatch, capsys):
+    """The worker processes inherit the environment, so with MALLOC_* set the 'defaults' column is not glibc's own
+    defaults: the report says so (and says nothing without them)."""
+    fake = {model: {setting: {"seconds": 1.0, "faults": 0.0} for setting in bench.SETTINGS} for model in bench.MODELS}
+    monkeypatch.setattr(bench, "run", lambda *args: fake)
+    for name in list(bench.allocator.environment_settings()):
+        monkeypatch.delenv(name)
+    bench.main([])
+    assert "inherits" not in capsys.readouterr().out
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")
+    bench.main([])
+    assert ("every process inherits this one's environment (glibc defaults, with MALLOC_MMAP_THRESHOLD_=33554432 from "
+            "the environment)") in capsys.readouterr().out
