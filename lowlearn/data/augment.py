@@ -55,7 +55,7 @@ def random_affine(images: Tensor, generator: torch.Generator | None = None, *, r
     flat = images.reshape(-1, *images.shape[-3:])
     theta = random_affine_matrices(flat.shape[0], generator, rotation=rotation, scale=scale, shear=shear,
                                    shift=shift, device=images.device)
-    return warp(flat, theta.to(flat.dtype)).reshape(images.shape)
+    return warp(flat, theta).reshape(images.shape)
 
 
 def random_affine_matrices(n: int, generator: torch.Generator | None = None, *, rotation: float = 10.0,
@@ -93,10 +93,15 @@ def warp(images: Tensor, theta: Tensor) -> Tensor:
 
     ``theta`` is ``(n, 2, 3)`` in the coordinates of :func:`torch.nn.functional.affine_grid`
     (``x`` and ``y`` in ``[-1, 1]`` across the image, pixel centres as with
-    ``align_corners=False``); bilinear interpolation, 0 outside the image.
+    ``align_corners=False``); bilinear interpolation, 0 outside the image. The result has
+    the images' dtype; float16 and bfloat16 images are resampled in float32, since a grid
+    of sampling positions in their precision misplaces them by up to half a pixel of a
+    105-pixel side (the identity map then blurs and shifts the images).
     """
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    dtype = torch.promote_types(images.dtype, torch.float32)
+    grid = F.affine_grid(theta.to(dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images.to(dtype), grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False).to(images.dtype)
 
 
 def shifted_copies(images: Tensor, pixels: int = 1) -> Tensor:
