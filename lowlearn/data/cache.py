@@ -45,7 +45,14 @@ class DataError(RuntimeError):
 
 
 class DatasetNotFoundError(DataError, FileNotFoundError):
-    """A data file is missing and cannot be downloaded."""
+    """A data file is missing and cannot be downloaded.
+
+    Attributes:
+        timed_out: every mirror's download of it timed out (a network that drops
+            packets): :func:`fetch_all` then tries no further downloads.
+    """
+
+    timed_out = False
 
 
 class ChecksumError(DataError):
@@ -134,7 +141,7 @@ def fetch(resource: Resource, root: str | os.PathLike | None = None, download: b
     if path.exists() or path.is_symlink():
         raise DataError(f"{path} exists but is not a file (a folder, or a link to something missing); lowlearn does "
                         f"not replace it: move it, then run again to download {resource.urls[0]}")
-    failures, corrupted = [], []
+    failures, corrupted, timeouts = [], [], 0
     if download:
         for url in resource.urls:  # a mirror that fails or serves a wrong file: try the next
             try:
@@ -149,31 +156,54 @@ def fetch(resource: Resource, root: str | os.PathLike | None = None, download: b
                 if _cannot_write_here(err):                                      # no mirror can help
                     raise DataError(f"cannot save {resource.filename}: {err}") from err
                 failures.append(f"{url}: {err}")
+                timeouts += _timed_out(err)
         if corrupted:
             raise ChecksumError("no mirror served the expected file: " + "; ".join(corrupted + failures))
     reason = "downloading is switched off (download=False)" if not download else (
         "the download failed (" + "; ".join(failures) + ")")
-    raise DatasetNotFoundError(
+    error = _not_found(resource, path, reason)
+    error.timed_out = timeouts == len(resource.urls)
+    raise error
+
+
+def _not_found(resource: Resource, path: Path, reason: str) -> DatasetNotFoundError:
+    """The error for ``resource`` missing at ``path`` for ``reason``: where to get it and where to put it."""
+    return DatasetNotFoundError(
         f"{resource.filename} is not at {path} and {reason}. "
         f"Download it from {resource.urls[0]} and save it as {path} "
         f"(or point {ENV_VAR} or root= at a folder that holds {resource.subdir}/{resource.filename})."
     )
 
 
+def _timed_out(error: Exception) -> bool:
+    """Whether a failed download waited for a network that never answered (not one that refused or erred)."""
+    return isinstance(error, TimeoutError) or isinstance(getattr(error, "reason", None), TimeoutError)
+
+
 def fetch_all(resources: Sequence[Resource], root: str | os.PathLike | None = None,
               download: bool = True) -> list[Path]:
     """:func:`fetch` every resource; the verified local paths, in order.
+
+    Once every mirror of a file has timed out (a network that drops packets rather
+    than refusing), the files after it are looked for on disk only, instead of
+    waiting a minute for each of their mirrors.
 
     Raises:
         DatasetNotFoundError: one for all the missing files, naming each with where
             to get it and where to put it (rather than one file per run).
         ChecksumError, DataError: as :func:`fetch`, for the first file that has them.
     """
-    paths, missing = [], []
+    paths, missing, silent = [], [], None
     for resource in resources:
         try:
-            paths.append(fetch(resource, root, download))
+            paths.append(fetch(resource, root, download and silent is None))
         except DatasetNotFoundError as error:
+            if download and silent is not None:
+                missing.append(str(_not_found(resource, resource.path(root), "its download was not tried, since "
+                                              f"every mirror of {silent} timed out")))
+                continue
+            if error.timed_out:
+                silent = resource.filename
             missing.append(str(error))
     if len(missing) == 1:
         raise DatasetNotFoundError(missing[0])

@@ -706,3 +706,33 @@ def test_a_damaged_xz_tar_is_a_data_error_and_writes_nothing(tmp_path):
     with pytest.raises(DataError, match="a.tar.xz is damaged .*download it again"):
         safe_extract(archive, out / "dest")
     assert _leftovers(out) == []
+
+
+@pytest.mark.parametrize("silent", [True, False])
+def test_fetch_all_stops_downloading_once_every_mirror_of_a_file_timed_out(tmp_path, monkeypatch, silent):
+    """A network that drops packets makes every download wait for its timeout (60 s): after the first file whose
+    mirrors all timed out, the others are only looked for on disk, and the one error still names every missing file.
+    A network that refuses at once (reference: the same files, connection refused) keeps being tried for each file."""
+    tried = []
+
+    def urlopen(request, timeout):
+        tried.append(request.full_url)
+        raise urllib.error.URLError(TimeoutError("timed out") if silent else ConnectionRefusedError("refused"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    present = Resource("present.bin", ("https://example.invalid/present.bin",), hashlib.sha256(b"x").hexdigest(),
+                       "sub")
+    present.path(tmp_path).parent.mkdir()
+    present.path(tmp_path).write_bytes(b"x")
+    two_mirrors = [Resource(name, (f"https://a.invalid/{name}", f"https://b.invalid/{name}"), "0" * 64, "sub")
+                   for name in ("a.bin", "b.bin", "c.bin")]
+    with pytest.raises(DatasetNotFoundError) as info:
+        fetch_all([two_mirrors[0], present, *two_mirrors[1:]], root=tmp_path)
+    message = str(info.value)
+    assert message.startswith("3 files are missing:")
+    assert all(f"https://a.invalid/{name}" in message for name in ("a.bin", "b.bin", "c.bin"))
+    if silent:
+        assert tried == ["https://a.invalid/a.bin", "https://b.invalid/a.bin"]
+        assert message.count("its download was not tried, since every mirror of a.bin timed out") == 2
+    else:
+        assert len(tried) == 6 and "not tried" not in message
