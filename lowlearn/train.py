@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.parameter import UninitializedTensorMixin
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
@@ -742,19 +743,38 @@ _MISSING = object()
 def _shape_only_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose tensors are on the meta device: their shapes without memory.
 
-    Parameters and buffers, and tensors that modules keep as plain attributes too: one
-    computed in a graph (a cached output, the ``weight`` that ``torch.nn.utils.prune``
-    writes) cannot be deep-copied.
+    Parameters and buffers (a lazy module's uninitialised ones stay uninitialised), and
+    tensors that modules keep as plain attributes too, alone or in lists, tuples and
+    dictionaries: one computed in a graph (a cached output or activation, the ``weight``
+    that ``torch.nn.utils.prune`` writes) cannot be deep-copied.
     """
     memo = {}
     for tensor in itertools.chain(model.parameters(), model.buffers()):
-        empty = torch.empty_like(tensor, device="meta")
-        memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+        memo[id(tensor)] = _meta_twin(tensor)
     for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, Tensor) and id(value) not in memo:
-                memo[id(value)] = torch.empty_like(value.detach(), device="meta")
+        for tensor in _tensors_in(vars(module).values()):
+            if id(tensor) not in memo:
+                memo[id(tensor)] = torch.empty_like(tensor.detach(), device="meta")
     return copy.deepcopy(model, memo)
+
+
+def _meta_twin(tensor: Tensor) -> Tensor:
+    """A parameter's or buffer's stand-in on the meta device, of its kind (shapeless if it is a lazy one)."""
+    if isinstance(tensor, UninitializedTensorMixin):
+        return type(tensor)(requires_grad=tensor.requires_grad, device="meta", dtype=tensor.dtype)
+    empty = torch.empty_like(tensor, device="meta")
+    return nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+
+
+def _tensors_in(values: Iterable[object]) -> Iterator[Tensor]:
+    """The tensors among ``values`` and inside those that are lists, tuples or dictionaries, at any depth."""
+    for value in values:
+        if isinstance(value, Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from _tensors_in(value)
+        elif isinstance(value, dict):
+            yield from _tensors_in(value.values())
 
 
 def _read_checkpoint(path: str | os.PathLike, map_location: torch.device | str | None) -> object:

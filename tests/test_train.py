@@ -615,8 +615,14 @@ def test_a_model_that_keeps_computed_tensors_as_attributes_loads_its_checkpoint(
             self.last = super().forward(x)
             return self.last
 
+    class KeepsActivations(nn.Linear):              # in a dictionary and a list, as feature extraction does
+        def forward(self, x):
+            out = super().forward(x)
+            self.activations = {"out": out, "history": [(x, out)]}
+            return out
+
     pruned = prune.l1_unstructured(nn.Linear(4, 2), "weight", 0.5)    # weight = weight_orig * mask
-    for i, model in enumerate((KeepsItsOutput(4, 2), pruned)):
+    for i, model in enumerate((KeepsItsOutput(4, 2), KeepsActivations(4, 2), pruned)):
         model(torch.randn(3, 4))
         path = save_checkpoint(tmp_path / f"{i}.pt", model)
         with torch.no_grad():
@@ -625,6 +631,23 @@ def test_a_model_that_keeps_computed_tensors_as_attributes_loads_its_checkpoint(
                 t.add_(1)
         load_checkpoint(path, model)
         assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))
+
+
+def test_a_lazy_model_loads_its_checkpoint_as_load_state_dict_would_and_a_wrong_one_changes_nothing(tmp_path):
+    """Reference: torch's own load_state_dict, which initialises a fresh lazy module from the state. A state of
+    another width is refused with the lazy layer left uninitialised, as the storage-free trial promises."""
+    torch.manual_seed(0)
+    trained = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))
+    trained(torch.randn(2, 5))
+    path = save_checkpoint(tmp_path / "lazy.pt", trained)
+    fresh = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))
+    load_checkpoint(path, fresh)
+    for a, b in zip(trained.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+    wider = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_checkpoint(path, wider)
+    assert isinstance(wider[0].weight, nn.parameter.UninitializedParameter)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
