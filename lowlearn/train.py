@@ -318,6 +318,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _check_optimizer_holds(optimizer: object, model: nn.Module) -> None:
+    """Refuse an optimizer that holds parameters, none of them ``model``'s: it would step them, and the model
+    would train silently not at all (an optimizer built on a copy of the model, or on a model built again)."""
+    held = {id(p) for group in getattr(optimizer, "param_groups", ()) for p in group["params"]}
+    if held and held.isdisjoint(id(p) for p in model.parameters()):
+        raise ValueError("the optimizer holds none of the model's parameters (was it built on a copy of the model, "
+                         "or on a model built again since?): build it on this model's parameters, "
+                         "e.g. torch.optim.SGD(model.parameters(), ...)")
+
+
 def state_to_parameters(optimizer: torch.optim.Optimizer) -> None:
     """Move each tensor of the optimizer's state (momentum, Adam's moments) to its parameter's device.
 
@@ -431,11 +441,12 @@ def fit(
         ValueError: both or neither of ``epochs`` and ``steps``, a count that is not a
             positive integer, a ``seed`` that is not an integer >= 0, data
             that are not an ``(inputs, targets)`` pair of tensors of one length,
-            ``eval_every`` without ``eval_data``, a ``start_step`` at or after the end,
-            ``bf16`` off CUDA, a ``device`` this machine lacks, or, in a process group,
-            batches smaller than the number of processes or models of different shapes
-            on the processes; all before the first step, and all but the last two
-            before the generators are seeded or the model moves. At the first step: a
+            ``eval_every`` without ``eval_data``, a ``start_step`` at or after the end, an
+            ``optimizer`` that holds none of the model's parameters, ``bf16`` off CUDA, a
+            ``device`` this machine lacks, or, in a process group, batches smaller than the
+            number of processes or models of different shapes on the processes; all before
+            the first step, and all but the last two before the generators are seeded or
+            the model moves. At the first step: a
             ``loss_fn`` that does not return one number per batch (e.g. ``reduction="none"``).
         TypeError: ``callbacks`` that are not a list of callables.
         NonFiniteLossError: the loss became NaN or infinite; the message names the
@@ -465,6 +476,7 @@ def fit(
     if not all(callable(callback) for callback in callbacks):
         raise TypeError(f"callbacks must be a list of functions callback(state), got {callbacks!r}: pass [callback] "
                         "for one")
+    _check_optimizer_holds(optimizer, model)
 
     device = available_device(device) if device is not None else default_device()
     _check_bf16(device, bf16)

@@ -194,6 +194,21 @@ def test_bad_arguments():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_an_optimizer_built_on_a_copy_of_the_model_is_refused_before_anything_moves():
+    """An optimizer of a deep copy (a second run from the same initialisation) steps the copy: the model trained not
+    at all, silently (constant loss, chance accuracy). Refused before the first step, the model unchanged; an
+    optimizer of part of the model (a frozen body) still trains that part."""
+    import copy
+    model, _ = make()
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="the optimizer holds none of the model's parameters"):
+        fit(model, toy_data(), torch.optim.SGD(copy.deepcopy(model).parameters(), lr=0.1), steps=3, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    head = list(model.parameters())[-2:]
+    fit(model, toy_data(), torch.optim.SGD(head, lr=0.1), steps=3, device="cpu", progress=False)
+    assert not torch.equal(head[0], before[-2])
+
+
 def test_bf16_off_cuda_and_a_start_step_past_the_end_are_refused_before_the_generators_are_seeded_or_the_model_moves():
     """fit's docstring: these errors come before the generators are seeded or the model moves. Reference: the
     global generator's state, and a model that records every call of its ``to``."""
