@@ -631,14 +631,16 @@ def evaluate(
     approximation of its value on all the data at once).
 
     Accuracy is reported for integer class targets, as the fraction of target entries
-    predicted right: the class dimension is 1 where the outputs have the targets' shape
-    with it inserted there (``F.cross_entropy``'s layout, e.g. ``(N, C, L)`` for ``(N, L)``),
-    else the last. A model with one output per target (``(N,)`` or ``(N, 1)``) is a
-    binary classifier whose output is a logit: it predicts class 1 where the output is
-    positive. For other targets (e.g. regression) only the loss is returned. The
-    model's train/eval mode is restored. ``device`` is where the data go for the passes;
-    the model is not moved (default: the device of the model's first parameter or
-    buffer, :func:`default_device` for a model without any).
+    predicted right, among those that are classes: entries below 0 (the padding that a
+    loss's ``ignore_index`` leaves out, ``-100`` by default) are not counted. The class
+    dimension is 1 where the outputs have the targets' shape with it inserted there
+    (``F.cross_entropy``'s layout, e.g. ``(N, C, L)`` for ``(N, L)``), else the last. A
+    model with one output per target (``(N,)`` or ``(N, 1)``) is a binary classifier
+    whose output is a logit: it predicts class 1 where the output is positive. For other
+    targets (e.g. regression) only the loss is returned. The model's train/eval mode is
+    restored. ``device`` is where the data go for the passes; the model is not moved
+    (default: the device of the model's first parameter or buffer,
+    :func:`default_device` for a model without any).
 
     Raises:
         ValueError: a ``batch_size`` that is not a positive integer, data that are not a
@@ -668,10 +670,11 @@ def evaluate(
                 else:
                     classes = 1 if out.dim() > 2 and out.shape[2:] == yb.shape[1:] else -1
                     predicted = out.argmax(classes).reshape(yb.shape)
-                correct += (predicted == yb).sum()
+                correct += ((predicted == yb) & (yb >= 0)).sum()
     metrics = {"loss": total_loss.item() / len(x)}
     if classify:
-        metrics["accuracy"] = correct.item() / y.numel()
+        scored = int((y >= 0).sum())
+        metrics["accuracy"] = correct.item() / scored if scored else math.nan
     return metrics
 
 

@@ -1,4 +1,5 @@
 import contextlib
+import math
 import os
 from types import SimpleNamespace
 
@@ -249,6 +250,20 @@ def test_accuracy_counts_every_target_entry_in_either_class_layout():
     flat = lambda out, target: nn.functional.cross_entropy(out.flatten(0, 1), target.flatten())   # noqa: E731
     assert evaluate(PerPosition(False), (x, y), loss_fn=flat, device="cpu")["accuracy"] == 11 / 12
     assert evaluate(PerPosition(True), (x, y), device="cpu")["accuracy"] == 11 / 12     # cross_entropy's (N, C, T)
+
+
+def test_accuracy_leaves_out_the_padding_that_the_loss_ignores():
+    """By hand: 2 sequences of 4 tokens, the last 2 of each padded with cross_entropy's ignore_index -100, and one of
+    the 4 real tokens predicted wrong: accuracy 3/4 (it was 3/8, every padded entry counted as a miss). The loss is
+    cross_entropy's own over the real tokens. With only padding there is no accuracy to give: NaN."""
+    x = torch.eye(5)[torch.tensor([[1, 2, 3, 4], [0, 1, 2, 3]])]      # one-hot logits (N, T, C)
+    y = torch.tensor([[1, 2, -100, -100], [0, 4, -100, -100]])
+    per_token = lambda out, target: nn.functional.cross_entropy(out.flatten(0, 1), target.flatten())   # noqa: E731
+    metrics = evaluate(nn.Identity(), (x, y), loss_fn=per_token, device="cpu")
+    assert metrics["accuracy"] == 3 / 4
+    assert metrics["loss"] == pytest.approx(per_token(x, y).item())
+    assert math.isnan(evaluate(nn.Identity(), (x, torch.full_like(y, -100)), loss_fn=lambda out, target:
+                               out.sum() * 0, device="cpu")["accuracy"])
 
 
 def test_a_binary_classifier_with_one_logit_per_target_predicts_class_1_where_it_is_positive():
