@@ -537,8 +537,9 @@ def _check_input_size(model: nn.Module, x: torch.Tensor, image_size: int, side: 
     that gives the same feature map as ``image_size`` pass.
     """
     if x.dim() != 4:
+        channels = next(m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d))
         fix = ("give a single image a batch dimension, x.unsqueeze(0)" if x.dim() == 3 else
-               f"reshape flat ones, e.g. x.view(-1, 1, {image_size}, {image_size})")
+               f"reshape flat ones, e.g. x.view(-1, {channels}, {image_size}, {image_size})")
         raise ValueError(f"{type(model).__name__} takes images (B, C, H, W), got inputs of shape {tuple(x.shape)}: "
                          f"{fix}")
     height, width = x.shape[-2:]

@@ -421,6 +421,17 @@ def test_an_input_of_another_size_than_the_model_was_built_for_gets_a_clear_erro
         model(torch.zeros(2, channels, *bad))
 
 
+@pytest.mark.parametrize("model, channels, size",
+                         [(LeNet5(), 1, 28), (ConvNet(2), 3, 32), (Conv4(3, image_size=84), 3, 84)])
+def test_the_hint_for_flat_inputs_reshapes_them_to_the_models_channels(model, channels, size):
+    """Following the hint gives the model the images back: a 3-channel model's hint said one channel, which turned a
+    batch of 4 into 12 one-channel images and a second, more confusing error."""
+    images = torch.randn(4, channels, size, size)
+    with pytest.raises(ValueError, match=rf"x.view\(-1, {channels}, {size}, {size}\)"):
+        model(images.flatten(1))
+    assert model(images.flatten(1).view(-1, channels, size, size)).shape[0] == 4
+
+
 def test_a_conv4_embedding_takes_any_size():
     assert Conv4(num_classes=None)(torch.zeros(2, 1, 84, 84)).shape == (2, 64 * 5 * 5)
 
