@@ -477,11 +477,11 @@ class LowRankConv2d(LowRankLayer):
         return output.numel() // n * (r_v * m + n * r_v)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 3:                                  # one unbatched image (C, H, W), as nn.Conv2d takes it
-            return self(x.unsqueeze(0)).squeeze(0)
-        y = _LowRankConvFunction.apply(x, self.U, self.S, self.V, self.kl_gradients, self._sink(), self.kernel,
-                                       self.conv)[0]
-        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+        unbatched = x.dim() == 3                          # one image (C, H, W), as nn.Conv2d takes it
+        y = _LowRankConvFunction.apply(x.unsqueeze(0) if unbatched else x, self.U, self.S, self.V,
+                                       self.kl_gradients, self._sink(), self.kernel, self.conv)[0]
+        y = y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+        return y.squeeze(0) if unbatched else y
 
     def _core_gradient(self, x: Tensor, delta: Tensor) -> Tensor:
         a = F.conv2d(x, _filters(self.V, self.kernel), **self.conv)           # the V-filtered maps (B, r_v, H, W)

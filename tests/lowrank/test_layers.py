@@ -245,6 +245,10 @@ def test_an_unbatched_image_goes_through_a_low_rank_convolution_as_through_nn_co
     x = torch.randn(3, 6, 6)
     assert layer(x).shape == conv(x).shape == (4, 6, 6)
     torch.testing.assert_close(layer(x), layer(x.unsqueeze(0))[0])
+    outputs = []                                  # a forward hook sees the call once, with its unbatched output
+    layer.register_forward_hook(lambda module, inputs, output: outputs.append(tuple(output.shape)))
+    layer(x)
+    assert outputs == [(4, 6, 6)]
 
 
 def test_a_low_rank_convolution_returns_contiguous_nchw_like_nn_conv2d():
