@@ -1,4 +1,5 @@
 import contextlib
+import copy
 import math
 import os
 from types import SimpleNamespace
@@ -199,7 +200,6 @@ def test_an_optimizer_built_on_a_copy_of_the_model_is_refused_before_anything_mo
     """An optimizer of a deep copy (a second run from the same initialisation) steps the copy: the model trained not
     at all, silently (constant loss, chance accuracy). Refused before the first step, the model unchanged; an
     optimizer of part of the model (a frozen body) still trains that part."""
-    import copy
     model, _ = make()
     before = [p.clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="the optimizer holds none of the model's parameters"):

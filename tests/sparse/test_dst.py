@@ -15,6 +15,7 @@ from lowlearn.sparse.dst import SET, SNFS, RigL, StaticSparse, _all_finite, laye
 from lowlearn.sparse.mask import density, find_mask, masks_of, prunable_layers, raw_weight, set_masks
 from lowlearn.sparse.prune import kept_count, prune
 from lowlearn.sparse.scores import magnitude
+from lowlearn.sparse.topkast import TopKAST
 from lowlearn.train import fit
 
 METHODS = {"static": StaticSparse, "set": SET, "rigl": RigL, "snfs": SNFS}
@@ -404,7 +405,6 @@ def test_fit_resumed_needs_the_sparsifiers_state_and_then_ends_as_the_uninterrup
     """fit's start_step with a sparsifier callback: one left at step 0 would restart its schedule (its mask updates
     shifted by 12 steps), so it is refused; with its state_dict loaded, the resumed run ends with the uninterrupted
     run's weights and masks, bit for bit (the reference)."""
-    from lowlearn.sparse.topkast import TopKAST
     x, y = (torch.cat(t) for t in zip(*batches(8)))
 
     def build():

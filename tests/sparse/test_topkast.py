@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from lowlearn.models import MLP
-from lowlearn.sparse.mask import density, masks_of, prunable_layers, raw_weight, squash
+from lowlearn.sparse.lottery import rewind
+from lowlearn.sparse.mask import attach_masks, density, masks_of, prunable_layers, raw_weight, set_masks, squash
 from lowlearn.sparse.prune import kept_count, top_k_mask
 from lowlearn.sparse.topkast import TopKAST
 
@@ -328,8 +329,6 @@ def test_rewinding_a_top_kast_model_keeps_its_raw_weights_outside_the_forward_se
     """SplitMask's contract: its raw weights are not kept at zero outside the forward set A (Top-KAST trains them in
     B \\ A and keeps the rest dense for later refreshes). Reference: after rewind to the saved weights, θ equals the
     saved raw weights everywhere, while a plainly masked layer beside it is zero under its mask."""
-    from lowlearn.sparse.lottery import rewind
-    from lowlearn.sparse.mask import attach_masks, set_masks
     model = small_mlp()
     TopKAST(model, None, 0.2, 0.5, layers=["1", "3"])
     attach_masks(model, ["5"])
