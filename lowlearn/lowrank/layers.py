@@ -499,6 +499,14 @@ def integrator_factors(model: nn.Module) -> set[str]:
     return {f"{name}.{factor}" for name, layer in low_rank_layers(model).items() for factor in ("U", "V")}
 
 
+def refuse_integrator_factors(model: nn.Module, names: Iterable[str], fix: str) -> None:
+    """Raise a ValueError, ending with ``fix``, if ``names`` include :func:`integrator_factors` of ``model``: a
+    gradient method that takes their ``.grad`` or ``autograd.grad`` for ``∂L/∂U`` and ``∂L/∂V`` would be wrong."""
+    if factors := sorted(integrator_factors(model).intersection(names)):
+        raise ValueError(f"the parameters {factors} are factors U, V of low-rank layers, whose backward gives DLRT's "
+                         f"gradients, not ∂L/∂U and ∂L/∂V: {fix}")
+
+
 def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters a torch optimizer should train: all but the low-rank factors (biases included)."""
     factors = {id(p) for layer in low_rank_layers(model).values() for p in (layer.U, layer.S, layer.V)}

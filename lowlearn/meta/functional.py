@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..checks import check_count, check_rate, check_scalar_loss
-from ..lowrank.layers import integrator_factors
+from ..lowrank.layers import refuse_integrator_factors
 from ..powerprop import routes_theta_gradients
 
 Params = dict[str, Tensor]
@@ -96,11 +96,8 @@ def inner_loop(
         if frozen := [name for name in names if not params[name].requires_grad]:
             raise ValueError(f"the parameters {frozen} do not require gradients, so the inner loop cannot adapt them: "
                              "name the parameters that adapt in adapt= (or pass ones that require gradients)")
-        if factors := sorted(integrator_factors(model).intersection(names)):
-            raise ValueError(f"the parameters {factors} are factors U, V of low-rank layers, whose backward gives "
-                             "DLRT's gradients, not ∂L/∂U and ∂L/∂V, so gradient steps on them would be wrong: "
-                             "leave them out of adapt= or freeze them (requires_grad_(False)); S and the other "
-                             "parameters adapt correctly")
+        refuse_integrator_factors(model, names, "gradient steps on them would be wrong: leave them out of adapt= "
+                                  "or freeze them (requires_grad_(False)); S and the other parameters adapt correctly")
     for _ in range(steps):
         loss = loss_fn(run(model, params, x), y)
         check_scalar_loss(loss)

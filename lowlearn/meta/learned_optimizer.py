@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..checks import check_count, check_positive
-from ..lowrank.layers import integrator_factors
+from ..lowrank.layers import refuse_integrator_factors
 from ..train import generator_on
 
 State = list[tuple[Tensor, Tensor]]
@@ -241,10 +241,8 @@ def network_problem(model: nn.Module, x: Tensor, y: Tensor, *,
     if not trained:
         raise ValueError("every parameter of the model is frozen, so there is nothing to optimise: unfreeze some "
                          "(requires_grad_(True))")
-    if factors := sorted(integrator_factors(model).intersection(trained)):
-        raise ValueError(f"the parameters {factors} are factors U, V of low-rank layers, whose backward gives DLRT's "
-                         "gradients, not ∂L/∂U and ∂L/∂V: freeze them (requires_grad_(False)) or convert the "
-                         "layers with lowlearn.lowrank.to_dense")
+    refuse_integrator_factors(model, trained, "freeze them (requires_grad_(False)) or convert the layers with "
+                              "lowlearn.lowrank.to_dense")
     generator = generator_on(generator, x.device)
     names = list(trained)
     shapes = [p.shape for p in trained.values()]
