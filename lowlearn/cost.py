@@ -93,10 +93,16 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
     input element, ``input elements × (out_channels / groups) × kh × kw``; a linear
     layer ``out_features × in_features`` for every row it is applied to (one row per
     example for a ``(B, F)`` input, ``T`` rows for ``(B, T, F)``).
-    Bias additions, normalization, activations, pooling and functional operations
-    outside these layers are not counted. A layer called twice is counted twice; one
-    whose forward does not run (its owner passes its weight to functional code, as
-    ``nn.MultiheadAttention`` does) is not counted, and a warning names it.
+    An ``nn.MultiheadAttention`` passes its weights to functional code, so it is
+    counted as a whole, with ``E`` its width and ``S`` the keys each query attends to (a
+    key added by ``add_bias_kv`` or ``add_zero_attn`` included): its out-projection,
+    ``E²`` per query, under ``"<name>.out_proj"``; under its own name its in-projections
+    (``E²`` per query, ``E · kdim`` per key, ``E · vdim`` per value) and the two products of
+    attention, ``Q Kᵀ`` and its weights times ``V`` (``2 S E`` per query).
+    Bias additions, normalization, activations, softmax, pooling and other functional
+    operations outside these layers are not counted. A layer called twice is counted
+    twice; one whose forward does not run (unused, or its owner passes its weight to
+    functional code) is not counted, and a warning names it.
     A module with a method ``count_macs(output) -> int`` (the MACs of the batch that
     produced ``output``) is counted by it: the low-rank layers of
     :mod:`lowlearn.lowrank` count ``r(n + m) + r²`` per row (``LowRankLinear``) and
@@ -140,21 +146,53 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
             per_layer[name] = per_layer.get(name, 0) + macs
         return hook
 
+    def attention_hook(name: str) -> Callable[[nn.MultiheadAttention, tuple, dict, object], None]:
+        def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output: object) -> None:
+            inputs = dict(zip(("query", "key", "value"), args)) | kwargs
+            if not {"query", "key", "value"} <= inputs.keys():
+                return                          # a subclass with a forward of its own: left to the warning below
+            for part, macs in _attention_macs(module, inputs["query"], inputs["key"], inputs["value"]).items():
+                part = _qualified(name, part)
+                per_layer[part] = per_layer.get(part, 0) + macs // batch_size
+        return hook
+
     counted = {name: module for name, module in model.named_modules()
                if isinstance(module, COUNTED) or hasattr(module, "count_macs")}
+    attentions = {name: module for name, module in model.named_modules()
+                  if isinstance(module, nn.MultiheadAttention)}
+    for name in attentions:
+        counted.pop(_qualified(name, "out_proj"), None)             # counted with its attention
     handles = [module.register_forward_hook(make_hook(name)) for name, module in counted.items()]
+    handles += [module.register_forward_hook(attention_hook(name), with_kwargs=True)
+                for name, module in attentions.items()]
     try:
         with eval_mode(model), torch.no_grad():
             model(example_input)
     finally:
         for handle in handles:
             handle.remove()
-    unseen = [name for name in counted if name not in per_layer]
+    unseen = [name for name in (*counted, *attentions) if name not in per_layer]
     if unseen:
         warnings.warn(f"count_flops did not see the layers {unseen} run, so their MACs are not counted: they are "
-                      "unused, or their owner passes their weights to functional code (nn.MultiheadAttention "
-                      "does, for its projections)", stacklevel=2)
+                      "unused, or their owner passes their weights to functional code", stacklevel=2)
     return FlopCount(total=sum(per_layer.values()), per_layer=per_layer)
+
+
+def _qualified(name: str, child: str) -> str:
+    """The qualified name of ``child`` of the module ``name`` (``""`` is the model itself, or the module itself)."""
+    return ".".join(filter(None, (name, child)))
+
+
+def _attention_macs(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor) -> dict[str, int]:
+    """The MACs of one call of ``module`` (all sequences), by :func:`count_flops`' names relative to the module:
+    ``""`` for the in-projections and attention's products, ``"out_proj"`` for the out-projection."""
+    e = module.embed_dim
+    queries, keys, values = query.numel() // e, key.numel() // module.kdim, value.numel() // module.vdim
+    keys_per_query = key.shape[1 if module.batch_first and key.dim() == 3 else 0]
+    keys_per_query += (module.bias_k is not None) + module.add_zero_attn
+    in_projections = e * (queries * e + keys * module.kdim + values * module.vdim)
+    return {"": in_projections + 2 * queries * keys_per_query * e, "out_proj": queries * e * e}
 
 
 def training_flops(flop_count: FlopCount) -> int:

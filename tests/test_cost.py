@@ -474,11 +474,58 @@ def test_measuring_saved_tensors_frees_them_with_their_graph_and_keeps_second_de
 
 
 def test_count_flops_names_the_layers_it_did_not_see_run():
-    # MultiheadAttention passes out_proj's weight to functional code: its MACs were left out without a word.
-    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
-    with pytest.warns(UserWarning, match=r"did not see the layers \['self_attn.out_proj'\] run"):
-        count = count_flops(layer, torch.randn(2, 5, 16))
-    assert count.total == 5 * 2 * 16 * 32                              # the feed-forward block: 5 tokens, 2 layers
+    class Tied(nn.Module):                  # the decoder passes the encoder's weight to functional code
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.unused = nn.Linear(6, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return F.linear(self.encoder(x), self.encoder.weight.t())
+
+    with pytest.warns(UserWarning, match=r"did not see the layers \['unused'\] run"):
+        count = count_flops(Tied(), torch.randn(2, 6))
+    assert count.per_layer == {"encoder": 24}
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_flops_of_self_attention_by_hand(batch_first):
+    # MultiheadAttention passes its weights to functional code: its MACs (out_proj's too) were left out.
+    e, tokens, ff = 16, 5, 32
+    layer = nn.TransformerEncoderLayer(e, 2, ff, batch_first=batch_first)
+    x = torch.randn(3, tokens, e) if batch_first else torch.randn(tokens, 3, e)
+    sequences_per_example = 1 if batch_first else 3 / tokens          # count_flops divides by x.shape[0]
+    count = count_flops(layer, x)
+    by_hand = {"self_attn": 3 * tokens * e * e + 2 * tokens * tokens * e,     # q, k, v projections; Q Kᵀ and A V
+               "self_attn.out_proj": tokens * e * e, "linear1": tokens * e * ff, "linear2": tokens * ff * e}
+    assert count.per_layer == {name: macs * sequences_per_example for name, macs in by_hand.items()}
+
+
+def test_flops_of_cross_attention_with_other_key_and_value_sizes_by_hand():
+    attention = nn.MultiheadAttention(8, 2, kdim=4, vdim=6, add_bias_kv=True, add_zero_attn=True, batch_first=True)
+    memory = torch.randn(2, 7, 4), torch.randn(2, 7, 6)
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, x):                       # keyword arguments reach the count as well
+            return self.attention(query=x, key=memory[0], value=memory[1])[0]
+
+    count = count_flops(Decoder(), torch.randn(2, 3, 8))
+    keys = 7 + 2                                     # the bias key and the zero key are attended to as well
+    assert count.per_layer == {"attention": 3 * 8 * 8 + 7 * 4 * 8 + 7 * 6 * 8 + 2 * 3 * keys * 8,
+                               "attention.out_proj": 3 * 8 * 8}
+
+
+def test_an_attention_subclass_with_a_forward_of_its_own_is_named_not_miscounted():
+    class SelfAttention(nn.MultiheadAttention):
+        def forward(self, x):
+            return super().forward(x, x, x)[0]
+
+    model = nn.Sequential(SelfAttention(8, 2, batch_first=True))
+    with pytest.warns(UserWarning, match=r"did not see the layers \['0'\] run"):
+        assert count_flops(model, torch.randn(2, 3, 8)).per_layer == {}
 
 
 def test_saved_sparse_tensors_count_their_indices_and_values():

@@ -82,6 +82,18 @@ def test_squashed_and_torch_pruned_models_cost_their_nonzero_weights():
     assert model_sparse_flops(MLP(), x, relative_to_dense=True) == 1.0   # trained weights have no exact zeros
 
 
+def test_a_pruned_transformer_layer_costs_its_kept_projections():
+    # The attention's out_proj is a prunable Linear whose forward never runs: its mask raised a KeyError.
+    torch.manual_seed(0)
+    e, tokens, ff = 16, 5, 32
+    layer = torch.nn.TransformerEncoderLayer(e, 2, ff, batch_first=True)
+    prune(layer, magnitude(layer), 0.25)
+    assert set(masks_of(layer)) == {"self_attn.out_proj", "linear1", "linear2"}
+    attention = 3 * tokens * e * e + 2 * tokens * tokens * e               # its in_proj_weight is not a layer: dense
+    by_hand = attention + 0.25 * (tokens * e * e + 2 * tokens * e * ff)
+    assert model_sparse_flops(layer, torch.randn(3, tokens, e)) == pytest.approx(by_hand)
+
+
 def test_pruning_with_a_constant_schedule_costs_static_sparse_training(lenet):
     static = sparse_training_flops(lenet, DENSITIES)
     assert pruning_training_flops(lenet, [DENSITIES] * 7) == pytest.approx(static)
