@@ -350,6 +350,7 @@ def fit(
     epochs: int | None = None,
     steps: int | None = None,
     batch_size: int = 64,
+    drop_last: bool = False,
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
     callbacks: Sequence[Callable[[TrainState], object]] = (),
     eval_data: Data | None = None,
@@ -374,6 +375,10 @@ def fit(
         epochs: passes over the data. Give exactly one of ``epochs`` and ``steps``.
         steps: optimizer steps.
         batch_size: examples per step; the last batch of an epoch may be smaller.
+        drop_last: leave out the last batch of every epoch when it is smaller (as
+            ``DataLoader(drop_last=True)``): batch norm in training mode cannot
+            normalise a batch of one example, which ``len(data) % batch_size == 1``
+            leaves. The examples left out differ from epoch to epoch.
         loss_fn: ``loss_fn(model(x), y)`` is minimised.
         callbacks: called as ``callback(state)`` after every optimizer step, in order.
             One that raises :class:`StopTraining` ends training after this step; the
@@ -441,6 +446,7 @@ def fit(
         ValueError: both or neither of ``epochs`` and ``steps``, a count that is not a
             positive integer, a ``seed`` that is not an integer >= 0, data
             that are not an ``(inputs, targets)`` pair of tensors of one length,
+            ``drop_last`` with fewer examples than ``batch_size``,
             ``eval_every`` without ``eval_data``, a ``start_step`` at or after the end, an
             ``optimizer`` that holds none of the model's parameters, ``bf16`` off CUDA, a
             ``device`` this machine lacks, or, in a process group, batches smaller than the
@@ -462,7 +468,10 @@ def fit(
     start_step, seed = check_count("start_step", start_step, 0), check_count("seed", seed, 0)
     rank, processes = world()
     n = len(_pair(data)[0])               # all checked now, before the generators are seeded or the model moves
-    batches_per_epoch = math.ceil(n / batch_size)
+    batches_per_epoch = n // batch_size if drop_last else math.ceil(n / batch_size)
+    if batches_per_epoch == 0:
+        raise ValueError(f"drop_last=True with {n} examples, fewer than batch_size={batch_size}, leaves no batch: "
+                         "lower batch_size, or keep the last batch (drop_last=False)")
     total = steps if steps is not None else epochs * batches_per_epoch
     if start_step >= total:
         raise ValueError(f"start_step={start_step}, but the run ends after step {total}: nothing is left to train")
@@ -490,7 +499,7 @@ def fit(
     x, y = _as_tensors(data, device)
     if eval_data is not None:
         eval_data = _as_tensors(eval_data, device)    # moved once, not at every evaluation
-    if processes > 1 and min(batch_size, n % batch_size or batch_size) < processes:
+    if processes > 1 and min(batch_size, batch_size if drop_last else n % batch_size or batch_size) < processes:
         raise ValueError(f"with {processes} processes every batch needs at least {processes} examples, but batches "
                          f"of {batch_size} from {n} examples leave {n % batch_size or batch_size} for the last one: "
                          "change batch_size (or the data size)")
@@ -558,7 +567,7 @@ def fit(
             done = start_step - epoch * batches_per_epoch    # batches of this epoch an interrupted run took
             if done >= batches_per_epoch:
                 continue
-            for idx in perm.to(device, non_blocking=True).split(batch_size)[max(done, 0):]:
+            for idx in perm.to(device, non_blocking=True).split(batch_size)[max(done, 0):batches_per_epoch]:
                 share = idx.tensor_split(processes)[rank]
                 xb, yb = x[share], y[share]
                 if batch_transform is not None:

@@ -1194,3 +1194,54 @@ def test_evaluate_takes_the_loss_of_a_bfloat16_model_in_float32():
         expected = nn.functional.cross_entropy(model(x).float(), y).item()   # the bfloat16 outputs, in float32
     got = evaluate(model, (x, y), batch_size=100, device="cpu")["loss"]
     assert got == pytest.approx(expected, rel=1e-5)                         # a bfloat16 loss is off by ~1e-3
+
+
+def test_drop_last_leaves_out_each_epochs_short_batch_as_a_reference_loop_does():
+    """Reference: the same loop as above with the short last batch of every epoch left out. Batch norm in
+    training mode cannot normalise the batch of one example that 9 examples in batches of 4 leave."""
+    torch.manual_seed(0)
+    x, y = torch.randn(9, 3), torch.randint(0, 2, (9,))
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    start = copy.deepcopy(model)
+    twin = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        fit(twin, (x, y), torch.optim.SGD(twin.parameters(), lr=0.3), epochs=1, batch_size=4, device="cpu",
+            progress=False)
+    epochs = []
+    history = fit(model, (x, y), torch.optim.SGD(model.parameters(), lr=0.3), epochs=3, batch_size=4,
+                  drop_last=True, log_every=1, seed=5, device="cpu", progress=False,
+                  callbacks=[lambda state: epochs.append(state.epoch)])
+    assert history.steps == list(range(1, 7)) and epochs == [0, 0, 1, 1, 2, 2]      # two full batches an epoch
+    reference, optimizer, losses = start, torch.optim.SGD(start.parameters(), lr=0.3), []
+    order = seeded_generator(5, "batch order")
+    for _ in range(3):
+        for idx in torch.randperm(9, generator=order).split(4)[:2]:
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(reference(x[idx]), y[idx])
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert history.loss == pytest.approx(losses, rel=1e-6)
+    for ours, theirs in zip(model.state_dict().values(), reference.state_dict().values()):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_drop_last_resumes_with_the_batches_the_interrupted_run_would_have_drawn():
+    data = toy_data(100)                                # batches of 30: 3 full ones an epoch, 10 examples left out
+
+    def stop_at_4(state):
+        if state.step == 4:
+            raise StopTraining
+
+    model, opt = make()
+    whole = fit(model, data, opt, epochs=3, batch_size=30, drop_last=True, log_every=1, device="cpu")
+    model, opt = make()
+    fit(model, data, opt, epochs=3, batch_size=30, drop_last=True, log_every=1, device="cpu", callbacks=[stop_at_4])
+    rest = fit(model, data, opt, epochs=3, batch_size=30, drop_last=True, log_every=1, device="cpu", start_step=4)
+    assert whole.steps == list(range(1, 10)) and rest.steps == list(range(5, 10)) and rest.loss == whole.loss[4:]
+
+
+def test_drop_last_with_fewer_examples_than_a_batch_is_a_clear_error():
+    model, opt = make()
+    with pytest.raises(ValueError, match=r"drop_last=True with 20 examples, fewer than batch_size=32, leaves no batch"):
+        fit(model, toy_data(20), opt, epochs=1, batch_size=32, drop_last=True, device="cpu")
