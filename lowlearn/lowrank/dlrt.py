@@ -65,12 +65,19 @@ S-step from ``dlrt.zero_grad()`` to ``dlrt.step()`` only: clear the gradients wi
 DLRT's ``zero_grad``, as above, not the model's.
 
 DLRT forms the S-step's gradient itself, from the kept signals with ``tol`` and from its
-second pass at fixed rank (whose gradients the other parameters then take too). What is
-done to ``.grad`` between ``backward`` and :meth:`DLRT.step`, such as
-``torch.nn.utils.clip_grad_norm_`` or a ``torch.amp.GradScaler``'s unscaling, therefore
-reaches the K- and L-steps only, and with ``tol`` a loss scaled for a GradScaler scales
-the S-step by the same factor. Keep steps small by ``lr`` (or ``betas``), and train in
-mixed precision with bfloat16 autocast, which needs no loss scaling.
+second pass at fixed rank (whose gradients the other parameters then take too), so what
+is done to ``.grad`` between ``backward`` and :meth:`DLRT.step` does not reach it as it
+is. With ``tol``, the S-step follows what was done to ``S.grad``: its gradient is scaled
+by ``c = ⟨S.grad, g⟩ / ⟨g, g⟩``, with ``g`` the ``∂L/∂S`` that the backward passes gave
+``S.grad`` (kept beside the signals, ``r × r``). ``c = 1`` when nothing touched the
+gradients, and ``c`` is exact for anything that rescales them: ``clip_grad_norm_``, or a
+``torch.amp.GradScaler`` for float16 mixed precision (``scaler.scale(loss).backward()``,
+``scaler.step(dlrt)``; it unscales only the optimizer it steps, so leave DLRT's
+``optimizer`` argument out). An element-wise change (``clip_grad_value_``) reaches the
+S-step as its least-squares rescaling. At fixed rank such changes reach the K- and
+L-steps only, and a GradScaler cannot pass the closure: keep steps small by ``lr`` (or
+``betas``), and train in mixed precision with bfloat16 autocast, which needs no loss
+scaling.
 """
 
 from __future__ import annotations
@@ -251,6 +258,7 @@ class DLRT(torch.optim.Optimizer):
         average_across_processes((grad for layer in layers.values() for grad in (layer.U.grad, layer.V.grad)),
                                  check=not self._averaged)
         start = {name: (layer.U.detach(), layer.S.detach(), layer.V.detach()) for name, layer in layers.items()}
+        scales = {name: _scale_applied(layer) for name, layer in layers.items()} if self.tol is not None else {}
         moments = {name: dict(self.state[name]) for name in layers if name in self.state}  # replaced, never changed
         loss = None
         try:
@@ -259,7 +267,7 @@ class DLRT(torch.optim.Optimizer):
             if self.tol is None:
                 loss = self._s_step_pass(layers, closure)
             else:
-                self._s_step_from_first_pass(layers)
+                self._s_step_from_first_pass(layers, scales)
             self._galerkin_and_truncate(layers)
         except BaseException:         # a failed closure, an interrupt, a diverged core: undo the factors' step
             for name, layer in layers.items():
@@ -309,14 +317,15 @@ class DLRT(torch.optim.Optimizer):
         self._average_s_step_gradients(layers)
         return loss
 
-    def _s_step_from_first_pass(self, layers: Mapping[str, nn.Module]) -> None:
-        """Put ``∇_S L = Ûᵀ (∂L/∂W) V̂`` in every layer's ``S.grad``, from its kept signals (with ``tol``).
+    def _s_step_from_first_pass(self, layers: Mapping[str, nn.Module], scales: Mapping[str, Tensor]) -> None:
+        """Put ``∇_S L = Ûᵀ (∂L/∂W) V̂`` in every layer's ``S.grad``, from its kept signals, times its ``scales``
+        (with ``tol``).
 
         The other parameters keep the first pass's gradients, which are those of the same
         network; all are averaged across processes.
         """
-        for layer in layers.values():
-            layer.S.grad = layer.galerkin_gradient()
+        for name, layer in layers.items():
+            layer.S.grad = layer.galerkin_gradient() * scales[name]
         self._average_s_step_gradients(layers)
 
     def _average_s_step_gradients(self, layers: Mapping[str, nn.Module]) -> None:
@@ -453,6 +462,21 @@ def _diverged(names: list[str]) -> NonFiniteLossError:
     which = f"layer {names[0]!r}" if len(names) == 1 else f"layers {names}"
     return NonFiniteLossError(f"the S-step core of {which} is not finite, so the loss or the gradients diverged: "
                               "lower lr")
+
+
+def _scale_applied(layer: nn.Module) -> Tensor:
+    """``c = ⟨S.grad, g⟩ / ⟨g, g⟩``: the rescaling of the gradient ``g`` that the layer's backward passes gave
+    ``S.grad`` which is closest to what ``S.grad`` holds now; 1 where ``g`` is zero or was not kept (0-d, on the
+    layer's device, without a host sync)."""
+    kept, now = layer.signals.core_gradient, layer.S.grad
+    if kept is None:
+        return torch.ones((), dtype=layer.S.dtype, device=layer.S.device)
+    if now is None:                                                    # cleared since: no gradient
+        return torch.zeros((), dtype=layer.S.dtype, device=layer.S.device)
+    peak = kept.abs().amax()
+    unit = kept / torch.where(peak > 0, peak, 1.0)           # the squares of a loss-scaled g could overflow
+    norm = (kept * unit).sum()
+    return torch.where(norm > 0, (now * unit).sum() / norm, 1.0)
 
 
 def _trained_layers(model: nn.Module) -> dict[str, nn.Module]:

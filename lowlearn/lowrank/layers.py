@@ -28,7 +28,7 @@ each computed from the layer's input and output gradient without forming
 optimizer only :func:`dense_parameters`.) With ``keeps_signals`` on (rank-adaptive DLRT
 turns it on), the layer also keeps that input and output gradient, from which
 :meth:`LowRankLayer.galerkin_gradient` forms ``Ûᵀ (∂L/∂W) V̂`` in the new bases of the
-S-step.
+S-step, and a copy of the ``∂L/∂S`` it gave ``S.grad`` (:class:`BackwardSignals`).
 """
 
 from __future__ import annotations
@@ -112,12 +112,28 @@ class BackwardSignals(list):
     ``∂L/∂W`` is made of them (``Σ δᵀ x`` over the examples, for a linear layer), so
     :meth:`LowRankLayer.galerkin_gradient` forms ``Ûᵀ (∂L/∂W) V̂`` in any bases from them,
     without another pass through the network. A backward pass adds its pair only while
-    ``keeping`` is on (:attr:`LowRankLayer.keeps_signals`), as it is when the pass runs.
+    ``keeping`` is on (:attr:`LowRankLayer.keeps_signals`), as it is when the pass runs,
+    and adds the ``∂L/∂S`` it gave ``S.grad`` to :attr:`core_gradient` (a copy: what is done
+    to ``S.grad`` afterwards does not reach it).
     A copy or a pickle of the layer starts with none, keeping as the original does: they
     belong to the batch in training, not to the layer.
     """
 
     keeping = False
+    #: the sum of ``∂L/∂S`` over the kept passes, as their backward passes computed it (``None``: no pass kept one)
+    core_gradient: Tensor | None = None
+
+    def add(self, x: Tensor, delta: Tensor, core_gradient: Tensor | None) -> None:
+        """Keep one backward pass's input ``x`` and output gradient ``delta`` (without copies or graphs), and the
+        ``∂L/∂S`` it computed."""
+        self.append((x.detach(), delta.detach()))
+        if core_gradient is not None:
+            kept = self.core_gradient
+            self.core_gradient = core_gradient.detach().clone() if kept is None else kept + core_gradient.detach()
+
+    def clear(self) -> None:
+        super().clear()
+        self.core_gradient = None
 
     def __deepcopy__(self, memo) -> BackwardSignals:
         replica = type(self)()
@@ -128,14 +144,17 @@ class BackwardSignals(list):
         return type(self), (), {"keeping": self.keeping}
 
 
-def _factor_gradients_needed(ctx, x: Tensor, delta: Tensor) -> tuple[bool, bool, bool]:
-    """``(need ∇_K, need ∂L/∂S, need ∇_L)`` of a backward pass; with ``∇_K`` or ``∇_L``, the layer's input and
-    output gradient go to ``ctx.sink`` if it is keeping them (without copies or graphs)."""
+def _factor_gradients_needed(ctx) -> tuple[bool, bool, bool]:
+    """``(need ∇_K, need ∂L/∂S, need ∇_L)`` of a backward pass."""
     _, need_K, need_S, need_L = ctx.needs_input_grad[:4]
-    need_K, need_L = ctx.kl and need_K, ctx.kl and need_L
-    if (need_K or need_L) and ctx.sink.keeping:
-        ctx.sink.append((x.detach(), delta.detach()))
-    return need_K, need_S, need_L
+    return ctx.kl and need_K, need_S, ctx.kl and need_L
+
+
+def _keep(ctx, x: Tensor, delta: Tensor, grad_S: Tensor | None, kl_computed: bool) -> None:
+    """A backward pass that computed ``∇_K`` or ``∇_L`` (``kl_computed``) gives the layer's input, output gradient
+    and ``∂L/∂S`` to ``ctx.sink`` if it is keeping them."""
+    if kl_computed and ctx.sink.keeping:
+        ctx.sink.add(x, delta, grad_S)
 
 
 class _LowRankLinearFunction(Function):
@@ -161,13 +180,14 @@ class _LowRankLinearFunction(Function):
         # In the factors' dtype: under autocast the input and δ may be bfloat16, the factors float32.
         rows_x = x.reshape(-1, x.shape[-1]).to(U.dtype)
         rows_d = delta.reshape(-1, delta.shape[-1]).to(U.dtype)
-        need_K, need_S, need_L = _factor_gradients_needed(ctx, x, delta)
+        need_K, need_S, need_L = _factor_gradients_needed(ctx)
         a = rows_x @ V if need_S or need_K else None     # x V        (B × r_v)
         c = rows_d @ U                                   # δ U        (B × r_u)
         grad_x = ((c @ S) @ V.T).view_as(x).to(x.dtype) if ctx.needs_input_grad[0] else None   # δ W = δ U S Vᵀ
         grad_S = c.T @ a if need_S else None             # ∂L/∂S = Uᵀ δᵀ x V
         grad_K = rows_d.T @ a if need_K else None        # ∇_K = δᵀ x V
         grad_L = rows_x.T @ c if need_L else None        # ∇_L = xᵀ δ U
+        _keep(ctx, x, delta, grad_S, need_K or need_L)
         return grad_x, grad_K, grad_S, grad_L, None, None
 
 
@@ -193,20 +213,21 @@ class _LowRankConvFunction(Function):
 
     @staticmethod
     def backward(ctx, delta: Tensor, _):
-        x, U, S, V, a = ctx.saved_tensors
-        need_K, need_S, need_L = _factor_gradients_needed(ctx, x, delta)
+        x_in, U, S, V, a = ctx.saved_tensors
+        need_K, need_S, need_L = _factor_gradients_needed(ctx)
         # In the factors' dtype: under autocast x, a and δ may be bfloat16, the factors float32.
-        x_dtype, (x, a, delta) = x.dtype, (t.to(U.dtype) for t in (x, a, delta))
-        c = torch.einsum("bnhw,nr->brhw", delta, U)                           # δ U
+        x, a, d = (t.to(U.dtype) for t in (x_in, a, delta))
+        c = torch.einsum("bnhw,nr->brhw", d, U)                               # δ U
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_a = torch.einsum("brhw,rs->bshw", c, S)
-            grad_x = torch.nn.grad.conv2d_input(x.shape, _filters(V, ctx.kernel), grad_a, **ctx.conv).to(x_dtype)
+            grad_x = torch.nn.grad.conv2d_input(x.shape, _filters(V, ctx.kernel), grad_a, **ctx.conv).to(x_in.dtype)
         grad_S = torch.einsum("brhw,bshw->rs", c, a) if need_S else None
-        grad_K = torch.einsum("bnhw,brhw->nr", delta, a) if need_K else None
+        grad_K = torch.einsum("bnhw,brhw->nr", d, a) if need_K else None
         grad_L = None
         if need_L:
             grad_L = torch.nn.grad.conv2d_weight(x, (U.shape[1], *ctx.kernel), c, **ctx.conv).reshape(U.shape[1], -1).T
+        _keep(ctx, x_in, delta, grad_S, need_K or need_L)
         return grad_x, grad_K, grad_S, grad_L, None, None, None, None
 
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowlearn.cost import training_memory
-from lowlearn.lowrank import DLRT, LowRankLayer, LowRankLinear, dense_parameters, low_rank_layers, to_low_rank
+from lowlearn.lowrank import (DLRT, LowRankConv2d, LowRankLayer, LowRankLinear, dense_parameters, low_rank_layers,
+                              to_low_rank)
 from lowlearn.models import MLP
 from lowlearn.train import NonFiniteLossError, fit, load_checkpoint, save_checkpoint
 
@@ -223,6 +224,7 @@ def test_the_kept_signals_follow_the_gradients_and_are_not_copied():
     dlrt.zero_grad()
     loss().backward()
     assert len(model[0].signals) == 1 and not model[0].signals[0][1].requires_grad
+    assert torch.equal(model[0].signals.core_gradient, model[0].S.grad)    # ∂L/∂S as the backward pass gave it
     with torch.no_grad():
         model(x)
     assert len(model[0].signals) == 1                           # evaluation leaves them
@@ -233,10 +235,10 @@ def test_the_kept_signals_follow_the_gradients_and_are_not_copied():
     loss().backward()
     assert len(model[0].signals) == 1
     dlrt.step()
-    assert not model[0].signals and model[0].U.grad is None
+    assert not model[0].signals and model[0].U.grad is None and model[0].signals.core_gradient is None
     loss().backward()
     dlrt.zero_grad()
-    assert not model[0].signals
+    assert not model[0].signals and model[0].signals.core_gradient is None
 
 
 def test_after_its_last_step_rank_adaptive_dlrt_has_the_layers_keep_nothing_for_another_optimizer():
@@ -658,3 +660,81 @@ def test_resuming_restores_the_dense_optimizers_momentum():
     step(resumed, resumed_dlrt)
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def _mixed_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Unflatten(1, (1, 2, 5)), LowRankConv2d(nn.Conv2d(1, 4, 2), 2), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(16, 8), nn.Tanh(), LowRankLinear(8, 3, 3))
+
+
+def _rank_adaptive_run(lr, steps=4, passes=1, change=None, scaler=None):
+    """The state of :func:`_mixed_model` after ``steps`` rank-adaptive steps, each with ``passes`` backward passes
+    (halves of the batch), then ``change`` applied to every gradient; with a GradScaler ``scaler`` if given."""
+    model = _mixed_model()
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 10, generator=generator), torch.randint(0, 3, (32,), generator=generator)
+    dlrt = DLRT(model, lr=lr, tol=0.05)
+    for _ in range(steps):
+        dlrt.zero_grad()
+        for xb, yb in zip(x.chunk(passes), y.chunk(passes)):
+            loss = F.cross_entropy(model(xb), yb) / passes
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        if change is not None:
+            change(model)
+        if scaler is None:
+            dlrt.step()
+        else:
+            scaler.step(dlrt)
+            scaler.update()
+    return model.state_dict()
+
+
+def _scale_gradients(factor):
+    def change(model):
+        for p in model.parameters():
+            p.grad.mul_(factor)
+    return change
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_a_rescaling_of_the_gradients_reaches_the_rank_adaptive_s_step(passes):
+    # The S-step's gradient is formed from the kept signals: a rescaling of .grad (gradient clipping) reached the
+    # K- and L-steps and the other parameters, not the S-step. Plain steps on c·g are steps of c·λ on g.
+    reference = _rank_adaptive_run(lr=0.05, passes=passes)
+    scaled = _rank_adaptive_run(lr=0.2, passes=passes, change=_scale_gradients(0.25))
+    assert reference.keys() == scaled.keys()
+    for name in reference:
+        torch.testing.assert_close(scaled[name], reference[name], msg=name)
+
+
+def test_gradient_norm_clipping_reaches_the_rank_adaptive_s_step():
+    coefficients = []
+
+    def clip(model):
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.05)
+        coefficients.append(min(1.0, 0.05 / (norm.item() + 1e-6)))
+
+    clipped = _rank_adaptive_run(lr=0.5, steps=1, change=clip)
+    assert coefficients[0] < 0.5                                          # the clipping acted
+    reference = _rank_adaptive_run(lr=0.5 * coefficients[0], steps=1)
+    for name in reference:
+        torch.testing.assert_close(clipped[name], reference[name], msg=name)
+
+
+def test_a_grad_scaler_trains_rank_adaptive_dlrt_as_without_loss_scaling():
+    # The loss scaled by 2¹⁰ scaled the S-step's gradient by 2¹⁰ as well.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaled = _rank_adaptive_run(lr=0.1, scaler=scaler)
+    reference = _rank_adaptive_run(lr=0.1)
+    for name in reference:
+        torch.testing.assert_close(scaled[name], reference[name], msg=name)
+
+
+def test_zeroed_gradients_leave_the_rank_adaptive_network_as_it_was():
+    # A step on no gradient at all changes the bases, not the network (the S-step took the unchanged signals).
+    x = torch.randn(5, 10, generator=torch.Generator().manual_seed(2))
+    model = _mixed_model()
+    before = model(x).detach()
+    model.load_state_dict(_rank_adaptive_run(lr=0.1, steps=1, change=_scale_gradients(0.0)))
+    torch.testing.assert_close(model(x).detach(), before)
