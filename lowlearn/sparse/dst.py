@@ -567,9 +567,9 @@ class SNFS(DynamicSparsity):
     the cosine the last update comes at the last multiple of ``ΔT`` before ``T_end``,
     and the steps after it record a momentum only an :meth:`update` by hand would
     use), see :func:`lowlearn.sparse.flops.dst_training_flops`. A step whose dense
-    gradient of a layer holds a NaN or an infinity (the overflow steps of a
-    ``torch.amp.GradScaler``, which the optimizer skips) leaves that layer's ``M`` as
-    it was. The recorded gradients are those of the loss the backward pass saw, so
+    gradient holds a NaN or an infinity in any layer (the overflow steps of a
+    ``torch.amp.GradScaler``, which the optimizer skips as a whole) leaves every layer's
+    ``M`` as it was. The recorded gradients are those of the loss the backward pass saw, so
     under a ``GradScaler`` they carry its scale ``s``: a constant ``s`` scales ``M``
     as a whole, which changes neither the ranking in a layer nor the shares ``m_l``,
     but after ``s`` changes (halved at an overflow, doubled after ``growth_interval``
@@ -603,11 +603,12 @@ class SNFS(DynamicSparsity):
                              f"it can regrow into: {fix}")
 
     def _observe_gradients(self) -> None:
-        for name, grad in self.dense_gradients().items():
-            # A gradient that is not finite (a GradScaler's overflow step, which the optimizer skips) leaves the
-            # momentum as it was, M ← 1·M + 0·g, decided on the device without a host synchronisation; its
-            # non-finite entries are zeroed first, since 0·NaN is NaN (a finite g passes unchanged).
-            finite = _all_finite(grad)
+        grads = self.dense_gradients()
+        # A gradient that is not finite in any layer (a GradScaler's overflow step, which the optimizer skips as a
+        # whole) leaves every layer's momentum as it was, M ← 1·M + 0·g, decided on the device without a host
+        # synchronisation; non-finite entries are zeroed first, since 0·NaN is NaN (a finite g passes unchanged).
+        finite = torch.stack([_all_finite(grad) for grad in grads.values()]).all() if grads else None
+        for name, grad in grads.items():
             grad = torch.nan_to_num(grad.detach(), nan=0.0, posinf=0.0, neginf=0.0)
             if name in self.momentum:
                 momentum = self.momentum[name] = self.momentum[name].to(grad.device)   # the model may have moved

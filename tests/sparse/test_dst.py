@@ -777,6 +777,23 @@ def test_a_non_finite_gradient_leaves_the_snfs_momentum_as_it_was():
     assert all(not torch.equal(m, before[name]) for name, m in sparsifier.momentum.items())
 
 
+def test_a_non_finite_gradient_in_one_layer_leaves_every_layers_snfs_momentum_as_it_was():
+    # A GradScaler skips the whole step on an overflow anywhere: the finite layers' gradients (at the old scale)
+    # entered their momentum.
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = make("snfs", model, optimizer, end=None)
+    train(model, optimizer, sparsifier, batches(2))
+    before = {name: m.clone() for name, m in sparsifier.momentum.items()}
+    x, y = batches(1, seed=3)[0]
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    last = list(before)[-1]
+    sparsifier._recorder().grads[last][0, 0] = float("inf")             # one overflowed entry in the last layer
+    sparsifier.step()
+    assert len(before) > 1 and all(torch.equal(m, before[name]) for name, m in sparsifier.momentum.items())
+
+
 def test_rigl_skips_an_update_whose_dense_gradient_is_not_finite():
     model = small_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
