@@ -20,19 +20,25 @@ import torch
 from numpy.typing import ArrayLike
 
 
-def _as_float64(values: ArrayLike | torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale · values`` as a flat float64 CPU tensor: from any tensor dtype (bfloat16 too, which NumPy lacks),
-    or from an array, or a list of numbers, tensors or arrays (of one shape, flattened together)."""
+def _float64(values: ArrayLike | torch.Tensor) -> torch.Tensor:
+    """``values`` as a float64 CPU tensor of their shape: from a tensor of any dtype (bfloat16 too, which NumPy
+    lacks), on any device, requiring gradients or not; or from an array, or a list of numbers, tensors or arrays
+    (of one shape)."""
     if isinstance(values, torch.Tensor):
-        return _finite(scale * values.detach().to("cpu", torch.float64).flatten())
+        return values.detach().to("cpu", torch.float64)
     if isinstance(values, (list, tuple)):
         values = [v.detach().to("cpu", torch.float64).numpy() if isinstance(v, torch.Tensor) else v for v in values]
         shapes = sorted({np.shape(v) for v in values})
         if len(shapes) > 1:
             raise ValueError(f"the values' parts have different shapes ({shapes}): concatenate them (torch.cat, "
                              "np.concatenate) or pass one flat list of numbers")
-    array = np.asarray(values, dtype=np.float64)
-    return _finite(scale * torch.as_tensor(array).flatten())
+    return torch.as_tensor(np.asarray(values, dtype=np.float64))
+
+
+def _as_float64(values: ArrayLike | torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · values`` as a flat float64 CPU tensor (see :func:`_float64`), or a ValueError if one is not
+    finite."""
+    return _finite(scale * _float64(values).flatten())
 
 
 def _finite(values: torch.Tensor) -> torch.Tensor:
@@ -67,14 +73,15 @@ def curve_mean_and_ci(runs: ArrayLike | torch.Tensor) -> tuple[np.ndarray, np.nd
     """:func:`mean_and_ci` of every column of ``runs`` ``(n, points)``: a curve's mean and its 95% band.
 
     Row ``i`` is run ``i`` (a seed, a test problem) measured at the same ``points``
-    (training steps, sparsities); the band is ``mean ± half`` at every point.
+    (training steps, sparsities); the band is ``mean ± half`` at every point. ``runs``
+    may be a tensor, an array, or a list of one curve per run (numbers, arrays, or
+    tensors of any dtype and device).
 
     Raises:
         ValueError: ``runs`` is not two-dimensional, has fewer than two rows, or holds a
             value that is NaN or infinite.
     """
-    runs = runs.detach().to("cpu", torch.float64) if isinstance(runs, torch.Tensor) else \
-        torch.as_tensor(np.asarray(runs, dtype=np.float64))
+    runs = _float64(runs)
     if runs.dim() != 2:
         raise ValueError(f"runs must be (runs, points), got shape {tuple(runs.shape)}")
     _finite(runs)

@@ -122,3 +122,14 @@ def test_curve_mean_and_ci_takes_runs_that_require_grad():
     expected_mean, expected_half = curve_mean_and_ci(runs)
     assert isinstance(mean, np.ndarray) and isinstance(half, np.ndarray)
     assert np.array_equal(mean, expected_mean) and np.array_equal(half, expected_half)
+
+
+@pytest.mark.parametrize("as_curve", [lambda r: torch.tensor(r, dtype=torch.bfloat16),
+                                      lambda r: torch.tensor(r, requires_grad=True), np.array],
+                         ids=["bfloat16", "requires grad", "arrays"])
+def test_curve_mean_and_ci_takes_a_list_of_one_curve_per_run(as_curve):
+    # A list of bfloat16 or grad-requiring tensors failed in NumPy, where mean_and_ci and plot.mean_and_spread take it.
+    runs = [[1.0, 2.0, 3.0], [2.0, 2.5, 5.0], [6.0, 3.0, 4.0]]              # exact in bfloat16
+    mean, half = curve_mean_and_ci([as_curve(run) for run in runs])
+    expected_mean, expected_half = curve_mean_and_ci(runs)
+    assert np.array_equal(mean, expected_mean) and np.array_equal(half, expected_half)
