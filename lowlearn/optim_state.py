@@ -12,6 +12,7 @@ its minimum step and the weight would barely move), Adagrad's sums at
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -21,19 +22,22 @@ from torch import Tensor
 WEIGHT_DECAY_OPTIONS = ("weight_decay", "lambd")
 
 
-def torch_optimizer(optimizer) -> torch.optim.Optimizer:
+def torch_optimizer(optimizer, holding: Iterable[Tensor | None] = ()) -> torch.optim.Optimizer:
     """``optimizer`` itself, or the ``torch.optim`` optimizer that a wrapper (``.optimizer``) steps with.
+
+    Where both are ``torch.optim`` optimizers (DLRT steps the low-rank factors itself and
+    the other parameters with the one it wraps, if given), the first whose groups hold a
+    parameter of ``holding`` (``None`` entries skipped); ``optimizer`` if neither does.
 
     Raises:
         TypeError: neither is a ``torch.optim.Optimizer``.
     """
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return optimizer
-    inner = getattr(optimizer, "optimizer", None)
-    if not isinstance(inner, torch.optim.Optimizer):
+    levels = [o for o in (optimizer, getattr(optimizer, "optimizer", None)) if isinstance(o, torch.optim.Optimizer)]
+    if not levels:
         raise TypeError(f"optimizer must be a torch.optim optimizer (or wrap one as .optimizer), got "
                         f"{type(optimizer).__name__}")
-    return inner
+    held = [p for p in holding if p is not None]
+    return next((level for level in levels if any(group_of(level, p) is not None for p in held)), levels[0])
 
 
 def group_of(optimizer: torch.optim.Optimizer, param: Tensor | None) -> dict | None:
@@ -67,7 +71,8 @@ def fresh_state(optimizer: torch.optim.Optimizer, group: dict, like: Tensor) -> 
 def reset_optimizer_state(optimizer, param: Tensor, keep: Tensor) -> None:
     """Give ``param``'s per-weight optimizer state, wherever ``keep`` is ``False`` (or 0), a new parameter's values.
 
-    ``optimizer`` is a ``torch.optim`` optimizer or a wrapper of one (``.optimizer``).
+    ``optimizer`` is a ``torch.optim`` optimizer or a wrapper of one (``.optimizer``; of
+    the two, the one that holds ``param``, see :func:`torch_optimizer`).
     Every state tensor with ``param``'s shape is treated as per-weight (momentum,
     moments, accumulators, step sizes) and takes the value :func:`fresh_state`
     gives; scalars such as Adam's step count are left alone. That count is one per
@@ -81,7 +86,7 @@ def reset_optimizer_state(optimizer, param: Tensor, keep: Tensor) -> None:
     ``g`` but a reset weight's at ``(1 − dampening)·g`` (the same with ``dampening=0``,
     the default).
     """
-    inner = torch_optimizer(optimizer)
+    inner = torch_optimizer(optimizer, holding=[param])
     state = inner.state.get(param, {})
     per_weight = [key for key, value in state.items() if isinstance(value, Tensor) and value.shape == param.shape]
     if not per_weight:

@@ -646,3 +646,27 @@ def test_a_layer_used_at_several_places_is_refused_before_anything_changes(strat
         with pytest.raises(ValueError, match=f"used at several places of the chain \\(layers {named}\\)"):
             grow(model, layer, 1, strategy, batch=batch())
     assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+
+def test_growth_beside_low_rank_layers_extends_the_optimizer_dlrt_steps_the_grown_layers_with():
+    # DLRT is a torch optimizer that steps the dense parameters with the one it wraps: growth looked for the grown
+    # layers in DLRT's own groups, found none, and left the wrapped optimizer with the old tensors (never stepped).
+    from lowlearn.lowrank import DLRT, dense_parameters, to_low_rank
+
+    torch.manual_seed(0)
+    model, data = to_low_rank(mlp(), ["5"], rank=2), batch()
+    inner = torch.optim.SGD(dense_parameters(model), lr=0.1, momentum=0.9)
+    dlrt = DLRT(model, lr=0.1, tol=0.1, optimizer=inner)
+
+    def step():
+        dlrt.zero_grad()
+        F.cross_entropy(model(data[0]), data[1]).backward()
+        dlrt.step()
+
+    step()
+    grow(model, 0, 2, "random", optimizer=dlrt)
+    assert {id(p) for group in inner.param_groups for p in group["params"]} == {id(p) for p in dense_parameters(model)}
+    assert inner.state[model[1].weight]["momentum_buffer"].shape == (8, 10)
+    before = model[1].weight.detach().clone()
+    step()
+    assert not torch.equal(model[1].weight, before)                       # the grown layer trains

@@ -115,3 +115,24 @@ def test_a_reset_asgd_weights_average_starts_at_the_weight_itself(settings):
     reset_optimizer_state(optimizer, p, KEEP)
     assert torch.equal(optimizer.state[p]["ax"][~KEEP], p.detach()[~KEEP])
     assert torch.equal(optimizer.state[p]["ax"][KEEP], before[KEEP])
+
+
+def test_of_an_optimizer_and_the_one_it_wraps_the_one_that_holds_the_parameter_is_reset():
+    # DLRT is itself a torch optimizer and steps the dense parameters with the one it wraps.
+    from lowlearn.lowrank import DLRT, dense_parameters, to_low_rank
+
+    torch.manual_seed(0)
+    model = to_low_rank(MLP(in_features=12, hidden=(8,), out_features=3), ["1"], rank=2)
+    inner = torch.optim.SGD(dense_parameters(model), lr=0.1, momentum=0.9)
+    dlrt = DLRT(model, lr=0.1, tol=0.1, optimizer=inner)
+    dlrt.zero_grad()
+    F.cross_entropy(model(torch.randn(5, 12)), torch.tensor([0, 1, 2, 0, 1])).backward()
+    dlrt.step()
+    head = model[3].weight
+    assert torch_optimizer(dlrt, holding=[head]) is inner and torch_optimizer(dlrt) is dlrt
+    assert torch_optimizer(dlrt, holding=[model[1].U]) is dlrt
+    keep = torch.ones_like(head, dtype=torch.bool)
+    keep[0] = False
+    reset_optimizer_state(dlrt, head, keep)
+    momentum = inner.state[head]["momentum_buffer"]
+    assert (momentum[0] == 0).all() and (momentum[1:] != 0).any()
