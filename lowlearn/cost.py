@@ -77,7 +77,7 @@ COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_TRANSPOSED)
 """The layers :func:`count_flops` counts (besides those with a ``count_macs`` method)."""
 
 
-def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
+def count_flops(model: nn.Module, example_input: torch.Tensor, *, batch_dim: int = 0) -> FlopCount:
     """Dense multiply-accumulates per example of every ``nn.Linear`` and convolution (1-, 2- and 3-D, transposed too).
 
     One multiply-accumulate (MAC), ``a += w * x``, counts as one operation. This is
@@ -110,13 +110,17 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
     weight first).
 
     The count runs ``model`` once on ``example_input`` with forward hooks, in eval
-    mode and without gradients, and divides by the batch size. Afterwards the hooks
+    mode and without gradients, and divides by the batch size (``example_input``'s size
+    along ``batch_dim``). Afterwards the hooks
     are gone and every module is back in its own training or eval mode, even when
     the forward pass raises.
 
     Args:
         model: the model.
         example_input: a batch ``(B, ...)`` the model accepts, on the model's device.
+        batch_dim: the dimension of ``example_input`` that holds the examples: 1 for a
+            model that takes sequences first, ``(S, B, E)``, as ``nn.Transformer`` and
+            ``nn.MultiheadAttention`` do by default (``batch_first=False``).
 
     Returns:
         The total and per-layer MACs of one example.
@@ -124,25 +128,26 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
     Raises:
         ValueError: an ``example_input`` without a batch dimension, or an empty batch.
     """
-    if example_input.dim() < 2 or example_input.shape[0] == 0:
+    if example_input.dim() < 2 or not -example_input.dim() <= batch_dim < example_input.dim() \
+            or example_input.shape[batch_dim] == 0:
         raise ValueError(
-            "example_input must be a non-empty batch (B, ...) with a batch dimension (a single example x is "
-            f"x.unsqueeze(0)), got shape {tuple(example_input.shape)}"
+            f"example_input must be a non-empty batch with a batch dimension (batch_dim={batch_dim}; a single "
+            f"example x is x.unsqueeze(0)), got shape {tuple(example_input.shape)}"
         )
-    batch_size = example_input.shape[0]
+    batch_size = example_input.shape[batch_dim]
     per_layer: dict[str, int] = {}
 
     def make_hook(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if hasattr(module, "count_macs"):
-                macs = module.count_macs(output) // batch_size
+                macs = module.count_macs(output)
             elif isinstance(module, _TRANSPOSED):
                 # weight[0] holds what one input channel scatters to: out_channels / groups × kh × kw.
-                macs = inputs[0].numel() * module.weight[0].numel() // batch_size
+                macs = inputs[0].numel() * module.weight[0].numel()
             else:
                 # weight[0] holds one output unit's inputs: in_features, or
                 # in_channels / groups × kh × kw.
-                macs = output.numel() * module.weight[0].numel() // batch_size
+                macs = output.numel() * module.weight[0].numel()
             per_layer[name] = per_layer.get(name, 0) + macs
         return hook
 
@@ -153,7 +158,7 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
                 return                          # a subclass with a forward of its own: left to the warning below
             for part, macs in _attention_macs(module, inputs["query"], inputs["key"], inputs["value"]).items():
                 part = _qualified(name, part)
-                per_layer[part] = per_layer.get(part, 0) + macs // batch_size
+                per_layer[part] = per_layer.get(part, 0) + macs
         return hook
 
     counted = {name: module for name, module in model.named_modules()
@@ -175,7 +180,8 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
     if unseen:
         warnings.warn(f"count_flops did not see the layers {unseen} run, so their MACs are not counted: they are "
                       "unused, or their owner passes their weights to functional code", stacklevel=2)
-    return FlopCount(total=sum(per_layer.values()), per_layer=per_layer)
+    per_example = {name: macs // batch_size for name, macs in per_layer.items()}
+    return FlopCount(total=sum(per_example.values()), per_layer=per_example)
 
 
 def _qualified(name: str, child: str) -> str:

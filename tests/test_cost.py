@@ -492,12 +492,34 @@ def test_flops_of_self_attention_by_hand(batch_first):
     # MultiheadAttention passes its weights to functional code: its MACs (out_proj's too) were left out.
     e, tokens, ff = 16, 5, 32
     layer = nn.TransformerEncoderLayer(e, 2, ff, batch_first=batch_first)
-    x = torch.randn(3, tokens, e) if batch_first else torch.randn(tokens, 3, e)
-    sequences_per_example = 1 if batch_first else 3 / tokens          # count_flops divides by x.shape[0]
-    count = count_flops(layer, x)
+    x = torch.randn(3, tokens, e) if batch_first else torch.randn(tokens, 3, e)     # sequences first: (S, B, E)
+    count = count_flops(layer, x, batch_dim=0 if batch_first else 1)
     by_hand = {"self_attn": 3 * tokens * e * e + 2 * tokens * tokens * e,     # q, k, v projections; Q Kᵀ and A V
                "self_attn.out_proj": tokens * e * e, "linear1": tokens * e * ff, "linear2": tokens * ff * e}
-    assert count.per_layer == {name: macs * sequences_per_example for name, macs in by_hand.items()}
+    assert count.per_layer == by_hand
+
+
+def test_flops_divide_by_the_batch_along_batch_dim_once():
+    # Sequences first, (S, B, F): dividing by S gave S/B times the count of one sequence. And each call rounded
+    # down its own share: a one-MAC layer called on 2 and on 1 of 3 examples counted ⌊2/3⌋ + ⌊1/3⌋ = 0.
+    layer = nn.Linear(3, 2)
+    assert count_flops(layer, torch.randn(7, 2, 3), batch_dim=1).total == 7 * 3 * 2
+    assert count_flops(layer, torch.randn(7, 2, 3), batch_dim=-2).total == 7 * 3 * 2
+
+    class Halves(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(1, 1)
+
+        def forward(self, x):
+            return torch.cat([self.fc(part) for part in x.tensor_split(2)])
+
+    assert count_flops(Halves(), torch.randn(3, 1)).total == 1
+    for bad in (2, -3):
+        with pytest.raises(ValueError, match=f"batch_dim={bad}"):
+            count_flops(layer, torch.randn(7, 2, 3)[:, :, 0], batch_dim=bad)
+    with pytest.raises(ValueError, match="non-empty batch"):
+        count_flops(layer, torch.randn(7, 0, 3), batch_dim=1)
 
 
 def test_flops_of_cross_attention_with_other_key_and_value_sizes_by_hand():
