@@ -4,7 +4,8 @@
 * :func:`count_flops` and :func:`training_flops`: how much arithmetic one example
   costs, for inference and for one training step.
 * :func:`training_memory`: how many bytes one training step keeps alive, split
-  into parameters, gradients, optimizer state and saved activations.
+  into parameters, gradients, optimizer state, saved activations and buffers (a pruned
+  model's masks).
 * :func:`saved_tensor_bytes`: how many bytes autograd saves for the backward pass
   of any code run inside it (e.g. a MAML inner loop, whose graph grows with its steps).
 
@@ -235,6 +236,9 @@ class MemoryReport:
             :class:`~lowlearn.powerprop.PowerPropOptimizer`).
         activations: tensors saved during the forward pass for the backward pass
             (the input batch included, parameters and buffers excluded).
+        buffers: the model's buffers: a pruned model's masks (each the size of its
+            weight, two for a :class:`~lowlearn.sparse.mask.SplitMask`), batch norm's
+            running statistics.
         cuda_peak: peak bytes allocated on the model's CUDA device during one
             forward and backward pass (everything on that device, not only this
             model, except the copies of the buffers that the measurement keeps to
@@ -245,12 +249,13 @@ class MemoryReport:
     gradients: int
     optimizer_state: int
     activations: int
+    buffers: int = 0
     cuda_peak: int | None = None
 
     @property
     def total(self) -> int:
-        """Sum of parameters, gradients, optimizer state and activations."""
-        return self.parameters + self.gradients + self.optimizer_state + self.activations
+        """Sum of parameters, gradients, optimizer state, activations and buffers."""
+        return self.parameters + self.gradients + self.optimizer_state + self.activations + self.buffers
 
     def __str__(self) -> str:
         rows = [
@@ -258,6 +263,7 @@ class MemoryReport:
             ("gradients", self.gradients),
             ("optimizer state", self.optimizer_state),
             ("activations", self.activations),
+            ("buffers", self.buffers),
             ("total", self.total),
         ]
         if self.cuda_peak is not None:
@@ -272,7 +278,7 @@ def training_memory(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     measure_cuda: bool = False,
 ) -> MemoryReport:
-    """Bytes of the four things a training step holds in memory.
+    """Bytes of what a training step holds in memory: parameters, gradients, optimizer state, activations, buffers.
 
     Parameters, gradients and optimizer state are summed from the tensors' sizes.
     Activations are measured: one forward pass of ``loss_fn(model(inputs),
@@ -350,6 +356,7 @@ def training_memory(
         gradients=sum(p.nbytes for p in trainable),
         optimizer_state=_state_bytes(optimizer),
         activations=sum(end - start for start, end in spans.values()),
+        buffers=sum(b.nbytes for b in model.buffers()),
         cuda_peak=cuda_peak,
     )
 

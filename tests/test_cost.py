@@ -18,6 +18,7 @@ from lowlearn.cost import (
 )
 from lowlearn.lowrank import DLRT, dense_parameters, to_low_rank
 from lowlearn.models import MLP, Conv4, LeNet5, ResNet20
+from lowlearn.sparse import attach_masks
 
 
 def no_hooks_left(model):
@@ -368,15 +369,31 @@ def test_measure_cuda_leaves_out_the_copies_of_the_buffers_it_restores():
     assert before <= report.cuda_peak < before + 2**20
 
 
-def test_memory_report_total_is_the_sum_of_its_four_parts():
-    report = MemoryReport(parameters=1, gradients=2, optimizer_state=4, activations=8, cuda_peak=1000)
-    assert report.total == 15                                # the measured CUDA peak is not part of it
+def test_memory_report_total_is_the_sum_of_its_five_parts():
+    report = MemoryReport(parameters=1, gradients=2, optimizer_state=4, activations=8, buffers=16, cuda_peak=1000)
+    assert report.total == 31                                # the measured CUDA peak is not part of it
+
+
+def test_a_pruned_models_masks_count_as_buffers():
+    # The masks, as large as the weights, were in no field: a masked LeNet-300-100's total was 23% short.
+    model = MLP()
+    batch = (torch.randn(6, 784), torch.randint(0, 10, (6,)))
+    dense = training_memory(model, torch.optim.SGD(model.parameters(), lr=0.1), batch, F.cross_entropy)
+    attach_masks(model)
+    masked = training_memory(model, torch.optim.SGD(model.parameters(), lr=0.1), batch, F.cross_entropy)
+    weights = 4 * (784 * 300 + 300 * 100 + 100 * 10)
+    assert dense.buffers == 0 and masked.buffers == weights
+    assert masked.total == dense.total + weights + masked.activations - dense.activations
+    bn = nn.Sequential(nn.Linear(784, 8), nn.BatchNorm1d(8))
+    report = training_memory(bn, torch.optim.SGD(bn.parameters(), lr=0.1), batch, lambda out, y: out.sum())
+    assert report.buffers == 4 * 8 * 2 + 8                  # running mean and variance, the int64 batch count
 
 
 def test_memory_report_str_in_mib():
     report = MemoryReport(parameters=2**20, gradients=2**20, optimizer_state=0, activations=2**19)
     lines = str(report).splitlines()
     assert lines[0].split() == ["parameters", "1.00", "MiB"]
+    assert lines[-2].split() == ["buffers", "0.00", "MiB"]
     assert lines[-1].split() == ["total", "2.50", "MiB"]
 
 

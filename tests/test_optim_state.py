@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowlearn.lowrank import DLRT, dense_parameters, to_low_rank
 from lowlearn.models import MLP
 from lowlearn.optim_state import fresh_state, reset_optimizer_state, torch_optimizer
 from lowlearn.powerprop import PowerPropOptimizer, powerprop
@@ -119,8 +120,6 @@ def test_a_reset_asgd_weights_average_starts_at_the_weight_itself(settings):
 
 def test_of_an_optimizer_and_the_one_it_wraps_the_one_that_holds_the_parameter_is_reset():
     # DLRT is itself a torch optimizer and steps the dense parameters with the one it wraps.
-    from lowlearn.lowrank import DLRT, dense_parameters, to_low_rank
-
     torch.manual_seed(0)
     model = to_low_rank(MLP(in_features=12, hidden=(8,), out_features=3), ["1"], rank=2)
     inner = torch.optim.SGD(dense_parameters(model), lr=0.1, momentum=0.9)
