@@ -760,12 +760,17 @@ def test_a_deep_copy_of_a_sparsifier_records_its_own_models_gradients(method, wh
         assert torch.equal(mask, masks_of(twin.model)[name])
 
 
-def test_a_non_finite_gradient_leaves_the_snfs_momentum_as_it_was():
+def snfs_after_two_steps():
+    """``(model, optimizer, SNFS without mask updates, a copy of its momentum)`` after two training steps."""
     model = small_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     sparsifier = make("snfs", model, optimizer, end=None)
     train(model, optimizer, sparsifier, batches(2))
-    before = {name: m.clone() for name, m in sparsifier.momentum.items()}
+    return model, optimizer, sparsifier, {name: m.clone() for name, m in sparsifier.momentum.items()}
+
+
+def test_a_non_finite_gradient_leaves_the_snfs_momentum_as_it_was():
+    model, optimizer, sparsifier, before = snfs_after_two_steps()
     x, y = batches(1)[0]
     x[0, 0] = float("nan")
     optimizer.zero_grad()
@@ -780,11 +785,7 @@ def test_a_non_finite_gradient_leaves_the_snfs_momentum_as_it_was():
 def test_a_non_finite_gradient_in_one_layer_leaves_every_layers_snfs_momentum_as_it_was():
     # A GradScaler skips the whole step on an overflow anywhere: the finite layers' gradients (at the old scale)
     # entered their momentum.
-    model = small_mlp()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    sparsifier = make("snfs", model, optimizer, end=None)
-    train(model, optimizer, sparsifier, batches(2))
-    before = {name: m.clone() for name, m in sparsifier.momentum.items()}
+    model, optimizer, sparsifier, before = snfs_after_two_steps()
     x, y = batches(1, seed=3)[0]
     optimizer.zero_grad()
     F.cross_entropy(model(x), y).backward()
