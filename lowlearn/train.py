@@ -499,10 +499,11 @@ def fit(
     x, y = _as_tensors(data, device)
     if eval_data is not None:
         eval_data = _as_tensors(eval_data, device)    # moved once, not at every evaluation
-    if processes > 1 and min(batch_size, batch_size if drop_last else n % batch_size or batch_size) < processes:
+    smallest = batch_size if drop_last else n % batch_size or batch_size
+    if processes > 1 and smallest < processes:
+        last = "" if drop_last else f" from {n} examples leave {smallest} for the last one"
         raise ValueError(f"with {processes} processes every batch needs at least {processes} examples, but batches "
-                         f"of {batch_size} from {n} examples leave {n % batch_size or batch_size} for the last one: "
-                         "change batch_size (or the data size)")
+                         f"of {batch_size}{last}: change batch_size (or the data size)")
     trained = model
     if processes > 1 and not getattr(optimizer, "averages_gradients", False):
         trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)

@@ -115,6 +115,8 @@ def worker(rank: int, processes: int, folder: str) -> None:
             assert "leave 1 for the last one" in str(error), error
         else:
             raise AssertionError("a last batch smaller than the number of processes must be refused")
+        fit(model, (torch.zeros(5, 20), torch.zeros(5, dtype=torch.long)), torch.optim.SGD(model.parameters()),
+            steps=2, batch_size=4, drop_last=True, device="cpu", progress=False)      # the last batch is left out
         # The logged loss is this process's own share's mean loss (shares of 3 and 2 from a batch of 5).
         x, y = torch.randn(5, 20, generator=torch.Generator().manual_seed(7)), torch.tensor([0, 1, 2, 3, 0])
         history = fit(model, (x, y), torch.optim.SGD(model.parameters(), lr=0.0), steps=1, batch_size=5,
