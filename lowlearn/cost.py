@@ -75,13 +75,14 @@ class FlopCount:
 
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_TRANSPOSED)
-"""The layers :func:`count_flops` counts (besides those with a ``count_macs`` method)."""
+"""The layers :func:`count_flops` counts (besides ``nn.MultiheadAttention`` and those with a ``count_macs`` method)."""
 
 
 def count_flops(model: nn.Module, example_input: torch.Tensor, *, batch_dim: int = 0) -> FlopCount:
-    """Dense multiply-accumulates per example of every ``nn.Linear`` and convolution (1-, 2- and 3-D, transposed too).
+    """Dense multiply-accumulates per example of every ``nn.Linear``, convolution and ``nn.MultiheadAttention``.
 
-    One multiply-accumulate (MAC), ``a += w * x``, counts as one operation. This is
+    The convolutions are 1-, 2- and 3-D, transposed too. One multiply-accumulate (MAC),
+    ``a += w * x``, counts as one operation. This is
     what He et al. (2016) report as "FLOPs (multiply-adds)" and what most pruning
     papers call FLOPs. Other papers count the multiply and the add separately,
     i.e. ``2 × MACs``: Evci et al. (2020), "Rigging the lottery: making all tickets
