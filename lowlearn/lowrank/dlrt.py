@@ -73,8 +73,9 @@ by ``c = ⟨S.grad, g⟩ / ⟨g, g⟩``, with ``g`` the ``∂L/∂S`` that the b
 gradients, and ``c`` is exact for anything that rescales them: ``clip_grad_norm_``, or a
 ``torch.amp.GradScaler`` for float16 mixed precision (``scaler.scale(loss).backward()``,
 ``scaler.step(dlrt)``; it unscales only the optimizer it steps, so leave DLRT's
-``optimizer`` argument out). An element-wise change (``clip_grad_value_``) reaches the
-S-step as its least-squares rescaling. At fixed rank such changes reach the K- and
+``optimizer`` argument out: :meth:`DLRT.step` refuses a GradScaler's step when it is
+given). An element-wise change (``clip_grad_value_``) reaches the S-step as its
+least-squares rescaling. At fixed rank such changes reach the K- and
 L-steps only, and a GradScaler cannot pass the closure: keep steps small by ``lr`` (or
 ``betas``), and train in mixed precision with bfloat16 autocast, which needs no loss
 scaling.
@@ -184,6 +185,9 @@ class DLRT(torch.optim.Optimizer):
         self._keep_signals()
         self.betas, self.eps = betas, eps
         self.optimizer = optimizer
+        # A GradScaler unscales and checks only the parameters of the optimizer it steps, not those of ``optimizer``.
+        # With this flag it leaves the gradients to DLRT.step and says so by setting ``found_inf``, which step refuses.
+        self._step_supports_amp_scaling = optimizer is not None
         self._averaged = False                  # the processes' gradient lists are compared at the first step
 
     @property
@@ -230,9 +234,10 @@ class DLRT(torch.optim.Optimizer):
         on by another optimizer afterwards keeps none.
 
         Raises:
-            RuntimeError: a low-rank layer that trains without gradients (no backward pass
-                first), with ``tol`` one that kept no backward pass (no :meth:`zero_grad`
-                since the last step), or, at fixed rank, one that the closure's loss does not use.
+            RuntimeError: a ``torch.amp.GradScaler`` steps a DLRT built with an ``optimizer``
+                (whose gradients it would leave scaled), a low-rank layer that trains without
+                gradients (no backward pass first), with ``tol`` one that kept no backward pass
+                (no :meth:`zero_grad` since the last step), or, at fixed rank, one that the closure's loss does not use.
             TypeError: no closure at fixed rank.
             ValueError: a low-rank layer with some of its factors frozen and others not.
             lowlearn.train.NonFiniteLossError: the truncation met a core that is not
@@ -242,6 +247,11 @@ class DLRT(torch.optim.Optimizer):
         the factors and their moments as they were before the step, and no parameter
         stepped; the gradients of the first pass are gone: run it again.
         """
+        if getattr(self, "found_inf", None) is not None:
+            raise RuntimeError("a GradScaler unscales and checks for infinities only the gradients of the optimizer "
+                               "it steps, so DLRT's optimizer= would step on gradients still scaled: with a "
+                               "GradScaler leave optimizer= out (DLRT then takes plain gradient steps on the other "
+                               "parameters), or train in bfloat16 autocast, which needs no loss scaling")
         if self.tol is None and closure is None:
             raise TypeError("fixed-rank DLRT (tol=None) takes its S-step from a second pass on the same batch: "
                             "pass step(closure), a closure that recomputes the loss, e.g. lambda: "

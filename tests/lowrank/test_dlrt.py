@@ -738,3 +738,17 @@ def test_zeroed_gradients_leave_the_rank_adaptive_network_as_it_was():
     before = model(x).detach()
     model.load_state_dict(_rank_adaptive_run(lr=0.1, steps=1, change=_scale_gradients(0.0)))
     torch.testing.assert_close(model(x).detach(), before)
+
+
+def test_a_grad_scaler_stepping_dlrt_with_an_optimizer_of_its_own_is_refused_before_anything_steps():
+    # The scaler unscaled DLRT's own groups only: the wrapped optimizer stepped on gradients 2¹⁶ times too large.
+    model = _mixed_model()
+    dlrt = DLRT(model, lr=0.1, tol=0.05, optimizer=torch.optim.SGD(dense_parameters(model), lr=0.1))
+    scaler = torch.amp.GradScaler("cpu")
+    before = copy.deepcopy(model.state_dict())
+    dlrt.zero_grad()
+    scaler.scale(F.cross_entropy(model(torch.randn(8, 10)), torch.randint(0, 3, (8,)))).backward()
+    with pytest.raises(RuntimeError, match="with a GradScaler leave optimizer= out"):
+        scaler.step(dlrt)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
