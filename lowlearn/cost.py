@@ -311,7 +311,9 @@ def training_memory(
         measure_cuda: also measure ``MemoryReport.cuda_peak``: reset the
             device's peak statistics, run the forward pass and a backward pass
             with :func:`torch.autograd.grad` (so ``.grad`` stays untouched), and
-            read ``torch.cuda.max_memory_allocated``. Needs a model on CUDA.
+            read ``torch.cuda.max_memory_allocated``, less the ``.grad`` tensors
+            already there (a training step frees them or adds into them; it does
+            not hold two sets). Needs a model on CUDA.
 
     Raises:
         ValueError: inputs on another device than the model, or ``measure_cuda`` for a
@@ -349,8 +351,10 @@ def training_memory(
             loss = loss_fn(model(inputs), targets)
         if measure_cuda:
             torch.autograd.grad(loss, trainable, allow_unused=True)
-            # less the copies of the buffers that buffers_restored keeps, which a training step does not make
-            cuda_peak = torch.cuda.max_memory_allocated(device) - sum(b.nbytes for b in model.buffers())
+            # less the copies of the buffers that buffers_restored keeps and the gradients of an earlier backward
+            # pass, which a training step does not hold on top of its own (it frees or accumulates into them)
+            held = [*model.buffers(), *(p.grad for p in trainable if p.grad is not None)]
+            cuda_peak = torch.cuda.max_memory_allocated(device) - sum(t.nbytes for t in held)
 
     return MemoryReport(
         parameters=sum(p.nbytes for p in params),
@@ -490,8 +494,9 @@ def saved_tensor_bytes(exclude: Iterable[torch.Tensor] = ()) -> Iterator[SavedTe
     ``torch.cuda.max_memory_allocated`` gives the real peak on a GPU.
 
     Args:
-        exclude: tensors whose storages are not counted, e.g. the model's parameters
-            and the input batch, which exist anyway.
+        exclude: tensors whose storages are not counted, e.g. the model's parameters,
+            its buffers (a pruned layer's product ``θ ⊙ m`` saves the mask ``m``) and the
+            input batch, which exist anyway.
 
     Yields:
         A :class:`SavedTensors` whose ``bytes``, ``peak`` and ``tensors`` follow the
@@ -499,7 +504,7 @@ def saved_tensor_bytes(exclude: Iterable[torch.Tensor] = ()) -> Iterator[SavedTe
 
     Example::
 
-        with saved_tensor_bytes(exclude=model.parameters()) as saved:
+        with saved_tensor_bytes(exclude=[*model.parameters(), *model.buffers()]) as saved:
             loss = model(x).square().sum()
         print(saved.mib, "MiB held for backward")
     """

@@ -223,6 +223,19 @@ def test_cuda_peak_bytes_counts_what_a_step_allocates_and_frees():
     assert 4 * 2**20 <= peak < 5 * 2**20
 
 
+def test_training_memory_measures_the_same_cuda_peak_with_the_gradients_of_an_earlier_step_still_held():
+    from lowlearn.cost import training_memory
+
+    torch.manual_seed(0)
+    model = MLP(784, (1024, 1024), 10).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = torch.randn(64, 784, device="cuda"), torch.randint(0, 10, (64,), device="cuda")
+    fresh = training_memory(model, optimizer, batch, F.cross_entropy, measure_cuda=True).cuda_peak
+    F.cross_entropy(model(batch[0]), batch[1]).backward()                       # .grad now held
+    held = training_memory(model, optimizer, batch, F.cross_entropy, measure_cuda=True).cuda_peak
+    assert abs(held - fresh) <= 512 * len(list(model.parameters())), (held, fresh)   # the allocator's rounding
+
+
 def test_csr_export_on_cuda_matches_the_masked_model():
     from lowlearn.sparse import prune, scores
     from lowlearn.sparse.export import CSRLinear, export
