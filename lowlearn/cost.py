@@ -78,7 +78,8 @@ COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_TRANSPOSED)
 """The layers :func:`count_flops` counts (besides ``nn.MultiheadAttention`` and those with a ``count_macs`` method)."""
 
 
-def count_flops(model: nn.Module, example_input: torch.Tensor, *, batch_dim: int = 0) -> FlopCount:
+def count_flops(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...], *,
+                batch_dim: int = 0) -> FlopCount:
     """Dense multiply-accumulates per example of every ``nn.Linear``, convolution and ``nn.MultiheadAttention``.
 
     The convolutions are 1-, 2- and 3-D, transposed too. One multiply-accumulate (MAC),
@@ -113,30 +114,30 @@ def count_flops(model: nn.Module, example_input: torch.Tensor, *, batch_dim: int
 
     The count runs ``model`` once on ``example_input`` with forward hooks, in eval
     mode and without gradients, and divides by the batch size (``example_input``'s size
-    along ``batch_dim``). Afterwards the hooks
+    along ``batch_dim``; for several inputs, the first one's). Afterwards the hooks
     are gone and every module is back in its own training or eval mode, even when
     the forward pass raises.
 
     Args:
         model: the model.
-        example_input: a batch ``(B, ...)`` the model accepts, on the model's device.
-        batch_dim: the dimension of ``example_input`` that holds the examples: 1 for a
-            model that takes sequences first, ``(S, B, E)``, as ``nn.Transformer`` and
-            ``nn.MultiheadAttention`` do by default (``batch_first=False``).
+        example_input: a batch ``(B, ...)`` the model accepts, on the model's device; for a
+            model of several inputs a tuple of them, each a batch of the same ``B`` examples
+            along ``batch_dim``, and the model is called as ``model(*example_input)`` (e.g. a
+            :class:`~lowlearn.meta.cnp.CNP`'s context inputs, context outputs and target inputs).
+        batch_dim: the dimension of ``example_input`` (of each of its tensors) that holds the
+            examples: 1 for a model that takes sequences first, ``(S, B, E)``, as ``nn.Transformer``
+            and ``nn.MultiheadAttention`` do by default (``batch_first=False``).
 
     Returns:
         The total and per-layer MACs of one example.
 
     Raises:
-        ValueError: an ``example_input`` without a batch dimension, or an empty batch.
+        TypeError: an ``example_input`` that is neither a tensor nor a tuple of tensors.
+        ValueError: an ``example_input`` without a batch dimension, an empty batch, or inputs
+            whose batch sizes differ.
     """
-    if example_input.dim() < 2 or not -example_input.dim() <= batch_dim < example_input.dim() \
-            or example_input.shape[batch_dim] == 0:
-        raise ValueError(
-            f"example_input must be a non-empty batch with a batch dimension (batch_dim={batch_dim}; a single "
-            f"example x is x.unsqueeze(0)), got shape {tuple(example_input.shape)}"
-        )
-    batch_size = example_input.shape[batch_dim]
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    batch_size = _batch_size(inputs, batch_dim)
     per_layer: dict[str, int] = {}
 
     def make_hook(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
@@ -174,7 +175,7 @@ def count_flops(model: nn.Module, example_input: torch.Tensor, *, batch_dim: int
                 for name, module in attentions.items()]
     try:
         with eval_mode(model), torch.no_grad():
-            model(example_input)
+            model(*inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -184,6 +185,30 @@ def count_flops(model: nn.Module, example_input: torch.Tensor, *, batch_dim: int
                       "unused, or their owner passes their weights to functional code", stacklevel=2)
     per_example = {name: macs // batch_size for name, macs in per_layer.items()}
     return FlopCount(total=sum(per_example.values()), per_layer=per_example)
+
+
+def _batch_size(inputs: tuple, batch_dim: int) -> int:
+    """The number of examples in ``inputs``, the size of the first along ``batch_dim``, which each must share.
+
+    Raises:
+        TypeError: an input that is not a tensor.
+        ValueError: a first input without a batch dimension (a single example of a
+            linear layer, ``(F,)``), an empty batch, or an input of another batch size.
+    """
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise TypeError(f"example_input must be a tensor or a non-empty tuple of tensors (the model's inputs), got "
+                        f"{', '.join(type(x).__name__ for x in inputs) or 'an empty tuple'}")
+    first = inputs[0]
+    if first.dim() < 2 or not -first.dim() <= batch_dim < first.dim() or first.shape[batch_dim] == 0:
+        raise ValueError(
+            f"example_input must be a non-empty batch with a batch dimension (batch_dim={batch_dim}; a single "
+            f"example x is x.unsqueeze(0)), got shape {tuple(first.shape)}"
+        )
+    batch_size = first.shape[batch_dim]
+    if any(not -x.dim() <= batch_dim < x.dim() or x.shape[batch_dim] != batch_size for x in inputs):
+        raise ValueError(f"every input must hold the same {batch_size} examples along batch_dim={batch_dim} as the "
+                         f"first, got shapes {[tuple(x.shape) for x in inputs]}")
+    return batch_size
 
 
 def _qualified(name: str, child: str) -> str:

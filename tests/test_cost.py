@@ -146,6 +146,40 @@ def test_flops_reject_an_empty_batch_and_an_input_without_a_batch_dimension():
         count_flops(nn.Linear(784, 10), torch.randn(784))         # would count 10 MACs instead of 7,840
 
 
+class Pair(nn.Module):
+    """Two inputs, each through a layer of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(5, 4)
+
+    def forward(self, x, y):
+        return self.a(x).sum() + self.b(y).sum()
+
+
+def test_flops_of_a_model_of_several_inputs():
+    # A model of several inputs could not be counted: count_flops called model(example_input) with one tensor.
+    count = count_flops(Pair(), (torch.randn(2, 3), torch.randn(2, 6, 5)))
+    assert count.per_layer == {"a": 3 * 4, "b": 6 * 5 * 4}
+    sequences_first = (torch.randn(2, 2, 3), torch.randn(6, 2, 5))       # 2 rows of x and 6 of y per example
+    assert count_flops(Pair(), sequences_first, batch_dim=-2).per_layer == {"a": 2 * 3 * 4, "b": 6 * 5 * 4}
+    layer, x = nn.Linear(3, 2), torch.randn(4, 3)
+    assert count_flops(layer, (x,)) == count_flops(layer, x)
+
+
+def test_flops_of_several_inputs_need_one_batch_size():
+    with pytest.raises(ValueError, match=r"the same 2 examples along batch_dim=0 as the first, got shapes "
+                                         r"\[\(2, 3\), \(3, 6, 5\)\]"):
+        count_flops(Pair(), (torch.randn(2, 3), torch.randn(3, 6, 5)))
+    with pytest.raises(ValueError, match="the same 2 examples along batch_dim=1"):
+        count_flops(Pair(), (torch.randn(1, 2, 3), torch.randn(2)), batch_dim=1)   # no dimension 1
+    with pytest.raises(TypeError, match="a tensor or a non-empty tuple of tensors .*, got Tensor, int"):
+        count_flops(Pair(), (torch.randn(2, 3), 5))
+    for bad, name in (((), "an empty tuple"), ([torch.randn(2, 3)], "list")):
+        with pytest.raises(TypeError, match=f"got {name}"):
+            count_flops(Pair(), bad)
+
+
 def test_training_flops_is_three_forward_passes():
     flops = count_flops(MLP(), torch.randn(1, 784))
     assert training_flops(flops) == 3 * 266_200

@@ -134,12 +134,13 @@ def pruning_training_flops(
     return _relative(mean, training_flops(flop_count)) if relative_to_dense else mean
 
 
-def model_sparse_flops(model: nn.Module, example_input: torch.Tensor, *,
+def model_sparse_flops(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...], *,
                        relative_to_dense: bool = False) -> float:
     """:func:`sparse_inference_flops` of a sparse model: its masks, or the zeros of its weights.
 
     The dense costs come from :func:`lowlearn.cost.count_flops` on
-    ``example_input`` (a batch on the model's device). A masked layer's density is
+    ``example_input`` (a batch on the model's device, or a tuple of the model's inputs,
+    each such a batch). A masked layer's density is
     its mask's (:func:`~lowlearn.sparse.mask.layer_densities`); any other counted
     layer with a ``weight`` counts its nonzero weights, so a model whose masks were
     made permanent (:func:`~lowlearn.sparse.mask.squash`) or pruned with
