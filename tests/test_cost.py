@@ -17,6 +17,7 @@ from lowlearn.cost import (
     training_memory,
 )
 from lowlearn.lowrank import DLRT, dense_parameters, to_low_rank
+from lowlearn.meta import CNP
 from lowlearn.models import MLP, Conv4, LeNet5, ResNet20
 from lowlearn.sparse import attach_masks
 
@@ -165,6 +166,18 @@ def test_flops_of_a_model_of_several_inputs():
     assert count_flops(Pair(), sequences_first, batch_dim=-2).per_layer == {"a": 2 * 3 * 4, "b": 6 * 5 * 4}
     layer, x = nn.Linear(3, 2), torch.randn(4, 3)
     assert count_flops(layer, (x,)) == count_flops(layer, x)
+
+
+def test_flops_of_a_conditional_neural_process_by_hand():
+    # Its inputs are context x, context y and target x, each (B, points, size): the batch is dimension 0 of each.
+    # The decoder's first layer is applied through its weight in two parts (r once per function, x_T once per
+    # target), so no hook sees it run: it is named, not counted.
+    n, m, x_dim, y_dim, hidden = 5, 7, 2, 1, 8
+    cnp = CNP(x_dim, y_dim, hidden, encoder_layers=2, decoder_layers=2)
+    with pytest.warns(UserWarning, match=r"did not see the layers \['decoder.0'\] run"):
+        count = count_flops(cnp, (torch.randn(3, n, x_dim), torch.randn(3, n, y_dim), torch.randn(3, m, x_dim)))
+    assert count.per_layer == {"encoder.0": n * (x_dim + y_dim) * hidden, "encoder.2": n * hidden * hidden,
+                               "decoder.2": m * hidden * 2 * y_dim}
 
 
 def test_flops_of_several_inputs_need_one_batch_size():
