@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from .train import buffers_restored, eval_mode
 
@@ -74,15 +75,18 @@ class FlopCount:
 
 
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_TRANSPOSED)
+_RECURRENT = (nn.RNNBase, nn.RNNCellBase)
+COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_TRANSPOSED, *_RECURRENT)
 """The layers :func:`count_flops` counts (besides ``nn.MultiheadAttention`` and those with a ``count_macs`` method)."""
 
 
 def count_flops(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...], *,
                 batch_dim: int = 0) -> FlopCount:
-    """Dense multiply-accumulates per example of every ``nn.Linear``, convolution and ``nn.MultiheadAttention``.
+    """Dense multiply-accumulates per example of every linear, convolutional, attention and recurrent layer.
 
-    The convolutions are 1-, 2- and 3-D, transposed too. One multiply-accumulate (MAC),
+    The layers are :data:`COUNTED` (``nn.Linear``; 1-, 2- and 3-D
+    convolutions, transposed too; ``nn.RNN``, ``nn.LSTM``, ``nn.GRU`` and their cells) and
+    ``nn.MultiheadAttention``. One multiply-accumulate (MAC),
     ``a += w * x``, counts as one operation. This is
     what He et al. (2016) report as "FLOPs (multiply-adds)" and what most pruning
     papers call FLOPs. Other papers count the multiply and the add separately,
@@ -102,7 +106,20 @@ def count_flops(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tens
     ``E²`` per query, under ``"<name>.out_proj"``; under its own name its in-projections
     (``E²`` per query, ``E · kdim`` per key, ``E · vdim`` per value) and the two products of
     attention, ``Q Kᵀ`` and its weights times ``V`` (``2 S E`` per query).
-    Bias additions, normalization, activations, softmax, pooling and other functional
+    A recurrent layer passes its weights to a fused kernel too, so it is counted as a
+    whole: every weight matrix once per time step of every sequence, which with ``H``
+    its ``hidden_size``, ``P`` its ``proj_size`` (``H`` without projection) and ``g`` its
+    gates (1 for ``nn.RNN``, 4 for ``nn.LSTM``, 3 for ``nn.GRU``; the equations of
+    torch's documentation of these layers) is ``g H (I + P)`` per step, direction
+    and layer, ``I`` the layer's input size (``input_size`` for the first, ``P`` times the
+    directions above it), plus ``H P`` for an LSTM's projection. Each row of its input
+    is a step: ``T B`` for a batch of ``B`` sequences of length ``T`` (``batch_first`` or
+    not), ``T`` for one unbatched sequence ``(T, I)`` that a model passes it (``example_input``
+    itself must be a batch: one sequence ``x`` is ``x.unsqueeze(batch_dim)``), and the sum of
+    the lengths for a ``PackedSequence``, whose padding is not computed; a cell
+    (``nn.LSTMCell``, ...) counts ``g H (I + H)`` per row.
+    Bias additions, normalization, activations, the elementwise products of the
+    recurrent gates, softmax, pooling, lookups (``nn.Embedding``) and other functional
     operations outside these layers are not counted. A layer called twice is counted
     twice; one whose forward does not run (unused, or its owner passes its weight to
     functional code) is not counted, and a warning names it.
@@ -144,6 +161,8 @@ def count_flops(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tens
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if hasattr(module, "count_macs"):
                 macs = module.count_macs(output)
+            elif isinstance(module, _RECURRENT):
+                macs = _recurrent_macs(module, inputs[0])
             elif isinstance(module, _TRANSPOSED):
                 # weight[0] holds what one input channel scatters to: out_channels / groups × kh × kw.
                 macs = inputs[0].numel() * module.weight[0].numel()
@@ -214,6 +233,15 @@ def _batch_size(inputs: tuple, batch_dim: int) -> int:
 def _qualified(name: str, child: str) -> str:
     """The qualified name of ``child`` of the module ``name`` (``""`` is the model itself, or the module itself)."""
     return ".".join(filter(None, (name, child)))
+
+
+def _recurrent_macs(module: nn.RNNBase | nn.RNNCellBase, input: torch.Tensor | PackedSequence) -> int:
+    """The MACs of one call of a recurrent layer or cell: each weight matrix (of every layer and direction,
+    an LSTM's projection included) once per row of ``input``, a time step of one sequence."""
+    steps = (input.data if isinstance(input, PackedSequence) else input).numel() // module.input_size
+    weights = (module.weight_ih, module.weight_hh) if isinstance(module, nn.RNNCellBase) else \
+        [weight for layer in module.all_weights for weight in layer if weight.dim() == 2]       # not the biases
+    return steps * sum(weight.numel() for weight in weights)
 
 
 def _attention_macs(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor,

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from lowlearn.cost import (
     FlopCount,
@@ -612,6 +613,84 @@ def test_an_attention_subclass_with_a_forward_of_its_own_is_named_not_miscounted
     model = nn.Sequential(SelfAttention(8, 2, batch_first=True))
     with pytest.warns(UserWarning, match=r"did not see the layers \['0'\] run"):
         assert count_flops(model, torch.randn(2, 3, 8)).per_layer == {}
+
+
+RECURRENT = [(nn.RNN, 1), (nn.LSTM, 4), (nn.GRU, 3)]        # (layer, gates)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("kind, gates", RECURRENT)
+def test_flops_of_recurrent_layers_by_hand(kind, gates, batch_first):
+    # A recurrent layer passes its weights to a fused kernel: it counted 0, and no warning named it.
+    i, h, t = 4, 6, 5
+    x, dim = (torch.randn(2, t, i), 0) if batch_first else (torch.randn(t, 2, i), 1)
+    assert count_flops(kind(i, h, batch_first=batch_first), x, batch_dim=dim).per_layer == {"": t * gates * h * (i + h)}
+    deep = kind(i, h, num_layers=2, bidirectional=True, batch_first=batch_first)    # the second layer reads 2h
+    assert count_flops(deep, x, batch_dim=dim).total == t * 2 * gates * h * ((i + h) + (2 * h + h))
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+def test_flops_of_an_lstm_with_projections_by_hand():
+    i, h, p, t = 4, 6, 2, 5               # the state is projected to p: the recurrent input and the next layer's
+    lstm = nn.LSTM(i, h, num_layers=2, bidirectional=True, proj_size=p, batch_first=True)
+    per_step = 2 * (4 * h * (i + p) + h * p) + 2 * (4 * h * (2 * p + p) + h * p)
+    assert count_flops(lstm, torch.randn(3, t, i)).total == t * per_step
+
+
+@pytest.mark.parametrize("kind, gates", RECURRENT)
+def test_flops_of_packed_and_unbatched_sequences_count_their_real_steps(kind, gates):
+    i, h, lengths = 4, 6, torch.tensor([5, 1, 3])                # 9 steps of 3 sequences: 3 per example
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = kind(i, h, batch_first=True)
+
+        def forward(self, x, lengths):                          # the padding is not computed
+            return self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))[0].data
+
+    assert count_flops(Packed(), (torch.randn(3, 5, i), lengths)).per_layer == {"rnn": 3 * gates * h * (i + h)}
+
+    class OneByOne(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = kind(i, h)
+
+        def forward(self, x):                                   # each sequence unbatched, (T, I)
+            return [self.rnn(sequence)[0] for sequence in x]
+
+    assert count_flops(OneByOne(), torch.randn(3, 5, i)).total == 5 * gates * h * (i + h)
+
+
+@pytest.mark.parametrize("kind, gates", [(nn.RNNCell, 1), (nn.LSTMCell, 4), (nn.GRUCell, 3)])
+def test_flops_of_recurrent_cells_by_hand(kind, gates):
+    i, h, t = 4, 6, 5
+
+    class Unrolled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = kind(i, h)
+
+        def forward(self, x):
+            state = None
+            for step in x.unbind(1):
+                state = self.cell(step, state)
+            return state
+
+    assert count_flops(Unrolled(), torch.randn(2, t, i)).per_layer == {"cell": t * gates * h * (i + h)}
+
+
+def test_count_flops_names_a_recurrent_layer_it_did_not_see_run():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.head = nn.LSTM(3, 4), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(x)
+
+    with pytest.warns(UserWarning, match=r"did not see the layers \['lstm'\] run"):
+        count_flops(Unused(), torch.randn(2, 3))
 
 
 def test_saved_sparse_tensors_count_their_indices_and_values():

@@ -62,6 +62,60 @@ def test_count_flops_of_other_convolutions_is_half_of_torchs_flop_counter(layer,
     assert 2 * count_flops(model, x).total * shape[0] == torch_flops(model, x)
 
 
+RECURRENT = {                  # (layer, input of 3 sequences of 5 steps; its batch dimension)
+    "rnn": (lambda: nn.RNN(4, 6, nonlinearity="relu"), (5, 3, 4), 1),
+    "gru-2-layers-bidirectional": (lambda: nn.GRU(4, 6, num_layers=2, bidirectional=True), (5, 3, 4), 1),
+    "lstm-batch-first": (lambda: nn.LSTM(4, 6, batch_first=True), (3, 5, 4), 0),
+    "lstm-2-layers-bidirectional-projected": (
+        lambda: nn.LSTM(4, 6, num_layers=2, bidirectional=True, proj_size=2, batch_first=True), (3, 5, 4), 0),
+    "lstm-cell": (lambda: nn.LSTMCell(4, 6), (3, 4), 0),
+    "gru-cell": (lambda: nn.GRUCell(4, 6), (3, 4), 0),
+}
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN",
+                            "ignore:TF32 acceleration on top of oneDNN")
+@pytest.mark.parametrize("name", RECURRENT)
+def test_count_flops_of_recurrent_layers_is_half_of_torchs_flop_counter(name):
+    """On the CPU, torch runs RNN and GRU layers and the cells step by step as matrix products, which
+    FlopCounterMode counts; its LSTM kernel from oneDNN is counted as 0 FLOPs, so oneDNN is switched off."""
+    make, shape, batch_dim = RECURRENT[name]
+    model, x = make().eval(), torch.randn(shape)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert 2 * count_flops(model, x, batch_dim=batch_dim).total * 3 == torch_flops(model, x) > 0
+
+
+class UnrolledLSTM(nn.Module):
+    """One LSTM layer written out with linear layers: i, f, g, o = W_ih x_t + W_hh h_(t-1) (torch's equations)."""
+
+    def __init__(self, lstm):
+        super().__init__()
+        gates = 4 * lstm.hidden_size
+        self.ih, self.hh = nn.Linear(lstm.input_size, gates), nn.Linear(lstm.hidden_size, gates)
+        with torch.no_grad():
+            for linear, suffix in ((self.ih, "ih"), (self.hh, "hh")):
+                linear.weight.copy_(getattr(lstm, f"weight_{suffix}_l0"))
+                linear.bias.copy_(getattr(lstm, f"bias_{suffix}_l0"))
+
+    def forward(self, x):                                       # (B, T, I)
+        h = c = x.new_zeros(x.shape[0], self.hh.in_features)
+        outputs = []
+        for step in x.unbind(1):
+            i, f, g, o = (self.ih(step) + self.hh(h)).chunk(4, dim=-1)
+            c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+            h = o.sigmoid() * c.tanh()
+            outputs.append(h)
+        return torch.stack(outputs, 1)
+
+
+def test_count_flops_of_an_lstm_equals_the_count_of_its_recurrence_written_out_with_linear_layers():
+    torch.manual_seed(0)
+    lstm, x = nn.LSTM(4, 6, batch_first=True).double(), torch.randn(3, 5, 4, dtype=torch.float64)
+    unrolled = UnrolledLSTM(lstm).double()
+    torch.testing.assert_close(unrolled(x), lstm(x)[0])        # the same computation
+    assert count_flops(lstm, x).total == count_flops(unrolled, x).total == 5 * 4 * 6 * (4 + 6)
+
+
 def test_macs_of_resnet20_and_mini_imagenet_conv4_by_hand():
     """k_h·k_w·C_in·C_out·H_out·W_out per convolution: ResNet-20 ≈ 40.55M MACs (the usual '41M FLOPs');
     the mini-ImageNet Conv-4 runs at 84, 42, 21 and 10 pixels before its 1600 → 5 head."""

@@ -144,7 +144,8 @@ def model_sparse_flops(model: nn.Module, example_input: torch.Tensor | tuple[tor
     its mask's (:func:`~lowlearn.sparse.mask.layer_densities`); any other counted
     layer with a ``weight`` counts its nonzero weights, so a model whose masks were
     made permanent (:func:`~lowlearn.sparse.mask.squash`) or pruned with
-    ``torch.nn.utils.prune`` costs what its zeros save. A layer that counts its own
+    ``torch.nn.utils.prune`` costs what its zeros save; a recurrent layer (``nn.LSTM``,
+    ...), whose weights have other names and take no mask, counts dense. A layer that counts its own
     MACs (``count_macs``, e.g. the exported layers of :mod:`lowlearn.sparse.export`)
     is taken at its count. Multiply by 3 (:func:`sparse_training_flops`) for a
     training step.

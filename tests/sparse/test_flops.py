@@ -66,6 +66,23 @@ def test_pruned_models_cost_their_kept_weights_times_the_positions_they_slide_ov
     assert int(masks_of(conv)["features.3"].sum()) == kept_count(0.3, 16 * 6 * 25)
 
 
+def test_a_recurrent_layer_counts_dense_beside_a_masked_head():
+    class Tagger(torch.nn.Module):                      # masks attach to linear and convolutional layers only
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.head = torch.nn.LSTM(4, 6, batch_first=True), torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(self.lstm(x)[0])
+
+    model, x = Tagger(), torch.randn(2, 5, 4)
+    prune(model, magnitude(model), 2 / 3)
+    assert list(masks_of(model)) == ["head"]
+    lstm, head = 5 * 4 * 6 * (4 + 6), 5 * 6 * 3
+    assert count_flops(model, x).per_layer == {"lstm": lstm, "head": head}
+    assert model_sparse_flops(model, x) == pytest.approx(lstm + 2 / 3 * head)
+
+
 def test_squashed_and_torch_pruned_models_cost_their_nonzero_weights():
     torch.manual_seed(0)
     model, x = MLP(), torch.zeros(1, 784)
