@@ -76,7 +76,7 @@ class FlopCount:
 
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _RECURRENT = (nn.RNNBase, nn.RNNCellBase)
-COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_TRANSPOSED, *_RECURRENT)
+COUNTED = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_TRANSPOSED, *_RECURRENT)
 """The layers :func:`count_flops` counts (besides ``nn.MultiheadAttention`` and those with a ``count_macs`` method)."""
 
 
@@ -84,7 +84,7 @@ def count_flops(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tens
                 batch_dim: int = 0) -> FlopCount:
     """Dense multiply-accumulates per example of every linear, convolutional, attention and recurrent layer.
 
-    The layers are :data:`COUNTED` (``nn.Linear``; 1-, 2- and 3-D
+    The layers are :data:`COUNTED` (``nn.Linear`` and ``nn.Bilinear``; 1-, 2- and 3-D
     convolutions, transposed too; ``nn.RNN``, ``nn.LSTM``, ``nn.GRU`` and their cells) and
     ``nn.MultiheadAttention``. One multiply-accumulate (MAC),
     ``a += w * x``, counts as one operation. This is
@@ -99,7 +99,8 @@ def count_flops(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tens
     and 3-D the kernel's other sizes); a transposed convolution, which scatters each
     input element, ``input elements × (out_channels / groups) × kh × kw``; a linear
     layer ``out_features × in_features`` for every row it is applied to (one row per
-    example for a ``(B, F)`` input, ``T`` rows for ``(B, T, F)``).
+    example for a ``(B, F)`` input, ``T`` rows for ``(B, T, F)``), a bilinear layer
+    ``out_features × in1_features × in2_features`` per row.
     An ``nn.MultiheadAttention`` passes its weights to functional code, so it is
     counted as a whole, with ``E`` its width and ``S`` the keys each query attends to (a
     key added by ``add_bias_kv`` or ``add_zero_attn`` included): its out-projection,
@@ -167,8 +168,8 @@ def count_flops(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tens
                 # weight[0] holds what one input channel scatters to: out_channels / groups × kh × kw.
                 macs = inputs[0].numel() * module.weight[0].numel()
             else:
-                # weight[0] holds one output unit's inputs: in_features, or
-                # in_channels / groups × kh × kw.
+                # weight[0] holds one output unit's inputs: in_features, in1_features × in2_features,
+                # or in_channels / groups × kh × kw.
                 macs = output.numel() * module.weight[0].numel()
             per_layer[name] = per_layer.get(name, 0) + macs
         return hook

@@ -680,6 +680,14 @@ def test_flops_of_recurrent_cells_by_hand(kind, gates):
     assert count_flops(Unrolled(), torch.randn(2, t, i)).per_layer == {"cell": t * gates * h * (i + h)}
 
 
+def test_flops_of_a_bilinear_layer_by_hand_and_none_of_an_embedding():
+    bilinear = nn.Bilinear(3, 4, 5)                     # out × in1 × in2 per row; it counted 0
+    assert count_flops(bilinear, (torch.randn(2, 3), torch.randn(2, 4))).total == 5 * 3 * 4
+    assert count_flops(bilinear, (torch.randn(2, 7, 3), torch.randn(2, 7, 4))).total == 7 * 5 * 3 * 4
+    lookup = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))     # a lookup is no arithmetic
+    assert count_flops(lookup, torch.randint(10, (2, 7))).per_layer == {"1": 7 * 4 * 2}
+
+
 def test_count_flops_names_a_recurrent_layer_it_did_not_see_run():
     class Unused(nn.Module):
         def __init__(self):
