@@ -60,7 +60,8 @@ def _relative(macs: float, dense: float) -> float:
     """``macs / dense``, refusing a model whose dense count is zero (no layer was counted)."""
     if dense == 0:
         raise ValueError("the FLOP count has no counted layer (its dense total is 0), so there is nothing to compare "
-                         "with: count a model with Linear or convolution layers, or pass relative_to_dense=False")
+                         "with: count a model with layers that lowlearn.cost.count_flops counts, or pass "
+                         "relative_to_dense=False")
     return macs / dense
 
 
