@@ -170,27 +170,32 @@ class MAML(nn.Module):
     def adapt(self, x: Tensor, y: Tensor, steps: int | None = None, *, first_order: bool | None = None) -> Params:
         """The parameters adapted to one task's support set ``(x, y)`` (default: the meta-training steps).
 
-        The model's buffers (batch-norm running statistics) are left as they were.
+        The model's buffers (batch-norm running statistics) are left as they were. With
+        ``steps=0`` the result is the initialisation itself, and the support set may be
+        empty, as in :func:`adapt_and_evaluate`.
 
         Raises:
-            ValueError: inputs and targets of different lengths, an empty support set,
-                (on the CPU) integer labels outside the model's classes, real-valued targets
-                that would broadcast the outputs to a larger shape (see :func:`check_tasks`), or a
-                negative ``steps``.
+            ValueError: inputs and targets of different lengths, an empty support set with
+                ``steps >= 1``, (on the CPU) integer labels outside the model's classes,
+                real-valued targets that would broadcast the outputs to a larger shape (see
+                :func:`check_tasks`), or a negative ``steps``.
             RuntimeError: inner steps under :func:`torch.inference_mode`, which forbids their
                 gradients (under :func:`torch.no_grad` they are turned back on).
         """
-        if len(x) != len(y) or len(x) == 0:
-            raise ValueError(f"the support set must hold as many targets as inputs, at least one: got {len(x)} "
-                             f"inputs and {len(y)} targets")
+        steps = check_count("steps (inner steps)", self.inner_steps if steps is None else steps, 0)
+        if len(x) != len(y):
+            raise ValueError(f"the support set must hold as many targets as inputs: got {len(x)} inputs and "
+                             f"{len(y)} targets")
+        if steps and not len(x):
+            raise ValueError("the support set is empty, so the inner loop has nothing to adapt to (its loss would be "
+                             "NaN, its gradient zero): give at least one example, or adapt with steps=0")
         params = parameters_of(self.model)
-        if y.dtype.is_floating_point:
+        if len(x) and y.dtype.is_floating_point:          # an empty support set (steps=0) has no targets to check
             _check_targets_fit(output_shape(self.model, params, x), y.shape, "support")
-        elif values_are_free_to_read(y):
+        elif len(x) and values_are_free_to_read(y):
             check_labels(y, output_shape(self.model, params, x)[-1])
         with torch.enable_grad(), buffers_restored(self.model):   # the inner steps need gradients, also under no_grad
-            return inner_loop(self.model, params, x, y, self.loss_fn,
-                              self.inner_steps if steps is None else steps, self.learning_rates(),
+            return inner_loop(self.model, params, x, y, self.loss_fn, steps, self.learning_rates(),
                               first_order=self.first_order if first_order is None else first_order,
                               adapt=self.adapt_names)
 

@@ -302,7 +302,7 @@ def test_adapt_checks_its_support_set_and_leaves_the_running_statistics_alone():
     assert any(not torch.equal(adapted[name], p) for name, p in parameters_of(model).items())
     with pytest.raises(ValueError, match="labels must be in 0 .. 2"):
         maml.adapt(tasks.support_x[0], tasks.support_y[0].masked_fill(tasks.support_y[0] == 0, -100))
-    with pytest.raises(ValueError, match="as many targets as inputs, at least one: got 0 inputs"):
+    with pytest.raises(ValueError, match="the support set is empty, so the inner loop has nothing to adapt to"):
         maml.adapt(tasks.support_x[0, :0], tasks.support_y[0, :0])
 
 

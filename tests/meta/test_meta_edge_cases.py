@@ -6,6 +6,7 @@ tanh model under the mean squared error) or the paper's equation.
 """
 from typing import NamedTuple
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,6 +77,28 @@ def test_maml_adapt_with_zero_steps_returns_the_initialisation():
     adapted = maml.adapt(tasks.support_x[0], tasks.support_y[0], steps=0)
     for name, p in model.named_parameters():
         torch.testing.assert_close(adapted[name], p, rtol=0, atol=0)
+
+
+def test_adapt_with_zero_steps_accepts_an_empty_support_set_as_adapt_and_evaluate_does():
+    """With no step no support example is needed: MAML, ANIL and Meta-SGD's adapt(x, y, steps=0) on an empty
+    support set give the initialisation itself (as a first-order MAML with inner_steps=0 does by default),
+    while a step on it (its loss the NaN mean of nothing) is still refused."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    tasks = linear_tasks()
+    x, y = tasks.support_x[0, :0], tasks.support_y[0, :0]
+    for learner, kwargs in ((MAML(model, 0.5, 3, loss_fn=F.mse_loss), {"steps": 0}),
+                            (ANIL(model, 0.5, 1, loss_fn=F.mse_loss), {"steps": 0}),
+                            (MetaSGD(model, 0.5, 1, loss_fn=F.mse_loss), {"steps": 0}),
+                            (MAML(model, 0.5, 0, first_order=True, loss_fn=F.mse_loss), {})):
+        adapted = learner.adapt(x, y, **kwargs)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(adapted[name], p, rtol=0, atol=0)
+    for steps in (None, 1):
+        with pytest.raises(ValueError, match="the support set is empty, so the inner loop has nothing to adapt to"):
+            MAML(model, 0.5, 3, loss_fn=F.mse_loss).adapt(x, y, steps=steps)
+    with pytest.raises(ValueError, match="as many targets as inputs: got 0 inputs and 1 targets"):
+        MAML(model, 0.5, 0, first_order=True, loss_fn=F.mse_loss).adapt(x, tasks.support_y[0, :1])
 
 
 def test_reptile_evaluate_with_zero_steps_scores_the_initialisation():
