@@ -13,9 +13,13 @@ kernels then dominate. :func:`task_batched` runs all ``T`` networks as one:
 * batch norm without running statistics (MAML's transductive batch norm) needs
   nothing new: normalising each of the ``T·C`` channels over the batch is
   normalising each task's channels by that task's own statistics;
-* ReLU and ``flatten(1)`` act per feature or keep the task-major order, and pooling
-  acts per channel on inputs with a channel dimension (:class:`TaskPool` refuses
-  others), so the model's own ``forward`` runs unchanged on the packed tensor.
+* ReLU acts per feature, and a flatten that keeps the batch dimension
+  (``flatten(1)``, ``nn.Flatten(start_dim, end_dim)`` with ``start_dim >= 1``) keeps
+  the task-major order: the tasks are the outermost part of dimension 1, so
+  flattening it with the dimensions after it, or flattening only later ones, leaves
+  each task's features a contiguous block of their own; pooling acts per channel on
+  inputs with a channel dimension (:class:`TaskPool` refuses others). The model's own
+  ``forward`` thus runs unchanged on the packed tensor.
 
 This is written out with ordinary operations, so autograd's second derivatives are
 those of the per-task loop; ``torch.func.vmap`` is not used (on torch 2.13 its
@@ -182,12 +186,13 @@ def _convert(module: nn.Module) -> nn.Module:
     if type(module) in POOLS:
         return TaskPool(module)
     if not module._modules:                                             # a parameter-free layer, shared as it is
-        flattens_examples = type(module) is nn.Flatten and (module.start_dim, module.end_dim) == (1, -1)
-        if type(module) not in PER_FEATURE and not flattens_examples:
+        flattens_within_examples = type(module) is nn.Flatten and module.start_dim >= 1   # see the module docstring
+        if type(module) not in PER_FEATURE and not flattens_within_examples:
             raise ValueError(f"{module} has no task-batched form: on packed tasks (B, T·C, ...) it could mix the "
                              "tasks' features (a softmax or a norm over the features would); supported "
                              "parameter-free layers act element-wise or per channel (activations, dropout, "
-                             "pooling) or are Flatten(start_dim=1)")
+                             "pooling) or are Flatten with a start_dim of 1 or more (a negative one could "
+                             "reach the batch dimension)")
         return module
     clone = copy.copy(module)
     clone._modules = {name: None if child is None else _convert(child) for name, child in module._modules.items()}

@@ -28,7 +28,8 @@ def problem(kind):
     return Conv4(1, 3, hidden=8, image_size=16, running_stats=False).double(), tasks, F.cross_entropy, 0.4
 
 
-@pytest.mark.parametrize("kind", ["conv4", "mlp", "mlp-images", "lenet5", "norms", "pools"])
+@pytest.mark.parametrize("kind", ["conv4", "mlp", "mlp-images", "lenet5", "norms", "pools", "flattens",
+                                  "flattens-late"])
 def test_each_task_of_a_batched_run_equals_the_model_run_with_that_tasks_parameters(kind):
     torch.manual_seed(0)
     norms = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=2, dilation=2),
@@ -41,7 +42,12 @@ def test_each_task_of_a_batched_run_equals_the_model_run_with_that_tasks_paramet
                     "lenet5": (LeNet5(), (1, 28, 28)),
                     "norms": (norms, (1, 10, 10)),
                     "pools": (nn.Sequential(nn.AvgPool1d(2), nn.MaxPool1d(3, stride=1, padding=1), nn.Flatten(),
-                                            nn.Linear(2 * 3, 3)), (2, 6))}[kind]
+                                            nn.Linear(2 * 3, 3)), (2, 6)),
+                    # flattens that keep the batch dimension: up to a dimension before the last, or after the channels
+                    "flattens": (nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(1, 2), nn.MaxPool1d(2), nn.Flatten(),
+                                               nn.Linear(4 * 5 * 2, 3)), (2, 7, 6)),
+                    "flattens-late": (nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(2), nn.AvgPool1d(4), nn.Flatten(),
+                                                    nn.Linear(4 * 5, 3)), (2, 7, 6))}[kind]
     model = model.double()
     tasks, batch = 3, 4
     shared = next(iter(parameters_of(model)))                      # one parameter without a task dimension
@@ -153,7 +159,9 @@ class ScaledLinear(nn.Linear):
     (nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(dim=1)), "LogSoftmax"),
     (nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4, affine=False)), "GroupNorm"),
     (nn.Sequential(nn.Conv2d(1, 4, 3), nn.LocalResponseNorm(2)), "LocalResponseNorm"),
-    (nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(start_dim=2)), "Flatten"),
+    # a flatten from the batch dimension on, or from a negative start_dim that reaches it on a 2-d input
+    (nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(start_dim=0)), "Flatten"),
+    (nn.Sequential(nn.Linear(4, 3), nn.Flatten(start_dim=-2)), "Flatten"),
 ])
 def test_layers_without_a_batched_form_are_refused_when_the_learner_is_built(model, problem_text):
     with pytest.raises(ValueError, match=problem_text):
