@@ -24,7 +24,10 @@ the weights in use; backward: the weights that learn). The other parameters
 (biases, norm layers, and batch norm's running statistics) learn with the first
 task only and are frozen afterwards, as in PackNet; a task's own parameters, such as
 its output head, learn in that task (``start_task(own=...)``). The optimizer must
-not use weight decay, which would move frozen weights.
+not decay the shared layers' weights: their gradient is zero where an earlier task
+owns them, and weight decay would shrink them regardless. The other parameters may
+be decayed while they learn; frozen, they have no gradient, and ``torch.optim``
+optimizers leave a parameter without a gradient (and so its decay) alone.
 """
 
 from __future__ import annotations
@@ -145,13 +148,15 @@ class PackNet:
                 the shared layers.
 
         Raises:
-            ValueError: no free weights are left, the optimizer has weight decay, or
-                ``own`` names something the model lacks or a shared layer's weight.
+            ValueError: no free weights are left, the optimizer decays the shared layers'
+                weights (see the module docstring), or ``own`` names something the
+                model lacks or a shared layer's weight.
         """
         self._follow_model()
         if optimizer is not None:
-            refuse_weight_decay(optimizer, self.model.parameters(),
-                                "PackNet keeps the earlier tasks' weights frozen")
+            refuse_weight_decay(optimizer, [raw_weight(layer) for layer in self.layers.values()],
+                                "PackNet keeps the earlier tasks' weights in the shared layers frozen (only the other "
+                                "parameters may be decayed)")
         if not any((owner == FREE).any() for owner in self.owner.values()):
             raise ValueError(f"the network is full: all its weights belong to the {self.tasks} tasks so far")
         self.own, self.own_modules = self._own_parameters(own)

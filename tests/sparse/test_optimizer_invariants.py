@@ -276,6 +276,30 @@ def test_methods_that_freeze_weights_refuse_every_optimizers_weight_decay(method
             PackNet(model).start_task(opt)
 
 
+@pytest.mark.parametrize("optimizer", DECAYING)
+def test_packnet_lets_every_optimizer_decay_the_parameters_outside_the_shared_weights(optimizer):
+    """Decay on the biases only: accepted; from the second task on they are frozen without a gradient, and every
+    optimizer then leaves them (and the first task's weights) alone."""
+    cls, settings = DECAYING[optimizer]
+    model = tiny_mlp()
+    packnet, layers = PackNet(model), prunable_layers(model)
+    shared = [raw_weight(layer) for layer in layers.values()]
+    option = "lambd" if cls is optim.ASGD else "weight_decay"
+    biases = [p for p in model.parameters() if all(p is not w for w in shared)]
+    opt = cls([{"params": shared, option: 0.0}, {"params": biases}], **settings)
+    packnet.start_task(opt)
+    packnet_steps(model, opt, DATA[:4])
+    packnet.assign(0.3, opt)
+    task1 = [w.detach().clone() for w in shared]
+    frozen = [p.detach().clone() for p in biases]
+    packnet.start_task(opt)
+    packnet_steps(model, opt, DATA[4:8])
+    for name, w, w1 in zip(layers, shared, task1):
+        mine = packnet.owner[name] == 1
+        assert torch.equal(w.detach()[mine], w1[mine]), name
+    assert all(torch.equal(p, p1) for p, p1 in zip(biases, frozen))
+
+
 # ----------------------------------------------------------------- gradual pruning
 def gradual_run(model, optimizer, schedule, data, start=0, check=None):
     """Train with ``schedule`` called after every optimizer step, as lowlearn.train.fit does."""

@@ -256,6 +256,35 @@ def test_each_task_trains_its_own_head_and_the_earlier_heads_stay_frozen():
     assert [p.requires_grad for p in model.heads.parameters()] == [False, False, True, True, False, False]
 
 
+def test_weight_decay_is_refused_on_the_shared_weights_only():
+    """The biases and heads may be decayed while they learn: frozen, they have no gradient, so the optimizer
+    leaves them alone, and one optimizer across three tasks still computes every earlier task bit for bit
+    (every torch.optim optimizer: tests/sparse/test_optimizer_invariants.py)."""
+    def make(groups):
+        return torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+
+    model = MultiHead().double()
+    packnet = PackNet(model, layers=["trunk"])
+    shared = raw_weight(model.trunk)
+    with pytest.raises(ValueError, match="weights in the shared layers frozen .* build it with weight_decay=0"):
+        packnet.start_task(make([{"params": [shared, model.trunk.bias], "weight_decay": 0.1}]))
+    others = [p for p in model.parameters() if p is not shared]
+    optimizer = make([{"params": [shared], "weight_decay": 0.0}, {"params": others, "weight_decay": 0.1}])
+    data, outputs = {task: float64_task_data(task) for task in (1, 2, 3)}, {}
+    for task in (1, 2, 3):
+        model.task = task - 1
+        packnet.start_task(optimizer, own=f"heads.{task - 1}")
+        take_steps(model, optimizer, data[task], 5)
+        packnet.assign(0.3, optimizer)
+        take_steps(model, optimizer, data[task], 3)                             # retraining task t alone
+        with packnet.use_task(task), torch.no_grad():
+            outputs[task] = model(data[task][0])
+    for task in (1, 2):
+        model.task = task - 1
+        with packnet.use_task(task), torch.no_grad():
+            assert torch.equal(model(data[task][0]), outputs[task]), task
+
+
 class NormedHeads(nn.Module):
     """A shared trunk with a batch norm, and one head per task with batch norms of its own (one without affine)."""
 
