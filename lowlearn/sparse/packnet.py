@@ -59,6 +59,11 @@ def _first_task_statistics(module: nn.Module, args: tuple) -> None:
     module.training = False
 
 
+_REDRAWN = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+"""The layers whose default initialisation (uniform in ±1/√fan_in) :meth:`PackNet.assign` re-draws released weights
+from: the layers PackNet shares."""
+
+
 class PackNet:
     """Weights owned by tasks: see the module docstring.
 
@@ -66,7 +71,8 @@ class PackNet:
         model: the model; every ``nn.Linear``/``nn.Conv2d`` weight (or ``layers``)
             gets a :class:`~lowlearn.sparse.mask.SplitMask`. Apply
             :func:`lowlearn.powerprop.powerprop` before, if wanted.
-        layers: qualified names of the layers to share among tasks.
+        layers: qualified names of the layers to share among tasks: linear and
+            convolution layers (transposed too).
         seed: seeds the re-initialisation of released weights (through
             :func:`lowlearn.train.seeded_generator`, so that it does not repeat the
             initial weights that ``torch.manual_seed(seed)`` drew).
@@ -85,8 +91,8 @@ class PackNet:
             yet given its weights.
 
     Raises:
-        ValueError: no layer to share, a chosen layer that already has a mask, or a ``seed`` that is not an
-            int >= 0.
+        ValueError: no layer to share, a chosen layer that already has a mask or is not a linear or
+            convolution layer, or a ``seed`` that is not an int >= 0.
         KeyError: a name in ``layers`` that is not a module of the model.
     """
 
@@ -102,6 +108,11 @@ class PackNet:
         for name, layer in self.layers.items():       # every layer checked first: a refused call changes nothing
             if find_mask(layer) is not None:
                 raise ValueError(f"layer {name!r} already has a mask; PackNet needs an unmasked model")
+            if not isinstance(layer, _REDRAWN):
+                raise ValueError(f"layer {name!r} is a {type(layer).__name__}: PackNet re-draws the weights a task "
+                                 "releases from the default initialisation of linear and convolution layers "
+                                 "(uniform in ±1/√fan_in), which is not this layer's; share only nn.Linear and "
+                                 "convolution layers")
         for layer in self.layers.values():
             keep = torch.ones_like(layer.weight, dtype=torch.bool)
             register(layer, "weight", SplitMask(keep, keep, layer.weight.dtype))

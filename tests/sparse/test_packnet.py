@@ -751,3 +751,25 @@ def test_a_bad_seed_is_refused_before_the_model_changes_so_that_a_retry_works():
         PackNet(model, seed=-1)
     assert not any(find_mask(layer) for layer in prunable_layers(model).values())
     PackNet(model, seed=0)
+
+
+@pytest.mark.parametrize("layer", [nn.Embedding(10, 6), nn.Bilinear(6, 6, 6), nn.LayerNorm(6)])
+def test_a_layer_whose_default_initialisation_is_not_the_redrawn_one_is_refused_before_the_model_changes(layer):
+    # assign() re-drew an Embedding's released weights in ±1/√6 (its default is N(0, 1)), a LayerNorm's in ±1.
+    model = nn.Sequential(nn.Linear(6, 6), layer)
+    with pytest.raises(ValueError, match=f"layer '1' is a {type(layer).__name__}: PackNet re-draws .* share only "
+                                         "nn.Linear and convolution layers"):
+        PackNet(model, ["0", "1"])
+    assert find_mask(model[0]) is None
+
+
+@pytest.mark.parametrize("layer", [nn.Conv1d(3, 5, 3), nn.Conv2d(3, 5, (2, 3)), nn.ConvTranspose2d(3, 6, 2, groups=3)])
+def test_released_weights_of_convolutions_are_redrawn_within_the_layers_default_bound(layer):
+    bound = 1 / math.sqrt(layer.weight[0].numel())                           # fan_in, as torch's default init uses
+    default = type(layer)(layer.in_channels, layer.out_channels, layer.kernel_size, groups=layer.groups).weight
+    assert default.abs().max() <= bound < 1.2 * default.abs().max()
+    packnet = PackNet(nn.Sequential(layer), ["0"])
+    packnet.start_task()
+    packnet.assign(0.1)
+    redrawn = raw_weight(layer).detach()[packnet.owner["0"] == 0]         # released: out of the forward pass
+    assert redrawn.abs().max() <= bound and redrawn.abs().max() > 0.8 * bound
