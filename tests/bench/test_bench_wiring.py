@@ -226,7 +226,7 @@ def test_maml_throughput_goal_is_met_from_above(monkeypatch, capsys, lowlearn_s,
         "seconds": {"lowlearn": lowlearn_s, "lowlearn batched": lowlearn_s, "higher": 4.0}, "peak_bytes": {}})
     maml_bench.main(["--device", "cpu"])
     lines = _goal_lines(capsys.readouterr().out)
-    assert len(lines) == 2 and all(line.endswith(f": {printed}") for line in lines)
+    assert len(lines) == 1 and lines[0].endswith(f": {printed}")               # on a CPU the loop's goal only
 
 
 def test_maml_run_gives_every_implementation_its_own_copy_of_one_model(monkeypatch):

@@ -32,14 +32,13 @@ def test_maml_benchmark_prints_throughput(capsys):
                 "--device", "cpu"])
     out = capsys.readouterr().out
     assert out.count("x") >= 3 and "lowlearn batched" in out
-    for name in ("lowlearn", "lowlearn batched"):                  # each held on its own, not the better of the two
-        line = next(line for line in out.splitlines() if line.startswith(f"goal: {name} throughput >= 1x "))
-        assert line.startswith(f"goal: {name} throughput >= 1x higher's on cpu at tasks = 32, ways = 5, shots = 1, "
-                               "queries = 15, steps = 5: ")
-        # A smaller workload says nothing about the goal's.
-        assert line.endswith(", not judged (this run: tasks = 2, queries = 2, steps = 1)")
+    goals = [line for line in out.splitlines() if line.startswith("goal: ")]
+    assert len(goals) == 1 and goals[0].startswith("goal: lowlearn throughput >= 1x higher's on cpu at tasks = 32, "
+                                                   "ways = 5, shots = 1, queries = 15, steps = 5: ")
+    # A smaller workload says nothing about the goal's.
+    assert goals[0].endswith(", not judged (this run: tasks = 2, queries = 2, steps = 1)")
 
 
-def test_on_a_gpu_only_the_batched_path_is_held_to_three_times_higher():
+def test_each_path_is_held_on_the_device_it_is_meant_for():
     assert bench.goals(torch.device("cuda")) == {"lowlearn batched": 3.0}
-    assert bench.goals(torch.device("cpu")) == {"lowlearn": 1.0, "lowlearn batched": 1.0}
+    assert bench.goals(torch.device("cpu")) == {"lowlearn": 1.0}
