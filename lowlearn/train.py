@@ -736,6 +736,10 @@ def _class_name(optimizer: object) -> str:
 def _loadable_bytes(value: object, what: str) -> bytes:
     """``value`` serialised by ``torch.save``, once ``torch.load(weights_only=True)`` has read it back.
 
+    It is read back onto the ``meta`` device, which runs the same restricted unpickler
+    without reading the tensors' data (a copy of the whole state otherwise), and onto
+    the CPU only if a tensor kind has no meta form (quantized and nested tensors).
+
     Raises:
         TypeError: naming ``what``, if it cannot be read back so.
     """
@@ -746,7 +750,12 @@ def _loadable_bytes(value: object, what: str) -> bytes:
         raise TypeError(f"{what} cannot be saved ({error}); save tensors, numbers, strings, or lists and dicts "
                         "of them") from None
     try:
-        torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=True)
+        buffer.seek(0)
+        try:
+            torch.load(buffer, map_location="meta", weights_only=True)
+        except NotImplementedError:                         # a tensor kind without a meta form
+            buffer.seek(0)
+            torch.load(buffer, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise TypeError(f"{what} could not be loaded back with weights_only=True; save tensors, numbers, strings, "
                         f"or lists and dicts of them (e.g. float(x) for a NumPy number). {_culprit(error)}") from None
