@@ -75,10 +75,12 @@ gradients, and ``c`` is exact for anything that rescales them: ``clip_grad_norm_
 ``scaler.step(dlrt)``; it unscales only the optimizer it steps, so leave DLRT's
 ``optimizer`` argument out: :meth:`DLRT.step` refuses a GradScaler's step when it is
 given). An element-wise change (``clip_grad_value_``) reaches the S-step as its
-least-squares rescaling. At fixed rank such changes reach the K- and
-L-steps only, and a GradScaler cannot pass the closure: keep steps small by ``lr`` (or
-``betas``), and train in mixed precision with bfloat16 autocast, which needs no loss
-scaling.
+least-squares rescaling. At fixed rank such changes reach the K- and L-steps only: the
+S-step and the other parameters take the closure's pass. A GradScaler refuses
+``closure=`` as a keyword; given positionally, ``scaler.step(dlrt, closure)``, it runs,
+but the closure's pass is neither loss-scaled (its float16 gradients can underflow) nor
+checked for infinities. Keep steps small by ``lr`` (or ``betas``), and train in mixed
+precision with bfloat16 autocast, which needs no loss scaling.
 """
 
 from __future__ import annotations

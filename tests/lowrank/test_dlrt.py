@@ -752,3 +752,26 @@ def test_a_grad_scaler_stepping_dlrt_with_an_optimizer_of_its_own_is_refused_bef
         scaler.step(dlrt)
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+def test_a_grad_scaler_given_the_closure_positionally_trains_fixed_rank_dlrt_as_without_loss_scaling():
+    # It refuses closure= as a keyword; positionally it unscales the first pass, and the closure's is not scaled.
+    x, y = torch.randn(16, 10, generator=torch.Generator().manual_seed(3)), torch.arange(16) % 3
+    states = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)):
+        model = _mixed_model()
+        dlrt = DLRT(model, lr=0.1)
+        for _ in range(3):
+            dlrt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            closure = lambda: F.cross_entropy(model(x), y)  # noqa: E731
+            if scaler is None:
+                loss.backward()
+                dlrt.step(closure)
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(dlrt, closure)
+                scaler.update()
+        states.append(model.state_dict())
+    for name in states[0]:
+        torch.testing.assert_close(states[1][name], states[0][name], msg=name)
