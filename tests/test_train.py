@@ -1269,7 +1269,7 @@ def test_saving_a_checkpoint_reads_it_back_without_a_second_copy_of_the_state(tm
     assert float(out.stdout) < 1.5, out.stdout          # the serialised bytes, about once the state
 
 
-@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor", "ignore:TypedStorage is deprecated")
 def test_a_state_with_a_tensor_kind_that_has_no_meta_form_is_still_checked_and_saved(tmp_path):
     model = nn.Linear(2, 2)
     model.register_buffer("scale", torch.quantize_per_tensor(torch.randn(3), 0.1, 0, torch.qint8))
