@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .train import buffers_restored, eval_mode
+from .train import buffers_restored, eval_mode, tensors_in
 
 _MIB = 2**20
 
@@ -431,22 +431,10 @@ def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
     tensors = {}
     for holder in (optimizer, getattr(optimizer, "optimizer", None)):
         for state in getattr(holder, "state", {}).values():      # leaves: also tensors in lists (L-BFGS' history)
-            tensors.update((id(tensor), tensor) for tensor in _tensors_in(state))
+            tensors.update((id(tensor), tensor) for tensor in tensors_in(state))
         if hasattr(holder, "scratch_tensors"):
             tensors.update((id(tensor), tensor) for tensor in holder.scratch_tensors())
     return sum(value.nbytes for value in tensors.values())
-
-
-def _tensors_in(value: object) -> Iterator[torch.Tensor]:
-    """The tensors in ``value``, a tensor or dicts, lists and tuples of them (other values skipped)."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors_in(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors_in(item)
 
 
 class SavedTensors:

@@ -786,7 +786,7 @@ def _shape_only_copy(model: nn.Module) -> nn.Module:
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         memo[id(tensor)] = _meta_twin(tensor)
     for module in model.modules():
-        for tensor in _tensors_in(vars(module).values()):
+        for tensor in tensors_in(vars(module)):
             if id(tensor) not in memo:
                 memo[id(tensor)] = torch.empty_like(tensor.detach(), device="meta")
     return copy.deepcopy(model, memo)
@@ -800,15 +800,14 @@ def _meta_twin(tensor: Tensor) -> Tensor:
     return nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
 
 
-def _tensors_in(values: Iterable[object]) -> Iterator[Tensor]:
-    """The tensors among ``values`` and inside those that are lists, tuples or dictionaries, at any depth."""
-    for value in values:
-        if isinstance(value, Tensor):
-            yield value
-        elif isinstance(value, (list, tuple)):
-            yield from _tensors_in(value)
-        elif isinstance(value, dict):
-            yield from _tensors_in(value.values())
+def tensors_in(value: object) -> Iterator[Tensor]:
+    """The tensors in ``value``: itself if it is one, else those inside it if it is a list, tuple or dictionary (its
+    values), at any depth; other values are skipped."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (list, tuple, dict)):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from tensors_in(item)
 
 
 def _read_checkpoint(path: str | os.PathLike, map_location: torch.device | str | None) -> object:
