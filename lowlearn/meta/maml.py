@@ -191,10 +191,11 @@ class MAML(nn.Module):
             raise ValueError("the support set is empty, so the inner loop has nothing to adapt to (its loss would be "
                              "NaN, its gradient zero): give at least one example, or adapt with steps=0")
         params = parameters_of(self.model)
-        if len(x) and y.dtype.is_floating_point:          # an empty support set (steps=0) has no targets to check
-            _check_targets_fit(output_shape(self.model, params, x), y.shape, "support")
-        elif len(x) and values_are_free_to_read(y):
-            check_labels(y, output_shape(self.model, params, x)[-1])
+        if len(x):                                        # an empty support set (steps=0) has no targets to check
+            if y.dtype.is_floating_point:
+                _check_targets_fit(output_shape(self.model, params, x), y.shape, "support")
+            elif values_are_free_to_read(y):
+                check_labels(y, output_shape(self.model, params, x)[-1])
         with torch.enable_grad(), buffers_restored(self.model):   # the inner steps need gradients, also under no_grad
             return inner_loop(self.model, params, x, y, self.loss_fn, steps, self.learning_rates(),
                               first_order=self.first_order if first_order is None else first_order,
