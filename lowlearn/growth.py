@@ -310,8 +310,9 @@ def grow(model: nn.Sequential, layer: int, k: int, strategy: str = "gradmax", *,
     if max_width is not None and old + k > max_width:
         raise ValueError(f"layer {layer} has {old} units: growing {k} more would pass max_width={max_width}")
     if optimizer is not None:                   # before anything changes (splitting rewrites the consumer in place)
-        optimizer = torch_optimizer(optimizer, holding=[grown.weight, grown.bias, consumer.weight])
-        _check_state_layouts(optimizer, [grown.weight, grown.bias, consumer.weight])
+        changed = [grown.weight, grown.bias, consumer.weight]
+        optimizer = torch_optimizer(optimizer, holding=changed)
+        _check_state_layouts(optimizer, changed)
         fresh = _new_units_states(optimizer, [(grown.weight, 0), (grown.bias, 0), (consumer.weight, 1)], k)
     weight, out = grown.weight.detach(), consumer.weight.detach()
     device, dtype = weight.device, weight.dtype
