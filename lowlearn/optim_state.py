@@ -26,8 +26,9 @@ def torch_optimizer(optimizer, holding: Iterable[Tensor | None] = ()) -> torch.o
     """``optimizer`` itself, or the ``torch.optim`` optimizer that a wrapper (``.optimizer``) steps with.
 
     Where both are ``torch.optim`` optimizers (DLRT steps the low-rank factors itself and
-    the other parameters with the one it wraps, if given), the first whose groups hold a
-    parameter of ``holding`` (``None`` entries skipped); ``optimizer`` if neither does.
+    the other parameters with the one it wraps, if given, whose parameters its groups list
+    as well), the wrapped one if its groups hold a parameter of ``holding`` (``None``
+    entries skipped), else ``optimizer`` itself.
 
     Raises:
         TypeError: neither is a ``torch.optim.Optimizer``.
@@ -37,7 +38,7 @@ def torch_optimizer(optimizer, holding: Iterable[Tensor | None] = ()) -> torch.o
         raise TypeError(f"optimizer must be a torch.optim optimizer (or wrap one as .optimizer), got "
                         f"{type(optimizer).__name__}")
     held = [p for p in holding if p is not None]
-    return next((level for level in levels if any(group_of(level, p) is not None for p in held)), levels[0])
+    return next((level for level in reversed(levels) if any(group_of(level, p) is not None for p in held)), levels[0])
 
 
 def group_of(optimizer: torch.optim.Optimizer, param: Tensor | None) -> dict | None:

@@ -72,15 +72,16 @@ by ``c = ⟨S.grad, g⟩ / ⟨g, g⟩``, with ``g`` the ``∂L/∂S`` that the b
 ``S.grad`` (kept beside the signals, ``r × r``). ``c = 1`` when nothing touched the
 gradients, and ``c`` is exact for anything that rescales them: ``clip_grad_norm_``, or a
 ``torch.amp.GradScaler`` for float16 mixed precision (``scaler.scale(loss).backward()``,
-``scaler.step(dlrt)``; it unscales only the optimizer it steps, so leave DLRT's
-``optimizer`` argument out: :meth:`DLRT.step` refuses a GradScaler's step when it is
-given). An element-wise change (``clip_grad_value_``) reaches the S-step as its
-least-squares rescaling. At fixed rank such changes reach the K- and L-steps only: the
-S-step and the other parameters take the closure's pass. A GradScaler refuses
-``closure=`` as a keyword; given positionally, ``scaler.step(dlrt, closure)``, it runs,
-but the closure's pass is neither loss-scaled (its float16 gradients can underflow) nor
-checked for infinities. Keep steps small by ``lr`` (or ``betas``), and train in mixed
-precision with bfloat16 autocast, which needs no loss scaling.
+``scaler.step(dlrt)``; DLRT's parameter groups list the parameters of its ``optimizer``
+argument too, so the scaler unscales and checks every gradient, and skips the whole
+step, the wrapped optimizer's included, when one is not finite). An element-wise change
+(``clip_grad_value_``) reaches the S-step as its least-squares rescaling. At fixed rank
+such changes reach the K- and L-steps only: the S-step and the other parameters take the
+closure's pass. A GradScaler refuses ``closure=`` as a keyword; given positionally,
+``scaler.step(dlrt, closure)``, it runs, but the closure's pass is neither loss-scaled
+(its float16 gradients can underflow) nor checked for infinities. Keep steps small by
+``lr`` (or ``betas``), and train in mixed precision with bfloat16 autocast, which needs
+no loss scaling.
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ class DLRT(torch.optim.Optimizer):
     ``p ← p − lr·∇_p L`` (``torch.optim.SGD`` without momentum). Learning-rate schedulers
     therefore work on DLRT as on any optimizer, and schedule both groups. An
     ``optimizer`` you pass keeps its own parameter groups: give it a scheduler of its own.
+    Its parameters are listed in ``param_groups[1]`` as well, whose ``"lr"`` is then
+    unused, so that what works on an optimizer's groups reaches them: a
+    ``torch.amp.GradScaler`` stepping DLRT unscales and checks their gradients too.
 
     A frozen low-rank layer (``requires_grad`` off for its three factors, e.g. by
     ``layer.requires_grad_(False)``) is left as it is, at its rank; the others train.
@@ -178,7 +182,7 @@ class DLRT(torch.optim.Optimizer):
                              "to_low_rank, it holds the replaced layers' old biases): build it on "
                              "lowlearn.lowrank.dense_parameters(model) after converting")
         groups = [{"params": _factors(model, trained_only=True)}]   # raises now if a layer is frozen in part
-        if optimizer is None and (dense := dense_parameters(model)):
+        if dense := _other_parameters(model, optimizer):
             groups.append({"params": dense})
         super().__init__(groups, {"lr": float(lr)})
         self.model, self.r_min, self.r_max = model, r_min, r_max
@@ -187,9 +191,6 @@ class DLRT(torch.optim.Optimizer):
         self._keep_signals()
         self.betas, self.eps = betas, eps
         self.optimizer = optimizer
-        # A GradScaler unscales and checks only the parameters of the optimizer it steps, not those of ``optimizer``.
-        # With this flag it leaves the gradients to DLRT.step and says so by setting ``found_inf``, which step refuses.
-        self._step_supports_amp_scaling = optimizer is not None
         self._averaged = False                  # the processes' gradient lists are compared at the first step
 
     @property
@@ -206,6 +207,8 @@ class DLRT(torch.optim.Optimizer):
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=set_to_none)
         self.param_groups[0]["params"] = _factors(self.model, trained_only=True)   # the layers' current factors
+        if self.optimizer is not None:                                  # and the optimizer's, if it took more
+            self.param_groups[1]["params"] = _other_parameters(self.model, self.optimizer)
         super().zero_grad(set_to_none=set_to_none)
         self._keep_signals()
 
@@ -236,10 +239,9 @@ class DLRT(torch.optim.Optimizer):
         on by another optimizer afterwards keeps none.
 
         Raises:
-            RuntimeError: a ``torch.amp.GradScaler`` steps a DLRT built with an ``optimizer``
-                (whose gradients it would leave scaled), a low-rank layer that trains without
-                gradients (no backward pass first), with ``tol`` one that kept no backward pass
-                (no :meth:`zero_grad` since the last step), or, at fixed rank, one that the closure's loss does not use.
+            RuntimeError: a low-rank layer that trains without gradients (no backward pass
+                first), with ``tol`` one that kept no backward pass (no :meth:`zero_grad`
+                since the last step), or, at fixed rank, one that the closure's loss does not use.
             TypeError: no closure at fixed rank.
             ValueError: a low-rank layer with some of its factors frozen and others not.
             lowlearn.train.NonFiniteLossError: the truncation met a core that is not
@@ -249,11 +251,6 @@ class DLRT(torch.optim.Optimizer):
         the factors and their moments as they were before the step, and no parameter
         stepped; the gradients of the first pass are gone: run it again.
         """
-        if getattr(self, "found_inf", None) is not None:
-            raise RuntimeError("a GradScaler unscales and checks for infinities only the gradients of the optimizer "
-                               "it steps, so DLRT's optimizer= would step on gradients still scaled: with a "
-                               "GradScaler leave optimizer= out (DLRT then takes plain gradient steps on the other "
-                               "parameters), or train in bfloat16 autocast, which needs no loss scaling")
         if self.tol is None and closure is None:
             raise TypeError("fixed-rank DLRT (tol=None) takes its S-step from a second pass on the same batch: "
                             "pass step(closure), a closure that recomputes the loss, e.g. lambda: "
@@ -291,10 +288,11 @@ class DLRT(torch.optim.Optimizer):
             raise
         if self.optimizer is not None:
             self.optimizer.step()
-        for group in self.param_groups[1:]:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.add_(p.grad, alpha=-group["lr"])
+        else:
+            for group in self.param_groups[1:]:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-group["lr"])
         for name, layer in layers.items():
             if name in self.state:                        # K's columns follow V, L's follow U
                 U0, _, V0 = start[name]
@@ -342,8 +340,7 @@ class DLRT(torch.optim.Optimizer):
 
     def _average_s_step_gradients(self, layers: Mapping[str, nn.Module]) -> None:
         """Average the S-step's gradients (the cores' and the other parameters') across processes."""
-        dense_groups = self.param_groups[1:] + (self.optimizer.param_groups if self.optimizer is not None else [])
-        dense = [p for group in dense_groups for p in group["params"]]
+        dense = [p for group in self.param_groups[1:] for p in group["params"]]
         average_across_processes([layer.S.grad for layer in layers.values()] + [p.grad for p in dense],
                                  check=not self._averaged)
         self._averaged = True
@@ -444,15 +441,23 @@ class DLRT(torch.optim.Optimizer):
         as well (before or after; :func:`lowlearn.train.load_checkpoint` does both).
 
         Raises:
-            ValueError: a state with another number of parameter groups (one saved
-                with an ``optimizer`` argument, loaded without one, or the reverse), or
+            ValueError: a state saved with an ``optimizer`` argument loaded without one, or
+                the reverse, a state with another number of parameter groups, or
                 moments of a low-rank layer the model lacks; nothing is loaded then.
         """
-        groups = state.get("param_groups", [])
+        saved_with = state.get("optimizer") is not None
+        if saved_with != (self.optimizer is not None):
+            built = ("with", "without") if saved_with else ("without", "with")
+            raise ValueError(f"the state was saved by a DLRT built {built[0]} an optimizer argument and this one is "
+                             f"built {built[1]}: build it with the same optimizer argument (none, or an optimizer of "
+                             "the dense parameters) as the DLRT that saved it")
+        groups = list(state.get("param_groups", []))
+        if saved_with and len(groups) == 1:        # earlier versions did not list the optimizer's parameters
+            groups.append({})
         if groups and len(groups) != len(self.param_groups):
             raise ValueError(f"the state has {len(groups)} parameter groups and this DLRT {len(self.param_groups)}: "
-                             "build it with the same optimizer argument (none, or an optimizer of the dense "
-                             "parameters) as the DLRT that saved it")
+                             "build it on the same model, with the same optimizer argument, as the DLRT that "
+                             "saved it")
         moments = state.get("state", state.get("moments", {}))
         layers = low_rank_layers(self.model)            # the moments go where their layer's factors are
         unknown = sorted(set(moments) - set(layers))
@@ -508,6 +513,14 @@ def _trained_layers(model: nn.Module) -> dict[str, nn.Module]:
         if trains == {True}:
             layers[name] = layer
     return layers
+
+
+def _other_parameters(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[nn.Parameter]:
+    """What DLRT's second parameter group lists: ``optimizer``'s parameters, or without it the model's parameters
+    other than the low-rank factors."""
+    if optimizer is None:
+        return dense_parameters(model)
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _factors(model: nn.Module, trained_only: bool = False) -> list[nn.Parameter]:

@@ -440,8 +440,20 @@ def test_state_dict_keeps_scheduled_learning_rates_and_moments():
                                                                    for key, value in dlrt.state["1"].items()}}})
     assert restored.state["1"]["S"].dtype == torch.float32
     with_optimizer = DLRT(model, lr=0.1, optimizer=torch.optim.SGD(dense_parameters(model), lr=0.1))
-    with pytest.raises(ValueError, match="2 parameter groups and this DLRT 1"):
+    with pytest.raises(ValueError, match="saved by a DLRT built without an optimizer argument and this one is built "
+                                         "with"):
         with_optimizer.load_state_dict(dlrt.state_dict())
+    with pytest.raises(ValueError, match="saved by a DLRT built with an optimizer argument and this one is built "
+                                         "without"):
+        dlrt.load_state_dict(with_optimizer.state_dict())
+    # Earlier versions saved one group with an optimizer: its parameters were not listed in a second.
+    earlier = with_optimizer.state_dict()
+    earlier["param_groups"] = [{**earlier["param_groups"][0], "lr": 0.05}]
+    with_optimizer.load_state_dict(earlier)
+    assert [group["lr"] for group in with_optimizer.param_groups] == [0.05, 0.1]
+    without_dense = DLRT(to_low_rank(nn.Sequential(nn.Linear(784, 8, bias=False)), ["0"], rank=2), lr=0.1)
+    with pytest.raises(ValueError, match="2 parameter groups and this DLRT 1: build it on the same model"):
+        without_dense.load_state_dict({**dlrt.state_dict(), "state": {}})
     with pytest.raises(ValueError, match=r"moments of low-rank layers \['1'\], which the model lacks"):
         DLRT(to_low_rank(MLP(hidden=(8,)), ["3"], rank=2), lr=0.1, betas=(0.9, 0.999)).load_state_dict(
             dlrt.state_dict())
@@ -740,18 +752,59 @@ def test_zeroed_gradients_leave_the_rank_adaptive_network_as_it_was():
     torch.testing.assert_close(model(x).detach(), before)
 
 
-def test_a_grad_scaler_stepping_dlrt_with_an_optimizer_of_its_own_is_refused_before_anything_steps():
-    # The scaler unscaled DLRT's own groups only: the wrapped optimizer stepped on gradients 2¹⁶ times too large.
+def _adam_run(scaler, tol, steps=3, spoil=None):
+    """:func:`_mixed_model` after ``steps`` DLRT steps with Adam on its dense parameters, through the GradScaler
+    ``scaler`` if given (the closure given positionally at fixed rank); ``spoil(model)`` runs after each backward
+    pass. Returns the model's state and the DLRT."""
     model = _mixed_model()
-    dlrt = DLRT(model, lr=0.1, tol=0.05, optimizer=torch.optim.SGD(dense_parameters(model), lr=0.1))
-    scaler = torch.amp.GradScaler("cpu")
-    before = copy.deepcopy(model.state_dict())
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 10, generator=generator), torch.randint(0, 3, (32,), generator=generator)
+    dlrt = DLRT(model, lr=0.1, tol=tol, optimizer=torch.optim.Adam(dense_parameters(model), lr=0.01))
+    for _ in range(steps):
+        dlrt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if spoil is not None:
+            spoil(model)
+        closure = lambda: F.cross_entropy(model(x), y)  # noqa: E731
+        if scaler is None:
+            dlrt.step(closure)
+        else:
+            scaler.step(dlrt, closure)
+            scaler.update()
+    return model.state_dict(), dlrt
+
+
+@pytest.mark.parametrize("tol", [0.05, None])
+def test_a_grad_scaler_unscales_the_gradients_of_dlrts_optimizer_too(tol):
+    # The scaler unscaled and checked the optimizer DLRT steps: its groups list that optimizer's parameters.
+    # (It used to unscale DLRT's factors only, and so a scaler was refused with optimizer=.)
+    reference, _ = _adam_run(None, tol)
+    scaled, _ = _adam_run(torch.amp.GradScaler("cpu", init_scale=2.0 ** 10), tol)
+    for name in reference:
+        torch.testing.assert_close(scaled[name], reference[name], msg=name)
+
+
+def test_dlrts_groups_list_the_parameters_its_optimizer_holds_then():
+    model, extra = _mixed_model(), nn.Parameter(torch.zeros(3))
+    adam = torch.optim.Adam(dense_parameters(model), lr=0.01)
+    dlrt = DLRT(model, lr=0.1, optimizer=adam)
+    assert [id(p) for p in dlrt.param_groups[1]["params"]] == [id(p) for p in dense_parameters(model)]
+    adam.add_param_group({"params": [extra]})
     dlrt.zero_grad()
-    scaler.scale(F.cross_entropy(model(torch.randn(8, 10)), torch.randint(0, 3, (8,)))).backward()
-    with pytest.raises(RuntimeError, match="with a GradScaler leave optimizer= out"):
-        scaler.step(dlrt)
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, before[name]), name
+    assert [id(p) for p in dlrt.param_groups[1]["params"]] == [id(p) for p in [*dense_parameters(model), extra]]
+
+
+def test_a_gradient_of_dlrts_optimizer_that_is_not_finite_skips_the_whole_step_and_lowers_the_scale():
+    def spoil(model):
+        model[4].bias.grad[0] = float("inf")               # the dense layer's only: the factors' are finite
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    before = _mixed_model().state_dict()
+    after, dlrt = _adam_run(scaler, 0.05, steps=2, spoil=spoil)
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    assert not dlrt.optimizer.state and not dlrt.state and scaler.get_scale() == 2.0 ** 8
 
 
 def test_a_grad_scaler_given_the_closure_positionally_trains_fixed_rank_dlrt_as_without_loss_scaling():
