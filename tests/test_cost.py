@@ -1,6 +1,7 @@
 """Parameter, FLOP and memory counts against numbers worked out by hand."""
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -171,14 +172,17 @@ def test_flops_of_a_model_of_several_inputs():
 
 def test_flops_of_a_conditional_neural_process_by_hand():
     # Its inputs are context x, context y and target x, each (B, points, size): the batch is dimension 0 of each.
-    # The decoder's first layer is applied through its weight in two parts (r once per function, x_T once per
-    # target), so no hook sees it run: it is named, not counted.
+    # The decoder's first layer multiplies r once per function and x_T once per target (it was not counted,
+    # with a warning, while CNP.forward applied its weight in functional code).
     n, m, x_dim, y_dim, hidden = 5, 7, 2, 1, 8
     cnp = CNP(x_dim, y_dim, hidden, encoder_layers=2, decoder_layers=2)
-    with pytest.warns(UserWarning, match=r"did not see the layers \['decoder.0'\] run"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         count = count_flops(cnp, (torch.randn(3, n, x_dim), torch.randn(3, n, y_dim), torch.randn(3, m, x_dim)))
     assert count.per_layer == {"encoder.0": n * (x_dim + y_dim) * hidden, "encoder.2": n * hidden * hidden,
-                               "decoder.2": m * hidden * 2 * y_dim}
+                               "decoder.0": hidden * hidden + m * x_dim * hidden, "decoder.2": m * hidden * 2 * y_dim}
+    unbatched = cnp.decoder[0](torch.randn(hidden), torch.randn(m, x_dim))            # one function, no batch
+    assert cnp.decoder[0].count_macs(unbatched) == hidden * hidden + m * x_dim * hidden
 
 
 def test_flops_of_several_inputs_need_one_batch_size():

@@ -31,12 +31,39 @@ from torch.distributions import Normal
 from ..checks import check_count
 
 
-def _mlp(sizes: list[int]) -> nn.Sequential:
-    """Linear layers of the given widths with ReLU between them (none after the last)."""
+def _mlp(sizes: list[int], first: Callable[[int, int], nn.Linear] = nn.Linear) -> nn.Sequential:
+    """Linear layers of the given widths with ReLU between them (none after the last); ``first`` builds the first."""
     layers: list[nn.Module] = []
     for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+        layers += [(first if not layers else nn.Linear)(n_in, n_out), nn.ReLU()]
     return nn.Sequential(*layers[:-1])
+
+
+class _ConditionedLinear(nn.Linear):
+    """The decoder's first layer, ``W [r; x_T] + b`` on the representation ``r`` and a target input ``x_T``.
+
+    It computes ``(W_r r + b) + W_x x_T``: the product with ``r`` once per function rather
+    than once per target, and ``[r, x_T]`` is never materialised. ``weight`` is ``W``, its
+    last ``x_dim`` columns ``W_x``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, x_dim: int):
+        super().__init__(in_features, out_features)
+        self.x_dim = x_dim
+
+    def forward(self, r: Tensor, target_x: Tensor) -> Tensor:
+        """``r (B, in − x_dim)`` and ``target_x (B, m, x_dim)`` (or both without ``B``) to ``(B, m, out)``."""
+        w_r, w_x = self.weight.split([self.in_features - self.x_dim, self.x_dim], dim=-1)
+        return F.linear(r, w_r, self.bias).unsqueeze(-2) + F.linear(target_x, w_x)
+
+    def count_macs(self, output: Tensor) -> int:
+        """Multiply-accumulates that gave ``output``: ``out·(in − x_dim)`` per function and ``out·x_dim`` per
+        target. Used by :func:`lowlearn.cost.count_flops`."""
+        functions, targets = math.prod(output.shape[:-2]), math.prod(output.shape[:-1])
+        return self.out_features * (functions * (self.in_features - self.x_dim) + targets * self.x_dim)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, x_dim={self.x_dim}"
 
 
 class CNP(nn.Module):
@@ -72,7 +99,8 @@ class CNP(nn.Module):
                              f"{min_std}")
         self.x_dim, self.y_dim, self.min_std = x_dim, y_dim, min_std
         self.encoder = _mlp([x_dim + y_dim] + [hidden] * encoder_layers)
-        self.decoder = _mlp([hidden + x_dim] + [hidden] * (decoder_layers - 1) + [2 * y_dim])
+        self.decoder = _mlp([hidden + x_dim] + [hidden] * (decoder_layers - 1) + [2 * y_dim],
+                            first=lambda n_in, n_out: _ConditionedLinear(n_in, n_out, x_dim))
 
     def represent(self, context_x: Tensor, context_y: Tensor) -> Tensor:
         """``r``: the mean of the encoded context pairs, ``(B, hidden)``.
@@ -94,11 +122,7 @@ class CNP(nn.Module):
         if target_x.dim() < 2 or target_x.shape[-1] != self.x_dim or target_x.shape[:-2] != context_x.shape[:-2]:
             raise ValueError(f"target_x {tuple(target_x.shape)} must be (B, m, {self.x_dim}) with the batch of "
                              f"context_x {tuple(context_x.shape)}")
-        # The decoder's first layer acts on [r, x_T]: W [r; x_T] + b = (W_r r + b) + W_x x_T, so its product
-        # with r is taken once per function rather than once per target, and [r, x_T] is never materialised.
-        first = self.decoder[0]
-        w_r, w_x = first.weight.split([first.in_features - self.x_dim, self.x_dim], dim=-1)
-        hidden = F.linear(self.represent(context_x, context_y), w_r, first.bias).unsqueeze(-2) + F.linear(target_x, w_x)
+        hidden = self.decoder[0](self.represent(context_x, context_y), target_x)     # g's first layer on [r, x_T]
         mean, raw_std = self.decoder[1:](hidden).split(self.y_dim, dim=-1)
         # σ ≥ σ_min > 0 by construction: Normal's checks of its arguments would read them back from the device.
         return Normal(mean, self.min_std + (1 - self.min_std) * F.softplus(raw_std), validate_args=False)

@@ -19,6 +19,12 @@ def test_predictions_are_invariant_to_the_order_of_the_context_set():
     torch.testing.assert_close(shuffled.stddev, original.stddev, rtol=1e-12, atol=1e-12)
 
 
+def _decoder_on_concatenation(cnp, r, tx):
+    """g([r, x_T]) written out: the first layer's weight on the concatenated inputs, then the other layers."""
+    first = cnp.decoder[0]
+    return cnp.decoder[1:](torch.nn.functional.linear(torch.cat([r, tx], -1), first.weight, first.bias))
+
+
 def test_the_representation_is_the_mean_of_the_encoded_pairs_and_the_std_is_bounded_below():
     torch.manual_seed(0)
     cnp = CNP(x_dim=2, y_dim=3, hidden=8, min_std=0.2)
@@ -29,7 +35,7 @@ def test_the_representation_is_the_mean_of_the_encoded_pairs_and_the_std_is_boun
     assert prediction.mean.shape == (6, 3) and (prediction.stddev >= 0.2).all()
     # σ = σ_min + (1 − σ_min) softplus(raw), raw the decoder's second half; a very negative raw gives σ_min.
     r = cnp.represent(cx, cy).expand(6, -1)
-    raw = cnp.decoder(torch.cat([r, tx], -1))[:, 3:]
+    raw = _decoder_on_concatenation(cnp, r, tx)[:, 3:]
     torch.testing.assert_close(prediction.stddev, 0.2 + 0.8 * torch.nn.functional.softplus(raw))
     with torch.no_grad():
         last = cnp.decoder[-1]
@@ -49,7 +55,7 @@ def test_the_decoder_equals_its_layers_on_the_concatenated_representation_and_ta
     grads = torch.autograd.grad(loss, list(cnp.parameters()))
 
     r = cnp.represent(cx, cy).unsqueeze(1).expand(3, 5, 8)
-    mean, raw = cnp.decoder(torch.cat([r, tx], -1)).split(1, dim=-1)
+    mean, raw = _decoder_on_concatenation(cnp, r, tx).split(1, dim=-1)
     std = 0.1 + 0.9 * torch.nn.functional.softplus(raw)
     torch.testing.assert_close(prediction.mean, mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(prediction.stddev, std, rtol=1e-12, atol=1e-12)

@@ -161,6 +161,7 @@ def test_cnp_loss_equals_the_negative_log_likelihood_of_torch_distributions_norm
     cx, cy, tx, ty = (torch.randn(2, n, 1, generator=generator, dtype=torch.float64) for n in (3, 3, 6, 6))
     r = torch.stack([torch.stack([cnp.encoder(torch.cat([cx[b, i], cy[b, i]])) for i in range(3)]).mean(0)
                      for b in range(2)])
-    out = cnp.decoder(torch.cat([r[:, None].expand(2, 6, 8), tx], -1))
+    first = cnp.decoder[0]                                   # its weight on [r, x], written out
+    out = cnp.decoder[1:](F.linear(torch.cat([r[:, None].expand(2, 6, 8), tx], -1), first.weight, first.bias))
     normal = torch.distributions.Normal(out[..., :1], 0.1 + 0.9 * F.softplus(out[..., 1:]))
     torch.testing.assert_close(cnp.loss(cx, cy, tx, ty), -normal.log_prob(ty).mean(), rtol=1e-12, atol=1e-12)
