@@ -72,16 +72,17 @@ by ``c = ⟨S.grad, g⟩ / ⟨g, g⟩``, with ``g`` the ``∂L/∂S`` that the b
 ``S.grad`` (kept beside the signals, ``r × r``). ``c = 1`` when nothing touched the
 gradients, and ``c`` is exact for anything that rescales them: ``clip_grad_norm_``, or a
 ``torch.amp.GradScaler`` for float16 mixed precision (``scaler.scale(loss).backward()``,
-``scaler.step(dlrt)``; DLRT's parameter groups list the parameters of its ``optimizer``
-argument too, so the scaler unscales and checks every gradient, and skips the whole
-step, the wrapped optimizer's included, when one is not finite). An element-wise change
-(``clip_grad_value_``) reaches the S-step as its least-squares rescaling. At fixed rank
-such changes reach the K- and L-steps only: the S-step and the other parameters take the
-closure's pass. A GradScaler refuses ``closure=`` as a keyword; given positionally,
-``scaler.step(dlrt, closure)``, it runs, but the closure's pass is neither loss-scaled
-(its float16 gradients can underflow) nor checked for infinities. Keep steps small by
-``lr`` (or ``betas``), and train in mixed precision with bfloat16 autocast, which needs
-no loss scaling.
+``scaler.step(dlrt)``: the scaler checks the gradients of DLRT's parameter groups, which
+list the parameters of its ``optimizer`` argument too, and DLRT unscales them all, or
+skips the whole step, the wrapped optimizer's included, when one is not finite). An
+element-wise change (``clip_grad_value_``) reaches the S-step as its least-squares
+rescaling. At fixed rank such changes reach the K- and L-steps only: the S-step and the
+other parameters take the closure's pass. A GradScaler refuses ``closure=`` as a keyword;
+give it positionally, ``scaler.step(dlrt, closure)``: the scaler leaves the unscaling to
+DLRT, which scales the closure's loss by the same scale (float16 gradients would
+underflow without it), unscales its gradients, and runs the pass again unscaled should
+they overflow. After ``scaler.unscale_(dlrt)`` (to clip, say) DLRT is not told the scale,
+and the closure's pass runs unscaled.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ class DLRT(torch.optim.Optimizer):
     ``optimizer`` you pass keeps its own parameter groups: give it a scheduler of its own.
     Its parameters are listed in ``param_groups[1]`` as well, whose ``"lr"`` is then
     unused, so that what works on an optimizer's groups reaches them: a
-    ``torch.amp.GradScaler`` stepping DLRT unscales and checks their gradients too.
+    ``torch.amp.GradScaler`` checks their gradients too (and ``scaler.unscale_(dlrt)``
+    unscales them).
 
     A frozen low-rank layer (``requires_grad`` off for its three factors, e.g. by
     ``layer.requires_grad_(False)``) is left as it is, at its rank; the others train.
@@ -151,6 +153,9 @@ class DLRT(torch.optim.Optimizer):
     #: DLRT averages its gradients across processes itself (see :mod:`lowlearn.distributed`), so
     #: :func:`lowlearn.train.fit` does not wrap the model in DistributedDataParallel for it.
     averages_gradients = True
+    #: A ``torch.amp.GradScaler`` hands :meth:`step` the loss scale and leaves the unscaling to it, so that the
+    #: fixed-rank S-step's second pass is loss-scaled too.
+    _step_supports_amp_scaling = True
 
     def __init__(self, model: nn.Module, lr: float, *, tol: float | None = None, r_min: int = 1,
                  r_max: int | None = None, betas: tuple[float, float] | None = None, eps: float = 1e-8,
@@ -232,7 +237,8 @@ class DLRT(torch.optim.Optimizer):
                 given is not called (so one loop can serve both kinds).
 
         Returns:
-            The loss of the S-step's pass at fixed rank; ``None`` with ``tol``.
+            The loss of the S-step's pass at fixed rank; ``None`` with ``tol``, or when a
+            ``torch.amp.GradScaler`` found gradients that are not finite (nothing steps then).
 
         With ``tol``, the layers keep their inputs and output gradients for the S-step from
         :meth:`zero_grad` (or the construction) to this step, and no longer: a model trained
@@ -255,6 +261,14 @@ class DLRT(torch.optim.Optimizer):
             raise TypeError("fixed-rank DLRT (tol=None) takes its S-step from a second pass on the same batch: "
                             "pass step(closure), a closure that recomputes the loss, e.g. lambda: "
                             "loss_fn(model(x), y)")
+        # Set by a GradScaler's step: the loss scale (None once scaler.unscale_(dlrt) has unscaled the gradients)
+        # and whether the gradients of DLRT's groups, which it checked, are all finite.
+        scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None and found_inf.item():             # the scaler's own step reads it on the host too
+            self._keep_signals(False)
+            return None
+        if scale is not None:
+            self._unscale(scale)
         layers = _trained_layers(self.model)
         for name, layer in layers.items():
             if layer.U.grad is None or layer.V.grad is None:
@@ -274,7 +288,7 @@ class DLRT(torch.optim.Optimizer):
             for name, layer in layers.items():
                 self._basis_update(name, layer)
             if self.tol is None:
-                loss = self._s_step_pass(layers, closure)
+                loss = self._s_step_pass(layers, closure, scale)
             else:
                 self._s_step_from_first_pass(layers, scales)
             self._galerkin_and_truncate(layers)
@@ -302,20 +316,30 @@ class DLRT(torch.optim.Optimizer):
         self.param_groups[0]["params"] = _factors(self.model, trained_only=True)
         return None if loss is None else loss.detach()
 
-    def _s_step_pass(self, layers: Mapping[str, nn.Module], closure: Callable[[], Tensor]) -> Tensor:
+    def _s_step_pass(self, layers: Mapping[str, nn.Module], closure: Callable[[], Tensor],
+                     scale: Tensor | None) -> Tensor:
         """Run the closure's forward and backward pass in the new bases (fixed rank); return its loss.
 
         Leaves ``∇_S L`` in every layer's ``S.grad`` and the other parameters' gradients,
-        averaged across processes.
+        averaged across processes. With a GradScaler's loss ``scale``, the backward pass
+        is of the scaled loss and its gradients are unscaled; if they are not all finite,
+        the pass runs again without the scale.
         """
-        self.zero_grad()
         for layer in layers.values():
             layer.kl_gradients = False
         try:
-            # The batch's second pass: batch norms have updated their running statistics on the first.
-            with torch.enable_grad(), buffers_restored(self.model):
-                loss = closure()
-                loss.backward()
+            for factor in (scale, None) if scale is not None else (None,):
+                self.zero_grad()
+                # The batch's second pass: batch norms have updated their running statistics on the first.
+                with torch.enable_grad(), buffers_restored(self.model):
+                    loss = closure()
+                    (loss if factor is None else loss * factor).backward()
+                if factor is None:
+                    break
+                self._unscale(factor)
+                gradients = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+                if torch.stack([gradient.isfinite().all() for gradient in gradients]).all():
+                    break
         finally:
             for layer in layers.values():
                 layer.kl_gradients = True
@@ -326,6 +350,15 @@ class DLRT(torch.optim.Optimizer):
                                "backward pass, through every low-rank layer")
         self._average_s_step_gradients(layers)
         return loss
+
+    def _unscale(self, scale: Tensor) -> None:
+        """Divide the gradients of DLRT's groups by a GradScaler's loss ``scale`` (times its reciprocal in float32,
+        as the scaler does)."""
+        inverse = scale.double().reciprocal().float()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(inverse.to(p.grad.device))
 
     def _s_step_from_first_pass(self, layers: Mapping[str, nn.Module], scales: Mapping[str, Tensor]) -> None:
         """Put ``∇_S L = Ûᵀ (∂L/∂W) V̂`` in every layer's ``S.grad``, from its kept signals, times its ``scales``

@@ -807,24 +807,39 @@ def test_a_gradient_of_dlrts_optimizer_that_is_not_finite_skips_the_whole_step_a
     assert not dlrt.optimizer.state and not dlrt.state and scaler.get_scale() == 2.0 ** 8
 
 
-def test_a_grad_scaler_given_the_closure_positionally_trains_fixed_rank_dlrt_as_without_loss_scaling():
-    # It refuses closure= as a keyword; positionally it unscales the first pass, and the closure's is not scaled.
+@pytest.mark.parametrize("unscaled_first, overflows", [(False, False), (True, False), (False, True)])
+def test_a_grad_scaler_scales_the_loss_of_the_fixed_rank_closures_pass_too(unscaled_first, overflows):
+    # The closure, given positionally (the scaler refuses closure=), has its loss scaled by the scaler's scale
+    # and its gradients unscaled; after scaler.unscale_(dlrt) DLRT is not told the scale, and the pass runs
+    # unscaled; a scaled pass whose gradients overflow runs again unscaled. Each trains as without a scaler.
+    # (The closure's pass used to run unscaled always.)
     x, y = torch.randn(16, 10, generator=torch.Generator().manual_seed(3)), torch.arange(16) % 3
-    states = []
-    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)):
+    factor = 1e34 if overflows else 1.0     # (loss / 10³⁴) · 10³⁴: backward multiplies the scale 2¹⁶ by 10³⁴: inf
+    states, seen = [], []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)):
         model = _mixed_model()
         dlrt = DLRT(model, lr=0.1)
+
+        def closure():
+            loss = F.cross_entropy(model(x), y)
+            if scaler is not None:
+                loss.register_hook(lambda gradient: seen.append(float(gradient)))
+            return loss / factor * factor
+
         for _ in range(3):
             dlrt.zero_grad()
             loss = F.cross_entropy(model(x), y)
-            closure = lambda: F.cross_entropy(model(x), y)  # noqa: E731
             if scaler is None:
                 loss.backward()
                 dlrt.step(closure)
             else:
                 scaler.scale(loss).backward()
+                if unscaled_first:
+                    scaler.unscale_(dlrt)
                 scaler.step(dlrt, closure)
                 scaler.update()
         states.append(model.state_dict())
+    passes = [1.0] if unscaled_first else [float("inf"), 1.0] if overflows else [2.0 ** 16]
+    assert seen == passes * 3
     for name in states[0]:
         torch.testing.assert_close(states[1][name], states[0][name], msg=name)
