@@ -217,6 +217,19 @@ def worker(rank: int, processes: int, folder: str) -> None:
             progress=False)                                          # no evaluation: fit hands them out at the end
         dist.all_gather(statistics, torch.stack([norm[1].running_mean, norm[1].running_var]))
         assert torch.equal(statistics[0], statistics[1]), statistics
+        # A GradScaler checks each process's own gradients, which DLRT averages afterwards: a step that one
+        # process finds not finite is skipped on every process (the other used to step, and then wait forever for
+        # the skipping one in the gradients' all-reduce).
+        low_rank = to_low_rank(MLP(20, (8,), 4), ["1"], rank=2)
+        broadcast_from_the_first_process(low_rank.parameters())
+        before = {name: value.clone() for name, value in low_rank.state_dict().items()}
+        dlrt, scaler = DLRT(low_rank, lr=0.1, tol=0.3), torch.amp.GradScaler("cpu")
+        dlrt.zero_grad()
+        scaler.scale(torch.nn.functional.cross_entropy(low_rank(torch.randn(4, 20)), torch.arange(4))).backward()
+        if rank == 1:
+            low_rank[3].bias.grad[0] = float("inf")
+        scaler.step(dlrt)
+        assert all(torch.equal(value, before[name]) for name, value in low_rank.state_dict().items()), rank
         # Each process builds its model from its own seed: training starts from the first process's weights.
         torch.save({method: train(method, seed=rank) for method in METHODS}, f"{folder}/rank{rank}.pt")
     finally:

@@ -238,7 +238,8 @@ class DLRT(torch.optim.Optimizer):
 
         Returns:
             The loss of the S-step's pass at fixed rank; ``None`` with ``tol``, or when a
-            ``torch.amp.GradScaler`` found gradients that are not finite (nothing steps then).
+            ``torch.amp.GradScaler`` found gradients that are not finite, on any process of a
+            process group (nothing steps then, on every process).
 
         With ``tol``, the layers keep their inputs and output gradients for the S-step from
         :meth:`zero_grad` (or the construction) to this step, and no longer: a model trained
@@ -264,9 +265,13 @@ class DLRT(torch.optim.Optimizer):
         # Set by a GradScaler's step: the loss scale (None once scaler.unscale_(dlrt) has unscaled the gradients)
         # and whether the gradients of DLRT's groups, which it checked, are all finite.
         scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if found_inf is not None and found_inf.item():             # the scaler's own step reads it on the host too
-            self._keep_signals(False)
-            return None
+        if found_inf is not None:
+            # It checked this process's gradients, which DLRT averages later: one process's skip is every one's.
+            found_inf = found_inf.clone()
+            average_across_processes([found_inf], check=False)
+            if found_inf.item():                                   # the scaler's own step reads it on the host too
+                self._keep_signals(False)
+                return None
         if scale is not None:
             self._unscale(scale)
         layers = _trained_layers(self.model)
