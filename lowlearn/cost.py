@@ -236,13 +236,19 @@ def _qualified(name: str, child: str) -> str:
     return ".".join(filter(None, (name, child)))
 
 
+def recurrent_weights(module: nn.RNNBase | nn.RNNCellBase) -> list[torch.Tensor]:
+    """The weight matrices of a recurrent layer or cell, of every layer and direction, an LSTM's projection included
+    (not the biases): :func:`count_flops` counts each once per time step."""
+    if isinstance(module, nn.RNNCellBase):
+        return [module.weight_ih, module.weight_hh]
+    return [weight for layer in module.all_weights for weight in layer if weight.dim() == 2]
+
+
 def _recurrent_macs(module: nn.RNNBase | nn.RNNCellBase, input: torch.Tensor | PackedSequence) -> int:
-    """The MACs of one call of a recurrent layer or cell: each weight matrix (of every layer and direction,
-    an LSTM's projection included) once per row of ``input``, a time step of one sequence."""
+    """The MACs of one call of a recurrent layer or cell: each of its :func:`recurrent_weights` once per row of
+    ``input``, a time step of one sequence."""
     steps = (input.data if isinstance(input, PackedSequence) else input).numel() // module.input_size
-    weights = (module.weight_ih, module.weight_hh) if isinstance(module, nn.RNNCellBase) else \
-        [weight for layer in module.all_weights for weight in layer if weight.dim() == 2]       # not the biases
-    return steps * sum(weight.numel() for weight in weights)
+    return steps * sum(weight.numel() for weight in recurrent_weights(module))
 
 
 def _attention_macs(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor,

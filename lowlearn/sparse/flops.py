@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..checks import as_float, check_count, is_real
-from ..cost import FlopCount, count_flops, training_flops
+from ..cost import FlopCount, count_flops, recurrent_weights, training_flops
 from .mask import kept_fraction, layer_densities
 
 Densities = float | Mapping[str, float]
@@ -145,8 +145,9 @@ def model_sparse_flops(model: nn.Module, example_input: torch.Tensor | tuple[tor
     its mask's (:func:`~lowlearn.sparse.mask.layer_densities`); any other counted
     layer with a ``weight`` counts its nonzero weights, so a model whose masks were
     made permanent (:func:`~lowlearn.sparse.mask.squash`) or pruned with
-    ``torch.nn.utils.prune`` costs what its zeros save; a recurrent layer (``nn.LSTM``,
-    ...), whose weights have other names and take no mask, counts dense. A layer that counts its own
+    ``torch.nn.utils.prune`` costs what its zeros save; so does a recurrent layer
+    (``nn.LSTM``, ...), which takes no mask, by the nonzero entries of its weight
+    matrices (:func:`~lowlearn.cost.recurrent_weights`). A layer that counts its own
     MACs (``count_macs``, e.g. the exported layers of :mod:`lowlearn.sparse.export`)
     is taken at its count. Multiply by 3 (:func:`sparse_training_flops`) for a
     training step.
@@ -159,9 +160,12 @@ def model_sparse_flops(model: nn.Module, example_input: torch.Tensor | tuple[tor
     flop_count, densities = count_flops(model, example_input), layer_densities(model)
     modules = dict(model.named_modules())
     for name in flop_count.per_layer.keys() - densities.keys():
-        weight = getattr(modules[name], "weight", None)
-        if isinstance(weight, torch.Tensor) and not hasattr(modules[name], "count_macs"):
-            densities[name] = kept_fraction(int(weight.count_nonzero()), weight.numel())
+        module = modules[name]
+        weights = recurrent_weights(module) if isinstance(module, (nn.RNNBase, nn.RNNCellBase)) else \
+            [getattr(module, "weight", None)]
+        if all(isinstance(weight, torch.Tensor) for weight in weights) and not hasattr(module, "count_macs"):
+            densities[name] = kept_fraction(int(sum(weight.count_nonzero() for weight in weights)),
+                                            sum(weight.numel() for weight in weights))
     return sparse_inference_flops(flop_count, densities, relative_to_dense=relative_to_dense)
 
 

@@ -66,7 +66,7 @@ def test_pruned_models_cost_their_kept_weights_times_the_positions_they_slide_ov
     assert int(masks_of(conv)["features.3"].sum()) == kept_count(0.3, 16 * 6 * 25)
 
 
-def test_a_recurrent_layer_counts_dense_beside_a_masked_head():
+def test_a_recurrent_layer_costs_its_nonzero_weights_beside_a_masked_head():
     class Tagger(torch.nn.Module):                      # masks attach to linear and convolutional layers only
         def __init__(self):
             super().__init__()
@@ -81,6 +81,11 @@ def test_a_recurrent_layer_counts_dense_beside_a_masked_head():
     lstm, head = 5 * 4 * 6 * (4 + 6), 5 * 6 * 3
     assert count_flops(model, x).per_layer == {"lstm": lstm, "head": head}
     assert model_sparse_flops(model, x) == pytest.approx(lstm + 2 / 3 * head)
+    # Its weight matrices pruned with torch.nn.utils.prune (each step multiplies both; they used to count dense):
+    # 24 of the 96 input weights and 48 of the 144 recurrent ones kept, 5 steps per sequence.
+    torch.nn.utils.prune.custom_from_mask(model.lstm, "weight_ih_l0", torch.arange(96).view(24, 4) % 4 == 0)
+    torch.nn.utils.prune.custom_from_mask(model.lstm, "weight_hh_l0", torch.arange(144).view(24, 6) % 3 == 0)
+    assert model_sparse_flops(model, x) == pytest.approx(5 * (24 + 48) + 2 / 3 * head)
 
 
 def test_squashed_and_torch_pruned_models_cost_their_nonzero_weights():
