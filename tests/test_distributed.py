@@ -218,8 +218,8 @@ def worker(rank: int, processes: int, folder: str) -> None:
         dist.all_gather(statistics, torch.stack([norm[1].running_mean, norm[1].running_var]))
         assert torch.equal(statistics[0], statistics[1]), statistics
         # A GradScaler checks each process's own gradients, which DLRT averages afterwards: a step that one
-        # process finds not finite is skipped on every process (the other used to step, and then wait forever for
-        # the skipping one in the gradients' all-reduce).
+        # process finds not finite is skipped on every process (the other used to step alone, its all-reduce of the
+        # gradients paired with whatever collective the skipping process ran next).
         low_rank = to_low_rank(MLP(20, (8,), 4), ["1"], rank=2)
         broadcast_from_the_first_process(low_rank.parameters())
         before = {name: value.clone() for name, value in low_rank.state_dict().items()}

@@ -777,8 +777,8 @@ def _adam_run(scaler, tol, steps=3, spoil=None):
 
 @pytest.mark.parametrize("tol", [0.05, None])
 def test_a_grad_scaler_unscales_the_gradients_of_dlrts_optimizer_too(tol):
-    # The scaler unscaled and checked the optimizer DLRT steps: its groups list that optimizer's parameters.
-    # (It used to unscale DLRT's factors only, and so a scaler was refused with optimizer=.)
+    # The scaler checks, and DLRT unscales, the gradients of the optimizer DLRT steps: its groups list that
+    # optimizer's parameters. (The scaler used to unscale DLRT's factors only, so a scaler was refused then.)
     reference, _ = _adam_run(None, tol)
     scaled, _ = _adam_run(torch.amp.GradScaler("cpu", init_scale=2.0 ** 10), tol)
     for name in reference:
