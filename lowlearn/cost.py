@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .checks import is_integer
 from .train import buffers_restored, eval_mode, tensors_in
 
 _MIB = 2**20
@@ -81,7 +82,7 @@ COUNTED = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_TRANSPOSED
 
 
 def count_flops(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...], *,
-                batch_dim: int = 0) -> FlopCount:
+                batch_dim: int | tuple[int, ...] = 0) -> FlopCount:
     """Dense multiply-accumulates per example of every linear, convolutional, attention and recurrent layer.
 
     The layers are :data:`COUNTED` (``nn.Linear`` and ``nn.Bilinear``; 1-, 2- and 3-D
@@ -144,15 +145,16 @@ def count_flops(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tens
             :class:`~lowlearn.meta.cnp.CNP`'s context inputs, context outputs and target inputs).
         batch_dim: the dimension of ``example_input`` (of each of its tensors) that holds the
             examples: 1 for a model that takes sequences first, ``(S, B, E)``, as ``nn.Transformer``
-            and ``nn.MultiheadAttention`` do by default (``batch_first=False``).
+            and ``nn.MultiheadAttention`` do by default (``batch_first=False``); or a tuple, one
+            dimension per input, e.g. ``(1, 0)`` for sequences first and their ``(B,)`` lengths.
 
     Returns:
         The total and per-layer MACs of one example.
 
     Raises:
         TypeError: an ``example_input`` that is neither a tensor nor a tuple of tensors.
-        ValueError: an ``example_input`` without a batch dimension, an empty batch, or inputs
-            whose batch sizes differ.
+        ValueError: an ``example_input`` without a batch dimension, an empty batch, inputs
+            whose batch sizes differ, or a tuple ``batch_dim`` without one integer per input.
     """
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     batch_size = _batch_size(inputs, batch_dim)
@@ -207,25 +209,31 @@ def count_flops(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tens
     return FlopCount(total=sum(per_example.values()), per_layer=per_example)
 
 
-def _batch_size(inputs: tuple, batch_dim: int) -> int:
-    """The number of examples in ``inputs``, the size of the first along ``batch_dim``, which each must share.
+def _batch_size(inputs: tuple, batch_dim: int | tuple[int, ...]) -> int:
+    """The number of examples in ``inputs``, the size of the first along its ``batch_dim``, which each must share
+    along its own (``batch_dim``: one dimension for all inputs, or one per input).
 
     Raises:
         TypeError: an input that is not a tensor.
-        ValueError: a first input without a batch dimension (a single example of a
-            linear layer, ``(F,)``), an empty batch, or an input of another batch size.
+        ValueError: a ``batch_dim`` tuple without one integer per input, a first input without
+            a batch dimension (a single example of a linear layer, ``(F,)``), an empty batch,
+            or an input of another batch size.
     """
     if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
         raise TypeError(f"example_input must be a tensor or a non-empty tuple of tensors (the model's inputs), got "
                         f"{', '.join(type(x).__name__ for x in inputs) or 'an empty tuple'}")
-    first = inputs[0]
-    if first.dim() < 2 or not -first.dim() <= batch_dim < first.dim() or first.shape[batch_dim] == 0:
+    dims = batch_dim if isinstance(batch_dim, tuple) else (batch_dim,) * len(inputs)
+    if len(dims) != len(inputs) or not all(is_integer(d) for d in dims):
+        raise ValueError(f"batch_dim must be one integer, or a tuple of one integer per input ({len(inputs)}), got "
+                         f"{batch_dim!r}")
+    first, dim = inputs[0], dims[0]
+    if first.dim() < 2 or not -first.dim() <= dim < first.dim() or first.shape[dim] == 0:
         raise ValueError(
-            f"example_input must be a non-empty batch with a batch dimension (batch_dim={batch_dim}; a single "
+            f"example_input must be a non-empty batch with a batch dimension (batch_dim={dim}; a single "
             f"example x is x.unsqueeze(0)), got shape {tuple(first.shape)}"
         )
-    batch_size = first.shape[batch_dim]
-    if any(not -x.dim() <= batch_dim < x.dim() or x.shape[batch_dim] != batch_size for x in inputs):
+    batch_size = first.shape[dim]
+    if any(not -x.dim() <= d < x.dim() or x.shape[d] != batch_size for x, d in zip(inputs, dims)):
         raise ValueError(f"every input must hold the same {batch_size} examples along batch_dim={batch_dim} as the "
                          f"first, got shapes {[tuple(x.shape) for x in inputs]}")
     return batch_size

@@ -666,6 +666,30 @@ def test_flops_of_packed_and_unbatched_sequences_count_their_real_steps(kind, ga
     assert count_flops(OneByOne(), torch.randn(3, 5, i)).total == 5 * gates * h * (i + h)
 
 
+def test_flops_of_sequences_first_and_their_lengths_take_a_batch_dimension_each():
+    # Sequences (T, B, I) and lengths (B,): the batch is dimension 1 of one and 0 of the other (one batch_dim
+    # for all inputs refused the lengths).
+    i, h, lengths = 4, 6, torch.tensor([5, 1, 3])
+
+    class SequencesFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(i, h)
+
+        def forward(self, x, lengths):
+            return self.lstm(pack_padded_sequence(x, lengths, enforce_sorted=False))[0].data
+
+    x = torch.randn(5, 3, i)
+    assert count_flops(SequencesFirst(), (x, lengths), batch_dim=(1, 0)).per_layer == {"lstm": 3 * 4 * h * (i + h)}
+    with pytest.raises(ValueError, match="the same 3 examples along batch_dim=1"):
+        count_flops(SequencesFirst(), (x, lengths), batch_dim=1)
+    for bad in ((1,), (1, 0, 0), (1, True), (1.0, 0)):
+        with pytest.raises(ValueError, match=r"one integer per input \(2\), got"):
+            count_flops(SequencesFirst(), (x, lengths), batch_dim=bad)
+    with pytest.raises(ValueError, match=r"the same 3 examples along batch_dim=\(1, 1\)"):
+        count_flops(SequencesFirst(), (x, torch.zeros(3, 2)), batch_dim=(1, 1))
+
+
 @pytest.mark.parametrize("kind, gates", [(nn.RNNCell, 1), (nn.LSTMCell, 4), (nn.GRUCell, 3)])
 def test_flops_of_recurrent_cells_by_hand(kind, gates):
     i, h, t = 4, 6, 5
