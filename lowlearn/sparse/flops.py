@@ -136,12 +136,12 @@ def pruning_training_flops(
 
 
 def model_sparse_flops(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...], *,
-                       relative_to_dense: bool = False) -> float:
+                       batch_dim: int | tuple[int, ...] = 0, relative_to_dense: bool = False) -> float:
     """:func:`sparse_inference_flops` of a sparse model: its masks, or the zeros of its weights.
 
     The dense costs come from :func:`lowlearn.cost.count_flops` on
     ``example_input`` (a batch on the model's device, or a tuple of the model's inputs,
-    each such a batch). A masked layer's density is
+    each such a batch, its examples along ``batch_dim`` as there). A masked layer's density is
     its mask's (:func:`~lowlearn.sparse.mask.layer_densities`); any other counted
     layer with a ``weight`` counts its nonzero weights, so a model whose masks were
     made permanent (:func:`~lowlearn.sparse.mask.squash`) or pruned with
@@ -157,7 +157,7 @@ def model_sparse_flops(model: nn.Module, example_input: torch.Tensor | tuple[tor
             count (it counts the layers of :data:`~lowlearn.cost.COUNTED` and those with
             ``count_macs`` that the example runs through).
     """
-    flop_count, densities = count_flops(model, example_input), layer_densities(model)
+    flop_count, densities = count_flops(model, example_input, batch_dim=batch_dim), layer_densities(model)
     modules = dict(model.named_modules())
     for name in flop_count.per_layer.keys() - densities.keys():
         module = modules[name]

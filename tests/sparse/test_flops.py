@@ -114,6 +114,8 @@ def test_a_pruned_transformer_layer_costs_its_kept_projections():
     attention = 3 * tokens * e * e + 2 * tokens * tokens * e               # its in_proj_weight is not a layer: dense
     by_hand = attention + 0.25 * (tokens * e * e + 2 * tokens * e * ff)
     assert model_sparse_flops(layer, torch.randn(3, tokens, e)) == pytest.approx(by_hand)
+    layer.self_attn.batch_first = False                                     # now sequences first, (S, B, E)
+    assert model_sparse_flops(layer, torch.randn(tokens, 3, e), batch_dim=1) == pytest.approx(by_hand)
 
 
 def test_pruning_with_a_constant_schedule_costs_static_sparse_training(lenet):
