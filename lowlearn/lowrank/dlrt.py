@@ -211,9 +211,8 @@ class DLRT(torch.optim.Optimizer):
         """Clear the gradients of the factors and of the dense parameters, and the layers' kept signals."""
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=set_to_none)
+            self.param_groups[1]["params"] = _other_parameters(self.model, self.optimizer)   # if it took more
         self.param_groups[0]["params"] = _factors(self.model, trained_only=True)   # the layers' current factors
-        if self.optimizer is not None:                                  # and the optimizer's, if it took more
-            self.param_groups[1]["params"] = _other_parameters(self.model, self.optimizer)
         super().zero_grad(set_to_none=set_to_none)
         self._keep_signals()
 
