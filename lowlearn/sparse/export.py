@@ -34,6 +34,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..lowrank.layers import LowRankLayer, LowRankLinear, integer_padding
 from .mask import kept_fraction, squash
@@ -223,7 +224,8 @@ def export(model: nn.Module, format: str = "csr", *, min_sparsity: float = 0.0) 
             :class:`CSRConv2d`; ``"2:4"``: Linear layers to
             :class:`SemiStructuredLinear` where the GPU supports it; ``"dense"``: masks
             squashed only. A layer the format cannot take (a grouped convolution for
-            CSR, a convolution or a shape torch's 2:4 kernels refuse) stays dense, and a
+            CSR, a convolution or a shape torch's 2:4 kernels refuse, a subclass of
+            ``nn.Linear`` or ``nn.Conv2d`` with its own ``forward``) stays dense, and a
             warning names it and says why. Low-rank layers become two thin layers in every format.
         min_sparsity: convert only layers with at least this fraction of zeros
             (CSR is slower than dense for mostly dense weights); others stay dense.
@@ -272,8 +274,12 @@ def _exported_layer(name: str, layer: nn.Module, format: str, min_sparsity: floa
     sparsity = 1 - kept_fraction(layer.weight.count_nonzero().item(), layer.weight.numel())
     if sparsity < min_sparsity:
         return None
+    base = nn.Linear if isinstance(layer, nn.Linear) else nn.Conv2d
     if inside is not None:
         reason = f"it is part of a {inside}, which passes its weights to fused attention kernels"
+    elif type(layer).forward is not base.forward:
+        reason = (f"it is a {parametrize.type_before_parametrizations(layer).__name__}, whose own forward a sparse "
+                  f"layer would not reproduce (it computes nn.{base.__name__}'s)")
     elif format == "csr":
         reason = csr_unavailable(layer)
         if reason is None:

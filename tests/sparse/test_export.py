@@ -678,3 +678,21 @@ def test_a_printed_csr_layer_shows_its_shape_and_stored_weights():
         conv.weight[:, :, 0] = 0                                       # 8 · 3 · 5 of the 360 weights
     assert repr(CSRConv2d(conv)) == ("CSRConv2d(3, 8, kernel_size=(3, 5), stride=(2, 2), padding=(1, 1), "
                                      "dilation=(1, 1), nnz=240)")
+
+
+def test_a_layer_with_its_own_forward_stays_dense_with_a_warning():
+    # The CNP decoder's first layer is an nn.Linear that takes (r, x_T): a CSRLinear in its place took one input.
+    from lowlearn.meta.cnp import CNP
+
+    torch.manual_seed(0)
+    model = CNP(1, 1, hidden=16)
+    prune(model, scores.magnitude(model), 0.3)
+    with pytest.warns(UserWarning) as caught:
+        exported = export(model, "csr")
+    assert [str(w.message) for w in caught] == ["layer 'decoder.0' stays dense: it is a _ConditionedLinear, whose own "
+                                                "forward a sparse layer would not reproduce (it computes nn.Linear's)"]
+    assert type(exported.decoder[0]).__name__ == "_ConditionedLinear" and isinstance(exported.decoder[2], CSRLinear)
+    context_x, context_y, target_x = torch.randn(2, 5, 1), torch.randn(2, 5, 1), torch.randn(2, 7, 1)
+    expected, got = model(context_x, context_y, target_x), exported(context_x, context_y, target_x)
+    torch.testing.assert_close(got.mean, expected.mean)
+    torch.testing.assert_close(got.stddev, expected.stddev)
