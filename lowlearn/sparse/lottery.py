@@ -434,7 +434,7 @@ def constant_init(model: nn.Module, rewind_weights: Mapping[str, Tensor]) -> Non
         # σ_l in float32 at least: a half-precision sum of the count overflows from 65504 weights on.
         wide = initial.to(torch.promote_types(initial.dtype, torch.float32))
         start = _rewind_mask(rewind_weights, name, layer).to(wide.dtype)
-        count = start.sum()
+        count = start.sum().clamp(min=1)        # a layer that kept nothing: σ_l = 0, not 0/0
         mean = (wide * start).sum() / count
         sigma = (((wide - mean) * start).square().sum() / count).sqrt().to(initial.dtype)
         raw.copy_(raw_value(layer, "weight", initial.sign() * sigma) * masks[name])

@@ -365,6 +365,20 @@ def test_constant_init_keeps_signs_with_the_layer_std(drawn):
         assert torch.equal(kept.sign(), theta0[masks[name]].sign())
 
 
+def test_constant_init_leaves_a_layer_that_kept_nothing_at_zero():
+    # sigma of no weights is 0/0: a NaN there would survive the mask (NaN * 0) and reach every output.
+    torch.manual_seed(0)
+    net = MLP()
+    attach_masks(net)
+    masks = masks_of(net)
+    masks["3"] = torch.zeros_like(masks["3"])
+    set_masks(net, masks)
+    state = {key: value.clone() for key, value in net.state_dict().items()}
+    constant_init(net, state)
+    assert torch.equal(raw_weight(masked_layers(net)["3"]), torch.zeros(100, 300))
+    assert torch.isfinite(net(torch.randn(4, 784))).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_constant_init_in_half_precision_takes_the_layer_std_of_a_layer_of_more_than_65504_weights(dtype):
     # LeNet-300-100's first layer holds 235,200 weights: a float16 count of them overflows to infinity.
