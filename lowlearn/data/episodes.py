@@ -88,7 +88,9 @@ def random_episodes(tasks: int, ways: int, shots: int, queries: int, image_size:
     For benchmarks and tests, where what the images show does not matter: a step's
     speed does not depend on it, and a test compares two computations on the same
     input. Images are standard normal (from ``seed``), ``(tasks, N*K, 1, size, size)``
-    and ``(tasks, N*Q, 1, size, size)``; labels are class-major ``0 .. N-1``.
+    and ``(tasks, N*Q, 1, size, size)``; labels are class-major ``0 .. N-1``. Everything is
+    made on the CPU, whatever PyTorch's default device, so that a seed gives the same
+    episodes on every device, and then moved to ``device`` (default: left on the CPU).
 
     Raises:
         ValueError: a ``tasks``, ``ways``, ``shots`` or ``image_size`` that is not an int >= 1,
@@ -98,14 +100,16 @@ def random_episodes(tasks: int, ways: int, shots: int, queries: int, image_size:
     shots, queries = check_count("shots", shots, 1), check_count("queries", queries, 0)
     image_size = check_count("image_size", image_size, 1)
     generator = torch.Generator().manual_seed(check_count("seed", seed, 0))
+    cpu = generator.device
 
     def labels(per_class: int) -> Tensor:
-        return torch.arange(ways).repeat_interleave(per_class).repeat(tasks, 1)
+        return torch.arange(ways, device=cpu).repeat_interleave(per_class).repeat(tasks, 1)
 
     def images(per_class: int) -> Tensor:
-        return torch.randn(tasks, ways * per_class, 1, image_size, image_size, generator=generator, dtype=dtype)
+        return torch.randn(tasks, ways * per_class, 1, image_size, image_size, generator=generator, dtype=dtype,
+                           device=cpu)
 
-    classes = torch.arange(ways).repeat(tasks, 1)
+    classes = torch.arange(ways, device=cpu).repeat(tasks, 1)
     return Episode(*(t.to(device) for t in (images(shots), labels(shots), images(queries), labels(queries), classes)))
 
 

@@ -285,3 +285,15 @@ def test_the_sampler_draws_from_its_own_stream_not_from_the_numbers_that_made_a_
         assert sampler.generator.initial_seed() == stream_seed(seed, "episodes")
         same = EpisodeSampler(data, ways=2, shots=1, queries=1, seed=seed).sample(batch=4)
         assert torch.equal(sampler.sample(batch=4).support_x, same.support_x)
+
+
+def test_random_episodes_are_made_on_the_cpu_whatever_the_default_device():
+    """With PyTorch's default device set elsewhere (``meta`` here stands for ``cuda``, where a CPU generator
+    cannot draw on the default device and raises), the episodes are drawn on the CPU from the seed, the very
+    ones drawn without a default device, and ``device=`` still moves them."""
+    expected = random_episodes(2, 3, 2, 1, image_size=4, seed=5)
+    with torch.device("meta"):
+        got = random_episodes(2, 3, 2, 1, image_size=4, seed=5)
+        moved = random_episodes(2, 3, 2, 1, image_size=4, seed=5, device="meta")
+    assert all(a.device.type == "cpu" and torch.equal(a, b) for a, b in zip(got, expected))
+    assert all(t.device.type == "meta" for t in moved)
