@@ -1,8 +1,8 @@
 """Learning an initialisation: MAML, first-order MAML, ANIL, Meta-SGD and Reptile.
 
 Finn, Abbeel & Levine (2017), "Model-agnostic meta-learning for fast adaptation of
-deep networks" (ICML). Each task ``T_j`` adapts the shared initialisation ``θ`` (the
-seeds' ``η``) by a few gradient steps on its support set,
+deep networks" (ICML). Each task ``T_j`` adapts the shared initialisation ``θ`` (what
+the meta-learning chapter calls ``η``, how to learn) by a few gradient steps on its support set,
 
     θ'_j = θ − α ∇_θ L_{T_j}^{support}(θ)        (repeated ``inner_steps`` times),
 
