@@ -255,8 +255,21 @@ class DLRT(torch.optim.Optimizer):
 
         Whatever fails after the K- and L-steps (these errors, or the closure's own) leaves
         the factors and their moments as they were before the step, and no parameter
-        stepped; the gradients of the first pass are gone: run it again.
+        stepped; the gradients of the first pass are gone: run it again. A failed step
+        drops the loss scale a ``torch.amp.GradScaler`` gave it, so that the next step
+        takes the scale of its own ``scaler.step``.
         """
+        try:
+            return self._step(closure)
+        except BaseException:
+            # The scaler removes its grad_scale and found_inf once the step returns, not when it raises; left here,
+            # they would be the next step's (and the scaler would give that step the product of two scales).
+            for name in ("grad_scale", "found_inf"):
+                self.__dict__.pop(name, None)
+            raise
+
+    def _step(self, closure: Callable[[], Tensor] | None) -> Tensor | None:
+        """:meth:`step`, which drops a GradScaler's attributes after a failure."""
         if self.tol is None and closure is None:
             raise TypeError("fixed-rank DLRT (tol=None) takes its S-step from a second pass on the same batch: "
                             "pass step(closure), a closure that recomputes the loss, e.g. lambda: "

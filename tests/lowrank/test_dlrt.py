@@ -843,3 +843,31 @@ def test_a_grad_scaler_scales_the_loss_of_the_fixed_rank_closures_pass_too(unsca
     assert seen == passes * 3
     for name in states[0]:
         torch.testing.assert_close(states[1][name], states[0][name], msg=name)
+
+
+def test_after_a_failed_step_under_a_grad_scaler_the_next_step_takes_the_scalers_scale_once():
+    # The scaler removes the grad_scale it gave DLRT once the step returns, not when it raises; a step after a
+    # failed one (an interrupted closure, here) used to unscale the gradients by the square of the scale.
+    x, y = torch.randn(16, 10, generator=torch.Generator().manual_seed(3)), torch.arange(16) % 3
+    states = []
+    for fails in (False, True):
+        model, scaler = _mixed_model(), torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        dlrt = DLRT(model, lr=0.1)
+        for failing in (True, False, False) if fails else (False, False):
+            dlrt.zero_grad()
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+
+            def closure(failing=failing):
+                if failing:
+                    raise KeyboardInterrupt
+                return F.cross_entropy(model(x), y)
+
+            try:
+                scaler.step(dlrt, closure)
+            except KeyboardInterrupt:
+                assert not hasattr(dlrt, "grad_scale") and not hasattr(dlrt, "found_inf")
+                continue
+            scaler.update()
+        states.append(model.state_dict())
+    for name in states[0]:
+        torch.testing.assert_close(states[1][name], states[0][name], msg=name)
