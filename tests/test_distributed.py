@@ -230,6 +230,22 @@ def worker(rank: int, processes: int, folder: str) -> None:
             low_rank[3].bias.grad[0] = float("inf")
         scaler.step(dlrt)
         assert all(torch.equal(value, before[name]) for name, value in low_rank.state_dict().items()), rank
+        # At fixed rank, a loss-scaled closure pass whose gradients overflow on one process runs again unscaled on
+        # every process: its forward pass may hold collectives (SyncBatchNorm's), which would pair with the other
+        # process's next ones. (Each process used to decide alone.)
+        passes, overflow = [], 1e34 if rank == 1 else 1.0     # (loss / 10³⁴) · 10³⁴: backward multiplies by 10³⁴
+        dlrt, scaler = DLRT(low_rank, lr=0.1), torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+        dlrt.zero_grad()
+        scaler.scale(torch.nn.functional.cross_entropy(low_rank(torch.randn(4, 20)), torch.arange(4))).backward()
+
+        def closure():
+            passes.append(None)
+            return torch.nn.functional.cross_entropy(low_rank(torch.ones(4, 20)), torch.arange(4)) / overflow * overflow
+
+        scaler.step(dlrt, closure)
+        counts = [None] * processes
+        dist.all_gather_object(counts, len(passes))
+        assert counts == [2, 2], counts
         # Each process builds its model from its own seed: training starts from the first process's weights.
         torch.save({method: train(method, seed=rank) for method in METHODS}, f"{folder}/rank{rank}.pt")
     finally:

@@ -81,8 +81,9 @@ other parameters take the closure's pass. A GradScaler refuses ``closure=`` as a
 give it positionally, ``scaler.step(dlrt, closure)``: the scaler leaves the unscaling to
 DLRT, which scales the closure's loss by the same scale (float16 gradients would
 underflow without it), unscales its gradients, and runs the pass again unscaled should
-they overflow. After ``scaler.unscale_(dlrt)`` (to clip, say) DLRT is not told the scale,
-and the closure's pass runs unscaled.
+they overflow (in a process group, on every process if they overflow on one). After
+``scaler.unscale_(dlrt)`` (to clip, say) DLRT is not told the scale, and the closure's
+pass runs unscaled.
 """
 
 from __future__ import annotations
@@ -339,8 +340,9 @@ class DLRT(torch.optim.Optimizer):
 
         Leaves ``∇_S L`` in every layer's ``S.grad`` and the other parameters' gradients,
         averaged across processes. With a GradScaler's loss ``scale``, the backward pass
-        is of the scaled loss and its gradients are unscaled; if they are not all finite,
-        the pass runs again without the scale.
+        is of the scaled loss and its gradients are unscaled; if they are not all finite
+        on some process, the pass runs again without the scale on every process (whose
+        forward passes may hold collectives, as ``SyncBatchNorm``'s do).
         """
         for layer in layers.values():
             layer.kl_gradients = False
@@ -355,7 +357,9 @@ class DLRT(torch.optim.Optimizer):
                     break
                 self._unscale(factor)
                 gradients = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-                if torch.stack([gradient.isfinite().all() for gradient in gradients]).all():
+                overflow = (~torch.stack([gradient.isfinite().all() for gradient in gradients]).all()).float()
+                average_across_processes([overflow], check=False)          # above 0 if it overflowed on any process
+                if not overflow.item():
                     break
         finally:
             for layer in layers.values():
