@@ -283,6 +283,8 @@ class PackNet:
 
     def _reinitialise(self, layer: nn.Module, where: Tensor) -> None:
         raw = raw_weight(layer)
+        if not raw.numel():              # a layer of no weights (zero inputs or outputs) has none to re-draw
+            return
         bound = 1.0 / raw[0].numel() ** 0.5
         self.generator = generator_on(self.generator, raw.device)      # the model may have moved
         fresh = torch.empty_like(raw).uniform_(-bound, bound, generator=self.generator)

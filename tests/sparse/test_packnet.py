@@ -773,3 +773,19 @@ def test_released_weights_of_convolutions_are_redrawn_within_the_layers_default_
     packnet.assign(0.1)
     redrawn = raw_weight(layer).detach()[packnet.owner["0"] == 0]         # released: out of the forward pass
     assert redrawn.abs().max() <= bound and redrawn.abs().max() > 0.8 * bound
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+def test_layers_of_no_weights_share_nothing_and_the_others_are_assigned():
+    # assign() re-drew the released weights of every layer: of a layer with no output it indexed row 0 (IndexError),
+    # of a layer with no input it divided by a fan-in of 0.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 0), nn.Linear(0, 2))
+    packnet = PackNet(model)
+    packnet.start_task()
+    assert packnet.assign(0.5) == 1
+    assert int((packnet.owner["0"] == 1).sum()) == 6
+    assert packnet.owner["1"].numel() == packnet.owner["2"].numel() == 0
+    packnet.start_task()
+    with packnet.use_task(1):
+        assert model(torch.randn(5, 3)).shape == (5, 2)
