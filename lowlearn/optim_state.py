@@ -86,7 +86,14 @@ def reset_optimizer_state(optimizer, param: Tensor, keep: Tensor) -> None:
     ``mu_product`` and RAdam's rectification; and SGD starts a new momentum buffer at
     ``g`` but a reset weight's at ``(1 − dampening)·g`` (the same with ``dampening=0``,
     the default).
+
+    Raises:
+        ValueError: ``keep`` not of ``param``'s shape (one that broadcasts, such as a
+            row's pattern, would reset the same entries of every row).
     """
+    if keep.shape != param.shape:
+        raise ValueError(f"keep must have the parameter's shape {tuple(param.shape)}, one entry per weight, got "
+                         f"{tuple(keep.shape)}")
     inner = torch_optimizer(optimizer, holding=[param])
     state = inner.state.get(param, {})
     per_weight = [key for key, value in state.items() if isinstance(value, Tensor) and value.shape == param.shape]

@@ -135,3 +135,13 @@ def test_of_an_optimizer_and_the_one_it_wraps_the_one_that_holds_the_parameter_i
     reset_optimizer_state(dlrt, head, keep)
     momentum = inner.state[head]["momentum_buffer"]
     assert (momentum[0] == 0).all() and (momentum[1:] != 0).any()
+
+
+@pytest.mark.parametrize("keep", [KEEP[0], KEEP[:1], KEEP.T], ids=["a-row", "one-row", "transposed"])
+def test_a_keep_mask_not_of_the_parameters_shape_is_refused_before_any_state_changes(keep):
+    # A row's pattern broadcast over the rows: the same columns of every row were reset, with no error.
+    p, optimizer = stepped(torch.optim.Adam, steps=2, lr=0.01)
+    before = {k: v.clone() for k, v in optimizer.state[p].items()}
+    with pytest.raises(ValueError, match=r"keep must have the parameter's shape \(4, 3\)"):
+        reset_optimizer_state(optimizer, p, keep)
+    assert all(torch.equal(v, before[k]) for k, v in optimizer.state[p].items())
