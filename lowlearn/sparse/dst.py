@@ -111,6 +111,21 @@ def layer_densities_for(model: nn.Module, density: float, distribution: Distribu
     return {name: check_density(d, f"density of {name!r}") for name, d in given.items()}
 
 
+def sparse_layers(model: nn.Module, layers: list[str] | None) -> dict[str, nn.Module]:
+    """``{name: layer}`` that a sparsifier trains: :func:`~lowlearn.sparse.mask.resolve_layers`, but never none.
+
+    Raises:
+        ValueError: ``layers`` is empty, or (``None``) the model has no ``nn.Linear`` or ``nn.Conv2d``; or as
+            :func:`~lowlearn.sparse.mask.resolve_layers`.
+        KeyError: a name in ``layers`` that is not a module of the model.
+    """
+    chosen = resolve_layers(model, layers)
+    if not chosen:
+        raise ValueError("no layers to train sparsely: layers is empty, or the model has no nn.Linear or "
+                         "nn.Conv2d")
+    return chosen
+
+
 class Sparsifier(ABC):
     """What every sparse-training method shares: the model's layers, a step count, a generator, checkpoints.
 
@@ -267,10 +282,7 @@ class DynamicSparsity(Sparsifier):
         check_density(density)
         check_count("seed", seed, 0)
         self.schedule = None if end is None else UpdateSchedule(end, every, drop_fraction, cosine)
-        chosen = resolve_layers(model, layers)
-        if not chosen:
-            raise ValueError("no layers to train sparsely: layers is empty, or the model has no nn.Linear or "
-                             "nn.Conv2d")
+        chosen = sparse_layers(model, layers)
         if frozen := [name for name, layer in chosen.items() if not raw_weight(layer).requires_grad]:
             raise ValueError(f"the layers {frozen} are frozen (requires_grad=False), but {type(self).__name__} moves "
                              "their connections and grows new ones at zero, which only training can move: leave "

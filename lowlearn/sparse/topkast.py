@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from ..checks import check_count
 from ..optim_state import reset_optimizer_state
 from ..reparam import register
-from .dst import Distribution, Sparsifier, layer_densities_for
-from .mask import SplitMask, find_mask, raw_weight, refuse_weight_decay, resolve_layers
+from .dst import Distribution, Sparsifier, layer_densities_for, sparse_layers
+from .mask import SplitMask, find_mask, raw_weight, refuse_weight_decay
 from .prune import check_density, kept_count, top_k_mask
 
 
@@ -66,8 +66,8 @@ class TopKAST(Sparsifier):
 
     Raises:
         ValueError: densities outside (0, 1] or ``backward_density < forward_density``,
-            ``every < 1``, ``end < every``, a layer that already has a mask, an optimizer with weight
-            decay on a sparsified weight, or a ``seed`` that is not an int >= 0.
+            ``every < 1``, ``end < every``, no layer to sparsify, a layer that already has a mask, an optimizer
+            with weight decay on a sparsified weight, or a ``seed`` that is not an int >= 0.
         KeyError: a name in ``layers`` that is not a module of the model.
     """
 
@@ -96,7 +96,7 @@ class TopKAST(Sparsifier):
                 raise ValueError(f"end ({end}) comes before the first refresh, at step every ({every}): the sets "
                                  "would never change (static sparsity); raise end or lower every")
         check_count("seed", seed, 0)
-        chosen = resolve_layers(model, layers)
+        chosen = sparse_layers(model, layers)
         for name, layer in chosen.items():
             if find_mask(layer) is not None:
                 raise ValueError(f"layer {name!r} already has a mask; Top-KAST needs an unmasked model")

@@ -201,6 +201,15 @@ def test_bad_input():
     assert not masks_of(model)
 
 
+@pytest.mark.parametrize("model, layers, distribution", [(small_mlp, [], "uniform"), (small_mlp, [], lambda m, d: {}),
+                                                         (lambda: torch.nn.Sequential(torch.nn.ReLU()), None, "erk")])
+def test_no_layer_to_sparsify_is_refused_as_the_other_sparsifiers_refuse_it(model, layers, distribution):
+    """An empty layers= (or a model without Linear/Conv2d) is refused by name, as DynamicSparsity refuses it, not
+    with an allocation's "the model has no Linear or Conv2d layer" or a bare StopIteration."""
+    with pytest.raises(ValueError, match="no layers to train sparsely: layers is empty, or the model has no nn.Linear"):
+        TopKAST(model(), None, 0.2, 0.4, layers=layers, distribution=distribution)
+
+
 def test_one_mapping_cannot_give_two_sets():
     with pytest.raises(ValueError, match="densities of two sets"):
         TopKAST(small_mlp(), None, 0.2, 0.4, distribution={"1": 0.2, "3": 0.2, "5": 0.2})
