@@ -572,7 +572,11 @@ class SNFS(DynamicSparsity):
     at 0.99 of its zeros, lowers the prune rate of a layer above 80% density, prunes
     ``⌈p · n⌉`` once per epoch under a cosine that stops at 0.005, and reads the
     optimizer's own momentum buffer (under Adam, the first moment over the root of
-    the second) rather than a momentum of its own.
+    the second) rather than a momentum of its own. That buffer accumulates the dense
+    gradient at inactive weights too, and a grown weight keeps its entry there (only
+    the inactive ones are reset, to the mean of the active ones'): it starts at zero
+    but moves off by the momentum that chose it at the next step. Here a grown weight
+    starts with a new parameter's optimizer state, as in RigL.
 
     Since the momentum needs ``∂L/∂w`` of every step, SNFS records the dense weight
     gradient at every step up to ``T_end`` (at every step without a schedule; under
