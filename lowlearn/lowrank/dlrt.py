@@ -248,7 +248,8 @@ class DLRT(torch.optim.Optimizer):
         Raises:
             RuntimeError: a low-rank layer that trains without gradients (no backward pass
                 first), with ``tol`` one that kept no backward pass (no :meth:`zero_grad`
-                since the last step), or, at fixed rank, one that the closure's loss does not use.
+                since the last step), or, at fixed rank, one that the closure's loss does not use,
+                or a closure that calls ``backward`` itself.
             TypeError: no closure at fixed rank.
             ValueError: a low-rank layer with some of its factors frozen and others not.
             lowlearn.train.NonFiniteLossError: the truncation met a core that is not
@@ -270,7 +271,7 @@ class DLRT(torch.optim.Optimizer):
             raise
 
     def _step(self, closure: Callable[[], Tensor] | None) -> Tensor | None:
-        """:meth:`step`, which drops a GradScaler's attributes after a failure."""
+        """The step itself; :meth:`step` drops a GradScaler's attributes when it fails."""
         if self.tol is None and closure is None:
             raise TypeError("fixed-rank DLRT (tol=None) takes its S-step from a second pass on the same batch: "
                             "pass step(closure), a closure that recomputes the loss, e.g. lambda: "
@@ -352,6 +353,10 @@ class DLRT(torch.optim.Optimizer):
                 # The batch's second pass: batch norms have updated their running statistics on the first.
                 with torch.enable_grad(), buffers_restored(self.model):
                     loss = closure()
+                    if any(layer.S.grad is not None for layer in layers.values()):
+                        raise RuntimeError("the closure called backward itself (the S factors have gradients "
+                                           "before DLRT's backward pass): it must only recompute and return the "
+                                           "loss, e.g. lambda: loss_fn(model(x), y); DLRT.step runs its backward")
                     (loss if factor is None else loss * factor).backward()
                 if factor is None:
                     break

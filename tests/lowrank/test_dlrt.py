@@ -145,6 +145,28 @@ def test_a_closure_that_leaves_a_low_rank_layer_out_is_refused():
         dlrt.step(lambda: two["a"](x).sum())
 
 
+@pytest.mark.parametrize("retain_graph", [False, True])
+def test_a_closure_that_calls_backward_itself_is_refused_and_the_step_undone(retain_graph):
+    # As torch.optim.LBFGS's closures do. Without retain_graph, DLRT's own backward used to fail with torch's
+    # "backward through the graph a second time"; with it, the S-step took twice the gradient.
+    torch.manual_seed(0)
+    model = nn.Sequential(LowRankLinear(6, 5, 2), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(8, 6), torch.randn(8, 3)
+    dlrt = DLRT(model, lr=0.1)
+    F.mse_loss(model(x), y).backward()
+    before = [factor.clone() for factor in (model[0].U, model[0].S, model[0].V)]
+
+    def closure():
+        loss = F.mse_loss(model(x), y)
+        loss.backward(retain_graph=retain_graph)
+        return loss
+
+    with pytest.raises(RuntimeError, match="the closure called backward itself"):
+        dlrt.step(closure)
+    for factor, start in zip((model[0].U, model[0].S, model[0].V), before):
+        assert torch.equal(factor, start)
+
+
 @pytest.mark.parametrize("betas", [None, (0.9, 0.999)])
 def test_a_frozen_low_rank_layer_stays_as_it_is_and_the_others_train_as_beside_a_fixed_dense_layer(betas):
     # Reference: the frozen layer replaced by a frozen dense copy of itself, which DLRT does not see at all.
