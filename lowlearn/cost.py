@@ -81,7 +81,7 @@ COUNTED = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_TRANSPOSED
 """The layers :func:`count_flops` counts (besides ``nn.MultiheadAttention`` and those with a ``count_macs`` method)."""
 
 
-def count_flops(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...], *,
+def count_flops(model: nn.Module, example_input: torch.Tensor | PackedSequence | tuple[torch.Tensor, ...], *,
                 batch_dim: int | tuple[int, ...] = 0) -> FlopCount:
     """Dense multiply-accumulates per example of every linear, convolutional, attention and recurrent layer.
 
@@ -139,24 +139,28 @@ def count_flops(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tens
 
     Args:
         model: the model.
-        example_input: a batch ``(B, ...)`` the model accepts, on the model's device; for a
-            model of several inputs a tuple of them, each a batch of the same ``B`` examples
+        example_input: a batch ``(B, ...)`` the model accepts, on the model's device, or a
+            ``PackedSequence`` of ``B`` sequences (for a model that takes one, as ``nn.LSTM`` does);
+            for a model of several inputs a tuple of them, each a batch of the same ``B`` examples
             along ``batch_dim``, and the model is called as ``model(*example_input)`` (e.g. a
             :class:`~lowlearn.meta.cnp.CNP`'s context inputs, context outputs and target inputs).
         batch_dim: the dimension of ``example_input`` (of each of its tensors) that holds the
             examples: 1 for a model that takes sequences first, ``(S, B, E)``, as ``nn.Transformer``
             and ``nn.MultiheadAttention`` do by default (``batch_first=False``); or a tuple, one
             dimension per input, e.g. ``(1, 0)`` for sequences first and their ``(B,)`` lengths.
+            A ``PackedSequence`` holds its sequences whatever ``batch_dim`` says.
 
     Returns:
         The total and per-layer MACs of one example.
 
     Raises:
-        TypeError: an ``example_input`` that is neither a tensor nor a tuple of tensors.
+        TypeError: an ``example_input`` that is neither a tensor, a ``PackedSequence`` nor a tuple of them.
         ValueError: an ``example_input`` without a batch dimension, an empty batch, inputs
             whose batch sizes differ, or a tuple ``batch_dim`` without one integer per input.
     """
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    # a PackedSequence is a (named) tuple too, but one input
+    several = isinstance(example_input, tuple) and not isinstance(example_input, PackedSequence)
+    inputs = example_input if several else (example_input,)
     batch_size = _batch_size(inputs, batch_dim)
     per_layer: dict[str, int] = {}
 
@@ -211,32 +215,46 @@ def count_flops(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tens
 
 def _batch_size(inputs: tuple, batch_dim: int | tuple[int, ...]) -> int:
     """The number of examples in ``inputs``, the size of the first along its ``batch_dim``, which each must share
-    along its own (``batch_dim``: one dimension for all inputs, or one per input).
+    along its own (``batch_dim``: one dimension for all inputs, or one per input; a ``PackedSequence`` holds
+    its sequences).
 
     Raises:
-        TypeError: an input that is not a tensor.
+        TypeError: an input that is neither a tensor nor a ``PackedSequence``.
         ValueError: a ``batch_dim`` tuple without one integer per input, a first input without
             a batch dimension (a single example of a linear layer, ``(F,)``), an empty batch,
             or an input of another batch size.
     """
-    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
-        raise TypeError(f"example_input must be a tensor or a non-empty tuple of tensors (the model's inputs), got "
-                        f"{', '.join(type(x).__name__ for x in inputs) or 'an empty tuple'}")
+    if not inputs or not all(isinstance(x, (torch.Tensor, PackedSequence)) for x in inputs):
+        raise TypeError(f"example_input must be a tensor, a PackedSequence or a non-empty tuple of them (the model's "
+                        f"inputs), got {', '.join(type(x).__name__ for x in inputs) or 'an empty tuple'}")
     dims = batch_dim if isinstance(batch_dim, tuple) else (batch_dim,) * len(inputs)
     if len(dims) != len(inputs) or not all(is_integer(d) for d in dims):
         raise ValueError(f"batch_dim must be one integer, or a tuple of one integer per input ({len(inputs)}), got "
                          f"{batch_dim!r}")
     first, dim = inputs[0], dims[0]
-    if first.dim() < 2 or not -first.dim() <= dim < first.dim() or first.shape[dim] == 0:
+    batch_size = _examples(first, dim)
+    if not batch_size or isinstance(first, torch.Tensor) and first.dim() < 2:
         raise ValueError(
             f"example_input must be a non-empty batch with a batch dimension (batch_dim={dim}; a single "
-            f"example x is x.unsqueeze(0)), got shape {tuple(first.shape)}"
+            f"example x is x.unsqueeze(0)), got shape {_shape(first)}"
         )
-    batch_size = first.shape[dim]
-    if any(not -x.dim() <= d < x.dim() or x.shape[d] != batch_size for x, d in zip(inputs, dims)):
+    if any(_examples(x, d) != batch_size for x, d in zip(inputs, dims)):
         raise ValueError(f"every input must hold the same {batch_size} examples along batch_dim={batch_dim} as the "
-                         f"first, got shapes {[tuple(x.shape) for x in inputs]}")
+                         f"first, got shapes {[_shape(x) for x in inputs]}")
     return batch_size
+
+
+def _examples(x: torch.Tensor | PackedSequence, dim: int) -> int | None:
+    """How many examples ``x`` holds: a tensor its size along ``dim`` (``None`` without that dimension), a
+    ``PackedSequence`` its sequences."""
+    if isinstance(x, PackedSequence):
+        return int(x.batch_sizes[0])                # on the CPU whatever the data's device: no device sync
+    return x.shape[dim] if -x.dim() <= dim < x.dim() else None
+
+
+def _shape(x: torch.Tensor | PackedSequence) -> tuple[int, ...] | str:
+    """``x``'s shape, for an error message."""
+    return f"PackedSequence of {int(x.batch_sizes[0])} sequences" if isinstance(x, PackedSequence) else tuple(x.shape)
 
 
 def _qualified(name: str, child: str) -> str:

@@ -191,7 +191,7 @@ def test_flops_of_several_inputs_need_one_batch_size():
         count_flops(Pair(), (torch.randn(2, 3), torch.randn(3, 6, 5)))
     with pytest.raises(ValueError, match="the same 2 examples along batch_dim=1"):
         count_flops(Pair(), (torch.randn(1, 2, 3), torch.randn(2)), batch_dim=1)   # no dimension 1
-    with pytest.raises(TypeError, match="a tensor or a non-empty tuple of tensors .*, got Tensor, int"):
+    with pytest.raises(TypeError, match="a tensor, a PackedSequence or a non-empty tuple of them .*, got Tensor, int"):
         count_flops(Pair(), (torch.randn(2, 3), 5))
     for bad, name in (((), "an empty tuple"), ([torch.randn(2, 3)], "list")):
         with pytest.raises(TypeError, match=f"got {name}"):
@@ -664,6 +664,21 @@ def test_flops_of_packed_and_unbatched_sequences_count_their_real_steps(kind, ga
             return [self.rnn(sequence)[0] for sequence in x]
 
     assert count_flops(OneByOne(), torch.randn(3, 5, i)).total == 5 * gates * h * (i + h)
+
+
+@pytest.mark.parametrize("kind, gates", RECURRENT)
+def test_flops_of_a_packed_sequence_given_as_the_example_input_count_its_sequences(kind, gates):
+    # A PackedSequence is a named tuple, but one input: B sequences, whatever batch_dim says.
+    i, h, lengths = 4, 6, torch.tensor([5, 1, 3])                # 9 steps of 3 sequences: 3 per example
+    rnn = kind(i, h)
+    packed = pack_padded_sequence(torch.randn(5, 3, i), lengths, enforce_sorted=False)
+    for batch_dim in (0, 1):
+        assert count_flops(rnn, packed, batch_dim=batch_dim).per_layer == {"": 3 * gates * h * (i + h)}
+    if kind is not nn.LSTM:                                      # with the initial state (layers, B, H)
+        assert count_flops(rnn, (packed, torch.zeros(1, 3, h)), batch_dim=(0, 1)).total == 3 * gates * h * (i + h)
+    with pytest.raises(ValueError, match=r"the same 3 examples .* got shapes \['PackedSequence of 3 sequences', "
+                                         r"\(1, 2, 6\)\]"):
+        count_flops(rnn, (packed, torch.zeros(1, 2, h)), batch_dim=(0, 1))
 
 
 def test_flops_of_sequences_first_and_their_lengths_take_a_batch_dimension_each():

@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from ..checks import as_float, check_count, is_real
 from ..cost import FlopCount, count_flops, recurrent_weights, training_flops
@@ -135,14 +136,14 @@ def pruning_training_flops(
     return _relative(mean, training_flops(flop_count)) if relative_to_dense else mean
 
 
-def model_sparse_flops(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...], *,
+def model_sparse_flops(model: nn.Module, example_input: torch.Tensor | PackedSequence | tuple[torch.Tensor, ...], *,
                        batch_dim: int | tuple[int, ...] = 0, relative_to_dense: bool = False) -> float:
     """:func:`sparse_inference_flops` of a sparse model: its masks, or the zeros of its weights.
 
     The dense costs come from :func:`lowlearn.cost.count_flops` on
-    ``example_input`` (a batch on the model's device, or a tuple of the model's inputs,
-    each such a batch, its examples along ``batch_dim`` as there). A masked layer's density is
-    its mask's (:func:`~lowlearn.sparse.mask.layer_densities`); any other counted
+    ``example_input`` (a batch on the model's device, a ``PackedSequence``, or a tuple of the
+    model's inputs, each such a batch, its examples along ``batch_dim`` as there). A masked
+    layer's density is its mask's (:func:`~lowlearn.sparse.mask.layer_densities`); any other counted
     layer with a ``weight`` counts its nonzero weights, so a model whose masks were
     made permanent (:func:`~lowlearn.sparse.mask.squash`) or pruned with
     ``torch.nn.utils.prune`` costs what its zeros save; so does a recurrent layer
