@@ -100,11 +100,13 @@ def kept_per_input(mask: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """How many weights each input of a masked Linear layer keeps, laid out like the input: the mask as an image.
 
     Args:
-        mask: the layer's mask, ``(out_features, in_features)``.
+        mask: the layer's mask, ``(out_features, in_features)``, nonzero where kept: booleans, or the 0/1
+            buffer of a :class:`~lowlearn.sparse.mask.Mask` in its weight's dtype.
         shape: the input's shape, e.g. ``(28, 28)`` for MNIST's pixels; its size is ``in_features``.
 
     Returns:
-        A float32 CPU tensor of ``shape``: per input, the number of units that keep its weight.
+        A float32 CPU tensor of ``shape``: per input, the number of units that keep its weight (counted
+        exactly, also for a bfloat16 mask, whose own sums would round counts above 256).
 
     Raises:
         ValueError: a mask that is not two-dimensional, or a ``shape`` of another size than its inputs.
@@ -112,7 +114,7 @@ def kept_per_input(mask: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     if mask.dim() != 2 or math.prod(shape) != mask.shape[1]:
         raise ValueError(f"a mask of shape {tuple(mask.shape)} does not have one column per input of shape "
                          f"{tuple(shape)}: give the first Linear layer's (out_features, in_features) mask")
-    return mask.detach().sum(0).reshape(*shape).float().cpu()
+    return mask.detach().ne(0).sum(0).reshape(*shape).float().cpu()
 
 
 def density_axis(ax: Axes, kept: Sequence[float], *, percent: bool = False, label: str = "weights kept") -> Axes:

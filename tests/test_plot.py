@@ -204,3 +204,12 @@ def test_kept_per_input_counts_each_inputs_kept_weights_laid_out_like_the_input(
     for bad, shape in ((mask, (3, 3)), (mask[0], (2, 2)), (mask[:, :, None], (2, 2))):
         with pytest.raises(ValueError, match="one column per input"):
             plot.kept_per_input(bad, shape)
+
+
+def test_kept_per_input_counts_exactly_for_a_bfloat16_mask_buffer():
+    """Reference: counts by hand, 301 and 257. A Mask's buffer has its weight's dtype; bfloat16 holds the integers
+    above 256 in steps of 2, so the buffer's own column sums would round both (to 300 or 302, and to 256 or 258)."""
+    keep = torch.ones(301, 2, dtype=torch.bool)
+    keep[:44, 1] = False                                                    # 301 and 257 kept
+    image = plot.kept_per_input(keep.to(torch.bfloat16), (1, 2))
+    assert image.tolist() == [[301.0, 257.0]]
