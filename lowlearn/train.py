@@ -233,8 +233,8 @@ class TrainState:
     Attributes:
         step: optimizer steps taken so far (1 after the first step).
         epoch: the current pass over the data, from 0.
-        loss: the last batch's loss, a 0-d tensor still on the device (call
-            ``.item()`` only when you need the number: it waits for the device).
+        loss: the last batch's loss, a 0-d tensor still on the device, in float32 (float64 for a
+            float64 model's loss; call ``.item()`` only when you need the number: it waits for the device).
         model: the model being trained.
         optimizer: its optimizer.
     """
@@ -513,7 +513,7 @@ def fit(
     eval_every = eval_every or batches_per_epoch
 
     history = History()
-    running = torch.zeros((), device=device)
+    running = torch.zeros((), device=device)        # float32; a float64 model's losses make it float64
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     since_log = 0
     start = time.perf_counter()
@@ -591,8 +591,10 @@ def fit(
                 else:
                     optimizer.step()
                 step += 1
-                loss = loss.detach().float() / scale             # this process's own share's mean loss
-                running += loss
+                # this process's own share's mean loss; a float64 one stays float64 (in float32 it would lose
+                # its digits, and a loss above 3.4e38 would read as infinite)
+                loss = loss.detach().to(torch.promote_types(loss.dtype, torch.float32)) / scale
+                running = running + loss
                 since_log += 1
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
                 bar.update()

@@ -633,6 +633,23 @@ def test_evaluate_keeps_a_float64_models_precision():
     assert got == pytest.approx(expected, rel=1e-13)
 
 
+def test_fit_logs_a_float64_models_loss_in_float64():
+    # Rounded to float32, the logged loss lost 9 of its digits, and a finite loss above 3.4e38 read as infinite.
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1).double()
+    x = torch.randn(64, 4, dtype=torch.float64)
+    seen = []
+    for scale in (1.0, 1e20):
+        y = x.sum(1, keepdim=True) * scale
+        with torch.no_grad():
+            expected = nn.functional.mse_loss(model(x), y).item()
+        history = fit(model, (x, y), torch.optim.SGD(model.parameters(), lr=0.0), steps=2, batch_size=64,
+                      loss_fn=nn.functional.mse_loss, log_every=1, device="cpu",
+                      callbacks=[lambda state: seen.append(state.loss.dtype)])
+        assert history.loss == pytest.approx([expected, expected], rel=1e-13)     # (the batch is shuffled)
+    assert seen == [torch.float64] * 4
+
+
 def test_evaluate_refuses_a_batch_size_below_one():
     model, _ = make()
     for bad in (0, -1, 2.5):
