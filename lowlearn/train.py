@@ -93,14 +93,20 @@ def available_device(device: torch.device | str) -> torch.device:
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every module of ``model`` in eval mode, then give each its own mode back."""
+    """Put every module of ``model`` in eval mode, then give each its own mode back.
+
+    Both go through ``Module.train``, so a module that overrides it is told of each change: one that merges a
+    low-rank update into its weight for evaluation (loralib's ``Linear``) takes it out again, rather than train on
+    with the update merged, and no gradient for its factors.
+    """
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        for module, training in modes:
-            module.training = training
+        for module, training in modes:          # parents first: train() sets a module's children too
+            if module.training != training:
+                module.train(training)
 
 
 @contextmanager

@@ -727,6 +727,38 @@ def test_evaluate_restores_each_module_mode():
     assert model.training and not model[1].training and model[2].training
 
 
+def test_evaluate_gives_the_modes_back_through_train_so_that_a_module_that_overrides_it_is_told():
+    class MergesForEval(nn.Module):
+        """W + B A, with B A merged into W in eval mode and taken out again in training mode (as loralib's Linear)."""
+
+        def __init__(self):
+            super().__init__()
+            self.W, self.A, self.B = nn.Parameter(torch.zeros(2, 3)), nn.Parameter(torch.ones(1, 3)), nn.Parameter(
+                torch.ones(2, 1))
+            self.merged = False
+
+        def train(self, mode=True):
+            super().train(mode)
+            if mode == self.merged:
+                with torch.no_grad():
+                    self.W += (-1 if mode else 1) * self.B @ self.A
+                self.merged = not mode
+            return self
+
+        def forward(self, x):
+            return x @ (self.W if self.merged else self.W + self.B @ self.A).T
+
+    model = nn.Sequential(MergesForEval(), nn.Sequential(nn.Identity(), nn.Sequential(nn.Identity())))
+    model.train()
+    model[1].eval()
+    model[1][1].train()                                 # mixed modes, at three depths
+    evaluate(model, (torch.ones(4, 3), torch.zeros(4, dtype=torch.long)), device="cpu")
+    assert [m.training for m in model.modules()] == [True, True, False, False, True, True]
+    assert not model[0].merged and torch.equal(model[0].W, torch.zeros(2, 3))
+    model(torch.ones(4, 3)).sum().backward()
+    assert torch.equal(model[0].A.grad, torch.full((1, 3), 8.0))      # the factors train on (None while merged)
+
+
 def test_checkpoint_expectations_are_checked_before_anything_is_loaded(tmp_path):
     model, _ = make()
     path = save_checkpoint(tmp_path / "ck.pt", model, method="protonet", profile="cpu")
