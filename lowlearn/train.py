@@ -283,23 +283,24 @@ class History:
                 "eval": [dict(e) for e in self.eval], "seconds": self.seconds, "train_seconds": self.train_seconds}
 
 
-def _pair(data: Data) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` of ``data``, or a ValueError if it is not a pair of tensors, or they differ in length or are empty."""
+def _pair(data: Data, what: str = "the data") -> tuple[Tensor, Tensor]:
+    """``(x, y)`` of ``data``, or a ValueError naming ``what`` if it is not a pair of tensors, or they differ in
+    length or are empty."""
     pair = data.tensors if isinstance(data, TensorDataset) else data
     if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, Tensor) for t in pair)):
         kind = type(data).__name__
         if isinstance(pair, (tuple, list)):
             kind += f" of {len(pair)}: " + ", ".join(type(t).__name__ for t in pair[:3]) + (", ..." * (len(pair) > 3))
-        raise ValueError(f"the data must be a pair of tensors (inputs, targets) or a TensorDataset of two tensors, "
+        raise ValueError(f"{what} must be a pair of tensors (inputs, targets) or a TensorDataset of two tensors, "
                          f"not a {kind}; e.g. stack the examples of a Subset or a DataLoader into two tensors")
     x, y = pair
     if x.dim() == 0 or y.dim() == 0:
-        raise ValueError(f"the inputs and targets must have one entry per example along their first dimension, got "
-                         f"shapes {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(f"the inputs and targets of {what} must have one entry per example along their first "
+                         f"dimension, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
     if len(x) != len(y):
-        raise ValueError(f"inputs and targets differ in length: {len(x)} vs {len(y)}")
+        raise ValueError(f"the inputs and targets of {what} differ in length: {len(x)} vs {len(y)}")
     if len(x) == 0:
-        raise ValueError("the data are empty")
+        raise ValueError(f"{what} are empty")
     return x, y
 
 
@@ -482,7 +483,7 @@ def fit(
     if start_step >= total:
         raise ValueError(f"start_step={start_step}, but the run ends after step {total}: nothing is left to train")
     if eval_data is not None:
-        _pair(eval_data)
+        _pair(eval_data, "the evaluation data (eval_data)")
     elif eval_every is not None:
         raise ValueError("eval_every needs eval_data: pass the data to evaluate on, or leave eval_every out")
     if not isinstance(callbacks, Iterable) or isinstance(callbacks, (str, bytes)):

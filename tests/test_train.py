@@ -937,6 +937,12 @@ def test_empty_data_are_refused_clearly():
         fit(model, empty, opt, steps=1, device="cpu")
     with pytest.raises(ValueError, match="the data are empty"):
         evaluate(model, empty, device="cpu")
+    # An error in eval_data names it, not the training data, which are fine.
+    for eval_data, message in ((empty, "are empty"), ((torch.zeros(3, 8), torch.zeros(2)), "differ in length"),
+                               ([torch.zeros(3, 8)], "must be a pair")):
+        with pytest.raises(ValueError, match=rf"^the (inputs and targets of the )?evaluation data \(eval_data\) "
+                                             rf"{message}"):
+            fit(model, toy_data(), opt, steps=1, device="cpu", eval_data=eval_data)
 
 
 def test_any_seed_of_at_least_zero_is_accepted_also_beyond_what_torch_takes():
