@@ -33,7 +33,11 @@ def check_count(name: str, value: int, minimum: int) -> int:
 
 
 def check_scalar_loss(loss: torch.Tensor) -> None:
-    """Raise a ValueError unless the tensor ``loss`` that a ``loss_fn`` returned is one number, the mean loss."""
+    """Raise a ValueError unless the tensor ``loss`` that a ``loss_fn`` returned is one number, the mean loss (and
+    a TypeError if it is not a tensor, which has no gradient)."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss_fn must return the mean loss as a tensor, to differentiate; it returned a "
+                        f"{type(loss).__name__} (.item() or float() taken inside it? return the tensor itself)")
     if loss.dim() != 0:
         raise ValueError(f"loss_fn must return the mean loss, one number; it returned a tensor of shape "
                          f"{tuple(loss.shape)} (reduction='none'? keep the default, 'mean')")

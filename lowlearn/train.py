@@ -461,7 +461,8 @@ def fit(
             the first step, and all but the last two before the generators are seeded or
             the model moves. At the first step: a
             ``loss_fn`` that does not return one number per batch (e.g. ``reduction="none"``).
-        TypeError: ``callbacks`` that are not a list of callables.
+        TypeError: ``callbacks`` that are not a list of callables; at the first step, a
+            ``loss_fn`` that returns no tensor (a float from ``.item()``).
         NonFiniteLossError: the loss became NaN or infinite; the message names the
             first such step.
     """

@@ -54,6 +54,15 @@ def test_fit_refuses_a_loss_per_example_clearly():
             progress=False)
 
 
+def test_fit_refuses_a_loss_that_is_not_a_tensor_clearly():
+    # torch's own message was "'float' object has no attribute 'dim'".
+    model = MLP(4, (8,), 3)
+    data = (torch.randn(20, 4), torch.randint(0, 3, (20,)))
+    with pytest.raises(TypeError, match=r"loss_fn must return the mean loss as a tensor.*returned a float"):
+        fit(model, data, torch.optim.SGD(model.parameters(), 0.1), steps=1, device="cpu", progress=False,
+            loss_fn=lambda output, y: torch.nn.functional.cross_entropy(output, y).item())
+
+
 @pytest.mark.parametrize("tasks_at_once", [1, 2])
 def test_maml_refuses_a_loss_per_example_clearly(tasks_at_once):
     maml = MAML(MLP(4, (8,), 3), 0.1, 1, loss_fn=per_example, tasks_at_once=tasks_at_once)
