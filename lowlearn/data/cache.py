@@ -344,6 +344,7 @@ def _extract(archive: Path, folder: Path) -> None:
             # The checks above suffice; the "data" filter (Python >= 3.10.12) adds a second guard.
             kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             tf.extractall(folder, members=members, **kwargs)
+            _check_tar_end(tf)
     elif zipfile.is_zipfile(archive):
         # testzip reads every member, so damage shows before anything is written; zipfile reports some of it as
         # OSError (an offset before the file's start, a broken bz2 stream), NotImplementedError (an unknown
@@ -363,3 +364,16 @@ def _extract(archive: Path, folder: Path) -> None:
     else:
         raise DataError(f"{archive} is neither a tar nor a zip archive, or is cut off before its end (an interrupted "
                         "download?): delete it and download it again")
+
+
+def _check_tar_end(tf: tarfile.TarFile) -> None:
+    """Raise :class:`tarfile.ReadError` unless the block after the last member of ``tf`` is the end-of-archive block.
+
+    tarfile stops without complaint where a header is missing, cut or garbled after the first
+    one, so it takes an uncompressed tar cut off between two members for a whole archive; a
+    genuine archive ends with a block of zeros there.
+    """
+    tf.fileobj.seek(tf.offset)                # just past the last member's data: a forward seek
+    if tf.fileobj.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"no end-of-archive block after its last member, at byte {tf.offset}: it is cut "
+                                "off there or holds something that is not a tar header")

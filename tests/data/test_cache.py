@@ -550,6 +550,21 @@ def test_a_cut_tar_is_a_data_error(tmp_path, archives):
     assert _leftovers(tmp_path / "out") == []
 
 
+@pytest.mark.parametrize("cut", ["between-members", "after-the-last-member", "in-a-header", "garbage"])
+def test_a_tar_cut_where_tarfile_sees_an_end_is_a_data_error(tmp_path, archives, cut):
+    members = {"a.bin": _PAYLOAD, "b.bin": _PAYLOAD}
+    archive = _tar(archives / "a.tar", [tarfile.TarInfo(name) for name in members], members, mode="w")
+    whole, first = archive.read_bytes(), 512 + -(-len(_PAYLOAD) // 512) * 512     # header and padded data
+    end = 2 * first if cut == "after-the-last-member" else first                  # where tarfile stops
+    archive.write_bytes({"between-members": whole[:first], "after-the-last-member": whole[:2 * first],
+                         "in-a-header": whole[:first + 100],
+                         "garbage": whole[:first] + b"\xff" * 512 + whole[first:]}[cut])
+    with pytest.raises(DataError, match="damaged .*no end-of-archive block after its last member, at byte "
+                                        f"{end}.*download it again"):
+        safe_extract(archive, tmp_path / "out" / "dest")
+    assert _leftovers(tmp_path / "out") == []
+
+
 def test_an_archive_extracted_meanwhile_by_another_process_is_kept(tmp_path, archives, monkeypatch):
     from lowlearn.data import cache
 
