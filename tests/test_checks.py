@@ -1,4 +1,4 @@
-"""The shared argument checks: which values count as real numbers, integers and counts."""
+"""The shared checks: which values count as real numbers, integers and counts, and whether tensors are finite."""
 
 import fractions
 import math
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lowlearn.checks import (as_float, check_batch, check_count, check_non_negative, check_positive, check_rate,
-                             is_integer, is_real)
+from lowlearn.checks import (all_finite, as_float, check_batch, check_count, check_non_negative, check_positive,
+                             check_rate, is_integer, is_real)
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, float("inf"), np.int64(4), np.float32(0.5), fractions.Fraction(1, 3)])
@@ -102,3 +102,23 @@ def test_one_batch_is_exactly_a_pair_of_tensors():
     for bad in ((x, y, w), [x, y, w], (x,)):
         with pytest.raises(TypeError, match=r"batch must be one batch, a pair \(inputs, targets\) of tensors"):
             check_batch(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_is_false_for_any_nan_or_infinity_in_any_tensor_and_true_otherwise(dtype):
+    values = [torch.linspace(-3, 3, 12, dtype=dtype).view(3, 4), torch.ones(5, dtype=dtype)]
+    assert all_finite(values).item() and all_finite(values).dim() == 0 and all_finite(values).dtype == torch.bool
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for which, where in ((0, (0, 0)), (0, (1, 2)), (0, (2, 3)), (1, (4,))):
+            broken = [v.clone() for v in values]
+            broken[which][where] = bad
+            assert not all_finite(broken).item(), (bad, which, where)
+            assert not all_finite(iter(broken)).item(), "a generator of tensors, as a dict's values()"
+    assert all_finite([torch.full((2, 2), torch.finfo(dtype).max, dtype=dtype)]).item()
+
+
+def test_all_finite_counts_empty_tensors_and_no_tensors_as_finite():
+    assert all_finite([torch.zeros(0, 3), torch.ones(2)]).item()
+    assert not all_finite([torch.zeros(0), torch.tensor([float("nan")])]).item()
+    assert all_finite([torch.zeros(0, dtype=torch.float64)]).item()
+    assert all_finite([]).item()

@@ -94,7 +94,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_count, check_non_negative, check_rate, is_real
+from ..checks import all_finite, check_count, check_non_negative, check_rate, is_real
 from ..distributed import average_across_processes
 from ..train import NonFiniteLossError, buffers_restored
 from .layers import check_tolerance, dense_parameters, low_rank_layers, truncation_ranks
@@ -362,7 +362,7 @@ class DLRT(torch.optim.Optimizer):
                     break
                 self._unscale(factor)
                 gradients = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-                overflow = (~torch.stack([gradient.isfinite().all() for gradient in gradients]).all()).float()
+                overflow = (~all_finite(gradients)).float()
                 average_across_processes([overflow], check=False)          # above 0 if it overflowed on any process
                 if not overflow.item():
                     break

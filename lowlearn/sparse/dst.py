@@ -65,7 +65,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_count, is_real
+from ..checks import all_finite, check_count, is_real
 from ..distributed import average_across_processes
 from ..reparam import OutputGradients
 from ..train import generator_on, restore_generator, seeded_generator
@@ -196,17 +196,6 @@ class Sparsifier(ABC):
         """
         self.steps = int(state["steps"])
         self.generator = restore_generator(self.generator, state["generator"], state.get("generator_device"))
-
-
-def _all_finite(tensor: Tensor) -> Tensor:
-    """Whether every entry of ``tensor`` is finite, as a boolean tensor on its device (no host synchronisation).
-
-    Its minimum and maximum are finite exactly when every entry is (a NaN makes both NaN):
-    one reduction, where ``torch.isfinite(tensor).all()`` takes several passes and on the
-    CPU costs about ten times as much.
-    """
-    low, high = torch.aminmax(tensor.detach())
-    return torch.isfinite(low) & torch.isfinite(high)
 
 
 class DynamicSparsity(Sparsifier):
@@ -342,7 +331,7 @@ class DynamicSparsity(Sparsifier):
         """
         if self.dense_gradient != "update":
             return True
-        return bool(torch.stack([_all_finite(g) for g in self.dense_gradients().values()]).all())
+        return bool(all_finite(self.dense_gradients().values()))
 
     def close(self) -> None:
         """Take this sparsifier's gradient hooks off the model for good; the masks stay.
@@ -623,7 +612,7 @@ class SNFS(DynamicSparsity):
         # A gradient that is not finite in any layer (a GradScaler's overflow step, which the optimizer skips as a
         # whole) leaves every layer's momentum as it was, M ← 1·M + 0·g, decided on the device without a host
         # synchronisation; non-finite entries are zeroed first, since 0·NaN is NaN (a finite g passes unchanged).
-        finite = torch.stack([_all_finite(grad) for grad in grads.values()]).all() if grads else None
+        finite = all_finite(grads.values())
         for name, grad in grads.items():
             grad = torch.nan_to_num(grad.detach(), nan=0.0, posinf=0.0, neginf=0.0)
             if name in self.momentum:
