@@ -209,9 +209,12 @@ class DLRT(torch.optim.Optimizer):
         return {name: layer.rank for name, layer in low_rank_layers(self.model).items()}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients of the factors and of the dense parameters, and the layers' kept signals."""
+        """Clear the gradients of the factors and of the dense parameters, and the layers' kept signals.
+
+        A wrapped ``optimizer``'s parameters are listed in ``param_groups[1]``, so this clears
+        them too, once (its own ``zero_grad`` would clear them a second time).
+        """
         if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=set_to_none)
             self.param_groups[1]["params"] = _other_parameters(self.model, self.optimizer)   # if it took more
         self.param_groups[0]["params"] = _factors(self.model, trained_only=True)   # the layers' current factors
         super().zero_grad(set_to_none=set_to_none)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowlearn.cost import training_memory
 from lowlearn.lowrank import (DLRT, LowRankConv2d, LowRankLayer, LowRankLinear, dense_parameters, low_rank_layers,
@@ -893,3 +894,26 @@ def test_after_a_failed_step_under_a_grad_scaler_the_next_step_takes_the_scalers
         states.append(model.state_dict())
     for name in states[0]:
         torch.testing.assert_close(states[1][name], states[0][name], msg=name)
+
+
+def test_zero_grad_clears_each_gradient_once_with_a_wrapped_optimizer():
+    """Its groups list the wrapped optimizer's parameters, so clearing them through its own zero_grad as well would
+    make a second weight-sized pass with set_to_none=False."""
+    class ZeroedTensors(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.zero_, torch.ops.aten._foreach_zero_):
+                self.count += len(args[0]) if isinstance(args[0], (list, tuple)) else 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(LowRankLinear(8, 6, 2), nn.ReLU(), nn.Linear(6, 3))
+    dlrt = DLRT(model, lr=0.1, optimizer=torch.optim.SGD(dense_parameters(model), lr=0.1))
+    model(torch.randn(4, 8)).sum().backward()
+    with ZeroedTensors() as zeroed:
+        dlrt.zero_grad(set_to_none=False)
+    assert zeroed.count == len(list(model.parameters()))                     # U, S, V, the two biases and the weight
+    assert all(not p.grad.any() for p in model.parameters())
