@@ -258,9 +258,10 @@ class DLRT(torch.optim.Optimizer):
             lowlearn.train.NonFiniteLossError: the truncation met a core that is not
                 finite (the fixed-rank version, which does not truncate, does not look).
 
-        Whatever fails after the K- and L-steps (these errors, or the closure's own) leaves
-        the factors and their moments as they were before the step, and no parameter
-        stepped; the gradients of the first pass are gone: run it again. A failed step
+        Whatever fails after the K- and L-steps (these errors, the closure's own, or a wrapped
+        ``optimizer``'s that raises before it changes a parameter, as LBFGS without a closure
+        does) leaves the factors and their moments as they were before the step, and no
+        parameter stepped; the gradients of the first pass are gone: run it again. A failed step
         drops the loss scale a ``torch.amp.GradScaler`` gave it, so that the next step
         takes the scale of its own ``scaler.step``.
         """
@@ -314,7 +315,9 @@ class DLRT(torch.optim.Optimizer):
             else:
                 self._s_step_from_first_pass(layers, scales)
             self._galerkin_and_truncate(layers)
-        except BaseException:         # a failed closure, an interrupt, a diverged core: undo the factors' step
+            if self.optimizer is not None:
+                self.optimizer.step()
+        except BaseException:   # a failed closure or optimizer, an interrupt, a diverged core: undo the factors' step
             for name, layer in layers.items():
                 layer.set_factors(*start[name])
                 self.state.pop(name, None)
@@ -322,9 +325,7 @@ class DLRT(torch.optim.Optimizer):
                     self.state[name] = moments[name]
             self.zero_grad()
             raise
-        if self.optimizer is not None:
-            self.optimizer.step()
-        else:
+        if self.optimizer is None:
             for group in self.param_groups[1:]:
                 for p in group["params"]:
                     if p.grad is not None:

@@ -168,6 +168,33 @@ def test_a_closure_that_calls_backward_itself_is_refused_and_the_step_undone(ret
         assert torch.equal(factor, start)
 
 
+@pytest.mark.parametrize("tol", [None, 0.1])
+def test_a_wrapped_optimizer_that_fails_in_its_step_leaves_the_factors_and_their_moments_as_they_were(tol):
+    # As torch.optim.LBFGS does without a closure: it raises before it changes a parameter.
+    class FailsWhenTold(torch.optim.SGD):
+        fail = False
+
+        def step(self, closure=None):
+            if self.fail:
+                raise RuntimeError("the wrapped optimizer failed")
+            return super().step(closure)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(LowRankLinear(6, 5, 2), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(8, 6), torch.randn(8, 3)
+    sgd = FailsWhenTold(dense_parameters(model), lr=0.1)
+    dlrt = DLRT(model, lr=0.1, tol=tol, betas=(0.9, 0.999), optimizer=sgd)
+    dlrt_steps(model, dlrt, x, y, 1)
+    before, moments = [p.clone() for p in model.parameters()], copy.deepcopy(dlrt.state["0"])
+    sgd.fail = True
+    with pytest.raises(RuntimeError, match="the wrapped optimizer failed"):
+        dlrt_steps(model, dlrt, x, y, 1)
+    for p, start in zip(model.parameters(), before):
+        assert torch.equal(p, start)
+    assert dlrt.state["0"].keys() == moments.keys()
+    assert all(torch.equal(torch.as_tensor(dlrt.state["0"][key]), torch.as_tensor(moments[key])) for key in moments)
+
+
 @pytest.mark.parametrize("betas", [None, (0.9, 0.999)])
 def test_a_frozen_low_rank_layer_stays_as_it_is_and_the_others_train_as_beside_a_fixed_dense_layer(betas):
     # Reference: the frozen layer replaced by a frozen dense copy of itself, which DLRT does not see at all.
