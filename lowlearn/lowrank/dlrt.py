@@ -83,7 +83,10 @@ DLRT, which scales the closure's loss by the same scale (float16 gradients would
 underflow without it), unscales its gradients, and runs the pass again unscaled should
 they overflow (in a process group, on every process if they overflow on one). After
 ``scaler.unscale_(dlrt)`` (to clip, say) DLRT is not told the scale, and the closure's
-pass runs unscaled.
+pass runs unscaled. In a process group DLRT averages the gradients across processes at
+its step, after such changes: ``clip_grad_norm_`` before the step clips each process's
+own gradients by their own norm (so the processes may clip by different factors), not
+their average as under ``DistributedDataParallel``.
 """
 
 from __future__ import annotations
