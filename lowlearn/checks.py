@@ -11,7 +11,18 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping
 
+import numpy as np
 import torch
+
+
+def check_flag(name: str, value: bool) -> bool:
+    """Return ``value`` as a Python bool if it is ``True`` or ``False`` (a NumPy bool too), else raise a TypeError.
+
+    A switch takes no other value: a string such as ``"no"`` is true to Python, and ``0``/``1`` are numbers.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def is_real(value: object) -> bool:

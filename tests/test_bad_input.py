@@ -263,6 +263,17 @@ def test_snfs_at_density_one_advises_a_fix_that_works():
     SNFS(mlp(), None, 1.0)
 
 
+@pytest.mark.parametrize("flag", ["cosine", "regrow_dropped"])
+@pytest.mark.parametrize("method", [SET, RigL, SNFS])
+def test_dynamic_sparse_training_switches_refuse_a_value_other_than_true_or_false(method, flag):
+    """A string is true to Python: cosine="no" would keep the cosine, regrow_dropped="no" would regrow."""
+    model = mlp()
+    with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'no'"):
+        method(model, None, 0.5, end=10, every=2, **{flag: "no"})
+    assert masks_of(model) == {}                                     # refused before the model changed
+    method(model, None, 0.5, end=10, every=2, **{flag: np.False_})
+
+
 def test_density_one_is_dense_training_for_every_sparse_trainer():
     """The boundary d = 1 of (0, 1]: every mask all True, a SET update (dropping at most the inactive count, 0)
     changes nothing, and the model computes as the unmasked one."""

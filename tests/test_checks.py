@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lowlearn.checks import (all_finite, as_float, check_batch, check_count, check_non_negative, check_positive,
-                             check_rate, is_integer, is_real)
+from lowlearn.checks import (all_finite, as_float, check_batch, check_count, check_flag, check_non_negative,
+                             check_positive, check_rate, is_integer, is_real)
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, float("inf"), np.int64(4), np.float32(0.5), fractions.Fraction(1, 3)])
@@ -40,6 +40,17 @@ def test_a_count_at_the_minimum_passes():
 def test_a_count_below_the_minimum_or_not_an_integer_names_itself(value):
     with pytest.raises(ValueError, match=r"shots must be an int >= 1; got"):
         check_count("shots", value, 1)
+
+
+@pytest.mark.parametrize("value", [True, False, np.True_, np.False_])
+def test_a_flag_is_a_python_or_numpy_bool_and_comes_back_as_a_python_bool(value):
+    assert check_flag("cosine", value) is bool(value)
+
+
+@pytest.mark.parametrize("value", ["no", "False", 0, 1, None, torch.tensor(True), np.array([True])])
+def test_a_flag_of_another_type_names_itself_even_when_python_would_read_it_as_true_or_false(value):
+    with pytest.raises(TypeError, match=r"cosine must be True or False, got"):
+        check_flag("cosine", value)
 
 
 def test_a_rate_must_be_a_positive_finite_number():

@@ -65,7 +65,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor, nn
 
-from ..checks import all_finite, check_count, is_real
+from ..checks import all_finite, check_count, check_flag, is_real
 from ..distributed import average_across_processes
 from ..reparam import OutputGradients
 from ..train import generator_on, restore_generator, seeded_generator
@@ -246,6 +246,7 @@ class DynamicSparsity(Sparsifier):
         ValueError: a density outside (0, 1], a bad schedule or distribution, no
             layer to sparsify, a frozen layer, a layer with a split mask, or a ``seed`` that
             is not an int >= 0.
+        TypeError: ``cosine`` or ``regrow_dropped`` other than ``True`` or ``False``.
         KeyError: a name in ``layers`` that is not a module of the model.
     """
 
@@ -270,6 +271,7 @@ class DynamicSparsity(Sparsifier):
     ):
         check_density(density)
         check_count("seed", seed, 0)
+        cosine, regrow_dropped = check_flag("cosine", cosine), check_flag("regrow_dropped", regrow_dropped)
         self.schedule = None if end is None else UpdateSchedule(end, every, drop_fraction, cosine)
         chosen = sparse_layers(model, layers)
         if frozen := [name for name, layer in chosen.items() if not raw_weight(layer).requires_grad]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_count, is_integer, is_real
+from ..checks import check_count, check_flag, is_integer, is_real
 from ..distributed import world
 from .mask import find_mask, masks_or_ones, nonzero_counts
 from .prune import check_density, prune
@@ -278,9 +278,11 @@ class UpdateSchedule:
     Raises:
         ValueError: ``every`` or ``end`` not a positive integer, ``every > end``
             (``every ≥ end`` with the cosine: no update at all), or ``α`` outside (0, 1).
+        TypeError: ``cosine`` other than ``True`` or ``False``.
     """
 
     def __init__(self, end: int, every: int = 100, drop_fraction: float = 0.3, cosine: bool = True):
+        cosine = check_flag("cosine", cosine)
         check_count("every (steps between updates)", every, 1)
         check_count("end (the last step that may update)", end, 1)
         if every > end or (cosine and every == end):

@@ -143,3 +143,5 @@ def test_update_schedule_bad_input():
                                          r"f\(end\) = 0, end=10.*would never change"):
         UpdateSchedule(end=10, every=10)
     assert UpdateSchedule(end=10, every=10, cosine=False).updates_at(10)
+    with pytest.raises(TypeError, match="cosine must be True or False, got 'no'"):   # a string would mean True
+        UpdateSchedule(end=10, every=5, cosine="no")
