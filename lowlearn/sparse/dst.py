@@ -70,7 +70,7 @@ from ..distributed import average_across_processes
 from ..reparam import OutputGradients
 from ..train import generator_on, restore_generator, seeded_generator
 from .allocation import erdos_renyi, erk, uniform
-from .mask import (Mask, attach_masks, find_mask, raw_weight, resolve_layers, saved_weights,
+from .mask import (Mask, attach_masks, find_mask, nonzero_counts, raw_weight, resolve_layers, saved_weights,
                    set_masks, weights_device, zero_where_masked)
 from .prune import check_density, kept_count, top_k_mask
 from .schedule import UpdateSchedule
@@ -292,6 +292,7 @@ class DynamicSparsity(Sparsifier):
             noise = torch.rand(weight.shape, generator=self.generator, device=weight.device)
             initial[name] = top_k_mask(noise, self.active[name])
         set_masks(model, initial, optimizer)
+        self._counted = self._mask_versions()
         self._gradients = OutputGradients(self.layers(), Mask)
         self._arm()
 
@@ -362,6 +363,11 @@ class DynamicSparsity(Sparsifier):
         needs no gradient of the current step (SET, SNFS); RigL's needs the dense
         gradient, which only the steps its schedule updates at record.
 
+        The layers' active counts are kept on the host, so that an update need not read
+        them from the device; masks written since the last update by anything else (a model
+        ``state_dict`` loaded without this sparsifier's, :func:`~lowlearn.sparse.mask.set_masks`)
+        are counted again first, in one read.
+
         Raises:
             ValueError: a ``fraction`` outside [0, 1], or an update some layer cannot
                 make; nothing has changed then.
@@ -370,6 +376,8 @@ class DynamicSparsity(Sparsifier):
             raise ValueError(f"fraction must be in [0, 1] (the share of each layer's active weights to replace), "
                              f"got {fraction!r}")
         masks = self.masks()
+        if self._masks_written_elsewhere():
+            self.active = nonzero_counts(masks)
         layers = self.layers()
         dropped = {name: self.drop_count(name, raw_weight(layer).numel(), fraction) for name, layer in layers.items()}
         counts = self.grow_counts(dropped, masks)
@@ -387,9 +395,21 @@ class DynamicSparsity(Sparsifier):
         for name in layers:
             self.active[name] += counts[name] - dropped[name]
         set_masks(self.model, new, self.optimizer)
+        self._counted = self._mask_versions()
         for name, layer in layers.items():             # grown weights start at zero, with a new one's state
             zero_where_masked(raw_weight(layer), ~grown[name], self.optimizer)
         return grown
+
+    def _mask_versions(self) -> list[tuple[Tensor, int]]:
+        """``(mask buffer, version)`` of every layer, to tell whether they were written since: an in-place write
+        (``copy_``, a loaded ``state_dict``) raises the version (``Tensor._version``), moving the model replaces
+        the buffer."""
+        return [(mask := find_mask(layer).mask, mask._version) for layer in self._layers.values()]
+
+    def _masks_written_elsewhere(self) -> bool:
+        """Whether a mask changed since this sparsifier last wrote them, so that ``self.active`` may not count it."""
+        return any(buffer is not seen or version != counted
+                   for (buffer, version), (seen, counted) in zip(self._mask_versions(), self._counted))
 
     def _check_capacity(self, sizes: Mapping[str, int]) -> None:
         """Raise a ValueError if the method cannot work on layers of ``sizes`` weights at ``self.active``.

@@ -400,6 +400,30 @@ def test_resuming_from_a_checkpoint_is_bit_exact(method, optimizer_class):
     assert sparsifier3.active == sparsifier.active
 
 
+@pytest.mark.parametrize("method", ["set", "rigl", "snfs"])
+@pytest.mark.parametrize("change", ["load_state_dict", "set_masks"])
+def test_masks_written_without_the_sparsifier_are_counted_again_at_the_next_update(method, change):
+    """Its active counts are kept on the host; masks of other counts (a model state loaded alone, set_masks) must
+    not make an update drop entries that are not active, grow too many, or refuse to grow enough."""
+    trained = small_mlp()
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
+    train(trained, optimizer, make("snfs", trained, optimizer, end=40, every=4, drop_fraction=0.5), batches(20))
+    model = small_mlp(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = make(method, model, optimizer, end=40, every=4, drop_fraction=0.5)
+    if change == "load_state_dict":
+        model.load_state_dict(trained.state_dict())
+    else:
+        set_masks(model, masks_of(trained))
+    loaded = counts(model)
+    assert loaded != sparsifier.active                            # SNFS moved weights between the layers
+    train(model, optimizer, sparsifier, batches(4))                # step 4 updates the masks
+    assert counts(model) == sparsifier.active
+    assert sum(sparsifier.active.values()) == sum(loaded.values())
+    if method != "snfs":                                         # the layers keep their densities
+        assert sparsifier.active == loaded
+
+
 @pytest.mark.parametrize("method", ["rigl", "topkast"])
 def test_fit_resumed_needs_the_sparsifiers_state_and_then_ends_as_the_uninterrupted_run(method):
     """fit's start_step with a sparsifier callback: one left at step 0 would restart its schedule (its mask updates
