@@ -603,7 +603,8 @@ class SNFS(DynamicSparsity):
     good steps) ``M`` weighs the gradients before and after unequally until the older
     ones decay (by ``β`` per step). The authors' code reads the optimizer's momentum,
     which sees unscaled gradients. Mixed precision in bfloat16 (:func:`~lowlearn.train.fit`'s
-    ``bf16``) needs no scaler and has no such effect.
+    ``bf16``) needs no scaler and has no such effect. ``M`` is kept in float32 for a model
+    in half precision (``.to(torch.bfloat16)``), whose gradients it then sums in float32.
 
     ``beta`` is the momentum coefficient ``β`` of ``M``; the other arguments are those
     of :class:`DynamicSparsity` (the initial densities come from ``distribution``; the
@@ -636,7 +637,7 @@ class SNFS(DynamicSparsity):
         # synchronisation; non-finite entries are zeroed first, since 0·NaN is NaN (a finite g passes unchanged).
         finite = all_finite(grads.values())
         for name, grad in grads.items():
-            grad = torch.nan_to_num(grad.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+            grad = torch.nan_to_num(grad.detach().to(_momentum_dtype(grad.dtype)), nan=0.0, posinf=0.0, neginf=0.0)
             if name in self.momentum:
                 momentum = self.momentum[name] = self.momentum[name].to(grad.device)   # the model may have moved
                 beta = torch.full((), self.beta, dtype=momentum.dtype, device=momentum.device)   # β in its dtype
@@ -690,7 +691,13 @@ class SNFS(DynamicSparsity):
         momentum = (saved_weights("SNFS", "momentum", state["momentum"], self.layers())
                     if state["momentum"] else {})                  # none before the first step
         super().load_state_dict(state)
-        self.momentum = momentum
+        self.momentum = {name: m.to(_momentum_dtype(m.dtype)) for name, m in momentum.items()}
+
+
+def _momentum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """SNFS's momentum is kept in float32 at least: in a half-precision dtype β = 0.9 rounds (to 0.898 in
+    bfloat16), and adding a gradient to the sum of the last ten rounds it to the sum's 8 bits."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def share(total: int, weights: Mapping[str, float], capacity: Mapping[str, int]) -> dict[str, int]:
