@@ -111,18 +111,24 @@ def layer_densities_for(model: nn.Module, density: float, distribution: Distribu
     return {name: check_density(d, f"density of {name!r}") for name, d in given.items()}
 
 
-def sparse_layers(model: nn.Module, layers: list[str] | None) -> dict[str, nn.Module]:
+def sparse_layers(model: nn.Module, layers: list[str] | None, method: str, needs_training: str
+                  ) -> dict[str, nn.Module]:
     """``{name: layer}`` that a sparsifier trains: :func:`~lowlearn.sparse.mask.resolve_layers`, but never none.
 
+    ``needs_training`` says why ``method`` cannot sparsify a frozen layer (one whose weight does not require grad).
+
     Raises:
-        ValueError: ``layers`` is empty, or (``None``) the model has no ``nn.Linear`` or ``nn.Conv2d``; or as
-            :func:`~lowlearn.sparse.mask.resolve_layers`.
+        ValueError: ``layers`` is empty, or (``None``) the model has no ``nn.Linear`` or ``nn.Conv2d``; a frozen
+            layer; or as :func:`~lowlearn.sparse.mask.resolve_layers`.
         KeyError: a name in ``layers`` that is not a module of the model.
     """
     chosen = resolve_layers(model, layers)
     if not chosen:
         raise ValueError("no layers to train sparsely: layers is empty, or the model has no nn.Linear or "
                          "nn.Conv2d")
+    if frozen := [name for name, layer in chosen.items() if not raw_weight(layer).requires_grad]:
+        raise ValueError(f"the layers {frozen} are frozen (requires_grad=False), but {method} {needs_training}: "
+                         "leave them out of layers= (they stay dense), or unfreeze them")
     return chosen
 
 
@@ -273,11 +279,8 @@ class DynamicSparsity(Sparsifier):
         check_count("seed", seed, 0)
         cosine, regrow_dropped = check_flag("cosine", cosine), check_flag("regrow_dropped", regrow_dropped)
         self.schedule = None if end is None else UpdateSchedule(end, every, drop_fraction, cosine)
-        chosen = sparse_layers(model, layers)
-        if frozen := [name for name, layer in chosen.items() if not raw_weight(layer).requires_grad]:
-            raise ValueError(f"the layers {frozen} are frozen (requires_grad=False), but {type(self).__name__} moves "
-                             "their connections and grows new ones at zero, which only training can move: leave "
-                             "them out of layers= (they stay dense), or unfreeze them")
+        chosen = sparse_layers(model, layers, type(self).__name__, "moves their connections and grows new ones at "
+                               "zero, which only training can move")
         self.densities = layer_densities_for(model, density, distribution, list(chosen))
         self.density, self.regrow_dropped = density, regrow_dropped
         sizes = {name: raw_weight(layer).numel() for name, layer in chosen.items()}

@@ -66,8 +66,9 @@ class TopKAST(Sparsifier):
 
     Raises:
         ValueError: densities outside (0, 1] or ``backward_density < forward_density``,
-            ``every < 1``, ``end < every``, no layer to sparsify, a layer that already has a mask, an optimizer
-            with weight decay on a sparsified weight, or a ``seed`` that is not an int >= 0.
+            ``every < 1``, ``end < every``, no layer to sparsify, a frozen layer (``requires_grad=False``),
+            a layer that already has a mask, an optimizer with weight decay on a sparsified weight, or a
+            ``seed`` that is not an int >= 0.
         KeyError: a name in ``layers`` that is not a module of the model.
     """
 
@@ -96,7 +97,8 @@ class TopKAST(Sparsifier):
                 raise ValueError(f"end ({end}) comes before the first refresh, at step every ({every}): the sets "
                                  "would never change (static sparsity); raise end or lower every")
         check_count("seed", seed, 0)
-        chosen = sparse_layers(model, layers)
+        chosen = sparse_layers(model, layers, "Top-KAST", "chooses their sets A and B by the magnitudes that "
+                               "training moves (frozen, they would keep their first sets: a one-off magnitude pruning)")
         for name, layer in chosen.items():
             if find_mask(layer) is not None:
                 raise ValueError(f"layer {name!r} already has a mask; Top-KAST needs an unmasked model")

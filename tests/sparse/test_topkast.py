@@ -334,6 +334,17 @@ def test_a_bad_seed_is_refused_before_the_model_changes_so_that_a_retry_works():
     TopKAST(model, None, 0.2, 0.4, seed=0)
 
 
+def test_a_frozen_layer_is_refused_by_name_before_the_model_changes_as_the_other_sparsifiers_refuse_it():
+    # Its weights never move, so its sets would never change: its first magnitude pruning, kept for good.
+    model = MLP(20, (16,), 4)
+    model[1].requires_grad_(False)
+    keys = list(model.state_dict())
+    with pytest.raises(ValueError, match=r"the layers \['1'\] are frozen \(requires_grad=False\), but Top-KAST"):
+        TopKAST(model, None, 0.2, 0.4)
+    assert list(model.state_dict()) == keys
+    TopKAST(model, None, 0.2, 0.4, layers=["3"])               # the frozen layer left out stays dense
+
+
 def test_rewinding_a_top_kast_model_keeps_its_raw_weights_outside_the_forward_set():
     """SplitMask's contract: its raw weights are not kept at zero outside the forward set A (Top-KAST trains them in
     B \\ A and keeps the rest dense for later refreshes). Reference: after rewind to the saved weights, θ equals the
