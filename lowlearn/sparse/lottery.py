@@ -478,16 +478,20 @@ def train_control(
 ) -> TicketRound:
     """Train a control network at one IMP round's masks, and record it like the round.
 
-    A copy of ``model`` gets the ticket's masks and is rewound to
-    ``lottery.rewind_state``; then ``control`` changes it (see the module's
-    introduction) and ``train(copy, [])`` trains it. ``control=None`` retrains the
-    ticket itself (e.g. with another data order). The paper's controls reuse
-    each round's masks: call this once per ``lottery.rounds`` entry and plot the
-    results against ``TicketRound.density``, beside the tickets.
+    A copy of ``model`` loads ``lottery.rewind_state`` and gets the ticket's masks,
+    the weights under them set to zero (as :func:`rewind` leaves the rounds); then
+    ``control`` changes it (see the module's introduction) and ``train(copy, [])``
+    trains it. ``control=None`` retrains the ticket itself (e.g. with another data
+    order). The paper's controls reuse each round's masks: call this once per
+    ``lottery.rounds`` entry and plot the results against ``TicketRound.density``,
+    beside the tickets.
 
     Args:
         model: a network of the architecture the lottery was drawn on; it is
-            copied, not changed. The copy gets masks on the ticket's layers.
+            copied, not changed. The copy gets masks on the ticket's layers. If
+            :func:`~lowlearn.sparse.structured.prune_channels` masked biases of the
+            lottery's model, ``model`` needs masks on those biases too (prune its
+            channels, at any density): the copy takes the lottery's from ``lottery.rewind_state``.
         lottery: the result of :func:`iterative_magnitude_pruning`.
         ticket: a round of ``lottery``, or its index.
         train: as for :func:`iterative_magnitude_pruning`.
@@ -498,6 +502,11 @@ def train_control(
 
     Returns:
         The control run's :class:`TicketRound`, with the ticket's ``index``.
+
+    Raises:
+        ValueError: an unknown ``control``, a ``ticket`` not of ``lottery``, or a ``model`` whose copy (with the
+            ticket's masks) has other ``state_dict`` entries than ``lottery.rewind_state``: another architecture,
+            or biases masked in one of them only.
     """
     if control is not None and control not in CONTROLS:
         raise ValueError(f"control must be one of {', '.join(map(repr, CONTROLS))} or None, got {control!r}")
@@ -509,8 +518,10 @@ def train_control(
         ticket = lottery.rounds[int(ticket)]
     net = copy.deepcopy(model)
     attach_masks(net, ticket.masks)
+    _check_entries(net, lottery.rewind_state)
+    net.load_state_dict(lottery.rewind_state)     # masked biases take the lottery's masks with their values
     set_masks(net, ticket.masks)
-    rewind(net, lottery.rewind_state)
+    zero_under_masks(net)
     if control == "reinit":
         random_reinit(net, seed)
     elif control == "reshuffle":
@@ -520,6 +531,22 @@ def train_control(
     elif control == "random_mask":
         random_mask(net, lottery.rewind_state, seed)
     return _record(ticket.index, net, train(net, []))
+
+
+def _check_entries(net: nn.Module, rewind_state: Mapping[str, Tensor]) -> None:
+    """Raise a ValueError, rather than ``load_state_dict``'s list of keys, if ``net`` has other entries than
+    ``rewind_state``."""
+    own, saved = set(net.state_dict()), set(rewind_state)
+    if own == saved:
+        return
+    biases = sorted({key.rsplit(".parametrizations.bias.", 1)[0] for key in saved - own
+                     if ".parametrizations.bias." in key})
+    hint = (f"; the lottery's model had masked biases in the layers {biases} (prune_channels masks the biases of "
+            "the units it removes): prune the channels of model first, at any density (the copy takes the "
+            "lottery's masks), or pass the model IMP pruned" if biases else "")
+    raise ValueError(f"model is not of the architecture the lottery was drawn on: lottery.rewind_state has the "
+                     f"entries {sorted(saved - own)} that a copy of model with the ticket's masks lacks, and lacks the "
+                     f"copy's entries {sorted(own - saved)}" + hint)
 
 
 def _same_layers(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> None:

@@ -151,6 +151,30 @@ def test_rewind_keeps_the_bias_masks_of_removed_units():
     assert (model[0].parametrizations.bias.original[units] != 0).all()
 
 
+@pytest.mark.parametrize("control", [None, "reinit"])
+def test_train_control_after_channel_pruning_takes_the_lotterys_bias_masks_and_refuses_a_model_without_any(control):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 4))
+    fresh = copy.deepcopy(model)
+    units = prune_channels(model, 0.5)["0"]                             # masks the biases of the removed units
+    lottery = iterative_magnitude_pruning(model, make_train(steps=5), rounds=1, prune_fraction=0.2)
+    with pytest.raises(ValueError, match=r"masked biases in the layers \['0'\] \(prune_channels masks the biases "
+                                         r"of the units it removes\): prune the channels of model first"):
+        train_control(fresh, lottery, 1, make_train(steps=5), control)
+    prune_channels(fresh, 0.75)                                         # other units, and more, than the lottery's
+    copies = []
+
+    def train(net, callbacks):
+        copies.append(net)
+        return make_train(steps=5)(net, callbacks)
+
+    train_control(fresh, lottery, 1, train, control)
+    net = copies[0]
+    assert torch.equal(find_mask(net[0], "bias").mask != 0, units)
+    assert all(torch.equal(mask, lottery.rounds[1].masks[name]) for name, mask in masks_of(net).items())
+    assert (net[0](torch.randn(3, 20))[:, ~units] == 0).all()           # the lottery's removed units stay silent
+
+
 def test_round_records_the_last_evaluation_and_the_early_stopping_step():
     lottery = iterative_magnitude_pruning(mlp(), make_train(), rounds=1, prune_fraction=0.2)
     for ticket in lottery.rounds:
