@@ -19,8 +19,8 @@ from lowlearn.meta import CNP, MAML, LSTMOptimizer, MatchingNet, ProtoNet, Repti
 from lowlearn.meta import inner_loop, parameters_of
 from lowlearn.models import MLP, Conv4, LeNet5
 from lowlearn.powerprop import PowerPropOptimizer, powerprop
-from lowlearn.sparse import (SET, SNFS, GradualPruning, RigL, StaticSparse, TopKAST, attach_masks, dst_training_flops,
-                             iterative_pruning, masks_of, prune, sparse_inference_flops)
+from lowlearn.sparse import (SET, SNFS, GradualPruning, RigL, StaticSparse, TopKAST, attach_masks, drop_and_grow,
+                             dst_training_flops, iterative_pruning, masks_of, prune, sparse_inference_flops)
 from lowlearn.sparse.lottery import EarlyBird, iterative_magnitude_pruning, train_control
 from lowlearn.sparse.scores import magnitude, snip
 from lowlearn.train import evaluate, fit
@@ -272,6 +272,14 @@ def test_dynamic_sparse_training_switches_refuse_a_value_other_than_true_or_fals
         method(model, None, 0.5, end=10, every=2, **{flag: "no"})
     assert masks_of(model) == {}                                     # refused before the model changed
     method(model, None, 0.5, end=10, every=2, **{flag: np.False_})
+
+
+def test_drop_and_grow_and_early_bird_switches_refuse_a_value_other_than_true_or_false():
+    mask = torch.tensor([True, False, True, False])
+    with pytest.raises(TypeError, match="regrow_dropped must be True or False, got 'no'"):
+        drop_and_grow(mask, torch.rand(4), torch.rand(4), 1, regrow_dropped="no")
+    with pytest.raises(TypeError, match="stop must be True or False, got 1"):
+        EarlyBird(0.5, every=10, stop=1)
 
 
 def test_density_one_is_dense_training_for_every_sparse_trainer():

@@ -63,7 +63,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..checks import check_count, is_integer, is_real
+from ..checks import check_count, check_flag, is_integer, is_real
 from ..reparam import raw_value
 from ..train import History, StopTraining, TrainState, seeded_generator, stream_seed
 from .mask import (Mask, all_masks, attach_masks, density, kept_weights, layer_densities, masked_layers, masks_of,
@@ -634,7 +634,8 @@ class EarlyBird:
 
     Raises:
         ValueError: a bad ``density``, ``every``, ``threshold`` or ``window``.
-        TypeError: ``scores`` that are not a function (scores themselves, say).
+        TypeError: ``scores`` that are not a function (scores themselves, say), or ``stop``
+            other than ``True`` or ``False``.
     """
 
     def __init__(
@@ -655,7 +656,7 @@ class EarlyBird:
         check_score_function("scores", scores)
         self.density = check_density(density)
         self.every, self.threshold, self.window = every, threshold, window
-        self.scores, self.stop = scores, stop
+        self.scores, self.stop = scores, check_flag("stop", stop)
         self.distances: list[float] = []
         self.found_at: int | None = None
         self.mask: dict[str, Tensor] | None = None

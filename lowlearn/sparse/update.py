@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..checks import check_flag
 from .prune import finite_scores
 
 
@@ -67,7 +68,9 @@ def drop_and_grow(
     Raises:
         ValueError: ``mask`` not boolean, scores of another shape, a negative count,
             more drops than active weights, or more growth than growable weights.
+        TypeError: ``regrow_dropped`` other than ``True`` or ``False``.
     """
+    regrow_dropped = check_flag("regrow_dropped", regrow_dropped)
     if mask.dtype != torch.bool:
         raise ValueError(f"the mask must be boolean (True = active), got dtype {mask.dtype}")
     for what, scores in (("drop", drop_scores), ("grow", grow_scores)):
