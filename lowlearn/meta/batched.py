@@ -58,6 +58,18 @@ def flat_per_task(value: Tensor | None, tasks: int, dims: int) -> Tensor | None:
     return (value if value.dim() == dims + 1 else value.expand(tasks, *value.shape)).flatten(0, 1)
 
 
+def _check_tasks(layer: str, params: tuple[tuple[str, Tensor | None, int], ...], tasks: int, packed: str) -> None:
+    """Refuse per-task ``params`` (``(name, value, dimensions when shared)``) stacked for other than ``tasks`` tasks.
+
+    Those of one task would broadcast over all the tasks' inputs, and a grouped
+    convolution would group the wrong channels.
+    """
+    for name, value, shared_dims in params:
+        if value is not None and value.dim() > shared_dims and value.shape[0] != tasks:
+            raise ValueError(f"a task-batched {layer} got {name} for {value.shape[0]} tasks and inputs of {tasks} "
+                             f"tasks ({packed}): stack one set of weights per task")
+
+
 class TaskConv2d(nn.Module):
     """A ``Conv2d`` on packed tasks: one grouped convolution, or one plain one over ``B·T`` images if shared."""
 
@@ -71,15 +83,14 @@ class TaskConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         batch, tasks = x.shape[0], x.shape[1] // self.weight.shape[-3]
+        _check_tasks("Conv2d", (("weights", self.weight, 4), ("biases", self.bias, 1)), tasks,
+                    f"{x.shape[1]} packed channels")
         bias = flat_per_task(self.bias, tasks, 1)
         if self.weight.dim() == 4:                   # shared by every task: the tasks' images are one batch
             images = x.reshape(batch * tasks, -1, *x.shape[2:])
             out = F.conv2d(images, self.weight, None, self.stride, self.padding, self.dilation)
             out = out.reshape(batch, -1, *out.shape[2:])
             return out if bias is None else out + bias[:, None, None]
-        if self.weight.shape[0] != tasks:            # a grouped convolution would run, grouping the wrong channels
-            raise ValueError(f"a task-batched Conv2d got weights for {self.weight.shape[0]} tasks and inputs of "
-                             f"{tasks} tasks ({x.shape[1]} packed channels): stack one set of weights per task")
         return F.conv2d(x, self.weight.flatten(0, 1), bias, self.stride, self.padding, self.dilation, groups=tasks)
 
 
@@ -95,6 +106,8 @@ class TaskLinear(nn.Module):
             raise ValueError(f"a task-batched Linear takes packed inputs (batch, tasks·features), got shape "
                              f"{tuple(x.shape)}: flatten the features before the linear layer")
         x = x.unflatten(1, (-1, self.weight.shape[-1]))                 # (B, T, n_in)
+        _check_tasks("Linear", (("weights", self.weight, 2), ("biases", self.bias, 1)), x.shape[1],
+                    f"{x.shape[1] * x.shape[2]} packed features")
         out = x @ self.weight.T if self.weight.dim() == 2 else torch.einsum("bti,toi->bto", x, self.weight)
         return (out if self.bias is None else out + self.bias).flatten(1)
 

@@ -290,6 +290,19 @@ def test_weights_stacked_for_another_number_of_tasks_are_refused_rather_than_gro
         run(task_batched(model), params, torch.randn(4, 2, 1, 7, 7))
 
 
+@pytest.mark.parametrize("per_task", [("weight",), ("bias",), ("weight", "bias")])
+@pytest.mark.parametrize("layer, x", [(nn.Linear(5, 3), torch.randn(3, 2, 5)),
+                                      (nn.Conv2d(1, 8, 3), torch.randn(3, 2, 1, 7, 7))])
+def test_parameters_of_one_task_are_refused_on_inputs_of_several_rather_than_broadcast(layer, x, per_task):
+    # a Linear broadcast weights or biases stacked for one task over all 3 tasks; a Conv2d refused biases with torch's
+    # error about the grouped convolution, or failed adding them
+    model = nn.Sequential(layer)
+    params = {name: p.detach()[None] if name.split(".")[-1] in per_task else p.detach()
+              for name, p in parameters_of(model).items()}
+    with pytest.raises(ValueError, match="for 1 tasks and inputs of 3 tasks"):
+        run(task_batched(model), params, x)
+
+
 class ScaledConv2d(nn.Conv2d):
     """A convolution subclass whose forward is not nn.Conv2d's: it must not be run as a plain convolution."""
 
