@@ -374,8 +374,12 @@ def adapted_tasks(model: nn.Module, params: Params, tasks: TaskBatch, loss_fn: L
                                  first_order=first_order, adapt=names, losses=losses)
             yield slice(j, j + 1), forward, adapted
         return
-    x, y = (tasks.support_x, tasks.support_y) if tasks.support_x.shape[1] else (tasks.query_x, tasks.query_y)
-    check_mean_loss(model, params, x[0], y[0], loss_fn)
+    if tasks.support_x.shape[1] > 1:
+        check_mean_loss(model, params, tasks.support_x[0], tasks.support_y[0], loss_fn)
+    else:                   # one example's loss is its weighted mean too: the first task's queries join the check
+        check_mean_loss(model, params, torch.cat([tasks.support_x[0], tasks.query_x[0]]),
+                        torch.cat([tasks.support_y[0], tasks.query_y[0]]), loss_fn)
+    x = tasks.support_x if tasks.support_x.shape[1] else tasks.query_x
     batched, summed = task_batched(model), summed_over_tasks(loss_fn)
     check_task_outputs(model, batched, params, x[:2])
     for start in range(0, count, tasks_at_once):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowlearn.data.episodes import random_episodes
+from lowlearn.data.episodes import Episode, random_episodes
 from lowlearn.data.tasks import RegressionBatch, SinusoidTasks
 from lowlearn.meta import ANIL, MAML, MetaSGD, Reptile, adapt_and_evaluate, parameters_of, run
 from lowlearn.meta.batched import summed_over_tasks, task_batched
@@ -223,6 +223,20 @@ def test_a_summed_loss_is_refused_when_tasks_run_together(learner):
     unhashable = Smoothed(0.1)                                                          # checked every time
     for _ in range(2):
         MAML(model, lr, 1, loss_fn=unhashable, tasks_at_once=2).meta_backward(tasks)
+
+
+def test_a_weighted_mean_loss_is_refused_on_support_sets_of_one_example():
+    # the weighted mean of one example is its loss: the check saw a plain mean, while tasks run together divided by
+    # the weights of all their support examples, and the meta-gradient differed from the loop's
+    torch.manual_seed(0)
+    support_y = torch.arange(4)[:, None] % 3                                # a different class for each task's one
+    tasks = Episode(torch.randn(4, 1, 5, dtype=torch.float64), support_y, torch.randn(4, 6, 5, dtype=torch.float64),
+                    torch.arange(3).repeat_interleave(2).repeat(4, 1), torch.arange(3).repeat(4, 1))
+    model = MLP(5, (8,), 3).double()
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="the mean of two halves' losses is"):
+        MAML(model, 0.5, 1, loss_fn=weighted, tasks_at_once=2).meta_backward(tasks)
+    MAML(model, 0.5, 1, tasks_at_once=2).meta_backward(tasks)                      # a plain mean: accepted
 
 
 @dataclasses.dataclass
