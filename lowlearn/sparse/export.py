@@ -169,7 +169,9 @@ class SemiStructuredLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        # torch's 2:4 linear (reached as such under inference_mode) folds the leading dimensions with view, which a
+        # non-contiguous input (a transposed batch of sequences) does not allow
+        return F.linear(x.contiguous(), self.weight, self.bias)
 
     def count_macs(self, output: Tensor) -> int:
         """Multiply-accumulates that produced ``output``: half the dense layer's (two of every four weights)."""

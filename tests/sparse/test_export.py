@@ -597,6 +597,42 @@ def test_a_two_four_layer_counts_half_the_macs_of_the_dense_one(monkeypatch):
     torch.testing.assert_close(exported(x), model(x))
 
 
+class TwoFourStandIn(torch.Tensor):
+    """A dense CPU weight that sends ``aten.linear`` to torch's own 2:4 handler, as a 2:4 sparse weight does."""
+
+    @staticmethod
+    def __new__(cls, dense):
+        return torch.Tensor._make_wrapper_subclass(cls, dense.shape, dtype=dense.dtype, device=dense.device)
+
+    def __init__(self, dense):
+        self.dense = dense
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        from torch.sparse._semi_structured_ops import semi_sparse_linear
+
+        args = [a.dense if isinstance(a, TwoFourStandIn) else a for a in args]
+        return semi_sparse_linear(func, types, args) if func is torch.ops.aten.linear.default else func(*args)
+
+
+def test_a_two_four_layer_takes_a_non_contiguous_input_under_inference_mode(monkeypatch):
+    # under inference_mode F.linear reaches torch's 2:4 handler whole, which folds the input with view: a transposed
+    # batch of sequences failed with "view size is not compatible with input tensor's size and stride"
+    import lowlearn.sparse.export as export_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8, bias=False))     # with a bias the handler asserts a 2:4 tensor's type
+    prune_nm(model, 2, 4)
+    monkeypatch.setattr(export_module, "semi_structured_unavailable", lambda layer: None)   # as if on a GPU
+    monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", TwoFourStandIn)
+    exported = export(model, "2:4")
+    x = torch.randn(2, 3, 16).transpose(0, 1)
+    with torch.inference_mode():
+        torch.testing.assert_close(exported(x), model(x))
+
+
 def test_compact_cuts_the_inputs_of_a_linear_applied_to_sequences_then_flattened():
     """A Linear acts on the last dimension, so after a Flatten its unit c sits at t·C + c (fastest), not at c·T + t
     as a Conv2d's channel does; the removed units pass sigmoid(0) = 0.5 on, folded into the next layer's bias."""
