@@ -408,13 +408,22 @@ class PowerPropOptimizer:
 
         Raises:
             RuntimeError: a layer has a nonzero gradient that did not come through this
-                wrapper (a backward pass of a forward pass before it was built).
+                wrapper (a backward pass of a forward pass before it was built), or has lost
+                its Powerprop parametrization (squashed).
         """
         # Every layer is checked before any φ is swapped for θ: a refused step changes nothing.
         for name, phi, _ in self._weights:
             # A zero gradient (zero_grad(set_to_none=False)) of a layer that took no part in the loss is
             # ∂L/∂θ = 0 too. Anything else came from a forward pass this wrapper did not see.
             if phi.grad is not None and name not in self._seen and phi.grad.any():
+                layer = self.layers[name]
+                if not parametrize.is_parametrized(layer, "weight") or \
+                        not any(module in self._hooks for module in layer.parametrizations.weight):
+                    raise RuntimeError(f"layer {name!r} no longer has the Powerprop parametrization this "
+                                       "PowerPropOptimizer was built for (squash() or remove_parametrizations made "
+                                       "its weight the plain parameter θ, or it was replaced): step the wrapped "
+                                       ".optimizer itself, whose state already tracks θ, or wrap it anew, "
+                                       "PowerPropOptimizer(wrapper.optimizer, model), if Powerprop layers remain")
                 raise RuntimeError(f"the gradient of {name!r} did not come through this PowerPropOptimizer: build "
                                    "it before the forward pass, then zero_grad(), forward, backward and step()")
         swapped = []

@@ -374,6 +374,24 @@ def test_each_step_needs_a_gradient_routed_since_the_last_step():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_a_step_after_squash_names_the_squash_and_the_wrapped_optimizer_trains_on():
+    # the step blamed a forward pass before the wrapper was built
+    x, y = batch()
+    model = powerprop(small_mlp(), 3)
+    attach_masks(model)
+    aware = PowerPropOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), model)
+    F.cross_entropy(model(x), y).backward()
+    aware.step()
+    aware.zero_grad()
+    squash(model)
+    F.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="no longer has the Powerprop parametrization.*squash"):
+        aware.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    aware.optimizer.step()                                      # what the error proposes
+
+
 def test_a_new_wrapper_takes_the_routing_over():
     model = powerprop(small_mlp(), 3)
     first = PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
