@@ -310,8 +310,12 @@ class PowerPropOptimizer:
     :func:`powerprop` and any masks, around an optimizer over ``model.parameters()``,
     and train the model with it alone: another optimizer would take ``∂L/∂θ`` for
     ``∂L/∂φ``, and the inner loops of :mod:`lowlearn.meta`, which differentiate the
-    model in ``φ``, refuse to run (:func:`routes_theta_gradients`). A new wrapper for
-    the same model takes the routing of the gradients over from the previous one;
+    model in ``φ``, refuse to run (:func:`routes_theta_gradients`). It routes the layers
+    it finds when built: a Powerprop layer added later (a new head whose parameters join
+    the wrapped optimizer through ``add_param_group``) would take the plain step on
+    ``∂L/∂φ``, unnoticed; then wrap the optimizer anew (its state is kept),
+    ``PowerPropOptimizer(wrapper.optimizer, model)``. A new wrapper for the same model
+    takes the routing of the gradients over from the previous one;
     :meth:`remove`, or dropping the wrapper, ends it, after which backward gives
     ``∂L/∂φ`` again (for another optimizer, or for gradient-based scores of ``φ``).
     ``copy.deepcopy((model, wrapper))`` gives a model and a wrapper that train as these do.
