@@ -103,6 +103,11 @@ from ..train import NonFiniteLossError, buffers_restored
 from .layers import check_tolerance, dense_parameters, low_rank_layers, truncation_ranks
 
 
+def _factor_setting(key: str, doc: str) -> property:
+    """A read-only attribute for ``param_groups[0][key]``, where torch's optimizers keep their hyperparameters."""
+    return property(lambda self: self.param_groups[0][key], doc=doc)
+
+
 class DLRT(torch.optim.Optimizer):
     """The rank-adaptive (or fixed-rank) DLRT integrator for a model's low-rank layers.
 
@@ -119,6 +124,12 @@ class DLRT(torch.optim.Optimizer):
 
     A frozen low-rank layer (``requires_grad`` off for its three factors, e.g. by
     ``layer.requires_grad_(False)``) is left as it is, at its rank; the others train.
+
+    ``param_groups[0]`` also holds the settings of the factors' steps, ``"tol"``,
+    ``"r_min"``, ``"r_max"``, ``"betas"`` and ``"eps"`` (read them as attributes): as
+    torch's optimizers do with their hyperparameters, :meth:`state_dict` saves them and
+    :meth:`load_state_dict` restores them (set one in ``param_groups[0]`` after loading
+    to resume with another value).
 
     ``state[layer name]`` holds the Adam-style moments of that layer's factor gradients
     (with ``betas``): ``"step"`` and, for ``"K"``, ``"L"`` and ``"S"``, the first and second
@@ -152,8 +163,17 @@ class DLRT(torch.optim.Optimizer):
             that require gradients.
     """
 
-    #: :func:`lowlearn.train.fit` passes a closure to :meth:`step` for optimizers that say so: DLRT at fixed rank.
-    needs_closure: bool
+    tol = _factor_setting("tol", "``ϑ``, or ``None`` at fixed rank.")
+    r_min = _factor_setting("r_min", "The smallest rank a layer is truncated to.")
+    r_max = _factor_setting("r_max", "The cap on each layer's own ``r_max`` (``None``: none).")
+    betas = _factor_setting("betas", "``(β₁, β₂)`` of the Adam-style steps, or ``None`` for plain gradient steps.")
+    eps = _factor_setting("eps", "Adam's ``ε``.")
+
+    @property
+    def needs_closure(self) -> bool:
+        """Whether :meth:`step` needs a closure (at fixed rank): :func:`lowlearn.train.fit` then passes one."""
+        return self.tol is None
+
     #: DLRT averages its gradients across processes itself (see :mod:`lowlearn.distributed`), so
     #: :func:`lowlearn.train.fit` does not wrap the model in DistributedDataParallel for it.
     averages_gradients = True
@@ -190,15 +210,14 @@ class DLRT(torch.optim.Optimizer):
             raise ValueError(f"the optimizer lacks {len(missing)} of the model's other parameters (built before "
                              "to_low_rank, it holds the replaced layers' old biases): build it on "
                              "lowlearn.lowrank.dense_parameters(model) after converting")
-        groups = [{"params": _factors(model, trained_only=True)}]   # raises now if a layer is frozen in part
+        groups = [{"params": _factors(model, trained_only=True),    # raises now if a layer is frozen in part
+                   "tol": None if tol is None else check_tolerance(tol), "r_min": r_min, "r_max": r_max,
+                   "betas": betas, "eps": eps}]
         if dense := _other_parameters(model, optimizer):
             groups.append({"params": dense})
         super().__init__(groups, {"lr": float(lr)})
-        self.model, self.r_min, self.r_max = model, r_min, r_max
-        self.tol = None if tol is None else check_tolerance(tol)
-        self.needs_closure = self.tol is None
+        self.model = model
         self._keep_signals()
-        self.betas, self.eps = betas, eps
         self.optimizer = optimizer
         self._averaged = False                  # the processes' gradient lists are compared at the first step
 
@@ -491,7 +510,8 @@ class DLRT(torch.optim.Optimizer):
             layer.set_factors(layer.U @ P[:, :r], torch.diag(sigma[:r]), layer.V @ Qh[:r].T)
 
     def state_dict(self) -> dict:
-        """The groups' learning rates (as a scheduler left them), the factors' moments and the ``optimizer``'s state.
+        """The groups' learning rates (as a scheduler left them) and the factors' settings (``tol``, ``r_min``,
+        ``r_max``, ``betas``, ``eps``), the factors' moments and the ``optimizer``'s state.
 
         The factors themselves are in the model's ``state_dict``.
         """
@@ -502,6 +522,9 @@ class DLRT(torch.optim.Optimizer):
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore :meth:`state_dict` (also one in the ``{"optimizer", "moments"}`` format of earlier versions).
+
+        The saved learning rates and settings replace this DLRT's (a state of earlier
+        versions, which saved no settings or no learning rates, keeps its own).
 
         The moments keep the ranks they were saved at: load the model's ``state_dict``
         as well (before or after; :func:`lowlearn.train.load_checkpoint` does both).

@@ -509,6 +509,32 @@ def test_state_dict_keeps_scheduled_learning_rates_and_moments():
             dlrt.state_dict())
 
 
+def test_a_checkpoint_restores_tol_r_min_r_max_betas_and_eps_as_torch_restores_hyperparameters(tmp_path):
+    # a DLRT built with other settings (the defaults here: fixed rank, plain steps) loaded the moments and went on
+    # with its own settings, silently
+    settings = {"tol": 0.5, "r_min": 2, "r_max": 6, "betas": (0.9, 0.99), "eps": 1e-6}
+
+    def model_and_dlrt(**kwargs):
+        torch.manual_seed(0)
+        model = to_low_rank(MLP(in_features=20, hidden=(16,), out_features=4), ["1"], rank=8)
+        return model, DLRT(model, lr=0.2, **kwargs)
+
+    x, y = torch.randn(32, 20, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 4
+    model, dlrt = model_and_dlrt(**settings)
+    dlrt_steps(model, dlrt, x, y, 3, loss_fn=F.cross_entropy)
+    save_checkpoint(tmp_path / "run.pt", model, dlrt)
+    resumed, resumed_dlrt = model_and_dlrt()
+    load_checkpoint(tmp_path / "run.pt", resumed, resumed_dlrt)
+    assert {key: getattr(resumed_dlrt, key) for key in settings} == settings and not resumed_dlrt.needs_closure
+    dlrt_steps(model, dlrt, x, y, 3, loss_fn=F.cross_entropy)
+    dlrt_steps(resumed, resumed_dlrt, x, y, 3, loss_fn=F.cross_entropy)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), model.state_dict().values()))
+    # A state of earlier versions saved no settings: the DLRT keeps its own.
+    _, earlier = model_and_dlrt(tol=0.1)
+    earlier.load_state_dict({**dlrt.state_dict(), "param_groups": [{"lr": 0.1}, {"lr": 0.1}]})
+    assert earlier.tol == 0.1 and earlier.betas is None and earlier.lr == 0.1
+
+
 def test_a_checkpoint_restores_the_ranks_and_moments_and_without_the_model_state_the_step_says_so(tmp_path):
     # Saved after the ranks fell, loaded into a model built at its starting rank: the optimizer's state
     # (moments at the saved ranks) and the model's (the factors) go in together and the next steps match.
