@@ -557,6 +557,7 @@ class DLRT(torch.optim.Optimizer):
             self.optimizer.load_state_dict(state["optimizer"])
         for group, saved in zip(self.param_groups, groups):
             group.update(saved)
+        self._keep_signals()                            # a restored tol may differ from the one built with
         self.state = defaultdict(dict, {
             name: {key: value if key == "step" else torch.stack(tuple(value)).to(layers[name].U)
                    for key, value in layer.items()}

@@ -527,7 +527,9 @@ def test_a_checkpoint_restores_tol_r_min_r_max_betas_and_eps_as_torch_restores_h
     load_checkpoint(tmp_path / "run.pt", resumed, resumed_dlrt)
     assert {key: getattr(resumed_dlrt, key) for key in settings} == settings and not resumed_dlrt.needs_closure
     dlrt_steps(model, dlrt, x, y, 3, loss_fn=F.cross_entropy)
-    dlrt_steps(resumed, resumed_dlrt, x, y, 3, loss_fn=F.cross_entropy)
+    F.cross_entropy(resumed(x), y).backward()               # rank-adaptive from the load on, before any zero_grad:
+    resumed_dlrt.step()                                     # the layers kept this pass for the S-step
+    dlrt_steps(resumed, resumed_dlrt, x, y, 2, loss_fn=F.cross_entropy)
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), model.state_dict().values()))
     # A state of earlier versions saved no settings: the DLRT keeps its own.
     _, earlier = model_and_dlrt(tol=0.1)
