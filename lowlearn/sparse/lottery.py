@@ -630,7 +630,9 @@ class EarlyBird:
             ``(i + 2) · every``.
         found_at: the step at which the ticket was found, or ``None``.
         mask: the masks at ``found_at`` (``{layer name: boolean}``, on the
-            model's device), ready for :func:`~lowlearn.sparse.mask.set_masks`.
+            model's device, or after :meth:`load_state_dict` on the device the state
+            was read to), ready for :func:`~lowlearn.sparse.mask.set_masks`, which
+            copies them to the model's device.
 
     Raises:
         ValueError: a bad ``density``, ``every``, ``threshold`` or ``window``.
