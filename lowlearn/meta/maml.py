@@ -428,9 +428,11 @@ def check_mean_loss(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss
     with class ``weight=``) divides by the weights of all ``T`` tasks together. A mean
     does not change when every example is repeated, a sum doubles; and the mean over
     two halves of the examples is the mean of the halves' means, which a weighted mean
-    of halves with other labels is not. This compares both on ``(x, y)`` (one forward
-    pass without gradients, the model's buffers left as they were), once per hashable
-    loss function (one that is not hashable at every call), reading the device once.
+    of halves with other labels is not (with labels ``y`` of one dimension the examples
+    are sorted by label first, so that the halves hold other labels however the examples
+    were ordered). This compares both on ``(x, y)`` (one forward pass without gradients,
+    the model's buffers left as they were), once per hashable loss function (one that
+    is not hashable at every call), reading the device once.
     """
     try:
         if loss_fn in _AVERAGING_LOSSES:
@@ -440,6 +442,9 @@ def check_mean_loss(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss
     with torch.no_grad(), buffers_restored(model):
         out = run(model, params, x)
         once, twice = loss_fn(out, y), loss_fn(torch.cat([out, out]), torch.cat([y, y]))
+        if y.dim() == 1:                       # labels: sorted, so that the halves hold other ones
+            order = y.argsort(stable=True)
+            out, y = out[order], y[order]
         half = len(x) // 2                     # two halves of one size, whose means average to the whole's
         whole, halves = (loss_fn(out[:2 * half], y[:2 * half]),
                          (loss_fn(out[:half], y[:half]) + loss_fn(out[half:2 * half], y[half:2 * half])) / 2) \

@@ -239,6 +239,20 @@ def test_a_weighted_mean_loss_is_refused_on_support_sets_of_one_example():
     MAML(model, 0.5, 1, tasks_at_once=2).meta_backward(tasks)                      # a plain mean: accepted
 
 
+def test_a_weighted_mean_loss_is_refused_whatever_the_order_of_the_support_examples():
+    # Interleaved labels put every class in both halves of the examples, whose weighted means then average to the
+    # whole's: the examples are sorted by label before they are halved.
+    torch.manual_seed(0)
+    interleaved = torch.arange(3).repeat(2).repeat(4, 1)                                 # [0, 1, 2, 0, 1, 2]
+    tasks = Episode(torch.randn(4, 6, 5, dtype=torch.float64), interleaved, torch.randn(4, 6, 5, dtype=torch.float64),
+                    interleaved, torch.arange(3).repeat(4, 1))
+    model = MLP(5, (8,), 3).double()
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="the mean of two halves' losses is"):
+        MAML(model, 0.5, 1, loss_fn=weighted, tasks_at_once=2).meta_backward(tasks)
+    MAML(model, 0.5, 1, tasks_at_once=2).meta_backward(tasks)                          # a plain mean: accepted
+
+
 @dataclasses.dataclass
 class Smoothed:
     """A loss object that cannot be hashed (a dataclass with equality)."""
