@@ -169,6 +169,11 @@ class PowerProp(nn.Module):
     model works under :func:`torch.func.functional_call` and :mod:`torch.func`'s
     transforms (``grad``, ``vmap`` for per-example gradients, ``jvp``).
 
+    ``α`` is saved with the weights: the buffer ``saved_alpha`` puts it in the model's
+    ``state_dict``, and ``load_state_dict`` refuses weights saved with another ``α``
+    (its ``φ`` would give other weights ``θ`` here); a ``state_dict`` without it (of
+    earlier versions) loads as before.
+
     Args:
         alpha: ``α ≥ 1``; ``1`` leaves the weight exactly as it was.
 
@@ -179,6 +184,24 @@ class PowerProp(nn.Module):
     def __init__(self, alpha: float):
         super().__init__()
         self.alpha = check_alpha(alpha)
+        self.register_buffer("saved_alpha", torch.tensor(float(self.alpha)))
+
+    def _load_from_state_dict(self, state_dict: Mapping, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        """Refuse ``α`` of another value; accept a ``state_dict`` without it (as ``BatchNorm`` does its
+        ``num_batches_tracked``)."""
+        key = prefix + "saved_alpha"
+        if key in state_dict:
+            saved = float(state_dict[key])
+            if saved != float(torch.tensor(self.alpha, dtype=self.saved_alpha.dtype)):   # in the buffer's precision
+                error_msgs.append(f"{key}: the weights were saved with Powerprop's alpha = {saved:g}, this layer has "
+                                  f"alpha = {self.alpha:g}, for which their φ would be other weights θ: build the "
+                                  f"model with powerprop(model, {saved:g}) to load them")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key in missing_keys:
+            missing_keys.remove(key)
 
     def forward(self, phi: Tensor) -> Tensor:
         if self.alpha == 1.0:

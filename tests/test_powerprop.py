@@ -13,6 +13,7 @@ from lowlearn.sparse.mask import attach_masks, masks_of, prunable_layers, raw_we
 from lowlearn.sparse.prune import kept_count, prune
 from lowlearn.sparse.scores import magnitude
 from lowlearn.sparse.topkast import TopKAST
+from lowlearn.train import load_checkpoint, save_checkpoint
 
 
 def small_mlp(seed=0):
@@ -554,6 +555,33 @@ def test_state_dict_round_trip():
         F.cross_entropy(net(x), y).backward()
         opt.step()
     assert torch.equal(other(x), model(x))
+
+
+def test_weights_saved_with_another_alpha_are_refused_and_a_state_dict_without_alpha_still_loads(tmp_path):
+    # φ of α = 3 in a layer of α = 2 would be other weights θ: loaded silently before alpha was saved
+    model, x = powerprop(small_mlp(), 3), batch()[0]
+    state = model.state_dict()
+    assert {key for key in state if key.endswith("saved_alpha")} == {f"{name}.parametrizations.weight.0.saved_alpha"
+                                                                     for name in powerprop_layers(model)}
+    other = powerprop(small_mlp(7), 2)
+    with pytest.raises(RuntimeError, match=r"saved with Powerprop's alpha = 3, this layer has alpha = 2.*"
+                                           r"powerprop\(model, 3\)"):
+        other.load_state_dict(state)
+    # A state_dict of earlier versions, without alpha, loads as it did (strictly), and so does one read back.
+    earlier = powerprop(small_mlp(7), 3)
+    earlier.load_state_dict({key: value for key, value in state.items() if not key.endswith("saved_alpha")})
+    assert torch.equal(earlier(x), model(x))
+    torch.save(state, tmp_path / "model.pt")
+    half = powerprop(small_mlp(7), 3).half()                      # alpha compared in the buffer's precision
+    half.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    assert half.state_dict()["1.parametrizations.weight.0.saved_alpha"].dtype == torch.float16
+    # A checkpoint of another alpha is refused before the model changes; one of the same alpha resumes.
+    save_checkpoint(tmp_path / "run.pt", model, torch.optim.SGD(model.parameters(), lr=0.1))
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(RuntimeError, match="saved with Powerprop's alpha = 3, this layer has alpha = 2"):
+        load_checkpoint(tmp_path / "run.pt", other, torch.optim.SGD(other.parameters(), lr=0.1))
+    assert all(torch.equal(a, b) for a, b in zip(before.values(), other.state_dict().values()))
+    load_checkpoint(tmp_path / "run.pt", earlier, torch.optim.SGD(earlier.parameters(), lr=0.1))
 
 
 def test_topkast_penalises_the_effective_weight_under_powerprop():
