@@ -205,6 +205,18 @@ def test_global_pruning_to_the_density_the_model_already_has_is_allowed_and_chan
     assert sum(int(m.sum()) for m in masks_of(model).values()) == round(0.4 * (6 * 5 + 5 * 3))
 
 
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_asking_for_one_weight_more_than_is_kept_is_refused_and_revives_nothing(scope):
+    """The bound of "masks only shrink" is exact: 4 of 8 weights kept, a density of 5/8 would need one pruned
+    weight back (top-k of the scores would take a pruned one, scored -inf), so it is refused."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2, bias=False))
+    kept = prune(model, magnitude(model), 4 / 8, scope=scope)["0"]
+    with pytest.raises(ValueError, match="masks only shrink"):
+        prune(model, magnitude(model), 5 / 8, scope=scope)
+    assert torch.equal(masks_of(model)["0"], kept)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 @pytest.mark.parametrize("wrap, message", [
     (lambda layer: torch_prune.random_unstructured(layer, "weight", 0.5), "not a parameter but recomputed by a hook"),
