@@ -410,6 +410,25 @@ def test_a_conv_net_with_batch_norm_is_scored_as_by_the_authors_procedure():
         torch.testing.assert_close(scores[name], expected[name], rtol=1e-10, atol=0, msg=name)
 
 
+def test_synflow_scores_are_magnitudes_where_the_flow_falls_as_a_weight_grows():
+    """Layer norm subtracts the mean of its inputs, so even in the network of absolute values some ∂R/∂θ are
+    negative; the scores are |θ ⊙ ∂R/∂θ| there too, as in the authors' procedure."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.1, 3)
+    net = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for tensor in net.state_dict().values():
+            tensor.abs_()
+    net(torch.ones(1, 5, dtype=torch.float64)).sum().backward()
+    assert (net[0].weight.grad < 0).any()           # the signed θ ⊙ ∂R/∂θ would be negative there
+    expected = authors_synflow(model, (5,))
+    scores = synflow(model, (5,))
+    for name in expected:
+        torch.testing.assert_close(scores[name], expected[name], rtol=1e-10, atol=0, msg=name)
+
+
 def test_powerprop_layers_are_scored_on_their_effective_weights():
     torch.manual_seed(3)
     plain = MLP(hidden=(10, 8))
