@@ -58,15 +58,16 @@ class _Counter(nn.Module):
         self.a, self.b = nn.Linear(7, 9), nn.Linear(9, 5)
 
 
-def test_gradual_pruning_every_step_against_a_slow_schedule_of_whole_weights():
+@pytest.mark.parametrize("initial", ["1", "0.7"])
+def test_gradual_pruning_every_step_against_a_slow_schedule_of_whole_weights(initial):
     """GradualPruning driven step by step (the weights perturbed between steps as training would): at each
     pruning step t0, t0 + Δt, ..., and at end, each layer keeps min(alive, max(1, round(d_t · n))) weights, the
-    ones of largest |w| among the survivors (a slow sort); nothing changes between pruning steps; the counts
-    never grow and end at round(d_f · n)."""
+    ones of largest |w| among the survivors (a slow sort), d_t from the initial density d_i = 1 − s_i; nothing
+    changes between pruning steps; the counts never grow and end at round(d_f · n)."""
     torch.manual_seed(0)
     model = _Counter()
     sizes = {"a": 63, "b": 45}
-    schedule = GradualPruning(0.1, begin=3, end=20, every=4)
+    schedule = GradualPruning(0.1, begin=3, end=20, every=4, initial_density=float(Fraction(initial)))
     g = torch.Generator().manual_seed(5)
     ref = {name: [True] * n for name, n in sizes.items()}
     history = []
@@ -79,7 +80,7 @@ def test_gradual_pruning_every_step_against_a_slow_schedule_of_whole_weights():
         before = {name: getattr(model, name).weight.detach().abs().flatten().tolist() for name in sizes}
         schedule(TrainState(step=step, epoch=0, loss=torch.zeros(()), model=model, optimizer=None))
         if step in (3, 7, 11, 15, 19, 20):
-            s = zhu_gupta_sparsity(step, 0, Fraction("0.9"), 3, 1, 17)
+            s = zhu_gupta_sparsity(step, 1 - Fraction(initial), Fraction("0.9"), 3, 1, 17)
             for name, n in sizes.items():
                 k = min(sum(ref[name]), max(1, round(float(1 - s) * n)))
                 alive = [i for i in range(n) if ref[name][i]]
