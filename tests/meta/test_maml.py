@@ -356,10 +356,13 @@ def test_adapt_and_evaluate_matches_plain_fine_tuning_and_leaves_the_model_alone
     before = [p.detach().clone() for p in model.parameters()]
     stats = Reptile(model, 0.05, 3, 1.0, F.mse_loss).evaluate(tasks)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    expected = []
     for j in range(2):
         tuned = fine_tuned(model, tasks.support_x[j], tasks.support_y[j], 0.05, 3)
         with torch.no_grad():
-            assert torch.allclose(stats["per_task_loss"][j], F.mse_loss(tuned(tasks.query_x[j]), tasks.query_y[j]))
+            expected.append(F.mse_loss(tuned(tasks.query_x[j]), tasks.query_y[j]))
+        assert torch.allclose(stats["per_task_loss"][j], expected[j])
+    assert torch.allclose(stats["loss"], (expected[0] + expected[1]) / 2)        # the mean over the tasks
 
 
 def test_adapt_and_evaluate_leaves_batch_norm_statistics_alone():
