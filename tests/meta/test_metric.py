@@ -112,14 +112,15 @@ def test_a_batch_of_episodes_equals_each_episode_alone(learner):
         torch.testing.assert_close(batched[j], model(episodes.support_x[j], episodes.support_y[j], episodes.query_x[j]))
 
 
+@pytest.mark.parametrize("tasks", [2, 3])
 @pytest.mark.parametrize("learner", [ProtoNet, MatchingNet])
-def test_evaluation_with_batch_statistics_never_mixes_episodes(learner):
+def test_evaluation_with_batch_statistics_never_mixes_episodes(learner, tasks):
     torch.manual_seed(0)
     model = learner(Conv4(num_classes=None, hidden=8, image_size=16, running_stats=False).double()).eval()
-    episodes = image_episodes(tasks=3)
+    episodes = image_episodes(tasks=tasks)
     with torch.no_grad():
         batched = model(episodes.support_x, episodes.support_y, episodes.query_x)
-        for j in range(3):
+        for j in range(tasks):
             alone = model(episodes.support_x[j], episodes.support_y[j], episodes.query_x[j])
             torch.testing.assert_close(batched[j], alone)
         mixed = model.embed(torch.cat([episodes.support_x.flatten(0, 1), episodes.query_x.flatten(0, 1)]))
