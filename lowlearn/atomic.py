@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TypeVar
 
+from .checks import check_flag
+
 T = TypeVar("T")
 
 
@@ -103,7 +105,9 @@ def atomic_file(path: str | os.PathLike, *, overwrite: bool, text: bool = False)
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is ``False``; it is left as it is.
         NotADirectoryError: a file stands where ``path``'s folder should be.
+        TypeError: ``overwrite`` other than ``True`` or ``False``.
     """
+    overwrite = check_flag("overwrite", overwrite)
     path = Path(path)
     if os.path.lexists(path) and not overwrite:
         dangling = " (a link whose target is missing)" if not path.exists() else ""

@@ -45,7 +45,7 @@ from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 from .atomic import atomic_file
-from .checks import check_count, check_scalar_loss
+from .checks import check_count, check_flag, check_scalar_loss
 from .distributed import broadcast_from_the_first_process, world
 
 Data = TensorDataset | tuple[Tensor, Tensor]
@@ -720,8 +720,10 @@ def save_checkpoint(
         NotADirectoryError: a file stands where ``path``'s folder should be.
         TypeError: an ``extra`` value, or something in the model's or optimizer's state
             (e.g. a learning rate that is a NumPy number), that ``weights_only=True``
-            could not load, found before anything is written.
+            could not load, found before anything is written; ``overwrite`` other than ``True``
+            or ``False``.
     """
+    overwrite = check_flag("overwrite", overwrite)
     for key, value in extra.items():
         _loadable_bytes(value, f"the extra value {key}={value!r} ({type(value).__name__})")
     payload = {"model": model.state_dict(), "extra": extra}

@@ -1,7 +1,9 @@
 """Bad input that torch alone would meet with a raw or misleading error, or with none (silently wrong results): each
 gets an error that names the argument and the fix, and NumPy integers work as the ints they hold."""
 
+import copy
 import math
+import urllib.request
 
 import numpy as np
 import pytest
@@ -11,8 +13,11 @@ from torch import nn
 
 from torch.utils.data import TensorDataset
 
+from lowlearn.atomic import atomic_file
 from lowlearn.cost import count_flops
-from lowlearn.data import Curves, EpisodeSampler, GPCurves, context_target_split, group_by_class, random_episodes
+from lowlearn.data import (Curves, EpisodeSampler, GPCurves, Resource, context_target_split, fetch, group_by_class,
+                           load_cifar10, load_mnist, load_omniglot, load_omniglot_runs, random_episodes)
+from lowlearn.data.cache import fetch_all
 from lowlearn.growth import GrowthSchedule
 from lowlearn.lowrank import DLRT, to_low_rank
 from lowlearn.meta import CNP, MAML, LSTMOptimizer, MatchingNet, ProtoNet, Reptile, adapt_and_evaluate
@@ -23,7 +28,7 @@ from lowlearn.sparse import (SET, SNFS, GradualPruning, RigL, StaticSparse, TopK
                              dst_training_flops, iterative_pruning, masks_of, prune, sparse_inference_flops)
 from lowlearn.sparse.lottery import EarlyBird, iterative_magnitude_pruning, train_control
 from lowlearn.sparse.scores import magnitude, snip
-from lowlearn.train import evaluate, fit
+from lowlearn.train import evaluate, fit, save_checkpoint
 
 
 def per_example(out, target):
@@ -280,6 +285,61 @@ def test_drop_and_grow_and_early_bird_switches_refuse_a_value_other_than_true_or
         drop_and_grow(mask, torch.rand(4), torch.rand(4), 1, regrow_dropped="no")
     with pytest.raises(TypeError, match="stop must be True or False, got 1"):
         EarlyBird(0.5, every=10, stop=1)
+
+
+def _file_resource():
+    return Resource("payload.bin", ("https://example.invalid/payload.bin",), "0" * 64, "sub")
+
+
+def _write(path, overwrite):
+    with atomic_file(path, overwrite=overwrite) as handle:
+        handle.write(b"new")
+
+
+# call(value, model, folder) passes ``value`` to the switch; the calls that need no download take np.False_ too.
+OFFLINE = [
+    pytest.param("overwrite", lambda v, m, d: _write(d / "f", v), id="atomic_file"),
+    pytest.param("overwrite", lambda v, m, d: save_checkpoint(d / "c.pt", m, overwrite=v), id="save_checkpoint"),
+]
+DOWNLOADS = [
+    pytest.param("download", lambda v, m, d: fetch(_file_resource(), d, download=v), id="fetch"),
+    pytest.param("download", lambda v, m, d: fetch_all([_file_resource()], d, download=v), id="fetch_all"),
+    pytest.param("download", lambda v, m, d: load_mnist(d, download=v), id="load_mnist"),
+    pytest.param("download", lambda v, m, d: load_cifar10(d, download=v), id="load_cifar10"),
+    pytest.param("download", lambda v, m, d: load_omniglot("small1", d, download=v), id="load_omniglot"),
+    pytest.param("download", lambda v, m, d: load_omniglot_runs(d, download=v), id="load_omniglot_runs"),
+]
+
+
+@pytest.mark.parametrize("name, call", OFFLINE + DOWNLOADS)
+def test_public_switches_refuse_a_value_other_than_true_or_false(name, call, tmp_path, monkeypatch):
+    """A string is true to Python: overwrite="no" would replace a saved file, download="no" download, bf16="no" run
+    under autocast, first_order="no" drop the second derivatives, and so on. Refused before anything changes:
+    the model, the files, the network."""
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: pytest.fail("tried the network"))
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match=f"{name} must be True or False, got 'no'"):
+        call("no", model, tmp_path)
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, call", OFFLINE)
+def test_public_switches_take_a_numpy_bool(name, call, tmp_path):
+    """As a value read from an array or a configuration file may be."""
+    call(np.False_, mlp(), tmp_path)
+
+
+def test_overwrite_other_than_true_or_false_leaves_a_saved_file_as_it_is(tmp_path):
+    path = tmp_path / "saved.pt"
+    path.write_bytes(b"the user's work")
+    for save in (lambda: _write(path, "no"),
+                 lambda: save_checkpoint(path, mlp(), overwrite="no")):
+        with pytest.raises(TypeError, match="overwrite must be True or False, got 'no'"):
+            save()
+        assert path.read_bytes() == b"the user's work"
+        assert list(tmp_path.iterdir()) == [path]                  # no temporary file left beside it
 
 
 def test_density_one_is_dense_training_for_every_sparse_trainer():

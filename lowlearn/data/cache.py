@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..atomic import atomic_file, new_sibling_folder
+from ..checks import check_flag
 
 ENV_VAR = "LOWLEARN_DATA"
 _CHUNK = 1 << 20
@@ -134,7 +135,9 @@ def fetch(resource: Resource, root: str | os.PathLike | None = None, download: b
             a file stands where its folder should be, or the folder cannot be written
             (no permission, a read-only file system, a full disk or quota).
         DatasetNotFoundError: the file is missing and could not be downloaded.
+        TypeError: ``download`` other than ``True`` or ``False``.
     """
+    download = check_flag("download", download)
     path = resource.path(root)
     if path.is_file():
         return _verified(path, resource)
@@ -192,7 +195,9 @@ def fetch_all(resources: Sequence[Resource], root: str | os.PathLike | None = No
         DatasetNotFoundError: one for all the missing files, naming each with where
             to get it and where to put it (rather than one file per run).
         ChecksumError, DataError: as :func:`fetch`, for the first file that has them.
+        TypeError: ``download`` other than ``True`` or ``False``.
     """
+    download = check_flag("download", download)
     paths, missing, silent = [], [], None
     for resource in resources:
         try:
