@@ -461,11 +461,14 @@ def fit(
             the first step, and all but the last two before the generators are seeded or
             the model moves. At the first step: a
             ``loss_fn`` that does not return one number per batch (e.g. ``reduction="none"``).
-        TypeError: ``callbacks`` that are not a list of callables; at the first step, a
-            ``loss_fn`` that returns no tensor (a float from ``.item()``).
+        TypeError: ``drop_last`` or ``bf16`` other than ``True`` or ``False``, or ``callbacks``
+            that are not a list of callables; at the first step, a ``loss_fn`` that returns no
+            tensor (a float from ``.item()``).
         NonFiniteLossError: the loss became NaN or infinite; the message names the
             first such step.
     """
+    drop_last = check_flag("drop_last", drop_last)
+    bf16 = check_flag("bf16", bf16)
     if (epochs is None) == (steps is None):
         raise ValueError("give exactly one of epochs= and steps=")
     # as Python ints (a NumPy integer too): torch takes Python ints only for sizes and seeds
@@ -667,8 +670,10 @@ def evaluate(
             non-empty ``(inputs, targets)`` pair of tensors of one length, ``bf16`` off CUDA, a
             ``device`` this machine lacks, or a ``loss_fn`` that does not return one number
             per batch (e.g. ``reduction="none"``).
+        TypeError: ``bf16`` other than ``True`` or ``False``.
     """
     batch_size = check_count("batch_size", batch_size, 1)
+    bf16 = check_flag("bf16", bf16)
     if device is None:
         tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
         device = tensor.device if tensor is not None else default_device()

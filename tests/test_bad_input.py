@@ -300,6 +300,12 @@ def _write(path, overwrite):
 OFFLINE = [
     pytest.param("overwrite", lambda v, m, d: _write(d / "f", v), id="atomic_file"),
     pytest.param("overwrite", lambda v, m, d: save_checkpoint(d / "c.pt", m, overwrite=v), id="save_checkpoint"),
+    pytest.param("drop_last", lambda v, m, d: fit(m, batch(), torch.optim.SGD(m.parameters(), 0.1), steps=1,
+                                                  batch_size=4, drop_last=v, device="cpu", progress=False),
+                 id="fit-drop_last"),
+    pytest.param("bf16", lambda v, m, d: fit(m, batch(), torch.optim.SGD(m.parameters(), 0.1), steps=1, bf16=v,
+                                             device="cpu", progress=False), id="fit-bf16"),
+    pytest.param("bf16", lambda v, m, d: evaluate(m, batch(), bf16=v), id="evaluate"),
 ]
 DOWNLOADS = [
     pytest.param("download", lambda v, m, d: fetch(_file_resource(), d, download=v), id="fetch"),
