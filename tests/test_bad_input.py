@@ -20,7 +20,7 @@ from lowlearn.data import (Curves, EpisodeSampler, GPCurves, Resource, context_t
 from lowlearn.data.cache import fetch_all
 from lowlearn.growth import GrowthSchedule
 from lowlearn.lowrank import DLRT, to_low_rank
-from lowlearn.meta import CNP, MAML, LSTMOptimizer, MatchingNet, ProtoNet, Reptile, adapt_and_evaluate
+from lowlearn.meta import CNP, MAML, LSTMOptimizer, MatchingNet, MetaSGD, ProtoNet, Reptile, adapt_and_evaluate
 from lowlearn.meta import inner_loop, parameters_of
 from lowlearn.models import MLP, Conv4, LeNet5
 from lowlearn.powerprop import PowerPropOptimizer, powerprop
@@ -306,6 +306,15 @@ OFFLINE = [
     pytest.param("bf16", lambda v, m, d: fit(m, batch(), torch.optim.SGD(m.parameters(), 0.1), steps=1, bf16=v,
                                              device="cpu", progress=False), id="fit-bf16"),
     pytest.param("bf16", lambda v, m, d: evaluate(m, batch(), bf16=v), id="evaluate"),
+    pytest.param("first_order", lambda v, m, d: MAML(m, 0.1, first_order=v), id="MAML-first_order"),
+    pytest.param("learn_lr", lambda v, m, d: MAML(m, 0.1, learn_lr=v), id="MAML-learn_lr"),
+    pytest.param("first_order", lambda v, m, d: MetaSGD(m, 0.1, first_order=v), id="MetaSGD"),
+    pytest.param("first_order", lambda v, m, d: MAML(m, 0.1).adapt(*batch(), first_order=v), id="MAML.adapt"),
+    pytest.param("first_order", lambda v, m, d: inner_loop(m, parameters_of(m), *batch(), F.cross_entropy, 1, 0.1,
+                                                           first_order=v), id="inner_loop"),
+    pytest.param("test_rotations", lambda v, m, d: ProtoNet(m, test_rotations=v), id="ProtoNet"),
+    pytest.param("test_rotations", lambda v, m, d: MatchingNet(m, test_rotations=v), id="MatchingNet"),
+    pytest.param("preprocess", lambda v, m, d: LSTMOptimizer(preprocess=v), id="LSTMOptimizer"),
 ]
 DOWNLOADS = [
     pytest.param("download", lambda v, m, d: fetch(_file_resource(), d, download=v), id="fetch"),

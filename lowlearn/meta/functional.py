@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..checks import check_count, check_rate, check_scalar_loss
+from ..checks import check_count, check_flag, check_rate, check_scalar_loss
 from ..lowrank.layers import refuse_integrator_factors
 from ..powerprop import routes_theta_gradients
 
@@ -81,9 +81,11 @@ def inner_loop(
             ``adapt``, or freeze it), or that is the factor ``U`` or ``V`` of a low-rank layer
             (:func:`~lowlearn.lowrank.layers.integrator_factors`); or a model whose gradients a
             live :class:`~lowlearn.powerprop.PowerPropOptimizer` routes.
+        TypeError: ``first_order`` other than ``True`` or ``False``.
         RuntimeError: gradients turned off (:func:`torch.no_grad`, :func:`torch.inference_mode`).
     """
     check_count("steps (inner steps)", steps, 0)
+    first_order = check_flag("first_order", first_order)
     params = dict(params)
     names = list(params) if adapt is None else list(adapt)
     check_step_sizes(lr, names)

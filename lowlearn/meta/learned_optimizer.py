@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..checks import check_count, check_positive
+from ..checks import check_count, check_flag, check_positive
 from ..lowrank.layers import refuse_integrator_factors
 from ..train import generator_on
 
@@ -61,11 +61,13 @@ class LSTMOptimizer(nn.Module):
     Raises:
         ValueError: a ``hidden`` or ``layers`` below 1, or an ``output_scale`` that is not
             a positive, finite number.
+        TypeError: ``preprocess`` other than ``True`` or ``False``.
     """
 
     def __init__(self, hidden: int = 20, layers: int = 2, output_scale: float = 0.1, preprocess: bool = True):
         super().__init__()
         hidden, layers = check_count("hidden", hidden, 1), check_count("layers", layers, 1)
+        preprocess = check_flag("preprocess", preprocess)
         self.preprocess, self.output_scale = preprocess, check_positive("output_scale", output_scale)
         sizes = [2 if preprocess else 1] + [hidden] * layers
         self.cells = nn.ModuleList([nn.LSTMCell(a, b) for a, b in zip(sizes, sizes[1:])])

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_count, check_rate, check_scalar_loss
+from ..checks import check_count, check_flag, check_rate, check_scalar_loss
 from ..train import buffers_restored
 from .batched import summed_over_tasks, task_batched
 from .functional import (LossFn, Params, check_labels, check_step_sizes, check_task, inner_loop, parameters_of, run,
@@ -141,6 +141,7 @@ class MAML(nn.Module):
             ``adapt``, an ``adapt`` with no trainable parameter while there are inner
             steps, ``tasks_at_once`` below 1, or a model with layers that cannot run
             task-batched when ``tasks_at_once > 1``.
+        TypeError: ``first_order`` or ``learn_lr`` other than ``True`` or ``False``.
     """
 
     def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int = 1, *, first_order: bool = False,
@@ -150,6 +151,8 @@ class MAML(nn.Module):
         check_rate("inner_lr", inner_lr)
         check_count("inner_steps", inner_steps, 0)
         check_count("tasks_at_once", tasks_at_once, 1)
+        first_order = check_flag("first_order", first_order)
+        learn_lr = check_flag("learn_lr", learn_lr)
         if tasks_at_once > 1:
             task_batched(model)                     # raises now if a layer has no task-batched form
         if inner_steps == 0 and not first_order:
@@ -180,10 +183,12 @@ class MAML(nn.Module):
                 ``steps >= 1``, (on the CPU) integer labels outside the model's classes,
                 real-valued targets that would broadcast the outputs to a larger shape (see
                 :func:`check_tasks`), or a negative ``steps``.
+            TypeError: ``first_order`` other than ``None``, ``True`` or ``False``.
             RuntimeError: inner steps under :func:`torch.inference_mode`, which forbids their
                 gradients (under :func:`torch.no_grad` they are turned back on).
         """
         steps = check_count("steps (inner steps)", self.inner_steps if steps is None else steps, 0)
+        first_order = self.first_order if first_order is None else check_flag("first_order", first_order)
         if len(x) != len(y):
             raise ValueError(f"the support set must hold as many targets as inputs: got {len(x)} inputs and "
                              f"{len(y)} targets")
@@ -198,7 +203,7 @@ class MAML(nn.Module):
                 check_labels(y, output_shape(self.model, params, x)[-1])
         with torch.enable_grad(), buffers_restored(self.model):   # the inner steps need gradients, also under no_grad
             return inner_loop(self.model, params, x, y, self.loss_fn, steps, self.learning_rates(),
-                              first_order=self.first_order if first_order is None else first_order,
+                              first_order=first_order,
                               adapt=self.adapt_names)
 
     def forward(self, x: Tensor, params: Params | None = None) -> Tensor:

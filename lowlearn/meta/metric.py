@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_count, check_positive
+from ..checks import check_count, check_flag, check_positive
 from ..data.augment import shifted_copies
 from .functional import values_are_free_to_read
 from .maml import TaskBatch
@@ -152,12 +152,14 @@ class EpisodicLearner(nn.Module, ABC):
     Raises:
         ValueError: a negative ``test_shift``, an ``eval_batch_size`` below 1, or one for an
             embedding with batch norm that normalises with the statistics of the batch.
+        TypeError: ``test_rotations`` other than ``True`` or ``False``.
     """
 
     def __init__(self, embedding: nn.Module, test_shift: int = 0, test_rotations: bool = False,
                  eval_batch_size: int | None = None):
         super().__init__()
         test_shift = check_count("test_shift (pixels)", test_shift, 0)
+        test_rotations = check_flag("test_rotations", test_rotations)
         if eval_batch_size is not None:
             eval_batch_size = check_count("eval_batch_size", eval_batch_size, 1)
             batch_statistics = _norms_without_running_statistics(embedding)
@@ -165,7 +167,7 @@ class EpisodicLearner(nn.Module, ABC):
                 raise ValueError(f"eval_batch_size would change the embeddings: the batch norm {batch_statistics[0]!r}"
                                  " normalises with the statistics of each pass (track_running_stats=False); "
                                  "leave eval_batch_size at None")
-        self.embedding, self.test_shift, self.test_rotations = embedding, test_shift, bool(test_rotations)
+        self.embedding, self.test_shift, self.test_rotations = embedding, test_shift, test_rotations
         self.eval_batch_size = eval_batch_size
 
     @abstractmethod
