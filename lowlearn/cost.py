@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .checks import is_integer
+from .checks import check_flag, is_integer
 from .train import buffers_restored, eval_mode, tensors_in
 
 _MIB = 2**20
@@ -38,6 +38,7 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
         model: the model.
         trainable_only: count only parameters with ``requires_grad``.
     """
+    trainable_only = check_flag("trainable_only", trainable_only)
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
@@ -404,7 +405,9 @@ def training_memory(
     Raises:
         ValueError: inputs on another device than the model, or ``measure_cuda`` for a
             model that is not on a CUDA device.
+        TypeError: ``measure_cuda`` other than ``True`` or ``False``.
     """
+    measure_cuda = check_flag("measure_cuda", measure_cuda)
     inputs, targets = batch
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]

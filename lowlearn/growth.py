@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .checks import check_batch, check_count, check_non_negative
+from .checks import check_batch, check_count, check_flag, check_non_negative
 from .distributed import world
 from .optim_state import fresh_state, group_of, torch_optimizer
 from .sparse.export import chain, check_chain
@@ -169,13 +169,13 @@ def gradmax_directions(model: nn.Sequential, layer: int, k: int, batch: tuple[Te
         ValueError: ``k`` or ``iterations`` below 1, ``closed_form=True`` for a
             convolution, more directions ``k`` than the outgoing weights have
             dimensions, or a pair :func:`layer_pair` refuses.
+        TypeError: ``closed_form`` other than ``None``, ``True`` or ``False``.
     """
     check_count("k (directions)", k, 1)
     check_count("iterations", iterations, 1)
     grown, consumer = layer_pair(model, layer)
     generator = generator_on(generator, grown.weight.device)
-    if closed_form is None:
-        closed_form = isinstance(grown, nn.Linear)
+    closed_form = isinstance(grown, nn.Linear) if closed_form is None else check_flag("closed_form", closed_form)
     if closed_form and not isinstance(grown, nn.Linear):
         raise ValueError("GradMax's closed form is for Linear pairs; use closed_form=False for convolutions")
     with _without_dropout(model):

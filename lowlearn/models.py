@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import as_float, check_count
+from .checks import as_float, check_count, check_flag
 
 
 class MLP(nn.Sequential):
@@ -225,6 +225,7 @@ class Conv4(nn.Module):
 
     Raises:
         ValueError: ``image_size`` is below 16, so four poolings leave no pixel.
+        TypeError: ``running_stats`` other than ``True`` or ``False``.
     """
 
     def __init__(
@@ -238,6 +239,7 @@ class Conv4(nn.Module):
         super().__init__()
         _check_channels(in_channels=in_channels, hidden=hidden, image_size=image_size,
                         **({} if num_classes is None else {"num_classes": num_classes}))
+        running_stats = check_flag("running_stats", running_stats)
         self.image_size = image_size
         size = image_size // 16
         if size < 1:
@@ -606,11 +608,14 @@ class DepthwiseSeparableConv2d(nn.Sequential):
     Raises:
         ValueError: a channel count below 1, an even or non-positive kernel size,
             a stride below 1, or ``bias`` together with ``norm``.
+        TypeError: ``norm`` or ``bias`` other than ``True`` or ``False``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
                  norm: bool = True, bias: bool = False) -> None:
         _check_channels(in_channels=in_channels, out_channels=out_channels, stride=stride)
+        norm = check_flag("norm", norm)
+        bias = check_flag("bias", bias)
         padding = _same_padding(kernel_size)
         if bias and norm:
             raise ValueError("bias=True needs norm=False: the batch norm after the pointwise convolution "
@@ -660,12 +665,14 @@ class Bottleneck(nn.Module):
 
     Raises:
         ValueError: a channel count, ``reduction`` or stride below 1, or a bad kernel size.
+        TypeError: ``residual`` other than ``True`` or ``False``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, reduction: int = 4, kernel_size: int = 3,
                  stride: int = 1, residual: bool = True) -> None:
         super().__init__()
         _check_channels(in_channels=in_channels, out_channels=out_channels, reduction=reduction, stride=stride)
+        residual = check_flag("residual", residual)
         padding = _same_padding(kernel_size)
         mid = max(1, out_channels // reduction)
         self.branch = nn.Sequential(

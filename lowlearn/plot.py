@@ -16,6 +16,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.ticker import NullFormatter
 
+from .checks import check_flag
 from .train import History
 
 
@@ -76,7 +77,9 @@ def errorbar_curve(x: Sequence[float], runs: Sequence[Sequence[float]], *, label
     Raises:
         ValueError: runs that are not equally long lists aligned with ``x``, or ``logx`` with an
             ``x`` that is not positive (a log axis cannot show it), before any figure is made.
+        TypeError: ``logx`` other than ``True`` or ``False``.
     """
+    logx = check_flag("logx", logx)
     mean, std = mean_and_spread(runs)
     x = _on_host(x)
     if mean.ndim != 1 or len(mean) != len(x):
@@ -130,7 +133,9 @@ def density_axis(ax: Axes, kept: Sequence[float], *, percent: bool = False, labe
     Raises:
         ValueError: no densities, or one outside (0, 1] (outside (0, 100] with ``percent=True``),
             before the axes change.
+        TypeError: ``percent`` other than ``True`` or ``False``.
     """
+    percent = check_flag("percent", percent)
     top = 100 if percent else 1
     values = np.asarray(_on_host(kept), dtype=float)
     if values.ndim != 1 or len(values) == 0 or not np.all((values > 0) & (values <= top)):

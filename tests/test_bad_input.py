@@ -9,23 +9,27 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from torch import nn
 
 from torch.utils.data import TensorDataset
 
 from lowlearn.atomic import atomic_file
-from lowlearn.cost import count_flops
+from lowlearn.cost import count_flops, count_parameters, training_memory
 from lowlearn.data import (Curves, EpisodeSampler, GPCurves, Resource, context_target_split, fetch, group_by_class,
                            load_cifar10, load_mnist, load_omniglot, load_omniglot_runs, random_episodes)
 from lowlearn.data.cache import fetch_all
-from lowlearn.growth import GrowthSchedule
-from lowlearn.lowrank import DLRT, to_low_rank
+from lowlearn.growth import GrowthSchedule, gradmax_directions
+from lowlearn.lowrank import DLRT, LowRankLinear, to_low_rank
 from lowlearn.meta import CNP, MAML, LSTMOptimizer, MatchingNet, MetaSGD, ProtoNet, Reptile, adapt_and_evaluate
 from lowlearn.meta import inner_loop, parameters_of
-from lowlearn.models import MLP, Conv4, LeNet5
+from lowlearn.models import MLP, Bottleneck, Conv4, DepthwiseSeparableConv2d, LeNet5
+from lowlearn.plot import density_axis, errorbar_curve
 from lowlearn.powerprop import PowerPropOptimizer, powerprop
-from lowlearn.sparse import (SET, SNFS, GradualPruning, RigL, StaticSparse, TopKAST, attach_masks, drop_and_grow,
-                             dst_training_flops, iterative_pruning, masks_of, prune, sparse_inference_flops)
+from lowlearn.sparse import (SET, SNFS, GradualPruning, RigL, StaticSparse, TopKAST, allocation, attach_masks,
+                             drop_and_grow, dst_training_flops, iterative_pruning, masks_of, model_sparse_flops, prune,
+                             sparse_inference_flops, sparse_training_flops)
+from lowlearn.sparse.flops import pruning_training_flops
 from lowlearn.sparse.lottery import EarlyBird, iterative_magnitude_pruning, train_control
 from lowlearn.sparse.scores import magnitude, snip
 from lowlearn.train import evaluate, fit, save_checkpoint
@@ -291,6 +295,10 @@ def _file_resource():
     return Resource("payload.bin", ("https://example.invalid/payload.bin",), "0" * 64, "sub")
 
 
+def _flops(model):
+    return count_flops(model, batch()[0])
+
+
 def _write(path, overwrite):
     with atomic_file(path, overwrite=overwrite) as handle:
         handle.write(b"new")
@@ -315,6 +323,33 @@ OFFLINE = [
     pytest.param("test_rotations", lambda v, m, d: ProtoNet(m, test_rotations=v), id="ProtoNet"),
     pytest.param("test_rotations", lambda v, m, d: MatchingNet(m, test_rotations=v), id="MatchingNet"),
     pytest.param("preprocess", lambda v, m, d: LSTMOptimizer(preprocess=v), id="LSTMOptimizer"),
+    pytest.param("dense_first", lambda v, m, d: allocation.uniform(m, 0.5, dense_first=v), id="uniform"),
+    pytest.param("relative_to_dense", lambda v, m, d: sparse_inference_flops(_flops(m), 0.5, relative_to_dense=v),
+                 id="sparse_inference_flops"),
+    pytest.param("relative_to_dense", lambda v, m, d: sparse_training_flops(_flops(m), 0.5, relative_to_dense=v),
+                 id="sparse_training_flops"),
+    pytest.param("relative_to_dense", lambda v, m, d: pruning_training_flops(_flops(m), [0.5], relative_to_dense=v),
+                 id="pruning_training_flops"),
+    pytest.param("relative_to_dense", lambda v, m, d: model_sparse_flops(m, batch()[0], relative_to_dense=v),
+                 id="model_sparse_flops"),
+    pytest.param("relative_to_dense", lambda v, m, d: dst_training_flops(_flops(m), 0.5, "set", relative_to_dense=v),
+                 id="dst_training_flops"),
+    pytest.param("trainable_only", lambda v, m, d: count_parameters(m, trainable_only=v), id="count_parameters"),
+    pytest.param("measure_cuda", lambda v, m, d: training_memory(m, torch.optim.SGD(m.parameters(), 0.1), batch(),
+                                                                 F.cross_entropy, measure_cuda=v),
+                 id="training_memory"),
+    pytest.param("closed_form", lambda v, m, d: gradmax_directions(m, 0, 2, batch(), closed_form=v),
+                 id="gradmax_directions"),
+    pytest.param("running_stats", lambda v, m, d: Conv4(running_stats=v), id="Conv4"),
+    pytest.param("norm", lambda v, m, d: DepthwiseSeparableConv2d(2, 4, norm=v), id="DepthwiseSeparable-norm"),
+    pytest.param("bias", lambda v, m, d: DepthwiseSeparableConv2d(2, 4, norm=False, bias=v),
+                 id="DepthwiseSeparable-bias"),
+    pytest.param("residual", lambda v, m, d: Bottleneck(4, 4, residual=v), id="Bottleneck"),
+    pytest.param("bias", lambda v, m, d: LowRankLinear(8, 4, 2, bias=v), id="LowRankLinear"),
+    pytest.param("logx", lambda v, m, d: errorbar_curve([1, 2], [[1.0, 2.0]], logx=v, ax=Figure().add_subplot()),
+                 id="errorbar_curve"),
+    pytest.param("percent", lambda v, m, d: density_axis(Figure().add_subplot(), [0.5], percent=v),
+                 id="density_axis"),
 ]
 DOWNLOADS = [
     pytest.param("download", lambda v, m, d: fetch(_file_resource(), d, download=v), id="fetch"),

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..autograd import Function
-from ..checks import check_untied, is_integer, is_real
+from ..checks import check_flag, check_untied, is_integer, is_real
 
 
 def check_rank(rank: int, n: int, m: int, what: str = "rank") -> int:
@@ -405,12 +405,14 @@ class LowRankLinear(LowRankLayer):
     Raises:
         ValueError: a rank outside [1, min(n, m)] or above ``r_max``, ``ϑ`` outside
             [0, 1), or both or neither of ``rank`` and ``tol``.
+        TypeError: ``bias`` other than ``True`` or ``False``.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int | None = None, *, tol: float | None = None,
                  r_max: int | None = None, bias: bool = True, _weight: Tensor | None = None,
                  _bias: Tensor | None = None):
         super().__init__()
+        bias = check_flag("bias", bias)
         if _weight is None:
             dense = nn.Linear(in_features, out_features, bias=bias)
             _weight, _bias = dense.weight, dense.bias

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from ..checks import check_flag
 from .mask import raw_weight
 from .prune import check_density
 from .scores import scored_layers
@@ -64,8 +65,10 @@ def uniform(
             that the first layer alone already uses up; a layer whose weight is not at least
             2-D (e.g. a norm layer named in ``layers``), or no layer at all.
         KeyError: a name in ``layers`` that is not a module of the model.
+        TypeError: ``dense_first`` other than ``True`` or ``False``.
     """
     density = check_density(density)
+    dense_first = check_flag("dense_first", dense_first)
     shapes = _shapes(model, layers)
     if not dense_first:
         return dict.fromkeys(shapes, density)

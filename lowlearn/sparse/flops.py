@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ..checks import as_float, check_count, is_real
+from ..checks import as_float, check_count, check_flag, is_real
 from ..cost import FlopCount, count_flops, recurrent_weights, training_flops
 from .mask import kept_fraction, layer_densities
 
@@ -79,7 +79,9 @@ def sparse_inference_flops(flop_count: FlopCount, densities: Densities, *,
     Raises:
         KeyError: a layer that ``flop_count`` does not count.
         ValueError: a density outside [0, 1], or ``relative_to_dense`` for a count without layers.
+        TypeError: ``relative_to_dense`` other than ``True`` or ``False``.
     """
+    relative_to_dense = check_flag("relative_to_dense", relative_to_dense)
     densities = _check_densities(flop_count, densities)
     sparse = sum(densities.get(name, 1.0) * macs for name, macs in flop_count.per_layer.items())
     return _relative(sparse, flop_count.total) if relative_to_dense else sparse
@@ -92,6 +94,7 @@ def sparse_training_flops(flop_count: FlopCount, densities: Densities, *,
     Arguments as for :func:`sparse_inference_flops`; relative to dense training
     (``3 · f_D``) the ratio equals the inference ratio.
     """
+    relative_to_dense = check_flag("relative_to_dense", relative_to_dense)
     sparse = 3 * sparse_inference_flops(flop_count, densities)
     return _relative(sparse, training_flops(flop_count)) if relative_to_dense else sparse
 
@@ -123,7 +126,9 @@ def pruning_training_flops(
         ValueError: an empty schedule, ``steps`` of another length, ``steps`` that are
             negative, not finite or all zero, or a density outside [0, 1].
         KeyError: a layer that ``flop_count`` does not count.
+        TypeError: ``relative_to_dense`` other than ``True`` or ``False``.
     """
+    relative_to_dense = check_flag("relative_to_dense", relative_to_dense)
     if len(density_schedule) == 0:
         raise ValueError("the density schedule is empty")
     steps = [1] * len(density_schedule) if steps is None else list(steps)
@@ -157,7 +162,9 @@ def model_sparse_flops(model: nn.Module, example_input: torch.Tensor | PackedSeq
         KeyError: a masked layer whose FLOPs :func:`~lowlearn.cost.count_flops` does not
             count (it counts the layers of :data:`~lowlearn.cost.COUNTED` and those with
             ``count_macs`` that the example runs through).
+        TypeError: ``relative_to_dense`` other than ``True`` or ``False``.
     """
+    relative_to_dense = check_flag("relative_to_dense", relative_to_dense)
     flop_count, densities = count_flops(model, example_input, batch_dim=batch_dim), layer_densities(model)
     modules = dict(model.named_modules())
     for name in flop_count.per_layer.keys() - densities.keys():
@@ -216,7 +223,9 @@ def dst_training_flops(
             for another method, a density outside [0, 1], or ``relative_to_dense`` for a
             count without layers.
         KeyError: a layer that ``flop_count`` does not count.
+        TypeError: ``relative_to_dense`` other than ``True`` or ``False``.
     """
+    relative_to_dense = check_flag("relative_to_dense", relative_to_dense)
     if method not in DST_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(DST_METHODS)}")
     if backward_densities is not None and method != "topkast":
