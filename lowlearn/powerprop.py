@@ -159,6 +159,10 @@ class _GradientOfTheta(Function):
         return grad, None
 
 
+_FLOATING_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+"""The dtypes a model (and so ``PowerProp.saved_alpha``) may be converted to."""
+
+
 class PowerProp(nn.Module):
     """Parametrization ``θ = Ψ(φ) = φ · |φ|^(α−1)`` (Schwarz et al. 2021, eq. 1).
 
@@ -189,11 +193,16 @@ class PowerProp(nn.Module):
     def _load_from_state_dict(self, state_dict: Mapping, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
         """Refuse ``α`` of another value; accept a ``state_dict`` without it (as ``BatchNorm`` does its
-        ``num_batches_tracked``)."""
+        ``num_batches_tracked``).
+
+        The buffer follows the model's dtype, so it holds ``α`` rounded to the lowest precision
+        the model passed through (``.half()``, then ``.float()``): a saved ``α`` equal to this
+        layer's in any floating dtype is this layer's.
+        """
         key = prefix + "saved_alpha"
         if key in state_dict:
             saved = float(state_dict[key])
-            if saved != float(torch.tensor(self.alpha, dtype=self.saved_alpha.dtype)):   # in the buffer's precision
+            if saved not in {float(torch.tensor(self.alpha, dtype=dtype)) for dtype in _FLOATING_DTYPES}:
                 error_msgs.append(f"{key}: the weights were saved with Powerprop's alpha = {saved:g}, this layer has "
                                   f"alpha = {self.alpha:g}, for which their φ would be other weights θ: build the "
                                   f"model with powerprop(model, {saved:g}) to load them")

@@ -584,6 +584,21 @@ def test_weights_saved_with_another_alpha_are_refused_and_a_state_dict_without_a
     load_checkpoint(tmp_path / "run.pt", earlier, torch.optim.SGD(earlier.parameters(), lr=0.1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_an_alpha_without_an_exact_half_or_single_precision_loads_across_dtypes(dtype):
+    # alpha = 1.1 was compared in the loading model's precision: the state of a float32 model was refused by the
+    # same model in half (1.1 rounds to 1.0996) or double precision ("saved with alpha = 1.1, this layer has 1.1"),
+    # and so was that of a model converted back and forth
+    state = powerprop(small_mlp(), 1.1).state_dict()
+    converted = powerprop(small_mlp(7), 1.1).to(dtype)
+    converted.load_state_dict(state)
+    back = powerprop(small_mlp(7), 1.1)
+    back.load_state_dict(converted.state_dict())
+    back.load_state_dict(powerprop(small_mlp(7), 1.1).to(dtype).double().state_dict())
+    with pytest.raises(RuntimeError, match="saved with Powerprop's alpha = 1.2"):
+        back.load_state_dict(powerprop(small_mlp(7), 1.2).to(dtype).state_dict())
+
+
 def test_topkast_penalises_the_effective_weight_under_powerprop():
     model = powerprop(small_mlp(), 3)
     sparsifier = TopKAST(model, None, 0.25, 0.5)
