@@ -58,6 +58,7 @@ update the masks, so that the other steps run exactly as static sparse training.
 from __future__ import annotations
 
 import math
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from fractions import Fraction
@@ -403,15 +404,15 @@ class DynamicSparsity(Sparsifier):
             zero_where_masked(raw_weight(layer), ~grown[name], self.optimizer)
         return grown
 
-    def _mask_versions(self) -> list[tuple[Tensor, int]]:
+    def _mask_versions(self) -> list[tuple[weakref.ref, int]]:
         """``(mask buffer, version)`` of every layer, to tell whether they were written since: an in-place write
         (``copy_``, a loaded ``state_dict``) raises the version (``Tensor._version``), moving the model replaces
-        the buffer."""
-        return [(mask := find_mask(layer).mask, mask._version) for layer in self._layers.values()]
+        the buffer. The buffer is referred to weakly: one that a move replaced (on another device) is freed."""
+        return [(weakref.ref(mask := find_mask(layer).mask), mask._version) for layer in self._layers.values()]
 
     def _masks_written_elsewhere(self) -> bool:
         """Whether a mask changed since this sparsifier last wrote them, so that ``self.active`` may not count it."""
-        return any(buffer is not seen or version != counted
+        return any(buffer() is not seen() or version != counted
                    for (buffer, version), (seen, counted) in zip(self._mask_versions(), self._counted))
 
     def _check_capacity(self, sizes: Mapping[str, int]) -> None:

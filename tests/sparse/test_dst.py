@@ -1,7 +1,9 @@
 import copy
+import gc
 import io
 import math
 import random
+import weakref
 from fractions import Fraction
 
 import pytest
@@ -422,6 +424,22 @@ def test_masks_written_without_the_sparsifier_are_counted_again_at_the_next_upda
     assert sum(sparsifier.active.values()) == sum(loaded.values())
     if method != "snfs":                                         # the layers keep their densities
         assert sparsifier.active == loaded
+
+
+@pytest.mark.parametrize("method", ["set", "rigl", "snfs"])
+def test_the_mask_buffers_a_move_replaced_are_freed_and_the_next_update_counts_the_new_ones(method):
+    """The sparsifier tells masks written elsewhere by their buffers; it held on to those that moving the model
+    replaced (after training on a GPU and moving the model to the CPU, GPU memory the size of the masked weights,
+    for good once the schedule ended)."""
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = make(method, model, optimizer, end=40, every=4)
+    old = [weakref.ref(find_mask(layer).mask) for layer in sparsifier.layers().values()]
+    model.double()
+    gc.collect()
+    assert all(buffer() is None for buffer in old)
+    train(model, optimizer, sparsifier, [(x.double(), y) for x, y in batches(4)])     # step 4 updates the masks
+    assert counts(model) == sparsifier.active
 
 
 @pytest.mark.parametrize("method", ["rigl", "topkast"])
