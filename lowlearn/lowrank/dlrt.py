@@ -221,6 +221,11 @@ class DLRT(torch.optim.Optimizer):
         self.optimizer = optimizer
         self._averaged = False                  # the processes' gradient lists are compared at the first step
 
+    def __getstate__(self) -> dict:
+        """Every attribute: torch's optimizers keep only their defaults, groups and state, which would leave a copy
+        (``copy.deepcopy((model, dlrt))``, which then trains as the original does) without its model and optimizer."""
+        return dict(self.__dict__)
+
     @property
     def lr(self) -> float:
         """``λ``: the learning rate of the factors' parameter group (what a scheduler sets)."""

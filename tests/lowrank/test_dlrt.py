@@ -466,6 +466,22 @@ def test_dlrt_is_a_torch_optimizer_whose_schedulers_set_every_step_size():
                                                                  if n.split(".")[-1] in ("U", "S", "V")]
 
 
+@pytest.mark.parametrize("tol", [None, 0.1])
+def test_a_deep_copy_with_its_model_trains_as_the_original(tol):
+    # torch's Optimizer.__getstate__ keeps only defaults, groups and state: the copy had no model nor optimizer
+    # ("'DLRT' object has no attribute 'optimizer'" at its first zero_grad)
+    x, y, _ = teacher_data(4)
+    torch.manual_seed(0)
+    model = to_low_rank(nn.Sequential(nn.Linear(32, 24), nn.Tanh(), nn.Linear(24, 24)), ["0"], rank=8)
+    dlrt = DLRT(model, lr=0.1, tol=tol, betas=(0.9, 0.99), optimizer=torch.optim.Adam(dense_parameters(model)))
+    dlrt_steps(model, dlrt, x, y, 2)
+    twin, twin_dlrt = copy.deepcopy((model, dlrt))
+    assert twin_dlrt.model is twin
+    assert {id(p) for p in twin_dlrt.optimizer.param_groups[0]["params"]} == {id(p) for p in dense_parameters(twin)}
+    assert dlrt_steps(twin, twin_dlrt, x, y, 3) == dlrt_steps(model, dlrt, x, y, 3)
+    assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), model.state_dict().values()))
+
+
 def test_state_dict_keeps_scheduled_learning_rates_and_moments():
     model = to_low_rank(MLP(hidden=(8,)), ["1"], rank=2)
     dlrt = DLRT(model, lr=0.1, betas=(0.9, 0.999))
