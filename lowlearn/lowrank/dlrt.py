@@ -221,6 +221,20 @@ class DLRT(torch.optim.Optimizer):
         self.optimizer = optimizer
         self._averaged = False                  # the processes' gradient lists are compared at the first step
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group of parameters that take the plain gradient step (without an ``optimizer`` argument).
+
+        Raises:
+            ValueError: a DLRT built with an ``optimizer``, which would never step the group:
+                add it to that optimizer (``dlrt.optimizer.add_param_group``), whose parameters
+                DLRT lists in ``param_groups[1]`` at its next :meth:`zero_grad`.
+        """
+        if getattr(self, "optimizer", None) is not None:     # (none yet while torch's __init__ adds the groups)
+            raise ValueError("this DLRT steps the parameters other than the factors with its optimizer argument, so a "
+                             "group added to it would never step: add it to that optimizer instead, "
+                             "dlrt.optimizer.add_param_group(...) (DLRT lists it at its next zero_grad)")
+        super().add_param_group(param_group)
+
     def __getstate__(self) -> dict:
         """Every attribute: torch's optimizers keep only their defaults, groups and state, which would leave a copy
         (``copy.deepcopy((model, dlrt))``, which then trains as the original does) without its model and optimizer."""

@@ -887,6 +887,13 @@ def test_dlrts_groups_list_the_parameters_its_optimizer_holds_then():
     adam.add_param_group({"params": [extra]})
     dlrt.zero_grad()
     assert [id(p) for p in dlrt.param_groups[1]["params"]] == [id(p) for p in [*dense_parameters(model), extra]]
+    # A group added to the DLRT itself would never step (the optimizer steps the other parameters): refused.
+    with pytest.raises(ValueError, match=r"add it to that optimizer instead, dlrt.optimizer.add_param_group"):
+        dlrt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    assert len(dlrt.param_groups) == 2
+    plain = DLRT(_mixed_model(), lr=0.1)                       # without one, an added group takes plain steps
+    plain.add_param_group({"params": [nn.Parameter(torch.ones(2))], "lr": 0.5})
+    assert len(plain.param_groups) == 3
 
 
 def test_a_gradient_of_dlrts_optimizer_that_is_not_finite_skips_the_whole_step_and_lowers_the_scale():
