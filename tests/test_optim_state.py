@@ -84,6 +84,31 @@ def test_only_per_element_optimizer_state_is_reset():
     assert all(torch.equal(v, before[k]) for k, v in optimizer.state[p].items())
 
 
+class LazyMomentum(torch.optim.Optimizer):
+    """Heavy-ball SGD that makes a weight's momentum only once the weight has had a nonzero gradient."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.any():
+                    trace = self.state[p].setdefault("trace", torch.zeros_like(p))
+                    p.sub_(trace.mul_(0.9).add_(p.grad), alpha=group["lr"])
+
+
+def test_per_weight_state_that_a_new_parameter_does_not_have_yet_is_reset_to_zero():
+    # A zero gradient makes no momentum here: a reset weight has none to start from, and gets zero.
+    p, optimizer = stepped(LazyMomentum)
+    before = optimizer.state[p]["trace"].clone()
+    assert fresh_state(optimizer, optimizer.param_groups[0], p) == {} and (before != 0).all()
+    reset_optimizer_state(optimizer, p, KEEP)
+    assert (optimizer.state[p]["trace"][~KEEP] == 0).all()
+    assert torch.equal(optimizer.state[p]["trace"][KEEP], before[KEEP])
+
+
 def test_a_wrapper_resets_the_state_of_the_optimizer_it_wraps():
     torch.manual_seed(0)
     model = powerprop(MLP(20, (8,), 3), 2.0)
