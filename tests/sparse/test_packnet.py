@@ -151,6 +151,20 @@ def test_a_packnet_resumed_in_its_second_task_keeps_the_first_tasks_parameters_f
     assert not any(p.requires_grad for name, p in resumed_model.named_parameters() if "original" not in name)
 
 
+def test_a_state_saved_without_the_frozen_flag_freezes_the_other_parameters_from_two_tasks_on():
+    """A state from before ``frozen`` was recorded: two assigned tasks mean the network has been past its first."""
+    packnet = PackNet(small_mlp())
+    for _ in range(2):
+        packnet.start_task()
+        packnet.assign(0.3)
+    state = {key: value for key, value in packnet.state_dict().items() if key != "frozen"}
+    resumed_model = small_mlp()
+    resumed = PackNet(resumed_model)
+    resumed.load_state_dict(state)
+    assert resumed.frozen
+    assert not any(p.requires_grad for name, p in resumed_model.named_parameters() if "original" not in name)
+
+
 def test_released_weights_are_reinitialised_so_powerprop_can_train_them():
     model = powerprop(small_mlp(), 3)
     packnet = PackNet(model, seed=4)
