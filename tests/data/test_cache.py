@@ -751,3 +751,22 @@ def test_fetch_all_stops_downloading_once_every_mirror_of_a_file_timed_out(tmp_p
         assert message.count("its download was not tried, since every mirror of a.bin timed out") == 2
     else:
         assert len(tried) == 6 and "not tried" not in message
+
+
+def test_fetch_all_keeps_downloading_when_only_some_mirrors_of_a_file_timed_out(tmp_path, monkeypatch):
+    """A mirror that timed out beside one that refused at once is no sign of a network that drops everything: the
+    next files' mirrors are still tried."""
+    tried = []
+
+    def urlopen(request, timeout):
+        tried.append(request.full_url)
+        slow = request.full_url.startswith("https://a.invalid/")
+        raise urllib.error.URLError(TimeoutError("timed out") if slow else ConnectionRefusedError("refused"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    two_mirrors = [Resource(name, (f"https://a.invalid/{name}", f"https://b.invalid/{name}"), "0" * 64, "sub")
+                   for name in ("a.bin", "b.bin")]
+    with pytest.raises(DatasetNotFoundError) as info:
+        fetch_all(two_mirrors, root=tmp_path)
+    assert tried == [f"https://{host}.invalid/{name}" for name in ("a.bin", "b.bin") for host in "ab"]
+    assert "not tried" not in str(info.value)
