@@ -142,6 +142,27 @@ def test_throughput_and_allocator_rows_put_lowlearn_over_its_reference(monkeypat
     assert row["ratio"] == pytest.approx(0.75)
 
 
+def test_memory_rows_put_lowlearn_over_its_reference_and_a_throughput_goal_is_met_from_above(monkeypatch):
+    """By hand: DLRT trains in 1 byte where dense takes 4 (0.25, held to <= 1: met); lowlearn's MAML peaks at 100
+    and 200 bytes where higher peaks at 400 (0.25 and 0.5); on a CPU the loop is held to >= 1 of higher's
+    throughput, and runs at twice it (met; a goal read as <= 1 would not be)."""
+    lowrank = [{"width": 1024, "rank": 32, "batch_size": 128, "time_ratio": Ratio(0.5, 0.4, 0.6),
+                "dlrt": {"bytes": 1}, "dense": {"bytes": 4}}]
+    use_canned_results(monkeypatch, lowrank=lambda **_: lowrank)
+    monkeypatch.setattr(report, "has_glibc", lambda: False)
+    monkeypatch.setattr(report.maml, "run", lambda **_: {
+        "rounds": {"higher": [2.0, 2.0, 2.0], "lowlearn": [1.0, 1.0, 1.0], "lowlearn batched": [1.0, 1.0, 1.0]},
+        "peak_bytes": {"higher": 400, "lowlearn": 100, "lowlearn batched": 200}})
+    rows = {(row["benchmark"], row["case"], row["metric"]): row for row in report.collect(report.FULL,
+                                                                                        torch.device("cpu"))}
+    memory = rows["lowrank", "DLRT, width 1024", "training memory"]
+    assert (memory["ratio"], memory["goal"], memory["met"]) == (0.25, "<= 1", "yes")
+    assert rows["maml", "lowlearn MAML", "peak memory"]["ratio"] == 0.25
+    assert rows["maml", "lowlearn MAML, all tasks at once", "peak memory"]["ratio"] == 0.5
+    throughput = rows["maml", "lowlearn MAML", "throughput"]
+    assert (throughput["ratio"], throughput["goal"], throughput["met"]) == (2.0, ">= 1", "yes")
+
+
 @pytest.mark.parametrize("benchmark, sizes", [
     ("masks", {"batch_size": 4096}), ("masks", {"density": 0.5}),
     ("dst", {"every": dst.GOAL_EVERY + 1}), ("dst", {"batch_size": 8}), ("dst", {"density": 0.5}),
