@@ -225,6 +225,16 @@ def test_a_file_that_appears_at_the_save_path_during_training_is_kept_and_the_le
         "protonet", get_profile("smoke").black_box))
 
 
+def test_save_learner_takes_the_first_free_name_and_replaces_none_of_the_files_before_it(tmp_path):
+    save = tmp_path / "learner.pt"
+    for path in (save, tmp_path / "learner-1.pt"):
+        path.write_bytes(b"another run's learner")
+    learner = nn.Linear(3, 2)
+    assert omniglot_runs.save_learner(save, learner, method="protonet") == tmp_path / "learner-2.pt"
+    assert all((tmp_path / name).read_bytes() == b"another run's learner" for name in ("learner.pt", "learner-1.pt"))
+    assert omniglot_runs.load_checkpoint(tmp_path / "learner-2.pt", nn.Linear(3, 2)) == {"method": "protonet"}
+
+
 @needs_real_data
 def test_a_learner_that_could_not_be_saved_fails_the_command_after_the_evaluation(tmp_path, monkeypatch, capsys):
     def full_disk(*args, **kwargs):
