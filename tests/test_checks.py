@@ -2,13 +2,14 @@
 
 import fractions
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from lowlearn.checks import (all_finite, as_float, check_batch, check_count, check_flag, check_non_negative,
-                             check_positive, check_rate, is_integer, is_real)
+                             check_positive, check_rate, check_scalar_loss, is_integer, is_real)
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, float("inf"), np.int64(4), np.float32(0.5), fractions.Fraction(1, 3)])
@@ -133,3 +134,13 @@ def test_all_finite_counts_empty_tensors_and_no_tensors_as_finite():
     assert not all_finite([torch.zeros(0), torch.tensor([float("nan")])]).item()
     assert all_finite([torch.zeros(0, dtype=torch.float64)]).item()
     assert all_finite([]).item()
+    assert all_finite([torch.zeros(0, device="meta")]).device.type == "meta"      # on the tensors' device too
+
+
+@pytest.mark.parametrize("shape", [(1,), (3,), (1, 1)])
+def test_a_loss_is_one_number_a_0_d_tensor_not_a_one_element_vector(shape):
+    check_scalar_loss(torch.tensor(0.5))
+    with pytest.raises(ValueError, match=rf"one number; it returned a tensor of shape {re.escape(str(shape))}"):
+        check_scalar_loss(torch.ones(shape))
+    with pytest.raises(TypeError, match="as a tensor"):
+        check_scalar_loss(0.5)
