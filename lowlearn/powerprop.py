@@ -449,17 +449,20 @@ class PowerPropOptimizer:
         """
         # Every layer is checked before any φ is swapped for θ: a refused step changes nothing.
         for name, phi, _ in self._weights:
+            if phi.grad is None or name in self._seen:
+                continue
+            layer = self.layers[name]
+            if not parametrize.is_parametrized(layer, "weight") or \
+                    not any(module in self._hooks for module in layer.parametrizations.weight):
+                # Its parameter holds θ now: the step would take it for φ (even with a zero gradient, under momentum).
+                raise RuntimeError(f"layer {name!r} no longer has the Powerprop parametrization this "
+                                   "PowerPropOptimizer was built for (squash() or remove_parametrizations made "
+                                   "its weight the plain parameter θ, or it was replaced): step the wrapped "
+                                   ".optimizer itself, whose state already tracks θ, or wrap it anew, "
+                                   "PowerPropOptimizer(wrapper.optimizer, model), if Powerprop layers remain")
             # A zero gradient (zero_grad(set_to_none=False)) of a layer that took no part in the loss is
             # ∂L/∂θ = 0 too. Anything else came from a forward pass this wrapper did not see.
-            if phi.grad is not None and name not in self._seen and phi.grad.any():
-                layer = self.layers[name]
-                if not parametrize.is_parametrized(layer, "weight") or \
-                        not any(module in self._hooks for module in layer.parametrizations.weight):
-                    raise RuntimeError(f"layer {name!r} no longer has the Powerprop parametrization this "
-                                       "PowerPropOptimizer was built for (squash() or remove_parametrizations made "
-                                       "its weight the plain parameter θ, or it was replaced): step the wrapped "
-                                       ".optimizer itself, whose state already tracks θ, or wrap it anew, "
-                                       "PowerPropOptimizer(wrapper.optimizer, model), if Powerprop layers remain")
+            if phi.grad.any():
                 raise RuntimeError(f"the gradient of {name!r} did not come through this PowerPropOptimizer: build "
                                    "it before the forward pass, then zero_grad(), forward, backward and step()")
         swapped = []

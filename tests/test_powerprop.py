@@ -393,6 +393,23 @@ def test_a_step_after_squash_names_the_squash_and_the_wrapped_optimizer_trains_o
     aware.optimizer.step()                                      # what the error proposes
 
 
+def test_a_step_after_squash_is_refused_with_zero_gradients_too():
+    # With gradients cleared to zero (set_to_none=False) the step took the squashed θ for φ, and SGD's momentum moved
+    # the weights by Δθ · α |θ|^(α−1)
+    x, y = batch()
+    model = powerprop(small_mlp(), 3)
+    attach_masks(model)                                         # squash folds Powerprop in with the masks
+    aware = PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model)
+    F.cross_entropy(model(x), y).backward()
+    aware.step()
+    squash(model)
+    aware.zero_grad(set_to_none=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="no longer has the Powerprop parametrization.*squash"):
+        aware.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_a_new_wrapper_takes_the_routing_over():
     model = powerprop(small_mlp(), 3)
     first = PowerPropOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
