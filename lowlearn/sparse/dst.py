@@ -58,7 +58,6 @@ update the masks, so that the other steps run exactly as static sparse training.
 from __future__ import annotations
 
 import math
-import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from fractions import Fraction
@@ -72,7 +71,7 @@ from ..reparam import OutputGradients
 from ..train import generator_on, restore_generator, seeded_generator
 from .allocation import erdos_renyi, erk, uniform
 from .mask import (Mask, attach_masks, find_mask, nonzero_counts, raw_weight, resolve_layers, saved_weights,
-                   set_masks, weights_device, zero_where_masked)
+                   set_masks, unchanged_since, version_stamp, weights_device, zero_where_masked)
 from .prune import check_density, kept_count, top_k_mask
 from .schedule import UpdateSchedule
 from .update import drop_and_grow
@@ -296,7 +295,7 @@ class DynamicSparsity(Sparsifier):
             noise = torch.rand(weight.shape, generator=self.generator, device=weight.device)
             initial[name] = top_k_mask(noise, self.active[name])
         set_masks(model, initial, optimizer)
-        self._counted = self._mask_versions()
+        self._counted = self._mask_stamps()
         self._gradients = OutputGradients(self.layers(), Mask)
         self._arm()
 
@@ -399,21 +398,20 @@ class DynamicSparsity(Sparsifier):
         for name in layers:
             self.active[name] += counts[name] - dropped[name]
         set_masks(self.model, new, self.optimizer)
-        self._counted = self._mask_versions()
+        self._counted = self._mask_stamps()
         for name, layer in layers.items():             # grown weights start at zero, with a new one's state
             zero_where_masked(raw_weight(layer), ~grown[name], self.optimizer)
         return grown
 
-    def _mask_versions(self) -> list[tuple[weakref.ref, int]]:
-        """``(mask buffer, version)`` of every layer, to tell whether they were written since: an in-place write
-        (``copy_``, a loaded ``state_dict``) raises the version (``Tensor._version``), moving the model replaces
-        the buffer. The buffer is referred to weakly: one that a move replaced (on another device) is freed."""
-        return [(weakref.ref(mask := find_mask(layer).mask), mask._version) for layer in self._layers.values()]
+    def _mask_stamps(self) -> list[tuple]:
+        """:func:`~lowlearn.sparse.mask.version_stamp` of every layer's mask, to tell whether it was written (or
+        replaced, by a move of the model) since."""
+        return [version_stamp(find_mask(layer).mask) for layer in self._layers.values()]
 
     def _masks_written_elsewhere(self) -> bool:
         """Whether a mask changed since this sparsifier last wrote them, so that ``self.active`` may not count it."""
-        return any(buffer() is not seen() or version != counted
-                   for (buffer, version), (seen, counted) in zip(self._mask_versions(), self._counted))
+        return not all(unchanged_since(find_mask(layer).mask, stamp)
+                       for layer, stamp in zip(self._layers.values(), self._counted))
 
     def _check_capacity(self, sizes: Mapping[str, int]) -> None:
         """Raise a ValueError if the method cannot work on layers of ``sizes`` weights at ``self.active``.

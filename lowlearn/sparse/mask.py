@@ -32,6 +32,7 @@ sparse-training routines), inspect (:func:`masks_of`, :func:`kept_weights`,
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -169,6 +170,22 @@ def zero_where_masked(raw: Tensor, mask: Tensor, optimizer: torch.optim.Optimize
     raw.masked_fill_(mask == 0, 0)
     if optimizer is not None:
         reset_optimizer_state(optimizer, raw, mask)
+
+
+def version_stamp(tensor: Tensor) -> tuple[weakref.ref, int]:
+    """What :func:`unchanged_since` compares with: ``tensor`` and its version counter (``Tensor._version``).
+
+    Every in-place write raises the counter (``copy_``, a loaded ``state_dict``), and moving
+    the model replaces the buffer; the tensor is held weakly, so that one a move replaced is
+    freed.
+    """
+    return weakref.ref(tensor), tensor._version
+
+
+def unchanged_since(tensor: Tensor, stamp: tuple[weakref.ref, int]) -> bool:
+    """Whether ``tensor`` is the tensor of :func:`version_stamp`'s ``stamp``, not written in place since."""
+    held, version = stamp
+    return held() is tensor and tensor._version == version
 
 
 def zero_under_masks(model: nn.Module) -> None:

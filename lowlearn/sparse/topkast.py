@@ -41,7 +41,7 @@ from ..checks import check_count
 from ..optim_state import reset_optimizer_state
 from ..reparam import register
 from .dst import Distribution, Sparsifier, layer_densities_for, sparse_layers
-from .mask import SplitMask, find_mask, raw_weight, refuse_weight_decay
+from .mask import SplitMask, find_mask, raw_weight, refuse_weight_decay, unchanged_since, version_stamp
 from .prune import check_density, kept_count, top_k_mask
 
 
@@ -185,17 +185,15 @@ class TopKAST(Sparsifier):
         """``1`` on ``A``, ``1/D`` on ``B \\ A``, ``0`` elsewhere: float32 at least (``1/D`` overflows in fp16).
 
         Kept until the masks change: a refresh or a loaded ``state_dict`` writes them in place,
-        which raises their version counters (``Tensor._version``), and moving the model
-        replaces them.
+        and moving the model replaces them (:func:`~lowlearn.sparse.mask.unchanged_since`).
         """
         a, b = mask.mask, mask.backward_mask
-        versions = (a._version, b._version)
         cached = self._penalty_cache.get(name)
-        if cached is not None and cached[0] is a and cached[1] is b and cached[2] == versions:
-            return cached[3]
+        if cached is not None and unchanged_since(a, cached[0]) and unchanged_since(b, cached[1]):
+            return cached[2]
         weights = a.to(torch.promote_types(a.dtype, torch.float32))
         weights = weights + (b.to(weights.dtype) - weights) / self.forward_densities[name]
-        self._penalty_cache[name] = (a, b, versions, weights)
+        self._penalty_cache[name] = (version_stamp(a), version_stamp(b), weights)
         return weights
 
     def backward_masks(self) -> dict[str, Tensor]:
