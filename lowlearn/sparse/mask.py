@@ -172,17 +172,17 @@ def zero_where_masked(raw: Tensor, mask: Tensor, optimizer: torch.optim.Optimize
         reset_optimizer_state(optimizer, raw, mask)
 
 
-def version_stamp(tensor: Tensor) -> tuple[weakref.ref, int]:
-    """What :func:`unchanged_since` compares with: ``tensor`` and its version counter (``Tensor._version``).
+def version_stamp(tensor: Tensor) -> tuple:
+    """What :func:`unchanged_since` compares with: a weak reference to ``tensor`` and its version counter.
 
-    Every in-place write raises the counter (``copy_``, a loaded ``state_dict``), and moving
-    the model replaces the buffer; the tensor is held weakly, so that one a move replaced is
-    freed.
+    Every in-place write raises the counter (``Tensor._version``: ``copy_``, a loaded
+    ``state_dict``), and moving the model replaces the buffer; the tensor is held weakly,
+    so that one a move replaced is freed.
     """
     return weakref.ref(tensor), tensor._version
 
 
-def unchanged_since(tensor: Tensor, stamp: tuple[weakref.ref, int]) -> bool:
+def unchanged_since(tensor: Tensor, stamp: tuple) -> bool:
     """Whether ``tensor`` is the tensor of :func:`version_stamp`'s ``stamp``, not written in place since."""
     held, version = stamp
     return held() is tensor and tensor._version == version
