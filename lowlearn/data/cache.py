@@ -30,6 +30,7 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -290,14 +291,16 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
     has just extracted it) it is returned as is; a file there is an error.
 
     Only a zip archive checks its members' contents (CRC-32, every member read before
-    any is written); a tar archive with a damaged byte unpacks without complaint.
+    any is written); a tar archive with a damaged byte unpacks without complaint. A zip
+    with two files of one name is refused (which one is meant is unclear); in a tar the
+    later one wins, as ``tar -x`` does (``tar -r`` appends a newer version of a file).
     :func:`fetch` an archive, which checks its sha256, before extracting it.
 
     Raises:
         UnsafeArchiveError: a member that would land outside ``dest``, or a link or device file.
         DataError: no file at ``archive``, a file that is not a tar or zip archive, one that
-            is damaged (e.g. cut off) or that Python cannot read (an unknown compression
-            method, encryption), or a file at ``dest``.
+            is damaged (e.g. cut off, or a zip with two files of one name) or that Python cannot
+            read (an unknown compression method, encryption), or a file at ``dest``.
     """
     archive, dest = Path(archive), Path(dest)
     if dest.is_dir():
@@ -364,6 +367,11 @@ def _extract(archive: Path, folder: Path) -> None:
             raise zipfile.BadZipFile(f"its member {damaged!r} fails its CRC-32 check")
         for info in members:
             check_member_name(info.filename, archive)
+        repeated = [name for name, count in Counter(info.filename for info in members).items()
+                    if count > 1 and not name.endswith("/")]
+        if repeated:                          # zipfile would keep the last silently
+            raise zipfile.BadZipFile(f"it holds more than one member named {repeated[0]!r}, so which one is meant "
+                                     "is unclear")
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(folder)
     else:

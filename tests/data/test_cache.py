@@ -452,6 +452,30 @@ def test_an_archive_with_a_file_and_a_folder_of_one_name_is_damaged_and_writes_n
     assert _leftovers(out) == []
 
 
+def test_a_zip_with_two_files_of_one_name_is_damaged_and_writes_nothing(tmp_path, archives):
+    archive = archives / "twice.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("top/", b"")
+        zf.writestr("top/a.txt", b"first")
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            zf.writestr("top/a.txt", b"second")
+            zf.writestr("top/", b"")           # a folder named twice is harmless
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"damaged \(BadZipFile: it holds more than one member named 'top/a.txt', "
+                                        r"so which one is meant is unclear\), so nothing was extracted"):
+        safe_extract(archive, out / "dest")
+    assert _leftovers(out) == []
+
+
+def test_a_tar_with_two_files_of_one_name_keeps_the_later_as_tar_does(tmp_path, archives):
+    first, second = tarfile.TarInfo("a.txt"), tarfile.TarInfo("a.txt")
+    with tarfile.open(archives / "twice.tar", "w") as tf:
+        for info, payload in ((first, b"first"), (second, b"second")):
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    assert (safe_extract(archives / "twice.tar", tmp_path / "dest") / "a.txt").read_bytes() == b"second"
+
+
 def test_a_tar_whose_last_member_is_a_zip_is_extracted_as_a_tar(tmp_path, archives):
     inner = _zip(archives / "inner.zip", {"inner_only.txt": b"inner"}).read_bytes()
     members = {"top/a.txt": b"a", "top/extras.zip": inner}
