@@ -68,6 +68,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _model_device(model: nn.Module) -> torch.device | None:
+    """The device of ``model``'s first parameter or buffer; ``None`` for a model without any."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else None
+
+
 def available_device(device: torch.device | str) -> torch.device:
     """``device`` as a torch device if this machine has it: ``cpu``, ``cuda`` / ``cuda:N`` with a GPU ``N``, ``mps``.
 
@@ -396,7 +402,9 @@ def fit(
         eval_every: steps between evaluations (default: once per epoch).
         log_every: steps between reads of the training loss (each read waits for
             the device, and checks that the loss is finite).
-        device: default :func:`default_device`.
+        device: default: the model's device when that is not the CPU (a model on ``cuda:1``
+            or ``mps`` stays there), else :func:`default_device` (a model on the CPU moves to
+            the GPU when there is one).
         seed: the run's random draws, in streams of their own (:func:`stream_seed`),
             so that none repeats the numbers ``seed_everything(seed)`` drew for the
             model's initial weights: the batch order from
@@ -498,7 +506,10 @@ def fit(
                         "for one")
     _check_optimizer_holds(optimizer, model)
 
-    device = available_device(device) if device is not None else default_device()
+    if device is None:
+        device = _model_device(model)
+        device = device if device is not None and device.type != "cpu" else default_device()
+    device = available_device(device)
     _check_bf16(device, bf16)
     if start_step == 0:
         seed_everything(stream_seed(seed + rank, "training draws"))   # each process its own dropout ...
@@ -674,10 +685,7 @@ def evaluate(
     """
     batch_size = check_count("batch_size", batch_size, 1)
     bf16 = check_flag("bf16", bf16)
-    if device is None:
-        tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
-        device = tensor.device if tensor is not None else default_device()
-    device = available_device(device)
+    device = available_device(device if device is not None else _model_device(model) or default_device())
     x, y = _as_tensors(data, device)
     total_loss: Tensor | float = 0.0          # in the loss's dtype: float32, or float64 for a float64 model
     correct = torch.zeros((), device=device, dtype=torch.long)

@@ -9,6 +9,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lowlearn.data.episodes import random_episodes
 from lowlearn.data.tasks import SinusoidTasks
@@ -296,6 +297,14 @@ def test_fit_moves_the_evaluation_data_to_the_gpu_once(monkeypatch):
     fit(model, (x, y), torch.optim.SGD(model.parameters(), lr=0.1), steps=3, batch_size=8, eval_data=(x, y),
         eval_every=1, device="cuda", progress=False)
     assert len(seen) == 3 and len(set(seen)) == 1 and seen[0][0][1] == "cuda"   # moved once, before training
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_fit_trains_a_model_on_the_second_gpu_there():
+    model = nn.Sequential(nn.Linear(6, 3)).to("cuda:1")
+    x, y = torch.randn(24, 6), torch.randint(0, 3, (24,))
+    fit(model, (x, y), torch.optim.SGD(model.parameters(), lr=0.1), steps=2, batch_size=8)
+    assert all(p.device == torch.device("cuda:1") for p in model.parameters())
 
 
 def test_random_quadratics_are_drawn_on_the_generators_device():

@@ -1136,6 +1136,18 @@ def test_fit_trains_on_the_device_it_is_given(monkeypatch):
     assert all(p.device.type == "cpu" for p in model.parameters())
 
 
+def test_fit_keeps_a_model_that_is_off_the_cpu_where_it_is(monkeypatch):
+    import lowlearn.train as train
+
+    monkeypatch.setattr(train, "default_device", lambda: torch.device("cpu"))
+    model = make()[0].to("meta")     # the one device besides the CPU here: fit neither moves it nor copies it out
+    with pytest.raises(ValueError, match="'meta' is not a device lowlearn runs on here"):
+        fit(model, toy_data(32), torch.optim.SGD(model.parameters(), lr=0.1), steps=1, batch_size=16)
+    cpu_model, cpu_opt = make()
+    fit(cpu_model, toy_data(32), cpu_opt, steps=1, batch_size=16)       # a CPU model goes to default_device()
+    assert all(p.device.type == "cpu" for p in cpu_model.parameters())
+
+
 def test_numpy_integer_seeds_are_the_seeds_they_hold():
     import random
 
