@@ -299,9 +299,10 @@ def _exported_layer(name: str, layer: nn.Module, format: str, min_sparsity: floa
     return None
 
 
-_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout,
-                nn.BatchNorm1d, nn.BatchNorm2d)
-_POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish,
+                nn.Hardsigmoid, nn.Mish, nn.SELU, nn.CELU, nn.Softplus, nn.Identity, nn.BatchNorm1d, nn.BatchNorm2d)
+_UNCHANGED = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.modules.dropout._DropoutNd)
+"""Layers that pass a constant channel on unchanged: pooling, and dropout of every kind (in evaluation mode)."""
 
 
 def is_chain(module: nn.Module) -> bool:
@@ -399,7 +400,7 @@ def _cut_units(producer: nn.Module, between: list[nn.Module], consumer: nn.Modul
         elif isinstance(layer, _ELEMENTWISE):
             shape = (1, -1, 1, 1) if isinstance(layer, nn.BatchNorm2d) else (1, -1)
             constant = layer(constant.view(shape)).flatten()
-        elif not isinstance(layer, _POOLING):
+        elif not isinstance(layer, _UNCHANGED):
             raise ValueError(f"compact cannot see through a {type(layer).__name__} between two prunable layers; "
                              "it supports activations, dropout, batch norm, pooling and flatten")
     removed = _flattened(~keep, producer, spread)

@@ -558,6 +558,21 @@ def test_compact_cuts_through_dropout_adaptive_pooling_and_a_later_batch_norm():
     torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("activation, dropout", [(nn.ReLU6, nn.Dropout2d), (nn.Hardswish, nn.AlphaDropout),
+                                                 (nn.SELU, nn.FeatureAlphaDropout), (nn.Mish, nn.Dropout)])
+def test_compact_cuts_through_channel_dropout_and_other_elementwise_activations(activation, dropout):
+    # Only nn.Dropout and a few activations were let through: a CNN with Dropout2d or ReLU6 was refused.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), activation(), dropout(0.3), nn.MaxPool2d(2), nn.Conv2d(8, 6, 3),
+                          activation(), nn.Flatten(), nn.Linear(24, 3)).eval()
+    with torch.no_grad():
+        model[0].weight[[1, 5]] = 0                  # removed; their biases pass on activation(b): a constant
+    small = compact(model)
+    assert small[0].weight.shape == (6, 3, 3, 3) and small[4].weight.shape == (6, 6, 3, 3)
+    x = torch.randn(2, 3, 10, 10)
+    torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_compact_cuts_channels_feeding_a_padded_convolution_a_zero():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1, bias=False))
