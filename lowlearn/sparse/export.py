@@ -262,8 +262,10 @@ def export(model: nn.Module, format: str = "csr", *, min_sparsity: float = 0.0) 
     return exported.eval()
 
 
-_FUSED = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-"""Modules that pass their layers' weights to fused kernels instead of calling the layers."""
+_FUSED = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+"""Modules that pass their layers' weights to fused kernels instead of calling the layers (a
+``TransformerDecoderLayer`` has no fused path: it calls its feed-forward layers, and only the
+``MultiheadAttention`` modules in it keep their output projections)."""
 
 
 def _exported_layer(name: str, layer: nn.Module, format: str, min_sparsity: float,

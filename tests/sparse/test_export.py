@@ -345,6 +345,22 @@ def test_layers_whose_weights_go_to_fused_attention_kernels_stay_dense():
         assert torch.allclose(exported(x), model.eval()(x), atol=1e-5)
 
 
+def test_a_transformer_decoder_layer_exports_its_feed_forward_layers():
+    # A TransformerDecoderLayer calls linear1 and linear2 (it has no fused path): they stayed dense, with a warning
+    # that blamed fused kernels. Only its attention modules' output projections stay dense.
+    torch.manual_seed(0)
+    model = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    prune(model, scores.magnitude(model), 0.2)
+    x, memory = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exported = export(model, "csr")
+    assert sorted(str(w.message).split("'")[1] for w in caught) == ["multihead_attn.out_proj", "self_attn.out_proj"]
+    assert isinstance(exported.linear1, CSRLinear) and isinstance(exported.linear2, CSRLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x, memory), model.eval()(x, memory), rtol=1e-5, atol=1e-5)
+
+
 def test_multihead_attention_keeps_its_output_projection_dense():
     class Attention(nn.Module):
         def __init__(self):
