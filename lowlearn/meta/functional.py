@@ -75,7 +75,8 @@ def inner_loop(
         The adapted parameters ``θ_steps`` (all of them, adapted or not).
 
     Raises:
-        ValueError: negative ``steps``; an ``lr`` that is not a positive, finite number, or a
+        ValueError: negative ``steps``; an ``adapt`` that names a parameter twice or one not in
+            ``params``; an ``lr`` that is not a positive, finite number, or a
             dictionary of rates without one for an adapted parameter; an adapted parameter that
             does not require gradients or that the loss does not use (leave it out of
             ``adapt``, or freeze it), or that is the factor ``U`` or ``V`` of a low-rank layer
@@ -88,6 +89,7 @@ def inner_loop(
     first_order = check_flag("first_order", first_order)
     params = dict(params)
     names = list(params) if adapt is None else list(adapt)
+    check_adapt_names(names, params)
     check_step_sizes(lr, names)
     if steps:
         check_gradients_allowed()
@@ -113,6 +115,18 @@ def inner_loop(
             step = lr[name] * grad if isinstance(lr, Mapping) else lr * grad
             params[name] = params[name] - step
     return params
+
+
+def check_adapt_names(adapt: list[str], names: Iterable[str]) -> None:
+    """Raise a ValueError if ``adapt`` names a parameter more than once (it would take as many steps at once) or
+    one that is not among ``names``."""
+    names, named = list(names), set(adapt)
+    if len(named) < len(adapt):
+        repeated = sorted({name for name in adapt if adapt.count(name) > 1})
+        raise ValueError(f"adapt names {repeated} more than once; each parameter adapts once per step")
+    unknown = named - set(names)
+    if unknown:
+        raise ValueError(f"unknown parameters in adapt: {sorted(unknown)}; the parameters are {names}")
 
 
 def check_step_sizes(lr: float | Mapping[str, Tensor], names: Iterable[str]) -> None:

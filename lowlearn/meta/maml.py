@@ -49,8 +49,8 @@ from torch import Tensor, nn
 from ..checks import check_count, check_flag, check_rate, check_scalar_loss
 from ..train import buffers_restored
 from .batched import summed_over_tasks, task_batched
-from .functional import (LossFn, Params, check_labels, check_step_sizes, check_task, inner_loop, parameters_of, run,
-                         values_are_free_to_read)
+from .functional import (LossFn, Params, check_adapt_names, check_labels, check_step_sizes, check_task, inner_loop,
+                         parameters_of, run, values_are_free_to_read)
 
 
 class TaskBatch(Protocol):
@@ -75,14 +75,9 @@ def adapted_names(model: nn.Module, adapt: list[str] | None, steps: int) -> list
             (``requires_grad=False``) or one twice, or nothing would adapt in
             ``steps >= 1`` steps.
     """
-    names, trainable = list(parameters_of(model)), trainable_names(model)
+    trainable = trainable_names(model)
     adapt = trainable if adapt is None else list(adapt)
-    repeated = sorted({name for name in adapt if adapt.count(name) > 1})
-    if repeated:
-        raise ValueError(f"adapt names {repeated} more than once; each parameter adapts once per step")
-    unknown = set(adapt) - set(names)
-    if unknown:
-        raise ValueError(f"unknown parameters in adapt: {sorted(unknown)}; the model has {names}")
+    check_adapt_names(adapt, parameters_of(model))
     frozen = [name for name in adapt if name not in trainable]
     if frozen:
         raise ValueError(f"adapt names frozen parameters (requires_grad=False): {frozen}; unfreeze them, or "

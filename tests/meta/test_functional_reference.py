@@ -129,3 +129,17 @@ def test_an_inner_loop_without_gradients_says_what_to_change():
         inner_loop(model, params, sx, sy, F.cross_entropy, 1, 0.1)
     with torch.no_grad(), torch.enable_grad():
         inner_loop(model, params, sx, sy, F.cross_entropy, 1, 0.1)
+
+
+def test_an_inner_loop_refuses_a_parameter_named_twice_or_not_given():
+    # a name given twice took two steps in one (twice the step of the reference), and an unknown name was a KeyError
+    model = small_convnet()
+    sx, sy, _, _ = task()
+    params = parameters_of(model)
+    once = inner_loop(model, params, sx, sy, F.cross_entropy, 1, 0.1, adapt=["5.bias"])
+    expected = functorch_adapt(model, params, sx, sy, 1, 0.1, ["5.bias"])
+    torch.testing.assert_close(once["5.bias"], expected["5.bias"], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"adapt names \['5.bias'\] more than once"):
+        inner_loop(model, params, sx, sy, F.cross_entropy, 1, 0.1, adapt=["5.bias", "5.weight", "5.bias"])
+    with pytest.raises(ValueError, match=r"unknown parameters in adapt: \['5.bais'\]; the parameters are \['0.weight'"):
+        inner_loop(model, params, sx, sy, F.cross_entropy, 1, 0.1, adapt=["5.bais"])
