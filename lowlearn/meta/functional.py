@@ -77,7 +77,8 @@ def inner_loop(
     Raises:
         ValueError: negative ``steps``; an ``adapt`` that names a parameter twice or one not in
             ``params``; an ``lr`` that is not a positive, finite number, or a
-            dictionary of rates without one for an adapted parameter; an adapted parameter that
+            dictionary of rates without one for an adapted parameter or with one whose shape
+            would broadcast the parameter to a larger one; an adapted parameter that
             does not require gradients or that the loss does not use (leave it out of
             ``adapt``, or freeze it), or that is the factor ``U`` or ``V`` of a low-rank layer
             (:func:`~lowlearn.lowrank.layers.integrator_factors`); or a model whose gradients a
@@ -91,6 +92,8 @@ def inner_loop(
     names = list(params) if adapt is None else list(adapt)
     check_adapt_names(names, params)
     check_step_sizes(lr, names)
+    if isinstance(lr, Mapping):
+        check_rate_shapes(lr, {name: params[name] for name in names})
     if steps:
         check_gradients_allowed()
         if routes_theta_gradients(model):
@@ -135,6 +138,24 @@ def check_step_sizes(lr: float | Mapping[str, Tensor], names: Iterable[str]) -> 
         check_rate("lr", lr)
     elif missing := [name for name in names if name not in lr]:
         raise ValueError(f"lr has no step size for the adapted parameters {missing}: give one for each")
+
+
+def check_rate_shapes(lr: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> None:
+    """Raise a ValueError if a rate of ``lr`` would broadcast its parameter of ``params`` to a larger shape.
+
+    ``θ − α ⊙ ∇L`` takes the shape of ``α`` and ``θ`` broadcast together: a rate with dimensions the
+    parameter lacks would silently give the adapted parameter them (one bias per example, say).
+    """
+    for name, param in params.items():
+        rate = torch.as_tensor(lr[name])
+        try:
+            fits = torch.broadcast_shapes(rate.shape, param.shape) == param.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"the step size of {name!r} has shape {tuple(rate.shape)}, which does not broadcast to "
+                             f"the parameter's {tuple(param.shape)}: give one rate, or one per element of the "
+                             "parameter")
 
 
 def check_gradients_allowed() -> None:

@@ -143,3 +143,19 @@ def test_an_inner_loop_refuses_a_parameter_named_twice_or_not_given():
         inner_loop(model, params, sx, sy, F.cross_entropy, 1, 0.1, adapt=["5.bias", "5.weight", "5.bias"])
     with pytest.raises(ValueError, match=r"unknown parameters in adapt: \['5.bais'\]; the parameters are \['0.weight'"):
         inner_loop(model, params, sx, sy, F.cross_entropy, 1, 0.1, adapt=["5.bais"])
+
+
+def test_an_inner_loop_refuses_a_rate_that_would_broadcast_its_parameter_to_a_larger_shape():
+    # a rate of shape (5, 3) for the bias (3,) gave an adapted bias of shape (5, 3), one per support example
+    model = small_convnet()
+    sx, sy, _, _ = task()
+    params = parameters_of(model)
+    rates = {name: torch.full_like(p, 0.1) for name, p in params.items()}
+    with pytest.raises(ValueError, match=r"the step size of '5.bias' has shape \(5, 3\), which does not broadcast "
+                                         r"to the parameter's \(3,\)"):
+        inner_loop(model, params, sx, sy, F.cross_entropy, 1, {**rates, "5.bias": torch.full((5, 3), 0.1)})
+    scalar_rates = {**rates, "5.bias": torch.tensor(0.1, dtype=torch.float64)}
+    adapted = inner_loop(model, params, sx, sy, F.cross_entropy, 1, scalar_rates)
+    expected = functorch_adapt(model, params, sx, sy, 1, 0.1, list(params))
+    for name in params:
+        torch.testing.assert_close(adapted[name], expected[name], rtol=1e-12, atol=1e-12)
