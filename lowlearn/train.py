@@ -191,6 +191,20 @@ def check_draws_on(generator: torch.Generator | None, device: torch.device | str
                          f"torch.Generator(device={str(device)!r})")
 
 
+def draw_with(draw: Callable[..., Tensor], shape: tuple[int, ...], generator: torch.Generator | None,
+              device: torch.device | str | None, dtype: torch.dtype | None = None) -> Tensor:
+    """``draw(shape)`` (``torch.rand``, ``torch.randn``) from ``generator``, on ``device``.
+
+    The numbers are drawn on the generator's own device and moved: a CPU generator
+    gives the same numbers on every device (a generator cannot draw on another
+    device). ``device=None`` leaves them where they were drawn: the generator's device,
+    or the CPU without a generator.
+    """
+    where = device if generator is None else generator.device
+    values = draw(shape, generator=generator, device=where, dtype=dtype)
+    return values if device is None else values.to(device)
+
+
 def generator_on(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
     """``generator`` if it draws on ``device``; otherwise a new generator there, seeded by a draw from ``generator``.
 

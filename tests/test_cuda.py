@@ -370,6 +370,19 @@ def test_tasks_drawn_with_a_cpu_generator_are_the_same_on_the_gpu():
         torch.testing.assert_close(on_gpu.cpu(), on_cpu)
 
 
+def test_quadratics_and_affine_maps_drawn_with_a_cpu_generator_are_the_same_on_the_gpu():
+    from lowlearn.data.augment import random_affine_matrices
+    from lowlearn.meta.learned_optimizer import quadratic
+
+    def draws(device):
+        f, theta = quadratic(generator=torch.Generator().manual_seed(0), device=device)
+        return theta, f(theta), random_affine_matrices(3, torch.Generator().manual_seed(0), device=device)
+
+    for on_cpu, on_gpu in zip(draws("cpu"), draws("cuda")):
+        assert on_gpu.device.type == "cuda"
+        torch.testing.assert_close(on_gpu.cpu(), on_cpu)
+
+
 @pytest.mark.parametrize("method", ["masks", "powerprop"])
 def test_a_training_step_captured_in_a_cuda_graph_trains_as_the_eager_step_does(method):
     # The benchmarks time masked and Powerprop steps as CUDA graphs: their replays must be the same training,

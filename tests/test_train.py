@@ -847,6 +847,22 @@ def test_draws_on_takes_a_device_without_an_index_as_any_device_of_its_type():
     assert draws_on(torch.Generator(), "cpu") and not draws_on(torch.Generator(), "cuda")
 
 
+def test_draw_with_draws_on_the_generators_device_and_moves_the_numbers():
+    from lowlearn.train import draw_with
+
+    calls = []
+
+    def draw(shape, generator, device, dtype):
+        calls.append((generator, device))
+        return torch.zeros(shape, device=device, dtype=dtype)
+
+    cpu = torch.Generator()
+    moved = draw_with(draw, (2, 3), cpu, "meta", torch.float64)     # meta: a device besides the CPU here
+    assert calls[-1] == (cpu, torch.device("cpu")) and moved.device.type == "meta" and moved.dtype == torch.float64
+    assert draw_with(draw, (2,), cpu, None).device.type == "cpu" and calls[-1] == (cpu, torch.device("cpu"))
+    assert draw_with(draw, (2,), None, "meta").device.type == "meta" and calls[-1] == (None, "meta")
+
+
 def test_restore_generator_continues_a_state_of_its_kind_and_seeds_from_another(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # the machine without a GPU (test_cuda: with)
     source = torch.Generator().manual_seed(5)

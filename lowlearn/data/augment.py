@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..checks import check_non_negative, is_integer
-from ..train import check_draws_on
+from ..train import check_draws_on, draw_with
 
 
 def random_affine(images: Tensor, generator: torch.Generator | None = None, *, rotation: float = 10.0,
@@ -67,6 +67,8 @@ def random_affine_matrices(n: int, generator: torch.Generator | None = None, *, 
     ``θ`` uniform in ``±rotation`` degrees, ``s_x`` and ``s_y`` uniform in
     ``1 ± scale``, ``h`` uniform in ``±shear``, and each component of ``t``
     uniform in ``±shift`` times the image side. All four ranges 0 give the identity.
+    Drawn with ``generator`` on its own device and moved to ``device`` (by default the
+    generator's, else the CPU).
 
     Raises:
         ValueError: a range that is not a finite number >= 0, or a ``scale`` of 1 or more.
@@ -75,10 +77,9 @@ def random_affine_matrices(n: int, generator: torch.Generator | None = None, *, 
         check_non_negative(name, value)
     if scale >= 1:
         raise ValueError(f"scale must be below 1, or an image could be flipped or collapsed; got {scale}")
-    device = generator.device if device is None and generator is not None else device
 
     def uniform(bound: float, *shape: int) -> Tensor:
-        return (2 * torch.rand(n, *shape, generator=generator, device=device) - 1) * bound
+        return (2 * draw_with(torch.rand, (n, *shape), generator, device) - 1) * bound
 
     angle = uniform(math.radians(rotation))
     cos, sin = angle.cos(), angle.sin()

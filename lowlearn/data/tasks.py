@@ -14,7 +14,6 @@ and ``device``, and draws whole batches of tasks with tensor operations.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_count, check_positive
+from ..train import draw_with
 
 Range = tuple[float, float]
 
@@ -212,7 +212,7 @@ class GPCurves:
             x = self._given_inputs(x, batch, device)
         precise = _precise(x)
         cholesky = self._cholesky(self.kernel(x.to(precise)))
-        z = _draw(torch.randn, x.shape, generator, x.device, precise)
+        z = draw_with(torch.randn, x.shape, generator, x.device, precise)
         return Curves(x, (cholesky @ z).float())
 
     def posterior(self, context_x: Tensor, context_y: Tensor, target_x: Tensor) -> tuple[Tensor, Tensor]:
@@ -316,7 +316,7 @@ def context_target_split(curves: Curves, num_context: int,
     check_count("num_context", num_context, 1)
     if num_context > points:
         raise ValueError(f"num_context must be <= the {points} points of each curve; got {num_context}")
-    keys = _draw(torch.rand, (batch, points), generator, curves.x.device)
+    keys = draw_with(torch.rand, (batch, points), generator, curves.x.device)
     chosen = keys.argsort(dim=1)[:, :num_context]
     rows = torch.arange(batch, device=curves.x.device)[:, None]
     return Curves(curves.x[rows, chosen], curves.y[rows, chosen]), curves
@@ -352,16 +352,4 @@ def _uniform(shape: tuple[int, ...], bounds: Range, generator: torch.Generator |
              device: torch.device | None) -> Tensor:
     """float32 tensor of ``shape``, uniform in ``[low, high)``."""
     low, high = bounds
-    return low + (high - low) * _draw(torch.rand, shape, generator, device)
-
-
-def _draw(draw: Callable[..., Tensor], shape: tuple[int, ...], generator: torch.Generator | None,
-          device: torch.device | None, dtype: torch.dtype | None = None) -> Tensor:
-    """``draw(shape)`` (``torch.rand``, ``torch.randn``) from ``generator``, on ``device``.
-
-    The numbers are drawn on the generator's own device and moved: a CPU generator
-    gives the same tasks on every device (a generator cannot draw on another device).
-    """
-    where = device if generator is None else generator.device
-    values = draw(shape, generator=generator, device=where, dtype=dtype)
-    return values if device is None else values.to(device)
+    return low + (high - low) * draw_with(torch.rand, shape, generator, device)

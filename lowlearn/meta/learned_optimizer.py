@@ -32,7 +32,7 @@ from torch.func import functional_call
 
 from ..checks import check_count, check_flag, check_positive
 from ..lowrank.layers import refuse_integrator_factors
-from ..train import generator_on
+from ..train import draw_with, generator_on
 
 State = list[tuple[Tensor, Tensor]]
 Objective = Callable[[Tensor], Tensor]
@@ -205,17 +205,15 @@ def quadratic(dim: int = 10, generator: torch.Generator | None = None,
     """A random quadratic ``f(θ) = ‖Wθ − y‖²`` with ``W, y`` standard normal (the paper's section 3.1: IID
     Gaussian entries) and a standard normal start ``θ_0`` (the paper does not say how ``θ_0`` is drawn).
 
-    Drawn on ``device``: by default the generator's, else the CPU.
+    Drawn with ``generator`` on its own device and moved to ``device`` (by default the
+    generator's, else the CPU): one seed gives the same problem on every device.
 
     Raises:
         ValueError: ``dim`` below 1.
     """
     check_count("dim", dim, 1)
-    if device is None and generator is not None:
-        device = generator.device
-    W = torch.randn(dim, dim, generator=generator, device=device)
-    y = torch.randn(dim, generator=generator, device=device)
-    return (lambda theta: (W @ theta - y).square().sum()), torch.randn(dim, generator=generator, device=device)
+    W, y, theta_0 = (draw_with(torch.randn, shape, generator, device) for shape in ((dim, dim), (dim,), (dim,)))
+    return (lambda theta: (W @ theta - y).square().sum()), theta_0
 
 
 def network_problem(model: nn.Module, x: Tensor, y: Tensor, *,
