@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import as_float, check_count, check_flag
+from .checks import as_float, check_count, check_flag, is_integer
 
 
 class MLP(nn.Sequential):
@@ -122,7 +122,8 @@ class LeNet5(nn.Module):
         ``(B, num_classes)``.
 
     Raises:
-        ValueError: ``image_size`` is too small for two convolutions and poolings.
+        ValueError: ``channels`` that are not two counts, a size below 1, or an
+            ``image_size`` too small for two convolutions and poolings.
     """
 
     def __init__(
@@ -135,6 +136,9 @@ class LeNet5(nn.Module):
         padding: int = 2,
     ) -> None:
         super().__init__()
+        if len(channels) != 2:
+            raise ValueError(f"channels must give the output channels of LeNet5's two convolutions, e.g. (6, 16); "
+                             f"got {channels!r}")
         c1, c2 = channels
         hidden = tuple(hidden)
         _check_channels(in_channels=in_channels, num_classes=num_classes, image_size=image_size,
@@ -471,7 +475,7 @@ class CifarResNet(nn.Module):
         self, depth: int = 20, num_classes: int = 10, width: int = 16, in_channels: int = 3
     ) -> None:
         super().__init__()
-        if depth < 8 or (depth - 2) % 6:
+        if not is_integer(depth) or depth < 8 or (depth - 2) % 6:
             raise ValueError(f"CifarResNet depth must be 6n + 2 (20, 32, 44, 56, 110), got {depth}")
         _check_channels(num_classes=num_classes, width=width, in_channels=in_channels)
         blocks_per_stage = (depth - 2) // 6

@@ -695,7 +695,8 @@ def evaluate(
             non-empty ``(inputs, targets)`` pair of tensors of one length, ``bf16`` off CUDA, a
             ``device`` this machine lacks, or a ``loss_fn`` that does not return one number
             per batch (e.g. ``reduction="none"``).
-        TypeError: ``bf16`` other than ``True`` or ``False``.
+        TypeError: ``bf16`` other than ``True`` or ``False``, or a ``loss_fn`` that returns no
+            tensor (a float from ``.item()``).
     """
     batch_size = check_count("batch_size", batch_size, 1)
     bf16 = check_flag("bf16", bf16)

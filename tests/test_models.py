@@ -383,6 +383,9 @@ def test_efficient_blocks_reject_bad_arguments(make, message):
     (lambda: MLP(hidden=(300, 0)), r"hidden\[1\] must be an int >= 1"),
     (lambda: LeNet5(channels=(6, 0)), r"channels\[1\] must be an int >= 1"),
     (lambda: LeNet5(padding=-1), "padding must be an int >= 0"),
+    (lambda: LeNet5(channels=(6, 16, 32)), r"channels must give the output channels of LeNet5's two convolutions, "
+                                           r"e.g. \(6, 16\); got \(6, 16, 32\)"),
+    (lambda: CifarResNet(depth=20.0), r"CifarResNet depth must be 6n \+ 2 \(20, 32, 44, 56, 110\), got 20.0"),
     (lambda: Conv4(hidden=0), "hidden must be an int >= 1"),
     (lambda: Conv4(image_size=28.0), "image_size must be an int >= 1; got 28.0"),
     (lambda: ConvNet(num_classes=0), "num_classes must be an int >= 1"),
