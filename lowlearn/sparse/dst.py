@@ -452,13 +452,19 @@ class DynamicSparsity(Sparsifier):
         grads = self._recorder().grads
         missing = [name for name in self.layers() if name not in grads]
         if missing:
+            if self.dense_gradient == "always":
+                until = "" if self.schedule is None else f" up to end={self.schedule.end}"
+                when, recorded = f"every step{until}, whose dense gradients its momentum sums", ""
+            else:
+                when = "an update step"
+                recorded = (" The gradient is recorded only for the steps the schedule updates at, so update() by "
+                            "hand cannot use it")
             raise RuntimeError(
                 f"{type(self).__name__} needs the dense gradient of this step, but saw none for {missing}: "
-                "every sparsified layer must take part in the loss of an update step (leave out of layers= "
+                f"every sparsified layer must take part in the loss of {when} (leave out of layers= "
                 "one that may sit a step out), and sparsifier.step() must be called exactly once after every "
                 "optimizer.step(), each after a backward pass through the model (a checkpoint restored mid-run "
-                "resumes correctly too). The gradient is "
-                "recorded only for the steps the schedule updates at, so update() by hand cannot use it")
+                f"resumes correctly too).{recorded}")
         return dict(grads)
 
     # ----------------------------------------------------------------- checkpoints

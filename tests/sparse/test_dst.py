@@ -369,6 +369,19 @@ def test_rigl_names_a_layer_that_sat_out_the_loss_of_an_update_step():
         sparsifier.step()
 
 
+def test_snfs_names_a_layer_that_sat_out_a_step_that_updates_nothing_and_says_it_needs_every_step():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"body": torch.nn.Linear(6, 8), "a": torch.nn.Linear(8, 2), "b": torch.nn.Linear(8, 2)})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = make("snfs", model, optimizer, every=5, end=10)
+    optimizer.zero_grad()
+    model["a"](model["body"](torch.randn(4, 6))).sum().backward()        # head "b" takes no part in step 1
+    optimizer.step()
+    with pytest.raises(RuntimeError, match=r"saw none for \['b'\]: .* loss of every step up to end=10") as raised:
+        sparsifier.step()
+    assert "update step" not in str(raised.value) and "recorded only for the steps" not in str(raised.value)
+
+
 @pytest.mark.parametrize("method", ["set", "rigl", "snfs"])
 @pytest.mark.parametrize("optimizer_class", ["sgd", "adam"])
 def test_resuming_from_a_checkpoint_is_bit_exact(method, optimizer_class):
