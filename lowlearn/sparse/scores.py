@@ -354,6 +354,11 @@ def obd(
             for (name, w), d in zip(weights.items(), diag)}
 
 
+def _summed_in(dtype: torch.dtype) -> torch.dtype:
+    """The dtype :class:`MovementScores` sums in for weights of ``dtype``: float32 at least, float64 kept."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class MovementScores:
     """Movement-pruning scores, accumulated during training: a callback for :func:`lowlearn.train.fit`.
 
@@ -385,7 +390,9 @@ class MovementScores:
         model: the network, before training starts; the layers are the scored
             layers at construction (masked layers, else every Linear/Conv2d). The
             model may be moved to another device afterwards (as :func:`~lowlearn.train.fit` does), or
-            cast to another floating dtype: the scores follow the weights.
+            cast to another floating dtype: the scores follow the weights to their device, and are summed
+            in the weights' dtype but never below float32 (in bfloat16, whose 8 significant bits hold
+            about two decimal digits, a sum of thousands of small increments would stop growing).
 
     Example:
         ``movement = MovementScores(model); fit(model, data, opt, steps=1000, callbacks=[movement])``,
@@ -396,16 +403,16 @@ class MovementScores:
         self._layers = scored_layers(model)
         with torch.no_grad():
             self._before = {name: raw_weight(layer).detach().clone() for name, layer in self._layers.items()}
-        self._scores = {name: torch.zeros_like(w) for name, w in self._before.items()}
+        self._scores = {name: torch.zeros_like(w, dtype=_summed_in(w.dtype)) for name, w in self._before.items()}
 
     @torch.no_grad()
     def __call__(self, state: object) -> None:
         for name, layer in self._layers.items():
             theta = raw_weight(layer)
             if (self._before[name].device, self._before[name].dtype) != (theta.device, theta.dtype):
-                # the model was moved or cast since the last call: keep the scores in the weight's precision
+                # the model was moved or cast since the last call: the scores follow it (float32 at least)
                 self._before[name] = self._before[name].to(theta)
-                self._scores[name] = self._scores[name].to(theta)
+                self._scores[name] = self._scores[name].to(theta.device, _summed_in(theta.dtype))
             if theta.grad is not None:
                 self._scores[name].addcmul_(self._before[name], theta.grad, value=-1)
             self._before[name].copy_(theta)

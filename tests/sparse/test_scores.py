@@ -335,6 +335,26 @@ def test_movement_scores_follow_a_model_cast_to_float64_after_construction():
     assert torch.equal(score, -theta * model[0].weight.grad)
 
 
+@pytest.mark.parametrize("cast_after", [False, True])
+def test_movement_scores_of_a_bfloat16_model_sum_every_increment(cast_after):
+    """By hand: θ = 1 and ∂L/∂θ = −2⁻⁹ at each of 300 calls add 300 · 2⁻⁹ = 0.5859375 (exact in float32). Summed
+    in bfloat16 the score stopped at 0.5, where 2⁻⁹ is half a unit in the last place and rounds away."""
+    model = nn.Sequential(nn.Linear(1, 1, bias=False))
+    if not cast_after:
+        model.bfloat16()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    movement = MovementScores(model)
+    if cast_after:
+        model.bfloat16()
+    for _ in range(300):
+        model[0].weight.grad = torch.full((1, 1), -2.0 ** -9, dtype=torch.bfloat16)
+        movement(None)
+    score = movement.scores()["0"]
+    assert score.dtype == torch.float32
+    assert score.item() == 300 * 2.0 ** -9
+
+
 # ---- SynFlow (Tanaka et al. 2020): a hand computation, the paper's conservation law, the authors' procedure ----
 
 
