@@ -180,15 +180,17 @@ class PowerProp(nn.Module):
 
     Args:
         alpha: ``α ≥ 1``; ``1`` leaves the weight exactly as it was.
+        device: where ``saved_alpha`` lives: that of the weight it goes on (:func:`powerprop`
+            passes it), as for the layer's other tensors (default: torch's default device).
 
     Raises:
         ValueError: ``alpha`` below 1, or not finite.
     """
 
-    def __init__(self, alpha: float):
+    def __init__(self, alpha: float, *, device: torch.device | str | None = None):
         super().__init__()
         self.alpha = check_alpha(alpha)
-        self.register_buffer("saved_alpha", torch.tensor(float(self.alpha)))
+        self.register_buffer("saved_alpha", torch.tensor(float(self.alpha), device=device))
 
     def _load_from_state_dict(self, state_dict: Mapping, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
@@ -268,7 +270,7 @@ def powerprop(model: nn.Module, alpha: float, layers: Iterable[str] | None = Non
             raise ValueError(f"layer {name!r} already has a parametrization (e.g. a mask); apply powerprop() "
                              "before masking, so that the mask acts on the effective weight")
     for layer in chosen.values():
-        register(layer, "weight", PowerProp(alpha))
+        register(layer, "weight", PowerProp(alpha, device=layer.weight.device))
     return model
 
 

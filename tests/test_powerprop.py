@@ -835,6 +835,17 @@ def test_learning_rates_set_through_the_wrappers_param_groups_drive_the_step_of_
         assert torch.allclose(bias, b, atol=1e-5, rtol=1e-5)
 
 
+def test_the_saved_alpha_lives_on_the_device_of_its_weight():
+    # It was made on torch's default device (the CPU for a model on a GPU), away from the model's other tensors:
+    # fit broadcasts every buffer of the model across processes, which NCCL does for CUDA tensors only.
+    on_meta = powerprop(MLP(4, (3,), 2).to("meta"), 3)
+    assert {buffer.device.type for buffer in on_meta.buffers()} == {"meta"}
+    on_cpu = MLP(4, (3,), 2)
+    with torch.device("meta"):                                   # a factory without device= would follow it
+        powerprop(on_cpu, 3)
+    assert {buffer.device.type for buffer in on_cpu.buffers()} == {"cpu"}
+
+
 def test_a_printed_model_shows_each_layers_alpha():
     assert "(0): PowerProp(alpha=2.5)" in repr(powerprop(MLP(4, (3,), 2), 2.5))
 
