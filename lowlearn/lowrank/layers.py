@@ -464,11 +464,16 @@ class LowRankConv2d(LowRankLayer):
 
     Raises:
         ValueError: a grouped convolution, or bad rank arguments.
+        TypeError: ``conv`` is not an ``nn.Conv2d`` (a transposed, 1-D or 3-D convolution, whose
+            weight is another matrix and which computes another function).
     """
 
     def __init__(self, conv: nn.Conv2d, rank: int | None = None, *, tol: float | None = None,
                  r_max: int | None = None):
         super().__init__()
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"LowRankConv2d is built from an nn.Conv2d, got a {type(conv).__name__}: its weight would "
+                            "be taken for a Conv2d's, and the layer would compute another function")
         if conv.groups != 1 or conv.padding_mode != "zeros":
             raise ValueError("only ungrouped convolutions with zero padding have a low-rank version here")
         self.kernel = (conv.in_channels, *conv.kernel_size)

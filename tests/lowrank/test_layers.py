@@ -314,6 +314,14 @@ def test_bad_input():
     assert LowRankLinear(5, 4, tol=np.float32(0.5)).rank >= 1
 
 
+@pytest.mark.parametrize("conv", [nn.ConvTranspose2d(4, 4, 3, padding=1), nn.Conv1d(4, 4, 3), nn.Conv3d(4, 4, 3)])
+def test_a_low_rank_convolution_is_built_from_a_conv2d_only(conv):
+    # A transposed convolution with as many inputs as outputs became a Conv2d of its weight, which computes another
+    # function of the same shapes; 1-D and 3-D convolutions failed only in the forward pass, with torch's errors.
+    with pytest.raises(TypeError, match=f"built from an nn.Conv2d, got a {type(conv).__name__}"):
+        LowRankConv2d(conv, 2)
+
+
 def test_counts_refuse_ranks_a_layer_cannot_have_and_models_without_weights():
     layer = LowRankLinear(6, 5, 2)
     assert count_low_rank_parameters(layer, 5) == 5 * (5 + 6) + 25 + 5
