@@ -424,7 +424,13 @@ class LowRankLinear(LowRankLayer):
         """The truncated SVD of ``layer``'s weight, at ``rank`` or at tolerance ``tol``; the bias is copied.
 
         A frozen weight (``requires_grad=False``) gives frozen factors, and a frozen bias stays frozen.
+
+        Raises:
+            TypeError: ``layer`` is not an ``nn.Linear`` (for an ``nn.Conv2d``, use :class:`LowRankConv2d`).
         """
+        if not isinstance(layer, nn.Linear):
+            raise TypeError(f"from_linear converts an nn.Linear, got a {type(layer).__name__}"
+                            + (": use LowRankConv2d(layer, ...)" if isinstance(layer, nn.Conv2d) else ""))
         return cls(layer.in_features, layer.out_features, rank, tol=tol, r_max=r_max, bias=layer.bias is not None,
                    _weight=layer.weight, _bias=layer.bias)
 

@@ -322,6 +322,14 @@ def test_a_low_rank_convolution_is_built_from_a_conv2d_only(conv):
         LowRankConv2d(conv, 2)
 
 
+def test_from_linear_converts_an_nn_linear_only():
+    # Other layers failed with an AttributeError for in_features, whatever they were.
+    with pytest.raises(TypeError, match=r"converts an nn.Linear, got a Conv2d: use LowRankConv2d\(layer, ...\)"):
+        LowRankLinear.from_linear(nn.Conv2d(3, 4, 3), 2)
+    with pytest.raises(TypeError, match="converts an nn.Linear, got a Bilinear$"):
+        LowRankLinear.from_linear(nn.Bilinear(3, 3, 4), 2)
+
+
 def test_counts_refuse_ranks_a_layer_cannot_have_and_models_without_weights():
     layer = LowRankLinear(6, 5, 2)
     assert count_low_rank_parameters(layer, 5) == 5 * (5 + 6) + 25 + 5
