@@ -292,7 +292,10 @@ class PackNet:
 
     @contextmanager
     def use_task(self, task: int) -> Iterator[None]:
-        """Inside the block the network computes task ``task`` (weights of tasks ``1..task``); nothing learns.
+        """Inside the block the network computes task ``task`` (weights of tasks ``1..task``), for evaluation.
+
+        No shared weight learns there; the parameters that learn in the task being trained
+        (in the first task the biases and norm layers, later its ``own``) still would.
 
         Raises:
             ValueError: a task that has not been assigned, or one that is not an integer.
