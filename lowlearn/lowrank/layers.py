@@ -579,7 +579,7 @@ def to_low_rank(model: nn.Module, layers: Iterable[str], rank: int | Mapping[str
         KeyError: a name that is not an ``nn.Linear`` or ``nn.Conv2d`` module of the model
             (a subclass is refused too: its owner may read ``.weight``, which a
             low-rank layer does not have), or ``""``, the model itself; a ``rank``
-            mapping without one of ``layers``.
+            mapping without one of ``layers``, or with a name that is not in ``layers``.
         ValueError: ``layers`` is one string, not a list of names, or empty; a convolution without
             a low-rank version (grouped, or not zero-padded), two layers that share their
             weight, or bad rank arguments.
@@ -594,6 +594,9 @@ def to_low_rank(model: nn.Module, layers: Iterable[str], rank: int | Mapping[str
     check_untied({name: weight for name, weight in weights.items() if isinstance(weight, Tensor)})
     if isinstance(rank, Mapping) and (missing := [name for name in layers if name not in rank]):
         raise KeyError(f"rank gives no rank for layers {missing}: name every layer of layers in it")
+    if isinstance(rank, Mapping) and (extra := sorted(set(rank) - set(layers))):
+        raise KeyError(f"rank names {extra}, which are not in layers {layers}: add them to layers to convert them, "
+                       "or leave them out of rank")
     for name in layers:
         layer = modules.get(name)
         if name == "":

@@ -309,6 +309,8 @@ def test_bad_input():
     model = MLP(hidden=(8, 6))
     with pytest.raises(KeyError, match=r"no rank for layers \['3'\]"):
         to_low_rank(model, ["1", "3"], rank={"1": 2})
+    with pytest.raises(KeyError, match=r"rank names \['3'\], which are not in layers \['1'\]"):
+        to_low_rank(model, ["1"], rank={"1": 2, "3": 3})                # "3" would have stayed dense unnoticed
     assert not low_rank_layers(model)                                   # refused before any layer changed
     assert LowRankLinear(5, 4, np.int64(2), r_max=np.int64(3)).rank == 2
     assert LowRankLinear(5, 4, tol=np.float32(0.5)).rank >= 1
