@@ -218,6 +218,13 @@ def test_bad_alpha_and_order():
     assert not powerprop_layers(model)                            # the refused call changed no layer
 
 
+def test_powerprop_on_a_layer_without_a_weight_names_the_layers_that_have_one():
+    model = small_mlp()
+    with pytest.raises(ValueError, match=r"layer '2' \(ReLU\) has no weight tensor; its Linear/Conv2d layers are"):
+        powerprop(model, 2, ["2"])
+    assert not powerprop_layers(model)
+
+
 @pytest.mark.parametrize("model, layers", [(torch.nn.Sequential(torch.nn.Conv1d(2, 3, 3)), None), (None, [])])
 def test_powerprop_without_a_layer_to_reparameterise_is_an_error(model, layers):
     # returned unchanged, the model would train as the ordinary network while its caller believes it is Powerprop

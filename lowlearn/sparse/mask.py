@@ -308,11 +308,12 @@ def _named_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, n
     modules = dict(model.named_modules())
     chosen = {}
     for name in layers:
-        if name not in modules:
+        if not isinstance(getattr(modules.get(name), "weight", None), Tensor):
             known = ", ".join(prunable_layers(model)) or "none"
-            raise KeyError(f"the model has no layer {name!r}; its Linear/Conv2d layers are: {known}")
-        if not isinstance(getattr(modules[name], "weight", None), Tensor):
-            raise ValueError(f"layer {name!r} ({type(modules[name]).__name__}) has no weight to mask")
+            if name not in modules:
+                raise KeyError(f"the model has no layer {name!r}; its Linear/Conv2d layers are: {known}")
+            raise ValueError(f"layer {name!r} ({type(modules[name]).__name__}) has no weight tensor; its "
+                             f"Linear/Conv2d layers are: {known}")
         chosen[name] = modules[name]
     order = {name: index for index, name in enumerate(modules)}
     return {name: chosen[name] for name in sorted(chosen, key=order.__getitem__)}   # the model's order, not the list's

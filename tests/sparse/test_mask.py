@@ -191,7 +191,8 @@ def test_bad_input():
     model = MLP(hidden=(8,))
     with pytest.raises(KeyError, match="no layer 'fc9'.*1, 3"):
         attach_masks(model, ["fc9"])
-    with pytest.raises(ValueError, match="has no weight"):
+    with pytest.raises(ValueError, match=r"layer '2' \(ReLU\) has no weight tensor; its Linear/Conv2d layers are: "
+                                         r"1, 3$"):
         attach_masks(model, ["2"])  # the ReLU
     with pytest.raises(KeyError, match="not a masked layer.*attach_masks first"):
         set_masks(model, {"1": torch.ones(8, 784, dtype=torch.bool)})
