@@ -94,7 +94,7 @@ def test_the_fast_paths_equal_the_general_formula(alpha):
     assert torch.autograd.gradgradcheck(PowerProp(alpha), (away,))
 
 
-@pytest.mark.parametrize("alpha", [1.2, 1.5, 2, 2.5, 3])
+@pytest.mark.parametrize("alpha", [1.2, 1.5, 1.9, 2, 2.5, 3])
 def test_second_order_gradients_of_a_masked_powerprop_layer_equal_those_without_the_pruned_weights(alpha):
     """Pruned weights (φ = 0 under a mask after Powerprop) do not enter the loss: the Hessian-vector product is 0
     there and, elsewhere, that of the loss as a function of the kept weights alone. For α < 2 the slope of
