@@ -407,7 +407,6 @@ class PowerPropOptimizer:
         memo[id(self)] = replica
         replica.optimizer = copy.deepcopy(self.optimizer, memo)
         replica._route(copy.deepcopy(self.layers, memo))
-        replica._seen = set(self._seen)    # a copy made between backward and step steps as the original would
         return replica
 
     def remove(self) -> None:
