@@ -188,9 +188,16 @@ class Sparsifier(ABC):
     def _after_step(self) -> None:
         """What the method does after optimizer step ``self.steps``."""
 
+    def _check_saved_by(self, state: Mapping) -> None:
+        """Raise a ValueError if ``state`` was saved by another method (states saved before they were named pass)."""
+        method = state.get("method", type(self).__name__)
+        if method != type(self).__name__:
+            raise ValueError(f"this state was saved by {method}, not {type(self).__name__}: load it into the "
+                             f"{method} it came from, built on a model like the one it trained")
+
     def state_dict(self) -> dict:
-        """Step count and generator state (the masks are in the model's ``state_dict``)."""
-        return {"steps": self.steps, "generator": self.generator.get_state(),
+        """The method's name, step count and generator state (the masks are in the model's ``state_dict``)."""
+        return {"method": type(self).__name__, "steps": self.steps, "generator": self.generator.get_state(),
                 "generator_device": str(self.generator.device)}
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -199,7 +206,11 @@ class Sparsifier(ABC):
         A generator state saved on CUDA continues on a CUDA generator where there is a
         GPU, and seeds the generator where there is none
         (:func:`lowlearn.train.restore_generator`).
+
+        Raises:
+            ValueError: a state another method saved (e.g. SET's given to SNFS); nothing is restored then.
         """
+        self._check_saved_by(state)
         self.steps = int(state["steps"])
         self.generator = restore_generator(self.generator, state["generator"], state.get("generator_device"))
 
@@ -476,8 +487,10 @@ class DynamicSparsity(Sparsifier):
         """Restore :meth:`state_dict`; load the model's state (masks) too.
 
         Raises:
-            ValueError: a state of other layers than this method trains; nothing is restored then.
+            ValueError: a state another method saved, or one of other layers than this method trains;
+                nothing is restored then.
         """
+        self._check_saved_by(state)
         if set(state["active"]) != set(self.active):
             raise ValueError(f"the state is of the layers {sorted(state['active'])}, but this {type(self).__name__} "
                              f"trains {sorted(self.active)}: build it on a model like the one the saved method "
@@ -694,8 +707,10 @@ class SNFS(DynamicSparsity):
         """As :meth:`DynamicSparsity.load_state_dict`; the momentum goes to its layer's device.
 
         Raises:
-            ValueError: a state of other layers, or a momentum of other shapes; nothing is restored then.
+            ValueError: a state another method saved, a state of other layers, or a momentum of other
+                shapes; nothing is restored then.
         """
+        self._check_saved_by(state)
         momentum = (saved_weights("SNFS", "momentum", state["momentum"], self.layers())
                     if state["momentum"] else {})                  # none before the first step
         super().load_state_dict(state)

@@ -513,6 +513,22 @@ def test_the_state_of_a_method_on_other_layers_is_refused_and_nothing_is_restore
             make(method, small_mlp(), None).load_state_dict(wider.state_dict())
 
 
+@pytest.mark.parametrize("saved_by, loaded_by", [("set", "snfs"), ("snfs", "rigl"), ("topkast", "set")])
+def test_the_state_of_another_method_is_refused_by_name_and_nothing_is_restored(saved_by, loaded_by):
+    # SET's state given to SNFS met a bare KeyError ('momentum'), Top-KAST's given to SET one for 'active'
+    saved = TopKAST(small_mlp(), None, 0.3, 0.5) if saved_by == "topkast" else make(saved_by, small_mlp(), None)
+    saved.steps = 7
+    sparsifier = make(loaded_by, small_mlp(), None)
+    name = type(saved).__name__
+    with pytest.raises(ValueError, match=f"this state was saved by {name}, not {type(sparsifier).__name__}: load "
+                                         f"it into the {name} it came from"):
+        sparsifier.load_state_dict(saved.state_dict())
+    assert sparsifier.steps == 0
+    legacy = {key: value for key, value in make(loaded_by, small_mlp(), None).state_dict().items() if key != "method"}
+    sparsifier.load_state_dict({**legacy, "steps": 3})                 # a state saved before methods were named
+    assert sparsifier.steps == 3
+
+
 def test_fit_drives_a_sparsifier_as_a_callback():
     model = small_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
