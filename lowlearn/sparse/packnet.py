@@ -242,7 +242,10 @@ class PackNet:
 
         ``fraction`` is a share of each layer's *total* size (e.g. ``0.1`` for ten
         equal tasks), rounded, and at least one weight of a layer that has any free;
-        a layer with fewer free weights gives all it has. The released
+        a layer with fewer free weights gives all it has. (Mallya & Lazebnik's code
+        prunes a share ``q`` of the weights the task trained, the free ones, instead:
+        that is ``fraction = (1 − q) · f`` for a layer whose free share is ``f``,
+        :meth:`free_fraction`.) The released
         free weights are re-drawn from PyTorch's default initialisation of the layer
         (uniform in ``±1/√fan_in``), mapped to the raw parameter through the layer's
         parametrizations. (PackNet's code leaves them at zero, where the next task
