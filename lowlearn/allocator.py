@@ -48,6 +48,8 @@ import ctypes.util
 import os
 import platform
 
+from .checks import check_count
+
 _M_TRIM_THRESHOLD = -1   # glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
 MAX_MMAP_THRESHOLD = 32 * 1024 * 1024
@@ -83,12 +85,11 @@ def retain_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = MAX
         Windows, musl) or glibc refused ``mmap_threshold``, in which case nothing changed.
 
     Raises:
-        ValueError: a threshold that is not a positive integer, ``trim_threshold`` above
+        ValueError: a threshold that is not a positive integer (a Python or NumPy int), ``trim_threshold`` above
             2 GiB − 1 (a C ``int``), or ``mmap_threshold`` above 32 MiB.
     """
-    for name, value in (("trim_threshold", trim_threshold), ("mmap_threshold", mmap_threshold)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive number of bytes, got {value!r}")
+    trim_threshold = check_count("trim_threshold", trim_threshold, 1)     # a Python int, which ctypes can pass
+    mmap_threshold = check_count("mmap_threshold", mmap_threshold, 1)
     if trim_threshold > MAX_INT:
         raise ValueError(f"trim_threshold can be at most {MAX_INT} bytes (2 GiB − 1: glibc's mallopt takes a C int), "
                          f"got {trim_threshold}")

@@ -2,6 +2,7 @@ import ctypes
 import mmap
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from lowlearn import allocator
@@ -94,6 +95,14 @@ def test_the_largest_trim_threshold_is_the_largest_c_int(recording_glibc):
     with pytest.raises(ValueError, match="trim_threshold can be at most"):
         retain_freed_memory(trim_threshold=largest + 1)
     assert recording_glibc == {}
+
+
+def test_numpy_thresholds_are_numbers_and_reach_glibc_as_python_ints(recording_glibc):
+    """A threshold read from an array or a configuration file is a NumPy int; ctypes passes Python ints only."""
+    assert retain_freed_memory(trim_threshold=np.int64(2**30), mmap_threshold=np.int32(2**20)) is True
+    assert recording_glibc == {allocator._M_TRIM_THRESHOLD: 2**30, allocator._M_MMAP_THRESHOLD: 2**20}
+    assert all(type(value) is int for value in recording_glibc.values())
+    ctypes.c_int(recording_glibc[allocator._M_TRIM_THRESHOLD])    # what ctypes makes of mallopt's argument
 
 
 @pytest.mark.skipif(ctypes.sizeof(ctypes.c_long) != 8, reason="glibc's limit on 64-bit systems")
