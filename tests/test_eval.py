@@ -396,6 +396,24 @@ def test_the_eval_entry_point_lists_its_tasks(capsys):
         main(["omniglot_runs"])
 
 
+def test_the_default_profile_is_the_one_the_help_names_whatever_the_device(monkeypatch, capsys):
+    # The machine's profile, as in the chapters: gpu where CUDA is available, also for a run on --device cpu.
+    monkeypatch.delenv("LOWLEARN_PROFILE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def stop(method, sizes):
+        raise SystemExit("stopped before building the learner")
+
+    monkeypatch.setattr(omniglot_runs, "make_learner", stop)
+    with pytest.raises(SystemExit, match="stopped"):
+        omniglot_runs.main(["--device", "cpu", "--test", "heldout", "--background", "small1"])
+    assert capsys.readouterr().out.startswith("profile: gpu | device: cpu")
+    with pytest.raises(SystemExit):
+        omniglot_runs.main(["--help"])
+    assert "(default: $LOWLEARN_PROFILE, else gpu where CUDA is available and cpu elsewhere, whatever --device)" in (
+        " ".join(capsys.readouterr().out.split()))
+
+
 def test_unknown_background_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown background"):
         omniglot_runs.background("small3", 28)

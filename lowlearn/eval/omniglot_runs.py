@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
                         "training (it must have been saved with the same method, background and profile)")
     parser.add_argument("--save", type=Path, help="save the meta-trained learner here (an existing file is never "
                         "replaced)")
-    parser.add_argument("--profile", help="experiment profile for the sizes (default: $LOWLEARN_PROFILE or by device)")
+    parser.add_argument("--profile", help="experiment profile for the sizes: smoke, cpu or gpu (default: "
+                        "$LOWLEARN_PROFILE, else gpu where CUDA is available and cpu elsewhere, whatever --device)")
     parser.add_argument("--steps", type=cli.natural_int, help="override the profile's meta-training steps (0 scores "
                         "the untrained learner)")
     parser.add_argument("--test-shift", type=cli.natural_int,
