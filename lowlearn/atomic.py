@@ -103,7 +103,9 @@ def atomic_file(path: str | os.PathLike, *, overwrite: bool, text: bool = False)
         text: a text handle (UTF-8) instead of a binary one.
 
     Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is ``False``; it is left as it is.
+        FileExistsError: ``path`` exists and ``overwrite`` is ``False``, or it is a device, a pipe or a
+            socket (which a rename would replace by a file, ``/dev/null`` too); it is left as it is.
+        IsADirectoryError: ``path`` is a folder and ``overwrite`` is ``True``, before the block runs.
         NotADirectoryError: a file stands where ``path``'s folder should be.
         TypeError: ``overwrite`` other than ``True`` or ``False``.
     """
@@ -115,6 +117,11 @@ def atomic_file(path: str | os.PathLike, *, overwrite: bool, text: bool = False)
                               "choose another path")
     if overwrite:
         path = Path(os.path.realpath(path))
+        if path.exists() and not path.is_file():        # a rename would put a file in its place
+            folder = path.is_dir()
+            raise (IsADirectoryError if folder else FileExistsError)(
+                f"{path} is {'a folder' if folder else 'not a file but a device, a pipe or a socket'} and is left as "
+                "it is: overwrite=True replaces files only; choose another path")
     _ensure_folder(path.parent)
     flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0)
     fd, tmp = _fresh_sibling(path, lambda name: (os.open(name, flags, 0o666), name))

@@ -38,6 +38,21 @@ def test_a_folder_at_the_target_is_never_replaced(tmp_path):
     assert (folder / "inside.txt").read_text() == "kept" and not leftovers(tmp_path)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_overwrite_replaces_files_only_and_refuses_a_pipe_or_a_folder_before_the_block_runs(tmp_path):
+    """A rename would replace a pipe or a device (such as /dev/null) by a file: it is refused, as a folder is."""
+    pipe, folder = tmp_path / "pipe", tmp_path / "folder"
+    os.mkfifo(pipe)
+    folder.mkdir()
+    for target, error in ((pipe, FileExistsError), (folder, IsADirectoryError)):
+        ran = []
+        with pytest.raises(error, match="overwrite=True replaces files only"):
+            with atomic_file(target, overwrite=True) as handle:
+                ran.append(handle)
+        assert ran == []
+    assert stat.S_ISFIFO(os.lstat(pipe).st_mode) and folder.is_dir() and not leftovers(tmp_path)
+
+
 def test_a_read_only_file_is_replaced_with_overwrite_and_stays_read_only(tmp_path):
     """The temporary file takes mode 0o444 before the first byte; writing through the open descriptor still works."""
     target = tmp_path / "frozen.json"
