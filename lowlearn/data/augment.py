@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..checks import check_non_negative, is_integer
+from ..checks import check_count, check_non_negative, is_integer
 from ..train import check_draws_on, draw_with
 
 
@@ -71,8 +71,10 @@ def random_affine_matrices(n: int, generator: torch.Generator | None = None, *, 
     generator's, else the CPU).
 
     Raises:
-        ValueError: a range that is not a finite number >= 0, or a ``scale`` of 1 or more.
+        ValueError: an ``n`` that is not an int >= 0, a range that is not a finite number >= 0, or a
+            ``scale`` of 1 or more.
     """
+    n = check_count("n (the number of matrices)", n, 0)
     for name, value in (("rotation", rotation), ("scale", scale), ("shear", shear), ("shift", shift)):
         check_non_negative(name, value)
     if scale >= 1:

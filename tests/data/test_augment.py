@@ -59,6 +59,15 @@ def test_bad_ranges_are_clear_errors():
             random_affine(images(), **{name: bad})
 
 
+def test_a_number_of_matrices_that_is_not_a_count_is_a_clear_error():
+    """torch refused a float count with a list of rand()'s signatures and a negative one as a tensor dimension."""
+    for bad in (2.0, -1, True, "3"):
+        with pytest.raises(ValueError, match=r"n \(the number of matrices\) must be an int >= 0; got"):
+            random_affine_matrices(bad)
+    assert random_affine_matrices(np.int64(3), torch.Generator().manual_seed(0)).shape == (3, 2, 3)
+    assert random_affine_matrices(0).shape == (0, 2, 3)
+
+
 def test_images_that_are_not_float_or_not_images_are_clear_errors_and_an_empty_batch_comes_back_empty():
     with pytest.raises(ValueError, match=r"\(\.\.\., C, H, W\), got shape \(9, 9\).*unsqueeze\(-3\)"):
         random_affine(torch.rand(9, 9))
