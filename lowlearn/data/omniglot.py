@@ -16,8 +16,8 @@ The archives come from the authors' repository (https://github.com/brendenlake/o
 
 Images are read straight from the verified zip (nothing is extracted to disk) and
 returned as float32 *ink*: 1.0 where the pen drew, 0.0 on the background (the
-files are black ink on white paper). Decoded archives are kept in memory for the
-rest of the process, so loading the same set twice is instant.
+files are black ink on white paper). The last four archives decoded (each at one
+image size) are kept in memory, so loading one of them again is instant.
 """
 
 from __future__ import annotations
@@ -216,8 +216,8 @@ def load_omniglot(sets: str | Iterable[str] = "small1", root: str | os.PathLike 
         DataError: an archive does not have Omniglot's layout (see also the
             errors of :func:`lowlearn.data.cache.fetch`).
 
-    Decoded archives are kept in memory (a few, as uint8) for the rest of the
-    process; every call returns new tensors, which callers may modify freely.
+    The last four archives decoded (each at one image size) are kept in memory, as
+    uint8; every call returns new tensors, which callers may modify freely.
     """
     keys = [sets] if isinstance(sets, str) else list(sets)
     unknown = [key for key in keys if key not in _CHARACTER_SETS]
