@@ -198,7 +198,7 @@ def draw_with(draw: Callable[..., Tensor], shape: tuple[int, ...], generator: to
     The numbers are drawn on the generator's own device and moved: a CPU generator
     gives the same numbers on every device (a generator cannot draw on another
     device). ``device=None`` leaves them where they were drawn: the generator's device,
-    or the CPU without a generator.
+    or torch's default device (the CPU unless set) without one.
     """
     where = device if generator is None else generator.device
     values = draw(shape, generator=generator, device=where, dtype=dtype)

@@ -68,7 +68,7 @@ def random_affine_matrices(n: int, generator: torch.Generator | None = None, *, 
     ``1 ± scale``, ``h`` uniform in ``±shear``, and each component of ``t``
     uniform in ``±shift`` times the image side. All four ranges 0 give the identity.
     Drawn with ``generator`` on its own device and moved to ``device`` (by default the
-    generator's, else the CPU).
+    generator's, else torch's default device).
 
     Raises:
         ValueError: an ``n`` that is not an int >= 0, a range that is not a finite number >= 0, or a

@@ -206,7 +206,7 @@ def quadratic(dim: int = 10, generator: torch.Generator | None = None,
     Gaussian entries) and a standard normal start ``θ_0`` (the paper does not say how ``θ_0`` is drawn).
 
     Drawn with ``generator`` on its own device and moved to ``device`` (by default the
-    generator's, else the CPU): one seed gives the same problem on every device.
+    generator's, else torch's default device): one seed gives the same problem on every device.
 
     Raises:
         ValueError: ``dim`` below 1.
