@@ -67,7 +67,7 @@ from ..checks import check_count, check_flag, is_integer, is_real
 from ..reparam import raw_value
 from ..train import History, StopTraining, TrainState, seeded_generator, stream_seed
 from .mask import (Mask, all_masks, attach_masks, density, kept_weights, layer_densities, masked_layers, masks_of,
-                   nonzero_counts, raw_weight, set_masks, weights_device, zero_under_masks)
+                   nonzero_counts, prunable_layers, raw_weight, set_masks, weights_device, zero_under_masks)
 from .prune import alive_scores, top_k_mask, check_density, kept_count, prune
 from .scores import check_score_function, magnitude, random
 
@@ -279,13 +279,14 @@ def iterative_magnitude_pruning(
     if scope == "global" and isinstance(prune_fraction, Mapping):
         raise ValueError("scope='global' prunes one fraction of all layers together; give one prune_fraction")
     snapshot = Snapshot(rewind_step)
-    if not masked_layers(model):
-        attach_masks(model)
-    names = list(masked_layers(model))
+    masked = masked_layers(model)
+    names = list(masked or prunable_layers(model))    # before masks are attached: a refused call changes nothing
     if not names:
         raise ValueError("the model has no masked layer and no nn.Linear or nn.Conv2d to mask, so IMP has nothing "
                          "to prune: attach masks to the layers to prune (lowlearn.sparse.attach_masks(model, layers))")
     fractions = _layer_fractions(names, prune_fraction, output_fraction)
+    if not masked:
+        attach_masks(model)
     start = layer_densities(model)
     pooled = [n for n in names if output_fraction is None or n != names[-1]] if scope == "global" else []
     if pooled:

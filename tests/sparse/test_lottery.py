@@ -266,6 +266,17 @@ def test_procedure_errors():
     assert not calls                                                    # refused before any training
 
 
+@pytest.mark.parametrize("fractions", [{"prune_fraction": 1.5}, {"prune_fraction": {"1": 0.2}},
+                                       {"prune_fraction": 0.2, "output_fraction": 2.0}])
+def test_refused_fractions_leave_an_unmasked_model_without_masks(fractions):
+    # The fractions are checked against the layers IMP would mask before any mask is attached.
+    model = mlp()
+    keys = set(model.state_dict())
+    with pytest.raises((ValueError, KeyError), match="prune_fraction|output_fraction"):
+        iterative_magnitude_pruning(model, make_train(), 1, **fractions)
+    assert not masked_layers(model) and set(model.state_dict()) == keys
+
+
 def test_a_step_zero_snapshot_must_be_captured_before_training():
     model = mlp()
     with pytest.raises(RuntimeError, match="capture"):
