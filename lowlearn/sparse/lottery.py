@@ -271,7 +271,8 @@ def iterative_magnitude_pruning(
             a model without a layer to prune.
         KeyError: per-layer fractions that do not name every masked layer, or name another.
         TypeError: a ``train`` that does not return the :class:`~lowlearn.train.History` of ``fit``.
-        RuntimeError: round 0 ended before step ``rewind_step``.
+        RuntimeError: round 0 ended before step ``rewind_step``, or ``train`` did not pass
+            ``callbacks`` on to ``fit``, so no snapshot was taken.
     """
     check_count("rounds", rounds, 0)
     if scope not in ("layer", "global"):
@@ -302,8 +303,12 @@ def iterative_magnitude_pruning(
         records.append(_record(r, model, train(model, [snapshot] if r == 0 else [])))
         if snapshot.state is None:
             history = records[0].history
-            raise RuntimeError(f"round 0 trained {history.steps[-1] if history.steps else 0} steps, "
-                               f"so it never reached the rewind step {rewind_step}")
+            trained = history.steps[-1] if history.steps else 0
+            if trained >= rewind_step:
+                raise RuntimeError(f"round 0 trained {trained} steps but took no snapshot at the rewind step "
+                                   f"{rewind_step}: train(model, callbacks) must pass callbacks on to fit "
+                                   "(fit(..., callbacks=callbacks)); in round 0 they hold the Snapshot of that step")
+            raise RuntimeError(f"round 0 trained {trained} steps, so it never reached the rewind step {rewind_step}")
         if r == rounds:
             break
         scores = magnitude(model)

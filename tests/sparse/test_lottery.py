@@ -266,6 +266,16 @@ def test_procedure_errors():
     assert not calls                                                    # refused before any training
 
 
+def test_a_train_that_drops_the_callbacks_is_named_not_taken_for_a_short_round():
+    # 20 steps passed the rewind step 3: what failed is the Snapshot that never reached fit.
+    def train(model, callbacks):
+        return make_train(steps=20)(model, [])
+
+    with pytest.raises(RuntimeError, match=r"round 0 trained 20 steps but took no snapshot at the rewind step 3: "
+                                           r"train\(model, callbacks\) must pass callbacks on to fit"):
+        iterative_magnitude_pruning(mlp(), train, 1, 0.2, rewind_step=3)
+
+
 @pytest.mark.parametrize("fractions", [{"prune_fraction": 1.5}, {"prune_fraction": {"1": 0.2}},
                                        {"prune_fraction": 0.2, "output_fraction": 2.0}])
 def test_refused_fractions_leave_an_unmasked_model_without_masks(fractions):
