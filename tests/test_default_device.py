@@ -111,8 +111,9 @@ def test_pruning_scores_structured_patterns_and_export_use_the_models_device():
 
 
 def test_lottery_controls_use_the_models_device():
-    """IMP's reset and the controls that draw on the model's device (reshuffle draws on the CPU by design)."""
-    from lowlearn.sparse.lottery import Snapshot, constant_init, mask_distance, random_mask, rewind
+    """IMP's reset and the controls; reshuffle draws its permutations on the CPU by design, whatever the default
+    device, and moves them to the model's."""
+    from lowlearn.sparse.lottery import Snapshot, constant_init, mask_distance, random_mask, reshuffle, rewind
     from lowlearn.sparse.mask import attach_masks, masks_of
     from lowlearn.sparse import prune, scores
 
@@ -128,6 +129,7 @@ def test_lottery_controls_use_the_models_device():
         prune(model, scores.magnitude(model), 0.5)
         ticket = masks_of(model)
         rewind(model, snapshot.state)
+        reshuffle(model, snapshot.state, seed=1)
         constant_init(model, snapshot.state)
         random_mask(model, snapshot.state, seed=2)
         assert 0 < mask_distance(ticket, masks_of(model)) < 1

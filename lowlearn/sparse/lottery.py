@@ -403,7 +403,8 @@ def reshuffle(model: nn.Module, rewind_weights: Mapping[str, Tensor], seed: int 
 
     The "reshuffle" mask-1 action of Zhou et al. (2019), "Deconstructing lottery
     tickets" (NeurIPS): within each masked layer ``l`` the values ``θ_0[m_l]`` are permuted uniformly
-    at random (``torch.randperm`` on ``seeded_generator(seed, "reshuffle")``) and
+    at random (``torch.randperm`` on ``seeded_generator(seed, "reshuffle")``, on the CPU whatever the
+    model's device or torch's default device, so a seed gives one permutation everywhere) and
     written back to the kept positions; pruned weights are zero. Only the masked
     layers' raw weights change: call :func:`rewind` first for the rest (as
     :func:`train_control` does). Indexing by a mask reads the kept count from the
@@ -414,7 +415,7 @@ def reshuffle(model: nn.Module, rewind_weights: Mapping[str, Tensor], seed: int 
     for name, layer in masked_layers(model).items():
         theta, keep = raw_weight(layer), masks[name]
         kept = _rewind_weight(rewind_weights, name, theta)[keep]
-        order = torch.randperm(kept.numel(), generator=generator).to(theta.device)
+        order = torch.randperm(kept.numel(), generator=generator, device=generator.device).to(theta.device)
         theta.zero_().masked_scatter_(keep, kept[order])
 
 
