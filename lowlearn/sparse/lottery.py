@@ -245,8 +245,10 @@ def iterative_magnitude_pruning(
             fresh optimizer on ``model.parameters()`` each time, as the paper
             does. Every round gets the same call; the paper's rewinding runs train
             ``T − k`` steps after rewinding to ``θ_k``, with the learning-rate
-            schedule (a warm-up, say) taken up at step ``k`` too, as Frankle et al.'s
-            code does: a closure that counts its calls can do both.
+            schedule (a warm-up, say) taken up at step ``k`` and the batches the
+            dense run drew after step ``k``, as Frankle et al.'s code does: a closure
+            that counts its calls can do all three, calling ``fit(..., start_step=k)``
+            after the first call (same ``seed``, same end).
         rounds: pruning rounds ``n``; ``rounds + 1`` trainings in all.
         prune_fraction: ``p``, the fraction of each layer's *surviving* weights
             pruned per round (0.2 for LeNet-300-100), or ``{layer name: p_l}``

@@ -133,6 +133,24 @@ def test_rewinding_restores_the_step_k_snapshot_not_the_initialisation():
             assert torch.equal(start[key], reference.state[key]), key
 
 
+def test_the_documented_rewinding_closure_trains_the_dense_runs_steps_after_k_on_its_batches():
+    # iterative_magnitude_pruning's docstring: fit(..., start_step=k) after the first call takes up the batches of
+    # the dense run after step k, to the same end. With plain SGD (no optimizer state) and nothing pruned, the
+    # rewound run then retraces the dense run's steps k + 1, ..., T exactly.
+    ends, starts = [], []
+
+    def train(model, callbacks):
+        starts.append(0 if not starts else 7)
+        history = fit(model, TRAIN, torch.optim.SGD(model.parameters(), lr=0.1), steps=20, batch_size=32,
+                      callbacks=callbacks, device="cpu", progress=False, start_step=starts[-1])
+        ends.append({k: v.clone() for k, v in model.state_dict().items()})
+        return history
+
+    lottery = iterative_magnitude_pruning(mlp(), train, rounds=1, prune_fraction=0.0, rewind_step=7)
+    assert starts == [0, 7] and [t.history.steps[-1] for t in lottery.rounds] == [20, 20]
+    assert all(torch.equal(ends[0][key], ends[1][key]) for key in ends[0])
+
+
 def test_rewind_keeps_the_bias_masks_of_removed_units():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
