@@ -519,11 +519,15 @@ def train_control(
     """
     if control is not None and control not in CONTROLS:
         raise ValueError(f"control must be one of {', '.join(map(repr, CONTROLS))} or None, got {control!r}")
-    if not isinstance(ticket, TicketRound):
-        rounds = len(lottery.rounds)
-        if not is_integer(ticket) or not -rounds <= ticket < rounds:
-            raise ValueError(f"ticket must be a TicketRound of the lottery or the index of one of its {rounds} "
-                             f"rounds, got {ticket!r}")
+    rounds = len(lottery.rounds)
+    if isinstance(ticket, TicketRound):
+        if not any(ticket is own for own in lottery.rounds):
+            raise ValueError(f"ticket is a TicketRound of round {ticket.index} but not one of lottery.rounds (another "
+                             "lottery's, or a control run's): pass one of lottery.rounds, or its index")
+    elif not is_integer(ticket) or not -rounds <= ticket < rounds:
+        raise ValueError(f"ticket must be a TicketRound of the lottery or the index of one of its {rounds} "
+                         f"rounds, got {ticket!r}")
+    else:
         ticket = lottery.rounds[int(ticket)]
     net = copy.deepcopy(model)
     attach_masks(net, ticket.masks)

@@ -525,6 +525,17 @@ def test_unknown_control_or_ticket_is_an_error(drawn):
             train_control(model, lottery, bad, make_train())
 
 
+def test_a_ticket_of_another_lottery_or_a_control_run_is_refused(drawn):
+    # Its masks were not pruned from this lottery's rewind weights: the run would pair one seed's mask with
+    # another's θ_0 under the name of a control of this lottery.
+    model, lottery = drawn
+    other = iterative_magnitude_pruning(mlp(seed=1), make_train(steps=5), rounds=2, prune_fraction=0.5)
+    control = train_control(model, lottery, 1, make_train(steps=5), "random_mask")
+    for ticket in (other.rounds[2], control):
+        with pytest.raises(ValueError, match="TicketRound of round [12] but not one of lottery.rounds"):
+            train_control(model, lottery, ticket, make_train(steps=5))
+
+
 def test_controls_of_a_model_masked_before_imp_stay_inside_its_starting_mask():
     # At the rewind point a model pruned before IMP is zero outside its starting mask: the random mask is
     # drawn inside that mask (no kept weight starts at zero), and σ_l is the spread of the weights it holds.
