@@ -164,7 +164,8 @@ class Lottery:
     Attributes:
         rounds: one :class:`TicketRound` per training run, densest first.
         rewind_state: the ``state_dict`` every round was reset to (``θ_0`` or
-            ``θ_k``), on the model's device; the controls start from it.
+            ``θ_k``), on the device the model had when it was taken (``θ_0`` before
+            ``fit`` moves a CPU model to the GPU, say); the controls start from it.
         rewind_step: ``k``, 0 for resetting to the initialisation.
     """
 
