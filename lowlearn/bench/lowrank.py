@@ -33,7 +33,7 @@ from lowlearn.cost import training_memory
 from lowlearn.lowrank import DLRT, to_low_rank
 from lowlearn.lowrank.layers import check_tolerance
 
-from .timing import (VERDICT_WORDS, add_device_argument, cuda_peak_bytes, environment, fixed_batch,
+from .timing import (VERDICT_WORDS, add_device_argument, cuda_peak_bytes, decimals, environment, fixed_batch,
                      interleaved_rounds, medians, middle_half, paired_ratio, resolve_device, verdict)
 
 GPU_BATCH = 4096
@@ -137,10 +137,13 @@ def main(argv: list[str] | None = None) -> None:
           f"{'DLRT MiB':>9} {'memory':>7}")
     for row in rows:
         d, r, time = row["dense"], row["dlrt"], row["time_ratio"]
-        print(f"{row['width']:>6} {d['seconds'] * 1e3:9.2f} {r['seconds'] * 1e3:9.2f} {time.median:6.2f}x "
-              f"{middle_half(time.low, time.high):>12} {d['bytes'] / 2**20:10.2f} {r['bytes'] / 2**20:9.2f} "
-              f"{r['bytes'] / d['bytes']:6.2f}x" + (f"  (CUDA peak {r['cuda_peak'] / d['cuda_peak']:.2f}x)"
-                                                    if d["cuda_peak"] else "")
+        memory, target = r["bytes"] / d["bytes"], goal(row, device)
+        # a row the goal line judges gets the decimals that tell its ratios from the goal (0.9996 is not 1.00)
+        digits = 2 if target is None else decimals((*time, memory), target, 2)
+        print(f"{row['width']:>6} {d['seconds'] * 1e3:9.2f} {r['seconds'] * 1e3:9.2f} {time.median:6.{digits}f}x "
+              f"{middle_half(time.low, time.high, digits):>12} {d['bytes'] / 2**20:10.2f} {r['bytes'] / 2**20:9.2f} "
+              f"{memory:6.{digits}f}x" + (f"  (CUDA peak {r['cuda_peak'] / d['cuda_peak']:.2f}x)"
+                                          if d["cuda_peak"] else "")
               + (f"  (ranks {'/'.join(map(str, row['ranks'].values()))} at the end)" if args.tol is not None else ""))
     gpu = f" and batch >= {GPU_BATCH}" if device.type == "cuda" else ""
     held = [row for row in rows if goal(row, device) is not None]

@@ -75,3 +75,14 @@ def test_on_a_gpu_the_goal_is_held_from_the_batch_the_report_holds_it_at(monkeyp
     monkeypatch.setattr(bench, "run", lambda *args, **kwargs: _rows(Ratio(0.8, 0.7, 0.9), 10, batch_size))
     bench.main(["--widths", "1024", "2048", "--batch-size", str(batch_size), "--device", "cuda"])
     assert capsys.readouterr().out.endswith(f"at rank <= 64 and batch >= 4096: {verdict}\n")
+
+
+def test_a_judged_row_prints_the_decimals_that_tell_its_ratios_from_the_goal(monkeypatch, capsys):
+    # By hand: at two decimals a memory ratio of 1.003 prints as 1.00x and a middle half reaching 1.003 as
+    # 0.98-1.00, beside "not met" for a goal of <= 1; three decimals tell them apart, as the report's table does.
+    monkeypatch.setattr(bench, "run", lambda *args, **kwargs: _rows(Ratio(0.99, 0.985, 1.003), 100.3, 128))
+    bench.main(["--widths", "1024", "2048", "--device", "cpu"])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("1024 ", "2048 "))]
+    assert [row[3:5] + row[-1:] for row in rows] == [["0.990x", "0.985-1.003", "1.003x"]] * 2
+    assert out.endswith("from width 1024 at rank <= 64: not met\n")
