@@ -187,20 +187,22 @@ class DLRT(torch.optim.Optimizer):
         if not low_rank_layers(model):
             raise ValueError("the model has no low-rank layer: convert some with lowlearn.lowrank.to_low_rank")
         check_rate("lr", lr)
-        check_count("r_min", r_min, 1)
+        # The settings are kept as Python numbers, which the state_dict must hold for torch.load(weights_only=True).
+        r_min = check_count("r_min", r_min, 1)
         if r_max is not None:
-            check_count("r_max (None or at least r_min)", r_max, r_min)
+            r_max = check_count("r_max (None or at least r_min)", r_max, r_min)
         if (r_max is not None or r_min != 1) and tol is None:
             raise ValueError("r_min and r_max bound the ranks that the truncation with tol= keeps; with tol=None the "
                              "ranks stay as the layers have them (set them with to_low_rank's rank=)")
         if betas is not None and not (isinstance(betas, (tuple, list)) and len(betas) == 2
                                       and all(is_real(b) and 0.0 <= b < 1.0 for b in betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        betas = None if betas is None else (float(betas[0]), float(betas[1]))
         if low_precision := sorted({str(p.dtype) for p in _factors(model)} - {"torch.float32", "torch.float64"}):
             raise ValueError(f"the low-rank factors are {', '.join(low_precision)}, for which torch has no QR or SVD: "
                              "keep the low-rank layers in float32 (torch.autocast runs their products in lower "
                              "precision)")
-        check_non_negative("eps", eps)
+        eps = check_non_negative("eps", eps)
         optimized = set() if optimizer is None else {id(p) for group in optimizer.param_groups for p in group["params"]}
         if held := {id(p) for p in _factors(model)} & optimized:
             raise ValueError(f"the optimizer holds {len(held)} low-rank factors, which DLRT steps itself: build it "

@@ -553,6 +553,19 @@ def test_a_checkpoint_restores_tol_r_min_r_max_betas_and_eps_as_torch_restores_h
     assert earlier.tol == 0.1 and earlier.betas is None and earlier.lr == 0.1
 
 
+def test_settings_given_as_numpy_numbers_are_kept_as_python_numbers_so_a_checkpoint_can_be_saved(tmp_path):
+    # r_min, r_max, betas and eps were kept as given: state_dict() then held NumPy scalars, which
+    # torch.load(weights_only=True) refuses, and save_checkpoint failed at the end of training
+    torch.manual_seed(0)
+    model = to_low_rank(MLP(in_features=20, hidden=(16,), out_features=4), ["1"], rank=8)
+    dlrt = DLRT(model, lr=np.float32(0.2), tol=np.float64(0.5), r_min=np.int64(2), r_max=np.int64(6),
+                betas=[np.float64(0.9), np.float32(0.99)], eps=np.float64(1e-6))
+    save_checkpoint(tmp_path / "run.pt", model, dlrt)
+    assert {key: (getattr(dlrt, key), type(getattr(dlrt, key))) for key in ("r_min", "r_max", "eps")} == {
+        "r_min": (2, int), "r_max": (6, int), "eps": (1e-6, float)}
+    assert dlrt.betas == (0.9, float(np.float32(0.99))) and {type(b) for b in dlrt.betas} == {float}
+
+
 def test_a_checkpoint_restores_the_ranks_and_moments_and_without_the_model_state_the_step_says_so(tmp_path):
     # Saved after the ranks fell, loaded into a model built at its starting rank: the optimizer's state
     # (moments at the saved ranks) and the model's (the factors) go in together and the next steps match.
