@@ -199,3 +199,26 @@ class TopKAST(Sparsifier):
     def backward_masks(self) -> dict[str, Tensor]:
         """``{name: boolean B}`` (the forward sets are :func:`~lowlearn.sparse.mask.masks_of`)."""
         return {name: find_mask(layer).backward_mask != 0 for name, layer in self.layers().items()}
+
+    def state_dict(self) -> dict:
+        """Steps and generator, and the layer-wise densities of ``A`` and ``B`` (the sets are in the model's
+        ``state_dict``)."""
+        return {**super().state_dict(), "forward_densities": dict(self.forward_densities),
+                "backward_densities": dict(self.backward_densities)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict`; load the model's state (the sets) too.
+
+        Raises:
+            ValueError: a state another method saved, or one of other layers or other densities of ``A`` or
+                ``B`` (the next refresh and the penalty would silently switch to this one's); nothing is
+                restored then. A state that holds no densities (of earlier versions) is not checked.
+        """
+        self._check_saved_by(state)
+        for key, own in (("forward_densities", self.forward_densities),
+                         ("backward_densities", self.backward_densities)):
+            if key in state and dict(state[key]) != own:
+                raise ValueError(f"the state's {key} are {dict(state[key])}, but this TopKAST's are {own}: build "
+                                 "it with the forward_density, backward_density, distribution and layers of the "
+                                 "TopKAST that saved it")
+        super().load_state_dict(state)

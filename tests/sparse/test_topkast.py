@@ -175,6 +175,26 @@ def test_checkpoint_round_trip_and_squash():
     assert torch.equal(plain(x), model(x))
 
 
+def test_a_state_of_other_densities_is_refused_before_anything_is_restored():
+    # it was loaded silently: the model computed with the saved sets until the next refresh chose sets of this
+    # TopKAST's densities, and the penalty weighed the saved sets by this one's 1/D
+    model = small_mlp()
+    saved = TopKAST(model, None, 0.2, 0.4, every=2)
+    saved.step()
+    for forward, backward, distribution in ((0.3, 0.4, "uniform"), (0.2, 0.5, "uniform"), (0.2, 0.4, "erk")):
+        other = TopKAST(small_mlp(), None, forward, backward, every=2, distribution=distribution)
+        key = "forward" if forward != 0.2 or distribution != "uniform" else "backward"
+        with pytest.raises(ValueError, match=f"the state's {key}_densities are .* but this TopKAST's are"):
+            other.load_state_dict(saved.state_dict())
+        assert other.steps == 0
+    same = TopKAST(small_mlp(), None, 0.2, 0.4, every=2)
+    same.load_state_dict(saved.state_dict())
+    assert same.steps == 1
+    earlier = {key: value for key, value in saved.state_dict().items() if not key.endswith("_densities")}
+    other.load_state_dict(earlier)                            # a state without densities is not checked
+    assert other.steps == 1
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="backward_density .* must be at least forward_density"):
         TopKAST(small_mlp(), None, 0.5, 0.2)
