@@ -329,12 +329,20 @@ class PackNet:
         """Continue from :meth:`state_dict`; from the second task on, the model's other parameters are frozen again.
 
         Raises:
-            ValueError: a state of other layers, or of weights of other shapes; nothing is restored then.
+            ValueError: a state of other layers, or of weights of other shapes; a state saved before the
+                second task into a PackNet that has frozen the model's other parameters (they would stay
+                frozen in the first task); nothing is restored then.
         """
-        self.owner = saved_weights("PackNet", "owner", state["owner"], self.layers)
-        self.tasks = int(state["tasks"])
+        owner = saved_weights("PackNet", "owner", state["owner"], self.layers)
+        tasks = int(state["tasks"])
+        frozen = bool(state.get("frozen", tasks >= 2))
+        if self.frozen and not frozen:
+            raise ValueError("this PackNet has frozen the model's parameters outside the shared weights (from its "
+                             "second task on), but the state was saved before the second task began, when they "
+                             "still learn: load it into a new model and a new PackNet")
+        self.owner, self.tasks = owner, tasks
         self.started, self.own = bool(state.get("started", False)), tuple(state.get("own", ()))
         self.own_modules = tuple(state.get("own_modules", dict.fromkeys(map(_module_of, self.own))))
         self.generator = restore_generator(self.generator, state["generator"], state.get("generator_device"))
-        if state.get("frozen", self.tasks >= 2):
+        if frozen:
             self._freeze_the_first_tasks_parameters()

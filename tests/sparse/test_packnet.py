@@ -226,6 +226,28 @@ def test_bad_input_and_state_dict():
     assert narrower.tasks == 0 and all((o == 0).all() for o in narrower.owner.values())     # nothing restored
 
 
+def test_a_state_of_the_first_task_is_refused_by_a_packnet_that_froze_the_other_parameters():
+    # it was loaded: the PackNet was back in its first task, whose biases and batch norm learn, with them still
+    # frozen (and batch norm held in evaluation mode), and its frozen flag still set
+    model = bn_model()
+    packnet = PackNet(model)
+    packnet.start_task()
+    first = packnet.state_dict()
+    packnet.assign(0.5)
+    packnet.start_task()
+    owners = {name: o.clone() for name, o in packnet.owner.items()}
+    with pytest.raises(ValueError, match="saved before the second task began, when they still learn: load it into "
+                                         "a new model and a new PackNet"):
+        packnet.load_state_dict(first)
+    assert packnet.frozen and packnet.tasks == 1 and packnet.started                      # nothing restored
+    assert all(torch.equal(packnet.owner[name], o) for name, o in owners.items())
+    fresh = PackNet(bn_model())
+    fresh.load_state_dict(first)
+    assert not fresh.frozen and all(p.requires_grad for p in fresh.model.parameters())
+    packnet.load_state_dict(packnet.state_dict())                # a state of its own frozen tasks loads
+    assert packnet.frozen and not model[1].weight.requires_grad
+
+
 class MultiHead(nn.Module):
     """A trunk shared by the tasks, and one output head per task."""
 
