@@ -660,7 +660,8 @@ class SNFS(DynamicSparsity):
         for name, grad in grads.items():
             grad = torch.nan_to_num(grad.detach().to(_momentum_dtype(grad.dtype)), nan=0.0, posinf=0.0, neginf=0.0)
             if name in self.momentum:
-                momentum = self.momentum[name] = self.momentum[name].to(grad.device)   # the model may have moved
+                # the model may have moved, or been cast: M follows it (in its dtype, float32 at least)
+                momentum = self.momentum[name] = self.momentum[name].to(grad)
                 beta = torch.full((), self.beta, dtype=momentum.dtype, device=momentum.device)   # β in its dtype
                 momentum.mul_(torch.where(finite, beta, 1)).addcmul_(grad, finite)
             else:
@@ -704,7 +705,8 @@ class SNFS(DynamicSparsity):
         return {**super().state_dict(), "momentum": {name: m.clone() for name, m in self.momentum.items()}}
 
     def load_state_dict(self, state: Mapping) -> None:
-        """As :meth:`DynamicSparsity.load_state_dict`; the momentum goes to its layer's device.
+        """As :meth:`DynamicSparsity.load_state_dict`; the momentum goes to its layer's device, in its layer's dtype
+        (float32 at least).
 
         Raises:
             ValueError: a state another method saved, a state of other layers, or a momentum of other
@@ -714,7 +716,8 @@ class SNFS(DynamicSparsity):
         momentum = (saved_weights("SNFS", "momentum", state["momentum"], self.layers())
                     if state["momentum"] else {})                  # none before the first step
         super().load_state_dict(state)
-        self.momentum = {name: m.to(_momentum_dtype(m.dtype)) for name, m in momentum.items()}
+        self.momentum = {name: m.to(_momentum_dtype(raw_weight(self._layers[name]).dtype))
+                         for name, m in momentum.items()}
 
 
 def _momentum_dtype(dtype: torch.dtype) -> torch.dtype:

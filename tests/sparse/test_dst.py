@@ -644,6 +644,37 @@ def test_snfs_momentum_of_a_float64_model_is_the_float64_recurrence():
     torch.testing.assert_close(sparsifier.momentum["0"], expected, rtol=1e-13, atol=1e-15)   # float32 β: off by 1e-6
 
 
+def test_snfs_momentum_follows_a_model_cast_to_float64_and_a_float32_state_loads_in_float64():
+    # M stayed in float32 after the model was cast to float64 (or a float32 checkpoint was loaded into an SNFS on a
+    # float64 model), summing the float64 gradients in float32, unlike an SNFS built on the float64 model
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)             # lr 0: the weights stay put
+    sparsifier = SNFS(model, optimizer, 0.4, end=1000, every=500, distribution="uniform", beta=0.9)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(6):
+        if step == 3:
+            model.double()
+            expected = sparsifier.momentum["0"].double()
+        x = torch.randn(7, 6, generator=generator, dtype=next(model.parameters()).dtype)
+        y = torch.randint(0, 5, (7,), generator=generator)
+        w = model[0].weight.detach().clone().requires_grad_()            # the dense gradient, at the masked weight
+        F.cross_entropy(F.linear(x, w, model[0].bias), y).backward()
+        if step >= 3:
+            expected = 0.9 * expected + w.grad                          # M_t = β M_{t−1} + ∂L/∂w in float64
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        sparsifier.step()
+    assert sparsifier.momentum["0"].dtype == torch.float64
+    torch.testing.assert_close(sparsifier.momentum["0"], expected, rtol=1e-13, atol=1e-15)
+    state = sparsifier.state_dict()
+    state["momentum"] = {name: m.float() for name, m in state["momentum"].items()}
+    sparsifier.load_state_dict(state)
+    assert sparsifier.momentum["0"].dtype == torch.float64
+    assert torch.equal(sparsifier.momentum["0"], state["momentum"]["0"].double())
+
+
 def test_snfs_records_gradients_until_its_last_update_and_needs_a_step_before_one():
     model = small_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
