@@ -92,7 +92,8 @@ class Snapshot:
     Raises:
         ValueError: a ``step`` that is not an int >= 0.
         RuntimeError: (when called by ``fit``) training passed step ``k`` and
-            nothing was captured, e.g. ``Snapshot(0)`` without :meth:`capture`.
+            nothing was captured, e.g. ``Snapshot(0)`` without :meth:`capture`, or a run
+            resumed after step ``k`` without its ``state`` (save it with the checkpoint).
     """
 
     def __init__(self, step: int):
@@ -108,8 +109,10 @@ class Snapshot:
         if state.step == self.step:
             self.capture(state.model)
         elif self.state is None and state.step > self.step:
-            raise RuntimeError(f"Snapshot(step={self.step}) was first called at step {state.step}: "
-                               "for the initialisation (step 0) call capture(model) before training")
+            first = "for the initialisation (step 0) call capture(model) before training; " if self.step == 0 else ""
+            raise RuntimeError(f"Snapshot(step={self.step}) was first called at step {state.step}: {first}to resume "
+                               f"a run that passed step {self.step} (fit's start_step), set snapshot.state to the "
+                               "copy saved with its checkpoint")
 
 
 def rewind(model: nn.Module, weights: Mapping[str, Tensor]) -> None:

@@ -312,6 +312,19 @@ def test_a_step_zero_snapshot_must_be_captured_before_training():
             device="cpu", progress=False)
 
 
+def test_a_run_resumed_past_the_snapshot_step_is_told_to_restore_the_saved_copy():
+    # the error spoke only of capturing the initialisation (step 0), which a Snapshot(3) has nothing to do with
+    model, snapshot = mlp(), Snapshot(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    fit(model, TRAIN, optimizer, steps=5, callbacks=[snapshot], device="cpu", progress=False)
+    resumed = Snapshot(3)
+    with pytest.raises(RuntimeError, match=r"Snapshot\(step=3\) was first called at step 6: to resume a run that "
+                                           r"passed step 3 \(fit's start_step\), set snapshot.state to the copy"):
+        fit(model, TRAIN, optimizer, steps=8, callbacks=[resumed], device="cpu", progress=False, start_step=5)
+    resumed.state = snapshot.state
+    fit(model, TRAIN, optimizer, steps=8, callbacks=[resumed], device="cpu", progress=False, start_step=5)
+
+
 @pytest.mark.parametrize("step", [-1, 2.5, True])
 def test_a_snapshot_step_must_be_a_count(step):
     with pytest.raises(ValueError, match="the snapshot step must be an int >= 0"):
