@@ -77,6 +77,32 @@ def check_untied(weights: Mapping[str, torch.Tensor]) -> None:
                              "out of layers=")
 
 
+def check_not_shared(model: torch.nn.Module, weights: Mapping[str, tuple[torch.nn.Module, torch.Tensor]],
+                     consequence: str) -> None:
+    """Raise a ValueError if a named layer's trainable weight is also held by another module of ``model``.
+
+    ``weights`` is ``{layer name: (layer, its trainable weight)}``. The layer itself, and
+    the parametrizations registered on it (``layer.parametrizations``, which hold a masked
+    or Powerprop weight), may hold it; any other module that does is tied to the layer, as
+    an ``nn.Embedding`` and an output layer are, and would go on using the weight itself
+    where the layer now computes something else (what ``consequence`` says). One layer used
+    at two places is not tied: whatever is done to it acts on both uses.
+    """
+    owner = {id(weight): (name, layer) for name, (layer, weight) in weights.items()}
+    for holder_name, holder in model.named_modules(remove_duplicate=False):
+        for name, parameter in holder.named_parameters(recurse=False):
+            if (entry := owner.get(id(parameter))) is None:
+                continue
+            layer_name, layer = entry
+            chains = layer._modules.get("parametrizations")
+            if holder is layer or (chains is not None and any(holder is chain for chain in chains.values())):
+                continue
+            held_as = f"{holder_name}.{name}" if holder_name else name
+            raise ValueError(f"layer {layer_name!r} shares its weight with {held_as!r} (tied weights), which would "
+                             f"{consequence}: untie them (give the layer a copy, "
+                             f"nn.Parameter(weight.detach().clone())), or leave {layer_name!r} out of layers=")
+
+
 def as_float(value: object) -> float:
     """``value`` as a float, to check ranges on: NaN if it is not a real number, ±inf beyond the float range.
 

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..autograd import Function
-from ..checks import check_flag, check_untied, is_integer, is_real
+from ..checks import check_flag, check_not_shared, check_untied, is_integer, is_real
 
 
 def check_rank(rank: int, n: int, m: int, what: str = "rank") -> int:
@@ -582,7 +582,8 @@ def to_low_rank(model: nn.Module, layers: Iterable[str], rank: int | Mapping[str
             mapping without one of ``layers``, or with a name that is not in ``layers``.
         ValueError: ``layers`` is one string, not a list of names, or empty; a convolution without
             a low-rank version (grouped, or not zero-padded), two layers that share their
-            weight, or bad rank arguments.
+            weight, a layer whose weight another module of the model uses too (an embedding
+            tied to an output layer), or bad rank arguments.
     """
     if isinstance(layers, str):
         raise ValueError(f"layers must be a list of layer names, not one string ({layers!r}): pass [{layers!r}]")
@@ -592,6 +593,9 @@ def to_low_rank(model: nn.Module, layers: Iterable[str], rank: int | Mapping[str
                          "rank (e.g. ['1', '3'] for the hidden layers of lowlearn.models.MLP)")
     weights = {name: getattr(modules.get(name), "weight", None) for name in layers}
     check_untied({name: weight for name, weight in weights.items() if isinstance(weight, Tensor)})
+    check_not_shared(model, {name: (modules[name], weight) for name, weight in weights.items()
+                             if isinstance(weight, Tensor)},
+                     "keep using and training the dense weight while the layer computes with its factors U S Vᵀ")
     if isinstance(rank, Mapping) and (missing := [name for name in layers if name not in rank]):
         raise KeyError(f"rank gives no rank for layers {missing}: name every layer of layers in it")
     if isinstance(rank, Mapping) and (extra := sorted(set(rank) - set(layers))):

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..autograd import Function
-from ..checks import check_untied
+from ..checks import check_not_shared, check_untied
 from ..optim_state import WEIGHT_DECAY_OPTIONS, reset_optimizer_state
 from ..reparam import register, remove
 
@@ -250,7 +250,8 @@ def resolve_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, 
     chosen = _named_layers(model, layers)
     _check_maskable(chosen)
     check_untied({name: raw_weight(layer) for name, layer in chosen.items()})
-    _check_not_shared(model, chosen)
+    check_not_shared(model, {name: (layer, raw_weight(layer)) for name, layer in chosen.items()},
+                     "read the pruned weights unmasked and train them again")
     return chosen
 
 
@@ -275,29 +276,6 @@ def _check_maskable(layers: Mapping[str, nn.Module]) -> None:
                              "torch.nn.utils.prune and the older torch.nn.utils.weight_norm do), which would overwrite "
                              "a mask: remove it first (torch.nn.utils.prune.remove(layer, 'weight'), "
                              f"torch.nn.utils.remove_weight_norm), or leave {name!r} out of layers=")
-
-
-def _check_not_shared(model: nn.Module, layers: Mapping[str, nn.Module]) -> None:
-    """Raise a ValueError if the trainable weight of one of ``layers`` is also held by a module of ``model`` other
-    than that layer (or its parametrization): tied weights, such as an ``nn.Embedding`` and an output layer.
-
-    The other module would read the raw weight itself: its pruned entries would be set to zero there too, and its
-    gradients would move them and their optimizer state again. One layer used at two places is not tied: the mask
-    acts on both uses.
-    """
-    owner = {id(raw_weight(layer)): (name, layer) for name, layer in layers.items()}
-    for holder_name, holder in model.named_modules(remove_duplicate=False):
-        for name, parameter in holder.named_parameters(recurse=False):
-            if (entry := owner.get(id(parameter))) is None:
-                continue
-            layer_name, layer = entry
-            if holder is layer or (parametrize.is_parametrized(layer, "weight")
-                                   and holder is layer.parametrizations.weight):
-                continue
-            held_as = f"{holder_name}.{name}" if holder_name else name
-            raise ValueError(f"layer {layer_name!r} shares its weight with {held_as!r} (tied weights), which would "
-                             "read the pruned weights unmasked and train them again: untie them (give the layer a "
-                             f"copy, nn.Parameter(weight.detach().clone())), or leave {layer_name!r} out of layers=")
 
 
 def _named_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, nn.Module]:

@@ -542,6 +542,23 @@ def test_a_layer_used_at_two_places_is_converted_at_both_and_stays_shared():
     torch.testing.assert_close(model(x), shared(torch.relu(shared(x))), rtol=1e-5, atol=1e-5)
 
 
+def test_a_layer_tied_to_a_module_left_dense_is_refused_and_nothing_changes():
+    """An output layer that shares its weight with an embedding (Press & Wolf 2017), or with a Linear left out of
+    layers=: converted, it would compute with its factors while the other module kept the dense weight and trained
+    it, the two silently untied."""
+    torch.manual_seed(0)
+    embed, head = nn.Embedding(10, 8), nn.Linear(8, 10, bias=False)
+    head.weight = embed.weight
+    first, second = nn.Linear(8, 8), nn.Linear(8, 8)
+    second.weight = first.weight
+    for model, layer, other in ((nn.ModuleDict({"embed": embed, "head": head}), "head", "embed.weight"),
+                                (nn.Sequential(first, nn.Tanh(), second), "0", "2.weight")):
+        with pytest.raises(ValueError, match=f"layer '{layer}' shares its weight with '{other}' \\(tied weights\\), "
+                                             "which would keep using and training the dense weight.*untie them"):
+            to_low_rank(model, [layer], rank=4)
+        assert not low_rank_layers(model) and type(dict(model.named_modules())[layer]) is nn.Linear
+
+
 def test_a_low_rank_layer_used_at_two_places_becomes_one_dense_layer_at_both():
     torch.manual_seed(0)
     shared = LowRankLinear(8, 8, 3)
