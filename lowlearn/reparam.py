@@ -123,7 +123,12 @@ class OutputGradients:
     backward passes). Ignored: forward passes without gradients (evaluation), and
     passes that compute the weight from another tensor than the layer's own raw
     parameter, such as :func:`torch.func.functional_call` with other parameters
-    (MAML's inner loop) or :mod:`torch.func`'s transforms (per-example gradients).
+    (MAML's adapted ones) or :mod:`torch.func`'s transforms (per-example gradients).
+    A pass from the raw parameter itself is recorded whatever differentiates it,
+    :func:`torch.autograd.grad` included: MAML's first inner step starts from the
+    model's own parameters, so a MAML step recorded here holds the tasks' support
+    gradients there, and its query loss reaches the weight only through the
+    second-order term (with ``first_order=True``, not at all): not the meta-gradient.
 
     Args:
         layers: ``{name: layer}``.
