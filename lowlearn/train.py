@@ -600,7 +600,8 @@ def fit(
     bar = tqdm(total=total, initial=start_step, disable=None if progress is None else not progress, leave=False)
     try:
         for epoch in range(math.ceil(total / batches_per_epoch)):
-            perm = torch.randperm(n, generator=order)       # drawn for every epoch, so the order goes on as before
+            # drawn for every epoch, so the order goes on as before; on the CPU, where its generator draws
+            perm = torch.randperm(n, generator=order, device="cpu")
             done = start_step - epoch * batches_per_epoch    # batches of this epoch an interrupted run took
             if done >= batches_per_epoch:
                 continue

@@ -247,3 +247,23 @@ def test_meta_learners_and_task_samplers_use_the_datas_device():
         loss = cnp.loss(context.x, context.y, target.x, target.y)
     loss.backward()
     assert_on_cpu(*sinusoids, loss)
+
+
+def test_fit_draws_its_batch_order_on_the_cpu_whatever_the_default_device():
+    """fit's batch order comes from a CPU generator: drawn on the default device instead, it fails on a GPU
+    ("Expected a 'cuda' device type for generator") and makes meta tensors here. The run is the same as one
+    with the CPU as the default device."""
+    from lowlearn.train import evaluate, fit
+
+    x, y = batch()
+    histories = []
+    for default in ("cpu", META):
+        torch.manual_seed(0)
+        model = MLP(20, (16,), 4)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with torch.device(default):
+            history = fit(model, (x, y), optimizer, steps=6, batch_size=8, log_every=2, eval_data=(x, y),
+                          eval_every=3, device="cpu", progress=False)
+            history.eval.append(evaluate(model, (x, y)))
+        histories.append((history.loss, history.eval))
+    assert histories[0] == histories[1]
