@@ -32,7 +32,7 @@ def _float64(values: ArrayLike | torch.Tensor) -> torch.Tensor:
         if len(shapes) > 1:
             raise ValueError(f"the values' parts have different shapes ({shapes}): concatenate them (torch.cat, "
                              "np.concatenate) or pass one flat list of numbers")
-    return torch.as_tensor(np.asarray(values, dtype=np.float64))
+    return torch.as_tensor(np.asarray(values, dtype=np.float64), device="cpu")
 
 
 def _as_float64(values: ArrayLike | torch.Tensor, scale: float) -> torch.Tensor:

@@ -267,3 +267,16 @@ def test_fit_draws_its_batch_order_on_the_cpu_whatever_the_default_device():
             history.eval.append(evaluate(model, (x, y)))
         histories.append((history.loss, history.eval))
     assert histories[0] == histories[1]
+
+
+def test_summaries_of_numbers_are_computed_on_the_cpu_whatever_the_default_device():
+    """A list or array of numbers becomes a CPU tensor, as documented: on torch's default device, a GPU's,
+    ``.numpy()`` of the curve's mean would fail."""
+    from lowlearn.stats import curve_mean_and_ci, mean_and_ci, summarize
+
+    with META:
+        mean, half = curve_mean_and_ci([[1.0, 2.0], [2.0, 4.0], [3.0, 6.0]])
+        single = summarize([0.5], scale=100)
+        both = mean_and_ci([1.0, 2.0, 3.0])
+    assert mean.tolist() == [2.0, 4.0] and half[1] == pytest.approx(2 * half[0])
+    assert single == (50.0, None) and both[0] == 2.0
