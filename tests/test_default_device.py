@@ -280,3 +280,12 @@ def test_summaries_of_numbers_are_computed_on_the_cpu_whatever_the_default_devic
         both = mean_and_ci([1.0, 2.0, 3.0])
     assert mean.tolist() == [2.0, 4.0] and half[1] == pytest.approx(2 * half[0])
     assert single == (50.0, None) and both[0] == 2.0
+
+
+def test_the_benchmarks_fixed_batch_is_drawn_on_the_cpu_whatever_the_default_device():
+    from lowlearn.bench.timing import fixed_batch
+
+    expected = fixed_batch(8, 5, torch.device("cpu"))
+    with META:
+        x, y = fixed_batch(8, 5, torch.device("cpu"))
+    torch.testing.assert_close((x, y), expected)

@@ -98,7 +98,7 @@ def build_model(name: str, density: float, device: torch.device, seed: int = 0) 
     if name in ("dense", "dense (copy)"):
         return model
     generator = torch.Generator().manual_seed(seed)
-    keep = {layer_name: (torch.rand(layer.weight.shape, generator=generator) < density).to(device)
+    keep = {layer_name: (torch.rand(layer.weight.shape, generator=generator, device="cpu") < density).to(device)
             for layer_name, layer in prunable_layers(model).items()}
     if name == "lowlearn masks":
         attach_masks(model)

@@ -303,8 +303,8 @@ def fixed_batch(batch_size: int, features: int, device: torch.device, classes: i
                 seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """A reproducible random classification batch ``(x, y)`` on ``device``: timing does not depend on the data."""
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_size, features, generator=generator)
-    y = torch.randint(0, classes, (batch_size,), generator=generator)
+    x = torch.randn(batch_size, features, generator=generator, device="cpu")
+    y = torch.randint(0, classes, (batch_size,), generator=generator, device="cpu")
     return x.to(device), y.to(device)
 
 
