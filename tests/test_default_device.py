@@ -289,3 +289,104 @@ def test_the_benchmarks_fixed_batch_is_drawn_on_the_cpu_whatever_the_default_dev
     with META:
         x, y = fixed_batch(8, 5, torch.device("cpu"))
     torch.testing.assert_close((x, y), expected)
+
+
+def test_data_dependent_scores_costs_checkpoints_and_lottery_rounds_use_the_models_device(tmp_path):
+    """SynFlow and GraSP, the cost counters, checkpoints, and IMP with its controls (trained by fit)."""
+    from lowlearn.cost import count_flops, training_memory
+    from lowlearn.sparse import scores
+    from lowlearn.sparse.flops import model_sparse_flops
+    from lowlearn.sparse.lottery import iterative_magnitude_pruning, train_control
+    from lowlearn.sparse.mask import attach_masks
+    from lowlearn.sparse.update import drop_and_grow
+    from lowlearn.train import fit, load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    x, y = batch()
+    model = MLP(20, (16,), 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    attach_masks(model)
+    half = torch.arange(16 * 20).reshape(16, 20) % 2 == 0
+
+    def train(net, callbacks):
+        return fit(net, (x, y), torch.optim.SGD(net.parameters(), lr=0.1), steps=2, batch_size=16,
+                   callbacks=callbacks, device="cpu", progress=False)
+
+    with META:
+        synflow, grasp = scores.synflow(model, (20,)), scores.grasp(model, (x, y))
+        count_flops(model, x)
+        model_sparse_flops(model, x)
+        training_memory(model, optimizer, (x, y), F.cross_entropy)
+        drop_and_grow(half, synflow["1"], grasp["1"], 4)
+        save_checkpoint(tmp_path / "model.pt", model, optimizer, step=1)
+        load_checkpoint(tmp_path / "model.pt", model, optimizer)
+        lottery = iterative_magnitude_pruning(model, train, 1, 0.5, rewind_step=1)
+        for control in (None, "reinit", "reshuffle", "constant", "random_mask"):
+            train_control(model, lottery, 1, train, control)
+    assert_on_cpu(*synflow.values(), *grasp.values(), *model.state_dict().values())
+
+
+def test_convolutional_low_rank_training_uses_the_models_device():
+    from lowlearn.lowrank import DLRT, compression, to_low_rank
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 12 * 12, 3))
+    x, y = torch.randn(4, 1, 16, 16), torch.randint(0, 3, (4,))
+    with META:
+        to_low_rank(model, ["0", "2"], tol=0.1)
+    dlrt = DLRT(model, lr=0.05, tol=0.2)
+    for _ in range(2):
+        dlrt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        with META:
+            dlrt.step(lambda: F.cross_entropy(model(x), y))
+    with META:
+        compression(model)
+    assert_on_cpu(*model.state_dict().values())
+
+
+def test_other_meta_learners_learned_optimizers_and_the_gp_posterior_use_the_datas_device():
+    from lowlearn.data.episodes import EpisodeSampler
+    from lowlearn.data.tasks import GPCurves, context_target_split
+    from lowlearn.meta import ANIL, MetaSGD, Reptile
+    from lowlearn.meta.cnp import CNP, fit_cnp
+    from lowlearn.meta.episodic import episode_accuracies, meta_train
+    from lowlearn.meta.learned_optimizer import LSTMOptimizer, meta_train as meta_train_optimizer, network_problem
+    from lowlearn.meta.learned_optimizer import optimize, quadratic
+
+    torch.manual_seed(0)
+    sampler = EpisodeSampler(torch.randn(6, 5, 1, 16, 16), 3, 1, 2, seed=0)
+    learners = [ANIL(Conv4(1, 3, hidden=4, image_size=16, running_stats=False), 0.1, 1),
+                MetaSGD(Conv4(1, 3, hidden=4, image_size=16, running_stats=False), 0.1, 1),
+                Reptile(Conv4(1, 3, hidden=4, image_size=16, running_stats=False), 0.1, 2, 0.5, tasks_at_once=2)]
+    for learner in learners:
+        net = learner if isinstance(learner, torch.nn.Module) else learner.model
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+        with META:
+            meta_train(learner, sampler, optimizer, 2, batch=2, log_every=1)
+            accuracies = episode_accuracies(lambda tasks: learner.evaluate(tasks)["per_task_accuracy"], sampler, 3,
+                                            batch=2)
+        assert_on_cpu(accuracies)
+
+    x, y = batch()
+    lstm, network = LSTMOptimizer(hidden=4), MLP(20, (8,), 4)
+    g = torch.Generator().manual_seed(0)
+    with META:
+        meta_train_optimizer(lstm, lambda: quadratic(4, generator=g), torch.optim.SGD(lstm.parameters(), lr=1e-3),
+                             problems=1, horizon=4, truncation=2)
+        optimize(lstm, *network_problem(network, x, y, batch_size=8, generator=g), 2)
+
+    gp, cnp = GPCurves(), CNP(hidden=8)
+
+    def sample():
+        context, target = context_target_split(gp.sample(2, 8, generator=g), 3, generator=g)
+        return context.x, context.y, target.x, target.y
+
+    with META:
+        fit_cnp(cnp, sample, torch.optim.SGD(cnp.parameters(), lr=1e-3), 2)
+        curves = gp.sample(2, 8, generator=g)
+        context, target = context_target_split(curves, 3, generator=g)
+        mean, std = gp.posterior(context.x, context.y, target.x)
+        distance = gp.mahalanobis(curves)
+    assert_on_cpu(mean, std, distance)
