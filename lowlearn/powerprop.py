@@ -204,7 +204,7 @@ class PowerProp(nn.Module):
         key = prefix + "saved_alpha"
         if key in state_dict:
             saved = float(state_dict[key])
-            if saved not in {float(torch.tensor(self.alpha, dtype=dtype)) for dtype in _FLOATING_DTYPES}:
+            if saved not in {float(torch.tensor(self.alpha, dtype=dtype, device="cpu")) for dtype in _FLOATING_DTYPES}:
                 error_msgs.append(f"{key}: the weights were saved with Powerprop's alpha = {saved:g}, this layer has "
                                   f"alpha = {self.alpha:g}, for which their φ would be other weights θ: build the "
                                   f"model with powerprop(model, {saved:g}) to load them")

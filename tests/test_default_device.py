@@ -205,6 +205,8 @@ def test_low_rank_training_and_powerprop_steps_use_the_models_device():
         F.cross_entropy(net(x), y).backward()
         with META:
             optimizer.step()
+    with META:
+        net.load_state_dict(net.state_dict())      # checks the saved alpha
 
 
 def test_meta_learners_and_task_samplers_use_the_datas_device():
