@@ -97,6 +97,12 @@ def test_drop_and_grow_bad_input():
         drop_and_grow(mask, scores, scores, 1, 3)
     with pytest.raises(ValueError, match="non-negative"):
         drop_and_grow(mask, scores, scores, -1)
+    with pytest.raises(ValueError, match="non-negative, got 0 and -1"):
+        drop_and_grow(mask, scores, scores, 0, -1)
+    # scores of the mask's size but another shape (a transposed weight) are refused, not ranked position by position
+    square = torch.tensor([[True, False, False], [False, False, False]])
+    with pytest.raises(ValueError, match=r"grow scores have shape \(3, 2\), the mask \(2, 3\)"):
+        drop_and_grow(square, torch.zeros(2, 3), torch.zeros(3, 2), 1)
 
 
 def test_update_schedule_defaults_are_rigls():
