@@ -110,6 +110,15 @@ def test_tiny_layer_becomes_dense():
     assert densities["0"] == pytest.approx((0.1 * (4096 + 64 + 2) - 66) / 4096)
 
 
+@pytest.mark.parametrize("allocation", [erdos_renyi, erk])
+def test_density_one_is_every_layer_dense_when_rounding_makes_every_layer_exceed_one(allocation):
+    # Weights (1, 10) and (2, 9): r = 11/10 and 11/18, Σ r_l n_l = 22, ε = 28/22 = 14/11 at d = 1.
+    # The first layer exceeds 1 (1.4) and is made dense; the second then has ε = 18/11 and
+    # ε·r = 1 exactly, but in floating point 18/11 · 11/18 > 1: both end dense, with density 1.0 each.
+    model = nn.Sequential(nn.Linear(10, 1), nn.Linear(9, 2))
+    assert allocation(model, 1.0) == {"0": 1.0, "1": 1.0}
+
+
 def test_allocations_follow_masks_and_layer_names():
     model = MLP(hidden=(32, 16))
     assert list(erk(model, 0.5)) == ["1", "3", "5"]
