@@ -131,6 +131,23 @@ def test_output_gradients_are_the_gradients_of_the_effective_weight():
     assert recorder.grads == {} and not recorder.active and not mask._forward_hooks
 
 
+def test_starting_a_recording_recorder_again_adds_no_hooks():
+    # dynamic sparse training calls start() before every step that needs the dense gradient (SNFS: every step):
+    # each call must not add another pair of hooks, which would pile up, one pair per step, for the whole run
+    layer = nn.Linear(3, 2)
+    mask = Mask(torch.ones(2, 3, dtype=torch.bool))
+    register(layer, "weight", mask)
+    recorder = OutputGradients({"w": layer}, Mask)
+    for _ in range(3):
+        recorder.start()
+    assert len(mask._forward_pre_hooks) == 1 and len(mask._forward_hooks) == 1
+    x = torch.randn(4, 3)
+    layer(x).sum().backward()
+    assert torch.allclose(recorder.grads["w"], torch.ones(4, 2).T @ x)
+    recorder.stop()
+    assert not mask._forward_pre_hooks and not mask._forward_hooks
+
+
 def test_a_deep_copy_does_not_record_into_the_original():
     layer = nn.Linear(3, 2)
     mask = Mask(torch.ones(2, 3, dtype=torch.bool))
