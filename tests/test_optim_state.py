@@ -132,6 +132,29 @@ def test_fresh_state_takes_the_groups_settings_and_a_bad_optimizer_is_refused():
         torch_optimizer(object())
 
 
+def test_a_reset_weight_takes_the_settings_of_its_own_group_among_groups_of_same_shaped_parameters():
+    # Rprop's step sizes start at the group's lr: the second group's weights restart at 0.5, not the first's 0.1
+    first, second = nn.Parameter(torch.zeros(4, 3)), nn.Parameter(torch.zeros(4, 3))
+    optimizer = torch.optim.Rprop([{"params": [first], "lr": 0.1}, {"params": [second], "lr": 0.5}])
+    for step in range(3):
+        first.grad = second.grad = torch.linspace(-1, 1, 12).view(4, 3) + step
+        optimizer.step()
+    before = optimizer.state[second]["step_size"].clone()
+    reset_optimizer_state(optimizer, second, KEEP)
+    assert (optimizer.state[second]["step_size"][~KEEP] == 0.5).all()
+    assert torch.equal(optimizer.state[second]["step_size"][KEEP], before[KEEP])
+
+
+def test_resetting_a_parameter_that_the_optimizer_does_not_hold_changes_nothing():
+    # e.g. pruning a frozen layer while the optimizer trains only the others
+    p, optimizer = stepped(torch.optim.Adam, lr=0.1)
+    before = copy.deepcopy(optimizer.state_dict())
+    reset_optimizer_state(optimizer, nn.Parameter(torch.zeros(4, 3)), KEEP)
+    after = optimizer.state_dict()
+    assert after["param_groups"] == before["param_groups"] and after["state"].keys() == before["state"].keys()
+    assert all(torch.equal(after["state"][0][key], before["state"][0][key]) for key in before["state"][0])
+
+
 @pytest.mark.parametrize("settings", [{}, {"lambd": 0.01}, {"lambd": 0.01, "weight_decay": 0.1}])
 def test_a_reset_asgd_weights_average_starts_at_the_weight_itself(settings):
     """ASGD's ``lambd`` shrinks the weight (θ ← θ·(1 − λη)) as weight decay does; a new parameter's average
