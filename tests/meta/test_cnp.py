@@ -73,6 +73,7 @@ def test_fit_cnp_is_the_written_out_training_loop():
     torch.manual_seed(0)
     cnp, reference = CNP(hidden=16), CNP(hidden=16)
     reference.load_state_dict(cnp.state_dict())
+    cnp.eval()                                                      # fit_cnp trains in (and leaves) training mode
     generators = [torch.Generator().manual_seed(1) for _ in range(2)]
     losses = fit_cnp(cnp, lambda: _split(GPCurves().sample(4, 10, generator=generators[0]), 3, generators[0]),
                      torch.optim.Adam(cnp.parameters(), lr=1e-2), 5)
@@ -89,6 +90,10 @@ def test_fit_cnp_is_the_written_out_training_loop():
     nan = torch.full((2, 3, 1), float("nan"))
     with pytest.raises(FloatingPointError, match="became nan at step 1"):
         fit_cnp(cnp, lambda: (nan, nan, nan, nan), torch.optim.SGD(cnp.parameters(), lr=0.1), 2)
+    zeros, inf = torch.zeros(2, 3, 1), torch.full((2, 3, 1), float("inf"))   # log N(∞; μ, σ²) = −∞: an infinite loss
+    fresh = CNP(hidden=8)                                           # (the NaN run above left cnp's weights NaN)
+    with pytest.raises(FloatingPointError, match="became inf at step 1"):
+        fit_cnp(fresh, lambda: (zeros, zeros, zeros, inf), torch.optim.SGD(fresh.parameters(), lr=0.1), 2)
     with pytest.raises(ValueError, match="steps must be an int >= 0"):
         fit_cnp(cnp, None, optimizer, -1)
 
@@ -121,6 +126,10 @@ def test_bad_input_is_a_clear_error():
         cnp(torch.zeros(2, 4, 1), torch.zeros(2, 4, 1), torch.zeros(3, 3, 1))
     with pytest.raises(ValueError, match="target_y"):
         cnp.loss(torch.zeros(2, 4, 1), torch.zeros(2, 4, 1), torch.zeros(2, 3, 1), torch.zeros(2, 5, 1))
+    with pytest.raises(ValueError, match="context_y"):                  # y_dim = 1, two outputs per context point
+        cnp(torch.zeros(2, 4, 1), torch.zeros(2, 4, 2), torch.zeros(2, 3, 1))
+    with pytest.raises(ValueError, match="target_y"):                   # would broadcast against μ and σ (2, 3, 1)
+        cnp.loss(torch.zeros(2, 4, 1), torch.zeros(2, 4, 1), torch.zeros(2, 3, 1), torch.zeros(2, 3, 2))
     with pytest.raises(ValueError, match="target set is empty"):
         cnp.loss(torch.zeros(2, 4, 1), torch.zeros(2, 4, 1), torch.zeros(2, 0, 1), torch.zeros(2, 0, 1))
     with pytest.raises(ValueError, match="min_std"):
