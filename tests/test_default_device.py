@@ -160,8 +160,8 @@ def test_packnet_and_growth_use_the_models_device():
     train_step(grown, optimizer, x, y)
     with META:
         for strategy in ("random", "split", "gradmax"):
-            grow(grown, 0, 2, strategy, batch=(x, y), optimizer=optimizer, epsilon=0.01,
-                 generator=torch.Generator().manual_seed(0))
+            assert_on_cpu(grow(grown, 0, 2, strategy, batch=(x, y), optimizer=optimizer, epsilon=0.01,
+                               generator=torch.Generator().manual_seed(0)))     # the new units' indices too
         schedule = GrowthSchedule(0, 2, every=1, target=16, strategy="random", generator=torch.Generator())
         schedule(TrainState(step=1, epoch=0, loss=torch.zeros((), device="cpu"), model=grown, optimizer=optimizer))
     train_step(grown, optimizer, x, y)

@@ -42,6 +42,9 @@ def test_the_function_is_unchanged_at_growth(strategy, kind):
     units = width(model, layer)
     new = grow(model, layer, 3, strategy, batch=data, generator=torch.Generator().manual_seed(0))
     assert new.tolist() == [units, units + 1, units + 2] and width(model, layer) == units + 3
+    grown, consumer = layer_pair(model, layer)                     # the layers' sizes follow their weights
+    sizes = ("out_features", "in_features") if kind == "linear" else ("out_channels", "in_channels")
+    assert (getattr(grown, sizes[0]), getattr(consumer, sizes[1])) == (units + 3, units + 3)
     torch.testing.assert_close(model(data[0]), before, rtol=1e-12, atol=1e-12)
 
 
@@ -55,6 +58,22 @@ def test_an_in_place_relu_between_the_layers_gives_the_same_directions():
         found.append(gradmax_directions(model, 0, 2, data, generator=torch.Generator().manual_seed(0)))
         assert model[1].inplace is inplace                        # the model itself is left as it was
     torch.testing.assert_close(found[1], found[0], atol=0, rtol=0)
+    found = []                                                    # the closed form of a Linear pair, likewise
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(10, 6), nn.ReLU(inplace=inplace), nn.Linear(6, 5), nn.Tanh(),
+                              nn.Linear(5, 3)).double()
+        found.append(gradmax_directions(model, 0, 2, batch()))
+    torch.testing.assert_close(found[1], found[0], atol=0, rtol=0)
+
+
+def test_gradmax_leaves_the_gradients_of_the_model_alone():
+    # M is measured with a backward pass from the loss to the grown layer's output only: the .grad that the
+    # training loop accumulates in the model's parameters (all of them, also those of the layers after it) stay
+    for closed_form in (True, False):
+        model = mlp()
+        gradmax_directions(model, 0, 2, batch(), closed_form=closed_form, generator=torch.Generator().manual_seed(0))
+        assert all(p.grad is None for p in model.parameters())
 
 
 def test_a_relu_module_used_at_several_places_gives_the_directions_of_separate_ones():
