@@ -495,6 +495,19 @@ def test_saved_tensor_bytes_counts_a_storage_once_in_full():
     assert saved.bytes == 0
 
 
+def test_saved_tensor_bytes_keeps_a_storage_that_another_graph_still_holds():
+    x = torch.randn(25, dtype=torch.float64)     # 200 bytes, saved by two graphs
+    w = torch.randn(25, dtype=torch.float64, requires_grad=True)
+    with saved_tensor_bytes(exclude=[w]) as saved:
+        first = (x * w).sum()                    # mul saves x for w's gradient
+        second = (x * w.exp()).sum()             # x again (counted once), and exp's output, 200 bytes
+    assert saved.bytes == saved.peak == 400
+    first.backward()                             # frees the first graph: the second still holds x
+    assert saved.bytes == 400
+    second.backward()
+    assert saved.bytes == 0 and saved.peak == 400
+
+
 def test_saved_tensor_bytes_grows_with_second_order_inner_steps_only():
     from lowlearn.meta import inner_loop, parameters_of, run
 
