@@ -89,13 +89,12 @@ def drop_and_grow(
                          "lower the drop fraction or the density")
 
     before = mask.flatten()
-    kept = before.clone()
+    new = before.clone()
     if n_drop:
         lowest = finite_scores(drop_scores).flatten().masked_fill(~before, float("inf"))
-        kept[lowest.topk(n_drop, largest=False, sorted=False).indices] = False
-    new = kept.clone()
+        new[lowest.topk(n_drop, largest=False, sorted=False).indices] = False
     if n_grow:
-        taken = kept if regrow_dropped else before
+        taken = new if regrow_dropped else before          # the kept weights, or every weight active before
         best = finite_scores(grow_scores).flatten().masked_fill(taken, float("-inf"))
         new[best.topk(n_grow, sorted=False).indices] = True
     return new.view_as(mask), (new & ~before).view_as(mask)
