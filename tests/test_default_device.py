@@ -34,6 +34,15 @@ def assert_on_cpu(*tensors):
     assert all(t.device.type == "cpu" for t in tensors)
 
 
+def train_dlrt_under_meta(dlrt, model, x, y, steps=2):
+    """``steps`` DLRT steps, each with torch's default device set to meta (the model on the CPU)."""
+    for _ in range(steps):
+        dlrt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        with META:
+            dlrt.step(lambda: F.cross_entropy(model(x), y))
+
+
 @pytest.mark.parametrize("method", ["static", "set", "rigl", "snfs", "topkast"])
 def test_sparse_training_steps_and_updates_use_the_models_device(method):
     """Every update of every sparse-training method, incl. SNFS's redistribution and Top-KAST's refresh."""
@@ -187,11 +196,7 @@ def test_low_rank_training_and_powerprop_steps_use_the_models_device():
         to_low_rank(model, ["1", "3"], rank=4)
     for betas in (None, (0.9, 0.999)):
         dlrt = DLRT(model, lr=0.05, tol=0.2, betas=betas)
-        for _ in range(2):
-            dlrt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            with META:
-                dlrt.step(lambda: F.cross_entropy(model(x), y))
+        train_dlrt_under_meta(dlrt, model, x, y)
         with META:
             dlrt.load_state_dict(dlrt.state_dict())
     with META:
@@ -337,12 +342,7 @@ def test_convolutional_low_rank_training_uses_the_models_device():
     x, y = torch.randn(4, 1, 16, 16), torch.randint(0, 3, (4,))
     with META:
         to_low_rank(model, ["0", "2"], tol=0.1)
-    dlrt = DLRT(model, lr=0.05, tol=0.2)
-    for _ in range(2):
-        dlrt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        with META:
-            dlrt.step(lambda: F.cross_entropy(model(x), y))
+    train_dlrt_under_meta(DLRT(model, lr=0.05, tol=0.2), model, x, y)
     with META:
         compression(model)
     assert_on_cpu(*model.state_dict().values())
