@@ -171,7 +171,11 @@ class PowerProp(nn.Module):
     to ``φ = sign(θ) |θ|^(1/α)``, which PyTorch applies at registration: the layer's
     current (initialised) weights are kept, up to floating-point rounding. A Powerprop
     model works under :func:`torch.func.functional_call` and :mod:`torch.func`'s
-    transforms (``grad``, ``vmap`` for per-example gradients, ``jvp``).
+    transforms (``grad``, ``vmap`` for per-example gradients, ``jvp``), with ``φ`` passed
+    under its raw name (``"0.parametrizations.weight.original"``, as ``named_parameters``
+    gives it): a tensor passed as ``"0.weight"`` is written into the model's own ``φ``
+    through ``right_inverse`` for the call (``φ`` is restored after it, up to rounding),
+    and a backward pass through that call fails.
 
     ``α`` is saved with the weights: the buffer ``saved_alpha`` puts it in the model's
     ``state_dict``, and ``load_state_dict`` refuses weights saved with another ``α``

@@ -9,7 +9,10 @@ so that
 * ``layer.weight`` *is* the masked weight, for every caller (forward passes,
   scores, plots) without hooks or monkeypatching;
 * the mask is a buffer: it lives in ``state_dict``, moves with ``.to(device)``,
-  survives ``copy.deepcopy`` and works under :func:`torch.func.functional_call`;
+  survives ``copy.deepcopy`` and works under :func:`torch.func.functional_call`
+  (keyed by the raw name, ``"0.parametrizations.weight.original"``, as
+  ``named_parameters`` gives it; the effective name ``"0.weight"`` goes through the
+  parametrization's setter, which a mask does not have);
 * gradients reach the raw weight ``layer.parametrizations.weight.original`` only
   where the mask is one.
 
